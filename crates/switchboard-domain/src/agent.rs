@@ -1,0 +1,195 @@
+//! An agent's availability: status × capacity × the chats they hold.
+//!
+//! Accepting is two steps because the conversation decides who wins: the agent first *reserves* a slot
+//! (refused when not online or at capacity), then either *confirms* it (the conversation accepted) or
+//! *releases* it (the chat was taken). Reserved and held chats together never exceed the capacity.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{AgentId, ConversationId, GroupId, Refusal, TenantId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// Signed in and taking chats.
+    Online,
+    /// Signed in, keeps their chats, takes no new ones.
+    Away,
+    /// Not signed in.
+    Offline,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentState {
+    pub tenant: TenantId,
+    pub id: AgentId,
+    pub groups: Vec<GroupId>,
+    pub capacity: u32,
+    pub status: AgentStatus,
+    /// Chats this agent owns and that are not finished.
+    pub active: BTreeSet<ConversationId>,
+    /// Chats this agent is accepting right now (the conversation has not answered yet).
+    pub reserved: BTreeSet<ConversationId>,
+}
+
+impl AgentState {
+    pub fn new(tenant: TenantId, id: AgentId, groups: Vec<GroupId>, capacity: u32) -> Self {
+        AgentState {
+            tenant,
+            id,
+            groups,
+            capacity,
+            status: AgentStatus::Offline,
+            active: BTreeSet::new(),
+            reserved: BTreeSet::new(),
+        }
+    }
+
+    pub fn is_member_of(&self, group: &GroupId) -> bool {
+        self.groups.contains(group)
+    }
+
+    pub fn n_held(&self) -> usize {
+        self.active.len() + self.reserved.len()
+    }
+
+    pub fn has_free_capacity(&self) -> bool {
+        self.n_held() < self.capacity as usize
+    }
+
+    /// Take a slot for a chat this agent is about to accept.
+    pub fn reserve(
+        &mut self,
+        conversation: ConversationId,
+        group: &GroupId,
+    ) -> Result<(), Refusal> {
+        if !self.is_member_of(group) {
+            return Err(Refusal::NotInGroup);
+        }
+        if self.status != AgentStatus::Online {
+            return Err(Refusal::AgentNotOnline);
+        }
+        if self.active.contains(&conversation) || self.reserved.contains(&conversation) {
+            return Ok(());
+        }
+        if !self.has_free_capacity() {
+            return Err(Refusal::AtCapacity {
+                capacity: self.capacity,
+            });
+        }
+        self.reserved.insert(conversation);
+        Ok(())
+    }
+
+    /// The conversation accepted this agent: the reservation becomes a held chat.
+    pub fn confirm(&mut self, conversation: ConversationId) {
+        self.reserved.remove(&conversation);
+        self.active.insert(conversation);
+    }
+
+    /// The accept failed: give the slot back.
+    pub fn release(&mut self, conversation: &ConversationId) {
+        self.reserved.remove(conversation);
+    }
+
+    /// The chat ended (or moved away from this agent).
+    pub fn finish(&mut self, conversation: &ConversationId) {
+        self.reserved.remove(conversation);
+        self.active.remove(conversation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn online_agent(capacity: u32) -> AgentState {
+        let mut agent = AgentState::new(
+            TenantId::new("t").unwrap(),
+            AgentId::new("a").unwrap(),
+            vec![GroupId::new("g").unwrap()],
+            capacity,
+        );
+        agent.status = AgentStatus::Online;
+        agent
+    }
+
+    fn chat(n: u128) -> ConversationId {
+        ConversationId::from_uuid(Uuid::from_u128(n))
+    }
+
+    #[test]
+    fn an_agent_must_be_online_and_in_the_group_to_take_a_chat() {
+        let group = GroupId::new("g").unwrap();
+        let mut agent = online_agent(2);
+        assert_eq!(
+            agent.reserve(chat(1), &GroupId::new("other").unwrap()),
+            Err(Refusal::NotInGroup)
+        );
+        agent.status = AgentStatus::Away;
+        assert_eq!(agent.reserve(chat(1), &group), Err(Refusal::AgentNotOnline));
+    }
+
+    #[test]
+    fn reservations_count_against_capacity() {
+        let group = GroupId::new("g").unwrap();
+        let mut agent = online_agent(2);
+        agent.reserve(chat(1), &group).unwrap();
+        agent.reserve(chat(2), &group).unwrap();
+        assert_eq!(
+            agent.reserve(chat(3), &group),
+            Err(Refusal::AtCapacity { capacity: 2 })
+        );
+        agent.release(&chat(2));
+        agent.confirm(chat(1));
+        agent.reserve(chat(3), &group).unwrap();
+        assert_eq!(agent.n_held(), 2);
+        agent.finish(&chat(1));
+        assert_eq!(agent.n_held(), 1);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve(u128),
+        Confirm(u128),
+        Release(u128),
+        Finish(u128),
+        Status(AgentStatus),
+    }
+
+    fn any_op() -> impl Strategy<Value = Op> {
+        let id = 0u128..6;
+        prop_oneof![
+            id.clone().prop_map(Op::Reserve),
+            id.clone().prop_map(Op::Confirm),
+            id.clone().prop_map(Op::Release),
+            id.prop_map(Op::Finish),
+            prop::sample::select(vec![AgentStatus::Online, AgentStatus::Away]).prop_map(Op::Status),
+        ]
+    }
+
+    proptest! {
+        /// Confirm is only called for a reservation that succeeded, as the agent actor does.
+        #[test]
+        fn capacity_is_never_exceeded(capacity in 0u32..4, ops in prop::collection::vec(any_op(), 0..50)) {
+            let group = GroupId::new("g").unwrap();
+            let mut agent = online_agent(capacity);
+            for op in ops {
+                match op {
+                    Op::Reserve(n) => { let _ = agent.reserve(chat(n), &group); }
+                    Op::Confirm(n) => if agent.reserved.contains(&chat(n)) { agent.confirm(chat(n)) },
+                    Op::Release(n) => agent.release(&chat(n)),
+                    Op::Finish(n) => agent.finish(&chat(n)),
+                    Op::Status(status) => agent.status = status,
+                }
+                prop_assert!(agent.n_held() <= capacity as usize);
+                prop_assert!(agent.active.is_disjoint(&agent.reserved));
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn facts() -> NewConversation {
+    NewConversation {
+        id: ConversationId::from_uuid(uuid::Uuid::nil()),
+        tenant: TenantId::new("demo").unwrap(),
+        group: GroupId::new("sales").unwrap(),
+        customer_name: "Ann".into(),
+        question: "where is my order?".into(),
+        created_at_ms: 1_000,
+    }
+}
+
+fn agent(name: &str) -> AgentId {
+    AgentId::new(name).unwrap()
+}
+
+/// Decide, then append and apply as an actor would.
+fn run(
+    conversation: &mut Conversation,
+    author: Author,
+    command: Command,
+) -> Result<Option<Event>, Refusal> {
+    let Some(body) = decide(conversation, &command)? else {
+        return Ok(None);
+    };
+    let event = Event {
+        seq: conversation.last_seq + 1,
+        at_ms: 2_000,
+        author,
+        client_msg_id: None,
+        body,
+    };
+    apply(conversation, &event);
+    Ok(Some(event))
+}
+
+fn opened() -> Conversation {
+    let facts = facts();
+    let mut conversation = Conversation::new(&facts);
+    for (seq, (author, body)) in (1..).zip(Conversation::opening_events(&facts)) {
+        apply(
+            &mut conversation,
+            &Event {
+                seq,
+                at_ms: 1_000,
+                author,
+                client_msg_id: None,
+                body,
+            },
+        );
+    }
+    conversation
+}
+
+#[test]
+fn a_chat_opens_queued_with_the_question_as_first_message() {
+    let conversation = opened();
+    assert_eq!(conversation.state, ConversationState::Queued);
+    assert_eq!(conversation.last_seq, 2);
+    assert_eq!(conversation.owner, None);
+}
+
+#[test]
+fn the_first_accept_wins_and_the_second_is_told_the_chat_was_taken() {
+    let mut conversation = opened();
+    let a = agent("a");
+    let b = agent("b");
+    run(
+        &mut conversation,
+        Author::Agent(a.clone()),
+        Command::Accept { agent: a.clone() },
+    )
+    .unwrap();
+    assert_eq!(conversation.state, ConversationState::Active);
+    assert_eq!(conversation.owner, Some(a.clone()));
+    assert_eq!(
+        decide(&conversation, &Command::Accept { agent: b }),
+        Err(Refusal::ChatTaken)
+    );
+    // Accepting again is harmless for the owner.
+    assert_eq!(
+        decide(&conversation, &Command::Accept { agent: a }),
+        Ok(None)
+    );
+}
+
+#[test]
+fn an_agent_cannot_write_before_accepting() {
+    let conversation = opened();
+    let send = Command::Send {
+        author: Author::Agent(agent("a")),
+        body: "hello".into(),
+    };
+    assert_eq!(decide(&conversation, &send), Err(Refusal::NotAccepted));
+    let customer = Command::Send {
+        author: Author::Customer,
+        body: "anyone?".into(),
+    };
+    assert!(matches!(
+        decide(&conversation, &customer),
+        Ok(Some(EventBody::Message { .. }))
+    ));
+}
+
+#[test]
+fn only_the_owner_writes_and_nobody_writes_after_the_end() {
+    let mut conversation = opened();
+    let a = agent("a");
+    run(
+        &mut conversation,
+        Author::Agent(a.clone()),
+        Command::Accept { agent: a.clone() },
+    )
+    .unwrap();
+    let intruder = Command::Send {
+        author: Author::Agent(agent("b")),
+        body: "hi".into(),
+    };
+    assert_eq!(
+        decide(&conversation, &intruder),
+        Err(Refusal::NotParticipant)
+    );
+    run(
+        &mut conversation,
+        Author::Agent(a.clone()),
+        Command::Close {
+            by: Author::Agent(a.clone()),
+        },
+    )
+    .unwrap();
+    assert_eq!(conversation.state, ConversationState::Closed);
+    let late = Command::Send {
+        author: Author::Agent(a),
+        body: "hi".into(),
+    };
+    assert_eq!(decide(&conversation, &late), Err(Refusal::ChatClosed));
+    assert_eq!(
+        decide(
+            &conversation,
+            &Command::Close {
+                by: Author::Customer
+            }
+        ),
+        Ok(None)
+    );
+}
+
+#[test]
+fn a_customer_leaving_a_waiting_chat_cancels_it() {
+    let mut conversation = opened();
+    run(
+        &mut conversation,
+        Author::Customer,
+        Command::Close {
+            by: Author::Customer,
+        },
+    )
+    .unwrap();
+    assert_eq!(conversation.state, ConversationState::Cancelled);
+    assert!(conversation.closed_at_ms.is_some());
+}
+
+#[test]
+fn empty_messages_are_refused() {
+    let conversation = opened();
+    let send = Command::Send {
+        author: Author::Customer,
+        body: "  \n".into(),
+    };
+    assert_eq!(decide(&conversation, &send), Err(Refusal::EmptyMessage));
+}
+
+#[test]
+fn delivery_marks_only_move_forward_and_only_over_existing_events() {
+    let mut conversation = opened();
+    let a = agent("a");
+    run(
+        &mut conversation,
+        Author::Agent(a.clone()),
+        Command::Accept { agent: a.clone() },
+    )
+    .unwrap();
+    let mark = |up_to_seq| Command::ConfirmDelivery {
+        by: Author::Agent(a.clone()),
+        up_to_seq,
+    };
+    assert_eq!(
+        decide(&conversation, &mark(99)),
+        Err(Refusal::BadDeliveryMark { last_seq: 3 })
+    );
+    run(&mut conversation, Author::Agent(a.clone()), mark(2)).unwrap();
+    assert_eq!(conversation.agent_delivered_up_to, 2);
+    assert_eq!(decide(&conversation, &mark(2)), Ok(None));
+    assert_eq!(decide(&conversation, &mark(1)), Ok(None));
+    let stranger = Command::ConfirmDelivery {
+        by: Author::Agent(agent("b")),
+        up_to_seq: 2,
+    };
+    assert_eq!(
+        decide(&conversation, &stranger),
+        Err(Refusal::NotParticipant)
+    );
+}
+
+#[test]
+fn events_round_trip_through_json_with_stable_tags() {
+    let event = Event {
+        seq: 3,
+        at_ms: 5,
+        author: Author::Agent(agent("a")),
+        client_msg_id: Some("m1".into()),
+        body: EventBody::Message { body: "hi".into() },
+    };
+    let json = serde_json::to_value(&event).unwrap();
+    assert_eq!(json["kind"], "message");
+    assert_eq!(json["author"]["role"], "agent");
+    assert_eq!(json["author"]["id"], "a");
+    let back: Event = serde_json::from_value(json).unwrap();
+    assert_eq!(back, event);
+}
+
+fn any_command() -> impl Strategy<Value = Command> {
+    let agent_name = prop::sample::select(vec!["a", "b", "c"]).prop_map(agent);
+    let author = prop_oneof![
+        Just(Author::Customer),
+        agent_name.clone().prop_map(Author::Agent)
+    ];
+    prop_oneof![
+        agent_name.prop_map(|agent| Command::Accept { agent }),
+        author.clone().prop_map(|author| Command::Send {
+            author,
+            body: "x".into()
+        }),
+        (author.clone(), 0u64..12)
+            .prop_map(|(by, up_to_seq)| Command::ConfirmDelivery { by, up_to_seq }),
+        author.clone().prop_map(|by| Command::Close { by }),
+        author.prop_map(|by| Command::Cancel { by }),
+    ]
+}
+
+proptest! {
+    /// Whatever agents and customers do in whatever order, a chat has at most one owner, the owner never
+    /// changes once set, sequence numbers have no gap, and nothing happens after the end.
+    #[test]
+    fn a_chat_never_has_two_owners(commands in prop::collection::vec(any_command(), 0..40)) {
+        let mut conversation = opened();
+        let mut first_owner: Option<AgentId> = None;
+        let mut finished_at_seq = None;
+        for command in commands {
+            let author = match &command {
+                Command::Accept { agent } => Author::Agent(agent.clone()),
+                Command::Send { author, .. } => author.clone(),
+                Command::ConfirmDelivery { by, .. } | Command::Close { by } | Command::Cancel { by } => by.clone(),
+            };
+            let before = conversation.last_seq;
+            if let Ok(Some(event)) = run(&mut conversation, author, command) {
+                prop_assert_eq!(event.seq, before + 1);
+                if finished_at_seq.is_some() {
+                    prop_assert!(matches!(event.body, EventBody::Delivered { .. }), "{:?} after the end", event.body);
+                }
+            }
+            if let Some(owner) = &conversation.owner {
+                let first = first_owner.get_or_insert_with(|| owner.clone());
+                prop_assert_eq!(first, owner);
+            }
+            if conversation.state.is_finished() && finished_at_seq.is_none() {
+                finished_at_seq = Some(conversation.last_seq);
+            }
+            prop_assert_eq!(conversation.state == ConversationState::Active, conversation.owner.is_some() && !conversation.state.is_finished());
+        }
+    }
+}

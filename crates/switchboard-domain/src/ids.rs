@@ -1,0 +1,145 @@
+//! Identifiers. Tenants, groups and agents are named by the tenant's configuration (short slugs);
+//! conversations get a time-ordered UUID (v7) so that ids sort roughly by creation.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Why a string was refused as an identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("an identifier must not be empty")]
+    Empty,
+    #[error("an identifier is at most {max} characters long")]
+    TooLong { max: usize },
+    #[error("an identifier may contain only letters, digits, '-', '_' and '.'")]
+    BadCharacter,
+    #[error("not a conversation id (a UUID is expected)")]
+    NotAUuid,
+}
+
+const MAX_SLUG_LEN: usize = 64;
+
+fn check_slug(text: &str) -> Result<(), IdError> {
+    if text.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if text.len() > MAX_SLUG_LEN {
+        return Err(IdError::TooLong { max: MAX_SLUG_LEN });
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if !text.chars().all(allowed) {
+        return Err(IdError::BadCharacter);
+    }
+    Ok(())
+}
+
+macro_rules! slug_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(text: impl Into<String>) -> Result<Self, IdError> {
+                let text = text.into();
+                check_slug(&text)?;
+                Ok(Self(text))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(text: String) -> Result<Self, IdError> {
+                Self::new(text)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+slug_id!(
+    /// A tenant: one company using Switchboard, with its own groups, agents and widget keys.
+    TenantId
+);
+slug_id!(
+    /// A support group (a queue) inside a tenant.
+    GroupId
+);
+slug_id!(
+    /// An agent inside a tenant.
+    AgentId
+);
+
+/// A conversation (a chat session) between one customer and the agents who handle it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConversationId(Uuid);
+
+impl ConversationId {
+    /// A new time-ordered id. The caller passes the random and time parts through `Uuid` so that the domain
+    /// reads no clock itself.
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, IdError> {
+        Uuid::parse_str(text)
+            .map(Self)
+            .map_err(|_| IdError::NotAUuid)
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl fmt::Display for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_refuse_what_could_confuse_keys_or_logs() {
+        assert_eq!(GroupId::new(""), Err(IdError::Empty));
+        assert_eq!(GroupId::new("a/b"), Err(IdError::BadCharacter));
+        assert_eq!(GroupId::new("sales desk"), Err(IdError::BadCharacter));
+        assert_eq!(
+            GroupId::new("x".repeat(65)),
+            Err(IdError::TooLong { max: 64 })
+        );
+        assert_eq!(
+            GroupId::new("sales-1.eu_west").unwrap().as_str(),
+            "sales-1.eu_west"
+        );
+    }
+
+    #[test]
+    fn ids_deserialize_through_validation() {
+        let bad: Result<AgentId, _> = serde_json::from_str("\"a b\"");
+        assert!(bad.is_err());
+        assert!(ConversationId::parse("not-a-uuid").is_err());
+    }
+}

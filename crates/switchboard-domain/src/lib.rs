@@ -1,0 +1,30 @@
+//! The domain of Switchboard: identifiers, value types and the pure state machines that decide what
+//! happens to a conversation, a support queue and an agent.
+//!
+//! Everything here is a plain function of state and command: no tokio, no I/O, no clock read except through
+//! the [`Clock`] trait, and no other workspace crate. The actors in `switchboard-router` load state, call
+//! these functions, persist the events they return and apply them; all the rules live here so that they can be
+//! tested with plain unit and property tests.
+
+mod agent;
+mod clock;
+mod conversation;
+mod directory;
+mod ids;
+mod queue;
+mod refusal;
+mod shard;
+
+pub use agent::{AgentState, AgentStatus};
+pub use clock::{Clock, FixedClock, SystemClock};
+pub use conversation::{
+    Author, Command, Conversation, ConversationState, Event, EventBody, NewConversation, apply,
+    decide,
+};
+pub use directory::{AgentEntry, Directory, DirectoryError, GroupEntry, TenantEntry};
+pub use ids::{AgentId, ConversationId, GroupId, IdError, TenantId};
+pub use queue::{WaitingEntry, WaitingQueue, merge_waiting};
+pub use refusal::Refusal;
+pub use shard::{
+    Epoch, Fence, N_SHARDS, ShardId, agent_key, conversation_key, queue_key, shard_of,
+};

@@ -1,0 +1,46 @@
+//! Refusals: the domain's answer when a command is not allowed. A refusal is a normal reply with a
+//! stable code, not a failure: nothing is stored and the caller is told what to do.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("this chat was already accepted by another agent")]
+    ChatTaken,
+    #[error("accept the chat before writing to the customer")]
+    NotAccepted,
+    #[error("only an agent of this chat can do that")]
+    NotParticipant,
+    #[error("this chat is closed")]
+    ChatClosed,
+    #[error("this chat is not waiting in a queue")]
+    NotWaiting,
+    #[error("the agent is not online: go online to accept chats")]
+    AgentNotOnline,
+    #[error("the agent is at capacity ({capacity} chats): end a chat first")]
+    AtCapacity { capacity: u32 },
+    #[error("the agent is not a member of this chat's support group")]
+    NotInGroup,
+    #[error("a message must not be empty")]
+    EmptyMessage,
+    #[error("delivery can only be confirmed for messages that exist (up to seq {last_seq})")]
+    BadDeliveryMark { last_seq: u64 },
+}
+
+impl Refusal {
+    /// The stable code clients branch on. Never change one; add new ones.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::ChatTaken => "chat_taken",
+            Refusal::NotAccepted => "not_accepted",
+            Refusal::NotParticipant => "not_participant",
+            Refusal::ChatClosed => "chat_closed",
+            Refusal::NotWaiting => "not_waiting",
+            Refusal::AgentNotOnline => "agent_not_online",
+            Refusal::AtCapacity { .. } => "at_capacity",
+            Refusal::NotInGroup => "not_in_group",
+            Refusal::EmptyMessage => "empty_message",
+            Refusal::BadDeliveryMark { .. } => "bad_delivery_mark",
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! What every actor of a router node shares: the store, the clock, the directory, the gateways' push
+//! channels, the shard table and the actor registries.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use switchboard_domain::{AgentId, Clock, ConversationId, Directory, GroupId, TenantId};
+use switchboard_proto::router::{GatewayId, Push};
+use switchboard_proto::store::StoreApi;
+use tokio::sync::mpsc;
+
+use crate::agent::AgentMsg;
+use crate::conversation::ConversationMsg;
+use crate::placement::ShardTable;
+use crate::queue::QueueMsg;
+use crate::registry::Registry;
+
+pub(crate) struct Context {
+    pub(crate) node_id: String,
+    pub(crate) store: Arc<dyn StoreApi>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) directory: Arc<Directory>,
+    pub(crate) gateways: Gateways,
+    pub(crate) shards: ShardTable,
+    pub(crate) conversations: Registry<ConversationId, ConversationMsg>,
+    pub(crate) agents: Registry<(TenantId, AgentId), AgentMsg>,
+    pub(crate) queues: Registry<(TenantId, GroupId), QueueMsg>,
+    pub(crate) closed_list_limit: u32,
+}
+
+/// The push channel of every connected gateway.
+#[derive(Default)]
+pub(crate) struct Gateways {
+    sinks: Mutex<HashMap<GatewayId, mpsc::UnboundedSender<Push>>>,
+}
+
+impl Gateways {
+    pub(crate) fn connect(&self, gateway: GatewayId, sink: mpsc::UnboundedSender<Push>) {
+        self.lock().insert(gateway, sink);
+    }
+
+    /// Sends a push to one gateway; false when that gateway is gone (its subscriptions should be dropped).
+    pub(crate) fn push(&self, gateway: &GatewayId, push: Push) -> bool {
+        let mut sinks = self.lock();
+        match sinks.get(gateway) {
+            Some(sink) if sink.send(push).is_ok() => true,
+            Some(_) => {
+                sinks.remove(gateway);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GatewayId, mpsc::UnboundedSender<Push>>> {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

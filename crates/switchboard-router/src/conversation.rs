@@ -1,0 +1,654 @@
+//! The conversation actor: one per conversation, on the node that owns its shard. It serialises every
+//! command on its chat, appends the events through the store under its fence, and only then replies and
+//! pushes the events to the subscribed gateways.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use switchboard_domain::{
+    AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody,
+    Fence, NewConversation, WaitingEntry, apply, conversation_key, decide,
+};
+use switchboard_proto::convert::{conversation_from_record, event_from_record, new_event};
+use switchboard_proto::internal::v1::{
+    self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest,
+    ReadEventsRequest,
+};
+use switchboard_proto::router::{
+    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Push, RouterError,
+};
+use tracing::warn;
+
+use crate::context::Context;
+use crate::error::from_store;
+
+type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
+
+pub(crate) enum ConversationMsg {
+    View {
+        caller: Option<Caller>,
+        reply: Reply<ChatView>,
+    },
+    CheckToken {
+        token: String,
+        reply: Reply<ChatView>,
+    },
+    Subscribe {
+        gateway: GatewayId,
+        caller: Caller,
+        after_seq: u64,
+        reply: Reply<Vec<Event>>,
+    },
+    Unsubscribe {
+        gateway: GatewayId,
+    },
+    ReadEvents {
+        caller: Caller,
+        after_seq: u64,
+        reply: Reply<Vec<Event>>,
+    },
+    Command {
+        caller: Caller,
+        command: ChatCommand,
+        reply: Reply<CommandOutcome>,
+    },
+    Accept {
+        agent: AgentId,
+        reply: Reply<ChatView>,
+    },
+    Typing {
+        caller: Caller,
+        typing: bool,
+        reply: Reply<()>,
+    },
+}
+
+pub(crate) struct ConversationActor;
+
+pub(crate) struct ConversationActorState {
+    context: Arc<Context>,
+    conversation: Conversation,
+    customer_token: String,
+    fence: Fence,
+    subscribers: BTreeSet<GatewayId>,
+}
+
+pub(crate) struct Loaded {
+    context: Arc<Context>,
+    conversation: Conversation,
+    customer_token: String,
+    fence: Fence,
+}
+
+impl Actor for ConversationActor {
+    type Msg = ConversationMsg;
+    type State = ConversationActorState;
+    type Arguments = Loaded;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        loaded: Loaded,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ConversationActorState {
+            context: loaded.context,
+            conversation: loaded.conversation,
+            customer_token: loaded.customer_token,
+            fence: loaded.fence,
+            subscribers: BTreeSet::new(),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state
+            .context
+            .conversations
+            .forget(&state.conversation.id, &myself);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConversationMsg::View { caller, reply } => {
+                let result = match caller {
+                    Some(caller) => state.authorize(&caller).map(|()| state.view()),
+                    None => Ok(state.view()),
+                };
+                let _ = reply.send(result);
+            }
+            ConversationMsg::CheckToken { token, reply } => {
+                let result = if constant_time_eq(token.as_bytes(), state.customer_token.as_bytes())
+                {
+                    Ok(state.view())
+                } else {
+                    Err(RouterError::NotFound)
+                };
+                let _ = reply.send(result);
+            }
+            ConversationMsg::Subscribe {
+                gateway,
+                caller,
+                after_seq,
+                reply,
+            } => {
+                let result = match state.authorize(&caller) {
+                    Ok(()) => state.read(after_seq).await,
+                    Err(error) => Err(error),
+                };
+                if result.is_ok() {
+                    state.subscribers.insert(gateway);
+                }
+                let _ = reply.send(result);
+            }
+            ConversationMsg::Unsubscribe { gateway } => {
+                state.subscribers.remove(&gateway);
+            }
+            ConversationMsg::ReadEvents {
+                caller,
+                after_seq,
+                reply,
+            } => {
+                let result = match state.authorize(&caller) {
+                    Ok(()) => state.read(after_seq).await,
+                    Err(error) => Err(error),
+                };
+                let _ = reply.send(result);
+            }
+            ConversationMsg::Command {
+                caller,
+                command,
+                reply,
+            } => {
+                let result = state.command(&caller, command).await;
+                let failed = stop_on_store_failure(&myself, &result);
+                let _ = reply.send(result);
+                if failed {
+                    return Ok(());
+                }
+            }
+            ConversationMsg::Accept { agent, reply } => {
+                let command = Command::Accept {
+                    agent: agent.clone(),
+                };
+                let result = state
+                    .decide_and_append(Author::Agent(agent), &command, None)
+                    .await;
+                let failed = stop_on_store_failure(&myself, &result);
+                let _ = reply.send(result.map(|_| state.view()));
+                if failed {
+                    return Ok(());
+                }
+            }
+            ConversationMsg::Typing {
+                caller,
+                typing,
+                reply,
+            } => {
+                let result = state.typing(&caller, typing);
+                let _ = reply.send(result);
+            }
+        }
+        if state.conversation.state.is_finished() && state.subscribers.is_empty() {
+            // Passivate: a finished chat with no one watching need not stay in memory.
+            myself.stop(None);
+        }
+        Ok(())
+    }
+}
+
+/// After a store failure the actor cannot know whether the write committed: it stops, and the next use
+/// activates it again from what the store holds.
+fn stop_on_store_failure<T>(
+    myself: &ActorRef<ConversationMsg>,
+    result: &Result<T, RouterError>,
+) -> bool {
+    let failed = matches!(
+        result,
+        Err(RouterError::Unavailable(_) | RouterError::NotOwner | RouterError::Internal(_))
+    );
+    if failed {
+        myself.stop(Some("store write failed".into()));
+    }
+    failed
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl ConversationActorState {
+    fn view(&self) -> ChatView {
+        view_of(&self.conversation)
+    }
+
+    /// Customers see only their own chat; agents only their tenant's chats of their groups or their own.
+    fn authorize(&self, caller: &Caller) -> Result<(), RouterError> {
+        let conversation = &self.conversation;
+        let allowed = match caller {
+            Caller::Customer { conversation: id } => *id == conversation.id,
+            Caller::Agent { tenant, agent } => {
+                *tenant == conversation.tenant
+                    && (conversation.is_owner(agent)
+                        || self
+                            .context
+                            .directory
+                            .agent(tenant, agent)
+                            .is_some_and(|entry| entry.groups.contains(&conversation.group)))
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(RouterError::NotFound)
+        }
+    }
+
+    async fn read(&self, after_seq: u64) -> Result<Vec<Event>, RouterError> {
+        read_events(&self.context, self.conversation.id, after_seq).await
+    }
+
+    fn typing(&self, caller: &Caller, typing: bool) -> Result<(), RouterError> {
+        self.authorize(caller)?;
+        let author = caller.author();
+        let participant = match &author {
+            Author::Agent(agent) => self.conversation.is_owner(agent),
+            Author::Customer | Author::System => true,
+        };
+        if !participant {
+            return Err(RouterError::Refused(
+                switchboard_domain::Refusal::NotAccepted,
+            ));
+        }
+        if self.conversation.state.is_finished() {
+            return Err(RouterError::Refused(
+                switchboard_domain::Refusal::ChatClosed,
+            ));
+        }
+        let push = Push::Typing {
+            conversation: self.conversation.id,
+            author,
+            typing,
+        };
+        self.fan_out(push);
+        Ok(())
+    }
+
+    async fn command(
+        &mut self,
+        caller: &Caller,
+        command: ChatCommand,
+    ) -> Result<CommandOutcome, RouterError> {
+        self.authorize(caller)?;
+        let author = caller.author();
+        let (domain_command, client_msg_id) = match command {
+            ChatCommand::Send {
+                client_msg_id,
+                body,
+            } => (
+                Command::Send {
+                    author: author.clone(),
+                    body,
+                },
+                Some(client_msg_id),
+            ),
+            ChatCommand::ConfirmDelivery { up_to_seq } => (
+                Command::ConfirmDelivery {
+                    by: author.clone(),
+                    up_to_seq,
+                },
+                None,
+            ),
+            ChatCommand::Close => (Command::Close { by: author.clone() }, None),
+            ChatCommand::Cancel => (Command::Cancel { by: author.clone() }, None),
+        };
+        self.decide_and_append(author, &domain_command, client_msg_id)
+            .await
+    }
+
+    /// Decide, append under the fence, apply, push, and tell the queue and the agent what changed.
+    async fn decide_and_append(
+        &mut self,
+        author: Author,
+        command: &Command,
+        client_msg_id: Option<String>,
+    ) -> Result<CommandOutcome, RouterError> {
+        // A resent message is answered from the store even when the chat has moved on since.
+        let decision = decide(&self.conversation, command);
+        let body = match (decision, &client_msg_id) {
+            (Ok(Some(body)), _) => body,
+            (Ok(None), _) => {
+                return Ok(CommandOutcome {
+                    event: None,
+                    duplicate: false,
+                });
+            }
+            (Err(refusal), Some(_)) if matches!(command, Command::Send { .. }) => {
+                return self.find_duplicate(client_msg_id.as_deref(), refusal).await;
+            }
+            (Err(refusal), _) => return Err(RouterError::Refused(refusal)),
+        };
+        let event = Event {
+            seq: 0,
+            at_ms: self.context.clock.now_ms(),
+            author,
+            client_msg_id,
+            body,
+        };
+        let mut next = self.conversation.clone();
+        let next_seq = next.last_seq + 1;
+        apply(
+            &mut next,
+            &Event {
+                seq: next_seq,
+                ..event.clone()
+            },
+        );
+        let (mut stored, duplicate) = self
+            .append(vec![event], Some(update_of(&next)), None)
+            .await?;
+        let Some(stored) = stored.pop() else {
+            return Err(RouterError::Internal(
+                "the store returned no event for an append".into(),
+            ));
+        };
+        if !duplicate {
+            let was_queued = self.conversation.state == ConversationState::Queued;
+            apply(&mut self.conversation, &stored);
+            self.after_change(&stored, was_queued).await;
+            self.fan_out(Push::Event {
+                conversation: self.conversation.id,
+                event: Arc::new(stored.clone()),
+            });
+        }
+        Ok(CommandOutcome {
+            event: Some(stored),
+            duplicate,
+        })
+    }
+
+    /// A refused send may be the resend of a message stored before the refusal became true (the chat was
+    /// closed meanwhile): the store's deduplication answers it.
+    async fn find_duplicate(
+        &self,
+        client_msg_id: Option<&str>,
+        refusal: switchboard_domain::Refusal,
+    ) -> Result<CommandOutcome, RouterError> {
+        let events = self.read(0).await?;
+        match events
+            .into_iter()
+            .find(|event| event.client_msg_id.as_deref() == client_msg_id)
+        {
+            Some(event) => Ok(CommandOutcome {
+                event: Some(event),
+                duplicate: true,
+            }),
+            None => Err(RouterError::Refused(refusal)),
+        }
+    }
+
+    async fn append(
+        &self,
+        events: Vec<Event>,
+        update: Option<ConversationUpdate>,
+        create: Option<ConversationRecord>,
+    ) -> Result<(Vec<Event>, bool), RouterError> {
+        // Self-fencing: a node that lost the shard stops writing even before the store would refuse.
+        let key = conversation_key(&self.conversation.id);
+        if self.context.shards.fence_for(&key)? != self.fence {
+            return Err(RouterError::NotOwner);
+        }
+        append(
+            &self.context,
+            self.conversation.id,
+            self.fence,
+            events,
+            update,
+            create,
+        )
+        .await
+    }
+
+    async fn after_change(&self, event: &Event, was_queued: bool) {
+        let conversation = &self.conversation;
+        let left_queue = match &event.body {
+            EventBody::Accepted { agent } => Some(LeftQueue::Accepted {
+                agent: agent.clone(),
+            }),
+            EventBody::Cancelled if was_queued => Some(LeftQueue::Cancelled),
+            EventBody::Closed if was_queued => Some(LeftQueue::Closed),
+            _ => None,
+        };
+        if let Some(reason) = left_queue {
+            match crate::queue::activate(&self.context, &conversation.tenant, &conversation.group)
+                .await
+            {
+                Ok(queue) => {
+                    let _ = queue.cast(crate::queue::QueueMsg::Remove {
+                        conversation: conversation.id,
+                        reason,
+                    });
+                }
+                Err(error) => {
+                    warn!(%error, conversation = %conversation.id, "queue not told of a removal")
+                }
+            }
+        }
+        if conversation.state.is_finished()
+            && let Some(owner) = &conversation.owner
+        {
+            match crate::agent::activate(&self.context, &conversation.tenant, owner).await {
+                Ok(agent) => {
+                    let _ = agent.cast(crate::agent::AgentMsg::Finished {
+                        conversation: conversation.id,
+                    });
+                }
+                Err(error) => {
+                    warn!(%error, conversation = %conversation.id, "agent not told of the end of a chat")
+                }
+            }
+        }
+    }
+
+    fn fan_out(&self, push: Push) {
+        for gateway in &self.subscribers {
+            self.context.gateways.push(gateway, push.clone());
+        }
+    }
+}
+
+pub(crate) fn view_of(conversation: &Conversation) -> ChatView {
+    ChatView {
+        conversation: conversation.id,
+        tenant: conversation.tenant.clone(),
+        group: conversation.group.clone(),
+        state: conversation.state,
+        owner: conversation.owner.clone(),
+        customer_name: conversation.customer_name.clone(),
+        first_question: conversation.first_question.clone(),
+        created_at_ms: conversation.created_at_ms,
+        accepted_at_ms: conversation.accepted_at_ms,
+        closed_at_ms: conversation.closed_at_ms,
+        last_seq: conversation.last_seq,
+    }
+}
+
+fn update_of(conversation: &Conversation) -> ConversationUpdate {
+    ConversationUpdate {
+        state: conversation.state.as_str().to_owned(),
+        owner_agent_id: conversation
+            .owner
+            .as_ref()
+            .map(|agent| agent.to_string())
+            .unwrap_or_default(),
+        accepted_at_ms: conversation.accepted_at_ms.unwrap_or(0),
+        closed_at_ms: conversation.closed_at_ms.unwrap_or(0),
+    }
+}
+
+async fn append(
+    context: &Context,
+    conversation: ConversationId,
+    fence: Fence,
+    events: Vec<Event>,
+    update: Option<ConversationUpdate>,
+    create: Option<ConversationRecord>,
+) -> Result<(Vec<Event>, bool), RouterError> {
+    let request = AppendRequest {
+        fence: Some(pb::Fence {
+            shard: fence.shard.0,
+            epoch: fence.epoch.0,
+        }),
+        conversation_id: conversation.to_string(),
+        create,
+        events: events.iter().map(new_event).collect(),
+        update,
+    };
+    let response = context.store.append(request).await.map_err(from_store)?;
+    let stored = response
+        .events
+        .iter()
+        .map(event_from_record)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| RouterError::Internal(error.to_string()))?;
+    Ok((stored, response.duplicate))
+}
+
+async fn read_events(
+    context: &Context,
+    conversation: ConversationId,
+    after_seq: u64,
+) -> Result<Vec<Event>, RouterError> {
+    let request = ReadEventsRequest {
+        conversation_id: conversation.to_string(),
+        after_seq,
+        limit: 0,
+    };
+    let response = context
+        .store
+        .read_events(request)
+        .await
+        .map_err(from_store)?;
+    response
+        .events
+        .iter()
+        .map(event_from_record)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| RouterError::Internal(error.to_string()))
+}
+
+/// Creates a conversation: its opening events are stored, its actor is started, its queue is told.
+pub(crate) async fn create(
+    context: &Arc<Context>,
+    facts: NewConversation,
+) -> Result<(ChatView, String), RouterError> {
+    let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
+    let customer_token = uuid::Uuid::new_v4().simple().to_string();
+    let record = ConversationRecord {
+        id: facts.id.to_string(),
+        tenant_id: facts.tenant.to_string(),
+        group_id: facts.group.to_string(),
+        customer_name: facts.customer_name.clone(),
+        first_question: facts.question.clone(),
+        state: ConversationState::Queued.as_str().to_owned(),
+        owner_agent_id: String::new(),
+        created_at_ms: facts.created_at_ms,
+        queued_at_ms: facts.created_at_ms,
+        accepted_at_ms: 0,
+        closed_at_ms: 0,
+        last_seq: 0,
+        shard: fence.shard.0,
+        customer_token: customer_token.clone(),
+    };
+    let events: Vec<Event> = Conversation::opening_events(&facts)
+        .into_iter()
+        .map(|(author, body)| Event {
+            seq: 0,
+            at_ms: facts.created_at_ms,
+            author,
+            client_msg_id: None,
+            body,
+        })
+        .collect();
+    let (stored, _) = append(context, facts.id, fence, events, None, Some(record)).await?;
+    let mut conversation = Conversation::new(&facts);
+    for event in &stored {
+        apply(&mut conversation, event);
+    }
+    let view = view_of(&conversation);
+    let loaded = Loaded {
+        context: context.clone(),
+        conversation,
+        customer_token: customer_token.clone(),
+        fence,
+    };
+    context
+        .conversations
+        .get_or_activate(&facts.id, || spawn(loaded))
+        .await?;
+    let queue = crate::queue::activate(context, &facts.tenant, &facts.group).await?;
+    let entry = WaitingEntry {
+        conversation: facts.id,
+        group: facts.group.clone(),
+        queued_at_ms: facts.created_at_ms,
+        customer_name: facts.customer_name,
+        question: facts.question,
+    };
+    let _ = queue.cast(crate::queue::QueueMsg::Add { entry });
+    Ok((view, customer_token))
+}
+
+async fn spawn(loaded: Loaded) -> Result<ActorRef<ConversationMsg>, RouterError> {
+    let (actor, _) = Actor::spawn(None, ConversationActor, loaded)
+        .await
+        .map_err(|error| {
+            RouterError::Internal(format!("conversation actor did not start: {error}"))
+        })?;
+    Ok(actor)
+}
+
+/// The running actor of a conversation, activated from the store when needed.
+pub(crate) async fn activate(
+    context: &Arc<Context>,
+    conversation: ConversationId,
+) -> Result<ActorRef<ConversationMsg>, RouterError> {
+    context
+        .conversations
+        .get_or_activate(&conversation, || async {
+            let fence = context.shards.fence_for(&conversation_key(&conversation))?;
+            let request = GetConversationRequest {
+                conversation_id: conversation.to_string(),
+            };
+            let response = context
+                .store
+                .get_conversation(request)
+                .await
+                .map_err(from_store)?;
+            let record = response.conversation.ok_or(RouterError::NotFound)?;
+            let mut state = conversation_from_record(&record)
+                .map_err(|error| RouterError::Internal(error.to_string()))?;
+            // Delivery marks are not in the summary: fold them from the log.
+            for event in read_events(context, conversation, 0).await? {
+                if matches!(event.body, EventBody::Delivered { .. }) {
+                    apply(&mut state, &event);
+                }
+            }
+            let loaded = Loaded {
+                context: context.clone(),
+                conversation: state,
+                customer_token: record.customer_token,
+                fence,
+            };
+            spawn(loaded).await
+        })
+        .await
+}

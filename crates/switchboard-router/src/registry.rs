@@ -1,0 +1,94 @@
+//! Activation of virtual actors: the first use of a key loads the actor's state and spawns it; later uses
+//! find it. Concurrent first uses of one key load and spawn once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use ractor::{ActorRef, ActorStatus, Message};
+use switchboard_proto::router::RouterError;
+use tokio::sync::OnceCell;
+
+type Slot<M> = Arc<OnceCell<ActorRef<M>>>;
+
+pub(crate) struct Registry<K, M: Message> {
+    slots: Mutex<HashMap<K, Slot<M>>>,
+}
+
+impl<K: Eq + Hash + Clone, M: Message> Default for Registry<K, M> {
+    fn default() -> Self {
+        Registry {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn is_alive<M: Message>(actor: &ActorRef<M>) -> bool {
+    !matches!(
+        actor.get_status(),
+        ActorStatus::Stopping | ActorStatus::Stopped
+    )
+}
+
+impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
+    fn slot(&self, key: &K) -> Slot<M> {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slot = slots.entry(key.clone()).or_default();
+        // A stopped actor is replaced by a fresh activation.
+        if slot.get().is_some_and(|actor| !is_alive(actor)) {
+            *slot = Arc::default();
+        }
+        slot.clone()
+    }
+
+    /// The running actor for `key`, activated with `activate` when there is none.
+    pub(crate) async fn get_or_activate<F, Fut>(
+        &self,
+        key: &K,
+        activate: F,
+    ) -> Result<ActorRef<M>, RouterError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<ActorRef<M>, RouterError>>,
+    {
+        let slot = self.slot(key);
+        let actor = slot.get_or_try_init(activate).await?;
+        Ok(actor.clone())
+    }
+
+    /// Forgets the actor of `key` if it is `actor` (it stopped).
+    pub(crate) fn forget(&self, key: &K, actor: &ActorRef<M>) {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slots
+            .get(key)
+            .and_then(|slot| slot.get())
+            .is_some_and(|current| current.get_id() == actor.get_id())
+        {
+            slots.remove(key);
+        }
+    }
+
+    /// Every running actor whose key matches.
+    pub(crate) fn running(&self, mut matches: impl FnMut(&K) -> bool) -> Vec<ActorRef<M>> {
+        let slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots
+            .iter()
+            .filter(|(key, _)| matches(key))
+            .filter_map(|(_, slot)| slot.get().cloned())
+            .collect()
+    }
+
+    pub(crate) fn n_running(&self) -> usize {
+        self.running(|_| true).into_iter().filter(is_alive).count()
+    }
+}

@@ -1,0 +1,348 @@
+//! The router node: owns its shards, activates actors on demand and answers the gateways' requests.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use switchboard_domain::{
+    AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation,
+    TenantId,
+};
+use switchboard_proto::convert::conversation_from_record;
+use switchboard_proto::internal::v1::ListConversationsRequest;
+use switchboard_proto::router::{
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, Push, RouterApi,
+    RouterError, StartChat, StartedChat,
+};
+use switchboard_proto::store::StoreApi;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::agent::{AgentMsg, call};
+use crate::context::{Context, Gateways};
+use crate::conversation::{ConversationMsg, view_of};
+use crate::error::from_store;
+use crate::placement::{self, LeaseSettings, ShardTable};
+use crate::queue::QueueMsg;
+
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    /// This node's stable name: a node restarted under the same name takes its shards back at once.
+    pub node_id: String,
+    pub leases: LeaseSettings,
+    /// How many chats a closed list shows at most.
+    pub closed_list_limit: u32,
+}
+
+pub struct Router {
+    context: Arc<Context>,
+    lease_keeper: JoinHandle<()>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.lease_keeper.abort();
+    }
+}
+
+impl Router {
+    /// Takes the shards it can, activates every support queue, and keeps the leases renewed.
+    pub async fn start(
+        settings: RouterSettings,
+        store: Arc<dyn StoreApi>,
+        clock: Arc<dyn Clock>,
+        directory: Arc<Directory>,
+    ) -> Result<Router, RouterError> {
+        let context = Arc::new(Context {
+            node_id: settings.node_id.clone(),
+            store,
+            clock,
+            directory,
+            gateways: Gateways::default(),
+            shards: ShardTable::default(),
+            conversations: Default::default(),
+            agents: Default::default(),
+            queues: Default::default(),
+            closed_list_limit: settings.closed_list_limit,
+        });
+        let n_shards = placement::acquire(&context, &settings.leases).await?;
+        info!(node = %settings.node_id, n_shards, "router started");
+        for tenant in context.directory.tenants() {
+            for group in tenant.groups.keys() {
+                crate::queue::activate(&context, &tenant.id, group).await?;
+            }
+        }
+        let lease_keeper = tokio::spawn(placement::keep_leases(context.clone(), settings.leases));
+        Ok(Router {
+            context,
+            lease_keeper,
+        })
+    }
+
+    pub fn n_shards_owned(&self) -> usize {
+        self.context.shards.n_owned()
+    }
+
+    /// Running actors by kind: conversations, agents, queues.
+    pub fn n_actors(&self) -> (usize, usize, usize) {
+        let context = &self.context;
+        (
+            context.conversations.n_running(),
+            context.agents.n_running(),
+            context.queues.n_running(),
+        )
+    }
+
+    async fn on_conversation<T: Send + 'static>(
+        &self,
+        conversation: ConversationId,
+        message: impl Fn(ractor::RpcReplyPort<Result<T, RouterError>>) -> ConversationMsg,
+    ) -> Result<T, RouterError> {
+        // An actor that stops between lookup and call (passivation, a failed write) is activated again once.
+        let mut attempts = 0;
+        loop {
+            let actor = crate::conversation::activate(&self.context, conversation).await?;
+            match call(&actor, &message).await {
+                Err(RouterError::Unavailable(_)) if attempts == 0 && !is_alive(&actor) => {
+                    attempts += 1
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn on_agent<T: Send + 'static>(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        message: impl FnOnce(ractor::RpcReplyPort<Result<T, RouterError>>) -> AgentMsg,
+    ) -> Result<T, RouterError> {
+        let actor = crate::agent::activate(&self.context, tenant, agent).await?;
+        call(&actor, message).await
+    }
+}
+
+fn is_alive<M: ractor::Message>(actor: &ractor::ActorRef<M>) -> bool {
+    !matches!(
+        actor.get_status(),
+        ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+    )
+}
+
+#[async_trait]
+impl RouterApi for Router {
+    fn connect_gateway(&self, gateway: GatewayId, sink: mpsc::UnboundedSender<Push>) {
+        self.context.gateways.connect(gateway, sink);
+    }
+
+    async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
+        let known = self
+            .context
+            .directory
+            .tenant(&request.tenant)
+            .is_some_and(|t| t.groups.contains_key(&request.group));
+        if !known {
+            return Err(RouterError::UnknownGroup);
+        }
+        let now_ms = self.context.clock.now_ms();
+        let facts = NewConversation {
+            id: new_conversation_id(now_ms),
+            tenant: request.tenant,
+            group: request.group,
+            customer_name: request.customer_name,
+            question: request.question,
+            created_at_ms: now_ms,
+        };
+        let (view, customer_token) = crate::conversation::create(&self.context, facts).await?;
+        Ok(StartedChat {
+            view,
+            customer_token,
+        })
+    }
+
+    async fn authorize_customer(
+        &self,
+        conversation: ConversationId,
+        token: &str,
+    ) -> Result<ChatView, RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::CheckToken {
+            token: token.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    async fn chat_view(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+    ) -> Result<ChatView, RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::View {
+            caller: Some(caller.clone()),
+            reply,
+        })
+        .await
+    }
+
+    async fn subscribe(
+        &self,
+        gateway: &GatewayId,
+        caller: &Caller,
+        conversation: ConversationId,
+        after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::Subscribe {
+            gateway: gateway.clone(),
+            caller: caller.clone(),
+            after_seq,
+            reply,
+        })
+        .await
+    }
+
+    async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
+        let running = self.context.conversations.running(|id| *id == conversation);
+        for actor in running {
+            let _ = actor.cast(ConversationMsg::Unsubscribe {
+                gateway: gateway.clone(),
+            });
+        }
+    }
+
+    async fn read_events(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::ReadEvents {
+            caller: caller.clone(),
+            after_seq,
+            reply,
+        })
+        .await
+    }
+
+    async fn command(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        command: ChatCommand,
+    ) -> Result<CommandOutcome, RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::Command {
+            caller: caller.clone(),
+            command: command.clone(),
+            reply,
+        })
+        .await
+    }
+
+    async fn typing(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        typing: bool,
+    ) -> Result<(), RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::Typing {
+            caller: caller.clone(),
+            typing,
+            reply,
+        })
+        .await
+    }
+
+    async fn accept_chat(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<ChatView, RouterError> {
+        self.on_agent(tenant, agent, |reply| AgentMsg::Accept {
+            conversation,
+            reply,
+        })
+        .await
+    }
+
+    async fn set_agent_status(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        status: AgentStatus,
+    ) -> Result<AgentView, RouterError> {
+        self.on_agent(tenant, agent, |reply| AgentMsg::SetStatus { status, reply })
+            .await
+    }
+
+    async fn subscribe_queue(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        group: &GroupId,
+    ) -> Result<(), RouterError> {
+        let queue = crate::queue::activate(&self.context, tenant, group).await?;
+        queue
+            .cast(QueueMsg::Subscribe {
+                gateway: gateway.clone(),
+            })
+            .map_err(|_| RouterError::Unavailable("the queue stopped; retry".into()))
+    }
+
+    async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
+        let key = (tenant.clone(), group.clone());
+        for actor in self.context.queues.running(|candidate| *candidate == key) {
+            let _ = actor.cast(QueueMsg::Unsubscribe {
+                gateway: gateway.clone(),
+            });
+        }
+    }
+
+    async fn list_chats(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        list: ChatList,
+    ) -> Result<Vec<ChatView>, RouterError> {
+        let (states, newest_first, limit) = match list {
+            ChatList::Ongoing => (vec!["active".to_owned()], false, 0),
+            ChatList::Closed => (
+                vec!["closed".to_owned(), "cancelled".to_owned()],
+                true,
+                self.context.closed_list_limit,
+            ),
+        };
+        let request = ListConversationsRequest {
+            tenant_id: tenant.to_string(),
+            states,
+            owner_agent_id: agent.to_string(),
+            limit,
+            newest_first,
+            ..Default::default()
+        };
+        let response = self
+            .context
+            .store
+            .list_conversations(request)
+            .await
+            .map_err(from_store)?;
+        response
+            .conversations
+            .iter()
+            .map(|record| {
+                conversation_from_record(record).map(|conversation| view_of(&conversation))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|error| RouterError::Internal(error.to_string()))
+    }
+}
+
+/// A time-ordered id (UUID v7) whose time part comes from the injected clock.
+fn new_conversation_id(now_ms: i64) -> ConversationId {
+    let now_ms = u64::try_from(now_ms).unwrap_or(0);
+    let timestamp = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        now_ms / 1000,
+        ((now_ms % 1000) * 1_000_000) as u32,
+    );
+    ConversationId::from_uuid(uuid::Uuid::new_v7(timestamp))
+}

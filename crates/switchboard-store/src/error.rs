@@ -1,0 +1,86 @@
+//! Mapping of database errors and out-of-range values to [`StoreError`].
+
+use sqlx::error::ErrorKind;
+use switchboard_proto::store::StoreError;
+
+/// A database error as a store error: a violated constraint is a caller bug (`Invalid`), a row that does
+/// not decode is corrupt data (`Invalid`: retrying cannot help), and everything else (I/O, busy, pool
+/// timeouts, closed pool) is `Unavailable`.
+pub(crate) fn db(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(database) if database.kind() != ErrorKind::Other => {
+            StoreError::Invalid(format!("constraint violated: {database}"))
+        }
+        sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::InvalidArgument(_) => {
+            StoreError::Invalid(format!("malformed row or argument: {error}"))
+        }
+        _ => {
+            tracing::warn!(%error, "database error");
+            StoreError::Unavailable(error.to_string())
+        }
+    }
+}
+
+/// A protobuf unsigned value as a BIGINT column value.
+pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Invalid(format!("{what} out of range: {value}")))
+}
+
+/// A BIGINT column value as a protobuf unsigned value.
+pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value)
+        .map_err(|_| StoreError::Invalid(format!("stored {what} out of range: {value}")))
+}
+
+/// A shard number as an INTEGER column value.
+pub(crate) fn shard_to_i32(shard: u32) -> Result<i32, StoreError> {
+    if shard >= switchboard_domain::N_SHARDS {
+        return Err(StoreError::Invalid(format!("no such shard: {shard}")));
+    }
+    i32::try_from(shard).map_err(|_| StoreError::Invalid(format!("no such shard: {shard}")))
+}
+
+/// An INTEGER column value as a shard number.
+pub(crate) fn shard_from_i32(shard: i32) -> Result<u32, StoreError> {
+    u32::try_from(shard)
+        .map_err(|_| StoreError::Invalid(format!("stored shard out of range: {shard}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_out_of_range_are_invalid_not_truncated() {
+        assert!(matches!(
+            to_i64(u64::MAX, "epoch"),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(to_u64(-1, "seq"), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            shard_to_i32(switchboard_domain::N_SHARDS),
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(shard_to_i32(1023), Ok(1023));
+        assert_eq!(shard_from_i32(7), Ok(7));
+    }
+
+    #[test]
+    fn pool_timeouts_are_unavailable() {
+        assert!(matches!(
+            db(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            db(sqlx::Error::RowNotFound),
+            StoreError::Invalid(_)
+        ));
+    }
+}

@@ -1,0 +1,246 @@
+//! The configuration file: one versioned YAML document, unknown fields rejected, a few settings
+//! overridable from the environment (`SWITCHBOARD_...`), validated at start with errors that name the
+//! offending field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use switchboard_domain::{
+    AgentEntry, AgentId, Directory, GroupEntry, GroupId, TenantEntry, TenantId,
+};
+
+pub const CONFIG_VERSION: u32 = 1;
+pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub version: u32,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the embedded database lives.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// This node's stable name (a restarted node takes its shards back at once).
+    #[serde(default = "default_node_id")]
+    pub node_id: String,
+    #[serde(default)]
+    pub limits: Limits,
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(default = "default_outbound_queue_len")]
+    pub outbound_queue_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: default_max_message_bytes(),
+            outbound_queue_len: default_outbound_queue_len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: TenantId,
+    pub name: String,
+    #[serde(default)]
+    pub widget_keys: Vec<String>,
+    pub groups: Vec<GroupConfig>,
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub id: GroupId,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub id: AgentId,
+    pub name: String,
+    pub token: String,
+    pub groups: Vec<GroupId>,
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_node_id() -> String {
+    "serve".into()
+}
+fn default_max_message_bytes() -> usize {
+    4096
+}
+fn default_outbound_queue_len() -> usize {
+    1024
+}
+fn default_capacity() -> u32 {
+    3
+}
+
+impl Config {
+    /// Parses and validates a configuration document, then applies the environment overrides.
+    pub fn parse(yaml: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let mut config: Config = serde_yaml_ng::from_str(yaml).context("invalid configuration")?;
+        if config.version != CONFIG_VERSION {
+            bail!(
+                "invalid configuration: version: this build reads version {CONFIG_VERSION}, not {}",
+                config.version
+            );
+        }
+        if let Some(listen) = env("SWITCHBOARD_LISTEN") {
+            config.listen = listen
+                .parse()
+                .context("invalid SWITCHBOARD_LISTEN: expected an address like 127.0.0.1:8080")?;
+        }
+        if let Some(data_dir) = env("SWITCHBOARD_DATA_DIR") {
+            config.data_dir = PathBuf::from(data_dir);
+        }
+        if let Some(max) = env("SWITCHBOARD_MAX_MESSAGE_BYTES") {
+            config.limits.max_message_bytes = max
+                .parse()
+                .context("invalid SWITCHBOARD_MAX_MESSAGE_BYTES: expected a number of bytes")?;
+        }
+        if config.limits.max_message_bytes == 0 || config.limits.max_message_bytes > 1 << 20 {
+            bail!("invalid configuration: limits.max_message_bytes must be between 1 and 1048576");
+        }
+        if config.limits.outbound_queue_len == 0 {
+            bail!("invalid configuration: limits.outbound_queue_len must be at least 1");
+        }
+        if config.tenants.is_empty() {
+            bail!("invalid configuration: tenants: at least one tenant is needed");
+        }
+        config.directory()?;
+        Ok(config)
+    }
+
+    /// The tenancy directory of this configuration.
+    pub fn directory(&self) -> anyhow::Result<Directory> {
+        let mut directory = Directory::default();
+        for tenant in &self.tenants {
+            let mut groups = BTreeMap::new();
+            for group in &tenant.groups {
+                let entry = GroupEntry {
+                    id: group.id.clone(),
+                    name: group.name.clone(),
+                };
+                if groups.insert(group.id.clone(), entry).is_some() {
+                    bail!(
+                        "invalid configuration: tenants.{}.groups: group {} is defined twice",
+                        tenant.id,
+                        group.id
+                    );
+                }
+            }
+            let mut agents = BTreeMap::new();
+            let mut tokens = Vec::new();
+            for agent in &tenant.agents {
+                let entry = AgentEntry {
+                    id: agent.id.clone(),
+                    name: agent.name.clone(),
+                    groups: agent.groups.clone(),
+                    capacity: agent.capacity,
+                };
+                if agents.insert(agent.id.clone(), entry).is_some() {
+                    bail!(
+                        "invalid configuration: tenants.{}.agents: agent {} is defined twice",
+                        tenant.id,
+                        agent.id
+                    );
+                }
+                tokens.push((agent.id.clone(), agent.token.clone()));
+            }
+            let entry = TenantEntry {
+                id: tenant.id.clone(),
+                name: tenant.name.clone(),
+                groups,
+                agents,
+            };
+            directory
+                .add_tenant(entry, tenant.widget_keys.clone(), tokens)
+                .map_err(|error| anyhow::anyhow!("invalid configuration: {error}"))?;
+        }
+        Ok(directory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn the_demo_configuration_is_valid() {
+        let config = Config::parse(DEMO_CONFIG, no_env).unwrap();
+        let directory = config.directory().unwrap();
+        let (tenant, agent) = directory.agent_of_token("demo-alice-token").unwrap();
+        assert_eq!((tenant.as_str(), agent.as_str()), ("demo", "alice"));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let yaml = DEMO_CONFIG.replace("version: 1", "version: 1\nlisten_adress: 1.2.3.4:5");
+        let error = format!("{:#}", Config::parse(&yaml, no_env).unwrap_err());
+        assert!(error.contains("listen_adress"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_reference_names_the_agent_and_group() {
+        let yaml = DEMO_CONFIG.replace(
+            "groups: [sales], capacity: 2",
+            "groups: [billing], capacity: 2",
+        );
+        let error = format!("{:#}", Config::parse(&yaml, no_env).unwrap_err());
+        assert!(
+            error.contains("bob") && error.contains("billing"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let env = |name: &str| match name {
+            "SWITCHBOARD_LISTEN" => Some("127.0.0.1:9999".to_owned()),
+            "SWITCHBOARD_MAX_MESSAGE_BYTES" => Some("100".to_owned()),
+            _ => None,
+        };
+        let config = Config::parse(DEMO_CONFIG, env).unwrap();
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.limits.max_message_bytes, 100);
+        let bad = |name: &str| (name == "SWITCHBOARD_LISTEN").then(|| "nowhere".to_owned());
+        assert!(
+            format!("{:#}", Config::parse(DEMO_CONFIG, bad).unwrap_err())
+                .contains("SWITCHBOARD_LISTEN")
+        );
+    }
+
+    #[test]
+    fn another_version_is_refused() {
+        let yaml = DEMO_CONFIG.replace("version: 1", "version: 2");
+        assert!(format!("{:#}", Config::parse(&yaml, no_env).unwrap_err()).contains("version"));
+    }
+}
