@@ -60,11 +60,7 @@ impl AgentState {
     }
 
     /// Take a slot for a chat this agent is about to accept.
-    pub fn reserve(
-        &mut self,
-        conversation: ConversationId,
-        group: &GroupId,
-    ) -> Result<(), Refusal> {
+    pub fn reserve(&mut self, conversation: ConversationId, group: &GroupId) -> Result<(), Refusal> {
         if !self.is_member_of(group) {
             return Err(Refusal::NotInGroup);
         }
@@ -75,9 +71,7 @@ impl AgentState {
             return Ok(());
         }
         if !self.has_free_capacity() {
-            return Err(Refusal::AtCapacity {
-                capacity: self.capacity,
-            });
+            return Err(Refusal::AtCapacity { capacity: self.capacity });
         }
         self.reserved.insert(conversation);
         Ok(())
@@ -127,10 +121,7 @@ mod tests {
     fn an_agent_must_be_online_and_in_the_group_to_take_a_chat() {
         let group = GroupId::new("g").unwrap();
         let mut agent = online_agent(2);
-        assert_eq!(
-            agent.reserve(chat(1), &GroupId::new("other").unwrap()),
-            Err(Refusal::NotInGroup)
-        );
+        assert_eq!(agent.reserve(chat(1), &GroupId::new("other").unwrap()), Err(Refusal::NotInGroup));
         agent.status = AgentStatus::Away;
         assert_eq!(agent.reserve(chat(1), &group), Err(Refusal::AgentNotOnline));
     }
@@ -141,10 +132,7 @@ mod tests {
         let mut agent = online_agent(2);
         agent.reserve(chat(1), &group).unwrap();
         agent.reserve(chat(2), &group).unwrap();
-        assert_eq!(
-            agent.reserve(chat(3), &group),
-            Err(Refusal::AtCapacity { capacity: 2 })
-        );
+        assert_eq!(agent.reserve(chat(3), &group), Err(Refusal::AtCapacity { capacity: 2 }));
         agent.release(&chat(2));
         agent.confirm(chat(1));
         agent.reserve(chat(3), &group).unwrap();

@@ -42,10 +42,7 @@ impl ConversationState {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(
-            self,
-            ConversationState::Closed | ConversationState::Cancelled
-        )
+        matches!(self, ConversationState::Closed | ConversationState::Cancelled)
     }
 }
 
@@ -198,12 +195,7 @@ impl Conversation {
                     question: facts.question.clone(),
                 },
             ),
-            (
-                Author::Customer,
-                EventBody::Message {
-                    body: facts.question.clone(),
-                },
-            ),
+            (Author::Customer, EventBody::Message { body: facts.question.clone() }),
         ]
     }
 
@@ -214,17 +206,12 @@ impl Conversation {
 
 /// Decide what a command does to a conversation: the event to append, `Ok(None)` when it changes nothing
 /// (a repeated delivery mark), or a refusal.
-pub fn decide(
-    conversation: &Conversation,
-    command: &Command,
-) -> Result<Option<EventBody>, Refusal> {
+pub fn decide(conversation: &Conversation, command: &Command) -> Result<Option<EventBody>, Refusal> {
     use ConversationState::*;
     let state = conversation.state;
     match command {
         Command::Accept { agent } => match state {
-            Queued => Ok(Some(EventBody::Accepted {
-                agent: agent.clone(),
-            })),
+            Queued => Ok(Some(EventBody::Accepted { agent: agent.clone() })),
             Active if conversation.is_owner(agent) => Ok(None),
             Active => Err(Refusal::ChatTaken),
             Closed | Cancelled => Err(Refusal::ChatClosed),
@@ -246,23 +233,17 @@ pub fn decide(
         }
         Command::ConfirmDelivery { by, up_to_seq } => {
             if *up_to_seq > conversation.last_seq {
-                return Err(Refusal::BadDeliveryMark {
-                    last_seq: conversation.last_seq,
-                });
+                return Err(Refusal::BadDeliveryMark { last_seq: conversation.last_seq });
             }
             let already = match by {
                 Author::Customer => conversation.customer_delivered_up_to,
-                Author::Agent(agent) if conversation.is_owner(agent) => {
-                    conversation.agent_delivered_up_to
-                }
+                Author::Agent(agent) if conversation.is_owner(agent) => conversation.agent_delivered_up_to,
                 Author::Agent(_) | Author::System => return Err(Refusal::NotParticipant),
             };
             if *up_to_seq <= already {
                 return Ok(None);
             }
-            Ok(Some(EventBody::Delivered {
-                up_to_seq: *up_to_seq,
-            }))
+            Ok(Some(EventBody::Delivered { up_to_seq: *up_to_seq }))
         }
         Command::Close { by } => {
             if state.is_finished() {
@@ -272,9 +253,7 @@ pub fn decide(
                 // A customer who leaves before anyone answered abandons the chat.
                 (Author::Customer, Queued) => Ok(Some(EventBody::Cancelled)),
                 (Author::Customer | Author::System, _) => Ok(Some(EventBody::Closed)),
-                (Author::Agent(agent), Active) if conversation.is_owner(agent) => {
-                    Ok(Some(EventBody::Closed))
-                }
+                (Author::Agent(agent), Active) if conversation.is_owner(agent) => Ok(Some(EventBody::Closed)),
                 (Author::Agent(_), Queued) => Err(Refusal::NotAccepted),
                 (Author::Agent(_), _) => Err(Refusal::NotParticipant),
             }
@@ -284,9 +263,7 @@ pub fn decide(
                 return Ok(None);
             }
             match by {
-                Author::Agent(agent) if conversation.is_owner(agent) => {
-                    Ok(Some(EventBody::Cancelled))
-                }
+                Author::Agent(agent) if conversation.is_owner(agent) => Ok(Some(EventBody::Cancelled)),
                 Author::Agent(_) if state == Queued => Err(Refusal::NotAccepted),
                 _ => Err(Refusal::NotParticipant),
             }
@@ -306,13 +283,9 @@ pub fn apply(conversation: &mut Conversation, event: &Event) {
         }
         EventBody::Delivered { up_to_seq } => match &event.author {
             Author::Customer => {
-                conversation.customer_delivered_up_to =
-                    conversation.customer_delivered_up_to.max(*up_to_seq)
+                conversation.customer_delivered_up_to = conversation.customer_delivered_up_to.max(*up_to_seq)
             }
-            Author::Agent(_) => {
-                conversation.agent_delivered_up_to =
-                    conversation.agent_delivered_up_to.max(*up_to_seq)
-            }
+            Author::Agent(_) => conversation.agent_delivered_up_to = conversation.agent_delivered_up_to.max(*up_to_seq),
             Author::System => {}
         },
         EventBody::Closed => {

@@ -18,21 +18,11 @@ fn agent(name: &str) -> AgentId {
 }
 
 /// Decide, then append and apply as an actor would.
-fn run(
-    conversation: &mut Conversation,
-    author: Author,
-    command: Command,
-) -> Result<Option<Event>, Refusal> {
+fn run(conversation: &mut Conversation, author: Author, command: Command) -> Result<Option<Event>, Refusal> {
     let Some(body) = decide(conversation, &command)? else {
         return Ok(None);
     };
-    let event = Event {
-        seq: conversation.last_seq + 1,
-        at_ms: 2_000,
-        author,
-        client_msg_id: None,
-        body,
-    };
+    let event = Event { seq: conversation.last_seq + 1, at_ms: 2_000, author, client_msg_id: None, body };
     apply(conversation, &event);
     Ok(Some(event))
 }
@@ -41,16 +31,7 @@ fn opened() -> Conversation {
     let facts = facts();
     let mut conversation = Conversation::new(&facts);
     for (seq, (author, body)) in (1..).zip(Conversation::opening_events(&facts)) {
-        apply(
-            &mut conversation,
-            &Event {
-                seq,
-                at_ms: 1_000,
-                author,
-                client_msg_id: None,
-                body,
-            },
-        );
+        apply(&mut conversation, &Event { seq, at_ms: 1_000, author, client_msg_id: None, body });
     }
     conversation
 }
@@ -68,97 +49,41 @@ fn the_first_accept_wins_and_the_second_is_told_the_chat_was_taken() {
     let mut conversation = opened();
     let a = agent("a");
     let b = agent("b");
-    run(
-        &mut conversation,
-        Author::Agent(a.clone()),
-        Command::Accept { agent: a.clone() },
-    )
-    .unwrap();
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone() }).unwrap();
     assert_eq!(conversation.state, ConversationState::Active);
     assert_eq!(conversation.owner, Some(a.clone()));
-    assert_eq!(
-        decide(&conversation, &Command::Accept { agent: b }),
-        Err(Refusal::ChatTaken)
-    );
+    assert_eq!(decide(&conversation, &Command::Accept { agent: b }), Err(Refusal::ChatTaken));
     // Accepting again is harmless for the owner.
-    assert_eq!(
-        decide(&conversation, &Command::Accept { agent: a }),
-        Ok(None)
-    );
+    assert_eq!(decide(&conversation, &Command::Accept { agent: a }), Ok(None));
 }
 
 #[test]
 fn an_agent_cannot_write_before_accepting() {
     let conversation = opened();
-    let send = Command::Send {
-        author: Author::Agent(agent("a")),
-        body: "hello".into(),
-    };
+    let send = Command::Send { author: Author::Agent(agent("a")), body: "hello".into() };
     assert_eq!(decide(&conversation, &send), Err(Refusal::NotAccepted));
-    let customer = Command::Send {
-        author: Author::Customer,
-        body: "anyone?".into(),
-    };
-    assert!(matches!(
-        decide(&conversation, &customer),
-        Ok(Some(EventBody::Message { .. }))
-    ));
+    let customer = Command::Send { author: Author::Customer, body: "anyone?".into() };
+    assert!(matches!(decide(&conversation, &customer), Ok(Some(EventBody::Message { .. }))));
 }
 
 #[test]
 fn only_the_owner_writes_and_nobody_writes_after_the_end() {
     let mut conversation = opened();
     let a = agent("a");
-    run(
-        &mut conversation,
-        Author::Agent(a.clone()),
-        Command::Accept { agent: a.clone() },
-    )
-    .unwrap();
-    let intruder = Command::Send {
-        author: Author::Agent(agent("b")),
-        body: "hi".into(),
-    };
-    assert_eq!(
-        decide(&conversation, &intruder),
-        Err(Refusal::NotParticipant)
-    );
-    run(
-        &mut conversation,
-        Author::Agent(a.clone()),
-        Command::Close {
-            by: Author::Agent(a.clone()),
-        },
-    )
-    .unwrap();
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone() }).unwrap();
+    let intruder = Command::Send { author: Author::Agent(agent("b")), body: "hi".into() };
+    assert_eq!(decide(&conversation, &intruder), Err(Refusal::NotParticipant));
+    run(&mut conversation, Author::Agent(a.clone()), Command::Close { by: Author::Agent(a.clone()) }).unwrap();
     assert_eq!(conversation.state, ConversationState::Closed);
-    let late = Command::Send {
-        author: Author::Agent(a),
-        body: "hi".into(),
-    };
+    let late = Command::Send { author: Author::Agent(a), body: "hi".into() };
     assert_eq!(decide(&conversation, &late), Err(Refusal::ChatClosed));
-    assert_eq!(
-        decide(
-            &conversation,
-            &Command::Close {
-                by: Author::Customer
-            }
-        ),
-        Ok(None)
-    );
+    assert_eq!(decide(&conversation, &Command::Close { by: Author::Customer }), Ok(None));
 }
 
 #[test]
 fn a_customer_leaving_a_waiting_chat_cancels_it() {
     let mut conversation = opened();
-    run(
-        &mut conversation,
-        Author::Customer,
-        Command::Close {
-            by: Author::Customer,
-        },
-    )
-    .unwrap();
+    run(&mut conversation, Author::Customer, Command::Close { by: Author::Customer }).unwrap();
     assert_eq!(conversation.state, ConversationState::Cancelled);
     assert!(conversation.closed_at_ms.is_some());
 }
@@ -166,10 +91,7 @@ fn a_customer_leaving_a_waiting_chat_cancels_it() {
 #[test]
 fn empty_messages_are_refused() {
     let conversation = opened();
-    let send = Command::Send {
-        author: Author::Customer,
-        body: "  \n".into(),
-    };
+    let send = Command::Send { author: Author::Customer, body: "  \n".into() };
     assert_eq!(decide(&conversation, &send), Err(Refusal::EmptyMessage));
 }
 
@@ -177,32 +99,15 @@ fn empty_messages_are_refused() {
 fn delivery_marks_only_move_forward_and_only_over_existing_events() {
     let mut conversation = opened();
     let a = agent("a");
-    run(
-        &mut conversation,
-        Author::Agent(a.clone()),
-        Command::Accept { agent: a.clone() },
-    )
-    .unwrap();
-    let mark = |up_to_seq| Command::ConfirmDelivery {
-        by: Author::Agent(a.clone()),
-        up_to_seq,
-    };
-    assert_eq!(
-        decide(&conversation, &mark(99)),
-        Err(Refusal::BadDeliveryMark { last_seq: 3 })
-    );
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone() }).unwrap();
+    let mark = |up_to_seq| Command::ConfirmDelivery { by: Author::Agent(a.clone()), up_to_seq };
+    assert_eq!(decide(&conversation, &mark(99)), Err(Refusal::BadDeliveryMark { last_seq: 3 }));
     run(&mut conversation, Author::Agent(a.clone()), mark(2)).unwrap();
     assert_eq!(conversation.agent_delivered_up_to, 2);
     assert_eq!(decide(&conversation, &mark(2)), Ok(None));
     assert_eq!(decide(&conversation, &mark(1)), Ok(None));
-    let stranger = Command::ConfirmDelivery {
-        by: Author::Agent(agent("b")),
-        up_to_seq: 2,
-    };
-    assert_eq!(
-        decide(&conversation, &stranger),
-        Err(Refusal::NotParticipant)
-    );
+    let stranger = Command::ConfirmDelivery { by: Author::Agent(agent("b")), up_to_seq: 2 };
+    assert_eq!(decide(&conversation, &stranger), Err(Refusal::NotParticipant));
 }
 
 #[test]
@@ -224,18 +129,11 @@ fn events_round_trip_through_json_with_stable_tags() {
 
 fn any_command() -> impl Strategy<Value = Command> {
     let agent_name = prop::sample::select(vec!["a", "b", "c"]).prop_map(agent);
-    let author = prop_oneof![
-        Just(Author::Customer),
-        agent_name.clone().prop_map(Author::Agent)
-    ];
+    let author = prop_oneof![Just(Author::Customer), agent_name.clone().prop_map(Author::Agent)];
     prop_oneof![
         agent_name.prop_map(|agent| Command::Accept { agent }),
-        author.clone().prop_map(|author| Command::Send {
-            author,
-            body: "x".into()
-        }),
-        (author.clone(), 0u64..12)
-            .prop_map(|(by, up_to_seq)| Command::ConfirmDelivery { by, up_to_seq }),
+        author.clone().prop_map(|author| Command::Send { author, body: "x".into() }),
+        (author.clone(), 0u64..12).prop_map(|(by, up_to_seq)| Command::ConfirmDelivery { by, up_to_seq }),
         author.clone().prop_map(|by| Command::Close { by }),
         author.prop_map(|by| Command::Cancel { by }),
     ]

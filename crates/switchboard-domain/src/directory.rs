@@ -33,11 +33,7 @@ pub enum DirectoryError {
     #[error("tenant {0} is defined twice")]
     DuplicateTenant(TenantId),
     #[error("tenant {tenant}: agent {agent} belongs to unknown group {group}")]
-    UnknownGroup {
-        tenant: TenantId,
-        agent: AgentId,
-        group: GroupId,
-    },
+    UnknownGroup { tenant: TenantId, agent: AgentId, group: GroupId },
     #[error("tenant {tenant}: agent {agent} must have a capacity of at least 1")]
     ZeroCapacity { tenant: TenantId, agent: AgentId },
     #[error("a widget key is used twice (tenant {0})")]
@@ -69,16 +65,9 @@ impl Directory {
         }
         for agent in tenant.agents.values() {
             if agent.capacity == 0 {
-                return Err(DirectoryError::ZeroCapacity {
-                    tenant: tenant.id.clone(),
-                    agent: agent.id.clone(),
-                });
+                return Err(DirectoryError::ZeroCapacity { tenant: tenant.id.clone(), agent: agent.id.clone() });
             }
-            if let Some(group) = agent
-                .groups
-                .iter()
-                .find(|group| !tenant.groups.contains_key(group))
-            {
+            if let Some(group) = agent.groups.iter().find(|group| !tenant.groups.contains_key(group)) {
                 return Err(DirectoryError::UnknownGroup {
                     tenant: tenant.id.clone(),
                     agent: agent.id.clone(),
@@ -96,15 +85,8 @@ impl Directory {
             }
         }
         for (agent, token) in agent_tokens {
-            if self
-                .agent_tokens
-                .insert(token, (tenant.id.clone(), agent.clone()))
-                .is_some()
-            {
-                return Err(DirectoryError::DuplicateAgentToken {
-                    tenant: tenant.id,
-                    agent,
-                });
+            if self.agent_tokens.insert(token, (tenant.id.clone(), agent.clone())).is_some() {
+                return Err(DirectoryError::DuplicateAgentToken { tenant: tenant.id, agent });
             }
         }
         self.tenants.insert(tenant.id.clone(), tenant);
@@ -137,17 +119,11 @@ mod tests {
     use super::*;
 
     fn tenant(agent_groups: &[&str], capacity: u32) -> TenantEntry {
-        let group = GroupEntry {
-            id: GroupId::new("g1").unwrap(),
-            name: "G1".into(),
-        };
+        let group = GroupEntry { id: GroupId::new("g1").unwrap(), name: "G1".into() };
         let agent = AgentEntry {
             id: AgentId::new("a").unwrap(),
             name: "A".into(),
-            groups: agent_groups
-                .iter()
-                .map(|g| GroupId::new(*g).unwrap())
-                .collect(),
+            groups: agent_groups.iter().map(|g| GroupId::new(*g).unwrap()).collect(),
             capacity,
         };
         TenantEntry {
@@ -163,19 +139,9 @@ mod tests {
         let mut directory = Directory::default();
         let agent = AgentId::new("a").unwrap();
         directory
-            .add_tenant(
-                tenant(&["g1"], 2),
-                vec!["widget-key-1".into()],
-                vec![(agent.clone(), "token-of-a".into())],
-            )
+            .add_tenant(tenant(&["g1"], 2), vec!["widget-key-1".into()], vec![(agent.clone(), "token-of-a".into())])
             .unwrap();
-        assert_eq!(
-            directory
-                .tenant_of_widget_key("widget-key-1")
-                .unwrap()
-                .as_str(),
-            "t"
-        );
+        assert_eq!(directory.tenant_of_widget_key("widget-key-1").unwrap().as_str(), "t");
         assert_eq!(directory.agent_of_token("token-of-a").unwrap().1, agent);
         assert!(directory.agent_of_token("nope").is_none());
     }
@@ -183,27 +149,14 @@ mod tests {
     #[test]
     fn bad_directories_are_refused_with_the_offending_entry() {
         let mut directory = Directory::default();
-        let error = directory
-            .add_tenant(tenant(&["nope"], 2), vec![], vec![])
-            .unwrap_err();
-        assert!(
-            matches!(error, DirectoryError::UnknownGroup { .. }),
-            "{error}"
-        );
-        let error = directory
-            .add_tenant(tenant(&["g1"], 0), vec![], vec![])
-            .unwrap_err();
+        let error = directory.add_tenant(tenant(&["nope"], 2), vec![], vec![]).unwrap_err();
+        assert!(matches!(error, DirectoryError::UnknownGroup { .. }), "{error}");
+        let error = directory.add_tenant(tenant(&["g1"], 0), vec![], vec![]).unwrap_err();
         assert!(matches!(error, DirectoryError::ZeroCapacity { .. }));
-        let error = directory
-            .add_tenant(tenant(&["g1"], 1), vec!["short".into()], vec![])
-            .unwrap_err();
+        let error = directory.add_tenant(tenant(&["g1"], 1), vec!["short".into()], vec![]).unwrap_err();
         assert!(matches!(error, DirectoryError::WeakSecret(_)));
-        directory
-            .add_tenant(tenant(&["g1"], 1), vec![], vec![])
-            .unwrap();
-        let error = directory
-            .add_tenant(tenant(&["g1"], 1), vec![], vec![])
-            .unwrap_err();
+        directory.add_tenant(tenant(&["g1"], 1), vec![], vec![]).unwrap();
+        let error = directory.add_tenant(tenant(&["g1"], 1), vec![], vec![]).unwrap_err();
         assert!(matches!(error, DirectoryError::DuplicateTenant(_)));
     }
 }

@@ -101,9 +101,7 @@ impl ConversationId {
     }
 
     pub fn parse(text: &str) -> Result<Self, IdError> {
-        Uuid::parse_str(text)
-            .map(Self)
-            .map_err(|_| IdError::NotAUuid)
+        Uuid::parse_str(text).map(Self).map_err(|_| IdError::NotAUuid)
     }
 
     pub fn as_uuid(&self) -> Uuid {
@@ -126,14 +124,8 @@ mod tests {
         assert_eq!(GroupId::new(""), Err(IdError::Empty));
         assert_eq!(GroupId::new("a/b"), Err(IdError::BadCharacter));
         assert_eq!(GroupId::new("sales desk"), Err(IdError::BadCharacter));
-        assert_eq!(
-            GroupId::new("x".repeat(65)),
-            Err(IdError::TooLong { max: 64 })
-        );
-        assert_eq!(
-            GroupId::new("sales-1.eu_west").unwrap().as_str(),
-            "sales-1.eu_west"
-        );
+        assert_eq!(GroupId::new("x".repeat(65)), Err(IdError::TooLong { max: 64 }));
+        assert_eq!(GroupId::new("sales-1.eu_west").unwrap().as_str(), "sales-1.eu_west");
     }
 
     #[test]

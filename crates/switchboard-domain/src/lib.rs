@@ -18,13 +18,10 @@ mod shard;
 pub use agent::{AgentState, AgentStatus};
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use conversation::{
-    Author, Command, Conversation, ConversationState, Event, EventBody, NewConversation, apply,
-    decide,
+    Author, Command, Conversation, ConversationState, Event, EventBody, NewConversation, apply, decide,
 };
 pub use directory::{AgentEntry, Directory, DirectoryError, GroupEntry, TenantEntry};
 pub use ids::{AgentId, ConversationId, GroupId, IdError, TenantId};
 pub use queue::{WaitingEntry, WaitingQueue, merge_waiting};
 pub use refusal::Refusal;
-pub use shard::{
-    Epoch, Fence, N_SHARDS, ShardId, agent_key, conversation_key, queue_key, shard_of,
-};
+pub use shard::{Epoch, Fence, N_SHARDS, ShardId, agent_key, conversation_key, queue_key, shard_of};

@@ -71,10 +71,7 @@ impl WaitingQueue {
 
 /// One waiting list across several groups, first come first served.
 pub fn merge_waiting<'a>(queues: impl IntoIterator<Item = &'a WaitingQueue>) -> Vec<WaitingEntry> {
-    let mut all: Vec<WaitingEntry> = queues
-        .into_iter()
-        .flat_map(|queue| queue.iter().cloned())
-        .collect();
+    let mut all: Vec<WaitingEntry> = queues.into_iter().flat_map(|queue| queue.iter().cloned()).collect();
     all.sort_by_key(WaitingEntry::order_key);
     all
 }
@@ -103,15 +100,9 @@ mod tests {
         g1.insert(entry(1, "g1", 10));
         g2.insert(entry(2, "g2", 11));
         g1.insert(entry(3, "g1", 12));
-        let for_a: Vec<_> = merge_waiting([&g1, &g2])
-            .into_iter()
-            .map(|e| e.customer_name)
-            .collect();
+        let for_a: Vec<_> = merge_waiting([&g1, &g2]).into_iter().map(|e| e.customer_name).collect();
         assert_eq!(for_a, ["c1", "c2", "c3"]);
-        let for_b: Vec<_> = merge_waiting([&g1])
-            .into_iter()
-            .map(|e| e.customer_name)
-            .collect();
+        let for_b: Vec<_> = merge_waiting([&g1]).into_iter().map(|e| e.customer_name).collect();
         assert_eq!(for_b, ["c1", "c3"]);
         assert_eq!(g1.position(&entry(3, "g1", 12).conversation), Some(2));
     }
@@ -132,10 +123,7 @@ mod tests {
     }
 
     fn any_op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (0usize..3).prop_map(|group| Op::Enqueue { group }),
-            (0usize..8).prop_map(|nth| Op::Accept { nth })
-        ]
+        prop_oneof![(0usize..3).prop_map(|group| Op::Enqueue { group }), (0usize..8).prop_map(|nth| Op::Accept { nth })]
     }
 
     proptest! {

@@ -13,8 +13,6 @@ pub enum Refusal {
     NotParticipant,
     #[error("this chat is closed")]
     ChatClosed,
-    #[error("this chat is not waiting in a queue")]
-    NotWaiting,
     #[error("the agent is not online: go online to accept chats")]
     AgentNotOnline,
     #[error("the agent is at capacity ({capacity} chats): end a chat first")]
@@ -35,7 +33,6 @@ impl Refusal {
             Refusal::NotAccepted => "not_accepted",
             Refusal::NotParticipant => "not_participant",
             Refusal::ChatClosed => "chat_closed",
-            Refusal::NotWaiting => "not_waiting",
             Refusal::AgentNotOnline => "agent_not_online",
             Refusal::AtCapacity { .. } => "at_capacity",
             Refusal::NotInGroup => "not_in_group",

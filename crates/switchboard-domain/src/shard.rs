@@ -27,9 +27,7 @@ pub struct Fence {
 pub fn shard_of(key: &str) -> ShardId {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let hash = key.bytes().fold(OFFSET_BASIS, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-    });
+    let hash = key.bytes().fold(OFFSET_BASIS, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME));
     ShardId((hash % u64::from(N_SHARDS)) as u32)
 }
 
@@ -63,9 +61,7 @@ mod tests {
 
     #[test]
     fn keys_spread_over_many_shards() {
-        let shards: std::collections::HashSet<_> = (0..4096)
-            .map(|i| shard_of(&format!("conversation/{i}")))
-            .collect();
+        let shards: std::collections::HashSet<_> = (0..4096).map(|i| shard_of(&format!("conversation/{i}"))).collect();
         assert!(shards.len() > 900, "only {} shards used", shards.len());
     }
 }

@@ -7,9 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use switchboard_domain::{
-    AgentId, Author, ConversationId, Event, GroupId, TenantId, WaitingQueue, merge_waiting,
-};
+use switchboard_domain::{AgentId, Author, ConversationId, Event, GroupId, TenantId, WaitingQueue, merge_waiting};
 use switchboard_proto::router::{Push, QueueChange};
 use tokio::sync::{Notify, mpsc};
 use tracing::debug;
@@ -32,16 +30,8 @@ pub enum Outbound {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
-    Customer {
-        conversation: ConversationId,
-        tenant: TenantId,
-        group: GroupId,
-    },
-    Agent {
-        tenant: TenantId,
-        agent: AgentId,
-        groups: Vec<GroupId>,
-    },
+    Customer { conversation: ConversationId, tenant: TenantId, group: GroupId },
+    Agent { tenant: TenantId, agent: AgentId, groups: Vec<GroupId> },
 }
 
 /// A socket's side of the hub: how to reach it, and how to kick it.
@@ -88,9 +78,7 @@ pub struct Needs {
 
 impl Hub {
     fn lock(&self) -> MutexGuard<'_, HubState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers a socket with its role; returns the queues the gateway must now subscribe to.
@@ -98,10 +86,7 @@ impl Hub {
         let mut state = self.lock();
         let groups: Vec<(TenantId, GroupId)> = match &role {
             Role::Customer { tenant, group, .. } => vec![(tenant.clone(), group.clone())],
-            Role::Agent { tenant, groups, .. } => groups
-                .iter()
-                .map(|group| (tenant.clone(), group.clone()))
-                .collect(),
+            Role::Agent { tenant, groups, .. } => groups.iter().map(|group| (tenant.clone(), group.clone())).collect(),
         };
         let mut needs = Needs::default();
         for key in groups {
@@ -111,14 +96,7 @@ impl Hub {
             });
             mirror.watchers.insert(socket);
         }
-        state.sockets.insert(
-            socket,
-            SocketEntry {
-                link,
-                role,
-                last_position: None,
-            },
-        );
+        state.sockets.insert(socket, SocketEntry { link, role, last_position: None });
         state.send_queue_view(socket);
         needs
     }
@@ -131,15 +109,13 @@ impl Hub {
             mirror.watchers.remove(&socket);
         }
         let mut needs = Needs::default();
-        state
-            .conversation_watchers
-            .retain(|conversation, watchers| {
-                watchers.remove(&socket);
-                if watchers.is_empty() {
-                    needs.unsubscribe_conversations.push(*conversation);
-                }
-                !watchers.is_empty()
-            });
+        state.conversation_watchers.retain(|conversation, watchers| {
+            watchers.remove(&socket);
+            if watchers.is_empty() {
+                needs.unsubscribe_conversations.push(*conversation);
+            }
+            !watchers.is_empty()
+        });
         needs
     }
 
@@ -152,89 +128,59 @@ impl Hub {
         first
     }
 
+    /// The socket no longer wants the conversation's pushes; true when no socket of this gateway does.
+    pub fn unwatch(&self, socket: SocketId, conversation: ConversationId) -> bool {
+        let mut state = self.lock();
+        let Some(watchers) = state.conversation_watchers.get_mut(&conversation) else { return true };
+        watchers.remove(&socket);
+        let nobody = watchers.is_empty();
+        if nobody {
+            state.conversation_watchers.remove(&conversation);
+        }
+        nobody
+    }
+
     /// Sockets of this gateway signed in as the given agent.
     pub fn n_agent_sockets(&self, tenant: &TenantId, agent: &AgentId) -> usize {
         let state = self.lock();
-        let is_agent = |role: &Role| matches!(role, Role::Agent { tenant: t, agent: a, .. } if t == tenant && a == agent);
-        state
-            .sockets
-            .values()
-            .filter(|entry| is_agent(&entry.role))
-            .count()
+        let is_agent =
+            |role: &Role| matches!(role, Role::Agent { tenant: t, agent: a, .. } if t == tenant && a == agent);
+        state.sockets.values().filter(|entry| is_agent(&entry.role)).count()
     }
 
     /// The merged waiting list of an agent's groups (those already mirrored).
-    pub fn waiting_for(
-        &self,
-        tenant: &TenantId,
-        groups: &[GroupId],
-    ) -> Vec<switchboard_domain::WaitingEntry> {
+    pub fn waiting_for(&self, tenant: &TenantId, groups: &[GroupId]) -> Vec<switchboard_domain::WaitingEntry> {
         let state = self.lock();
-        let mirrors = groups
-            .iter()
-            .filter_map(|group| state.queues.get(&(tenant.clone(), group.clone())));
-        merge_waiting(
-            mirrors
-                .filter(|mirror| mirror.ready)
-                .map(|mirror| &mirror.waiting),
-        )
+        let mirrors = groups.iter().filter_map(|group| state.queues.get(&(tenant.clone(), group.clone())));
+        merge_waiting(mirrors.filter(|mirror| mirror.ready).map(|mirror| &mirror.waiting))
     }
 
     /// Dispatches one push from the router.
     pub fn dispatch(&self, push: Push) {
         let mut state = self.lock();
         match push {
-            Push::Event {
-                conversation,
-                event,
-            } => {
+            Push::Event { conversation, event } => {
                 let frame: Arc<str> = protocol::event(conversation, &event).into();
-                let outbound = Outbound::Event {
-                    conversation,
-                    event,
-                    frame,
-                };
-                let watchers: Vec<SocketId> = state
-                    .conversation_watchers
-                    .get(&conversation)
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .collect();
+                let outbound = Outbound::Event { conversation, event, frame };
+                let watchers: Vec<SocketId> =
+                    state.conversation_watchers.get(&conversation).into_iter().flatten().copied().collect();
                 for socket in watchers {
                     state.send(socket, outbound.clone());
                 }
             }
-            Push::Typing {
-                conversation,
-                author,
-                typing,
-            } => {
+            Push::Typing { conversation, author, typing } => {
                 let frame: Arc<str> = protocol::typing(conversation, &author, typing).into();
-                let watchers: Vec<SocketId> = state
-                    .conversation_watchers
-                    .get(&conversation)
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .collect();
+                let watchers: Vec<SocketId> =
+                    state.conversation_watchers.get(&conversation).into_iter().flatten().copied().collect();
                 for socket in watchers {
                     // Nobody needs to be told that they themselves are typing.
-                    let is_author = state
-                        .sockets
-                        .get(&socket)
-                        .is_some_and(|entry| is_author(&entry.role, &author));
+                    let is_author = state.sockets.get(&socket).is_some_and(|entry| is_author(&entry.role, &author));
                     if !is_author {
                         state.send(socket, Outbound::Frame(frame.clone()));
                     }
                 }
             }
-            Push::Queue {
-                tenant,
-                group,
-                version,
-                change,
-            } => state.apply_queue_change(tenant, group, version, change),
+            Push::Queue { tenant, group, version, change } => state.apply_queue_change(tenant, group, version, change),
         }
     }
 }
@@ -252,21 +198,13 @@ impl HubState {
         let Some(entry) = self.sockets.get(&socket) else {
             return;
         };
-        if entry.link.outbound.try_send(outbound).is_err()
-            && !entry.link.is_kicked.swap(true, Ordering::SeqCst)
-        {
+        if entry.link.outbound.try_send(outbound).is_err() && !entry.link.is_kicked.swap(true, Ordering::SeqCst) {
             debug!(socket, "outbound queue full: disconnecting the slow client");
             entry.link.kicked.notify_one();
         }
     }
 
-    fn apply_queue_change(
-        &mut self,
-        tenant: TenantId,
-        group: GroupId,
-        version: u64,
-        change: QueueChange,
-    ) {
+    fn apply_queue_change(&mut self, tenant: TenantId, group: GroupId, version: u64, change: QueueChange) {
         let key = (tenant, group);
         let Some(mirror) = self.queues.get_mut(&key) else {
             return;
@@ -288,10 +226,7 @@ impl HubState {
                 mirror.waiting.insert(entry);
                 Some(frame.into())
             }
-            QueueChange::Removed {
-                conversation,
-                reason,
-            } => {
+            QueueChange::Removed { conversation, reason } => {
                 mirror.version = version;
                 mirror.waiting.remove(&conversation);
                 Some(protocol::queue_removed(conversation, &reason).into())
@@ -310,16 +245,10 @@ impl HubState {
     }
 
     fn view_ready(&self, socket: SocketId) -> bool {
-        let Some(Role::Agent { tenant, groups, .. }) =
-            self.sockets.get(&socket).map(|entry| &entry.role)
-        else {
+        let Some(Role::Agent { tenant, groups, .. }) = self.sockets.get(&socket).map(|entry| &entry.role) else {
             return false;
         };
-        groups.iter().all(|group| {
-            self.queues
-                .get(&(tenant.clone(), group.clone()))
-                .is_some_and(|mirror| mirror.ready)
-        })
+        groups.iter().all(|group| self.queues.get(&(tenant.clone(), group.clone())).is_some_and(|mirror| mirror.ready))
     }
 
     /// Sends an agent its whole waiting list, or a customer their position, when the mirrors are ready.
@@ -332,20 +261,11 @@ impl HubState {
                 if !self.view_ready(socket) {
                     return;
                 }
-                let mirrors = groups
-                    .iter()
-                    .filter_map(|group| self.queues.get(&(tenant.clone(), group.clone())));
+                let mirrors = groups.iter().filter_map(|group| self.queues.get(&(tenant.clone(), group.clone())));
                 let entries = merge_waiting(mirrors.map(|mirror| &mirror.waiting));
-                self.send(
-                    socket,
-                    Outbound::Frame(protocol::queue_snapshot(&entries).into()),
-                );
+                self.send(socket, Outbound::Frame(protocol::queue_snapshot(&entries).into()));
             }
-            Role::Customer {
-                conversation,
-                tenant,
-                group,
-            } => {
+            Role::Customer { conversation, tenant, group } => {
                 let Some(mirror) = self.queues.get(&(tenant, group)) else {
                     return;
                 };
@@ -360,10 +280,7 @@ impl HubState {
                     if let Some(entry) = self.sockets.get_mut(&socket) {
                         entry.last_position = Some(position);
                     }
-                    self.send(
-                        socket,
-                        Outbound::Frame(protocol::queue_position(conversation, position).into()),
-                    );
+                    self.send(socket, Outbound::Frame(protocol::queue_position(conversation, position).into()));
                 }
             }
         }

@@ -33,11 +33,7 @@ pub struct GatewaySettings {
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        GatewaySettings {
-            gateway_id: "gateway".into(),
-            max_message_bytes: 4096,
-            outbound_queue_len: 1024,
-        }
+        GatewaySettings { gateway_id: "gateway".into(), max_message_bytes: 4096, outbound_queue_len: 1024 }
     }
 }
 
@@ -57,19 +53,13 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway")
-            .field("settings", &self.shared.settings)
-            .finish()
+        f.debug_struct("Gateway").field("settings", &self.shared.settings).finish()
     }
 }
 
 impl Gateway {
     /// Connects to the router and starts dispatching its pushes to this gateway's sockets.
-    pub fn start(
-        settings: GatewaySettings,
-        router: Arc<dyn RouterApi>,
-        directory: Arc<Directory>,
-    ) -> Gateway {
+    pub fn start(settings: GatewaySettings, router: Arc<dyn RouterApi>, directory: Arc<Directory>) -> Gateway {
         let gateway_id = GatewayId(settings.gateway_id.clone());
         let shared = Arc::new(Shared {
             settings,
@@ -102,18 +92,9 @@ impl Gateway {
     }
 }
 
-async fn upgrade(
-    State(shared): State<Arc<Shared>>,
-    upgrade: WebSocketUpgrade,
-) -> impl IntoResponse {
+async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> impl IntoResponse {
     // Frames a little over the body limit are still read, so that the client gets a clear
     // `message_too_large` error instead of a dropped connection; far larger ones close it (1009).
-    let max_frame = shared
-        .settings
-        .max_message_bytes
-        .saturating_mul(4)
-        .max(64 * 1024);
-    upgrade
-        .max_message_size(max_frame)
-        .on_upgrade(move |socket| session::run(shared, socket))
+    let max_frame = shared.settings.max_message_bytes.saturating_mul(4).max(64 * 1024);
+    upgrade.max_message_size(max_frame).on_upgrade(move |socket| session::run(shared, socket))
 }

@@ -11,17 +11,31 @@ use switchboard_proto::router::{AgentView, ChatView, LeftQueue, RouterError};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Every request type of [`Request`], so that an unknown type is told apart from a bad field value.
+pub const REQUEST_TYPES: &[&str] = &[
+    "chat.start",
+    "customer.resume",
+    "agent.sign_in",
+    "agent.set_status",
+    "queue.list",
+    "chat.accept",
+    "chat.subscribe",
+    "chat.transcript",
+    "chat.list",
+    "message.send",
+    "message.delivered",
+    "typing",
+    "chat.close",
+    "chat.cancel",
+    "ping",
+];
+
 /// A frame from a client, after its `id` was taken out.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum Request {
     #[serde(rename = "chat.start")]
-    ChatStart {
-        widget_key: String,
-        group: String,
-        name: String,
-        question: String,
-    },
+    ChatStart { widget_key: String, group: String, name: String, question: String },
     #[serde(rename = "customer.resume")]
     CustomerResume {
         conversation: ConversationId,
@@ -52,21 +66,11 @@ pub enum Request {
     #[serde(rename = "chat.list")]
     ChatList { list: ListName },
     #[serde(rename = "message.send")]
-    MessageSend {
-        conversation: ConversationId,
-        client_msg_id: String,
-        body: String,
-    },
+    MessageSend { conversation: ConversationId, client_msg_id: String, body: String },
     #[serde(rename = "message.delivered")]
-    MessageDelivered {
-        conversation: ConversationId,
-        up_to_seq: u64,
-    },
+    MessageDelivered { conversation: ConversationId, up_to_seq: u64 },
     #[serde(rename = "typing")]
-    Typing {
-        conversation: ConversationId,
-        typing: bool,
-    },
+    Typing { conversation: ConversationId, typing: bool },
     #[serde(rename = "chat.close")]
     ChatClose { conversation: ConversationId },
     #[serde(rename = "chat.cancel")]
@@ -109,11 +113,7 @@ pub struct ErrorReply {
 
 impl ErrorReply {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        ErrorReply {
-            code,
-            message: message.into(),
-            retryable: false,
-        }
+        ErrorReply { code, message: message.into(), retryable: false }
     }
 }
 
@@ -133,16 +133,10 @@ impl From<RouterError> for ErrorReply {
             RouterError::Unavailable(_) | RouterError::NotOwner => {
                 "the service is briefly unavailable: retry the same request".to_owned()
             }
-            RouterError::Internal(_) => {
-                "internal error: the request was not carried out".to_owned()
-            }
+            RouterError::Internal(_) => "internal error: the request was not carried out".to_owned(),
             other => other.to_string(),
         };
-        ErrorReply {
-            code,
-            message,
-            retryable,
-        }
+        ErrorReply { code, message, retryable }
     }
 }
 
@@ -173,13 +167,8 @@ pub fn event(conversation: ConversationId, event: &Event) -> String {
     json!({ "type": "event", "conversation": conversation, "event": event }).to_string()
 }
 
-pub fn typing(
-    conversation: ConversationId,
-    author: &switchboard_domain::Author,
-    typing: bool,
-) -> String {
-    json!({ "type": "typing", "conversation": conversation, "author": author, "typing": typing })
-        .to_string()
+pub fn typing(conversation: ConversationId, author: &switchboard_domain::Author, typing: bool) -> String {
+    json!({ "type": "typing", "conversation": conversation, "author": author, "typing": typing }).to_string()
 }
 
 pub fn queue_snapshot(entries: &[WaitingEntry]) -> String {
@@ -200,8 +189,7 @@ pub fn queue_removed(conversation: ConversationId, reason: &LeftQueue) -> String
 }
 
 pub fn queue_position(conversation: ConversationId, position: usize) -> String {
-    json!({ "type": "queue.position", "conversation": conversation, "position": position })
-        .to_string()
+    json!({ "type": "queue.position", "conversation": conversation, "position": position }).to_string()
 }
 
 pub fn chat_json(view: &ChatView) -> Value {
@@ -233,49 +221,32 @@ pub fn agent_json(view: &AgentView) -> Value {
 /// Splits a raw text frame into its request id and request. A frame that is not JSON, has no string `id`,
 /// or does not match a known request is refused with a code that says which.
 pub fn parse(text: &str) -> Result<(String, Request), (Option<String>, ErrorReply)> {
-    let mut value: Value = serde_json::from_str(text).map_err(|error| {
-        (
-            None,
-            ErrorReply::new("bad_json", format!("the frame is not valid JSON: {error}")),
-        )
-    })?;
+    let mut value: Value = serde_json::from_str(text)
+        .map_err(|error| (None, ErrorReply::new("bad_json", format!("the frame is not valid JSON: {error}"))))?;
     let Some(object) = value.as_object_mut() else {
-        return Err((
-            None,
-            ErrorReply::new("bad_frame", "a frame must be a JSON object"),
-        ));
+        return Err((None, ErrorReply::new("bad_frame", "a frame must be a JSON object")));
     };
     let id = match object.remove("id") {
-        Some(Value::String(id)) if !id.is_empty() && id.len() <= 128 => id,
+        Some(Value::String(id)) if !id.is_empty() && id.chars().count() <= 128 => id,
         _ => {
             return Err((
                 None,
-                ErrorReply::new(
-                    "missing_id",
-                    "every request needs an \"id\" string of 1 to 128 characters",
-                ),
+                ErrorReply::new("missing_id", "every request needs an \"id\" string of 1 to 128 characters"),
             ));
         }
     };
     let kind = match object.get("type") {
         Some(Value::String(kind)) => kind.clone(),
         _ => {
-            return Err((
-                Some(id),
-                ErrorReply::new("missing_type", "every request needs a \"type\" string"),
-            ));
+            return Err((Some(id), ErrorReply::new("missing_type", "every request needs a \"type\" string")));
         }
     };
+    if !REQUEST_TYPES.contains(&kind.as_str()) {
+        return Err((Some(id), ErrorReply::new("unknown_type", format!("unknown request type {kind:?}"))));
+    }
     match serde_json::from_value::<Request>(value) {
         Ok(request) => Ok((id, request)),
-        Err(error) if error.to_string().starts_with("unknown variant") => Err((
-            Some(id),
-            ErrorReply::new("unknown_type", format!("unknown request type {kind:?}")),
-        )),
-        Err(error) => Err((
-            Some(id),
-            ErrorReply::new("bad_request", format!("bad {kind} request: {error}")),
-        )),
+        Err(error) => Err((Some(id), ErrorReply::new("bad_request", format!("bad {kind} request: {error}")))),
     }
 }
 
@@ -296,17 +267,16 @@ mod tests {
     fn malformed_frames_get_distinct_codes() {
         assert_eq!(parse("{nope").unwrap_err().1.code, "bad_json");
         assert_eq!(parse("[1]").unwrap_err().1.code, "bad_frame");
-        assert_eq!(
-            parse(r#"{"type":"ping"}"#).unwrap_err().1.code,
-            "missing_id"
-        );
+        assert_eq!(parse(r#"{"type":"ping"}"#).unwrap_err().1.code, "missing_id");
         assert_eq!(parse(r#"{"id":"1"}"#).unwrap_err().1.code, "missing_type");
         let (id, reply) = parse(r#"{"id":"7","type":"teleport"}"#).unwrap_err();
         assert_eq!((id.as_deref(), reply.code), (Some("7"), "unknown_type"));
-        let (_, reply) =
-            parse(r#"{"id":"8","type":"chat.accept","conversation":"x"}"#).unwrap_err();
+        let (_, reply) = parse(r#"{"id":"8","type":"chat.accept","conversation":"x"}"#).unwrap_err();
         assert_eq!(reply.code, "bad_request");
         let (_, reply) = parse(r#"{"id":"9","type":"ping","extra":1}"#).unwrap_err();
+        assert_eq!(reply.code, "bad_request");
+        // A bad value of a known type's field is a bad request, not an unknown type.
+        let (_, reply) = parse(r#"{"id":"10","type":"agent.set_status","status":"busy"}"#).unwrap_err();
         assert_eq!(reply.code, "bad_request");
     }
 

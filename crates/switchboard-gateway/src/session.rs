@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use switchboard_domain::{AgentStatus, ConversationId, Event, GroupId};
 use switchboard_proto::router::{Caller, ChatCommand, ChatList, StartChat};
 use tokio::sync::{Notify, mpsc};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
@@ -18,6 +18,8 @@ use crate::protocol::{self, ErrorReply, ListName, Request};
 
 /// Close code for a client too slow to read what it is sent: reconnect and resume from the last seq.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a frame larger than the server reads (RFC 6455: message too big).
+pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 
 const MAX_NAME_CHARS: usize = 100;
 const MAX_CLIENT_MSG_ID_CHARS: usize = 128;
@@ -36,18 +38,8 @@ type Reply = Result<(Value, Vec<(ConversationId, Event)>), ErrorReply>;
 pub(crate) async fn run(shared: Arc<Shared>, mut socket: WebSocket) {
     let socket_id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
     let (outbound, mut queued) = mpsc::channel(shared.settings.outbound_queue_len);
-    let link = SocketLink {
-        outbound,
-        kicked: Arc::new(Notify::new()),
-        is_kicked: Arc::new(AtomicBool::new(false)),
-    };
-    let mut session = Session {
-        shared,
-        socket_id,
-        link,
-        role: None,
-        written_seq: HashMap::new(),
-    };
+    let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
+    let mut session = Session { shared, socket_id, link, role: None, written_seq: HashMap::new() };
     let welcome = protocol::welcome(session.shared.settings.max_message_bytes);
     if socket.send(Message::Text(welcome.into())).await.is_err() {
         return;
@@ -56,7 +48,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut socket: WebSocket) {
     loop {
         tokio::select! {
             frame = socket.recv() => {
-                let Some(Ok(frame)) = frame else { break };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(error)) => {
+                        close_after_read_error(&mut socket, &error, session.shared.settings.max_message_bytes).await;
+                        break;
+                    }
+                    None => break,
+                };
                 let keep_going = match frame {
                     Message::Text(text) => session.on_text(&mut socket, text.as_str()).await,
                     Message::Binary(_) => {
@@ -84,6 +83,17 @@ pub(crate) async fn run(shared: Arc<Shared>, mut socket: WebSocket) {
         }
     }
     session.end().await;
+}
+
+/// A frame too large to read closes the connection with 1009 (message too big) and says the limit; other
+/// read errors mean the connection is already gone.
+async fn close_after_read_error(socket: &mut WebSocket, error: &axum::Error, max_message_bytes: usize) {
+    // axum hides tungstenite's error type; its capacity error is the one that says "too long".
+    if error.to_string().contains("too long") {
+        let reason = format!("frame too large: a message body is at most {max_message_bytes} bytes");
+        let close = CloseFrame { code: CLOSE_MESSAGE_TOO_BIG, reason: reason.into() };
+        let _ = socket.send(Message::Close(Some(close))).await;
+    }
 }
 
 async fn send(socket: &mut WebSocket, frame: String) -> bool {
@@ -116,11 +126,7 @@ impl Session {
     async fn write_outbound(&mut self, socket: &mut WebSocket, outbound: Outbound) -> bool {
         match outbound {
             Outbound::Frame(frame) => send(socket, frame.to_string()).await,
-            Outbound::Event {
-                conversation,
-                event,
-                frame,
-            } => {
+            Outbound::Event { conversation, event, frame } => {
                 let written = self.written_seq.get(&conversation).copied().unwrap_or(0);
                 if event.seq <= written {
                     return true;
@@ -138,21 +144,11 @@ impl Session {
     }
 
     /// Writes the events a socket missed (it never should, but a gap is never left open).
-    async fn fill_gap(
-        &mut self,
-        socket: &mut WebSocket,
-        conversation: ConversationId,
-        written: u64,
-    ) -> bool {
+    async fn fill_gap(&mut self, socket: &mut WebSocket, conversation: ConversationId, written: u64) -> bool {
         let Ok(caller) = self.caller_for(conversation) else {
             return true;
         };
-        let Ok(events) = self
-            .shared
-            .router
-            .read_events(&caller, conversation, written)
-            .await
-        else {
+        let Ok(events) = self.shared.router.read_events(&caller, conversation, written).await else {
             return true;
         };
         for event in events {
@@ -163,12 +159,7 @@ impl Session {
         true
     }
 
-    async fn write_event(
-        &mut self,
-        socket: &mut WebSocket,
-        conversation: ConversationId,
-        event: &Event,
-    ) -> bool {
+    async fn write_event(&mut self, socket: &mut WebSocket, conversation: ConversationId, event: &Event) -> bool {
         let written = self.written_seq.entry(conversation).or_insert(0);
         if event.seq <= *written {
             return true;
@@ -181,56 +172,39 @@ impl Session {
         let router = self.shared.router.clone();
         match request {
             Request::Ping {} => Ok((json!({}), vec![])),
-            Request::ChatStart {
-                widget_key,
-                group,
-                name,
-                question,
-            } => self.start_chat(widget_key, group, name, question).await,
-            Request::CustomerResume {
-                conversation,
-                customer_token,
-                after_seq,
-            } => {
+            Request::ChatStart { widget_key, group, name, question } => {
+                self.start_chat(widget_key, group, name, question).await
+            }
+            Request::CustomerResume { conversation, customer_token, after_seq } => {
                 self.no_role_yet()?;
-                let view = router
-                    .authorize_customer(conversation, &customer_token)
-                    .await
-                    .map_err(|error| match error {
+                let view =
+                    router.authorize_customer(conversation, &customer_token).await.map_err(|error| match error {
                         switchboard_proto::router::RouterError::NotFound => unauthorized_customer(),
                         other => other.into(),
                     })?;
-                self.become_role(Role::Customer {
-                    conversation,
-                    tenant: view.tenant.clone(),
-                    group: view.group.clone(),
-                })
-                .await;
-                let events = self.subscribe(conversation, after_seq).await?;
-                Ok((json!({ "chat": protocol::chat_json(&view) }), events))
+                let role = Role::Customer { conversation, tenant: view.tenant.clone(), group: view.group.clone() };
+                self.become_role(role).await;
+                match self.subscribe(conversation, after_seq).await {
+                    Ok(events) => Ok((json!({ "chat": protocol::chat_json(&view) }), events)),
+                    Err(error) => {
+                        // A refused resume leaves the connection as it was: free to resume properly.
+                        self.abandon_role().await;
+                        Err(error)
+                    }
+                }
             }
             Request::AgentSignIn { token } => {
                 self.no_role_yet()?;
-                let Some((tenant, agent)) = self.shared.directory.agent_of_token(&token).cloned()
-                else {
+                let Some((tenant, agent)) = self.shared.directory.agent_of_token(&token).cloned() else {
                     return Err(ErrorReply::new("unauthorized", "unknown agent token"));
                 };
-                let view = router
-                    .set_agent_status(&tenant, &agent, AgentStatus::Online)
-                    .await?;
-                self.become_role(Role::Agent {
-                    tenant,
-                    agent,
-                    groups: view.groups.clone(),
-                })
-                .await;
+                let view = router.set_agent_status(&tenant, &agent, AgentStatus::Online).await?;
+                self.become_role(Role::Agent { tenant, agent, groups: view.groups.clone() }).await;
                 Ok((json!({ "agent": protocol::agent_json(&view) }), vec![]))
             }
             Request::AgentSetStatus { status } => {
                 let (tenant, agent, _) = self.agent()?;
-                let view = router
-                    .set_agent_status(&tenant, &agent, status.into())
-                    .await?;
+                let view = router.set_agent_status(&tenant, &agent, status.into()).await?;
                 Ok((json!({ "agent": protocol::agent_json(&view) }), vec![]))
             }
             Request::QueueList {} => {
@@ -245,26 +219,17 @@ impl Session {
                 let events = self.subscribe(conversation, after).await?;
                 Ok((json!({ "chat": protocol::chat_json(&view) }), events))
             }
-            Request::ChatSubscribe {
-                conversation,
-                after_seq,
-            } => {
+            Request::ChatSubscribe { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
                 let view = router.chat_view(&caller, conversation).await?;
                 let events = self.subscribe(conversation, after_seq).await?;
                 Ok((json!({ "chat": protocol::chat_json(&view) }), events))
             }
-            Request::ChatTranscript {
-                conversation,
-                after_seq,
-            } => {
+            Request::ChatTranscript { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
                 let view = router.chat_view(&caller, conversation).await?;
                 let events = router.read_events(&caller, conversation, after_seq).await?;
-                Ok((
-                    json!({ "chat": protocol::chat_json(&view), "events": events }),
-                    vec![],
-                ))
+                Ok((json!({ "chat": protocol::chat_json(&view), "events": events }), vec![]))
             }
             Request::ChatList { list } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -276,118 +241,66 @@ impl Session {
                 let chats: Vec<Value> = chats.iter().map(protocol::chat_json).collect();
                 Ok((json!({ "chats": chats }), vec![]))
             }
-            Request::MessageSend {
-                conversation,
-                client_msg_id,
-                body,
-            } => {
+            Request::MessageSend { conversation, client_msg_id, body } => {
                 let caller = self.caller_for(conversation)?;
                 self.check_message(&client_msg_id, &body)?;
-                let command = ChatCommand::Send {
-                    client_msg_id,
-                    body,
-                };
+                let command = ChatCommand::Send { client_msg_id, body };
                 let outcome = router.command(&caller, conversation, command).await?;
                 let seq = outcome.event.as_ref().map(|event| event.seq);
-                Ok((
-                    json!({ "status": "sent", "seq": seq, "duplicate": outcome.duplicate }),
-                    vec![],
-                ))
+                Ok((json!({ "status": "sent", "seq": seq, "duplicate": outcome.duplicate }), vec![]))
             }
-            Request::MessageDelivered {
-                conversation,
-                up_to_seq,
-            } => {
+            Request::MessageDelivered { conversation, up_to_seq } => {
                 let caller = self.caller_for(conversation)?;
-                let outcome = router
-                    .command(
-                        &caller,
-                        conversation,
-                        ChatCommand::ConfirmDelivery { up_to_seq },
-                    )
-                    .await?;
-                Ok((
-                    json!({ "seq": outcome.event.map(|event| event.seq) }),
-                    vec![],
-                ))
+                let outcome = router.command(&caller, conversation, ChatCommand::ConfirmDelivery { up_to_seq }).await?;
+                Ok((json!({ "seq": outcome.event.map(|event| event.seq) }), vec![]))
             }
-            Request::Typing {
-                conversation,
-                typing,
-            } => {
+            Request::Typing { conversation, typing } => {
                 let caller = self.caller_for(conversation)?;
                 router.typing(&caller, conversation, typing).await?;
                 Ok((json!({}), vec![]))
             }
-            Request::ChatClose { conversation } => {
-                self.end_chat(conversation, ChatCommand::Close).await
-            }
-            Request::ChatCancel { conversation } => {
-                self.end_chat(conversation, ChatCommand::Cancel).await
-            }
+            Request::ChatClose { conversation } => self.end_chat(conversation, ChatCommand::Close).await,
+            Request::ChatCancel { conversation } => self.end_chat(conversation, ChatCommand::Cancel).await,
         }
     }
 
-    async fn start_chat(
-        &mut self,
-        widget_key: String,
-        group: String,
-        name: String,
-        question: String,
-    ) -> Reply {
+    async fn start_chat(&mut self, widget_key: String, group: String, name: String, question: String) -> Reply {
         self.no_role_yet()?;
-        let Some(tenant) = self
-            .shared
-            .directory
-            .tenant_of_widget_key(&widget_key)
-            .cloned()
-        else {
+        let Some(tenant) = self.shared.directory.tenant_of_widget_key(&widget_key).cloned() else {
             return Err(ErrorReply::new("unauthorized", "unknown widget key"));
         };
-        let group = GroupId::new(group)
-            .map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
+        let group = GroupId::new(group).map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
         let name = name.trim().to_owned();
         if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
-            return Err(ErrorReply::new(
-                "bad_request",
-                format!("a name has 1 to {MAX_NAME_CHARS} characters"),
-            ));
+            return Err(ErrorReply::new("bad_request", format!("a name has 1 to {MAX_NAME_CHARS} characters")));
         }
         self.check_body(&question)?;
-        let request = StartChat {
-            tenant: tenant.clone(),
-            group: group.clone(),
-            customer_name: name,
-            question,
-        };
+        let request = StartChat { tenant: tenant.clone(), group: group.clone(), customer_name: name, question };
         let started = self.shared.router.start_chat(request).await?;
         let conversation = started.view.conversation;
-        self.become_role(Role::Customer {
-            conversation,
-            tenant,
-            group,
-        })
-        .await;
-        let events = self.subscribe(conversation, 0).await?;
+        self.become_role(Role::Customer { conversation, tenant, group }).await;
+        // The chat exists now: the customer must get its token even if the subscription failed, and then
+        // subscribes again with `chat.subscribe`.
+        let (events, subscribed) = match self.subscribe(conversation, 0).await {
+            Ok(events) => (events, true),
+            Err(error) => {
+                warn!(%conversation, code = error.code, "new chat not subscribed");
+                (Vec::new(), false)
+            }
+        };
         let body = json!({
             "conversation": conversation,
             "customer_token": started.customer_token,
             "chat": protocol::chat_json(&started.view),
+            "subscribed": subscribed,
         });
         Ok((body, events))
     }
 
     async fn end_chat(&mut self, conversation: ConversationId, command: ChatCommand) -> Reply {
         let caller = self.caller_for(conversation)?;
-        let outcome = self
-            .shared
-            .router
-            .command(&caller, conversation, command)
-            .await?;
-        Ok((
-            json!({ "seq": outcome.event.map(|event| event.seq) }),
-            vec![],
-        ))
+        let outcome = self.shared.router.command(&caller, conversation, command).await?;
+        Ok((json!({ "seq": outcome.event.map(|event| event.seq) }), vec![]))
     }
 
     /// Watches a conversation and returns the events after `after_seq` (later ones are pushed).
@@ -397,46 +310,50 @@ impl Session {
         after_seq: u64,
     ) -> Result<Vec<(ConversationId, Event)>, ErrorReply> {
         let caller = self.caller_for(conversation)?;
-        self.shared.hub.watch(self.socket_id, conversation);
-        let events = self
-            .shared
-            .router
-            .subscribe(&self.shared.gateway_id, &caller, conversation, after_seq)
-            .await?;
+        // Watch before subscribing, so that no event pushed in between is missed.
+        let first_watch = self.shared.hub.watch(self.socket_id, conversation);
+        let subscribed = self.shared.router.subscribe(&self.shared.gateway_id, &caller, conversation, after_seq).await;
+        let events = match subscribed {
+            Ok(events) => events,
+            Err(error) => {
+                // Undo the watch; the gateway stays subscribed if another socket was already watching.
+                if self.shared.hub.unwatch(self.socket_id, conversation) && !first_watch {
+                    self.shared.router.unsubscribe(&self.shared.gateway_id, conversation).await;
+                }
+                return Err(error.into());
+            }
+        };
         // A client resuming from `after_seq` has seen everything up to it.
-        let written = self.written_seq.entry(conversation).or_insert(0);
+        // The client has everything up to `after_seq`; a socket that wrote more before is asked to send those
+        // again.
+        let written = self.written_seq.entry(conversation).or_insert(after_seq);
         *written = (*written).min(after_seq);
-        Ok(events
-            .into_iter()
-            .map(|event| (conversation, event))
-            .collect())
+        Ok(events.into_iter().map(|event| (conversation, event)).collect())
     }
 
     async fn become_role(&mut self, role: Role) {
-        let needs = self
-            .shared
-            .hub
-            .register(self.socket_id, self.link.clone(), role.clone());
+        let needs = self.shared.hub.register(self.socket_id, self.link.clone(), role.clone());
         self.role = Some(role);
+        self.apply_needs(needs).await;
+    }
+
+    /// Undoes `become_role` after the request that took the role failed.
+    async fn abandon_role(&mut self) {
+        let needs = self.shared.hub.unregister(self.socket_id);
+        self.role = None;
+        self.written_seq.clear();
         self.apply_needs(needs).await;
     }
 
     async fn apply_needs(&self, needs: Needs) {
         let shared = &self.shared;
         for (tenant, group) in needs.subscribe_queues {
-            if let Err(error) = shared
-                .router
-                .subscribe_queue(&shared.gateway_id, &tenant, &group)
-                .await
-            {
+            if let Err(error) = shared.router.subscribe_queue(&shared.gateway_id, &tenant, &group).await {
                 debug!(%error, %group, "queue subscription failed");
             }
         }
         for conversation in needs.unsubscribe_conversations {
-            shared
-                .router
-                .unsubscribe(&shared.gateway_id, conversation)
-                .await;
+            shared.router.unsubscribe(&shared.gateway_id, conversation).await;
         }
     }
 
@@ -446,11 +363,7 @@ impl Session {
         if let Some(Role::Agent { tenant, agent, .. }) = &self.role
             && self.shared.hub.n_agent_sockets(tenant, agent) == 0
         {
-            let _ = self
-                .shared
-                .router
-                .set_agent_status(tenant, agent, AgentStatus::Offline)
-                .await;
+            let _ = self.shared.router.set_agent_status(tenant, agent, AgentStatus::Offline).await;
         }
     }
 
@@ -464,41 +377,23 @@ impl Session {
         }
     }
 
-    fn agent(
-        &self,
-    ) -> Result<
-        (
-            switchboard_domain::TenantId,
-            switchboard_domain::AgentId,
-            Vec<GroupId>,
-        ),
-        ErrorReply,
-    > {
+    fn agent(&self) -> Result<(switchboard_domain::TenantId, switchboard_domain::AgentId, Vec<GroupId>), ErrorReply> {
         match &self.role {
-            Some(Role::Agent {
-                tenant,
-                agent,
-                groups,
-            }) => Ok((tenant.clone(), agent.clone(), groups.clone())),
-            Some(Role::Customer { .. }) => {
-                Err(ErrorReply::new("forbidden", "only agents can do that"))
-            }
+            Some(Role::Agent { tenant, agent, groups }) => Ok((tenant.clone(), agent.clone(), groups.clone())),
+            Some(Role::Customer { .. }) => Err(ErrorReply::new("forbidden", "only agents can do that")),
             None => Err(not_signed_in()),
         }
     }
 
     fn caller_for(&self, conversation: ConversationId) -> Result<Caller, ErrorReply> {
         match &self.role {
-            Some(Role::Customer {
-                conversation: own, ..
-            }) if *own == conversation => Ok(Caller::Customer { conversation }),
-            Some(Role::Customer { .. }) => {
-                Err(ErrorReply::new("not_found", "no such conversation"))
+            Some(Role::Customer { conversation: own, .. }) if *own == conversation => {
+                Ok(Caller::Customer { conversation })
             }
-            Some(Role::Agent { tenant, agent, .. }) => Ok(Caller::Agent {
-                tenant: tenant.clone(),
-                agent: agent.clone(),
-            }),
+            Some(Role::Customer { .. }) => Err(ErrorReply::new("not_found", "no such conversation")),
+            Some(Role::Agent { tenant, agent, .. }) => {
+                Ok(Caller::Agent { tenant: tenant.clone(), agent: agent.clone() })
+            }
             None => Err(not_signed_in()),
         }
     }
@@ -508,17 +403,11 @@ impl Session {
         if body.len() > max {
             return Err(ErrorReply::new(
                 "message_too_large",
-                format!(
-                    "a message is at most {max} bytes; this one is {} bytes",
-                    body.len()
-                ),
+                format!("a message is at most {max} bytes; this one is {} bytes", body.len()),
             ));
         }
         if body.trim().is_empty() {
-            return Err(ErrorReply::new(
-                "empty_message",
-                "a message must not be empty",
-            ));
+            return Err(ErrorReply::new("empty_message", "a message must not be empty"));
         }
         Ok(())
     }
@@ -535,15 +424,9 @@ impl Session {
 }
 
 fn not_signed_in() -> ErrorReply {
-    ErrorReply::new(
-        "not_signed_in",
-        "start a chat, resume one, or sign in as an agent first",
-    )
+    ErrorReply::new("not_signed_in", "start a chat, resume one, or sign in as an agent first")
 }
 
 fn unauthorized_customer() -> ErrorReply {
-    ErrorReply::new(
-        "unauthorized",
-        "unknown conversation or wrong customer token",
-    )
+    ErrorReply::new("unauthorized", "unknown conversation or wrong customer token")
 }

@@ -1,8 +1,6 @@
 //! Conversions between the store's protobuf records and the domain types.
 
-use switchboard_domain::{
-    AgentId, Author, Conversation, ConversationId, ConversationState, Event, GroupId, TenantId,
-};
+use switchboard_domain::{AgentId, Author, Conversation, ConversationId, ConversationState, Event, GroupId, TenantId};
 
 use crate::internal::v1::{ConversationRecord, EventRecord, NewEvent};
 
@@ -15,10 +13,7 @@ pub struct RecordError {
 }
 
 fn bad(what: &'static str, detail: impl ToString) -> RecordError {
-    RecordError {
-        what,
-        detail: detail.to_string(),
-    }
+    RecordError { what, detail: detail.to_string() }
 }
 
 pub fn author_parts(author: &Author) -> (&'static str, &str) {
@@ -29,6 +24,13 @@ pub fn author_parts(author: &Author) -> (&'static str, &str) {
     }
 }
 
+/// The key the store deduplicates a message on: the client message id *of its author*, so that two
+/// participants who happen to choose the same id never swallow each other's messages.
+pub fn dedupe_key(author: &Author, client_msg_id: &str) -> String {
+    let (role, id) = author_parts(author);
+    format!("{role}/{id}/{client_msg_id}")
+}
+
 /// The record to append for a domain event (its seq is assigned by the store).
 pub fn new_event(event: &Event) -> NewEvent {
     let (author_role, author_id) = author_parts(&event.author);
@@ -36,7 +38,7 @@ pub fn new_event(event: &Event) -> NewEvent {
         at_ms: event.at_ms,
         author_role: author_role.to_owned(),
         author_id: author_id.to_owned(),
-        client_msg_id: event.client_msg_id.clone().unwrap_or_default(),
+        client_msg_id: event.client_msg_id.as_deref().map(|id| dedupe_key(&event.author, id)).unwrap_or_default(),
         kind: event.body.kind().to_owned(),
         payload_json: serde_json::to_string(event).unwrap_or_default(),
     }
@@ -44,8 +46,7 @@ pub fn new_event(event: &Event) -> NewEvent {
 
 /// The domain event of a stored record, with the seq the store gave it.
 pub fn event_from_record(record: &EventRecord) -> Result<Event, RecordError> {
-    let mut event: Event =
-        serde_json::from_str(&record.payload_json).map_err(|error| bad("event payload", error))?;
+    let mut event: Event = serde_json::from_str(&record.payload_json).map_err(|error| bad("event payload", error))?;
     event.seq = record.seq;
     Ok(event)
 }
@@ -64,8 +65,7 @@ pub fn conversation_from_record(record: &ConversationRecord) -> Result<Conversat
         group: GroupId::new(record.group_id.clone()).map_err(|error| bad("group id", error))?,
         customer_name: record.customer_name.clone(),
         first_question: record.first_question.clone(),
-        state: ConversationState::parse(&record.state)
-            .ok_or_else(|| bad("state", &record.state))?,
+        state: ConversationState::parse(&record.state).ok_or_else(|| bad("state", &record.state))?,
         owner: match record.owner_agent_id.as_str() {
             "" => None,
             agent => Some(AgentId::new(agent).map_err(|error| bad("owner", error))?),
@@ -93,41 +93,22 @@ mod tests {
             at_ms: 42,
             author: Author::Agent(AgentId::new("alice").unwrap()),
             client_msg_id: Some("m-1".into()),
-            body: EventBody::Message {
-                body: "hello".into(),
-            },
+            body: EventBody::Message { body: "hello".into() },
         };
         let stored = new_event(&event);
-        assert_eq!(
-            (stored.author_role.as_str(), stored.author_id.as_str()),
-            ("agent", "alice")
-        );
+        assert_eq!((stored.author_role.as_str(), stored.author_id.as_str()), ("agent", "alice"));
         assert_eq!(stored.kind, "message");
-        let record = EventRecord {
-            seq: 7,
-            payload_json: stored.payload_json,
-            ..Default::default()
-        };
-        assert_eq!(
-            event_from_record(&record).unwrap(),
-            Event { seq: 7, ..event }
-        );
+        // The store deduplicates per author; the client sees its own id.
+        assert_eq!(stored.client_msg_id, "agent/alice/m-1");
+        let record = EventRecord { seq: 7, payload_json: stored.payload_json, ..Default::default() };
+        assert_eq!(event_from_record(&record).unwrap(), Event { seq: 7, ..event });
     }
 
     #[test]
     fn a_corrupt_record_is_an_error_not_a_panic() {
-        let record = EventRecord {
-            payload_json: "{".into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            event_from_record(&record).unwrap_err().what,
-            "event payload"
-        );
-        let conversation = ConversationRecord {
-            id: "x".into(),
-            ..Default::default()
-        };
+        let record = EventRecord { payload_json: "{".into(), ..Default::default() };
+        assert_eq!(event_from_record(&record).unwrap_err().what, "event payload");
+        let conversation = ConversationRecord { id: "x".into(), ..Default::default() };
         assert!(conversation_from_record(&conversation).is_err());
     }
 }

@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentId, AgentStatus, Author, ConversationId, ConversationState, Event, GroupId, Refusal,
-    TenantId, WaitingEntry,
+    AgentId, AgentStatus, Author, ConversationId, ConversationState, Event, GroupId, Refusal, TenantId, WaitingEntry,
 };
 use tokio::sync::mpsc;
 
@@ -188,17 +187,9 @@ pub trait RouterApi: Send + Sync + 'static {
     async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError>;
 
     /// Checks a customer's token for a conversation.
-    async fn authorize_customer(
-        &self,
-        conversation: ConversationId,
-        token: &str,
-    ) -> Result<ChatView, RouterError>;
+    async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError>;
 
-    async fn chat_view(
-        &self,
-        caller: &Caller,
-        conversation: ConversationId,
-    ) -> Result<ChatView, RouterError>;
+    async fn chat_view(&self, caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError>;
 
     /// Subscribes the gateway to a conversation's events and returns the events after `after_seq`; every
     /// later event is pushed. Together they have no gap.
@@ -228,12 +219,7 @@ pub trait RouterApi: Send + Sync + 'static {
     ) -> Result<CommandOutcome, RouterError>;
 
     /// Typing indicators are pushed to the other side and never stored.
-    async fn typing(
-        &self,
-        caller: &Caller,
-        conversation: ConversationId,
-        typing: bool,
-    ) -> Result<(), RouterError>;
+    async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError>;
 
     /// An agent accepts a waiting chat: exactly one of several concurrent accepts wins.
     async fn accept_chat(
@@ -251,12 +237,8 @@ pub trait RouterApi: Send + Sync + 'static {
     ) -> Result<AgentView, RouterError>;
 
     /// Subscribes the gateway to a group's waiting queue: a snapshot is pushed first, then every change.
-    async fn subscribe_queue(
-        &self,
-        gateway: &GatewayId,
-        tenant: &TenantId,
-        group: &GroupId,
-    ) -> Result<(), RouterError>;
+    async fn subscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId)
+    -> Result<(), RouterError>;
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId);
 

@@ -4,10 +4,9 @@
 use async_trait::async_trait;
 
 use crate::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse,
-    GetConversationRequest, GetConversationResponse, ListConversationsRequest,
-    ListConversationsResponse, ReadEventsRequest, ReadEventsResponse, RenewShardsRequest,
-    RenewShardsResponse,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
+    GetConversationResponse, ListConversationsRequest, ListConversationsResponse, ReadEventsRequest,
+    ReadEventsResponse, RenewShardsRequest, RenewShardsResponse,
 };
 
 /// What can go wrong in the store. Callers branch on the variant.
@@ -28,23 +27,11 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait StoreApi: Send + Sync + 'static {
-    async fn acquire_shards(
-        &self,
-        request: AcquireShardsRequest,
-    ) -> Result<AcquireShardsResponse, StoreError>;
-    async fn renew_shards(
-        &self,
-        request: RenewShardsRequest,
-    ) -> Result<RenewShardsResponse, StoreError>;
+    async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError>;
+    async fn renew_shards(&self, request: RenewShardsRequest) -> Result<RenewShardsResponse, StoreError>;
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError>;
-    async fn read_events(
-        &self,
-        request: ReadEventsRequest,
-    ) -> Result<ReadEventsResponse, StoreError>;
-    async fn get_conversation(
-        &self,
-        request: GetConversationRequest,
-    ) -> Result<GetConversationResponse, StoreError>;
+    async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError>;
+    async fn get_conversation(&self, request: GetConversationRequest) -> Result<GetConversationResponse, StoreError>;
     async fn list_conversations(
         &self,
         request: ListConversationsRequest,

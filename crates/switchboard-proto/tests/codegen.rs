@@ -4,19 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &[
-    "switchboard/internal/v1/common.proto",
-    "switchboard/internal/v1/store.proto",
-];
+const PROTOS: &[&str] = &["switchboard/internal/v1/common.proto", "switchboard/internal/v1/store.proto"];
 
 fn generate(into: &Path) {
     let proto_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let descriptors = protox::compile(PROTOS, [&proto_root]).expect("the protos compile");
-    std::fs::write(
-        into.join("descriptor.bin"),
-        prost::Message::encode_to_vec(&descriptors),
-    )
-    .unwrap();
+    std::fs::write(into.join("descriptor.bin"), prost::Message::encode_to_vec(&descriptors)).unwrap();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
@@ -32,10 +25,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|entry| {
             let path: PathBuf = entry.unwrap().path();
-            (
-                path.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&path).unwrap(),
-            )
+            (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&path).unwrap())
         })
         .collect();
     files.sort();
@@ -53,17 +43,8 @@ fn generated_code_is_up_to_date() {
     generate(fresh.path());
     let fresh_files = files(fresh.path());
     let committed_files = files(&committed);
-    let names = |files: &[(String, Vec<u8>)]| {
-        files
-            .iter()
-            .map(|(name, _)| name.clone())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        names(&committed_files),
-        names(&fresh_files),
-        "generated file set differs"
-    );
+    let names = |files: &[(String, Vec<u8>)]| files.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&committed_files), names(&fresh_files), "generated file set differs");
     for ((name, committed), (_, fresh)) in committed_files.iter().zip(&fresh_files) {
         assert!(
             committed == fresh,

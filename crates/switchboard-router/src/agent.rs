@@ -25,7 +25,9 @@ pub(crate) enum AgentMsg {
         reply: Reply<ChatView>,
     },
     /// A chat of this agent ended.
-    Finished { conversation: ConversationId },
+    Finished {
+        conversation: ConversationId,
+    },
 }
 
 pub(crate) struct AgentActor;
@@ -48,11 +50,7 @@ impl Actor for AgentActor {
         Ok(AgentActorState { context, agent })
     }
 
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let key = (state.agent.tenant.clone(), state.agent.id.clone());
         state.context.agents.forget(&key, &myself);
         Ok(())
@@ -69,10 +67,7 @@ impl Actor for AgentActor {
                 state.agent.status = status;
                 let _ = reply.send(Ok(view_of(&state.agent)));
             }
-            AgentMsg::Accept {
-                conversation,
-                reply,
-            } => {
+            AgentMsg::Accept { conversation, reply } => {
                 let result = state.accept(conversation).await;
                 let _ = reply.send(result);
             }
@@ -86,15 +81,8 @@ impl AgentActorState {
     async fn accept(&mut self, conversation: ConversationId) -> Result<ChatView, RouterError> {
         let context = &self.context;
         let handle = crate::conversation::activate(context, conversation).await?;
-        let caller = Caller::Agent {
-            tenant: self.agent.tenant.clone(),
-            agent: self.agent.id.clone(),
-        };
-        let view: ChatView = call(&handle, |reply| ConversationMsg::View {
-            caller: Some(caller),
-            reply,
-        })
-        .await?;
+        let caller = Caller::Agent { tenant: self.agent.tenant.clone(), agent: self.agent.id.clone() };
+        let view: ChatView = call(&handle, |reply| ConversationMsg::View { caller: Some(caller), reply }).await?;
         self.agent.reserve(conversation, &view.group)?;
         let agent = self.agent.id.clone();
         let accepted = call(&handle, |reply| ConversationMsg::Accept { agent, reply }).await;
@@ -138,37 +126,22 @@ pub(crate) async fn activate(
     context
         .agents
         .get_or_activate(&key, || async {
-            let entry = context
-                .directory
-                .agent(tenant, agent)
-                .ok_or(RouterError::UnknownAgent)?;
-            let mut state = AgentState::new(
-                tenant.clone(),
-                agent.clone(),
-                entry.groups.clone(),
-                entry.capacity,
-            );
+            let entry = context.directory.agent(tenant, agent).ok_or(RouterError::UnknownAgent)?;
+            let mut state = AgentState::new(tenant.clone(), agent.clone(), entry.groups.clone(), entry.capacity);
             let request = ListConversationsRequest {
                 tenant_id: tenant.to_string(),
                 states: vec!["active".into()],
                 owner_agent_id: agent.to_string(),
                 ..Default::default()
             };
-            let held = context
-                .store
-                .list_conversations(request)
-                .await
-                .map_err(from_store)?;
+            let held = context.store.list_conversations(request).await.map_err(from_store)?;
             for record in held.conversations {
-                let id = conversation_id(&record.id)
-                    .map_err(|error| RouterError::Internal(error.to_string()))?;
+                let id = conversation_id(&record.id).map_err(|error| RouterError::Internal(error.to_string()))?;
                 state.active.insert(id);
             }
             let (actor, _) = Actor::spawn(None, AgentActor, (context.clone(), state))
                 .await
-                .map_err(|error| {
-                    RouterError::Internal(format!("agent actor did not start: {error}"))
-                })?;
+                .map_err(|error| RouterError::Internal(format!("agent actor did not start: {error}")))?;
             Ok(actor)
         })
         .await

@@ -53,8 +53,6 @@ impl Gateways {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GatewayId, mpsc::UnboundedSender<Push>>> {
-        self.sinks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sinks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

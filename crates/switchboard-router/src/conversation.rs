@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody,
-    Fence, NewConversation, WaitingEntry, apply, conversation_key, decide,
+    AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody, Fence,
+    NewConversation, WaitingEntry, apply, conversation_key, decide,
 };
 use switchboard_proto::convert::{conversation_from_record, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
-    self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest,
-    ReadEventsRequest,
+    self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
 };
 use switchboard_proto::router::{
     Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Push, RouterError,
@@ -26,42 +25,14 @@ use crate::error::from_store;
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
 pub(crate) enum ConversationMsg {
-    View {
-        caller: Option<Caller>,
-        reply: Reply<ChatView>,
-    },
-    CheckToken {
-        token: String,
-        reply: Reply<ChatView>,
-    },
-    Subscribe {
-        gateway: GatewayId,
-        caller: Caller,
-        after_seq: u64,
-        reply: Reply<Vec<Event>>,
-    },
-    Unsubscribe {
-        gateway: GatewayId,
-    },
-    ReadEvents {
-        caller: Caller,
-        after_seq: u64,
-        reply: Reply<Vec<Event>>,
-    },
-    Command {
-        caller: Caller,
-        command: ChatCommand,
-        reply: Reply<CommandOutcome>,
-    },
-    Accept {
-        agent: AgentId,
-        reply: Reply<ChatView>,
-    },
-    Typing {
-        caller: Caller,
-        typing: bool,
-        reply: Reply<()>,
-    },
+    View { caller: Option<Caller>, reply: Reply<ChatView> },
+    CheckToken { token: String, reply: Reply<ChatView> },
+    Subscribe { gateway: GatewayId, caller: Caller, after_seq: u64, reply: Reply<Vec<Event>> },
+    Unsubscribe { gateway: GatewayId },
+    ReadEvents { caller: Caller, after_seq: u64, reply: Reply<Vec<Event>> },
+    Command { caller: Caller, command: ChatCommand, reply: Reply<CommandOutcome> },
+    Accept { agent: AgentId, reply: Reply<ChatView> },
+    Typing { caller: Caller, typing: bool, reply: Reply<()> },
 }
 
 pub(crate) struct ConversationActor;
@@ -86,11 +57,7 @@ impl Actor for ConversationActor {
     type State = ConversationActorState;
     type Arguments = Loaded;
 
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        loaded: Loaded,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, loaded: Loaded) -> Result<Self::State, ActorProcessingErr> {
         Ok(ConversationActorState {
             context: loaded.context,
             conversation: loaded.conversation,
@@ -100,15 +67,8 @@ impl Actor for ConversationActor {
         })
     }
 
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        state
-            .context
-            .conversations
-            .forget(&state.conversation.id, &myself);
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        state.context.conversations.forget(&state.conversation.id, &myself);
         Ok(())
     }
 
@@ -127,20 +87,14 @@ impl Actor for ConversationActor {
                 let _ = reply.send(result);
             }
             ConversationMsg::CheckToken { token, reply } => {
-                let result = if constant_time_eq(token.as_bytes(), state.customer_token.as_bytes())
-                {
+                let result = if constant_time_eq(token.as_bytes(), state.customer_token.as_bytes()) {
                     Ok(state.view())
                 } else {
                     Err(RouterError::NotFound)
                 };
                 let _ = reply.send(result);
             }
-            ConversationMsg::Subscribe {
-                gateway,
-                caller,
-                after_seq,
-                reply,
-            } => {
+            ConversationMsg::Subscribe { gateway, caller, after_seq, reply } => {
                 let result = match state.authorize(&caller) {
                     Ok(()) => state.read(after_seq).await,
                     Err(error) => Err(error),
@@ -153,22 +107,14 @@ impl Actor for ConversationActor {
             ConversationMsg::Unsubscribe { gateway } => {
                 state.subscribers.remove(&gateway);
             }
-            ConversationMsg::ReadEvents {
-                caller,
-                after_seq,
-                reply,
-            } => {
+            ConversationMsg::ReadEvents { caller, after_seq, reply } => {
                 let result = match state.authorize(&caller) {
                     Ok(()) => state.read(after_seq).await,
                     Err(error) => Err(error),
                 };
                 let _ = reply.send(result);
             }
-            ConversationMsg::Command {
-                caller,
-                command,
-                reply,
-            } => {
+            ConversationMsg::Command { caller, command, reply } => {
                 let result = state.command(&caller, command).await;
                 let failed = stop_on_store_failure(&myself, &result);
                 let _ = reply.send(result);
@@ -177,23 +123,15 @@ impl Actor for ConversationActor {
                 }
             }
             ConversationMsg::Accept { agent, reply } => {
-                let command = Command::Accept {
-                    agent: agent.clone(),
-                };
-                let result = state
-                    .decide_and_append(Author::Agent(agent), &command, None)
-                    .await;
+                let command = Command::Accept { agent: agent.clone() };
+                let result = state.decide_and_append(Author::Agent(agent), &command, None).await;
                 let failed = stop_on_store_failure(&myself, &result);
                 let _ = reply.send(result.map(|_| state.view()));
                 if failed {
                     return Ok(());
                 }
             }
-            ConversationMsg::Typing {
-                caller,
-                typing,
-                reply,
-            } => {
+            ConversationMsg::Typing { caller, typing, reply } => {
                 let result = state.typing(&caller, typing);
                 let _ = reply.send(result);
             }
@@ -208,14 +146,8 @@ impl Actor for ConversationActor {
 
 /// After a store failure the actor cannot know whether the write committed: it stops, and the next use
 /// activates it again from what the store holds.
-fn stop_on_store_failure<T>(
-    myself: &ActorRef<ConversationMsg>,
-    result: &Result<T, RouterError>,
-) -> bool {
-    let failed = matches!(
-        result,
-        Err(RouterError::Unavailable(_) | RouterError::NotOwner | RouterError::Internal(_))
-    );
+fn stop_on_store_failure<T>(myself: &ActorRef<ConversationMsg>, result: &Result<T, RouterError>) -> bool {
+    let failed = matches!(result, Err(RouterError::Unavailable(_) | RouterError::NotOwner | RouterError::Internal(_)));
     if failed {
         myself.stop(Some("store write failed".into()));
     }
@@ -246,14 +178,14 @@ impl ConversationActorState {
                             .is_some_and(|entry| entry.groups.contains(&conversation.group)))
             }
         };
-        if allowed {
-            Ok(())
-        } else {
-            Err(RouterError::NotFound)
-        }
+        if allowed { Ok(()) } else { Err(RouterError::NotFound) }
     }
 
     async fn read(&self, after_seq: u64) -> Result<Vec<Event>, RouterError> {
+        // A client that has everything (or claims more than exists) gets nothing, without a store read.
+        if after_seq >= self.conversation.last_seq {
+            return Ok(Vec::new());
+        }
         read_events(&self.context, self.conversation.id, after_seq).await
     }
 
@@ -265,54 +197,34 @@ impl ConversationActorState {
             Author::Customer | Author::System => true,
         };
         if !participant {
-            return Err(RouterError::Refused(
-                switchboard_domain::Refusal::NotAccepted,
-            ));
+            let refusal = match self.conversation.state {
+                ConversationState::Queued => switchboard_domain::Refusal::NotAccepted,
+                _ => switchboard_domain::Refusal::NotParticipant,
+            };
+            return Err(RouterError::Refused(refusal));
         }
         if self.conversation.state.is_finished() {
-            return Err(RouterError::Refused(
-                switchboard_domain::Refusal::ChatClosed,
-            ));
+            return Err(RouterError::Refused(switchboard_domain::Refusal::ChatClosed));
         }
-        let push = Push::Typing {
-            conversation: self.conversation.id,
-            author,
-            typing,
-        };
+        let push = Push::Typing { conversation: self.conversation.id, author, typing };
         self.fan_out(push);
         Ok(())
     }
 
-    async fn command(
-        &mut self,
-        caller: &Caller,
-        command: ChatCommand,
-    ) -> Result<CommandOutcome, RouterError> {
+    async fn command(&mut self, caller: &Caller, command: ChatCommand) -> Result<CommandOutcome, RouterError> {
         self.authorize(caller)?;
         let author = caller.author();
         let (domain_command, client_msg_id) = match command {
-            ChatCommand::Send {
-                client_msg_id,
-                body,
-            } => (
-                Command::Send {
-                    author: author.clone(),
-                    body,
-                },
-                Some(client_msg_id),
-            ),
-            ChatCommand::ConfirmDelivery { up_to_seq } => (
-                Command::ConfirmDelivery {
-                    by: author.clone(),
-                    up_to_seq,
-                },
-                None,
-            ),
+            ChatCommand::Send { client_msg_id, body } => {
+                (Command::Send { author: author.clone(), body }, Some(client_msg_id))
+            }
+            ChatCommand::ConfirmDelivery { up_to_seq } => {
+                (Command::ConfirmDelivery { by: author.clone(), up_to_seq }, None)
+            }
             ChatCommand::Close => (Command::Close { by: author.clone() }, None),
             ChatCommand::Cancel => (Command::Cancel { by: author.clone() }, None),
         };
-        self.decide_and_append(author, &domain_command, client_msg_id)
-            .await
+        self.decide_and_append(author, &domain_command, client_msg_id).await
     }
 
     /// Decide, append under the fence, apply, push, and tell the queue and the agent what changed.
@@ -327,71 +239,42 @@ impl ConversationActorState {
         let body = match (decision, &client_msg_id) {
             (Ok(Some(body)), _) => body,
             (Ok(None), _) => {
-                return Ok(CommandOutcome {
-                    event: None,
-                    duplicate: false,
-                });
+                return Ok(CommandOutcome { event: None, duplicate: false });
             }
             (Err(refusal), Some(_)) if matches!(command, Command::Send { .. }) => {
-                return self.find_duplicate(client_msg_id.as_deref(), refusal).await;
+                return self.find_duplicate(&author, client_msg_id.as_deref(), refusal).await;
             }
             (Err(refusal), _) => return Err(RouterError::Refused(refusal)),
         };
-        let event = Event {
-            seq: 0,
-            at_ms: self.context.clock.now_ms(),
-            author,
-            client_msg_id,
-            body,
-        };
+        let event = Event { seq: 0, at_ms: self.context.clock.now_ms(), author, client_msg_id, body };
         let mut next = self.conversation.clone();
         let next_seq = next.last_seq + 1;
-        apply(
-            &mut next,
-            &Event {
-                seq: next_seq,
-                ..event.clone()
-            },
-        );
-        let (mut stored, duplicate) = self
-            .append(vec![event], Some(update_of(&next)), None)
-            .await?;
+        apply(&mut next, &Event { seq: next_seq, ..event.clone() });
+        let (mut stored, duplicate) = self.append(vec![event], Some(update_of(&next)), None).await?;
         let Some(stored) = stored.pop() else {
-            return Err(RouterError::Internal(
-                "the store returned no event for an append".into(),
-            ));
+            return Err(RouterError::Internal("the store returned no event for an append".into()));
         };
         if !duplicate {
             let was_queued = self.conversation.state == ConversationState::Queued;
             apply(&mut self.conversation, &stored);
             self.after_change(&stored, was_queued).await;
-            self.fan_out(Push::Event {
-                conversation: self.conversation.id,
-                event: Arc::new(stored.clone()),
-            });
+            self.fan_out(Push::Event { conversation: self.conversation.id, event: Arc::new(stored.clone()) });
         }
-        Ok(CommandOutcome {
-            event: Some(stored),
-            duplicate,
-        })
+        Ok(CommandOutcome { event: Some(stored), duplicate })
     }
 
     /// A refused send may be the resend of a message stored before the refusal became true (the chat was
     /// closed meanwhile): the store's deduplication answers it.
     async fn find_duplicate(
         &self,
+        author: &Author,
         client_msg_id: Option<&str>,
         refusal: switchboard_domain::Refusal,
     ) -> Result<CommandOutcome, RouterError> {
         let events = self.read(0).await?;
-        match events
-            .into_iter()
-            .find(|event| event.client_msg_id.as_deref() == client_msg_id)
-        {
-            Some(event) => Ok(CommandOutcome {
-                event: Some(event),
-                duplicate: true,
-            }),
+        let resent = |event: &Event| event.author == *author && event.client_msg_id.as_deref() == client_msg_id;
+        match events.into_iter().find(resent) {
+            Some(event) => Ok(CommandOutcome { event: Some(event), duplicate: true }),
             None => Err(RouterError::Refused(refusal)),
         }
     }
@@ -407,36 +290,21 @@ impl ConversationActorState {
         if self.context.shards.fence_for(&key)? != self.fence {
             return Err(RouterError::NotOwner);
         }
-        append(
-            &self.context,
-            self.conversation.id,
-            self.fence,
-            events,
-            update,
-            create,
-        )
-        .await
+        append(&self.context, self.conversation.id, self.fence, events, update, create).await
     }
 
     async fn after_change(&self, event: &Event, was_queued: bool) {
         let conversation = &self.conversation;
         let left_queue = match &event.body {
-            EventBody::Accepted { agent } => Some(LeftQueue::Accepted {
-                agent: agent.clone(),
-            }),
+            EventBody::Accepted { agent } => Some(LeftQueue::Accepted { agent: agent.clone() }),
             EventBody::Cancelled if was_queued => Some(LeftQueue::Cancelled),
             EventBody::Closed if was_queued => Some(LeftQueue::Closed),
             _ => None,
         };
         if let Some(reason) = left_queue {
-            match crate::queue::activate(&self.context, &conversation.tenant, &conversation.group)
-                .await
-            {
+            match crate::queue::activate(&self.context, &conversation.tenant, &conversation.group).await {
                 Ok(queue) => {
-                    let _ = queue.cast(crate::queue::QueueMsg::Remove {
-                        conversation: conversation.id,
-                        reason,
-                    });
+                    let _ = queue.cast(crate::queue::QueueMsg::Remove { conversation: conversation.id, reason });
                 }
                 Err(error) => {
                     warn!(%error, conversation = %conversation.id, "queue not told of a removal")
@@ -448,9 +316,7 @@ impl ConversationActorState {
         {
             match crate::agent::activate(&self.context, &conversation.tenant, owner).await {
                 Ok(agent) => {
-                    let _ = agent.cast(crate::agent::AgentMsg::Finished {
-                        conversation: conversation.id,
-                    });
+                    let _ = agent.cast(crate::agent::AgentMsg::Finished { conversation: conversation.id });
                 }
                 Err(error) => {
                     warn!(%error, conversation = %conversation.id, "agent not told of the end of a chat")
@@ -485,11 +351,7 @@ pub(crate) fn view_of(conversation: &Conversation) -> ChatView {
 fn update_of(conversation: &Conversation) -> ConversationUpdate {
     ConversationUpdate {
         state: conversation.state.as_str().to_owned(),
-        owner_agent_id: conversation
-            .owner
-            .as_ref()
-            .map(|agent| agent.to_string())
-            .unwrap_or_default(),
+        owner_agent_id: conversation.owner.as_ref().map(|agent| agent.to_string()).unwrap_or_default(),
         accepted_at_ms: conversation.accepted_at_ms.unwrap_or(0),
         closed_at_ms: conversation.closed_at_ms.unwrap_or(0),
     }
@@ -504,10 +366,7 @@ async fn append(
     create: Option<ConversationRecord>,
 ) -> Result<(Vec<Event>, bool), RouterError> {
     let request = AppendRequest {
-        fence: Some(pb::Fence {
-            shard: fence.shard.0,
-            epoch: fence.epoch.0,
-        }),
+        fence: Some(pb::Fence { shard: fence.shard.0, epoch: fence.epoch.0 }),
         conversation_id: conversation.to_string(),
         create,
         events: events.iter().map(new_event).collect(),
@@ -528,16 +387,8 @@ async fn read_events(
     conversation: ConversationId,
     after_seq: u64,
 ) -> Result<Vec<Event>, RouterError> {
-    let request = ReadEventsRequest {
-        conversation_id: conversation.to_string(),
-        after_seq,
-        limit: 0,
-    };
-    let response = context
-        .store
-        .read_events(request)
-        .await
-        .map_err(from_store)?;
+    let request = ReadEventsRequest { conversation_id: conversation.to_string(), after_seq, limit: 0 };
+    let response = context.store.read_events(request).await.map_err(from_store)?;
     response
         .events
         .iter()
@@ -547,10 +398,7 @@ async fn read_events(
 }
 
 /// Creates a conversation: its opening events are stored, its actor is started, its queue is told.
-pub(crate) async fn create(
-    context: &Arc<Context>,
-    facts: NewConversation,
-) -> Result<(ChatView, String), RouterError> {
+pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Result<(ChatView, String), RouterError> {
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
     let customer_token = uuid::Uuid::new_v4().simple().to_string();
     let record = ConversationRecord {
@@ -571,13 +419,7 @@ pub(crate) async fn create(
     };
     let events: Vec<Event> = Conversation::opening_events(&facts)
         .into_iter()
-        .map(|(author, body)| Event {
-            seq: 0,
-            at_ms: facts.created_at_ms,
-            author,
-            client_msg_id: None,
-            body,
-        })
+        .map(|(author, body)| Event { seq: 0, at_ms: facts.created_at_ms, author, client_msg_id: None, body })
         .collect();
     let (stored, _) = append(context, facts.id, fence, events, None, Some(record)).await?;
     let mut conversation = Conversation::new(&facts);
@@ -585,16 +427,8 @@ pub(crate) async fn create(
         apply(&mut conversation, event);
     }
     let view = view_of(&conversation);
-    let loaded = Loaded {
-        context: context.clone(),
-        conversation,
-        customer_token: customer_token.clone(),
-        fence,
-    };
-    context
-        .conversations
-        .get_or_activate(&facts.id, || spawn(loaded))
-        .await?;
+    let loaded = Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence };
+    context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await?;
     let queue = crate::queue::activate(context, &facts.tenant, &facts.group).await?;
     let entry = WaitingEntry {
         conversation: facts.id,
@@ -610,9 +444,7 @@ pub(crate) async fn create(
 async fn spawn(loaded: Loaded) -> Result<ActorRef<ConversationMsg>, RouterError> {
     let (actor, _) = Actor::spawn(None, ConversationActor, loaded)
         .await
-        .map_err(|error| {
-            RouterError::Internal(format!("conversation actor did not start: {error}"))
-        })?;
+        .map_err(|error| RouterError::Internal(format!("conversation actor did not start: {error}")))?;
     Ok(actor)
 }
 
@@ -625,29 +457,19 @@ pub(crate) async fn activate(
         .conversations
         .get_or_activate(&conversation, || async {
             let fence = context.shards.fence_for(&conversation_key(&conversation))?;
-            let request = GetConversationRequest {
-                conversation_id: conversation.to_string(),
-            };
-            let response = context
-                .store
-                .get_conversation(request)
-                .await
-                .map_err(from_store)?;
+            let request = GetConversationRequest { conversation_id: conversation.to_string() };
+            let response = context.store.get_conversation(request).await.map_err(from_store)?;
             let record = response.conversation.ok_or(RouterError::NotFound)?;
-            let mut state = conversation_from_record(&record)
-                .map_err(|error| RouterError::Internal(error.to_string()))?;
+            let mut state =
+                conversation_from_record(&record).map_err(|error| RouterError::Internal(error.to_string()))?;
             // Delivery marks are not in the summary: fold them from the log.
             for event in read_events(context, conversation, 0).await? {
                 if matches!(event.body, EventBody::Delivered { .. }) {
                     apply(&mut state, &event);
                 }
             }
-            let loaded = Loaded {
-                context: context.clone(),
-                conversation: state,
-                customer_token: record.customer_token,
-                fence,
-            };
+            let loaded =
+                Loaded { context: context.clone(), conversation: state, customer_token: record.customer_token, fence };
             spawn(loaded).await
         })
         .await

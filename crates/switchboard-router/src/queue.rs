@@ -54,11 +54,7 @@ impl Actor for QueueActor {
         Ok(state)
     }
 
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let key = (state.tenant.clone(), state.group.clone());
         state.context.queues.forget(&key, &myself);
         Ok(())
@@ -77,15 +73,9 @@ impl Actor for QueueActor {
                     state.broadcast(QueueChange::Added { entry });
                 }
             }
-            QueueMsg::Remove {
-                conversation,
-                reason,
-            } => {
+            QueueMsg::Remove { conversation, reason } => {
                 if state.waiting.remove(&conversation).is_some() {
-                    state.broadcast(QueueChange::Removed {
-                        conversation,
-                        reason,
-                    });
+                    state.broadcast(QueueChange::Removed { conversation, reason });
                 }
             }
             QueueMsg::Subscribe { gateway } => {
@@ -105,24 +95,16 @@ impl Actor for QueueActor {
 impl QueueActorState {
     fn broadcast(&mut self, change: QueueChange) {
         self.version += 1;
-        let gone: Vec<GatewayId> = self
-            .subscribers
-            .iter()
-            .filter(|gateway| !self.push(gateway, change.clone()))
-            .cloned()
-            .collect();
+        let gone: Vec<GatewayId> =
+            self.subscribers.iter().filter(|gateway| !self.push(gateway, change.clone())).cloned().collect();
         for gateway in gone {
             self.subscribers.remove(&gateway);
         }
     }
 
     fn push(&self, gateway: &GatewayId, change: QueueChange) -> bool {
-        let push = Push::Queue {
-            tenant: self.tenant.clone(),
-            group: self.group.clone(),
-            version: self.version,
-            change,
-        };
+        let push =
+            Push::Queue { tenant: self.tenant.clone(), group: self.group.clone(), version: self.version, change };
         self.context.gateways.push(gateway, push)
     }
 }
@@ -137,10 +119,7 @@ pub(crate) async fn activate(
     context
         .queues
         .get_or_activate(&key, || async {
-            let known = context
-                .directory
-                .tenant(tenant)
-                .is_some_and(|entry| entry.groups.contains_key(group));
+            let known = context.directory.tenant(tenant).is_some_and(|entry| entry.groups.contains_key(group));
             if !known {
                 return Err(RouterError::UnknownGroup);
             }
@@ -150,15 +129,11 @@ pub(crate) async fn activate(
                 group_ids: vec![group.to_string()],
                 ..Default::default()
             };
-            let response = context
-                .store
-                .list_conversations(request)
-                .await
-                .map_err(from_store)?;
+            let response = context.store.list_conversations(request).await.map_err(from_store)?;
             let mut waiting = WaitingQueue::default();
             for record in &response.conversations {
-                let conversation = conversation_from_record(record)
-                    .map_err(|error| RouterError::Internal(error.to_string()))?;
+                let conversation =
+                    conversation_from_record(record).map_err(|error| RouterError::Internal(error.to_string()))?;
                 waiting.insert(WaitingEntry {
                     conversation: conversation.id,
                     group: conversation.group,
@@ -177,9 +152,7 @@ pub(crate) async fn activate(
             };
             let (actor, _) = Actor::spawn(None, QueueActor, state)
                 .await
-                .map_err(|error| {
-                    RouterError::Internal(format!("queue actor did not start: {error}"))
-                })?;
+                .map_err(|error| RouterError::Internal(format!("queue actor did not start: {error}")))?;
             Ok(actor)
         })
         .await

@@ -18,25 +18,17 @@ pub(crate) struct Registry<K, M: Message> {
 
 impl<K: Eq + Hash + Clone, M: Message> Default for Registry<K, M> {
     fn default() -> Self {
-        Registry {
-            slots: Mutex::new(HashMap::new()),
-        }
+        Registry { slots: Mutex::new(HashMap::new()) }
     }
 }
 
 fn is_alive<M: Message>(actor: &ActorRef<M>) -> bool {
-    !matches!(
-        actor.get_status(),
-        ActorStatus::Stopping | ActorStatus::Stopped
-    )
+    !matches!(actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped)
 }
 
 impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
     fn slot(&self, key: &K) -> Slot<M> {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let slot = slots.entry(key.clone()).or_default();
         // A stopped actor is replaced by a fresh activation.
         if slot.get().is_some_and(|actor| !is_alive(actor)) {
@@ -46,11 +38,7 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
     }
 
     /// The running actor for `key`, activated with `activate` when there is none.
-    pub(crate) async fn get_or_activate<F, Fut>(
-        &self,
-        key: &K,
-        activate: F,
-    ) -> Result<ActorRef<M>, RouterError>
+    pub(crate) async fn get_or_activate<F, Fut>(&self, key: &K, activate: F) -> Result<ActorRef<M>, RouterError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<ActorRef<M>, RouterError>>,
@@ -62,30 +50,16 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
 
     /// Forgets the actor of `key` if it is `actor` (it stopped).
     pub(crate) fn forget(&self, key: &K, actor: &ActorRef<M>) {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if slots
-            .get(key)
-            .and_then(|slot| slot.get())
-            .is_some_and(|current| current.get_id() == actor.get_id())
-        {
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slots.get(key).and_then(|slot| slot.get()).is_some_and(|current| current.get_id() == actor.get_id()) {
             slots.remove(key);
         }
     }
 
     /// Every running actor whose key matches.
     pub(crate) fn running(&self, mut matches: impl FnMut(&K) -> bool) -> Vec<ActorRef<M>> {
-        let slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        slots
-            .iter()
-            .filter(|(key, _)| matches(key))
-            .filter_map(|(_, slot)| slot.get().cloned())
-            .collect()
+        let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots.iter().filter(|(key, _)| matches(key)).filter_map(|(_, slot)| slot.get().cloned()).collect()
     }
 
     pub(crate) fn n_running(&self) -> usize {

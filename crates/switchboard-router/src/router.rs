@@ -4,14 +4,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation,
-    TenantId,
+    AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation, TenantId,
 };
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::ListConversationsRequest;
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, Push, RouterApi,
-    RouterError, StartChat, StartedChat,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, Push, RouterApi, RouterError,
+    StartChat, StartedChat,
 };
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
@@ -73,10 +72,7 @@ impl Router {
             }
         }
         let lease_keeper = tokio::spawn(placement::keep_leases(context.clone(), settings.leases));
-        Ok(Router {
-            context,
-            lease_keeper,
-        })
+        Ok(Router { context, lease_keeper })
     }
 
     pub fn n_shards_owned(&self) -> usize {
@@ -86,11 +82,7 @@ impl Router {
     /// Running actors by kind: conversations, agents, queues.
     pub fn n_actors(&self) -> (usize, usize, usize) {
         let context = &self.context;
-        (
-            context.conversations.n_running(),
-            context.agents.n_running(),
-            context.queues.n_running(),
-        )
+        (context.conversations.n_running(), context.agents.n_running(), context.queues.n_running())
     }
 
     async fn on_conversation<T: Send + 'static>(
@@ -103,9 +95,7 @@ impl Router {
         loop {
             let actor = crate::conversation::activate(&self.context, conversation).await?;
             match call(&actor, &message).await {
-                Err(RouterError::Unavailable(_)) if attempts == 0 && !is_alive(&actor) => {
-                    attempts += 1
-                }
+                Err(RouterError::Unavailable(_)) if attempts == 0 && !is_alive(&actor) => attempts += 1,
                 result => return result,
             }
         }
@@ -123,10 +113,7 @@ impl Router {
 }
 
 fn is_alive<M: ractor::Message>(actor: &ractor::ActorRef<M>) -> bool {
-    !matches!(
-        actor.get_status(),
-        ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
-    )
+    !matches!(actor.get_status(), ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped)
 }
 
 #[async_trait]
@@ -136,11 +123,8 @@ impl RouterApi for Router {
     }
 
     async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
-        let known = self
-            .context
-            .directory
-            .tenant(&request.tenant)
-            .is_some_and(|t| t.groups.contains_key(&request.group));
+        let known =
+            self.context.directory.tenant(&request.tenant).is_some_and(|t| t.groups.contains_key(&request.group));
         if !known {
             return Err(RouterError::UnknownGroup);
         }
@@ -154,34 +138,15 @@ impl RouterApi for Router {
             created_at_ms: now_ms,
         };
         let (view, customer_token) = crate::conversation::create(&self.context, facts).await?;
-        Ok(StartedChat {
-            view,
-            customer_token,
-        })
+        Ok(StartedChat { view, customer_token })
     }
 
-    async fn authorize_customer(
-        &self,
-        conversation: ConversationId,
-        token: &str,
-    ) -> Result<ChatView, RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::CheckToken {
-            token: token.to_owned(),
-            reply,
-        })
-        .await
+    async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::CheckToken { token: token.to_owned(), reply }).await
     }
 
-    async fn chat_view(
-        &self,
-        caller: &Caller,
-        conversation: ConversationId,
-    ) -> Result<ChatView, RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::View {
-            caller: Some(caller.clone()),
-            reply,
-        })
-        .await
+    async fn chat_view(&self, caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::View { caller: Some(caller.clone()), reply }).await
     }
 
     async fn subscribe(
@@ -203,9 +168,7 @@ impl RouterApi for Router {
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
         let running = self.context.conversations.running(|id| *id == conversation);
         for actor in running {
-            let _ = actor.cast(ConversationMsg::Unsubscribe {
-                gateway: gateway.clone(),
-            });
+            let _ = actor.cast(ConversationMsg::Unsubscribe { gateway: gateway.clone() });
         }
     }
 
@@ -237,18 +200,9 @@ impl RouterApi for Router {
         .await
     }
 
-    async fn typing(
-        &self,
-        caller: &Caller,
-        conversation: ConversationId,
-        typing: bool,
-    ) -> Result<(), RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::Typing {
-            caller: caller.clone(),
-            typing,
-            reply,
-        })
-        .await
+    async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError> {
+        self.on_conversation(conversation, |reply| ConversationMsg::Typing { caller: caller.clone(), typing, reply })
+            .await
     }
 
     async fn accept_chat(
@@ -257,11 +211,7 @@ impl RouterApi for Router {
         agent: &AgentId,
         conversation: ConversationId,
     ) -> Result<ChatView, RouterError> {
-        self.on_agent(tenant, agent, |reply| AgentMsg::Accept {
-            conversation,
-            reply,
-        })
-        .await
+        self.on_agent(tenant, agent, |reply| AgentMsg::Accept { conversation, reply }).await
     }
 
     async fn set_agent_status(
@@ -270,8 +220,7 @@ impl RouterApi for Router {
         agent: &AgentId,
         status: AgentStatus,
     ) -> Result<AgentView, RouterError> {
-        self.on_agent(tenant, agent, |reply| AgentMsg::SetStatus { status, reply })
-            .await
+        self.on_agent(tenant, agent, |reply| AgentMsg::SetStatus { status, reply }).await
     }
 
     async fn subscribe_queue(
@@ -282,18 +231,14 @@ impl RouterApi for Router {
     ) -> Result<(), RouterError> {
         let queue = crate::queue::activate(&self.context, tenant, group).await?;
         queue
-            .cast(QueueMsg::Subscribe {
-                gateway: gateway.clone(),
-            })
+            .cast(QueueMsg::Subscribe { gateway: gateway.clone() })
             .map_err(|_| RouterError::Unavailable("the queue stopped; retry".into()))
     }
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
         let key = (tenant.clone(), group.clone());
         for actor in self.context.queues.running(|candidate| *candidate == key) {
-            let _ = actor.cast(QueueMsg::Unsubscribe {
-                gateway: gateway.clone(),
-            });
+            let _ = actor.cast(QueueMsg::Unsubscribe { gateway: gateway.clone() });
         }
     }
 
@@ -305,11 +250,9 @@ impl RouterApi for Router {
     ) -> Result<Vec<ChatView>, RouterError> {
         let (states, newest_first, limit) = match list {
             ChatList::Ongoing => (vec!["active".to_owned()], false, 0),
-            ChatList::Closed => (
-                vec!["closed".to_owned(), "cancelled".to_owned()],
-                true,
-                self.context.closed_list_limit,
-            ),
+            ChatList::Closed => {
+                (vec!["closed".to_owned(), "cancelled".to_owned()], true, self.context.closed_list_limit)
+            }
         };
         let request = ListConversationsRequest {
             tenant_id: tenant.to_string(),
@@ -319,18 +262,11 @@ impl RouterApi for Router {
             newest_first,
             ..Default::default()
         };
-        let response = self
-            .context
-            .store
-            .list_conversations(request)
-            .await
-            .map_err(from_store)?;
+        let response = self.context.store.list_conversations(request).await.map_err(from_store)?;
         response
             .conversations
             .iter()
-            .map(|record| {
-                conversation_from_record(record).map(|conversation| view_of(&conversation))
-            })
+            .map(|record| conversation_from_record(record).map(|conversation| view_of(&conversation)))
             .collect::<Result<_, _>>()
             .map_err(|error| RouterError::Internal(error.to_string()))
     }
@@ -339,10 +275,6 @@ impl RouterApi for Router {
 /// A time-ordered id (UUID v7) whose time part comes from the injected clock.
 fn new_conversation_id(now_ms: i64) -> ConversationId {
     let now_ms = u64::try_from(now_ms).unwrap_or(0);
-    let timestamp = uuid::Timestamp::from_unix(
-        uuid::NoContext,
-        now_ms / 1000,
-        ((now_ms % 1000) * 1_000_000) as u32,
-    );
+    let timestamp = uuid::Timestamp::from_unix(uuid::NoContext, now_ms / 1000, ((now_ms % 1000) * 1_000_000) as u32);
     ConversationId::from_uuid(uuid::Uuid::new_v7(timestamp))
 }

@@ -28,9 +28,7 @@ pub(crate) async fn get(
         .fetch_optional(&store.reader)
         .await
         .map_err(db)?;
-    Ok(GetConversationResponse {
-        conversation: row.as_ref().map(conversation_from_row).transpose()?,
-    })
+    Ok(GetConversationResponse { conversation: row.as_ref().map(conversation_from_row).transpose()? })
 }
 
 /// Every filter is optional: an empty tenant, owner or list matches everything. The SQL is built from
@@ -39,17 +37,11 @@ pub(crate) async fn list(
     store: &SqlStore,
     request: ListConversationsRequest,
 ) -> Result<ListConversationsResponse, StoreError> {
-    let shards = request
-        .shards
-        .iter()
-        .map(|&shard| shard_to_i32(shard))
-        .collect::<Result<Vec<_>, _>>()?;
+    let shards = request.shards.iter().map(|&shard| shard_to_i32(shard)).collect::<Result<Vec<_>, _>>()?;
     let mut query = QueryBuilder::<Sqlite>::new("SELECT ");
     query.push(COLUMNS).push(" FROM conversations WHERE 1 = 1");
     if !request.tenant_id.is_empty() {
-        query
-            .push(" AND tenant_id = ")
-            .push_bind(&request.tenant_id);
+        query.push(" AND tenant_id = ").push_bind(&request.tenant_id);
     }
     if !request.states.is_empty() {
         query.push(" AND state IN (");
@@ -68,9 +60,7 @@ pub(crate) async fn list(
         query.push(")");
     }
     if !request.owner_agent_id.is_empty() {
-        query
-            .push(" AND owner_agent_id = ")
-            .push_bind(&request.owner_agent_id);
+        query.push(" AND owner_agent_id = ").push_bind(&request.owner_agent_id);
     }
     if !shards.is_empty() {
         query.push(" AND shard IN (");
@@ -88,16 +78,8 @@ pub(crate) async fn list(
     if request.limit > 0 {
         query.push(" LIMIT ").push_bind(i64::from(request.limit));
     }
-    let rows = query
-        .build()
-        .persistent(false)
-        .fetch_all(&store.reader)
-        .await
-        .map_err(db)?;
-    let conversations = rows
-        .iter()
-        .map(conversation_from_row)
-        .collect::<Result<_, _>>()?;
+    let rows = query.build().persistent(false).fetch_all(&store.reader).await.map_err(db)?;
+    let conversations = rows.iter().map(conversation_from_row).collect::<Result<_, _>>()?;
     Ok(ListConversationsResponse { conversations })
 }
 

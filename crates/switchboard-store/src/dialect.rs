@@ -23,5 +23,4 @@ pub(crate) const SELECT_FENCE_EPOCH: &str = "SELECT epoch FROM shard_leases WHER
 ///
 /// SQLite: see [`SELECT_FENCE_EPOCH`]. PostgreSQL needs `FOR UPDATE` here, so that two appends to one
 /// conversation take turns (gap-free sequence numbers, deduplication).
-pub(crate) const SELECT_CONVERSATION_FOR_APPEND: &str =
-    "SELECT last_seq, shard FROM conversations WHERE id = $1";
+pub(crate) const SELECT_CONVERSATION_FOR_APPEND: &str = "SELECT last_seq, shard FROM conversations WHERE id = $1";

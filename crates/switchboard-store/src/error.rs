@@ -18,9 +18,7 @@ pub(crate) fn db(error: sqlx::Error) -> StoreError {
         | sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::Decode(_)
         | sqlx::Error::Encode(_)
-        | sqlx::Error::InvalidArgument(_) => {
-            StoreError::Invalid(format!("malformed row or argument: {error}"))
-        }
+        | sqlx::Error::InvalidArgument(_) => StoreError::Invalid(format!("malformed row or argument: {error}")),
         _ => {
             tracing::warn!(%error, "database error");
             StoreError::Unavailable(error.to_string())
@@ -35,8 +33,7 @@ pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
 
 /// A BIGINT column value as a protobuf unsigned value.
 pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(value)
-        .map_err(|_| StoreError::Invalid(format!("stored {what} out of range: {value}")))
+    u64::try_from(value).map_err(|_| StoreError::Invalid(format!("stored {what} out of range: {value}")))
 }
 
 /// A shard number as an INTEGER column value.
@@ -49,8 +46,7 @@ pub(crate) fn shard_to_i32(shard: u32) -> Result<i32, StoreError> {
 
 /// An INTEGER column value as a shard number.
 pub(crate) fn shard_from_i32(shard: i32) -> Result<u32, StoreError> {
-    u32::try_from(shard)
-        .map_err(|_| StoreError::Invalid(format!("stored shard out of range: {shard}")))
+    u32::try_from(shard).map_err(|_| StoreError::Invalid(format!("stored shard out of range: {shard}")))
 }
 
 #[cfg(test)]
@@ -59,28 +55,16 @@ mod tests {
 
     #[test]
     fn values_out_of_range_are_invalid_not_truncated() {
-        assert!(matches!(
-            to_i64(u64::MAX, "epoch"),
-            Err(StoreError::Invalid(_))
-        ));
+        assert!(matches!(to_i64(u64::MAX, "epoch"), Err(StoreError::Invalid(_))));
         assert!(matches!(to_u64(-1, "seq"), Err(StoreError::Invalid(_))));
-        assert!(matches!(
-            shard_to_i32(switchboard_domain::N_SHARDS),
-            Err(StoreError::Invalid(_))
-        ));
+        assert!(matches!(shard_to_i32(switchboard_domain::N_SHARDS), Err(StoreError::Invalid(_))));
         assert_eq!(shard_to_i32(1023), Ok(1023));
         assert_eq!(shard_from_i32(7), Ok(7));
     }
 
     #[test]
     fn pool_timeouts_are_unavailable() {
-        assert!(matches!(
-            db(sqlx::Error::PoolTimedOut),
-            StoreError::Unavailable(_)
-        ));
-        assert!(matches!(
-            db(sqlx::Error::RowNotFound),
-            StoreError::Invalid(_)
-        ));
+        assert!(matches!(db(sqlx::Error::PoolTimedOut), StoreError::Unavailable(_)));
+        assert!(matches!(db(sqlx::Error::RowNotFound), StoreError::Invalid(_)));
     }
 }

@@ -3,8 +3,7 @@
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 use switchboard_proto::internal::v1::{
-    AppendRequest, AppendResponse, ConversationRecord, EventRecord, ReadEventsRequest,
-    ReadEventsResponse,
+    AppendRequest, AppendResponse, ConversationRecord, EventRecord, ReadEventsRequest, ReadEventsResponse,
 };
 use switchboard_proto::store::StoreError;
 
@@ -37,28 +36,18 @@ const SELECT_EVENTS: &str = "SELECT conversation_id, seq, at_ms, author_role, au
 const SELECT_EVENTS_LIMITED: &str = "SELECT conversation_id, seq, at_ms, author_role, author_id, client_msg_id, \
      kind, payload_json FROM events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
-pub(crate) async fn append(
-    store: &SqlStore,
-    request: AppendRequest,
-) -> Result<AppendResponse, StoreError> {
-    let fence = request
-        .fence
-        .ok_or_else(|| StoreError::Invalid("append without a fence".into()))?;
+pub(crate) async fn append(store: &SqlStore, request: AppendRequest) -> Result<AppendResponse, StoreError> {
+    let fence = request.fence.ok_or_else(|| StoreError::Invalid("append without a fence".into()))?;
     let shard = shard_to_i32(fence.shard)?;
     let epoch = to_i64(fence.epoch, "epoch")?;
     let id = request.conversation_id.as_str();
     if id.is_empty() {
-        return Err(StoreError::Invalid(
-            "append without a conversation id".into(),
-        ));
+        return Err(StoreError::Invalid("append without a conversation id".into()));
     }
 
     let mut transaction = store.writer.begin().await.map_err(db)?;
-    let current: Option<i64> = sqlx::query_scalar(SELECT_FENCE_EPOCH)
-        .bind(shard)
-        .fetch_optional(&mut *transaction)
-        .await
-        .map_err(db)?;
+    let current: Option<i64> =
+        sqlx::query_scalar(SELECT_FENCE_EPOCH).bind(shard).fetch_optional(&mut *transaction).await.map_err(db)?;
     if current != Some(epoch) {
         return Err(StoreError::StaleEpoch { shard: fence.shard });
     }
@@ -80,19 +69,14 @@ pub(crate) async fn append(
     let duplicates = stored_duplicates(&mut transaction, &request).await?;
     if !duplicates.is_empty() {
         // Nothing was written: dropping the transaction rolls it back.
-        return Ok(AppendResponse {
-            events: duplicates,
-            duplicate: true,
-            last_seq: to_u64(last_seq, "last_seq")?,
-        });
+        return Ok(AppendResponse { events: duplicates, duplicate: true, last_seq: to_u64(last_seq, "last_seq")? });
     }
 
     let mut stored = Vec::with_capacity(request.events.len());
     let mut seq = last_seq;
     for event in &request.events {
         seq += 1;
-        let client_msg_id =
-            (!event.client_msg_id.is_empty()).then_some(event.client_msg_id.as_str());
+        let client_msg_id = (!event.client_msg_id.is_empty()).then_some(event.client_msg_id.as_str());
         sqlx::query(INSERT_EVENT)
             .bind(id)
             .bind(seq)
@@ -130,21 +114,12 @@ pub(crate) async fn append(
                 .map_err(db)?;
         }
         None if seq != last_seq => {
-            sqlx::query(SET_LAST_SEQ)
-                .bind(seq)
-                .bind(id)
-                .execute(&mut *transaction)
-                .await
-                .map_err(db)?;
+            sqlx::query(SET_LAST_SEQ).bind(seq).bind(id).execute(&mut *transaction).await.map_err(db)?;
         }
         None => {}
     }
     transaction.commit().await.map_err(db)?;
-    Ok(AppendResponse {
-        events: stored,
-        duplicate: false,
-        last_seq: to_u64(seq, "last_seq")?,
-    })
+    Ok(AppendResponse { events: stored, duplicate: false, last_seq: to_u64(seq, "last_seq")? })
 }
 
 /// Creates the conversation, or leaves it as it is when it exists already (a retried first append).
@@ -154,10 +129,7 @@ async fn insert_conversation(
     create: &ConversationRecord,
 ) -> Result<(), StoreError> {
     if !create.id.is_empty() && create.id != id {
-        return Err(StoreError::Invalid(format!(
-            "create record {} for conversation {id}",
-            create.id
-        )));
+        return Err(StoreError::Invalid(format!("create record {} for conversation {id}", create.id)));
     }
     sqlx::query(INSERT_CONVERSATION)
         .bind(id)
@@ -185,11 +157,7 @@ async fn stored_duplicates(
     request: &AppendRequest,
 ) -> Result<Vec<EventRecord>, StoreError> {
     let mut found = Vec::new();
-    for event in request
-        .events
-        .iter()
-        .filter(|event| !event.client_msg_id.is_empty())
-    {
+    for event in request.events.iter().filter(|event| !event.client_msg_id.is_empty()) {
         let row = sqlx::query(SELECT_BY_CLIENT_MSG_ID)
             .bind(&request.conversation_id)
             .bind(&event.client_msg_id)
@@ -205,20 +173,12 @@ async fn stored_duplicates(
     Ok(found)
 }
 
-pub(crate) async fn read(
-    store: &SqlStore,
-    request: ReadEventsRequest,
-) -> Result<ReadEventsResponse, StoreError> {
+pub(crate) async fn read(store: &SqlStore, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
     let after_seq = to_i64(request.after_seq, "after_seq")?;
     let query = if request.limit == 0 {
-        sqlx::query(SELECT_EVENTS)
-            .bind(&request.conversation_id)
-            .bind(after_seq)
+        sqlx::query(SELECT_EVENTS).bind(&request.conversation_id).bind(after_seq)
     } else {
-        sqlx::query(SELECT_EVENTS_LIMITED)
-            .bind(&request.conversation_id)
-            .bind(after_seq)
-            .bind(i64::from(request.limit))
+        sqlx::query(SELECT_EVENTS_LIMITED).bind(&request.conversation_id).bind(after_seq).bind(i64::from(request.limit))
     };
     let rows = query.fetch_all(&store.reader).await.map_err(db)?;
     let events = rows.iter().map(event_from_row).collect::<Result<_, _>>()?;

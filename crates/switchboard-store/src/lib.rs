@@ -10,6 +10,7 @@ mod dialect;
 mod error;
 mod events;
 mod leases;
+mod memory;
 mod migrate;
 
 use std::fmt;
@@ -22,13 +23,13 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use switchboard_domain::Clock;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse,
-    GetConversationRequest, GetConversationResponse, ListConversationsRequest,
-    ListConversationsResponse, ReadEventsRequest, ReadEventsResponse, RenewShardsRequest,
-    RenewShardsResponse,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
+    GetConversationResponse, ListConversationsRequest, ListConversationsResponse, ReadEventsRequest,
+    ReadEventsResponse, RenewShardsRequest, RenewShardsResponse,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
+pub use memory::MemoryStore;
 pub use migrate::LATEST_MIGRATION;
 
 /// How long a statement waits for a lock held by another connection before giving up.
@@ -67,9 +68,8 @@ impl SqlStore {
             return Self::open_in_memory(clock).await;
         }
         let base = if url_or_path.starts_with("sqlite:") {
-            SqliteConnectOptions::from_str(url_or_path).map_err(|error| {
-                StoreError::Invalid(format!("bad database url {url_or_path:?}: {error}"))
-            })?
+            SqliteConnectOptions::from_str(url_or_path)
+                .map_err(|error| StoreError::Invalid(format!("bad database url {url_or_path:?}: {error}")))?
         } else {
             SqliteConnectOptions::new().filename(url_or_path)
         };
@@ -80,11 +80,7 @@ impl SqlStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let writer = single_connection_pool(options.clone()).await?;
-        let store = Self {
-            reader: writer.clone(),
-            writer,
-            clock,
-        };
+        let store = Self { reader: writer.clone(), writer, clock };
         store.migrate().await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
@@ -102,11 +98,7 @@ impl SqlStore {
             .map_err(|error| StoreError::Invalid(error.to_string()))?
             .foreign_keys(true);
         let pool = single_connection_pool(options).await?;
-        let store = Self {
-            reader: pool.clone(),
-            writer: pool,
-            clock,
-        };
+        let store = Self { reader: pool.clone(), writer: pool, clock };
         store.migrate().await?;
         Ok(store)
     }
@@ -137,17 +129,11 @@ async fn single_connection_pool(options: SqliteConnectOptions) -> Result<SqliteP
 
 #[async_trait]
 impl StoreApi for SqlStore {
-    async fn acquire_shards(
-        &self,
-        request: AcquireShardsRequest,
-    ) -> Result<AcquireShardsResponse, StoreError> {
+    async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {
         leases::acquire(self, request).await
     }
 
-    async fn renew_shards(
-        &self,
-        request: RenewShardsRequest,
-    ) -> Result<RenewShardsResponse, StoreError> {
+    async fn renew_shards(&self, request: RenewShardsRequest) -> Result<RenewShardsResponse, StoreError> {
         leases::renew(self, request).await
     }
 
@@ -155,17 +141,11 @@ impl StoreApi for SqlStore {
         events::append(self, request).await
     }
 
-    async fn read_events(
-        &self,
-        request: ReadEventsRequest,
-    ) -> Result<ReadEventsResponse, StoreError> {
+    async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
         events::read(self, request).await
     }
 
-    async fn get_conversation(
-        &self,
-        request: GetConversationRequest,
-    ) -> Result<GetConversationResponse, StoreError> {
+    async fn get_conversation(&self, request: GetConversationRequest) -> Result<GetConversationResponse, StoreError> {
         conversations::get(self, request).await
     }
 
@@ -187,32 +167,13 @@ mod tests {
     async fn a_file_database_is_durable_on_every_connection() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pragmas.db");
-        let store = SqlStore::open(path.to_str().unwrap(), Arc::new(FixedClock::new(0)))
-            .await
-            .unwrap();
+        let store = SqlStore::open(path.to_str().unwrap(), Arc::new(FixedClock::new(0))).await.unwrap();
         for pool in [&store.writer, &store.reader] {
-            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            assert_eq!(
-                (journal.as_str(), synchronous, foreign_keys),
-                ("wal", 2, 1),
-                "WAL, FULL, foreign keys"
-            );
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.unwrap();
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await.unwrap();
+            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(pool).await.unwrap();
+            assert_eq!((journal.as_str(), synchronous, foreign_keys), ("wal", 2, 1), "WAL, FULL, foreign keys");
         }
-        assert_eq!(
-            store.writer.options().get_max_connections(),
-            1,
-            "one writer"
-        );
+        assert_eq!(store.writer.options().get_max_connections(), 1, "one writer");
     }
 }

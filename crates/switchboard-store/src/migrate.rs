@@ -16,11 +16,8 @@ struct Migration {
 }
 
 /// In version order; a new migration is a new file and a new entry, never an edit of an applied one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql") }];
 
 /// The schema version this build migrates to.
 pub const LATEST_MIGRATION: i64 = 1;
@@ -38,10 +35,7 @@ const SELECT_VERSIONS: &str = "SELECT version FROM schema_migrations ORDER BY ve
 impl SqlStore {
     /// Applies the migrations not applied yet. Returns how many were applied.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
-        sqlx::query(CREATE_SCHEMA_MIGRATIONS)
-            .execute(&self.writer)
-            .await
-            .map_err(db)?;
+        sqlx::query(CREATE_SCHEMA_MIGRATIONS).execute(&self.writer).await.map_err(db)?;
         let mut applied = 0;
         for migration in MIGRATIONS {
             let mut transaction = self.writer.begin().await.map_err(db)?;
@@ -57,35 +51,21 @@ impl SqlStore {
                 transaction.rollback().await.map_err(db)?;
                 continue;
             }
-            sqlx::raw_sql(migration.sql)
-                .execute(&mut *transaction)
-                .await
-                .map_err(db)?;
+            sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
             transaction.commit().await.map_err(db)?;
-            tracing::info!(
-                version = migration.version,
-                name = migration.name,
-                "applied migration"
-            );
+            tracing::info!(version = migration.version, name = migration.name, "applied migration");
             applied += 1;
         }
         let versions = self.applied_migrations().await?;
         if let Some(newest) = versions.last().filter(|&&newest| newest > LATEST_MIGRATION) {
-            tracing::warn!(
-                newest,
-                known = LATEST_MIGRATION,
-                "the database was migrated by a newer version"
-            );
+            tracing::warn!(newest, known = LATEST_MIGRATION, "the database was migrated by a newer version");
         }
         Ok(applied)
     }
 
     /// The versions recorded in `schema_migrations`, oldest first.
     pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
-        let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS)
-            .fetch_all(&self.writer)
-            .await
-            .map_err(db)?;
+        let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS).fetch_all(&self.writer).await.map_err(db)?;
         Ok(rows.into_iter().map(|(version,)| version).collect())
     }
 }
@@ -96,10 +76,7 @@ mod tests {
 
     #[test]
     fn migrations_are_in_strictly_increasing_version_order() {
-        let versions: Vec<i64> = MIGRATIONS
-            .iter()
-            .map(|migration| migration.version)
-            .collect();
+        let versions: Vec<i64> = MIGRATIONS.iter().map(|migration| migration.version).collect();
         assert!(versions.windows(2).all(|pair| pair[0] < pair[1]));
         assert_eq!(versions.last(), Some(&LATEST_MIGRATION));
     }

@@ -1,154 +1,223 @@
-//! Conversation lookups and the filtered lists.
+//! Conversation lookups and the filtered lists. Every scenario runs against each backend (see
+//! `on_every_backend!`).
 
 mod common;
 
 use common::*;
-use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest};
-use switchboard_proto::store::StoreApi;
-use switchboard_store::SqlStore;
+use switchboard_domain::N_SHARDS;
+use switchboard_proto::internal::v1::{ConversationRecord, GetConversationRequest, ListConversationsRequest};
+use switchboard_proto::store::{StoreApi, StoreError};
 
-async fn ids(store: &SqlStore, request: ListConversationsRequest) -> Vec<String> {
+on_every_backend!(
+    a_tenants_waiting_queue_is_first_come_first_served,
+    an_agents_active_conversations,
+    owner_and_state_filters_combine_and_follow_the_updates,
+    closed_history_is_newest_first,
+    closed_lists_are_ordered_by_closing_time_newest_first,
+    filters_by_shard_across_tenants,
+    get_returns_the_whole_record_or_nothing,
+);
+
+async fn ids(store: &dyn StoreApi, request: ListConversationsRequest) -> Vec<String> {
     let response = store.list_conversations(request).await.unwrap();
-    response
-        .conversations
-        .into_iter()
-        .map(|conversation| conversation.id)
-        .collect()
+    response.conversations.into_iter().map(|conversation| conversation.id).collect()
 }
 
 fn strings(values: &[&str]) -> Vec<String> {
     values.iter().map(|&value| value.to_owned()).collect()
 }
 
+fn owned_by(tenant: &str, owner: &str, states: &[&str]) -> ListConversationsRequest {
+    ListConversationsRequest {
+        tenant_id: tenant.into(),
+        owner_agent_id: owner.into(),
+        states: strings(states),
+        ..Default::default()
+    }
+}
+
 /// acme: queued c1 (g1, t=30), c2 (g2, t=10), c3 (g3, t=5), c7 (g1, t=30); active c4 (alice);
 /// closed c5 (alice, closed t=100), c6 (bob, closed t=200). globex: queued o1 (g1, t=1).
-async fn seeded() -> Harness {
-    let harness = in_memory().await;
-    let store = &harness.store;
-    for (id, group, queued_at) in [
-        ("c1", "g1", 30),
-        ("c2", "g2", 10),
-        ("c3", "g3", 5),
-        ("c7", "g1", 30),
-    ] {
+async fn seed(store: &dyn StoreApi) {
+    for (id, group, queued_at) in [("c1", "g1", 30), ("c2", "g2", 10), ("c3", "g3", 5), ("c7", "g1", 30)] {
         create(store, "node-a", conversation(id, "acme", group, queued_at)).await;
     }
     create(store, "node-a", conversation("o1", "globex", "g1", 1)).await;
     let fence = create(store, "node-a", conversation("c4", "acme", "g1", 2)).await;
-    append(
-        store,
-        fence,
-        "c4",
-        vec![system_event("accepted")],
-        Some(update("active", "alice", 3, 0)),
-    )
-    .await
-    .unwrap();
+    append(store, fence, "c4", vec![system_event("accepted")], Some(update("active", "alice", 3, 0))).await.unwrap();
     for (id, owner, closed_at) in [("c5", "alice", 100), ("c6", "bob", 200)] {
         let fence = create(store, "node-a", conversation(id, "acme", "g2", 2)).await;
         let closed = Some(update("closed", owner, 3, closed_at));
-        append(store, fence, id, vec![system_event("closed")], closed)
-            .await
-            .unwrap();
+        append(store, fence, id, vec![system_event("closed")], closed).await.unwrap();
     }
-    harness
 }
 
-#[tokio::test]
-async fn a_tenants_waiting_queue_is_first_come_first_served() {
-    let Harness { store, .. } = seeded().await;
+async fn a_tenants_waiting_queue_is_first_come_first_served(h: Harness) {
+    let store = h.store();
+    seed(store).await;
     let request = ListConversationsRequest {
         tenant_id: "acme".into(),
         states: strings(&["queued"]),
         group_ids: strings(&["g1", "g2"]),
         ..Default::default()
     };
-    assert_eq!(
-        ids(&store, request.clone()).await,
-        ["c2", "c1", "c7"],
-        "by queue time, then id"
-    );
-    let limited = ListConversationsRequest {
-        limit: 2,
-        ..request
-    };
-    assert_eq!(ids(&store, limited).await, ["c2", "c1"]);
+    assert_eq!(ids(store, request.clone()).await, ["c2", "c1", "c7"], "by queue time, then id");
+    let limited = ListConversationsRequest { limit: 2, ..request };
+    assert_eq!(ids(store, limited).await, ["c2", "c1"]);
 
-    let every_group = ListConversationsRequest {
-        tenant_id: "acme".into(),
-        states: strings(&["queued"]),
-        ..Default::default()
-    };
-    assert_eq!(ids(&store, every_group).await, ["c3", "c2", "c1", "c7"]);
+    let every_group =
+        ListConversationsRequest { tenant_id: "acme".into(), states: strings(&["queued"]), ..Default::default() };
+    assert_eq!(ids(store, every_group).await, ["c3", "c2", "c1", "c7"]);
 }
 
-#[tokio::test]
-async fn an_agents_active_conversations() {
-    let Harness { store, .. } = seeded().await;
+async fn an_agents_active_conversations(h: Harness) {
+    let store = h.store();
+    seed(store).await;
     let request = ListConversationsRequest {
         tenant_id: "acme".into(),
         states: strings(&["active"]),
         owner_agent_id: "alice".into(),
         ..Default::default()
     };
-    assert_eq!(ids(&store, request).await, ["c4"]);
-    let any_state = ListConversationsRequest {
-        tenant_id: "acme".into(),
-        owner_agent_id: "alice".into(),
-        ..Default::default()
-    };
-    assert_eq!(ids(&store, any_state).await, ["c4", "c5"]);
+    assert_eq!(ids(store, request).await, ["c4"]);
+    let any_state =
+        ListConversationsRequest { tenant_id: "acme".into(), owner_agent_id: "alice".into(), ..Default::default() };
+    assert_eq!(ids(store, any_state).await, ["c4", "c5"]);
 }
 
-#[tokio::test]
-async fn closed_history_is_newest_first() {
-    let Harness { store, .. } = seeded().await;
+/// The router lists an agent's conversations in some states (its open chats, its closed history); the
+/// owner comes from the append updates, so a transfer moves the conversation from one list to the other.
+async fn owner_and_state_filters_combine_and_follow_the_updates(h: Harness) {
+    let store = h.store();
+    seed(store).await;
+    assert_eq!(ids(store, owned_by("acme", "alice", &["closed"])).await, ["c5"]);
+    assert_eq!(ids(store, owned_by("acme", "alice", &["active", "closed"])).await, ["c4", "c5"]);
+    assert_eq!(ids(store, owned_by("acme", "alice", &["queued", "cancelled"])).await, Vec::<String>::new());
+    assert_eq!(ids(store, owned_by("acme", "bob", &["active"])).await, Vec::<String>::new());
+    assert_eq!(ids(store, owned_by("acme", "bob", &["closed"])).await, ["c6"]);
+    assert_eq!(ids(store, owned_by("", "alice", &["active"])).await, ["c4"], "without a tenant");
+    assert_eq!(ids(store, owned_by("globex", "alice", &[])).await, Vec::<String>::new(), "another tenant's");
+
+    // A transfer to bob.
+    let shard = shard_of_conversation("c4");
+    let fence = fence(store, "node-a", shard).await;
+    append(store, fence, "c4", vec![system_event("transferred")], Some(update("active", "bob", 3, 0))).await.unwrap();
+    assert_eq!(ids(store, owned_by("acme", "alice", &["active"])).await, Vec::<String>::new());
+    assert_eq!(ids(store, owned_by("acme", "bob", &["active"])).await, ["c4"]);
+    assert_eq!(ids(store, owned_by("acme", "bob", &["active", "closed"])).await, ["c4", "c6"]);
+
+    // Requeued: nobody owns it, and the queue has it again.
+    append(store, fence, "c4", vec![system_event("requeued")], Some(update("queued", "", 0, 0))).await.unwrap();
+    assert_eq!(ids(store, owned_by("acme", "bob", &["active", "queued"])).await, Vec::<String>::new());
+    let queue = ListConversationsRequest {
+        tenant_id: "acme".into(),
+        states: strings(&["queued"]),
+        group_ids: strings(&["g1"]),
+        ..Default::default()
+    };
+    assert_eq!(ids(store, queue).await, ["c4", "c1", "c7"], "by its original queue time");
+}
+
+async fn closed_history_is_newest_first(h: Harness) {
+    let store = h.store();
+    seed(store).await;
     let request = ListConversationsRequest {
         tenant_id: "acme".into(),
         states: strings(&["closed", "cancelled"]),
         newest_first: true,
         ..Default::default()
     };
-    assert_eq!(ids(&store, request).await, ["c6", "c5"]);
+    assert_eq!(ids(store, request).await, ["c6", "c5"]);
 }
 
-#[tokio::test]
-async fn filters_by_shard_across_tenants() {
-    let Harness { store, .. } = seeded().await;
-    let shard = shard_of_conversation("o1");
-    let request = ListConversationsRequest {
-        shards: vec![shard],
+/// Newest first orders by closing time, then creation time, then id, all descending: never by queue time
+/// or id alone. Here the three orders disagree.
+async fn closed_lists_are_ordered_by_closing_time_newest_first(h: Harness) {
+    let store = h.store();
+    // (id, created_at, queued_at, state, owner, closed_at)
+    let closed = [
+        ("x1", 10, 90, "closed", "alice", 300),
+        ("x2", 20, 80, "closed", "alice", 100),
+        ("x3", 30, 70, "closed", "bob", 200),
+        ("x4", 5, 95, "closed", "alice", 200),
+        ("x5", 30, 70, "cancelled", "", 200),
+    ];
+    for (id, created_at_ms, queued_at_ms, state, owner, closed_at_ms) in closed {
+        let record = ConversationRecord { created_at_ms, queued_at_ms, ..conversation(id, "acme", "g1", 0) };
+        let fence = create(store, "node-a", record).await;
+        let accepted_at_ms = if owner.is_empty() { 0 } else { queued_at_ms + 1 };
+        let closing = Some(update(state, owner, accepted_at_ms, closed_at_ms));
+        append(store, fence, id, vec![system_event(state)], closing).await.unwrap();
+    }
+    create(store, "node-a", conversation("q1", "acme", "g1", 1)).await;
+
+    let history = ListConversationsRequest {
+        tenant_id: "acme".into(),
+        states: strings(&["closed", "cancelled"]),
+        newest_first: true,
         ..Default::default()
     };
-    let found = store
-        .list_conversations(request)
-        .await
-        .unwrap()
-        .conversations;
+    assert_eq!(ids(store, history.clone()).await, ["x1", "x5", "x3", "x4", "x2"]);
+    let latest = ListConversationsRequest { limit: 2, ..history.clone() };
+    assert_eq!(ids(store, latest).await, ["x1", "x5"], "the limit keeps the newest");
+    let alices = ListConversationsRequest { owner_agent_id: "alice".into(), ..history.clone() };
+    assert_eq!(ids(store, alices).await, ["x1", "x4", "x2"]);
+    let alices_latest = ListConversationsRequest { owner_agent_id: "alice".into(), limit: 1, ..history.clone() };
+    assert_eq!(ids(store, alices_latest).await, ["x1"]);
+
+    // Oldest first is by queue time, then id.
+    let oldest_first = ListConversationsRequest { newest_first: false, ..history };
+    assert_eq!(ids(store, oldest_first).await, ["x3", "x5", "x2", "x1", "x4"]);
+    // Open conversations (closed_at 0) come last in a newest-first list of every state.
+    let everything = ListConversationsRequest { tenant_id: "acme".into(), newest_first: true, ..Default::default() };
+    assert_eq!(ids(store, everything).await, ["x1", "x5", "x3", "x4", "x2", "q1"]);
+}
+
+async fn filters_by_shard_across_tenants(h: Harness) {
+    let store = h.store();
+    seed(store).await;
+    let shard = shard_of_conversation("o1");
+    let request = ListConversationsRequest { shards: vec![shard], ..Default::default() };
+    let found = store.list_conversations(request).await.unwrap().conversations;
     assert!(found.iter().any(|conversation| conversation.id == "o1"));
     assert!(found.iter().all(|conversation| conversation.shard == shard));
-    let everything = ids(&store, ListConversationsRequest::default()).await;
+    let everything = ids(store, ListConversationsRequest::default()).await;
     assert_eq!(everything.len(), 8);
-    let other_tenant = ListConversationsRequest {
-        tenant_id: "globex".into(),
-        ..Default::default()
-    };
-    assert_eq!(ids(&store, other_tenant).await, ["o1"]);
+    let other_tenant = ListConversationsRequest { tenant_id: "globex".into(), ..Default::default() };
+    assert_eq!(ids(store, other_tenant).await, ["o1"]);
+
+    // Several shards: exactly the conversations on any of them.
+    let shards = vec![shard_of_conversation("c1"), shard_of_conversation("c6")];
+    let request = ListConversationsRequest { shards: shards.clone(), ..Default::default() };
+    let found = ids(store, request).await;
+    let mut expected: Vec<&str> = ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "o1"]
+        .into_iter()
+        .filter(|id| shards.contains(&shard_of_conversation(id)))
+        .collect();
+    expected.sort_by_key(|&id| (seeded_queued_at(id), id));
+    assert_eq!(found, expected);
+
+    let request = ListConversationsRequest { shards: vec![shard, N_SHARDS], ..Default::default() };
+    assert!(matches!(store.list_conversations(request).await, Err(StoreError::Invalid(_))));
 }
 
-#[tokio::test]
-async fn get_returns_the_whole_record_or_nothing() {
-    let Harness { store, .. } = seeded().await;
-    let request = GetConversationRequest {
-        conversation_id: "c5".into(),
-    };
-    let record = store
-        .get_conversation(request)
-        .await
-        .unwrap()
-        .conversation
-        .unwrap();
-    let expected = switchboard_proto::internal::v1::ConversationRecord {
+/// The queue time of a seeded conversation.
+fn seeded_queued_at(id: &str) -> i64 {
+    match id {
+        "c1" | "c7" => 30,
+        "c2" => 10,
+        "c3" => 5,
+        "o1" => 1,
+        _ => 2,
+    }
+}
+
+async fn get_returns_the_whole_record_or_nothing(h: Harness) {
+    let store = h.store();
+    seed(store).await;
+    let request = GetConversationRequest { conversation_id: "c5".into() };
+    let record = store.get_conversation(request).await.unwrap().conversation.unwrap();
+    let expected = ConversationRecord {
         state: "closed".into(),
         owner_agent_id: "alice".into(),
         accepted_at_ms: 3,
@@ -157,11 +226,6 @@ async fn get_returns_the_whole_record_or_nothing() {
         ..conversation("c5", "acme", "g2", 2)
     };
     assert_eq!(record, expected);
-    let missing = GetConversationRequest {
-        conversation_id: "nope".into(),
-    };
-    assert_eq!(
-        store.get_conversation(missing).await.unwrap().conversation,
-        None
-    );
+    let missing = GetConversationRequest { conversation_id: "nope".into() };
+    assert_eq!(store.get_conversation(missing).await.unwrap().conversation, None);
 }

@@ -8,12 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use switchboard_domain::{
-    AgentEntry, AgentId, Directory, GroupEntry, GroupId, TenantEntry, TenantId,
-};
+use switchboard_domain::{AgentEntry, AgentId, Directory, GroupEntry, GroupId, TenantEntry, TenantId};
 
 pub const CONFIG_VERSION: u32 = 1;
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
+const MIN_OUTBOUND_QUEUE_LEN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,10 +42,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_message_bytes: default_max_message_bytes(),
-            outbound_queue_len: default_outbound_queue_len(),
-        }
+        Limits { max_message_bytes: default_max_message_bytes(), outbound_queue_len: default_outbound_queue_len() }
     }
 }
 
@@ -104,29 +100,25 @@ impl Config {
     pub fn parse(yaml: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
         let mut config: Config = serde_yaml_ng::from_str(yaml).context("invalid configuration")?;
         if config.version != CONFIG_VERSION {
-            bail!(
-                "invalid configuration: version: this build reads version {CONFIG_VERSION}, not {}",
-                config.version
-            );
+            bail!("invalid configuration: version: this build reads version {CONFIG_VERSION}, not {}", config.version);
         }
         if let Some(listen) = env("SWITCHBOARD_LISTEN") {
-            config.listen = listen
-                .parse()
-                .context("invalid SWITCHBOARD_LISTEN: expected an address like 127.0.0.1:8080")?;
+            config.listen =
+                listen.parse().context("invalid SWITCHBOARD_LISTEN: expected an address like 127.0.0.1:8080")?;
         }
         if let Some(data_dir) = env("SWITCHBOARD_DATA_DIR") {
             config.data_dir = PathBuf::from(data_dir);
         }
         if let Some(max) = env("SWITCHBOARD_MAX_MESSAGE_BYTES") {
-            config.limits.max_message_bytes = max
-                .parse()
-                .context("invalid SWITCHBOARD_MAX_MESSAGE_BYTES: expected a number of bytes")?;
+            config.limits.max_message_bytes =
+                max.parse().context("invalid SWITCHBOARD_MAX_MESSAGE_BYTES: expected a number of bytes")?;
         }
         if config.limits.max_message_bytes == 0 || config.limits.max_message_bytes > 1 << 20 {
             bail!("invalid configuration: limits.max_message_bytes must be between 1 and 1048576");
         }
-        if config.limits.outbound_queue_len == 0 {
-            bail!("invalid configuration: limits.outbound_queue_len must be at least 1");
+        if config.limits.outbound_queue_len < MIN_OUTBOUND_QUEUE_LEN {
+            // One request can queue a few pushes at once (an accept queues its events and a queue change).
+            bail!("invalid configuration: limits.outbound_queue_len must be at least {MIN_OUTBOUND_QUEUE_LEN}");
         }
         if config.tenants.is_empty() {
             bail!("invalid configuration: tenants: at least one tenant is needed");
@@ -141,16 +133,9 @@ impl Config {
         for tenant in &self.tenants {
             let mut groups = BTreeMap::new();
             for group in &tenant.groups {
-                let entry = GroupEntry {
-                    id: group.id.clone(),
-                    name: group.name.clone(),
-                };
+                let entry = GroupEntry { id: group.id.clone(), name: group.name.clone() };
                 if groups.insert(group.id.clone(), entry).is_some() {
-                    bail!(
-                        "invalid configuration: tenants.{}.groups: group {} is defined twice",
-                        tenant.id,
-                        group.id
-                    );
+                    bail!("invalid configuration: tenants.{}.groups: group {} is defined twice", tenant.id, group.id);
                 }
             }
             let mut agents = BTreeMap::new();
@@ -163,20 +148,11 @@ impl Config {
                     capacity: agent.capacity,
                 };
                 if agents.insert(agent.id.clone(), entry).is_some() {
-                    bail!(
-                        "invalid configuration: tenants.{}.agents: agent {} is defined twice",
-                        tenant.id,
-                        agent.id
-                    );
+                    bail!("invalid configuration: tenants.{}.agents: agent {} is defined twice", tenant.id, agent.id);
                 }
                 tokens.push((agent.id.clone(), agent.token.clone()));
             }
-            let entry = TenantEntry {
-                id: tenant.id.clone(),
-                name: tenant.name.clone(),
-                groups,
-                agents,
-            };
+            let entry = TenantEntry { id: tenant.id.clone(), name: tenant.name.clone(), groups, agents };
             directory
                 .add_tenant(entry, tenant.widget_keys.clone(), tokens)
                 .map_err(|error| anyhow::anyhow!("invalid configuration: {error}"))?;
@@ -210,15 +186,9 @@ mod tests {
 
     #[test]
     fn a_bad_reference_names_the_agent_and_group() {
-        let yaml = DEMO_CONFIG.replace(
-            "groups: [sales], capacity: 2",
-            "groups: [billing], capacity: 2",
-        );
+        let yaml = DEMO_CONFIG.replace("groups: [sales], capacity: 2", "groups: [billing], capacity: 2");
         let error = format!("{:#}", Config::parse(&yaml, no_env).unwrap_err());
-        assert!(
-            error.contains("bob") && error.contains("billing"),
-            "{error}"
-        );
+        assert!(error.contains("bob") && error.contains("billing"), "{error}");
     }
 
     #[test]
@@ -232,10 +202,7 @@ mod tests {
         assert_eq!(config.listen.port(), 9999);
         assert_eq!(config.limits.max_message_bytes, 100);
         let bad = |name: &str| (name == "SWITCHBOARD_LISTEN").then(|| "nowhere".to_owned());
-        assert!(
-            format!("{:#}", Config::parse(DEMO_CONFIG, bad).unwrap_err())
-                .contains("SWITCHBOARD_LISTEN")
-        );
+        assert!(format!("{:#}", Config::parse(DEMO_CONFIG, bad).unwrap_err()).contains("SWITCHBOARD_LISTEN"));
     }
 
     #[test]

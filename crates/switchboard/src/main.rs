@@ -9,11 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "switchboard",
-    version,
-    about = "A live-chat contact-center cluster"
-)]
+#[command(name = "switchboard", version, about = "A live-chat contact-center cluster")]
 struct Cli {
     #[command(subcommand)]
     role: Role,
@@ -37,19 +33,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.role {
             Role::Serve { config } => roles::serve(roles::load_config(config.as_deref())?).await,
-            Role::Migrate { config } => {
-                roles::migrate(roles::load_config(config.as_deref())?).await
-            }
+            Role::Migrate { config } => roles::migrate(roles::load_config(config.as_deref())?).await,
         }
     })
 }

@@ -14,20 +14,15 @@ use crate::config::{Config, DEMO_CONFIG};
 
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     let yaml = match path {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?,
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
         None => DEMO_CONFIG.to_owned(),
     };
     Config::parse(&yaml, |name| std::env::var(name).ok())
 }
 
 async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<SqlStore> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            config.data_dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
     let path = config.data_dir.join("switchboard.db");
     let store = SqlStore::open(&path.to_string_lossy(), clock)
         .await
@@ -47,11 +42,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let directory = Arc::new(config.directory()?);
     let store = Arc::new(open_store(&config, clock.clone()).await?);
-    let router_settings = RouterSettings {
-        node_id: config.node_id.clone(),
-        leases: LeaseSettings::default(),
-        closed_list_limit: 200,
-    };
+    let router_settings =
+        RouterSettings { node_id: config.node_id.clone(), leases: LeaseSettings::default(), closed_list_limit: 200 };
     let router = Arc::new(Router::start(router_settings, store, clock, directory.clone()).await?);
     let gateway_settings = GatewaySettings {
         gateway_id: format!("{}-gateway", config.node_id),
@@ -66,9 +58,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("switchboard listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "switchboard serving");
-    axum::serve(listener, gateway.http_routes())
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, gateway.http_routes()).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }
 

@@ -1,4 +1,6 @@
-//! Shared helpers of the store's tests: a store on a fixed clock, leases, records.
+//! Shared helpers of the store's tests: a store on a fixed clock, leases, records, and the macro that runs a
+//! scenario against every implementation of [`StoreApi`] (SQLite in memory, SQLite on a file, and the
+//! in-memory stand-in the router's actor tests use), so that the stand-in provably behaves like the store.
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::Path;
@@ -6,57 +8,96 @@ use std::sync::Arc;
 
 use switchboard_domain::{FixedClock, shard_of};
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AppendRequest, AppendResponse, ConversationRecord, ConversationUpdate,
-    Fence, NewEvent,
+    AcquireShardsRequest, AppendRequest, AppendResponse, ConversationRecord, ConversationUpdate, Fence, NewEvent,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
-use switchboard_store::SqlStore;
+use switchboard_store::{MemoryStore, SqlStore};
+use tempfile::TempDir;
 
 pub const LEASE_MS: u64 = 10_000;
 pub const START_MS: i64 = 1_700_000_000_000;
 
+/// A store behind the trait, the clock that is its "database time", and what keeps its file alive.
 pub struct Harness {
-    pub store: SqlStore,
+    pub store: Arc<dyn StoreApi>,
     pub clock: Arc<FixedClock>,
+    /// The directory of a file database; deleted when the harness is dropped.
+    dir: Option<TempDir>,
 }
 
-pub async fn in_memory() -> Harness {
-    let clock = Arc::new(FixedClock::new(START_MS));
-    let store = SqlStore::open_in_memory(clock.clone()).await.unwrap();
-    Harness { store, clock }
+impl Harness {
+    /// [`SqlStore`] on a private in-memory SQLite database.
+    pub async fn sql_in_memory() -> Self {
+        let clock = Arc::new(FixedClock::new(START_MS));
+        let store = SqlStore::open_in_memory(clock.clone()).await.unwrap();
+        Harness { store: Arc::new(store), clock, dir: None }
+    }
+
+    /// [`SqlStore`] on a SQLite file (WAL, a writer and a pool of readers) in a fresh temporary directory.
+    pub async fn sql_on_file() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, clock) = sql_on_file(&dir.path().join("store.db")).await;
+        Harness { store: Arc::new(store), clock, dir: Some(dir) }
+    }
+
+    /// The in-memory stand-in, [`MemoryStore`].
+    pub fn memory() -> Self {
+        let clock = Arc::new(FixedClock::new(START_MS));
+        Harness { store: Arc::new(MemoryStore::new(clock.clone())), clock, dir: None }
+    }
+
+    pub fn store(&self) -> &dyn StoreApi {
+        self.store.as_ref()
+    }
 }
 
-pub async fn on_file(path: &Path) -> Harness {
+/// Opens (or reopens) the SQLite file at `path`, on a fixed clock at [`START_MS`].
+pub async fn sql_on_file(path: &Path) -> (SqlStore, Arc<FixedClock>) {
     let clock = Arc::new(FixedClock::new(START_MS));
-    let store = SqlStore::open(path.to_str().unwrap(), clock.clone())
-        .await
-        .unwrap();
-    Harness { store, clock }
+    let store = SqlStore::open(path.to_str().unwrap(), clock.clone()).await.unwrap();
+    (store, clock)
 }
+
+/// For each `async fn scenario(h: Harness)`, a module `scenario` with one test per backend:
+/// `scenario::sqlite_in_memory`, `scenario::sqlite_on_file` and `scenario::memory_store`.
+#[allow(unused_macros)] // durability.rs is SqlStore-only
+macro_rules! on_every_backend {
+    ($($scenario:ident),+ $(,)?) => {$(
+        mod $scenario {
+            use crate::common::Harness;
+
+            #[tokio::test]
+            async fn sqlite_in_memory() {
+                super::$scenario(Harness::sql_in_memory().await).await;
+            }
+
+            #[tokio::test]
+            async fn sqlite_on_file() {
+                super::$scenario(Harness::sql_on_file().await).await;
+            }
+
+            #[tokio::test]
+            async fn memory_store() {
+                super::$scenario(Harness::memory()).await;
+            }
+        }
+    )+};
+}
+#[allow(unused_imports)]
+pub(crate) use on_every_backend;
 
 pub fn shard_of_conversation(id: &str) -> u32 {
     shard_of(&format!("conversation/{id}")).0
 }
 
 /// Takes the lease of `shard` for `node` and returns its fence.
-pub async fn fence(store: &SqlStore, node: &str, shard: u32) -> Fence {
+pub async fn fence(store: &dyn StoreApi, node: &str, shard: u32) -> Fence {
     let response = store
-        .acquire_shards(AcquireShardsRequest {
-            node_id: node.into(),
-            shards: vec![shard],
-            lease_ms: LEASE_MS,
-        })
+        .acquire_shards(AcquireShardsRequest { node_id: node.into(), shards: vec![shard], lease_ms: LEASE_MS })
         .await
         .unwrap();
-    let lease = response
-        .granted
-        .iter()
-        .find(|lease| lease.shard == shard)
-        .expect("shard granted");
-    Fence {
-        shard,
-        epoch: lease.epoch,
-    }
+    let lease = response.granted.iter().find(|lease| lease.shard == shard).expect("shard granted");
+    Fence { shard, epoch: lease.epoch }
 }
 
 pub fn conversation(id: &str, tenant: &str, group: &str, queued_at_ms: i64) -> ConversationRecord {
@@ -100,22 +141,12 @@ pub fn system_event(kind: &str) -> NewEvent {
     }
 }
 
-pub fn update(
-    state: &str,
-    owner: &str,
-    accepted_at_ms: i64,
-    closed_at_ms: i64,
-) -> ConversationUpdate {
-    ConversationUpdate {
-        state: state.into(),
-        owner_agent_id: owner.into(),
-        accepted_at_ms,
-        closed_at_ms,
-    }
+pub fn update(state: &str, owner: &str, accepted_at_ms: i64, closed_at_ms: i64) -> ConversationUpdate {
+    ConversationUpdate { state: state.into(), owner_agent_id: owner.into(), accepted_at_ms, closed_at_ms }
 }
 
 /// Creates `record` with a `created` event under a fresh lease of its shard for `node`.
-pub async fn create(store: &SqlStore, node: &str, record: ConversationRecord) -> Fence {
+pub async fn create(store: &dyn StoreApi, node: &str, record: ConversationRecord) -> Fence {
     let fence = fence(store, node, record.shard).await;
     store
         .append(AppendRequest {
@@ -131,19 +162,17 @@ pub async fn create(store: &SqlStore, node: &str, record: ConversationRecord) ->
 }
 
 pub async fn append(
-    store: &SqlStore,
+    store: &dyn StoreApi,
     fence: Fence,
     id: &str,
     events: Vec<NewEvent>,
     update: Option<ConversationUpdate>,
 ) -> Result<AppendResponse, StoreError> {
-    store
-        .append(AppendRequest {
-            fence: Some(fence),
-            conversation_id: id.into(),
-            create: None,
-            events,
-            update,
-        })
-        .await
+    store.append(AppendRequest { fence: Some(fence), conversation_id: id.into(), create: None, events, update }).await
+}
+
+/// A conversation's summary, which must exist.
+pub async fn get(store: &dyn StoreApi, id: &str) -> ConversationRecord {
+    let request = switchboard_proto::internal::v1::GetConversationRequest { conversation_id: id.into() };
+    store.get_conversation(request).await.unwrap().conversation.expect("conversation exists")
 }

@@ -1,0 +1,230 @@
+//! The router's actors on tokio's paused clock, over an in-memory store: replies and pushes are asserted,
+//! never sleeps.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{agent, fixture, group, start_router, tenant};
+use switchboard_domain::{AgentStatus, ConversationState, EventBody, Refusal};
+use switchboard_proto::internal::v1::AcquireShardsRequest;
+use switchboard_proto::router::{Caller, ChatCommand, ChatList, LeftQueue, Push, QueueChange, RouterApi, RouterError};
+use switchboard_proto::store::StoreApi;
+
+fn agent_caller(name: &str) -> Caller {
+    Caller::Agent { tenant: tenant(), agent: agent(name) }
+}
+
+async fn online(router: &impl RouterApi, name: &str) {
+    router.set_agent_status(&tenant(), &agent(name), AgentStatus::Online).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_accepts_have_one_winner_and_the_rest_are_told_it_was_taken() {
+    let fixture = fixture().await;
+    let router = Arc::new(fixture.router);
+    for name in ["a", "b", "c"] {
+        online(router.as_ref(), name).await;
+    }
+    for _ in 0..10 {
+        let conversation = {
+            let request = switchboard_proto::router::StartChat {
+                tenant: tenant(),
+                group: group("g1"),
+                customer_name: "x".into(),
+                question: "q".into(),
+            };
+            router.start_chat(request).await.unwrap().view.conversation
+        };
+        let attempts = ["a", "b", "c"].map(|name| {
+            let router = router.clone();
+            tokio::spawn(async move { router.accept_chat(&tenant(), &agent(name), conversation).await })
+        });
+        let mut results = Vec::new();
+        for attempt in attempts {
+            results.push(attempt.await.unwrap());
+        }
+        let winners: Vec<_> = results.iter().filter_map(|result| result.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "{results:?}");
+        let losers = results.iter().filter(|result| matches!(result, Err(RouterError::Refused(Refusal::ChatTaken))));
+        assert_eq!(losers.count(), 2);
+        // Free the winner's slot for the next round.
+        let owner = winners[0].owner.clone().unwrap();
+        let caller = Caller::Agent { tenant: tenant(), agent: owner };
+        router.command(&caller, conversation, ChatCommand::Close).await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_never_holds_more_chats_than_their_capacity() {
+    let fixture = fixture().await;
+    online(&fixture.router, "a").await;
+    let chats =
+        [fixture.start_chat("g1", "x").await, fixture.start_chat("g2", "y").await, fixture.start_chat("g1", "z").await];
+    fixture.router.accept_chat(&tenant(), &agent("a"), chats[0]).await.unwrap();
+    fixture.router.accept_chat(&tenant(), &agent("a"), chats[1]).await.unwrap();
+    let refused = fixture.router.accept_chat(&tenant(), &agent("a"), chats[2]).await;
+    assert_eq!(refused, Err(RouterError::Refused(Refusal::AtCapacity { capacity: 2 })));
+    // Ending a chat frees a slot.
+    fixture.router.command(&agent_caller("a"), chats[0], ChatCommand::Close).await.unwrap();
+    fixture.router.accept_chat(&tenant(), &agent("a"), chats[2]).await.unwrap();
+    let ongoing = fixture.router.list_chats(&tenant(), &agent("a"), ChatList::Ongoing).await.unwrap();
+    assert_eq!(ongoing.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn away_agents_and_strangers_cannot_accept() {
+    let fixture = fixture().await;
+    let chat = fixture.start_chat("g2", "x").await;
+    fixture.router.set_agent_status(&tenant(), &agent("a"), AgentStatus::Away).await.unwrap();
+    let away = fixture.router.accept_chat(&tenant(), &agent("a"), chat).await;
+    assert_eq!(away, Err(RouterError::Refused(Refusal::AgentNotOnline)));
+    online(&fixture.router, "b").await;
+    // b is not in g2: the chat is not even visible to b.
+    let stranger = fixture.router.accept_chat(&tenant(), &agent("b"), chat).await;
+    assert_eq!(stranger, Err(RouterError::NotFound));
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_watchers_get_a_snapshot_then_every_change_in_order() {
+    let mut fixture = fixture().await;
+    let waiting = fixture.start_chat("g1", "first").await;
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("g1")).await.unwrap();
+    let Some(Push::Queue { change: QueueChange::Snapshot { entries }, version: snapshot_version, .. }) =
+        fixture.pushes.recv().await
+    else {
+        panic!("a snapshot comes first")
+    };
+    assert_eq!(entries.iter().map(|entry| entry.conversation).collect::<Vec<_>>(), [waiting]);
+    let second = fixture.start_chat("g1", "second").await;
+    let Some(Push::Queue { change: QueueChange::Added { entry }, version: added_version, .. }) =
+        fixture.pushes.recv().await
+    else {
+        panic!("then the addition")
+    };
+    assert_eq!(entry.conversation, second);
+    assert_eq!(added_version, snapshot_version + 1);
+    online(&fixture.router, "b").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), waiting).await.unwrap();
+    let Some(Push::Queue { change: QueueChange::Removed { conversation, reason }, version, .. }) =
+        fixture.pushes.recv().await
+    else {
+        panic!("then the removal")
+    };
+    assert_eq!(
+        (conversation, reason, version),
+        (waiting, LeftQueue::Accepted { agent: agent("b") }, added_version + 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn subscribers_get_the_backlog_then_live_events_without_gap() {
+    let mut fixture = fixture().await;
+    let chat = fixture.start_chat("g1", "x").await;
+    let customer = Caller::Customer { conversation: chat };
+    let backlog = fixture.router.subscribe(&fixture.gateway, &customer, chat, 1).await.unwrap();
+    assert_eq!(backlog.iter().map(|event| event.seq).collect::<Vec<_>>(), [2]);
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "hello?".into() };
+    let outcome = fixture.router.command(&customer, chat, send.clone()).await.unwrap();
+    assert_eq!(outcome.event.as_ref().map(|event| event.seq), Some(3));
+    let Some(Push::Event { event, .. }) = fixture.pushes.recv().await else { panic!("the message is pushed") };
+    assert_eq!(event.seq, 3);
+    // The resend is answered from the store and pushed to nobody.
+    let resent = fixture.router.command(&customer, chat, send).await.unwrap();
+    assert!(resent.duplicate);
+    assert_eq!(resent.event.map(|event| event.seq), Some(3));
+    assert!(fixture.pushes.try_recv().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_are_renewed_without_fencing_off_the_node_itself() {
+    let fixture = fixture().await;
+    let chat = fixture.start_chat("g1", "x").await;
+    // Many renewal rounds pass (database time moves with them).
+    for _ in 0..20 {
+        fixture.clock.advance_ms(2_000);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(fixture.router.n_shards_owned(), 1024);
+    let customer = Caller::Customer { conversation: chat };
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "still mine".into() };
+    fixture.router.command(&customer, chat, send).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_whose_shards_were_taken_over_can_no_longer_write() {
+    let fixture = fixture().await;
+    let chat = fixture.start_chat("g1", "x").await;
+    // The lease expires in database time and another node takes every shard.
+    fixture.clock.advance_ms(60_000);
+    let taken = fixture
+        .store
+        .acquire_shards(AcquireShardsRequest { node_id: "node-2".into(), shards: vec![], lease_ms: 10_000 })
+        .await
+        .unwrap();
+    assert_eq!(taken.granted.len(), 1024);
+    let customer = Caller::Customer { conversation: chat };
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "too late".into() };
+    let refused = fixture.router.command(&customer, chat, send).await;
+    assert!(matches!(refused, Err(RouterError::NotOwner)), "{refused:?}");
+    // Nothing was stored by the old owner; the new owner sees the chat as it was.
+    let new_owner = start_router("node-2", fixture.store.clone(), fixture.clock.clone()).await;
+    let events = new_owner.read_events(&customer, chat, 0).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|event| !matches!(&event.body, EventBody::Message { body } if body == "too late")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_chat_stays_readable_after_its_actor_passivates() {
+    let fixture = fixture().await;
+    online(&fixture.router, "b").await;
+    let chat = fixture.start_chat("g1", "x").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    fixture.router.command(&agent_caller("b"), chat, ChatCommand::Close).await.unwrap();
+    let view = fixture.router.chat_view(&agent_caller("b"), chat).await.unwrap();
+    assert_eq!(view.state, ConversationState::Closed);
+    let closed = fixture.router.list_chats(&tenant(), &agent("b"), ChatList::Closed).await.unwrap();
+    assert_eq!(closed.iter().map(|view| view.conversation).collect::<Vec<_>>(), [chat]);
+    let events = fixture.router.read_events(&agent_caller("b"), chat, 0).await.unwrap();
+    assert_eq!(events.last().map(|event| event.body.kind()), Some("closed"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_participants_choosing_the_same_client_message_id_both_get_their_message_stored() {
+    let fixture = fixture().await;
+    online(&fixture.router, "b").await;
+    let chat = fixture.start_chat("g1", "x").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    let customer = Caller::Customer { conversation: chat };
+    let from_customer = ChatCommand::Send { client_msg_id: "m-1".into(), body: "from the customer".into() };
+    let from_agent = ChatCommand::Send { client_msg_id: "m-1".into(), body: "from the agent".into() };
+    let first = fixture.router.command(&customer, chat, from_customer.clone()).await.unwrap();
+    let second = fixture.router.command(&agent_caller("b"), chat, from_agent).await.unwrap();
+    assert!(!first.duplicate && !second.duplicate);
+    assert_ne!(first.event.as_ref().unwrap().seq, second.event.as_ref().unwrap().seq);
+    // Each author's resend is still recognised, and clients see the id they chose.
+    let again = fixture.router.command(&customer, chat, from_customer).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.event.as_ref().map(|event| event.seq), first.event.as_ref().map(|event| event.seq));
+    assert_eq!(again.event.unwrap().client_msg_id.as_deref(), Some("m-1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resend_after_the_chat_closed_is_answered_with_the_stored_message() {
+    let fixture = fixture().await;
+    online(&fixture.router, "b").await;
+    let chat = fixture.start_chat("g1", "x").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    let send = ChatCommand::Send { client_msg_id: "last".into(), body: "bye".into() };
+    let sent = fixture.router.command(&agent_caller("b"), chat, send.clone()).await.unwrap();
+    fixture.router.command(&agent_caller("b"), chat, ChatCommand::Close).await.unwrap();
+    let resent = fixture.router.command(&agent_caller("b"), chat, send).await.unwrap();
+    assert!(resent.duplicate);
+    assert_eq!(resent.event.map(|event| event.seq), sent.event.map(|event| event.seq));
+    // A new message is refused: the chat is closed.
+    let late = ChatCommand::Send { client_msg_id: "later".into(), body: "hello?".into() };
+    let refused = fixture.router.command(&agent_caller("b"), chat, late).await;
+    assert_eq!(refused, Err(RouterError::Refused(Refusal::ChatClosed)));
+}

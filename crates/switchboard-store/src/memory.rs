@@ -1,0 +1,298 @@
+//! An in-memory store with the same behaviour as the SQL store, for the router's actor tests on tokio's
+//! paused clock (the SQL pool's timers cannot run on a clock that jumps). The shared conformance tests in
+//! `tests/` run against both, so that this stand-in cannot drift from the real store.
+//!
+//! Each method mirrors the SQL of its counterpart in `leases`, `events` and `conversations`: the same
+//! validation (with the same conversions from `error`), the same conditions and the same order of results.
+//! A request is checked completely before anything is written, so that a refused one changes nothing, as
+//! the SQL transaction rolls back.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use switchboard_domain::{Clock, N_SHARDS};
+use switchboard_proto::internal::v1::{
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord, EventRecord,
+    GetConversationRequest, GetConversationResponse, ListConversationsRequest, ListConversationsResponse,
+    ReadEventsRequest, ReadEventsResponse, RenewShardsRequest, RenewShardsResponse, ShardLease,
+};
+use switchboard_proto::store::{StoreApi, StoreError};
+
+use crate::dialect::db_now_ms;
+use crate::error::{shard_to_i32, to_i64};
+
+/// A row of `shard_leases`.
+#[derive(Debug, Clone)]
+struct Lease {
+    owner: String,
+    epoch: u64,
+    expires_at_ms: i64,
+}
+
+impl Lease {
+    /// A row created for a shard nobody has held yet: free and expired, so that granting it bumps its
+    /// epoch from 0 to 1.
+    const FREE: Lease = Lease { owner: String::new(), epoch: 0, expires_at_ms: 0 };
+}
+
+#[derive(Default)]
+struct Tables {
+    leases: BTreeMap<u32, Lease>,
+    conversations: HashMap<String, ConversationRecord>,
+    /// Each conversation's log, in seq order.
+    events: HashMap<String, Vec<EventRecord>>,
+}
+
+pub struct MemoryStore {
+    tables: Mutex<Tables>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore { tables: Mutex::default(), clock }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now_ms(&self) -> i64 {
+        db_now_ms(self.clock.as_ref())
+    }
+}
+
+fn lease_of(shard: u32, lease: &Lease) -> ShardLease {
+    ShardLease { shard, epoch: lease.epoch, expires_at_ms: lease.expires_at_ms }
+}
+
+fn non_empty_node(node_id: &str) -> Result<&str, StoreError> {
+    if node_id.is_empty() {
+        return Err(StoreError::Invalid("empty node id".into()));
+    }
+    Ok(node_id)
+}
+
+fn expires_at(now_ms: i64, lease_ms: i64) -> Result<i64, StoreError> {
+    now_ms.checked_add(lease_ms).ok_or_else(|| StoreError::Invalid(format!("lease_ms out of range: {lease_ms}")))
+}
+
+/// The shards as a set in shard order, each checked to exist.
+fn shard_set(shards: &[u32]) -> Result<Vec<u32>, StoreError> {
+    for &shard in shards {
+        shard_to_i32(shard)?;
+    }
+    let mut shards = shards.to_vec();
+    shards.sort_unstable();
+    shards.dedup();
+    Ok(shards)
+}
+
+#[async_trait]
+impl StoreApi for MemoryStore {
+    async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {
+        let node = non_empty_node(&request.node_id)?;
+        let shards = shard_set(&request.shards)?;
+        let lease_ms = to_i64(request.lease_ms, "lease_ms")?;
+
+        let mut tables = self.lock();
+        let now = self.now_ms();
+        let expires_at_ms = expires_at(now, lease_ms)?;
+        let shards = if shards.is_empty() { (0..N_SHARDS).collect() } else { shards };
+        let mut granted = Vec::new();
+        for shard in shards {
+            let lease = tables.leases.entry(shard).or_insert(Lease::FREE);
+            if lease.owner == node || lease.expires_at_ms <= now {
+                *lease = Lease { owner: node.to_owned(), epoch: lease.epoch + 1, expires_at_ms };
+                granted.push(lease_of(shard, lease));
+            }
+        }
+        Ok(AcquireShardsResponse { granted })
+    }
+
+    async fn renew_shards(&self, request: RenewShardsRequest) -> Result<RenewShardsResponse, StoreError> {
+        let node = non_empty_node(&request.node_id)?;
+        let lease_ms = to_i64(request.lease_ms, "lease_ms")?;
+        for fence in &request.held {
+            shard_to_i32(fence.shard)?;
+            to_i64(fence.epoch, "epoch")?;
+        }
+        if request.held.is_empty() {
+            return Ok(RenewShardsResponse::default());
+        }
+
+        let expires_at_ms = expires_at(self.now_ms(), lease_ms)?;
+        let mut tables = self.lock();
+        // Only the leases still owned by this node under the epoch it holds are extended, each once.
+        let mut renewed = BTreeMap::new();
+        for fence in &request.held {
+            if let Some(lease) = tables.leases.get_mut(&fence.shard)
+                && lease.owner == node
+                && lease.epoch == fence.epoch
+            {
+                lease.expires_at_ms = expires_at_ms;
+                renewed.insert(fence.shard, lease_of(fence.shard, lease));
+            }
+        }
+        let mut lost: Vec<u32> =
+            request.held.iter().map(|fence| fence.shard).filter(|shard| !renewed.contains_key(shard)).collect();
+        lost.sort_unstable();
+        lost.dedup();
+        Ok(RenewShardsResponse { renewed: renewed.into_values().collect(), lost })
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
+        let fence = request.fence.ok_or_else(|| StoreError::Invalid("append without a fence".into()))?;
+        shard_to_i32(fence.shard)?;
+        to_i64(fence.epoch, "epoch")?;
+        let id = request.conversation_id.as_str();
+        if id.is_empty() {
+            return Err(StoreError::Invalid("append without a conversation id".into()));
+        }
+
+        let mut tables = self.lock();
+        if tables.leases.get(&fence.shard).map(|lease| lease.epoch) != Some(fence.epoch) {
+            return Err(StoreError::StaleEpoch { shard: fence.shard });
+        }
+        // The conversation as the SQL transaction would see it after its `INSERT .. ON CONFLICT DO NOTHING`,
+        // inserted only once the whole append is known to go through.
+        let mut created = None;
+        if let Some(create) = &request.create {
+            if !create.id.is_empty() && create.id != id {
+                return Err(StoreError::Invalid(format!("create record {} for conversation {id}", create.id)));
+            }
+            shard_to_i32(create.shard)?;
+            if !tables.conversations.contains_key(id) {
+                created = Some(ConversationRecord { id: id.to_owned(), last_seq: 0, ..create.clone() });
+            }
+        }
+        let conversation = created
+            .as_ref()
+            .or_else(|| tables.conversations.get(id))
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if conversation.shard != fence.shard {
+            return Err(StoreError::Invalid(format!(
+                "conversation {id} is on shard {}, the fence is for shard {}",
+                conversation.shard, fence.shard
+            )));
+        }
+        let last_seq = conversation.last_seq;
+
+        let stored_events = tables.events.get(id).map(Vec::as_slice).unwrap_or_default();
+        let duplicates: Vec<EventRecord> = stored_events
+            .iter()
+            .filter(|stored| {
+                !stored.client_msg_id.is_empty()
+                    && request.events.iter().any(|event| event.client_msg_id == stored.client_msg_id)
+            })
+            .cloned()
+            .collect();
+        if !duplicates.is_empty() {
+            // Nothing is written, not even the create.
+            return Ok(AppendResponse { events: duplicates, duplicate: true, last_seq });
+        }
+        // The unique index on (conversation_id, client_msg_id) refuses one id twice in a request.
+        let mut client_msg_ids = HashSet::new();
+        for event in request.events.iter().filter(|event| !event.client_msg_id.is_empty()) {
+            if !client_msg_ids.insert(event.client_msg_id.as_str()) {
+                return Err(StoreError::Invalid(format!(
+                    "constraint violated: client message id {} twice in one append to {id}",
+                    event.client_msg_id
+                )));
+            }
+        }
+
+        let stored: Vec<EventRecord> = (last_seq + 1..)
+            .zip(&request.events)
+            .map(|(seq, event)| EventRecord {
+                conversation_id: id.to_owned(),
+                seq,
+                at_ms: event.at_ms,
+                author_role: event.author_role.clone(),
+                author_id: event.author_id.clone(),
+                client_msg_id: event.client_msg_id.clone(),
+                kind: event.kind.clone(),
+                payload_json: event.payload_json.clone(),
+            })
+            .collect();
+        let last_seq = stored.last().map_or(last_seq, |event| event.seq);
+        if let Some(created) = created {
+            tables.conversations.insert(id.to_owned(), created);
+        }
+        tables.events.entry(id.to_owned()).or_default().extend(stored.iter().cloned());
+        let conversation = tables.conversations.get_mut(id).ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        conversation.last_seq = last_seq;
+        if let Some(update) = &request.update {
+            // An empty state leaves the state as it is.
+            if !update.state.is_empty() {
+                conversation.state.clone_from(&update.state);
+            }
+            conversation.owner_agent_id.clone_from(&update.owner_agent_id);
+            conversation.accepted_at_ms = update.accepted_at_ms;
+            conversation.closed_at_ms = update.closed_at_ms;
+        }
+        Ok(AppendResponse { events: stored, duplicate: false, last_seq })
+    }
+
+    async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
+        to_i64(request.after_seq, "after_seq")?;
+        let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
+        let tables = self.lock();
+        let events = tables
+            .events
+            .get(&request.conversation_id)
+            .into_iter()
+            .flatten()
+            .filter(|event| event.seq > request.after_seq)
+            .take(limit)
+            .cloned()
+            .collect();
+        Ok(ReadEventsResponse { events })
+    }
+
+    async fn get_conversation(&self, request: GetConversationRequest) -> Result<GetConversationResponse, StoreError> {
+        let conversation = self.lock().conversations.get(&request.conversation_id).cloned();
+        Ok(GetConversationResponse { conversation })
+    }
+
+    /// Every filter is optional: an empty tenant, owner or list matches everything.
+    async fn list_conversations(
+        &self,
+        request: ListConversationsRequest,
+    ) -> Result<ListConversationsResponse, StoreError> {
+        for &shard in &request.shards {
+            shard_to_i32(shard)?;
+        }
+        let tables = self.lock();
+        let any_of = |wanted: &[String], value: &String| wanted.is_empty() || wanted.contains(value);
+        let mut conversations: Vec<ConversationRecord> = tables
+            .conversations
+            .values()
+            .filter(|c| request.tenant_id.is_empty() || c.tenant_id == request.tenant_id)
+            .filter(|c| any_of(&request.states, &c.state) && any_of(&request.group_ids, &c.group_id))
+            .filter(|c| request.owner_agent_id.is_empty() || c.owner_agent_id == request.owner_agent_id)
+            .filter(|c| request.shards.is_empty() || request.shards.contains(&c.shard))
+            .cloned()
+            .collect();
+        if request.newest_first {
+            // ORDER BY closed_at_ms DESC, created_at_ms DESC, id DESC
+            conversations.sort_by(|a, b| {
+                (b.closed_at_ms, b.created_at_ms, &b.id).cmp(&(a.closed_at_ms, a.created_at_ms, &a.id))
+            });
+        } else {
+            // ORDER BY queued_at_ms, id (ids compare bytewise, as SQLite's BINARY collation does)
+            conversations.sort_by(|a, b| (a.queued_at_ms, &a.id).cmp(&(b.queued_at_ms, &b.id)));
+        }
+        if request.limit > 0 {
+            conversations.truncate(request.limit as usize);
+        }
+        Ok(ListConversationsResponse { conversations })
+    }
+}

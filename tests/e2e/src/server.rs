@@ -1,0 +1,100 @@
+//! The `switchboard serve` process under test.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct Server {
+    child: Child,
+    pub address: String,
+    data_dir: PathBuf,
+    config_path: PathBuf,
+    stderr_log: PathBuf,
+}
+
+/// The binary built by `cargo build -p switchboard`, next to this test executable's directory.
+fn binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SWITCHBOARD_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/switchboard
+    let profile_dir = exe.parent().and_then(Path::parent).context("unexpected test executable location")?;
+    let path = profile_dir.join(format!("switchboard{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        bail!("{} is missing: build it first with `cargo build -p switchboard`", path.display());
+    }
+    Ok(path)
+}
+
+impl Server {
+    /// Starts `serve` with this configuration, storing its data under `data_dir`.
+    pub async fn start(config_yaml: &str, data_dir: &Path) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(data_dir)?;
+        let config_path = data_dir.join("config.yaml");
+        std::fs::write(&config_path, config_yaml)?;
+        Self::spawn(data_dir.to_owned(), config_path).await
+    }
+
+    async fn spawn(data_dir: PathBuf, config_path: PathBuf) -> anyhow::Result<Server> {
+        let stderr_log = data_dir.join(format!("stderr-{}.log", std::process::id()));
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log)?;
+        let mut child = Command::new(binary()?)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD_DATA_DIR", &data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let address = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(address) = line.strip_prefix("switchboard listening on http://") {
+                    return Ok(address.to_owned());
+                }
+            }
+            bail!("switchboard exited before listening; see {}", stderr_log.display())
+        })
+        .await
+        .context("switchboard did not start listening in time")??;
+        // Keep draining stdout so that the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Server { child, address, data_dir, config_path, stderr_log })
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.address)
+    }
+
+    /// SIGKILL: no shutdown code runs, as when a machine dies.
+    pub async fn kill_9(mut self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok((self.data_dir.clone(), self.config_path.clone()))
+    }
+
+    /// Kills the process and starts it again on the same data.
+    pub async fn crash_and_restart(self) -> anyhow::Result<Server> {
+        let (data_dir, config_path) = self.kill_9().await?;
+        Self::spawn(data_dir, config_path).await
+    }
+
+    /// Whether the process is still running (it must never panic or exit on client input).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
