@@ -10,8 +10,8 @@ use switchboard_proto::internal::v1::ListConversationsRequest;
 use switchboard_proto::router::{AgentView, Caller, ChatView, RouterError};
 
 use crate::context::Context;
-use crate::conversation::ConversationMsg;
 use crate::error::from_store;
+use crate::handles::ConversationHandle;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
@@ -79,29 +79,16 @@ impl Actor for AgentActor {
 
 impl AgentActorState {
     async fn accept(&mut self, conversation: ConversationId) -> Result<ChatView, RouterError> {
-        let context = &self.context;
-        let handle = crate::conversation::activate(context, conversation).await?;
+        let handle = ConversationHandle::activate(&self.context, conversation).await?;
         let caller = Caller::Agent { tenant: self.agent.tenant.clone(), agent: self.agent.id.clone() };
-        let view: ChatView = call(&handle, |reply| ConversationMsg::View { caller: Some(caller), reply }).await?;
+        let view = handle.view(Some(caller)).await?;
         self.agent.reserve(conversation, &view.group)?;
-        let agent = self.agent.id.clone();
-        let accepted = call(&handle, |reply| ConversationMsg::Accept { agent, reply }).await;
+        let accepted = handle.accept(self.agent.id.clone()).await;
         match &accepted {
             Ok(_) => self.agent.confirm(conversation),
             Err(_) => self.agent.release(&conversation),
         }
         accepted
-    }
-}
-
-/// Asks an actor and waits for its answer; an actor that stopped meanwhile is a retryable failure.
-pub(crate) async fn call<M: ractor::Message, T: Send + 'static>(
-    actor: &ActorRef<M>,
-    message: impl FnOnce(Reply<T>) -> M,
-) -> Result<T, RouterError> {
-    match actor.call(message, None).await {
-        Ok(ractor::rpc::CallResult::Success(result)) => result,
-        Ok(_) | Err(_) => Err(RouterError::Unavailable("the actor stopped; retry".into())),
     }
 }
 

@@ -21,6 +21,7 @@ use tracing::warn;
 
 use crate::context::Context;
 use crate::error::from_store;
+use crate::handles::{AgentHandle, QueueHandle};
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
@@ -302,10 +303,8 @@ impl ConversationActorState {
             _ => None,
         };
         if let Some(reason) = left_queue {
-            match crate::queue::activate(&self.context, &conversation.tenant, &conversation.group).await {
-                Ok(queue) => {
-                    let _ = queue.cast(crate::queue::QueueMsg::Remove { conversation: conversation.id, reason });
-                }
+            match QueueHandle::activate(&self.context, &conversation.tenant, &conversation.group).await {
+                Ok(queue) => queue.remove(conversation.id, reason),
                 Err(error) => {
                     warn!(%error, conversation = %conversation.id, "queue not told of a removal")
                 }
@@ -314,10 +313,8 @@ impl ConversationActorState {
         if conversation.state.is_finished()
             && let Some(owner) = &conversation.owner
         {
-            match crate::agent::activate(&self.context, &conversation.tenant, owner).await {
-                Ok(agent) => {
-                    let _ = agent.cast(crate::agent::AgentMsg::Finished { conversation: conversation.id });
-                }
+            match AgentHandle::activate(&self.context, &conversation.tenant, owner).await {
+                Ok(agent) => agent.finished(conversation.id),
                 Err(error) => {
                     warn!(%error, conversation = %conversation.id, "agent not told of the end of a chat")
                 }
@@ -429,7 +426,7 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
     let view = view_of(&conversation);
     let loaded = Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence };
     context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await?;
-    let queue = crate::queue::activate(context, &facts.tenant, &facts.group).await?;
+    let queue = QueueHandle::activate(context, &facts.tenant, &facts.group).await?;
     let entry = WaitingEntry {
         conversation: facts.id,
         group: facts.group.clone(),
@@ -437,7 +434,7 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         customer_name: facts.customer_name,
         question: facts.question,
     };
-    let _ = queue.cast(crate::queue::QueueMsg::Add { entry });
+    queue.add(entry);
     Ok((view, customer_token))
 }
 

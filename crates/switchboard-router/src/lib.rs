@@ -13,6 +13,7 @@ mod agent;
 mod context;
 mod conversation;
 mod error;
+mod handles;
 mod placement;
 mod queue;
 mod registry;

@@ -17,12 +17,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::agent::{AgentMsg, call};
 use crate::context::{Context, Gateways};
-use crate::conversation::{ConversationMsg, view_of};
+use crate::conversation::view_of;
 use crate::error::from_store;
+use crate::handles::{AgentHandle, ConversationHandle, QueueHandle};
 use crate::placement::{self, LeaseSettings, ShardTable};
-use crate::queue::QueueMsg;
 
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
@@ -68,7 +67,7 @@ impl Router {
         info!(node = %settings.node_id, n_shards, "router started");
         for tenant in context.directory.tenants() {
             for group in tenant.groups.keys() {
-                crate::queue::activate(&context, &tenant.id, group).await?;
+                QueueHandle::activate(&context, &tenant.id, group).await?;
             }
         }
         let lease_keeper = tokio::spawn(placement::keep_leases(context.clone(), settings.leases));
@@ -84,36 +83,6 @@ impl Router {
         let context = &self.context;
         (context.conversations.n_running(), context.agents.n_running(), context.queues.n_running())
     }
-
-    async fn on_conversation<T: Send + 'static>(
-        &self,
-        conversation: ConversationId,
-        message: impl Fn(ractor::RpcReplyPort<Result<T, RouterError>>) -> ConversationMsg,
-    ) -> Result<T, RouterError> {
-        // An actor that stops between lookup and call (passivation, a failed write) is activated again once.
-        let mut attempts = 0;
-        loop {
-            let actor = crate::conversation::activate(&self.context, conversation).await?;
-            match call(&actor, &message).await {
-                Err(RouterError::Unavailable(_)) if attempts == 0 && !is_alive(&actor) => attempts += 1,
-                result => return result,
-            }
-        }
-    }
-
-    async fn on_agent<T: Send + 'static>(
-        &self,
-        tenant: &TenantId,
-        agent: &AgentId,
-        message: impl FnOnce(ractor::RpcReplyPort<Result<T, RouterError>>) -> AgentMsg,
-    ) -> Result<T, RouterError> {
-        let actor = crate::agent::activate(&self.context, tenant, agent).await?;
-        call(&actor, message).await
-    }
-}
-
-fn is_alive<M: ractor::Message>(actor: &ractor::ActorRef<M>) -> bool {
-    !matches!(actor.get_status(), ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped)
 }
 
 #[async_trait]
@@ -142,11 +111,17 @@ impl RouterApi for Router {
     }
 
     async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::CheckToken { token: token.to_owned(), reply }).await
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.check_token(token.to_owned()).await
+        })
+        .await
     }
 
     async fn chat_view(&self, caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::View { caller: Some(caller.clone()), reply }).await
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.view(Some(caller.clone())).await
+        })
+        .await
     }
 
     async fn subscribe(
@@ -156,19 +131,15 @@ impl RouterApi for Router {
         conversation: ConversationId,
         after_seq: u64,
     ) -> Result<Vec<Event>, RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::Subscribe {
-            gateway: gateway.clone(),
-            caller: caller.clone(),
-            after_seq,
-            reply,
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.subscribe(gateway.clone(), caller.clone(), after_seq).await
         })
         .await
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
-        let running = self.context.conversations.running(|id| *id == conversation);
-        for actor in running {
-            let _ = actor.cast(ConversationMsg::Unsubscribe { gateway: gateway.clone() });
+        for actor in self.context.conversations.running(|id| *id == conversation) {
+            ConversationHandle(actor).unsubscribe(gateway.clone());
         }
     }
 
@@ -178,10 +149,8 @@ impl RouterApi for Router {
         conversation: ConversationId,
         after_seq: u64,
     ) -> Result<Vec<Event>, RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::ReadEvents {
-            caller: caller.clone(),
-            after_seq,
-            reply,
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.read_events(caller.clone(), after_seq).await
         })
         .await
     }
@@ -192,17 +161,18 @@ impl RouterApi for Router {
         conversation: ConversationId,
         command: ChatCommand,
     ) -> Result<CommandOutcome, RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::Command {
-            caller: caller.clone(),
-            command: command.clone(),
-            reply,
+        let command = &command;
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.command(caller.clone(), command.clone()).await
         })
         .await
     }
 
     async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError> {
-        self.on_conversation(conversation, |reply| ConversationMsg::Typing { caller: caller.clone(), typing, reply })
-            .await
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.typing(caller.clone(), typing).await
+        })
+        .await
     }
 
     async fn accept_chat(
@@ -211,7 +181,7 @@ impl RouterApi for Router {
         agent: &AgentId,
         conversation: ConversationId,
     ) -> Result<ChatView, RouterError> {
-        self.on_agent(tenant, agent, |reply| AgentMsg::Accept { conversation, reply }).await
+        AgentHandle::activate(&self.context, tenant, agent).await?.accept(conversation).await
     }
 
     async fn set_agent_status(
@@ -220,7 +190,7 @@ impl RouterApi for Router {
         agent: &AgentId,
         status: AgentStatus,
     ) -> Result<AgentView, RouterError> {
-        self.on_agent(tenant, agent, |reply| AgentMsg::SetStatus { status, reply }).await
+        AgentHandle::activate(&self.context, tenant, agent).await?.set_status(status).await
     }
 
     async fn subscribe_queue(
@@ -229,16 +199,13 @@ impl RouterApi for Router {
         tenant: &TenantId,
         group: &GroupId,
     ) -> Result<(), RouterError> {
-        let queue = crate::queue::activate(&self.context, tenant, group).await?;
-        queue
-            .cast(QueueMsg::Subscribe { gateway: gateway.clone() })
-            .map_err(|_| RouterError::Unavailable("the queue stopped; retry".into()))
+        QueueHandle::activate(&self.context, tenant, group).await?.subscribe(gateway.clone())
     }
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
         let key = (tenant.clone(), group.clone());
         for actor in self.context.queues.running(|candidate| *candidate == key) {
-            let _ = actor.cast(QueueMsg::Unsubscribe { gateway: gateway.clone() });
+            QueueHandle(actor).unsubscribe(gateway.clone());
         }
     }
 

@@ -1,0 +1,157 @@
+//! Typed handles in front of the actors: callers use methods, never `ActorRef`s and message enums, so that a
+//! remote version can later sit behind the same methods.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ractor::{ActorRef, ActorStatus, RpcReplyPort};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry};
+use switchboard_proto::router::{
+    AgentView, Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, RouterError,
+};
+
+use crate::agent::AgentMsg;
+use crate::context::Context;
+use crate::conversation::ConversationMsg;
+use crate::queue::QueueMsg;
+
+type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
+
+/// Asks an actor and waits for its answer; an actor that stopped meanwhile is a retryable failure.
+async fn call<M: ractor::Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    message: impl FnOnce(Reply<T>) -> M,
+) -> Result<T, RouterError> {
+    match actor.call(message, None).await {
+        Ok(ractor::rpc::CallResult::Success(result)) => result,
+        Ok(_) | Err(_) => Err(RouterError::Unavailable("the actor stopped; retry".into())),
+    }
+}
+
+fn is_alive<M: ractor::Message>(actor: &ActorRef<M>) -> bool {
+    !matches!(actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped)
+}
+
+#[derive(Clone)]
+pub(crate) struct ConversationHandle(pub(crate) ActorRef<ConversationMsg>);
+
+impl ConversationHandle {
+    /// The running conversation, activated from the store when needed.
+    pub(crate) async fn activate(context: &Arc<Context>, conversation: ConversationId) -> Result<Self, RouterError> {
+        crate::conversation::activate(context, conversation).await.map(ConversationHandle)
+    }
+
+    /// Runs `ask` on the conversation; when its actor stopped in between (passivation, a failed write), it is
+    /// activated again from the store and asked once more.
+    pub(crate) async fn with<T, Fut>(
+        context: &Arc<Context>,
+        conversation: ConversationId,
+        ask: impl Fn(ConversationHandle) -> Fut,
+    ) -> Result<T, RouterError>
+    where
+        Fut: Future<Output = Result<T, RouterError>>,
+    {
+        let handle = Self::activate(context, conversation).await?;
+        match ask(handle.clone()).await {
+            Err(RouterError::Unavailable(_)) if !is_alive(&handle.0) => {
+                ask(Self::activate(context, conversation).await?).await
+            }
+            result => result,
+        }
+    }
+
+    pub(crate) async fn view(&self, caller: Option<Caller>) -> Result<ChatView, RouterError> {
+        call(&self.0, |reply| ConversationMsg::View { caller, reply }).await
+    }
+
+    pub(crate) async fn check_token(&self, token: String) -> Result<ChatView, RouterError> {
+        call(&self.0, |reply| ConversationMsg::CheckToken { token, reply }).await
+    }
+
+    pub(crate) async fn subscribe(
+        &self,
+        gateway: GatewayId,
+        caller: Caller,
+        after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        call(&self.0, |reply| ConversationMsg::Subscribe { gateway, caller, after_seq, reply }).await
+    }
+
+    pub(crate) fn unsubscribe(&self, gateway: GatewayId) {
+        let _ = self.0.cast(ConversationMsg::Unsubscribe { gateway });
+    }
+
+    pub(crate) async fn read_events(&self, caller: Caller, after_seq: u64) -> Result<Vec<Event>, RouterError> {
+        call(&self.0, |reply| ConversationMsg::ReadEvents { caller, after_seq, reply }).await
+    }
+
+    pub(crate) async fn command(&self, caller: Caller, command: ChatCommand) -> Result<CommandOutcome, RouterError> {
+        call(&self.0, |reply| ConversationMsg::Command { caller, command, reply }).await
+    }
+
+    pub(crate) async fn accept(&self, agent: AgentId) -> Result<ChatView, RouterError> {
+        call(&self.0, |reply| ConversationMsg::Accept { agent, reply }).await
+    }
+
+    pub(crate) async fn typing(&self, caller: Caller, typing: bool) -> Result<(), RouterError> {
+        call(&self.0, |reply| ConversationMsg::Typing { caller, typing, reply }).await
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct AgentHandle(ActorRef<AgentMsg>);
+
+impl AgentHandle {
+    pub(crate) async fn activate(
+        context: &Arc<Context>,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<Self, RouterError> {
+        crate::agent::activate(context, tenant, agent).await.map(AgentHandle)
+    }
+
+    pub(crate) async fn set_status(&self, status: AgentStatus) -> Result<AgentView, RouterError> {
+        call(&self.0, |reply| AgentMsg::SetStatus { status, reply }).await
+    }
+
+    pub(crate) async fn accept(&self, conversation: ConversationId) -> Result<ChatView, RouterError> {
+        call(&self.0, |reply| AgentMsg::Accept { conversation, reply }).await
+    }
+
+    /// A chat of this agent ended: its slot is free.
+    pub(crate) fn finished(&self, conversation: ConversationId) {
+        let _ = self.0.cast(AgentMsg::Finished { conversation });
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct QueueHandle(pub(crate) ActorRef<QueueMsg>);
+
+impl QueueHandle {
+    pub(crate) async fn activate(
+        context: &Arc<Context>,
+        tenant: &TenantId,
+        group: &GroupId,
+    ) -> Result<Self, RouterError> {
+        crate::queue::activate(context, tenant, group).await.map(QueueHandle)
+    }
+
+    pub(crate) fn add(&self, entry: WaitingEntry) {
+        let _ = self.0.cast(QueueMsg::Add { entry });
+    }
+
+    pub(crate) fn remove(&self, conversation: ConversationId, reason: LeftQueue) {
+        let _ = self.0.cast(QueueMsg::Remove { conversation, reason });
+    }
+
+    /// The gateway gets a snapshot pushed now, then every change.
+    pub(crate) fn subscribe(&self, gateway: GatewayId) -> Result<(), RouterError> {
+        self.0
+            .cast(QueueMsg::Subscribe { gateway })
+            .map_err(|_| RouterError::Unavailable("the queue stopped; retry".into()))
+    }
+
+    pub(crate) fn unsubscribe(&self, gateway: GatewayId) {
+        let _ = self.0.cast(QueueMsg::Unsubscribe { gateway });
+    }
+}
