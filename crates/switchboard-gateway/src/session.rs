@@ -143,15 +143,18 @@ impl Session {
         }
     }
 
-    /// Writes the events a socket missed (it never should, but a gap is never left open).
+    /// Writes the events a socket missed (it never should). When they cannot be read, the connection ends
+    /// rather than go on with a gap: the client reconnects and resumes from its last seq.
     async fn fill_gap(&mut self, socket: &mut WebSocket, conversation: ConversationId, written: u64) -> bool {
-        let Ok(caller) = self.caller_for(conversation) else {
-            return true;
+        let Ok(caller) = self.caller_for(conversation) else { return false };
+        let missed = match self.shared.router.read_events(&caller, conversation, written).await {
+            Ok(missed) => missed,
+            Err(error) => {
+                warn!(%conversation, %error, "cannot fill a gap: closing the connection so that the client resumes");
+                return false;
+            }
         };
-        let Ok(events) = self.shared.router.read_events(&caller, conversation, written).await else {
-            return true;
-        };
-        for event in events {
+        for event in missed {
             if !self.write_event(socket, conversation, &event).await {
                 return false;
             }

@@ -89,16 +89,7 @@ pub(crate) async fn append(store: &SqlStore, request: AppendRequest) -> Result<A
             .execute(&mut *transaction)
             .await
             .map_err(db)?;
-        stored.push(EventRecord {
-            conversation_id: id.to_owned(),
-            seq: to_u64(seq, "seq")?,
-            at_ms: event.at_ms,
-            author_role: event.author_role.clone(),
-            author_id: event.author_id.clone(),
-            client_msg_id: event.client_msg_id.clone(),
-            kind: event.kind.clone(),
-            payload_json: event.payload_json.clone(),
-        });
+        stored.push(stored_record(id, to_u64(seq, "seq")?, event));
     }
     match &request.update {
         Some(update) => {
@@ -197,4 +188,22 @@ fn event_from_row(row: &SqliteRow) -> Result<EventRecord, StoreError> {
         kind: row.try_get("kind").map_err(db)?,
         payload_json: row.try_get("payload_json").map_err(db)?,
     })
+}
+
+/// The record of a new event once the store gave it its seq.
+pub(crate) fn stored_record(
+    conversation_id: &str,
+    seq: u64,
+    event: &switchboard_proto::internal::v1::NewEvent,
+) -> EventRecord {
+    EventRecord {
+        conversation_id: conversation_id.to_owned(),
+        seq,
+        at_ms: event.at_ms,
+        author_role: event.author_role.clone(),
+        author_id: event.author_id.clone(),
+        client_msg_id: event.client_msg_id.clone(),
+        kind: event.kind.clone(),
+        payload_json: event.payload_json.clone(),
+    }
 }

@@ -115,14 +115,14 @@ pub(crate) async fn renew(store: &SqlStore, request: RenewShardsRequest) -> Resu
     Ok(RenewShardsResponse { renewed, lost })
 }
 
-fn non_empty_node(node_id: &str) -> Result<&str, StoreError> {
+pub(crate) fn non_empty_node(node_id: &str) -> Result<&str, StoreError> {
     if node_id.is_empty() {
         return Err(StoreError::Invalid("empty node id".into()));
     }
     Ok(node_id)
 }
 
-fn expires_at(now_ms: i64, lease_ms: i64) -> Result<i64, StoreError> {
+pub(crate) fn expires_at(now_ms: i64, lease_ms: i64) -> Result<i64, StoreError> {
     now_ms.checked_add(lease_ms).ok_or_else(|| StoreError::Invalid(format!("lease_ms out of range: {lease_ms}")))
 }
 

@@ -21,6 +21,7 @@ use switchboard_proto::store::{StoreApi, StoreError};
 
 use crate::dialect::db_now_ms;
 use crate::error::{shard_to_i32, to_i64};
+use crate::leases::{expires_at, non_empty_node};
 
 /// A row of `shard_leases`.
 #[derive(Debug, Clone)]
@@ -71,17 +72,6 @@ impl MemoryStore {
 
 fn lease_of(shard: u32, lease: &Lease) -> ShardLease {
     ShardLease { shard, epoch: lease.epoch, expires_at_ms: lease.expires_at_ms }
-}
-
-fn non_empty_node(node_id: &str) -> Result<&str, StoreError> {
-    if node_id.is_empty() {
-        return Err(StoreError::Invalid("empty node id".into()));
-    }
-    Ok(node_id)
-}
-
-fn expires_at(now_ms: i64, lease_ms: i64) -> Result<i64, StoreError> {
-    now_ms.checked_add(lease_ms).ok_or_else(|| StoreError::Invalid(format!("lease_ms out of range: {lease_ms}")))
 }
 
 /// The shards as a set in shard order, each checked to exist.
@@ -211,16 +201,7 @@ impl StoreApi for MemoryStore {
 
         let stored: Vec<EventRecord> = (last_seq + 1..)
             .zip(&request.events)
-            .map(|(seq, event)| EventRecord {
-                conversation_id: id.to_owned(),
-                seq,
-                at_ms: event.at_ms,
-                author_role: event.author_role.clone(),
-                author_id: event.author_id.clone(),
-                client_msg_id: event.client_msg_id.clone(),
-                kind: event.kind.clone(),
-                payload_json: event.payload_json.clone(),
-            })
+            .map(|(seq, event)| crate::events::stored_record(id, seq, event))
             .collect();
         let last_seq = stored.last().map_or(last_seq, |event| event.seq);
         if let Some(created) = created {
