@@ -93,6 +93,11 @@ impl EventBody {
             EventBody::Cancelled => "cancelled",
         }
     }
+
+    /// Whether the event changes the conversation's state, owner or times (not only its log).
+    pub fn changes_summary(&self) -> bool {
+        matches!(self, EventBody::Accepted { .. } | EventBody::Closed | EventBody::Cancelled)
+    }
 }
 
 /// An appended event.

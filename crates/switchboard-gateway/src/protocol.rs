@@ -119,6 +119,12 @@ impl ErrorReply {
 
 impl From<RouterError> for ErrorReply {
     fn from(error: RouterError) -> Self {
+        // The client gets a short message; the operator gets the detail.
+        match &error {
+            RouterError::Internal(detail) => tracing::error!(%detail, "request failed: internal error"),
+            RouterError::Unavailable(detail) => tracing::warn!(%detail, "request failed: storage unavailable"),
+            _ => {}
+        }
         let retryable = error.is_retryable();
         let code = match &error {
             RouterError::Refused(refusal) => refusal.code(),
@@ -247,15 +253,6 @@ pub fn parse(text: &str) -> Result<(String, Request), (Option<String>, ErrorRepl
     match serde_json::from_value::<Request>(value) {
         Ok(request) => Ok((id, request)),
         Err(error) => Err((Some(id), ErrorReply::new("bad_request", format!("bad {kind} request: {error}")))),
-    }
-}
-
-/// A status as it appears in frames.
-pub fn status_name(status: AgentStatus) -> &'static str {
-    match status {
-        AgentStatus::Online => "online",
-        AgentStatus::Away => "away",
-        AgentStatus::Offline => "offline",
     }
 }
 

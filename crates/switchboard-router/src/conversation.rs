@@ -248,10 +248,15 @@ impl ConversationActorState {
             (Err(refusal), _) => return Err(RouterError::Refused(refusal)),
         };
         let event = Event { seq: 0, at_ms: self.context.clock.now_ms(), author, client_msg_id, body };
-        let mut next = self.conversation.clone();
-        let next_seq = next.last_seq + 1;
-        apply(&mut next, &Event { seq: next_seq, ..event.clone() });
-        let (mut stored, duplicate) = self.append(vec![event], Some(update_of(&next)), None).await?;
+        // Messages and delivery marks only grow the log (the store keeps last_seq); the summary is rewritten
+        // only by the events that change it.
+        let update = event.body.changes_summary().then(|| {
+            let mut next = self.conversation.clone();
+            let seq = next.last_seq + 1;
+            apply(&mut next, &Event { seq, ..event.clone() });
+            update_of(&next)
+        });
+        let (mut stored, duplicate) = self.append(vec![event], update, None).await?;
         let Some(stored) = stored.pop() else {
             return Err(RouterError::Internal("the store returned no event for an append".into()));
         };
@@ -397,6 +402,8 @@ async fn read_events(
 /// Creates a conversation: its opening events are stored, its actor is started, its queue is told.
 pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Result<(ChatView, String), RouterError> {
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
+    // Everything that can fail is done before the chat is stored: once it is, the customer must get its token.
+    let queue = QueueHandle::activate(context, &facts.tenant, &facts.group).await?;
     let customer_token = uuid::Uuid::new_v4().simple().to_string();
     let record = ConversationRecord {
         id: facts.id.to_string(),
@@ -425,8 +432,10 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
     }
     let view = view_of(&conversation);
     let loaded = Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence };
-    context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await?;
-    let queue = QueueHandle::activate(context, &facts.tenant, &facts.group).await?;
+    if let Err(error) = context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await {
+        // The chat is stored: its actor is activated from the store on first use instead.
+        warn!(%error, conversation = %facts.id, "new conversation actor not started");
+    }
     let entry = WaitingEntry {
         conversation: facts.id,
         group: facts.group.clone(),

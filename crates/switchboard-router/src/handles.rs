@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use ractor::{ActorRef, ActorStatus, RpcReplyPort};
+use ractor::{ActorRef, RpcReplyPort};
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry};
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, RouterError,
@@ -14,6 +14,7 @@ use crate::agent::AgentMsg;
 use crate::context::Context;
 use crate::conversation::ConversationMsg;
 use crate::queue::QueueMsg;
+use crate::registry::is_alive;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
@@ -26,10 +27,6 @@ async fn call<M: ractor::Message, T: Send + 'static>(
         Ok(ractor::rpc::CallResult::Success(result)) => result,
         Ok(_) | Err(_) => Err(RouterError::Unavailable("the actor stopped; retry".into())),
     }
-}
-
-fn is_alive<M: ractor::Message>(actor: &ActorRef<M>) -> bool {
-    !matches!(actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped)
 }
 
 #[derive(Clone)]

@@ -22,7 +22,8 @@ impl<K: Eq + Hash + Clone, M: Message> Default for Registry<K, M> {
     }
 }
 
-fn is_alive<M: Message>(actor: &ActorRef<M>) -> bool {
+/// Whether an actor still takes messages.
+pub(crate) fn is_alive<M: Message>(actor: &ActorRef<M>) -> bool {
     !matches!(actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped)
 }
 
@@ -56,13 +57,9 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         }
     }
 
-    /// Every running actor whose key matches.
-    pub(crate) fn running(&self, mut matches: impl FnMut(&K) -> bool) -> Vec<ActorRef<M>> {
+    /// The actor of `key` if it is running (never activates one).
+    pub(crate) fn get_running(&self, key: &K) -> Option<ActorRef<M>> {
         let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        slots.iter().filter(|(key, _)| matches(key)).filter_map(|(_, slot)| slot.get().cloned()).collect()
-    }
-
-    pub(crate) fn n_running(&self) -> usize {
-        self.running(|_| true).into_iter().filter(is_alive).count()
+        slots.get(key).and_then(|slot| slot.get()).filter(|actor| is_alive(actor)).cloned()
     }
 }

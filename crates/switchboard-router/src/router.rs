@@ -77,12 +77,6 @@ impl Router {
     pub fn n_shards_owned(&self) -> usize {
         self.context.shards.n_owned()
     }
-
-    /// Running actors by kind: conversations, agents, queues.
-    pub fn n_actors(&self) -> (usize, usize, usize) {
-        let context = &self.context;
-        (context.conversations.n_running(), context.agents.n_running(), context.queues.n_running())
-    }
 }
 
 #[async_trait]
@@ -138,7 +132,7 @@ impl RouterApi for Router {
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
-        for actor in self.context.conversations.running(|id| *id == conversation) {
+        if let Some(actor) = self.context.conversations.get_running(&conversation) {
             ConversationHandle(actor).unsubscribe(gateway.clone());
         }
     }
@@ -203,8 +197,7 @@ impl RouterApi for Router {
     }
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
-        let key = (tenant.clone(), group.clone());
-        for actor in self.context.queues.running(|candidate| *candidate == key) {
+        if let Some(actor) = self.context.queues.get_running(&(tenant.clone(), group.clone())) {
             QueueHandle(actor).unsubscribe(gateway.clone());
         }
     }

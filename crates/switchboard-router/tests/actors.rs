@@ -228,3 +228,16 @@ async fn a_resend_after_the_chat_closed_is_answered_with_the_stored_message() {
     let refused = fixture.router.command(&agent_caller("b"), chat, late).await;
     assert_eq!(refused, Err(RouterError::Refused(Refusal::ChatClosed)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_unsubscribed_gateway_gets_no_more_pushes() {
+    let mut fixture = fixture().await;
+    let chat = fixture.start_chat("g1", "x").await;
+    let customer = Caller::Customer { conversation: chat };
+    fixture.router.subscribe(&fixture.gateway, &customer, chat, 0).await.unwrap();
+    fixture.router.unsubscribe(&fixture.gateway, chat).await;
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "anyone?".into() };
+    let sent = fixture.router.command(&customer, chat, send).await.unwrap();
+    assert_eq!(sent.event.map(|event| event.seq), Some(3));
+    assert!(fixture.pushes.try_recv().is_err(), "nothing is pushed to a gateway that left");
+}
