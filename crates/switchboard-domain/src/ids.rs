@@ -100,6 +100,14 @@ impl ConversationId {
         Self(uuid)
     }
 
+    /// A new time-ordered id (UUID v7) whose time part is `now_ms` from the caller's clock.
+    pub fn new_v7(now_ms: i64) -> Self {
+        let now_ms = u64::try_from(now_ms).unwrap_or(0);
+        let nanos = ((now_ms % 1000) * 1_000_000) as u32;
+        let timestamp = uuid::Timestamp::from_unix(uuid::NoContext, now_ms / 1000, nanos);
+        Self(Uuid::new_v7(timestamp))
+    }
+
     pub fn parse(text: &str) -> Result<Self, IdError> {
         Uuid::parse_str(text).map(Self).map_err(|_| IdError::NotAUuid)
     }

@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicU64;
 use axum::extract::{State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use switchboard_domain::Directory;
+use switchboard_domain::{Clock, Directory};
 use switchboard_proto::router::{GatewayId, RouterApi};
 use tokio::sync::mpsc;
 
@@ -42,6 +42,7 @@ pub(crate) struct Shared {
     pub(crate) gateway_id: GatewayId,
     pub(crate) router: Arc<dyn RouterApi>,
     pub(crate) directory: Arc<Directory>,
+    pub(crate) clock: Arc<dyn Clock>,
     pub(crate) hub: Hub,
     pub(crate) next_socket_id: AtomicU64,
 }
@@ -59,13 +60,19 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Connects to the router and starts dispatching its pushes to this gateway's sockets.
-    pub fn start(settings: GatewaySettings, router: Arc<dyn RouterApi>, directory: Arc<Directory>) -> Gateway {
+    pub fn start(
+        settings: GatewaySettings,
+        router: Arc<dyn RouterApi>,
+        directory: Arc<Directory>,
+        clock: Arc<dyn Clock>,
+    ) -> Gateway {
         let gateway_id = GatewayId(settings.gateway_id.clone());
         let shared = Arc::new(Shared {
             settings,
             gateway_id: gateway_id.clone(),
             router,
             directory,
+            clock,
             hub: Hub::default(),
             next_socket_id: AtomicU64::new(1),
         });

@@ -278,7 +278,13 @@ impl Session {
             return Err(ErrorReply::new("bad_request", format!("a name has 1 to {MAX_NAME_CHARS} characters")));
         }
         self.check_body(&question)?;
-        let request = StartChat { tenant: tenant.clone(), group: group.clone(), customer_name: name, question };
+        let request = StartChat {
+            conversation: ConversationId::new_v7(self.shared.clock.now_ms()),
+            tenant: tenant.clone(),
+            group: group.clone(),
+            customer_name: name,
+            question,
+        };
         let started = self.shared.router.start_chat(request).await?;
         let conversation = started.view.conversation;
         self.become_role(Role::Customer { conversation, tenant, group }).await;

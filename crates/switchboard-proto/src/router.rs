@@ -36,6 +36,8 @@ impl Caller {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartChat {
+    /// Chosen by the gateway (a UUID v7), so that the request goes to the owner of the conversation's shard.
+    pub conversation: ConversationId,
     pub tenant: TenantId,
     pub group: GroupId,
     pub customer_name: String,
@@ -249,3 +251,36 @@ pub trait RouterApi: Send + Sync + 'static {
         list: ChatList,
     ) -> Result<Vec<ChatView>, RouterError>;
 }
+
+/// What one router asks of another: the effects of an actor on actors that live on another node. The
+/// router that owns the key's shard does the work; any other answers [`RouterError::NotOwner`].
+#[async_trait]
+pub trait PeerApi: Send + Sync + 'static {
+    /// The conversation's owner records an accept that the agent's owner decided (capacity reserved).
+    async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError>;
+
+    /// A chat joined its group's queue.
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError>;
+
+    /// A chat left its group's queue.
+    async fn queue_remove(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        conversation: ConversationId,
+        reason: LeftQueue,
+    ) -> Result<(), RouterError>;
+
+    /// A chat of the agent ended: its slot is free.
+    async fn agent_finished(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError>;
+}
+
+/// The rest of the cluster as one router sees it: every operation, sent to the owner of its key's shard.
+pub trait ClusterApi: RouterApi + PeerApi {}
+
+impl<T: RouterApi + PeerApi> ClusterApi for T {}

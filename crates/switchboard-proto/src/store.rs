@@ -5,8 +5,9 @@ use async_trait::async_trait;
 
 use crate::internal::v1::{
     AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, ListConversationsRequest, ListConversationsResponse, ReadEventsRequest,
-    ReadEventsResponse, RenewShardsRequest, RenewShardsResponse,
+    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
 };
 
 /// What can go wrong in the store. Callers branch on the variant.
@@ -36,4 +37,10 @@ pub trait StoreApi: Send + Sync + 'static {
         &self,
         request: ListConversationsRequest,
     ) -> Result<ListConversationsResponse, StoreError>;
+    /// Frees the shards held at the given epochs at once (graceful handover).
+    async fn release_shards(&self, request: ReleaseShardsRequest) -> Result<ReleaseShardsResponse, StoreError>;
+    /// A router's heartbeat: its address with a time to live; answers the nodes alive now.
+    async fn register_node(&self, request: RegisterNodeRequest) -> Result<RegisterNodeResponse, StoreError>;
+    /// The unexpired leases and the live nodes.
+    async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError>;
 }

@@ -4,7 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["switchboard/internal/v1/common.proto", "switchboard/internal/v1/store.proto"];
+const PROTOS: &[&str] = &[
+    "switchboard/internal/v1/common.proto",
+    "switchboard/internal/v1/store.proto",
+    "switchboard/internal/v1/router.proto",
+];
 
 fn generate(into: &Path) {
     let proto_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");

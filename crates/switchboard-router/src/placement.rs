@@ -96,8 +96,12 @@ async fn acquire_missing(context: &Context, settings: &LeaseSettings) -> Result<
 }
 
 async fn acquire_shards(context: &Context, settings: &LeaseSettings, shards: Vec<u32>) -> Result<usize, RouterError> {
-    let request =
-        AcquireShardsRequest { node_id: context.node_id.clone(), shards, lease_ms: settings.lease.as_millis() as u64 };
+    let request = AcquireShardsRequest {
+        node_id: context.node_id.clone(),
+        shards,
+        lease_ms: settings.lease.as_millis() as u64,
+        limit: 0,
+    };
     let response = context.store.acquire_shards(request).await.map_err(from_store)?;
     context.shards.grant(&response.granted);
     Ok(response.granted.len())

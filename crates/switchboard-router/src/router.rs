@@ -93,7 +93,7 @@ impl RouterApi for Router {
         }
         let now_ms = self.context.clock.now_ms();
         let facts = NewConversation {
-            id: new_conversation_id(now_ms),
+            id: request.conversation,
             tenant: request.tenant,
             group: request.group,
             customer_name: request.customer_name,
@@ -230,11 +230,4 @@ impl RouterApi for Router {
             .collect::<Result<_, _>>()
             .map_err(|error| RouterError::Internal(error.to_string()))
     }
-}
-
-/// A time-ordered id (UUID v7) whose time part comes from the injected clock.
-fn new_conversation_id(now_ms: i64) -> ConversationId {
-    let now_ms = u64::try_from(now_ms).unwrap_or(0);
-    let timestamp = uuid::Timestamp::from_unix(uuid::NoContext, now_ms / 1000, ((now_ms % 1000) * 1_000_000) as u32);
-    ConversationId::from_uuid(uuid::Uuid::new_v7(timestamp))
 }

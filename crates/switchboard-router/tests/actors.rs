@@ -30,6 +30,9 @@ async fn concurrent_accepts_have_one_winner_and_the_rest_are_told_it_was_taken()
     for _ in 0..10 {
         let conversation = {
             let request = switchboard_proto::router::StartChat {
+                conversation: switchboard_domain::ConversationId::new_v7(switchboard_domain::Clock::now_ms(
+                    fixture.clock.as_ref(),
+                )),
                 tenant: tenant(),
                 group: group("g1"),
                 customer_name: "x".into(),
@@ -161,7 +164,7 @@ async fn a_node_whose_shards_were_taken_over_can_no_longer_write() {
     fixture.clock.advance_ms(60_000);
     let taken = fixture
         .store
-        .acquire_shards(AcquireShardsRequest { node_id: "node-2".into(), shards: vec![], lease_ms: 10_000 })
+        .acquire_shards(AcquireShardsRequest { node_id: "node-2".into(), shards: vec![], lease_ms: 10_000, limit: 0 })
         .await
         .unwrap();
     assert_eq!(taken.granted.len(), 1024);

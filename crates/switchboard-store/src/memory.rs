@@ -87,6 +87,26 @@ fn shard_set(shards: &[u32]) -> Result<Vec<u32>, StoreError> {
 
 #[async_trait]
 impl StoreApi for MemoryStore {
+    // Placeholders until the cluster operations land (issue 3, in progress).
+    async fn release_shards(
+        &self,
+        _request: switchboard_proto::internal::v1::ReleaseShardsRequest,
+    ) -> Result<switchboard_proto::internal::v1::ReleaseShardsResponse, StoreError> {
+        Err(StoreError::Unavailable("release_shards not implemented yet".into()))
+    }
+    async fn register_node(
+        &self,
+        _request: switchboard_proto::internal::v1::RegisterNodeRequest,
+    ) -> Result<switchboard_proto::internal::v1::RegisterNodeResponse, StoreError> {
+        Err(StoreError::Unavailable("register_node not implemented yet".into()))
+    }
+    async fn get_placement(
+        &self,
+        _request: switchboard_proto::internal::v1::GetPlacementRequest,
+    ) -> Result<switchboard_proto::internal::v1::Placement, StoreError> {
+        Err(StoreError::Unavailable("get_placement not implemented yet".into()))
+    }
+
     async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {
         let node = non_empty_node(&request.node_id)?;
         let shards = shard_set(&request.shards)?;

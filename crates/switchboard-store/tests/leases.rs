@@ -22,7 +22,7 @@ on_every_backend!(
 );
 
 async fn acquire(store: &dyn StoreApi, node: &str, shards: &[u32]) -> Vec<ShardLease> {
-    let request = AcquireShardsRequest { node_id: node.into(), shards: shards.to_vec(), lease_ms: LEASE_MS };
+    let request = AcquireShardsRequest { node_id: node.into(), shards: shards.to_vec(), lease_ms: LEASE_MS, limit: 0 };
     store.acquire_shards(request).await.unwrap().granted
 }
 
@@ -208,18 +208,19 @@ async fn renewal_answers_per_shard_in_shard_order(h: Harness) {
 
 async fn malformed_lease_requests_are_invalid(h: Harness) {
     let store = h.store();
-    let request = AcquireShardsRequest { node_id: "node-a".into(), shards: vec![N_SHARDS], lease_ms: LEASE_MS };
+    let request =
+        AcquireShardsRequest { node_id: "node-a".into(), shards: vec![N_SHARDS], lease_ms: LEASE_MS, limit: 0 };
     assert!(matches!(store.acquire_shards(request).await, Err(StoreError::Invalid(_))));
-    let request = AcquireShardsRequest { node_id: String::new(), shards: vec![1], lease_ms: LEASE_MS };
+    let request = AcquireShardsRequest { node_id: String::new(), shards: vec![1], lease_ms: LEASE_MS, limit: 0 };
     assert!(matches!(store.acquire_shards(request).await, Err(StoreError::Invalid(_))));
-    let request = AcquireShardsRequest { node_id: String::new(), shards: vec![], lease_ms: LEASE_MS };
+    let request = AcquireShardsRequest { node_id: String::new(), shards: vec![], lease_ms: LEASE_MS, limit: 0 };
     assert!(matches!(store.acquire_shards(request).await, Err(StoreError::Invalid(_))));
     let request = RenewShardsRequest { node_id: "node-a".into(), held: vec![], lease_ms: LEASE_MS };
     assert_eq!(store.renew_shards(request).await.unwrap(), Default::default());
 
     // Leases too long for database time.
     for lease_ms in [u64::MAX, i64::MAX as u64] {
-        let request = AcquireShardsRequest { node_id: "node-a".into(), shards: vec![1], lease_ms };
+        let request = AcquireShardsRequest { node_id: "node-a".into(), shards: vec![1], lease_ms, limit: 0 };
         assert!(matches!(store.acquire_shards(request).await, Err(StoreError::Invalid(_))), "{lease_ms}");
     }
     let held = fences(&acquire(store, "node-a", &[1]).await);
@@ -247,9 +248,10 @@ async fn malformed_lease_requests_are_invalid(h: Harness) {
 /// A request that is refused takes nothing, even the valid shards in it.
 async fn a_malformed_acquire_grants_nothing(h: Harness) {
     let store = h.store();
-    let request = AcquireShardsRequest { node_id: "node-a".into(), shards: vec![1, 2, N_SHARDS], lease_ms: LEASE_MS };
+    let request =
+        AcquireShardsRequest { node_id: "node-a".into(), shards: vec![1, 2, N_SHARDS], lease_ms: LEASE_MS, limit: 0 };
     assert!(matches!(store.acquire_shards(request).await, Err(StoreError::Invalid(_))));
-    let request = AcquireShardsRequest { node_id: "node-a".into(), shards: vec![3], lease_ms: u64::MAX };
+    let request = AcquireShardsRequest { node_id: "node-a".into(), shards: vec![3], lease_ms: u64::MAX, limit: 0 };
     assert!(matches!(store.acquire_shards(request).await, Err(StoreError::Invalid(_))));
     let b = acquire(store, "node-b", &[1, 2, 3]).await;
     assert_eq!(shards_and_epochs(&b), [(1, 1), (2, 1), (3, 1)]);

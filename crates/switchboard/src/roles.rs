@@ -44,13 +44,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Arc::new(open_store(&config, clock.clone()).await?);
     let router_settings =
         RouterSettings { node_id: config.node_id.clone(), leases: LeaseSettings::default(), closed_list_limit: 200 };
-    let router = Arc::new(Router::start(router_settings, store, clock, directory.clone()).await?);
+    let router = Arc::new(Router::start(router_settings, store, clock.clone(), directory.clone()).await?);
     let gateway_settings = GatewaySettings {
         gateway_id: format!("{}-gateway", config.node_id),
         max_message_bytes: config.limits.max_message_bytes,
         outbound_queue_len: config.limits.outbound_queue_len,
     };
-    let gateway = Gateway::start(gateway_settings, router, directory);
+    let gateway = Gateway::start(gateway_settings, router, directory, clock);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

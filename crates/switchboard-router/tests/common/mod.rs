@@ -77,6 +77,7 @@ impl Fixture {
     pub async fn start_chat(&self, group_name: &str, customer: &str) -> ConversationId {
         self.clock.advance_ms(1);
         let request = StartChat {
+            conversation: ConversationId::new_v7(self.clock.now_ms()),
             tenant: tenant(),
             group: group(group_name),
             customer_name: customer.into(),

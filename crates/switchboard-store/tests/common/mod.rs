@@ -93,7 +93,12 @@ pub fn shard_of_conversation(id: &str) -> u32 {
 /// Takes the lease of `shard` for `node` and returns its fence.
 pub async fn fence(store: &dyn StoreApi, node: &str, shard: u32) -> Fence {
     let response = store
-        .acquire_shards(AcquireShardsRequest { node_id: node.into(), shards: vec![shard], lease_ms: LEASE_MS })
+        .acquire_shards(AcquireShardsRequest {
+            node_id: node.into(),
+            shards: vec![shard],
+            lease_ms: LEASE_MS,
+            limit: 0,
+        })
         .await
         .unwrap();
     let lease = response.granted.iter().find(|lease| lease.shard == shard).expect("shard granted");
