@@ -1,0 +1,17 @@
+//! Real services for tests, started on free loopback ports and stopped when dropped.
+//!
+//! - [`Postgres`]: Debian's PostgreSQL (`apt-get install postgresql`; `scripts/test` installs it). A server is
+//!   started per [`Postgres::start`] with its own data directory; [`Postgres::create_database`] gives each
+//!   test a database of its own.
+//!
+//! PostgreSQL refuses to run as root: when the tests run as root, the server runs as the `postgres` user.
+
+mod postgres;
+
+pub use postgres::Postgres;
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
