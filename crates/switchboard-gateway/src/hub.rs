@@ -5,27 +5,42 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use switchboard_domain::{AgentId, Author, ConversationId, Event, GroupId, TenantId, WaitingQueue, merge_waiting};
+use axum::extract::ws::Utf8Bytes;
+
+use switchboard_domain::{AgentId, Author, ConversationId, GroupId, TenantId, WaitingQueue, merge_waiting};
 use switchboard_proto::router::{Push, QueueChange};
 use tokio::sync::{Notify, mpsc};
 use tracing::debug;
 
-use crate::protocol;
+use crate::protocol::PushFrame;
 
+/// A connection of any transport (WebSocket or gRPC stream); "socket" in this module.
 pub type SocketId = u64;
 
-/// Something to write to one socket.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    /// A conversation event; the socket skips those it already wrote (by seq).
-    Event {
-        conversation: ConversationId,
-        event: Arc<Event>,
-        frame: Arc<str>,
-    },
-    Frame(Arc<str>),
+/// A push on its way to sockets. It is made once per router push and shared by every socket it goes to;
+/// its JSON text is made once too, by the first WebSocket that writes it. A conversation event is skipped by
+/// a socket that already wrote it (by seq).
+#[derive(Debug)]
+pub struct Outbound {
+    frame: PushFrame,
+    json: OnceLock<Utf8Bytes>,
+}
+
+impl Outbound {
+    pub fn new(frame: PushFrame) -> Arc<Outbound> {
+        Arc::new(Outbound { frame, json: OnceLock::new() })
+    }
+
+    pub fn frame(&self) -> &PushFrame {
+        &self.frame
+    }
+
+    /// The frame as JSON text, made on first use (a clone shares the text).
+    pub fn json(&self) -> Utf8Bytes {
+        self.json.get_or_init(|| self.frame.to_json().into()).clone()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +52,7 @@ pub enum Role {
 /// A socket's side of the hub: how to reach it, and how to kick it.
 #[derive(Debug, Clone)]
 pub struct SocketLink {
-    pub outbound: mpsc::Sender<Outbound>,
+    pub outbound: mpsc::Sender<Arc<Outbound>>,
     pub kicked: Arc<Notify>,
     pub is_kicked: Arc<AtomicBool>,
 }
@@ -160,8 +175,7 @@ impl Hub {
         let mut state = self.lock();
         match push {
             Push::Event { conversation, event } => {
-                let frame: Arc<str> = protocol::event(conversation, &event).into();
-                let outbound = Outbound::Event { conversation, event, frame };
+                let outbound = Outbound::new(PushFrame::Event { conversation, event });
                 let watchers: Vec<SocketId> =
                     state.conversation_watchers.get(&conversation).into_iter().flatten().copied().collect();
                 for socket in watchers {
@@ -169,15 +183,16 @@ impl Hub {
                 }
             }
             Push::Typing { conversation, author, typing } => {
-                let frame: Arc<str> = protocol::typing(conversation, &author, typing).into();
                 let watchers: Vec<SocketId> =
                     state.conversation_watchers.get(&conversation).into_iter().flatten().copied().collect();
+                // Nobody needs to be told that they themselves are typing.
+                let watchers: Vec<SocketId> = watchers
+                    .into_iter()
+                    .filter(|socket| !state.sockets.get(socket).is_some_and(|entry| is_author(&entry.role, &author)))
+                    .collect();
+                let outbound = Outbound::new(PushFrame::Typing { conversation, author, typing });
                 for socket in watchers {
-                    // Nobody needs to be told that they themselves are typing.
-                    let is_author = state.sockets.get(&socket).is_some_and(|entry| is_author(&entry.role, &author));
-                    if !is_author {
-                        state.send(socket, Outbound::Frame(frame.clone()));
-                    }
+                    state.send(socket, outbound.clone());
                 }
             }
             Push::Queue { tenant, group, version, change } => state.apply_queue_change(tenant, group, version, change),
@@ -194,7 +209,7 @@ fn is_author(role: &Role, author: &Author) -> bool {
 }
 
 impl HubState {
-    fn send(&mut self, socket: SocketId, outbound: Outbound) {
+    fn send(&mut self, socket: SocketId, outbound: Arc<Outbound>) {
         let Some(entry) = self.sockets.get(&socket) else {
             return;
         };
@@ -209,7 +224,7 @@ impl HubState {
         let Some(mirror) = self.queues.get_mut(&key) else {
             return;
         };
-        let frame: Option<Arc<str>> = match change {
+        let frame: Option<Arc<Outbound>> = match change {
             QueueChange::Snapshot { entries } => {
                 mirror.waiting = WaitingQueue::default();
                 for entry in entries {
@@ -222,23 +237,21 @@ impl HubState {
             _ if !mirror.ready || version <= mirror.version => return,
             QueueChange::Added { entry } => {
                 mirror.version = version;
-                let frame = protocol::queue_added(&entry);
+                let frame = Outbound::new(PushFrame::QueueAdded { entry: entry.clone() });
                 mirror.waiting.insert(entry);
-                Some(frame.into())
+                Some(frame)
             }
             QueueChange::Removed { conversation, reason } => {
                 mirror.version = version;
                 mirror.waiting.remove(&conversation);
-                Some(protocol::queue_removed(conversation, &reason).into())
+                Some(Outbound::new(PushFrame::QueueRemoved { conversation, reason }))
             }
         };
         let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
         for socket in watchers {
             match (&frame, self.sockets.get(&socket).map(|entry| &entry.role)) {
                 // Agents get the change itself once their whole view is ready, and a full view before that.
-                (Some(frame), Some(Role::Agent { .. })) if self.view_ready(socket) => {
-                    self.send(socket, Outbound::Frame(frame.clone()))
-                }
+                (Some(frame), Some(Role::Agent { .. })) if self.view_ready(socket) => self.send(socket, frame.clone()),
                 _ => self.send_queue_view(socket),
             }
         }
@@ -263,7 +276,7 @@ impl HubState {
                 }
                 let mirrors = groups.iter().filter_map(|group| self.queues.get(&(tenant.clone(), group.clone())));
                 let entries = merge_waiting(mirrors.map(|mirror| &mirror.waiting));
-                self.send(socket, Outbound::Frame(protocol::queue_snapshot(&entries).into()));
+                self.send(socket, Outbound::new(PushFrame::QueueSnapshot { entries }));
             }
             Role::Customer { conversation, tenant, group } => {
                 let Some(mirror) = self.queues.get(&(tenant, group)) else {
@@ -280,7 +293,7 @@ impl HubState {
                     if let Some(entry) = self.sockets.get_mut(&socket) {
                         entry.last_position = Some(position);
                     }
-                    self.send(socket, Outbound::Frame(protocol::queue_position(conversation, position).into()));
+                    self.send(socket, Outbound::new(PushFrame::QueuePosition { conversation, position }));
                 }
             }
         }

@@ -1,12 +1,18 @@
-//! The public WebSocket protocol, version 1: JSON text frames. `docs/protocol.md` documents every frame.
+//! The public protocol, version 1. `docs/protocol.md` documents every frame.
 //!
 //! Every client frame has a `type` and an `id` chosen by the client; the server answers each with an `ack`
 //! or an `error` frame carrying the same `id`. Frames the server pushes on its own (events, queue changes,
 //! typing) have no `id`.
+//!
+//! The frames are defined here once, independently of the transport: a [`Request`] in, an [`Ack`] (or an
+//! [`ErrorReply`]) and [`PushFrame`]s out. This module also holds their JSON form (the WebSocket transport);
+//! `grpc.rs` holds their protobuf form (`switchboard.v1`, the gRPC transport).
+
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_domain::{AgentStatus, ConversationId, Event, WaitingEntry};
+use switchboard_domain::{AgentStatus, Author, ConversationId, Event, WaitingEntry};
 use switchboard_proto::router::{AgentView, ChatView, LeftQueue, RouterError};
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -146,6 +152,133 @@ impl From<RouterError> for ErrorReply {
     }
 }
 
+/// The result of a request that succeeded: what its ack carries besides its `id`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ack {
+    Ping,
+    ChatStart {
+        conversation: ConversationId,
+        customer_token: String,
+        chat: ChatView,
+        subscribed: bool,
+    },
+    CustomerResume {
+        chat: ChatView,
+    },
+    AgentSignIn {
+        agent: AgentView,
+    },
+    AgentSetStatus {
+        agent: AgentView,
+    },
+    QueueList {
+        entries: Vec<WaitingEntry>,
+    },
+    ChatAccept {
+        chat: ChatView,
+    },
+    ChatSubscribe {
+        chat: ChatView,
+    },
+    ChatTranscript {
+        chat: ChatView,
+        events: Vec<Event>,
+    },
+    ChatList {
+        chats: Vec<ChatView>,
+    },
+    /// `seq` is the stored message's (the first copy's when `duplicate`).
+    MessageSend {
+        seq: Option<u64>,
+        duplicate: bool,
+    },
+    /// `seq` is the stored `delivered` event's; `None` when the mark stored nothing.
+    MessageDelivered {
+        seq: Option<u64>,
+    },
+    Typing,
+    /// `seq` is the `closed`/`cancelled` event's; `None` when the chat had already ended.
+    ChatClose {
+        seq: Option<u64>,
+    },
+    ChatCancel {
+        seq: Option<u64>,
+    },
+}
+
+impl Ack {
+    /// The ack's fields besides `type` and `id`, as a JSON object.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Ack::Ping | Ack::Typing => json!({}),
+            Ack::ChatStart { conversation, customer_token, chat, subscribed } => json!({
+                "conversation": conversation,
+                "customer_token": customer_token,
+                "chat": chat_json(chat),
+                "subscribed": subscribed,
+            }),
+            Ack::CustomerResume { chat } | Ack::ChatAccept { chat } | Ack::ChatSubscribe { chat } => {
+                json!({ "chat": chat_json(chat) })
+            }
+            Ack::AgentSignIn { agent } | Ack::AgentSetStatus { agent } => json!({ "agent": agent_json(agent) }),
+            Ack::QueueList { entries } => json!({ "entries": entries }),
+            Ack::ChatTranscript { chat, events } => json!({ "chat": chat_json(chat), "events": events }),
+            Ack::ChatList { chats } => {
+                let chats: Vec<Value> = chats.iter().map(chat_json).collect();
+                json!({ "chats": chats })
+            }
+            Ack::MessageSend { seq, duplicate } => json!({ "status": "sent", "seq": seq, "duplicate": duplicate }),
+            Ack::MessageDelivered { seq } | Ack::ChatClose { seq } | Ack::ChatCancel { seq } => json!({ "seq": seq }),
+        }
+    }
+}
+
+/// A frame the server sends on its own, without a request id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushFrame {
+    /// An event of a conversation the connection follows.
+    Event {
+        conversation: ConversationId,
+        event: Arc<Event>,
+    },
+    /// The other side of a followed conversation started or stopped typing.
+    Typing {
+        conversation: ConversationId,
+        author: Author,
+        typing: bool,
+    },
+    /// Agents: their whole waiting list.
+    QueueSnapshot {
+        entries: Vec<WaitingEntry>,
+    },
+    QueueAdded {
+        entry: WaitingEntry,
+    },
+    QueueRemoved {
+        conversation: ConversationId,
+        reason: LeftQueue,
+    },
+    /// Customers: the 1-based place of their chat in its queue.
+    QueuePosition {
+        conversation: ConversationId,
+        position: usize,
+    },
+}
+
+impl PushFrame {
+    /// The frame as JSON text.
+    pub fn to_json(&self) -> String {
+        match self {
+            PushFrame::Event { conversation, event: body } => event(*conversation, body),
+            PushFrame::Typing { conversation, author, typing: is_typing } => typing(*conversation, author, *is_typing),
+            PushFrame::QueueSnapshot { entries } => queue_snapshot(entries),
+            PushFrame::QueueAdded { entry } => queue_added(entry),
+            PushFrame::QueueRemoved { conversation, reason } => queue_removed(*conversation, reason),
+            PushFrame::QueuePosition { conversation, position } => queue_position(*conversation, *position),
+        }
+    }
+}
+
 pub fn ack(id: &str, body: Value) -> String {
     let mut frame = json!({ "type": "ack", "id": id });
     if let (Some(frame), Value::Object(body)) = (frame.as_object_mut(), body) {
@@ -173,7 +306,7 @@ pub fn event(conversation: ConversationId, event: &Event) -> String {
     json!({ "type": "event", "conversation": conversation, "event": event }).to_string()
 }
 
-pub fn typing(conversation: ConversationId, author: &switchboard_domain::Author, typing: bool) -> String {
+pub fn typing(conversation: ConversationId, author: &Author, typing: bool) -> String {
     json!({ "type": "typing", "conversation": conversation, "author": author, "typing": typing }).to_string()
 }
 
@@ -224,6 +357,19 @@ pub fn agent_json(view: &AgentView) -> Value {
     })
 }
 
+/// The longest request id, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+
+/// Whether a request id can be echoed: 1 to [`MAX_ID_CHARS`] characters.
+pub fn is_usable_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().count() <= MAX_ID_CHARS
+}
+
+/// The error for a frame without a usable id (answered with no id).
+pub fn missing_id() -> ErrorReply {
+    ErrorReply::new("missing_id", "every request needs an \"id\" string of 1 to 128 characters")
+}
+
 /// Splits a raw text frame into its request id and request. A frame that is not JSON, has no string `id`,
 /// or does not match a known request is refused with a code that says which.
 pub fn parse(text: &str) -> Result<(String, Request), (Option<String>, ErrorReply)> {
@@ -233,13 +379,8 @@ pub fn parse(text: &str) -> Result<(String, Request), (Option<String>, ErrorRepl
         return Err((None, ErrorReply::new("bad_frame", "a frame must be a JSON object")));
     };
     let id = match object.remove("id") {
-        Some(Value::String(id)) if !id.is_empty() && id.chars().count() <= 128 => id,
-        _ => {
-            return Err((
-                None,
-                ErrorReply::new("missing_id", "every request needs an \"id\" string of 1 to 128 characters"),
-            ));
-        }
+        Some(Value::String(id)) if is_usable_id(&id) => id,
+        _ => return Err((None, missing_id())),
     };
     let kind = match object.get("type") {
         Some(Value::String(kind)) => kind.clone(),

@@ -1,180 +1,236 @@
-//! One WebSocket connection: read a request, check who may make it, ask the router, answer with an ack or
-//! an error; and between requests, write the pushes the hub queued for this socket.
+//! One client connection, whatever carries it (a WebSocket, a gRPC stream): read a request, check who may
+//! make it, ask the router, answer with an ack or an error; and between requests, write the pushes the hub
+//! queued for this connection.
+//!
+//! The session is written once, against [`Transport`]: a transport only decodes what the client sends into
+//! [`Inbound`]s and encodes the [`Outgoing`] frames (`ws.rs`, `grpc.rs`). Everything else is here, so that the
+//! transports behave the same by construction: roles, requests handled one at a time in order with exactly
+//! one answer each, the events a request causes written after its answer, the bounded outbound queue and the
+//! disconnect of a slow client, each conversation's events written in seq order at most once with gaps
+//! filled from the log, resume by seq.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use serde_json::{Value, json};
 use switchboard_domain::{AgentStatus, ConversationId, Event, GroupId};
 use switchboard_proto::router::{Caller, ChatCommand, ChatList, StartChat};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
-use crate::protocol::{self, ErrorReply, ListName, Request};
-
-/// Close code for a client too slow to read what it is sent: reconnect and resume from the last seq.
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
-/// Close code for a frame larger than the server reads (RFC 6455: message too big).
-pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+use crate::protocol::{Ack, ErrorReply, ListName, PushFrame, Request};
 
 const MAX_NAME_CHARS: usize = 100;
 const MAX_CLIENT_MSG_ID_CHARS: usize = 128;
+/// How long the last frame (a close) may take to write to a client that is being disconnected.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-struct Session {
+/// What a transport hands the session: one frame of the client, decoded.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A request to carry out and answer.
+    Request { id: String, request: Request },
+    /// A frame that is not a valid request: answered with this error (with the request's id when it had a
+    /// usable one), and the connection goes on.
+    Refused { id: Option<String>, error: ErrorReply },
+    /// Something after which the connection cannot go on (a frame over the size limit, a stream that cannot
+    /// be decoded): the connection is closed with this reason.
+    Fatal(Close),
+}
+
+/// What the session asks a transport to write.
+#[derive(Debug)]
+pub(crate) enum Outgoing<'a> {
+    Welcome { max_message_bytes: usize },
+    Ack { id: &'a str, ack: &'a Ack },
+    Error { id: Option<&'a str>, error: &'a ErrorReply },
+    Push(&'a Outbound),
+}
+
+/// Why the server ends a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// The client read too slowly and its outbound queue filled: it reconnects and resumes from its last seq.
+    SlowConsumer,
+    /// A frame larger than the server reads.
+    FrameTooLarge { max_message_bytes: usize },
+    /// What the client sends cannot be decoded at all.
+    Undecodable { detail: String },
+    /// The gateway is shutting down: reconnect (elsewhere) and resume.
+    ShuttingDown,
+}
+
+impl Close {
+    /// The reason given to the client.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            Close::SlowConsumer => "too slow to read: reconnect and resume from your last seq".to_owned(),
+            Close::FrameTooLarge { max_message_bytes } => {
+                format!("frame too large: a message body is at most {max_message_bytes} bytes")
+            }
+            Close::Undecodable { detail } => format!("the frame cannot be decoded: {detail}"),
+            Close::ShuttingDown => "the server is shutting down: reconnect and resume from your last seq".to_owned(),
+        }
+    }
+}
+
+/// One client connection as the session sees it.
+pub(crate) trait Transport: Send {
+    /// The next frame of the client; `None` once the client is gone (or closed the connection).
+    fn recv(&mut self) -> impl Future<Output = Option<Inbound>> + Send;
+    /// Writes one frame to the client; false when it can no longer be written to.
+    fn send(&mut self, frame: Outgoing<'_>) -> impl Future<Output = bool> + Send;
+    /// Ends the connection, telling the client why (the last thing written).
+    fn close(&mut self, reason: Close) -> impl Future<Output = ()> + Send;
+}
+
+/// Why the session loop stops.
+#[derive(Debug)]
+enum End {
+    /// The client went away, or cannot be written to: nothing more to tell it.
+    Gone,
+    /// The server ends the connection and tells the client why.
+    Close(Close),
+}
+
+type Flow = Result<(), End>;
+
+struct Session<T> {
     shared: Arc<Shared>,
     socket_id: SocketId,
     link: SocketLink,
     role: Option<Role>,
-    /// The highest seq written to this socket, per conversation.
+    /// The highest seq written to this connection, per conversation.
     written_seq: HashMap<ConversationId, u64>,
+    transport: T,
 }
 
-type Reply = Result<(Value, Vec<(ConversationId, Event)>), ErrorReply>;
+type Reply = Result<(Ack, Vec<(ConversationId, Event)>), ErrorReply>;
 
-pub(crate) async fn run(shared: Arc<Shared>, mut socket: WebSocket) {
+/// Serves one connection until it ends: the welcome frame, then requests and pushes.
+pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     let socket_id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
     let (outbound, mut queued) = mpsc::channel(shared.settings.outbound_queue_len);
     let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
-    let mut session = Session { shared, socket_id, link, role: None, written_seq: HashMap::new() };
-    let welcome = protocol::welcome(session.shared.settings.max_message_bytes);
-    if socket.send(Message::Text(welcome.into())).await.is_err() {
+    let kicked = link.kicked.clone();
+    let mut draining = shared.draining.subscribe();
+    let mut session = Session { shared, socket_id, link, role: None, written_seq: HashMap::new(), transport };
+    let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
+    if !session.transport.send(welcome).await {
         return;
     }
-    let kicked = session.link.kicked.clone();
-    loop {
-        tokio::select! {
-            frame = socket.recv() => {
-                let frame = match frame {
-                    Some(Ok(frame)) => frame,
-                    Some(Err(error)) => {
-                        close_after_read_error(&mut socket, &error, session.shared.settings.max_message_bytes).await;
-                        break;
-                    }
-                    None => break,
-                };
-                let keep_going = match frame {
-                    Message::Text(text) => session.on_text(&mut socket, text.as_str()).await,
-                    Message::Binary(_) => {
-                        let reply = ErrorReply::new("bad_frame", "binary frames are not supported: send JSON text");
-                        send(&mut socket, protocol::error(None, &reply)).await
-                    }
-                    Message::Close(_) => false,
-                    Message::Ping(_) | Message::Pong(_) => true,
-                };
-                if !keep_going {
-                    break;
-                }
-            }
-            Some(outbound) = queued.recv() => {
-                if !session.write_outbound(&mut socket, outbound).await {
-                    break;
-                }
-            }
-            () = kicked.notified() => {
-                let reason = "too slow to read: reconnect and resume from your last seq";
-                let close = CloseFrame { code: CLOSE_SLOW_CONSUMER, reason: reason.into() };
-                let _ = socket.send(Message::Close(Some(close))).await;
-                break;
-            }
+    let end = loop {
+        let step = tokio::select! {
+            inbound = session.transport.recv() => match inbound {
+                Some(inbound) => session.on_inbound(inbound).await,
+                None => Err(End::Gone),
+            },
+            Some(outbound) = queued.recv() => session.write_outbound(&outbound).await,
+            () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
+            () = shutting_down(&mut draining) => Err(End::Close(Close::ShuttingDown)),
+        };
+        if let Err(end) = step {
+            break end;
         }
+    };
+    if let End::Close(close) = end {
+        debug!(socket = session.socket_id, reason = %close.reason(), "closing the connection");
+        // A client that reads nothing would hold the close forever.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.transport.close(close)).await;
     }
     session.end().await;
 }
 
-/// A frame too large to read closes the connection with 1009 (message too big) and says the limit; other
-/// read errors mean the connection is already gone.
-async fn close_after_read_error(socket: &mut WebSocket, error: &axum::Error, max_message_bytes: usize) {
-    // axum hides tungstenite's error type; its capacity error is the one that says "too long".
-    if error.to_string().contains("too long") {
-        let reason = format!("frame too large: a message body is at most {max_message_bytes} bytes");
-        let close = CloseFrame { code: CLOSE_MESSAGE_TOO_BIG, reason: reason.into() };
-        let _ = socket.send(Message::Close(Some(close))).await;
+/// Resolves once the gateway drains; never if it does not.
+async fn shutting_down(draining: &mut watch::Receiver<bool>) {
+    if draining.wait_for(|draining| *draining).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
-async fn send(socket: &mut WebSocket, frame: String) -> bool {
-    socket.send(Message::Text(frame.into())).await.is_ok()
-}
+impl<T: Transport> Session<T> {
+    /// Writes one frame. A client kicked for reading too slowly while the write waits is disconnected at
+    /// once, rather than when (if ever) it reads again.
+    async fn send(&mut self, frame: Outgoing<'_>) -> Flow {
+        let kicked = self.link.kicked.clone();
+        tokio::select! {
+            biased;
+            sent = self.transport.send(frame) => if sent { Ok(()) } else { Err(End::Gone) },
+            () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
+        }
+    }
 
-impl Session {
-    /// Handles one text frame; false when the connection must end.
-    async fn on_text(&mut self, socket: &mut WebSocket, text: &str) -> bool {
-        let (id, request) = match protocol::parse(text) {
-            Ok(parsed) => parsed,
-            Err((id, reply)) => return send(socket, protocol::error(id.as_deref(), &reply)).await,
-        };
-        match self.handle(request).await {
-            Ok((body, events)) => {
-                if !send(socket, protocol::ack(&id, body)).await {
-                    return false;
-                }
-                for (conversation, event) in events {
-                    if !self.write_event(socket, conversation, &event).await {
-                        return false;
+    async fn on_inbound(&mut self, inbound: Inbound) -> Flow {
+        match inbound {
+            Inbound::Request { id, request } => match self.handle(request).await {
+                Ok((ack, events)) => {
+                    self.send(Outgoing::Ack { id: &id, ack: &ack }).await?;
+                    for (conversation, event) in events {
+                        self.write_event(conversation, event).await?;
                     }
+                    Ok(())
                 }
-                true
-            }
-            Err(reply) => send(socket, protocol::error(Some(&id), &reply)).await,
+                Err(error) => self.send(Outgoing::Error { id: Some(&id), error: &error }).await,
+            },
+            Inbound::Refused { id, error } => self.send(Outgoing::Error { id: id.as_deref(), error: &error }).await,
+            Inbound::Fatal(close) => Err(End::Close(close)),
         }
     }
 
-    async fn write_outbound(&mut self, socket: &mut WebSocket, outbound: Outbound) -> bool {
-        match outbound {
-            Outbound::Frame(frame) => send(socket, frame.to_string()).await,
-            Outbound::Event { conversation, event, frame } => {
-                let written = self.written_seq.get(&conversation).copied().unwrap_or(0);
-                if event.seq <= written {
-                    return true;
-                }
-                if event.seq > written + 1 && !self.fill_gap(socket, conversation, written).await {
-                    return false;
-                }
-                if event.seq <= self.written_seq.get(&conversation).copied().unwrap_or(0) {
-                    return true;
-                }
-                self.written_seq.insert(conversation, event.seq);
-                send(socket, frame.to_string()).await
-            }
+    async fn write_outbound(&mut self, outbound: &Outbound) -> Flow {
+        let PushFrame::Event { conversation, event } = outbound.frame() else {
+            return self.send(Outgoing::Push(outbound)).await;
+        };
+        let (conversation, seq) = (*conversation, event.seq);
+        let written = self.written_seq.get(&conversation).copied().unwrap_or(0);
+        if seq <= written {
+            return Ok(());
         }
+        if seq > written + 1 {
+            self.fill_gap(conversation, written).await?;
+        }
+        if seq <= self.written_seq.get(&conversation).copied().unwrap_or(0) {
+            return Ok(());
+        }
+        self.written_seq.insert(conversation, seq);
+        self.send(Outgoing::Push(outbound)).await
     }
 
-    /// Writes the events a socket missed (it never should). When they cannot be read, the connection ends
-    /// rather than go on with a gap: the client reconnects and resumes from its last seq.
-    async fn fill_gap(&mut self, socket: &mut WebSocket, conversation: ConversationId, written: u64) -> bool {
-        let Ok(caller) = self.caller_for(conversation) else { return false };
+    /// Writes the events a connection missed (it never should). When they cannot be read, the connection
+    /// ends rather than go on with a gap: the client reconnects and resumes from its last seq.
+    async fn fill_gap(&mut self, conversation: ConversationId, written: u64) -> Flow {
+        let Ok(caller) = self.caller_for(conversation) else { return Err(End::Gone) };
         let missed = match self.shared.router.read_events(&caller, conversation, written).await {
             Ok(missed) => missed,
             Err(error) => {
                 warn!(%conversation, %error, "cannot fill a gap: closing the connection so that the client resumes");
-                return false;
+                return Err(End::Gone);
             }
         };
         for event in missed {
-            if !self.write_event(socket, conversation, &event).await {
-                return false;
-            }
+            self.write_event(conversation, event).await?;
         }
-        true
+        Ok(())
     }
 
-    async fn write_event(&mut self, socket: &mut WebSocket, conversation: ConversationId, event: &Event) -> bool {
+    async fn write_event(&mut self, conversation: ConversationId, event: Event) -> Flow {
         let written = self.written_seq.entry(conversation).or_insert(0);
         if event.seq <= *written {
-            return true;
+            return Ok(());
         }
         *written = event.seq;
-        send(socket, protocol::event(conversation, event)).await
+        let outbound = Outbound::new(PushFrame::Event { conversation, event: Arc::new(event) });
+        self.send(Outgoing::Push(&outbound)).await
     }
 
     async fn handle(&mut self, request: Request) -> Reply {
         let router = self.shared.router.clone();
         match request {
-            Request::Ping {} => Ok((json!({}), vec![])),
+            Request::Ping {} => Ok((Ack::Ping, vec![])),
             Request::ChatStart { widget_key, group, name, question } => {
                 self.start_chat(widget_key, group, name, question).await
             }
@@ -188,7 +244,7 @@ impl Session {
                 let role = Role::Customer { conversation, tenant: view.tenant.clone(), group: view.group.clone() };
                 self.become_role(role).await;
                 match self.subscribe(conversation, after_seq).await {
-                    Ok(events) => Ok((json!({ "chat": protocol::chat_json(&view) }), events)),
+                    Ok(events) => Ok((Ack::CustomerResume { chat: view }, events)),
                     Err(error) => {
                         // A refused resume leaves the connection as it was: free to resume properly.
                         self.abandon_role().await;
@@ -203,36 +259,36 @@ impl Session {
                 };
                 let view = router.set_agent_status(&tenant, &agent, AgentStatus::Online).await?;
                 self.become_role(Role::Agent { tenant, agent, groups: view.groups.clone() }).await;
-                Ok((json!({ "agent": protocol::agent_json(&view) }), vec![]))
+                Ok((Ack::AgentSignIn { agent: view }, vec![]))
             }
             Request::AgentSetStatus { status } => {
                 let (tenant, agent, _) = self.agent()?;
                 let view = router.set_agent_status(&tenant, &agent, status.into()).await?;
-                Ok((json!({ "agent": protocol::agent_json(&view) }), vec![]))
+                Ok((Ack::AgentSetStatus { agent: view }, vec![]))
             }
             Request::QueueList {} => {
                 let (tenant, _, groups) = self.agent()?;
                 let entries = self.shared.hub.waiting_for(&tenant, &groups);
-                Ok((json!({ "entries": entries }), vec![]))
+                Ok((Ack::QueueList { entries }, vec![]))
             }
             Request::ChatAccept { conversation } => {
                 let (tenant, agent, _) = self.agent()?;
                 let view = router.accept_chat(&tenant, &agent, conversation).await?;
                 let after = self.written_seq.get(&conversation).copied().unwrap_or(0);
                 let events = self.subscribe(conversation, after).await?;
-                Ok((json!({ "chat": protocol::chat_json(&view) }), events))
+                Ok((Ack::ChatAccept { chat: view }, events))
             }
             Request::ChatSubscribe { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
                 let view = router.chat_view(&caller, conversation).await?;
                 let events = self.subscribe(conversation, after_seq).await?;
-                Ok((json!({ "chat": protocol::chat_json(&view) }), events))
+                Ok((Ack::ChatSubscribe { chat: view }, events))
             }
             Request::ChatTranscript { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
                 let view = router.chat_view(&caller, conversation).await?;
                 let events = router.read_events(&caller, conversation, after_seq).await?;
-                Ok((json!({ "chat": protocol::chat_json(&view), "events": events }), vec![]))
+                Ok((Ack::ChatTranscript { chat: view, events }, vec![]))
             }
             Request::ChatList { list } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -241,8 +297,7 @@ impl Session {
                     ListName::Closed => ChatList::Closed,
                 };
                 let chats = router.list_chats(&tenant, &agent, list).await?;
-                let chats: Vec<Value> = chats.iter().map(protocol::chat_json).collect();
-                Ok((json!({ "chats": chats }), vec![]))
+                Ok((Ack::ChatList { chats }, vec![]))
             }
             Request::MessageSend { conversation, client_msg_id, body } => {
                 let caller = self.caller_for(conversation)?;
@@ -250,20 +305,26 @@ impl Session {
                 let command = ChatCommand::Send { client_msg_id, body };
                 let outcome = router.command(&caller, conversation, command).await?;
                 let seq = outcome.event.as_ref().map(|event| event.seq);
-                Ok((json!({ "status": "sent", "seq": seq, "duplicate": outcome.duplicate }), vec![]))
+                Ok((Ack::MessageSend { seq, duplicate: outcome.duplicate }, vec![]))
             }
             Request::MessageDelivered { conversation, up_to_seq } => {
                 let caller = self.caller_for(conversation)?;
                 let outcome = router.command(&caller, conversation, ChatCommand::ConfirmDelivery { up_to_seq }).await?;
-                Ok((json!({ "seq": outcome.event.map(|event| event.seq) }), vec![]))
+                Ok((Ack::MessageDelivered { seq: outcome.event.map(|event| event.seq) }, vec![]))
             }
             Request::Typing { conversation, typing } => {
                 let caller = self.caller_for(conversation)?;
                 router.typing(&caller, conversation, typing).await?;
-                Ok((json!({}), vec![]))
+                Ok((Ack::Typing, vec![]))
             }
-            Request::ChatClose { conversation } => self.end_chat(conversation, ChatCommand::Close).await,
-            Request::ChatCancel { conversation } => self.end_chat(conversation, ChatCommand::Cancel).await,
+            Request::ChatClose { conversation } => {
+                let seq = self.end_chat(conversation, ChatCommand::Close).await?;
+                Ok((Ack::ChatClose { seq }, vec![]))
+            }
+            Request::ChatCancel { conversation } => {
+                let seq = self.end_chat(conversation, ChatCommand::Cancel).await?;
+                Ok((Ack::ChatCancel { seq }, vec![]))
+            }
         }
     }
 
@@ -297,19 +358,20 @@ impl Session {
                 (Vec::new(), false)
             }
         };
-        let body = json!({
-            "conversation": conversation,
-            "customer_token": started.customer_token,
-            "chat": protocol::chat_json(&started.view),
-            "subscribed": subscribed,
-        });
-        Ok((body, events))
+        let ack =
+            Ack::ChatStart { conversation, customer_token: started.customer_token, chat: started.view, subscribed };
+        Ok((ack, events))
     }
 
-    async fn end_chat(&mut self, conversation: ConversationId, command: ChatCommand) -> Reply {
+    /// Closes or cancels a chat; the seq of the event that ended it, `None` when it had already ended.
+    async fn end_chat(
+        &mut self,
+        conversation: ConversationId,
+        command: ChatCommand,
+    ) -> Result<Option<u64>, ErrorReply> {
         let caller = self.caller_for(conversation)?;
         let outcome = self.shared.router.command(&caller, conversation, command).await?;
-        Ok((json!({ "seq": outcome.event.map(|event| event.seq) }), vec![]))
+        Ok(outcome.event.map(|event| event.seq))
     }
 
     /// Watches a conversation and returns the events after `after_seq` (later ones are pushed).
@@ -354,7 +416,9 @@ impl Session {
         self.apply_needs(needs).await;
     }
 
-    async fn apply_needs(&self, needs: Needs) {
+    // `&mut self`: the session is not `Sync` (a WebSocket is not), so it cannot be borrowed shared across an
+    // await.
+    async fn apply_needs(&mut self, needs: Needs) {
         let shared = &self.shared;
         for (tenant, group) in needs.subscribe_queues {
             if let Err(error) = shared.router.subscribe_queue(&shared.gateway_id, &tenant, &group).await {
@@ -366,7 +430,7 @@ impl Session {
         }
     }
 
-    async fn end(self) {
+    async fn end(mut self) {
         let needs = self.shared.hub.unregister(self.socket_id);
         self.apply_needs(needs).await;
         if let Some(Role::Agent { tenant, agent, .. }) = &self.role

@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "switchboard/internal/v1/common.proto",
     "switchboard/internal/v1/store.proto",
     "switchboard/internal/v1/router.proto",
+    "switchboard/v1/chat.proto",
 ];
 
 fn generate(into: &Path) {

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use switchboard_domain::{AgentId, AgentState, AgentStatus, ConversationId, TenantId};
+use switchboard_domain::{AgentId, AgentState, AgentStatus, ConversationId, TenantId, agent_key};
 use switchboard_proto::convert::conversation_id;
 use switchboard_proto::internal::v1::ListConversationsRequest;
 use switchboard_proto::router::{AgentView, Caller, ChatView, RouterError};
 
 use crate::context::Context;
 use crate::error::from_store;
-use crate::handles::ConversationHandle;
+use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
@@ -79,11 +79,10 @@ impl Actor for AgentActor {
 
 impl AgentActorState {
     async fn accept(&mut self, conversation: ConversationId) -> Result<ChatView, RouterError> {
-        let handle = ConversationHandle::activate(&self.context, conversation).await?;
         let caller = Caller::Agent { tenant: self.agent.tenant.clone(), agent: self.agent.id.clone() };
-        let view = handle.view(Some(caller)).await?;
+        let view = remote::conversation_view(&self.context, &caller, conversation).await?;
         self.agent.reserve(conversation, &view.group)?;
-        let accepted = handle.accept(self.agent.id.clone()).await;
+        let accepted = remote::conversation_accept(&self.context, conversation, &self.agent.id).await;
         match &accepted {
             Ok(_) => self.agent.confirm(conversation),
             Err(_) => self.agent.release(&conversation),
@@ -113,6 +112,9 @@ pub(crate) async fn activate(
     context
         .agents
         .get_or_activate(&key, || async {
+            if !context.shards.owns(&agent_key(tenant, agent)) {
+                return Err(RouterError::NotOwner);
+            }
             let entry = context.directory.agent(tenant, agent).ok_or(RouterError::UnknownAgent)?;
             let mut state = AgentState::new(tenant.clone(), agent.clone(), entry.groups.clone(), entry.capacity);
             let request = ListConversationsRequest {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use switchboard_domain::{AgentId, Clock, ConversationId, Directory, GroupId, TenantId};
-use switchboard_proto::router::{GatewayId, Push};
+use switchboard_proto::router::{ClusterApi, GatewayId, Push};
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
 
@@ -17,6 +17,12 @@ use crate::registry::Registry;
 
 pub(crate) struct Context {
     pub(crate) node_id: String,
+    /// Where this node's router service listens, for the other nodes and the gateways.
+    pub(crate) advertise: String,
+    /// The rest of the cluster, for actors whose shard another node owns; `None` on a single node.
+    pub(crate) peers: Option<Arc<dyn ClusterApi>>,
+    /// Wakes the lease keeper at once (shards were freed somewhere).
+    pub(crate) placement_changed: tokio::sync::Notify,
     pub(crate) store: Arc<dyn StoreApi>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) directory: Arc<Directory>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
     AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody, Fence,
-    NewConversation, WaitingEntry, apply, conversation_key, decide,
+    NewConversation, WaitingEntry, apply, conversation_key, decide, queue_key,
 };
 use switchboard_proto::convert::{conversation_from_record, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
@@ -21,7 +21,8 @@ use tracing::warn;
 
 use crate::context::Context;
 use crate::error::from_store;
-use crate::handles::{AgentHandle, QueueHandle};
+use crate::handles::QueueHandle;
+use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
@@ -308,22 +309,13 @@ impl ConversationActorState {
             _ => None,
         };
         if let Some(reason) = left_queue {
-            match QueueHandle::activate(&self.context, &conversation.tenant, &conversation.group).await {
-                Ok(queue) => queue.remove(conversation.id, reason),
-                Err(error) => {
-                    warn!(%error, conversation = %conversation.id, "queue not told of a removal")
-                }
-            }
+            remote::queue_remove(&self.context, &conversation.tenant, &conversation.group, conversation.id, reason)
+                .await;
         }
         if conversation.state.is_finished()
             && let Some(owner) = &conversation.owner
         {
-            match AgentHandle::activate(&self.context, &conversation.tenant, owner).await {
-                Ok(agent) => agent.finished(conversation.id),
-                Err(error) => {
-                    warn!(%error, conversation = %conversation.id, "agent not told of the end of a chat")
-                }
-            }
+            remote::agent_finished(&self.context, &conversation.tenant, owner, conversation.id).await;
         }
     }
 
@@ -403,7 +395,13 @@ async fn read_events(
 pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Result<(ChatView, String), RouterError> {
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
     // Everything that can fail is done before the chat is stored: once it is, the customer must get its token.
-    let queue = QueueHandle::activate(context, &facts.tenant, &facts.group).await?;
+    // (A queue on another node is told after the store: the cast is retried, and a queue rebuilt from the
+    // store finds the chat anyway.)
+    let local_queue = if context.shards.owns(&queue_key(&facts.tenant, &facts.group)) || context.peers.is_none() {
+        Some(QueueHandle::activate(context, &facts.tenant, &facts.group).await?)
+    } else {
+        None
+    };
     let customer_token = uuid::Uuid::new_v4().simple().to_string();
     let record = ConversationRecord {
         id: facts.id.to_string(),
@@ -443,7 +441,10 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         customer_name: facts.customer_name,
         question: facts.question,
     };
-    queue.add(entry);
+    match local_queue {
+        Some(queue) => queue.add(entry),
+        None => remote::queue_add(context, &facts.tenant, entry).await,
+    }
     Ok((view, customer_token))
 }
 

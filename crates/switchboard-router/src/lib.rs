@@ -17,6 +17,7 @@ mod handles;
 mod placement;
 mod queue;
 mod registry;
+mod remote;
 mod router;
 
 pub use placement::LeaseSettings;

@@ -1,18 +1,22 @@
 //! Shard ownership: the leases this node holds, with their epochs, and the keeper that takes and renews
 //! them through the store and fences itself when it cannot renew in time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use switchboard_domain::{Epoch, Fence, N_SHARDS, ShardId, shard_of};
-use switchboard_proto::internal::v1::{self as pb, AcquireShardsRequest, RenewShardsRequest};
+use switchboard_domain::{Epoch, Fence, N_SHARDS, ShardId, agent_key, conversation_key, queue_key, shard_of};
+use switchboard_proto::convert::conversation_id;
+use switchboard_proto::internal::v1::{
+    self as pb, AcquireShardsRequest, ListConversationsRequest, RegisterNodeRequest, RenewShardsRequest,
+};
 use switchboard_proto::router::RouterError;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::error::from_store;
+use crate::handles::{AgentHandle, ConversationHandle, QueueHandle};
 
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseSettings {
@@ -50,6 +54,11 @@ impl ShardTable {
         Ok(Fence { shard, epoch })
     }
 
+    /// Whether this node owns the shard of `key` now.
+    pub(crate) fn owns(&self, key: &str) -> bool {
+        self.epochs.read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(&shard_of(key))
+    }
+
     pub(crate) fn held(&self) -> Vec<Fence> {
         let epochs = self.epochs.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         epochs.iter().map(|(shard, epoch)| Fence { shard: *shard, epoch: *epoch }).collect()
@@ -78,42 +87,197 @@ impl ShardTable {
     }
 }
 
-/// Takes every shard that can be taken (at start: all of them, including this node's own from before a
-/// restart, each with a new epoch).
-pub(crate) async fn acquire(context: &Context, settings: &LeaseSettings) -> Result<usize, RouterError> {
-    acquire_shards(context, settings, Vec::new()).await
-}
-
-/// Takes the free shards this node does not hold. Never asks for a shard it holds: granting bumps the
-/// epoch, which would fence off this node's own actors.
-async fn acquire_missing(context: &Context, settings: &LeaseSettings) -> Result<usize, RouterError> {
-    let held: std::collections::HashSet<ShardId> = context.shards.held().iter().map(|fence| fence.shard).collect();
-    let missing: Vec<u32> = (0..N_SHARDS).filter(|shard| !held.contains(&ShardId(*shard))).collect();
-    if missing.is_empty() {
-        return Ok(0);
+/// Registers this node and takes its fair share of the shards (at start; later ticks rebalance).
+pub(crate) async fn join(context: &Arc<Context>, settings: &LeaseSettings) -> Result<usize, RouterError> {
+    let nodes = register(context, settings, false).await?;
+    // A node restarted under the same name takes its own shards back at once (with new epochs), instead of
+    // leaving them without an owner until their leases expire.
+    let placement = context.store.get_placement(pb::GetPlacementRequest {}).await.map_err(from_store)?;
+    let own: Vec<u32> =
+        placement.owners.iter().filter(|owner| owner.node_id == context.node_id).map(|owner| owner.shard).collect();
+    let mut taken = 0;
+    if !own.is_empty() {
+        let request = AcquireShardsRequest {
+            node_id: context.node_id.clone(),
+            shards: own,
+            lease_ms: settings.lease.as_millis() as u64,
+            limit: 0,
+        };
+        let granted = context.store.acquire_shards(request).await.map_err(from_store)?.granted;
+        taken += granted.len();
+        take(context, granted);
     }
-    acquire_shards(context, settings, missing).await
+    Ok(taken + balance(context, settings, nodes.len()).await?)
 }
 
-async fn acquire_shards(context: &Context, settings: &LeaseSettings, shards: Vec<u32>) -> Result<usize, RouterError> {
-    let request = AcquireShardsRequest {
+/// Starts serving newly granted shards: actors still running under an older epoch are stopped, and the
+/// actors of the shards are rebuilt from the store.
+fn take(context: &Arc<Context>, granted: Vec<pb::ShardLease>) {
+    if granted.is_empty() {
+        return;
+    }
+    let shards: HashSet<ShardId> = granted.iter().map(|lease| ShardId(lease.shard)).collect();
+    stop_actors(context, &shards);
+    context.shards.grant(&granted);
+    tokio::spawn(activate_shards(context.clone(), shards));
+}
+
+/// The node's heartbeat: answers how many nodes are alive (this one included).
+async fn register(
+    context: &Context,
+    settings: &LeaseSettings,
+    leaving: bool,
+) -> Result<Vec<pb::NodeInfo>, RouterError> {
+    let request = RegisterNodeRequest {
         node_id: context.node_id.clone(),
-        shards,
-        lease_ms: settings.lease.as_millis() as u64,
-        limit: 0,
+        address: context.advertise.clone(),
+        ttl_ms: settings.lease.as_millis() as u64,
+        leaving,
     };
-    let response = context.store.acquire_shards(request).await.map_err(from_store)?;
-    context.shards.grant(&response.granted);
-    Ok(response.granted.len())
+    Ok(context.store.register_node(request).await.map_err(from_store)?.nodes)
 }
 
-/// Renews the leases until the context is dropped; takes free shards; fences itself on a missed deadline.
+/// This node's fair share: every live node holds `ceil(S / nodes)` shards at most.
+fn fair_share(n_nodes: usize) -> usize {
+    (N_SHARDS as usize).div_ceil(n_nodes.max(1))
+}
+
+/// Takes free shards up to the fair share; gives back the surplus when another node is below its share.
+/// Answers how many shards were taken.
+async fn balance(context: &Arc<Context>, settings: &LeaseSettings, n_nodes: usize) -> Result<usize, RouterError> {
+    let target = fair_share(n_nodes);
+    let held = context.shards.n_owned();
+    if held < target {
+        let request = AcquireShardsRequest {
+            node_id: context.node_id.clone(),
+            shards: Vec::new(),
+            lease_ms: settings.lease.as_millis() as u64,
+            limit: (target - held) as u32,
+        };
+        let granted = context.store.acquire_shards(request).await.map_err(from_store)?.granted;
+        let n = granted.len();
+        take(context, granted);
+        if n > 0 {
+            info!(n, held = context.shards.n_owned(), target, "took shards");
+        }
+        return Ok(n);
+    }
+    if held > target {
+        let placement = context.store.get_placement(pb::GetPlacementRequest {}).await.map_err(from_store)?;
+        let mut counts: HashMap<&str, usize> = placement.nodes.iter().map(|node| (node.node_id.as_str(), 0)).collect();
+        for owner in &placement.owners {
+            *counts.entry(owner.node_id.as_str()).or_default() += 1;
+        }
+        let deficit: usize = counts
+            .iter()
+            .filter(|(node, _)| **node != context.node_id)
+            .map(|(_, count)| target.saturating_sub(*count))
+            .sum();
+        let surplus = (held - target).min(deficit);
+        if surplus > 0 {
+            let mut fences = context.shards.held();
+            fences.sort_by_key(|fence| std::cmp::Reverse(fence.shard));
+            fences.truncate(surplus);
+            release(context, fences).await?;
+            info!(n = surplus, held = context.shards.n_owned(), target, "gave shards to less loaded nodes");
+        }
+    }
+    Ok(0)
+}
+
+/// Stops serving the shards (requests get `NotOwner`, actors stop), then frees their leases at once.
+async fn release(context: &Context, fences: Vec<Fence>) -> Result<(), RouterError> {
+    let shards: HashSet<ShardId> = fences.iter().map(|fence| fence.shard).collect();
+    context.shards.drop_shards(shards.iter().copied());
+    stop_actors(context, &shards);
+    let held = fences.iter().map(|fence| pb::Fence { shard: fence.shard.0, epoch: fence.epoch.0 }).collect();
+    let request = pb::ReleaseShardsRequest { node_id: context.node_id.clone(), held };
+    context.store.release_shards(request).await.map_err(from_store)?;
+    Ok(())
+}
+
+/// Graceful shutdown: every shard is handed over at once and the node leaves the cluster.
+pub(crate) async fn leave(context: &Context, settings: &LeaseSettings) -> Result<(), RouterError> {
+    let fences = context.shards.held();
+    let n = fences.len();
+    release(context, fences).await?;
+    register(context, settings, true).await?;
+    info!(n_shards = n, "handed every shard over and left the cluster");
+    Ok(())
+}
+
+/// Self-fencing: stops serving every shard at once.
+fn give_up_all(context: &Context) {
+    let all: HashSet<ShardId> = context.shards.held().iter().map(|fence| fence.shard).collect();
+    context.shards.drop_all();
+    stop_actors(context, &all);
+}
+
+/// Stops the actors whose keys fall in these shards.
+fn stop_actors(context: &Context, shards: &HashSet<ShardId>) {
+    let n = context.conversations.stop_where(|id| shards.contains(&shard_of(&conversation_key(id))))
+        + context.agents.stop_where(|(tenant, agent)| shards.contains(&shard_of(&agent_key(tenant, agent))))
+        + context.queues.stop_where(|(tenant, group)| shards.contains(&shard_of(&queue_key(tenant, group))));
+    if n > 0 {
+        info!(n_actors = n, "stopped the actors of shards given up");
+    }
+}
+
+/// Rebuilds the actors of newly taken shards from the store: every queue, every queued or active
+/// conversation and every agent. Failures are logged; the actors are activated on first use anyway.
+async fn activate_shards(context: Arc<Context>, shards: HashSet<ShardId>) {
+    let in_shards = |key: String| shards.contains(&shard_of(&key));
+    for tenant in context.directory.tenants() {
+        for group in tenant.groups.keys() {
+            if in_shards(queue_key(&tenant.id, group))
+                && let Err(error) = QueueHandle::activate(&context, &tenant.id, group).await
+            {
+                warn!(%error, %group, "queue not activated after takeover");
+            }
+        }
+        let request = ListConversationsRequest {
+            tenant_id: tenant.id.to_string(),
+            states: vec!["queued".into(), "active".into()],
+            shards: shards.iter().map(|shard| shard.0).collect(),
+            ..Default::default()
+        };
+        match context.store.list_conversations(request).await {
+            Ok(response) => {
+                for record in response.conversations {
+                    let Ok(id) = conversation_id(&record.id) else { continue };
+                    if let Err(error) = ConversationHandle::activate(&context, id).await {
+                        warn!(%error, conversation = %id, "conversation not activated after takeover");
+                    }
+                }
+            }
+            Err(error) => warn!(%error, "cannot list the conversations of shards taken over"),
+        }
+        for agent in tenant.agents.keys() {
+            if in_shards(agent_key(&tenant.id, agent))
+                && let Err(error) = AgentHandle::activate(&context, &tenant.id, agent).await
+            {
+                warn!(%error, %agent, "agent not activated after takeover");
+            }
+        }
+    }
+}
+
+/// Renews the leases until aborted, rebalances, and fences itself on a missed deadline.
 pub(crate) async fn keep_leases(context: Arc<Context>, settings: LeaseSettings) {
     let mut last_renewal = Instant::now();
     let mut ticks = tokio::time::interval(settings.renew_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = context.placement_changed.notified() => {}
+        }
+        // Past the deadline another node may already own these shards: stop serving them before anything
+        // else (a node resumed after a long pause must not answer as their owner even once).
+        if last_renewal.elapsed() >= settings.renew_deadline && context.shards.n_owned() > 0 {
+            warn!("lease renewal deadline passed: giving up every shard");
+            give_up_all(&context);
+        }
         let held: Vec<pb::Fence> = context
             .shards
             .held()
@@ -127,22 +291,26 @@ pub(crate) async fn keep_leases(context: Arc<Context>, settings: LeaseSettings) 
                 last_renewal = Instant::now();
                 if !response.lost.is_empty() {
                     warn!(n_lost = response.lost.len(), "shard leases lost to another node");
-                    context.shards.drop_shards(response.lost.iter().map(|shard| ShardId(*shard)));
+                    let lost: HashSet<ShardId> = response.lost.iter().map(|shard| ShardId(*shard)).collect();
+                    context.shards.drop_shards(lost.iter().copied());
+                    stop_actors(&context, &lost);
                 }
-                if let Err(error) = acquire_missing(&context, &settings).await {
-                    warn!(%error, "taking free shards failed");
+                match register(&context, &settings, false).await {
+                    Ok(nodes) => {
+                        if let Err(error) = balance(&context, &settings, nodes.len()).await {
+                            warn!(%error, "rebalancing shards failed");
+                        }
+                    }
+                    Err(error) => warn!(%error, "node heartbeat failed"),
                 }
             }
             Err(error) if last_renewal.elapsed() >= settings.renew_deadline => {
                 if context.shards.n_owned() > 0 {
                     warn!(%error, "lease renewal deadline missed: giving up every shard");
-                    context.shards.drop_all();
+                    give_up_all(&context);
                 }
             }
             Err(error) => warn!(%error, "lease renewal failed, will retry"),
-        }
-        if context.shards.n_owned() == 0 {
-            info!("this node owns no shard");
         }
     }
 }

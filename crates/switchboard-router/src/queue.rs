@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use switchboard_domain::{ConversationId, GroupId, TenantId, WaitingEntry, WaitingQueue};
+use switchboard_domain::{ConversationId, GroupId, TenantId, WaitingEntry, WaitingQueue, queue_key};
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::ListConversationsRequest;
 use switchboard_proto::router::{GatewayId, LeftQueue, Push, QueueChange, RouterError};
@@ -119,6 +119,9 @@ pub(crate) async fn activate(
     context
         .queues
         .get_or_activate(&key, || async {
+            if !context.shards.owns(&queue_key(tenant, group)) {
+                return Err(RouterError::NotOwner);
+            }
             let known = context.directory.tenant(tenant).is_some_and(|entry| entry.groups.contains_key(group));
             if !known {
                 return Err(RouterError::UnknownGroup);

@@ -62,4 +62,17 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         slots.get(key).and_then(|slot| slot.get()).filter(|actor| is_alive(actor)).cloned()
     }
+
+    /// Stops and forgets every actor whose key matches (the node gave up the key's shard).
+    pub(crate) fn stop_where(&self, matches: impl Fn(&K) -> bool) -> usize {
+        let stopped: Vec<ActorRef<M>> = {
+            let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let keys: Vec<K> = slots.keys().filter(|key| matches(key)).cloned().collect();
+            keys.iter().filter_map(|key| slots.remove(key)).filter_map(|slot| slot.get().cloned()).collect()
+        };
+        for actor in &stopped {
+            actor.stop(Some("shard given up".into()));
+        }
+        stopped.len()
+    }
 }

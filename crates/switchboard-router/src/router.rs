@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation, TenantId,
+    AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation, TenantId, WaitingEntry,
+    agent_key, conversation_key, queue_key,
 };
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::ListConversationsRequest;
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, Push, RouterApi, RouterError,
-    StartChat, StartedChat,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, PeerApi,
+    Push, RouterApi, RouterError, StartChat, StartedChat,
 };
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
@@ -27,6 +28,8 @@ use crate::placement::{self, LeaseSettings, ShardTable};
 pub struct RouterSettings {
     /// This node's stable name: a node restarted under the same name takes its shards back at once.
     pub node_id: String,
+    /// Where this node's router service listens (for the other nodes and the gateways); empty in `serve`.
+    pub advertise: String,
     pub leases: LeaseSettings,
     /// How many chats a closed list shows at most.
     pub closed_list_limit: u32,
@@ -34,6 +37,7 @@ pub struct RouterSettings {
 
 pub struct Router {
     context: Arc<Context>,
+    leases: LeaseSettings,
     lease_keeper: JoinHandle<()>,
 }
 
@@ -44,15 +48,21 @@ impl Drop for Router {
 }
 
 impl Router {
-    /// Takes the shards it can, activates every support queue, and keeps the leases renewed.
+    /// Joins the cluster (takes its fair share of the shards, all of them when alone), activates the
+    /// actors of its shards, and keeps the leases renewed and balanced. `peers` reaches the actors that
+    /// live on other nodes; `None` on a single node.
     pub async fn start(
         settings: RouterSettings,
         store: Arc<dyn StoreApi>,
         clock: Arc<dyn Clock>,
         directory: Arc<Directory>,
+        peers: Option<Arc<dyn ClusterApi>>,
     ) -> Result<Router, RouterError> {
         let context = Arc::new(Context {
             node_id: settings.node_id.clone(),
+            advertise: settings.advertise.clone(),
+            peers,
+            placement_changed: Default::default(),
             store,
             clock,
             directory,
@@ -63,19 +73,78 @@ impl Router {
             queues: Default::default(),
             closed_list_limit: settings.closed_list_limit,
         });
-        let n_shards = placement::acquire(&context, &settings.leases).await?;
+        let n_shards = placement::join(&context, &settings.leases).await?;
         info!(node = %settings.node_id, n_shards, "router started");
-        for tenant in context.directory.tenants() {
-            for group in tenant.groups.keys() {
-                QueueHandle::activate(&context, &tenant.id, group).await?;
-            }
-        }
         let lease_keeper = tokio::spawn(placement::keep_leases(context.clone(), settings.leases));
-        Ok(Router { context, lease_keeper })
+        Ok(Router { context, leases: settings.leases, lease_keeper })
     }
 
     pub fn n_shards_owned(&self) -> usize {
         self.context.shards.n_owned()
+    }
+
+    /// Whether this node owns the shard of an actor key now.
+    pub fn owns_key(&self, key: &str) -> bool {
+        self.context.shards.owns(key)
+    }
+
+    /// Makes the lease keeper look at the placement now instead of at its next tick (another node freed
+    /// shards: taking them at once shortens a handover).
+    pub fn placement_changed(&self) {
+        self.context.placement_changed.notify_one();
+    }
+
+    /// Graceful shutdown: stops renewing, stops every actor and hands every shard over at once.
+    pub async fn shutdown(&self) -> Result<(), RouterError> {
+        self.lease_keeper.abort();
+        placement::leave(&self.context, &self.leases).await
+    }
+
+    fn owns(&self, key: &str) -> Result<(), RouterError> {
+        if self.context.shards.owns(key) { Ok(()) } else { Err(RouterError::NotOwner) }
+    }
+}
+
+/// What other routers ask of this one: done here when this node owns the key's shard, else `NotOwner`.
+#[async_trait]
+impl PeerApi for Router {
+    async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError> {
+        self.owns(&conversation_key(&conversation))?;
+        ConversationHandle::with(
+            &self.context,
+            conversation,
+            |handle| async move { handle.accept(agent.clone()).await },
+        )
+        .await
+    }
+
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+        self.owns(&queue_key(tenant, &entry.group))?;
+        QueueHandle::activate(&self.context, tenant, &entry.group).await?.add(entry);
+        Ok(())
+    }
+
+    async fn queue_remove(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        conversation: ConversationId,
+        reason: LeftQueue,
+    ) -> Result<(), RouterError> {
+        self.owns(&queue_key(tenant, group))?;
+        QueueHandle::activate(&self.context, tenant, group).await?.remove(conversation, reason);
+        Ok(())
+    }
+
+    async fn agent_finished(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.owns(&agent_key(tenant, agent))?;
+        AgentHandle::activate(&self.context, tenant, agent).await?.finished(conversation);
+        Ok(())
     }
 }
 

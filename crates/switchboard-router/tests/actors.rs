@@ -172,8 +172,12 @@ async fn a_node_whose_shards_were_taken_over_can_no_longer_write() {
     let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "too late".into() };
     let refused = fixture.router.command(&customer, chat, send).await;
     assert!(matches!(refused, Err(RouterError::NotOwner)), "{refused:?}");
-    // Nothing was stored by the old owner; the new owner sees the chat as it was.
+    // Nothing was stored by the old owner; the new owner sees the chat as it was. (The old node stops for
+    // good, so that the new one is alone and holds every shard.)
+    drop(fixture.router);
+    fixture.clock.advance_ms(60_000);
     let new_owner = start_router("node-2", fixture.store.clone(), fixture.clock.clone()).await;
+    assert_eq!(new_owner.n_shards_owned(), 1024);
     let events = new_owner.read_events(&customer, chat, 0).await.unwrap();
     assert_eq!(events.len(), 2);
     assert!(events.iter().all(|event| !matches!(&event.body, EventBody::Message { body } if body == "too late")));

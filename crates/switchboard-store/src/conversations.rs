@@ -1,103 +1,119 @@
 //! Conversation summaries: lookup by id and the filtered lists (waiting queues, an agent's chats, the
-//! conversations of shards taken over, closed history).
+//! conversations of shards taken over, closed history). The list's SQL is built here for both backends.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::AssertSqlSafe;
 use switchboard_proto::internal::v1::{
-    ConversationRecord, GetConversationRequest, GetConversationResponse, ListConversationsRequest,
-    ListConversationsResponse,
+    GetConversationRequest, GetConversationResponse, ListConversationsRequest, ListConversationsResponse,
 };
 use switchboard_proto::store::StoreError;
 
 use crate::SqlStore;
-use crate::error::{db, shard_from_i32, shard_to_i32, to_u64};
+use crate::error::{db, shard_to_i32};
+use crate::records::{CONVERSATION_COLUMNS, ConversationRow, conversation_from_row};
 
-const COLUMNS: &str = "id, tenant_id, group_id, customer_name, first_question, state, owner_agent_id, \
-     created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, last_seq, shard, customer_token";
-
-const SELECT_CONVERSATION: &str = "SELECT id, tenant_id, group_id, customer_name, first_question, state, \
+pub(crate) const SELECT_CONVERSATION: &str = "SELECT id, tenant_id, group_id, customer_name, first_question, state, \
      owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, last_seq, shard, \
      customer_token FROM conversations WHERE id = $1";
+
+/// A value bound to a placeholder of a built statement.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Bind {
+    Text(String),
+    Int(i64),
+    Int32(i32),
+}
+
+/// SQL built from fixed fragments and numbered placeholders (`$1`, `$2`, ...), never from values.
+#[derive(Debug, Default)]
+pub(crate) struct Built {
+    pub sql: String,
+    pub binds: Vec<Bind>,
+}
+
+impl Built {
+    fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+
+    fn bind(&mut self, value: Bind) -> &mut Self {
+        self.binds.push(value);
+        self.sql.push_str(&format!("${}", self.binds.len()));
+        self
+    }
+
+    fn list(&mut self, values: impl IntoIterator<Item = Bind>) -> &mut Self {
+        self.sql.push('(');
+        for (i, value) in values.into_iter().enumerate() {
+            if i > 0 {
+                self.sql.push_str(", ");
+            }
+            self.bind(value);
+        }
+        self.sql.push(')');
+        self
+    }
+}
+
+/// The list query. Every filter is optional: an empty tenant, owner or list matches everything.
+/// `id_order` is how ids sort: bytewise on both backends (`id` on SQLite, `id COLLATE "C"` on PostgreSQL),
+/// whatever the database's collation.
+pub(crate) fn list_query(request: &ListConversationsRequest, id_order: &str) -> Result<Built, StoreError> {
+    let shards = request.shards.iter().map(|&shard| shard_to_i32(shard)).collect::<Result<Vec<_>, _>>()?;
+    let mut query = Built::default();
+    query.push("SELECT ").push(CONVERSATION_COLUMNS).push(" FROM conversations WHERE 1 = 1");
+    if !request.tenant_id.is_empty() {
+        query.push(" AND tenant_id = ").bind(Bind::Text(request.tenant_id.clone()));
+    }
+    if !request.states.is_empty() {
+        query.push(" AND state IN ").list(request.states.iter().cloned().map(Bind::Text));
+    }
+    if !request.group_ids.is_empty() {
+        query.push(" AND group_id IN ").list(request.group_ids.iter().cloned().map(Bind::Text));
+    }
+    if !request.owner_agent_id.is_empty() {
+        query.push(" AND owner_agent_id = ").bind(Bind::Text(request.owner_agent_id.clone()));
+    }
+    if !shards.is_empty() {
+        query.push(" AND shard IN ").list(shards.into_iter().map(Bind::Int32));
+    }
+    if request.newest_first {
+        query.push(" ORDER BY closed_at_ms DESC, created_at_ms DESC, ").push(id_order).push(" DESC");
+    } else {
+        query.push(" ORDER BY queued_at_ms, ").push(id_order);
+    }
+    if request.limit > 0 {
+        query.push(" LIMIT ").bind(Bind::Int(i64::from(request.limit)));
+    }
+    Ok(query)
+}
 
 pub(crate) async fn get(
     store: &SqlStore,
     request: GetConversationRequest,
 ) -> Result<GetConversationResponse, StoreError> {
-    let row = sqlx::query(SELECT_CONVERSATION)
+    let row: Option<ConversationRow> = sqlx::query_as(SELECT_CONVERSATION)
         .bind(&request.conversation_id)
         .fetch_optional(&store.reader)
         .await
         .map_err(db)?;
-    Ok(GetConversationResponse { conversation: row.as_ref().map(conversation_from_row).transpose()? })
+    Ok(GetConversationResponse { conversation: row.map(conversation_from_row).transpose()? })
 }
 
-/// Every filter is optional: an empty tenant, owner or list matches everything. The SQL is built from
-/// fixed fragments and bind placeholders only, never from values.
 pub(crate) async fn list(
     store: &SqlStore,
     request: ListConversationsRequest,
 ) -> Result<ListConversationsResponse, StoreError> {
-    let shards = request.shards.iter().map(|&shard| shard_to_i32(shard)).collect::<Result<Vec<_>, _>>()?;
-    let mut query = QueryBuilder::<Sqlite>::new("SELECT ");
-    query.push(COLUMNS).push(" FROM conversations WHERE 1 = 1");
-    if !request.tenant_id.is_empty() {
-        query.push(" AND tenant_id = ").push_bind(&request.tenant_id);
+    let built = list_query(&request, "id")?;
+    let mut query = sqlx::query_as::<_, ConversationRow>(AssertSqlSafe(built.sql)).persistent(false);
+    for value in built.binds {
+        query = match value {
+            Bind::Text(value) => query.bind(value),
+            Bind::Int(value) => query.bind(value),
+            Bind::Int32(value) => query.bind(value),
+        };
     }
-    if !request.states.is_empty() {
-        query.push(" AND state IN (");
-        let mut list = query.separated(", ");
-        for state in &request.states {
-            list.push_bind(state);
-        }
-        query.push(")");
-    }
-    if !request.group_ids.is_empty() {
-        query.push(" AND group_id IN (");
-        let mut list = query.separated(", ");
-        for group in &request.group_ids {
-            list.push_bind(group);
-        }
-        query.push(")");
-    }
-    if !request.owner_agent_id.is_empty() {
-        query.push(" AND owner_agent_id = ").push_bind(&request.owner_agent_id);
-    }
-    if !shards.is_empty() {
-        query.push(" AND shard IN (");
-        let mut list = query.separated(", ");
-        for &shard in &shards {
-            list.push_bind(shard);
-        }
-        query.push(")");
-    }
-    if request.newest_first {
-        query.push(" ORDER BY closed_at_ms DESC, created_at_ms DESC, id DESC");
-    } else {
-        query.push(" ORDER BY queued_at_ms, id");
-    }
-    if request.limit > 0 {
-        query.push(" LIMIT ").push_bind(i64::from(request.limit));
-    }
-    let rows = query.build().persistent(false).fetch_all(&store.reader).await.map_err(db)?;
-    let conversations = rows.iter().map(conversation_from_row).collect::<Result<_, _>>()?;
+    let rows = query.fetch_all(&store.reader).await.map_err(db)?;
+    let conversations = rows.into_iter().map(conversation_from_row).collect::<Result<_, _>>()?;
     Ok(ListConversationsResponse { conversations })
-}
-
-fn conversation_from_row(row: &SqliteRow) -> Result<ConversationRecord, StoreError> {
-    Ok(ConversationRecord {
-        id: row.try_get("id").map_err(db)?,
-        tenant_id: row.try_get("tenant_id").map_err(db)?,
-        group_id: row.try_get("group_id").map_err(db)?,
-        customer_name: row.try_get("customer_name").map_err(db)?,
-        first_question: row.try_get("first_question").map_err(db)?,
-        state: row.try_get("state").map_err(db)?,
-        owner_agent_id: row.try_get("owner_agent_id").map_err(db)?,
-        created_at_ms: row.try_get("created_at_ms").map_err(db)?,
-        queued_at_ms: row.try_get("queued_at_ms").map_err(db)?,
-        accepted_at_ms: row.try_get("accepted_at_ms").map_err(db)?,
-        closed_at_ms: row.try_get("closed_at_ms").map_err(db)?,
-        last_seq: to_u64(row.try_get("last_seq").map_err(db)?, "last_seq")?,
-        shard: shard_from_i32(row.try_get("shard").map_err(db)?)?,
-        customer_token: row.try_get("customer_token").map_err(db)?,
-    })
 }

@@ -3,13 +3,17 @@
 use sqlx::error::ErrorKind;
 use switchboard_proto::store::StoreError;
 
-/// A database error as a store error: a violated constraint is a caller bug (`Invalid`), a row that does
-/// not decode is corrupt data (`Invalid`: retrying cannot help), and everything else (I/O, busy, pool
-/// timeouts, closed pool) is `Unavailable`.
+/// A database error as a store error: a violated constraint is a caller bug (`Invalid`), and so is a value
+/// PostgreSQL refuses (SQLSTATE class 22, "data exception", e.g. a NUL character in a text); a row that
+/// does not decode is corrupt data (`Invalid`: retrying cannot help); everything else (I/O, busy, pool
+/// timeouts, closed pool, a server shutting down, a deadlock or serialization failure) is `Unavailable`.
 pub(crate) fn db(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(database) if database.kind() != ErrorKind::Other => {
             StoreError::Invalid(format!("constraint violated: {database}"))
+        }
+        sqlx::Error::Database(database) if is_data_exception(database.as_ref()) => {
+            StoreError::Invalid(format!("value refused by the database: {database}"))
         }
         sqlx::Error::RowNotFound
         | sqlx::Error::TypeNotFound { .. }
@@ -23,6 +27,28 @@ pub(crate) fn db(error: sqlx::Error) -> StoreError {
             tracing::warn!(%error, "database error");
             StoreError::Unavailable(error.to_string())
         }
+    }
+}
+
+/// PostgreSQL's SQLSTATE class 22: the statement was fine, a value in it was not.
+fn is_data_exception(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some_and(|pg| pg.code().starts_with("22"))
+}
+
+/// Whether a failed statement is due to the data of the request it ran for (so that the other appends of a
+/// batch may go through without it), rather than to the connection or the database as a whole.
+pub(crate) fn blames_the_request(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(database) => database.kind() != ErrorKind::Other || is_data_exception(database.as_ref()),
+        sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::InvalidArgument(_) => true,
+        _ => false,
     }
 }
 

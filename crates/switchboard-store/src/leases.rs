@@ -1,16 +1,19 @@
-//! Shard leases: acquire and renew, each in one transaction of a few statements whatever the number of
-//! shards.
+//! Shard leases on SQLite: acquire, renew and release, each in one transaction of a few statements
+//! whatever the number of shards; and the validation the backends share.
+//!
+//! Every grant bumps the shard's epoch and is recorded in `shard_lease_history` in the same transaction.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Sqlite};
 use switchboard_domain::N_SHARDS;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, RenewShardsRequest, RenewShardsResponse, ShardLease,
+    AcquireShardsRequest, AcquireShardsResponse, Fence, ReleaseShardsRequest, ReleaseShardsResponse,
+    RenewShardsRequest, RenewShardsResponse, ShardLease,
 };
 use switchboard_proto::store::StoreError;
 
 use crate::SqlStore;
-use crate::error::{db, shard_from_i32, shard_to_i32, to_i64, to_u64};
+use crate::error::{db, shard_from_i32, shard_to_i32, to_i64};
+use crate::records::{LeaseRow, lease_from_row};
 
 /// Creates the missing rows of every shard, free (no owner, epoch 0, expired), so that granting is one
 /// UPDATE. `WHERE true` keeps SQLite from parsing `ON CONFLICT` as a join constraint.
@@ -20,70 +23,98 @@ const INSERT_ALL_SHARDS: &str = "WITH RECURSIVE wanted (shard) AS \
      SELECT shard, '', 0, 0 FROM wanted WHERE true \
      ON CONFLICT (shard) DO NOTHING";
 
-/// Grants every shard that is expired or already this node's. A new row goes from epoch 0 to 1.
-const GRANT_ALL_SHARDS: &str = "UPDATE shard_leases SET owner = $1, epoch = epoch + 1, expires_at_ms = $2 \
-     WHERE owner = $1 OR expires_at_ms <= $3 \
-     RETURNING shard, epoch, expires_at_ms";
-
 const RETURNING_LEASE: &str = " RETURNING shard, epoch, expires_at_ms";
 
-pub(crate) async fn acquire(
-    store: &SqlStore,
-    request: AcquireShardsRequest,
-) -> Result<AcquireShardsResponse, StoreError> {
+/// An acquire, validated.
+pub(crate) struct Acquire<'a> {
+    pub node: &'a str,
+    /// Sorted, distinct; empty means every shard.
+    pub shards: Vec<i32>,
+    pub lease_ms: i64,
+    /// `None`: no limit. With a limit only free or expired shards are taken: re-taking a shard this node
+    /// holds would bump its epoch (fencing off the node's own actors) without adding a shard.
+    pub limit: Option<i64>,
+}
+
+pub(crate) fn validate_acquire(request: &AcquireShardsRequest) -> Result<Acquire<'_>, StoreError> {
     let node = non_empty_node(&request.node_id)?;
     let mut shards = request.shards.iter().map(|&shard| shard_to_i32(shard)).collect::<Result<Vec<_>, _>>()?;
     shards.sort_unstable();
     shards.dedup();
     let lease_ms = to_i64(request.lease_ms, "lease_ms")?;
+    let limit = (request.limit > 0).then(|| i64::from(request.limit));
+    Ok(Acquire { node, shards, lease_ms, limit })
+}
+
+/// The fences of a renew or release as `(shard, epoch)` column values, each checked.
+pub(crate) fn held(fences: &[Fence]) -> Result<Vec<(i32, i64)>, StoreError> {
+    fences.iter().map(|fence| Ok((shard_to_i32(fence.shard)?, to_i64(fence.epoch, "epoch")?))).collect()
+}
+
+pub(crate) async fn acquire(
+    store: &SqlStore,
+    request: AcquireShardsRequest,
+) -> Result<AcquireShardsResponse, StoreError> {
+    let acquire = validate_acquire(&request)?;
 
     let mut transaction = store.writer.begin().await.map_err(db)?;
     let now = store.now_ms();
-    let expires_at_ms = expires_at(now, lease_ms)?;
-    let rows = if shards.is_empty() {
+    let expires_at_ms = expires_at(now, acquire.lease_ms)?;
+    if acquire.shards.is_empty() {
         sqlx::query(INSERT_ALL_SHARDS).bind(i64::from(N_SHARDS)).execute(&mut *transaction).await.map_err(db)?;
-        sqlx::query(GRANT_ALL_SHARDS)
-            .bind(node)
-            .bind(expires_at_ms)
-            .bind(now)
-            .fetch_all(&mut *transaction)
-            .await
-            .map_err(db)?
     } else {
         let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shard_leases (shard, owner, epoch, expires_at_ms) ");
-        insert.push_values(&shards, |mut row, &shard| {
+        insert.push_values(&acquire.shards, |mut row, &shard| {
             row.push_bind(shard).push_bind("").push_bind(0_i64).push_bind(0_i64);
         });
         insert.push(" ON CONFLICT (shard) DO NOTHING");
         insert.build().persistent(false).execute(&mut *transaction).await.map_err(db)?;
+    }
 
-        let mut grant = QueryBuilder::<Sqlite>::new("UPDATE shard_leases SET owner = ");
-        grant.push_bind(node).push(", epoch = epoch + 1, expires_at_ms = ").push_bind(expires_at_ms);
-        grant.push(" WHERE (owner = ").push_bind(node).push(" OR expires_at_ms <= ").push_bind(now);
-        grant.push(") AND shard IN (");
+    // The shards to take, lowest first; then one UPDATE of exactly those.
+    let mut grant = QueryBuilder::<Sqlite>::new("UPDATE shard_leases SET owner = ");
+    grant.push_bind(acquire.node).push(", epoch = epoch + 1, expires_at_ms = ").push_bind(expires_at_ms);
+    grant.push(" WHERE shard IN (SELECT shard FROM shard_leases WHERE (expires_at_ms <= ").push_bind(now);
+    if acquire.limit.is_none() {
+        grant.push(" OR owner = ").push_bind(acquire.node);
+    }
+    grant.push(")");
+    if !acquire.shards.is_empty() {
+        grant.push(" AND shard IN (");
         let mut list = grant.separated(", ");
-        for &shard in &shards {
+        for &shard in &acquire.shards {
             list.push_bind(shard);
         }
-        grant.push(")").push(RETURNING_LEASE);
-        grant.build().persistent(false).fetch_all(&mut *transaction).await.map_err(db)?
-    };
+        grant.push(")");
+    }
+    grant.push(" ORDER BY shard");
+    if let Some(limit) = acquire.limit {
+        grant.push(" LIMIT ").push_bind(limit);
+    }
+    grant.push(")").push(RETURNING_LEASE);
+    let rows: Vec<LeaseRow> =
+        grant.build_query_as().persistent(false).fetch_all(&mut *transaction).await.map_err(db)?;
+
+    if !rows.is_empty() {
+        let mut history =
+            QueryBuilder::<Sqlite>::new("INSERT INTO shard_lease_history (shard, epoch, node_id, acquired_at_ms) ");
+        history.push_values(&rows, |mut row, &(shard, epoch, _)| {
+            row.push_bind(shard).push_bind(epoch).push_bind(acquire.node).push_bind(now);
+        });
+        history.build().persistent(false).execute(&mut *transaction).await.map_err(db)?;
+    }
     transaction.commit().await.map_err(db)?;
 
-    let mut granted = rows.iter().map(lease_from_row).collect::<Result<Vec<_>, _>>()?;
+    let mut granted = rows.into_iter().map(lease_from_row).collect::<Result<Vec<_>, _>>()?;
     granted.sort_unstable_by_key(|lease| lease.shard);
-    tracing::debug!(node, granted = granted.len(), "acquired shards");
+    tracing::debug!(node = acquire.node, granted = granted.len(), "acquired shards");
     Ok(AcquireShardsResponse { granted })
 }
 
 pub(crate) async fn renew(store: &SqlStore, request: RenewShardsRequest) -> Result<RenewShardsResponse, StoreError> {
     let node = non_empty_node(&request.node_id)?;
     let lease_ms = to_i64(request.lease_ms, "lease_ms")?;
-    let held = request
-        .held
-        .iter()
-        .map(|fence| Ok((shard_to_i32(fence.shard)?, to_i64(fence.epoch, "epoch")?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
+    let held = held(&request.held)?;
     if held.is_empty() {
         return Ok(RenewShardsResponse::default());
     }
@@ -97,12 +128,15 @@ pub(crate) async fn renew(store: &SqlStore, request: RenewShardsRequest) -> Resu
         row.push_bind(shard).push_bind(epoch);
     });
     renew.push(")").push(RETURNING_LEASE);
-    let rows = renew.build().persistent(false).fetch_all(&store.writer).await.map_err(db)?;
+    let rows: Vec<LeaseRow> = renew.build_query_as().persistent(false).fetch_all(&store.writer).await.map_err(db)?;
+    let renewed = rows.into_iter().map(lease_from_row).collect::<Result<Vec<_>, _>>()?;
+    Ok(renewal(node, &request.held, renewed))
+}
 
-    let mut renewed = rows.iter().map(lease_from_row).collect::<Result<Vec<_>, _>>()?;
+/// The answer to a renewal: the leases renewed in shard order, and every other shard asked for, once.
+pub(crate) fn renewal(node: &str, asked: &[Fence], mut renewed: Vec<ShardLease>) -> RenewShardsResponse {
     renewed.sort_unstable_by_key(|lease| lease.shard);
-    let mut lost: Vec<u32> = request
-        .held
+    let mut lost: Vec<u32> = asked
         .iter()
         .map(|fence| fence.shard)
         .filter(|shard| renewed.binary_search_by_key(shard, |lease| lease.shard).is_err())
@@ -112,7 +146,38 @@ pub(crate) async fn renew(store: &SqlStore, request: RenewShardsRequest) -> Resu
     if !lost.is_empty() {
         tracing::info!(node, ?lost, "shard leases lost");
     }
-    Ok(RenewShardsResponse { renewed, lost })
+    RenewShardsResponse { renewed, lost }
+}
+
+/// Frees the leases still held by the node at the given epochs: no owner, expired now (an expiry already
+/// in the past stays as it was). The epoch is kept: the next grant bumps it.
+pub(crate) async fn release(
+    store: &SqlStore,
+    request: ReleaseShardsRequest,
+) -> Result<ReleaseShardsResponse, StoreError> {
+    let node = non_empty_node(&request.node_id)?;
+    let held = held(&request.held)?;
+    if held.is_empty() {
+        return Ok(ReleaseShardsResponse::default());
+    }
+    let now = store.now_ms();
+    let mut release =
+        QueryBuilder::<Sqlite>::new("UPDATE shard_leases SET owner = '', expires_at_ms = CASE WHEN expires_at_ms < ");
+    release.push_bind(now).push(" THEN expires_at_ms ELSE ").push_bind(now).push(" END WHERE owner = ");
+    release.push_bind(node).push(" AND (shard, epoch) IN (");
+    release.push_values(&held, |mut row, &(shard, epoch)| {
+        row.push_bind(shard).push_bind(epoch);
+    });
+    release.push(") RETURNING shard");
+    let rows: Vec<(i32,)> = release.build_query_as().persistent(false).fetch_all(&store.writer).await.map_err(db)?;
+    released(node, rows.into_iter().map(|(shard,)| shard))
+}
+
+pub(crate) fn released(node: &str, shards: impl Iterator<Item = i32>) -> Result<ReleaseShardsResponse, StoreError> {
+    let mut released = shards.map(shard_from_i32).collect::<Result<Vec<_>, _>>()?;
+    released.sort_unstable();
+    tracing::info!(node, ?released, "shard leases released");
+    Ok(ReleaseShardsResponse { released })
 }
 
 pub(crate) fn non_empty_node(node_id: &str) -> Result<&str, StoreError> {
@@ -124,12 +189,4 @@ pub(crate) fn non_empty_node(node_id: &str) -> Result<&str, StoreError> {
 
 pub(crate) fn expires_at(now_ms: i64, lease_ms: i64) -> Result<i64, StoreError> {
     now_ms.checked_add(lease_ms).ok_or_else(|| StoreError::Invalid(format!("lease_ms out of range: {lease_ms}")))
-}
-
-fn lease_from_row(row: &SqliteRow) -> Result<ShardLease, StoreError> {
-    Ok(ShardLease {
-        shard: shard_from_i32(row.try_get("shard").map_err(db)?)?,
-        epoch: to_u64(row.try_get("epoch").map_err(db)?, "epoch")?,
-        expires_at_ms: row.try_get("expires_at_ms").map_err(db)?,
-    })
 }

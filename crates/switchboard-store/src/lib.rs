@@ -1,10 +1,13 @@
 //! The persistence service of Switchboard: this crate owns the database. It holds the schema and its
-//! migrations, the shard leases (who owns which shard, under which epoch), the conversation summaries and
-//! the append-only event log, and implements [`StoreApi`] over them with [`SqlStore`] on SQLite. Every
-//! write is one transaction; appends are fenced by the shard epoch, get gap-free sequence numbers and are
-//! deduplicated on the client message id. The SQL is kept portable so that PostgreSQL can follow; the
-//! few differences live in `dialect`.
+//! migrations, the shard leases (who owns which shard, under which epoch) and their history, the node
+//! registry, the conversation summaries and the append-only event log, and implements [`StoreApi`] over
+//! them with [`SqlStore`] on SQLite and [`PgStore`] on PostgreSQL ([`open`] chooses by URL). Every write
+//! is one transaction; appends are fenced by the shard epoch, get gap-free sequence numbers, are
+//! deduplicated on the client message id, and are group-committed (`batch`). The SQL is portable where it
+//! can be; the differences are described in `dialect`.
 
+mod audit;
+mod batch;
 mod conversations;
 mod dialect;
 mod error;
@@ -12,6 +15,10 @@ mod events;
 mod leases;
 mod memory;
 mod migrate;
+mod nodes;
+mod pg;
+mod records;
+mod store;
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,13 +31,22 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use switchboard_domain::Clock;
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, ListConversationsRequest, ListConversationsResponse, ReadEventsRequest,
-    ReadEventsResponse, RenewShardsRequest, RenewShardsResponse,
+    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
+pub use audit::{LeaseGrant, StoreAudit};
+pub use batch::GroupCommit;
 pub use memory::MemoryStore;
 pub use migrate::LATEST_MIGRATION;
+pub use pg::{PgOptions, PgStore};
+pub use store::{Store, open};
+
+use crate::batch::Appender;
+use crate::error::{db, to_u64};
+use crate::records::{GrantRow, grant_from_row};
 
 /// How long a statement waits for a lock held by another connection before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,13 +58,15 @@ const READERS: u32 = 4;
 /// The store on SQLite.
 ///
 /// Every write transaction goes through one writer connection, so SQLite never has to upgrade a read lock
-/// between two writers (no `SQLITE_BUSY` deadlocks) and appends to a conversation are serialized. Reads
-/// use a separate small pool. Cloning is cheap and shares the pools.
+/// between two writers (no `SQLITE_BUSY` deadlocks) and appends to a conversation are serialized; appends
+/// are group-committed on it. Reads use a separate small pool. Cloning is cheap and shares the pools and
+/// the append writer.
 #[derive(Clone)]
 pub struct SqlStore {
     writer: SqlitePool,
     reader: SqlitePool,
     clock: Arc<dyn Clock>,
+    appender: Appender,
 }
 
 impl fmt::Debug for SqlStore {
@@ -64,6 +82,15 @@ impl SqlStore {
     /// The file runs in WAL mode with `synchronous=FULL`: an acknowledged append survives a crash of the
     /// process and a power loss. `clock` is the store's "database time" (lease expiry): see `dialect`.
     pub async fn open(url_or_path: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        Self::open_with(url_or_path, clock, GroupCommit::default()).await
+    }
+
+    /// [`SqlStore::open`] with the group commit settings given.
+    pub async fn open_with(
+        url_or_path: &str,
+        clock: Arc<dyn Clock>,
+        group_commit: GroupCommit,
+    ) -> Result<Self, StoreError> {
         if url_or_path.contains(":memory:") || url_or_path.contains("mode=memory") {
             return Self::open_in_memory(clock).await;
         }
@@ -80,7 +107,7 @@ impl SqlStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let writer = single_connection_pool(options.clone()).await?;
-        let store = Self { reader: writer.clone(), writer, clock };
+        let store = Self::new(writer.clone(), writer, clock, group_commit);
         store.migrate().await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
@@ -98,9 +125,14 @@ impl SqlStore {
             .map_err(|error| StoreError::Invalid(error.to_string()))?
             .foreign_keys(true);
         let pool = single_connection_pool(options).await?;
-        let store = Self { reader: pool.clone(), writer: pool, clock };
+        let store = Self::new(pool.clone(), pool, clock, GroupCommit::default());
         store.migrate().await?;
         Ok(store)
+    }
+
+    fn new(writer: SqlitePool, reader: SqlitePool, clock: Arc<dyn Clock>, group_commit: GroupCommit) -> Self {
+        let backend = Arc::new(events::SqliteAppender { writer: writer.clone() });
+        SqlStore { writer, reader, clock, appender: Appender::start(backend, group_commit) }
     }
 
     /// Closes the connections, waiting for the ones in use to be returned.
@@ -129,24 +161,16 @@ async fn single_connection_pool(options: SqliteConnectOptions) -> Result<SqliteP
 
 #[async_trait]
 impl StoreApi for SqlStore {
-    // Placeholders until the cluster operations land (issue 3, in progress).
-    async fn release_shards(
-        &self,
-        _request: switchboard_proto::internal::v1::ReleaseShardsRequest,
-    ) -> Result<switchboard_proto::internal::v1::ReleaseShardsResponse, StoreError> {
-        Err(StoreError::Unavailable("release_shards not implemented yet".into()))
+    async fn release_shards(&self, request: ReleaseShardsRequest) -> Result<ReleaseShardsResponse, StoreError> {
+        leases::release(self, request).await
     }
-    async fn register_node(
-        &self,
-        _request: switchboard_proto::internal::v1::RegisterNodeRequest,
-    ) -> Result<switchboard_proto::internal::v1::RegisterNodeResponse, StoreError> {
-        Err(StoreError::Unavailable("register_node not implemented yet".into()))
+
+    async fn register_node(&self, request: RegisterNodeRequest) -> Result<RegisterNodeResponse, StoreError> {
+        nodes::register(self, request).await
     }
-    async fn get_placement(
-        &self,
-        _request: switchboard_proto::internal::v1::GetPlacementRequest,
-    ) -> Result<switchboard_proto::internal::v1::Placement, StoreError> {
-        Err(StoreError::Unavailable("get_placement not implemented yet".into()))
+
+    async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError> {
+        nodes::placement(self, request).await
     }
 
     async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {
@@ -158,7 +182,7 @@ impl StoreApi for SqlStore {
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
-        events::append(self, request).await
+        self.appender.append(request).await
     }
 
     async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
@@ -174,6 +198,26 @@ impl StoreApi for SqlStore {
         request: ListConversationsRequest,
     ) -> Result<ListConversationsResponse, StoreError> {
         conversations::list(self, request).await
+    }
+}
+
+const SELECT_HISTORY: &str =
+    "SELECT shard, epoch, node_id, acquired_at_ms FROM shard_lease_history ORDER BY shard, epoch";
+
+#[async_trait]
+impl StoreAudit for SqlStore {
+    async fn lease_history(&self) -> Result<Vec<LeaseGrant>, StoreError> {
+        let rows: Vec<GrantRow> = sqlx::query_as(SELECT_HISTORY).fetch_all(&self.reader).await.map_err(db)?;
+        rows.into_iter().map(grant_from_row).collect()
+    }
+
+    async fn event_epochs(&self, conversation_id: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(events::SELECT_EVENT_EPOCHS)
+            .bind(conversation_id)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db)?;
+        rows.into_iter().map(|(seq, epoch)| Ok((to_u64(seq, "seq")?, to_u64(epoch, "epoch")?))).collect()
     }
 }
 

@@ -14,14 +14,18 @@ use async_trait::async_trait;
 use switchboard_domain::{Clock, N_SHARDS};
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord, EventRecord,
-    GetConversationRequest, GetConversationResponse, ListConversationsRequest, ListConversationsResponse,
-    ReadEventsRequest, ReadEventsResponse, RenewShardsRequest, RenewShardsResponse, ShardLease,
+    GetConversationRequest, GetConversationResponse, GetPlacementRequest, ListConversationsRequest,
+    ListConversationsResponse, NodeInfo, Placement, ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest,
+    RegisterNodeResponse, ReleaseShardsRequest, ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+    ShardLease, ShardOwner,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
+use crate::audit::{LeaseGrant, StoreAudit};
 use crate::dialect::db_now_ms;
 use crate::error::{shard_to_i32, to_i64};
-use crate::leases::{expires_at, non_empty_node};
+use crate::leases::{expires_at, held, non_empty_node, renewal, validate_acquire};
+use crate::nodes::validate_registration;
 
 /// A row of `shard_leases`.
 #[derive(Debug, Clone)]
@@ -37,12 +41,31 @@ impl Lease {
     const FREE: Lease = Lease { owner: String::new(), epoch: 0, expires_at_ms: 0 };
 }
 
+impl Lease {
+    /// Released: no owner, expired now (an expiry already in the past stays as it was); the epoch is kept.
+    fn free(&mut self, now: i64) {
+        self.owner.clear();
+        self.expires_at_ms = self.expires_at_ms.min(now);
+    }
+}
+
+/// A row of `events`: the record and the fence epoch it was written under.
+#[derive(Debug, Clone)]
+struct StoredEvent {
+    record: EventRecord,
+    epoch: u64,
+}
+
 #[derive(Default)]
 struct Tables {
     leases: BTreeMap<u32, Lease>,
+    /// `shard_lease_history`, by (shard, epoch).
+    history: BTreeMap<(u32, u64), LeaseGrant>,
+    /// `nodes`: address and expiry by node id (ordered bytewise, as the SQL stores order node ids).
+    nodes: BTreeMap<String, (String, i64)>,
     conversations: HashMap<String, ConversationRecord>,
     /// Each conversation's log, in seq order.
-    events: HashMap<String, Vec<EventRecord>>,
+    events: HashMap<String, Vec<StoredEvent>>,
 }
 
 pub struct MemoryStore {
@@ -74,55 +97,86 @@ fn lease_of(shard: u32, lease: &Lease) -> ShardLease {
     ShardLease { shard, epoch: lease.epoch, expires_at_ms: lease.expires_at_ms }
 }
 
-/// The shards as a set in shard order, each checked to exist.
-fn shard_set(shards: &[u32]) -> Result<Vec<u32>, StoreError> {
-    for &shard in shards {
-        shard_to_i32(shard)?;
-    }
-    let mut shards = shards.to_vec();
-    shards.sort_unstable();
-    shards.dedup();
-    Ok(shards)
-}
-
 #[async_trait]
 impl StoreApi for MemoryStore {
-    // Placeholders until the cluster operations land (issue 3, in progress).
-    async fn release_shards(
-        &self,
-        _request: switchboard_proto::internal::v1::ReleaseShardsRequest,
-    ) -> Result<switchboard_proto::internal::v1::ReleaseShardsResponse, StoreError> {
-        Err(StoreError::Unavailable("release_shards not implemented yet".into()))
+    async fn release_shards(&self, request: ReleaseShardsRequest) -> Result<ReleaseShardsResponse, StoreError> {
+        let node = non_empty_node(&request.node_id)?;
+        held(&request.held)?;
+        let mut tables = self.lock();
+        let now = self.now_ms();
+        let mut released = Vec::new();
+        for fence in &request.held {
+            if let Some(lease) = tables.leases.get_mut(&fence.shard)
+                && lease.owner == node
+                && lease.epoch == fence.epoch
+            {
+                lease.free(now);
+                released.push(fence.shard);
+            }
+        }
+        released.sort_unstable();
+        released.dedup();
+        Ok(ReleaseShardsResponse { released })
     }
-    async fn register_node(
-        &self,
-        _request: switchboard_proto::internal::v1::RegisterNodeRequest,
-    ) -> Result<switchboard_proto::internal::v1::RegisterNodeResponse, StoreError> {
-        Err(StoreError::Unavailable("register_node not implemented yet".into()))
+
+    async fn register_node(&self, request: RegisterNodeRequest) -> Result<RegisterNodeResponse, StoreError> {
+        let registration = validate_registration(&request)?;
+        let mut tables = self.lock();
+        let now = self.now_ms();
+        if registration.leaving {
+            tables.nodes.remove(registration.node);
+            for lease in tables.leases.values_mut().filter(|lease| lease.owner == registration.node) {
+                lease.free(now);
+            }
+        } else {
+            let expires_at_ms = expires_at(now, registration.ttl_ms)?;
+            tables.nodes.insert(registration.node.to_owned(), (registration.address.to_owned(), expires_at_ms));
+        }
+        tables.nodes.retain(|_, &mut (_, expires_at_ms)| expires_at_ms > now);
+        Ok(RegisterNodeResponse { nodes: live_nodes(&tables, now) })
     }
-    async fn get_placement(
-        &self,
-        _request: switchboard_proto::internal::v1::GetPlacementRequest,
-    ) -> Result<switchboard_proto::internal::v1::Placement, StoreError> {
-        Err(StoreError::Unavailable("get_placement not implemented yet".into()))
+
+    async fn get_placement(&self, _request: GetPlacementRequest) -> Result<Placement, StoreError> {
+        let tables = self.lock();
+        let now = self.now_ms();
+        let owners = tables
+            .leases
+            .iter()
+            .filter(|(_, lease)| lease.expires_at_ms > now && !lease.owner.is_empty())
+            .map(|(&shard, lease)| ShardOwner { shard, node_id: lease.owner.clone(), epoch: lease.epoch })
+            .collect();
+        Ok(Placement { owners, nodes: live_nodes(&tables, now) })
     }
 
     async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {
-        let node = non_empty_node(&request.node_id)?;
-        let shards = shard_set(&request.shards)?;
-        let lease_ms = to_i64(request.lease_ms, "lease_ms")?;
+        let acquire = validate_acquire(&request)?;
+        let node = acquire.node;
 
         let mut tables = self.lock();
         let now = self.now_ms();
-        let expires_at_ms = expires_at(now, lease_ms)?;
-        let shards = if shards.is_empty() { (0..N_SHARDS).collect() } else { shards };
+        let expires_at_ms = expires_at(now, acquire.lease_ms)?;
+        let shards: Vec<u32> = if acquire.shards.is_empty() {
+            (0..N_SHARDS).collect()
+        } else {
+            acquire.shards.iter().map(|&shard| shard as u32).collect()
+        };
+        let mut room = acquire.limit.map_or(usize::MAX, |limit| limit as usize);
         let mut granted = Vec::new();
         for shard in shards {
+            if room == 0 {
+                break;
+            }
             let lease = tables.leases.entry(shard).or_insert(Lease::FREE);
-            if lease.owner == node || lease.expires_at_ms <= now {
+            if lease.expires_at_ms <= now || (lease.owner == node && acquire.limit.is_none()) {
                 *lease = Lease { owner: node.to_owned(), epoch: lease.epoch + 1, expires_at_ms };
                 granted.push(lease_of(shard, lease));
+                room -= 1;
             }
+        }
+        for lease in &granted {
+            let grant =
+                LeaseGrant { shard: lease.shard, epoch: lease.epoch, node_id: node.to_owned(), acquired_at_ms: now };
+            tables.history.insert((lease.shard, lease.epoch), grant);
         }
         Ok(AcquireShardsResponse { granted })
     }
@@ -151,11 +205,7 @@ impl StoreApi for MemoryStore {
                 renewed.insert(fence.shard, lease_of(fence.shard, lease));
             }
         }
-        let mut lost: Vec<u32> =
-            request.held.iter().map(|fence| fence.shard).filter(|shard| !renewed.contains_key(shard)).collect();
-        lost.sort_unstable();
-        lost.dedup();
-        Ok(RenewShardsResponse { renewed: renewed.into_values().collect(), lost })
+        Ok(renewal(node, &request.held, renewed.into_values().collect()))
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
@@ -198,6 +248,7 @@ impl StoreApi for MemoryStore {
         let stored_events = tables.events.get(id).map(Vec::as_slice).unwrap_or_default();
         let duplicates: Vec<EventRecord> = stored_events
             .iter()
+            .map(|stored| &stored.record)
             .filter(|stored| {
                 !stored.client_msg_id.is_empty()
                     && request.events.iter().any(|event| event.client_msg_id == stored.client_msg_id)
@@ -221,13 +272,15 @@ impl StoreApi for MemoryStore {
 
         let stored: Vec<EventRecord> = (last_seq + 1..)
             .zip(&request.events)
-            .map(|(seq, event)| crate::events::stored_record(id, seq, event))
+            .map(|(seq, event)| crate::batch::stored_record(id, seq, event))
             .collect();
         let last_seq = stored.last().map_or(last_seq, |event| event.seq);
         if let Some(created) = created {
             tables.conversations.insert(id.to_owned(), created);
         }
-        tables.events.entry(id.to_owned()).or_default().extend(stored.iter().cloned());
+        let epoch = fence.epoch;
+        let rows = stored.iter().map(|record| StoredEvent { record: record.clone(), epoch });
+        tables.events.entry(id.to_owned()).or_default().extend(rows);
         let conversation = tables.conversations.get_mut(id).ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         conversation.last_seq = last_seq;
         if let Some(update) = &request.update {
@@ -251,6 +304,7 @@ impl StoreApi for MemoryStore {
             .get(&request.conversation_id)
             .into_iter()
             .flatten()
+            .map(|stored| &stored.record)
             .filter(|event| event.seq > request.after_seq)
             .take(limit)
             .cloned()
@@ -295,5 +349,31 @@ impl StoreApi for MemoryStore {
             conversations.truncate(request.limit as usize);
         }
         Ok(ListConversationsResponse { conversations })
+    }
+}
+
+fn live_nodes(tables: &Tables, now: i64) -> Vec<NodeInfo> {
+    tables
+        .nodes
+        .iter()
+        .filter(|(_, (_, expires_at_ms))| *expires_at_ms > now)
+        .map(|(node_id, (address, expires_at_ms))| NodeInfo {
+            node_id: node_id.clone(),
+            address: address.clone(),
+            expires_at_ms: *expires_at_ms,
+        })
+        .collect()
+}
+
+#[async_trait]
+impl StoreAudit for MemoryStore {
+    async fn lease_history(&self) -> Result<Vec<LeaseGrant>, StoreError> {
+        Ok(self.lock().history.values().cloned().collect())
+    }
+
+    async fn event_epochs(&self, conversation_id: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+        let tables = self.lock();
+        let events = tables.events.get(conversation_id).into_iter().flatten();
+        Ok(events.map(|stored| (stored.record.seq, stored.epoch)).collect())
     }
 }

@@ -1,13 +1,16 @@
-//! The schema migrations and their runner.
+//! The schema migrations and their runners (SQLite and PostgreSQL).
 //!
-//! Migrations are SQL files under `migrations/`, embedded in the binary and applied in version order.
-//! Each runs in a transaction of its own that first claims its version in `schema_migrations`: a version
-//! already there is skipped, so running the migrations again (or from two processes at once) is harmless.
+//! Migrations are SQL files under `migrations/`, embedded in the binary and applied in version order; the
+//! same files run on both databases. Each runs in a transaction of its own that first claims its version
+//! in `schema_migrations`: a version already there is skipped, so running the migrations again (or from
+//! two processes at once) is harmless. On PostgreSQL each of those transactions also takes a transaction
+//! advisory lock, so that two store processes starting together migrate one after the other.
 
+use sqlx::{PgConnection, SqliteConnection};
 use switchboard_proto::store::StoreError;
 
-use crate::SqlStore;
 use crate::error::db;
+use crate::{PgStore, SqlStore};
 
 struct Migration {
     version: i64,
@@ -16,11 +19,13 @@ struct Migration {
 }
 
 /// In version order; a new migration is a new file and a new entry, never an edit of an applied one.
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql") }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql") },
+    Migration { version: 2, name: "cluster", sql: include_str!("../migrations/0002_cluster.sql") },
+];
 
 /// The schema version this build migrates to.
-pub const LATEST_MIGRATION: i64 = 1;
+pub const LATEST_MIGRATION: i64 = 2;
 
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
      version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)";
@@ -32,6 +37,16 @@ const CLAIM_VERSION: &str = "INSERT INTO schema_migrations (version, name, appli
 
 const SELECT_VERSIONS: &str = "SELECT version FROM schema_migrations ORDER BY version";
 
+/// The key of the PostgreSQL advisory lock that serializes migrators ("sbmigrat").
+const PG_MIGRATION_LOCK: i64 = 0x7362_6d69_6772_6174;
+const PG_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+
+fn warn_if_newer(versions: &[i64]) {
+    if let Some(newest) = versions.last().filter(|&&newest| newest > LATEST_MIGRATION) {
+        tracing::warn!(newest, known = LATEST_MIGRATION, "the database was migrated by a newer version");
+    }
+}
+
 impl SqlStore {
     /// Applies the migrations not applied yet. Returns how many were applied.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
@@ -39,10 +54,56 @@ impl SqlStore {
         let mut applied = 0;
         for migration in MIGRATIONS {
             let mut transaction = self.writer.begin().await.map_err(db)?;
+            if !claim(&mut transaction, migration, self.now_ms()).await? {
+                transaction.rollback().await.map_err(db)?;
+                continue;
+            }
+            sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
+            transaction.commit().await.map_err(db)?;
+            tracing::info!(version = migration.version, name = migration.name, "applied migration");
+            applied += 1;
+        }
+        warn_if_newer(&self.applied_migrations().await?);
+        Ok(applied)
+    }
+
+    /// The versions recorded in `schema_migrations`, oldest first.
+    pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS).fetch_all(&self.writer).await.map_err(db)?;
+        Ok(rows.into_iter().map(|(version,)| version).collect())
+    }
+}
+
+async fn claim(connection: &mut SqliteConnection, migration: &Migration, now_ms: i64) -> Result<bool, StoreError> {
+    let claimed = sqlx::query(CLAIM_VERSION)
+        .bind(migration.version)
+        .bind(migration.name)
+        .bind(now_ms)
+        .execute(connection)
+        .await
+        .map_err(db)?
+        .rows_affected();
+    Ok(claimed == 1)
+}
+
+impl PgStore {
+    /// Applies the migrations not applied yet. Returns how many were applied. Safe to run from several
+    /// store processes at once.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        let mut transaction = self.pool.begin().await.map_err(db)?;
+        pg_lock(&mut transaction).await?;
+        sqlx::query(CREATE_SCHEMA_MIGRATIONS).execute(&mut *transaction).await.map_err(db)?;
+        transaction.commit().await.map_err(db)?;
+
+        let mut applied = 0;
+        for migration in MIGRATIONS {
+            let mut transaction = self.pool.begin().await.map_err(db)?;
+            pg_lock(&mut transaction).await?;
+            let now_ms = self.now_ms(&mut transaction).await?;
             let claimed = sqlx::query(CLAIM_VERSION)
                 .bind(migration.version)
                 .bind(migration.name)
-                .bind(self.now_ms())
+                .bind(now_ms)
                 .execute(&mut *transaction)
                 .await
                 .map_err(db)?
@@ -56,18 +117,20 @@ impl SqlStore {
             tracing::info!(version = migration.version, name = migration.name, "applied migration");
             applied += 1;
         }
-        let versions = self.applied_migrations().await?;
-        if let Some(newest) = versions.last().filter(|&&newest| newest > LATEST_MIGRATION) {
-            tracing::warn!(newest, known = LATEST_MIGRATION, "the database was migrated by a newer version");
-        }
+        warn_if_newer(&self.applied_migrations().await?);
         Ok(applied)
     }
 
     /// The versions recorded in `schema_migrations`, oldest first.
     pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
-        let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS).fetch_all(&self.writer).await.map_err(db)?;
+        let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS).fetch_all(&self.pool).await.map_err(db)?;
         Ok(rows.into_iter().map(|(version,)| version).collect())
     }
+}
+
+async fn pg_lock(connection: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query(PG_LOCK).bind(PG_MIGRATION_LOCK).execute(connection).await.map_err(db)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,12 +3,20 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use switchboard_domain::{Clock, SystemClock};
 use switchboard_gateway::{Gateway, GatewaySettings};
+use switchboard_proto::router::ClusterApi;
 use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_rpc::cluster::{ClusterClient, ClusterSettings, GrpcConnector};
+use switchboard_rpc::{
+    ClientSettings, GrpcServices, GrpcStore, RouterGrpcServer, ServerSettings, StoreGrpcServer, serve_grpc,
+};
 use switchboard_store::SqlStore;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, DEMO_CONFIG};
 
@@ -30,10 +38,162 @@ async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Sq
     Ok(store)
 }
 
-pub async fn migrate(config: Config) -> anyhow::Result<()> {
-    let store = open_store(&config, Arc::new(SystemClock)).await?;
-    let applied = store.migrate().await?;
-    info!(applied, "migrations applied");
+pub async fn migrate(config: Config, database_url: Option<String>) -> anyhow::Result<()> {
+    let applied = match database_url {
+        Some(url) => {
+            // Opening applies the pending migrations.
+            let store =
+                switchboard_store::open(&url, Arc::new(SystemClock)).await.context("cannot open the database")?;
+            let applied = store.applied_migrations().await?;
+            store.close().await;
+            applied.len()
+        }
+        None => open_store(&config, Arc::new(SystemClock)).await?.migrate().await?,
+    };
+    info!(applied, "migrations up to date");
+    Ok(())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LeaseArgs {
+    /// How long a shard lease lasts without renewal.
+    #[arg(long, env = "SWITCHBOARD_LEASE_MS", default_value_t = 10_000)]
+    pub lease_ms: u64,
+    /// How often the leases are renewed.
+    #[arg(long, env = "SWITCHBOARD_RENEW_EVERY_MS", default_value_t = 2_000)]
+    pub renew_every_ms: u64,
+    /// A node that could not renew for this long stops serving its shards (shorter than the lease).
+    #[arg(long, env = "SWITCHBOARD_RENEW_DEADLINE_MS", default_value_t = 7_000)]
+    pub renew_deadline_ms: u64,
+}
+
+impl LeaseArgs {
+    fn settings(&self) -> anyhow::Result<LeaseSettings> {
+        if self.renew_every_ms == 0
+            || self.renew_deadline_ms >= self.lease_ms
+            || self.renew_every_ms >= self.renew_deadline_ms
+        {
+            bail!("lease settings must satisfy 0 < renew-every-ms < renew-deadline-ms < lease-ms");
+        }
+        Ok(LeaseSettings {
+            lease: Duration::from_millis(self.lease_ms),
+            renew_every: Duration::from_millis(self.renew_every_ms),
+            renew_deadline: Duration::from_millis(self.renew_deadline_ms),
+        })
+    }
+}
+
+pub struct RouterArgs {
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub store: String,
+    pub node_id: String,
+    pub leases: LeaseArgs,
+}
+
+async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
+}
+
+/// The store service: serves the database over gRPC.
+pub async fn store(_config: Config, listen: SocketAddr, database_url: String) -> anyhow::Result<()> {
+    let store =
+        switchboard_store::open(&database_url, Arc::new(SystemClock)).await.context("cannot open the database")?;
+    let backend = store.backend();
+    let listener = bind(listen).await?;
+    let address = listener.local_addr()?;
+    let mut services = GrpcServices::new();
+    let server = StoreGrpcServer::new(Arc::new(store.clone())).with_draining(services.draining());
+    services.add_service(server.into_service());
+    println!("switchboard store listening on http://{address}");
+    info!(%address, backend, "store serving");
+    serve_grpc(listener, services, &ServerSettings::default(), shutdown_signal()).await?;
+    store.close().await;
+    Ok(())
+}
+
+/// A router node: joins the cluster through the store, serves its actors over gRPC, and hands its shards
+/// over on SIGTERM.
+pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let directory = Arc::new(config.directory()?);
+    let leases = args.leases.settings()?;
+    let store = Arc::new(GrpcStore::connect_lazy(&args.store, ClientSettings::default())?);
+    let listener = bind(args.listen).await?;
+    let address = listener.local_addr()?;
+    let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{address}"));
+    let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
+    let cluster = ClusterClient::start(store.clone(), Arc::new(connector), ClusterSettings::default());
+    let settings = RouterSettings { node_id: args.node_id.clone(), advertise, leases, closed_list_limit: 200 };
+    // The store may start after the router: wait for it.
+    let router = loop {
+        let peers: Arc<dyn ClusterApi> = Arc::new(cluster.clone());
+        match Router::start(settings.clone(), store.clone(), clock.clone(), directory.clone(), Some(peers)).await {
+            Ok(router) => break Arc::new(router),
+            Err(error) if error.is_retryable() => {
+                warn!(%error, "cannot join the cluster yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    // Shards freed elsewhere (a node left or died) are taken at once, not at the next renewal.
+    let mut placement = cluster.placement();
+    let watcher = {
+        let router = router.clone();
+        tokio::spawn(async move {
+            while placement.changed().await.is_ok() {
+                if placement.borrow_and_update().n_unowned() > 0 {
+                    router.placement_changed();
+                }
+            }
+        })
+    };
+    let mut services = GrpcServices::new();
+    let node: Arc<dyn ClusterApi> = router.clone();
+    services.add_service(RouterGrpcServer::new(node).with_draining(services.draining()).into_service());
+    println!("switchboard router listening on http://{address}");
+    info!(%address, node = %args.node_id, shards = router.n_shards_owned(), "router serving");
+    let handover = {
+        let router = router.clone();
+        async move {
+            shutdown_signal().await;
+            // Hand the shards over first, while the server still answers (with NotOwner) so that gateways
+            // move on at once.
+            if let Err(error) = router.shutdown().await {
+                warn!(%error, "graceful handover failed; the leases will expire instead");
+            }
+        }
+    };
+    serve_grpc(
+        listener,
+        services,
+        &ServerSettings { shutdown_grace: Duration::from_secs(2), ..Default::default() },
+        handover,
+    )
+    .await?;
+    watcher.abort();
+    Ok(())
+}
+
+/// A gateway: WebSocket clients, routed through the cluster client to the routers.
+pub async fn gateway(config: Config, listen: SocketAddr, store: String, gateway_id: String) -> anyhow::Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let directory = Arc::new(config.directory()?);
+    let store = Arc::new(GrpcStore::connect_lazy(&store, ClientSettings::default())?);
+    let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
+    let cluster = ClusterClient::start(store, Arc::new(connector), ClusterSettings::default());
+    let gateway_settings = GatewaySettings {
+        gateway_id,
+        max_message_bytes: config.limits.max_message_bytes,
+        outbound_queue_len: config.limits.outbound_queue_len,
+    };
+    let gateway = Gateway::start(gateway_settings, Arc::new(cluster), directory, clock);
+    let listener = bind(listen).await?;
+    let address = listener.local_addr()?;
+    println!("switchboard gateway listening on http://{address}");
+    info!(%address, websocket = %format!("ws://{address}/v1/ws"), "gateway serving");
+    axum::serve(listener, gateway.http_routes()).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }
 
@@ -42,9 +202,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let directory = Arc::new(config.directory()?);
     let store = Arc::new(open_store(&config, clock.clone()).await?);
-    let router_settings =
-        RouterSettings { node_id: config.node_id.clone(), leases: LeaseSettings::default(), closed_list_limit: 200 };
-    let router = Arc::new(Router::start(router_settings, store, clock.clone(), directory.clone()).await?);
+    let router_settings = RouterSettings {
+        node_id: config.node_id.clone(),
+        advertise: String::new(),
+        leases: LeaseSettings::default(),
+        closed_list_limit: 200,
+    };
+    let router = Arc::new(Router::start(router_settings, store, clock.clone(), directory.clone(), None).await?);
     let gateway_settings = GatewaySettings {
         gateway_id: format!("{}-gateway", config.node_id),
         max_message_bytes: config.limits.max_message_bytes,

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by several test binaries, each using a part
 //! A router on the in-memory store, with a fixed clock for database time and tokio's paused clock
 //! for timers.
 
@@ -57,9 +58,14 @@ pub fn directory() -> Directory {
 }
 
 pub async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<FixedClock>) -> Router {
-    let settings = RouterSettings { node_id: node_id.into(), leases: LeaseSettings::default(), closed_list_limit: 50 };
+    let settings = RouterSettings {
+        node_id: node_id.into(),
+        advertise: String::new(),
+        leases: LeaseSettings::default(),
+        closed_list_limit: 50,
+    };
     let clock_dyn: Arc<dyn Clock> = clock;
-    Router::start(settings, store, clock_dyn, Arc::new(directory())).await.unwrap()
+    Router::start(settings, store, clock_dyn, Arc::new(directory()), None).await.unwrap()
 }
 
 pub async fn fixture() -> Fixture {

@@ -1,17 +1,21 @@
 //! Shared helpers of the store's tests: a store on a fixed clock, leases, records, and the macro that runs a
-//! scenario against every implementation of [`StoreApi`] (SQLite in memory, SQLite on a file, and the
-//! in-memory stand-in the router's actor tests use), so that the stand-in provably behaves like the store.
+//! scenario against every implementation of [`StoreApi`] (SQLite in memory, SQLite on a file, PostgreSQL,
+//! and the in-memory stand-in the router's actor tests use), so that the stand-in provably behaves like the
+//! store.
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::Path;
-use std::sync::Arc;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use switchboard_domain::{FixedClock, shard_of};
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AppendRequest, AppendResponse, ConversationRecord, ConversationUpdate, Fence, NewEvent,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
-use switchboard_store::{MemoryStore, SqlStore};
+use switchboard_store::{GroupCommit, MemoryStore, PgOptions, PgStore, SqlStore, StoreAudit};
+use switchboard_testservices::Postgres;
 use tempfile::TempDir;
 
 pub const LEASE_MS: u64 = 10_000;
@@ -20,35 +24,110 @@ pub const START_MS: i64 = 1_700_000_000_000;
 /// A store behind the trait, the clock that is its "database time", and what keeps its file alive.
 pub struct Harness {
     pub store: Arc<dyn StoreApi>,
+    /// The same store, for its audit tables.
+    pub audit: Arc<dyn StoreAudit>,
     pub clock: Arc<FixedClock>,
     /// The directory of a file database; deleted when the harness is dropped.
     dir: Option<TempDir>,
 }
 
 impl Harness {
+    fn new<S: StoreApi + StoreAudit>(store: S, clock: Arc<FixedClock>, dir: Option<TempDir>) -> Self {
+        let store = Arc::new(store);
+        Harness { store: store.clone(), audit: store, clock, dir }
+    }
+
     /// [`SqlStore`] on a private in-memory SQLite database.
     pub async fn sql_in_memory() -> Self {
         let clock = Arc::new(FixedClock::new(START_MS));
         let store = SqlStore::open_in_memory(clock.clone()).await.unwrap();
-        Harness { store: Arc::new(store), clock, dir: None }
+        Harness::new(store, clock, None)
     }
 
     /// [`SqlStore`] on a SQLite file (WAL, a writer and a pool of readers) in a fresh temporary directory.
     pub async fn sql_on_file() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (store, clock) = sql_on_file(&dir.path().join("store.db")).await;
-        Harness { store: Arc::new(store), clock, dir: Some(dir) }
+        Harness::new(store, clock, Some(dir))
+    }
+
+    /// [`PgStore`] on a fresh database of this test binary's PostgreSQL server, its database time the
+    /// harness's clock.
+    pub async fn postgres() -> Self {
+        let clock = Arc::new(FixedClock::new(START_MS));
+        let store = pg_store(&fresh_database(), clock.clone()).await;
+        Harness::new(store, clock, None)
     }
 
     /// The in-memory stand-in, [`MemoryStore`].
     pub fn memory() -> Self {
         let clock = Arc::new(FixedClock::new(START_MS));
-        Harness { store: Arc::new(MemoryStore::new(clock.clone())), clock, dir: None }
+        Harness::new(MemoryStore::new(clock.clone()), clock, None)
     }
 
     pub fn store(&self) -> &dyn StoreApi {
         self.store.as_ref()
     }
+
+    pub fn audit(&self) -> &dyn StoreAudit {
+        self.audit.as_ref()
+    }
+}
+
+/// The PostgreSQL server of this test binary, started on first use. A watchdog process stops it (and
+/// deletes its data directory) once the test binary has exited, since statics are never dropped.
+pub fn postgres() -> &'static Postgres {
+    static SERVER: OnceLock<Postgres> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let server = Postgres::start().expect("PostgreSQL starts (apt-get install postgresql)");
+        stop_when_this_process_exits(&server);
+        server
+    })
+}
+
+/// A new, empty database on [`postgres()`].
+pub fn fresh_database() -> String {
+    postgres().create_database().expect("createdb")
+}
+
+/// A [`PgStore`] on `url` (migrated), on the test clock, with short waits for a connection.
+pub async fn pg_store(url: &str, clock: Arc<FixedClock>) -> PgStore {
+    pg_store_with(url, clock, GroupCommit::default()).await
+}
+
+pub async fn pg_store_with(url: &str, clock: Arc<FixedClock>, group_commit: GroupCommit) -> PgStore {
+    let options = PgOptions {
+        test_clock: Some(clock),
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(2),
+        group_commit,
+    };
+    let store = PgStore::connect(url, options).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+fn stop_when_this_process_exits(server: &Postgres) {
+    let url = server.url("postgres");
+    let output = Command::new("psql").args([url.as_str(), "-tAc", "SHOW data_directory"]).output().expect("psql");
+    let data_dir = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let root = Path::new(&data_dir).parent().expect("the data directory has a parent").to_owned();
+    assert!(root.to_string_lossy().contains("switchboard-pg-"), "unexpected data directory {data_dir}");
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
+         kill -QUIT \"$(head -n 1 '{data_dir}/postmaster.pid')\" 2>/dev/null; sleep 1; rm -rf '{root}'",
+        pid = std::process::id(),
+        root = root.display(),
+    );
+    // Never waited for: it must outlive this process.
+    #[allow(clippy::zombie_processes)]
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the watchdog starts");
 }
 
 /// Opens (or reopens) the SQLite file at `path`, on a fixed clock at [`START_MS`].
@@ -59,7 +138,8 @@ pub async fn sql_on_file(path: &Path) -> (SqlStore, Arc<FixedClock>) {
 }
 
 /// For each `async fn scenario(h: Harness)`, a module `scenario` with one test per backend:
-/// `scenario::sqlite_in_memory`, `scenario::sqlite_on_file` and `scenario::memory_store`.
+/// `scenario::sqlite_in_memory`, `scenario::sqlite_on_file`, `scenario::postgres` and
+/// `scenario::memory_store`.
 #[allow(unused_macros)] // durability.rs is SqlStore-only
 macro_rules! on_every_backend {
     ($($scenario:ident),+ $(,)?) => {$(
@@ -74,6 +154,11 @@ macro_rules! on_every_backend {
             #[tokio::test]
             async fn sqlite_on_file() {
                 super::$scenario(Harness::sql_on_file().await).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                super::$scenario(Harness::postgres().await).await;
             }
 
             #[tokio::test]

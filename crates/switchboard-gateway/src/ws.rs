@@ -1,0 +1,82 @@
+//! The WebSocket transport: JSON text frames (`docs/protocol.md`). It only decodes and encodes; the session
+//! does the rest.
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+
+use crate::protocol::{self, ErrorReply};
+use crate::session::{Close, Inbound, Outgoing, Transport};
+
+/// Close code for a client too slow to read what it is sent: reconnect and resume from the last seq.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a frame larger than the server reads (RFC 6455: message too big).
+pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+/// Close code when the server shuts down (RFC 6455: going away).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for frames that cannot be decoded at all (RFC 6455: protocol error).
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+
+pub(crate) struct WsTransport {
+    socket: WebSocket,
+    max_message_bytes: usize,
+}
+
+impl WsTransport {
+    pub(crate) fn new(socket: WebSocket, max_message_bytes: usize) -> Self {
+        WsTransport { socket, max_message_bytes }
+    }
+}
+
+impl Transport for WsTransport {
+    async fn recv(&mut self) -> Option<Inbound> {
+        loop {
+            let frame = match self.socket.recv().await? {
+                Ok(frame) => frame,
+                // A frame too large to read closes the connection with 1009 and says the limit; other read
+                // errors mean the connection is already gone. axum hides tungstenite's error type; its
+                // capacity error is the one that says "too long".
+                Err(error) if error.to_string().contains("too long") => {
+                    return Some(Inbound::Fatal(Close::FrameTooLarge { max_message_bytes: self.max_message_bytes }));
+                }
+                Err(_) => return None,
+            };
+            return Some(match frame {
+                Message::Text(text) => match protocol::parse(text.as_str()) {
+                    Ok((id, request)) => Inbound::Request { id, request },
+                    Err((id, error)) => Inbound::Refused { id, error },
+                },
+                Message::Binary(_) => Inbound::Refused {
+                    id: None,
+                    error: ErrorReply::new("bad_frame", "binary frames are not supported: send JSON text"),
+                },
+                Message::Close(_) => return None,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            });
+        }
+    }
+
+    async fn send(&mut self, frame: Outgoing<'_>) -> bool {
+        let text: Utf8Bytes = match frame {
+            Outgoing::Welcome { max_message_bytes } => protocol::welcome(max_message_bytes).into(),
+            Outgoing::Ack { id, ack } => protocol::ack(id, ack.to_json()).into(),
+            Outgoing::Error { id, error } => protocol::error(id, error).into(),
+            Outgoing::Push(outbound) => outbound.json(),
+        };
+        self.socket.send(Message::Text(text)).await.is_ok()
+    }
+
+    async fn close(&mut self, reason: Close) {
+        let code = match reason {
+            Close::SlowConsumer => CLOSE_SLOW_CONSUMER,
+            Close::FrameTooLarge { .. } => CLOSE_MESSAGE_TOO_BIG,
+            Close::Undecodable { .. } => CLOSE_PROTOCOL_ERROR,
+            Close::ShuttingDown => CLOSE_GOING_AWAY,
+        };
+        let mut reason = reason.reason();
+        // A close frame's reason is at most 123 bytes.
+        while reason.len() > 123 {
+            reason.pop();
+        }
+        let close = CloseFrame { code, reason: reason.into() };
+        let _ = self.socket.send(Message::Close(Some(close))).await;
+    }
+}

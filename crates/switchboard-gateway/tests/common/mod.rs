@@ -1,0 +1,397 @@
+#![allow(dead_code)] // each test uses a part
+//! A gateway over an in-process router on `MemoryStore`, served on a real loopback socket exactly as the
+//! binary serves it (`Gateway::routes` through `axum::serve`), and two protocol clients: gRPC and WebSocket.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard_domain::{AgentEntry, AgentId, Clock, Directory, FixedClock, GroupEntry, GroupId, TenantEntry, TenantId};
+use switchboard_gateway::{Gateway, GatewaySettings};
+use switchboard_proto::public::v1 as pb;
+use switchboard_proto::public::v1::chat_service_client::ChatServiceClient;
+use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_store::MemoryStore;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Status, Streaming};
+
+pub use pb::ack::Result as AckResult;
+pub use pb::client_frame::Request as Req;
+pub use pb::server_frame::Frame;
+
+pub const WIDGET: &str = "acme-widget-key";
+pub const ALICE: &str = "alice-token-123";
+pub const BOB: &str = "bob-token-12345";
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Group `sales`; agents `alice` and `bob` (sales, capacity 3).
+pub fn directory() -> Directory {
+    let tenant = TenantId::new("acme").unwrap();
+    let sales = GroupId::new("sales").unwrap();
+    let agent = |id: &str| {
+        let id = AgentId::new(id).unwrap();
+        (id.clone(), AgentEntry { id, name: "Agent".into(), groups: vec![sales.clone()], capacity: 3 })
+    };
+    let entry = TenantEntry {
+        id: tenant,
+        name: "Acme".into(),
+        groups: BTreeMap::from([(sales.clone(), GroupEntry { id: sales.clone(), name: "Sales".into() })]),
+        agents: BTreeMap::from([agent("alice"), agent("bob")]),
+    };
+    let tokens = vec![(AgentId::new("alice").unwrap(), ALICE.into()), (AgentId::new("bob").unwrap(), BOB.into())];
+    let mut directory = Directory::default();
+    directory.add_tenant(entry, vec![WIDGET.into()], tokens).unwrap();
+    directory
+}
+
+pub struct Server {
+    pub gateway: Gateway,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Server::start_with(GatewaySettings::default()).await
+    }
+
+    pub async fn start_with(settings: GatewaySettings) -> Server {
+        let clock: Arc<dyn Clock> = Arc::new(FixedClock::new(1_767_225_600_000));
+        let directory = Arc::new(directory());
+        let store = Arc::new(MemoryStore::new(clock.clone()));
+        let router_settings = RouterSettings {
+            node_id: "node-1".into(),
+            advertise: String::new(),
+            leases: LeaseSettings::default(),
+            closed_list_limit: 200,
+        };
+        let router = Router::start(router_settings, store, clock.clone(), directory.clone(), None).await.unwrap();
+        let gateway = Gateway::start(settings, Arc::new(router), directory, clock);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let routes = gateway.routes();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, routes)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Server { gateway, addr, stop: Some(stop), task }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.grpc_url()).unwrap().tcp_nodelay(true).connect().await.unwrap()
+    }
+
+    /// Shuts the server down the way the binary does: drain the gateway, then a graceful shutdown, which
+    /// must end without waiting for the clients.
+    pub async fn stop(mut self) {
+        self.gateway.drain();
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(DEADLINE, self.task).await.expect("the server stopped").unwrap();
+    }
+}
+
+pub fn frame(id: &str, request: Req) -> pb::ClientFrame {
+    pb::ClientFrame { id: id.into(), request: Some(request) }
+}
+
+/// A `switchboard.v1.ChatService/Session` stream.
+pub struct GrpcClient {
+    sender: Option<mpsc::Sender<pb::ClientFrame>>,
+    frames: Streaming<pb::ServerFrame>,
+    /// Pushes read while waiting for an answer, in order.
+    pushes: VecDeque<Frame>,
+    next_id: u64,
+    pub welcome: pb::Welcome,
+}
+
+impl GrpcClient {
+    pub async fn connect(server: &Server) -> GrpcClient {
+        GrpcClient::open(server.channel().await).await
+    }
+
+    pub async fn open(channel: Channel) -> GrpcClient {
+        let (sender, requests) = mpsc::channel(1024);
+        let mut client = ChatServiceClient::new(channel);
+        let frames = client.session(ReceiverStream::new(requests)).await.unwrap().into_inner();
+        let mut client =
+            GrpcClient { sender: Some(sender), frames, pushes: VecDeque::new(), next_id: 0, welcome: Default::default() };
+        match client.read().await {
+            Ok(Some(Frame::Welcome(welcome))) => client.welcome = welcome,
+            other => panic!("the first frame must be a welcome: {other:?}"),
+        }
+        client
+    }
+
+    /// The next frame from the server, whatever it is; `Ok(None)` when the stream ended with OK.
+    pub async fn read(&mut self) -> Result<Option<Frame>, Status> {
+        let next = tokio::time::timeout(DEADLINE, self.frames.message()).await.expect("a frame before the deadline");
+        next.map(|frame| frame.map(|frame| frame.frame.expect("a server frame holds a frame")))
+    }
+
+    pub async fn send(&mut self, frame: pb::ClientFrame) {
+        self.sender.as_ref().expect("the request stream is open").send(frame).await.unwrap();
+    }
+
+    /// Closes the client's side of the stream.
+    pub fn close_requests(&mut self) {
+        self.sender = None;
+    }
+
+    pub fn fresh_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("r{}", self.next_id)
+    }
+
+    /// Reads until the answer with this id; pushes on the way are kept for `push`.
+    pub async fn answer(&mut self, id: &str) -> Frame {
+        loop {
+            match self.read().await {
+                Ok(Some(Frame::Ack(ack))) => {
+                    assert_eq!(ack.id, id, "answers come in request order");
+                    return Frame::Ack(ack);
+                }
+                Ok(Some(Frame::Error(error))) => {
+                    assert_eq!(error.id, id, "answers come in request order");
+                    return Frame::Error(error);
+                }
+                Ok(Some(push)) => self.pushes.push_back(push),
+                other => panic!("the stream ended before the answer to {id}: {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a request and returns its answer: the ack's result, or the error.
+    pub async fn call(&mut self, request: Req) -> Result<AckResult, pb::Error> {
+        let id = self.fresh_id();
+        self.send(frame(&id, request)).await;
+        match self.answer(&id).await {
+            Frame::Ack(ack) => Ok(ack.result.expect("an ack carries its result")),
+            Frame::Error(error) => Err(error),
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn ack(&mut self, request: Req) -> AckResult {
+        let what = format!("{request:?}");
+        self.call(request).await.unwrap_or_else(|error| panic!("{what} refused: {error:?}"))
+    }
+
+    pub async fn refused(&mut self, request: Req) -> pb::Error {
+        let what = format!("{request:?}");
+        match self.call(request).await {
+            Ok(result) => panic!("{what} acked: {result:?}"),
+            Err(error) => error,
+        }
+    }
+
+    /// The next push (one read while waiting for an answer first).
+    pub async fn push(&mut self) -> Frame {
+        if let Some(push) = self.pushes.pop_front() {
+            return push;
+        }
+        match self.read().await {
+            Ok(Some(push @ (Frame::Ack(_) | Frame::Error(_)))) => panic!("an answer where a push was expected: {push:?}"),
+            Ok(Some(push)) => push,
+            other => panic!("the stream ended while a push was expected: {other:?}"),
+        }
+    }
+
+    /// The next event push, skipping queue and typing pushes.
+    pub async fn event(&mut self) -> pb::EventPush {
+        loop {
+            if let Frame::Event(event) = self.push().await {
+                return event;
+            }
+        }
+    }
+
+    /// The next pushes are these events of `conversation`, by seq, and kind: `(seq, kind)`.
+    pub async fn expect_events(&mut self, conversation: &str, expected: &[(u64, &str)]) {
+        for (seq, kind) in expected {
+            let push = self.event().await;
+            assert_eq!(push.conversation, conversation);
+            let event = push.event.unwrap();
+            assert_eq!((event.seq, kind_of(&event)), (*seq, *kind), "{event:?}");
+        }
+    }
+
+    /// Forgets the pushes read so far.
+    pub fn forget_pushes(&mut self) {
+        self.pushes.clear();
+    }
+
+    /// Nothing is pushed for a while.
+    pub async fn expect_quiet(&mut self) {
+        assert!(self.pushes.is_empty(), "unexpected pushes: {:?}", self.pushes);
+        let next = tokio::time::timeout(Duration::from_millis(300), self.frames.message()).await;
+        assert!(next.is_err(), "unexpected frame: {next:?}");
+    }
+}
+
+pub fn kind_of(event: &pb::Event) -> &'static str {
+    use pb::event::Body;
+    match event.body.as_ref().expect("an event has a body") {
+        Body::Created(_) => "created",
+        Body::Accepted(_) => "accepted",
+        Body::Message(_) => "message",
+        Body::Delivered(_) => "delivered",
+        Body::Closed(_) => "closed",
+        Body::Cancelled(_) => "cancelled",
+    }
+}
+
+pub fn chat_start(name: &str, question: &str) -> Req {
+    Req::ChatStart(pb::ChatStartRequest {
+        widget_key: WIDGET.into(),
+        group: "sales".into(),
+        name: name.into(),
+        question: question.into(),
+    })
+}
+
+pub fn sign_in(token: &str) -> Req {
+    Req::AgentSignIn(pb::AgentSignInRequest { token: token.into() })
+}
+
+pub fn send_message(conversation: &str, client_msg_id: &str, body: &str) -> Req {
+    Req::MessageSend(pb::MessageSendRequest {
+        conversation: conversation.into(),
+        client_msg_id: client_msg_id.into(),
+        body: body.into(),
+    })
+}
+
+pub fn delivered(conversation: &str, up_to_seq: u64) -> Req {
+    Req::MessageDelivered(pb::MessageDeliveredRequest { conversation: conversation.into(), up_to_seq })
+}
+
+pub fn accept(conversation: &str) -> Req {
+    Req::ChatAccept(pb::ChatAcceptRequest { conversation: conversation.into() })
+}
+
+/// The seq of a `message_send` ack.
+pub fn sent_seq(result: AckResult) -> u64 {
+    match result {
+        AckResult::MessageSend(sent) => {
+            assert_eq!(sent.status(), pb::MessageStatus::Sent);
+            sent.seq.expect("a stored message has a seq")
+        }
+        other => panic!("not a message_send ack: {other:?}"),
+    }
+}
+
+/// A WebSocket connection speaking the JSON protocol.
+pub struct WsClient {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pushes: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl WsClient {
+    pub async fn connect(server: &Server) -> WsClient {
+        let (socket, _) = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap();
+        let mut client = WsClient { socket, pushes: VecDeque::new(), next_id: 0 };
+        let welcome = client.read().await.expect("a welcome");
+        assert_eq!(welcome["type"], "welcome");
+        client
+    }
+
+    /// The next text frame; `None` once the server closed the connection.
+    pub async fn read(&mut self) -> Option<Value> {
+        self.read_or_close().await.ok()
+    }
+
+    /// The next text frame, or the close code the connection ended with (`None`: without a close frame).
+    pub async fn read_or_close(&mut self) -> Result<Value, Option<u16>> {
+        loop {
+            let next = tokio::time::timeout(DEADLINE, self.socket.next()).await.expect("a frame before the deadline");
+            match next {
+                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(text.as_str()).unwrap()),
+                Some(Ok(Message::Close(close))) => return Err(close.map(|close| u16::from(close.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.socket.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// Sends `request` (without `id`: one is added) and returns the ack or error frame that answers it.
+    pub async fn call(&mut self, mut request: Value) -> Value {
+        self.next_id += 1;
+        let id = format!("w{}", self.next_id);
+        request["id"] = json!(id);
+        self.send_text(request.to_string()).await;
+        self.answer(Some(&id)).await
+    }
+
+    /// Reads until an answer (an ack or an error) with this id (`None`: `"id": null`).
+    pub async fn answer(&mut self, id: Option<&str>) -> Value {
+        loop {
+            let frame = self.read().await.expect("the connection ended before the answer");
+            if frame["type"] == "ack" || frame["type"] == "error" {
+                assert_eq!(frame["id"].as_str(), id, "{frame}");
+                return frame;
+            }
+            self.pushes.push_back(frame);
+        }
+    }
+
+    pub async fn ack(&mut self, request: Value) -> Value {
+        let answer = self.call(request.clone()).await;
+        assert_eq!(answer["type"], "ack", "{request} → {answer}");
+        answer
+    }
+
+    pub async fn push(&mut self) -> Value {
+        if let Some(push) = self.pushes.pop_front() {
+            return push;
+        }
+        let frame = self.read().await.expect("the connection ended while a push was expected");
+        assert!(frame.get("id").is_none(), "an answer where a push was expected: {frame}");
+        frame
+    }
+
+    /// The next push of this type, skipping others.
+    pub async fn push_of(&mut self, kind: &str) -> Value {
+        loop {
+            let push = self.push().await;
+            if push["type"] == kind {
+                return push;
+            }
+        }
+    }
+
+    pub async fn expect_events(&mut self, conversation: &str, expected: &[(u64, &str)]) {
+        for (seq, kind) in expected {
+            let push = self.push_of("event").await;
+            assert_eq!(push["conversation"], conversation, "{push}");
+            assert_eq!((push["event"]["seq"].as_u64(), push["event"]["kind"].as_str()), (Some(*seq), Some(*kind)));
+        }
+    }
+}

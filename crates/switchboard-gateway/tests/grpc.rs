@@ -1,0 +1,857 @@
+//! The public gRPC API (`switchboard.v1.ChatService`) over real sockets, on the same port as the WebSocket
+//! endpoint, against a gateway on an in-process router: the seed scenario with customers on gRPC and agents on
+//! both transports, bad input answered with the WebSocket's error codes, resume by seq, the slow client,
+//! draining, reflection.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use common::*;
+use prost::Message as _;
+use prost::bytes::BufMut;
+use serde_json::{Value, json};
+use switchboard_gateway::GatewaySettings;
+use switchboard_proto::public::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+const UNKNOWN_CHAT: &str = "0190f5a2-7c1e-7d3b-9a4e-2b8c6d0e1f23";
+
+/// Any panic in the process (a session task included) fails the tests that check it.
+fn watch_panics() -> Arc<AtomicBool> {
+    static INSTALL: Once = Once::new();
+    static PANICKED: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let flag = PANICKED.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        let flag = flag.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            flag.store(true, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+    flag
+}
+
+#[tokio::test]
+async fn the_seed_scenario_over_grpc_with_agents_on_both_transports() {
+    let server = Server::start().await;
+
+    // Agents: alice on a WebSocket, bob on gRPC. Each gets its (empty) waiting list.
+    let mut alice = WsClient::connect(&server).await;
+    let signed = alice.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
+    assert_eq!(signed["agent"]["status"], "online");
+    assert_eq!(alice.push_of("queue.snapshot").await["entries"], json!([]));
+    let mut bob = GrpcClient::connect(&server).await;
+    assert_eq!((bob.welcome.protocol, bob.welcome.max_message_bytes), (1, 4096));
+    let AckResult::AgentSignIn(signed) = bob.ack(sign_in(BOB)).await else { panic!("an agent_sign_in ack") };
+    let agent = signed.agent.unwrap();
+    assert_eq!((agent.tenant.as_str(), agent.agent.as_str()), ("acme", "bob"));
+    assert_eq!((agent.status(), agent.capacity, agent.groups.clone()), (pb::AgentStatus::Online, 3, vec!["sales".into()]));
+    let Frame::QueueSnapshot(snapshot) = bob.push().await else { panic!("a queue snapshot after sign-in") };
+    assert!(snapshot.entries.is_empty());
+
+    // A customer starts a chat over gRPC: ack, then events 1 and 2, then its place in the queue.
+    let mut dana = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Do you ship to Canada?")).await else {
+        panic!("a chat_start ack")
+    };
+    assert!(started.subscribed);
+    assert!(!started.customer_token.is_empty());
+    let chat = started.chat.unwrap();
+    assert_eq!((chat.state(), chat.last_seq, chat.owner.clone()), (pb::ChatState::Queued, 2, None));
+    assert_eq!((chat.customer_name.as_str(), chat.first_question.as_str()), ("Dana", "Do you ship to Canada?"));
+    let c1 = started.conversation;
+    assert_eq!(chat.conversation, c1);
+    dana.expect_events(&c1, &[(1, "created"), (2, "message")]).await;
+    let Frame::QueuePosition(position) = dana.push().await else { panic!("a queue position") };
+    assert_eq!((position.conversation.as_str(), position.position), (c1.as_str(), 1));
+
+    // Both agents see it waiting.
+    assert_eq!(alice.push_of("queue.added").await["entry"]["conversation"], c1);
+    let Frame::QueueAdded(added) = bob.push().await else { panic!("queue_added") };
+    let entry = added.entry.unwrap();
+    assert_eq!((entry.conversation.as_str(), entry.customer_name.as_str()), (c1.as_str(), "Dana"));
+    let AckResult::QueueList(list) = bob.ack(Req::QueueList(pb::QueueListRequest {})).await else { panic!() };
+    assert_eq!(list.entries, vec![entry]);
+
+    // Bob accepts over gRPC: the ack, then the events he had not been sent, up to `accepted`.
+    let AckResult::ChatAccept(accepted) = bob.ack(accept(&c1)).await else { panic!("a chat_accept ack") };
+    let chat = accepted.chat.unwrap();
+    assert_eq!((chat.state(), chat.owner.as_deref(), chat.last_seq), (pb::ChatState::Active, Some("bob"), 3));
+    bob.expect_events(&c1, &[(1, "created"), (2, "message"), (3, "accepted")]).await;
+    let Frame::QueueRemoved(removed) = bob.push().await else { panic!("queue_removed") };
+    assert_eq!(removed.reason(), pb::QueueRemovedReason::Accepted);
+    assert_eq!((removed.conversation.as_str(), removed.agent.as_deref()), (c1.as_str(), Some("bob")));
+    let removed = alice.push_of("queue.removed").await;
+    assert_eq!((removed["reason"].as_str(), removed["agent"].as_str()), (Some("accepted"), Some("bob")));
+    dana.expect_events(&c1, &[(3, "accepted")]).await;
+
+    // Customer → agent, with the agent's delivery mark seen by both.
+    assert_eq!(sent_seq(dana.ack(send_message(&c1, "dana-1", "Hello?")).await), 4);
+    let push = dana.event().await.event.unwrap();
+    assert_eq!((push.seq, push.client_msg_id.as_deref()), (4, Some("dana-1")));
+    let push = bob.event().await.event.unwrap();
+    assert_eq!(push.author.unwrap().role(), pb::AuthorRole::Customer);
+    assert_eq!(push.body, Some(pb::event::Body::Message(pb::event::Message { body: "Hello?".into() })));
+    let AckResult::MessageDelivered(mark) = bob.ack(delivered(&c1, 4)).await else { panic!() };
+    assert_eq!(mark.seq, Some(5));
+    for client in [&mut bob, &mut dana] {
+        let event = client.event().await.event.unwrap();
+        assert_eq!(event.body, Some(pb::event::Body::Delivered(pb::event::Delivered { up_to_seq: 4 })));
+        let author = event.author.unwrap();
+        assert_eq!((author.role(), author.id.as_str()), (pb::AuthorRole::Agent, "bob"));
+    }
+
+    // Typing reaches the other side only.
+    let typing = Req::Typing(pb::TypingRequest { conversation: c1.clone(), typing: true });
+    assert_eq!(bob.ack(typing).await, AckResult::Typing(pb::TypingResult {}));
+    let Frame::Typing(typing) = dana.push().await else { panic!("a typing push") };
+    assert!(typing.typing);
+    assert_eq!(typing.author.unwrap().id, "bob");
+
+    // Agent → customer, confirmed by the customer.
+    assert_eq!(sent_seq(bob.ack(send_message(&c1, "bob-1", "Yes, we do.")).await), 6);
+    bob.expect_events(&c1, &[(6, "message")]).await;
+    dana.expect_events(&c1, &[(6, "message")]).await;
+    let AckResult::MessageDelivered(mark) = dana.ack(delivered(&c1, 6)).await else { panic!() };
+    assert_eq!(mark.seq, Some(7));
+    bob.expect_events(&c1, &[(7, "delivered")]).await;
+    dana.expect_events(&c1, &[(7, "delivered")]).await;
+    // A mark that is not higher stores nothing.
+    let AckResult::MessageDelivered(mark) = dana.ack(delivered(&c1, 6)).await else { panic!() };
+    assert_eq!(mark.seq, None);
+
+    // A resend is acked with the first copy's seq and pushes nothing.
+    let AckResult::MessageSend(resent) = dana.ack(send_message(&c1, "dana-1", "Hello?")).await else { panic!() };
+    assert_eq!((resent.seq, resent.duplicate), (Some(4), true));
+
+    // Bob closes; both sides see it; the chat is then closed to messages and in bob's closed list.
+    let AckResult::ChatClose(closed) = bob.ack(Req::ChatClose(pb::ChatCloseRequest { conversation: c1.clone() })).await
+    else {
+        panic!()
+    };
+    assert_eq!(closed.seq, Some(8));
+    bob.expect_events(&c1, &[(8, "closed")]).await;
+    dana.expect_events(&c1, &[(8, "closed")]).await;
+    assert_eq!(dana.refused(send_message(&c1, "dana-2", "Still there?")).await.code, "chat_closed");
+    let list = Req::ChatList(pb::ChatListRequest { list: pb::ChatList::Closed.into() });
+    let AckResult::ChatList(list) = bob.ack(list).await else { panic!() };
+    assert_eq!(list.chats.iter().map(|chat| chat.conversation.as_str()).collect::<Vec<_>>(), [c1.as_str()]);
+    let transcript = Req::ChatTranscript(pb::ChatTranscriptRequest { conversation: c1.clone(), after_seq: 0 });
+    let AckResult::ChatTranscript(transcript) = dana.ack(transcript).await else { panic!() };
+    let kinds: Vec<_> = transcript.events.iter().map(|event| (event.seq, kind_of(event))).collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, "created"),
+            (2, "message"),
+            (3, "accepted"),
+            (4, "message"),
+            (5, "delivered"),
+            (6, "message"),
+            (7, "delivered"),
+            (8, "closed")
+        ]
+    );
+    assert_eq!(transcript.chat.unwrap().state(), pb::ChatState::Closed);
+
+    // A second chat, accepted by alice on her WebSocket: gRPC and WebSocket talk to each other.
+    let mut eve = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = eve.ack(chat_start("Eve", "Is it open on Sunday?")).await else { panic!() };
+    let c2 = started.conversation;
+    eve.expect_events(&c2, &[(1, "created"), (2, "message")]).await;
+    assert_eq!(alice.push_of("queue.added").await["entry"]["conversation"], c2);
+    let accepted = alice.ack(json!({ "type": "chat.accept", "conversation": c2 })).await;
+    assert_eq!((accepted["chat"]["state"].as_str(), accepted["chat"]["owner"].as_str()), (Some("active"), Some("alice")));
+    alice.expect_events(&c2, &[(1, "created"), (2, "message"), (3, "accepted")]).await;
+    let Frame::QueueRemoved(removed) = bob.push_until_queue_removed().await else { unreachable!() };
+    assert_eq!((removed.conversation.as_str(), removed.agent.as_deref()), (c2.as_str(), Some("alice")));
+    eve.expect_events(&c2, &[(3, "accepted")]).await;
+    let sent = alice.ack(json!({ "type": "message.send", "conversation": c2, "client_msg_id": "a-1", "body": "Yes." })).await;
+    assert_eq!(sent["seq"], 4);
+    let push = eve.event().await.event.unwrap();
+    assert_eq!((push.seq, push.author.unwrap().id.as_str()), (4, "alice"));
+    let AckResult::MessageDelivered(mark) = eve.ack(delivered(&c2, 4)).await else { panic!() };
+    assert_eq!(mark.seq, Some(5));
+    alice.expect_events(&c2, &[(4, "message"), (5, "delivered")]).await;
+    assert_eq!(sent_seq(eve.ack(send_message(&c2, "e-1", "Thanks!")).await), 6);
+    let pushed = alice.push_of("event").await;
+    assert_eq!((pushed["event"]["body"].as_str(), pushed["event"]["client_msg_id"].as_str()), (Some("Thanks!"), Some("e-1")));
+    alice.ack(json!({ "type": "message.delivered", "conversation": c2, "up_to_seq": 6 })).await;
+    eve.expect_events(&c2, &[(5, "delivered"), (6, "message"), (7, "delivered")]).await;
+    // The customer leaves an active chat: closed.
+    let AckResult::ChatClose(closed) = eve.ack(Req::ChatClose(pb::ChatCloseRequest { conversation: c2.clone() })).await
+    else {
+        panic!()
+    };
+    assert_eq!(closed.seq, Some(8));
+    alice.expect_events(&c2, &[(7, "delivered"), (8, "closed")]).await;
+    eve.expect_events(&c2, &[(8, "closed")]).await;
+
+    // Closing the request stream ends the session with OK; the agent goes offline with its last connection.
+    bob.close_requests();
+    loop {
+        match bob.read().await {
+            Ok(Some(Frame::Ack(_) | Frame::Error(_))) => panic!("no answer without a request"),
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(status) => panic!("the stream ended with {status:?}"),
+        }
+    }
+    server.stop().await;
+}
+
+impl GrpcClient {
+    async fn push_until_queue_removed(&mut self) -> Frame {
+        loop {
+            let push = self.push().await;
+            if matches!(push, Frame::QueueRemoved(_)) {
+                return push;
+            }
+        }
+    }
+}
+
+/// Sends the same bad request over both transports; both must refuse it with `code`.
+async fn refused_alike(
+    grpc: &mut GrpcClient,
+    ws: &mut WsClient,
+    what: &str,
+    frame: pb::ClientFrame,
+    json: Value,
+    code: &str,
+) {
+    let id = frame.id.clone();
+    grpc.send(frame).await;
+    let Frame::Error(error) = grpc.answer(&id).await else { panic!("{what}: acked over gRPC") };
+    assert_eq!(error.code, code, "{what} over gRPC: {error:?}");
+    assert!(!error.message.trim().is_empty() && !error.retryable, "{what}: {error:?}");
+    let ws_id = json["id"].as_str().filter(|id| !id.is_empty() && id.chars().count() <= 128).map(str::to_owned);
+    ws.send_text(json.to_string()).await;
+    let answer = ws.answer(ws_id.as_deref()).await;
+    assert_eq!((answer["type"].as_str(), answer["code"].as_str()), (Some("error"), Some(code)), "{what} over WebSocket");
+}
+
+#[tokio::test]
+async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays_usable() {
+    let panicked = watch_panics();
+    let server = Server::start().await;
+    let (mut g, mut w) = (GrpcClient::connect(&server).await, WsClient::connect(&server).await);
+    let big = "x".repeat(5000);
+    let chat_start_with = |name: &str, group: &str, question: &str, widget: &str| {
+        Req::ChatStart(pb::ChatStartRequest {
+            widget_key: widget.into(),
+            group: group.into(),
+            name: name.into(),
+            question: question.into(),
+        })
+    };
+    let ws_start = |name: &str, group: &str, question: &str, widget: &str| {
+        json!({ "id": "x", "type": "chat.start", "widget_key": widget, "group": group, "name": name, "question": question })
+    };
+
+    // Frames that are not a request.
+    refused_alike(&mut g, &mut w, "no id", frame("", Req::Ping(pb::PingRequest {})), json!({ "type": "ping" }), "missing_id")
+        .await;
+    let long_id = "i".repeat(129);
+    refused_alike(
+        &mut g,
+        &mut w,
+        "an id too long",
+        frame(&long_id, Req::Ping(pb::PingRequest {})),
+        json!({ "id": long_id, "type": "ping" }),
+        "missing_id",
+    )
+    .await;
+    refused_alike(
+        &mut g,
+        &mut w,
+        "no request",
+        pb::ClientFrame { id: "n1".into(), request: None },
+        json!({ "id": "n1", "type": "teleport" }),
+        "unknown_type",
+    )
+    .await;
+
+    // Before a role.
+    let cases: Vec<(&str, Req, Value, &str)> = vec![
+        ("queue list", Req::QueueList(pb::QueueListRequest {}), json!({ "type": "queue.list" }), "not_signed_in"),
+        ("accept", accept(UNKNOWN_CHAT), json!({ "type": "chat.accept", "conversation": UNKNOWN_CHAT }), "not_signed_in"),
+        ("not a uuid", accept("nope"), json!({ "type": "chat.accept", "conversation": "nope" }), "bad_request"),
+        (
+            "set status",
+            Req::AgentSetStatus(pb::AgentSetStatusRequest { status: pb::AgentStatus::Online.into() }),
+            json!({ "type": "agent.set_status", "status": "online" }),
+            "not_signed_in",
+        ),
+        ("wrong token", sign_in("wrong-token"), json!({ "type": "agent.sign_in", "token": "wrong-token" }), "unauthorized"),
+        (
+            "wrong customer token",
+            Req::CustomerResume(pb::CustomerResumeRequest {
+                conversation: UNKNOWN_CHAT.into(),
+                customer_token: "nope".into(),
+                after_seq: 0,
+            }),
+            json!({ "type": "customer.resume", "conversation": UNKNOWN_CHAT, "customer_token": "nope" }),
+            "unauthorized",
+        ),
+        (
+            "wrong widget key",
+            chat_start_with("Dana", "sales", "Hi", "wrong-key"),
+            ws_start("Dana", "sales", "Hi", "wrong-key"),
+            "unauthorized",
+        ),
+        (
+            "unknown group",
+            chat_start_with("Dana", "support", "Hi", WIDGET),
+            ws_start("Dana", "support", "Hi", WIDGET),
+            "unknown_group",
+        ),
+        (
+            "a group that is no slug",
+            chat_start_with("Dana", "a b", "Hi", WIDGET),
+            ws_start("Dana", "a b", "Hi", WIDGET),
+            "unknown_group",
+        ),
+        ("no name", chat_start_with("  ", "sales", "Hi", WIDGET), ws_start("  ", "sales", "Hi", WIDGET), "bad_request"),
+        (
+            "an empty question",
+            chat_start_with("Dana", "sales", " \n ", WIDGET),
+            ws_start("Dana", "sales", " \n ", WIDGET),
+            "empty_message",
+        ),
+        (
+            "a question too long",
+            chat_start_with("Dana", "sales", &big, WIDGET),
+            ws_start("Dana", "sales", &big, WIDGET),
+            "message_too_large",
+        ),
+    ];
+    for (n, (what, request, mut json, code)) in cases.into_iter().enumerate() {
+        let id = format!("a{n}");
+        json["id"] = json!(id);
+        refused_alike(&mut g, &mut w, what, frame(&id, request), json, code).await;
+    }
+
+    // As customers: each transport's own chat.
+    let AckResult::ChatStart(started) = g.ack(chat_start("Dana", "Hi")).await else { panic!() };
+    let own_g = started.conversation;
+    let own_w = w.ack(ws_start("Wes", "sales", "Hi", WIDGET)).await["conversation"].as_str().unwrap().to_owned();
+    let cases: Vec<(&str, Box<dyn Fn(&str) -> Req>, Box<dyn Fn(&str) -> Value>, &str)> = vec![
+        (
+            "agents only",
+            Box::new(|_| Req::QueueList(pb::QueueListRequest {})),
+            Box::new(|_| json!({ "type": "queue.list" })),
+            "forbidden",
+        ),
+        (
+            "a second role",
+            Box::new(|_| sign_in(ALICE)),
+            Box::new(|_| json!({ "type": "agent.sign_in", "token": ALICE })),
+            "already_signed_in",
+        ),
+        (
+            "another chat",
+            Box::new(|_| send_message(UNKNOWN_CHAT, "m1", "hi")),
+            Box::new(|_| json!({ "type": "message.send", "conversation": UNKNOWN_CHAT, "client_msg_id": "m1", "body": "hi" })),
+            "not_found",
+        ),
+        (
+            "a message too long",
+            Box::new(move |own| send_message(own, "m1", &"y".repeat(4097))),
+            Box::new(move |own| {
+                json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "y".repeat(4097) })
+            }),
+            "message_too_large",
+        ),
+        (
+            "an empty message",
+            Box::new(|own| send_message(own, "m1", "   ")),
+            Box::new(|own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "   " })),
+            "empty_message",
+        ),
+        (
+            "no client_msg_id",
+            Box::new(|own| send_message(own, "", "hi")),
+            Box::new(|own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "", "body": "hi" })),
+            "bad_request",
+        ),
+        (
+            "a mark beyond the log",
+            Box::new(|own| delivered(own, 999)),
+            Box::new(|own| json!({ "type": "message.delivered", "conversation": own, "up_to_seq": 999 })),
+            "bad_delivery_mark",
+        ),
+        (
+            "customers leave with close",
+            Box::new(|own| Req::ChatCancel(pb::ChatCancelRequest { conversation: own.into() })),
+            Box::new(|own| json!({ "type": "chat.cancel", "conversation": own })),
+            "not_participant",
+        ),
+    ];
+    for (n, (what, grpc, ws, code)) in cases.iter().enumerate() {
+        let id = format!("c{n}");
+        let mut json = ws(&own_w);
+        json["id"] = json!(id);
+        refused_alike(&mut g, &mut w, what, frame(&id, grpc(&own_g)), json, code).await;
+    }
+
+    // As agents.
+    let (mut g, mut w) = (GrpcClient::connect(&server).await, WsClient::connect(&server).await);
+    g.ack(sign_in(BOB)).await;
+    w.ack(json!({ "type": "agent.sign_in", "token": BOB })).await;
+    let status = |status: pb::AgentStatus| Req::AgentSetStatus(pb::AgentSetStatusRequest { status: status.into() });
+    let cases: Vec<(&str, Req, Value, &str)> = vec![
+        (
+            "no status",
+            status(pb::AgentStatus::Unspecified),
+            json!({ "type": "agent.set_status", "status": "busy" }),
+            "bad_request",
+        ),
+        (
+            "offline is not chosen",
+            status(pb::AgentStatus::Offline),
+            json!({ "type": "agent.set_status", "status": "offline" }),
+            "bad_request",
+        ),
+        (
+            "a status from the future",
+            Req::AgentSetStatus(pb::AgentSetStatusRequest { status: 42 }),
+            json!({ "type": "agent.set_status", "status": "lunch" }),
+            "bad_request",
+        ),
+        (
+            "no list",
+            Req::ChatList(pb::ChatListRequest { list: 0 }),
+            json!({ "type": "chat.list", "list": "all" }),
+            "bad_request",
+        ),
+        ("an unknown chat", accept(UNKNOWN_CHAT), json!({ "type": "chat.accept", "conversation": UNKNOWN_CHAT }), "not_found"),
+        (
+            "writing before accepting",
+            send_message(&own_g, "m1", "hi"),
+            json!({ "type": "message.send", "conversation": own_w, "client_msg_id": "m1", "body": "hi" }),
+            "not_accepted",
+        ),
+    ];
+    for (n, (what, request, mut json, code)) in cases.into_iter().enumerate() {
+        let id = format!("g{n}");
+        json["id"] = json!(id);
+        refused_alike(&mut g, &mut w, what, frame(&id, request), json, code).await;
+    }
+
+    // The streams are still usable, and nothing panicked.
+    assert_eq!(g.ack(Req::Ping(pb::PingRequest {})).await, AckResult::Ping(pb::PingResult {}));
+    assert_eq!(w.ack(json!({ "type": "ping" })).await["type"], "ack");
+    assert!(!panicked.load(Ordering::SeqCst), "something panicked");
+    server.stop().await;
+}
+
+/// Raw bytes for the request stream, for what the typed client cannot send; server frames decoded as usual.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+#[derive(Debug)]
+struct RawEncoder;
+
+#[derive(Debug)]
+struct FrameDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = pb::ServerFrame;
+    type Encoder = RawEncoder;
+    type Decoder = FrameDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> FrameDecoder {
+        FrameDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for FrameDecoder {
+    type Item = pb::ServerFrame;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<pb::ServerFrame>, tonic::Status> {
+        pb::ServerFrame::decode(src).map(Some).map_err(|error| tonic::Status::internal(error.to_string()))
+    }
+}
+
+struct RawSession {
+    sender: mpsc::Sender<Vec<u8>>,
+    frames: tonic::Streaming<pb::ServerFrame>,
+}
+
+impl RawSession {
+    async fn open(server: &Server) -> RawSession {
+        let mut grpc = tonic::client::Grpc::new(server.channel().await);
+        grpc.ready().await.unwrap();
+        let (sender, requests) = mpsc::channel(16);
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/switchboard.v1.ChatService/Session");
+        let response = grpc.streaming(tonic::Request::new(ReceiverStream::new(requests)), path, RawCodec).await;
+        let mut session = RawSession { sender, frames: response.unwrap().into_inner() };
+        assert!(matches!(session.read().await, Ok(Some(Frame::Welcome(_)))));
+        session
+    }
+
+    async fn read(&mut self) -> Result<Option<Frame>, tonic::Status> {
+        let next = tokio::time::timeout(DEADLINE, self.frames.message()).await.expect("a frame before the deadline");
+        next.map(|frame| frame.and_then(|frame| frame.frame))
+    }
+
+    async fn send(&mut self, bytes: Vec<u8>) {
+        self.sender.send(bytes).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn frames_protobuf_cannot_express_or_decode() {
+    let panicked = watch_panics();
+    let server = Server::start().await;
+
+    // A request type of a later version (an unknown field) is an unknown type; the stream goes on.
+    let mut raw = RawSession::open(&server).await;
+    let mut bytes = pb::ClientFrame { id: "future-1".into(), request: None }.encode_to_vec();
+    prost::encoding::encode_key(99, prost::encoding::WireType::LengthDelimited, &mut bytes);
+    prost::encoding::encode_varint(2, &mut bytes);
+    bytes.put_slice(&[0x08, 0x01]);
+    raw.send(bytes).await;
+    let Ok(Some(Frame::Error(error))) = raw.read().await else { panic!("an error frame") };
+    assert_eq!((error.id.as_str(), error.code.as_str()), ("future-1", "unknown_type"));
+    raw.send(frame("p", Req::Ping(pb::PingRequest {})).encode_to_vec()).await;
+    assert!(matches!(raw.read().await, Ok(Some(Frame::Ack(ack))) if ack.id == "p"));
+
+    // Bytes that are no ClientFrame end the stream: INVALID_ARGUMENT.
+    raw.send(vec![0x0a, 0x05, 0x61]).await;
+    let status = raw.read().await.expect_err("the stream ends with a status");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // A frame over the frame limit ends the stream: RESOURCE_EXHAUSTED (the WebSocket closes with 1009).
+    let mut client = GrpcClient::connect(&server).await;
+    client.ack(chat_start("Dana", "Hi")).await;
+    client.send(frame("huge", send_message(UNKNOWN_CHAT, "m", &"z".repeat(70_000)))).await;
+    let status = loop {
+        match client.read().await {
+            Ok(Some(Frame::Ack(_) | Frame::Error(_))) => panic!("no answer to a frame over the limit"),
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended with OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("frame too large"), "{status:?}");
+    let mut ws = WsClient::connect(&server).await;
+    ws.send_text(json!({ "id": "huge", "type": "ping", "pad": "z".repeat(70_000) }).to_string()).await;
+    assert_eq!(ws.read_or_close().await.unwrap_err(), Some(switchboard_gateway::CLOSE_MESSAGE_TOO_BIG));
+
+    // The server serves on.
+    let mut client = GrpcClient::connect(&server).await;
+    client.ack(Req::Ping(pb::PingRequest {})).await;
+    assert!(!panicked.load(Ordering::SeqCst), "something panicked");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resuming_from_a_seq_over_grpc_fills_the_gap_and_goes_on_live() {
+    let server = Server::start().await;
+    let mut bob = GrpcClient::connect(&server).await;
+    bob.ack(sign_in(BOB)).await;
+    let mut dana = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Hi")).await else { panic!() };
+    let (chat, token) = (started.conversation, started.customer_token);
+    bob.ack(accept(&chat)).await;
+    bob.expect_events(&chat, &[(1, "created"), (2, "message"), (3, "accepted")]).await;
+    assert_eq!(sent_seq(dana.ack(send_message(&chat, "d1", "one")).await), 4);
+    dana.expect_events(&chat, &[(1, "created"), (2, "message"), (3, "accepted"), (4, "message")]).await;
+
+    // The customer's connection goes; the agent writes twice meanwhile.
+    drop(dana);
+    assert_eq!(sent_seq(bob.ack(send_message(&chat, "b1", "two")).await), 5);
+    assert_eq!(sent_seq(bob.ack(send_message(&chat, "b2", "three")).await), 6);
+
+    // A wrong token is refused and leaves the stream free to resume properly.
+    let resume = |token: &str, after_seq: u64| {
+        Req::CustomerResume(pb::CustomerResumeRequest { conversation: chat.clone(), customer_token: token.into(), after_seq })
+    };
+    let mut dana = GrpcClient::connect(&server).await;
+    assert_eq!(dana.refused(resume("not-the-token", 4)).await.code, "unauthorized");
+    // Resuming after seq 4: the ack, then exactly 5 and 6, then live events.
+    let AckResult::CustomerResume(resumed) = dana.ack(resume(&token, 4)).await else { panic!() };
+    let resumed = resumed.chat.unwrap();
+    assert_eq!((resumed.last_seq, resumed.state()), (6, pb::ChatState::Active));
+    let Frame::Event(first) = dana.push().await else { panic!("the first event right after the ack") };
+    assert_eq!(first.event.unwrap().seq, 5);
+    dana.expect_events(&chat, &[(6, "message")]).await;
+    assert_eq!(sent_seq(bob.ack(send_message(&chat, "b3", "four")).await), 7);
+    dana.expect_events(&chat, &[(7, "message")]).await;
+    dana.expect_quiet().await;
+
+    // The agent resumes on a new stream with chat_subscribe from seq 5.
+    let mut bob = GrpcClient::connect(&server).await;
+    bob.ack(sign_in(BOB)).await;
+    let subscribe = Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chat.clone(), after_seq: 5 });
+    let AckResult::ChatSubscribe(subscribed) = bob.ack(subscribe).await else { panic!() };
+    assert_eq!(subscribed.chat.unwrap().last_seq, 7);
+    bob.expect_events(&chat, &[(6, "message"), (7, "message")]).await;
+
+    // A resume that misses nothing gets the ack alone; the next push is the next event.
+    let mut again = GrpcClient::connect(&server).await;
+    again.ack(resume(&token, 7)).await;
+    again.expect_quiet().await;
+    assert_eq!(sent_seq(bob.ack(send_message(&chat, "b4", "five")).await), 8);
+    let Frame::Event(next) = again.push().await else { panic!("the next event") };
+    assert_eq!(next.event.unwrap().seq, 8);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes() {
+    let settings = GatewaySettings { outbound_queue_len: 8, ..GatewaySettings::default() };
+    let server = Server::start_with(settings).await;
+    // The slow agent's channel takes little before HTTP/2 flow control holds the server back.
+    let endpoint = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024));
+    let mut slow = GrpcClient::open(endpoint.connect().await.unwrap()).await;
+    slow.ack(sign_in(BOB)).await;
+    let mut dana = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Hi")).await else { panic!() };
+    let chat = started.conversation;
+    slow.ack(accept(&chat)).await;
+
+    // The agent stops reading while the customer writes a lot.
+    let body = "w".repeat(4000);
+    let mut last = 0;
+    for n in 0..400 {
+        last = sent_seq(dana.ack(send_message(&chat, &format!("m{n}"), &body)).await);
+        // The customer's own copies are not needed.
+        dana.forget_pushes();
+    }
+    assert_eq!(last, 403);
+
+    // Reading again: events in order from seq 1, then the stream's end.
+    let mut seen = 0;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(30), slow.read()).await.expect("the stream ends") {
+            Ok(Some(Frame::Event(push))) => {
+                let seq = push.event.unwrap().seq;
+                assert_eq!(seq, seen + 1, "in order, without gap");
+                seen = seq;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended with OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("too slow to read"), "{status:?}");
+    assert!(seen < last, "the client was disconnected before it got everything ({seen})");
+
+    // It resumes from its last seq and gets the rest.
+    let mut bob = GrpcClient::connect(&server).await;
+    bob.ack(sign_in(BOB)).await;
+    bob.ack(Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chat.clone(), after_seq: seen })).await;
+    for seq in seen + 1..=last {
+        let push = bob.event().await;
+        assert_eq!(push.event.unwrap().seq, seq);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn draining_closes_grpc_streams_with_unavailable_and_websockets_with_1001() {
+    let server = Server::start().await;
+    let mut grpc = GrpcClient::connect(&server).await;
+    grpc.ack(sign_in(BOB)).await;
+    let mut ws = WsClient::connect(&server).await;
+    ws.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
+
+    server.gateway.drain();
+    let status = loop {
+        match grpc.read().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended with OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let close = loop {
+        match ws.read_or_close().await {
+            Ok(_) => continue,
+            Err(close) => break close,
+        }
+    };
+    assert_eq!(close, Some(switchboard_gateway::CLOSE_GOING_AWAY));
+    // A new stream is told at once.
+    let mut late = GrpcClient::connect(&server).await;
+    assert_eq!(late.read().await.unwrap_err().code(), Code::Unavailable);
+    // An open stream does not hold the graceful shutdown back.
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_shared_port_answers_reflection_and_refuses_unknown_paths() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = Server::start().await;
+    let channel = server.channel().await;
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let listed = reflect(&mut reflection, MessageRequest::ListServices(String::new())).await;
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("a list of services")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    names.sort();
+    assert_eq!(names, ["grpc.reflection.v1.ServerReflection", "switchboard.v1.ChatService"]);
+    assert_eq!(file_of_symbol(&mut reflection, "switchboard.v1.ChatService").await.package(), "switchboard.v1");
+
+    // An unknown gRPC method is UNIMPLEMENTED; an unknown HTTP path is 404; the WebSocket and health stay.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+    let unknown = grpc
+        .unary::<pb::PingRequest, pb::PingResult, _>(
+            tonic::Request::new(pb::PingRequest {}),
+            path,
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::Unimplemented, "{unknown:?}");
+    let (status, body) = http_get(&server, "/nope").await;
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+    drop(body);
+    let (status, body) = http_get(&server, "/healthz").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(body.ends_with("ok"), "{body}");
+    server.stop().await;
+}
+
+async fn reflect(
+    client: &mut tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient<tonic::transport::Channel>,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::ServerReflectionResponse {
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+    let mut replies = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    replies.message().await.unwrap().unwrap()
+}
+
+/// The file that reflection says defines `symbol`.
+async fn file_of_symbol(
+    client: &mut tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient<tonic::transport::Channel>,
+    symbol: &str,
+) -> prost_types::FileDescriptorProto {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let reply = reflect(client, MessageRequest::FileContainingSymbol(symbol.into())).await;
+    let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+        panic!("the file of {symbol}: {reply:?}")
+    };
+    prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice()).unwrap()
+}
+
+/// Reflection registered with the internal descriptor set alone (as the internal gRPC servers do) describes
+/// the public package too: the set is shared.
+#[tokio::test]
+async fn reflection_from_the_shared_descriptor_set_describes_both_packages() {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(switchboard_proto::internal::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, tonic::service::Routes::new(reflection).into_axum_router()).await.unwrap();
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    assert_eq!(file_of_symbol(&mut client, "switchboard.v1.ChatService").await.package(), "switchboard.v1");
+    let internal = file_of_symbol(&mut client, "switchboard.internal.v1.RouterService").await;
+    assert_eq!(internal.package(), "switchboard.internal.v1");
+    server.abort();
+}
+
+async fn http_get(server: &Server, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response)).await.unwrap().unwrap();
+    let status = response.lines().next().unwrap_or_default().to_owned();
+    (status, response)
+}
+
+/// The proto mirrors the WebSocket protocol: one request per WebSocket request type (`chat.start` is
+/// `chat_start`), one ack result under the same name and number, one server frame per WebSocket frame type.
+#[test]
+fn the_proto_has_every_request_and_frame_of_the_websocket_protocol() {
+    let set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+    let file = set.file.iter().find(|file| file.package() == "switchboard.v1").expect("switchboard.v1 is in the set");
+    let message = |name: &str| file.message_type.iter().find(|message| message.name() == name).unwrap();
+    let oneof_fields = |name: &str| -> Vec<(String, i32)> {
+        let message = message(name);
+        let mut fields: Vec<_> = message
+            .field
+            .iter()
+            .filter(|field| field.oneof_index.is_some())
+            .map(|field| (field.name().to_owned(), field.number()))
+            .collect();
+        fields.sort();
+        fields
+    };
+    let requests = oneof_fields("ClientFrame");
+    let mut names: Vec<String> = requests.iter().map(|(name, _)| name.clone()).collect();
+    let mut expected: Vec<String> =
+        switchboard_gateway::protocol::REQUEST_TYPES.iter().map(|kind| kind.replace('.', "_")).collect();
+    names.sort();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(oneof_fields("Ack"), requests, "each request's result has its name and number");
+    let mut frames: Vec<String> = oneof_fields("ServerFrame").into_iter().map(|(name, _)| name).collect();
+    frames.sort();
+    let mut expected: Vec<String> = [
+        "welcome",
+        "ack",
+        "error",
+        "event",
+        "typing",
+        "queue.snapshot",
+        "queue.added",
+        "queue.removed",
+        "queue.position",
+    ]
+    .iter()
+    .map(|kind| kind.replace('.', "_"))
+    .collect();
+    expected.sort();
+    assert_eq!(frames, expected);
+
+    // One descriptor set describes the internal packages and the public one.
+    assert_eq!(pb::FILE_DESCRIPTOR_SET, switchboard_proto::internal::v1::FILE_DESCRIPTOR_SET);
+    let packages: std::collections::BTreeSet<&str> = set.file.iter().map(|file| file.package()).collect();
+    assert!(packages.contains("switchboard.internal.v1") && packages.contains("switchboard.v1"), "{packages:?}");
+}

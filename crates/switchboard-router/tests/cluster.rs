@@ -1,0 +1,327 @@
+//! Several routers on one store, reaching each other through an in-process stand-in for the cluster
+//! client: shards are shared fairly, actors on different nodes cooperate, and a node that leaves hands its
+//! shards over. Paused tokio time; database time is the fixed clock.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{agent, directory, group, tenant};
+use switchboard_domain::{
+    AgentId, AgentStatus, Clock, ConversationId, Event, FixedClock, GroupId, TenantId, WaitingEntry, agent_key,
+    conversation_key,
+};
+use switchboard_proto::router::{
+    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, PeerApi,
+    Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+};
+use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_store::MemoryStore;
+use tokio::sync::mpsc;
+
+/// Sends each call to the first router that does not answer `NotOwner`, as the gRPC cluster client does
+/// with real placement.
+#[derive(Default)]
+struct LocalCluster {
+    routers: OnceLock<Vec<Arc<Router>>>,
+}
+
+impl LocalCluster {
+    async fn first<T, Fut>(&self, ask: impl Fn(Arc<Router>) -> Fut) -> Result<T, RouterError>
+    where
+        Fut: Future<Output = Result<T, RouterError>>,
+    {
+        for router in self.routers.get().into_iter().flatten() {
+            match ask(router.clone()).await {
+                Err(RouterError::NotOwner) => continue,
+                result => return result,
+            }
+        }
+        Err(RouterError::NotOwner)
+    }
+}
+
+#[async_trait]
+impl RouterApi for LocalCluster {
+    fn connect_gateway(&self, gateway: GatewayId, sink: mpsc::UnboundedSender<Push>) {
+        for router in self.routers.get().into_iter().flatten() {
+            router.connect_gateway(gateway.clone(), sink.clone());
+        }
+    }
+    async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
+        self.first(|router| {
+            let request = request.clone();
+            async move { router.start_chat(request).await }
+        })
+        .await
+    }
+    async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {
+        self.first(|router| async move { router.authorize_customer(conversation, token).await }).await
+    }
+    async fn chat_view(&self, caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
+        self.first(|router| async move { router.chat_view(caller, conversation).await }).await
+    }
+    async fn subscribe(
+        &self,
+        gateway: &GatewayId,
+        caller: &Caller,
+        conversation: ConversationId,
+        after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.first(|router| async move { router.subscribe(gateway, caller, conversation, after_seq).await }).await
+    }
+    async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
+        for router in self.routers.get().into_iter().flatten() {
+            router.unsubscribe(gateway, conversation).await;
+        }
+    }
+    async fn read_events(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.first(|router| async move { router.read_events(caller, conversation, after_seq).await }).await
+    }
+    async fn command(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        command: ChatCommand,
+    ) -> Result<CommandOutcome, RouterError> {
+        self.first(|router| {
+            let command = command.clone();
+            async move { router.command(caller, conversation, command).await }
+        })
+        .await
+    }
+    async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError> {
+        self.first(|router| async move { router.typing(caller, conversation, typing).await }).await
+    }
+    async fn accept_chat(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<ChatView, RouterError> {
+        self.first(|router| async move { router.accept_chat(tenant, agent, conversation).await }).await
+    }
+    async fn set_agent_status(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        status: AgentStatus,
+    ) -> Result<AgentView, RouterError> {
+        self.first(|router| async move { router.set_agent_status(tenant, agent, status).await }).await
+    }
+    async fn subscribe_queue(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        group: &GroupId,
+    ) -> Result<(), RouterError> {
+        self.first(|router| async move { router.subscribe_queue(gateway, tenant, group).await }).await
+    }
+    async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
+        for router in self.routers.get().into_iter().flatten() {
+            router.unsubscribe_queue(gateway, tenant, group).await;
+        }
+    }
+    async fn list_chats(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        list: ChatList,
+    ) -> Result<Vec<ChatView>, RouterError> {
+        self.first(|router| async move { router.list_chats(tenant, agent, list).await }).await
+    }
+}
+
+#[async_trait]
+impl PeerApi for LocalCluster {
+    async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError> {
+        self.first(|router| async move { router.owner_accept(conversation, agent).await }).await
+    }
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+        self.first(|router| {
+            let entry = entry.clone();
+            async move { router.queue_add(tenant, entry).await }
+        })
+        .await
+    }
+    async fn queue_remove(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        conversation: ConversationId,
+        reason: LeftQueue,
+    ) -> Result<(), RouterError> {
+        self.first(|router| {
+            let reason = reason.clone();
+            async move { router.queue_remove(tenant, group, conversation, reason).await }
+        })
+        .await
+    }
+    async fn agent_finished(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.first(|router| async move { router.agent_finished(tenant, agent, conversation).await }).await
+    }
+}
+
+struct Nodes {
+    cluster: Arc<LocalCluster>,
+    routers: Vec<Arc<Router>>,
+    clock: Arc<FixedClock>,
+}
+
+async fn start_nodes(n: usize) -> Nodes {
+    let clock = Arc::new(FixedClock::new(1_700_000_000_000));
+    let clock_dyn: Arc<dyn Clock> = clock.clone();
+    let store = Arc::new(MemoryStore::new(clock_dyn.clone()));
+    let cluster = Arc::new(LocalCluster::default());
+    let mut routers = Vec::new();
+    for i in 0..n {
+        let settings = RouterSettings {
+            node_id: format!("node-{i}"),
+            advertise: format!("local://node-{i}"),
+            leases: LeaseSettings::default(),
+            closed_list_limit: 50,
+        };
+        let peers: Arc<dyn ClusterApi> = cluster.clone();
+        let router = Router::start(settings, store.clone(), clock_dyn.clone(), Arc::new(directory()), Some(peers));
+        routers.push(Arc::new(router.await.unwrap()));
+    }
+    assert!(cluster.routers.set(routers.clone()).is_ok());
+    Nodes { cluster, routers, clock }
+}
+
+/// Lets the lease keepers run until `done` holds (paused time: each round is one renewal period).
+async fn settle(nodes: &Nodes, done: impl Fn(&[Arc<Router>]) -> bool) {
+    for _ in 0..20 {
+        if done(&nodes.routers) {
+            return;
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let owned: Vec<usize> = nodes.routers.iter().map(|router| router.n_shards_owned()).collect();
+    panic!("the cluster did not settle: shards owned {owned:?}");
+}
+
+fn balanced(routers: &[Arc<Router>]) -> bool {
+    let owned: Vec<usize> = routers.iter().map(|router| router.n_shards_owned()).collect();
+    owned.iter().sum::<usize>() == 1024 && owned.iter().all(|n| *n == 1024 / routers.len())
+}
+
+/// A new conversation id for which `wanted` holds.
+fn conversation_where(clock: &FixedClock, wanted: impl Fn(ConversationId) -> bool) -> ConversationId {
+    loop {
+        clock.advance_ms(1);
+        let id = ConversationId::new_v7(clock.now_ms());
+        if wanted(id) {
+            return id;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_node_gets_its_fair_share_of_the_shards() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_accepts_a_chat_that_lives_on_another_node_and_its_queue_is_told() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let (first, second) = (&nodes.routers[0], &nodes.routers[1]);
+    let cluster = nodes.cluster.clone();
+    let gateway = GatewayId("gw".into());
+    let (sink, mut pushes) = mpsc::unbounded_channel();
+    cluster.connect_gateway(gateway.clone(), sink);
+    cluster.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap();
+    cluster.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
+    // The conversation on the node that does not own agent b.
+    let agent_on_first = first.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.is_ok();
+    let (agent_node, other) = if agent_on_first { (first, second) } else { (second, first) };
+    let chat = conversation_where(&nodes.clock, |id| {
+        other.owns_key(&conversation_key(&id)) && !agent_node.owns_key(&conversation_key(&id))
+    });
+    assert!(agent_node.owns_key(&agent_key(&tenant(), &agent("b"))));
+    let request = StartChat {
+        conversation: chat,
+        tenant: tenant(),
+        group: group("g1"),
+        customer_name: "x".into(),
+        question: "hello?".into(),
+    };
+    cluster.start_chat(request).await.unwrap();
+    let view = cluster.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    assert_eq!(view.owner, Some(agent("b")));
+    // The queue (wherever it lives) saw the chat come and go.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        tokio::task::yield_now().await;
+        match tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await {
+            Ok(Some(Push::Queue { change, .. })) => seen.push(change),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("queue pushes missing: {seen:?}"),
+        }
+    }
+    assert!(matches!(&seen[0], QueueChange::Snapshot { entries } if entries.is_empty()));
+    assert!(matches!(&seen[1], QueueChange::Added { entry } if entry.conversation == chat));
+    assert!(
+        matches!(&seen[2], QueueChange::Removed { conversation, reason: LeftQueue::Accepted { agent: who } } if *conversation == chat && *who == agent("b"))
+    );
+    // The agent's node counts the chat: a close frees the slot again, across nodes.
+    let agent_caller = Caller::Agent { tenant: tenant(), agent: agent("b") };
+    cluster.command(&agent_caller, chat, ChatCommand::Close).await.unwrap();
+    let mut active = usize::MAX;
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+        active = cluster.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap().active.len();
+        if active == 0 {
+            break;
+        }
+    }
+    assert_eq!(active, 0, "the agent's node was not told that the chat ended");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_leaves_hands_its_shards_over_and_its_chats_go_on() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let (first, second) = (&nodes.routers[0], &nodes.routers[1]);
+    let chat = conversation_where(&nodes.clock, |id| second.owns_key(&conversation_key(&id)));
+    let request = StartChat {
+        conversation: chat,
+        tenant: tenant(),
+        group: group("g1"),
+        customer_name: "x".into(),
+        question: "hello?".into(),
+    };
+    let started = nodes.cluster.start_chat(request).await.unwrap();
+    let customer = Caller::Customer { conversation: chat };
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "one".into() };
+    nodes.cluster.command(&customer, chat, send).await.unwrap();
+
+    second.shutdown().await.unwrap();
+    assert_eq!(second.n_shards_owned(), 0);
+    // The freed shards are taken at the next look at the placement.
+    first.placement_changed();
+    settle(&nodes, |routers| routers[0].n_shards_owned() == 1024).await;
+    let send = ChatCommand::Send { client_msg_id: "m2".into(), body: "two".into() };
+    let outcome = nodes.cluster.command(&customer, chat, send).await.unwrap();
+    assert_eq!(outcome.event.map(|event| event.seq), Some(started.view.last_seq + 2));
+    // The old node refuses what it no longer owns.
+    let late = ChatCommand::Send { client_msg_id: "m3".into(), body: "three".into() };
+    assert_eq!(second.command(&customer, chat, late).await, Err(RouterError::NotOwner));
+}

@@ -1,0 +1,301 @@
+//! A router node (`RouterApi + PeerApi`) served as the generated `RouterService`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use switchboard_proto::internal::v1::router_service_server::{RouterService, RouterServiceServer};
+use switchboard_proto::internal::v1::{
+    AcceptChatRequest, AgentFinishedRequest, AgentViewReply, AuthorizeCustomerRequest, ChatViewReply, ChatViewRequest,
+    CommandReply, CommandRequest, ConnectRequest, Empty, EventsReply, ListChatsReply, ListChatsRequest,
+    OwnerAcceptRequest, PushFrame, QueueAddRequest, QueueRemoveRequest, QueueRequest, RouterReadEventsRequest,
+    SetAgentStatusRequest, StartChatRequest, StartedChatReply, SubscribeRequest, TypingRequest, UnsubscribeRequest,
+};
+use switchboard_proto::router::{PeerApi, Push, RouterApi, RouterError};
+use tokio::sync::mpsc;
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+
+use crate::channel::MAX_MESSAGE_BYTES;
+use crate::convert::{
+    agent_id, agent_status, agent_view_to_proto, caller_from_proto, chat_list, chat_view_to_proto, command_from_proto,
+    conversation_id, events_to_proto, gateway_id, group_id, keepalive_frame, left_queue_from_proto, outcome_to_proto,
+    push_to_frame, start_chat_from_proto, started_chat_to_proto, tenant_id, waiting_entry_from_proto,
+};
+use crate::error::status_from_router_error;
+use crate::serve::Draining;
+
+/// How often a push stream carries a keepalive frame by default.
+const DEFAULT_KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+
+/// Serves a router node: the gateway-facing `RouterApi` and the router-to-router `PeerApi`.
+///
+/// `T` is a `Router`, or anything else that is both (`dyn ClusterApi` included).
+pub struct RouterGrpcServer<T: ?Sized> {
+    node: Arc<T>,
+    keepalive_every: Duration,
+    draining: Draining,
+}
+
+impl<T: ?Sized> std::fmt::Debug for RouterGrpcServer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterGrpcServer").field("keepalive_every", &self.keepalive_every).finish_non_exhaustive()
+    }
+}
+
+impl<T: RouterApi + PeerApi + ?Sized> RouterGrpcServer<T> {
+    pub fn new(node: Arc<T>) -> Self {
+        RouterGrpcServer { node, keepalive_every: DEFAULT_KEEPALIVE_EVERY, draining: Draining::never() }
+    }
+
+    /// How often a push stream carries a keepalive frame (default 5 s).
+    pub fn with_keepalive(mut self, every: Duration) -> Self {
+        self.keepalive_every = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Ends every push stream when the server drains (see [`crate::GrpcServices::draining`]), so that a
+    /// graceful shutdown does not wait for them: each gateway sees its stream end and reconnects elsewhere.
+    pub fn with_draining(mut self, draining: Draining) -> Self {
+        self.draining = draining;
+        self
+    }
+
+    /// The generated service, to add to [`crate::GrpcServices`].
+    pub fn into_service(self) -> RouterServiceServer<Self> {
+        RouterServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn answer<T, R>(result: Result<T, RouterError>, to_proto: impl FnOnce(&T) -> R) -> Result<Response<R>, Status> {
+    match result {
+        Ok(value) => Ok(Response::new(to_proto(&value))),
+        Err(error) => Err(status_from_router_error(&error)),
+    }
+}
+
+fn empty(result: Result<(), RouterError>) -> Result<Response<Empty>, Status> {
+    answer(result, |()| Empty {})
+}
+
+fn chat_view_reply(view: &switchboard_proto::router::ChatView) -> ChatViewReply {
+    ChatViewReply { view: Some(chat_view_to_proto(view)) }
+}
+
+/// The frames of one `PushStream` call: every push the node sends to the gateway, and a keepalive every
+/// interval. It ends when the node drops the gateway's sink (a newer stream for the same gateway replaced
+/// it) or the server drains.
+pub struct PushFrames {
+    pushes: mpsc::UnboundedReceiver<Push>,
+    keepalive: Interval,
+    draining: Option<WatchStream<bool>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for PushFrames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushFrames").field("done", &self.done).finish_non_exhaustive()
+    }
+}
+
+impl Stream for PushFrames {
+    type Item = Result<PushFrame, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(draining) = this.draining.as_mut() {
+            loop {
+                match Pin::new(&mut *draining).poll_next(cx) {
+                    Poll::Ready(Some(false)) => continue,
+                    Poll::Ready(Some(true)) => {
+                        this.done = true;
+                        return Poll::Ready(None);
+                    }
+                    // The server is gone without draining: nothing more to watch.
+                    Poll::Ready(None) => {
+                        this.draining = None;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
+        match this.pushes.poll_recv(cx) {
+            Poll::Ready(Some(push)) => return Poll::Ready(Some(Ok(push_to_frame(&push)))),
+            Poll::Ready(None) => {
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        match this.keepalive.poll_tick(cx) {
+            Poll::Ready(_) => Poll::Ready(Some(Ok(keepalive_frame()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[async_trait]
+impl<T: RouterApi + PeerApi + ?Sized> RouterService for RouterGrpcServer<T> {
+    type PushStreamStream = PushFrames;
+
+    async fn push_stream(&self, request: Request<ConnectRequest>) -> Result<Response<PushFrames>, Status> {
+        let gateway = gateway_id(&request.get_ref().gateway_id)?;
+        let (sink, pushes) = mpsc::unbounded_channel();
+        self.node.connect_gateway(gateway, sink);
+        let start = tokio::time::Instant::now() + self.keepalive_every;
+        let mut keepalive = tokio::time::interval_at(start, self.keepalive_every);
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let draining = self.draining.receiver().map(WatchStream::new);
+        Ok(Response::new(PushFrames { pushes, keepalive, draining, done: false }))
+    }
+
+    async fn start_chat(&self, request: Request<StartChatRequest>) -> Result<Response<StartedChatReply>, Status> {
+        let request = start_chat_from_proto(request.get_ref())?;
+        answer(self.node.start_chat(request).await, started_chat_to_proto)
+    }
+
+    async fn authorize_customer(
+        &self,
+        request: Request<AuthorizeCustomerRequest>,
+    ) -> Result<Response<ChatViewReply>, Status> {
+        let request = request.get_ref();
+        let conversation = conversation_id(&request.conversation_id)?;
+        answer(self.node.authorize_customer(conversation, &request.token).await, chat_view_reply)
+    }
+
+    async fn chat_view(&self, request: Request<ChatViewRequest>) -> Result<Response<ChatViewReply>, Status> {
+        let request = request.get_ref();
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        answer(self.node.chat_view(&caller, conversation).await, chat_view_reply)
+    }
+
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<EventsReply>, Status> {
+        let request = request.get_ref();
+        let gateway = gateway_id(&request.gateway_id)?;
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        let result = self.node.subscribe(&gateway, &caller, conversation, request.after_seq).await;
+        answer(result, |events| events_to_proto(conversation, events))
+    }
+
+    async fn unsubscribe(&self, request: Request<UnsubscribeRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let gateway = gateway_id(&request.gateway_id)?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        self.node.unsubscribe(&gateway, conversation).await;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn read_events(&self, request: Request<RouterReadEventsRequest>) -> Result<Response<EventsReply>, Status> {
+        let request = request.get_ref();
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        let result = self.node.read_events(&caller, conversation, request.after_seq).await;
+        answer(result, |events| events_to_proto(conversation, events))
+    }
+
+    async fn command(&self, request: Request<CommandRequest>) -> Result<Response<CommandReply>, Status> {
+        let request = request.get_ref();
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        let command = command_from_proto(request.command.as_ref())?;
+        let result = self.node.command(&caller, conversation, command).await;
+        answer(result, |outcome| outcome_to_proto(conversation, outcome))
+    }
+
+    async fn typing(&self, request: Request<TypingRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        empty(self.node.typing(&caller, conversation, request.typing).await)
+    }
+
+    async fn accept_chat(&self, request: Request<AcceptChatRequest>) -> Result<Response<ChatViewReply>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        answer(self.node.accept_chat(&tenant, &agent, conversation).await, chat_view_reply)
+    }
+
+    async fn set_agent_status(
+        &self,
+        request: Request<SetAgentStatusRequest>,
+    ) -> Result<Response<AgentViewReply>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        let status = agent_status(&request.status)?;
+        answer(self.node.set_agent_status(&tenant, &agent, status).await, agent_view_to_proto)
+    }
+
+    async fn subscribe_queue(&self, request: Request<QueueRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let gateway = gateway_id(&request.gateway_id)?;
+        let tenant = tenant_id(&request.tenant_id)?;
+        let group = group_id(&request.group_id)?;
+        empty(self.node.subscribe_queue(&gateway, &tenant, &group).await)
+    }
+
+    async fn unsubscribe_queue(&self, request: Request<QueueRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let gateway = gateway_id(&request.gateway_id)?;
+        let tenant = tenant_id(&request.tenant_id)?;
+        let group = group_id(&request.group_id)?;
+        self.node.unsubscribe_queue(&gateway, &tenant, &group).await;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn list_chats(&self, request: Request<ListChatsRequest>) -> Result<Response<ListChatsReply>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        let list = chat_list(&request.list)?;
+        answer(self.node.list_chats(&tenant, &agent, list).await, |chats| ListChatsReply {
+            chats: chats.iter().map(chat_view_to_proto).collect(),
+        })
+    }
+
+    async fn owner_accept(&self, request: Request<OwnerAcceptRequest>) -> Result<Response<ChatViewReply>, Status> {
+        let request = request.get_ref();
+        let conversation = conversation_id(&request.conversation_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        answer(self.node.owner_accept(conversation, &agent).await, chat_view_reply)
+    }
+
+    async fn queue_add(&self, request: Request<QueueAddRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let entry = request.entry.as_ref().ok_or_else(|| Status::invalid_argument("missing waiting entry"))?;
+        let entry = waiting_entry_from_proto(entry)?;
+        empty(self.node.queue_add(&tenant, entry).await)
+    }
+
+    async fn queue_remove(&self, request: Request<QueueRemoveRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let group = group_id(&request.group_id)?;
+        let removed = request.removed.as_ref().ok_or_else(|| Status::invalid_argument("missing removal"))?;
+        let (conversation, reason) = left_queue_from_proto(removed)?;
+        empty(self.node.queue_remove(&tenant, &group, conversation, reason).await)
+    }
+
+    async fn agent_finished(&self, request: Request<AgentFinishedRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        empty(self.node.agent_finished(&tenant, &agent, conversation).await)
+    }
+}

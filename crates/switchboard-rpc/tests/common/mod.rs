@@ -1,0 +1,86 @@
+//! Servers on real loopback sockets, and waiting for a condition with a deadline.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchboard_rpc::{ClientSettings, GrpcServices, Health, ServerSettings, serve_grpc};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The longest any condition in these tests may take to come true.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Client settings for tests: short timeouts, so that a failure is seen quickly.
+pub fn client_settings() -> ClientSettings {
+    ClientSettings {
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+        reconnect_initial: Duration::from_millis(20),
+        reconnect_max: Duration::from_millis(200),
+        ..ClientSettings::default()
+    }
+}
+
+pub async fn any_port() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// A server started with [`serve_grpc`], stopped by [`Running::stop`].
+pub struct Running {
+    pub addr: SocketAddr,
+    pub health: Health,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Running {
+    pub async fn start(listener: TcpListener, services: GrpcServices) -> Running {
+        let addr = listener.local_addr().unwrap();
+        let health = services.health();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let settings = ServerSettings { shutdown_grace: Duration::from_secs(30), ..ServerSettings::default() };
+        let task = tokio::spawn(async move {
+            serve_grpc(listener, services, &settings, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Running { addr, health, stop: Some(stop), task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server and waits until every connection is closed (well within the grace, which would
+    /// otherwise let it return with connections still open).
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        within(&mut self.task).await.unwrap().unwrap();
+    }
+}
+
+/// `future`'s output, which must come within [`DEADLINE`].
+pub async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(DEADLINE, future).await.expect("the condition came true within the deadline")
+}
+
+/// Calls `attempt` until it answers `Some`, at most until [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(async {
+        loop {
+            if let Some(value) = attempt().await {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}

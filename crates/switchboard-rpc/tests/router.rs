@@ -1,0 +1,770 @@
+//! `GrpcRouterNode` → `RouterGrpcServer` → a real `Router` on a `MemoryStore`, over loopback sockets;
+//! and the serving basics (health, reflection, bad input) every role gets from `serve_grpc`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{DEADLINE, Running, any_port, client_settings, eventually, within};
+use switchboard_domain::{
+    AgentEntry, AgentId, AgentStatus, Clock, ConversationId, ConversationState, Directory, Event, EventBody,
+    FixedClock, GroupEntry, GroupId, Refusal, TenantEntry, TenantId, WaitingEntry,
+};
+use switchboard_proto::internal::v1 as pb;
+use switchboard_proto::internal::v1::AcquireShardsRequest;
+use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
+use switchboard_proto::router::{
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, PeerApi, Push,
+    QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+};
+use switchboard_proto::store::StoreApi;
+use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_rpc::{ClientSettings, GrpcRouterNode, GrpcServices, PushLinkEvent, PushStream, RouterGrpcServer};
+use switchboard_store::MemoryStore;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+const NOW_MS: i64 = 1_700_000_000_000;
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+fn group(name: &str) -> GroupId {
+    GroupId::new(name).unwrap()
+}
+
+fn agent(name: &str) -> AgentId {
+    AgentId::new(name).unwrap()
+}
+
+fn agent_caller(name: &str) -> Caller {
+    Caller::Agent { tenant: tenant(), agent: agent(name) }
+}
+
+/// Groups g1 and g2; agents a (g1, g2; capacity 2) and b (g1; capacity 5).
+fn directory() -> Directory {
+    let groups = ["g1", "g2"].map(|id| (group(id), GroupEntry { id: group(id), name: id.into() }));
+    let agents = [("a", vec!["g1", "g2"], 2), ("b", vec!["g1"], 5)].map(|(id, groups, capacity)| {
+        let entry =
+            AgentEntry { id: agent(id), name: id.into(), groups: groups.into_iter().map(group).collect(), capacity };
+        (agent(id), entry)
+    });
+    let entry = TenantEntry {
+        id: tenant(),
+        name: "Acme".into(),
+        groups: BTreeMap::from(groups),
+        agents: BTreeMap::from(agents),
+    };
+    let mut directory = Directory::default();
+    directory.add_tenant(entry, vec![], vec![]).unwrap();
+    directory
+}
+
+async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<FixedClock>) -> Router {
+    let settings = RouterSettings {
+        node_id: node_id.into(),
+        advertise: String::new(),
+        leases: LeaseSettings::default(),
+        closed_list_limit: 50,
+    };
+    let clock: Arc<dyn Clock> = clock;
+    Router::start(settings, store, clock, Arc::new(directory()), None).await.unwrap()
+}
+
+fn services<T: RouterApi + PeerApi + ?Sized>(node: Arc<T>, keepalive: Duration) -> GrpcServices {
+    let mut services = GrpcServices::new();
+    let server = RouterGrpcServer::new(node).with_keepalive(keepalive).with_draining(services.draining());
+    services.add_service(server.into_service());
+    services
+}
+
+struct Cluster {
+    store: Arc<MemoryStore>,
+    clock: Arc<FixedClock>,
+    node: Arc<Router>,
+    running: Running,
+    client: GrpcRouterNode,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let clock = Arc::new(FixedClock::new(NOW_MS));
+        let clock_dyn: Arc<dyn Clock> = clock.clone();
+        let store = Arc::new(MemoryStore::new(clock_dyn));
+        let node = Arc::new(start_router("node-1", store.clone(), clock.clone()).await);
+        let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+        let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+        Cluster { store, clock, node, running, client }
+    }
+
+    async fn start_chat(&self, group_name: &str, customer: &str) -> StartedChat {
+        self.clock.advance_ms(1);
+        let request = StartChat {
+            conversation: ConversationId::new_v7(self.clock.now_ms()),
+            tenant: tenant(),
+            group: group(group_name),
+            customer_name: customer.into(),
+            question: format!("question from {customer}"),
+        };
+        self.client.start_chat(request).await.unwrap()
+    }
+}
+
+async fn next_push(stream: &mut PushStream) -> Push {
+    within(stream.next()).await.expect("the stream is open").expect("a push")
+}
+
+#[tokio::test]
+async fn a_chat_through_grpc_with_its_pushes() {
+    let cluster = Cluster::start().await;
+    let client = &cluster.client;
+    let started = cluster.start_chat("g1", "carol").await;
+    let chat = started.view.conversation;
+    assert_eq!(started.view.state, ConversationState::Queued);
+    let customer = Caller::Customer { conversation: chat };
+
+    // Reads through gRPC answer what the router answers in-process.
+    let view = client.authorize_customer(chat, &started.customer_token).await.unwrap();
+    assert_eq!(view, cluster.node.authorize_customer(chat, &started.customer_token).await.unwrap());
+    assert_eq!(view, started.view);
+    assert_eq!(client.authorize_customer(chat, "wrong").await.unwrap_err(), {
+        cluster.node.authorize_customer(chat, "wrong").await.unwrap_err()
+    });
+    assert_eq!(client.chat_view(&customer, chat).await.unwrap(), view);
+
+    let gateway = GatewayId("gw-1".into());
+    let mut pushes = client.open_push_stream(&gateway).await.unwrap();
+    let backlog = client.subscribe(&gateway, &customer, chat, 0).await.unwrap();
+    assert_eq!(backlog, cluster.node.read_events(&customer, chat, 0).await.unwrap());
+    assert!(matches!(backlog.first().map(|event| &event.body), Some(EventBody::Created { .. })));
+
+    // An agent takes the chat and writes: the customer's gateway gets every event, in order.
+    client.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap();
+    let accepted = client.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    assert_eq!((accepted.state, accepted.owner.clone()), (ConversationState::Active, Some(agent("b"))));
+    let send = ChatCommand::Send { client_msg_id: "m-1".into(), body: "hello, Carol".into() };
+    let outcome = client.command(&agent_caller("b"), chat, send.clone()).await.unwrap();
+    assert!(!outcome.duplicate);
+    let sent = outcome.event.clone().expect("the stored message");
+    assert_eq!(sent.client_msg_id.as_deref(), Some("m-1"));
+
+    let mut events: Vec<Arc<Event>> = Vec::new();
+    while events.last().map(|event| event.seq) != Some(sent.seq) {
+        match next_push(&mut pushes).await {
+            Push::Event { conversation, event } => {
+                assert_eq!(conversation, chat);
+                events.push(event);
+            }
+            other => panic!("unexpected push {other:?}"),
+        }
+    }
+    assert_eq!(events.iter().map(|event| event.body.kind()).collect::<Vec<_>>(), ["accepted", "message"]);
+    assert_eq!(*events[1], sent);
+    // The gateway's copy is the stored one.
+    let stored = cluster.node.read_events(&customer, chat, backlog.last().unwrap().seq).await.unwrap();
+    assert_eq!(events.iter().map(|event| (**event).clone()).collect::<Vec<_>>(), stored);
+
+    // A resend is a duplicate through the wire too; typing is pushed and not stored.
+    let again = client.command(&agent_caller("b"), chat, send).await.unwrap();
+    assert_eq!(again, CommandOutcome { event: Some(sent.clone()), duplicate: true });
+    client.typing(&customer, chat, true).await.unwrap();
+    assert_eq!(
+        next_push(&mut pushes).await,
+        Push::Typing { conversation: chat, author: switchboard_domain::Author::Customer, typing: true }
+    );
+    let ongoing = client.list_chats(&tenant(), &agent("b"), ChatList::Ongoing).await.unwrap();
+    assert_eq!(ongoing, cluster.node.list_chats(&tenant(), &agent("b"), ChatList::Ongoing).await.unwrap());
+    assert_eq!(ongoing.iter().map(|view| view.conversation).collect::<Vec<_>>(), [chat]);
+    client.unsubscribe(&gateway, chat).await;
+    cluster.running.stop().await;
+}
+
+#[tokio::test]
+async fn queue_pushes_arrive_through_the_push_stream() {
+    let cluster = Cluster::start().await;
+    let client = &cluster.client;
+    let gateway = GatewayId("gw-queue".into());
+    let mut pushes = client.open_push_stream(&gateway).await.unwrap();
+    client.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
+    let Push::Queue { tenant: pushed_tenant, group: pushed_group, change, .. } = next_push(&mut pushes).await else {
+        panic!("a queue push first");
+    };
+    assert_eq!((pushed_tenant, pushed_group), (tenant(), group("g1")));
+    assert_eq!(change, QueueChange::Snapshot { entries: vec![] });
+
+    let started = cluster.start_chat("g1", "dave").await;
+    let Push::Queue { change: QueueChange::Added { entry }, .. } = next_push(&mut pushes).await else {
+        panic!("the chat joins the queue");
+    };
+    assert_eq!(entry.conversation, started.view.conversation);
+    client.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap();
+    client.accept_chat(&tenant(), &agent("b"), started.view.conversation).await.unwrap();
+    let Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } = next_push(&mut pushes).await else {
+        panic!("the chat leaves the queue");
+    };
+    assert_eq!((conversation, reason), (started.view.conversation, LeftQueue::Accepted { agent: agent("b") }));
+
+    // What another router would ask of this one (PeerApi) goes through the same way.
+    let entry = WaitingEntry {
+        conversation: ConversationId::new_v7(NOW_MS + 5),
+        group: group("g1"),
+        queued_at_ms: NOW_MS + 5,
+        customer_name: "eve".into(),
+        question: "?".into(),
+    };
+    client.queue_add(&tenant(), entry.clone()).await.unwrap();
+    let Push::Queue { change: QueueChange::Added { entry: added }, .. } = next_push(&mut pushes).await else {
+        panic!("the peer's chat joins the queue");
+    };
+    assert_eq!(added, entry);
+    client.queue_remove(&tenant(), &group("g1"), entry.conversation, LeftQueue::Cancelled).await.unwrap();
+    let Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } = next_push(&mut pushes).await else {
+        panic!("the peer's chat leaves the queue");
+    };
+    assert_eq!((conversation, reason), (entry.conversation, LeftQueue::Cancelled));
+    client.unsubscribe_queue(&gateway, &tenant(), &group("g1")).await;
+    cluster.running.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_arrives_as_the_same_refusal() {
+    let cluster = Cluster::start().await;
+    let client = &cluster.client;
+    let view = client.set_agent_status(&tenant(), &agent("a"), AgentStatus::Online).await.unwrap();
+    assert_eq!(
+        view,
+        AgentView {
+            tenant: tenant(),
+            agent: agent("a"),
+            status: AgentStatus::Online,
+            capacity: 2,
+            groups: vec![group("g1"), group("g2")],
+            active: vec![],
+        }
+    );
+    for customer in ["x", "y"] {
+        let chat = cluster.start_chat("g1", customer).await.view.conversation;
+        client.accept_chat(&tenant(), &agent("a"), chat).await.unwrap();
+    }
+    let third = cluster.start_chat("g1", "z").await.view.conversation;
+    let refused = client.accept_chat(&tenant(), &agent("a"), third).await.unwrap_err();
+    assert_eq!(refused, RouterError::Refused(Refusal::AtCapacity { capacity: 2 }));
+
+    // An agent who is away is refused; b is not in g2; an empty message is refused; an unknown group is not
+    // found. Each answer through gRPC is the router's own (a refused call changes nothing, so it can be asked
+    // twice).
+    let in_g2 = cluster.start_chat("g2", "w").await.view.conversation;
+    client.set_agent_status(&tenant(), &agent("a"), AgentStatus::Away).await.unwrap();
+    let refused = client.accept_chat(&tenant(), &agent("a"), in_g2).await.unwrap_err();
+    assert_eq!(refused, RouterError::Refused(Refusal::AgentNotOnline));
+    client.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap();
+    let refused = client.accept_chat(&tenant(), &agent("b"), in_g2).await.unwrap_err();
+    assert_eq!(refused, cluster.node.accept_chat(&tenant(), &agent("b"), in_g2).await.unwrap_err());
+    let empty = ChatCommand::Send { client_msg_id: "e".into(), body: String::new() };
+    let customer = Caller::Customer { conversation: third };
+    let refused = client.command(&customer, third, empty.clone()).await.unwrap_err();
+    assert_eq!(refused, cluster.node.command(&customer, third, empty).await.unwrap_err());
+    let request = StartChat {
+        conversation: ConversationId::new_v7(NOW_MS),
+        tenant: tenant(),
+        group: group("nope"),
+        customer_name: "v".into(),
+        question: "?".into(),
+    };
+    assert_eq!(client.start_chat(request).await.unwrap_err(), RouterError::UnknownGroup);
+    cluster.running.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_does_not_own_the_shard_answers_not_owner() {
+    let cluster = Cluster::start().await;
+    let client = &cluster.client;
+    let chat = cluster.start_chat("g1", "x").await.view.conversation;
+    // The leases expire in database time and another node takes every shard.
+    cluster.clock.advance_ms(60_000);
+    let takeover = AcquireShardsRequest { node_id: "node-2".into(), shards: vec![], lease_ms: 600_000, limit: 0 };
+    assert_eq!(cluster.store.acquire_shards(takeover).await.unwrap().granted.len(), 1024);
+
+    let send = ChatCommand::Send { client_msg_id: "m".into(), body: "too late".into() };
+    let customer = Caller::Customer { conversation: chat };
+    let error = client.command(&customer, chat, send).await.unwrap_err();
+    assert_eq!(error, RouterError::NotOwner);
+    assert!(error.is_retryable());
+    let request = StartChat {
+        conversation: ConversationId::new_v7(NOW_MS + 100_000),
+        tenant: tenant(),
+        group: group("g1"),
+        customer_name: "y".into(),
+        question: "?".into(),
+    };
+    assert_eq!(client.start_chat(request).await.unwrap_err(), RouterError::NotOwner);
+    // The peer calls answer the same once the node knows it lost the shards (at its next renewal).
+    let lost = eventually(|| async {
+        let error = client.owner_accept(chat, &agent("b")).await.unwrap_err();
+        (error == RouterError::NotOwner).then_some(error)
+    })
+    .await;
+    assert_eq!(lost, RouterError::NotOwner);
+    cluster.running.stop().await;
+}
+
+#[tokio::test]
+async fn keepalives_flow_on_the_wire_and_never_reach_the_caller() {
+    let cluster = Cluster::start().await;
+    let running = Running::start(any_port().await, services(cluster.node.clone(), Duration::from_millis(10))).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+
+    let mut raw = RouterServiceClient::connect(running.url()).await.unwrap();
+    let request = pb::ConnectRequest { gateway_id: "gw-raw".into() };
+    let mut frames = raw.push_stream(request).await.unwrap().into_inner();
+    let mut pushes = client.open_push_stream(&GatewayId("gw-1".into())).await.unwrap();
+    for _ in 0..3 {
+        let frame = within(frames.next()).await.unwrap().unwrap();
+        assert!(matches!(frame.push, Some(pb::push_frame::Push::Keepalive(_))), "{frame:?}");
+    }
+    // Keepalives went by on gw-1's stream too; its first item is the first real push.
+    let started = cluster.start_chat("g1", "x").await;
+    let chat = started.view.conversation;
+    let customer = Caller::Customer { conversation: chat };
+    client.subscribe(&GatewayId("gw-1".into()), &customer, chat, 0).await.unwrap();
+    client.typing(&customer, chat, true).await.unwrap();
+    assert!(matches!(next_push(&mut pushes).await, Push::Typing { typing: true, .. }));
+    running.stop().await;
+    cluster.running.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_stream_for_the_same_gateway_ends_the_first() {
+    let cluster = Cluster::start().await;
+    let gateway = GatewayId("gw-1".into());
+    let mut first = cluster.client.open_push_stream(&gateway).await.unwrap();
+    let _second = cluster.client.open_push_stream(&gateway).await.unwrap();
+    // The router dropped the first sink; its stream ends with an error, which is its last item.
+    let end = within(first.next()).await;
+    assert!(matches!(end, Some(Err(RouterError::Unavailable(_)))), "{end:?}");
+    assert!(first.next().await.is_none());
+    cluster.running.stop().await;
+}
+
+#[tokio::test]
+async fn connect_gateway_forwards_pushes_and_reconnects_after_the_server_restarts() {
+    let cluster = Cluster::start().await;
+    let addr = cluster.running.addr;
+    let client = &cluster.client;
+    let gateway = GatewayId("gw-1".into());
+    let (sink, mut pushes) = mpsc::unbounded_channel();
+    let (link, mut links) = mpsc::unbounded_channel();
+    client.connect_gateway_observed(gateway.clone(), sink, link);
+    assert_eq!(within(links.recv()).await, Some(PushLinkEvent::Connected));
+
+    let started = cluster.start_chat("g1", "x").await;
+    let chat = started.view.conversation;
+    let customer = Caller::Customer { conversation: chat };
+    let backlog = client.subscribe(&gateway, &customer, chat, 0).await.unwrap();
+    client.typing(&customer, chat, true).await.unwrap();
+    assert!(matches!(within(pushes.recv()).await, Some(Push::Typing { typing: true, .. })));
+
+    // The server goes away (draining ends the stream) and comes back on the same address.
+    cluster.running.stop().await;
+    assert!(matches!(within(links.recv()).await, Some(PushLinkEvent::Lost(_))));
+    let running =
+        Running::start(TcpListener::bind(addr).await.unwrap(), services(cluster.node.clone(), Duration::from_secs(5)))
+            .await;
+    // Reopening may fail a few times before the server is back; it is reopened in the end.
+    within(async {
+        while let Some(event) = links.recv().await {
+            if event == PushLinkEvent::Connected {
+                return;
+            }
+        }
+        panic!("the link task ended");
+    })
+    .await;
+    // Subscriptions are made again after a reconnect; pushes flow into the same sink.
+    let last_seq = backlog.last().unwrap().seq;
+    client.subscribe(&gateway, &customer, chat, last_seq).await.unwrap();
+    client.typing(&customer, chat, false).await.unwrap();
+    assert!(matches!(within(pushes.recv()).await, Some(Push::Typing { typing: false, .. })));
+
+    // Closing the sink stops the task.
+    drop(pushes);
+    assert_eq!(within(links.recv()).await, None, "the task ends when the sink is closed");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopped_router_is_unavailable() {
+    let cluster = Cluster::start().await;
+    let chat = cluster.start_chat("g1", "x").await.view.conversation;
+    cluster.running.stop().await;
+    let customer = Caller::Customer { conversation: chat };
+    let error = within(cluster.client.chat_view(&customer, chat)).await.unwrap_err();
+    assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
+    let error = within(cluster.client.open_push_stream(&GatewayId("gw".into()))).await.unwrap_err();
+    assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
+}
+
+/// A node that answers every call with the error it is given, or never answers, and records peer calls.
+#[derive(Default)]
+struct Scripted {
+    error: Mutex<Option<RouterError>>,
+    hang: AtomicBool,
+    peer_calls: Mutex<Vec<String>>,
+    sinks: Mutex<Vec<mpsc::UnboundedSender<Push>>>,
+}
+
+impl Scripted {
+    async fn outcome(&self) -> Result<(), RouterError> {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        match self.error.lock().unwrap().clone() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn view(conversation: ConversationId) -> ChatView {
+        ChatView {
+            conversation,
+            tenant: tenant(),
+            group: group("g1"),
+            state: ConversationState::Active,
+            owner: Some(agent("a")),
+            customer_name: "c".into(),
+            first_question: "q".into(),
+            created_at_ms: NOW_MS,
+            accepted_at_ms: Some(NOW_MS + 1),
+            closed_at_ms: None,
+            last_seq: 3,
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_router_error_arrives_as_it_was_raised() {
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let chat = ConversationId::new_v7(NOW_MS);
+    let mut errors = vec![
+        RouterError::NotFound,
+        RouterError::UnknownAgent,
+        RouterError::UnknownGroup,
+        RouterError::NotOwner,
+        RouterError::Unavailable("store unavailable: database is locked".into()),
+        RouterError::Internal("conversation actor did not start".into()),
+    ];
+    errors.extend(
+        [
+            Refusal::ChatTaken,
+            Refusal::NotAccepted,
+            Refusal::NotParticipant,
+            Refusal::ChatClosed,
+            Refusal::AgentNotOnline,
+            Refusal::AtCapacity { capacity: 4 },
+            Refusal::NotInGroup,
+            Refusal::EmptyMessage,
+            Refusal::BadDeliveryMark { last_seq: 9 },
+        ]
+        .map(RouterError::Refused),
+    );
+    for error in errors {
+        *node.error.lock().unwrap() = Some(error.clone());
+        assert_eq!(client.command(&agent_caller("a"), chat, ChatCommand::Close).await.unwrap_err(), error);
+        assert_eq!(client.owner_accept(chat, &agent("a")).await.unwrap_err(), error);
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn peer_calls_reach_the_peer_api_with_their_arguments() {
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let chat = ConversationId::new_v7(NOW_MS);
+    assert_eq!(client.owner_accept(chat, &agent("a")).await.unwrap(), Scripted::view(chat));
+    let entry = WaitingEntry {
+        conversation: chat,
+        group: group("g2"),
+        queued_at_ms: NOW_MS,
+        customer_name: "Carol".into(),
+        question: "Where?".into(),
+    };
+    client.queue_add(&tenant(), entry.clone()).await.unwrap();
+    client.queue_remove(&tenant(), &group("g2"), chat, LeftQueue::Accepted { agent: agent("b") }).await.unwrap();
+    client.queue_remove(&tenant(), &group("g2"), chat, LeftQueue::Cancelled).await.unwrap();
+    client.agent_finished(&tenant(), &agent("b"), chat).await.unwrap();
+    assert_eq!(
+        *node.peer_calls.lock().unwrap(),
+        [
+            format!("owner_accept {chat} a"),
+            format!("queue_add acme {entry:?}"),
+            format!("queue_remove acme g2 {chat} {:?}", LeftQueue::Accepted { agent: agent("b") }),
+            format!("queue_remove acme g2 {chat} Cancelled"),
+            format!("agent_finished acme b {chat}"),
+        ]
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_router_that_never_answers_is_unavailable_after_the_request_timeout() {
+    let node = Arc::new(Scripted::default());
+    node.hang.store(true, Ordering::SeqCst);
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let settings = ClientSettings { request_timeout: Duration::from_millis(300), ..client_settings() };
+    let client = GrpcRouterNode::connect_lazy(&running.url(), settings).unwrap();
+    let chat = ConversationId::new_v7(NOW_MS);
+    let error = within(client.chat_view(&agent_caller("a"), chat)).await.unwrap_err();
+    assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
+    assert!(error.is_retryable());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_from_the_wire_is_invalid_argument_and_the_server_carries_on() {
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let mut raw = RouterServiceClient::connect(running.url()).await.unwrap();
+    let bad_requests = [
+        pb::CommandRequest { caller: None, conversation_id: ConversationId::new_v7(NOW_MS).to_string(), command: None },
+        pb::CommandRequest {
+            caller: Some(pb::Caller { who: Some(pb::caller::Who::CustomerConversationId("nope".into())) }),
+            conversation_id: "nope".into(),
+            command: Some(pb::command_request::Command::Close(pb::Empty {})),
+        },
+    ];
+    for request in bad_requests {
+        let status = raw.command(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+    let status = raw
+        .set_agent_status(pb::SetAgentStatusRequest {
+            tenant_id: "acme".into(),
+            agent_id: "a".into(),
+            status: "busy".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = raw.push_stream(pb::ConnectRequest { gateway_id: String::new() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // The same connection still serves good requests.
+    let reply = raw
+        .owner_accept(pb::OwnerAcceptRequest {
+            conversation_id: ConversationId::new_v7(NOW_MS).to_string(),
+            agent_id: "a".into(),
+        })
+        .await
+        .unwrap();
+    assert!(reply.into_inner().view.is_some());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn health_answers_serving_and_reflection_lists_the_services() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node, Duration::from_secs(5))).await;
+    let channel = tonic::transport::Endpoint::from_shared(running.url()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let router_service = "switchboard.internal.v1.RouterService";
+    let check = |service: &str| HealthCheckRequest { service: service.into() };
+    for service in ["", router_service] {
+        let status = health.check(check(service)).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health.check(check("switchboard.internal.v1.StoreService")).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "only what is served has a health");
+
+    // A draining role says so.
+    running.health.set_not_serving().await;
+    for service in ["", router_service] {
+        let status = health.check(check(service)).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::NotServing as i32, "{service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let reply = within(replies.next()).await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("a list of services: {reply:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    names.sort();
+    assert_eq!(names, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", router_service]);
+
+    // Reflection describes the service from the committed descriptor set.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(router_service.into())),
+    };
+    let mut replies = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let reply = within(replies.next()).await.unwrap().unwrap();
+    assert!(matches!(reply.message_response, Some(MessageResponse::FileDescriptorResponse(_))), "{reply:?}");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_a_server_with_open_push_streams_does_not_wait_for_them() {
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node, Duration::from_secs(5))).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let mut streams = Vec::new();
+    for gateway in ["gw-1", "gw-2"] {
+        streams.push(client.open_push_stream(&GatewayId(gateway.into())).await.unwrap());
+    }
+    // `stop` waits for every connection to close, well before the 30 s grace.
+    tokio::time::timeout(DEADLINE, running.stop()).await.expect("the drain ended the push streams");
+    for mut stream in streams {
+        assert!(matches!(within(stream.next()).await, Some(Err(RouterError::Unavailable(_)))));
+    }
+}
+
+#[async_trait]
+impl RouterApi for Scripted {
+    fn connect_gateway(&self, _gateway: GatewayId, sink: mpsc::UnboundedSender<Push>) {
+        // Kept open for the life of the node: its streams end only when the client goes or the server drains.
+        self.sinks.lock().unwrap().push(sink);
+    }
+    async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
+        self.outcome().await?;
+        Ok(StartedChat { view: Scripted::view(request.conversation), customer_token: "t".into() })
+    }
+    async fn authorize_customer(&self, conversation: ConversationId, _token: &str) -> Result<ChatView, RouterError> {
+        self.outcome().await?;
+        Ok(Scripted::view(conversation))
+    }
+    async fn chat_view(&self, _caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
+        self.outcome().await?;
+        Ok(Scripted::view(conversation))
+    }
+    async fn subscribe(
+        &self,
+        _gateway: &GatewayId,
+        _caller: &Caller,
+        _conversation: ConversationId,
+        _after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.outcome().await?;
+        Ok(vec![])
+    }
+    async fn unsubscribe(&self, _gateway: &GatewayId, _conversation: ConversationId) {}
+    async fn read_events(
+        &self,
+        _caller: &Caller,
+        _conversation: ConversationId,
+        _after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.outcome().await?;
+        Ok(vec![])
+    }
+    async fn command(
+        &self,
+        _caller: &Caller,
+        _conversation: ConversationId,
+        _command: ChatCommand,
+    ) -> Result<CommandOutcome, RouterError> {
+        self.outcome().await?;
+        Ok(CommandOutcome { event: None, duplicate: false })
+    }
+    async fn typing(&self, _caller: &Caller, _conversation: ConversationId, _typing: bool) -> Result<(), RouterError> {
+        self.outcome().await
+    }
+    async fn accept_chat(
+        &self,
+        _tenant: &TenantId,
+        _agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<ChatView, RouterError> {
+        self.outcome().await?;
+        Ok(Scripted::view(conversation))
+    }
+    async fn set_agent_status(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        status: AgentStatus,
+    ) -> Result<AgentView, RouterError> {
+        self.outcome().await?;
+        Ok(AgentView {
+            tenant: tenant.clone(),
+            agent: agent.clone(),
+            status,
+            capacity: 1,
+            groups: vec![],
+            active: vec![],
+        })
+    }
+    async fn subscribe_queue(
+        &self,
+        _gateway: &GatewayId,
+        _tenant: &TenantId,
+        _group: &GroupId,
+    ) -> Result<(), RouterError> {
+        self.outcome().await
+    }
+    async fn unsubscribe_queue(&self, _gateway: &GatewayId, _tenant: &TenantId, _group: &GroupId) {}
+    async fn list_chats(
+        &self,
+        _tenant: &TenantId,
+        _agent: &AgentId,
+        _list: ChatList,
+    ) -> Result<Vec<ChatView>, RouterError> {
+        self.outcome().await?;
+        Ok(vec![])
+    }
+}
+
+#[async_trait]
+impl PeerApi for Scripted {
+    async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("owner_accept {conversation} {agent}"));
+        Ok(Scripted::view(conversation))
+    }
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("queue_add {tenant} {entry:?}"));
+        Ok(())
+    }
+    async fn queue_remove(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        conversation: ConversationId,
+        reason: LeftQueue,
+    ) -> Result<(), RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("queue_remove {tenant} {group} {conversation} {reason:?}"));
+        Ok(())
+    }
+    async fn agent_finished(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("agent_finished {tenant} {agent} {conversation}"));
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! The event log on PostgreSQL: the statements of a group-committed append batch (the logic is shared, in
+//! `batch`), and reads.
+//!
+//! A batch locks the lease rows of its fences `FOR SHARE` (in shard order; an acquire that would bump an
+//! epoch waits for the batch to commit, so every event is written under the then-current epoch) and its
+//! conversations `FOR UPDATE` (in id order; two store processes appending to one conversation take turns,
+//! so seqs stay gap-free and deduplication sees every earlier write). Rows go in with one statement per
+//! table for the whole batch (`unnest` of arrays).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use sqlx::{PgPool, Postgres, Transaction};
+use switchboard_proto::internal::v1::{ConversationRecord, ReadEventsRequest, ReadEventsResponse};
+use switchboard_proto::store::StoreError;
+
+use super::PgStore;
+use crate::batch::{
+    AppendBackend, AppendTx, BatchFailure, Checked, Conversation, NewEventRow, Outcome, SummaryRow, run_batch,
+};
+use crate::error::{db, to_i64};
+use crate::events::{INSERT_CONVERSATION, SELECT_EVENTS, SELECT_EVENTS_LIMITED};
+use crate::records::{EventRow, event_from_row};
+
+const LOCK_FENCES: &str = "SELECT shard, epoch FROM shard_leases WHERE shard = ANY($1) ORDER BY shard FOR SHARE";
+
+const LOCK_CONVERSATIONS: &str =
+    "SELECT id, last_seq, shard FROM conversations WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+const SELECT_BY_CLIENT_MSG_IDS: &str = "SELECT e.conversation_id, e.seq, e.at_ms, e.author_role, e.author_id, \
+     e.client_msg_id, e.kind, e.payload_json \
+     FROM events AS e JOIN unnest($1::text[], $2::text[]) AS wanted (conversation_id, client_msg_id) \
+     ON e.conversation_id = wanted.conversation_id AND e.client_msg_id = wanted.client_msg_id";
+
+const INSERT_EVENTS: &str = "INSERT INTO events (conversation_id, seq, at_ms, author_role, author_id, \
+     client_msg_id, kind, payload_json, epoch) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
+     $8::text[], $9::int8[])";
+
+const UPDATE_SUMMARIES: &str = "UPDATE conversations AS c SET last_seq = u.last_seq, \
+     state = COALESCE(u.state, c.state), \
+     owner_agent_id = CASE WHEN u.has_update THEN u.owner_agent_id ELSE c.owner_agent_id END, \
+     accepted_at_ms = CASE WHEN u.has_update THEN u.accepted_at_ms ELSE c.accepted_at_ms END, \
+     closed_at_ms = CASE WHEN u.has_update THEN u.closed_at_ms ELSE c.closed_at_ms END \
+     FROM unnest($1::text[], $2::int8[], $3::text[], $4::bool[], $5::text[], $6::int8[], $7::int8[]) \
+     AS u (id, last_seq, state, has_update, owner_agent_id, accepted_at_ms, closed_at_ms) \
+     WHERE c.id = u.id";
+
+/// The append batches of a [`PgStore`], each on a connection of its pool.
+pub(super) struct PgAppender {
+    pub pool: PgPool,
+}
+
+#[async_trait]
+impl AppendBackend for PgAppender {
+    async fn write(&self, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure> {
+        let mut transaction = self.pool.begin().await.map_err(|error| BatchFailure::Batch(db(error)))?;
+        let outcomes = run_batch(&mut transaction, batch).await?;
+        transaction.commit().await.map_err(|error| BatchFailure::Batch(db(error)))?;
+        Ok(outcomes)
+    }
+}
+
+#[async_trait]
+impl AppendTx for Transaction<'static, Postgres> {
+    async fn fence_epochs(&mut self, shards: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error> {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(LOCK_FENCES).bind(shards).fetch_all(&mut **self).await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, sqlx::Error> {
+        let rows: Vec<(String, i64, i32)> = sqlx::query_as(LOCK_CONVERSATIONS).bind(ids).fetch_all(&mut **self).await?;
+        Ok(rows.into_iter().map(|(id, last_seq, shard)| (id, Conversation { last_seq, shard })).collect())
+    }
+
+    async fn stored_events(&mut self, keys: &[(&str, &str)]) -> Result<Vec<EventRow>, sqlx::Error> {
+        let (ids, client_msg_ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        sqlx::query_as(SELECT_BY_CLIENT_MSG_IDS).bind(ids).bind(client_msg_ids).fetch_all(&mut **self).await
+    }
+
+    async fn insert_conversation(&mut self, id: &str, create: &ConversationRecord) -> Result<bool, sqlx::Error> {
+        let shard = i32::try_from(create.shard)
+            .map_err(|_| sqlx::Error::InvalidArgument(format!("no such shard: {}", create.shard)))?;
+        let inserted = sqlx::query(INSERT_CONVERSATION)
+            .bind(id)
+            .bind(&create.tenant_id)
+            .bind(&create.group_id)
+            .bind(&create.customer_name)
+            .bind(&create.first_question)
+            .bind(&create.state)
+            .bind(&create.owner_agent_id)
+            .bind(create.created_at_ms)
+            .bind(create.queued_at_ms)
+            .bind(create.accepted_at_ms)
+            .bind(create.closed_at_ms)
+            .bind(shard)
+            .bind(&create.customer_token)
+            .execute(&mut **self)
+            .await?
+            .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn insert_events(&mut self, events: &[NewEventRow]) -> Result<(), sqlx::Error> {
+        let column = |f: fn(&NewEventRow) -> &str| events.iter().map(f).collect::<Vec<&str>>();
+        sqlx::query(INSERT_EVENTS)
+            .bind(column(|event| &event.conversation_id))
+            .bind(events.iter().map(|event| event.seq).collect::<Vec<_>>())
+            .bind(events.iter().map(|event| event.at_ms).collect::<Vec<_>>())
+            .bind(column(|event| &event.author_role))
+            .bind(column(|event| &event.author_id))
+            .bind(events.iter().map(|event| event.client_msg_id.as_deref()).collect::<Vec<_>>())
+            .bind(column(|event| &event.kind))
+            .bind(column(|event| &event.payload_json))
+            .bind(events.iter().map(|event| event.epoch).collect::<Vec<_>>())
+            .execute(&mut **self)
+            .await?;
+        Ok(())
+    }
+
+    async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), sqlx::Error> {
+        let fields = |summary: &SummaryRow| summary.fields.clone().unwrap_or_default();
+        sqlx::query(UPDATE_SUMMARIES)
+            .bind(summaries.iter().map(|summary| summary.conversation_id.as_str()).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| summary.last_seq).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| summary.state.as_deref()).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| summary.fields.is_some()).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| fields(summary).0).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| fields(summary).1).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| fields(summary).2).collect::<Vec<_>>())
+            .execute(&mut **self)
+            .await?;
+        Ok(())
+    }
+}
+
+pub(super) async fn read(store: &PgStore, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
+    let after_seq = to_i64(request.after_seq, "after_seq")?;
+    let query = if request.limit == 0 {
+        sqlx::query_as(SELECT_EVENTS).bind(&request.conversation_id).bind(after_seq)
+    } else {
+        sqlx::query_as(SELECT_EVENTS_LIMITED)
+            .bind(&request.conversation_id)
+            .bind(after_seq)
+            .bind(i64::from(request.limit))
+    };
+    let rows: Vec<EventRow> = query.fetch_all(&store.pool).await.map_err(db)?;
+    let events = rows.into_iter().map(event_from_row).collect::<Result<_, _>>()?;
+    Ok(ReadEventsResponse { events })
+}

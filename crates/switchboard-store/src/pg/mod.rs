@@ -1,0 +1,183 @@
+//! The store on PostgreSQL: the same schema, migrations and behaviour as [`SqlStore`](crate::SqlStore), for
+//! several store processes sharing one database.
+//!
+//! Leases are taken and renewed by compare-and-set on database time (the server's `clock_timestamp()`,
+//! read inside the transaction), under row locks taken in shard order. Appends are group-committed like on
+//! SQLite; a batch locks its fences `FOR SHARE` and its conversations `FOR UPDATE` (see `dialect`).
+//!
+//! The pool reconnects by itself: a connection the server dropped (restart, failover) fails the request
+//! that was using it with `Unavailable`, is discarded, and later requests open new connections. While the
+//! server is down, a request waits up to [`PgOptions::acquire_timeout`] for a connection, then fails with
+//! `Unavailable`.
+
+mod conversations;
+mod events;
+mod leases;
+mod nodes;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::PgConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use switchboard_domain::Clock;
+use switchboard_proto::internal::v1::{
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
+    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+};
+use switchboard_proto::store::{StoreApi, StoreError};
+
+use crate::audit::{LeaseGrant, StoreAudit};
+use crate::batch::{Appender, GroupCommit};
+use crate::dialect::PG_NOW_MS;
+use crate::error::{db, to_u64};
+use crate::records::{GrantRow, grant_from_row};
+
+/// How a [`PgStore`] connects and batches.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// `None` (production): database time is the PostgreSQL server's clock. `Some`: this clock instead,
+    /// so that tests can expire leases by advancing a `FixedClock`. Every store process sharing a
+    /// database must use the same choice.
+    pub test_clock: Option<Arc<dyn Clock>>,
+    /// Connections of this store process.
+    pub max_connections: u32,
+    /// How long a request waits for a connection (the server down, the pool busy) before `Unavailable`.
+    pub acquire_timeout: Duration,
+    pub group_commit: GroupCommit,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            test_clock: None,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            group_commit: GroupCommit::default(),
+        }
+    }
+}
+
+impl fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("test_clock", &self.test_clock.is_some())
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("group_commit", &self.group_commit)
+            .finish()
+    }
+}
+
+/// The store on PostgreSQL. Cloning is cheap and shares the pool and the append writer.
+#[derive(Clone)]
+pub struct PgStore {
+    pub(crate) pool: PgPool,
+    test_clock: Option<Arc<dyn Clock>>,
+    appender: Appender,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/database`). Does not migrate: see
+    /// [`PgStore::migrate`], or [`crate::open`], which does both.
+    pub async fn connect(url: &str, options: PgOptions) -> Result<Self, StoreError> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|error| StoreError::Invalid(format!("bad database url: {error}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .test_before_acquire(true)
+            .connect_with(connect)
+            .await
+            .map_err(db)?;
+        let backend = Arc::new(events::PgAppender { pool: pool.clone() });
+        let appender = Appender::start(backend, options.group_commit);
+        Ok(PgStore { pool, test_clock: options.test_clock, appender })
+    }
+
+    /// Closes the connections, waiting for the ones in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Database time, read on the transaction's connection (or the test clock).
+    pub(crate) async fn now_ms(&self, connection: &mut PgConnection) -> Result<i64, StoreError> {
+        match &self.test_clock {
+            Some(clock) => Ok(clock.now_ms()),
+            None => sqlx::query_scalar(PG_NOW_MS).fetch_one(connection).await.map_err(db),
+        }
+    }
+}
+
+#[async_trait]
+impl StoreApi for PgStore {
+    async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {
+        leases::acquire(self, request).await
+    }
+
+    async fn renew_shards(&self, request: RenewShardsRequest) -> Result<RenewShardsResponse, StoreError> {
+        leases::renew(self, request).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
+        self.appender.append(request).await
+    }
+
+    async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
+        events::read(self, request).await
+    }
+
+    async fn get_conversation(&self, request: GetConversationRequest) -> Result<GetConversationResponse, StoreError> {
+        conversations::get(self, request).await
+    }
+
+    async fn list_conversations(
+        &self,
+        request: ListConversationsRequest,
+    ) -> Result<ListConversationsResponse, StoreError> {
+        conversations::list(self, request).await
+    }
+
+    async fn release_shards(&self, request: ReleaseShardsRequest) -> Result<ReleaseShardsResponse, StoreError> {
+        leases::release(self, request).await
+    }
+
+    async fn register_node(&self, request: RegisterNodeRequest) -> Result<RegisterNodeResponse, StoreError> {
+        nodes::register(self, request).await
+    }
+
+    async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError> {
+        nodes::placement(self, request).await
+    }
+}
+
+const SELECT_HISTORY: &str =
+    "SELECT shard, epoch, node_id, acquired_at_ms FROM shard_lease_history ORDER BY shard, epoch";
+
+#[async_trait]
+impl StoreAudit for PgStore {
+    async fn lease_history(&self) -> Result<Vec<LeaseGrant>, StoreError> {
+        let rows: Vec<GrantRow> = sqlx::query_as(SELECT_HISTORY).fetch_all(&self.pool).await.map_err(db)?;
+        rows.into_iter().map(grant_from_row).collect()
+    }
+
+    async fn event_epochs(&self, conversation_id: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(crate::events::SELECT_EVENT_EPOCHS)
+            .bind(conversation_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.into_iter().map(|(seq, epoch)| Ok((to_u64(seq, "seq")?, to_u64(epoch, "epoch")?))).collect()
+    }
+}
