@@ -26,8 +26,8 @@ use crate::protocol::{Ack, ErrorReply, ListName, PushFrame, Request};
 
 const MAX_NAME_CHARS: usize = 100;
 const MAX_CLIENT_MSG_ID_CHARS: usize = 128;
-/// How long the last frame (a close) may take to write to a client that is being disconnected.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the last frame (a close) may wait for a client that is being disconnected to read.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a transport hands the session: one frame of the client, decoded.
 #[derive(Debug)]
@@ -137,12 +137,15 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
             break end;
         }
     };
+    let socket_id = session.socket_id;
+    // The connection leaves the hub (and the agent goes offline with its last connection) first: the close
+    // below may wait on a client that does not read.
+    let mut transport = session.end().await;
     if let End::Close(close) = end {
-        debug!(socket = session.socket_id, reason = %close.reason(), "closing the connection");
-        // A client that reads nothing would hold the close forever.
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.transport.close(close)).await;
+        debug!(socket = socket_id, reason = %close.reason(), "closing the connection");
+        // A client that reads nothing would hold the close forever; after a while it is dropped without.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close(close)).await;
     }
-    session.end().await;
 }
 
 /// Resolves once the gateway drains; never if it does not.
@@ -430,7 +433,9 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    async fn end(mut self) {
+    /// Leaves the hub, and sets the agent offline when this was its last connection; returns the transport
+    /// for its last words.
+    async fn end(mut self) -> T {
         let needs = self.shared.hub.unregister(self.socket_id);
         self.apply_needs(needs).await;
         if let Some(Role::Agent { tenant, agent, .. }) = &self.role
@@ -438,6 +443,7 @@ impl<T: Transport> Session<T> {
         {
             let _ = self.shared.router.set_agent_status(tenant, agent, AgentStatus::Offline).await;
         }
+        self.transport
     }
 
     fn no_role_yet(&self) -> Result<(), ErrorReply> {

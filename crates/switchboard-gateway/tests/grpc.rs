@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::collections::BTreeSet;
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use common::*;
@@ -22,20 +22,26 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 const UNKNOWN_CHAT: &str = "0190f5a2-7c1e-7d3b-9a4e-2b8c6d0e1f23";
 
-/// Any panic in the process (a session task included) fails the tests that check it.
-fn watch_panics() -> Arc<AtomicBool> {
+/// Records the threads that panicked. A `#[tokio::test]` runs on one thread, with every task it spawns (the
+/// server's sessions included), so a test checks that its own thread never panicked.
+fn watch_panics() {
     static INSTALL: Once = Once::new();
-    static PANICKED: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-    let flag = PANICKED.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
     INSTALL.call_once(|| {
         let previous = std::panic::take_hook();
-        let flag = flag.clone();
         std::panic::set_hook(Box::new(move |info| {
-            flag.store(true, Ordering::SeqCst);
+            let thread = std::thread::current().name().unwrap_or_default().to_owned();
+            PANICKED.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(thread);
             previous(info);
         }));
     });
-    flag
+}
+
+static PANICKED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn assert_no_panic() {
+    let thread = std::thread::current().name().unwrap_or_default().to_owned();
+    let panicked = PANICKED.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(&thread);
+    assert!(!panicked, "something panicked on this test's runtime");
 }
 
 #[tokio::test]
@@ -52,7 +58,10 @@ async fn the_seed_scenario_over_grpc_with_agents_on_both_transports() {
     let AckResult::AgentSignIn(signed) = bob.ack(sign_in(BOB)).await else { panic!("an agent_sign_in ack") };
     let agent = signed.agent.unwrap();
     assert_eq!((agent.tenant.as_str(), agent.agent.as_str()), ("acme", "bob"));
-    assert_eq!((agent.status(), agent.capacity, agent.groups.clone()), (pb::AgentStatus::Online, 3, vec!["sales".into()]));
+    assert_eq!(
+        (agent.status(), agent.capacity, agent.groups.clone()),
+        (pb::AgentStatus::Online, 3, vec!["sales".into()])
+    );
     let Frame::QueueSnapshot(snapshot) = bob.push().await else { panic!("a queue snapshot after sign-in") };
     assert!(snapshot.entries.is_empty());
 
@@ -168,12 +177,16 @@ async fn the_seed_scenario_over_grpc_with_agents_on_both_transports() {
     eve.expect_events(&c2, &[(1, "created"), (2, "message")]).await;
     assert_eq!(alice.push_of("queue.added").await["entry"]["conversation"], c2);
     let accepted = alice.ack(json!({ "type": "chat.accept", "conversation": c2 })).await;
-    assert_eq!((accepted["chat"]["state"].as_str(), accepted["chat"]["owner"].as_str()), (Some("active"), Some("alice")));
+    assert_eq!(
+        (accepted["chat"]["state"].as_str(), accepted["chat"]["owner"].as_str()),
+        (Some("active"), Some("alice"))
+    );
     alice.expect_events(&c2, &[(1, "created"), (2, "message"), (3, "accepted")]).await;
     let Frame::QueueRemoved(removed) = bob.push_until_queue_removed().await else { unreachable!() };
     assert_eq!((removed.conversation.as_str(), removed.agent.as_deref()), (c2.as_str(), Some("alice")));
     eve.expect_events(&c2, &[(3, "accepted")]).await;
-    let sent = alice.ack(json!({ "type": "message.send", "conversation": c2, "client_msg_id": "a-1", "body": "Yes." })).await;
+    let sent =
+        alice.ack(json!({ "type": "message.send", "conversation": c2, "client_msg_id": "a-1", "body": "Yes." })).await;
     assert_eq!(sent["seq"], 4);
     let push = eve.event().await.event.unwrap();
     assert_eq!((push.seq, push.author.unwrap().id.as_str()), (4, "alice"));
@@ -182,7 +195,10 @@ async fn the_seed_scenario_over_grpc_with_agents_on_both_transports() {
     alice.expect_events(&c2, &[(4, "message"), (5, "delivered")]).await;
     assert_eq!(sent_seq(eve.ack(send_message(&c2, "e-1", "Thanks!")).await), 6);
     let pushed = alice.push_of("event").await;
-    assert_eq!((pushed["event"]["body"].as_str(), pushed["event"]["client_msg_id"].as_str()), (Some("Thanks!"), Some("e-1")));
+    assert_eq!(
+        (pushed["event"]["body"].as_str(), pushed["event"]["client_msg_id"].as_str()),
+        (Some("Thanks!"), Some("e-1"))
+    );
     alice.ack(json!({ "type": "message.delivered", "conversation": c2, "up_to_seq": 6 })).await;
     eve.expect_events(&c2, &[(5, "delivered"), (6, "message"), (7, "delivered")]).await;
     // The customer leaves an active chat: closed.
@@ -194,7 +210,7 @@ async fn the_seed_scenario_over_grpc_with_agents_on_both_transports() {
     alice.expect_events(&c2, &[(7, "delivered"), (8, "closed")]).await;
     eve.expect_events(&c2, &[(8, "closed")]).await;
 
-    // Closing the request stream ends the session with OK; the agent goes offline with its last connection.
+    // Closing the request stream ends the session with OK, after the answers to what was sent before.
     bob.close_requests();
     loop {
         match bob.read().await {
@@ -218,6 +234,9 @@ impl GrpcClient {
     }
 }
 
+/// A bad request of a customer, over gRPC and over WebSocket, each naming its own chat; and the code.
+type CustomerCase = (&'static str, Box<dyn Fn(&str) -> Req>, Box<dyn Fn(&str) -> Value>, &'static str);
+
 /// Sends the same bad request over both transports; both must refuse it with `code`.
 async fn refused_alike(
     grpc: &mut GrpcClient,
@@ -227,7 +246,7 @@ async fn refused_alike(
     json: Value,
     code: &str,
 ) {
-    let id = frame.id.clone();
+    let id = if frame.id.is_empty() || frame.id.chars().count() > 128 { String::new() } else { frame.id.clone() };
     grpc.send(frame).await;
     let Frame::Error(error) = grpc.answer(&id).await else { panic!("{what}: acked over gRPC") };
     assert_eq!(error.code, code, "{what} over gRPC: {error:?}");
@@ -235,12 +254,16 @@ async fn refused_alike(
     let ws_id = json["id"].as_str().filter(|id| !id.is_empty() && id.chars().count() <= 128).map(str::to_owned);
     ws.send_text(json.to_string()).await;
     let answer = ws.answer(ws_id.as_deref()).await;
-    assert_eq!((answer["type"].as_str(), answer["code"].as_str()), (Some("error"), Some(code)), "{what} over WebSocket");
+    assert_eq!(
+        (answer["type"].as_str(), answer["code"].as_str()),
+        (Some("error"), Some(code)),
+        "{what} over WebSocket"
+    );
 }
 
 #[tokio::test]
 async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays_usable() {
-    let panicked = watch_panics();
+    watch_panics();
     let server = Server::start().await;
     let (mut g, mut w) = (GrpcClient::connect(&server).await, WsClient::connect(&server).await);
     let big = "x".repeat(5000);
@@ -252,13 +275,18 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
             question: question.into(),
         })
     };
-    let ws_start = |name: &str, group: &str, question: &str, widget: &str| {
-        json!({ "id": "x", "type": "chat.start", "widget_key": widget, "group": group, "name": name, "question": question })
-    };
+    let ws_start = |name: &str, group: &str, question: &str, widget: &str| json!({ "id": "x", "type": "chat.start", "widget_key": widget, "group": group, "name": name, "question": question });
 
     // Frames that are not a request.
-    refused_alike(&mut g, &mut w, "no id", frame("", Req::Ping(pb::PingRequest {})), json!({ "type": "ping" }), "missing_id")
-        .await;
+    refused_alike(
+        &mut g,
+        &mut w,
+        "no id",
+        frame("", Req::Ping(pb::PingRequest {})),
+        json!({ "type": "ping" }),
+        "missing_id",
+    )
+    .await;
     let long_id = "i".repeat(129);
     refused_alike(
         &mut g,
@@ -282,7 +310,12 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
     // Before a role.
     let cases: Vec<(&str, Req, Value, &str)> = vec![
         ("queue list", Req::QueueList(pb::QueueListRequest {}), json!({ "type": "queue.list" }), "not_signed_in"),
-        ("accept", accept(UNKNOWN_CHAT), json!({ "type": "chat.accept", "conversation": UNKNOWN_CHAT }), "not_signed_in"),
+        (
+            "accept",
+            accept(UNKNOWN_CHAT),
+            json!({ "type": "chat.accept", "conversation": UNKNOWN_CHAT }),
+            "not_signed_in",
+        ),
         ("not a uuid", accept("nope"), json!({ "type": "chat.accept", "conversation": "nope" }), "bad_request"),
         (
             "set status",
@@ -290,7 +323,12 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
             json!({ "type": "agent.set_status", "status": "online" }),
             "not_signed_in",
         ),
-        ("wrong token", sign_in("wrong-token"), json!({ "type": "agent.sign_in", "token": "wrong-token" }), "unauthorized"),
+        (
+            "wrong token",
+            sign_in("wrong-token"),
+            json!({ "type": "agent.sign_in", "token": "wrong-token" }),
+            "unauthorized",
+        ),
         (
             "wrong customer token",
             Req::CustomerResume(pb::CustomerResumeRequest {
@@ -343,7 +381,7 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
     let AckResult::ChatStart(started) = g.ack(chat_start("Dana", "Hi")).await else { panic!() };
     let own_g = started.conversation;
     let own_w = w.ack(ws_start("Wes", "sales", "Hi", WIDGET)).await["conversation"].as_str().unwrap().to_owned();
-    let cases: Vec<(&str, Box<dyn Fn(&str) -> Req>, Box<dyn Fn(&str) -> Value>, &str)> = vec![
+    let cases: Vec<CustomerCase> = vec![
         (
             "agents only",
             Box::new(|_| Req::QueueList(pb::QueueListRequest {})),
@@ -359,21 +397,25 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
         (
             "another chat",
             Box::new(|_| send_message(UNKNOWN_CHAT, "m1", "hi")),
-            Box::new(|_| json!({ "type": "message.send", "conversation": UNKNOWN_CHAT, "client_msg_id": "m1", "body": "hi" })),
+            Box::new(
+                |_| json!({ "type": "message.send", "conversation": UNKNOWN_CHAT, "client_msg_id": "m1", "body": "hi" }),
+            ),
             "not_found",
         ),
         (
             "a message too long",
             Box::new(move |own| send_message(own, "m1", &"y".repeat(4097))),
-            Box::new(move |own| {
-                json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "y".repeat(4097) })
-            }),
+            Box::new(
+                move |own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "y".repeat(4097) }),
+            ),
             "message_too_large",
         ),
         (
             "an empty message",
             Box::new(|own| send_message(own, "m1", "   ")),
-            Box::new(|own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "   " })),
+            Box::new(
+                |own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "   " }),
+            ),
             "empty_message",
         ),
         (
@@ -432,7 +474,12 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
             json!({ "type": "chat.list", "list": "all" }),
             "bad_request",
         ),
-        ("an unknown chat", accept(UNKNOWN_CHAT), json!({ "type": "chat.accept", "conversation": UNKNOWN_CHAT }), "not_found"),
+        (
+            "an unknown chat",
+            accept(UNKNOWN_CHAT),
+            json!({ "type": "chat.accept", "conversation": UNKNOWN_CHAT }),
+            "not_found",
+        ),
         (
             "writing before accepting",
             send_message(&own_g, "m1", "hi"),
@@ -449,7 +496,7 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
     // The streams are still usable, and nothing panicked.
     assert_eq!(g.ack(Req::Ping(pb::PingRequest {})).await, AckResult::Ping(pb::PingResult {}));
     assert_eq!(w.ack(json!({ "type": "ping" })).await["type"], "ack");
-    assert!(!panicked.load(Ordering::SeqCst), "something panicked");
+    assert_no_panic();
     server.stop().await;
 }
 
@@ -526,7 +573,7 @@ impl RawSession {
 
 #[tokio::test]
 async fn frames_protobuf_cannot_express_or_decode() {
-    let panicked = watch_panics();
+    watch_panics();
     let server = Server::start().await;
 
     // A request type of a later version (an unknown field) is an unknown type; the stream goes on.
@@ -567,7 +614,7 @@ async fn frames_protobuf_cannot_express_or_decode() {
     // The server serves on.
     let mut client = GrpcClient::connect(&server).await;
     client.ack(Req::Ping(pb::PingRequest {})).await;
-    assert!(!panicked.load(Ordering::SeqCst), "something panicked");
+    assert_no_panic();
     server.stop().await;
 }
 
@@ -591,7 +638,11 @@ async fn resuming_from_a_seq_over_grpc_fills_the_gap_and_goes_on_live() {
 
     // A wrong token is refused and leaves the stream free to resume properly.
     let resume = |token: &str, after_seq: u64| {
-        Req::CustomerResume(pb::CustomerResumeRequest { conversation: chat.clone(), customer_token: token.into(), after_seq })
+        Req::CustomerResume(pb::CustomerResumeRequest {
+            conversation: chat.clone(),
+            customer_token: token.into(),
+            after_seq,
+        })
     };
     let mut dana = GrpcClient::connect(&server).await;
     assert_eq!(dana.refused(resume("not-the-token", 4)).await.code, "unauthorized");
@@ -679,6 +730,46 @@ async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes
     server.stop().await;
 }
 
+/// The same session code disconnects a slow WebSocket, with its close code.
+#[tokio::test]
+async fn a_websocket_too_slow_to_read_is_closed_with_4008() {
+    let settings = GatewaySettings { outbound_queue_len: 8, ..GatewaySettings::default() };
+    let server = Server::start_with(settings).await;
+    let mut slow = WsClient::connect_small_buffer(&server).await;
+    slow.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
+    let mut dana = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Hi")).await else { panic!() };
+    let chat = started.conversation;
+    slow.ack(json!({ "type": "chat.accept", "conversation": chat })).await;
+
+    // More than the kernel buffers between the server and a client that does not read (4 MiB at most).
+    let body = "w".repeat(4000);
+    let started_at = tokio::time::Instant::now();
+    let mut last = 0;
+    for n in 0..1600 {
+        last = sent_seq(dana.ack(send_message(&chat, &format!("m{n}"), &body)).await);
+        dana.forget_pushes();
+    }
+    // The client must read again before the server gives up waiting for it to take the close (10 s).
+    assert!(started_at.elapsed() < Duration::from_secs(8), "too slow to test: {:?}", started_at.elapsed());
+
+    let mut seen = 0;
+    let close = loop {
+        match slow.read_or_close().await {
+            Ok(frame) if frame["type"] == "event" => {
+                let seq = frame["event"]["seq"].as_u64().unwrap();
+                assert_eq!(seq, seen + 1, "in order, without gap");
+                seen = seq;
+            }
+            Ok(_) => continue,
+            Err(close) => break close,
+        }
+    };
+    assert_eq!(close, Some(switchboard_gateway::CLOSE_SLOW_CONSUMER));
+    assert!(seen < last, "the client was disconnected before it got everything ({seen})");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn draining_closes_grpc_streams_with_unavailable_and_websockets_with_1001() {
     let server = Server::start().await;
@@ -754,7 +845,8 @@ async fn reflect(
     client: &mut tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient<tonic::transport::Channel>,
     request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
 ) -> tonic_reflection::pb::v1::ServerReflectionResponse {
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+    let request =
+        tonic_reflection::pb::v1::ServerReflectionRequest { host: String::new(), message_request: Some(request) };
     let mut replies = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
     replies.message().await.unwrap().unwrap()
 }

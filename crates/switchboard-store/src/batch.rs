@@ -140,8 +140,17 @@ async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Rece
     while receiver.recv_many(&mut pending, max_batch).await > 0 {
         let (batch, replies): (Vec<Checked>, Vec<_>) =
             pending.drain(..).map(|pending| (pending.checked, pending.reply)).unzip();
-        let outcomes = write_batch(backend.as_ref(), &batch).await;
-        tracing::trace!(appends = batch.len(), "group commit");
+        let n = batch.len();
+        // On a task of its own, so that a panic fails this batch only, not the writer.
+        let backend = backend.clone();
+        let outcomes = match tokio::spawn(async move { write_batch(backend.as_ref(), &batch).await }).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                tracing::error!(%error, "an append batch failed unexpectedly");
+                vec![Err(StoreError::Unavailable("the append batch failed unexpectedly".into())); n]
+            }
+        };
+        tracing::trace!(appends = n, "group commit");
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             // A caller that went away no longer wants its answer.
             let _ = reply.send(outcome);
@@ -265,12 +274,18 @@ pub(crate) async fn run_batch(tx: &mut dyn AppendTx, batch: &[Checked]) -> Resul
     let mut stored = Stored::default();
     stored.add(if keys.is_empty() { Vec::new() } else { tx.stored_events(&keys).await? })?;
 
-    let mut state =
-        BatchState { conversations: &mut conversations, stored, events: Vec::new(), summaries: BTreeMap::new() };
+    let complete = conversations.keys().cloned().collect();
+    let mut state = BatchState {
+        conversations: &mut conversations,
+        stored,
+        complete,
+        events: Vec::new(),
+        summaries: BTreeMap::new(),
+    };
     let mut outcomes = Vec::with_capacity(batch.len());
     for checked in batch {
         if !current(&checked) {
-            outcomes.push(Err(StoreError::StaleEpoch { shard: checked.request.fence.map_or(0, |fence| fence.shard) }));
+            outcomes.push(Err(StoreError::StaleEpoch { shard: checked.shard.unsigned_abs() }));
             continue;
         }
         outcomes.push(decide(tx, checked, &mut state).await?);
@@ -303,6 +318,9 @@ impl Stored {
 struct BatchState<'a> {
     conversations: &'a mut HashMap<String, Conversation>,
     stored: Stored,
+    /// The conversations whose stored events `stored` knows for every client id of the batch: those read
+    /// at the start of the batch, and those the batch created.
+    complete: HashSet<String>,
     events: Vec<NewEventRow>,
     summaries: BTreeMap<String, SummaryRow>,
 }
@@ -325,6 +343,7 @@ async fn decide(tx: &mut dyn AppendTx, checked: &Checked, state: &mut BatchState
         }
         if tx.insert_conversation(id, create).await? {
             state.conversations.insert(id.to_owned(), Conversation { last_seq: 0, shard });
+            state.complete.insert(id.to_owned());
         } else {
             // Created by another writer after this batch looked: lock it and read it as it is.
             let found = tx.conversations(&[id]).await?;
@@ -332,10 +351,13 @@ async fn decide(tx: &mut dyn AppendTx, checked: &Checked, state: &mut BatchState
                 return Ok(Err(StoreError::NotFound(id.to_owned())));
             };
             state.conversations.insert(id.to_owned(), *conversation);
-            let keys: Vec<(&str, &str)> = client_msg_ids(request).map(|cid| (id, cid)).collect();
-            if !keys.is_empty() {
-                state.stored.add(tx.stored_events(&keys).await?)?;
-            }
+        }
+    }
+    if !state.complete.contains(id) {
+        // Each append to such a conversation reads its own client ids.
+        let keys: Vec<(&str, &str)> = client_msg_ids(request).map(|cid| (id, cid)).collect();
+        if !keys.is_empty() {
+            state.stored.add(tx.stored_events(&keys).await?)?;
         }
     }
     let Some(conversation) = state.conversations.get_mut(id) else {

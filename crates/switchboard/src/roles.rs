@@ -193,8 +193,7 @@ pub async fn gateway(config: Config, listen: SocketAddr, store: String, gateway_
     let address = listener.local_addr()?;
     println!("switchboard gateway listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "gateway serving");
-    axum::serve(listener, gateway.http_routes()).with_graceful_shutdown(shutdown_signal()).await?;
-    Ok(())
+    serve_gateway(listener, gateway).await
 }
 
 /// Every role in one process: store (SQLite), router and gateway, calling each other in-process.
@@ -222,7 +221,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("switchboard listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "switchboard serving");
-    axum::serve(listener, gateway.http_routes()).with_graceful_shutdown(shutdown_signal()).await?;
+    serve_gateway(listener, gateway).await
+}
+
+/// Serves a gateway's WebSocket, HTTP and public gRPC endpoints on one port until SIGTERM/ctrl-c, then
+/// drains its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001).
+async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    // axum does not set TCP_NODELAY on accepted sockets.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let draining = gateway.clone();
+    axum::serve(listener, gateway.routes())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            draining.drain();
+        })
+        .await?;
     Ok(())
 }
 

@@ -7,9 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use switchboard_domain::{AgentEntry, AgentId, Clock, Directory, FixedClock, GroupEntry, GroupId, TenantEntry, TenantId};
+use switchboard_domain::{
+    AgentEntry, AgentId, Clock, Directory, FixedClock, GroupEntry, GroupId, TenantEntry, TenantId,
+};
 use switchboard_gateway::{Gateway, GatewaySettings};
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::public::v1::chat_service_client::ChatServiceClient;
@@ -81,6 +84,10 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let routes = gateway.routes();
+        // As the binary should: axum does not set TCP_NODELAY, and small gRPC frames then wait for ACKs.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, routes)
                 .with_graceful_shutdown(async move {
@@ -136,8 +143,13 @@ impl GrpcClient {
         let (sender, requests) = mpsc::channel(1024);
         let mut client = ChatServiceClient::new(channel);
         let frames = client.session(ReceiverStream::new(requests)).await.unwrap().into_inner();
-        let mut client =
-            GrpcClient { sender: Some(sender), frames, pushes: VecDeque::new(), next_id: 0, welcome: Default::default() };
+        let mut client = GrpcClient {
+            sender: Some(sender),
+            frames,
+            pushes: VecDeque::new(),
+            next_id: 0,
+            welcome: Default::default(),
+        };
         match client.read().await {
             Ok(Some(Frame::Welcome(welcome))) => client.welcome = welcome,
             other => panic!("the first frame must be a welcome: {other:?}"),
@@ -213,7 +225,9 @@ impl GrpcClient {
             return push;
         }
         match self.read().await {
-            Ok(Some(push @ (Frame::Ack(_) | Frame::Error(_)))) => panic!("an answer where a push was expected: {push:?}"),
+            Ok(Some(push @ (Frame::Ack(_) | Frame::Error(_)))) => {
+                panic!("an answer where a push was expected: {push:?}")
+            }
             Ok(Some(push)) => push,
             other => panic!("the stream ended while a push was expected: {other:?}"),
         }
@@ -316,6 +330,18 @@ impl WsClient {
         let mut client = WsClient { socket, pushes: VecDeque::new(), next_id: 0 };
         let welcome = client.read().await.expect("a welcome");
         assert_eq!(welcome["type"], "welcome");
+        client
+    }
+
+    /// A connection whose socket buffers little, for a client that stops reading.
+    pub async fn connect_small_buffer(server: &Server) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(server.addr).await.unwrap();
+        let (socket, _) =
+            tokio_tungstenite::client_async(server.ws_url(), MaybeTlsStream::Plain(stream)).await.unwrap();
+        let mut client = WsClient { socket, pushes: VecDeque::new(), next_id: 0 };
+        assert_eq!(client.read().await.expect("a welcome")["type"], "welcome");
         client
     }
 
