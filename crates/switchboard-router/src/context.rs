@@ -1,7 +1,7 @@
 //! What every actor of a router node shares: the store, the clock, the directory, the gateways' push
 //! channels, the shard table and the actor registries.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use switchboard_domain::{AgentId, Clock, ConversationId, Directory, GroupId, TenantId};
@@ -27,6 +27,10 @@ pub(crate) struct Context {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) directory: Arc<Directory>,
     pub(crate) gateways: Gateways,
+    /// The gateways subscribed to each conversation. Kept outside the actors, so that an actor stopped after
+    /// a failed write (and rebuilt from the store) still pushes to them; forgotten when the shard is given up
+    /// (the gateways subscribe again on the new owner).
+    pub(crate) subscribers: Subscribers,
     pub(crate) shards: ShardTable,
     pub(crate) conversations: Registry<ConversationId, ConversationMsg>,
     pub(crate) agents: Registry<(TenantId, AgentId), AgentMsg>,
@@ -60,5 +64,42 @@ impl Gateways {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GatewayId, mpsc::UnboundedSender<Push>>> {
         self.sinks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Subscribers {
+    by_conversation: Mutex<HashMap<ConversationId, BTreeSet<GatewayId>>>,
+}
+
+impl Subscribers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConversationId, BTreeSet<GatewayId>>> {
+        self.by_conversation.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn add(&self, conversation: ConversationId, gateway: GatewayId) {
+        self.lock().entry(conversation).or_default().insert(gateway);
+    }
+
+    pub(crate) fn remove(&self, conversation: ConversationId, gateway: &GatewayId) {
+        let mut all = self.lock();
+        if let Some(gateways) = all.get_mut(&conversation) {
+            gateways.remove(gateway);
+            if gateways.is_empty() {
+                all.remove(&conversation);
+            }
+        }
+    }
+
+    pub(crate) fn of(&self, conversation: ConversationId) -> Vec<GatewayId> {
+        self.lock().get(&conversation).map(|gateways| gateways.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn is_empty(&self, conversation: ConversationId) -> bool {
+        !self.lock().contains_key(&conversation)
+    }
+
+    pub(crate) fn forget_where(&self, matches: impl Fn(&ConversationId) -> bool) {
+        self.lock().retain(|conversation, _| !matches(conversation));
     }
 }

@@ -2,7 +2,6 @@
 //! command on its chat, appends the events through the store under its fence, and only then replies and
 //! pushes the events to the subscribed gateways.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -44,7 +43,6 @@ pub(crate) struct ConversationActorState {
     conversation: Conversation,
     customer_token: String,
     fence: Fence,
-    subscribers: BTreeSet<GatewayId>,
 }
 
 pub(crate) struct Loaded {
@@ -65,7 +63,6 @@ impl Actor for ConversationActor {
             conversation: loaded.conversation,
             customer_token: loaded.customer_token,
             fence: loaded.fence,
-            subscribers: BTreeSet::new(),
         })
     }
 
@@ -102,12 +99,12 @@ impl Actor for ConversationActor {
                     Err(error) => Err(error),
                 };
                 if result.is_ok() {
-                    state.subscribers.insert(gateway);
+                    state.context.subscribers.add(state.conversation.id, gateway);
                 }
                 let _ = reply.send(result);
             }
             ConversationMsg::Unsubscribe { gateway } => {
-                state.subscribers.remove(&gateway);
+                state.context.subscribers.remove(state.conversation.id, &gateway);
             }
             ConversationMsg::ReadEvents { caller, after_seq, reply } => {
                 let result = match state.authorize(&caller) {
@@ -138,7 +135,7 @@ impl Actor for ConversationActor {
                 let _ = reply.send(result);
             }
         }
-        if state.conversation.state.is_finished() && state.subscribers.is_empty() {
+        if state.conversation.state.is_finished() && state.context.subscribers.is_empty(state.conversation.id) {
             // Passivate: a finished chat with no one watching need not stay in memory.
             myself.stop(None);
         }
@@ -320,8 +317,8 @@ impl ConversationActorState {
     }
 
     fn fan_out(&self, push: Push) {
-        for gateway in &self.subscribers {
-            self.context.gateways.push(gateway, push.clone());
+        for gateway in self.context.subscribers.of(self.conversation.id) {
+            self.context.gateways.push(&gateway, push.clone());
         }
     }
 }

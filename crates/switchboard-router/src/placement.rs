@@ -196,11 +196,12 @@ async fn release(context: &Context, fences: Vec<Fence>) -> Result<(), RouterErro
     Ok(())
 }
 
-/// Graceful shutdown: every shard is handed over at once and the node leaves the cluster.
+/// Graceful shutdown: the node stops serving, then leaves the cluster, which frees all its leases in the same
+/// transaction — so that the other nodes, woken by the change, already count one node less when they take
+/// the shards.
 pub(crate) async fn leave(context: &Context, settings: &LeaseSettings) -> Result<(), RouterError> {
-    let fences = context.shards.held();
-    let n = fences.len();
-    release(context, fences).await?;
+    let n = context.shards.n_owned();
+    give_up_all(context);
     register(context, settings, true).await?;
     info!(n_shards = n, "handed every shard over and left the cluster");
     Ok(())
@@ -215,6 +216,7 @@ fn give_up_all(context: &Context) {
 
 /// Stops the actors whose keys fall in these shards.
 fn stop_actors(context: &Context, shards: &HashSet<ShardId>) {
+    context.subscribers.forget_where(|id| shards.contains(&shard_of(&conversation_key(id))));
     let n = context.conversations.stop_where(|id| shards.contains(&shard_of(&conversation_key(id))))
         + context.agents.stop_where(|(tenant, agent)| shards.contains(&shard_of(&agent_key(tenant, agent))))
         + context.queues.stop_where(|(tenant, group)| shards.contains(&shard_of(&queue_key(tenant, group))));

@@ -67,6 +67,7 @@ impl Router {
             clock,
             directory,
             gateways: Gateways::default(),
+            subscribers: Default::default(),
             shards: ShardTable::default(),
             conversations: Default::default(),
             agents: Default::default(),

@@ -7,7 +7,7 @@
 //! - (d) [`Invariant::NoStrandedChat`]: every queued or active chat's shard has an unexpired lease held by a
 //!   live router;
 //! - (e) [`Invariant::OneNodePerEpoch`] (at most one node per granted `(shard, epoch)`),
-//!   [`Invariant::LeasesRecorded`] (every current lease is one of the recorded grants) and
+//!   [`Invariant::LeasesRecorded`] (every lease held now is one of the recorded grants) and
 //!   [`Invariant::FencedEpochs`] (every event carries an epoch granted for its conversation's shard, and the
 //!   epochs of a conversation's events never go down);
 //! - (f) [`Invariant::ClientViews`]: each connection was written a conversation's events from the seq it asked
@@ -289,7 +289,8 @@ fn check_epochs(snapshot: &Snapshot, violate: &mut impl FnMut(Invariant, String)
             violate(Invariant::OneNodePerEpoch, format!("shard {shard} epoch {epoch} was granted to {nodes:?}"));
         }
     }
-    for lease in snapshot.leases.iter().filter(|lease| lease.epoch > 0) {
+    // A released lease keeps its epoch with no owner: only held leases are grants.
+    for lease in snapshot.leases.iter().filter(|lease| lease.epoch > 0 && !lease.owner.is_empty()) {
         let recorded = nodes_per_grant.get(&(lease.shard, lease.epoch));
         if !recorded.is_some_and(|nodes| nodes.contains(lease.owner.as_str())) {
             violate(

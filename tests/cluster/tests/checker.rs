@@ -232,6 +232,8 @@ fn cases() -> Vec<Case> {
             .sql(grant(7, 2, "router-0")),
         Case::new("a lease whose grant was not recorded", &[LeasesRecorded])
             .sql("UPDATE shard_leases SET epoch = 3 WHERE shard = 7;"),
+        Case::new("a released lease (no owner, its epoch kept) is no grant", &[])
+            .sql(format!("UPDATE shard_leases SET owner = '', expires_at_ms = {NOW} WHERE shard = 9;")),
         Case::new("an event at an epoch never granted", &[FencedEpochs]).sql(
             event("c1", 6, "customer", "", Some("c-1"), "message", Some(5))
                 + "UPDATE conversations SET last_seq = 6 WHERE id = 'c1';",

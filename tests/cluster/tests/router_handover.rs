@@ -14,7 +14,7 @@ const UNAVAILABILITY_BOUND: Duration = Duration::from_secs(1);
 /// The gateway may hold a request while its shard moves instead of failing it (the client then sees no
 /// failed try, only a slow answer): a request held for more than twice the bound would be a stall, not a
 /// handover. The figure is reported either way.
-const HELD_REQUEST_BOUND: Duration = Duration::from_secs(2);
+const HELD_REQUEST_BOUND: Duration = Duration::from_secs(1);
 const EXIT_DEADLINE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
