@@ -138,17 +138,25 @@ impl Gateway {
             .max_decoding_message_size(self.shared.settings.max_frame_bytes())
     }
 
-    /// The gRPC routes: [`Gateway::grpc_service`] and reflection (`grpc.reflection.v1`) describing it.
+    /// The gRPC routes: [`Gateway::grpc_service`], the standard health service (`grpc.health.v1`: the chat
+    /// service and `""` SERVING) and reflection (`grpc.reflection.v1`) describing them. Call it inside a
+    /// tokio runtime.
     pub fn grpc_routes(&self) -> tonic::service::Routes {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(async move {
+            reporter.set_service_status(CHAT_SERVICE, tonic_health::ServingStatus::Serving).await;
+        });
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(switchboard_proto::public::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(CHAT_SERVICE)
+            .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .build_v1()
             // The descriptor sets are compiled in: failing to read them is a bug the tests catch.
             .expect("the compiled descriptor sets are valid");
-        tonic::service::Routes::new(self.grpc_service()).add_service(reflection)
+        tonic::service::Routes::new(self.grpc_service()).add_service(reflection).add_service(health)
     }
 
     /// Closes every connection, and every new one at once: WebSockets with 1001 (going away), gRPC streams

@@ -802,7 +802,7 @@ async fn draining_closes_grpc_streams_with_unavailable_and_websockets_with_1001(
 }
 
 #[tokio::test]
-async fn the_shared_port_answers_reflection_and_refuses_unknown_paths() {
+async fn the_shared_port_answers_health_and_reflection_and_refuses_unknown_paths() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
@@ -816,13 +816,29 @@ async fn the_shared_port_answers_reflection_and_refuses_unknown_paths() {
     };
     let mut names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
     names.sort();
-    assert_eq!(names, ["grpc.reflection.v1.ServerReflection", "switchboard.v1.ChatService"]);
+    assert_eq!(names, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "switchboard.v1.ChatService"]);
     assert_eq!(file_of_symbol(&mut reflection, "switchboard.v1.ChatService").await.package(), "switchboard.v1");
+
+    // The standard health service answers for the chat service and for the server as a whole.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "switchboard.v1.ChatService"] {
+        let mut status = tonic_health::pb::health_check_response::ServingStatus::Unknown as i32;
+        // The chat service's status is set by a task of its own as the routes are built.
+        for _ in 0..100 {
+            let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+            status = health.check(request).await.unwrap().into_inner().status;
+            if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+    }
 
     // An unknown gRPC method is UNIMPLEMENTED; an unknown HTTP path is 404; the WebSocket and health stay.
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/switchboard.v1.ChatService/NoSuchMethod");
     let unknown = grpc
         .unary::<pb::PingRequest, pb::PingResult, _>(
             tonic::Request::new(pb::PingRequest {}),
