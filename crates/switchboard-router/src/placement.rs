@@ -59,6 +59,10 @@ impl ShardTable {
         self.epochs.read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(&shard_of(key))
     }
 
+    pub(crate) fn owns_shard(&self, shard: ShardId) -> bool {
+        self.epochs.read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(&shard)
+    }
+
     pub(crate) fn held(&self) -> Vec<Fence> {
         let epochs = self.epochs.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         epochs.iter().map(|(shard, epoch)| Fence { shard: *shard, epoch: *epoch }).collect()
@@ -90,24 +94,34 @@ impl ShardTable {
 /// Registers this node and takes its fair share of the shards (at start; later ticks rebalance).
 pub(crate) async fn join(context: &Arc<Context>, settings: &LeaseSettings) -> Result<usize, RouterError> {
     let nodes = register(context, settings, false).await?;
-    // A node restarted under the same name takes its own shards back at once (with new epochs), instead of
-    // leaving them without an owner until their leases expire.
-    let placement = context.store.get_placement(pb::GetPlacementRequest {}).await.map_err(from_store)?;
-    let own: Vec<u32> =
-        placement.owners.iter().filter(|owner| owner.node_id == context.node_id).map(|owner| owner.shard).collect();
-    let mut taken = 0;
-    if !own.is_empty() {
-        let request = AcquireShardsRequest {
-            node_id: context.node_id.clone(),
-            shards: own,
-            lease_ms: settings.lease.as_millis() as u64,
-            limit: 0,
-        };
-        let granted = context.store.acquire_shards(request).await.map_err(from_store)?.granted;
-        taken += granted.len();
-        take(context, granted);
-    }
+    let taken = retake_own(context, settings).await?;
     Ok(taken + balance(context, settings, nodes.len()).await?)
+}
+
+/// Takes back, with new epochs, the shards whose unexpired leases the store still gives to this node: after
+/// a restart under the same name, or after fencing itself while the store was unreachable. Without it they
+/// would stay unserved until their leases expire.
+async fn retake_own(context: &Arc<Context>, settings: &LeaseSettings) -> Result<usize, RouterError> {
+    let placement = context.store.get_placement(pb::GetPlacementRequest {}).await.map_err(from_store)?;
+    let own: Vec<u32> = placement
+        .owners
+        .iter()
+        .filter(|owner| owner.node_id == context.node_id && !context.shards.owns_shard(ShardId(owner.shard)))
+        .map(|owner| owner.shard)
+        .collect();
+    if own.is_empty() {
+        return Ok(0);
+    }
+    let request = AcquireShardsRequest {
+        node_id: context.node_id.clone(),
+        shards: own,
+        lease_ms: settings.lease.as_millis() as u64,
+        limit: 0,
+    };
+    let granted = context.store.acquire_shards(request).await.map_err(from_store)?.granted;
+    let n = granted.len();
+    take(context, granted);
+    Ok(n)
 }
 
 /// Starts serving newly granted shards: actors still running under an older epoch are stopped, and the
@@ -228,7 +242,8 @@ fn stop_actors(context: &Context, shards: &HashSet<ShardId>) {
 /// Rebuilds the actors of newly taken shards from the store: every queue, every queued or active
 /// conversation and every agent. Failures are logged; the actors are activated on first use anyway.
 async fn activate_shards(context: Arc<Context>, shards: HashSet<ShardId>) {
-    let in_shards = |key: String| shards.contains(&shard_of(&key));
+    // A shard may have been given away again meanwhile: only what this node still owns is activated.
+    let in_shards = |key: String| shards.contains(&shard_of(&key)) && context.shards.owns(&key);
     for tenant in context.directory.tenants() {
         for group in tenant.groups.keys() {
             if in_shards(queue_key(&tenant.id, group))
@@ -247,6 +262,9 @@ async fn activate_shards(context: Arc<Context>, shards: HashSet<ShardId>) {
             Ok(response) => {
                 for record in response.conversations {
                     let Ok(id) = conversation_id(&record.id) else { continue };
+                    if !context.shards.owns(&conversation_key(&id)) {
+                        continue;
+                    }
                     if let Err(error) = ConversationHandle::activate(&context, id).await {
                         warn!(%error, conversation = %id, "conversation not activated after takeover");
                     }
@@ -265,20 +283,29 @@ async fn activate_shards(context: Arc<Context>, shards: HashSet<ShardId>) {
 }
 
 /// Renews the leases until aborted, rebalances, and fences itself on a missed deadline.
-pub(crate) async fn keep_leases(context: Arc<Context>, settings: LeaseSettings) {
+pub(crate) async fn keep_leases(
+    context: Arc<Context>,
+    settings: LeaseSettings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut last_renewal = Instant::now();
+    let mut fenced = false;
     let mut ticks = tokio::time::interval(settings.renew_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Stopped only here, between cycles: a request of a cycle must not reach the store after the node
+        // has left (a heartbeat landing after the leave would register it again).
         tokio::select! {
             _ = ticks.tick() => {}
             () = context.placement_changed.notified() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
         }
         // Past the deadline another node may already own these shards: stop serving them before anything
         // else (a node resumed after a long pause must not answer as their owner even once).
         if last_renewal.elapsed() >= settings.renew_deadline && context.shards.n_owned() > 0 {
             warn!("lease renewal deadline passed: giving up every shard");
             give_up_all(&context);
+            fenced = true;
         }
         let held: Vec<pb::Fence> = context
             .shards
@@ -291,6 +318,12 @@ pub(crate) async fn keep_leases(context: Arc<Context>, settings: LeaseSettings) 
         match context.store.renew_shards(request).await {
             Ok(response) => {
                 last_renewal = Instant::now();
+                if std::mem::take(&mut fenced) {
+                    match retake_own(&context, &settings).await {
+                        Ok(n) => info!(n, "took back the shards given up while the store was unreachable"),
+                        Err(error) => warn!(%error, "taking back own shards failed"),
+                    }
+                }
                 if !response.lost.is_empty() {
                     warn!(n_lost = response.lost.len(), "shard leases lost to another node");
                     let lost: HashSet<ShardId> = response.lost.iter().map(|shard| ShardId(*shard)).collect();
@@ -310,6 +343,7 @@ pub(crate) async fn keep_leases(context: Arc<Context>, settings: LeaseSettings) 
                 if context.shards.n_owned() > 0 {
                     warn!(%error, "lease renewal deadline missed: giving up every shard");
                     give_up_all(&context);
+                    fenced = true;
                 }
             }
             Err(error) => warn!(%error, "lease renewal failed, will retry"),

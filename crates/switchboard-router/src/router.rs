@@ -38,12 +38,15 @@ pub struct RouterSettings {
 pub struct Router {
     context: Arc<Context>,
     leases: LeaseSettings,
-    lease_keeper: JoinHandle<()>,
+    stop_keeper: tokio::sync::watch::Sender<bool>,
+    lease_keeper: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Router {
     fn drop(&mut self) {
-        self.lease_keeper.abort();
+        if let Some(keeper) = self.lease_keeper.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
+            keeper.abort();
+        }
     }
 }
 
@@ -76,8 +79,14 @@ impl Router {
         });
         let n_shards = placement::join(&context, &settings.leases).await?;
         info!(node = %settings.node_id, n_shards, "router started");
-        let lease_keeper = tokio::spawn(placement::keep_leases(context.clone(), settings.leases));
-        Ok(Router { context, leases: settings.leases, lease_keeper })
+        let (stop_keeper, stop) = tokio::sync::watch::channel(false);
+        let lease_keeper = tokio::spawn(placement::keep_leases(context.clone(), settings.leases, stop));
+        Ok(Router {
+            context,
+            leases: settings.leases,
+            stop_keeper,
+            lease_keeper: std::sync::Mutex::new(Some(lease_keeper)),
+        })
     }
 
     pub fn n_shards_owned(&self) -> usize {
@@ -97,7 +106,14 @@ impl Router {
 
     /// Graceful shutdown: stops renewing, stops every actor and hands every shard over at once.
     pub async fn shutdown(&self) -> Result<(), RouterError> {
-        self.lease_keeper.abort();
+        // The keeper finishes its cycle first, so that no heartbeat of it reaches the store after the leave.
+        self.stop_keeper.send_replace(true);
+        let keeper = self.lease_keeper.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(mut keeper) = keeper
+            && tokio::time::timeout(self.leases.lease, &mut keeper).await.is_err()
+        {
+            keeper.abort();
+        }
         placement::leave(&self.context, &self.leases).await
     }
 

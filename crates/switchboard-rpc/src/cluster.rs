@@ -3,19 +3,27 @@
 //! on other nodes.
 //!
 //! - **Placement** (`shard → node → address`) comes from the store: a watch stream, plus polling every
-//!   `poll_every` and a refresh whenever a router answers `NotOwner`.
+//!   `poll_every` and a refresh whenever a router answers `NotOwner`. A placement read by a poll is dropped
+//!   when another was installed while it was being read (it may be the older of the two).
 //! - **Retries.** `NotOwner` (the request was not executed) is retried on the new owner until
 //!   `retry_for` has passed. `Unavailable` is retried too for the operations that are idempotent (reads,
 //!   subscriptions, commands carrying a client message id, casts); `start_chat` and `accept_chat` return it
 //!   to the client, which may retry.
-//! - **Pushes** (gateway role). One push stream per router node. The client remembers what its gateway is
-//!   subscribed to (conversations with the last seq seen, queues, agents' chosen status); when a shard
-//!   changes owner, or the stream to a node is opened again, it subscribes again on the owner from the last
-//!   seq seen and forwards the gap, so that sockets see no hole (they also fill holes themselves).
+//! - **Pushes** (gateway role). One push stream per router node, kept open while the node is in the
+//!   placement. The client remembers what its gateway follows: conversations with the seq up to which every
+//!   event reached the gateway (pushed, or returned by a subscription), queues, and the status each agent
+//!   chose. A node has somewhere to push before anything is subscribed on it: when a shard moves to a node
+//!   whose stream is open, the client subscribes again there at once; otherwise the node's stream, once it
+//!   opens, subscribes again to everything the gateway follows on that node. So does every stream that
+//!   opens again (the node may have restarted, and pushes are lost while no stream is open). Subscribing
+//!   again starts from the seq the gateway has every event up to, and forwards the events returned into
+//!   the sink, so that sockets see no hole; a push that skips seqs starts the same catch-up. Agents get
+//!   their chosen status back on their new owner.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -31,10 +39,19 @@ use switchboard_proto::router::{
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_stream::{Stream, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::{ClientSettings, GrpcRouterNode, GrpcStore};
+
+/// The first wait before a push stream that failed is opened again; it doubles up to [`STREAM_RETRY_MAX`].
+const STREAM_RETRY_FIRST: Duration = Duration::from_millis(50);
+const STREAM_RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long to wait before opening the store's placement watch again.
+const WATCH_RETRY: Duration = Duration::from_millis(500);
+/// How many subscriptions are made again at once after a move.
+const RESUBSCRIBE_CONCURRENCY: usize = 16;
 
 /// A stream of pushes from one router node.
 pub type NodePushes = Pin<Box<dyn Stream<Item = Result<Push, RouterError>> + Send>>;
@@ -127,11 +144,53 @@ impl PlacementView {
     }
 }
 
-/// What the gateway using this client is subscribed to, to subscribe again after a move.
+/// A conversation the gateway follows.
+struct Followed {
+    /// Who subscribed last: subscriptions are made again as them.
+    caller: Caller,
+    /// Every event up to this seq reached the gateway.
+    through: u64,
+    /// Events past a hole that reached the gateway.
+    ahead: BTreeSet<u64>,
+    /// A subscription under way will fill any hole: no catch-up is started meanwhile.
+    catching_up: bool,
+}
+
+impl Followed {
+    /// Notes that the event `seq` reached the gateway.
+    fn note(&mut self, seq: u64) {
+        if seq == self.through + 1 {
+            self.through = seq;
+            while self.ahead.remove(&(self.through + 1)) {
+                self.through += 1;
+            }
+        } else if seq > self.through {
+            self.ahead.insert(seq);
+        }
+    }
+
+    /// The gateway has every event up to `seq`.
+    fn has_through(&mut self, seq: u64) {
+        if seq > self.through {
+            self.through = seq;
+            self.ahead.retain(|ahead| *ahead > seq);
+            while self.ahead.remove(&(self.through + 1)) {
+                self.through += 1;
+            }
+        }
+    }
+
+    fn has_hole(&self) -> bool {
+        !self.ahead.is_empty()
+    }
+}
+
+/// What the gateway using this client follows, to subscribe again after a move.
 #[derive(Default)]
 struct Subscriptions {
-    conversations: HashMap<ConversationId, (Caller, u64)>,
+    conversations: HashMap<ConversationId, Followed>,
     queues: HashSet<(TenantId, GroupId)>,
+    /// The status each agent chose last (offline ones are not kept: a new owner starts them offline).
     agents: HashMap<(TenantId, AgentId), AgentStatus>,
 }
 
@@ -140,16 +199,38 @@ struct GatewayLink {
     sink: mpsc::UnboundedSender<Push>,
 }
 
+/// The push stream kept open to one node.
+struct NodeStream {
+    id: u64,
+    /// Whether the stream is open now (the node has somewhere to push this gateway's pushes).
+    open: bool,
+    /// `None` while it is being started.
+    task: Option<AbortHandle>,
+}
+
 struct Inner {
     store: Arc<dyn StoreApi>,
     connector: Arc<dyn Connector>,
     settings: ClusterSettings,
     placement: watch::Sender<Arc<PlacementView>>,
+    /// How many placements were installed.
+    installed: Mutex<u64>,
     refresh: Arc<Notify>,
     nodes: Mutex<HashMap<String, Arc<dyn NodeClient>>>,
     link: RwLock<Option<Arc<GatewayLink>>>,
-    streams: Mutex<HashSet<String>>,
+    /// By node address. Never locked while `nodes` is.
+    streams: Mutex<HashMap<String, NodeStream>>,
+    next_stream_id: AtomicU64,
     subscriptions: Mutex<Subscriptions>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let streams = self.streams.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for task in streams.drain().filter_map(|(_, stream)| stream.task) {
+            task.abort();
+        }
+    }
 }
 
 /// The cluster seen from a gateway or a router. Cheap to clone.
@@ -178,10 +259,12 @@ impl ClusterClient {
             connector,
             settings,
             placement,
+            installed: Mutex::new(0),
             refresh: Arc::new(Notify::new()),
             nodes: Mutex::default(),
             link: RwLock::default(),
             streams: Mutex::default(),
+            next_stream_id: AtomicU64::new(0),
             subscriptions: Mutex::default(),
         });
         tokio::spawn(follow_placement(Arc::downgrade(&inner)));
@@ -204,7 +287,8 @@ impl ClusterClient {
         self.inner.node(&address).ok()
     }
 
-    /// Runs `ask` on the owner of `key`, retrying on a move (and on unavailability when `idempotent`).
+    /// Runs `ask` on the owner of `key`, retrying on a move (and on unavailability when `idempotent`) until
+    /// `retry_for` has passed.
     async fn on_owner<T, F, Fut>(&self, key: &str, idempotent: bool, ask: F) -> Result<T, RouterError>
     where
         F: Fn(Arc<dyn NodeClient>) -> Fut,
@@ -214,6 +298,8 @@ impl ClusterClient {
         let mut delay = Duration::from_millis(10);
         let mut placement = self.inner.placement.subscribe();
         loop {
+            // Marks the placement seen before it is used: a change after this wakes the wait below at once.
+            placement.borrow_and_update();
             let last_error = match self.node_for(key) {
                 None => RouterError::Unavailable("no router owns this shard now; retry".into()),
                 Some(node) => match ask(node).await {
@@ -228,11 +314,12 @@ impl ClusterClient {
                     result => return result,
                 },
             };
-            if tokio::time::Instant::now() + delay >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Err(last_error);
             }
-            // Wake on a placement change, or after a short backoff.
-            let _ = tokio::time::timeout(delay, placement.changed()).await;
+            // Wake on a placement change, or after a short backoff (a last try at the deadline).
+            let _ = tokio::time::timeout(delay.min(deadline - now), placement.changed()).await;
             delay = (delay * 2).min(Duration::from_millis(200));
         }
     }
@@ -255,61 +342,102 @@ impl Inner {
 }
 
 async fn refresh(inner: &Arc<Inner>) -> Result<(), StoreError> {
+    let since = *lock(&inner.installed);
     let placement = inner.store.get_placement(GetPlacementRequest {}).await?;
-    apply_placement(inner, &placement);
+    apply_placement(inner, &placement, Some(since));
     Ok(())
 }
 
-/// Installs a new placement; for a gateway, subscribes again where owners changed and opens streams to
-/// new nodes.
-fn apply_placement(inner: &Arc<Inner>, placement: &Placement) {
+/// Which subscriptions to make again, by the key of what is followed, in the placement of now.
+type Matches = Box<dyn Fn(&PlacementView, &str) -> bool + Send + Sync>;
+
+/// What the node at `address` owns.
+fn on_node(address: String) -> Matches {
+    Box::new(move |view, key| view.address_of(shard_of(key)) == Some(address.as_str()))
+}
+
+/// Installs a placement (unless it was read by a poll while another was installed: it may be older); for a
+/// gateway, opens streams to new nodes, closes those to nodes gone, and subscribes again where owners
+/// changed.
+fn apply_placement(inner: &Arc<Inner>, placement: &Placement, read_since: Option<u64>) {
     let view = Arc::new(PlacementView::from_placement(placement));
-    let previous = inner.placement.borrow().clone();
-    if *previous == *view {
-        return;
-    }
-    inner.placement.send_replace(view.clone());
+    let previous = {
+        let mut installed = lock(&inner.installed);
+        if read_since.is_some_and(|since| since != *installed) {
+            return;
+        }
+        let mut previous = None;
+        inner.placement.send_if_modified(|current| {
+            if **current == *view {
+                return false;
+            }
+            previous = Some(std::mem::replace(current, view.clone()));
+            true
+        });
+        let Some(previous) = previous else { return };
+        *installed += 1;
+        previous
+    };
+    // A shard moved when its lease changed hands (or epoch), or its owner now listens elsewhere.
     let moved: HashSet<ShardId> = (0..N_SHARDS)
         .map(ShardId)
-        .filter(|shard| {
+        .filter(|&shard| {
             let index = shard.0 as usize;
-            view.owners.get(index) != previous.owners.get(index) && view.owners[index].is_some()
+            view.address_of(shard).is_some()
+                && (view.owners.get(index) != previous.owners.get(index)
+                    || view.address_of(shard) != previous.address_of(shard))
         })
         .collect();
-    debug!(n_moved = moved.len(), "placement changed");
+    debug!(n_moved = moved.len(), n_nodes = view.addresses.len(), "placement changed");
+    let addresses: HashSet<&str> = view.addresses.values().map(String::as_str).collect();
+    lock(&inner.nodes).retain(|address, _| addresses.contains(address.as_str()));
     let Some(link) = inner.link.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone() else {
         return;
     };
-    let client = ClusterClient { inner: inner.clone() };
-    // Streams first, so that the new owners have somewhere to push before the gateway subscribes again.
-    let addresses: HashSet<String> = view.addresses.values().cloned().collect();
-    tokio::spawn(async move {
-        for address in &addresses {
-            ensure_stream(&client, &link, address).await;
-        }
-        if !moved.is_empty() {
-            resubscribe(&client, &link, |key| moved.contains(&shard_of(key))).await;
-        }
-    });
+    // No stream to a node that left; one to every node there is.
+    let gone: Vec<AbortHandle> = {
+        let mut streams = lock(&inner.streams);
+        let gone: Vec<String> =
+            streams.keys().filter(|address| !addresses.contains(address.as_str())).cloned().collect();
+        gone.iter().filter_map(|address| streams.remove(address)).filter_map(|stream| stream.task).collect()
+    };
+    for task in gone {
+        task.abort();
+    }
+    let open: HashSet<String> = addresses
+        .iter()
+        .filter(|address| ensure_stream(inner, &link, address))
+        .map(|address| (*address).to_owned())
+        .collect();
+    // Where the new owner's stream is open, subscribe again now; the other streams do it when they open.
+    if !moved.is_empty() {
+        let client = ClusterClient { inner: inner.clone() };
+        let matches: Matches = Box::new(move |view, key| {
+            let shard = shard_of(key);
+            moved.contains(&shard) && view.address_of(shard).is_some_and(|address| open.contains(address))
+        });
+        tokio::spawn(resubscribe(client, link, matches));
+    }
 }
 
-/// Subscribes again, on their owners now, everything this gateway follows whose key matches.
-async fn resubscribe(client: &ClusterClient, link: &Arc<GatewayLink>, matches: impl Fn(&str) -> bool) {
+/// Subscribes again, on their owners now, to everything this gateway follows whose key matches.
+async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Matches) {
+    let view = client.inner.placement.borrow().clone();
     let (conversations, queues, agents) = {
         let subscriptions = lock(&client.inner.subscriptions);
-        let conversations: Vec<(ConversationId, Caller, u64)> = subscriptions
-            .conversations
+        let conversations: Vec<ConversationId> =
+            subscriptions.conversations.keys().filter(|id| matches(&view, &conversation_key(id))).copied().collect();
+        let queues: Vec<(TenantId, GroupId)> = subscriptions
+            .queues
             .iter()
-            .filter(|(id, _)| matches(&conversation_key(id)))
-            .map(|(id, (caller, seq))| (*id, caller.clone(), *seq))
+            .filter(|(tenant, group)| matches(&view, &queue_key(tenant, group)))
+            .cloned()
             .collect();
-        let queues: Vec<(TenantId, GroupId)> =
-            subscriptions.queues.iter().filter(|(tenant, group)| matches(&queue_key(tenant, group))).cloned().collect();
-        let agents: Vec<((TenantId, AgentId), AgentStatus)> = subscriptions
+        let agents: Vec<(TenantId, AgentId)> = subscriptions
             .agents
-            .iter()
-            .filter(|((tenant, agent), _)| matches(&agent_key(tenant, agent)))
-            .map(|(key, status)| (key.clone(), *status))
+            .keys()
+            .filter(|(tenant, agent)| matches(&view, &agent_key(tenant, agent)))
+            .cloned()
             .collect();
         (conversations, queues, agents)
     };
@@ -322,99 +450,278 @@ async fn resubscribe(client: &ClusterClient, link: &Arc<GatewayLink>, matches: i
         n_agents = agents.len(),
         "subscribing again on new owners"
     );
-    for ((tenant, agent), status) in agents {
-        if let Err(error) = client.set_agent_status(&tenant, &agent, status).await {
-            warn!(%error, %agent, "agent status not restored on its new owner");
-        }
+    let mut tasks = JoinSet::new();
+    for (tenant, agent) in agents {
+        spawn_limited(&mut tasks, restore_status(client.clone(), tenant, agent)).await;
     }
     for (tenant, group) in queues {
-        if let Err(error) = client.subscribe_queue(&link.gateway, &tenant, &group).await {
-            warn!(%error, %group, "queue not subscribed again on its new owner");
-        }
+        spawn_limited(&mut tasks, resubscribe_queue(client.clone(), link.clone(), tenant, group)).await;
     }
-    for (conversation, caller, after_seq) in conversations {
-        match client.subscribe(&link.gateway, &caller, conversation, after_seq).await {
-            Ok(events) => {
-                for event in events {
-                    let _ = link.sink.send(Push::Event { conversation, event: Arc::new(event) });
-                }
-            }
-            Err(error) => warn!(%error, %conversation, "conversation not subscribed again on its new owner"),
+    for conversation in conversations {
+        spawn_limited(&mut tasks, resubscribe_conversation(client.clone(), link.clone(), conversation)).await;
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn spawn_limited(tasks: &mut JoinSet<()>, task: impl Future<Output = ()> + Send + 'static) {
+    while tasks.len() >= RESUBSCRIBE_CONCURRENCY {
+        tasks.join_next().await;
+    }
+    tasks.spawn(task);
+}
+
+/// Gives an agent its chosen status on its owner now. The gateway may change the status meanwhile, and its
+/// call and this one may arrive in either order: the status chosen last is set again until it is the one
+/// this task set last.
+async fn restore_status(client: ClusterClient, tenant: TenantId, agent: AgentId) {
+    let key = (tenant, agent);
+    let chosen = |client: &ClusterClient| lock(&client.inner.subscriptions).agents.get(&key).copied();
+    let Some(mut status) = chosen(&client) else { return };
+    loop {
+        let (tenant, agent) = &key;
+        let set = client
+            .on_owner(&agent_key(tenant, agent), true, |node| async move {
+                node.set_agent_status(tenant, agent, status).await
+            })
+            .await;
+        if let Err(error) = set {
+            warn!(%error, %agent, "agent status not restored on its new owner");
+            return;
         }
+        let now = chosen(&client).unwrap_or(AgentStatus::Offline);
+        if now == status {
+            return;
+        }
+        status = now;
     }
 }
 
-/// Keeps one push stream open to the node at `address` for as long as the node is in the placement.
-async fn ensure_stream(client: &ClusterClient, link: &Arc<GatewayLink>, address: &str) {
-    if !lock(&client.inner.streams).insert(address.to_owned()) {
+async fn resubscribe_queue(client: ClusterClient, link: Arc<GatewayLink>, tenant: TenantId, group: GroupId) {
+    let followed =
+        |client: &ClusterClient| lock(&client.inner.subscriptions).queues.contains(&(tenant.clone(), group.clone()));
+    if !followed(&client) {
         return;
     }
-    let node = match client.inner.node(address) {
+    let key = queue_key(&tenant, &group);
+    let (gateway, tenant_ref, group_ref) = (&link.gateway, &tenant, &group);
+    let subscribed = client
+        .on_owner(&key, true, |node| async move { node.subscribe_queue(gateway, tenant_ref, group_ref).await })
+        .await;
+    match subscribed {
+        Err(error) => warn!(%error, %group, "queue not subscribed again on its new owner"),
+        // Unsubscribed meanwhile: undo.
+        Ok(()) if !followed(&client) => {
+            if let Some(node) = client.node_for(&key) {
+                node.unsubscribe_queue(&link.gateway, &tenant, &group).await;
+            }
+        }
+        Ok(()) => {}
+    }
+}
+
+/// Subscribes again to a conversation on its owner now, from the seq up to which the gateway has every
+/// event, and forwards the events returned; again while a hole remains (a push lost meanwhile), a few times.
+async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>, conversation: ConversationId) {
+    const ROUNDS: usize = 3;
+    let key = conversation_key(&conversation);
+    for round in 1..=ROUNDS {
+        let (caller, through) = {
+            let mut subscriptions = lock(&client.inner.subscriptions);
+            let Some(followed) = subscriptions.conversations.get_mut(&conversation) else { return };
+            followed.catching_up = true;
+            (followed.caller.clone(), followed.through)
+        };
+        let (gateway, caller_ref) = (&link.gateway, &caller);
+        let subscribed = client
+            .on_owner(
+                &key,
+                true,
+                |node| async move { node.subscribe(gateway, caller_ref, conversation, through).await },
+            )
+            .await;
+        let followed = {
+            let mut subscriptions = lock(&client.inner.subscriptions);
+            subscriptions.conversations.get_mut(&conversation).map(|followed| {
+                if let Ok(events) = &subscribed {
+                    for event in events {
+                        followed.note(event.seq);
+                    }
+                }
+                let again = subscribed.is_ok() && followed.has_hole() && round < ROUNDS;
+                followed.catching_up = again;
+                again
+            })
+        };
+        match (subscribed, followed) {
+            (Err(error), _) => {
+                warn!(%error, %conversation, "conversation not subscribed again on its new owner");
+                return;
+            }
+            // Unsubscribed meanwhile: undo.
+            (Ok(_), None) => {
+                if let Some(node) = client.node_for(&key) {
+                    node.unsubscribe(&link.gateway, conversation).await;
+                }
+                return;
+            }
+            (Ok(events), Some(again)) => {
+                for event in events {
+                    if link.sink.send(Push::Event { conversation, event: Arc::new(event) }).is_err() {
+                        return;
+                    }
+                }
+                if !again {
+                    return;
+                }
+            }
+        }
+        // Pushes still on their way may fill the hole meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts keeping a push stream open to the node at `address` if there is none; answers whether one is
+/// open now.
+fn ensure_stream(inner: &Arc<Inner>, link: &Arc<GatewayLink>, address: &str) -> bool {
+    let id = {
+        let mut streams = lock(&inner.streams);
+        if let Some(stream) = streams.get(address) {
+            return stream.open;
+        }
+        let id = inner.next_stream_id.fetch_add(1, Ordering::Relaxed);
+        streams.insert(address.to_owned(), NodeStream { id, open: false, task: None });
+        id
+    };
+    let stream = StreamTask { inner: Arc::downgrade(inner), address: address.to_owned(), id };
+    let node = match inner.node(address) {
         Ok(node) => node,
         Err(error) => {
             warn!(%error, address, "no client for a router node");
-            lock(&client.inner.streams).remove(address);
-            return;
+            return false; // dropping `stream` forgets it
         }
     };
-    let (weak, link, address) = (Arc::downgrade(&client.inner), link.clone(), address.to_owned());
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(50);
-        let mut opened_before = false;
-        loop {
-            let Some(inner) = weak.upgrade() else { return };
-            let in_placement = inner.placement.borrow().addresses.values().any(|known| *known == address);
-            if !in_placement {
-                lock(&inner.streams).remove(&address);
-                return;
+    // Spawned without the lock held: a runtime that is shutting down drops the task at once, and dropping it
+    // takes the lock.
+    let task = tokio::spawn(stream.run(link.clone(), node)).abort_handle();
+    let ended = match lock(&inner.streams).get_mut(address).filter(|stream| stream.id == id) {
+        Some(stream) => {
+            stream.task = Some(task);
+            None
+        }
+        None => Some(task),
+    };
+    if let Some(task) = ended {
+        task.abort();
+    }
+    false
+}
+
+/// The task that keeps one push stream open. When it ends (or is aborted), its entry goes.
+struct StreamTask {
+    inner: Weak<Inner>,
+    address: String,
+    id: u64,
+}
+
+impl Drop for StreamTask {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            let mut streams = lock(&inner.streams);
+            if streams.get(&self.address).is_some_and(|stream| stream.id == self.id) {
+                streams.remove(&self.address);
             }
-            drop(inner);
-            match node.open_push_stream(&link.gateway).await {
+        }
+    }
+}
+
+impl StreamTask {
+    fn set_open(&self, inner: &Inner, open: bool) {
+        if let Some(stream) = lock(&inner.streams).get_mut(&self.address).filter(|stream| stream.id == self.id) {
+            stream.open = open;
+        }
+    }
+
+    async fn run(self, link: Arc<GatewayLink>, node: Arc<dyn NodeClient>) {
+        let mut delay = STREAM_RETRY_FIRST;
+        loop {
+            let opened = tokio::select! {
+                () = link.sink.closed() => return,
+                opened = node.open_push_stream(&link.gateway) => opened,
+            };
+            match opened {
                 Ok(mut stream) => {
-                    delay = Duration::from_millis(50);
-                    if opened_before && let Some(inner) = weak.upgrade() {
-                        // The node may have restarted and forgotten this gateway: subscribe again on it.
+                    delay = STREAM_RETRY_FIRST;
+                    {
+                        let Some(inner) = self.inner.upgrade() else { return };
+                        self.set_open(&inner, true);
+                        // The node may have restarted and forgotten this gateway, or shards may have moved to it
+                        // before its stream was open; pushes sent while no stream was open are lost: subscribe
+                        // again there to everything the gateway follows, from what it has.
                         let client = ClusterClient { inner };
-                        let view = client.inner.placement.borrow().clone();
-                        resubscribe(&client, &link, |key| view.address_of(shard_of(key)) == Some(address.as_str()))
-                            .await;
+                        tokio::spawn(resubscribe(client, link.clone(), on_node(self.address.clone())));
                     }
-                    opened_before = true;
-                    while let Some(item) = stream.next().await {
+                    loop {
+                        let item = tokio::select! {
+                            () = link.sink.closed() => return,
+                            item = stream.next() => item,
+                        };
                         match item {
-                            Ok(push) => {
-                                if let Some(inner) = weak.upgrade() {
-                                    note_push(&inner, &push);
-                                }
+                            Some(Ok(push)) => {
+                                let Some(inner) = self.inner.upgrade() else { return };
+                                let event = match &push {
+                                    Push::Event { conversation, event } => Some((*conversation, event.seq)),
+                                    _ => None,
+                                };
                                 if link.sink.send(push).is_err() {
                                     return;
                                 }
+                                if let Some((conversation, seq)) = event {
+                                    note_pushed(&inner, &link, conversation, seq);
+                                }
                             }
-                            Err(error) => {
-                                debug!(%error, %address, "push stream broke");
+                            Some(Err(error)) => {
+                                debug!(%error, address = %self.address, "push stream broke");
                                 break;
                             }
+                            None => break,
                         }
                     }
                 }
-                Err(error) => debug!(%error, %address, "push stream not opened"),
+                Err(error) => debug!(%error, address = %self.address, "push stream not opened"),
             }
-            if let Some(inner) = weak.upgrade() {
-                inner.refresh.notify_one();
+            let Some(inner) = self.inner.upgrade() else { return };
+            self.set_open(&inner, false);
+            inner.refresh.notify_one();
+            if !inner.placement.borrow().addresses.values().any(|known| *known == self.address) {
+                return; // the node left
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
+            drop(inner);
+            tokio::select! {
+                () = link.sink.closed() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(STREAM_RETRY_MAX);
         }
-    });
+    }
 }
 
-/// Remembers the last seq pushed for each followed conversation.
-fn note_push(inner: &Inner, push: &Push) {
-    if let Push::Event { conversation, event } = push {
+/// Notes a pushed event; a push past a hole starts a catch-up (pushes sent while no stream was open are
+/// lost).
+fn note_pushed(inner: &Arc<Inner>, link: &Arc<GatewayLink>, conversation: ConversationId, seq: u64) {
+    let catch_up = {
         let mut subscriptions = lock(&inner.subscriptions);
-        if let Some((_, seq)) = subscriptions.conversations.get_mut(conversation) {
-            *seq = (*seq).max(event.seq);
+        let Some(followed) = subscriptions.conversations.get_mut(&conversation) else { return };
+        followed.note(seq);
+        let catch_up = followed.has_hole() && !followed.catching_up;
+        if catch_up {
+            followed.catching_up = true;
         }
+        catch_up
+    };
+    if catch_up {
+        debug!(%conversation, seq, "a push past a hole: subscribing again from the hole");
+        let client = ClusterClient { inner: inner.clone() };
+        tokio::spawn(resubscribe_conversation(client, link.clone(), conversation));
     }
 }
 
@@ -442,36 +749,40 @@ async fn watch_placement(weak: Weak<Inner>) {
             Some(Ok(stream)) => stream,
             Some(Err(error)) => {
                 debug!(%error, "placement watch not opened");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(WATCH_RETRY).await;
                 continue;
             }
         };
         while let Some(item) = stream.next().await {
             let Some(inner) = weak.upgrade() else { return };
             match item {
-                Ok(placement) => apply_placement(&inner, &placement),
+                Ok(placement) => apply_placement(&inner, &placement, None),
                 Err(error) => {
                     debug!(%error, "placement watch broke");
                     break;
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(WATCH_RETRY).await;
     }
 }
 
 #[async_trait]
 impl RouterApi for ClusterClient {
+    /// Opens a push stream to every router node (and to every node that joins later), forwarding their
+    /// pushes into `sink`; replaces the streams of an earlier call.
     fn connect_gateway(&self, gateway: GatewayId, sink: mpsc::UnboundedSender<Push>) {
         let link = Arc::new(GatewayLink { gateway, sink });
         *self.inner.link.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(link.clone());
-        let client = self.clone();
-        tokio::spawn(async move {
-            let addresses: HashSet<String> = client.inner.placement.borrow().addresses.values().cloned().collect();
-            for address in &addresses {
-                ensure_stream(&client, &link, address).await;
-            }
-        });
+        let earlier: Vec<AbortHandle> =
+            lock(&self.inner.streams).drain().filter_map(|(_, stream)| stream.task).collect();
+        for task in earlier {
+            task.abort();
+        }
+        let addresses: Vec<String> = self.inner.placement.borrow().addresses.values().cloned().collect();
+        for address in &addresses {
+            ensure_stream(&self.inner, &link, address);
+        }
     }
 
     async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
@@ -501,16 +812,50 @@ impl RouterApi for ClusterClient {
         conversation: ConversationId,
         after_seq: u64,
     ) -> Result<Vec<Event>, RouterError> {
-        let events = self
+        // Followed before the call, so that pushes arriving before its answer are noted; no catch-up starts
+        // meanwhile (the answer fills what comes before them).
+        let created = {
+            let mut subscriptions = lock(&self.inner.subscriptions);
+            let mut created = false;
+            let followed = subscriptions.conversations.entry(conversation).or_insert_with(|| {
+                created = true;
+                Followed { caller: caller.clone(), through: after_seq, ahead: BTreeSet::new(), catching_up: true }
+            });
+            followed.caller = caller.clone();
+            followed.catching_up = true;
+            created
+        };
+        let subscribed = self
             .on_owner(&conversation_key(&conversation), true, |node| async move {
                 node.subscribe(gateway, caller, conversation, after_seq).await
             })
-            .await?;
-        let last_seq = events.last().map_or(after_seq, |event| event.seq);
-        let mut subscriptions = lock(&self.inner.subscriptions);
-        let entry = subscriptions.conversations.entry(conversation).or_insert_with(|| (caller.clone(), last_seq));
-        entry.1 = entry.1.max(last_seq);
-        Ok(events)
+            .await;
+        let catch_up = {
+            let mut subscriptions = lock(&self.inner.subscriptions);
+            match (&subscribed, subscriptions.conversations.get_mut(&conversation)) {
+                (Ok(events), Some(followed)) => {
+                    followed.has_through(after_seq);
+                    for event in events {
+                        followed.note(event.seq);
+                    }
+                    followed.catching_up = followed.has_hole();
+                    followed.catching_up
+                }
+                (Err(_), Some(_)) if created => {
+                    subscriptions.conversations.remove(&conversation);
+                    false
+                }
+                (Err(_), Some(followed)) => {
+                    followed.catching_up = false;
+                    false
+                }
+                (_, None) => false,
+            }
+        };
+        if catch_up && let Some(link) = self.link() {
+            tokio::spawn(resubscribe_conversation(self.clone(), link, conversation));
+        }
+        subscribed
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
@@ -571,21 +916,34 @@ impl RouterApi for ClusterClient {
         agent: &AgentId,
         status: AgentStatus,
     ) -> Result<AgentView, RouterError> {
-        let view = self
+        // The choice is noted before the call, so that a status restored on a new owner meanwhile is this one.
+        let key = (tenant.clone(), agent.clone());
+        let before = self.link().map(|_| {
+            let mut subscriptions = lock(&self.inner.subscriptions);
+            match status {
+                AgentStatus::Offline => subscriptions.agents.remove(&key),
+                status => subscriptions.agents.insert(key.clone(), status),
+            }
+        });
+        let set = self
             .on_owner(&agent_key(tenant, agent), true, |node| async move {
                 node.set_agent_status(tenant, agent, status).await
             })
-            .await?;
-        if self.link().is_some() {
+            .await;
+        // A choice that cannot be made (an unknown agent) is not kept.
+        if let (Err(error), Some(before)) = (&set, before)
+            && !error.is_retryable()
+        {
             let mut subscriptions = lock(&self.inner.subscriptions);
-            let key = (tenant.clone(), agent.clone());
-            if status == AgentStatus::Offline {
-                subscriptions.agents.remove(&key);
-            } else {
-                subscriptions.agents.insert(key, status);
+            let noted = subscriptions.agents.get(&key).copied().unwrap_or(AgentStatus::Offline);
+            if noted == status {
+                match before {
+                    Some(before) => subscriptions.agents.insert(key, before),
+                    None => subscriptions.agents.remove(&key),
+                };
             }
         }
-        Ok(view)
+        set
     }
 
     async fn subscribe_queue(
@@ -594,12 +952,19 @@ impl RouterApi for ClusterClient {
         tenant: &TenantId,
         group: &GroupId,
     ) -> Result<(), RouterError> {
-        self.on_owner(&queue_key(tenant, group), true, |node| async move {
-            node.subscribe_queue(gateway, tenant, group).await
-        })
-        .await?;
-        lock(&self.inner.subscriptions).queues.insert((tenant.clone(), group.clone()));
-        Ok(())
+        // Followed before the call, so that a stream that opens meanwhile subscribes again to it (a snapshot
+        // pushed before the gateway's stream is open on the node is lost, and the node forgets the gateway).
+        let key = (tenant.clone(), group.clone());
+        let created = self.link().is_some() && lock(&self.inner.subscriptions).queues.insert(key.clone());
+        let subscribed = self
+            .on_owner(&queue_key(tenant, group), true, |node| async move {
+                node.subscribe_queue(gateway, tenant, group).await
+            })
+            .await;
+        if subscribed.is_err() && created {
+            lock(&self.inner.subscriptions).queues.remove(&key);
+        }
+        subscribed
     }
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
@@ -661,5 +1026,47 @@ impl PeerApi for ClusterClient {
             node.agent_finished(tenant, agent, conversation).await
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn followed(through: u64) -> Followed {
+        let caller = Caller::Customer { conversation: ConversationId::new_v7(1_700_000_000_000) };
+        Followed { caller, through, ahead: BTreeSet::new(), catching_up: false }
+    }
+
+    #[test]
+    fn the_watermark_stops_at_the_first_hole() {
+        let mut followed = followed(3);
+        followed.note(4);
+        assert_eq!((followed.through, followed.has_hole()), (4, false));
+        // 5 is lost: 6 and 7 are kept aside, the watermark stays.
+        followed.note(6);
+        followed.note(7);
+        assert_eq!((followed.through, followed.has_hole()), (4, true));
+        // Old and repeated events change nothing.
+        followed.note(2);
+        followed.note(6);
+        assert_eq!(followed.through, 4);
+        // The hole is filled: the watermark moves past what was kept aside.
+        followed.note(5);
+        assert_eq!((followed.through, followed.has_hole()), (7, false));
+    }
+
+    #[test]
+    fn a_subscription_answer_moves_the_watermark_past_what_came_before() {
+        let mut followed = followed(0);
+        followed.note(9);
+        followed.note(12);
+        // A subscription after seq 8 says the gateway has everything up to 8; its answer brings 9..=10.
+        followed.has_through(8);
+        assert_eq!((followed.through, followed.has_hole()), (9, true));
+        followed.note(10);
+        assert_eq!((followed.through, followed.ahead.iter().copied().collect::<Vec<_>>()), (10, vec![12]));
+        followed.has_through(12);
+        assert_eq!((followed.through, followed.has_hole()), (12, false));
     }
 }

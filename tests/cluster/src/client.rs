@@ -446,8 +446,11 @@ impl Participant {
                 }
                 continue;
             }
+            // A client allowed to reconnect behaves like a widget that notices a silent connection: after a
+            // second without the push it waits for, it resumes from its last seq on a new connection.
+            let wait = if live_only { left } else { left.min(Duration::from_secs(1)) };
             let read = match self.connection.as_mut() {
-                Some(connection) => connection.read_push(left).await,
+                Some(connection) => connection.read_push(wait).await,
                 None => continue,
             };
             self.record_pushes();

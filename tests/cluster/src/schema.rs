@@ -23,7 +23,7 @@ fn migrations_dir() -> PathBuf {
     if postgres.is_dir() { postgres } else { dir }
 }
 
-/// Applies the store's migration files in name order, then [`CLUSTER_ADDITIONS`].
+/// Applies the store's migration files in name order, then `CLUSTER_ADDITIONS`.
 pub async fn install(db: &Db) -> anyhow::Result<()> {
     let dir = migrations_dir();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)

@@ -1,0 +1,831 @@
+//! `ClusterClient` over real gRPC on loopback: one `MemoryStore` served by `StoreGrpcServer`, three routers
+//! each served by `RouterGrpcServer` on its own port, and a gateway-side `ClusterClient`.
+//!
+//! Every router node runs in a tokio runtime of its own, as it would in a process of its own: killing a
+//! node shuts its runtime down, which drops every task and socket of the node at once (kill -9: no
+//! handover, connections reset), and a node restarted on the same address is a fresh runtime.
+//!
+//! Database time is a `FixedClock`, moved only by the tests (to expire a dead node's leases); real time
+//! drives the renewals, and every wait is a condition polled with a deadline.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Running, any_port, client_settings, eventually, within};
+use switchboard_domain::{
+    AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory, Event, EventBody,
+    FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry, agent_key,
+    conversation_key, queue_key, shard_of,
+};
+use switchboard_proto::internal::v1::GetPlacementRequest;
+use switchboard_proto::router::{
+    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, PeerApi,
+    Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+};
+use switchboard_proto::store::{StoreApi, StoreError};
+use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_rpc::cluster::{
+    ClusterClient, ClusterSettings, Connector, GrpcConnector, NodeClient, NodePushes, PlacementUpdates, PlacementView,
+};
+use switchboard_rpc::{GrpcServices, GrpcStore, RouterGrpcServer, ServerSettings, StoreGrpcServer, serve_grpc};
+use switchboard_store::MemoryStore;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+const NOW_MS: i64 = 1_700_000_000_000;
+const N_GROUPS: usize = 32;
+const N_AGENTS: usize = 32;
+
+fn leases() -> LeaseSettings {
+    LeaseSettings {
+        lease: Duration::from_secs(2),
+        renew_every: Duration::from_millis(200),
+        renew_deadline: Duration::from_secs(1),
+    }
+}
+
+fn cluster_settings() -> ClusterSettings {
+    ClusterSettings { retry_for: Duration::from_secs(10), poll_every: Duration::from_millis(100) }
+}
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+fn group(i: usize) -> GroupId {
+    GroupId::new(format!("g{i:02}")).unwrap()
+}
+
+fn agent(i: usize) -> AgentId {
+    AgentId::new(format!("a{i:02}")).unwrap()
+}
+
+/// Many groups and agents (every agent in every group), so that each router owns some of each.
+fn directory() -> Directory {
+    let groups = (0..N_GROUPS).map(|i| (group(i), GroupEntry { id: group(i), name: format!("group {i}") }));
+    let agents = (0..N_AGENTS).map(|i| {
+        let entry = AgentEntry {
+            id: agent(i),
+            name: format!("agent {i}"),
+            groups: (0..N_GROUPS).map(group).collect(),
+            capacity: 5,
+        };
+        (agent(i), entry)
+    });
+    let entry = TenantEntry { id: tenant(), name: "Acme".into(), groups: groups.collect(), agents: agents.collect() };
+    let mut directory = Directory::default();
+    directory.add_tenant(entry, vec![], vec![]).unwrap();
+    directory
+}
+
+/// The node that owns the shard of `key` in `view`.
+fn owner_of<'a>(view: &'a PlacementView, key: &str) -> Option<&'a str> {
+    view.owners[shard_of(key).0 as usize].as_ref().map(|(node, _)| node.as_str())
+}
+
+/// A router node: a `Router` with its own `ClusterClient` as peers, served on its own port, in a runtime of its
+/// own.
+struct Node {
+    id: String,
+    addr: SocketAddr,
+    router: Arc<Router>,
+    /// `None` once the node is dead.
+    runtime: Option<tokio::runtime::Runtime>,
+    stop_server: oneshot::Sender<()>,
+    served: JoinHandle<()>,
+}
+
+/// What every node shares: the store's address, database time and the directory.
+#[derive(Clone)]
+struct Shared {
+    store_url: String,
+    clock: Arc<FixedClock>,
+    directory: Arc<Directory>,
+}
+
+impl Node {
+    /// Starts node `id` listening on `addr` (port 0: any), once it can bind it (a node restarted on the address
+    /// of one just killed may have to wait for the old socket to close).
+    async fn start(id: &str, addr: SocketAddr, shared: &Shared) -> Node {
+        let listener = eventually(|| async { std::net::TcpListener::bind(addr).ok() }).await;
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(id.to_owned())
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop_server, stopped) = oneshot::channel::<()>();
+        let (node_id, shared) = (id.to_owned(), shared.clone());
+        let started = runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let store = Arc::new(GrpcStore::connect_lazy(&shared.store_url, client_settings()).unwrap());
+            let connector = GrpcConnector { store: store.clone(), settings: client_settings() };
+            let peers = ClusterClient::start(store.clone(), Arc::new(connector), cluster_settings());
+            let settings = RouterSettings {
+                node_id,
+                advertise: format!("http://{addr}"),
+                leases: leases(),
+                closed_list_limit: 50,
+            };
+            let clock: Arc<dyn Clock> = shared.clock.clone();
+            let peers_api: Arc<dyn ClusterApi> = Arc::new(peers.clone());
+            let router = Router::start(settings, store, clock, shared.directory.clone(), Some(peers_api)).await;
+            let router = Arc::new(router.unwrap());
+            // As the router role does: shards freed elsewhere are taken at once, not at the next renewal.
+            let mut placement = peers.placement();
+            let watched = router.clone();
+            tokio::spawn(async move {
+                while placement.changed().await.is_ok() {
+                    if placement.borrow_and_update().n_unowned() > 0 {
+                        watched.placement_changed();
+                    }
+                }
+            });
+            let mut services = GrpcServices::new();
+            let node: Arc<dyn ClusterApi> = router.clone();
+            services.add_service(RouterGrpcServer::new(node).with_draining(services.draining()).into_service());
+            let settings = ServerSettings { shutdown_grace: Duration::from_secs(2), ..ServerSettings::default() };
+            let served = tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stopped.await;
+                };
+                serve_grpc(listener, services, &settings, stopped).await.unwrap();
+            });
+            (router, served)
+        });
+        let (router, served) = within(started).await.unwrap();
+        Node { id: id.to_owned(), addr, router, runtime: Some(runtime), stop_server, served }
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("a live node")
+    }
+
+    /// kill -9: every task and socket of the node goes at once; nothing is handed over.
+    fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// SIGTERM, as the router role handles it: hands every shard over while still answering (`NotOwner`), then
+    /// drains the server and exits.
+    async fn terminate(mut self) {
+        let router = self.router.clone();
+        within(self.runtime().spawn(async move { router.shutdown().await })).await.unwrap().unwrap();
+        let stop_server = std::mem::replace(&mut self.stop_server, oneshot::channel().0);
+        let _ = stop_server.send(());
+        within(&mut self.served).await.unwrap();
+        self.kill();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // A runtime cannot be dropped inside another one; it can be shut down without waiting.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Every push the gateway received, in order.
+#[derive(Clone, Default)]
+struct Pushes(Arc<Mutex<Vec<Push>>>);
+
+impl Pushes {
+    fn collect(mut receiver: mpsc::UnboundedReceiver<Push>) -> Pushes {
+        let pushes = Pushes::default();
+        let all = pushes.0.clone();
+        tokio::spawn(async move {
+            while let Some(push) = receiver.recv().await {
+                all.lock().unwrap().push(push);
+            }
+        });
+        pushes
+    }
+
+    /// The seqs of the conversation's events pushed so far.
+    fn seqs(&self, conversation: ConversationId) -> BTreeSet<u64> {
+        let pushes = self.0.lock().unwrap();
+        pushes
+            .iter()
+            .filter_map(|push| match push {
+                Push::Event { conversation: id, event } if *id == conversation => Some(event.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn queue_changes(&self, group: &GroupId) -> Vec<QueueChange> {
+        let pushes = self.0.lock().unwrap();
+        pushes
+            .iter()
+            .filter_map(|push| match push {
+                Push::Queue { group: pushed, change, .. } if pushed == group => Some(change.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn n_snapshots(&self, group: &GroupId) -> usize {
+        self.queue_changes(group).iter().filter(|change| matches!(change, QueueChange::Snapshot { .. })).count()
+    }
+}
+
+/// The gateway's connector, with push streams that take `delay` to open (a slow network, a busy node): a node
+/// must not be given subscriptions before this gateway's stream to it is open, or their pushes are lost.
+struct SlowStreams {
+    connector: GrpcConnector,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Connector for SlowStreams {
+    fn node(&self, address: &str) -> Result<Arc<dyn NodeClient>, RouterError> {
+        Ok(Arc::new(SlowNode { node: self.connector.node(address)?, delay: self.delay }))
+    }
+
+    async fn watch_placement(&self) -> Option<Result<PlacementUpdates, StoreError>> {
+        self.connector.watch_placement().await
+    }
+}
+
+struct SlowNode {
+    node: Arc<dyn NodeClient>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl NodeClient for SlowNode {
+    async fn open_push_stream(&self, gateway: &GatewayId) -> Result<NodePushes, RouterError> {
+        tokio::time::sleep(self.delay).await;
+        self.node.open_push_stream(gateway).await
+    }
+}
+
+#[async_trait]
+impl RouterApi for SlowNode {
+    fn connect_gateway(&self, gateway: GatewayId, sink: mpsc::UnboundedSender<Push>) {
+        self.node.connect_gateway(gateway, sink);
+    }
+
+    async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
+        self.node.start_chat(request).await
+    }
+
+    async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {
+        self.node.authorize_customer(conversation, token).await
+    }
+
+    async fn chat_view(&self, caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
+        self.node.chat_view(caller, conversation).await
+    }
+
+    async fn subscribe(
+        &self,
+        gateway: &GatewayId,
+        caller: &Caller,
+        conversation: ConversationId,
+        after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.node.subscribe(gateway, caller, conversation, after_seq).await
+    }
+
+    async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
+        self.node.unsubscribe(gateway, conversation).await;
+    }
+
+    async fn read_events(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        after_seq: u64,
+    ) -> Result<Vec<Event>, RouterError> {
+        self.node.read_events(caller, conversation, after_seq).await
+    }
+
+    async fn command(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        command: ChatCommand,
+    ) -> Result<CommandOutcome, RouterError> {
+        self.node.command(caller, conversation, command).await
+    }
+
+    async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError> {
+        self.node.typing(caller, conversation, typing).await
+    }
+
+    async fn accept_chat(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<ChatView, RouterError> {
+        self.node.accept_chat(tenant, agent, conversation).await
+    }
+
+    async fn set_agent_status(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        status: AgentStatus,
+    ) -> Result<AgentView, RouterError> {
+        self.node.set_agent_status(tenant, agent, status).await
+    }
+
+    async fn subscribe_queue(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        group: &GroupId,
+    ) -> Result<(), RouterError> {
+        self.node.subscribe_queue(gateway, tenant, group).await
+    }
+
+    async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
+        self.node.unsubscribe_queue(gateway, tenant, group).await;
+    }
+
+    async fn list_chats(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        list: ChatList,
+    ) -> Result<Vec<ChatView>, RouterError> {
+        self.node.list_chats(tenant, agent, list).await
+    }
+}
+
+#[async_trait]
+impl PeerApi for SlowNode {
+    async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError> {
+        self.node.owner_accept(conversation, agent).await
+    }
+
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+        self.node.queue_add(tenant, entry).await
+    }
+
+    async fn queue_remove(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        conversation: ConversationId,
+        reason: LeftQueue,
+    ) -> Result<(), RouterError> {
+        self.node.queue_remove(tenant, group, conversation, reason).await
+    }
+
+    async fn agent_finished(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.node.agent_finished(tenant, agent, conversation).await
+    }
+}
+
+struct Cluster {
+    shared: Shared,
+    store: Arc<MemoryStore>,
+    _store_server: Running,
+    nodes: BTreeMap<String, Node>,
+    gateway_id: GatewayId,
+    client: ClusterClient,
+    pushes: Pushes,
+}
+
+impl Cluster {
+    /// `n_nodes` routers; the gateway's push streams take `stream_delay` to open.
+    async fn start(n_nodes: usize, stream_delay: Duration) -> Cluster {
+        // RUST_LOG=switchboard_rpc=debug (for example) shows what the nodes and the client do.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let clock = Arc::new(FixedClock::new(NOW_MS));
+        let clock_dyn: Arc<dyn Clock> = clock.clone();
+        let store = Arc::new(MemoryStore::new(clock_dyn));
+        let mut services = GrpcServices::new();
+        let server = StoreGrpcServer::new(store.clone())
+            .with_poll_interval(Duration::from_millis(50))
+            .with_draining(services.draining());
+        services.add_service(server.into_service());
+        let store_server = Running::start(any_port().await, services).await;
+        let shared = Shared { store_url: store_server.url(), clock, directory: Arc::new(directory()) };
+        let mut nodes = BTreeMap::new();
+        for i in 1..=n_nodes {
+            let id = format!("node-{i}");
+            let node = Node::start(&id, "127.0.0.1:0".parse().unwrap(), &shared).await;
+            nodes.insert(id, node);
+        }
+        let gateway_store = Arc::new(GrpcStore::connect_lazy(&shared.store_url, client_settings()).unwrap());
+        let connector = GrpcConnector { store: gateway_store.clone(), settings: client_settings() };
+        let connector = SlowStreams { connector, delay: stream_delay };
+        let client = ClusterClient::start(gateway_store, Arc::new(connector), cluster_settings());
+        let gateway_id = GatewayId("gw-1".into());
+        let (sink, receiver) = mpsc::unbounded_channel();
+        client.connect_gateway(gateway_id.clone(), sink);
+        let pushes = Pushes::collect(receiver);
+        let cluster = Cluster { shared, store, _store_server: store_server, nodes, gateway_id, client, pushes };
+        cluster.converged().await;
+        cluster
+    }
+
+    fn view(&self) -> Arc<PlacementView> {
+        self.client.placement().borrow().clone()
+    }
+
+    /// Waits until the live nodes hold their fair shares, every shard is owned, and the client sees exactly
+    /// that placement; otherwise fails with what the store, the nodes and the client hold.
+    async fn converged(&self) {
+        let fair = (N_SHARDS as usize).div_ceil(self.nodes.len());
+        let is_converged = || {
+            let view = self.view();
+            let counts: Vec<usize> = self.nodes.values().map(|node| node.router.n_shards_owned()).collect();
+            let fair_everywhere = counts.iter().all(|&n| n <= fair && n + self.nodes.len() > fair);
+            let seen_by_client = self.nodes.values().all(|node| {
+                let owned = view.owners.iter().flatten().filter(|(owner, _)| *owner == node.id).count();
+                owned == node.router.n_shards_owned()
+                    && view.addresses.get(&node.id) == Some(&format!("http://{}", node.addr))
+            });
+            let only_live = view.addresses.len() == self.nodes.len();
+            fair_everywhere && seen_by_client && only_live && view.n_unowned() == 0
+        };
+        let waited = tokio::time::timeout(common::DEADLINE, async {
+            while !is_converged() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            let placement = self.store.get_placement(GetPlacementRequest {}).await.unwrap();
+            let registered: Vec<&str> = placement.nodes.iter().map(|node| node.node_id.as_str()).collect();
+            let mut leases: BTreeMap<&str, usize> = BTreeMap::new();
+            for owner in &placement.owners {
+                *leases.entry(owner.node_id.as_str()).or_default() += 1;
+            }
+            let held: BTreeMap<&str, usize> =
+                self.nodes.values().map(|node| (node.id.as_str(), node.router.n_shards_owned())).collect();
+            panic!(
+                "the placement did not converge within {:?}: the store has nodes {registered:?} registered and \
+                 leases {leases:?}; the live nodes hold {held:?}; the client sees {} nodes and {} shards unowned",
+                common::DEADLINE,
+                self.view().addresses.len(),
+                self.view().n_unowned(),
+            );
+        }
+    }
+
+    /// A new conversation id whose shard `node` owns now.
+    fn conversation_on(&self, node: &str) -> ConversationId {
+        let view = self.view();
+        loop {
+            let id = ConversationId::new_v7(self.shared.clock.now_ms());
+            if owner_of(&view, &conversation_key(&id)) == Some(node) {
+                return id;
+            }
+        }
+    }
+
+    /// A group whose queue `node` owns now.
+    fn group_on(&self, node: &str, except: &[GroupId]) -> GroupId {
+        let view = self.view();
+        (0..N_GROUPS)
+            .map(group)
+            .find(|group| !except.contains(group) && owner_of(&view, &queue_key(&tenant(), group)) == Some(node))
+            .expect("a group on every node")
+    }
+
+    /// An agent whose actor `node` owns now.
+    fn agent_on(&self, node: &str, except: &[AgentId]) -> AgentId {
+        let view = self.view();
+        (0..N_AGENTS)
+            .map(agent)
+            .find(|agent| !except.contains(agent) && owner_of(&view, &agent_key(&tenant(), agent)) == Some(node))
+            .expect("an agent on every node")
+    }
+
+    /// Starts a chat, through the client, whose conversation lives on `node`; and subscribes the gateway to it.
+    async fn start_chat(&self, node: &str, group: &GroupId, customer: &str) -> (ConversationId, Vec<u64>) {
+        let conversation = self.conversation_on(node);
+        let request = StartChat {
+            conversation,
+            tenant: tenant(),
+            group: group.clone(),
+            customer_name: customer.into(),
+            question: format!("question from {customer}"),
+        };
+        let started = self.client.start_chat(request).await.unwrap();
+        assert_eq!(started.view.state, ConversationState::Queued);
+        let customer = Caller::Customer { conversation };
+        let backlog = self.client.subscribe(&self.gateway_id, &customer, conversation, 0).await.unwrap();
+        (conversation, backlog.iter().map(|event| event.seq).collect())
+    }
+
+    /// Waits until every stored event of the conversation reached the gateway (pushed, forwarded by a
+    /// resubscription, or in `backlog`, what the gateway's own subscribe returned); answers the last seq.
+    async fn gap_free(&self, conversation: ConversationId, backlog: &[u64]) -> u64 {
+        let customer = Caller::Customer { conversation };
+        let stored = self.client.read_events(&customer, conversation, 0).await.unwrap();
+        let last = stored.last().unwrap().seq;
+        assert_eq!(stored.iter().map(|event| event.seq).collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>());
+        let wanted: BTreeSet<u64> = (1..=last).collect();
+        within(async {
+            loop {
+                let mut seen = self.pushes.seqs(conversation);
+                seen.extend(backlog);
+                if wanted.is_subset(&seen) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        last
+    }
+
+    /// Moves database time by `by_ms` in steps, each once the live nodes renewed their registrations (and so
+    /// their leases) at the time of the previous one, as they would when time flows.
+    async fn advance_database_time(&self, by_ms: i64, live: &[&str]) {
+        let (step, lease_ms) = (400, leases().lease.as_millis() as i64);
+        let mut moved = 0;
+        while moved < by_ms {
+            self.shared.clock.advance_ms(step);
+            moved += step;
+            let now = self.shared.clock.now_ms();
+            eventually(|| async {
+                let placement = self.store.get_placement(GetPlacementRequest {}).await.unwrap();
+                let renewed = live.iter().all(|id| {
+                    placement.nodes.iter().any(|node| node.node_id == *id && node.expires_at_ms >= now + lease_ms)
+                });
+                renewed.then_some(())
+            })
+            .await;
+        }
+    }
+}
+
+/// A customer sending m1, m2, ... one after the other through the gateway's client until stopped.
+struct Customer {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<SendReport>>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SendReport {
+    n_sent: usize,
+    longest: Duration,
+    failures: Vec<(String, RouterError)>,
+    /// The message being sent, and since when.
+    in_flight: Option<(String, Instant)>,
+}
+
+impl Customer {
+    fn start(client: ClusterClient, conversation: ConversationId) -> Customer {
+        let (stop, report) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(SendReport::default())));
+        let (stopped, shared) = (stop.clone(), report.clone());
+        let task = tokio::spawn(async move {
+            let customer = Caller::Customer { conversation };
+            // A steady pace: a message every few milliseconds.
+            let mut pace = tokio::time::interval(Duration::from_millis(5));
+            for i in 1.. {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                pace.tick().await;
+                let client_msg_id = format!("m{i}");
+                let send = ChatCommand::Send { client_msg_id: client_msg_id.clone(), body: client_msg_id.clone() };
+                let started = Instant::now();
+                shared.lock().unwrap().in_flight = Some((client_msg_id.clone(), started));
+                let result = client.command(&customer, conversation, send).await;
+                let mut report = shared.lock().unwrap();
+                report.in_flight = None;
+                report.longest = report.longest.max(started.elapsed());
+                match result {
+                    // A duplicate is fine: an attempt that the client retried had been stored.
+                    Ok(_) => report.n_sent += 1,
+                    Err(error) => report.failures.push((client_msg_id, error)),
+                }
+            }
+        });
+        Customer { stop, report, task }
+    }
+
+    fn report(&self) -> SendReport {
+        self.report.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` more messages were sent.
+    async fn sends(&self, n: usize) {
+        let target = self.report().n_sent + n;
+        let sent = tokio::time::timeout(common::DEADLINE, async {
+            while self.report().n_sent < target {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if sent.is_err() {
+            let report = self.report();
+            let in_flight = report.in_flight.as_ref().map(|(id, since)| (id.clone(), since.elapsed()));
+            panic!("{n} more messages not sent within {:?}: {report:?}, in flight: {in_flight:?}", common::DEADLINE);
+        }
+    }
+
+    async fn stop(self) -> SendReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let report = self.report.clone();
+        within(self.task).await.unwrap();
+        report.lock().unwrap().clone()
+    }
+}
+
+/// Waits until the gateway is told that `conversation` joined the queue of `group`.
+async fn queue_added(cluster: &Cluster, group: &GroupId, conversation: ConversationId) {
+    eventually(|| async {
+        let changes = cluster.pushes.queue_changes(group);
+        let added =
+            |change: &QueueChange| matches!(change, QueueChange::Added { entry } if entry.conversation == conversation);
+        changes.iter().any(added).then_some(())
+    })
+    .await;
+}
+
+/// Every message m1..mN is stored exactly once, in order.
+async fn stored_once(cluster: &Cluster, conversation: ConversationId, n_sent: usize) {
+    let customer = Caller::Customer { conversation };
+    let events = cluster.client.read_events(&customer, conversation, 0).await.unwrap();
+    let ids: Vec<&str> = events
+        .iter()
+        .filter(|event| matches!(event.body, EventBody::Message { .. }) && event.author == Author::Customer)
+        .filter_map(|event| event.client_msg_id.as_deref())
+        .filter(|id| id.starts_with('m'))
+        .collect();
+    let expected: Vec<String> = (1..=n_sent).map(|i| format!("m{i}")).collect();
+    assert_eq!(ids, expected.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_across_routers_and_a_graceful_handover() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    // 1. Placement converged: every node owns its fair share, and the client sees every shard owned.
+    let view = cluster.view();
+    assert_eq!(view.n_unowned(), 0);
+    assert_eq!(view.addresses.len(), 3);
+
+    // 2. The queue lives on node-3, the agent on node-2, the conversation on node-1.
+    let queue = cluster.group_on("node-3", &[]);
+    let accepting = cluster.agent_on("node-2", &[]);
+    let gateway = cluster.gateway_id.clone();
+    cluster.client.subscribe_queue(&gateway, &tenant(), &queue).await.unwrap();
+    eventually(|| async { (cluster.pushes.n_snapshots(&queue) >= 1).then_some(()) }).await;
+    cluster.client.set_agent_status(&tenant(), &accepting, AgentStatus::Online).await.unwrap();
+
+    let (chat, backlog) = cluster.start_chat("node-1", &queue, "carol").await;
+    let (other_chat, _) = cluster.start_chat("node-2", &queue, "dave").await;
+    let accepted = cluster.client.accept_chat(&tenant(), &accepting, chat).await.unwrap();
+    assert_eq!((accepted.state, accepted.owner.clone()), (ConversationState::Active, Some(accepting.clone())));
+    let customer = Caller::Customer { conversation: chat };
+    let agent_caller = Caller::Agent { tenant: tenant(), agent: accepting.clone() };
+    let hello = ChatCommand::Send { client_msg_id: "c-1".into(), body: "hello".into() };
+    cluster.client.command(&customer, chat, hello).await.unwrap();
+    let hi = ChatCommand::Send { client_msg_id: "a-1".into(), body: "hi, Carol".into() };
+    let answer = cluster.client.command(&agent_caller, chat, hi).await.unwrap().event.unwrap();
+    cluster.gap_free(chat, &backlog).await;
+    let pushed = cluster.pushes.0.lock().unwrap().clone();
+    assert!(pushed.iter().any(|push| matches!(push, Push::Event { event, .. } if **event == answer)));
+    // The queue on node-3 heard of both chats (from node-1 and node-2) and of the accept (from node-1).
+    eventually(|| async {
+        let changes = cluster.pushes.queue_changes(&queue);
+        let added = |id| {
+            changes.iter().any(|change| matches!(change, QueueChange::Added { entry } if entry.conversation == id))
+        };
+        let removed = changes.iter().any(|change| {
+            matches!(change, QueueChange::Removed { conversation, reason: LeftQueue::Accepted { agent } }
+                if *conversation == chat && *agent == accepting)
+        });
+        (added(chat) && added(other_chat) && removed).then_some(())
+    })
+    .await;
+
+    // 3. node-1 hands its shards over while the customer keeps sending. An agent and a queue of node-1 are
+    // followed too: the agent's status and the queue's subscription must follow them to their new owners.
+    let moving_agent = cluster.agent_on("node-1", &[]);
+    cluster.client.set_agent_status(&tenant(), &moving_agent, AgentStatus::Online).await.unwrap();
+    let moving_queue = cluster.group_on("node-1", &[]);
+    cluster.client.subscribe_queue(&gateway, &tenant(), &moving_queue).await.unwrap();
+    eventually(|| async { (cluster.pushes.n_snapshots(&moving_queue) >= 1).then_some(()) }).await;
+
+    let sender = Customer::start(cluster.client.clone(), chat);
+    sender.sends(20).await;
+    let node = cluster.nodes.remove("node-1").unwrap();
+    let handover = Instant::now();
+    node.terminate().await;
+    let terminated = handover.elapsed();
+    cluster.converged().await;
+    sender.sends(40).await;
+    let report = sender.stop().await;
+    println!("graceful handover: terminate took {terminated:?}; {report:?}");
+    assert!(report.failures.is_empty(), "{report:?}");
+    stored_once(&cluster, chat, report.n_sent).await;
+    cluster.gap_free(chat, &backlog).await;
+
+    // The queue is followed on its new owner: a new chat in it is pushed...
+    let (next_chat, _) = cluster.start_chat("node-2", &moving_queue, "erin").await;
+    queue_added(&cluster, &moving_queue, next_chat).await;
+    // ... and the agent is online there: it can take the chat.
+    let view = eventually(|| async {
+        match cluster.client.accept_chat(&tenant(), &moving_agent, next_chat).await {
+            Ok(view) => Some(view),
+            Err(RouterError::Refused(Refusal::AgentNotOnline)) => None,
+            Err(error) => panic!("accept failed: {error}"),
+        }
+    })
+    .await;
+    assert_eq!(view.owner, Some(moving_agent));
+    assert!(report.longest < Duration::from_secs(1), "a send waited {:?} during a graceful handover", report.longest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_router_is_replaced_once_its_leases_expire() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let queue = cluster.group_on("node-3", &[]);
+    let (chat, backlog) = cluster.start_chat("node-1", &queue, "carol").await;
+    let sender = Customer::start(cluster.client.clone(), chat);
+    sender.sends(20).await;
+
+    let node = cluster.nodes.remove("node-1").unwrap();
+    let crash = Instant::now();
+    node.kill();
+    // Its leases and its registration expire in database time; the others keep renewing theirs.
+    cluster.advance_database_time(leases().lease.as_millis() as i64 + 400, &["node-2", "node-3"]).await;
+    cluster.converged().await;
+    sender.sends(40).await;
+    let report = sender.stop().await;
+    println!("crash: leases expired and sends went on within {:?}; {report:?}", crash.elapsed());
+    assert!(report.failures.is_empty(), "{report:?}");
+    stored_once(&cluster, chat, report.n_sent).await;
+    cluster.gap_free(chat, &backlog).await;
+}
+
+/// node-2 is killed and started again at once under the same name: it takes its own shards back at once (new
+/// epochs) and knows nothing of the gateway, which must follow its conversation and its queue there again.
+async fn restart(same_address: bool, stream_delay: Duration) {
+    let mut cluster = Cluster::start(3, stream_delay).await;
+    let queue = cluster.group_on("node-2", &[]);
+    let gateway = cluster.gateway_id.clone();
+    cluster.client.subscribe_queue(&gateway, &tenant(), &queue).await.unwrap();
+    eventually(|| async { (cluster.pushes.n_snapshots(&queue) >= 1).then_some(()) }).await;
+    let (chat, backlog) = cluster.start_chat("node-2", &queue, "carol").await;
+    let sender = Customer::start(cluster.client.clone(), chat);
+    sender.sends(20).await;
+
+    let node = cluster.nodes.remove("node-2").unwrap();
+    let addr = if same_address { node.addr } else { "127.0.0.1:0".parse().unwrap() };
+    let restart = Instant::now();
+    node.kill();
+    let node = Node::start("node-2", addr, &cluster.shared).await;
+    let restarted = restart.elapsed();
+    cluster.nodes.insert("node-2".into(), node);
+    cluster.converged().await;
+    sender.sends(40).await;
+    let report = sender.stop().await;
+    println!("restart (same address: {same_address}): node back after {restarted:?}; {report:?}");
+    assert!(report.failures.is_empty(), "{report:?}");
+    stored_once(&cluster, chat, report.n_sent).await;
+    cluster.gap_free(chat, &backlog).await;
+    // The queue is followed again on the restarted node, and its pushes reach the gateway.
+    let (late_chat, late_backlog) = cluster.start_chat("node-2", &queue, "dave").await;
+    queue_added(&cluster, &queue, late_chat).await;
+    let customer = Caller::Customer { conversation: late_chat };
+    let send = ChatCommand::Send { client_msg_id: "late".into(), body: "still there?".into() };
+    let sent = cluster.client.command(&customer, late_chat, send).await.unwrap().event.unwrap();
+    eventually(|| async { cluster.pushes.seqs(late_chat).contains(&sent.seq).then_some(()) }).await;
+    cluster.gap_free(late_chat, &late_backlog).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_restarted_on_the_same_address_gets_its_subscriptions_back() {
+    restart(true, Duration::ZERO).await;
+}
+
+/// The gateway's stream to the new address takes a while to open: nothing may be subscribed there before it
+/// is (its pushes would be lost). The gateway also subscribes to the queue before its first streams open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_back_on_another_address_gets_its_subscriptions_back() {
+    restart(false, Duration::from_millis(300)).await;
+}
