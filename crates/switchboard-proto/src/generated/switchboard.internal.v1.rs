@@ -27,7 +27,8 @@ pub struct AcquireShardsRequest {
     pub shards: ::prost::alloc::vec::Vec<u32>,
     #[prost(uint64, tag = "3")]
     pub lease_ms: u64,
-    /// Take at most this many shards; 0 means no limit.
+    /// Take at most this many shards; 0 means no limit. With a limit, only free or expired shards are taken:
+    /// the caller's own unexpired shards are neither taken again (that would bump their epochs) nor counted.
     #[prost(uint32, tag = "4")]
     pub limit: u32,
 }
