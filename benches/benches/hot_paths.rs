@@ -35,7 +35,8 @@ fn active_conversation() -> Conversation {
     };
     let mut conversation = Conversation::new(&facts);
     let agent = AgentId::new("a").unwrap();
-    let accepted = decide(&conversation, &Command::Accept { agent: agent.clone() }).unwrap().unwrap();
+    let accepted =
+        decide(&conversation, &Command::Accept { agent: agent.clone(), offered_only: false }).unwrap().unwrap();
     apply(
         &mut conversation,
         &Event { seq: 3, at_ms: 0, author: Author::Agent(agent), client_msg_id: None, body: accepted },

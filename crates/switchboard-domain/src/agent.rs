@@ -30,8 +30,33 @@ pub struct AgentState {
     pub status: AgentStatus,
     /// Chats this agent owns and that are not finished.
     pub active: BTreeSet<ConversationId>,
-    /// Chats this agent is accepting right now (the conversation has not answered yet).
+    /// Chats this agent is accepting right now (the conversation has not answered yet), or is being
+    /// offered: an offer holds a slot until it is accepted or ends.
     pub reserved: BTreeSet<ConversationId>,
+    /// The chat offered to this agent now (push routing): at most one at a time.
+    pub offer: Option<ConversationId>,
+    /// Since when the agent has been idle: set when they come online, get a chat or finish one. Push
+    /// routing offers the longest idle first.
+    pub idle_since_ms: i64,
+}
+
+/// What a support queue needs to know of an agent to choose whom to offer a chat (push routing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAvailability {
+    pub agent: AgentId,
+    pub status: AgentStatus,
+    pub capacity: u32,
+    /// Chats held and slots reserved.
+    pub held: u32,
+    pub offer: Option<ConversationId>,
+    pub idle_since_ms: i64,
+}
+
+impl AgentAvailability {
+    /// Online, with a free slot, and no offer outstanding.
+    pub fn can_take_offer(&self) -> bool {
+        self.status == AgentStatus::Online && self.held < self.capacity && self.offer.is_none()
+    }
 }
 
 impl AgentState {
@@ -44,6 +69,51 @@ impl AgentState {
             status: AgentStatus::Offline,
             active: BTreeSet::new(),
             reserved: BTreeSet::new(),
+            offer: None,
+            idle_since_ms: 0,
+        }
+    }
+
+    pub fn availability(&self) -> AgentAvailability {
+        AgentAvailability {
+            agent: self.id.clone(),
+            status: self.status,
+            capacity: self.capacity,
+            held: u32::try_from(self.n_held()).unwrap_or(u32::MAX),
+            offer: self.offer,
+            idle_since_ms: self.idle_since_ms,
+        }
+    }
+
+    /// Changes the status; coming online starts an idle period.
+    pub fn set_status(&mut self, status: AgentStatus, now_ms: i64) {
+        if status == AgentStatus::Online && self.status != AgentStatus::Online {
+            self.idle_since_ms = now_ms;
+        }
+        self.status = status;
+    }
+
+    /// Push routing offers this agent a chat: a slot is reserved until the offer is accepted or ends.
+    pub fn take_offer(&mut self, conversation: ConversationId, group: &GroupId) -> Result<(), Refusal> {
+        if self.offer == Some(conversation) {
+            return Ok(());
+        }
+        if self.offer.is_some() {
+            return Err(Refusal::OfferOutstanding);
+        }
+        if self.active.contains(&conversation) {
+            return Err(Refusal::SameAgent);
+        }
+        self.reserve(conversation, group)?;
+        self.offer = Some(conversation);
+        Ok(())
+    }
+
+    /// The offer ended without an accept: its slot is free again.
+    pub fn end_offer(&mut self, conversation: &ConversationId) {
+        if self.offer.as_ref() == Some(conversation) {
+            self.offer = None;
+            self.reserved.remove(conversation);
         }
     }
 
@@ -78,20 +148,31 @@ impl AgentState {
     }
 
     /// The conversation accepted this agent: the reservation becomes a held chat.
-    pub fn confirm(&mut self, conversation: ConversationId) {
+    pub fn confirm(&mut self, conversation: ConversationId, now_ms: i64) {
         self.reserved.remove(&conversation);
+        if self.offer == Some(conversation) {
+            self.offer = None;
+        }
         self.active.insert(conversation);
+        self.idle_since_ms = now_ms;
     }
 
-    /// The accept failed: give the slot back.
+    /// The accept failed: give the slot back (an outstanding offer keeps it until the offer ends).
     pub fn release(&mut self, conversation: &ConversationId) {
-        self.reserved.remove(conversation);
+        if self.offer.as_ref() != Some(conversation) {
+            self.reserved.remove(conversation);
+        }
     }
 
     /// The chat ended (or moved away from this agent).
-    pub fn finish(&mut self, conversation: &ConversationId) {
+    pub fn finish(&mut self, conversation: &ConversationId, now_ms: i64) {
         self.reserved.remove(conversation);
-        self.active.remove(conversation);
+        if self.offer.as_ref() == Some(conversation) {
+            self.offer = None;
+        }
+        if self.active.remove(conversation) {
+            self.idle_since_ms = now_ms;
+        }
     }
 }
 
@@ -134,10 +215,10 @@ mod tests {
         agent.reserve(chat(2), &group).unwrap();
         assert_eq!(agent.reserve(chat(3), &group), Err(Refusal::AtCapacity { capacity: 2 }));
         agent.release(&chat(2));
-        agent.confirm(chat(1));
+        agent.confirm(chat(1), 5);
         agent.reserve(chat(3), &group).unwrap();
         assert_eq!(agent.n_held(), 2);
-        agent.finish(&chat(1));
+        agent.finish(&chat(1), 6);
         assert_eq!(agent.n_held(), 1);
     }
 
@@ -147,6 +228,8 @@ mod tests {
         Confirm(u128),
         Release(u128),
         Finish(u128),
+        Offer(u128),
+        EndOffer(u128),
         Status(AgentStatus),
     }
 
@@ -156,7 +239,9 @@ mod tests {
             id.clone().prop_map(Op::Reserve),
             id.clone().prop_map(Op::Confirm),
             id.clone().prop_map(Op::Release),
-            id.prop_map(Op::Finish),
+            id.clone().prop_map(Op::Finish),
+            id.clone().prop_map(Op::Offer),
+            id.prop_map(Op::EndOffer),
             prop::sample::select(vec![AgentStatus::Online, AgentStatus::Away]).prop_map(Op::Status),
         ]
     }
@@ -170,13 +255,18 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Reserve(n) => { let _ = agent.reserve(chat(n), &group); }
-                    Op::Confirm(n) => if agent.reserved.contains(&chat(n)) { agent.confirm(chat(n)) },
+                    Op::Confirm(n) => if agent.reserved.contains(&chat(n)) { agent.confirm(chat(n), 1) },
                     Op::Release(n) => agent.release(&chat(n)),
-                    Op::Finish(n) => agent.finish(&chat(n)),
+                    Op::Finish(n) => agent.finish(&chat(n), 1),
+                    Op::Offer(n) => { let _ = agent.take_offer(chat(n), &group); }
+                    Op::EndOffer(n) => agent.end_offer(&chat(n)),
                     Op::Status(status) => agent.status = status,
                 }
                 prop_assert!(agent.n_held() <= capacity as usize);
                 prop_assert!(agent.active.is_disjoint(&agent.reserved));
+                if let Some(offer) = agent.offer {
+                    prop_assert!(agent.reserved.contains(&offer), "an offer always holds its slot");
+                }
             }
         }
     }

@@ -80,6 +80,72 @@ pub enum EventBody {
     Closed,
     /// The chat was cancelled (abandoned while waiting, or cancelled by the agent).
     Cancelled,
+    /// Push routing offered the waiting chat to one agent, until `expires_at_ms`.
+    Offered {
+        agent: AgentId,
+        expires_at_ms: i64,
+    },
+    /// The outstanding offer to `agent` ended without an accept; the chat is offered to someone else next.
+    OfferEnded {
+        agent: AgentId,
+        reason: OfferEnd,
+    },
+    /// The chat moved to another group's waiting queue (from its owner when it was ongoing). It keeps its
+    /// original arrival time there, so it is placed among that group's chats by when the customer came.
+    Transferred {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_agent: Option<AgentId>,
+        to_group: GroupId,
+    },
+    /// The chat was handed to another agent, who owns it from now on.
+    Forwarded {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_agent: Option<AgentId>,
+        to_agent: AgentId,
+    },
+    /// The owner stopped serving the chat (went offline past the grace period): it waits again in its
+    /// group, at its original arrival time (so ahead of every chat that came after it).
+    Requeued {
+        from_agent: AgentId,
+        reason: RequeueReason,
+    },
+}
+
+/// Why an offer ended without an accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfferEnd {
+    /// The agent declined it.
+    Rejected,
+    /// The agent did not answer before the offer timed out.
+    TimedOut,
+    /// The agent became unavailable (offline, away) while it was outstanding.
+    Withdrawn,
+}
+
+impl OfferEnd {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OfferEnd::Rejected => "rejected",
+            OfferEnd::TimedOut => "timed_out",
+            OfferEnd::Withdrawn => "withdrawn",
+        }
+    }
+}
+
+/// Why a chat went back to its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequeueReason {
+    /// Its agent lost their connection and did not come back within the grace period.
+    AgentOffline,
+}
+
+/// An outstanding offer of a waiting chat to one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub agent: AgentId,
+    pub expires_at_ms: i64,
 }
 
 impl EventBody {
@@ -91,12 +157,17 @@ impl EventBody {
             EventBody::Delivered { .. } => "delivered",
             EventBody::Closed => "closed",
             EventBody::Cancelled => "cancelled",
+            EventBody::Offered { .. } => "offered",
+            EventBody::OfferEnded { .. } => "offer_ended",
+            EventBody::Transferred { .. } => "transferred",
+            EventBody::Forwarded { .. } => "forwarded",
+            EventBody::Requeued { .. } => "requeued",
         }
     }
 
     /// Whether the event changes the conversation's state, owner or times (not only its log).
     pub fn changes_summary(&self) -> bool {
-        matches!(self, EventBody::Accepted { .. } | EventBody::Closed | EventBody::Cancelled)
+        !matches!(self, EventBody::Created { .. } | EventBody::Message { .. } | EventBody::Delivered { .. })
     }
 }
 
@@ -115,8 +186,35 @@ pub struct Event {
 /// What an actor is asked to do to a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// `offered_only`: the group routes by push, so only the agent the chat is offered to may accept it.
     Accept {
         agent: AgentId,
+        offered_only: bool,
+    },
+    /// Offer the waiting chat to an agent (push routing); at most one offer is outstanding per chat.
+    Offer {
+        agent: AgentId,
+        expires_at_ms: i64,
+    },
+    /// End the outstanding offer to `agent` (no-op when it is no longer outstanding).
+    EndOffer {
+        agent: AgentId,
+        reason: OfferEnd,
+    },
+    /// Move the chat to another group's queue. Whether that group is online is checked by the caller.
+    Transfer {
+        by: Author,
+        to_group: GroupId,
+    },
+    /// Give the chat to another agent, whose capacity the caller has reserved.
+    Forward {
+        by: Author,
+        to_agent: AgentId,
+    },
+    /// The owner is gone: the chat waits again.
+    Requeue {
+        agent: AgentId,
+        reason: RequeueReason,
     },
     Send {
         author: Author,
@@ -165,6 +263,10 @@ pub struct Conversation {
     /// The highest seq each side has confirmed as delivered.
     pub customer_delivered_up_to: u64,
     pub agent_delivered_up_to: u64,
+    /// The outstanding offer (push routing), if any.
+    pub offer: Option<Offer>,
+    /// The agents whose offer of this chat ended without an accept since it last entered a queue, in order.
+    pub offered_to: Vec<AgentId>,
 }
 
 impl Conversation {
@@ -185,6 +287,8 @@ impl Conversation {
             last_seq: 0,
             customer_delivered_up_to: 0,
             agent_delivered_up_to: 0,
+            offer: None,
+            offered_to: Vec::new(),
         }
     }
 
@@ -215,11 +319,62 @@ pub fn decide(conversation: &Conversation, command: &Command) -> Result<Option<E
     use ConversationState::*;
     let state = conversation.state;
     match command {
-        Command::Accept { agent } => match state {
+        Command::Accept { agent, offered_only } => match state {
+            Queued if *offered_only && conversation.offer.as_ref().is_none_or(|offer| offer.agent != *agent) => {
+                Err(Refusal::NotOffered)
+            }
             Queued => Ok(Some(EventBody::Accepted { agent: agent.clone() })),
             Active if conversation.is_owner(agent) => Ok(None),
             Active => Err(Refusal::ChatTaken),
             Closed | Cancelled => Err(Refusal::ChatClosed),
+        },
+        Command::Offer { agent, expires_at_ms } => match (state, &conversation.offer) {
+            (Queued, None) => Ok(Some(EventBody::Offered { agent: agent.clone(), expires_at_ms: *expires_at_ms })),
+            (Queued, Some(offer)) if offer.agent == *agent => Ok(None),
+            (Queued, Some(_)) => Err(Refusal::OfferOutstanding),
+            (Active, _) => Err(Refusal::ChatTaken),
+            (Closed | Cancelled, _) => Err(Refusal::ChatClosed),
+        },
+        Command::EndOffer { agent, reason } => match &conversation.offer {
+            Some(offer) if offer.agent == *agent && state == Queued => {
+                Ok(Some(EventBody::OfferEnded { agent: agent.clone(), reason: *reason }))
+            }
+            _ => Ok(None),
+        },
+        Command::Transfer { by, to_group } => {
+            if state.is_finished() {
+                return Err(Refusal::ChatClosed);
+            }
+            if *to_group == conversation.group && state == Queued {
+                return Err(Refusal::SameGroup);
+            }
+            let from_agent = match (by, state) {
+                (Author::Agent(agent), Active) if conversation.is_owner(agent) => Some(agent.clone()),
+                (Author::Agent(_), Active) => return Err(Refusal::NotParticipant),
+                (Author::Customer, _) => return Err(Refusal::NotParticipant),
+                (Author::Agent(_) | Author::System, _) => conversation.owner.clone(),
+            };
+            Ok(Some(EventBody::Transferred { from_agent, to_group: to_group.clone() }))
+        }
+        Command::Forward { by, to_agent } => {
+            if state.is_finished() {
+                return Err(Refusal::ChatClosed);
+            }
+            if conversation.is_owner(to_agent) {
+                return Err(Refusal::SameAgent);
+            }
+            let from_agent = match (by, state) {
+                (Author::Agent(agent), Active) if conversation.is_owner(agent) => Some(agent.clone()),
+                (Author::Agent(_), Active) | (Author::Customer, _) => return Err(Refusal::NotParticipant),
+                (Author::Agent(_) | Author::System, _) => conversation.owner.clone(),
+            };
+            Ok(Some(EventBody::Forwarded { from_agent, to_agent: to_agent.clone() }))
+        }
+        Command::Requeue { agent, reason } => match state {
+            Active if conversation.is_owner(agent) => {
+                Ok(Some(EventBody::Requeued { from_agent: agent.clone(), reason: *reason }))
+            }
+            _ => Ok(None),
         },
         Command::Send { author, body } => {
             if body.trim().is_empty() {
@@ -285,6 +440,41 @@ pub fn apply(conversation: &mut Conversation, event: &Event) {
             conversation.state = ConversationState::Active;
             conversation.owner = Some(agent.clone());
             conversation.accepted_at_ms = Some(event.at_ms);
+            conversation.offer = None;
+            conversation.offered_to.clear();
+        }
+        EventBody::Offered { agent, expires_at_ms } => {
+            conversation.offer = Some(Offer { agent: agent.clone(), expires_at_ms: *expires_at_ms });
+        }
+        EventBody::OfferEnded { agent, .. } => {
+            if conversation.offer.as_ref().is_some_and(|offer| offer.agent == *agent) {
+                conversation.offer = None;
+            }
+            if !conversation.offered_to.contains(agent) {
+                conversation.offered_to.push(agent.clone());
+            }
+        }
+        EventBody::Transferred { to_group, .. } => {
+            conversation.state = ConversationState::Queued;
+            conversation.group = to_group.clone();
+            conversation.owner = None;
+            conversation.accepted_at_ms = None;
+            conversation.offer = None;
+            conversation.offered_to.clear();
+        }
+        EventBody::Forwarded { to_agent, .. } => {
+            conversation.state = ConversationState::Active;
+            conversation.owner = Some(to_agent.clone());
+            conversation.accepted_at_ms = conversation.accepted_at_ms.or(Some(event.at_ms));
+            conversation.offer = None;
+            conversation.offered_to.clear();
+        }
+        EventBody::Requeued { from_agent, .. } => {
+            conversation.state = ConversationState::Queued;
+            conversation.owner = None;
+            conversation.accepted_at_ms = None;
+            conversation.offer = None;
+            conversation.offered_to = vec![from_agent.clone()];
         }
         EventBody::Delivered { up_to_seq } => match &event.author {
             Author::Customer => {
@@ -296,10 +486,12 @@ pub fn apply(conversation: &mut Conversation, event: &Event) {
         EventBody::Closed => {
             conversation.state = ConversationState::Closed;
             conversation.closed_at_ms = Some(event.at_ms);
+            conversation.offer = None;
         }
         EventBody::Cancelled => {
             conversation.state = ConversationState::Cancelled;
             conversation.closed_at_ms = Some(event.at_ms);
+            conversation.offer = None;
         }
     }
 }

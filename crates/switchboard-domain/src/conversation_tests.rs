@@ -49,12 +49,13 @@ fn the_first_accept_wins_and_the_second_is_told_the_chat_was_taken() {
     let mut conversation = opened();
     let a = agent("a");
     let b = agent("b");
-    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone() }).unwrap();
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false })
+        .unwrap();
     assert_eq!(conversation.state, ConversationState::Active);
     assert_eq!(conversation.owner, Some(a.clone()));
-    assert_eq!(decide(&conversation, &Command::Accept { agent: b }), Err(Refusal::ChatTaken));
+    assert_eq!(decide(&conversation, &Command::Accept { agent: b, offered_only: false }), Err(Refusal::ChatTaken));
     // Accepting again is harmless for the owner.
-    assert_eq!(decide(&conversation, &Command::Accept { agent: a }), Ok(None));
+    assert_eq!(decide(&conversation, &Command::Accept { agent: a, offered_only: false }), Ok(None));
 }
 
 #[test]
@@ -70,7 +71,8 @@ fn an_agent_cannot_write_before_accepting() {
 fn only_the_owner_writes_and_nobody_writes_after_the_end() {
     let mut conversation = opened();
     let a = agent("a");
-    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone() }).unwrap();
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false })
+        .unwrap();
     let intruder = Command::Send { author: Author::Agent(agent("b")), body: "hi".into() };
     assert_eq!(decide(&conversation, &intruder), Err(Refusal::NotParticipant));
     run(&mut conversation, Author::Agent(a.clone()), Command::Close { by: Author::Agent(a.clone()) }).unwrap();
@@ -99,7 +101,8 @@ fn empty_messages_are_refused() {
 fn delivery_marks_only_move_forward_and_only_over_existing_events() {
     let mut conversation = opened();
     let a = agent("a");
-    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone() }).unwrap();
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false })
+        .unwrap();
     let mark = |up_to_seq| Command::ConfirmDelivery { by: Author::Agent(a.clone()), up_to_seq };
     assert_eq!(decide(&conversation, &mark(99)), Err(Refusal::BadDeliveryMark { last_seq: 3 }));
     run(&mut conversation, Author::Agent(a.clone()), mark(2)).unwrap();
@@ -131,7 +134,7 @@ fn any_command() -> impl Strategy<Value = Command> {
     let agent_name = prop::sample::select(vec!["a", "b", "c"]).prop_map(agent);
     let author = prop_oneof![Just(Author::Customer), agent_name.clone().prop_map(Author::Agent)];
     prop_oneof![
-        agent_name.prop_map(|agent| Command::Accept { agent }),
+        agent_name.prop_map(|agent| Command::Accept { agent, offered_only: false }),
         author.clone().prop_map(|author| Command::Send { author, body: "x".into() }),
         (author.clone(), 0u64..12).prop_map(|(by, up_to_seq)| Command::ConfirmDelivery { by, up_to_seq }),
         author.clone().prop_map(|by| Command::Close { by }),
@@ -149,9 +152,10 @@ proptest! {
         let mut finished_at_seq = None;
         for command in commands {
             let author = match &command {
-                Command::Accept { agent } => Author::Agent(agent.clone()),
+                Command::Accept { agent, .. } => Author::Agent(agent.clone()),
                 Command::Send { author, .. } => author.clone(),
                 Command::ConfirmDelivery { by, .. } | Command::Close { by } | Command::Cancel { by } => by.clone(),
+                _ => Author::System,
             };
             let before = conversation.last_seq;
             if let Ok(Some(event)) = run(&mut conversation, author, command) {
@@ -180,12 +184,132 @@ proptest! {
         let mut conversation = opened();
         for command in commands {
             let Ok(Some(body)) = decide(&conversation, &command) else { continue };
-            let summary = |c: &Conversation| (c.state, c.owner.clone(), c.accepted_at_ms, c.closed_at_ms);
+            let summary = |c: &Conversation| {
+                (c.state, c.owner.clone(), c.accepted_at_ms, c.closed_at_ms, c.group.clone(), c.offer.clone(), c.offered_to.clone())
+            };
             let before = summary(&conversation);
             let changes = body.changes_summary();
             let event = Event { seq: conversation.last_seq + 1, at_ms: 9_000, author: Author::Customer, client_msg_id: None, body };
             apply(&mut conversation, &event);
             prop_assert_eq!(summary(&conversation) != before, changes, "{:?}", event.body);
+        }
+    }
+}
+
+fn group(name: &str) -> GroupId {
+    GroupId::new(name).unwrap()
+}
+
+#[test]
+fn in_push_mode_only_the_offered_agent_accepts() {
+    let (a, b) = (agent("a"), agent("b"));
+    let mut conversation = opened();
+    let accept = |agent: &AgentId| Command::Accept { agent: agent.clone(), offered_only: true };
+    assert_eq!(decide(&conversation, &accept(&a)), Err(Refusal::NotOffered));
+    run(&mut conversation, Author::System, Command::Offer { agent: a.clone(), expires_at_ms: 5_000 }).unwrap();
+    let second = Command::Offer { agent: b.clone(), expires_at_ms: 5_000 };
+    assert_eq!(decide(&conversation, &second), Err(Refusal::OfferOutstanding), "one offer at a time");
+    assert_eq!(decide(&conversation, &accept(&b)), Err(Refusal::NotOffered));
+    // The offer to a ends: it is remembered, and b may be offered the chat next.
+    let end = Command::EndOffer { agent: a.clone(), reason: OfferEnd::TimedOut };
+    run(&mut conversation, Author::System, end.clone()).unwrap();
+    assert_eq!(decide(&conversation, &end), Ok(None), "ending twice changes nothing");
+    assert_eq!(conversation.offered_to, vec![a.clone()]);
+    assert_eq!(decide(&conversation, &accept(&a)), Err(Refusal::NotOffered), "a's offer is over");
+    run(&mut conversation, Author::System, second).unwrap();
+    run(&mut conversation, Author::Agent(b.clone()), accept(&b)).unwrap();
+    assert_eq!(conversation.owner, Some(b));
+    assert_eq!(conversation.offer, None);
+    assert!(conversation.offered_to.is_empty());
+}
+
+#[test]
+fn a_transfer_queues_the_chat_in_the_other_group_and_frees_the_owner() {
+    let (a, b) = (agent("a"), agent("b"));
+    let mut conversation = opened();
+    let to_same = Command::Transfer { by: Author::Agent(a.clone()), to_group: group("sales") };
+    assert_eq!(decide(&conversation, &to_same), Err(Refusal::SameGroup));
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false })
+        .unwrap();
+    let by_b = Command::Transfer { by: Author::Agent(b.clone()), to_group: group("support") };
+    assert_eq!(decide(&conversation, &by_b), Err(Refusal::NotParticipant), "only the owner transfers an ongoing chat");
+    let by_a = Command::Transfer { by: Author::Agent(a.clone()), to_group: group("support") };
+    let event = run(&mut conversation, Author::Agent(a.clone()), by_a).unwrap().unwrap();
+    assert_eq!(event.body, EventBody::Transferred { from_agent: Some(a), to_group: group("support") });
+    assert_eq!(conversation.state, ConversationState::Queued);
+    assert_eq!(conversation.group, group("support"));
+    assert_eq!(conversation.owner, None);
+    assert_eq!(conversation.queued_at_ms, 1_000, "it keeps its original arrival time");
+}
+
+#[test]
+fn a_forward_hands_the_chat_to_another_agent() {
+    let (a, b) = (agent("a"), agent("b"));
+    let mut conversation = opened();
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false })
+        .unwrap();
+    let to_self = Command::Forward { by: Author::Agent(a.clone()), to_agent: a.clone() };
+    assert_eq!(decide(&conversation, &to_self), Err(Refusal::SameAgent));
+    let forward = Command::Forward { by: Author::Agent(a.clone()), to_agent: b.clone() };
+    run(&mut conversation, Author::Agent(a.clone()), forward).unwrap();
+    assert_eq!(conversation.owner, Some(b.clone()));
+    assert_eq!(conversation.state, ConversationState::Active);
+    let send = Command::Send { author: Author::Agent(a), body: "still here?".into() };
+    assert_eq!(decide(&conversation, &send), Err(Refusal::NotParticipant), "the previous agent is out");
+}
+
+#[test]
+fn a_requeued_chat_waits_again_without_its_absent_agent() {
+    let a = agent("a");
+    let mut conversation = opened();
+    let requeue = Command::Requeue { agent: a.clone(), reason: RequeueReason::AgentOffline };
+    assert_eq!(decide(&conversation, &requeue), Ok(None), "nothing to do for a waiting chat");
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false })
+        .unwrap();
+    run(&mut conversation, Author::System, requeue).unwrap();
+    assert_eq!(conversation.state, ConversationState::Queued);
+    assert_eq!(conversation.owner, None);
+    assert_eq!(conversation.offered_to, vec![a], "the absent agent is not offered it again in this round");
+}
+
+fn any_routing_command() -> impl Strategy<Value = Command> {
+    let agent_name = prop::sample::select(vec!["a", "b", "c"]).prop_map(agent);
+    let reason = prop::sample::select(vec![OfferEnd::Rejected, OfferEnd::TimedOut, OfferEnd::Withdrawn]);
+    prop_oneof![
+        agent_name.clone().prop_map(|agent| Command::Accept { agent, offered_only: true }),
+        agent_name.clone().prop_map(|agent| Command::Offer { agent, expires_at_ms: 9_999 }),
+        (agent_name.clone(), reason).prop_map(|(agent, reason)| Command::EndOffer { agent, reason }),
+        agent_name.clone().prop_map(|agent| Command::Requeue { agent, reason: RequeueReason::AgentOffline }),
+        agent_name.clone().prop_map(|agent| Command::Transfer { by: Author::Agent(agent), to_group: group("support") }),
+        (agent_name.clone(), agent_name)
+            .prop_map(|(by, to_agent)| Command::Forward { by: Author::Agent(by), to_agent }),
+        Just(Command::Close { by: Author::Customer }),
+    ]
+}
+
+proptest! {
+    /// Under push routing, whatever happens: at most one offer is outstanding, only a waiting chat has one,
+    /// an accepted chat's owner is the agent it was offered to, and every event is a summary change.
+    #[test]
+    fn push_routing_keeps_one_offer_and_one_owner(commands in prop::collection::vec(any_routing_command(), 0..40)) {
+        let mut conversation = opened();
+        for command in commands {
+            let offer_before = conversation.offer.clone();
+            let Ok(Some(body)) = decide(&conversation, &command) else { continue };
+            prop_assert!(body.changes_summary());
+            if let EventBody::Accepted { agent } = &body {
+                prop_assert_eq!(offer_before.map(|offer| offer.agent), Some(agent.clone()));
+            }
+            let event = Event { seq: conversation.last_seq + 1, at_ms: 9_000, author: Author::System, client_msg_id: None, body };
+            apply(&mut conversation, &event);
+            if conversation.offer.is_some() {
+                prop_assert_eq!(conversation.state, ConversationState::Queued);
+            }
+            match conversation.state {
+                ConversationState::Active => prop_assert!(conversation.owner.is_some()),
+                ConversationState::Queued => prop_assert!(conversation.owner.is_none()),
+                _ => {}
+            }
         }
     }
 }

@@ -5,10 +5,31 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::{AgentId, GroupId, TenantId};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a group's waiting chats reach its agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// Agents see the waiting queue and accept; the first accept wins.
+    #[default]
+    Pull,
+    /// The chat at the head of the queue is offered to one available agent at a time, longest idle first;
+    /// a reject or `offer_timeout_ms` without an answer passes it to the next.
+    Push { offer_timeout_ms: i64 },
+}
+
+#[derive(Debug, Clone)]
 pub struct GroupEntry {
     pub id: GroupId,
     pub name: String,
+    pub routing: Routing,
+    /// When the group is open; a group without a schedule is always open.
+    pub hours: crate::BusinessHours,
+}
+
+impl GroupEntry {
+    /// A pull-routed group that is always open.
+    pub fn new(id: GroupId, name: impl Into<String>) -> Self {
+        GroupEntry { id, name: name.into(), routing: Routing::Pull, hours: crate::BusinessHours::always_open() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +40,7 @@ pub struct AgentEntry {
     pub capacity: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TenantEntry {
     pub id: TenantId,
     pub name: String,
@@ -101,6 +122,18 @@ impl Directory {
         self.tenants.values()
     }
 
+    pub fn group(&self, tenant: &TenantId, group: &GroupId) -> Option<&GroupEntry> {
+        self.tenants.get(tenant)?.groups.get(group)
+    }
+
+    /// The agents who are members of a group.
+    pub fn members_of<'a>(&'a self, tenant: &TenantId, group: &'a GroupId) -> impl Iterator<Item = &'a AgentEntry> {
+        self.tenants
+            .get(tenant)
+            .into_iter()
+            .flat_map(move |entry| entry.agents.values().filter(move |agent| agent.groups.contains(group)))
+    }
+
     pub fn agent(&self, tenant: &TenantId, agent: &AgentId) -> Option<&AgentEntry> {
         self.tenants.get(tenant)?.agents.get(agent)
     }
@@ -119,7 +152,7 @@ mod tests {
     use super::*;
 
     fn tenant(agent_groups: &[&str], capacity: u32) -> TenantEntry {
-        let group = GroupEntry { id: GroupId::new("g1").unwrap(), name: "G1".into() };
+        let group = GroupEntry::new(GroupId::new("g1").unwrap(), "G1");
         let agent = AgentEntry {
             id: AgentId::new("a").unwrap(),
             name: "A".into(),

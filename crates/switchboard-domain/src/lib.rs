@@ -10,17 +10,20 @@ mod agent;
 mod clock;
 mod conversation;
 mod directory;
+mod hours;
 mod ids;
 mod queue;
 mod refusal;
 mod shard;
 
-pub use agent::{AgentState, AgentStatus};
+pub use agent::{AgentAvailability, AgentState, AgentStatus};
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use conversation::{
-    Author, Command, Conversation, ConversationState, Event, EventBody, NewConversation, apply, decide,
+    Author, Command, Conversation, ConversationState, Event, EventBody, NewConversation, Offer, OfferEnd,
+    RequeueReason, apply, decide,
 };
-pub use directory::{AgentEntry, Directory, DirectoryError, GroupEntry, TenantEntry};
+pub use directory::{AgentEntry, Directory, DirectoryError, GroupEntry, Routing, TenantEntry};
+pub use hours::*;
 pub use ids::{AgentId, ConversationId, GroupId, IdError, TenantId};
 pub use queue::{WaitingEntry, WaitingQueue, merge_waiting};
 pub use refusal::Refusal;

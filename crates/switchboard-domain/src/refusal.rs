@@ -23,6 +23,22 @@ pub enum Refusal {
     EmptyMessage,
     #[error("delivery can only be confirmed for messages that exist (up to seq {last_seq})")]
     BadDeliveryMark { last_seq: u64 },
+    #[error("this group routes chats by offer: only the agent a chat is offered to can accept it")]
+    NotOffered,
+    #[error("this chat is already offered to another agent")]
+    OfferOutstanding,
+    #[error("the chat is already in that group")]
+    SameGroup,
+    #[error("the chat is already that agent's")]
+    SameAgent,
+    #[error("the group is closed (outside its business hours): leave an offline message instead")]
+    GroupClosed,
+    #[error("the group is not online (closed, or no agent signed in)")]
+    GroupOffline,
+    #[error("that agent cannot take the chat now (not online, or at capacity)")]
+    AgentUnavailable,
+    #[error("the maximum number of concurrent chats ({max_sessions}) is reached: leave an offline message instead")]
+    LicenseExhausted { max_sessions: u64 },
 }
 
 impl Refusal {
@@ -38,6 +54,14 @@ impl Refusal {
             Refusal::NotInGroup => "not_in_group",
             Refusal::EmptyMessage => "empty_message",
             Refusal::BadDeliveryMark { .. } => "bad_delivery_mark",
+            Refusal::NotOffered => "not_offered",
+            Refusal::OfferOutstanding => "offer_outstanding",
+            Refusal::SameGroup => "same_group",
+            Refusal::SameAgent => "same_agent",
+            Refusal::GroupClosed => "group_closed",
+            Refusal::GroupOffline => "group_offline",
+            Refusal::AgentUnavailable => "agent_unavailable",
+            Refusal::LicenseExhausted { .. } => "license_exhausted",
         }
     }
 }

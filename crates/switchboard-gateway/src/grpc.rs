@@ -6,6 +6,10 @@
 //! Where the WebSocket closes with a close code, the stream ends with a gRPC status: `RESOURCE_EXHAUSTED` for
 //! a client too slow to read (4008) or a frame over the limit (1009), `INVALID_ARGUMENT` for bytes that are
 //! not a `ClientFrame`, `UNAVAILABLE` when the gateway shuts down (1001).
+//!
+//! The error of one request is an `Error` frame (the stream goes on); besides the stable code it carries the
+//! gRPC status code the error corresponds to ([`grpc_code`]): `RESOURCE_EXHAUSTED` for `license_exhausted`,
+//! so that a client can tell the license limit apart as it would from a unary call.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,14 +17,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
-use switchboard_domain::{AgentStatus, Author, ConversationId, ConversationState, Event, EventBody, WaitingEntry};
+use switchboard_domain::{
+    AgentStatus, Author, ConversationId, ConversationState, Event, EventBody, OfferEnd, RequeueReason, WaitingEntry,
+};
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::router::{AgentView, ChatView, LeftQueue};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Response, Status, Streaming};
 
 use crate::Shared;
-use crate::protocol::{self, Ack, ErrorReply, ListName, PushFrame, Request, SettableStatus};
+use crate::protocol::{self, Ack, ErrorReply, GroupInfo, ListName, PushFrame, Request, SettableStatus};
 use crate::session::{self, Close, Inbound, Outgoing, Transport};
 
 /// Frames written to a stream and not yet taken by HTTP/2 (which has its own flow-control window behind).
@@ -232,6 +238,24 @@ fn decode_request(request: pb::client_frame::Request) -> Result<Request, ErrorRe
         R::ChatClose(r) => Request::ChatClose { conversation: conversation("chat.close", &r.conversation)? },
         R::ChatCancel(r) => Request::ChatCancel { conversation: conversation("chat.cancel", &r.conversation)? },
         R::Ping(pb::PingRequest {}) => Request::Ping {},
+        R::GroupsList(r) => Request::GroupsList { widget_key: r.widget_key },
+        R::OfflineMessage(r) => Request::OfflineMessage {
+            widget_key: r.widget_key,
+            group: r.group,
+            name: r.name,
+            contact: r.contact,
+            body: r.body,
+            reason: r.reason,
+            idempotency_key: r.idempotency_key,
+        },
+        R::OfferReject(r) => Request::OfferReject { conversation: conversation("offer.reject", &r.conversation)? },
+        R::ChatTransfer(r) => {
+            Request::ChatTransfer { conversation: conversation("chat.transfer", &r.conversation)?, group: r.group }
+        }
+        R::ChatForward(r) => {
+            Request::ChatForward { conversation: conversation("chat.forward", &r.conversation)?, agent: r.agent }
+        }
+        R::AgentSignOut(pb::AgentSignOutRequest {}) => Request::AgentSignOut {},
     })
 }
 
@@ -260,10 +284,30 @@ pub(crate) fn encode(outgoing: Outgoing<'_>) -> pb::ServerFrame {
             code: error.code.to_owned(),
             message: error.message.clone(),
             retryable: error.retryable,
+            max_sessions: error.max_sessions,
+            grpc_status: grpc_code(error.code) as i32,
         }),
         Outgoing::Push(outbound) => push(outbound.frame()),
     };
     pb::ServerFrame { frame: Some(frame) }
+}
+
+/// The gRPC status code an error of the protocol corresponds to (carried in the `Error` frame as
+/// `grpc_status`; docs/protocol.md, section 6).
+pub fn grpc_code(code: &str) -> Code {
+    match code {
+        "license_exhausted" => Code::ResourceExhausted,
+        "unavailable" | "not_owner" => Code::Unavailable,
+        "internal" => Code::Internal,
+        "bad_json" | "bad_frame" | "missing_id" | "missing_type" | "bad_request" | "message_too_large"
+        | "empty_message" => Code::InvalidArgument,
+        "unknown_type" => Code::Unimplemented,
+        "unauthorized" => Code::Unauthenticated,
+        "forbidden" => Code::PermissionDenied,
+        "not_found" | "unknown_group" | "unknown_agent" => Code::NotFound,
+        // The refusals (`chat_taken`, `at_capacity`, `group_closed`, ...) and the role errors.
+        _ => Code::FailedPrecondition,
+    }
 }
 
 fn ack_result(ack: &Ack) -> pb::ack::Result {
@@ -298,6 +342,27 @@ fn ack_result(ack: &Ack) -> pb::ack::Result {
         Ack::Typing => R::Typing(pb::TypingResult {}),
         Ack::ChatClose { seq } => R::ChatClose(pb::ChatCloseResult { seq: *seq }),
         Ack::ChatCancel { seq } => R::ChatCancel(pb::ChatCancelResult { seq: *seq }),
+        Ack::GroupsList { groups, stale } => {
+            R::GroupsList(pb::GroupsListResult { groups: groups.iter().map(group_info).collect(), stale: *stale })
+        }
+        Ack::OfflineMessage { ticket } => R::OfflineMessage(pb::OfflineMessageResult {
+            ticket: Some(pb::Ticket { id: ticket.id.clone(), created_at_ms: ticket.created_at_ms }),
+            duplicate: ticket.duplicate,
+        }),
+        Ack::OfferReject => R::OfferReject(pb::OfferRejectResult {}),
+        Ack::ChatTransfer { chat: view } => R::ChatTransfer(pb::ChatTransferResult { chat: Some(chat(view)) }),
+        Ack::ChatForward { chat: view } => R::ChatForward(pb::ChatForwardResult { chat: Some(chat(view)) }),
+        Ack::AgentSignOut { agent: view } => R::AgentSignOut(pb::AgentSignOutResult { agent: Some(agent(view)) }),
+    }
+}
+
+fn group_info(group: &GroupInfo) -> pb::GroupInfo {
+    pb::GroupInfo {
+        id: group.id.to_string(),
+        name: group.name.clone(),
+        online: group.online,
+        open: group.open,
+        signed_in: group.signed_in,
     }
 }
 
@@ -317,21 +382,51 @@ fn push(frame: &PushFrame) -> pb::server_frame::Frame {
         }
         PushFrame::QueueAdded { entry } => Frame::QueueAdded(pb::QueueAdded { entry: Some(waiting_entry(entry)) }),
         PushFrame::QueueRemoved { conversation, reason } => {
-            let (reason, agent) = match reason {
-                LeftQueue::Accepted { agent } => (pb::QueueRemovedReason::Accepted, Some(agent.to_string())),
-                LeftQueue::Cancelled => (pb::QueueRemovedReason::Cancelled, None),
-                LeftQueue::Closed => (pb::QueueRemovedReason::Closed, None),
+            let (reason, agent, group) = match reason {
+                LeftQueue::Accepted { agent } => (pb::QueueRemovedReason::Accepted, Some(agent.to_string()), None),
+                LeftQueue::Cancelled => (pb::QueueRemovedReason::Cancelled, None, None),
+                LeftQueue::Closed => (pb::QueueRemovedReason::Closed, None, None),
+                LeftQueue::Transferred { to_group } => {
+                    (pb::QueueRemovedReason::Transferred, None, Some(to_group.to_string()))
+                }
             };
             Frame::QueueRemoved(pb::QueueRemoved {
                 conversation: conversation.to_string(),
                 reason: reason.into(),
                 agent,
+                group,
             })
         }
-        PushFrame::QueuePosition { conversation, position } => Frame::QueuePosition(pb::QueuePosition {
+        PushFrame::QueuePosition { conversation, position, estimated_wait_s } => {
+            Frame::QueuePosition(pb::QueuePosition {
+                conversation: conversation.to_string(),
+                position: to_u64(*position),
+                estimated_wait_s: *estimated_wait_s,
+            })
+        }
+        PushFrame::Offer { entry, expires_at_ms } => {
+            Frame::Offer(pb::OfferPush { entry: Some(waiting_entry(entry)), expires_at_ms: *expires_at_ms })
+        }
+        PushFrame::OfferEnded { conversation, reason } => Frame::OfferEnded(pb::OfferEndedPush {
             conversation: conversation.to_string(),
-            position: to_u64(*position),
+            reason: offer_end_reason(*reason).into(),
         }),
+        PushFrame::ChatAssigned { chat: view } => Frame::ChatAssigned(pb::ChatAssignedPush { chat: Some(chat(view)) }),
+        PushFrame::AgentStatus { agent: view } => Frame::AgentStatus(pb::AgentStatusPush { agent: Some(agent(view)) }),
+    }
+}
+
+fn offer_end_reason(reason: OfferEnd) -> pb::OfferEndReason {
+    match reason {
+        OfferEnd::Rejected => pb::OfferEndReason::Rejected,
+        OfferEnd::TimedOut => pb::OfferEndReason::TimedOut,
+        OfferEnd::Withdrawn => pb::OfferEndReason::Withdrawn,
+    }
+}
+
+fn requeue_reason(reason: RequeueReason) -> pb::RequeueReason {
+    match reason {
+        RequeueReason::AgentOffline => pb::RequeueReason::AgentOffline,
     }
 }
 
@@ -396,7 +491,10 @@ fn author(author: &Author) -> pb::Author {
 }
 
 fn event(event: &Event) -> pb::Event {
-    use pb::event::{Accepted, Body, Cancelled, Closed, Created, Delivered, Message};
+    use pb::event::{
+        Accepted, Body, Cancelled, Closed, Created, Delivered, Forwarded, Message, OfferEnded, Offered, Requeued,
+        Transferred,
+    };
     let body = match &event.body {
         EventBody::Created { group, customer_name, question } => Body::Created(Created {
             group: group.to_string(),
@@ -408,6 +506,23 @@ fn event(event: &Event) -> pb::Event {
         EventBody::Delivered { up_to_seq } => Body::Delivered(Delivered { up_to_seq: *up_to_seq }),
         EventBody::Closed => Body::Closed(Closed {}),
         EventBody::Cancelled => Body::Cancelled(Cancelled {}),
+        EventBody::Offered { agent, expires_at_ms } => {
+            Body::Offered(Offered { agent: agent.to_string(), expires_at_ms: *expires_at_ms })
+        }
+        EventBody::OfferEnded { agent, reason } => {
+            Body::OfferEnded(OfferEnded { agent: agent.to_string(), reason: offer_end_reason(*reason).into() })
+        }
+        EventBody::Transferred { from_agent, to_group } => Body::Transferred(Transferred {
+            from_agent: from_agent.as_ref().map(ToString::to_string),
+            to_group: to_group.to_string(),
+        }),
+        EventBody::Forwarded { from_agent, to_agent } => Body::Forwarded(Forwarded {
+            from_agent: from_agent.as_ref().map(ToString::to_string),
+            to_agent: to_agent.to_string(),
+        }),
+        EventBody::Requeued { from_agent, reason } => {
+            Body::Requeued(Requeued { from_agent: from_agent.to_string(), reason: requeue_reason(*reason).into() })
+        }
     };
     pb::Event {
         seq: event.seq,
@@ -415,5 +530,214 @@ fn event(event: &Event) -> pb::Event {
         author: Some(author(&event.author)),
         client_msg_id: event.client_msg_id.clone(),
         body: Some(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_domain::{AgentId, GroupId, Refusal, TenantId};
+    use switchboard_proto::router::{RouterError, Ticket};
+
+    use super::*;
+    use crate::hub::Outbound;
+
+    fn chat_id() -> ConversationId {
+        ConversationId::parse("01900000-0000-7000-8000-000000000001").unwrap()
+    }
+
+    fn decoded(request: pb::client_frame::Request) -> Result<Request, ErrorReply> {
+        match decode(pb::ClientFrame { id: "r".into(), request: Some(request) }) {
+            Inbound::Request { request, .. } => Ok(request),
+            Inbound::Refused { error, .. } => Err(error),
+            Inbound::Fatal(close) => panic!("a request is never fatal: {close:?}"),
+        }
+    }
+
+    fn frame_of(outgoing: Outgoing<'_>) -> pb::server_frame::Frame {
+        encode(outgoing).frame.expect("a frame")
+    }
+
+    fn pushed(frame: PushFrame) -> pb::server_frame::Frame {
+        frame_of(Outgoing::Push(&Outbound::new(frame)))
+    }
+
+    #[test]
+    fn the_new_requests_decode_as_their_websocket_twins() {
+        use pb::client_frame::Request as R;
+        let chat = chat_id();
+        assert!(matches!(
+            decoded(R::GroupsList(pb::GroupsListRequest { widget_key: None })),
+            Ok(Request::GroupsList { widget_key: None })
+        ));
+        assert!(matches!(
+            decoded(R::GroupsList(pb::GroupsListRequest { widget_key: Some("w".into()) })),
+            Ok(Request::GroupsList { widget_key: Some(key) }) if key == "w"
+        ));
+        let offline = pb::OfflineMessageRequest {
+            widget_key: "w".into(),
+            group: "sales".into(),
+            name: "Dana".into(),
+            contact: "+1 555".into(),
+            body: "Call me".into(),
+            reason: "license_exhausted".into(),
+            idempotency_key: "k".into(),
+        };
+        let Ok(Request::OfflineMessage { widget_key, group, name, contact, body, reason, idempotency_key }) =
+            decoded(R::OfflineMessage(offline))
+        else {
+            panic!("an offline message");
+        };
+        assert_eq!(
+            [widget_key, group, name, contact, body, reason, idempotency_key],
+            ["w", "sales", "Dana", "+1 555", "Call me", "license_exhausted", "k"]
+        );
+        let reject = R::OfferReject(pb::OfferRejectRequest { conversation: chat.to_string() });
+        assert!(matches!(decoded(reject), Ok(Request::OfferReject { conversation }) if conversation == chat));
+        let transfer = R::ChatTransfer(pb::ChatTransferRequest { conversation: chat.to_string(), group: "g".into() });
+        assert!(matches!(decoded(transfer), Ok(Request::ChatTransfer { group, .. }) if group == "g"));
+        let forward = R::ChatForward(pb::ChatForwardRequest { conversation: chat.to_string(), agent: "bob".into() });
+        assert!(matches!(decoded(forward), Ok(Request::ChatForward { agent, .. }) if agent == "bob"));
+        assert!(matches!(decoded(R::AgentSignOut(pb::AgentSignOutRequest {})), Ok(Request::AgentSignOut {})));
+        for bad in [
+            R::OfferReject(pb::OfferRejectRequest { conversation: "nope".into() }),
+            R::ChatTransfer(pb::ChatTransferRequest { conversation: String::new(), group: "g".into() }),
+            R::ChatForward(pb::ChatForwardRequest { conversation: "x".into(), agent: "bob".into() }),
+        ] {
+            assert_eq!(decoded(bad).unwrap_err().code, "bad_request");
+        }
+    }
+
+    #[test]
+    fn an_error_frame_carries_its_grpc_status_and_the_license_limit() {
+        let reply = ErrorReply::from(RouterError::Refused(Refusal::LicenseExhausted { max_sessions: 250 }));
+        let pb::server_frame::Frame::Error(error) = frame_of(Outgoing::Error { id: Some("r1"), error: &reply }) else {
+            panic!("an error frame");
+        };
+        assert_eq!(error.code, "license_exhausted");
+        assert_eq!(error.max_sessions, Some(250));
+        assert_eq!(error.grpc_status, Code::ResourceExhausted as i32);
+        let cases = [
+            (ErrorReply::from(RouterError::Refused(Refusal::GroupClosed)), Code::FailedPrecondition),
+            (ErrorReply::from(RouterError::Refused(Refusal::ChatTaken)), Code::FailedPrecondition),
+            (ErrorReply::from(RouterError::Unavailable("x".into())), Code::Unavailable),
+            (ErrorReply::from(RouterError::NotOwner), Code::Unavailable),
+            (ErrorReply::from(RouterError::NotFound), Code::NotFound),
+            (ErrorReply::from(RouterError::Internal("x".into())), Code::Internal),
+            (ErrorReply::new("bad_request", "x"), Code::InvalidArgument),
+            (ErrorReply::new("unknown_type", "x"), Code::Unimplemented),
+            (ErrorReply::new("unauthorized", "x"), Code::Unauthenticated),
+            (ErrorReply::new("forbidden", "x"), Code::PermissionDenied),
+            (ErrorReply::new("not_signed_in", "x"), Code::FailedPrecondition),
+        ];
+        for (reply, code) in cases {
+            let pb::server_frame::Frame::Error(error) = frame_of(Outgoing::Error { id: None, error: &reply }) else {
+                panic!("an error frame");
+            };
+            assert_eq!((error.code.as_str(), error.grpc_status, error.max_sessions), (reply.code, code as i32, None));
+        }
+    }
+
+    #[test]
+    fn the_new_acks_and_pushes_encode_with_their_fields() {
+        use pb::ack::Result as R;
+        use pb::server_frame::Frame;
+        let chat = chat_id();
+        let groups = vec![GroupInfo {
+            id: GroupId::new("sales").unwrap(),
+            name: "Sales".into(),
+            online: false,
+            open: true,
+            signed_in: 0,
+        }];
+        let ack = Ack::GroupsList { groups, stale: true };
+        let Frame::Ack(pb::Ack { result: Some(R::GroupsList(result)), .. }) =
+            frame_of(Outgoing::Ack { id: "1", ack: &ack })
+        else {
+            panic!("a groups list");
+        };
+        assert!(result.stale);
+        assert_eq!(
+            result.groups,
+            [pb::GroupInfo { id: "sales".into(), name: "Sales".into(), online: false, open: true, signed_in: 0 }]
+        );
+        let ack = Ack::OfflineMessage { ticket: Ticket { id: "t".into(), created_at_ms: 3, duplicate: true } };
+        let Frame::Ack(pb::Ack { result: Some(R::OfflineMessage(result)), .. }) =
+            frame_of(Outgoing::Ack { id: "2", ack: &ack })
+        else {
+            panic!("an offline message result");
+        };
+        assert_eq!((result.ticket, result.duplicate), (Some(pb::Ticket { id: "t".into(), created_at_ms: 3 }), true));
+
+        let Frame::QueuePosition(position) =
+            pushed(PushFrame::QueuePosition { conversation: chat, position: 2, estimated_wait_s: Some(60) })
+        else {
+            panic!("a queue position");
+        };
+        assert_eq!((position.position, position.estimated_wait_s), (2, Some(60)));
+        let to_group = GroupId::new("support").unwrap();
+        let Frame::QueueRemoved(removed) =
+            pushed(PushFrame::QueueRemoved { conversation: chat, reason: LeftQueue::Transferred { to_group } })
+        else {
+            panic!("a queue removal");
+        };
+        assert_eq!(removed.reason, pb::QueueRemovedReason::Transferred as i32);
+        assert_eq!((removed.agent, removed.group), (None, Some("support".into())));
+        let Frame::OfferEnded(ended) =
+            pushed(PushFrame::OfferEnded { conversation: chat, reason: OfferEnd::Withdrawn })
+        else {
+            panic!("an offer end");
+        };
+        assert_eq!(ended.reason, pb::OfferEndReason::Withdrawn as i32);
+        let entry = WaitingEntry {
+            conversation: chat,
+            group: GroupId::new("sales").unwrap(),
+            queued_at_ms: 1,
+            customer_name: "Dana".into(),
+            question: "?".into(),
+        };
+        let Frame::Offer(offer) = pushed(PushFrame::Offer { entry, expires_at_ms: 77 }) else { panic!("an offer") };
+        assert_eq!((offer.entry.unwrap().conversation, offer.expires_at_ms), (chat.to_string(), 77));
+        let view = AgentView {
+            tenant: TenantId::new("acme").unwrap(),
+            agent: AgentId::new("alice").unwrap(),
+            status: AgentStatus::Offline,
+            capacity: 1,
+            groups: vec![],
+            active: vec![],
+        };
+        let Frame::AgentStatus(status) = pushed(PushFrame::AgentStatus { agent: view }) else { panic!("a status") };
+        assert_eq!(status.agent.unwrap().status, pb::AgentStatus::Offline as i32);
+    }
+
+    #[test]
+    fn the_new_events_map_to_their_bodies() {
+        use pb::event::Body;
+        let agent = |name: &str| AgentId::new(name).unwrap();
+        let body = |body: EventBody| {
+            event(&Event { seq: 1, at_ms: 2, author: Author::System, client_msg_id: None, body }).body.unwrap()
+        };
+        assert_eq!(
+            body(EventBody::Offered { agent: agent("a"), expires_at_ms: 9 }),
+            Body::Offered(pb::event::Offered { agent: "a".into(), expires_at_ms: 9 })
+        );
+        assert_eq!(
+            body(EventBody::OfferEnded { agent: agent("a"), reason: OfferEnd::Rejected }),
+            Body::OfferEnded(pb::event::OfferEnded { agent: "a".into(), reason: pb::OfferEndReason::Rejected.into() })
+        );
+        assert_eq!(
+            body(EventBody::Transferred { from_agent: Some(agent("a")), to_group: GroupId::new("g").unwrap() }),
+            Body::Transferred(pb::event::Transferred { from_agent: Some("a".into()), to_group: "g".into() })
+        );
+        assert_eq!(
+            body(EventBody::Forwarded { from_agent: None, to_agent: agent("b") }),
+            Body::Forwarded(pb::event::Forwarded { from_agent: None, to_agent: "b".into() })
+        );
+        assert_eq!(
+            body(EventBody::Requeued { from_agent: agent("b"), reason: RequeueReason::AgentOffline }),
+            Body::Requeued(pb::event::Requeued {
+                from_agent: "b".into(),
+                reason: pb::RequeueReason::AgentOffline.into()
+            })
+        );
     }
 }

@@ -1,7 +1,12 @@
 //! The gateway's fan-out hub: which of this gateway's sockets watch which conversation and which queue,
-//! and a mirror of every queue watched. Pushes from the router arrive here once per gateway and are
-//! written into each interested socket's bounded outbound queue; a socket whose queue is full is kicked
-//! (it resumes from its last seq) so that no producer ever waits on a slow client.
+//! which are signed in as which agent, and a mirror of every queue watched. Pushes from the router arrive
+//! here once per gateway and are written into each interested socket's bounded outbound queue; a socket
+//! whose queue is full is kicked (it resumes from its last seq) so that no producer ever waits on a slow
+//! client.
+//!
+//! The hub also remembers each agent's outstanding offers (from the `Offered` pushes), so that a rejection
+//! can be sent to the queue of the offer's group, and moves a waiting customer to the queue of the group their
+//! chat was transferred to, so that their position and estimated wait follow the chat.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,12 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 
-use switchboard_domain::{AgentId, Author, ConversationId, GroupId, TenantId, WaitingQueue, merge_waiting};
-use switchboard_proto::router::{Push, QueueChange};
+use switchboard_domain::{AgentId, Author, ConversationId, EventBody, GroupId, TenantId, WaitingQueue, merge_waiting};
+use switchboard_proto::router::{AgentChange, Push, QueueChange};
 use tokio::sync::{Notify, mpsc};
 use tracing::debug;
 
-use crate::protocol::PushFrame;
+use crate::protocol::{PushFrame, estimated_wait_s};
 
 /// A connection of any transport (WebSocket or gRPC stream); "socket" in this module.
 pub type SocketId = u64;
@@ -62,20 +67,29 @@ struct QueueMirror {
     ready: bool,
     version: u64,
     waiting: WaitingQueue,
+    /// How long a customer waits per place, from the last `Estimate`.
+    wait_per_position_ms: Option<u64>,
     watchers: HashSet<SocketId>,
 }
 
 struct SocketEntry {
     link: SocketLink,
     role: Role,
-    last_position: Option<usize>,
+    /// Customers: the position and estimated wait sent last (sent again only when one changes).
+    last_position: Option<(usize, Option<u64>)>,
 }
+
+type AgentKey = (TenantId, AgentId);
 
 #[derive(Default)]
 struct HubState {
     sockets: HashMap<SocketId, SocketEntry>,
     conversation_watchers: HashMap<ConversationId, HashSet<SocketId>>,
     queues: HashMap<(TenantId, GroupId), QueueMirror>,
+    /// The sockets signed in as each agent.
+    agents: HashMap<AgentKey, HashSet<SocketId>>,
+    /// Each agent's outstanding offers: the chat and its group.
+    offers: HashMap<AgentKey, HashMap<ConversationId, GroupId>>,
 }
 
 #[derive(Default)]
@@ -83,12 +97,29 @@ pub struct Hub {
     state: Mutex<HubState>,
 }
 
-/// What a caller must do after a hub change: subscribe the gateway to conversations or queues it was not
-/// watching yet, or drop subscriptions nobody needs any more.
+/// What a caller must do after a hub change: subscribe the gateway to queues or agents it was not watching
+/// yet, or drop subscriptions nobody needs any more.
+///
+/// Agents are hints: whoever applies them checks again, under a lock of that agent, whether a socket of the
+/// agent is signed in (a sign-in and the end of another socket may race).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Needs {
     pub subscribe_queues: Vec<(TenantId, GroupId)>,
     pub unsubscribe_conversations: Vec<ConversationId>,
+    /// Agents with a first socket on this gateway: follow their own pushes.
+    pub subscribe_agents: Vec<(TenantId, AgentId)>,
+    /// Agents whose last socket on this gateway went.
+    pub unsubscribe_agents: Vec<(TenantId, AgentId)>,
+}
+
+impl Needs {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.subscribe_queues.is_empty()
+            && self.unsubscribe_conversations.is_empty()
+            && self.subscribe_agents.is_empty()
+            && self.unsubscribe_agents.is_empty()
+    }
 }
 
 impl Hub {
@@ -105,11 +136,15 @@ impl Hub {
         };
         let mut needs = Needs::default();
         for key in groups {
-            let mirror = state.queues.entry(key.clone()).or_insert_with(|| {
-                needs.subscribe_queues.push(key.clone());
-                QueueMirror::default()
-            });
-            mirror.watchers.insert(socket);
+            state.watch_queue(socket, key, &mut needs);
+        }
+        if let Role::Agent { tenant, agent, .. } = &role {
+            let key = (tenant.clone(), agent.clone());
+            let sockets = state.agents.entry(key.clone()).or_default();
+            if sockets.is_empty() {
+                needs.subscribe_agents.push(key);
+            }
+            sockets.insert(socket);
         }
         state.sockets.insert(socket, SocketEntry { link, role, last_position: None });
         state.send_queue_view(socket);
@@ -119,11 +154,22 @@ impl Hub {
     /// Forgets a socket; returns the conversations no socket of this gateway watches any more.
     pub fn unregister(&self, socket: SocketId) -> Needs {
         let mut state = self.lock();
-        state.sockets.remove(&socket);
+        let mut needs = Needs::default();
+        if let Some(SocketEntry { role: Role::Agent { tenant, agent, .. }, .. }) = state.sockets.remove(&socket) {
+            let key = (tenant, agent);
+            if let Some(sockets) = state.agents.get_mut(&key) {
+                sockets.remove(&socket);
+                if sockets.is_empty() {
+                    state.agents.remove(&key);
+                    // Nobody follows the agent's pushes here any more: its offers are no longer known.
+                    state.offers.remove(&key);
+                    needs.unsubscribe_agents.push(key);
+                }
+            }
+        }
         for mirror in state.queues.values_mut() {
             mirror.watchers.remove(&socket);
         }
-        let mut needs = Needs::default();
         state.conversation_watchers.retain(|conversation, watchers| {
             watchers.remove(&socket);
             if watchers.is_empty() {
@@ -157,10 +203,32 @@ impl Hub {
 
     /// Sockets of this gateway signed in as the given agent.
     pub fn n_agent_sockets(&self, tenant: &TenantId, agent: &AgentId) -> usize {
+        self.lock().agents.get(&(tenant.clone(), agent.clone())).map_or(0, HashSet::len)
+    }
+
+    /// Every socket signed in as an agent, with its agent (for the presence heartbeat).
+    pub fn agent_sockets(&self) -> Vec<(SocketId, TenantId, AgentId)> {
         let state = self.lock();
-        let is_agent =
-            |role: &Role| matches!(role, Role::Agent { tenant: t, agent: a, .. } if t == tenant && a == agent);
-        state.sockets.values().filter(|entry| is_agent(&entry.role)).count()
+        let mut sockets: Vec<(SocketId, TenantId, AgentId)> = state
+            .agents
+            .iter()
+            .flat_map(|((tenant, agent), sockets)| {
+                sockets.iter().map(move |socket| (*socket, tenant.clone(), agent.clone()))
+            })
+            .collect();
+        sockets.sort_by_key(|(socket, _, _)| *socket);
+        sockets
+    }
+
+    /// The group of the chat offered to the agent now, if this gateway saw the offer and it is outstanding.
+    pub fn offer_group(&self, tenant: &TenantId, agent: &AgentId, conversation: ConversationId) -> Option<GroupId> {
+        let state = self.lock();
+        state.offers.get(&(tenant.clone(), agent.clone()))?.get(&conversation).cloned()
+    }
+
+    /// The role of a socket now (a customer's group follows a transfer of their chat).
+    pub fn role(&self, socket: SocketId) -> Option<Role> {
+        self.lock().sockets.get(&socket).map(|entry| entry.role.clone())
     }
 
     /// The merged waiting list of an agent's groups (those already mirrored).
@@ -170,16 +238,25 @@ impl Hub {
         merge_waiting(mirrors.filter(|mirror| mirror.ready).map(|mirror| &mirror.waiting))
     }
 
-    /// Dispatches one push from the router.
-    pub fn dispatch(&self, push: Push) {
+    /// Dispatches one push from the router; returns the queues the gateway must now subscribe to (a waiting
+    /// customer followed their chat to another group).
+    pub fn dispatch(&self, push: Push) -> Needs {
         let mut state = self.lock();
+        let mut needs = Needs::default();
         match push {
             Push::Event { conversation, event } => {
-                let outbound = Outbound::new(PushFrame::Event { conversation, event });
                 let watchers: Vec<SocketId> =
                     state.conversation_watchers.get(&conversation).into_iter().flatten().copied().collect();
+                let transferred_to = match &event.body {
+                    EventBody::Transferred { to_group, .. } => Some(to_group.clone()),
+                    _ => None,
+                };
+                let outbound = Outbound::new(PushFrame::Event { conversation, event });
                 for socket in watchers {
                     state.send(socket, outbound.clone());
+                    if let Some(group) = &transferred_to {
+                        state.follow_transfer(socket, conversation, group, &mut needs);
+                    }
                 }
             }
             Push::Typing { conversation, author, typing } => {
@@ -196,7 +273,9 @@ impl Hub {
                 }
             }
             Push::Queue { tenant, group, version, change } => state.apply_queue_change(tenant, group, version, change),
+            Push::Agent { tenant, agent, change } => state.apply_agent_change((tenant, agent), change),
         }
+        needs
     }
 }
 
@@ -209,6 +288,77 @@ fn is_author(role: &Role, author: &Author) -> bool {
 }
 
 impl HubState {
+    /// Adds the socket to the watchers of a queue's mirror (made, and to subscribe to, when new).
+    fn watch_queue(&mut self, socket: SocketId, key: (TenantId, GroupId), needs: &mut Needs) {
+        let mirror = self.queues.entry(key.clone()).or_insert_with(|| {
+            needs.subscribe_queues.push(key);
+            QueueMirror::default()
+        });
+        mirror.watchers.insert(socket);
+    }
+
+    /// A customer's chat moved to `group`: the customer now waits there.
+    fn follow_transfer(&mut self, socket: SocketId, conversation: ConversationId, group: &GroupId, needs: &mut Needs) {
+        let Some(entry) = self.sockets.get_mut(&socket) else { return };
+        let Role::Customer { conversation: own, tenant, group: current } = &mut entry.role else { return };
+        if *own != conversation || current == group {
+            return;
+        }
+        let old = (tenant.clone(), std::mem::replace(current, group.clone()));
+        let new = (tenant.clone(), group.clone());
+        entry.last_position = None;
+        if let Some(mirror) = self.queues.get_mut(&old) {
+            mirror.watchers.remove(&socket);
+        }
+        self.watch_queue(socket, new, needs);
+        self.send_queue_view(socket);
+    }
+
+    fn apply_agent_change(&mut self, key: AgentKey, change: AgentChange) {
+        let frame = match change {
+            AgentChange::Offered { entry, expires_at_ms } => {
+                self.offers.entry(key.clone()).or_default().insert(entry.conversation, entry.group.clone());
+                PushFrame::Offer { entry, expires_at_ms }
+            }
+            AgentChange::OfferEnded { conversation, reason } => {
+                self.forget_offer(&key, conversation);
+                PushFrame::OfferEnded { conversation, reason }
+            }
+            AgentChange::Assigned { chat } => {
+                self.forget_offer(&key, chat.conversation);
+                PushFrame::ChatAssigned { chat }
+            }
+            AgentChange::Status { agent } => PushFrame::AgentStatus { agent },
+        };
+        let sockets: Vec<SocketId> = self.agents.get(&key).into_iter().flatten().copied().collect();
+        if sockets.is_empty() {
+            // Nobody here follows the agent (a push after the last socket went).
+            self.offers.remove(&key);
+            return;
+        }
+        let outbound = Outbound::new(frame);
+        for socket in sockets {
+            self.send(socket, outbound.clone());
+        }
+    }
+
+    fn forget_offer(&mut self, key: &AgentKey, conversation: ConversationId) {
+        if let Some(offers) = self.offers.get_mut(key) {
+            offers.remove(&conversation);
+            if offers.is_empty() {
+                self.offers.remove(key);
+            }
+        }
+    }
+
+    /// A chat left its queue: it is no longer offered to anyone.
+    fn forget_offers_of(&mut self, conversation: ConversationId) {
+        self.offers.retain(|_, offers| {
+            offers.remove(&conversation);
+            !offers.is_empty()
+        });
+    }
+
     fn send(&mut self, socket: SocketId, outbound: Arc<Outbound>) {
         let Some(entry) = self.sockets.get(&socket) else {
             return;
@@ -225,6 +375,22 @@ impl HubState {
             return;
         };
         let frame: Option<Arc<Outbound>> = match change {
+            // Not a change of the list: only customers' estimated waits change. It is kept even before the
+            // snapshot (the snapshot does not carry it).
+            QueueChange::Estimate { wait_per_position_ms } => {
+                if version < mirror.version || mirror.wait_per_position_ms == wait_per_position_ms {
+                    return;
+                }
+                mirror.version = mirror.version.max(version);
+                mirror.wait_per_position_ms = wait_per_position_ms;
+                let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
+                for socket in watchers {
+                    if matches!(self.sockets.get(&socket).map(|entry| &entry.role), Some(Role::Customer { .. })) {
+                        self.send_queue_view(socket);
+                    }
+                }
+                return;
+            }
             QueueChange::Snapshot { entries } => {
                 mirror.waiting = WaitingQueue::default();
                 for entry in entries {
@@ -244,9 +410,12 @@ impl HubState {
             QueueChange::Removed { conversation, reason } => {
                 mirror.version = version;
                 mirror.waiting.remove(&conversation);
-                Some(Outbound::new(PushFrame::QueueRemoved { conversation, reason }))
+                let frame = Outbound::new(PushFrame::QueueRemoved { conversation, reason });
+                self.forget_offers_of(conversation);
+                Some(frame)
             }
         };
+        let Some(mirror) = self.queues.get(&key) else { return };
         let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
         for socket in watchers {
             match (&frame, self.sockets.get(&socket).map(|entry| &entry.role)) {
@@ -285,17 +454,322 @@ impl HubState {
                 if !mirror.ready {
                     return;
                 }
-                let position = mirror.waiting.position(&conversation);
-                let last_position = entry.last_position;
-                if let Some(position) = position
-                    && last_position != Some(position)
-                {
-                    if let Some(entry) = self.sockets.get_mut(&socket) {
-                        entry.last_position = Some(position);
-                    }
-                    self.send(socket, Outbound::new(PushFrame::QueuePosition { conversation, position }));
+                let now = mirror.waiting.position(&conversation).map(|position| {
+                    let wait = mirror.wait_per_position_ms.map(|per_position| estimated_wait_s(position, per_position));
+                    (position, wait)
+                });
+                if now == entry.last_position {
+                    return;
+                }
+                if let Some(entry) = self.sockets.get_mut(&socket) {
+                    // Not waiting (any more): a chat that waits again later is told its position again.
+                    entry.last_position = now;
+                }
+                if let Some((position, estimated_wait_s)) = now {
+                    let frame = PushFrame::QueuePosition { conversation, position, estimated_wait_s };
+                    self.send(socket, Outbound::new(frame));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_domain::{AgentStatus, ConversationState, Event, OfferEnd, WaitingEntry};
+    use switchboard_proto::router::{AgentView, ChatView, LeftQueue};
+
+    use super::*;
+
+    fn tenant() -> TenantId {
+        TenantId::new("acme").unwrap()
+    }
+
+    fn group(name: &str) -> GroupId {
+        GroupId::new(name).unwrap()
+    }
+
+    fn agent(name: &str) -> AgentId {
+        AgentId::new(name).unwrap()
+    }
+
+    fn chat(n: u128) -> ConversationId {
+        ConversationId::from_uuid(uuid::Uuid::from_u128(n))
+    }
+
+    fn entry(conversation: ConversationId, group_name: &str, queued_at_ms: i64) -> WaitingEntry {
+        WaitingEntry {
+            conversation,
+            group: group(group_name),
+            queued_at_ms,
+            customer_name: "Dana".into(),
+            question: "?".into(),
+        }
+    }
+
+    /// A socket's link and what is written to it.
+    fn socket() -> (SocketLink, mpsc::Receiver<Arc<Outbound>>) {
+        let (outbound, written) = mpsc::channel(64);
+        let link =
+            SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
+        (link, written)
+    }
+
+    fn drain(written: &mut mpsc::Receiver<Arc<Outbound>>) -> Vec<PushFrame> {
+        let mut frames = Vec::new();
+        while let Ok(outbound) = written.try_recv() {
+            frames.push(outbound.frame().clone());
+        }
+        frames
+    }
+
+    fn agent_role(name: &str, groups: &[&str]) -> Role {
+        Role::Agent { tenant: tenant(), agent: agent(name), groups: groups.iter().map(|name| group(name)).collect() }
+    }
+
+    fn customer_role(conversation: ConversationId, group_name: &str) -> Role {
+        Role::Customer { conversation, tenant: tenant(), group: group(group_name) }
+    }
+
+    fn queue(group_name: &str, version: u64, change: QueueChange) -> Push {
+        Push::Queue { tenant: tenant(), group: group(group_name), version, change }
+    }
+
+    fn agent_push(name: &str, change: AgentChange) -> Push {
+        Push::Agent { tenant: tenant(), agent: agent(name), change }
+    }
+
+    fn agent_view(name: &str) -> AgentView {
+        AgentView {
+            tenant: tenant(),
+            agent: agent(name),
+            status: AgentStatus::Away,
+            capacity: 2,
+            groups: vec![group("sales")],
+            active: vec![],
+        }
+    }
+
+    fn chat_view(conversation: ConversationId, owner: &str) -> ChatView {
+        ChatView {
+            conversation,
+            tenant: tenant(),
+            group: group("sales"),
+            state: ConversationState::Active,
+            owner: Some(agent(owner)),
+            customer_name: "Dana".into(),
+            first_question: "?".into(),
+            created_at_ms: 1,
+            accepted_at_ms: Some(2),
+            closed_at_ms: None,
+            last_seq: 3,
+        }
+    }
+
+    fn key(name: &str) -> (TenantId, AgentId) {
+        (tenant(), agent(name))
+    }
+
+    #[test]
+    fn an_agent_is_followed_from_its_first_socket_to_its_last() {
+        let hub = Hub::default();
+        let (link, _written) = socket();
+        let needs = hub.register(1, link.clone(), agent_role("alice", &["sales"]));
+        assert_eq!(needs.subscribe_agents, [key("alice")]);
+        assert_eq!(needs.subscribe_queues, [(tenant(), group("sales"))]);
+        let needs = hub.register(2, link.clone(), agent_role("alice", &["sales"]));
+        assert!(needs.is_empty(), "a second tab needs nothing new: {needs:?}");
+        assert_eq!(hub.n_agent_sockets(&tenant(), &agent("alice")), 2);
+        assert_eq!(hub.agent_sockets(), [(1, tenant(), agent("alice")), (2, tenant(), agent("alice"))]);
+        assert!(hub.unregister(1).unsubscribe_agents.is_empty());
+        assert_eq!(hub.unregister(2).unsubscribe_agents, [key("alice")]);
+        assert!(hub.agent_sockets().is_empty());
+        // A customer is no agent.
+        assert!(hub.register(3, link, customer_role(chat(1), "sales")).subscribe_agents.is_empty());
+    }
+
+    #[test]
+    fn agent_pushes_reach_every_socket_of_that_agent_and_no_other() {
+        let hub = Hub::default();
+        let (alice_1, mut written_1) = socket();
+        let (alice_2, mut written_2) = socket();
+        let (bob, mut written_bob) = socket();
+        let (customer, mut written_customer) = socket();
+        hub.register(1, alice_1, agent_role("alice", &["sales"]));
+        hub.register(2, alice_2, agent_role("alice", &["sales"]));
+        hub.register(3, bob, agent_role("bob", &["sales"]));
+        hub.register(4, customer, customer_role(chat(9), "sales"));
+        hub.dispatch(queue("sales", 1, QueueChange::Snapshot { entries: vec![] }));
+        for written in [&mut written_1, &mut written_2, &mut written_bob, &mut written_customer] {
+            drain(written);
+        }
+
+        let pushes = [
+            AgentChange::Offered { entry: entry(chat(1), "sales", 10), expires_at_ms: 99 },
+            AgentChange::OfferEnded { conversation: chat(1), reason: OfferEnd::TimedOut },
+            AgentChange::Assigned { chat: chat_view(chat(2), "alice") },
+            AgentChange::Status { agent: agent_view("alice") },
+        ];
+        for change in pushes {
+            assert!(hub.dispatch(agent_push("alice", change)).is_empty());
+        }
+        let expected = vec![
+            PushFrame::Offer { entry: entry(chat(1), "sales", 10), expires_at_ms: 99 },
+            PushFrame::OfferEnded { conversation: chat(1), reason: OfferEnd::TimedOut },
+            PushFrame::ChatAssigned { chat: chat_view(chat(2), "alice") },
+            PushFrame::AgentStatus { agent: agent_view("alice") },
+        ];
+        assert_eq!(drain(&mut written_1), expected);
+        assert_eq!(drain(&mut written_2), expected);
+        assert_eq!(drain(&mut written_bob), []);
+        assert_eq!(drain(&mut written_customer), []);
+        // An agent of another tenant with the same id is someone else.
+        let other = Push::Agent {
+            tenant: TenantId::new("globex").unwrap(),
+            agent: agent("alice"),
+            change: AgentChange::Status { agent: agent_view("alice") },
+        };
+        hub.dispatch(other);
+        assert_eq!(drain(&mut written_1), []);
+    }
+
+    #[test]
+    fn offers_are_remembered_until_they_end() {
+        let hub = Hub::default();
+        let (link, _written) = socket();
+        hub.register(1, link.clone(), agent_role("alice", &["sales", "support"]));
+        hub.register(2, link, agent_role("bob", &["sales"]));
+        for name in ["sales", "support"] {
+            hub.dispatch(queue(name, 1, QueueChange::Snapshot { entries: vec![] }));
+        }
+        let offer = |name: &str, conversation, group_name| {
+            agent_push(name, AgentChange::Offered { entry: entry(conversation, group_name, 10), expires_at_ms: 99 })
+        };
+        hub.dispatch(offer("alice", chat(1), "sales"));
+        hub.dispatch(offer("alice", chat(2), "support"));
+        hub.dispatch(offer("bob", chat(3), "sales"));
+        assert_eq!(hub.offer_group(&tenant(), &agent("alice"), chat(1)), Some(group("sales")));
+        assert_eq!(hub.offer_group(&tenant(), &agent("alice"), chat(2)), Some(group("support")));
+        assert_eq!(hub.offer_group(&tenant(), &agent("alice"), chat(3)), None, "offered to bob, not alice");
+
+        // Ended, taken by someone, or assigned: no longer outstanding.
+        hub.dispatch(agent_push(
+            "alice",
+            AgentChange::OfferEnded { conversation: chat(1), reason: OfferEnd::Rejected },
+        ));
+        assert_eq!(hub.offer_group(&tenant(), &agent("alice"), chat(1)), None);
+        let removed =
+            QueueChange::Removed { conversation: chat(3), reason: LeftQueue::Accepted { agent: agent("bob") } };
+        hub.dispatch(queue("sales", 2, removed));
+        assert_eq!(hub.offer_group(&tenant(), &agent("bob"), chat(3)), None);
+        hub.dispatch(agent_push("alice", AgentChange::Assigned { chat: chat_view(chat(2), "alice") }));
+        assert_eq!(hub.offer_group(&tenant(), &agent("alice"), chat(2)), None);
+
+        // The agent's last socket goes: its offers are forgotten with it.
+        hub.dispatch(offer("bob", chat(4), "sales"));
+        hub.unregister(2);
+        assert_eq!(hub.offer_group(&tenant(), &agent("bob"), chat(4)), None);
+    }
+
+    #[test]
+    fn a_customer_is_told_position_and_estimated_wait_and_again_when_either_changes() {
+        let hub = Hub::default();
+        let (link, mut written) = socket();
+        let mine = chat(2);
+        hub.register(1, link, customer_role(mine, "sales"));
+        // An estimate before the snapshot is kept; nothing is told before the snapshot.
+        hub.dispatch(queue("sales", 1, QueueChange::Estimate { wait_per_position_ms: Some(30_000) }));
+        assert_eq!(drain(&mut written), []);
+        let entries = vec![entry(chat(1), "sales", 10), entry(mine, "sales", 20)];
+        hub.dispatch(queue("sales", 2, QueueChange::Snapshot { entries }));
+        let position =
+            |position, estimated_wait_s| PushFrame::QueuePosition { conversation: mine, position, estimated_wait_s };
+        assert_eq!(drain(&mut written), [position(2, Some(60))]);
+
+        // A new estimate: told again; the same estimate again: nothing.
+        hub.dispatch(queue("sales", 3, QueueChange::Estimate { wait_per_position_ms: Some(45_500) }));
+        assert_eq!(drain(&mut written), [position(2, Some(91))]);
+        hub.dispatch(queue("sales", 4, QueueChange::Estimate { wait_per_position_ms: Some(45_500) }));
+        assert_eq!(drain(&mut written), []);
+        // The chat ahead leaves: a new position with its wait.
+        hub.dispatch(queue("sales", 5, QueueChange::Removed { conversation: chat(1), reason: LeftQueue::Cancelled }));
+        assert_eq!(drain(&mut written), [position(1, Some(46))]);
+        // No estimate any more: the position alone.
+        hub.dispatch(queue("sales", 6, QueueChange::Estimate { wait_per_position_ms: None }));
+        assert_eq!(drain(&mut written), [position(1, None)]);
+        // A stale estimate (an older version) is ignored.
+        hub.dispatch(queue("sales", 5, QueueChange::Estimate { wait_per_position_ms: Some(1_000) }));
+        assert_eq!(drain(&mut written), []);
+
+        // Accepted, then back in the queue (requeued): the position is told again even if it is the same.
+        let accepted =
+            QueueChange::Removed { conversation: mine, reason: LeftQueue::Accepted { agent: agent("alice") } };
+        hub.dispatch(queue("sales", 7, accepted));
+        assert_eq!(drain(&mut written), []);
+        hub.dispatch(queue("sales", 8, QueueChange::Added { entry: entry(mine, "sales", 20) }));
+        assert_eq!(drain(&mut written), [position(1, None)]);
+    }
+
+    #[test]
+    fn a_waiting_customer_follows_their_chat_to_the_group_it_is_transferred_to() {
+        let hub = Hub::default();
+        let (link, mut written) = socket();
+        let mine = chat(5);
+        hub.register(1, link, customer_role(mine, "sales"));
+        assert!(hub.watch(1, mine));
+        hub.dispatch(queue("sales", 1, QueueChange::Snapshot { entries: vec![entry(mine, "sales", 50)] }));
+        drain(&mut written);
+
+        let transferred = Event {
+            seq: 4,
+            at_ms: 60,
+            author: Author::Agent(agent("alice")),
+            client_msg_id: None,
+            body: EventBody::Transferred { from_agent: None, to_group: group("support") },
+        };
+        let needs = hub.dispatch(Push::Event { conversation: mine, event: Arc::new(transferred.clone()) });
+        assert_eq!(needs.subscribe_queues, [(tenant(), group("support"))], "the new group's queue is followed");
+        assert_eq!(hub.role(1), Some(customer_role(mine, "support")));
+        let frames = drain(&mut written);
+        assert!(matches!(&frames[..], [PushFrame::Event { event, .. }] if **event == transferred), "{frames:?}");
+
+        // The old queue says nothing to them any more; the new one tells their place there.
+        let left =
+            QueueChange::Removed { conversation: mine, reason: LeftQueue::Transferred { to_group: group("support") } };
+        hub.dispatch(queue("sales", 2, left));
+        assert_eq!(drain(&mut written), []);
+        hub.dispatch(queue("support", 1, QueueChange::Estimate { wait_per_position_ms: Some(10_000) }));
+        let entries = vec![entry(chat(1), "support", 10), entry(mine, "support", 50)];
+        hub.dispatch(queue("support", 2, QueueChange::Snapshot { entries }));
+        assert_eq!(
+            drain(&mut written),
+            [PushFrame::QueuePosition { conversation: mine, position: 2, estimated_wait_s: Some(20) }]
+        );
+        // A second transfer to a group already followed needs nothing new.
+        let back = Event {
+            seq: 5,
+            body: EventBody::Transferred { from_agent: None, to_group: group("sales") },
+            ..transferred
+        };
+        assert!(hub.dispatch(Push::Event { conversation: mine, event: Arc::new(back) }).is_empty());
+        assert_eq!(hub.role(1), Some(customer_role(mine, "sales")));
+    }
+
+    #[test]
+    fn agents_watching_a_transferred_chat_keep_their_role() {
+        let hub = Hub::default();
+        let (link, _written) = socket();
+        let role = agent_role("alice", &["sales"]);
+        hub.register(1, link, role.clone());
+        hub.watch(1, chat(1));
+        let event = Event {
+            seq: 9,
+            at_ms: 1,
+            author: Author::Agent(agent("alice")),
+            client_msg_id: None,
+            body: EventBody::Transferred { from_agent: Some(agent("alice")), to_group: group("support") },
+        };
+        assert!(hub.dispatch(Push::Event { conversation: chat(1), event: Arc::new(event) }).is_empty());
+        assert_eq!(hub.role(1), Some(role));
     }
 }

@@ -7,6 +7,13 @@
 //!
 //! One session implementation (`session.rs`) serves both transports; `ws.rs` and `grpc.rs` only translate
 //! frames. The gateway holds no chat state beyond its connections and never meets the database.
+//!
+//! **Presence.** The gateway records every signed-in agent connection in [`Presence`] (`session_alive` when
+//! the agent signs in and then every `presence_heartbeat`, good for `presence_ttl`; `session_gone` when the
+//! connection ends). It never sets an agent offline when a connection closes: the agent's owner (a router)
+//! does, after a grace period without any live connection. A presence outage never fails a request; the
+//! heartbeat writes every connection again at each tick, so presence is whole again one heartbeat after it
+//! is back.
 
 mod grpc;
 pub mod hub;
@@ -14,21 +21,27 @@ pub mod protocol;
 mod session;
 mod ws;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use switchboard_domain::{Clock, Directory};
+use futures_util::StreamExt;
+use switchboard_domain::{AgentId, Clock, Directory, TenantId};
+use switchboard_presence::{GroupStatus, Presence};
 use switchboard_proto::public::v1::chat_service_server::ChatServiceServer;
 use switchboard_proto::router::{GatewayId, RouterApi};
 use tokio::sync::{mpsc, watch};
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, warn};
 
 pub use crate::grpc::{ChatGrpc, SessionStream};
-use crate::hub::Hub;
+use crate::hub::{Hub, Needs, SocketId};
 pub use crate::ws::{CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER};
 
 /// The full name of the public gRPC service.
@@ -42,11 +55,25 @@ pub struct GatewaySettings {
     pub max_message_bytes: usize,
     /// How many frames may wait for a slow socket before it is disconnected (close code 4008).
     pub outbound_queue_len: usize,
+    /// How often every signed-in agent connection is written to presence again (default 1 s).
+    pub presence_heartbeat: Duration,
+    /// How long a connection counts in presence after it was written; `None` (the default): 3 ×
+    /// `presence_heartbeat`. A gateway that dies stops counting for its agents after this.
+    pub presence_ttl: Option<Duration>,
 }
+
+/// The default presence heartbeat.
+pub const DEFAULT_PRESENCE_HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        GatewaySettings { gateway_id: "gateway".into(), max_message_bytes: 4096, outbound_queue_len: 1024 }
+        GatewaySettings {
+            gateway_id: "gateway".into(),
+            max_message_bytes: 4096,
+            outbound_queue_len: 1024,
+            presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
+            presence_ttl: None,
+        }
     }
 }
 
@@ -57,7 +84,18 @@ impl GatewaySettings {
     pub fn max_frame_bytes(&self) -> usize {
         self.max_message_bytes.saturating_mul(4).max(64 * 1024)
     }
+
+    /// How long a connection written to presence counts: `presence_ttl`, or 3 heartbeats.
+    pub fn presence_ttl(&self) -> Duration {
+        self.presence_ttl.unwrap_or(self.presence_heartbeat.saturating_mul(3))
+    }
 }
+
+/// Whether the gateway is subscribed to one agent's pushes, behind the lock that orders its changes.
+type AgentSubscription = Arc<tokio::sync::Mutex<bool>>;
+
+/// How many presence writes of one heartbeat are in flight at once.
+const HEARTBEAT_CONCURRENCY: usize = 32;
 
 pub(crate) struct Shared {
     pub(crate) settings: GatewaySettings,
@@ -65,10 +103,108 @@ pub(crate) struct Shared {
     pub(crate) router: Arc<dyn RouterApi>,
     pub(crate) directory: Arc<Directory>,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) presence: Arc<dyn Presence>,
     pub(crate) hub: Hub,
     pub(crate) next_socket_id: AtomicU64,
+    /// Makes presence session ids unique across restarts of a gateway with the same id.
+    boot_id: String,
+    /// Per agent: whether the gateway is subscribed to the agent's pushes; its lock orders the subscription
+    /// changes of one agent.
+    agent_subscriptions: Mutex<HashMap<(TenantId, AgentId), AgentSubscription>>,
+    /// The group statuses read last, per tenant: `groups.list` answers them (marked stale) while presence
+    /// cannot be read.
+    pub(crate) group_statuses: Mutex<HashMap<TenantId, Vec<GroupStatus>>>,
     /// True once the gateway drains: every connection is closed (and new ones at once).
     pub(crate) draining: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The presence session id of a connection.
+    pub(crate) fn session_id(&self, socket: SocketId) -> String {
+        format!("{}/{}/{socket}", self.gateway_id.0, self.boot_id)
+    }
+
+    /// When a presence entry written now expires.
+    pub(crate) fn presence_expiry_ms(&self) -> i64 {
+        let ttl = i64::try_from(self.settings.presence_ttl().as_millis()).unwrap_or(i64::MAX);
+        self.clock.now_ms().saturating_add(ttl)
+    }
+
+    /// Records a connection of an agent in presence; a failure is logged (the heartbeat writes it again).
+    pub(crate) async fn session_alive(&self, socket: SocketId, tenant: &TenantId, agent: &AgentId) -> bool {
+        let session = self.session_id(socket);
+        let expires_at_ms = self.presence_expiry_ms();
+        match self.presence.session_alive(tenant, agent, &session, &self.gateway_id.0, expires_at_ms).await {
+            Ok(()) => true,
+            Err(error) => {
+                debug!(%error, %agent, "presence not written");
+                false
+            }
+        }
+    }
+
+    /// Removes a connection of an agent from presence; a failure is logged (the entry expires by itself).
+    pub(crate) async fn session_gone(&self, socket: SocketId, tenant: &TenantId, agent: &AgentId) {
+        let session = self.session_id(socket);
+        if let Err(error) = self.presence.session_gone(tenant, agent, &session).await {
+            warn!(%error, %agent, "presence not told that a connection ended; it expires by itself");
+        }
+    }
+
+    /// Carries out what a hub change asks: subscriptions to queues and agents, and unsubscriptions.
+    pub(crate) async fn apply_needs(&self, needs: Needs) {
+        for (tenant, group) in needs.subscribe_queues {
+            if let Err(error) = self.router.subscribe_queue(&self.gateway_id, &tenant, &group).await {
+                debug!(%error, %group, "queue subscription failed");
+            }
+        }
+        for conversation in needs.unsubscribe_conversations {
+            self.router.unsubscribe(&self.gateway_id, conversation).await;
+        }
+        for (tenant, agent) in needs.subscribe_agents.into_iter().chain(needs.unsubscribe_agents) {
+            if let Err(error) = self.sync_agent_subscription(&tenant, &agent).await {
+                debug!(%error, %agent, "agent subscription failed");
+            }
+        }
+    }
+
+    /// Makes the gateway subscribed to the agent's own pushes exactly while a socket of the agent is signed in
+    /// here. Changes of one agent are ordered by a lock, and each looks at the hub under it, so that a sign-in
+    /// racing with the end of the agent's last other socket never ends up unsubscribed.
+    pub(crate) async fn sync_agent_subscription(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<(), switchboard_proto::router::RouterError> {
+        let key = (tenant.clone(), agent.clone());
+        let entry = {
+            let mut subscriptions = self.agent_subscriptions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            subscriptions.entry(key.clone()).or_default().clone()
+        };
+        let mut subscribed = entry.lock().await;
+        let wanted = self.hub.n_agent_sockets(tenant, agent) > 0;
+        let result = if wanted && !*subscribed {
+            let result = self.router.subscribe_agent(&self.gateway_id, tenant, agent).await;
+            *subscribed = result.is_ok();
+            result
+        } else if !wanted && *subscribed {
+            self.router.unsubscribe_agent(&self.gateway_id, tenant, agent).await;
+            *subscribed = false;
+            Ok(())
+        } else {
+            Ok(())
+        };
+        let idle = !*subscribed;
+        drop(subscribed);
+        if idle {
+            // Forgotten when nobody else is about to use it (the map and this function hold the only two).
+            let mut subscriptions = self.agent_subscriptions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if subscriptions.get(&key).is_some_and(|held| Arc::ptr_eq(held, &entry) && Arc::strong_count(&entry) == 2) {
+                subscriptions.remove(&key);
+            }
+        }
+        result
+    }
 }
 
 #[derive(Clone)]
@@ -83,11 +219,13 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    /// Connects to the router and starts dispatching its pushes to this gateway's sockets.
+    /// Connects to the router, starts dispatching its pushes to this gateway's sockets, and starts the
+    /// presence heartbeat of its signed-in agents. Call it inside a tokio runtime.
     pub fn start(
         settings: GatewaySettings,
         router: Arc<dyn RouterApi>,
         directory: Arc<Directory>,
+        presence: Arc<dyn Presence>,
         clock: Arc<dyn Clock>,
     ) -> Gateway {
         let gateway_id = GatewayId(settings.gateway_id.clone());
@@ -97,8 +235,12 @@ impl Gateway {
             router,
             directory,
             clock,
+            presence,
             hub: Hub::default(),
             next_socket_id: AtomicU64::new(1),
+            boot_id: uuid::Uuid::new_v4().simple().to_string(),
+            agent_subscriptions: Mutex::default(),
+            group_statuses: Mutex::default(),
             draining: watch::channel(false).0,
         });
         let (push_sender, mut pushes) = mpsc::unbounded_channel();
@@ -109,9 +251,14 @@ impl Gateway {
                 let Some(shared) = dispatcher.upgrade() else {
                     break;
                 };
-                shared.hub.dispatch(push);
+                let needs = shared.hub.dispatch(push);
+                if !needs.is_empty() {
+                    // Never waits on the router here: pushes keep flowing meanwhile.
+                    tokio::spawn(async move { shared.apply_needs(needs).await });
+                }
             }
         });
+        tokio::spawn(heartbeat(Arc::downgrade(&shared)));
         Gateway { shared }
     }
 
@@ -167,6 +314,48 @@ impl Gateway {
     }
 }
 
+/// Writes every signed-in agent connection to presence again, every `presence_heartbeat`, until the gateway
+/// is dropped. A failure is logged once until presence works again.
+async fn heartbeat(weak: std::sync::Weak<Shared>) {
+    let Some(every) = weak.upgrade().map(|shared| shared.settings.presence_heartbeat.max(Duration::from_millis(1)))
+    else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        ticks.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        let sockets = shared.hub.agent_sockets();
+        let shared_ref = &shared;
+        let n_failed = futures_util::stream::iter(sockets)
+            .map(|(socket, tenant, agent)| async move {
+                let written = shared_ref.session_alive(socket, &tenant, &agent).await;
+                // The connection ended while it was written: it must not stay alive until it expires.
+                if shared_ref.hub.role(socket).is_none() {
+                    shared_ref.session_gone(socket, &tenant, &agent).await;
+                }
+                written
+            })
+            .buffer_unordered(HEARTBEAT_CONCURRENCY)
+            .filter(|written| std::future::ready(!written))
+            .count()
+            .await;
+        match (n_failed, failing) {
+            (0, true) => {
+                info!("presence written again");
+                failing = false;
+            }
+            (1.., false) => {
+                warn!(n_failed, "presence cannot be written; agents' connections are written again every heartbeat");
+                failing = true;
+            }
+            _ => {}
+        }
+    }
+}
+
 async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> impl IntoResponse {
     let max_frame = shared.settings.max_frame_bytes();
     let max_message_bytes = shared.settings.max_message_bytes;
@@ -183,4 +372,22 @@ async fn not_found(request: axum::extract::Request) -> Response {
         return status.into_http();
     }
     StatusCode::NOT_FOUND.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_presence_ttl_follows_the_heartbeat_unless_set() {
+        let settings = GatewaySettings::default();
+        assert_eq!(
+            (settings.presence_heartbeat, settings.presence_ttl()),
+            (Duration::from_secs(1), Duration::from_secs(3))
+        );
+        let slow = GatewaySettings { presence_heartbeat: Duration::from_secs(5), ..GatewaySettings::default() };
+        assert_eq!(slow.presence_ttl(), Duration::from_secs(15));
+        let set = GatewaySettings { presence_ttl: Some(Duration::from_millis(700)), ..slow };
+        assert_eq!(set.presence_ttl(), Duration::from_millis(700));
+    }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_domain::{AgentStatus, Author, ConversationId, Event, WaitingEntry};
-use switchboard_proto::router::{AgentView, ChatView, LeftQueue, RouterError};
+use switchboard_domain::{AgentStatus, Author, ConversationId, Event, GroupId, OfferEnd, Refusal, WaitingEntry};
+use switchboard_proto::router::{AgentView, ChatView, LeftQueue, RouterError, Ticket};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -34,6 +34,12 @@ pub const REQUEST_TYPES: &[&str] = &[
     "chat.close",
     "chat.cancel",
     "ping",
+    "groups.list",
+    "offline.message",
+    "offer.reject",
+    "chat.transfer",
+    "chat.forward",
+    "agent.sign_out",
 ];
 
 /// A frame from a client, after its `id` was taken out.
@@ -83,6 +89,35 @@ pub enum Request {
     ChatCancel { conversation: ConversationId },
     #[serde(rename = "ping")]
     Ping {},
+    /// The groups of the tenant of `widget_key` (or of the connection when absent) and their status.
+    #[serde(rename = "groups.list")]
+    GroupsList {
+        #[serde(default)]
+        widget_key: Option<String>,
+    },
+    /// A customer who cannot chat leaves a message, stored as a ticket.
+    #[serde(rename = "offline.message")]
+    OfflineMessage {
+        widget_key: String,
+        group: String,
+        name: String,
+        contact: String,
+        body: String,
+        reason: String,
+        idempotency_key: String,
+    },
+    /// The agent declines the chat offered to them.
+    #[serde(rename = "offer.reject")]
+    OfferReject { conversation: ConversationId },
+    /// Moves a chat to another group's queue.
+    #[serde(rename = "chat.transfer")]
+    ChatTransfer { conversation: ConversationId, group: String },
+    /// Hands a chat to another agent.
+    #[serde(rename = "chat.forward")]
+    ChatForward { conversation: ConversationId, agent: String },
+    /// The agent goes offline at once; the connection has no role any more.
+    #[serde(rename = "agent.sign_out")]
+    AgentSignOut {},
 }
 
 /// The statuses an agent may choose; offline is what signing out (or losing the connection) makes.
@@ -115,13 +150,18 @@ pub struct ErrorReply {
     pub code: &'static str,
     pub message: String,
     pub retryable: bool,
+    /// `license_exhausted` only: the cluster-wide limit of concurrent chats (an extra field of the frame).
+    pub max_sessions: Option<u64>,
 }
 
 impl ErrorReply {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        ErrorReply { code, message: message.into(), retryable: false }
+        ErrorReply { code, message: message.into(), retryable: false, max_sessions: None }
     }
 }
+
+/// The codes an offline message may give as its `reason`: the refusals after which a chat cannot start.
+pub const OFFLINE_REASONS: &[&str] = &["group_closed", "group_offline", "license_exhausted"];
 
 impl From<RouterError> for ErrorReply {
     fn from(error: RouterError) -> Self {
@@ -148,8 +188,25 @@ impl From<RouterError> for ErrorReply {
             RouterError::Internal(_) => "internal error: the request was not carried out".to_owned(),
             other => other.to_string(),
         };
-        ErrorReply { code, message, retryable }
+        let max_sessions = match &error {
+            RouterError::Refused(Refusal::LicenseExhausted { max_sessions }) => Some(*max_sessions),
+            _ => None,
+        };
+        ErrorReply { code, message, retryable, max_sessions }
     }
+}
+
+/// A support group and its status, as `groups.list` answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub id: GroupId,
+    pub name: String,
+    /// Open and at least one agent signed in: the group takes chats.
+    pub online: bool,
+    /// Within its business hours.
+    pub open: bool,
+    /// How many of its agents are signed in.
+    pub signed_in: u32,
 }
 
 /// The result of a request that succeeded: what its ack carries besides its `id`.
@@ -204,23 +261,53 @@ pub enum Ack {
     ChatCancel {
         seq: Option<u64>,
     },
+    /// `stale`: presence could not be read; these are the statuses this gateway read last.
+    GroupsList {
+        groups: Vec<GroupInfo>,
+        stale: bool,
+    },
+    OfflineMessage {
+        ticket: Ticket,
+    },
+    OfferReject,
+    ChatTransfer {
+        chat: ChatView,
+    },
+    ChatForward {
+        chat: ChatView,
+    },
+    AgentSignOut {
+        agent: AgentView,
+    },
 }
 
 impl Ack {
     /// The ack's fields besides `type` and `id`, as a JSON object.
     pub fn to_json(&self) -> Value {
         match self {
-            Ack::Ping | Ack::Typing => json!({}),
+            Ack::Ping | Ack::Typing | Ack::OfferReject => json!({}),
             Ack::ChatStart { conversation, customer_token, chat, subscribed } => json!({
                 "conversation": conversation,
                 "customer_token": customer_token,
                 "chat": chat_json(chat),
                 "subscribed": subscribed,
             }),
-            Ack::CustomerResume { chat } | Ack::ChatAccept { chat } | Ack::ChatSubscribe { chat } => {
-                json!({ "chat": chat_json(chat) })
+            Ack::CustomerResume { chat }
+            | Ack::ChatAccept { chat }
+            | Ack::ChatSubscribe { chat }
+            | Ack::ChatTransfer { chat }
+            | Ack::ChatForward { chat } => json!({ "chat": chat_json(chat) }),
+            Ack::AgentSignIn { agent } | Ack::AgentSetStatus { agent } | Ack::AgentSignOut { agent } => {
+                json!({ "agent": agent_json(agent) })
             }
-            Ack::AgentSignIn { agent } | Ack::AgentSetStatus { agent } => json!({ "agent": agent_json(agent) }),
+            Ack::GroupsList { groups, stale } => {
+                let groups: Vec<Value> = groups.iter().map(group_json).collect();
+                json!({ "groups": groups, "stale": stale })
+            }
+            Ack::OfflineMessage { ticket } => json!({
+                "ticket": { "id": ticket.id, "created_at_ms": ticket.created_at_ms },
+                "duplicate": ticket.duplicate,
+            }),
             Ack::QueueList { entries } => json!({ "entries": entries }),
             Ack::ChatTranscript { chat, events } => json!({ "chat": chat_json(chat), "events": events }),
             Ack::ChatList { chats } => {
@@ -258,10 +345,30 @@ pub enum PushFrame {
         conversation: ConversationId,
         reason: LeftQueue,
     },
-    /// Customers: the 1-based place of their chat in its queue.
+    /// Customers: the 1-based place of their chat in its queue, and the estimated wait in seconds when the
+    /// group has an estimate.
     QueuePosition {
         conversation: ConversationId,
         position: usize,
+        estimated_wait_s: Option<u64>,
+    },
+    /// Agents: a waiting chat is offered to this agent until `expires_at_ms`.
+    Offer {
+        entry: WaitingEntry,
+        expires_at_ms: i64,
+    },
+    /// Agents: the offer ended without an accept.
+    OfferEnded {
+        conversation: ConversationId,
+        reason: OfferEnd,
+    },
+    /// Agents: a chat became this agent's without an accept (forwarded to them).
+    ChatAssigned {
+        chat: ChatView,
+    },
+    /// Agents: this agent's status or chats changed.
+    AgentStatus {
+        agent: AgentView,
     },
 }
 
@@ -274,7 +381,19 @@ impl PushFrame {
             PushFrame::QueueSnapshot { entries } => queue_snapshot(entries),
             PushFrame::QueueAdded { entry } => queue_added(entry),
             PushFrame::QueueRemoved { conversation, reason } => queue_removed(*conversation, reason),
-            PushFrame::QueuePosition { conversation, position } => queue_position(*conversation, *position),
+            PushFrame::QueuePosition { conversation, position, estimated_wait_s } => {
+                queue_position(*conversation, *position, *estimated_wait_s)
+            }
+            PushFrame::Offer { entry, expires_at_ms } => {
+                json!({ "type": "offer", "entry": entry, "expires_at_ms": expires_at_ms }).to_string()
+            }
+            PushFrame::OfferEnded { conversation, reason } => {
+                json!({ "type": "offer.ended", "conversation": conversation, "reason": reason }).to_string()
+            }
+            PushFrame::ChatAssigned { chat } => json!({ "type": "chat.assigned", "chat": chat_json(chat) }).to_string(),
+            PushFrame::AgentStatus { agent } => {
+                json!({ "type": "agent.status", "agent": agent_json(agent) }).to_string()
+            }
         }
     }
 }
@@ -288,14 +407,17 @@ pub fn ack(id: &str, body: Value) -> String {
 }
 
 pub fn error(id: Option<&str>, reply: &ErrorReply) -> String {
-    json!({
+    let mut frame = json!({
         "type": "error",
         "id": id,
         "code": reply.code,
         "message": reply.message,
         "retryable": reply.retryable,
-    })
-    .to_string()
+    });
+    if let (Some(max_sessions), Some(frame)) = (reply.max_sessions, frame.as_object_mut()) {
+        frame.insert("max_sessions".into(), max_sessions.into());
+    }
+    frame.to_string()
 }
 
 pub fn welcome(max_message_bytes: usize) -> String {
@@ -318,17 +440,47 @@ pub fn queue_added(entry: &WaitingEntry) -> String {
     json!({ "type": "queue.added", "entry": entry }).to_string()
 }
 
+/// A `queue.removed` frame; `group` is there only for a transfer.
 pub fn queue_removed(conversation: ConversationId, reason: &LeftQueue) -> String {
-    let (reason, agent) = match reason {
-        LeftQueue::Accepted { agent } => ("accepted", Some(agent)),
-        LeftQueue::Cancelled => ("cancelled", None),
-        LeftQueue::Closed => ("closed", None),
+    let (reason, agent, group) = match reason {
+        LeftQueue::Accepted { agent } => ("accepted", Some(agent), None),
+        LeftQueue::Cancelled => ("cancelled", None, None),
+        LeftQueue::Closed => ("closed", None, None),
+        LeftQueue::Transferred { to_group } => ("transferred", None, Some(to_group)),
     };
-    json!({ "type": "queue.removed", "conversation": conversation, "reason": reason, "agent": agent }).to_string()
+    let mut frame = json!({ "type": "queue.removed", "conversation": conversation, "reason": reason, "agent": agent });
+    // Only a transfer names a group (older frames are unchanged).
+    if let (Some(group), Some(frame)) = (group, frame.as_object_mut()) {
+        frame.insert("group".into(), json!(group));
+    }
+    frame.to_string()
 }
 
-pub fn queue_position(conversation: ConversationId, position: usize) -> String {
-    json!({ "type": "queue.position", "conversation": conversation, "position": position }).to_string()
+/// A `queue.position` frame; `estimated_wait_s` is left out while there is none.
+pub fn queue_position(conversation: ConversationId, position: usize, estimated_wait_s: Option<u64>) -> String {
+    let mut frame = json!({ "type": "queue.position", "conversation": conversation, "position": position });
+    if let (Some(wait), Some(frame)) = (estimated_wait_s, frame.as_object_mut()) {
+        frame.insert("estimated_wait_s".into(), wait.into());
+    }
+    frame.to_string()
+}
+
+/// The estimated wait of the chat at `position` (1-based) when each place takes `wait_per_position_ms`, in
+/// whole seconds rounded up (a wait of a few milliseconds is 1 s, not 0).
+pub fn estimated_wait_s(position: usize, wait_per_position_ms: u64) -> u64 {
+    let position = u64::try_from(position).unwrap_or(u64::MAX);
+    position.saturating_mul(wait_per_position_ms).div_ceil(1000)
+}
+
+/// A [`GroupInfo`] as the JSON object of `groups.list`.
+pub fn group_json(group: &GroupInfo) -> Value {
+    json!({
+        "id": group.id,
+        "name": group.name,
+        "online": group.online,
+        "open": group.open,
+        "signed_in": group.signed_in,
+    })
 }
 
 pub fn chat_json(view: &ChatView) -> Value {
@@ -399,6 +551,8 @@ pub fn parse(text: &str) -> Result<(String, Request), (Option<String>, ErrorRepl
 
 #[cfg(test)]
 mod tests {
+    use switchboard_domain::EventBody;
+
     use super::*;
 
     #[test]
@@ -423,6 +577,207 @@ mod tests {
         let (id, request) = parse(r#"{"id":"r1","type":"agent.sign_in","token":"t"}"#).unwrap();
         assert_eq!(id, "r1");
         assert!(matches!(request, Request::AgentSignIn { token } if token == "t"));
+    }
+
+    fn conversation() -> ConversationId {
+        ConversationId::parse("01900000-0000-7000-8000-000000000001").unwrap()
+    }
+
+    #[test]
+    fn the_new_requests_parse_with_their_fields() {
+        let chat = conversation();
+        let parsed = |text: &str| parse(text).map(|(_, request)| request).map_err(|(_, error)| error.code);
+        assert!(matches!(
+            parsed(r#"{"id":"1","type":"groups.list","widget_key":"w"}"#),
+            Ok(Request::GroupsList { widget_key: Some(key) }) if key == "w"
+        ));
+        assert!(matches!(parsed(r#"{"id":"1","type":"groups.list"}"#), Ok(Request::GroupsList { widget_key: None })));
+        let offline = r#"{"id":"2","type":"offline.message","widget_key":"w","group":"sales","name":"Dana",
+            "contact":"dana@example.com","body":"Call me","reason":"group_closed","idempotency_key":"k1"}"#;
+        let Ok(Request::OfflineMessage { widget_key, group, name, contact, body, reason, idempotency_key }) =
+            parsed(offline)
+        else {
+            panic!("an offline message");
+        };
+        assert_eq!(
+            [widget_key, group, name, contact, body, reason, idempotency_key],
+            ["w", "sales", "Dana", "dana@example.com", "Call me", "group_closed", "k1"]
+        );
+        let text = format!(r#"{{"id":"3","type":"offer.reject","conversation":"{chat}"}}"#);
+        assert!(matches!(parsed(&text), Ok(Request::OfferReject { conversation }) if conversation == chat));
+        let text = format!(r#"{{"id":"4","type":"chat.transfer","conversation":"{chat}","group":"support"}}"#);
+        assert!(matches!(
+            parsed(&text),
+            Ok(Request::ChatTransfer { conversation, group }) if conversation == chat && group == "support"
+        ));
+        let text = format!(r#"{{"id":"5","type":"chat.forward","conversation":"{chat}","agent":"bob"}}"#);
+        assert!(matches!(
+            parsed(&text),
+            Ok(Request::ChatForward { conversation, agent }) if conversation == chat && agent == "bob"
+        ));
+        assert!(matches!(parsed(r#"{"id":"6","type":"agent.sign_out"}"#), Ok(Request::AgentSignOut {})));
+    }
+
+    #[test]
+    fn bad_fields_of_the_new_requests_are_bad_requests() {
+        let code = |text: &str| parse(text).unwrap_err().1.code;
+        for text in [
+            r#"{"id":"1","type":"groups.list","widget_key":7}"#,
+            r#"{"id":"1","type":"groups.list","group":"sales"}"#,
+            r#"{"id":"2","type":"offline.message","widget_key":"w","group":"sales","name":"Dana"}"#,
+            r#"{"id":"3","type":"offer.reject","conversation":"not-a-uuid"}"#,
+            r#"{"id":"3","type":"offer.reject"}"#,
+            r#"{"id":"4","type":"chat.transfer","conversation":"01900000-0000-7000-8000-000000000001"}"#,
+            r#"{"id":"5","type":"chat.forward","conversation":"01900000-0000-7000-8000-000000000001","agent":1}"#,
+            r#"{"id":"6","type":"agent.sign_out","now":true}"#,
+        ] {
+            assert_eq!(code(text), "bad_request", "{text}");
+        }
+    }
+
+    fn json_of(text: &str) -> Value {
+        serde_json::from_str(text).unwrap()
+    }
+
+    fn entry() -> WaitingEntry {
+        WaitingEntry {
+            conversation: conversation(),
+            group: GroupId::new("sales").unwrap(),
+            queued_at_ms: 10,
+            customer_name: "Dana".into(),
+            question: "Hello?".into(),
+        }
+    }
+
+    fn agent_view() -> AgentView {
+        AgentView {
+            tenant: switchboard_domain::TenantId::new("acme").unwrap(),
+            agent: switchboard_domain::AgentId::new("alice").unwrap(),
+            status: AgentStatus::Offline,
+            capacity: 3,
+            groups: vec![GroupId::new("sales").unwrap()],
+            active: vec![],
+        }
+    }
+
+    fn chat_view() -> ChatView {
+        ChatView {
+            conversation: conversation(),
+            tenant: switchboard_domain::TenantId::new("acme").unwrap(),
+            group: GroupId::new("support").unwrap(),
+            state: switchboard_domain::ConversationState::Queued,
+            owner: None,
+            customer_name: "Dana".into(),
+            first_question: "Hello?".into(),
+            created_at_ms: 5,
+            accepted_at_ms: None,
+            closed_at_ms: None,
+            last_seq: 4,
+        }
+    }
+
+    #[test]
+    fn the_new_acks_serialize_with_their_fields() {
+        let groups = vec![GroupInfo {
+            id: GroupId::new("sales").unwrap(),
+            name: "Sales".into(),
+            online: true,
+            open: true,
+            signed_in: 2,
+        }];
+        assert_eq!(
+            Ack::GroupsList { groups, stale: false }.to_json(),
+            json!({ "groups": [{ "id": "sales", "name": "Sales", "online": true, "open": true, "signed_in": 2 }],
+                    "stale": false })
+        );
+        let ticket = Ticket { id: "t-1".into(), created_at_ms: 77, duplicate: true };
+        assert_eq!(
+            Ack::OfflineMessage { ticket }.to_json(),
+            json!({ "ticket": { "id": "t-1", "created_at_ms": 77 }, "duplicate": true })
+        );
+        assert_eq!(Ack::OfferReject.to_json(), json!({}));
+        assert_eq!(Ack::ChatTransfer { chat: chat_view() }.to_json(), json!({ "chat": chat_json(&chat_view()) }));
+        assert_eq!(Ack::ChatForward { chat: chat_view() }.to_json(), json!({ "chat": chat_json(&chat_view()) }));
+        assert_eq!(Ack::AgentSignOut { agent: agent_view() }.to_json(), json!({ "agent": agent_json(&agent_view()) }));
+        assert_eq!(agent_json(&agent_view())["status"], "offline");
+    }
+
+    #[test]
+    fn the_new_pushes_serialize_with_their_fields() {
+        let chat = conversation();
+        let frame = |push: PushFrame| json_of(&push.to_json());
+        assert_eq!(
+            frame(PushFrame::Offer { entry: entry(), expires_at_ms: 1_000 }),
+            json!({ "type": "offer", "entry": entry(), "expires_at_ms": 1_000 })
+        );
+        assert_eq!(
+            frame(PushFrame::OfferEnded { conversation: chat, reason: OfferEnd::TimedOut }),
+            json!({ "type": "offer.ended", "conversation": chat, "reason": "timed_out" })
+        );
+        assert_eq!(
+            frame(PushFrame::ChatAssigned { chat: chat_view() }),
+            json!({ "type": "chat.assigned", "chat": chat_json(&chat_view()) })
+        );
+        assert_eq!(
+            frame(PushFrame::AgentStatus { agent: agent_view() }),
+            json!({ "type": "agent.status", "agent": agent_json(&agent_view()) })
+        );
+        // The estimated wait is there only while the group has an estimate.
+        assert_eq!(
+            frame(PushFrame::QueuePosition { conversation: chat, position: 3, estimated_wait_s: Some(135) }),
+            json!({ "type": "queue.position", "conversation": chat, "position": 3, "estimated_wait_s": 135 })
+        );
+        assert_eq!(
+            frame(PushFrame::QueuePosition { conversation: chat, position: 3, estimated_wait_s: None }),
+            json!({ "type": "queue.position", "conversation": chat, "position": 3 })
+        );
+        // A transfer names its group; the other reasons are as before.
+        let to_group = GroupId::new("support").unwrap();
+        assert_eq!(
+            frame(PushFrame::QueueRemoved { conversation: chat, reason: LeftQueue::Transferred { to_group } }),
+            json!({ "type": "queue.removed", "conversation": chat, "reason": "transferred", "agent": null,
+                    "group": "support" })
+        );
+        assert_eq!(
+            frame(PushFrame::QueueRemoved { conversation: chat, reason: LeftQueue::Cancelled }),
+            json!({ "type": "queue.removed", "conversation": chat, "reason": "cancelled", "agent": null })
+        );
+    }
+
+    #[test]
+    fn the_new_events_are_their_serde_form() {
+        let body = EventBody::Transferred { from_agent: None, to_group: GroupId::new("support").unwrap() };
+        let event = Event { seq: 5, at_ms: 9, author: Author::System, client_msg_id: None, body };
+        assert_eq!(
+            json_of(&PushFrame::Event { conversation: conversation(), event: Arc::new(event) }.to_json())["event"],
+            json!({ "seq": 5, "at_ms": 9, "author": { "role": "system" }, "kind": "transferred", "to_group": "support" })
+        );
+    }
+
+    #[test]
+    fn a_license_refusal_says_the_limit_and_other_errors_are_unchanged() {
+        let reply = ErrorReply::from(RouterError::Refused(Refusal::LicenseExhausted { max_sessions: 500 }));
+        assert_eq!((reply.code, reply.retryable, reply.max_sessions), ("license_exhausted", false, Some(500)));
+        let frame = json_of(&error(Some("r1"), &reply));
+        assert_eq!(frame["max_sessions"], 500);
+        assert_eq!(frame["code"], "license_exhausted");
+        let closed = ErrorReply::from(RouterError::Refused(Refusal::GroupClosed));
+        assert_eq!(closed.code, "group_closed");
+        let frame = json_of(&error(Some("r2"), &closed));
+        assert_eq!(
+            frame.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["code", "id", "message", "retryable", "type"],
+            "no extra field"
+        );
+    }
+
+    #[test]
+    fn the_estimated_wait_rounds_up_to_whole_seconds() {
+        assert_eq!(estimated_wait_s(1, 30_000), 30);
+        assert_eq!(estimated_wait_s(3, 45_500), 137);
+        assert_eq!(estimated_wait_s(1, 1), 1);
+        assert_eq!(estimated_wait_s(2, 0), 0);
+        assert_eq!(estimated_wait_s(usize::MAX, u64::MAX), u64::MAX.div_ceil(1000));
     }
 
     #[test]

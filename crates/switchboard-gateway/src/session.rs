@@ -15,17 +15,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use switchboard_domain::{AgentStatus, ConversationId, Event, GroupId};
-use switchboard_proto::router::{Caller, ChatCommand, ChatList, StartChat};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, Refusal, TenantId};
+use switchboard_proto::router::{Caller, ChatCommand, ChatList, OfflineMessage, RouterError, StartChat};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
-use crate::protocol::{Ack, ErrorReply, ListName, PushFrame, Request};
+use crate::protocol::{Ack, ErrorReply, GroupInfo, ListName, OFFLINE_REASONS, PushFrame, Request};
 
 const MAX_NAME_CHARS: usize = 100;
 const MAX_CLIENT_MSG_ID_CHARS: usize = 128;
+const MAX_CONTACT_CHARS: usize = 254;
+const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
 /// How long the last frame (a close) may wait for a client that is being disconnected to read.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,8 +140,8 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
         }
     };
     let socket_id = session.socket_id;
-    // The connection leaves the hub (and the agent goes offline with its last connection) first: the close
-    // below may wait on a client that does not read.
+    // The connection leaves the hub and presence first: the close below may wait on a client that does not
+    // read.
     let mut transport = session.end().await;
     if let End::Close(close) = end {
         debug!(socket = socket_id, reason = %close.reason(), "closing the connection");
@@ -255,14 +257,75 @@ impl<T: Transport> Session<T> {
                     }
                 }
             }
-            Request::AgentSignIn { token } => {
-                self.no_role_yet()?;
-                let Some((tenant, agent)) = self.shared.directory.agent_of_token(&token).cloned() else {
-                    return Err(ErrorReply::new("unauthorized", "unknown agent token"));
+            Request::AgentSignIn { token } => self.sign_in(&token).await,
+            Request::AgentSignOut {} => {
+                let (tenant, agent, _) = self.agent()?;
+                let view = router.set_agent_status(&tenant, &agent, AgentStatus::Offline).await?;
+                self.shared.session_gone(self.socket_id, &tenant, &agent).await;
+                self.abandon_role().await;
+                Ok((Ack::AgentSignOut { agent: view }, vec![]))
+            }
+            Request::GroupsList { widget_key } => self.list_groups(widget_key).await,
+            Request::OfflineMessage { widget_key, group, name, contact, body, reason, idempotency_key } => {
+                let Some(tenant) = self.shared.directory.tenant_of_widget_key(&widget_key).cloned() else {
+                    return Err(ErrorReply::new("unauthorized", "unknown widget key"));
                 };
-                let view = router.set_agent_status(&tenant, &agent, AgentStatus::Online).await?;
-                self.become_role(Role::Agent { tenant, agent, groups: view.groups.clone() }).await;
-                Ok((Ack::AgentSignIn { agent: view }, vec![]))
+                let group = GroupId::new(group)
+                    .ok()
+                    .filter(|group| self.shared.directory.group(&tenant, group).is_some())
+                    .ok_or_else(|| ErrorReply::new("unknown_group", "no such support group"))?;
+                let customer_name = check_name(&name)?;
+                let contact = contact.trim().to_owned();
+                if contact.is_empty() || contact.chars().count() > MAX_CONTACT_CHARS {
+                    return Err(ErrorReply::new(
+                        "bad_request",
+                        format!("contact has 1 to {MAX_CONTACT_CHARS} characters"),
+                    ));
+                }
+                self.check_body(&body)?;
+                if !OFFLINE_REASONS.contains(&reason.as_str()) {
+                    return Err(ErrorReply::new(
+                        "bad_request",
+                        format!("reason is one of {}", OFFLINE_REASONS.join(", ")),
+                    ));
+                }
+                if idempotency_key.is_empty() || idempotency_key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+                    return Err(ErrorReply::new(
+                        "bad_request",
+                        format!("idempotency_key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
+                    ));
+                }
+                let message = OfflineMessage { tenant, group, customer_name, contact, body, reason, idempotency_key };
+                let ticket = router.leave_offline_message(message).await?;
+                Ok((Ack::OfflineMessage { ticket }, vec![]))
+            }
+            Request::OfferReject { conversation } => {
+                let (tenant, agent, _) = self.agent()?;
+                let Some(group) = self.shared.hub.offer_group(&tenant, &agent, conversation) else {
+                    return Err(RouterError::Refused(Refusal::NotOffered).into());
+                };
+                router.reject_offer(&tenant, &group, &agent, conversation).await?;
+                Ok((Ack::OfferReject, vec![]))
+            }
+            Request::ChatTransfer { conversation, group } => {
+                let (tenant, agent, _) = self.agent()?;
+                let group = GroupId::new(group)
+                    .ok()
+                    .filter(|group| self.shared.directory.group(&tenant, group).is_some())
+                    .ok_or_else(|| ErrorReply::new("unknown_group", "no such support group"))?;
+                let caller = Caller::Agent { tenant, agent };
+                let chat = router.transfer_chat(&caller, conversation, &group).await?;
+                Ok((Ack::ChatTransfer { chat }, vec![]))
+            }
+            Request::ChatForward { conversation, agent: to_agent } => {
+                let (tenant, agent, _) = self.agent()?;
+                let to_agent = AgentId::new(to_agent)
+                    .ok()
+                    .filter(|to_agent| self.shared.directory.agent(&tenant, to_agent).is_some())
+                    .ok_or_else(|| ErrorReply::new("unknown_agent", "no such agent"))?;
+                let caller = Caller::Agent { tenant, agent };
+                let chat = router.forward_chat(&caller, conversation, &to_agent).await?;
+                Ok((Ack::ChatForward { chat }, vec![]))
             }
             Request::AgentSetStatus { status } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -337,10 +400,7 @@ impl<T: Transport> Session<T> {
             return Err(ErrorReply::new("unauthorized", "unknown widget key"));
         };
         let group = GroupId::new(group).map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
-        let name = name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
-            return Err(ErrorReply::new("bad_request", format!("a name has 1 to {MAX_NAME_CHARS} characters")));
-        }
+        let name = check_name(&name)?;
         self.check_body(&question)?;
         let request = StartChat {
             conversation: ConversationId::new_v7(self.shared.clock.now_ms()),
@@ -364,6 +424,102 @@ impl<T: Transport> Session<T> {
         let ack =
             Ack::ChatStart { conversation, customer_token: started.customer_token, chat: started.view, subscribed };
         Ok((ack, events))
+    }
+
+    /// Signs an agent in: the connection becomes the agent's (its groups' queues and the agent's own pushes
+    /// followed) and is recorded in presence, then the agent goes online. The agent's pushes are followed
+    /// before it is online, so that no offer made to it is missed; when that cannot be done the sign-in fails
+    /// (retryable) and the connection is left as it was. A presence failure fails nothing (the heartbeat
+    /// writes the connection again).
+    async fn sign_in(&mut self, token: &str) -> Reply {
+        self.no_role_yet()?;
+        let Some((tenant, agent)) = self.shared.directory.agent_of_token(token).cloned() else {
+            return Err(ErrorReply::new("unauthorized", "unknown agent token"));
+        };
+        let Some(entry) = self.shared.directory.agent(&tenant, &agent) else {
+            return Err(RouterError::UnknownAgent.into());
+        };
+        let role = Role::Agent { tenant: tenant.clone(), agent: agent.clone(), groups: entry.groups.clone() };
+        let mut needs = self.shared.hub.register(self.socket_id, self.link.clone(), role.clone());
+        self.role = Some(role);
+        // The agent is followed here whatever the hub's hint says: another socket of the agent may have
+        // registered first and not subscribed yet (or failed to).
+        needs.subscribe_agents.clear();
+        self.apply_needs(needs).await;
+        if let Err(error) = self.shared.sync_agent_subscription(&tenant, &agent).await {
+            self.abandon_role().await;
+            return Err(error.into());
+        }
+        self.shared.session_alive(self.socket_id, &tenant, &agent).await;
+        match self.shared.router.set_agent_status(&tenant, &agent, AgentStatus::Online).await {
+            Ok(view) => Ok((Ack::AgentSignIn { agent: view }, vec![])),
+            Err(error) => {
+                self.abandon_role().await;
+                self.shared.session_gone(self.socket_id, &tenant, &agent).await;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// The groups of a tenant with their status, read from presence in one read (the last statuses read,
+    /// marked stale, while presence cannot be read).
+    async fn list_groups(&mut self, widget_key: Option<String>) -> Reply {
+        let tenant = match widget_key {
+            Some(key) => self
+                .shared
+                .directory
+                .tenant_of_widget_key(&key)
+                .cloned()
+                .ok_or_else(|| ErrorReply::new("unauthorized", "unknown widget key"))?,
+            None => match &self.role {
+                Some(Role::Agent { tenant, .. } | Role::Customer { tenant, .. }) => tenant.clone(),
+                None => {
+                    return Err(ErrorReply::new("not_signed_in", "give the tenant's widget_key, or sign in first"));
+                }
+            },
+        };
+        let (statuses, stale) = match self.shared.presence.group_statuses(&tenant).await {
+            Ok(statuses) => {
+                let mut cache = self.shared.group_statuses.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                cache.insert(tenant.clone(), statuses.clone());
+                (statuses, false)
+            }
+            Err(error) => {
+                // Not a warning per request: the heartbeat says presence is down, once.
+                debug!(%error, %tenant, "group statuses not read: answering the last ones read");
+                let cache = self.shared.group_statuses.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                match cache.get(&tenant) {
+                    Some(statuses) => (statuses.clone(), true),
+                    None => return Err(RouterError::Unavailable(error.to_string()).into()),
+                }
+            }
+        };
+        let Some(entry) = self.shared.directory.tenant(&tenant) else {
+            return Ok((Ack::GroupsList { groups: vec![], stale }, vec![]));
+        };
+        let now_ms = self.shared.clock.now_ms();
+        let groups = entry
+            .groups
+            .values()
+            .map(|group| match statuses.iter().find(|status| status.group == group.id) {
+                Some(status) => GroupInfo {
+                    id: group.id.clone(),
+                    name: group.name.clone(),
+                    online: status.online,
+                    open: status.open,
+                    signed_in: status.signed_in,
+                },
+                // Not evaluated by its queue's owner yet: nobody is known to be signed in.
+                None => GroupInfo {
+                    id: group.id.clone(),
+                    name: group.name.clone(),
+                    online: false,
+                    open: group.hours.is_open(now_ms),
+                    signed_in: 0,
+                },
+            })
+            .collect();
+        Ok((Ack::GroupsList { groups, stale }, vec![]))
     }
 
     /// Closes or cancels a chat; the seq of the event that ended it, `None` when it had already ended.
@@ -422,26 +578,18 @@ impl<T: Transport> Session<T> {
     // `&mut self`: the session is not `Sync` (a WebSocket is not), so it cannot be borrowed shared across an
     // await.
     async fn apply_needs(&mut self, needs: Needs) {
-        let shared = &self.shared;
-        for (tenant, group) in needs.subscribe_queues {
-            if let Err(error) = shared.router.subscribe_queue(&shared.gateway_id, &tenant, &group).await {
-                debug!(%error, %group, "queue subscription failed");
-            }
-        }
-        for conversation in needs.unsubscribe_conversations {
-            shared.router.unsubscribe(&shared.gateway_id, conversation).await;
-        }
+        let shared = self.shared.clone();
+        shared.apply_needs(needs).await;
     }
 
-    /// Leaves the hub, and sets the agent offline when this was its last connection; returns the transport
-    /// for its last words.
+    /// Leaves the hub and presence; returns the transport for its last words. The agent is *not* set offline
+    /// here when this was its last connection: its owner does, after a grace period without a live
+    /// connection (a reload of the console must not make the agent offline).
     async fn end(mut self) -> T {
         let needs = self.shared.hub.unregister(self.socket_id);
         self.apply_needs(needs).await;
-        if let Some(Role::Agent { tenant, agent, .. }) = &self.role
-            && self.shared.hub.n_agent_sockets(tenant, agent) == 0
-        {
-            let _ = self.shared.router.set_agent_status(tenant, agent, AgentStatus::Offline).await;
+        if let Some(Role::Agent { tenant, agent, .. }) = &self.role {
+            self.shared.session_gone(self.socket_id, tenant, agent).await;
         }
         self.transport
     }
@@ -456,7 +604,7 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    fn agent(&self) -> Result<(switchboard_domain::TenantId, switchboard_domain::AgentId, Vec<GroupId>), ErrorReply> {
+    fn agent(&self) -> Result<(TenantId, AgentId, Vec<GroupId>), ErrorReply> {
         match &self.role {
             Some(Role::Agent { tenant, agent, groups }) => Ok((tenant.clone(), agent.clone(), groups.clone())),
             Some(Role::Customer { .. }) => Err(ErrorReply::new("forbidden", "only agents can do that")),
@@ -500,6 +648,15 @@ impl<T: Transport> Session<T> {
         }
         self.check_body(body)
     }
+}
+
+/// A customer's name: 1 to [`MAX_NAME_CHARS`] characters after trimming white space.
+fn check_name(name: &str) -> Result<String, ErrorReply> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(ErrorReply::new("bad_request", format!("a name has 1 to {MAX_NAME_CHARS} characters")));
+    }
+    Ok(name.to_owned())
 }
 
 fn not_signed_in() -> ErrorReply {

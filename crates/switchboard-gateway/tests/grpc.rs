@@ -951,6 +951,10 @@ fn the_proto_has_every_request_and_frame_of_the_websocket_protocol() {
         "queue.added",
         "queue.removed",
         "queue.position",
+        "offer",
+        "offer.ended",
+        "chat.assigned",
+        "agent.status",
     ]
     .iter()
     .map(|kind| kind.replace('.', "_"))

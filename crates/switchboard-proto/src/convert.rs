@@ -1,6 +1,8 @@
 //! Conversions between the store's protobuf records and the domain types.
 
-use switchboard_domain::{AgentId, Author, Conversation, ConversationId, ConversationState, Event, GroupId, TenantId};
+use switchboard_domain::{
+    AgentId, Author, Conversation, ConversationId, ConversationState, Event, GroupId, Offer, TenantId,
+};
 
 use crate::internal::v1::{ConversationRecord, EventRecord, NewEvent};
 
@@ -77,6 +79,18 @@ pub fn conversation_from_record(record: &ConversationRecord) -> Result<Conversat
         last_seq: record.last_seq,
         customer_delivered_up_to: 0,
         agent_delivered_up_to: 0,
+        offer: match record.offer_agent_id.as_str() {
+            "" => None,
+            agent => Some(Offer {
+                agent: AgentId::new(agent).map_err(|error| bad("offer agent", error))?,
+                expires_at_ms: record.offer_expires_at_ms,
+            }),
+        },
+        offered_to: record
+            .offered_to
+            .iter()
+            .map(|agent| AgentId::new(agent.clone()).map_err(|error| bad("offered to", error)))
+            .collect::<Result<_, _>>()?,
     })
 }
 

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentId, AgentStatus, Author, ConversationId, ConversationState, Event, GroupId, Refusal, TenantId, WaitingEntry,
+    AgentAvailability, AgentId, AgentStatus, Author, ConversationId, ConversationState, Event, GroupId, OfferEnd,
+    Refusal, RequeueReason, TenantId, WaitingEntry,
 };
 use tokio::sync::mpsc;
 
@@ -111,9 +112,70 @@ pub struct AgentView {
 /// Why a chat left a waiting queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeftQueue {
-    Accepted { agent: AgentId },
+    Accepted {
+        agent: AgentId,
+    },
     Cancelled,
     Closed,
+    /// Transferred to another group's queue.
+    Transferred {
+        to_group: GroupId,
+    },
+}
+
+/// A change of what one agent sees of their own work, pushed to the gateways where the agent is signed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentChange {
+    /// Push routing offers the agent a waiting chat until `expires_at_ms`: accept it or reject it.
+    Offered { entry: WaitingEntry, expires_at_ms: i64 },
+    /// The offer ended without an accept (rejected, timed out, or withdrawn because the agent became
+    /// unavailable); a chat taken by someone else is told by the queue's `Removed` instead.
+    OfferEnded { conversation: ConversationId, reason: OfferEnd },
+    /// A chat became the agent's without their accept (forwarded to them): they should follow it.
+    Assigned { chat: ChatView },
+    /// The agent's status or load changed (set from another connection, or offline after the grace period).
+    Status { agent: AgentView },
+}
+
+/// A message a customer leaves when they cannot chat (the group is closed, the license limit is reached).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineMessage {
+    pub tenant: TenantId,
+    pub group: GroupId,
+    pub customer_name: String,
+    /// How to reach the customer back (an e-mail address or a phone number).
+    pub contact: String,
+    pub body: String,
+    /// Why the customer could not chat: a refusal code (`group_closed`, `group_offline`, `license_exhausted`).
+    pub reason: String,
+    /// Chosen by the client: sending the same message again stores one ticket.
+    pub idempotency_key: String,
+}
+
+/// A stored ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub duplicate: bool,
+}
+
+/// What the queue of a group asks of the conversation owner on its behalf (push routing), or what the agent
+/// owner asks (an agent who stays offline past the grace period).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SystemCommand {
+    Offer { agent: AgentId, expires_at_ms: i64 },
+    EndOffer { agent: AgentId, reason: OfferEnd },
+    Requeue { agent: AgentId, reason: RequeueReason },
+}
+
+/// What the owner of a group's queue tells the owner of an agent about an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfferUpdate {
+    /// Reserve a slot and show the agent the offer; refused when the agent cannot take it.
+    Made { entry: WaitingEntry, expires_at_ms: i64 },
+    /// The offer ended: free the slot and tell the agent.
+    Ended { conversation: ConversationId, reason: OfferEnd },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +190,11 @@ pub enum QueueChange {
     Removed {
         conversation: ConversationId,
         reason: LeftQueue,
+    },
+    /// How long a customer waits per place in the queue, from the group's recent accepts; `None` while
+    /// there is no estimate. A customer's estimated wait is their position times this.
+    Estimate {
+        wait_per_position_ms: Option<u64>,
     },
 }
 
@@ -149,6 +216,12 @@ pub enum Push {
         group: GroupId,
         version: u64,
         change: QueueChange,
+    },
+    /// For the gateways subscribed to the agent ([`RouterApi::subscribe_agent`]).
+    Agent {
+        tenant: TenantId,
+        agent: AgentId,
+        change: AgentChange,
     },
 }
 
@@ -250,6 +323,45 @@ pub trait RouterApi: Send + Sync + 'static {
         agent: &AgentId,
         list: ChatList,
     ) -> Result<Vec<ChatView>, RouterError>;
+
+    /// Subscribes the gateway to an agent's own pushes ([`Push::Agent`]: offers, chats forwarded to them,
+    /// status changes). Routed to the owner of the agent's shard.
+    async fn subscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId)
+    -> Result<(), RouterError>;
+
+    async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId);
+
+    /// The agent declines the chat offered to them: it is offered to the next agent. Routed to the owner of
+    /// the group's queue.
+    async fn reject_offer(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError>;
+
+    /// Moves a waiting or ongoing chat to another *online* group's waiting queue (else `group_offline`).
+    /// Routed to the owner of the conversation's shard.
+    async fn transfer_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_group: &GroupId,
+    ) -> Result<ChatView, RouterError>;
+
+    /// Hands a waiting or ongoing chat to another agent who is online with a free slot (else
+    /// `agent_unavailable`). Routed to the owner of the *target agent's* shard: that agent's actor reserves
+    /// the slot, then asks the conversation's owner ([`PeerApi::owner_forward`]).
+    async fn forward_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError>;
+
+    /// Stores a customer's offline message as a ticket. Routed to the owner of the group's queue.
+    async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError>;
 }
 
 /// What one router asks of another: the effects of an actor on actors that live on another node. The
@@ -278,6 +390,38 @@ pub trait PeerApi: Send + Sync + 'static {
         agent: &AgentId,
         conversation: ConversationId,
     ) -> Result<(), RouterError>;
+
+    /// The conversation's owner carries out a command of the system (an offer made or ended, a requeue);
+    /// true when it stored an event, false when the command changed nothing.
+    async fn conversation_system(
+        &self,
+        conversation: ConversationId,
+        command: SystemCommand,
+    ) -> Result<bool, RouterError>;
+
+    /// The agent's owner reserves a slot for an offer (refused when the agent cannot take it) or frees it.
+    async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError>;
+
+    /// The agent's availability as its owner knows it (for the queues that choose whom to offer a chat).
+    async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError>;
+
+    /// An agent's availability changed: the owner of each of its groups' queues is told.
+    async fn queue_agent_changed(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        availability: AgentAvailability,
+    ) -> Result<(), RouterError>;
+
+    /// The conversation's owner records a forward that the target agent's owner decided (its slot is
+    /// reserved). Like [`PeerApi::owner_accept`], this goes from the agent side to the conversation side, so
+    /// that no two actors ever wait on each other.
+    async fn owner_forward(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError>;
 }
 
 /// The rest of the cluster as one router sees it: every operation, sent to the owner of its key's shard.

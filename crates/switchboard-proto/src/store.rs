@@ -4,10 +4,11 @@
 use async_trait::async_trait;
 
 use crate::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
+    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
+    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
     ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 
 /// What can go wrong in the store. Callers branch on the variant.
@@ -24,6 +25,25 @@ pub enum StoreError {
     /// The database cannot be reached or refused the transaction; retrying may succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// An append that creates a conversation was refused: the cluster's `max_sessions` concurrent chat
+    /// sessions are all open (stable code `license_exhausted`). Nothing of the append was stored; it can
+    /// succeed once a session has finished.
+    #[error("license exhausted: all {max_sessions} concurrent chat sessions are in use")]
+    LicenseExhausted { max_sessions: u64 },
+}
+
+impl StoreError {
+    /// The stable code of the error, as the gRPC mapping carries it: `stale_epoch`, `not_found`, `invalid`,
+    /// `unavailable` or `license_exhausted`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::StaleEpoch { .. } => "stale_epoch",
+            StoreError::NotFound(_) => "not_found",
+            StoreError::Invalid(_) => "invalid",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::LicenseExhausted { .. } => "license_exhausted",
+        }
+    }
 }
 
 #[async_trait]
@@ -43,4 +63,15 @@ pub trait StoreApi: Send + Sync + 'static {
     async fn register_node(&self, request: RegisterNodeRequest) -> Result<RegisterNodeResponse, StoreError>;
     /// The unexpired leases and the live nodes.
     async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError>;
+    /// The cluster-wide license: the limit (0: unlimited) and the permits held now (the conversations
+    /// not finished).
+    async fn get_license(&self, request: GetLicenseRequest) -> Result<License, StoreError>;
+    /// Sets the license limit (0: unlimited) and answers the license as it is then. A limit below the
+    /// permits held is allowed: nothing is evicted, new conversations are refused until enough finish.
+    async fn set_license_limit(&self, request: SetLicenseLimitRequest) -> Result<License, StoreError>;
+    /// Stores a ticket (an offline message), once per tenant and idempotency key: a retry answers the
+    /// ticket stored the first time with `duplicate` set. Missing required fields are `Invalid`.
+    async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError>;
+    /// A tenant's tickets (every tenant's when the tenant is empty), newest first.
+    async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError>;
 }

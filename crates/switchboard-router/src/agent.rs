@@ -1,13 +1,26 @@
-//! The agent actor: an agent's availability (status × capacity × chats held). Accepting a chat goes
-//! through it, so that capacity is checked and held while the conversation decides who wins.
+//! The agent actor: an agent's availability (status × capacity × chats held × offer). Accepting a chat, an
+//! offer and a forward go through it, so that capacity is checked and held while the conversation decides.
+//!
+//! It also owns the agent's presence: every heartbeat it reads how many live connections the agent has
+//! (gateways keep them in presence) and refreshes the agent's signed-in mark in its groups. An agent with no
+//! live connection keeps their chats for the grace period; past it they go offline, their offer moves on and
+//! their chats go back to the head of their queue. When presence cannot be read (Redis is down) nothing
+//! changes: presence is stale, not absent.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use switchboard_domain::{AgentId, AgentState, AgentStatus, ConversationId, TenantId, agent_key};
+use switchboard_domain::{
+    AgentAvailability, AgentId, AgentState, AgentStatus, ConversationId, OfferEnd, Refusal, RequeueReason, TenantId,
+    agent_key,
+};
 use switchboard_proto::convert::conversation_id;
 use switchboard_proto::internal::v1::ListConversationsRequest;
-use switchboard_proto::router::{AgentView, Caller, ChatView, RouterError};
+use switchboard_proto::router::{
+    AgentChange, AgentView, Caller, ChatView, GatewayId, OfferUpdate, Push, RouterError, SystemCommand,
+};
+use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::error::from_store;
@@ -24,10 +37,31 @@ pub(crate) enum AgentMsg {
         conversation: ConversationId,
         reply: Reply<ChatView>,
     },
-    /// A chat of this agent ended.
+    /// Another agent (or a supervisor) hands this agent a chat.
+    Forward {
+        caller: Caller,
+        conversation: ConversationId,
+        reply: Reply<ChatView>,
+    },
+    /// A chat of this agent ended (or moved away).
     Finished {
         conversation: ConversationId,
     },
+    Offer {
+        update: OfferUpdate,
+        reply: Reply<()>,
+    },
+    Availability {
+        reply: Reply<AgentAvailability>,
+    },
+    Subscribe {
+        gateway: GatewayId,
+    },
+    Unsubscribe {
+        gateway: GatewayId,
+    },
+    /// The heartbeat: check the agent's connections and refresh their signed-in mark.
+    Tick,
 }
 
 pub(crate) struct AgentActor;
@@ -35,6 +69,11 @@ pub(crate) struct AgentActor;
 pub(crate) struct AgentActorState {
     context: Arc<Context>,
     agent: AgentState,
+    subscribers: BTreeSet<GatewayId>,
+    /// The offer outstanding now, as shown to the agent (sent again to a gateway that subscribes later).
+    shown_offer: Option<(switchboard_domain::WaitingEntry, i64)>,
+    /// Since when the agent has had no live connection (presence read), if they are signed in.
+    disconnected_since_ms: Option<i64>,
 }
 
 impl Actor for AgentActor {
@@ -47,7 +86,13 @@ impl Actor for AgentActor {
         _myself: ActorRef<Self::Msg>,
         (context, agent): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(AgentActorState { context, agent })
+        Ok(AgentActorState {
+            context,
+            agent,
+            subscribers: BTreeSet::new(),
+            shown_offer: None,
+            disconnected_since_ms: None,
+        })
     }
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -64,30 +109,204 @@ impl Actor for AgentActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             AgentMsg::SetStatus { status, reply } => {
-                state.agent.status = status;
-                let _ = reply.send(Ok(view_of(&state.agent)));
+                let view = state.set_status(status).await;
+                let _ = reply.send(Ok(view));
             }
             AgentMsg::Accept { conversation, reply } => {
                 let result = state.accept(conversation).await;
                 let _ = reply.send(result);
             }
-            AgentMsg::Finished { conversation } => state.agent.finish(&conversation),
+            AgentMsg::Forward { caller, conversation, reply } => {
+                let result = state.forward(caller, conversation).await;
+                let _ = reply.send(result);
+            }
+            AgentMsg::Finished { conversation } => {
+                let held = state.agent.n_held();
+                state.agent.finish(&conversation, state.context.clock.now_ms());
+                if state.agent.n_held() != held {
+                    state.changed().await;
+                }
+            }
+            AgentMsg::Offer { update, reply } => {
+                let result = state.offer(update).await;
+                let _ = reply.send(result);
+            }
+            AgentMsg::Availability { reply } => {
+                let _ = reply.send(Ok(state.agent.availability()));
+            }
+            AgentMsg::Subscribe { gateway } => {
+                // A console that connects while an offer is outstanding sees it too.
+                if let Some((entry, expires_at_ms)) = state.shown_offer.clone()
+                    && state.agent.offer == Some(entry.conversation)
+                {
+                    let change = AgentChange::Offered { entry, expires_at_ms };
+                    let push =
+                        Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
+                    state.context.gateways.push(&gateway, push);
+                }
+                state.subscribers.insert(gateway);
+            }
+            AgentMsg::Unsubscribe { gateway } => {
+                state.subscribers.remove(&gateway);
+            }
+            AgentMsg::Tick => state.tick().await,
         }
         Ok(())
     }
 }
 
 impl AgentActorState {
+    fn now_ms(&self) -> i64 {
+        self.context.clock.now_ms()
+    }
+
+    async fn set_status(&mut self, status: AgentStatus) -> AgentView {
+        if status == self.agent.status {
+            return view_of(&self.agent);
+        }
+        let now_ms = self.now_ms();
+        self.agent.set_status(status, now_ms);
+        self.disconnected_since_ms = None;
+        self.refresh_signed_in().await;
+        self.changed().await;
+        view_of(&self.agent)
+    }
+
     async fn accept(&mut self, conversation: ConversationId) -> Result<ChatView, RouterError> {
         let caller = Caller::Agent { tenant: self.agent.tenant.clone(), agent: self.agent.id.clone() };
         let view = remote::conversation_view(&self.context, &caller, conversation).await?;
         self.agent.reserve(conversation, &view.group)?;
         let accepted = remote::conversation_accept(&self.context, conversation, &self.agent.id).await;
         match &accepted {
-            Ok(_) => self.agent.confirm(conversation),
+            Ok(_) => self.agent.confirm(conversation, self.context.clock.now_ms()),
+            // (An offer refused by the conversation keeps its slot until the queue ends it.)
             Err(_) => self.agent.release(&conversation),
         }
+        self.changed().await;
         accepted
+    }
+
+    /// Takes a chat forwarded to this agent: online with a free slot, in any group of the tenant.
+    async fn forward(&mut self, caller: Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
+        if self.agent.status != AgentStatus::Online || !self.agent.has_free_capacity() {
+            return Err(RouterError::Refused(Refusal::AgentUnavailable));
+        }
+        if self.agent.active.contains(&conversation) {
+            return Err(RouterError::Refused(Refusal::SameAgent));
+        }
+        self.agent.reserved.insert(conversation);
+        let forwarded = remote::owner_forward(&self.context, &caller, conversation, &self.agent.id).await;
+        match &forwarded {
+            Ok(chat) => {
+                self.agent.confirm(conversation, self.now_ms());
+                self.push(AgentChange::Assigned { chat: chat.clone() });
+            }
+            Err(_) => self.agent.release(&conversation),
+        }
+        self.changed().await;
+        forwarded
+    }
+
+    async fn offer(&mut self, update: OfferUpdate) -> Result<(), RouterError> {
+        match update {
+            OfferUpdate::Made { entry, expires_at_ms } => {
+                if self.agent.offer == Some(entry.conversation) {
+                    return Ok(());
+                }
+                self.agent.take_offer(entry.conversation, &entry.group)?;
+                self.shown_offer = Some((entry.clone(), expires_at_ms));
+                self.push(AgentChange::Offered { entry, expires_at_ms });
+            }
+            OfferUpdate::Ended { conversation, reason } => {
+                if self.agent.offer != Some(conversation) {
+                    return Ok(());
+                }
+                self.agent.end_offer(&conversation);
+                self.push(AgentChange::OfferEnded { conversation, reason });
+            }
+        }
+        self.changed().await;
+        Ok(())
+    }
+
+    /// Tells the queues of the agent's groups that the agent's availability changed.
+    async fn changed(&mut self) {
+        let availability = self.agent.availability();
+        for group in self.agent.groups.clone() {
+            remote::queue_agent_changed(&self.context, &self.agent.tenant, &group, availability.clone()).await;
+        }
+    }
+
+    fn push(&self, change: AgentChange) {
+        let push = Push::Agent { tenant: self.agent.tenant.clone(), agent: self.agent.id.clone(), change };
+        for gateway in &self.subscribers {
+            self.context.gateways.push(gateway, push.clone());
+        }
+    }
+
+    /// Marks the agent signed in to (or out of) their groups, for the groups' online status.
+    async fn refresh_signed_in(&self) {
+        let presence = &self.context.presence;
+        let (tenant, agent, groups) = (&self.agent.tenant, &self.agent.id, &self.agent.groups);
+        let result = if self.agent.status == AgentStatus::Offline {
+            presence.signed_out(tenant, agent, groups).await
+        } else {
+            let expires_at_ms = self.now_ms().saturating_add(self.context.presence_settings.ttl_ms());
+            presence.signed_in(tenant, agent, groups, expires_at_ms).await
+        };
+        if let Err(error) = result {
+            warn!(%error, %agent, "presence not updated (stale until the next heartbeat)");
+        }
+    }
+
+    async fn tick(&mut self) {
+        if self.agent.status == AgentStatus::Offline {
+            return;
+        }
+        self.refresh_signed_in().await;
+        let now_ms = self.now_ms();
+        let asked = [(self.agent.tenant.clone(), self.agent.id.clone())];
+        let live = match self.context.presence.live_sessions(&asked, now_ms).await {
+            Ok(counts) => counts.first().copied().unwrap_or(0),
+            // Presence is stale, not absent: nobody goes offline because Redis is down.
+            Err(_) => return,
+        };
+        if live > 0 {
+            self.disconnected_since_ms = None;
+            return;
+        }
+        let since = *self.disconnected_since_ms.get_or_insert(now_ms);
+        if now_ms.saturating_sub(since) >= self.context.presence_settings.grace_ms() {
+            self.go_offline().await;
+        }
+    }
+
+    /// The grace period is over: the agent is offline, their offer moves on (the queue sees them offline and
+    /// withdraws it) and their chats go back to the head of their queues.
+    async fn go_offline(&mut self) {
+        info!(agent = %self.agent.id, chats = self.agent.active.len(), "agent offline after the grace period");
+        let now_ms = self.now_ms();
+        self.agent.set_status(AgentStatus::Offline, now_ms);
+        self.disconnected_since_ms = None;
+        if let Some(conversation) = self.agent.offer {
+            self.agent.end_offer(&conversation);
+            self.push(AgentChange::OfferEnded { conversation, reason: OfferEnd::Withdrawn });
+        }
+        for conversation in self.agent.active.clone() {
+            let command = SystemCommand::Requeue { agent: self.agent.id.clone(), reason: RequeueReason::AgentOffline };
+            match remote::conversation_system(&self.context, conversation, command).await {
+                Ok(_) => self.agent.finish(&conversation, now_ms),
+                Err(error) => warn!(%error, %conversation, "chat of an absent agent not requeued; retried next tick"),
+            }
+        }
+        if !self.agent.active.is_empty() {
+            // Stay signed in until every chat is back in a queue: the next tick tries again.
+            self.agent.status = AgentStatus::Away;
+        }
+        self.refresh_signed_in().await;
+        self.changed().await;
+        // The agent did not ask for this: their consoles are told.
+        self.push(AgentChange::Status { agent: view_of(&self.agent) });
     }
 }
 
@@ -117,6 +336,7 @@ pub(crate) async fn activate(
             }
             let entry = context.directory.agent(tenant, agent).ok_or(RouterError::UnknownAgent)?;
             let mut state = AgentState::new(tenant.clone(), agent.clone(), entry.groups.clone(), entry.capacity);
+            state.idle_since_ms = context.clock.now_ms();
             let request = ListConversationsRequest {
                 tenant_id: tenant.to_string(),
                 states: vec!["active".into()],
@@ -127,6 +347,19 @@ pub(crate) async fn activate(
             for record in held.conversations {
                 let id = conversation_id(&record.id).map_err(|error| RouterError::Internal(error.to_string()))?;
                 state.active.insert(id);
+            }
+            // An offer outstanding when the previous owner stopped holds its slot again.
+            let request = ListConversationsRequest {
+                tenant_id: tenant.to_string(),
+                states: vec!["queued".into()],
+                offer_agent_id: agent.to_string(),
+                ..Default::default()
+            };
+            let offered = context.store.list_conversations(request).await.map_err(from_store)?;
+            if let Some(record) = offered.conversations.first() {
+                let id = conversation_id(&record.id).map_err(|error| RouterError::Internal(error.to_string()))?;
+                state.reserved.insert(id);
+                state.offer = Some(id);
             }
             let (actor, _) = Actor::spawn(None, AgentActor, (context.clone(), state))
                 .await

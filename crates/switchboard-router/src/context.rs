@@ -4,7 +4,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use switchboard_domain::{AgentId, Clock, ConversationId, Directory, GroupId, TenantId};
+use switchboard_presence::{GroupStatus, Presence};
 use switchboard_proto::router::{ClusterApi, GatewayId, Push};
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
@@ -36,6 +39,38 @@ pub(crate) struct Context {
     pub(crate) agents: Registry<(TenantId, AgentId), AgentMsg>,
     pub(crate) queues: Registry<(TenantId, GroupId), QueueMsg>,
     pub(crate) closed_list_limit: u32,
+    /// Agent presence and group status (Redis in a cluster, in memory in `serve`).
+    pub(crate) presence: Arc<dyn Presence>,
+    pub(crate) presence_settings: PresenceSettings,
+    /// The group statuses this node read or wrote last, for when presence cannot be read.
+    pub(crate) group_statuses: Mutex<HashMap<(TenantId, GroupId), GroupStatus>>,
+}
+
+/// How presence is kept and how long an absent agent keeps their chats.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceSettings {
+    /// How often agents' connections are checked, signed-in agents refreshed and group statuses evaluated.
+    pub heartbeat: Duration,
+    /// How long an agent whose connections are all gone stays signed in (their chats kept) before going
+    /// offline (their chats go back to the head of their queue, their offer moves on).
+    pub grace: Duration,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        PresenceSettings { heartbeat: Duration::from_secs(1), grace: Duration::from_secs(30) }
+    }
+}
+
+impl PresenceSettings {
+    /// How long a signed-in mark lives without a refresh.
+    pub(crate) fn ttl_ms(&self) -> i64 {
+        i64::try_from(self.heartbeat.as_millis().saturating_mul(3)).unwrap_or(i64::MAX)
+    }
+
+    pub(crate) fn grace_ms(&self) -> i64 {
+        i64::try_from(self.grace.as_millis()).unwrap_or(i64::MAX)
+    }
 }
 
 /// The push channel of every connected gateway.

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody, Fence,
-    NewConversation, WaitingEntry, apply, conversation_key, decide, queue_key,
+    AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody, Fence, GroupId,
+    NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, decide, queue_key,
 };
 use switchboard_proto::convert::{conversation_from_record, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
 };
 use switchboard_proto::router::{
-    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Push, RouterError,
+    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Push, RouterError, SystemCommand,
 };
 use tracing::warn;
 
@@ -34,6 +34,9 @@ pub(crate) enum ConversationMsg {
     Command { caller: Caller, command: ChatCommand, reply: Reply<CommandOutcome> },
     Accept { agent: AgentId, reply: Reply<ChatView> },
     Typing { caller: Caller, typing: bool, reply: Reply<()> },
+    System { command: SystemCommand, reply: Reply<bool> },
+    Transfer { caller: Caller, to_group: GroupId, reply: Reply<ChatView> },
+    Forward { caller: Caller, to_agent: AgentId, reply: Reply<ChatView> },
 }
 
 pub(crate) struct ConversationActor;
@@ -122,10 +125,45 @@ impl Actor for ConversationActor {
                 }
             }
             ConversationMsg::Accept { agent, reply } => {
-                let command = Command::Accept { agent: agent.clone() };
+                let command = Command::Accept { agent: agent.clone(), offered_only: state.routed_by_offer() };
                 let result = state.decide_and_append(Author::Agent(agent), &command, None).await;
                 let failed = stop_on_store_failure(&myself, &result);
                 let _ = reply.send(result.map(|_| state.view()));
+                if failed {
+                    return Ok(());
+                }
+            }
+            ConversationMsg::System { command, reply } => {
+                let command = match command {
+                    SystemCommand::Offer { agent, expires_at_ms } => Command::Offer { agent, expires_at_ms },
+                    SystemCommand::EndOffer { agent, reason } => Command::EndOffer { agent, reason },
+                    SystemCommand::Requeue { agent, reason } => Command::Requeue { agent, reason },
+                };
+                let result = state.decide_and_append(Author::System, &command, None).await;
+                let failed = stop_on_store_failure(&myself, &result);
+                let _ = reply.send(result.map(|outcome| outcome.event.is_some() && !outcome.duplicate));
+                if failed {
+                    return Ok(());
+                }
+            }
+            ConversationMsg::Transfer { caller, to_group, reply } => {
+                let result = state.transfer(&caller, to_group).await;
+                let failed = stop_on_store_failure(&myself, &result);
+                let _ = reply.send(result);
+                if failed {
+                    return Ok(());
+                }
+            }
+            ConversationMsg::Forward { caller, to_agent, reply } => {
+                let result = match state.authorize(&caller) {
+                    Ok(()) => {
+                        let command = Command::Forward { by: caller.author(), to_agent };
+                        state.decide_and_append(caller.author(), &command, None).await.map(|_| state.view())
+                    }
+                    Err(error) => Err(error),
+                };
+                let failed = stop_on_store_failure(&myself, &result);
+                let _ = reply.send(result);
                 if failed {
                     return Ok(());
                 }
@@ -160,6 +198,32 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl ConversationActorState {
     fn view(&self) -> ChatView {
         view_of(&self.conversation)
+    }
+
+    /// Whether the chat's group routes by offer (only the offered agent may accept).
+    fn routed_by_offer(&self) -> bool {
+        let conversation = &self.conversation;
+        self.context
+            .directory
+            .group(&conversation.tenant, &conversation.group)
+            .is_some_and(|group| matches!(group.routing, Routing::Push { .. }))
+    }
+
+    /// Moves the chat to another group's queue, if that group is online.
+    async fn transfer(&mut self, caller: &Caller, to_group: GroupId) -> Result<ChatView, RouterError> {
+        self.authorize(caller)?;
+        let tenant = self.conversation.tenant.clone();
+        if self.context.directory.group(&tenant, &to_group).is_none() {
+            return Err(RouterError::UnknownGroup);
+        }
+        let command = Command::Transfer { by: caller.author(), to_group: to_group.clone() };
+        // Refusals of the chat's own state first (a closed chat is closed, whatever the target).
+        decide(&self.conversation, &command)?;
+        if !crate::presence::group_online(&self.context, &tenant, &to_group).await {
+            return Err(RouterError::Refused(Refusal::GroupOffline));
+        }
+        self.decide_and_append(caller.author(), &command, None).await?;
+        Ok(self.view())
     }
 
     /// Customers see only their own chat; agents only their tenant's chats of their groups or their own.
@@ -259,9 +323,9 @@ impl ConversationActorState {
             return Err(RouterError::Internal("the store returned no event for an append".into()));
         };
         if !duplicate {
-            let was_queued = self.conversation.state == ConversationState::Queued;
+            let before = self.conversation.clone();
             apply(&mut self.conversation, &stored);
-            self.after_change(&stored, was_queued).await;
+            self.after_change(&stored, &before).await;
             self.fan_out(Push::Event { conversation: self.conversation.id, event: Arc::new(stored.clone()) });
         }
         Ok(CommandOutcome { event: Some(stored), duplicate })
@@ -297,22 +361,40 @@ impl ConversationActorState {
         append(&self.context, self.conversation.id, self.fence, events, update, create).await
     }
 
-    async fn after_change(&self, event: &Event, was_queued: bool) {
+    /// Tells the queues and agents what an event changed. `before` is the state before the event.
+    async fn after_change(&self, event: &Event, before: &Conversation) {
         let conversation = &self.conversation;
+        let was_queued = before.state == ConversationState::Queued;
         let left_queue = match &event.body {
             EventBody::Accepted { agent } => Some(LeftQueue::Accepted { agent: agent.clone() }),
+            EventBody::Forwarded { to_agent, .. } if was_queued => {
+                Some(LeftQueue::Accepted { agent: to_agent.clone() })
+            }
+            EventBody::Transferred { to_group, .. } if was_queued => {
+                Some(LeftQueue::Transferred { to_group: to_group.clone() })
+            }
             EventBody::Cancelled if was_queued => Some(LeftQueue::Cancelled),
             EventBody::Closed if was_queued => Some(LeftQueue::Closed),
             _ => None,
         };
         if let Some(reason) = left_queue {
-            remote::queue_remove(&self.context, &conversation.tenant, &conversation.group, conversation.id, reason)
-                .await;
+            remote::queue_remove(&self.context, &before.tenant, &before.group, conversation.id, reason).await;
         }
-        if conversation.state.is_finished()
-            && let Some(owner) = &conversation.owner
+        if matches!(event.body, EventBody::Transferred { .. } | EventBody::Requeued { .. }) {
+            let entry = WaitingEntry {
+                conversation: conversation.id,
+                group: conversation.group.clone(),
+                queued_at_ms: conversation.queued_at_ms,
+                customer_name: conversation.customer_name.clone(),
+                question: conversation.first_question.clone(),
+            };
+            remote::queue_add(&self.context, &conversation.tenant, entry).await;
+        }
+        // The previous owner's slot is free when the chat ended or moved away from them.
+        if let Some(previous) = &before.owner
+            && (conversation.owner.as_ref() != Some(previous) || conversation.state.is_finished())
         {
-            remote::agent_finished(&self.context, &conversation.tenant, owner, conversation.id).await;
+            remote::agent_finished(&self.context, &conversation.tenant, previous, conversation.id).await;
         }
     }
 
@@ -345,6 +427,11 @@ fn update_of(conversation: &Conversation) -> ConversationUpdate {
         owner_agent_id: conversation.owner.as_ref().map(|agent| agent.to_string()).unwrap_or_default(),
         accepted_at_ms: conversation.accepted_at_ms.unwrap_or(0),
         closed_at_ms: conversation.closed_at_ms.unwrap_or(0),
+        group_id: conversation.group.to_string(),
+        queued_at_ms: conversation.queued_at_ms,
+        offer_agent_id: conversation.offer.as_ref().map(|offer| offer.agent.to_string()).unwrap_or_default(),
+        offer_expires_at_ms: conversation.offer.as_ref().map(|offer| offer.expires_at_ms).unwrap_or(0),
+        offered_to: conversation.offered_to.iter().map(|agent| agent.to_string()).collect(),
     }
 }
 
@@ -391,6 +478,10 @@ async fn read_events(
 /// Creates a conversation: its opening events are stored, its actor is started, its queue is told.
 pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Result<(ChatView, String), RouterError> {
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
+    let group = context.directory.group(&facts.tenant, &facts.group).ok_or(RouterError::UnknownGroup)?;
+    if !group.hours.is_open(facts.created_at_ms) {
+        return Err(RouterError::Refused(Refusal::GroupClosed));
+    }
     // Everything that can fail is done before the chat is stored: once it is, the customer must get its token.
     // (A queue on another node is told after the store: the cast is retried, and a queue rebuilt from the
     // store finds the chat anyway.)
@@ -415,6 +506,7 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         last_seq: 0,
         shard: fence.shard.0,
         customer_token: customer_token.clone(),
+        ..Default::default()
     };
     let events: Vec<Event> = Conversation::opening_events(&facts)
         .into_iter()

@@ -10,5 +10,9 @@ pub(crate) fn from_store(error: StoreError) -> RouterError {
         StoreError::NotFound(_) => RouterError::NotFound,
         StoreError::Unavailable(detail) => RouterError::Unavailable(detail),
         StoreError::Invalid(detail) => RouterError::Internal(detail),
+        // The chat was not admitted: nothing of it is stored.
+        StoreError::LicenseExhausted { max_sessions } => {
+            RouterError::Refused(switchboard_domain::Refusal::LicenseExhausted { max_sessions })
+        }
     }
 }

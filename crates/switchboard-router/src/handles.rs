@@ -5,9 +5,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use ractor::{ActorRef, RpcReplyPort};
-use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry};
+use switchboard_domain::{
+    AgentAvailability, AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry,
+};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, RouterError,
+    AgentView, Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate, RouterError,
+    SystemCommand,
 };
 
 use crate::agent::AgentMsg;
@@ -93,10 +96,28 @@ impl ConversationHandle {
     pub(crate) async fn typing(&self, caller: Caller, typing: bool) -> Result<(), RouterError> {
         call(&self.0, |reply| ConversationMsg::Typing { caller, typing, reply }).await
     }
+
+    pub(crate) async fn system(&self, command: SystemCommand) -> Result<bool, RouterError> {
+        call(&self.0, |reply| ConversationMsg::System { command, reply }).await
+    }
+
+    pub(crate) async fn transfer(&self, caller: Caller, to_group: GroupId) -> Result<ChatView, RouterError> {
+        call(&self.0, |reply| ConversationMsg::Transfer { caller, to_group, reply }).await
+    }
+
+    pub(crate) async fn forward(&self, caller: Caller, to_agent: AgentId) -> Result<ChatView, RouterError> {
+        call(&self.0, |reply| ConversationMsg::Forward { caller, to_agent, reply }).await
+    }
 }
 
 #[derive(Clone)]
 pub(crate) struct AgentHandle(ActorRef<AgentMsg>);
+
+impl From<ActorRef<AgentMsg>> for AgentHandle {
+    fn from(actor: ActorRef<AgentMsg>) -> Self {
+        AgentHandle(actor)
+    }
+}
 
 impl AgentHandle {
     pub(crate) async fn activate(
@@ -118,6 +139,28 @@ impl AgentHandle {
     /// A chat of this agent ended: its slot is free.
     pub(crate) fn finished(&self, conversation: ConversationId) {
         let _ = self.0.cast(AgentMsg::Finished { conversation });
+    }
+
+    pub(crate) async fn forward(&self, caller: Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
+        call(&self.0, |reply| AgentMsg::Forward { caller, conversation, reply }).await
+    }
+
+    pub(crate) async fn offer(&self, update: OfferUpdate) -> Result<(), RouterError> {
+        call(&self.0, |reply| AgentMsg::Offer { update, reply }).await
+    }
+
+    pub(crate) async fn availability(&self) -> Result<AgentAvailability, RouterError> {
+        call(&self.0, |reply| AgentMsg::Availability { reply }).await
+    }
+
+    pub(crate) fn subscribe(&self, gateway: GatewayId) -> Result<(), RouterError> {
+        self.0
+            .cast(AgentMsg::Subscribe { gateway })
+            .map_err(|_| RouterError::Unavailable("the agent stopped; retry".into()))
+    }
+
+    pub(crate) fn unsubscribe(&self, gateway: GatewayId) {
+        let _ = self.0.cast(AgentMsg::Unsubscribe { gateway });
     }
 }
 
@@ -150,5 +193,13 @@ impl QueueHandle {
 
     pub(crate) fn unsubscribe(&self, gateway: GatewayId) {
         let _ = self.0.cast(QueueMsg::Unsubscribe { gateway });
+    }
+
+    pub(crate) fn agent_changed(&self, availability: AgentAvailability) {
+        let _ = self.0.cast(QueueMsg::AgentChanged { availability });
+    }
+
+    pub(crate) async fn reject_offer(&self, agent: AgentId, conversation: ConversationId) -> Result<(), RouterError> {
+        call(&self.0, |reply| QueueMsg::RejectOffer { agent, conversation, reply }).await
     }
 }

@@ -15,10 +15,12 @@ mod conversation;
 mod error;
 mod handles;
 mod placement;
+mod presence;
 mod queue;
 mod registry;
 mod remote;
 mod router;
 
+pub use context::PresenceSettings;
 pub use placement::LeaseSettings;
 pub use router::{Router, RouterSettings};

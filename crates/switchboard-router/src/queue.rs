@@ -1,17 +1,41 @@
 //! The support-queue actor: the chats waiting in one group, first come first served, and the gateways
 //! that watch them. Each change is pushed to every watching gateway with the queue's version.
+//!
+//! In a push-routed group it also routes: the chat at the head of the queue without an offer is offered to
+//! one available agent (online, a free slot, no other offer), longest idle first; a reject or the offer
+//! timeout passes it to the next agent. An offer is recorded in the conversation's log (with its expiry)
+//! before the agent is shown it, so the timer survives a takeover: a queue activated on another node re-arms
+//! it from the store. The queue never waits on another actor: the calls an offer needs run in a task that
+//! reports back with a message.
+//!
+//! Every heartbeat it also evaluates the group's status (open by business hours, agents signed in) and
+//! publishes it to presence, and keeps an estimate of the wait per queue position.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
-use switchboard_domain::{ConversationId, GroupId, TenantId, WaitingEntry, WaitingQueue, queue_key};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use switchboard_domain::{
+    AgentAvailability, AgentId, BusinessHours, ConversationId, GroupId, Offer, OfferEnd, Refusal, Routing, TenantId,
+    WaitingEntry, WaitingQueue, queue_key,
+};
+use switchboard_presence::GroupStatus;
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::ListConversationsRequest;
-use switchboard_proto::router::{GatewayId, LeftQueue, Push, QueueChange, RouterError};
+use switchboard_proto::router::{GatewayId, LeftQueue, OfferUpdate, Push, QueueChange, RouterError, SystemCommand};
+use tracing::{debug, warn};
 
 use crate::context::Context;
 use crate::error::from_store;
+use crate::remote;
+
+type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
+
+/// How many recent accepts the wait estimate is made from.
+const ESTIMATE_WINDOW: usize = 10;
+/// How long a chat whose offer could not be made waits before it is tried again.
+const OFFER_RETRY_MS: i64 = 1_000;
 
 pub(crate) enum QueueMsg {
     Add {
@@ -28,17 +52,85 @@ pub(crate) enum QueueMsg {
     Unsubscribe {
         gateway: GatewayId,
     },
+    /// An agent of the group changed availability.
+    AgentChanged {
+        availability: AgentAvailability,
+    },
+    /// The agent declines the chat offered to them.
+    RejectOffer {
+        agent: AgentId,
+        conversation: ConversationId,
+        reply: Reply<()>,
+    },
+    /// What became of an offer being made (from the task that made it).
+    OfferMade {
+        conversation: ConversationId,
+        agent: AgentId,
+        result: Result<i64, OfferFailure>,
+    },
+    /// An offer's end is recorded (from the task that ended it).
+    OfferEnded {
+        conversation: ConversationId,
+        agent: AgentId,
+        recorded: bool,
+    },
+    OfferExpired {
+        conversation: ConversationId,
+        agent: AgentId,
+        expires_at_ms: i64,
+    },
+    AvailabilityLoaded {
+        agents: Vec<AgentAvailability>,
+    },
+    /// The heartbeat: timers' safety net, routing, group status.
+    Tick,
+}
+
+#[derive(Debug)]
+pub(crate) enum OfferFailure {
+    /// The agent could not take it (their availability is read again).
+    Agent,
+    /// The conversation refused or could not be reached.
+    Conversation,
+}
+
+/// What the queue knows of one waiting chat's routing.
+#[derive(Debug, Default)]
+struct ChatRouting {
+    offer: Option<Offer>,
+    /// Agents whose offer ended without an accept in this round.
+    offered_to: Vec<AgentId>,
+    /// An offer is being made to this agent.
+    making: Option<AgentId>,
+    /// The offer's end is being recorded.
+    ending: bool,
+    /// Replies waiting for the end of the offer (a reject).
+    waiting_end: Vec<Reply<()>>,
+    last_end_ms: i64,
+    retry_at_ms: i64,
 }
 
 pub(crate) struct QueueActor;
 
 pub(crate) struct QueueActorState {
     context: Arc<Context>,
+    myself: Option<ActorRef<QueueMsg>>,
     tenant: TenantId,
     group: GroupId,
+    routing: Routing,
+    hours: BusinessHours,
     waiting: WaitingQueue,
     version: u64,
     subscribers: BTreeSet<GatewayId>,
+    chats: HashMap<ConversationId, ChatRouting>,
+    agents: HashMap<AgentId, AgentAvailability>,
+    /// Accept times while the queue was busy, for the estimate.
+    departures: VecDeque<i64>,
+    /// Whether chats were still waiting right after the last accept (so the next interval measures service).
+    busy_after_last_departure: bool,
+    /// Recent waits (queued → accepted), used before there are intervals.
+    waits: VecDeque<i64>,
+    estimate: Option<u64>,
 }
 
 impl Actor for QueueActor {
@@ -48,9 +140,23 @@ impl Actor for QueueActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        state: Self::Arguments,
+        myself: ActorRef<Self::Msg>,
+        mut state: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        state.myself = Some(myself);
+        if state.is_push() {
+            state.load_availability();
+            let now_ms = state.now_ms();
+            let offers: Vec<(ConversationId, Offer)> = state
+                .chats
+                .iter()
+                .filter_map(|(conversation, chat)| chat.offer.clone().map(|offer| (*conversation, offer)))
+                .collect();
+            for (conversation, offer) in offers {
+                // Timers survive a takeover: an offer outstanding in the store expires when it said it would.
+                state.arm_timer(conversation, offer.agent, offer.expires_at_ms, now_ms);
+            }
+        }
         Ok(state)
     }
 
@@ -69,30 +175,55 @@ impl Actor for QueueActor {
         match message {
             QueueMsg::Add { entry } => {
                 if !state.waiting.contains(&entry.conversation) {
+                    state.chats.entry(entry.conversation).or_default();
                     state.waiting.insert(entry.clone());
                     state.broadcast(QueueChange::Added { entry });
                 }
             }
-            QueueMsg::Remove { conversation, reason } => {
-                if state.waiting.remove(&conversation).is_some() {
-                    state.broadcast(QueueChange::Removed { conversation, reason });
-                }
-            }
+            QueueMsg::Remove { conversation, reason } => state.remove(conversation, reason),
             QueueMsg::Subscribe { gateway } => {
                 let entries = state.waiting.iter().cloned().collect();
                 if state.push(&gateway, QueueChange::Snapshot { entries }) {
                     state.subscribers.insert(gateway);
+                    if state.estimate.is_some() {
+                        state.broadcast(QueueChange::Estimate { wait_per_position_ms: state.estimate });
+                    }
                 }
             }
             QueueMsg::Unsubscribe { gateway } => {
                 state.subscribers.remove(&gateway);
             }
+            QueueMsg::AgentChanged { availability } => state.agent_changed(availability),
+            QueueMsg::RejectOffer { agent, conversation, reply } => state.reject(agent, conversation, reply),
+            QueueMsg::OfferMade { conversation, agent, result } => state.offer_made(conversation, agent, result),
+            QueueMsg::OfferEnded { conversation, agent, recorded } => state.offer_ended(conversation, agent, recorded),
+            QueueMsg::OfferExpired { conversation, agent, expires_at_ms } => {
+                let current = state.chats.get(&conversation).and_then(|chat| chat.offer.as_ref());
+                if current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms) {
+                    state.end_offer(conversation, agent, OfferEnd::TimedOut, None);
+                }
+            }
+            QueueMsg::AvailabilityLoaded { agents } => {
+                for availability in agents {
+                    state.agents.insert(availability.agent.clone(), availability);
+                }
+            }
+            QueueMsg::Tick => state.tick(),
         }
+        state.dispatch();
         Ok(())
     }
 }
 
 impl QueueActorState {
+    fn now_ms(&self) -> i64 {
+        self.context.clock.now_ms()
+    }
+
+    fn is_push(&self) -> bool {
+        matches!(self.routing, Routing::Push { .. })
+    }
+
     fn broadcast(&mut self, change: QueueChange) {
         self.version += 1;
         let gone: Vec<GatewayId> =
@@ -107,6 +238,357 @@ impl QueueActorState {
             Push::Queue { tenant: self.tenant.clone(), group: self.group.clone(), version: self.version, change };
         self.context.gateways.push(gateway, push)
     }
+
+    fn remove(&mut self, conversation: ConversationId, reason: LeftQueue) {
+        let Some(entry) = self.waiting.remove(&conversation) else {
+            return;
+        };
+        let chat = self.chats.remove(&conversation).unwrap_or_default();
+        // An offer outstanding to someone other than who took the chat frees that agent's slot.
+        let taken_by = match &reason {
+            LeftQueue::Accepted { agent } => Some(agent.clone()),
+            _ => None,
+        };
+        let offered = chat.offer.map(|offer| offer.agent).or(chat.making);
+        if let Some(agent) = offered.filter(|agent| Some(agent) != taken_by.as_ref()) {
+            let (context, tenant) = (self.context.clone(), self.tenant.clone());
+            tokio::spawn(async move {
+                let update = OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn };
+                if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
+                    debug!(%error, %agent, "offer slot not freed after the chat left the queue");
+                }
+            });
+        }
+        for reply in chat.waiting_end {
+            let _ = reply.send(Ok(()));
+        }
+        self.broadcast(QueueChange::Removed { conversation, reason });
+        if taken_by.is_some() {
+            self.record_departure(entry.queued_at_ms);
+        }
+        if self.waiting.is_empty() {
+            self.busy_after_last_departure = false;
+        }
+    }
+
+    fn record_departure(&mut self, queued_at_ms: i64) {
+        let now_ms = self.now_ms();
+        if self.busy_after_last_departure || self.departures.is_empty() {
+            self.departures.push_back(now_ms);
+        } else {
+            // The queue was empty in between: the interval measures arrivals, not service. Start again.
+            self.departures.clear();
+            self.departures.push_back(now_ms);
+        }
+        while self.departures.len() > ESTIMATE_WINDOW + 1 {
+            self.departures.pop_front();
+        }
+        self.busy_after_last_departure = !self.waiting.is_empty();
+        self.waits.push_back(now_ms.saturating_sub(queued_at_ms).max(0));
+        while self.waits.len() > ESTIMATE_WINDOW {
+            self.waits.pop_front();
+        }
+        let estimate = estimate(&self.departures, &self.waits);
+        let changed = match (self.estimate, estimate) {
+            (Some(old), Some(new)) => old.abs_diff(new) * 10 > old.max(1),
+            (old, new) => old != new,
+        };
+        if changed {
+            self.estimate = estimate;
+            self.broadcast(QueueChange::Estimate { wait_per_position_ms: estimate });
+        }
+    }
+
+    fn agent_changed(&mut self, availability: AgentAvailability) {
+        let agent = availability.agent.clone();
+        let unavailable = availability.status != switchboard_domain::AgentStatus::Online;
+        self.agents.insert(agent.clone(), availability);
+        if unavailable {
+            let offered: Vec<ConversationId> = self
+                .chats
+                .iter()
+                .filter(|(_, chat)| !chat.ending && chat.offer.as_ref().is_some_and(|offer| offer.agent == agent))
+                .map(|(conversation, _)| *conversation)
+                .collect();
+            for conversation in offered {
+                self.end_offer(conversation, agent.clone(), OfferEnd::Withdrawn, None);
+            }
+        }
+    }
+
+    fn reject(&mut self, agent: AgentId, conversation: ConversationId, reply: Reply<()>) {
+        let Some(chat) = self.chats.get_mut(&conversation) else {
+            let _ = reply.send(Err(RouterError::Refused(Refusal::NotOffered)));
+            return;
+        };
+        if chat.offer.as_ref().is_some_and(|offer| offer.agent == agent) {
+            if chat.ending {
+                chat.waiting_end.push(reply);
+            } else {
+                self.end_offer(conversation, agent, OfferEnd::Rejected, Some(reply));
+            }
+        } else if chat.offered_to.contains(&agent) {
+            // Already over (it timed out meanwhile): rejecting again changes nothing.
+            let _ = reply.send(Ok(()));
+        } else {
+            let _ = reply.send(Err(RouterError::Refused(Refusal::NotOffered)));
+        }
+    }
+
+    /// Records the end of an offer on the conversation, then frees the agent's slot, from a task.
+    fn end_offer(&mut self, conversation: ConversationId, agent: AgentId, reason: OfferEnd, reply: Option<Reply<()>>) {
+        let Some(chat) = self.chats.get_mut(&conversation) else {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        };
+        chat.ending = true;
+        chat.waiting_end.extend(reply);
+        let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            let command = SystemCommand::EndOffer { agent: agent.clone(), reason };
+            let recorded = match remote::conversation_system(&context, conversation, command).await {
+                Ok(_) => true,
+                Err(error) => {
+                    debug!(%error, %conversation, "offer end not recorded; retried at the next heartbeat");
+                    false
+                }
+            };
+            if recorded {
+                let update = OfferUpdate::Ended { conversation, reason };
+                if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
+                    debug!(%error, %agent, "offer slot not freed; the agent's availability is read again");
+                }
+            }
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::OfferEnded { conversation, agent, recorded });
+            }
+        });
+    }
+
+    fn offer_ended(&mut self, conversation: ConversationId, agent: AgentId, recorded: bool) {
+        let now_ms = self.now_ms();
+        let Some(chat) = self.chats.get_mut(&conversation) else {
+            return;
+        };
+        chat.ending = false;
+        if !recorded {
+            // Kept: the heartbeat ends it again (its expiry is in the past or the reject is retried).
+            if let Some(offer) = &mut chat.offer {
+                offer.expires_at_ms = offer.expires_at_ms.min(now_ms);
+            }
+            return;
+        }
+        if chat.offer.as_ref().is_some_and(|offer| offer.agent == agent) {
+            chat.offer = None;
+        }
+        if !chat.offered_to.contains(&agent) {
+            chat.offered_to.push(agent.clone());
+        }
+        chat.last_end_ms = now_ms;
+        for reply in chat.waiting_end.drain(..) {
+            let _ = reply.send(Ok(()));
+        }
+        self.refresh_agent(agent);
+    }
+
+    fn offer_made(&mut self, conversation: ConversationId, agent: AgentId, result: Result<i64, OfferFailure>) {
+        let now_ms = self.now_ms();
+        let Some(chat) = self.chats.get_mut(&conversation) else {
+            return;
+        };
+        chat.making = None;
+        match result {
+            Ok(expires_at_ms) => {
+                chat.offer = Some(Offer { agent: agent.clone(), expires_at_ms });
+                self.arm_timer(conversation, agent, expires_at_ms, now_ms);
+            }
+            Err(failure) => {
+                chat.retry_at_ms = now_ms + OFFER_RETRY_MS;
+                if matches!(failure, OfferFailure::Agent) {
+                    self.refresh_agent(agent);
+                }
+            }
+        }
+    }
+
+    fn arm_timer(&self, conversation: ConversationId, agent: AgentId, expires_at_ms: i64, now_ms: i64) {
+        let Some(myself) = self.myself.clone() else { return };
+        let delay = Duration::from_millis(u64::try_from(expires_at_ms.saturating_sub(now_ms)).unwrap_or(0));
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = myself.cast(QueueMsg::OfferExpired { conversation, agent, expires_at_ms });
+        });
+    }
+
+    /// Reads an agent's availability again (an offer to them failed or ended).
+    fn refresh_agent(&self, agent: AgentId) {
+        let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            if let Ok(availability) = remote::agent_availability(&context, &tenant, &agent).await
+                && let Some(myself) = myself
+            {
+                let _ = myself.cast(QueueMsg::AgentChanged { availability });
+            }
+        });
+    }
+
+    /// Reads the availability of every member of the group, from a task.
+    fn load_availability(&self) {
+        let members: Vec<AgentId> =
+            self.context.directory.members_of(&self.tenant, &self.group).map(|agent| agent.id.clone()).collect();
+        let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            let mut agents = Vec::with_capacity(members.len());
+            for agent in members {
+                match remote::agent_availability(&context, &tenant, &agent).await {
+                    Ok(availability) => agents.push(availability),
+                    Err(error) => debug!(%error, %agent, "availability not read; the agent tells the queue later"),
+                }
+            }
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::AvailabilityLoaded { agents });
+            }
+        });
+    }
+
+    fn tick(&mut self) {
+        let now_ms = self.now_ms();
+        // The safety net of the timers (an end that could not be recorded is retried here).
+        let expired: Vec<(ConversationId, AgentId)> = self
+            .chats
+            .iter()
+            .filter(|(_, chat)| !chat.ending)
+            .filter_map(|(conversation, chat)| {
+                chat.offer
+                    .as_ref()
+                    .filter(|offer| offer.expires_at_ms <= now_ms)
+                    .map(|offer| (*conversation, offer.agent.clone()))
+            })
+            .collect();
+        for (conversation, agent) in expired {
+            self.end_offer(conversation, agent, OfferEnd::TimedOut, None);
+        }
+        self.publish_status(now_ms);
+    }
+
+    /// Evaluates the group's status and publishes it to presence, from a task.
+    fn publish_status(&self, now_ms: i64) {
+        let open = self.hours.is_open(now_ms);
+        let (context, tenant, group) = (self.context.clone(), self.tenant.clone(), self.group.clone());
+        tokio::spawn(async move {
+            let key = (tenant.clone(), group.clone());
+            let signed_in = match context.presence.n_signed_in(&tenant, &group, now_ms).await {
+                Ok(n) => n,
+                Err(error) => {
+                    // Stale presence: the last count known stands, and nothing is published.
+                    debug!(%error, %group, "group status not evaluated: presence unavailable");
+                    let mut statuses = context.group_statuses.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if let Some(status) = statuses.get_mut(&key) {
+                        status.open = open;
+                        status.online = open && status.signed_in > 0;
+                    }
+                    return;
+                }
+            };
+            let status =
+                GroupStatus { tenant, group, open, signed_in, online: open && signed_in > 0, evaluated_at_ms: now_ms };
+            if let Err(error) = context.presence.put_group_status(&status).await {
+                debug!(%error, "group status not published");
+            }
+            context.group_statuses.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, status);
+        });
+    }
+
+    /// Push routing: offers each waiting chat without an offer, head first, to the best available agent.
+    fn dispatch(&mut self) {
+        let Routing::Push { offer_timeout_ms } = self.routing else {
+            return;
+        };
+        let now_ms = self.now_ms();
+        let mut busy: HashSet<AgentId> = self
+            .chats
+            .values()
+            .filter_map(|chat| chat.offer.as_ref().map(|offer| offer.agent.clone()).or_else(|| chat.making.clone()))
+            .collect();
+        let order: Vec<WaitingEntry> = self.waiting.iter().cloned().collect();
+        for entry in order {
+            let mut candidates: Vec<&AgentAvailability> =
+                self.agents.values().filter(|agent| agent.can_take_offer() && !busy.contains(&agent.agent)).collect();
+            if candidates.is_empty() {
+                return;
+            }
+            candidates.sort_by(|a, b| (a.idle_since_ms, &a.agent).cmp(&(b.idle_since_ms, &b.agent)));
+            let chat = self.chats.entry(entry.conversation).or_default();
+            if chat.offer.is_some() || chat.making.is_some() || chat.ending || chat.retry_at_ms > now_ms {
+                continue;
+            }
+            let untried = candidates.iter().find(|agent| !chat.offered_to.contains(&agent.agent));
+            let pick = match untried {
+                Some(agent) => agent.agent.clone(),
+                // Everyone available has had it: a new round starts once an offer timeout has passed.
+                None if now_ms >= chat.last_end_ms.saturating_add(offer_timeout_ms) => {
+                    chat.offered_to.clear();
+                    candidates[0].agent.clone()
+                }
+                None => continue,
+            };
+            chat.making = Some(pick.clone());
+            busy.insert(pick.clone());
+            self.make_offer(entry, pick, now_ms.saturating_add(offer_timeout_ms));
+        }
+    }
+
+    /// Records the offer on the conversation, then reserves the agent's slot and shows them the offer.
+    fn make_offer(&self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64) {
+        let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            let conversation = entry.conversation;
+            let command = SystemCommand::Offer { agent: agent.clone(), expires_at_ms };
+            let result = match remote::conversation_system(&context, conversation, command).await {
+                Err(error) => {
+                    debug!(%error, %conversation, "offer not recorded");
+                    Err(OfferFailure::Conversation)
+                }
+                Ok(_) => {
+                    let update = OfferUpdate::Made { entry, expires_at_ms };
+                    match remote::agent_offer(&context, &tenant, &agent, update).await {
+                        Ok(()) => Ok(expires_at_ms),
+                        Err(error) => {
+                            debug!(%error, %agent, "agent could not take the offer");
+                            let end = SystemCommand::EndOffer { agent: agent.clone(), reason: OfferEnd::Withdrawn };
+                            if let Err(error) = remote::conversation_system(&context, conversation, end).await {
+                                warn!(%error, %conversation, "offer to an unavailable agent not ended; it times out");
+                                Ok(expires_at_ms)
+                            } else {
+                                Err(OfferFailure::Agent)
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::OfferMade { conversation, agent, result });
+            }
+        });
+    }
+}
+
+/// The wait per queue position: the mean interval between accepts while chats were waiting, or before there
+/// are two accepts, the mean wait of the recent accepts.
+fn estimate(departures: &VecDeque<i64>, waits: &VecDeque<i64>) -> Option<u64> {
+    if let (Some(first), Some(last)) = (departures.front(), departures.back())
+        && departures.len() >= 2
+    {
+        let intervals = i64::try_from(departures.len() - 1).unwrap_or(1);
+        return u64::try_from((last - first) / intervals).ok();
+    }
+    if waits.is_empty() {
+        return None;
+    }
+    let total: i64 = waits.iter().sum();
+    u64::try_from(total / i64::try_from(waits.len()).unwrap_or(1)).ok()
 }
 
 /// The running actor of a support queue, activated with the chats the store says are waiting in it.
@@ -122,10 +604,7 @@ pub(crate) async fn activate(
             if !context.shards.owns(&queue_key(tenant, group)) {
                 return Err(RouterError::NotOwner);
             }
-            let known = context.directory.tenant(tenant).is_some_and(|entry| entry.groups.contains_key(group));
-            if !known {
-                return Err(RouterError::UnknownGroup);
-            }
+            let entry = context.directory.group(tenant, group).ok_or(RouterError::UnknownGroup)?;
             let request = ListConversationsRequest {
                 tenant_id: tenant.to_string(),
                 states: vec!["queued".into()],
@@ -134,9 +613,18 @@ pub(crate) async fn activate(
             };
             let response = context.store.list_conversations(request).await.map_err(from_store)?;
             let mut waiting = WaitingQueue::default();
+            let mut chats = HashMap::new();
             for record in &response.conversations {
                 let conversation =
                     conversation_from_record(record).map_err(|error| RouterError::Internal(error.to_string()))?;
+                chats.insert(
+                    conversation.id,
+                    ChatRouting {
+                        offer: conversation.offer.clone(),
+                        offered_to: conversation.offered_to.clone(),
+                        ..Default::default()
+                    },
+                );
                 waiting.insert(WaitingEntry {
                     conversation: conversation.id,
                     group: conversation.group,
@@ -147,11 +635,20 @@ pub(crate) async fn activate(
             }
             let state = QueueActorState {
                 context: context.clone(),
+                myself: None,
                 tenant: tenant.clone(),
                 group: group.clone(),
+                routing: entry.routing,
+                hours: entry.hours.clone(),
                 waiting,
                 version: 0,
                 subscribers: BTreeSet::new(),
+                chats,
+                agents: HashMap::new(),
+                departures: VecDeque::new(),
+                busy_after_last_departure: false,
+                waits: VecDeque::new(),
+                estimate: None,
             };
             let (actor, _) = Actor::spawn(None, QueueActor, state)
                 .await
@@ -159,4 +656,19 @@ pub(crate) async fn activate(
             Ok(actor)
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_is_the_service_interval_or_else_the_mean_wait() {
+        let none = VecDeque::new();
+        assert_eq!(estimate(&none, &none), None);
+        let waits = VecDeque::from([30_000, 50_000]);
+        assert_eq!(estimate(&VecDeque::from([1_000]), &waits), Some(40_000), "one accept: the mean wait");
+        let departures = VecDeque::from([0, 20_000, 40_000, 90_000]);
+        assert_eq!(estimate(&departures, &waits), Some(30_000), "three intervals of 20 s, 20 s, 50 s");
+    }
 }

@@ -63,6 +63,17 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         slots.get(key).and_then(|slot| slot.get()).filter(|actor| is_alive(actor)).cloned()
     }
 
+    /// Every running actor (for the periodic tick).
+    pub(crate) fn running(&self) -> Vec<(K, ActorRef<M>)> {
+        let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots
+            .iter()
+            .filter_map(|(key, slot)| {
+                slot.get().filter(|actor| is_alive(actor)).map(|actor| (key.clone(), actor.clone()))
+            })
+            .collect()
+    }
+
     /// Stops and forgets every actor whose key matches (the node gave up the key's shard).
     pub(crate) fn stop_where(&self, matches: impl Fn(&K) -> bool) -> usize {
         let stopped: Vec<ActorRef<M>> = {

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_domain::{
-    AgentId, ConversationId, GroupId, TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
+    AgentAvailability, AgentId, ConversationId, GroupId, TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
-use switchboard_proto::router::{Caller, ChatView, LeftQueue, RouterError};
+use switchboard_proto::router::{Caller, ChatView, LeftQueue, OfferUpdate, RouterError, SystemCommand};
 use tracing::warn;
 
 use crate::context::Context;
@@ -138,4 +138,89 @@ pub(crate) async fn conversation_accept(
 /// The cluster client when `key` lives on another node; `None` when it is (or may only be) local.
 fn remote_peers(context: &Context, key: &str) -> Option<Arc<dyn switchboard_proto::router::ClusterApi>> {
     if context.shards.owns(key) { None } else { context.peers.clone() }
+}
+
+/// Records a forward on the conversation, wherever it lives (the target agent's slot is reserved).
+pub(crate) async fn owner_forward(
+    context: &Arc<Context>,
+    caller: &Caller,
+    conversation: ConversationId,
+    to_agent: &AgentId,
+) -> Result<ChatView, RouterError> {
+    match remote_peers(context, &conversation_key(&conversation)) {
+        None => {
+            ConversationHandle::with(context, conversation, |handle| async move {
+                handle.forward(caller.clone(), to_agent.clone()).await
+            })
+            .await
+        }
+        Some(peers) => peers.owner_forward(caller, conversation, to_agent).await,
+    }
+}
+
+/// A system command on the conversation, wherever it lives; true when it stored an event.
+pub(crate) async fn conversation_system(
+    context: &Arc<Context>,
+    conversation: ConversationId,
+    command: SystemCommand,
+) -> Result<bool, RouterError> {
+    match remote_peers(context, &conversation_key(&conversation)) {
+        None => {
+            let command = &command;
+            ConversationHandle::with(
+                context,
+                conversation,
+                |handle| async move { handle.system(command.clone()).await },
+            )
+            .await
+        }
+        Some(peers) => peers.conversation_system(conversation, command).await,
+    }
+}
+
+/// An offer made to an agent or ended, on the agent's owner.
+pub(crate) async fn agent_offer(
+    context: &Arc<Context>,
+    tenant: &TenantId,
+    agent: &AgentId,
+    update: OfferUpdate,
+) -> Result<(), RouterError> {
+    match remote_peers(context, &agent_key(tenant, agent)) {
+        None => AgentHandle::activate(context, tenant, agent).await?.offer(update).await,
+        Some(peers) => peers.agent_offer(tenant, agent, update).await,
+    }
+}
+
+/// An agent's availability, from the agent's owner.
+pub(crate) async fn agent_availability(
+    context: &Arc<Context>,
+    tenant: &TenantId,
+    agent: &AgentId,
+) -> Result<AgentAvailability, RouterError> {
+    match remote_peers(context, &agent_key(tenant, agent)) {
+        None => AgentHandle::activate(context, tenant, agent).await?.availability().await,
+        Some(peers) => peers.agent_availability(tenant, agent).await,
+    }
+}
+
+/// Tells a group's queue that one of its agents' availability changed (a cast).
+pub(crate) async fn queue_agent_changed(
+    context: &Arc<Context>,
+    tenant: &TenantId,
+    group: &GroupId,
+    availability: AgentAvailability,
+) {
+    if context.shards.owns(&queue_key(tenant, group)) || context.peers.is_none() {
+        match QueueHandle::activate(context, tenant, group).await {
+            Ok(queue) => queue.agent_changed(availability),
+            Err(error) => warn!(%error, %group, "queue not told of an agent's availability"),
+        }
+    } else if let Some(peers) = context.peers.clone() {
+        let (tenant, group) = (tenant.clone(), group.clone());
+        cast_remote("queue agent changed", move || {
+            let (peers, tenant, group, availability) =
+                (peers.clone(), tenant.clone(), group.clone(), availability.clone());
+            async move { peers.queue_agent_changed(&tenant, &group, availability).await }
+        });
+    }
 }

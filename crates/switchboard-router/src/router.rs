@@ -4,21 +4,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation, TenantId, WaitingEntry,
-    agent_key, conversation_key, queue_key,
+    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation,
+    TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
+use switchboard_presence::Presence;
 use switchboard_proto::convert::conversation_from_record;
-use switchboard_proto::internal::v1::ListConversationsRequest;
+use switchboard_proto::internal::v1::{CreateTicketRequest, GetLicenseRequest, ListConversationsRequest, TicketRecord};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, PeerApi,
-    Push, RouterApi, RouterError, StartChat, StartedChat,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{debug, info};
 
-use crate::context::{Context, Gateways};
+use crate::context::{Context, Gateways, PresenceSettings};
 use crate::conversation::view_of;
 use crate::error::from_store;
 use crate::handles::{AgentHandle, ConversationHandle, QueueHandle};
@@ -33,6 +34,7 @@ pub struct RouterSettings {
     pub leases: LeaseSettings,
     /// How many chats a closed list shows at most.
     pub closed_list_limit: u32,
+    pub presence: PresenceSettings,
 }
 
 pub struct Router {
@@ -40,6 +42,7 @@ pub struct Router {
     leases: LeaseSettings,
     stop_keeper: tokio::sync::watch::Sender<bool>,
     lease_keeper: std::sync::Mutex<Option<JoinHandle<()>>>,
+    heartbeat: JoinHandle<()>,
 }
 
 impl Drop for Router {
@@ -47,6 +50,7 @@ impl Drop for Router {
         if let Some(keeper) = self.lease_keeper.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
             keeper.abort();
         }
+        self.heartbeat.abort();
     }
 }
 
@@ -59,6 +63,7 @@ impl Router {
         store: Arc<dyn StoreApi>,
         clock: Arc<dyn Clock>,
         directory: Arc<Directory>,
+        presence: Arc<dyn Presence>,
         peers: Option<Arc<dyn ClusterApi>>,
     ) -> Result<Router, RouterError> {
         let context = Arc::new(Context {
@@ -76,16 +81,21 @@ impl Router {
             agents: Default::default(),
             queues: Default::default(),
             closed_list_limit: settings.closed_list_limit,
+            presence,
+            presence_settings: settings.presence,
+            group_statuses: Default::default(),
         });
         let n_shards = placement::join(&context, &settings.leases).await?;
         info!(node = %settings.node_id, n_shards, "router started");
         let (stop_keeper, stop) = tokio::sync::watch::channel(false);
         let lease_keeper = tokio::spawn(placement::keep_leases(context.clone(), settings.leases, stop));
+        let heartbeat = tokio::spawn(heartbeat(context.clone()));
         Ok(Router {
             context,
             leases: settings.leases,
             stop_keeper,
             lease_keeper: std::sync::Mutex::new(Some(lease_keeper)),
+            heartbeat,
         })
     }
 
@@ -119,6 +129,31 @@ impl Router {
 
     fn owns(&self, key: &str) -> Result<(), RouterError> {
         if self.context.shards.owns(key) { Ok(()) } else { Err(RouterError::NotOwner) }
+    }
+}
+
+/// Every heartbeat: each agent checks its connections, each queue its timers, routing and group status; and
+/// the license count in use is mirrored to presence for dashboards.
+async fn heartbeat(context: Arc<Context>) {
+    let mut ticks = tokio::time::interval(context.presence_settings.heartbeat);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        for (_, agent) in context.agents.running() {
+            let _ = agent.cast(crate::agent::AgentMsg::Tick);
+        }
+        for (_, queue) in context.queues.running() {
+            let _ = queue.cast(crate::queue::QueueMsg::Tick);
+        }
+        match context.store.get_license(GetLicenseRequest {}).await {
+            Ok(license) => {
+                let now_ms = context.clock.now_ms();
+                if let Err(error) = context.presence.mirror_license(license.used, license.max_sessions, now_ms).await {
+                    debug!(%error, "license count not mirrored to presence");
+                }
+            }
+            Err(error) => debug!(%error, "license count not read"),
+        }
     }
 }
 
@@ -162,6 +197,55 @@ impl PeerApi for Router {
         self.owns(&agent_key(tenant, agent))?;
         AgentHandle::activate(&self.context, tenant, agent).await?.finished(conversation);
         Ok(())
+    }
+
+    async fn conversation_system(
+        &self,
+        conversation: ConversationId,
+        command: SystemCommand,
+    ) -> Result<bool, RouterError> {
+        self.owns(&conversation_key(&conversation))?;
+        let command = &command;
+        ConversationHandle::with(
+            &self.context,
+            conversation,
+            |handle| async move { handle.system(command.clone()).await },
+        )
+        .await
+    }
+
+    async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        self.owns(&agent_key(tenant, agent))?;
+        AgentHandle::activate(&self.context, tenant, agent).await?.offer(update).await
+    }
+
+    async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError> {
+        self.owns(&agent_key(tenant, agent))?;
+        AgentHandle::activate(&self.context, tenant, agent).await?.availability().await
+    }
+
+    async fn queue_agent_changed(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        availability: AgentAvailability,
+    ) -> Result<(), RouterError> {
+        self.owns(&queue_key(tenant, group))?;
+        QueueHandle::activate(&self.context, tenant, group).await?.agent_changed(availability);
+        Ok(())
+    }
+
+    async fn owner_forward(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        self.owns(&conversation_key(&conversation))?;
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.forward(caller.clone(), to_agent.clone()).await
+        })
+        .await
     }
 }
 
@@ -315,5 +399,80 @@ impl RouterApi for Router {
             .map(|record| conversation_from_record(record).map(|conversation| view_of(&conversation)))
             .collect::<Result<_, _>>()
             .map_err(|error| RouterError::Internal(error.to_string()))
+    }
+
+    async fn subscribe_agent(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<(), RouterError> {
+        AgentHandle::activate(&self.context, tenant, agent).await?.subscribe(gateway.clone())
+    }
+
+    async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
+        if let Some(actor) = self.context.agents.get_running(&(tenant.clone(), agent.clone())) {
+            AgentHandle::from(actor).unsubscribe(gateway.clone());
+        }
+    }
+
+    async fn reject_offer(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        QueueHandle::activate(&self.context, tenant, group).await?.reject_offer(agent.clone(), conversation).await
+    }
+
+    async fn transfer_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_group: &GroupId,
+    ) -> Result<ChatView, RouterError> {
+        ConversationHandle::with(&self.context, conversation, |handle| async move {
+            handle.transfer(caller.clone(), to_group.clone()).await
+        })
+        .await
+    }
+
+    async fn forward_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        let Caller::Agent { tenant, .. } = caller else {
+            return Err(RouterError::NotFound);
+        };
+        AgentHandle::activate(&self.context, tenant, to_agent).await?.forward(caller.clone(), conversation).await
+    }
+
+    async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError> {
+        if self.context.directory.group(&message.tenant, &message.group).is_none() {
+            return Err(RouterError::UnknownGroup);
+        }
+        let now_ms = self.context.clock.now_ms();
+        let subject: String = message.body.chars().take(120).collect();
+        let ticket = TicketRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: message.tenant.to_string(),
+            group_id: message.group.to_string(),
+            kind: "offline_message".into(),
+            reason: message.reason,
+            customer_name: message.customer_name,
+            customer_contact: message.contact,
+            subject,
+            body: message.body,
+            conversation_id: String::new(),
+            created_at_ms: now_ms,
+            idempotency_key: message.idempotency_key,
+        };
+        let response =
+            self.context.store.create_ticket(CreateTicketRequest { ticket: Some(ticket) }).await.map_err(from_store)?;
+        let stored = response.ticket.ok_or_else(|| RouterError::Internal("the store returned no ticket".into()))?;
+        Ok(Ticket { id: stored.id, created_at_ms: stored.created_at_ms, duplicate: response.duplicate })
     }
 }

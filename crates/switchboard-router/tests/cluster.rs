@@ -10,14 +10,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{agent, directory, group, tenant};
 use switchboard_domain::{
-    AgentId, AgentStatus, Clock, ConversationId, Event, FixedClock, GroupId, TenantId, WaitingEntry, agent_key,
-    conversation_key,
+    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Event, FixedClock, GroupId, TenantId, WaitingEntry,
+    agent_key, conversation_key,
 };
+use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, PeerApi,
-    Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
-use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_router::Router;
 use switchboard_store::MemoryStore;
 use tokio::sync::mpsc;
 
@@ -129,6 +130,51 @@ impl RouterApi for LocalCluster {
             router.unsubscribe_queue(gateway, tenant, group).await;
         }
     }
+    async fn subscribe_agent(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<(), RouterError> {
+        self.first(|router| async move { router.subscribe_agent(gateway, tenant, agent).await }).await
+    }
+    async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
+        for router in self.routers.get().into_iter().flatten() {
+            router.unsubscribe_agent(gateway, tenant, agent).await;
+        }
+    }
+    async fn reject_offer(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.first(|router| async move { router.reject_offer(tenant, group, agent, conversation).await }).await
+    }
+    async fn transfer_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_group: &GroupId,
+    ) -> Result<ChatView, RouterError> {
+        self.first(|router| async move { router.transfer_chat(caller, conversation, to_group).await }).await
+    }
+    async fn forward_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        self.first(|router| async move { router.forward_chat(caller, conversation, to_agent).await }).await
+    }
+    async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError> {
+        self.first(|router| {
+            let message = message.clone();
+            async move { router.leave_offline_message(message).await }
+        })
+        .await
+    }
     async fn list_chats(
         &self,
         tenant: &TenantId,
@@ -172,6 +218,47 @@ impl PeerApi for LocalCluster {
     ) -> Result<(), RouterError> {
         self.first(|router| async move { router.agent_finished(tenant, agent, conversation).await }).await
     }
+    async fn conversation_system(
+        &self,
+        conversation: ConversationId,
+        command: SystemCommand,
+    ) -> Result<bool, RouterError> {
+        self.first(|router| {
+            let command = command.clone();
+            async move { router.conversation_system(conversation, command).await }
+        })
+        .await
+    }
+    async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        self.first(|router| {
+            let update = update.clone();
+            async move { router.agent_offer(tenant, agent, update).await }
+        })
+        .await
+    }
+    async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError> {
+        self.first(|router| async move { router.agent_availability(tenant, agent).await }).await
+    }
+    async fn queue_agent_changed(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        availability: AgentAvailability,
+    ) -> Result<(), RouterError> {
+        self.first(|router| {
+            let availability = availability.clone();
+            async move { router.queue_agent_changed(tenant, group, availability).await }
+        })
+        .await
+    }
+    async fn owner_forward(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        self.first(|router| async move { router.owner_forward(caller, conversation, to_agent).await }).await
+    }
 }
 
 struct Nodes {
@@ -186,15 +273,14 @@ async fn start_nodes(n: usize) -> Nodes {
     let store = Arc::new(MemoryStore::new(clock_dyn.clone()));
     let cluster = Arc::new(LocalCluster::default());
     let mut routers = Vec::new();
+    let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
     for i in 0..n {
-        let settings = RouterSettings {
-            node_id: format!("node-{i}"),
-            advertise: format!("local://node-{i}"),
-            leases: LeaseSettings::default(),
-            closed_list_limit: 50,
-        };
+        let mut settings = common::router_settings(&format!("node-{i}"));
+        settings.advertise = format!("local://node-{i}");
         let peers: Arc<dyn ClusterApi> = cluster.clone();
-        let router = Router::start(settings, store.clone(), clock_dyn.clone(), Arc::new(directory()), Some(peers));
+        let directory = Arc::new(directory());
+        let router =
+            Router::start(settings, store.clone(), clock_dyn.clone(), directory, presence.clone(), Some(peers));
         routers.push(Arc::new(router.await.unwrap()));
     }
     assert!(cluster.routers.set(routers.clone()).is_ok());

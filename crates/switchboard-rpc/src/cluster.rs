@@ -7,12 +7,19 @@
 //!   when another was installed while it was being read (it may be the older of the two).
 //! - **Retries.** `NotOwner` (the request was not executed) is retried on the new owner until
 //!   `retry_for` has passed. `Unavailable` is retried too for the operations that are idempotent (reads,
-//!   subscriptions, commands carrying a client message id, casts); `start_chat` and `accept_chat` return it
-//!   to the client, which may retry.
+//!   subscriptions, commands carrying a client message id, casts, offers and their ends, availability
+//!   reads, offline messages with their idempotency key); `start_chat`, `accept_chat`, `transfer_chat`,
+//!   `forward_chat` and `owner_forward` return it to the client, which may retry (each may have been carried
+//!   out before the connection failed).
+//! - **Routing.** Each call goes to the owner of one key: conversations by `conversation_key`; agents
+//!   (`accept_chat`, statuses, `subscribe_agent`, `agent_offer`, `agent_availability`, `agent_finished`) by
+//!   `agent_key`, and `forward_chat` by the key of the *target* agent (its owner reserves the slot first);
+//!   queues (`subscribe_queue`, `queue_add`, `reject_offer`, `queue_agent_changed`, `leave_offline_message`)
+//!   by `queue_key`.
 //! - **Pushes** (gateway role). One push stream per router node, kept open while the node is in the
 //!   placement. The client remembers what its gateway follows: conversations with the seq up to which every
-//!   event reached the gateway (pushed, or returned by a subscription), queues, and the status each agent
-//!   chose. A node has somewhere to push before anything is subscribed on it: when a shard moves to a node
+//!   event reached the gateway (pushed, or returned by a subscription), queues, agents (their own pushes),
+//!   and the status each agent chose. A node has somewhere to push before anything is subscribed on it: when a shard moves to a node
 //!   whose stream is open, the client subscribes again there at once; otherwise the node's stream, once it
 //!   opens, subscribes again to everything the gateway follows on that node. So does every stream that
 //!   opens again (the node may have restarted, and pushes are lost while no stream is open). Subscribing
@@ -29,13 +36,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentId, AgentStatus, ConversationId, Event, GroupId, N_SHARDS, ShardId, TenantId, WaitingEntry, agent_key,
-    conversation_key, queue_key, shard_of,
+    AgentAvailability, AgentId, AgentStatus, ConversationId, Event, GroupId, N_SHARDS, ShardId, TenantId, WaitingEntry,
+    agent_key, conversation_key, queue_key, shard_of,
 };
 use switchboard_proto::internal::v1::{GetPlacementRequest, Placement};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, PeerApi, Push, RouterApi,
-    RouterError, StartChat, StartedChat,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use tokio::sync::{Notify, mpsc, watch};
@@ -190,6 +197,8 @@ impl Followed {
 struct Subscriptions {
     conversations: HashMap<ConversationId, Followed>,
     queues: HashSet<(TenantId, GroupId)>,
+    /// The agents whose own pushes the gateway follows.
+    followed_agents: HashSet<(TenantId, AgentId)>,
     /// The status each agent chose last (offline ones are not kept: a new owner starts them offline).
     agents: HashMap<(TenantId, AgentId), AgentStatus>,
 }
@@ -423,7 +432,7 @@ fn apply_placement(inner: &Arc<Inner>, placement: &Placement, read_since: Option
 /// Subscribes again, on their owners now, to everything this gateway follows whose key matches.
 async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Matches) {
     let view = client.inner.placement.borrow().clone();
-    let (conversations, queues, agents) = {
+    let (conversations, queues, agents, followed_agents) = {
         let subscriptions = lock(&client.inner.subscriptions);
         let conversations: Vec<ConversationId> =
             subscriptions.conversations.keys().filter(|id| matches(&view, &conversation_key(id))).copied().collect();
@@ -439,18 +448,30 @@ async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Mat
             .filter(|(tenant, agent)| matches(&view, &agent_key(tenant, agent)))
             .cloned()
             .collect();
-        (conversations, queues, agents)
+        let followed_agents: Vec<(TenantId, AgentId)> = subscriptions
+            .followed_agents
+            .iter()
+            .filter(|(tenant, agent)| matches(&view, &agent_key(tenant, agent)))
+            .cloned()
+            .collect();
+        (conversations, queues, agents, followed_agents)
     };
-    if conversations.is_empty() && queues.is_empty() && agents.is_empty() {
+    if conversations.is_empty() && queues.is_empty() && agents.is_empty() && followed_agents.is_empty() {
         return;
     }
     info!(
         n_conversations = conversations.len(),
         n_queues = queues.len(),
         n_agents = agents.len(),
+        n_followed_agents = followed_agents.len(),
         "subscribing again on new owners"
     );
     let mut tasks = JoinSet::new();
+    // Agents' own pushes are followed before their statuses are restored, so that what the restore causes
+    // (an offer to an agent back online) reaches the gateway.
+    for (tenant, agent) in followed_agents {
+        spawn_limited(&mut tasks, resubscribe_agent(client.clone(), link.clone(), tenant, agent)).await;
+    }
     for (tenant, agent) in agents {
         spawn_limited(&mut tasks, restore_status(client.clone(), tenant, agent)).await;
     }
@@ -513,6 +534,30 @@ async fn resubscribe_queue(client: ClusterClient, link: Arc<GatewayLink>, tenant
         Ok(()) if !followed(&client) => {
             if let Some(node) = client.node_for(&key) {
                 node.unsubscribe_queue(&link.gateway, &tenant, &group).await;
+            }
+        }
+        Ok(()) => {}
+    }
+}
+
+async fn resubscribe_agent(client: ClusterClient, link: Arc<GatewayLink>, tenant: TenantId, agent: AgentId) {
+    let followed = |client: &ClusterClient| {
+        lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone()))
+    };
+    if !followed(&client) {
+        return;
+    }
+    let key = agent_key(&tenant, &agent);
+    let (gateway, tenant_ref, agent_ref) = (&link.gateway, &tenant, &agent);
+    let subscribed = client
+        .on_owner(&key, true, |node| async move { node.subscribe_agent(gateway, tenant_ref, agent_ref).await })
+        .await;
+    match subscribed {
+        Err(error) => warn!(%error, %agent, "agent not subscribed again on its new owner"),
+        // Unsubscribed meanwhile: undo.
+        Ok(()) if !followed(&client) => {
+            if let Some(node) = client.node_for(&key) {
+                node.unsubscribe_agent(&link.gateway, &tenant, &agent).await;
             }
         }
         Ok(()) => {}
@@ -983,6 +1028,85 @@ impl RouterApi for ClusterClient {
         self.on_owner(&agent_key(tenant, agent), true, |node| async move { node.list_chats(tenant, agent, list).await })
             .await
     }
+
+    async fn subscribe_agent(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<(), RouterError> {
+        // Followed before the call, as queues are (see `subscribe_queue`).
+        let key = (tenant.clone(), agent.clone());
+        let created = self.link().is_some() && lock(&self.inner.subscriptions).followed_agents.insert(key.clone());
+        let subscribed = self
+            .on_owner(&agent_key(tenant, agent), true, |node| async move {
+                node.subscribe_agent(gateway, tenant, agent).await
+            })
+            .await;
+        if subscribed.is_err() && created {
+            lock(&self.inner.subscriptions).followed_agents.remove(&key);
+        }
+        subscribed
+    }
+
+    async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
+        lock(&self.inner.subscriptions).followed_agents.remove(&(tenant.clone(), agent.clone()));
+        if let Some(node) = self.node_for(&agent_key(tenant, agent)) {
+            node.unsubscribe_agent(gateway, tenant, agent).await;
+        }
+    }
+
+    async fn reject_offer(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        // Idempotent: an offer rejected twice ends once.
+        self.on_owner(&queue_key(tenant, group), true, |node| async move {
+            node.reject_offer(tenant, group, agent, conversation).await
+        })
+        .await
+    }
+
+    async fn transfer_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_group: &GroupId,
+    ) -> Result<ChatView, RouterError> {
+        // Not retried on unavailability: the transfer may have been recorded (a second one would be refused
+        // `same_group`, or move the chat again after someone took it there).
+        self.on_owner(&conversation_key(&conversation), false, |node| async move {
+            node.transfer_chat(caller, conversation, to_group).await
+        })
+        .await
+    }
+
+    async fn forward_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        // The target agent's owner reserves its slot, then asks the conversation's owner. Only agents forward.
+        let Caller::Agent { tenant, .. } = caller else {
+            return Err(RouterError::NotFound);
+        };
+        // Not retried on unavailability, as an accept is not: it may have been carried out.
+        self.on_owner(&agent_key(tenant, to_agent), false, |node| async move {
+            node.forward_chat(caller, conversation, to_agent).await
+        })
+        .await
+    }
+
+    async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError> {
+        // Retried on unavailability: the idempotency key makes a second store of it the first ticket.
+        let key = queue_key(&message.tenant, &message.group);
+        let message = &message;
+        self.on_owner(&key, true, |node| async move { node.leave_offline_message(message.clone()).await }).await
+    }
 }
 
 #[async_trait]
@@ -1024,6 +1148,64 @@ impl PeerApi for ClusterClient {
     ) -> Result<(), RouterError> {
         self.on_owner(&agent_key(tenant, agent), true, |node| async move {
             node.agent_finished(tenant, agent, conversation).await
+        })
+        .await
+    }
+    async fn conversation_system(
+        &self,
+        conversation: ConversationId,
+        command: SystemCommand,
+    ) -> Result<bool, RouterError> {
+        // Idempotent: an offer to the agent it is already offered to, an offer that already ended, a chat
+        // already requeued change nothing the second time.
+        let command = &command;
+        self.on_owner(&conversation_key(&conversation), true, |node| async move {
+            node.conversation_system(conversation, command.clone()).await
+        })
+        .await
+    }
+
+    async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        // Idempotent: the agent's owner takes an offer it holds already, or ends one that is gone, as a no-op.
+        let update = &update;
+        self.on_owner(&agent_key(tenant, agent), true, |node| async move {
+            node.agent_offer(tenant, agent, update.clone()).await
+        })
+        .await
+    }
+
+    async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError> {
+        self.on_owner(
+            &agent_key(tenant, agent),
+            true,
+            |node| async move { node.agent_availability(tenant, agent).await },
+        )
+        .await
+    }
+
+    async fn queue_agent_changed(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        availability: AgentAvailability,
+    ) -> Result<(), RouterError> {
+        let availability = &availability;
+        self.on_owner(&queue_key(tenant, group), true, |node| async move {
+            node.queue_agent_changed(tenant, group, availability.clone()).await
+        })
+        .await
+    }
+
+    async fn owner_forward(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        // Not retried on unavailability, as `owner_accept`: the forward may have been recorded; the target
+        // agent's owner releases the reserved slot.
+        self.on_owner(&conversation_key(&conversation), false, |node| async move {
+            node.owner_forward(caller, conversation, to_agent).await
         })
         .await
     }

@@ -11,17 +11,20 @@
 use std::sync::Arc;
 
 use switchboard_domain::{
-    AgentId, AgentStatus, Author, ConversationId, ConversationState, Event, GroupId, TenantId, WaitingEntry,
+    AgentAvailability, AgentId, AgentStatus, Author, ConversationId, ConversationState, Event, GroupId, OfferEnd,
+    RequeueReason, TenantId, WaitingEntry,
 };
 use switchboard_proto::convert::{author_parts, new_event};
 use switchboard_proto::internal::v1::{
-    self as pb, AgentRef, AgentViewReply, ChatViewMsg, CommandReply, EventRecord, PushEvent, PushFrame, PushQueue,
-    PushTyping, QueueRemoved, QueueSnapshot, SendCommand, StartChatRequest, StartedChatReply, WaitingEntryMsg, caller,
-    command_request, push_frame, push_queue,
+    self as pb, AgentAvailabilityMsg, AgentOfferEnded, AgentOffered, AgentRef, AgentViewReply, ChatViewMsg,
+    CommandReply, EndOfferCommand, EventRecord, OfferCommand, OfferMade, OfflineMessageRequest, PushAgent, PushEvent,
+    PushFrame, PushQueue, PushTyping, QueueEstimate, QueueRemoved, QueueSnapshot, RequeueCommand, SendCommand,
+    StartChatRequest, StartedChatReply, TicketReply, WaitingEntryMsg, agent_offer_request, caller, command_request,
+    conversation_system_request, push_agent, push_frame, push_queue,
 };
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, Push, QueueChange,
-    RouterError, StartChat, StartedChat,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    OfflineMessage, Push, QueueChange, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use tonic::Status;
 
@@ -102,6 +105,36 @@ pub fn chat_list(text: &str) -> Result<ChatList, Status> {
         "ongoing" => Ok(ChatList::Ongoing),
         "closed" => Ok(ChatList::Closed),
         _ => Err(invalid("chat list", format_args!("{text:?}"))),
+    }
+}
+
+/// The wire spelling of why an offer ended (the domain's serde spelling).
+pub fn offer_end_str(reason: OfferEnd) -> &'static str {
+    reason.as_str()
+}
+
+/// Why an offer ended, from its wire spelling.
+pub fn offer_end(text: &str) -> Result<OfferEnd, Status> {
+    match text {
+        "rejected" => Ok(OfferEnd::Rejected),
+        "timed_out" => Ok(OfferEnd::TimedOut),
+        "withdrawn" => Ok(OfferEnd::Withdrawn),
+        _ => Err(invalid("reason an offer ended", format_args!("{text:?}"))),
+    }
+}
+
+/// The wire spelling of why a chat was requeued (the domain's serde spelling).
+pub fn requeue_reason_str(reason: RequeueReason) -> &'static str {
+    match reason {
+        RequeueReason::AgentOffline => "agent_offline",
+    }
+}
+
+/// Why a chat was requeued, from its wire spelling.
+pub fn requeue_reason(text: &str) -> Result<RequeueReason, Status> {
+    match text {
+        "agent_offline" => Ok(RequeueReason::AgentOffline),
+        _ => Err(invalid("reason a chat was requeued", format_args!("{text:?}"))),
     }
 }
 
@@ -323,12 +356,18 @@ pub fn waiting_entry_from_proto(entry: &WaitingEntryMsg) -> Result<WaitingEntry,
 }
 
 pub fn left_queue_to_proto(conversation: ConversationId, reason: &LeftQueue) -> QueueRemoved {
-    let (reason, agent) = match reason {
-        LeftQueue::Accepted { agent } => ("accepted", agent.to_string()),
-        LeftQueue::Cancelled => ("cancelled", String::new()),
-        LeftQueue::Closed => ("closed", String::new()),
+    let (reason, agent, to_group) = match reason {
+        LeftQueue::Accepted { agent } => ("accepted", agent.to_string(), String::new()),
+        LeftQueue::Cancelled => ("cancelled", String::new(), String::new()),
+        LeftQueue::Closed => ("closed", String::new(), String::new()),
+        LeftQueue::Transferred { to_group } => ("transferred", String::new(), to_group.to_string()),
     };
-    QueueRemoved { conversation_id: conversation.to_string(), reason: reason.to_owned(), agent_id: agent }
+    QueueRemoved {
+        conversation_id: conversation.to_string(),
+        reason: reason.to_owned(),
+        agent_id: agent,
+        to_group_id: to_group,
+    }
 }
 
 pub fn left_queue_from_proto(removed: &QueueRemoved) -> Result<(ConversationId, LeftQueue), Status> {
@@ -336,6 +375,7 @@ pub fn left_queue_from_proto(removed: &QueueRemoved) -> Result<(ConversationId, 
         "accepted" => LeftQueue::Accepted { agent: agent_id(&removed.agent_id)? },
         "cancelled" => LeftQueue::Cancelled,
         "closed" => LeftQueue::Closed,
+        "transferred" => LeftQueue::Transferred { to_group: group_id(&removed.to_group_id)? },
         other => return Err(invalid("reason a chat left its queue", format_args!("{other:?}"))),
     };
     Ok((conversation_id(&removed.conversation_id)?, reason))
@@ -350,6 +390,9 @@ pub fn queue_change_to_proto(change: &QueueChange) -> push_queue::Change {
         QueueChange::Removed { conversation, reason } => {
             push_queue::Change::Removed(left_queue_to_proto(*conversation, reason))
         }
+        QueueChange::Estimate { wait_per_position_ms } => {
+            push_queue::Change::Estimate(QueueEstimate { wait_per_position_ms: *wait_per_position_ms })
+        }
     }
 }
 
@@ -363,7 +406,180 @@ pub fn queue_change_from_proto(change: Option<&push_queue::Change>) -> Result<Qu
             let (conversation, reason) = left_queue_from_proto(removed)?;
             QueueChange::Removed { conversation, reason }
         }
+        push_queue::Change::Estimate(estimate) => {
+            QueueChange::Estimate { wait_per_position_ms: estimate.wait_per_position_ms }
+        }
     })
+}
+
+// ---- agents ----
+
+fn required<'a, T>(value: Option<&'a T>, what: &str) -> Result<&'a T, Status> {
+    value.ok_or_else(|| missing(what))
+}
+
+/// An agent's push as the `PushAgent` change.
+pub fn agent_change_to_proto(change: &AgentChange) -> push_agent::Change {
+    match change {
+        AgentChange::Offered { entry, expires_at_ms } => push_agent::Change::Offered(AgentOffered {
+            entry: Some(waiting_entry_to_proto(entry)),
+            expires_at_ms: *expires_at_ms,
+        }),
+        AgentChange::OfferEnded { conversation, reason } => push_agent::Change::OfferEnded(AgentOfferEnded {
+            conversation_id: conversation.to_string(),
+            reason: offer_end_str(*reason).to_owned(),
+        }),
+        AgentChange::Assigned { chat } => push_agent::Change::Assigned(chat_view_to_proto(chat)),
+        AgentChange::Status { agent } => push_agent::Change::Status(agent_view_to_proto(agent)),
+    }
+}
+
+/// The agent's push of a `PushAgent` change, which must be there.
+pub fn agent_change_from_proto(change: Option<&push_agent::Change>) -> Result<AgentChange, Status> {
+    Ok(match required(change, "agent change")? {
+        push_agent::Change::Offered(offered) => AgentChange::Offered {
+            entry: waiting_entry_from_proto(required(offered.entry.as_ref(), "offered entry")?)?,
+            expires_at_ms: offered.expires_at_ms,
+        },
+        push_agent::Change::OfferEnded(ended) => AgentChange::OfferEnded {
+            conversation: conversation_id(&ended.conversation_id)?,
+            reason: offer_end(&ended.reason)?,
+        },
+        push_agent::Change::Assigned(chat) => AgentChange::Assigned { chat: chat_view_from_proto(chat)? },
+        push_agent::Change::Status(agent) => AgentChange::Status { agent: agent_view_from_proto(agent)? },
+    })
+}
+
+/// An agent's availability; no offer is `""`.
+pub fn availability_to_proto(availability: &AgentAvailability) -> AgentAvailabilityMsg {
+    AgentAvailabilityMsg {
+        agent_id: availability.agent.to_string(),
+        status: agent_status_str(availability.status).to_owned(),
+        capacity: availability.capacity,
+        held: availability.held,
+        offer_conversation_id: availability.offer.map(|offer| offer.to_string()).unwrap_or_default(),
+        idle_since_ms: availability.idle_since_ms,
+    }
+}
+
+/// An agent's availability from the wire.
+pub fn availability_from_proto(availability: &AgentAvailabilityMsg) -> Result<AgentAvailability, Status> {
+    Ok(AgentAvailability {
+        agent: agent_id(&availability.agent_id)?,
+        status: agent_status(&availability.status)?,
+        capacity: availability.capacity,
+        held: availability.held,
+        offer: match availability.offer_conversation_id.as_str() {
+            "" => None,
+            id => Some(conversation_id(id)?),
+        },
+        idle_since_ms: availability.idle_since_ms,
+    })
+}
+
+/// What a queue's owner tells an agent's owner about an offer.
+pub fn offer_update_to_proto(update: &OfferUpdate) -> agent_offer_request::Update {
+    match update {
+        OfferUpdate::Made { entry, expires_at_ms } => agent_offer_request::Update::Made(OfferMade {
+            entry: Some(waiting_entry_to_proto(entry)),
+            expires_at_ms: *expires_at_ms,
+        }),
+        OfferUpdate::Ended { conversation, reason } => agent_offer_request::Update::Ended(AgentOfferEnded {
+            conversation_id: conversation.to_string(),
+            reason: offer_end_str(*reason).to_owned(),
+        }),
+    }
+}
+
+/// The offer update of an `AgentOfferRequest`, which must be there.
+pub fn offer_update_from_proto(update: Option<&agent_offer_request::Update>) -> Result<OfferUpdate, Status> {
+    Ok(match required(update, "offer update")? {
+        agent_offer_request::Update::Made(made) => OfferUpdate::Made {
+            entry: waiting_entry_from_proto(required(made.entry.as_ref(), "offered entry")?)?,
+            expires_at_ms: made.expires_at_ms,
+        },
+        agent_offer_request::Update::Ended(ended) => OfferUpdate::Ended {
+            conversation: conversation_id(&ended.conversation_id)?,
+            reason: offer_end(&ended.reason)?,
+        },
+    })
+}
+
+/// A command of the system to a conversation's owner.
+pub fn system_command_to_proto(command: &SystemCommand) -> conversation_system_request::Command {
+    use conversation_system_request::Command;
+    match command {
+        SystemCommand::Offer { agent, expires_at_ms } => {
+            Command::Offer(OfferCommand { agent_id: agent.to_string(), expires_at_ms: *expires_at_ms })
+        }
+        SystemCommand::EndOffer { agent, reason } => Command::EndOffer(EndOfferCommand {
+            agent_id: agent.to_string(),
+            reason: offer_end_str(*reason).to_owned(),
+        }),
+        SystemCommand::Requeue { agent, reason } => Command::Requeue(RequeueCommand {
+            agent_id: agent.to_string(),
+            reason: requeue_reason_str(*reason).to_owned(),
+        }),
+    }
+}
+
+/// The command of a `ConversationSystemRequest`, which must be there.
+pub fn system_command_from_proto(
+    command: Option<&conversation_system_request::Command>,
+) -> Result<SystemCommand, Status> {
+    use conversation_system_request::Command;
+    Ok(match required(command, "system command")? {
+        Command::Offer(offer) => {
+            SystemCommand::Offer { agent: agent_id(&offer.agent_id)?, expires_at_ms: offer.expires_at_ms }
+        }
+        Command::EndOffer(end) => {
+            SystemCommand::EndOffer { agent: agent_id(&end.agent_id)?, reason: offer_end(&end.reason)? }
+        }
+        Command::Requeue(requeue) => {
+            SystemCommand::Requeue { agent: agent_id(&requeue.agent_id)?, reason: requeue_reason(&requeue.reason)? }
+        }
+    })
+}
+
+// ---- offline messages ----
+
+/// A customer's offline message as its request.
+pub fn offline_message_to_proto(message: &OfflineMessage) -> OfflineMessageRequest {
+    OfflineMessageRequest {
+        tenant_id: message.tenant.to_string(),
+        group_id: message.group.to_string(),
+        customer_name: message.customer_name.clone(),
+        contact: message.contact.clone(),
+        body: message.body.clone(),
+        reason: message.reason.clone(),
+        idempotency_key: message.idempotency_key.clone(),
+    }
+}
+
+/// A customer's offline message from its request (its texts are checked by the router).
+pub fn offline_message_from_proto(message: &OfflineMessageRequest) -> Result<OfflineMessage, Status> {
+    Ok(OfflineMessage {
+        tenant: tenant_id(&message.tenant_id)?,
+        group: group_id(&message.group_id)?,
+        customer_name: message.customer_name.clone(),
+        contact: message.contact.clone(),
+        body: message.body.clone(),
+        reason: message.reason.clone(),
+        idempotency_key: message.idempotency_key.clone(),
+    })
+}
+
+/// A stored ticket as its reply.
+pub fn ticket_to_proto(ticket: &Ticket) -> TicketReply {
+    TicketReply { id: ticket.id.clone(), created_at_ms: ticket.created_at_ms, duplicate: ticket.duplicate }
+}
+
+/// A stored ticket from its reply; a ticket has an id.
+pub fn ticket_from_proto(ticket: &TicketReply) -> Result<Ticket, Status> {
+    if ticket.id.is_empty() {
+        return Err(missing("ticket id"));
+    }
+    Ok(Ticket { id: ticket.id.clone(), created_at_ms: ticket.created_at_ms, duplicate: ticket.duplicate })
 }
 
 // ---- pushes ----
@@ -388,6 +604,11 @@ pub fn push_to_frame(push: &Push) -> PushFrame {
             group_id: group.to_string(),
             version: *version,
             change: Some(queue_change_to_proto(change)),
+        }),
+        Push::Agent { tenant, agent, change } => push_frame::Push::Agent(PushAgent {
+            tenant_id: tenant.to_string(),
+            agent_id: agent.to_string(),
+            change: Some(agent_change_to_proto(change)),
         }),
     };
     PushFrame { push: Some(push) }
@@ -416,6 +637,11 @@ pub fn push_from_frame(frame: &PushFrame) -> Result<Option<Push>, Status> {
             group: group_id(&push.group_id)?,
             version: push.version,
             change: queue_change_from_proto(push.change.as_ref())?,
+        },
+        push_frame::Push::Agent(push) => Push::Agent {
+            tenant: tenant_id(&push.tenant_id)?,
+            agent: agent_id(&push.agent_id)?,
+            change: agent_change_from_proto(push.change.as_ref())?,
         },
     }))
 }
@@ -475,7 +701,18 @@ mod tests {
             any::<u64>().prop_map(|up_to_seq| EventBody::Delivered { up_to_seq }),
             Just(EventBody::Closed),
             Just(EventBody::Cancelled),
+            (any_agent(), any::<i64>()).prop_map(|(agent, expires_at_ms)| EventBody::Offered { agent, expires_at_ms }),
+            (any_agent(), any_offer_end()).prop_map(|(agent, reason)| EventBody::OfferEnded { agent, reason }),
+            (proptest::option::of(any_agent()), any_group())
+                .prop_map(|(from_agent, to_group)| EventBody::Transferred { from_agent, to_group }),
+            (proptest::option::of(any_agent()), any_agent())
+                .prop_map(|(from_agent, to_agent)| EventBody::Forwarded { from_agent, to_agent }),
+            any_agent().prop_map(|from_agent| EventBody::Requeued { from_agent, reason: RequeueReason::AgentOffline }),
         ]
+    }
+
+    fn any_offer_end() -> impl Strategy<Value = OfferEnd> {
+        prop_oneof![Just(OfferEnd::Rejected), Just(OfferEnd::TimedOut), Just(OfferEnd::Withdrawn)]
     }
 
     fn any_event() -> impl Strategy<Value = Event> {
@@ -557,6 +794,7 @@ mod tests {
             any_agent().prop_map(|agent| LeftQueue::Accepted { agent }),
             Just(LeftQueue::Cancelled),
             Just(LeftQueue::Closed),
+            any_group().prop_map(|to_group| LeftQueue::Transferred { to_group }),
         ]
     }
 
@@ -566,7 +804,59 @@ mod tests {
             any_entry().prop_map(|entry| QueueChange::Added { entry }),
             (any_conversation(), any_left())
                 .prop_map(|(conversation, reason)| QueueChange::Removed { conversation, reason }),
+            proptest::option::of(any::<u64>())
+                .prop_map(|wait_per_position_ms| QueueChange::Estimate { wait_per_position_ms }),
         ]
+    }
+
+    fn any_agent_change() -> impl Strategy<Value = AgentChange> {
+        prop_oneof![
+            (any_entry(), any::<i64>())
+                .prop_map(|(entry, expires_at_ms)| AgentChange::Offered { entry, expires_at_ms }),
+            (any_conversation(), any_offer_end())
+                .prop_map(|(conversation, reason)| AgentChange::OfferEnded { conversation, reason }),
+            any_view().prop_map(|chat| AgentChange::Assigned { chat }),
+            any_agent_view().prop_map(|agent| AgentChange::Status { agent }),
+        ]
+    }
+
+    fn any_availability() -> impl Strategy<Value = AgentAvailability> {
+        (any_agent(), any_status(), any::<u32>(), any::<u32>(), proptest::option::of(any_conversation()), any::<i64>())
+            .prop_map(|(agent, status, capacity, held, offer, idle_since_ms)| AgentAvailability {
+                agent,
+                status,
+                capacity,
+                held,
+                offer,
+                idle_since_ms,
+            })
+    }
+
+    fn any_offer_update() -> impl Strategy<Value = OfferUpdate> {
+        prop_oneof![
+            (any_entry(), any::<i64>()).prop_map(|(entry, expires_at_ms)| OfferUpdate::Made { entry, expires_at_ms }),
+            (any_conversation(), any_offer_end())
+                .prop_map(|(conversation, reason)| OfferUpdate::Ended { conversation, reason }),
+        ]
+    }
+
+    fn any_system_command() -> impl Strategy<Value = SystemCommand> {
+        prop_oneof![
+            (any_agent(), any::<i64>())
+                .prop_map(|(agent, expires_at_ms)| SystemCommand::Offer { agent, expires_at_ms }),
+            (any_agent(), any_offer_end()).prop_map(|(agent, reason)| SystemCommand::EndOffer { agent, reason }),
+            any_agent().prop_map(|agent| SystemCommand::Requeue { agent, reason: RequeueReason::AgentOffline }),
+        ]
+    }
+
+    fn any_offline_message() -> impl Strategy<Value = OfflineMessage> {
+        (
+            (any_tenant(), any_group(), any::<String>(), any::<String>()),
+            (any::<String>(), any::<String>(), any::<String>()),
+        )
+            .prop_map(|((tenant, group, customer_name, contact), (body, reason, idempotency_key))| {
+                OfflineMessage { tenant, group, customer_name, contact, body, reason, idempotency_key }
+            })
     }
 
     fn any_push() -> impl Strategy<Value = Push> {
@@ -580,6 +870,11 @@ mod tests {
             }),
             (any_tenant(), any_group(), any::<u64>(), any_change())
                 .prop_map(|(tenant, group, version, change)| Push::Queue { tenant, group, version, change }),
+            (any_tenant(), any_agent(), any_agent_change()).prop_map(|(tenant, agent, change)| Push::Agent {
+                tenant,
+                agent,
+                change
+            }),
         ]
     }
 
@@ -622,6 +917,42 @@ mod tests {
         #[test]
         fn pushes_round_trip(push in any_push()) {
             prop_assert_eq!(push_from_frame(&wire(&push_to_frame(&push)))?, Some(push));
+        }
+
+        #[test]
+        fn availabilities_round_trip(availability in any_availability()) {
+            prop_assert_eq!(availability_from_proto(&wire(&availability_to_proto(&availability)))?, availability);
+        }
+
+        #[test]
+        fn offer_updates_round_trip(update in any_offer_update(), tenant in any_tenant(), agent in any_agent()) {
+            let request = pb::AgentOfferRequest {
+                tenant_id: tenant.to_string(),
+                agent_id: agent.to_string(),
+                update: Some(offer_update_to_proto(&update)),
+            };
+            prop_assert_eq!(offer_update_from_proto(wire(&request).update.as_ref())?, update);
+        }
+
+        #[test]
+        fn system_commands_round_trip(command in any_system_command(), conversation in any_conversation()) {
+            let request = pb::ConversationSystemRequest {
+                conversation_id: conversation.to_string(),
+                command: Some(system_command_to_proto(&command)),
+            };
+            prop_assert_eq!(system_command_from_proto(wire(&request).command.as_ref())?, command);
+        }
+
+        #[test]
+        fn offline_messages_and_tickets_round_trip(
+            message in any_offline_message(),
+            id in "[a-z0-9-]{1,40}",
+            created_at_ms in any::<i64>(),
+            duplicate in any::<bool>(),
+        ) {
+            prop_assert_eq!(offline_message_from_proto(&wire(&offline_message_to_proto(&message)))?, message);
+            let ticket = Ticket { id, created_at_ms, duplicate };
+            prop_assert_eq!(ticket_from_proto(&wire(&ticket_to_proto(&ticket)))?, ticket);
         }
 
         #[test]
@@ -675,6 +1006,18 @@ mod tests {
                 let _ = caller_from_proto(request.caller.as_ref());
                 let _ = command_from_proto(request.command.as_ref());
             }
+            if let Ok(request) = pb::ConversationSystemRequest::decode(bytes.as_slice()) {
+                let _ = system_command_from_proto(request.command.as_ref());
+            }
+            if let Ok(request) = pb::AgentOfferRequest::decode(bytes.as_slice()) {
+                let _ = offer_update_from_proto(request.update.as_ref());
+            }
+            if let Ok(availability) = AgentAvailabilityMsg::decode(bytes.as_slice()) {
+                let _ = availability_from_proto(&availability);
+            }
+            if let Ok(message) = OfflineMessageRequest::decode(bytes.as_slice()) {
+                let _ = offline_message_from_proto(&message);
+            }
         }
     }
 
@@ -688,6 +1031,13 @@ mod tests {
         for list in [ChatList::Ongoing, ChatList::Closed] {
             assert_eq!(chat_list(chat_list_str(list)).unwrap(), list);
         }
+        for reason in [OfferEnd::Rejected, OfferEnd::TimedOut, OfferEnd::Withdrawn] {
+            assert_eq!(offer_end(offer_end_str(reason)).unwrap(), reason);
+            assert_eq!(serde_json::to_string(&reason).unwrap(), format!("\"{}\"", offer_end_str(reason)));
+        }
+        let reason = RequeueReason::AgentOffline;
+        assert_eq!(requeue_reason(requeue_reason_str(reason)).unwrap(), reason);
+        assert_eq!(serde_json::to_string(&reason).unwrap(), format!("\"{}\"", requeue_reason_str(reason)));
     }
 
     #[test]
@@ -719,11 +1069,32 @@ mod tests {
             conversation_id: Uuid::nil().to_string(),
             reason: "accepted".into(),
             agent_id: String::new(),
+            to_group_id: String::new(),
         };
         assert_eq!(code(left_queue_from_proto(&removed).map(drop)), invalid, "accepted names its agent");
         let removed = QueueRemoved { reason: "expired".into(), ..removed };
         assert_eq!(code(left_queue_from_proto(&removed).map(drop)), invalid);
         assert_eq!(code(queue_change_from_proto(None).map(drop)), invalid);
+        let removed = QueueRemoved { reason: "transferred".into(), ..Default::default() };
+        assert_eq!(code(left_queue_from_proto(&removed).map(drop)), invalid, "transferred names its group");
+        assert_eq!(code(offer_end("declined").map(drop)), invalid);
+        assert_eq!(code(requeue_reason("bored").map(drop)), invalid);
+        assert_eq!(code(agent_change_from_proto(None).map(drop)), invalid);
+        let offered = push_agent::Change::Offered(AgentOffered { entry: None, expires_at_ms: 1 });
+        assert_eq!(code(agent_change_from_proto(Some(&offered)).map(drop)), invalid);
+        assert_eq!(code(offer_update_from_proto(None).map(drop)), invalid);
+        assert_eq!(code(system_command_from_proto(None).map(drop)), invalid);
+        let availability = AgentAvailabilityMsg {
+            agent_id: "a".into(),
+            status: "online".into(),
+            offer_conversation_id: "x".into(),
+            ..Default::default()
+        };
+        assert_eq!(code(availability_from_proto(&availability).map(drop)), invalid);
+        assert_eq!(code(ticket_from_proto(&TicketReply::default()).map(drop)), invalid);
+        let message =
+            OfflineMessageRequest { tenant_id: "acme".into(), group_id: "no/group".into(), ..Default::default() };
+        assert_eq!(code(offline_message_from_proto(&message).map(drop)), invalid);
         assert_eq!(code(chat_view_from_reply(&pb::ChatViewReply { view: None }).map(drop)), invalid);
     }
 

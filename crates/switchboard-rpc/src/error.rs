@@ -3,8 +3,9 @@
 //! A server turns an error into a `tonic::Status` with a standard gRPC code (for generic tooling) and a
 //! stable Switchboard code in the [`ERROR_CODE`] metadata entry (for callers): the client reads the
 //! metadata back, so that every variant a caller branches on survives the trip unchanged. A refusal
-//! travels as JSON in [`REFUSAL`], the shard of a stale epoch in [`SHARD`], and the text of `NotFound`,
-//! `Invalid`, `Unavailable` and `Internal` as the status message.
+//! travels as JSON in [`REFUSAL`], the shard of a stale epoch in [`SHARD`], the limit of an exhausted
+//! license in [`MAX_SESSIONS`], and the text of `NotFound`, `Invalid`, `Unavailable` and `Internal` as the
+//! status message.
 //!
 //! A status without a Switchboard code did not come from our server code: it is a transport failure
 //! (connection refused or reset, HTTP/2 error), a deadline, or a message the server could not decode.
@@ -24,6 +25,8 @@ pub const ERROR_CODE: &str = "x-switchboard-error";
 pub const REFUSAL: &str = "x-switchboard-refusal";
 /// The metadata entry with the shard of a `stale_epoch` error, in decimal.
 pub const SHARD: &str = "x-switchboard-shard";
+/// The metadata entry with the license limit of a `license_exhausted` error, in decimal.
+pub const MAX_SESSIONS: &str = "x-switchboard-max-sessions";
 
 /// The values of [`ERROR_CODE`]. Never change one; add new ones.
 pub mod codes {
@@ -38,6 +41,8 @@ pub mod codes {
     pub const STALE_EPOCH: &str = "stale_epoch";
     /// The store refused a malformed request.
     pub const INVALID: &str = "invalid";
+    /// The store refused to create a conversation: every license permit is taken.
+    pub const LICENSE_EXHAUSTED: &str = "license_exhausted";
 }
 
 fn with_code(mut status: Status, code: &'static str) -> Status {
@@ -73,6 +78,11 @@ pub fn status_from_store_error(error: &StoreError) -> Status {
         StoreError::NotFound(text) => with_code(Status::not_found(text.clone()), codes::NOT_FOUND),
         StoreError::Invalid(text) => with_code(Status::invalid_argument(text.clone()), codes::INVALID),
         StoreError::Unavailable(text) => with_code(Status::unavailable(text.clone()), codes::UNAVAILABLE),
+        StoreError::LicenseExhausted { max_sessions } => {
+            let mut status = with_code(Status::resource_exhausted(error.to_string()), codes::LICENSE_EXHAUSTED);
+            status.metadata_mut().insert(MAX_SESSIONS, MetadataValue::from(*max_sessions));
+            status
+        }
     }
 }
 
@@ -90,6 +100,13 @@ pub fn store_error_from_status(status: &Status) -> StoreError {
         Some(codes::NOT_FOUND) => StoreError::NotFound(message()),
         Some(codes::INVALID) => StoreError::Invalid(message()),
         Some(codes::UNAVAILABLE) => StoreError::Unavailable(message()),
+        Some(codes::LICENSE_EXHAUSTED) => {
+            let max_sessions = status.metadata().get(MAX_SESSIONS).and_then(|value| value.to_str().ok()?.parse().ok());
+            match max_sessions {
+                Some(max_sessions) => StoreError::LicenseExhausted { max_sessions },
+                None => StoreError::Invalid(format!("a license error without its limit: {}", status.message())),
+            }
+        }
         // Not from a store server, or from a newer one with a code this client does not know.
         _ => match status.code() {
             Code::NotFound => StoreError::NotFound(message()),
@@ -159,6 +176,14 @@ mod tests {
             Refusal::NotInGroup,
             Refusal::EmptyMessage,
             Refusal::BadDeliveryMark { last_seq: 17 },
+            Refusal::NotOffered,
+            Refusal::OfferOutstanding,
+            Refusal::SameGroup,
+            Refusal::SameAgent,
+            Refusal::GroupClosed,
+            Refusal::GroupOffline,
+            Refusal::AgentUnavailable,
+            Refusal::LicenseExhausted { max_sessions: 250 },
         ]
     }
 
@@ -177,6 +202,9 @@ mod tests {
             StoreError::Invalid("no fence: ünïcode and \"quotes\"".into()),
             StoreError::Unavailable("database is locked".into()),
             StoreError::Unavailable(String::new()),
+            StoreError::LicenseExhausted { max_sessions: 0 },
+            StoreError::LicenseExhausted { max_sessions: 50 },
+            StoreError::LicenseExhausted { max_sessions: u64::MAX },
         ];
         for error in errors {
             let status = over_the_wire(status_from_store_error(&error));
@@ -191,9 +219,28 @@ mod tests {
         assert_eq!(code(StoreError::NotFound("x".into())), Code::NotFound);
         assert_eq!(code(StoreError::Invalid("x".into())), Code::InvalidArgument);
         assert_eq!(code(StoreError::Unavailable("x".into())), Code::Unavailable);
+        assert_eq!(code(StoreError::LicenseExhausted { max_sessions: 5 }), Code::ResourceExhausted);
         let status = status_from_store_error(&StoreError::StaleEpoch { shard: 5 });
         assert_eq!(status.metadata().get(ERROR_CODE).unwrap(), "stale_epoch");
         assert_eq!(status.metadata().get(SHARD).unwrap(), "5");
+        let status = status_from_store_error(&StoreError::LicenseExhausted { max_sessions: 50 });
+        assert_eq!(status.metadata().get(ERROR_CODE).unwrap(), "license_exhausted");
+        assert_eq!(status.metadata().get(MAX_SESSIONS).unwrap(), "50");
+    }
+
+    #[test]
+    fn the_stable_code_of_a_store_error_is_its_own() {
+        let errors = [
+            StoreError::StaleEpoch { shard: 1 },
+            StoreError::NotFound("x".into()),
+            StoreError::Invalid("x".into()),
+            StoreError::Unavailable("x".into()),
+            StoreError::LicenseExhausted { max_sessions: 1 },
+        ];
+        for error in errors {
+            let status = status_from_store_error(&error);
+            assert_eq!(status.metadata().get(ERROR_CODE).unwrap().to_str().unwrap(), error.code(), "{error:?}");
+        }
     }
 
     #[test]
@@ -230,6 +277,14 @@ mod tests {
         }
         let refused = status_from_router_error(&RouterError::Refused(Refusal::AtCapacity { capacity: 2 }));
         assert_eq!(refused.metadata().get(REFUSAL).unwrap(), r#"{"AtCapacity":{"capacity":2}}"#);
+    }
+
+    #[test]
+    fn a_license_refusal_keeps_its_limit() {
+        let error = RouterError::Refused(Refusal::LicenseExhausted { max_sessions: 1_000_000 });
+        let status = over_the_wire(status_from_router_error(&error));
+        assert_eq!(status.metadata().get(REFUSAL).unwrap(), r#"{"LicenseExhausted":{"max_sessions":1000000}}"#);
+        assert_eq!(router_error_from_status(&status), error);
     }
 
     #[test]
@@ -273,5 +328,9 @@ mod tests {
         assert!(matches!(router_error_from_status(&status), RouterError::Internal(_)));
         let status = with_code(Status::failed_precondition("x"), codes::STALE_EPOCH);
         assert!(matches!(store_error_from_status(&status), StoreError::Invalid(_)));
+        let mut status = with_code(Status::resource_exhausted("x"), codes::LICENSE_EXHAUSTED);
+        assert!(matches!(store_error_from_status(&status), StoreError::Invalid(_)), "no limit");
+        status.metadata_mut().insert(MAX_SESSIONS, MetadataValue::from_static("-1"));
+        assert!(matches!(store_error_from_status(&status), StoreError::Invalid(_)), "not a limit");
     }
 }

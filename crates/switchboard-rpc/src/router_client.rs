@@ -8,16 +8,20 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry};
+use switchboard_domain::{
+    AgentAvailability, AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry,
+};
 use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::internal::v1::{
-    AcceptChatRequest, AgentFinishedRequest, AuthorizeCustomerRequest, ChatViewRequest, CommandRequest, ConnectRequest,
-    ListChatsRequest, OwnerAcceptRequest, PushFrame, QueueAddRequest, QueueRemoveRequest, QueueRequest,
-    RouterReadEventsRequest, SetAgentStatusRequest, SubscribeRequest, TypingRequest, UnsubscribeRequest,
+    AcceptChatRequest, AgentFinishedRequest, AgentOfferRequest, AgentRequest, AgentSubscriptionRequest,
+    AuthorizeCustomerRequest, ChatViewRequest, CommandRequest, ConnectRequest, ConversationSystemRequest,
+    ForwardChatRequest, ListChatsRequest, OwnerAcceptRequest, OwnerForwardRequest, PushFrame, QueueAddRequest,
+    QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest, RejectOfferRequest, RouterReadEventsRequest,
+    SetAgentStatusRequest, SubscribeRequest, TransferChatRequest, TypingRequest, UnsubscribeRequest,
 };
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, PeerApi, Push, RouterApi,
-    RouterError, StartChat, StartedChat,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,9 +33,11 @@ use tracing::{debug, info, warn};
 
 use crate::channel::{ClientSettings, MAX_MESSAGE_BYTES, lazy_channel, unary};
 use crate::convert::{
-    agent_status_str, agent_view_from_proto, caller_to_proto, chat_list_str, chat_view_from_proto,
-    chat_view_from_reply, command_to_proto, events_from_proto, left_queue_to_proto, outcome_from_proto,
-    push_from_frame, reply_error, start_chat_to_proto, started_chat_from_proto, waiting_entry_to_proto,
+    agent_status_str, agent_view_from_proto, availability_from_proto, availability_to_proto, caller_to_proto,
+    chat_list_str, chat_view_from_proto, chat_view_from_reply, command_to_proto, events_from_proto,
+    left_queue_to_proto, offer_update_to_proto, offline_message_to_proto, outcome_from_proto, push_from_frame,
+    reply_error, start_chat_to_proto, started_chat_from_proto, system_command_to_proto, ticket_from_proto,
+    waiting_entry_to_proto,
 };
 use crate::error::{ERROR_CODE, router_error_from_status};
 
@@ -457,6 +463,88 @@ impl RouterApi for GrpcRouterNode {
         let reply = self.call(request, |mut client, request| async move { client.list_chats(request).await }).await?;
         read(reply.chats.iter().map(chat_view_from_proto).collect())
     }
+
+    async fn subscribe_agent(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<(), RouterError> {
+        let request = AgentSubscriptionRequest {
+            gateway_id: gateway.0.clone(),
+            tenant_id: tenant.to_string(),
+            agent_id: agent.to_string(),
+        };
+        self.call(request, |mut client, request| async move { client.subscribe_agent(request).await }).await.map(drop)
+    }
+
+    async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
+        let request = AgentSubscriptionRequest {
+            gateway_id: gateway.0.clone(),
+            tenant_id: tenant.to_string(),
+            agent_id: agent.to_string(),
+        };
+        let result =
+            self.call(request, |mut client, request| async move { client.unsubscribe_agent(request).await }).await;
+        if let Err(error) = result {
+            debug!(url = %self.url, %error, "unsubscribe_agent failed");
+        }
+    }
+
+    async fn reject_offer(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        let request = RejectOfferRequest {
+            tenant_id: tenant.to_string(),
+            group_id: group.to_string(),
+            agent_id: agent.to_string(),
+            conversation_id: conversation.to_string(),
+        };
+        self.call(request, |mut client, request| async move { client.reject_offer(request).await }).await.map(drop)
+    }
+
+    async fn transfer_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_group: &GroupId,
+    ) -> Result<ChatView, RouterError> {
+        let request = TransferChatRequest {
+            caller: Some(caller_to_proto(caller)),
+            conversation_id: conversation.to_string(),
+            to_group_id: to_group.to_string(),
+        };
+        let reply =
+            self.call(request, |mut client, request| async move { client.transfer_chat(request).await }).await?;
+        read(chat_view_from_reply(&reply))
+    }
+
+    async fn forward_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        let request = ForwardChatRequest {
+            caller: Some(caller_to_proto(caller)),
+            conversation_id: conversation.to_string(),
+            to_agent_id: to_agent.to_string(),
+        };
+        let reply = self.call(request, |mut client, request| async move { client.forward_chat(request).await }).await?;
+        read(chat_view_from_reply(&reply))
+    }
+
+    async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError> {
+        let request = offline_message_to_proto(&message);
+        let reply = self
+            .call(request, |mut client, request| async move { client.leave_offline_message(request).await })
+            .await?;
+        read(ticket_from_proto(&reply))
+    }
 }
 
 #[async_trait]
@@ -499,5 +587,67 @@ impl PeerApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
         };
         self.call(request, |mut client, request| async move { client.agent_finished(request).await }).await.map(drop)
+    }
+
+    async fn conversation_system(
+        &self,
+        conversation: ConversationId,
+        command: SystemCommand,
+    ) -> Result<bool, RouterError> {
+        let request = ConversationSystemRequest {
+            conversation_id: conversation.to_string(),
+            command: Some(system_command_to_proto(&command)),
+        };
+        let reply =
+            self.call(request, |mut client, request| async move { client.conversation_system(request).await }).await?;
+        Ok(reply.stored)
+    }
+
+    async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        let request = AgentOfferRequest {
+            tenant_id: tenant.to_string(),
+            agent_id: agent.to_string(),
+            update: Some(offer_update_to_proto(&update)),
+        };
+        self.call(request, |mut client, request| async move { client.agent_offer(request).await }).await.map(drop)
+    }
+
+    async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError> {
+        let request = AgentRequest { tenant_id: tenant.to_string(), agent_id: agent.to_string() };
+        let reply =
+            self.call(request, |mut client, request| async move { client.agent_availability(request).await }).await?;
+        read(availability_from_proto(&reply))
+    }
+
+    async fn queue_agent_changed(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        availability: AgentAvailability,
+    ) -> Result<(), RouterError> {
+        let request = QueueAgentChangedRequest {
+            tenant_id: tenant.to_string(),
+            group_id: group.to_string(),
+            availability: Some(availability_to_proto(&availability)),
+        };
+        self.call(request, |mut client, request| async move { client.queue_agent_changed(request).await })
+            .await
+            .map(drop)
+    }
+
+    async fn owner_forward(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        let request = OwnerForwardRequest {
+            caller: Some(caller_to_proto(caller)),
+            conversation_id: conversation.to_string(),
+            to_agent_id: to_agent.to_string(),
+        };
+        let reply =
+            self.call(request, |mut client, request| async move { client.owner_forward(request).await }).await?;
+        read(chat_view_from_reply(&reply))
     }
 }

@@ -8,10 +8,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchboard_proto::internal::v1::router_service_server::{RouterService, RouterServiceServer};
 use switchboard_proto::internal::v1::{
-    AcceptChatRequest, AgentFinishedRequest, AgentViewReply, AuthorizeCustomerRequest, ChatViewReply, ChatViewRequest,
-    CommandReply, CommandRequest, ConnectRequest, Empty, EventsReply, ListChatsReply, ListChatsRequest,
-    OwnerAcceptRequest, PushFrame, QueueAddRequest, QueueRemoveRequest, QueueRequest, RouterReadEventsRequest,
-    SetAgentStatusRequest, StartChatRequest, StartedChatReply, SubscribeRequest, TypingRequest, UnsubscribeRequest,
+    AcceptChatRequest, AgentAvailabilityMsg, AgentFinishedRequest, AgentOfferRequest, AgentRequest,
+    AgentSubscriptionRequest, AgentViewReply, AuthorizeCustomerRequest, ChatViewReply, ChatViewRequest, CommandReply,
+    CommandRequest, ConnectRequest, ConversationSystemReply, ConversationSystemRequest, Empty, EventsReply,
+    ForwardChatRequest, ListChatsReply, ListChatsRequest, OfflineMessageRequest, OwnerAcceptRequest,
+    OwnerForwardRequest, PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest,
+    RejectOfferRequest, RouterReadEventsRequest, SetAgentStatusRequest, StartChatRequest, StartedChatReply,
+    SubscribeRequest, TicketReply, TransferChatRequest, TypingRequest, UnsubscribeRequest,
 };
 use switchboard_proto::router::{PeerApi, Push, RouterApi, RouterError};
 use tokio::sync::mpsc;
@@ -22,9 +25,11 @@ use tonic::{Request, Response, Status};
 
 use crate::channel::MAX_MESSAGE_BYTES;
 use crate::convert::{
-    agent_id, agent_status, agent_view_to_proto, caller_from_proto, chat_list, chat_view_to_proto, command_from_proto,
-    conversation_id, events_to_proto, gateway_id, group_id, keepalive_frame, left_queue_from_proto, outcome_to_proto,
-    push_to_frame, start_chat_from_proto, started_chat_to_proto, tenant_id, waiting_entry_from_proto,
+    agent_id, agent_status, agent_view_to_proto, availability_from_proto, availability_to_proto, caller_from_proto,
+    chat_list, chat_view_to_proto, command_from_proto, conversation_id, events_to_proto, gateway_id, group_id,
+    keepalive_frame, left_queue_from_proto, offer_update_from_proto, offline_message_from_proto, outcome_to_proto,
+    push_to_frame, start_chat_from_proto, started_chat_to_proto, system_command_from_proto, tenant_id, ticket_to_proto,
+    waiting_entry_from_proto,
 };
 use crate::error::status_from_router_error;
 use crate::serve::Draining;
@@ -297,5 +302,105 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterService for RouterGrpcServer<T> {
         let agent = agent_id(&request.agent_id)?;
         let conversation = conversation_id(&request.conversation_id)?;
         empty(self.node.agent_finished(&tenant, &agent, conversation).await)
+    }
+
+    async fn subscribe_agent(&self, request: Request<AgentSubscriptionRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let gateway = gateway_id(&request.gateway_id)?;
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        empty(self.node.subscribe_agent(&gateway, &tenant, &agent).await)
+    }
+
+    async fn unsubscribe_agent(&self, request: Request<AgentSubscriptionRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let gateway = gateway_id(&request.gateway_id)?;
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        self.node.unsubscribe_agent(&gateway, &tenant, &agent).await;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn reject_offer(&self, request: Request<RejectOfferRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let group = group_id(&request.group_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        empty(self.node.reject_offer(&tenant, &group, &agent, conversation).await)
+    }
+
+    async fn transfer_chat(&self, request: Request<TransferChatRequest>) -> Result<Response<ChatViewReply>, Status> {
+        let request = request.get_ref();
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        let to_group = group_id(&request.to_group_id)?;
+        answer(self.node.transfer_chat(&caller, conversation, &to_group).await, chat_view_reply)
+    }
+
+    async fn forward_chat(&self, request: Request<ForwardChatRequest>) -> Result<Response<ChatViewReply>, Status> {
+        let request = request.get_ref();
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        let to_agent = agent_id(&request.to_agent_id)?;
+        answer(self.node.forward_chat(&caller, conversation, &to_agent).await, chat_view_reply)
+    }
+
+    async fn leave_offline_message(
+        &self,
+        request: Request<OfflineMessageRequest>,
+    ) -> Result<Response<TicketReply>, Status> {
+        let message = offline_message_from_proto(request.get_ref())?;
+        answer(self.node.leave_offline_message(message).await, ticket_to_proto)
+    }
+
+    async fn conversation_system(
+        &self,
+        request: Request<ConversationSystemRequest>,
+    ) -> Result<Response<ConversationSystemReply>, Status> {
+        let request = request.get_ref();
+        let conversation = conversation_id(&request.conversation_id)?;
+        let command = system_command_from_proto(request.command.as_ref())?;
+        answer(self.node.conversation_system(conversation, command).await, |stored| ConversationSystemReply {
+            stored: *stored,
+        })
+    }
+
+    async fn agent_offer(&self, request: Request<AgentOfferRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        let update = offer_update_from_proto(request.update.as_ref())?;
+        empty(self.node.agent_offer(&tenant, &agent, update).await)
+    }
+
+    async fn agent_availability(
+        &self,
+        request: Request<AgentRequest>,
+    ) -> Result<Response<AgentAvailabilityMsg>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let agent = agent_id(&request.agent_id)?;
+        answer(self.node.agent_availability(&tenant, &agent).await, availability_to_proto)
+    }
+
+    async fn queue_agent_changed(&self, request: Request<QueueAgentChangedRequest>) -> Result<Response<Empty>, Status> {
+        let request = request.get_ref();
+        let tenant = tenant_id(&request.tenant_id)?;
+        let group = group_id(&request.group_id)?;
+        let availability = request
+            .availability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("missing availability"))
+            .and_then(availability_from_proto)?;
+        empty(self.node.queue_agent_changed(&tenant, &group, availability).await)
+    }
+
+    async fn owner_forward(&self, request: Request<OwnerForwardRequest>) -> Result<Response<ChatViewReply>, Status> {
+        let request = request.get_ref();
+        let caller = caller_from_proto(request.caller.as_ref())?;
+        let conversation = conversation_id(&request.conversation_id)?;
+        let to_agent = agent_id(&request.to_agent_id)?;
+        answer(self.node.owner_forward(&caller, conversation, &to_agent).await, chat_view_reply)
     }
 }

@@ -7,10 +7,11 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use switchboard_proto::internal::v1::store_service_client::StoreServiceClient;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
+    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
+    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
     ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use tokio_stream::Stream;
@@ -166,5 +167,21 @@ impl StoreApi for GrpcStore {
 
     async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError> {
         self.call(request, |mut client, request| async move { client.get_placement(request).await }).await
+    }
+
+    async fn get_license(&self, request: GetLicenseRequest) -> Result<License, StoreError> {
+        self.call(request, |mut client, request| async move { client.get_license(request).await }).await
+    }
+
+    async fn set_license_limit(&self, request: SetLicenseLimitRequest) -> Result<License, StoreError> {
+        self.call(request, |mut client, request| async move { client.set_license_limit(request).await }).await
+    }
+
+    async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
+        self.call(request, |mut client, request| async move { client.create_ticket(request).await }).await
+    }
+
+    async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
+        self.call(request, |mut client, request| async move { client.list_tickets(request).await }).await
     }
 }

@@ -6,10 +6,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchboard_proto::internal::v1::store_service_server::{StoreService, StoreServiceServer};
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
+    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
+    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
     ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use tokio::sync::{mpsc, watch};
@@ -157,6 +158,28 @@ impl StoreService for StoreGrpcServer {
 
     async fn get_placement(&self, request: Request<GetPlacementRequest>) -> Result<Response<Placement>, Status> {
         answer(self.store.get_placement(request.into_inner()).await)
+    }
+
+    async fn get_license(&self, request: Request<GetLicenseRequest>) -> Result<Response<License>, Status> {
+        answer(self.store.get_license(request.into_inner()).await)
+    }
+
+    async fn set_license_limit(&self, request: Request<SetLicenseLimitRequest>) -> Result<Response<License>, Status> {
+        answer(self.store.set_license_limit(request.into_inner()).await)
+    }
+
+    async fn create_ticket(
+        &self,
+        request: Request<CreateTicketRequest>,
+    ) -> Result<Response<CreateTicketResponse>, Status> {
+        answer(self.store.create_ticket(request.into_inner()).await)
+    }
+
+    async fn list_tickets(
+        &self,
+        request: Request<ListTicketsRequest>,
+    ) -> Result<Response<ListTicketsResponse>, Status> {
+        answer(self.store.list_tickets(request.into_inner()).await)
     }
 
     type WatchPlacementStream = PlacementWatch;

@@ -19,17 +19,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{Running, any_port, client_settings, eventually, within};
 use switchboard_domain::{
-    AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory, Event, EventBody,
-    FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry, agent_key,
-    conversation_key, queue_key, shard_of,
+    AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
+    Event, EventBody, FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry,
+    agent_key, conversation_key, queue_key, shard_of,
 };
+use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::internal::v1::GetPlacementRequest;
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, PeerApi,
-    Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue,
+    OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    SystemCommand, Ticket,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
-use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_rpc::cluster::{
     ClusterClient, ClusterSettings, Connector, GrpcConnector, NodeClient, NodePushes, PlacementUpdates, PlacementView,
 };
@@ -69,7 +71,7 @@ fn agent(i: usize) -> AgentId {
 
 /// Many groups and agents (every agent in every group), so that each router owns some of each.
 fn directory() -> Directory {
-    let groups = (0..N_GROUPS).map(|i| (group(i), GroupEntry { id: group(i), name: format!("group {i}") }));
+    let groups = (0..N_GROUPS).map(|i| (group(i), GroupEntry::new(group(i), format!("group {i}"))));
     let agents = (0..N_AGENTS).map(|i| {
         let entry = AgentEntry {
             id: agent(i),
@@ -102,12 +104,14 @@ struct Node {
     served: JoinHandle<()>,
 }
 
-/// What every node shares: the store's address, database time and the directory.
+/// What every node shares: the store's address, database time, the directory and presence (Redis in the
+/// split roles).
 #[derive(Clone)]
 struct Shared {
     store_url: String,
     clock: Arc<FixedClock>,
     directory: Arc<Directory>,
+    presence: Arc<dyn Presence>,
 }
 
 impl Node {
@@ -135,10 +139,13 @@ impl Node {
                 advertise: format!("http://{addr}"),
                 leases: leases(),
                 closed_list_limit: 50,
+                presence: PresenceSettings::default(),
             };
             let clock: Arc<dyn Clock> = shared.clock.clone();
             let peers_api: Arc<dyn ClusterApi> = Arc::new(peers.clone());
-            let router = Router::start(settings, store, clock, shared.directory.clone(), Some(peers_api)).await;
+            let presence = shared.presence.clone();
+            let router =
+                Router::start(settings, store, clock, shared.directory.clone(), presence, Some(peers_api)).await;
             let router = Arc::new(router.unwrap());
             // As the router role does: shards freed elsewhere are taken at once, not at the next renewal.
             let mut placement = peers.placement();
@@ -232,6 +239,17 @@ impl Pushes {
             .iter()
             .filter_map(|push| match push {
                 Push::Queue { group: pushed, change, .. } if pushed == group => Some(change.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn agent_changes(&self, agent: &AgentId) -> Vec<AgentChange> {
+        let pushes = self.0.lock().unwrap();
+        pushes
+            .iter()
+            .filter_map(|push| match push {
+                Push::Agent { agent: pushed, change, .. } if pushed == agent => Some(change.clone()),
                 _ => None,
             })
             .collect()
@@ -366,6 +384,50 @@ impl RouterApi for SlowNode {
     ) -> Result<Vec<ChatView>, RouterError> {
         self.node.list_chats(tenant, agent, list).await
     }
+    async fn subscribe_agent(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<(), RouterError> {
+        self.node.subscribe_agent(gateway, tenant, agent).await
+    }
+
+    async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
+        self.node.unsubscribe_agent(gateway, tenant, agent).await;
+    }
+
+    async fn reject_offer(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.node.reject_offer(tenant, group, agent, conversation).await
+    }
+
+    async fn transfer_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_group: &GroupId,
+    ) -> Result<ChatView, RouterError> {
+        self.node.transfer_chat(caller, conversation, to_group).await
+    }
+
+    async fn forward_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        self.node.forward_chat(caller, conversation, to_agent).await
+    }
+
+    async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError> {
+        self.node.leave_offline_message(message).await
+    }
 }
 
 #[async_trait]
@@ -396,6 +458,39 @@ impl PeerApi for SlowNode {
     ) -> Result<(), RouterError> {
         self.node.agent_finished(tenant, agent, conversation).await
     }
+    async fn conversation_system(
+        &self,
+        conversation: ConversationId,
+        command: SystemCommand,
+    ) -> Result<bool, RouterError> {
+        self.node.conversation_system(conversation, command).await
+    }
+
+    async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        self.node.agent_offer(tenant, agent, update).await
+    }
+
+    async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError> {
+        self.node.agent_availability(tenant, agent).await
+    }
+
+    async fn queue_agent_changed(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        availability: AgentAvailability,
+    ) -> Result<(), RouterError> {
+        self.node.queue_agent_changed(tenant, group, availability).await
+    }
+
+    async fn owner_forward(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        self.node.owner_forward(caller, conversation, to_agent).await
+    }
 }
 
 struct Cluster {
@@ -425,7 +520,8 @@ impl Cluster {
             .with_draining(services.draining());
         services.add_service(server.into_service());
         let store_server = Running::start(any_port().await, services).await;
-        let shared = Shared { store_url: store_server.url(), clock, directory: Arc::new(directory()) };
+        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
+        let shared = Shared { store_url: store_server.url(), clock, directory: Arc::new(directory()), presence };
         let mut nodes = BTreeMap::new();
         for i in 1..=n_nodes {
             let id = format!("node-{i}");
@@ -828,4 +924,48 @@ async fn a_router_restarted_on_the_same_address_gets_its_subscriptions_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_back_on_another_address_gets_its_subscriptions_back() {
     restart(false, Duration::from_millis(300)).await;
+}
+
+/// The gateway follows an agent's own pushes; the agent's shard moves (a graceful handover): the gateway
+/// follows the agent on its new owner, which pushes the agent a chat forwarded to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_subscription_follows_the_agent_to_its_new_owner() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let gateway = cluster.gateway_id.clone();
+    let moving = cluster.agent_on("node-1", &[]);
+    let forwarding = cluster.agent_on("node-2", &[]);
+    let queue = cluster.group_on("node-3", &[]);
+    cluster.client.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
+    for agent in [&moving, &forwarding] {
+        cluster.client.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
+    }
+
+    let node = cluster.nodes.remove("node-1").unwrap();
+    node.terminate().await;
+    cluster.converged().await;
+    assert_ne!(owner_of(&cluster.view(), &agent_key(&tenant(), &moving)), Some("node-1"));
+
+    // A chat accepted by one agent is forwarded to the agent who moved (once its status is restored there).
+    let (chat, _) = cluster.start_chat("node-2", &queue, "carol").await;
+    cluster.client.accept_chat(&tenant(), &forwarding, chat).await.unwrap();
+    let by = Caller::Agent { tenant: tenant(), agent: forwarding.clone() };
+    let forwarded = eventually(|| async {
+        match cluster.client.forward_chat(&by, chat, &moving).await {
+            Ok(view) => Some(view),
+            Err(RouterError::Refused(Refusal::AgentUnavailable)) => None,
+            Err(error) => panic!("forward failed: {error}"),
+        }
+    })
+    .await;
+    assert_eq!(forwarded.owner, Some(moving.clone()));
+    // The new owner of the agent pushes it to this gateway.
+    eventually(|| async {
+        let changes = cluster.pushes.agent_changes(&moving);
+        let assigned =
+            |change: &AgentChange| matches!(change, AgentChange::Assigned { chat: view } if view.conversation == chat);
+        changes.iter().any(assigned).then_some(())
+    })
+    .await;
+
+    cluster.client.unsubscribe_agent(&gateway, &tenant(), &moving).await;
 }

@@ -11,18 +11,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{DEADLINE, Running, any_port, client_settings, eventually, within};
 use switchboard_domain::{
-    AgentEntry, AgentId, AgentStatus, Clock, ConversationId, ConversationState, Directory, Event, EventBody,
-    FixedClock, GroupEntry, GroupId, Refusal, TenantEntry, TenantId, WaitingEntry,
+    AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
+    Event, EventBody, FixedClock, GroupEntry, GroupId, OfferEnd, Refusal, RequeueReason, TenantEntry, TenantId,
+    WaitingEntry,
 };
+use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::internal::v1 as pb;
 use switchboard_proto::internal::v1::AcquireShardsRequest;
 use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, PeerApi, Push,
-    QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::StoreApi;
-use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_rpc::{ClientSettings, GrpcRouterNode, GrpcServices, PushLinkEvent, PushStream, RouterGrpcServer};
 use switchboard_store::MemoryStore;
 use tokio::net::TcpListener;
@@ -49,7 +51,7 @@ fn agent_caller(name: &str) -> Caller {
 
 /// Groups g1 and g2; agents a (g1, g2; capacity 2) and b (g1; capacity 5).
 fn directory() -> Directory {
-    let groups = ["g1", "g2"].map(|id| (group(id), GroupEntry { id: group(id), name: id.into() }));
+    let groups = ["g1", "g2"].map(|id| (group(id), GroupEntry::new(group(id), id)));
     let agents = [("a", vec!["g1", "g2"], 2), ("b", vec!["g1"], 5)].map(|(id, groups, capacity)| {
         let entry =
             AgentEntry { id: agent(id), name: id.into(), groups: groups.into_iter().map(group).collect(), capacity };
@@ -72,9 +74,11 @@ async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<FixedCl
         advertise: String::new(),
         leases: LeaseSettings::default(),
         closed_list_limit: 50,
+        presence: PresenceSettings::default(),
     };
     let clock: Arc<dyn Clock> = clock;
-    Router::start(settings, store, clock, Arc::new(directory()), None).await.unwrap()
+    let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
+    Router::start(settings, store, clock, Arc::new(directory()), presence, None).await.unwrap()
 }
 
 fn services<T: RouterApi + PeerApi + ?Sized>(node: Arc<T>, keepalive: Duration) -> GrpcServices {
@@ -118,6 +122,16 @@ impl Cluster {
 
 async fn next_push(stream: &mut PushStream) -> Push {
     within(stream.next()).await.expect("the stream is open").expect("a push")
+}
+
+/// The next push that is not a queue's estimated wait (those come when the router's estimate changes).
+async fn next_list_push(stream: &mut PushStream) -> Push {
+    loop {
+        match next_push(stream).await {
+            Push::Queue { change: QueueChange::Estimate { .. }, .. } => continue,
+            push => return push,
+        }
+    }
 }
 
 #[tokio::test]
@@ -192,20 +206,22 @@ async fn queue_pushes_arrive_through_the_push_stream() {
     let gateway = GatewayId("gw-queue".into());
     let mut pushes = client.open_push_stream(&gateway).await.unwrap();
     client.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
-    let Push::Queue { tenant: pushed_tenant, group: pushed_group, change, .. } = next_push(&mut pushes).await else {
+    let Push::Queue { tenant: pushed_tenant, group: pushed_group, change, .. } = next_list_push(&mut pushes).await
+    else {
         panic!("a queue push first");
     };
     assert_eq!((pushed_tenant, pushed_group), (tenant(), group("g1")));
     assert_eq!(change, QueueChange::Snapshot { entries: vec![] });
 
     let started = cluster.start_chat("g1", "dave").await;
-    let Push::Queue { change: QueueChange::Added { entry }, .. } = next_push(&mut pushes).await else {
+    let Push::Queue { change: QueueChange::Added { entry }, .. } = next_list_push(&mut pushes).await else {
         panic!("the chat joins the queue");
     };
     assert_eq!(entry.conversation, started.view.conversation);
     client.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap();
     client.accept_chat(&tenant(), &agent("b"), started.view.conversation).await.unwrap();
-    let Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } = next_push(&mut pushes).await else {
+    let Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } = next_list_push(&mut pushes).await
+    else {
         panic!("the chat leaves the queue");
     };
     assert_eq!((conversation, reason), (started.view.conversation, LeftQueue::Accepted { agent: agent("b") }));
@@ -219,16 +235,73 @@ async fn queue_pushes_arrive_through_the_push_stream() {
         question: "?".into(),
     };
     client.queue_add(&tenant(), entry.clone()).await.unwrap();
-    let Push::Queue { change: QueueChange::Added { entry: added }, .. } = next_push(&mut pushes).await else {
+    let Push::Queue { change: QueueChange::Added { entry: added }, .. } = next_list_push(&mut pushes).await else {
         panic!("the peer's chat joins the queue");
     };
     assert_eq!(added, entry);
     client.queue_remove(&tenant(), &group("g1"), entry.conversation, LeftQueue::Cancelled).await.unwrap();
-    let Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } = next_push(&mut pushes).await else {
+    let Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } = next_list_push(&mut pushes).await
+    else {
         panic!("the peer's chat leaves the queue");
     };
     assert_eq!((conversation, reason), (entry.conversation, LeftQueue::Cancelled));
     client.unsubscribe_queue(&gateway, &tenant(), &group("g1")).await;
+    cluster.running.stop().await;
+}
+
+#[tokio::test]
+async fn forwards_transfers_and_offline_messages_through_grpc_on_a_real_router() {
+    let cluster = Cluster::start().await;
+    let client = &cluster.client;
+    let gateway = GatewayId("gw-agent".into());
+    let mut pushes = client.open_push_stream(&gateway).await.unwrap();
+    client.subscribe_agent(&gateway, &tenant(), &agent("a")).await.unwrap();
+    for name in ["a", "b"] {
+        client.set_agent_status(&tenant(), &agent(name), AgentStatus::Online).await.unwrap();
+    }
+    let chat = cluster.start_chat("g1", "carol").await.view.conversation;
+    client.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+
+    // b hands the chat to a: a's gateway is told, through the push stream, that the chat is a's now.
+    let forwarded = client.forward_chat(&agent_caller("b"), chat, &agent("a")).await.unwrap();
+    assert_eq!((forwarded.state, forwarded.owner.clone()), (ConversationState::Active, Some(agent("a"))));
+    let assigned = within(async {
+        loop {
+            if let Push::Agent { agent: pushed, change: AgentChange::Assigned { chat: view }, .. } =
+                next_push(&mut pushes).await
+            {
+                return (pushed, view);
+            }
+        }
+    })
+    .await;
+    assert_eq!(assigned, (agent("a"), forwarded.clone()));
+    // The same forward again is refused as the router refuses it.
+    let again = client.forward_chat(&agent_caller("b"), chat, &agent("a")).await.unwrap_err();
+    assert_eq!(again, cluster.node.forward_chat(&agent_caller("b"), chat, &agent("a")).await.unwrap_err());
+
+    // a moves it to g2 (online: a is signed in there), where it waits again.
+    let transferred = eventually(|| async {
+        match client.transfer_chat(&agent_caller("a"), chat, &group("g2")).await {
+            Ok(view) => Some(view),
+            Err(RouterError::Refused(Refusal::GroupOffline)) => None,
+            Err(error) => panic!("transfer failed: {error}"),
+        }
+    })
+    .await;
+    assert_eq!(
+        (transferred.group, transferred.state, transferred.owner),
+        (group("g2"), ConversationState::Queued, None)
+    );
+
+    // An offline message is stored once per idempotency key.
+    let first = client.leave_offline_message(offline_message("key-1")).await.unwrap();
+    assert!(!first.duplicate);
+    let second = client.leave_offline_message(offline_message("key-1")).await.unwrap();
+    assert_eq!((second.id, second.duplicate), (first.id, true));
+    let unknown = OfflineMessage { group: group("nope"), ..offline_message("key-2") };
+    assert_eq!(client.leave_offline_message(unknown).await.unwrap_err(), RouterError::UnknownGroup);
+    client.unsubscribe_agent(&gateway, &tenant(), &agent("a")).await;
     cluster.running.stop().await;
 }
 
@@ -445,6 +518,17 @@ impl Scripted {
             last_seq: 3,
         }
     }
+
+    fn availability(agent: &AgentId) -> AgentAvailability {
+        AgentAvailability {
+            agent: agent.clone(),
+            status: AgentStatus::Online,
+            capacity: 3,
+            held: 2,
+            offer: Some(ConversationId::parse("01900000-0000-7000-8000-000000000001").unwrap()),
+            idle_since_ms: NOW_MS - 60_000,
+        }
+    }
 }
 
 #[tokio::test]
@@ -472,6 +556,14 @@ async fn every_router_error_arrives_as_it_was_raised() {
             Refusal::NotInGroup,
             Refusal::EmptyMessage,
             Refusal::BadDeliveryMark { last_seq: 9 },
+            Refusal::NotOffered,
+            Refusal::OfferOutstanding,
+            Refusal::SameGroup,
+            Refusal::SameAgent,
+            Refusal::GroupClosed,
+            Refusal::GroupOffline,
+            Refusal::AgentUnavailable,
+            Refusal::LicenseExhausted { max_sessions: 5_000 },
         ]
         .map(RouterError::Refused),
     );
@@ -479,7 +571,163 @@ async fn every_router_error_arrives_as_it_was_raised() {
         *node.error.lock().unwrap() = Some(error.clone());
         assert_eq!(client.command(&agent_caller("a"), chat, ChatCommand::Close).await.unwrap_err(), error);
         assert_eq!(client.owner_accept(chat, &agent("a")).await.unwrap_err(), error);
+        // The calls of push routing, transfers and offline messages carry errors the same way.
+        assert_eq!(client.transfer_chat(&agent_caller("a"), chat, &group("g2")).await.unwrap_err(), error);
+        assert_eq!(client.forward_chat(&agent_caller("a"), chat, &agent("b")).await.unwrap_err(), error);
+        assert_eq!(client.leave_offline_message(offline_message("k")).await.unwrap_err(), error);
+        assert_eq!(client.reject_offer(&tenant(), &group("g1"), &agent("a"), chat).await.unwrap_err(), error);
+        assert_eq!(client.subscribe_agent(&GatewayId("gw".into()), &tenant(), &agent("a")).await.unwrap_err(), error);
+        let offer = SystemCommand::Offer { agent: agent("a"), expires_at_ms: NOW_MS };
+        assert_eq!(client.conversation_system(chat, offer).await.unwrap_err(), error);
+        assert_eq!(client.agent_availability(&tenant(), &agent("a")).await.unwrap_err(), error);
+        assert_eq!(client.owner_forward(&agent_caller("a"), chat, &agent("b")).await.unwrap_err(), error);
     }
+    // The license limit comes back with its number.
+    *node.error.lock().unwrap() = Some(RouterError::Refused(Refusal::LicenseExhausted { max_sessions: 42 }));
+    let request = StartChat {
+        conversation: chat,
+        tenant: tenant(),
+        group: group("g1"),
+        customer_name: "c".into(),
+        question: "?".into(),
+    };
+    assert_eq!(
+        client.start_chat(request).await.unwrap_err(),
+        RouterError::Refused(Refusal::LicenseExhausted { max_sessions: 42 })
+    );
+    running.stop().await;
+}
+
+fn offline_message(key: &str) -> OfflineMessage {
+    OfflineMessage {
+        tenant: tenant(),
+        group: group("g2"),
+        customer_name: "Carol".into(),
+        contact: "carol@example.com".into(),
+        body: "Call me back, please: ünïcode.".into(),
+        reason: "group_closed".into(),
+        idempotency_key: key.into(),
+    }
+}
+
+fn entry(conversation: ConversationId) -> WaitingEntry {
+    WaitingEntry {
+        conversation,
+        group: group("g1"),
+        queued_at_ms: NOW_MS,
+        customer_name: "Carol".into(),
+        question: "Where?".into(),
+    }
+}
+
+#[tokio::test]
+async fn push_routing_transfer_and_offline_calls_reach_the_node_with_their_arguments() {
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let chat = ConversationId::new_v7(NOW_MS);
+    let gateway = GatewayId("gw-7".into());
+    let customer = Caller::Customer { conversation: chat };
+
+    client.subscribe_agent(&gateway, &tenant(), &agent("a")).await.unwrap();
+    client.unsubscribe_agent(&gateway, &tenant(), &agent("a")).await;
+    client.reject_offer(&tenant(), &group("g1"), &agent("b"), chat).await.unwrap();
+    let transferred = client.transfer_chat(&customer, chat, &group("g2")).await.unwrap();
+    assert_eq!(transferred.group, group("g2"));
+    let forwarded = client.forward_chat(&agent_caller("a"), chat, &agent("b")).await.unwrap();
+    assert_eq!(forwarded.owner, Some(agent("b")));
+    let ticket = client.leave_offline_message(offline_message("key-1")).await.unwrap();
+    assert_eq!(ticket, Ticket { id: "ticket-key-1".into(), created_at_ms: NOW_MS, duplicate: false });
+    let again = client.leave_offline_message(offline_message("dup")).await.unwrap();
+    assert!(again.duplicate);
+
+    let commands = [
+        SystemCommand::Offer { agent: agent("a"), expires_at_ms: NOW_MS + 30_000 },
+        SystemCommand::EndOffer { agent: agent("a"), reason: OfferEnd::TimedOut },
+        SystemCommand::Requeue { agent: agent("b"), reason: RequeueReason::AgentOffline },
+    ];
+    for command in &commands {
+        assert!(client.conversation_system(chat, command.clone()).await.unwrap(), "the node says it stored");
+    }
+    let made = OfferUpdate::Made { entry: entry(chat), expires_at_ms: NOW_MS + 30_000 };
+    let ended = OfferUpdate::Ended { conversation: chat, reason: OfferEnd::Rejected };
+    client.agent_offer(&tenant(), &agent("a"), made.clone()).await.unwrap();
+    client.agent_offer(&tenant(), &agent("a"), ended.clone()).await.unwrap();
+    let availability = client.agent_availability(&tenant(), &agent("a")).await.unwrap();
+    assert_eq!(availability, Scripted::availability(&agent("a")));
+    let idle = AgentAvailability { offer: None, ..availability.clone() };
+    client.queue_agent_changed(&tenant(), &group("g2"), idle.clone()).await.unwrap();
+    let owned = client.owner_forward(&agent_caller("a"), chat, &agent("b")).await.unwrap();
+    assert_eq!(owned.owner, Some(agent("b")));
+
+    let mut expected = vec![
+        "subscribe_agent gw-7 acme a".to_owned(),
+        "unsubscribe_agent gw-7 acme a".to_owned(),
+        format!("reject_offer acme g1 b {chat}"),
+        format!("transfer_chat {customer:?} {chat} g2"),
+        format!("forward_chat {:?} {chat} b", agent_caller("a")),
+        format!("leave_offline_message {:?}", offline_message("key-1")),
+        format!("leave_offline_message {:?}", offline_message("dup")),
+    ];
+    expected.extend(commands.iter().map(|command| format!("conversation_system {chat} {command:?}")));
+    expected.extend([
+        format!("agent_offer acme a {made:?}"),
+        format!("agent_offer acme a {ended:?}"),
+        "agent_availability acme a".to_owned(),
+        format!("queue_agent_changed acme g2 {idle:?}"),
+        format!("owner_forward {:?} {chat} b", agent_caller("a")),
+    ]);
+    assert_eq!(*node.peer_calls.lock().unwrap(), expected);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn every_new_push_arrives_as_it_was_sent() {
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let mut pushes = client.open_push_stream(&GatewayId("gw-1".into())).await.unwrap();
+    let sink = node.sinks.lock().unwrap().last().cloned().expect("the stream registered its sink");
+    let chat = ConversationId::new_v7(NOW_MS);
+    let agent_view = AgentView {
+        tenant: tenant(),
+        agent: agent("a"),
+        status: AgentStatus::Away,
+        capacity: 2,
+        groups: vec![group("g1"), group("g2")],
+        active: vec![chat],
+    };
+    let agent_push = |change| Push::Agent { tenant: tenant(), agent: agent("a"), change };
+    let queue_push = |version, change| Push::Queue { tenant: tenant(), group: group("g1"), version, change };
+    let event = |seq, body| Push::Event {
+        conversation: chat,
+        event: Arc::new(Event { seq, at_ms: NOW_MS + seq as i64, author: Author::System, client_msg_id: None, body }),
+    };
+    let sent = vec![
+        agent_push(AgentChange::Offered { entry: entry(chat), expires_at_ms: NOW_MS + 30_000 }),
+        agent_push(AgentChange::OfferEnded { conversation: chat, reason: OfferEnd::Withdrawn }),
+        agent_push(AgentChange::Assigned { chat: Scripted::view(chat) }),
+        agent_push(AgentChange::Status { agent: agent_view }),
+        queue_push(7, QueueChange::Estimate { wait_per_position_ms: Some(45_000) }),
+        queue_push(8, QueueChange::Estimate { wait_per_position_ms: None }),
+        queue_push(
+            9,
+            QueueChange::Removed { conversation: chat, reason: LeftQueue::Transferred { to_group: group("g2") } },
+        ),
+        event(3, EventBody::Offered { agent: agent("a"), expires_at_ms: NOW_MS + 30_000 }),
+        event(4, EventBody::OfferEnded { agent: agent("a"), reason: OfferEnd::Rejected }),
+        event(5, EventBody::Transferred { from_agent: None, to_group: group("g2") }),
+        event(6, EventBody::Forwarded { from_agent: Some(agent("a")), to_agent: agent("b") }),
+        event(7, EventBody::Requeued { from_agent: agent("b"), reason: RequeueReason::AgentOffline }),
+    ];
+    for push in &sent {
+        sink.send(push.clone()).unwrap();
+    }
+    let mut received = Vec::new();
+    while received.len() < sent.len() {
+        received.push(next_push(&mut pushes).await);
+    }
+    assert_eq!(received, sent);
     running.stop().await;
 }
 
@@ -714,6 +962,62 @@ impl RouterApi for Scripted {
             active: vec![],
         })
     }
+    async fn subscribe_agent(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<(), RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("subscribe_agent {} {tenant} {agent}", gateway.0));
+        Ok(())
+    }
+    async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
+        self.peer_calls.lock().unwrap().push(format!("unsubscribe_agent {} {tenant} {agent}", gateway.0));
+    }
+    async fn reject_offer(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        agent: &AgentId,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("reject_offer {tenant} {group} {agent} {conversation}"));
+        Ok(())
+    }
+    async fn transfer_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_group: &GroupId,
+    ) -> Result<ChatView, RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("transfer_chat {caller:?} {conversation} {to_group}"));
+        Ok(ChatView {
+            group: to_group.clone(),
+            state: ConversationState::Queued,
+            owner: None,
+            accepted_at_ms: None,
+            ..Scripted::view(conversation)
+        })
+    }
+    async fn forward_chat(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("forward_chat {caller:?} {conversation} {to_agent}"));
+        Ok(ChatView { owner: Some(to_agent.clone()), ..Scripted::view(conversation) })
+    }
+    async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("leave_offline_message {message:?}"));
+        let duplicate = message.idempotency_key == "dup";
+        Ok(Ticket { id: format!("ticket-{}", message.idempotency_key), created_at_ms: NOW_MS, duplicate })
+    }
     async fn subscribe_queue(
         &self,
         _gateway: &GatewayId,
@@ -766,5 +1070,44 @@ impl PeerApi for Scripted {
         self.outcome().await?;
         self.peer_calls.lock().unwrap().push(format!("agent_finished {tenant} {agent} {conversation}"));
         Ok(())
+    }
+    async fn conversation_system(
+        &self,
+        conversation: ConversationId,
+        command: SystemCommand,
+    ) -> Result<bool, RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("conversation_system {conversation} {command:?}"));
+        Ok(true)
+    }
+    async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("agent_offer {tenant} {agent} {update:?}"));
+        Ok(())
+    }
+    async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("agent_availability {tenant} {agent}"));
+        Ok(Scripted::availability(agent))
+    }
+    async fn queue_agent_changed(
+        &self,
+        tenant: &TenantId,
+        group: &GroupId,
+        availability: AgentAvailability,
+    ) -> Result<(), RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("queue_agent_changed {tenant} {group} {availability:?}"));
+        Ok(())
+    }
+    async fn owner_forward(
+        &self,
+        caller: &Caller,
+        conversation: ConversationId,
+        to_agent: &AgentId,
+    ) -> Result<ChatView, RouterError> {
+        self.outcome().await?;
+        self.peer_calls.lock().unwrap().push(format!("owner_forward {caller:?} {conversation} {to_agent}"));
+        Ok(ChatView { owner: Some(to_agent.clone()), ..Scripted::view(conversation) })
     }
 }

@@ -10,11 +10,12 @@ use async_trait::async_trait;
 use common::{Running, any_port, client_settings, eventually, within};
 use switchboard_domain::{FixedClock, shard_of};
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord, Fence,
-    GetConversationRequest, GetConversationResponse, GetPlacementRequest, ListConversationsRequest,
-    ListConversationsResponse, NewEvent, NodeInfo, Placement, ReadEventsRequest, ReadEventsResponse,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord, ConversationUpdate,
+    CreateTicketRequest, CreateTicketResponse, Fence, GetConversationRequest, GetConversationResponse,
+    GetLicenseRequest, GetPlacementRequest, License, ListConversationsRequest, ListConversationsResponse,
+    ListTicketsRequest, ListTicketsResponse, NewEvent, NodeInfo, Placement, ReadEventsRequest, ReadEventsResponse,
     RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest, ReleaseShardsResponse, RenewShardsRequest,
-    RenewShardsResponse, ShardOwner,
+    RenewShardsResponse, SetLicenseLimitRequest, ShardOwner, TicketRecord,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_rpc::{ClientSettings, GrpcServices, GrpcStore, StoreGrpcServer};
@@ -152,6 +153,99 @@ async fn a_stale_epoch_arrives_as_stale_epoch_with_its_shard() {
     assert!(new.epoch > old.epoch);
     let late = AppendRequest { events: vec![message("m2", "too late")], create: None, ..create(old, "c1") };
     assert_eq!(client.append(late).await.unwrap_err(), StoreError::StaleEpoch { shard });
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn the_license_goes_through_and_a_refused_create_arrives_as_license_exhausted_with_its_limit() {
+    let store = memory_store();
+    let running = serve(any_port().await, store.clone()).await;
+    let client = client(&running);
+    assert_eq!(client.get_license(GetLicenseRequest {}).await.unwrap(), License { max_sessions: 0, used: 0 });
+    let limit = SetLicenseLimitRequest { max_sessions: 1 };
+    assert_eq!(client.set_license_limit(limit).await.unwrap(), License { max_sessions: 1, used: 0 });
+
+    let f1 = fence(&client, "node-1", shard_of_conversation("c1")).await;
+    client.append(create(f1, "c1")).await.unwrap();
+    let f2 = fence(&client, "node-1", shard_of_conversation("c2")).await;
+    let refused = client.append(create(f2, "c2")).await.unwrap_err();
+    assert_eq!(refused, StoreError::LicenseExhausted { max_sessions: 1 });
+    assert_eq!(store.get_license(GetLicenseRequest {}).await.unwrap(), License { max_sessions: 1, used: 1 });
+
+    // Closing c1 gives its permit back: c2 is admitted now.
+    let close = AppendRequest {
+        create: None,
+        events: vec![message("bye", "bye")],
+        update: Some(ConversationUpdate { state: "closed".into(), closed_at_ms: NOW_MS, ..Default::default() }),
+        ..create(f1, "c1")
+    };
+    client.append(close).await.unwrap();
+    client.append(create(f2, "c2")).await.unwrap();
+    assert_eq!(
+        client.get_license(GetLicenseRequest {}).await.unwrap(),
+        store.get_license(GetLicenseRequest {}).await.unwrap()
+    );
+    let too_big = client.set_license_limit(SetLicenseLimitRequest { max_sessions: u64::MAX }).await.unwrap_err();
+    assert!(matches!(too_big, StoreError::Invalid(_)), "{too_big:?}");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn tickets_and_the_offer_fields_go_through_unchanged() {
+    let store = memory_store();
+    let running = serve(any_port().await, store.clone()).await;
+    let client = client(&running);
+    let ticket = TicketRecord {
+        id: "t1".into(),
+        tenant_id: "acme".into(),
+        group_id: "sales".into(),
+        kind: "offline_message".into(),
+        reason: "license_exhausted".into(),
+        customer_name: "Carol".into(),
+        customer_contact: "carol@example.com".into(),
+        subject: "Parcel".into(),
+        body: "Where is my parcel?".into(),
+        conversation_id: String::new(),
+        created_at_ms: NOW_MS,
+        idempotency_key: "k1".into(),
+    };
+    let created = client.create_ticket(CreateTicketRequest { ticket: Some(ticket.clone()) }).await.unwrap();
+    assert_eq!(created, CreateTicketResponse { ticket: Some(ticket.clone()), duplicate: false });
+    let retry = TicketRecord { id: "t2".into(), ..ticket.clone() };
+    let again = client.create_ticket(CreateTicketRequest { ticket: Some(retry) }).await.unwrap();
+    assert_eq!(again, CreateTicketResponse { ticket: Some(ticket.clone()), duplicate: true });
+    let list = ListTicketsRequest { tenant_id: "acme".into(), limit: 0 };
+    assert_eq!(client.list_tickets(list.clone()).await.unwrap().tickets, [ticket]);
+    let incomplete = CreateTicketRequest { ticket: Some(TicketRecord { body: String::new(), ..Default::default() }) };
+    let direct = store.create_ticket(incomplete.clone()).await.unwrap_err();
+    assert_eq!(client.create_ticket(incomplete).await.unwrap_err(), direct);
+
+    // The summary's offer and group fields, both ways.
+    let fence = fence(&client, "node-1", shard_of_conversation("c1")).await;
+    client.append(create(fence, "c1")).await.unwrap();
+    let offer = ConversationUpdate {
+        state: "queued".into(),
+        group_id: "support".into(),
+        queued_at_ms: NOW_MS + 5,
+        offer_agent_id: "alice".into(),
+        offer_expires_at_ms: NOW_MS + 30_000,
+        offered_to: vec!["bob".into(), "zoe".into()],
+        ..Default::default()
+    };
+    let offered = AppendRequest { create: None, events: vec![], update: Some(offer), ..create(fence, "c1") };
+    client.append(offered).await.unwrap();
+    let by_offer = ListConversationsRequest { offer_agent_id: "alice".into(), ..Default::default() };
+    let listed = client.list_conversations(by_offer).await.unwrap().conversations;
+    let expected = ConversationRecord {
+        group_id: "support".into(),
+        queued_at_ms: NOW_MS + 5,
+        offer_agent_id: "alice".into(),
+        offer_expires_at_ms: NOW_MS + 30_000,
+        offered_to: vec!["bob".into(), "zoe".into()],
+        last_seq: 1,
+        ..record("c1")
+    };
+    assert_eq!(listed, [expected]);
     running.stop().await;
 }
 
@@ -355,5 +449,21 @@ impl StoreApi for Scripted {
     async fn get_placement(&self, _: GetPlacementRequest) -> Result<Placement, StoreError> {
         self.maybe_hang().await;
         Ok(self.placement.lock().unwrap().clone())
+    }
+    async fn get_license(&self, _: GetLicenseRequest) -> Result<License, StoreError> {
+        self.maybe_hang().await;
+        Ok(License::default())
+    }
+    async fn set_license_limit(&self, _: SetLicenseLimitRequest) -> Result<License, StoreError> {
+        self.maybe_hang().await;
+        Ok(License::default())
+    }
+    async fn create_ticket(&self, _: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
+        self.maybe_hang().await;
+        Err(StoreError::Invalid("not scripted".into()))
+    }
+    async fn list_tickets(&self, _: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
+        self.maybe_hang().await;
+        Ok(ListTicketsResponse::default())
     }
 }

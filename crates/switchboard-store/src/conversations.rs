@@ -11,9 +11,10 @@ use crate::SqlStore;
 use crate::error::{db, shard_to_i32};
 use crate::records::{CONVERSATION_COLUMNS, ConversationRow, conversation_from_row};
 
+/// The columns are those of `records::CONVERSATION_COLUMNS`.
 pub(crate) const SELECT_CONVERSATION: &str = "SELECT id, tenant_id, group_id, customer_name, first_question, state, \
      owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, last_seq, shard, \
-     customer_token FROM conversations WHERE id = $1";
+     customer_token, offer_agent_id, offer_expires_at_ms, offered_to FROM conversations WHERE id = $1";
 
 /// A value bound to a placeholder of a built statement.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +56,7 @@ impl Built {
     }
 }
 
-/// The list query. Every filter is optional: an empty tenant, owner or list matches everything.
+/// The list query. Every filter is optional: an empty tenant, owner, offer agent or list matches everything.
 /// `id_order` is how ids sort: bytewise on both backends (`id` on SQLite, `id COLLATE "C"` on PostgreSQL),
 /// whatever the database's collation.
 pub(crate) fn list_query(request: &ListConversationsRequest, id_order: &str) -> Result<Built, StoreError> {
@@ -73,6 +74,9 @@ pub(crate) fn list_query(request: &ListConversationsRequest, id_order: &str) -> 
     }
     if !request.owner_agent_id.is_empty() {
         query.push(" AND owner_agent_id = ").bind(Bind::Text(request.owner_agent_id.clone()));
+    }
+    if !request.offer_agent_id.is_empty() {
+        query.push(" AND offer_agent_id = ").bind(Bind::Text(request.offer_agent_id.clone()));
     }
     if !shards.is_empty() {
         query.push(" AND shard IN ").list(shards.into_iter().map(Bind::Int32));
@@ -116,4 +120,27 @@ pub(crate) async fn list(
     let rows = query.fetch_all(&store.reader).await.map_err(db)?;
     let conversations = rows.into_iter().map(conversation_from_row).collect::<Result<_, _>>()?;
     Ok(ListConversationsResponse { conversations })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_and_lists_select_the_same_columns() {
+        assert!(SELECT_CONVERSATION.contains(CONVERSATION_COLUMNS), "{SELECT_CONVERSATION}");
+        let request = ListConversationsRequest { offer_agent_id: "alice".into(), ..Default::default() };
+        let built = list_query(&request, "id").unwrap();
+        assert!(built.sql.contains(CONVERSATION_COLUMNS));
+        assert!(built.sql.contains(" AND offer_agent_id = $1"), "{}", built.sql);
+        assert_eq!(built.binds, [Bind::Text("alice".into())]);
+    }
+
+    #[test]
+    fn a_malformed_offered_to_column_is_invalid_not_a_panic() {
+        assert!(matches!(crate::records::agents_from_json("{"), Err(StoreError::Invalid(_))));
+        assert!(matches!(crate::records::agents_from_json("[1]"), Err(StoreError::Invalid(_))));
+        let agents = vec!["alice".to_owned(), "b\"ob".to_owned()];
+        assert_eq!(crate::records::agents_from_json(&crate::records::agents_to_json(&agents)), Ok(agents));
+    }
 }

@@ -8,9 +8,10 @@
 //! - **Locks.** SQLite serializes every write transaction on the store's single writer connection, so its
 //!   reads need no locks. PostgreSQL takes row locks (`pg` module): `FOR SHARE` on the fence's lease row
 //!   for the length of an append batch (an acquire that bumps the epoch waits for the appends made under
-//!   the old one), `FOR UPDATE` on the conversations appended to (gap-free seqs, deduplication), and
-//!   `FOR UPDATE` on lease rows in shard order before changing them (no deadlocks between acquires,
-//!   renewals, releases and append batches).
+//!   the old one), `FOR UPDATE` on the license row when the batch may create or finish a conversation
+//!   (admissions serialized: the license limit holds exactly), `FOR UPDATE` on the conversations appended
+//!   to (gap-free seqs, deduplication), and `FOR UPDATE` on lease rows in shard order before changing them
+//!   (no deadlocks between acquires, renewals, releases and append batches).
 //! - **Lists of values.** SQLite gets one placeholder per value; PostgreSQL gets one array (`= ANY($1)`,
 //!   `unnest`), so that its statements are static and prepared once per connection.
 //! - **Ordering of ids.** Ids sort bytewise on both: SQLite's default BINARY collation, `COLLATE "C"` on

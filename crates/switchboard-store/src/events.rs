@@ -4,7 +4,7 @@
 //! SQLite serializes every write transaction on the store's single writer connection, so the "locks" of
 //! [`AppendTx`] are plain reads here: nothing else can write between them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::{Sqlite, SqlitePool, Transaction};
@@ -17,12 +17,13 @@ use crate::batch::{
 };
 use crate::dialect::{SELECT_CONVERSATION_FOR_APPEND, SELECT_FENCE_EPOCH};
 use crate::error::{db, to_i64};
-use crate::records::{EventRow, event_from_row};
+use crate::license::{self, DELETE_PERMIT, INSERT_PERMIT, LicenseChanges, SELECT_LICENSE, SET_LICENSE_USED};
+use crate::records::{EventRow, agents_to_json, event_from_row};
 
 pub(crate) const INSERT_CONVERSATION: &str = "INSERT INTO conversations (id, tenant_id, group_id, customer_name, \
      first_question, state, owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, \
-     last_seq, shard, customer_token) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $13) \
+     last_seq, shard, customer_token, offer_agent_id, offer_expires_at_ms, offered_to) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $13, $14, $15, $16) \
      ON CONFLICT (id) DO NOTHING";
 
 const SELECT_BY_CLIENT_MSG_ID: &str = "SELECT conversation_id, seq, at_ms, author_role, author_id, \
@@ -31,11 +32,16 @@ const SELECT_BY_CLIENT_MSG_ID: &str = "SELECT conversation_id, seq, at_ms, autho
 const INSERT_EVENT: &str = "INSERT INTO events (conversation_id, seq, at_ms, author_role, author_id, \
      client_msg_id, kind, payload_json, epoch) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
-/// NULL state, owner... keep the stored values (`$3`, `$4`: whether the batch had a summary update).
+/// NULL state, group, queue time keep the stored values; so do owner, times and offer unless `$3` (whether
+/// the batch had a summary update).
 const UPDATE_SUMMARY: &str = "UPDATE conversations SET last_seq = $1, state = COALESCE($2, state), \
      owner_agent_id = CASE WHEN $3 THEN $4 ELSE owner_agent_id END, \
      accepted_at_ms = CASE WHEN $3 THEN $5 ELSE accepted_at_ms END, \
-     closed_at_ms = CASE WHEN $3 THEN $6 ELSE closed_at_ms END WHERE id = $7";
+     closed_at_ms = CASE WHEN $3 THEN $6 ELSE closed_at_ms END, \
+     group_id = COALESCE($8, group_id), queued_at_ms = COALESCE($9, queued_at_ms), \
+     offer_agent_id = CASE WHEN $3 THEN $10 ELSE offer_agent_id END, \
+     offer_expires_at_ms = CASE WHEN $3 THEN $11 ELSE offer_expires_at_ms END, \
+     offered_to = CASE WHEN $3 THEN $12 ELSE offered_to END WHERE id = $7";
 
 pub(crate) const SELECT_EVENTS: &str = "SELECT conversation_id, seq, at_ms, author_role, author_id, client_msg_id, \
      kind, payload_json FROM events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq";
@@ -114,6 +120,9 @@ impl AppendTx for Transaction<'static, Sqlite> {
             .bind(create.closed_at_ms)
             .bind(i64::from(create.shard))
             .bind(&create.customer_token)
+            .bind(&create.offer_agent_id)
+            .bind(create.offer_expires_at_ms)
+            .bind(agents_to_json(&create.offered_to))
             .execute(&mut **self)
             .await?
             .rows_affected();
@@ -140,19 +149,53 @@ impl AppendTx for Transaction<'static, Sqlite> {
 
     async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), sqlx::Error> {
         for summary in summaries {
-            let (owner, accepted_at_ms, closed_at_ms) = summary.fields.clone().unwrap_or_default();
+            let fields = summary.fields.clone().unwrap_or_default();
             sqlx::query(UPDATE_SUMMARY)
                 .bind(summary.last_seq)
                 .bind(summary.state.as_deref())
                 .bind(summary.fields.is_some())
-                .bind(owner)
-                .bind(accepted_at_ms)
-                .bind(closed_at_ms)
+                .bind(fields.owner_agent_id)
+                .bind(fields.accepted_at_ms)
+                .bind(fields.closed_at_ms)
                 .bind(&summary.conversation_id)
+                .bind(summary.group_id.as_deref())
+                .bind(summary.queued_at_ms)
+                .bind(fields.offer_agent_id)
+                .bind(fields.offer_expires_at_ms)
+                .bind(fields.offered_to)
                 .execute(&mut **self)
                 .await?;
         }
         Ok(())
+    }
+
+    async fn lock_license(&mut self) -> Result<Option<(i64, i64)>, sqlx::Error> {
+        // The single writer connection is the lock.
+        sqlx::query_as(SELECT_LICENSE).fetch_optional(&mut **self).await
+    }
+
+    async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+        license::held_permits(&mut **self, ids).await
+    }
+
+    async fn write_license(&mut self, changes: &LicenseChanges) -> Result<bool, sqlx::Error> {
+        let set =
+            sqlx::query(SET_LICENSE_USED).bind(changes.used).bind(changes.used_before).execute(&mut **self).await?;
+        if set.rows_affected() != 1 {
+            return Ok(false);
+        }
+        for permit in &changes.acquired {
+            sqlx::query(INSERT_PERMIT)
+                .bind(&permit.conversation_id)
+                .bind(&permit.tenant_id)
+                .bind(permit.acquired_at_ms)
+                .execute(&mut **self)
+                .await?;
+        }
+        for id in &changes.released {
+            sqlx::query(DELETE_PERMIT).bind(id).execute(&mut **self).await?;
+        }
+        Ok(true)
     }
 }
 

@@ -1,9 +1,10 @@
 //! The persistence service of Switchboard: this crate owns the database. It holds the schema and its
 //! migrations, the shard leases (who owns which shard, under which epoch) and their history, the node
-//! registry, the conversation summaries and the append-only event log, and implements [`StoreApi`] over
-//! them with [`SqlStore`] on SQLite and [`PgStore`] on PostgreSQL ([`open`] chooses by URL). Every write
-//! is one transaction; appends are fenced by the shard epoch, get gap-free sequence numbers, are
-//! deduplicated on the client message id, and are group-committed (`batch`). The SQL is portable where it
+//! registry, the conversation summaries and the append-only event log, the cluster-wide license limit and
+//! its permits, and the tickets, and implements [`StoreApi`] over them with [`SqlStore`] on SQLite and
+//! [`PgStore`] on PostgreSQL ([`open`] chooses by URL). Every write is one transaction; appends are fenced
+//! by the shard epoch, get gap-free sequence numbers, are deduplicated on the client message id, take and
+//! give back license permits (`license`), and are group-committed (`batch`). The SQL is portable where it
 //! can be; the differences are described in `dialect`.
 
 mod audit;
@@ -13,12 +14,14 @@ mod dialect;
 mod error;
 mod events;
 mod leases;
+mod license;
 mod memory;
 mod migrate;
 mod nodes;
 mod pg;
 mod records;
 mod store;
+mod tickets;
 
 use std::fmt;
 use std::str::FromStr;
@@ -30,10 +33,11 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use switchboard_domain::Clock;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
+    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
+    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
     ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
@@ -171,6 +175,22 @@ impl StoreApi for SqlStore {
 
     async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError> {
         nodes::placement(self, request).await
+    }
+
+    async fn get_license(&self, request: GetLicenseRequest) -> Result<License, StoreError> {
+        license::get(self, request).await
+    }
+
+    async fn set_license_limit(&self, request: SetLicenseLimitRequest) -> Result<License, StoreError> {
+        license::set_limit(self, request).await
+    }
+
+    async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
+        tickets::create(self, request).await
+    }
+
+    async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
+        tickets::list(self, request).await
     }
 
     async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {

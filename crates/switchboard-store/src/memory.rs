@@ -2,10 +2,10 @@
 //! paused clock (the SQL pool's timers cannot run on a clock that jumps). The shared conformance tests in
 //! `tests/` run against both, so that this stand-in cannot drift from the real store.
 //!
-//! Each method mirrors the SQL of its counterpart in `leases`, `events` and `conversations`: the same
-//! validation (with the same conversions from `error`), the same conditions and the same order of results.
-//! A request is checked completely before anything is written, so that a refused one changes nothing, as
-//! the SQL transaction rolls back.
+//! Each method mirrors the SQL of its counterpart in `leases`, `events`, `conversations`, `license` and
+//! `tickets`: the same validation (with the same conversions from `error`), the same conditions and the
+//! same order of results. A request is checked completely before anything is written, so that a refused one
+//! changes nothing, as the SQL transaction rolls back.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use switchboard_domain::{Clock, N_SHARDS};
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord, EventRecord,
-    GetConversationRequest, GetConversationResponse, GetPlacementRequest, ListConversationsRequest,
-    ListConversationsResponse, NodeInfo, Placement, ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest,
-    RegisterNodeResponse, ReleaseShardsRequest, ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
-    ShardLease, ShardOwner,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord,
+    CreateTicketRequest, CreateTicketResponse, EventRecord, GetConversationRequest, GetConversationResponse,
+    GetLicenseRequest, GetPlacementRequest, License, ListConversationsRequest, ListConversationsResponse,
+    ListTicketsRequest, ListTicketsResponse, NodeInfo, Placement, ReadEventsRequest, ReadEventsResponse,
+    RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest, ReleaseShardsResponse, RenewShardsRequest,
+    RenewShardsResponse, SetLicenseLimitRequest, ShardLease, ShardOwner, TicketRecord,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
@@ -25,7 +26,9 @@ use crate::audit::{LeaseGrant, StoreAudit};
 use crate::dialect::db_now_ms;
 use crate::error::{shard_to_i32, to_i64};
 use crate::leases::{expires_at, held, non_empty_node, renewal, validate_acquire};
+use crate::license::{finishes, may_admit, validate_limit};
 use crate::nodes::validate_registration;
+use crate::tickets::validate_ticket;
 
 /// A row of `shard_leases`.
 #[derive(Debug, Clone)]
@@ -66,6 +69,14 @@ struct Tables {
     conversations: HashMap<String, ConversationRecord>,
     /// Each conversation's log, in seq order.
     events: HashMap<String, Vec<StoredEvent>>,
+    /// `license`: the limit (0: unlimited); `used` is `permits.len()`.
+    max_sessions: u64,
+    /// `license_permits`: the conversations holding a permit.
+    permits: HashSet<String>,
+    /// `tickets`, by id.
+    tickets: HashMap<String, TicketRecord>,
+    /// The ticket id stored under each (tenant, idempotency key).
+    ticket_keys: HashMap<(String, String), String>,
 }
 
 pub struct MemoryStore {
@@ -269,6 +280,11 @@ impl StoreApi for MemoryStore {
                 )));
             }
         }
+        // A new conversation takes a permit while one is free (0: unlimited).
+        let admit = created.is_some() && may_admit(&request);
+        if admit && tables.max_sessions > 0 && tables.permits.len() as u64 >= tables.max_sessions {
+            return Err(StoreError::LicenseExhausted { max_sessions: tables.max_sessions });
+        }
 
         let stored: Vec<EventRecord> = (last_seq + 1..)
             .zip(&request.events)
@@ -277,6 +293,9 @@ impl StoreApi for MemoryStore {
         let last_seq = stored.last().map_or(last_seq, |event| event.seq);
         if let Some(created) = created {
             tables.conversations.insert(id.to_owned(), created);
+            if admit {
+                tables.permits.insert(id.to_owned());
+            }
         }
         let epoch = fence.epoch;
         let rows = stored.iter().map(|record| StoredEvent { record: record.clone(), epoch });
@@ -284,13 +303,25 @@ impl StoreApi for MemoryStore {
         let conversation = tables.conversations.get_mut(id).ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         conversation.last_seq = last_seq;
         if let Some(update) = &request.update {
-            // An empty state leaves the state as it is.
+            // An empty state or group and a queue time of 0 leave them as they are.
             if !update.state.is_empty() {
                 conversation.state.clone_from(&update.state);
+            }
+            if !update.group_id.is_empty() {
+                conversation.group_id.clone_from(&update.group_id);
+            }
+            if update.queued_at_ms != 0 {
+                conversation.queued_at_ms = update.queued_at_ms;
             }
             conversation.owner_agent_id.clone_from(&update.owner_agent_id);
             conversation.accepted_at_ms = update.accepted_at_ms;
             conversation.closed_at_ms = update.closed_at_ms;
+            conversation.offer_agent_id.clone_from(&update.offer_agent_id);
+            conversation.offer_expires_at_ms = update.offer_expires_at_ms;
+            conversation.offered_to.clone_from(&update.offered_to);
+        }
+        if finishes(&request) {
+            tables.permits.remove(id);
         }
         Ok(AppendResponse { events: stored, duplicate: false, last_seq })
     }
@@ -333,6 +364,7 @@ impl StoreApi for MemoryStore {
             .filter(|c| request.tenant_id.is_empty() || c.tenant_id == request.tenant_id)
             .filter(|c| any_of(&request.states, &c.state) && any_of(&request.group_ids, &c.group_id))
             .filter(|c| request.owner_agent_id.is_empty() || c.owner_agent_id == request.owner_agent_id)
+            .filter(|c| request.offer_agent_id.is_empty() || c.offer_agent_id == request.offer_agent_id)
             .filter(|c| request.shards.is_empty() || request.shards.contains(&c.shard))
             .cloned()
             .collect();
@@ -349,6 +381,49 @@ impl StoreApi for MemoryStore {
             conversations.truncate(request.limit as usize);
         }
         Ok(ListConversationsResponse { conversations })
+    }
+
+    async fn get_license(&self, _request: GetLicenseRequest) -> Result<License, StoreError> {
+        let tables = self.lock();
+        Ok(License { max_sessions: tables.max_sessions, used: tables.permits.len() as u64 })
+    }
+
+    async fn set_license_limit(&self, request: SetLicenseLimitRequest) -> Result<License, StoreError> {
+        validate_limit(&request)?;
+        let mut tables = self.lock();
+        tables.max_sessions = request.max_sessions;
+        Ok(License { max_sessions: tables.max_sessions, used: tables.permits.len() as u64 })
+    }
+
+    async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
+        let ticket = validate_ticket(request)?;
+        let mut tables = self.lock();
+        let key = (ticket.tenant_id.clone(), ticket.idempotency_key.clone());
+        if let Some(stored) = tables.ticket_keys.get(&key).and_then(|id| tables.tickets.get(id)) {
+            return Ok(CreateTicketResponse { ticket: Some(stored.clone()), duplicate: true });
+        }
+        if tables.tickets.contains_key(&ticket.id) {
+            return Err(StoreError::Invalid(format!("constraint violated: ticket {} exists already", ticket.id)));
+        }
+        tables.ticket_keys.insert(key, ticket.id.clone());
+        tables.tickets.insert(ticket.id.clone(), ticket.clone());
+        Ok(CreateTicketResponse { ticket: Some(ticket), duplicate: false })
+    }
+
+    /// Newest first: ORDER BY created_at_ms DESC, id DESC.
+    async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
+        let tables = self.lock();
+        let mut tickets: Vec<TicketRecord> = tables
+            .tickets
+            .values()
+            .filter(|ticket| request.tenant_id.is_empty() || ticket.tenant_id == request.tenant_id)
+            .cloned()
+            .collect();
+        tickets.sort_by(|a, b| (b.created_at_ms, &b.id).cmp(&(a.created_at_ms, &a.id)));
+        if request.limit > 0 {
+            tickets.truncate(request.limit as usize);
+        }
+        Ok(ListTicketsResponse { tickets })
     }
 }
 

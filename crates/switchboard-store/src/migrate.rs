@@ -22,10 +22,11 @@ struct Migration {
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql") },
     Migration { version: 2, name: "cluster", sql: include_str!("../migrations/0002_cluster.sql") },
+    Migration { version: 3, name: "license", sql: include_str!("../migrations/0003_license.sql") },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_MIGRATION: i64 = 2;
+pub const LATEST_MIGRATION: i64 = 3;
 
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
      version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)";

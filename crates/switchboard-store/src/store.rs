@@ -5,10 +5,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchboard_domain::Clock;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
+    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
+    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
     ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
@@ -128,6 +129,22 @@ impl StoreApi for Store {
 
     async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError> {
         self.api().get_placement(request).await
+    }
+
+    async fn get_license(&self, request: GetLicenseRequest) -> Result<License, StoreError> {
+        self.api().get_license(request).await
+    }
+
+    async fn set_license_limit(&self, request: SetLicenseLimitRequest) -> Result<License, StoreError> {
+        self.api().set_license_limit(request).await
+    }
+
+    async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
+        self.api().create_ticket(request).await
+    }
+
+    async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
+        self.api().list_tickets(request).await
     }
 }
 

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use switchboard_domain::N_SHARDS;
-use switchboard_proto::internal::v1::{ConversationRecord, GetConversationRequest, ListConversationsRequest};
+use switchboard_proto::internal::v1::{
+    ConversationRecord, ConversationUpdate, GetConversationRequest, ListConversationsRequest,
+};
 use switchboard_proto::store::{StoreApi, StoreError};
 
 on_every_backend!(
@@ -16,6 +18,8 @@ on_every_backend!(
     closed_lists_are_ordered_by_closing_time_newest_first,
     filters_by_shard_across_tenants,
     get_returns_the_whole_record_or_nothing,
+    offer_fields_round_trip_and_each_update_replaces_them,
+    a_group_change_moves_the_chat_to_its_new_queue,
 );
 
 async fn ids(store: &dyn StoreApi, request: ListConversationsRequest) -> Vec<String> {
@@ -228,4 +232,88 @@ async fn get_returns_the_whole_record_or_nothing(h: Harness) {
     assert_eq!(record, expected);
     let missing = GetConversationRequest { conversation_id: "nope".into() };
     assert_eq!(store.get_conversation(missing).await.unwrap().conversation, None);
+}
+
+fn offered(tenant: &str, agent: &str) -> ListConversationsRequest {
+    ListConversationsRequest {
+        tenant_id: tenant.into(),
+        states: strings(&["queued"]),
+        offer_agent_id: agent.into(),
+        ..Default::default()
+    }
+}
+
+/// The outstanding offer of a waiting chat is part of its summary: given at the create, replaced by every
+/// update (an update without an offer clears it), and listed by the agent it is offered to.
+async fn offer_fields_round_trip_and_each_update_replaces_them(h: Harness) {
+    let store = h.store();
+    let record = ConversationRecord {
+        offer_agent_id: "alice".into(),
+        offer_expires_at_ms: 1_000,
+        offered_to: strings(&["zoe"]),
+        ..conversation("c1", "acme", "g1", 1)
+    };
+    let fence = create(store, "node-a", record.clone()).await;
+    assert_eq!(get(store, "c1").await, ConversationRecord { last_seq: 1, ..record });
+    create(store, "node-a", conversation("c2", "acme", "g1", 2)).await;
+    assert_eq!(ids(store, offered("acme", "alice")).await, ["c1"]);
+
+    let offer = ConversationUpdate {
+        state: "queued".into(),
+        offer_agent_id: "bob".into(),
+        offer_expires_at_ms: 2_000,
+        offered_to: strings(&["zoe", "alice"]),
+        ..Default::default()
+    };
+    append(store, fence, "c1", vec![system_event("offered")], Some(offer)).await.unwrap();
+    let stored = get(store, "c1").await;
+    assert_eq!(
+        (stored.offer_agent_id.as_str(), stored.offer_expires_at_ms, stored.offered_to.clone()),
+        ("bob", 2_000, strings(&["zoe", "alice"]))
+    );
+    assert_eq!((stored.group_id.as_str(), stored.queued_at_ms), ("g1", 1), "kept: empty group, queue time 0");
+    assert_eq!(ids(store, offered("acme", "alice")).await, Vec::<String>::new());
+    assert_eq!(ids(store, offered("acme", "bob")).await, ["c1"]);
+    assert_eq!(ids(store, offered("globex", "bob")).await, Vec::<String>::new());
+    assert_eq!(ids(store, offered("", "bob")).await, ["c1"], "without a tenant");
+    let listed = store.list_conversations(offered("acme", "bob")).await.unwrap().conversations;
+    assert_eq!(listed, [stored], "lists return the offer fields too");
+
+    // An update without an offer (the offer ended) clears it.
+    append(store, fence, "c1", vec![system_event("offer_ended")], Some(update("queued", "", 0, 0))).await.unwrap();
+    let stored = get(store, "c1").await;
+    assert_eq!((stored.offer_agent_id.as_str(), stored.offer_expires_at_ms), ("", 0));
+    assert!(stored.offered_to.is_empty());
+    assert_eq!(ids(store, offered("acme", "bob")).await, Vec::<String>::new());
+}
+
+/// A transfer to another group: the chat leaves its old queue and waits in the new one, at the queue time
+/// the update gives it.
+async fn a_group_change_moves_the_chat_to_its_new_queue(h: Harness) {
+    let store = h.store();
+    seed(store).await;
+    let queue = |group: &str| ListConversationsRequest {
+        tenant_id: "acme".into(),
+        states: strings(&["queued"]),
+        group_ids: strings(&[group]),
+        ..Default::default()
+    };
+    assert_eq!(ids(store, queue("g1")).await, ["c1", "c7"]);
+    assert_eq!(ids(store, queue("g2")).await, ["c2"]);
+
+    let shard = shard_of_conversation("c7");
+    let fence = fence(store, "node-a", shard).await;
+    let transfer =
+        ConversationUpdate { state: "queued".into(), group_id: "g2".into(), queued_at_ms: 3, ..Default::default() };
+    append(store, fence, "c7", vec![system_event("transferred")], Some(transfer)).await.unwrap();
+    assert_eq!(ids(store, queue("g1")).await, ["c1"]);
+    assert_eq!(ids(store, queue("g2")).await, ["c7", "c2"], "by its new queue time");
+    let stored = get(store, "c7").await;
+    assert_eq!((stored.group_id.as_str(), stored.queued_at_ms), ("g2", 3));
+
+    // An update from an older caller (no group, no queue time) keeps both.
+    append(store, fence, "c7", vec![], Some(update("queued", "", 0, 0))).await.unwrap();
+    let stored = get(store, "c7").await;
+    assert_eq!((stored.group_id.as_str(), stored.queued_at_ms), ("g2", 3));
+    assert_eq!(ids(store, queue("g2")).await, ["c7", "c2"]);
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::*;
 use switchboard_domain::FixedClock;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AppendRequest, Fence, ReadEventsRequest, ReleaseShardsRequest, RenewShardsRequest, ShardLease,
+    AcquireShardsRequest, AppendRequest, Fence, GetLicenseRequest, License, ReadEventsRequest, ReleaseShardsRequest,
+    RenewShardsRequest, SetLicenseLimitRequest, ShardLease,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_store::{GroupCommit, LATEST_MIGRATION, PgOptions, PgStore, StoreAudit};
@@ -358,4 +359,98 @@ async fn leases_expire_on_the_servers_clock() {
         .await
         .unwrap();
     assert!(other.granted.is_empty());
+}
+
+/// Creates of conversations `prefix0..prefixN` through `stores` (round robin), all at once, each a task of
+/// its own. Answers the ids admitted; every other create must have been refused for the license.
+async fn create_burst(stores: &[Arc<PgStore>], epochs: &Arc<HashMap<u32, u64>>, prefix: &str, n: usize) -> Vec<String> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let epochs = epochs.clone();
+            let id = format!("{prefix}{i}");
+            tokio::spawn(async move {
+                let record = conversation(&id, "acme", "sales", i as i64);
+                let fence = Fence { shard: record.shard, epoch: epochs[&record.shard] };
+                let request = AppendRequest {
+                    fence: Some(fence),
+                    conversation_id: id.clone(),
+                    create: Some(record),
+                    events: vec![system_event("created")],
+                    update: None,
+                };
+                (id, store.append(request).await)
+            })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (id, Ok(response)) => {
+                assert!(!response.duplicate, "{id}");
+                admitted.push(id);
+            }
+            (_, Err(StoreError::LicenseExhausted { max_sessions: 50 })) => {}
+            (id, Err(other)) => panic!("{id}: {other:?}"),
+        }
+    }
+    admitted
+}
+
+/// `used`, the rows of `license_permits` and the unfinished conversations, counted in the database.
+async fn license_counts(url: &str) -> (i64, i64, i64) {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let used: i64 = sqlx::query_scalar("SELECT used FROM license WHERE id = 1").fetch_one(&pool).await.unwrap();
+    let permits: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM license_permits").fetch_one(&pool).await.unwrap();
+    let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations WHERE state IN ('queued', 'active')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    (used, permits, open)
+}
+
+/// The license limit holds exactly under group commit and several store processes: 2,000 creates at once
+/// for 50 permits admit exactly 50; finishing 10 admits exactly 10 more out of the next burst; and the count
+/// is the database's alone (a new store process reads the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_license_limit_holds_exactly_under_concurrent_creates() {
+    const STORES: usize = 4;
+    let url = fresh_database();
+    let clock = Arc::new(FixedClock::new(START_MS));
+    let mut stores: Vec<Arc<PgStore>> = Vec::new();
+    for _ in 0..STORES {
+        stores.push(Arc::new(pg_store(&url, clock.clone()).await));
+    }
+    let limit = SetLicenseLimitRequest { max_sessions: 50 };
+    assert_eq!(stores[0].set_license_limit(limit).await.unwrap(), License { max_sessions: 50, used: 0 });
+    let request = AcquireShardsRequest { node_id: "node-a".into(), shards: vec![], lease_ms: 3_600_000, limit: 0 };
+    let granted = stores[0].acquire_shards(request).await.unwrap().granted;
+    let epochs: Arc<HashMap<u32, u64>> = Arc::new(granted.iter().map(|lease| (lease.shard, lease.epoch)).collect());
+
+    let admitted = create_burst(&stores, &epochs, "a", 2_000).await;
+    assert_eq!(admitted.len(), 50, "exactly the limit admitted, 1,950 refused");
+    assert_eq!(stores[1].get_license(GetLicenseRequest {}).await.unwrap(), License { max_sessions: 50, used: 50 });
+    assert_eq!(license_counts(&url).await, (50, 50, 50));
+
+    // Finish 10 (through different stores), then another burst: exactly 10 more.
+    for (i, id) in admitted.iter().take(10).enumerate() {
+        let shard = shard_of_conversation(id);
+        let fence = Fence { shard, epoch: epochs[&shard] };
+        let state = if i % 2 == 0 { "closed" } else { "cancelled" };
+        let finish = Some(update(state, "", 0, START_MS));
+        append(stores[i % STORES].as_ref(), fence, id, vec![system_event(state)], finish).await.unwrap();
+    }
+    assert_eq!(license_counts(&url).await, (40, 40, 40));
+    let more = create_burst(&stores, &epochs, "b", 500).await;
+    assert_eq!(more.len(), 10, "exactly the permits given back");
+    assert_eq!(license_counts(&url).await, (50, 50, 50));
+
+    // Only the database holds the count: a store process started now sees it and refuses the next.
+    for store in &stores {
+        store.close().await;
+    }
+    let fresh = Arc::new(pg_store(&url, clock.clone()).await);
+    assert_eq!(fresh.get_license(GetLicenseRequest {}).await.unwrap(), License { max_sessions: 50, used: 50 });
+    assert!(create_burst(&[fresh], &epochs, "c", 5).await.is_empty());
 }

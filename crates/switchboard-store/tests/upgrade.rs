@@ -1,6 +1,7 @@
 //! A database made by the first schema (version 1), with a lease and a conversation in it, is upgraded by
-//! migration 2 in place: the current leases enter the lease history, the old events get epoch 0, and the
-//! store goes on with the same fences. On SQLite and on PostgreSQL.
+//! migrations 2 and 3 in place: the current leases enter the lease history, the old events get epoch 0, the
+//! open conversation gets its license permit, and the store goes on with the same fences. On SQLite and on
+//! PostgreSQL.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use switchboard_domain::FixedClock;
-use switchboard_proto::internal::v1::{Fence, ReadEventsRequest, RenewShardsRequest};
+use switchboard_proto::internal::v1::{Fence, GetLicenseRequest, License, ReadEventsRequest, RenewShardsRequest};
 use switchboard_proto::store::StoreApi;
 use switchboard_store::{LATEST_MIGRATION, LeaseGrant, SqlStore, StoreAudit};
 
@@ -50,6 +51,14 @@ async fn check_upgraded<S: StoreApi + StoreAudit>(store: &S, shard: u32) {
     assert_eq!(store.event_epochs("c1").await.unwrap(), [(1, 0), (2, 0), (3, 3)]);
     let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 };
     assert_eq!(store.read_events(request).await.unwrap().events.len(), 3);
+
+    // Migration 3: the open conversation holds a permit (the limit starts unlimited); closing gives it back.
+    assert_eq!(store.get_license(GetLicenseRequest {}).await.unwrap(), License { max_sessions: 0, used: 1 });
+    let record = get(store, "c1").await;
+    assert_eq!((record.offer_agent_id.as_str(), record.offer_expires_at_ms), ("", 0));
+    assert!(record.offered_to.is_empty());
+    append(store, fence, "c1", vec![system_event("closed")], Some(update("closed", "", 0, 9))).await.unwrap();
+    assert_eq!(store.get_license(GetLicenseRequest {}).await.unwrap().used, 0);
 
     // The next grant of the shard (node-a re-taking its own) follows the old epoch, and is recorded.
     assert_eq!(common::fence(store, "node-a", shard).await.epoch, 4);

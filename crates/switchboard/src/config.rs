@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use switchboard_domain::{AgentEntry, AgentId, Directory, GroupEntry, GroupId, TenantEntry, TenantId};
+use switchboard_domain::{
+    AgentEntry, AgentId, BusinessHours, Directory, GroupEntry, GroupId, HoursSpec, Routing, TenantEntry, TenantId,
+};
 
 pub const CONFIG_VERSION: u32 = 1;
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
@@ -28,7 +30,47 @@ pub struct Config {
     pub node_id: String,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub license: LicenseConfig,
+    #[serde(default)]
+    pub presence: PresenceConfig,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// The cluster-wide license: the store sets the database's limit from it when it starts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseConfig {
+    /// The most concurrent chat sessions (waiting or ongoing chats) in the whole cluster; 0 = unlimited.
+    #[serde(default)]
+    pub max_sessions: u64,
+}
+
+/// Agent presence: how often connections are refreshed and how long a lost agent keeps their chats.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Where presence lives in a cluster (`redis://host:port/`); `serve` keeps it in memory.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// An agent whose connections are all gone goes offline after this long (their chats are requeued).
+    #[serde(default = "default_grace_ms")]
+    pub grace_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig { redis_url: None, heartbeat_ms: default_heartbeat_ms(), grace_ms: default_grace_ms() }
+    }
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1_000
+}
+fn default_grace_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +105,39 @@ pub struct TenantConfig {
 pub struct GroupConfig {
     pub id: GroupId,
     pub name: String,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// When the group is open; without it, always.
+    #[serde(default)]
+    pub hours: Option<HoursSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingMode {
+    #[default]
+    Pull,
+    Push,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    #[serde(default)]
+    pub mode: RoutingMode,
+    /// How long an agent has to accept an offer (push mode).
+    #[serde(default = "default_offer_timeout_ms")]
+    pub offer_timeout_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig { mode: RoutingMode::Pull, offer_timeout_ms: default_offer_timeout_ms() }
+    }
+}
+
+fn default_offer_timeout_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +184,24 @@ impl Config {
         if let Some(data_dir) = env("SWITCHBOARD_DATA_DIR") {
             config.data_dir = PathBuf::from(data_dir);
         }
+        if let Some(max) = env("SWITCHBOARD_LICENSE_MAX_SESSIONS") {
+            config.license.max_sessions =
+                max.parse().context("invalid SWITCHBOARD_LICENSE_MAX_SESSIONS: expected a number (0 = unlimited)")?;
+        }
+        if let Some(url) = env("SWITCHBOARD_REDIS_URL") {
+            config.presence.redis_url = Some(url);
+        }
+        if let Some(grace) = env("SWITCHBOARD_PRESENCE_GRACE_MS") {
+            config.presence.grace_ms =
+                grace.parse().context("invalid SWITCHBOARD_PRESENCE_GRACE_MS: expected milliseconds")?;
+        }
+        if let Some(heartbeat) = env("SWITCHBOARD_PRESENCE_HEARTBEAT_MS") {
+            config.presence.heartbeat_ms =
+                heartbeat.parse().context("invalid SWITCHBOARD_PRESENCE_HEARTBEAT_MS: expected milliseconds")?;
+        }
+        if config.presence.heartbeat_ms == 0 || config.presence.heartbeat_ms > 60_000 {
+            bail!("invalid configuration: presence.heartbeat_ms must be between 1 and 60000");
+        }
         if let Some(max) = env("SWITCHBOARD_MAX_MESSAGE_BYTES") {
             config.limits.max_message_bytes =
                 max.parse().context("invalid SWITCHBOARD_MAX_MESSAGE_BYTES: expected a number of bytes")?;
@@ -133,7 +226,27 @@ impl Config {
         for tenant in &self.tenants {
             let mut groups = BTreeMap::new();
             for group in &tenant.groups {
-                let entry = GroupEntry { id: group.id.clone(), name: group.name.clone() };
+                let mut entry = GroupEntry::new(group.id.clone(), group.name.clone());
+                if group.routing.mode == RoutingMode::Push {
+                    if group.routing.offer_timeout_ms == 0 {
+                        bail!(
+                            "invalid configuration: tenants.{}.groups.{}.routing.offer_timeout_ms must be positive",
+                            tenant.id,
+                            group.id
+                        );
+                    }
+                    let offer_timeout_ms = i64::try_from(group.routing.offer_timeout_ms).unwrap_or(i64::MAX);
+                    entry.routing = Routing::Push { offer_timeout_ms };
+                }
+                if let Some(hours) = &group.hours {
+                    entry.hours = BusinessHours::new(hours).map_err(|error| {
+                        anyhow::anyhow!(
+                            "invalid configuration: tenants.{}.groups.{}.hours: {error}",
+                            tenant.id,
+                            group.id
+                        )
+                    })?;
+                }
                 if groups.insert(group.id.clone(), entry).is_some() {
                     bail!("invalid configuration: tenants.{}.groups: group {} is defined twice", tenant.id, group.id);
                 }
@@ -203,6 +316,23 @@ mod tests {
         assert_eq!(config.limits.max_message_bytes, 100);
         let bad = |name: &str| (name == "SWITCHBOARD_LISTEN").then(|| "nowhere".to_owned());
         assert!(format!("{:#}", Config::parse(DEMO_CONFIG, bad).unwrap_err()).contains("SWITCHBOARD_LISTEN"));
+    }
+
+    #[test]
+    fn groups_take_push_routing_and_business_hours() {
+        let yaml = DEMO_CONFIG.replace(
+            "- { id: support, name: Support }",
+            "- id: support\n        name: Support\n        routing: { mode: push, offer_timeout_ms: 15000 }\n        hours: { time_zone: Europe/Berlin, weekly: { mon: [\"09:00-17:00\"] } }",
+        );
+        let directory = Config::parse(&yaml, no_env).unwrap().directory().unwrap();
+        let group = directory.group(&TenantId::new("demo").unwrap(), &GroupId::new("support").unwrap()).unwrap();
+        assert_eq!(group.routing, Routing::Push { offer_timeout_ms: 15_000 });
+        // Monday 2026-11-23 10:00 in Berlin is 09:00 UTC; Sunday is closed.
+        assert!(group.hours.is_open(1_795_424_400_000));
+        assert!(!group.hours.is_open(1_795_424_400_000 - 86_400_000));
+        let bad = yaml.replace("Europe/Berlin", "Mars/Olympus");
+        let error = format!("{:#}", Config::parse(&bad, no_env).unwrap_err());
+        assert!(error.contains("support") && error.contains("Mars/Olympus"), "{error}");
     }
 
     #[test]

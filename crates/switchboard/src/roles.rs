@@ -9,8 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use switchboard_domain::{Clock, SystemClock};
 use switchboard_gateway::{Gateway, GatewaySettings};
+use switchboard_presence::{MemoryPresence, Presence, RedisPresence, RedisSettings};
+use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::ClusterApi;
-use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_proto::store::StoreApi;
+use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_rpc::cluster::{ClusterClient, ClusterSettings, GrpcConnector};
 use switchboard_rpc::{
     ClientSettings, GrpcServices, GrpcStore, RouterGrpcServer, ServerSettings, StoreGrpcServer, serve_grpc,
@@ -83,6 +86,32 @@ impl LeaseArgs {
     }
 }
 
+fn presence_settings(config: &Config) -> PresenceSettings {
+    PresenceSettings {
+        heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
+        grace: Duration::from_millis(config.presence.grace_ms),
+    }
+}
+
+/// Presence in Redis (the split roles): `presence.redis_url` in the configuration or `SWITCHBOARD_REDIS_URL`.
+/// The connection is made lazily and remade by itself: Redis may start after Switchboard, or restart.
+fn redis_presence(config: &Config) -> anyhow::Result<Arc<dyn Presence>> {
+    let Some(url) = config.presence.redis_url.as_deref() else {
+        bail!("the cluster roles keep presence in Redis: set presence.redis_url or SWITCHBOARD_REDIS_URL");
+    };
+    let presence = RedisPresence::connect_lazy(url, RedisSettings::default())
+        .with_context(|| format!("invalid Redis URL {url}"))?;
+    Ok(Arc::new(presence))
+}
+
+/// Sets the database's license limit from the configuration.
+async fn set_license_limit(store: &dyn StoreApi, config: &Config) -> anyhow::Result<()> {
+    let max_sessions = config.license.max_sessions;
+    store.set_license_limit(SetLicenseLimitRequest { max_sessions }).await.context("cannot set the license limit")?;
+    info!(max_sessions, "license limit set (0 = unlimited)");
+    Ok(())
+}
+
 pub struct RouterArgs {
     pub listen: SocketAddr,
     pub advertise: Option<String>,
@@ -96,9 +125,10 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 /// The store service: serves the database over gRPC.
-pub async fn store(_config: Config, listen: SocketAddr, database_url: String) -> anyhow::Result<()> {
+pub async fn store(config: Config, listen: SocketAddr, database_url: String) -> anyhow::Result<()> {
     let store =
         switchboard_store::open(&database_url, Arc::new(SystemClock)).await.context("cannot open the database")?;
+    set_license_limit(&store, &config).await?;
     let backend = store.backend();
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
@@ -124,11 +154,27 @@ pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
     let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{address}"));
     let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
     let cluster = ClusterClient::start(store.clone(), Arc::new(connector), ClusterSettings::default());
-    let settings = RouterSettings { node_id: args.node_id.clone(), advertise, leases, closed_list_limit: 200 };
+    let presence = redis_presence(&config)?;
+    let settings = RouterSettings {
+        node_id: args.node_id.clone(),
+        advertise,
+        leases,
+        closed_list_limit: 200,
+        presence: presence_settings(&config),
+    };
     // The store may start after the router: wait for it.
     let router = loop {
         let peers: Arc<dyn ClusterApi> = Arc::new(cluster.clone());
-        match Router::start(settings.clone(), store.clone(), clock.clone(), directory.clone(), Some(peers)).await {
+        let started = Router::start(
+            settings.clone(),
+            store.clone(),
+            clock.clone(),
+            directory.clone(),
+            presence.clone(),
+            Some(peers),
+        )
+        .await;
+        match started {
             Ok(router) => break Arc::new(router),
             Err(error) if error.is_retryable() => {
                 warn!(%error, "cannot join the cluster yet; retrying");
@@ -183,12 +229,9 @@ pub async fn gateway(config: Config, listen: SocketAddr, store: String, gateway_
     let store = Arc::new(GrpcStore::connect_lazy(&store, ClientSettings::default())?);
     let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
     let cluster = ClusterClient::start(store, Arc::new(connector), ClusterSettings::default());
-    let gateway_settings = GatewaySettings {
-        gateway_id,
-        max_message_bytes: config.limits.max_message_bytes,
-        outbound_queue_len: config.limits.outbound_queue_len,
-    };
-    let gateway = Gateway::start(gateway_settings, Arc::new(cluster), directory, clock);
+    let presence = redis_presence(&config)?;
+    let gateway_settings = gateway_settings(&config, gateway_id);
+    let gateway = Gateway::start(gateway_settings, Arc::new(cluster), directory, presence, clock);
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
     println!("switchboard gateway listening on http://{address}");
@@ -201,19 +244,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let directory = Arc::new(config.directory()?);
     let store = Arc::new(open_store(&config, clock.clone()).await?);
+    set_license_limit(store.as_ref(), &config).await?;
+    // One process: presence lives in memory (no Redis to install).
+    let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::default());
     let router_settings = RouterSettings {
         node_id: config.node_id.clone(),
         advertise: String::new(),
         leases: LeaseSettings::default(),
         closed_list_limit: 200,
+        presence: presence_settings(&config),
     };
-    let router = Arc::new(Router::start(router_settings, store, clock.clone(), directory.clone(), None).await?);
-    let gateway_settings = GatewaySettings {
-        gateway_id: format!("{}-gateway", config.node_id),
-        max_message_bytes: config.limits.max_message_bytes,
-        outbound_queue_len: config.limits.outbound_queue_len,
-    };
-    let gateway = Gateway::start(gateway_settings, router, directory, clock);
+    let router = Arc::new(
+        Router::start(router_settings, store, clock.clone(), directory.clone(), presence.clone(), None).await?,
+    );
+    let gateway_settings = gateway_settings(&config, format!("{}-gateway", config.node_id));
+    let gateway = Gateway::start(gateway_settings, router, directory, presence, clock);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -222,6 +267,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     println!("switchboard listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "switchboard serving");
     serve_gateway(listener, gateway).await
+}
+
+fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
+    GatewaySettings {
+        gateway_id,
+        max_message_bytes: config.limits.max_message_bytes,
+        outbound_queue_len: config.limits.outbound_queue_len,
+        presence_heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
+        ..Default::default()
+    }
 }
 
 /// Serves a gateway's WebSocket, HTTP and public gRPC endpoints on one port until SIGTERM/ctrl-c, then

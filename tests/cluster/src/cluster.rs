@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::future::try_join_all;
-use switchboard_testservices::Postgres;
+use switchboard_testservices::{Postgres, Redis};
 use tokio::time::Instant;
 
 use crate::checker::{self, Invariant, Report};
@@ -46,9 +46,14 @@ pub struct ClusterSpec {
     pub gateways: usize,
     pub routers: usize,
     pub stores: usize,
-    /// The configuration every role reads (`--config`).
+    /// The configuration every role reads (`--config`). The harness adds the `presence` (its Redis, the
+    /// heartbeat and grace below) and `license` sections: the given one must not have them.
     pub config_yaml: String,
     pub lease: LeaseSettings,
+    pub presence_heartbeat_ms: u64,
+    pub presence_grace_ms: u64,
+    /// The cluster-wide license limit (0 = unlimited).
+    pub license_max_sessions: u64,
 }
 
 impl ClusterSpec {
@@ -60,6 +65,21 @@ impl ClusterSpec {
             stores: 1,
             config_yaml: config_yaml.to_owned(),
             lease: LeaseSettings::default(),
+            presence_heartbeat_ms: 500,
+            presence_grace_ms: 30_000,
+            license_max_sessions: 0,
+        }
+    }
+
+    /// The configuration file the roles read: the given one with this cluster's presence and license.
+    fn config_with(&self, redis_url: &str) -> String {
+        let sections = format!(
+            "presence:\n  redis_url: \"{redis_url}\"\n  heartbeat_ms: {}\n  grace_ms: {}\nlicense:\n  max_sessions: {}\n",
+            self.presence_heartbeat_ms, self.presence_grace_ms, self.license_max_sessions
+        );
+        match self.config_yaml.split_once('\n') {
+            Some((first, rest)) => format!("{first}\n{sections}{rest}"),
+            None => format!("{}\n{sections}", self.config_yaml),
         }
     }
 }
@@ -71,8 +91,9 @@ pub struct Cluster {
     pub stores: Vec<Process>,
     pub routers: Vec<Process>,
     pub gateways: Vec<Process>,
-    // Dropped after the processes (fields drop in order): PostgreSQL outlives its clients.
+    // Dropped after the processes (fields drop in order): PostgreSQL and Redis outlive their clients.
     pub postgres: Postgres,
+    pub redis: Redis,
     config_path: PathBuf,
     dir: Option<tempfile::TempDir>,
     passed: bool,
@@ -125,7 +146,8 @@ impl Cluster {
     pub async fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("switchboard-cluster-").tempdir()?;
         let config_path = dir.path().join("config.yaml");
-        std::fs::write(&config_path, &spec.config_yaml)?;
+        let redis = tokio::task::block_in_place(Redis::start)?;
+        std::fs::write(&config_path, spec.config_with(&redis.url()))?;
         let postgres = tokio::task::block_in_place(Postgres::start)?;
         let database_url = tokio::task::block_in_place(|| postgres.create_database())?;
         migrate(&config_path, &database_url, dir.path()).await?;
@@ -166,6 +188,7 @@ impl Cluster {
             routers,
             gateways,
             postgres,
+            redis,
             config_path,
             dir: Some(dir),
             passed: false,

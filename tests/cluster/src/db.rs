@@ -135,7 +135,45 @@ fn client_msg_id_of(column: Option<String>, payload_json: &str) -> Option<String
     column.filter(|key| !key.is_empty()).map(|key| key.splitn(3, '/').last().unwrap_or_default().to_owned())
 }
 
+/// The license as the database holds it, with what it must agree with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LicenseState {
+    pub max_sessions: i64,
+    /// The counter admissions are decided on.
+    pub used: i64,
+    /// Rows of `license_permits`.
+    pub permits: i64,
+    /// Conversations not finished (queued or active).
+    pub unfinished: i64,
+    /// Unfinished conversations without a permit, and permits of finished (or missing) conversations.
+    pub unfinished_without_permit: i64,
+    pub permits_of_finished: i64,
+}
+
+const SELECT_LICENSE: &str = "SELECT \
+    (SELECT max_sessions FROM license WHERE id = 1) AS max_sessions, \
+    (SELECT used FROM license WHERE id = 1) AS used, \
+    (SELECT COUNT(*) FROM license_permits) AS permits, \
+    (SELECT COUNT(*) FROM conversations WHERE state NOT IN ('closed', 'cancelled')) AS unfinished, \
+    (SELECT COUNT(*) FROM conversations c WHERE c.state NOT IN ('closed', 'cancelled') \
+        AND NOT EXISTS (SELECT 1 FROM license_permits p WHERE p.conversation_id = c.id)) AS without_permit, \
+    (SELECT COUNT(*) FROM license_permits p WHERE NOT EXISTS (SELECT 1 FROM conversations c \
+        WHERE c.id = p.conversation_id AND c.state NOT IN ('closed', 'cancelled'))) AS of_finished";
+
 impl Db {
+    /// The license counter, the permits and the conversations they must match, read in one statement.
+    pub async fn license(&self) -> anyhow::Result<LicenseState> {
+        let row = sqlx::query(SELECT_LICENSE).fetch_one(&self.pool).await.context("reading the license")?;
+        Ok(LicenseState {
+            max_sessions: row.try_get("max_sessions")?,
+            used: row.try_get("used")?,
+            permits: row.try_get("permits")?,
+            unfinished: row.try_get("unfinished")?,
+            unfinished_without_permit: row.try_get("without_permit")?,
+            permits_of_finished: row.try_get("of_finished")?,
+        })
+    }
+
     pub async fn connect(url: &str) -> anyhow::Result<Db> {
         let pool = PgPoolOptions::new()
             .max_connections(4)

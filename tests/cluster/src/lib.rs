@@ -19,7 +19,7 @@ pub mod traffic;
 pub use checker::{Invariant, Report, check, check_snapshot};
 pub use client::{Connection, Participant, Side};
 pub use cluster::{Cluster, ClusterSpec, LeaseSettings};
-pub use db::{Db, SHARDS};
+pub use db::{Db, LicenseState, SHARDS};
 pub use log::{ClientLog, LogData};
 pub use process::{Process, Role};
 pub use scenario::{Outcome, Run};

@@ -14,9 +14,10 @@ use switchboard_domain::{
     AgentEntry, AgentId, Clock, Directory, FixedClock, GroupEntry, GroupId, TenantEntry, TenantId,
 };
 use switchboard_gateway::{Gateway, GatewaySettings};
+use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::public::v1::chat_service_client::ChatServiceClient;
-use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_store::MemoryStore;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -47,7 +48,7 @@ pub fn directory() -> Directory {
     let entry = TenantEntry {
         id: tenant,
         name: "Acme".into(),
-        groups: BTreeMap::from([(sales.clone(), GroupEntry { id: sales.clone(), name: "Sales".into() })]),
+        groups: BTreeMap::from([(sales.clone(), GroupEntry::new(sales.clone(), "Sales"))]),
         agents: BTreeMap::from([agent("alice"), agent("bob")]),
     };
     let tokens = vec![(AgentId::new("alice").unwrap(), ALICE.into()), (AgentId::new("bob").unwrap(), BOB.into())];
@@ -59,6 +60,11 @@ pub fn directory() -> Directory {
 pub struct Server {
     pub gateway: Gateway,
     pub addr: SocketAddr,
+    pub router: Arc<Router>,
+    pub store: Arc<MemoryStore>,
+    /// What the router reads and writes, and what the gateway writes unless it was given another one.
+    pub presence: Arc<MemoryPresence>,
+    pub clock: Arc<FixedClock>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -69,17 +75,38 @@ impl Server {
     }
 
     pub async fn start_with(settings: GatewaySettings) -> Server {
-        let clock: Arc<dyn Clock> = Arc::new(FixedClock::new(1_767_225_600_000));
-        let directory = Arc::new(directory());
-        let store = Arc::new(MemoryStore::new(clock.clone()));
+        let presence = Arc::new(MemoryPresence::new());
+        Server::start_full(settings, directory(), PresenceSettings::default(), presence.clone(), presence).await
+    }
+
+    /// A server with its own directory and router presence settings; the gateway writes presence through
+    /// `gateway_presence` (which may wrap `presence`, to fail on demand).
+    pub async fn start_full(
+        settings: GatewaySettings,
+        directory: Directory,
+        router_presence: PresenceSettings,
+        presence: Arc<MemoryPresence>,
+        gateway_presence: Arc<dyn Presence>,
+    ) -> Server {
+        let clock = Arc::new(FixedClock::new(1_767_225_600_000));
+        let clock_dyn: Arc<dyn Clock> = clock.clone();
+        let directory = Arc::new(directory);
+        let store = Arc::new(MemoryStore::new(clock_dyn.clone()));
         let router_settings = RouterSettings {
             node_id: "node-1".into(),
             advertise: String::new(),
             leases: LeaseSettings::default(),
             closed_list_limit: 200,
+            presence: router_presence,
         };
-        let router = Router::start(router_settings, store, clock.clone(), directory.clone(), None).await.unwrap();
-        let gateway = Gateway::start(settings, Arc::new(router), directory, clock);
+        // As `serve` does: one in-process presence for the router and the gateway.
+        let router_presence: Arc<dyn Presence> = presence.clone();
+        let router =
+            Router::start(router_settings, store.clone(), clock_dyn.clone(), directory.clone(), router_presence, None)
+                .await
+                .unwrap();
+        let router = Arc::new(router);
+        let gateway = Gateway::start(settings, router.clone(), directory, gateway_presence, clock_dyn);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -96,7 +123,7 @@ impl Server {
                 .await
                 .unwrap();
         });
-        Server { gateway, addr, stop: Some(stop), task }
+        Server { gateway, addr, router, store, presence, clock, stop: Some(stop), task }
     }
 
     pub fn grpc_url(&self) -> String {
@@ -130,6 +157,9 @@ pub struct GrpcClient {
     frames: Streaming<pb::ServerFrame>,
     /// Pushes read while waiting for an answer, in order.
     pushes: VecDeque<Frame>,
+    /// `agent_status` pushes, kept apart (they follow every change of the agent's status or load, the
+    /// agent's own included): `push` skips them, `status_push` reads them.
+    statuses: VecDeque<pb::AgentStatusPush>,
     next_id: u64,
     pub welcome: pb::Welcome,
 }
@@ -147,6 +177,7 @@ impl GrpcClient {
             sender: Some(sender),
             frames,
             pushes: VecDeque::new(),
+            statuses: VecDeque::new(),
             next_id: 0,
             welcome: Default::default(),
         };
@@ -189,6 +220,7 @@ impl GrpcClient {
                     assert_eq!(error.id, id, "answers come in request order");
                     return Frame::Error(error);
                 }
+                Ok(Some(Frame::AgentStatus(status))) => self.statuses.push_back(status),
                 Ok(Some(push)) => self.pushes.push_back(push),
                 other => panic!("the stream ended before the answer to {id}: {other:?}"),
             }
@@ -219,17 +251,37 @@ impl GrpcClient {
         }
     }
 
-    /// The next push (one read while waiting for an answer first).
+    /// The next push (one read while waiting for an answer first), `agent_status` pushes aside.
     pub async fn push(&mut self) -> Frame {
         if let Some(push) = self.pushes.pop_front() {
             return push;
         }
-        match self.read().await {
-            Ok(Some(push @ (Frame::Ack(_) | Frame::Error(_)))) => {
-                panic!("an answer where a push was expected: {push:?}")
+        loop {
+            match self.read().await {
+                Ok(Some(push @ (Frame::Ack(_) | Frame::Error(_)))) => {
+                    panic!("an answer where a push was expected: {push:?}")
+                }
+                Ok(Some(Frame::AgentStatus(status))) => self.statuses.push_back(status),
+                Ok(Some(push)) => return push,
+                other => panic!("the stream ended while a push was expected: {other:?}"),
             }
-            Ok(Some(push)) => push,
-            other => panic!("the stream ended while a push was expected: {other:?}"),
+        }
+    }
+
+    /// The next `agent_status` push; other pushes on the way are kept for `push`.
+    pub async fn status_push(&mut self) -> pb::AgentStatusPush {
+        loop {
+            if let Some(status) = self.statuses.pop_front() {
+                return status;
+            }
+            match self.read().await {
+                Ok(Some(push @ (Frame::Ack(_) | Frame::Error(_)))) => {
+                    panic!("an answer where a push was expected: {push:?}")
+                }
+                Ok(Some(Frame::AgentStatus(status))) => return status,
+                Ok(Some(push)) => self.pushes.push_back(push),
+                other => panic!("the stream ended while a push was expected: {other:?}"),
+            }
         }
     }
 
@@ -257,11 +309,19 @@ impl GrpcClient {
         self.pushes.clear();
     }
 
-    /// Nothing is pushed for a while.
+    /// Nothing is pushed for a while (but `agent_status`).
     pub async fn expect_quiet(&mut self) {
         assert!(self.pushes.is_empty(), "unexpected pushes: {:?}", self.pushes);
-        let next = tokio::time::timeout(Duration::from_millis(300), self.frames.message()).await;
-        assert!(next.is_err(), "unexpected frame: {next:?}");
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(300), self.frames.message()).await;
+            match next {
+                Err(_) => return,
+                Ok(Ok(Some(pb::ServerFrame { frame: Some(Frame::AgentStatus(status)) }))) => {
+                    self.statuses.push_back(status)
+                }
+                other => panic!("unexpected frame: {other:?}"),
+            }
+        }
     }
 }
 
@@ -274,6 +334,11 @@ pub fn kind_of(event: &pb::Event) -> &'static str {
         Body::Delivered(_) => "delivered",
         Body::Closed(_) => "closed",
         Body::Cancelled(_) => "cancelled",
+        Body::Offered(_) => "offered",
+        Body::OfferEnded(_) => "offer_ended",
+        Body::Transferred(_) => "transferred",
+        Body::Forwarded(_) => "forwarded",
+        Body::Requeued(_) => "requeued",
     }
 }
 
@@ -321,13 +386,15 @@ pub fn sent_seq(result: AckResult) -> u64 {
 pub struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pushes: VecDeque<Value>,
+    /// `agent.status` pushes, kept apart as `GrpcClient` does.
+    statuses: VecDeque<Value>,
     next_id: u64,
 }
 
 impl WsClient {
     pub async fn connect(server: &Server) -> WsClient {
         let (socket, _) = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap();
-        let mut client = WsClient { socket, pushes: VecDeque::new(), next_id: 0 };
+        let mut client = WsClient { socket, pushes: VecDeque::new(), statuses: VecDeque::new(), next_id: 0 };
         let welcome = client.read().await.expect("a welcome");
         assert_eq!(welcome["type"], "welcome");
         client
@@ -340,7 +407,7 @@ impl WsClient {
         let stream = socket.connect(server.addr).await.unwrap();
         let (socket, _) =
             tokio_tungstenite::client_async(server.ws_url(), MaybeTlsStream::Plain(stream)).await.unwrap();
-        let mut client = WsClient { socket, pushes: VecDeque::new(), next_id: 0 };
+        let mut client = WsClient { socket, pushes: VecDeque::new(), statuses: VecDeque::new(), next_id: 0 };
         assert_eq!(client.read().await.expect("a welcome")["type"], "welcome");
         client
     }
@@ -384,7 +451,11 @@ impl WsClient {
                 assert_eq!(frame["id"].as_str(), id, "{frame}");
                 return frame;
             }
-            self.pushes.push_back(frame);
+            if frame["type"] == "agent.status" {
+                self.statuses.push_back(frame);
+            } else {
+                self.pushes.push_back(frame);
+            }
         }
     }
 
@@ -394,13 +465,35 @@ impl WsClient {
         answer
     }
 
+    /// The next push, `agent.status` pushes aside.
     pub async fn push(&mut self) -> Value {
         if let Some(push) = self.pushes.pop_front() {
             return push;
         }
-        let frame = self.read().await.expect("the connection ended while a push was expected");
-        assert!(frame.get("id").is_none(), "an answer where a push was expected: {frame}");
-        frame
+        loop {
+            let frame = self.read().await.expect("the connection ended while a push was expected");
+            assert!(frame.get("id").is_none(), "an answer where a push was expected: {frame}");
+            if frame["type"] == "agent.status" {
+                self.statuses.push_back(frame);
+            } else {
+                return frame;
+            }
+        }
+    }
+
+    /// The next `agent.status` push; other pushes on the way are kept for `push`.
+    pub async fn status_push(&mut self) -> Value {
+        loop {
+            if let Some(status) = self.statuses.pop_front() {
+                return status;
+            }
+            let frame = self.read().await.expect("the connection ended while a push was expected");
+            assert!(frame.get("id").is_none(), "an answer where a push was expected: {frame}");
+            if frame["type"] == "agent.status" {
+                return frame;
+            }
+            self.pushes.push_back(frame);
+        }
     }
 
     /// The next push of this type, skipping others.

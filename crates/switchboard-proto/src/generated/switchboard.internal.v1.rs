@@ -87,6 +87,15 @@ pub struct ConversationRecord {
     /// The secret a customer resumes the chat with.
     #[prost(string, tag = "14")]
     pub customer_token: ::prost::alloc::string::String,
+    /// The agent the waiting chat is offered to now (push routing); empty when no offer is outstanding.
+    #[prost(string, tag = "15")]
+    pub offer_agent_id: ::prost::alloc::string::String,
+    /// When the outstanding offer times out (the router's clock, ms since the Unix epoch); 0 without one.
+    #[prost(int64, tag = "16")]
+    pub offer_expires_at_ms: i64,
+    /// The agents the chat was offered to already (so that it is not offered to them again), in order.
+    #[prost(string, repeated, tag = "17")]
+    pub offered_to: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NewEvent {
@@ -125,9 +134,12 @@ pub struct EventRecord {
     #[prost(string, tag = "8")]
     pub payload_json: ::prost::alloc::string::String,
 }
-/// The summary fields an append changes; last_seq is kept by the store itself.
+/// The summary fields an append changes; last_seq is kept by the store itself. An update replaces the
+/// summary: owner, times and offer fields are set as given (empty or 0 clears them), except that an empty
+/// `state` or `group_id` and a 0 `queued_at_ms` leave the stored value unchanged.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConversationUpdate {
+    /// `closed` or `cancelled` finishes the conversation and gives its license permit back.
     #[prost(string, tag = "1")]
     pub state: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
@@ -136,6 +148,19 @@ pub struct ConversationUpdate {
     pub accepted_at_ms: i64,
     #[prost(int64, tag = "4")]
     pub closed_at_ms: i64,
+    /// The chat's group after a transfer to another group; empty keeps the group.
+    #[prost(string, tag = "5")]
+    pub group_id: ::prost::alloc::string::String,
+    /// The chat's place in its queue (e.g. after a requeue or a transfer); 0 keeps it.
+    #[prost(int64, tag = "6")]
+    pub queued_at_ms: i64,
+    /// The outstanding offer, as in ConversationRecord; empty / 0 means none.
+    #[prost(string, tag = "7")]
+    pub offer_agent_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "8")]
+    pub offer_expires_at_ms: i64,
+    #[prost(string, repeated, tag = "9")]
+    pub offered_to: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AppendRequest {
@@ -210,6 +235,10 @@ pub struct ListConversationsRequest {
     /// Newest first instead of oldest first (closed lists).
     #[prost(bool, tag = "7")]
     pub newest_first: bool,
+    /// Only conversations with an outstanding offer to this agent, when set (combine with the state
+    /// `queued` for the chats waiting on the agent's answer).
+    #[prost(string, tag = "8")]
+    pub offer_agent_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListConversationsResponse {
@@ -277,6 +306,91 @@ pub struct Placement {
     /// The nodes alive now, ordered by node id.
     #[prost(message, repeated, tag = "2")]
     pub nodes: ::prost::alloc::vec::Vec<NodeInfo>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetLicenseRequest {}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetLicenseLimitRequest {
+    /// The most concurrent chat sessions in the cluster; 0 means unlimited.
+    #[prost(uint64, tag = "1")]
+    pub max_sessions: u64,
+}
+/// The cluster-wide license. A session is a conversation that is not finished (queued or active); each
+/// holds one permit, taken in the transaction that creates it and given back in the one that finishes it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct License {
+    /// 0 means unlimited (permits are still counted).
+    #[prost(uint64, tag = "1")]
+    pub max_sessions: u64,
+    /// The permits held now: the conversations not finished.
+    #[prost(uint64, tag = "2")]
+    pub used: u64,
+}
+/// An offline message left by a customer who could not chat, or another request to be answered later.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TicketRecord {
+    /// Chosen by the caller (like conversation ids); required.
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Required.
+    #[prost(string, tag = "2")]
+    pub tenant_id: ::prost::alloc::string::String,
+    /// The group the customer wanted to reach; required.
+    #[prost(string, tag = "3")]
+    pub group_id: ::prost::alloc::string::String,
+    /// What the ticket is, e.g. `offline_message`; required.
+    #[prost(string, tag = "4")]
+    pub kind: ::prost::alloc::string::String,
+    /// Why the customer could not chat, e.g. `group_closed`, `license_exhausted`, `no_agent_online`.
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub customer_name: ::prost::alloc::string::String,
+    /// How to answer the customer (an email address, a phone number).
+    #[prost(string, tag = "7")]
+    pub customer_contact: ::prost::alloc::string::String,
+    #[prost(string, tag = "8")]
+    pub subject: ::prost::alloc::string::String,
+    /// Required.
+    #[prost(string, tag = "9")]
+    pub body: ::prost::alloc::string::String,
+    /// The conversation the ticket came from, if any; empty when none.
+    #[prost(string, tag = "10")]
+    pub conversation_id: ::prost::alloc::string::String,
+    /// The caller's clock, ms since the Unix epoch.
+    #[prost(int64, tag = "11")]
+    pub created_at_ms: i64,
+    /// Required: the same tenant and key again is the same ticket (a client's retry).
+    #[prost(string, tag = "12")]
+    pub idempotency_key: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateTicketRequest {
+    #[prost(message, optional, tag = "1")]
+    pub ticket: ::core::option::Option<TicketRecord>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateTicketResponse {
+    /// The stored ticket: for a duplicate, the one stored the first time.
+    #[prost(message, optional, tag = "1")]
+    pub ticket: ::core::option::Option<TicketRecord>,
+    #[prost(bool, tag = "2")]
+    pub duplicate: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListTicketsRequest {
+    /// Empty means every tenant.
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    /// 0 means no limit.
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListTicketsResponse {
+    /// Newest first (by creation time, then id).
+    #[prost(message, repeated, tag = "1")]
+    pub tickets: ::prost::alloc::vec::Vec<TicketRecord>,
 }
 /// Generated client implementations.
 pub mod store_service_client {
@@ -431,7 +545,10 @@ pub mod store_service_client {
             self.inner.unary(req, path, codec).await
         }
         /// Append events to a conversation (creating it when `create` is set), in one transaction that checks
-        /// the fence, assigns gap-free sequence numbers and deduplicates on the client message id.
+        /// the fence, assigns gap-free sequence numbers and deduplicates on the client message id. The same
+        /// transaction takes the conversation's license permit when it creates it (refused with the error code
+        /// `license_exhausted`, gRPC RESOURCE_EXHAUSTED, when every permit is taken: nothing is stored) and gives
+        /// it back when the update finishes the conversation (state `closed` or `cancelled`).
         pub async fn append(
             &mut self,
             request: impl tonic::IntoRequest<super::AppendRequest>,
@@ -659,6 +776,119 @@ pub mod store_service_client {
                 );
             self.inner.server_streaming(req, path, codec).await
         }
+        /// The cluster-wide license: the most concurrent chat sessions and how many are open now.
+        pub async fn get_license(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetLicenseRequest>,
+        ) -> std::result::Result<tonic::Response<super::License>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.StoreService/GetLicense",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("switchboard.internal.v1.StoreService", "GetLicense"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Sets the license limit (at the start of a store from its configuration). A limit below the sessions
+        /// open now is allowed: nothing is closed, new chats are refused until enough of them have finished.
+        pub async fn set_license_limit(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetLicenseLimitRequest>,
+        ) -> std::result::Result<tonic::Response<super::License>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.StoreService/SetLicenseLimit",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.StoreService",
+                        "SetLicenseLimit",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Stores a ticket (an offline message); the same tenant and idempotency key again answer the ticket
+        /// stored the first time, with `duplicate` set.
+        pub async fn create_ticket(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateTicketResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.StoreService/CreateTicket",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.StoreService",
+                        "CreateTicket",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// A tenant's tickets, newest first.
+        pub async fn list_tickets(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListTicketsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListTicketsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.StoreService/ListTickets",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.StoreService",
+                        "ListTickets",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -692,7 +922,10 @@ pub mod store_service_server {
             tonic::Status,
         >;
         /// Append events to a conversation (creating it when `create` is set), in one transaction that checks
-        /// the fence, assigns gap-free sequence numbers and deduplicates on the client message id.
+        /// the fence, assigns gap-free sequence numbers and deduplicates on the client message id. The same
+        /// transaction takes the conversation's license permit when it creates it (refused with the error code
+        /// `license_exhausted`, gRPC RESOURCE_EXHAUSTED, when every permit is taken: nothing is stored) and gives
+        /// it back when the update finishes the conversation (state `closed` or `cancelled`).
         async fn append(
             &self,
             request: tonic::Request<super::AppendRequest>,
@@ -754,6 +987,34 @@ pub mod store_service_server {
             request: tonic::Request<super::GetPlacementRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::WatchPlacementStream>,
+            tonic::Status,
+        >;
+        /// The cluster-wide license: the most concurrent chat sessions and how many are open now.
+        async fn get_license(
+            &self,
+            request: tonic::Request<super::GetLicenseRequest>,
+        ) -> std::result::Result<tonic::Response<super::License>, tonic::Status>;
+        /// Sets the license limit (at the start of a store from its configuration). A limit below the sessions
+        /// open now is allowed: nothing is closed, new chats are refused until enough of them have finished.
+        async fn set_license_limit(
+            &self,
+            request: tonic::Request<super::SetLicenseLimitRequest>,
+        ) -> std::result::Result<tonic::Response<super::License>, tonic::Status>;
+        /// Stores a ticket (an offline message); the same tenant and idempotency key again answer the ticket
+        /// stored the first time, with `duplicate` set.
+        async fn create_ticket(
+            &self,
+            request: tonic::Request<super::CreateTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateTicketResponse>,
+            tonic::Status,
+        >;
+        /// A tenant's tickets, newest first.
+        async fn list_tickets(
+            &self,
+            request: tonic::Request<super::ListTicketsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListTicketsResponse>,
             tonic::Status,
         >;
     }
@@ -1285,6 +1546,187 @@ pub mod store_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/switchboard.internal.v1.StoreService/GetLicense" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetLicenseSvc<T: StoreService>(pub Arc<T>);
+                    impl<
+                        T: StoreService,
+                    > tonic::server::UnaryService<super::GetLicenseRequest>
+                    for GetLicenseSvc<T> {
+                        type Response = super::License;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetLicenseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StoreService>::get_license(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetLicenseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.StoreService/SetLicenseLimit" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetLicenseLimitSvc<T: StoreService>(pub Arc<T>);
+                    impl<
+                        T: StoreService,
+                    > tonic::server::UnaryService<super::SetLicenseLimitRequest>
+                    for SetLicenseLimitSvc<T> {
+                        type Response = super::License;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetLicenseLimitRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StoreService>::set_license_limit(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetLicenseLimitSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.StoreService/CreateTicket" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateTicketSvc<T: StoreService>(pub Arc<T>);
+                    impl<
+                        T: StoreService,
+                    > tonic::server::UnaryService<super::CreateTicketRequest>
+                    for CreateTicketSvc<T> {
+                        type Response = super::CreateTicketResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateTicketRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StoreService>::create_ticket(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateTicketSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.StoreService/ListTickets" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListTicketsSvc<T: StoreService>(pub Arc<T>);
+                    impl<
+                        T: StoreService,
+                    > tonic::server::UnaryService<super::ListTicketsRequest>
+                    for ListTicketsSvc<T> {
+                        type Response = super::ListTicketsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListTicketsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StoreService>::list_tickets(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListTicketsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -1398,7 +1840,7 @@ pub struct WaitingEntryMsg {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PushFrame {
-    #[prost(oneof = "push_frame::Push", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "push_frame::Push", tags = "1, 2, 3, 4, 5")]
     pub push: ::core::option::Option<push_frame::Push>,
 }
 /// Nested message and enum types in `PushFrame`.
@@ -1414,6 +1856,8 @@ pub mod push_frame {
         /// Sent every few seconds so that a dead stream is noticed.
         #[prost(message, tag = "4")]
         Keepalive(super::Empty),
+        #[prost(message, tag = "5")]
+        Agent(super::PushAgent),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1444,12 +1888,21 @@ pub struct QueueSnapshot {
 pub struct QueueRemoved {
     #[prost(string, tag = "1")]
     pub conversation_id: ::prost::alloc::string::String,
-    /// accepted, cancelled or closed.
+    /// accepted, cancelled, closed or transferred.
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
     /// The accepting agent, for `accepted`.
     #[prost(string, tag = "3")]
     pub agent_id: ::prost::alloc::string::String,
+    /// The group the chat moved to, for `transferred`.
+    #[prost(string, tag = "4")]
+    pub to_group_id: ::prost::alloc::string::String,
+}
+/// How long a customer waits per place in the queue; absent while there is no estimate.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct QueueEstimate {
+    #[prost(uint64, optional, tag = "1")]
+    pub wait_per_position_ms: ::core::option::Option<u64>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PushQueue {
@@ -1459,7 +1912,7 @@ pub struct PushQueue {
     pub group_id: ::prost::alloc::string::String,
     #[prost(uint64, tag = "3")]
     pub version: u64,
-    #[prost(oneof = "push_queue::Change", tags = "4, 5, 6")]
+    #[prost(oneof = "push_queue::Change", tags = "4, 5, 6, 7")]
     pub change: ::core::option::Option<push_queue::Change>,
 }
 /// Nested message and enum types in `PushQueue`.
@@ -1472,6 +1925,50 @@ pub mod push_queue {
         Added(super::WaitingEntryMsg),
         #[prost(message, tag = "6")]
         Removed(super::QueueRemoved),
+        #[prost(message, tag = "7")]
+        Estimate(super::QueueEstimate),
+    }
+}
+/// Push routing offers the agent a waiting chat until `expires_at_ms`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentOffered {
+    #[prost(message, optional, tag = "1")]
+    pub entry: ::core::option::Option<WaitingEntryMsg>,
+    #[prost(int64, tag = "2")]
+    pub expires_at_ms: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentOfferEnded {
+    #[prost(string, tag = "1")]
+    pub conversation_id: ::prost::alloc::string::String,
+    /// rejected, timed_out or withdrawn.
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+/// A change of what one agent sees of their own work.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PushAgent {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub agent_id: ::prost::alloc::string::String,
+    #[prost(oneof = "push_agent::Change", tags = "3, 4, 5, 6")]
+    pub change: ::core::option::Option<push_agent::Change>,
+}
+/// Nested message and enum types in `PushAgent`.
+pub mod push_agent {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Change {
+        #[prost(message, tag = "3")]
+        Offered(super::AgentOffered),
+        #[prost(message, tag = "4")]
+        OfferEnded(super::AgentOfferEnded),
+        /// A chat became the agent's without their accept (forwarded to them).
+        #[prost(message, tag = "5")]
+        Assigned(super::ChatViewMsg),
+        /// The agent's status or load changed.
+        #[prost(message, tag = "6")]
+        Status(super::AgentViewReply),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1685,6 +2182,192 @@ pub struct AgentFinishedRequest {
     #[prost(string, tag = "3")]
     pub conversation_id: ::prost::alloc::string::String,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentSubscriptionRequest {
+    #[prost(string, tag = "1")]
+    pub gateway_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub agent_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub agent_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RejectOfferRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub group_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub agent_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub conversation_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TransferChatRequest {
+    #[prost(message, optional, tag = "1")]
+    pub caller: ::core::option::Option<Caller>,
+    #[prost(string, tag = "2")]
+    pub conversation_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub to_group_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ForwardChatRequest {
+    #[prost(message, optional, tag = "1")]
+    pub caller: ::core::option::Option<Caller>,
+    #[prost(string, tag = "2")]
+    pub conversation_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub to_agent_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfflineMessageRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub group_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub customer_name: ::prost::alloc::string::String,
+    /// How to reach the customer back (an e-mail address or a phone number).
+    #[prost(string, tag = "4")]
+    pub contact: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub body: ::prost::alloc::string::String,
+    /// Why the customer could not chat: a refusal code (group_closed, group_offline, license_exhausted).
+    #[prost(string, tag = "6")]
+    pub reason: ::prost::alloc::string::String,
+    /// Chosen by the client: sending the same message again stores one ticket.
+    #[prost(string, tag = "7")]
+    pub idempotency_key: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TicketReply {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub created_at_ms: i64,
+    /// The key was used before: this is the ticket stored then.
+    #[prost(bool, tag = "3")]
+    pub duplicate: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfferCommand {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub expires_at_ms: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EndOfferCommand {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// rejected, timed_out or withdrawn.
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RequeueCommand {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// agent_offline.
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConversationSystemRequest {
+    #[prost(string, tag = "1")]
+    pub conversation_id: ::prost::alloc::string::String,
+    #[prost(oneof = "conversation_system_request::Command", tags = "2, 3, 4")]
+    pub command: ::core::option::Option<conversation_system_request::Command>,
+}
+/// Nested message and enum types in `ConversationSystemRequest`.
+pub mod conversation_system_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Command {
+        #[prost(message, tag = "2")]
+        Offer(super::OfferCommand),
+        #[prost(message, tag = "3")]
+        EndOffer(super::EndOfferCommand),
+        #[prost(message, tag = "4")]
+        Requeue(super::RequeueCommand),
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConversationSystemReply {
+    /// True when an event was stored; false when the command changed nothing.
+    #[prost(bool, tag = "1")]
+    pub stored: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfferMade {
+    #[prost(message, optional, tag = "1")]
+    pub entry: ::core::option::Option<WaitingEntryMsg>,
+    #[prost(int64, tag = "2")]
+    pub expires_at_ms: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentOfferRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub agent_id: ::prost::alloc::string::String,
+    #[prost(oneof = "agent_offer_request::Update", tags = "3, 4")]
+    pub update: ::core::option::Option<agent_offer_request::Update>,
+}
+/// Nested message and enum types in `AgentOfferRequest`.
+pub mod agent_offer_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Update {
+        #[prost(message, tag = "3")]
+        Made(super::OfferMade),
+        #[prost(message, tag = "4")]
+        Ended(super::AgentOfferEnded),
+    }
+}
+/// What a queue needs to know of an agent to choose whom to offer a chat.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentAvailabilityMsg {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// online, away or offline.
+    #[prost(string, tag = "2")]
+    pub status: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub capacity: u32,
+    /// Chats held and slots reserved.
+    #[prost(uint32, tag = "4")]
+    pub held: u32,
+    /// The chat offered to the agent now; empty when none.
+    #[prost(string, tag = "5")]
+    pub offer_conversation_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "6")]
+    pub idle_since_ms: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct QueueAgentChangedRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub group_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "3")]
+    pub availability: ::core::option::Option<AgentAvailabilityMsg>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OwnerForwardRequest {
+    #[prost(message, optional, tag = "1")]
+    pub caller: ::core::option::Option<Caller>,
+    #[prost(string, tag = "2")]
+    pub conversation_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub to_agent_id: ::prost::alloc::string::String,
+}
 /// Generated client implementations.
 pub mod router_service_client {
     #![allow(
@@ -1777,8 +2460,8 @@ pub mod router_service_client {
             self
         }
         /// One long-lived stream per gateway and router: every push for that gateway (conversation events,
-        /// typing, queue changes), and a keepalive every few seconds. A new stream for the same gateway id
-        /// replaces the old one.
+        /// typing, queue changes, agent changes), and a keepalive every few seconds. A new stream for the same
+        /// gateway id replaces the old one.
         pub async fn push_stream(
             &mut self,
             request: impl tonic::IntoRequest<super::ConnectRequest>,
@@ -2235,6 +2918,310 @@ pub mod router_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// The gateway follows an agent's own pushes (offers, chats forwarded to them, status changes).
+        pub async fn subscribe_agent(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AgentSubscriptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/SubscribeAgent",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "SubscribeAgent",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn unsubscribe_agent(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AgentSubscriptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/UnsubscribeAgent",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "UnsubscribeAgent",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// An agent declines the chat offered to them (push routing). Sent to the owner of the group's queue.
+        pub async fn reject_offer(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RejectOfferRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/RejectOffer",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "RejectOffer",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Moves a chat to another online group's queue. Sent to the owner of the conversation.
+        pub async fn transfer_chat(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TransferChatRequest>,
+        ) -> std::result::Result<tonic::Response<super::ChatViewReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/TransferChat",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "TransferChat",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Hands a chat to another online agent with a free slot. Sent to the owner of the *target agent*.
+        pub async fn forward_chat(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ForwardChatRequest>,
+        ) -> std::result::Result<tonic::Response<super::ChatViewReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/ForwardChat",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "ForwardChat",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Stores a customer's offline message as a ticket (idempotent by its key). Sent to the owner of the
+        /// group's queue.
+        pub async fn leave_offline_message(
+            &mut self,
+            request: impl tonic::IntoRequest<super::OfflineMessageRequest>,
+        ) -> std::result::Result<tonic::Response<super::TicketReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/LeaveOfflineMessage",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "LeaveOfflineMessage",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Between routers: the conversation's owner carries out a command of the system (offer, end of an offer,
+        /// requeue).
+        pub async fn conversation_system(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ConversationSystemRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ConversationSystemReply>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/ConversationSystem",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "ConversationSystem",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Between routers: the agent's owner reserves a slot for an offer, or frees it.
+        pub async fn agent_offer(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AgentOfferRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/AgentOffer",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "AgentOffer",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Between routers: an agent's availability as its owner knows it.
+        pub async fn agent_availability(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AgentRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AgentAvailabilityMsg>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/AgentAvailability",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "AgentAvailability",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Between routers: an agent's availability changed; the owner of one of its groups' queues is told.
+        pub async fn queue_agent_changed(
+            &mut self,
+            request: impl tonic::IntoRequest<super::QueueAgentChangedRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/QueueAgentChanged",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "QueueAgentChanged",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Between routers: the conversation's owner records a forward decided by the target agent's owner.
+        pub async fn owner_forward(
+            &mut self,
+            request: impl tonic::IntoRequest<super::OwnerForwardRequest>,
+        ) -> std::result::Result<tonic::Response<super::ChatViewReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/OwnerForward",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "OwnerForward",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2257,8 +3244,8 @@ pub mod router_service_server {
             + std::marker::Send
             + 'static;
         /// One long-lived stream per gateway and router: every push for that gateway (conversation events,
-        /// typing, queue changes), and a keepalive every few seconds. A new stream for the same gateway id
-        /// replaces the old one.
+        /// typing, queue changes, agent changes), and a keepalive every few seconds. A new stream for the same
+        /// gateway id replaces the old one.
         async fn push_stream(
             &self,
             request: tonic::Request<super::ConnectRequest>,
@@ -2337,6 +3324,68 @@ pub mod router_service_server {
             &self,
             request: tonic::Request<super::AgentFinishedRequest>,
         ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
+        /// The gateway follows an agent's own pushes (offers, chats forwarded to them, status changes).
+        async fn subscribe_agent(
+            &self,
+            request: tonic::Request<super::AgentSubscriptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
+        async fn unsubscribe_agent(
+            &self,
+            request: tonic::Request<super::AgentSubscriptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
+        /// An agent declines the chat offered to them (push routing). Sent to the owner of the group's queue.
+        async fn reject_offer(
+            &self,
+            request: tonic::Request<super::RejectOfferRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
+        /// Moves a chat to another online group's queue. Sent to the owner of the conversation.
+        async fn transfer_chat(
+            &self,
+            request: tonic::Request<super::TransferChatRequest>,
+        ) -> std::result::Result<tonic::Response<super::ChatViewReply>, tonic::Status>;
+        /// Hands a chat to another online agent with a free slot. Sent to the owner of the *target agent*.
+        async fn forward_chat(
+            &self,
+            request: tonic::Request<super::ForwardChatRequest>,
+        ) -> std::result::Result<tonic::Response<super::ChatViewReply>, tonic::Status>;
+        /// Stores a customer's offline message as a ticket (idempotent by its key). Sent to the owner of the
+        /// group's queue.
+        async fn leave_offline_message(
+            &self,
+            request: tonic::Request<super::OfflineMessageRequest>,
+        ) -> std::result::Result<tonic::Response<super::TicketReply>, tonic::Status>;
+        /// Between routers: the conversation's owner carries out a command of the system (offer, end of an offer,
+        /// requeue).
+        async fn conversation_system(
+            &self,
+            request: tonic::Request<super::ConversationSystemRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ConversationSystemReply>,
+            tonic::Status,
+        >;
+        /// Between routers: the agent's owner reserves a slot for an offer, or frees it.
+        async fn agent_offer(
+            &self,
+            request: tonic::Request<super::AgentOfferRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
+        /// Between routers: an agent's availability as its owner knows it.
+        async fn agent_availability(
+            &self,
+            request: tonic::Request<super::AgentRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AgentAvailabilityMsg>,
+            tonic::Status,
+        >;
+        /// Between routers: an agent's availability changed; the owner of one of its groups' queues is told.
+        async fn queue_agent_changed(
+            &self,
+            request: tonic::Request<super::QueueAgentChangedRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
+        /// Between routers: the conversation's owner records a forward decided by the target agent's owner.
+        async fn owner_forward(
+            &self,
+            request: tonic::Request<super::OwnerForwardRequest>,
+        ) -> std::result::Result<tonic::Response<super::ChatViewReply>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct RouterServiceServer<T> {
@@ -3213,6 +4262,506 @@ pub mod router_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = AgentFinishedSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/SubscribeAgent" => {
+                    #[allow(non_camel_case_types)]
+                    struct SubscribeAgentSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::AgentSubscriptionRequest>
+                    for SubscribeAgentSvc<T> {
+                        type Response = super::Empty;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AgentSubscriptionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::subscribe_agent(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SubscribeAgentSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/UnsubscribeAgent" => {
+                    #[allow(non_camel_case_types)]
+                    struct UnsubscribeAgentSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::AgentSubscriptionRequest>
+                    for UnsubscribeAgentSvc<T> {
+                        type Response = super::Empty;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AgentSubscriptionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::unsubscribe_agent(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UnsubscribeAgentSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/RejectOffer" => {
+                    #[allow(non_camel_case_types)]
+                    struct RejectOfferSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::RejectOfferRequest>
+                    for RejectOfferSvc<T> {
+                        type Response = super::Empty;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RejectOfferRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::reject_offer(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RejectOfferSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/TransferChat" => {
+                    #[allow(non_camel_case_types)]
+                    struct TransferChatSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::TransferChatRequest>
+                    for TransferChatSvc<T> {
+                        type Response = super::ChatViewReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TransferChatRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::transfer_chat(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = TransferChatSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/ForwardChat" => {
+                    #[allow(non_camel_case_types)]
+                    struct ForwardChatSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::ForwardChatRequest>
+                    for ForwardChatSvc<T> {
+                        type Response = super::ChatViewReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ForwardChatRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::forward_chat(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ForwardChatSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/LeaveOfflineMessage" => {
+                    #[allow(non_camel_case_types)]
+                    struct LeaveOfflineMessageSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::OfflineMessageRequest>
+                    for LeaveOfflineMessageSvc<T> {
+                        type Response = super::TicketReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::OfflineMessageRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::leave_offline_message(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = LeaveOfflineMessageSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/ConversationSystem" => {
+                    #[allow(non_camel_case_types)]
+                    struct ConversationSystemSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::ConversationSystemRequest>
+                    for ConversationSystemSvc<T> {
+                        type Response = super::ConversationSystemReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ConversationSystemRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::conversation_system(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ConversationSystemSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/AgentOffer" => {
+                    #[allow(non_camel_case_types)]
+                    struct AgentOfferSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::AgentOfferRequest>
+                    for AgentOfferSvc<T> {
+                        type Response = super::Empty;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AgentOfferRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::agent_offer(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AgentOfferSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/AgentAvailability" => {
+                    #[allow(non_camel_case_types)]
+                    struct AgentAvailabilitySvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::AgentRequest>
+                    for AgentAvailabilitySvc<T> {
+                        type Response = super::AgentAvailabilityMsg;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AgentRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::agent_availability(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AgentAvailabilitySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/QueueAgentChanged" => {
+                    #[allow(non_camel_case_types)]
+                    struct QueueAgentChangedSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::QueueAgentChangedRequest>
+                    for QueueAgentChangedSvc<T> {
+                        type Response = super::Empty;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::QueueAgentChangedRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::queue_agent_changed(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = QueueAgentChangedSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/OwnerForward" => {
+                    #[allow(non_camel_case_types)]
+                    struct OwnerForwardSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::OwnerForwardRequest>
+                    for OwnerForwardSvc<T> {
+                        type Response = super::ChatViewReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::OwnerForwardRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::owner_forward(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = OwnerForwardSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

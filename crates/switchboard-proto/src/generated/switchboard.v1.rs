@@ -11,7 +11,7 @@ pub struct ClientFrame {
     /// answered with the error `unknown_type`.
     #[prost(
         oneof = "client_frame::Request",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
     )]
     pub request: ::core::option::Option<client_frame::Request>,
 }
@@ -66,10 +66,31 @@ pub mod client_frame {
         /// Does nothing: answered with an empty ack.
         #[prost(message, tag = "16")]
         Ping(super::PingRequest),
+        /// The support groups of a tenant and whether each takes chats now.
+        #[prost(message, tag = "17")]
+        GroupsList(super::GroupsListRequest),
+        /// Leaves a message (a ticket) when a chat cannot start.
+        #[prost(message, tag = "18")]
+        OfflineMessage(super::OfflineMessageRequest),
+        /// Agents: declines the chat offered to them.
+        #[prost(message, tag = "19")]
+        OfferReject(super::OfferRejectRequest),
+        /// Agents: moves a chat to another online group's queue.
+        #[prost(message, tag = "20")]
+        ChatTransfer(super::ChatTransferRequest),
+        /// Agents: hands a chat to another online agent.
+        #[prost(message, tag = "21")]
+        ChatForward(super::ChatForwardRequest),
+        /// Agents: goes offline at once.
+        #[prost(message, tag = "22")]
+        AgentSignOut(super::AgentSignOutRequest),
     }
 }
 /// `chat.start`: a stream without a role starts a new chat and becomes its customer. The ack is followed by
-/// the events seq 1 (`created`) and 2 (the question as a message), and by `queue_position`.
+/// the events seq 1 (`created`) and 2 (the question as a message), and by `queue_position`. A group outside
+/// its business hours is refused with `group_closed`; when the cluster-wide limit of concurrent chats is
+/// reached the refusal is `license_exhausted`, with the limit in the error's `max_sessions` and `grpc_status`
+/// RESOURCE_EXHAUSTED (8). After either, the customer may leave an `offline_message`.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ChatStartRequest {
     /// The tenant's widget key; an unknown one is refused with `unauthorized`.
@@ -101,7 +122,8 @@ pub struct CustomerResumeRequest {
     pub after_seq: u64,
 }
 /// `agent.sign_in`: a stream without a role becomes this agent, who is now online. The ack is followed by a
-/// `queue_snapshot`.
+/// `queue_snapshot`. From then on the stream also gets the agent's own pushes (`offer`, `offer_ended`,
+/// `chat_assigned`, `agent_status`).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AgentSignInRequest {
     /// The agent's token; an unknown one is refused with `unauthorized`.
@@ -201,10 +223,84 @@ pub struct ChatCancelRequest {
 /// `ping`: answered with an empty ack, by anyone, at any time.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PingRequest {}
+/// `groups.list`: the support groups of a tenant, each with whether it is open (business hours), how many of
+/// its agents are signed in, and whether it is online (open with at least one agent signed in: it takes
+/// chats, and chats can be transferred to it).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GroupsListRequest {
+    /// The tenant's widget key (customers, and streams without a role). Absent on an agent's stream (or a
+    /// customer's): the tenant of the stream. An unknown key is refused with `unauthorized`.
+    #[prost(string, optional, tag = "1")]
+    pub widget_key: ::core::option::Option<::prost::alloc::string::String>,
+}
+/// `offline.message`: a customer who cannot chat (the group is closed or offline, or the license limit is
+/// reached) leaves a message, stored as a ticket. Any stream may send it; it takes no role.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfflineMessageRequest {
+    /// The tenant's widget key; an unknown one is refused with `unauthorized`.
+    #[prost(string, tag = "1")]
+    pub widget_key: ::prost::alloc::string::String,
+    /// The support group; an unknown one is refused with `unknown_group`.
+    #[prost(string, tag = "2")]
+    pub group: ::prost::alloc::string::String,
+    /// The customer's name: 1 to 100 characters after trimming white space.
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    /// How to reach the customer (an e-mail address or a phone number): 1 to 254 characters.
+    #[prost(string, tag = "4")]
+    pub contact: ::prost::alloc::string::String,
+    /// The message: 1 to `max_message_bytes` bytes, not only white space.
+    #[prost(string, tag = "5")]
+    pub body: ::prost::alloc::string::String,
+    /// Why the customer could not chat: the code of the refusal (`group_closed`, `group_offline` or
+    /// `license_exhausted`).
+    #[prost(string, tag = "6")]
+    pub reason: ::prost::alloc::string::String,
+    /// Chosen by the client, 1 to 128 characters: sending the same message again stores one ticket (the ack
+    /// then has `duplicate` true).
+    #[prost(string, tag = "7")]
+    pub idempotency_key: ::prost::alloc::string::String,
+}
+/// `offer.reject`: the agent declines the chat offered to them (an `offer` push); it is offered to the next
+/// agent. A chat not offered to this agent now is refused with `not_offered`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfferRejectRequest {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+}
+/// `chat.transfer`: the owning agent (or an agent of its group, while it waits) moves a chat to the waiting
+/// queue of another group, which must be online (else `group_offline`; the same group: `same_group`). The
+/// chat keeps its place by arrival time there.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChatTransferRequest {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+    /// The group to move the chat to.
+    #[prost(string, tag = "2")]
+    pub group: ::prost::alloc::string::String,
+}
+/// `chat.forward`: the owning agent (or an agent of its group, while it waits) hands a chat to another agent,
+/// who must be online with a free slot (else `agent_unavailable`; the owner itself: `same_agent`). That agent
+/// owns it at once and is told with `chat_assigned`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChatForwardRequest {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+    /// The agent to hand the chat to.
+    #[prost(string, tag = "2")]
+    pub agent: ::prost::alloc::string::String,
+}
+/// `agent.sign_out`: the agent goes offline at once (on every stream) and this stream has no role any more
+/// (it may sign in again). Its chats stay its own.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentSignOutRequest {}
 /// One frame from the server. `ack` and `error` answer a request (same `id`); every other frame is a push.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerFrame {
-    #[prost(oneof = "server_frame::Frame", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(
+        oneof = "server_frame::Frame",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+    )]
     pub frame: ::core::option::Option<server_frame::Frame>,
 }
 /// Nested message and enum types in `ServerFrame`.
@@ -237,9 +333,22 @@ pub mod server_frame {
         /// Agents: a chat left the waiting list of one of the agent's groups.
         #[prost(message, tag = "8")]
         QueueRemoved(super::QueueRemoved),
-        /// Customers: the chat's place in its group's queue, when first known and whenever it changes.
+        /// Customers: the chat's place in its group's queue (and the estimated wait), when first known and whenever
+        /// either changes.
         #[prost(message, tag = "9")]
         QueuePosition(super::QueuePosition),
+        /// Agents: a waiting chat is offered to this agent (push routing) until `expires_at_ms`.
+        #[prost(message, tag = "10")]
+        Offer(super::OfferPush),
+        /// Agents: the offer ended without an accept.
+        #[prost(message, tag = "11")]
+        OfferEnded(super::OfferEndedPush),
+        /// Agents: a chat became this agent's without an accept (forwarded to them): subscribe to follow it.
+        #[prost(message, tag = "12")]
+        ChatAssigned(super::ChatAssignedPush),
+        /// Agents: this agent's status or chats changed (set on another stream, or offline after the grace period).
+        #[prost(message, tag = "13")]
+        AgentStatus(super::AgentStatusPush),
     }
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -258,7 +367,7 @@ pub struct Ack {
     pub id: ::prost::alloc::string::String,
     #[prost(
         oneof = "ack::Result",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
     )]
     pub result: ::core::option::Option<ack::Result>,
 }
@@ -296,6 +405,18 @@ pub mod ack {
         ChatCancel(super::ChatCancelResult),
         #[prost(message, tag = "16")]
         Ping(super::PingResult),
+        #[prost(message, tag = "17")]
+        GroupsList(super::GroupsListResult),
+        #[prost(message, tag = "18")]
+        OfflineMessage(super::OfflineMessageResult),
+        #[prost(message, tag = "19")]
+        OfferReject(super::OfferRejectResult),
+        #[prost(message, tag = "20")]
+        ChatTransfer(super::ChatTransferResult),
+        #[prost(message, tag = "21")]
+        ChatForward(super::ChatForwardResult),
+        #[prost(message, tag = "22")]
+        AgentSignOut(super::AgentSignOutResult),
     }
 }
 /// The answer to a failed request. Nothing was changed.
@@ -316,6 +437,16 @@ pub struct Error {
     /// resend with the same client_msg_id.
     #[prost(bool, tag = "4")]
     pub retryable: bool,
+    /// `license_exhausted` only: the cluster-wide limit of concurrent chats.
+    #[prost(uint64, optional, tag = "5")]
+    pub max_sessions: ::core::option::Option<u64>,
+    /// The gRPC status code (google.rpc.Code) the error corresponds to, for clients that branch on those:
+    /// RESOURCE_EXHAUSTED (8) for `license_exhausted`, UNAVAILABLE (14) for `unavailable` and `not_owner`,
+    /// INVALID_ARGUMENT (3) for malformed requests, NOT_FOUND (5), UNAUTHENTICATED (16) for `unauthorized`,
+    /// PERMISSION_DENIED (7) for `forbidden`, UNIMPLEMENTED (12) for `unknown_type`, INTERNAL (13), and
+    /// FAILED_PRECONDITION (9) for the other refusals (docs/protocol.md, section 6).
+    #[prost(int32, tag = "6")]
+    pub grpc_status: i32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ChatStartResult {
@@ -414,6 +545,43 @@ pub struct ChatCancelResult {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PingResult {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GroupsListResult {
+    /// Every group of the tenant, by id.
+    #[prost(message, repeated, tag = "1")]
+    pub groups: ::prost::alloc::vec::Vec<GroupInfo>,
+    /// True when presence could not be read: these are the statuses this gateway read last.
+    #[prost(bool, tag = "2")]
+    pub stale: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfflineMessageResult {
+    #[prost(message, optional, tag = "1")]
+    pub ticket: ::core::option::Option<Ticket>,
+    /// This idempotency key was used before: `ticket` is the one stored then.
+    #[prost(bool, tag = "2")]
+    pub duplicate: bool,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfferRejectResult {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChatTransferResult {
+    /// Now waiting in the new group.
+    #[prost(message, optional, tag = "1")]
+    pub chat: ::core::option::Option<Chat>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChatForwardResult {
+    /// Now owned by the new agent.
+    #[prost(message, optional, tag = "1")]
+    pub chat: ::core::option::Option<Chat>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentSignOutResult {
+    /// Now offline.
+    #[prost(message, optional, tag = "1")]
+    pub agent: ::core::option::Option<Agent>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EventPush {
     #[prost(string, tag = "1")]
@@ -450,6 +618,9 @@ pub struct QueueRemoved {
     /// Who accepted the chat; set only when `reason` is QUEUE_REMOVED_REASON_ACCEPTED.
     #[prost(string, optional, tag = "3")]
     pub agent: ::core::option::Option<::prost::alloc::string::String>,
+    /// The group the chat moved to; set only when `reason` is QUEUE_REMOVED_REASON_TRANSFERRED.
+    #[prost(string, optional, tag = "4")]
+    pub group: ::core::option::Option<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct QueuePosition {
@@ -458,6 +629,36 @@ pub struct QueuePosition {
     /// 1-based.
     #[prost(uint64, tag = "2")]
     pub position: u64,
+    /// The estimated wait in seconds: the position times the group's recent wait per place. Absent while the
+    /// group has no estimate.
+    #[prost(uint64, optional, tag = "3")]
+    pub estimated_wait_s: ::core::option::Option<u64>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfferPush {
+    /// The chat offered.
+    #[prost(message, optional, tag = "1")]
+    pub entry: ::core::option::Option<WaitingEntry>,
+    /// Accept it (chat_accept) or reject it (offer_reject) before then (milliseconds since the Unix epoch).
+    #[prost(int64, tag = "2")]
+    pub expires_at_ms: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OfferEndedPush {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+    #[prost(enumeration = "OfferEndReason", tag = "2")]
+    pub reason: i32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChatAssignedPush {
+    #[prost(message, optional, tag = "1")]
+    pub chat: ::core::option::Option<Chat>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentStatusPush {
+    #[prost(message, optional, tag = "1")]
+    pub agent: ::core::option::Option<Agent>,
 }
 /// A chat as it is now.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -519,6 +720,32 @@ pub struct WaitingEntry {
     #[prost(string, tag = "5")]
     pub question: ::prost::alloc::string::String,
 }
+/// A support group and whether it takes chats now.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GroupInfo {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// Open and at least one agent signed in: a new chat can wait there, a chat can be transferred there.
+    #[prost(bool, tag = "3")]
+    pub online: bool,
+    /// Within its business hours.
+    #[prost(bool, tag = "4")]
+    pub open: bool,
+    /// How many of its agents are signed in (online or away).
+    #[prost(uint32, tag = "5")]
+    pub signed_in: u32,
+}
+/// A stored offline message.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Ticket {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Milliseconds since the Unix epoch.
+    #[prost(int64, tag = "2")]
+    pub created_at_ms: i64,
+}
 /// Who did something in a chat.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Author {
@@ -543,7 +770,7 @@ pub struct Event {
     #[prost(string, optional, tag = "4")]
     pub client_msg_id: ::core::option::Option<::prost::alloc::string::String>,
     /// What happened (the WebSocket `kind`).
-    #[prost(oneof = "event::Body", tags = "5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "event::Body", tags = "5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15")]
     pub body: ::core::option::Option<event::Body>,
 }
 /// Nested message and enum types in `Event`.
@@ -582,6 +809,46 @@ pub mod event {
     /// The chat was cancelled (abandoned while waiting, or cancelled by the agent).
     #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
     pub struct Cancelled {}
+    /// By the system: the waiting chat is offered to `agent` until `expires_at_ms` (push routing).
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Offered {
+        #[prost(string, tag = "1")]
+        pub agent: ::prost::alloc::string::String,
+        #[prost(int64, tag = "2")]
+        pub expires_at_ms: i64,
+    }
+    /// By the system: the offer to `agent` ended without an accept.
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct OfferEnded {
+        #[prost(string, tag = "1")]
+        pub agent: ::prost::alloc::string::String,
+        #[prost(enumeration = "super::OfferEndReason", tag = "2")]
+        pub reason: i32,
+    }
+    /// The chat moved to the waiting queue of `to_group` (from `from_agent`, its owner until then, if any).
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Transferred {
+        #[prost(string, optional, tag = "1")]
+        pub from_agent: ::core::option::Option<::prost::alloc::string::String>,
+        #[prost(string, tag = "2")]
+        pub to_group: ::prost::alloc::string::String,
+    }
+    /// The chat was handed to `to_agent`, who owns it from now on (from `from_agent`, if it had an owner).
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Forwarded {
+        #[prost(string, optional, tag = "1")]
+        pub from_agent: ::core::option::Option<::prost::alloc::string::String>,
+        #[prost(string, tag = "2")]
+        pub to_agent: ::prost::alloc::string::String,
+    }
+    /// By the system: the chat waits again in its group because its owner `from_agent` went away.
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Requeued {
+        #[prost(string, tag = "1")]
+        pub from_agent: ::prost::alloc::string::String,
+        #[prost(enumeration = "super::RequeueReason", tag = "2")]
+        pub reason: i32,
+    }
     /// What happened (the WebSocket `kind`).
     #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
     pub enum Body {
@@ -597,6 +864,16 @@ pub mod event {
         Closed(Closed),
         #[prost(message, tag = "10")]
         Cancelled(Cancelled),
+        #[prost(message, tag = "11")]
+        Offered(Offered),
+        #[prost(message, tag = "12")]
+        OfferEnded(OfferEnded),
+        #[prost(message, tag = "13")]
+        Transferred(Transferred),
+        #[prost(message, tag = "14")]
+        Forwarded(Forwarded),
+        #[prost(message, tag = "15")]
+        Requeued(Requeued),
     }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -737,6 +1014,8 @@ pub enum QueueRemovedReason {
     Cancelled = 2,
     /// Ended while waiting by the system.
     Closed = 3,
+    /// Moved to another group's queue (`group` says which).
+    Transferred = 4,
 }
 impl QueueRemovedReason {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -749,6 +1028,7 @@ impl QueueRemovedReason {
             Self::Accepted => "QUEUE_REMOVED_REASON_ACCEPTED",
             Self::Cancelled => "QUEUE_REMOVED_REASON_CANCELLED",
             Self::Closed => "QUEUE_REMOVED_REASON_CLOSED",
+            Self::Transferred => "QUEUE_REMOVED_REASON_TRANSFERRED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -758,6 +1038,69 @@ impl QueueRemovedReason {
             "QUEUE_REMOVED_REASON_ACCEPTED" => Some(Self::Accepted),
             "QUEUE_REMOVED_REASON_CANCELLED" => Some(Self::Cancelled),
             "QUEUE_REMOVED_REASON_CLOSED" => Some(Self::Closed),
+            "QUEUE_REMOVED_REASON_TRANSFERRED" => Some(Self::Transferred),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum OfferEndReason {
+    Unspecified = 0,
+    /// The agent declined it.
+    Rejected = 1,
+    /// The agent did not answer in time.
+    TimedOut = 2,
+    /// The agent became unavailable (offline, away) while it was outstanding.
+    Withdrawn = 3,
+}
+impl OfferEndReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "OFFER_END_REASON_UNSPECIFIED",
+            Self::Rejected => "OFFER_END_REASON_REJECTED",
+            Self::TimedOut => "OFFER_END_REASON_TIMED_OUT",
+            Self::Withdrawn => "OFFER_END_REASON_WITHDRAWN",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "OFFER_END_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "OFFER_END_REASON_REJECTED" => Some(Self::Rejected),
+            "OFFER_END_REASON_TIMED_OUT" => Some(Self::TimedOut),
+            "OFFER_END_REASON_WITHDRAWN" => Some(Self::Withdrawn),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RequeueReason {
+    Unspecified = 0,
+    /// The owner lost their connection and did not come back within the grace period.
+    AgentOffline = 1,
+}
+impl RequeueReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REQUEUE_REASON_UNSPECIFIED",
+            Self::AgentOffline => "REQUEUE_REASON_AGENT_OFFLINE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REQUEUE_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "REQUEUE_REASON_AGENT_OFFLINE" => Some(Self::AgentOffline),
             _ => None,
         }
     }

@@ -5,18 +5,29 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use switchboard_domain::{
-    AgentEntry, AgentId, Clock, ConversationId, Directory, FixedClock, GroupEntry, GroupId, TenantEntry, TenantId,
+    AgentEntry, AgentId, BusinessHours, Clock, ConversationId, Directory, FixedClock, GroupEntry, GroupId, HoursSpec,
+    Routing, TenantEntry, TenantId,
 };
+use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::router::{GatewayId, Push, RouterApi, StartChat};
-use switchboard_router::{LeaseSettings, Router, RouterSettings};
+use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_store::MemoryStore;
 use tokio::sync::mpsc;
+
+/// How long an offer lasts in group `push`.
+pub const OFFER_TIMEOUT_MS: i64 = 10_000;
+/// The presence heartbeat and grace period of the test routers.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const GRACE: Duration = Duration::from_secs(5);
 
 pub struct Fixture {
     pub router: Router,
     pub store: Arc<MemoryStore>,
     pub clock: Arc<FixedClock>,
+    pub presence: Arc<MemoryPresence>,
     pub pushes: mpsc::UnboundedReceiver<Push>,
     pub gateway: GatewayId,
 }
@@ -34,18 +45,34 @@ pub fn agent(name: &str) -> AgentId {
 }
 
 /// Groups g1 and g2; agents a (g1, g2; capacity 2), b and c (g1; capacity 5).
+/// Group `push` routes by offer (x capacity 1, y capacity 2, z capacity 3); group `never` is never open (a
+/// schedule with no opening); group `t` (pull) has agent w.
 pub fn directory() -> Directory {
-    let groups = ["g1", "g2"].map(|id| (group(id), GroupEntry { id: group(id), name: id.into() }));
-    let agents =
-        [("a", vec!["g1", "g2"], 2), ("b", vec!["g1"], 5), ("c", vec!["g1"], 5)].map(|(id, groups, capacity)| {
-            let entry = AgentEntry {
-                id: agent(id),
-                name: id.into(),
-                groups: groups.into_iter().map(group).collect(),
-                capacity,
-            };
-            (agent(id), entry)
-        });
+    let mut push = GroupEntry::new(group("push"), "push");
+    push.routing = Routing::Push { offer_timeout_ms: OFFER_TIMEOUT_MS };
+    let mut never = GroupEntry::new(group("never"), "never");
+    never.hours = BusinessHours::new(&HoursSpec { time_zone: "Europe/Berlin".into(), ..Default::default() }).unwrap();
+    let groups = [
+        (group("g1"), GroupEntry::new(group("g1"), "g1")),
+        (group("g2"), GroupEntry::new(group("g2"), "g2")),
+        (group("push"), push),
+        (group("never"), never),
+        (group("t"), GroupEntry::new(group("t"), "t")),
+    ];
+    let agents = [
+        ("a", vec!["g1", "g2"], 2),
+        ("b", vec!["g1"], 5),
+        ("c", vec!["g1"], 5),
+        ("x", vec!["push"], 1),
+        ("y", vec!["push"], 2),
+        ("z", vec!["push"], 3),
+        ("w", vec!["t", "never"], 2),
+    ]
+    .map(|(id, groups, capacity)| {
+        let entry =
+            AgentEntry { id: agent(id), name: id.into(), groups: groups.into_iter().map(group).collect(), capacity };
+        (agent(id), entry)
+    });
     let entry = TenantEntry {
         id: tenant(),
         name: "Acme".into(),
@@ -57,29 +84,66 @@ pub fn directory() -> Directory {
     directory
 }
 
-pub async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<FixedClock>) -> Router {
-    let settings = RouterSettings {
+pub fn router_settings(node_id: &str) -> RouterSettings {
+    RouterSettings {
         node_id: node_id.into(),
         advertise: String::new(),
         leases: LeaseSettings::default(),
         closed_list_limit: 50,
-    };
+        presence: PresenceSettings { heartbeat: HEARTBEAT, grace: GRACE },
+    }
+}
+
+pub async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<FixedClock>) -> Router {
+    start_router_with(node_id, store, clock, Arc::new(MemoryPresence::new())).await
+}
+
+pub async fn start_router_with(
+    node_id: &str,
+    store: Arc<MemoryStore>,
+    clock: Arc<FixedClock>,
+    presence: Arc<MemoryPresence>,
+) -> Router {
     let clock_dyn: Arc<dyn Clock> = clock;
-    Router::start(settings, store, clock_dyn, Arc::new(directory()), None).await.unwrap()
+    let presence: Arc<dyn Presence> = presence;
+    Router::start(router_settings(node_id), store, clock_dyn, Arc::new(directory()), presence, None).await.unwrap()
 }
 
 pub async fn fixture() -> Fixture {
     let clock = Arc::new(FixedClock::new(1_700_000_000_000));
     let clock_dyn: Arc<dyn Clock> = clock.clone();
     let store = Arc::new(MemoryStore::new(clock_dyn));
-    let router = start_router("node-1", store.clone(), clock.clone()).await;
+    let presence = Arc::new(MemoryPresence::new());
+    let router = start_router_with("node-1", store.clone(), clock.clone(), presence.clone()).await;
     let gateway = GatewayId("gw-1".into());
     let (sink, pushes) = mpsc::unbounded_channel();
     router.connect_gateway(gateway.clone(), sink);
-    Fixture { router, store, clock, pushes, gateway }
+    Fixture { router, store, clock, presence, pushes, gateway }
 }
 
 impl Fixture {
+    /// Lets `ms` pass on both clocks (the injected one and tokio's paused one), then lets the actors run.
+    pub async fn pass(&self, ms: i64) {
+        let step = 100;
+        let mut left = ms;
+        while left > 0 {
+            let now = left.min(step);
+            self.clock.advance_ms(now);
+            tokio::time::advance(Duration::from_millis(u64::try_from(now).unwrap())).await;
+            left -= now;
+        }
+        settle().await;
+    }
+
+    /// Drains the pushes received so far.
+    pub fn drain(&mut self) -> Vec<Push> {
+        let mut pushes = Vec::new();
+        while let Ok(push) = self.pushes.try_recv() {
+            pushes.push(push);
+        }
+        pushes
+    }
+
     pub async fn start_chat(&self, group_name: &str, customer: &str) -> ConversationId {
         self.clock.advance_ms(1);
         let request = StartChat {
@@ -90,5 +154,12 @@ impl Fixture {
             question: format!("question from {customer}"),
         };
         self.router.start_chat(request).await.unwrap().view.conversation
+    }
+}
+
+/// Lets every actor and task process what it was sent (paused time: no time passes).
+pub async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
     }
 }

@@ -2,12 +2,13 @@
 //! `batch`), and reads.
 //!
 //! A batch locks the lease rows of its fences `FOR SHARE` (in shard order; an acquire that would bump an
-//! epoch waits for the batch to commit, so every event is written under the then-current epoch) and its
-//! conversations `FOR UPDATE` (in id order; two store processes appending to one conversation take turns,
-//! so seqs stay gap-free and deduplication sees every earlier write). Rows go in with one statement per
-//! table for the whole batch (`unnest` of arrays).
+//! epoch waits for the batch to commit, so every event is written under the then-current epoch), then the
+//! license row `FOR UPDATE` when it may create or finish a conversation (admissions of every store process
+//! take turns: see `license`), then its conversations `FOR UPDATE` (in id order; two store processes
+//! appending to one conversation take turns, so seqs stay gap-free and deduplication sees every earlier
+//! write). Rows go in with one statement per table for the whole batch (`unnest` of arrays).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -16,11 +17,13 @@ use switchboard_proto::store::StoreError;
 
 use super::PgStore;
 use crate::batch::{
-    AppendBackend, AppendTx, BatchFailure, Checked, Conversation, NewEventRow, Outcome, SummaryRow, run_batch,
+    AppendBackend, AppendTx, BatchFailure, Checked, Conversation, NewEventRow, Outcome, SummaryFields, SummaryRow,
+    run_batch,
 };
 use crate::error::{db, to_i64};
 use crate::events::{INSERT_CONVERSATION, SELECT_EVENTS, SELECT_EVENTS_LIMITED};
-use crate::records::{EventRow, event_from_row};
+use crate::license::{LicenseChanges, SET_LICENSE_USED};
+use crate::records::{EventRow, agents_to_json, event_from_row};
 
 const LOCK_FENCES: &str = "SELECT shard, epoch FROM shard_leases WHERE shard = ANY($1) ORDER BY shard FOR SHARE";
 
@@ -39,12 +42,28 @@ const INSERT_EVENTS: &str = "INSERT INTO events (conversation_id, seq, at_ms, au
 
 const UPDATE_SUMMARIES: &str = "UPDATE conversations AS c SET last_seq = u.last_seq, \
      state = COALESCE(u.state, c.state), \
+     group_id = COALESCE(u.group_id, c.group_id), \
+     queued_at_ms = COALESCE(u.queued_at_ms, c.queued_at_ms), \
      owner_agent_id = CASE WHEN u.has_update THEN u.owner_agent_id ELSE c.owner_agent_id END, \
      accepted_at_ms = CASE WHEN u.has_update THEN u.accepted_at_ms ELSE c.accepted_at_ms END, \
-     closed_at_ms = CASE WHEN u.has_update THEN u.closed_at_ms ELSE c.closed_at_ms END \
-     FROM unnest($1::text[], $2::int8[], $3::text[], $4::bool[], $5::text[], $6::int8[], $7::int8[]) \
-     AS u (id, last_seq, state, has_update, owner_agent_id, accepted_at_ms, closed_at_ms) \
+     closed_at_ms = CASE WHEN u.has_update THEN u.closed_at_ms ELSE c.closed_at_ms END, \
+     offer_agent_id = CASE WHEN u.has_update THEN u.offer_agent_id ELSE c.offer_agent_id END, \
+     offer_expires_at_ms = CASE WHEN u.has_update THEN u.offer_expires_at_ms ELSE c.offer_expires_at_ms END, \
+     offered_to = CASE WHEN u.has_update THEN u.offered_to ELSE c.offered_to END \
+     FROM unnest($1::text[], $2::int8[], $3::text[], $4::bool[], $5::text[], $6::int8[], $7::int8[], \
+     $8::text[], $9::int8[], $10::text[], $11::int8[], $12::text[]) \
+     AS u (id, last_seq, state, has_update, owner_agent_id, accepted_at_ms, closed_at_ms, group_id, queued_at_ms, \
+     offer_agent_id, offer_expires_at_ms, offered_to) \
      WHERE c.id = u.id";
+
+const LOCK_LICENSE: &str = "SELECT max_sessions, used FROM license WHERE id = 1 FOR UPDATE";
+
+const SELECT_PERMITS: &str = "SELECT conversation_id FROM license_permits WHERE conversation_id = ANY($1)";
+
+const INSERT_PERMITS: &str = "INSERT INTO license_permits (conversation_id, tenant_id, acquired_at_ms) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])";
+
+const DELETE_PERMITS: &str = "DELETE FROM license_permits WHERE conversation_id = ANY($1)";
 
 /// The append batches of a [`PgStore`], each on a connection of its pool.
 pub(super) struct PgAppender {
@@ -95,6 +114,9 @@ impl AppendTx for Transaction<'static, Postgres> {
             .bind(create.closed_at_ms)
             .bind(shard)
             .bind(&create.customer_token)
+            .bind(&create.offer_agent_id)
+            .bind(create.offer_expires_at_ms)
+            .bind(agents_to_json(&create.offered_to))
             .execute(&mut **self)
             .await?
             .rows_affected();
@@ -119,18 +141,56 @@ impl AppendTx for Transaction<'static, Postgres> {
     }
 
     async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), sqlx::Error> {
-        let fields = |summary: &SummaryRow| summary.fields.clone().unwrap_or_default();
+        let fields: Vec<SummaryFields> =
+            summaries.iter().map(|summary| summary.fields.clone().unwrap_or_default()).collect();
         sqlx::query(UPDATE_SUMMARIES)
             .bind(summaries.iter().map(|summary| summary.conversation_id.as_str()).collect::<Vec<_>>())
             .bind(summaries.iter().map(|summary| summary.last_seq).collect::<Vec<_>>())
             .bind(summaries.iter().map(|summary| summary.state.as_deref()).collect::<Vec<_>>())
             .bind(summaries.iter().map(|summary| summary.fields.is_some()).collect::<Vec<_>>())
-            .bind(summaries.iter().map(|summary| fields(summary).0).collect::<Vec<_>>())
-            .bind(summaries.iter().map(|summary| fields(summary).1).collect::<Vec<_>>())
-            .bind(summaries.iter().map(|summary| fields(summary).2).collect::<Vec<_>>())
+            .bind(fields.iter().map(|fields| fields.owner_agent_id.as_str()).collect::<Vec<_>>())
+            .bind(fields.iter().map(|fields| fields.accepted_at_ms).collect::<Vec<_>>())
+            .bind(fields.iter().map(|fields| fields.closed_at_ms).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| summary.group_id.as_deref()).collect::<Vec<_>>())
+            .bind(summaries.iter().map(|summary| summary.queued_at_ms).collect::<Vec<_>>())
+            .bind(fields.iter().map(|fields| fields.offer_agent_id.as_str()).collect::<Vec<_>>())
+            .bind(fields.iter().map(|fields| fields.offer_expires_at_ms).collect::<Vec<_>>())
+            .bind(fields.iter().map(|fields| fields.offered_to.as_str()).collect::<Vec<_>>())
             .execute(&mut **self)
             .await?;
         Ok(())
+    }
+
+    async fn lock_license(&mut self) -> Result<Option<(i64, i64)>, sqlx::Error> {
+        sqlx::query_as(LOCK_LICENSE).fetch_optional(&mut **self).await
+    }
+
+    async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+        let rows: Vec<String> = sqlx::query_scalar(SELECT_PERMITS).bind(ids).fetch_all(&mut **self).await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn write_license(&mut self, changes: &LicenseChanges) -> Result<bool, sqlx::Error> {
+        let set =
+            sqlx::query(SET_LICENSE_USED).bind(changes.used).bind(changes.used_before).execute(&mut **self).await?;
+        if set.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if !changes.acquired.is_empty() {
+            let acquired = &changes.acquired;
+            sqlx::query(INSERT_PERMITS)
+                .bind(acquired.iter().map(|permit| permit.conversation_id.as_str()).collect::<Vec<_>>())
+                .bind(acquired.iter().map(|permit| permit.tenant_id.as_str()).collect::<Vec<_>>())
+                .bind(acquired.iter().map(|permit| permit.acquired_at_ms).collect::<Vec<_>>())
+                .execute(&mut **self)
+                .await?;
+        }
+        if !changes.released.is_empty() {
+            let deleted = sqlx::query(DELETE_PERMITS).bind(&changes.released).execute(&mut **self).await?;
+            // The permits were read under the license lock: they are all there.
+            return Ok(deleted.rows_affected() == changes.released.len() as u64);
+        }
+        Ok(true)
     }
 }
 

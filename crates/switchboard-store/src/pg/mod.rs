@@ -13,7 +13,9 @@
 mod conversations;
 mod events;
 mod leases;
+mod license;
 mod nodes;
+mod tickets;
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,10 +27,11 @@ use sqlx::PgConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchboard_domain::Clock;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, GetConversationRequest,
-    GetConversationResponse, GetPlacementRequest, ListConversationsRequest, ListConversationsResponse, Placement,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
+    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
+    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
     ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
@@ -159,6 +162,22 @@ impl StoreApi for PgStore {
 
     async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError> {
         nodes::placement(self, request).await
+    }
+
+    async fn get_license(&self, request: GetLicenseRequest) -> Result<License, StoreError> {
+        license::get(self, request).await
+    }
+
+    async fn set_license_limit(&self, request: SetLicenseLimitRequest) -> Result<License, StoreError> {
+        license::set_limit(self, request).await
+    }
+
+    async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
+        tickets::create(self, request).await
+    }
+
+    async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
+        tickets::list(self, request).await
     }
 }
 

@@ -206,6 +206,7 @@ pub fn conversation(id: &str, tenant: &str, group: &str, queued_at_ms: i64) -> C
         last_seq: 0,
         shard: shard_of_conversation(id),
         customer_token: format!("token-{id}"),
+        ..Default::default()
     }
 }
 
@@ -232,7 +233,13 @@ pub fn system_event(kind: &str) -> NewEvent {
 }
 
 pub fn update(state: &str, owner: &str, accepted_at_ms: i64, closed_at_ms: i64) -> ConversationUpdate {
-    ConversationUpdate { state: state.into(), owner_agent_id: owner.into(), accepted_at_ms, closed_at_ms }
+    ConversationUpdate {
+        state: state.into(),
+        owner_agent_id: owner.into(),
+        accepted_at_ms,
+        closed_at_ms,
+        ..Default::default()
+    }
 }
 
 /// Creates `record` with a `created` event under a fresh lease of its shard for `node`.

@@ -1,0 +1,578 @@
+//! Presence, business hours, push routing, transfers, forwards, offline messages and the license limit, over
+//! real sockets: a gateway over an in-process router on `MemoryStore` and `MemoryPresence`, clients on the
+//! WebSocket and on gRPC.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{AckResult, DEADLINE, Frame, GrpcClient, Req, Server, WIDGET, WsClient};
+use serde_json::{Value, json};
+use switchboard_domain::{
+    AgentEntry, AgentId, AgentStatus, BusinessHours, Clock, Directory, GroupEntry, GroupId, HoursSpec, Routing,
+    TenantEntry, TenantId, WeeklySpec,
+};
+use switchboard_gateway::GatewaySettings;
+use switchboard_presence::{
+    GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange, PresenceError,
+};
+use switchboard_proto::internal::v1::SetLicenseLimitRequest;
+use switchboard_proto::public::v1 as pb;
+use switchboard_proto::router::PeerApi;
+use switchboard_proto::store::StoreApi;
+use switchboard_router::PresenceSettings;
+use tokio::sync::broadcast;
+
+const ALICE: &str = "alice-token-123";
+const BOB: &str = "bob-token-12345";
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+fn group(name: &str) -> GroupId {
+    GroupId::new(name).unwrap()
+}
+
+fn agent(name: &str) -> AgentId {
+    AgentId::new(name).unwrap()
+}
+
+/// Groups `sales` and `support` (pull, always open), `night` (open on Mondays 09:00-10:00 UTC only: closed at
+/// the test clock's time, a Thursday at midnight) and `vip` (push routing); agents `alice` (sales, support,
+/// night, vip) and `bob` (sales).
+fn directory() -> Directory {
+    let spec = HoursSpec {
+        time_zone: "UTC".into(),
+        weekly: WeeklySpec { mon: vec!["09:00-10:00".into()], ..WeeklySpec::default() },
+        holidays: vec![],
+    };
+    let night = GroupEntry { hours: BusinessHours::new(&spec).unwrap(), ..GroupEntry::new(group("night"), "Night") };
+    let vip =
+        GroupEntry { routing: Routing::Push { offer_timeout_ms: 600_000 }, ..GroupEntry::new(group("vip"), "VIP") };
+    let groups = [GroupEntry::new(group("sales"), "Sales"), GroupEntry::new(group("support"), "Support"), night, vip];
+    let member = |id: &str, groups: &[&str]| {
+        let entry = AgentEntry {
+            id: agent(id),
+            name: id.into(),
+            groups: groups.iter().map(|name| group(name)).collect(),
+            capacity: 3,
+        };
+        (agent(id), entry)
+    };
+    let entry = TenantEntry {
+        id: tenant(),
+        name: "Acme".into(),
+        groups: groups.into_iter().map(|entry| (entry.id.clone(), entry)).collect(),
+        agents: BTreeMap::from([member("alice", &["sales", "support", "night", "vip"]), member("bob", &["sales"])]),
+    };
+    let tokens = vec![(agent("alice"), ALICE.into()), (agent("bob"), BOB.into())];
+    let mut directory = Directory::default();
+    directory.add_tenant(entry, vec![WIDGET.into()], tokens).unwrap();
+    directory
+}
+
+/// Presence as the gateway sees it: the server's `MemoryPresence`, or errors while `down`.
+struct Flaky {
+    inner: Arc<MemoryPresence>,
+    down: AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), PresenceError> {
+        if self.down.load(Ordering::SeqCst) { Err(PresenceError::Unavailable("redis is down".into())) } else { Ok(()) }
+    }
+}
+
+#[async_trait]
+impl Presence for Flaky {
+    async fn session_alive(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        session: &str,
+        gateway: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), PresenceError> {
+        self.check()?;
+        self.inner.session_alive(tenant, agent, session, gateway, expires_at_ms).await
+    }
+    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
+        self.check()?;
+        self.inner.session_gone(tenant, agent, session).await
+    }
+    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {
+        self.check()?;
+        self.inner.live_sessions(agents, now_ms).await
+    }
+    async fn agent_sessions(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        now_ms: i64,
+    ) -> Result<Vec<LiveSession>, PresenceError> {
+        self.check()?;
+        self.inner.agent_sessions(tenant, agent, now_ms).await
+    }
+    async fn signed_in(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        groups: &[GroupId],
+        expires_at_ms: i64,
+    ) -> Result<(), PresenceError> {
+        self.check()?;
+        self.inner.signed_in(tenant, agent, groups, expires_at_ms).await
+    }
+    async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError> {
+        self.check()?;
+        self.inner.signed_out(tenant, agent, groups).await
+    }
+    async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError> {
+        self.check()?;
+        self.inner.n_signed_in(tenant, group, now_ms).await
+    }
+    async fn put_group_status(&self, status: &GroupStatus) -> Result<(), PresenceError> {
+        self.check()?;
+        self.inner.put_group_status(status).await
+    }
+    async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError> {
+        self.check()?;
+        self.inner.group_statuses(tenant).await
+    }
+    async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {
+        self.check()?;
+        self.inner.mirror_license(used, max_sessions, at_ms).await
+    }
+    async fn license_mirror(&self) -> Result<Option<LicenseMirror>, PresenceError> {
+        self.check()?;
+        self.inner.license_mirror().await
+    }
+    fn changes(&self) -> broadcast::Receiver<PresenceChange> {
+        self.inner.changes()
+    }
+}
+
+/// Group statuses are evaluated and connections checked every 20 ms.
+fn router_presence() -> PresenceSettings {
+    PresenceSettings { heartbeat: Duration::from_millis(20), grace: Duration::from_secs(30) }
+}
+
+fn gateway_settings() -> GatewaySettings {
+    GatewaySettings {
+        presence_heartbeat: Duration::from_millis(20),
+        presence_ttl: Some(Duration::from_millis(60)),
+        ..GatewaySettings::default()
+    }
+}
+
+async fn start() -> Server {
+    let presence = Arc::new(MemoryPresence::new());
+    Server::start_full(gateway_settings(), directory(), router_presence(), presence.clone(), presence).await
+}
+
+/// A server whose gateway's presence can be taken down.
+async fn start_flaky() -> (Server, Arc<Flaky>) {
+    let presence = Arc::new(MemoryPresence::new());
+    let flaky = Arc::new(Flaky { inner: presence.clone(), down: AtomicBool::new(false) });
+    let server = Server::start_full(gateway_settings(), directory(), router_presence(), presence, flaky.clone()).await;
+    (server, flaky)
+}
+
+/// Runs `future` (a loop that polls a condition), up to the deadline.
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, future).await.unwrap_or_else(|_| panic!("not within {DEADLINE:?}: {what}"))
+}
+
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Polls `check` until it answers something, up to the deadline.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let polled = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            pause().await;
+        }
+    })
+    .await;
+    polled.unwrap_or_else(|_| panic!("not within {DEADLINE:?}: {what}"))
+}
+
+async fn signed_in(server: &Server, token: &str) -> WsClient {
+    let mut client = WsClient::connect(server).await;
+    let signed = client.ack(json!({ "type": "agent.sign_in", "token": token })).await;
+    assert_eq!(signed["agent"]["status"], "online");
+    client.push_of("queue.snapshot").await;
+    client
+}
+
+/// A customer's chat in `group_name`; answers the connection and the conversation id.
+async fn customer(server: &Server, group_name: &str) -> (WsClient, String) {
+    let mut client = WsClient::connect(server).await;
+    let started = client
+        .ack(json!({ "type": "chat.start", "widget_key": WIDGET, "group": group_name, "name": "Dana", "question": "Hi?" }))
+        .await;
+    let conversation = started["conversation"].as_str().unwrap().to_owned();
+    client.expect_events(&conversation, &[(1, "created"), (2, "message")]).await;
+    (client, conversation)
+}
+
+/// The status `groups.list` gives each group: `(id, online, open, signed_in)`.
+fn statuses(ack: &Value) -> Vec<(String, bool, bool, u64)> {
+    ack["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|group| {
+            (
+                group["id"].as_str().unwrap().to_owned(),
+                group["online"].as_bool().unwrap(),
+                group["open"].as_bool().unwrap(),
+                group["signed_in"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn row(id: &str, online: bool, open: bool, signed_in: u64) -> (String, bool, bool, u64) {
+    (id.to_owned(), online, open, signed_in)
+}
+
+async fn live_sessions(server: &Server, name: &str) -> Vec<LiveSession> {
+    server.presence.agent_sessions(&tenant(), &agent(name), server.clock.now_ms()).await.unwrap()
+}
+
+#[tokio::test]
+async fn groups_list_tells_each_group_its_status_and_the_last_ones_read_while_presence_is_down() {
+    let (server, presence) = start_flaky().await;
+    let mut widget = WsClient::connect(&server).await;
+    let list = json!({ "type": "groups.list", "widget_key": WIDGET });
+    // Nobody signed in: every group is offline; `night` is also closed.
+    let before = vec![
+        row("night", false, false, 0),
+        row("sales", false, true, 0),
+        row("support", false, true, 0),
+        row("vip", false, true, 0),
+    ];
+    let answer = widget.ack(list.clone()).await;
+    assert_eq!(statuses(&answer), before);
+    assert_eq!(answer["stale"], false);
+    assert_eq!(answer["groups"][1]["name"], "Sales");
+
+    // Alice signs in: her groups come online, but `night`, which is closed.
+    let mut alice = signed_in(&server, ALICE).await;
+    let after = vec![
+        row("night", false, false, 1),
+        row("sales", true, true, 1),
+        row("support", true, true, 1),
+        row("vip", true, true, 1),
+    ];
+    within("alice's groups online", async {
+        while statuses(&widget.ack(list.clone()).await) != after {
+            pause().await;
+        }
+    })
+    .await;
+    // An agent lists its own tenant's groups without a key.
+    assert_eq!(statuses(&alice.ack(json!({ "type": "groups.list" })).await), after);
+
+    // Presence goes down: the last statuses read, marked stale; nothing else fails.
+    presence.down.store(true, Ordering::SeqCst);
+    let stale = widget.ack(list.clone()).await;
+    assert_eq!((statuses(&stale), &stale["stale"]), (after.clone(), &json!(true)));
+    let mut bob = WsClient::connect(&server).await;
+    let signed = bob.ack(json!({ "type": "agent.sign_in", "token": BOB })).await;
+    assert_eq!(signed["agent"]["status"], "online", "a presence outage never fails a request");
+    assert!(live_sessions(&server, "bob").await.is_empty());
+    // It comes back: within a heartbeat bob's connection is in presence, and the statuses are fresh again.
+    presence.down.store(false, Ordering::SeqCst);
+    eventually("bob's connection written again", || async {
+        (live_sessions(&server, "bob").await.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(widget.ack(list).await["stale"], false);
+
+    // Without a key, a connection with no role is told to sign in; a wrong key is refused.
+    let answer = WsClient::connect(&server).await.call(json!({ "type": "groups.list" })).await;
+    assert_eq!(answer["code"], "not_signed_in");
+    let answer = widget.call(json!({ "type": "groups.list", "widget_key": "nope" })).await;
+    assert_eq!(answer["code"], "unauthorized");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_agents_connections_are_in_presence_and_the_last_one_closing_does_not_sign_it_out() {
+    let server = start().await;
+    let first = signed_in(&server, ALICE).await;
+    let second = signed_in(&server, ALICE).await;
+    let sessions = live_sessions(&server, "alice").await;
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert!(sessions.iter().all(|session| session.gateway == "gateway"));
+    assert_ne!(sessions[0].session, sessions[1].session);
+
+    // The heartbeat keeps them alive as time goes by.
+    server.clock.advance_ms(10_000);
+    eventually("the heartbeat wrote them again", || async {
+        let sessions = live_sessions(&server, "alice").await;
+        (sessions.len() == 2).then_some(())
+    })
+    .await;
+    let expires = live_sessions(&server, "alice").await[0].expires_at_ms;
+    assert!(expires > server.clock.now_ms(), "{expires}");
+
+    // Each connection that closes leaves presence at once; the agent stays online (its owner decides, after a
+    // grace period, not the gateway).
+    drop(first);
+    eventually("one connection left", || async { (live_sessions(&server, "alice").await.len() == 1).then_some(()) })
+        .await;
+    drop(second);
+    eventually("no connection left", || async { live_sessions(&server, "alice").await.is_empty().then_some(()) }).await;
+    let availability = server.router.agent_availability(&tenant(), &agent("alice")).await.unwrap();
+    assert_eq!(availability.status, AgentStatus::Online);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn signing_out_sets_the_agent_offline_at_once_and_frees_the_connection() {
+    let server = start().await;
+    let mut first = signed_in(&server, ALICE).await;
+    let mut second = signed_in(&server, ALICE).await;
+    let signed_out = first.ack(json!({ "type": "agent.sign_out" })).await;
+    assert_eq!(signed_out["agent"]["status"], "offline");
+    // Her other connection is told; this one is out of presence and has no role any more.
+    let status = within("the other tab told", async {
+        loop {
+            let status = second.status_push().await;
+            if status["agent"]["status"] == "offline" {
+                return status;
+            }
+        }
+    })
+    .await;
+    assert_eq!(status["agent"]["agent"], "alice");
+    eventually("one connection left", || async { (live_sessions(&server, "alice").await.len() == 1).then_some(()) })
+        .await;
+    assert_eq!(first.call(json!({ "type": "queue.list" })).await["code"], "not_signed_in");
+    assert_eq!(first.call(json!({ "type": "agent.sign_out" })).await["code"], "not_signed_in");
+    // It may sign in again.
+    let again = first.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
+    assert_eq!(again["agent"]["status"], "online");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_chat_refused_outside_business_hours_leaves_an_offline_message_once() {
+    let server = start().await;
+    let _alice = signed_in(&server, ALICE).await;
+    let mut widget = WsClient::connect(&server).await;
+    let start =
+        json!({ "type": "chat.start", "widget_key": WIDGET, "group": "night", "name": "Dana", "question": "Hi?" });
+    let refused = widget.call(start).await;
+    assert_eq!((refused["code"].as_str(), refused["retryable"].as_bool()), (Some("group_closed"), Some(false)));
+    assert!(refused.get("max_sessions").is_none());
+
+    let message = json!({
+        "type": "offline.message", "widget_key": WIDGET, "group": "night", "name": " Dana ",
+        "contact": "dana@example.com", "body": "Please call me back.", "reason": "group_closed",
+        "idempotency_key": "dana-1",
+    });
+    let first = widget.ack(message.clone()).await;
+    assert_eq!(first["duplicate"], false);
+    assert!(first["ticket"]["id"].as_str().is_some_and(|id| !id.is_empty()), "{first}");
+    assert_eq!(first["ticket"]["created_at_ms"], server.clock.now_ms());
+    let again = widget.ack(message.clone()).await;
+    assert_eq!((&again["ticket"], &again["duplicate"]), (&first["ticket"], &json!(true)));
+    // It took no role: the same connection may still start a chat elsewhere.
+    let started = widget
+        .ack(json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": "Hi?" }))
+        .await;
+    assert_eq!(started["chat"]["state"], "queued");
+
+    let with = |field: &str, value: Value| {
+        let mut message = message.clone();
+        message[field] = value;
+        message
+    };
+    let cases = [
+        (with("contact", json!("  ")), "bad_request"),
+        (with("contact", json!("x".repeat(255))), "bad_request"),
+        (with("name", json!("")), "bad_request"),
+        (with("reason", json!("bored")), "bad_request"),
+        (with("idempotency_key", json!("")), "bad_request"),
+        (with("idempotency_key", json!("k".repeat(129))), "bad_request"),
+        (with("body", json!(" ")), "empty_message"),
+        (with("body", json!("b".repeat(4097))), "message_too_large"),
+        (with("group", json!("nope")), "unknown_group"),
+        (with("widget_key", json!("nope")), "unauthorized"),
+    ];
+    for (request, code) in cases {
+        assert_eq!(widget.call(request.clone()).await["code"], code, "{request}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_license_limit_refuses_a_chat_with_its_number_on_both_transports() {
+    let server = start().await;
+    let _alice = signed_in(&server, ALICE).await;
+    server.store.set_license_limit(SetLicenseLimitRequest { max_sessions: 1 }).await.unwrap();
+    let (_dana, _) = customer(&server, "sales").await;
+
+    let mut erin = WsClient::connect(&server).await;
+    let refused = erin
+        .call(
+            json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Erin", "question": "Hi?" }),
+        )
+        .await;
+    assert_eq!((refused["code"].as_str(), refused["max_sessions"].as_u64()), (Some("license_exhausted"), Some(1)));
+    let mut frank = GrpcClient::connect(&server).await;
+    let refused = frank.refused(common::chat_start("Frank", "Hi?")).await;
+    assert_eq!(refused.code, "license_exhausted");
+    assert_eq!(refused.max_sessions, Some(1));
+    assert_eq!(refused.grpc_status, tonic::Code::ResourceExhausted as i32);
+    assert!(!refused.retryable);
+    // Another error keeps its own status.
+    let unknown = frank.refused(Req::ChatList(pb::ChatListRequest { list: 1 })).await;
+    assert_eq!((unknown.code.as_str(), unknown.grpc_status), ("not_signed_in", tonic::Code::FailedPrecondition as i32));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_customer_follows_a_transfer_to_the_other_group() {
+    let server = start().await;
+    let mut alice = signed_in(&server, ALICE).await;
+    let mut bob = signed_in(&server, BOB).await;
+    let (mut dana, chat) = customer(&server, "sales").await;
+    let position = dana.push_of("queue.position").await;
+    assert_eq!(position["position"], 1);
+    assert!(position.get("estimated_wait_s").is_none(), "no estimate yet: {position}");
+
+    // Support is online once alice counts there.
+    let transfer = json!({ "type": "chat.transfer", "conversation": chat, "group": "support" });
+    let moved = within("support online", async {
+        loop {
+            let answer = alice.call(transfer.clone()).await;
+            if answer["code"] != "group_offline" {
+                return answer;
+            }
+            pause().await;
+        }
+    })
+    .await;
+    assert_eq!(moved["type"], "ack", "{moved}");
+    assert_eq!((moved["chat"]["group"].as_str(), moved["chat"]["state"].as_str()), (Some("support"), Some("queued")));
+
+    // Dana sees the event, and her place in the new queue.
+    let event = dana.push_of("event").await;
+    assert_eq!(
+        (event["event"]["kind"].as_str(), event["event"]["to_group"].as_str()),
+        (Some("transferred"), Some("support"))
+    );
+    let position = dana.push_of("queue.position").await;
+    assert_eq!((position["conversation"].as_str(), position["position"].as_u64()), (Some(chat.as_str()), Some(1)));
+    // Bob (sales only) sees it leave his queue, and why.
+    let removed = bob.push_of("queue.removed").await;
+    assert_eq!(
+        (removed["reason"].as_str(), removed["group"].as_str(), &removed["agent"]),
+        (Some("transferred"), Some("support"), &Value::Null)
+    );
+    // The same group again, an unknown one, a customer: refused.
+    let again = alice.call(json!({ "type": "chat.transfer", "conversation": chat, "group": "support" })).await;
+    assert_eq!(again["code"], "same_group");
+    let unknown = alice.call(json!({ "type": "chat.transfer", "conversation": chat, "group": "nope" })).await;
+    assert_eq!(unknown["code"], "unknown_group");
+    let forbidden = dana.call(json!({ "type": "chat.transfer", "conversation": chat, "group": "sales" })).await;
+    assert_eq!(forbidden["code"], "forbidden");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_forwarded_chat_is_assigned_to_its_new_agent() {
+    let server = start().await;
+    let mut alice = signed_in(&server, ALICE).await;
+    let mut bob = signed_in(&server, BOB).await;
+    let (_dana, chat) = customer(&server, "sales").await;
+    let accepted = bob.ack(json!({ "type": "chat.accept", "conversation": chat })).await;
+    assert_eq!(accepted["chat"]["owner"], "bob");
+
+    let forwarded = bob.ack(json!({ "type": "chat.forward", "conversation": chat, "agent": "alice" })).await;
+    assert_eq!(
+        (forwarded["chat"]["owner"].as_str(), forwarded["chat"]["state"].as_str()),
+        (Some("alice"), Some("active"))
+    );
+    let assigned = alice.push_of("chat.assigned").await;
+    assert_eq!(assigned["chat"], forwarded["chat"]);
+    // Bob follows the chat: he sees it go.
+    let event = within("the forward event", async {
+        loop {
+            let event = bob.push_of("event").await;
+            if event["event"]["kind"] != "accepted" && event["event"]["seq"].as_u64() > Some(3) {
+                return event;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (event["event"]["kind"].as_str(), event["event"]["to_agent"].as_str(), event["event"]["from_agent"].as_str()),
+        (Some("forwarded"), Some("alice"), Some("bob"))
+    );
+    // Alice follows it with chat.subscribe and writes in it.
+    alice.ack(json!({ "type": "chat.subscribe", "conversation": chat, "after_seq": 0 })).await;
+    let sent = alice
+        .ack(json!({ "type": "message.send", "conversation": chat, "client_msg_id": "a-1", "body": "Hello" }))
+        .await;
+    assert_eq!(sent["status"], "sent");
+    let unknown = alice.call(json!({ "type": "chat.forward", "conversation": chat, "agent": "nobody" })).await;
+    assert_eq!(unknown["code"], "unknown_agent");
+    let same = alice.call(json!({ "type": "chat.forward", "conversation": chat, "agent": "alice" })).await;
+    assert_eq!(same["code"], "same_agent");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn push_routing_offers_a_chat_to_an_agent_who_may_reject_it() {
+    let server = start().await;
+    // Alice on gRPC, the only agent of `vip`; bob on the WebSocket.
+    let mut alice = GrpcClient::connect(&server).await;
+    alice.ack(common::sign_in(ALICE)).await;
+    let mut bob = signed_in(&server, BOB).await;
+    let (_dana, chat) = customer(&server, "vip").await;
+
+    let offer = loop {
+        if let Frame::Offer(offer) = alice.push().await {
+            break offer;
+        }
+    };
+    let entry = offer.entry.unwrap();
+    assert_eq!((entry.conversation.as_str(), entry.group.as_str()), (chat.as_str(), "vip"));
+    assert!(offer.expires_at_ms > server.clock.now_ms());
+
+    // Bob was offered nothing: he cannot reject it.
+    let refused = bob.call(json!({ "type": "offer.reject", "conversation": chat })).await;
+    assert_eq!(refused["code"], "not_offered");
+    let rejected = alice.ack(Req::OfferReject(pb::OfferRejectRequest { conversation: chat.clone() })).await;
+    assert_eq!(rejected, AckResult::OfferReject(pb::OfferRejectResult {}));
+    let ended = loop {
+        if let Frame::OfferEnded(ended) = alice.push().await {
+            break ended;
+        }
+    };
+    assert_eq!((ended.conversation.as_str(), ended.reason()), (chat.as_str(), pb::OfferEndReason::Rejected));
+    // It is no longer hers to reject.
+    let again = alice.refused(Req::OfferReject(pb::OfferRejectRequest { conversation: chat.clone() })).await;
+    assert_eq!(again.code, "not_offered");
+    server.stop().await;
+}

@@ -1,0 +1,235 @@
+//! Agent presence, group status and the license mirror of Switchboard, in Redis ([`RedisPresence`]) or in
+//! process ([`MemoryPresence`], for `switchboard serve` and for tests). Both implement [`Presence`] and
+//! behave the same; the behaviour suite in `tests/` runs against both.
+//!
+//! # What lives here
+//!
+//! - **Connections.** Gateways record every live connection of an agent ([`Presence::session_alive`], refreshed
+//!   every heartbeat, and [`Presence::session_gone`]). Routers count them ([`Presence::live_sessions`]).
+//! - **Signed-in agents.** The agent's owner (its actor) records which groups an online or away agent is
+//!   signed in to ([`Presence::signed_in`], refreshed every heartbeat; [`Presence::signed_out`]), so that the
+//!   number of agents of a group ([`Presence::n_signed_in`]) can be read anywhere.
+//! - **Group status.** The router that owns a group's queue evaluates its business hours and publishes
+//!   [`GroupStatus`]; anyone reads every group of a tenant in one read ([`Presence::group_statuses`]).
+//! - **License mirror.** The license count for dashboards ([`Presence::mirror_license`]); the store decides,
+//!   never this.
+//! - **Changes.** Every change above is also published ([`Presence::changes`]) so that routers and gateways
+//!   react at once instead of at their next heartbeat. The stream may have gaps (a Redis restart, a slow
+//!   receiver): everyone also reads again every heartbeat, and [`PresenceChange::Resync`] says when to read
+//!   again at once.
+//!
+//! # Expiry is by value
+//!
+//! Every fact that expires carries the instant it expires (`expires_at_ms`, from the writer's
+//! [`Clock`](switchboard_domain::Clock)), and readers pass their own `now_ms`: a fact counts while
+//! `expires_at_ms > now_ms`. Redis key expiry (`PEXPIRE`) serves only as garbage collection, with a generous
+//! margin ([`RedisSettings::gc_ttl`]) after the last write. So tests can run on an injected clock, and a Redis
+//! server whose clock disagrees with the nodes' changes nothing.
+//!
+//! # Redis key layout
+//!
+//! With the prefix `P` ([`RedisSettings::prefix`], `sb` by default); tenant, group and agent ids are slugs
+//! (no `:`), so keys cannot collide:
+//!
+//! | key | type | content |
+//! | --- | --- | --- |
+//! | `P:session:{tenant}:{agent}` | sorted set | member: session id; score: `expires_at_ms` of the connection |
+//! | `P:gateway:{tenant}:{agent}` | hash | session id → gateway id holding that connection |
+//! | `P:signed_in:{tenant}:{group}` | sorted set | member: agent id; score: `expires_at_ms` of the sign-in |
+//! | `P:group_status:{tenant}` | hash | group id → [`GroupStatus`] as JSON |
+//! | `P:license` | string | [`LicenseMirror`] as JSON |
+//! | `P:changes` | pub/sub channel | [`PresenceChange`] as JSON |
+//!
+//! Reads count with `ZCOUNT key (now_ms +inf`; writes refresh `PEXPIRE` on the keys they touch and drop
+//! entries that expired more than the garbage-collection margin ago (`ZREMRANGEBYSCORE`). Multi-key
+//! operations are one pipeline (one round trip); a change is published only when something changed (a new
+//! session, a session removed, a new sign-in, a sign-out, a group status that differs in more than its
+//! evaluation time).
+
+mod memory;
+mod redis_presence;
+
+use serde::{Deserialize, Serialize};
+use switchboard_domain::{AgentId, GroupId, TenantId};
+use tokio::sync::broadcast;
+
+pub use memory::MemoryPresence;
+pub use redis_presence::{RedisPresence, RedisSettings};
+
+/// How many changes a receiver of [`Presence::changes`] may fall behind before it misses some (it then gets
+/// `RecvError::Lagged` and should read again).
+pub const CHANGES_CAPACITY: usize = 1024;
+
+/// Presence facts, group status and the license mirror, shared by every node of a cluster.
+#[async_trait::async_trait]
+pub trait Presence: Send + Sync + 'static {
+    // --- written by gateways: an agent's live connections ---
+
+    /// The agent has a live connection (`session`, unique per connection) on `gateway`, good until
+    /// `expires_at_ms` (the gateway refreshes it every heartbeat). Publishes [`PresenceChange::Session`] with
+    /// `up: true` when the session is new.
+    async fn session_alive(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        session: &str,
+        gateway: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), PresenceError>;
+
+    /// The connection closed. Publishes [`PresenceChange::Session`] with `up: false` when the session was known.
+    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError>;
+
+    // --- read by routers (the agent actor owns availability) ---
+
+    /// How many live connections (unexpired at `now_ms`) each agent has, in the order asked.
+    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError>;
+
+    /// The live connections (unexpired at `now_ms`) of one agent, with the gateway of each, by session id.
+    async fn agent_sessions(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        now_ms: i64,
+    ) -> Result<Vec<LiveSession>, PresenceError>;
+
+    /// The agent is signed in (online or away) as a member of `groups` until `expires_at_ms` (refreshed every
+    /// heartbeat by the agent's owner). Publishes [`PresenceChange::SignedIn`] for each group it is new in.
+    async fn signed_in(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        groups: &[GroupId],
+        expires_at_ms: i64,
+    ) -> Result<(), PresenceError>;
+
+    /// The agent signed out (went offline): removed from `groups`. Publishes [`PresenceChange::SignedIn`] with
+    /// `signed_in: false` for each group it was in.
+    async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError>;
+
+    /// The number of agents signed in to the group, unexpired at `now_ms`.
+    async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError>;
+
+    // --- group status: written by the router that owns the group's queue, read by anyone in one read ---
+
+    /// Records a group's status. Publishes [`PresenceChange::Group`] when it differs from the one recorded in
+    /// more than `evaluated_at_ms`.
+    async fn put_group_status(&self, status: &GroupStatus) -> Result<(), PresenceError>;
+
+    /// Every group status recorded for the tenant, by group id.
+    async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError>;
+
+    // --- license mirror (for dashboards only, never decides) ---
+
+    /// Mirrors the license count: `used` of `max_sessions` concurrent conversations, as counted at `at_ms`.
+    async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError>;
+
+    /// The last license count mirrored, if any.
+    async fn license_mirror(&self) -> Result<Option<LicenseMirror>, PresenceError>;
+
+    /// Changes published by anyone (session up/down, signed in/out, group status changed), for routers and
+    /// gateways to react at once instead of at the next heartbeat. The stream survives a Redis restart (it
+    /// resubscribes by itself and then sends [`PresenceChange::Resync`]); a gap is possible, which is why
+    /// everyone also reads again every heartbeat.
+    fn changes(&self) -> broadcast::Receiver<PresenceChange>;
+}
+
+/// A live connection of an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSession {
+    /// The connection's id, unique per connection.
+    pub session: String,
+    /// The gateway holding the connection.
+    pub gateway: String,
+    /// Until when the connection counts, unless refreshed.
+    pub expires_at_ms: i64,
+}
+
+/// Whether a group takes chats now: published by the router that owns the group's queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// The group's tenant.
+    pub tenant: TenantId,
+    /// The group.
+    pub group: GroupId,
+    /// Inside business hours.
+    pub open: bool,
+    /// Agents signed in to the group.
+    pub signed_in: u32,
+    /// Open and at least one agent signed in: the group takes chats.
+    pub online: bool,
+    /// When this was evaluated (milliseconds since the Unix epoch, the evaluator's clock).
+    pub evaluated_at_ms: i64,
+}
+
+impl GroupStatus {
+    /// A status with `online` derived: open and at least one agent signed in.
+    pub fn new(tenant: TenantId, group: GroupId, open: bool, signed_in: u32, evaluated_at_ms: i64) -> GroupStatus {
+        GroupStatus { tenant, group, open, signed_in, online: open && signed_in > 0, evaluated_at_ms }
+    }
+
+    /// Equal in everything but the time of evaluation.
+    pub fn same_as(&self, other: &GroupStatus) -> bool {
+        self.tenant == other.tenant
+            && self.group == other.group
+            && self.open == other.open
+            && self.signed_in == other.signed_in
+            && self.online == other.online
+    }
+}
+
+/// The license count as last mirrored (for dashboards; the store holds the real count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenseMirror {
+    /// Concurrent conversations holding a permit.
+    pub used: u64,
+    /// The license's limit.
+    pub max_sessions: u64,
+    /// When it was counted (milliseconds since the Unix epoch).
+    pub at_ms: i64,
+}
+
+/// A change published through [`Presence::changes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PresenceChange {
+    /// A connection of the agent came up (a new session) or went away.
+    Session {
+        /// The agent's tenant.
+        tenant: TenantId,
+        /// The agent.
+        agent: AgentId,
+        /// `true` for a new connection, `false` for one closed.
+        up: bool,
+    },
+    /// The agent signed in to the group, or out of it.
+    SignedIn {
+        /// The tenant.
+        tenant: TenantId,
+        /// The group.
+        group: GroupId,
+        /// The agent.
+        agent: AgentId,
+        /// `true` when signed in, `false` when signed out.
+        signed_in: bool,
+    },
+    /// A group's status changed.
+    Group(GroupStatus),
+    /// The stream was interrupted (Redis went away and came back) and changes may have been missed: read
+    /// again now rather than at the next heartbeat. Never published, only produced locally.
+    Resync,
+}
+
+/// Why a presence operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PresenceError {
+    /// Redis is down, unreachable or too slow: callers treat presence as stale and carry on.
+    #[error("presence unavailable: {0}")]
+    Unavailable(String),
+    /// What is stored is not what this code writes (a foreign or damaged value).
+    #[error("presence data corrupt: {0}")]
+    Corrupt(String),
+    /// The configuration is wrong (for example a Redis URL that does not parse).
+    #[error("presence misconfigured: {0}")]
+    Config(String),
+}

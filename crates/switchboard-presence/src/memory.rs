@@ -1,0 +1,242 @@
+//! Presence in process: the same behaviour as Redis, for a single process (`switchboard serve`) and tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use switchboard_domain::{AgentId, GroupId, TenantId};
+use tokio::sync::broadcast;
+
+use crate::{CHANGES_CAPACITY, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError};
+
+/// The default margin after which expired entries are dropped (as [`RedisSettings::gc_ttl`](crate::RedisSettings)).
+const DEFAULT_GC_MARGIN: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// [`Presence`] in process. Clones share the same state and the same change stream.
+#[derive(Clone)]
+pub struct MemoryPresence {
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<PresenceChange>,
+    gc_margin_ms: i64,
+}
+
+impl std::fmt::Debug for MemoryPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPresence").field("gc_margin_ms", &self.gc_margin_ms).finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// (tenant, agent) → session → (gateway, expires_at_ms).
+    sessions: HashMap<(TenantId, AgentId), HashMap<String, (String, i64)>>,
+    /// (tenant, group) → agent → expires_at_ms.
+    signed_in: HashMap<(TenantId, GroupId), HashMap<AgentId, i64>>,
+    /// tenant → group → status.
+    statuses: HashMap<TenantId, BTreeMap<GroupId, GroupStatus>>,
+    license: Option<LicenseMirror>,
+}
+
+impl Default for MemoryPresence {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryPresence {
+    /// Empty presence.
+    pub fn new() -> MemoryPresence {
+        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
+        MemoryPresence {
+            state: Arc::default(),
+            changes,
+            gc_margin_ms: i64::try_from(DEFAULT_GC_MARGIN.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No operation below can leave the state half-updated, so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish(&self, change: PresenceChange) {
+        // No receiver is not an error: nobody listens yet.
+        let _ = self.changes.send(change);
+    }
+
+    /// Entries that expired this long before `expires_at_ms` of a fresh write are dropped.
+    fn gc_before(&self, expires_at_ms: i64) -> i64 {
+        expires_at_ms.saturating_sub(self.gc_margin_ms)
+    }
+}
+
+#[async_trait::async_trait]
+impl Presence for MemoryPresence {
+    async fn session_alive(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        session: &str,
+        gateway: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), PresenceError> {
+        let gc_before = self.gc_before(expires_at_ms);
+        let new = {
+            let mut state = self.state();
+            let sessions = state.sessions.entry((tenant.clone(), agent.clone())).or_default();
+            sessions.retain(|_, (_, expires)| *expires >= gc_before);
+            sessions.insert(session.to_string(), (gateway.to_string(), expires_at_ms)).is_none()
+        };
+        if new {
+            self.publish(PresenceChange::Session { tenant: tenant.clone(), agent: agent.clone(), up: true });
+        }
+        Ok(())
+    }
+
+    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
+        let removed = {
+            let mut state = self.state();
+            let key = (tenant.clone(), agent.clone());
+            let removed = state.sessions.get_mut(&key).and_then(|sessions| sessions.remove(session)).is_some();
+            if state.sessions.get(&key).is_some_and(HashMap::is_empty) {
+                state.sessions.remove(&key);
+            }
+            removed
+        };
+        if removed {
+            self.publish(PresenceChange::Session { tenant: tenant.clone(), agent: agent.clone(), up: false });
+        }
+        Ok(())
+    }
+
+    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {
+        let state = self.state();
+        Ok(agents
+            .iter()
+            .map(|key| {
+                state.sessions.get(key).map_or(0, |sessions| {
+                    let live = sessions.values().filter(|(_, expires)| *expires > now_ms).count();
+                    u32::try_from(live).unwrap_or(u32::MAX)
+                })
+            })
+            .collect())
+    }
+
+    async fn agent_sessions(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        now_ms: i64,
+    ) -> Result<Vec<LiveSession>, PresenceError> {
+        let state = self.state();
+        let mut live: Vec<LiveSession> = state
+            .sessions
+            .get(&(tenant.clone(), agent.clone()))
+            .into_iter()
+            .flatten()
+            .filter(|(_, (_, expires))| *expires > now_ms)
+            .map(|(session, (gateway, expires))| LiveSession {
+                session: session.clone(),
+                gateway: gateway.clone(),
+                expires_at_ms: *expires,
+            })
+            .collect();
+        live.sort_by(|a, b| a.session.cmp(&b.session));
+        Ok(live)
+    }
+
+    async fn signed_in(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        groups: &[GroupId],
+        expires_at_ms: i64,
+    ) -> Result<(), PresenceError> {
+        let gc_before = self.gc_before(expires_at_ms);
+        let mut new_in = Vec::new();
+        {
+            let mut state = self.state();
+            for group in groups {
+                let members = state.signed_in.entry((tenant.clone(), group.clone())).or_default();
+                members.retain(|_, expires| *expires >= gc_before);
+                if members.insert(agent.clone(), expires_at_ms).is_none() {
+                    new_in.push(group.clone());
+                }
+            }
+        }
+        for group in new_in {
+            self.publish(PresenceChange::SignedIn {
+                tenant: tenant.clone(),
+                group,
+                agent: agent.clone(),
+                signed_in: true,
+            });
+        }
+        Ok(())
+    }
+
+    async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError> {
+        let mut left = Vec::new();
+        {
+            let mut state = self.state();
+            for group in groups {
+                let key = (tenant.clone(), group.clone());
+                if state.signed_in.get_mut(&key).and_then(|members| members.remove(agent)).is_some() {
+                    left.push(group.clone());
+                }
+                if state.signed_in.get(&key).is_some_and(HashMap::is_empty) {
+                    state.signed_in.remove(&key);
+                }
+            }
+        }
+        for group in left {
+            self.publish(PresenceChange::SignedIn {
+                tenant: tenant.clone(),
+                group,
+                agent: agent.clone(),
+                signed_in: false,
+            });
+        }
+        Ok(())
+    }
+
+    async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError> {
+        let state = self.state();
+        let count = state
+            .signed_in
+            .get(&(tenant.clone(), group.clone()))
+            .map_or(0, |members| members.values().filter(|expires| **expires > now_ms).count());
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    async fn put_group_status(&self, status: &GroupStatus) -> Result<(), PresenceError> {
+        let changed = {
+            let mut state = self.state();
+            let previous =
+                state.statuses.entry(status.tenant.clone()).or_default().insert(status.group.clone(), status.clone());
+            previous.is_none_or(|previous| !previous.same_as(status))
+        };
+        if changed {
+            self.publish(PresenceChange::Group(status.clone()));
+        }
+        Ok(())
+    }
+
+    async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError> {
+        let state = self.state();
+        Ok(state.statuses.get(tenant).map(|groups| groups.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {
+        self.state().license = Some(LicenseMirror { used, max_sessions, at_ms });
+        Ok(())
+    }
+
+    async fn license_mirror(&self) -> Result<Option<LicenseMirror>, PresenceError> {
+        Ok(self.state().license)
+    }
+
+    fn changes(&self) -> broadcast::Receiver<PresenceChange> {
+        self.changes.subscribe()
+    }
+}

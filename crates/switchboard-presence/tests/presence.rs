@@ -1,0 +1,328 @@
+//! The behaviour of [`Presence`], run against [`MemoryPresence`] and against [`RedisPresence`] on a real
+//! `redis-server` started for each test.
+
+use std::time::Duration;
+
+use switchboard_domain::{AgentId, GroupId, TenantId};
+use switchboard_presence::{
+    GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange, PresenceError, RedisPresence,
+    RedisSettings,
+};
+use switchboard_testservices::Redis;
+use tokio::sync::broadcast;
+
+/// How long a published change may take to arrive before the test fails.
+const DELIVERY: Duration = Duration::from_secs(5);
+
+fn tenant(id: &str) -> TenantId {
+    TenantId::new(id).expect("valid id")
+}
+
+fn agent(id: &str) -> AgentId {
+    AgentId::new(id).expect("valid id")
+}
+
+fn group(id: &str) -> GroupId {
+    GroupId::new(id).expect("valid id")
+}
+
+/// The next change other than `Resync`, or a failure after [`DELIVERY`].
+async fn next_change(changes: &mut broadcast::Receiver<PresenceChange>) -> PresenceChange {
+    loop {
+        match tokio::time::timeout(DELIVERY, changes.recv()).await {
+            Ok(Ok(PresenceChange::Resync)) => continue,
+            Ok(Ok(change)) => return change,
+            Ok(Err(error)) => panic!("change stream failed: {error}"),
+            Err(_) => panic!("no change within {DELIVERY:?}"),
+        }
+    }
+}
+
+/// Publishes a marker (a new session of agent `marker`) and checks that it is the next change: nothing was
+/// published in between.
+async fn assert_nothing_published(p: &dyn Presence, changes: &mut broadcast::Receiver<PresenceChange>, marker: &str) {
+    p.session_alive(&tenant("mark"), &agent(marker), "marker", "gw", i64::MAX / 2).await.expect("marker");
+    assert_eq!(
+        next_change(changes).await,
+        PresenceChange::Session { tenant: tenant("mark"), agent: agent(marker), up: true },
+        "something was published before the marker {marker}"
+    );
+}
+
+async fn expiry_is_by_value(p: &dyn Presence) {
+    let (t, a) = (tenant("acme"), agent("ann"));
+    p.session_alive(&t, &a, "s1", "gw1", 1_000).await.expect("alive");
+    let ask = [(t.clone(), a.clone())];
+    assert_eq!(p.live_sessions(&ask, 999).await.expect("read"), [1]);
+    // Expired at exactly its expiry instant.
+    assert_eq!(p.live_sessions(&ask, 1_000).await.expect("read"), [0]);
+    // A refresh moves the expiry.
+    p.session_alive(&t, &a, "s1", "gw1", 2_000).await.expect("refresh");
+    assert_eq!(p.live_sessions(&ask, 1_500).await.expect("read"), [1]);
+    assert_eq!(p.live_sessions(&ask, 2_500).await.expect("read"), [0]);
+    // Unknown agents have none; the answer follows the order asked.
+    let ask = [(t.clone(), agent("nobody")), (t.clone(), a.clone()), (tenant("other"), a.clone())];
+    assert_eq!(p.live_sessions(&ask, 1_500).await.expect("read"), [0, 1, 0]);
+    assert_eq!(p.live_sessions(&[], 1_500).await.expect("read"), Vec::<u32>::new());
+    // A refresh with an earlier expiry is taken as it is (the writer's clock decides).
+    p.session_alive(&t, &a, "s1", "gw1", 1_200).await.expect("refresh");
+    assert_eq!(p.live_sessions(&[(t, a)], 1_500).await.expect("read"), [0]);
+}
+
+async fn an_agent_may_have_several_sessions(p: &dyn Presence) {
+    let (t, a) = (tenant("acme"), agent("ann"));
+    p.session_alive(&t, &a, "s1", "gw1", 1_000).await.expect("alive");
+    p.session_alive(&t, &a, "s2", "gw2", 2_000).await.expect("alive");
+    p.session_alive(&t, &agent("bob"), "s3", "gw1", 2_000).await.expect("alive");
+    let ask = [(t.clone(), a.clone())];
+    assert_eq!(p.live_sessions(&ask, 500).await.expect("read"), [2]);
+    assert_eq!(p.live_sessions(&ask, 1_500).await.expect("read"), [1]);
+    assert_eq!(
+        p.agent_sessions(&t, &a, 500).await.expect("read"),
+        [
+            LiveSession { session: "s1".into(), gateway: "gw1".into(), expires_at_ms: 1_000 },
+            LiveSession { session: "s2".into(), gateway: "gw2".into(), expires_at_ms: 2_000 },
+        ]
+    );
+    assert_eq!(
+        p.agent_sessions(&t, &a, 1_500).await.expect("read"),
+        [LiveSession { session: "s2".into(), gateway: "gw2".into(), expires_at_ms: 2_000 }]
+    );
+    p.session_gone(&t, &a, "s2").await.expect("gone");
+    assert_eq!(p.live_sessions(&ask, 500).await.expect("read"), [1]);
+    // Closing an unknown session is harmless.
+    p.session_gone(&t, &a, "never-was").await.expect("gone");
+    p.session_gone(&t, &a, "s1").await.expect("gone");
+    assert_eq!(p.live_sessions(&ask, 500).await.expect("read"), [0]);
+    assert_eq!(p.agent_sessions(&t, &a, 500).await.expect("read"), []);
+    assert_eq!(p.live_sessions(&[(t, agent("bob"))], 500).await.expect("read"), [1]);
+}
+
+async fn signed_in_agents_are_counted_per_group(p: &dyn Presence) {
+    let t = tenant("acme");
+    let (sales, support) = (group("sales"), group("support"));
+    p.signed_in(&t, &agent("ann"), &[sales.clone(), support.clone()], 1_000).await.expect("sign in");
+    p.signed_in(&t, &agent("bob"), std::slice::from_ref(&sales), 2_000).await.expect("sign in");
+    p.signed_in(&tenant("other"), &agent("ann"), std::slice::from_ref(&sales), 2_000).await.expect("sign in");
+    p.signed_in(&t, &agent("carl"), &[], 2_000).await.expect("no group");
+    assert_eq!(p.n_signed_in(&t, &sales, 500).await.expect("read"), 2);
+    assert_eq!(p.n_signed_in(&t, &support, 500).await.expect("read"), 1);
+    assert_eq!(p.n_signed_in(&t, &sales, 1_500).await.expect("read"), 1);
+    assert_eq!(p.n_signed_in(&t, &support, 1_000).await.expect("read"), 0);
+    assert_eq!(p.n_signed_in(&t, &group("nobody-here"), 500).await.expect("read"), 0);
+    // A refresh extends; signing out removes from the groups named only.
+    p.signed_in(&t, &agent("ann"), &[sales.clone(), support.clone()], 3_000).await.expect("refresh");
+    assert_eq!(p.n_signed_in(&t, &sales, 2_500).await.expect("read"), 1);
+    p.signed_out(&t, &agent("ann"), std::slice::from_ref(&sales)).await.expect("sign out");
+    assert_eq!(p.n_signed_in(&t, &sales, 500).await.expect("read"), 1);
+    assert_eq!(p.n_signed_in(&t, &support, 500).await.expect("read"), 1);
+    p.signed_out(&t, &agent("ann"), &[sales.clone(), support.clone()]).await.expect("sign out again");
+    assert_eq!(p.n_signed_in(&t, &support, 500).await.expect("read"), 0);
+    assert_eq!(p.n_signed_in(&tenant("other"), &sales, 500).await.expect("read"), 1);
+}
+
+async fn group_statuses_round_trip(p: &dyn Presence) {
+    let t = tenant("acme");
+    assert_eq!(p.group_statuses(&t).await.expect("read"), []);
+    let support = GroupStatus::new(t.clone(), group("support"), true, 0, 10);
+    let sales = GroupStatus::new(t.clone(), group("sales"), true, 3, 10);
+    assert!(!support.online && sales.online);
+    p.put_group_status(&support).await.expect("put");
+    p.put_group_status(&sales).await.expect("put");
+    p.put_group_status(&GroupStatus::new(tenant("other"), group("sales"), false, 1, 10)).await.expect("put");
+    assert_eq!(p.group_statuses(&t).await.expect("read"), [sales.clone(), support]);
+    let support = GroupStatus::new(t.clone(), group("support"), false, 2, 20);
+    p.put_group_status(&support).await.expect("put");
+    assert_eq!(p.group_statuses(&t).await.expect("read"), [sales, support]);
+    assert_eq!(p.group_statuses(&tenant("other")).await.expect("read").len(), 1);
+}
+
+async fn the_license_is_mirrored(p: &dyn Presence) {
+    assert_eq!(p.license_mirror().await.expect("read"), None);
+    p.mirror_license(3, 10, 1_000).await.expect("mirror");
+    assert_eq!(
+        p.license_mirror().await.expect("read"),
+        Some(LicenseMirror { used: 3, max_sessions: 10, at_ms: 1_000 })
+    );
+    p.mirror_license(4, 10, 2_000).await.expect("mirror");
+    assert_eq!(
+        p.license_mirror().await.expect("read"),
+        Some(LicenseMirror { used: 4, max_sessions: 10, at_ms: 2_000 })
+    );
+}
+
+async fn changes_are_published_when_something_changes(p: &dyn Presence) {
+    let mut changes = p.changes();
+    let (t, a) = (tenant("acme"), agent("ann"));
+    let (sales, support) = (group("sales"), group("support"));
+
+    p.session_alive(&t, &a, "s1", "gw1", 1_000).await.expect("alive");
+    assert_eq!(
+        next_change(&mut changes).await,
+        PresenceChange::Session { tenant: t.clone(), agent: a.clone(), up: true }
+    );
+    // A refresh of a known session publishes nothing.
+    p.session_alive(&t, &a, "s1", "gw1", 2_000).await.expect("refresh");
+    assert_nothing_published(p, &mut changes, "m1").await;
+
+    p.signed_in(&t, &a, std::slice::from_ref(&sales), 1_000).await.expect("sign in");
+    p.signed_in(&t, &a, &[sales.clone(), support.clone()], 2_000).await.expect("sign in");
+    let signed_in = |group: &GroupId, signed_in| PresenceChange::SignedIn {
+        tenant: t.clone(),
+        group: group.clone(),
+        agent: a.clone(),
+        signed_in,
+    };
+    assert_eq!(next_change(&mut changes).await, signed_in(&sales, true));
+    assert_eq!(next_change(&mut changes).await, signed_in(&support, true));
+    p.signed_in(&t, &a, &[sales.clone(), support.clone()], 3_000).await.expect("refresh");
+    assert_nothing_published(p, &mut changes, "m2").await;
+
+    let open = GroupStatus::new(t.clone(), sales.clone(), true, 1, 10);
+    p.put_group_status(&open).await.expect("put");
+    assert_eq!(next_change(&mut changes).await, PresenceChange::Group(open.clone()));
+    // The same status evaluated again publishes nothing; a different one does.
+    p.put_group_status(&GroupStatus { evaluated_at_ms: 20, ..open.clone() }).await.expect("put");
+    assert_nothing_published(p, &mut changes, "m3").await;
+    let closed = GroupStatus::new(t.clone(), sales.clone(), false, 1, 30);
+    p.put_group_status(&closed).await.expect("put");
+    assert_eq!(next_change(&mut changes).await, PresenceChange::Group(closed));
+
+    p.signed_out(&t, &a, &[sales.clone(), support.clone(), group("never-in")]).await.expect("sign out");
+    assert_eq!(next_change(&mut changes).await, signed_in(&sales, false));
+    assert_eq!(next_change(&mut changes).await, signed_in(&support, false));
+    p.session_gone(&t, &a, "s1").await.expect("gone");
+    assert_eq!(
+        next_change(&mut changes).await,
+        PresenceChange::Session { tenant: t.clone(), agent: a.clone(), up: false }
+    );
+    // Removing what is not there publishes nothing.
+    p.session_gone(&t, &a, "s1").await.expect("gone again");
+    p.signed_out(&t, &a, std::slice::from_ref(&sales)).await.expect("sign out again");
+    assert_nothing_published(p, &mut changes, "m4").await;
+}
+
+/// Runs each scenario against a fresh `MemoryPresence` and against a `RedisPresence` on a server of its own.
+macro_rules! suite {
+    ($($scenario:ident),* $(,)?) => {
+        mod in_memory {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(&MemoryPresence::new()).await;
+                }
+            )*
+        }
+
+        mod on_redis {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let server = Redis::start().expect("redis-server");
+                    let presence = RedisPresence::connect(&server.url(), RedisSettings::default())
+                        .await
+                        .expect("connect");
+                    super::$scenario(&presence).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    expiry_is_by_value,
+    an_agent_may_have_several_sessions,
+    signed_in_agents_are_counted_per_group,
+    group_statuses_round_trip,
+    the_license_is_mirrored,
+    changes_are_published_when_something_changes,
+);
+
+#[tokio::test]
+async fn changes_reach_every_node() {
+    let server = Redis::start().expect("redis-server");
+    let one = RedisPresence::connect(&server.url(), RedisSettings::default()).await.expect("connect");
+    let two = RedisPresence::connect(&server.url(), RedisSettings::default()).await.expect("connect");
+    let mut changes = two.changes();
+    one.session_alive(&tenant("acme"), &agent("ann"), "s1", "gw1", 1_000).await.expect("alive");
+    assert_eq!(
+        next_change(&mut changes).await,
+        PresenceChange::Session { tenant: tenant("acme"), agent: agent("ann"), up: true }
+    );
+    assert_eq!(two.live_sessions(&[(tenant("acme"), agent("ann"))], 0).await.expect("read"), [1]);
+}
+
+#[tokio::test]
+async fn a_prefix_separates_deployments() {
+    let server = Redis::start().expect("redis-server");
+    let blue = RedisPresence::connect(&server.url(), RedisSettings::default()).await.expect("connect");
+    let green_settings = RedisSettings { prefix: "green".into(), ..RedisSettings::default() };
+    let green = RedisPresence::connect(&server.url(), green_settings).await.expect("connect");
+    let mut green_changes = green.changes();
+    blue.session_alive(&tenant("acme"), &agent("ann"), "s1", "gw1", 1_000).await.expect("alive");
+    blue.mirror_license(1, 2, 3).await.expect("mirror");
+    assert_eq!(green.live_sessions(&[(tenant("acme"), agent("ann"))], 0).await.expect("read"), [0]);
+    assert_eq!(green.license_mirror().await.expect("read"), None);
+    // Green's stream carries only green's changes.
+    green.session_alive(&tenant("acme"), &agent("gus"), "s2", "gw1", 1_000).await.expect("alive");
+    assert_eq!(
+        next_change(&mut green_changes).await,
+        PresenceChange::Session { tenant: tenant("acme"), agent: agent("gus"), up: true }
+    );
+}
+
+#[tokio::test]
+async fn foreign_values_are_reported_as_corrupt() {
+    let server = Redis::start().expect("redis-server");
+    let presence = RedisPresence::connect(&server.url(), RedisSettings::default()).await.expect("connect");
+    let client = ::redis::Client::open(server.url()).expect("url");
+    let mut raw = client.get_multiplexed_async_connection().await.expect("raw connection");
+    ::redis::cmd("SET").arg("sb:license").arg("not json").exec_async(&mut raw).await.expect("set");
+    ::redis::cmd("HSET").arg("sb:group_status:acme").arg("sales").arg("{}").exec_async(&mut raw).await.expect("hset");
+    ::redis::cmd("SET").arg("sb:session:acme:ann").arg("a string").exec_async(&mut raw).await.expect("set");
+    assert!(matches!(presence.license_mirror().await, Err(PresenceError::Corrupt(_))));
+    let error = presence.group_statuses(&tenant("acme")).await.expect_err("corrupt");
+    assert!(matches!(&error, PresenceError::Corrupt(why) if why.contains("sales")), "{error}");
+    let error = presence.live_sessions(&[(tenant("acme"), agent("ann"))], 0).await.expect_err("wrong type");
+    assert!(matches!(error, PresenceError::Corrupt(_)), "{error}");
+    // A message on the channel that does not parse is skipped; the stream goes on.
+    let mut changes = presence.changes();
+    ::redis::cmd("PUBLISH").arg("sb:changes").arg("garbage").exec_async(&mut raw).await.expect("publish");
+    presence.session_alive(&tenant("acme"), &agent("bob"), "s1", "gw1", 1_000).await.expect("alive");
+    assert_eq!(
+        next_change(&mut changes).await,
+        PresenceChange::Session { tenant: tenant("acme"), agent: agent("bob"), up: true }
+    );
+}
+
+#[tokio::test]
+async fn connecting_without_a_server_fails_as_unavailable() {
+    let port = switchboard_testservices::free_port().expect("port");
+    let result = RedisPresence::connect(&format!("redis://127.0.0.1:{port}/"), RedisSettings::default()).await;
+    assert!(matches!(result, Err(PresenceError::Unavailable(_))), "{result:?}");
+    let result = RedisPresence::connect("http://not-redis", RedisSettings::default()).await;
+    assert!(matches!(result, Err(PresenceError::Config(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn the_change_stream_ends_when_the_last_clone_is_dropped() {
+    let server = Redis::start().expect("redis-server");
+    let presence = RedisPresence::connect(&server.url(), RedisSettings::default()).await.expect("connect");
+    let mut changes = presence.changes();
+    let clone = presence.clone();
+    drop(presence);
+    clone.session_alive(&tenant("acme"), &agent("ann"), "s1", "gw1", 1_000).await.expect("alive");
+    assert!(matches!(next_change(&mut changes).await, PresenceChange::Session { up: true, .. }));
+    drop(clone);
+    // The background task stops and drops its sender: the stream closes.
+    let end = tokio::time::timeout(DELIVERY, changes.recv()).await.expect("the stream closes");
+    assert!(matches!(end, Err(broadcast::error::RecvError::Closed)), "{end:?}");
+}
+
+#[test]
+fn connecting_outside_a_runtime_is_an_error_not_a_panic() {
+    let result = RedisPresence::connect_lazy("redis://127.0.0.1:1/", RedisSettings::default());
+    assert!(matches!(result, Err(PresenceError::Config(_))), "{result:?}");
+}

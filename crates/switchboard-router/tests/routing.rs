@@ -1,0 +1,271 @@
+//! Push routing with offers, transfer and forward, business hours and the grace period of an absent agent,
+//! on one router over the in-memory store and in-memory presence. Paused tokio time and an injected clock,
+//! advanced together: no sleeps.
+
+mod common;
+
+use common::{Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, tenant};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, ConversationState, EventBody, OfferEnd, Refusal};
+use switchboard_presence::Presence;
+use switchboard_proto::router::{
+    AgentChange, Caller, ChatCommand, OfflineMessage, Push, QueueChange, RouterApi, RouterError, StartChat,
+};
+
+fn caller(name: &str) -> Caller {
+    Caller::Agent { tenant: tenant(), agent: agent(name) }
+}
+
+/// Signs an agent in (online) and subscribes the fixture's gateway to their pushes.
+async fn sign_in(fixture: &Fixture, name: &str) {
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent(name)).await.unwrap();
+    fixture.router.set_agent_status(&tenant(), &agent(name), AgentStatus::Online).await.unwrap();
+    let expires = fixture.clock_ms() + 60 * 60_000;
+    fixture.presence.session_alive(&tenant(), &agent(name), &format!("s-{name}"), "gw-1", expires).await.unwrap();
+    settle().await;
+}
+
+trait ClockMs {
+    fn clock_ms(&self) -> i64;
+}
+
+impl ClockMs for Fixture {
+    fn clock_ms(&self) -> i64 {
+        switchboard_domain::Clock::now_ms(self.clock.as_ref())
+    }
+}
+
+/// The offers made so far, in order: (agent, conversation).
+fn offers(pushes: &[Push]) -> Vec<(AgentId, ConversationId)> {
+    pushes
+        .iter()
+        .filter_map(|push| match push {
+            Push::Agent { agent, change: AgentChange::Offered { entry, .. }, .. } => {
+                Some((agent.clone(), entry.conversation))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn offer_ends(pushes: &[Push]) -> Vec<(AgentId, OfferEnd)> {
+    pushes
+        .iter()
+        .filter_map(|push| match push {
+            Push::Agent { agent, change: AgentChange::OfferEnded { reason, .. }, .. } => Some((agent.clone(), *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn offers_go_longest_idle_first_and_reject_and_timeout_move_on() {
+    let mut fixture = fixture().await;
+    // Idle since: y first, then z, then x.
+    for name in ["y", "z", "x"] {
+        sign_in(&fixture, name).await;
+        fixture.pass(1_000).await;
+    }
+    fixture.drain();
+    let chat = fixture.start_chat("push", "ann").await;
+    settle().await;
+    let pushes = fixture.drain();
+    assert_eq!(offers(&pushes), [(agent("y"), chat)], "the longest idle agent is offered the chat first");
+
+    // Only the offered agent may accept.
+    let refused = fixture.router.accept_chat(&tenant(), &agent("z"), chat).await;
+    assert_eq!(refused, Err(RouterError::Refused(Refusal::NotOffered)));
+
+    fixture.router.reject_offer(&tenant(), &group("push"), &agent("y"), chat).await.unwrap();
+    settle().await;
+    let pushes = fixture.drain();
+    assert_eq!(offer_ends(&pushes), [(agent("y"), OfferEnd::Rejected)]);
+    assert_eq!(offers(&pushes), [(agent("z"), chat)], "a reject passes it to the next agent");
+
+    fixture.pass(OFFER_TIMEOUT_MS).await;
+    let pushes = fixture.drain();
+    assert_eq!(offer_ends(&pushes), [(agent("z"), OfferEnd::TimedOut)]);
+    assert_eq!(offers(&pushes), [(agent("x"), chat)], "a timeout passes it to the next agent");
+
+    let view = fixture.router.accept_chat(&tenant(), &agent("x"), chat).await.unwrap();
+    assert_eq!(view.owner, Some(agent("x")));
+    // The log tells the whole story.
+    let events = fixture.router.read_events(&caller("x"), chat, 0).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|event| event.body.kind()).collect();
+    assert_eq!(
+        kinds,
+        ["created", "message", "offered", "offer_ended", "offered", "offer_ended", "offered", "accepted"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_agent_is_offered_more_than_their_capacity() {
+    let mut fixture = fixture().await;
+    for name in ["x", "y", "z"] {
+        sign_in(&fixture, name).await;
+    }
+    fixture.drain();
+    let mut chats = Vec::new();
+    for n in 0..8 {
+        chats.push(fixture.start_chat("push", &format!("c{n}")).await);
+    }
+    // Accept every offer as it comes, until no more come: x holds 1, y 2, z 3, and two chats wait.
+    for _ in 0..20 {
+        settle().await;
+        let pushes = fixture.drain();
+        let made = offers(&pushes);
+        if made.is_empty() {
+            break;
+        }
+        for (name, chat) in made {
+            fixture.router.accept_chat(&tenant(), &name, chat).await.unwrap();
+        }
+    }
+    for (name, capacity) in [("x", 1), ("y", 2), ("z", 3)] {
+        let view = fixture.router.set_agent_status(&tenant(), &agent(name), AgentStatus::Online).await.unwrap();
+        assert_eq!(view.active.len(), capacity, "{name} holds exactly their capacity");
+    }
+    // A chat ends: its agent gets the next waiting chat.
+    let held_by_x = fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Online).await.unwrap().active;
+    fixture.router.command(&caller("x"), held_by_x[0], ChatCommand::Close).await.unwrap();
+    settle().await;
+    let made = offers(&fixture.drain());
+    assert_eq!(made.len(), 1);
+    assert_eq!(made[0].0, agent("x"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_who_goes_away_has_their_offer_withdrawn() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "x").await;
+    sign_in(&fixture, "y").await;
+    fixture.drain();
+    let chat = fixture.start_chat("push", "ann").await;
+    settle().await;
+    let first = offers(&fixture.drain());
+    let (offered, other) = if first[0].0 == agent("x") { ("x", "y") } else { ("y", "x") };
+    fixture.router.set_agent_status(&tenant(), &agent(offered), AgentStatus::Away).await.unwrap();
+    settle().await;
+    let pushes = fixture.drain();
+    assert_eq!(offer_ends(&pushes), [(agent(offered), OfferEnd::Withdrawn)]);
+    assert_eq!(offers(&pushes), [(agent(other), chat)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_group_refuses_new_chats_and_takes_offline_messages() {
+    let fixture = fixture().await;
+    let request = StartChat {
+        conversation: ConversationId::new_v7(fixture.clock_ms()),
+        tenant: tenant(),
+        group: group("never"),
+        customer_name: "ann".into(),
+        question: "anyone?".into(),
+    };
+    assert_eq!(fixture.router.start_chat(request).await, Err(RouterError::Refused(Refusal::GroupClosed)));
+    let message = OfflineMessage {
+        tenant: tenant(),
+        group: group("never"),
+        customer_name: "ann".into(),
+        contact: "ann@example.com".into(),
+        body: "please call me back".into(),
+        reason: "group_closed".into(),
+        idempotency_key: "k-1".into(),
+    };
+    let ticket = fixture.router.leave_offline_message(message.clone()).await.unwrap();
+    assert!(!ticket.duplicate);
+    let again = fixture.router.leave_offline_message(message).await.unwrap();
+    assert_eq!((again.id, again.duplicate), (ticket.id, true), "the same message is stored once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transfer_needs_an_online_group_and_keeps_the_arrival_time() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let chat = fixture.start_chat("g1", "ann").await;
+    fixture.router.subscribe(&fixture.gateway, &Caller::Customer { conversation: chat }, chat, 0).await.unwrap();
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    // `never` is closed, `t` is open but nobody is signed in.
+    for target in ["never", "t"] {
+        let refused = fixture.router.transfer_chat(&caller("b"), chat, &group(target)).await;
+        assert_eq!(refused, Err(RouterError::Refused(Refusal::GroupOffline)), "{target}");
+    }
+    sign_in(&fixture, "w").await;
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("t")).await.unwrap();
+    fixture.drain();
+    let view = fixture.router.transfer_chat(&caller("b"), chat, &group("t")).await.unwrap();
+    assert_eq!((view.state, view.group.clone(), view.owner.clone()), (ConversationState::Queued, group("t"), None));
+    settle().await;
+    let pushes = fixture.drain();
+    let added = pushes.iter().find_map(|push| match push {
+        Push::Queue { change: QueueChange::Added { entry }, .. } => Some(entry.clone()),
+        _ => None,
+    });
+    let added = added.expect("the chat joins t's queue");
+    assert_eq!(added.conversation, chat);
+    assert_eq!(added.queued_at_ms, view.created_at_ms, "placed by its original arrival");
+    let told = pushes.iter().any(|push| {
+        matches!(push, Push::Event { conversation, event } if *conversation == chat
+            && matches!(&event.body, EventBody::Transferred { from_agent: Some(from), to_group } if *from == agent("b") && *to_group == group("t")))
+    });
+    assert!(told, "both sides are told by the transferred event: {pushes:?}");
+    // b's slot is free again; w can take the chat from t's queue.
+    let b = fixture.router.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap();
+    assert!(b.active.is_empty());
+    fixture.router.accept_chat(&tenant(), &agent("w"), chat).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forward_needs_an_online_agent_with_a_free_slot() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let chat = fixture.start_chat("g1", "ann").await;
+    fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    let refused = fixture.router.forward_chat(&caller("b"), chat, &agent("c")).await;
+    assert_eq!(refused, Err(RouterError::Refused(Refusal::AgentUnavailable)), "c is offline");
+    sign_in(&fixture, "c").await;
+    fixture.drain();
+    let view = fixture.router.forward_chat(&caller("b"), chat, &agent("c")).await.unwrap();
+    assert_eq!(view.owner, Some(agent("c")));
+    settle().await;
+    let pushes = fixture.drain();
+    let assigned = pushes.iter().any(|push| {
+        matches!(push, Push::Agent { agent: to, change: AgentChange::Assigned { chat: view }, .. } if *to == agent("c") && view.conversation == chat)
+    });
+    assert!(assigned, "the new agent is told");
+    let told = pushes.iter().any(|push| {
+        matches!(push, Push::Event { event, .. } if matches!(&event.body, EventBody::Forwarded { to_agent, .. } if *to_agent == agent("c")))
+    });
+    assert!(told, "the customer and the previous agent are told");
+    let send = ChatCommand::Send { client_msg_id: "m".into(), body: "still mine?".into() };
+    let refused = fixture.router.command(&caller("b"), chat, send).await;
+    assert_eq!(refused, Err(RouterError::Refused(Refusal::NotParticipant)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_without_connection_keeps_their_chats_for_the_grace_period_then_they_are_requeued() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let chat = fixture.start_chat("g1", "ann").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("g1")).await.unwrap();
+    fixture.presence.session_gone(&tenant(), &agent("b"), "s-b").await.unwrap();
+    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    fixture.pass(grace_ms - 2_000).await;
+    let view = fixture.router.chat_view(&caller("b"), chat).await.unwrap();
+    assert_eq!(view.owner, Some(agent("b")), "kept during the grace period");
+    // Coming back within the grace period would keep everything; staying away does not.
+    fixture.pass(3_000).await;
+    let view = fixture.router.chat_view(&caller("b"), chat).await.unwrap();
+    assert_eq!((view.state, view.owner), (ConversationState::Queued, None), "back in the queue");
+    let agent_view = fixture.router.set_agent_status(&tenant(), &agent("b"), AgentStatus::Offline).await.unwrap();
+    assert!(agent_view.active.is_empty());
+    let pushes = fixture.drain();
+    let requeued = pushes.iter().any(
+        |push| matches!(push, Push::Queue { change: QueueChange::Added { entry }, .. } if entry.conversation == chat),
+    );
+    assert!(requeued, "the queue shows the chat again: {pushes:?}");
+    let went_offline = pushes.iter().any(|push| {
+        matches!(push, Push::Agent { change: AgentChange::Status { agent }, .. } if agent.status == AgentStatus::Offline)
+    });
+    assert!(went_offline);
+}

@@ -1,0 +1,222 @@
+//! Presence, business hours and push routing across processes, with a real Redis: which groups are online,
+//! an agent whose connection drops (grace period, then offline: their offer moves on and their chats go back
+//! to the queue), an offer that outlives the router owning its queue (killed with -9), and a Redis restart
+//! under traffic.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use switchboard_cluster_tests::{Cluster, ClusterSpec, Connection};
+use switchboard_domain::{GroupId, TenantId, queue_key, shard_of};
+use tokio::time::Instant;
+
+const WIDGET_KEY: &str = "acme-widget-key";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Group `open` is open around the clock, `never` has no opening hours, `push` routes by offer (3 s).
+/// Agents: ann (open, never; capacity 2), pia (push; capacity 2), pat (push; capacity 2).
+const CONFIG: &str = r#"version: 1
+tenants:
+  - id: acme
+    name: Acme
+    widget_keys: [acme-widget-key]
+    groups:
+      - id: open
+        name: Open
+        hours: { time_zone: Europe/Berlin, weekly: { mon: ["00:00-24:00"], tue: ["00:00-24:00"], wed: ["00:00-24:00"], thu: ["00:00-24:00"], fri: ["00:00-24:00"], sat: ["00:00-24:00"], sun: ["00:00-24:00"] } }
+      - id: never
+        name: Never
+        hours: { time_zone: America/New_York, weekly: {} }
+      - id: push
+        name: Push
+        routing: { mode: push, offer_timeout_ms: 3000 }
+    agents:
+      - { id: ann, name: Ann, token: token-of-ann, groups: [open, never], capacity: 2 }
+      - { id: pia, name: Pia, token: token-of-pia, groups: [push], capacity: 2 }
+      - { id: pat, name: Pat, token: token-of-pat, groups: [push], capacity: 2 }
+"#;
+
+async fn ok(connection: &mut Connection, kind: &str, fields: Value) -> anyhow::Result<Value> {
+    match connection.request(kind, &fields).await? {
+        Ok(ack) => Ok(ack),
+        Err(error) => bail!("{kind} refused: {error}"),
+    }
+}
+
+async fn sign_in(url: &str, token: &str) -> anyhow::Result<Connection> {
+    let mut connection = Connection::connect(url).await?;
+    ok(&mut connection, "agent.sign_in", json!({ "token": token })).await?;
+    Ok(connection)
+}
+
+async fn start_chat(url: &str, group: &str, name: &str) -> anyhow::Result<(Connection, String)> {
+    let mut connection = Connection::connect(url).await?;
+    let fields = json!({ "widget_key": WIDGET_KEY, "group": group, "name": name, "question": "hello?" });
+    let ack = ok(&mut connection, "chat.start", fields).await?;
+    let conversation = ack["conversation"].as_str().context("no conversation")?.to_owned();
+    Ok((connection, conversation))
+}
+
+/// The online groups, as read from presence now (an answer from the gateway's cache during an outage is
+/// marked stale and counts as nothing).
+async fn online_groups(connection: &mut Connection) -> anyhow::Result<Vec<String>> {
+    let ack = ok(connection, "groups.list", json!({ "widget_key": WIDGET_KEY })).await?;
+    if ack["stale"] == true {
+        return Ok(Vec::new());
+    }
+    let groups = ack["groups"].as_array().context("no groups")?;
+    let online = groups.iter().filter(|group| group["online"] == true);
+    Ok(online.filter_map(|group| group["id"].as_str().map(str::to_owned)).collect())
+}
+
+/// Asks until `wanted` holds for the online groups (presence is refreshed every heartbeat).
+async fn wait_for_groups(connection: &mut Connection, wanted: impl Fn(&[String]) -> bool) -> anyhow::Result<()> {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let groups = online_groups(connection).await?;
+        if wanted(&groups) {
+            return Ok(());
+        }
+        if Instant::now() >= end {
+            bail!("online groups stayed {groups:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads pushes until one matches; the others are kept aside and returned with it.
+async fn push_matching(connection: &mut Connection, wanted: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(found) = connection.take_pushes().into_iter().find(|push| wanted(push)) {
+            return Ok(found);
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no matching push within {DEADLINE:?}");
+        }
+        connection.read_push(left).await?;
+    }
+}
+
+fn is_offer_of(push: &Value, conversation: &str) -> bool {
+    push["type"] == "offer" && push["entry"]["conversation"] == conversation
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_is_online_when_open_with_an_agent_signed_in() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec::new(CONFIG)).await?;
+    let urls = cluster.gateway_urls();
+    let mut customer = Connection::connect(&urls[0]).await?;
+    assert!(online_groups(&mut customer).await?.is_empty(), "nobody is signed in");
+    let mut ann = sign_in(&urls[1], "token-of-ann").await?;
+    // Open with ann: listed. Never open: not listed, though ann is its member.
+    wait_for_groups(&mut customer, |groups| groups == ["open"]).await?;
+    // A chat for a closed group is told so and can leave an offline message.
+    let mut late = Connection::connect(&urls[0]).await?;
+    let fields = json!({ "widget_key": WIDGET_KEY, "group": "never", "name": "Lou", "question": "open?" });
+    let refused = late.request("chat.start", &fields).await?.err().context("a start in a closed group")?;
+    assert_eq!(refused["code"], "group_closed");
+    let message = json!({
+        "widget_key": WIDGET_KEY, "group": "never", "name": "Lou", "contact": "lou@example.com",
+        "body": "call me back", "reason": "group_closed", "idempotency_key": "lou-1",
+    });
+    let ticket = ok(&mut late, "offline.message", message).await?;
+    assert_eq!(ticket["duplicate"], false);
+    // A transfer to a group that is not online is refused.
+    let (_customer, chat) = start_chat(&urls[0], "open", "Cy").await?;
+    ok(&mut ann, "chat.accept", json!({ "conversation": chat })).await?;
+    let refused = ann.request("chat.transfer", &json!({ "conversation": chat, "group": "never" })).await?;
+    assert_eq!(refused.err().context("transfer to a closed group")?["code"], "group_offline");
+    // Signing out takes the group offline at the next heartbeat.
+    ok(&mut ann, "agent.sign_out", json!({})).await?;
+    wait_for_groups(&mut customer, |groups| groups.is_empty()).await?;
+    cluster.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_connection_drops_goes_offline_after_the_grace_period() -> anyhow::Result<()> {
+    let mut spec = ClusterSpec::new(CONFIG);
+    spec.presence_grace_ms = 2_000;
+    let cluster = Cluster::start(spec).await?;
+    let urls = cluster.gateway_urls();
+    let mut pia = sign_in(&urls[0], "token-of-pia").await?;
+    let (_first_customer, first) = start_chat(&urls[1], "push", "Cy").await?;
+    push_matching(&mut pia, |push| is_offer_of(push, &first)).await?;
+    ok(&mut pia, "chat.accept", json!({ "conversation": first })).await?;
+    let (_second_customer, second) = start_chat(&urls[1], "push", "Di").await?;
+    push_matching(&mut pia, |push| is_offer_of(push, &second)).await?;
+    // pat signs in; then pia's connection drops with an offer outstanding and a chat held.
+    let mut pat = sign_in(&urls[1], "token-of-pat").await?;
+    drop(pia);
+    // After the grace period the offer moves on to pat, and pia's chat is back in the queue and offered too.
+    push_matching(&mut pat, |push| is_offer_of(push, &second)).await?;
+    ok(&mut pat, "chat.accept", json!({ "conversation": second })).await?;
+    push_matching(&mut pat, |push| is_offer_of(push, &first)).await?;
+    let events = cluster.db.events_of(&first).await?;
+    let kinds: Vec<&str> = events.iter().map(|event| event.kind.as_str()).collect();
+    assert!(kinds.contains(&"requeued"), "{kinds:?}");
+    cluster.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_times_out_and_moves_on_after_its_queue_router_is_killed() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterSpec::new(CONFIG)).await?;
+    let urls = cluster.gateway_urls();
+    let mut pia = sign_in(&urls[0], "token-of-pia").await?;
+    let (_customer, chat) = start_chat(&urls[1], "push", "Cy").await?;
+    push_matching(&mut pia, |push| is_offer_of(push, &chat)).await?;
+    let mut pat = sign_in(&urls[1], "token-of-pat").await?;
+    // The router that owns the push queue dies with the offer outstanding.
+    let shard = shard_of(&queue_key(&TenantId::new("acme")?, &GroupId::new("push")?)).0;
+    let shards = cluster.shards_per_node().await?;
+    let victim = shards.iter().find(|(_, owned)| owned.contains(&shard)).map(|(node, _)| node.clone());
+    let victim = victim.context("nobody owns the push queue")?;
+    cluster.router(&victim)?.kill_9().await?;
+    cluster.wait_for_placement(false).await?;
+    // Pia does not answer: the offer times out on the new owner and goes to pat.
+    push_matching(&mut pat, |push| is_offer_of(push, &chat)).await?;
+    ok(&mut pat, "chat.accept", json!({ "conversation": chat })).await?;
+    let events = cluster.db.events_of(&chat).await?;
+    let kinds: Vec<&str> = events.iter().map(|event| event.kind.as_str()).collect();
+    assert!(kinds.windows(2).any(|pair| pair == ["offered", "offer_ended"]), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"accepted"));
+    cluster.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ongoing_chats_survive_a_redis_restart_and_presence_reconverges() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec::new(CONFIG)).await?;
+    let urls = cluster.gateway_urls();
+    let mut ann = sign_in(&urls[0], "token-of-ann").await?;
+    let mut customer_view = Connection::connect(&urls[1]).await?;
+    wait_for_groups(&mut customer_view, |groups| groups == ["open"]).await?;
+    let (mut customer, chat) = start_chat(&urls[1], "open", "Cy").await?;
+    ok(&mut ann, "chat.accept", json!({ "conversation": chat })).await?;
+
+    tokio::task::block_in_place(|| cluster.redis.stop())?;
+    // Redis is down: the chat goes on both ways.
+    for n in 0..5 {
+        let message =
+            json!({ "conversation": chat, "client_msg_id": format!("c{n}"), "body": format!("customer {n}") });
+        ok(&mut customer, "message.send", message).await?;
+        let message = json!({ "conversation": chat, "client_msg_id": format!("a{n}"), "body": format!("agent {n}") });
+        ok(&mut ann, "message.send", message).await?;
+    }
+    tokio::task::block_in_place(|| cluster.redis.start_again())?;
+    // Back, and empty (no persistence): the group is online again without anyone signing in again, because
+    // every heartbeat rewrites presence.
+    let back = Instant::now();
+    wait_for_groups(&mut customer_view, |groups| groups == ["open"]).await?;
+    eprintln!("presence reconverged {:?} after Redis came back (heartbeat 500 ms)", back.elapsed());
+    let message = json!({ "conversation": chat, "client_msg_id": "after", "body": "still here" });
+    ok(&mut customer, "message.send", message).await?;
+    let events = cluster.db.events_of(&chat).await?;
+    assert_eq!(events.iter().filter(|event| event.kind == "message").count(), 12, "question + 10 + 1");
+    cluster.finish();
+    Ok(())
+}
