@@ -19,7 +19,8 @@ fn caller(name: &str) -> Caller {
 async fn sign_in(fixture: &Fixture, name: &str) {
     fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent(name)).await.unwrap();
     fixture.router.set_agent_status(&tenant(), &agent(name), AgentStatus::Online).await.unwrap();
-    let expires = fixture.clock_ms() + 60 * 60_000;
+    // As if a gateway kept refreshing the connection all along.
+    let expires = fixture.clock_ms() + 30 * 24 * 60 * 60_000;
     fixture.presence.session_alive(&tenant(), &agent(name), &format!("s-{name}"), "gw-1", expires).await.unwrap();
     settle().await;
 }
@@ -268,4 +269,41 @@ async fn an_agent_without_connection_keeps_their_chats_for_the_grace_period_then
         matches!(push, Push::Agent { change: AgentChange::Status { agent }, .. } if agent.status == AgentStatus::Offline)
     });
     assert!(went_offline);
+}
+
+/// Milliseconds since the epoch of a UTC date and time.
+fn utc_ms(date: &str) -> i64 {
+    date.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+}
+
+#[tokio::test(start_paused = true)]
+async fn group_status_follows_business_hours_in_the_group_time_zone_across_dst() {
+    let fixture = fixture().await;
+    // Friday 2026-03-27, before the change to summer time: Berlin is UTC+1.
+    let now = fixture.clock_ms();
+    fixture.clock.advance_ms(utc_ms("2026-03-27T07:30:00Z") - now);
+    sign_in(&fixture, "w").await;
+    let office = |fixture: &Fixture| {
+        let presence = fixture.presence.clone();
+        async move {
+            let statuses = presence.group_statuses(&tenant()).await.unwrap();
+            let status = statuses.into_iter().find(|status| status.group == group("office")).unwrap();
+            (status.open, status.signed_in, status.online)
+        }
+    };
+    fixture.pass(1_000).await;
+    assert_eq!(office(&fixture).await, (false, 1, false), "08:30 in Berlin: not open yet");
+    fixture.pass(60 * 60_000).await;
+    assert_eq!(office(&fixture).await, (true, 1, true), "09:30 in Berlin: open with w signed in");
+    // Monday 2026-03-30, summer time (UTC+2): 07:30 UTC is 09:30 in Berlin, open, though it was closed at
+    // that UTC time on Friday.
+    let now = fixture.clock_ms();
+    fixture.clock.advance_ms(utc_ms("2026-03-30T07:30:00Z") - now);
+    // Three days passed at once: the signed-in mark expired meanwhile and is refreshed at the next heartbeat.
+    fixture.pass(2_000).await;
+    assert_eq!(office(&fixture).await, (true, 1, true), "09:30 in Berlin in summer time");
+    let now = fixture.clock_ms();
+    fixture.clock.advance_ms(utc_ms("2026-03-30T15:30:00Z") - now);
+    fixture.pass(1_000).await;
+    assert_eq!(office(&fixture).await, (false, 1, false), "17:30 in Berlin: closed");
 }

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use switchboard_cluster_tests::{Cluster, ClusterSpec, Connection, LicenseState, tenancy};
+use switchboard_presence::{Presence, RedisPresence, RedisSettings};
 
 const LIMIT: u64 = 50;
 
@@ -125,6 +126,19 @@ async fn the_license_limit_holds_exactly_under_a_hammer_and_a_crash() -> anyhow:
     assert_eq!(admitted(&fourth), 5);
     let license = cluster.db.license().await?;
     assert!(consistent(&license, 50), "{license:?}");
+    // Dashboards see the count in Redis (a mirror, refreshed every heartbeat; it decides nothing).
+    let presence = RedisPresence::connect(&cluster.redis.url(), RedisSettings::default()).await?;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mirror = presence.license_mirror().await?;
+        if mirror.as_ref().is_some_and(|mirror| mirror.used == 50 && mirror.max_sessions == LIMIT) {
+            break;
+        }
+        if tokio::time::Instant::now() >= end {
+            bail!("the license mirror in Redis stayed {mirror:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.finish();
     Ok(())
 }

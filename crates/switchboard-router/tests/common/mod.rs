@@ -46,13 +46,30 @@ pub fn agent(name: &str) -> AgentId {
 
 /// Groups g1 and g2; agents a (g1, g2; capacity 2), b and c (g1; capacity 5).
 /// Group `push` routes by offer (x capacity 1, y capacity 2, z capacity 3); group `never` is never open (a
-/// schedule with no opening); group `t` (pull) has agent w.
+/// schedule with no opening); group `t` (pull) has agent w; group `office` is open on weekdays 09:00-17:00 in
+/// Berlin (member w).
 pub fn directory() -> Directory {
     let mut push = GroupEntry::new(group("push"), "push");
     push.routing = Routing::Push { offer_timeout_ms: OFFER_TIMEOUT_MS };
     let mut never = GroupEntry::new(group("never"), "never");
     never.hours = BusinessHours::new(&HoursSpec { time_zone: "Europe/Berlin".into(), ..Default::default() }).unwrap();
+    let weekdays = vec!["09:00-17:00".to_owned()];
+    let mut office = GroupEntry::new(group("office"), "office");
+    office.hours = BusinessHours::new(&HoursSpec {
+        time_zone: "Europe/Berlin".into(),
+        weekly: switchboard_domain::WeeklySpec {
+            mon: weekdays.clone(),
+            tue: weekdays.clone(),
+            wed: weekdays.clone(),
+            thu: weekdays.clone(),
+            fri: weekdays,
+            ..Default::default()
+        },
+        holidays: vec![],
+    })
+    .unwrap();
     let groups = [
+        (group("office"), office),
         (group("g1"), GroupEntry::new(group("g1"), "g1")),
         (group("g2"), GroupEntry::new(group("g2"), "g2")),
         (group("push"), push),
@@ -66,7 +83,7 @@ pub fn directory() -> Directory {
         ("x", vec!["push"], 1),
         ("y", vec!["push"], 2),
         ("z", vec!["push"], 3),
-        ("w", vec!["t", "never"], 2),
+        ("w", vec!["t", "never", "office"], 2),
     ]
     .map(|(id, groups, capacity)| {
         let entry =
