@@ -164,6 +164,11 @@ impl AgentActorState {
         if status == self.agent.status {
             return view_of(&self.agent);
         }
+        if status == AgentStatus::Offline {
+            // Signing out leaves nothing behind: the offer moves on and the chats go back to their queues.
+            self.go_offline().await;
+            return view_of(&self.agent);
+        }
         let now_ms = self.now_ms();
         self.agent.set_status(status, now_ms);
         self.disconnected_since_ms = None;
@@ -281,10 +286,10 @@ impl AgentActorState {
         }
     }
 
-    /// The grace period is over: the agent is offline, their offer moves on (the queue sees them offline and
-    /// withdraws it) and their chats go back to the head of their queues.
+    /// The agent signed out, or the grace period is over: the agent is offline, their offer moves on (the
+    /// queue sees them offline and withdraws it) and their chats go back to the head of their queues.
     async fn go_offline(&mut self) {
-        info!(agent = %self.agent.id, chats = self.agent.active.len(), "agent offline after the grace period");
+        info!(agent = %self.agent.id, chats = self.agent.active.len(), "agent offline");
         let now_ms = self.now_ms();
         self.agent.set_status(AgentStatus::Offline, now_ms);
         self.disconnected_since_ms = None;

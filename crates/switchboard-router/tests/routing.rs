@@ -307,3 +307,15 @@ async fn group_status_follows_business_hours_in_the_group_time_zone_across_dst()
     fixture.pass(1_000).await;
     assert_eq!(office(&fixture).await, (false, 1, false), "17:30 in Berlin: closed");
 }
+
+#[tokio::test(start_paused = true)]
+async fn signing_out_puts_the_agents_chats_back_in_their_queue_at_once() {
+    let fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let chat = fixture.start_chat("g1", "ann").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    let view = fixture.router.set_agent_status(&tenant(), &agent("b"), AgentStatus::Offline).await.unwrap();
+    assert_eq!((view.status, view.active.len()), (AgentStatus::Offline, 0));
+    let chat_view = fixture.router.chat_view(&caller("c"), chat).await.unwrap();
+    assert_eq!((chat_view.state, chat_view.owner), (ConversationState::Queued, None), "no grace period");
+}

@@ -291,7 +291,7 @@ pub struct ChatForwardRequest {
     pub agent: ::prost::alloc::string::String,
 }
 /// `agent.sign_out`: the agent goes offline at once (on every stream) and this stream has no role any more
-/// (it may sign in again). Its chats stay its own.
+/// (it may sign in again). Its offer is withdrawn and its chats go back to their queues.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AgentSignOutRequest {}
 /// One frame from the server. `ack` and `error` answer a request (same `id`); every other frame is a push.
