@@ -273,13 +273,11 @@ impl QueueActorState {
 
     fn record_departure(&mut self, queued_at_ms: i64) {
         let now_ms = self.now_ms();
-        if self.busy_after_last_departure || self.departures.is_empty() {
-            self.departures.push_back(now_ms);
-        } else {
+        if !self.busy_after_last_departure {
             // The queue was empty in between: the interval measures arrivals, not service. Start again.
             self.departures.clear();
-            self.departures.push_back(now_ms);
         }
+        self.departures.push_back(now_ms);
         while self.departures.len() > ESTIMATE_WINDOW + 1 {
             self.departures.pop_front();
         }
@@ -507,35 +505,45 @@ impl QueueActorState {
             return;
         };
         let now_ms = self.now_ms();
-        let mut busy: HashSet<AgentId> = self
+        let busy: HashSet<&AgentId> = self
             .chats
             .values()
-            .filter_map(|chat| chat.offer.as_ref().map(|offer| offer.agent.clone()).or_else(|| chat.making.clone()))
+            .filter_map(|chat| chat.offer.as_ref().map(|offer| &offer.agent).or(chat.making.as_ref()))
             .collect();
-        let order: Vec<WaitingEntry> = self.waiting.iter().cloned().collect();
-        for entry in order {
-            let mut candidates: Vec<&AgentAvailability> =
-                self.agents.values().filter(|agent| agent.can_take_offer() && !busy.contains(&agent.agent)).collect();
-            if candidates.is_empty() {
+        // The agents free to take an offer, longest idle first: ordered once, each taken at most once.
+        let mut free: Vec<&AgentAvailability> =
+            self.agents.values().filter(|agent| agent.can_take_offer() && !busy.contains(&agent.agent)).collect();
+        if free.is_empty() {
+            return;
+        }
+        free.sort_by(|a, b| (a.idle_since_ms, &a.agent).cmp(&(b.idle_since_ms, &b.agent)));
+        let mut free: Vec<AgentId> = free.into_iter().map(|agent| agent.agent.clone()).collect();
+        let needing: Vec<WaitingEntry> = self
+            .waiting
+            .iter()
+            .filter(|entry| {
+                self.chats.get(&entry.conversation).is_none_or(|chat| {
+                    chat.offer.is_none() && chat.making.is_none() && !chat.ending && chat.retry_at_ms <= now_ms
+                })
+            })
+            .cloned()
+            .collect();
+        for entry in needing {
+            if free.is_empty() {
                 return;
             }
-            candidates.sort_by(|a, b| (a.idle_since_ms, &a.agent).cmp(&(b.idle_since_ms, &b.agent)));
             let chat = self.chats.entry(entry.conversation).or_default();
-            if chat.offer.is_some() || chat.making.is_some() || chat.ending || chat.retry_at_ms > now_ms {
-                continue;
-            }
-            let untried = candidates.iter().find(|agent| !chat.offered_to.contains(&agent.agent));
-            let pick = match untried {
-                Some(agent) => agent.agent.clone(),
+            let index = match free.iter().position(|agent| !chat.offered_to.contains(agent)) {
+                Some(index) => index,
                 // Everyone available has had it: a new round starts once an offer timeout has passed.
                 None if now_ms >= chat.last_end_ms.saturating_add(offer_timeout_ms) => {
                     chat.offered_to.clear();
-                    candidates[0].agent.clone()
+                    0
                 }
                 None => continue,
             };
+            let pick = free.remove(index);
             chat.making = Some(pick.clone());
-            busy.insert(pick.clone());
             self.make_offer(entry, pick, now_ms.saturating_add(offer_timeout_ms));
         }
     }

@@ -133,7 +133,7 @@ impl Router {
 }
 
 /// Every heartbeat: each agent checks its connections, each queue its timers, routing and group status; and
-/// the license count in use is mirrored to presence for dashboards.
+/// the owner of shard 0 mirrors the license count in use to presence for dashboards.
 async fn heartbeat(context: Arc<Context>) {
     let mut ticks = tokio::time::interval(context.presence_settings.heartbeat);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -144,6 +144,10 @@ async fn heartbeat(context: Arc<Context>) {
         }
         for (_, queue) in context.queues.running() {
             let _ = queue.cast(crate::queue::QueueMsg::Tick);
+        }
+        // One node mirrors for the cluster: the owner of shard 0 (every shard has exactly one owner).
+        if !context.shards.owns_shard(switchboard_domain::ShardId(0)) {
+            continue;
         }
         match context.store.get_license(GetLicenseRequest {}).await {
             Ok(license) => {
