@@ -201,6 +201,11 @@ impl Hub {
         nobody
     }
 
+    /// Whether any socket of this gateway watches the conversation.
+    pub fn is_watched(&self, conversation: ConversationId) -> bool {
+        self.lock().conversation_watchers.get(&conversation).is_some_and(|watchers| !watchers.is_empty())
+    }
+
     /// Sockets of this gateway signed in as the given agent.
     pub fn n_agent_sockets(&self, tenant: &TenantId, agent: &AgentId) -> usize {
         self.lock().agents.get(&(tenant.clone(), agent.clone())).map_or(0, HashSet::len)

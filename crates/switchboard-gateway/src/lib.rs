@@ -32,7 +32,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
-use switchboard_domain::{AgentId, Clock, Directory, TenantId};
+use switchboard_domain::{AgentId, Clock, ConversationId, Directory, TenantId};
 use switchboard_presence::{GroupStatus, Presence};
 use switchboard_proto::public::v1::chat_service_server::ChatServiceServer;
 use switchboard_proto::router::{GatewayId, RouterApi};
@@ -94,6 +94,9 @@ impl GatewaySettings {
 /// Whether the gateway is subscribed to one agent's pushes, behind the lock that orders its changes.
 type AgentSubscription = Arc<tokio::sync::Mutex<bool>>;
 
+/// How many locks order the gateway's subscriptions to conversations (by a hash of the conversation).
+const CONVERSATION_LOCKS: usize = 256;
+
 /// How many presence writes of one heartbeat are in flight at once.
 const HEARTBEAT_CONCURRENCY: usize = 32;
 
@@ -111,6 +114,10 @@ pub(crate) struct Shared {
     /// Per agent: whether the gateway is subscribed to the agent's pushes; its lock orders the subscription
     /// changes of one agent.
     agent_subscriptions: Mutex<HashMap<(TenantId, AgentId), AgentSubscription>>,
+    /// Order the subscription and unsubscription of one conversation: an unsubscription decided when the
+    /// last socket stopped watching may not overtake the subscription of a socket that started watching
+    /// since (the router would forget the gateway while a socket waits for pushes).
+    conversation_locks: Vec<tokio::sync::Mutex<()>>,
     /// The group statuses read last, per tenant: `groups.list` answers them (marked stale) while presence
     /// cannot be read.
     pub(crate) group_statuses: Mutex<HashMap<TenantId, Vec<GroupStatus>>>,
@@ -159,13 +166,23 @@ impl Shared {
             }
         }
         for conversation in needs.unsubscribe_conversations {
-            self.router.unsubscribe(&self.gateway_id, conversation).await;
+            let _ordered = self.conversation_lock(conversation).await;
+            // A socket may have started watching since the last one stopped: it subscribed, so stay.
+            if !self.hub.is_watched(conversation) {
+                self.router.unsubscribe(&self.gateway_id, conversation).await;
+            }
         }
         for (tenant, agent) in needs.subscribe_agents.into_iter().chain(needs.unsubscribe_agents) {
             if let Err(error) = self.sync_agent_subscription(&tenant, &agent).await {
                 debug!(%error, %agent, "agent subscription failed");
             }
         }
+    }
+
+    /// The lock that orders the gateway's subscription changes for one conversation.
+    pub(crate) async fn conversation_lock(&self, conversation: ConversationId) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = (conversation.as_uuid().as_u128() % self.conversation_locks.len() as u128) as usize;
+        self.conversation_locks[stripe].lock().await
     }
 
     /// Makes the gateway subscribed to the agent's own pushes exactly while a socket of the agent is signed in
@@ -240,6 +257,7 @@ impl Gateway {
             next_socket_id: AtomicU64::new(1),
             boot_id: uuid::Uuid::new_v4().simple().to_string(),
             agent_subscriptions: Mutex::default(),
+            conversation_locks: (0..CONVERSATION_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             group_statuses: Mutex::default(),
             draining: watch::channel(false).0,
         });

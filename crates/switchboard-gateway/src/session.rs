@@ -540,6 +540,8 @@ impl<T: Transport> Session<T> {
         after_seq: u64,
     ) -> Result<Vec<(ConversationId, Event)>, ErrorReply> {
         let caller = self.caller_for(conversation)?;
+        let shared = self.shared.clone();
+        let _ordered = shared.conversation_lock(conversation).await;
         // Watch before subscribing, so that no event pushed in between is missed.
         let first_watch = self.shared.hub.watch(self.socket_id, conversation);
         let subscribed = self.shared.router.subscribe(&self.shared.gateway_id, &caller, conversation, after_seq).await;

@@ -16,7 +16,7 @@ use switchboard_proto::internal::v1::{
 use switchboard_proto::router::{
     Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Push, RouterError, SystemCommand,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::context::Context;
 use crate::error::from_store;
@@ -101,12 +101,14 @@ impl Actor for ConversationActor {
                     Ok(()) => state.read(after_seq).await,
                     Err(error) => Err(error),
                 };
-                if result.is_ok() {
+                if let Ok(events) = &result {
+                    debug!(conversation = %state.conversation.id, ?gateway, after_seq, n_events = events.len(), "gateway subscribed");
                     state.context.subscribers.add(state.conversation.id, gateway);
                 }
                 let _ = reply.send(result);
             }
             ConversationMsg::Unsubscribe { gateway } => {
+                debug!(conversation = %state.conversation.id, ?gateway, "gateway unsubscribed");
                 state.context.subscribers.remove(state.conversation.id, &gateway);
             }
             ConversationMsg::ReadEvents { caller, after_seq, reply } => {
@@ -399,7 +401,11 @@ impl ConversationActorState {
     }
 
     fn fan_out(&self, push: Push) {
-        for gateway in self.context.subscribers.of(self.conversation.id) {
+        let gateways = self.context.subscribers.of(self.conversation.id);
+        if let Push::Event { event, .. } = &push {
+            debug!(conversation = %self.conversation.id, seq = event.seq, ?gateways, "event pushed");
+        }
+        for gateway in gateways {
             self.context.gateways.push(&gateway, push.clone());
         }
     }
