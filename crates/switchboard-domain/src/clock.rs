@@ -6,6 +6,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> i64;
+
+    /// Microseconds since the Unix epoch (for latencies measured across processes); by default the
+    /// milliseconds, scaled.
+    fn now_us(&self) -> i64 {
+        self.now_ms().saturating_mul(1_000)
+    }
 }
 
 /// The real clock.
@@ -17,6 +23,12 @@ impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    #[allow(clippy::disallowed_methods)] // the one place that reads the system clock
+    fn now_us(&self) -> i64 {
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
     }
 }
 

@@ -124,6 +124,8 @@ struct GrpcTransport {
 }
 
 impl Transport for GrpcTransport {
+    const NAME: &'static str = "grpc";
+
     async fn recv(&mut self) -> Option<Inbound> {
         match self.incoming.message().await {
             Ok(Some(frame)) => Some(decode(frame)),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use axum::extract::ws::Utf8Bytes;
 
 use switchboard_domain::{AgentId, Author, ConversationId, EventBody, GroupId, TenantId, WaitingQueue, merge_waiting};
-use switchboard_proto::router::{AgentChange, Push, QueueChange};
+use switchboard_proto::router::{AgentChange, Origin, Push, QueueChange};
 use tokio::sync::{Notify, mpsc};
 use tracing::debug;
 
@@ -31,15 +31,25 @@ pub type SocketId = u64;
 pub struct Outbound {
     frame: PushFrame,
     json: OnceLock<Utf8Bytes>,
+    /// Where the request behind a pushed event came from (latency and trace of its delivery).
+    origin: Option<Origin>,
 }
 
 impl Outbound {
     pub fn new(frame: PushFrame) -> Arc<Outbound> {
-        Arc::new(Outbound { frame, json: OnceLock::new() })
+        Arc::new(Outbound { frame, json: OnceLock::new(), origin: None })
+    }
+
+    pub fn with_origin(frame: PushFrame, origin: Option<Origin>) -> Arc<Outbound> {
+        Arc::new(Outbound { frame, json: OnceLock::new(), origin })
     }
 
     pub fn frame(&self) -> &PushFrame {
         &self.frame
+    }
+
+    pub fn origin(&self) -> Option<&Origin> {
+        self.origin.as_ref()
     }
 
     /// The frame as JSON text, made on first use (a clone shares the text).
@@ -249,14 +259,14 @@ impl Hub {
         let mut state = self.lock();
         let mut needs = Needs::default();
         match push {
-            Push::Event { conversation, event } => {
+            Push::Event { conversation, event, origin } => {
                 let watchers: Vec<SocketId> =
                     state.conversation_watchers.get(&conversation).into_iter().flatten().copied().collect();
                 let transferred_to = match &event.body {
                     EventBody::Transferred { to_group, .. } => Some(to_group.clone()),
                     _ => None,
                 };
-                let outbound = Outbound::new(PushFrame::Event { conversation, event });
+                let outbound = Outbound::with_origin(PushFrame::Event { conversation, event }, origin);
                 for socket in watchers {
                     state.send(socket, outbound.clone());
                     if let Some(group) = &transferred_to {
@@ -284,7 +294,7 @@ impl Hub {
     }
 }
 
-fn is_author(role: &Role, author: &Author) -> bool {
+pub(crate) fn is_author(role: &Role, author: &Author) -> bool {
     match (role, author) {
         (Role::Customer { .. }, Author::Customer) => true,
         (Role::Agent { agent, .. }, Author::Agent(author)) => agent == author,
@@ -732,7 +742,8 @@ mod tests {
             client_msg_id: None,
             body: EventBody::Transferred { from_agent: None, to_group: group("support") },
         };
-        let needs = hub.dispatch(Push::Event { conversation: mine, event: Arc::new(transferred.clone()) });
+        let needs =
+            hub.dispatch(Push::Event { conversation: mine, event: Arc::new(transferred.clone()), origin: None });
         assert_eq!(needs.subscribe_queues, [(tenant(), group("support"))], "the new group's queue is followed");
         assert_eq!(hub.role(1), Some(customer_role(mine, "support")));
         let frames = drain(&mut written);
@@ -756,7 +767,7 @@ mod tests {
             body: EventBody::Transferred { from_agent: None, to_group: group("sales") },
             ..transferred
         };
-        assert!(hub.dispatch(Push::Event { conversation: mine, event: Arc::new(back) }).is_empty());
+        assert!(hub.dispatch(Push::Event { conversation: mine, event: Arc::new(back), origin: None }).is_empty());
         assert_eq!(hub.role(1), Some(customer_role(mine, "sales")));
     }
 
@@ -774,7 +785,7 @@ mod tests {
             client_msg_id: None,
             body: EventBody::Transferred { from_agent: Some(agent("alice")), to_group: group("support") },
         };
-        assert!(hub.dispatch(Push::Event { conversation: chat(1), event: Arc::new(event) }).is_empty());
+        assert!(hub.dispatch(Push::Event { conversation: chat(1), event: Arc::new(event), origin: None }).is_empty());
         assert_eq!(hub.role(1), Some(role));
     }
 }

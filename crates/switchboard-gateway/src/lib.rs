@@ -285,7 +285,8 @@ impl Gateway {
     /// `axum::serve` (which speaks HTTP/1.1 and HTTP/2 on the same port). Other paths are 404, or the gRPC
     /// status UNIMPLEMENTED for gRPC requests.
     pub fn routes(&self) -> axum::Router {
-        self.http_routes().merge(self.grpc_routes().into_axum_router()).fallback(not_found)
+        let grpc = self.grpc_routes().into_axum_router().layer(switchboard_telemetry::GrpcServerLayer);
+        self.http_routes().merge(grpc).fallback(not_found)
     }
 
     /// The HTTP routes only: `/v1/ws` (the WebSocket protocol) and `/healthz`.

@@ -120,6 +120,35 @@ pub enum Request {
     AgentSignOut {},
 }
 
+impl Request {
+    /// The request's `type`, as the client wrote it (a label of the gateway's metrics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::ChatStart { .. } => "chat.start",
+            Request::CustomerResume { .. } => "customer.resume",
+            Request::AgentSignIn { .. } => "agent.sign_in",
+            Request::AgentSetStatus { .. } => "agent.set_status",
+            Request::QueueList { .. } => "queue.list",
+            Request::ChatAccept { .. } => "chat.accept",
+            Request::ChatSubscribe { .. } => "chat.subscribe",
+            Request::ChatTranscript { .. } => "chat.transcript",
+            Request::ChatList { .. } => "chat.list",
+            Request::MessageSend { .. } => "message.send",
+            Request::MessageDelivered { .. } => "message.delivered",
+            Request::Typing { .. } => "typing",
+            Request::ChatClose { .. } => "chat.close",
+            Request::ChatCancel { .. } => "chat.cancel",
+            Request::Ping { .. } => "ping",
+            Request::GroupsList { .. } => "groups.list",
+            Request::OfflineMessage { .. } => "offline.message",
+            Request::OfferReject { .. } => "offer.reject",
+            Request::ChatTransfer { .. } => "chat.transfer",
+            Request::ChatForward { .. } => "chat.forward",
+            Request::AgentSignOut { .. } => "agent.sign_out",
+        }
+    }
+}
+
 /// The statuses an agent may choose; offline is what signing out (or losing the connection) makes.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, Refusal, TenantId};
 use switchboard_proto::router::{Caller, ChatCommand, ChatList, OfflineMessage, RouterError, StartChat};
+use switchboard_telemetry::names;
 use tokio::sync::{Notify, mpsc, watch};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::Shared;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
@@ -82,6 +83,9 @@ impl Close {
 
 /// One client connection as the session sees it.
 pub(crate) trait Transport: Send {
+    /// The transport's label in metrics (`websocket`, `grpc`).
+    const NAME: &'static str;
+
     /// The next frame of the client; `None` once the client is gone (or closed the connection).
     fn recv(&mut self) -> impl Future<Output = Option<Inbound>> + Send;
     /// Writes one frame to the client; false when it can no longer be written to.
@@ -121,6 +125,8 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     let kicked = link.kicked.clone();
     let mut draining = shared.draining.subscribe();
     let mut session = Session { shared, socket_id, link, role: None, written_seq: HashMap::new(), transport };
+    metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
+    connection_gauge::<T>(None).increment(1.0);
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
     if !session.transport.send(welcome).await {
         return;
@@ -140,6 +146,10 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
         }
     };
     let socket_id = session.socket_id;
+    connection_gauge::<T>(session.role.as_ref()).decrement(1.0);
+    if matches!(end, End::Close(Close::SlowConsumer)) {
+        metrics::counter!(names::GATEWAY_SLOW_CONSUMER_DISCONNECTS).increment(1);
+    }
     // The connection leaves the hub and presence first: the close below may wait on a client that does not
     // read.
     let mut transport = session.end().await;
@@ -148,6 +158,21 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
         // A client that reads nothing would hold the close forever; after a while it is dropped without.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close(close)).await;
     }
+}
+
+/// The gauge of open connections of transport `T` with a role.
+fn connection_gauge<T: Transport>(role: Option<&Role>) -> metrics::Gauge {
+    let role = match role {
+        None => "none",
+        Some(Role::Customer { .. }) => "customer",
+        Some(Role::Agent { .. }) => "agent",
+    };
+    metrics::gauge!(names::GATEWAY_CONNECTIONS, "transport" => T::NAME, "role" => role)
+}
+
+/// Counts a refused request by its error code.
+fn count_refusal(error: &ErrorReply) {
+    metrics::counter!(names::GATEWAY_REFUSALS, "reason" => error.code).increment(1);
 }
 
 /// Resolves once the gateway drains; never if it does not.
@@ -171,7 +196,7 @@ impl<T: Transport> Session<T> {
 
     async fn on_inbound(&mut self, inbound: Inbound) -> Flow {
         match inbound {
-            Inbound::Request { id, request } => match self.handle(request).await {
+            Inbound::Request { id, request } => match self.handle_traced(request).await {
                 Ok((ack, events)) => {
                     self.send(Outgoing::Ack { id: &id, ack: &ack }).await?;
                     for (conversation, event) in events {
@@ -179,16 +204,39 @@ impl<T: Transport> Session<T> {
                     }
                     Ok(())
                 }
-                Err(error) => self.send(Outgoing::Error { id: Some(&id), error: &error }).await,
+                Err(error) => {
+                    count_refusal(&error);
+                    self.send(Outgoing::Error { id: Some(&id), error: &error }).await
+                }
             },
-            Inbound::Refused { id, error } => self.send(Outgoing::Error { id: id.as_deref(), error: &error }).await,
+            Inbound::Refused { id, error } => {
+                metrics::counter!(names::GATEWAY_REQUESTS, "type" => "invalid").increment(1);
+                count_refusal(&error);
+                self.send(Outgoing::Error { id: id.as_deref(), error: &error }).await
+            }
             Inbound::Fatal(close) => Err(End::Close(close)),
         }
     }
 
+    /// Handles a request inside its `gateway.request` span, with the moment it arrived in scope: the events
+    /// it causes carry both to the gateways that deliver them.
+    async fn handle_traced(&mut self, request: Request) -> Reply {
+        let kind = request.kind();
+        metrics::counter!(names::GATEWAY_REQUESTS, "type" => kind).increment(1);
+        let received_at_us = self.shared.clock.now_us();
+        let span = tracing::info_span!("gateway.request", otel.name = %format!("gateway {kind}"), otel.kind = "server", request.type = kind);
+        switchboard_telemetry::trace::with_received_at(received_at_us, self.handle(request).instrument(span)).await
+    }
+
     async fn write_outbound(&mut self, outbound: &Outbound) -> Flow {
         let PushFrame::Event { conversation, event } = outbound.frame() else {
-            return self.send(Outgoing::Push(outbound)).await;
+            self.send(Outgoing::Push(outbound)).await?;
+            if let PushFrame::Offer { entry, .. } = outbound.frame() {
+                // Queued at a millisecond: the figure is at most a millisecond long.
+                let waited_us = self.shared.clock.now_us().saturating_sub(entry.queued_at_ms.saturating_mul(1_000));
+                metrics::histogram!(names::OFFER_LATENCY).record(waited_us.max(0) as f64 / 1e6);
+            }
+            return Ok(());
         };
         let (conversation, seq) = (*conversation, event.seq);
         let written = self.written_seq.get(&conversation).copied().unwrap_or(0);
@@ -202,7 +250,23 @@ impl<T: Transport> Session<T> {
             return Ok(());
         }
         self.written_seq.insert(conversation, seq);
-        self.send(Outgoing::Push(outbound)).await
+        let Some(origin) = outbound.origin() else {
+            return self.send(Outgoing::Push(outbound)).await;
+        };
+        // The last hop of the request's trace: written to this connection.
+        let span = tracing::info_span!("gateway.deliver", otel.kind = "producer", conversation = %conversation, seq);
+        if let Some(traceparent) = &origin.traceparent {
+            switchboard_telemetry::trace::set_remote_parent(&span, traceparent);
+        }
+        let other_side = self.role.as_ref().is_some_and(|role| !crate::hub::is_author(role, &event.author));
+        let received_at_us = origin.received_at_us;
+        let message = matches!(event.body, switchboard_domain::EventBody::Message { .. });
+        self.send(Outgoing::Push(outbound)).instrument(span).await?;
+        if message && other_side && received_at_us > 0 {
+            let latency_us = self.shared.clock.now_us().saturating_sub(received_at_us);
+            metrics::histogram!(names::MESSAGE_LATENCY).record(latency_us.max(0) as f64 / 1e6);
+        }
+        Ok(())
     }
 
     /// Writes the events a connection missed (it never should). When they cannot be read, the connection
@@ -441,6 +505,8 @@ impl<T: Transport> Session<T> {
         };
         let role = Role::Agent { tenant: tenant.clone(), agent: agent.clone(), groups: entry.groups.clone() };
         let mut needs = self.shared.hub.register(self.socket_id, self.link.clone(), role.clone());
+        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
+        connection_gauge::<T>(Some(&role)).increment(1.0);
         self.role = Some(role);
         // The agent is followed here whatever the hub's hint says: another socket of the agent may have
         // registered first and not subscribed yet (or failed to).
@@ -565,6 +631,8 @@ impl<T: Transport> Session<T> {
 
     async fn become_role(&mut self, role: Role) {
         let needs = self.shared.hub.register(self.socket_id, self.link.clone(), role.clone());
+        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
+        connection_gauge::<T>(Some(&role)).increment(1.0);
         self.role = Some(role);
         self.apply_needs(needs).await;
     }
@@ -572,6 +640,8 @@ impl<T: Transport> Session<T> {
     /// Undoes `become_role` after the request that took the role failed.
     async fn abandon_role(&mut self) {
         let needs = self.shared.hub.unregister(self.socket_id);
+        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
+        connection_gauge::<T>(None).increment(1.0);
         self.role = None;
         self.written_seq.clear();
         self.apply_needs(needs).await;

@@ -27,6 +27,8 @@ impl WsTransport {
 }
 
 impl Transport for WsTransport {
+    const NAME: &'static str = "websocket";
+
     async fn recv(&mut self) -> Option<Inbound> {
         loop {
             let frame = match self.socket.recv().await? {

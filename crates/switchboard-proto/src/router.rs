@@ -198,12 +198,24 @@ pub enum QueueChange {
     },
 }
 
+/// Where the client request behind a pushed event came from: when it reached its first gateway, and the
+/// trace of the router's work on it. Neither is stored: a replayed event has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Microseconds since the Unix epoch; 0 when unknown.
+    pub received_at_us: i64,
+    /// The W3C trace context of the span that pushed the event.
+    pub traceparent: Option<String>,
+}
+
 /// What a router sends to a gateway, in order per conversation and per queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Push {
     Event {
         conversation: ConversationId,
         event: Arc<Event>,
+        /// Where the request that caused the event came from, when known (for latency and traces).
+        origin: Option<Origin>,
     },
     Typing {
         conversation: ConversationId,

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
@@ -86,6 +87,7 @@ impl Actor for AgentActor {
         _myself: ActorRef<Self::Msg>,
         (context, agent): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        metrics::gauge!(names::ROUTER_ACTORS, "kind" => "agent").increment(1.0);
         Ok(AgentActorState {
             context,
             agent,
@@ -96,6 +98,7 @@ impl Actor for AgentActor {
     }
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!(names::ROUTER_ACTORS, "kind" => "agent").decrement(1.0);
         let key = (state.agent.tenant.clone(), state.agent.id.clone());
         state.context.agents.forget(&key, &myself);
         Ok(())

@@ -3,6 +3,8 @@
 //! pushes the events to the subscribed gateways.
 
 use std::sync::Arc;
+use switchboard_telemetry::names;
+use tracing::Instrument;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
@@ -14,7 +16,7 @@ use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
 };
 use switchboard_proto::router::{
-    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Push, RouterError, SystemCommand,
+    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Origin, Push, RouterError, SystemCommand,
 };
 use tracing::{debug, warn};
 
@@ -31,7 +33,7 @@ pub(crate) enum ConversationMsg {
     Subscribe { gateway: GatewayId, caller: Caller, after_seq: u64, reply: Reply<Vec<Event>> },
     Unsubscribe { gateway: GatewayId },
     ReadEvents { caller: Caller, after_seq: u64, reply: Reply<Vec<Event>> },
-    Command { caller: Caller, command: ChatCommand, reply: Reply<CommandOutcome> },
+    Command { caller: Caller, command: ChatCommand, trace: Trace, reply: Reply<CommandOutcome> },
     Accept { agent: AgentId, reply: Reply<ChatView> },
     Typing { caller: Caller, typing: bool, reply: Reply<()> },
     System { command: SystemCommand, reply: Reply<bool> },
@@ -41,11 +43,27 @@ pub(crate) enum ConversationMsg {
 
 pub(crate) struct ConversationActor;
 
+/// The context of the request behind a command: its span (the parent of the actor's work on it) and when it
+/// reached its first gateway. The events it causes are pushed with both.
+pub(crate) struct Trace {
+    span: tracing::Span,
+    received_at_us: Option<i64>,
+}
+
+impl Trace {
+    /// The context of the task sending the command.
+    pub(crate) fn here() -> Trace {
+        Trace { span: tracing::Span::current(), received_at_us: switchboard_telemetry::trace::received_at_us() }
+    }
+}
+
 pub(crate) struct ConversationActorState {
     context: Arc<Context>,
     conversation: Conversation,
     customer_token: String,
     fence: Fence,
+    /// While a command is handled: when its request reached the first gateway.
+    received_at_us: Option<i64>,
 }
 
 pub(crate) struct Loaded {
@@ -61,15 +79,18 @@ impl Actor for ConversationActor {
     type Arguments = Loaded;
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, loaded: Loaded) -> Result<Self::State, ActorProcessingErr> {
+        metrics::gauge!(names::ROUTER_ACTORS, "kind" => "conversation").increment(1.0);
         Ok(ConversationActorState {
             context: loaded.context,
             conversation: loaded.conversation,
             customer_token: loaded.customer_token,
             fence: loaded.fence,
+            received_at_us: None,
         })
     }
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!(names::ROUTER_ACTORS, "kind" => "conversation").decrement(1.0);
         state.context.conversations.forget(&state.conversation.id, &myself);
         Ok(())
     }
@@ -118,8 +139,15 @@ impl Actor for ConversationActor {
                 };
                 let _ = reply.send(result);
             }
-            ConversationMsg::Command { caller, command, reply } => {
-                let result = state.command(&caller, command).await;
+            ConversationMsg::Command { caller, command, trace, reply } => {
+                let span = tracing::info_span!(
+                    parent: &trace.span,
+                    "conversation.command",
+                    conversation = %state.conversation.id,
+                );
+                state.received_at_us = trace.received_at_us;
+                let result = state.command(&caller, command).instrument(span).await;
+                state.received_at_us = None;
                 let failed = stop_on_store_failure(&myself, &result);
                 let _ = reply.send(result);
                 if failed {
@@ -328,7 +356,10 @@ impl ConversationActorState {
             let before = self.conversation.clone();
             apply(&mut self.conversation, &stored);
             self.after_change(&stored, &before).await;
-            self.fan_out(Push::Event { conversation: self.conversation.id, event: Arc::new(stored.clone()) });
+            let traceparent = switchboard_telemetry::trace::current_traceparent();
+            let origin = (self.received_at_us.is_some() || traceparent.is_some())
+                .then(|| Origin { received_at_us: self.received_at_us.unwrap_or(0), traceparent });
+            self.fan_out(Push::Event { conversation: self.conversation.id, event: Arc::new(stored.clone()), origin });
         }
         Ok(CommandOutcome { event: Some(stored), duplicate })
     }
@@ -366,6 +397,16 @@ impl ConversationActorState {
     /// Tells the queues and agents what an event changed. `before` is the state before the event.
     async fn after_change(&self, event: &Event, before: &Conversation) {
         let conversation = &self.conversation;
+        let finished = match &event.body {
+            EventBody::Closed => Some("closed"),
+            EventBody::Cancelled => Some("cancelled"),
+            _ => None,
+        };
+        if let Some(reason) = finished.filter(|_| !before.state.is_finished()) {
+            let (tenant, group) = (conversation.tenant.to_string(), conversation.group.to_string());
+            metrics::counter!(names::CHATS_FINISHED, "tenant" => tenant, "group" => group, "reason" => reason)
+                .increment(1);
+        }
         let was_queued = before.state == ConversationState::Queued;
         let left_queue = match &event.body {
             EventBody::Accepted { agent } => Some(LeftQueue::Accepted { agent: agent.clone() }),

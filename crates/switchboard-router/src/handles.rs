@@ -86,7 +86,8 @@ impl ConversationHandle {
     }
 
     pub(crate) async fn command(&self, caller: Caller, command: ChatCommand) -> Result<CommandOutcome, RouterError> {
-        call(&self.0, |reply| ConversationMsg::Command { caller, command, reply }).await
+        let trace = crate::conversation::Trace::here();
+        call(&self.0, |reply| ConversationMsg::Command { caller, command, trace, reply }).await
     }
 
     pub(crate) async fn accept(&self, agent: AgentId) -> Result<ChatView, RouterError> {

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use switchboard_telemetry::names;
 
 use switchboard_domain::{Epoch, Fence, N_SHARDS, ShardId, agent_key, conversation_key, queue_key, shard_of};
 use switchboard_proto::convert::conversation_id;
@@ -77,6 +78,7 @@ impl ShardTable {
         for lease in leases {
             epochs.insert(ShardId(lease.shard), Epoch(lease.epoch));
         }
+        report_owned(epochs.len());
     }
 
     fn drop_shards(&self, shards: impl IntoIterator<Item = ShardId>) {
@@ -84,11 +86,17 @@ impl ShardTable {
         for shard in shards {
             epochs.remove(&shard);
         }
+        report_owned(epochs.len());
     }
 
     fn drop_all(&self) {
         self.epochs.write().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        report_owned(0);
     }
+}
+
+fn report_owned(n: usize) {
+    metrics::gauge!(names::ROUTER_SHARDS_OWNED).set(n as f64);
 }
 
 /// Registers this node and takes its fair share of the shards (at start; later ticks rebalance).
@@ -315,7 +323,10 @@ pub(crate) async fn keep_leases(
             .collect();
         let request =
             RenewShardsRequest { node_id: context.node_id.clone(), held, lease_ms: settings.lease.as_millis() as u64 };
-        match context.store.renew_shards(request).await {
+        let renewed = context.store.renew_shards(request).await;
+        let outcome = if renewed.is_ok() { "ok" } else { "failed" };
+        metrics::counter!(names::ROUTER_LEASE_RENEWALS, "outcome" => outcome).increment(1);
+        match renewed {
             Ok(response) => {
                 last_renewal = Instant::now();
                 if std::mem::take(&mut fenced) {

@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
@@ -144,6 +145,7 @@ impl Actor for QueueActor {
         mut state: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         state.myself = Some(myself);
+        metrics::gauge!(names::ROUTER_ACTORS, "kind" => "queue").increment(1.0);
         if state.is_push() {
             state.load_availability();
             let now_ms = state.now_ms();
@@ -161,6 +163,9 @@ impl Actor for QueueActor {
     }
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!(names::ROUTER_ACTORS, "kind" => "queue").decrement(1.0);
+        // The queue lives on elsewhere now: its figures are that router's.
+        state.report(0, 0);
         let key = (state.tenant.clone(), state.group.clone());
         state.context.queues.forget(&key, &myself);
         Ok(())
@@ -211,6 +216,9 @@ impl Actor for QueueActor {
             QueueMsg::Tick => state.tick(),
         }
         state.dispatch();
+        let oldest_ms = state.waiting.iter().map(|entry| entry.queued_at_ms).min();
+        let oldest_wait_ms = oldest_ms.map_or(0, |queued| state.now_ms().saturating_sub(queued).max(0));
+        state.report(state.waiting.len(), oldest_wait_ms);
         Ok(())
     }
 }
@@ -218,6 +226,16 @@ impl Actor for QueueActor {
 impl QueueActorState {
     fn now_ms(&self) -> i64 {
         self.context.clock.now_ms()
+    }
+
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [("tenant", self.tenant.to_string()), ("group", self.group.to_string())]
+    }
+
+    /// Sets the queue's gauges: how many chats wait, and how long the head has waited.
+    fn report(&self, waiting: usize, oldest_wait_ms: i64) {
+        metrics::gauge!(names::QUEUE_WAITING_CHATS, &self.labels()).set(waiting as f64);
+        metrics::gauge!(names::QUEUE_OLDEST_WAIT, &self.labels()).set(oldest_wait_ms as f64 / 1000.0);
     }
 
     fn is_push(&self) -> bool {
@@ -250,6 +268,7 @@ impl QueueActorState {
             _ => None,
         };
         let offered = chat.offer.map(|offer| offer.agent).or(chat.making);
+        let offer_taken = offered.is_some() && offered == taken_by;
         if let Some(agent) = offered.filter(|agent| Some(agent) != taken_by.as_ref()) {
             let (context, tenant) = (self.context.clone(), self.tenant.clone());
             tokio::spawn(async move {
@@ -264,6 +283,11 @@ impl QueueActorState {
         }
         self.broadcast(QueueChange::Removed { conversation, reason });
         if taken_by.is_some() {
+            let waited_ms = self.now_ms().saturating_sub(entry.queued_at_ms).max(0);
+            metrics::histogram!(names::QUEUE_WAIT, &self.labels()).record(waited_ms as f64 / 1000.0);
+            if offer_taken {
+                metrics::counter!(names::OFFERS_ENDED, "reason" => "accepted").increment(1);
+            }
             self.record_departure(entry.queued_at_ms);
         }
         if self.waiting.is_empty() {
@@ -354,6 +378,7 @@ impl QueueActorState {
                 }
             };
             if recorded {
+                metrics::counter!(names::OFFERS_ENDED, "reason" => offer_end_name(reason)).increment(1);
                 let update = OfferUpdate::Ended { conversation, reason };
                 if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
                     debug!(%error, %agent, "offer slot not freed; the agent's availability is read again");
@@ -474,6 +499,8 @@ impl QueueActorState {
     /// Evaluates the group's status and publishes it to presence, from a task.
     fn publish_status(&self, now_ms: i64) {
         let open = self.hours.is_open(now_ms);
+        metrics::gauge!(names::GROUP_OPEN, &self.labels()).set(if open { 1.0 } else { 0.0 });
+        let labels = self.labels();
         let (context, tenant, group) = (self.context.clone(), self.tenant.clone(), self.group.clone());
         tokio::spawn(async move {
             let key = (tenant.clone(), group.clone());
@@ -490,6 +517,7 @@ impl QueueActorState {
                     return;
                 }
             };
+            metrics::gauge!(names::GROUP_AGENTS_SIGNED_IN, &labels).set(signed_in as f64);
             let status =
                 GroupStatus { tenant, group, open, signed_in, online: open && signed_in > 0, evaluated_at_ms: now_ms };
             if let Err(error) = context.presence.put_group_status(&status).await {
@@ -664,6 +692,15 @@ pub(crate) async fn activate(
             Ok(actor)
         })
         .await
+}
+
+/// The label value of an offer's end.
+fn offer_end_name(reason: OfferEnd) -> &'static str {
+    match reason {
+        OfferEnd::Rejected => "rejected",
+        OfferEnd::TimedOut => "timed_out",
+        OfferEnd::Withdrawn => "withdrawn",
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The router node: owns its shards, activates actors on demand and answers the gateways' requests.
 
 use std::sync::Arc;
+use switchboard_telemetry::names;
 
 use async_trait::async_trait;
 use switchboard_domain::{
@@ -274,7 +275,9 @@ impl RouterApi for Router {
             question: request.question,
             created_at_ms: now_ms,
         };
+        let (tenant, group) = (facts.tenant.to_string(), facts.group.to_string());
         let (view, customer_token) = crate::conversation::create(&self.context, facts).await?;
+        metrics::counter!(names::CHATS_STARTED, "tenant" => tenant, "group" => group).increment(1);
         Ok(StartedChat { view, customer_token })
     }
 

@@ -204,7 +204,7 @@ async fn a_transfer_needs_an_online_group_and_keeps_the_arrival_time() {
     assert_eq!(added.conversation, chat);
     assert_eq!(added.queued_at_ms, view.created_at_ms, "placed by its original arrival");
     let told = pushes.iter().any(|push| {
-        matches!(push, Push::Event { conversation, event } if *conversation == chat
+        matches!(push, Push::Event { conversation, event, .. } if *conversation == chat
             && matches!(&event.body, EventBody::Transferred { from_agent: Some(from), to_group } if *from == agent("b") && *to_group == group("t")))
     });
     assert!(told, "both sides are told by the transferred event: {pushes:?}");

@@ -70,6 +70,8 @@ where
 {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
+    // The trace of the caller, and when the client request being served reached its gateway.
+    switchboard_telemetry::trace::inject(request.metadata_mut());
     match tokio::time::timeout(timeout, call(request)).await {
         Ok(result) => result.map(Response::into_inner),
         Err(_) => Err(Status::deadline_exceeded(format!("no answer within {timeout:?}"))),

@@ -611,7 +611,7 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
             }
             (Ok(events), Some(again)) => {
                 for event in events {
-                    if link.sink.send(Push::Event { conversation, event: Arc::new(event) }).is_err() {
+                    if link.sink.send(Push::Event { conversation, event: Arc::new(event), origin: None }).is_err() {
                         return;
                     }
                 }
@@ -714,7 +714,7 @@ impl StreamTask {
                             Some(Ok(push)) => {
                                 let Some(inner) = self.inner.upgrade() else { return };
                                 let event = match &push {
-                                    Push::Event { conversation, event } => Some((*conversation, event.seq)),
+                                    Push::Event { conversation, event, .. } => Some((*conversation, event.seq)),
                                     _ => None,
                                 };
                                 if link.sink.send(push).is_err() {

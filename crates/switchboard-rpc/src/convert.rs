@@ -24,7 +24,7 @@ use switchboard_proto::internal::v1::{
 };
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, Push, QueueChange, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    OfflineMessage, Origin, Push, QueueChange, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use tonic::Status;
 
@@ -586,9 +586,11 @@ pub fn ticket_from_proto(ticket: &TicketReply) -> Result<Ticket, Status> {
 
 pub fn push_to_frame(push: &Push) -> PushFrame {
     let push = match push {
-        Push::Event { conversation, event } => push_frame::Push::Event(PushEvent {
+        Push::Event { conversation, event, origin } => push_frame::Push::Event(PushEvent {
             conversation_id: conversation.to_string(),
             event: Some(event_to_record(*conversation, event)),
+            received_at_us: origin.as_ref().map_or(0, |origin| origin.received_at_us),
+            traceparent: origin.as_ref().and_then(|origin| origin.traceparent.clone()).unwrap_or_default(),
         }),
         Push::Typing { conversation, author, typing } => {
             let (role, id) = author_parts(author);
@@ -626,6 +628,10 @@ pub fn push_from_frame(frame: &PushFrame) -> Result<Option<Push>, Status> {
         push_frame::Push::Event(push) => Push::Event {
             conversation: conversation_id(&push.conversation_id)?,
             event: Arc::new(event_from_record(push.event.as_ref().ok_or_else(|| missing("event"))?)?),
+            origin: (push.received_at_us != 0 || !push.traceparent.is_empty()).then(|| Origin {
+                received_at_us: push.received_at_us,
+                traceparent: (!push.traceparent.is_empty()).then(|| push.traceparent.clone()),
+            }),
         },
         push_frame::Push::Typing(push) => Push::Typing {
             conversation: conversation_id(&push.conversation_id)?,
@@ -861,8 +867,11 @@ mod tests {
 
     fn any_push() -> impl Strategy<Value = Push> {
         prop_oneof![
-            (any_conversation(), any_event())
-                .prop_map(|(conversation, event)| Push::Event { conversation, event: Arc::new(event) }),
+            (any_conversation(), any_event()).prop_map(|(conversation, event)| Push::Event {
+                conversation,
+                event: Arc::new(event),
+                origin: None
+            }),
             (any_conversation(), any_author(), any::<bool>()).prop_map(|(conversation, author, typing)| Push::Typing {
                 conversation,
                 author,
@@ -1058,7 +1067,11 @@ mod tests {
         assert_eq!(code(command_from_proto(None).map(drop)), invalid);
         assert_eq!(code(push_from_frame(&PushFrame { push: None }).map(drop)), invalid);
         let event = PushFrame {
-            push: Some(push_frame::Push::Event(PushEvent { conversation_id: Uuid::nil().to_string(), event: None })),
+            push: Some(push_frame::Push::Event(PushEvent {
+                conversation_id: Uuid::nil().to_string(),
+                event: None,
+                ..Default::default()
+            })),
         };
         assert_eq!(code(push_from_frame(&event).map(drop)), invalid);
         let corrupt = EventRecord { payload_json: "{".into(), ..Default::default() };

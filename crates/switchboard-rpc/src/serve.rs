@@ -208,6 +208,7 @@ pub async fn serve_grpc(
         }
     };
     let serve = Server::builder()
+        .layer(switchboard_telemetry::GrpcServerLayer)
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .add_routes(services.routes.routes())

@@ -227,7 +227,7 @@ impl Pushes {
         pushes
             .iter()
             .filter_map(|push| match push {
-                Push::Event { conversation: id, event } if *id == conversation => Some(event.seq),
+                Push::Event { conversation: id, event, .. } if *id == conversation => Some(event.seq),
                 _ => None,
             })
             .collect()

@@ -21,7 +21,8 @@ use switchboard_proto::internal::v1::AcquireShardsRequest;
 use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    OfflineMessage, Origin, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat, SystemCommand,
+    Ticket,
 };
 use switchboard_proto::store::StoreApi;
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
@@ -171,7 +172,7 @@ async fn a_chat_through_grpc_with_its_pushes() {
     let mut events: Vec<Arc<Event>> = Vec::new();
     while events.last().map(|event| event.seq) != Some(sent.seq) {
         match next_push(&mut pushes).await {
-            Push::Event { conversation, event } => {
+            Push::Event { conversation, event, .. } => {
                 assert_eq!(conversation, chat);
                 events.push(event);
             }
@@ -702,6 +703,10 @@ async fn every_new_push_arrives_as_it_was_sent() {
     let event = |seq, body| Push::Event {
         conversation: chat,
         event: Arc::new(Event { seq, at_ms: NOW_MS + seq as i64, author: Author::System, client_msg_id: None, body }),
+        origin: (seq % 2 == 0).then(|| Origin {
+            received_at_us: 1_767_225_600_000_123,
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        }),
     };
     let sent = vec![
         agent_push(AgentChange::Offered { entry: entry(chat), expires_at_ms: NOW_MS + 30_000 }),

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use switchboard_telemetry::names;
 
 use async_trait::async_trait;
 use switchboard_proto::internal::v1::{
@@ -145,6 +146,7 @@ async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Rece
         let n = batch.len();
         // On a task of its own, so that a panic fails this batch only, not the writer.
         let backend = backend.clone();
+        let started = tokio::time::Instant::now();
         let outcomes = match tokio::spawn(async move { write_batch(backend.as_ref(), &batch).await }).await {
             Ok(outcomes) => outcomes,
             Err(error) => {
@@ -153,6 +155,16 @@ async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Rece
             }
         };
         tracing::trace!(appends = n, "group commit");
+        metrics::histogram!(names::STORE_APPEND_BATCH_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::STORE_APPEND_BATCH_SIZE).record(n as f64);
+        for outcome in &outcomes {
+            let outcome = match outcome {
+                Ok(response) if response.duplicate => "duplicate",
+                Ok(_) => "stored",
+                Err(_) => "refused",
+            };
+            metrics::counter!(names::STORE_APPENDS, "outcome" => outcome).increment(1);
+        }
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             // A caller that went away no longer wants its answer.
             let _ = reply.send(outcome);

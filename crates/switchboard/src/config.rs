@@ -34,7 +34,18 @@ pub struct Config {
     pub license: LicenseConfig,
     #[serde(default)]
     pub presence: PresenceConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// Traces: where spans are exported (OTLP over gRPC); without an endpoint, nowhere.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// e.g. `http://127.0.0.1:4317`; also `SWITCHBOARD_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The cluster-wide license: the store sets the database's limit from it when it starts.
@@ -187,6 +198,9 @@ impl Config {
         if let Some(max) = env("SWITCHBOARD_LICENSE_MAX_SESSIONS") {
             config.license.max_sessions =
                 max.parse().context("invalid SWITCHBOARD_LICENSE_MAX_SESSIONS: expected a number (0 = unlimited)")?;
+        }
+        if let Some(endpoint) = env("SWITCHBOARD_OTLP_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+            config.telemetry.otlp_endpoint = Some(endpoint).filter(|endpoint| !endpoint.is_empty());
         }
         if let Some(url) = env("SWITCHBOARD_REDIS_URL") {
             config.presence.redis_url = Some(url);

@@ -38,6 +38,9 @@ enum Role {
         /// Where the internal gRPC service listens.
         #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:7100")]
         listen: SocketAddr,
+        /// Where `GET /metrics` (Prometheus) is served.
+        #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", default_value = "127.0.0.1:9101")]
+        metrics_listen: SocketAddr,
         /// `postgres://...` (or a SQLite path, for a single store).
         #[arg(long, env = "SWITCHBOARD_DATABASE_URL")]
         database_url: String,
@@ -49,6 +52,9 @@ enum Role {
         /// Where the internal gRPC service listens.
         #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:7200")]
         listen: SocketAddr,
+        /// Where `GET /metrics` (Prometheus) is served.
+        #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", default_value = "127.0.0.1:9201")]
+        metrics_listen: SocketAddr,
         /// The address other nodes and the gateways reach this node at; by default http://LISTEN.
         #[arg(long, env = "SWITCHBOARD_ADVERTISE")]
         advertise: Option<String>,
@@ -79,28 +85,30 @@ enum Role {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    let (role, config_path) = match &cli.role {
+        Role::Serve { config } => ("serve", config),
+        Role::Migrate { config, .. } => ("migrate", config),
+        Role::Store { config, .. } => ("store", config),
+        Role::Router { config, .. } => ("router", config),
+        Role::Gateway { config, .. } => ("gateway", config),
+    };
+    let config = roles::load_config(config_path.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
+        let otlp = config.telemetry.otlp_endpoint.as_deref();
+        let _tracing = switchboard_telemetry::init_tracing(&format!("switchboard-{role}"), otlp, "info,sqlx=warn")?;
+        switchboard_telemetry::install_metrics(role);
         match cli.role {
-            Role::Serve { config } => roles::serve(roles::load_config(config.as_deref())?).await,
-            Role::Migrate { config, database_url } => {
-                roles::migrate(roles::load_config(config.as_deref())?, database_url).await
+            Role::Serve { .. } => roles::serve(config).await,
+            Role::Migrate { database_url, .. } => roles::migrate(config, database_url).await,
+            Role::Store { listen, metrics_listen, database_url, .. } => {
+                roles::store(config, listen, metrics_listen, database_url).await
             }
-            Role::Store { config, listen, database_url } => {
-                roles::store(roles::load_config(config.as_deref())?, listen, database_url).await
+            Role::Router { listen, metrics_listen, advertise, store, node_id, leases, .. } => {
+                roles::router(config, roles::RouterArgs { listen, metrics_listen, advertise, store, node_id, leases })
+                    .await
             }
-            Role::Router { config, listen, advertise, store, node_id, leases } => {
-                let config = roles::load_config(config.as_deref())?;
-                roles::router(config, roles::RouterArgs { listen, advertise, store, node_id, leases }).await
-            }
-            Role::Gateway { config, listen, store, gateway_id } => {
-                roles::gateway(roles::load_config(config.as_deref())?, listen, store, gateway_id).await
-            }
+            Role::Gateway { listen, store, gateway_id, .. } => roles::gateway(config, listen, store, gateway_id).await,
         }
     })
 }

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use switchboard_domain::{Clock, SystemClock};
 use switchboard_gateway::{Gateway, GatewaySettings};
 use switchboard_presence::{MemoryPresence, Presence, RedisPresence, RedisSettings};
+use switchboard_proto::internal::v1::GetLicenseRequest;
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::ClusterApi;
 use switchboard_proto::store::StoreApi;
@@ -19,7 +20,8 @@ use switchboard_rpc::{
     ClientSettings, GrpcServices, GrpcStore, RouterGrpcServer, ServerSettings, StoreGrpcServer, serve_grpc,
 };
 use switchboard_store::SqlStore;
-use tracing::{info, warn};
+use switchboard_telemetry::names;
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, DEMO_CONFIG};
 
@@ -114,6 +116,7 @@ async fn set_license_limit(store: &dyn StoreApi, config: &Config) -> anyhow::Res
 
 pub struct RouterArgs {
     pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
     pub advertise: Option<String>,
     pub store: String,
     pub node_id: String,
@@ -124,11 +127,45 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
 }
 
+/// Serves `GET /metrics` on its own port (the roles whose main port speaks only gRPC).
+async fn serve_metrics(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    let address = listener.local_addr()?;
+    println!("metrics on http://{address}/metrics");
+    switchboard_telemetry::serve_metrics(listener);
+    Ok(())
+}
+
+/// Keeps the license gauges up to date from the database (every store reports the same figures).
+fn report_license(store: Arc<dyn StoreApi>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(2));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            match store.get_license(GetLicenseRequest {}).await {
+                Ok(license) => {
+                    metrics::gauge!(names::LICENSE_SESSIONS_IN_USE).set(license.used as f64);
+                    metrics::gauge!(names::LICENSE_SESSIONS_MAX).set(license.max_sessions as f64);
+                }
+                Err(error) => debug!(%error, "license not read for the metrics"),
+            }
+        }
+    });
+}
+
 /// The store service: serves the database over gRPC.
-pub async fn store(config: Config, listen: SocketAddr, database_url: String) -> anyhow::Result<()> {
+pub async fn store(
+    config: Config,
+    listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    database_url: String,
+) -> anyhow::Result<()> {
     let store =
         switchboard_store::open(&database_url, Arc::new(SystemClock)).await.context("cannot open the database")?;
     set_license_limit(&store, &config).await?;
+    serve_metrics(metrics_listen).await?;
+    report_license(Arc::new(store.clone()));
     let backend = store.backend();
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
@@ -151,6 +188,7 @@ pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
     let store = Arc::new(GrpcStore::connect_lazy(&args.store, ClientSettings::default())?);
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
+    serve_metrics(args.metrics_listen).await?;
     let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{address}"));
     let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
     let cluster = ClusterClient::start(store.clone(), Arc::new(connector), ClusterSettings::default());
@@ -245,6 +283,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let directory = Arc::new(config.directory()?);
     let store = Arc::new(open_store(&config, clock.clone()).await?);
     set_license_limit(store.as_ref(), &config).await?;
+    report_license(store.clone());
     // One process: presence lives in memory (no Redis to install).
     let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::default());
     let router_settings = RouterSettings {
@@ -288,7 +327,7 @@ async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway) -> a
         let _ = tcp.set_nodelay(true);
     });
     let draining = gateway.clone();
-    axum::serve(listener, gateway.routes())
+    axum::serve(listener, gateway.routes().merge(switchboard_telemetry::metrics_routes()))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             draining.drain();

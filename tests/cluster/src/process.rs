@@ -138,6 +138,8 @@ impl Process {
             .arg(&self.listen)
             .env("RUST_LOG", rust_log())
             .env("NO_COLOR", "1")
+            // Many processes of one role on this machine: each serves its metrics on a port of its own.
+            .env("SWITCHBOARD_METRICS_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -1866,6 +1866,13 @@ pub struct PushEvent {
     pub conversation_id: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "2")]
     pub event: ::core::option::Option<EventRecord>,
+    /// When the client request that caused the event reached its first gateway (microseconds since the Unix
+    /// epoch); 0 when unknown.
+    #[prost(int64, tag = "3")]
+    pub received_at_us: i64,
+    /// The W3C trace context of the router span that pushed the event; empty when not traced.
+    #[prost(string, tag = "4")]
+    pub traceparent: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PushTyping {

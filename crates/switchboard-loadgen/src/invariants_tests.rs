@@ -1,0 +1,106 @@
+use std::time::Duration;
+
+use super::*;
+
+#[test]
+fn violations_list_the_first_fifty_and_count_all() {
+    let mut violations = Violations::default();
+    for n in 0..60 {
+        violations.add(format!("v{n}"));
+    }
+    assert_eq!((violations.total, violations.first.len()), (60, 50));
+    let mut merged = Violations::default();
+    merged.add("mine".into());
+    merged.merge(&violations);
+    assert_eq!(merged.total, 61);
+    assert_eq!(merged.first.len(), 50);
+    assert_eq!(merged.first[0], "mine");
+}
+
+#[test]
+fn seqs_must_follow_each_other_per_conversation() {
+    let mut checker = SeqChecker::default();
+    assert_eq!(checker.observe("a", 1), Ok(()));
+    assert_eq!(checker.observe("a", 2), Ok(()));
+    assert_eq!(checker.observe("b", 5), Ok(()), "a socket may start following a chat at any seq");
+    assert_eq!(checker.observe("b", 6), Ok(()));
+    assert!(checker.observe("a", 2).unwrap_err().contains("seq 2 received after seq 2"));
+    assert!(checker.observe("a", 1).is_err());
+    assert!(checker.observe("a", 4).unwrap_err().contains("gap"));
+    assert_eq!(checker.observe("a", 5), Ok(()), "checking resumes after a gap");
+}
+
+fn key(conversation: &str, sender: Side, id: &str) -> MessageKey {
+    MessageKey { conversation: conversation.into(), sender, client_msg_id: id.into() }
+}
+
+#[test]
+fn every_acked_message_is_received_exactly_once() {
+    let start = Instant::now();
+    let mut ledger = MessageLedger::default();
+    let on_time = key("c1", Side::Customer, "m1");
+    ledger.expect(on_time.clone(), start, true);
+    // The other side may receive the event before the sender has its ack.
+    assert_eq!(ledger.received(&on_time), Receipt::First { intended: start, measured: true });
+    assert_eq!(ledger.acked(&on_time, 3), Some((start, true)));
+
+    let lost = key("c1", Side::Agent, "m1");
+    ledger.expect(lost.clone(), start + Duration::from_millis(5), false);
+    assert!(ledger.acked(&lost, 4).is_some());
+    assert_eq!(ledger.undelivered(), 1);
+
+    let twice = key("c2", Side::Customer, "m1");
+    ledger.expect(twice.clone(), start, true);
+    ledger.acked(&twice, 3);
+    ledger.received(&twice);
+    assert_eq!(ledger.received(&twice), Receipt::Duplicate(2));
+
+    let unacked = key("c3", Side::Customer, "m1");
+    ledger.expect(unacked.clone(), start, true);
+    ledger.received(&unacked);
+    assert_eq!(ledger.received_unacked(), 1);
+    assert_eq!(ledger.received(&key("c9", Side::Agent, "x")), Receipt::Unknown);
+
+    let violations = ledger.violations();
+    assert_eq!(violations.len(), 2, "{violations:?}");
+    assert!(violations[0].contains("agent in conversation c1 was acked sent (seq 4) but the customer never"));
+    assert!(violations[1].contains("received 2 times by the agent"));
+}
+
+#[test]
+fn every_chat_is_accepted_exactly_once() {
+    let mut chats = ChatLedger::default();
+    chats.started("c1");
+    chats.started("c2");
+    chats.started("c3");
+    assert_eq!(chats.accept_acked("c1"), None);
+    assert_eq!(chats.accepted_event("c1"), None);
+    assert_eq!(chats.accepted_event("c2"), None);
+    assert!(chats.accept_acked("c1").unwrap().contains("acked 2 times"));
+    assert!(chats.accepted_event("c2").unwrap().contains("2 accepted events"));
+    // An accept of a chat another process started counts for the merged totals, not here.
+    assert_eq!(chats.accept_acked("elsewhere"), None);
+    assert_eq!((chats.started_count(), chats.accepted_count()), (3, 2));
+    assert_eq!(chats.unaccepted(), vec!["conversation c3 was never accepted".to_owned()]);
+}
+
+#[test]
+fn license_rounds_admit_exactly_the_limit() {
+    let round = |attempted, admitted, failed| LicenseRound {
+        round: 1,
+        attempted,
+        admitted,
+        refused: attempted - admitted - failed,
+        failed,
+        closed: admitted,
+    };
+    assert!(license_round_violations(20, &round(60, 20, 0)).is_empty());
+    assert!(license_round_violations(20, &round(10, 10, 0)).is_empty(), "fewer attempts than the limit");
+    let above = license_round_violations(20, &round(60, 21, 0));
+    assert_eq!(above.len(), 2);
+    assert!(above[0].contains("above the limit of 20"));
+    let below = license_round_violations(20, &round(60, 19, 0));
+    assert!(below[0].contains("expected exactly 20") && below[0].contains("precondition"));
+    assert!(license_round_violations(20, &round(60, 19, 1)).is_empty(), "a failed start skips the exact check");
+    assert_eq!(license_round_violations(20, &round(60, 21, 1)).len(), 1, "never above, even then");
+}

@@ -1,0 +1,401 @@
+//! WebSocket connections that speak the public protocol (docs/protocol.md): the `welcome` frame, requests
+//! answered by exactly one `ack` or `error` with the same `id` (pipelined, matched by id), and pushes.
+//!
+//! Each connection has a reader task that matches answers to requests, checks the seq order of every
+//! `event` it receives, hands events to the scenario's [`EventObserver`] and, when asked, the other pushes
+//! to a channel. Nothing the server sends can make it panic: a frame it cannot read is counted as an error.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+
+use crate::invariants::{SeqChecker, Side};
+use crate::metrics::{Metrics, lock};
+
+type Socket = WebSocketStream<TcpStream>;
+
+/// What a connection is to the server: a chat's customer, an agent console, or nothing yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Anonymous,
+    Side(Side),
+}
+
+/// Sees every conversation event a connection receives, after its seq was checked.
+pub trait EventObserver: Send + Sync {
+    fn on_event(&self, role: Role, conversation: &str, event: &Value, at: Instant);
+}
+
+/// For connections whose events nobody looks at (beyond the seq check).
+#[derive(Debug)]
+pub struct IgnoreEvents;
+
+impl EventObserver for IgnoreEvents {
+    fn on_event(&self, _role: Role, _conversation: &str, _event: &Value, _at: Instant) {}
+}
+
+/// A push other than an event (`queue.added`, `offer`, …), with the time it was read.
+#[derive(Debug)]
+pub struct Push {
+    pub at: Instant,
+    pub kind: String,
+    pub frame: Value,
+}
+
+/// An `ack`, with the time it was read.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub at: Instant,
+    pub frame: Value,
+}
+
+#[derive(Debug, Clone)]
+pub enum RequestError {
+    /// The server answered with an `error` frame.
+    Refused {
+        code: String,
+        max_sessions: Option<u64>,
+        at: Instant,
+    },
+    Closed,
+    Timeout,
+    Send,
+}
+
+impl RequestError {
+    /// The key of this error in `errors_by_reason`.
+    pub fn reason(&self) -> String {
+        match self {
+            RequestError::Refused { code, .. } => code.clone(),
+            RequestError::Closed => "connection_closed".into(),
+            RequestError::Timeout => "request_timeout".into(),
+            RequestError::Send => "send_failed".into(),
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            RequestError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    Tcp(std::io::Error),
+    Handshake(String),
+    NoWelcome(String),
+    Timeout,
+}
+
+impl ConnectError {
+    pub fn reason(&self) -> String {
+        match self {
+            ConnectError::Tcp(error) => format!("connect: {}", error.kind()),
+            ConnectError::Handshake(_) => "websocket_handshake_failed".into(),
+            ConnectError::NoWelcome(_) => "no_welcome".into(),
+            ConnectError::Timeout => "connect_timeout".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Tcp(error) => write!(f, "cannot connect: {error}"),
+            ConnectError::Handshake(error) => write!(f, "websocket handshake failed: {error}"),
+            ConnectError::NoWelcome(first) => write!(f, "the server did not send welcome first, but {first}"),
+            ConnectError::Timeout => write!(f, "no welcome within the request timeout"),
+        }
+    }
+}
+
+struct Target {
+    url: String,
+    address: SocketAddr,
+}
+
+/// Where connections go: the gateways in turn, each socket bound to the next source address.
+pub struct Network {
+    targets: Vec<Target>,
+    sources: Vec<IpAddr>,
+    next_target: AtomicUsize,
+    next_source: AtomicUsize,
+    pub timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Network {
+    /// Resolves every `ws://HOST:PORT/PATH` once, at the start.
+    pub async fn resolve(
+        urls: &[String],
+        sources: Vec<IpAddr>,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Network> {
+        let mut targets = Vec::new();
+        for url in urls {
+            let Some(rest) = url.strip_prefix("ws://") else {
+                bail!(
+                    "--url {url}: expected ws://HOST:PORT/v1/ws (wss:// is not supported: put the load generator behind the TLS proxy)"
+                );
+            };
+            let host_port = rest.split('/').next().unwrap_or_default();
+            let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:80") };
+            let address = tokio::net::lookup_host(&host_port)
+                .await
+                .with_context(|| format!("--url {url}: cannot resolve {host_port}"))?
+                .next()
+                .with_context(|| format!("--url {url}: {host_port} has no address"))?;
+            targets.push(Target { url: url.clone(), address });
+        }
+        if targets.is_empty() {
+            bail!("give the server with --url ws://HOST:PORT/v1/ws");
+        }
+        Ok(Network {
+            targets,
+            sources,
+            next_target: AtomicUsize::new(0),
+            next_source: AtomicUsize::new(0),
+            timeout,
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Opens a connection and reads its `welcome`. With `pushes`, the pushes other than events are handed
+    /// to [`Connection::pushes`].
+    pub async fn connect(
+        &self,
+        role: Role,
+        observer: Arc<dyn EventObserver>,
+        pushes: bool,
+    ) -> Result<Connection, ConnectError> {
+        let target = &self.targets[self.next_target.fetch_add(1, Ordering::Relaxed) % self.targets.len()];
+        let socket = match target.address {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(ConnectError::Tcp)?;
+        if !self.sources.is_empty() {
+            let source = self.sources[self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len()];
+            socket.bind(SocketAddr::new(source, 0)).map_err(ConnectError::Tcp)?;
+        }
+        let handshake = async {
+            let stream = socket.connect(target.address).await.map_err(ConnectError::Tcp)?;
+            stream.set_nodelay(true).map_err(ConnectError::Tcp)?;
+            // Small buffers: an idle session must cost the load generator little.
+            let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
+            let (socket, _) = client_async_with_config(target.url.as_str(), stream, Some(config))
+                .await
+                .map_err(|error| ConnectError::Handshake(error.to_string()))?;
+            let (sink, mut stream) = socket.split();
+            let first = stream.next().await;
+            let welcome_at = Instant::now();
+            match first {
+                Some(Ok(Message::Text(text)))
+                    if serde_json::from_str::<Value>(&text).is_ok_and(|frame| frame["type"] == "welcome") =>
+                {
+                    Ok((sink, stream, welcome_at))
+                }
+                other => Err(ConnectError::NoWelcome(format!("{other:?}").chars().take(200).collect())),
+            }
+        };
+        let (sink, stream, welcome_at) =
+            tokio::time::timeout(self.timeout, handshake).await.map_err(|_| ConnectError::Timeout)??;
+        let shared = Arc::new(Shared::default());
+        let (push_tx, push_rx) = if pushes {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let reader = Reader { role, shared: shared.clone(), observer, pushes: push_tx, metrics: self.metrics.clone() };
+        let reader = tokio::spawn(reader.run(stream));
+        Ok(Connection {
+            sink: tokio::sync::Mutex::new(sink),
+            shared,
+            reader,
+            pushes: push_rx,
+            welcome_at,
+            timeout: self.timeout,
+        })
+    }
+}
+
+type Answer = Result<Ack, RequestError>;
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    next_id: AtomicU64,
+    /// We are closing it: the end of the stream is not an error.
+    closing: AtomicBool,
+    /// The reader has stopped.
+    ended: AtomicBool,
+}
+
+/// One WebSocket to the server.
+pub struct Connection {
+    sink: tokio::sync::Mutex<SplitSink<Socket, Message>>,
+    shared: Arc<Shared>,
+    reader: JoinHandle<()>,
+    /// The pushes other than events, when asked for at connect.
+    pub pushes: Option<mpsc::UnboundedReceiver<Push>>,
+    pub welcome_at: Instant,
+    timeout: Duration,
+}
+
+impl Connection {
+    /// Sends a request (`fields` is a JSON object without `type` and `id`) and waits for its answer.
+    pub async fn request(&self, request_type: &str, fields: Value) -> Result<Ack, RequestError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut frame = match fields {
+            Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        frame.insert("type".into(), request_type.into());
+        frame.insert("id".into(), id.to_string().into());
+        let (answer_tx, answer_rx) = oneshot::channel();
+        lock(&self.shared.pending).insert(id, answer_tx);
+        if self.shared.ended.load(Ordering::Acquire) {
+            lock(&self.shared.pending).remove(&id);
+            return Err(RequestError::Closed);
+        }
+        let text = Value::Object(frame).to_string();
+        let sent = self.sink.lock().await.send(Message::text(text)).await;
+        if sent.is_err() {
+            lock(&self.shared.pending).remove(&id);
+            return Err(RequestError::Send);
+        }
+        match tokio::time::timeout(self.timeout, answer_rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(RequestError::Closed),
+            Err(_) => {
+                lock(&self.shared.pending).remove(&id);
+                Err(RequestError::Timeout)
+            }
+        }
+    }
+
+    /// Whether the server has not closed it.
+    pub fn is_open(&self) -> bool {
+        !self.shared.ended.load(Ordering::Acquire)
+    }
+
+    /// Closes it with a close frame and waits (briefly) for the server's.
+    pub async fn close(mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.sink.lock().await.close().await;
+        })
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.reader).await;
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        self.reader.abort();
+    }
+}
+
+struct Reader {
+    role: Role,
+    shared: Arc<Shared>,
+    observer: Arc<dyn EventObserver>,
+    pushes: Option<mpsc::UnboundedSender<Push>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reader {
+    async fn run(self, mut stream: SplitStream<Socket>) {
+        let mut seqs = SeqChecker::default();
+        let ended_by = loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => self.frame(&text, Instant::now(), &mut seqs),
+                Some(Ok(Message::Binary(_))) => self.metrics.error("binary_frame_from_server"),
+                Some(Ok(Message::Close(frame))) => {
+                    break frame.map_or("closed_without_code".to_owned(), |f| format!("closed_{}", u16::from(f.code)));
+                }
+                Some(Ok(_)) => {} // ping, pong: tungstenite answers pings itself
+                Some(Err(_)) => break "connection_lost".to_owned(),
+                None => break "connection_eof".to_owned(),
+            }
+        };
+        self.shared.ended.store(true, Ordering::Release);
+        if !self.shared.closing.load(Ordering::Acquire) {
+            self.metrics.error(&ended_by);
+        }
+        // Waiting requests fail with `Closed`.
+        lock(&self.shared.pending).clear();
+    }
+
+    fn frame(&self, text: &str, at: Instant, seqs: &mut SeqChecker) {
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            self.metrics.error("unreadable_frame_from_server");
+            return;
+        };
+        let kind = frame["type"].as_str().unwrap_or_default().to_owned();
+        match kind.as_str() {
+            "ack" | "error" => self.answer(&kind, frame, at),
+            "event" => {
+                let conversation = frame["conversation"].as_str();
+                let seq = frame["event"]["seq"].as_u64();
+                let (Some(conversation), Some(seq)) = (conversation, seq) else {
+                    self.metrics.error("event_without_conversation_or_seq");
+                    return;
+                };
+                if let Err(violation) = seqs.observe(conversation, seq) {
+                    self.metrics.violation(violation);
+                }
+                self.observer.on_event(self.role, conversation, &frame["event"], at);
+            }
+            "welcome" => self.metrics.error("second_welcome"),
+            _ => {
+                if let Some(pushes) = &self.pushes {
+                    let _ = pushes.send(Push { at, kind, frame });
+                }
+            }
+        }
+    }
+
+    fn answer(&self, kind: &str, frame: Value, at: Instant) {
+        let Some(id) = frame["id"].as_str().and_then(|id| id.parse::<u64>().ok()) else {
+            let code = frame["code"].as_str().unwrap_or("?");
+            self.metrics.error(&format!("error_without_id: {code}"));
+            return;
+        };
+        let Some(waiting) = lock(&self.shared.pending).remove(&id) else {
+            // The request timed out already; its error was counted then.
+            self.metrics.count("late_answers", 1);
+            return;
+        };
+        let answer = if kind == "ack" {
+            Ok(Ack { at, frame })
+        } else {
+            let code = frame["code"].as_str().unwrap_or("error_without_code").to_owned();
+            Err(RequestError::Refused { code, max_sessions: frame["max_sessions"].as_u64(), at })
+        };
+        let _ = waiting.send(answer);
+    }
+}

@@ -1,0 +1,149 @@
+//! The server side of every gRPC call: its metrics, and its span as a child of the caller's.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::http::{Request, Response};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::names::{GRPC_SERVER_REQUEST_DURATION, GRPC_SERVER_REQUESTS};
+use crate::trace::{RECEIVED_AT_HEADER, TRACEPARENT, set_remote_parent, with_received_at};
+
+/// Counts every call by service, method and status code, times it, and serves it inside a `grpc.server`
+/// span whose parent is the caller's `traceparent`, with the caller's received-at moment in scope.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcServerLayer;
+
+impl<S> Layer<S> for GrpcServerLayer {
+    type Service = GrpcServerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcServerService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcServerService<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, B, RB> Service<Request<B>> for GrpcServerService<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (service, method) = service_and_method(request.uri().path());
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = %format!("{service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+        );
+        let header = |name: &str| request.headers().get(name).and_then(|value| value.to_str().ok());
+        if let Some(traceparent) = header(TRACEPARENT) {
+            set_remote_parent(&span, traceparent);
+        }
+        let received_at: Option<i64> = header(RECEIVED_AT_HEADER).and_then(|value| value.parse().ok());
+        // The inner service is ready (poll_ready); the clone takes its place for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let started = tokio::time::Instant::now();
+        let call = {
+            let _entered = span.enter();
+            inner.call(request)
+        };
+        Box::pin(async move {
+            let call = call.instrument(span);
+            let result = match received_at {
+                Some(at) => with_received_at(at, call).await,
+                None => call.await,
+            };
+            let code = match &result {
+                // A call that failed answers its status in the headers (trailers-only); a successful unary
+                // call answers it in the trailers, after these headers.
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.parse::<u8>().ok())
+                    .map_or("ok", code_name),
+                Err(_) => "unavailable",
+            };
+            metrics::counter!(GRPC_SERVER_REQUESTS, "service" => service.clone(), "method" => method.clone(), "code" => code)
+                .increment(1);
+            metrics::histogram!(GRPC_SERVER_REQUEST_DURATION, "service" => service, "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            result
+        })
+    }
+}
+
+/// `/package.Service/Method` → (`package.Service`, `Method`); anything else is `unknown` (bounded labels).
+fn service_and_method(path: &str) -> (String, String) {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    match (parts.next(), parts.next()) {
+        (Some(service), Some(method)) if !service.is_empty() && !method.is_empty() && !method.contains('/') => {
+            (service.to_owned(), method.to_owned())
+        }
+        _ => ("unknown".to_owned(), "unknown".to_owned()),
+    }
+}
+
+/// The gRPC status code's name in snake case.
+fn code_name(code: u8) -> &'static str {
+    match code {
+        0 => "ok",
+        1 => "cancelled",
+        2 => "unknown",
+        3 => "invalid_argument",
+        4 => "deadline_exceeded",
+        5 => "not_found",
+        6 => "already_exists",
+        7 => "permission_denied",
+        8 => "resource_exhausted",
+        9 => "failed_precondition",
+        10 => "aborted",
+        11 => "out_of_range",
+        12 => "unimplemented",
+        13 => "internal",
+        14 => "unavailable",
+        15 => "data_loss",
+        16 => "unauthenticated",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_become_bounded_labels() {
+        assert_eq!(
+            service_and_method("/switchboard.internal.v1.StoreService/Append"),
+            ("switchboard.internal.v1.StoreService".to_owned(), "Append".to_owned())
+        );
+        for odd in ["/", "", "/only", "/a/b/c", "//x"] {
+            assert_eq!(service_and_method(odd), ("unknown".to_owned(), "unknown".to_owned()), "{odd}");
+        }
+        assert_eq!(code_name(14), "unavailable");
+        assert_eq!(code_name(99), "unknown");
+    }
+}

@@ -1,0 +1,110 @@
+//! The standard process metrics, read from `/proc` at each scrape (Linux; elsewhere none).
+
+use std::fmt::Write;
+
+/// Clock ticks per second of `/proc/*/stat` times (USER_HZ, 100 on every Linux platform Switchboard runs
+/// on).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+pub(crate) fn render() -> String {
+    let mut text = String::new();
+    let Some(stat) = read_stat() else { return text };
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    metric(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        stat.cpu_seconds,
+    );
+    metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", stat.virtual_bytes);
+    if let Some(rss) = resident_bytes() {
+        metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss);
+    }
+    if let Some(start) = boot_time_seconds().map(|boot| boot + stat.start_ticks / TICKS_PER_SECOND) {
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch in seconds.",
+            start,
+        );
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        metric("process_open_fds", "gauge", "Number of open file descriptors.", entries.count() as f64);
+    }
+    if let Some(max) = max_fds() {
+        metric("process_max_fds", "gauge", "Maximum number of open file descriptors.", max);
+    }
+    text
+}
+
+struct Stat {
+    cpu_seconds: f64,
+    virtual_bytes: f64,
+    start_ticks: f64,
+}
+
+fn read_stat() -> Option<Stat> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: the fields after it follow the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3 (state): field n is at index n - 3.
+    let field = |n: usize| fields.get(n - 3).and_then(|value| value.parse::<f64>().ok());
+    Some(Stat {
+        cpu_seconds: (field(14)? + field(15)?) / TICKS_PER_SECOND,
+        start_ticks: field(22)?,
+        virtual_bytes: field(23)?,
+    })
+}
+
+fn resident_bytes() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+fn boot_time_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines().find_map(|line| line.strip_prefix("btime ")).and_then(|value| value.trim().parse().ok())
+}
+
+fn max_fds() -> Option<f64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_process_metrics_are_read_on_linux() {
+        let text = render();
+        if cfg!(target_os = "linux") {
+            for name in [
+                "process_cpu_seconds_total",
+                "process_resident_memory_bytes",
+                "process_virtual_memory_bytes",
+                "process_start_time_seconds",
+                "process_open_fds",
+                "process_max_fds",
+            ] {
+                let value = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix(&format!("{name} ")))
+                    .unwrap_or_else(|| panic!("{name} missing from {text}"));
+                assert!(value.parse::<f64>().is_ok_and(|value| value >= 0.0), "{name} {value}");
+            }
+            let rss: f64 = text
+                .lines()
+                .find_map(|line| line.strip_prefix("process_resident_memory_bytes "))
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_default();
+            assert!(rss > 1_000_000.0, "a test process holds more than a megabyte: {rss}");
+        }
+    }
+}
