@@ -1,0 +1,229 @@
+//! Appends to the event log on a SQLite file (WAL, `synchronous=FULL`: every commit is durable), each
+//! measured beside a bare baseline in the same run. One iteration is 64 appends of one message each, to 64
+//! conversations (as 64 conversation actors would make them):
+//! - `switchboard_concurrent`: the 64 `StoreApi::append`s at once, so that group commit gathers them into
+//!   few transactions;
+//! - `switchboard_sequential`: the same 64 one after the other, each its own transaction;
+//! - `baseline_one_transaction` / `baseline_64_transactions`: bare sqlx INSERTs of 64 rows into a table like
+//!   the store's `events` (same columns, key and unique index) on a file with the same pragmas.
+//!
+//! Criterion reports the time of 64 appends and, from the throughput, appends per second; the per-append
+//! time is the first divided by 64.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use futures_util::future::join_all;
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use switchboard_domain::{FixedClock, shard_of};
+use switchboard_proto::internal::v1::{AcquireShardsRequest, AppendRequest, ConversationRecord, Fence, NewEvent};
+use switchboard_proto::store::StoreApi;
+use switchboard_store::SqlStore;
+use tokio::runtime::Runtime;
+
+const APPENDS: usize = 64;
+const START_MS: i64 = 1_767_225_600_000;
+const NODE: &str = "bench-node";
+/// Long enough that no lease expires during a run (the store's clock is fixed anyway).
+const LEASE_MS: u64 = 3_600_000;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn record(id: &str) -> ConversationRecord {
+    ConversationRecord {
+        id: id.into(),
+        tenant_id: "bench".into(),
+        group_id: "g0".into(),
+        customer_name: "Carol".into(),
+        first_question: "Where is my parcel?".into(),
+        state: "queued".into(),
+        created_at_ms: START_MS,
+        queued_at_ms: START_MS,
+        shard: shard_of(&format!("conversation/{id}")).0,
+        customer_token: format!("token-{id}"),
+        ..Default::default()
+    }
+}
+
+fn event(kind: &str, client_msg_id: &str, payload_json: String) -> NewEvent {
+    NewEvent {
+        at_ms: START_MS,
+        author_role: "customer".into(),
+        author_id: String::new(),
+        client_msg_id: client_msg_id.into(),
+        kind: kind.into(),
+        payload_json,
+    }
+}
+
+async fn acquire(store: &SqlStore, shards: Vec<u32>) -> Vec<(u32, u64)> {
+    let request = AcquireShardsRequest { node_id: NODE.into(), shards, lease_ms: LEASE_MS, limit: 0 };
+    store.acquire_shards(request).await.unwrap().granted.iter().map(|lease| (lease.shard, lease.epoch)).collect()
+}
+
+/// A store with `APPENDS` queued conversations, and a fence of each that the store accepts.
+async fn store_with_conversations(path: &str) -> (SqlStore, Vec<(String, Fence)>) {
+    let store = SqlStore::open(path, Arc::new(FixedClock::new(START_MS))).await.unwrap();
+    let ids: Vec<String> = (0..APPENDS).map(|i| format!("bench-{i}")).collect();
+    for id in &ids {
+        let record = record(id);
+        let (shard, epoch) = acquire(&store, vec![record.shard]).await[0];
+        let request = AppendRequest {
+            fence: Some(Fence { shard, epoch }),
+            conversation_id: id.clone(),
+            create: Some(record),
+            events: vec![event("created", "", "{}".into())],
+            update: None,
+        };
+        store.append(request).await.unwrap();
+    }
+    // Each create took its shard again (a new epoch): take every shard once more, for fences valid for all.
+    let mut shards: Vec<u32> = ids.iter().map(|id| record(id).shard).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let granted = acquire(&store, shards).await;
+    let fences = ids
+        .into_iter()
+        .map(|id| {
+            let shard = record(&id).shard;
+            let epoch = granted.iter().find(|(granted, _)| *granted == shard).unwrap().1;
+            (id, Fence { shard, epoch })
+        })
+        .collect();
+    (store, fences)
+}
+
+/// One message append per conversation, with client message ids never used before.
+fn requests(fences: &[(String, Fence)], round: u64) -> Vec<AppendRequest> {
+    fences
+        .iter()
+        .map(|(id, fence)| AppendRequest {
+            fence: Some(*fence),
+            conversation_id: id.clone(),
+            create: None,
+            events: vec![event("message", &format!("m{round}"), r#"{"body":"hello"}"#.into())],
+            update: None,
+        })
+        .collect()
+}
+
+fn switchboard_appends(c: &mut Criterion) {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let (store, fences) = runtime.block_on(store_with_conversations(path.to_str().unwrap()));
+    let round = AtomicU64::new(0);
+
+    let mut group = c.benchmark_group("store_append_64");
+    group.throughput(Throughput::Elements(APPENDS as u64));
+    group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    group.bench_function("switchboard_concurrent", |b| {
+        b.iter(|| {
+            let requests = requests(&fences, round.fetch_add(1, Ordering::Relaxed));
+            runtime.block_on(async {
+                for response in join_all(requests.into_iter().map(|request| store.append(request))).await {
+                    assert!(!response.unwrap().duplicate);
+                }
+            })
+        })
+    });
+    group.bench_function("switchboard_sequential", |b| {
+        b.iter(|| {
+            let requests = requests(&fences, round.fetch_add(1, Ordering::Relaxed));
+            runtime.block_on(async {
+                for request in requests {
+                    assert!(!store.append(request).await.unwrap().duplicate);
+                }
+            })
+        })
+    });
+    group.finish();
+    runtime.block_on(store.close());
+}
+
+const CREATE_EVENTS: &str = "CREATE TABLE events (
+    conversation_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    author_role TEXT NOT NULL,
+    author_id TEXT NOT NULL,
+    client_msg_id TEXT NULL,
+    kind TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+)";
+const CREATE_DEDUP_INDEX: &str =
+    "CREATE UNIQUE INDEX events_by_client_msg_id ON events (conversation_id, client_msg_id)";
+const INSERT_EVENT: &str = "INSERT INTO events (conversation_id, seq, at_ms, author_role, author_id, client_msg_id, kind, \
+     payload_json) VALUES (?, ?, ?, 'customer', '', ?, 'message', '{\"body\":\"hello\"}')";
+
+/// One connection to a SQLite file with the store's pragmas, and the bare `events` table.
+async fn bare_pool(path: &str) -> SqlitePool {
+    let options = SqliteConnectOptions::from_str(&format!("sqlite:{path}"))
+        .unwrap()
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+    sqlx::query(CREATE_EVENTS).execute(&pool).await.unwrap();
+    sqlx::query(CREATE_DEDUP_INDEX).execute(&pool).await.unwrap();
+    pool
+}
+
+async fn insert<'c, E: sqlx::SqliteExecutor<'c>>(executor: E, conversation: &str, round: u64) {
+    let seq = i64::try_from(round).unwrap();
+    sqlx::query(INSERT_EVENT)
+        .bind(conversation)
+        .bind(seq)
+        .bind(START_MS)
+        .bind(format!("m{round}"))
+        .execute(executor)
+        .await
+        .unwrap();
+}
+
+fn bare_inserts(c: &mut Criterion) {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bare.db");
+    let pool = runtime.block_on(bare_pool(path.to_str().unwrap()));
+    let conversations: Vec<String> = (0..APPENDS).map(|i| format!("bench-{i}")).collect();
+    let round = AtomicU64::new(1);
+
+    let mut group = c.benchmark_group("store_append_64");
+    group.throughput(Throughput::Elements(APPENDS as u64));
+    group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    group.bench_function("baseline_one_transaction", |b| {
+        b.iter(|| {
+            let round = round.fetch_add(1, Ordering::Relaxed);
+            runtime.block_on(async {
+                let mut transaction = pool.begin().await.unwrap();
+                for conversation in &conversations {
+                    insert(&mut *transaction, conversation, round).await;
+                }
+                transaction.commit().await.unwrap();
+            })
+        })
+    });
+    group.bench_function("baseline_64_transactions", |b| {
+        b.iter(|| {
+            let round = round.fetch_add(1, Ordering::Relaxed);
+            runtime.block_on(async {
+                for conversation in &conversations {
+                    insert(&pool, conversation, round).await;
+                }
+            })
+        })
+    });
+    group.finish();
+    runtime.block_on(pool.close());
+}
+
+criterion_group!(benches, bare_inserts, switchboard_appends);
+criterion_main!(benches);
