@@ -1,60 +1,25 @@
 //! The figures the comparison reads from the load generator's reports (`{"scenario","throughput_per_s",
 //! "counts","latency_us","errors_by_reason","invariants","memory","license"}`), one struct per scenario.
-//! Reading is lenient: a missing figure is `None`, not an error, so that one odd report does not lose a
-//! whole comparison.
+//! The reports are read with the load generator's own types (`switchboard_loadgen::report`), so a change
+//! of its schema breaks this build rather than a comparison.
 
 use serde::Serialize;
-use serde_json::Value;
+pub use switchboard_loadgen::report::LatencySummary as Latency;
+use switchboard_loadgen::report::Report;
 
 use crate::compare::loadgen::Run;
 
-/// A latency, in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Latency {
-    pub count: u64,
-    pub p50: u64,
-    pub p90: u64,
-    pub p99: u64,
-    pub p999: u64,
-    pub max: u64,
-    pub mean: f64,
-}
-
-pub fn latency(report: &Value, name: &str) -> Option<Latency> {
-    let summary = report.get("latency_us")?.get(name)?;
-    let field = |key: &str| summary.get(key).and_then(Value::as_u64).unwrap_or(0);
-    Some(Latency {
-        count: field("count"),
-        p50: field("p50"),
-        p90: field("p90"),
-        p99: field("p99"),
-        p999: field("p999"),
-        max: field("max"),
-        mean: summary.get("mean").and_then(Value::as_f64).unwrap_or(0.0),
-    })
+pub fn latency(report: &Report, name: &str) -> Option<Latency> {
+    report.latency_us.get(name).copied()
 }
 
 /// Every error the load generator counted, whatever its reason.
-pub fn n_errors(report: &Value) -> u64 {
-    report
-        .get("errors_by_reason")
-        .and_then(Value::as_object)
-        .map_or(0, |reasons| reasons.values().filter_map(Value::as_u64).sum())
+pub fn n_errors(report: &Report) -> u64 {
+    report.errors_by_reason.values().sum()
 }
 
-pub fn n_violations(report: &Value) -> u64 {
-    let invariants = report.get("invariants");
-    let total = invariants.and_then(|invariants| invariants.get("violations_total")).and_then(Value::as_u64);
-    let listed = invariants.and_then(|invariants| invariants.get("violations")).and_then(Value::as_array).map(Vec::len);
-    total.unwrap_or(listed.unwrap_or(0) as u64)
-}
-
-pub fn throughput(report: &Value) -> f64 {
-    report.get("throughput_per_s").and_then(Value::as_f64).unwrap_or(0.0)
-}
-
-pub fn count(report: &Value, name: &str) -> Option<u64> {
-    report.get("counts")?.get(name)?.as_u64()
+pub fn n_violations(report: &Report) -> u64 {
+    report.invariants.violations_total.max(report.invariants.violations.len() as u64)
 }
 
 /// A `steady` run: message latency at a target rate.
@@ -75,7 +40,7 @@ impl Steady {
     pub fn read(run: &Run, target_per_s: f64) -> Steady {
         Steady {
             target_per_s,
-            achieved_per_s: throughput(&run.report),
+            achieved_per_s: run.report.throughput_per_s,
             message: latency(&run.report, "message"),
             ack: latency(&run.report, "ack"),
             errors: n_errors(&run.report),
@@ -120,15 +85,12 @@ pub struct Idle {
 
 impl Idle {
     pub fn read(run: &Run, sessions_asked: u64) -> Idle {
-        let sessions = count(&run.report, "sessions_open").unwrap_or(sessions_asked);
+        let sessions = run.report.counts.get("sessions_open").copied().unwrap_or(sessions_asked);
         let grown_kb = run.rss_peak_kb.saturating_sub(run.rss_before_kb);
-        let memory = run.report.get("memory");
         Idle {
             sessions,
             bytes_per_session: (sessions > 0).then(|| grown_kb as f64 * 1024.0 / sessions as f64),
-            loadgen_bytes_per_session: memory
-                .and_then(|memory| memory.get("server_bytes_per_session"))
-                .and_then(Value::as_f64),
+            loadgen_bytes_per_session: run.report.memory.as_ref().and_then(|memory| memory.server_bytes_per_session),
             rss_before_kb: run.rss_before_kb,
             rss_peak_kb: run.rss_peak_kb,
             errors: n_errors(&run.report),
@@ -181,24 +143,16 @@ impl License {
     pub fn read(run: &Run, limit: u64) -> License {
         let rounds = run
             .report
-            .get("license")
-            .and_then(|license| license.get("rounds"))
-            .and_then(Value::as_array)
-            .map(|rounds| {
-                rounds
-                    .iter()
-                    .map(|round| {
-                        let field = |key: &str| round.get(key).and_then(Value::as_u64).unwrap_or(0);
-                        LicenseRound {
-                            attempted: field("attempted"),
-                            admitted: field("admitted"),
-                            refused: field("refused"),
-                            failed: field("failed"),
-                        }
-                    })
-                    .collect()
+            .license
+            .iter()
+            .flat_map(|license| &license.rounds)
+            .map(|round| LicenseRound {
+                attempted: round.attempted,
+                admitted: round.admitted,
+                refused: round.refused,
+                failed: round.failed,
             })
-            .unwrap_or_default();
+            .collect();
         License { limit, rounds, violations: n_violations(&run.report), loadgen_failed: run.failed_status.clone() }
     }
 

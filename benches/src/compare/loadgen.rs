@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchboard_loadgen::report::Report;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -35,7 +36,7 @@ pub struct Loadgen {
 #[derive(Debug, Clone)]
 pub struct Run {
     /// The load generator's JSON report.
-    pub report: Value,
+    pub report: Report,
     /// The exit status of the load generator, when it was not success.
     pub failed_status: Option<String>,
     /// The sum of the watched processes' resident sets before the run, in KiB.
@@ -142,12 +143,9 @@ impl Loadgen {
                 std::fs::read_to_string(&log_path).unwrap_or_default()
             )
         })?;
-        let report: Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: the report is not JSON", scenario.label))?;
-        let mut kept = report.clone();
-        if let Some(fields) = kept.as_object_mut() {
-            fields.remove("histograms");
-        }
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a report of the load generator", scenario.label))?;
+        let kept = serde_json::to_value(Report { histograms: BTreeMap::new(), ..report.clone() })?;
         self.reports.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(scenario.label.clone(), kept);
         let failed_status = (!status.success()).then(|| status.to_string());
         Ok(Run { report, failed_status, rss_before_kb, rss_peak_kb: peak.load(Ordering::Relaxed) })

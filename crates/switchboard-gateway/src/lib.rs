@@ -17,6 +17,7 @@
 
 mod grpc;
 pub mod hub;
+mod keyed_locks;
 pub mod protocol;
 mod session;
 mod ws;
@@ -42,6 +43,7 @@ use tracing::{debug, info, warn};
 
 pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
+use crate::keyed_locks::{KeyedGuard, KeyedLocks};
 pub use crate::ws::{CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER};
 
 /// The full name of the public gRPC service.
@@ -91,12 +93,6 @@ impl GatewaySettings {
     }
 }
 
-/// Whether the gateway is subscribed to one agent's pushes, behind the lock that orders its changes.
-type AgentSubscription = Arc<tokio::sync::Mutex<bool>>;
-
-/// How many locks order the gateway's subscriptions to conversations (by a hash of the conversation).
-const CONVERSATION_LOCKS: usize = 256;
-
 /// How many presence writes of one heartbeat are in flight at once.
 const HEARTBEAT_CONCURRENCY: usize = 32;
 
@@ -113,11 +109,12 @@ pub(crate) struct Shared {
     boot_id: String,
     /// Per agent: whether the gateway is subscribed to the agent's pushes; its lock orders the subscription
     /// changes of one agent.
-    agent_subscriptions: Mutex<HashMap<(TenantId, AgentId), AgentSubscription>>,
+    /// Whether the gateway is subscribed to each agent's pushes, behind the lock that orders its changes.
+    agent_subscriptions: KeyedLocks<(TenantId, AgentId), bool>,
     /// Order the subscription and unsubscription of one conversation: an unsubscription decided when the
     /// last socket stopped watching may not overtake the subscription of a socket that started watching
     /// since (the router would forget the gateway while a socket waits for pushes).
-    conversation_locks: Vec<tokio::sync::Mutex<()>>,
+    conversation_locks: KeyedLocks<ConversationId, ()>,
     /// The group statuses read last, per tenant: `groups.list` answers them (marked stale) while presence
     /// cannot be read.
     pub(crate) group_statuses: Mutex<HashMap<TenantId, Vec<GroupStatus>>>,
@@ -180,9 +177,8 @@ impl Shared {
     }
 
     /// The lock that orders the gateway's subscription changes for one conversation.
-    pub(crate) async fn conversation_lock(&self, conversation: ConversationId) -> tokio::sync::MutexGuard<'_, ()> {
-        let stripe = (conversation.as_uuid().as_u128() % self.conversation_locks.len() as u128) as usize;
-        self.conversation_locks[stripe].lock().await
+    pub(crate) async fn conversation_lock(&self, conversation: ConversationId) -> KeyedGuard<'_, ConversationId, ()> {
+        self.conversation_locks.lock(&conversation).await
     }
 
     /// Makes the gateway subscribed to the agent's own pushes exactly while a socket of the agent is signed in
@@ -193,34 +189,19 @@ impl Shared {
         tenant: &TenantId,
         agent: &AgentId,
     ) -> Result<(), switchboard_proto::router::RouterError> {
-        let key = (tenant.clone(), agent.clone());
-        let entry = {
-            let mut subscriptions = self.agent_subscriptions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            subscriptions.entry(key.clone()).or_default().clone()
-        };
-        let mut subscribed = entry.lock().await;
+        let mut subscribed = self.agent_subscriptions.lock(&(tenant.clone(), agent.clone())).await;
         let wanted = self.hub.n_agent_sockets(tenant, agent) > 0;
-        let result = if wanted && !*subscribed {
+        if wanted && !*subscribed {
             let result = self.router.subscribe_agent(&self.gateway_id, tenant, agent).await;
             *subscribed = result.is_ok();
             result
-        } else if !wanted && *subscribed {
-            self.router.unsubscribe_agent(&self.gateway_id, tenant, agent).await;
-            *subscribed = false;
-            Ok(())
         } else {
-            Ok(())
-        };
-        let idle = !*subscribed;
-        drop(subscribed);
-        if idle {
-            // Forgotten when nobody else is about to use it (the map and this function hold the only two).
-            let mut subscriptions = self.agent_subscriptions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if subscriptions.get(&key).is_some_and(|held| Arc::ptr_eq(held, &entry) && Arc::strong_count(&entry) == 2) {
-                subscriptions.remove(&key);
+            if !wanted && *subscribed {
+                self.router.unsubscribe_agent(&self.gateway_id, tenant, agent).await;
+                *subscribed = false;
             }
+            Ok(())
         }
-        result
     }
 }
 
@@ -256,8 +237,8 @@ impl Gateway {
             hub: Hub::default(),
             next_socket_id: AtomicU64::new(1),
             boot_id: uuid::Uuid::new_v4().simple().to_string(),
-            agent_subscriptions: Mutex::default(),
-            conversation_locks: (0..CONVERSATION_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            agent_subscriptions: KeyedLocks::default(),
+            conversation_locks: KeyedLocks::default(),
             group_statuses: Mutex::default(),
             draining: watch::channel(false).0,
         });

@@ -224,7 +224,7 @@ impl<T: Transport> Session<T> {
         let kind = request.kind();
         metrics::counter!(names::GATEWAY_REQUESTS, "type" => kind).increment(1);
         let received_at_us = self.shared.clock.now_us();
-        let span = tracing::info_span!("gateway.request", otel.name = %format!("gateway {kind}"), otel.kind = "server", request.type = kind);
+        let span = tracing::info_span!("gateway.request", otel.name = kind, otel.kind = "server");
         switchboard_telemetry::trace::with_received_at(received_at_us, self.handle(request).instrument(span)).await
     }
 
@@ -253,15 +253,20 @@ impl<T: Transport> Session<T> {
         let Some(origin) = outbound.origin() else {
             return self.send(Outgoing::Push(outbound)).await;
         };
-        // The last hop of the request's trace: written to this connection.
-        let span = tracing::info_span!("gateway.deliver", otel.kind = "producer", conversation = %conversation, seq);
-        if let Some(traceparent) = &origin.traceparent {
+        // The last hop of the request's trace (when it is traced): written to this connection.
+        let span = origin.traceparent.as_deref().map(|traceparent| {
+            let span =
+                tracing::info_span!("gateway.deliver", otel.kind = "producer", conversation = %conversation, seq);
             switchboard_telemetry::trace::set_remote_parent(&span, traceparent);
-        }
+            span
+        });
         let other_side = self.role.as_ref().is_some_and(|role| !crate::hub::is_author(role, &event.author));
         let received_at_us = origin.received_at_us;
         let message = matches!(event.body, switchboard_domain::EventBody::Message { .. });
-        self.send(Outgoing::Push(outbound)).instrument(span).await?;
+        match span {
+            Some(span) => self.send(Outgoing::Push(outbound)).instrument(span).await?,
+            None => self.send(Outgoing::Push(outbound)).await?,
+        }
         if message && other_side && received_at_us > 0 {
             let latency_us = self.shared.clock.now_us().saturating_sub(received_at_us);
             metrics::histogram!(names::MESSAGE_LATENCY).record(latency_us.max(0) as f64 / 1e6);
@@ -505,9 +510,7 @@ impl<T: Transport> Session<T> {
         };
         let role = Role::Agent { tenant: tenant.clone(), agent: agent.clone(), groups: entry.groups.clone() };
         let mut needs = self.shared.hub.register(self.socket_id, self.link.clone(), role.clone());
-        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
-        connection_gauge::<T>(Some(&role)).increment(1.0);
-        self.role = Some(role);
+        self.set_role(Some(role));
         // The agent is followed here whatever the hub's hint says: another socket of the agent may have
         // registered first and not subscribed yet (or failed to).
         needs.subscribe_agents.clear();
@@ -631,18 +634,21 @@ impl<T: Transport> Session<T> {
 
     async fn become_role(&mut self, role: Role) {
         let needs = self.shared.hub.register(self.socket_id, self.link.clone(), role.clone());
-        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
-        connection_gauge::<T>(Some(&role)).increment(1.0);
-        self.role = Some(role);
+        self.set_role(Some(role));
         self.apply_needs(needs).await;
+    }
+
+    /// The connection's role now; the connection gauges follow it.
+    fn set_role(&mut self, role: Option<Role>) {
+        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
+        connection_gauge::<T>(role.as_ref()).increment(1.0);
+        self.role = role;
     }
 
     /// Undoes `become_role` after the request that took the role failed.
     async fn abandon_role(&mut self) {
         let needs = self.shared.hub.unregister(self.socket_id);
-        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
-        connection_gauge::<T>(None).increment(1.0);
-        self.role = None;
+        self.set_role(None);
         self.written_seq.clear();
         self.apply_needs(needs).await;
     }

@@ -132,6 +132,29 @@ pub(crate) struct QueueActorState {
     /// Recent waits (queued → accepted), used before there are intervals.
     waits: VecDeque<i64>,
     estimate: Option<u64>,
+    metrics: QueueMetrics,
+}
+
+/// The group's metrics, registered once per actor (the queue updates them after every message).
+struct QueueMetrics {
+    waiting: metrics::Gauge,
+    oldest_wait: metrics::Gauge,
+    wait: metrics::Histogram,
+    open: metrics::Gauge,
+    signed_in: metrics::Gauge,
+}
+
+impl QueueMetrics {
+    fn new(tenant: &TenantId, group: &GroupId) -> QueueMetrics {
+        let labels = [("tenant", tenant.to_string()), ("group", group.to_string())];
+        QueueMetrics {
+            waiting: metrics::gauge!(names::QUEUE_WAITING_CHATS, &labels),
+            oldest_wait: metrics::gauge!(names::QUEUE_OLDEST_WAIT, &labels),
+            wait: metrics::histogram!(names::QUEUE_WAIT, &labels),
+            open: metrics::gauge!(names::GROUP_OPEN, &labels),
+            signed_in: metrics::gauge!(names::GROUP_AGENTS_SIGNED_IN, &labels),
+        }
+    }
 }
 
 impl Actor for QueueActor {
@@ -216,7 +239,8 @@ impl Actor for QueueActor {
             QueueMsg::Tick => state.tick(),
         }
         state.dispatch();
-        let oldest_ms = state.waiting.iter().map(|entry| entry.queued_at_ms).min();
+        // The waiting list is in arrival order: its head has waited longest.
+        let oldest_ms = state.waiting.iter().next().map(|entry| entry.queued_at_ms);
         let oldest_wait_ms = oldest_ms.map_or(0, |queued| state.now_ms().saturating_sub(queued).max(0));
         state.report(state.waiting.len(), oldest_wait_ms);
         Ok(())
@@ -228,14 +252,10 @@ impl QueueActorState {
         self.context.clock.now_ms()
     }
 
-    fn labels(&self) -> [(&'static str, String); 2] {
-        [("tenant", self.tenant.to_string()), ("group", self.group.to_string())]
-    }
-
     /// Sets the queue's gauges: how many chats wait, and how long the head has waited.
     fn report(&self, waiting: usize, oldest_wait_ms: i64) {
-        metrics::gauge!(names::QUEUE_WAITING_CHATS, &self.labels()).set(waiting as f64);
-        metrics::gauge!(names::QUEUE_OLDEST_WAIT, &self.labels()).set(oldest_wait_ms as f64 / 1000.0);
+        self.metrics.waiting.set(waiting as f64);
+        self.metrics.oldest_wait.set(oldest_wait_ms as f64 / 1000.0);
     }
 
     fn is_push(&self) -> bool {
@@ -284,7 +304,7 @@ impl QueueActorState {
         self.broadcast(QueueChange::Removed { conversation, reason });
         if taken_by.is_some() {
             let waited_ms = self.now_ms().saturating_sub(entry.queued_at_ms).max(0);
-            metrics::histogram!(names::QUEUE_WAIT, &self.labels()).record(waited_ms as f64 / 1000.0);
+            self.metrics.wait.record(waited_ms as f64 / 1000.0);
             if offer_taken {
                 metrics::counter!(names::OFFERS_ENDED, "reason" => "accepted").increment(1);
             }
@@ -499,8 +519,8 @@ impl QueueActorState {
     /// Evaluates the group's status and publishes it to presence, from a task.
     fn publish_status(&self, now_ms: i64) {
         let open = self.hours.is_open(now_ms);
-        metrics::gauge!(names::GROUP_OPEN, &self.labels()).set(if open { 1.0 } else { 0.0 });
-        let labels = self.labels();
+        self.metrics.open.set(if open { 1.0 } else { 0.0 });
+        let signed_in_gauge = self.metrics.signed_in.clone();
         let (context, tenant, group) = (self.context.clone(), self.tenant.clone(), self.group.clone());
         tokio::spawn(async move {
             let key = (tenant.clone(), group.clone());
@@ -517,7 +537,7 @@ impl QueueActorState {
                     return;
                 }
             };
-            metrics::gauge!(names::GROUP_AGENTS_SIGNED_IN, &labels).set(signed_in as f64);
+            signed_in_gauge.set(signed_in as f64);
             let status =
                 GroupStatus { tenant, group, open, signed_in, online: open && signed_in > 0, evaluated_at_ms: now_ms };
             if let Err(error) = context.presence.put_group_status(&status).await {
@@ -685,6 +705,7 @@ pub(crate) async fn activate(
                 busy_after_last_departure: false,
                 waits: VecDeque::new(),
                 estimate: None,
+                metrics: QueueMetrics::new(tenant, group),
             };
             let (actor, _) = Actor::spawn(None, QueueActor, state)
                 .await

@@ -50,7 +50,7 @@ where
         let (service, method) = service_and_method(request.uri().path());
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = %format!("{service}/{method}"),
+            otel.name = request.uri().path(),
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = %service,

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider};
@@ -25,6 +26,9 @@ use tracing_subscriber::{EnvFilter, Layer};
 pub const TRACEPARENT: &str = "traceparent";
 /// The header that carries when a client request reached its first gateway.
 pub const RECEIVED_AT_HEADER: &str = "x-switchboard-received-at-us";
+
+/// Whether spans are exported: without an exporter no trace context is made or carried.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 tokio::task_local! {
     static RECEIVED_AT_US: i64;
@@ -79,6 +83,7 @@ pub fn init_tracing(service: &str, otlp_endpoint: Option<&str>, default_filter: 
     let otel =
         tracing_opentelemetry::layer().with_tracer(tracer).with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
+    EXPORTING.store(true, Ordering::Relaxed);
     Ok(TracingGuard { provider: Some(provider) })
 }
 
@@ -89,6 +94,9 @@ pub fn current_traceparent() -> Option<String> {
 
 /// The W3C `traceparent` of `span`; `None` when it is not traced.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return None;
+    }
     let context = span.context();
     if !context.span().span_context().is_valid() {
         return None;

@@ -129,7 +129,7 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// Serves `GET /metrics` on its own port (the roles whose main port speaks only gRPC).
 async fn serve_metrics(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = bind(listen).await?;
+    let listener = bind(listen).await.context("cannot serve the metrics: set another --metrics-listen")?;
     let address = listener.local_addr()?;
     println!("metrics on http://{address}/metrics");
     switchboard_telemetry::serve_metrics(listener);
