@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider};
 use opentelemetry_otlp::WithExportConfig;
@@ -74,10 +75,7 @@ pub fn init_tracing(service: &str, otlp_endpoint: Option<&str>, default_filter: 
         opentelemetry_sdk::runtime::Tokio,
     )
     .build();
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_resource(Resource::builder().with_service_name(service.to_owned()).build())
-        .build();
+    let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource(service)).build();
     let tracer = provider.tracer("switchboard");
     // Spans are exported at INFO and above whatever the log filter says.
     let otel =
@@ -85,6 +83,15 @@ pub fn init_tracing(service: &str, otlp_endpoint: Option<&str>, default_filter: 
     tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(TracingGuard { provider: Some(provider) })
+}
+
+/// The resource of the process's spans: `service` as `service.name` (the role: every gateway has the same one),
+/// and `process.pid`, which tells the processes of one role apart; `OTEL_RESOURCE_ATTRIBUTES` adds others.
+fn resource(service: &str) -> Resource {
+    Resource::builder()
+        .with_service_name(service.to_owned())
+        .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())))
+        .build()
 }
 
 /// The W3C `traceparent` of the current span; `None` when it is not traced (no exporter, or not sampled).
@@ -154,5 +161,13 @@ mod tests {
         assert_eq!(metadata.get(RECEIVED_AT_HEADER).and_then(|value| value.to_str().ok()), Some("7"));
         // Without a tracing layer there is no trace to carry.
         assert!(metadata.get(TRACEPARENT).is_none());
+    }
+
+    #[test]
+    fn the_resource_names_the_role_and_the_process() {
+        let resource = resource("switchboard-gateway");
+        let get = |key: &'static str| resource.get(&opentelemetry::Key::from_static_str(key));
+        assert_eq!(get("service.name"), Some("switchboard-gateway".into()));
+        assert_eq!(get("process.pid"), Some(i64::from(std::process::id()).into()));
     }
 }

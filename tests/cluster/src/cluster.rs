@@ -54,6 +54,8 @@ pub struct ClusterSpec {
     pub presence_grace_ms: u64,
     /// The cluster-wide license limit (0 = unlimited).
     pub license_max_sessions: u64,
+    /// Environment variables added to every store, router and gateway (e.g. `SWITCHBOARD_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl ClusterSpec {
@@ -68,6 +70,7 @@ impl ClusterSpec {
             presence_heartbeat_ms: 500,
             presence_grace_ms: 30_000,
             license_max_sessions: 0,
+            env: Vec::new(),
         }
     }
 
@@ -158,7 +161,8 @@ impl Cluster {
         let stores = try_join_all((0..spec.stores).map(|i| {
             let args = vec!["--config".to_owned(), config.clone(), "--database-url".to_owned(), database_url.clone()];
             let log_dir = log_dir.clone();
-            async move { Process::start(Role::Store, &format!("store-{i}"), args, &log_dir).await }
+            let env = &spec.env;
+            async move { Process::start(Role::Store, &format!("store-{i}"), args, env, &log_dir).await }
         }))
         .await?;
         let store_urls: Vec<String> = stores.iter().map(Process::http_url).collect();
@@ -168,7 +172,8 @@ impl Cluster {
             args.extend(["--node-id".to_owned(), format!("router-{i}")]);
             args.extend(lease_args(&spec.lease));
             let log_dir = log_dir.clone();
-            async move { Process::start(Role::Router, &format!("router-{i}"), args, &log_dir).await }
+            let env = &spec.env;
+            async move { Process::start(Role::Router, &format!("router-{i}"), args, env, &log_dir).await }
         }))
         .await?;
         let gateways = try_join_all((0..spec.gateways).map(|i| {
@@ -176,7 +181,8 @@ impl Cluster {
             args.push(store_urls[i % store_urls.len()].clone());
             args.extend(["--gateway-id".to_owned(), format!("gateway-{i}")]);
             let log_dir = log_dir.clone();
-            async move { Process::start(Role::Gateway, &format!("gateway-{i}"), args, &log_dir).await }
+            let env = &spec.env;
+            async move { Process::start(Role::Gateway, &format!("gateway-{i}"), args, env, &log_dir).await }
         }))
         .await?;
 

@@ -58,6 +58,8 @@ pub struct Process {
     /// The node id of a router, the gateway id of a gateway, `store-N` for a store.
     pub name: String,
     args: Vec<String>,
+    /// Environment variables set on top of the harness's own (which they override).
+    env: Vec<(String, String)>,
     /// `127.0.0.1:0` before the first start; afterwards the address it got, so that a restart reuses it.
     listen: String,
     address: String,
@@ -81,9 +83,19 @@ impl std::fmt::Debug for Process {
 }
 
 impl Process {
-    /// Starts `switchboard <role> <args> --listen 127.0.0.1:0`; returns once it listens.
-    pub async fn start(role: Role, name: &str, args: Vec<String>, log_dir: &Path) -> anyhow::Result<Process> {
-        Process::start_program(binary()?, role, name, args, log_dir).await
+    /// Starts `switchboard <role> <args> --listen 127.0.0.1:0` with `env` added to its environment (for every
+    /// start); returns once it listens.
+    pub async fn start(
+        role: Role,
+        name: &str,
+        args: Vec<String>,
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Process> {
+        let mut process = Process::new(binary()?, role, name, args, log_dir);
+        process.env = env.to_vec();
+        process.spawn().await?;
+        Ok(process)
     }
 
     /// [`Process::start`] with another program that follows the same contract (the harness's own tests).
@@ -94,11 +106,18 @@ impl Process {
         args: Vec<String>,
         log_dir: &Path,
     ) -> anyhow::Result<Process> {
-        let mut process = Process {
+        let mut process = Process::new(program, role, name, args, log_dir);
+        process.spawn().await?;
+        Ok(process)
+    }
+
+    fn new(program: PathBuf, role: Role, name: &str, args: Vec<String>, log_dir: &Path) -> Process {
+        Process {
             program,
             role,
             name: name.to_owned(),
             args,
+            env: Vec::new(),
             listen: "127.0.0.1:0".to_owned(),
             address: String::new(),
             child: None,
@@ -106,9 +125,7 @@ impl Process {
             paused: false,
             starts: 0,
             log_path: log_dir.join(format!("{}-{name}.log", role.as_str())),
-        };
-        process.spawn().await?;
-        Ok(process)
+        }
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
@@ -140,6 +157,7 @@ impl Process {
             .env("NO_COLOR", "1")
             // Many processes of one role on this machine: each serves its metrics on a port of its own.
             .env("SWITCHBOARD_METRICS_LISTEN", "127.0.0.1:0")
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

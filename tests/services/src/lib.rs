@@ -6,12 +6,16 @@
 //! - [`Redis`]: Debian's `redis-server` (`apt-get install redis-server`; `scripts/test` installs it), without
 //!   persistence, in a directory of its own; [`Redis::stop`] and [`Redis::start_again`] make an outage on the
 //!   same port.
+//! - [`OtlpReceiver`]: an OTLP/gRPC trace receiver in the test process (a tonic server on a free port), which
+//!   keeps the spans the processes under test export and wakes waiters on each export.
 //!
 //! PostgreSQL refuses to run as root: when the tests run as root, the server runs as the `postgres` user.
 
+mod otlp;
 mod postgres;
 mod redis;
 
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use postgres::Postgres;
 pub use redis::Redis;
 
