@@ -143,9 +143,17 @@ impl Relay {
     }
 }
 
+/// The read and write buffers of each WebSocket: the gateway's (`switchboard_gateway::WS_BUFFER_BYTES`), so
+/// that the comparison measures the work and not the buffer sizes.
+pub const WS_BUFFER_BYTES: usize = 8 * 1024;
+
 async fn upgrade(State(relay): State<Arc<Relay>>, upgrade: WebSocketUpgrade) -> impl IntoResponse {
     let max_frame = relay.settings.max_message_bytes.saturating_mul(4).max(64 * 1024);
-    upgrade.max_message_size(max_frame).on_upgrade(move |socket| session::run(relay, socket))
+    upgrade
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
+        .max_message_size(max_frame)
+        .on_upgrade(move |socket| session::run(relay, socket))
 }
 
 /// Serves the relay on `listener` until the process ends, with TCP_NODELAY on every connection as the
@@ -175,4 +183,12 @@ pub(crate) fn now_ms() -> i64 {
 
 pub(crate) fn next_socket_id(relay: &Relay) -> u64 {
     relay.next_socket.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_relay_has_the_gateways_websocket_buffers() {
+        assert_eq!(super::WS_BUFFER_BYTES, switchboard_gateway::WS_BUFFER_BYTES);
+    }
 }

@@ -356,10 +356,17 @@ async fn heartbeat(weak: std::sync::Weak<Shared>) {
     }
 }
 
+/// The read and write buffers of each WebSocket. tungstenite's default is 128 KiB each, allocated for every
+/// connection and zeroed again before every read: most sockets are idle widgets sending frames of a few
+/// hundred bytes, and a frame larger than the buffer still arrives whole (the buffer grows for it).
+pub const WS_BUFFER_BYTES: usize = 8 * 1024;
+
 async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> impl IntoResponse {
     let max_frame = shared.settings.max_frame_bytes();
     let max_message_bytes = shared.settings.max_message_bytes;
     upgrade
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
         .max_message_size(max_frame)
         .on_upgrade(move |socket| session::run(shared, ws::WsTransport::new(socket, max_message_bytes)))
 }

@@ -12,8 +12,9 @@
 //!   (admissions serialized: the license limit holds exactly), `FOR UPDATE` on the conversations appended
 //!   to (gap-free seqs, deduplication), and `FOR UPDATE` on lease rows in shard order before changing them
 //!   (no deadlocks between acquires, renewals, releases and append batches).
-//! - **Lists of values.** SQLite gets one placeholder per value; PostgreSQL gets one array (`= ANY($1)`,
-//!   `unnest`), so that its statements are static and prepared once per connection.
+//! - **Lists of values.** SQLite gets one JSON array (`json_each($1)`), PostgreSQL one array per column
+//!   (`= ANY($1)`, `unnest`), so that the statements are static and prepared once per connection, and an
+//!   append batch is a handful of statements whatever its size.
 //! - **Ordering of ids.** Ids sort bytewise on both: SQLite's default BINARY collation, `COLLATE "C"` on
 //!   PostgreSQL whatever the database's collation.
 
@@ -27,8 +28,7 @@ pub(crate) fn db_now_ms(clock: &dyn Clock) -> i64 {
 /// Database time on PostgreSQL, in milliseconds since the Unix epoch.
 pub(crate) const PG_NOW_MS: &str = "SELECT CAST(floor(EXTRACT(EPOCH FROM clock_timestamp()) * 1000) AS BIGINT)";
 
-/// The current epoch of a shard, read at the start of an append batch to check its fence (SQLite).
-pub(crate) const SELECT_FENCE_EPOCH: &str = "SELECT epoch FROM shard_leases WHERE shard = $1";
-
-/// The conversation an append extends (SQLite).
-pub(crate) const SELECT_CONVERSATION_FOR_APPEND: &str = "SELECT last_seq, shard FROM conversations WHERE id = $1";
+/// A list bound as one JSON array, for SQLite's `json_each($1)`.
+pub(crate) fn json_list<T: serde::Serialize + ?Sized>(items: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(items).map_err(|error| sqlx::Error::Encode(Box::new(error)))
+}

@@ -109,9 +109,12 @@ impl SqlStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Statement journals (for the multi-row statements of an append batch) in memory, not in
+            // temporary files: they only serve to undo a statement that fails halfway.
+            .pragma("temp_store", "memory")
             .busy_timeout(BUSY_TIMEOUT);
         let writer = single_connection_pool(options.clone()).await?;
-        let store = Self::new(writer.clone(), writer, clock, group_commit);
+        let store = Self::new(writer.clone(), writer.clone(), clock.clone(), group_commit, None);
         store.migrate().await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
@@ -119,7 +122,8 @@ impl SqlStore {
             .connect_with(options)
             .await
             .map_err(error::db)?;
-        Ok(Self { reader, ..store })
+        let checkpoints = events::Checkpoints::new(reader.clone());
+        Ok(Self::new(writer, reader, clock, group_commit, Some(checkpoints)))
     }
 
     /// A private in-memory database, for tests. One connection serves reads and writes (each in-memory
@@ -129,13 +133,19 @@ impl SqlStore {
             .map_err(|error| StoreError::Invalid(error.to_string()))?
             .foreign_keys(true);
         let pool = single_connection_pool(options).await?;
-        let store = Self::new(pool.clone(), pool, clock, GroupCommit::default());
+        let store = Self::new(pool.clone(), pool, clock, GroupCommit::default(), None);
         store.migrate().await?;
         Ok(store)
     }
 
-    fn new(writer: SqlitePool, reader: SqlitePool, clock: Arc<dyn Clock>, group_commit: GroupCommit) -> Self {
-        let backend = Arc::new(events::SqliteAppender { writer: writer.clone() });
+    fn new(
+        writer: SqlitePool,
+        reader: SqlitePool,
+        clock: Arc<dyn Clock>,
+        group_commit: GroupCommit,
+        checkpoints: Option<events::Checkpoints>,
+    ) -> Self {
+        let backend = Arc::new(events::SqliteAppender { writer: writer.clone(), checkpoints });
         SqlStore { writer, reader, clock, appender: Appender::start(backend, group_commit) }
     }
 
@@ -256,7 +266,12 @@ mod tests {
             let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.unwrap();
             let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await.unwrap();
             let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(pool).await.unwrap();
-            assert_eq!((journal.as_str(), synchronous, foreign_keys), ("wal", 2, 1), "WAL, FULL, foreign keys");
+            let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store").fetch_one(pool).await.unwrap();
+            assert_eq!(
+                (journal.as_str(), synchronous, foreign_keys, temp_store),
+                ("wal", 2, 1, 2),
+                "WAL, FULL, foreign keys, temporary files in memory"
+            );
         }
         assert_eq!(store.writer.options().get_max_connections(), 1, "one writer");
     }

@@ -23,6 +23,7 @@ use switchboard_proto::internal::v1::{AppendRequest, GetLicenseRequest, License,
 use switchboard_proto::store::StoreError;
 
 use crate::SqlStore;
+use crate::dialect::json_list;
 use crate::error::{db, to_i64, to_u64};
 
 /// The license row, locked on PostgreSQL by appending `FOR UPDATE`.
@@ -34,13 +35,17 @@ pub(crate) const SET_LICENSE_USED: &str = "UPDATE license SET used = $1 WHERE id
 pub(crate) const SET_LICENSE_LIMIT: &str =
     "UPDATE license SET max_sessions = $1 WHERE id = 1 RETURNING max_sessions, used";
 
-/// Which of some conversations hold a permit (SQLite: one id per statement).
-pub(crate) const SELECT_PERMIT: &str = "SELECT conversation_id FROM license_permits WHERE conversation_id = $1";
+/// Which of some conversations hold a permit (SQLite: `$1` is a JSON array of ids).
+const SELECT_PERMITS: &str =
+    "SELECT conversation_id FROM license_permits WHERE conversation_id IN (SELECT value FROM json_each($1))";
 
-pub(crate) const INSERT_PERMIT: &str =
-    "INSERT INTO license_permits (conversation_id, tenant_id, acquired_at_ms) VALUES ($1, $2, $3)";
+/// SQLite: `$1` is `[[conversation_id, tenant_id, acquired_at_ms], ...]`.
+pub(crate) const INSERT_PERMITS: &str = "INSERT INTO license_permits (conversation_id, tenant_id, acquired_at_ms) \
+     SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each($1)";
 
-pub(crate) const DELETE_PERMIT: &str = "DELETE FROM license_permits WHERE conversation_id = $1";
+/// SQLite: `$1` is a JSON array of ids.
+pub(crate) const DELETE_PERMITS: &str =
+    "DELETE FROM license_permits WHERE conversation_id IN (SELECT value FROM json_each($1))";
 
 /// Whether a state is a finished one (`closed`, `cancelled`): a conversation in it holds no permit.
 pub(crate) fn is_finished(state: &str) -> bool {
@@ -175,12 +180,8 @@ pub(crate) async fn held_permits(
     connection: &mut sqlx::SqliteConnection,
     ids: &[&str],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    let mut held = HashSet::new();
-    for &id in ids {
-        let found: Option<String> = sqlx::query_scalar(SELECT_PERMIT).bind(id).fetch_optional(&mut *connection).await?;
-        held.extend(found);
-    }
-    Ok(held)
+    let held: Vec<String> = sqlx::query_scalar(SELECT_PERMITS).bind(json_list(ids)?).fetch_all(connection).await?;
+    Ok(held.into_iter().collect())
 }
 
 pub(crate) async fn get(store: &SqlStore, _request: GetLicenseRequest) -> Result<License, StoreError> {
