@@ -5,7 +5,10 @@
 //! The session is written once, against [`Transport`]: a transport only decodes what the client sends into
 //! [`Inbound`]s and encodes the [`Outgoing`] frames (`ws.rs`, `grpc.rs`). Everything else is here, so that the
 //! transports behave the same by construction: roles, requests handled one at a time in order with exactly
-//! one answer each, the events a request causes written after its answer, the bounded outbound queue and the
+//! one answer each, the events a request returns written after its answer, pushes written while a message,
+//! delivery mark or typing request waits for the router (they change nothing of the connection, and a
+//! socket's deliveries would otherwise wait for its own requests: so the echo of a message sent may come
+//! before its ack), the bounded outbound queue and the
 //! disconnect of a slow client, each conversation's events written in seq order at most once with gaps
 //! filled from the log, resume by seq.
 
@@ -117,6 +120,14 @@ struct Session<T> {
 
 type Reply = Result<(Ack, Vec<(ConversationId, Event)>), ErrorReply>;
 
+/// How a request is handled (see [`Session::detach`]).
+enum Handling {
+    /// Its answer, made without the session: the pushes are written while it waits.
+    Beside(std::pin::Pin<Box<dyn Future<Output = Reply> + Send>>),
+    /// Handled by the session, pushes waiting until it is answered.
+    InOrder(Request),
+}
+
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
 pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     let socket_id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
@@ -134,7 +145,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     let end = loop {
         let step = tokio::select! {
             inbound = session.transport.recv() => match inbound {
-                Some(inbound) => session.on_inbound(inbound).await,
+                Some(inbound) => session.on_inbound(inbound, &mut queued).await,
                 None => Err(End::Gone),
             },
             Some(outbound) = queued.recv() => session.write_outbound(&outbound).await,
@@ -194,9 +205,9 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    async fn on_inbound(&mut self, inbound: Inbound) -> Flow {
+    async fn on_inbound(&mut self, inbound: Inbound, queued: &mut mpsc::Receiver<Arc<Outbound>>) -> Flow {
         match inbound {
-            Inbound::Request { id, request } => match self.handle_traced(request).await {
+            Inbound::Request { id, request } => match self.handle_beside_pushes(request, queued).await? {
                 Ok((ack, events)) => {
                     self.send(Outgoing::Ack { id: &id, ack: &ack }).await?;
                     for (conversation, event) in events {
@@ -219,13 +230,92 @@ impl<T: Transport> Session<T> {
     }
 
     /// Handles a request inside its `gateway.request` span, with the moment it arrived in scope: the events
-    /// it causes carry both to the gateways that deliver them.
-    async fn handle_traced(&mut self, request: Request) -> Reply {
+    /// it causes carry both to the gateways that deliver them. A request that changes nothing of the
+    /// connection ([`Session::detach`]) waits for the router while the pushes queued meanwhile are written.
+    async fn handle_beside_pushes(
+        &mut self,
+        request: Request,
+        queued: &mut mpsc::Receiver<Arc<Outbound>>,
+    ) -> Result<Reply, End> {
         let kind = request.kind();
         metrics::counter!(names::GATEWAY_REQUESTS, "type" => kind).increment(1);
         let received_at_us = self.shared.clock.now_us();
         let span = tracing::info_span!("gateway.request", otel.name = kind, otel.kind = "server");
-        switchboard_telemetry::trace::with_received_at(received_at_us, self.handle(request).instrument(span)).await
+        let request = match self.detach(request) {
+            Handling::Beside(reply) => {
+                let reply = switchboard_telemetry::trace::with_received_at(received_at_us, reply.instrument(span));
+                let mut reply = std::pin::pin!(reply);
+                let kicked = self.link.kicked.clone();
+                return loop {
+                    tokio::select! {
+                        biased;
+                        reply = &mut reply => break Ok(reply),
+                        Some(outbound) = queued.recv() => self.write_outbound(&outbound).await?,
+                        () = kicked.notified() => break Err(End::Close(Close::SlowConsumer)),
+                    }
+                };
+            }
+            Handling::InOrder(request) => request,
+        };
+        Ok(switchboard_telemetry::trace::with_received_at(received_at_us, self.handle(request).instrument(span)).await)
+    }
+
+    /// The requests that change nothing of the connection (its role, subscriptions, written seqs) are
+    /// checked against the connection now and answered by the router beside the pushes; any other is
+    /// handled in order.
+    fn detach(&self, request: Request) -> Handling {
+        match request {
+            Request::MessageSend { conversation, client_msg_id, body } => {
+                Handling::Beside(Box::pin(self.send_message(conversation, client_msg_id, body)))
+            }
+            Request::MessageDelivered { conversation, up_to_seq } => {
+                Handling::Beside(Box::pin(self.confirm_delivery(conversation, up_to_seq)))
+            }
+            Request::Typing { conversation, typing } => Handling::Beside(Box::pin(self.typing(conversation, typing))),
+            other => Handling::InOrder(other),
+        }
+    }
+
+    fn send_message(
+        &self,
+        conversation: ConversationId,
+        client_msg_id: String,
+        body: String,
+    ) -> impl Future<Output = Reply> + Send + 'static {
+        let checked = self.caller_for(conversation).and_then(|caller| {
+            self.check_message(&client_msg_id, &body)?;
+            Ok(caller)
+        });
+        let router = self.shared.router.clone();
+        async move {
+            let caller = checked?;
+            let command = ChatCommand::Send { client_msg_id, body };
+            let outcome = router.command(&caller, conversation, command).await?;
+            let seq = outcome.event.as_ref().map(|event| event.seq);
+            Ok((Ack::MessageSend { seq, duplicate: outcome.duplicate }, vec![]))
+        }
+    }
+
+    fn confirm_delivery(
+        &self,
+        conversation: ConversationId,
+        up_to_seq: u64,
+    ) -> impl Future<Output = Reply> + Send + 'static {
+        let caller = self.caller_for(conversation);
+        let router = self.shared.router.clone();
+        async move {
+            let outcome = router.command(&caller?, conversation, ChatCommand::ConfirmDelivery { up_to_seq }).await?;
+            Ok((Ack::MessageDelivered { seq: outcome.event.map(|event| event.seq) }, vec![]))
+        }
+    }
+
+    fn typing(&self, conversation: ConversationId, typing: bool) -> impl Future<Output = Reply> + Send + 'static {
+        let caller = self.caller_for(conversation);
+        let router = self.shared.router.clone();
+        async move {
+            router.typing(&caller?, conversation, typing).await?;
+            Ok((Ack::Typing, vec![]))
+        }
     }
 
     async fn write_outbound(&mut self, outbound: &Outbound) -> Flow {
@@ -434,24 +524,14 @@ impl<T: Transport> Session<T> {
                 let chats = router.list_chats(&tenant, &agent, list).await?;
                 Ok((Ack::ChatList { chats }, vec![]))
             }
+            // Handled by `detach` (beside the pushes); here too, so that every request has its answer here.
             Request::MessageSend { conversation, client_msg_id, body } => {
-                let caller = self.caller_for(conversation)?;
-                self.check_message(&client_msg_id, &body)?;
-                let command = ChatCommand::Send { client_msg_id, body };
-                let outcome = router.command(&caller, conversation, command).await?;
-                let seq = outcome.event.as_ref().map(|event| event.seq);
-                Ok((Ack::MessageSend { seq, duplicate: outcome.duplicate }, vec![]))
+                self.send_message(conversation, client_msg_id, body).await
             }
             Request::MessageDelivered { conversation, up_to_seq } => {
-                let caller = self.caller_for(conversation)?;
-                let outcome = router.command(&caller, conversation, ChatCommand::ConfirmDelivery { up_to_seq }).await?;
-                Ok((Ack::MessageDelivered { seq: outcome.event.map(|event| event.seq) }, vec![]))
+                self.confirm_delivery(conversation, up_to_seq).await
             }
-            Request::Typing { conversation, typing } => {
-                let caller = self.caller_for(conversation)?;
-                router.typing(&caller, conversation, typing).await?;
-                Ok((Ack::Typing, vec![]))
-            }
+            Request::Typing { conversation, typing } => self.typing(conversation, typing).await,
             Request::ChatClose { conversation } => {
                 let seq = self.end_chat(conversation, ChatCommand::Close).await?;
                 Ok((Ack::ChatClose { seq }, vec![]))

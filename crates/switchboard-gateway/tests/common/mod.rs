@@ -17,6 +17,7 @@ use switchboard_gateway::{Gateway, GatewaySettings};
 use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::public::v1::chat_service_client::ChatServiceClient;
+use switchboard_proto::router::RouterApi;
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_store::MemoryStore;
 use tokio::net::TcpStream;
@@ -88,6 +89,25 @@ impl Server {
         presence: Arc<MemoryPresence>,
         gateway_presence: Arc<dyn Presence>,
     ) -> Server {
+        Server::start_routed(settings, directory, router_presence, presence, gateway_presence, |router| router).await
+    }
+
+    /// A default server whose gateway asks `wrap(router)` instead of the router itself (a wrapper that holds
+    /// or fails calls on demand); `Server::router` stays the router inside.
+    pub async fn start_wrapped(wrap: impl FnOnce(Arc<Router>) -> Arc<dyn RouterApi>) -> Server {
+        let presence = Arc::new(MemoryPresence::new());
+        let settings = GatewaySettings::default();
+        Server::start_routed(settings, directory(), PresenceSettings::default(), presence.clone(), presence, wrap).await
+    }
+
+    async fn start_routed(
+        settings: GatewaySettings,
+        directory: Directory,
+        router_presence: PresenceSettings,
+        presence: Arc<MemoryPresence>,
+        gateway_presence: Arc<dyn Presence>,
+        wrap: impl FnOnce(Arc<Router>) -> Arc<dyn RouterApi>,
+    ) -> Server {
         let clock = Arc::new(FixedClock::new(1_767_225_600_000));
         let clock_dyn: Arc<dyn Clock> = clock.clone();
         let directory = Arc::new(directory);
@@ -106,7 +126,7 @@ impl Server {
                 .await
                 .unwrap();
         let router = Arc::new(router);
-        let gateway = Gateway::start(settings, router.clone(), directory, gateway_presence, clock_dyn);
+        let gateway = Gateway::start(settings, wrap(router.clone()), directory, gateway_presence, clock_dyn);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
