@@ -272,9 +272,89 @@ impl SummaryRow {
     }
 }
 
+/// What a batch reads before it decides its appends.
+#[derive(Debug, Default)]
+pub(crate) struct BatchReads {
+    /// The current epoch of the batch's shards that have a lease row.
+    pub epochs: HashMap<i32, i64>,
+    /// The license row (`Some(None)`: missing) when an append under a current fence may create or finish a
+    /// conversation; a backend may read it for stale appends too, it is then ignored.
+    pub license_row: Option<Option<(i64, i64)>>,
+    /// The existing conversations of at least every append under a current fence.
+    pub conversations: HashMap<String, Conversation>,
+    /// The stored events with the client message ids of at least every append under a current fence to a
+    /// conversation that exists.
+    pub stored: Vec<EventRow>,
+}
+
+/// The reads of a batch one statement at a time, in the lock order of every batch: fences, then the license
+/// row when an append under a current fence may create or finish a conversation, then the conversations of
+/// the appends under a current fence, then their stored client message ids. A backend whose reads lock rows
+/// (PostgreSQL) reads this way.
+pub(crate) async fn read_in_lock_order(tx: &mut dyn AppendTx, batch: &[Checked]) -> Result<BatchReads, sqlx::Error> {
+    let shards: Vec<i32> =
+        batch.iter().map(|checked| checked.shard).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let epochs = tx.fence_epochs(&shards).await?;
+    let current = |checked: &&Checked| epochs.get(&checked.shard) == Some(&checked.epoch);
+    // The license row is locked after the fences and before the conversations, so that every insert of a
+    // conversation happens under it: admissions are serialized across store processes (see `license`).
+    let license_row = if batch.iter().filter(current).any(|checked| needs_license(&checked.request)) {
+        Some(tx.lock_license().await?)
+    } else {
+        None
+    };
+    let ids: Vec<&str> = batch
+        .iter()
+        .filter(current)
+        .map(|checked| checked.request.conversation_id.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let conversations = tx.conversations(&ids).await?;
+    let keys: Vec<(&str, &str)> = batch
+        .iter()
+        .filter(current)
+        .filter(|checked| conversations.contains_key(&checked.request.conversation_id))
+        .flat_map(|checked| client_msg_ids(&checked.request).map(|cid| (checked.request.conversation_id.as_str(), cid)))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let stored = if keys.is_empty() { Vec::new() } else { tx.stored_events(&keys).await? };
+    Ok(BatchReads { epochs, license_row, conversations, stored })
+}
+
+/// Everything a batch may need to read, whatever its fences turn out to be: the shards, conversation ids
+/// and (conversation, client message id) keys of all its appends (each list sorted and distinct), and
+/// whether any append may create or finish a conversation. For a backend that reads it all in one
+/// statement (SQLite, whose single writer needs no locks).
+pub(crate) struct ReadAll<'a> {
+    pub shards: Vec<i32>,
+    pub license: bool,
+    pub ids: Vec<&'a str>,
+    pub keys: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> ReadAll<'a> {
+    pub(crate) fn of(batch: &'a [Checked]) -> Self {
+        let shards = batch.iter().map(|checked| checked.shard).collect::<std::collections::BTreeSet<_>>();
+        let ids = batch.iter().map(|checked| checked.request.conversation_id.as_str());
+        let keys = batch.iter().flat_map(|checked| {
+            client_msg_ids(&checked.request).map(|cid| (checked.request.conversation_id.as_str(), cid))
+        });
+        ReadAll {
+            shards: shards.into_iter().collect(),
+            license: batch.iter().any(|checked| needs_license(&checked.request)),
+            ids: ids.collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            keys: keys.collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+        }
+    }
+}
+
 /// The statements of an append batch, inside one transaction, on one backend.
 #[async_trait]
 pub(crate) trait AppendTx: Send {
+    /// Everything the batch reads before deciding (see [`BatchReads`]).
+    async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, sqlx::Error>;
     /// The current epoch of each of `shards` (sorted, distinct) that has a lease row, locked against an
     /// epoch change until the transaction ends.
     async fn fence_epochs(&mut self, shards: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error>;
@@ -299,39 +379,15 @@ pub(crate) trait AppendTx: Send {
 /// The appends of a batch, decided in order and written inside the caller's transaction. The outcomes are
 /// valid only if the caller then commits.
 pub(crate) async fn run_batch(tx: &mut dyn AppendTx, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure> {
-    let shards: Vec<i32> =
-        batch.iter().map(|checked| checked.shard).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    let epochs = tx.fence_epochs(&shards).await?;
+    let BatchReads { epochs, license_row, mut conversations, stored: stored_rows } = tx.read_batch(batch).await?;
 
-    // Only the appends under a current fence lock their conversation.
+    // Only the appends under a current fence are decided.
     let current = |checked: &&Checked| epochs.get(&checked.shard) == Some(&checked.epoch);
-    // A batch that may create or finish a conversation locks the license row, after its fences and before
-    // its conversations (the lock order of every batch), so that every insert of a conversation happens
-    // under it: admissions are serialized across store processes (see `license`).
-    let license_row = if batch.iter().filter(current).any(|checked| needs_license(&checked.request)) {
-        Some(tx.lock_license().await?)
-    } else {
-        None
-    };
-    let ids: Vec<&str> = batch
-        .iter()
-        .filter(current)
-        .map(|checked| checked.request.conversation_id.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut conversations = tx.conversations(&ids).await?;
-
-    let keys: Vec<(&str, &str)> = batch
-        .iter()
-        .filter(current)
-        .filter(|checked| conversations.contains_key(&checked.request.conversation_id))
-        .flat_map(|checked| client_msg_ids(&checked.request).map(|cid| (checked.request.conversation_id.as_str(), cid)))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    // A backend may have read the license row for appends that turned out stale: only current ones use it.
+    let license_row =
+        license_row.filter(|_| batch.iter().filter(current).any(|checked| needs_license(&checked.request)));
     let mut stored = Stored::default();
-    stored.add(if keys.is_empty() { Vec::new() } else { tx.stored_events(&keys).await? })?;
+    stored.add(stored_rows)?;
 
     let license = match license_row {
         Some(row) => {

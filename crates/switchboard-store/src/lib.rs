@@ -118,6 +118,7 @@ impl SqlStore {
         store.migrate().await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
+            .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
@@ -165,6 +166,9 @@ async fn single_connection_pool(options: SqliteConnectOptions) -> Result<SqliteP
     SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(1)
+        // Not pinged at every acquire: a round trip to the connection's thread before every append batch.
+        // A broken connection fails the statement that uses it instead.
+        .test_before_acquire(false)
         .idle_timeout(None)
         .max_lifetime(None)
         .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -39,14 +39,6 @@ pub(crate) const SET_LICENSE_LIMIT: &str =
 const SELECT_PERMITS: &str =
     "SELECT conversation_id FROM license_permits WHERE conversation_id IN (SELECT value FROM json_each($1))";
 
-/// SQLite: `$1` is `[[conversation_id, tenant_id, acquired_at_ms], ...]`.
-pub(crate) const INSERT_PERMITS: &str = "INSERT INTO license_permits (conversation_id, tenant_id, acquired_at_ms) \
-     SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each($1)";
-
-/// SQLite: `$1` is a JSON array of ids.
-pub(crate) const DELETE_PERMITS: &str =
-    "DELETE FROM license_permits WHERE conversation_id IN (SELECT value FROM json_each($1))";
-
 /// Whether a state is a finished one (`closed`, `cancelled`): a conversation in it holds no permit.
 pub(crate) fn is_finished(state: &str) -> bool {
     ConversationState::parse(state).is_some_and(|state| state.is_finished())
@@ -167,7 +159,7 @@ impl BatchLicense {
 }
 
 /// The writes of a batch to the license tables.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct LicenseChanges {
     pub acquired: Vec<PermitRow>,
     pub released: Vec<String>,

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use switchboard_proto::internal::v1::{GetConversationRequest, ReadEventsRequest, RenewShardsRequest};
-use switchboard_proto::store::StoreApi;
+use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_store::LATEST_MIGRATION;
 
 #[tokio::test]
@@ -53,4 +53,44 @@ async fn a_sqlite_url_opens_the_same_file() {
     let store = switchboard_store::SqlStore::open(&url, clock).await.unwrap();
     let request = GetConversationRequest { conversation_id: "c1".into() };
     assert!(store.get_conversation(request).await.unwrap().conversation.is_some());
+}
+
+/// An append batch on SQLite begins, writes and commits with statements of its own: when the database
+/// refuses one append's write, that append alone gets the error, nothing of it is kept, the others of the
+/// batch are stored, and the writer connection goes on (no transaction left open).
+#[tokio::test]
+async fn a_write_the_database_refuses_fails_only_its_append_and_the_writer_goes_on() {
+    use sqlx::Connection;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refusal.db");
+    let (store, _clock) = sql_on_file(&path).await;
+    let ids = ["c0", "c1", "c2", "c3"];
+    let mut fences = Vec::new();
+    for id in ids {
+        fences.push(create(&store, "node-a", conversation(id, "acme", "sales", 1)).await);
+    }
+    // A second message whose body holds "poison" breaks a unique index only this test has.
+    let mut admin = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    sqlx::query("CREATE UNIQUE INDEX test_one_poison ON events (payload_json) WHERE payload_json LIKE '%poison%'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    append(&store, fences[0], "c0", vec![message("m0", "poison")], None).await.unwrap();
+
+    // Sent together, so that they may share a batch; the outcomes are the same whether they do or not.
+    let (fine, poison, also_fine) = tokio::join!(
+        append(&store, fences[1], "c1", vec![message("m1", "fine")], None),
+        append(&store, fences[2], "c2", vec![message("m1", "poison")], None),
+        append(&store, fences[3], "c3", vec![message("m1", "also fine")], None),
+    );
+    assert_eq!(fine.unwrap().events[0].seq, 2);
+    assert!(matches!(&poison, Err(StoreError::Invalid(_))), "{poison:?}");
+    assert_eq!(also_fine.unwrap().events[0].seq, 2);
+
+    let request = ReadEventsRequest { conversation_id: "c2".into(), after_seq: 1, limit: 0 };
+    assert!(store.read_events(request).await.unwrap().events.is_empty(), "nothing of the refused append is kept");
+    let next = append(&store, fences[2], "c2", vec![message("m2", "hello")], None).await.unwrap();
+    assert_eq!(next.events[0].seq, 2, "the writer goes on after the refusal");
 }

@@ -17,8 +17,8 @@ use switchboard_proto::store::StoreError;
 
 use super::PgStore;
 use crate::batch::{
-    AppendBackend, AppendTx, BatchFailure, Checked, Conversation, NewEventRow, Outcome, SummaryFields, SummaryRow,
-    run_batch,
+    AppendBackend, AppendTx, BatchFailure, BatchReads, Checked, Conversation, NewEventRow, Outcome, SummaryFields,
+    SummaryRow, read_in_lock_order, run_batch,
 };
 use crate::error::{db, to_i64};
 use crate::events::{INSERT_CONVERSATION, SELECT_EVENTS, SELECT_EVENTS_LIMITED};
@@ -82,6 +82,11 @@ impl AppendBackend for PgAppender {
 
 #[async_trait]
 impl AppendTx for Transaction<'static, Postgres> {
+    async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, sqlx::Error> {
+        // Each read locks its rows: one statement at a time, in the lock order of every batch.
+        read_in_lock_order(self, batch).await
+    }
+
     async fn fence_epochs(&mut self, shards: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error> {
         let rows: Vec<(i32, i64)> = sqlx::query_as(LOCK_FENCES).bind(shards).fetch_all(&mut **self).await?;
         Ok(rows.into_iter().collect())
