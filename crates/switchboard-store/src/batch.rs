@@ -287,77 +287,11 @@ pub(crate) struct BatchReads {
     pub stored: Vec<EventRow>,
 }
 
-/// The reads of a batch one statement at a time, in the lock order of every batch: fences, then the license
-/// row when an append under a current fence may create or finish a conversation, then the conversations of
-/// the appends under a current fence, then their stored client message ids. A backend whose reads lock rows
-/// (PostgreSQL) reads this way.
-pub(crate) async fn read_in_lock_order(tx: &mut dyn AppendTx, batch: &[Checked]) -> Result<BatchReads, sqlx::Error> {
-    let shards: Vec<i32> =
-        batch.iter().map(|checked| checked.shard).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    let epochs = tx.fence_epochs(&shards).await?;
-    let current = |checked: &&Checked| epochs.get(&checked.shard) == Some(&checked.epoch);
-    // The license row is locked after the fences and before the conversations, so that every insert of a
-    // conversation happens under it: admissions are serialized across store processes (see `license`).
-    let license_row = if batch.iter().filter(current).any(|checked| needs_license(&checked.request)) {
-        Some(tx.lock_license().await?)
-    } else {
-        None
-    };
-    let ids: Vec<&str> = batch
-        .iter()
-        .filter(current)
-        .map(|checked| checked.request.conversation_id.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let conversations = tx.conversations(&ids).await?;
-    let keys: Vec<(&str, &str)> = batch
-        .iter()
-        .filter(current)
-        .filter(|checked| conversations.contains_key(&checked.request.conversation_id))
-        .flat_map(|checked| client_msg_ids(&checked.request).map(|cid| (checked.request.conversation_id.as_str(), cid)))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let stored = if keys.is_empty() { Vec::new() } else { tx.stored_events(&keys).await? };
-    Ok(BatchReads { epochs, license_row, conversations, stored })
-}
-
-/// Everything a batch may need to read, whatever its fences turn out to be: the shards, conversation ids
-/// and (conversation, client message id) keys of all its appends (each list sorted and distinct), and
-/// whether any append may create or finish a conversation. For a backend that reads it all in one
-/// statement (SQLite, whose single writer needs no locks).
-pub(crate) struct ReadAll<'a> {
-    pub shards: Vec<i32>,
-    pub license: bool,
-    pub ids: Vec<&'a str>,
-    pub keys: Vec<(&'a str, &'a str)>,
-}
-
-impl<'a> ReadAll<'a> {
-    pub(crate) fn of(batch: &'a [Checked]) -> Self {
-        let shards = batch.iter().map(|checked| checked.shard).collect::<std::collections::BTreeSet<_>>();
-        let ids = batch.iter().map(|checked| checked.request.conversation_id.as_str());
-        let keys = batch.iter().flat_map(|checked| {
-            client_msg_ids(&checked.request).map(|cid| (checked.request.conversation_id.as_str(), cid))
-        });
-        ReadAll {
-            shards: shards.into_iter().collect(),
-            license: batch.iter().any(|checked| needs_license(&checked.request)),
-            ids: ids.collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
-            keys: keys.collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
-        }
-    }
-}
-
 /// The statements of an append batch, inside one transaction, on one backend.
 #[async_trait]
 pub(crate) trait AppendTx: Send {
     /// Everything the batch reads before deciding (see [`BatchReads`]).
     async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, sqlx::Error>;
-    /// The current epoch of each of `shards` (sorted, distinct) that has a lease row, locked against an
-    /// epoch change until the transaction ends.
-    async fn fence_epochs(&mut self, shards: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error>;
     /// Each existing conversation of `ids` (sorted, distinct), locked until the transaction ends.
     async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, sqlx::Error>;
     /// The stored events with these (conversation, client message id) keys.
@@ -366,8 +300,6 @@ pub(crate) trait AppendTx: Send {
     async fn insert_conversation(&mut self, id: &str, create: &ConversationRecord) -> Result<bool, sqlx::Error>;
     async fn insert_events(&mut self, events: &[NewEventRow]) -> Result<(), sqlx::Error>;
     async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), sqlx::Error>;
-    /// `(max_sessions, used)` of the license row (`None`: missing), locked until the transaction ends.
-    async fn lock_license(&mut self) -> Result<Option<(i64, i64)>, sqlx::Error>;
     /// The conversations of `ids` (sorted, distinct) that hold a license permit.
     async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error>;
     /// Sets `used` if it still is `used_before`, inserts the permits taken and deletes those given back.
@@ -468,11 +400,11 @@ struct BatchState<'a> {
 }
 
 /// Whether an append may take or give back a license permit.
-fn needs_license(request: &AppendRequest) -> bool {
+pub(crate) fn needs_license(request: &AppendRequest) -> bool {
     request.create.is_some() || finishes(request)
 }
 
-fn client_msg_ids(request: &AppendRequest) -> impl Iterator<Item = &str> {
+pub(crate) fn client_msg_ids(request: &AppendRequest) -> impl Iterator<Item = &str> {
     request.events.iter().map(|event| event.client_msg_id.as_str()).filter(|cid| !cid.is_empty())
 }
 

@@ -5,7 +5,7 @@
 //! transaction takes the database's write lock as it begins (`BEGIN IMMEDIATE`), so the "locks" of
 //! [`AppendTx`] are plain reads here: nothing else can write between them and the batch's writes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
@@ -15,12 +15,12 @@ use switchboard_proto::store::StoreError;
 
 use crate::SqlStore;
 use crate::batch::{
-    AppendBackend, AppendTx, BatchFailure, BatchReads, Checked, Conversation, NewEventRow, Outcome, ReadAll,
-    SummaryFields, SummaryRow, run_batch,
+    AppendBackend, AppendTx, BatchFailure, BatchReads, Checked, Conversation, NewEventRow, Outcome, SummaryFields,
+    SummaryRow, client_msg_ids, needs_license, run_batch,
 };
 use crate::dialect::json_list;
 use crate::error::{db, to_i64};
-use crate::license::{self, LicenseChanges, SELECT_LICENSE};
+use crate::license::{self, LicenseChanges};
 use crate::records::{EventRow, agents_to_json, event_from_row};
 
 pub(crate) const INSERT_CONVERSATION: &str = "INSERT INTO conversations (id, tenant_id, group_id, customer_name, \
@@ -39,8 +39,9 @@ pub(crate) const INSERT_CONVERSATION: &str = "INSERT INTO conversations (id, ten
 /// Begins a batch's transaction, taking the write lock at once, and reads everything the batch may need,
 /// in one statement: `$1` the shards (a JSON array), `$2` whether to read the license row (0 or 1), `$3`
 /// the conversation ids, `$4` the `[[conversation_id, client_msg_id], ...]` keys. Column 0 tells which
-/// read a row answers; the others are those of [`SELECT_FENCE_EPOCHS`], [`SELECT_LICENSE`],
-/// [`SELECT_CONVERSATIONS_FOR_APPEND`] and [`SELECT_BY_CLIENT_MSG_IDS`], padded with `NULL`s.
+/// read a row answers: 0 a lease `(shard, epoch)`, 1 the license `(max_sessions, used)`, 2 a conversation
+/// `(id, last_seq, shard)`, 3 a stored event (the columns of [`SELECT_BY_CLIENT_MSG_IDS`]); the unused
+/// columns are `NULL`.
 const BEGIN_AND_READ_BATCH: &str = "BEGIN IMMEDIATE; \
      SELECT 0, shard, epoch, NULL, NULL, NULL, NULL, NULL, NULL FROM shard_leases \
      WHERE shard IN (SELECT value FROM json_each($1)) \
@@ -84,9 +85,6 @@ const WRITE_BATCH: &str = "\
      SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each($8); \
      DELETE FROM license_permits WHERE conversation_id IN (SELECT value FROM json_each($9)); \
      COMMIT";
-
-const SELECT_FENCE_EPOCHS: &str =
-    "SELECT shard, epoch FROM shard_leases WHERE shard IN (SELECT value FROM json_each($1))";
 
 const SELECT_CONVERSATIONS_FOR_APPEND: &str =
     "SELECT id, last_seq, shard FROM conversations WHERE id IN (SELECT value FROM json_each($1))";
@@ -228,6 +226,33 @@ impl Checkpoints {
     }
 }
 
+/// Everything a batch may need to read, whatever its fences turn out to be: the shards, conversation ids
+/// and (conversation, client message id) keys of all its appends (each list sorted and distinct), and
+/// whether any append may create or finish a conversation. For a backend that reads it all in one
+/// statement (SQLite, whose single writer needs no locks).
+struct ReadAll<'a> {
+    shards: Vec<i32>,
+    license: bool,
+    ids: Vec<&'a str>,
+    keys: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> ReadAll<'a> {
+    fn of(batch: &'a [Checked]) -> Self {
+        let shards = batch.iter().map(|checked| checked.shard).collect::<BTreeSet<_>>();
+        let ids = batch.iter().map(|checked| checked.request.conversation_id.as_str());
+        let keys = batch.iter().flat_map(|checked| {
+            client_msg_ids(&checked.request).map(|cid| (checked.request.conversation_id.as_str(), cid))
+        });
+        ReadAll {
+            shards: shards.into_iter().collect(),
+            license: batch.iter().any(|checked| needs_license(&checked.request)),
+            ids: ids.collect::<BTreeSet<_>>().into_iter().collect(),
+            keys: keys.collect::<BTreeSet<_>>().into_iter().collect(),
+        }
+    }
+}
+
 /// A batch's transaction on the writer connection: reads go to the database at once, writes are kept
 /// until [`SqliteBatch::commit`] sends them all, with `COMMIT`, in one round trip.
 struct SqliteBatch<'c> {
@@ -324,12 +349,8 @@ impl AppendTx for SqliteBatch<'_> {
         Ok(reads)
     }
 
-    async fn fence_epochs(&mut self, shards: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error> {
-        let rows: Vec<(i32, i64)> =
-            sqlx::query_as(SELECT_FENCE_EPOCHS).bind(json_list(shards)?).fetch_all(&mut *self.connection).await?;
-        Ok(rows.into_iter().collect())
-    }
-
+    // `conversations` and `stored_events` serve `decide`'s second looks, which a batch here never needs
+    // (its one read covers every append, and its inserts never find the row there): kept correct anyway.
     async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, sqlx::Error> {
         let rows: Vec<(String, i64, i32)> = sqlx::query_as(SELECT_CONVERSATIONS_FOR_APPEND)
             .bind(json_list(ids)?)
@@ -419,11 +440,6 @@ impl AppendTx for SqliteBatch<'_> {
             self.writes.summaries = json_list(&rows)?;
         }
         Ok(())
-    }
-
-    async fn lock_license(&mut self) -> Result<Option<(i64, i64)>, sqlx::Error> {
-        // The write lock, taken by BEGIN IMMEDIATE, is the lock.
-        sqlx::query_as(SELECT_LICENSE).fetch_optional(&mut *self.connection).await
     }
 
     async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {

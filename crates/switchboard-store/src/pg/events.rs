@@ -8,7 +8,7 @@
 //! appending to one conversation take turns, so seqs stay gap-free and deduplication sees every earlier
 //! write). Rows go in with one statement per table for the whole batch (`unnest` of arrays).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -18,7 +18,7 @@ use switchboard_proto::store::StoreError;
 use super::PgStore;
 use crate::batch::{
     AppendBackend, AppendTx, BatchFailure, BatchReads, Checked, Conversation, NewEventRow, Outcome, SummaryFields,
-    SummaryRow, read_in_lock_order, run_batch,
+    SummaryRow, client_msg_ids, needs_license, run_batch,
 };
 use crate::error::{db, to_i64};
 use crate::events::{INSERT_CONVERSATION, SELECT_EVENTS, SELECT_EVENTS_LIMITED};
@@ -82,14 +82,41 @@ impl AppendBackend for PgAppender {
 
 #[async_trait]
 impl AppendTx for Transaction<'static, Postgres> {
+    /// One statement at a time, each locking its rows, in the lock order of every batch: the fences, then
+    /// the license row when an append under a current fence may create or finish a conversation (so that
+    /// every insert of a conversation happens under it: admissions are serialized across store processes,
+    /// see `license`), then the conversations of the appends under a current fence, then their stored
+    /// client message ids.
     async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, sqlx::Error> {
-        // Each read locks its rows: one statement at a time, in the lock order of every batch.
-        read_in_lock_order(self, batch).await
-    }
-
-    async fn fence_epochs(&mut self, shards: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error> {
-        let rows: Vec<(i32, i64)> = sqlx::query_as(LOCK_FENCES).bind(shards).fetch_all(&mut **self).await?;
-        Ok(rows.into_iter().collect())
+        let shards: Vec<i32> = batch.iter().map(|checked| checked.shard).collect::<BTreeSet<_>>().into_iter().collect();
+        let rows: Vec<(i32, i64)> = sqlx::query_as(LOCK_FENCES).bind(&shards).fetch_all(&mut **self).await?;
+        let epochs: HashMap<i32, i64> = rows.into_iter().collect();
+        let current = |checked: &&Checked| epochs.get(&checked.shard) == Some(&checked.epoch);
+        let license_row = if batch.iter().filter(current).any(|checked| needs_license(&checked.request)) {
+            Some(sqlx::query_as(LOCK_LICENSE).fetch_optional(&mut **self).await?)
+        } else {
+            None
+        };
+        let ids: Vec<&str> = batch
+            .iter()
+            .filter(current)
+            .map(|checked| checked.request.conversation_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let conversations = self.conversations(&ids).await?;
+        let keys: Vec<(&str, &str)> = batch
+            .iter()
+            .filter(current)
+            .filter(|checked| conversations.contains_key(&checked.request.conversation_id))
+            .flat_map(|checked| {
+                client_msg_ids(&checked.request).map(|cid| (checked.request.conversation_id.as_str(), cid))
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let stored = if keys.is_empty() { Vec::new() } else { self.stored_events(&keys).await? };
+        Ok(BatchReads { epochs, license_row, conversations, stored })
     }
 
     async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, sqlx::Error> {
@@ -164,10 +191,6 @@ impl AppendTx for Transaction<'static, Postgres> {
             .execute(&mut **self)
             .await?;
         Ok(())
-    }
-
-    async fn lock_license(&mut self) -> Result<Option<(i64, i64)>, sqlx::Error> {
-        sqlx::query_as(LOCK_LICENSE).fetch_optional(&mut **self).await
     }
 
     async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
