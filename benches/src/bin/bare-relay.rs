@@ -29,6 +29,10 @@ struct Args {
     agent_token_prefix: String,
 }
 
+/// The same allocator as `switchboard`, so that the comparison is of the code, not of the allocators.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = RelaySettings {

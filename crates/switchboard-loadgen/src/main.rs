@@ -8,6 +8,10 @@ use switchboard_loadgen::cli::Cli;
 /// A usage or setup error (clap also exits with 2 on a bad command line).
 const SETUP_ERROR: u8 = 2;
 
+/// The same allocator as the servers it measures: the load generator shares their cores.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -83,6 +83,11 @@ enum Role {
     },
 }
 
+/// mimalloc, not glibc's malloc: the many small allocations of frames, events and futures cost 12 % of `serve`'s
+/// CPU in glibc under load (`benches/README.md`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (role, config_path) = match &cli.role {

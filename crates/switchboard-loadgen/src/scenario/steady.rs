@@ -73,7 +73,10 @@ pub async fn run(ctx: &mut Ctx, args: SteadyArgs) -> anyhow::Result<Report> {
     let pair_count = ctx.shard.share(args.pairs);
     let rate = args.rate * pair_count as f64 / args.pairs as f64;
     ctx.metrics.declare(&["messages_sent", "messages_acked", "messages_received", "messages_failed"]);
-    let observer = Arc::new(Observer { ledger: Mutex::default(), metrics: ctx.metrics.clone() });
+    // Every message of the run, with 10 % to spare (the schedule is exact; the margin is for rounding).
+    let expected = rate * (args.warmup_s + args.duration_s) * 1.1;
+    let ledger = MessageLedger::with_capacity(expected.clamp(0.0, 50e6) as usize);
+    let observer = Arc::new(Observer { ledger: Mutex::new(ledger), metrics: ctx.metrics.clone() });
 
     let agents = ctx.sign_in_agents(observer.clone(), false).await?;
     if agents.is_empty() {
