@@ -13,9 +13,15 @@
 //! refuses), the batch is rolled back and its appends are run again one transaction each, so that only the
 //! culprit gets the error. When the connection fails or the commit fails, every caller of the batch gets
 //! `Unavailable` (the outcome is unknown: a retry with the same client message id is deduplicated).
+//!
+//! A backend whose commit is not yet durable (SQLite: [`AppendBackend::syncs_after_commit`]) is synced by a
+//! second task while the writer goes on with the next batch: the answers of a batch wait for a sync begun
+//! after its commit, and one sync answers every batch committed before it. A failed sync fails every
+//! append it was to answer and every append after it: what the database holds is no longer known to be
+//! on the disk, and the store must be restarted (it then recovers what the disk holds).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use switchboard_telemetry::names;
 
 use async_trait::async_trait;
@@ -104,7 +110,21 @@ impl From<StoreError> for BatchFailure {
 pub(crate) trait AppendBackend: Send + Sync + 'static {
     /// Runs [`run_batch`] in one transaction and commits it; the outcomes only once it committed.
     async fn write(&self, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure>;
+
+    /// Whether a committed batch is durable only once [`AppendBackend::sync`] returns (its callers are
+    /// answered after it), rather than when [`AppendBackend::write`] returns.
+    fn syncs_after_commit(&self) -> bool {
+        false
+    }
+
+    /// Makes every batch committed before the call durable.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
+
+/// The answers of a committed batch, waiting for it to be durable.
+type Answers = Vec<(oneshot::Sender<Outcome>, Outcome)>;
 
 struct Pending {
     checked: Checked,
@@ -139,11 +159,24 @@ impl Appender {
 }
 
 async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Receiver<Pending>, max_batch: usize) {
+    // Set once a sync failed: from then on every append fails.
+    let failed: Arc<OnceLock<StoreError>> = Arc::default();
+    let syncer = backend.syncs_after_commit().then(|| {
+        let (answers, waiting) = mpsc::unbounded_channel();
+        tokio::spawn(sync_batches(backend.clone(), waiting, failed.clone()));
+        answers
+    });
     let mut pending = Vec::with_capacity(max_batch);
     while receiver.recv_many(&mut pending, max_batch).await > 0 {
         let (batch, replies): (Vec<Checked>, Vec<_>) =
             pending.drain(..).map(|pending| (pending.checked, pending.reply)).unzip();
         let n = batch.len();
+        if let Some(error) = failed.get() {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+            continue;
+        }
         // On a task of its own, so that a panic fails this batch only, not the writer.
         let backend = backend.clone();
         let started = tokio::time::Instant::now();
@@ -165,10 +198,58 @@ async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Rece
             };
             metrics::counter!(names::STORE_APPENDS, "outcome" => outcome).increment(1);
         }
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            // A caller that went away no longer wants its answer.
-            let _ = reply.send(outcome);
+        let answers: Answers = replies.into_iter().zip(outcomes).collect();
+        match &syncer {
+            // Answered once durable. The sync task only stops with the writer, so a refusal here is a bug;
+            // the callers then learn that the outcome is unknown.
+            Some(syncer) => {
+                if let Err(mpsc::error::SendError(answers)) = syncer.send(answers) {
+                    answer_all(answers, &StoreError::Unavailable("the append sync task has stopped".into()));
+                }
+            }
+            None => answer(answers),
         }
+    }
+}
+
+/// Answers committed batches once a sync begun after their commits returned: every batch waiting when a
+/// sync begins is answered by it.
+async fn sync_batches(
+    backend: Arc<dyn AppendBackend>,
+    mut waiting: mpsc::UnboundedReceiver<Answers>,
+    failed: Arc<OnceLock<StoreError>>,
+) {
+    let mut batches = Vec::new();
+    while waiting.recv_many(&mut batches, usize::MAX).await > 0 {
+        let started = tokio::time::Instant::now();
+        let result = match failed.get() {
+            Some(error) => Err(error.clone()),
+            None => backend.sync().await,
+        };
+        metrics::histogram!(names::STORE_WAL_SYNC_DURATION).record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => batches.drain(..).for_each(answer),
+            Err(error) => {
+                if failed.set(error.clone()).is_ok() {
+                    tracing::error!(%error, "the database could not be made durable: every append fails until restart");
+                }
+                batches.drain(..).for_each(|answers| answer_all(answers, &error));
+            }
+        }
+    }
+}
+
+fn answer(answers: Answers) {
+    for (reply, outcome) in answers {
+        // A caller that went away no longer wants its answer.
+        let _ = reply.send(outcome);
+    }
+}
+
+/// Answers every caller with `error`, whatever its batch decided: nothing of it is known to be durable.
+fn answer_all(answers: Answers, error: &StoreError) {
+    for (reply, _) in answers {
+        let _ = reply.send(Err(error.clone()));
     }
 }
 

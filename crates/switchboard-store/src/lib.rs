@@ -22,6 +22,7 @@ mod pg;
 mod records;
 mod store;
 mod tickets;
+mod wal;
 
 use std::fmt;
 use std::str::FromStr;
@@ -84,7 +85,8 @@ impl SqlStore {
     /// `sqlite:` URL, and applies the pending migrations.
     ///
     /// The file runs in WAL mode with `synchronous=FULL`: an acknowledged append survives a crash of the
-    /// process and a power loss. `clock` is the store's "database time" (lease expiry): see `dialect`.
+    /// process and a power loss (append batches commit with `NORMAL` and are answered after a sync of the
+    /// log that runs beside the next batch: see `wal`). `clock` is the store's "database time" (lease expiry): see `dialect`.
     pub async fn open(url_or_path: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         Self::open_with(url_or_path, clock, GroupCommit::default()).await
     }
@@ -112,9 +114,13 @@ impl SqlStore {
             // Statement journals (for the multi-row statements of an append batch) in memory, not in
             // temporary files: they only serve to undo a statement that fails halfway.
             .pragma("temp_store", "memory")
+            // The writer checkpoints in its own commit only once the log holds this many pages (32 MiB); until
+            // then the checkpoints run beside it (`events::Checkpoints`).
+            .pragma("wal_autocheckpoint", events::Checkpoints::WRITER_AFTER_PAGES.to_string())
             .busy_timeout(BUSY_TIMEOUT);
+        let wal = wal::WalSync::new(options.get_filename());
         let writer = single_connection_pool(options.clone()).await?;
-        let store = Self::new(writer.clone(), writer.clone(), clock.clone(), group_commit, None);
+        let store = Self::new(writer.clone(), writer.clone(), clock.clone(), group_commit, None, Some(wal.clone()));
         store.migrate().await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
@@ -124,7 +130,7 @@ impl SqlStore {
             .await
             .map_err(error::db)?;
         let checkpoints = events::Checkpoints::new(reader.clone());
-        Ok(Self::new(writer, reader, clock, group_commit, Some(checkpoints)))
+        Ok(Self::new(writer, reader, clock, group_commit, Some(checkpoints), Some(wal)))
     }
 
     /// A private in-memory database, for tests. One connection serves reads and writes (each in-memory
@@ -134,7 +140,7 @@ impl SqlStore {
             .map_err(|error| StoreError::Invalid(error.to_string()))?
             .foreign_keys(true);
         let pool = single_connection_pool(options).await?;
-        let store = Self::new(pool.clone(), pool, clock, GroupCommit::default(), None);
+        let store = Self::new(pool.clone(), pool, clock, GroupCommit::default(), None, None);
         store.migrate().await?;
         Ok(store)
     }
@@ -145,8 +151,9 @@ impl SqlStore {
         clock: Arc<dyn Clock>,
         group_commit: GroupCommit,
         checkpoints: Option<events::Checkpoints>,
+        wal: Option<Arc<wal::WalSync>>,
     ) -> Self {
-        let backend = Arc::new(events::SqliteAppender { writer: writer.clone(), checkpoints });
+        let backend = Arc::new(events::SqliteAppender { writer: writer.clone(), checkpoints, wal });
         SqlStore { writer, reader, clock, appender: Appender::start(backend, group_commit) }
     }
 

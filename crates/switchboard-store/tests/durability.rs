@@ -94,3 +94,27 @@ async fn a_write_the_database_refuses_fails_only_its_append_and_the_writer_goes_
     let next = append(&store, fences[2], "c2", vec![message("m2", "hello")], None).await.unwrap();
     assert_eq!(next.events[0].seq, 2, "the writer goes on after the refusal");
 }
+
+/// An append batch commits without waiting for the disk and is answered only after a sync of the
+/// write-ahead log. When that sync fails (here the log's file is gone, so nothing proves the commit is on
+/// the disk), the append is not answered as stored, and neither is any later one, even once a sync could
+/// succeed again: what the database holds since the failure is not known to be durable.
+#[tokio::test]
+async fn an_append_whose_log_cannot_be_synced_is_not_acknowledged_nor_any_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let wal = dir.path().join("store.db-wal");
+    let (store, _clock) = sql_on_file(&path).await;
+    let fence = create(&store, "node-a", conversation("c1", "acme", "sales", 1)).await;
+    append(&store, fence, "c1", vec![message("m1", "synced")], None).await.unwrap();
+    assert!(wal.exists(), "the database runs with a write-ahead log");
+
+    std::fs::remove_file(&wal).unwrap();
+    let failed = append(&store, fence, "c1", vec![message("m2", "not synced")], None).await;
+    assert!(matches!(failed, Err(StoreError::Unavailable(_))), "{failed:?}");
+
+    // A log file that could be synced again does not make the store trustworthy again.
+    std::fs::write(&wal, b"").unwrap();
+    let later = append(&store, fence, "c1", vec![message("m3", "after the failure")], None).await;
+    assert!(matches!(later, Err(StoreError::Unavailable(_))), "{later:?}");
+}

@@ -104,6 +104,10 @@ fn describe() {
     describe_histogram!(STORE_APPEND_BATCH_DURATION, "One group-commit transaction of appends.");
     describe_histogram!(STORE_APPEND_BATCH_SIZE, "Appends per group-commit transaction.");
     describe_counter!(STORE_APPENDS, "Appends, by outcome.");
+    describe_histogram!(
+        STORE_WAL_SYNC_DURATION,
+        "One sync of SQLite's write-ahead log, making every batch committed before it durable."
+    );
     describe_gauge!(LICENSE_SESSIONS_IN_USE, "Chat sessions holding a license permit.");
     describe_gauge!(LICENSE_SESSIONS_MAX, "The license limit of concurrent chat sessions; 0 is unlimited.");
 }
