@@ -14,8 +14,8 @@
 //! culprit gets the error. When the connection fails or the commit fails, every caller of the batch gets
 //! `Unavailable` (the outcome is unknown: a retry with the same client message id is deduplicated).
 //!
-//! A backend whose commit is not yet durable (SQLite: [`AppendBackend::syncs_after_commit`]) is synced by a
-//! second task while the writer goes on with the next batch: the answers of a batch wait for a sync begun
+//! A backend whose commit is not yet durable (SQLite, started with a [`WalSync`]) is synced by a second task
+//! while the writer goes on with the next batch: the answers of a batch wait for a sync begun
 //! after its commit, and one sync answers every batch committed before it. A failed sync fails every
 //! append it was to answer and every append after it: what the database holds is no longer known to be
 //! on the disk, and the store must be restarted (it then recovers what the disk holds).
@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{blames_the_request, db, shard_to_i32, to_i64, to_u64};
 use crate::license::{BatchLicense, LicenseChanges, finishes, may_admit};
 use crate::records::{EventRow, agents_to_json, event_from_row};
+use crate::wal::WalSync;
 
 /// How appends are batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,17 +111,6 @@ impl From<StoreError> for BatchFailure {
 pub(crate) trait AppendBackend: Send + Sync + 'static {
     /// Runs [`run_batch`] in one transaction and commits it; the outcomes only once it committed.
     async fn write(&self, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure>;
-
-    /// Whether a committed batch is durable only once [`AppendBackend::sync`] returns (its callers are
-    /// answered after it), rather than when [`AppendBackend::write`] returns.
-    fn syncs_after_commit(&self) -> bool {
-        false
-    }
-
-    /// Makes every batch committed before the call durable.
-    async fn sync(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
 }
 
 /// The answers of a committed batch, waiting for it to be durable.
@@ -139,11 +129,12 @@ pub(crate) struct Appender {
 }
 
 impl Appender {
-    /// Starts the writer task on the current tokio runtime.
-    pub(crate) fn start(backend: Arc<dyn AppendBackend>, options: GroupCommit) -> Self {
+    /// Starts the writer task on the current tokio runtime. With `log`, a committed batch is durable only
+    /// once the log is synced, and its callers are answered after that; without, once it committed.
+    pub(crate) fn start(backend: Arc<dyn AppendBackend>, options: GroupCommit, log: Option<Arc<WalSync>>) -> Self {
         let max_batch = options.max_batch.max(1);
         let (queue, receiver) = mpsc::channel(max_batch * QUEUE_PER_BATCH);
-        tokio::spawn(write_batches(backend, receiver, max_batch));
+        tokio::spawn(write_batches(backend, log, receiver, max_batch));
         Appender { queue }
     }
 
@@ -158,12 +149,17 @@ impl Appender {
     }
 }
 
-async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Receiver<Pending>, max_batch: usize) {
+async fn write_batches(
+    backend: Arc<dyn AppendBackend>,
+    log: Option<Arc<WalSync>>,
+    mut receiver: mpsc::Receiver<Pending>,
+    max_batch: usize,
+) {
     // Set once a sync failed: from then on every append fails.
     let failed: Arc<OnceLock<StoreError>> = Arc::default();
-    let syncer = backend.syncs_after_commit().then(|| {
+    let syncer = log.map(|log| {
         let (answers, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(sync_batches(backend.clone(), waiting, failed.clone()));
+        tokio::spawn(sync_batches(log, waiting, failed.clone()));
         answers
     });
     let mut pending = Vec::with_capacity(max_batch);
@@ -215,7 +211,7 @@ async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Rece
 /// Answers committed batches once a sync begun after their commits returned: every batch waiting when a
 /// sync begins is answered by it.
 async fn sync_batches(
-    backend: Arc<dyn AppendBackend>,
+    log: Arc<WalSync>,
     mut waiting: mpsc::UnboundedReceiver<Answers>,
     failed: Arc<OnceLock<StoreError>>,
 ) {
@@ -224,7 +220,7 @@ async fn sync_batches(
         let started = tokio::time::Instant::now();
         let result = match failed.get() {
             Some(error) => Err(error.clone()),
-            None => backend.sync().await,
+            None => log.sync().await,
         };
         metrics::histogram!(names::STORE_WAL_SYNC_DURATION).record(started.elapsed().as_secs_f64());
         match result {

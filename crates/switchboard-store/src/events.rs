@@ -6,7 +6,6 @@
 //! [`AppendTx`] are plain reads here: nothing else can write between them and the batch's writes.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
@@ -23,7 +22,6 @@ use crate::dialect::json_list;
 use crate::error::{db, to_i64};
 use crate::license::{self, LicenseChanges};
 use crate::records::{EventRow, agents_to_json, event_from_row};
-use crate::wal::WalSync;
 
 pub(crate) const INSERT_CONVERSATION: &str = "INSERT INTO conversations (id, tenant_id, group_id, customer_name, \
      first_question, state, owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, \
@@ -114,8 +112,6 @@ pub(crate) struct SqliteAppender {
     pub writer: SqlitePool,
     /// Checkpoints of the write-ahead log, when the file has one.
     pub checkpoints: Option<Checkpoints>,
-    /// The sync that makes committed batches durable, when the database is a file.
-    pub wal: Option<Arc<WalSync>>,
 }
 
 #[async_trait]
@@ -144,17 +140,6 @@ impl AppendBackend for SqliteAppender {
                 open.roll_back().await;
                 Err(failure)
             }
-        }
-    }
-
-    fn syncs_after_commit(&self) -> bool {
-        self.wal.is_some()
-    }
-
-    async fn sync(&self) -> Result<(), StoreError> {
-        match &self.wal {
-            Some(wal) => wal.sync().await,
-            None => Ok(()),
         }
     }
 }

@@ -86,7 +86,8 @@ impl SqlStore {
     ///
     /// The file runs in WAL mode with `synchronous=FULL`: an acknowledged append survives a crash of the
     /// process and a power loss (append batches commit with `NORMAL` and are answered after a sync of the
-    /// log that runs beside the next batch: see `wal`). `clock` is the store's "database time" (lease expiry): see `dialect`.
+    /// log that runs beside the next batch: see `wal`). `clock` is the store's "database time" (lease
+    /// expiry): see `dialect`.
     pub async fn open(url_or_path: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         Self::open_with(url_or_path, clock, GroupCommit::default()).await
     }
@@ -153,8 +154,8 @@ impl SqlStore {
         checkpoints: Option<events::Checkpoints>,
         wal: Option<Arc<wal::WalSync>>,
     ) -> Self {
-        let backend = Arc::new(events::SqliteAppender { writer: writer.clone(), checkpoints, wal });
-        SqlStore { writer, reader, clock, appender: Appender::start(backend, group_commit) }
+        let backend = Arc::new(events::SqliteAppender { writer: writer.clone(), checkpoints });
+        SqlStore { writer, reader, clock, appender: Appender::start(backend, group_commit, wal) }
     }
 
     /// Closes the connections, waiting for the ones in use to be returned.

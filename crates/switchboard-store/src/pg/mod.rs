@@ -105,7 +105,7 @@ impl PgStore {
             .await
             .map_err(db)?;
         let backend = Arc::new(events::PgAppender { pool: pool.clone() });
-        let appender = Appender::start(backend, options.group_commit);
+        let appender = Appender::start(backend, options.group_commit, None);
         Ok(PgStore { pool, test_clock: options.test_clock, appender })
     }
 
