@@ -14,11 +14,13 @@
 //! culprit gets the error. When the connection fails or the commit fails, every caller of the batch gets
 //! `Unavailable` (the outcome is unknown: a retry with the same client message id is deduplicated).
 //!
-//! A backend whose commit is not yet durable (SQLite, started with a [`WalSync`]) is synced by a second task
-//! while the writer goes on with the next batch: the answers of a batch wait for a sync begun
-//! after its commit, and one sync answers every batch committed before it. A failed sync fails every
-//! append it was to answer and every append after it: what the database holds is no longer known to be
-//! on the disk, and the store must be restarted (it then recovers what the disk holds).
+//! The writer is a task (PostgreSQL, [`Appender::start`]) or a thread that owns its connection (SQLite,
+//! [`Appender::start_on_thread`], see `writer`). On SQLite a commit is not yet durable: the log is synced
+//! (`wal`) before the batch's callers are answered, by the writer itself when no other append waits, else
+//! by a sync thread while the writer goes on with the next batch; one sync answers every batch committed
+//! before it began. A failed sync fails every append it was to answer and every append after it: what the
+//! database holds is no longer known to be on the disk, and the store must be restarted (it then recovers
+//! what the disk holds).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
@@ -106,11 +108,21 @@ impl From<StoreError> for BatchFailure {
     }
 }
 
-/// A SQL backend's side of group commit: run a batch in one transaction and commit it.
+/// A SQL backend's side of group commit, async (PostgreSQL): run a batch in one transaction and commit
+/// it durably.
 #[async_trait]
 pub(crate) trait AppendBackend: Send + Sync + 'static {
     /// Runs [`run_batch`] in one transaction and commits it; the outcomes only once it committed.
     async fn write(&self, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure>;
+}
+
+/// A SQL backend's side of group commit that runs on a thread of its own (SQLite, in the store's process).
+pub(crate) trait BlockingAppendBackend: Send + 'static {
+    /// Runs [`run_batch`] in one transaction and commits it; the outcomes only once it committed (durable
+    /// only once the log is synced, when the writer was started with one).
+    fn write(&mut self, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure>;
+    /// Puts the connection back in order after a batch panicked (rolls back a transaction left open).
+    fn recover(&mut self);
 }
 
 /// The answers of a committed batch, waiting for it to be durable.
@@ -121,117 +133,277 @@ struct Pending {
     reply: oneshot::Sender<Outcome>,
 }
 
-/// The queue in front of the writer task. Cloning shares the queue; the writer stops when the last clone
-/// is dropped.
+enum Command {
+    Append(Box<Pending>),
+    /// Stop once every append queued before it is answered; answered once stopped.
+    Close(oneshot::Sender<()>),
+}
+
+/// The queue in front of the writer. Cloning shares the queue; the writer stops when it is closed or the
+/// last clone is dropped.
 #[derive(Clone)]
 pub(crate) struct Appender {
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<Command>,
 }
 
 impl Appender {
-    /// Starts the writer task on the current tokio runtime. With `log`, a committed batch is durable only
-    /// once the log is synced, and its callers are answered after that; without, once it committed.
-    pub(crate) fn start(backend: Arc<dyn AppendBackend>, options: GroupCommit, log: Option<Arc<WalSync>>) -> Self {
+    /// Starts the writer as a task on the current tokio runtime; a caller is answered once its batch
+    /// committed.
+    pub(crate) fn start(backend: Arc<dyn AppendBackend>, options: GroupCommit) -> Self {
         let max_batch = options.max_batch.max(1);
         let (queue, receiver) = mpsc::channel(max_batch * QUEUE_PER_BATCH);
-        tokio::spawn(write_batches(backend, log, receiver, max_batch));
+        tokio::spawn(write_batches(backend, receiver, max_batch));
         Appender { queue }
+    }
+
+    /// Starts the writer on a thread of its own, which owns `backend`. With `log`, a committed batch is
+    /// durable only once the log is synced, and its callers are answered after that (see the module
+    /// documentation); without, once it committed. The thread enters `runtime`, for the tasks the backend
+    /// spawns.
+    pub(crate) fn start_on_thread<B: BlockingAppendBackend>(
+        backend: B,
+        options: GroupCommit,
+        log: Option<Arc<WalSync>>,
+        runtime: tokio::runtime::Handle,
+    ) -> std::io::Result<Self> {
+        let max_batch = options.max_batch.max(1);
+        let (queue, receiver) = mpsc::channel(max_batch * QUEUE_PER_BATCH);
+        let failed: Arc<OnceLock<StoreError>> = Arc::default();
+        let syncer = log.map(|log| SyncThread::start(log, failed.clone())).transpose()?;
+        std::thread::Builder::new().name("store-appender".into()).spawn(move || {
+            let _runtime = runtime.enter();
+            write_batches_on_thread(backend, syncer, failed, receiver, max_batch);
+        })?;
+        Ok(Appender { queue })
     }
 
     pub(crate) async fn append(&self, request: AppendRequest) -> Outcome {
         let checked = check(request)?;
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Pending { checked, reply })
+            .send(Command::Append(Box::new(Pending { checked, reply })))
             .await
             .map_err(|_| StoreError::Unavailable("the append writer has stopped".into()))?;
         answer.await.map_err(|_| StoreError::Unavailable("the append writer stopped before answering".into()))?
     }
-}
 
-async fn write_batches(
-    backend: Arc<dyn AppendBackend>,
-    log: Option<Arc<WalSync>>,
-    mut receiver: mpsc::Receiver<Pending>,
-    max_batch: usize,
-) {
-    // Set once a sync failed: from then on every append fails.
-    let failed: Arc<OnceLock<StoreError>> = Arc::default();
-    let syncer = log.map(|log| {
-        let (answers, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(sync_batches(log, waiting, failed.clone()));
-        answers
-    });
-    let mut pending = Vec::with_capacity(max_batch);
-    while receiver.recv_many(&mut pending, max_batch).await > 0 {
-        let (batch, replies): (Vec<Checked>, Vec<_>) =
-            pending.drain(..).map(|pending| (pending.checked, pending.reply)).unzip();
-        let n = batch.len();
-        if let Some(error) = failed.get() {
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-            continue;
-        }
-        // On a task of its own, so that a panic fails this batch only, not the writer.
-        let backend = backend.clone();
-        let started = tokio::time::Instant::now();
-        let outcomes = match tokio::spawn(async move { write_batch(backend.as_ref(), &batch).await }).await {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                tracing::error!(%error, "an append batch failed unexpectedly");
-                vec![Err(StoreError::Unavailable("the append batch failed unexpectedly".into())); n]
-            }
-        };
-        tracing::trace!(appends = n, "group commit");
-        metrics::histogram!(names::STORE_APPEND_BATCH_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(names::STORE_APPEND_BATCH_SIZE).record(n as f64);
-        for outcome in &outcomes {
-            let outcome = match outcome {
-                Ok(response) if response.duplicate => "duplicate",
-                Ok(_) => "stored",
-                Err(_) => "refused",
-            };
-            metrics::counter!(names::STORE_APPENDS, "outcome" => outcome).increment(1);
-        }
-        let answers: Answers = replies.into_iter().zip(outcomes).collect();
-        match &syncer {
-            // Answered once durable. The sync task only stops with the writer, so a refusal here is a bug;
-            // the callers then learn that the outcome is unknown.
-            Some(syncer) => {
-                if let Err(mpsc::error::SendError(answers)) = syncer.send(answers) {
-                    answer_all(answers, &StoreError::Unavailable("the append sync task has stopped".into()));
-                }
-            }
-            None => answer(answers),
+    /// Stops the writer once the appends queued before are answered (and, on a thread, once its connection
+    /// is closed); later appends fail.
+    pub(crate) async fn close(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.queue.send(Command::Close(done)).await.is_ok() {
+            let _ = stopped.await;
         }
     }
 }
 
-/// Answers committed batches once a sync begun after their commits returned: every batch waiting when a
-/// sync begins is answered by it.
-async fn sync_batches(
-    log: Arc<WalSync>,
-    mut waiting: mpsc::UnboundedReceiver<Answers>,
-    failed: Arc<OnceLock<StoreError>>,
-) {
-    let mut batches = Vec::new();
-    while waiting.recv_many(&mut batches, usize::MAX).await > 0 {
-        let started = tokio::time::Instant::now();
-        let result = match failed.get() {
-            Some(error) => Err(error.clone()),
-            None => log.sync().await,
-        };
-        metrics::histogram!(names::STORE_WAL_SYNC_DURATION).record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => batches.drain(..).for_each(answer),
-            Err(error) => {
-                if failed.set(error.clone()).is_ok() {
-                    tracing::error!(%error, "the database could not be made durable: every append fails until restart");
-                }
-                batches.drain(..).for_each(|answers| answer_all(answers, &error));
+/// The appends of some commands received, up to the first `Close` (returned); the appends after it are
+/// refused.
+fn take_batch(
+    commands: &mut Vec<Command>,
+) -> (Vec<Checked>, Vec<oneshot::Sender<Outcome>>, Option<oneshot::Sender<()>>) {
+    let mut batch = Vec::with_capacity(commands.len());
+    let mut replies = Vec::with_capacity(commands.len());
+    let mut close = None;
+    for command in commands.drain(..) {
+        match command {
+            Command::Append(pending) if close.is_none() => {
+                batch.push(pending.checked);
+                replies.push(pending.reply);
+            }
+            Command::Append(pending) => {
+                let _ = pending.reply.send(Err(closed()));
+            }
+            Command::Close(done) if close.is_none() => close = Some(done),
+            Command::Close(done) => {
+                let _ = done.send(());
             }
         }
+    }
+    (batch, replies, close)
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
+async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Receiver<Command>, max_batch: usize) {
+    let mut commands = Vec::with_capacity(max_batch);
+    while receiver.recv_many(&mut commands, max_batch).await > 0 {
+        let (batch, replies, close) = take_batch(&mut commands);
+        if !batch.is_empty() {
+            let n = batch.len();
+            // On a task of its own, so that a panic fails this batch only, not the writer.
+            let backend = backend.clone();
+            let started = tokio::time::Instant::now();
+            let outcomes = match tokio::spawn(async move { write_batch(backend.as_ref(), &batch).await }).await {
+                Ok(outcomes) => outcomes,
+                Err(error) => {
+                    tracing::error!(%error, "an append batch failed unexpectedly");
+                    vec![Err(StoreError::Unavailable("the append batch failed unexpectedly".into())); n]
+                }
+            };
+            record_batch(started, &outcomes);
+            answer(replies.into_iter().zip(outcomes).collect());
+        }
+        if let Some(done) = close {
+            receiver.close();
+            while let Some(command) = receiver.recv().await {
+                refuse(command);
+            }
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+fn refuse(command: Command) {
+    match command {
+        Command::Append(pending) => {
+            let _ = pending.reply.send(Err(closed()));
+        }
+        Command::Close(done) => {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The writer's loop on its thread. A batch's callers are answered once it is durable: at once without a
+/// log; with one, after a sync begun after its commit, made by the writer itself when no other append
+/// waits (there is nothing better to do meanwhile, and no hand-over to wait for), else by the sync thread
+/// while the writer goes on with the next batch. A failed sync fails every append after it.
+fn write_batches_on_thread<B: BlockingAppendBackend>(
+    mut backend: B,
+    syncer: Option<SyncThread>,
+    failed: Arc<OnceLock<StoreError>>,
+    mut receiver: mpsc::Receiver<Command>,
+    max_batch: usize,
+) {
+    let mut commands = Vec::with_capacity(max_batch);
+    let mut close = None;
+    while close.is_none() && receiver.blocking_recv_many(&mut commands, max_batch) > 0 {
+        let (batch, replies, closing) = take_batch(&mut commands);
+        close = closing;
+        if batch.is_empty() {
+            continue;
+        }
+        if let Some(error) = failed.get() {
+            replies.into_iter().for_each(|reply| drop(reply.send(Err(error.clone()))));
+            continue;
+        }
+        let n = batch.len();
+        let started = tokio::time::Instant::now();
+        let outcomes =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_batch_now(&mut backend, &batch))) {
+                Ok(outcomes) => outcomes,
+                Err(_) => {
+                    tracing::error!("an append batch failed unexpectedly");
+                    backend.recover();
+                    vec![Err(StoreError::Unavailable("the append batch failed unexpectedly".into())); n]
+                }
+            };
+        record_batch(started, &outcomes);
+        let answers: Answers = replies.into_iter().zip(outcomes).collect();
+        match &syncer {
+            Some(syncer) if receiver.is_empty() && close.is_none() => syncer.sync_here(answers),
+            Some(syncer) => syncer.hand_over(answers),
+            None => answer(answers),
+        }
+    }
+    // Every batch committed is answered, and the connection closed, before the close is.
+    if let Some(syncer) = syncer {
+        syncer.stop();
+    }
+    drop(backend);
+    if let Some(done) = close {
+        receiver.close();
+        while let Ok(command) = receiver.try_recv() {
+            refuse(command);
+        }
+        let _ = done.send(());
+    }
+}
+
+/// The thread that syncs the log for the writer, and the writer's way to sync it itself.
+struct SyncThread {
+    log: Arc<WalSync>,
+    failed: Arc<OnceLock<StoreError>>,
+    waiting: std::sync::mpsc::Sender<Answers>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SyncThread {
+    fn start(log: Arc<WalSync>, failed: Arc<OnceLock<StoreError>>) -> std::io::Result<Self> {
+        let (waiting, batches) = std::sync::mpsc::channel();
+        let (thread_log, thread_failed) = (log.clone(), failed.clone());
+        let thread = std::thread::Builder::new()
+            .name("store-log-sync".into())
+            .spawn(move || sync_batches(&thread_log, &batches, &thread_failed))?;
+        Ok(SyncThread { log, failed, waiting, thread })
+    }
+
+    /// Answers once a sync begun now returned.
+    fn sync_here(&self, answers: Answers) {
+        sync_and_answer(&self.log, &self.failed, vec![answers]);
+    }
+
+    /// Answers once a sync of the sync thread, begun after now, returned.
+    fn hand_over(&self, answers: Answers) {
+        // The thread only stops when the writer stops it; should it have died all the same, the callers
+        // learn that the outcome is unknown.
+        if let Err(std::sync::mpsc::SendError(answers)) = self.waiting.send(answers) {
+            answer_all(answers, &StoreError::Unavailable("the append sync thread has stopped".into()));
+        }
+    }
+
+    /// Waits for the batches handed over to be answered.
+    fn stop(self) {
+        drop(self.waiting);
+        if self.thread.join().is_err() {
+            tracing::error!("the append sync thread panicked");
+        }
+    }
+}
+
+/// The sync thread: answers committed batches once a sync begun after their commits returned; every
+/// batch waiting when a sync begins is answered by it.
+fn sync_batches(log: &WalSync, waiting: &std::sync::mpsc::Receiver<Answers>, failed: &OnceLock<StoreError>) {
+    while let Ok(first) = waiting.recv() {
+        let mut batches = vec![first];
+        batches.extend(waiting.try_iter());
+        sync_and_answer(log, failed, batches);
+    }
+}
+
+fn sync_and_answer(log: &WalSync, failed: &OnceLock<StoreError>, batches: Vec<Answers>) {
+    let started = tokio::time::Instant::now();
+    let result = match failed.get() {
+        Some(error) => Err(error.clone()),
+        None => log.sync(),
+    };
+    metrics::histogram!(names::STORE_WAL_SYNC_DURATION).record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => batches.into_iter().for_each(answer),
+        Err(error) => {
+            if failed.set(error.clone()).is_ok() {
+                tracing::error!(%error, "the database could not be made durable: every append fails until restart");
+            }
+            batches.into_iter().for_each(|answers| answer_all(answers, &error));
+        }
+    }
+}
+
+fn record_batch(started: tokio::time::Instant, outcomes: &[Outcome]) {
+    tracing::trace!(appends = outcomes.len(), "group commit");
+    metrics::histogram!(names::STORE_APPEND_BATCH_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(names::STORE_APPEND_BATCH_SIZE).record(outcomes.len() as f64);
+    for outcome in outcomes {
+        let outcome = match outcome {
+            Ok(response) if response.duplicate => "duplicate",
+            Ok(_) => "stored",
+            Err(_) => "refused",
+        };
+        metrics::counter!(names::STORE_APPENDS, "outcome" => outcome).increment(1);
     }
 }
 
@@ -251,25 +423,65 @@ fn answer_all(answers: Answers, error: &StoreError) {
 
 /// One outcome per append of `batch`, in order.
 async fn write_batch(backend: &dyn AppendBackend, batch: &[Checked]) -> Vec<Outcome> {
-    match backend.write(batch).await {
-        Ok(outcomes) => outcomes,
-        Err(BatchFailure::Batch(error)) => vec![Err(error); batch.len()],
-        Err(BatchFailure::Request(error)) if batch.len() == 1 => vec![Err(error)],
-        Err(BatchFailure::Request(error)) => {
-            tracing::debug!(%error, appends = batch.len(), "a batch failed on one append: one transaction each");
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for (i, checked) in batch.iter().enumerate() {
-                match backend.write(std::slice::from_ref(checked)).await {
-                    Ok(mut outcome) => outcomes.push(outcome.pop().unwrap_or_else(|| Err(lost_outcome()))),
-                    Err(BatchFailure::Request(error)) => outcomes.push(Err(error)),
-                    Err(BatchFailure::Batch(error)) => {
-                        outcomes.extend(std::iter::repeat_n(Err(error), batch.len() - i));
-                        break;
-                    }
-                }
+    let first = backend.write(batch).await;
+    let mut outcomes = OneByOne::after(first, batch.len());
+    while let Some(i) = outcomes.next_alone() {
+        outcomes.record(backend.write(std::slice::from_ref(&batch[i])).await);
+    }
+    outcomes.into_outcomes()
+}
+
+/// [`write_batch`] on the writer's thread.
+fn write_batch_now<B: BlockingAppendBackend>(backend: &mut B, batch: &[Checked]) -> Vec<Outcome> {
+    let first = backend.write(batch);
+    let mut outcomes = OneByOne::after(first, batch.len());
+    while let Some(i) = outcomes.next_alone() {
+        outcomes.record(backend.write(std::slice::from_ref(&batch[i])));
+    }
+    outcomes.into_outcomes()
+}
+
+/// The outcomes of a batch whose write failed on one request's data, collected by running its appends
+/// again one transaction each, so that only the culprit gets the error; a failure of the database itself
+/// fails the rest.
+struct OneByOne {
+    outcomes: Vec<Outcome>,
+    /// The appends still to run alone; none once the batch is decided.
+    len: usize,
+}
+
+impl OneByOne {
+    fn after(first: Result<Vec<Outcome>, BatchFailure>, len: usize) -> Self {
+        let done = |outcomes| OneByOne { outcomes, len: 0 };
+        match first {
+            Ok(outcomes) => done(outcomes),
+            Err(BatchFailure::Batch(error)) => done(vec![Err(error); len]),
+            Err(BatchFailure::Request(error)) if len == 1 => done(vec![Err(error)]),
+            Err(BatchFailure::Request(error)) => {
+                tracing::debug!(%error, appends = len, "a batch failed on one append: one transaction each");
+                OneByOne { outcomes: Vec::with_capacity(len), len }
             }
-            outcomes
         }
+    }
+
+    /// The index of the next append to run alone.
+    fn next_alone(&self) -> Option<usize> {
+        (self.outcomes.len() < self.len).then_some(self.outcomes.len())
+    }
+
+    fn record(&mut self, result: Result<Vec<Outcome>, BatchFailure>) {
+        match result {
+            Ok(mut outcome) => self.outcomes.push(outcome.pop().unwrap_or_else(|| Err(lost_outcome()))),
+            Err(BatchFailure::Request(error)) => self.outcomes.push(Err(error)),
+            Err(BatchFailure::Batch(error)) => {
+                let rest = self.len - self.outcomes.len();
+                self.outcomes.extend(std::iter::repeat_n(Err(error), rest));
+            }
+        }
+    }
+
+    fn into_outcomes(self) -> Vec<Outcome> {
+        self.outcomes
     }
 }
 
@@ -364,25 +576,26 @@ pub(crate) struct BatchReads {
     pub stored: Vec<EventRow>,
 }
 
-/// The statements of an append batch, inside one transaction, on one backend.
+/// The statements of an append batch, inside one transaction, on one backend. A statement's failure is
+/// a [`BatchFailure`]: the request's (a constraint, a value refused) or the batch's.
 #[async_trait]
 pub(crate) trait AppendTx: Send {
     /// Everything the batch reads before deciding (see [`BatchReads`]).
-    async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, sqlx::Error>;
+    async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, BatchFailure>;
     /// Each existing conversation of `ids` (sorted, distinct), locked until the transaction ends.
-    async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, sqlx::Error>;
+    async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, BatchFailure>;
     /// The stored events with these (conversation, client message id) keys.
-    async fn stored_events(&mut self, keys: &[(&str, &str)]) -> Result<Vec<EventRow>, sqlx::Error>;
+    async fn stored_events(&mut self, keys: &[(&str, &str)]) -> Result<Vec<EventRow>, BatchFailure>;
     /// Inserts the conversation; `false` when it exists already (inserted meanwhile by another writer).
-    async fn insert_conversation(&mut self, id: &str, create: &ConversationRecord) -> Result<bool, sqlx::Error>;
-    async fn insert_events(&mut self, events: &[NewEventRow]) -> Result<(), sqlx::Error>;
-    async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), sqlx::Error>;
+    async fn insert_conversation(&mut self, id: &str, create: &ConversationRecord) -> Result<bool, BatchFailure>;
+    async fn insert_events(&mut self, events: &[NewEventRow]) -> Result<(), BatchFailure>;
+    async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), BatchFailure>;
     /// The conversations of `ids` (sorted, distinct) that hold a license permit.
-    async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error>;
+    async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, BatchFailure>;
     /// Sets `used` if it still is `used_before`, inserts the permits taken and deletes those given back.
     /// `false` when the stored count or permits were not as the batch read them: the batch must fail (its
     /// transaction is rolled back).
-    async fn write_license(&mut self, changes: &LicenseChanges) -> Result<bool, sqlx::Error>;
+    async fn write_license(&mut self, changes: &LicenseChanges) -> Result<bool, BatchFailure>;
 }
 
 /// The appends of a batch, decided in order and written inside the caller's transaction. The outcomes are

@@ -57,7 +57,7 @@ pub(crate) async fn acquire(
 ) -> Result<AcquireShardsResponse, StoreError> {
     let acquire = validate_acquire(&request)?;
 
-    let mut transaction = store.writer.begin().await.map_err(db)?;
+    let mut transaction = store.begin_write().await?;
     let now = store.now_ms();
     let expires_at_ms = expires_at(now, acquire.lease_ms)?;
     if acquire.shards.is_empty() {

@@ -23,6 +23,7 @@ mod records;
 mod store;
 mod tickets;
 mod wal;
+mod writer;
 
 use std::fmt;
 use std::str::FromStr;
@@ -52,6 +53,7 @@ pub use store::{Store, open};
 use crate::batch::Appender;
 use crate::error::{db, to_u64};
 use crate::records::{GrantRow, grant_from_row};
+use crate::writer::Durability;
 
 /// How long a statement waits for a lock held by another connection before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,16 +64,19 @@ const READERS: u32 = 4;
 
 /// The store on SQLite.
 ///
-/// Every write transaction goes through one writer connection, so SQLite never has to upgrade a read lock
-/// between two writers (no `SQLITE_BUSY` deadlocks) and appends to a conversation are serialized; appends
-/// are group-committed on it. Reads use a separate small pool. Cloning is cheap and shares the pools and
-/// the append writer.
+/// Appends are group-committed by the append writer, a connection of its own on a thread of its own
+/// (`writer`); the other writes (leases, nodes, tickets, the license limit, migrations) go through one
+/// sqlx writer connection. Each write transaction takes the write lock as it begins, so the two never
+/// deadlock on an upgrade (`BEGIN IMMEDIATE`, [`SqlStore::begin_write`]). Reads use a separate small pool.
+/// Cloning is cheap and shares the pools and the append writer.
 #[derive(Clone)]
 pub struct SqlStore {
     writer: SqlitePool,
     reader: SqlitePool,
     clock: Arc<dyn Clock>,
     appender: Appender,
+    /// The directory of a throwaway database ([`SqlStore::open_temporary`]), removed with the last clone.
+    _temporary: Option<Arc<tempfile::TempDir>>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -82,12 +87,12 @@ impl fmt::Debug for SqlStore {
 
 impl SqlStore {
     /// Opens (creating it when missing) the SQLite database at `url_or_path`, a file path or a
-    /// `sqlite:` URL, and applies the pending migrations.
+    /// `sqlite:` URL, and applies the pending migrations. `sqlite::memory:` is a throwaway database
+    /// ([`SqlStore::open_temporary`]).
     ///
     /// The file runs in WAL mode with `synchronous=FULL`: an acknowledged append survives a crash of the
     /// process and a power loss (append batches commit with `NORMAL` and are answered after a sync of the
-    /// log that runs beside the next batch: see `wal`). `clock` is the store's "database time" (lease
-    /// expiry): see `dialect`.
+    /// log: see `wal`). `clock` is the store's "database time" (lease expiry): see `dialect`.
     pub async fn open(url_or_path: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         Self::open_with(url_or_path, clock, GroupCommit::default()).await
     }
@@ -99,7 +104,7 @@ impl SqlStore {
         group_commit: GroupCommit,
     ) -> Result<Self, StoreError> {
         if url_or_path.contains(":memory:") || url_or_path.contains("mode=memory") {
-            return Self::open_in_memory(clock).await;
+            return Self::open_temporary(clock).await;
         }
         let base = if url_or_path.starts_with("sqlite:") {
             SqliteConnectOptions::from_str(url_or_path)
@@ -107,22 +112,41 @@ impl SqlStore {
         } else {
             SqliteConnectOptions::new().filename(url_or_path)
         };
-        let options = base
+        let options = base.synchronous(SqliteSynchronous::Full);
+        Self::open_file(options, clock, group_commit, Durability::SyncedLog, None).await
+    }
+
+    /// A private throwaway database, for tests: a file in a new temporary directory, removed when the last
+    /// clone of the store is dropped, and never synced to the disk.
+    pub async fn open_temporary(clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let directory = tempfile::tempdir()
+            .map_err(|error| StoreError::Unavailable(format!("cannot make a temporary directory: {error}")))?;
+        let options =
+            SqliteConnectOptions::new().filename(directory.path().join("store.db")).synchronous(SqliteSynchronous::Off);
+        Self::open_file(options, clock, GroupCommit::default(), Durability::None, Some(Arc::new(directory))).await
+    }
+
+    async fn open_file(
+        options: SqliteConnectOptions,
+        clock: Arc<dyn Clock>,
+        group_commit: GroupCommit,
+        durability: Durability,
+        temporary: Option<Arc<tempfile::TempDir>>,
+    ) -> Result<Self, StoreError> {
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            // Statement journals (for the multi-row statements of an append batch) in memory, not in
-            // temporary files: they only serve to undo a statement that fails halfway.
+            // Statement journals (for the multi-row statements) in memory, not in temporary files: they
+            // only serve to undo a statement that fails halfway.
             .pragma("temp_store", "memory")
-            // The writer checkpoints in its own commit only once the log holds this many pages (32 MiB); until
-            // then the checkpoints run beside it (`events::Checkpoints`).
+            // The writer checkpoints in its own commit only once the log holds this many pages (32 MiB);
+            // until then the checkpoints run beside it (`events::Checkpoints`).
             .pragma("wal_autocheckpoint", events::Checkpoints::WRITER_AFTER_PAGES.to_string())
             .busy_timeout(BUSY_TIMEOUT);
-        let wal = wal::WalSync::new(options.get_filename());
+        let path = options.get_filename().to_owned();
         let writer = single_connection_pool(options.clone()).await?;
-        let store = Self::new(writer.clone(), writer.clone(), clock.clone(), group_commit, None, Some(wal.clone()));
-        store.migrate().await?;
+        migrate::migrate_sqlite(&writer, clock.as_ref()).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
             .test_before_acquire(false)
@@ -130,38 +154,28 @@ impl SqlStore {
             .connect_with(options)
             .await
             .map_err(error::db)?;
-        let checkpoints = events::Checkpoints::new(reader.clone());
-        Ok(Self::new(writer, reader, clock, group_commit, Some(checkpoints), Some(wal)))
+        let checkpoints = Some(events::Checkpoints::new(reader.clone()));
+        let log = (durability == Durability::SyncedLog).then(|| wal::WalSync::new(&path));
+        let backend = tokio::task::spawn_blocking(move || writer::SqliteWriter::open(&path, durability, checkpoints))
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("opening the append writer failed: {error}")))??;
+        let appender = Appender::start_on_thread(backend, group_commit, log, tokio::runtime::Handle::current())
+            .map_err(|error| StoreError::Unavailable(format!("cannot start the append writer: {error}")))?;
+        Ok(SqlStore { writer, reader, clock, appender, _temporary: temporary })
     }
 
-    /// A private in-memory database, for tests. One connection serves reads and writes (each in-memory
-    /// connection would otherwise see a database of its own); it is kept open for the life of the store.
-    pub async fn open_in_memory(clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:")
-            .map_err(|error| StoreError::Invalid(error.to_string()))?
-            .foreign_keys(true);
-        let pool = single_connection_pool(options).await?;
-        let store = Self::new(pool.clone(), pool, clock, GroupCommit::default(), None, None);
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    fn new(
-        writer: SqlitePool,
-        reader: SqlitePool,
-        clock: Arc<dyn Clock>,
-        group_commit: GroupCommit,
-        checkpoints: Option<events::Checkpoints>,
-        wal: Option<Arc<wal::WalSync>>,
-    ) -> Self {
-        let backend = Arc::new(events::SqliteAppender { writer: writer.clone(), checkpoints });
-        SqlStore { writer, reader, clock, appender: Appender::start(backend, group_commit, wal) }
-    }
-
-    /// Closes the connections, waiting for the ones in use to be returned.
+    /// Closes the store: the append writer once the appends queued are answered, then the connections,
+    /// waiting for the ones in use to be returned. Later requests fail.
     pub async fn close(&self) {
+        self.appender.close().await;
         self.reader.close().await;
         self.writer.close().await;
+    }
+
+    /// A write transaction on the writer connection, holding the database's write lock from its start
+    /// (the append writer is another connection: a transaction that read first could not take it later).
+    pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(error::db)
     }
 
     fn now_ms(&self) -> i64 {

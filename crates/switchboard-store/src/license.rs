@@ -23,7 +23,6 @@ use switchboard_proto::internal::v1::{AppendRequest, GetLicenseRequest, License,
 use switchboard_proto::store::StoreError;
 
 use crate::SqlStore;
-use crate::dialect::json_list;
 use crate::error::{db, to_i64, to_u64};
 
 /// The license row, locked on PostgreSQL by appending `FOR UPDATE`.
@@ -34,10 +33,6 @@ pub(crate) const SET_LICENSE_USED: &str = "UPDATE license SET used = $1 WHERE id
 
 pub(crate) const SET_LICENSE_LIMIT: &str =
     "UPDATE license SET max_sessions = $1 WHERE id = 1 RETURNING max_sessions, used";
-
-/// Which of some conversations hold a permit (SQLite: `$1` is a JSON array of ids).
-const SELECT_PERMITS: &str =
-    "SELECT conversation_id FROM license_permits WHERE conversation_id IN (SELECT value FROM json_each($1))";
 
 /// Whether a state is a finished one (`closed`, `cancelled`): a conversation in it holds no permit.
 pub(crate) fn is_finished(state: &str) -> bool {
@@ -165,15 +160,6 @@ pub(crate) struct LicenseChanges {
     pub released: Vec<String>,
     pub used: i64,
     pub used_before: i64,
-}
-
-/// The conversations among `ids` that hold a permit (SQLite).
-pub(crate) async fn held_permits(
-    connection: &mut sqlx::SqliteConnection,
-    ids: &[&str],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let held: Vec<String> = sqlx::query_scalar(SELECT_PERMITS).bind(json_list(ids)?).fetch_all(connection).await?;
-    Ok(held.into_iter().collect())
 }
 
 pub(crate) async fn get(store: &SqlStore, _request: GetLicenseRequest) -> Result<License, StoreError> {

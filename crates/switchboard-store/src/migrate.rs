@@ -6,9 +6,11 @@
 //! two processes at once) is harmless. On PostgreSQL each of those transactions also takes a transaction
 //! advisory lock, so that two store processes starting together migrate one after the other.
 
-use sqlx::{PgConnection, SqliteConnection};
+use sqlx::{PgConnection, SqliteConnection, SqlitePool};
+use switchboard_domain::Clock;
 use switchboard_proto::store::StoreError;
 
+use crate::dialect::db_now_ms;
 use crate::error::db;
 use crate::{PgStore, SqlStore};
 
@@ -51,28 +53,37 @@ fn warn_if_newer(versions: &[i64]) {
 impl SqlStore {
     /// Applies the migrations not applied yet. Returns how many were applied.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
-        sqlx::query(CREATE_SCHEMA_MIGRATIONS).execute(&self.writer).await.map_err(db)?;
-        let mut applied = 0;
-        for migration in MIGRATIONS {
-            let mut transaction = self.writer.begin().await.map_err(db)?;
-            if !claim(&mut transaction, migration, self.now_ms()).await? {
-                transaction.rollback().await.map_err(db)?;
-                continue;
-            }
-            sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
-            transaction.commit().await.map_err(db)?;
-            tracing::info!(version = migration.version, name = migration.name, "applied migration");
-            applied += 1;
-        }
-        warn_if_newer(&self.applied_migrations().await?);
-        Ok(applied)
+        migrate_sqlite(&self.writer, self.clock.as_ref()).await
     }
 
     /// The versions recorded in `schema_migrations`, oldest first.
     pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
-        let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS).fetch_all(&self.writer).await.map_err(db)?;
-        Ok(rows.into_iter().map(|(version,)| version).collect())
+        applied_sqlite(&self.writer).await
     }
+}
+
+/// [`SqlStore::migrate`] on the writer connection, before the store is built.
+pub(crate) async fn migrate_sqlite(writer: &SqlitePool, clock: &dyn Clock) -> Result<usize, StoreError> {
+    sqlx::query(CREATE_SCHEMA_MIGRATIONS).execute(writer).await.map_err(db)?;
+    let mut applied = 0;
+    for migration in MIGRATIONS {
+        let mut transaction = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        if !claim(&mut transaction, migration, db_now_ms(clock)).await? {
+            transaction.rollback().await.map_err(db)?;
+            continue;
+        }
+        sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
+        transaction.commit().await.map_err(db)?;
+        tracing::info!(version = migration.version, name = migration.name, "applied migration");
+        applied += 1;
+    }
+    warn_if_newer(&applied_sqlite(writer).await?);
+    Ok(applied)
+}
+
+async fn applied_sqlite(writer: &SqlitePool) -> Result<Vec<i64>, StoreError> {
+    let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS).fetch_all(writer).await.map_err(db)?;
+    Ok(rows.into_iter().map(|(version,)| version).collect())
 }
 
 async fn claim(connection: &mut SqliteConnection, migration: &Migration, now_ms: i64) -> Result<bool, StoreError> {

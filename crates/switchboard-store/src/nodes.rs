@@ -50,7 +50,7 @@ pub(crate) async fn register(
     request: RegisterNodeRequest,
 ) -> Result<RegisterNodeResponse, StoreError> {
     let registration = validate_registration(&request)?;
-    let mut transaction = store.writer.begin().await.map_err(db)?;
+    let mut transaction = store.begin_write().await?;
     let now = store.now_ms();
     if registration.leaving {
         sqlx::query(DELETE_NODE).bind(registration.node).execute(&mut *transaction).await.map_err(db)?;

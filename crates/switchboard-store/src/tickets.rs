@@ -63,8 +63,8 @@ pub(crate) fn duplicate(stored: TicketRow) -> CreateTicketResponse {
 
 pub(crate) async fn create(store: &SqlStore, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
     let ticket = validate_ticket(request)?;
-    // The single writer: nothing can store the key between the lookup and the insert.
-    let mut transaction = store.writer.begin().await.map_err(db)?;
+    // Under the write lock from the start: nothing can store the key between the lookup and the insert.
+    let mut transaction = store.begin_write().await?;
     let stored: Option<TicketRow> = sqlx::query_as(SELECT_TICKET_BY_KEY)
         .bind(&ticket.tenant_id)
         .bind(&ticket.idempotency_key)

@@ -2,9 +2,10 @@
 //!
 //! An append batch commits with `synchronous=NORMAL`: SQLite writes the batch's frames to the log
 //! (`<database>-wal`) without waiting for the disk. [`WalSync::sync`] then flushes the log file
-//! (`fdatasync`), from a thread of the blocking pool, while the writer goes on with the next batch; the
-//! batch's callers are answered only after it (see `batch`). This is what `synchronous=FULL` does inside the
-//! commit, moved off the writer's path, and one flush covers every batch committed before it:
+//! (`fdatasync`), and the batch's callers are answered only after it (see `batch`): from the sync thread
+//! while the writer goes on with the next batch, or from the writer itself when no other append waits.
+//! This is what `synchronous=FULL` does inside the commit, moved off the writer's path, and one flush
+//! covers every batch committed before it:
 //!
 //! - the log is written in order and a flush covers every write before it, so a batch is on the disk
 //!   whole once a flush begun after its commit returns;
@@ -15,7 +16,7 @@
 //!   checkpoint.
 //!
 //! The log file is the same for the store's whole life: SQLite removes it only when the last connection
-//! closes, and the store keeps its writer connection open. Should it be replaced all the same, the new file
+//! closes, and the store keeps its connections open until it is closed. Should it be replaced all the same, the new file
 //! is opened (its inode differs) and its directory flushed. A log that is missing, or a flush that fails,
 //! fails the sync: nothing committed since the last sync is then known to be on the disk.
 //!
@@ -24,8 +25,8 @@
 //! appends are not answered yet. Only a crash of the machine (not of the process: the written log is in
 //! the operating system's cache) in that window could take them back.
 //!
-//! Other writes (leases, tickets, the license limit) keep `synchronous=FULL`, set by the connection
-//! options: only the batch's own statements switch to `NORMAL`, and back.
+//! Only the append writer's own connection runs with `NORMAL`. Other writes (leases, tickets, the license
+//! limit) keep `synchronous=FULL`, set by the options of the other connections.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -50,15 +51,9 @@ impl WalSync {
         Arc::new(WalSync { path: PathBuf::from(path), file: Mutex::new(None) })
     }
 
-    /// Flushes the log: every batch committed before the call is durable once it returns `Ok`.
-    pub(crate) async fn sync(self: &Arc<Self>) -> Result<(), StoreError> {
-        let wal = self.clone();
-        tokio::task::spawn_blocking(move || wal.sync_now())
-            .await
-            .map_err(|error| StoreError::Unavailable(format!("the log sync task failed: {error}")))?
-    }
-
-    fn sync_now(&self) -> Result<(), StoreError> {
+    /// Flushes the log: every batch committed before the call is durable once it returns `Ok`. Blocks
+    /// (the append writer's threads call it).
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
         let failed = |what: &str, error: std::io::Error| {
             StoreError::Unavailable(format!("{what} {}: {error}", self.path.display()))
         };

@@ -4,7 +4,10 @@
 mod common;
 
 use common::*;
-use switchboard_proto::internal::v1::{GetConversationRequest, ReadEventsRequest, RenewShardsRequest};
+use switchboard_proto::internal::v1::{
+    CreateTicketRequest, GetConversationRequest, ListTicketsRequest, ReadEventsRequest, RenewShardsRequest,
+    TicketRecord,
+};
 use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_store::LATEST_MIGRATION;
 
@@ -117,4 +120,95 @@ async fn an_append_whose_log_cannot_be_synced_is_not_acknowledged_nor_any_after_
     std::fs::write(&wal, b"").unwrap();
     let later = append(&store, fence, "c1", vec![message("m3", "after the failure")], None).await;
     assert!(matches!(later, Err(StoreError::Unavailable(_))), "{later:?}");
+}
+
+/// Closing the store answers the appends made before it and refuses those after it; what was acknowledged
+/// is there when the file is opened again.
+#[tokio::test]
+async fn a_closed_store_refuses_appends_and_keeps_what_it_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("closed.db");
+    let (store, _clock) = sql_on_file(&path).await;
+    let fence = create(&store, "node-a", conversation("c1", "acme", "sales", 1)).await;
+    let (first, second) = tokio::join!(
+        append(&store, fence, "c1", vec![message("m1", "one")], None),
+        append(&store, fence, "c1", vec![message("m2", "two")], None),
+    );
+    let mut acknowledged: Vec<_> = [first, second].into_iter().flat_map(|answer| answer.unwrap().events).collect();
+    store.close().await;
+
+    let after = append(&store, fence, "c1", vec![message("m3", "three")], None).await;
+    assert!(matches!(after, Err(StoreError::Unavailable(_))), "{after:?}");
+    drop(store);
+
+    let (store, _clock) = sql_on_file(&path).await;
+    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 1, limit: 0 };
+    acknowledged.sort_by_key(|event| event.seq);
+    assert_eq!(store.read_events(request).await.unwrap().events, acknowledged);
+}
+
+/// Appends are written on a connection of their own, the other writes (leases, tickets) on another. Each
+/// write transaction takes the database's write lock as it begins, so that they interleave without
+/// failing: a ticket's transaction reads (is the key taken?) before it writes, and SQLite fails such a
+/// transaction at once if another connection committed in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_tickets_and_lease_renewals_interleave_without_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _clock) = sql_on_file(&dir.path().join("writers.db")).await;
+    let store = std::sync::Arc::new(store);
+    let ids = ["c0", "c1", "c2", "c3"];
+    let mut fences = Vec::new();
+    for id in ids {
+        fences.push(create(store.as_ref(), "node-a", conversation(id, "acme", "sales", 1)).await);
+    }
+    const ROUNDS: usize = 150;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, fence) in ids.into_iter().zip(fences.clone()) {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for i in 0..ROUNDS {
+                append(store.as_ref(), fence, id, vec![message(&format!("m{i}"), "hello")], None).await.map(drop)?;
+            }
+            Ok::<_, StoreError>(())
+        });
+    }
+    for writer in 0..2 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for i in 0..ROUNDS {
+                let ticket = TicketRecord {
+                    id: format!("t{writer}-{i}"),
+                    tenant_id: "acme".into(),
+                    group_id: "sales".into(),
+                    kind: "offline_message".into(),
+                    reason: "group_closed".into(),
+                    customer_name: "Carol".into(),
+                    customer_contact: "carol@example.com".into(),
+                    subject: "Parcel".into(),
+                    body: "Where is my parcel?".into(),
+                    created_at_ms: START_MS,
+                    idempotency_key: format!("k{writer}-{i}"),
+                    ..Default::default()
+                };
+                store.create_ticket(CreateTicketRequest { ticket: Some(ticket) }).await.map(drop)?;
+            }
+            Ok(())
+        });
+    }
+    let renewer = store.clone();
+    tasks.spawn(async move {
+        for _ in 0..ROUNDS {
+            let request = RenewShardsRequest { node_id: "node-a".into(), held: fences.clone(), lease_ms: LEASE_MS };
+            assert!(renewer.renew_shards(request).await?.lost.is_empty());
+        }
+        Ok(())
+    });
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().unwrap();
+    }
+    for id in ids {
+        assert_eq!(get(store.as_ref(), id).await.last_seq, 1 + ROUNDS as u64, "{id}");
+    }
+    let listed = store.list_tickets(ListTicketsRequest { tenant_id: "acme".into(), limit: 1000 }).await.unwrap();
+    assert_eq!(listed.tickets.len(), 2 * ROUNDS);
 }

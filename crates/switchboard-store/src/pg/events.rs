@@ -87,7 +87,7 @@ impl AppendTx for Transaction<'static, Postgres> {
     /// every insert of a conversation happens under it: admissions are serialized across store processes,
     /// see `license`), then the conversations of the appends under a current fence, then their stored
     /// client message ids.
-    async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, sqlx::Error> {
+    async fn read_batch(&mut self, batch: &[Checked]) -> Result<BatchReads, BatchFailure> {
         let shards: Vec<i32> = batch.iter().map(|checked| checked.shard).collect::<BTreeSet<_>>().into_iter().collect();
         let rows: Vec<(i32, i64)> = sqlx::query_as(LOCK_FENCES).bind(&shards).fetch_all(&mut **self).await?;
         let epochs: HashMap<i32, i64> = rows.into_iter().collect();
@@ -119,17 +119,17 @@ impl AppendTx for Transaction<'static, Postgres> {
         Ok(BatchReads { epochs, license_row, conversations, stored })
     }
 
-    async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, sqlx::Error> {
+    async fn conversations(&mut self, ids: &[&str]) -> Result<HashMap<String, Conversation>, BatchFailure> {
         let rows: Vec<(String, i64, i32)> = sqlx::query_as(LOCK_CONVERSATIONS).bind(ids).fetch_all(&mut **self).await?;
         Ok(rows.into_iter().map(|(id, last_seq, shard)| (id, Conversation { last_seq, shard })).collect())
     }
 
-    async fn stored_events(&mut self, keys: &[(&str, &str)]) -> Result<Vec<EventRow>, sqlx::Error> {
+    async fn stored_events(&mut self, keys: &[(&str, &str)]) -> Result<Vec<EventRow>, BatchFailure> {
         let (ids, client_msg_ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
-        sqlx::query_as(SELECT_BY_CLIENT_MSG_IDS).bind(ids).bind(client_msg_ids).fetch_all(&mut **self).await
+        Ok(sqlx::query_as(SELECT_BY_CLIENT_MSG_IDS).bind(ids).bind(client_msg_ids).fetch_all(&mut **self).await?)
     }
 
-    async fn insert_conversation(&mut self, id: &str, create: &ConversationRecord) -> Result<bool, sqlx::Error> {
+    async fn insert_conversation(&mut self, id: &str, create: &ConversationRecord) -> Result<bool, BatchFailure> {
         let shard = i32::try_from(create.shard)
             .map_err(|_| sqlx::Error::InvalidArgument(format!("no such shard: {}", create.shard)))?;
         let inserted = sqlx::query(INSERT_CONVERSATION)
@@ -155,7 +155,7 @@ impl AppendTx for Transaction<'static, Postgres> {
         Ok(inserted == 1)
     }
 
-    async fn insert_events(&mut self, events: &[NewEventRow]) -> Result<(), sqlx::Error> {
+    async fn insert_events(&mut self, events: &[NewEventRow]) -> Result<(), BatchFailure> {
         let column = |f: fn(&NewEventRow) -> &str| events.iter().map(f).collect::<Vec<&str>>();
         sqlx::query(INSERT_EVENTS)
             .bind(column(|event| &event.conversation_id))
@@ -172,7 +172,7 @@ impl AppendTx for Transaction<'static, Postgres> {
         Ok(())
     }
 
-    async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), sqlx::Error> {
+    async fn update_summaries(&mut self, summaries: &[SummaryRow]) -> Result<(), BatchFailure> {
         let fields: Vec<SummaryFields> =
             summaries.iter().map(|summary| summary.fields.clone().unwrap_or_default()).collect();
         sqlx::query(UPDATE_SUMMARIES)
@@ -193,12 +193,12 @@ impl AppendTx for Transaction<'static, Postgres> {
         Ok(())
     }
 
-    async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+    async fn held_permits(&mut self, ids: &[&str]) -> Result<HashSet<String>, BatchFailure> {
         let rows: Vec<String> = sqlx::query_scalar(SELECT_PERMITS).bind(ids).fetch_all(&mut **self).await?;
         Ok(rows.into_iter().collect())
     }
 
-    async fn write_license(&mut self, changes: &LicenseChanges) -> Result<bool, sqlx::Error> {
+    async fn write_license(&mut self, changes: &LicenseChanges) -> Result<bool, BatchFailure> {
         let set =
             sqlx::query(SET_LICENSE_USED).bind(changes.used).bind(changes.used_before).execute(&mut **self).await?;
         if set.rows_affected() != 1 {

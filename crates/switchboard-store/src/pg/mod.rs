@@ -105,12 +105,13 @@ impl PgStore {
             .await
             .map_err(db)?;
         let backend = Arc::new(events::PgAppender { pool: pool.clone() });
-        let appender = Appender::start(backend, options.group_commit, None);
+        let appender = Appender::start(backend, options.group_commit);
         Ok(PgStore { pool, test_clock: options.test_clock, appender })
     }
 
     /// Closes the connections, waiting for the ones in use to be returned.
     pub async fn close(&self) {
+        self.appender.close().await;
         self.pool.close().await;
     }
 

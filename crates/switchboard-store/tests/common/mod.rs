@@ -1,5 +1,5 @@
 //! Shared helpers of the store's tests: a store on a fixed clock, leases, records, and the macro that runs a
-//! scenario against every implementation of [`StoreApi`] (SQLite in memory, SQLite on a file, PostgreSQL,
+//! scenario against every implementation of [`StoreApi`] (SQLite throwaway, SQLite on a file, PostgreSQL,
 //! and the in-memory stand-in the router's actor tests use), so that the stand-in provably behaves like the
 //! store.
 #![allow(dead_code)] // each test binary uses a different part
@@ -37,10 +37,11 @@ impl Harness {
         Harness { store: store.clone(), audit: store, clock, dir }
     }
 
-    /// [`SqlStore`] on a private in-memory SQLite database.
+    /// [`SqlStore`] on a private throwaway database (`open_temporary`: a file never synced, removed with the
+    /// store).
     pub async fn sql_in_memory() -> Self {
         let clock = Arc::new(FixedClock::new(START_MS));
-        let store = SqlStore::open_in_memory(clock.clone()).await.unwrap();
+        let store = SqlStore::open_temporary(clock.clone()).await.unwrap();
         Harness::new(store, clock, None)
     }
 
