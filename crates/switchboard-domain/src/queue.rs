@@ -56,6 +56,11 @@ impl WaitingQueue {
         Some(self.by_order.range(..key).count() + 1)
     }
 
+    /// The 1-based position of every chat, counted in one pass.
+    pub fn positions(&self) -> HashMap<ConversationId, usize> {
+        self.by_order.values().enumerate().map(|(index, entry)| (entry.conversation, index + 1)).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.by_order.len()
     }
@@ -155,8 +160,12 @@ mod tests {
                 prop_assert_eq!(merged, expected);
                 for (group, queue) in queues.iter().enumerate() {
                     let in_group: Vec<u128> = arrivals.iter().filter(|(_, g)| *g == group).map(|(id, _)| *id).collect();
+                    let positions = queue.positions();
+                    prop_assert_eq!(positions.len(), in_group.len());
                     for (index, id) in in_group.iter().enumerate() {
-                        prop_assert_eq!(queue.position(&ConversationId::from_uuid(Uuid::from_u128(*id))), Some(index + 1));
+                        let conversation = ConversationId::from_uuid(Uuid::from_u128(*id));
+                        prop_assert_eq!(queue.position(&conversation), Some(index + 1));
+                        prop_assert_eq!(positions.get(&conversation), Some(&(index + 1)));
                     }
                 }
             }

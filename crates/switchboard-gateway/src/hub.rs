@@ -95,6 +95,9 @@ type AgentKey = (TenantId, AgentId);
 struct HubState {
     sockets: HashMap<SocketId, SocketEntry>,
     conversation_watchers: HashMap<ConversationId, HashSet<SocketId>>,
+    /// The conversations each socket watches (the index of `conversation_watchers` by socket, so that a
+    /// socket leaves in the time of its own conversations, not of every conversation of the gateway).
+    watched_by: HashMap<SocketId, HashSet<ConversationId>>,
     queues: HashMap<(TenantId, GroupId), QueueMirror>,
     /// The sockets signed in as each agent.
     agents: HashMap<AgentKey, HashSet<SocketId>>,
@@ -180,19 +183,18 @@ impl Hub {
         for mirror in state.queues.values_mut() {
             mirror.watchers.remove(&socket);
         }
-        state.conversation_watchers.retain(|conversation, watchers| {
-            watchers.remove(&socket);
-            if watchers.is_empty() {
-                needs.unsubscribe_conversations.push(*conversation);
+        for conversation in state.watched_by.remove(&socket).unwrap_or_default() {
+            if state.stop_watching(socket, conversation) {
+                needs.unsubscribe_conversations.push(conversation);
             }
-            !watchers.is_empty()
-        });
+        }
         needs
     }
 
     /// The socket wants the conversation's pushes; true when the gateway was not subscribed yet.
     pub fn watch(&self, socket: SocketId, conversation: ConversationId) -> bool {
         let mut state = self.lock();
+        state.watched_by.entry(socket).or_default().insert(conversation);
         let watchers = state.conversation_watchers.entry(conversation).or_default();
         let first = watchers.is_empty();
         watchers.insert(socket);
@@ -202,13 +204,13 @@ impl Hub {
     /// The socket no longer wants the conversation's pushes; true when no socket of this gateway does.
     pub fn unwatch(&self, socket: SocketId, conversation: ConversationId) -> bool {
         let mut state = self.lock();
-        let Some(watchers) = state.conversation_watchers.get_mut(&conversation) else { return true };
-        watchers.remove(&socket);
-        let nobody = watchers.is_empty();
-        if nobody {
-            state.conversation_watchers.remove(&conversation);
+        if let Some(watched) = state.watched_by.get_mut(&socket) {
+            watched.remove(&conversation);
+            if watched.is_empty() {
+                state.watched_by.remove(&socket);
+            }
         }
-        nobody
+        state.stop_watching(socket, conversation)
     }
 
     /// Whether any socket of this gateway watches the conversation.
@@ -303,6 +305,17 @@ pub(crate) fn is_author(role: &Role, author: &Author) -> bool {
 }
 
 impl HubState {
+    /// Takes the socket off the conversation's watchers; true when no socket watches it any more.
+    fn stop_watching(&mut self, socket: SocketId, conversation: ConversationId) -> bool {
+        let Some(watchers) = self.conversation_watchers.get_mut(&conversation) else { return true };
+        watchers.remove(&socket);
+        let nobody = watchers.is_empty();
+        if nobody {
+            self.conversation_watchers.remove(&conversation);
+        }
+        nobody
+    }
+
     /// Adds the socket to the watchers of a queue's mirror (made, and to subscribe to, when new).
     fn watch_queue(&mut self, socket: SocketId, key: (TenantId, GroupId), needs: &mut Needs) {
         let mirror = self.queues.entry(key.clone()).or_insert_with(|| {
@@ -399,11 +412,7 @@ impl HubState {
                 mirror.version = mirror.version.max(version);
                 mirror.wait_per_position_ms = wait_per_position_ms;
                 let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
-                for socket in watchers {
-                    if matches!(self.sockets.get(&socket).map(|entry| &entry.role), Some(Role::Customer { .. })) {
-                        self.send_queue_view(socket);
-                    }
-                }
+                self.send_positions(&key, watchers);
                 return;
             }
             QueueChange::Snapshot { entries } => {
@@ -431,13 +440,54 @@ impl HubState {
             }
         };
         let Some(mirror) = self.queues.get(&key) else { return };
+        let mut customers = Vec::new();
         let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
         for socket in watchers {
             match (&frame, self.sockets.get(&socket).map(|entry| &entry.role)) {
+                (_, Some(Role::Customer { .. })) => customers.push(socket),
                 // Agents get the change itself once their whole view is ready, and a full view before that.
                 (Some(frame), Some(Role::Agent { .. })) if self.view_ready(socket) => self.send(socket, frame.clone()),
                 _ => self.send_queue_view(socket),
             }
+        }
+        self.send_positions(&key, customers);
+    }
+
+    /// Sends each of the customer sockets waiting in the queue `key` its position and estimated wait, when
+    /// they changed: the positions are counted once for all of them (a change of a long queue is not paid
+    /// once per customer waiting in it).
+    fn send_positions(&mut self, key: &(TenantId, GroupId), sockets: Vec<SocketId>) {
+        let Some(mirror) = self.queues.get(key).filter(|mirror| mirror.ready) else { return };
+        if sockets.is_empty() {
+            return;
+        }
+        let positions = mirror.waiting.positions();
+        let per_position = mirror.wait_per_position_ms;
+        for socket in sockets {
+            let Some(SocketEntry { role: Role::Customer { conversation, .. }, .. }) = self.sockets.get(&socket) else {
+                continue;
+            };
+            let now = positions.get(conversation).map(|&position| (position, per_position));
+            self.send_position(socket, now);
+        }
+    }
+
+    /// Sends a customer socket its position (with the wait per position), unless it is the one sent last.
+    fn send_position(&mut self, socket: SocketId, now: Option<(usize, Option<u64>)>) {
+        let Some(entry) = self.sockets.get_mut(&socket) else { return };
+        let Role::Customer { conversation, .. } = &entry.role else { return };
+        let conversation = *conversation;
+        let now = now.map(|(position, per_position)| {
+            (position, per_position.map(|per_position| estimated_wait_s(position, per_position)))
+        });
+        if now == entry.last_position {
+            return;
+        }
+        // Not waiting (any more): a chat that waits again later is told its position again.
+        entry.last_position = now;
+        if let Some((position, estimated_wait_s)) = now {
+            let frame = PushFrame::QueuePosition { conversation, position, estimated_wait_s };
+            self.send(socket, Outbound::new(frame));
         }
     }
 
@@ -463,27 +513,12 @@ impl HubState {
                 self.send(socket, Outbound::new(PushFrame::QueueSnapshot { entries }));
             }
             Role::Customer { conversation, tenant, group } => {
-                let Some(mirror) = self.queues.get(&(tenant, group)) else {
+                let Some(mirror) = self.queues.get(&(tenant, group)).filter(|mirror| mirror.ready) else {
                     return;
                 };
-                if !mirror.ready {
-                    return;
-                }
-                let now = mirror.waiting.position(&conversation).map(|position| {
-                    let wait = mirror.wait_per_position_ms.map(|per_position| estimated_wait_s(position, per_position));
-                    (position, wait)
-                });
-                if now == entry.last_position {
-                    return;
-                }
-                if let Some(entry) = self.sockets.get_mut(&socket) {
-                    // Not waiting (any more): a chat that waits again later is told its position again.
-                    entry.last_position = now;
-                }
-                if let Some((position, estimated_wait_s)) = now {
-                    let frame = PushFrame::QueuePosition { conversation, position, estimated_wait_s };
-                    self.send(socket, Outbound::new(frame));
-                }
+                let now =
+                    mirror.waiting.position(&conversation).map(|position| (position, mirror.wait_per_position_ms));
+                self.send_position(socket, now);
             }
         }
     }
@@ -583,6 +618,28 @@ mod tests {
 
     fn key(name: &str) -> (TenantId, AgentId) {
         (tenant(), agent(name))
+    }
+
+    #[test]
+    fn a_conversation_is_followed_until_its_last_watcher_leaves_or_stops() {
+        let hub = Hub::default();
+        let (link, _written) = socket();
+        hub.register(1, link.clone(), agent_role("alice", &["sales"]));
+        hub.register(2, link.clone(), agent_role("bob", &["sales"]));
+        assert!(hub.watch(1, chat(7)), "the first watcher subscribes");
+        assert!(!hub.watch(2, chat(7)));
+        assert!(hub.watch(1, chat(8)));
+        assert!(hub.watch(2, chat(9)));
+        assert!(hub.unwatch(2, chat(9)), "bob was the only one following chat 9");
+
+        let mut gone = hub.unregister(1).unsubscribe_conversations;
+        gone.sort();
+        assert_eq!(gone, [chat(8)], "chat 7 is still followed by bob");
+        assert!(hub.is_watched(chat(7)));
+        assert!(!hub.is_watched(chat(8)));
+        assert_eq!(hub.unregister(2).unsubscribe_conversations, [chat(7)]);
+        assert!(!hub.is_watched(chat(7)));
+        assert!(hub.unregister(3).unsubscribe_conversations.is_empty(), "an unknown socket watched nothing");
     }
 
     #[test]
