@@ -67,7 +67,7 @@ const READERS: u32 = 4;
 /// Appends are group-committed by the append writer, a connection of its own on a thread of its own
 /// (`writer`); the other writes (leases, nodes, tickets, the license limit, migrations) go through one
 /// sqlx writer connection. Each write transaction takes the write lock as it begins, so the two never
-/// deadlock on an upgrade (`BEGIN IMMEDIATE`, [`SqlStore::begin_write`]). Reads use a separate small pool.
+/// deadlock on an upgrade (`BEGIN IMMEDIATE`, `SqlStore::begin_write`). Reads use a separate small pool.
 /// Cloning is cheap and shares the pools and the append writer.
 #[derive(Clone)]
 pub struct SqlStore {
