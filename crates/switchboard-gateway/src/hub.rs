@@ -467,19 +467,19 @@ impl HubState {
             let Some(SocketEntry { role: Role::Customer { conversation, .. }, .. }) = self.sockets.get(&socket) else {
                 continue;
             };
-            let now = positions.get(conversation).map(|&position| (position, per_position));
-            self.send_position(socket, now);
+            let position = positions.get(conversation).copied();
+            self.send_position(socket, position, per_position);
         }
     }
 
-    /// Sends a customer socket its position (with the wait per position), unless it is the one sent last.
-    fn send_position(&mut self, socket: SocketId, now: Option<(usize, Option<u64>)>) {
+    /// Sends a customer socket its position (`None`: not waiting) and the estimated wait from the queue's
+    /// wait per position, unless they are what it was sent last.
+    fn send_position(&mut self, socket: SocketId, position: Option<usize>, per_position_ms: Option<u64>) {
         let Some(entry) = self.sockets.get_mut(&socket) else { return };
         let Role::Customer { conversation, .. } = &entry.role else { return };
         let conversation = *conversation;
-        let now = now.map(|(position, per_position)| {
-            (position, per_position.map(|per_position| estimated_wait_s(position, per_position)))
-        });
+        let now = position
+            .map(|position| (position, per_position_ms.map(|per_position| estimated_wait_s(position, per_position))));
         if now == entry.last_position {
             return;
         }
@@ -516,9 +516,8 @@ impl HubState {
                 let Some(mirror) = self.queues.get(&(tenant, group)).filter(|mirror| mirror.ready) else {
                     return;
                 };
-                let now =
-                    mirror.waiting.position(&conversation).map(|position| (position, mirror.wait_per_position_ms));
-                self.send_position(socket, now);
+                let (position, per_position_ms) = (mirror.waiting.position(&conversation), mirror.wait_per_position_ms);
+                self.send_position(socket, position, per_position_ms);
             }
         }
     }

@@ -197,40 +197,51 @@ impl Appender {
     }
 }
 
-/// The appends of some commands received, up to the first `Close` (returned); the appends after it are
-/// refused.
-fn take_batch(
-    commands: &mut Vec<Command>,
-) -> (Vec<Checked>, Vec<oneshot::Sender<Outcome>>, Option<oneshot::Sender<()>>) {
+/// The appends of some commands received, up to the first `Close`; the appends after it are refused.
+/// Returns the closes received, each to be answered once the writer stopped (none: go on).
+fn take_batch(commands: &mut Vec<Command>) -> (Vec<Checked>, Vec<oneshot::Sender<Outcome>>, Vec<oneshot::Sender<()>>) {
     let mut batch = Vec::with_capacity(commands.len());
     let mut replies = Vec::with_capacity(commands.len());
-    let mut close = None;
+    let mut closes = Vec::new();
     for command in commands.drain(..) {
         match command {
-            Command::Append(pending) if close.is_none() => {
+            Command::Append(pending) if closes.is_empty() => {
                 batch.push(pending.checked);
                 replies.push(pending.reply);
             }
             Command::Append(pending) => {
                 let _ = pending.reply.send(Err(closed()));
             }
-            Command::Close(done) if close.is_none() => close = Some(done),
-            Command::Close(done) => {
-                let _ = done.send(());
-            }
+            Command::Close(done) => closes.push(done),
         }
     }
-    (batch, replies, close)
+    (batch, replies, closes)
 }
 
 fn closed() -> StoreError {
     StoreError::Unavailable("the store is closed".into())
 }
 
+/// Once the writer stopped: refuses what is still queued, then answers every close.
+fn stopped(receiver: &mut mpsc::Receiver<Command>, mut closes: Vec<oneshot::Sender<()>>) {
+    receiver.close();
+    while let Ok(command) = receiver.try_recv() {
+        match command {
+            Command::Append(pending) => {
+                let _ = pending.reply.send(Err(closed()));
+            }
+            Command::Close(done) => closes.push(done),
+        }
+    }
+    for done in closes {
+        let _ = done.send(());
+    }
+}
+
 async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Receiver<Command>, max_batch: usize) {
     let mut commands = Vec::with_capacity(max_batch);
     while receiver.recv_many(&mut commands, max_batch).await > 0 {
-        let (batch, replies, close) = take_batch(&mut commands);
+        let (batch, replies, closes) = take_batch(&mut commands);
         if !batch.is_empty() {
             let n = batch.len();
             // On a task of its own, so that a panic fails this batch only, not the writer.
@@ -246,24 +257,9 @@ async fn write_batches(backend: Arc<dyn AppendBackend>, mut receiver: mpsc::Rece
             record_batch(started, &outcomes);
             answer(replies.into_iter().zip(outcomes).collect());
         }
-        if let Some(done) = close {
-            receiver.close();
-            while let Some(command) = receiver.recv().await {
-                refuse(command);
-            }
-            let _ = done.send(());
+        if !closes.is_empty() {
+            stopped(&mut receiver, closes);
             return;
-        }
-    }
-}
-
-fn refuse(command: Command) {
-    match command {
-        Command::Append(pending) => {
-            let _ = pending.reply.send(Err(closed()));
-        }
-        Command::Close(done) => {
-            let _ = done.send(());
         }
     }
 }
@@ -280,10 +276,10 @@ fn write_batches_on_thread<B: BlockingAppendBackend>(
     max_batch: usize,
 ) {
     let mut commands = Vec::with_capacity(max_batch);
-    let mut close = None;
-    while close.is_none() && receiver.blocking_recv_many(&mut commands, max_batch) > 0 {
+    let mut closes = Vec::new();
+    while closes.is_empty() && receiver.blocking_recv_many(&mut commands, max_batch) > 0 {
         let (batch, replies, closing) = take_batch(&mut commands);
-        close = closing;
+        closes = closing;
         if batch.is_empty() {
             continue;
         }
@@ -305,7 +301,7 @@ fn write_batches_on_thread<B: BlockingAppendBackend>(
         record_batch(started, &outcomes);
         let answers: Answers = replies.into_iter().zip(outcomes).collect();
         match &syncer {
-            Some(syncer) if receiver.is_empty() && close.is_none() => syncer.sync_here(answers),
+            Some(syncer) if receiver.is_empty() && closes.is_empty() => syncer.sync_here(answers),
             Some(syncer) => syncer.hand_over(answers),
             None => answer(answers),
         }
@@ -315,13 +311,7 @@ fn write_batches_on_thread<B: BlockingAppendBackend>(
         syncer.stop();
     }
     drop(backend);
-    if let Some(done) = close {
-        receiver.close();
-        while let Ok(command) = receiver.try_recv() {
-            refuse(command);
-        }
-        let _ = done.send(());
-    }
+    stopped(&mut receiver, closes);
 }
 
 /// The thread that syncs the log for the writer, and the writer's way to sync it itself.

@@ -154,7 +154,7 @@ impl SqlStore {
             .connect_with(options)
             .await
             .map_err(error::db)?;
-        let checkpoints = Some(events::Checkpoints::new(reader.clone()));
+        let checkpoints = events::Checkpoints::new(reader.clone());
         let log = (durability == Durability::SyncedLog).then(|| wal::WalSync::new(&path));
         let backend = tokio::task::spawn_blocking(move || writer::SqliteWriter::open(&path, durability, checkpoints))
             .await

@@ -80,7 +80,7 @@ pub(crate) struct SqliteWriter {
     connection: Connection,
     path: PathBuf,
     durability: Durability,
-    checkpoints: Option<Checkpoints>,
+    checkpoints: Checkpoints,
 }
 
 impl SqliteWriter {
@@ -88,7 +88,7 @@ impl SqliteWriter {
     pub(crate) fn open(
         path: &Path,
         durability: Durability,
-        checkpoints: Option<Checkpoints>,
+        checkpoints: Checkpoints,
     ) -> Result<SqliteWriter, StoreError> {
         let connection = connect(path, durability)?;
         Ok(SqliteWriter { connection, path: path.to_owned(), durability, checkpoints })
@@ -151,9 +151,7 @@ impl BlockingAppendBackend for SqliteWriter {
             });
         match result {
             Ok(outcomes) => {
-                if let Some(checkpoints) = &self.checkpoints {
-                    checkpoints.after_commit();
-                }
+                self.checkpoints.after_commit();
                 Ok(outcomes)
             }
             Err(failure) => {
