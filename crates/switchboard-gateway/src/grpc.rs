@@ -148,6 +148,11 @@ impl Transport for GrpcTransport {
         self.frames.send(frame).await.is_ok()
     }
 
+    /// Each frame is handed to the stream as it is sent: nothing waits here.
+    async fn flush(&mut self) -> bool {
+        true
+    }
+
     async fn close(&mut self, reason: Close) {
         if let Some(close) = self.close.take() {
             let _ = close.send(status(&reason));

@@ -34,6 +34,8 @@ const MAX_CONTACT_CHARS: usize = 254;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
 /// How long the last frame (a close) may wait for a client that is being disconnected to read.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most pushes written before a flush, when more are queued.
+const WRITE_BATCH: usize = 64;
 
 /// What a transport hands the session: one frame of the client, decoded.
 #[derive(Debug)]
@@ -91,8 +93,12 @@ pub(crate) trait Transport: Send {
 
     /// The next frame of the client; `None` once the client is gone (or closed the connection).
     fn recv(&mut self) -> impl Future<Output = Option<Inbound>> + Send;
-    /// Writes one frame to the client; false when it can no longer be written to.
+    /// Writes one frame to the client, or into a buffer that [`Transport::flush`] writes out; false when the
+    /// client can no longer be written to.
     fn send(&mut self, frame: Outgoing<'_>) -> impl Future<Output = bool> + Send;
+    /// Writes out the frames buffered by [`Transport::send`]; false when the client can no longer be written
+    /// to.
+    fn flush(&mut self) -> impl Future<Output = bool> + Send;
     /// Ends the connection, telling the client why (the last thing written).
     fn close(&mut self, reason: Close) -> impl Future<Output = ()> + Send;
 }
@@ -116,6 +122,8 @@ struct Session<T> {
     /// The highest seq written to this connection, per conversation.
     written_seq: HashMap<ConversationId, u64>,
     transport: T,
+    /// Frames were written to the transport since its last flush.
+    unflushed: bool,
 }
 
 type Reply = Result<(Ack, Vec<(ConversationId, Event)>), ErrorReply>;
@@ -135,11 +143,12 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
     let kicked = link.kicked.clone();
     let mut draining = shared.draining.subscribe();
-    let mut session = Session { shared, socket_id, link, role: None, written_seq: HashMap::new(), transport };
+    let mut session =
+        Session { shared, socket_id, link, role: None, written_seq: HashMap::new(), transport, unflushed: false };
     metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
     connection_gauge::<T>(None).increment(1.0);
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
-    if !session.transport.send(welcome).await {
+    if !session.transport.send(welcome).await || !session.transport.flush().await {
         return;
     }
     let end = loop {
@@ -151,6 +160,10 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
             Some(outbound) = queued.recv() => session.write_outbound(&outbound).await,
             () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
             () = shutting_down(&mut draining) => Err(End::Close(Close::ShuttingDown)),
+        };
+        let step = match step {
+            Ok(()) => session.write_queued(&mut queued).await,
+            Err(end) => Err(end),
         };
         if let Err(end) = step {
             break end;
@@ -194,15 +207,40 @@ async fn shutting_down(draining: &mut watch::Receiver<bool>) {
 }
 
 impl<T: Transport> Session<T> {
-    /// Writes one frame. A client kicked for reading too slowly while the write waits is disconnected at
-    /// once, rather than when (if ever) it reads again.
+    /// Writes one frame, into the transport's buffer until [`Session::flush`]. A client kicked for reading
+    /// too slowly while the write waits is disconnected at once, rather than when (if ever) it reads again.
     async fn send(&mut self, frame: Outgoing<'_>) -> Flow {
         let kicked = self.link.kicked.clone();
+        self.unflushed = true;
         tokio::select! {
             biased;
             sent = self.transport.send(frame) => if sent { Ok(()) } else { Err(End::Gone) },
             () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
         }
+    }
+
+    /// Writes out what [`Session::send`] buffered, as [`Session::send`] writes.
+    async fn flush(&mut self) -> Flow {
+        if !std::mem::take(&mut self.unflushed) {
+            return Ok(());
+        }
+        let kicked = self.link.kicked.clone();
+        tokio::select! {
+            biased;
+            flushed = self.transport.flush() => if flushed { Ok(()) } else { Err(End::Gone) },
+            () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
+        }
+    }
+
+    /// Writes the pushes queued now (at most [`WRITE_BATCH`] of them), then flushes: the frames that are
+    /// ready together (an ack and the echo of the message it acknowledges, a burst of queue changes) leave
+    /// in one write instead of one each.
+    async fn write_queued(&mut self, queued: &mut mpsc::Receiver<Arc<Outbound>>) -> Flow {
+        for _ in 0..WRITE_BATCH {
+            let Ok(outbound) = queued.try_recv() else { break };
+            self.write_outbound(&outbound).await?;
+        }
+        self.flush().await
     }
 
     async fn on_inbound(&mut self, inbound: Inbound, queued: &mut mpsc::Receiver<Arc<Outbound>>) -> Flow {
@@ -250,7 +288,10 @@ impl<T: Transport> Session<T> {
                     tokio::select! {
                         biased;
                         reply = &mut reply => break Ok(reply),
-                        Some(outbound) = queued.recv() => self.write_outbound(&outbound).await?,
+                        Some(outbound) = queued.recv() => {
+                            self.write_outbound(&outbound).await?;
+                            self.write_queued(queued).await?;
+                        }
                         () = kicked.notified() => break Err(End::Close(Close::SlowConsumer)),
                     }
                 };

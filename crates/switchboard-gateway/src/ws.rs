@@ -2,6 +2,7 @@
 //! does the rest.
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
 
 use crate::protocol::{self, ErrorReply};
 use crate::session::{Close, Inbound, Outgoing, Transport};
@@ -63,7 +64,11 @@ impl Transport for WsTransport {
             Outgoing::Error { id, error } => protocol::error(id, error).into(),
             Outgoing::Push(outbound) => outbound.json(),
         };
-        self.socket.send(Message::Text(text)).await.is_ok()
+        self.socket.feed(Message::Text(text)).await.is_ok()
+    }
+
+    async fn flush(&mut self) -> bool {
+        self.socket.flush().await.is_ok()
     }
 
     async fn close(&mut self, reason: Close) {

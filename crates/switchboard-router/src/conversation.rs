@@ -64,6 +64,9 @@ pub(crate) struct ConversationActorState {
     fence: Fence,
     /// While a command is handled: when its request reached the first gateway.
     received_at_us: Option<i64>,
+    /// The pushes of the message being handled, sent once it is answered: the caller's connection then
+    /// writes its ack and the events the ack returns together, before their pushes reach it.
+    pushes: Vec<Push>,
 }
 
 pub(crate) struct Loaded {
@@ -86,6 +89,7 @@ impl Actor for ConversationActor {
             customer_token: loaded.customer_token,
             fence: loaded.fence,
             received_at_us: None,
+            pushes: Vec::new(),
         })
     }
 
@@ -100,6 +104,19 @@ impl Actor for ConversationActor {
         myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let handled = self.handle_message(myself, message, state).await;
+        state.send_pushes();
+        handled
+    }
+}
+
+impl ConversationActor {
+    async fn handle_message(
+        &self,
+        myself: ActorRef<ConversationMsg>,
+        message: ConversationMsg,
+        state: &mut ConversationActorState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ConversationMsg::View { caller, reply } => {
@@ -282,7 +299,7 @@ impl ConversationActorState {
         read_events(&self.context, self.conversation.id, after_seq).await
     }
 
-    fn typing(&self, caller: &Caller, typing: bool) -> Result<(), RouterError> {
+    fn typing(&mut self, caller: &Caller, typing: bool) -> Result<(), RouterError> {
         self.authorize(caller)?;
         let author = caller.author();
         let participant = match &author {
@@ -441,13 +458,24 @@ impl ConversationActorState {
         }
     }
 
-    fn fan_out(&self, push: Push) {
-        let gateways = self.context.subscribers.of(self.conversation.id);
-        if let Push::Event { event, .. } = &push {
-            debug!(conversation = %self.conversation.id, seq = event.seq, ?gateways, "event pushed");
+    /// Sends `push` to the gateways following the chat once the message being handled is answered.
+    fn fan_out(&mut self, push: Push) {
+        self.pushes.push(push);
+    }
+
+    /// Sends the pushes of the message just handled, in the order they were made.
+    fn send_pushes(&mut self) {
+        if self.pushes.is_empty() {
+            return;
         }
-        for gateway in gateways {
-            self.context.gateways.push(&gateway, push.clone());
+        let gateways = self.context.subscribers.of(self.conversation.id);
+        for push in std::mem::take(&mut self.pushes) {
+            if let Push::Event { event, .. } = &push {
+                debug!(conversation = %self.conversation.id, seq = event.seq, ?gateways, "event pushed");
+            }
+            for gateway in &gateways {
+                self.context.gateways.push(gateway, push.clone());
+            }
         }
     }
 }
