@@ -33,6 +33,11 @@ pub(crate) const SELECT_EVENT_EPOCHS: &str = "SELECT seq, epoch FROM events WHER
 /// [`Checkpoints::WRITER_AFTER_PAGES`], which then finds little left to copy, and which restarts the log
 /// from its beginning once all of it is copied (a checkpoint beside a busy writer never catches up with it
 /// exactly, so without the writer's the log would grow without end).
+///
+/// A checkpoint copies each page once however often the log rewrote it since the last one, and an append
+/// rewrites the same few pages of its conversation (the last page of its events, of its index by client
+/// message id, its row): checkpoints every 100 ms instead of every 25 copied a tenth fewer bytes and took a
+/// tenth of `serve`'s CPU less at 5,000 messages/s, with the same latency.
 pub(crate) struct Checkpoints {
     reader: SqlitePool,
     state: std::sync::Arc<std::sync::Mutex<CheckpointState>>,
@@ -46,7 +51,7 @@ struct CheckpointState {
 
 impl Checkpoints {
     /// The least time between the starts of two checkpoints.
-    pub(crate) const GAP: std::time::Duration = std::time::Duration::from_millis(25);
+    pub(crate) const GAP: std::time::Duration = std::time::Duration::from_millis(100);
     /// The log's size, in pages, at which the writer checkpoints in its own commit (SQLite's default is
     /// 1,000).
     pub(crate) const WRITER_AFTER_PAGES: u32 = 8_000;
