@@ -4,6 +4,13 @@
 //! whose queue is full is kicked (it resumes from its last seq) so that no producer ever waits on a slow
 //! client.
 //!
+//! Agents' waiting-list changes (`queue.added`, `queue.removed`) are held for [`QUEUE_VIEW_DELAY`] and then
+//! written together ([`Hub::flush_queue_views`]); a chat that joined the list and left it again within that
+//! time is not shown at all. In a push-routed group most chats are offered and accepted within a few
+//! milliseconds: each chat used to cost two frames for every agent of its group, which in a storm of chat
+//! starts were most of the gateway's frames. The mirror itself (`queue.list`, snapshots, customers'
+//! positions) changes at once.
+//!
 //! The hub also remembers each agent's outstanding offers (from the `Offered` pushes), so that a rejection
 //! can be sent to the queue of the offer's group, and moves a waiting customer to the queue of the group their
 //! chat was transferred to, so that their position and estimated wait follow the chat.
@@ -11,6 +18,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 
@@ -23,6 +31,9 @@ use crate::protocol::{PushFrame, estimated_wait_s};
 
 /// A connection of any transport (WebSocket or gRPC stream); "socket" in this module.
 pub type SocketId = u64;
+
+/// How long agents' waiting-list changes are held before they are written (see the module's documentation).
+pub const QUEUE_VIEW_DELAY: Duration = Duration::from_millis(50);
 
 /// A push on its way to sockets. It is made once per router push and shared by every socket it goes to;
 /// its JSON text is made once too, by the first WebSocket that writes it. A conversation event is skipped by
@@ -87,6 +98,19 @@ struct SocketEntry {
     role: Role,
     /// Customers: the position and estimated wait sent last (sent again only when one changes).
     last_position: Option<(usize, Option<u64>)>,
+    /// Agents: the [`HubState::stamp`] of the last waiting list sent whole; the changes held since before it
+    /// are in it.
+    view_stamp: u64,
+}
+
+/// A waiting-list change held for the agents (see [`QUEUE_VIEW_DELAY`]).
+struct HeldChange {
+    /// Its place among the hub's changes.
+    stamp: u64,
+    queue: (TenantId, GroupId),
+    conversation: ConversationId,
+    added: bool,
+    frame: Arc<Outbound>,
 }
 
 type AgentKey = (TenantId, AgentId);
@@ -103,6 +127,13 @@ struct HubState {
     agents: HashMap<AgentKey, HashSet<SocketId>>,
     /// Each agent's outstanding offers: the chat and its group.
     offers: HashMap<AgentKey, HashMap<ConversationId, GroupId>>,
+    /// Counts the waiting-list changes; see [`SocketEntry::view_stamp`].
+    stamp: u64,
+    /// Waiting-list changes not written to agents yet, in the order they were made (across queues: a chat
+    /// transferred between two groups of an agent leaves one list before it joins the other).
+    held: Vec<HeldChange>,
+    /// A flush of `held` was asked for ([`Hub::claim_queue_view_flush`]) and has not run yet.
+    flush_claimed: bool,
 }
 
 #[derive(Default)]
@@ -159,7 +190,7 @@ impl Hub {
             }
             sockets.insert(socket);
         }
-        state.sockets.insert(socket, SocketEntry { link, role, last_position: None });
+        state.sockets.insert(socket, SocketEntry { link, role, last_position: None, view_stamp: 0 });
         state.send_queue_view(socket);
         needs
     }
@@ -294,6 +325,81 @@ impl Hub {
         }
         needs
     }
+
+    /// True once for each batch of held waiting-list changes: the caller then runs
+    /// [`Hub::flush_queue_views`] after [`QUEUE_VIEW_DELAY`].
+    pub fn claim_queue_view_flush(&self) -> bool {
+        let mut state = self.lock();
+        if state.held.is_empty() || state.flush_claimed {
+            return false;
+        }
+        state.flush_claimed = true;
+        true
+    }
+
+    /// Writes the held waiting-list changes to the agents whose whole list is ready: to each, the changes
+    /// of its groups made after its last whole list, without the chats that both joined and left the list
+    /// among them.
+    pub fn flush_queue_views(&self) {
+        let mut state = self.lock();
+        state.flush_claimed = false;
+        let held = std::mem::take(&mut state.held);
+        let Some(first_stamp) = held.first().map(|change| change.stamp) else { return };
+        let queues: HashSet<&(TenantId, GroupId)> = held.iter().map(|change| &change.queue).collect();
+        let mut agents: Vec<SocketId> = queues
+            .iter()
+            .filter_map(|key| state.queues.get(*key))
+            .flat_map(|mirror| mirror.watchers.iter().copied())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        agents.sort_unstable();
+        // Agents of the same groups that had their whole list before these changes get the same frames.
+        let mut shared: HashMap<(TenantId, Vec<GroupId>), Vec<Arc<Outbound>>> = HashMap::new();
+        for socket in agents {
+            let Some(SocketEntry { role: Role::Agent { tenant, groups, .. }, view_stamp, .. }) =
+                state.sockets.get(&socket)
+            else {
+                continue;
+            };
+            if !state.view_ready(socket) {
+                continue;
+            }
+            let since = *view_stamp;
+            let frames = if since < first_stamp {
+                shared
+                    .entry((tenant.clone(), groups.clone()))
+                    .or_insert_with(|| net_changes(&held, tenant, groups, since))
+                    .clone()
+            } else {
+                net_changes(&held, tenant, groups, since)
+            };
+            for frame in frames {
+                state.send(socket, frame);
+            }
+        }
+    }
+}
+
+/// The frames of the changes in `held` to the queues of `groups` made after `since`, without the chats that
+/// first joined and last left the list among them.
+fn net_changes(held: &[HeldChange], tenant: &TenantId, groups: &[GroupId], since: u64) -> Vec<Arc<Outbound>> {
+    let changes: Vec<&HeldChange> = held
+        .iter()
+        .filter(|change| change.stamp > since && change.queue.0 == *tenant && groups.contains(&change.queue.1))
+        .collect();
+    // Each chat's first and last change.
+    let mut ends: HashMap<ConversationId, (bool, bool)> = HashMap::new();
+    for change in &changes {
+        ends.entry(change.conversation)
+            .and_modify(|ends| ends.1 = change.added)
+            .or_insert((change.added, change.added));
+    }
+    changes
+        .into_iter()
+        .filter(|change| ends.get(&change.conversation) != Some(&(true, false)))
+        .map(|change| change.frame.clone())
+        .collect()
 }
 
 pub(crate) fn is_author(role: &Role, author: &Author) -> bool {
@@ -402,7 +508,7 @@ impl HubState {
         let Some(mirror) = self.queues.get_mut(&key) else {
             return;
         };
-        let frame: Option<Arc<Outbound>> = match change {
+        let frame: Option<(ConversationId, bool, Arc<Outbound>)> = match change {
             // Not a change of the list: only customers' estimated waits change. It is kept even before the
             // snapshot (the snapshot does not carry it).
             QueueChange::Estimate { wait_per_position_ms } => {
@@ -427,26 +533,33 @@ impl HubState {
             _ if !mirror.ready || version <= mirror.version => return,
             QueueChange::Added { entry } => {
                 mirror.version = version;
-                let frame = Outbound::new(PushFrame::QueueAdded { entry: entry.clone() });
+                let (conversation, frame) =
+                    (entry.conversation, Outbound::new(PushFrame::QueueAdded { entry: entry.clone() }));
                 mirror.waiting.insert(entry);
-                Some(frame)
+                Some((conversation, true, frame))
             }
             QueueChange::Removed { conversation, reason } => {
                 mirror.version = version;
                 mirror.waiting.remove(&conversation);
                 let frame = Outbound::new(PushFrame::QueueRemoved { conversation, reason });
                 self.forget_offers_of(conversation);
-                Some(frame)
+                Some((conversation, false, frame))
             }
         };
+        let changed = frame.is_some();
+        if let Some((conversation, added, frame)) = frame {
+            self.stamp += 1;
+            self.held.push(HeldChange { stamp: self.stamp, queue: key.clone(), conversation, added, frame });
+        }
         let Some(mirror) = self.queues.get(&key) else { return };
         let mut customers = Vec::new();
         let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
         for socket in watchers {
-            match (&frame, self.sockets.get(&socket).map(|entry| &entry.role)) {
-                (_, Some(Role::Customer { .. })) => customers.push(socket),
-                // Agents get the change itself once their whole view is ready, and a full view before that.
-                (Some(frame), Some(Role::Agent { .. })) if self.view_ready(socket) => self.send(socket, frame.clone()),
+            match self.sockets.get(&socket).map(|entry| &entry.role) {
+                Some(Role::Customer { .. }) => customers.push(socket),
+                // Agents get the change itself once their whole view is ready (held, then flushed), and a
+                // whole view before that.
+                Some(Role::Agent { .. }) if changed && self.view_ready(socket) => {}
                 _ => self.send_queue_view(socket),
             }
         }
@@ -510,6 +623,10 @@ impl HubState {
                 }
                 let mirrors = groups.iter().filter_map(|group| self.queues.get(&(tenant.clone(), group.clone())));
                 let entries = merge_waiting(mirrors.map(|mirror| &mirror.waiting));
+                let stamp = self.stamp;
+                if let Some(entry) = self.sockets.get_mut(&socket) {
+                    entry.view_stamp = stamp;
+                }
                 self.send(socket, Outbound::new(PushFrame::QueueSnapshot { entries }));
             }
             Role::Customer { conversation, tenant, group } => {
@@ -702,6 +819,66 @@ mod tests {
         };
         hub.dispatch(other);
         assert_eq!(drain(&mut written_1), []);
+    }
+
+    #[test]
+    fn agents_get_waiting_list_changes_together_without_the_chats_that_came_and_went() {
+        let hub = Hub::default();
+        let (alice, mut written_alice) = socket();
+        hub.register(1, alice, agent_role("alice", &["sales", "support"]));
+        for name in ["sales", "support"] {
+            hub.dispatch(queue(name, 1, QueueChange::Snapshot { entries: vec![] }));
+        }
+        hub.dispatch(queue("sales", 2, QueueChange::Added { entry: entry(chat(1), "sales", 10) }));
+        assert!(matches!(drain(&mut written_alice)[..], [PushFrame::QueueSnapshot { .. }]));
+        assert!(hub.claim_queue_view_flush());
+        hub.flush_queue_views();
+        assert_eq!(drain(&mut written_alice), [PushFrame::QueueAdded { entry: entry(chat(1), "sales", 10) }]);
+        assert!(!hub.claim_queue_view_flush(), "nothing is held");
+
+        // Held until the flush: chat 2 comes and goes, chat 1 (shown) leaves, chat 3 comes and moves on to
+        // another group of alice (it ends on her list: all of its changes are written), chat 4 comes and
+        // stays.
+        let removed = |conversation, reason| QueueChange::Removed { conversation, reason };
+        hub.dispatch(queue("sales", 3, QueueChange::Added { entry: entry(chat(2), "sales", 20) }));
+        hub.dispatch(queue("sales", 4, QueueChange::Added { entry: entry(chat(3), "sales", 30) }));
+        assert!(hub.claim_queue_view_flush());
+        assert!(!hub.claim_queue_view_flush(), "one flush for the whole batch");
+        hub.dispatch(queue("sales", 5, removed(chat(2), LeftQueue::Accepted { agent: agent("bob") })));
+        hub.dispatch(queue("sales", 6, removed(chat(1), LeftQueue::Cancelled)));
+        // A console that signs in now gets the list as it is, and only the changes after it.
+        let (bob, mut written_bob) = socket();
+        hub.register(2, bob, agent_role("bob", &["sales"]));
+        let transferred = LeftQueue::Transferred { to_group: group("support") };
+        hub.dispatch(queue("sales", 7, removed(chat(3), transferred.clone())));
+        hub.dispatch(queue("support", 2, QueueChange::Added { entry: entry(chat(3), "support", 30) }));
+        hub.dispatch(queue("sales", 8, QueueChange::Added { entry: entry(chat(4), "sales", 40) }));
+        assert_eq!(drain(&mut written_alice), []);
+        assert_eq!(drain(&mut written_bob), [PushFrame::QueueSnapshot { entries: vec![entry(chat(3), "sales", 30)] }]);
+
+        hub.flush_queue_views();
+        assert_eq!(
+            drain(&mut written_alice),
+            [
+                PushFrame::QueueAdded { entry: entry(chat(3), "sales", 30) },
+                PushFrame::QueueRemoved { conversation: chat(1), reason: LeftQueue::Cancelled },
+                PushFrame::QueueRemoved { conversation: chat(3), reason: transferred.clone() },
+                PushFrame::QueueAdded { entry: entry(chat(3), "support", 30) },
+                PushFrame::QueueAdded { entry: entry(chat(4), "sales", 40) },
+            ]
+        );
+        assert_eq!(
+            drain(&mut written_bob),
+            [
+                PushFrame::QueueRemoved { conversation: chat(3), reason: transferred },
+                PushFrame::QueueAdded { entry: entry(chat(4), "sales", 40) },
+            ]
+        );
+        // The mirror changed at once all along.
+        assert_eq!(
+            hub.waiting_for(&tenant(), &[group("sales"), group("support")]),
+            [entry(chat(3), "support", 30), entry(chat(4), "sales", 40)]
+        );
     }
 
     #[test]

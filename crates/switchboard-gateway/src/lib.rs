@@ -251,6 +251,13 @@ impl Gateway {
                     break;
                 };
                 let needs = shared.hub.dispatch(push);
+                if shared.hub.claim_queue_view_flush() {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(hub::QUEUE_VIEW_DELAY).await;
+                        shared.hub.flush_queue_views();
+                    });
+                }
                 if !needs.is_empty() {
                     // Never waits on the router here: pushes keep flowing meanwhile.
                     tokio::spawn(async move { shared.apply_needs(needs).await });

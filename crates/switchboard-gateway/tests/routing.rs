@@ -459,6 +459,8 @@ async fn a_waiting_customer_follows_a_transfer_to_the_other_group() {
     let position = dana.push_of("queue.position").await;
     assert_eq!(position["position"], 1);
     assert!(position.get("estimated_wait_s").is_none(), "no estimate yet: {position}");
+    // Bob's list shows it (a chat that comes and goes before a list is written is never shown).
+    assert_eq!(bob.push_of("queue.added").await["entry"]["conversation"], chat.as_str());
 
     // Support is online once alice counts there.
     let transfer = json!({ "type": "chat.transfer", "conversation": chat, "group": "support" });

@@ -396,6 +396,9 @@ async fn other_tenants_and_other_chats_are_not_found() -> anyhow::Result<()> {
     agent_a.push_of("queue.snapshot").await?;
     let (mut customer_a, chat_a, _) = Client::start_chat(&url, WIDGET, "g1", "Ann", "secret-question-a").await?;
     let (mut customer_b, chat_b, _) = Client::start_chat(&url, WIDGET, "g2", "Ben", "secret-question-b").await?;
+    // Accepted once the agent's list shows it (a chat that comes and goes before a list is written is never
+    // shown, nor its removal).
+    agent_a.push_matching(|frame| frame["type"] == "queue.added" && frame["entry"]["conversation"] == *chat_a).await?;
     agent_a.ok("chat.accept", json!({ "conversation": chat_a })).await?;
     customer_a.ok("message.send", json!({ "conversation": chat_a, "client_msg_id": "c1", "body": "hi" })).await?;
 
