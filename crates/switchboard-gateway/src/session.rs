@@ -360,6 +360,10 @@ impl<T: Transport> Session<T> {
     }
 
     async fn write_outbound(&mut self, outbound: &Outbound) -> Flow {
+        // A connection without a role gets no pushes: these were queued before it left its role (signed out).
+        if self.role.is_none() {
+            return Ok(());
+        }
         let PushFrame::Event { conversation, event } = outbound.frame() else {
             self.send(Outgoing::Push(outbound)).await?;
             if let PushFrame::Offer { entry, .. } = outbound.frame() {
