@@ -132,7 +132,7 @@ struct HubState {
     /// Waiting-list changes not written to agents yet, in the order they were made (across queues: a chat
     /// transferred between two groups of an agent leaves one list before it joins the other).
     held: Vec<HeldChange>,
-    /// A flush of `held` was asked for ([`Hub::claim_queue_view_flush`]) and has not run yet.
+    /// A flush of `held` was asked for ([`Needs::flush_queue_views`]) and has not run yet.
     flush_claimed: bool,
 }
 
@@ -154,6 +154,9 @@ pub struct Needs {
     pub subscribe_agents: Vec<(TenantId, AgentId)>,
     /// Agents whose last socket on this gateway went.
     pub unsubscribe_agents: Vec<(TenantId, AgentId)>,
+    /// Waiting-list changes are held and no flush is due yet: run [`Hub::flush_queue_views`] after
+    /// [`QUEUE_VIEW_DELAY`].
+    pub flush_queue_views: bool,
 }
 
 impl Needs {
@@ -163,6 +166,7 @@ impl Needs {
             && self.unsubscribe_conversations.is_empty()
             && self.subscribe_agents.is_empty()
             && self.unsubscribe_agents.is_empty()
+            && !self.flush_queue_views
     }
 }
 
@@ -320,21 +324,14 @@ impl Hub {
                     state.send(socket, outbound.clone());
                 }
             }
-            Push::Queue { tenant, group, version, change } => state.apply_queue_change(tenant, group, version, change),
+            Push::Queue { tenant, group, version, change } => {
+                state.apply_queue_change(tenant, group, version, change);
+                // Once for each batch of held changes.
+                needs.flush_queue_views = !state.held.is_empty() && !std::mem::replace(&mut state.flush_claimed, true);
+            }
             Push::Agent { tenant, agent, change } => state.apply_agent_change((tenant, agent), change),
         }
         needs
-    }
-
-    /// True once for each batch of held waiting-list changes: the caller then runs
-    /// [`Hub::flush_queue_views`] after [`QUEUE_VIEW_DELAY`].
-    pub fn claim_queue_view_flush(&self) -> bool {
-        let mut state = self.lock();
-        if state.held.is_empty() || state.flush_claimed {
-            return false;
-        }
-        state.flush_claimed = true;
-        true
     }
 
     /// Writes the held waiting-list changes to the agents whose whole list is ready: to each, the changes
@@ -829,21 +826,21 @@ mod tests {
         for name in ["sales", "support"] {
             hub.dispatch(queue(name, 1, QueueChange::Snapshot { entries: vec![] }));
         }
-        hub.dispatch(queue("sales", 2, QueueChange::Added { entry: entry(chat(1), "sales", 10) }));
+        let flush_due = |needs: Needs| needs.flush_queue_views;
+        assert!(flush_due(hub.dispatch(queue("sales", 2, QueueChange::Added { entry: entry(chat(1), "sales", 10) }))));
         assert!(matches!(drain(&mut written_alice)[..], [PushFrame::QueueSnapshot { .. }]));
-        assert!(hub.claim_queue_view_flush());
         hub.flush_queue_views();
         assert_eq!(drain(&mut written_alice), [PushFrame::QueueAdded { entry: entry(chat(1), "sales", 10) }]);
-        assert!(!hub.claim_queue_view_flush(), "nothing is held");
+        let estimate = QueueChange::Estimate { wait_per_position_ms: Some(1_000) };
+        assert!(!flush_due(hub.dispatch(queue("support", 1, estimate))), "nothing is held");
 
         // Held until the flush: chat 2 comes and goes, chat 1 (shown) leaves, chat 3 comes and moves on to
         // another group of alice (it ends on her list: all of its changes are written), chat 4 comes and
         // stays.
         let removed = |conversation, reason| QueueChange::Removed { conversation, reason };
-        hub.dispatch(queue("sales", 3, QueueChange::Added { entry: entry(chat(2), "sales", 20) }));
-        hub.dispatch(queue("sales", 4, QueueChange::Added { entry: entry(chat(3), "sales", 30) }));
-        assert!(hub.claim_queue_view_flush());
-        assert!(!hub.claim_queue_view_flush(), "one flush for the whole batch");
+        assert!(flush_due(hub.dispatch(queue("sales", 3, QueueChange::Added { entry: entry(chat(2), "sales", 20) }))));
+        let added = hub.dispatch(queue("sales", 4, QueueChange::Added { entry: entry(chat(3), "sales", 30) }));
+        assert!(!flush_due(added), "one flush for the whole batch");
         hub.dispatch(queue("sales", 5, removed(chat(2), LeftQueue::Accepted { agent: agent("bob") })));
         hub.dispatch(queue("sales", 6, removed(chat(1), LeftQueue::Cancelled)));
         // A console that signs in now gets the list as it is, and only the changes after it.

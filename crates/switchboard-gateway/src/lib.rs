@@ -250,8 +250,8 @@ impl Gateway {
                 let Some(shared) = dispatcher.upgrade() else {
                     break;
                 };
-                let needs = shared.hub.dispatch(push);
-                if shared.hub.claim_queue_view_flush() {
+                let mut needs = shared.hub.dispatch(push);
+                if std::mem::take(&mut needs.flush_queue_views) {
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(hub::QUEUE_VIEW_DELAY).await;

@@ -245,19 +245,28 @@ impl<T: Transport> Session<T> {
 
     async fn on_inbound(&mut self, inbound: Inbound, queued: &mut mpsc::Receiver<Arc<Outbound>>) -> Flow {
         match inbound {
-            Inbound::Request { id, request } => match self.handle_beside_pushes(request, queued).await? {
-                Ok((ack, events)) => {
-                    self.send(Outgoing::Ack { id: &id, ack: &ack }).await?;
-                    for (conversation, event) in events {
-                        self.write_event(conversation, event).await?;
+            Inbound::Request { id, request } => {
+                let reply = self.handle_beside_pushes(request, queued).await?;
+                if self.role.is_none() {
+                    // A connection without a role gets no pushes: what is queued was queued for the role it
+                    // has just left (signed out, or the request that took it failed), and the hub sends it no
+                    // more. Written, an event of that role's chats would find its seq cleared.
+                    while queued.try_recv().is_ok() {}
+                }
+                match reply {
+                    Ok((ack, events)) => {
+                        self.send(Outgoing::Ack { id: &id, ack: &ack }).await?;
+                        for (conversation, event) in events {
+                            self.write_event(conversation, event).await?;
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                    Err(error) => {
+                        count_refusal(&error);
+                        self.send(Outgoing::Error { id: Some(&id), error: &error }).await
+                    }
                 }
-                Err(error) => {
-                    count_refusal(&error);
-                    self.send(Outgoing::Error { id: Some(&id), error: &error }).await
-                }
-            },
+            }
             Inbound::Refused { id, error } => {
                 metrics::counter!(names::GATEWAY_REQUESTS, "type" => "invalid").increment(1);
                 count_refusal(&error);
@@ -360,10 +369,6 @@ impl<T: Transport> Session<T> {
     }
 
     async fn write_outbound(&mut self, outbound: &Outbound) -> Flow {
-        // A connection without a role gets no pushes: these were queued before it left its role (signed out).
-        if self.role.is_none() {
-            return Ok(());
-        }
         let PushFrame::Event { conversation, event } = outbound.frame() else {
             self.send(Outgoing::Push(outbound)).await?;
             if let PushFrame::Offer { entry, .. } = outbound.frame() {
