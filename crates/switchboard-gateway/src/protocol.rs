@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_domain::{AgentStatus, Author, ConversationId, Event, GroupId, OfferEnd, Refusal, WaitingEntry};
+use switchboard_domain::{
+    AgentStatus, Author, ConversationId, Event, EventBody, GroupId, OfferEnd, Refusal, WaitingEntry,
+};
 use switchboard_proto::router::{AgentView, ChatView, LeftQueue, RouterError, Ticket};
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -427,6 +429,29 @@ impl PushFrame {
     }
 }
 
+impl Ack {
+    /// The whole `ack` frame of request `id` as JSON text. A message's ack (one per message sent) is written
+    /// directly, without building a [`Value`]; it is the very text the general path writes (keys sorted).
+    pub fn frame(&self, id: &str) -> String {
+        #[derive(serde::Serialize)]
+        struct MessageSent<'a> {
+            duplicate: bool,
+            id: &'a str,
+            seq: Option<u64>,
+            status: &'static str,
+            #[serde(rename = "type")]
+            kind: &'static str,
+        }
+        match self {
+            Ack::MessageSend { seq, duplicate } => {
+                let frame = MessageSent { duplicate: *duplicate, id, seq: *seq, status: "sent", kind: "ack" };
+                serde_json::to_string(&frame).unwrap_or_else(|_| ack(id, self.to_json()))
+            }
+            _ => ack(id, self.to_json()),
+        }
+    }
+}
+
 pub fn ack(id: &str, body: Value) -> String {
     let mut frame = json!({ "type": "ack", "id": id });
     if let (Some(frame), Value::Object(body)) = (frame.as_object_mut(), body) {
@@ -454,7 +479,65 @@ pub fn welcome(max_message_bytes: usize) -> String {
 }
 
 pub fn event(conversation: ConversationId, event: &Event) -> String {
+    if let EventBody::Message { body } = &event.body {
+        let frame = MessageEventFrame {
+            conversation,
+            event: MessageEvent {
+                at_ms: event.at_ms,
+                author: SortedAuthor(&event.author),
+                body,
+                client_msg_id: event.client_msg_id.as_deref(),
+                kind: "message",
+                seq: event.seq,
+            },
+            kind: "event",
+        };
+        if let Ok(text) = serde_json::to_string(&frame) {
+            return text;
+        }
+    }
     json!({ "type": "event", "conversation": conversation, "event": event }).to_string()
+}
+
+/// A message's `event` push (the most frequent frame by far), written directly instead of through a
+/// [`Value`]: the same keys in the same (sorted) order as every other frame, so the very same text.
+#[derive(serde::Serialize)]
+struct MessageEventFrame<'a> {
+    conversation: ConversationId,
+    event: MessageEvent<'a>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct MessageEvent<'a> {
+    at_ms: i64,
+    author: SortedAuthor<'a>,
+    body: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_msg_id: Option<&'a str>,
+    kind: &'static str,
+    seq: u64,
+}
+
+/// An [`Author`] with its keys sorted (`id` before `role`), as a [`Value`] writes it.
+struct SortedAuthor<'a>(&'a Author);
+
+impl serde::Serialize for SortedAuthor<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (id, role) = match self.0 {
+            Author::Customer => (None, "customer"),
+            Author::Agent(agent) => (Some(agent.as_str()), "agent"),
+            Author::System => (None, "system"),
+        };
+        let mut map = serializer.serialize_map(Some(1 + usize::from(id.is_some())))?;
+        if let Some(id) = id {
+            map.serialize_entry("id", id)?;
+        }
+        map.serialize_entry("role", role)?;
+        map.end()
+    }
 }
 
 pub fn typing(conversation: ConversationId, author: &Author, typing: bool) -> String {
@@ -807,6 +890,33 @@ mod tests {
         assert_eq!(estimated_wait_s(1, 1), 1);
         assert_eq!(estimated_wait_s(2, 0), 0);
         assert_eq!(estimated_wait_s(usize::MAX, u64::MAX), u64::MAX.div_ceil(1000));
+    }
+
+    #[test]
+    fn a_message_event_is_written_as_the_general_path_writes_it() {
+        let agent = switchboard_domain::AgentId::new("alice").unwrap();
+        for author in [Author::Customer, Author::Agent(agent), Author::System] {
+            for client_msg_id in [None, Some("m-\"1\"\u{e9}".to_owned())] {
+                let event = Event {
+                    seq: 42,
+                    at_ms: -3,
+                    author: author.clone(),
+                    client_msg_id,
+                    body: EventBody::Message { body: "Hello \"there\"\n\u{1F600} <b>".into() },
+                };
+                let general = json!({ "type": "event", "conversation": conversation(), "event": &event }).to_string();
+                assert_eq!(super::event(conversation(), &event), general);
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_ack_is_written_as_the_general_path_writes_it() {
+        for (seq, duplicate) in [(Some(7), false), (Some(7), true), (None, true)] {
+            let sent = Ack::MessageSend { seq, duplicate };
+            assert_eq!(sent.frame("r\"9"), ack("r\"9", sent.to_json()));
+        }
+        assert_eq!(Ack::MessageDelivered { seq: Some(3) }.frame("r1"), ack("r1", json!({ "seq": 3 })));
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl Transport for WsTransport {
     async fn send(&mut self, frame: Outgoing<'_>) -> bool {
         let text: Utf8Bytes = match frame {
             Outgoing::Welcome { max_message_bytes } => protocol::welcome(max_message_bytes).into(),
-            Outgoing::Ack { id, ack } => protocol::ack(id, ack.to_json()).into(),
+            Outgoing::Ack { id, ack } => ack.frame(id).into(),
             Outgoing::Error { id, error } => protocol::error(id, error).into(),
             Outgoing::Push(outbound) => outbound.json(),
         };

@@ -63,8 +63,7 @@ impl Drop for TracingGuard {
 /// exporter is installed (nothing tries to reach a collector). Call it inside the tokio runtime.
 pub fn init_tracing(service: &str, otlp_endpoint: Option<&str>, default_filter: &str) -> anyhow::Result<TracingGuard> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
-    let fmt = tracing_subscriber::fmt::layer().with_filter(filter());
+    let fmt = tracing_subscriber::fmt::layer().with_filter(log_filter(default_filter));
     let Some(endpoint) = otlp_endpoint.filter(|endpoint| !endpoint.is_empty()) else {
         tracing_subscriber::registry().with(fmt).try_init()?;
         return Ok(TracingGuard { provider: None });
@@ -83,6 +82,31 @@ pub fn init_tracing(service: &str, otlp_endpoint: Option<&str>, default_filter: 
     tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(TracingGuard { provider: Some(provider) })
+}
+
+/// What the log lines show: the events `RUST_LOG` (else `default_filter`) enables and, only when it enables
+/// something at DEBUG or finer, the spans around them.
+///
+/// A span the log shows has its fields formatted when it is made, whether or not anything is logged inside it:
+/// at INFO (the default) that was a few percent of the CPU of a message's path (a `gateway.request`, a
+/// `conversation.command` and a `grpc.server` span each). Without an exporter a span nobody shows is not made
+/// at all; with one, it is exported whatever this filter says.
+fn log_filter<S>(default_filter: &str) -> impl tracing_subscriber::layer::Filter<S> + use<S> {
+    log_filter_of(EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
+}
+
+/// [`log_filter`] with `events` as the events' filter.
+fn log_filter_of<S>(events: EnvFilter) -> impl tracing_subscriber::layer::Filter<S> + use<S> {
+    use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
+    let spans_shown = spans_shown(events.max_level_hint());
+    // The hint keeps the events' finest level as the process's (`log` records finer than it are not even made).
+    let spans = filter_fn(move |metadata| spans_shown || !metadata.is_span()).with_max_level_hint(LevelFilter::TRACE);
+    events.and(spans)
+}
+
+/// Whether the log shows spans, given the finest level it shows.
+fn spans_shown(finest: Option<tracing_subscriber::filter::LevelFilter>) -> bool {
+    finest.is_none_or(|finest| finest >= tracing_subscriber::filter::LevelFilter::DEBUG)
 }
 
 /// The resource of the process's spans: `service` as `service.name` (the role: every gateway has the same one),
@@ -161,6 +185,28 @@ mod tests {
         assert_eq!(metadata.get(RECEIVED_AT_HEADER).and_then(|value| value.to_str().ok()), Some("7"));
         // Without a tracing layer there is no trace to carry.
         assert!(metadata.get(TRACEPARENT).is_none());
+    }
+
+    #[test]
+    fn the_log_shows_spans_only_when_it_shows_debug_lines() {
+        use tracing_subscriber::filter::LevelFilter;
+        assert!(!spans_shown(Some(LevelFilter::INFO)));
+        assert!(!spans_shown(Some(LevelFilter::WARN)));
+        assert!(spans_shown(Some(LevelFilter::DEBUG)));
+        assert!(spans_shown(Some(LevelFilter::TRACE)));
+        // No hint: a filter that cannot tell (dynamic directives) may show anything.
+        assert!(spans_shown(None));
+    }
+
+    #[test]
+    fn the_log_filter_keeps_the_finest_level_of_its_events() {
+        use tracing_subscriber::filter::LevelFilter;
+        use tracing_subscriber::layer::Filter;
+        type S = tracing_subscriber::Registry;
+        // Without the hint `log` records of every level (tungstenite's traces) would reach the subscriber.
+        let hint = |directives: &str| Filter::<S>::max_level_hint(&log_filter_of::<S>(EnvFilter::new(directives)));
+        assert_eq!(hint("info,sqlx=warn"), Some(LevelFilter::INFO));
+        assert_eq!(hint("warn,switchboard_router=debug"), Some(LevelFilter::DEBUG));
     }
 
     #[test]
