@@ -24,7 +24,7 @@ mod ws;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{State, WebSocketUpgrade};
@@ -107,8 +107,6 @@ pub(crate) struct Shared {
     pub(crate) next_socket_id: AtomicU64,
     /// Makes presence session ids unique across restarts of a gateway with the same id.
     boot_id: String,
-    /// Per agent: whether the gateway is subscribed to the agent's pushes; its lock orders the subscription
-    /// changes of one agent.
     /// Whether the gateway is subscribed to each agent's pushes, behind the lock that orders its changes.
     agent_subscriptions: KeyedLocks<(TenantId, AgentId), bool>,
     /// Order the subscription and unsubscription of one conversation: an unsubscription decided when the
@@ -118,6 +116,8 @@ pub(crate) struct Shared {
     /// The group statuses read last, per tenant: `groups.list` answers them (marked stale) while presence
     /// cannot be read.
     pub(crate) group_statuses: Mutex<HashMap<TenantId, Vec<GroupStatus>>>,
+    /// What `/healthz` checks besides answering ([`Gateway::set_health_check`]).
+    health_check: OnceLock<HealthCheck>,
     /// True once the gateway drains: every connection is closed (and new ones at once).
     pub(crate) draining: watch::Sender<bool>,
 }
@@ -210,6 +210,9 @@ pub struct Gateway {
     shared: Arc<Shared>,
 }
 
+/// A check of something a gateway's process depends on, run by `/healthz`: `Err` says what is wrong.
+pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway").field("settings", &self.shared.settings).finish()
@@ -240,6 +243,7 @@ impl Gateway {
             agent_subscriptions: KeyedLocks::default(),
             conversation_locks: KeyedLocks::default(),
             group_statuses: Mutex::default(),
+            health_check: OnceLock::new(),
             draining: watch::channel(false).0,
         });
         let (push_sender, mut pushes) = mpsc::unbounded_channel();
@@ -277,12 +281,20 @@ impl Gateway {
         self.http_routes().merge(grpc).fallback(not_found)
     }
 
-    /// The HTTP routes only: `/v1/ws` (the WebSocket protocol) and `/healthz`.
+    /// The HTTP routes only: `/v1/ws` (the WebSocket protocol) and `/healthz` (200 `ok`, or 503 with the
+    /// reason while the [health check](Gateway::set_health_check) fails).
     pub fn http_routes(&self) -> axum::Router {
         axum::Router::new()
             .route("/v1/ws", get(upgrade))
-            .route("/healthz", get(|| async { "ok" }))
+            .route("/healthz", get(healthz))
             .with_state(self.shared.clone())
+    }
+
+    /// Makes `/healthz` run `check` at each request and answer 503 with its reason while it fails: for a
+    /// part of the process the gateway cannot see (in `serve`, the store, which refuses every write once its
+    /// log could not be made durable, until a restart). Only the first check set counts.
+    pub fn set_health_check(&self, check: HealthCheck) {
+        let _ = self.shared.health_check.set(check);
     }
 
     /// The public gRPC service alone, `switchboard.v1.ChatService`, to add to a tonic server of one's own
@@ -379,6 +391,13 @@ async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -
 }
 
 /// Unknown paths: 404, or UNIMPLEMENTED to a gRPC client (an unknown service or method).
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.health_check.get().map(|check| check()) {
+        Some(Err(reason)) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}")).into_response(),
+        _ => "ok".into_response(),
+    }
+}
+
 async fn not_found(request: axum::extract::Request) -> Response {
     let content_type = request.headers().get(CONTENT_TYPE).and_then(|value| value.to_str().ok()).unwrap_or("");
     if content_type.starts_with("application/grpc") {

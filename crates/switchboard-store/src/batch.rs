@@ -144,6 +144,8 @@ enum Command {
 #[derive(Clone)]
 pub(crate) struct Appender {
     queue: mpsc::Sender<Command>,
+    /// Set once a sync of the log failed (SQLite): every append fails from then on, until a restart.
+    failed: Option<Arc<OnceLock<StoreError>>>,
 }
 
 impl Appender {
@@ -153,7 +155,7 @@ impl Appender {
         let max_batch = options.max_batch.max(1);
         let (queue, receiver) = mpsc::channel(max_batch * QUEUE_PER_BATCH);
         tokio::spawn(write_batches(backend, receiver, max_batch));
-        Appender { queue }
+        Appender { queue, failed: None }
     }
 
     /// Starts the writer on a thread of its own, which owns `backend`. With `log`, a committed batch is
@@ -170,11 +172,18 @@ impl Appender {
         let (queue, receiver) = mpsc::channel(max_batch * QUEUE_PER_BATCH);
         let failed: Arc<OnceLock<StoreError>> = Arc::default();
         let syncer = log.map(|log| SyncThread::start(log, failed.clone())).transpose()?;
+        metrics::gauge!(names::STORE_WRITER_FAILED).set(0.0);
+        let thread_failed = failed.clone();
         std::thread::Builder::new().name("store-appender".into()).spawn(move || {
             let _runtime = runtime.enter();
-            write_batches_on_thread(backend, syncer, failed, receiver, max_batch);
+            write_batches_on_thread(backend, syncer, thread_failed, receiver, max_batch);
         })?;
-        Ok(Appender { queue })
+        Ok(Appender { queue, failed: Some(failed) })
+    }
+
+    /// Why every append fails until the store is restarted (a sync of the log failed), if it does.
+    pub(crate) fn failure(&self) -> Option<StoreError> {
+        self.failed.as_ref().and_then(|failed| failed.get().cloned())
     }
 
     pub(crate) async fn append(&self, request: AppendRequest) -> Outcome {
@@ -376,6 +385,7 @@ fn sync_and_answer(log: &WalSync, failed: &OnceLock<StoreError>, batches: Vec<An
         Ok(()) => batches.into_iter().for_each(answer),
         Err(error) => {
             if failed.set(error.clone()).is_ok() {
+                metrics::gauge!(names::STORE_WRITER_FAILED).set(1.0);
                 tracing::error!(%error, "the database could not be made durable: every append fails until restart");
             }
             batches.into_iter().for_each(|answers| answer_all(answers, &error));

@@ -164,6 +164,13 @@ impl SqlStore {
         Ok(SqlStore { writer, reader, clock, appender, _temporary: temporary })
     }
 
+    /// Why the store refuses every append until it is restarted, if it does: a sync of the write-ahead log
+    /// failed, so what the database holds since is not known to be on the disk (restarting recovers what
+    /// is). For a health check.
+    pub fn writer_failure(&self) -> Option<StoreError> {
+        self.appender.failure()
+    }
+
     /// Closes the store: the append writer once the appends queued are answered, then the connections,
     /// waiting for the ones in use to be returned. Later requests fail.
     pub async fn close(&self) {

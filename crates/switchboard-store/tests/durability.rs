@@ -112,9 +112,17 @@ async fn an_append_whose_log_cannot_be_synced_is_not_acknowledged_nor_any_after_
     append(&store, fence, "c1", vec![message("m1", "synced")], None).await.unwrap();
     assert!(wal.exists(), "the database runs with a write-ahead log");
 
+    assert_eq!(store.writer_failure(), None);
+
     std::fs::remove_file(&wal).unwrap();
     let failed = append(&store, fence, "c1", vec![message("m2", "not synced")], None).await;
     assert!(matches!(failed, Err(StoreError::Unavailable(_))), "{failed:?}");
+    // Health checks see it.
+    assert!(
+        matches!(store.writer_failure(), Some(StoreError::Unavailable(ref why)) if why.contains("cannot find the log")),
+        "{:?}",
+        store.writer_failure()
+    );
 
     // A log file that could be synced again does not make the store trustworthy again.
     std::fs::write(&wal, b"").unwrap();

@@ -108,6 +108,10 @@ fn describe() {
         STORE_WAL_SYNC_DURATION,
         "One sync of SQLite's write-ahead log, making every batch committed before it durable."
     );
+    describe_gauge!(
+        STORE_WRITER_FAILED,
+        "1 once a sync of SQLite's write-ahead log failed: every append fails until the process restarts."
+    );
     describe_gauge!(LICENSE_SESSIONS_IN_USE, "Chat sessions holding a license permit.");
     describe_gauge!(LICENSE_SESSIONS_MAX, "The license limit of concurrent chat sessions; 0 is unlimited.");
 }

@@ -32,6 +32,7 @@ pub const STORE_APPEND_BATCH_DURATION: &str = "switchboard_store_append_batch_du
 pub const STORE_APPEND_BATCH_SIZE: &str = "switchboard_store_append_batch_size";
 pub const STORE_APPENDS: &str = "switchboard_store_appends_total";
 pub const STORE_WAL_SYNC_DURATION: &str = "switchboard_store_wal_sync_duration_seconds";
+pub const STORE_WRITER_FAILED: &str = "switchboard_store_writer_failed";
 pub const LICENSE_SESSIONS_IN_USE: &str = "switchboard_license_sessions_in_use";
 pub const LICENSE_SESSIONS_MAX: &str = "switchboard_license_sessions_max";
 

@@ -293,11 +293,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         closed_list_limit: 200,
         presence: presence_settings(&config),
     };
+    let store_health = store.clone();
     let router = Arc::new(
         Router::start(router_settings, store, clock.clone(), directory.clone(), presence.clone(), None).await?,
     );
     let gateway_settings = gateway_settings(&config, format!("{}-gateway", config.node_id));
     let gateway = Gateway::start(gateway_settings, router, directory, presence, clock);
+    // A store that refuses every write until a restart makes the process unhealthy (a restart recovers it).
+    gateway.set_health_check(Arc::new(move || match store_health.writer_failure() {
+        Some(failure) => Err(format!("the store refuses every write until a restart: {failure}")),
+        None => Ok(()),
+    }));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
