@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use switchboard_proto::internal::v1::{
     CreateTicketRequest, GetConversationRequest, ListTicketsRequest, ReadEventsRequest, RenewShardsRequest,
-    TicketRecord,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_store::LATEST_MIGRATION;
@@ -184,20 +183,7 @@ async fn appends_tickets_and_lease_renewals_interleave_without_failing() {
         let store = store.clone();
         tasks.spawn(async move {
             for i in 0..ROUNDS {
-                let ticket = TicketRecord {
-                    id: format!("t{writer}-{i}"),
-                    tenant_id: "acme".into(),
-                    group_id: "sales".into(),
-                    kind: "offline_message".into(),
-                    reason: "group_closed".into(),
-                    customer_name: "Carol".into(),
-                    customer_contact: "carol@example.com".into(),
-                    subject: "Parcel".into(),
-                    body: "Where is my parcel?".into(),
-                    created_at_ms: START_MS,
-                    idempotency_key: format!("k{writer}-{i}"),
-                    ..Default::default()
-                };
+                let ticket = ticket(&format!("t{writer}-{i}"), "acme", &format!("k{writer}-{i}"), START_MS);
                 store.create_ticket(CreateTicketRequest { ticket: Some(ticket) }).await.map(drop)?;
             }
             Ok(())

@@ -9,23 +9,6 @@ use switchboard_proto::store::{StoreApi, StoreError};
 
 on_every_backend!(tickets_are_stored_once_per_key_and_listed_newest_first, incomplete_or_clashing_tickets_are_invalid);
 
-fn ticket(id: &str, tenant: &str, key: &str, created_at_ms: i64) -> TicketRecord {
-    TicketRecord {
-        id: id.into(),
-        tenant_id: tenant.into(),
-        group_id: "sales".into(),
-        kind: "offline_message".into(),
-        reason: "group_closed".into(),
-        customer_name: "Carol".into(),
-        customer_contact: "carol@example.com".into(),
-        subject: "Parcel".into(),
-        body: format!("Where is my parcel? ({id})"),
-        conversation_id: String::new(),
-        created_at_ms,
-        idempotency_key: key.into(),
-    }
-}
-
 async fn ids(store: &dyn StoreApi, tenant: &str, limit: u32) -> Vec<String> {
     let request = ListTicketsRequest { tenant_id: tenant.into(), limit };
     store.list_tickets(request).await.unwrap().tickets.into_iter().map(|ticket| ticket.id).collect()

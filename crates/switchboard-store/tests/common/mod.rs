@@ -12,6 +12,7 @@ use std::time::Duration;
 use switchboard_domain::{FixedClock, shard_of};
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AppendRequest, AppendResponse, ConversationRecord, ConversationUpdate, Fence, NewEvent,
+    TicketRecord,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_store::{GroupCommit, MemoryStore, PgOptions, PgStore, SqlStore, StoreAudit};
@@ -208,6 +209,24 @@ pub fn conversation(id: &str, tenant: &str, group: &str, queued_at_ms: i64) -> C
         shard: shard_of_conversation(id),
         customer_token: format!("token-{id}"),
         ..Default::default()
+    }
+}
+
+/// An offline-message ticket of `tenant` with idempotency key `key`.
+pub fn ticket(id: &str, tenant: &str, key: &str, created_at_ms: i64) -> TicketRecord {
+    TicketRecord {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        group_id: "sales".into(),
+        kind: "offline_message".into(),
+        reason: "group_closed".into(),
+        customer_name: "Carol".into(),
+        customer_contact: "carol@example.com".into(),
+        subject: "Parcel".into(),
+        body: format!("Where is my parcel? ({id})"),
+        conversation_id: String::new(),
+        created_at_ms,
+        idempotency_key: key.into(),
     }
 }
 
