@@ -20,7 +20,8 @@ use std::fmt;
 
 use anyhow::bail;
 
-use crate::db::{ConversationRow, Db, EventRow, Grant, Lease};
+pub use crate::db::Snapshot;
+use crate::db::{ConversationRow, Db, EventRow, Lease};
 use crate::log::{Author, LogData};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,26 +45,6 @@ pub struct Violation {
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}: {}", self.invariant, self.detail)
-    }
-}
-
-/// What the database held when the checker read it.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub now_ms: i64,
-    pub conversations: Vec<ConversationRow>,
-    pub events: Vec<EventRow>,
-    pub leases: Vec<Lease>,
-    pub grants: Vec<Grant>,
-}
-
-impl Snapshot {
-    pub async fn read(db: &Db) -> anyhow::Result<Snapshot> {
-        let conversations = db.conversations().await?;
-        let events = db.events().await?;
-        let grants = db.grants().await?;
-        let placement = db.placement().await?;
-        Ok(Snapshot { now_ms: placement.now_ms, conversations, events, leases: placement.leases, grants })
     }
 }
 
@@ -119,7 +100,7 @@ impl Report {
 /// Reads the database and checks everything; `live_routers` are the node ids of the routers running (and not
 /// stopped) now.
 pub async fn check(db: &Db, logs: &LogData, live_routers: &BTreeSet<String>) -> anyhow::Result<Report> {
-    let snapshot = Snapshot::read(db).await?;
+    let snapshot = db.snapshot().await?;
     Ok(check_snapshot(&snapshot, logs, live_routers))
 }
 

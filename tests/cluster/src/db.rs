@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Executor, Row};
 
 /// The fixed number of shards (`switchboard-domain/src/shard.rs`).
@@ -20,6 +20,17 @@ const SELECT_EVENTS: &str = "SELECT conversation_id, seq, at_ms, author_role, au
      payload_json, epoch FROM events ORDER BY conversation_id, seq";
 const SELECT_OWNER_OF: &str = "SELECT c.shard, l.owner, l.epoch, l.expires_at_ms FROM conversations c \
      LEFT JOIN shard_leases l ON l.shard = c.shard WHERE c.id = $1";
+
+/// What the database held when [`Db::snapshot`] read it: `now_ms` is the database's time, read just before the
+/// leases.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub now_ms: i64,
+    pub conversations: Vec<ConversationRow>,
+    pub events: Vec<EventRow>,
+    pub leases: Vec<Lease>,
+    pub grants: Vec<Grant>,
+}
 
 /// A row of `shard_leases`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,7 +211,33 @@ impl Db {
     }
 
     pub async fn leases(&self) -> anyhow::Result<Vec<Lease>> {
-        let rows = sqlx::query(SELECT_LEASES).fetch_all(&self.pool).await.context("reading shard_leases")?;
+        Self::read_leases(&mut *self.pool.acquire().await?).await
+    }
+
+    pub async fn conversations(&self) -> anyhow::Result<Vec<ConversationRow>> {
+        Self::read_conversations(&mut *self.pool.acquire().await?).await
+    }
+
+    pub async fn events(&self) -> anyhow::Result<Vec<EventRow>> {
+        Self::read_events(&mut *self.pool.acquire().await?).await
+    }
+
+    /// Conversations, events, grants and leases as of one instant: read in one repeatable-read transaction,
+    /// so that a lease granted while they are read is in both the leases and their history, or in neither.
+    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut tx = self.pool.begin().await?;
+        tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+        let conversations = Self::read_conversations(&mut tx).await?;
+        let events = Self::read_events(&mut tx).await?;
+        let grants = Self::read_grants(&mut tx).await?;
+        let now_ms = sqlx::query_scalar(DB_NOW_MS).fetch_one(&mut *tx).await?;
+        let leases = Self::read_leases(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Snapshot { now_ms, conversations, events, leases, grants })
+    }
+
+    async fn read_leases(conn: &mut PgConnection) -> anyhow::Result<Vec<Lease>> {
+        let rows = sqlx::query(SELECT_LEASES).fetch_all(conn).await.context("reading shard_leases")?;
         rows.iter()
             .map(|row| {
                 Ok(Lease {
@@ -219,8 +256,8 @@ impl Db {
         Ok(Placement { now_ms, leases: self.leases().await? })
     }
 
-    pub async fn grants(&self) -> anyhow::Result<Vec<Grant>> {
-        let rows = sqlx::query(SELECT_HISTORY).fetch_all(&self.pool).await.context("reading shard_lease_history")?;
+    async fn read_grants(conn: &mut PgConnection) -> anyhow::Result<Vec<Grant>> {
+        let rows = sqlx::query(SELECT_HISTORY).fetch_all(conn).await.context("reading shard_lease_history")?;
         rows.iter()
             .map(|row| {
                 Ok(Grant {
@@ -232,8 +269,8 @@ impl Db {
             .collect()
     }
 
-    pub async fn conversations(&self) -> anyhow::Result<Vec<ConversationRow>> {
-        let rows = sqlx::query(SELECT_CONVERSATIONS).fetch_all(&self.pool).await.context("reading conversations")?;
+    async fn read_conversations(conn: &mut PgConnection) -> anyhow::Result<Vec<ConversationRow>> {
+        let rows = sqlx::query(SELECT_CONVERSATIONS).fetch_all(conn).await.context("reading conversations")?;
         rows.iter()
             .map(|row| {
                 Ok(ConversationRow {
@@ -246,8 +283,8 @@ impl Db {
             .collect()
     }
 
-    pub async fn events(&self) -> anyhow::Result<Vec<EventRow>> {
-        let rows = sqlx::query(SELECT_EVENTS).fetch_all(&self.pool).await.context("reading events")?;
+    async fn read_events(conn: &mut PgConnection) -> anyhow::Result<Vec<EventRow>> {
+        let rows = sqlx::query(SELECT_EVENTS).fetch_all(conn).await.context("reading events")?;
         rows.iter()
             .map(|row| {
                 let payload_json: String = row.try_get("payload_json")?;
