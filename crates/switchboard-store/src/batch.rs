@@ -186,14 +186,21 @@ impl Appender {
         self.failed.as_ref().and_then(|failed| failed.get().cloned())
     }
 
+    /// Queues an append for the writer and waits for its outcome. How long that takes is recorded as
+    /// [`names::STORE_APPEND_DURATION`]: what a message waits for before it is acknowledged, which the
+    /// batch's own duration leaves out (the wait for the writer, the sync of the log).
     pub(crate) async fn append(&self, request: AppendRequest) -> Outcome {
         let checked = check(request)?;
+        let started = tokio::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Command::Append(Box::new(Pending { checked, reply })))
             .await
             .map_err(|_| StoreError::Unavailable("the append writer has stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("the append writer stopped before answering".into()))?
+        let outcome =
+            answer.await.map_err(|_| StoreError::Unavailable("the append writer stopped before answering".into()))?;
+        metrics::histogram!(names::STORE_APPEND_DURATION).record(started.elapsed().as_secs_f64());
+        outcome
     }
 
     /// Stops the writer once the appends queued before are answered (and, on a thread, once its connection

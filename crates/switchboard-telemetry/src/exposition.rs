@@ -101,6 +101,10 @@ fn describe() {
     describe_counter!(CHATS_STARTED, "Chats admitted.");
     describe_counter!(CHATS_FINISHED, "Chats ended, by reason.");
     describe_counter!(OFFERS_ENDED, "Offers ended, by reason.");
+    describe_histogram!(
+        STORE_APPEND_DURATION,
+        "An append as its caller waits for it: queued for the writer, written in a batch, made durable."
+    );
     describe_histogram!(STORE_APPEND_BATCH_DURATION, "One group-commit transaction of appends.");
     describe_histogram!(STORE_APPEND_BATCH_SIZE, "Appends per group-commit transaction.");
     describe_counter!(STORE_APPENDS, "Appends, by outcome.");

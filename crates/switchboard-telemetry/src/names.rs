@@ -28,6 +28,8 @@ pub const CHATS_FINISHED: &str = "switchboard_chats_finished_total";
 pub const OFFERS_ENDED: &str = "switchboard_offers_ended_total";
 
 // Store.
+/// An append as its caller waits for it: queued for the writer, written in a batch, made durable.
+pub const STORE_APPEND_DURATION: &str = "switchboard_store_append_duration_seconds";
 pub const STORE_APPEND_BATCH_DURATION: &str = "switchboard_store_append_batch_duration_seconds";
 pub const STORE_APPEND_BATCH_SIZE: &str = "switchboard_store_append_batch_size";
 pub const STORE_APPENDS: &str = "switchboard_store_appends_total";
