@@ -13,15 +13,15 @@
 //! - (f) [`Invariant::ClientViews`]: each connection was written a conversation's events from the seq it asked
 //!   for, consecutively, each as stored.
 //!
-//! The checks themselves are a pure function of a [`Snapshot`] of the database and the [`LogData`].
+//! The checks themselves are a pure function of a [`Snapshot`] of the database (read by [`Db::snapshot`]) and
+//! the [`LogData`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use anyhow::bail;
 
-pub use crate::db::Snapshot;
-use crate::db::{ConversationRow, Db, EventRow, Lease};
+use crate::db::{ConversationRow, Db, EventRow, Lease, Snapshot};
 use crate::log::{Author, LogData};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
