@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection as _, SqlitePool};
 use switchboard_domain::Clock;
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
@@ -140,7 +140,7 @@ impl SqlStore {
             // Statement journals (for the multi-row statements) in memory, not in temporary files: they
             // only serve to undo a statement that fails halfway.
             .pragma("temp_store", "memory")
-            // The writer checkpoints in its own commit only once the log holds this many pages (32 MiB);
+            // The writer checkpoints in its own commit only once the log holds this many pages (96 MiB);
             // until then the checkpoints run beside it (`events::Checkpoints`).
             .pragma("wal_autocheckpoint", events::Checkpoints::WRITER_AFTER_PAGES.to_string())
             .busy_timeout(BUSY_TIMEOUT);
@@ -151,10 +151,12 @@ impl SqlStore {
             .max_connections(READERS)
             .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(error::db)?;
-        let checkpoints = events::Checkpoints::new(reader.clone());
+        // The connection that pins the log between checkpoints (`events::Checkpoints`).
+        let pin = sqlx::SqliteConnection::connect_with(&options).await.map_err(error::db)?;
+        let checkpoints = events::Checkpoints::new(reader.clone(), pin);
         let log = (durability == Durability::SyncedLog).then(|| wal::WalSync::new(&path));
         let backend = tokio::task::spawn_blocking(move || writer::SqliteWriter::open(&path, durability, checkpoints))
             .await
