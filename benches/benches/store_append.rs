@@ -1,4 +1,5 @@
-//! Appends to the event log on a SQLite file (WAL, `synchronous=FULL`: every commit is durable), each
+//! Appends to the event log on a SQLite file, every one durable before it is answered (WAL; the baselines
+//! commit with `synchronous=FULL`, the store's writer with `NORMAL` and a sync of the log after), each
 //! measured beside a bare baseline in the same run. One iteration is 64 appends of one message each, to 64
 //! conversations (as 64 conversation actors would make them):
 //! - `switchboard_concurrent`: the 64 `StoreApi::append`s at once, so that group commit gathers them into
