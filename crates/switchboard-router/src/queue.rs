@@ -231,11 +231,7 @@ impl Actor for QueueActor {
                     state.end_offer(conversation, agent, OfferEnd::TimedOut, None);
                 }
             }
-            QueueMsg::AvailabilityLoaded { agents } => {
-                for availability in agents {
-                    state.agents.insert(availability.agent.clone(), availability);
-                }
-            }
+            QueueMsg::AvailabilityLoaded { agents } => merge_loaded(&mut state.agents, agents),
             QueueMsg::Tick => state.tick(),
         }
         state.dispatch();
@@ -724,9 +720,44 @@ fn offer_end_name(reason: OfferEnd) -> &'static str {
     }
 }
 
+/// Adds the availability read when the queue was activated, for the agents it has not heard from since.
+/// The read asks each member in turn and arrives as one message, so an agent can change meanwhile: its
+/// own word (`AgentChanged`, sent on every change) is then newer than what was read, and a later
+/// change still follows it. Letting the read replace it took an agent who went online while their old
+/// status was read for offline until they changed again: in a push-routed group nothing was offered to
+/// them, with chats waiting.
+fn merge_loaded(agents: &mut HashMap<AgentId, AgentAvailability>, loaded: Vec<AgentAvailability>) {
+    for availability in loaded {
+        agents.entry(availability.agent.clone()).or_insert(availability);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn availability(agent: &str, status: switchboard_domain::AgentStatus) -> AgentAvailability {
+        AgentAvailability {
+            agent: AgentId::new(agent).unwrap(),
+            status,
+            capacity: 2,
+            held: 0,
+            offer: None,
+            idle_since_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_read_at_activation_does_not_replace_what_an_agent_told_the_queue_since() {
+        use switchboard_domain::AgentStatus::{Offline, Online};
+        let mut agents = HashMap::new();
+        // `a` went online while the queue was reading every member's availability.
+        agents.insert(AgentId::new("a").unwrap(), availability("a", Online));
+        merge_loaded(&mut agents, vec![availability("a", Offline), availability("b", Offline)]);
+        assert_eq!(agents[&AgentId::new("a").unwrap()].status, Online);
+        assert_eq!(agents[&AgentId::new("b").unwrap()].status, Offline, "an agent not heard from is as read");
+        assert!(agents[&AgentId::new("a").unwrap()].can_take_offer());
+    }
 
     #[test]
     fn the_estimate_is_the_service_interval_or_else_the_mean_wait() {
