@@ -390,7 +390,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -
         .on_upgrade(move |socket| session::run(shared, ws::WsTransport::new(socket, max_message_bytes)))
 }
 
-/// Unknown paths: 404, or UNIMPLEMENTED to a gRPC client (an unknown service or method).
+/// `/healthz`: `ok`, or 503 with the reason while the [health check](Gateway::set_health_check) fails.
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     match shared.health_check.get().map(|check| check()) {
         Some(Err(reason)) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}")).into_response(),
@@ -398,6 +398,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// Unknown paths: 404, or UNIMPLEMENTED to a gRPC client (an unknown service or method).
 async fn not_found(request: axum::extract::Request) -> Response {
     let content_type = request.headers().get(CONTENT_TYPE).and_then(|value| value.to_str().ok()).unwrap_or("");
     if content_type.starts_with("application/grpc") {
