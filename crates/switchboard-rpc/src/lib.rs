@@ -20,6 +20,7 @@
 //! [`RouterApi`]: switchboard_proto::router::RouterApi
 //! [`PeerApi`]: switchboard_proto::router::PeerApi
 
+mod call_stream;
 mod channel;
 pub mod cluster;
 pub mod convert;

@@ -14,10 +14,11 @@ use switchboard_domain::{
 use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::internal::v1::{
     AcceptChatRequest, AgentFinishedRequest, AgentOfferRequest, AgentRequest, AgentSubscriptionRequest,
-    AuthorizeCustomerRequest, ChatViewRequest, CommandRequest, ConnectRequest, ConversationSystemRequest,
-    ForwardChatRequest, ListChatsRequest, OwnerAcceptRequest, OwnerForwardRequest, PushFrame, QueueAddRequest,
-    QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest, RejectOfferRequest, RouterReadEventsRequest,
-    SetAgentStatusRequest, SubscribeRequest, TransferChatRequest, TypingRequest, UnsubscribeRequest,
+    AuthorizeCustomerRequest, ChatViewRequest, CommandCall, CommandRequest, CommandResult, ConnectRequest,
+    ConversationSystemRequest, ForwardChatRequest, ListChatsRequest, OwnerAcceptRequest, OwnerForwardRequest,
+    PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest, RejectOfferRequest,
+    RouterReadEventsRequest, SetAgentStatusRequest, SubscribeRequest, TransferChatRequest, TypingRequest,
+    UnsubscribeRequest,
 };
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
@@ -28,9 +29,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Channel;
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::call_stream::{CallStream, Open, command_call};
 use crate::channel::{ClientSettings, MAX_MESSAGE_BYTES, lazy_channel, unary};
 use crate::convert::{
     agent_status_str, agent_view_from_proto, availability_from_proto, availability_to_proto, caller_to_proto,
@@ -65,6 +67,9 @@ pub struct GrpcRouterNode {
     client: RouterServiceClient<Channel>,
     settings: ClientSettings,
     push_tasks: Mutex<HashMap<GatewayId, JoinHandle<()>>>,
+    /// `command`, the call of every message, goes on this stream (the unary `Command` is the fallback for
+    /// a router that does not know it).
+    commands: CallStream<CommandCall, CommandResult>,
 }
 
 impl std::fmt::Debug for GrpcRouterNode {
@@ -93,7 +98,13 @@ impl GrpcRouterNode {
         let client = RouterServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        GrpcRouterNode { url: url.into(), client, settings, push_tasks: Mutex::default() }
+        let opener = client.clone();
+        let open: Open<CommandCall, CommandResult> = Arc::new(move |calls| {
+            let mut client = opener.clone();
+            Box::pin(async move { client.commands(calls).await.map(tonic::Response::into_inner) })
+        });
+        let commands = CallStream::new("Commands", settings.request_timeout, open);
+        GrpcRouterNode { url: url.into(), client, settings, push_tasks: Mutex::default(), commands }
     }
 
     pub fn url(&self) -> &str {
@@ -142,16 +153,20 @@ impl GrpcRouterNode {
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
     {
         let client = self.client.clone();
-        unary(self.settings.request_timeout, message, |request| call(client, request)).await.map_err(|status| {
-            match router_error_from_status(&status) {
-                // A transport failure says which server it could not reach; the server's own errors are kept
-                // as they were raised.
-                RouterError::Unavailable(text) if !status.metadata().contains_key(ERROR_CODE) => {
-                    RouterError::Unavailable(format!("{}: {text}", self.url))
-                }
-                other => other,
+        unary(self.settings.request_timeout, message, |request| call(client, request))
+            .await
+            .map_err(|status| self.error_from(&status))
+    }
+
+    fn error_from(&self, status: &Status) -> RouterError {
+        match router_error_from_status(status) {
+            // A transport failure says which server it could not reach; the server's own errors are kept as
+            // they were raised.
+            RouterError::Unavailable(text) if !status.metadata().contains_key(ERROR_CODE) => {
+                RouterError::Unavailable(format!("{}: {text}", self.url))
             }
-        })
+            other => other,
+        }
     }
 }
 
@@ -382,12 +397,17 @@ impl RouterApi for GrpcRouterNode {
         conversation: ConversationId,
         command: ChatCommand,
     ) -> Result<CommandOutcome, RouterError> {
-        let request = CommandRequest {
+        let request = || CommandRequest {
             caller: Some(caller_to_proto(caller)),
             conversation_id: conversation.to_string(),
             command: Some(command_to_proto(&command)),
         };
-        let reply = self.call(request, |mut client, request| async move { client.command(request).await }).await?;
+        let reply = match self.commands.call(self.settings.request_timeout, command_call(request())).await {
+            Err(status) if status.code() == Code::Unimplemented => {
+                self.call(request(), |mut client, request| async move { client.command(request).await }).await?
+            }
+            result => result.map_err(|status| self.error_from(&status))?,
+        };
         read(outcome_from_proto(&reply))
     }
 

@@ -9,20 +9,22 @@ use async_trait::async_trait;
 use switchboard_proto::internal::v1::router_service_server::{RouterService, RouterServiceServer};
 use switchboard_proto::internal::v1::{
     AcceptChatRequest, AgentAvailabilityMsg, AgentFinishedRequest, AgentOfferRequest, AgentRequest,
-    AgentSubscriptionRequest, AgentViewReply, AuthorizeCustomerRequest, ChatViewReply, ChatViewRequest, CommandReply,
-    CommandRequest, ConnectRequest, ConversationSystemReply, ConversationSystemRequest, Empty, EventsReply,
-    ForwardChatRequest, ListChatsReply, ListChatsRequest, OfflineMessageRequest, OwnerAcceptRequest,
-    OwnerForwardRequest, PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest,
-    RejectOfferRequest, RouterReadEventsRequest, SetAgentStatusRequest, StartChatRequest, StartedChatReply,
-    SubscribeRequest, TicketReply, TransferChatRequest, TypingRequest, UnsubscribeRequest,
+    AgentSubscriptionRequest, AgentViewReply, AuthorizeCustomerRequest, ChatViewReply, ChatViewRequest, CommandCall,
+    CommandReply, CommandRequest, CommandResult, ConnectRequest, ConversationSystemReply, ConversationSystemRequest,
+    Empty, EventsReply, ForwardChatRequest, ListChatsReply, ListChatsRequest, OfflineMessageRequest,
+    OwnerAcceptRequest, OwnerForwardRequest, PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest,
+    QueueRequest, RejectOfferRequest, RouterReadEventsRequest, SetAgentStatusRequest, StartChatRequest,
+    StartedChatReply, SubscribeRequest, TicketReply, TransferChatRequest, TypingRequest, UnsubscribeRequest,
 };
 use switchboard_proto::router::{PeerApi, Push, RouterApi, RouterError};
+use switchboard_telemetry::serve_streamed_call;
 use tokio::sync::mpsc;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::WatchStream;
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tonic::{Request, Response, Status, Streaming};
 
+use crate::call_stream::{command_result, serve_call_stream, within_deadline};
 use crate::channel::MAX_MESSAGE_BYTES;
 use crate::convert::{
     agent_id, agent_status, agent_view_to_proto, availability_from_proto, availability_to_proto, caller_from_proto,
@@ -76,6 +78,18 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterGrpcServer<T> {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+}
+
+/// The service's name in its calls' metrics and spans.
+const ROUTER_SERVICE: &str = "switchboard.internal.v1.RouterService";
+
+/// `Command`, whichever way it came (a unary call, or a call on the `Commands` stream).
+async fn command<T: RouterApi + ?Sized>(node: &T, request: &CommandRequest) -> Result<CommandReply, Status> {
+    let caller = caller_from_proto(request.caller.as_ref())?;
+    let conversation = conversation_id(&request.conversation_id)?;
+    let command = command_from_proto(request.command.as_ref())?;
+    let result = node.command(&caller, conversation, command).await;
+    answer(result, |outcome| outcome_to_proto(conversation, outcome)).map(Response::into_inner)
 }
 
 fn answer<T, R>(result: Result<T, RouterError>, to_proto: impl FnOnce(&T) -> R) -> Result<Response<R>, Status> {
@@ -211,12 +225,33 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterService for RouterGrpcServer<T> {
     }
 
     async fn command(&self, request: Request<CommandRequest>) -> Result<Response<CommandReply>, Status> {
-        let request = request.get_ref();
-        let caller = caller_from_proto(request.caller.as_ref())?;
-        let conversation = conversation_id(&request.conversation_id)?;
-        let command = command_from_proto(request.command.as_ref())?;
-        let result = self.node.command(&caller, conversation, command).await;
-        answer(result, |outcome| outcome_to_proto(conversation, outcome))
+        command(&*self.node, request.get_ref()).await.map(Response::new)
+    }
+
+    type CommandsStream = ReceiverStream<Result<CommandResult, Status>>;
+
+    async fn commands(
+        &self,
+        request: Request<Streaming<CommandCall>>,
+    ) -> Result<Response<Self::CommandsStream>, Status> {
+        let node = self.node.clone();
+        let results = serve_call_stream(request.into_inner(), self.draining.clone(), move |call: CommandCall| {
+            let node = node.clone();
+            async move {
+                let context = call.context.unwrap_or_default();
+                let request = call.request.unwrap_or_default();
+                let outcome = serve_streamed_call(
+                    ROUTER_SERVICE,
+                    "Command",
+                    &context.traceparent,
+                    context.received_at_us,
+                    within_deadline(&context, command(&*node, &request)),
+                )
+                .await;
+                command_result(call.id, outcome)
+            }
+        });
+        Ok(Response::new(results))
     }
 
     async fn typing(&self, request: Request<TypingRequest>) -> Result<Response<Empty>, Status> {

@@ -7,17 +7,18 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use switchboard_proto::internal::v1::store_service_client::StoreServiceClient;
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
-    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
-    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
-    ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
+    AcquireShardsRequest, AcquireShardsResponse, AppendCall, AppendRequest, AppendResponse, AppendResult,
+    CreateTicketRequest, CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest,
+    GetPlacementRequest, License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest,
+    ListTicketsResponse, Placement, ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse,
+    ReleaseShardsRequest, ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use tokio_stream::Stream;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+use crate::call_stream::{CallStream, Open, append_call};
 use crate::channel::{ClientSettings, MAX_MESSAGE_BYTES, lazy_channel, unary};
 use crate::error::{ERROR_CODE, store_error_from_status};
 
@@ -33,6 +34,9 @@ pub struct GrpcStore {
     url: Arc<str>,
     client: StoreServiceClient<Channel>,
     settings: ClientSettings,
+    /// `append`, the call of every message, goes on this stream (the unary `Append` is the fallback for a
+    /// store that does not know it). Shared by the clones.
+    appends: Arc<CallStream<AppendCall, AppendResult>>,
 }
 
 impl std::fmt::Debug for GrpcStore {
@@ -53,7 +57,13 @@ impl GrpcStore {
         let client = StoreServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        GrpcStore { url: url.into(), client, settings }
+        let opener = client.clone();
+        let open: Open<AppendCall, AppendResult> = Arc::new(move |calls| {
+            let mut client = opener.clone();
+            Box::pin(async move { client.appends(calls).await.map(tonic::Response::into_inner) })
+        });
+        let appends = Arc::new(CallStream::new("Appends", settings.request_timeout, open));
+        GrpcStore { url: url.into(), client, settings, appends }
     }
 
     pub fn url(&self) -> &str {
@@ -81,16 +91,20 @@ impl GrpcStore {
         Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         let client = self.client.clone();
-        unary(self.settings.request_timeout, message, |request| call(client, request)).await.map_err(|status| {
-            match store_error_from_status(&status) {
-                // A transport failure says which server it could not reach; the server's own errors are kept
-                // as they were raised.
-                StoreError::Unavailable(text) if !status.metadata().contains_key(ERROR_CODE) => {
-                    StoreError::Unavailable(format!("{}: {text}", self.url))
-                }
-                other => other,
+        unary(self.settings.request_timeout, message, |request| call(client, request))
+            .await
+            .map_err(|status| self.error_from(&status))
+    }
+
+    fn error_from(&self, status: &tonic::Status) -> StoreError {
+        match store_error_from_status(status) {
+            // A transport failure says which server it could not reach; the server's own errors are kept as
+            // they were raised.
+            StoreError::Unavailable(text) if !status.metadata().contains_key(ERROR_CODE) => {
+                StoreError::Unavailable(format!("{}: {text}", self.url))
             }
-        })
+            other => other,
+        }
     }
 }
 
@@ -139,6 +153,13 @@ impl StoreApi for GrpcStore {
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
+        if self.appends.supported() {
+            // The request is kept only for a store too old to know the stream (its first opening says so).
+            match self.appends.call(self.settings.request_timeout, append_call(request.clone())).await {
+                Err(status) if status.code() == tonic::Code::Unimplemented => {}
+                result => return result.map_err(|status| self.error_from(&status)),
+            }
+        }
         self.call(request, |mut client, request| async move { client.append(request).await }).await
     }
 

@@ -6,19 +6,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchboard_proto::internal::v1::store_service_server::{StoreService, StoreServiceServer};
 use switchboard_proto::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
-    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
-    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
-    ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
+    AcquireShardsRequest, AcquireShardsResponse, AppendCall, AppendRequest, AppendResponse, AppendResult,
+    CreateTicketRequest, CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest,
+    GetPlacementRequest, License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest,
+    ListTicketsResponse, Placement, ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse,
+    ReleaseShardsRequest, ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
+use switchboard_telemetry::serve_streamed_call;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
+use crate::call_stream::{append_result, serve_call_stream, within_deadline};
 use crate::channel::MAX_MESSAGE_BYTES;
 use crate::error::status_from_store_error;
 use crate::serve::Draining;
@@ -93,6 +95,9 @@ fn same_placement(a: &Placement, b: &Placement) -> bool {
         && a.nodes.iter().zip(&b.nodes).all(|(a, b)| a.node_id == b.node_id && a.address == b.address)
 }
 
+/// The service's name in its calls' metrics and spans.
+const STORE_SERVICE: &str = "switchboard.internal.v1.StoreService";
+
 /// The stream of a `WatchPlacement` call.
 pub type PlacementWatch = ReceiverStream<Result<Placement, Status>>;
 
@@ -118,6 +123,26 @@ impl StoreService for StoreGrpcServer {
 
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
         answer(self.store.append(request.into_inner()).await)
+    }
+
+    type AppendsStream = ReceiverStream<Result<AppendResult, Status>>;
+
+    async fn appends(&self, request: Request<Streaming<AppendCall>>) -> Result<Response<Self::AppendsStream>, Status> {
+        let store = self.store.clone();
+        let results = serve_call_stream(request.into_inner(), self.draining.clone(), move |call: AppendCall| {
+            let store = store.clone();
+            async move {
+                let context = call.context.unwrap_or_default();
+                let request = call.request.unwrap_or_default();
+                let append = async { store.append(request).await.map_err(|error| status_from_store_error(&error)) };
+                let append = within_deadline(&context, append);
+                let outcome =
+                    serve_streamed_call(STORE_SERVICE, "Append", &context.traceparent, context.received_at_us, append)
+                        .await;
+                append_result(call.id, outcome)
+            }
+        });
+        Ok(Response::new(results))
     }
 
     async fn read_events(&self, request: Request<ReadEventsRequest>) -> Result<Response<ReadEventsResponse>, Status> {

@@ -1116,3 +1116,186 @@ impl PeerApi for Scripted {
         Ok(ChatView { owner: Some(to_agent.clone()), ..Scripted::view(conversation) })
     }
 }
+
+/// Commands go on the `Commands` call stream: many at once on one stream, each answered with its own
+/// result (matched by id, whatever the order they finish in), errors included.
+#[tokio::test]
+async fn concurrent_commands_on_the_call_stream_each_get_their_own_answer() {
+    let cluster = Cluster::start().await;
+    let mut chats = Vec::new();
+    for i in 0..16 {
+        chats.push(cluster.start_chat("g1", &format!("c{i}")).await.view.conversation);
+    }
+    let client = Arc::new(cluster.client);
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, chat) in chats.iter().copied().enumerate() {
+        for n in 0..4 {
+            let client = client.clone();
+            calls.spawn(async move {
+                let send = ChatCommand::Send { client_msg_id: format!("m-{i}-{n}"), body: format!("{i}/{n}") };
+                let outcome = client.command(&Caller::Customer { conversation: chat }, chat, send).await;
+                (i, n, outcome)
+            });
+        }
+    }
+    // A customer of another conversation is refused, among the rest.
+    let (first, second) = (chats[0], chats[1]);
+    let other_customer = Caller::Customer { conversation: first };
+    let intruder = within(client.command(&other_customer, second, ChatCommand::Close)).await.unwrap_err();
+    let direct = cluster.node.command(&other_customer, second, ChatCommand::Close).await;
+    assert_eq!(intruder, direct.unwrap_err());
+
+    let mut answered = 0;
+    while let Some(joined) = within(calls.join_next()).await {
+        let (i, n, outcome) = joined.unwrap();
+        let event = outcome.unwrap().event.expect("the stored message");
+        assert_eq!(event.client_msg_id, Some(format!("m-{i}-{n}")));
+        match &event.body {
+            EventBody::Message { body, .. } => assert_eq!(body, &format!("{i}/{n}")),
+            other => panic!("unexpected event {other:?}"),
+        }
+        answered += 1;
+    }
+    assert_eq!(answered, 64);
+    for chat in chats {
+        let stored = cluster.node.read_events(&Caller::Customer { conversation: chat }, chat, 0).await.unwrap();
+        let sent = stored.iter().filter(|event| event.client_msg_id.as_deref().is_some_and(|id| id.starts_with("m-")));
+        assert_eq!(sent.count(), 4);
+    }
+    cluster.running.stop().await;
+}
+
+/// The wire format of the call stream, spoken by a raw client: ids chosen by the client come back with
+/// their results, and a bad call is answered INVALID_ARGUMENT while the stream carries on.
+#[tokio::test]
+async fn the_call_stream_answers_each_call_by_its_id() {
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let mut raw = RouterServiceClient::connect(running.url()).await.unwrap();
+    let chat = ConversationId::new_v7(NOW_MS);
+    let good = pb::CommandRequest {
+        caller: Some(pb::Caller { who: Some(pb::caller::Who::CustomerConversationId(chat.to_string())) }),
+        conversation_id: chat.to_string(),
+        command: Some(pb::command_request::Command::Close(pb::Empty {})),
+    };
+    let bad = pb::CommandRequest { caller: None, ..good.clone() };
+    let call = |id, request| pb::CommandCall { id, context: Some(pb::CallContext::default()), request: Some(request) };
+    let (calls, receiver) = mpsc::unbounded_channel();
+    calls.send(call(7, good.clone())).unwrap();
+    calls.send(call(3, bad)).unwrap();
+    calls.send(call(11, good)).unwrap();
+    let mut results =
+        raw.commands(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)).await.unwrap().into_inner();
+    let mut by_id = BTreeMap::new();
+    for _ in 0..3 {
+        let result = within(results.message()).await.unwrap().expect("a result");
+        by_id.insert(result.id, result);
+    }
+    assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), [3, 7, 11]);
+    assert_eq!(by_id[&7].reply, Some(pb::CommandReply::default()));
+    assert_eq!(by_id[&7].error, None);
+    let error = by_id[&3].error.clone().expect("an error");
+    assert_eq!(error.code, i32::from(tonic::Code::InvalidArgument));
+    assert!(error.message.contains("caller"), "{error:?}");
+    assert_eq!(by_id[&3].reply, None);
+    // Closing the client's side ends the stream once every call read is answered.
+    drop(calls);
+    assert!(within(results.message()).await.unwrap().is_none());
+    running.stop().await;
+}
+
+/// A router restarted on the same address: the stream the client had ends with the old server, and the
+/// next command opens a new one there.
+#[tokio::test]
+async fn a_command_after_the_router_restarted_goes_on_a_new_stream() {
+    let cluster = Cluster::start().await;
+    let chat = cluster.start_chat("g1", "x").await.view.conversation;
+    let customer = Caller::Customer { conversation: chat };
+    let send = |id: &str| ChatCommand::Send { client_msg_id: id.into(), body: id.into() };
+    cluster.client.command(&customer, chat, send("m-1")).await.unwrap();
+    let addr = cluster.running.addr;
+    cluster.running.stop().await;
+    let error = within(cluster.client.command(&customer, chat, send("m-2"))).await.unwrap_err();
+    assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
+    let running =
+        Running::start(TcpListener::bind(addr).await.unwrap(), services(cluster.node.clone(), Duration::from_secs(5)))
+            .await;
+    let outcome = eventually(|| async { cluster.client.command(&customer, chat, send("m-2")).await.ok() }).await;
+    assert_eq!(outcome.event.and_then(|event| event.client_msg_id).as_deref(), Some("m-2"));
+    running.stop().await;
+}
+
+/// A router that does not know the `Commands` stream (an older version, during a rolling upgrade): the
+/// client falls back to the unary `Command`, and stays with it.
+#[tokio::test]
+async fn a_router_without_the_call_stream_gets_unary_commands() {
+    let clock = Arc::new(FixedClock::new(NOW_MS));
+    let clock_dyn: Arc<dyn Clock> = clock.clone();
+    let node = Arc::new(start_router("node-1", Arc::new(MemoryStore::new(clock_dyn)), clock.clone()).await);
+    let older = WithoutCallStream::new(RouterGrpcServer::new(node.clone()).into_service());
+    let mut services = GrpcServices::new();
+    services.add_service(older.clone());
+    let running = Running::start(any_port().await, services).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let request = StartChat {
+        conversation: ConversationId::new_v7(NOW_MS),
+        tenant: tenant(),
+        group: group("g1"),
+        customer_name: "x".into(),
+        question: "q".into(),
+    };
+    let chat = within(client.start_chat(request)).await.unwrap().view.conversation;
+    let customer = Caller::Customer { conversation: chat };
+    for n in 0..3 {
+        let send = ChatCommand::Send { client_msg_id: format!("m-{n}"), body: "hi".into() };
+        let outcome = within(client.command(&customer, chat, send)).await.unwrap();
+        assert_eq!(outcome.event.and_then(|event| event.client_msg_id), Some(format!("m-{n}")));
+    }
+    assert_eq!(older.refused.load(Ordering::SeqCst), 1, "the stream is asked for once");
+    running.stop().await;
+}
+
+/// The router service with its `Commands` method answered UNIMPLEMENTED, as by a server built before it.
+#[derive(Clone)]
+struct WithoutCallStream<S> {
+    inner: S,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<S> WithoutCallStream<S> {
+    fn new(inner: S) -> Self {
+        WithoutCallStream { inner, refused: Arc::default() }
+    }
+}
+
+impl<S> tonic::server::NamedService for WithoutCallStream<S> {
+    const NAME: &'static str = "switchboard.internal.v1.RouterService";
+}
+
+impl<S> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for WithoutCallStream<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tonic::codegen::BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path().ends_with("/Commands") {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            let response = tonic::Status::unimplemented("no such method").into_http();
+            return Box::pin(async move { Ok(response) });
+        }
+        let call = self.inner.call(request);
+        Box::pin(call)
+    }
+}

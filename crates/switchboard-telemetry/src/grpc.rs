@@ -95,6 +95,45 @@ where
     }
 }
 
+/// Serves one call that came on a call stream (a unary call multiplexed on a long-lived stream) as
+/// [`GrpcServerLayer`] serves a unary call: counted by service, method and status code, timed, inside a
+/// `grpc.server` span whose parent is the caller's `traceparent` (empty: none), with the caller's
+/// received-at moment in scope (0: none). `service` and `method` are those of the unary call it stands for,
+/// so that a call counts the same whichever way it came.
+pub async fn serve_streamed_call<T, F>(
+    service: &'static str,
+    method: &'static str,
+    traceparent: &str,
+    received_at_us: i64,
+    call: F,
+) -> Result<T, tonic::Status>
+where
+    F: Future<Output = Result<T, tonic::Status>>,
+{
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = format_args!("/{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    );
+    if !traceparent.is_empty() {
+        set_remote_parent(&span, traceparent);
+    }
+    let started = tokio::time::Instant::now();
+    let call = call.instrument(span);
+    let result = if received_at_us != 0 { with_received_at(received_at_us, call).await } else { call.await };
+    let code = match &result {
+        Ok(_) => "ok",
+        Err(status) => code_name(u8::try_from(i32::from(status.code())).unwrap_or(u8::MAX)),
+    };
+    metrics::counter!(GRPC_SERVER_REQUESTS, "service" => service, "method" => method, "code" => code).increment(1);
+    metrics::histogram!(GRPC_SERVER_REQUEST_DURATION, "service" => service, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
 /// `/package.Service/Method` → (`package.Service`, `Method`); anything else is `unknown` (bounded labels).
 fn service_and_method(path: &str) -> (String, String) {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');

@@ -8,6 +8,37 @@ pub struct Fence {
     #[prost(uint64, tag = "2")]
     pub epoch: u64,
 }
+/// What travels with each call multiplexed on a long-lived call stream (`RouterService.Commands`,
+/// `StoreService.Appends`) in place of a unary call's metadata.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CallContext {
+    /// The caller's W3C trace context; empty when the call is not traced.
+    #[prost(string, tag = "1")]
+    pub traceparent: ::prost::alloc::string::String,
+    /// When the client request the call serves reached its first gateway (µs since the Unix epoch); 0 when
+    /// unknown.
+    #[prost(int64, tag = "2")]
+    pub received_at_us: i64,
+    /// How long the caller waits for the call (a unary call's `grpc-timeout`): the server gives up on it
+    /// after that, answering DEADLINE_EXCEEDED. 0: no limit.
+    #[prost(uint32, tag = "3")]
+    pub timeout_ms: u32,
+}
+/// A call on a call stream that failed: what a unary call would have answered as its status.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CallError {
+    /// The gRPC status code.
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
+    /// The status's Switchboard metadata: `x-switchboard-error`, and `x-switchboard-refusal` for a refusal.
+    #[prost(map = "string, string", tag = "3")]
+    pub metadata: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ShardLease {
     #[prost(uint32, tag = "1")]
@@ -186,6 +217,25 @@ pub struct AppendResponse {
     pub duplicate: bool,
     #[prost(uint64, tag = "3")]
     pub last_seq: u64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AppendCall {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub context: ::core::option::Option<CallContext>,
+    #[prost(message, optional, tag = "3")]
+    pub request: ::core::option::Option<AppendRequest>,
+}
+/// Exactly one of `response` and `error`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AppendResult {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub response: ::core::option::Option<AppendResponse>,
+    #[prost(message, optional, tag = "3")]
+    pub error: ::core::option::Option<CallError>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReadEventsRequest {
@@ -572,6 +622,34 @@ pub mod store_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// `Append` calls multiplexed on one long-lived stream per router and store, answered by id in any order
+        /// (as `RouterService.Commands`): the hot path of every message.
+        pub async fn appends(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::AppendCall>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::AppendResult>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.StoreService/Appends",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("switchboard.internal.v1.StoreService", "Appends"),
+                );
+            self.inner.streaming(req, path, codec).await
+        }
         pub async fn read_events(
             &mut self,
             request: impl tonic::IntoRequest<super::ReadEventsRequest>,
@@ -930,6 +1008,18 @@ pub mod store_service_server {
             &self,
             request: tonic::Request<super::AppendRequest>,
         ) -> std::result::Result<tonic::Response<super::AppendResponse>, tonic::Status>;
+        /// Server streaming response type for the Appends method.
+        type AppendsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::AppendResult, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// `Append` calls multiplexed on one long-lived stream per router and store, answered by id in any order
+        /// (as `RouterService.Commands`): the hot path of every message.
+        async fn appends(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::AppendCall>>,
+        ) -> std::result::Result<tonic::Response<Self::AppendsStream>, tonic::Status>;
         async fn read_events(
             &self,
             request: tonic::Request<super::ReadEventsRequest>,
@@ -1225,6 +1315,52 @@ pub mod store_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.StoreService/Appends" => {
+                    #[allow(non_camel_case_types)]
+                    struct AppendsSvc<T: StoreService>(pub Arc<T>);
+                    impl<
+                        T: StoreService,
+                    > tonic::server::StreamingService<super::AppendCall>
+                    for AppendsSvc<T> {
+                        type Response = super::AppendResult;
+                        type ResponseStream = T::AppendsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::AppendCall>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as StoreService>::appends(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AppendsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
@@ -2089,6 +2225,25 @@ pub struct CommandReply {
     pub duplicate: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CommandCall {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub context: ::core::option::Option<CallContext>,
+    #[prost(message, optional, tag = "3")]
+    pub request: ::core::option::Option<CommandRequest>,
+}
+/// Exactly one of `reply` and `error`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CommandResult {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub reply: ::core::option::Option<CommandReply>,
+    #[prost(message, optional, tag = "3")]
+    pub error: ::core::option::Option<CallError>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TypingRequest {
     #[prost(message, optional, tag = "1")]
     pub caller: ::core::option::Option<Caller>,
@@ -2670,6 +2825,37 @@ pub mod router_service_client {
                     GrpcMethod::new("switchboard.internal.v1.RouterService", "Command"),
                 );
             self.inner.unary(req, path, codec).await
+        }
+        /// `Command` calls multiplexed on one long-lived stream per client and router: each call carries an id
+        /// the client chose, and its result comes back with that id, in any order (calls run concurrently). The
+        /// hot path of every message, sent this way to spare each one an HTTP/2 stream of its own. The server
+        /// ends the stream when it drains, after answering the calls it read; a call it did not answer was not
+        /// carried out by this stream's end, and is retried elsewhere like any unavailable call.
+        pub async fn commands(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::CommandCall>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::CommandResult>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/Commands",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("switchboard.internal.v1.RouterService", "Commands"),
+                );
+            self.inner.streaming(req, path, codec).await
         }
         pub async fn typing(
             &mut self,
@@ -3288,6 +3474,21 @@ pub mod router_service_server {
             &self,
             request: tonic::Request<super::CommandRequest>,
         ) -> std::result::Result<tonic::Response<super::CommandReply>, tonic::Status>;
+        /// Server streaming response type for the Commands method.
+        type CommandsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::CommandResult, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// `Command` calls multiplexed on one long-lived stream per client and router: each call carries an id
+        /// the client chose, and its result comes back with that id, in any order (calls run concurrently). The
+        /// hot path of every message, sent this way to spare each one an HTTP/2 stream of its own. The server
+        /// ends the stream when it drains, after answering the calls it read; a call it did not answer was not
+        /// carried out by this stream's end, and is retried elsewhere like any unavailable call.
+        async fn commands(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::CommandCall>>,
+        ) -> std::result::Result<tonic::Response<Self::CommandsStream>, tonic::Status>;
         async fn typing(
             &self,
             request: tonic::Request<super::TypingRequest>,
@@ -3828,6 +4029,52 @@ pub mod router_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/Commands" => {
+                    #[allow(non_camel_case_types)]
+                    struct CommandsSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::StreamingService<super::CommandCall>
+                    for CommandsSvc<T> {
+                        type Response = super::CommandResult;
+                        type ResponseStream = T::CommandsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::CommandCall>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::commands(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CommandsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
