@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{DEADLINE, Running, any_port, client_settings, eventually, within};
+use common::{DEADLINE, Running, WithoutCallStream, any_port, client_settings, eventually, within};
 use switchboard_domain::{
     AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
     Event, EventBody, FixedClock, GroupEntry, GroupId, OfferEnd, Refusal, RequeueReason, TenantEntry, TenantId,
@@ -1253,49 +1253,4 @@ async fn a_router_without_the_call_stream_gets_unary_commands() {
     }
     assert_eq!(older.refused.load(Ordering::SeqCst), 1, "the stream is asked for once");
     running.stop().await;
-}
-
-/// The router service with its `Commands` method answered UNIMPLEMENTED, as by a server built before it.
-#[derive(Clone)]
-struct WithoutCallStream<S> {
-    inner: S,
-    refused: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl<S> WithoutCallStream<S> {
-    fn new(inner: S) -> Self {
-        WithoutCallStream { inner, refused: Arc::default() }
-    }
-}
-
-impl<S> tonic::server::NamedService for WithoutCallStream<S> {
-    const NAME: &'static str = "switchboard.internal.v1.RouterService";
-}
-
-impl<S> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for WithoutCallStream<S>
-where
-    S: tonic::codegen::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        >,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = tonic::codegen::BoxFuture<S::Response, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path().ends_with("/Commands") {
-            self.refused.fetch_add(1, Ordering::SeqCst);
-            let response = tonic::Status::unimplemented("no such method").into_http();
-            return Box::pin(async move { Ok(response) });
-        }
-        let call = self.inner.call(request);
-        Box::pin(call)
-    }
 }

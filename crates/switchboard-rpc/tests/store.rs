@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Running, any_port, client_settings, eventually, within};
+use common::{Running, WithoutCallStream, any_port, client_settings, eventually, within};
 use switchboard_domain::{FixedClock, shard_of};
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord, ConversationUpdate,
@@ -90,6 +90,33 @@ fn create(fence: Fence, id: &str) -> AppendRequest {
         events: vec![message("m1", "hello")],
         update: None,
     }
+}
+
+/// A store that does not know the `Appends` stream (an older version, during a rolling upgrade): the
+/// client falls back to the unary `Append`, and stays with it.
+#[tokio::test]
+async fn a_store_without_the_call_stream_gets_unary_appends() {
+    let store = memory_store();
+    let older = WithoutCallStream::new(StoreGrpcServer::new(store.clone()).into_service());
+    let mut services = GrpcServices::new();
+    services.add_service(older.clone());
+    let running = Running::start(any_port().await, services).await;
+    let client = client(&running);
+    let fence = fence(&client, "node-1", shard_of_conversation("c1")).await;
+    let appended = within(client.append(create(fence, "c1"))).await.unwrap();
+    assert_eq!(appended.last_seq, 1);
+    let more = AppendRequest {
+        fence: Some(fence),
+        conversation_id: "c1".into(),
+        create: None,
+        events: vec![message("m2", "again")],
+        update: None,
+    };
+    assert_eq!(within(client.append(more)).await.unwrap().last_seq, 2);
+    assert_eq!(older.refused.load(Ordering::SeqCst), 1, "the stream is asked for once");
+    let stored = store.read_events(ReadEventsRequest { conversation_id: "c1".into(), ..Default::default() });
+    assert_eq!(stored.await.unwrap().events.len(), 2);
+    running.stop().await;
 }
 
 #[tokio::test]

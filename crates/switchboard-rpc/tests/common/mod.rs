@@ -1,14 +1,22 @@
 //! Servers on real loopback sockets, and waiting for a condition with a deadline.
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use switchboard_rpc::{ClientSettings, GrpcServices, Health, ServerSettings, serve_grpc};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+use tonic::codegen::{BoxFuture, Service};
+use tonic::server::NamedService;
 
 /// The longest any condition in these tests may take to come true.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -83,4 +91,46 @@ where
         }
     })
     .await
+}
+
+/// A generated service with its call stream (`Commands`, `Appends`) answered UNIMPLEMENTED, as by a server
+/// built before the stream existed; every other method goes through. Counts the refusals.
+#[derive(Clone)]
+pub struct WithoutCallStream<S> {
+    inner: S,
+    pub refused: Arc<AtomicUsize>,
+}
+
+impl<S> WithoutCallStream<S> {
+    pub fn new(inner: S) -> Self {
+        WithoutCallStream { inner, refused: Arc::default() }
+    }
+}
+
+impl<S: NamedService> NamedService for WithoutCallStream<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<Request<Body>> for WithoutCallStream<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let path = request.uri().path();
+        if path.ends_with("/Commands") || path.ends_with("/Appends") {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            let response = tonic::Status::unimplemented("no such method").into_http();
+            return Box::pin(async move { Ok(response) });
+        }
+        Box::pin(self.inner.call(request))
+    }
 }
