@@ -13,8 +13,9 @@
 //!   (`UNIMPLEMENTED`: an older version during a rolling upgrade) is remembered: the caller falls back to
 //!   the unary call.
 //! - **Server** ([`serve_call_stream`]): reads calls until the client ends its side or the server drains,
-//!   runs each concurrently, sends each result when it is ready, and ends after the last result of the
-//!   calls it read. A call it did not read was not carried out: the client's retry is safe.
+//!   runs each concurrently (up to 1,024 at once per stream), sends each result when it is ready, and ends
+//!   after the last result of the calls it read. A call it did not read was not carried out: the client's
+//!   retry is safe.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,7 +28,7 @@ use switchboard_proto::internal::v1::{
     AppendCall, AppendRequest, AppendResponse, AppendResult, CallContext, CallError, CommandCall, CommandReply,
     CommandRequest, CommandResult,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::metadata::{KeyAndValueRef, MetadataKey, MetadataValue};
 use tonic::{Code, Status, Streaming};
@@ -48,6 +49,10 @@ const METADATA_PREFIX: &str = "x-switchboard-";
 
 /// How many results a server holds for a client slower to read them than the calls finish.
 const RESULTS_BUFFER: usize = 1024;
+
+/// How many calls of one stream a server runs at once; it reads the next call when one finishes (HTTP/2
+/// flow control then holds the client back), as a connection's limit of concurrent streams bounds unary calls.
+const CALLS_IN_FLIGHT: usize = 1024;
 
 /// A message that answers one call on a call stream.
 pub(crate) trait CallResult: Send + 'static {
@@ -232,24 +237,31 @@ where
     Fut: Future<Output = R> + Send + 'static,
 {
     let (results, stream) = mpsc::channel(RESULTS_BUFFER);
+    let in_flight = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
     tokio::spawn(async move {
         loop {
             let call = tokio::select! {
                 biased;
                 () = draining.wait() => break,
-                call = calls.message() => call,
+                call = async {
+                    let permit = in_flight.clone().acquire_owned().await;
+                    (permit, calls.message().await)
+                } => call,
             };
             match call {
-                Ok(Some(call)) => {
+                (Ok(permit), Ok(Some(call))) => {
                     let result = serve(call);
                     let results = results.clone();
                     tokio::spawn(async move {
                         // The client went away: nobody is waiting.
                         let _ = results.send(Ok(result.await)).await;
+                        drop(permit);
                     });
                 }
-                Ok(None) => break,
-                Err(status) => {
+                // The semaphore is never closed.
+                (Err(_), _) => break,
+                (_, Ok(None)) => break,
+                (_, Err(status)) => {
                     debug!(%status, "call stream broke");
                     break;
                 }
