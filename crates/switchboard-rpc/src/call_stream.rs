@@ -73,7 +73,16 @@ pub(crate) struct CallStream<C, R: CallResult> {
     open_timeout: Duration,
     link: Mutex<Option<Link<C, R::Reply>>>,
     next_id: AtomicU64,
-    unsupported: Arc<AtomicBool>,
+    known: Arc<Known>,
+}
+
+/// What this client has learnt of the server's support for the stream.
+#[derive(Default)]
+struct Known {
+    /// An opening succeeded, and none failed `UNIMPLEMENTED` since.
+    supported: AtomicBool,
+    /// An opening failed `UNIMPLEMENTED`.
+    unsupported: AtomicBool,
 }
 
 impl<C, R: CallResult> std::fmt::Debug for CallStream<C, R> {
@@ -113,14 +122,20 @@ impl<C: Send + 'static, R: CallResult> CallStream<C, R> {
             open_timeout,
             link: Mutex::new(None),
             next_id: AtomicU64::new(1),
-            unsupported: Arc::default(),
+            known: Arc::default(),
         }
     }
 
     /// Whether the server knows the stream (as far as this client has seen: until the first opening fails
     /// with `UNIMPLEMENTED`).
     pub(crate) fn supported(&self) -> bool {
-        !self.unsupported.load(Ordering::Relaxed)
+        !self.known.unsupported.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server is known to have the stream (an opening succeeded): a caller need not keep a copy
+    /// of its request for the unary fallback.
+    pub(crate) fn known_supported(&self) -> bool {
+        self.known.supported.load(Ordering::Relaxed)
     }
 
     /// Sends the call `make` builds from its id and context, and waits for its result up to `timeout`.
@@ -174,7 +189,7 @@ impl<C: Send + 'static, R: CallResult> CallStream<C, R> {
         let link = Link { calls, waiting: waiting.clone() };
         *current = Some(link.clone());
         let opening = (self.open)(UnboundedReceiverStream::new(receiver));
-        tokio::spawn(answer_calls(self.name, opening, self.open_timeout, waiting, self.unsupported.clone()));
+        tokio::spawn(answer_calls(self.name, opening, self.open_timeout, waiting, self.known.clone()));
         link
     }
 }
@@ -186,27 +201,32 @@ async fn answer_calls<R: CallResult>(
     opening: Opening<R>,
     open_timeout: Duration,
     waiting: Arc<Mutex<Waiting<R::Reply>>>,
-    unsupported: Arc<AtomicBool>,
+    known: Arc<Known>,
 ) {
     let ended = match tokio::time::timeout(open_timeout, opening).await {
         Err(_) => Status::unavailable(format!("the {name} stream did not open within {open_timeout:?}")),
         Ok(Err(status)) => status,
-        Ok(Ok(mut results)) => loop {
-            match results.message().await {
-                Ok(Some(result)) => {
-                    let call = lock(&waiting).calls.remove(&result.id());
-                    // A call that timed out is no longer waiting.
-                    if let Some(call) = call {
-                        let _ = call.send(result.into_outcome());
+        Ok(Ok(mut results)) => {
+            known.supported.store(true, Ordering::Relaxed);
+            loop {
+                match results.message().await {
+                    Ok(Some(result)) => {
+                        let call = lock(&waiting).calls.remove(&result.id());
+                        // A call that timed out is no longer waiting.
+                        if let Some(call) = call {
+                            let _ = call.send(result.into_outcome());
+                        }
                     }
+                    Ok(None) => break Status::unavailable(format!("the server ended the {name} stream; retry")),
+                    Err(status) => break status,
                 }
-                Ok(None) => break Status::unavailable(format!("the server ended the {name} stream; retry")),
-                Err(status) => break status,
             }
-        },
+        }
     };
     let status = if ended.code() == Code::Unimplemented {
-        unsupported.store(true, Ordering::Relaxed);
+        // A server replaced by an older version: from now on the unary call.
+        known.supported.store(false, Ordering::Relaxed);
+        known.unsupported.store(true, Ordering::Relaxed);
         ended
     } else {
         debug!(stream = name, status = %ended, "call stream closed");

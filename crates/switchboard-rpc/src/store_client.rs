@@ -153,9 +153,20 @@ impl StoreApi for GrpcStore {
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
+        let timeout = self.settings.request_timeout;
+        if self.appends.known_supported() {
+            // The message path: no copy of the request is kept. A store replaced by an older version meanwhile
+            // (`UNIMPLEMENTED`) did not carry the append out: retryable, and the next append goes unary.
+            return self.appends.call(timeout, append_call(request)).await.map_err(|status| match status.code() {
+                tonic::Code::Unimplemented => {
+                    StoreError::Unavailable(format!("{}: the store no longer has the Appends stream; retry", self.url))
+                }
+                _ => self.error_from(&status),
+            });
+        }
         if self.appends.supported() {
-            // The request is kept only for a store too old to know the stream (its first opening says so).
-            match self.appends.call(self.settings.request_timeout, append_call(request.clone())).await {
+            // Until the stream has opened once, a copy is kept for a store too old to know it.
+            match self.appends.call(timeout, append_call(request.clone())).await {
                 Err(status) if status.code() == tonic::Code::Unimplemented => {}
                 result => return result.map_err(|status| self.error_from(&status)),
             }
@@ -204,5 +215,42 @@ impl StoreApi for GrpcStore {
 
     async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
         self.call(request, |mut client, request| async move { client.list_tickets(request).await }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use switchboard_domain::FixedClock;
+    use switchboard_store::MemoryStore;
+
+    use super::*;
+    use crate::{GrpcServices, ServerSettings, StoreGrpcServer, serve_grpc};
+
+    #[tokio::test]
+    async fn once_the_stream_has_opened_appends_keep_no_copy_for_the_fallback() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let store = Arc::new(MemoryStore::new(Arc::new(FixedClock::new(1_700_000_000_000))));
+        let mut services = GrpcServices::new();
+        services.add_service(StoreGrpcServer::new(store).into_service());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            serve_grpc(listener, services, &ServerSettings::default(), async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let client = GrpcStore::connect_lazy(&url, ClientSettings::default()).unwrap();
+        assert!(!client.appends.known_supported());
+        // No fence: the store refuses it, through the stream, which opened.
+        let error = client.append(AppendRequest::default()).await.unwrap_err();
+        assert!(matches!(error, StoreError::Invalid(_)), "{error:?}");
+        assert!(client.appends.known_supported());
+        assert!(client.appends.supported());
+        drop(client);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 }
