@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::context::Context;
 use crate::error::from_store;
 use crate::handles::QueueHandle;
+use crate::recent::RecentEvents;
 use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
@@ -64,6 +65,8 @@ pub(crate) struct ConversationActorState {
     fence: Fence,
     /// While a command is handled: when its request reached the first gateway.
     received_at_us: Option<i64>,
+    /// The newest events of the log, which answer most catch-ups without a store read.
+    recent: RecentEvents,
     /// The pushes of the message being handled, sent once it is answered: the caller's connection then
     /// writes its ack and the events the ack returns together, before their pushes reach it.
     pushes: Vec<Push>,
@@ -74,6 +77,7 @@ pub(crate) struct Loaded {
     conversation: Conversation,
     customer_token: String,
     fence: Fence,
+    recent: RecentEvents,
 }
 
 impl Actor for ConversationActor {
@@ -89,6 +93,7 @@ impl Actor for ConversationActor {
             customer_token: loaded.customer_token,
             fence: loaded.fence,
             received_at_us: None,
+            recent: loaded.recent,
             pushes: Vec::new(),
         })
     }
@@ -296,6 +301,9 @@ impl ConversationActorState {
         if after_seq >= self.conversation.last_seq {
             return Ok(Vec::new());
         }
+        if let Some(events) = self.recent.after(after_seq) {
+            return Ok(events);
+        }
         read_events(&self.context, self.conversation.id, after_seq).await
     }
 
@@ -372,11 +380,13 @@ impl ConversationActorState {
         if !duplicate {
             let before = self.conversation.clone();
             apply(&mut self.conversation, &stored);
+            let shared = Arc::new(stored.clone());
+            self.recent.push(shared.clone());
             self.after_change(&stored, &before).await;
             let traceparent = switchboard_telemetry::trace::current_traceparent();
             let origin = (self.received_at_us.is_some() || traceparent.is_some())
                 .then(|| Origin { received_at_us: self.received_at_us.unwrap_or(0), traceparent });
-            self.fan_out(Push::Event { conversation: self.conversation.id, event: Arc::new(stored.clone()), origin });
+            self.fan_out(Push::Event { conversation: self.conversation.id, event: shared, origin });
         }
         Ok(CommandOutcome { event: Some(stored), duplicate })
     }
@@ -593,7 +603,9 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         apply(&mut conversation, event);
     }
     let view = view_of(&conversation);
-    let loaded = Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence };
+    let recent = RecentEvents::of_log(stored, conversation.last_seq);
+    let loaded =
+        Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence, recent };
     if let Err(error) = context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await {
         // The chat is stored: its actor is activated from the store on first use instead.
         warn!(%error, conversation = %facts.id, "new conversation actor not started");
@@ -634,13 +646,15 @@ pub(crate) async fn activate(
             let mut state =
                 conversation_from_record(&record).map_err(|error| RouterError::Internal(error.to_string()))?;
             // Delivery marks are not in the summary: fold them from the log.
-            for event in read_events(context, conversation, 0).await? {
+            let events = read_events(context, conversation, 0).await?;
+            for event in &events {
                 if matches!(event.body, EventBody::Delivered { .. }) {
-                    apply(&mut state, &event);
+                    apply(&mut state, event);
                 }
             }
-            let loaded =
-                Loaded { context: context.clone(), conversation: state, customer_token: record.customer_token, fence };
+            let recent = RecentEvents::of_log(events, state.last_seq);
+            let customer_token = record.customer_token;
+            let loaded = Loaded { context: context.clone(), conversation: state, customer_token, fence, recent };
             spawn(loaded).await
         })
         .await

@@ -17,6 +17,7 @@ mod handles;
 mod placement;
 mod presence;
 mod queue;
+mod recent;
 mod registry;
 mod remote;
 mod router;

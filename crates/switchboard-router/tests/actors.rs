@@ -121,6 +121,44 @@ async fn queue_watchers_get_a_snapshot_then_every_change_in_order() {
     );
 }
 
+/// A catch-up within the chat's newest events (a subscription after the start, a reconnect) is answered by
+/// its actor; only an older one reads the store, and both give the log as stored.
+#[tokio::test(start_paused = true)]
+async fn catch_ups_within_the_newest_events_do_not_read_the_store() {
+    let fixture = fixture().await;
+    let chat = fixture.start_chat("g1", "x").await;
+    let customer = Caller::Customer { conversation: chat };
+    let opening = fixture.router.subscribe(&fixture.gateway, &customer, chat, 0).await.unwrap();
+    assert_eq!(opening.iter().map(|event| event.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(fixture.counted.reads(), 0, "the new chat's subscription is answered from its actor");
+    for n in 0..30 {
+        let send = ChatCommand::Send { client_msg_id: format!("m{n}"), body: format!("message {n}") };
+        fixture.router.command(&customer, chat, send).await.unwrap();
+    }
+    let stored = fixture
+        .store
+        .read_events(switchboard_proto::internal::v1::ReadEventsRequest {
+            conversation_id: chat.to_string(),
+            after_seq: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(stored.len(), 32);
+    let reads = fixture.counted.reads();
+    let recent = fixture.router.read_events(&customer, chat, 24).await.unwrap();
+    assert_eq!(recent.iter().map(|event| event.seq).collect::<Vec<_>>(), (25..=32).collect::<Vec<_>>());
+    let EventBody::Message { body } = &recent[0].body else { panic!("a message: {:?}", recent[0]) };
+    assert_eq!(body, "message 22");
+    assert_eq!(recent[0].client_msg_id.as_deref(), Some("m22"));
+    assert_eq!(fixture.counted.reads(), reads, "the newest events are answered from the actor");
+    let whole = fixture.router.read_events(&customer, chat, 0).await.unwrap();
+    assert_eq!(whole.len(), 32);
+    assert_eq!(whole.iter().map(|event| event.seq).collect::<Vec<_>>(), (1..=32).collect::<Vec<_>>());
+    assert_eq!(fixture.counted.reads(), reads + 1, "the whole log is older than the actor keeps: the store is read");
+}
+
 #[tokio::test(start_paused = true)]
 async fn subscribers_get_the_backlog_then_live_events_without_gap() {
     let mut fixture = fixture().await;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::time::Duration;
 
@@ -12,7 +13,15 @@ use switchboard_domain::{
     Routing, TenantEntry, TenantId,
 };
 use switchboard_presence::{MemoryPresence, Presence};
+use switchboard_proto::internal::v1::{
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
+    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
+    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
+    ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
+    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
+};
 use switchboard_proto::router::{GatewayId, Push, RouterApi, StartChat};
+use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_store::MemoryStore;
 use tokio::sync::mpsc;
@@ -30,6 +39,72 @@ pub struct Fixture {
     pub presence: Arc<MemoryPresence>,
     pub pushes: mpsc::UnboundedReceiver<Push>,
     pub gateway: GatewayId,
+    /// The router's store: `store`, counting its event reads.
+    pub counted: Arc<CountedReads>,
+}
+
+/// A store that counts the reads of events it serves, for `inner`.
+pub struct CountedReads {
+    inner: Arc<MemoryStore>,
+    reads: AtomicUsize,
+}
+
+impl CountedReads {
+    pub fn new(inner: Arc<MemoryStore>) -> Self {
+        CountedReads { inner, reads: AtomicUsize::new(0) }
+    }
+
+    /// The `read_events` calls so far.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreApi for CountedReads {
+    async fn acquire_shards(&self, request: AcquireShardsRequest) -> Result<AcquireShardsResponse, StoreError> {
+        self.inner.acquire_shards(request).await
+    }
+    async fn renew_shards(&self, request: RenewShardsRequest) -> Result<RenewShardsResponse, StoreError> {
+        self.inner.renew_shards(request).await
+    }
+    async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
+        self.inner.append(request).await
+    }
+    async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_events(request).await
+    }
+    async fn get_conversation(&self, request: GetConversationRequest) -> Result<GetConversationResponse, StoreError> {
+        self.inner.get_conversation(request).await
+    }
+    async fn list_conversations(
+        &self,
+        request: ListConversationsRequest,
+    ) -> Result<ListConversationsResponse, StoreError> {
+        self.inner.list_conversations(request).await
+    }
+    async fn release_shards(&self, request: ReleaseShardsRequest) -> Result<ReleaseShardsResponse, StoreError> {
+        self.inner.release_shards(request).await
+    }
+    async fn register_node(&self, request: RegisterNodeRequest) -> Result<RegisterNodeResponse, StoreError> {
+        self.inner.register_node(request).await
+    }
+    async fn get_placement(&self, request: GetPlacementRequest) -> Result<Placement, StoreError> {
+        self.inner.get_placement(request).await
+    }
+    async fn get_license(&self, request: GetLicenseRequest) -> Result<License, StoreError> {
+        self.inner.get_license(request).await
+    }
+    async fn set_license_limit(&self, request: SetLicenseLimitRequest) -> Result<License, StoreError> {
+        self.inner.set_license_limit(request).await
+    }
+    async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError> {
+        self.inner.create_ticket(request).await
+    }
+    async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError> {
+        self.inner.list_tickets(request).await
+    }
 }
 
 pub fn tenant() -> TenantId {
@@ -117,7 +192,7 @@ pub async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<Fix
 
 pub async fn start_router_with(
     node_id: &str,
-    store: Arc<MemoryStore>,
+    store: Arc<dyn StoreApi>,
     clock: Arc<FixedClock>,
     presence: Arc<MemoryPresence>,
 ) -> Router {
@@ -131,11 +206,12 @@ pub async fn fixture() -> Fixture {
     let clock_dyn: Arc<dyn Clock> = clock.clone();
     let store = Arc::new(MemoryStore::new(clock_dyn));
     let presence = Arc::new(MemoryPresence::new());
-    let router = start_router_with("node-1", store.clone(), clock.clone(), presence.clone()).await;
+    let counted = Arc::new(CountedReads::new(store.clone()));
+    let router = start_router_with("node-1", counted.clone(), clock.clone(), presence.clone()).await;
     let gateway = GatewayId("gw-1".into());
     let (sink, pushes) = mpsc::unbounded_channel();
     router.connect_gateway(gateway.clone(), sink);
-    Fixture { router, store, clock, presence, pushes, gateway }
+    Fixture { router, store, clock, presence, pushes, gateway, counted }
 }
 
 impl Fixture {
