@@ -236,3 +236,44 @@ pub(super) async fn read(store: &PgStore, request: ReadEventsRequest) -> Result<
     let events = rows.into_iter().map(event_from_row).collect::<Result<_, _>>()?;
     Ok(ReadEventsResponse { events })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr as _;
+
+    use sqlx::postgres::{PgConnectOptions, PgConnection};
+    use sqlx::{Connection as _, Row as _};
+    use switchboard_testservices::Postgres;
+
+    use super::*;
+    use crate::pg::{PgOptions, append_session};
+
+    /// The plan a session with `connect`'s options keeps for an append batch's lookup of stored client
+    /// message ids when it first plans it on an empty log (as a prepared statement's generic plan is kept).
+    async fn kept_plan(connect: &PgConnectOptions) -> String {
+        let mut connection = PgConnection::connect_with(connect).await.unwrap();
+        sqlx::raw_sql("SET plan_cache_mode = force_generic_plan").execute(&mut connection).await.unwrap();
+        let prepare = format!("PREPARE lookup (text[], text[]) AS {SELECT_BY_CLIENT_MSG_IDS}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut connection).await.unwrap();
+        let rows = sqlx::raw_sql("EXPLAIN EXECUTE lookup('{c1}', '{m1}')").fetch_all(&mut connection).await.unwrap();
+        rows.iter().map(|row| row.get::<String, _>(0)).collect::<Vec<_>>().join("\n")
+    }
+
+    #[tokio::test]
+    async fn an_append_session_looks_up_client_ids_by_index_even_in_a_plan_made_on_an_empty_log() {
+        let server = Postgres::start().unwrap();
+        let url = server.create_database().unwrap();
+        let store = PgStore::connect(&url, PgOptions::default()).await.unwrap();
+        store.migrate().await.unwrap();
+        let connect = PgConnectOptions::from_str(&url).unwrap();
+        let plain = kept_plan(&connect).await;
+        assert!(
+            plain.contains("Seq Scan on events"),
+            "a plain session's plan scans the log, kept as it grows: {plain}"
+        );
+        let append = kept_plan(&append_session(connect)).await;
+        assert!(!append.contains("Seq Scan"), "{append}");
+        assert!(append.contains("Index Scan using events_by_client_msg_id"), "{append}");
+        store.close().await;
+    }
+}

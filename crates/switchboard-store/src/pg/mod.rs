@@ -77,12 +77,34 @@ impl fmt::Debug for PgOptions {
     }
 }
 
-/// The store on PostgreSQL. Cloning is cheap and shares the pool and the append writer.
+/// The store on PostgreSQL. Cloning is cheap and shares the pools and the append writer.
 #[derive(Clone)]
 pub struct PgStore {
     pub(crate) pool: PgPool,
+    /// The append writer's connections (see [`append_session`]).
+    append_pool: PgPool,
     test_clock: Option<Arc<dyn Clock>>,
     appender: Appender,
+}
+
+/// How many connections the append writer uses: it writes one batch at a time.
+const APPEND_CONNECTIONS: u32 = 2;
+
+/// The options of the append writer's sessions: `connect`'s, with scans of tables and hash and merge joins
+/// turned off in the planner.
+///
+/// Every statement of an append batch finds its rows by key (fences by shard, conversations by id, stored
+/// client message ids by conversation and id, permits by conversation), and each is prepared once per
+/// connection, its plan kept: after five runs PostgreSQL may keep a *generic* plan, costed with the
+/// statistics of the moment. On a new database the tables are empty then (never analyzed until
+/// autovacuum's first pass, a minute or more later), and the cheapest way to look up client message ids in
+/// an empty `events` is to scan it: a plan that then stays while the log grows. In the split cluster at
+/// 4,000 messages/s that lookup took 5.3 ms a batch after 8 s (0.07 ms with its index), until the store
+/// fell behind for good. With scans and the other joins off, every plan of these statements is a nested
+/// loop over index lookups whatever the statistics say. Only these sessions: the others read and write
+/// small, often rewritten tables (`nodes`) for which a scan is the right plan.
+pub(crate) fn append_session(connect: PgConnectOptions) -> PgConnectOptions {
+    connect.options([("enable_seqscan", "off"), ("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
 }
 
 impl fmt::Debug for PgStore {
@@ -101,17 +123,25 @@ impl PgStore {
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
             .test_before_acquire(true)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
             .map_err(db)?;
-        let backend = Arc::new(events::PgAppender { pool: pool.clone() });
+        let append_pool = PgPoolOptions::new()
+            .max_connections(APPEND_CONNECTIONS)
+            .acquire_timeout(options.acquire_timeout)
+            .test_before_acquire(true)
+            .connect_with(append_session(connect))
+            .await
+            .map_err(db)?;
+        let backend = Arc::new(events::PgAppender { pool: append_pool.clone() });
         let appender = Appender::start(backend, options.group_commit);
-        Ok(PgStore { pool, test_clock: options.test_clock, appender })
+        Ok(PgStore { pool, append_pool, test_clock: options.test_clock, appender })
     }
 
     /// Closes the connections, waiting for the ones in use to be returned.
     pub async fn close(&self) {
         self.appender.close().await;
+        self.append_pool.close().await;
         self.pool.close().await;
     }
 
