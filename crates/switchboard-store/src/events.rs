@@ -32,19 +32,18 @@ pub(crate) const SELECT_EVENT_EPOCHS: &str = "SELECT seq, epoch FROM events WHER
 /// without waiting for the writer, on another thread. The writer's own automatic checkpoint, at
 /// [`Checkpoints::WRITER_AFTER_PAGES`], is only a bound on the log's size should these never catch up.
 ///
-/// **A checkpoint every 10 ms.** Each checkpoint ends with an `fsync` of the database file, and a flush of
-/// the log that the writer's callers wait for (`wal`) waits meanwhile: the more pages a checkpoint copied,
-/// the longer. A checkpoint copies each page once however often the log rewrote it since the last one, and
-/// an append rewrites the same few pages of its conversation (the last page of its events, of its index by
-/// client message id, its row), so rarer checkpoints write fewer bytes in all but stall longer. With the log
-/// pinned, at 5,000 messages/s in `serve`, alternated over 8 runs each: every 10 ms, message p99 5.8–7.8 ms
-/// (mean 6.7) against 6.6–11.1 (mean 8.4) every 100 ms, for some 5–10 % more CPU and a third more bytes
-/// written (`benches/README.md`).
+/// A checkpoint copies each page once however often the log rewrote it since the last one, and an append
+/// rewrites the same few pages of its conversation (the last page of its events, of its index by client
+/// message id, its row): checkpoints every 100 ms instead of every 25 copied a tenth fewer bytes and took a
+/// tenth of `serve`'s CPU less at 5,000 messages/s, with the same latency. With the log pinned (below),
+/// every 10 ms lowered `serve`'s p99 at 5,000 messages/s from 8.4 to 6.7 ms (means of 8 runs each: each
+/// checkpoint's fsync of the database file, which the log's flush waits behind, is shorter), but took enough
+/// CPU that `serve` fell behind at 14,000 messages/s where it kept up every 100 ms: not kept.
 ///
 /// **The log is pinned** until it holds [`Checkpoints::UNPIN_AT_PAGES`]. The first commit after a complete
 /// checkpoint starts the log over from its beginning, and SQLite then syncs the log's new header inside that
 /// commit (`fsync`, 4–13 ms on this project's machine, while every append waits; SQLite requires it, see its
-/// ticket ff5be73dee). With checkpoints (then every 100 ms) catching up with the writer between two batches, that
+/// ticket ff5be73dee). With a checkpoint every 100 ms catching up with the writer between two batches, that
 /// was nine stalls a second at 5,000 messages/s. So a connection of its own (the *pin*, which reads nothing)
 /// holds a read transaction at the log's end, renewed just before each checkpoint: the checkpoint copies up
 /// to it, and the log cannot start over while a reader uses it (SQLite's rule), so the writer appends after
@@ -118,7 +117,7 @@ async fn checkpoint(reader: &SqlitePool, pin: &mut Option<Pin>) -> Result<(i64, 
 
 impl Checkpoints {
     /// The least time between the starts of two checkpoints.
-    pub(crate) const GAP: std::time::Duration = std::time::Duration::from_millis(10);
+    pub(crate) const GAP: std::time::Duration = std::time::Duration::from_millis(100);
     /// The log's size, in pages, at which the writer checkpoints in its own commit (SQLite's default is
     /// 1,000): 96 MiB, well past [`Checkpoints::UNPIN_AT_PAGES`], so that the checkpoints beside the
     /// writer start the log over, not the writer's own (which would copy in every commit while the log is
