@@ -11,7 +11,7 @@ use switchboard_testservices::{Postgres, Redis};
 use tokio::time::Instant;
 
 use crate::checker::{self, Invariant, Report};
-use crate::db::{ConversationOwner, Db, Placement};
+use crate::db::{ConversationOwner, Db, Placement, SHARDS};
 use crate::log::LogData;
 use crate::process::{self, Process, Role};
 
@@ -144,8 +144,9 @@ async fn migrate(config_path: &Path, database_url: &str, dir: &Path) -> anyhow::
 }
 
 impl Cluster {
-    /// Starts everything and waits until every shard is leased and every router holds some. Needs tokio's
-    /// multi-thread runtime (PostgreSQL's programs are run with `block_in_place`).
+    /// Starts everything and waits until every shard is leased and the routers hold their fair shares (so
+    /// that no shard moves while a test runs, unless it starts or stops a router). Needs tokio's multi-thread
+    /// runtime (PostgreSQL's programs are run with `block_in_place`).
     pub async fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("switchboard-cluster-").tempdir()?;
         let config_path = dir.path().join("config.yaml");
@@ -222,7 +223,8 @@ impl Cluster {
     }
 
     /// Polls until every shard has an unexpired lease held by a live router (and, with `every_router`, every
-    /// live router holds at least one); fails after [`PLACEMENT_DEADLINE`].
+    /// live router holds at least one and none more than its fair share, `ceil(shards / routers)`: the
+    /// routers' rebalancing then has nothing left to move); fails after [`PLACEMENT_DEADLINE`].
     pub async fn wait_for_placement(&mut self, every_router: bool) -> anyhow::Result<Placement> {
         let end = Instant::now() + PLACEMENT_DEADLINE;
         loop {
@@ -232,7 +234,9 @@ impl Cluster {
                     let unowned = placement.unowned(&live);
                     let by_owner = placement.shards_by_owner();
                     let idle: Vec<&String> = live.iter().filter(|router| !by_owner.contains_key(*router)).collect();
-                    if unowned.is_empty() && (!every_router || idle.is_empty()) {
+                    let fair_share = SHARDS.div_ceil(live.len().max(1));
+                    let settled = by_owner.values().all(|shards| shards.len() <= fair_share);
+                    if unowned.is_empty() && (!every_router || (idle.is_empty() && settled)) {
                         return Ok(placement);
                     }
                     let counts: BTreeMap<&String, usize> =
