@@ -301,7 +301,7 @@ impl ConversationActorState {
         if after_seq >= self.conversation.last_seq {
             return Ok(Vec::new());
         }
-        if let Some(events) = self.recent.after(after_seq) {
+        if let Some(events) = self.recent.after(after_seq, self.conversation.last_seq) {
             return Ok(events);
         }
         read_events(&self.context, self.conversation.id, after_seq).await
@@ -603,7 +603,7 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         apply(&mut conversation, event);
     }
     let view = view_of(&conversation);
-    let recent = RecentEvents::of_log(stored, conversation.last_seq);
+    let recent = RecentEvents::of_log(stored);
     let loaded =
         Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence, recent };
     if let Err(error) = context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await {
@@ -652,7 +652,7 @@ pub(crate) async fn activate(
                     apply(&mut state, event);
                 }
             }
-            let recent = RecentEvents::of_log(events, state.last_seq);
+            let recent = RecentEvents::of_log(events);
             let customer_token = record.customer_token;
             let loaded = Loaded { context: context.clone(), conversation: state, customer_token, fence, recent };
             spawn(loaded).await
