@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use switchboard_proto::internal::v1::{
     AppendCall, AppendRequest, AppendResponse, AppendResult, CallContext, CallError, CommandCall, CommandReply,
-    CommandRequest, CommandResult,
+    CommandRequest, CommandResult, RouterCall, RouterCallResult, router_call, router_call_result,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
@@ -367,11 +367,30 @@ impl CallResult for AppendResult {
     }
 }
 
+impl CallResult for RouterCallResult {
+    type Reply = router_call_result::Reply;
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn into_outcome(self) -> Result<router_call_result::Reply, Status> {
+        outcome(self.id, self.reply, self.error)
+    }
+}
+
 /// The result the server sends for call `id`.
 pub(crate) fn command_result(id: u64, outcome: Result<CommandReply, Status>) -> CommandResult {
     match outcome {
         Ok(reply) => CommandResult { id, reply: Some(reply), error: None },
         Err(status) => CommandResult { id, reply: None, error: Some(call_error(&status)) },
+    }
+}
+
+pub(crate) fn router_call_result(id: u64, outcome: Result<router_call_result::Reply, Status>) -> RouterCallResult {
+    match outcome {
+        Ok(reply) => RouterCallResult { id, reply: Some(reply), error: None },
+        Err(status) => RouterCallResult { id, reply: None, error: Some(call_error(&status)) },
     }
 }
 
@@ -385,6 +404,10 @@ pub(crate) fn append_result(id: u64, outcome: Result<AppendResponse, Status>) ->
 /// The call a client sends: built by [`CallStream::call`] from its id and context.
 pub(crate) fn command_call(request: CommandRequest) -> impl FnOnce(u64, CallContext) -> CommandCall {
     move |id, context| CommandCall { id, context: Some(context), request: Some(request) }
+}
+
+pub(crate) fn router_call(request: router_call::Request) -> impl FnOnce(u64, CallContext) -> RouterCall {
+    move |id, context| RouterCall { id, context: Some(context), request: Some(request) }
 }
 
 pub(crate) fn append_call(request: AppendRequest) -> impl FnOnce(u64, CallContext) -> AppendCall {

@@ -17,8 +17,12 @@ use switchboard_proto::internal::v1::{
     AuthorizeCustomerRequest, ChatViewRequest, CommandCall, CommandRequest, CommandResult, ConnectRequest,
     ConversationSystemRequest, ForwardChatRequest, ListChatsRequest, OwnerAcceptRequest, OwnerForwardRequest,
     PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest, RejectOfferRequest,
-    RouterReadEventsRequest, SetAgentStatusRequest, SubscribeRequest, TransferChatRequest, TypingRequest,
-    UnsubscribeRequest,
+    RouterCall, RouterCallResult, RouterReadEventsRequest, SetAgentStatusRequest, SubscribeRequest,
+    TransferChatRequest, TypingRequest, UnsubscribeRequest, router_call, router_call_result,
+};
+use switchboard_proto::internal::v1::{
+    AgentAvailabilityMsg, AgentViewReply, ChatViewReply, ConversationSystemReply, Empty, EventsReply, ListChatsReply,
+    StartedChatReply, TicketReply,
 };
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
@@ -32,7 +36,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::call_stream::{CallStream, Open, command_call};
+use crate::call_stream::{CallStream, Open, command_call, router_call};
 use crate::channel::{ClientSettings, MAX_MESSAGE_BYTES, lazy_channel, unary};
 use crate::convert::{
     agent_status_str, agent_view_from_proto, availability_from_proto, availability_to_proto, caller_to_proto,
@@ -70,6 +74,8 @@ pub struct GrpcRouterNode {
     /// `command`, the call of every message, goes on this stream (the unary `Command` is the fallback for
     /// a router that does not know it).
     commands: CallStream<CommandCall, CommandResult>,
+    /// Every other unary call goes on this one (the unary call is the fallback, as for `commands`).
+    calls: CallStream<RouterCall, RouterCallResult>,
 }
 
 impl std::fmt::Debug for GrpcRouterNode {
@@ -104,7 +110,13 @@ impl GrpcRouterNode {
             Box::pin(async move { client.commands(calls).await.map(tonic::Response::into_inner) })
         });
         let commands = CallStream::new("Commands", settings.request_timeout, open);
-        GrpcRouterNode { url: url.into(), client, settings, push_tasks: Mutex::default(), commands }
+        let opener = client.clone();
+        let open: Open<RouterCall, RouterCallResult> = Arc::new(move |calls| {
+            let mut client = opener.clone();
+            Box::pin(async move { client.calls(calls).await.map(tonic::Response::into_inner) })
+        });
+        let calls = CallStream::new("Calls", settings.request_timeout, open);
+        GrpcRouterNode { url: url.into(), client, settings, push_tasks: Mutex::default(), commands, calls }
     }
 
     pub fn url(&self) -> &str {
@@ -147,7 +159,39 @@ impl GrpcRouterNode {
         }
     }
 
-    async fn call<M, R, F, Fut>(&self, message: M, call: F) -> Result<R, RouterError>
+    /// Makes one call on the `Calls` stream (`as_call` says which method it is), or as the unary call `call`
+    /// when the router does not know the stream.
+    async fn call<M, R, F, Fut>(
+        &self,
+        message: M,
+        as_call: fn(M) -> router_call::Request,
+        call: F,
+    ) -> Result<R, RouterError>
+    where
+        M: Clone,
+        R: CallReply,
+        F: FnOnce(RouterServiceClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        if !self.calls.supported() {
+            return self.unary(message, call).await;
+        }
+        // A copy for the unary call, until the router is known to have the stream.
+        let fallback = (!self.calls.known_supported()).then(|| message.clone());
+        match self.calls.call(self.settings.request_timeout, router_call(as_call(message))).await {
+            Err(status) if status.code() == Code::Unimplemented => match fallback {
+                Some(message) => self.unary(message, call).await,
+                None => Err(self.error_from(&status)),
+            },
+            result => result
+                .and_then(|reply| {
+                    R::from_reply(reply).ok_or_else(|| Status::internal("the router answered another method's reply"))
+                })
+                .map_err(|status| self.error_from(&status)),
+        }
+    }
+
+    async fn unary<M, R, F, Fut>(&self, message: M, call: F) -> Result<R, RouterError>
     where
         F: FnOnce(RouterServiceClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
@@ -316,6 +360,36 @@ impl Forwarder {
     }
 }
 
+/// What a unary method of `RouterService` answers, as a result on the `Calls` stream carries it.
+trait CallReply: Sized {
+    fn from_reply(reply: router_call_result::Reply) -> Option<Self>;
+}
+
+macro_rules! call_replies {
+    ($($reply:ty => $variant:ident),* $(,)?) => {$(
+        impl CallReply for $reply {
+            fn from_reply(reply: router_call_result::Reply) -> Option<Self> {
+                match reply {
+                    router_call_result::Reply::$variant(reply) => Some(reply),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+call_replies!(
+    Empty => Empty,
+    StartedChatReply => StartedChat,
+    ChatViewReply => ChatView,
+    EventsReply => Events,
+    AgentViewReply => AgentView,
+    ListChatsReply => Chats,
+    TicketReply => Ticket,
+    ConversationSystemReply => ConversationSystem,
+    AgentAvailabilityMsg => Availability,
+);
+
 fn read<T>(result: Result<T, Status>) -> Result<T, RouterError> {
     result.map_err(reply_error)
 }
@@ -332,21 +406,32 @@ impl RouterApi for GrpcRouterNode {
 
     async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
         let request = start_chat_to_proto(&request);
-        let reply = self.call(request, |mut client, request| async move { client.start_chat(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::StartChat, |mut client, request| async move {
+                client.start_chat(request).await
+            })
+            .await?;
         read(started_chat_from_proto(&reply))
     }
 
     async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {
         let request = AuthorizeCustomerRequest { conversation_id: conversation.to_string(), token: token.to_owned() };
-        let reply =
-            self.call(request, |mut client, request| async move { client.authorize_customer(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::AuthorizeCustomer, |mut client, request| async move {
+                client.authorize_customer(request).await
+            })
+            .await?;
         read(chat_view_from_reply(&reply))
     }
 
     async fn chat_view(&self, caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError> {
         let request =
             ChatViewRequest { caller: Some(caller_to_proto(caller)), conversation_id: conversation.to_string() };
-        let reply = self.call(request, |mut client, request| async move { client.chat_view(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::ChatView, |mut client, request| async move {
+                client.chat_view(request).await
+            })
+            .await?;
         read(chat_view_from_reply(&reply))
     }
 
@@ -363,13 +448,21 @@ impl RouterApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
             after_seq,
         };
-        let reply = self.call(request, |mut client, request| async move { client.subscribe(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::Subscribe, |mut client, request| async move {
+                client.subscribe(request).await
+            })
+            .await?;
         read(events_from_proto(&reply))
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
         let request = UnsubscribeRequest { gateway_id: gateway.0.clone(), conversation_id: conversation.to_string() };
-        let result = self.call(request, |mut client, request| async move { client.unsubscribe(request).await }).await;
+        let result = self
+            .call(request, router_call::Request::Unsubscribe, |mut client, request| async move {
+                client.unsubscribe(request).await
+            })
+            .await;
         if let Err(error) = result {
             // The trait has no error here: a node that cannot be told forgets the gateway with its stream.
             debug!(url = %self.url, %error, "unsubscribe failed");
@@ -387,7 +480,11 @@ impl RouterApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
             after_seq,
         };
-        let reply = self.call(request, |mut client, request| async move { client.read_events(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::ReadEvents, |mut client, request| async move {
+                client.read_events(request).await
+            })
+            .await?;
         read(events_from_proto(&reply))
     }
 
@@ -404,7 +501,7 @@ impl RouterApi for GrpcRouterNode {
         };
         let reply = match self.commands.call(self.settings.request_timeout, command_call(request())).await {
             Err(status) if status.code() == Code::Unimplemented => {
-                self.call(request(), |mut client, request| async move { client.command(request).await }).await?
+                self.unary(request(), |mut client, request| async move { client.command(request).await }).await?
             }
             result => result.map_err(|status| self.error_from(&status))?,
         };
@@ -414,7 +511,13 @@ impl RouterApi for GrpcRouterNode {
     async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError> {
         let request =
             TypingRequest { caller: Some(caller_to_proto(caller)), conversation_id: conversation.to_string(), typing };
-        self.call(request, |mut client, request| async move { client.typing(request).await }).await.map(drop)
+        self.call(
+            request,
+            router_call::Request::Typing,
+            |mut client, request| async move { client.typing(request).await },
+        )
+        .await
+        .map(drop)
     }
 
     async fn accept_chat(
@@ -428,7 +531,11 @@ impl RouterApi for GrpcRouterNode {
             agent_id: agent.to_string(),
             conversation_id: conversation.to_string(),
         };
-        let reply = self.call(request, |mut client, request| async move { client.accept_chat(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::AcceptChat, |mut client, request| async move {
+                client.accept_chat(request).await
+            })
+            .await?;
         read(chat_view_from_reply(&reply))
     }
 
@@ -443,8 +550,11 @@ impl RouterApi for GrpcRouterNode {
             agent_id: agent.to_string(),
             status: agent_status_str(status).to_owned(),
         };
-        let reply =
-            self.call(request, |mut client, request| async move { client.set_agent_status(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::SetAgentStatus, |mut client, request| async move {
+                client.set_agent_status(request).await
+            })
+            .await?;
         read(agent_view_from_proto(&reply))
     }
 
@@ -456,14 +566,21 @@ impl RouterApi for GrpcRouterNode {
     ) -> Result<(), RouterError> {
         let request =
             QueueRequest { gateway_id: gateway.0.clone(), tenant_id: tenant.to_string(), group_id: group.to_string() };
-        self.call(request, |mut client, request| async move { client.subscribe_queue(request).await }).await.map(drop)
+        self.call(request, router_call::Request::SubscribeQueue, |mut client, request| async move {
+            client.subscribe_queue(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
         let request =
             QueueRequest { gateway_id: gateway.0.clone(), tenant_id: tenant.to_string(), group_id: group.to_string() };
-        let result =
-            self.call(request, |mut client, request| async move { client.unsubscribe_queue(request).await }).await;
+        let result = self
+            .call(request, router_call::Request::UnsubscribeQueue, |mut client, request| async move {
+                client.unsubscribe_queue(request).await
+            })
+            .await;
         if let Err(error) = result {
             debug!(url = %self.url, %error, "unsubscribe_queue failed");
         }
@@ -480,7 +597,11 @@ impl RouterApi for GrpcRouterNode {
             agent_id: agent.to_string(),
             list: chat_list_str(list).to_owned(),
         };
-        let reply = self.call(request, |mut client, request| async move { client.list_chats(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::ListChats, |mut client, request| async move {
+                client.list_chats(request).await
+            })
+            .await?;
         read(reply.chats.iter().map(chat_view_from_proto).collect())
     }
 
@@ -495,7 +616,11 @@ impl RouterApi for GrpcRouterNode {
             tenant_id: tenant.to_string(),
             agent_id: agent.to_string(),
         };
-        self.call(request, |mut client, request| async move { client.subscribe_agent(request).await }).await.map(drop)
+        self.call(request, router_call::Request::SubscribeAgent, |mut client, request| async move {
+            client.subscribe_agent(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
@@ -504,8 +629,11 @@ impl RouterApi for GrpcRouterNode {
             tenant_id: tenant.to_string(),
             agent_id: agent.to_string(),
         };
-        let result =
-            self.call(request, |mut client, request| async move { client.unsubscribe_agent(request).await }).await;
+        let result = self
+            .call(request, router_call::Request::UnsubscribeAgent, |mut client, request| async move {
+                client.unsubscribe_agent(request).await
+            })
+            .await;
         if let Err(error) = result {
             debug!(url = %self.url, %error, "unsubscribe_agent failed");
         }
@@ -524,7 +652,11 @@ impl RouterApi for GrpcRouterNode {
             agent_id: agent.to_string(),
             conversation_id: conversation.to_string(),
         };
-        self.call(request, |mut client, request| async move { client.reject_offer(request).await }).await.map(drop)
+        self.call(request, router_call::Request::RejectOffer, |mut client, request| async move {
+            client.reject_offer(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn transfer_chat(
@@ -538,8 +670,11 @@ impl RouterApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
             to_group_id: to_group.to_string(),
         };
-        let reply =
-            self.call(request, |mut client, request| async move { client.transfer_chat(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::TransferChat, |mut client, request| async move {
+                client.transfer_chat(request).await
+            })
+            .await?;
         read(chat_view_from_reply(&reply))
     }
 
@@ -554,14 +689,20 @@ impl RouterApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
             to_agent_id: to_agent.to_string(),
         };
-        let reply = self.call(request, |mut client, request| async move { client.forward_chat(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::ForwardChat, |mut client, request| async move {
+                client.forward_chat(request).await
+            })
+            .await?;
         read(chat_view_from_reply(&reply))
     }
 
     async fn leave_offline_message(&self, message: OfflineMessage) -> Result<Ticket, RouterError> {
         let request = offline_message_to_proto(&message);
         let reply = self
-            .call(request, |mut client, request| async move { client.leave_offline_message(request).await })
+            .call(request, router_call::Request::LeaveOfflineMessage, |mut client, request| async move {
+                client.leave_offline_message(request).await
+            })
             .await?;
         read(ticket_from_proto(&reply))
     }
@@ -571,13 +712,21 @@ impl RouterApi for GrpcRouterNode {
 impl PeerApi for GrpcRouterNode {
     async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError> {
         let request = OwnerAcceptRequest { conversation_id: conversation.to_string(), agent_id: agent.to_string() };
-        let reply = self.call(request, |mut client, request| async move { client.owner_accept(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::OwnerAccept, |mut client, request| async move {
+                client.owner_accept(request).await
+            })
+            .await?;
         read(chat_view_from_reply(&reply))
     }
 
     async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
         let request = QueueAddRequest { tenant_id: tenant.to_string(), entry: Some(waiting_entry_to_proto(&entry)) };
-        self.call(request, |mut client, request| async move { client.queue_add(request).await }).await.map(drop)
+        self.call(request, router_call::Request::QueueAdd, |mut client, request| async move {
+            client.queue_add(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn queue_remove(
@@ -592,7 +741,11 @@ impl PeerApi for GrpcRouterNode {
             group_id: group.to_string(),
             removed: Some(left_queue_to_proto(conversation, &reason)),
         };
-        self.call(request, |mut client, request| async move { client.queue_remove(request).await }).await.map(drop)
+        self.call(request, router_call::Request::QueueRemove, |mut client, request| async move {
+            client.queue_remove(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn agent_finished(
@@ -606,7 +759,11 @@ impl PeerApi for GrpcRouterNode {
             agent_id: agent.to_string(),
             conversation_id: conversation.to_string(),
         };
-        self.call(request, |mut client, request| async move { client.agent_finished(request).await }).await.map(drop)
+        self.call(request, router_call::Request::AgentFinished, |mut client, request| async move {
+            client.agent_finished(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn conversation_system(
@@ -618,8 +775,11 @@ impl PeerApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
             command: Some(system_command_to_proto(&command)),
         };
-        let reply =
-            self.call(request, |mut client, request| async move { client.conversation_system(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::ConversationSystem, |mut client, request| async move {
+                client.conversation_system(request).await
+            })
+            .await?;
         Ok(reply.stored)
     }
 
@@ -629,13 +789,20 @@ impl PeerApi for GrpcRouterNode {
             agent_id: agent.to_string(),
             update: Some(offer_update_to_proto(&update)),
         };
-        self.call(request, |mut client, request| async move { client.agent_offer(request).await }).await.map(drop)
+        self.call(request, router_call::Request::AgentOffer, |mut client, request| async move {
+            client.agent_offer(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn agent_availability(&self, tenant: &TenantId, agent: &AgentId) -> Result<AgentAvailability, RouterError> {
         let request = AgentRequest { tenant_id: tenant.to_string(), agent_id: agent.to_string() };
-        let reply =
-            self.call(request, |mut client, request| async move { client.agent_availability(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::AgentAvailability, |mut client, request| async move {
+                client.agent_availability(request).await
+            })
+            .await?;
         read(availability_from_proto(&reply))
     }
 
@@ -650,9 +817,11 @@ impl PeerApi for GrpcRouterNode {
             group_id: group.to_string(),
             availability: Some(availability_to_proto(&availability)),
         };
-        self.call(request, |mut client, request| async move { client.queue_agent_changed(request).await })
-            .await
-            .map(drop)
+        self.call(request, router_call::Request::QueueAgentChanged, |mut client, request| async move {
+            client.queue_agent_changed(request).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn owner_forward(
@@ -666,8 +835,11 @@ impl PeerApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
             to_agent_id: to_agent.to_string(),
         };
-        let reply =
-            self.call(request, |mut client, request| async move { client.owner_forward(request).await }).await?;
+        let reply = self
+            .call(request, router_call::Request::OwnerForward, |mut client, request| async move {
+                client.owner_forward(request).await
+            })
+            .await?;
         read(chat_view_from_reply(&reply))
     }
 }

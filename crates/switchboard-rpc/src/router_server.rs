@@ -1,5 +1,6 @@
 //! A router node (`RouterApi + PeerApi`) served as the generated `RouterService`.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,8 +14,9 @@ use switchboard_proto::internal::v1::{
     CommandReply, CommandRequest, CommandResult, ConnectRequest, ConversationSystemReply, ConversationSystemRequest,
     Empty, EventsReply, ForwardChatRequest, ListChatsReply, ListChatsRequest, OfflineMessageRequest,
     OwnerAcceptRequest, OwnerForwardRequest, PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest,
-    QueueRequest, RejectOfferRequest, RouterReadEventsRequest, SetAgentStatusRequest, StartChatRequest,
-    StartedChatReply, SubscribeRequest, TicketReply, TransferChatRequest, TypingRequest, UnsubscribeRequest,
+    QueueRequest, RejectOfferRequest, RouterCall, RouterCallResult, RouterReadEventsRequest, SetAgentStatusRequest,
+    StartChatRequest, StartedChatReply, SubscribeRequest, TicketReply, TransferChatRequest, TypingRequest,
+    UnsubscribeRequest, router_call, router_call_result,
 };
 use switchboard_proto::router::{PeerApi, Push, RouterApi, RouterError};
 use switchboard_telemetry::serve_streamed_call;
@@ -24,7 +26,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::call_stream::{command_result, serve_call_stream, within_deadline};
+use crate::call_stream::{command_result, router_call_result, serve_call_stream, within_deadline};
 use crate::channel::MAX_MESSAGE_BYTES;
 use crate::convert::{
     agent_id, agent_status, agent_view_to_proto, availability_from_proto, availability_to_proto, caller_from_proto,
@@ -46,6 +48,16 @@ pub struct RouterGrpcServer<T: ?Sized> {
     node: Arc<T>,
     keepalive_every: Duration,
     draining: Draining,
+}
+
+impl<T: ?Sized> Clone for RouterGrpcServer<T> {
+    fn clone(&self) -> Self {
+        RouterGrpcServer {
+            node: self.node.clone(),
+            keepalive_every: self.keepalive_every,
+            draining: self.draining.clone(),
+        }
+    }
 }
 
 impl<T: ?Sized> std::fmt::Debug for RouterGrpcServer<T> {
@@ -82,6 +94,70 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterGrpcServer<T> {
 
 /// The service's name in its calls' metrics and spans.
 const ROUTER_SERVICE: &str = "switchboard.internal.v1.RouterService";
+
+type Served<'a> = Pin<Box<dyn Future<Output = Result<router_call_result::Reply, Status>> + Send + 'a>>;
+
+/// A unary method's answer as a result on the `Calls` stream carries it.
+fn served<'a, R: Send + 'a>(
+    call: impl Future<Output = Result<Response<R>, Status>> + Send + 'a,
+    reply: fn(R) -> router_call_result::Reply,
+) -> Served<'a> {
+    Box::pin(async move { call.await.map(|response| reply(response.into_inner())) })
+}
+
+impl<T: RouterApi + PeerApi + ?Sized> RouterGrpcServer<T> {
+    /// One call of the `Calls` stream, served by the unary method it names: the method's name (for the
+    /// call's metrics and span) and its answer.
+    fn serve_call(&self, call: router_call::Request) -> (&'static str, Served<'_>) {
+        use router_call::Request as Call;
+        use router_call_result::Reply;
+        match call {
+            Call::StartChat(r) => ("StartChat", served(self.start_chat(Request::new(r)), Reply::StartedChat)),
+            Call::AuthorizeCustomer(r) => {
+                ("AuthorizeCustomer", served(self.authorize_customer(Request::new(r)), Reply::ChatView))
+            }
+            Call::ChatView(r) => ("ChatView", served(self.chat_view(Request::new(r)), Reply::ChatView)),
+            Call::Subscribe(r) => ("Subscribe", served(self.subscribe(Request::new(r)), Reply::Events)),
+            Call::Unsubscribe(r) => ("Unsubscribe", served(self.unsubscribe(Request::new(r)), Reply::Empty)),
+            Call::ReadEvents(r) => ("ReadEvents", served(self.read_events(Request::new(r)), Reply::Events)),
+            Call::Typing(r) => ("Typing", served(self.typing(Request::new(r)), Reply::Empty)),
+            Call::AcceptChat(r) => ("AcceptChat", served(self.accept_chat(Request::new(r)), Reply::ChatView)),
+            Call::SetAgentStatus(r) => {
+                ("SetAgentStatus", served(self.set_agent_status(Request::new(r)), Reply::AgentView))
+            }
+            Call::SubscribeQueue(r) => ("SubscribeQueue", served(self.subscribe_queue(Request::new(r)), Reply::Empty)),
+            Call::UnsubscribeQueue(r) => {
+                ("UnsubscribeQueue", served(self.unsubscribe_queue(Request::new(r)), Reply::Empty))
+            }
+            Call::ListChats(r) => ("ListChats", served(self.list_chats(Request::new(r)), Reply::Chats)),
+            Call::OwnerAccept(r) => ("OwnerAccept", served(self.owner_accept(Request::new(r)), Reply::ChatView)),
+            Call::QueueAdd(r) => ("QueueAdd", served(self.queue_add(Request::new(r)), Reply::Empty)),
+            Call::QueueRemove(r) => ("QueueRemove", served(self.queue_remove(Request::new(r)), Reply::Empty)),
+            Call::AgentFinished(r) => ("AgentFinished", served(self.agent_finished(Request::new(r)), Reply::Empty)),
+            Call::SubscribeAgent(r) => ("SubscribeAgent", served(self.subscribe_agent(Request::new(r)), Reply::Empty)),
+            Call::UnsubscribeAgent(r) => {
+                ("UnsubscribeAgent", served(self.unsubscribe_agent(Request::new(r)), Reply::Empty))
+            }
+            Call::RejectOffer(r) => ("RejectOffer", served(self.reject_offer(Request::new(r)), Reply::Empty)),
+            Call::TransferChat(r) => ("TransferChat", served(self.transfer_chat(Request::new(r)), Reply::ChatView)),
+            Call::ForwardChat(r) => ("ForwardChat", served(self.forward_chat(Request::new(r)), Reply::ChatView)),
+            Call::LeaveOfflineMessage(r) => {
+                ("LeaveOfflineMessage", served(self.leave_offline_message(Request::new(r)), Reply::Ticket))
+            }
+            Call::ConversationSystem(r) => {
+                ("ConversationSystem", served(self.conversation_system(Request::new(r)), Reply::ConversationSystem))
+            }
+            Call::AgentOffer(r) => ("AgentOffer", served(self.agent_offer(Request::new(r)), Reply::Empty)),
+            Call::AgentAvailability(r) => {
+                ("AgentAvailability", served(self.agent_availability(Request::new(r)), Reply::Availability))
+            }
+            Call::QueueAgentChanged(r) => {
+                ("QueueAgentChanged", served(self.queue_agent_changed(Request::new(r)), Reply::Empty))
+            }
+            Call::OwnerForward(r) => ("OwnerForward", served(self.owner_forward(Request::new(r)), Reply::ChatView)),
+        }
+    }
+}
 
 /// `Command`, whichever way it came (a unary call, or a call on the `Commands` stream).
 async fn command<T: RouterApi + ?Sized>(node: &T, request: &CommandRequest) -> Result<CommandReply, Status> {
@@ -249,6 +325,36 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterService for RouterGrpcServer<T> {
                 )
                 .await;
                 command_result(call.id, outcome)
+            }
+        });
+        Ok(Response::new(results))
+    }
+
+    type CallsStream = ReceiverStream<Result<RouterCallResult, Status>>;
+
+    async fn calls(&self, request: Request<Streaming<RouterCall>>) -> Result<Response<Self::CallsStream>, Status> {
+        let server = self.clone();
+        let results = serve_call_stream(request.into_inner(), self.draining.clone(), move |call: RouterCall| {
+            let server = server.clone();
+            async move {
+                let context = call.context.unwrap_or_default();
+                let outcome = match call.request {
+                    // A method newer than this router.
+                    None => Err(Status::unimplemented("a call of a method this router does not know")),
+                    Some(request) => {
+                        let (method, served) = server.serve_call(request);
+                        let served = within_deadline(&context, served);
+                        serve_streamed_call(
+                            ROUTER_SERVICE,
+                            method,
+                            &context.traceparent,
+                            context.received_at_us,
+                            served,
+                        )
+                        .await
+                    }
+                };
+                router_call_result(call.id, outcome)
             }
         });
         Ok(Response::new(results))

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{DEADLINE, Running, WithoutCallStream, any_port, client_settings, eventually, within};
+use common::{DEADLINE, Running, Watched, any_port, client_settings, eventually, within};
 use switchboard_domain::{
     AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
     Event, EventBody, FixedClock, GroupEntry, GroupId, OfferEnd, Refusal, RequeueReason, TenantEntry, TenantId,
@@ -1204,6 +1204,55 @@ async fn the_call_stream_answers_each_call_by_its_id() {
     running.stop().await;
 }
 
+/// The `Calls` stream on the wire, spoken by a raw client: each call is answered by its id with its
+/// method's reply; a bad request is answered INVALID_ARGUMENT, and a call of a method the router does not
+/// know (no request it can read) UNIMPLEMENTED, while the stream carries on.
+#[tokio::test]
+async fn the_calls_stream_answers_each_method_by_its_id() {
+    use pb::router_call::Request as Call;
+    use pb::router_call_result::Reply;
+    let node = Arc::new(Scripted::default());
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let mut raw = RouterServiceClient::connect(running.url()).await.unwrap();
+    let chat = ConversationId::new_v7(NOW_MS);
+    let customer = pb::Caller { who: Some(pb::caller::Who::CustomerConversationId(chat.to_string())) };
+    let view = pb::ChatViewRequest { caller: Some(customer), conversation_id: chat.to_string() };
+    let bad = pb::ChatViewRequest { caller: None, ..view.clone() };
+    let availability = pb::AgentRequest { tenant_id: tenant().to_string(), agent_id: "alice".into() };
+    let call = |id, request| pb::RouterCall { id, context: Some(pb::CallContext::default()), request };
+    let (calls, receiver) = mpsc::unbounded_channel();
+    calls.send(call(5, Some(Call::ChatView(view)))).unwrap();
+    calls.send(call(2, Some(Call::ChatView(bad)))).unwrap();
+    calls.send(call(9, None)).unwrap();
+    calls.send(call(4, Some(Call::AgentAvailability(availability)))).unwrap();
+    let mut results =
+        raw.calls(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)).await.unwrap().into_inner();
+    let mut by_id = BTreeMap::new();
+    for _ in 0..4 {
+        let result = within(results.message()).await.unwrap().expect("a result");
+        by_id.insert(result.id, result);
+    }
+    assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), [2, 4, 5, 9]);
+    match by_id[&5].reply.clone() {
+        Some(Reply::ChatView(reply)) => assert_eq!(reply.view.unwrap().conversation_id, chat.to_string()),
+        other => panic!("not a chat view: {other:?}"),
+    }
+    match by_id[&4].reply.clone() {
+        Some(Reply::Availability(reply)) => assert_eq!((reply.agent_id.as_str(), reply.held), ("alice", 2)),
+        other => panic!("not an availability: {other:?}"),
+    }
+    let invalid = by_id[&2].error.clone().expect("an error");
+    assert_eq!(invalid.code, i32::from(tonic::Code::InvalidArgument));
+    assert!(invalid.message.contains("caller"), "{invalid:?}");
+    assert_eq!(by_id[&2].reply, None);
+    assert_eq!(by_id[&9].error.clone().expect("an error").code, i32::from(tonic::Code::Unimplemented));
+    assert_eq!(node.peer_calls.lock().unwrap().as_slice(), [format!("agent_availability {} alice", tenant())]);
+    // Closing the client's side ends the stream once every call read is answered.
+    drop(calls);
+    assert!(within(results.message()).await.unwrap().is_none());
+    running.stop().await;
+}
+
 /// A router restarted on the same address: the stream the client had ends with the old server, and the
 /// next command opens a new one there.
 #[tokio::test]
@@ -1232,7 +1281,7 @@ async fn a_router_without_the_call_stream_gets_unary_commands() {
     let clock = Arc::new(FixedClock::new(NOW_MS));
     let clock_dyn: Arc<dyn Clock> = clock.clone();
     let node = Arc::new(start_router("node-1", Arc::new(MemoryStore::new(clock_dyn)), clock.clone()).await);
-    let older = WithoutCallStream::new(RouterGrpcServer::new(node.clone()).into_service());
+    let older = Watched::without_call_streams(RouterGrpcServer::new(node.clone()).into_service());
     let mut services = GrpcServices::new();
     services.add_service(older.clone());
     let running = Running::start(any_port().await, services).await;
@@ -1251,6 +1300,58 @@ async fn a_router_without_the_call_stream_gets_unary_commands() {
         let outcome = within(client.command(&customer, chat, send)).await.unwrap();
         assert_eq!(outcome.event.and_then(|event| event.client_msg_id), Some(format!("m-{n}")));
     }
-    assert_eq!(older.refused.load(Ordering::SeqCst), 1, "the stream is asked for once");
+    // The other calls go unary as well, and stay so.
+    for _ in 0..2 {
+        let view = within(client.chat_view(&customer, chat)).await.unwrap();
+        assert_eq!(view.conversation, chat);
+    }
+    let methods = older.methods();
+    assert_eq!(older.refused.load(Ordering::SeqCst), 2, "each stream is asked for once: {methods:?}");
+    assert_eq!((methods["Calls"], methods["Commands"]), (1, 1));
+    assert_eq!((methods["StartChat"], methods["Command"], methods["ChatView"]), (1, 3, 2));
+    running.stop().await;
+}
+
+/// A gateway's and a peer router's calls go on the `Calls` stream: however many calls, one HTTP/2 stream
+/// (the router sees no unary call), each answered as its unary method would have.
+#[tokio::test]
+async fn a_chat_start_and_peer_calls_go_on_one_call_stream() {
+    let clock = Arc::new(FixedClock::new(NOW_MS));
+    let clock_dyn: Arc<dyn Clock> = clock.clone();
+    let node = Arc::new(start_router("node-1", Arc::new(MemoryStore::new(clock_dyn)), clock.clone()).await);
+    let mut services = GrpcServices::new();
+    let watched = Watched::new(RouterGrpcServer::new(node.clone()).with_draining(services.draining()).into_service());
+    services.add_service(watched.clone());
+    let running = Running::start(any_port().await, services).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let gateway = GatewayId("gw-1".into());
+    let (sink, _pushes) = mpsc::unbounded_channel();
+    client.connect_gateway(gateway.clone(), sink);
+    for n in 0..3 {
+        let request = StartChat {
+            conversation: ConversationId::new_v7(NOW_MS + n),
+            tenant: tenant(),
+            group: group("g1"),
+            customer_name: format!("customer {n}"),
+            question: "q".into(),
+        };
+        let started = within(client.start_chat(request)).await.unwrap();
+        let chat = started.view.conversation;
+        let customer = Caller::Customer { conversation: chat };
+        let events = within(client.subscribe(&gateway, &customer, chat, 0)).await.unwrap();
+        assert_eq!(events, node.read_events(&customer, chat, 0).await.unwrap());
+        assert_eq!(within(client.chat_view(&customer, chat)).await.unwrap(), started.view);
+        let availability = within(client.agent_availability(&tenant(), &agent("a"))).await.unwrap();
+        assert_eq!(availability, node.agent_availability(&tenant(), &agent("a")).await.unwrap());
+        // A refusal crosses the stream as it would a unary call.
+        let stranger = Caller::Customer { conversation: ConversationId::new_v7(NOW_MS) };
+        let refused = within(client.chat_view(&stranger, chat)).await.unwrap_err();
+        assert_eq!(refused, node.chat_view(&stranger, chat).await.unwrap_err());
+    }
+    let methods = watched.methods();
+    assert_eq!(methods.get("Calls"), Some(&1), "{methods:?}");
+    for unary in ["StartChat", "Subscribe", "ChatView", "AgentAvailability"] {
+        assert!(!methods.contains_key(unary), "{unary} went unary: {methods:?}");
+    }
     running.stop().await;
 }

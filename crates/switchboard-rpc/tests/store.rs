@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Running, WithoutCallStream, any_port, client_settings, eventually, within};
+use common::{Running, Watched, any_port, client_settings, eventually, within};
 use switchboard_domain::{FixedClock, shard_of};
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord, ConversationUpdate,
@@ -97,7 +97,7 @@ fn create(fence: Fence, id: &str) -> AppendRequest {
 #[tokio::test]
 async fn a_store_without_the_call_stream_gets_unary_appends() {
     let store = memory_store();
-    let older = WithoutCallStream::new(StoreGrpcServer::new(store.clone()).into_service());
+    let older = Watched::without_call_streams(StoreGrpcServer::new(store.clone()).into_service());
     let mut services = GrpcServices::new();
     services.add_service(older.clone());
     let running = Running::start(any_port().await, services).await;

@@ -2243,6 +2243,114 @@ pub struct CommandResult {
     #[prost(message, optional, tag = "3")]
     pub error: ::core::option::Option<CallError>,
 }
+/// One call on the `Calls` stream: the request of one unary method of this service.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouterCall {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub context: ::core::option::Option<CallContext>,
+    #[prost(
+        oneof = "router_call::Request",
+        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
+    )]
+    pub request: ::core::option::Option<router_call::Request>,
+}
+/// Nested message and enum types in `RouterCall`.
+pub mod router_call {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Request {
+        #[prost(message, tag = "3")]
+        StartChat(super::StartChatRequest),
+        #[prost(message, tag = "4")]
+        AuthorizeCustomer(super::AuthorizeCustomerRequest),
+        #[prost(message, tag = "5")]
+        ChatView(super::ChatViewRequest),
+        #[prost(message, tag = "6")]
+        Subscribe(super::SubscribeRequest),
+        #[prost(message, tag = "7")]
+        Unsubscribe(super::UnsubscribeRequest),
+        #[prost(message, tag = "8")]
+        ReadEvents(super::RouterReadEventsRequest),
+        #[prost(message, tag = "9")]
+        Typing(super::TypingRequest),
+        #[prost(message, tag = "10")]
+        AcceptChat(super::AcceptChatRequest),
+        #[prost(message, tag = "11")]
+        SetAgentStatus(super::SetAgentStatusRequest),
+        #[prost(message, tag = "12")]
+        SubscribeQueue(super::QueueRequest),
+        #[prost(message, tag = "13")]
+        UnsubscribeQueue(super::QueueRequest),
+        #[prost(message, tag = "14")]
+        ListChats(super::ListChatsRequest),
+        #[prost(message, tag = "15")]
+        OwnerAccept(super::OwnerAcceptRequest),
+        #[prost(message, tag = "16")]
+        QueueAdd(super::QueueAddRequest),
+        #[prost(message, tag = "17")]
+        QueueRemove(super::QueueRemoveRequest),
+        #[prost(message, tag = "18")]
+        AgentFinished(super::AgentFinishedRequest),
+        #[prost(message, tag = "19")]
+        SubscribeAgent(super::AgentSubscriptionRequest),
+        #[prost(message, tag = "20")]
+        UnsubscribeAgent(super::AgentSubscriptionRequest),
+        #[prost(message, tag = "21")]
+        RejectOffer(super::RejectOfferRequest),
+        #[prost(message, tag = "22")]
+        TransferChat(super::TransferChatRequest),
+        #[prost(message, tag = "23")]
+        ForwardChat(super::ForwardChatRequest),
+        #[prost(message, tag = "24")]
+        LeaveOfflineMessage(super::OfflineMessageRequest),
+        #[prost(message, tag = "25")]
+        ConversationSystem(super::ConversationSystemRequest),
+        #[prost(message, tag = "26")]
+        AgentOffer(super::AgentOfferRequest),
+        #[prost(message, tag = "27")]
+        AgentAvailability(super::AgentRequest),
+        #[prost(message, tag = "28")]
+        QueueAgentChanged(super::QueueAgentChangedRequest),
+        #[prost(message, tag = "29")]
+        OwnerForward(super::OwnerForwardRequest),
+    }
+}
+/// The result of one `RouterCall`: exactly one of `reply` (what the call's unary method answers) and `error`.
+/// A call without a request (a method this server does not know) fails UNIMPLEMENTED.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouterCallResult {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub error: ::core::option::Option<CallError>,
+    #[prost(oneof = "router_call_result::Reply", tags = "3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    pub reply: ::core::option::Option<router_call_result::Reply>,
+}
+/// Nested message and enum types in `RouterCallResult`.
+pub mod router_call_result {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Reply {
+        #[prost(message, tag = "3")]
+        Empty(super::Empty),
+        #[prost(message, tag = "4")]
+        StartedChat(super::StartedChatReply),
+        #[prost(message, tag = "5")]
+        ChatView(super::ChatViewReply),
+        #[prost(message, tag = "6")]
+        Events(super::EventsReply),
+        #[prost(message, tag = "7")]
+        AgentView(super::AgentViewReply),
+        #[prost(message, tag = "8")]
+        Chats(super::ListChatsReply),
+        #[prost(message, tag = "9")]
+        Ticket(super::TicketReply),
+        #[prost(message, tag = "10")]
+        ConversationSystem(super::ConversationSystemReply),
+        #[prost(message, tag = "11")]
+        Availability(super::AgentAvailabilityMsg),
+    }
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TypingRequest {
     #[prost(message, optional, tag = "1")]
@@ -2854,6 +2962,37 @@ pub mod router_service_client {
             req.extensions_mut()
                 .insert(
                     GrpcMethod::new("switchboard.internal.v1.RouterService", "Commands"),
+                );
+            self.inner.streaming(req, path, codec).await
+        }
+        /// Every other unary call of this service (gateway's and routers' alike) multiplexed the same way on one
+        /// long-lived stream per client and router: a chat start's calls (`StartChat`, `Subscribe`,
+        /// `AcceptChat`, and between routers `QueueAdd`, `AgentOffer`, `ConversationSystem`, `OwnerAccept`…)
+        /// each cost an HTTP/2 stream of their own otherwise. A call carries the request of one unary method; its
+        /// result carries what that method answers, or its status. Same rules as `Commands`.
+        pub async fn calls(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::RouterCall>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::RouterCallResult>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/Calls",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("switchboard.internal.v1.RouterService", "Calls"),
                 );
             self.inner.streaming(req, path, codec).await
         }
@@ -3489,6 +3628,21 @@ pub mod router_service_server {
             &self,
             request: tonic::Request<tonic::Streaming<super::CommandCall>>,
         ) -> std::result::Result<tonic::Response<Self::CommandsStream>, tonic::Status>;
+        /// Server streaming response type for the Calls method.
+        type CallsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::RouterCallResult, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Every other unary call of this service (gateway's and routers' alike) multiplexed the same way on one
+        /// long-lived stream per client and router: a chat start's calls (`StartChat`, `Subscribe`,
+        /// `AcceptChat`, and between routers `QueueAdd`, `AgentOffer`, `ConversationSystem`, `OwnerAccept`…)
+        /// each cost an HTTP/2 stream of their own otherwise. A call carries the request of one unary method; its
+        /// result carries what that method answers, or its status. Same rules as `Commands`.
+        async fn calls(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::RouterCall>>,
+        ) -> std::result::Result<tonic::Response<Self::CallsStream>, tonic::Status>;
         async fn typing(
             &self,
             request: tonic::Request<super::TypingRequest>,
@@ -4064,6 +4218,52 @@ pub mod router_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CommandsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/Calls" => {
+                    #[allow(non_camel_case_types)]
+                    struct CallsSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::StreamingService<super::RouterCall>
+                    for CallsSvc<T> {
+                        type Response = super::RouterCallResult;
+                        type ResponseStream = T::CallsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::RouterCall>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::calls(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CallsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

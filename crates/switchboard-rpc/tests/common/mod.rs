@@ -1,11 +1,12 @@
 //! Servers on real loopback sockets, and waiting for a condition with a deadline.
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -93,25 +94,40 @@ where
     .await
 }
 
-/// A generated service with its call stream (`Commands`, `Appends`) answered UNIMPLEMENTED, as by a server
-/// built before the stream existed; every other method goes through. Counts the refusals.
+/// A generated service that counts the calls of each method it is asked for (by path), and, when built
+/// [`Watched::without_call_streams`], answers its call streams (`Commands`, `Calls`, `Appends`)
+/// UNIMPLEMENTED, as a server built before them would; every other method goes through.
 #[derive(Clone)]
-pub struct WithoutCallStream<S> {
+pub struct Watched<S> {
     inner: S,
+    refuse_call_streams: bool,
+    /// Calls by method path, the refused ones included.
+    pub paths: Arc<Mutex<BTreeMap<String, usize>>>,
+    /// The call streams refused.
     pub refused: Arc<AtomicUsize>,
 }
 
-impl<S> WithoutCallStream<S> {
+impl<S> Watched<S> {
     pub fn new(inner: S) -> Self {
-        WithoutCallStream { inner, refused: Arc::default() }
+        Watched { inner, refuse_call_streams: false, paths: Arc::default(), refused: Arc::default() }
+    }
+
+    pub fn without_call_streams(inner: S) -> Self {
+        Watched { refuse_call_streams: true, ..Watched::new(inner) }
+    }
+
+    /// How many calls of each method (its name, without the service) were asked for.
+    pub fn methods(&self) -> BTreeMap<String, usize> {
+        let paths = self.paths.lock().unwrap();
+        paths.iter().map(|(path, n)| (path.rsplit('/').next().unwrap_or_default().to_owned(), *n)).collect()
     }
 }
 
-impl<S: NamedService> NamedService for WithoutCallStream<S> {
+impl<S: NamedService> NamedService for Watched<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S> Service<Request<Body>> for WithoutCallStream<S>
+impl<S> Service<Request<Body>> for Watched<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
     S::Future: Send + 'static,
@@ -125,8 +141,10 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let path = request.uri().path();
-        if path.ends_with("/Commands") || path.ends_with("/Appends") {
+        let path = request.uri().path().to_owned();
+        *self.paths.lock().unwrap().entry(path.clone()).or_default() += 1;
+        let call_stream = ["/Commands", "/Calls", "/Appends"].iter().any(|name| path.ends_with(name));
+        if self.refuse_call_streams && call_stream {
             self.refused.fetch_add(1, Ordering::SeqCst);
             let response = tonic::Status::unimplemented("no such method").into_http();
             return Box::pin(async move { Ok(response) });
