@@ -67,6 +67,16 @@ impl Store {
         }
     }
 
+    /// Why the store refuses every append until it is restarted, if it does: on SQLite, a sync of the
+    /// write-ahead log failed (see [`SqlStore::writer_failure`]). A PostgreSQL store never does: a failed
+    /// batch fails its own appends, and the next batch is tried afresh.
+    pub fn writer_failure(&self) -> Option<StoreError> {
+        match self {
+            Store::Sqlite(store) => store.writer_failure(),
+            Store::Postgres(_) => None,
+        }
+    }
+
     /// `"sqlite"` or `"postgres"`, for logs.
     pub fn backend(&self) -> &'static str {
         match self {

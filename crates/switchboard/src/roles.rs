@@ -17,11 +17,11 @@ use switchboard_proto::store::StoreApi;
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
 use switchboard_rpc::cluster::{ClusterClient, ClusterSettings, GrpcConnector};
 use switchboard_rpc::{
-    ClientSettings, GrpcServices, GrpcStore, RouterGrpcServer, ServerSettings, StoreGrpcServer, serve_grpc,
+    ClientSettings, GrpcServices, GrpcStore, Health, RouterGrpcServer, ServerSettings, StoreGrpcServer, serve_grpc,
 };
 use switchboard_store::SqlStore;
 use switchboard_telemetry::names;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, DEMO_CONFIG};
 
@@ -172,11 +172,32 @@ pub async fn store(
     let mut services = GrpcServices::new();
     let server = StoreGrpcServer::new(Arc::new(store.clone())).with_draining(services.draining());
     services.add_service(server.into_service());
+    let watcher = tokio::spawn(report_writer_failure(store.clone(), services.health()));
     println!("switchboard store listening on http://{address}");
     info!(%address, backend, "store serving");
     serve_grpc(listener, services, &ServerSettings::default(), shutdown_signal()).await?;
+    watcher.abort();
     store.close().await;
     Ok(())
+}
+
+/// How often the store role looks at its writer for the gRPC health.
+const WRITER_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Once the store refuses every append until a restart (a failed sync of its SQLite log), its gRPC health
+/// says NOT_SERVING, as `serve`'s `/healthz` fails: a probe restarts it, and the restart recovers what the
+/// disk holds. The `switchboard_store_writer_failed` gauge says it too.
+async fn report_writer_failure(store: switchboard_store::Store, health: Health) {
+    let mut every = tokio::time::interval(WRITER_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Some(failure) = store.writer_failure() {
+            error!(%failure, "the store refuses every write until a restart: NOT_SERVING");
+            health.set_not_serving().await;
+            return;
+        }
+    }
 }
 
 /// A router node: joins the cluster through the store, serves its actors over gRPC, and hands its shards

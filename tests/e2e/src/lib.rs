@@ -8,7 +8,7 @@ mod client;
 mod server;
 
 pub use client::{Client, Frame};
-pub use server::Server;
+pub use server::{Server, StoreRole};
 
 /// The seed scenario's tenancy: groups g1 and g2; agent A in both, agent B in g1 only; and a second tenant
 /// whose agent must never see the first tenant's chats.

@@ -31,6 +31,55 @@ fn binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Spawns `command` (the `switchboard` binary with its role's arguments), logging to `stderr_log`, and
+/// waits until it prints `listening`, followed by its address.
+async fn start(mut command: Command, stderr_log: &Path, listening: &str) -> anyhow::Result<(Child, String)> {
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(stderr_log)?;
+    let mut child = command.env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(stderr).kill_on_drop(true).spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let address = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(address) = line.strip_prefix(listening) {
+                return Ok(address.to_owned());
+            }
+        }
+        bail!("switchboard exited before listening; see {}", stderr_log.display())
+    })
+    .await
+    .context("switchboard did not start listening in time")??;
+    // Keep draining stdout so that the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, address))
+}
+
+/// The `switchboard store` role on its own, on a SQLite database file: its gRPC service only.
+pub struct StoreRole {
+    _child: Child,
+    /// `host:port` of its gRPC service.
+    pub address: String,
+}
+
+impl StoreRole {
+    /// Starts the store role on the database `database` (created when missing), logging under `data_dir`.
+    pub async fn start(database: &Path, data_dir: &Path) -> anyhow::Result<StoreRole> {
+        let mut command = Command::new(binary()?);
+        command
+            .arg("store")
+            .arg("--listen=127.0.0.1:0")
+            .arg("--metrics-listen=127.0.0.1:0")
+            .arg("--database-url")
+            .arg(database);
+        let stderr_log = data_dir.join(format!("store-stderr-{}.log", std::process::id()));
+        let (child, address) = start(command, &stderr_log, "switchboard store listening on http://").await?;
+        Ok(StoreRole { _child: child, address })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
 impl Server {
     /// Starts `serve` with this configuration, storing its data under `data_dir`.
     pub async fn start(config_yaml: &str, data_dir: &Path) -> anyhow::Result<Server> {
@@ -42,32 +91,14 @@ impl Server {
 
     async fn spawn(data_dir: PathBuf, config_path: PathBuf) -> anyhow::Result<Server> {
         let stderr_log = data_dir.join(format!("stderr-{}.log", std::process::id()));
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log)?;
-        let mut child = Command::new(binary()?)
+        let mut command = Command::new(binary()?);
+        command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
             .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
-            .env("SWITCHBOARD_DATA_DIR", &data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let address = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(address) = line.strip_prefix("switchboard listening on http://") {
-                    return Ok(address.to_owned());
-                }
-            }
-            bail!("switchboard exited before listening; see {}", stderr_log.display())
-        })
-        .await
-        .context("switchboard did not start listening in time")??;
-        // Keep draining stdout so that the process never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            .env("SWITCHBOARD_DATA_DIR", &data_dir);
+        let (child, address) = start(command, &stderr_log, "switchboard listening on http://").await?;
         Ok(Server { child, address, data_dir, config_path, stderr_log })
     }
 
