@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -484,11 +484,15 @@ async fn a_stopped_router_is_unavailable() {
     assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
 }
 
-/// A node that answers every call with the error it is given, or never answers, and records peer calls.
+/// A node that answers every call with the error it is given, or holds every call until released (never,
+/// unless `release` is set), and records peer calls and how many calls it held at most at once.
 #[derive(Default)]
 struct Scripted {
     error: Mutex<Option<RouterError>>,
     hang: AtomicBool,
+    release: tokio::sync::watch::Sender<bool>,
+    held: AtomicUsize,
+    most_held: AtomicUsize,
     peer_calls: Mutex<Vec<String>>,
     sinks: Mutex<Vec<mpsc::UnboundedSender<Push>>>,
 }
@@ -496,7 +500,10 @@ struct Scripted {
 impl Scripted {
     async fn outcome(&self) -> Result<(), RouterError> {
         if self.hang.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
+            let held = self.held.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_held.fetch_max(held, Ordering::SeqCst);
+            let _ = self.release.subscribe().wait_for(|released| *released).await;
+            self.held.fetch_sub(1, Ordering::SeqCst);
         }
         match self.error.lock().unwrap().clone() {
             Some(error) => Err(error),
@@ -1250,6 +1257,40 @@ async fn the_calls_stream_answers_each_method_by_its_id() {
     // Closing the client's side ends the stream once every call read is answered.
     drop(calls);
     assert!(within(results.message()).await.unwrap().is_none());
+    running.stop().await;
+}
+
+/// A server runs at most 1,024 calls of one call stream at once: it reads the next call only when one
+/// finishes (HTTP/2 flow control then holds the client back), as a connection's limit of concurrent streams
+/// bounds unary calls. Every call is answered once the calls held finish.
+#[tokio::test]
+async fn a_call_stream_runs_at_most_1024_calls_at_once() {
+    const CALLS: u64 = 1_100;
+    let node = Arc::new(Scripted::default());
+    node.hang.store(true, Ordering::SeqCst);
+    let running = Running::start(any_port().await, services(node.clone(), Duration::from_secs(5))).await;
+    let mut raw = RouterServiceClient::connect(running.url()).await.unwrap();
+    let chat = ConversationId::new_v7(NOW_MS);
+    let customer = pb::Caller { who: Some(pb::caller::Who::CustomerConversationId(chat.to_string())) };
+    let view = pb::ChatViewRequest { caller: Some(customer), conversation_id: chat.to_string() };
+    let (calls, receiver) = mpsc::unbounded_channel();
+    for id in 0..CALLS {
+        let request = Some(pb::router_call::Request::ChatView(view.clone()));
+        calls.send(pb::RouterCall { id, context: Some(pb::CallContext::default()), request }).unwrap();
+    }
+    let mut results =
+        raw.calls(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)).await.unwrap().into_inner();
+    eventually(|| async { (node.held.load(Ordering::SeqCst) >= 1024).then_some(()) }).await;
+    node.release.send_replace(true);
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < CALLS as usize {
+        let result = within(results.message()).await.unwrap().expect("a result");
+        assert!(result.error.is_none(), "{result:?}");
+        answered.insert(result.id);
+    }
+    assert_eq!(answered, (0..CALLS).collect());
+    assert_eq!(node.most_held.load(Ordering::SeqCst), 1024, "never more than 1,024 at once");
+    drop(calls);
     running.stop().await;
 }
 
