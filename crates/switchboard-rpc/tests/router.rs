@@ -1315,18 +1315,29 @@ async fn a_command_after_the_router_restarted_goes_on_a_new_stream() {
     running.stop().await;
 }
 
+type RouterService = pb::router_service_server::RouterServiceServer<RouterGrpcServer<Router>>;
+
+/// A real router on a memory store, served behind `watch` (which counts its calls, and may refuse its call
+/// streams), and a client of it.
+async fn watched_router(
+    watch: fn(RouterService) -> Watched<RouterService>,
+) -> (Arc<Router>, Watched<RouterService>, Running, GrpcRouterNode) {
+    let clock = Arc::new(FixedClock::new(NOW_MS));
+    let clock_dyn: Arc<dyn Clock> = clock.clone();
+    let node = Arc::new(start_router("node-1", Arc::new(MemoryStore::new(clock_dyn)), clock.clone()).await);
+    let mut services = GrpcServices::new();
+    let watched = watch(RouterGrpcServer::new(node.clone()).with_draining(services.draining()).into_service());
+    services.add_service(watched.clone());
+    let running = Running::start(any_port().await, services).await;
+    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    (node, watched, running, client)
+}
+
 /// A router that does not know the `Commands` stream (an older version, during a rolling upgrade): the
 /// client falls back to the unary `Command`, and stays with it.
 #[tokio::test]
 async fn a_router_without_the_call_stream_gets_unary_commands() {
-    let clock = Arc::new(FixedClock::new(NOW_MS));
-    let clock_dyn: Arc<dyn Clock> = clock.clone();
-    let node = Arc::new(start_router("node-1", Arc::new(MemoryStore::new(clock_dyn)), clock.clone()).await);
-    let older = Watched::without_call_streams(RouterGrpcServer::new(node.clone()).into_service());
-    let mut services = GrpcServices::new();
-    services.add_service(older.clone());
-    let running = Running::start(any_port().await, services).await;
-    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let (_node, older, running, client) = watched_router(Watched::without_call_streams).await;
     let request = StartChat {
         conversation: ConversationId::new_v7(NOW_MS),
         tenant: tenant(),
@@ -1357,14 +1368,7 @@ async fn a_router_without_the_call_stream_gets_unary_commands() {
 /// (the router sees no unary call), each answered as its unary method would have.
 #[tokio::test]
 async fn a_chat_start_and_peer_calls_go_on_one_call_stream() {
-    let clock = Arc::new(FixedClock::new(NOW_MS));
-    let clock_dyn: Arc<dyn Clock> = clock.clone();
-    let node = Arc::new(start_router("node-1", Arc::new(MemoryStore::new(clock_dyn)), clock.clone()).await);
-    let mut services = GrpcServices::new();
-    let watched = Watched::new(RouterGrpcServer::new(node.clone()).with_draining(services.draining()).into_service());
-    services.add_service(watched.clone());
-    let running = Running::start(any_port().await, services).await;
-    let client = GrpcRouterNode::connect_lazy(&running.url(), client_settings()).unwrap();
+    let (node, watched, running, client) = watched_router(Watched::new).await;
     let gateway = GatewayId("gw-1".into());
     let (sink, _pushes) = mpsc::unbounded_channel();
     client.connect_gateway(gateway.clone(), sink);
