@@ -76,6 +76,14 @@ pub(crate) struct CallStream<C, R: CallResult> {
     known: Arc<Known>,
 }
 
+/// Where [`CallStream::call_or_unary`] leaves a call.
+pub(crate) enum Attempt<M, T> {
+    /// It went on the stream: its outcome.
+    Answered(Result<T, Status>),
+    /// The server does not know the stream: make the unary call with this request.
+    Unary(M),
+}
+
 /// What this client has learnt of the server's support for the stream.
 #[derive(Default)]
 struct Known {
@@ -173,6 +181,35 @@ impl<C: Send + 'static, R: CallResult> CallStream<C, R> {
                 lock(&link.waiting).calls.remove(&id);
                 Err(Status::deadline_exceeded(format!("no answer within {timeout:?}")))
             }
+        }
+    }
+
+    /// Sends `request` on the stream (`make` builds the call from it, its id and its context), or hands it
+    /// back for the unary call when the server does not know the stream: known already, or said by the
+    /// first opening (until an opening succeeded, a copy of the request is kept for that). A server that no
+    /// longer has the stream after it opened (replaced by an older version) fails the call `UNAVAILABLE`: it
+    /// was not carried out, and the next call goes unary. A call the server itself answers `UNIMPLEMENTED`
+    /// (a method it does not know) is answered so, as the unary call would be.
+    pub(crate) async fn call_or_unary<M: Clone>(
+        &self,
+        timeout: Duration,
+        request: M,
+        make: impl FnOnce(M, u64, CallContext) -> C,
+    ) -> Attempt<M, R::Reply> {
+        if !self.supported() {
+            return Attempt::Unary(request);
+        }
+        let fallback = (!self.known_supported()).then(|| request.clone());
+        match self.call(timeout, move |id, context| make(request, id, context)).await {
+            // The stream itself was refused (not one call): the flag is set before its calls are failed.
+            Err(status) if status.code() == Code::Unimplemented && !self.supported() => match fallback {
+                Some(request) => Attempt::Unary(request),
+                None => Attempt::Answered(Err(Status::unavailable(format!(
+                    "the server no longer has the {} stream; retry",
+                    self.name
+                )))),
+            },
+            outcome => Attempt::Answered(outcome),
         }
     }
 
@@ -401,17 +438,17 @@ pub(crate) fn append_result(id: u64, outcome: Result<AppendResponse, Status>) ->
     }
 }
 
-/// The call a client sends: built by [`CallStream::call`] from its id and context.
-pub(crate) fn command_call(request: CommandRequest) -> impl FnOnce(u64, CallContext) -> CommandCall {
-    move |id, context| CommandCall { id, context: Some(context), request: Some(request) }
+/// The call a client sends: `request` with the id and context [`CallStream::call`] gives it.
+pub(crate) fn command_call(request: CommandRequest, id: u64, context: CallContext) -> CommandCall {
+    CommandCall { id, context: Some(context), request: Some(request) }
 }
 
-pub(crate) fn router_call(request: router_call::Request) -> impl FnOnce(u64, CallContext) -> RouterCall {
-    move |id, context| RouterCall { id, context: Some(context), request: Some(request) }
+pub(crate) fn router_call(request: router_call::Request, id: u64, context: CallContext) -> RouterCall {
+    RouterCall { id, context: Some(context), request: Some(request) }
 }
 
-pub(crate) fn append_call(request: AppendRequest) -> impl FnOnce(u64, CallContext) -> AppendCall {
-    move |id, context| AppendCall { id, context: Some(context), request: Some(request) }
+pub(crate) fn append_call(request: AppendRequest, id: u64, context: CallContext) -> AppendCall {
+    AppendCall { id, context: Some(context), request: Some(request) }
 }
 
 #[cfg(test)]
@@ -439,7 +476,7 @@ mod tests {
     }
 
     fn call() -> impl FnOnce(u64, CallContext) -> CommandCall {
-        command_call(CommandRequest::default())
+        |id, context| command_call(CommandRequest::default(), id, context)
     }
 
     #[tokio::test]

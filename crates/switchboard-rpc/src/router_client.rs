@@ -36,7 +36,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::call_stream::{CallStream, Open, command_call, router_call};
+use crate::call_stream::{Attempt, CallStream, Open, command_call, router_call};
 use crate::channel::{ClientSettings, MAX_MESSAGE_BYTES, lazy_channel, unary};
 use crate::convert::{
     agent_status_str, agent_view_from_proto, availability_from_proto, availability_to_proto, caller_to_proto,
@@ -173,21 +173,14 @@ impl GrpcRouterNode {
         F: FnOnce(RouterServiceClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
     {
-        if !self.calls.supported() {
-            return self.unary(message, call).await;
-        }
-        // A copy for the unary call, until the router is known to have the stream.
-        let fallback = (!self.calls.known_supported()).then(|| message.clone());
-        match self.calls.call(self.settings.request_timeout, router_call(as_call(message))).await {
-            Err(status) if status.code() == Code::Unimplemented => match fallback {
-                Some(message) => self.unary(message, call).await,
-                None => Err(self.error_from(&status)),
-            },
-            result => result
+        let make = |message, id, context| router_call(as_call(message), id, context);
+        match self.calls.call_or_unary(self.settings.request_timeout, message, make).await {
+            Attempt::Answered(outcome) => outcome
                 .and_then(|reply| {
                     R::from_reply(reply).ok_or_else(|| Status::internal("the router answered another method's reply"))
                 })
                 .map_err(|status| self.error_from(&status)),
+            Attempt::Unary(message) => self.unary(message, call).await,
         }
     }
 
@@ -499,7 +492,10 @@ impl RouterApi for GrpcRouterNode {
             conversation_id: conversation.to_string(),
             command: Some(command_to_proto(&command)),
         };
-        let reply = match self.commands.call(self.settings.request_timeout, command_call(request())).await {
+        // Not `call_or_unary`: the request is rebuilt from the arguments for the unary call, so no copy is
+        // kept even before the stream has opened, and a router that lost the stream still gets the command.
+        let make = |id, context| command_call(request(), id, context);
+        let reply = match self.commands.call(self.settings.request_timeout, make).await {
             Err(status) if status.code() == Code::Unimplemented => {
                 self.unary(request(), |mut client, request| async move { client.command(request).await }).await?
             }

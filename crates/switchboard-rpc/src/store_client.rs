@@ -18,7 +18,7 @@ use tokio_stream::Stream;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::call_stream::{CallStream, Open, append_call};
+use crate::call_stream::{Attempt, CallStream, Open, append_call};
 use crate::channel::{ClientSettings, MAX_MESSAGE_BYTES, lazy_channel, unary};
 use crate::error::{ERROR_CODE, store_error_from_status};
 
@@ -153,25 +153,12 @@ impl StoreApi for GrpcStore {
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
-        let timeout = self.settings.request_timeout;
-        if self.appends.known_supported() {
-            // The message path: no copy of the request is kept. A store replaced by an older version meanwhile
-            // (`UNIMPLEMENTED`) did not carry the append out: retryable, and the next append goes unary.
-            return self.appends.call(timeout, append_call(request)).await.map_err(|status| match status.code() {
-                tonic::Code::Unimplemented => {
-                    StoreError::Unavailable(format!("{}: the store no longer has the Appends stream; retry", self.url))
-                }
-                _ => self.error_from(&status),
-            });
-        }
-        if self.appends.supported() {
-            // Until the stream has opened once, a copy is kept for a store too old to know it.
-            match self.appends.call(timeout, append_call(request.clone())).await {
-                Err(status) if status.code() == tonic::Code::Unimplemented => {}
-                result => return result.map_err(|status| self.error_from(&status)),
+        match self.appends.call_or_unary(self.settings.request_timeout, request, append_call).await {
+            Attempt::Answered(outcome) => outcome.map_err(|status| self.error_from(&status)),
+            Attempt::Unary(request) => {
+                self.call(request, |mut client, request| async move { client.append(request).await }).await
             }
         }
-        self.call(request, |mut client, request| async move { client.append(request).await }).await
     }
 
     async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {

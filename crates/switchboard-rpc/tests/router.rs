@@ -69,6 +69,17 @@ fn directory() -> Directory {
     directory
 }
 
+/// A chat start in group g1 at `at_ms` (the conversation id's time), from `customer`.
+fn chat_request(at_ms: i64, customer: &str) -> StartChat {
+    StartChat {
+        conversation: ConversationId::new_v7(at_ms),
+        tenant: tenant(),
+        group: group("g1"),
+        customer_name: customer.into(),
+        question: format!("question from {customer}"),
+    }
+}
+
 async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<FixedClock>) -> Router {
     let settings = RouterSettings {
         node_id: node_id.into(),
@@ -1338,14 +1349,7 @@ async fn watched_router(
 #[tokio::test]
 async fn a_router_without_the_call_stream_gets_unary_commands() {
     let (_node, older, running, client) = watched_router(Watched::without_call_streams).await;
-    let request = StartChat {
-        conversation: ConversationId::new_v7(NOW_MS),
-        tenant: tenant(),
-        group: group("g1"),
-        customer_name: "x".into(),
-        question: "q".into(),
-    };
-    let chat = within(client.start_chat(request)).await.unwrap().view.conversation;
+    let chat = within(client.start_chat(chat_request(NOW_MS, "x"))).await.unwrap().view.conversation;
     let customer = Caller::Customer { conversation: chat };
     for n in 0..3 {
         let send = ChatCommand::Send { client_msg_id: format!("m-{n}"), body: "hi".into() };
@@ -1364,6 +1368,33 @@ async fn a_router_without_the_call_stream_gets_unary_commands() {
     running.stop().await;
 }
 
+/// A router replaced by an older version without the stream, after the stream had opened: the call that
+/// finds out fails retryably (it was not carried out, and no copy of it was kept), and the next goes unary.
+#[tokio::test]
+async fn a_router_replaced_by_one_without_the_stream_fails_one_call_retryably_then_gets_unary_calls() {
+    let (node, _watched, running, client) = watched_router(Watched::new).await;
+    let chat = within(client.start_chat(chat_request(NOW_MS, "x"))).await.unwrap().view.conversation;
+    let customer = Caller::Customer { conversation: chat };
+    let addr = running.addr;
+    running.stop().await;
+    let mut services = GrpcServices::new();
+    let older = Watched::without_call_streams(RouterGrpcServer::new(node.clone()).into_service());
+    services.add_service(older.clone());
+    let running = Running::start(TcpListener::bind(addr).await.unwrap(), services).await;
+    // The old stream ended with the old server; the new server refuses the next opening.
+    let refused = eventually(|| async {
+        match within(client.chat_view(&customer, chat)).await {
+            Err(error) if older.refused.load(Ordering::SeqCst) > 0 => Some(error),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(matches!(&refused, RouterError::Unavailable(text) if text.contains("no longer has")), "{refused:?}");
+    assert_eq!(within(client.chat_view(&customer, chat)).await.unwrap().conversation, chat);
+    assert_eq!(older.methods().get("ChatView"), Some(&1));
+    running.stop().await;
+}
+
 /// A gateway's and a peer router's calls go on the `Calls` stream: however many calls, one HTTP/2 stream
 /// (the router sees no unary call), each answered as its unary method would have.
 #[tokio::test]
@@ -1373,14 +1404,7 @@ async fn a_chat_start_and_peer_calls_go_on_one_call_stream() {
     let (sink, _pushes) = mpsc::unbounded_channel();
     client.connect_gateway(gateway.clone(), sink);
     for n in 0..3 {
-        let request = StartChat {
-            conversation: ConversationId::new_v7(NOW_MS + n),
-            tenant: tenant(),
-            group: group("g1"),
-            customer_name: format!("customer {n}"),
-            question: "q".into(),
-        };
-        let started = within(client.start_chat(request)).await.unwrap();
+        let started = within(client.start_chat(chat_request(NOW_MS + n, &format!("customer {n}")))).await.unwrap();
         let chat = started.view.conversation;
         let customer = Caller::Customer { conversation: chat };
         let events = within(client.subscribe(&gateway, &customer, chat, 0)).await.unwrap();
