@@ -104,6 +104,8 @@ impl Idle {
 pub struct ChatStorm {
     pub rate_per_s: f64,
     pub offer: Option<Latency>,
+    /// The load generator's own lateness (intended start → the chat begins), part of every offer latency.
+    pub schedule_lag: Option<Latency>,
     pub errors: u64,
     pub violations: u64,
     pub loadgen_failed: Option<String>,
@@ -114,6 +116,7 @@ impl ChatStorm {
         ChatStorm {
             rate_per_s,
             offer: latency(&run.report, "offer"),
+            schedule_lag: latency(&run.report, "schedule_lag"),
             errors: n_errors(&run.report),
             violations: n_violations(&run.report),
             loadgen_failed: run.failed_status.clone(),

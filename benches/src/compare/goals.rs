@@ -113,12 +113,13 @@ pub fn judge(target: &'static str, relay: &TargetFigures, switchboard: &TargetFi
             target,
             goal: format!("offer latency p99 under 5 ms at {:.0} chat starts/s", storm.rate_per_s),
             measured: format!(
-                "p99 {} (p50 {}, {} offers, {} errors, {} invariant violations)",
+                "p99 {} (p50 {}, {} offers, {} errors, {} invariant violations; the load generator's own lateness p99 {})",
                 ms(offer.p99),
                 ms(offer.p50),
                 offer.count,
                 storm.errors,
-                storm.violations
+                storm.violations,
+                storm.schedule_lag.map_or_else(|| "unknown".to_owned(), |lag| ms(lag.p99)),
             ),
             verdict: verdict(offer.p99 < MAX_OFFER_P99_US && offer.count > 0 && storm.violations == 0),
         },

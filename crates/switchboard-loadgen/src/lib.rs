@@ -5,6 +5,7 @@ pub mod gen_config;
 pub mod invariants;
 pub mod metrics;
 pub mod net;
+pub mod pacer;
 pub mod progress;
 pub mod report;
 pub mod runner;

@@ -3,9 +3,10 @@
 //! `queue.added` (one wins, the others get `chat_taken`, which is counted, not an error); in a push group
 //! the agent a chat is `offer`ed to accepts it. Each agent closes each chat it accepted, freeing its slot.
 //!
-//! Latencies from each chat's intended start: `chat_start` (its ack), `first_queue_added` (pull: the first
-//! `queue.added` an agent of this process saw) or `offer` (push), `accepted` (the customer receives the
-//! `accepted` event). Invariant: each chat accepted exactly once.
+//! Latencies from each chat's intended start: `connect` (the customer's `welcome`), `chat_start` (its ack),
+//! `first_queue_added` (pull: the first `queue.added` an agent of this process saw) or `offer` (push),
+//! `accepted` (the customer receives the `accepted` event); and `schedule_lag`, the generator's own
+//! lateness (the chats are paced by a `timerfd`, see `pacer`). Invariant: each chat accepted exactly once.
 
 mod agent;
 
@@ -24,6 +25,7 @@ use crate::cli::{ChatStormArgs, RoutingMode};
 use crate::invariants::{ChatLedger, Side};
 use crate::metrics::{Metrics, lock};
 use crate::net::{EventObserver, Role};
+use crate::pacer::Pacer;
 use crate::report::{ChatStormSection, Report};
 use crate::schedule::Schedule;
 
@@ -101,8 +103,10 @@ pub async fn run(ctx: &mut Ctx, args: ChatStormArgs) -> anyhow::Result<Report> {
     let start = Instant::now();
     let schedule = Schedule::sharded(start, args.rate, ctx.shard.index, ctx.shard.count);
     let mut customers = JoinSet::new();
+    let pacer = Pacer::precise();
     for k in 0..count {
-        let intended = schedule.wait_for(k).await;
+        let intended = schedule.wait_for(k, &pacer).await;
+        ctx.metrics.record("schedule_lag", intended, Instant::now());
         let question = format!("{tag}{}-{k}", ctx.shard.index);
         customers.spawn(customer(
             ctx.clone_for_task(),
@@ -184,6 +188,7 @@ async fn customer(
             return None;
         }
     };
+    metrics.record("connect", intended, connection.welcome_at);
     let request =
         json!({ "widget_key": task.widget_key, "group": group, "name": "Load customer", "question": question });
     let ack = match connection.request("chat.start", request).await {

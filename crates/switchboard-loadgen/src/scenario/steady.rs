@@ -20,6 +20,7 @@ use crate::cli::SteadyArgs;
 use crate::invariants::{MessageKey, MessageLedger, Receipt, Side};
 use crate::metrics::{Metrics, lock};
 use crate::net::{Connection, EventObserver, Role};
+use crate::pacer::Pacer;
 use crate::report::Report;
 use crate::schedule::Schedule;
 
@@ -204,8 +205,10 @@ impl Sender {
     async fn run(self, schedule: Schedule, count: u64) {
         let this = Arc::new(self);
         let mut sends = JoinSet::new();
+        // Thousands of messages a second: tokio's timer, not a wake-up per message (see `pacer`).
+        let pacer = Pacer::coarse();
         for k in 0..count {
-            let intended = schedule.wait_for(k).await;
+            let intended = schedule.wait_for(k, &pacer).await;
             let side = if k % 2 == 0 { Side::Customer } else { Side::Agent };
             let key = MessageKey {
                 conversation: this.conversation.clone(),
@@ -213,6 +216,9 @@ impl Sender {
                 client_msg_id: format!("{}-{k}", side.name()),
             };
             let measured = intended >= this.measured_from;
+            if measured {
+                this.observer.metrics.record("schedule_lag", intended, Instant::now());
+            }
             lock(&this.observer.ledger).expect(key.clone(), intended, measured);
             this.observer.metrics.count("messages_sent", 1);
             sends.spawn(this.clone().send(key));

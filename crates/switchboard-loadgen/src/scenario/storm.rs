@@ -14,6 +14,7 @@ use super::{Ctx, close_all};
 use crate::cli::StormArgs;
 use crate::metrics::lock;
 use crate::net::{Connection, IgnoreEvents, Role};
+use crate::pacer::Pacer;
 use crate::report::Report;
 use crate::schedule::Schedule;
 
@@ -28,8 +29,10 @@ pub async fn run(ctx: &mut Ctx, args: StormArgs) -> anyhow::Result<Report> {
     let open: Arc<Mutex<Vec<Connection>>> = Arc::default();
     let last_answer = Arc::new(Mutex::new(start));
     let mut tasks = JoinSet::new();
+    let pacer = Pacer::precise();
     for k in 0..count {
-        let intended = schedule.wait_for(k).await;
+        let intended = schedule.wait_for(k, &pacer).await;
+        ctx.metrics.record("schedule_lag", intended, Instant::now());
         let (network, metrics) = (ctx.network.clone(), ctx.metrics.clone());
         let (open, last_answer) = (open.clone(), last_answer.clone());
         tasks.spawn(async move {
