@@ -50,6 +50,30 @@ pub struct AgentAvailability {
     pub held: u32,
     pub offer: Option<ConversationId>,
     pub idle_since_ms: i64,
+    /// Which state of the agent this is, for a queue to keep the newest it heard of.
+    pub version: AvailabilityVersion,
+}
+
+/// Orders the reports of one agent's availability. They reach a queue by several ways that can cross: a
+/// change's cast (retried from a task of its own when the queue lives on another node), a read the queue
+/// asked for, the read of every member when the queue starts. A queue keeps the newest it heard of, so an
+/// older report arriving late (an agent's "offline" after their "online") is dropped instead of leaving
+/// the queue with a state the agent has left: nothing offered to an agent who is online, with chats waiting.
+///
+/// An activation of the agent's actor takes the epoch of its shard's lease, higher than that of any
+/// activation before it; within one, each change counts up. Equal versions are the same state. `0/0` is
+/// unversioned: a report from a router of an older version, which a queue takes as it comes, as before
+/// there were versions (during a rolling upgrade an agent's actor can move to such a router).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct AvailabilityVersion {
+    pub epoch: u64,
+    pub change: u64,
+}
+
+impl AvailabilityVersion {
+    pub fn is_versioned(self) -> bool {
+        self != AvailabilityVersion::default()
+    }
 }
 
 impl AgentAvailability {
@@ -74,7 +98,8 @@ impl AgentState {
         }
     }
 
-    pub fn availability(&self) -> AgentAvailability {
+    /// The agent's availability now, at `version` (the agent's actor keeps the count).
+    pub fn availability(&self, version: AvailabilityVersion) -> AgentAvailability {
         AgentAvailability {
             agent: self.id.clone(),
             status: self.status,
@@ -82,6 +107,7 @@ impl AgentState {
             held: u32::try_from(self.n_held()).unwrap_or(u32::MAX),
             offer: self.offer,
             idle_since_ms: self.idle_since_ms,
+            version,
         }
     }
 

@@ -16,7 +16,7 @@ mod queue;
 mod refusal;
 mod shard;
 
-pub use agent::{AgentAvailability, AgentState, AgentStatus};
+pub use agent::{AgentAvailability, AgentState, AgentStatus, AvailabilityVersion};
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use conversation::{
     Author, Command, Conversation, ConversationState, Event, EventBody, NewConversation, Offer, OfferEnd,

@@ -13,8 +13,8 @@ use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentState, AgentStatus, ConversationId, OfferEnd, Refusal, RequeueReason, TenantId,
-    agent_key,
+    AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, ConversationId, OfferEnd, Refusal,
+    RequeueReason, TenantId, agent_key,
 };
 use switchboard_proto::convert::conversation_id;
 use switchboard_proto::internal::v1::ListConversationsRequest;
@@ -75,17 +75,45 @@ pub(crate) struct AgentActorState {
     shown_offer: Option<(switchboard_domain::WaitingEntry, i64)>,
     /// Since when the agent has had no live connection (presence read), if they are signed in.
     disconnected_since_ms: Option<i64>,
+    /// The version of the agent's availability for the queues.
+    versions: Versions,
+}
+
+/// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
+/// up whenever the availability differs from the one stamped last. Counting at the stamp rather than at
+/// each change means a change that forgot to count cannot give two states one version.
+struct Versions {
+    version: AvailabilityVersion,
+    stamped: Option<AgentAvailability>,
+}
+
+impl Versions {
+    fn new(epoch: u64) -> Versions {
+        Versions { version: AvailabilityVersion { epoch, change: 0 }, stamped: None }
+    }
+
+    fn stamp(&mut self, agent: &AgentState) -> AgentAvailability {
+        let now = agent.availability(self.version);
+        if self.stamped.as_ref() == Some(&now) {
+            return now;
+        }
+        self.version.change += 1;
+        let now = AgentAvailability { version: self.version, ..now };
+        self.stamped = Some(now.clone());
+        now
+    }
 }
 
 impl Actor for AgentActor {
     type Msg = AgentMsg;
     type State = AgentActorState;
-    type Arguments = (Arc<Context>, AgentState);
+    /// The context, the agent as the store has it, and the epoch of the lease on its shard.
+    type Arguments = (Arc<Context>, AgentState, u64);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        (context, agent): Self::Arguments,
+        (context, agent, epoch): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "agent").increment(1.0);
         Ok(AgentActorState {
@@ -94,6 +122,7 @@ impl Actor for AgentActor {
             subscribers: BTreeSet::new(),
             shown_offer: None,
             disconnected_since_ms: None,
+            versions: Versions::new(epoch),
         })
     }
 
@@ -135,7 +164,7 @@ impl Actor for AgentActor {
                 let _ = reply.send(result);
             }
             AgentMsg::Availability { reply } => {
-                let _ = reply.send(Ok(state.agent.availability()));
+                let _ = reply.send(Ok(state.versions.stamp(&state.agent)));
             }
             AgentMsg::Subscribe { gateway } => {
                 // A console that connects while an offer is outstanding sees it too.
@@ -239,7 +268,7 @@ impl AgentActorState {
 
     /// Tells the queues of the agent's groups that the agent's availability changed.
     async fn changed(&mut self) {
-        let availability = self.agent.availability();
+        let availability = self.versions.stamp(&self.agent);
         for group in self.agent.groups.clone() {
             remote::queue_agent_changed(&self.context, &self.agent.tenant, &group, availability.clone()).await;
         }
@@ -339,9 +368,7 @@ pub(crate) async fn activate(
     context
         .agents
         .get_or_activate(&key, || async {
-            if !context.shards.owns(&agent_key(tenant, agent)) {
-                return Err(RouterError::NotOwner);
-            }
+            let fence = context.shards.fence_for(&agent_key(tenant, agent))?;
             let entry = context.directory.agent(tenant, agent).ok_or(RouterError::UnknownAgent)?;
             let mut state = AgentState::new(tenant.clone(), agent.clone(), entry.groups.clone(), entry.capacity);
             state.idle_since_ms = context.clock.now_ms();
@@ -369,10 +396,43 @@ pub(crate) async fn activate(
                 state.reserved.insert(id);
                 state.offer = Some(id);
             }
-            let (actor, _) = Actor::spawn(None, AgentActor, (context.clone(), state))
+            let (actor, _) = Actor::spawn(None, AgentActor, (context.clone(), state, fence.epoch.0))
                 .await
                 .map_err(|error| RouterError::Internal(format!("agent actor did not start: {error}")))?;
             Ok(actor)
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_domain::GroupId;
+
+    use super::*;
+
+    #[test]
+    fn each_new_state_gets_a_newer_version_and_a_later_activation_newer_still() {
+        let group = GroupId::new("sales").unwrap();
+        let mut agent =
+            AgentState::new(TenantId::new("acme").unwrap(), AgentId::new("a").unwrap(), vec![group.clone()], 2);
+        let mut versions = Versions::new(5);
+        let offline = versions.stamp(&agent);
+        assert_eq!(offline.version, AvailabilityVersion { epoch: 5, change: 1 });
+        assert_eq!(versions.stamp(&agent), offline, "read again unchanged: the same version");
+
+        agent.set_status(AgentStatus::Online, 1_000);
+        let online = versions.stamp(&agent);
+        assert_eq!(online.version, AvailabilityVersion { epoch: 5, change: 2 });
+        // Any difference counts, not only the status: a slot reserved for an offer.
+        let conversation = ConversationId::new_v7(1_000);
+        agent.take_offer(conversation, &group).unwrap();
+        let offered = versions.stamp(&agent);
+        assert!(offered.version > online.version && offered.offer == Some(conversation));
+
+        // The next activation (a new lease on the shard, a higher epoch) starts its count again.
+        let mut next = Versions::new(6);
+        let after_move = next.stamp(&agent);
+        assert_eq!(after_move.version, AvailabilityVersion { epoch: 6, change: 1 });
+        assert!(after_move.version > offered.version);
+    }
 }

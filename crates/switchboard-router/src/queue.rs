@@ -340,7 +340,9 @@ impl QueueActorState {
     fn agent_changed(&mut self, availability: AgentAvailability) {
         let agent = availability.agent.clone();
         let unavailable = availability.status != switchboard_domain::AgentStatus::Online;
-        self.agents.insert(agent.clone(), availability);
+        if !keep_newest(&mut self.agents, availability) {
+            return;
+        }
         if unavailable {
             let offered: Vec<ConversationId> = self
                 .chats
@@ -720,23 +722,44 @@ fn offer_end_name(reason: OfferEnd) -> &'static str {
     }
 }
 
-/// Adds the availability read when the queue was activated, for the agents it has not heard from since.
-/// The read asks each member in turn and arrives as one message, so an agent can change meanwhile: its
-/// own word (`AgentChanged`, sent on every change) is then newer than what was read, and a later
-/// change still follows it. Letting the read replace it took an agent who went online while their old
-/// status was read for offline until they changed again: in a push-routed group nothing was offered to
-/// them, with chats waiting.
+/// Adds the availability read when the queue was activated. The read asks each member in turn and
+/// arrives as one message, so an agent can change meanwhile: their own word (`AgentChanged`, sent on
+/// every change) is then newer than what was read, and is kept. An unversioned read (a router of an
+/// older version) never replaces what the agent told the queue: letting it took an agent who went online
+/// while their old status was read for offline until they changed again.
 fn merge_loaded(agents: &mut HashMap<AgentId, AgentAvailability>, loaded: Vec<AgentAvailability>) {
     for availability in loaded {
-        agents.entry(availability.agent.clone()).or_insert(availability);
+        if availability.version.is_versioned() {
+            keep_newest(agents, availability);
+        } else {
+            agents.entry(availability.agent.clone()).or_insert(availability);
+        }
     }
+}
+
+/// Keeps `availability` unless the queue already knows a newer version of the agent (see
+/// [`switchboard_domain::AvailabilityVersion`]); true when kept. An equal version is the same state, read
+/// again; an unversioned report is kept, as it comes.
+fn keep_newest(agents: &mut HashMap<AgentId, AgentAvailability>, availability: AgentAvailability) -> bool {
+    let stale = availability.version.is_versioned()
+        && agents.get(&availability.agent).is_some_and(|known| known.version > availability.version);
+    if !stale {
+        agents.insert(availability.agent.clone(), availability);
+    }
+    !stale
 }
 
 #[cfg(test)]
 mod tests {
+    use switchboard_domain::AvailabilityVersion;
+
     use super::*;
 
     fn availability(agent: &str, status: switchboard_domain::AgentStatus) -> AgentAvailability {
+        versioned(agent, status, 0, 0)
+    }
+
+    fn versioned(agent: &str, status: switchboard_domain::AgentStatus, epoch: u64, change: u64) -> AgentAvailability {
         AgentAvailability {
             agent: AgentId::new(agent).unwrap(),
             status,
@@ -744,19 +767,50 @@ mod tests {
             held: 0,
             offer: None,
             idle_since_ms: 0,
+            version: AvailabilityVersion { epoch, change },
         }
+    }
+
+    fn status_of(agents: &HashMap<AgentId, AgentAvailability>, agent: &str) -> switchboard_domain::AgentStatus {
+        agents[&AgentId::new(agent).unwrap()].status
     }
 
     #[test]
     fn the_read_at_activation_does_not_replace_what_an_agent_told_the_queue_since() {
         use switchboard_domain::AgentStatus::{Offline, Online};
+        for (told, read) in [((0, 0), (0, 0)), ((7, 3), (7, 2))] {
+            let mut agents = HashMap::new();
+            // `a` went online while the queue was reading every member's availability.
+            agents.insert(AgentId::new("a").unwrap(), versioned("a", Online, told.0, told.1));
+            merge_loaded(&mut agents, vec![versioned("a", Offline, read.0, read.1), availability("b", Offline)]);
+            assert_eq!(status_of(&agents, "a"), Online, "told {told:?}, read {read:?}");
+            assert_eq!(status_of(&agents, "b"), Offline, "an agent not heard from is as read");
+            assert!(agents[&AgentId::new("a").unwrap()].can_take_offer());
+        }
+        // A read newer than what the agent told: it replaces it.
         let mut agents = HashMap::new();
-        // `a` went online while the queue was reading every member's availability.
-        agents.insert(AgentId::new("a").unwrap(), availability("a", Online));
-        merge_loaded(&mut agents, vec![availability("a", Offline), availability("b", Offline)]);
-        assert_eq!(agents[&AgentId::new("a").unwrap()].status, Online);
-        assert_eq!(agents[&AgentId::new("b").unwrap()].status, Offline, "an agent not heard from is as read");
-        assert!(agents[&AgentId::new("a").unwrap()].can_take_offer());
+        agents.insert(AgentId::new("a").unwrap(), versioned("a", Online, 7, 3));
+        merge_loaded(&mut agents, vec![versioned("a", Offline, 7, 4)]);
+        assert_eq!(status_of(&agents, "a"), Offline);
+    }
+
+    #[test]
+    fn a_report_older_than_what_the_queue_knows_is_dropped() {
+        use switchboard_domain::AgentStatus::{Away, Offline, Online};
+        let mut agents = HashMap::new();
+        assert!(keep_newest(&mut agents, versioned("a", Offline, 7, 1)));
+        assert!(keep_newest(&mut agents, versioned("a", Online, 7, 2)));
+        // The "offline" of change 1 again, late (a retried cast, or a read answered before the change).
+        assert!(!keep_newest(&mut agents, versioned("a", Offline, 7, 1)));
+        assert_eq!(status_of(&agents, "a"), Online);
+        assert!(keep_newest(&mut agents, versioned("a", Online, 7, 2)), "the same state, read again");
+        // A later activation (a higher epoch) counts from 1 again, and is newer than every change before.
+        assert!(keep_newest(&mut agents, versioned("a", Away, 8, 1)));
+        assert!(!keep_newest(&mut agents, versioned("a", Online, 7, 9)));
+        assert_eq!(status_of(&agents, "a"), Away);
+        // An unversioned report (an older router) is taken as it comes.
+        assert!(keep_newest(&mut agents, availability("a", Online)));
+        assert_eq!(status_of(&agents, "a"), Online);
     }
 
     #[test]

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, Author, ConversationId, ConversationState, Event, GroupId, OfferEnd,
-    RequeueReason, TenantId, WaitingEntry,
+    AgentAvailability, AgentId, AgentStatus, Author, AvailabilityVersion, ConversationId, ConversationState, Event,
+    GroupId, OfferEnd, RequeueReason, TenantId, WaitingEntry,
 };
 use switchboard_proto::convert::{author_parts, new_event};
 use switchboard_proto::internal::v1::{
@@ -459,6 +459,8 @@ pub fn availability_to_proto(availability: &AgentAvailability) -> AgentAvailabil
         held: availability.held,
         offer_conversation_id: availability.offer.map(|offer| offer.to_string()).unwrap_or_default(),
         idle_since_ms: availability.idle_since_ms,
+        version_epoch: availability.version.epoch,
+        version_change: availability.version.change,
     }
 }
 
@@ -474,6 +476,7 @@ pub fn availability_from_proto(availability: &AgentAvailabilityMsg) -> Result<Ag
             id => Some(conversation_id(id)?),
         },
         idle_since_ms: availability.idle_since_ms,
+        version: AvailabilityVersion { epoch: availability.version_epoch, change: availability.version_change },
     })
 }
 
@@ -827,15 +830,18 @@ mod tests {
     }
 
     fn any_availability() -> impl Strategy<Value = AgentAvailability> {
-        (any_agent(), any_status(), any::<u32>(), any::<u32>(), proptest::option::of(any_conversation()), any::<i64>())
-            .prop_map(|(agent, status, capacity, held, offer, idle_since_ms)| AgentAvailability {
+        let fields = (any_agent(), any_status(), any::<u32>(), any::<u32>(), proptest::option::of(any_conversation()));
+        (fields, any::<i64>(), any::<u64>(), any::<u64>()).prop_map(
+            |((agent, status, capacity, held, offer), idle_since_ms, epoch, change)| AgentAvailability {
                 agent,
                 status,
                 capacity,
                 held,
                 offer,
                 idle_since_ms,
-            })
+                version: AvailabilityVersion { epoch, change },
+            },
+        )
     }
 
     fn any_offer_update() -> impl Strategy<Value = OfferUpdate> {

@@ -11,9 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{DEADLINE, Running, Watched, any_port, client_settings, eventually, within};
 use switchboard_domain::{
-    AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
-    Event, EventBody, FixedClock, GroupEntry, GroupId, OfferEnd, Refusal, RequeueReason, TenantEntry, TenantId,
-    WaitingEntry,
+    AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, AvailabilityVersion, Clock, ConversationId,
+    ConversationState, Directory, Event, EventBody, FixedClock, GroupEntry, GroupId, OfferEnd, Refusal, RequeueReason,
+    TenantEntry, TenantId, WaitingEntry,
 };
 use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::internal::v1 as pb;
@@ -546,6 +546,7 @@ impl Scripted {
             held: 2,
             offer: Some(ConversationId::parse("01900000-0000-7000-8000-000000000001").unwrap()),
             idle_since_ms: NOW_MS - 60_000,
+            version: AvailabilityVersion { epoch: 4, change: 17 },
         }
     }
 }

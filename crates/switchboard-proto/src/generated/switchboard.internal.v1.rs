@@ -2619,6 +2619,13 @@ pub struct AgentAvailabilityMsg {
     pub offer_conversation_id: ::prost::alloc::string::String,
     #[prost(int64, tag = "6")]
     pub idle_since_ms: i64,
+    /// The report's version, for a queue to keep the newest it heard of: the epoch of the lease under which
+    /// the agent's actor runs, and a count of its changes within it. Both 0: unversioned (an older router),
+    /// taken as it comes.
+    #[prost(uint64, tag = "7")]
+    pub version_epoch: u64,
+    #[prost(uint64, tag = "8")]
+    pub version_change: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct QueueAgentChangedRequest {
