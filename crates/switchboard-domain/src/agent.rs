@@ -61,7 +61,8 @@ pub struct AgentAvailability {
 /// the queue with a state the agent has left: nothing offered to an agent who is online, with chats waiting.
 ///
 /// An activation of the agent's actor takes the epoch of its shard's lease, higher than that of any
-/// activation before it; within one, each change counts up. Equal versions are the same state. `0/0` is
+/// owner before it; under one epoch, a count kept by the owning process goes up with each new state (so
+/// also across a restart of the actor under the same lease). Equal versions are the same state. `0/0` is
 /// unversioned: a report from a router of an older version, which a queue takes as it comes, as before
 /// there were versions (during a rolling upgrade an agent's actor can move to such a router).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -9,6 +9,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -82,10 +84,17 @@ pub(crate) struct AgentActorState {
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
 /// up whenever the availability differs from the one stamped last. Counting at the stamp rather than at
 /// each change means a change that forgot to count cannot give two states one version.
+///
+/// The count is the process's ([`STAMPS`]), not the activation's: an actor that stopped and was activated
+/// again under the same lease (a panic in a handler) must not start over below what the queues already
+/// heard. A lease's epoch belongs to one process, and a process that restarts takes new epochs.
 struct Versions {
     version: AvailabilityVersion,
     stamped: Option<AgentAvailability>,
 }
+
+/// The states stamped by every agent actor of this process.
+static STAMPS: AtomicU64 = AtomicU64::new(0);
 
 impl Versions {
     fn new(epoch: u64) -> Versions {
@@ -97,7 +106,7 @@ impl Versions {
         if self.stamped.as_ref() == Some(&now) {
             return now;
         }
-        self.version.change += 1;
+        self.version.change = STAMPS.fetch_add(1, Ordering::Relaxed) + 1;
         let now = AgentAvailability { version: self.version, ..now };
         self.stamped = Some(now.clone());
         now
@@ -417,22 +426,24 @@ mod tests {
             AgentState::new(TenantId::new("acme").unwrap(), AgentId::new("a").unwrap(), vec![group.clone()], 2);
         let mut versions = Versions::new(5);
         let offline = versions.stamp(&agent);
-        assert_eq!(offline.version, AvailabilityVersion { epoch: 5, change: 1 });
+        assert_eq!(offline.version.epoch, 5);
         assert_eq!(versions.stamp(&agent), offline, "read again unchanged: the same version");
 
         agent.set_status(AgentStatus::Online, 1_000);
         let online = versions.stamp(&agent);
-        assert_eq!(online.version, AvailabilityVersion { epoch: 5, change: 2 });
+        assert!(online.version > offline.version);
         // Any difference counts, not only the status: a slot reserved for an offer.
         let conversation = ConversationId::new_v7(1_000);
         agent.take_offer(conversation, &group).unwrap();
         let offered = versions.stamp(&agent);
         assert!(offered.version > online.version && offered.offer == Some(conversation));
 
-        // The next activation (a new lease on the shard, a higher epoch) starts its count again.
-        let mut next = Versions::new(6);
-        let after_move = next.stamp(&agent);
-        assert_eq!(after_move.version, AvailabilityVersion { epoch: 6, change: 1 });
-        assert!(after_move.version > offered.version);
+        // Activated again under the same lease (the actor stopped): newer than all it said before.
+        let mut again = Versions::new(5);
+        let restarted = again.stamp(&agent);
+        assert!(restarted.version > offered.version, "{:?} after {:?}", restarted.version, offered.version);
+        // The next owner (a new lease on the shard, a higher epoch): newer whatever its count.
+        let moved = AvailabilityVersion { epoch: 6, change: 1 };
+        assert!(moved > restarted.version);
     }
 }
