@@ -55,15 +55,19 @@ impl Pacer {
     }
 
     /// Waits until `at`; returns at once when `at` has passed. Never returns before `at` (the timer runs
-    /// on the monotonic clock, as `Instant` does).
-    pub async fn sleep_until(&self, at: Instant) {
-        let Some(timer) = &self.timer else {
-            return tokio::time::sleep_until(at).await;
-        };
-        if let Err(error) = Self::wait(timer, at).await {
-            eprintln!("the timer failed ({error}): this wait is on tokio's timer");
-            tokio::time::sleep_until(at).await;
+    /// on the monotonic clock, as `Instant` does). A timer that fails is said once and given up: this wait
+    /// and every later one are on tokio's timer.
+    pub async fn sleep_until(&mut self, at: Instant) {
+        if let Some(timer) = &self.timer {
+            match Self::wait(timer, at).await {
+                Ok(()) => return,
+                Err(error) => {
+                    eprintln!("the timer failed ({error}): operations are paced by tokio's timer, up to 2 ms late");
+                    self.timer = None;
+                }
+            }
         }
+        tokio::time::sleep_until(at).await;
     }
 
     async fn wait(timer: &AsyncFd<OwnedFd>, at: Instant) -> io::Result<()> {
@@ -113,7 +117,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pacer_wakes_on_the_real_clock_never_before_its_time() {
-        let pacer = Pacer::precise();
+        let mut pacer = Pacer::precise();
         assert!(pacer.timer.is_some(), "this machine has timerfd");
         let start = Instant::now();
         let mut early = Vec::new();
@@ -130,7 +134,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_wait_does_not_end_the_next_one_early() {
-        let pacer = Pacer::precise();
+        let mut pacer = Pacer::precise();
         let start = Instant::now();
         // Armed for 200 ms by its first poll, then dropped unfinished: its expiry comes while nobody waits.
         let cancelled = pacer.sleep_until(start + Duration::from_millis(200)).now_or_never();

@@ -49,7 +49,7 @@ impl Schedule {
 
     /// Waits on `pacer` until operation `k` is due and returns its intended time; returns at once when it
     /// is late.
-    pub async fn wait_for(&self, k: u64, pacer: &Pacer) -> Instant {
+    pub async fn wait_for(&self, k: u64, pacer: &mut Pacer) -> Instant {
         let intended = self.intended(k);
         pacer.sleep_until(intended).await;
         intended
@@ -96,13 +96,13 @@ mod tests {
     async fn a_sender_waits_for_its_time_but_never_past_it() {
         let start = Instant::now();
         let schedule = Schedule::sharded(start, 10.0, 0, 1);
-        let pacer = Pacer::coarse();
-        assert_eq!(schedule.wait_for(3, &pacer).await, start + Duration::from_millis(300));
+        let mut pacer = Pacer::coarse();
+        assert_eq!(schedule.wait_for(3, &mut pacer).await, start + Duration::from_millis(300));
         assert_eq!(Instant::now(), start + Duration::from_millis(300));
         // A stalled sender: the clock is already past operations 4 to 9.
         tokio::time::advance(Duration::from_secs(1)).await;
         let late = Instant::now();
-        assert_eq!(schedule.wait_for(4, &pacer).await, start + Duration::from_millis(400));
+        assert_eq!(schedule.wait_for(4, &mut pacer).await, start + Duration::from_millis(400));
         assert_eq!(Instant::now(), late, "a late operation goes at once");
         assert_eq!(late.duration_since(schedule.intended(4)), Duration::from_millis(900));
     }

@@ -89,7 +89,8 @@ pub(crate) struct AgentActorState {
 /// again under the same lease (a panic in a handler) must not start over below what the queues already
 /// heard. A lease's epoch belongs to one process, and a process that restarts takes new epochs.
 struct Versions {
-    version: AvailabilityVersion,
+    epoch: u64,
+    /// The availability stamped last, with its version.
     stamped: Option<AgentAvailability>,
 }
 
@@ -98,16 +99,17 @@ static STAMPS: AtomicU64 = AtomicU64::new(0);
 
 impl Versions {
     fn new(epoch: u64) -> Versions {
-        Versions { version: AvailabilityVersion { epoch, change: 0 }, stamped: None }
+        Versions { epoch, stamped: None }
     }
 
     fn stamp(&mut self, agent: &AgentState) -> AgentAvailability {
-        let now = agent.availability(self.version);
+        let last = self.stamped.as_ref().map_or(0, |stamped| stamped.version.change);
+        let now = agent.availability(AvailabilityVersion { epoch: self.epoch, change: last });
         if self.stamped.as_ref() == Some(&now) {
             return now;
         }
-        self.version.change = STAMPS.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = AgentAvailability { version: self.version, ..now };
+        let change = STAMPS.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = AgentAvailability { version: AvailabilityVersion { epoch: self.epoch, change }, ..now };
         self.stamped = Some(now.clone());
         now
     }

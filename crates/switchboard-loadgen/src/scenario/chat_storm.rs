@@ -103,9 +103,9 @@ pub async fn run(ctx: &mut Ctx, args: ChatStormArgs) -> anyhow::Result<Report> {
     let start = Instant::now();
     let schedule = Schedule::sharded(start, args.rate, ctx.shard.index, ctx.shard.count);
     let mut customers = JoinSet::new();
-    let pacer = Pacer::precise();
+    let mut pacer = Pacer::precise();
     for k in 0..count {
-        let intended = schedule.wait_for(k, &pacer).await;
+        let intended = schedule.wait_for(k, &mut pacer).await;
         ctx.metrics.record("schedule_lag", intended, Instant::now());
         let question = format!("{tag}{}-{k}", ctx.shard.index);
         customers.spawn(customer(

@@ -206,9 +206,9 @@ impl Sender {
         let this = Arc::new(self);
         let mut sends = JoinSet::new();
         // Thousands of messages a second: tokio's timer, not a wake-up per message (see `pacer`).
-        let pacer = Pacer::coarse();
+        let mut pacer = Pacer::coarse();
         for k in 0..count {
-            let intended = schedule.wait_for(k, &pacer).await;
+            let intended = schedule.wait_for(k, &mut pacer).await;
             let side = if k % 2 == 0 { Side::Customer } else { Side::Agent };
             let key = MessageKey {
                 conversation: this.conversation.clone(),

@@ -29,9 +29,9 @@ pub async fn run(ctx: &mut Ctx, args: StormArgs) -> anyhow::Result<Report> {
     let open: Arc<Mutex<Vec<Connection>>> = Arc::default();
     let last_answer = Arc::new(Mutex::new(start));
     let mut tasks = JoinSet::new();
-    let pacer = Pacer::precise();
+    let mut pacer = Pacer::precise();
     for k in 0..count {
-        let intended = schedule.wait_for(k, &pacer).await;
+        let intended = schedule.wait_for(k, &mut pacer).await;
         ctx.metrics.record("schedule_lag", intended, Instant::now());
         let (network, metrics) = (ctx.network.clone(), ctx.metrics.clone());
         let (open, last_answer) = (open.clone(), last_answer.clone());
