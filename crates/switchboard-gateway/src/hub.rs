@@ -90,7 +90,28 @@ struct QueueMirror {
     waiting: WaitingQueue,
     /// How long a customer waits per place, from the last `Estimate`.
     wait_per_position_ms: Option<u64>,
-    watchers: HashSet<SocketId>,
+    /// The sockets of agents of the group.
+    agents: HashSet<SocketId>,
+    /// The sockets of customers whose chat belongs to the group, by their chat: a change of the list tells
+    /// the customers of the chats in it (and of the one it removed) their position, in the time of the list,
+    /// not of every customer still connected whose chat left it long ago.
+    customers: HashMap<ConversationId, HashSet<SocketId>>,
+}
+
+impl QueueMirror {
+    /// The customer sockets of the chats now waiting, and of `also` (a chat that just left the list).
+    fn customers_of_waiting(&self, also: Option<ConversationId>) -> Vec<SocketId> {
+        let waiting = self.waiting.iter().map(|entry| entry.conversation);
+        waiting.chain(also).filter_map(|conversation| self.customers.get(&conversation)).flatten().copied().collect()
+    }
+}
+
+/// How a socket watches a queue's mirror.
+#[derive(Debug, Clone, Copy)]
+enum Watcher {
+    Agent,
+    /// A customer, for their chat's position.
+    Customer(ConversationId),
 }
 
 struct SocketEntry {
@@ -178,13 +199,15 @@ impl Hub {
     /// Registers a socket with its role; returns the queues the gateway must now subscribe to.
     pub fn register(&self, socket: SocketId, link: SocketLink, role: Role) -> Needs {
         let mut state = self.lock();
-        let groups: Vec<(TenantId, GroupId)> = match &role {
-            Role::Customer { tenant, group, .. } => vec![(tenant.clone(), group.clone())],
-            Role::Agent { tenant, groups, .. } => groups.iter().map(|group| (tenant.clone(), group.clone())).collect(),
-        };
         let mut needs = Needs::default();
-        for key in groups {
-            state.watch_queue(socket, key, &mut needs);
+        // A socket has one role (sessions take theirs once); were it registered again, its old queues let go.
+        if let Some(old) = state.sockets.get(&socket).map(|entry| entry.role.clone()) {
+            for (key, watcher) in queues_watched(&old) {
+                state.unwatch_queue(socket, &key, watcher);
+            }
+        }
+        for (key, watcher) in queues_watched(&role) {
+            state.watch_queue(socket, key, watcher, &mut needs);
         }
         if let Role::Agent { tenant, agent, .. } = &role {
             let key = (tenant.clone(), agent.clone());
@@ -203,7 +226,11 @@ impl Hub {
     pub fn unregister(&self, socket: SocketId) -> Needs {
         let mut state = self.lock();
         let mut needs = Needs::default();
-        if let Some(SocketEntry { role: Role::Agent { tenant, agent, .. }, .. }) = state.sockets.remove(&socket) {
+        let Some(SocketEntry { role, .. }) = state.sockets.remove(&socket) else { return needs };
+        for (key, watcher) in queues_watched(&role) {
+            state.unwatch_queue(socket, &key, watcher);
+        }
+        if let Role::Agent { tenant, agent, .. } = role {
             let key = (tenant, agent);
             if let Some(sockets) = state.agents.get_mut(&key) {
                 sockets.remove(&socket);
@@ -214,9 +241,6 @@ impl Hub {
                     needs.unsubscribe_agents.push(key);
                 }
             }
-        }
-        for mirror in state.queues.values_mut() {
-            mirror.watchers.remove(&socket);
         }
         for conversation in state.watched_by.remove(&socket).unwrap_or_default() {
             if state.stop_watching(socket, conversation) {
@@ -346,7 +370,7 @@ impl Hub {
         let mut agents: Vec<SocketId> = queues
             .iter()
             .filter_map(|key| state.queues.get(*key))
-            .flat_map(|mirror| mirror.watchers.iter().copied())
+            .flat_map(|mirror| mirror.agents.iter().copied())
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
@@ -374,6 +398,18 @@ impl Hub {
             for frame in frames {
                 state.send(socket, frame);
             }
+        }
+    }
+}
+
+/// The queues a socket of this role watches, and how.
+fn queues_watched(role: &Role) -> Vec<((TenantId, GroupId), Watcher)> {
+    match role {
+        Role::Customer { conversation, tenant, group } => {
+            vec![((tenant.clone(), group.clone()), Watcher::Customer(*conversation))]
+        }
+        Role::Agent { tenant, groups, .. } => {
+            groups.iter().map(|group| ((tenant.clone(), group.clone()), Watcher::Agent)).collect()
         }
     }
 }
@@ -420,12 +456,37 @@ impl HubState {
     }
 
     /// Adds the socket to the watchers of a queue's mirror (made, and to subscribe to, when new).
-    fn watch_queue(&mut self, socket: SocketId, key: (TenantId, GroupId), needs: &mut Needs) {
+    fn watch_queue(&mut self, socket: SocketId, key: (TenantId, GroupId), watcher: Watcher, needs: &mut Needs) {
         let mirror = self.queues.entry(key.clone()).or_insert_with(|| {
             needs.subscribe_queues.push(key);
             QueueMirror::default()
         });
-        mirror.watchers.insert(socket);
+        match watcher {
+            Watcher::Agent => {
+                mirror.agents.insert(socket);
+            }
+            Watcher::Customer(conversation) => {
+                mirror.customers.entry(conversation).or_default().insert(socket);
+            }
+        }
+    }
+
+    /// Takes the socket off the watchers of a queue's mirror (which stays, subscribed, as before).
+    fn unwatch_queue(&mut self, socket: SocketId, key: &(TenantId, GroupId), watcher: Watcher) {
+        let Some(mirror) = self.queues.get_mut(key) else { return };
+        match watcher {
+            Watcher::Agent => {
+                mirror.agents.remove(&socket);
+            }
+            Watcher::Customer(conversation) => {
+                if let Some(sockets) = mirror.customers.get_mut(&conversation) {
+                    sockets.remove(&socket);
+                    if sockets.is_empty() {
+                        mirror.customers.remove(&conversation);
+                    }
+                }
+            }
+        }
     }
 
     /// A customer's chat moved to `group`: the customer now waits there.
@@ -438,10 +499,8 @@ impl HubState {
         let old = (tenant.clone(), std::mem::replace(current, group.clone()));
         let new = (tenant.clone(), group.clone());
         entry.last_position = None;
-        if let Some(mirror) = self.queues.get_mut(&old) {
-            mirror.watchers.remove(&socket);
-        }
-        self.watch_queue(socket, new, needs);
+        self.unwatch_queue(socket, &old, Watcher::Customer(conversation));
+        self.watch_queue(socket, new, Watcher::Customer(conversation), needs);
         self.send_queue_view(socket);
     }
 
@@ -514,8 +573,8 @@ impl HubState {
                 }
                 mirror.version = mirror.version.max(version);
                 mirror.wait_per_position_ms = wait_per_position_ms;
-                let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
-                self.send_positions(&key, watchers);
+                let customers = mirror.customers_of_waiting(None);
+                self.send_positions(&key, customers);
                 return;
             }
             QueueChange::Snapshot { entries } => {
@@ -544,20 +603,26 @@ impl HubState {
             }
         };
         let changed = frame.is_some();
+        let mut removed = None;
         if let Some((conversation, added, frame)) = frame {
             self.stamp += 1;
             self.held.push(HeldChange { stamp: self.stamp, queue: key.clone(), conversation, added, frame });
+            removed = (!added).then_some(conversation);
         }
         let Some(mirror) = self.queues.get(&key) else { return };
-        let mut customers = Vec::new();
-        let watchers: Vec<SocketId> = mirror.watchers.iter().copied().collect();
-        for socket in watchers {
-            match self.sockets.get(&socket).map(|entry| &entry.role) {
-                Some(Role::Customer { .. }) => customers.push(socket),
-                // Agents get the change itself once their whole view is ready (held, then flushed), and a
-                // whole view before that.
-                Some(Role::Agent { .. }) if changed && self.view_ready(socket) => {}
-                _ => self.send_queue_view(socket),
+        // A snapshot may have dropped any chat: every customer of the group is told (or forgets) their place.
+        // A change moves only the chats in the list, and the one it removed.
+        let customers = if changed {
+            mirror.customers_of_waiting(removed)
+        } else {
+            mirror.customers.values().flatten().copied().collect()
+        };
+        let agents: Vec<SocketId> = mirror.agents.iter().copied().collect();
+        for socket in agents {
+            // Agents get the change itself once their whole view is ready (held, then flushed), and a whole
+            // view before that.
+            if !(changed && self.view_ready(socket)) {
+                self.send_queue_view(socket);
             }
         }
         self.send_positions(&key, customers);
@@ -914,6 +979,43 @@ mod tests {
         hub.dispatch(offer("bob", chat(4), "sales"));
         hub.unregister(2);
         assert_eq!(hub.offer_group(&tenant(), &agent("bob"), chat(4)), None);
+    }
+
+    #[test]
+    fn a_queue_change_visits_the_customers_of_the_chats_in_the_list_not_every_customer_connected() {
+        let hub = Hub::default();
+        let (link, mut written) = socket();
+        for n in 1..=3 {
+            hub.register(n as SocketId, link.clone(), customer_role(chat(n), "sales"));
+        }
+        let entries = (1..=3).map(|n| entry(chat(n), "sales", n as i64)).collect();
+        hub.dispatch(queue("sales", 1, QueueChange::Snapshot { entries }));
+        drain(&mut written);
+        let visited = |hub: &Hub, removed: Option<ConversationId>| {
+            let state = hub.lock();
+            let mirror = &state.queues[&(tenant(), group("sales"))];
+            let mut sockets = mirror.customers_of_waiting(removed);
+            sockets.sort_unstable();
+            sockets
+        };
+        assert_eq!(visited(&hub, None), [1, 2, 3]);
+
+        // Chat 1 is accepted: its customer, still connected, is told no more places, and is not visited again.
+        let accepted =
+            QueueChange::Removed { conversation: chat(1), reason: LeftQueue::Accepted { agent: agent("bob") } };
+        hub.dispatch(queue("sales", 2, accepted));
+        let position =
+            |conversation, position| PushFrame::QueuePosition { conversation, position, estimated_wait_s: None };
+        assert_eq!(drain(&mut written), [position(chat(2), 1), position(chat(3), 2)]);
+        assert_eq!(visited(&hub, None), [2, 3]);
+        hub.dispatch(queue("sales", 3, QueueChange::Added { entry: entry(chat(4), "sales", 0) }));
+        assert_eq!(drain(&mut written), [position(chat(2), 2), position(chat(3), 3)]);
+
+        // Sockets that go leave nothing behind in the mirror.
+        for n in 1..=3 {
+            hub.unregister(n);
+        }
+        assert!(hub.lock().queues[&(tenant(), group("sales"))].customers.is_empty());
     }
 
     #[test]
