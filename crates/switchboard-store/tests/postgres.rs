@@ -303,6 +303,26 @@ async fn a_restarted_server_makes_calls_unavailable_then_serves_them_again() {
     assert_eq!(read.unwrap().events.len(), 2);
 }
 
+/// The append writer keeps its connection from one batch to the next; a server restarted between two
+/// batches dropped it, and the next batch must find that out (it pings a connection idle for a while) rather
+/// than fail its appends on it.
+#[tokio::test]
+async fn an_append_after_a_restart_between_batches_is_written_on_a_new_connection() {
+    let server = Postgres::start().unwrap();
+    let url = server.create_database().unwrap();
+    let options = PgOptions { test_clock: Some(Arc::new(FixedClock::new(START_MS))), ..PgOptions::default() };
+    let store = PgStore::connect(&url, options).await.unwrap();
+    store.migrate().await.unwrap();
+    let fence = create(&store, "node-a", conversation("c1", "acme", "sales", 1)).await;
+
+    // No append between the stop and the start: the writer's connection is dropped by the server unseen
+    // (a restart, some 200 ms here, takes far longer than the writer's idle limit).
+    server.stop().unwrap();
+    server.restart().unwrap();
+    let appended = append(&store, fence, "c1", vec![message("m1", "hi")], None).await.unwrap();
+    assert_eq!((appended.events[0].seq, appended.duplicate), (2, false));
+}
+
 #[tokio::test]
 async fn two_stores_migrating_at_once_apply_each_migration_once() {
     let url = fresh_database();

@@ -9,11 +9,15 @@
 //! write). Rows go in with one statement per table for the whole batch (`unnest` of arrays).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgPool, Postgres, Transaction};
 use switchboard_proto::internal::v1::{ConversationRecord, ReadEventsRequest, ReadEventsResponse};
 use switchboard_proto::store::StoreError;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use super::PgStore;
 use crate::batch::{
@@ -65,23 +69,63 @@ const INSERT_PERMITS: &str = "INSERT INTO license_permits (conversation_id, tena
 
 const DELETE_PERMITS: &str = "DELETE FROM license_permits WHERE conversation_id = ANY($1)";
 
-/// The append batches of a [`PgStore`], each on a connection of its pool.
+/// A kept connection idle for this long or longer is pinged before its next batch: far shorter than a restart
+/// of the server takes (some 200 ms for a small database), so that a batch does not meet a connection the
+/// server dropped meanwhile; far longer than the gap between two batches under load, which run back to back.
+const PING_AFTER_IDLE: Duration = Duration::from_millis(20);
+
+/// The append batches of a [`PgStore`], on a connection of its pool that the writer keeps from one batch to
+/// the next.
+///
+/// The writer runs one batch at a time, hundreds a second under load. The pool pings a connection as it
+/// hands it out and again as it takes it back (a round trip to the server each), so a connection taken and
+/// given back for each batch cost two round trips per batch beside the batch's own statements. A kept
+/// connection idle for [`PING_AFTER_IDLE`] or longer is pinged before its next batch, and replaced when that
+/// fails (the server restarted meanwhile); one whose batch failed goes back to the pool, which tests it and
+/// drops it if it is broken.
 pub(super) struct PgAppender {
-    pub pool: PgPool,
+    pool: PgPool,
+    kept: Mutex<Option<Kept>>,
+}
+
+struct Kept {
+    connection: PoolConnection<Postgres>,
+    used: Instant,
+}
+
+impl PgAppender {
+    pub(super) fn new(pool: PgPool) -> Self {
+        PgAppender { pool, kept: Mutex::new(None) }
+    }
+
+    /// The kept connection if it is (still) usable, else one from the pool.
+    async fn connection(&self, kept: Option<Kept>) -> Result<PoolConnection<Postgres>, BatchFailure> {
+        if let Some(Kept { mut connection, used }) = kept {
+            if used.elapsed() < PING_AFTER_IDLE || connection.ping().await.is_ok() {
+                return Ok(connection);
+            }
+            connection.close_on_drop();
+        }
+        self.pool.acquire().await.map_err(|error| BatchFailure::Batch(db(error)))
+    }
 }
 
 #[async_trait]
 impl AppendBackend for PgAppender {
     async fn write(&self, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure> {
-        let mut transaction = self.pool.begin().await.map_err(|error| BatchFailure::Batch(db(error)))?;
+        // Uncontended: the writer runs one batch at a time.
+        let mut kept = self.kept.lock().await;
+        let mut connection = self.connection(kept.take()).await?;
+        let mut transaction = connection.begin().await.map_err(|error| BatchFailure::Batch(db(error)))?;
         let outcomes = run_batch(&mut transaction, batch).await?;
         transaction.commit().await.map_err(|error| BatchFailure::Batch(db(error)))?;
+        *kept = Some(Kept { connection, used: Instant::now() });
         Ok(outcomes)
     }
 }
 
 #[async_trait]
-impl AppendTx for Transaction<'static, Postgres> {
+impl AppendTx for Transaction<'_, Postgres> {
     /// One statement at a time, each locking its rows, in the lock order of every batch: the fences, then
     /// the license row when an append under a current fence may create or finish a conversation (so that
     /// every insert of a conversation happens under it: admissions are serialized across store processes,

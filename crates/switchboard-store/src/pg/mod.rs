@@ -107,6 +107,13 @@ pub(crate) fn append_session(connect: PgConnectOptions) -> PgConnectOptions {
     connect.options([("enable_seqscan", "off"), ("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
 }
 
+/// The options of a pool of `max` connections, each tested (pinged) before it is handed out: a connection
+/// the server dropped while it sat idle (a restart, a failover) is replaced before a request meets it. The
+/// append writer keeps its connection between batches instead (`events::PgAppender`).
+fn pool_options(max: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new().max_connections(max).acquire_timeout(acquire_timeout).test_before_acquire(true)
+}
+
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgStore").finish_non_exhaustive()
@@ -119,21 +126,15 @@ impl PgStore {
     pub async fn connect(url: &str, options: PgOptions) -> Result<Self, StoreError> {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|error| StoreError::Invalid(format!("bad database url: {error}")))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.acquire_timeout)
-            .test_before_acquire(true)
+        let pool = pool_options(options.max_connections.max(1), options.acquire_timeout)
             .connect_with(connect.clone())
             .await
             .map_err(db)?;
-        let append_pool = PgPoolOptions::new()
-            .max_connections(APPEND_CONNECTIONS)
-            .acquire_timeout(options.acquire_timeout)
-            .test_before_acquire(true)
+        let append_pool = pool_options(APPEND_CONNECTIONS, options.acquire_timeout)
             .connect_with(append_session(connect))
             .await
             .map_err(db)?;
-        let backend = Arc::new(events::PgAppender { pool: append_pool.clone() });
+        let backend = Arc::new(events::PgAppender::new(append_pool.clone()));
         let appender = Appender::start(backend, options.group_commit);
         Ok(PgStore { pool, append_pool, test_clock: options.test_clock, appender })
     }
