@@ -124,6 +124,9 @@ struct Session<T> {
     transport: T,
     /// Frames were written to the transport since its last flush.
     unflushed: bool,
+    /// The latencies of frames written since the last flush, each a histogram and when its frame's wait
+    /// began (µs): recorded once the flush wrote them to the connection.
+    unflushed_latencies: Vec<(&'static str, i64)>,
 }
 
 type Reply = Result<(Ack, Vec<(ConversationId, Event)>), ErrorReply>;
@@ -143,8 +146,16 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
     let kicked = link.kicked.clone();
     let mut draining = shared.draining.subscribe();
-    let mut session =
-        Session { shared, socket_id, link, role: None, written_seq: HashMap::new(), transport, unflushed: false };
+    let mut session = Session {
+        shared,
+        socket_id,
+        link,
+        role: None,
+        written_seq: HashMap::new(),
+        transport,
+        unflushed: false,
+        unflushed_latencies: Vec::new(),
+    };
     metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
     connection_gauge::<T>(None).increment(1.0);
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
@@ -227,9 +238,16 @@ impl<T: Transport> Session<T> {
         let kicked = self.link.kicked.clone();
         tokio::select! {
             biased;
-            flushed = self.transport.flush() => if flushed { Ok(()) } else { Err(End::Gone) },
-            () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
+            flushed = self.transport.flush() => if !flushed { return Err(End::Gone) },
+            () = kicked.notified() => return Err(End::Close(Close::SlowConsumer)),
         }
+        if !self.unflushed_latencies.is_empty() {
+            let now_us = self.shared.clock.now_us();
+            for (histogram, since_us) in self.unflushed_latencies.drain(..) {
+                metrics::histogram!(histogram).record(now_us.saturating_sub(since_us).max(0) as f64 / 1e6);
+            }
+        }
+        Ok(())
     }
 
     /// Writes the pushes queued now (at most [`WRITE_BATCH`] of them), then flushes: the frames that are
@@ -373,8 +391,7 @@ impl<T: Transport> Session<T> {
             self.send(Outgoing::Push(outbound)).await?;
             if let PushFrame::Offer { entry, .. } = outbound.frame() {
                 // Queued at a millisecond: the figure is at most a millisecond long.
-                let waited_us = self.shared.clock.now_us().saturating_sub(entry.queued_at_ms.saturating_mul(1_000));
-                metrics::histogram!(names::OFFER_LATENCY).record(waited_us.max(0) as f64 / 1e6);
+                self.unflushed_latencies.push((names::OFFER_LATENCY, entry.queued_at_ms.saturating_mul(1_000)));
             }
             return Ok(());
         };
@@ -408,8 +425,7 @@ impl<T: Transport> Session<T> {
             None => self.send(Outgoing::Push(outbound)).await?,
         }
         if message && other_side && received_at_us > 0 {
-            let latency_us = self.shared.clock.now_us().saturating_sub(received_at_us);
-            metrics::histogram!(names::MESSAGE_LATENCY).record(latency_us.max(0) as f64 / 1e6);
+            self.unflushed_latencies.push((names::MESSAGE_LATENCY, received_at_us));
         }
         Ok(())
     }
