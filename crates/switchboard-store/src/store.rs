@@ -77,6 +77,12 @@ impl Store {
         }
     }
 
+    /// Whether the store may come to refuse every append until it is restarted ([`Store::writer_failure`]):
+    /// only on SQLite.
+    pub fn may_fail_until_restart(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
     /// `"sqlite"` or `"postgres"`, for logs.
     pub fn backend(&self) -> &'static str {
         match self {

@@ -172,11 +172,15 @@ pub async fn store(
     let mut services = GrpcServices::new();
     let server = StoreGrpcServer::new(Arc::new(store.clone())).with_draining(services.draining());
     services.add_service(server.into_service());
-    let watcher = tokio::spawn(report_writer_failure(store.clone(), services.health()));
+    // Only a store that can fail for good is watched (SQLite; a PostgreSQL store never does).
+    let watcher =
+        store.may_fail_until_restart().then(|| tokio::spawn(report_writer_failure(store.clone(), services.health())));
     println!("switchboard store listening on http://{address}");
     info!(%address, backend, "store serving");
     serve_grpc(listener, services, &ServerSettings::default(), shutdown_signal()).await?;
-    watcher.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     store.close().await;
     Ok(())
 }
