@@ -226,11 +226,11 @@ impl Hub {
     pub fn unregister(&self, socket: SocketId) -> Needs {
         let mut state = self.lock();
         let mut needs = Needs::default();
-        let Some(SocketEntry { role, .. }) = state.sockets.remove(&socket) else { return needs };
-        for (key, watcher) in queues_watched(&role) {
+        let role = state.sockets.remove(&socket).map(|entry| entry.role);
+        for (key, watcher) in role.iter().flat_map(queues_watched) {
             state.unwatch_queue(socket, &key, watcher);
         }
-        if let Role::Agent { tenant, agent, .. } = role {
+        if let Some(Role::Agent { tenant, agent, .. }) = role {
             let key = (tenant, agent);
             if let Some(sockets) = state.agents.get_mut(&key) {
                 sockets.remove(&socket);
