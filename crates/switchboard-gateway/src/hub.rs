@@ -196,16 +196,13 @@ impl Hub {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers a socket with its role; returns the queues the gateway must now subscribe to.
+    /// Registers a socket with its role (once: [`Hub::unregister`] before registering it again); returns the
+    /// queues the gateway must now subscribe to.
     pub fn register(&self, socket: SocketId, link: SocketLink, role: Role) -> Needs {
         let mut state = self.lock();
         let mut needs = Needs::default();
-        // A socket has one role (sessions take theirs once); were it registered again, its old queues let go.
-        if let Some(old) = state.sockets.get(&socket).map(|entry| entry.role.clone()) {
-            for (key, watcher) in queues_watched(&old) {
-                state.unwatch_queue(socket, &key, watcher);
-            }
-        }
+        // A session takes its role once, and gives it up (`unregister`) before it could take another.
+        debug_assert!(!state.sockets.contains_key(&socket), "socket {socket} registered twice");
         for (key, watcher) in queues_watched(&role) {
             state.watch_queue(socket, key, watcher, &mut needs);
         }
