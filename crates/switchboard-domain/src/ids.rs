@@ -108,6 +108,24 @@ impl ConversationId {
         Self(Uuid::new_v7(timestamp))
     }
 
+    /// The id of the chat a customer of `tenant` starts with `start_key` (chosen by the client, once per
+    /// chat): the same for the same two, so that a start sent again is answered with the chat the first one
+    /// made, whichever gateway and router take it. A UUID v8 made of the first 16 bytes of a SHA-256 of
+    /// both: whoever sees the id (agents do) learns nothing of the key, which is what lets a repeated start
+    /// have the chat's customer token.
+    pub fn for_start(tenant: &TenantId, start_key: Uuid) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"switchboard chat.start\0");
+        hash.update(tenant.as_str().as_bytes());
+        hash.update(b"\0");
+        hash.update(start_key.as_bytes());
+        let digest = hash.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        Self(Uuid::new_v8(bytes))
+    }
+
     pub fn parse(text: &str) -> Result<Self, IdError> {
         Uuid::parse_str(text).map(Self).map_err(|_| IdError::NotAUuid)
     }
@@ -134,6 +152,21 @@ mod tests {
         assert_eq!(GroupId::new("sales desk"), Err(IdError::BadCharacter));
         assert_eq!(GroupId::new("x".repeat(65)), Err(IdError::TooLong { max: 64 }));
         assert_eq!(GroupId::new("sales-1.eu_west").unwrap().as_str(), "sales-1.eu_west");
+    }
+
+    #[test]
+    fn a_start_key_gives_one_id_per_tenant_and_key() {
+        let key = Uuid::parse_str("2f1e0c9a-6b7d-4e53-9a1c-0d8e7f6a5b4c").unwrap();
+        let other_key = Uuid::parse_str("2f1e0c9a-6b7d-4e53-9a1c-0d8e7f6a5b4d").unwrap();
+        let acme = TenantId::new("acme").unwrap();
+        let globex = TenantId::new("globex").unwrap();
+        let id = ConversationId::for_start(&acme, key);
+        assert_eq!(id, ConversationId::for_start(&acme, key), "the same start gives the same chat");
+        assert_ne!(id, ConversationId::for_start(&acme, other_key));
+        assert_ne!(id, ConversationId::for_start(&globex, key), "tenants never share a chat");
+        assert_eq!(id.as_uuid().get_version_num(), 8);
+        assert_ne!(id.as_uuid().as_bytes()[..6], key.as_bytes()[..6], "the key is not in the id");
+        assert_eq!(ConversationId::parse(&id.to_string()), Ok(id), "an ordinary conversation id");
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum Refusal {
     AgentUnavailable,
     #[error("the maximum number of concurrent chats ({max_sessions}) is reached: leave an offline message instead")]
     LicenseExhausted { max_sessions: u64 },
+    #[error("this start_key started another chat (another name, group or question): choose a new key for a new chat")]
+    StartKeyReused,
 }
 
 impl Refusal {
@@ -62,6 +64,7 @@ impl Refusal {
             Refusal::GroupOffline => "group_offline",
             Refusal::AgentUnavailable => "agent_unavailable",
             Refusal::LicenseExhausted { .. } => "license_exhausted",
+            Refusal::StartKeyReused => "start_key_reused",
         }
     }
 }

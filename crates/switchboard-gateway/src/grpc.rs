@@ -192,9 +192,16 @@ pub(crate) fn decode(frame: pb::ClientFrame) -> Inbound {
 fn decode_request(request: pb::client_frame::Request) -> Result<Request, ErrorReply> {
     use pb::client_frame::Request as R;
     Ok(match request {
-        R::ChatStart(r) => {
-            Request::ChatStart { widget_key: r.widget_key, group: r.group, name: r.name, question: r.question }
-        }
+        R::ChatStart(r) => Request::ChatStart {
+            start_key: (!r.start_key.is_empty())
+                .then(|| uuid::Uuid::parse_str(&r.start_key))
+                .transpose()
+                .map_err(|_| bad_request("chat.start", &format!("start_key must be a UUID, not {:?}", r.start_key)))?,
+            widget_key: r.widget_key,
+            group: r.group,
+            name: r.name,
+            question: r.question,
+        },
         R::CustomerResume(r) => Request::CustomerResume {
             conversation: conversation("customer.resume", &r.conversation)?,
             customer_token: r.customer_token,
@@ -321,12 +328,15 @@ fn ack_result(ack: &Ack) -> pb::ack::Result {
     use pb::ack::Result as R;
     match ack {
         Ack::Ping => R::Ping(pb::PingResult {}),
-        Ack::ChatStart { conversation, customer_token, chat: view, subscribed } => R::ChatStart(pb::ChatStartResult {
-            conversation: conversation.to_string(),
-            customer_token: customer_token.clone(),
-            chat: Some(chat(view)),
-            subscribed: *subscribed,
-        }),
+        Ack::ChatStart { conversation, customer_token, chat: view, subscribed, duplicate } => {
+            R::ChatStart(pb::ChatStartResult {
+                conversation: conversation.to_string(),
+                customer_token: customer_token.clone(),
+                chat: Some(chat(view)),
+                subscribed: *subscribed,
+                duplicate: *duplicate,
+            })
+        }
         Ack::CustomerResume { chat: view } => R::CustomerResume(pb::CustomerResumeResult { chat: Some(chat(view)) }),
         Ack::AgentSignIn { agent: view } => R::AgentSignIn(pb::AgentSignInResult { agent: Some(agent(view)) }),
         Ack::AgentSetStatus { agent: view } => R::AgentSetStatus(pb::AgentSetStatusResult { agent: Some(agent(view)) }),

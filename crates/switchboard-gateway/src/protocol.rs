@@ -16,6 +16,7 @@ use switchboard_domain::{
     AgentStatus, Author, ConversationId, Event, EventBody, GroupId, OfferEnd, Refusal, WaitingEntry,
 };
 use switchboard_proto::router::{AgentView, ChatView, LeftQueue, RouterError, Ticket};
+use uuid::Uuid;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -49,7 +50,15 @@ pub const REQUEST_TYPES: &[&str] = &[
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum Request {
     #[serde(rename = "chat.start")]
-    ChatStart { widget_key: String, group: String, name: String, question: String },
+    ChatStart {
+        widget_key: String,
+        group: String,
+        name: String,
+        question: String,
+        /// Chosen by the client once per chat: the same start sent again gets the chat the first one made.
+        #[serde(default)]
+        start_key: Option<Uuid>,
+    },
     #[serde(rename = "customer.resume")]
     CustomerResume {
         conversation: ConversationId,
@@ -249,6 +258,8 @@ pub enum Ack {
         customer_token: String,
         chat: ChatView,
         subscribed: bool,
+        /// The chat was started before by a start with the same `start_key`.
+        duplicate: bool,
     },
     CustomerResume {
         chat: ChatView,
@@ -317,11 +328,12 @@ impl Ack {
     pub fn to_json(&self) -> Value {
         match self {
             Ack::Ping | Ack::Typing | Ack::OfferReject => json!({}),
-            Ack::ChatStart { conversation, customer_token, chat, subscribed } => json!({
+            Ack::ChatStart { conversation, customer_token, chat, subscribed, duplicate } => json!({
                 "conversation": conversation,
                 "customer_token": customer_token,
                 "chat": chat_json(chat),
                 "subscribed": subscribed,
+                "duplicate": duplicate,
             }),
             Ack::CustomerResume { chat }
             | Ack::ChatAccept { chat }

@@ -23,6 +23,7 @@ use switchboard_proto::router::{Caller, ChatCommand, ChatList, OfflineMessage, R
 use switchboard_telemetry::names;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{Instrument, debug, warn};
+use uuid::Uuid;
 
 use crate::Shared;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
@@ -461,8 +462,8 @@ impl<T: Transport> Session<T> {
         let router = self.shared.router.clone();
         match request {
             Request::Ping {} => Ok((Ack::Ping, vec![])),
-            Request::ChatStart { widget_key, group, name, question } => {
-                self.start_chat(widget_key, group, name, question).await
+            Request::ChatStart { widget_key, group, name, question, start_key } => {
+                self.start_chat(widget_key, group, name, question, start_key).await
             }
             Request::CustomerResume { conversation, customer_token, after_seq } => {
                 self.no_role_yet()?;
@@ -609,7 +610,16 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    async fn start_chat(&mut self, widget_key: String, group: String, name: String, question: String) -> Reply {
+    /// Starts a chat; with a `start_key`, the chat's id is derived from it, so that the same start sent
+    /// again (its answer lost) is answered with the chat the first one made, wherever it is sent.
+    async fn start_chat(
+        &mut self,
+        widget_key: String,
+        group: String,
+        name: String,
+        question: String,
+        start_key: Option<Uuid>,
+    ) -> Reply {
         self.no_role_yet()?;
         let Some(tenant) = self.shared.directory.tenant_of_widget_key(&widget_key).cloned() else {
             return Err(ErrorReply::new("unauthorized", "unknown widget key"));
@@ -617,13 +627,12 @@ impl<T: Transport> Session<T> {
         let group = GroupId::new(group).map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
         let name = check_name(&name)?;
         self.check_body(&question)?;
-        let request = StartChat {
-            conversation: ConversationId::new_v7(self.shared.clock.now_ms()),
-            tenant: tenant.clone(),
-            group: group.clone(),
-            customer_name: name,
-            question,
+        let conversation = match start_key {
+            Some(key) => ConversationId::for_start(&tenant, key),
+            None => ConversationId::new_v7(self.shared.clock.now_ms()),
         };
+        let request =
+            StartChat { conversation, tenant: tenant.clone(), group: group.clone(), customer_name: name, question };
         let started = self.shared.router.start_chat(request).await?;
         let conversation = started.view.conversation;
         self.become_role(Role::Customer { conversation, tenant, group }).await;
@@ -636,8 +645,13 @@ impl<T: Transport> Session<T> {
                 (Vec::new(), false)
             }
         };
-        let ack =
-            Ack::ChatStart { conversation, customer_token: started.customer_token, chat: started.view, subscribed };
+        let ack = Ack::ChatStart {
+            conversation,
+            customer_token: started.customer_token,
+            chat: started.view,
+            subscribed,
+            duplicate: started.duplicate,
+        };
         Ok((ack, events))
     }
 
@@ -870,6 +884,7 @@ impl<T: Transport> Session<T> {
                 format!("client_msg_id has 1 to {MAX_CLIENT_MSG_ID_CHARS} characters"),
             ));
         }
+
         self.check_body(body)
     }
 }

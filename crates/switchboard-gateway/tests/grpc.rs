@@ -273,6 +273,7 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
             group: group.into(),
             name: name.into(),
             question: question.into(),
+            ..Default::default()
         })
     };
     let ws_start = |name: &str, group: &str, question: &str, widget: &str| json!({ "id": "x", "type": "chat.start", "widget_key": widget, "group": group, "name": name, "question": question });

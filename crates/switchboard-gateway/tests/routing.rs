@@ -14,19 +14,23 @@ use async_trait::async_trait;
 use common::{AckResult, DEADLINE, Frame, GrpcClient, Req, Server, WIDGET, WsClient};
 use serde_json::{Value, json};
 use switchboard_domain::{
-    AgentEntry, AgentId, AgentStatus, BusinessHours, Clock, Directory, GroupEntry, GroupId, HoursSpec, Routing,
-    TenantEntry, TenantId, WeeklySpec,
+    AgentEntry, AgentId, AgentStatus, Author, BusinessHours, Clock, ConversationId, Directory, Event, EventBody,
+    GroupEntry, GroupId, HoursSpec, Routing, TenantEntry, TenantId, WeeklySpec, conversation_key, shard_of,
 };
 use switchboard_gateway::GatewaySettings;
 use switchboard_presence::{
     GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange, PresenceError,
 };
-use switchboard_proto::internal::v1::SetLicenseLimitRequest;
+use switchboard_proto::convert::new_event;
+use switchboard_proto::internal::v1::{
+    AppendRequest, ConversationRecord, Fence, GetPlacementRequest, ReadEventsRequest, SetLicenseLimitRequest,
+};
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::router::PeerApi;
 use switchboard_proto::store::StoreApi;
 use switchboard_router::PresenceSettings;
 use tokio::sync::broadcast;
+use uuid::Uuid;
 
 const ALICE: &str = "alice-token-123";
 const BOB: &str = "bob-token-12345";
@@ -447,6 +451,160 @@ async fn the_license_limit_refuses_a_chat_with_its_number_on_both_transports() {
     // Another error keeps its own status.
     let unknown = frank.refused(Req::ChatList(pb::ChatListRequest { list: 1 })).await;
     assert_eq!((unknown.code.as_str(), unknown.grpc_status), ("not_signed_in", tonic::Code::FailedPrecondition as i32));
+    server.stop().await;
+}
+
+/// A `chat_start` over gRPC in `sales` with a `start_key`.
+fn keyed_start(name: &str, question: &str, key: &str) -> Req {
+    Req::ChatStart(pb::ChatStartRequest {
+        widget_key: WIDGET.into(),
+        group: "sales".into(),
+        name: name.into(),
+        question: question.into(),
+        start_key: key.into(),
+    })
+}
+
+#[tokio::test]
+async fn a_chat_start_sent_again_with_its_start_key_gets_the_chat_it_started_on_either_transport() {
+    let server = start().await;
+    let mut alice = signed_in(&server, ALICE).await;
+    server.store.set_license_limit(SetLicenseLimitRequest { max_sessions: 1 }).await.unwrap();
+    let key = "6f3c2a1e-9b8d-4c7e-a5f4-3e2d1c0b9a88";
+    let start = |question: &str| json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": question, "start_key": key });
+
+    let mut first = WsClient::connect(&server).await;
+    let started = first.ack(start("Hi?")).await;
+    assert_eq!((&started["duplicate"], &started["chat"]["state"]), (&json!(false), &json!("queued")));
+    let conversation = started["conversation"].as_str().unwrap().to_owned();
+    first.expect_events(&conversation, &[(1, "created"), (2, "message")]).await;
+
+    // Its answer lost, the widget sends the same start again on a new stream, here over gRPC: the same chat,
+    // with its token and its events from the first, and no second permit (the limit is 1).
+    let mut again = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(restarted) = again.ack(keyed_start("Dana", "Hi?", key)).await else {
+        panic!("not a chat_start result")
+    };
+    assert_eq!(restarted.conversation, conversation);
+    assert_eq!(restarted.customer_token, started["customer_token"].as_str().unwrap());
+    assert!(restarted.duplicate && restarted.subscribed);
+    again.expect_events(&conversation, &[(1, "created"), (2, "message")]).await;
+    let mut other = WsClient::connect(&server).await;
+    let refused = other
+        .call(
+            json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Erin", "question": "Hi?" }),
+        )
+        .await;
+    assert_eq!(refused["code"], "license_exhausted", "one chat holds the one permit");
+
+    // The same key for another chat is refused, and stores nothing.
+    let reused = other.call(start("Something else?")).await;
+    assert_eq!((reused["code"].as_str(), reused["retryable"].as_bool()), (Some("start_key_reused"), Some(false)));
+    let mut grpc = GrpcClient::connect(&server).await;
+    assert_eq!(grpc.refused(keyed_start("Dana", "Hi?", "dana-1")).await.code, "bad_request");
+    let mut bad = start("Hi?");
+    bad["start_key"] = json!("dana-1");
+    assert_eq!(other.call(bad).await["code"], "bad_request");
+    // A message whose client id is the one the store knows the start by is a message like any other.
+    let send =
+        json!({ "type": "message.send", "conversation": conversation, "client_msg_id": "chat.start", "body": "x" });
+    let sent = first.ack(send).await;
+    assert_eq!((&sent["seq"], &sent["duplicate"]), (&json!(3), &json!(false)));
+
+    // Accepted and closed, the chat is still what its start answers, without a permit: a new chat gets it.
+    alice.ack(json!({ "type": "chat.accept", "conversation": conversation })).await;
+    first.ack(json!({ "type": "chat.close", "conversation": conversation })).await;
+    let late = WsClient::connect(&server).await.ack(start("Hi?")).await;
+    assert_eq!((&late["conversation"], &late["duplicate"]), (&json!(conversation), &json!(true)));
+    assert_eq!(late["chat"]["state"], "closed");
+    let events = server
+        .store
+        .read_events(ReadEventsRequest { conversation_id: conversation.clone(), after_seq: 0, limit: 0 })
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(events.iter().filter(|event| event.kind == "created").count(), 1, "{events:?}");
+    WsClient::connect(&server)
+        .await
+        .ack(json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Erin", "question": "Hi?" }))
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_start_stored_before_its_queue_heard_of_it_is_queued_when_sent_again() {
+    let server = start().await;
+    let mut alice = signed_in(&server, ALICE).await;
+    // What a start leaves when the store's answer is lost after its commit: the chat stored (as the router
+    // stores it: its `created` event deduplicated as "chat.start"), and no queue told.
+    let key = "3c9d2b1a-8e7f-4a6b-9c5d-4e3f2a1b0c9d";
+    let id = ConversationId::for_start(&tenant(), Uuid::parse_str(key).unwrap());
+    let shard = shard_of(&conversation_key(&id));
+    let placement = server.store.get_placement(GetPlacementRequest::default()).await.unwrap();
+    let epoch = placement.owners.iter().find(|owner| owner.shard == shard.0).unwrap().epoch;
+    let now_ms = server.clock.now_ms();
+    let created = EventBody::Created { group: group("sales"), customer_name: "Dana".into(), question: "Hi?".into() };
+    let mut created =
+        new_event(&Event { seq: 0, at_ms: now_ms, author: Author::System, client_msg_id: None, body: created });
+    created.client_msg_id = "chat.start".into();
+    let question = EventBody::Message { body: "Hi?".into() };
+    let question =
+        new_event(&Event { seq: 0, at_ms: now_ms, author: Author::Customer, client_msg_id: None, body: question });
+    let record = ConversationRecord {
+        id: id.to_string(),
+        tenant_id: "acme".into(),
+        group_id: "sales".into(),
+        customer_name: "Dana".into(),
+        first_question: "Hi?".into(),
+        state: "queued".into(),
+        created_at_ms: now_ms,
+        queued_at_ms: now_ms,
+        shard: shard.0,
+        customer_token: "the-first-token".into(),
+        ..Default::default()
+    };
+    let append = AppendRequest {
+        fence: Some(Fence { shard: shard.0, epoch }),
+        conversation_id: id.to_string(),
+        create: Some(record),
+        events: vec![created, question],
+        update: None,
+    };
+    assert!(!server.store.append(append).await.unwrap().duplicate);
+
+    let start = json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": "Hi?", "start_key": key });
+    let mut widget = WsClient::connect(&server).await;
+    let again = widget.ack(start).await;
+    assert_eq!((&again["conversation"], &again["duplicate"]), (&json!(id.to_string()), &json!(true)));
+    assert_eq!(again["customer_token"], "the-first-token");
+    let added = alice.push_of("queue.added").await;
+    assert_eq!(added["entry"]["conversation"], id.to_string());
+    alice.ack(json!({ "type": "chat.accept", "conversation": id.to_string() })).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_start_sent_again_after_its_group_closed_gets_the_chat_started_while_it_was_open() {
+    let server = start().await;
+    // `night` is open on Mondays 09:00-10:00 UTC; the clock starts on a Thursday at midnight.
+    server.clock.advance_ms((4 * 24 + 9) * 3_600_000 + 30 * 60_000);
+    let start = json!({
+        "type": "chat.start", "widget_key": WIDGET, "group": "night", "name": "Dana", "question": "Hi?",
+        "start_key": "0d6b1f52-3c4e-4a7d-8e9f-1a2b3c4d5e6f",
+    });
+    let started = WsClient::connect(&server).await.ack(start.clone()).await;
+    assert_eq!(started["duplicate"], false);
+    server.clock.advance_ms(3_600_000);
+    let mut late = WsClient::connect(&server).await;
+    let again = late.ack(start.clone()).await;
+    assert_eq!((&again["conversation"], &again["duplicate"]), (&started["conversation"], &json!(true)));
+    // A new chat in the closed group is refused as before; the key in another group is another chat.
+    let mut other = start.clone();
+    other["start_key"] = json!("9e8d7c6b-5a4f-4e3d-9c2b-1a0f9e8d7c6b");
+    assert_eq!(WsClient::connect(&server).await.call(other).await["code"], "group_closed");
+    let mut moved = start;
+    moved["group"] = json!("sales");
+    assert_eq!(WsClient::connect(&server).await.call(moved).await["code"], "start_key_reused");
     server.stop().await;
 }
 

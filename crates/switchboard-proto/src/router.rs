@@ -66,6 +66,9 @@ pub struct StartedChat {
     pub view: ChatView,
     /// The secret the customer resumes this chat with.
     pub customer_token: String,
+    /// The chat was started before, by a start with the same id (a repeated `chat.start` with its
+    /// `start_key`): this is that chat as it is now, and nothing was stored.
+    pub duplicate: bool,
 }
 
 /// A command on a conversation, made by a [`Caller`].

@@ -16,7 +16,8 @@ use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
 };
 use switchboard_proto::router::{
-    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Origin, Push, RouterError, SystemCommand,
+    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Origin, Push, RouterError, StartedChat,
+    SystemCommand,
 };
 use tracing::{debug, warn};
 
@@ -29,17 +30,61 @@ use crate::remote;
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
 pub(crate) enum ConversationMsg {
-    View { caller: Option<Caller>, reply: Reply<ChatView> },
-    CheckToken { token: String, reply: Reply<ChatView> },
-    Subscribe { gateway: GatewayId, caller: Caller, after_seq: u64, reply: Reply<Vec<Event>> },
-    Unsubscribe { gateway: GatewayId },
-    ReadEvents { caller: Caller, after_seq: u64, reply: Reply<Vec<Event>> },
-    Command { caller: Caller, command: ChatCommand, trace: Trace, reply: Reply<CommandOutcome> },
-    Accept { agent: AgentId, reply: Reply<ChatView> },
-    Typing { caller: Caller, typing: bool, reply: Reply<()> },
-    System { command: SystemCommand, reply: Reply<bool> },
-    Transfer { caller: Caller, to_group: GroupId, reply: Reply<ChatView> },
-    Forward { caller: Caller, to_agent: AgentId, reply: Reply<ChatView> },
+    View {
+        caller: Option<Caller>,
+        reply: Reply<ChatView>,
+    },
+    /// The conversation and its customer token, for a start sent again.
+    Started {
+        reply: Reply<(Conversation, String)>,
+    },
+    CheckToken {
+        token: String,
+        reply: Reply<ChatView>,
+    },
+    Subscribe {
+        gateway: GatewayId,
+        caller: Caller,
+        after_seq: u64,
+        reply: Reply<Vec<Event>>,
+    },
+    Unsubscribe {
+        gateway: GatewayId,
+    },
+    ReadEvents {
+        caller: Caller,
+        after_seq: u64,
+        reply: Reply<Vec<Event>>,
+    },
+    Command {
+        caller: Caller,
+        command: ChatCommand,
+        trace: Trace,
+        reply: Reply<CommandOutcome>,
+    },
+    Accept {
+        agent: AgentId,
+        reply: Reply<ChatView>,
+    },
+    Typing {
+        caller: Caller,
+        typing: bool,
+        reply: Reply<()>,
+    },
+    System {
+        command: SystemCommand,
+        reply: Reply<bool>,
+    },
+    Transfer {
+        caller: Caller,
+        to_group: GroupId,
+        reply: Reply<ChatView>,
+    },
+    Forward {
+        caller: Caller,
+        to_agent: AgentId,
+        reply: Reply<ChatView>,
+    },
 }
 
 pub(crate) struct ConversationActor;
@@ -130,6 +175,16 @@ impl ConversationActor {
                     None => Ok(state.view()),
                 };
                 let _ = reply.send(result);
+            }
+            ConversationMsg::Started { reply } => {
+                let conversation = &state.conversation;
+                if conversation.state == ConversationState::Queued {
+                    // The first start may have stored the chat and failed before its queue was told (the
+                    // store's answer lost): tell it now, from here, in order with the chat's later changes. A
+                    // queue that has the chat already ignores it.
+                    remote::queue_add(&state.context, &conversation.tenant, waiting_entry(conversation)).await;
+                }
+                let _ = reply.send(Ok((state.conversation.clone(), state.customer_token.clone())));
             }
             ConversationMsg::CheckToken { token, reply } => {
                 let result = if constant_time_eq(token.as_bytes(), state.customer_token.as_bytes()) {
@@ -418,6 +473,7 @@ impl ConversationActorState {
         if self.context.shards.fence_for(&key)? != self.fence {
             return Err(RouterError::NotOwner);
         }
+        let events = events.iter().map(new_event).collect();
         append(&self.context, self.conversation.id, self.fence, events, update, create).await
     }
 
@@ -451,14 +507,7 @@ impl ConversationActorState {
             remote::queue_remove(&self.context, &before.tenant, &before.group, conversation.id, reason).await;
         }
         if matches!(event.body, EventBody::Transferred { .. } | EventBody::Requeued { .. }) {
-            let entry = WaitingEntry {
-                conversation: conversation.id,
-                group: conversation.group.clone(),
-                queued_at_ms: conversation.queued_at_ms,
-                customer_name: conversation.customer_name.clone(),
-                question: conversation.first_question.clone(),
-            };
-            remote::queue_add(&self.context, &conversation.tenant, entry).await;
+            remote::queue_add(&self.context, &conversation.tenant, waiting_entry(conversation)).await;
         }
         // The previous owner's slot is free when the chat ended or moved away from them.
         if let Some(previous) = &before.owner
@@ -524,7 +573,7 @@ async fn append(
     context: &Context,
     conversation: ConversationId,
     fence: Fence,
-    events: Vec<Event>,
+    events: Vec<pb::NewEvent>,
     update: Option<ConversationUpdate>,
     create: Option<ConversationRecord>,
 ) -> Result<(Vec<Event>, bool), RouterError> {
@@ -532,7 +581,7 @@ async fn append(
         fence: Some(pb::Fence { shard: fence.shard.0, epoch: fence.epoch.0 }),
         conversation_id: conversation.to_string(),
         create,
-        events: events.iter().map(new_event).collect(),
+        events,
         update,
     };
     let response = context.store.append(request).await.map_err(from_store)?;
@@ -560,12 +609,29 @@ async fn read_events(
         .map_err(|error| RouterError::Internal(error.to_string()))
 }
 
+/// The key the store deduplicates a conversation's first event (`created`) on, so that a start carried out
+/// twice with the same conversation id stores the chat once. Never the key of a message, which is its
+/// author's role and id and its client's id, with `/` between them (`dedupe_key`); and not in the event
+/// itself, which clients see.
+const START_DEDUPE_KEY: &str = "chat.start";
+
 /// Creates a conversation: its opening events are stored, its actor is started, its queue is told.
-pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Result<(ChatView, String), RouterError> {
+///
+/// A conversation of this id may exist already: the same start carried out before (a `chat.start` sent
+/// again with its `start_key`, after an answer that never reached the client). The store then finds the
+/// opening event by its key ([`START_DEDUPE_KEY`]) and stores nothing, and the chat is
+/// answered as it is now, marked `duplicate`; or refused with `start_key_reused` when the first start was
+/// for another name, group or question.
+pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Result<StartedChat, RouterError> {
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
     let group = context.directory.group(&facts.tenant, &facts.group).ok_or(RouterError::UnknownGroup)?;
     if !group.hours.is_open(facts.created_at_ms) {
-        return Err(RouterError::Refused(Refusal::GroupClosed));
+        // The first start may have been made before the group closed. Rare enough to ask the store.
+        let request = GetConversationRequest { conversation_id: facts.id.to_string() };
+        return match context.store.get_conversation(request).await.map_err(from_store)?.conversation {
+            Some(_) => started_before(context, &facts, None).await,
+            None => Err(RouterError::Refused(Refusal::GroupClosed)),
+        };
     }
     // Everything that can fail is done before the chat is stored: once it is, the customer must get its token.
     // (A queue on another node is told after the store: the cast is retried, and a queue rebuilt from the
@@ -593,11 +659,19 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         customer_token: customer_token.clone(),
         ..Default::default()
     };
-    let events: Vec<Event> = Conversation::opening_events(&facts)
+    let mut events: Vec<pb::NewEvent> = Conversation::opening_events(&facts)
         .into_iter()
-        .map(|(author, body)| Event { seq: 0, at_ms: facts.created_at_ms, author, client_msg_id: None, body })
+        .map(|(author, body)| {
+            new_event(&Event { seq: 0, at_ms: facts.created_at_ms, author, client_msg_id: None, body })
+        })
         .collect();
-    let (stored, _) = append(context, facts.id, fence, events, None, Some(record)).await?;
+    if let Some(created) = events.first_mut() {
+        created.client_msg_id = START_DEDUPE_KEY.to_owned();
+    }
+    let (stored, duplicate) = append(context, facts.id, fence, events, None, Some(record)).await?;
+    if duplicate {
+        return started_before(context, &facts, stored.first()).await;
+    }
     let mut conversation = Conversation::new(&facts);
     for event in &stored {
         apply(&mut conversation, event);
@@ -621,7 +695,46 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         Some(queue) => queue.add(entry),
         None => remote::queue_add(context, &facts.tenant, entry).await,
     }
-    Ok((view, customer_token))
+    Ok(StartedChat { view, customer_token, duplicate: false })
+}
+
+/// The answer to a start carried out before (see [`create`]): the chat as it is now, with its token, if the
+/// first start was for the same chat. `created` is the stored opening event when the store returned it.
+/// A chat still waiting is added to its queue again by its actor (`ConversationMsg::Started`), in case the
+/// first start stored it but failed before telling the queue.
+async fn started_before(
+    context: &Arc<Context>,
+    facts: &NewConversation,
+    created: Option<&Event>,
+) -> Result<StartedChat, RouterError> {
+    let actor = activate(context, facts.id).await?;
+    let (conversation, customer_token) = ractor::call!(actor, |reply| ConversationMsg::Started { reply })
+        .map_err(|error| RouterError::Internal(format!("conversation actor did not answer: {error}")))??;
+    let first_group = match created.map(|event| &event.body) {
+        Some(EventBody::Created { group, .. }) => group,
+        // Without the event, the group it was created in is the one it is in unless it was transferred: a
+        // transferred chat's start, sent again, is answered as reused, never with another group's chat.
+        _ => &conversation.group,
+    };
+    let same = conversation.tenant == facts.tenant
+        && *first_group == facts.group
+        && conversation.customer_name == facts.customer_name
+        && conversation.first_question == facts.question;
+    if !same {
+        return Err(RouterError::Refused(Refusal::StartKeyReused));
+    }
+    Ok(StartedChat { view: view_of(&conversation), customer_token, duplicate: true })
+}
+
+/// What a chat's queue lists of it while it waits.
+fn waiting_entry(conversation: &Conversation) -> WaitingEntry {
+    WaitingEntry {
+        conversation: conversation.id,
+        group: conversation.group.clone(),
+        queued_at_ms: conversation.queued_at_ms,
+        customer_name: conversation.customer_name.clone(),
+        question: conversation.first_question.clone(),
+    }
 }
 
 async fn spawn(loaded: Loaded) -> Result<ActorRef<ConversationMsg>, RouterError> {

@@ -276,9 +276,11 @@ impl RouterApi for Router {
             created_at_ms: now_ms,
         };
         let (tenant, group) = (facts.tenant.to_string(), facts.group.to_string());
-        let (view, customer_token) = crate::conversation::create(&self.context, facts).await?;
-        metrics::counter!(names::CHATS_STARTED, "tenant" => tenant, "group" => group).increment(1);
-        Ok(StartedChat { view, customer_token })
+        let started = crate::conversation::create(&self.context, facts).await?;
+        if !started.duplicate {
+            metrics::counter!(names::CHATS_STARTED, "tenant" => tenant, "group" => group).increment(1);
+        }
+        Ok(started)
     }
 
     async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {

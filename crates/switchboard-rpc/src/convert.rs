@@ -286,13 +286,18 @@ pub fn start_chat_from_proto(request: &StartChatRequest) -> Result<StartChat, St
 }
 
 pub fn started_chat_to_proto(started: &StartedChat) -> StartedChatReply {
-    StartedChatReply { view: Some(chat_view_to_proto(&started.view)), customer_token: started.customer_token.clone() }
+    StartedChatReply {
+        view: Some(chat_view_to_proto(&started.view)),
+        customer_token: started.customer_token.clone(),
+        duplicate: started.duplicate,
+    }
 }
 
 pub fn started_chat_from_proto(reply: &StartedChatReply) -> Result<StartedChat, Status> {
     Ok(StartedChat {
         view: chat_view_from_proto(reply.view.as_ref().ok_or_else(|| missing("chat view"))?)?,
         customer_token: reply.customer_token.clone(),
+        duplicate: reply.duplicate,
     })
 }
 
@@ -1000,8 +1005,10 @@ mod tests {
                 question: view.first_question.clone(),
             };
             prop_assert_eq!(start_chat_from_proto(&wire(&start_chat_to_proto(&request)))?, request);
-            let started = StartedChat { view, customer_token };
-            prop_assert_eq!(started_chat_from_proto(&wire(&started_chat_to_proto(&started)))?, started);
+            for duplicate in [false, true] {
+                let started = StartedChat { view: view.clone(), customer_token: customer_token.clone(), duplicate };
+                prop_assert_eq!(started_chat_from_proto(&wire(&started_chat_to_proto(&started)))?, started);
+            }
         }
 
         /// Whatever arrives, reading it answers a value or an error: never a panic.

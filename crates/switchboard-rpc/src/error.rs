@@ -184,6 +184,7 @@ mod tests {
             Refusal::GroupOffline,
             Refusal::AgentUnavailable,
             Refusal::LicenseExhausted { max_sessions: 250 },
+            Refusal::StartKeyReused,
         ]
     }
 

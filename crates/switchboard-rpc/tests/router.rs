@@ -919,7 +919,7 @@ impl RouterApi for Scripted {
     }
     async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
         self.outcome().await?;
-        Ok(StartedChat { view: Scripted::view(request.conversation), customer_token: "t".into() })
+        Ok(StartedChat { view: Scripted::view(request.conversation), customer_token: "t".into(), duplicate: false })
     }
     async fn authorize_customer(&self, conversation: ConversationId, _token: &str) -> Result<ChatView, RouterError> {
         self.outcome().await?;

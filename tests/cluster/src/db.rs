@@ -137,13 +137,16 @@ fn to_u32(value: i32, what: &str) -> anyhow::Result<u32> {
 }
 
 /// The client message id of a stored event: the payload's (the client's own), else the dedup key's last part
-/// (`role/id/client_msg_id`).
+/// (`role/id/client_msg_id`). A key of another form is no client's (`chat.start`, a chat's `created` event).
 fn client_msg_id_of(column: Option<String>, payload_json: &str) -> Option<String> {
     let payload: Option<serde_json::Value> = serde_json::from_str(payload_json).ok();
     if let Some(id) = payload.as_ref().and_then(|payload| payload["client_msg_id"].as_str()) {
         return Some(id.to_owned());
     }
-    column.filter(|key| !key.is_empty()).map(|key| key.splitn(3, '/').last().unwrap_or_default().to_owned())
+    let key = column?;
+    let mut parts = key.splitn(3, '/');
+    let (_role, _author, id) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(id.to_owned())
 }
 
 /// The license as the database holds it, with what it must agree with.
@@ -343,5 +346,7 @@ mod tests {
         assert_eq!(client_msg_id_of(Some("customer//c-1".into()), payload).as_deref(), Some("c-1"));
         assert_eq!(client_msg_id_of(Some("agent/a/x/y".into()), "{}").as_deref(), Some("x/y"));
         assert_eq!(client_msg_id_of(None, r#"{"kind":"created"}"#), None);
+        assert_eq!(client_msg_id_of(Some("chat.start".into()), r#"{"kind":"created"}"#), None);
+        assert_eq!(client_msg_id_of(Some(String::new()), "{}"), None);
     }
 }

@@ -185,3 +185,66 @@ async fn a_restart_keeps_closed_chats_readable_and_queues_in_order() -> anyhow::
     assert_eq!(kinds, ["created", "message", "accepted", "message", "closed"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_starts_sent_again_after_a_crash_are_one_chat_each() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let server = Server::start(SEED_CONFIG, data.path()).await?;
+    let url = server.ws_url();
+    let start = |n: usize| {
+        json!({
+            "widget_key": WIDGET, "group": "g1", "name": format!("Kay {n}"), "question": "hello?",
+            "start_key": format!("5e1f0000-0000-4000-8000-{n:012}"),
+        })
+    };
+    // One start answered before the crash, then eight in flight when the server is killed: each of those
+    // may or may not have been stored, and its widget does not know.
+    let before = Client::connect(&url).await?.ok("chat.start", start(0)).await?;
+    let mut in_flight = Vec::new();
+    for n in 1..=8 {
+        let mut widget = Client::connect(&url).await?;
+        widget.send("chat.start", start(n)).await?;
+        in_flight.push(widget);
+    }
+    let server = server.crash_and_restart().await?;
+    drop(in_flight);
+    let url = server.ws_url();
+
+    // Each widget sends its start again, twice: one chat each, the same both times.
+    let (mut chats, mut tokens) = (Vec::new(), Vec::new());
+    let mut stored_before_the_crash = 0;
+    for n in 0..=8 {
+        let again = Client::connect(&url).await?.ok("chat.start", start(n)).await?;
+        let third = Client::connect(&url).await?.ok("chat.start", start(n)).await?;
+        assert_eq!(
+            (&third["conversation"], &third["customer_token"]),
+            (&again["conversation"], &again["customer_token"])
+        );
+        assert_eq!(third["duplicate"], true);
+        if again["duplicate"] == true {
+            stored_before_the_crash += 1;
+        }
+        chats.push(again["conversation"].as_str().unwrap().to_owned());
+        tokens.push(again["customer_token"].as_str().unwrap().to_owned());
+    }
+    let token = |ack: &Value| ack["customer_token"].as_str().unwrap().to_owned();
+    assert_eq!((before["conversation"].as_str(), token(&before)), (Some(chats[0].as_str()), tokens[0].clone()));
+    eprintln!("{stored_before_the_crash} of the 9 starts were stored before the crash");
+    assert!(stored_before_the_crash >= 1, "the start answered before the crash was stored");
+
+    // Nothing twice: the waiting list has the nine chats, each with one `created` event.
+    let mut agent = Client::sign_in(&url, "token-agent-b").await?;
+    let mut waiting = conversations(&agent.push_of("queue.snapshot").await?["entries"]);
+    waiting.sort();
+    let mut expected = chats.clone();
+    expected.sort();
+    expected.dedup();
+    assert_eq!((waiting.len(), &waiting), (9, &expected));
+    for chat in &chats {
+        let transcript = agent.ok("chat.transcript", json!({ "conversation": chat })).await?;
+        let events = transcript["events"].as_array().unwrap();
+        assert_gap_free(events);
+        assert_eq!(events.iter().filter(|event| event["kind"] == "created").count(), 1, "{events:?}");
+    }
+    Ok(())
+}

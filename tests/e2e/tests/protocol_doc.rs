@@ -273,7 +273,10 @@ async fn run_session() -> anyhow::Result<String> {
         .request(
             t,
             "chat.start",
-            json!({ "widget_key": "demo-widget-key", "group": "sales", "name": "Dana", "question": question }),
+            json!({
+                "widget_key": "demo-widget-key", "group": "sales", "name": "Dana", "question": question,
+                "start_key": "9f0c6d2e-4b1a-4c3e-8d7f-2a5b6c7d8e9f",
+            }),
         )
         .await?;
     let chat = t.hide(&ack["conversation"], "<conversation-1>")?;

@@ -368,6 +368,7 @@ pub fn chat_start(name: &str, question: &str) -> Req {
         group: "sales".into(),
         name: name.into(),
         question: question.into(),
+        ..Default::default()
     })
 }
 

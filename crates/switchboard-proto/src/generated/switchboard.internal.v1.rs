@@ -2116,7 +2116,8 @@ pub mod push_agent {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StartChatRequest {
-    /// Chosen by the gateway (a UUID v7), so that the request goes to the owner of its shard.
+    /// Chosen by the gateway, so that the request goes to the owner of its shard: a UUID v7, or derived from
+    /// the client's `start_key` (the same for a start sent again, which then gets the chat it made).
     #[prost(string, tag = "1")]
     pub conversation_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
@@ -2134,6 +2135,9 @@ pub struct StartedChatReply {
     pub view: ::core::option::Option<ChatViewMsg>,
     #[prost(string, tag = "2")]
     pub customer_token: ::prost::alloc::string::String,
+    /// The chat was started before with this id: this is that chat as it is now, and nothing was stored.
+    #[prost(bool, tag = "3")]
+    pub duplicate: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuthorizeCustomerRequest {

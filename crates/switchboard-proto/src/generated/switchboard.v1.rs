@@ -106,6 +106,12 @@ pub struct ChatStartRequest {
     /// (else `message_too_large` or `empty_message`).
     #[prost(string, tag = "4")]
     pub question: ::prost::alloc::string::String,
+    /// Optional (empty: none): a random UUID the client chooses once per chat it starts (else `bad_request`).
+    /// Sending `chat_start` again with the same key, on this stream or another, answers with the chat the
+    /// first one started (`duplicate` in the result) instead of starting another; with another name, group or
+    /// question it is refused with `start_key_reused`. Whoever knows the key gets the chat's token.
+    #[prost(string, tag = "5")]
+    pub start_key: ::prost::alloc::string::String,
 }
 /// `customer.resume`: a stream without a role resumes a chat as its customer. The ack is followed by the
 /// events after `after_seq`, and `queue_position` if the chat is still queued.
@@ -462,6 +468,10 @@ pub struct ChatStartResult {
     /// chat_subscribe for it.
     #[prost(bool, tag = "4")]
     pub subscribed: bool,
+    /// The chat was started before by a `chat_start` with the same `start_key`: this is that chat as it is
+    /// now (its events follow from seq 1), and nothing new was started.
+    #[prost(bool, tag = "5")]
+    pub duplicate: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CustomerResumeResult {
