@@ -34,7 +34,8 @@ pub(crate) enum ConversationMsg {
         caller: Option<Caller>,
         reply: Reply<ChatView>,
     },
-    /// The conversation and its customer token, for a start sent again.
+    /// The conversation and its customer token, for a start sent again; a chat still waiting is added to
+    /// its queue again.
     Started {
         reply: Reply<(Conversation, String)>,
     },
