@@ -126,6 +126,12 @@ impl ConversationId {
         Self(Uuid::new_v8(bytes))
     }
 
+    /// Whether the id was derived from a client's start key ([`ConversationId::for_start`]), so that a
+    /// start for it may be sent again.
+    pub fn is_from_start_key(&self) -> bool {
+        self.0.get_version_num() == 8
+    }
+
     pub fn parse(text: &str) -> Result<Self, IdError> {
         Uuid::parse_str(text).map(Self).map_err(|_| IdError::NotAUuid)
     }
@@ -164,7 +170,8 @@ mod tests {
         assert_eq!(id, ConversationId::for_start(&acme, key), "the same start gives the same chat");
         assert_ne!(id, ConversationId::for_start(&acme, other_key));
         assert_ne!(id, ConversationId::for_start(&globex, key), "tenants never share a chat");
-        assert_eq!(id.as_uuid().get_version_num(), 8);
+        assert!(id.is_from_start_key());
+        assert!(!ConversationId::new_v7(1_767_225_600_000).is_from_start_key());
         assert_ne!(id.as_uuid().as_bytes()[..6], key.as_bytes()[..6], "the key is not in the id");
         assert_eq!(ConversationId::parse(&id.to_string()), Ok(id), "an ordinary conversation id");
     }

@@ -34,10 +34,12 @@ pub(crate) enum ConversationMsg {
         caller: Option<Caller>,
         reply: Reply<ChatView>,
     },
-    /// The conversation and its customer token, for a start sent again; a chat still waiting is added to
-    /// its queue again.
+    /// A start carried out before, sent again (see [`create`]). `first_group` is the group of the stored
+    /// `created` event (`None`: not at hand, the chat's group now).
     Started {
-        reply: Reply<(Conversation, String)>,
+        start: Box<NewConversation>,
+        first_group: Option<GroupId>,
+        reply: Reply<StartedChat>,
     },
     CheckToken {
         token: String,
@@ -177,15 +179,8 @@ impl ConversationActor {
                 };
                 let _ = reply.send(result);
             }
-            ConversationMsg::Started { reply } => {
-                let conversation = &state.conversation;
-                if conversation.state == ConversationState::Queued {
-                    // The first start may have stored the chat and failed before its queue was told (the
-                    // store's answer lost): tell it now, from here, in order with the chat's later changes. A
-                    // queue that has the chat already ignores it.
-                    remote::queue_add(&state.context, &conversation.tenant, waiting_entry(conversation)).await;
-                }
-                let _ = reply.send(Ok((state.conversation.clone(), state.customer_token.clone())));
+            ConversationMsg::Started { start, first_group, reply } => {
+                let _ = reply.send(state.started_again(&start, first_group.as_ref()).await);
             }
             ConversationMsg::CheckToken { token, reply } => {
                 let result = if constant_time_eq(token.as_bytes(), state.customer_token.as_bytes()) {
@@ -306,6 +301,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl ConversationActorState {
     fn view(&self) -> ChatView {
         view_of(&self.conversation)
+    }
+
+    /// The answer to a start sent again: the chat as it is now, with its token, if the first start was for
+    /// the same chat (else `start_key_reused`, and nothing is done). A chat still waiting is added to its
+    /// queue again: the first start may have stored it and failed before its queue was told (the store's
+    /// answer lost). It is told from here, in order with the chat's later changes; a queue that has the chat
+    /// already ignores it.
+    async fn started_again(
+        &self,
+        start: &NewConversation,
+        first_group: Option<&GroupId>,
+    ) -> Result<StartedChat, RouterError> {
+        let conversation = &self.conversation;
+        // Without the `created` event, the group it was created in is the one it is in unless it was
+        // transferred: a transferred chat's start, sent again, is answered as reused, never with another
+        // group's chat.
+        let same = conversation.tenant == start.tenant
+            && *first_group.unwrap_or(&conversation.group) == start.group
+            && conversation.customer_name == start.customer_name
+            && conversation.first_question == start.question;
+        if !same {
+            return Err(RouterError::Refused(Refusal::StartKeyReused));
+        }
+        if conversation.state == ConversationState::Queued {
+            remote::queue_add(&self.context, &conversation.tenant, waiting_entry(conversation)).await;
+        }
+        Ok(StartedChat { view: self.view(), customer_token: self.customer_token.clone(), duplicate: true })
     }
 
     /// Whether the chat's group routes by offer (only the offered agent may accept).
@@ -627,10 +649,14 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
     let group = context.directory.group(&facts.tenant, &facts.group).ok_or(RouterError::UnknownGroup)?;
     if !group.hours.is_open(facts.created_at_ms) {
-        // The first start may have been made before the group closed. Rare enough to ask the store.
+        // A start sent again by its key may have been carried out before the group closed: the store knows.
+        // Only such a start (a chat started without a key is never started again) costs the refusal a read.
+        if !facts.id.is_from_start_key() {
+            return Err(RouterError::Refused(Refusal::GroupClosed));
+        }
         let request = GetConversationRequest { conversation_id: facts.id.to_string() };
         return match context.store.get_conversation(request).await.map_err(from_store)?.conversation {
-            Some(_) => started_before(context, &facts, None).await,
+            Some(_) => started_before(context, facts, None).await,
             None => Err(RouterError::Refused(Refusal::GroupClosed)),
         };
     }
@@ -671,7 +697,7 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
     }
     let (stored, duplicate) = append(context, facts.id, fence, events, None, Some(record)).await?;
     if duplicate {
-        return started_before(context, &facts, stored.first()).await;
+        return started_before(context, facts, stored.first()).await;
     }
     let mut conversation = Conversation::new(&facts);
     for event in &stored {
@@ -699,32 +725,21 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
     Ok(StartedChat { view, customer_token, duplicate: false })
 }
 
-/// The answer to a start carried out before (see [`create`]): the chat as it is now, with its token, if the
-/// first start was for the same chat. `created` is the stored opening event when the store returned it.
-/// A chat still waiting is added to its queue again by its actor (`ConversationMsg::Started`), in case the
-/// first start stored it but failed before telling the queue.
+/// The answer to a start carried out before (see [`create`]), from the chat's actor.
+/// `created` is the stored opening event when the store returned it.
 async fn started_before(
     context: &Arc<Context>,
-    facts: &NewConversation,
+    facts: NewConversation,
     created: Option<&Event>,
 ) -> Result<StartedChat, RouterError> {
-    let actor = activate(context, facts.id).await?;
-    let (conversation, customer_token) = ractor::call!(actor, |reply| ConversationMsg::Started { reply })
-        .map_err(|error| RouterError::Internal(format!("conversation actor did not answer: {error}")))??;
     let first_group = match created.map(|event| &event.body) {
-        Some(EventBody::Created { group, .. }) => group,
-        // Without the event, the group it was created in is the one it is in unless it was transferred: a
-        // transferred chat's start, sent again, is answered as reused, never with another group's chat.
-        _ => &conversation.group,
+        Some(EventBody::Created { group, .. }) => Some(group.clone()),
+        _ => None,
     };
-    let same = conversation.tenant == facts.tenant
-        && *first_group == facts.group
-        && conversation.customer_name == facts.customer_name
-        && conversation.first_question == facts.question;
-    if !same {
-        return Err(RouterError::Refused(Refusal::StartKeyReused));
-    }
-    Ok(StartedChat { view: view_of(&conversation), customer_token, duplicate: true })
+    let actor = activate(context, facts.id).await?;
+    let start = Box::new(facts);
+    ractor::call!(actor, |reply| ConversationMsg::Started { start, first_group, reply })
+        .map_err(|error| RouterError::Internal(format!("conversation actor did not answer: {error}")))?
 }
 
 /// What a chat's queue lists of it while it waits.

@@ -221,6 +221,9 @@ async fn chat_starts_sent_again_after_a_crash_are_one_chat_each() -> anyhow::Res
             (&again["conversation"], &again["customer_token"])
         );
         assert_eq!(third["duplicate"], true);
+        if n == 0 {
+            assert_eq!(again["duplicate"], true, "the start answered before the crash was stored");
+        }
         if again["duplicate"] == true {
             stored_before_the_crash += 1;
         }
@@ -230,7 +233,6 @@ async fn chat_starts_sent_again_after_a_crash_are_one_chat_each() -> anyhow::Res
     let token = |ack: &Value| ack["customer_token"].as_str().unwrap().to_owned();
     assert_eq!((before["conversation"].as_str(), token(&before)), (Some(chats[0].as_str()), tokens[0].clone()));
     eprintln!("{stored_before_the_crash} of the 9 starts were stored before the crash");
-    assert!(stored_before_the_crash >= 1, "the start answered before the crash was stored");
 
     // Nothing twice: the waiting list has the nine chats, each with one `created` event.
     let mut agent = Client::sign_in(&url, "token-agent-b").await?;
