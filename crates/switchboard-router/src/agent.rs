@@ -6,6 +6,13 @@
 //! live connection keeps their chats for the grace period; past it they go offline, their offer moves on and
 //! their chats go back to the head of their queue. When presence cannot be read (Redis is down) nothing
 //! changes: presence is stale, not absent.
+//!
+//! The queues of the agent's groups are told of every change of the agent's availability, and told it again
+//! every [`RETELL_EVERY_TICKS`] heartbeats while the agent is signed in: a cast to another node that is
+//! given up (its node was unreachable for its retries, without the queue being rebuilt since) would
+//! otherwise leave the queue with the agent's old availability until their next change, which, for an
+//! agent who came back online, is a queue that never offers them a chat. The versions make a retelling
+//! harmless: a queue keeps the newest.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +37,9 @@ use crate::error::from_store;
 use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
+
+/// How many heartbeats pass, at most, between two times the queues are told the agent's availability.
+pub const RETELL_EVERY_TICKS: u32 = 10;
 
 pub(crate) enum AgentMsg {
     SetStatus {
@@ -79,6 +89,8 @@ pub(crate) struct AgentActorState {
     disconnected_since_ms: Option<i64>,
     /// The version of the agent's availability for the queues.
     versions: Versions,
+    /// Heartbeats since the queues were last told the agent's availability.
+    ticks_since_told: u32,
 }
 
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
@@ -134,6 +146,7 @@ impl Actor for AgentActor {
             shown_offer: None,
             disconnected_since_ms: None,
             versions: Versions::new(epoch),
+            ticks_since_told: 0,
         })
     }
 
@@ -279,6 +292,7 @@ impl AgentActorState {
 
     /// Tells the queues of the agent's groups that the agent's availability changed.
     async fn changed(&mut self) {
+        self.ticks_since_told = 0;
         let availability = self.versions.stamp(&self.agent);
         for group in self.agent.groups.clone() {
             remote::queue_agent_changed(&self.context, &self.agent.tenant, &group, availability.clone()).await;
@@ -312,6 +326,18 @@ impl AgentActorState {
             return;
         }
         self.refresh_signed_in().await;
+        self.check_connections().await;
+        if self.agent.status != AgentStatus::Offline {
+            self.ticks_since_told += 1;
+            if self.ticks_since_told >= RETELL_EVERY_TICKS {
+                self.changed().await;
+            }
+        }
+    }
+
+    /// Whether the agent still has a live connection; past the grace period without one, the agent goes
+    /// offline.
+    async fn check_connections(&mut self) {
         let now_ms = self.now_ms();
         let asked = [(self.agent.tenant.clone(), self.agent.id.clone())];
         let live = match self.context.presence.live_sessions(&asked, now_ms).await {

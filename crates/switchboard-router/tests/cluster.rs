@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -11,12 +12,13 @@ use async_trait::async_trait;
 use common::{agent, directory, group, tenant};
 use switchboard_domain::{
     AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Event, FixedClock, GroupId, TenantId, WaitingEntry,
-    agent_key, conversation_key,
+    agent_key, conversation_key, queue_key,
 };
 use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue,
+    OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    SystemCommand, Ticket,
 };
 use switchboard_router::Router;
 use switchboard_store::MemoryStore;
@@ -27,6 +29,8 @@ use tokio::sync::mpsc;
 #[derive(Default)]
 struct LocalCluster {
     routers: OnceLock<Vec<Arc<Router>>>,
+    /// While set, every cast of an agent's availability to another node's queue is lost (fails for good).
+    lose_availability: AtomicBool,
 }
 
 impl LocalCluster {
@@ -245,6 +249,9 @@ impl PeerApi for LocalCluster {
         group: &GroupId,
         availability: AgentAvailability,
     ) -> Result<(), RouterError> {
+        if self.lose_availability.load(Ordering::SeqCst) {
+            return Err(RouterError::Internal("lost on the way".into()));
+        }
         self.first(|router| {
             let availability = availability.clone();
             async move { router.queue_agent_changed(tenant, group, availability).await }
@@ -265,6 +272,7 @@ struct Nodes {
     cluster: Arc<LocalCluster>,
     routers: Vec<Arc<Router>>,
     clock: Arc<FixedClock>,
+    presence: Arc<MemoryPresence>,
 }
 
 async fn start_nodes(n: usize) -> Nodes {
@@ -273,7 +281,8 @@ async fn start_nodes(n: usize) -> Nodes {
     let store = Arc::new(MemoryStore::new(clock_dyn.clone()));
     let cluster = Arc::new(LocalCluster::default());
     let mut routers = Vec::new();
-    let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
+    let memory_presence = Arc::new(MemoryPresence::new());
+    let presence: Arc<dyn Presence> = memory_presence.clone();
     for i in 0..n {
         let mut settings = common::router_settings(&format!("node-{i}"));
         settings.advertise = format!("local://node-{i}");
@@ -284,7 +293,7 @@ async fn start_nodes(n: usize) -> Nodes {
         routers.push(Arc::new(router.await.unwrap()));
     }
     assert!(cluster.routers.set(routers.clone()).is_ok());
-    Nodes { cluster, routers, clock }
+    Nodes { cluster, routers, clock, presence: memory_presence }
 }
 
 /// Lets the lease keepers run until `done` holds (paused time: each round is one renewal period).
@@ -410,4 +419,68 @@ async fn a_node_that_leaves_hands_its_shards_over_and_its_chats_go_on() {
     // The old node refuses what it no longer owns.
     let late = ChatCommand::Send { client_msg_id: "m3".into(), body: "three".into() };
     assert_eq!(second.command(&customer, chat, late).await, Err(RouterError::NotOwner));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    let queue_node = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
+    let queue_node = queue_node.expect("some node owns the queue");
+    // An agent of the push group whose actor lives on the other node: their casts to the queue cross nodes.
+    let remote = ["x", "y", "z"]
+        .map(agent)
+        .into_iter()
+        .find(|candidate| !nodes.routers[queue_node].owns_key(&agent_key(&tenant(), candidate)));
+    let remote = remote.expect("x, y and z all live with the queue: pick other agents for this shard map");
+    let gateway = GatewayId("gw".into());
+    let (sink, mut pushes) = mpsc::unbounded_channel();
+    cluster.connect_gateway(gateway.clone(), sink);
+    cluster.subscribe_agent(&gateway, &tenant(), &remote).await.unwrap();
+    // Connected all along, as a gateway keeps it.
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), &remote, "s-1", "gw", expires).await.unwrap();
+    cluster.set_agent_status(&tenant(), &remote, AgentStatus::Online).await.unwrap();
+    cluster.set_agent_status(&tenant(), &remote, AgentStatus::Away).await.unwrap();
+    let offered = |pushes: &mut mpsc::UnboundedReceiver<Push>| {
+        let mut offers = Vec::new();
+        while let Ok(push) = pushes.try_recv() {
+            if let Push::Agent { change: AgentChange::Offered { entry, .. }, .. } = push {
+                offers.push(entry.conversation);
+            }
+        }
+        offers
+    };
+    let pass = |seconds: u64| async move {
+        for _ in 0..seconds {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    pass(1).await;
+
+    // The agent comes back, and the queue is not told.
+    cluster.lose_availability.store(true, Ordering::SeqCst);
+    cluster.set_agent_status(&tenant(), &remote, AgentStatus::Online).await.unwrap();
+    pass(1).await;
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    let request = StartChat {
+        conversation: chat,
+        tenant: tenant(),
+        group: group("push"),
+        customer_name: "x".into(),
+        question: "anyone?".into(),
+    };
+    cluster.start_chat(request).await.unwrap();
+    pass(2).await;
+    assert_eq!(offered(&mut pushes), [], "the queue still takes the agent for away");
+
+    // The way between the nodes works again: within the retelling period the queue knows, and offers.
+    cluster.lose_availability.store(false, Ordering::SeqCst);
+    pass(u64::from(switchboard_router::RETELL_EVERY_TICKS) + 1).await;
+    assert_eq!(offered(&mut pushes), [chat]);
 }
