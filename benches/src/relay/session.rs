@@ -215,6 +215,7 @@ impl Session {
                 "chat": frames::chat_json(conversation, &facts),
                 "conversation": conversation,
                 "customer_token": customer_token,
+                "duplicate": false,
                 "subscribed": true,
             }),
         );

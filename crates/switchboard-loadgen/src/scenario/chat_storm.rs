@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{Ctx, close_all};
+use super::{Ctx, chat_start, check_first_start, close_all};
 use crate::cli::{ChatStormArgs, RoutingMode};
 use crate::invariants::{ChatLedger, Side};
 use crate::metrics::{Metrics, lock};
@@ -189,8 +189,7 @@ async fn customer(
         }
     };
     metrics.record("connect", intended, connection.welcome_at);
-    let request =
-        json!({ "widget_key": task.widget_key, "group": group, "name": "Load customer", "question": question });
+    let request = chat_start(&task.widget_key, &group, question);
     let ack = match connection.request("chat.start", request).await {
         Ok(ack) => ack,
         Err(error) => {
@@ -198,6 +197,7 @@ async fn customer(
             return Some(connection);
         }
     };
+    check_first_start(metrics, &ack.frame);
     let Some(conversation) = ack.frame["conversation"].as_str().map(str::to_owned) else {
         metrics.error("chat_start_ack_without_conversation");
         return Some(connection);

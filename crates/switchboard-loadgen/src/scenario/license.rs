@@ -13,7 +13,7 @@ use futures_util::future::join_all;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{Ctx, close_all};
+use super::{Ctx, chat_start, check_first_start, close_all};
 use crate::cli::LicenseArgs;
 use crate::invariants::{LicenseRound, Side};
 use crate::net::{IgnoreEvents, RequestError, Role};
@@ -51,10 +51,8 @@ async fn run_round(ctx: &mut Ctx, round: u32, burst: u64, limit: u64) -> anyhow:
 
     let burst_at = Instant::now();
     let starts = customers.iter().enumerate().map(|(n, customer)| {
-        let request = json!({
-            "widget_key": ctx.common.widget_key, "group": ctx.group(n as u64), "name": "Load customer",
-            "question": format!("license {} round {round} {}-{n}", ctx.run_id, ctx.shard.index),
-        });
+        let question = format!("license {} round {round} {}-{n}", ctx.run_id, ctx.shard.index);
+        let request = chat_start(&ctx.common.widget_key, ctx.group(n as u64), question);
         customer.request("chat.start", request)
     });
     let outcomes = join_all(starts).await;
@@ -64,6 +62,7 @@ async fn run_round(ctx: &mut Ctx, round: u32, burst: u64, limit: u64) -> anyhow:
         match outcome {
             Ok(ack) => {
                 ctx.metrics.record("chat_start", burst_at, ack.at);
+                check_first_start(&ctx.metrics, &ack.frame);
                 ctx.metrics.operation();
                 match ack.frame["conversation"].as_str() {
                     Some(conversation) => admitted.push((customer, conversation.to_owned())),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::cli::Common;
 use crate::invariants::Side;
@@ -112,4 +112,46 @@ pub fn rss_kb(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A `chat.start` as a widget sends it: with a `start_key` of its own (a new random UUID per chat), so that
+/// a start sent again after a lost answer would be the chat it started (`docs/protocol.md`).
+pub fn chat_start(widget_key: &str, group: &str, question: String) -> Value {
+    json!({
+        "widget_key": widget_key, "group": group, "name": "Load customer", "question": question,
+        "start_key": uuid::Uuid::new_v4(),
+    })
+}
+
+/// Checks the answer to a `chat.start` sent once: it is no start made before (`duplicate`), else two chats
+/// were given one key or the server took the key for another's.
+pub fn check_first_start(metrics: &Metrics, ack: &Value) {
+    if ack["duplicate"] == Value::Bool(true) {
+        let conversation = ack["conversation"].as_str().unwrap_or("?");
+        metrics.violation(format!("a chat.start sent once was answered as a duplicate (chat {conversation})"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_start_has_a_key_of_its_own_and_a_start_answered_as_made_before_is_a_violation() {
+        let first = chat_start("w", "sales", "q".into());
+        let second = chat_start("w", "sales", "q".into());
+        let key = first["start_key"].as_str().unwrap();
+        assert!(uuid::Uuid::parse_str(key).is_ok(), "{key}");
+        assert_ne!(first["start_key"], second["start_key"]);
+
+        let metrics = Metrics::new();
+        check_first_start(&metrics, &json!({ "conversation": "c1", "duplicate": false }));
+        // An older server's ack, without the field.
+        check_first_start(&metrics, &json!({ "conversation": "c2" }));
+        assert_eq!(metrics.snapshot().violations.total, 0);
+        check_first_start(&metrics, &json!({ "conversation": "c3", "duplicate": true }));
+        let violations = metrics.snapshot().violations;
+        assert_eq!(violations.total, 1);
+        assert!(violations.first[0].contains("c3"), "{:?}", violations.first);
+    }
 }

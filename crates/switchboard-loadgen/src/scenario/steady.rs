@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{Ctx, close_all};
+use super::{Ctx, chat_start, check_first_start, close_all};
 use crate::cli::SteadyArgs;
 use crate::invariants::{MessageKey, MessageLedger, Receipt, Side};
 use crate::metrics::{Metrics, lock};
@@ -178,12 +178,11 @@ async fn set_up_pairs(ctx: &Ctx, slots: &[usize], agents: &[Arc<Connection>], ob
 async fn set_up_pair(ctx: &Ctx, n: u64, agent: Arc<Connection>, observer: Arc<Observer>) -> Result<Pair, String> {
     let customer = ctx.network.connect(Role::Side(Side::Customer), observer, false).await.map_err(|e| e.reason())?;
     let name = format!("steady {} {}-{n}", ctx.run_id, ctx.shard.index);
-    let start = json!({
-        "widget_key": ctx.common.widget_key, "group": ctx.group(n), "name": "Load customer", "question": name,
-    });
+    let start = chat_start(&ctx.common.widget_key, ctx.group(n), name);
     let sent = Instant::now();
     let ack = customer.request("chat.start", start).await.map_err(|e| e.reason())?;
     ctx.metrics.record("setup_chat_start", sent, ack.at);
+    check_first_start(&ctx.metrics, &ack.frame);
     let conversation = ack.frame["conversation"].as_str().ok_or("chat_start_ack_without_conversation")?.to_owned();
     let sent = Instant::now();
     let ack = agent.request("chat.accept", json!({ "conversation": conversation })).await.map_err(|e| e.reason())?;
