@@ -2,9 +2,10 @@
 
 use std::fmt::Write;
 
-/// Clock ticks per second of `/proc/*/stat` times (USER_HZ, 100 on every Linux platform Switchboard runs
-/// on).
-const TICKS_PER_SECOND: f64 = 100.0;
+/// Clock ticks per second of `/proc/*/stat` times (USER_HZ, as the kernel tells the process).
+fn ticks_per_second() -> f64 {
+    rustix::param::clock_ticks_per_second().max(1) as f64
+}
 
 pub(crate) fn render() -> String {
     let mut text = String::new();
@@ -22,7 +23,7 @@ pub(crate) fn render() -> String {
     if let Some(rss) = resident_bytes() {
         metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss);
     }
-    if let Some(start) = boot_time_seconds().map(|boot| boot + stat.start_ticks / TICKS_PER_SECOND) {
+    if let Some(start) = boot_time_seconds().map(|boot| boot + stat.start_ticks / ticks_per_second()) {
         metric(
             "process_start_time_seconds",
             "gauge",
@@ -53,7 +54,7 @@ fn read_stat() -> Option<Stat> {
     // `after` starts at field 3 (state): field n is at index n - 3.
     let field = |n: usize| fields.get(n - 3).and_then(|value| value.parse::<f64>().ok());
     Some(Stat {
-        cpu_seconds: (field(14)? + field(15)?) / TICKS_PER_SECOND,
+        cpu_seconds: (field(14)? + field(15)?) / ticks_per_second(),
         start_ticks: field(22)?,
         virtual_bytes: field(23)?,
     })
@@ -105,6 +106,18 @@ mod tests {
                 .and_then(|value| value.parse().ok())
                 .unwrap_or_default();
             assert!(rss > 1_000_000.0, "a test process holds more than a megabyte: {rss}");
+            // The start time is the boot time plus the start in clock ticks: with the wrong ticks per second,
+            // a process started moments ago would seem to have started long before or after now.
+            let started: f64 = text
+                .lines()
+                .find_map(|line| line.strip_prefix("process_start_time_seconds "))
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_default();
+            // Now on the same scale: the boot time plus the time since boot.
+            let uptime = std::fs::read_to_string("/proc/uptime").unwrap();
+            let uptime: f64 = uptime.split_whitespace().next().unwrap().parse().unwrap();
+            let now = boot_time_seconds().unwrap() + uptime;
+            assert!((now - 120.0..=now + 1.0).contains(&started), "started at {started}, now {now}");
         }
     }
 }
