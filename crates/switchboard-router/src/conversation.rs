@@ -704,6 +704,7 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         apply(&mut conversation, event);
     }
     let view = view_of(&conversation);
+    let entry = waiting_entry(&conversation);
     let recent = RecentEvents::of_log(stored);
     let loaded =
         Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence, recent };
@@ -711,13 +712,6 @@ pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Re
         // The chat is stored: its actor is activated from the store on first use instead.
         warn!(%error, conversation = %facts.id, "new conversation actor not started");
     }
-    let entry = WaitingEntry {
-        conversation: facts.id,
-        group: facts.group.clone(),
-        queued_at_ms: facts.created_at_ms,
-        customer_name: facts.customer_name,
-        question: facts.question,
-    };
     match local_queue {
         Some(queue) => queue.add(entry),
         None => remote::queue_add(context, &facts.tenant, entry).await,

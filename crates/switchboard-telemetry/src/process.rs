@@ -82,6 +82,15 @@ fn max_fds() -> Option<f64> {
 mod tests {
     use super::*;
 
+    /// The value of metric `name` in `text`, which must have it.
+    fn value_of(text: &str, name: &str) -> f64 {
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing from {text}"));
+        value.parse().unwrap_or_else(|_| panic!("{name} {value}"))
+    }
+
     #[test]
     fn the_process_metrics_are_read_on_linux() {
         let text = render();
@@ -94,25 +103,14 @@ mod tests {
                 "process_open_fds",
                 "process_max_fds",
             ] {
-                let value = text
-                    .lines()
-                    .find_map(|line| line.strip_prefix(&format!("{name} ")))
-                    .unwrap_or_else(|| panic!("{name} missing from {text}"));
-                assert!(value.parse::<f64>().is_ok_and(|value| value >= 0.0), "{name} {value}");
+                let value = value_of(&text, name);
+                assert!(value >= 0.0, "{name} {value}");
             }
-            let rss: f64 = text
-                .lines()
-                .find_map(|line| line.strip_prefix("process_resident_memory_bytes "))
-                .and_then(|value| value.parse().ok())
-                .unwrap_or_default();
+            let rss = value_of(&text, "process_resident_memory_bytes");
             assert!(rss > 1_000_000.0, "a test process holds more than a megabyte: {rss}");
             // The start time is the boot time plus the start in clock ticks: with the wrong ticks per second,
             // a process started moments ago would seem to have started long before or after now.
-            let started: f64 = text
-                .lines()
-                .find_map(|line| line.strip_prefix("process_start_time_seconds "))
-                .and_then(|value| value.parse().ok())
-                .unwrap_or_default();
+            let started = value_of(&text, "process_start_time_seconds");
             // Now on the same scale: the boot time plus the time since boot.
             let uptime = std::fs::read_to_string("/proc/uptime").unwrap();
             let uptime: f64 = uptime.split_whitespace().next().unwrap().parse().unwrap();
