@@ -631,8 +631,14 @@ impl<T: Transport> Session<T> {
             Some(key) => ConversationId::for_start(&tenant, key),
             None => ConversationId::new_v7(self.shared.clock.now_ms()),
         };
-        let request =
-            StartChat { conversation, tenant: tenant.clone(), group: group.clone(), customer_name: name, question };
+        let request = StartChat {
+            conversation,
+            tenant: tenant.clone(),
+            group: group.clone(),
+            customer_name: name,
+            question,
+            tried_before: false,
+        };
         let started = self.shared.router.start_chat(request).await?;
         let conversation = started.view.conversation;
         self.become_role(Role::Customer { conversation, tenant, group }).await;

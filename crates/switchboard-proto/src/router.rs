@@ -43,6 +43,9 @@ pub struct StartChat {
     pub group: GroupId,
     pub customer_name: String,
     pub question: String,
+    /// An earlier try of this very start (the same `conversation`) failed without an answer, so it may have
+    /// been carried out: the gateway's cluster client tries a start again on its conversation's owner.
+    pub tried_before: bool,
 }
 
 /// A conversation as clients see it.

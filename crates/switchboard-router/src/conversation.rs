@@ -644,14 +644,19 @@ const START_DEDUPE_KEY: &str = "chat.start";
 /// again with its `start_key`, after an answer that never reached the client). The store then finds the
 /// opening event by its key ([`START_DEDUPE_KEY`]) and stores nothing, and the chat is
 /// answered as it is now, marked `duplicate`; or refused with `start_key_reused` when the first start was
-/// for another name, group or question.
-pub(crate) async fn create(context: &Arc<Context>, facts: NewConversation) -> Result<StartedChat, RouterError> {
+/// for another name, group or question. So is a start without a key that the gateway tries again after a
+/// try whose answer it lost (`tried_before`): the conversation id is the gateway's, the same in every try.
+pub(crate) async fn create(
+    context: &Arc<Context>,
+    facts: NewConversation,
+    tried_before: bool,
+) -> Result<StartedChat, RouterError> {
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
     let group = context.directory.group(&facts.tenant, &facts.group).ok_or(RouterError::UnknownGroup)?;
     if !group.hours.is_open(facts.created_at_ms) {
-        // A start sent again by its key may have been carried out before the group closed: the store knows.
-        // Only such a start (a chat started without a key is never started again) costs the refusal a read.
-        if !facts.id.is_from_start_key() {
+        // A start sent again may have been carried out before the group closed: the store knows. Only such a
+        // start (by its key, or tried again by the gateway) costs the refusal a read.
+        if !facts.id.is_from_start_key() && !tried_before {
             return Err(RouterError::Refused(Refusal::GroupClosed));
         }
         let request = GetConversationRequest { conversation_id: facts.id.to_string() };

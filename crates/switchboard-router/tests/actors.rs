@@ -37,6 +37,7 @@ async fn concurrent_accepts_have_one_winner_and_the_rest_are_told_it_was_taken()
                 group: group("g1"),
                 customer_name: "x".into(),
                 question: "q".into(),
+                tried_before: false,
             };
             router.start_chat(request).await.unwrap().view.conversation
         };

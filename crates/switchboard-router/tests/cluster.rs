@@ -357,6 +357,7 @@ async fn an_agent_accepts_a_chat_that_lives_on_another_node_and_its_queue_is_tol
         group: group("g1"),
         customer_name: "x".into(),
         question: "hello?".into(),
+        tried_before: false,
     };
     cluster.start_chat(request).await.unwrap();
     let view = cluster.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
@@ -402,6 +403,7 @@ async fn a_node_that_leaves_hands_its_shards_over_and_its_chats_go_on() {
         group: group("g1"),
         customer_name: "x".into(),
         question: "hello?".into(),
+        tried_before: false,
     };
     let started = nodes.cluster.start_chat(request).await.unwrap();
     let customer = Caller::Customer { conversation: chat };
@@ -474,6 +476,7 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
         group: group("push"),
         customer_name: "x".into(),
         question: "anyone?".into(),
+        tried_before: false,
     };
     cluster.start_chat(request).await.unwrap();
     pass(2).await;

@@ -160,6 +160,7 @@ async fn a_closed_group_refuses_new_chats_and_takes_offline_messages() {
         group: group("never"),
         customer_name: "ann".into(),
         question: "anyone?".into(),
+        tried_before: false,
     };
     assert_eq!(fixture.router.start_chat(request).await, Err(RouterError::Refused(Refusal::GroupClosed)));
     let message = OfflineMessage {
@@ -175,6 +176,41 @@ async fn a_closed_group_refuses_new_chats_and_takes_offline_messages() {
     assert!(!ticket.duplicate);
     let again = fixture.router.leave_offline_message(message).await.unwrap();
     assert_eq!((again.id, again.duplicate), (ticket.id, true), "the same message is stored once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_tried_again_after_its_group_closed_gets_the_chat_its_unanswered_try_started() {
+    let fixture = fixture().await;
+    // Friday 2026-03-27 16:59:30 in Berlin (UTC+1): `office` closes at 17:00.
+    let now = fixture.clock_ms();
+    fixture.clock.advance_ms(utc_ms("2026-03-27T15:59:30Z") - now);
+    // A start without a key: its id is the gateway's, the same in every try.
+    let request = StartChat {
+        conversation: ConversationId::new_v7(fixture.clock_ms()),
+        tenant: tenant(),
+        group: group("office"),
+        customer_name: "ann".into(),
+        question: "still open?".into(),
+        tried_before: false,
+    };
+    let first = fixture.router.start_chat(request.clone()).await.unwrap();
+    assert!(!first.duplicate);
+    // Its answer is lost; the gateway tries again a minute later, after closing time.
+    fixture.pass(60_000).await;
+    let again = StartChat { tried_before: true, ..request.clone() };
+    let started = fixture.router.start_chat(again).await.unwrap();
+    assert_eq!(
+        (started.view.conversation, started.view.state, started.customer_token.clone()),
+        (request.conversation, ConversationState::Queued, first.customer_token),
+        "the chat the first try stored, with its token"
+    );
+    assert!(started.duplicate, "the router found it stored (the gateway's client tells its caller otherwise)");
+    // A start not tried before is refused without looking: nothing of that id is stored.
+    let late = StartChat { conversation: ConversationId::new_v7(fixture.clock_ms()), ..request };
+    assert_eq!(fixture.router.start_chat(late.clone()).await, Err(RouterError::Refused(Refusal::GroupClosed)));
+    // Tried before but never stored (the first try failed before the store): still refused.
+    let late = StartChat { tried_before: true, ..late };
+    assert_eq!(fixture.router.start_chat(late).await, Err(RouterError::Refused(Refusal::GroupClosed)));
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,9 +8,11 @@
 //! - **Retries.** `NotOwner` (the request was not executed) is retried on the new owner until
 //!   `retry_for` has passed. `Unavailable` is retried too for the operations that are idempotent (reads,
 //!   subscriptions, commands carrying a client message id, casts, offers and their ends, availability
-//!   reads, offline messages with their idempotency key); `start_chat`, `accept_chat`, `transfer_chat`,
+//!   reads, offline messages with their idempotency key, chat starts: their conversation id, the gateway's,
+//!   is the same in every try and the store keeps one start per id); `accept_chat`, `transfer_chat`,
 //!   `forward_chat` and `owner_forward` return it to the client, which may retry (each may have been carried
-//!   out before the connection failed).
+//!   out before the connection failed). A chat start tried again after a try without an answer says so
+//!   (`tried_before`), and its answer is never `duplicate`: the client sent it once.
 //! - **Routing.** Each call goes to the owner of one key: conversations by `conversation_key`; agents
 //!   (`accept_chat`, statuses, `subscribe_agent`, `agent_offer`, `agent_availability`, `agent_finished`) by
 //!   `agent_key`, and `forward_chat` by the key of the *target* agent (its owner reserves the slot first);
@@ -30,7 +32,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -832,8 +834,24 @@ impl RouterApi for ClusterClient {
 
     async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
         let key = conversation_key(&request.conversation);
-        let request = &request;
-        self.on_owner(&key, false, |node| async move { node.start_chat(request.clone()).await }).await
+        // Whether a try failed without an answer (the router may have stored the chat before it went away).
+        let unanswered = AtomicBool::new(false);
+        let (request, unanswered_ref) = (&request, &unanswered);
+        let mut started = self
+            .on_owner(&key, true, |node| async move {
+                let tried_before = request.tried_before || unanswered_ref.load(Ordering::SeqCst);
+                let result = node.start_chat(StartChat { tried_before, ..request.clone() }).await;
+                if matches!(result, Err(RouterError::Unavailable(_))) {
+                    unanswered_ref.store(true, Ordering::SeqCst);
+                }
+                result
+            })
+            .await?;
+        // The chat found stored is the one this call's own unanswered try started, not an earlier start's.
+        if unanswered.load(Ordering::SeqCst) {
+            started.duplicate = false;
+        }
+        Ok(started)
     }
 
     async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {

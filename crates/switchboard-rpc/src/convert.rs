@@ -272,6 +272,7 @@ pub fn start_chat_to_proto(request: &StartChat) -> StartChatRequest {
         group_id: request.group.to_string(),
         customer_name: request.customer_name.clone(),
         question: request.question.clone(),
+        tried_before: request.tried_before,
     }
 }
 
@@ -282,6 +283,7 @@ pub fn start_chat_from_proto(request: &StartChatRequest) -> Result<StartChat, St
         group: group_id(&request.group_id)?,
         customer_name: request.customer_name.clone(),
         question: request.question.clone(),
+        tried_before: request.tried_before,
     })
 }
 
@@ -996,13 +998,14 @@ mod tests {
         }
 
         #[test]
-        fn started_chats_round_trip(view in any_view(), customer_token in any::<String>()) {
+        fn started_chats_round_trip(view in any_view(), customer_token in any::<String>(), tried_before in any::<bool>()) {
             let request = StartChat {
                 conversation: view.conversation,
                 tenant: view.tenant.clone(),
                 group: view.group.clone(),
                 customer_name: view.customer_name.clone(),
                 question: view.first_question.clone(),
+                tried_before,
             };
             prop_assert_eq!(start_chat_from_proto(&wire(&start_chat_to_proto(&request)))?, request);
             for duplicate in [false, true] {

@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -261,16 +261,20 @@ impl Pushes {
 }
 
 /// The gateway's connector, with push streams that take `delay` to open (a slow network, a busy node): a node
-/// must not be given subscriptions before this gateway's stream to it is open, or their pushes are lost.
+/// must not be given subscriptions before this gateway's stream to it is open, or their pushes are lost. It
+/// also loses the answers of the next `lost_start_answers` chat starts, after the router carried them out (a
+/// router that stored the chat and went away before it answered).
 struct SlowStreams {
     connector: GrpcConnector,
     delay: Duration,
+    lost_start_answers: Arc<AtomicUsize>,
 }
 
 #[async_trait]
 impl Connector for SlowStreams {
     fn node(&self, address: &str) -> Result<Arc<dyn NodeClient>, RouterError> {
-        Ok(Arc::new(SlowNode { node: self.connector.node(address)?, delay: self.delay }))
+        let lost_start_answers = self.lost_start_answers.clone();
+        Ok(Arc::new(SlowNode { node: self.connector.node(address)?, delay: self.delay, lost_start_answers }))
     }
 
     async fn watch_placement(&self) -> Option<Result<PlacementUpdates, StoreError>> {
@@ -281,6 +285,7 @@ impl Connector for SlowStreams {
 struct SlowNode {
     node: Arc<dyn NodeClient>,
     delay: Duration,
+    lost_start_answers: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -298,7 +303,12 @@ impl RouterApi for SlowNode {
     }
 
     async fn start_chat(&self, request: StartChat) -> Result<StartedChat, RouterError> {
-        self.node.start_chat(request).await
+        let started = self.node.start_chat(request).await;
+        let lose = self.lost_start_answers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match lose {
+            Ok(_) => Err(RouterError::Unavailable("the connection was reset before the answer".into())),
+            Err(_) => started,
+        }
     }
 
     async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {
@@ -501,6 +511,8 @@ struct Cluster {
     gateway_id: GatewayId,
     client: ClusterClient,
     pushes: Pushes,
+    /// How many of the next chat starts' answers the gateway's client loses.
+    lost_start_answers: Arc<AtomicUsize>,
 }
 
 impl Cluster {
@@ -530,13 +542,23 @@ impl Cluster {
         }
         let gateway_store = Arc::new(GrpcStore::connect_lazy(&shared.store_url, client_settings()).unwrap());
         let connector = GrpcConnector { store: gateway_store.clone(), settings: client_settings() };
-        let connector = SlowStreams { connector, delay: stream_delay };
+        let lost_start_answers = Arc::new(AtomicUsize::new(0));
+        let connector = SlowStreams { connector, delay: stream_delay, lost_start_answers: lost_start_answers.clone() };
         let client = ClusterClient::start(gateway_store, Arc::new(connector), cluster_settings());
         let gateway_id = GatewayId("gw-1".into());
         let (sink, receiver) = mpsc::unbounded_channel();
         client.connect_gateway(gateway_id.clone(), sink);
         let pushes = Pushes::collect(receiver);
-        let cluster = Cluster { shared, store, _store_server: store_server, nodes, gateway_id, client, pushes };
+        let cluster = Cluster {
+            shared,
+            store,
+            _store_server: store_server,
+            nodes,
+            gateway_id,
+            client,
+            pushes,
+            lost_start_answers,
+        };
         cluster.converged().await;
         cluster
     }
@@ -624,6 +646,7 @@ impl Cluster {
             group: group.clone(),
             customer_name: customer.into(),
             question: format!("question from {customer}"),
+            tried_before: false,
         };
         let started = self.client.start_chat(request).await.unwrap();
         assert_eq!(started.view.state, ConversationState::Queued);
@@ -968,4 +991,42 @@ async fn an_agent_subscription_follows_the_agent_to_its_new_owner() {
     .await;
 
     cluster.client.unsubscribe_agent(&gateway, &tenant(), &moving).await;
+}
+
+/// A router that stored a chat and went away before it answered (the answer lost with the connection): the
+/// gateway's client tries the start again on the conversation's owner, which finds the chat stored and answers
+/// it with its token. The customer sees no error, and no second chat is made (one whose customer never got its
+/// token, left in the queue). Starts with and without a start key alike: the conversation id is the same in
+/// every try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_start_whose_answer_is_lost_is_tried_again_and_stored_once() {
+    let cluster = Cluster::start(2, Duration::ZERO).await;
+    let keyless = cluster.conversation_on("node-1");
+    let keyed = ConversationId::for_start(&tenant(), uuid::Uuid::new_v4());
+    let request = |conversation| StartChat {
+        conversation,
+        tenant: tenant(),
+        group: group(0),
+        customer_name: "ann".into(),
+        question: "hello?".into(),
+        tried_before: false,
+    };
+    for conversation in [keyless, keyed] {
+        cluster.lost_start_answers.store(1, Ordering::SeqCst);
+        let started = cluster.client.start_chat(request(conversation)).await.unwrap();
+        assert_eq!(cluster.lost_start_answers.load(Ordering::SeqCst), 0, "the first try's answer was lost");
+        assert_eq!(started.view.conversation, conversation);
+        assert_eq!(started.view.state, ConversationState::Queued);
+        assert!(!started.duplicate, "the client sent this start once");
+        let customer = Caller::Customer { conversation };
+        let events = cluster.client.read_events(&customer, conversation, 0).await.unwrap();
+        let created = events.iter().filter(|event| matches!(event.body, EventBody::Created { .. })).count();
+        assert_eq!(created, 1, "stored once: {events:?}");
+        assert_eq!(events.iter().map(|event| event.seq).collect::<Vec<_>>(), [1, 2]);
+        // The token answered is the one stored: the customer can resume the chat.
+        cluster.client.authorize_customer(conversation, &started.customer_token).await.unwrap();
+    }
+    // A keyed start that the client itself sends again is still answered as a duplicate.
+    let again = cluster.client.start_chat(request(keyed)).await.unwrap();
+    assert_eq!((again.view.conversation, again.duplicate), (keyed, true));
 }

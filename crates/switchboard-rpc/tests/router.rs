@@ -77,6 +77,7 @@ fn chat_request(at_ms: i64, customer: &str) -> StartChat {
         group: group("g1"),
         customer_name: customer.into(),
         question: format!("question from {customer}"),
+        tried_before: false,
     }
 }
 
@@ -127,6 +128,7 @@ impl Cluster {
             group: group(group_name),
             customer_name: customer.into(),
             question: format!("question from {customer}"),
+            tried_before: false,
         };
         self.client.start_chat(request).await.unwrap()
     }
@@ -361,6 +363,7 @@ async fn a_refusal_arrives_as_the_same_refusal() {
         group: group("nope"),
         customer_name: "v".into(),
         question: "?".into(),
+        tried_before: false,
     };
     assert_eq!(client.start_chat(request).await.unwrap_err(), RouterError::UnknownGroup);
     cluster.running.stop().await;
@@ -387,6 +390,7 @@ async fn a_node_that_does_not_own_the_shard_answers_not_owner() {
         group: group("g1"),
         customer_name: "y".into(),
         question: "?".into(),
+        tried_before: false,
     };
     assert_eq!(client.start_chat(request).await.unwrap_err(), RouterError::NotOwner);
     // The peer calls answer the same once the node knows it lost the shards (at its next renewal).
@@ -610,6 +614,7 @@ async fn every_router_error_arrives_as_it_was_raised() {
         group: group("g1"),
         customer_name: "c".into(),
         question: "?".into(),
+        tried_before: false,
     };
     assert_eq!(
         client.start_chat(request).await.unwrap_err(),

@@ -2128,6 +2128,10 @@ pub struct StartChatRequest {
     pub customer_name: ::prost::alloc::string::String,
     #[prost(string, tag = "5")]
     pub question: ::prost::alloc::string::String,
+    /// An earlier try of this very start (same conversation id) failed without an answer: it may have been
+    /// carried out. A refusal for the group's closed hours then checks the store first, as for a start key.
+    #[prost(bool, tag = "6")]
+    pub tried_before: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StartedChatReply {

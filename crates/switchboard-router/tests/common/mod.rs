@@ -245,6 +245,7 @@ impl Fixture {
             group: group(group_name),
             customer_name: customer.into(),
             question: format!("question from {customer}"),
+            tried_before: false,
         };
         self.router.start_chat(request).await.unwrap().view.conversation
     }
