@@ -21,6 +21,26 @@ pub enum AgentStatus {
     Offline,
 }
 
+impl AgentStatus {
+    /// Its name in the protocol, as serde writes it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AgentStatus::Online => "online",
+            AgentStatus::Away => "away",
+            AgentStatus::Offline => "offline",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "online" => AgentStatus::Online,
+            "away" => AgentStatus::Away,
+            "offline" => AgentStatus::Offline,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentState {
     pub tenant: TenantId,

@@ -127,15 +127,20 @@ impl Presence for Flaky {
         &self,
         tenant: &TenantId,
         agent: &AgentId,
+        status: AgentStatus,
         groups: &[GroupId],
         expires_at_ms: i64,
     ) -> Result<(), PresenceError> {
         self.check()?;
-        self.inner.signed_in(tenant, agent, groups, expires_at_ms).await
+        self.inner.signed_in(tenant, agent, status, groups, expires_at_ms).await
     }
     async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError> {
         self.check()?;
         self.inner.signed_out(tenant, agent, groups).await
+    }
+    async fn chosen_status(&self, tenant: &TenantId, agent: &AgentId) -> Result<Option<AgentStatus>, PresenceError> {
+        self.check()?;
+        self.inner.chosen_status(tenant, agent).await
     }
     async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError> {
         self.check()?;

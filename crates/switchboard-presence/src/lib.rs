@@ -8,7 +8,8 @@
 //!   every heartbeat, and [`Presence::session_gone`]). Routers count them ([`Presence::live_sessions`]).
 //! - **Signed-in agents.** The agent's owner (its actor) records which groups an online or away agent is
 //!   signed in to ([`Presence::signed_in`], refreshed every heartbeat; [`Presence::signed_out`]), so that the
-//!   number of agents of a group ([`Presence::n_signed_in`]) can be read anywhere.
+//!   number of agents of a group ([`Presence::n_signed_in`]) can be read anywhere, and the status the agent
+//!   chose ([`Presence::chosen_status`]), which an owner that takes the agent over starts from.
 //! - **Group status.** The router that owns a group's queue evaluates its business hours and publishes
 //!   [`GroupStatus`]; anyone reads every group of a tenant in one read ([`Presence::group_statuses`]).
 //! - **License mirror.** The license count for dashboards ([`Presence::mirror_license`]); the store decides,
@@ -36,6 +37,7 @@
 //! | `P:session:{tenant}:{agent}` | sorted set | member: session id; score: `expires_at_ms` of the connection |
 //! | `P:gateway:{tenant}:{agent}` | hash | session id → gateway id holding that connection |
 //! | `P:signed_in:{tenant}:{group}` | sorted set | member: agent id; score: `expires_at_ms` of the sign-in |
+//! | `P:status:{tenant}:{agent}` | string | the status the agent chose, `online` or `away` (no expiry by value: removed at sign-out) |
 //! | `P:group_status:{tenant}` | hash | group id → [`GroupStatus`] as JSON |
 //! | `P:license` | string | [`LicenseMirror`] as JSON |
 //! | `P:changes` | pub/sub channel | [`PresenceChange`] as JSON |
@@ -50,7 +52,7 @@ mod memory;
 mod redis_presence;
 
 use serde::{Deserialize, Serialize};
-use switchboard_domain::{AgentId, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryPresence;
@@ -93,19 +95,27 @@ pub trait Presence: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Vec<LiveSession>, PresenceError>;
 
-    /// The agent is signed in (online or away) as a member of `groups` until `expires_at_ms` (refreshed every
-    /// heartbeat by the agent's owner). Publishes [`PresenceChange::SignedIn`] for each group it is new in.
+    /// The agent is signed in with `status` (online or away) as a member of `groups` until `expires_at_ms`
+    /// (refreshed every heartbeat by the agent's owner), and `status` is the one they chose
+    /// ([`Presence::chosen_status`]). Publishes [`PresenceChange::SignedIn`] for each group it is new in.
     async fn signed_in(
         &self,
         tenant: &TenantId,
         agent: &AgentId,
+        status: AgentStatus,
         groups: &[GroupId],
         expires_at_ms: i64,
     ) -> Result<(), PresenceError>;
 
-    /// The agent signed out (went offline): removed from `groups`. Publishes [`PresenceChange::SignedIn`] with
-    /// `signed_in: false` for each group it was in.
+    /// The agent signed out (went offline): removed from `groups`, and their chosen status forgotten. Publishes
+    /// [`PresenceChange::SignedIn`] with `signed_in: false` for each group it was in.
     async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError>;
+
+    /// The status of the agent's last [`Presence::signed_in`] since they last signed out, if any: what an owner
+    /// that takes the agent over (another router, after a takeover) starts from, rather than offline. It does
+    /// not expire by value (an owner that died cannot sign the agent out): whether the agent is still there
+    /// is for their live sessions to say.
+    async fn chosen_status(&self, tenant: &TenantId, agent: &AgentId) -> Result<Option<AgentStatus>, PresenceError>;
 
     /// The number of agents signed in to the group, unexpired at `now_ms`.
     async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError>;

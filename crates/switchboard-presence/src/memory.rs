@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use switchboard_domain::{AgentId, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
 use tokio::sync::broadcast;
 
 use crate::{CHANGES_CAPACITY, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError};
@@ -32,6 +32,8 @@ struct State {
     sessions: HashMap<(TenantId, AgentId), HashMap<String, (String, i64)>>,
     /// (tenant, group) → agent → expires_at_ms.
     signed_in: HashMap<(TenantId, GroupId), HashMap<AgentId, i64>>,
+    /// (tenant, agent) → the status the agent chose, while signed in.
+    chosen: HashMap<(TenantId, AgentId), AgentStatus>,
     /// tenant → group → status.
     statuses: HashMap<TenantId, BTreeMap<GroupId, GroupStatus>>,
     license: Option<LicenseMirror>,
@@ -149,6 +151,7 @@ impl Presence for MemoryPresence {
         &self,
         tenant: &TenantId,
         agent: &AgentId,
+        status: AgentStatus,
         groups: &[GroupId],
         expires_at_ms: i64,
     ) -> Result<(), PresenceError> {
@@ -156,6 +159,7 @@ impl Presence for MemoryPresence {
         let mut new_in = Vec::new();
         {
             let mut state = self.state();
+            state.chosen.insert((tenant.clone(), agent.clone()), status);
             for group in groups {
                 let members = state.signed_in.entry((tenant.clone(), group.clone())).or_default();
                 members.retain(|_, expires| *expires >= gc_before);
@@ -179,6 +183,7 @@ impl Presence for MemoryPresence {
         let mut left = Vec::new();
         {
             let mut state = self.state();
+            state.chosen.remove(&(tenant.clone(), agent.clone()));
             for group in groups {
                 let key = (tenant.clone(), group.clone());
                 if state.signed_in.get_mut(&key).and_then(|members| members.remove(agent)).is_some() {
@@ -198,6 +203,10 @@ impl Presence for MemoryPresence {
             });
         }
         Ok(())
+    }
+
+    async fn chosen_status(&self, tenant: &TenantId, agent: &AgentId) -> Result<Option<AgentStatus>, PresenceError> {
+        Ok(self.state().chosen.get(&(tenant.clone(), agent.clone())).copied())
     }
 
     async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ErrorKind, RedisError, ServerErrorKind};
-use switchboard_domain::{AgentId, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, warn};
 
@@ -79,6 +79,10 @@ impl Keys {
 
     fn signed_in(&self, tenant: &TenantId, group: &GroupId) -> String {
         format!("{}:signed_in:{tenant}:{group}", self.prefix)
+    }
+
+    fn status(&self, tenant: &TenantId, agent: &AgentId) -> String {
+        format!("{}:status:{tenant}:{agent}", self.prefix)
     }
 
     fn group_status(&self, tenant: &TenantId) -> String {
@@ -314,14 +318,13 @@ impl Presence for RedisPresence {
         &self,
         tenant: &TenantId,
         agent: &AgentId,
+        status: AgentStatus,
         groups: &[GroupId],
         expires_at_ms: i64,
     ) -> Result<(), PresenceError> {
-        if groups.is_empty() {
-            return Ok(());
-        }
         let gc = self.gc_ttl_ms();
         let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.inner.keys.status(tenant, agent)).arg(status.as_str()).arg("PX").arg(gc).ignore();
         for group in groups {
             let key = self.inner.keys.signed_in(tenant, group);
             pipe.cmd("ZREMRANGEBYSCORE").arg(&key).arg("-inf").arg(after(expires_at_ms.saturating_sub(gc))).ignore();
@@ -344,10 +347,8 @@ impl Presence for RedisPresence {
     }
 
     async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError> {
-        if groups.is_empty() {
-            return Ok(());
-        }
         let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.inner.keys.status(tenant, agent)).ignore();
         for group in groups {
             pipe.cmd("ZREM").arg(self.inner.keys.signed_in(tenant, group)).arg(agent.as_str());
         }
@@ -364,6 +365,15 @@ impl Presence for RedisPresence {
             })
             .collect();
         self.publish(&changes).await
+    }
+
+    async fn chosen_status(&self, tenant: &TenantId, agent: &AgentId) -> Result<Option<AgentStatus>, PresenceError> {
+        let key = self.inner.keys.status(tenant, agent);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&key);
+        let (text,): (Option<String>,) = self.query(&pipe).await?;
+        text.map(|text| AgentStatus::parse(&text).ok_or_else(|| PresenceError::Corrupt(format!("{key}: {text:?}"))))
+            .transpose()
     }
 
     async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use switchboard_domain::{AgentId, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
 use switchboard_presence::{GroupStatus, Presence, PresenceChange, PresenceError, RedisPresence, RedisSettings};
 use switchboard_testservices::Redis;
 use tokio::sync::broadcast;
@@ -62,7 +62,10 @@ async fn an_outage_fails_fast_and_the_same_instance_recovers() {
 
     // Before: everything works.
     wait_until_changes_flow(&presence, &mut changes, &agent("before")).await;
-    presence.signed_in(&tenant(), &agent("ann"), std::slice::from_ref(&sales), i64::MAX / 2).await.expect("sign in");
+    presence
+        .signed_in(&tenant(), &agent("ann"), AgentStatus::Online, std::slice::from_ref(&sales), i64::MAX / 2)
+        .await
+        .expect("sign in");
 
     // Down: every kind of call fails with Unavailable (the operation timeout bounds each one to about a second;
     // a refused connection fails at once).
@@ -72,7 +75,9 @@ async fn an_outage_fails_fast_and_the_same_instance_recovers() {
         assert!(is_unavailable(presence.live_sessions(&[(tenant(), agent("ann"))], 0).await));
         assert!(is_unavailable(presence.session_alive(&tenant(), &agent("ann"), "s", "gw1", 1_000).await));
         assert!(is_unavailable(presence.session_gone(&tenant(), &agent("ann"), "s").await));
-        assert!(is_unavailable(presence.signed_in(&tenant(), &agent("ann"), std::slice::from_ref(&sales), 1).await));
+        assert!(is_unavailable(
+            presence.signed_in(&tenant(), &agent("ann"), AgentStatus::Online, std::slice::from_ref(&sales), 1).await
+        ));
         assert!(is_unavailable(presence.n_signed_in(&tenant(), &sales, 0).await));
         assert!(is_unavailable(presence.put_group_status(&status).await));
         assert!(is_unavailable(presence.group_statuses(&tenant()).await));

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use switchboard_domain::{AgentId, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
 use switchboard_presence::{
     GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange, PresenceError, RedisPresence,
     RedisSettings,
@@ -101,17 +101,23 @@ async fn an_agent_may_have_several_sessions(p: &dyn Presence) {
 async fn signed_in_agents_are_counted_per_group(p: &dyn Presence) {
     let t = tenant("acme");
     let (sales, support) = (group("sales"), group("support"));
-    p.signed_in(&t, &agent("ann"), &[sales.clone(), support.clone()], 1_000).await.expect("sign in");
-    p.signed_in(&t, &agent("bob"), std::slice::from_ref(&sales), 2_000).await.expect("sign in");
-    p.signed_in(&tenant("other"), &agent("ann"), std::slice::from_ref(&sales), 2_000).await.expect("sign in");
-    p.signed_in(&t, &agent("carl"), &[], 2_000).await.expect("no group");
+    p.signed_in(&t, &agent("ann"), AgentStatus::Online, &[sales.clone(), support.clone()], 1_000)
+        .await
+        .expect("sign in");
+    p.signed_in(&t, &agent("bob"), AgentStatus::Online, std::slice::from_ref(&sales), 2_000).await.expect("sign in");
+    p.signed_in(&tenant("other"), &agent("ann"), AgentStatus::Online, std::slice::from_ref(&sales), 2_000)
+        .await
+        .expect("sign in");
+    p.signed_in(&t, &agent("carl"), AgentStatus::Online, &[], 2_000).await.expect("no group");
     assert_eq!(p.n_signed_in(&t, &sales, 500).await.expect("read"), 2);
     assert_eq!(p.n_signed_in(&t, &support, 500).await.expect("read"), 1);
     assert_eq!(p.n_signed_in(&t, &sales, 1_500).await.expect("read"), 1);
     assert_eq!(p.n_signed_in(&t, &support, 1_000).await.expect("read"), 0);
     assert_eq!(p.n_signed_in(&t, &group("nobody-here"), 500).await.expect("read"), 0);
     // A refresh extends; signing out removes from the groups named only.
-    p.signed_in(&t, &agent("ann"), &[sales.clone(), support.clone()], 3_000).await.expect("refresh");
+    p.signed_in(&t, &agent("ann"), AgentStatus::Online, &[sales.clone(), support.clone()], 3_000)
+        .await
+        .expect("refresh");
     assert_eq!(p.n_signed_in(&t, &sales, 2_500).await.expect("read"), 1);
     p.signed_out(&t, &agent("ann"), std::slice::from_ref(&sales)).await.expect("sign out");
     assert_eq!(p.n_signed_in(&t, &sales, 500).await.expect("read"), 1);
@@ -119,6 +125,26 @@ async fn signed_in_agents_are_counted_per_group(p: &dyn Presence) {
     p.signed_out(&t, &agent("ann"), &[sales.clone(), support.clone()]).await.expect("sign out again");
     assert_eq!(p.n_signed_in(&t, &support, 500).await.expect("read"), 0);
     assert_eq!(p.n_signed_in(&tenant("other"), &sales, 500).await.expect("read"), 1);
+}
+
+async fn the_chosen_status_is_kept_until_sign_out(p: &dyn Presence) {
+    let (t, ann, sales) = (tenant("acme"), agent("ann"), group("sales"));
+    assert_eq!(p.chosen_status(&t, &ann).await.expect("read"), None);
+    p.signed_in(&t, &ann, AgentStatus::Online, std::slice::from_ref(&sales), 1_000).await.expect("sign in");
+    assert_eq!(p.chosen_status(&t, &ann).await.expect("read"), Some(AgentStatus::Online));
+    p.signed_in(&t, &ann, AgentStatus::Away, std::slice::from_ref(&sales), 2_000).await.expect("away");
+    assert_eq!(p.chosen_status(&t, &ann).await.expect("read"), Some(AgentStatus::Away));
+    // Per tenant and agent; an agent in no group has one too.
+    assert_eq!(p.chosen_status(&tenant("other"), &ann).await.expect("read"), None);
+    p.signed_in(&t, &agent("bob"), AgentStatus::Online, &[], 2_000).await.expect("no group");
+    assert_eq!(p.chosen_status(&t, &agent("bob")).await.expect("read"), Some(AgentStatus::Online));
+    // It does not expire with the sign-in mark: an owner that died never signed the agent out.
+    assert_eq!(p.n_signed_in(&t, &sales, 5_000).await.expect("read"), 0);
+    assert_eq!(p.chosen_status(&t, &ann).await.expect("read"), Some(AgentStatus::Away));
+    p.signed_out(&t, &ann, std::slice::from_ref(&sales)).await.expect("sign out");
+    assert_eq!(p.chosen_status(&t, &ann).await.expect("read"), None);
+    p.signed_out(&t, &agent("bob"), &[]).await.expect("sign out of no group");
+    assert_eq!(p.chosen_status(&t, &agent("bob")).await.expect("read"), None);
 }
 
 async fn group_statuses_round_trip(p: &dyn Presence) {
@@ -165,8 +191,8 @@ async fn changes_are_published_when_something_changes(p: &dyn Presence) {
     p.session_alive(&t, &a, "s1", "gw1", 2_000).await.expect("refresh");
     assert_nothing_published(p, &mut changes, "m1").await;
 
-    p.signed_in(&t, &a, std::slice::from_ref(&sales), 1_000).await.expect("sign in");
-    p.signed_in(&t, &a, &[sales.clone(), support.clone()], 2_000).await.expect("sign in");
+    p.signed_in(&t, &a, AgentStatus::Online, std::slice::from_ref(&sales), 1_000).await.expect("sign in");
+    p.signed_in(&t, &a, AgentStatus::Online, &[sales.clone(), support.clone()], 2_000).await.expect("sign in");
     let signed_in = |group: &GroupId, signed_in| PresenceChange::SignedIn {
         tenant: t.clone(),
         group: group.clone(),
@@ -175,7 +201,7 @@ async fn changes_are_published_when_something_changes(p: &dyn Presence) {
     };
     assert_eq!(next_change(&mut changes).await, signed_in(&sales, true));
     assert_eq!(next_change(&mut changes).await, signed_in(&support, true));
-    p.signed_in(&t, &a, &[sales.clone(), support.clone()], 3_000).await.expect("refresh");
+    p.signed_in(&t, &a, AgentStatus::Online, &[sales.clone(), support.clone()], 3_000).await.expect("refresh");
     assert_nothing_published(p, &mut changes, "m2").await;
 
     let open = GroupStatus::new(t.clone(), sales.clone(), true, 1, 10);
@@ -235,6 +261,7 @@ suite!(
     expiry_is_by_value,
     an_agent_may_have_several_sessions,
     signed_in_agents_are_counted_per_group,
+    the_chosen_status_is_kept_until_sign_out,
     group_statuses_round_trip,
     the_license_is_mirrored,
     changes_are_published_when_something_changes,
@@ -282,11 +309,14 @@ async fn foreign_values_are_reported_as_corrupt() {
     ::redis::cmd("SET").arg("sb:license").arg("not json").exec_async(&mut raw).await.expect("set");
     ::redis::cmd("HSET").arg("sb:group_status:acme").arg("sales").arg("{}").exec_async(&mut raw).await.expect("hset");
     ::redis::cmd("SET").arg("sb:session:acme:ann").arg("a string").exec_async(&mut raw).await.expect("set");
+    ::redis::cmd("SET").arg("sb:status:acme:ann").arg("busy").exec_async(&mut raw).await.expect("set");
     assert!(matches!(presence.license_mirror().await, Err(PresenceError::Corrupt(_))));
     let error = presence.group_statuses(&tenant("acme")).await.expect_err("corrupt");
     assert!(matches!(&error, PresenceError::Corrupt(why) if why.contains("sales")), "{error}");
     let error = presence.live_sessions(&[(tenant("acme"), agent("ann"))], 0).await.expect_err("wrong type");
     assert!(matches!(error, PresenceError::Corrupt(_)), "{error}");
+    let error = presence.chosen_status(&tenant("acme"), &agent("ann")).await.expect_err("no such status");
+    assert!(matches!(&error, PresenceError::Corrupt(why) if why.contains("busy")), "{error}");
     // A message on the channel that does not parse is skipped; the stream goes on.
     let mut changes = presence.changes();
     ::redis::cmd("PUBLISH").arg("sb:changes").arg("garbage").exec_async(&mut raw).await.expect("publish");

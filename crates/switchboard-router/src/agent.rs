@@ -150,6 +150,20 @@ impl Actor for AgentActor {
         })
     }
 
+    /// An agent who starts signed in (their chosen status, after a takeover) is told to their queues, whose
+    /// word on them is the previous owner's, and refreshed in presence at once.
+    async fn post_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.agent.status != AgentStatus::Offline {
+            state.refresh_signed_in().await;
+            state.changed().await;
+        }
+        Ok(())
+    }
+
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "agent").decrement(1.0);
         let key = (state.agent.tenant.clone(), state.agent.id.clone());
@@ -314,7 +328,7 @@ impl AgentActorState {
             presence.signed_out(tenant, agent, groups).await
         } else {
             let expires_at_ms = self.now_ms().saturating_add(self.context.presence_settings.ttl_ms());
-            presence.signed_in(tenant, agent, groups, expires_at_ms).await
+            presence.signed_in(tenant, agent, self.agent.status, groups, expires_at_ms).await
         };
         if let Err(error) = result {
             warn!(%error, %agent, "presence not updated (stale until the next heartbeat)");
@@ -433,12 +447,38 @@ pub(crate) async fn activate(
                 state.reserved.insert(id);
                 state.offer = Some(id);
             }
+            state.status = chosen_status(context, tenant, agent).await;
             let (actor, _) = Actor::spawn(None, AgentActor, (context.clone(), state, fence.epoch.0))
                 .await
                 .map_err(|error| RouterError::Internal(format!("agent actor did not start: {error}")))?;
             Ok(actor)
         })
         .await
+}
+
+/// The status an agent activated here starts with: the one they chose (kept in presence by their previous
+/// owner) while a connection of theirs is live, so that a takeover neither withdraws their offer nor hides
+/// them from their queues until their gateway gives the status back; else offline. Unreadable presence is
+/// offline too (the gateway gives the status back when it can).
+async fn chosen_status(context: &Context, tenant: &TenantId, agent: &AgentId) -> AgentStatus {
+    let presence = &context.presence;
+    let chosen = match presence.chosen_status(tenant, agent).await {
+        Ok(Some(status)) => status,
+        Ok(None) => return AgentStatus::Offline,
+        Err(error) => {
+            warn!(%error, %agent, "the agent's chosen status was not read: starting offline");
+            return AgentStatus::Offline;
+        }
+    };
+    let asked = [(tenant.clone(), agent.clone())];
+    match presence.live_sessions(&asked, context.clock.now_ms()).await {
+        Ok(live) if live.first().is_some_and(|n| *n > 0) => chosen,
+        Ok(_) => AgentStatus::Offline,
+        Err(error) => {
+            warn!(%error, %agent, "the agent's connections were not read: starting offline");
+            AgentStatus::Offline
+        }
+    }
 }
 
 #[cfg(test)]

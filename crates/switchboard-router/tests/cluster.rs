@@ -487,3 +487,70 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
     pass(u64::from(switchboard_router::RETELL_EVERY_TICKS) + 1).await;
     assert_eq!(offered(&mut pushes), [chat]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_taken_over_by_another_node_keeps_their_status_and_their_offer() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    // The node that leaves owns the push queue and one of its agents: both are rebuilt on the other node.
+    let leaving = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
+    let leaving = leaving.expect("some node owns the queue");
+    let (leaving, staying) = (nodes.routers[leaving].clone(), nodes.routers[1 - leaving].clone());
+    let moving = ["x", "y", "z"].map(agent).into_iter().find(|who| leaving.owns_key(&agent_key(&tenant(), who)));
+    let moving = moving.expect("none of x, y and z lives with the queue: pick other agents for this shard map");
+    let gateway = GatewayId("gw".into());
+    let (sink, mut pushes) = mpsc::unbounded_channel();
+    cluster.connect_gateway(gateway.clone(), sink);
+    cluster.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
+    // Connected all along, as a gateway keeps it.
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), &moving, "s-1", "gw", expires).await.unwrap();
+    cluster.set_agent_status(&tenant(), &moving, AgentStatus::Online).await.unwrap();
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    let request = StartChat {
+        conversation: chat,
+        tenant: tenant(),
+        group: group("push"),
+        customer_name: "x".into(),
+        question: "anyone?".into(),
+        tried_before: false,
+    };
+    cluster.start_chat(request).await.unwrap();
+    let offered = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(Push::Agent { change: AgentChange::Offered { entry, .. }, .. }) = pushes.recv().await {
+                return entry.conversation;
+            }
+        }
+    });
+    assert_eq!(offered.await, Ok(chat), "the only agent online is offered the chat");
+
+    // Another agent of that node whose last connection just closed (inside the grace period, still online).
+    let gone = ["a", "b", "c", "w"].map(agent).into_iter().find(|who| leaving.owns_key(&agent_key(&tenant(), who)));
+    let gone = gone.expect("none of a, b, c and w lives on the leaving node: pick other agents for this shard map");
+    nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
+    cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
+    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+
+    // The node hands everything over; nobody gives the agents their status back (no gateway here does).
+    leaving.shutdown().await.unwrap();
+    staying.placement_changed();
+    settle(&nodes, |routers| routers.iter().map(|router| router.n_shards_owned()).max() == Some(1024)).await;
+    assert!(staying.owns_key(&agent_key(&tenant(), &moving)));
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let availability = cluster.agent_availability(&tenant(), &moving).await.unwrap();
+    assert_eq!(
+        (availability.status, availability.offer),
+        (AgentStatus::Online, Some(chat)),
+        "the rebuilt agent is online, with the offer the queue rebuilt beside it kept"
+    );
+    let view = cluster.accept_chat(&tenant(), &moving, chat).await.unwrap();
+    assert_eq!(view.owner, Some(moving));
+    // Without a live connection the chosen status is not taken back: offline, as before the choice.
+    let availability = cluster.agent_availability(&tenant(), &gone).await.unwrap();
+    assert_eq!(availability.status, AgentStatus::Offline);
+}

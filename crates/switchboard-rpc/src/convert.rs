@@ -77,20 +77,11 @@ fn optional_ms(ms: i64) -> Option<i64> {
 // ---- enums as strings ----
 
 pub fn agent_status_str(status: AgentStatus) -> &'static str {
-    match status {
-        AgentStatus::Online => "online",
-        AgentStatus::Away => "away",
-        AgentStatus::Offline => "offline",
-    }
+    status.as_str()
 }
 
 pub fn agent_status(text: &str) -> Result<AgentStatus, Status> {
-    match text {
-        "online" => Ok(AgentStatus::Online),
-        "away" => Ok(AgentStatus::Away),
-        "offline" => Ok(AgentStatus::Offline),
-        _ => Err(invalid("agent status", format_args!("{text:?}"))),
-    }
+    AgentStatus::parse(text).ok_or_else(|| invalid("agent status", format_args!("{text:?}")))
 }
 
 pub fn chat_list_str(list: ChatList) -> &'static str {
