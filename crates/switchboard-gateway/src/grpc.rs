@@ -421,7 +421,7 @@ fn push(frame: &PushFrame) -> pb::server_frame::Frame {
                 estimated_wait_s: *estimated_wait_s,
             })
         }
-        PushFrame::Offer { entry, expires_at_ms } => {
+        PushFrame::Offer { entry, expires_at_ms, .. } => {
             Frame::Offer(pb::OfferPush { entry: Some(waiting_entry(entry)), expires_at_ms: *expires_at_ms })
         }
         PushFrame::OfferEnded { conversation, reason } => Frame::OfferEnded(pb::OfferEndedPush {
@@ -712,7 +712,9 @@ mod tests {
             customer_name: "Dana".into(),
             question: "?".into(),
         };
-        let Frame::Offer(offer) = pushed(PushFrame::Offer { entry, expires_at_ms: 77 }) else { panic!("an offer") };
+        let Frame::Offer(offer) = pushed(PushFrame::Offer { entry, expires_at_ms: 77, waiting_since_us: 0 }) else {
+            panic!("an offer")
+        };
         assert_eq!((offer.entry.unwrap().conversation, offer.expires_at_ms), (chat.to_string(), 77));
         let view = AgentView {
             tenant: TenantId::new("acme").unwrap(),

@@ -503,9 +503,9 @@ impl HubState {
 
     fn apply_agent_change(&mut self, key: AgentKey, change: AgentChange) {
         let frame = match change {
-            AgentChange::Offered { entry, expires_at_ms } => {
+            AgentChange::Offered { entry, expires_at_ms, waiting_since_us } => {
                 self.offers.entry(key.clone()).or_default().insert(entry.conversation, entry.group.clone());
-                PushFrame::Offer { entry, expires_at_ms }
+                PushFrame::Offer { entry, expires_at_ms, waiting_since_us }
             }
             AgentChange::OfferEnded { conversation, reason } => {
                 self.forget_offer(&key, conversation);
@@ -852,7 +852,7 @@ mod tests {
         }
 
         let pushes = [
-            AgentChange::Offered { entry: entry(chat(1), "sales", 10), expires_at_ms: 99 },
+            AgentChange::Offered { entry: entry(chat(1), "sales", 10), expires_at_ms: 99, waiting_since_us: 7 },
             AgentChange::OfferEnded { conversation: chat(1), reason: OfferEnd::TimedOut },
             AgentChange::Assigned { chat: chat_view(chat(2), "alice") },
             AgentChange::Status { agent: agent_view("alice") },
@@ -861,7 +861,7 @@ mod tests {
             assert!(hub.dispatch(agent_push("alice", change)).is_empty());
         }
         let expected = vec![
-            PushFrame::Offer { entry: entry(chat(1), "sales", 10), expires_at_ms: 99 },
+            PushFrame::Offer { entry: entry(chat(1), "sales", 10), expires_at_ms: 99, waiting_since_us: 7 },
             PushFrame::OfferEnded { conversation: chat(1), reason: OfferEnd::TimedOut },
             PushFrame::ChatAssigned { chat: chat_view(chat(2), "alice") },
             PushFrame::AgentStatus { agent: agent_view("alice") },
@@ -950,7 +950,14 @@ mod tests {
             hub.dispatch(queue(name, 1, QueueChange::Snapshot { entries: vec![] }));
         }
         let offer = |name: &str, conversation, group_name| {
-            agent_push(name, AgentChange::Offered { entry: entry(conversation, group_name, 10), expires_at_ms: 99 })
+            agent_push(
+                name,
+                AgentChange::Offered {
+                    entry: entry(conversation, group_name, 10),
+                    expires_at_ms: 99,
+                    waiting_since_us: 0,
+                },
+            )
         };
         hub.dispatch(offer("alice", chat(1), "sales"));
         hub.dispatch(offer("alice", chat(2), "support"));

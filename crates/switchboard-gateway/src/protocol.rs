@@ -395,10 +395,12 @@ pub enum PushFrame {
         position: usize,
         estimated_wait_s: Option<u64>,
     },
-    /// Agents: a waiting chat is offered to this agent until `expires_at_ms`.
+    /// Agents: a waiting chat is offered to this agent until `expires_at_ms`. `waiting_since_us` (not sent
+    /// to clients) is since when the chat waited for this offer, for the offer latency; 0: not a new offer.
     Offer {
         entry: WaitingEntry,
         expires_at_ms: i64,
+        waiting_since_us: i64,
     },
     /// Agents: the offer ended without an accept.
     OfferEnded {
@@ -427,7 +429,7 @@ impl PushFrame {
             PushFrame::QueuePosition { conversation, position, estimated_wait_s } => {
                 queue_position(*conversation, *position, *estimated_wait_s)
             }
-            PushFrame::Offer { entry, expires_at_ms } => {
+            PushFrame::Offer { entry, expires_at_ms, .. } => {
                 json!({ "type": "offer", "entry": entry, "expires_at_ms": expires_at_ms }).to_string()
             }
             PushFrame::OfferEnded { conversation, reason } => {
@@ -831,7 +833,7 @@ mod tests {
         let chat = conversation();
         let frame = |push: PushFrame| json_of(&push.to_json());
         assert_eq!(
-            frame(PushFrame::Offer { entry: entry(), expires_at_ms: 1_000 }),
+            frame(PushFrame::Offer { entry: entry(), expires_at_ms: 1_000, waiting_since_us: 5 }),
             json!({ "type": "offer", "entry": entry(), "expires_at_ms": 1_000 })
         );
         assert_eq!(

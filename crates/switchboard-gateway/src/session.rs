@@ -390,9 +390,10 @@ impl<T: Transport> Session<T> {
     async fn write_outbound(&mut self, outbound: &Outbound) -> Flow {
         let PushFrame::Event { conversation, event } = outbound.frame() else {
             self.send(Outgoing::Push(outbound)).await?;
-            if let PushFrame::Offer { entry, .. } = outbound.frame() {
-                // Queued at a millisecond: the figure is at most a millisecond long.
-                self.unflushed_latencies.push((names::OFFER_LATENCY, entry.queued_at_ms.saturating_mul(1_000)));
+            if let PushFrame::Offer { waiting_since_us, .. } = outbound.frame()
+                && *waiting_since_us > 0
+            {
+                self.unflushed_latencies.push((names::OFFER_LATENCY, *waiting_since_us));
             }
             return Ok(());
         };

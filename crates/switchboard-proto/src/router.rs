@@ -133,7 +133,9 @@ pub enum LeftQueue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentChange {
     /// Push routing offers the agent a waiting chat until `expires_at_ms`: accept it or reject it.
-    Offered { entry: WaitingEntry, expires_at_ms: i64 },
+    /// `waiting_since_us` is since when the chat has waited for this offer (its arrival in the queue, or the
+    /// end of its previous offer), for the offer latency; 0 when unknown.
+    Offered { entry: WaitingEntry, expires_at_ms: i64, waiting_since_us: i64 },
     /// The offer ended without an accept (rejected, timed out, or withdrawn because the agent became
     /// unavailable); a chat taken by someone else is told by the queue's `Removed` instead.
     OfferEnded { conversation: ConversationId, reason: OfferEnd },
@@ -178,8 +180,9 @@ pub enum SystemCommand {
 /// What the owner of a group's queue tells the owner of an agent about an offer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OfferUpdate {
-    /// Reserve a slot and show the agent the offer; refused when the agent cannot take it.
-    Made { entry: WaitingEntry, expires_at_ms: i64 },
+    /// Reserve a slot and show the agent the offer; refused when the agent cannot take it. (`waiting_since_us`:
+    /// see [`AgentChange::Offered`].)
+    Made { entry: WaitingEntry, expires_at_ms: i64, waiting_since_us: i64 },
     /// The offer ended: free the slot and tell the agent.
     Ended { conversation: ConversationId, reason: OfferEnd },
 }

@@ -205,11 +205,12 @@ impl Actor for AgentActor {
                 let _ = reply.send(Ok(state.versions.stamp(&state.agent)));
             }
             AgentMsg::Subscribe { gateway } => {
-                // A console that connects while an offer is outstanding sees it too.
+                // A console that connects while an offer is outstanding sees it too (not a new offer: no
+                // waiting time for its latency).
                 if let Some((entry, expires_at_ms)) = state.shown_offer.clone()
                     && state.agent.offer == Some(entry.conversation)
                 {
-                    let change = AgentChange::Offered { entry, expires_at_ms };
+                    let change = AgentChange::Offered { entry, expires_at_ms, waiting_since_us: 0 };
                     let push =
                         Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
                     state.context.gateways.push(&gateway, push);
@@ -284,13 +285,13 @@ impl AgentActorState {
 
     async fn offer(&mut self, update: OfferUpdate) -> Result<(), RouterError> {
         match update {
-            OfferUpdate::Made { entry, expires_at_ms } => {
+            OfferUpdate::Made { entry, expires_at_ms, waiting_since_us } => {
                 if self.agent.offer == Some(entry.conversation) {
                     return Ok(());
                 }
                 self.agent.take_offer(entry.conversation, &entry.group)?;
                 self.shown_offer = Some((entry.clone(), expires_at_ms));
-                self.push(AgentChange::Offered { entry, expires_at_ms });
+                self.push(AgentChange::Offered { entry, expires_at_ms, waiting_since_us });
             }
             OfferUpdate::Ended { conversation, reason } => {
                 if self.agent.offer != Some(conversation) {

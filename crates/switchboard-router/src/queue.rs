@@ -109,6 +109,9 @@ struct ChatRouting {
     waiting_end: Vec<Reply<()>>,
     last_end_ms: i64,
     retry_at_ms: i64,
+    /// Since when (µs) the chat has waited for its next offer: its arrival in this queue, or the end of its
+    /// last offer; 0 for a chat this queue found in the store (its `queued_at_ms` is used then).
+    waiting_since_us: i64,
 }
 
 pub(crate) struct QueueActor;
@@ -203,7 +206,7 @@ impl Actor for QueueActor {
         match message {
             QueueMsg::Add { entry } => {
                 if !state.waiting.contains(&entry.conversation) {
-                    state.chats.entry(entry.conversation).or_default();
+                    state.chats.entry(entry.conversation).or_default().waiting_since_us = state.context.clock.now_us();
                     state.waiting.insert(entry.clone());
                     state.broadcast(QueueChange::Added { entry });
                 }
@@ -428,6 +431,7 @@ impl QueueActorState {
             chat.offered_to.push(agent.clone());
         }
         chat.last_end_ms = now_ms;
+        chat.waiting_since_us = self.context.clock.now_us();
         for reply in chat.waiting_end.drain(..) {
             let _ = reply.send(Ok(()));
         }
@@ -590,12 +594,16 @@ impl QueueActorState {
             };
             let pick = free.remove(index);
             chat.making = Some(pick.clone());
-            self.make_offer(entry, pick, now_ms.saturating_add(offer_timeout_ms));
+            let waiting_since_us = match chat.waiting_since_us {
+                0 => entry.queued_at_ms.saturating_mul(1_000),
+                since => since,
+            };
+            self.make_offer(entry, pick, now_ms.saturating_add(offer_timeout_ms), waiting_since_us);
         }
     }
 
     /// Records the offer on the conversation, then reserves the agent's slot and shows them the offer.
-    fn make_offer(&self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64) {
+    fn make_offer(&self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64, waiting_since_us: i64) {
         let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
         tokio::spawn(async move {
             let conversation = entry.conversation;
@@ -606,7 +614,7 @@ impl QueueActorState {
                     Err(OfferFailure::Conversation)
                 }
                 Ok(_) => {
-                    let update = OfferUpdate::Made { entry, expires_at_ms };
+                    let update = OfferUpdate::Made { entry, expires_at_ms, waiting_since_us };
                     match remote::agent_offer(&context, &tenant, &agent, update).await {
                         Ok(()) => Ok(expires_at_ms),
                         Err(error) => {

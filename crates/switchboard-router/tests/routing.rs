@@ -48,6 +48,17 @@ fn offers(pushes: &[Push]) -> Vec<(AgentId, ConversationId)> {
         .collect()
 }
 
+/// Since when (µs) each offer's chat had waited for it.
+fn offers_waiting_since(pushes: &[Push]) -> Vec<i64> {
+    pushes
+        .iter()
+        .filter_map(|push| match push {
+            Push::Agent { change: AgentChange::Offered { waiting_since_us, .. }, .. } => Some(*waiting_since_us),
+            _ => None,
+        })
+        .collect()
+}
+
 fn offer_ends(pushes: &[Push]) -> Vec<(AgentId, OfferEnd)> {
     pushes
         .iter()
@@ -68,24 +79,34 @@ async fn offers_go_longest_idle_first_and_reject_and_timeout_move_on() {
     }
     fixture.drain();
     let chat = fixture.start_chat("push", "ann").await;
+    let queued_us = fixture.clock_ms() * 1_000;
     settle().await;
     let pushes = fixture.drain();
     assert_eq!(offers(&pushes), [(agent("y"), chat)], "the longest idle agent is offered the chat first");
+    // The offer latency counts from the chat's arrival in the queue...
+    assert_eq!(offers_waiting_since(&pushes), [queued_us]);
 
     // Only the offered agent may accept.
     let refused = fixture.router.accept_chat(&tenant(), &agent("z"), chat).await;
     assert_eq!(refused, Err(RouterError::Refused(Refusal::NotOffered)));
 
+    fixture.pass(1_000).await;
+    let rejected_us = fixture.clock_ms() * 1_000;
     fixture.router.reject_offer(&tenant(), &group("push"), &agent("y"), chat).await.unwrap();
     settle().await;
     let pushes = fixture.drain();
     assert_eq!(offer_ends(&pushes), [(agent("y"), OfferEnd::Rejected)]);
     assert_eq!(offers(&pushes), [(agent("z"), chat)], "a reject passes it to the next agent");
+    // ... and a later offer's from the end of the one before, not from the arrival.
+    assert_eq!(offers_waiting_since(&pushes), [rejected_us]);
 
     fixture.pass(OFFER_TIMEOUT_MS).await;
     let pushes = fixture.drain();
     assert_eq!(offer_ends(&pushes), [(agent("z"), OfferEnd::TimedOut)]);
     assert_eq!(offers(&pushes), [(agent("x"), chat)], "a timeout passes it to the next agent");
+    let since = offers_waiting_since(&pushes);
+    let timed_out_us = rejected_us + OFFER_TIMEOUT_MS * 1_000;
+    assert!(since.len() == 1 && (timed_out_us..=fixture.clock_ms() * 1_000).contains(&since[0]), "{since:?}");
 
     let view = fixture.router.accept_chat(&tenant(), &agent("x"), chat).await.unwrap();
     assert_eq!(view.owner, Some(agent("x")));

@@ -419,9 +419,10 @@ fn required<'a, T>(value: Option<&'a T>, what: &str) -> Result<&'a T, Status> {
 /// An agent's push as the `PushAgent` change.
 pub fn agent_change_to_proto(change: &AgentChange) -> push_agent::Change {
     match change {
-        AgentChange::Offered { entry, expires_at_ms } => push_agent::Change::Offered(AgentOffered {
+        AgentChange::Offered { entry, expires_at_ms, waiting_since_us } => push_agent::Change::Offered(AgentOffered {
             entry: Some(waiting_entry_to_proto(entry)),
             expires_at_ms: *expires_at_ms,
+            waiting_since_us: *waiting_since_us,
         }),
         AgentChange::OfferEnded { conversation, reason } => push_agent::Change::OfferEnded(AgentOfferEnded {
             conversation_id: conversation.to_string(),
@@ -438,6 +439,7 @@ pub fn agent_change_from_proto(change: Option<&push_agent::Change>) -> Result<Ag
         push_agent::Change::Offered(offered) => AgentChange::Offered {
             entry: waiting_entry_from_proto(required(offered.entry.as_ref(), "offered entry")?)?,
             expires_at_ms: offered.expires_at_ms,
+            waiting_since_us: offered.waiting_since_us,
         },
         push_agent::Change::OfferEnded(ended) => AgentChange::OfferEnded {
             conversation: conversation_id(&ended.conversation_id)?,
@@ -481,9 +483,10 @@ pub fn availability_from_proto(availability: &AgentAvailabilityMsg) -> Result<Ag
 /// What a queue's owner tells an agent's owner about an offer.
 pub fn offer_update_to_proto(update: &OfferUpdate) -> agent_offer_request::Update {
     match update {
-        OfferUpdate::Made { entry, expires_at_ms } => agent_offer_request::Update::Made(OfferMade {
+        OfferUpdate::Made { entry, expires_at_ms, waiting_since_us } => agent_offer_request::Update::Made(OfferMade {
             entry: Some(waiting_entry_to_proto(entry)),
             expires_at_ms: *expires_at_ms,
+            waiting_since_us: *waiting_since_us,
         }),
         OfferUpdate::Ended { conversation, reason } => agent_offer_request::Update::Ended(AgentOfferEnded {
             conversation_id: conversation.to_string(),
@@ -498,6 +501,7 @@ pub fn offer_update_from_proto(update: Option<&agent_offer_request::Update>) -> 
         agent_offer_request::Update::Made(made) => OfferUpdate::Made {
             entry: waiting_entry_from_proto(required(made.entry.as_ref(), "offered entry")?)?,
             expires_at_ms: made.expires_at_ms,
+            waiting_since_us: made.waiting_since_us,
         },
         agent_offer_request::Update::Ended(ended) => OfferUpdate::Ended {
             conversation: conversation_id(&ended.conversation_id)?,
@@ -818,8 +822,9 @@ mod tests {
 
     fn any_agent_change() -> impl Strategy<Value = AgentChange> {
         prop_oneof![
-            (any_entry(), any::<i64>())
-                .prop_map(|(entry, expires_at_ms)| AgentChange::Offered { entry, expires_at_ms }),
+            (any_entry(), any::<i64>(), any::<i64>()).prop_map(|(entry, expires_at_ms, waiting_since_us)| {
+                AgentChange::Offered { entry, expires_at_ms, waiting_since_us }
+            }),
             (any_conversation(), any_offer_end())
                 .prop_map(|(conversation, reason)| AgentChange::OfferEnded { conversation, reason }),
             any_view().prop_map(|chat| AgentChange::Assigned { chat }),
@@ -844,7 +849,9 @@ mod tests {
 
     fn any_offer_update() -> impl Strategy<Value = OfferUpdate> {
         prop_oneof![
-            (any_entry(), any::<i64>()).prop_map(|(entry, expires_at_ms)| OfferUpdate::Made { entry, expires_at_ms }),
+            (any_entry(), any::<i64>(), any::<i64>()).prop_map(|(entry, expires_at_ms, waiting_since_us)| {
+                OfferUpdate::Made { entry, expires_at_ms, waiting_since_us }
+            }),
             (any_conversation(), any_offer_end())
                 .prop_map(|(conversation, reason)| OfferUpdate::Ended { conversation, reason }),
         ]
@@ -1100,7 +1107,7 @@ mod tests {
         assert_eq!(code(offer_end("declined").map(drop)), invalid);
         assert_eq!(code(requeue_reason("bored").map(drop)), invalid);
         assert_eq!(code(agent_change_from_proto(None).map(drop)), invalid);
-        let offered = push_agent::Change::Offered(AgentOffered { entry: None, expires_at_ms: 1 });
+        let offered = push_agent::Change::Offered(AgentOffered { entry: None, expires_at_ms: 1, waiting_since_us: 0 });
         assert_eq!(code(agent_change_from_proto(Some(&offered)).map(drop)), invalid);
         assert_eq!(code(offer_update_from_proto(None).map(drop)), invalid);
         assert_eq!(code(system_command_from_proto(None).map(drop)), invalid);

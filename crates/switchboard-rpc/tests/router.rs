@@ -674,7 +674,8 @@ async fn push_routing_transfer_and_offline_calls_reach_the_node_with_their_argum
     for command in &commands {
         assert!(client.conversation_system(chat, command.clone()).await.unwrap(), "the node says it stored");
     }
-    let made = OfferUpdate::Made { entry: entry(chat), expires_at_ms: NOW_MS + 30_000 };
+    let made =
+        OfferUpdate::Made { entry: entry(chat), expires_at_ms: NOW_MS + 30_000, waiting_since_us: NOW_MS * 1_000 + 7 };
     let ended = OfferUpdate::Ended { conversation: chat, reason: OfferEnd::Rejected };
     client.agent_offer(&tenant(), &agent("a"), made.clone()).await.unwrap();
     client.agent_offer(&tenant(), &agent("a"), ended.clone()).await.unwrap();
@@ -733,7 +734,11 @@ async fn every_new_push_arrives_as_it_was_sent() {
         }),
     };
     let sent = vec![
-        agent_push(AgentChange::Offered { entry: entry(chat), expires_at_ms: NOW_MS + 30_000 }),
+        agent_push(AgentChange::Offered {
+            entry: entry(chat),
+            expires_at_ms: NOW_MS + 30_000,
+            waiting_since_us: NOW_MS * 1_000 + 7,
+        }),
         agent_push(AgentChange::OfferEnded { conversation: chat, reason: OfferEnd::Withdrawn }),
         agent_push(AgentChange::Assigned { chat: Scripted::view(chat) }),
         agent_push(AgentChange::Status { agent: agent_view }),

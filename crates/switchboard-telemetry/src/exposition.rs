@@ -89,7 +89,10 @@ fn describe() {
         MESSAGE_LATENCY,
         "A message received by a gateway until written to the other side's connection."
     );
-    describe_histogram!(OFFER_LATENCY, "A chat queued until its offer was written to the agent's connection.");
+    describe_histogram!(
+        OFFER_LATENCY,
+        "A chat waiting for an offer (since it joined the queue, or since its previous offer ended) until the offer was written to the agent's connection."
+    );
     describe_gauge!(ROUTER_ACTORS, "Actors alive on this router, by kind.");
     describe_gauge!(ROUTER_SHARDS_OWNED, "Shard leases this router holds.");
     describe_counter!(ROUTER_LEASE_RENEWALS, "Lease renewal rounds, by outcome.");

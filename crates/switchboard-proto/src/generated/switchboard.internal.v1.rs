@@ -2079,6 +2079,10 @@ pub struct AgentOffered {
     pub entry: ::core::option::Option<WaitingEntryMsg>,
     #[prost(int64, tag = "2")]
     pub expires_at_ms: i64,
+    /// Since when the chat has waited for this offer, in microseconds since the epoch: its arrival in the
+    /// queue, or the end of its previous offer (for the offer latency; 0: unknown).
+    #[prost(int64, tag = "3")]
+    pub waiting_since_us: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AgentOfferEnded {
@@ -2589,6 +2593,9 @@ pub struct OfferMade {
     pub entry: ::core::option::Option<WaitingEntryMsg>,
     #[prost(int64, tag = "2")]
     pub expires_at_ms: i64,
+    /// As in `AgentOffered`.
+    #[prost(int64, tag = "3")]
+    pub waiting_since_us: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AgentOfferRequest {
