@@ -15,6 +15,7 @@ mod ids;
 mod queue;
 mod refusal;
 mod shard;
+mod token;
 
 pub use agent::{AgentAvailability, AgentState, AgentStatus, AvailabilityVersion};
 pub use clock::{Clock, FixedClock, SystemClock};
@@ -28,3 +29,7 @@ pub use ids::{AgentId, ConversationId, GroupId, IdError, TenantId};
 pub use queue::{WaitingEntry, WaitingQueue, merge_waiting};
 pub use refusal::Refusal;
 pub use shard::{Epoch, Fence, N_SHARDS, ShardId, agent_key, conversation_key, queue_key, shard_of};
+pub use token::{
+    customer_token_for_start, customer_token_matches, new_customer_token, stored_customer_token,
+    unhashed_customer_token,
+};

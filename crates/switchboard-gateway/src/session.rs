@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, Refusal, TenantId};
+use switchboard_domain::{
+    AgentId, AgentStatus, ConversationId, Event, GroupId, Refusal, TenantId, customer_token_for_start,
+    new_customer_token,
+};
 use switchboard_proto::router::{Caller, ChatCommand, ChatList, OfflineMessage, RouterError, StartChat};
 use switchboard_telemetry::names;
 use tokio::sync::{Notify, mpsc, watch};
@@ -628,9 +631,9 @@ impl<T: Transport> Session<T> {
         let group = GroupId::new(group).map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
         let name = check_name(&name)?;
         self.check_body(&question)?;
-        let conversation = match start_key {
-            Some(key) => ConversationId::for_start(&tenant, key),
-            None => ConversationId::new_v7(self.shared.clock.now_ms()),
+        let (conversation, customer_token) = match start_key {
+            Some(key) => (ConversationId::for_start(&tenant, key), customer_token_for_start(&tenant, key)),
+            None => (ConversationId::new_v7(self.shared.clock.now_ms()), new_customer_token()),
         };
         let request = StartChat {
             conversation,
@@ -639,6 +642,7 @@ impl<T: Transport> Session<T> {
             customer_name: name,
             question,
             tried_before: false,
+            customer_token,
         };
         let started = self.shared.router.start_chat(request).await?;
         let conversation = started.view.conversation;

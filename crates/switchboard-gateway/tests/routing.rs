@@ -15,7 +15,8 @@ use common::{AckResult, DEADLINE, Frame, GrpcClient, Req, Server, WIDGET, WsClie
 use serde_json::{Value, json};
 use switchboard_domain::{
     AgentEntry, AgentId, AgentStatus, Author, BusinessHours, Clock, ConversationId, Directory, Event, EventBody,
-    GroupEntry, GroupId, HoursSpec, Routing, TenantEntry, TenantId, WeeklySpec, conversation_key, shard_of,
+    GroupEntry, GroupId, HoursSpec, Routing, TenantEntry, TenantId, WeeklySpec, conversation_key,
+    customer_token_for_start, shard_of, stored_customer_token,
 };
 use switchboard_gateway::GatewaySettings;
 use switchboard_presence::{
@@ -23,7 +24,8 @@ use switchboard_presence::{
 };
 use switchboard_proto::convert::new_event;
 use switchboard_proto::internal::v1::{
-    AppendRequest, ConversationRecord, Fence, GetPlacementRequest, ReadEventsRequest, SetLicenseLimitRequest,
+    AppendRequest, ConversationRecord, Fence, GetConversationRequest, GetPlacementRequest, ReadEventsRequest,
+    SetLicenseLimitRequest,
 };
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::router::PeerApi;
@@ -536,13 +538,10 @@ async fn a_chat_start_sent_again_with_its_start_key_gets_the_chat_it_started_on_
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_start_stored_before_its_queue_heard_of_it_is_queued_when_sent_again() {
-    let server = start().await;
-    let mut alice = signed_in(&server, ALICE).await;
-    // What a start leaves when the store's answer is lost after its commit: the chat stored (as the router
-    // stores it: its `created` event deduplicated as "chat.start"), and no queue told.
-    let key = "3c9d2b1a-8e7f-4a6b-9c5d-4e3f2a1b0c9d";
+/// What a start leaves when the store's answer is lost after its commit: the chat stored (as the router
+/// stores it: its `created` event deduplicated as "chat.start", `stored_token` kept of its token), and no
+/// queue told.
+async fn store_unannounced_start(server: &Server, key: &str, stored_token: String) -> ConversationId {
     let id = ConversationId::for_start(&tenant(), Uuid::parse_str(key).unwrap());
     let shard = shard_of(&conversation_key(&id));
     let placement = server.store.get_placement(GetPlacementRequest::default()).await.unwrap();
@@ -565,7 +564,7 @@ async fn a_start_stored_before_its_queue_heard_of_it_is_queued_when_sent_again()
         created_at_ms: now_ms,
         queued_at_ms: now_ms,
         shard: shard.0,
-        customer_token: "the-first-token".into(),
+        customer_token: stored_token,
         ..Default::default()
     };
     let append = AppendRequest {
@@ -576,15 +575,56 @@ async fn a_start_stored_before_its_queue_heard_of_it_is_queued_when_sent_again()
         update: None,
     };
     assert!(!server.store.append(append).await.unwrap().duplicate);
+    id
+}
+
+#[tokio::test]
+async fn a_start_stored_before_its_queue_heard_of_it_is_queued_when_sent_again() {
+    let server = start().await;
+    let mut alice = signed_in(&server, ALICE).await;
+    let key = "3c9d2b1a-8e7f-4a6b-9c5d-4e3f2a1b0c9d";
+    let token = customer_token_for_start(&tenant(), Uuid::parse_str(key).unwrap());
+    let id = store_unannounced_start(&server, key, stored_customer_token(&token)).await;
 
     let start = json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": "Hi?", "start_key": key });
     let mut widget = WsClient::connect(&server).await;
     let again = widget.ack(start).await;
     assert_eq!((&again["conversation"], &again["duplicate"]), (&json!(id.to_string()), &json!(true)));
-    assert_eq!(again["customer_token"], "the-first-token");
+    assert_eq!(again["customer_token"], token);
     let added = alice.push_of("queue.added").await;
     assert_eq!(added["entry"]["conversation"], id.to_string());
     alice.ack(json!({ "type": "chat.accept", "conversation": id.to_string() })).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_chats_token_is_stored_hashed_and_one_stored_before_hashing_still_works() {
+    let server = start().await;
+    let key = "5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c1d";
+    let start = json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": "Hi?", "start_key": key });
+    let started = WsClient::connect(&server).await.ack(start).await;
+    let token = started["customer_token"].as_str().unwrap().to_owned();
+    let id = started["conversation"].as_str().unwrap().to_owned();
+    let stored = server.store.get_conversation(GetConversationRequest { conversation_id: id.clone() }).await.unwrap();
+    let stored = stored.conversation.unwrap().customer_token;
+    assert_eq!(stored, stored_customer_token(&token), "the store keeps its hash only");
+    assert!(!stored.contains(&token));
+    let resume = json!({ "type": "customer.resume", "conversation": id, "customer_token": token });
+    WsClient::connect(&server).await.ack(resume).await;
+
+    // A chat whose token was stored as it is, before tokens were hashed: resumed with it, and a start sent
+    // again is answered with it.
+    let key = "6b5c4d3e-2f1a-4b0c-9d8e-7f6a5b4c3d2e";
+    let id = store_unannounced_start(&server, key, "an-old-plain-token".into()).await;
+    let start = json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": "Hi?", "start_key": key });
+    let again = WsClient::connect(&server).await.ack(start).await;
+    assert_eq!((&again["duplicate"], &again["customer_token"]), (&json!(true), &json!("an-old-plain-token")));
+    let resume =
+        json!({ "type": "customer.resume", "conversation": id.to_string(), "customer_token": "an-old-plain-token" });
+    WsClient::connect(&server).await.ack(resume).await;
+    let wrong = json!({ "type": "customer.resume", "conversation": id.to_string(), "customer_token": "another" });
+    let refused = WsClient::connect(&server).await.call(wrong).await;
+    assert_eq!(refused["type"], "error", "{refused}");
     server.stop().await;
 }
 

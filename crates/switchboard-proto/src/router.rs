@@ -46,6 +46,11 @@ pub struct StartChat {
     /// An earlier try of this very start (the same `conversation`) failed without an answer, so it may have
     /// been carried out: the gateway's cluster client tries a start again on its conversation's owner.
     pub tried_before: bool,
+    /// The secret the customer will resume the chat with, chosen by the gateway: random
+    /// ([`new_customer_token`](switchboard_domain::new_customer_token)), or derived from the start key
+    /// ([`customer_token_for_start`](switchboard_domain::customer_token_for_start)) so that a start sent again
+    /// is answered with the same one. Only its hash is stored.
+    pub customer_token: String,
 }
 
 /// A conversation as clients see it.

@@ -9,7 +9,8 @@ use tracing::Instrument;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
     AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody, Fence, GroupId,
-    NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, decide, queue_key,
+    NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
+    new_customer_token, queue_key, stored_customer_token, unhashed_customer_token,
 };
 use switchboard_proto::convert::{conversation_from_record, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
@@ -39,6 +40,8 @@ pub(crate) enum ConversationMsg {
     Started {
         start: Box<NewConversation>,
         first_group: Option<GroupId>,
+        /// The token the start sent again carries.
+        customer_token: String,
         reply: Reply<StartedChat>,
     },
     CheckToken {
@@ -109,7 +112,8 @@ impl Trace {
 pub(crate) struct ConversationActorState {
     context: Arc<Context>,
     conversation: Conversation,
-    customer_token: String,
+    /// What the store keeps of the customer's token (its hash).
+    stored_token: String,
     fence: Fence,
     /// While a command is handled: when its request reached the first gateway.
     received_at_us: Option<i64>,
@@ -123,7 +127,7 @@ pub(crate) struct ConversationActorState {
 pub(crate) struct Loaded {
     context: Arc<Context>,
     conversation: Conversation,
-    customer_token: String,
+    stored_token: String,
     fence: Fence,
     recent: RecentEvents,
 }
@@ -138,7 +142,7 @@ impl Actor for ConversationActor {
         Ok(ConversationActorState {
             context: loaded.context,
             conversation: loaded.conversation,
-            customer_token: loaded.customer_token,
+            stored_token: loaded.stored_token,
             fence: loaded.fence,
             received_at_us: None,
             recent: loaded.recent,
@@ -179,11 +183,11 @@ impl ConversationActor {
                 };
                 let _ = reply.send(result);
             }
-            ConversationMsg::Started { start, first_group, reply } => {
-                let _ = reply.send(state.started_again(&start, first_group.as_ref()).await);
+            ConversationMsg::Started { start, first_group, customer_token, reply } => {
+                let _ = reply.send(state.started_again(&start, first_group.as_ref(), customer_token).await);
             }
             ConversationMsg::CheckToken { token, reply } => {
-                let result = if constant_time_eq(token.as_bytes(), state.customer_token.as_bytes()) {
+                let result = if customer_token_matches(&state.stored_token, &token) {
                     Ok(state.view())
                 } else {
                     Err(RouterError::NotFound)
@@ -294,17 +298,14 @@ fn stop_on_store_failure<T>(myself: &ActorRef<ConversationMsg>, result: &Result<
     failed
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl ConversationActorState {
     fn view(&self) -> ChatView {
         view_of(&self.conversation)
     }
 
     /// The answer to a start sent again: the chat as it is now, with its token, if the first start was for
-    /// the same chat (else `start_key_reused`, and nothing is done). A chat still waiting is added to its
+    /// the same chat and `customer_token` is its token (else `start_key_reused`, and nothing is done; a token
+    /// stored before tokens were hashed is answered as it is). A chat still waiting is added to its
     /// queue again: the first start may have stored it and failed before its queue was told (the store's
     /// answer lost). It is told from here, in order with the chat's later changes; a queue that has the chat
     /// already ignores it.
@@ -312,6 +313,7 @@ impl ConversationActorState {
         &self,
         start: &NewConversation,
         first_group: Option<&GroupId>,
+        customer_token: String,
     ) -> Result<StartedChat, RouterError> {
         let conversation = &self.conversation;
         // Without the `created` event, the group it was created in is the one it is in unless it was
@@ -321,13 +323,18 @@ impl ConversationActorState {
             && *first_group.unwrap_or(&conversation.group) == start.group
             && conversation.customer_name == start.customer_name
             && conversation.first_question == start.question;
+        let customer_token = match unhashed_customer_token(&self.stored_token) {
+            Some(unhashed) => unhashed.to_owned(),
+            None if customer_token_matches(&self.stored_token, &customer_token) => customer_token,
+            None => return Err(RouterError::Refused(Refusal::StartKeyReused)),
+        };
         if !same {
             return Err(RouterError::Refused(Refusal::StartKeyReused));
         }
         if conversation.state == ConversationState::Queued {
             remote::queue_add(&self.context, &conversation.tenant, waiting_entry(conversation)).await;
         }
-        Ok(StartedChat { view: self.view(), customer_token: self.customer_token.clone(), duplicate: true })
+        Ok(StartedChat { view: self.view(), customer_token, duplicate: true })
     }
 
     /// Whether the chat's group routes by offer (only the offered agent may accept).
@@ -649,6 +656,7 @@ const START_DEDUPE_KEY: &str = "chat.start";
 pub(crate) async fn create(
     context: &Arc<Context>,
     facts: NewConversation,
+    customer_token: String,
     tried_before: bool,
 ) -> Result<StartedChat, RouterError> {
     let fence = context.shards.fence_for(&conversation_key(&facts.id))?;
@@ -661,7 +669,7 @@ pub(crate) async fn create(
         }
         let request = GetConversationRequest { conversation_id: facts.id.to_string() };
         return match context.store.get_conversation(request).await.map_err(from_store)?.conversation {
-            Some(_) => started_before(context, facts, None).await,
+            Some(_) => started_before(context, facts, customer_token, None).await,
             None => Err(RouterError::Refused(Refusal::GroupClosed)),
         };
     }
@@ -673,7 +681,9 @@ pub(crate) async fn create(
     } else {
         None
     };
-    let customer_token = uuid::Uuid::new_v4().simple().to_string();
+    // A gateway from before gateways chose tokens sends none.
+    let customer_token = if customer_token.is_empty() { new_customer_token() } else { customer_token };
+    let stored_token = stored_customer_token(&customer_token);
     let record = ConversationRecord {
         id: facts.id.to_string(),
         tenant_id: facts.tenant.to_string(),
@@ -688,7 +698,7 @@ pub(crate) async fn create(
         closed_at_ms: 0,
         last_seq: 0,
         shard: fence.shard.0,
-        customer_token: customer_token.clone(),
+        customer_token: stored_token.clone(),
         ..Default::default()
     };
     let mut events: Vec<pb::NewEvent> = Conversation::opening_events(&facts)
@@ -702,7 +712,7 @@ pub(crate) async fn create(
     }
     let (stored, duplicate) = append(context, facts.id, fence, events, None, Some(record)).await?;
     if duplicate {
-        return started_before(context, facts, stored.first()).await;
+        return started_before(context, facts, customer_token, stored.first()).await;
     }
     let mut conversation = Conversation::new(&facts);
     for event in &stored {
@@ -711,8 +721,7 @@ pub(crate) async fn create(
     let view = view_of(&conversation);
     let entry = waiting_entry(&conversation);
     let recent = RecentEvents::of_log(stored);
-    let loaded =
-        Loaded { context: context.clone(), conversation, customer_token: customer_token.clone(), fence, recent };
+    let loaded = Loaded { context: context.clone(), conversation, stored_token, fence, recent };
     if let Err(error) = context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await {
         // The chat is stored: its actor is activated from the store on first use instead.
         warn!(%error, conversation = %facts.id, "new conversation actor not started");
@@ -729,6 +738,7 @@ pub(crate) async fn create(
 async fn started_before(
     context: &Arc<Context>,
     facts: NewConversation,
+    customer_token: String,
     created: Option<&Event>,
 ) -> Result<StartedChat, RouterError> {
     let first_group = match created.map(|event| &event.body) {
@@ -737,7 +747,7 @@ async fn started_before(
     };
     let actor = activate(context, facts.id).await?;
     let start = Box::new(facts);
-    ractor::call!(actor, |reply| ConversationMsg::Started { start, first_group, reply })
+    ractor::call!(actor, |reply| ConversationMsg::Started { start, first_group, customer_token, reply })
         .map_err(|error| RouterError::Internal(format!("conversation actor did not answer: {error}")))?
 }
 
@@ -781,8 +791,8 @@ pub(crate) async fn activate(
                 }
             }
             let recent = RecentEvents::of_log(events);
-            let customer_token = record.customer_token;
-            let loaded = Loaded { context: context.clone(), conversation: state, customer_token, fence, recent };
+            let stored_token = record.customer_token;
+            let loaded = Loaded { context: context.clone(), conversation: state, stored_token, fence, recent };
             spawn(loaded).await
         })
         .await

@@ -267,7 +267,7 @@ impl RouterApi for Router {
             return Err(RouterError::UnknownGroup);
         }
         let now_ms = self.context.clock.now_ms();
-        let tried_before = request.tried_before;
+        let (tried_before, customer_token) = (request.tried_before, request.customer_token);
         let facts = NewConversation {
             id: request.conversation,
             tenant: request.tenant,
@@ -277,7 +277,7 @@ impl RouterApi for Router {
             created_at_ms: now_ms,
         };
         let (tenant, group) = (facts.tenant.to_string(), facts.group.to_string());
-        let started = crate::conversation::create(&self.context, facts, tried_before).await?;
+        let started = crate::conversation::create(&self.context, facts, customer_token, tried_before).await?;
         if !started.duplicate {
             metrics::counter!(names::CHATS_STARTED, "tenant" => tenant, "group" => group).increment(1);
         }

@@ -38,6 +38,7 @@ async fn concurrent_accepts_have_one_winner_and_the_rest_are_told_it_was_taken()
                 customer_name: "x".into(),
                 question: "q".into(),
                 tried_before: false,
+                customer_token: switchboard_domain::new_customer_token(),
             };
             router.start_chat(request).await.unwrap().view.conversation
         };

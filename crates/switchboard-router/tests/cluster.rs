@@ -358,6 +358,7 @@ async fn an_agent_accepts_a_chat_that_lives_on_another_node_and_its_queue_is_tol
         customer_name: "x".into(),
         question: "hello?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     cluster.start_chat(request).await.unwrap();
     let view = cluster.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
@@ -404,6 +405,7 @@ async fn a_node_that_leaves_hands_its_shards_over_and_its_chats_go_on() {
         customer_name: "x".into(),
         question: "hello?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     let started = nodes.cluster.start_chat(request).await.unwrap();
     let customer = Caller::Customer { conversation: chat };
@@ -477,6 +479,7 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
         customer_name: "x".into(),
         question: "anyone?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     cluster.start_chat(request).await.unwrap();
     pass(2).await;
@@ -516,6 +519,7 @@ async fn an_agent_taken_over_by_another_node_keeps_their_status_and_their_offer(
         customer_name: "x".into(),
         question: "anyone?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     cluster.start_chat(request).await.unwrap();
     let offered = tokio::time::timeout(Duration::from_secs(1), async {

@@ -182,6 +182,7 @@ async fn a_closed_group_refuses_new_chats_and_takes_offline_messages() {
         customer_name: "ann".into(),
         question: "anyone?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     assert_eq!(fixture.router.start_chat(request).await, Err(RouterError::Refused(Refusal::GroupClosed)));
     let message = OfflineMessage {
@@ -213,6 +214,7 @@ async fn a_start_tried_again_after_its_group_closed_gets_the_chat_its_unanswered
         customer_name: "ann".into(),
         question: "still open?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     let first = fixture.router.start_chat(request.clone()).await.unwrap();
     assert!(!first.duplicate);

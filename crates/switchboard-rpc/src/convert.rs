@@ -264,6 +264,7 @@ pub fn start_chat_to_proto(request: &StartChat) -> StartChatRequest {
         customer_name: request.customer_name.clone(),
         question: request.question.clone(),
         tried_before: request.tried_before,
+        customer_token: request.customer_token.clone(),
     }
 }
 
@@ -275,6 +276,7 @@ pub fn start_chat_from_proto(request: &StartChatRequest) -> Result<StartChat, St
         customer_name: request.customer_name.clone(),
         question: request.question.clone(),
         tried_before: request.tried_before,
+        customer_token: request.customer_token.clone(),
     })
 }
 
@@ -1004,6 +1006,7 @@ mod tests {
                 customer_name: view.customer_name.clone(),
                 question: view.first_question.clone(),
                 tried_before,
+                customer_token: customer_token.clone(),
             };
             prop_assert_eq!(start_chat_from_proto(&wire(&start_chat_to_proto(&request)))?, request);
             for duplicate in [false, true] {

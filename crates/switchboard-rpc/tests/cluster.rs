@@ -647,6 +647,7 @@ impl Cluster {
             customer_name: customer.into(),
             question: format!("question from {customer}"),
             tried_before: false,
+            customer_token: switchboard_domain::new_customer_token(),
         };
         let started = self.client.start_chat(request).await.unwrap();
         assert_eq!(started.view.state, ConversationState::Queued);
@@ -1002,18 +1003,22 @@ async fn an_agent_subscription_follows_the_agent_to_its_new_owner() {
 async fn a_chat_start_whose_answer_is_lost_is_tried_again_and_stored_once() {
     let cluster = Cluster::start(2, Duration::ZERO).await;
     let keyless = cluster.conversation_on("node-1");
-    let keyed = ConversationId::for_start(&tenant(), uuid::Uuid::new_v4());
-    let request = |conversation| StartChat {
+    let key = uuid::Uuid::new_v4();
+    let keyed = ConversationId::for_start(&tenant(), key);
+    // The tokens the gateway chooses: a random one, and the key's.
+    let keyed_token = switchboard_domain::customer_token_for_start(&tenant(), key);
+    let request = |conversation, customer_token: &str| StartChat {
         conversation,
         tenant: tenant(),
         group: group(0),
         customer_name: "ann".into(),
         question: "hello?".into(),
         tried_before: false,
+        customer_token: customer_token.to_owned(),
     };
-    for conversation in [keyless, keyed] {
+    for (conversation, token) in [(keyless, switchboard_domain::new_customer_token()), (keyed, keyed_token.clone())] {
         cluster.lost_start_answers.store(1, Ordering::SeqCst);
-        let started = cluster.client.start_chat(request(conversation)).await.unwrap();
+        let started = cluster.client.start_chat(request(conversation, &token)).await.unwrap();
         assert_eq!(cluster.lost_start_answers.load(Ordering::SeqCst), 0, "the first try's answer was lost");
         assert_eq!(started.view.conversation, conversation);
         assert_eq!(started.view.state, ConversationState::Queued);
@@ -1023,10 +1028,11 @@ async fn a_chat_start_whose_answer_is_lost_is_tried_again_and_stored_once() {
         let created = events.iter().filter(|event| matches!(event.body, EventBody::Created { .. })).count();
         assert_eq!(created, 1, "stored once: {events:?}");
         assert_eq!(events.iter().map(|event| event.seq).collect::<Vec<_>>(), [1, 2]);
-        // The token answered is the one stored: the customer can resume the chat.
+        // The token answered is the gateway's: the customer can resume the chat with it.
+        assert_eq!(started.customer_token, token);
         cluster.client.authorize_customer(conversation, &started.customer_token).await.unwrap();
     }
-    // A keyed start that the client itself sends again is still answered as a duplicate.
-    let again = cluster.client.start_chat(request(keyed)).await.unwrap();
-    assert_eq!((again.view.conversation, again.duplicate), (keyed, true));
+    // A keyed start that the client itself sends again is still answered as a duplicate, with its token.
+    let again = cluster.client.start_chat(request(keyed, &keyed_token)).await.unwrap();
+    assert_eq!((again.view.conversation, again.duplicate, again.customer_token), (keyed, true, keyed_token));
 }

@@ -78,6 +78,7 @@ fn chat_request(at_ms: i64, customer: &str) -> StartChat {
         customer_name: customer.into(),
         question: format!("question from {customer}"),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     }
 }
 
@@ -129,6 +130,7 @@ impl Cluster {
             customer_name: customer.into(),
             question: format!("question from {customer}"),
             tried_before: false,
+            customer_token: switchboard_domain::new_customer_token(),
         };
         self.client.start_chat(request).await.unwrap()
     }
@@ -364,6 +366,7 @@ async fn a_refusal_arrives_as_the_same_refusal() {
         customer_name: "v".into(),
         question: "?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     assert_eq!(client.start_chat(request).await.unwrap_err(), RouterError::UnknownGroup);
     cluster.running.stop().await;
@@ -391,6 +394,7 @@ async fn a_node_that_does_not_own_the_shard_answers_not_owner() {
         customer_name: "y".into(),
         question: "?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     assert_eq!(client.start_chat(request).await.unwrap_err(), RouterError::NotOwner);
     // The peer calls answer the same once the node knows it lost the shards (at its next renewal).
@@ -615,6 +619,7 @@ async fn every_router_error_arrives_as_it_was_raised() {
         customer_name: "c".into(),
         question: "?".into(),
         tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     };
     assert_eq!(
         client.start_chat(request).await.unwrap_err(),

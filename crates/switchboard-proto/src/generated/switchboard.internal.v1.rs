@@ -2136,6 +2136,10 @@ pub struct StartChatRequest {
     /// carried out. A refusal for the group's closed hours then checks the store first, as for a start key.
     #[prost(bool, tag = "6")]
     pub tried_before: bool,
+    /// The secret the customer will resume the chat with, chosen by the gateway: random, or derived from the
+    /// start key (the same for a start sent again). The router stores only its SHA-256.
+    #[prost(string, tag = "7")]
+    pub customer_token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StartedChatReply {

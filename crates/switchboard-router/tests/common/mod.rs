@@ -246,6 +246,7 @@ impl Fixture {
             customer_name: customer.into(),
             question: format!("question from {customer}"),
             tried_before: false,
+            customer_token: switchboard_domain::new_customer_token(),
         };
         self.router.start_chat(request).await.unwrap().view.conversation
     }
