@@ -130,7 +130,8 @@ impl Versions {
 impl Actor for AgentActor {
     type Msg = AgentMsg;
     type State = AgentActorState;
-    /// The context, the agent as the store has it, and the epoch of the lease on its shard.
+    /// The context, the agent as the store has it (with the status they chose), and the epoch of the lease on
+    /// its shard.
     type Arguments = (Arc<Context>, AgentState, u64);
 
     async fn pre_start(
@@ -457,26 +458,17 @@ pub(crate) async fn activate(
         .await
 }
 
-/// The status an agent activated here starts with: the one they chose (kept in presence by their previous
-/// owner) while a connection of theirs is live, so that a takeover neither withdraws their offer nor hides
-/// them from their queues until their gateway gives the status back; else offline. Unreadable presence is
-/// offline too (the gateway gives the status back when it can).
+/// The status an agent activated here starts with: the one they chose, kept in presence by their previous
+/// owner, so that a takeover neither withdraws their offer nor hides them from their queues until their
+/// gateway gives the status back. Whether they are still connected is the heartbeat's to see, as ever: an
+/// agent without a live connection has the grace period from the first heartbeat here (an owner that died
+/// took the agent's own grace period with it), and past it their chats go back to their queues. Without a
+/// chosen status, or when presence cannot be read, offline (the gateway gives the status back when it can).
 async fn chosen_status(context: &Context, tenant: &TenantId, agent: &AgentId) -> AgentStatus {
-    let presence = &context.presence;
-    let chosen = match presence.chosen_status(tenant, agent).await {
-        Ok(Some(status)) => status,
-        Ok(None) => return AgentStatus::Offline,
+    match context.presence.chosen_status(tenant, agent).await {
+        Ok(status) => status.unwrap_or(AgentStatus::Offline),
         Err(error) => {
             warn!(%error, %agent, "the agent's chosen status was not read: starting offline");
-            return AgentStatus::Offline;
-        }
-    };
-    let asked = [(tenant.clone(), agent.clone())];
-    match presence.live_sessions(&asked, context.clock.now_ms()).await {
-        Ok(live) if live.first().is_some_and(|n| *n > 0) => chosen,
-        Ok(_) => AgentStatus::Offline,
-        Err(error) => {
-            warn!(%error, %agent, "the agent's connections were not read: starting offline");
             AgentStatus::Offline
         }
     }

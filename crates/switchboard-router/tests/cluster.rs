@@ -553,8 +553,20 @@ async fn an_agent_taken_over_by_another_node_keeps_their_status_and_their_offer(
         "the rebuilt agent is online, with the offer the queue rebuilt beside it kept"
     );
     let view = cluster.accept_chat(&tenant(), &moving, chat).await.unwrap();
-    assert_eq!(view.owner, Some(moving));
-    // Without a live connection the chosen status is not taken back: offline, as before the choice.
-    let availability = cluster.agent_availability(&tenant(), &gone).await.unwrap();
-    assert_eq!(availability.status, AgentStatus::Offline);
+    assert_eq!(view.owner, Some(moving.clone()));
+    // Without a live connection the agent is back too, for a grace period from the takeover (the one that
+    // began on the leaving node went with it); then offline, as a lost agent goes.
+    let status = |cluster: Arc<LocalCluster>, who: AgentId| async move {
+        cluster.agent_availability(&tenant(), &who).await.unwrap().status
+    };
+    assert_eq!(status(cluster.clone(), gone.clone()).await, AgentStatus::Online);
+    for _ in 0..common::GRACE.as_secs() + 2 {
+        nodes.clock.advance_ms(1_000);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(status(cluster.clone(), gone).await, AgentStatus::Offline);
+    assert_eq!(status(cluster, moving).await, AgentStatus::Online, "connected all along");
 }
