@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{agent, directory, group, tenant};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Event, FixedClock, GroupId, TenantId, WaitingEntry,
-    agent_key, conversation_key, queue_key,
+    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, Event, FixedClock, GroupId,
+    TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
 use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::router::{
@@ -492,7 +492,7 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_agent_taken_over_by_another_node_keeps_their_status_and_their_offer() {
+async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_their_grace_period() {
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
@@ -536,6 +536,19 @@ async fn an_agent_taken_over_by_another_node_keeps_their_status_and_their_offer(
     let gone = gone.expect("none of a, b, c and w lives on the leaving node: pick other agents for this shard map");
     nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
     cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
+    let held = ConversationId::new_v7(nodes.clock.now_ms());
+    let pull_group = if gone == agent("w") { group("t") } else { group("g1") };
+    let request = StartChat {
+        conversation: held,
+        tenant: tenant(),
+        group: pull_group,
+        customer_name: "y".into(),
+        question: "still there?".into(),
+        tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
+    };
+    cluster.start_chat(request).await.unwrap();
+    cluster.accept_chat(&tenant(), &gone, held).await.unwrap();
     nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
 
     // The node hands everything over; nobody gives the agents their status back (no gateway here does).
@@ -568,5 +581,8 @@ async fn an_agent_taken_over_by_another_node_keeps_their_status_and_their_offer(
         }
     }
     assert_eq!(status(cluster.clone(), gone).await, AgentStatus::Offline);
+    let customer = Caller::Customer { conversation: held };
+    let view = cluster.chat_view(&customer, held).await.unwrap();
+    assert_eq!((view.state, view.owner), (ConversationState::Queued, None), "the lost agent's chat waits again");
     assert_eq!(status(cluster, moving).await, AgentStatus::Online, "connected all along");
 }
