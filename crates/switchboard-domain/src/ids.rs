@@ -114,13 +114,7 @@ impl ConversationId {
     /// both: whoever sees the id (agents do) learns nothing of the key, which is what lets a repeated start
     /// have the chat's customer token.
     pub fn for_start(tenant: &TenantId, start_key: Uuid) -> Self {
-        use sha2::{Digest, Sha256};
-        let mut hash = Sha256::new();
-        hash.update(b"switchboard chat.start\0");
-        hash.update(tenant.as_str().as_bytes());
-        hash.update(b"\0");
-        hash.update(start_key.as_bytes());
-        let digest = hash.finalize();
+        let digest = start_key_digest(b"switchboard chat.start", tenant, start_key);
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
         Self(Uuid::new_v8(bytes))
@@ -139,6 +133,19 @@ impl ConversationId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
+}
+
+/// A SHA-256 of `purpose`, the tenant and a client's start key: what a start key derives is one of these,
+/// each for a purpose of its own, so that none gives another away.
+pub(crate) fn start_key_digest(purpose: &[u8], tenant: &TenantId, start_key: Uuid) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(purpose);
+    hash.update(b"\0");
+    hash.update(tenant.as_str().as_bytes());
+    hash.update(b"\0");
+    hash.update(start_key.as_bytes());
+    hash.finalize().into()
 }
 
 impl fmt::Display for ConversationId {
@@ -174,6 +181,9 @@ mod tests {
         assert!(!ConversationId::new_v7(1_767_225_600_000).is_from_start_key());
         assert_ne!(id.as_uuid().as_bytes()[..6], key.as_bytes()[..6], "the key is not in the id");
         assert_eq!(ConversationId::parse(&id.to_string()), Ok(id), "an ordinary conversation id");
+        // The derivation never changes: a start sent again after an upgrade must find its chat. (Computed
+        // apart: the first 16 bytes of SHA-256("switchboard chat.start\0acme\0" + key), as a UUID v8.)
+        assert_eq!(id.to_string(), "616ba33d-e4a5-8ae3-b46e-7ff707c2832f");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::TenantId;
+use crate::ids::start_key_digest;
 
 /// The prefix of a stored token's hash. A stored value without it is a token stored before tokens were
 /// hashed, kept as it was.
@@ -20,12 +21,7 @@ pub fn new_customer_token() -> String {
 /// [`ConversationId::for_start`](crate::ConversationId::for_start), whose hash it does not share), 32 hex
 /// digits like a random one. Whoever knows the key knows the token, as the protocol says.
 pub fn customer_token_for_start(tenant: &TenantId, start_key: Uuid) -> String {
-    let mut hash = Sha256::new();
-    hash.update(b"switchboard customer token\0");
-    hash.update(tenant.as_str().as_bytes());
-    hash.update(b"\0");
-    hash.update(start_key.as_bytes());
-    hex(&hash.finalize()[..16])
+    hex(&start_key_digest(b"switchboard customer token", tenant, start_key)[..16])
 }
 
 /// What the store keeps of `token`.
@@ -98,6 +94,8 @@ mod tests {
         assert_ne!(token, customer_token_for_start(&acme, other));
         assert_ne!(token, customer_token_for_start(&globex, key));
         assert_eq!(token.len(), 32);
+        // Never changes either (computed apart: SHA-256("switchboard customer token\0acme\0" + key), hex).
+        assert_eq!(token, "81ae17b93a24ac15653d46a14fe9d8e1");
         assert!(token.bytes().all(|byte| byte.is_ascii_hexdigit()));
         // The chat's id, which agents see, does not give the token away.
         let id = ConversationId::for_start(&acme, key).as_uuid().simple().to_string();

@@ -327,6 +327,19 @@ fn conversation_where(clock: &FixedClock, wanted: impl Fn(ConversationId) -> boo
     }
 }
 
+/// A chat start without a key, as a gateway sends it.
+fn start_request(conversation: ConversationId, group: GroupId, customer: &str, question: &str) -> StartChat {
+    StartChat {
+        conversation,
+        tenant: tenant(),
+        group,
+        customer_name: customer.into(),
+        question: question.into(),
+        tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_second_node_gets_its_fair_share_of_the_shards() {
     let nodes = start_nodes(2).await;
@@ -351,15 +364,7 @@ async fn an_agent_accepts_a_chat_that_lives_on_another_node_and_its_queue_is_tol
         other.owns_key(&conversation_key(&id)) && !agent_node.owns_key(&conversation_key(&id))
     });
     assert!(agent_node.owns_key(&agent_key(&tenant(), &agent("b"))));
-    let request = StartChat {
-        conversation: chat,
-        tenant: tenant(),
-        group: group("g1"),
-        customer_name: "x".into(),
-        question: "hello?".into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    };
+    let request = start_request(chat, group("g1"), "x", "hello?");
     cluster.start_chat(request).await.unwrap();
     let view = cluster.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
     assert_eq!(view.owner, Some(agent("b")));
@@ -398,15 +403,7 @@ async fn a_node_that_leaves_hands_its_shards_over_and_its_chats_go_on() {
     settle(&nodes, balanced).await;
     let (first, second) = (&nodes.routers[0], &nodes.routers[1]);
     let chat = conversation_where(&nodes.clock, |id| second.owns_key(&conversation_key(&id)));
-    let request = StartChat {
-        conversation: chat,
-        tenant: tenant(),
-        group: group("g1"),
-        customer_name: "x".into(),
-        question: "hello?".into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    };
+    let request = start_request(chat, group("g1"), "x", "hello?");
     let started = nodes.cluster.start_chat(request).await.unwrap();
     let customer = Caller::Customer { conversation: chat };
     let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "one".into() };
@@ -472,15 +469,7 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
     pass(1).await;
     nodes.clock.advance_ms(1);
     let chat = ConversationId::new_v7(nodes.clock.now_ms());
-    let request = StartChat {
-        conversation: chat,
-        tenant: tenant(),
-        group: group("push"),
-        customer_name: "x".into(),
-        question: "anyone?".into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    };
+    let request = start_request(chat, group("push"), "x", "anyone?");
     cluster.start_chat(request).await.unwrap();
     pass(2).await;
     assert_eq!(offered(&mut pushes), [], "the queue still takes the agent for away");
@@ -512,15 +501,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     cluster.set_agent_status(&tenant(), &moving, AgentStatus::Online).await.unwrap();
     nodes.clock.advance_ms(1);
     let chat = ConversationId::new_v7(nodes.clock.now_ms());
-    let request = StartChat {
-        conversation: chat,
-        tenant: tenant(),
-        group: group("push"),
-        customer_name: "x".into(),
-        question: "anyone?".into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    };
+    let request = start_request(chat, group("push"), "x", "anyone?");
     cluster.start_chat(request).await.unwrap();
     let offered = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
@@ -538,15 +519,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
     let held = ConversationId::new_v7(nodes.clock.now_ms());
     let pull_group = if gone == agent("w") { group("t") } else { group("g1") };
-    let request = StartChat {
-        conversation: held,
-        tenant: tenant(),
-        group: pull_group,
-        customer_name: "y".into(),
-        question: "still there?".into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    };
+    let request = start_request(held, pull_group, "y", "still there?");
     cluster.start_chat(request).await.unwrap();
     cluster.accept_chat(&tenant(), &gone, held).await.unwrap();
     nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
