@@ -1,13 +1,14 @@
 //! The schema migrations and their runners (SQLite and PostgreSQL).
 //!
 //! Migrations are SQL files under `migrations/`, embedded in the binary and applied in version order; the
-//! same files run on both databases. Each runs in a transaction of its own that first claims its version
+//! same files run on both databases. A migration may also rewrite data in Rust, in the same transaction,
+//! where the SQL of the two databases cannot (SQLite has no SHA-256). Each runs in a transaction of its own that first claims its version
 //! in `schema_migrations`: a version already there is skipped, so running the migrations again (or from
 //! two processes at once) is harmless. On PostgreSQL each of those transactions also takes a transaction
 //! advisory lock, so that two store processes starting together migrate one after the other.
 
 use sqlx::{PgConnection, SqliteConnection, SqlitePool};
-use switchboard_domain::Clock;
+use switchboard_domain::{Clock, stored_customer_token};
 use switchboard_proto::store::StoreError;
 
 use crate::dialect::db_now_ms;
@@ -17,18 +18,40 @@ use crate::{PgStore, SqlStore};
 struct Migration {
     version: i64,
     name: &'static str,
+    /// Empty: none.
     sql: &'static str,
+    /// Run after the SQL, in its transaction.
+    data: Option<DataStep>,
+}
+
+/// A data rewrite in Rust.
+#[derive(Clone, Copy)]
+enum DataStep {
+    /// Customer tokens stored before they were hashed become their hash (see
+    /// [`stored_customer_token`]); hashed ones and empty ones stay.
+    HashCustomerTokens,
 }
 
 /// In version order; a new migration is a new file and a new entry, never an edit of an applied one.
 const MIGRATIONS: &[Migration] = &[
-    Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql") },
-    Migration { version: 2, name: "cluster", sql: include_str!("../migrations/0002_cluster.sql") },
-    Migration { version: 3, name: "license", sql: include_str!("../migrations/0003_license.sql") },
+    Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql"), data: None },
+    Migration { version: 2, name: "cluster", sql: include_str!("../migrations/0002_cluster.sql"), data: None },
+    Migration { version: 3, name: "license", sql: include_str!("../migrations/0003_license.sql"), data: None },
+    Migration { version: 4, name: "hashed_tokens", sql: "", data: Some(DataStep::HashCustomerTokens) },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_MIGRATION: i64 = 3;
+pub const LATEST_MIGRATION: i64 = 4;
+
+const SELECT_PLAIN_TOKENS: &str = "SELECT id, customer_token FROM conversations \
+     WHERE customer_token <> '' AND customer_token NOT LIKE 'sha256:%'";
+
+const SET_TOKEN: &str = "UPDATE conversations SET customer_token = $1 WHERE id = $2";
+
+/// The new token of each conversation whose token `rows` holds plain.
+fn hashed_tokens(rows: Vec<(String, String)>) -> Vec<(String, String)> {
+    rows.into_iter().map(|(id, token)| (stored_customer_token(&token), id)).collect()
+}
 
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
      version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)";
@@ -72,7 +95,15 @@ pub(crate) async fn migrate_sqlite(writer: &SqlitePool, clock: &dyn Clock) -> Re
             transaction.rollback().await.map_err(db)?;
             continue;
         }
-        sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
+        if !migration.sql.is_empty() {
+            sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
+        }
+        if let Some(DataStep::HashCustomerTokens) = migration.data {
+            let rows = sqlx::query_as(SELECT_PLAIN_TOKENS).fetch_all(&mut *transaction).await.map_err(db)?;
+            for (token, id) in hashed_tokens(rows) {
+                sqlx::query(SET_TOKEN).bind(token).bind(id).execute(&mut *transaction).await.map_err(db)?;
+            }
+        }
         transaction.commit().await.map_err(db)?;
         tracing::info!(version = migration.version, name = migration.name, "applied migration");
         applied += 1;
@@ -124,7 +155,15 @@ impl PgStore {
                 transaction.rollback().await.map_err(db)?;
                 continue;
             }
-            sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
+            if !migration.sql.is_empty() {
+                sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
+            }
+            if let Some(DataStep::HashCustomerTokens) = migration.data {
+                let rows = sqlx::query_as(SELECT_PLAIN_TOKENS).fetch_all(&mut *transaction).await.map_err(db)?;
+                for (token, id) in hashed_tokens(rows) {
+                    sqlx::query(SET_TOKEN).bind(token).bind(id).execute(&mut *transaction).await.map_err(db)?;
+                }
+            }
             transaction.commit().await.map_err(db)?;
             tracing::info!(version = migration.version, name = migration.name, "applied migration");
             applied += 1;

@@ -1,14 +1,14 @@
 //! A database made by the first schema (version 1), with a lease and a conversation in it, is upgraded by
-//! migrations 2 and 3 in place: the current leases enter the lease history, the old events get epoch 0, the
-//! open conversation gets its license permit, and the store goes on with the same fences. On SQLite and on
-//! PostgreSQL.
+//! migrations 2 to 4 in place: the current leases enter the lease history, the old events get epoch 0, the
+//! open conversation gets its license permit, customer tokens kept plain are hashed, and the store goes on
+//! with the same fences. On SQLite and on PostgreSQL.
 
 mod common;
 
 use std::sync::Arc;
 
 use common::*;
-use switchboard_domain::FixedClock;
+use switchboard_domain::{FixedClock, stored_customer_token};
 use switchboard_proto::internal::v1::{Fence, GetLicenseRequest, License, ReadEventsRequest, RenewShardsRequest};
 use switchboard_proto::store::StoreApi;
 use switchboard_store::{LATEST_MIGRATION, LeaseGrant, SqlStore, StoreAudit};
@@ -26,6 +26,10 @@ fn data_v1(shard: u32) -> String {
          INSERT INTO conversations (id, tenant_id, group_id, customer_name, first_question, state, created_at_ms,
              queued_at_ms, last_seq, shard, customer_token)
              VALUES ('c1', 'acme', 'sales', 'Carol', 'Where?', 'queued', 1, 1, 2, {shard}, 'token-c1');
+         INSERT INTO conversations (id, tenant_id, group_id, customer_name, first_question, state, created_at_ms,
+             queued_at_ms, last_seq, shard, customer_token)
+             VALUES ('c2', 'acme', 'sales', 'Dan', 'Hm?', 'closed', 1, 1, 0, {shard}, 'sha256:already-hashed'),
+                    ('c3', 'acme', 'sales', 'Eve', 'Hm?', 'closed', 1, 1, 0, {shard}, '');
          INSERT INTO events VALUES ('c1', 1, 1, 'system', '', NULL, 'created', '{{}}');
          INSERT INTO events VALUES ('c1', 2, 2, 'customer', '', 'm1', 'message', '{{\"body\":\"hi\"}}');",
         expires = START_MS + LEASE_MS as i64,
@@ -55,6 +59,10 @@ async fn check_upgraded<S: StoreApi + StoreAudit>(store: &S, shard: u32) {
     // Migration 3: the open conversation holds a permit (the limit starts unlimited); closing gives it back.
     assert_eq!(store.get_license(GetLicenseRequest {}).await.unwrap(), License { max_sessions: 0, used: 1 });
     let record = get(store, "c1").await;
+    // Migration 4: the token kept plain is hashed; one hashed already, and none at all, are left.
+    assert_eq!(record.customer_token, stored_customer_token("token-c1"));
+    assert_eq!(get(store, "c2").await.customer_token, "sha256:already-hashed");
+    assert_eq!(get(store, "c3").await.customer_token, "");
     assert_eq!((record.offer_agent_id.as_str(), record.offer_expires_at_ms), ("", 0));
     assert!(record.offered_to.is_empty());
     append(store, fence, "c1", vec![system_event("closed")], Some(update("closed", "", 0, 9))).await.unwrap();
