@@ -48,9 +48,26 @@ const SELECT_PLAIN_TOKENS: &str = "SELECT id, customer_token FROM conversations 
 
 const SET_TOKEN: &str = "UPDATE conversations SET customer_token = $1 WHERE id = $2";
 
-/// The new token of each conversation whose token `rows` holds plain.
-fn hashed_tokens(rows: Vec<(String, String)>) -> Vec<(String, String)> {
-    rows.into_iter().map(|(id, token)| (stored_customer_token(&token), id)).collect()
+/// Runs a migration's data step on the connection of its transaction, on either database.
+async fn run_data_step<DB>(step: DataStep, connection: &mut DB::Connection) -> Result<(), StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'r> (String, String): sqlx::FromRow<'r, DB::Row>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    match step {
+        DataStep::HashCustomerTokens => {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as(SELECT_PLAIN_TOKENS).fetch_all(&mut *connection).await.map_err(db)?;
+            for (id, token) in rows {
+                let hashed = stored_customer_token(&token);
+                sqlx::query(SET_TOKEN).bind(hashed).bind(id).execute(&mut *connection).await.map_err(db)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
@@ -98,11 +115,8 @@ pub(crate) async fn migrate_sqlite(writer: &SqlitePool, clock: &dyn Clock) -> Re
         if !migration.sql.is_empty() {
             sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
         }
-        if let Some(DataStep::HashCustomerTokens) = migration.data {
-            let rows = sqlx::query_as(SELECT_PLAIN_TOKENS).fetch_all(&mut *transaction).await.map_err(db)?;
-            for (token, id) in hashed_tokens(rows) {
-                sqlx::query(SET_TOKEN).bind(token).bind(id).execute(&mut *transaction).await.map_err(db)?;
-            }
+        if let Some(step) = migration.data {
+            run_data_step::<sqlx::Sqlite>(step, &mut transaction).await?;
         }
         transaction.commit().await.map_err(db)?;
         tracing::info!(version = migration.version, name = migration.name, "applied migration");
@@ -158,11 +172,8 @@ impl PgStore {
             if !migration.sql.is_empty() {
                 sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
             }
-            if let Some(DataStep::HashCustomerTokens) = migration.data {
-                let rows = sqlx::query_as(SELECT_PLAIN_TOKENS).fetch_all(&mut *transaction).await.map_err(db)?;
-                for (token, id) in hashed_tokens(rows) {
-                    sqlx::query(SET_TOKEN).bind(token).bind(id).execute(&mut *transaction).await.map_err(db)?;
-                }
+            if let Some(step) = migration.data {
+                run_data_step::<sqlx::Postgres>(step, &mut transaction).await?;
             }
             transaction.commit().await.map_err(db)?;
             tracing::info!(version = migration.version, name = migration.name, "applied migration");
