@@ -895,7 +895,6 @@ impl<T: Transport> Session<T> {
                 format!("client_msg_id has 1 to {MAX_CLIENT_MSG_ID_CHARS} characters"),
             ));
         }
-
         self.check_body(body)
     }
 }

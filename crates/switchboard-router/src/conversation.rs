@@ -323,14 +323,15 @@ impl ConversationActorState {
             && *first_group.unwrap_or(&conversation.group) == start.group
             && conversation.customer_name == start.customer_name
             && conversation.first_question == start.question;
-        let customer_token = match unhashed_customer_token(&self.stored_token) {
-            Some(unhashed) => unhashed.to_owned(),
-            None if customer_token_matches(&self.stored_token, &customer_token) => customer_token,
-            None => return Err(RouterError::Refused(Refusal::StartKeyReused)),
-        };
         if !same {
             return Err(RouterError::Refused(Refusal::StartKeyReused));
         }
+        let customer_token = match unhashed_customer_token(&self.stored_token) {
+            Some(unhashed) => unhashed.to_owned(),
+            None if customer_token_matches(&self.stored_token, &customer_token) => customer_token,
+            // Another token: a start through a gateway from before gateways chose tokens (it sends none).
+            None => return Err(RouterError::Refused(Refusal::StartKeyReused)),
+        };
         if conversation.state == ConversationState::Queued {
             remote::queue_add(&self.context, &conversation.tenant, waiting_entry(conversation)).await;
         }

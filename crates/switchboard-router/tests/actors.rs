@@ -29,17 +29,9 @@ async fn concurrent_accepts_have_one_winner_and_the_rest_are_told_it_was_taken()
     }
     for _ in 0..10 {
         let conversation = {
-            let request = switchboard_proto::router::StartChat {
-                conversation: switchboard_domain::ConversationId::new_v7(switchboard_domain::Clock::now_ms(
-                    fixture.clock.as_ref(),
-                )),
-                tenant: tenant(),
-                group: group("g1"),
-                customer_name: "x".into(),
-                question: "q".into(),
-                tried_before: false,
-                customer_token: switchboard_domain::new_customer_token(),
-            };
+            let now_ms = switchboard_domain::Clock::now_ms(fixture.clock.as_ref());
+            let request =
+                common::start_request(switchboard_domain::ConversationId::new_v7(now_ms), group("g1"), "x", "q");
             router.start_chat(request).await.unwrap().view.conversation
         };
         let attempts = ["a", "b", "c"].map(|name| {

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{agent, directory, group, tenant};
+use common::{agent, directory, group, start_request, tenant};
 use switchboard_domain::{
     AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, Event, FixedClock, GroupId,
     TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
@@ -327,17 +327,17 @@ fn conversation_where(clock: &FixedClock, wanted: impl Fn(ConversationId) -> boo
     }
 }
 
-/// A chat start without a key, as a gateway sends it.
-fn start_request(conversation: ConversationId, group: GroupId, customer: &str, question: &str) -> StartChat {
-    StartChat {
-        conversation,
-        tenant: tenant(),
-        group,
-        customer_name: customer.into(),
-        question: question.into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    }
+/// Signs `agent` in online through gateway `gw`, connected all along (a session that a gateway keeps alive
+/// for a day); answers the gateway's pushes.
+async fn sign_in(nodes: &Nodes, agent: &AgentId) -> mpsc::UnboundedReceiver<Push> {
+    let gateway = GatewayId("gw".into());
+    let (sink, pushes) = mpsc::unbounded_channel();
+    nodes.cluster.connect_gateway(gateway.clone(), sink);
+    nodes.cluster.subscribe_agent(&gateway, &tenant(), agent).await.unwrap();
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), agent, "s-1", "gw", expires).await.unwrap();
+    nodes.cluster.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
+    pushes
 }
 
 #[tokio::test(start_paused = true)]
@@ -435,14 +435,7 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
         .into_iter()
         .find(|candidate| !nodes.routers[queue_node].owns_key(&agent_key(&tenant(), candidate)));
     let remote = remote.expect("x, y and z all live with the queue: pick other agents for this shard map");
-    let gateway = GatewayId("gw".into());
-    let (sink, mut pushes) = mpsc::unbounded_channel();
-    cluster.connect_gateway(gateway.clone(), sink);
-    cluster.subscribe_agent(&gateway, &tenant(), &remote).await.unwrap();
-    // Connected all along, as a gateway keeps it.
-    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
-    nodes.presence.session_alive(&tenant(), &remote, "s-1", "gw", expires).await.unwrap();
-    cluster.set_agent_status(&tenant(), &remote, AgentStatus::Online).await.unwrap();
+    let mut pushes = sign_in(&nodes, &remote).await;
     cluster.set_agent_status(&tenant(), &remote, AgentStatus::Away).await.unwrap();
     let offered = |pushes: &mut mpsc::UnboundedReceiver<Push>| {
         let mut offers = Vec::new();
@@ -491,14 +484,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     let (leaving, staying) = (nodes.routers[leaving].clone(), nodes.routers[1 - leaving].clone());
     let moving = ["x", "y", "z"].map(agent).into_iter().find(|who| leaving.owns_key(&agent_key(&tenant(), who)));
     let moving = moving.expect("none of x, y and z lives with the queue: pick other agents for this shard map");
-    let gateway = GatewayId("gw".into());
-    let (sink, mut pushes) = mpsc::unbounded_channel();
-    cluster.connect_gateway(gateway.clone(), sink);
-    cluster.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
-    // Connected all along, as a gateway keeps it.
-    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
-    nodes.presence.session_alive(&tenant(), &moving, "s-1", "gw", expires).await.unwrap();
-    cluster.set_agent_status(&tenant(), &moving, AgentStatus::Online).await.unwrap();
+    let mut pushes = sign_in(&nodes, &moving).await;
     nodes.clock.advance_ms(1);
     let chat = ConversationId::new_v7(nodes.clock.now_ms());
     let request = start_request(chat, group("push"), "x", "anyone?");
@@ -515,6 +501,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     // Another agent of that node whose last connection just closed (inside the grace period, still online).
     let gone = ["a", "b", "c", "w"].map(agent).into_iter().find(|who| leaving.owns_key(&agent_key(&tenant(), who)));
     let gone = gone.expect("none of a, b, c and w lives on the leaving node: pick other agents for this shard map");
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
     nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
     cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
     let held = ConversationId::new_v7(nodes.clock.now_ms());

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, tenant};
+use common::{Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request, tenant};
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, ConversationState, EventBody, OfferEnd, Refusal};
 use switchboard_presence::Presence;
 use switchboard_proto::router::{
@@ -175,15 +175,7 @@ async fn an_agent_who_goes_away_has_their_offer_withdrawn() {
 #[tokio::test(start_paused = true)]
 async fn a_closed_group_refuses_new_chats_and_takes_offline_messages() {
     let fixture = fixture().await;
-    let request = StartChat {
-        conversation: ConversationId::new_v7(fixture.clock_ms()),
-        tenant: tenant(),
-        group: group("never"),
-        customer_name: "ann".into(),
-        question: "anyone?".into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    };
+    let request = start_request(ConversationId::new_v7(fixture.clock_ms()), group("never"), "ann", "anyone?");
     assert_eq!(fixture.router.start_chat(request).await, Err(RouterError::Refused(Refusal::GroupClosed)));
     let message = OfflineMessage {
         tenant: tenant(),
@@ -207,15 +199,7 @@ async fn a_start_tried_again_after_its_group_closed_gets_the_chat_its_unanswered
     let now = fixture.clock_ms();
     fixture.clock.advance_ms(utc_ms("2026-03-27T15:59:30Z") - now);
     // A start without a key: its id is the gateway's, the same in every try.
-    let request = StartChat {
-        conversation: ConversationId::new_v7(fixture.clock_ms()),
-        tenant: tenant(),
-        group: group("office"),
-        customer_name: "ann".into(),
-        question: "still open?".into(),
-        tried_before: false,
-        customer_token: switchboard_domain::new_customer_token(),
-    };
+    let request = start_request(ConversationId::new_v7(fixture.clock_ms()), group("office"), "ann", "still open?");
     let first = fixture.router.start_chat(request.clone()).await.unwrap();
     assert!(!first.duplicate);
     // Its answer is lost; the gateway tries again a minute later, after closing time.

@@ -239,16 +239,22 @@ impl Fixture {
 
     pub async fn start_chat(&self, group_name: &str, customer: &str) -> ConversationId {
         self.clock.advance_ms(1);
-        let request = StartChat {
-            conversation: ConversationId::new_v7(self.clock.now_ms()),
-            tenant: tenant(),
-            group: group(group_name),
-            customer_name: customer.into(),
-            question: format!("question from {customer}"),
-            tried_before: false,
-            customer_token: switchboard_domain::new_customer_token(),
-        };
+        let conversation = ConversationId::new_v7(self.clock.now_ms());
+        let request = start_request(conversation, group(group_name), customer, &format!("question from {customer}"));
         self.router.start_chat(request).await.unwrap().view.conversation
+    }
+}
+
+/// A chat start without a key in the test tenant, as a gateway sends it (a token of its own, a first try).
+pub fn start_request(conversation: ConversationId, group: GroupId, customer: &str, question: &str) -> StartChat {
+    StartChat {
+        conversation,
+        tenant: tenant(),
+        group,
+        customer_name: customer.into(),
+        question: question.into(),
+        tried_before: false,
+        customer_token: switchboard_domain::new_customer_token(),
     }
 }
 
