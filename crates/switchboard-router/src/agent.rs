@@ -91,6 +91,9 @@ pub(crate) struct AgentActorState {
     versions: Versions,
     /// Heartbeats since the queues were last told the agent's availability.
     ticks_since_told: u32,
+    /// The agent's status was lost with their previous owner and not chosen since: each console that follows
+    /// them is told the status they have here.
+    status_lost: bool,
 }
 
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
@@ -130,14 +133,14 @@ impl Versions {
 impl Actor for AgentActor {
     type Msg = AgentMsg;
     type State = AgentActorState;
-    /// The context, the agent as the store has it (with the status they chose), and the epoch of the lease on
-    /// its shard.
-    type Arguments = (Arc<Context>, AgentState, u64);
+    /// The context, the agent as the store has it (with the status they chose), the epoch of the lease on
+    /// its shard, and whether their status stands for one lost ([`starting_status`]).
+    type Arguments = (Arc<Context>, AgentState, u64, bool);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        (context, agent, epoch): Self::Arguments,
+        (context, agent, epoch, status_lost): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "agent").increment(1.0);
         Ok(AgentActorState {
@@ -148,6 +151,7 @@ impl Actor for AgentActor {
             disconnected_since_ms: None,
             versions: Versions::new(epoch),
             ticks_since_told: 0,
+            status_lost,
         })
     }
 
@@ -216,6 +220,12 @@ impl Actor for AgentActor {
                         Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
                     state.context.gateways.push(&gateway, push);
                 }
+                if state.status_lost {
+                    let change = AgentChange::Status { agent: view_of(&state.agent) };
+                    let push =
+                        Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
+                    state.context.gateways.push(&gateway, push);
+                }
                 state.subscribers.insert(gateway);
             }
             AgentMsg::Unsubscribe { gateway } => {
@@ -233,6 +243,7 @@ impl AgentActorState {
     }
 
     async fn set_status(&mut self, status: AgentStatus) -> AgentView {
+        self.status_lost = false;
         if status == self.agent.status {
             return view_of(&self.agent);
         }
@@ -375,6 +386,7 @@ impl AgentActorState {
     /// queue sees them offline and withdraws it) and their chats go back to the head of their queues.
     async fn go_offline(&mut self) {
         info!(agent = %self.agent.id, chats = self.agent.active.len(), "agent offline");
+        self.status_lost = false;
         let now_ms = self.now_ms();
         self.agent.set_status(AgentStatus::Offline, now_ms);
         self.disconnected_since_ms = None;
@@ -449,8 +461,10 @@ pub(crate) async fn activate(
                 state.reserved.insert(id);
                 state.offer = Some(id);
             }
-            state.status = chosen_status(context, tenant, agent).await;
-            let (actor, _) = Actor::spawn(None, AgentActor, (context.clone(), state, fence.epoch.0))
+            let (status, status_lost) = starting_status(context, &state).await;
+            state.status = status;
+            let arguments = (context.clone(), state, fence.epoch.0, status_lost);
+            let (actor, _) = Actor::spawn(None, AgentActor, arguments)
                 .await
                 .map_err(|error| RouterError::Internal(format!("agent actor did not start: {error}")))?;
             Ok(actor)
@@ -458,19 +472,38 @@ pub(crate) async fn activate(
         .await
 }
 
-/// The status an agent activated here starts with: the one they chose, kept in presence by their previous
-/// owner, so that a takeover neither withdraws their offer nor hides them from their queues until their
-/// gateway gives the status back. Whether they are still connected is the heartbeat's to see, as ever: an
-/// agent without a live connection has the grace period from the first heartbeat here (an owner that died
-/// took the agent's own grace period with it), and past it their chats go back to their queues. Without a
-/// chosen status, or when presence cannot be read, offline (the gateway gives the status back when it can).
-async fn chosen_status(context: &Context, tenant: &TenantId, agent: &AgentId) -> AgentStatus {
-    match context.presence.chosen_status(tenant, agent).await {
-        Ok(status) => status.unwrap_or(AgentStatus::Offline),
-        Err(error) => {
-            warn!(%error, %agent, "the agent's chosen status was not read: starting offline");
-            AgentStatus::Offline
-        }
+/// The status an agent activated here starts with, and whether it stands for one lost.
+///
+/// It is the status they chose, kept in presence by their previous owner, so that a takeover neither
+/// withdraws their offer nor hides them from their queues until the agent sets a status again. Whether they
+/// are still connected is the heartbeat's to see, as ever: an agent without a live connection has the grace
+/// period from the first heartbeat here (an owner that died took the agent's own grace period with it), and
+/// past it their chats go back to their queues.
+///
+/// Presence may have lost the status (Redis restarted empty, or the key outlived by a cluster down for
+/// longer than its expiry) or not answer. An agent who then holds chats or an offer, or is connected, was
+/// signed in (signing out removes the status only once every chat is back in a queue, and ends the agent's
+/// sessions): they start away, so that the heartbeat gives their chats back if they are gone
+/// rather than leaving them with an absent agent, and consoles that follow them are told (the answer's
+/// `true`). Anyone else starts offline.
+async fn starting_status(context: &Context, agent: &AgentState) -> (AgentStatus, bool) {
+    let (tenant, id) = (&agent.tenant, &agent.id);
+    match context.presence.chosen_status(tenant, id).await {
+        Ok(Some(status)) => return (status, false),
+        Ok(None) => {}
+        Err(error) => warn!(%error, agent = %id, "the agent's chosen status was not read"),
+    }
+    let holds = !agent.active.is_empty() || agent.offer.is_some();
+    let asked = [(tenant.clone(), id.clone())];
+    let connected = || async {
+        let live = context.presence.live_sessions(&asked, context.clock.now_ms()).await;
+        live.is_ok_and(|counts| counts.first().is_some_and(|&n| n > 0))
+    };
+    if holds || connected().await {
+        warn!(agent = %id, chats = agent.active.len(), "the agent's status was lost: away until they choose one");
+        (AgentStatus::Away, true)
+    } else {
+        (AgentStatus::Offline, false)
     }
 }
 

@@ -473,6 +473,84 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
     assert_eq!(offered(&mut pushes), [chat]);
 }
 
+/// One of `candidates` whose agent actor lives on `router`.
+fn agent_of(router: &Router, candidates: &[&str]) -> AgentId {
+    let found = candidates.iter().map(|name| agent(name)).find(|who| router.owns_key(&agent_key(&tenant(), who)));
+    found.unwrap_or_else(|| panic!("none of {candidates:?} lives on that node: pick others for this shard map"))
+}
+
+/// Lets `seconds` of heartbeats pass, on the database's clock and tokio's.
+async fn heartbeats(nodes: &Nodes, seconds: u64) {
+    for _ in 0..seconds {
+        nodes.clock.advance_ms(1_000);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn agents_whose_status_was_lost_with_their_node_come_back_away_and_their_chats_do_not_stay_with_the_absent() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    let (leaving, staying) = (nodes.routers[0].clone(), nodes.routers[1].clone());
+    // One agent connected all along; another who holds a chat and whose last connection just closed.
+    let connected = agent_of(&leaving, &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &connected).await;
+    let gone = agent_of(&leaving, &["a", "b", "c", "w"]);
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
+    cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
+    nodes.clock.advance_ms(1);
+    let held = ConversationId::new_v7(nodes.clock.now_ms());
+    let pull_group = if gone == agent("w") { group("t") } else { group("g1") };
+    cluster.start_chat(start_request(held, pull_group, "y", "still there?")).await.unwrap();
+    cluster.accept_chat(&tenant(), &gone, held).await.unwrap();
+    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+
+    // Presence loses what the agents chose (as a Redis that restarted empty would), then their node leaves.
+    for who in [&connected, &gone] {
+        nodes.presence.signed_out(&tenant(), who, &[]).await.unwrap();
+        assert_eq!(nodes.presence.chosen_status(&tenant(), who).await.unwrap(), None);
+    }
+    leaving.shutdown().await.unwrap();
+    staying.placement_changed();
+    settle(&nodes, |routers| routers.iter().map(|router| router.n_shards_owned()).max() == Some(1024)).await;
+    let status = |who: &AgentId| {
+        let (cluster, who) = (cluster.clone(), who.clone());
+        async move { cluster.agent_availability(&tenant(), &who).await.unwrap().status }
+    };
+    assert_eq!(status(&connected).await, AgentStatus::Away, "signed in, but what they chose is not known");
+    assert_eq!(status(&gone).await, AgentStatus::Away, "signed in: they hold a chat");
+
+    // The connected agent's gateway follows them on their new node, and their console is told.
+    while pushes.try_recv().is_ok() {}
+    cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected).await.unwrap();
+    let told = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(Push::Agent { agent, change: AgentChange::Status { agent: view }, .. }) = pushes.recv().await
+                && agent == connected
+            {
+                return view.status;
+            }
+        }
+    });
+    assert_eq!(told.await, Ok(AgentStatus::Away));
+
+    // Without a connection, the grace period, then offline and the chat waits again; the connected agent
+    // stays away until they choose, and is then as they chose.
+    heartbeats(&nodes, common::GRACE.as_secs() + 2).await;
+    assert_eq!(status(&gone).await, AgentStatus::Offline);
+    let view = cluster.chat_view(&Caller::Customer { conversation: held }, held).await.unwrap();
+    assert_eq!((view.state, view.owner), (ConversationState::Queued, None), "the absent agent's chat waits again");
+    assert_eq!(status(&connected).await, AgentStatus::Away);
+    cluster.set_agent_status(&tenant(), &connected, AgentStatus::Online).await.unwrap();
+    assert_eq!(status(&connected).await, AgentStatus::Online);
+    assert_eq!(nodes.presence.chosen_status(&tenant(), &connected).await.unwrap(), Some(AgentStatus::Online));
+}
+
 #[tokio::test(start_paused = true)]
 async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_their_grace_period() {
     let nodes = start_nodes(2).await;
@@ -482,8 +560,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     let leaving = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
     let leaving = leaving.expect("some node owns the queue");
     let (leaving, staying) = (nodes.routers[leaving].clone(), nodes.routers[1 - leaving].clone());
-    let moving = ["x", "y", "z"].map(agent).into_iter().find(|who| leaving.owns_key(&agent_key(&tenant(), who)));
-    let moving = moving.expect("none of x, y and z lives with the queue: pick other agents for this shard map");
+    let moving = agent_of(&leaving, &["x", "y", "z"]);
     let mut pushes = sign_in(&nodes, &moving).await;
     nodes.clock.advance_ms(1);
     let chat = ConversationId::new_v7(nodes.clock.now_ms());
@@ -499,8 +576,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     assert_eq!(offered.await, Ok(chat), "the only agent online is offered the chat");
 
     // Another agent of that node whose last connection just closed (inside the grace period, still online).
-    let gone = ["a", "b", "c", "w"].map(agent).into_iter().find(|who| leaving.owns_key(&agent_key(&tenant(), who)));
-    let gone = gone.expect("none of a, b, c and w lives on the leaving node: pick other agents for this shard map");
+    let gone = agent_of(&leaving, &["a", "b", "c", "w"]);
     let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
     nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
     cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
@@ -533,13 +609,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
         cluster.agent_availability(&tenant(), &who).await.unwrap().status
     };
     assert_eq!(status(cluster.clone(), gone.clone()).await, AgentStatus::Online);
-    for _ in 0..common::GRACE.as_secs() + 2 {
-        nodes.clock.advance_ms(1_000);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
-        }
-    }
+    heartbeats(&nodes, common::GRACE.as_secs() + 2).await;
     assert_eq!(status(cluster.clone(), gone).await, AgentStatus::Offline);
     let customer = Caller::Customer { conversation: held };
     let view = cluster.chat_view(&customer, held).await.unwrap();
