@@ -397,8 +397,10 @@ pub trait PeerApi: Send + Sync + 'static {
     /// The conversation's owner records an accept that the agent's owner decided (capacity reserved).
     async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError>;
 
-    /// A chat joined its group's queue.
-    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError>;
+    /// A chat joined its group's queue: it began to wait at `waiting_since_us` (µs since the epoch), for the
+    /// first offer's latency.
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry, waiting_since_us: i64)
+    -> Result<(), RouterError>;
 
     /// A chat left its group's queue.
     async fn queue_remove(

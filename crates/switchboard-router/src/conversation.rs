@@ -728,7 +728,8 @@ pub(crate) async fn create(
         warn!(%error, conversation = %facts.id, "new conversation actor not started");
     }
     match local_queue {
-        Some(queue) => queue.add(entry),
+        // The chat waits from now: its first offer's latency counts from here.
+        Some(queue) => queue.add(entry, context.clock.now_us()),
         None => remote::queue_add(context, &facts.tenant, entry).await,
     }
     Ok(StartedChat { view, customer_token, duplicate: false })

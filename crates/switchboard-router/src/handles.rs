@@ -177,8 +177,9 @@ impl QueueHandle {
         crate::queue::activate(context, tenant, group).await.map(QueueHandle)
     }
 
-    pub(crate) fn add(&self, entry: WaitingEntry) {
-        let _ = self.0.cast(QueueMsg::Add { entry });
+    /// Adds a chat that began to wait at `waiting_since_us` (0: now).
+    pub(crate) fn add(&self, entry: WaitingEntry, waiting_since_us: i64) {
+        let _ = self.0.cast(QueueMsg::Add { entry, waiting_since_us });
     }
 
     pub(crate) fn remove(&self, conversation: ConversationId, reason: LeftQueue) {

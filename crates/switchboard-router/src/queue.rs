@@ -41,6 +41,8 @@ const OFFER_RETRY_MS: i64 = 1_000;
 pub(crate) enum QueueMsg {
     Add {
         entry: WaitingEntry,
+        /// When the chat began to wait (µs since the epoch; 0: when the queue takes it in).
+        waiting_since_us: i64,
     },
     Remove {
         conversation: ConversationId,
@@ -204,9 +206,13 @@ impl Actor for QueueActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            QueueMsg::Add { entry } => {
+            QueueMsg::Add { entry, waiting_since_us } => {
                 if !state.waiting.contains(&entry.conversation) {
-                    state.chats.entry(entry.conversation).or_default().waiting_since_us = state.context.clock.now_us();
+                    let since = match waiting_since_us {
+                        0 => state.context.clock.now_us(),
+                        since => since,
+                    };
+                    state.chats.entry(entry.conversation).or_default().waiting_since_us = since;
                     state.waiting.insert(entry.clone());
                     state.broadcast(QueueChange::Added { entry });
                 }

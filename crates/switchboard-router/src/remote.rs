@@ -45,17 +45,20 @@ where
     });
 }
 
+/// Tells the chat's queue that the chat waits, from now: its first offer's latency counts from here, however
+/// long the call to another node takes.
 pub(crate) async fn queue_add(context: &Arc<Context>, tenant: &TenantId, entry: WaitingEntry) {
+    let waiting_since_us = context.clock.now_us();
     if context.shards.owns(&queue_key(tenant, &entry.group)) || context.peers.is_none() {
         match QueueHandle::activate(context, tenant, &entry.group).await {
-            Ok(queue) => queue.add(entry),
+            Ok(queue) => queue.add(entry, waiting_since_us),
             Err(error) => warn!(%error, conversation = %entry.conversation, "queue not told of a new chat"),
         }
     } else if let Some(peers) = context.peers.clone() {
         let tenant = tenant.clone();
         cast_remote("queue add", move || {
             let (peers, tenant, entry) = (peers.clone(), tenant.clone(), entry.clone());
-            async move { peers.queue_add(&tenant, entry).await }
+            async move { peers.queue_add(&tenant, entry, waiting_since_us).await }
         });
     }
 }

@@ -175,9 +175,14 @@ impl PeerApi for Router {
         .await
     }
 
-    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+    async fn queue_add(
+        &self,
+        tenant: &TenantId,
+        entry: WaitingEntry,
+        waiting_since_us: i64,
+    ) -> Result<(), RouterError> {
         self.owns(&queue_key(tenant, &entry.group))?;
-        QueueHandle::activate(&self.context, tenant, &entry.group).await?.add(entry);
+        QueueHandle::activate(&self.context, tenant, &entry.group).await?.add(entry, waiting_since_us);
         Ok(())
     }
 

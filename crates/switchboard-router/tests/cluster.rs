@@ -31,6 +31,8 @@ struct LocalCluster {
     routers: OnceLock<Vec<Arc<Router>>>,
     /// While set, every cast of an agent's availability to another node's queue is lost (fails for good).
     lose_availability: AtomicBool,
+    /// While set, a chat's cast to another node's queue takes this long on the clock (a slow hop, retries).
+    slow_queue_adds: OnceLock<(Arc<FixedClock>, i64)>,
 }
 
 impl LocalCluster {
@@ -194,10 +196,13 @@ impl PeerApi for LocalCluster {
     async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError> {
         self.first(|router| async move { router.owner_accept(conversation, agent).await }).await
     }
-    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry, since_us: i64) -> Result<(), RouterError> {
+        if let Some((clock, ms)) = self.slow_queue_adds.get() {
+            clock.advance_ms(*ms);
+        }
         self.first(|router| {
             let entry = entry.clone();
-            async move { router.queue_add(tenant, entry).await }
+            async move { router.queue_add(tenant, entry, since_us).await }
         })
         .await
     }
@@ -471,6 +476,32 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
     cluster.lose_availability.store(false, Ordering::SeqCst);
     pass(u64::from(switchboard_router::RETELL_EVERY_TICKS) + 1).await;
     assert_eq!(offered(&mut pushes), [chat]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_offer_counts_its_wait_from_when_the_chat_was_stored_however_long_the_hop_to_its_queue() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let queue_node = nodes.routers.iter().find(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
+    let queue_node = queue_node.expect("some node owns the queue").clone();
+    let agent = agent_of(&queue_node, &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &agent).await;
+    // The chat lives on the other node: its queue hears of it by a call that takes 40 ms.
+    let chat = conversation_where(&nodes.clock, |id| !queue_node.owns_key(&conversation_key(&id)));
+    assert!(nodes.cluster.slow_queue_adds.set((nodes.clock.clone(), 40)).is_ok());
+    let stored_at_us = nodes.clock.now_ms() * 1_000;
+    nodes.cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    let offered = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(Push::Agent { change: AgentChange::Offered { entry, waiting_since_us, .. }, .. }) =
+                pushes.recv().await
+            {
+                return (entry.conversation, waiting_since_us);
+            }
+        }
+    });
+    assert_eq!(offered.await, Ok((chat, stored_at_us)), "waiting since the store took the chat, not 40 ms later");
+    assert_eq!(nodes.clock.now_ms() * 1_000 - stored_at_us, 40_000, "the hop took its time");
 }
 
 /// One of `candidates` whose agent actor lives on `router`.

@@ -1138,10 +1138,16 @@ impl PeerApi for ClusterClient {
         .await
     }
 
-    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+    async fn queue_add(
+        &self,
+        tenant: &TenantId,
+        entry: WaitingEntry,
+        waiting_since_us: i64,
+    ) -> Result<(), RouterError> {
         let key = queue_key(tenant, &entry.group);
         let entry = &entry;
-        self.on_owner(&key, true, |node| async move { node.queue_add(tenant, entry.clone()).await }).await
+        self.on_owner(&key, true, |node| async move { node.queue_add(tenant, entry.clone(), waiting_since_us).await })
+            .await
     }
 
     async fn queue_remove(

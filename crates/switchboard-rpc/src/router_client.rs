@@ -716,8 +716,14 @@ impl PeerApi for GrpcRouterNode {
         read(chat_view_from_reply(&reply))
     }
 
-    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
-        let request = QueueAddRequest { tenant_id: tenant.to_string(), entry: Some(waiting_entry_to_proto(&entry)) };
+    async fn queue_add(
+        &self,
+        tenant: &TenantId,
+        entry: WaitingEntry,
+        waiting_since_us: i64,
+    ) -> Result<(), RouterError> {
+        let entry = Some(waiting_entry_to_proto(&entry));
+        let request = QueueAddRequest { tenant_id: tenant.to_string(), entry, waiting_since_us };
         self.call(request, router_call::Request::QueueAdd, |mut client, request| async move {
             client.queue_add(request).await
         })

@@ -425,7 +425,7 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterService for RouterGrpcServer<T> {
         let tenant = tenant_id(&request.tenant_id)?;
         let entry = request.entry.as_ref().ok_or_else(|| Status::invalid_argument("missing waiting entry"))?;
         let entry = waiting_entry_from_proto(entry)?;
-        empty(self.node.queue_add(&tenant, entry).await)
+        empty(self.node.queue_add(&tenant, entry, request.waiting_since_us).await)
     }
 
     async fn queue_remove(&self, request: Request<QueueRemoveRequest>) -> Result<Response<Empty>, Status> {

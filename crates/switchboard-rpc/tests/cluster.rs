@@ -446,8 +446,8 @@ impl PeerApi for SlowNode {
         self.node.owner_accept(conversation, agent).await
     }
 
-    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
-        self.node.queue_add(tenant, entry).await
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry, since_us: i64) -> Result<(), RouterError> {
+        self.node.queue_add(tenant, entry, since_us).await
     }
 
     async fn queue_remove(

@@ -250,7 +250,7 @@ async fn queue_pushes_arrive_through_the_push_stream() {
         customer_name: "eve".into(),
         question: "?".into(),
     };
-    client.queue_add(&tenant(), entry.clone()).await.unwrap();
+    client.queue_add(&tenant(), entry.clone(), (NOW_MS + 5) * 1_000).await.unwrap();
     let Push::Queue { change: QueueChange::Added { entry: added }, .. } = next_list_push(&mut pushes).await else {
         panic!("the peer's chat joins the queue");
     };
@@ -784,7 +784,7 @@ async fn peer_calls_reach_the_peer_api_with_their_arguments() {
         customer_name: "Carol".into(),
         question: "Where?".into(),
     };
-    client.queue_add(&tenant(), entry.clone()).await.unwrap();
+    client.queue_add(&tenant(), entry.clone(), NOW_MS * 1_000 + 250).await.unwrap();
     client.queue_remove(&tenant(), &group("g2"), chat, LeftQueue::Accepted { agent: agent("b") }).await.unwrap();
     client.queue_remove(&tenant(), &group("g2"), chat, LeftQueue::Cancelled).await.unwrap();
     client.agent_finished(&tenant(), &agent("b"), chat).await.unwrap();
@@ -792,7 +792,7 @@ async fn peer_calls_reach_the_peer_api_with_their_arguments() {
         *node.peer_calls.lock().unwrap(),
         [
             format!("owner_accept {chat} a"),
-            format!("queue_add acme {entry:?}"),
+            format!("queue_add acme {entry:?} waiting since {}µs", NOW_MS * 1_000 + 250),
             format!("queue_remove acme g2 {chat} {:?}", LeftQueue::Accepted { agent: agent("b") }),
             format!("queue_remove acme g2 {chat} Cancelled"),
             format!("agent_finished acme b {chat}"),
@@ -1084,9 +1084,9 @@ impl PeerApi for Scripted {
         self.peer_calls.lock().unwrap().push(format!("owner_accept {conversation} {agent}"));
         Ok(Scripted::view(conversation))
     }
-    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry) -> Result<(), RouterError> {
+    async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry, since_us: i64) -> Result<(), RouterError> {
         self.outcome().await?;
-        self.peer_calls.lock().unwrap().push(format!("queue_add {tenant} {entry:?}"));
+        self.peer_calls.lock().unwrap().push(format!("queue_add {tenant} {entry:?} waiting since {since_us}µs"));
         Ok(())
     }
     async fn queue_remove(

@@ -2449,6 +2449,11 @@ pub struct QueueAddRequest {
     pub tenant_id: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "2")]
     pub entry: ::core::option::Option<WaitingEntryMsg>,
+    /// When the chat began to wait, in µs since the epoch (the sender's clock): when it was stored as waiting,
+    /// before the call and its retries. The first offer's latency counts from it. 0 from a router from before:
+    /// when the queue takes it in.
+    #[prost(int64, tag = "3")]
+    pub waiting_since_us: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct QueueRemoveRequest {
