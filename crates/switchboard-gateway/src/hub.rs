@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 
-use switchboard_domain::{AgentId, Author, ConversationId, EventBody, GroupId, TenantId, WaitingQueue, merge_waiting};
+use switchboard_domain::{
+    AgentId, Author, ConversationId, EventBody, GroupId, TenantId, WaitingEntry, WaitingQueue, merge_waiting,
+};
 use switchboard_proto::router::{AgentChange, Origin, Push, QueueChange};
 use tokio::sync::{Notify, mpsc};
 use tracing::debug;
@@ -146,8 +148,8 @@ struct HubState {
     queues: HashMap<(TenantId, GroupId), QueueMirror>,
     /// The sockets signed in as each agent.
     agents: HashMap<AgentKey, HashSet<SocketId>>,
-    /// Each agent's outstanding offers: the chat and its group.
-    offers: HashMap<AgentKey, HashMap<ConversationId, GroupId>>,
+    /// Each agent's outstanding offers, as they were shown, by chat.
+    offers: HashMap<AgentKey, HashMap<ConversationId, ShownOffer>>,
     /// Counts the waiting-list changes; see [`SocketEntry::view_stamp`].
     stamp: u64,
     /// Waiting-list changes not written to agents yet, in the order they were made (across queues: a chat
@@ -155,6 +157,12 @@ struct HubState {
     held: Vec<HeldChange>,
     /// A flush of `held` was asked for ([`Needs::flush_queue_views`]) and has not run yet.
     flush_claimed: bool,
+}
+
+/// An offer outstanding, as its push showed it: shown again to a socket of the agent that signs in later.
+struct ShownOffer {
+    entry: WaitingEntry,
+    expires_at_ms: i64,
 }
 
 #[derive(Default)]
@@ -206,16 +214,35 @@ impl Hub {
         for (key, watcher) in queues_watched(&role) {
             state.watch_queue(socket, key, watcher, &mut needs);
         }
-        if let Role::Agent { tenant, agent, .. } = &role {
-            let key = (tenant.clone(), agent.clone());
+        let agent_key = match &role {
+            Role::Agent { tenant, agent, .. } => Some((tenant.clone(), agent.clone())),
+            _ => None,
+        };
+        if let Some(key) = &agent_key {
             let sockets = state.agents.entry(key.clone()).or_default();
             if sockets.is_empty() {
-                needs.subscribe_agents.push(key);
+                needs.subscribe_agents.push(key.clone());
             }
             sockets.insert(socket);
         }
         state.sockets.insert(socket, SocketEntry { link, role, last_position: None, view_stamp: 0 });
         state.send_queue_view(socket);
+        // Another console of the agent here saw these offers: this one sees them too (shown again, not offered
+        // again: no waiting time for the offer latency). A first console gets them from the agent's owner,
+        // when the gateway follows the agent.
+        let offers = agent_key.and_then(|key| state.offers.get(&key));
+        let shown: Vec<PushFrame> = offers
+            .into_iter()
+            .flat_map(HashMap::values)
+            .map(|offer| PushFrame::Offer {
+                entry: offer.entry.clone(),
+                expires_at_ms: offer.expires_at_ms,
+                waiting_since_us: 0,
+            })
+            .collect();
+        for frame in shown {
+            state.send(socket, Outbound::new(frame));
+        }
         needs
     }
 
@@ -296,7 +323,8 @@ impl Hub {
     /// The group of the chat offered to the agent now, if this gateway saw the offer and it is outstanding.
     pub fn offer_group(&self, tenant: &TenantId, agent: &AgentId, conversation: ConversationId) -> Option<GroupId> {
         let state = self.lock();
-        state.offers.get(&(tenant.clone(), agent.clone()))?.get(&conversation).cloned()
+        let offer = state.offers.get(&(tenant.clone(), agent.clone()))?.get(&conversation)?;
+        Some(offer.entry.group.clone())
     }
 
     /// The role of a socket now (a customer's group follows a transfer of their chat).
@@ -504,7 +532,8 @@ impl HubState {
     fn apply_agent_change(&mut self, key: AgentKey, change: AgentChange) {
         let frame = match change {
             AgentChange::Offered { entry, expires_at_ms, waiting_since_us } => {
-                self.offers.entry(key.clone()).or_default().insert(entry.conversation, entry.group.clone());
+                let shown = ShownOffer { entry: entry.clone(), expires_at_ms };
+                self.offers.entry(key.clone()).or_default().insert(entry.conversation, shown);
                 PushFrame::Offer { entry, expires_at_ms, waiting_since_us }
             }
             AgentChange::OfferEnded { conversation, reason } => {
@@ -983,6 +1012,39 @@ mod tests {
         hub.dispatch(offer("bob", chat(4), "sales"));
         hub.unregister(2);
         assert_eq!(hub.offer_group(&tenant(), &agent("bob"), chat(4)), None);
+    }
+
+    #[test]
+    fn a_console_that_signs_in_beside_another_is_shown_the_agents_outstanding_offers_as_shown_before() {
+        let hub = Hub::default();
+        let (first, mut written_first) = socket();
+        hub.register(1, first, agent_role("alice", &["sales"]));
+        let offered = |conversation, waiting_since_us| AgentChange::Offered {
+            entry: entry(conversation, "sales", 10),
+            expires_at_ms: 99,
+            waiting_since_us,
+        };
+        hub.dispatch(agent_push("alice", offered(chat(1), 7)));
+        hub.dispatch(agent_push("alice", offered(chat(2), 8)));
+        hub.dispatch(agent_push(
+            "alice",
+            AgentChange::OfferEnded { conversation: chat(2), reason: OfferEnd::Rejected },
+        ));
+        drain(&mut written_first);
+
+        // The agent's second console here: followed already, so nobody else would show it the offer.
+        let (second, mut written_second) = socket();
+        let needs = hub.register(2, second, agent_role("alice", &["sales"]));
+        assert!(needs.subscribe_agents.is_empty(), "followed since the first console");
+        let shown: Vec<PushFrame> =
+            drain(&mut written_second).into_iter().filter(|frame| matches!(frame, PushFrame::Offer { .. })).collect();
+        let again = PushFrame::Offer { entry: entry(chat(1), "sales", 10), expires_at_ms: 99, waiting_since_us: 0 };
+        assert_eq!(shown, [again], "the outstanding offer, shown again (not waited for: no offer latency)");
+        assert_eq!(drain(&mut written_first), [], "the first console saw it already");
+        // Someone else's console is shown none of them.
+        let (bob, mut written_bob) = socket();
+        hub.register(3, bob, agent_role("bob", &["sales"]));
+        assert!(!drain(&mut written_bob).iter().any(|frame| matches!(frame, PushFrame::Offer { .. })));
     }
 
     #[test]
