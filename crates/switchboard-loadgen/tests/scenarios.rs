@@ -19,6 +19,16 @@ fn steady_delivers_every_message_exactly_once() {
     assert_eq!(run.report["latency_us"]["ack"]["count"], 400);
     assert!(run.report["throughput_per_s"].as_f64().unwrap() > 150.0, "{}", run.report);
     assert!(run.stdout.contains("invariants: ok"), "{}", run.stdout);
+    assert_eq!(run.report["parameters"]["pacing"], "coarse");
+
+    // Paced by a timerfd per pair: the same messages, each send's lateness measured as before.
+    let precise = ["--agents", "4", "--pairs", "4", "--rate", "100", "--duration-s", "1", "--precise-pacing"];
+    let run = server.run("steady", &precise);
+    run.assert_clean();
+    assert_eq!(run.report["parameters"]["pacing"], "precise");
+    assert_eq!(run.count("messages_sent"), 100, "100/s for 1 s");
+    assert_eq!(run.count("messages_received"), 100);
+    assert_eq!(run.report["latency_us"]["schedule_lag"]["count"], 100, "{}", run.report);
 
     // More pairs than the agents' free slots: a setup error, before any chat starts.
     let run = server.run("steady", &["--agents", "1", "--pairs", "4", "--rate", "10", "--duration-s", "1"]);

@@ -70,6 +70,7 @@ pub async fn run(ctx: &mut Ctx, args: SteadyArgs) -> anyhow::Result<Report> {
     let parameters = json!({
         "pairs": args.pairs, "rate": args.rate, "duration_s": args.duration_s, "warmup_s": args.warmup_s,
         "drain_s": args.drain_s, "body_bytes": args.body_bytes, "agents": ctx.common.agents,
+        "pacing": if args.precise_pacing { "precise" } else { "coarse" },
     });
     let pair_count = ctx.shard.share(args.pairs);
     let rate = args.rate * pair_count as f64 / args.pairs as f64;
@@ -127,6 +128,7 @@ pub async fn run(ctx: &mut Ctx, args: SteadyArgs) -> anyhow::Result<Report> {
             observer: observer.clone(),
             body: body.clone(),
             measured_from: start + warmup,
+            precise_pacing: args.precise_pacing,
         };
         senders.spawn(sender.run(schedule, schedule.count_before(total)));
     }
@@ -198,14 +200,16 @@ struct Sender {
     observer: Arc<Observer>,
     body: String,
     measured_from: Instant,
+    /// A `timerfd` for this pair's sends instead of tokio's timer (`--precise-pacing`).
+    precise_pacing: bool,
 }
 
 impl Sender {
     async fn run(self, schedule: Schedule, count: u64) {
         let this = Arc::new(self);
         let mut sends = JoinSet::new();
-        // Thousands of messages a second: tokio's timer, not a wake-up per message (see `pacer`).
-        let mut pacer = Pacer::coarse();
+        // Thousands of messages a second: tokio's timer, not a wake-up per message (see `pacer`), unless asked.
+        let mut pacer = if this.precise_pacing { Pacer::precise() } else { Pacer::coarse() };
         for k in 0..count {
             let intended = schedule.wait_for(k, &mut pacer).await;
             let side = if k % 2 == 0 { Side::Customer } else { Side::Agent };
