@@ -483,9 +483,9 @@ pub(crate) async fn activate(
 /// Presence may have lost the status (Redis restarted empty, or the key outlived by a cluster down for
 /// longer than its expiry) or not answer. An agent who then holds chats or an offer, or is connected, was
 /// signed in (signing out removes the status only once every chat is back in a queue, and ends the agent's
-/// sessions): they start away, so that the heartbeat gives their chats back if they are gone
-/// rather than leaving them with an absent agent, and consoles that follow them are told (the answer's
-/// `true`). Anyone else starts offline.
+/// sessions): they start away, so that the heartbeat gives their chats back if they are gone rather than
+/// leaving them with an absent agent, and consoles that follow them are told (the answer's `true`). Anyone
+/// else starts offline.
 async fn starting_status(context: &Context, agent: &AgentState) -> (AgentStatus, bool) {
     let (tenant, id) = (&agent.tenant, &agent.id);
     match context.presence.chosen_status(tenant, id).await {
