@@ -2,12 +2,13 @@
 //!
 //! Migrations are SQL files under `migrations/`, embedded in the binary and applied in version order; the
 //! same files run on both databases. A migration may also rewrite data in Rust, in the same transaction,
-//! where the SQL of the two databases cannot (SQLite has no SHA-256). Each runs in a transaction of its own that first claims its version
-//! in `schema_migrations`: a version already there is skipped, so running the migrations again (or from
-//! two processes at once) is harmless. On PostgreSQL each of those transactions also takes a transaction
-//! advisory lock, so that two store processes starting together migrate one after the other.
+//! where the SQL of the two databases cannot (SQLite has no SHA-256). Each runs in a transaction of its own
+//! that first claims its version in `schema_migrations`: a version already there is skipped, so running the
+//! migrations again (or from two processes at once) is harmless. On PostgreSQL each of those transactions
+//! also takes a transaction advisory lock, so that two store processes starting together migrate one after
+//! the other. One function ([`apply`]) applies a migration on either database.
 
-use sqlx::{PgConnection, SqliteConnection, SqlitePool};
+use sqlx::{PgConnection, SqlitePool};
 use switchboard_domain::{Clock, stored_customer_token};
 use switchboard_proto::store::StoreError;
 
@@ -48,6 +49,39 @@ const SELECT_PLAIN_TOKENS: &str = "SELECT id, customer_token FROM conversations 
 
 const SET_TOKEN: &str = "UPDATE conversations SET customer_token = $1 WHERE id = $2";
 
+/// Applies one migration on the connection of a transaction that holds the database's write lock (or the
+/// migrators' advisory lock): claims its version, then runs its SQL and its data step. `false` when the
+/// version was claimed before (applied already, or by another migrator meanwhile): roll the transaction back.
+async fn apply<DB>(migration: &Migration, connection: &mut DB::Connection, now_ms: i64) -> Result<bool, StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'r> (String, String): sqlx::FromRow<'r, DB::Row>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'static str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    let claimed: Option<(i64,)> = sqlx::query_as(CLAIM_VERSION)
+        .bind(migration.version)
+        .bind(migration.name)
+        .bind(now_ms)
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(db)?;
+    if claimed.is_none() {
+        return Ok(false);
+    }
+    if !migration.sql.is_empty() {
+        sqlx::raw_sql(migration.sql).execute(&mut *connection).await.map_err(db)?;
+    }
+    if let Some(step) = migration.data {
+        run_data_step::<DB>(step, connection).await?;
+    }
+    Ok(true)
+}
+
 /// Runs a migration's data step on the connection of its transaction, on either database.
 async fn run_data_step<DB>(step: DataStep, connection: &mut DB::Connection) -> Result<(), StoreError>
 where
@@ -76,7 +110,7 @@ const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrat
 // Inserting first makes the migration's first statement a write: the transaction takes the write lock at
 // once, and a concurrent migrator waits for it and then finds the version taken.
 const CLAIM_VERSION: &str = "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES ($1, $2, $3) \
-     ON CONFLICT (version) DO NOTHING";
+     ON CONFLICT (version) DO NOTHING RETURNING version";
 
 const SELECT_VERSIONS: &str = "SELECT version FROM schema_migrations ORDER BY version";
 
@@ -107,16 +141,11 @@ pub(crate) async fn migrate_sqlite(writer: &SqlitePool, clock: &dyn Clock) -> Re
     sqlx::query(CREATE_SCHEMA_MIGRATIONS).execute(writer).await.map_err(db)?;
     let mut applied = 0;
     for migration in MIGRATIONS {
+        // `IMMEDIATE`: the write lock from the start, so two migrators take turns.
         let mut transaction = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
-        if !claim(&mut transaction, migration, db_now_ms(clock)).await? {
+        if !apply::<sqlx::Sqlite>(migration, &mut transaction, db_now_ms(clock)).await? {
             transaction.rollback().await.map_err(db)?;
             continue;
-        }
-        if !migration.sql.is_empty() {
-            sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
-        }
-        if let Some(step) = migration.data {
-            run_data_step::<sqlx::Sqlite>(step, &mut transaction).await?;
         }
         transaction.commit().await.map_err(db)?;
         tracing::info!(version = migration.version, name = migration.name, "applied migration");
@@ -129,18 +158,6 @@ pub(crate) async fn migrate_sqlite(writer: &SqlitePool, clock: &dyn Clock) -> Re
 async fn applied_sqlite(writer: &SqlitePool) -> Result<Vec<i64>, StoreError> {
     let rows: Vec<(i64,)> = sqlx::query_as(SELECT_VERSIONS).fetch_all(writer).await.map_err(db)?;
     Ok(rows.into_iter().map(|(version,)| version).collect())
-}
-
-async fn claim(connection: &mut SqliteConnection, migration: &Migration, now_ms: i64) -> Result<bool, StoreError> {
-    let claimed = sqlx::query(CLAIM_VERSION)
-        .bind(migration.version)
-        .bind(migration.name)
-        .bind(now_ms)
-        .execute(connection)
-        .await
-        .map_err(db)?
-        .rows_affected();
-    Ok(claimed == 1)
 }
 
 impl PgStore {
@@ -157,23 +174,9 @@ impl PgStore {
             let mut transaction = self.pool.begin().await.map_err(db)?;
             pg_lock(&mut transaction).await?;
             let now_ms = self.now_ms(&mut transaction).await?;
-            let claimed = sqlx::query(CLAIM_VERSION)
-                .bind(migration.version)
-                .bind(migration.name)
-                .bind(now_ms)
-                .execute(&mut *transaction)
-                .await
-                .map_err(db)?
-                .rows_affected();
-            if claimed == 0 {
+            if !apply::<sqlx::Postgres>(migration, &mut transaction, now_ms).await? {
                 transaction.rollback().await.map_err(db)?;
                 continue;
-            }
-            if !migration.sql.is_empty() {
-                sqlx::raw_sql(migration.sql).execute(&mut *transaction).await.map_err(db)?;
-            }
-            if let Some(step) = migration.data {
-                run_data_step::<sqlx::Postgres>(step, &mut transaction).await?;
             }
             transaction.commit().await.map_err(db)?;
             tracing::info!(version = migration.version, name = migration.name, "applied migration");
