@@ -11,106 +11,27 @@
 //! Criterion reports the time of 64 appends and, from the throughput, appends per second; the per-append
 //! time is the first divided by 64.
 
+mod common;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use common::{APPENDS, START_MS, requests, runtime};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use futures_util::future::join_all;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use switchboard_domain::{FixedClock, shard_of};
-use switchboard_proto::internal::v1::{AcquireShardsRequest, AppendRequest, ConversationRecord, Fence, NewEvent};
+use switchboard_domain::FixedClock;
+use switchboard_proto::internal::v1::Fence;
 use switchboard_proto::store::StoreApi;
 use switchboard_store::SqlStore;
-use tokio::runtime::Runtime;
 
-const APPENDS: usize = 64;
-const START_MS: i64 = 1_767_225_600_000;
-const NODE: &str = "bench-node";
-/// Long enough that no lease expires during a run (the store's clock is fixed anyway).
-const LEASE_MS: u64 = 3_600_000;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-fn record(id: &str) -> ConversationRecord {
-    ConversationRecord {
-        id: id.into(),
-        tenant_id: "bench".into(),
-        group_id: "g0".into(),
-        customer_name: "Carol".into(),
-        first_question: "Where is my parcel?".into(),
-        state: "queued".into(),
-        created_at_ms: START_MS,
-        queued_at_ms: START_MS,
-        shard: shard_of(&format!("conversation/{id}")).0,
-        customer_token: format!("token-{id}"),
-        ..Default::default()
-    }
-}
-
-fn event(kind: &str, client_msg_id: &str, payload_json: String) -> NewEvent {
-    NewEvent {
-        at_ms: START_MS,
-        author_role: "customer".into(),
-        author_id: String::new(),
-        client_msg_id: client_msg_id.into(),
-        kind: kind.into(),
-        payload_json,
-    }
-}
-
-async fn acquire(store: &SqlStore, shards: Vec<u32>) -> Vec<(u32, u64)> {
-    let request = AcquireShardsRequest { node_id: NODE.into(), shards, lease_ms: LEASE_MS, limit: 0 };
-    store.acquire_shards(request).await.unwrap().granted.iter().map(|lease| (lease.shard, lease.epoch)).collect()
-}
-
-/// A store with `APPENDS` queued conversations, and a fence of each that the store accepts.
+/// A SQLite store with the conversations of [`common::conversations`].
 async fn store_with_conversations(path: &str) -> (SqlStore, Vec<(String, Fence)>) {
     let store = SqlStore::open(path, Arc::new(FixedClock::new(START_MS))).await.unwrap();
-    let ids: Vec<String> = (0..APPENDS).map(|i| format!("bench-{i}")).collect();
-    for id in &ids {
-        let record = record(id);
-        let (shard, epoch) = acquire(&store, vec![record.shard]).await[0];
-        let request = AppendRequest {
-            fence: Some(Fence { shard, epoch }),
-            conversation_id: id.clone(),
-            create: Some(record),
-            events: vec![event("created", "", "{}".into())],
-            update: None,
-        };
-        store.append(request).await.unwrap();
-    }
-    // Each create took its shard again (a new epoch): take every shard once more, for fences valid for all.
-    let mut shards: Vec<u32> = ids.iter().map(|id| record(id).shard).collect();
-    shards.sort_unstable();
-    shards.dedup();
-    let granted = acquire(&store, shards).await;
-    let fences = ids
-        .into_iter()
-        .map(|id| {
-            let shard = record(&id).shard;
-            let epoch = granted.iter().find(|(granted, _)| *granted == shard).unwrap().1;
-            (id, Fence { shard, epoch })
-        })
-        .collect();
+    let fences = common::conversations(&store).await;
     (store, fences)
-}
-
-/// One message append per conversation, with client message ids never used before.
-fn requests(fences: &[(String, Fence)], round: u64) -> Vec<AppendRequest> {
-    fences
-        .iter()
-        .map(|(id, fence)| AppendRequest {
-            fence: Some(*fence),
-            conversation_id: id.clone(),
-            create: None,
-            events: vec![event("message", &format!("m{round}"), r#"{"body":"hello"}"#.into())],
-            update: None,
-        })
-        .collect()
 }
 
 fn switchboard_appends(c: &mut Criterion) {
