@@ -432,14 +432,9 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
-    let queue_node = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
-    let queue_node = queue_node.expect("some node owns the queue");
+    let queue_node = push_queue_owner(&nodes);
     // An agent of the push group whose actor lives on the other node: their casts to the queue cross nodes.
-    let remote = ["x", "y", "z"]
-        .map(agent)
-        .into_iter()
-        .find(|candidate| !nodes.routers[queue_node].owns_key(&agent_key(&tenant(), candidate)));
-    let remote = remote.expect("x, y and z all live with the queue: pick other agents for this shard map");
+    let remote = agent_of(&nodes.routers[1 - queue_node], &["x", "y", "z"]);
     let mut pushes = sign_in(&nodes, &remote).await;
     cluster.set_agent_status(&tenant(), &remote, AgentStatus::Away).await.unwrap();
     let offered = |pushes: &mut mpsc::UnboundedReceiver<Push>| {
@@ -482,8 +477,7 @@ async fn a_queue_that_lost_an_agents_return_hears_of_it_at_a_later_heartbeat() {
 async fn a_first_offer_counts_its_wait_from_when_the_chat_was_stored_however_long_the_hop_to_its_queue() {
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
-    let queue_node = nodes.routers.iter().find(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
-    let queue_node = queue_node.expect("some node owns the queue").clone();
+    let queue_node = nodes.routers[push_queue_owner(&nodes)].clone();
     let agent = agent_of(&queue_node, &["x", "y", "z"]);
     let mut pushes = sign_in(&nodes, &agent).await;
     // The chat lives on the other node: its queue hears of it by a call that takes 40 ms.
@@ -502,6 +496,12 @@ async fn a_first_offer_counts_its_wait_from_when_the_chat_was_stored_however_lon
     });
     assert_eq!(offered.await, Ok((chat, stored_at_us)), "waiting since the store took the chat, not 40 ms later");
     assert_eq!(nodes.clock.now_ms() * 1_000 - stored_at_us, 40_000, "the hop took its time");
+}
+
+/// The index of the node that owns the queue of group `push`.
+fn push_queue_owner(nodes: &Nodes) -> usize {
+    let owner = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
+    owner.expect("some node owns the queue")
 }
 
 /// One of `candidates` whose agent actor lives on `router`.
@@ -588,8 +588,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
     // The node that leaves owns the push queue and one of its agents: both are rebuilt on the other node.
-    let leaving = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("push"))));
-    let leaving = leaving.expect("some node owns the queue");
+    let leaving = push_queue_owner(&nodes);
     let (leaving, staying) = (nodes.routers[leaving].clone(), nodes.routers[1 - leaving].clone());
     let moving = agent_of(&leaving, &["x", "y", "z"]);
     let mut pushes = sign_in(&nodes, &moving).await;
