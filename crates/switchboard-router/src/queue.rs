@@ -111,8 +111,8 @@ struct ChatRouting {
     waiting_end: Vec<Reply<()>>,
     last_end_ms: i64,
     retry_at_ms: i64,
-    /// Since when (µs) the chat has waited for its next offer: its arrival in this queue, or the end of its
-    /// last offer; 0 for a chat this queue found in the store (its `queued_at_ms` is used then).
+    /// Since when (µs) the chat has waited for its next offer: when it was stored as waiting (its
+    /// `queued_at_ms` for a chat this queue found in the store), or the end of its last offer.
     waiting_since_us: i64,
 }
 
@@ -600,10 +600,7 @@ impl QueueActorState {
             };
             let pick = free.remove(index);
             chat.making = Some(pick.clone());
-            let waiting_since_us = match chat.waiting_since_us {
-                0 => entry.queued_at_ms.saturating_mul(1_000),
-                since => since,
-            };
+            let waiting_since_us = chat.waiting_since_us;
             self.make_offer(entry, pick, now_ms.saturating_add(offer_timeout_ms), waiting_since_us);
         }
     }
@@ -690,6 +687,7 @@ pub(crate) async fn activate(
                     ChatRouting {
                         offer: conversation.offer.clone(),
                         offered_to: conversation.offered_to.clone(),
+                        waiting_since_us: conversation.queued_at_ms.saturating_mul(1_000),
                         ..Default::default()
                     },
                 );

@@ -76,10 +76,6 @@ fn optional_ms(ms: i64) -> Option<i64> {
 
 // ---- enums as strings ----
 
-pub fn agent_status_str(status: AgentStatus) -> &'static str {
-    status.as_str()
-}
-
 pub fn agent_status(text: &str) -> Result<AgentStatus, Status> {
     AgentStatus::parse(text).ok_or_else(|| invalid("agent status", format_args!("{text:?}")))
 }
@@ -238,7 +234,7 @@ pub fn agent_view_to_proto(view: &AgentView) -> AgentViewReply {
     AgentViewReply {
         tenant_id: view.tenant.to_string(),
         agent_id: view.agent.to_string(),
-        status: agent_status_str(view.status).to_owned(),
+        status: view.status.as_str().to_owned(),
         capacity: view.capacity,
         group_ids: view.groups.iter().map(ToString::to_string).collect(),
         active_conversation_ids: view.active.iter().map(ToString::to_string).collect(),
@@ -456,7 +452,7 @@ pub fn agent_change_from_proto(change: Option<&push_agent::Change>) -> Result<Ag
 pub fn availability_to_proto(availability: &AgentAvailability) -> AgentAvailabilityMsg {
     AgentAvailabilityMsg {
         agent_id: availability.agent.to_string(),
-        status: agent_status_str(availability.status).to_owned(),
+        status: availability.status.as_str().to_owned(),
         capacity: availability.capacity,
         held: availability.held,
         offer_conversation_id: availability.offer.map(|offer| offer.to_string()).unwrap_or_default(),
@@ -1050,9 +1046,9 @@ mod tests {
     #[test]
     fn enum_strings_round_trip() {
         for status in [AgentStatus::Online, AgentStatus::Away, AgentStatus::Offline] {
-            assert_eq!(agent_status(agent_status_str(status)).unwrap(), status);
+            assert_eq!(agent_status(status.as_str()).unwrap(), status);
             // The same spelling as the domain's serde (the public protocol).
-            assert_eq!(serde_json::to_string(&status).unwrap(), format!("\"{}\"", agent_status_str(status)));
+            assert_eq!(serde_json::to_string(&status).unwrap(), format!("\"{}\"", status.as_str()));
         }
         for list in [ChatList::Ongoing, ChatList::Closed] {
             assert_eq!(chat_list(chat_list_str(list)).unwrap(), list);

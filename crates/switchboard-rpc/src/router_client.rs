@@ -39,11 +39,10 @@ use tracing::{debug, info, warn};
 use crate::call_stream::{Attempt, CallStream, Open, command_call, router_call};
 use crate::channel::{ClientSettings, MAX_MESSAGE_BYTES, lazy_channel, unary};
 use crate::convert::{
-    agent_status_str, agent_view_from_proto, availability_from_proto, availability_to_proto, caller_to_proto,
-    chat_list_str, chat_view_from_proto, chat_view_from_reply, command_to_proto, events_from_proto,
-    left_queue_to_proto, offer_update_to_proto, offline_message_to_proto, outcome_from_proto, push_from_frame,
-    reply_error, start_chat_to_proto, started_chat_from_proto, system_command_to_proto, ticket_from_proto,
-    waiting_entry_to_proto,
+    agent_view_from_proto, availability_from_proto, availability_to_proto, caller_to_proto, chat_list_str,
+    chat_view_from_proto, chat_view_from_reply, command_to_proto, events_from_proto, left_queue_to_proto,
+    offer_update_to_proto, offline_message_to_proto, outcome_from_proto, push_from_frame, reply_error,
+    start_chat_to_proto, started_chat_from_proto, system_command_to_proto, ticket_from_proto, waiting_entry_to_proto,
 };
 use crate::error::{ERROR_CODE, router_error_from_status};
 
@@ -544,7 +543,7 @@ impl RouterApi for GrpcRouterNode {
         let request = SetAgentStatusRequest {
             tenant_id: tenant.to_string(),
             agent_id: agent.to_string(),
-            status: agent_status_str(status).to_owned(),
+            status: status.as_str().to_owned(),
         };
         let reply = self
             .call(request, router_call::Request::SetAgentStatus, |mut client, request| async move {
