@@ -484,8 +484,10 @@ pub(crate) async fn activate(
 /// longer than its expiry) or not answer. An agent who then holds chats or an offer, or is connected, was
 /// signed in (signing out removes the status only once every chat is back in a queue, and ends the agent's
 /// sessions): they start away, so that the heartbeat gives their chats back if they are gone rather than
-/// leaving them with an absent agent, and consoles that follow them are told (the answer's `true`). Anyone
-/// else starts offline.
+/// leaving them with an absent agent, and consoles that follow them are told (the answer's `true`). So does
+/// an agent whose connections presence does not tell either: started offline, a connected agent would be
+/// left out of their queues, their console unaware, until they chose a status again; started away, they
+/// go offline after the grace period once presence answers and shows them gone. Anyone else starts offline.
 async fn starting_status(context: &Context, agent: &AgentState) -> (AgentStatus, bool) {
     let (tenant, id) = (&agent.tenant, &agent.id);
     match context.presence.chosen_status(tenant, id).await {
@@ -495,11 +497,17 @@ async fn starting_status(context: &Context, agent: &AgentState) -> (AgentStatus,
     }
     let holds = !agent.active.is_empty() || agent.offer.is_some();
     let asked = [(tenant.clone(), id.clone())];
-    let connected = || async {
-        let live = context.presence.live_sessions(&asked, context.clock.now_ms()).await;
-        live.is_ok_and(|counts| counts.first().is_some_and(|&n| n > 0))
+    // Unknown counts as connected: presence that does not answer is stale, not absent (as in the heartbeat).
+    let maybe_connected = || async {
+        match context.presence.live_sessions(&asked, context.clock.now_ms()).await {
+            Ok(counts) => counts.first().is_some_and(|&n| n > 0),
+            Err(error) => {
+                warn!(%error, agent = %id, "the agent's connections were not read");
+                true
+            }
+        }
     };
-    if holds || connected().await {
+    if holds || maybe_connected().await {
         warn!(agent = %id, chats = agent.active.len(), "the agent's status was lost: away until they choose one");
         (AgentStatus::Away, true)
     } else {

@@ -278,6 +278,8 @@ struct Nodes {
     routers: Vec<Arc<Router>>,
     clock: Arc<FixedClock>,
     presence: Arc<MemoryPresence>,
+    /// The routers' presence: `presence`, until an outage.
+    outage: Arc<common::Outage>,
 }
 
 async fn start_nodes(n: usize) -> Nodes {
@@ -287,7 +289,8 @@ async fn start_nodes(n: usize) -> Nodes {
     let cluster = Arc::new(LocalCluster::default());
     let mut routers = Vec::new();
     let memory_presence = Arc::new(MemoryPresence::new());
-    let presence: Arc<dyn Presence> = memory_presence.clone();
+    let outage = Arc::new(common::Outage::new(memory_presence.clone()));
+    let presence: Arc<dyn Presence> = outage.clone();
     for i in 0..n {
         let mut settings = common::router_settings(&format!("node-{i}"));
         settings.advertise = format!("local://node-{i}");
@@ -298,7 +301,7 @@ async fn start_nodes(n: usize) -> Nodes {
         routers.push(Arc::new(router.await.unwrap()));
     }
     assert!(cluster.routers.set(routers.clone()).is_ok());
-    Nodes { cluster, routers, clock, presence: memory_presence }
+    Nodes { cluster, routers, clock, presence: memory_presence, outage }
 }
 
 /// Lets the lease keepers run until `done` holds (paused time: each round is one renewal period).
@@ -580,6 +583,58 @@ async fn agents_whose_status_was_lost_with_their_node_come_back_away_and_their_c
     cluster.set_agent_status(&tenant(), &connected, AgentStatus::Online).await.unwrap();
     assert_eq!(status(&connected).await, AgentStatus::Online);
     assert_eq!(nodes.presence.chosen_status(&tenant(), &connected).await.unwrap(), Some(AgentStatus::Online));
+}
+
+#[tokio::test(start_paused = true)]
+async fn agents_taken_over_while_presence_does_not_answer_come_back_away_not_offline_and_unaware() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    let (leaving, staying) = (nodes.routers[0].clone(), nodes.routers[1].clone());
+    // An agent connected all along and holding nothing; another whose last connection just closed.
+    let connected = agent_of(&leaving, &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &connected).await;
+    let gone = agent_of(&leaving, &["a", "b", "c", "w"]);
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
+    cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
+    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+
+    // Redis stops answering, then the agents' node leaves: the new owner can read neither their status nor
+    // their connections.
+    nodes.outage.down.store(true, Ordering::SeqCst);
+    leaving.shutdown().await.unwrap();
+    staying.placement_changed();
+    settle(&nodes, |routers| routers.iter().map(|router| router.n_shards_owned()).max() == Some(1024)).await;
+    let status = |who: &AgentId| {
+        let (cluster, who) = (cluster.clone(), who.clone());
+        async move { cluster.agent_availability(&tenant(), &who).await.unwrap().status }
+    };
+    assert_eq!(status(&connected).await, AgentStatus::Away, "maybe connected: not left offline");
+    assert_eq!(status(&gone).await, AgentStatus::Away);
+    while pushes.try_recv().is_ok() {}
+    cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected).await.unwrap();
+    let told = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(Push::Agent { agent, change: AgentChange::Status { agent: view }, .. }) = pushes.recv().await
+                && agent == connected
+            {
+                return view.status;
+            }
+        }
+    });
+    assert_eq!(told.await, Ok(AgentStatus::Away), "the console is told, not left showing online");
+
+    // However long presence is down, nobody goes offline for it; once it answers, the absent agent goes
+    // offline after the grace period, and the connected one stays away until they choose.
+    heartbeats(&nodes, common::GRACE.as_secs() + 2).await;
+    assert_eq!(status(&gone).await, AgentStatus::Away);
+    nodes.outage.down.store(false, Ordering::SeqCst);
+    heartbeats(&nodes, common::GRACE.as_secs() + 2).await;
+    assert_eq!(status(&gone).await, AgentStatus::Offline);
+    assert_eq!(status(&connected).await, AgentStatus::Away);
+    cluster.set_agent_status(&tenant(), &connected, AgentStatus::Online).await.unwrap();
+    assert_eq!(status(&connected).await, AgentStatus::Online);
 }
 
 #[tokio::test(start_paused = true)]
