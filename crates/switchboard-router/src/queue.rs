@@ -13,13 +13,14 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentAvailability, AgentId, BusinessHours, ConversationId, GroupId, Offer, OfferEnd, Refusal, Routing, TenantId,
-    WaitingEntry, WaitingQueue, queue_key,
+    AgentAvailability, AgentId, AgentStatus, BusinessHours, ConversationId, GroupId, Offer, OfferEnd, Refusal, Routing,
+    TenantId, WaitingEntry, WaitingQueue, queue_key,
 };
 use switchboard_presence::GroupStatus;
 use switchboard_proto::convert::conversation_from_record;
@@ -147,6 +148,10 @@ struct QueueMetrics {
     wait: metrics::Histogram,
     open: metrics::Gauge,
     signed_in: metrics::Gauge,
+    online: metrics::Gauge,
+    /// Set when the actor stops: a count from presence still on its way is then not written, so that a
+    /// router that lost the queue reports 0 (another router's figures are the group's now).
+    stopped: Arc<AtomicBool>,
 }
 
 impl QueueMetrics {
@@ -158,6 +163,8 @@ impl QueueMetrics {
             wait: metrics::histogram!(names::QUEUE_WAIT, &labels),
             open: metrics::gauge!(names::GROUP_OPEN, &labels),
             signed_in: metrics::gauge!(names::GROUP_AGENTS_SIGNED_IN, &labels),
+            online: metrics::gauge!(names::GROUP_AGENTS_ONLINE, &labels),
+            stopped: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -193,7 +200,11 @@ impl Actor for QueueActor {
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "queue").decrement(1.0);
         // The queue lives on elsewhere now: its figures are that router's.
+        state.metrics.stopped.store(true, Ordering::SeqCst);
         state.report(0, 0);
+        state.metrics.open.set(0.0);
+        state.metrics.signed_in.set(0.0);
+        state.metrics.online.set(0.0);
         let key = (state.tenant.clone(), state.group.clone());
         state.context.queues.forget(&key, &myself);
         Ok(())
@@ -257,10 +268,13 @@ impl QueueActorState {
         self.context.clock.now_ms()
     }
 
-    /// Sets the queue's gauges: how many chats wait, and how long the head has waited.
+    /// Sets the queue's gauges: how many chats wait, how long the head has waited, and how many of the
+    /// group's agents it knows online.
     fn report(&self, waiting: usize, oldest_wait_ms: i64) {
         self.metrics.waiting.set(waiting as f64);
         self.metrics.oldest_wait.set(oldest_wait_ms as f64 / 1000.0);
+        let online = self.agents.values().filter(|agent| agent.status == AgentStatus::Online).count();
+        self.metrics.online.set(online as f64);
     }
 
     fn is_push(&self) -> bool {
@@ -528,7 +542,7 @@ impl QueueActorState {
     fn publish_status(&self, now_ms: i64) {
         let open = self.hours.is_open(now_ms);
         self.metrics.open.set(if open { 1.0 } else { 0.0 });
-        let signed_in_gauge = self.metrics.signed_in.clone();
+        let (signed_in_gauge, stopped) = (self.metrics.signed_in.clone(), self.metrics.stopped.clone());
         let (context, tenant, group) = (self.context.clone(), self.tenant.clone(), self.group.clone());
         tokio::spawn(async move {
             let key = (tenant.clone(), group.clone());
@@ -545,7 +559,13 @@ impl QueueActorState {
                     return;
                 }
             };
-            signed_in_gauge.set(signed_in as f64);
+            if !stopped.load(Ordering::SeqCst) {
+                signed_in_gauge.set(signed_in as f64);
+                // The actor stopped in between: its own zero may have come first.
+                if stopped.load(Ordering::SeqCst) {
+                    signed_in_gauge.set(0.0);
+                }
+            }
             let status =
                 GroupStatus { tenant, group, open, signed_in, online: open && signed_in > 0, evaluated_at_ms: now_ms };
             if let Err(error) = context.presence.put_group_status(&status).await {

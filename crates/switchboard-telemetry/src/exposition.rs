@@ -101,6 +101,7 @@ fn describe() {
     describe_histogram!(QUEUE_WAIT, "How long chats waited in a group's queue before an agent accepted them.");
     describe_gauge!(GROUP_OPEN, "1 when the group is inside its business hours.");
     describe_gauge!(GROUP_AGENTS_SIGNED_IN, "Agents signed in to the group (online or away).");
+    describe_gauge!(GROUP_AGENTS_ONLINE, "Agents of the group online (taking chats, whether or not at capacity).");
     describe_counter!(CHATS_STARTED, "Chats admitted.");
     describe_counter!(CHATS_FINISHED, "Chats ended, by reason.");
     describe_counter!(OFFERS_ENDED, "Offers ended, by reason.");

@@ -23,6 +23,7 @@ pub const QUEUE_OLDEST_WAIT: &str = "switchboard_queue_oldest_wait_seconds";
 pub const QUEUE_WAIT: &str = "switchboard_queue_wait_seconds";
 pub const GROUP_OPEN: &str = "switchboard_group_open";
 pub const GROUP_AGENTS_SIGNED_IN: &str = "switchboard_group_agents_signed_in";
+pub const GROUP_AGENTS_ONLINE: &str = "switchboard_group_agents_online";
 pub const CHATS_STARTED: &str = "switchboard_chats_started_total";
 pub const CHATS_FINISHED: &str = "switchboard_chats_finished_total";
 pub const OFFERS_ENDED: &str = "switchboard_offers_ended_total";
