@@ -277,7 +277,12 @@ impl Gateway {
     /// `axum::serve` (which speaks HTTP/1.1 and HTTP/2 on the same port). Other paths are 404, or the gRPC
     /// status UNIMPLEMENTED for gRPC requests.
     pub fn routes(&self) -> axum::Router {
-        let grpc = self.grpc_routes().into_axum_router().layer(switchboard_telemetry::GrpcServerLayer);
+        let layer = switchboard_telemetry::GrpcServerLayer::new(&[
+            switchboard_proto::public::v1::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        ]);
+        let grpc = self.grpc_routes().into_axum_router().layer(layer);
         self.http_routes().merge(grpc).fallback(not_found)
     }
 

@@ -208,7 +208,11 @@ pub async fn serve_grpc(
         }
     };
     let serve = Server::builder()
-        .layer(switchboard_telemetry::GrpcServerLayer)
+        .layer(switchboard_telemetry::GrpcServerLayer::new(&[
+            switchboard_proto::internal::v1::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        ]))
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .add_routes(services.routes.routes())

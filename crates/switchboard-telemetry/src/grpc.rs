@@ -1,10 +1,13 @@
 //! The server side of every gRPC call: its metrics, and its span as a child of the caller's.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::http::{Request, Response};
+use prost::Message;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -13,20 +16,55 @@ use crate::trace::{RECEIVED_AT_HEADER, TRACEPARENT, set_remote_parent, with_rece
 
 /// Counts every call by service, method and status code, times it, and serves it inside a `grpc.server`
 /// span whose parent is the caller's `traceparent`, with the caller's received-at moment in scope.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcServerLayer;
+///
+/// The labels are bounded: a call to a method the server does not know (the path is the client's to
+/// choose) counts as service and method `unknown`.
+#[derive(Debug, Clone)]
+pub struct GrpcServerLayer {
+    known: Arc<HashSet<String>>,
+}
+
+impl GrpcServerLayer {
+    /// Labels calls to the methods of `descriptor_sets` (encoded `FileDescriptorSet`s, as compiled in for
+    /// reflection) by their service and method, and any other as `unknown`.
+    pub fn new(descriptor_sets: &[&[u8]]) -> GrpcServerLayer {
+        GrpcServerLayer { known: Arc::new(method_paths(descriptor_sets)) }
+    }
+}
+
+/// `/package.Service/Method` of every method described in `descriptor_sets`; a set that does not decode
+/// adds nothing (they are compiled in: the tests catch it).
+fn method_paths(descriptor_sets: &[&[u8]]) -> HashSet<String> {
+    let mut paths = HashSet::new();
+    for encoded in descriptor_sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(*encoded) else { continue };
+        for file in &set.file {
+            for service in &file.service {
+                let qualified = match file.package() {
+                    "" => service.name().to_owned(),
+                    package => format!("{package}.{}", service.name()),
+                };
+                for method in &service.method {
+                    paths.insert(format!("/{qualified}/{}", method.name()));
+                }
+            }
+        }
+    }
+    paths
+}
 
 impl<S> Layer<S> for GrpcServerLayer {
     type Service = GrpcServerService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcServerService { inner }
+        GrpcServerService { inner, known: self.known.clone() }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct GrpcServerService<S> {
     inner: S,
+    known: Arc<HashSet<String>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -47,7 +85,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let (service, method) = service_and_method(request.uri().path());
+        let (service, method) = service_and_method(request.uri().path(), &self.known);
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = request.uri().path(),
@@ -134,15 +172,15 @@ where
     result
 }
 
-/// `/package.Service/Method` → (`package.Service`, `Method`); anything else is `unknown` (bounded labels).
-fn service_and_method(path: &str) -> (String, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    match (parts.next(), parts.next()) {
-        (Some(service), Some(method)) if !service.is_empty() && !method.is_empty() && !method.contains('/') => {
-            (service.to_owned(), method.to_owned())
-        }
-        _ => ("unknown".to_owned(), "unknown".to_owned()),
+/// `/package.Service/Method` → (`package.Service`, `Method`) when it is one of the `known` methods; anything
+/// else is `unknown` (bounded labels).
+fn service_and_method(path: &str, known: &HashSet<String>) -> (String, String) {
+    if known.contains(path)
+        && let Some((service, method)) = path.trim_start_matches('/').split_once('/')
+    {
+        return (service.to_owned(), method.to_owned());
     }
+    ("unknown".to_owned(), "unknown".to_owned())
 }
 
 /// The gRPC status code's name in snake case.
@@ -173,14 +211,37 @@ fn code_name(code: u8) -> &'static str {
 mod tests {
     use super::*;
 
+    /// `service Echo { rpc Say; rpc Hear; }` in package `demo.v1`, and `service Bare { rpc Ping; }` in none.
+    fn descriptor_set() -> Vec<u8> {
+        use prost_types::{FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto, ServiceDescriptorProto};
+        let method = |name: &str| MethodDescriptorProto { name: Some(name.into()), ..Default::default() };
+        let service = |name: &str, methods: &[&str]| ServiceDescriptorProto {
+            name: Some(name.into()),
+            method: methods.iter().map(|name| method(name)).collect(),
+            ..Default::default()
+        };
+        let files = vec![
+            FileDescriptorProto {
+                package: Some("demo.v1".into()),
+                service: vec![service("Echo", &["Say", "Hear"])],
+                ..Default::default()
+            },
+            FileDescriptorProto { service: vec![service("Bare", &["Ping"])], ..Default::default() },
+        ];
+        FileDescriptorSet { file: files }.encode_to_vec()
+    }
+
     #[test]
-    fn paths_become_bounded_labels() {
-        assert_eq!(
-            service_and_method("/switchboard.internal.v1.StoreService/Append"),
-            ("switchboard.internal.v1.StoreService".to_owned(), "Append".to_owned())
-        );
-        for odd in ["/", "", "/only", "/a/b/c", "//x"] {
-            assert_eq!(service_and_method(odd), ("unknown".to_owned(), "unknown".to_owned()), "{odd}");
+    fn only_the_methods_served_become_labels_and_any_other_path_is_unknown() {
+        let known = method_paths(&[&descriptor_set(), b"\xff not a descriptor set"]);
+        let labels = |path: &str| service_and_method(path, &known);
+        assert_eq!(labels("/demo.v1.Echo/Say"), ("demo.v1.Echo".to_owned(), "Say".to_owned()));
+        assert_eq!(labels("/demo.v1.Echo/Hear"), ("demo.v1.Echo".to_owned(), "Hear".to_owned()));
+        assert_eq!(labels("/Bare/Ping"), ("Bare".to_owned(), "Ping".to_owned()));
+        // A client may send any path: a method the service does not have, a service of its own making, or
+        // none; each would otherwise be a new series.
+        for odd in ["/demo.v1.Echo/Shout", "/demo.v1.Echo/Say/", "/x.Y/Say", "/demo.v1.Echo", "/", "", "//x"] {
+            assert_eq!(labels(odd), ("unknown".to_owned(), "unknown".to_owned()), "{odd}");
         }
         assert_eq!(code_name(14), "unavailable");
         assert_eq!(code_name(99), "unknown");

@@ -681,6 +681,7 @@ async fn drive_traffic(server: &Server) -> anyhow::Result<Vec<Client>> {
     stranger.refused("no.such.request", json!({})).await?;
 
     grpc_ping(&server.address).await?;
+    grpc_made_up_method(&server.address).await?;
     Ok(vec![alice, ann, dana, stranger])
 }
 
@@ -695,6 +696,24 @@ async fn grpc_ping(address: &str) -> anyhow::Result<()> {
         received += 1;
     }
     ensure!(received == 2, "expected a welcome and an ack over gRPC, got {received} frames");
+    Ok(())
+}
+
+/// A method of the client's own making, on the public service's path.
+const MADE_UP_METHOD: &str = "/switchboard.v1.ChatService/MadeUpByTheClient";
+
+/// One call of [`MADE_UP_METHOD`]: UNIMPLEMENTED.
+async fn grpc_made_up_method(address: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?.connect().await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<pb::PingRequest, pb::PingRequest>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(MADE_UP_METHOD);
+    let answer = grpc.unary(tonic::Request::new(pb::PingRequest {}), path, codec).await;
+    ensure!(
+        answer.as_ref().is_err_and(|status| status.code() == tonic::Code::Unimplemented),
+        "a made-up method answered {answer:?}"
+    );
     Ok(())
 }
 
@@ -743,6 +762,15 @@ async fn a_real_server_exposes_every_catalogued_metric_and_lints_clean() -> anyh
     }
     if !wrong_labels.is_empty() {
         failures.push(format!("metrics whose labels differ from the catalogue:\n  {}", wrong_labels.join("\n  ")));
+    }
+    // The labels are bounded whatever the clients send: a made-up method is `unknown`.
+    let made_up = MADE_UP_METHOD.rsplit('/').next().unwrap_or(MADE_UP_METHOD);
+    if body.contains(made_up) {
+        failures.push(format!("a client's made-up method {made_up} became a label"));
+    }
+    let unknown = r#"service="unknown",method="unknown",code="unimplemented""#;
+    if !body.lines().any(|line| line.starts_with("switchboard_grpc_server_requests_total{") && line.contains(unknown)) {
+        failures.push(format!("no call counted with {unknown}"));
     }
     if !body.is_empty() && !failures.is_empty() {
         failures.push(format!("(the exposition is saved in {})", save_exposition(&body)));
