@@ -300,6 +300,7 @@ pub(crate) fn encode(outgoing: Outgoing<'_>) -> pb::ServerFrame {
             retryable: error.retryable,
             max_sessions: error.max_sessions,
             grpc_status: grpc_code(error.code) as i32,
+            retry_after_ms: error.retry_after_ms,
         }),
         Outgoing::Push(outbound) => push(outbound.frame()),
     };
@@ -310,7 +311,7 @@ pub(crate) fn encode(outgoing: Outgoing<'_>) -> pb::ServerFrame {
 /// `grpc_status`; docs/protocol.md, section 6).
 pub fn grpc_code(code: &str) -> Code {
     match code {
-        "license_exhausted" => Code::ResourceExhausted,
+        "license_exhausted" | "rate_limited" => Code::ResourceExhausted,
         "unavailable" | "not_owner" => Code::Unavailable,
         "internal" => Code::Internal,
         "bad_json" | "bad_frame" | "missing_id" | "missing_type" | "bad_request" | "message_too_large"

@@ -15,6 +15,7 @@
 //! heartbeat writes every connection again at each tick, so presence is whole again one heartbeat after it
 //! is back.
 
+mod admission;
 mod grpc;
 pub mod hub;
 mod keyed_locks;
@@ -41,6 +42,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+pub use crate::admission::RequestRate;
 pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
 use crate::keyed_locks::{KeyedGuard, KeyedLocks};
@@ -57,6 +59,9 @@ pub struct GatewaySettings {
     pub max_message_bytes: usize,
     /// How many frames may wait for a slow socket before it is disconnected (close code 4008).
     pub outbound_queue_len: usize,
+    /// How many requests each connection may make (frames that are not valid requests included); one over
+    /// it is refused `rate_limited` and nothing of it is done.
+    pub request_rate: RequestRate,
     /// How often every signed-in agent connection is written to presence again (default 1 s).
     pub presence_heartbeat: Duration,
     /// How long a connection counts in presence after it was written; `None` (the default): 3 ×
@@ -73,6 +78,7 @@ impl Default for GatewaySettings {
             gateway_id: "gateway".into(),
             max_message_bytes: 4096,
             outbound_queue_len: 1024,
+            request_rate: RequestRate::default(),
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
             presence_ttl: None,
         }

@@ -192,11 +192,21 @@ pub struct ErrorReply {
     pub retryable: bool,
     /// `license_exhausted` only: the cluster-wide limit of concurrent chats (an extra field of the frame).
     pub max_sessions: Option<u64>,
+    /// `rate_limited` only: how long to wait before the connection may make a request again, in ms (an
+    /// extra field of the frame).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ErrorReply {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        ErrorReply { code, message: message.into(), retryable: false, max_sessions: None }
+        ErrorReply { code, message: message.into(), retryable: false, max_sessions: None, retry_after_ms: None }
+    }
+
+    /// The connection made more requests than its budget allows: nothing was done; the same request may be
+    /// sent again after `retry_after_ms`.
+    pub fn rate_limited(retry_after_ms: u64) -> Self {
+        let message = format!("too many requests on this connection: send it again in {retry_after_ms} ms");
+        ErrorReply { retryable: true, retry_after_ms: Some(retry_after_ms), ..ErrorReply::new("rate_limited", message) }
     }
 }
 
@@ -232,7 +242,7 @@ impl From<RouterError> for ErrorReply {
             RouterError::Refused(Refusal::LicenseExhausted { max_sessions }) => Some(*max_sessions),
             _ => None,
         };
-        ErrorReply { code, message, retryable, max_sessions }
+        ErrorReply { code, message, retryable, max_sessions, retry_after_ms: None }
     }
 }
 
@@ -484,6 +494,9 @@ pub fn error(id: Option<&str>, reply: &ErrorReply) -> String {
     });
     if let (Some(max_sessions), Some(frame)) = (reply.max_sessions, frame.as_object_mut()) {
         frame.insert("max_sessions".into(), max_sessions.into());
+    }
+    if let (Some(retry_after_ms), Some(frame)) = (reply.retry_after_ms, frame.as_object_mut()) {
+        frame.insert("retry_after_ms".into(), retry_after_ms.into());
     }
     frame.to_string()
 }

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, warn};
 use uuid::Uuid;
 
 use crate::Shared;
+use crate::admission::Budget;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
 use crate::protocol::{Ack, ErrorReply, GroupInfo, ListName, OFFLINE_REASONS, PushFrame, Request};
 
@@ -131,6 +132,8 @@ struct Session<T> {
     /// The latencies of frames written since the last flush, each a histogram and when its frame's wait
     /// began (µs): recorded once the flush wrote them to the connection.
     unflushed_latencies: Vec<(&'static str, i64)>,
+    /// How many more requests the connection may make now.
+    budget: Budget,
 }
 
 type Reply = Result<(Ack, Vec<(ConversationId, Event)>), ErrorReply>;
@@ -150,6 +153,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
     let kicked = link.kicked.clone();
     let mut draining = shared.draining.subscribe();
+    let budget = Budget::new(shared.settings.request_rate, shared.clock.now_us());
     let mut session = Session {
         shared,
         socket_id,
@@ -159,6 +163,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
         transport,
         unflushed: false,
         unflushed_latencies: Vec::new(),
+        budget,
     };
     metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
     connection_gauge::<T>(None).increment(1.0);
@@ -266,6 +271,20 @@ impl<T: Transport> Session<T> {
     }
 
     async fn on_inbound(&mut self, inbound: Inbound, queued: &mut mpsc::Receiver<Arc<Outbound>>) -> Flow {
+        let over_budget = match &inbound {
+            Inbound::Request { .. } | Inbound::Refused { .. } => self.budget.take(self.shared.clock.now_us()).err(),
+            Inbound::Fatal(_) => None,
+        };
+        if let Some(retry_after_ms) = over_budget {
+            let id = match &inbound {
+                Inbound::Request { id, .. } => Some(id.as_str()),
+                Inbound::Refused { id, .. } => id.as_deref(),
+                Inbound::Fatal(_) => None,
+            };
+            let error = ErrorReply::rate_limited(retry_after_ms);
+            count_refusal(&error);
+            return self.send(Outgoing::Error { id, error: &error }).await;
+        }
         match inbound {
             Inbound::Request { id, request } => {
                 let reply = self.handle_beside_pushes(request, queued).await?;
@@ -294,7 +313,12 @@ impl<T: Transport> Session<T> {
                 count_refusal(&error);
                 self.send(Outgoing::Error { id: id.as_deref(), error: &error }).await
             }
-            Inbound::Fatal(close) => Err(End::Close(close)),
+            Inbound::Fatal(close) => {
+                if let Close::FrameTooLarge { .. } = close {
+                    metrics::counter!(names::GATEWAY_REFUSALS, "reason" => "frame_too_large").increment(1);
+                }
+                Err(End::Close(close))
+            }
         }
     }
 

@@ -678,7 +678,12 @@ async fn resuming_from_a_seq_over_grpc_fills_the_gap_and_goes_on_live() {
 
 #[tokio::test]
 async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes() {
-    let settings = GatewaySettings { outbound_queue_len: 8, ..GatewaySettings::default() };
+    // The client sends as fast as it can: no request budget here.
+    let settings = GatewaySettings {
+        outbound_queue_len: 8,
+        request_rate: switchboard_gateway::RequestRate::UNLIMITED,
+        ..GatewaySettings::default()
+    };
     let server = Server::start_with(settings).await;
     // The slow agent's channel takes little before HTTP/2 flow control holds the server back.
     let endpoint = tonic::transport::Endpoint::from_shared(server.grpc_url())
@@ -734,7 +739,12 @@ async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes
 /// The same session code disconnects a slow WebSocket, with its close code.
 #[tokio::test]
 async fn a_websocket_too_slow_to_read_is_closed_with_4008() {
-    let settings = GatewaySettings { outbound_queue_len: 8, ..GatewaySettings::default() };
+    // The client sends as fast as it can: no request budget here.
+    let settings = GatewaySettings {
+        outbound_queue_len: 8,
+        request_rate: switchboard_gateway::RequestRate::UNLIMITED,
+        ..GatewaySettings::default()
+    };
     let server = Server::start_with(settings).await;
     let mut slow = WsClient::connect_small_buffer(&server).await;
     slow.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
@@ -967,4 +977,21 @@ fn the_proto_has_every_request_and_frame_of_the_websocket_protocol() {
     assert_eq!(pb::FILE_DESCRIPTOR_SET, switchboard_proto::internal::v1::FILE_DESCRIPTOR_SET);
     let packages: std::collections::BTreeSet<&str> = set.file.iter().map(|file| file.package()).collect();
     assert!(packages.contains("switchboard.internal.v1") && packages.contains("switchboard.v1"), "{packages:?}");
+}
+
+#[tokio::test]
+async fn a_stream_over_its_request_budget_is_told_to_wait_as_a_websocket_is() {
+    let rate = switchboard_gateway::RequestRate { per_second: 4, burst: 2 };
+    let server = Server::start_with(GatewaySettings { request_rate: rate, ..GatewaySettings::default() }).await;
+    let mut dana = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Hello?")).await else { panic!() };
+    let seq = sent_seq(dana.ack(send_message(&started.conversation, "d-1", "one")).await);
+    let error = dana.refused(send_message(&started.conversation, "d-2", "two")).await;
+    assert_eq!(
+        (error.code.as_str(), error.retryable, error.retry_after_ms, error.grpc_status),
+        ("rate_limited", true, Some(250), Code::ResourceExhausted as i32)
+    );
+    server.clock.advance_ms(250);
+    assert_eq!(sent_seq(dana.ack(send_message(&started.conversation, "d-2", "two")).await), seq + 1);
+    server.stop().await;
 }

@@ -56,6 +56,13 @@ pub struct GenConfigArgs {
     /// limits.outbound_queue_len (frames waiting for a slow client)
     #[arg(long)]
     pub outbound_queue_len: Option<u32>,
+    /// limits.requests_per_second, the requests each connection may make a second. 0 (the default here): no
+    /// limit, as a generator's connection makes the requests of many people (the server's default is 50)
+    #[arg(long, default_value_t = 0)]
+    pub requests_per_second: u32,
+    /// limits.request_burst, the requests a connection may make at once (with --requests-per-second)
+    #[arg(long, default_value_t = 100)]
+    pub request_burst: u32,
     /// Where to write the YAML
     #[arg(long)]
     pub out: PathBuf,

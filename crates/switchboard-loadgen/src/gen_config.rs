@@ -16,8 +16,7 @@ struct Config {
     version: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     license: Option<License>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    limits: Option<Limits>,
+    limits: Limits,
     tenants: Vec<Tenant>,
 }
 
@@ -28,7 +27,10 @@ struct License {
 
 #[derive(Serialize)]
 struct Limits {
-    outbound_queue_len: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outbound_queue_len: Option<u32>,
+    requests_per_second: u32,
+    request_burst: u32,
 }
 
 #[derive(Serialize)]
@@ -92,7 +94,11 @@ pub fn render(args: &GenConfigArgs) -> anyhow::Result<String> {
     let config = Config {
         version: 1,
         license: args.license.map(|max_sessions| License { max_sessions }),
-        limits: args.outbound_queue_len.map(|outbound_queue_len| Limits { outbound_queue_len }),
+        limits: Limits {
+            outbound_queue_len: args.outbound_queue_len,
+            requests_per_second: args.requests_per_second,
+            request_burst: args.request_burst,
+        },
         tenants: vec![Tenant {
             id: TENANT.into(),
             name: "Load test".into(),
@@ -118,13 +124,17 @@ mod tests {
             license: Some(20),
             push_offer_timeout_ms: Some(1500),
             outbound_queue_len: None,
+            requests_per_second: 0,
+            request_burst: 100,
             out: "x".into(),
         };
         let yaml = render(&args).unwrap();
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
         assert_eq!(value["version"], 1);
         assert_eq!(value["license"]["max_sessions"], 20);
-        assert!(value.get("limits").is_none());
+        // A generator's connection carries many people's requests: no request budget unless asked.
+        assert_eq!(value["limits"]["requests_per_second"], 0);
+        assert!(value["limits"].get("outbound_queue_len").is_none());
         let tenant = &value["tenants"][0];
         assert_eq!(tenant["widget_keys"][0], "load-widget-key");
         assert_eq!(tenant["groups"][1]["id"], "g1");

@@ -91,11 +91,22 @@ pub struct Limits {
     pub max_message_bytes: usize,
     #[serde(default = "default_outbound_queue_len")]
     pub outbound_queue_len: usize,
+    /// Requests a connection may make a second on average; 0 = no limit.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u32,
+    /// Requests a connection may make at once, above the average.
+    #[serde(default = "default_request_burst")]
+    pub request_burst: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_message_bytes: default_max_message_bytes(), outbound_queue_len: default_outbound_queue_len() }
+        Limits {
+            max_message_bytes: default_max_message_bytes(),
+            outbound_queue_len: default_outbound_queue_len(),
+            requests_per_second: default_requests_per_second(),
+            request_burst: default_request_burst(),
+        }
     }
 }
 
@@ -177,6 +188,12 @@ fn default_max_message_bytes() -> usize {
 fn default_outbound_queue_len() -> usize {
     1024
 }
+fn default_requests_per_second() -> u32 {
+    switchboard_gateway::RequestRate::default().per_second
+}
+fn default_request_burst() -> u32 {
+    switchboard_gateway::RequestRate::default().burst
+}
 fn default_capacity() -> u32 {
     3
 }
@@ -226,6 +243,11 @@ impl Config {
         if config.limits.outbound_queue_len < MIN_OUTBOUND_QUEUE_LEN {
             // One request can queue a few pushes at once (an accept queues its events and a queue change).
             bail!("invalid configuration: limits.outbound_queue_len must be at least {MIN_OUTBOUND_QUEUE_LEN}");
+        }
+        if config.limits.requests_per_second > 0 && config.limits.request_burst == 0 {
+            bail!(
+                "invalid configuration: limits.request_burst must be at least 1 (or requests_per_second 0: no limit)"
+            );
         }
         if config.tenants.is_empty() {
             bail!("invalid configuration: tenants: at least one tenant is needed");
@@ -302,6 +324,19 @@ mod tests {
         let directory = config.directory().unwrap();
         let (tenant, agent) = directory.agent_of_token("demo-alice-token").unwrap();
         assert_eq!((tenant.as_str(), agent.as_str()), ("demo", "alice"));
+    }
+
+    #[test]
+    fn a_connections_request_budget_is_configured_or_unlimited_but_never_empty() {
+        let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().limits;
+        assert_eq!((defaults.requests_per_second, defaults.request_burst), (50, 100));
+        let with = |limits: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\nlimits: {limits}"));
+        let set = Config::parse(&with("{ requests_per_second: 5, request_burst: 10 }"), no_env).unwrap().limits;
+        assert_eq!((set.requests_per_second, set.request_burst), (5, 10));
+        let unlimited = Config::parse(&with("{ requests_per_second: 0, request_burst: 0 }"), no_env).unwrap();
+        assert_eq!(unlimited.limits.requests_per_second, 0);
+        let error = format!("{:#}", Config::parse(&with("{ request_burst: 0 }"), no_env).unwrap_err());
+        assert!(error.contains("limits.request_burst"), "{error}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use switchboard_domain::{Clock, SystemClock};
-use switchboard_gateway::{Gateway, GatewaySettings};
+use switchboard_gateway::{Gateway, GatewaySettings, RequestRate};
 use switchboard_presence::{MemoryPresence, Presence, RedisPresence, RedisSettings};
 use switchboard_proto::internal::v1::GetLicenseRequest;
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
@@ -344,6 +344,7 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
         gateway_id,
         max_message_bytes: config.limits.max_message_bytes,
         outbound_queue_len: config.limits.outbound_queue_len,
+        request_rate: RequestRate { per_second: config.limits.requests_per_second, burst: config.limits.request_burst },
         presence_heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
         ..Default::default()
     }

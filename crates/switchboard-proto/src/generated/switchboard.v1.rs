@@ -439,20 +439,23 @@ pub struct Error {
     /// For people; may change.
     #[prost(string, tag = "3")]
     pub message: ::prost::alloc::string::String,
-    /// True when the same request may succeed if sent again (`unavailable`, `not_owner`); for message_send,
-    /// resend with the same client_msg_id.
+    /// True when the same request may succeed if sent again (`unavailable`, `not_owner`, `rate_limited`); for
+    /// message_send, resend with the same client_msg_id.
     #[prost(bool, tag = "4")]
     pub retryable: bool,
     /// `license_exhausted` only: the cluster-wide limit of concurrent chats.
     #[prost(uint64, optional, tag = "5")]
     pub max_sessions: ::core::option::Option<u64>,
     /// The gRPC status code (google.rpc.Code) the error corresponds to, for clients that branch on those:
-    /// RESOURCE_EXHAUSTED (8) for `license_exhausted`, UNAVAILABLE (14) for `unavailable` and `not_owner`,
-    /// INVALID_ARGUMENT (3) for malformed requests, NOT_FOUND (5), UNAUTHENTICATED (16) for `unauthorized`,
-    /// PERMISSION_DENIED (7) for `forbidden`, UNIMPLEMENTED (12) for `unknown_type`, INTERNAL (13), and
-    /// FAILED_PRECONDITION (9) for the other refusals (docs/protocol.md, section 6).
+    /// RESOURCE_EXHAUSTED (8) for `license_exhausted` and `rate_limited`, UNAVAILABLE (14) for `unavailable` and
+    /// `not_owner`, INVALID_ARGUMENT (3) for malformed requests, NOT_FOUND (5), UNAUTHENTICATED (16) for
+    /// `unauthorized`, PERMISSION_DENIED (7) for `forbidden`, UNIMPLEMENTED (12) for `unknown_type`,
+    /// INTERNAL (13), and FAILED_PRECONDITION (9) for the other refusals (docs/protocol.md, section 6).
     #[prost(int32, tag = "6")]
     pub grpc_status: i32,
+    /// `rate_limited` only: how long to wait before this stream may make a request again, in milliseconds.
+    #[prost(uint64, optional, tag = "7")]
+    pub retry_after_ms: ::core::option::Option<u64>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ChatStartResult {

@@ -1,0 +1,62 @@
+//! What a connection may send, over real WebSockets and in a test process of its own (the metrics recorder
+//! is the process's): requests over the connection's budget are refused `rate_limited` with how long to
+//! wait, nothing of them is done, and they count as refusals by reason, as does a frame over the size
+//! limit.
+
+mod common;
+
+use common::{Server, WsClient};
+use serde_json::json;
+use switchboard_gateway::{GatewaySettings, RequestRate};
+use switchboard_telemetry::names;
+
+/// The refusals counted with `reason` so far.
+fn refusals(reason: &str) -> u64 {
+    let exposition = switchboard_telemetry::render_metrics();
+    let prefix = format!("{}{{reason=\"{reason}\"}} ", names::GATEWAY_REFUSALS);
+    exposition.lines().find_map(|line| line.strip_prefix(prefix.as_str())).map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn requests_over_a_connections_budget_are_refused_undone_and_counted() {
+    switchboard_telemetry::install_metrics("gateway");
+    let settings = GatewaySettings { request_rate: RequestRate { per_second: 2, burst: 3 }, ..Default::default() };
+    let server = Server::start_with(settings).await;
+    let mut ann = WsClient::connect(&server).await;
+    let start = json!({ "type": "chat.start", "widget_key": common::WIDGET, "group": "sales", "name": "Ann",
+                        "question": "Hello?" });
+    let chat = ann.ack(start).await["conversation"].as_str().unwrap().to_owned();
+    let send = |id: &str| json!({ "type": "message.send", "conversation": chat, "client_msg_id": id, "body": id });
+    let first = ann.ack(send("m-1")).await["seq"].as_u64().unwrap();
+    ann.ack(send("m-2")).await;
+
+    // The burst is spent, and the clock stands still: the next request waits half a second (2 a second).
+    let refused = ann.call(send("m-3")).await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str(), refused["retryable"].as_bool()),
+        (Some("error"), Some("rate_limited"), Some(true)),
+        "{refused}"
+    );
+    assert_eq!(refused["retry_after_ms"], 500);
+    // Any frame counts, a malformed one too (it is not looked at).
+    ann.send_text("{ not json".into()).await;
+    assert_eq!(ann.answer(None).await["code"], "rate_limited");
+    assert_eq!(refusals("rate_limited"), 2);
+    assert_eq!(refusals("bad_json"), 0);
+
+    // Once the wait is over, the same message is stored, once: the refused one was not.
+    server.clock.advance_ms(499);
+    assert_eq!(ann.call(send("m-3")).await["retry_after_ms"], 1);
+    server.clock.advance_ms(1);
+    assert_eq!(ann.ack(send("m-3")).await["seq"].as_u64(), Some(first + 2));
+    // The budget is the connection's: another connection has its own.
+    let mut bea = WsClient::connect(&server).await;
+    bea.ack(json!({ "type": "groups.list", "widget_key": common::WIDGET })).await;
+
+    // A frame over the size limit closes the connection (1009), and counts as a refusal too.
+    let limit = GatewaySettings::default().max_frame_bytes();
+    bea.send_text("x".repeat(limit + 1)).await;
+    assert_eq!(bea.read_or_close().await, Err(Some(switchboard_gateway::CLOSE_MESSAGE_TOO_BIG)));
+    assert_eq!(refusals("frame_too_large"), 1);
+    server.stop().await;
+}
