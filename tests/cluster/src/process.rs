@@ -63,6 +63,9 @@ pub struct Process {
     /// `127.0.0.1:0` before the first start; afterwards the address it got, so that a restart reuses it.
     listen: String,
     address: String,
+    /// `HOST:PORT` of its `/metrics`: the main port for a gateway, a port of its own for the other roles
+    /// (as the last start printed it).
+    metrics_address: String,
     child: Option<Child>,
     pid: Option<u32>,
     paused: bool,
@@ -120,6 +123,7 @@ impl Process {
             env: Vec::new(),
             listen: "127.0.0.1:0".to_owned(),
             address: String::new(),
+            metrics_address: String::new(),
             child: None,
             pid: None,
             paused: false,
@@ -169,16 +173,22 @@ impl Process {
         let mut lines = BufReader::new(stdout).lines();
         let prefix = format!("switchboard {} listening on http://", self.role.as_str());
         let ready = tokio::time::timeout(READY_DEADLINE, async {
+            let mut metrics = None;
             while let Some(line) = lines.next_line().await? {
+                // The roles with a metrics port of their own print it before they listen.
+                if let Some(address) = line.strip_prefix("metrics on http://") {
+                    metrics = address.strip_suffix("/metrics").map(str::to_owned);
+                }
                 if let Some(address) = line.strip_prefix(&prefix) {
-                    return Ok(address.trim().to_owned());
+                    let address = address.trim().to_owned();
+                    return Ok((metrics.unwrap_or_else(|| address.clone()), address));
                 }
             }
             bail!("exited before listening")
         })
         .await;
-        let address = match ready {
-            Ok(Ok(address)) => address,
+        let (metrics_address, address) = match ready {
+            Ok(Ok(addresses)) => addresses,
             Ok(Err(error)) => {
                 let status = child.wait().await.ok();
                 bail!("{} {} {error} ({status:?}); its log:\n{}", self.role.as_str(), self.name, self.log_tail(40))
@@ -203,6 +213,7 @@ impl Process {
             }
         });
         self.address = address.clone();
+        self.metrics_address = metrics_address;
         self.listen = address;
         self.child = Some(child);
         self.paused = false;
@@ -212,6 +223,11 @@ impl Process {
     /// `HOST:PORT` it listens on.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// `HOST:PORT` of its `/metrics`.
+    pub fn metrics_address(&self) -> &str {
+        &self.metrics_address
     }
 
     /// `http://HOST:PORT`, as other roles are told where it is.
