@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use crate::cli::{Command, Common};
 use crate::metrics::Metrics;
 use crate::net::Network;
-use crate::progress::ProgressLine;
+use crate::progress::{self, ProgressLine};
 use crate::report::{self, Report};
 use crate::scenario::{self, Ctx};
 use crate::shard::{self, Coordinator, Shard};
@@ -45,8 +45,9 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         None => (Shard::WHOLE, Coordinator::alone()),
     };
     let copy_progress = is_copy.then(|| tokio::spawn(shard::report_progress_to_first(metrics.clone())));
+    let plan = progress::planned(&command);
     let progress_line =
-        (!is_copy && !common.quiet).then(|| ProgressLine::start(metrics.clone(), coordinator.copies_progress()));
+        (!is_copy && !common.quiet).then(|| ProgressLine::start(metrics.clone(), coordinator.copies_progress(), plan));
     let mut ctx = Ctx { common: common.clone(), shard, metrics, network, coordinator, run_id };
     let result = match command {
         Command::GenConfig(_) => Ok(Report::default()), // written above
