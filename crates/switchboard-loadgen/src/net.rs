@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,12 +130,30 @@ struct Target {
     address: SocketAddr,
 }
 
+/// How many more loopback source addresses a run may move on to when ports run short.
+const MAX_LOOPBACK_SOURCES: u32 = 4096;
+
+/// The `n`th loopback address after 127.0.0.1 (127.0.0.1 itself for 0, then 127.0.0.2, …, 127.0.1.0, …):
+/// every 127/8 address is this machine's, each with its own ephemeral ports towards the same server address.
+fn loopback_source(n: u32) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::LOCALHOST).wrapping_add(n)))
+}
+
 /// Where connections go: the gateways in turn, each socket bound to the next source address.
+///
+/// Without `--source-addrs`, towards servers on IPv4 loopback, connections come from 127.0.0.1 until its
+/// ephemeral ports run short (a connect fails with `EADDRNOTAVAIL`, about 28,000 connections to one address),
+/// then from 127.0.0.2, and so on.
 pub struct Network {
     targets: Vec<Target>,
     sources: Vec<IpAddr>,
     next_target: AtomicUsize,
     next_source: AtomicUsize,
+    /// Whether to move on to another loopback source when ports run short (see above).
+    auto_sources: bool,
+    /// The loopback source connections come from now: 0 is the kernel's choice (127.0.0.1), n is
+    /// [`loopback_source`]`(n)`.
+    auto_source: AtomicU32,
     pub timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -167,11 +185,15 @@ impl Network {
         if targets.is_empty() {
             bail!("give the server with --url ws://HOST:PORT/v1/ws");
         }
+        let auto_sources = sources.is_empty()
+            && targets.iter().all(|target| matches!(target.address.ip(), IpAddr::V4(ip) if ip.is_loopback()));
         Ok(Network {
             targets,
             sources,
             next_target: AtomicUsize::new(0),
             next_source: AtomicUsize::new(0),
+            auto_sources,
+            auto_source: AtomicU32::new(0),
             timeout,
             metrics,
         })
@@ -190,17 +212,8 @@ impl Network {
         pushes: bool,
     ) -> Result<Connection, ConnectError> {
         let target = &self.targets[self.next_target.fetch_add(1, Ordering::Relaxed) % self.targets.len()];
-        let socket = match target.address {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(ConnectError::Tcp)?;
-        if !self.sources.is_empty() {
-            let source = self.sources[self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len()];
-            socket.bind(SocketAddr::new(source, 0)).map_err(ConnectError::Tcp)?;
-        }
         let handshake = async {
-            let stream = socket.connect(target.address).await.map_err(ConnectError::Tcp)?;
+            let stream = self.connect_tcp(target.address).await.map_err(ConnectError::Tcp)?;
             stream.set_nodelay(true).map_err(ConnectError::Tcp)?;
             // Small buffers: an idle session must cost the load generator little.
             let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
@@ -238,6 +251,39 @@ impl Network {
             welcome_at,
             timeout: self.timeout,
         })
+    }
+}
+
+impl Network {
+    /// A TCP connection to `address` from the next source address (see [`Network`]).
+    async fn connect_tcp(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
+        loop {
+            let socket = match address {
+                SocketAddr::V4(_) => TcpSocket::new_v4(),
+                SocketAddr::V6(_) => TcpSocket::new_v6(),
+            }?;
+            let auto = self.auto_source.load(Ordering::Relaxed);
+            if !self.sources.is_empty() {
+                let source = self.sources[self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len()];
+                socket.bind(SocketAddr::new(source, 0))?;
+            } else if auto > 0 {
+                socket.bind(SocketAddr::new(loopback_source(auto), 0))?;
+            }
+            match socket.connect(address).await {
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::AddrNotAvailable
+                        && self.auto_sources
+                        && auto < MAX_LOOPBACK_SOURCES =>
+                {
+                    // Another connection may have moved on already: then this one follows it.
+                    if self.auto_source.compare_exchange(auto, auto + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                        let (from, to) = (loopback_source(auto), loopback_source(auto + 1));
+                        eprintln!("\nthe ports from {from} ran short: connecting from {to} on");
+                    }
+                }
+                result => return result,
+            }
+        }
     }
 }
 
@@ -397,5 +443,54 @@ impl Reader {
             Err(RequestError::Refused { code, max_sessions: frame["max_sessions"].as_u64(), at })
         };
         let _ = waiting.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_sources_count_up_from_127_0_0_1() {
+        let at = |n| loopback_source(n).to_string();
+        assert_eq!(
+            (at(0), at(1), at(254), at(255)),
+            ("127.0.0.1".into(), "127.0.0.2".into(), "127.0.0.255".into(), "127.0.1.0".into())
+        );
+    }
+
+    async fn network(url: &str, sources: Vec<IpAddr>) -> Network {
+        Network::resolve(&[url.to_owned()], sources, Duration::from_secs(5), Arc::new(Metrics::new())).await.unwrap()
+    }
+
+    /// Connects through `network` and answers where the server saw the connection come from.
+    async fn seen_from(network: &Network, listener: &tokio::net::TcpListener) -> IpAddr {
+        let address = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(network.connect_tcp(address), listener.accept());
+        drop(client.unwrap());
+        accepted.unwrap().1.ip()
+    }
+
+    #[tokio::test]
+    async fn connections_come_from_the_source_addresses_given_or_chosen_when_ports_ran_short() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
+        let given = vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+        let explicit = network(&url, given.clone()).await;
+        assert!(!explicit.auto_sources, "addresses given: only those");
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(seen_from(&explicit, &listener).await);
+        }
+        assert_eq!(seen, vec![given[0], given[1], given[0]]);
+
+        let automatic = network(&url, Vec::new()).await;
+        assert!(automatic.auto_sources, "a server on loopback");
+        assert_eq!(seen_from(&automatic, &listener).await, loopback_source(0));
+        // As after the ports of 127.0.0.1 to 127.0.0.5 ran short.
+        automatic.auto_source.store(5, Ordering::Relaxed);
+        assert_eq!(seen_from(&automatic, &listener).await.to_string(), "127.0.0.6");
+        // A server elsewhere is reached as the routes say, from whichever address they give.
+        assert!(!network("ws://10.0.0.1:1/v1/ws", Vec::new()).await.auto_sources);
     }
 }
