@@ -87,7 +87,8 @@ pub struct Common {
     #[arg(long, default_value = "load-agent-token-")]
     pub agent_token_prefix: String,
     /// Local addresses to bind client sockets to, in turn (A-B is an IPv4 range, or a comma list), so that
-    /// more connections than one address's ephemeral ports fit
+    /// more connections than one address's ephemeral ports fit. Without it, against a server on loopback,
+    /// connections come from 127.0.0.1, then 127.0.0.2 once its ports run short, and so on
     #[arg(long, value_name = "127.0.0.1-127.0.0.8", value_parser = parse_source_addrs)]
     pub source_addrs: Option<SourceAddrs>,
     /// Run the load from this many processes (this one and N-1 copies), merging their reports
