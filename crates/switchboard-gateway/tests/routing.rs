@@ -7,10 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::{AckResult, DEADLINE, Frame, GrpcClient, Req, Server, WIDGET, WsClient};
 use serde_json::{Value, json};
 use switchboard_domain::{
@@ -19,9 +17,7 @@ use switchboard_domain::{
     customer_token_for_start, shard_of, stored_customer_token,
 };
 use switchboard_gateway::GatewaySettings;
-use switchboard_presence::{
-    GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange, PresenceError,
-};
+use switchboard_presence::{LiveSession, MemoryPresence, Outage, Presence};
 use switchboard_proto::convert::new_event;
 use switchboard_proto::internal::v1::{
     AppendRequest, ConversationRecord, Fence, GetConversationRequest, GetPlacementRequest, ReadEventsRequest,
@@ -31,7 +27,6 @@ use switchboard_proto::public::v1 as pb;
 use switchboard_proto::router::PeerApi;
 use switchboard_proto::store::StoreApi;
 use switchboard_router::PresenceSettings;
-use tokio::sync::broadcast;
 use uuid::Uuid;
 
 const ALICE: &str = "alice-token-123";
@@ -83,92 +78,6 @@ fn directory() -> Directory {
     directory
 }
 
-/// Presence as the gateway sees it: the server's `MemoryPresence`, or errors while `down`.
-struct Flaky {
-    inner: Arc<MemoryPresence>,
-    down: AtomicBool,
-}
-
-impl Flaky {
-    fn check(&self) -> Result<(), PresenceError> {
-        if self.down.load(Ordering::SeqCst) { Err(PresenceError::Unavailable("redis is down".into())) } else { Ok(()) }
-    }
-}
-
-#[async_trait]
-impl Presence for Flaky {
-    async fn session_alive(
-        &self,
-        tenant: &TenantId,
-        agent: &AgentId,
-        session: &str,
-        gateway: &str,
-        expires_at_ms: i64,
-    ) -> Result<(), PresenceError> {
-        self.check()?;
-        self.inner.session_alive(tenant, agent, session, gateway, expires_at_ms).await
-    }
-    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
-        self.check()?;
-        self.inner.session_gone(tenant, agent, session).await
-    }
-    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {
-        self.check()?;
-        self.inner.live_sessions(agents, now_ms).await
-    }
-    async fn agent_sessions(
-        &self,
-        tenant: &TenantId,
-        agent: &AgentId,
-        now_ms: i64,
-    ) -> Result<Vec<LiveSession>, PresenceError> {
-        self.check()?;
-        self.inner.agent_sessions(tenant, agent, now_ms).await
-    }
-    async fn signed_in(
-        &self,
-        tenant: &TenantId,
-        agent: &AgentId,
-        status: AgentStatus,
-        groups: &[GroupId],
-        expires_at_ms: i64,
-    ) -> Result<(), PresenceError> {
-        self.check()?;
-        self.inner.signed_in(tenant, agent, status, groups, expires_at_ms).await
-    }
-    async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError> {
-        self.check()?;
-        self.inner.signed_out(tenant, agent, groups).await
-    }
-    async fn chosen_status(&self, tenant: &TenantId, agent: &AgentId) -> Result<Option<AgentStatus>, PresenceError> {
-        self.check()?;
-        self.inner.chosen_status(tenant, agent).await
-    }
-    async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError> {
-        self.check()?;
-        self.inner.n_signed_in(tenant, group, now_ms).await
-    }
-    async fn put_group_status(&self, status: &GroupStatus) -> Result<(), PresenceError> {
-        self.check()?;
-        self.inner.put_group_status(status).await
-    }
-    async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError> {
-        self.check()?;
-        self.inner.group_statuses(tenant).await
-    }
-    async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {
-        self.check()?;
-        self.inner.mirror_license(used, max_sessions, at_ms).await
-    }
-    async fn license_mirror(&self) -> Result<Option<LicenseMirror>, PresenceError> {
-        self.check()?;
-        self.inner.license_mirror().await
-    }
-    fn changes(&self) -> broadcast::Receiver<PresenceChange> {
-        self.inner.changes()
-    }
-}
-
 /// Group statuses are evaluated and connections checked every 20 ms.
 fn router_presence() -> PresenceSettings {
     PresenceSettings { heartbeat: Duration::from_millis(20), grace: Duration::from_secs(30) }
@@ -188,9 +97,9 @@ async fn start() -> Server {
 }
 
 /// A server whose gateway's presence can be taken down.
-async fn start_flaky() -> (Server, Arc<Flaky>) {
+async fn start_flaky() -> (Server, Arc<Outage>) {
     let presence = Arc::new(MemoryPresence::new());
-    let flaky = Arc::new(Flaky { inner: presence.clone(), down: AtomicBool::new(false) });
+    let flaky = Arc::new(Outage::new(presence.clone()));
     let server = Server::start_full(gateway_settings(), directory(), router_presence(), presence, flaky.clone()).await;
     (server, flaky)
 }
@@ -301,7 +210,7 @@ async fn groups_list_tells_each_group_its_status_and_the_last_ones_read_while_pr
     assert_eq!(statuses(&alice.ack(json!({ "type": "groups.list" })).await), after);
 
     // Presence goes down: the last statuses read, marked stale; nothing else fails.
-    presence.down.store(true, Ordering::SeqCst);
+    presence.set_down(true);
     let stale = widget.ack(list.clone()).await;
     assert_eq!((statuses(&stale), &stale["stale"]), (after.clone(), &json!(true)));
     let mut bob = WsClient::connect(&server).await;
@@ -309,7 +218,7 @@ async fn groups_list_tells_each_group_its_status_and_the_last_ones_read_while_pr
     assert_eq!(signed["agent"]["status"], "online", "a presence outage never fails a request");
     assert!(live_sessions(&server, "bob").await.is_empty());
     // It comes back: within a heartbeat bob's connection is in presence, and the statuses are fresh again.
-    presence.down.store(false, Ordering::SeqCst);
+    presence.set_down(false);
     eventually("bob's connection written again", || async {
         (live_sessions(&server, "bob").await.len() == 1).then_some(())
     })

@@ -49,6 +49,7 @@
 //! evaluation time).
 
 mod memory;
+mod outage;
 mod redis_presence;
 
 use serde::{Deserialize, Serialize};
@@ -56,6 +57,7 @@ use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryPresence;
+pub use outage::Outage;
 pub use redis_presence::{RedisPresence, RedisSettings};
 
 /// How many changes a receiver of [`Presence::changes`] may fall behind before it misses some (it then gets

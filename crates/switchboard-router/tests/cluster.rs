@@ -14,7 +14,7 @@ use switchboard_domain::{
     AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, Event, FixedClock, GroupId,
     TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
-use switchboard_presence::{MemoryPresence, Presence};
+use switchboard_presence::{MemoryPresence, Outage, Presence};
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue,
     OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
@@ -279,7 +279,7 @@ struct Nodes {
     clock: Arc<FixedClock>,
     presence: Arc<MemoryPresence>,
     /// The routers' presence: `presence`, until an outage.
-    outage: Arc<common::Outage>,
+    outage: Arc<Outage>,
 }
 
 async fn start_nodes(n: usize) -> Nodes {
@@ -289,7 +289,7 @@ async fn start_nodes(n: usize) -> Nodes {
     let cluster = Arc::new(LocalCluster::default());
     let mut routers = Vec::new();
     let memory_presence = Arc::new(MemoryPresence::new());
-    let outage = Arc::new(common::Outage::new(memory_presence.clone()));
+    let outage = Arc::new(Outage::new(memory_presence.clone()));
     let presence: Arc<dyn Presence> = outage.clone();
     for i in 0..n {
         let mut settings = common::router_settings(&format!("node-{i}"));
@@ -602,7 +602,7 @@ async fn agents_taken_over_while_presence_does_not_answer_come_back_away_not_off
 
     // Redis stops answering, then the agents' node leaves: the new owner can read neither their status nor
     // their connections.
-    nodes.outage.down.store(true, Ordering::SeqCst);
+    nodes.outage.set_down(true);
     leaving.shutdown().await.unwrap();
     staying.placement_changed();
     settle(&nodes, |routers| routers.iter().map(|router| router.n_shards_owned()).max() == Some(1024)).await;
@@ -629,7 +629,7 @@ async fn agents_taken_over_while_presence_does_not_answer_come_back_away_not_off
     // offline after the grace period, and the connected one stays away until they choose.
     heartbeats(&nodes, common::GRACE.as_secs() + 2).await;
     assert_eq!(status(&gone).await, AgentStatus::Away);
-    nodes.outage.down.store(false, Ordering::SeqCst);
+    nodes.outage.set_down(false);
     heartbeats(&nodes, common::GRACE.as_secs() + 2).await;
     assert_eq!(status(&gone).await, AgentStatus::Offline);
     assert_eq!(status(&connected).await, AgentStatus::Away);

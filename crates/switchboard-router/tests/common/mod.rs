@@ -9,12 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use switchboard_domain::{
-    AgentEntry, AgentId, AgentStatus, BusinessHours, Clock, ConversationId, Directory, FixedClock, GroupEntry, GroupId,
-    HoursSpec, Routing, TenantEntry, TenantId,
+    AgentEntry, AgentId, BusinessHours, Clock, ConversationId, Directory, FixedClock, GroupEntry, GroupId, HoursSpec,
+    Routing, TenantEntry, TenantId,
 };
-use switchboard_presence::{
-    GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange, PresenceError,
-};
+use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::internal::v1::{
     AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
     CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
@@ -264,99 +262,5 @@ pub fn start_request(conversation: ConversationId, group: GroupId, customer: &st
 pub async fn settle() {
     for _ in 0..50 {
         tokio::task::yield_now().await;
-    }
-}
-
-/// Presence that stops answering while `down` is set, as a Redis that is down or unreachable does; `inner`
-/// otherwise.
-pub struct Outage {
-    pub inner: Arc<MemoryPresence>,
-    pub down: std::sync::atomic::AtomicBool,
-}
-
-impl Outage {
-    pub fn new(inner: Arc<MemoryPresence>) -> Outage {
-        Outage { inner, down: std::sync::atomic::AtomicBool::new(false) }
-    }
-
-    fn up(&self) -> Result<&MemoryPresence, PresenceError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(PresenceError::Unavailable("connection refused (a test's outage)".into()));
-        }
-        Ok(&self.inner)
-    }
-}
-
-#[async_trait::async_trait]
-impl Presence for Outage {
-    async fn session_alive(
-        &self,
-        tenant: &TenantId,
-        agent: &AgentId,
-        session: &str,
-        gateway: &str,
-        expires_at_ms: i64,
-    ) -> Result<(), PresenceError> {
-        self.up()?.session_alive(tenant, agent, session, gateway, expires_at_ms).await
-    }
-
-    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
-        self.up()?.session_gone(tenant, agent, session).await
-    }
-
-    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {
-        self.up()?.live_sessions(agents, now_ms).await
-    }
-
-    async fn agent_sessions(
-        &self,
-        tenant: &TenantId,
-        agent: &AgentId,
-        now_ms: i64,
-    ) -> Result<Vec<LiveSession>, PresenceError> {
-        self.up()?.agent_sessions(tenant, agent, now_ms).await
-    }
-
-    async fn signed_in(
-        &self,
-        tenant: &TenantId,
-        agent: &AgentId,
-        status: AgentStatus,
-        groups: &[GroupId],
-        expires_at_ms: i64,
-    ) -> Result<(), PresenceError> {
-        self.up()?.signed_in(tenant, agent, status, groups, expires_at_ms).await
-    }
-
-    async fn signed_out(&self, tenant: &TenantId, agent: &AgentId, groups: &[GroupId]) -> Result<(), PresenceError> {
-        self.up()?.signed_out(tenant, agent, groups).await
-    }
-
-    async fn chosen_status(&self, tenant: &TenantId, agent: &AgentId) -> Result<Option<AgentStatus>, PresenceError> {
-        self.up()?.chosen_status(tenant, agent).await
-    }
-
-    async fn n_signed_in(&self, tenant: &TenantId, group: &GroupId, now_ms: i64) -> Result<u32, PresenceError> {
-        self.up()?.n_signed_in(tenant, group, now_ms).await
-    }
-
-    async fn put_group_status(&self, status: &GroupStatus) -> Result<(), PresenceError> {
-        self.up()?.put_group_status(status).await
-    }
-
-    async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError> {
-        self.up()?.group_statuses(tenant).await
-    }
-
-    async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {
-        self.up()?.mirror_license(used, max_sessions, at_ms).await
-    }
-
-    async fn license_mirror(&self) -> Result<Option<LicenseMirror>, PresenceError> {
-        self.up()?.license_mirror().await
-    }
-
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<PresenceChange> {
-        self.inner.changes()
     }
 }
