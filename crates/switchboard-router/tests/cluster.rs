@@ -524,6 +524,50 @@ async fn heartbeats(nodes: &Nodes, seconds: u64) {
     }
 }
 
+/// On the node `on`: an agent signed in and connected all along, with their gateway's pushes; and another who
+/// was online and whose last connection just closed, holding a chat (`holding`) or nothing.
+async fn connected_and_gone(
+    nodes: &Nodes,
+    on: &Router,
+    holding: bool,
+) -> (AgentId, mpsc::UnboundedReceiver<Push>, AgentId, Option<ConversationId>) {
+    let cluster = &nodes.cluster;
+    let connected = agent_of(on, &["x", "y", "z"]);
+    let pushes = sign_in(nodes, &connected).await;
+    let gone = agent_of(on, &["a", "b", "c", "w"]);
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
+    cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
+    let mut held = None;
+    if holding {
+        nodes.clock.advance_ms(1);
+        let chat = ConversationId::new_v7(nodes.clock.now_ms());
+        let pull_group = if gone == agent("w") { group("t") } else { group("g1") };
+        cluster.start_chat(start_request(chat, pull_group, "y", "still there?")).await.unwrap();
+        cluster.accept_chat(&tenant(), &gone, chat).await.unwrap();
+        held = Some(chat);
+    }
+    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+    (connected, pushes, gone, held)
+}
+
+/// The status the next `agent.status` push about `who` tells, within a second.
+async fn status_told(
+    pushes: &mut mpsc::UnboundedReceiver<Push>,
+    who: &AgentId,
+) -> Result<AgentStatus, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(Push::Agent { agent, change: AgentChange::Status { agent: view }, .. }) = pushes.recv().await
+                && agent == *who
+            {
+                return view.status;
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn agents_whose_status_was_lost_with_their_node_come_back_away_and_their_chats_do_not_stay_with_the_absent() {
     let nodes = start_nodes(2).await;
@@ -531,18 +575,8 @@ async fn agents_whose_status_was_lost_with_their_node_come_back_away_and_their_c
     let cluster = nodes.cluster.clone();
     let (leaving, staying) = (nodes.routers[0].clone(), nodes.routers[1].clone());
     // One agent connected all along; another who holds a chat and whose last connection just closed.
-    let connected = agent_of(&leaving, &["x", "y", "z"]);
-    let mut pushes = sign_in(&nodes, &connected).await;
-    let gone = agent_of(&leaving, &["a", "b", "c", "w"]);
-    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
-    nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
-    cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
-    nodes.clock.advance_ms(1);
-    let held = ConversationId::new_v7(nodes.clock.now_ms());
-    let pull_group = if gone == agent("w") { group("t") } else { group("g1") };
-    cluster.start_chat(start_request(held, pull_group, "y", "still there?")).await.unwrap();
-    cluster.accept_chat(&tenant(), &gone, held).await.unwrap();
-    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+    let (connected, mut pushes, gone, held) = connected_and_gone(&nodes, &leaving, true).await;
+    let held = held.unwrap();
 
     // Presence loses what the agents chose (as a Redis that restarted empty would), then their node leaves.
     for who in [&connected, &gone] {
@@ -562,15 +596,7 @@ async fn agents_whose_status_was_lost_with_their_node_come_back_away_and_their_c
     // The connected agent's gateway follows them on their new node, and their console is told.
     while pushes.try_recv().is_ok() {}
     cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected).await.unwrap();
-    let told = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            if let Some(Push::Agent { agent, change: AgentChange::Status { agent: view }, .. }) = pushes.recv().await
-                && agent == connected
-            {
-                return view.status;
-            }
-        }
-    });
+    let told = status_told(&mut pushes, &connected);
     assert_eq!(told.await, Ok(AgentStatus::Away));
 
     // Without a connection, the grace period, then offline and the chat waits again; the connected agent
@@ -592,13 +618,7 @@ async fn agents_taken_over_while_presence_does_not_answer_come_back_away_not_off
     let cluster = nodes.cluster.clone();
     let (leaving, staying) = (nodes.routers[0].clone(), nodes.routers[1].clone());
     // An agent connected all along and holding nothing; another whose last connection just closed.
-    let connected = agent_of(&leaving, &["x", "y", "z"]);
-    let mut pushes = sign_in(&nodes, &connected).await;
-    let gone = agent_of(&leaving, &["a", "b", "c", "w"]);
-    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
-    nodes.presence.session_alive(&tenant(), &gone, "s-2", "gw", expires).await.unwrap();
-    cluster.set_agent_status(&tenant(), &gone, AgentStatus::Online).await.unwrap();
-    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+    let (connected, mut pushes, gone, _) = connected_and_gone(&nodes, &leaving, false).await;
 
     // Redis stops answering, then the agents' node leaves: the new owner can read neither their status nor
     // their connections.
@@ -614,15 +634,7 @@ async fn agents_taken_over_while_presence_does_not_answer_come_back_away_not_off
     assert_eq!(status(&gone).await, AgentStatus::Away);
     while pushes.try_recv().is_ok() {}
     cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected).await.unwrap();
-    let told = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            if let Some(Push::Agent { agent, change: AgentChange::Status { agent: view }, .. }) = pushes.recv().await
-                && agent == connected
-            {
-                return view.status;
-            }
-        }
-    });
+    let told = status_told(&mut pushes, &connected);
     assert_eq!(told.await, Ok(AgentStatus::Away), "the console is told, not left showing online");
 
     // However long presence is down, nobody goes offline for it; once it answers, the absent agent goes
