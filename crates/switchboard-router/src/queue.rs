@@ -241,7 +241,10 @@ impl Actor for QueueActor {
             QueueMsg::Unsubscribe { gateway } => {
                 state.subscribers.remove(&gateway);
             }
-            QueueMsg::AgentChanged { availability } => state.agent_changed(availability),
+            QueueMsg::AgentChanged { availability } => {
+                state.agent_changed(availability);
+                state.report_online();
+            }
             QueueMsg::RejectOffer { agent, conversation, reply } => state.reject(agent, conversation, reply),
             QueueMsg::OfferMade { conversation, agent, result } => state.offer_made(conversation, agent, result),
             QueueMsg::OfferEnded { conversation, agent, recorded } => state.offer_ended(conversation, agent, recorded),
@@ -251,7 +254,10 @@ impl Actor for QueueActor {
                     state.end_offer(conversation, agent, OfferEnd::TimedOut, None);
                 }
             }
-            QueueMsg::AvailabilityLoaded { agents } => merge_loaded(&mut state.agents, agents),
+            QueueMsg::AvailabilityLoaded { agents } => {
+                merge_loaded(&mut state.agents, agents);
+                state.report_online();
+            }
             QueueMsg::Tick => state.tick(),
         }
         state.dispatch();
@@ -268,11 +274,15 @@ impl QueueActorState {
         self.context.clock.now_ms()
     }
 
-    /// Sets the queue's gauges: how many chats wait, how long the head has waited, and how many of the
-    /// group's agents it knows online.
+    /// Sets the queue's gauges: how many chats wait, and how long the head has waited.
     fn report(&self, waiting: usize, oldest_wait_ms: i64) {
         self.metrics.waiting.set(waiting as f64);
         self.metrics.oldest_wait.set(oldest_wait_ms as f64 / 1000.0);
+    }
+
+    /// Sets the gauge of the group's agents online, as the queue knows them (after a change of them only:
+    /// it counts them all).
+    fn report_online(&self) {
         let online = self.agents.values().filter(|agent| agent.status == AgentStatus::Online).count();
         self.metrics.online.set(online as f64);
     }
