@@ -43,10 +43,12 @@ impl Budget {
     }
 
     /// Takes one request's token, or answers how long until there is one, in whole milliseconds (at least 1).
-    pub(crate) fn take(&mut self, now_us: i64) -> Result<(), u64> {
+    /// `now_us` is read only when there is a limit.
+    pub(crate) fn take(&mut self, now_us: impl FnOnce() -> i64) -> Result<(), u64> {
         if self.rate.per_second == 0 {
             return Ok(());
         }
+        let now_us = now_us();
         let refill_per_us = i64::from(self.rate.per_second);
         let full = i64::from(self.rate.burst.max(1)).saturating_mul(TOKEN);
         // A clock that steps back refills nothing (and takes nothing back).
@@ -74,28 +76,28 @@ mod tests {
     fn a_burst_then_the_rate_and_how_long_to_wait() {
         let mut budget = Budget::new(RequestRate { per_second: 10, burst: 3 }, 0);
         for _ in 0..3 {
-            assert_eq!(budget.take(0), Ok(()));
+            assert_eq!(budget.take(|| 0), Ok(()));
         }
-        assert_eq!(budget.take(0), Err(100), "one token every 100 ms");
-        assert_eq!(budget.take(40_000), Err(60));
-        assert_eq!(budget.take(100_000), Ok(()));
-        assert_eq!(budget.take(100_000), Err(100));
+        assert_eq!(budget.take(|| 0), Err(100), "one token every 100 ms");
+        assert_eq!(budget.take(|| 40_000), Err(60));
+        assert_eq!(budget.take(|| 100_000), Ok(()));
+        assert_eq!(budget.take(|| 100_000), Err(100));
         // Idle for long: the bucket holds the burst, no more.
         for _ in 0..3 {
-            assert_eq!(budget.take(60_000_000), Ok(()));
+            assert_eq!(budget.take(|| 60_000_000), Ok(()));
         }
-        assert!(budget.take(60_000_000).is_err());
+        assert!(budget.take(|| 60_000_000).is_err());
     }
 
     #[test]
     fn no_limit_admits_everything_and_a_clock_that_steps_back_refills_nothing() {
         let mut unlimited = Budget::new(RequestRate::UNLIMITED, 0);
-        assert!((0..10_000).all(|_| unlimited.take(0).is_ok()));
+        assert!((0..10_000).all(|_| unlimited.take(|| 0).is_ok()));
         let mut budget = Budget::new(RequestRate { per_second: 1, burst: 1 }, 5_000_000);
-        assert_eq!(budget.take(5_000_000), Ok(()));
-        assert_eq!(budget.take(1_000_000), Err(1_000));
-        assert_eq!(budget.take(5_999_999), Err(1), "a wait is at least 1 ms");
-        assert_eq!(budget.take(6_000_000), Ok(()));
+        assert_eq!(budget.take(|| 5_000_000), Ok(()));
+        assert_eq!(budget.take(|| 1_000_000), Err(1_000));
+        assert_eq!(budget.take(|| 5_999_999), Err(1), "a wait is at least 1 ms");
+        assert_eq!(budget.take(|| 6_000_000), Ok(()));
     }
 
     proptest! {
@@ -111,11 +113,11 @@ mod tests {
             let (mut now, mut admitted) = (0i64, 0i64);
             for gap in gaps {
                 now += gap;
-                match budget.take(now) {
+                match budget.take(|| now) {
                     Ok(()) => admitted += 1,
                     Err(wait_ms) => {
                         let later = now + i64::try_from(wait_ms).unwrap() * 1_000;
-                        prop_assert!(budget.take(later).is_ok(), "told to wait {wait_ms} ms at {now}");
+                        prop_assert!(budget.take(|| later).is_ok(), "told to wait {wait_ms} ms at {now}");
                         admitted += 1;
                         now = later;
                     }

@@ -271,16 +271,15 @@ impl<T: Transport> Session<T> {
     }
 
     async fn on_inbound(&mut self, inbound: Inbound, queued: &mut mpsc::Receiver<Arc<Outbound>>) -> Flow {
-        let over_budget = match &inbound {
-            Inbound::Request { .. } | Inbound::Refused { .. } => self.budget.take(self.shared.clock.now_us()).err(),
+        // Every frame answered counts against the budget, a valid request or not.
+        let id = match &inbound {
+            Inbound::Request { id, .. } => Some(Some(id.as_str())),
+            Inbound::Refused { id, .. } => Some(id.as_deref()),
             Inbound::Fatal(_) => None,
         };
-        if let Some(retry_after_ms) = over_budget {
-            let id = match &inbound {
-                Inbound::Request { id, .. } => Some(id.as_str()),
-                Inbound::Refused { id, .. } => id.as_deref(),
-                Inbound::Fatal(_) => None,
-            };
+        if let Some(id) = id
+            && let Err(retry_after_ms) = self.budget.take(|| self.shared.clock.now_us())
+        {
             let error = ErrorReply::rate_limited(retry_after_ms);
             count_refusal(&error);
             return self.send(Outgoing::Error { id, error: &error }).await;

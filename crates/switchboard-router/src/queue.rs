@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use switchboard_telemetry::names;
 
@@ -86,6 +85,11 @@ pub(crate) enum QueueMsg {
     AvailabilityLoaded {
         agents: Vec<AgentAvailability>,
     },
+    /// How many agents presence counts signed in to the group (from the task that read it): for the gauge,
+    /// which a queue stopped meanwhile no longer sets.
+    SignedInCounted {
+        signed_in: u32,
+    },
     /// The heartbeat: timers' safety net, routing, group status.
     Tick,
 }
@@ -149,9 +153,6 @@ struct QueueMetrics {
     open: metrics::Gauge,
     signed_in: metrics::Gauge,
     online: metrics::Gauge,
-    /// Set when the actor stops: a count from presence still on its way is then not written, so that a
-    /// router that lost the queue reports 0 (another router's figures are the group's now).
-    stopped: Arc<AtomicBool>,
 }
 
 impl QueueMetrics {
@@ -164,7 +165,6 @@ impl QueueMetrics {
             open: metrics::gauge!(names::GROUP_OPEN, &labels),
             signed_in: metrics::gauge!(names::GROUP_AGENTS_SIGNED_IN, &labels),
             online: metrics::gauge!(names::GROUP_AGENTS_ONLINE, &labels),
-            stopped: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -199,8 +199,8 @@ impl Actor for QueueActor {
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "queue").decrement(1.0);
-        // The queue lives on elsewhere now: its figures are that router's.
-        state.metrics.stopped.store(true, Ordering::SeqCst);
+        // The queue lives on elsewhere now: its figures are that router's (a count still on its way to this
+        // actor is not handled any more).
         state.report(0, 0);
         state.metrics.open.set(0.0);
         state.metrics.signed_in.set(0.0);
@@ -258,6 +258,7 @@ impl Actor for QueueActor {
                 merge_loaded(&mut state.agents, agents);
                 state.report_online();
             }
+            QueueMsg::SignedInCounted { signed_in } => state.metrics.signed_in.set(f64::from(signed_in)),
             QueueMsg::Tick => state.tick(),
         }
         state.dispatch();
@@ -552,8 +553,8 @@ impl QueueActorState {
     fn publish_status(&self, now_ms: i64) {
         let open = self.hours.is_open(now_ms);
         self.metrics.open.set(if open { 1.0 } else { 0.0 });
-        let (signed_in_gauge, stopped) = (self.metrics.signed_in.clone(), self.metrics.stopped.clone());
-        let (context, tenant, group) = (self.context.clone(), self.tenant.clone(), self.group.clone());
+        let (context, tenant, group, myself) =
+            (self.context.clone(), self.tenant.clone(), self.group.clone(), self.myself.clone());
         tokio::spawn(async move {
             let key = (tenant.clone(), group.clone());
             let signed_in = match context.presence.n_signed_in(&tenant, &group, now_ms).await {
@@ -569,12 +570,8 @@ impl QueueActorState {
                     return;
                 }
             };
-            if !stopped.load(Ordering::SeqCst) {
-                signed_in_gauge.set(signed_in as f64);
-                // The actor stopped in between: its own zero may have come first.
-                if stopped.load(Ordering::SeqCst) {
-                    signed_in_gauge.set(0.0);
-                }
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::SignedInCounted { signed_in });
             }
             let status =
                 GroupStatus { tenant, group, open, signed_in, online: open && signed_in > 0, evaluated_at_ms: now_ms };
