@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures_util::future::BoxFuture;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -154,8 +155,17 @@ pub struct Network {
     /// The loopback source connections come from now: 0 is the kernel's choice (127.0.0.1), n is
     /// [`loopback_source`]`(n)`.
     auto_source: AtomicU32,
+    /// Connects a socket: the kernel's `connect`, or in unit tests one that runs out of ports on demand.
+    dial: Dial,
     pub timeout: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// How a prepared socket is connected to an address.
+type Dial = Arc<dyn Fn(TcpSocket, SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> + Send + Sync>;
+
+fn kernel_dial() -> Dial {
+    Arc::new(|socket: TcpSocket, address| socket.connect(address).boxed())
 }
 
 impl Network {
@@ -194,6 +204,7 @@ impl Network {
             next_source: AtomicUsize::new(0),
             auto_sources,
             auto_source: AtomicU32::new(0),
+            dial: kernel_dial(),
             timeout,
             metrics,
         })
@@ -269,7 +280,7 @@ impl Network {
             } else if auto > 0 {
                 socket.bind(SocketAddr::new(loopback_source(auto), 0))?;
             }
-            match socket.connect(address).await {
+            match (self.dial)(socket, address).await {
                 Err(error)
                     if error.kind() == std::io::ErrorKind::AddrNotAvailable
                         && self.auto_sources
@@ -492,5 +503,61 @@ mod tests {
         assert_eq!(seen_from(&automatic, &listener).await.to_string(), "127.0.0.6");
         // A server elsewhere is reached as the routes say, from whichever address they give.
         assert!(!network("ws://10.0.0.1:1/v1/ws", Vec::new()).await.auto_sources);
+    }
+
+    /// The kernel's connect, except that the ports of the first `short` loopback sources have run out:
+    /// a connect from one of them fails with `EADDRNOTAVAIL`, as it does after some 28,000 connections.
+    fn ports_short_on_first(short: u32) -> Dial {
+        Arc::new(move |socket: TcpSocket, address| {
+            async move {
+                // An unbound socket (the kernel picks 127.0.0.1) shows 0.0.0.0.
+                let from = match socket.local_addr()?.ip() {
+                    IpAddr::V4(ip) if ip.is_unspecified() => 0,
+                    IpAddr::V4(ip) => u32::from(ip) - u32::from(std::net::Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(_) => u32::MAX,
+                };
+                if from < short {
+                    // As a connect does: the others begin theirs before this one fails.
+                    tokio::task::yield_now().await;
+                    return Err(std::io::Error::from(std::io::ErrorKind::AddrNotAvailable));
+                }
+                socket.connect(address).await
+            }
+            .boxed()
+        })
+    }
+
+    #[tokio::test]
+    async fn connections_move_on_to_the_next_loopback_source_when_a_connect_finds_no_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut net = network(&format!("ws://{address}/v1/ws"), Vec::new()).await;
+        net.dial = ports_short_on_first(3);
+
+        // Twenty connections at once all meet the shortage at 127.0.0.1; each source is given up once,
+        // not once per connection, so none skips past the first source that has ports.
+        let connects = futures_util::future::join_all((0..20).map(|_| net.connect_tcp(address)));
+        let accepts = async {
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                seen.push(listener.accept().await.unwrap().1.ip().to_string());
+            }
+            seen
+        };
+        let (clients, seen) = tokio::join!(connects, accepts);
+        assert!(clients.iter().all(Result::is_ok), "{clients:?}");
+        assert_eq!(seen, vec!["127.0.0.4".to_owned(); 20]);
+        assert_eq!(net.auto_source.load(Ordering::Relaxed), 3);
+
+        // With no source left to move on to, the error is the connection's.
+        net.auto_source.store(MAX_LOOPBACK_SOURCES, Ordering::Relaxed);
+        net.dial = ports_short_on_first(u32::MAX);
+        let error = net.connect_tcp(address).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrNotAvailable);
+        // Addresses given with --source-addrs are kept to, short or not.
+        let mut explicit = network(&format!("ws://{address}/v1/ws"), vec!["127.0.0.2".parse().unwrap()]).await;
+        explicit.dial = ports_short_on_first(2);
+        let error = explicit.connect_tcp(address).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrNotAvailable);
     }
 }

@@ -4,7 +4,6 @@
 //! the routers together own every shard and hold the chat's actors, the store timed its appends, the
 //! refused request is counted by reason, and every process reports its CPU and memory.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -12,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use serde_json::json;
 use switchboard_cluster_tests::{Cluster, ClusterSpec, Process};
+use switchboard_e2e::exposition::total;
 use switchboard_e2e::{Client, SEED_CONFIG};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -29,38 +29,6 @@ async fn scrape(process: &Process) -> anyhow::Result<String> {
     let (head, body) = response.split_once("\r\n\r\n").context("no HTTP header in the response")?;
     ensure!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{}: {head}", process.name);
     Ok(body.to_owned())
-}
-
-/// The samples of a text exposition: (name, labels) → value.
-fn samples(body: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
-    let mut samples = BTreeMap::new();
-    for line in body.lines().filter(|line| !line.starts_with('#') && !line.trim().is_empty()) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let Ok(value) = value.parse::<f64>() else { continue };
-        let (name, labels) = match series.split_once('{') {
-            Some((name, labels)) => (name, labels.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        // Switchboard's label values are ids and codes: no commas or quotes inside them.
-        let labels = labels
-            .split(',')
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(key, value)| (key.to_owned(), value.trim_matches('"').to_owned()))
-            .collect();
-        samples.insert((name.to_owned(), labels), value);
-    }
-    samples
-}
-
-/// The sum of `name` over the samples whose labels include every one of `with`.
-fn total(body: &str, name: &str, with: &[(&str, &str)]) -> f64 {
-    samples(body)
-        .iter()
-        .filter(|((sample, labels), _)| {
-            sample == name && with.iter().all(|(key, value)| labels.get(*key).map(String::as_str) == Some(*value))
-        })
-        .map(|(_, value)| value)
-        .sum()
 }
 
 fn promtool_check(body: &str, what: &str) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@
 //! sleep.
 
 mod client;
+pub mod exposition;
 mod server;
 
 pub use client::{Client, Frame};

@@ -1,8 +1,9 @@
 //! What SREs get in `deploy/`, checked against the metric catalogue of `docs/observability.md` and against
 //! the real binary: the alert rules load and pass their unit tests, every alert has a runbook and tests that
 //! fire it and that must not fire it, every dashboard query is valid PromQL on the `datasource` variable, the
-//! dashboards and alerts name only catalogued metrics, and `/metrics` of a real `serve` lints clean and
-//! exposes every catalogued metric with its documented type and labels.
+//! dashboards and alerts name only catalogued metrics, and `/metrics` of a real `serve` lints clean,
+//! exposes every catalogued metric with its documented type and labels, and its figures (license, queues,
+//! offer and message latencies, connections, refusals, actors, shards, store) say what its traffic did.
 //!
 //! The checks run `promtool` (Debian's `prometheus` package, which `./scripts/test` installs).
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
+use switchboard_e2e::exposition::total;
 use switchboard_e2e::{Client, Server};
 use switchboard_proto::public::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -677,8 +679,11 @@ async fn drive_traffic(server: &Server) -> anyhow::Result<Vec<Client>> {
     alice.ok("chat.accept", json!({ "conversation": offered })).await?;
 
     let mut stranger = Client::connect(&url).await?;
-    stranger.refused("chat.start", json!({ "widget_key": WIDGET, "group": "nowhere", "name": "Eve" })).await?;
-    stranger.refused("no.such.request", json!({})).await?;
+    let start = json!({ "widget_key": WIDGET, "group": "nowhere", "name": "Eve", "question": "Anyone?" });
+    let code = stranger.refused("chat.start", start).await?;
+    ensure!(code == "unknown_group", "a chat in a group that does not exist refused with {code}");
+    let code = stranger.refused("no.such.request", json!({})).await?;
+    ensure!(code == "unknown_type", "a request of no known type refused with {code}");
 
     grpc_ping(&server.address).await?;
     grpc_made_up_method(&server.address).await?;
@@ -717,8 +722,64 @@ async fn grpc_made_up_method(address: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the figures of `serve` must say once [`drive_traffic`] has run; `Err` lists what does not hold (yet).
+fn figures_hold(body: &str) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    let mut expect = |name: &str, with: &[(&str, &str)], holds: fn(f64) -> bool, wanted: &str| {
+        let value = total(body, name, with);
+        if !holds(value) {
+            let labels: Vec<String> = with.iter().map(|(key, value)| format!("{key}=\"{value}\"")).collect();
+            problems.push(format!("{name}{{{}}} is {value}, expected {wanted}", labels.join(",")));
+        }
+    };
+    let demo = |group| [("tenant", "demo"), ("group", group)];
+    // The license: Dana's chat holds a permit (Ann's was closed) of the 50.
+    expect("switchboard_license_sessions_in_use", &[], |v| v == 1.0, "1");
+    expect("switchboard_license_sessions_max", &[], |v| v == 50.0, "50");
+    // Queues and routing: one chat started in each group, both accepted, nothing left waiting.
+    expect("switchboard_chats_started_total", &demo("sales"), |v| v == 1.0, "1");
+    expect("switchboard_chats_started_total", &demo("support"), |v| v == 1.0, "1");
+    expect("switchboard_chats_finished_total", &[("group", "sales"), ("reason", "closed")], |v| v == 1.0, "1");
+    expect("switchboard_queue_waiting_chats", &[], |v| v == 0.0, "0");
+    expect("switchboard_queue_wait_seconds_count", &demo("sales"), |v| v == 1.0, "1");
+    expect("switchboard_queue_wait_seconds_count", &demo("support"), |v| v == 1.0, "1");
+    expect("switchboard_group_open", &demo("support"), |v| v == 1.0, "1");
+    expect("switchboard_group_agents_online", &demo("support"), |v| v == 1.0, "1 (Alice)");
+    expect("switchboard_group_agents_signed_in", &demo("sales"), |v| v == 1.0, "1 (Alice)");
+    // Latencies: the push offer of Dana's chat, and the two messages, each timed as it reached the other side.
+    expect("switchboard_offer_latency_seconds_count", &[], |v| v == 1.0, "1");
+    expect("switchboard_offers_ended_total", &[("reason", "accepted")], |v| v == 1.0, "1");
+    expect("switchboard_message_latency_seconds_count", &[], |v| v == 2.0, "2");
+    // The gateway: who is connected, what was asked, what was refused and why.
+    let websocket = |role| [("transport", "websocket"), ("role", role)];
+    expect("switchboard_gateway_connections", &websocket("agent"), |v| v == 1.0, "1 (Alice)");
+    expect("switchboard_gateway_connections", &websocket("customer"), |v| v == 2.0, "2 (Ann, Dana)");
+    expect("switchboard_gateway_connections", &websocket("none"), |v| v == 1.0, "1 (the stranger)");
+    expect("switchboard_gateway_requests_total", &[("type", "message.send")], |v| v == 2.0, "2");
+    expect("switchboard_gateway_refusals_total", &[("reason", "unknown_group")], |v| v == 1.0, "1");
+    expect("switchboard_gateway_refusals_total", &[("reason", "unknown_type")], |v| v == 1.0, "1");
+    expect("switchboard_gateway_requests_total", &[("type", "invalid")], |v| v == 1.0, "1 (no.such.request)");
+    let session = [("service", "switchboard.v1.ChatService"), ("method", "Session"), ("code", "ok")];
+    expect("switchboard_grpc_server_requests_total", &session, |v| v == 1.0, "1");
+    // The router and the store.
+    expect("switchboard_router_shards_owned", &[], |v| v == 1024.0, "1024");
+    expect("switchboard_router_actors", &[("kind", "queue")], |v| v == 2.0, "2");
+    expect("switchboard_router_actors", &[("kind", "agent")], |v| v >= 1.0, "at least 1");
+    expect("switchboard_router_actors", &[("kind", "conversation")], |v| v >= 1.0, "at least 1");
+    // Two creations, two acceptances, an offer, two messages and a close, at least.
+    expect("switchboard_store_appends_total", &[("outcome", "stored")], |v| v >= 8.0, "at least 8");
+    expect("switchboard_store_append_duration_seconds_count", &[], |v| v >= 8.0, "at least 8");
+    expect("switchboard_store_append_batch_size_count", &[], |v| v >= 1.0, "at least 1");
+    expect("switchboard_store_writer_failed", &[], |v| v == 0.0, "0");
+    // The process.
+    expect("switchboard_build_info", &[("role", "serve")], |v| v == 1.0, "1");
+    expect("process_cpu_seconds_total", &[], |v| v > 0.0, "above 0");
+    expect("process_resident_memory_bytes", &[], |v| v > 0.0, "above 0");
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_server_exposes_every_catalogued_metric_and_lints_clean() -> anyhow::Result<()> {
+async fn a_real_server_exposes_every_catalogued_metric_lints_clean_and_says_what_happened() -> anyhow::Result<()> {
     promtool(&["--version"], None)?;
     let catalogue = catalogue()?;
     let served: Vec<&Catalogued> =
@@ -732,12 +793,13 @@ async fn a_real_server_exposes_every_catalogued_metric_and_lints_clean() -> anyh
 
     // Some figures change on timers (lease renewals): scrape until every name is there, or the deadline.
     let deadline = tokio::time::Instant::now() + METRICS_DEADLINE;
-    let (status, content_type, body, missing, wrong_types, wrong_labels) = loop {
+    let (status, content_type, body, missing, wrong_types, wrong_labels, figures) = loop {
         let (status, content_type, body) = scrape(&server.address).await?;
         let (missing, wrong_types, wrong_labels) = compare_with_catalogue(&parse_exposition(&body), &served);
+        let figures = figures_hold(&body);
         let served_metrics = status.contains(" 200 ");
-        if missing.is_empty() || !served_metrics || tokio::time::Instant::now() >= deadline {
-            break (status, content_type, body, missing, wrong_types, wrong_labels);
+        if (missing.is_empty() && figures.is_ok()) || !served_metrics || tokio::time::Instant::now() >= deadline {
+            break (status, content_type, body, missing, wrong_types, wrong_labels, figures);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -762,6 +824,9 @@ async fn a_real_server_exposes_every_catalogued_metric_and_lints_clean() -> anyh
     }
     if !wrong_labels.is_empty() {
         failures.push(format!("metrics whose labels differ from the catalogue:\n  {}", wrong_labels.join("\n  ")));
+    }
+    if let Err(problems) = figures {
+        failures.push(format!("the figures do not say what the traffic did:\n  {}", problems.join("\n  ")));
     }
     // The labels are bounded whatever the clients send: a made-up method is `unknown`.
     let made_up = MADE_UP_METHOD.rsplit('/').next().unwrap_or(MADE_UP_METHOD);
