@@ -23,6 +23,8 @@ pub enum Refusal {
     EmptyMessage,
     #[error("delivery can only be confirmed for messages that exist (up to seq {last_seq})")]
     BadDeliveryMark { last_seq: u64 },
+    #[error("the chat has no events after seq {last_seq}: resume from the last seq received, at most {last_seq}")]
+    BadAfterSeq { last_seq: u64 },
     #[error("this group routes chats by offer: only the agent a chat is offered to can accept it")]
     NotOffered,
     #[error("this chat is already offered to another agent")]
@@ -56,6 +58,7 @@ impl Refusal {
             Refusal::NotInGroup => "not_in_group",
             Refusal::EmptyMessage => "empty_message",
             Refusal::BadDeliveryMark { .. } => "bad_delivery_mark",
+            Refusal::BadAfterSeq { .. } => "bad_after_seq",
             Refusal::NotOffered => "not_offered",
             Refusal::OfferOutstanding => "offer_outstanding",
             Refusal::SameGroup => "same_group",

@@ -284,6 +284,11 @@ impl Hub {
         first
     }
 
+    /// Whether this socket watches the conversation.
+    pub fn watches(&self, socket: SocketId, conversation: ConversationId) -> bool {
+        self.lock().watched_by.get(&socket).is_some_and(|watched| watched.contains(&conversation))
+    }
+
     /// The socket no longer wants the conversation's pushes; true when no socket of this gateway does.
     pub fn unwatch(&self, socket: SocketId, conversation: ConversationId) -> bool {
         let mut state = self.lock();

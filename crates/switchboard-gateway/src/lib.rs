@@ -398,6 +398,8 @@ async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -
         .read_buffer_size(WS_BUFFER_BYTES)
         .write_buffer_size(WS_BUFFER_BYTES)
         .max_message_size(max_frame)
+        // Checked on each frame's header too, before its payload is read (tungstenite's own default is 16 MiB).
+        .max_frame_size(max_frame)
         .on_upgrade(move |socket| session::run(shared, ws::WsTransport::new(socket, max_message_bytes)))
 }
 

@@ -529,6 +529,7 @@ impl<T: Transport> Session<T> {
                     .ok_or_else(|| ErrorReply::new("unknown_group", "no such support group"))?;
                 let customer_name = check_name(&name)?;
                 let contact = contact.trim().to_owned();
+                no_nul("contact", &contact)?;
                 if contact.is_empty() || contact.chars().count() > MAX_CONTACT_CHARS {
                     return Err(ErrorReply::new(
                         "bad_request",
@@ -542,6 +543,7 @@ impl<T: Transport> Session<T> {
                         format!("reason is one of {}", OFFLINE_REASONS.join(", ")),
                     ));
                 }
+                no_nul("idempotency_key", &idempotency_key)?;
                 if idempotency_key.is_empty() || idempotency_key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
                     return Err(ErrorReply::new(
                         "bad_request",
@@ -806,10 +808,13 @@ impl<T: Transport> Session<T> {
         let shared = self.shared.clone();
         let _ordered = shared.conversation_lock(conversation).await;
         // Watch before subscribing, so that no event pushed in between is missed.
+        let watching_before = self.shared.hub.watches(self.socket_id, conversation);
         let first_watch = self.shared.hub.watch(self.socket_id, conversation);
         let subscribed = self.shared.router.subscribe(&self.shared.gateway_id, &caller, conversation, after_seq).await;
         let events = match subscribed {
             Ok(events) => events,
+            // A subscription of this socket's from before stays as it was.
+            Err(error) if watching_before => return Err(error.into()),
             Err(error) => {
                 // Undo the watch; the gateway stays subscribed if another socket was already watching.
                 if self.shared.hub.unwatch(self.socket_id, conversation) && !first_watch {
@@ -908,10 +913,11 @@ impl<T: Transport> Session<T> {
         if body.trim().is_empty() {
             return Err(ErrorReply::new("empty_message", "a message must not be empty"));
         }
-        Ok(())
+        no_nul("the text", body)
     }
 
     fn check_message(&self, client_msg_id: &str, body: &str) -> Result<(), ErrorReply> {
+        no_nul("client_msg_id", client_msg_id)?;
         if client_msg_id.is_empty() || client_msg_id.chars().count() > MAX_CLIENT_MSG_ID_CHARS {
             return Err(ErrorReply::new(
                 "bad_request",
@@ -925,10 +931,20 @@ impl<T: Transport> Session<T> {
 /// A customer's name: 1 to [`MAX_NAME_CHARS`] characters after trimming white space.
 fn check_name(name: &str) -> Result<String, ErrorReply> {
     let name = name.trim();
+    no_nul("a name", name)?;
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
         return Err(ErrorReply::new("bad_request", format!("a name has 1 to {MAX_NAME_CHARS} characters")));
     }
     Ok(name.to_owned())
+}
+
+/// Text that is stored must not hold U+0000: PostgreSQL's text cannot, and a chat's text is the same
+/// whichever database holds it.
+fn no_nul(what: &str, text: &str) -> Result<(), ErrorReply> {
+    if text.contains('\0') {
+        return Err(ErrorReply::new("bad_request", format!("{what} must not contain the character U+0000")));
+    }
+    Ok(())
 }
 
 fn not_signed_in() -> ErrorReply {

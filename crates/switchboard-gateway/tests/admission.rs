@@ -58,5 +58,11 @@ async fn requests_over_a_connections_budget_are_refused_undone_and_counted() {
     bea.send_text("x".repeat(limit + 1)).await;
     assert_eq!(bea.read_or_close().await, Err(Some(switchboard_gateway::CLOSE_MESSAGE_TOO_BIG)));
     assert_eq!(refusals("frame_too_large"), 1);
+    // The size is checked on the frame's header, before its payload: a frame announced larger than the
+    // limit closes the connection without the server waiting for (and holding) the bytes announced.
+    let mut cal = WsClient::connect(&server).await;
+    cal.send_frame_header(8 * 1024 * 1024).await;
+    assert_eq!(cal.read_or_close().await, Err(Some(switchboard_gateway::CLOSE_MESSAGE_TOO_BIG)));
+    assert_eq!(refusals("frame_too_large"), 2);
     server.stop().await;
 }

@@ -371,6 +371,19 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
             ws_start("Dana", "sales", &big, WIDGET),
             "message_too_large",
         ),
+        // U+0000 cannot be stored in PostgreSQL's text: refused whichever database holds the chat.
+        (
+            "a NUL in a name",
+            chat_start_with("Da\0na", "sales", "Hi", WIDGET),
+            ws_start("Da\0na", "sales", "Hi", WIDGET),
+            "bad_request",
+        ),
+        (
+            "a NUL in a question",
+            chat_start_with("Dana", "sales", "H\0i", WIDGET),
+            ws_start("Dana", "sales", "H\0i", WIDGET),
+            "bad_request",
+        ),
     ];
     for (n, (what, request, mut json, code)) in cases.into_iter().enumerate() {
         let id = format!("a{n}");
@@ -410,6 +423,22 @@ async fn bad_input_over_grpc_gets_the_websocket_error_codes_and_the_stream_stays
                 move |own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "y".repeat(4097) }),
             ),
             "message_too_large",
+        ),
+        (
+            "a NUL in a message",
+            Box::new(|own| send_message(own, "m1", "h\0i")),
+            Box::new(
+                |own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "m1", "body": "h\0i" }),
+            ),
+            "bad_request",
+        ),
+        (
+            "a NUL in a client_msg_id",
+            Box::new(|own| send_message(own, "m\0", "hi")),
+            Box::new(
+                |own| json!({ "type": "message.send", "conversation": own, "client_msg_id": "m\0", "body": "hi" }),
+            ),
+            "bad_request",
         ),
         (
             "an empty message",
@@ -673,6 +702,20 @@ async fn resuming_from_a_seq_over_grpc_fills_the_gap_and_goes_on_live() {
     assert_eq!(sent_seq(bob.ack(send_message(&chat, "b4", "five")).await), 8);
     let Frame::Event(next) = again.push().await else { panic!("the next event") };
     assert_eq!(next.event.unwrap().seq, 8);
+
+    // More than the log holds cannot have been received: refused, and the stream can resume properly.
+    let mut beyond = GrpcClient::connect(&server).await;
+    for after_seq in [9, u64::MAX] {
+        assert_eq!(beyond.refused(resume(&token, after_seq)).await.code, "bad_after_seq");
+    }
+    beyond.ack(resume(&token, 8)).await;
+    let too_far = Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chat.clone(), after_seq: 9 });
+    assert_eq!(bob.refused(too_far).await.code, "bad_after_seq");
+    assert_eq!(sent_seq(bob.ack(send_message(&chat, "b5", "six")).await), 9);
+    let Frame::Event(next) = beyond.push().await else { panic!("the next event") };
+    assert_eq!(next.event.unwrap().seq, 9);
+    // The refused subscription left the agent's own, made before it, in place.
+    bob.expect_events(&chat, &[(8, "message"), (9, "message")]).await;
     server.stop().await;
 }
 

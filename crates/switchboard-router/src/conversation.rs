@@ -383,8 +383,14 @@ impl ConversationActorState {
     }
 
     async fn read(&self, after_seq: u64) -> Result<Vec<Event>, RouterError> {
-        // A client that has everything (or claims more than exists) gets nothing, without a store read.
-        if after_seq >= self.conversation.last_seq {
+        let last_seq = self.conversation.last_seq;
+        // A client cannot have received more than exists: it is refused, rather than believed (a gateway
+        // would then take events it never had for received, and not fill a gap in them).
+        if after_seq > last_seq {
+            return Err(RouterError::Refused(Refusal::BadAfterSeq { last_seq }));
+        }
+        // A client that has everything gets nothing, without a store read.
+        if after_seq == last_seq {
             return Ok(Vec::new());
         }
         if let Some(events) = self.recent.after(after_seq, self.conversation.last_seq) {

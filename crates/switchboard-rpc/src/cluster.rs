@@ -168,11 +168,9 @@ struct Followed {
 impl Followed {
     /// Notes that the event `seq` reached the gateway.
     fn note(&mut self, seq: u64) {
-        if seq == self.through + 1 {
+        if Some(seq) == self.through.checked_add(1) {
             self.through = seq;
-            while self.ahead.remove(&(self.through + 1)) {
-                self.through += 1;
-            }
+            self.close_up();
         } else if seq > self.through {
             self.ahead.insert(seq);
         }
@@ -183,9 +181,18 @@ impl Followed {
         if seq > self.through {
             self.through = seq;
             self.ahead.retain(|ahead| *ahead > seq);
-            while self.ahead.remove(&(self.through + 1)) {
-                self.through += 1;
-            }
+            self.close_up();
+        }
+    }
+
+    /// Moves `through` over the events ahead that now follow it without a hole. (Seqs come from the store,
+    /// and a client's `after_seq` beyond the log is refused by the conversation: `through` never nears
+    /// `u64::MAX`, but no seq can make this overflow.)
+    fn close_up(&mut self) {
+        while let Some(next) = self.through.checked_add(1)
+            && self.ahead.remove(&next)
+        {
+            self.through = next;
         }
     }
 
@@ -1274,5 +1281,18 @@ mod tests {
         assert_eq!((followed.through, followed.ahead.iter().copied().collect::<Vec<_>>()), (10, vec![12]));
         followed.has_through(12);
         assert_eq!((followed.through, followed.has_hole()), (12, false));
+    }
+
+    #[test]
+    fn no_seq_overflows_the_watermark() {
+        let mut followed = followed(u64::MAX - 2);
+        followed.note(u64::MAX);
+        followed.note(u64::MAX - 1);
+        assert_eq!((followed.through, followed.has_hole()), (u64::MAX, false));
+        followed.note(u64::MAX);
+        let mut followed = self::followed(0);
+        followed.note(u64::MAX);
+        followed.has_through(u64::MAX - 1);
+        assert_eq!((followed.through, followed.has_hole()), (u64::MAX, false));
     }
 }

@@ -176,6 +176,7 @@ mod tests {
             Refusal::NotInGroup,
             Refusal::EmptyMessage,
             Refusal::BadDeliveryMark { last_seq: 17 },
+            Refusal::BadAfterSeq { last_seq: 17 },
             Refusal::NotOffered,
             Refusal::OfferOutstanding,
             Refusal::SameGroup,

@@ -826,6 +826,12 @@ async fn chats_across_routers_and_a_graceful_handover() {
     let hi = ChatCommand::Send { client_msg_id: "a-1".into(), body: "hi, Carol".into() };
     let answer = cluster.client.command(&agent_caller, chat, hi).await.unwrap().event.unwrap();
     cluster.gap_free(chat, &backlog).await;
+    // A client claiming more of the log than it holds is refused, and the gateway's record of what reached
+    // it is left as it was: the gaps of the handover below are still found and filled.
+    for after_seq in [answer.seq + 1, u64::MAX] {
+        let refused = cluster.client.subscribe(&gateway, &customer, chat, after_seq).await.unwrap_err();
+        assert_eq!(refused, RouterError::Refused(Refusal::BadAfterSeq { last_seq: answer.seq }));
+    }
     let pushed = cluster.pushes.0.lock().unwrap().clone();
     assert!(pushed.iter().any(|push| matches!(push, Push::Event { event, .. } if **event == answer)));
     // The queue on node-3 heard of both chats (from node-1 and node-2) and of the accept (from node-1).

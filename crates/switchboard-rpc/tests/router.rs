@@ -584,6 +584,7 @@ async fn every_router_error_arrives_as_it_was_raised() {
             Refusal::NotInGroup,
             Refusal::EmptyMessage,
             Refusal::BadDeliveryMark { last_seq: 9 },
+            Refusal::BadAfterSeq { last_seq: 9 },
             Refusal::NotOffered,
             Refusal::OfferOutstanding,
             Refusal::SameGroup,

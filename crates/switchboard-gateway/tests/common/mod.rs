@@ -451,6 +451,17 @@ impl WsClient {
         }
     }
 
+    /// Writes only the header of a masked text frame whose payload would be `length` bytes, straight to the
+    /// socket: what a server that reads no payload before its size check sees of a frame that large.
+    pub async fn send_frame_header(&mut self, length: u64) {
+        use tokio::io::AsyncWriteExt;
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&length.to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        let MaybeTlsStream::Plain(stream) = self.socket.get_mut() else { panic!("a plain connection") };
+        stream.write_all(&header).await.unwrap();
+    }
+
     pub async fn send_text(&mut self, text: String) {
         self.socket.send(Message::Text(text.into())).await.unwrap();
     }

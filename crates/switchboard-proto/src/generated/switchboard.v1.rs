@@ -123,7 +123,8 @@ pub struct CustomerResumeRequest {
     /// The `customer_token` of the chat's `chat_start` ack. A wrong one is refused with `unauthorized`.
     #[prost(string, tag = "2")]
     pub customer_token: ::prost::alloc::string::String,
-    /// The highest seq the client has processed; 0 replays the whole chat.
+    /// The highest seq the client has processed; 0 replays the whole chat. Beyond the chat's last seq:
+    /// refused with `bad_after_seq`.
     #[prost(uint64, tag = "3")]
     pub after_seq: u64,
 }
@@ -160,7 +161,8 @@ pub struct ChatAcceptRequest {
 pub struct ChatSubscribeRequest {
     #[prost(string, tag = "1")]
     pub conversation: ::prost::alloc::string::String,
-    /// The highest seq the client has processed; 0 replays the whole chat.
+    /// The highest seq the client has processed; 0 replays the whole chat. Beyond the chat's last seq:
+    /// refused with `bad_after_seq`.
     #[prost(uint64, tag = "2")]
     pub after_seq: u64,
 }
