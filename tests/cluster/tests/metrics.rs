@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use serde_json::json;
 use switchboard_cluster_tests::{Cluster, ClusterSpec, Process};
-use switchboard_e2e::exposition::total;
+use switchboard_e2e::exposition::Exposition;
 use switchboard_e2e::{Client, SEED_CONFIG};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -63,11 +63,16 @@ async fn scrape_all(cluster: &Cluster) -> anyhow::Result<Vec<(&Process, String)>
 
 /// What the figures must say once the chat below has happened; `Err` says what does not hold (yet).
 fn figures_hold(all: &[(&Process, String)], agent_gateway: &str, customer_gateway: &str) -> Result<(), String> {
+    let all: Vec<(&Process, Exposition)> =
+        all.iter().map(|(process, body)| (*process, Exposition::parse(body))).collect();
     let mut problems = Vec::new();
     let sum = |role: &str, name: &str, with: &[(&str, &str)]| -> f64 {
-        all.iter().filter(|(process, _)| process.role.as_str() == role).map(|(_, body)| total(body, name, with)).sum()
+        all.iter()
+            .filter(|(process, _)| process.role.as_str() == role)
+            .map(|(_, figures)| figures.total(name, with))
+            .sum()
     };
-    let named = |name: &str| all.iter().find(|(process, _)| process.name == name).map(|(_, body)| body.as_str());
+    let named = |name: &str| all.iter().find(|(process, _)| process.name == name).map(|(_, figures)| figures);
     let mut expect = |holds: bool, what: String| {
         if !holds {
             problems.push(what);
@@ -96,24 +101,24 @@ fn figures_hold(all: &[(&Process, String)], agent_gateway: &str, customer_gatewa
 
     // Each message is timed by the gateway that wrote it to the other side.
     if let (Some(agents), Some(customers)) = (named(agent_gateway), named(customer_gateway)) {
-        let delivered_to_agent = total(agents, "switchboard_message_latency_seconds_count", &[]);
-        let delivered_to_customer = total(customers, "switchboard_message_latency_seconds_count", &[]);
+        let delivered_to_agent = agents.total("switchboard_message_latency_seconds_count", &[]);
+        let delivered_to_customer = customers.total("switchboard_message_latency_seconds_count", &[]);
         expect(delivered_to_agent >= 1.0, format!("the agent's gateway timed {delivered_to_agent} messages"));
         expect(delivered_to_customer >= 1.0, format!("the customer's gateway timed {delivered_to_customer} messages"));
-        let agents_connected = total(agents, "switchboard_gateway_connections", &[("role", "agent")]);
+        let agents_connected = agents.total("switchboard_gateway_connections", &[("role", "agent")]);
         expect(agents_connected == 1.0, format!("the agent's gateway counts {agents_connected} agent connections"));
-        let refused = total(customers, "switchboard_gateway_refusals_total", &[("reason", "unknown_group")]);
+        let refused = customers.total("switchboard_gateway_refusals_total", &[("reason", "unknown_group")]);
         expect(refused == 1.0, format!("the customer's gateway counted {refused} unknown_group refusals"));
     } else {
         expect(false, "a gateway was not scraped".to_owned());
     }
 
-    for (process, body) in all {
+    for (process, figures) in &all {
         for name in ["process_cpu_seconds_total", "process_resident_memory_bytes"] {
-            expect(total(body, name, &[]) > 0.0, format!("{} {}: no {name}", process.role.as_str(), process.name));
+            expect(figures.total(name, &[]) > 0.0, format!("{} {}: no {name}", process.role.as_str(), process.name));
         }
         let role = process.role.as_str();
-        let build = total(body, "switchboard_build_info", &[("role", role)]);
+        let build = figures.total("switchboard_build_info", &[("role", role)]);
         expect(build == 1.0, format!("{role} {}: switchboard_build_info{{role=\"{role}\"}} is {build}", process.name));
     }
     if problems.is_empty() { Ok(()) } else { Err(problems.join("\n")) }

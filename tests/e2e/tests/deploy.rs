@@ -7,7 +7,7 @@
 //!
 //! The checks run `promtool` (Debian's `prometheus` package, which `./scripts/test` installs).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
-use switchboard_e2e::exposition::total;
+use switchboard_e2e::exposition::Exposition;
 use switchboard_e2e::{Client, Server};
 use switchboard_proto::public::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -558,51 +558,15 @@ async fn scrape(address: &str) -> anyhow::Result<(String, String, String)> {
     Ok((status, content_type, body.to_owned()))
 }
 
-/// The families of a text exposition: the `# TYPE` of each, and the label names of each sample.
-#[derive(Default)]
-struct Exposition {
-    types: BTreeMap<String, String>,
-    samples: BTreeMap<String, Vec<BTreeSet<String>>>,
-}
-
-fn parse_exposition(text: &str) -> Exposition {
-    let mut exposition = Exposition::default();
-    for line in text.lines().map(str::trim).filter(|line| !line.is_empty()) {
-        if let Some(declaration) = line.strip_prefix("# TYPE ") {
-            if let Some((name, kind)) = declaration.split_once(' ') {
-                exposition.types.insert(name.to_owned(), kind.trim().to_owned());
-            }
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let mut labels = BTreeSet::new();
-        if line[name_end..].starts_with('{') {
-            let chars: Vec<char> = line[name_end..].chars().collect();
-            let mut i = 1;
-            while i < chars.len() && chars[i] != '}' {
-                let label: String = chars[i..].iter().take_while(|&&c| c != '=').collect();
-                labels.insert(label.trim_matches([' ', ',']).to_owned());
-                i = after_string(&chars, i + label.chars().count() + 1);
-                i += chars[i..].iter().take_while(|&&c| c == ',' || c == ' ').count();
-            }
-        }
-        exposition.samples.entry(line[..name_end].to_owned()).or_default().push(labels);
-    }
-    exposition
-}
-
 #[test]
-fn the_exposition_is_read_as_types_and_label_names() {
-    let exposition = parse_exposition(
+fn the_exposition_is_compared_with_the_catalogue_by_type_and_label_names() {
+    let exposition = Exposition::parse(
         "# HELP a_total A.\n# TYPE a_total counter\na_total{code=\"ok\",method=\"x,y=\\\"z\\\"\"} 1\n\
          # TYPE b_seconds histogram\nb_seconds_bucket{le=\"+Inf\"} 2\nb_seconds_sum 0.5\nb_seconds_count 2\n",
     );
     assert_eq!(exposition.types["a_total"], "counter");
-    assert_eq!(exposition.samples["a_total"], [BTreeSet::from(["code".to_owned(), "method".to_owned()])]);
-    assert_eq!(exposition.samples["b_seconds_bucket"], [BTreeSet::from(["le".to_owned()])]);
+    assert_eq!(exposition.label_names("a_total"), [BTreeSet::from(["code".to_owned(), "method".to_owned()])]);
+    assert_eq!(exposition.label_names("b_seconds_bucket"), [BTreeSet::from(["le".to_owned()])]);
     let catalogued = |name: &str, kind: &str, labels: &[&str]| Catalogued {
         name: name.to_owned(),
         kind: kind.to_owned(),
@@ -633,7 +597,7 @@ fn compare_with_catalogue(
             }
             _ => vec![metric.name.clone()],
         };
-        if series.iter().any(|name| !exposition.samples.contains_key(name)) {
+        if series.iter().any(|name| !exposition.has(name)) {
             missing.push(metric.name.clone());
             continue;
         }
@@ -642,7 +606,7 @@ fn compare_with_catalogue(
             wrong_types.push(format!("{}: TYPE {declared}, catalogued as {}", metric.name, metric.kind));
         }
         for name in &series {
-            for labels in &exposition.samples[name] {
+            for labels in exposition.label_names(name) {
                 let labels: BTreeSet<String> = labels.iter().filter(|label| *label != "le").cloned().collect();
                 if labels != metric.labels {
                     wrong_labels.push(format!("{name}: labels {labels:?}, catalogued {:?}", metric.labels));
@@ -723,10 +687,10 @@ async fn grpc_made_up_method(address: &str) -> anyhow::Result<()> {
 }
 
 /// What the figures of `serve` must say once [`drive_traffic`] has run; `Err` lists what does not hold (yet).
-fn figures_hold(body: &str) -> Result<(), Vec<String>> {
+fn figures_hold(exposition: &Exposition) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
     let mut expect = |name: &str, with: &[(&str, &str)], holds: fn(f64) -> bool, wanted: &str| {
-        let value = total(body, name, with);
+        let value = exposition.total(name, with);
         if !holds(value) {
             let labels: Vec<String> = with.iter().map(|(key, value)| format!("{key}=\"{value}\"")).collect();
             problems.push(format!("{name}{{{}}} is {value}, expected {wanted}", labels.join(",")));
@@ -795,8 +759,9 @@ async fn a_real_server_exposes_every_catalogued_metric_lints_clean_and_says_what
     let deadline = tokio::time::Instant::now() + METRICS_DEADLINE;
     let (status, content_type, body, missing, wrong_types, wrong_labels, figures) = loop {
         let (status, content_type, body) = scrape(&server.address).await?;
-        let (missing, wrong_types, wrong_labels) = compare_with_catalogue(&parse_exposition(&body), &served);
-        let figures = figures_hold(&body);
+        let exposition = Exposition::parse(&body);
+        let (missing, wrong_types, wrong_labels) = compare_with_catalogue(&exposition, &served);
+        let figures = figures_hold(&exposition);
         let served_metrics = status.contains(" 200 ");
         if (missing.is_empty() && figures.is_ok()) || !served_metrics || tokio::time::Instant::now() >= deadline {
             break (status, content_type, body, missing, wrong_types, wrong_labels, figures);
