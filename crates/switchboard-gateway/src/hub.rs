@@ -165,6 +165,15 @@ struct ShownOffer {
     expires_at_ms: i64,
 }
 
+/// What [`Hub::watch`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    /// No socket of this gateway watched the conversation: the gateway is not subscribed to it yet.
+    pub first_of_gateway: bool,
+    /// This socket watched it already.
+    pub already_watching: bool,
+}
+
 #[derive(Default)]
 pub struct Hub {
     state: Mutex<HubState>,
@@ -274,19 +283,12 @@ impl Hub {
         needs
     }
 
-    /// The socket wants the conversation's pushes; true when the gateway was not subscribed yet.
-    pub fn watch(&self, socket: SocketId, conversation: ConversationId) -> bool {
+    /// The socket wants the conversation's pushes.
+    pub fn watch(&self, socket: SocketId, conversation: ConversationId) -> Watch {
         let mut state = self.lock();
         state.watched_by.entry(socket).or_default().insert(conversation);
         let watchers = state.conversation_watchers.entry(conversation).or_default();
-        let first = watchers.is_empty();
-        watchers.insert(socket);
-        first
-    }
-
-    /// Whether this socket watches the conversation.
-    pub fn watches(&self, socket: SocketId, conversation: ConversationId) -> bool {
-        self.lock().watched_by.get(&socket).is_some_and(|watched| watched.contains(&conversation))
+        Watch { first_of_gateway: watchers.is_empty(), already_watching: !watchers.insert(socket) }
     }
 
     /// The socket no longer wants the conversation's pushes; true when no socket of this gateway does.
@@ -835,10 +837,11 @@ mod tests {
         let (link, _written) = socket();
         hub.register(1, link.clone(), agent_role("alice", &["sales"]));
         hub.register(2, link.clone(), agent_role("bob", &["sales"]));
-        assert!(hub.watch(1, chat(7)), "the first watcher subscribes");
-        assert!(!hub.watch(2, chat(7)));
-        assert!(hub.watch(1, chat(8)));
-        assert!(hub.watch(2, chat(9)));
+        assert!(hub.watch(1, chat(7)).first_of_gateway, "the first watcher subscribes");
+        assert!(!hub.watch(2, chat(7)).first_of_gateway);
+        assert!(hub.watch(1, chat(8)).first_of_gateway);
+        assert!(hub.watch(2, chat(9)).first_of_gateway);
+        assert_eq!(hub.watch(2, chat(9)), Watch { first_of_gateway: false, already_watching: true });
         assert!(hub.unwatch(2, chat(9)), "bob was the only one following chat 9");
 
         let mut gone = hub.unregister(1).unsubscribe_conversations;
@@ -1134,7 +1137,7 @@ mod tests {
         let (link, mut written) = socket();
         let mine = chat(5);
         hub.register(1, link, customer_role(mine, "sales"));
-        assert!(hub.watch(1, mine));
+        assert!(hub.watch(1, mine).first_of_gateway);
         hub.dispatch(queue("sales", 1, QueueChange::Snapshot { entries: vec![entry(mine, "sales", 50)] }));
         drain(&mut written);
 

@@ -808,16 +808,15 @@ impl<T: Transport> Session<T> {
         let shared = self.shared.clone();
         let _ordered = shared.conversation_lock(conversation).await;
         // Watch before subscribing, so that no event pushed in between is missed.
-        let watching_before = self.shared.hub.watches(self.socket_id, conversation);
-        let first_watch = self.shared.hub.watch(self.socket_id, conversation);
+        let watch = self.shared.hub.watch(self.socket_id, conversation);
         let subscribed = self.shared.router.subscribe(&self.shared.gateway_id, &caller, conversation, after_seq).await;
         let events = match subscribed {
             Ok(events) => events,
             // A subscription of this socket's from before stays as it was.
-            Err(error) if watching_before => return Err(error.into()),
+            Err(error) if watch.already_watching => return Err(error.into()),
             Err(error) => {
                 // Undo the watch; the gateway stays subscribed if another socket was already watching.
-                if self.shared.hub.unwatch(self.socket_id, conversation) && !first_watch {
+                if self.shared.hub.unwatch(self.socket_id, conversation) && !watch.first_of_gateway {
                     self.shared.router.unsubscribe(&self.shared.gateway_id, conversation).await;
                 }
                 return Err(error.into());

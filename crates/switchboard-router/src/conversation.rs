@@ -393,7 +393,7 @@ impl ConversationActorState {
         if after_seq == last_seq {
             return Ok(Vec::new());
         }
-        if let Some(events) = self.recent.after(after_seq, self.conversation.last_seq) {
+        if let Some(events) = self.recent.after(after_seq, last_seq) {
             return Ok(events);
         }
         read_events(&self.context, self.conversation.id, after_seq).await
