@@ -346,9 +346,10 @@ fn ack_result(ack: &Ack) -> pb::ack::Result {
         }
         Ack::ChatAccept { chat: view } => R::ChatAccept(pb::ChatAcceptResult { chat: Some(chat(view)) }),
         Ack::ChatSubscribe { chat: view } => R::ChatSubscribe(pb::ChatSubscribeResult { chat: Some(chat(view)) }),
-        Ack::ChatTranscript { chat: view, events } => R::ChatTranscript(pb::ChatTranscriptResult {
+        Ack::ChatTranscript { chat: view, events, more } => R::ChatTranscript(pb::ChatTranscriptResult {
             chat: Some(chat(view)),
             events: events.iter().map(event).collect(),
+            more: *more,
         }),
         Ack::ChatList { chats } => R::ChatList(pb::ChatListResult { chats: chats.iter().map(chat).collect() }),
         Ack::MessageSend { seq, duplicate } => R::MessageSend(pb::MessageSendResult {

@@ -292,6 +292,8 @@ pub enum Ack {
     ChatTranscript {
         chat: ChatView,
         events: Vec<Event>,
+        /// The transcript goes on after the last event (it was answered a page at a time).
+        more: bool,
     },
     ChatList {
         chats: Vec<ChatView>,
@@ -362,7 +364,9 @@ impl Ack {
                 "duplicate": ticket.duplicate,
             }),
             Ack::QueueList { entries } => json!({ "entries": entries }),
-            Ack::ChatTranscript { chat, events } => json!({ "chat": chat_json(chat), "events": events }),
+            Ack::ChatTranscript { chat, events, more } => {
+                json!({ "chat": chat_json(chat), "events": events, "more": more })
+            }
             Ack::ChatList { chats } => {
                 let chats: Vec<Value> = chats.iter().map(chat_json).collect();
                 json!({ "chats": chats })

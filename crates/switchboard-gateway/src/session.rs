@@ -22,7 +22,7 @@ use switchboard_domain::{
     AgentId, AgentStatus, ConversationId, Event, GroupId, Refusal, TenantId, customer_token_for_start,
     new_customer_token,
 };
-use switchboard_proto::router::{Caller, ChatCommand, ChatList, OfflineMessage, RouterError, StartChat};
+use switchboard_proto::router::{Caller, ChatCommand, ChatList, EventPage, OfflineMessage, RouterError, StartChat};
 use switchboard_telemetry::names;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{Instrument, debug, warn};
@@ -136,7 +136,17 @@ struct Session<T> {
     budget: Budget,
 }
 
-type Reply = Result<(Ack, Vec<(ConversationId, Event)>), ErrorReply>;
+type Reply = Result<(Ack, Backlog), ErrorReply>;
+
+/// What a request's ack is followed by: the events of the chat it subscribed to, a first page of them (the
+/// pages after it are read and written once it is).
+#[derive(Default)]
+struct Backlog(Option<(ConversationId, EventPage)>);
+
+/// The answer of a request whose ack is followed by no events.
+fn answered(ack: Ack) -> Reply {
+    Ok((ack, Backlog::default()))
+}
 
 /// How a request is handled (see [`Session::detach`]).
 enum Handling {
@@ -294,12 +304,12 @@ impl<T: Transport> Session<T> {
                     while queued.try_recv().is_ok() {}
                 }
                 match reply {
-                    Ok((ack, events)) => {
+                    Ok((ack, Backlog(backlog))) => {
                         self.send(Outgoing::Ack { id: &id, ack: &ack }).await?;
-                        for (conversation, event) in events {
-                            self.write_event(conversation, event).await?;
+                        match backlog {
+                            Some((conversation, page)) => self.write_pages(conversation, page).await,
+                            None => Ok(()),
                         }
-                        Ok(())
                     }
                     Err(error) => {
                         count_refusal(&error);
@@ -387,7 +397,7 @@ impl<T: Transport> Session<T> {
             let command = ChatCommand::Send { client_msg_id, body };
             let outcome = router.command(&caller, conversation, command).await?;
             let seq = outcome.event.as_ref().map(|event| event.seq);
-            Ok((Ack::MessageSend { seq, duplicate: outcome.duplicate }, vec![]))
+            answered(Ack::MessageSend { seq, duplicate: outcome.duplicate })
         }
     }
 
@@ -400,7 +410,7 @@ impl<T: Transport> Session<T> {
         let router = self.shared.router.clone();
         async move {
             let outcome = router.command(&caller?, conversation, ChatCommand::ConfirmDelivery { up_to_seq }).await?;
-            Ok((Ack::MessageDelivered { seq: outcome.event.map(|event| event.seq) }, vec![]))
+            answered(Ack::MessageDelivered { seq: outcome.event.map(|event| event.seq) })
         }
     }
 
@@ -409,7 +419,7 @@ impl<T: Transport> Session<T> {
         let router = self.shared.router.clone();
         async move {
             router.typing(&caller?, conversation, typing).await?;
-            Ok((Ack::Typing, vec![]))
+            answered(Ack::Typing)
         }
     }
 
@@ -458,21 +468,36 @@ impl<T: Transport> Session<T> {
         Ok(())
     }
 
-    /// Writes the events a connection missed (it never should). When they cannot be read, the connection
-    /// ends rather than go on with a gap: the client reconnects and resumes from its last seq.
+    /// Writes the events a connection missed (it never should).
     async fn fill_gap(&mut self, conversation: ConversationId, written: u64) -> Flow {
-        let Ok(caller) = self.caller_for(conversation) else { return Err(End::Gone) };
-        let missed = match self.shared.router.read_events(&caller, conversation, written).await {
-            Ok(missed) => missed,
-            Err(error) => {
-                warn!(%conversation, %error, "cannot fill a gap: closing the connection so that the client resumes");
-                return Err(End::Gone);
+        let missed = self.read_page(conversation, written).await?;
+        self.write_pages(conversation, missed).await
+    }
+
+    /// Writes a page of a chat's events, then reads and writes the pages after it, one at a time: a long
+    /// log is never held whole.
+    async fn write_pages(&mut self, conversation: ConversationId, mut page: EventPage) -> Flow {
+        loop {
+            let next_after = page.next_after();
+            for event in page.events {
+                self.write_event(conversation, event).await?;
             }
-        };
-        for event in missed {
-            self.write_event(conversation, event).await?;
+            let Some(after_seq) = next_after else { return Ok(()) };
+            page = self.read_page(conversation, after_seq).await?;
         }
-        Ok(())
+    }
+
+    /// A page of a chat's events after `after_seq`. When it cannot be read, the connection ends rather than
+    /// go on with a gap: the client reconnects and resumes from its last seq.
+    async fn read_page(&mut self, conversation: ConversationId, after_seq: u64) -> Result<EventPage, End> {
+        let Ok(caller) = self.caller_for(conversation) else { return Err(End::Gone) };
+        match self.shared.router.read_events(&caller, conversation, after_seq).await {
+            Ok(page) => Ok(page),
+            Err(error) => {
+                warn!(%conversation, %error, "cannot read a chat's events: closing the connection so that the client resumes");
+                Err(End::Gone)
+            }
+        }
     }
 
     async fn write_event(&mut self, conversation: ConversationId, event: Event) -> Flow {
@@ -488,7 +513,7 @@ impl<T: Transport> Session<T> {
     async fn handle(&mut self, request: Request) -> Reply {
         let router = self.shared.router.clone();
         match request {
-            Request::Ping {} => Ok((Ack::Ping, vec![])),
+            Request::Ping {} => answered(Ack::Ping),
             Request::ChatStart { widget_key, group, name, question, start_key } => {
                 self.start_chat(widget_key, group, name, question, start_key).await
             }
@@ -516,7 +541,7 @@ impl<T: Transport> Session<T> {
                 let view = router.set_agent_status(&tenant, &agent, AgentStatus::Offline).await?;
                 self.shared.session_gone(self.socket_id, &tenant, &agent).await;
                 self.abandon_role().await;
-                Ok((Ack::AgentSignOut { agent: view }, vec![]))
+                answered(Ack::AgentSignOut { agent: view })
             }
             Request::GroupsList { widget_key } => self.list_groups(widget_key).await,
             Request::OfflineMessage { widget_key, group, name, contact, body, reason, idempotency_key } => {
@@ -552,7 +577,7 @@ impl<T: Transport> Session<T> {
                 }
                 let message = OfflineMessage { tenant, group, customer_name, contact, body, reason, idempotency_key };
                 let ticket = router.leave_offline_message(message).await?;
-                Ok((Ack::OfflineMessage { ticket }, vec![]))
+                answered(Ack::OfflineMessage { ticket })
             }
             Request::OfferReject { conversation } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -560,7 +585,7 @@ impl<T: Transport> Session<T> {
                     return Err(RouterError::Refused(Refusal::NotOffered).into());
                 };
                 router.reject_offer(&tenant, &group, &agent, conversation).await?;
-                Ok((Ack::OfferReject, vec![]))
+                answered(Ack::OfferReject)
             }
             Request::ChatTransfer { conversation, group } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -570,7 +595,7 @@ impl<T: Transport> Session<T> {
                     .ok_or_else(|| ErrorReply::new("unknown_group", "no such support group"))?;
                 let caller = Caller::Agent { tenant, agent };
                 let chat = router.transfer_chat(&caller, conversation, &group).await?;
-                Ok((Ack::ChatTransfer { chat }, vec![]))
+                answered(Ack::ChatTransfer { chat })
             }
             Request::ChatForward { conversation, agent: to_agent } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -580,17 +605,17 @@ impl<T: Transport> Session<T> {
                     .ok_or_else(|| ErrorReply::new("unknown_agent", "no such agent"))?;
                 let caller = Caller::Agent { tenant, agent };
                 let chat = router.forward_chat(&caller, conversation, &to_agent).await?;
-                Ok((Ack::ChatForward { chat }, vec![]))
+                answered(Ack::ChatForward { chat })
             }
             Request::AgentSetStatus { status } => {
                 let (tenant, agent, _) = self.agent()?;
                 let view = router.set_agent_status(&tenant, &agent, status.into()).await?;
-                Ok((Ack::AgentSetStatus { agent: view }, vec![]))
+                answered(Ack::AgentSetStatus { agent: view })
             }
             Request::QueueList {} => {
                 let (tenant, _, groups) = self.agent()?;
                 let entries = self.shared.hub.waiting_for(&tenant, &groups);
-                Ok((Ack::QueueList { entries }, vec![]))
+                answered(Ack::QueueList { entries })
             }
             Request::ChatAccept { conversation } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -608,8 +633,10 @@ impl<T: Transport> Session<T> {
             Request::ChatTranscript { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
                 let view = router.chat_view(&caller, conversation).await?;
-                let events = router.read_events(&caller, conversation, after_seq).await?;
-                Ok((Ack::ChatTranscript { chat: view, events }, vec![]))
+                let page = router.read_events(&caller, conversation, after_seq).await?;
+                let more = page.more();
+                let ack = Ack::ChatTranscript { chat: view, events: page.events, more };
+                answered(ack)
             }
             Request::ChatList { list } => {
                 let (tenant, agent, _) = self.agent()?;
@@ -618,7 +645,7 @@ impl<T: Transport> Session<T> {
                     ListName::Closed => ChatList::Closed,
                 };
                 let chats = router.list_chats(&tenant, &agent, list).await?;
-                Ok((Ack::ChatList { chats }, vec![]))
+                answered(Ack::ChatList { chats })
             }
             // Handled by `detach` (beside the pushes); here too, so that every request has its answer here.
             Request::MessageSend { conversation, client_msg_id, body } => {
@@ -630,11 +657,11 @@ impl<T: Transport> Session<T> {
             Request::Typing { conversation, typing } => self.typing(conversation, typing).await,
             Request::ChatClose { conversation } => {
                 let seq = self.end_chat(conversation, ChatCommand::Close).await?;
-                Ok((Ack::ChatClose { seq }, vec![]))
+                answered(Ack::ChatClose { seq })
             }
             Request::ChatCancel { conversation } => {
                 let seq = self.end_chat(conversation, ChatCommand::Cancel).await?;
-                Ok((Ack::ChatCancel { seq }, vec![]))
+                answered(Ack::ChatCancel { seq })
             }
         }
     }
@@ -678,7 +705,7 @@ impl<T: Transport> Session<T> {
             Ok(events) => (events, true),
             Err(error) => {
                 warn!(%conversation, code = error.code, "new chat not subscribed");
-                (Vec::new(), false)
+                (Backlog::default(), false)
             }
         };
         let ack = Ack::ChatStart {
@@ -717,7 +744,7 @@ impl<T: Transport> Session<T> {
         }
         self.shared.session_alive(self.socket_id, &tenant, &agent).await;
         match self.shared.router.set_agent_status(&tenant, &agent, AgentStatus::Online).await {
-            Ok(view) => Ok((Ack::AgentSignIn { agent: view }, vec![])),
+            Ok(view) => answered(Ack::AgentSignIn { agent: view }),
             Err(error) => {
                 self.abandon_role().await;
                 self.shared.session_gone(self.socket_id, &tenant, &agent).await;
@@ -760,7 +787,7 @@ impl<T: Transport> Session<T> {
             }
         };
         let Some(entry) = self.shared.directory.tenant(&tenant) else {
-            return Ok((Ack::GroupsList { groups: vec![], stale }, vec![]));
+            return answered(Ack::GroupsList { groups: vec![], stale });
         };
         let now_ms = self.shared.clock.now_ms();
         let groups = entry
@@ -784,7 +811,7 @@ impl<T: Transport> Session<T> {
                 },
             })
             .collect();
-        Ok((Ack::GroupsList { groups, stale }, vec![]))
+        answered(Ack::GroupsList { groups, stale })
     }
 
     /// Closes or cancels a chat; the seq of the event that ended it, `None` when it had already ended.
@@ -799,19 +826,15 @@ impl<T: Transport> Session<T> {
     }
 
     /// Watches a conversation and returns the events after `after_seq` (later ones are pushed).
-    async fn subscribe(
-        &mut self,
-        conversation: ConversationId,
-        after_seq: u64,
-    ) -> Result<Vec<(ConversationId, Event)>, ErrorReply> {
+    async fn subscribe(&mut self, conversation: ConversationId, after_seq: u64) -> Result<Backlog, ErrorReply> {
         let caller = self.caller_for(conversation)?;
         let shared = self.shared.clone();
         let _ordered = shared.conversation_lock(conversation).await;
         // Watch before subscribing, so that no event pushed in between is missed.
         let watch = self.shared.hub.watch(self.socket_id, conversation);
         let subscribed = self.shared.router.subscribe(&self.shared.gateway_id, &caller, conversation, after_seq).await;
-        let events = match subscribed {
-            Ok(events) => events,
+        let page = match subscribed {
+            Ok(page) => page,
             // A subscription of this socket's from before stays as it was.
             Err(error) if watch.already_watching => return Err(error.into()),
             Err(error) => {
@@ -827,7 +850,7 @@ impl<T: Transport> Session<T> {
         // again.
         let written = self.written_seq.entry(conversation).or_insert(after_seq);
         *written = (*written).min(after_seq);
-        Ok(events.into_iter().map(|event| (conversation, event)).collect())
+        Ok(Backlog(Some((conversation, page))))
     }
 
     async fn become_role(&mut self, role: Role) {

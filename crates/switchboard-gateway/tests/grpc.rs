@@ -719,6 +719,84 @@ async fn resuming_from_a_seq_over_grpc_fills_the_gap_and_goes_on_live() {
     server.stop().await;
 }
 
+/// A log longer than a page (here 2 KiB, some five messages) is read a page at a time: a transcript is
+/// answered in pages, each saying whether more follow; a resume or a subscription from its start gets every
+/// event, one frame each, from pages read one after the other, then the live ones.
+#[tokio::test]
+async fn a_log_longer_than_a_page_is_answered_a_page_at_a_time() {
+    const MESSAGES: u64 = 20;
+    let server = Server::start_paged(2048).await;
+    let mut bob = GrpcClient::connect(&server).await;
+    bob.ack(sign_in(BOB)).await;
+    let mut dana = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Hi")).await else { panic!() };
+    let (chat, token) = (started.conversation, started.customer_token);
+    bob.ack(accept(&chat)).await;
+    let body = |n: u64| format!("{n:03} {}", "x".repeat(300));
+    for n in 1..=MESSAGES {
+        assert_eq!(sent_seq(dana.ack(send_message(&chat, &format!("d{n}"), &body(n))).await), 3 + n);
+    }
+    let last_seq = 3 + MESSAGES;
+    let expected: Vec<u64> = (1..=last_seq).collect();
+    let is_body = |event: &pb::Event, n: u64| match &event.body {
+        Some(pb::event::Body::Message(message)) => message.body == body(n),
+        _ => false,
+    };
+
+    // The transcript, page after page.
+    let (mut events, mut pages, mut after_seq) = (Vec::new(), Vec::new(), 0);
+    loop {
+        let request = Req::ChatTranscript(pb::ChatTranscriptRequest { conversation: chat.clone(), after_seq });
+        let AckResult::ChatTranscript(page) = bob.ack(request).await else { panic!() };
+        assert!(!page.events.is_empty(), "a page of a log that goes on holds events");
+        after_seq = page.events.last().unwrap().seq;
+        pages.push((page.events.len(), page.more));
+        events.extend(page.events);
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(events.iter().map(|event| event.seq).collect::<Vec<_>>(), expected);
+    assert!(is_body(&events[3], 1) && is_body(&events[22], MESSAGES), "the messages as sent");
+    assert!(pages.len() >= 4, "pages of 2 KiB: {pages:?}");
+    assert!(pages[..pages.len() - 1].iter().all(|(_, more)| *more), "{pages:?}");
+    // The same on a WebSocket.
+    let mut w = WsClient::connect(&server).await;
+    w.ack(json!({ "type": "agent.sign_in", "token": BOB })).await;
+    let page = w.ack(json!({ "type": "chat.transcript", "conversation": chat, "after_seq": 3 })).await;
+    assert_eq!((page["events"][0]["seq"].clone(), page["more"].clone()), (json!(4), json!(true)));
+    let page = w.ack(json!({ "type": "chat.transcript", "conversation": chat, "after_seq": last_seq - 1 })).await;
+    assert_eq!((page["events"].as_array().unwrap().len(), page["more"].clone()), (1, json!(false)));
+
+    // A resume from the start: every event, in order, then the live ones.
+    let mut again = GrpcClient::connect(&server).await;
+    let resume = pb::CustomerResumeRequest { conversation: chat.clone(), customer_token: token, after_seq: 0 };
+    again.ack(Req::CustomerResume(resume)).await;
+    let mut resumed = Vec::new();
+    for _ in 1..=last_seq {
+        let push = again.event().await;
+        assert_eq!(push.conversation, chat);
+        resumed.push(push.event.unwrap());
+    }
+    assert_eq!(resumed, events, "the events of the transcript, as pushes");
+    assert_eq!(sent_seq(bob.ack(send_message(&chat, "b1", "live")).await), last_seq + 1);
+    assert_eq!(again.event().await.event.unwrap().seq, last_seq + 1);
+    again.expect_quiet().await;
+
+    // An agent's console subscribing from seq 2 on a new stream.
+    let mut console = GrpcClient::connect(&server).await;
+    console.ack(sign_in(BOB)).await;
+    let subscribe = Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chat.clone(), after_seq: 2 });
+    console.ack(subscribe).await;
+    let mut subscribed = Vec::new();
+    for _ in 3..=last_seq + 1 {
+        subscribed.push(console.event().await.event.unwrap().seq);
+    }
+    assert_eq!(subscribed, (3..=last_seq + 1).collect::<Vec<_>>());
+    console.expect_quiet().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes() {
     // The client sends as fast as it can: no request budget here.

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use common::{ALICE, DEADLINE, Server, WIDGET, WsClient};
 use serde_json::{Value, json};
-use switchboard_domain::{AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, OfflineMessage, Push, RouterApi,
-    RouterError, StartChat, StartedChat, Ticket,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, OfflineMessage, Push,
+    RouterApi, RouterError, StartChat, StartedChat, Ticket,
 };
 use switchboard_router::Router;
 use tokio::sync::{Notify, mpsc};
@@ -89,7 +89,7 @@ impl RouterApi for Holding {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.inner.subscribe(gateway, caller, conversation, after_seq).await
     }
 
@@ -102,7 +102,7 @@ impl RouterApi for Holding {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.inner.read_events(caller, conversation, after_seq).await
     }
 

@@ -435,7 +435,7 @@ async fn a_chat_start_sent_again_with_its_start_key_gets_the_chat_it_started_on_
     assert_eq!(late["chat"]["state"], "closed");
     let events = server
         .store
-        .read_events(ReadEventsRequest { conversation_id: conversation.clone(), after_seq: 0, limit: 0 })
+        .read_events(ReadEventsRequest { conversation_id: conversation.clone(), ..Default::default() })
         .await
         .unwrap()
         .events;

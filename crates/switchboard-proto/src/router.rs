@@ -96,6 +96,30 @@ pub enum ChatCommand {
     Cancel,
 }
 
+/// Events of a conversation's log after a seq, in seq order, as one answer carries them. A log can outgrow
+/// any one message between the processes (and any one frame to a client): an answer holds at most about a
+/// page of them (the router's `page_bytes`), and at least one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    /// The seq of the log's last event when it was read. When the last event here is before it, the log
+    /// goes on: read again after that event.
+    pub last_seq: u64,
+}
+
+impl EventPage {
+    /// The log goes on after this page.
+    pub fn more(&self) -> bool {
+        self.next_after().is_some()
+    }
+
+    /// The seq the next read starts after, when the log goes on: the last one here. (A page without events
+    /// is never followed by another, lest a reader loop on it.)
+    pub fn next_after(&self) -> Option<u64> {
+        self.events.last().map(|event| event.seq).filter(|seq| *seq < self.last_seq)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutcome {
     /// The stored event; `None` when the command changed nothing (a repeated mark, a second close).
@@ -292,25 +316,25 @@ pub trait RouterApi: Send + Sync + 'static {
 
     async fn chat_view(&self, caller: &Caller, conversation: ConversationId) -> Result<ChatView, RouterError>;
 
-    /// Subscribes the gateway to a conversation's events and returns the events after `after_seq`; every
-    /// later event is pushed. Together they have no gap.
+    /// Subscribes the gateway to a conversation's events and returns the events after `after_seq` (their
+    /// first page: `read_events` gives the rest); every later event is pushed. Together they have no gap.
     async fn subscribe(
         &self,
         gateway: &GatewayId,
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError>;
+    ) -> Result<EventPage, RouterError>;
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId);
 
-    /// The events after `after_seq`, without subscribing (transcripts of closed chats).
+    /// The events after `after_seq`, a page of them, without subscribing (transcripts, catch-ups).
     async fn read_events(
         &self,
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError>;
+    ) -> Result<EventPage, RouterError>;
 
     async fn command(
         &self,

@@ -39,6 +39,8 @@ pub(crate) struct Context {
     pub(crate) agents: Registry<(TenantId, AgentId), AgentMsg>,
     pub(crate) queues: Registry<(TenantId, GroupId), QueueMsg>,
     pub(crate) closed_list_limit: u32,
+    /// The most bytes of events one read answers with (`RouterSettings::page_bytes`).
+    pub(crate) page_bytes: u64,
     /// Agent presence and group status (Redis in a cluster, in memory in `serve`).
     pub(crate) presence: Arc<dyn Presence>,
     pub(crate) presence_settings: PresenceSettings,

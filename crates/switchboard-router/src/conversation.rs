@@ -12,13 +12,13 @@ use switchboard_domain::{
     NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
     new_customer_token, queue_key, stored_customer_token, unhashed_customer_token,
 };
-use switchboard_proto::convert::{conversation_from_record, event_from_record, new_event};
+use switchboard_proto::convert::{conversation_from_record, dedupe_key, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
 };
 use switchboard_proto::router::{
-    Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, Origin, Push, RouterError, StartedChat,
-    SystemCommand,
+    Caller, ChatCommand, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, Origin, Push, RouterError,
+    StartedChat, SystemCommand,
 };
 use tracing::{debug, warn};
 
@@ -52,7 +52,7 @@ pub(crate) enum ConversationMsg {
         gateway: GatewayId,
         caller: Caller,
         after_seq: u64,
-        reply: Reply<Vec<Event>>,
+        reply: Reply<EventPage>,
     },
     Unsubscribe {
         gateway: GatewayId,
@@ -60,7 +60,7 @@ pub(crate) enum ConversationMsg {
     ReadEvents {
         caller: Caller,
         after_seq: u64,
-        reply: Reply<Vec<Event>>,
+        reply: Reply<EventPage>,
     },
     Command {
         caller: Caller,
@@ -199,8 +199,8 @@ impl ConversationActor {
                     Ok(()) => state.read(after_seq).await,
                     Err(error) => Err(error),
                 };
-                if let Ok(events) = &result {
-                    debug!(conversation = %state.conversation.id, ?gateway, after_seq, n_events = events.len(), "gateway subscribed");
+                if let Ok(page) = &result {
+                    debug!(conversation = %state.conversation.id, ?gateway, after_seq, n_events = page.events.len(), "gateway subscribed");
                     state.context.subscribers.add(state.conversation.id, gateway);
                 }
                 let _ = reply.send(result);
@@ -382,7 +382,8 @@ impl ConversationActorState {
         if allowed { Ok(()) } else { Err(RouterError::NotFound) }
     }
 
-    async fn read(&self, after_seq: u64) -> Result<Vec<Event>, RouterError> {
+    /// The events after `after_seq`, a page of them (`Context::page_bytes`).
+    async fn read(&self, after_seq: u64) -> Result<EventPage, RouterError> {
         let last_seq = self.conversation.last_seq;
         // A client cannot have received more than exists: it is refused, rather than believed (a gateway
         // would then take events it never had for received, and not fill a gap in them).
@@ -391,12 +392,13 @@ impl ConversationActorState {
         }
         // A client that has everything gets nothing, without a store read.
         if after_seq == last_seq {
-            return Ok(Vec::new());
+            return Ok(EventPage { events: Vec::new(), last_seq });
         }
-        if let Some(events) = self.recent.after(after_seq, last_seq) {
-            return Ok(events);
+        if let Some(events) = self.recent.after(after_seq, last_seq, self.context.page_bytes) {
+            return Ok(EventPage { events, last_seq });
         }
-        read_events(&self.context, self.conversation.id, after_seq).await
+        let events = read_page(&self.context, self.conversation.id, after_seq).await?;
+        Ok(EventPage { events, last_seq })
     }
 
     fn typing(&mut self, caller: &Caller, typing: bool) -> Result<(), RouterError> {
@@ -491,9 +493,16 @@ impl ConversationActorState {
         client_msg_id: Option<&str>,
         refusal: switchboard_domain::Refusal,
     ) -> Result<CommandOutcome, RouterError> {
-        let events = self.read(0).await?;
-        let resent = |event: &Event| event.author == *author && event.client_msg_id.as_deref() == client_msg_id;
-        match events.into_iter().find(resent) {
+        let Some(client_msg_id) = client_msg_id else { return Err(RouterError::Refused(refusal)) };
+        // Found by its key's index, however long the log.
+        let request = ReadEventsRequest {
+            conversation_id: self.conversation.id.to_string(),
+            dedupe_key: dedupe_key(author, client_msg_id),
+            ..Default::default()
+        };
+        let response = self.context.store.read_events(request).await.map_err(from_store)?;
+        let found = response.events.first().map(event_from_record).transpose();
+        match found.map_err(|error| RouterError::Internal(error.to_string()))? {
             Some(event) => Ok(CommandOutcome { event: Some(event), duplicate: true }),
             None => Err(RouterError::Refused(refusal)),
         }
@@ -631,12 +640,15 @@ async fn append(
     Ok((stored, response.duplicate))
 }
 
-async fn read_events(
-    context: &Context,
-    conversation: ConversationId,
-    after_seq: u64,
-) -> Result<Vec<Event>, RouterError> {
-    let request = ReadEventsRequest { conversation_id: conversation.to_string(), after_seq, limit: 0 };
+/// The events after `after_seq`, as many as fit in a page (`Context::page_bytes`), at least one when there
+/// is one.
+async fn read_page(context: &Context, conversation: ConversationId, after_seq: u64) -> Result<Vec<Event>, RouterError> {
+    let request = ReadEventsRequest {
+        conversation_id: conversation.to_string(),
+        after_seq,
+        max_bytes: context.page_bytes,
+        ..Default::default()
+    };
     let response = context.store.read_events(request).await.map_err(from_store)?;
     response
         .events
@@ -791,14 +803,21 @@ pub(crate) async fn activate(
             let record = response.conversation.ok_or(RouterError::NotFound)?;
             let mut state =
                 conversation_from_record(&record).map_err(|error| RouterError::Internal(error.to_string()))?;
-            // Delivery marks are not in the summary: fold them from the log.
-            let events = read_events(context, conversation, 0).await?;
-            for event in &events {
-                if matches!(event.body, EventBody::Delivered { .. }) {
-                    apply(&mut state, event);
+            // Delivery marks are not in the summary: fold them from the log, a page at a time (it may be
+            // longer than one answer of the store can carry), keeping its newest events.
+            let mut recent = RecentEvents::default();
+            let mut after_seq = 0;
+            while after_seq < state.last_seq {
+                let page = read_page(context, conversation, after_seq).await?;
+                let Some(last) = page.last() else { break };
+                after_seq = last.seq;
+                for event in page {
+                    if matches!(event.body, EventBody::Delivered { .. }) {
+                        apply(&mut state, &event);
+                    }
+                    recent.push(Arc::new(event));
                 }
             }
-            let recent = RecentEvents::of_log(events);
             let stored_token = record.customer_token;
             let loaded = Loaded { context: context.clone(), conversation: state, stored_token, fence, recent };
             spawn(loaded).await

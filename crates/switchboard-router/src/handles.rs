@@ -5,12 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use ractor::{ActorRef, RpcReplyPort};
-use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry,
-};
+use switchboard_domain::{AgentAvailability, AgentId, AgentStatus, ConversationId, GroupId, TenantId, WaitingEntry};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate, RouterError,
-    SystemCommand,
+    AgentView, Caller, ChatCommand, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, OfferUpdate,
+    RouterError, SystemCommand,
 };
 
 use crate::agent::AgentMsg;
@@ -73,7 +71,7 @@ impl ConversationHandle {
         gateway: GatewayId,
         caller: Caller,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         call(&self.0, |reply| ConversationMsg::Subscribe { gateway, caller, after_seq, reply }).await
     }
 
@@ -81,7 +79,7 @@ impl ConversationHandle {
         let _ = self.0.cast(ConversationMsg::Unsubscribe { gateway });
     }
 
-    pub(crate) async fn read_events(&self, caller: Caller, after_seq: u64) -> Result<Vec<Event>, RouterError> {
+    pub(crate) async fn read_events(&self, caller: Caller, after_seq: u64) -> Result<EventPage, RouterError> {
         call(&self.0, |reply| ConversationMsg::ReadEvents { caller, after_seq, reply }).await
     }
 

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use switchboard_domain::Event;
+use switchboard_domain::{AgentId, Author, Event, EventBody};
 
 /// A contiguous run of stored events of one log, at most [`RecentEvents::MAX`] of them. It answers for the
 /// log only while its last event is the log's last one, which the caller gives (the conversation's
@@ -45,9 +45,10 @@ impl RecentEvents {
         self.events.push_back(event);
     }
 
-    /// Every event after `after_seq` of the log whose last event is `last_seq`, when the run holds them all;
-    /// `None` when some are older than the run, or the run does not reach `last_seq`.
-    pub(crate) fn after(&self, after_seq: u64, last_seq: u64) -> Option<Vec<Event>> {
+    /// Every event after `after_seq` of the log whose last event is `last_seq`, when the run holds them all
+    /// and they fit in `max_bytes` (a page: see [`wire_bytes_at_most`]); `None` when some are older than the
+    /// run, the run does not reach `last_seq`, or they may not fit: the store pages them then.
+    pub(crate) fn after(&self, after_seq: u64, last_seq: u64, max_bytes: u64) -> Option<Vec<Event>> {
         if after_seq >= last_seq {
             return Some(Vec::new());
         }
@@ -55,8 +56,42 @@ impl RecentEvents {
         if last.seq != last_seq || after_seq + 1 < first.seq {
             return None;
         }
-        Some(self.events.iter().filter(|event| event.seq > after_seq).map(|event| Event::clone(event)).collect())
+        let wanted = || self.events.iter().filter(|event| event.seq > after_seq);
+        let bytes: u64 = wanted().map(|event| wire_bytes_at_most(event)).sum();
+        if bytes > max_bytes {
+            return None;
+        }
+        Some(wanted().map(|event| Event::clone(event)).collect())
     }
+}
+
+/// At most how many bytes an event takes as a stored record, without encoding it: its JSON escapes a byte
+/// of text into six at most (`\u0001`), and the rest of the record (seq, time, kind, the names of its
+/// fields, the conversation's id) is well under the fixed part.
+pub(crate) fn wire_bytes_at_most(event: &Event) -> u64 {
+    const FIXED: usize = 512;
+    let author = match &event.author {
+        Author::Agent(agent) => agent.as_str().len(),
+        Author::Customer | Author::System => 0,
+    };
+    let optional = |agent: &Option<AgentId>| agent.as_ref().map_or(0, |agent| agent.as_str().len());
+    let body = match &event.body {
+        EventBody::Created { group, customer_name, question } => {
+            group.as_str().len() + customer_name.len() + question.len()
+        }
+        EventBody::Message { body } => body.len(),
+        EventBody::Accepted { agent } | EventBody::Offered { agent, .. } | EventBody::OfferEnded { agent, .. } => {
+            agent.as_str().len()
+        }
+        EventBody::Requeued { from_agent, .. } => from_agent.as_str().len(),
+        EventBody::Transferred { from_agent, to_group } => optional(from_agent) + to_group.as_str().len(),
+        EventBody::Forwarded { from_agent, to_agent } => optional(from_agent) + to_agent.as_str().len(),
+        EventBody::Delivered { .. } | EventBody::Closed | EventBody::Cancelled => 0,
+    };
+    // The author's id is in the record three times (its column, the event, the deduplication key), the
+    // client message id twice (the event, the key).
+    let text = 3 * author + 2 * event.client_msg_id.as_ref().map_or(0, String::len) + body;
+    (FIXED + 6 * text) as u64
 }
 
 #[cfg(test)]
@@ -75,18 +110,74 @@ mod tests {
         }
     }
 
+    const PAGE: u64 = 1 << 20;
+
     fn seqs(events: Option<Vec<Event>>) -> Option<Vec<u64>> {
         events.map(|events| events.into_iter().map(|event| event.seq).collect())
     }
 
     #[test]
+    fn a_catch_up_that_may_not_fit_in_a_page_is_left_to_the_store() {
+        let recent = RecentEvents::of_log((1..=3).map(event));
+        let each = wire_bytes_at_most(&event(1));
+        assert_eq!(seqs(recent.after(0, 3, 3 * each)), Some(vec![1, 2, 3]));
+        assert_eq!(recent.after(0, 3, 3 * each - 1), None);
+        assert_eq!(seqs(recent.after(1, 3, 2 * each)), Some(vec![2, 3]));
+    }
+
+    #[test]
+    fn an_event_takes_at_most_its_bound_as_a_stored_record() {
+        let agent = AgentId::new("agent-with-a-long-name").unwrap();
+        let control = "\u{1}\u{7f}\"\\".repeat(1_000);
+        let events = [
+            Event { author: Author::Agent(agent.clone()), ..event(1) },
+            Event {
+                body: EventBody::Message { body: control.clone() },
+                client_msg_id: Some(control.clone()),
+                ..event(2)
+            },
+            Event {
+                author: Author::System,
+                client_msg_id: None,
+                body: EventBody::Created {
+                    group: switchboard_domain::GroupId::new("sales").unwrap(),
+                    customer_name: control.clone(),
+                    question: "é".repeat(500),
+                },
+                ..event(3)
+            },
+            Event {
+                author: Author::System,
+                client_msg_id: None,
+                body: EventBody::Forwarded { from_agent: Some(agent.clone()), to_agent: agent },
+                ..event(4)
+            },
+        ];
+        for event in events {
+            let new = switchboard_proto::convert::new_event(&event);
+            let record = switchboard_proto::internal::v1::EventRecord {
+                conversation_id: "019a0000-0000-7000-8000-000000000000".into(),
+                seq: u64::MAX,
+                at_ms: i64::MIN,
+                author_role: new.author_role,
+                author_id: new.author_id,
+                client_msg_id: new.client_msg_id,
+                kind: new.kind,
+                payload_json: new.payload_json,
+            };
+            let encoded = prost::Message::encoded_len(&record) as u64;
+            assert!(encoded <= wire_bytes_at_most(&event), "{encoded} bytes for {:?}", event.body.kind());
+        }
+    }
+
+    #[test]
     fn a_whole_short_log_answers_every_catch_up() {
         let recent = RecentEvents::of_log((1..=3).map(event));
-        assert_eq!(seqs(recent.after(0, 3)), Some(vec![1, 2, 3]));
-        assert_eq!(seqs(recent.after(2, 3)), Some(vec![3]));
-        assert_eq!(seqs(recent.after(3, 3)), Some(vec![]));
-        assert_eq!(seqs(recent.after(9, 3)), Some(vec![]), "a client claiming more than exists gets nothing");
-        assert_eq!(recent.after(0, 3).unwrap()[1], event(2), "the events as stored");
+        assert_eq!(seqs(recent.after(0, 3, PAGE)), Some(vec![1, 2, 3]));
+        assert_eq!(seqs(recent.after(2, 3, PAGE)), Some(vec![3]));
+        assert_eq!(seqs(recent.after(3, 3, PAGE)), Some(vec![]));
+        assert_eq!(seqs(recent.after(9, 3, PAGE)), Some(vec![]), "a client claiming more than exists gets nothing");
+        assert_eq!(recent.after(0, 3, PAGE).unwrap()[1], event(2), "the events as stored");
     }
 
     #[test]
@@ -96,44 +187,44 @@ mod tests {
             recent.push(Arc::new(event(seq)));
         }
         let first = 40 - RecentEvents::MAX as u64 + 1;
-        assert_eq!(seqs(recent.after(first - 1, 40)), Some((first..=40).collect()));
-        assert_eq!(recent.after(first - 2, 40), None, "event {} is no longer kept", first - 1);
-        assert_eq!(recent.after(0, 40), None);
-        assert_eq!(seqs(recent.after(39, 40)), Some(vec![40]));
+        assert_eq!(seqs(recent.after(first - 1, 40, PAGE)), Some((first..=40).collect()));
+        assert_eq!(recent.after(first - 2, 40, PAGE), None, "event {} is no longer kept", first - 1);
+        assert_eq!(recent.after(0, 40, PAGE), None);
+        assert_eq!(seqs(recent.after(39, 40, PAGE)), Some(vec![40]));
     }
 
     #[test]
     fn a_log_read_that_does_not_reach_the_last_event_vouches_for_nothing() {
         // The summary says 4 events, the read found 3: the run cannot say what the fourth is.
         let recent = RecentEvents::of_log((1..=3).map(event));
-        assert_eq!(recent.after(0, 4), None);
-        assert_eq!(recent.after(3, 4), None);
-        assert_eq!(seqs(recent.after(4, 4)), Some(vec![]));
+        assert_eq!(recent.after(0, 4, PAGE), None);
+        assert_eq!(recent.after(3, 4, PAGE), None);
+        assert_eq!(seqs(recent.after(4, 4, PAGE)), Some(vec![]));
     }
 
     #[test]
     fn an_event_out_of_sequence_starts_the_run_again() {
         let mut recent = RecentEvents::of_log((1..=3).map(event));
         recent.push(Arc::new(event(5)));
-        assert_eq!(recent.after(3, 5), None, "event 4 was never seen");
-        assert_eq!(seqs(recent.after(4, 5)), Some(vec![5]));
+        assert_eq!(recent.after(3, 5, PAGE), None, "event 4 was never seen");
+        assert_eq!(seqs(recent.after(4, 5, PAGE)), Some(vec![5]));
         recent.push(Arc::new(event(6)));
-        assert_eq!(seqs(recent.after(4, 6)), Some(vec![5, 6]));
+        assert_eq!(seqs(recent.after(4, 6, PAGE)), Some(vec![5, 6]));
     }
 
     #[test]
     fn an_empty_log() {
         let mut recent = RecentEvents::of_log(Vec::new());
-        assert_eq!(seqs(recent.after(0, 0)), Some(vec![]));
+        assert_eq!(seqs(recent.after(0, 0, PAGE)), Some(vec![]));
         recent.push(Arc::new(event(1)));
-        assert_eq!(seqs(recent.after(0, 1)), Some(vec![1]));
+        assert_eq!(seqs(recent.after(0, 1, PAGE)), Some(vec![1]));
     }
 
     #[test]
     fn a_run_that_fell_behind_the_log_answers_nothing() {
         // The log went on to event 4 without the run hearing of it: it must not answer "nothing more" for 3.
         let recent = RecentEvents::of_log((1..=3).map(event));
-        assert_eq!(recent.after(3, 4), None);
-        assert_eq!(recent.after(0, 4), None);
+        assert_eq!(recent.after(3, 4, PAGE), None);
+        assert_eq!(recent.after(0, 4, PAGE), None);
     }
 }

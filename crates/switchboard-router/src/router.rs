@@ -5,15 +5,15 @@ use switchboard_telemetry::names;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Directory, Event, GroupId, NewConversation,
-    TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
+    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Directory, GroupId, NewConversation, TenantId,
+    WaitingEntry, agent_key, conversation_key, queue_key,
 };
 use switchboard_presence::Presence;
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::{CreateTicketRequest, GetLicenseRequest, ListConversationsRequest, TicketRecord};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, EventPage, GatewayId, LeftQueue,
+    OfferUpdate, OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
@@ -35,7 +35,17 @@ pub struct RouterSettings {
     pub leases: LeaseSettings,
     /// How many chats a closed list shows at most.
     pub closed_list_limit: u32,
+    /// How many bytes of events a read of a conversation's log answers with at most (about: the encoded
+    /// records; at least one event, however large): a log can outgrow any one gRPC message, and a
+    /// transcript any one frame to a client. [`RouterSettings::PAGE_BYTES`] unless a test wants smaller.
+    pub page_bytes: u64,
     pub presence: PresenceSettings,
+}
+
+impl RouterSettings {
+    /// The page of a read of the log: 1 MiB, thousands of a chat's usual events, a quarter of tonic's
+    /// default limit on a message it decodes, a sixty-fourth of the cluster's.
+    pub const PAGE_BYTES: u64 = 1 << 20;
 }
 
 pub struct Router {
@@ -82,6 +92,7 @@ impl Router {
             agents: Default::default(),
             queues: Default::default(),
             closed_list_limit: settings.closed_list_limit,
+            page_bytes: settings.page_bytes.max(1),
             presence,
             presence_settings: settings.presence,
             group_statuses: Default::default(),
@@ -309,7 +320,7 @@ impl RouterApi for Router {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         ConversationHandle::with(&self.context, conversation, |handle| async move {
             handle.subscribe(gateway.clone(), caller.clone(), after_seq).await
         })
@@ -327,7 +338,7 @@ impl RouterApi for Router {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         ConversationHandle::with(&self.context, conversation, |handle| async move {
             handle.read_events(caller.clone(), after_seq).await
         })

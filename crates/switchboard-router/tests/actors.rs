@@ -122,7 +122,7 @@ async fn catch_ups_within_the_newest_events_do_not_read_the_store() {
     let fixture = fixture().await;
     let chat = fixture.start_chat("g1", "x").await;
     let customer = Caller::Customer { conversation: chat };
-    let opening = fixture.router.subscribe(&fixture.gateway, &customer, chat, 0).await.unwrap();
+    let opening = fixture.router.subscribe(&fixture.gateway, &customer, chat, 0).await.unwrap().events;
     assert_eq!(opening.iter().map(|event| event.seq).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(fixture.counted.reads(), 0, "the new chat's subscription is answered from its actor");
     for n in 0..30 {
@@ -134,20 +134,20 @@ async fn catch_ups_within_the_newest_events_do_not_read_the_store() {
         .read_events(switchboard_proto::internal::v1::ReadEventsRequest {
             conversation_id: chat.to_string(),
             after_seq: 0,
-            limit: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
         .events;
     assert_eq!(stored.len(), 32);
     let reads = fixture.counted.reads();
-    let recent = fixture.router.read_events(&customer, chat, 24).await.unwrap();
+    let recent = fixture.router.read_events(&customer, chat, 24).await.unwrap().events;
     assert_eq!(recent.iter().map(|event| event.seq).collect::<Vec<_>>(), (25..=32).collect::<Vec<_>>());
     let EventBody::Message { body } = &recent[0].body else { panic!("a message: {:?}", recent[0]) };
     assert_eq!(body, "message 22");
     assert_eq!(recent[0].client_msg_id.as_deref(), Some("m22"));
     assert_eq!(fixture.counted.reads(), reads, "the newest events are answered from the actor");
-    let whole = fixture.router.read_events(&customer, chat, 0).await.unwrap();
+    let whole = fixture.router.read_events(&customer, chat, 0).await.unwrap().events;
     assert_eq!(whole.len(), 32);
     assert_eq!(whole.iter().map(|event| event.seq).collect::<Vec<_>>(), (1..=32).collect::<Vec<_>>());
     assert_eq!(fixture.counted.reads(), reads + 1, "the whole log is older than the actor keeps: the store is read");
@@ -158,7 +158,7 @@ async fn subscribers_get_the_backlog_then_live_events_without_gap() {
     let mut fixture = fixture().await;
     let chat = fixture.start_chat("g1", "x").await;
     let customer = Caller::Customer { conversation: chat };
-    let backlog = fixture.router.subscribe(&fixture.gateway, &customer, chat, 1).await.unwrap();
+    let backlog = fixture.router.subscribe(&fixture.gateway, &customer, chat, 1).await.unwrap().events;
     assert_eq!(backlog.iter().map(|event| event.seq).collect::<Vec<_>>(), [2]);
     let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "hello?".into() };
     let outcome = fixture.router.command(&customer, chat, send.clone()).await.unwrap();
@@ -210,9 +210,67 @@ async fn a_node_whose_shards_were_taken_over_can_no_longer_write() {
     fixture.clock.advance_ms(60_000);
     let new_owner = start_router("node-2", fixture.store.clone(), fixture.clock.clone()).await;
     assert_eq!(new_owner.n_shards_owned(), 1024);
-    let events = new_owner.read_events(&customer, chat, 0).await.unwrap();
+    let events = new_owner.read_events(&customer, chat, 0).await.unwrap().events;
     assert_eq!(events.len(), 2);
     assert!(events.iter().all(|event| !matches!(&event.body, EventBody::Message { body } if body == "too late")));
+}
+
+/// A log longer than a page is read a page at a time: a new owner activates the chat's actor by folding
+/// every page's delivery marks (a mark already made is not stored again), and a read from its start is
+/// answered with a page and the log's end, the next page read after it.
+#[tokio::test(start_paused = true)]
+async fn a_new_owner_activates_a_chat_from_a_log_longer_than_a_page() {
+    const PAGE_BYTES: u64 = 1024;
+    let fixture = fixture().await;
+    online(&fixture.router, "b").await;
+    let chat = fixture.start_chat("g1", "x").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    let customer = Caller::Customer { conversation: chat };
+    let mark = |up_to_seq| ChatCommand::ConfirmDelivery { up_to_seq };
+    // The agent's mark is early in the log, the customer's late: each in a different page.
+    fixture.router.command(&agent_caller("b"), chat, mark(2)).await.unwrap();
+    for n in 0..20 {
+        let send = ChatCommand::Send { client_msg_id: format!("m{n}"), body: "y".repeat(200) };
+        fixture.router.command(&customer, chat, send).await.unwrap();
+    }
+    let customer_mark = fixture.router.command(&customer, chat, mark(24)).await.unwrap().event.unwrap().seq;
+    let last_seq = customer_mark + 1;
+    fixture
+        .router
+        .command(&customer, chat, ChatCommand::Send { client_msg_id: "z".into(), body: "z".into() })
+        .await
+        .unwrap();
+
+    // The first node stops for good; another takes every shard, reading pages of 1 KiB.
+    drop(fixture.router);
+    fixture.clock.advance_ms(60_000);
+    let mut settings = common::router_settings("node-2");
+    settings.page_bytes = PAGE_BYTES;
+    let counted = Arc::new(common::CountedReads::new(fixture.store.clone()));
+    let new_owner =
+        common::start_router_from(settings, counted.clone(), fixture.clock.clone(), fixture.presence.clone()).await;
+    let view = new_owner.chat_view(&customer, chat).await.unwrap();
+    assert_eq!((view.state, view.last_seq), (ConversationState::Active, last_seq));
+    let activation_reads = counted.reads();
+    assert!(activation_reads >= 4, "the log read in pages of 1 KiB: {activation_reads} reads");
+    // Both marks were folded: made again, neither is stored.
+    for (caller, up_to_seq) in [(agent_caller("b"), 2), (customer.clone(), 24)] {
+        let again = new_owner.command(&caller, chat, mark(up_to_seq)).await.unwrap();
+        assert_eq!(again.event, None, "the mark up to {up_to_seq} is known to the new owner");
+    }
+    assert!(new_owner.command(&agent_caller("b"), chat, mark(3)).await.unwrap().event.is_some());
+
+    // A read from the start: a page, and where the log ends; the pages after it make the log.
+    let first = new_owner.read_events(&customer, chat, 0).await.unwrap();
+    assert!(first.more() && first.last_seq == last_seq + 1, "{} events, up to {}", first.events.len(), first.last_seq);
+    let mut seqs: Vec<u64> = first.events.iter().map(|event| event.seq).collect();
+    let mut next = first.next_after();
+    while let Some(after_seq) = next {
+        let page = new_owner.read_events(&customer, chat, after_seq).await.unwrap();
+        seqs.extend(page.events.iter().map(|event| event.seq));
+        next = page.next_after();
+    }
+    assert_eq!(seqs, (1..=last_seq + 1).collect::<Vec<_>>());
 }
 
 #[tokio::test(start_paused = true)]
@@ -226,7 +284,7 @@ async fn a_finished_chat_stays_readable_after_its_actor_passivates() {
     assert_eq!(view.state, ConversationState::Closed);
     let closed = fixture.router.list_chats(&tenant(), &agent("b"), ChatList::Closed).await.unwrap();
     assert_eq!(closed.iter().map(|view| view.conversation).collect::<Vec<_>>(), [chat]);
-    let events = fixture.router.read_events(&agent_caller("b"), chat, 0).await.unwrap();
+    let events = fixture.router.read_events(&agent_caller("b"), chat, 0).await.unwrap().events;
     assert_eq!(events.last().map(|event| event.body.kind()), Some("closed"));
 }
 

@@ -11,13 +11,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{agent, directory, group, start_request, tenant};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, Event, FixedClock, GroupId,
-    TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
+    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, FixedClock, GroupId, TenantId,
+    WaitingEntry, agent_key, conversation_key, queue_key,
 };
 use switchboard_presence::{MemoryPresence, Outage, Presence};
 use switchboard_proto::router::{
-    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue,
-    OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, EventPage, GatewayId,
+    LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
     SystemCommand, Ticket,
 };
 use switchboard_router::Router;
@@ -76,7 +76,7 @@ impl RouterApi for LocalCluster {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.first(|router| async move { router.subscribe(gateway, caller, conversation, after_seq).await }).await
     }
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
@@ -89,7 +89,7 @@ impl RouterApi for LocalCluster {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.first(|router| async move { router.read_events(caller, conversation, after_seq).await }).await
     }
     async fn command(

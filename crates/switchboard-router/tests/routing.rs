@@ -111,7 +111,7 @@ async fn offers_go_longest_idle_first_and_reject_and_timeout_move_on() {
     let view = fixture.router.accept_chat(&tenant(), &agent("x"), chat).await.unwrap();
     assert_eq!(view.owner, Some(agent("x")));
     // The log tells the whole story.
-    let events = fixture.router.read_events(&caller("x"), chat, 0).await.unwrap();
+    let events = fixture.router.read_events(&caller("x"), chat, 0).await.unwrap().events;
     let kinds: Vec<&str> = events.iter().map(|event| event.body.kind()).collect();
     assert_eq!(
         kinds,

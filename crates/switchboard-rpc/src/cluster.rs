@@ -38,12 +38,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, ConversationId, Event, GroupId, N_SHARDS, ShardId, TenantId, WaitingEntry,
+    AgentAvailability, AgentId, AgentStatus, ConversationId, GroupId, N_SHARDS, ShardId, TenantId, WaitingEntry,
     agent_key, conversation_key, queue_key, shard_of,
 };
 use switchboard_proto::internal::v1::{GetPlacementRequest, Placement};
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, OfferUpdate,
     OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
@@ -574,7 +574,8 @@ async fn resubscribe_agent(client: ClusterClient, link: Arc<GatewayLink>, tenant
 }
 
 /// Subscribes again to a conversation on its owner now, from the seq up to which the gateway has every
-/// event, and forwards the events returned; again while a hole remains (a push lost meanwhile), a few times.
+/// event, and forwards the events returned (every page of them); again while a hole remains (a push lost
+/// meanwhile), a few times.
 async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>, conversation: ConversationId) {
     const ROUNDS: usize = 3;
     let key = conversation_key(&conversation);
@@ -596,9 +597,13 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
         let followed = {
             let mut subscriptions = lock(&client.inner.subscriptions);
             subscriptions.conversations.get_mut(&conversation).map(|followed| {
-                if let Ok(events) = &subscribed {
-                    for event in events {
+                if let Ok(page) = &subscribed {
+                    for event in &page.events {
                         followed.note(event.seq);
+                    }
+                    // What is after the page is forwarded below, page by page.
+                    if page.more() {
+                        followed.has_through(page.last_seq);
                     }
                 }
                 let again = subscribed.is_ok() && followed.has_hole() && round < ROUNDS;
@@ -618,19 +623,47 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
                 }
                 return;
             }
-            (Ok(events), Some(again)) => {
-                for event in events {
-                    if link.sink.send(Push::Event { conversation, event: Arc::new(event), origin: None }).is_err() {
-                        return;
-                    }
-                }
-                if !again {
+            (Ok(page), Some(again)) => {
+                if !forward_pages(&client, &link, &caller, conversation, page).await || !again {
                     return;
                 }
             }
         }
         // Pushes still on their way may fill the hole meanwhile.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Forwards a page of a conversation's events to the gateway as pushes, then the pages after it, read from
+/// the owner. `false` when the gateway is gone.
+async fn forward_pages(
+    client: &ClusterClient,
+    link: &GatewayLink,
+    caller: &Caller,
+    conversation: ConversationId,
+    mut page: EventPage,
+) -> bool {
+    loop {
+        let next_after = page.next_after();
+        for event in page.events {
+            if link.sink.send(Push::Event { conversation, event: Arc::new(event), origin: None }).is_err() {
+                return false;
+            }
+        }
+        let Some(after_seq) = next_after else { return true };
+        let read = client
+            .on_owner(&conversation_key(&conversation), true, |node| async move {
+                node.read_events(caller, conversation, after_seq).await
+            })
+            .await;
+        page = match read {
+            Ok(page) => page,
+            // The gateway's sockets find the gap at their next event, and read it themselves.
+            Err(error) => {
+                warn!(%error, %conversation, "events after a subscription's first page not read");
+                return true;
+            }
+        };
     }
 }
 
@@ -881,7 +914,7 @@ impl RouterApi for ClusterClient {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         // Followed before the call, so that pushes arriving before its answer are noted; no catch-up starts
         // meanwhile (the answer fills what comes before them).
         let created = {
@@ -903,10 +936,15 @@ impl RouterApi for ClusterClient {
         let catch_up = {
             let mut subscriptions = lock(&self.inner.subscriptions);
             match (&subscribed, subscriptions.conversations.get_mut(&conversation)) {
-                (Ok(events), Some(followed)) => {
+                (Ok(page), Some(followed)) => {
                     followed.has_through(after_seq);
-                    for event in events {
+                    for event in &page.events {
                         followed.note(event.seq);
+                    }
+                    // The subscriber reads the rest of the log itself (`read_events`), up to where the
+                    // pushes begin.
+                    if page.more() {
+                        followed.has_through(page.last_seq);
                     }
                     followed.catching_up = followed.has_hole();
                     followed.catching_up
@@ -940,7 +978,7 @@ impl RouterApi for ClusterClient {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.on_owner(&conversation_key(&conversation), true, |node| async move {
             node.read_events(caller, conversation, after_seq).await
         })

@@ -23,8 +23,8 @@ use switchboard_proto::internal::v1::{
     conversation_system_request, push_agent, push_frame, push_queue,
 };
 use switchboard_proto::router::{
-    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, Origin, Push, QueueChange, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue,
+    OfferUpdate, OfflineMessage, Origin, Push, QueueChange, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use tonic::Status;
 
@@ -183,12 +183,14 @@ pub fn event_from_record(record: &EventRecord) -> Result<Event, Status> {
     switchboard_proto::convert::event_from_record(record).map_err(|error| Status::invalid_argument(error.to_string()))
 }
 
-pub fn events_to_proto(conversation: ConversationId, events: &[Event]) -> pb::EventsReply {
-    pb::EventsReply { events: events.iter().map(|event| event_to_record(conversation, event)).collect() }
+pub fn events_to_proto(conversation: ConversationId, page: &EventPage) -> pb::EventsReply {
+    let events = page.events.iter().map(|event| event_to_record(conversation, event)).collect();
+    pb::EventsReply { events, last_seq: page.last_seq }
 }
 
-pub fn events_from_proto(reply: &pb::EventsReply) -> Result<Vec<Event>, Status> {
-    reply.events.iter().map(event_from_record).collect()
+pub fn events_from_proto(reply: &pb::EventsReply) -> Result<EventPage, Status> {
+    let events = reply.events.iter().map(event_from_record).collect::<Result<_, _>>()?;
+    Ok(EventPage { events, last_seq: reply.last_seq })
 }
 
 // ---- views ----

@@ -8,9 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, ConversationId, Event, GroupId, TenantId, WaitingEntry,
-};
+use switchboard_domain::{AgentAvailability, AgentId, AgentStatus, ConversationId, GroupId, TenantId, WaitingEntry};
 use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::internal::v1::{
     AcceptChatRequest, AgentFinishedRequest, AgentOfferRequest, AgentRequest, AgentSubscriptionRequest,
@@ -25,7 +23,7 @@ use switchboard_proto::internal::v1::{
     StartedChatReply, TicketReply,
 };
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
+    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, OfferUpdate,
     OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use tokio::sync::mpsc;
@@ -433,7 +431,7 @@ impl RouterApi for GrpcRouterNode {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         let request = SubscribeRequest {
             gateway_id: gateway.0.clone(),
             caller: Some(caller_to_proto(caller)),
@@ -466,7 +464,7 @@ impl RouterApi for GrpcRouterNode {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         let request = RouterReadEventsRequest {
             caller: Some(caller_to_proto(caller)),
             conversation_id: conversation.to_string(),

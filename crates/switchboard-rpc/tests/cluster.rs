@@ -20,14 +20,14 @@ use async_trait::async_trait;
 use common::{Running, any_port, client_settings, eventually, within};
 use switchboard_domain::{
     AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
-    Event, EventBody, FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry,
-    agent_key, conversation_key, queue_key, shard_of,
+    EventBody, FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry, agent_key,
+    conversation_key, queue_key, shard_of,
 };
 use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::internal::v1::GetPlacementRequest;
 use switchboard_proto::router::{
-    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, GatewayId, LeftQueue,
-    OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, EventPage, GatewayId,
+    LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
     SystemCommand, Ticket,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
@@ -139,6 +139,7 @@ impl Node {
                 advertise: format!("http://{addr}"),
                 leases: leases(),
                 closed_list_limit: 50,
+                page_bytes: RouterSettings::PAGE_BYTES,
                 presence: PresenceSettings::default(),
             };
             let clock: Arc<dyn Clock> = shared.clock.clone();
@@ -325,7 +326,7 @@ impl RouterApi for SlowNode {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.node.subscribe(gateway, caller, conversation, after_seq).await
     }
 
@@ -338,7 +339,7 @@ impl RouterApi for SlowNode {
         caller: &Caller,
         conversation: ConversationId,
         after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.node.read_events(caller, conversation, after_seq).await
     }
 
@@ -653,14 +654,14 @@ impl Cluster {
         assert_eq!(started.view.state, ConversationState::Queued);
         let customer = Caller::Customer { conversation };
         let backlog = self.client.subscribe(&self.gateway_id, &customer, conversation, 0).await.unwrap();
-        (conversation, backlog.iter().map(|event| event.seq).collect())
+        (conversation, backlog.events.iter().map(|event| event.seq).collect())
     }
 
     /// Waits until every stored event of the conversation reached the gateway (pushed, forwarded by a
     /// resubscription, or in `backlog`, what the gateway's own subscribe returned); answers the last seq.
     async fn gap_free(&self, conversation: ConversationId, backlog: &[u64]) -> u64 {
         let customer = Caller::Customer { conversation };
-        let stored = self.client.read_events(&customer, conversation, 0).await.unwrap();
+        let stored = self.client.read_events(&customer, conversation, 0).await.unwrap().events;
         let last = stored.last().unwrap().seq;
         assert_eq!(stored.iter().map(|event| event.seq).collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>());
         let wanted: BTreeSet<u64> = (1..=last).collect();
@@ -788,7 +789,7 @@ async fn queue_added(cluster: &Cluster, group: &GroupId, conversation: Conversat
 /// Every message m1..mN is stored exactly once, in order.
 async fn stored_once(cluster: &Cluster, conversation: ConversationId, n_sent: usize) {
     let customer = Caller::Customer { conversation };
-    let events = cluster.client.read_events(&customer, conversation, 0).await.unwrap();
+    let events = cluster.client.read_events(&customer, conversation, 0).await.unwrap().events;
     let ids: Vec<&str> = events
         .iter()
         .filter(|event| matches!(event.body, EventBody::Message { .. }) && event.author == Author::Customer)
@@ -1030,7 +1031,7 @@ async fn a_chat_start_whose_answer_is_lost_is_tried_again_and_stored_once() {
         assert_eq!(started.view.state, ConversationState::Queued);
         assert!(!started.duplicate, "the client sent this start once");
         let customer = Caller::Customer { conversation };
-        let events = cluster.client.read_events(&customer, conversation, 0).await.unwrap();
+        let events = cluster.client.read_events(&customer, conversation, 0).await.unwrap().events;
         let created = events.iter().filter(|event| matches!(event.body, EventBody::Created { .. })).count();
         assert_eq!(created, 1, "stored once: {events:?}");
         assert_eq!(events.iter().map(|event| event.seq).collect::<Vec<_>>(), [1, 2]);

@@ -20,9 +20,9 @@ use switchboard_proto::internal::v1 as pb;
 use switchboard_proto::internal::v1::AcquireShardsRequest;
 use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::router::{
-    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, Origin, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat, SystemCommand,
-    Ticket,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue,
+    OfferUpdate, OfflineMessage, Origin, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
+    SystemCommand, Ticket,
 };
 use switchboard_proto::store::StoreApi;
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
@@ -88,6 +88,7 @@ async fn start_router(node_id: &str, store: Arc<MemoryStore>, clock: Arc<FixedCl
         advertise: String::new(),
         leases: LeaseSettings::default(),
         closed_list_limit: 50,
+        page_bytes: RouterSettings::PAGE_BYTES,
         presence: PresenceSettings::default(),
     };
     let clock: Arc<dyn Clock> = clock;
@@ -172,7 +173,8 @@ async fn a_chat_through_grpc_with_its_pushes() {
     let mut pushes = client.open_push_stream(&gateway).await.unwrap();
     let backlog = client.subscribe(&gateway, &customer, chat, 0).await.unwrap();
     assert_eq!(backlog, cluster.node.read_events(&customer, chat, 0).await.unwrap());
-    assert!(matches!(backlog.first().map(|event| &event.body), Some(EventBody::Created { .. })));
+    assert!(matches!(backlog.events.first().map(|event| &event.body), Some(EventBody::Created { .. })));
+    assert!(!backlog.more(), "a short log in one page");
 
     // An agent takes the chat and writes: the customer's gateway gets every event, in order.
     client.set_agent_status(&tenant(), &agent("b"), AgentStatus::Online).await.unwrap();
@@ -197,7 +199,8 @@ async fn a_chat_through_grpc_with_its_pushes() {
     assert_eq!(events.iter().map(|event| event.body.kind()).collect::<Vec<_>>(), ["accepted", "message"]);
     assert_eq!(*events[1], sent);
     // The gateway's copy is the stored one.
-    let stored = cluster.node.read_events(&customer, chat, backlog.last().unwrap().seq).await.unwrap();
+    let after_seq = backlog.events.last().unwrap().seq;
+    let stored = cluster.node.read_events(&customer, chat, after_seq).await.unwrap().events;
     assert_eq!(events.iter().map(|event| (**event).clone()).collect::<Vec<_>>(), stored);
 
     // A resend is a duplicate through the wire too; typing is pushed and not stored.
@@ -480,7 +483,7 @@ async fn connect_gateway_forwards_pushes_and_reconnects_after_the_server_restart
     })
     .await;
     // Subscriptions are made again after a reconnect; pushes flow into the same sink.
-    let last_seq = backlog.last().unwrap().seq;
+    let last_seq = backlog.last_seq;
     client.subscribe(&gateway, &customer, chat, last_seq).await.unwrap();
     client.typing(&customer, chat, false).await.unwrap();
     assert!(matches!(within(pushes.recv()).await, Some(Push::Typing { typing: false, .. })));
@@ -951,9 +954,9 @@ impl RouterApi for Scripted {
         _caller: &Caller,
         _conversation: ConversationId,
         _after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.outcome().await?;
-        Ok(vec![])
+        Ok(EventPage::default())
     }
     async fn unsubscribe(&self, _gateway: &GatewayId, _conversation: ConversationId) {}
     async fn read_events(
@@ -961,9 +964,9 @@ impl RouterApi for Scripted {
         _caller: &Caller,
         _conversation: ConversationId,
         _after_seq: u64,
-    ) -> Result<Vec<Event>, RouterError> {
+    ) -> Result<EventPage, RouterError> {
         self.outcome().await?;
-        Ok(vec![])
+        Ok(EventPage::default())
     }
     async fn command(
         &self,
@@ -1193,7 +1196,8 @@ async fn concurrent_commands_on_the_call_stream_each_get_their_own_answer() {
     }
     assert_eq!(answered, 64);
     for chat in chats {
-        let stored = cluster.node.read_events(&Caller::Customer { conversation: chat }, chat, 0).await.unwrap();
+        let customer = Caller::Customer { conversation: chat };
+        let stored = cluster.node.read_events(&customer, chat, 0).await.unwrap().events;
         let sent = stored.iter().filter(|event| event.client_msg_id.as_deref().is_some_and(|id| id.starts_with("m-")));
         assert_eq!(sent.count(), 4);
     }

@@ -144,7 +144,7 @@ async fn appends_and_reads_go_through_unchanged() {
     assert_eq!(again.events, appended.events);
 
     // What the client reads is what the store holds.
-    let read = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 };
+    let read = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, ..Default::default() };
     let through_grpc = client.read_events(read.clone()).await.unwrap();
     assert_eq!(through_grpc, store.read_events(read).await.unwrap());
     assert_eq!(through_grpc.events.len(), 3);
@@ -287,7 +287,7 @@ async fn a_stopped_store_is_unavailable_and_the_same_client_reaches_it_again_aft
     client.append(create(fence, "c1")).await.unwrap();
 
     running.stop().await;
-    let read = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 };
+    let read = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, ..Default::default() };
     let error = within(client.read_events(read.clone())).await.unwrap_err();
     assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
     // A write fails the same way, retryably, and stores nothing.

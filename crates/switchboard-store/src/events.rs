@@ -1,13 +1,15 @@
 //! The event log on SQLite: reads, and the checkpoints of the write-ahead log that the append writer
 //! (`writer`) starts after its commits.
 
+use futures_util::TryStreamExt as _;
+use futures_util::stream::BoxStream;
 use sqlx::{SqliteConnection, SqlitePool};
-use switchboard_proto::internal::v1::{ReadEventsRequest, ReadEventsResponse};
+use switchboard_proto::internal::v1::{EventRecord, ReadEventsRequest, ReadEventsResponse};
 use switchboard_proto::store::StoreError;
 
 use crate::SqlStore;
 use crate::error::{db, to_i64};
-use crate::records::{EventRow, event_from_row};
+use crate::records::{EventRow, Page, event_from_row};
 
 pub(crate) const INSERT_CONVERSATION: &str = "INSERT INTO conversations (id, tenant_id, group_id, customer_name, \
      first_question, state, owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, \
@@ -15,11 +17,13 @@ pub(crate) const INSERT_CONVERSATION: &str = "INSERT INTO conversations (id, ten
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $13, $14, $15, $16) \
      ON CONFLICT (id) DO NOTHING";
 
+/// A log's events after a seq, at most `$3` of them.
 pub(crate) const SELECT_EVENTS: &str = "SELECT conversation_id, seq, at_ms, author_role, author_id, client_msg_id, \
-     kind, payload_json FROM events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq";
+     kind, payload_json FROM events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
-pub(crate) const SELECT_EVENTS_LIMITED: &str = "SELECT conversation_id, seq, at_ms, author_role, author_id, \
-     client_msg_id, kind, payload_json FROM events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+/// The event stored under a deduplication key, by the index of `(conversation_id, client_msg_id)`.
+pub(crate) const SELECT_EVENT_BY_KEY: &str = "SELECT conversation_id, seq, at_ms, author_role, author_id, \
+     client_msg_id, kind, payload_json FROM events WHERE conversation_id = $1 AND client_msg_id = $3 AND seq > $2";
 
 pub(crate) const SELECT_EVENT_EPOCHS: &str = "SELECT seq, epoch FROM events WHERE conversation_id = $1 ORDER BY seq";
 
@@ -162,17 +166,41 @@ impl Checkpoints {
 
 pub(crate) async fn read(store: &SqlStore, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
     let after_seq = to_i64(request.after_seq, "after_seq")?;
-    let query = if request.limit == 0 {
-        sqlx::query_as(SELECT_EVENTS).bind(&request.conversation_id).bind(after_seq)
-    } else {
-        sqlx::query_as(SELECT_EVENTS_LIMITED)
+    let rows = if request.dedupe_key.is_empty() {
+        sqlx::query_as(SELECT_EVENTS)
             .bind(&request.conversation_id)
             .bind(after_seq)
-            .bind(i64::from(request.limit))
+            .bind(read_limit(request.limit))
+            .fetch(&store.reader)
+    } else {
+        sqlx::query_as(SELECT_EVENT_BY_KEY)
+            .bind(&request.conversation_id)
+            .bind(after_seq)
+            .bind(&request.dedupe_key)
+            .fetch(&store.reader)
     };
-    let rows: Vec<EventRow> = query.fetch_all(&store.reader).await.map_err(db)?;
-    let events = rows.into_iter().map(event_from_row).collect::<Result<_, _>>()?;
+    let events = page(rows, request.max_bytes).await?;
     Ok(ReadEventsResponse { events })
+}
+
+/// A read's `LIMIT`: the request's, or none (`0`).
+pub(crate) fn read_limit(limit: u32) -> i64 {
+    if limit == 0 { i64::MAX } else { i64::from(limit) }
+}
+
+/// The events of a read's rows, in their order, as many as its page holds ([`Page`]). The rows after the
+/// page are not read.
+pub(crate) async fn page(
+    mut rows: BoxStream<'_, Result<EventRow, sqlx::Error>>,
+    max_bytes: u64,
+) -> Result<Vec<EventRecord>, StoreError> {
+    let mut page = Page::new(max_bytes);
+    while let Some(row) = rows.try_next().await.map_err(db)? {
+        if !page.add(event_from_row(row)?) {
+            break;
+        }
+    }
+    Ok(page.into_events())
 }
 
 #[cfg(test)]

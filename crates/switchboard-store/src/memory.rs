@@ -28,6 +28,7 @@ use crate::error::{shard_to_i32, to_i64};
 use crate::leases::{expires_at, held, non_empty_node, renewal, validate_acquire};
 use crate::license::{finishes, may_admit, validate_limit};
 use crate::nodes::validate_registration;
+use crate::records::Page;
 use crate::tickets::validate_ticket;
 
 /// A row of `shard_leases`.
@@ -330,16 +331,22 @@ impl StoreApi for MemoryStore {
         to_i64(request.after_seq, "after_seq")?;
         let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
         let tables = self.lock();
-        let events = tables
+        let read = tables
             .events
             .get(&request.conversation_id)
             .into_iter()
             .flatten()
             .map(|stored| &stored.record)
             .filter(|event| event.seq > request.after_seq)
-            .take(limit)
-            .cloned()
-            .collect();
+            .filter(|event| request.dedupe_key.is_empty() || event.client_msg_id == request.dedupe_key)
+            .take(limit);
+        let mut page = Page::new(request.max_bytes);
+        for event in read {
+            if !page.add(event.clone()) {
+                break;
+            }
+        }
+        let events = page.into_events();
         Ok(ReadEventsResponse { events })
     }
 

@@ -1,6 +1,7 @@
 //! Rows as the SQL backends read them (tuples, decoded by column position, so that both backends share one
 //! decoding) and their conversion to the protobuf records.
 
+use prost::Message as _;
 use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 use switchboard_proto::internal::v1::{
     ConversationRecord, EventRecord, NodeInfo, ShardLease, ShardOwner, TicketRecord,
@@ -117,6 +118,35 @@ pub(crate) fn event_from_row(row: EventRow) -> Result<EventRecord, StoreError> {
         kind,
         payload_json,
     })
+}
+
+/// The answer of a read of the log, as it is filled: every event, or with `max_bytes` set, as many as fit
+/// in it (their encoded records), and always the first, however large.
+pub(crate) struct Page {
+    max_bytes: u64,
+    bytes: u64,
+    events: Vec<EventRecord>,
+}
+
+impl Page {
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        Page { max_bytes, bytes: 0, events: Vec::new() }
+    }
+
+    /// Adds the next event; `false` when it does not fit (the page is complete without it).
+    pub(crate) fn add(&mut self, event: EventRecord) -> bool {
+        let bytes = self.bytes.saturating_add(event.encoded_len() as u64);
+        if self.max_bytes > 0 && !self.events.is_empty() && bytes > self.max_bytes {
+            return false;
+        }
+        self.bytes = bytes;
+        self.events.push(event);
+        true
+    }
+
+    pub(crate) fn into_events(self) -> Vec<EventRecord> {
+        self.events
+    }
 }
 
 /// `shard, epoch, expires_at_ms` of `shard_leases`.

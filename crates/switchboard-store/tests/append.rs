@@ -6,9 +6,10 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use prost::Message as _;
 use switchboard_domain::N_SHARDS;
 use switchboard_proto::internal::v1::{
-    AppendRequest, ConversationRecord, Fence, GetConversationRequest, ReadEventsRequest,
+    AppendRequest, ConversationRecord, EventRecord, Fence, GetConversationRequest, NewEvent, ReadEventsRequest,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 
@@ -22,10 +23,12 @@ on_every_backend!(
     concurrent_appends_to_one_conversation_get_distinct_consecutive_seqs,
     one_client_id_twice_in_one_append_is_refused_and_stores_nothing,
     out_of_range_values_are_invalid_and_store_nothing,
+    a_read_bounded_by_bytes_is_a_page_and_the_pages_make_the_log,
+    an_event_is_found_by_its_deduplication_key,
 );
 
 async fn read(store: &dyn StoreApi, id: &str, after_seq: u64, limit: u32) -> Vec<u64> {
-    let request = ReadEventsRequest { conversation_id: id.into(), after_seq, limit };
+    let request = ReadEventsRequest { conversation_id: id.into(), after_seq, limit, ..Default::default() };
     store.read_events(request).await.unwrap().events.iter().map(|event| event.seq).collect()
 }
 
@@ -53,7 +56,7 @@ async fn appends_get_gap_free_sequence_numbers(h: Harness) {
     assert_eq!(last_seq(store, "c1").await, 4);
 
     let events = store
-        .read_events(ReadEventsRequest { conversation_id: "c1".into(), after_seq: 1, limit: 1 })
+        .read_events(ReadEventsRequest { conversation_id: "c1".into(), after_seq: 1, limit: 1, ..Default::default() })
         .await
         .unwrap()
         .events;
@@ -315,6 +318,74 @@ async fn out_of_range_values_are_invalid_and_store_nothing(h: Harness) {
     assert!(matches!(store.append(request).await, Err(StoreError::Invalid(_))));
     assert_eq!(read(store, "c1", 0, 0).await, [1]);
 
-    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: u64::MAX, limit: 0 };
+    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: u64::MAX, ..Default::default() };
     assert!(matches!(store.read_events(request).await, Err(StoreError::Invalid(_))));
+}
+
+async fn a_read_bounded_by_bytes_is_a_page_and_the_pages_make_the_log(h: Harness) {
+    let store = h.store();
+    let fence = create(store, "node-a", conversation("c1", "acme", "sales", 1)).await;
+    // Seq 2..=11: small messages, then one far larger than any page, then small ones again.
+    let mut events: Vec<NewEvent> = (0..5).map(|i| message(&format!("m{i}"), &"a".repeat(100))).collect();
+    events.push(message("big", &"b".repeat(10_000)));
+    events.extend((5..9).map(|i| message(&format!("m{i}"), &"c".repeat(100))));
+    append(store, fence, "c1", events, None).await.unwrap();
+    let whole = store.read_events(ReadEventsRequest { conversation_id: "c1".into(), ..Default::default() });
+    let whole = whole.await.unwrap().events;
+    assert_eq!(whole.len(), 11);
+    let size = |event: &EventRecord| event.encoded_len() as u64;
+    let max_bytes = 3 * size(&whole[1]) + 10;
+
+    let mut pages = Vec::new();
+    let mut after_seq = 0;
+    while after_seq < 11 {
+        let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq, max_bytes, ..Default::default() };
+        let page = store.read_events(request).await.unwrap().events;
+        assert!(!page.is_empty(), "a page after {after_seq} of a longer log holds an event");
+        after_seq = page.last().unwrap().seq;
+        pages.push(page);
+    }
+    let seqs: Vec<Vec<u64>> = pages.iter().map(|page| page.iter().map(|event| event.seq).collect()).collect();
+    // `created` is smaller than a message: it and two messages fit in the first page.
+    assert_eq!(seqs, [vec![1, 2, 3], vec![4, 5, 6], vec![7], vec![8, 9, 10], vec![11]]);
+    for page in &pages {
+        let bytes: u64 = page.iter().map(size).sum();
+        assert!(page.len() == 1 || bytes <= max_bytes, "a page of several events stays within its bound");
+    }
+    assert_eq!(pages.concat(), whole, "the pages, one after the other, are the log");
+
+    let request = |limit| ReadEventsRequest {
+        conversation_id: "c1".into(),
+        after_seq: 1,
+        limit,
+        max_bytes,
+        ..Default::default()
+    };
+    let limited = store.read_events(request(2)).await.unwrap().events;
+    assert_eq!(limited.iter().map(|event| event.seq).collect::<Vec<_>>(), [2, 3], "the tighter of the two bounds");
+    let beyond = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 11, max_bytes, ..Default::default() };
+    assert!(store.read_events(beyond).await.unwrap().events.is_empty(), "nothing after the log's end");
+}
+
+async fn an_event_is_found_by_its_deduplication_key(h: Harness) {
+    let store = h.store();
+    let fence = create(store, "node-a", conversation("c1", "acme", "sales", 1)).await;
+    let other = create(store, "node-a", conversation("c2", "acme", "sales", 1)).await;
+    append(store, fence, "c1", vec![message("m1", "hi"), message("m2", "there"), message("", "unkeyed")], None)
+        .await
+        .unwrap();
+    append(store, other, "c2", vec![message("m3", "elsewhere")], None).await.unwrap();
+    let find = |id: &str, key: &str, after_seq| {
+        let request =
+            ReadEventsRequest { conversation_id: id.into(), after_seq, dedupe_key: key.into(), ..Default::default() };
+        async move { store.read_events(request).await.unwrap().events }
+    };
+
+    let found = find("c1", "m2", 0).await;
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].seq, found[0].payload_json.as_str()), (3, r#"{"body":"there"}"#));
+    assert!(find("c1", "m3", 0).await.is_empty(), "another conversation's key is not this one's");
+    assert!(find("c1", "m9", 0).await.is_empty(), "an unknown key finds nothing");
+    assert!(find("c1", "m2", 3).await.is_empty(), "only after after_seq");
+    assert_eq!(find("c1", "m1", 1).await[0].seq, 2);
 }

@@ -421,7 +421,7 @@ async fn concurrent_appends_are_each_answered_on_their_own(h: Harness) {
         }
     }
     for (id, n) in [("c1", 20), ("c2", 20), ("c3", 5)] {
-        let request = ReadEventsRequest { conversation_id: id.into(), after_seq: 0, limit: 0 };
+        let request = ReadEventsRequest { conversation_id: id.into(), after_seq: 0, ..Default::default() };
         let events = store.read_events(request).await.unwrap().events;
         let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
         assert_eq!(seqs, (1..=n + 1).collect::<Vec<_>>(), "{id}: gap-free");

@@ -27,7 +27,7 @@ async fn data_survives_a_reopen_and_migrations_are_not_reapplied() {
     assert_eq!(store.migrate().await.unwrap(), 0, "nothing left to apply");
     assert_eq!(store.applied_migrations().await.unwrap(), (1..=LATEST_MIGRATION).collect::<Vec<_>>());
 
-    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 1, limit: 0 };
+    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 1, ..Default::default() };
     assert_eq!(store.read_events(request).await.unwrap().events, appended.events);
     let request = GetConversationRequest { conversation_id: "c1".into() };
     let record = store.get_conversation(request).await.unwrap().conversation.unwrap();
@@ -91,7 +91,7 @@ async fn a_write_the_database_refuses_fails_only_its_append_and_the_writer_goes_
     assert!(matches!(&poison, Err(StoreError::Invalid(_))), "{poison:?}");
     assert_eq!(also_fine.unwrap().events[0].seq, 2);
 
-    let request = ReadEventsRequest { conversation_id: "c2".into(), after_seq: 1, limit: 0 };
+    let request = ReadEventsRequest { conversation_id: "c2".into(), after_seq: 1, ..Default::default() };
     assert!(store.read_events(request).await.unwrap().events.is_empty(), "nothing of the refused append is kept");
     let next = append(&store, fences[2], "c2", vec![message("m2", "hello")], None).await.unwrap();
     assert_eq!(next.events[0].seq, 2, "the writer goes on after the refusal");
@@ -149,7 +149,7 @@ async fn a_closed_store_refuses_appends_and_keeps_what_it_acknowledged() {
     drop(store);
 
     let (store, _clock) = sql_on_file(&path).await;
-    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 1, limit: 0 };
+    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 1, ..Default::default() };
     acknowledged.sort_by_key(|event| event.seq);
     assert_eq!(store.read_events(request).await.unwrap().events, acknowledged);
 }

@@ -89,7 +89,7 @@ async fn admits_up_to_the_limit_then_refuses_and_stores_nothing(h: Harness) {
 
     assert_eq!(try_create(store, &leases, "c4").await, Err(StoreError::LicenseExhausted { max_sessions: 3 }));
     assert!(!exists(store, "c4").await, "a refused create stores no conversation");
-    let read = ReadEventsRequest { conversation_id: "c4".into(), after_seq: 0, limit: 0 };
+    let read = ReadEventsRequest { conversation_id: "c4".into(), after_seq: 0, ..Default::default() };
     assert!(store.read_events(read).await.unwrap().events.is_empty(), "nor events");
     assert_eq!(license(store).await.used, 3);
 

@@ -176,7 +176,7 @@ async fn concurrent_appends_through_several_stores_are_gap_free_and_deduplicated
     seqs.sort_unstable();
     assert_eq!(seqs, (2..=MESSAGES + 1).collect::<Vec<_>>());
 
-    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 };
+    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, ..Default::default() };
     let events = stores[1].read_events(request).await.unwrap().events;
     assert_eq!(events.iter().map(|event| event.seq).collect::<Vec<_>>(), (1..=MESSAGES + 1).collect::<Vec<_>>());
     let ids: HashSet<&str> = events.iter().map(|event| event.client_msg_id.as_str()).collect();
@@ -250,7 +250,7 @@ async fn a_value_the_database_refuses_fails_only_its_own_append() {
             assert!(result.is_ok(), "{i}: {result:?}");
         }
     }
-    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 };
+    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, ..Default::default() };
     let seqs: Vec<u64> = h.store().read_events(request).await.unwrap().events.iter().map(|event| event.seq).collect();
     assert_eq!(seqs, (1..=21).collect::<Vec<_>>());
 }
@@ -282,7 +282,8 @@ async fn a_restarted_server_makes_calls_unavailable_then_serves_them_again() {
     assert!(matches!(acquired, Err(StoreError::Unavailable(_))), "{acquired:?}");
     let appended = append(&store, fence, "c1", vec![message("m1", "hi")], None).await;
     assert!(matches!(appended, Err(StoreError::Unavailable(_))), "{appended:?}");
-    let read = store.read_events(ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 }).await;
+    let read =
+        store.read_events(ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, ..Default::default() }).await;
     assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
 
     // The same store, without being rebuilt: the pool reconnects.
@@ -299,7 +300,8 @@ async fn a_restarted_server_makes_calls_unavailable_then_serves_them_again() {
         .await
         .unwrap();
     assert_eq!(leases.granted.len(), 1);
-    let read = store.read_events(ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 }).await;
+    let read =
+        store.read_events(ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, ..Default::default() }).await;
     assert_eq!(read.unwrap().events.len(), 2);
 }
 

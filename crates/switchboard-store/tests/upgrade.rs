@@ -53,7 +53,7 @@ async fn check_upgraded<S: StoreApi + StoreAudit>(store: &S, shard: u32) {
     let next = append(store, fence, "c1", vec![message("m2", "again")], None).await.unwrap();
     assert_eq!(next.events[0].seq, 3);
     assert_eq!(store.event_epochs("c1").await.unwrap(), [(1, 0), (2, 0), (3, 3)]);
-    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, limit: 0 };
+    let request = ReadEventsRequest { conversation_id: "c1".into(), after_seq: 0, ..Default::default() };
     assert_eq!(store.read_events(request).await.unwrap().events.len(), 3);
 
     // Migration 3: the open conversation holds a permit (the limit starts unlimited); closing gives it back.

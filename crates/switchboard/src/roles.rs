@@ -223,6 +223,7 @@ pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
         advertise,
         leases,
         closed_list_limit: 200,
+        page_bytes: RouterSettings::PAGE_BYTES,
         presence: presence_settings(&config),
     };
     // The store may start after the router: wait for it.
@@ -316,6 +317,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         advertise: String::new(),
         leases: LeaseSettings::default(),
         closed_list_limit: 200,
+        page_bytes: RouterSettings::PAGE_BYTES,
         presence: presence_settings(&config),
     };
     let store_health = store.clone();

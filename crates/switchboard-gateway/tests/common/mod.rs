@@ -89,15 +89,28 @@ impl Server {
         presence: Arc<MemoryPresence>,
         gateway_presence: Arc<dyn Presence>,
     ) -> Server {
-        Server::start_routed(settings, directory, router_presence, presence, gateway_presence, |router| router).await
+        let page_bytes = RouterSettings::PAGE_BYTES;
+        Server::start_routed(settings, directory, router_presence, presence, gateway_presence, page_bytes, |router| {
+            router
+        })
+        .await
+    }
+
+    /// A default server whose router reads and answers a conversation's log in pages of `page_bytes`.
+    pub async fn start_paged(page_bytes: u64) -> Server {
+        let presence = Arc::new(MemoryPresence::new());
+        let (settings, router_presence) = (GatewaySettings::default(), PresenceSettings::default());
+        Server::start_routed(settings, directory(), router_presence, presence.clone(), presence, page_bytes, |r| r)
+            .await
     }
 
     /// A default server whose gateway asks `wrap(router)` instead of the router itself (a wrapper that holds
     /// or fails calls on demand); `Server::router` stays the router inside.
     pub async fn start_wrapped(wrap: impl FnOnce(Arc<Router>) -> Arc<dyn RouterApi>) -> Server {
         let presence = Arc::new(MemoryPresence::new());
-        let settings = GatewaySettings::default();
-        Server::start_routed(settings, directory(), PresenceSettings::default(), presence.clone(), presence, wrap).await
+        let (settings, router_presence) = (GatewaySettings::default(), PresenceSettings::default());
+        let page_bytes = RouterSettings::PAGE_BYTES;
+        Server::start_routed(settings, directory(), router_presence, presence.clone(), presence, page_bytes, wrap).await
     }
 
     async fn start_routed(
@@ -106,6 +119,7 @@ impl Server {
         router_presence: PresenceSettings,
         presence: Arc<MemoryPresence>,
         gateway_presence: Arc<dyn Presence>,
+        page_bytes: u64,
         wrap: impl FnOnce(Arc<Router>) -> Arc<dyn RouterApi>,
     ) -> Server {
         let clock = Arc::new(FixedClock::new(1_767_225_600_000));
@@ -117,6 +131,7 @@ impl Server {
             advertise: String::new(),
             leases: LeaseSettings::default(),
             closed_list_limit: 200,
+            page_bytes,
             presence: router_presence,
         };
         // As `serve` does: one in-process presence for the router and the gateway.

@@ -246,6 +246,17 @@ pub struct ReadEventsRequest {
     /// 0 means no limit.
     #[prost(uint32, tag = "3")]
     pub limit: u32,
+    /// At most about this many bytes of events (their encoded records) in the answer; 0 means no bound. The
+    /// answer holds at least one event when the log has any after `after_seq`, however large it is, so a
+    /// caller that reads again after the last seq it got, until it reaches the conversation's `last_seq`,
+    /// always moves on. A log can outgrow any one message between the processes: its readers page through
+    /// it.
+    #[prost(uint64, tag = "4")]
+    pub max_bytes: u64,
+    /// When set, only the event stored under this deduplication key (`role/id/client_msg_id`, as appended),
+    /// if there is one after `after_seq`: found by the key's index, not by reading the log.
+    #[prost(string, tag = "5")]
+    pub dedupe_key: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReadEventsResponse {
@@ -2201,6 +2212,11 @@ pub struct RouterReadEventsRequest {
 pub struct EventsReply {
     #[prost(message, repeated, tag = "1")]
     pub events: ::prost::alloc::vec::Vec<EventRecord>,
+    /// The conversation's last seq when it was read. The reply holds a page of the events (the router's
+    /// `page_bytes`, at least one event): when its last event is before `last_seq`, read again (`ReadEvents`)
+    /// after that event.
+    #[prost(uint64, tag = "2")]
+    pub last_seq: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CommandRequest {

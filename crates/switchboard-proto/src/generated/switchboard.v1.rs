@@ -514,9 +514,13 @@ pub struct ChatSubscribeResult {
 pub struct ChatTranscriptResult {
     #[prost(message, optional, tag = "1")]
     pub chat: ::core::option::Option<Chat>,
-    /// The events after `after_seq`, in seq order.
+    /// The events after `after_seq`, in seq order: all of them, or a page of them when `more` is set.
     #[prost(message, repeated, tag = "2")]
     pub events: ::prost::alloc::vec::Vec<Event>,
+    /// The transcript goes on after the last event here (a long one is answered in pages of about 1 MiB):
+    /// ask again with `after_seq` set to that event's seq.
+    #[prost(bool, tag = "3")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ChatListResult {

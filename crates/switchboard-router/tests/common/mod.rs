@@ -182,6 +182,7 @@ pub fn router_settings(node_id: &str) -> RouterSettings {
         advertise: String::new(),
         leases: LeaseSettings::default(),
         closed_list_limit: 50,
+        page_bytes: RouterSettings::PAGE_BYTES,
         presence: PresenceSettings { heartbeat: HEARTBEAT, grace: GRACE },
     }
 }
@@ -196,9 +197,18 @@ pub async fn start_router_with(
     clock: Arc<FixedClock>,
     presence: Arc<MemoryPresence>,
 ) -> Router {
+    start_router_from(router_settings(node_id), store, clock, presence).await
+}
+
+pub async fn start_router_from(
+    settings: RouterSettings,
+    store: Arc<dyn StoreApi>,
+    clock: Arc<FixedClock>,
+    presence: Arc<MemoryPresence>,
+) -> Router {
     let clock_dyn: Arc<dyn Clock> = clock;
     let presence: Arc<dyn Presence> = presence;
-    Router::start(router_settings(node_id), store, clock_dyn, Arc::new(directory()), presence, None).await.unwrap()
+    Router::start(settings, store, clock_dyn, Arc::new(directory()), presence, None).await.unwrap()
 }
 
 pub async fn fixture() -> Fixture {

@@ -25,9 +25,9 @@ use crate::batch::{
     SummaryRow, client_msg_ids, needs_license, run_batch,
 };
 use crate::error::{db, to_i64};
-use crate::events::{INSERT_CONVERSATION, SELECT_EVENTS, SELECT_EVENTS_LIMITED};
+use crate::events::{INSERT_CONVERSATION, SELECT_EVENT_BY_KEY, SELECT_EVENTS, page, read_limit};
 use crate::license::{LicenseChanges, SET_LICENSE_USED};
-use crate::records::{EventRow, agents_to_json, event_from_row};
+use crate::records::{EventRow, agents_to_json};
 
 const LOCK_FENCES: &str = "SELECT shard, epoch FROM shard_leases WHERE shard = ANY($1) ORDER BY shard FOR SHARE";
 
@@ -268,16 +268,20 @@ impl AppendTx for Transaction<'_, Postgres> {
 
 pub(super) async fn read(store: &PgStore, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
     let after_seq = to_i64(request.after_seq, "after_seq")?;
-    let query = if request.limit == 0 {
-        sqlx::query_as(SELECT_EVENTS).bind(&request.conversation_id).bind(after_seq)
-    } else {
-        sqlx::query_as(SELECT_EVENTS_LIMITED)
+    let rows = if request.dedupe_key.is_empty() {
+        sqlx::query_as(SELECT_EVENTS)
             .bind(&request.conversation_id)
             .bind(after_seq)
-            .bind(i64::from(request.limit))
+            .bind(read_limit(request.limit))
+            .fetch(&store.pool)
+    } else {
+        sqlx::query_as(SELECT_EVENT_BY_KEY)
+            .bind(&request.conversation_id)
+            .bind(after_seq)
+            .bind(&request.dedupe_key)
+            .fetch(&store.pool)
     };
-    let rows: Vec<EventRow> = query.fetch_all(&store.pool).await.map_err(db)?;
-    let events = rows.into_iter().map(event_from_row).collect::<Result<_, _>>()?;
+    let events = page(rows, request.max_bytes).await?;
     Ok(ReadEventsResponse { events })
 }
 
