@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use common::{Running, any_port, client_settings, eventually, within};
 use switchboard_domain::{
     AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
-    EventBody, FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry, agent_key,
-    conversation_key, queue_key, shard_of,
+    Event, EventBody, FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry,
+    agent_key, conversation_key, queue_key, shard_of,
 };
 use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::internal::v1::GetPlacementRequest;
@@ -112,6 +112,8 @@ struct Shared {
     clock: Arc<FixedClock>,
     directory: Arc<Directory>,
     presence: Arc<dyn Presence>,
+    /// The routers' page of a conversation's log (`RouterSettings::page_bytes`).
+    page_bytes: u64,
 }
 
 impl Node {
@@ -139,7 +141,7 @@ impl Node {
                 advertise: format!("http://{addr}"),
                 leases: leases(),
                 closed_list_limit: 50,
-                page_bytes: RouterSettings::PAGE_BYTES,
+                page_bytes: shared.page_bytes,
                 presence: PresenceSettings::default(),
             };
             let clock: Arc<dyn Clock> = shared.clock.clone();
@@ -519,6 +521,11 @@ struct Cluster {
 impl Cluster {
     /// `n_nodes` routers; the gateway's push streams take `stream_delay` to open.
     async fn start(n_nodes: usize, stream_delay: Duration) -> Cluster {
+        Cluster::start_paged(n_nodes, stream_delay, RouterSettings::PAGE_BYTES).await
+    }
+
+    /// As [`Cluster::start`], the routers answering reads of a log in pages of `page_bytes`.
+    async fn start_paged(n_nodes: usize, stream_delay: Duration, page_bytes: u64) -> Cluster {
         // RUST_LOG=switchboard_rpc=debug (for example) shows what the nodes and the client do.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -534,7 +541,8 @@ impl Cluster {
         services.add_service(server.into_service());
         let store_server = Running::start(any_port().await, services).await;
         let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
-        let shared = Shared { store_url: store_server.url(), clock, directory: Arc::new(directory()), presence };
+        let directory = Arc::new(directory());
+        let shared = Shared { store_url: store_server.url(), clock, directory, presence, page_bytes };
         let mut nodes = BTreeMap::new();
         for i in 1..=n_nodes {
             let id = format!("node-{i}");
@@ -654,14 +662,30 @@ impl Cluster {
         assert_eq!(started.view.state, ConversationState::Queued);
         let customer = Caller::Customer { conversation };
         let backlog = self.client.subscribe(&self.gateway_id, &customer, conversation, 0).await.unwrap();
-        (conversation, backlog.events.iter().map(|event| event.seq).collect())
+        // As a gateway's session does, the pages after the first are read.
+        let mut seqs: Vec<u64> = backlog.events.iter().map(|event| event.seq).collect();
+        if let Some(after_seq) = backlog.next_after() {
+            seqs.extend(self.log(conversation, after_seq).await.iter().map(|event| event.seq));
+        }
+        (conversation, seqs)
+    }
+
+    /// The conversation's log after `after_seq`, every page of it.
+    async fn log(&self, conversation: ConversationId, after_seq: u64) -> Vec<Event> {
+        let customer = Caller::Customer { conversation };
+        let (mut events, mut next) = (Vec::new(), Some(after_seq));
+        while let Some(after_seq) = next {
+            let page = self.client.read_events(&customer, conversation, after_seq).await.unwrap();
+            next = page.next_after();
+            events.extend(page.events);
+        }
+        events
     }
 
     /// Waits until every stored event of the conversation reached the gateway (pushed, forwarded by a
     /// resubscription, or in `backlog`, what the gateway's own subscribe returned); answers the last seq.
     async fn gap_free(&self, conversation: ConversationId, backlog: &[u64]) -> u64 {
-        let customer = Caller::Customer { conversation };
-        let stored = self.client.read_events(&customer, conversation, 0).await.unwrap().events;
+        let stored = self.log(conversation, 0).await;
         let last = stored.last().unwrap().seq;
         assert_eq!(stored.iter().map(|event| event.seq).collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>());
         let wanted: BTreeSet<u64> = (1..=last).collect();
@@ -788,8 +812,7 @@ async fn queue_added(cluster: &Cluster, group: &GroupId, conversation: Conversat
 
 /// Every message m1..mN is stored exactly once, in order.
 async fn stored_once(cluster: &Cluster, conversation: ConversationId, n_sent: usize) {
-    let customer = Caller::Customer { conversation };
-    let events = cluster.client.read_events(&customer, conversation, 0).await.unwrap().events;
+    let events = cluster.log(conversation, 0).await;
     let ids: Vec<&str> = events
         .iter()
         .filter(|event| matches!(event.body, EventBody::Message { .. }) && event.author == Author::Customer)
@@ -911,8 +934,8 @@ async fn a_crashed_router_is_replaced_once_its_leases_expire() {
 
 /// node-2 is killed and started again at once under the same name: it takes its own shards back at once (new
 /// epochs) and knows nothing of the gateway, which must follow its conversation and its queue there again.
-async fn restart(same_address: bool, stream_delay: Duration) {
-    let mut cluster = Cluster::start(3, stream_delay).await;
+async fn restart(same_address: bool, stream_delay: Duration, page_bytes: u64) {
+    let mut cluster = Cluster::start_paged(3, stream_delay, page_bytes).await;
     let queue = cluster.group_on("node-2", &[]);
     let gateway = cluster.gateway_id.clone();
     cluster.client.subscribe_queue(&gateway, &tenant(), &queue).await.unwrap();
@@ -947,14 +970,21 @@ async fn restart(same_address: bool, stream_delay: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_restarted_on_the_same_address_gets_its_subscriptions_back() {
-    restart(true, Duration::ZERO).await;
+    restart(true, Duration::ZERO, RouterSettings::PAGE_BYTES).await;
 }
 
 /// The gateway's stream to the new address takes a while to open: nothing may be subscribed there before it
 /// is (its pushes would be lost). The gateway also subscribes to the queue before its first streams open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_back_on_another_address_gets_its_subscriptions_back() {
-    restart(false, Duration::from_millis(300)).await;
+    restart(false, Duration::from_millis(300), RouterSettings::PAGE_BYTES).await;
+}
+
+/// As above, the routers answering in pages of one event or so: what the gateway missed while its stream to
+/// the new address opened is forwarded to it page after page, and a subscription's backlog read the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_back_on_another_address_fills_the_gateway_s_gaps_page_after_page() {
+    restart(false, Duration::from_millis(300), 600).await;
 }
 
 /// The gateway follows an agent's own pushes; the agent's shard moves (a graceful handover): the gateway
