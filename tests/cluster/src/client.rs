@@ -84,6 +84,14 @@ impl Connection {
         }
     }
 
+    /// Sends a request and answers its ack; an error frame fails it.
+    pub async fn ok(&mut self, kind: &str, fields: Value) -> anyhow::Result<Value> {
+        match self.request(kind, &fields).await? {
+            Ok(ack) => Ok(ack),
+            Err(error) => bail!("{kind} refused: {error}"),
+        }
+    }
+
     /// Reads one more push (at most `deadline`).
     pub async fn read_push(&mut self, deadline: Duration) -> anyhow::Result<()> {
         let frame = self.read_frame(deadline).await?;

@@ -36,13 +36,6 @@ tenants:
       - { id: ann, name: Ann, token: token-of-ann, groups: [open], capacity: 2 }
 "#;
 
-async fn ok(connection: &mut Connection, kind: &str, fields: Value) -> anyhow::Result<Value> {
-    match connection.request(kind, &fields).await? {
-        Ok(ack) => Ok(ack),
-        Err(error) => bail!("{kind} refused: {error}"),
-    }
-}
-
 fn seq(event: &Value) -> u64 {
     event["seq"].as_u64().unwrap_or(0)
 }
@@ -52,7 +45,7 @@ async fn transcript(agent: &mut Connection, chat: &str) -> anyhow::Result<(Vec<V
     let (mut events, mut pages, mut after_seq) = (Vec::new(), 0, 0);
     loop {
         let fields = json!({ "conversation": chat, "after_seq": after_seq });
-        let ack = ok(agent, "chat.transcript", fields).await?;
+        let ack = agent.ok("chat.transcript", fields).await?;
         let page = ack["events"].as_array().context("no events")?.clone();
         pages += 1;
         if let Some(last) = page.last() {
@@ -102,16 +95,16 @@ async fn a_log_longer_than_any_one_message_between_the_processes_is_read_in_page
 
     let mut customer = Connection::connect(&url).await?;
     let start = json!({ "widget_key": WIDGET_KEY, "group": "open", "name": "Cara", "question": "hello?" });
-    let chat = ok(&mut customer, "chat.start", start).await?["conversation"].as_str().context("no id")?.to_owned();
+    let chat = customer.ok("chat.start", start).await?["conversation"].as_str().context("no id")?.to_owned();
     let mut agent = Connection::connect(&url).await?;
-    ok(&mut agent, "agent.sign_in", json!({ "token": "token-of-ann" })).await?;
-    ok(&mut agent, "chat.accept", json!({ "conversation": chat })).await?;
+    agent.ok("agent.sign_in", json!({ "token": "token-of-ann" })).await?;
+    agent.ok("chat.accept", json!({ "conversation": chat })).await?;
 
     let body = "\u{1}".repeat(BODY_BYTES);
     let mut last_seq = 0;
     for n in 0..MESSAGES {
         let fields = json!({ "conversation": chat, "client_msg_id": format!("m{n}"), "body": body });
-        last_seq = ok(&mut customer, "message.send", fields).await?["seq"].as_u64().context("no seq")?;
+        last_seq = customer.ok("message.send", fields).await?["seq"].as_u64().context("no seq")?;
         customer.take_pushes();
         agent.take_pushes();
     }
@@ -125,8 +118,8 @@ async fn a_log_longer_than_any_one_message_between_the_processes_is_read_in_page
 
     // A console that subscribes from the start gets the events as pushes, every page of them.
     let mut console = Connection::connect(&url).await?;
-    ok(&mut console, "agent.sign_in", json!({ "token": "token-of-ann" })).await?;
-    ok(&mut console, "chat.subscribe", json!({ "conversation": chat, "after_seq": 0 })).await?;
+    console.ok("agent.sign_in", json!({ "token": "token-of-ann" })).await?;
+    console.ok("chat.subscribe", json!({ "conversation": chat, "after_seq": 0 })).await?;
     let deadline = Instant::now() + DEADLINE;
     let mut pushed = Vec::new();
     while pushed.last().map(seq) != Some(last_seq) {

@@ -37,23 +37,16 @@ tenants:
       - { id: pat, name: Pat, token: token-of-pat, groups: [push], capacity: 2 }
 "#;
 
-async fn ok(connection: &mut Connection, kind: &str, fields: Value) -> anyhow::Result<Value> {
-    match connection.request(kind, &fields).await? {
-        Ok(ack) => Ok(ack),
-        Err(error) => bail!("{kind} refused: {error}"),
-    }
-}
-
 async fn sign_in(url: &str, token: &str) -> anyhow::Result<Connection> {
     let mut connection = Connection::connect(url).await?;
-    ok(&mut connection, "agent.sign_in", json!({ "token": token })).await?;
+    connection.ok("agent.sign_in", json!({ "token": token })).await?;
     Ok(connection)
 }
 
 async fn start_chat(url: &str, group: &str, name: &str) -> anyhow::Result<(Connection, String)> {
     let mut connection = Connection::connect(url).await?;
     let fields = json!({ "widget_key": WIDGET_KEY, "group": group, "name": name, "question": "hello?" });
-    let ack = ok(&mut connection, "chat.start", fields).await?;
+    let ack = connection.ok("chat.start", fields).await?;
     let conversation = ack["conversation"].as_str().context("no conversation")?.to_owned();
     Ok((connection, conversation))
 }
@@ -61,7 +54,7 @@ async fn start_chat(url: &str, group: &str, name: &str) -> anyhow::Result<(Conne
 /// The online groups, as read from presence now (an answer from the gateway's cache during an outage is
 /// marked stale and counts as nothing).
 async fn online_groups(connection: &mut Connection) -> anyhow::Result<Vec<String>> {
-    let ack = ok(connection, "groups.list", json!({ "widget_key": WIDGET_KEY })).await?;
+    let ack = connection.ok("groups.list", json!({ "widget_key": WIDGET_KEY })).await?;
     if ack["stale"] == true {
         return Ok(Vec::new());
     }
@@ -122,15 +115,15 @@ async fn a_group_is_online_when_open_with_an_agent_signed_in() -> anyhow::Result
         "widget_key": WIDGET_KEY, "group": "never", "name": "Lou", "contact": "lou@example.com",
         "body": "call me back", "reason": "group_closed", "idempotency_key": "lou-1",
     });
-    let ticket = ok(&mut late, "offline.message", message).await?;
+    let ticket = late.ok("offline.message", message).await?;
     assert_eq!(ticket["duplicate"], false);
     // A transfer to a group that is not online is refused.
     let (_customer, chat) = start_chat(&urls[0], "open", "Cy").await?;
-    ok(&mut ann, "chat.accept", json!({ "conversation": chat })).await?;
+    ann.ok("chat.accept", json!({ "conversation": chat })).await?;
     let refused = ann.request("chat.transfer", &json!({ "conversation": chat, "group": "never" })).await?;
     assert_eq!(refused.err().context("transfer to a closed group")?["code"], "group_offline");
     // Signing out takes the group offline at the next heartbeat.
-    ok(&mut ann, "agent.sign_out", json!({})).await?;
+    ann.ok("agent.sign_out", json!({})).await?;
     wait_for_groups(&mut customer, |groups| groups.is_empty()).await?;
     cluster.finish();
     Ok(())
@@ -145,7 +138,7 @@ async fn an_agent_whose_connection_drops_goes_offline_after_the_grace_period() -
     let mut pia = sign_in(&urls[0], "token-of-pia").await?;
     let (_first_customer, first) = start_chat(&urls[1], "push", "Cy").await?;
     push_matching(&mut pia, |push| is_offer_of(push, &first)).await?;
-    ok(&mut pia, "chat.accept", json!({ "conversation": first })).await?;
+    pia.ok("chat.accept", json!({ "conversation": first })).await?;
     let (_second_customer, second) = start_chat(&urls[1], "push", "Di").await?;
     push_matching(&mut pia, |push| is_offer_of(push, &second)).await?;
     // pat signs in; then pia's connection drops with an offer outstanding and a chat held.
@@ -153,7 +146,7 @@ async fn an_agent_whose_connection_drops_goes_offline_after_the_grace_period() -
     drop(pia);
     // After the grace period the offer moves on to pat, and pia's chat is back in the queue and offered too.
     push_matching(&mut pat, |push| is_offer_of(push, &second)).await?;
-    ok(&mut pat, "chat.accept", json!({ "conversation": second })).await?;
+    pat.ok("chat.accept", json!({ "conversation": second })).await?;
     push_matching(&mut pat, |push| is_offer_of(push, &first)).await?;
     let events = cluster.db.events_of(&first).await?;
     let kinds: Vec<&str> = events.iter().map(|event| event.kind.as_str()).collect();
@@ -179,7 +172,7 @@ async fn an_offer_times_out_and_moves_on_after_its_queue_router_is_killed() -> a
     cluster.wait_for_placement(false).await?;
     // Pia does not answer: the offer times out on the new owner and goes to pat.
     push_matching(&mut pat, |push| is_offer_of(push, &chat)).await?;
-    ok(&mut pat, "chat.accept", json!({ "conversation": chat })).await?;
+    pat.ok("chat.accept", json!({ "conversation": chat })).await?;
     let events = cluster.db.events_of(&chat).await?;
     let kinds: Vec<&str> = events.iter().map(|event| event.kind.as_str()).collect();
     assert!(kinds.windows(2).any(|pair| pair == ["offered", "offer_ended"]), "{kinds:?}");
@@ -196,16 +189,16 @@ async fn ongoing_chats_survive_a_redis_restart_and_presence_reconverges() -> any
     let mut customer_view = Connection::connect(&urls[1]).await?;
     wait_for_groups(&mut customer_view, |groups| groups == ["open"]).await?;
     let (mut customer, chat) = start_chat(&urls[1], "open", "Cy").await?;
-    ok(&mut ann, "chat.accept", json!({ "conversation": chat })).await?;
+    ann.ok("chat.accept", json!({ "conversation": chat })).await?;
 
     tokio::task::block_in_place(|| cluster.redis.stop())?;
     // Redis is down: the chat goes on both ways.
     for n in 0..5 {
         let message =
             json!({ "conversation": chat, "client_msg_id": format!("c{n}"), "body": format!("customer {n}") });
-        ok(&mut customer, "message.send", message).await?;
+        customer.ok("message.send", message).await?;
         let message = json!({ "conversation": chat, "client_msg_id": format!("a{n}"), "body": format!("agent {n}") });
-        ok(&mut ann, "message.send", message).await?;
+        ann.ok("message.send", message).await?;
     }
     tokio::task::block_in_place(|| cluster.redis.start_again())?;
     // Back, and empty (no persistence): the group is online again without anyone signing in again, because
@@ -214,7 +207,7 @@ async fn ongoing_chats_survive_a_redis_restart_and_presence_reconverges() -> any
     wait_for_groups(&mut customer_view, |groups| groups == ["open"]).await?;
     eprintln!("presence reconverged {:?} after Redis came back (heartbeat 500 ms)", back.elapsed());
     let message = json!({ "conversation": chat, "client_msg_id": "after", "body": "still here" });
-    ok(&mut customer, "message.send", message).await?;
+    customer.ok("message.send", message).await?;
     let events = cluster.db.events_of(&chat).await?;
     assert_eq!(events.iter().filter(|event| event.kind == "message").count(), 12, "question + 10 + 1");
     cluster.finish();
