@@ -825,7 +825,8 @@ impl<T: Transport> Session<T> {
         Ok(outcome.event.map(|event| event.seq))
     }
 
-    /// Watches a conversation and returns the events after `after_seq` (later ones are pushed).
+    /// Watches a conversation and returns the first page of the events after `after_seq`, which the ack is
+    /// followed by (`write_pages` reads the rest; later events are pushed).
     async fn subscribe(&mut self, conversation: ConversationId, after_seq: u64) -> Result<Backlog, ErrorReply> {
         let caller = self.caller_for(conversation)?;
         let shared = self.shared.clone();

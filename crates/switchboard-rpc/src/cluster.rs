@@ -196,6 +196,17 @@ impl Followed {
         }
     }
 
+    /// Notes the events of a page a subscription answered. The events after it, up to its `last_seq`, are
+    /// read by whoever subscribed (a session, or `forward_pages`) and count as reaching the gateway.
+    fn note_page(&mut self, page: &EventPage) {
+        for event in &page.events {
+            self.note(event.seq);
+        }
+        if page.more() {
+            self.has_through(page.last_seq);
+        }
+    }
+
     fn has_hole(&self) -> bool {
         !self.ahead.is_empty()
     }
@@ -597,14 +608,9 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
         let followed = {
             let mut subscriptions = lock(&client.inner.subscriptions);
             subscriptions.conversations.get_mut(&conversation).map(|followed| {
+                // What is after the page is forwarded below, page by page.
                 if let Ok(page) = &subscribed {
-                    for event in &page.events {
-                        followed.note(event.seq);
-                    }
-                    // What is after the page is forwarded below, page by page.
-                    if page.more() {
-                        followed.has_through(page.last_seq);
-                    }
+                    followed.note_page(page);
                 }
                 let again = subscribed.is_ok() && followed.has_hole() && round < ROUNDS;
                 followed.catching_up = again;
@@ -938,14 +944,7 @@ impl RouterApi for ClusterClient {
             match (&subscribed, subscriptions.conversations.get_mut(&conversation)) {
                 (Ok(page), Some(followed)) => {
                     followed.has_through(after_seq);
-                    for event in &page.events {
-                        followed.note(event.seq);
-                    }
-                    // The subscriber reads the rest of the log itself (`read_events`), up to where the
-                    // pushes begin.
-                    if page.more() {
-                        followed.has_through(page.last_seq);
-                    }
+                    followed.note_page(page);
                     followed.catching_up = followed.has_hole();
                     followed.catching_up
                 }
@@ -1332,5 +1331,22 @@ mod tests {
         followed.note(u64::MAX);
         followed.has_through(u64::MAX - 1);
         assert_eq!((followed.through, followed.has_hole()), (u64::MAX, false));
+    }
+
+    #[test]
+    fn a_page_that_goes_on_counts_the_rest_of_the_log_as_the_subscriber_s_to_read() {
+        let event = |seq| switchboard_domain::Event {
+            seq,
+            at_ms: 0,
+            author: switchboard_domain::Author::System,
+            client_msg_id: None,
+            body: switchboard_domain::EventBody::Closed,
+        };
+        let mut followed = followed(2);
+        followed.note(12);
+        followed.note_page(&EventPage { events: vec![event(3), event(4)], last_seq: 4 });
+        assert_eq!((followed.through, followed.has_hole()), (4, true), "the whole log: 12 is still past a hole");
+        followed.note_page(&EventPage { events: vec![event(5), event(6)], last_seq: 11 });
+        assert_eq!((followed.through, followed.has_hole()), (12, false), "7..=11 are read by the subscriber");
     }
 }
