@@ -204,6 +204,16 @@ async fn renewal_answers_per_shard_in_shard_order(h: Harness) {
     let (renewed, lost) = renew(store, "node-a", held).await;
     assert_eq!(renewed, a, "each shard once");
     assert_eq!(lost, [4, 8], "each shard once, in shard order");
+
+    // Every shard asked for still held, some asked for twice: each renewed once.
+    let held = vec![Fence { shard: 5, epoch: 1 }, Fence { shard: 1, epoch: 1 }, Fence { shard: 5, epoch: 1 }];
+    let (renewed, lost) = renew(store, "node-a", held).await;
+    assert_eq!((renewed, lost), (a.clone(), vec![]));
+
+    // A shard asked for under its epoch and an old one: the lease is renewed, and not reported lost.
+    let held = vec![Fence { shard: 1, epoch: 0 }, Fence { shard: 1, epoch: 1 }];
+    let (renewed, lost) = renew(store, "node-a", held).await;
+    assert_eq!((renewed, lost), (vec![a[0]], vec![]));
 }
 
 async fn malformed_lease_requests_are_invalid(h: Harness) {
