@@ -131,13 +131,14 @@ pub(crate) async fn renew(store: &SqlStore, request: RenewShardsRequest) -> Resu
     renew.push_bind(expires_at_ms).push(" WHERE owner = ").push_bind(node);
     push_pairs(&mut renew, &pairs);
     let extended = renew.build().persistent(false).execute(&store.writer).await.map_err(db)?.rows_affected();
-    let renewed = if usize::try_from(extended).is_ok_and(|extended| extended == pairs.len()) {
+    let renewed = if extended == pairs.len() as u64 {
         // Every lease asked for: each row matched is one of the distinct pairs.
         pairs.into_iter().map(|(shard, epoch)| lease_from_row((shard, epoch, expires_at_ms))).collect()
     } else {
-        // Some were lost: the ones renewed are those still this node's under the epoch asked for. Only the
-        // node renews or releases its own leases, one request after the other, and a lease renewed is not
-        // expired, so no other writer changed them since.
+        // Some were lost: the answer is what this node holds now under the epochs asked for, read after the
+        // lock is let go. A lease just renewed is not expired, so no other node can have taken it since;
+        // only this node's own release or re-acquire could have moved it, and then it is no longer held
+        // under the epoch asked for, which is what "lost" tells the node.
         let mut still =
             QueryBuilder::<Sqlite>::new("SELECT shard, epoch, expires_at_ms FROM shard_leases WHERE owner = ");
         still.push_bind(node);
