@@ -303,7 +303,8 @@ impl Gateway {
 
     /// Makes `/healthz` run `check` at each request and answer 503 with its reason while it fails: for a
     /// part of the process the gateway cannot see (in `serve`, the store, which refuses every write once its
-    /// log could not be made durable, until a restart). Only the first check set counts.
+    /// log could not be made durable or its append writer's connection put back in order, until a restart).
+    /// Only the first check set counts.
     pub fn set_health_check(&self, check: HealthCheck) {
         let _ = self.shared.health_check.set(check);
     }

@@ -123,6 +123,10 @@ pub(crate) trait BlockingAppendBackend: Send + 'static {
     fn write(&mut self, batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure>;
     /// Puts the connection back in order after a batch panicked (rolls back a transaction left open).
     fn recover(&mut self);
+    /// Why the connection could not be put back in order after a failed batch, if it could not (its
+    /// transaction neither rolled back nor dropped with the connection, which could not be opened again):
+    /// every later batch would fail, and a restart is what recovers it.
+    fn broken(&self) -> Option<StoreError>;
 }
 
 /// The answers of a committed batch, waiting for it to be durable.
@@ -181,7 +185,8 @@ impl Appender {
         Ok(Appender { queue, failed: Some(failed) })
     }
 
-    /// Why every append fails until the store is restarted (a sync of the log failed), if it does.
+    /// Why every append fails until the store is restarted (a sync of the log failed, or the writer's
+    /// connection could not be put back in order after a failed batch), if it does.
     pub(crate) fn failure(&self) -> Option<StoreError> {
         self.failed.as_ref().and_then(|failed| failed.get().cloned())
     }
@@ -315,6 +320,9 @@ fn write_batches_on_thread<B: BlockingAppendBackend>(
                 }
             };
         record_batch(started, &outcomes);
+        if let Some(error) = backend.broken() {
+            fail_for_good(&failed, error);
+        }
         let answers: Answers = replies.into_iter().zip(outcomes).collect();
         match &syncer {
             Some(syncer) if receiver.is_empty() && closes.is_empty() => syncer.sync_here(answers),
@@ -391,12 +399,18 @@ fn sync_and_answer(log: &WalSync, failed: &OnceLock<StoreError>, batches: Vec<An
     match result {
         Ok(()) => batches.into_iter().for_each(answer),
         Err(error) => {
-            if failed.set(error.clone()).is_ok() {
-                metrics::gauge!(names::STORE_WRITER_FAILED).set(1.0);
-                tracing::error!(%error, "the database could not be made durable: every append fails until restart");
-            }
+            fail_for_good(failed, error.clone());
             batches.into_iter().for_each(|answers| answer_all(answers, &error));
         }
+    }
+}
+
+/// From now on every append fails with `error` until the store is restarted, and health checks say so
+/// ([`Appender::failure`], the `switchboard_store_writer_failed` gauge). The first failure is the one kept.
+fn fail_for_good(failed: &OnceLock<StoreError>, error: StoreError) {
+    if failed.set(error.clone()).is_ok() {
+        metrics::gauge!(names::STORE_WRITER_FAILED).set(1.0);
+        tracing::error!(%error, "the append writer cannot go on: every append fails until restart");
     }
 }
 
@@ -860,5 +874,91 @@ pub(crate) fn stored_record(
         client_msg_id: event.client_msg_id.clone(),
         kind: event.kind.clone(),
         payload_json: event.payload_json.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use switchboard_proto::internal::v1::Fence;
+
+    use super::*;
+
+    /// A backend whose every batch fails on the database, and whose connection cannot be put back in order
+    /// after its first failure when `breaks`.
+    struct FailingBackend {
+        breaks: bool,
+        batches: Arc<AtomicUsize>,
+        broken: Option<StoreError>,
+    }
+
+    impl BlockingAppendBackend for FailingBackend {
+        fn write(&mut self, _batch: &[Checked]) -> Result<Vec<Outcome>, BatchFailure> {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            if self.breaks {
+                self.broken = Some(StoreError::Unavailable("cannot reopen the database".into()));
+            }
+            Err(BatchFailure::Batch(StoreError::Unavailable("disk I/O error".into())))
+        }
+
+        fn recover(&mut self) {}
+
+        fn broken(&self) -> Option<StoreError> {
+            self.broken.clone()
+        }
+    }
+
+    fn start(breaks: bool) -> (Appender, Arc<AtomicUsize>) {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let backend = FailingBackend { breaks, batches: batches.clone(), broken: None };
+        let appender =
+            Appender::start_on_thread(backend, GroupCommit::default(), None, tokio::runtime::Handle::current())
+                .unwrap();
+        (appender, batches)
+    }
+
+    fn request(id: &str) -> AppendRequest {
+        AppendRequest {
+            fence: Some(Fence { shard: 1, epoch: 1 }),
+            conversation_id: id.into(),
+            create: None,
+            events: Vec::new(),
+            update: None,
+        }
+    }
+
+    /// A batch that fails, its connection put back in order, fails alone: the writer is not failed, and the
+    /// next batch is tried.
+    #[tokio::test]
+    async fn a_failed_batch_fails_only_its_own_appends() {
+        let (appender, batches) = start(false);
+        let first = appender.append(request("c1")).await;
+        assert!(matches!(first, Err(StoreError::Unavailable(ref why)) if why == "disk I/O error"), "{first:?}");
+        assert_eq!(appender.failure(), None);
+        let _ = appender.append(request("c2")).await;
+        assert_eq!(batches.load(Ordering::SeqCst), 2, "the next batch reached the database");
+        appender.close().await;
+    }
+
+    /// A batch that fails and leaves the connection out of order fails the writer until a restart, which
+    /// health checks see; later appends are refused without reaching the database.
+    #[tokio::test]
+    async fn a_connection_left_out_of_order_fails_the_writer_for_good() {
+        let (appender, batches) = start(true);
+        let first = appender.append(request("c1")).await;
+        assert!(matches!(first, Err(StoreError::Unavailable(ref why)) if why == "disk I/O error"), "{first:?}");
+        let failure = appender.failure();
+        assert!(
+            matches!(failure, Some(StoreError::Unavailable(ref why)) if why == "cannot reopen the database"),
+            "{failure:?}"
+        );
+        let later = appender.append(request("c2")).await;
+        assert!(
+            matches!(later, Err(StoreError::Unavailable(ref why)) if why == "cannot reopen the database"),
+            "{later:?}"
+        );
+        assert_eq!(batches.load(Ordering::SeqCst), 1, "no batch reached the database after the failure");
+        appender.close().await;
     }
 }

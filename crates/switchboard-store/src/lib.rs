@@ -168,7 +168,8 @@ impl SqlStore {
 
     /// Why the store refuses every append until it is restarted, if it does: a sync of the write-ahead log
     /// failed, so what the database holds since is not known to be on the disk (restarting recovers what
-    /// is). For a health check.
+    /// is); or the append writer's connection could neither roll back a failed batch nor be opened again.
+    /// For a health check.
     pub fn writer_failure(&self) -> Option<StoreError> {
         self.appender.failure()
     }

@@ -81,6 +81,8 @@ pub(crate) struct SqliteWriter {
     path: PathBuf,
     durability: Durability,
     checkpoints: Checkpoints,
+    /// Set once a failed batch could neither be rolled back nor dropped with a new connection.
+    broken: Option<StoreError>,
 }
 
 impl SqliteWriter {
@@ -91,7 +93,7 @@ impl SqliteWriter {
         checkpoints: Checkpoints,
     ) -> Result<SqliteWriter, StoreError> {
         let connection = connect(path, durability)?;
-        Ok(SqliteWriter { connection, path: path.to_owned(), durability, checkpoints })
+        Ok(SqliteWriter { connection, path: path.to_owned(), durability, checkpoints, broken: None })
     }
 
     fn roll_back(&mut self) {
@@ -103,7 +105,14 @@ impl SqliteWriter {
             match connect(&self.path, self.durability) {
                 // The old connection, with its transaction, is closed as it is dropped.
                 Ok(connection) => self.connection = connection,
-                Err(error) => tracing::error!(%error, "the append writer cannot reconnect"),
+                // Its transaction is still open on the old connection, so every later batch would fail to
+                // begin; what it wrote was never committed, so a restart recovers the store.
+                Err(reopen) => {
+                    self.broken = Some(StoreError::Unavailable(format!(
+                        "the append writer could neither roll back a failed batch ({error}) nor reopen the \
+                         database ({reopen})"
+                    )))
+                }
             }
         }
     }
@@ -163,6 +172,10 @@ impl BlockingAppendBackend for SqliteWriter {
 
     fn recover(&mut self) {
         self.roll_back();
+    }
+
+    fn broken(&self) -> Option<StoreError> {
+        self.broken.clone()
     }
 }
 

@@ -118,7 +118,8 @@ fn describe() {
     );
     describe_gauge!(
         STORE_WRITER_FAILED,
-        "1 once a sync of SQLite's write-ahead log failed: every append fails until the process restarts."
+        "1 once a sync of SQLite's write-ahead log failed, or the append writer's connection could not be put \
+         back in order: every append fails until the process restarts."
     );
     describe_gauge!(LICENSE_SESSIONS_IN_USE, "Chat sessions holding a license permit.");
     describe_gauge!(LICENSE_SESSIONS_MAX, "The license limit of concurrent chat sessions; 0 is unlimited.");

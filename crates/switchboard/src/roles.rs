@@ -188,9 +188,10 @@ pub async fn store(
 /// How often the store role looks at its writer for the gRPC health.
 const WRITER_CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// Once the store refuses every append until a restart (a failed sync of its SQLite log), its gRPC health
-/// says NOT_SERVING, as `serve`'s `/healthz` fails: a probe restarts it, and the restart recovers what the
-/// disk holds. The `switchboard_store_writer_failed` gauge says it too.
+/// Once the store refuses every append until a restart (a failed sync of its SQLite log, or an append
+/// writer that could not put its connection back in order), its gRPC health says NOT_SERVING, as `serve`'s
+/// `/healthz` fails: a probe restarts it, and the restart recovers what the disk holds. The
+/// `switchboard_store_writer_failed` gauge says it too.
 async fn report_writer_failure(store: switchboard_store::Store, health: Health) {
     let mut every = tokio::time::interval(WRITER_CHECK_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
