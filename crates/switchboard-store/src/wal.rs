@@ -29,10 +29,12 @@
 //! limit) keep `synchronous=FULL`, set by the options of the other connections.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rustix::fs::{AtFlags, CWD, StatxFlags, statx};
+use rustix::fs::{AtFlags, CWD, Statx, StatxFlags, makedev, statx};
+use rustix::io::Errno;
 use switchboard_proto::store::StoreError;
 
 /// Flushes the write-ahead log of one SQLite database file.
@@ -43,11 +45,10 @@ pub(crate) struct WalSync {
     file: Mutex<Option<(File, Identity)>>,
 }
 
-/// A file's device (major, minor) and inode.
-type Identity = (u32, u32, u64);
+/// A file's device and inode.
+type Identity = (u64, u64);
 
-/// The identity of the file at `path` (relative to `directory`), or of `directory` itself with
-/// `AtFlags::EMPTY_PATH` and an empty path, asking for nothing else.
+/// The identity of the file at `path`, asking for nothing else.
 ///
 /// Not `std::fs::metadata`, which asks for the file's times too: since Linux 6.13 a file whose times were
 /// asked for gets a fine-grained time at its next write (multigrain timestamps), so the first write to the
@@ -55,9 +56,30 @@ type Identity = (u32, u32, u64);
 /// without a journal) the next flush then wrote the inode's block too, a device round trip before the flush
 /// itself: at 5,000 messages/s some 1,180 such writes a second, 280 once only the inode is asked for (the
 /// coarse clock's ticks). `benches/README.md` has the measurements.
-fn identity<Fd: rustix::fd::AsFd>(directory: Fd, path: &Path, flags: AtFlags) -> std::io::Result<Identity> {
-    let found = statx(directory, path, flags, StatxFlags::INO)?;
-    Ok((found.stx_dev_major, found.stx_dev_minor, found.stx_ino))
+fn identity_at(path: &Path) -> std::io::Result<Identity> {
+    match statx(CWD, path, AtFlags::empty(), StatxFlags::INO) {
+        Ok(found) => Ok(identity(&found)),
+        Err(errno) if without_statx(errno) => std::fs::metadata(path).map(|found| (found.dev(), found.ino())),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// The identity of an open file, as [`identity_at`].
+fn identity_of(file: &File) -> std::io::Result<Identity> {
+    match statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::INO) {
+        Ok(found) => Ok(identity(&found)),
+        Err(errno) if without_statx(errno) => file.metadata().map(|found| (found.dev(), found.ino())),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+fn identity(found: &Statx) -> Identity {
+    (makedev(found.stx_dev_major, found.stx_dev_minor), found.stx_ino)
+}
+
+/// A kernel without `statx` (before 4.11), or a sandbox that forbids it: `stat` it is.
+fn without_statx(errno: Errno) -> bool {
+    errno == Errno::NOSYS || errno == Errno::PERM
 }
 
 impl WalSync {
@@ -75,12 +97,10 @@ impl WalSync {
             StoreError::Unavailable(format!("{what} {}: {error}", self.path.display()))
         };
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        let on_disk =
-            identity(CWD, &self.path, AtFlags::empty()).map_err(|error| failed("cannot find the log", error))?;
+        let on_disk = identity_at(&self.path).map_err(|error| failed("cannot find the log", error))?;
         if file.as_ref().is_none_or(|(_, opened)| *opened != on_disk) {
             let opened = File::open(&self.path).map_err(|error| failed("cannot open the log", error))?;
-            let opened_identity = identity(&opened, Path::new(""), AtFlags::EMPTY_PATH)
-                .map_err(|error| failed("cannot read the log", error))?;
+            let opened_identity = identity_of(&opened).map_err(|error| failed("cannot read the log", error))?;
             // The log's directory entry, new or replaced, is durable too.
             if let Some(directory) = self.path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
                 File::open(directory)
@@ -98,8 +118,6 @@ impl WalSync {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt as _;
-
     use super::*;
 
     fn held(log: &WalSync) -> Option<Identity> {
@@ -118,8 +136,8 @@ mod tests {
         std::fs::write(&path, b"first").unwrap();
         log.sync().unwrap();
         let first = held(&log).unwrap();
-        assert_eq!(first.2, std::fs::metadata(&path).unwrap().ino(), "the file at the log's path is held");
-        assert_eq!(first, identity(CWD, &path, AtFlags::empty()).unwrap());
+        let stat = std::fs::metadata(&path).unwrap();
+        assert_eq!(first, (stat.dev(), stat.ino()), "the file at the log's path is held, known as `stat` knows it");
 
         // Created before the old one goes, so that the new file cannot take the old inode number.
         let replacement = directory.path().join("replacement");
@@ -128,7 +146,7 @@ mod tests {
         log.sync().unwrap();
         let second = held(&log).unwrap();
         assert_ne!(second, first, "the replaced log is opened again");
-        assert_eq!(second.2, std::fs::metadata(&path).unwrap().ino());
+        assert_eq!(second.1, std::fs::metadata(&path).unwrap().ino());
 
         std::fs::remove_file(&path).unwrap();
         let missing = log.sync();
