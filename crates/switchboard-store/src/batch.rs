@@ -936,7 +936,8 @@ mod tests {
         let first = appender.append(request("c1")).await;
         assert!(matches!(first, Err(StoreError::Unavailable(ref why)) if why == "disk I/O error"), "{first:?}");
         assert_eq!(appender.failure(), None);
-        let _ = appender.append(request("c2")).await;
+        let next = appender.append(request("c2")).await;
+        assert!(matches!(next, Err(StoreError::Unavailable(ref why)) if why == "disk I/O error"), "{next:?}");
         assert_eq!(batches.load(Ordering::SeqCst), 2, "the next batch reached the database");
         appender.close().await;
     }

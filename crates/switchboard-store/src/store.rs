@@ -69,8 +69,8 @@ impl Store {
 
     /// Why the store refuses every append until it is restarted, if it does: on SQLite, a sync of the
     /// write-ahead log failed, or the append writer could not put its connection back in order (see
-    /// [`SqlStore::writer_failure`]). A PostgreSQL store never does: a failed
-    /// batch fails its own appends, and the next batch is tried afresh.
+    /// [`SqlStore::writer_failure`]). A PostgreSQL store never does: a failed batch fails its own appends,
+    /// and the next batch is tried afresh.
     pub fn writer_failure(&self) -> Option<StoreError> {
         match self {
             Store::Sqlite(store) => store.writer_failure(),

@@ -33,7 +33,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rustix::fs::{AtFlags, CWD, Statx, StatxFlags, makedev, statx};
+use rustix::fs::{AtFlags, CWD, StatxFlags, makedev, statx};
 use rustix::io::Errno;
 use switchboard_proto::store::StoreError;
 
@@ -45,7 +45,7 @@ pub(crate) struct WalSync {
     file: Mutex<Option<(File, Identity)>>,
 }
 
-/// A file's device and inode.
+/// A file's device and inode, as `stat` gives them.
 type Identity = (u64, u64);
 
 /// The identity of the file at `path`, asking for nothing else.
@@ -58,28 +58,11 @@ type Identity = (u64, u64);
 /// coarse clock's ticks). `benches/README.md` has the measurements.
 fn identity_at(path: &Path) -> std::io::Result<Identity> {
     match statx(CWD, path, AtFlags::empty(), StatxFlags::INO) {
-        Ok(found) => Ok(identity(&found)),
-        Err(errno) if without_statx(errno) => std::fs::metadata(path).map(|found| (found.dev(), found.ino())),
+        Ok(found) => Ok((makedev(found.stx_dev_major, found.stx_dev_minor), found.stx_ino)),
+        // A kernel without `statx` (before 4.11), or a sandbox that forbids it.
+        Err(Errno::NOSYS | Errno::PERM) => std::fs::metadata(path).map(|found| (found.dev(), found.ino())),
         Err(errno) => Err(errno.into()),
     }
-}
-
-/// The identity of an open file, as [`identity_at`].
-fn identity_of(file: &File) -> std::io::Result<Identity> {
-    match statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::INO) {
-        Ok(found) => Ok(identity(&found)),
-        Err(errno) if without_statx(errno) => file.metadata().map(|found| (found.dev(), found.ino())),
-        Err(errno) => Err(errno.into()),
-    }
-}
-
-fn identity(found: &Statx) -> Identity {
-    (makedev(found.stx_dev_major, found.stx_dev_minor), found.stx_ino)
-}
-
-/// A kernel without `statx` (before 4.11), or a sandbox that forbids it: `stat` it is.
-fn without_statx(errno: Errno) -> bool {
-    errno == Errno::NOSYS || errno == Errno::PERM
 }
 
 impl WalSync {
@@ -100,14 +83,16 @@ impl WalSync {
         let on_disk = identity_at(&self.path).map_err(|error| failed("cannot find the log", error))?;
         if file.as_ref().is_none_or(|(_, opened)| *opened != on_disk) {
             let opened = File::open(&self.path).map_err(|error| failed("cannot open the log", error))?;
-            let opened_identity = identity_of(&opened).map_err(|error| failed("cannot read the log", error))?;
+            // Only at a (re)open, so `stat`'s times here cost one fine-grained stamp, not one per sync. The
+            // open file's own identity, not the path's above: the file may have been replaced in between.
+            let metadata = opened.metadata().map_err(|error| failed("cannot read the log", error))?;
             // The log's directory entry, new or replaced, is durable too.
             if let Some(directory) = self.path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
                 File::open(directory)
                     .and_then(|directory| directory.sync_all())
                     .map_err(|error| failed("cannot flush the directory of the log", error))?;
             }
-            *file = Some((opened, opened_identity));
+            *file = Some((opened, (metadata.dev(), metadata.ino())));
         }
         let Some((opened, _)) = file.as_ref() else {
             return Err(StoreError::Unavailable("the log is not open".into()));
