@@ -99,6 +99,9 @@ impl RequestError {
 #[derive(Debug)]
 pub enum ConnectError {
     Tcp(std::io::Error),
+    /// The source address (`None`: the one the kernel chose) has no ephemeral port left towards the server,
+    /// and there is none to move on to.
+    NoPort(Option<IpAddr>),
     Handshake(String),
     NoWelcome(String),
     Timeout,
@@ -108,6 +111,7 @@ impl ConnectError {
     pub fn reason(&self) -> String {
         match self {
             ConnectError::Tcp(error) => format!("connect: {}", error.kind()),
+            ConnectError::NoPort(_) => "no_source_port".into(),
             ConnectError::Handshake(_) => "websocket_handshake_failed".into(),
             ConnectError::NoWelcome(_) => "no_welcome".into(),
             ConnectError::Timeout => "connect_timeout".into(),
@@ -119,6 +123,12 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConnectError::Tcp(error) => write!(f, "cannot connect: {error}"),
+            ConnectError::NoPort(Some(source)) => {
+                write!(f, "no ephemeral port left from {source}: give more addresses with --source-addrs")
+            }
+            ConnectError::NoPort(None) => {
+                write!(f, "no ephemeral port left: give source addresses with --source-addrs")
+            }
             ConnectError::Handshake(error) => write!(f, "websocket handshake failed: {error}"),
             ConnectError::NoWelcome(first) => write!(f, "the server did not send welcome first, but {first}"),
             ConnectError::Timeout => write!(f, "no welcome within the request timeout"),
@@ -143,8 +153,8 @@ fn loopback_source(n: u32) -> IpAddr {
 /// Where connections go: the gateways in turn, each socket bound to the next source address.
 ///
 /// Without `--source-addrs`, towards servers on IPv4 loopback, connections come from 127.0.0.1 until its
-/// ephemeral ports run short (a connect fails with `EADDRNOTAVAIL`, about 28,000 connections to one address),
-/// then from 127.0.0.2, and so on.
+/// ephemeral ports run short (about 28,000 connections to one address; `ports_ran_short`), then from
+/// 127.0.0.2, and so on.
 pub struct Network {
     targets: Vec<Target>,
     sources: Vec<IpAddr>,
@@ -161,11 +171,28 @@ pub struct Network {
     metrics: Arc<Metrics>,
 }
 
-/// How a prepared socket is connected to an address.
-type Dial = Arc<dyn Fn(TcpSocket, SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> + Send + Sync>;
+/// How a new socket is bound to a source address (any port), if one is given, and connected to an address.
+type Dial =
+    Arc<dyn Fn(TcpSocket, Option<IpAddr>, SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> + Send + Sync>;
 
 fn kernel_dial() -> Dial {
-    Arc::new(|socket: TcpSocket, address| socket.connect(address).boxed())
+    Arc::new(|socket: TcpSocket, source, address| {
+        async move {
+            if let Some(source) = source {
+                socket.bind(SocketAddr::new(source, 0))?;
+            }
+            socket.connect(address).await
+        }
+        .boxed()
+    })
+}
+
+/// Whether a dial failed because its source address has no ephemeral port left towards the server: the
+/// kernel's `connect` of an unbound socket fails with `EADDRNOTAVAIL`, but a `bind` to a source address and
+/// port 0 fails with `EADDRINUSE` (and a connect of a socket so bound, whose four-tuple is taken, with
+/// `EADDRNOTAVAIL`).
+fn ports_ran_short(error: &std::io::Error) -> bool {
+    matches!(error.kind(), std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse)
 }
 
 impl Network {
@@ -224,7 +251,7 @@ impl Network {
     ) -> Result<Connection, ConnectError> {
         let target = &self.targets[self.next_target.fetch_add(1, Ordering::Relaxed) % self.targets.len()];
         let handshake = async {
-            let stream = self.connect_tcp(target.address).await.map_err(ConnectError::Tcp)?;
+            let stream = self.connect_tcp(target.address).await?;
             stream.set_nodelay(true).map_err(ConnectError::Tcp)?;
             // Small buffers: an idle session must cost the load generator little.
             let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
@@ -267,32 +294,32 @@ impl Network {
 
 impl Network {
     /// A TCP connection to `address` from the next source address (see [`Network`]).
-    async fn connect_tcp(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
+    async fn connect_tcp(&self, address: SocketAddr) -> Result<TcpStream, ConnectError> {
         loop {
             let socket = match address {
                 SocketAddr::V4(_) => TcpSocket::new_v4(),
                 SocketAddr::V6(_) => TcpSocket::new_v6(),
-            }?;
-            let auto = self.auto_source.load(Ordering::Relaxed);
-            if !self.sources.is_empty() {
-                let source = self.sources[self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len()];
-                socket.bind(SocketAddr::new(source, 0))?;
-            } else if auto > 0 {
-                socket.bind(SocketAddr::new(loopback_source(auto), 0))?;
             }
-            match (self.dial)(socket, address).await {
-                Err(error)
-                    if error.kind() == std::io::ErrorKind::AddrNotAvailable
-                        && self.auto_sources
-                        && auto < MAX_LOOPBACK_SOURCES =>
-                {
+            .map_err(ConnectError::Tcp)?;
+            let auto = self.auto_source.load(Ordering::Relaxed);
+            let source = if !self.sources.is_empty() {
+                Some(self.sources[self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len()])
+            } else {
+                (auto > 0).then(|| loopback_source(auto))
+            };
+            match (self.dial)(socket, source, address).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) if !ports_ran_short(&error) => return Err(ConnectError::Tcp(error)),
+                Err(_) if self.auto_sources && auto < MAX_LOOPBACK_SOURCES => {
                     // Another connection may have moved on already: then this one follows it.
                     if self.auto_source.compare_exchange(auto, auto + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
                         let (from, to) = (loopback_source(auto), loopback_source(auto + 1));
                         eprintln!("\nthe ports from {from} ran short: connecting from {to} on");
                     }
                 }
-                result => return result,
+                // Nowhere to move on to: addresses given with --source-addrs are kept to, short or not, and
+                // so is the kernel's choice towards a server elsewhere.
+                Err(_) => return Err(ConnectError::NoPort(source)),
             }
         }
     }
@@ -505,30 +532,33 @@ mod tests {
         assert!(!network("ws://10.0.0.1:1/v1/ws", Vec::new()).await.auto_sources);
     }
 
-    /// The kernel's connect, except that the ports of the first `short` loopback sources have run out:
-    /// a connect from one of them fails with `EADDRNOTAVAIL`, as it does after some 28,000 connections.
+    /// The kernel's dial, except that the ports of the first `short` loopback sources have run out, as they
+    /// do after some 28,000 connections: the connect of an unbound socket (the kernel picks 127.0.0.1) fails
+    /// with `EADDRNOTAVAIL`, the bind to another source with `EADDRINUSE`. (`tests/scenarios.rs` meets the
+    /// kernel's own, in a namespace with ten ports.)
     fn ports_short_on_first(short: u32) -> Dial {
-        Arc::new(move |socket: TcpSocket, address| {
+        Arc::new(move |socket: TcpSocket, source: Option<IpAddr>, address| {
             async move {
-                // An unbound socket (the kernel picks 127.0.0.1) shows 0.0.0.0.
-                let from = match socket.local_addr()?.ip() {
-                    IpAddr::V4(ip) if ip.is_unspecified() => 0,
-                    IpAddr::V4(ip) => u32::from(ip) - u32::from(std::net::Ipv4Addr::LOCALHOST),
-                    IpAddr::V6(_) => u32::MAX,
+                let (from, kind) = match source {
+                    None => (0, std::io::ErrorKind::AddrNotAvailable),
+                    Some(IpAddr::V4(ip)) => {
+                        (u32::from(ip) - u32::from(std::net::Ipv4Addr::LOCALHOST), std::io::ErrorKind::AddrInUse)
+                    }
+                    Some(IpAddr::V6(_)) => (u32::MAX, std::io::ErrorKind::AddrInUse),
                 };
                 if from < short {
                     // As a connect does: the others begin theirs before this one fails.
                     tokio::task::yield_now().await;
-                    return Err(std::io::Error::from(std::io::ErrorKind::AddrNotAvailable));
+                    return Err(std::io::Error::from(kind));
                 }
-                socket.connect(address).await
+                kernel_dial()(socket, source, address).await
             }
             .boxed()
         })
     }
 
     #[tokio::test]
-    async fn connections_move_on_to_the_next_loopback_source_when_a_connect_finds_no_port() {
+    async fn connections_move_on_to_the_next_loopback_source_when_one_has_no_port_left() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let mut net = network(&format!("ws://{address}/v1/ws"), Vec::new()).await;
@@ -553,11 +583,20 @@ mod tests {
         net.auto_source.store(MAX_LOOPBACK_SOURCES, Ordering::Relaxed);
         net.dial = ports_short_on_first(u32::MAX);
         let error = net.connect_tcp(address).await.unwrap_err();
-        assert_eq!(error.kind(), std::io::ErrorKind::AddrNotAvailable);
+        assert!(matches!(error, ConnectError::NoPort(Some(source)) if source == loopback_source(MAX_LOOPBACK_SOURCES)));
+        assert_eq!(error.reason(), "no_source_port");
         // Addresses given with --source-addrs are kept to, short or not.
-        let mut explicit = network(&format!("ws://{address}/v1/ws"), vec!["127.0.0.2".parse().unwrap()]).await;
+        let given: IpAddr = "127.0.0.2".parse().unwrap();
+        let mut explicit = network(&format!("ws://{address}/v1/ws"), vec![given]).await;
         explicit.dial = ports_short_on_first(2);
         let error = explicit.connect_tcp(address).await.unwrap_err();
-        assert_eq!(error.kind(), std::io::ErrorKind::AddrNotAvailable);
+        assert!(matches!(error, ConnectError::NoPort(Some(source)) if source == given), "{error:?}");
+        // Any other failure is the connection's, as it is.
+        let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let error = network(&format!("ws://{refused}/v1/ws"), Vec::new()).await.connect_tcp(refused).await.unwrap_err();
+        assert!(
+            matches!(&error, ConnectError::Tcp(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{error:?}"
+        );
     }
 }

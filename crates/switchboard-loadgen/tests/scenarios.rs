@@ -100,6 +100,36 @@ fn idle_sessions_and_a_connection_storm() {
 }
 
 #[test]
+fn connections_move_to_the_next_loopback_source_when_ports_run_short() {
+    // In a network namespace of its own with ten ephemeral ports (the server's listener takes one), 30
+    // sessions to one address cannot all come from 127.0.0.1: the kernel refuses the connect with
+    // EADDRNOTAVAIL, and the load generator goes on from 127.0.0.2; the bind to it fails with EADDRINUSE
+    // once its ports are taken too, then from 127.0.0.3, then from 127.0.0.4.
+    let server = Server::start_in_namespace(&["--agents", "1"], (40000, 40009));
+    let run = server.run("idle", &["--sessions", "30", "--hold-s", "0.2"]);
+    run.assert_clean();
+    assert_eq!(run.count("sessions_open"), 30);
+    assert_eq!(run.count("sessions_open_at_end"), 30);
+    for (from, to) in [("127.0.0.1", "127.0.0.2"), ("127.0.0.3", "127.0.0.4")] {
+        let moved = format!("the ports from {from} ran short: connecting from {to} on");
+        assert!(run.stderr.contains(&moved), "{moved:?} not in:\n{}", run.stderr);
+    }
+
+    // Sources given are taken in turn, and kept to. (Other addresses than the run before: its closed
+    // connections hold their ports a while.)
+    let run = server.run("idle", &["--sessions", "30", "--hold-s", "0.2", "--source-addrs", "127.0.0.11-127.0.0.14"]);
+    run.assert_clean();
+    assert_eq!(run.count("sessions_open"), 30);
+    assert!(!run.stderr.contains("ran short"), "{}", run.stderr);
+    // Too few of them for the sessions: two addresses of ten ports each (the listener's port is taken on
+    // 127.0.0.1 only). The connections they cannot hold fail, and say why.
+    let run = server.run("idle", &["--sessions", "30", "--hold-s", "0.2", "--source-addrs", "127.0.0.21-127.0.0.22"]);
+    assert_eq!(run.count("sessions_open"), 20, "{}", run.stdout);
+    assert_eq!(run.report["errors_by_reason"], serde_json::json!({ "no_source_port": 10 }), "{}", run.stdout);
+    assert!(!run.stderr.contains("ran short"), "{}", run.stderr);
+}
+
+#[test]
 fn several_processes_add_up_to_one_report() {
     let server = Server::start(&["--agents", "4", "--capacity", "3"], &[("SWITCHBOARD_LICENSE_MAX_SESSIONS", "10")]);
     let steady = ["--processes", "2", "--agents", "4", "--pairs", "4", "--rate", "200", "--duration-s", "1"];

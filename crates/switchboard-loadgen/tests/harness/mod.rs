@@ -30,12 +30,31 @@ pub struct Server {
     pub url: String,
     pub pid: u32,
     dir: TempDir,
+    /// Whether the server runs in a network namespace of its own (its pid's), where the load generator
+    /// must run too.
+    namespaced: bool,
 }
+
+/// Sets up a network namespace made by `unshare`: its loopback up, and `$PORTS` as its ephemeral port
+/// range (`net.ipv4.ip_local_port_range` is per namespace), then runs the command given.
+const NAMESPACE_SETUP: &str =
+    r#"ip link set lo up && echo "$PORTS" > /proc/sys/net/ipv4/ip_local_port_range && exec "$@""#;
 
 impl Server {
     /// Writes a configuration with `gen-config ARGS` and starts `serve` on it, on a free port, with the
     /// environment overrides `env`.
     pub fn start(gen_config: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with(gen_config, env, None)
+    }
+
+    /// As [`Server::start`], in a network namespace of its own whose ephemeral ports are `first..=last`
+    /// only; [`Server::run`] runs the load generator in it. `unshare` makes it in a user namespace of its
+    /// own, so that it needs no privilege where the kernel lets users make namespaces.
+    pub fn start_in_namespace(gen_config: &[&str], (first, last): (u16, u16)) -> Server {
+        Server::start_with(gen_config, &[], Some(format!("{first} {last}")))
+    }
+
+    fn start_with(gen_config: &[&str], env: &[(&str, &str)], ports: Option<String>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
         let status = Command::new(LOADGEN)
@@ -48,7 +67,19 @@ impl Server {
             .unwrap();
         assert!(status.success(), "gen-config {gen_config:?} failed");
         let stderr = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let mut child = Command::new(server_binary())
+        let namespaced = ports.is_some();
+        let mut command = match ports {
+            None => Command::new(server_binary()),
+            Some(ports) => {
+                let mut command = Command::new("unshare");
+                command
+                    .args(["--user", "--map-root-user", "--net", "--", "sh", "-c", NAMESPACE_SETUP, "sh"])
+                    .arg(server_binary())
+                    .env("PORTS", ports);
+                command
+            }
+        };
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -71,7 +102,8 @@ impl Server {
             }
         });
         let pid = child.id();
-        let mut server = Server { child, url: String::new(), pid, dir };
+        // `unshare` and `sh` exec what they run: the pid is the server's, in its namespace.
+        let mut server = Server { child, url: String::new(), pid, dir, namespaced };
         match address_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(address) => server.url = format!("ws://{address}/v1/ws"),
             Err(_) => panic!("the server did not start listening: {}", server.log()),
@@ -85,7 +117,14 @@ impl Server {
 
     /// Runs a scenario against this server (with `--quiet` and a report): its exit code and report.
     pub fn run(&self, scenario: &str, args: &[&str]) -> Run {
-        run_loadgen(scenario, &["--url", &self.url], args)
+        let command = if self.namespaced {
+            let mut command = Command::new("nsenter");
+            command.args(["--target", &self.pid.to_string(), "--user", "--net", "--"]).arg(LOADGEN);
+            command
+        } else {
+            Command::new(LOADGEN)
+        };
+        run_command(command, scenario, &["--url", &self.url], args)
     }
 }
 
@@ -117,9 +156,14 @@ impl Run {
 }
 
 pub fn run_loadgen(scenario: &str, target: &[&str], args: &[&str]) -> Run {
+    run_command(Command::new(LOADGEN), scenario, target, args)
+}
+
+/// Runs a scenario with `command`, the load generator (or what runs it).
+fn run_command(mut command: Command, scenario: &str, target: &[&str], args: &[&str]) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
-    let output = Command::new(LOADGEN)
+    let output = command
         .arg(scenario)
         .args(target)
         .args(args)
