@@ -102,6 +102,8 @@ pub enum ConnectError {
     /// The source address (`None`: the one the kernel chose) has no ephemeral port left towards the server,
     /// and there is none to move on to.
     NoPort(Option<IpAddr>),
+    /// A source address that cannot be bound for another reason than its ports (not this machine's, say).
+    Source(IpAddr, std::io::Error),
     Handshake(String),
     NoWelcome(String),
     Timeout,
@@ -112,6 +114,7 @@ impl ConnectError {
         match self {
             ConnectError::Tcp(error) => format!("connect: {}", error.kind()),
             ConnectError::NoPort(_) => "no_source_port".into(),
+            ConnectError::Source(_, error) => format!("source_address: {}", error.kind()),
             ConnectError::Handshake(_) => "websocket_handshake_failed".into(),
             ConnectError::NoWelcome(_) => "no_welcome".into(),
             ConnectError::Timeout => "connect_timeout".into(),
@@ -129,6 +132,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::NoPort(None) => {
                 write!(f, "no ephemeral port left: give source addresses with --source-addrs")
             }
+            ConnectError::Source(source, error) => write!(f, "cannot bind to the source address {source}: {error}"),
             ConnectError::Handshake(error) => write!(f, "websocket handshake failed: {error}"),
             ConnectError::NoWelcome(first) => write!(f, "the server did not send welcome first, but {first}"),
             ConnectError::Timeout => write!(f, "no welcome within the request timeout"),
@@ -153,7 +157,7 @@ fn loopback_source(n: u32) -> IpAddr {
 /// Where connections go: the gateways in turn, each socket bound to the next source address.
 ///
 /// Without `--source-addrs`, towards servers on IPv4 loopback, connections come from 127.0.0.1 until its
-/// ephemeral ports run short (about 28,000 connections to one address; `ports_ran_short`), then from
+/// ephemeral ports run short (about 28,000 connections to one address; `DialError::ports_ran_short`), then from
 /// 127.0.0.2, and so on.
 pub struct Network {
     targets: Vec<Target>,
@@ -172,27 +176,40 @@ pub struct Network {
 }
 
 /// How a new socket is bound to a source address (any port), if one is given, and connected to an address.
-type Dial =
-    Arc<dyn Fn(TcpSocket, Option<IpAddr>, SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> + Send + Sync>;
+type Dial = Arc<
+    dyn Fn(TcpSocket, Option<IpAddr>, SocketAddr) -> BoxFuture<'static, Result<TcpStream, DialError>> + Send + Sync,
+>;
+
+/// The step of a dial that failed.
+#[derive(Debug)]
+enum DialError {
+    Bind(std::io::Error),
+    Connect(std::io::Error),
+}
+
+impl DialError {
+    /// Whether the source address has no ephemeral port left towards the server: the `connect` of an
+    /// unbound socket fails with `EADDRNOTAVAIL` (and so does that of a bound socket whose four-tuple is
+    /// taken), a `bind` to a source address and port 0 with `EADDRINUSE`. (A bind's `EADDRNOTAVAIL` is
+    /// another matter: the address is not this machine's.)
+    fn ports_ran_short(&self) -> bool {
+        match self {
+            DialError::Bind(error) => error.kind() == std::io::ErrorKind::AddrInUse,
+            DialError::Connect(error) => error.kind() == std::io::ErrorKind::AddrNotAvailable,
+        }
+    }
+}
 
 fn kernel_dial() -> Dial {
     Arc::new(|socket: TcpSocket, source, address| {
         async move {
             if let Some(source) = source {
-                socket.bind(SocketAddr::new(source, 0))?;
+                socket.bind(SocketAddr::new(source, 0)).map_err(DialError::Bind)?;
             }
-            socket.connect(address).await
+            socket.connect(address).await.map_err(DialError::Connect)
         }
         .boxed()
     })
-}
-
-/// Whether a dial failed because its source address has no ephemeral port left towards the server: the
-/// kernel's `connect` of an unbound socket fails with `EADDRNOTAVAIL`, but a `bind` to a source address and
-/// port 0 fails with `EADDRINUSE` (and a connect of a socket so bound, whose four-tuple is taken, with
-/// `EADDRNOTAVAIL`).
-fn ports_ran_short(error: &std::io::Error) -> bool {
-    matches!(error.kind(), std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse)
 }
 
 impl Network {
@@ -309,7 +326,12 @@ impl Network {
             };
             match (self.dial)(socket, source, address).await {
                 Ok(stream) => return Ok(stream),
-                Err(error) if !ports_ran_short(&error) => return Err(ConnectError::Tcp(error)),
+                Err(error) if !error.ports_ran_short() => {
+                    return Err(match (error, source) {
+                        (DialError::Bind(error), Some(source)) => ConnectError::Source(source, error),
+                        (DialError::Bind(error) | DialError::Connect(error), _) => ConnectError::Tcp(error),
+                    });
+                }
                 Err(_) if self.auto_sources && auto < MAX_LOOPBACK_SOURCES => {
                     // Another connection may have moved on already: then this one follows it.
                     if self.auto_source.compare_exchange(auto, auto + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
@@ -539,17 +561,19 @@ mod tests {
     fn ports_short_on_first(short: u32) -> Dial {
         Arc::new(move |socket: TcpSocket, source: Option<IpAddr>, address| {
             async move {
-                let (from, kind) = match source {
-                    None => (0, std::io::ErrorKind::AddrNotAvailable),
-                    Some(IpAddr::V4(ip)) => {
-                        (u32::from(ip) - u32::from(std::net::Ipv4Addr::LOCALHOST), std::io::ErrorKind::AddrInUse)
-                    }
-                    Some(IpAddr::V6(_)) => (u32::MAX, std::io::ErrorKind::AddrInUse),
+                let short_of = std::io::Error::from;
+                let (from, error) = match source {
+                    None => (0, DialError::Connect(short_of(std::io::ErrorKind::AddrNotAvailable))),
+                    Some(IpAddr::V4(ip)) => (
+                        u32::from(ip) - u32::from(std::net::Ipv4Addr::LOCALHOST),
+                        DialError::Bind(short_of(std::io::ErrorKind::AddrInUse)),
+                    ),
+                    Some(IpAddr::V6(_)) => (u32::MAX, DialError::Bind(short_of(std::io::ErrorKind::AddrInUse))),
                 };
                 if from < short {
                     // As a connect does: the others begin theirs before this one fails.
                     tokio::task::yield_now().await;
-                    return Err(std::io::Error::from(kind));
+                    return Err(error);
                 }
                 kernel_dial()(socket, source, address).await
             }
@@ -598,5 +622,12 @@ mod tests {
             matches!(&error, ConnectError::Tcp(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
             "{error:?}"
         );
+        // A source that is not this machine's fails its bind with the kernel's EADDRNOTAVAIL: said so, not
+        // taken for ports run short.
+        let foreign: IpAddr = "192.0.2.1".parse().unwrap();
+        let error =
+            network(&format!("ws://{address}/v1/ws"), vec![foreign]).await.connect_tcp(address).await.unwrap_err();
+        assert!(matches!(&error, ConnectError::Source(source, _) if *source == foreign), "{error:?}");
+        assert_eq!(error.reason(), "source_address: address not available");
     }
 }
