@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
+use prost::Message as _;
 use switchboard_domain::{
     AgentStatus, Author, ConversationId, ConversationState, Event, EventBody, OfferEnd, RequeueReason, WaitingEntry,
 };
@@ -143,9 +144,10 @@ impl Transport for GrpcTransport {
         }
     }
 
-    async fn send(&mut self, frame: Outgoing<'_>) -> bool {
+    async fn send(&mut self, frame: Outgoing<'_>) -> Option<usize> {
         let frame = encode(frame);
-        self.frames.send(frame).await.is_ok()
+        let bytes = frame.encoded_len();
+        self.frames.send(frame).await.ok().map(|()| bytes)
     }
 
     /// Each frame is handed to the stream as it is sent: nothing waits here.

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
-pub use crate::admission::RequestRate;
+pub use crate::admission::{REPLY_BYTES_PER_REQUEST, RequestRate};
 pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
 use crate::keyed_locks::{KeyedGuard, KeyedLocks};

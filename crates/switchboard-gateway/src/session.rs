@@ -98,9 +98,9 @@ pub(crate) trait Transport: Send {
 
     /// The next frame of the client; `None` once the client is gone (or closed the connection).
     fn recv(&mut self) -> impl Future<Output = Option<Inbound>> + Send;
-    /// Writes one frame to the client, or into a buffer that [`Transport::flush`] writes out; false when the
-    /// client can no longer be written to.
-    fn send(&mut self, frame: Outgoing<'_>) -> impl Future<Output = bool> + Send;
+    /// Writes one frame to the client, or into a buffer that [`Transport::flush`] writes out, and answers its
+    /// size on the wire; `None` when the client can no longer be written to.
+    fn send(&mut self, frame: Outgoing<'_>) -> impl Future<Output = Option<usize>> + Send;
     /// Writes out the frames buffered by [`Transport::send`]; false when the client can no longer be written
     /// to.
     fn flush(&mut self) -> impl Future<Output = bool> + Send;
@@ -134,6 +134,9 @@ struct Session<T> {
     unflushed_latencies: Vec<(&'static str, i64)>,
     /// How many more requests the connection may make now.
     budget: Budget,
+    /// The bytes written of the answer being written, which the budget is charged for (`None` between
+    /// answers: the pushes cost the connection nothing).
+    answer_bytes: Option<u64>,
 }
 
 type Reply = Result<(Ack, Backlog), ErrorReply>;
@@ -174,11 +177,12 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
         unflushed: false,
         unflushed_latencies: Vec::new(),
         budget,
+        answer_bytes: None,
     };
     metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
     connection_gauge::<T>(None).increment(1.0);
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
-    if !session.transport.send(welcome).await || !session.transport.flush().await {
+    if session.transport.send(welcome).await.is_none() || !session.transport.flush().await {
         return;
     }
     let end = loop {
@@ -244,7 +248,15 @@ impl<T: Transport> Session<T> {
         self.unflushed = true;
         tokio::select! {
             biased;
-            sent = self.transport.send(frame) => if sent { Ok(()) } else { Err(End::Gone) },
+            sent = self.transport.send(frame) => match sent {
+                Some(bytes) => {
+                    if let Some(answer_bytes) = self.answer_bytes.as_mut() {
+                        *answer_bytes = answer_bytes.saturating_add(bytes as u64);
+                    }
+                    Ok(())
+                }
+                None => Err(End::Gone),
+            },
             () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
         }
     }
@@ -305,11 +317,13 @@ impl<T: Transport> Session<T> {
                 }
                 match reply {
                     Ok((ack, Backlog(backlog))) => {
-                        self.send(Outgoing::Ack { id: &id, ack: &ack }).await?;
-                        match backlog {
-                            Some((conversation, page)) => self.write_pages(conversation, page).await,
-                            None => Ok(()),
-                        }
+                        // The answer's cost beyond the request's own token (`admission`), taken once it is
+                        // written, or as far as it was written when the connection ended.
+                        self.answer_bytes = Some(0);
+                        let written = self.write_answer(&id, &ack, backlog).await;
+                        let bytes = self.answer_bytes.take().unwrap_or(0);
+                        self.budget.charge_reply(bytes, || self.shared.clock.now_us());
+                        written
                     }
                     Err(error) => {
                         count_refusal(&error);
@@ -472,6 +486,15 @@ impl<T: Transport> Session<T> {
     async fn fill_gap(&mut self, conversation: ConversationId, written: u64) -> Flow {
         let missed = self.read_page(conversation, written).await?;
         self.write_pages(conversation, missed).await
+    }
+
+    /// Writes a request's ack, then the events that follow it.
+    async fn write_answer(&mut self, id: &str, ack: &Ack, backlog: Option<(ConversationId, EventPage)>) -> Flow {
+        self.send(Outgoing::Ack { id, ack }).await?;
+        match backlog {
+            Some((conversation, page)) => self.write_pages(conversation, page).await,
+            None => Ok(()),
+        }
     }
 
     /// Writes a page of a chat's events, then reads and writes the pages after it, one at a time: a long

@@ -57,14 +57,15 @@ impl Transport for WsTransport {
         }
     }
 
-    async fn send(&mut self, frame: Outgoing<'_>) -> bool {
+    async fn send(&mut self, frame: Outgoing<'_>) -> Option<usize> {
         let text: Utf8Bytes = match frame {
             Outgoing::Welcome { max_message_bytes } => protocol::welcome(max_message_bytes).into(),
             Outgoing::Ack { id, ack } => ack.frame(id).into(),
             Outgoing::Error { id, error } => protocol::error(id, error).into(),
             Outgoing::Push(outbound) => outbound.json(),
         };
-        self.socket.feed(Message::Text(text)).await.is_ok()
+        let bytes = text.len();
+        self.socket.feed(Message::Text(text)).await.ok().map(|()| bytes)
     }
 
     async fn flush(&mut self) -> bool {

@@ -66,3 +66,68 @@ async fn requests_over_a_connections_budget_are_refused_undone_and_counted() {
     assert_eq!(refusals("frame_too_large"), 2);
     server.stop().await;
 }
+
+/// An answer costs one request per 64 KiB it carries: a transcript page, and the backlog a resume writes,
+/// take what they cost from the connection's budget once written, below empty if need be, and the requests
+/// after them wait for it.
+#[tokio::test]
+async fn an_answer_costs_what_it_carries_and_the_requests_after_it_wait() {
+    const MESSAGES: usize = 50;
+    const BODY: usize = 4_000;
+    // Enough for the chat's start and its messages, the clock standing still.
+    let burst = 1 + MESSAGES as u32 + 1;
+    let settings = GatewaySettings { request_rate: RequestRate { per_second: 10, burst }, ..Default::default() };
+    let server = Server::start_with(settings).await;
+    let mut ann = WsClient::connect(&server).await;
+    let start = json!({ "type": "chat.start", "widget_key": common::WIDGET, "group": "sales", "name": "Ann",
+                        "question": "Hello?" });
+    let started = ann.ack(start).await;
+    let chat = started["conversation"].as_str().unwrap().to_owned();
+    let token = started["customer_token"].as_str().unwrap().to_owned();
+    for n in 0..MESSAGES {
+        let body = format!("{n:04}").repeat(BODY / 4);
+        ann.ack(json!({ "type": "message.send", "conversation": chat, "client_msg_id": format!("m-{n}"),
+                        "body": body }))
+            .await;
+    }
+    // One token left. The transcript holds the 50 messages, some 200 KB: more than three times 64 KiB, less
+    // than four, so it costs four requests. The bucket goes from 1 to 3 below empty.
+    let page = ann.ack(json!({ "type": "chat.transcript", "conversation": chat })).await;
+    let carried: usize = page["events"].as_array().unwrap().iter().map(|event| event.to_string().len()).sum();
+    let kib_64 = switchboard_gateway::REPLY_BYTES_PER_REQUEST as usize;
+    assert!((3 * kib_64..4 * kib_64 - 4_096).contains(&carried), "{carried} bytes of events");
+    assert_eq!(page["more"], false);
+    // The next request waits for 4 tokens at 10 a second.
+    let ping = json!({ "type": "ping" });
+    assert_eq!(ann.call(ping.clone()).await["retry_after_ms"], 400);
+    server.clock.advance_ms(399);
+    assert_eq!(ann.call(ping.clone()).await["retry_after_ms"], 1);
+    server.clock.advance_ms(1);
+    ann.ack(ping.clone()).await;
+
+    // A resume from the start writes the same events after its ack, and costs them too: on a connection of
+    // its own, a full bucket of 52 leaves 48 requests after it.
+    let mut again = WsClient::connect(&server).await;
+    let resume = json!({ "type": "customer.resume", "conversation": chat, "customer_token": token, "after_seq": 0 });
+    again.ack(resume).await;
+    for _ in 0..burst - 4 {
+        again.ack(ping.clone()).await;
+    }
+    assert_eq!(again.call(ping.clone()).await["retry_after_ms"], 100);
+    // The backlog was written whole, in order, before the pings' answers.
+    let seqs: Vec<u64> = std::iter::from_fn(|| again.take_push())
+        .filter(|push| push["type"] == "event")
+        .map(|push| push["event"]["seq"].as_u64().unwrap())
+        .collect();
+    let last_seq = seqs.last().copied().unwrap();
+    assert_eq!(seqs, (1..=last_seq).collect::<Vec<_>>());
+    assert!(last_seq > MESSAGES as u64);
+
+    // Small answers cost nothing more: pings spend the bucket one by one.
+    let mut bea = WsClient::connect(&server).await;
+    for _ in 0..burst {
+        bea.ack(ping.clone()).await;
+    }
+    assert_eq!(bea.call(ping).await["retry_after_ms"], 100);
+    server.stop().await;
+}

@@ -1116,3 +1116,31 @@ async fn a_stream_over_its_request_budget_is_told_to_wait_as_a_websocket_is() {
     assert_eq!(sent_seq(dana.ack(send_message(&started.conversation, "d-2", "two")).await), seq + 1);
     server.stop().await;
 }
+
+/// A stream's answers cost what they carry, as a WebSocket's do: a transcript page of some 200 KB costs
+/// four requests, and the request after it waits for them.
+#[tokio::test]
+async fn a_streams_large_answer_costs_what_it_carries_as_a_websockets_does() {
+    const MESSAGES: usize = 50;
+    let burst = 1 + MESSAGES as u32 + 1;
+    let rate = switchboard_gateway::RequestRate { per_second: 10, burst };
+    let server = Server::start_with(GatewaySettings { request_rate: rate, ..GatewaySettings::default() }).await;
+    let mut dana = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Hello?")).await else { panic!() };
+    for n in 0..MESSAGES {
+        let body = format!("{n:04}").repeat(1_000);
+        dana.ack(send_message(&started.conversation, &format!("d-{n}"), &body)).await;
+    }
+    let transcript =
+        Req::ChatTranscript(pb::ChatTranscriptRequest { conversation: started.conversation, after_seq: 0 });
+    let AckResult::ChatTranscript(page) = dana.ack(transcript).await else { panic!() };
+    let carried: usize = page.events.iter().map(prost::Message::encoded_len).sum();
+    let kib_64 = switchboard_gateway::REPLY_BYTES_PER_REQUEST as usize;
+    assert!((3 * kib_64..4 * kib_64 - 4_096).contains(&carried), "{carried} bytes of events");
+    // One token was left for the transcript, which took three more.
+    let error = dana.refused(Req::Ping(pb::PingRequest {})).await;
+    assert_eq!((error.code.as_str(), error.retry_after_ms), ("rate_limited", Some(400)));
+    server.clock.advance_ms(400);
+    assert_eq!(dana.ack(Req::Ping(pb::PingRequest {})).await, AckResult::Ping(pb::PingResult {}));
+    server.stop().await;
+}

@@ -512,6 +512,11 @@ impl WsClient {
         answer
     }
 
+    /// The next push read already (while waiting for an answer), without reading more.
+    pub fn take_push(&mut self) -> Option<Value> {
+        self.pushes.pop_front()
+    }
+
     /// The next push, `agent.status` pushes aside.
     pub async fn push(&mut self) -> Value {
         if let Some(push) = self.pushes.pop_front() {
