@@ -144,9 +144,10 @@ impl Transport for GrpcTransport {
         }
     }
 
-    async fn send(&mut self, frame: Outgoing<'_>) -> Option<usize> {
+    /// The frame's encoded size is a walk of the message, made only when measured: not for pushes.
+    async fn send(&mut self, frame: Outgoing<'_>, measure: bool) -> Option<usize> {
         let frame = encode(frame);
-        let bytes = frame.encoded_len();
+        let bytes = if measure { frame.encoded_len() } else { 0 };
         self.frames.send(frame).await.ok().map(|()| bytes)
     }
 

@@ -205,7 +205,11 @@ impl ErrorReply {
     /// The connection made more requests than its budget allows: nothing was done; the same request may be
     /// sent again after `retry_after_ms`.
     pub fn rate_limited(retry_after_ms: u64) -> Self {
-        let message = format!("too many requests on this connection: send it again in {retry_after_ms} ms");
+        let per_request_kib = crate::admission::REPLY_BYTES_PER_REQUEST / 1024;
+        let message = format!(
+            "too many requests on this connection (a large answer counts as one request per {per_request_kib} KiB \
+             it carries): send it again in {retry_after_ms} ms"
+        );
         ErrorReply { retryable: true, retry_after_ms: Some(retry_after_ms), ..ErrorReply::new("rate_limited", message) }
     }
 }

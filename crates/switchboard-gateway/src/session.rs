@@ -99,8 +99,9 @@ pub(crate) trait Transport: Send {
     /// The next frame of the client; `None` once the client is gone (or closed the connection).
     fn recv(&mut self) -> impl Future<Output = Option<Inbound>> + Send;
     /// Writes one frame to the client, or into a buffer that [`Transport::flush`] writes out, and answers its
-    /// size on the wire; `None` when the client can no longer be written to.
-    fn send(&mut self, frame: Outgoing<'_>) -> impl Future<Output = Option<usize>> + Send;
+    /// size on the wire when `measure` is set (the request budget's, for an answer), else 0; `None` when the
+    /// client can no longer be written to.
+    fn send(&mut self, frame: Outgoing<'_>, measure: bool) -> impl Future<Output = Option<usize>> + Send;
     /// Writes out the frames buffered by [`Transport::send`]; false when the client can no longer be written
     /// to.
     fn flush(&mut self) -> impl Future<Output = bool> + Send;
@@ -182,7 +183,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
     connection_gauge::<T>(None).increment(1.0);
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
-    if session.transport.send(welcome).await.is_none() || !session.transport.flush().await {
+    if session.transport.send(welcome, false).await.is_none() || !session.transport.flush().await {
         return;
     }
     let end = loop {
@@ -248,7 +249,7 @@ impl<T: Transport> Session<T> {
         self.unflushed = true;
         tokio::select! {
             biased;
-            sent = self.transport.send(frame) => match sent {
+            sent = self.transport.send(frame, self.answer_bytes.is_some()) => match sent {
                 Some(bytes) => {
                     if let Some(answer_bytes) = self.answer_bytes.as_mut() {
                         *answer_bytes = answer_bytes.saturating_add(bytes as u64);

@@ -57,7 +57,8 @@ impl Transport for WsTransport {
         }
     }
 
-    async fn send(&mut self, frame: Outgoing<'_>) -> Option<usize> {
+    /// The text's length is known whether measured or not.
+    async fn send(&mut self, frame: Outgoing<'_>, _measure: bool) -> Option<usize> {
         let text: Utf8Bytes = match frame {
             Outgoing::Welcome { max_message_bytes } => protocol::welcome(max_message_bytes).into(),
             Outgoing::Ack { id, ack } => ack.frame(id).into(),
