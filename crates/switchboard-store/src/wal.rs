@@ -16,9 +16,12 @@
 //!   checkpoint.
 //!
 //! The log file is the same for the store's whole life: SQLite removes it only when the last connection
-//! closes, and the store keeps its connections open until it is closed. Should it be replaced all the same, the new file
-//! is opened (its inode differs) and its directory flushed. A log that is missing, or a flush that fails,
-//! fails the sync: nothing committed since the last sync is then known to be on the disk.
+//! closes, and the store keeps its connections open until it is closed. So the file is identified (device
+//! and inode) at the first sync, its directory flushed, and every later sync checks that the log's path
+//! still names it. A log that is missing, a file at its path that is not the one the writer's connection
+//! writes (the log was removed, and a connection opened since made a new one: the writer's frames went to
+//! the old file, which is gone at the next start), or a flush that fails, fails the sync: nothing committed
+//! since the last sync is then known to be on the disk, nor anything the log held.
 //!
 //! One thing differs from `FULL`: a read connection sees a batch from its commit, before the sync, so a read
 //! of the log in that window (well under a millisecond; a resume, an actor activated) can show events whose
@@ -81,12 +84,18 @@ impl WalSync {
         };
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         let on_disk = identity_at(&self.path).map_err(|error| failed("cannot find the log", error))?;
-        if file.as_ref().is_none_or(|(_, opened)| *opened != on_disk) {
+        if let Some((_, opened)) = file.as_ref()
+            && *opened != on_disk
+        {
+            let replaced = std::io::Error::other("another file is at its path now: the log was removed");
+            return Err(failed("cannot find the log", replaced));
+        }
+        if file.is_none() {
             let opened = File::open(&self.path).map_err(|error| failed("cannot open the log", error))?;
-            // Only at a (re)open, so `stat`'s times here cost one fine-grained stamp, not one per sync. The
-            // open file's own identity, not the path's above: the file may have been replaced in between.
+            // Only at the open, so `stat`'s times here cost one fine-grained stamp, not one per sync. The open
+            // file's own identity, not the path's above: the file may have been replaced in between.
             let metadata = opened.metadata().map_err(|error| failed("cannot read the log", error))?;
-            // The log's directory entry, new or replaced, is durable too.
+            // The log's directory entry is durable too.
             if let Some(directory) = self.path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
                 File::open(directory)
                     .and_then(|directory| directory.sync_all())
@@ -109,8 +118,9 @@ mod tests {
         log.file.lock().unwrap().as_ref().map(|(_, identity)| *identity)
     }
 
-    /// The log is found by its inode: a sync flushes the file at the log's path, opens the new one when it was
-    /// replaced, and fails when there is none.
+    /// The log is known by its inode: a sync flushes the file first found at the log's path, and fails when
+    /// another file is there now (the log was removed and made again: what the writer wrote went to the old
+    /// one), or none.
     #[test]
     fn a_sync_flushes_the_file_at_the_logs_path_now() {
         let directory = tempfile::tempdir().unwrap();
@@ -128,10 +138,13 @@ mod tests {
         let replacement = directory.path().join("replacement");
         std::fs::write(&replacement, b"second").unwrap();
         std::fs::rename(&replacement, &path).unwrap();
-        log.sync().unwrap();
-        let second = held(&log).unwrap();
-        assert_ne!(second, first, "the replaced log is opened again");
-        assert_eq!(second.1, std::fs::metadata(&path).unwrap().ino());
+        let replaced = log.sync();
+        assert!(
+            matches!(replaced, Err(StoreError::Unavailable(ref why))
+                if why.starts_with("cannot find the log") && why.contains("another file is at its path")),
+            "{replaced:?}"
+        );
+        assert_eq!(held(&log), Some(first), "the first log is still the one known");
 
         std::fs::remove_file(&path).unwrap();
         let missing = log.sync();

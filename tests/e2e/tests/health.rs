@@ -36,10 +36,12 @@ async fn healthz_fails_once_the_store_refuses_every_write_until_a_restart() -> a
     assert!(status.contains(" 200 "), "{status}");
     assert_eq!(body, "ok");
 
-    // The log's file disappears under the store: nothing proves a commit is on the disk any more.
+    // The log's file disappears under the store, and another takes its place (as a connection opened since
+    // would make it): the writer's frames go to the removed file, so nothing proves a commit is on the disk.
     let wal = data.path().join("switchboard.db-wal");
     anyhow::ensure!(wal.exists(), "{} is missing: does serve still keep its data there?", wal.display());
     std::fs::remove_file(&wal)?;
+    std::fs::write(&wal, b"")?;
     let code = customer
         .refused("message.send", json!({ "conversation": chat, "client_msg_id": "m2", "body": "lost" }))
         .await?;
