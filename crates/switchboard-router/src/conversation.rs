@@ -703,7 +703,7 @@ pub(crate) async fn create(
     // A gateway from before gateways chose tokens sends none.
     let customer_token = if customer_token.is_empty() { new_customer_token() } else { customer_token };
     let stored_token = stored_customer_token(&customer_token);
-    let record = ConversationRecord {
+    let mut record = ConversationRecord {
         id: facts.id.to_string(),
         tenant_id: facts.tenant.to_string(),
         group_id: facts.group.to_string(),
@@ -720,12 +720,43 @@ pub(crate) async fn create(
         customer_token: stored_token.clone(),
         ..Default::default()
     };
-    let mut events: Vec<pb::NewEvent> = Conversation::opening_events(&facts)
+    // A chat whose queue is here is offered in its opening append when an agent is free now: the agent sees
+    // the offer after one durable write rather than two (see the queue's doc). Its wait counts from here.
+    let waiting_since_us = context.clock.now_us();
+    let reservation = match &local_queue {
+        Some(queue) if matches!(group.routing, Routing::Push { .. }) => queue.reserve(facts.id).await,
+        _ => None,
+    };
+    let mut opening: Vec<Event> = Conversation::opening_events(&facts)
         .into_iter()
-        .map(|(author, body)| {
-            new_event(&Event { seq: 0, at_ms: facts.created_at_ms, author, client_msg_id: None, body })
-        })
+        .zip(1..)
+        .map(|((author, body), seq)| Event { seq, at_ms: facts.created_at_ms, author, client_msg_id: None, body })
         .collect();
+    let reservation = reservation.and_then(|reservation| {
+        let mut opened = Conversation::new(&facts);
+        for event in &opening {
+            apply(&mut opened, event);
+        }
+        let offer = Command::Offer { agent: reservation.agent.clone(), expires_at_ms: reservation.expires_at_ms };
+        // Dropped (the agent let go) if the domain would not have it.
+        let body = decide(&opened, &offer).ok().flatten()?;
+        let event = Event {
+            seq: opened.last_seq + 1,
+            at_ms: facts.created_at_ms,
+            author: Author::System,
+            client_msg_id: None,
+            body,
+        };
+        apply(&mut opened, &event);
+        opening.push(event);
+        let summary = update_of(&opened);
+        record.offer_agent_id = summary.offer_agent_id;
+        record.offer_expires_at_ms = summary.offer_expires_at_ms;
+        record.offered_to = summary.offered_to;
+        Some(reservation)
+    });
+    let mut events: Vec<pb::NewEvent> =
+        opening.iter().map(|event| new_event(&Event { seq: 0, ..event.clone() })).collect();
     if let Some(created) = events.first_mut() {
         created.client_msg_id = START_DEDUPE_KEY.to_owned();
     }
@@ -745,10 +776,11 @@ pub(crate) async fn create(
         // The chat is stored: its actor is activated from the store on first use instead.
         warn!(%error, conversation = %facts.id, "new conversation actor not started");
     }
-    match local_queue {
+    match (local_queue, reservation) {
+        (_, Some(reservation)) => reservation.offered(entry, waiting_since_us),
         // The chat waits from now: its first offer's latency counts from here.
-        Some(queue) => queue.add(entry, context.clock.now_us()),
-        None => remote::queue_add(context, &facts.tenant, entry).await,
+        (Some(queue), None) => queue.add(entry, context.clock.now_us()),
+        (None, None) => remote::queue_add(context, &facts.tenant, entry).await,
     }
     Ok(StartedChat { view, customer_token, duplicate: false })
 }

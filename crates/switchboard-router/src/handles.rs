@@ -202,4 +202,43 @@ impl QueueHandle {
     pub(crate) async fn reject_offer(&self, agent: AgentId, conversation: ConversationId) -> Result<(), RouterError> {
         call(&self.0, |reply| QueueMsg::RejectOffer { agent, conversation, reply }).await
     }
+
+    /// An agent free now for a new chat, to be stored with its offer; `None` when no agent is free once the
+    /// chats waiting have had theirs (or the queue is not push-routed, or did not answer).
+    pub(crate) async fn reserve(&self, conversation: ConversationId) -> Option<Reservation> {
+        match self.0.call(|reply| QueueMsg::Reserve { conversation, reply }, None).await {
+            Ok(ractor::rpc::CallResult::Success(Some((agent, expires_at_ms)))) => {
+                Some(Reservation { queue: self.0.clone(), conversation, agent, expires_at_ms, handed_over: false })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An agent a queue keeps for a new chat while it is stored with its offer. The chat is handed to the queue
+/// once stored ([`Reservation::offered`]); dropped without that (the start refused, failed or cancelled), the
+/// agent is let go.
+pub(crate) struct Reservation {
+    queue: ActorRef<QueueMsg>,
+    conversation: ConversationId,
+    pub(crate) agent: AgentId,
+    pub(crate) expires_at_ms: i64,
+    handed_over: bool,
+}
+
+impl Reservation {
+    /// The chat is stored with the offer: it waits from `waiting_since_us`, and the agent is shown the offer.
+    pub(crate) fn offered(mut self, entry: WaitingEntry, waiting_since_us: i64) {
+        self.handed_over = true;
+        let (agent, expires_at_ms) = (self.agent.clone(), self.expires_at_ms);
+        let _ = self.queue.cast(QueueMsg::AddOffered { entry, agent, expires_at_ms, waiting_since_us });
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            let _ = self.queue.cast(QueueMsg::Unreserve { conversation: self.conversation });
+        }
+    }
 }

@@ -8,6 +8,12 @@
 //! it from the store. The queue never waits on another actor: the calls an offer needs run in a task that
 //! reports back with a message.
 //!
+//! A new chat whose queue is on its node may be offered in its opening append: before storing it, the
+//! conversation asks the queue to reserve an agent free now ([`QueueMsg::Reserve`]: only once the chats
+//! already waiting have had theirs), stores the offer with the chat, and hands it back to the queue to show
+//! ([`QueueMsg::AddOffered`]). The agent then sees the offer after one durable write rather than two. A
+//! reserved agent is busy to the queue until the chat is added or the reservation let go.
+//!
 //! Every heartbeat it also evaluates the group's status (open by business hours, agents signed in) and
 //! publishes it to presence, and keeps an estimate of the wait per queue position.
 
@@ -92,6 +98,24 @@ pub(crate) enum QueueMsg {
     },
     /// The heartbeat: timers' safety net, routing, group status.
     Tick,
+    /// Reserves an agent free now for a new chat about to be stored with its offer, unless none is free
+    /// once the chats waiting have had theirs: the agent and the offer's expiry (see the module's doc).
+    Reserve {
+        conversation: ConversationId,
+        reply: RpcReplyPort<Option<(AgentId, i64)>>,
+    },
+    /// A new chat stored with the offer to the agent reserved for it: it waits from `waiting_since_us`,
+    /// and the agent is shown the offer.
+    AddOffered {
+        entry: WaitingEntry,
+        agent: AgentId,
+        expires_at_ms: i64,
+        waiting_since_us: i64,
+    },
+    /// The chat reserved for was not stored with its offer (refused, failed, a start sent again).
+    Unreserve {
+        conversation: ConversationId,
+    },
 }
 
 #[derive(Debug)]
@@ -134,6 +158,8 @@ pub(crate) struct QueueActorState {
     version: u64,
     subscribers: BTreeSet<GatewayId>,
     chats: HashMap<ConversationId, ChatRouting>,
+    /// Agents reserved for new chats being stored with their offer, by chat.
+    reserved: HashMap<ConversationId, AgentId>,
     agents: HashMap<AgentId, AgentAvailability>,
     /// Accept times while the queue was busy, for the estimate.
     departures: VecDeque<i64>,
@@ -260,6 +286,20 @@ impl Actor for QueueActor {
             }
             QueueMsg::SignedInCounted { signed_in } => state.metrics.signed_in.set(f64::from(signed_in)),
             QueueMsg::Tick => state.tick(),
+            QueueMsg::Reserve { conversation, reply } => {
+                // The chats waiting come first: each takes its agent before a new one may.
+                state.dispatch();
+                if reply.send(state.reserve(conversation)).is_err() {
+                    // The asker is gone (its start cancelled): nothing will let go of the reservation.
+                    state.reserved.remove(&conversation);
+                }
+            }
+            QueueMsg::AddOffered { entry, agent, expires_at_ms, waiting_since_us } => {
+                state.add_offered(entry, agent, expires_at_ms, waiting_since_us);
+            }
+            QueueMsg::Unreserve { conversation } => {
+                state.reserved.remove(&conversation);
+            }
         }
         state.dispatch();
         // The waiting list is in arrival order: its head has waited longest.
@@ -588,19 +628,11 @@ impl QueueActorState {
             return;
         };
         let now_ms = self.now_ms();
-        let busy: HashSet<&AgentId> = self
-            .chats
-            .values()
-            .filter_map(|chat| chat.offer.as_ref().map(|offer| &offer.agent).or(chat.making.as_ref()))
-            .collect();
-        // The agents free to take an offer, longest idle first: ordered once, each taken at most once.
-        let mut free: Vec<&AgentAvailability> =
-            self.agents.values().filter(|agent| agent.can_take_offer() && !busy.contains(&agent.agent)).collect();
+        // Ordered once, each taken at most once.
+        let mut free = self.free_agents();
         if free.is_empty() {
             return;
         }
-        free.sort_by(|a, b| (a.idle_since_ms, &a.agent).cmp(&(b.idle_since_ms, &b.agent)));
-        let mut free: Vec<AgentId> = free.into_iter().map(|agent| agent.agent.clone()).collect();
         let needing: Vec<WaitingEntry> = self
             .waiting
             .iter()
@@ -632,6 +664,59 @@ impl QueueActorState {
         }
     }
 
+    /// The agents free to take an offer, longest idle first: online with a free slot, and neither offered a
+    /// chat, being offered one nor reserved for a new one.
+    fn free_agents(&self) -> Vec<AgentId> {
+        let busy: HashSet<&AgentId> = self
+            .chats
+            .values()
+            .filter_map(|chat| chat.offer.as_ref().map(|offer| &offer.agent).or(chat.making.as_ref()))
+            .chain(self.reserved.values())
+            .collect();
+        let mut free: Vec<&AgentAvailability> =
+            self.agents.values().filter(|agent| agent.can_take_offer() && !busy.contains(&agent.agent)).collect();
+        free.sort_by(|a, b| (a.idle_since_ms, &a.agent).cmp(&(b.idle_since_ms, &b.agent)));
+        free.into_iter().map(|agent| agent.agent.clone()).collect()
+    }
+
+    /// An agent for a new chat, once [`Self::dispatch`] has given the chats waiting theirs: any agent still
+    /// free is one none of them may be offered (they had it already in this round).
+    fn reserve(&mut self, conversation: ConversationId) -> Option<(AgentId, i64)> {
+        let Routing::Push { offer_timeout_ms } = self.routing else {
+            return None;
+        };
+        if self.waiting.contains(&conversation) || self.reserved.contains_key(&conversation) {
+            return None;
+        }
+        let agent = self.free_agents().into_iter().next()?;
+        self.reserved.insert(conversation, agent.clone());
+        Some((agent, self.now_ms().saturating_add(offer_timeout_ms)))
+    }
+
+    /// A new chat stored with its offer: it waits, and the agent is shown the offer, as [`Self::make_offer`]
+    /// does once the offer is recorded.
+    fn add_offered(&mut self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64, waiting_since_us: i64) {
+        self.reserved.remove(&entry.conversation);
+        if self.waiting.contains(&entry.conversation) {
+            // Read from the store by a queue activated since (the offer with it): the heartbeat ends the
+            // offer when it expires.
+            return;
+        }
+        let chat = self.chats.entry(entry.conversation).or_default();
+        chat.waiting_since_us = waiting_since_us;
+        chat.making = Some(agent.clone());
+        self.waiting.insert(entry.clone());
+        self.broadcast(QueueChange::Added { entry: entry.clone() });
+        let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            let conversation = entry.conversation;
+            let result = show_offer(&context, &tenant, entry, &agent, expires_at_ms, waiting_since_us).await;
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::OfferMade { conversation, agent, result });
+            }
+        });
+    }
+
     /// Records the offer on the conversation, then reserves the agent's slot and shows them the offer.
     fn make_offer(&self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64, waiting_since_us: i64) {
         let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
@@ -643,27 +728,39 @@ impl QueueActorState {
                     debug!(%error, %conversation, "offer not recorded");
                     Err(OfferFailure::Conversation)
                 }
-                Ok(_) => {
-                    let update = OfferUpdate::Made { entry, expires_at_ms, waiting_since_us };
-                    match remote::agent_offer(&context, &tenant, &agent, update).await {
-                        Ok(()) => Ok(expires_at_ms),
-                        Err(error) => {
-                            debug!(%error, %agent, "agent could not take the offer");
-                            let end = SystemCommand::EndOffer { agent: agent.clone(), reason: OfferEnd::Withdrawn };
-                            if let Err(error) = remote::conversation_system(&context, conversation, end).await {
-                                warn!(%error, %conversation, "offer to an unavailable agent not ended; it times out");
-                                Ok(expires_at_ms)
-                            } else {
-                                Err(OfferFailure::Agent)
-                            }
-                        }
-                    }
-                }
+                Ok(_) => show_offer(&context, &tenant, entry, &agent, expires_at_ms, waiting_since_us).await,
             };
             if let Some(myself) = myself {
                 let _ = myself.cast(QueueMsg::OfferMade { conversation, agent, result });
             }
         });
+    }
+}
+
+/// Reserves the agent's slot for an offer recorded on the conversation and shows them the offer: its expiry,
+/// or why not. An agent who cannot take it has the offer ended (withdrawn) on the conversation.
+async fn show_offer(
+    context: &Arc<Context>,
+    tenant: &TenantId,
+    entry: WaitingEntry,
+    agent: &AgentId,
+    expires_at_ms: i64,
+    waiting_since_us: i64,
+) -> Result<i64, OfferFailure> {
+    let conversation = entry.conversation;
+    let update = OfferUpdate::Made { entry, expires_at_ms, waiting_since_us };
+    match remote::agent_offer(context, tenant, agent, update).await {
+        Ok(()) => Ok(expires_at_ms),
+        Err(error) => {
+            debug!(%error, %agent, "agent could not take the offer");
+            let end = SystemCommand::EndOffer { agent: agent.clone(), reason: OfferEnd::Withdrawn };
+            if let Err(error) = remote::conversation_system(context, conversation, end).await {
+                warn!(%error, %conversation, "offer to an unavailable agent not ended; it times out");
+                Ok(expires_at_ms)
+            } else {
+                Err(OfferFailure::Agent)
+            }
+        }
     }
 }
 
@@ -737,6 +834,7 @@ pub(crate) async fn activate(
                 version: 0,
                 subscribers: BTreeSet::new(),
                 chats,
+                reserved: HashMap::new(),
                 agents: HashMap::new(),
                 departures: VecDeque::new(),
                 busy_after_last_departure: false,

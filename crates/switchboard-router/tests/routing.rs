@@ -7,9 +7,11 @@ mod common;
 use common::{Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request, tenant};
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, ConversationState, EventBody, OfferEnd, Refusal};
 use switchboard_presence::Presence;
+use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::{
     AgentChange, Caller, ChatCommand, OfflineMessage, Push, QueueChange, RouterApi, RouterError, StartChat,
 };
+use switchboard_proto::store::StoreApi as _;
 
 fn caller(name: &str) -> Caller {
     Caller::Agent { tenant: tenant(), agent: agent(name) }
@@ -117,6 +119,81 @@ async fn offers_go_longest_idle_first_and_reject_and_timeout_move_on() {
         kinds,
         ["created", "message", "offered", "offer_ended", "offered", "offer_ended", "offered", "accepted"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_that_finds_an_agent_free_is_stored_with_its_offer_in_one_append() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "x").await;
+    fixture.drain();
+    let appends = fixture.counted.appends();
+    let chat = fixture.start_chat("push", "ann").await;
+    let queued_us = fixture.clock_ms() * 1_000;
+    assert_eq!(fixture.counted.appends(), appends + 1, "the chat and its offer in one append");
+    settle().await;
+    let pushes = fixture.drain();
+    assert_eq!(offers(&pushes), [(agent("x"), chat)]);
+    assert_eq!(offers_waiting_since(&pushes), [queued_us], "the offer latency counts from the start");
+    assert_eq!(fixture.counted.appends(), appends + 1, "showing the offer stores nothing more");
+
+    // Another chat finds x busy with that offer: it waits, stored alone.
+    let next = fixture.start_chat("push", "bob").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), []);
+    let view = fixture.router.accept_chat(&tenant(), &agent("x"), chat).await.unwrap();
+    assert_eq!(view.owner, Some(agent("x")));
+    let kinds = |events: &[switchboard_domain::Event]| events.iter().map(|event| event.body.kind()).collect::<Vec<_>>();
+    let events = fixture.router.read_events(&caller("x"), chat, 0).await.unwrap().events;
+    assert_eq!(kinds(&events), ["created", "message", "offered", "accepted"]);
+    let events = fixture.router.read_events(&caller("x"), next, 0).await.unwrap().events;
+    assert_eq!(kinds(&events), ["created", "message"], "{next} waits without an offer");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_reserved_for_a_start_that_is_refused_is_free_again() {
+    let mut fixture = fixture().await;
+    // The one permit goes to a chat of a pull-routed group.
+    fixture.counted.set_license_limit(SetLicenseLimitRequest { max_sessions: 1 }).await.unwrap();
+    fixture.start_chat("g1", "ann").await;
+    sign_in(&fixture, "x").await;
+    fixture.drain();
+    // x is reserved for the next chat, which the store then refuses.
+    fixture.clock.advance_ms(1);
+    let request = start_request(ConversationId::new_v7(fixture.clock_ms()), group("push"), "bob", "hello?");
+    let refused = fixture.router.start_chat(request).await;
+    assert_eq!(refused, Err(RouterError::Refused(Refusal::LicenseExhausted { max_sessions: 1 })));
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), []);
+    // x was let go: the next chat is offered to them.
+    fixture.counted.set_license_limit(SetLicenseLimitRequest { max_sessions: 0 }).await.unwrap();
+    let chat = fixture.start_chat("push", "carl").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_chat_may_take_an_agent_only_once_the_chats_waiting_have_had_theirs() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "x").await;
+    fixture.drain();
+    let first = fixture.start_chat("push", "ann").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), first)]);
+    fixture.router.reject_offer(&tenant(), &group("push"), &agent("x"), first).await.unwrap();
+    settle().await;
+    fixture.drain();
+    // The first chat waits, but x had it in this round: a new chat may have x.
+    let second = fixture.start_chat("push", "bob").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), second)]);
+    let events = fixture.router.read_events(&caller("x"), second, 0).await.unwrap().events;
+    assert_eq!(events.last().map(|event| event.body.kind()), Some("offered"));
+    // Another agent signs in: the chat waiting longest is theirs, not a new one.
+    sign_in(&fixture, "y").await;
+    let third = fixture.start_chat("push", "carl").await;
+    settle().await;
+    let made = offers(&fixture.drain());
+    assert_eq!(made, [(agent("y"), first)], "{third} waits behind {first}");
 }
 
 #[tokio::test(start_paused = true)]

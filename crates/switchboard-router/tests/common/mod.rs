@@ -43,20 +43,26 @@ pub struct Fixture {
     pub counted: Arc<CountedReads>,
 }
 
-/// A store that counts the reads of events it serves, for `inner`.
+/// A store that counts the reads of events and the appends it serves, for `inner`.
 pub struct CountedReads {
     inner: Arc<MemoryStore>,
     reads: AtomicUsize,
+    appends: AtomicUsize,
 }
 
 impl CountedReads {
     pub fn new(inner: Arc<MemoryStore>) -> Self {
-        CountedReads { inner, reads: AtomicUsize::new(0) }
+        CountedReads { inner, reads: AtomicUsize::new(0), appends: AtomicUsize::new(0) }
     }
 
     /// The `read_events` calls so far.
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
+    }
+
+    /// The `append` calls so far.
+    pub fn appends(&self) -> usize {
+        self.appends.load(Ordering::SeqCst)
     }
 }
 
@@ -69,6 +75,7 @@ impl StoreApi for CountedReads {
         self.inner.renew_shards(request).await
     }
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
         self.inner.append(request).await
     }
     async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
