@@ -68,6 +68,11 @@ fn main() -> anyhow::Result<()> {
     })?;
     println!();
     println!("{}", goals::table([&comparison.relay, &comparison.serve, &comparison.cluster], comparison.settings.rate));
+    let targets = [("bare relay", &comparison.relay), ("serve", &comparison.serve), ("cluster", &comparison.cluster)];
+    let cpu = goals::cpu_text(targets, comparison.settings.rate);
+    if !cpu.is_empty() {
+        println!("{cpu}");
+    }
     println!("Goals (one {}-core machine, loopback):", comparison.cores);
     print!("{}", goals::goals_text(&comparison.goals));
     for (name, figures) in

@@ -3,14 +3,22 @@
 //! The reports are read with the load generator's own types (`switchboard_loadgen::report`), so a change
 //! of its schema breaks this build rather than a comparison.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 pub use switchboard_loadgen::report::LatencySummary as Latency;
 use switchboard_loadgen::report::Report;
 
+use crate::compare::cpu;
 use crate::compare::loadgen::Run;
 
 pub fn latency(report: &Report, name: &str) -> Option<Latency> {
     report.latency_us.get(name).copied()
+}
+
+/// One of the report's counts (0 when it has none of that name).
+pub fn count(report: &Report, name: &str) -> u64 {
+    report.counts.get(name).copied().unwrap_or(0)
 }
 
 /// Every error the load generator counted, whatever its reason.
@@ -34,6 +42,9 @@ pub struct Steady {
     pub errors: u64,
     pub violations: u64,
     pub loadgen_failed: Option<String>,
+    /// CPU microseconds per message sent (warm-up included, as the CPU is), by part of the target and for
+    /// the load generator.
+    pub cpu_us_per_message: BTreeMap<String, f64>,
 }
 
 impl Steady {
@@ -46,6 +57,7 @@ impl Steady {
             errors: n_errors(&run.report),
             violations: n_violations(&run.report),
             loadgen_failed: run.failed_status.clone(),
+            cpu_us_per_message: cpu::per_unit_us(&run.cpu_s, count(&run.report, "messages_sent")),
         }
     }
 
@@ -109,6 +121,8 @@ pub struct ChatStorm {
     pub errors: u64,
     pub violations: u64,
     pub loadgen_failed: Option<String>,
+    /// CPU microseconds per chat started, by part of the target and for the load generator.
+    pub cpu_us_per_start: BTreeMap<String, f64>,
 }
 
 impl ChatStorm {
@@ -120,6 +134,7 @@ impl ChatStorm {
             errors: n_errors(&run.report),
             violations: n_violations(&run.report),
             loadgen_failed: run.failed_status.clone(),
+            cpu_us_per_start: cpu::per_unit_us(&run.cpu_s, count(&run.report, "chats_started")),
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The figures of the three targets side by side, their ratios (Switchboard / bare relay), and the goals of
 //! the comparison judged against them.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::compare::cpu::LOAD_GENERATOR;
 use crate::compare::figures::{ChatStorm, Idle, License, Search, Steady};
 
 /// Latency allowed above the bare relay's p99, in microseconds.
@@ -150,6 +152,7 @@ enum Unit {
     Millis,
     KiB,
     Count,
+    Micros,
 }
 
 impl Unit {
@@ -161,19 +164,22 @@ impl Unit {
                 Unit::Millis => format!("{:.2} ms", value / 1000.0),
                 Unit::KiB => format!("{:.1} KiB", value / 1024.0),
                 Unit::Count => format!("{value:.0}"),
+                Unit::Micros => format!("{value:.0} µs"),
             },
         }
     }
 }
 
 /// The rows of the table: label, unit, whether Switchboard / bare is shown.
-const ROWS: [(&str, Unit, bool); 10] = [
+const ROWS: [(&str, Unit, bool); 12] = [
     ("steady: achieved", Unit::PerSecond, true),
     ("  message latency p50", Unit::Millis, true),
     ("  message latency p99", Unit::Millis, true),
     ("  message latency p99.9", Unit::Millis, true),
     ("  ack latency p99", Unit::Millis, true),
     ("  errors", Unit::Count, false),
+    ("  CPU per message, server", Unit::Micros, true),
+    ("  CPU per message, load generator", Unit::Micros, true),
     ("sustained throughput", Unit::PerSecond, true),
     ("memory per idle session", Unit::KiB, true),
     ("offer latency p99", Unit::Millis, false),
@@ -181,7 +187,7 @@ const ROWS: [(&str, Unit, bool); 10] = [
 ];
 
 /// The figures of one target, in the order of [`ROWS`].
-fn row_values(figures: &TargetFigures) -> [Option<f64>; 10] {
+fn row_values(figures: &TargetFigures) -> [Option<f64>; 12] {
     let steady = figures.steady.as_ref();
     let message = steady.and_then(|steady| steady.message);
     let license = figures.license.as_ref().map(|license| {
@@ -198,11 +204,58 @@ fn row_values(figures: &TargetFigures) -> [Option<f64>; 10] {
         message.map(|latency| latency.p999 as f64),
         steady.and_then(|steady| steady.ack).map(|latency| latency.p99 as f64),
         steady.map(|steady| steady.errors as f64),
+        steady.and_then(|steady| server_cpu(&steady.cpu_us_per_message)),
+        steady.and_then(|steady| steady.cpu_us_per_message.get(LOAD_GENERATOR).copied()),
         figures.search.as_ref().map(|search| search.sustained_per_s),
         figures.idle.as_ref().and_then(|idle| idle.bytes_per_session),
         figures.chat_storm.as_ref().and_then(|storm| storm.offer).map(|offer| offer.p99 as f64),
         license,
     ]
+}
+
+/// The CPU of every part of a target but the load generator, summed; `None` when none was measured.
+fn server_cpu(per_part: &BTreeMap<String, f64>) -> Option<f64> {
+    let server: Vec<f64> =
+        per_part.iter().filter(|(part, _)| part.as_str() != LOAD_GENERATOR).map(|(_, us)| *us).collect();
+    (!server.is_empty()).then(|| server.iter().sum())
+}
+
+/// One target's CPU per unit of work, part by part, the load generator last: `gateway 69 · store 49 · load
+/// generator 46 µs`.
+fn cpu_parts(per_part: &BTreeMap<String, f64>) -> String {
+    let mut parts: Vec<(&String, &f64)> = per_part.iter().collect();
+    parts.sort_by_key(|(part, _)| part.as_str() == LOAD_GENERATOR);
+    let shown: Vec<String> = parts.iter().map(|(part, us)| format!("{part} {us:.0}")).collect();
+    format!("{} µs", shown.join(" · "))
+}
+
+/// Where each target's CPU went, part by part: per message in the steady run at `rate`, and per chat start
+/// in the chat storm (warm-up and connections included, as the CPU is counted over the whole run).
+pub fn cpu_text(targets: [(&str, &TargetFigures); 3], rate: f64) -> String {
+    let mut text = String::new();
+    let steady: Vec<(&str, &BTreeMap<String, f64>)> = targets
+        .iter()
+        .filter_map(|(name, figures)| figures.steady.as_ref().map(|steady| (*name, &steady.cpu_us_per_message)))
+        .filter(|(_, per_part)| !per_part.is_empty())
+        .collect();
+    if !steady.is_empty() {
+        let _ = writeln!(text, "CPU per message, steady at {rate:.0}/s:");
+        for (name, per_part) in steady {
+            let _ = writeln!(text, "  {name:<10} {}", cpu_parts(per_part));
+        }
+    }
+    let storms: Vec<(&str, &BTreeMap<String, f64>)> = targets
+        .iter()
+        .filter_map(|(name, figures)| figures.chat_storm.as_ref().map(|storm| (*name, &storm.cpu_us_per_start)))
+        .filter(|(_, per_part)| !per_part.is_empty())
+        .collect();
+    if !storms.is_empty() {
+        let _ = writeln!(text, "CPU per chat start, chat storm:");
+        for (name, per_part) in storms {
+            let _ = writeln!(text, "  {name:<10} {}", cpu_parts(per_part));
+        }
+    }
+    text
 }
 
 /// The table of figures and ratios, as text.

@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use tokio::process::Command;
 
+use crate::compare::cpu;
 use crate::compare::servers::rss_kb;
 
 /// How often the servers' resident sets are read while a scenario runs.
@@ -43,6 +44,8 @@ pub struct Run {
     pub rss_before_kb: u64,
     /// The highest sum of the watched processes' resident sets during the run, in KiB.
     pub rss_peak_kb: u64,
+    /// The CPU seconds each part of the target and the load generator spent over the run.
+    pub cpu_s: BTreeMap<String, f64>,
 }
 
 /// One scenario: its subcommand and arguments, where it sends its load, and what to watch.
@@ -59,6 +62,8 @@ pub struct Scenario<'a> {
     pub server_pid: Option<u32>,
     /// Every server process, whose resident sets are summed.
     pub watch_pids: Vec<u32>,
+    /// The parts of the target whose CPU time is measured, by name.
+    pub cpu: Vec<(String, cpu::Source)>,
     /// The subcommand and its arguments.
     pub command: Vec<String>,
     /// A guard against a run that never ends.
@@ -115,6 +120,7 @@ impl Loadgen {
         let args = self.args(&scenario, &report_path);
         let log = std::fs::File::create(&log_path)?;
         let rss_before_kb = total_rss_kb(&scenario.watch_pids);
+        let meter = cpu::Meter::start(&scenario.cpu);
         let peak = Arc::new(AtomicU64::new(rss_before_kb));
         let sampler = tokio::spawn(sample_peak(scenario.watch_pids.clone(), peak.clone()));
         let mut child = Command::new(&self.program)
@@ -127,6 +133,7 @@ impl Loadgen {
             .context("cannot start switchboard-loadgen")?;
         let status = tokio::time::timeout(scenario.deadline, child.wait()).await;
         sampler.abort();
+        let cpu_s = meter.finish();
         let status = match status {
             Ok(status) => status?,
             Err(_) => {
@@ -148,7 +155,7 @@ impl Loadgen {
         let kept = serde_json::to_value(Report { histograms: BTreeMap::new(), ..report.clone() })?;
         self.reports.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(scenario.label.clone(), kept);
         let failed_status = (!status.success()).then(|| status.to_string());
-        Ok(Run { report, failed_status, rss_before_kb, rss_peak_kb: peak.load(Ordering::Relaxed) })
+        Ok(Run { report, failed_status, rss_before_kb, rss_peak_kb: peak.load(Ordering::Relaxed), cpu_s })
     }
 }
 

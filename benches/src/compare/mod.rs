@@ -6,6 +6,7 @@
 //! scenario is counted; `steady` and the throughput search share one start; `chat-storm` needs a push-routed
 //! group and `license` a limit, so each gets servers started with its own configuration.
 
+pub mod cpu;
 pub mod figures;
 pub mod goals;
 pub mod loadgen;
@@ -137,6 +138,9 @@ pub struct Endpoint {
     pub main_pid: u32,
     /// Every process of the target, whose memory is summed.
     pub pids: Vec<u32>,
+    /// The parts of the target whose CPU time is measured, by name (its processes, and PostgreSQL and Redis
+    /// for the cluster).
+    pub cpu: Vec<(String, cpu::Source)>,
 }
 
 impl Bench {
@@ -189,6 +193,7 @@ impl Bench {
             agents: None,
             server_pid: None,
             watch_pids: endpoint.pids.clone(),
+            cpu: endpoint.cpu.clone(),
             command,
             deadline: length + DEADLINE_MARGIN,
         }

@@ -182,7 +182,7 @@ pub struct Cluster {
     pub routers: Vec<Server>,
     pub gateway: Server,
     // Dropped after the processes: Redis outlives its clients.
-    _redis: Redis,
+    redis: Redis,
 }
 
 impl Cluster {
@@ -195,6 +195,11 @@ impl Cluster {
 
     pub fn pids(&self) -> Vec<u32> {
         self.servers().iter().map(|server| server.pid).collect()
+    }
+
+    /// The cluster's Redis, while it runs.
+    pub fn redis_pid(&self) -> Option<u32> {
+        self.redis.pid()
     }
 
     pub async fn stop(self) {
@@ -271,7 +276,7 @@ pub async fn start_cluster(
     };
     let gateway = Server::start(launch).await?;
     wait_for_placement(&database_url).await?;
-    Ok(Cluster { store, routers, gateway, _redis: redis })
+    Ok(Cluster { store, routers, gateway, redis })
 }
 
 /// Polls the database until every shard has an unexpired lease and every router holds some.

@@ -4,16 +4,29 @@ use std::path::Path;
 
 use switchboard_testservices::Postgres;
 
+use crate::compare::cpu::Source;
 use crate::compare::goals::TargetFigures;
 use crate::compare::servers::{self, Cluster, Server};
 use crate::compare::{Bench, Endpoint, keep};
 
-fn single(server: &Server) -> Endpoint {
-    Endpoint { urls: vec![server.ws_url()], main_pid: server.pid, pids: vec![server.pid] }
+fn single(name: &str, server: &Server) -> Endpoint {
+    Endpoint {
+        urls: vec![server.ws_url()],
+        main_pid: server.pid,
+        pids: vec![server.pid],
+        cpu: vec![(name.to_owned(), Source::Process(server.pid))],
+    }
 }
 
-fn cluster_endpoint(cluster: &Cluster) -> Endpoint {
-    Endpoint { urls: vec![cluster.gateway.ws_url()], main_pid: cluster.gateway.pid, pids: cluster.pids() }
+fn cluster_endpoint(cluster: &Cluster, postgres: &Postgres) -> Endpoint {
+    let mut cpu = vec![
+        ("gateway".to_owned(), Source::Process(cluster.gateway.pid)),
+        ("store".to_owned(), Source::Process(cluster.store.pid)),
+    ];
+    cpu.extend(cluster.routers.iter().map(|router| ("routers".to_owned(), Source::Process(router.pid))));
+    cpu.extend(postgres.postmaster_pid().map(|pid| ("postgres".to_owned(), Source::Tree(pid))));
+    cpu.extend(cluster.redis_pid().map(|pid| ("redis".to_owned(), Source::Process(pid))));
+    Endpoint { urls: vec![cluster.gateway.ws_url()], main_pid: cluster.gateway.pid, pids: cluster.pids(), cpu }
 }
 
 /// Steady at `--rate`, then the throughput search, on one endpoint.
@@ -38,13 +51,13 @@ pub async fn relay(bench: &Bench) -> TargetFigures {
         println!("bare relay: idle, {} sessions", bench.settings.idle_sessions);
         if let Some(server) = keep(&mut figures, "start", servers::start_relay(&bench.programs, log_dir, &groups).await)
         {
-            let idle = bench.idle("relay", &single(&server)).await;
+            let idle = bench.idle("relay", &single("relay", &server)).await;
             figures.idle = keep(&mut figures, "idle", idle);
             server.stop().await;
         }
     }
     if let Some(server) = keep(&mut figures, "start", servers::start_relay(&bench.programs, log_dir, &groups).await) {
-        steady_and_search(bench, "relay", &single(&server), &mut figures).await;
+        steady_and_search(bench, "relay", &single("relay", &server), &mut figures).await;
         server.stop().await;
     }
     figures
@@ -81,7 +94,7 @@ pub async fn serve(bench: &Bench, configs: &Configs) -> TargetFigures {
     if settings.scenario("idle") {
         println!("serve: idle, {} sessions", settings.idle_sessions);
         if let Some(server) = start_serve(bench, &configs.pull, "serve-idle", &mut figures).await {
-            let idle = bench.idle("serve", &single(&server)).await;
+            let idle = bench.idle("serve", &single("serve", &server)).await;
             figures.idle = keep(&mut figures, "idle", idle);
             server.stop().await;
         }
@@ -89,13 +102,13 @@ pub async fn serve(bench: &Bench, configs: &Configs) -> TargetFigures {
     if (settings.scenario("steady") || settings.scenario("search"))
         && let Some(server) = start_serve(bench, &configs.pull, "serve-steady", &mut figures).await
     {
-        steady_and_search(bench, "serve", &single(&server), &mut figures).await;
+        steady_and_search(bench, "serve", &single("serve", &server), &mut figures).await;
         server.stop().await;
     }
     if settings.scenario("chat-storm") {
         println!("serve: chat-storm at {:.0}/s", settings.storm_rate);
         if let Some(server) = start_serve(bench, &configs.push, "serve-chat-storm", &mut figures).await {
-            let storm = bench.chat_storm("serve", &single(&server)).await;
+            let storm = bench.chat_storm("serve", &single("serve", &server)).await;
             figures.chat_storm = keep(&mut figures, "chat-storm", storm);
             server.stop().await;
         }
@@ -103,7 +116,7 @@ pub async fn serve(bench: &Bench, configs: &Configs) -> TargetFigures {
     if settings.scenario("license") {
         println!("serve: license bursts, limit {}", settings.license_limit);
         if let Some(server) = start_serve(bench, &configs.license, "serve-license", &mut figures).await {
-            let license = bench.license("serve", &single(&server)).await;
+            let license = bench.license("serve", &single("serve", &server)).await;
             figures.license = keep(&mut figures, "license", license);
             server.stop().await;
         }
@@ -135,7 +148,7 @@ pub async fn cluster(bench: &Bench, configs: &Configs) -> TargetFigures {
     if settings.scenario("idle") {
         println!("cluster: idle, {} sessions", settings.idle_sessions);
         if let Some(cluster) = start_cluster(bench, &postgres, &configs.pull, "cluster-idle", &mut figures).await {
-            let idle = bench.idle("cluster", &cluster_endpoint(&cluster)).await;
+            let idle = bench.idle("cluster", &cluster_endpoint(&cluster, &postgres)).await;
             figures.idle = keep(&mut figures, "idle", idle);
             cluster.stop().await;
         }
@@ -143,14 +156,14 @@ pub async fn cluster(bench: &Bench, configs: &Configs) -> TargetFigures {
     if (settings.scenario("steady") || settings.scenario("search"))
         && let Some(cluster) = start_cluster(bench, &postgres, &configs.pull, "cluster-steady", &mut figures).await
     {
-        steady_and_search(bench, "cluster", &cluster_endpoint(&cluster), &mut figures).await;
+        steady_and_search(bench, "cluster", &cluster_endpoint(&cluster, &postgres), &mut figures).await;
         cluster.stop().await;
     }
     if settings.scenario("chat-storm") {
         println!("cluster: chat-storm at {:.0}/s", settings.storm_rate);
         if let Some(cluster) = start_cluster(bench, &postgres, &configs.push, "cluster-chat-storm", &mut figures).await
         {
-            let storm = bench.chat_storm("cluster", &cluster_endpoint(&cluster)).await;
+            let storm = bench.chat_storm("cluster", &cluster_endpoint(&cluster, &postgres)).await;
             figures.chat_storm = keep(&mut figures, "chat-storm", storm);
             cluster.stop().await;
         }
@@ -159,7 +172,7 @@ pub async fn cluster(bench: &Bench, configs: &Configs) -> TargetFigures {
         println!("cluster: license bursts, limit {}", settings.license_limit);
         if let Some(cluster) = start_cluster(bench, &postgres, &configs.license, "cluster-license", &mut figures).await
         {
-            let license = bench.license("cluster", &cluster_endpoint(&cluster)).await;
+            let license = bench.license("cluster", &cluster_endpoint(&cluster, &postgres)).await;
             figures.license = keep(&mut figures, "license", license);
             cluster.stop().await;
         }

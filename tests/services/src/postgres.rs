@@ -40,6 +40,13 @@ fn is_root() -> bool {
 }
 
 impl Postgres {
+    /// The server's main process (the first line of `postmaster.pid`), whose children are its backends and
+    /// background workers; `None` when it is not running.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     /// Initialises a data directory and starts a server on a free port; returns once it accepts connections.
     pub fn start() -> anyhow::Result<Postgres> {
         let bin_dir = bin_dir()?;

@@ -57,6 +57,11 @@ impl Redis {
         bail!("redis-server did not start: {last_error:?}")
     }
 
+    /// The server's process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().ok()?.as_ref().map(Child::id)
+    }
+
     /// The port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
