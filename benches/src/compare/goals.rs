@@ -233,29 +233,28 @@ fn cpu_parts(per_part: &BTreeMap<String, f64>) -> String {
 /// in the chat storm (warm-up and connections included, as the CPU is counted over the whole run).
 pub fn cpu_text(targets: [(&str, &TargetFigures); 3], rate: f64) -> String {
     let mut text = String::new();
-    let steady: Vec<(&str, &BTreeMap<String, f64>)> = targets
-        .iter()
-        .filter_map(|(name, figures)| figures.steady.as_ref().map(|steady| (*name, &steady.cpu_us_per_message)))
-        .filter(|(_, per_part)| !per_part.is_empty())
-        .collect();
-    if !steady.is_empty() {
-        let _ = writeln!(text, "CPU per message, steady at {rate:.0}/s:");
-        for (name, per_part) in steady {
-            let _ = writeln!(text, "  {name:<10} {}", cpu_parts(per_part));
-        }
-    }
-    let storms: Vec<(&str, &BTreeMap<String, f64>)> = targets
-        .iter()
-        .filter_map(|(name, figures)| figures.chat_storm.as_ref().map(|storm| (*name, &storm.cpu_us_per_start)))
-        .filter(|(_, per_part)| !per_part.is_empty())
-        .collect();
-    if !storms.is_empty() {
-        let _ = writeln!(text, "CPU per chat start, chat storm:");
-        for (name, per_part) in storms {
-            let _ = writeln!(text, "  {name:<10} {}", cpu_parts(per_part));
-        }
-    }
+    let steady = targets.map(|(name, figures)| (name, figures.steady.as_ref().map(|s| &s.cpu_us_per_message)));
+    cpu_section(&mut text, &format!("CPU per message, steady at {rate:.0}/s:"), &steady);
+    let storms = targets.map(|(name, figures)| (name, figures.chat_storm.as_ref().map(|s| &s.cpu_us_per_start)));
+    cpu_section(&mut text, "CPU per chat start, chat storm:", &storms);
     text
+}
+
+/// A heading and a line per target that has figures; nothing when none has.
+fn cpu_section(text: &mut String, heading: &str, targets: &[(&str, Option<&BTreeMap<String, f64>>)]) {
+    let measured: Vec<(&str, &BTreeMap<String, f64>)> = targets
+        .iter()
+        .filter_map(|(name, per_part)| {
+            per_part.filter(|per_part| !per_part.is_empty()).map(|per_part| (*name, per_part))
+        })
+        .collect();
+    if measured.is_empty() {
+        return;
+    }
+    let _ = writeln!(text, "{heading}");
+    for (name, per_part) in measured {
+        let _ = writeln!(text, "  {name:<10} {}", cpu_parts(per_part));
+    }
 }
 
 /// The table of figures and ratios, as text.
@@ -309,4 +308,42 @@ pub fn goals_text(goals: &[Goal]) -> String {
         let _ = writeln!(text, "[{mark}] {:<7} {}: {}", goal.target, goal.goal, goal.measured);
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steady(cpu: &[(&str, f64)]) -> Steady {
+        Steady {
+            target_per_s: 5_000.0,
+            achieved_per_s: 5_000.0,
+            message: None,
+            ack: None,
+            errors: 0,
+            violations: 0,
+            loadgen_failed: None,
+            cpu_us_per_message: cpu.iter().map(|(part, us)| ((*part).to_owned(), *us)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_cpu_is_shown_part_by_part_with_the_load_generator_last_and_summed_without_it() {
+        let relay =
+            TargetFigures { steady: Some(steady(&[("relay", 49.4), (LOAD_GENERATOR, 70.0)])), ..Default::default() };
+        let cluster = TargetFigures {
+            steady: Some(steady(&[("gateway", 84.0), (LOAD_GENERATOR, 58.0), ("store", 59.0), ("routers", 82.0)])),
+            ..Default::default()
+        };
+        let text =
+            cpu_text([("bare relay", &relay), ("serve", &TargetFigures::default()), ("cluster", &cluster)], 5_000.0);
+        assert_eq!(
+            text,
+            "CPU per message, steady at 5000/s:\n  bare relay relay 49 · load generator 70 µs\n  cluster    gateway 84 \
+             · routers 82 · store 59 · load generator 58 µs\n",
+            "no storm, no storm section; a target without figures, no line"
+        );
+        assert_eq!(server_cpu(&cluster.steady.unwrap().cpu_us_per_message), Some(84.0 + 59.0 + 82.0));
+        assert_eq!(server_cpu(&BTreeMap::from([(LOAD_GENERATOR.to_owned(), 1.0)])), None);
+    }
 }
