@@ -53,8 +53,9 @@ fn ticks(source: Source) -> Option<u64> {
             let mut children: HashMap<u32, Vec<(u32, Stat)>> = HashMap::new();
             for entry in std::fs::read_dir("/proc").ok()?.flatten() {
                 let name = entry.file_name();
-                let Some(pid) = name.to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
-                if let Some(stat) = stat(&pid.to_string()) {
+                let Some(name) = name.to_str() else { continue };
+                let Ok(pid) = name.parse::<u32>() else { continue };
+                if let Some(stat) = stat(name) {
                     children.entry(stat.ppid).or_default().push((pid, stat));
                 }
             }

@@ -179,7 +179,8 @@ const ROWS: [(&str, Unit, bool); 12] = [
     ("  ack latency p99", Unit::Millis, true),
     ("  errors", Unit::Count, false),
     ("  CPU per message, server", Unit::Micros, true),
-    ("  CPU per message, load generator", Unit::Micros, true),
+    // The load generator's own work: no ratio of the servers'.
+    ("  CPU per message, load generator", Unit::Micros, false),
     ("sustained throughput", Unit::PerSecond, true),
     ("memory per idle session", Unit::KiB, true),
     ("offer latency p99", Unit::Millis, false),

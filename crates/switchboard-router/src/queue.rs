@@ -636,6 +636,9 @@ impl QueueActorState {
         let needing: Vec<WaitingEntry> = self
             .waiting
             .iter()
+            // A chat being stored with its offer is its opening append's to offer (it may be listed already,
+            // by a start sent again meanwhile): an offer made here would meet the stored one.
+            .filter(|entry| !self.reserved.contains_key(&entry.conversation))
             .filter(|entry| {
                 self.chats.get(&entry.conversation).is_none_or(|chat| {
                     chat.offer.is_none() && chat.making.is_none() && !chat.ending && chat.retry_at_ms <= now_ms
@@ -695,18 +698,23 @@ impl QueueActorState {
 
     /// A new chat stored with its offer: it waits, and the agent is shown the offer, as [`Self::make_offer`]
     /// does once the offer is recorded.
+    ///
+    /// The chat may be listed already: a start sent again while this one was being stored found it stored
+    /// and told the queue (which, the chat being reserved, made it no offer of its own). It then gets the
+    /// stored offer all the same.
     fn add_offered(&mut self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64, waiting_since_us: i64) {
         self.reserved.remove(&entry.conversation);
-        if self.waiting.contains(&entry.conversation) {
-            // Read from the store by a queue activated since (the offer with it): the heartbeat ends the
-            // offer when it expires.
+        let listed = self.waiting.contains(&entry.conversation);
+        let chat = self.chats.entry(entry.conversation).or_default();
+        if chat.offer.is_some() || chat.making.is_some() {
             return;
         }
-        let chat = self.chats.entry(entry.conversation).or_default();
         chat.waiting_since_us = waiting_since_us;
         chat.making = Some(agent.clone());
-        self.waiting.insert(entry.clone());
-        self.broadcast(QueueChange::Added { entry: entry.clone() });
+        if !listed {
+            self.waiting.insert(entry.clone());
+            self.broadcast(QueueChange::Added { entry: entry.clone() });
+        }
         let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
         tokio::spawn(async move {
             let conversation = entry.conversation;

@@ -197,6 +197,45 @@ async fn a_new_chat_may_take_an_agent_only_once_the_chats_waiting_have_had_their
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_start_sent_again_while_the_first_stores_the_chat_with_its_offer_leaves_that_offer_to_be_shown() {
+    let mut fixture = fixture().await;
+    // y idle the longest: the first start reserves y.
+    sign_in(&fixture, "y").await;
+    fixture.pass(1_000).await;
+    sign_in(&fixture, "x").await;
+    fixture.drain();
+    fixture.clock.advance_ms(1);
+    let request = start_request(ConversationId::new_v7(fixture.clock_ms()), group("push"), "ann", "hello?");
+    let chat = request.conversation;
+    // The first try stores the chat with its offer to y, and its answer is held.
+    let release = fixture.counted.hold_next_opening_offer();
+    let Fixture { router, pushes, .. } = &mut fixture;
+    let mut drain = || std::iter::from_fn(|| pushes.try_recv().ok()).collect::<Vec<Push>>();
+    let first = router.start_chat(request.clone());
+    let meanwhile = async {
+        settle().await;
+        // The gateway tries again: the chat is found stored, and its queue told of it while y is reserved.
+        let again = router.start_chat(StartChat { tried_before: true, ..request }).await.unwrap();
+        assert!(again.duplicate);
+        settle().await;
+        assert_eq!(offers(&drain()), [], "no offer beside the stored one (x is free, y reserved)");
+        release.send(()).unwrap();
+    };
+    let (first, ()) = tokio::join!(first, meanwhile);
+    assert!(!first.unwrap().duplicate);
+    settle().await;
+    assert_eq!(offers(&drain()), [(agent("y"), chat)], "the stored offer is shown at once");
+    // And it times out when it said it would, then moves on.
+    fixture.pass(OFFER_TIMEOUT_MS).await;
+    let pushes = fixture.drain();
+    assert_eq!(offer_ends(&pushes), [(agent("y"), OfferEnd::TimedOut)]);
+    assert_eq!(offers(&pushes), [(agent("x"), chat)]);
+    let events = fixture.router.read_events(&caller("x"), chat, 0).await.unwrap().events;
+    let kinds: Vec<&str> = events.iter().map(|event| event.body.kind()).collect();
+    assert_eq!(kinds, ["created", "message", "offered", "offer_ended", "offered"]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn no_agent_is_offered_more_than_their_capacity() {
     let mut fixture = fixture().await;
     for name in ["x", "y", "z"] {

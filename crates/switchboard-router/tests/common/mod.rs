@@ -48,11 +48,21 @@ pub struct CountedReads {
     inner: Arc<MemoryStore>,
     reads: AtomicUsize,
     appends: AtomicUsize,
+    /// Held: the answer to the next append that creates a chat with its offer, stored, until the sender goes.
+    held: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl CountedReads {
     pub fn new(inner: Arc<MemoryStore>) -> Self {
-        CountedReads { inner, reads: AtomicUsize::new(0), appends: AtomicUsize::new(0) }
+        CountedReads { inner, reads: AtomicUsize::new(0), appends: AtomicUsize::new(0), held: Default::default() }
+    }
+
+    /// Holds the answer to the next append that creates a chat with its offer (it is stored at once) until the
+    /// returned sender is used or dropped.
+    pub fn hold_next_opening_offer(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (release, held) = tokio::sync::oneshot::channel();
+        *self.held.lock().unwrap() = Some(held);
+        release
     }
 
     /// The `read_events` calls so far.
@@ -76,7 +86,13 @@ impl StoreApi for CountedReads {
     }
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
         self.appends.fetch_add(1, Ordering::SeqCst);
-        self.inner.append(request).await
+        let opening_offer = request.create.is_some() && request.events.iter().any(|event| event.kind == "offered");
+        let held = if opening_offer { self.held.lock().unwrap().take() } else { None };
+        let answer = self.inner.append(request).await;
+        if let Some(held) = held {
+            let _ = held.await;
+        }
+        answer
     }
     async fn read_events(&self, request: ReadEventsRequest) -> Result<ReadEventsResponse, StoreError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
