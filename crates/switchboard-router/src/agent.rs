@@ -25,7 +25,7 @@ use switchboard_domain::{
     AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, ConversationId, OfferEnd, Refusal,
     RequeueReason, TenantId, agent_key,
 };
-use switchboard_proto::convert::conversation_id;
+use switchboard_proto::convert::{conversation_from_record, conversation_id};
 use switchboard_proto::internal::v1::ListConversationsRequest;
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatView, GatewayId, OfferUpdate, Push, RouterError, SystemCommand,
@@ -33,6 +33,7 @@ use switchboard_proto::router::{
 use tracing::{info, warn};
 
 use crate::context::Context;
+use crate::conversation::waiting_entry;
 use crate::error::from_store;
 use crate::remote;
 
@@ -133,21 +134,22 @@ impl Versions {
 impl Actor for AgentActor {
     type Msg = AgentMsg;
     type State = AgentActorState;
-    /// The context, the agent as the store has it (with the status they chose), the epoch of the lease on
-    /// its shard, and whether their status stands for one lost ([`starting_status`]).
-    type Arguments = (Arc<Context>, AgentState, u64, bool);
+    /// The context, the agent as the store has it (with the status they chose and the offer outstanding, to
+    /// show their consoles), the epoch of the lease on its shard, and whether their status stands for one lost
+    /// ([`starting_status`]).
+    type Arguments = (Arc<Context>, AgentState, Option<(switchboard_domain::WaitingEntry, i64)>, u64, bool);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        (context, agent, epoch, status_lost): Self::Arguments,
+        (context, agent, shown_offer, epoch, status_lost): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "agent").increment(1.0);
         Ok(AgentActorState {
             context,
             agent,
             subscribers: BTreeSet::new(),
-            shown_offer: None,
+            shown_offer,
             disconnected_since_ms: None,
             versions: Versions::new(epoch),
             ticks_since_told: 0,
@@ -299,6 +301,13 @@ impl AgentActorState {
         match update {
             OfferUpdate::Made { entry, expires_at_ms, waiting_since_us } => {
                 if self.agent.offer == Some(entry.conversation) {
+                    // Shown again by a queue rebuilt after a takeover: the agent's consoles see it unless they
+                    // were shown it already (the slot is held either way).
+                    let shown = self.shown_offer.as_ref().map(|(shown, _)| shown.conversation);
+                    if shown != Some(entry.conversation) {
+                        self.shown_offer = Some((entry.clone(), expires_at_ms));
+                        self.push(AgentChange::Offered { entry, expires_at_ms, waiting_since_us });
+                    }
                     return Ok(());
                 }
                 self.agent.take_offer(entry.conversation, &entry.group)?;
@@ -448,7 +457,8 @@ pub(crate) async fn activate(
                 let id = conversation_id(&record.id).map_err(|error| RouterError::Internal(error.to_string()))?;
                 state.active.insert(id);
             }
-            // An offer outstanding when the previous owner stopped holds its slot again.
+            // An offer outstanding when the previous owner stopped holds its slot again, and is shown to the
+            // consoles that subscribe here (which the previous owner may never have shown it).
             let request = ListConversationsRequest {
                 tenant_id: tenant.to_string(),
                 states: vec!["queued".into()],
@@ -456,14 +466,18 @@ pub(crate) async fn activate(
                 ..Default::default()
             };
             let offered = context.store.list_conversations(request).await.map_err(from_store)?;
+            let mut shown_offer = None;
             if let Some(record) = offered.conversations.first() {
-                let id = conversation_id(&record.id).map_err(|error| RouterError::Internal(error.to_string()))?;
-                state.reserved.insert(id);
-                state.offer = Some(id);
+                let conversation =
+                    conversation_from_record(record).map_err(|error| RouterError::Internal(error.to_string()))?;
+                state.reserved.insert(conversation.id);
+                state.offer = Some(conversation.id);
+                shown_offer =
+                    conversation.offer.as_ref().map(|offer| (waiting_entry(&conversation), offer.expires_at_ms));
             }
             let (status, status_lost) = starting_status(context, &state).await;
             state.status = status;
-            let arguments = (context.clone(), state, fence.epoch.0, status_lost);
+            let arguments = (context.clone(), state, shown_offer, fence.epoch.0, status_lost);
             let (actor, _) = Actor::spawn(None, AgentActor, arguments)
                 .await
                 .map_err(|error| RouterError::Internal(format!("agent actor did not start: {error}")))?;

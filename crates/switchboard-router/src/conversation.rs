@@ -804,7 +804,7 @@ async fn started_before(
 }
 
 /// What a chat's queue lists of it while it waits.
-fn waiting_entry(conversation: &Conversation) -> WaitingEntry {
+pub(crate) fn waiting_entry(conversation: &Conversation) -> WaitingEntry {
     WaitingEntry {
         conversation: conversation.id,
         group: conversation.group.clone(),

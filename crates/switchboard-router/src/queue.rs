@@ -34,6 +34,7 @@ use switchboard_proto::router::{GatewayId, LeftQueue, OfferUpdate, Push, QueueCh
 use tracing::{debug, warn};
 
 use crate::context::Context;
+use crate::conversation::waiting_entry;
 use crate::error::from_store;
 use crate::remote;
 
@@ -84,6 +85,13 @@ pub(crate) enum QueueMsg {
         recorded: bool,
     },
     OfferExpired {
+        conversation: ConversationId,
+        agent: AgentId,
+        expires_at_ms: i64,
+    },
+    /// The agent refused an offer this queue found outstanding in the store and showed them again (see
+    /// [`QueueActorState::show_again`]): it is withdrawn.
+    ShownAgainRefused {
         conversation: ConversationId,
         agent: AgentId,
         expires_at_ms: i64,
@@ -210,14 +218,18 @@ impl Actor for QueueActor {
         if state.is_push() {
             state.load_availability();
             let now_ms = state.now_ms();
-            let offers: Vec<(ConversationId, Offer)> = state
-                .chats
+            let offers: Vec<(WaitingEntry, Offer, i64)> = state
+                .waiting
                 .iter()
-                .filter_map(|(conversation, chat)| chat.offer.clone().map(|offer| (*conversation, offer)))
+                .filter_map(|entry| {
+                    let chat = state.chats.get(&entry.conversation)?;
+                    Some((entry.clone(), chat.offer.clone()?, chat.waiting_since_us))
+                })
                 .collect();
-            for (conversation, offer) in offers {
+            for (entry, offer, waiting_since_us) in offers {
                 // Timers survive a takeover: an offer outstanding in the store expires when it said it would.
-                state.arm_timer(conversation, offer.agent, offer.expires_at_ms, now_ms);
+                state.arm_timer(entry.conversation, offer.agent.clone(), offer.expires_at_ms, now_ms);
+                state.show_again(entry, offer, waiting_since_us);
             }
         }
         Ok(state)
@@ -278,6 +290,14 @@ impl Actor for QueueActor {
                 let current = state.chats.get(&conversation).and_then(|chat| chat.offer.as_ref());
                 if current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms) {
                     state.end_offer(conversation, agent, OfferEnd::TimedOut, None);
+                }
+            }
+            QueueMsg::ShownAgainRefused { conversation, agent, expires_at_ms } => {
+                let current = state.chats.get(&conversation).and_then(|chat| chat.offer.as_ref());
+                let ending = state.chats.get(&conversation).is_some_and(|chat| chat.ending);
+                if !ending && current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms)
+                {
+                    state.end_offer(conversation, agent, OfferEnd::Withdrawn, None);
                 }
             }
             QueueMsg::AvailabilityLoaded { agents } => {
@@ -725,6 +745,29 @@ impl QueueActorState {
         });
     }
 
+    /// Shows an offer found outstanding in the store to its agent again, from a task: the previous owner of the
+    /// queue may have stopped between recording it and showing it (or this queue was activated while a new
+    /// chat's hand-over was on its way to the one before), and the agent would not see it before it timed
+    /// out. An agent shown it already holds it and is not shown it twice. Only the agent's refusal withdraws
+    /// it; if they cannot be reached (their node is being taken over too) it stays, to its timer.
+    fn show_again(&self, entry: WaitingEntry, offer: Offer, waiting_since_us: i64) {
+        let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            let (conversation, Offer { agent, expires_at_ms }) = (entry.conversation, offer);
+            let update = OfferUpdate::Made { entry, expires_at_ms, waiting_since_us };
+            match remote::agent_offer(&context, &tenant, &agent, update).await {
+                Ok(()) => {}
+                Err(RouterError::Refused(refusal)) => {
+                    debug!(%refusal, %agent, %conversation, "agent refused an offer shown again");
+                    if let Some(myself) = myself {
+                        let _ = myself.cast(QueueMsg::ShownAgainRefused { conversation, agent, expires_at_ms });
+                    }
+                }
+                Err(error) => debug!(%error, %agent, %conversation, "offer not shown again; it stays to its expiry"),
+            }
+        });
+    }
+
     /// Records the offer on the conversation, then reserves the agent's slot and shows them the offer.
     fn make_offer(&self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64, waiting_since_us: i64) {
         let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
@@ -823,13 +866,7 @@ pub(crate) async fn activate(
                         ..Default::default()
                     },
                 );
-                waiting.insert(WaitingEntry {
-                    conversation: conversation.id,
-                    group: conversation.group,
-                    queued_at_ms: conversation.queued_at_ms,
-                    customer_name: conversation.customer_name,
-                    question: conversation.first_question,
-                });
+                waiting.insert(waiting_entry(&conversation));
             }
             let state = QueueActorState {
                 context: context.clone(),

@@ -11,15 +11,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{agent, directory, group, start_request, tenant};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, FixedClock, GroupId, TenantId,
-    WaitingEntry, agent_key, conversation_key, queue_key,
+    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, EventBody, FixedClock, GroupId,
+    OfferEnd, TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
 use switchboard_presence::{MemoryPresence, Outage, Presence};
+use switchboard_proto::internal::v1::GetConversationRequest;
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, EventPage, GatewayId,
     LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
     SystemCommand, Ticket,
 };
+use switchboard_proto::store::StoreApi;
 use switchboard_router::Router;
 use switchboard_store::MemoryStore;
 use tokio::sync::mpsc;
@@ -33,6 +35,9 @@ struct LocalCluster {
     lose_availability: AtomicBool,
     /// While set, a chat's cast to another node's queue takes this long on the clock (a slow hop, retries).
     slow_queue_adds: OnceLock<(Arc<FixedClock>, i64)>,
+    /// While set, every offer shown to an agent of another node never arrives nor answers (a node that stops
+    /// between recording an offer and showing it).
+    hold_offers: AtomicBool,
 }
 
 impl LocalCluster {
@@ -239,6 +244,9 @@ impl PeerApi for LocalCluster {
         .await
     }
     async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        if matches!(update, OfferUpdate::Made { .. }) && self.hold_offers.load(Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
         self.first(|router| {
             let update = update.clone();
             async move { router.agent_offer(tenant, agent, update).await }
@@ -276,6 +284,7 @@ impl PeerApi for LocalCluster {
 struct Nodes {
     cluster: Arc<LocalCluster>,
     routers: Vec<Arc<Router>>,
+    store: Arc<MemoryStore>,
     clock: Arc<FixedClock>,
     presence: Arc<MemoryPresence>,
     /// The routers' presence: `presence`, until an outage.
@@ -301,7 +310,7 @@ async fn start_nodes(n: usize) -> Nodes {
         routers.push(Arc::new(router.await.unwrap()));
     }
     assert!(cluster.routers.set(routers.clone()).is_ok());
-    Nodes { cluster, routers, clock, presence: memory_presence, outage }
+    Nodes { cluster, routers, store, clock, presence: memory_presence, outage }
 }
 
 /// Lets the lease keepers run until `done` holds (paused time: each round is one renewal period).
@@ -712,4 +721,123 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     let view = cluster.chat_view(&customer, held).await.unwrap();
     assert_eq!((view.state, view.owner), (ConversationState::Queued, None), "the lost agent's chat waits again");
     assert_eq!(status(cluster, moving).await, AgentStatus::Online, "connected all along");
+}
+
+/// The next offer shown to the agent whose pushes these are, within a second: the chat and the offer's expiry.
+async fn next_offer(
+    pushes: &mut mpsc::UnboundedReceiver<Push>,
+) -> Result<(ConversationId, i64), tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(Push::Agent { change: AgentChange::Offered { entry, expires_at_ms, .. }, .. }) =
+                pushes.recv().await
+            {
+                return (entry.conversation, expires_at_ms);
+            }
+        }
+    })
+    .await
+}
+
+/// Hands every shard of `leaving` over to `staying`.
+async fn take_over(nodes: &Nodes, leaving: &Router, staying: &Router) {
+    leaving.shutdown().await.unwrap();
+    staying.placement_changed();
+    settle(nodes, |routers| routers.iter().map(|router| router.n_shards_owned()).max() == Some(1024)).await;
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_console_that_follows_its_agent_to_the_node_that_took_them_over_is_shown_their_outstanding_offer() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    // The agent's node leaves; the queue's stays.
+    let queue_node = push_queue_owner(&nodes);
+    let (leaving, staying) = (nodes.routers[1 - queue_node].clone(), nodes.routers[queue_node].clone());
+    let moving = agent_of(&leaving, &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &moving).await;
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    nodes.cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    let (offered, expires_at_ms) = next_offer(&mut pushes).await.unwrap();
+    assert_eq!(offered, chat);
+
+    take_over(&nodes, &leaving, &staying).await;
+    // The agent's gateway follows them to their new node: their console is shown the offer it still holds,
+    // with the same expiry, and the agent can take it.
+    while pushes.try_recv().is_ok() {}
+    nodes.cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &moving).await.unwrap();
+    assert_eq!(next_offer(&mut pushes).await, Ok((chat, expires_at_ms)));
+    let view = nodes.cluster.accept_chat(&tenant(), &moving, chat).await.unwrap();
+    assert_eq!(view.owner, Some(moving));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_offer_recorded_by_a_queue_whose_node_stopped_before_showing_it_is_shown_by_the_queue_rebuilt_after() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    // The queue's node leaves; the agent's stays.
+    let queue_node = push_queue_owner(&nodes);
+    let (leaving, staying) = (nodes.routers[queue_node].clone(), nodes.routers[1 - queue_node].clone());
+    let agent_here = agent_of(&staying, &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &agent_here).await;
+    nodes.cluster.hold_offers.store(true, Ordering::SeqCst);
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    nodes.cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    // The offer is recorded; the agent never hears of it.
+    let offer = loop {
+        let request = GetConversationRequest { conversation_id: chat.to_string() };
+        let stored = nodes.store.get_conversation(request).await.unwrap().conversation.unwrap();
+        if !stored.offer_agent_id.is_empty() {
+            break stored;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(offer.offer_agent_id, agent_here.to_string());
+    let availability = nodes.cluster.agent_availability(&tenant(), &agent_here).await.unwrap();
+    assert_eq!(availability.offer, None);
+    assert!(pushes.try_recv().is_err());
+
+    nodes.cluster.hold_offers.store(false, Ordering::SeqCst);
+    take_over(&nodes, &leaving, &staying).await;
+    // The queue rebuilt from the store shows it, with the expiry recorded; the agent can take it.
+    assert_eq!(next_offer(&mut pushes).await, Ok((chat, offer.offer_expires_at_ms)));
+    let view = nodes.cluster.accept_chat(&tenant(), &agent_here, chat).await.unwrap();
+    assert_eq!(view.owner, Some(agent_here));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_offer_never_shown_to_an_agent_who_went_away_meanwhile_is_withdrawn_by_the_rebuilt_queue_not_left_to_expire()
+{
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let queue_node = push_queue_owner(&nodes);
+    let (leaving, staying) = (nodes.routers[queue_node].clone(), nodes.routers[1 - queue_node].clone());
+    let agent_here = agent_of(&staying, &["x", "y", "z"]);
+    let _pushes = sign_in(&nodes, &agent_here).await;
+    nodes.cluster.hold_offers.store(true, Ordering::SeqCst);
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    nodes.cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    let stored = || async {
+        let request = GetConversationRequest { conversation_id: chat.to_string() };
+        nodes.store.get_conversation(request).await.unwrap().conversation.unwrap()
+    };
+    while stored().await.offer_agent_id.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    // The agent, never shown the offer, goes away; then the queue's node stops.
+    nodes.cluster.set_agent_status(&tenant(), &agent_here, AgentStatus::Away).await.unwrap();
+    nodes.cluster.hold_offers.store(false, Ordering::SeqCst);
+    take_over(&nodes, &leaving, &staying).await;
+
+    // Well inside the offer's 10 s, the agent's refusal ended it: the chat is free for the next agent.
+    let events = nodes.cluster.read_events(&Caller::Customer { conversation: chat }, chat, 0).await.unwrap().events;
+    let last = events.last().map(|event| event.body.clone());
+    let withdrawn = EventBody::OfferEnded { agent: agent_here.clone(), reason: OfferEnd::Withdrawn };
+    assert_eq!(last, Some(withdrawn));
+    assert!(stored().await.offer_agent_id.is_empty());
 }
