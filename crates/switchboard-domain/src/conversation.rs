@@ -119,7 +119,8 @@ pub enum OfferEnd {
     Rejected,
     /// The agent did not answer before the offer timed out.
     TimedOut,
-    /// The agent became unavailable (offline, away) while it was outstanding.
+    /// The agent became unavailable (offline, away, out of reach) while it was outstanding. Unlike the
+    /// others, it does not count as the agent having had the chat in this round of offers.
     Withdrawn,
 }
 
@@ -446,11 +447,13 @@ pub fn apply(conversation: &mut Conversation, event: &Event) {
         EventBody::Offered { agent, expires_at_ms } => {
             conversation.offer = Some(Offer { agent: agent.clone(), expires_at_ms: *expires_at_ms });
         }
-        EventBody::OfferEnded { agent, .. } => {
+        EventBody::OfferEnded { agent, reason } => {
             if conversation.offer.as_ref().is_some_and(|offer| offer.agent == *agent) {
                 conversation.offer = None;
             }
-            if !conversation.offered_to.contains(agent) {
+            // A withdrawn offer (the agent became unavailable: away, offline, out of reach) does not count as
+            // the agent having had the chat: once available again they may be offered it in this round.
+            if *reason != OfferEnd::Withdrawn && !conversation.offered_to.contains(agent) {
                 conversation.offered_to.push(agent.clone());
             }
         }

@@ -224,6 +224,20 @@ fn in_push_mode_only_the_offered_agent_accepts() {
 }
 
 #[test]
+fn a_withdrawn_offer_does_not_count_as_the_agent_having_had_the_chat() {
+    let a = agent("a");
+    let mut conversation = opened();
+    run(&mut conversation, Author::System, Command::Offer { agent: a.clone(), expires_at_ms: 5_000 }).unwrap();
+    run(&mut conversation, Author::System, Command::EndOffer { agent: a.clone(), reason: OfferEnd::Withdrawn })
+        .unwrap();
+    assert_eq!(conversation.offer, None);
+    assert!(conversation.offered_to.is_empty(), "the agent became unavailable; they did not decline it");
+    run(&mut conversation, Author::System, Command::Offer { agent: a.clone(), expires_at_ms: 9_000 }).unwrap();
+    run(&mut conversation, Author::System, Command::EndOffer { agent: a.clone(), reason: OfferEnd::Rejected }).unwrap();
+    assert_eq!(conversation.offered_to, vec![a]);
+}
+
+#[test]
 fn a_transfer_queues_the_chat_in_the_other_group_and_frees_the_owner() {
     let (a, b) = (agent("a"), agent("b"));
     let mut conversation = opened();

@@ -82,6 +82,7 @@ pub(crate) enum QueueMsg {
     OfferEnded {
         conversation: ConversationId,
         agent: AgentId,
+        reason: OfferEnd,
         recorded: bool,
     },
     OfferExpired {
@@ -285,7 +286,9 @@ impl Actor for QueueActor {
             }
             QueueMsg::RejectOffer { agent, conversation, reply } => state.reject(agent, conversation, reply),
             QueueMsg::OfferMade { conversation, agent, result } => state.offer_made(conversation, agent, result),
-            QueueMsg::OfferEnded { conversation, agent, recorded } => state.offer_ended(conversation, agent, recorded),
+            QueueMsg::OfferEnded { conversation, agent, reason, recorded } => {
+                state.offer_ended(conversation, agent, reason, recorded);
+            }
             QueueMsg::OfferExpired { conversation, agent, expires_at_ms } => {
                 let current = state.chats.get(&conversation).and_then(|chat| chat.offer.as_ref());
                 if current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms) {
@@ -497,12 +500,12 @@ impl QueueActorState {
                 }
             }
             if let Some(myself) = myself {
-                let _ = myself.cast(QueueMsg::OfferEnded { conversation, agent, recorded });
+                let _ = myself.cast(QueueMsg::OfferEnded { conversation, agent, reason, recorded });
             }
         });
     }
 
-    fn offer_ended(&mut self, conversation: ConversationId, agent: AgentId, recorded: bool) {
+    fn offer_ended(&mut self, conversation: ConversationId, agent: AgentId, reason: OfferEnd, recorded: bool) {
         let now_ms = self.now_ms();
         let Some(chat) = self.chats.get_mut(&conversation) else {
             return;
@@ -518,7 +521,9 @@ impl QueueActorState {
         if chat.offer.as_ref().is_some_and(|offer| offer.agent == agent) {
             chat.offer = None;
         }
-        if !chat.offered_to.contains(&agent) {
+        // As the conversation counts it (`switchboard_domain::apply`): an agent who became unavailable did not
+        // have the chat, and is offered it again in this round once available.
+        if reason != OfferEnd::Withdrawn && !chat.offered_to.contains(&agent) {
             chat.offered_to.push(agent.clone());
         }
         chat.last_end_ms = now_ms;

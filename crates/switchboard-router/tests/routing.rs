@@ -289,6 +289,23 @@ async fn an_agent_who_goes_away_has_their_offer_withdrawn() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_agent_whose_offer_was_withdrawn_is_offered_the_chat_again_once_back_online() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "x").await;
+    fixture.drain();
+    let chat = fixture.start_chat("push", "ann").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+    fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Away).await.unwrap();
+    settle().await;
+    assert_eq!(offer_ends(&fixture.drain()), [(agent("x"), OfferEnd::Withdrawn)]);
+    // Back well inside one offer timeout: the only agent gets the chat again, not after a new round.
+    fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Online).await.unwrap();
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_closed_group_refuses_new_chats_and_takes_offline_messages() {
     let fixture = fixture().await;
     let request = start_request(ConversationId::new_v7(fixture.clock_ms()), group("never"), "ann", "anyone?");

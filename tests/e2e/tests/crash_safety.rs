@@ -250,3 +250,41 @@ async fn chat_starts_sent_again_after_a_crash_are_one_chat_each() -> anyhow::Res
     }
     Ok(())
 }
+
+/// `SEED_CONFIG`'s tenant with a push-routed group whose offers last long enough to outlive a restart.
+const PUSH_CONFIG: &str = r#"
+version: 1
+tenants:
+  - id: acme
+    name: Acme
+    widget_keys: [acme-widget-key]
+    groups:
+      - { id: support, name: Support, routing: { mode: push, offer_timeout_ms: 60000 } }
+    agents:
+      - { id: agent-a, name: Agent A, token: token-agent-a, groups: [support], capacity: 2 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_offered_at_a_crash_is_offered_again_to_its_agent_once_they_are_back() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let server = Server::start(PUSH_CONFIG, data.path()).await?;
+    let mut agent = Client::sign_in(&server.ws_url(), "token-agent-a").await?;
+    let (_customer, chat, _) = Client::start_chat(&server.ws_url(), WIDGET, "support", "Kay", "hello?").await?;
+    let offer = agent.push_of("offer").await?;
+    assert_eq!(offer["entry"]["conversation"], chat.as_str());
+
+    // The restarted server has lost what the agent chose (presence is in memory): they are away until they
+    // come back, and their offer is withdrawn. Their console signs in again: the chat is offered to them at
+    // once (not after the offer's 60 s, as a new round would be), and they take it.
+    let server = server.crash_and_restart().await?;
+    let mut agent = Client::sign_in(&server.ws_url(), "token-agent-a").await?;
+    let again = agent.push_of("offer").await?;
+    assert_eq!(again["entry"]["conversation"], chat.as_str());
+    let view = agent.ok("chat.accept", json!({ "conversation": chat })).await?;
+    assert_eq!(view["chat"]["owner"], "agent-a", "{view}");
+    let transcript = agent.ok("chat.transcript", json!({ "conversation": chat })).await?;
+    let kinds: Vec<&str> =
+        transcript["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["created", "message", "offered", "offer_ended", "offered", "accepted"]);
+    Ok(())
+}
