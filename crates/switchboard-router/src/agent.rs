@@ -301,13 +301,8 @@ impl AgentActorState {
         match update {
             OfferUpdate::Made { entry, expires_at_ms, waiting_since_us } => {
                 if self.agent.offer == Some(entry.conversation) {
-                    // Shown again by a queue rebuilt after a takeover: the agent's consoles see it unless they
-                    // were shown it already (the slot is held either way).
-                    let shown = self.shown_offer.as_ref().map(|(shown, _)| shown.conversation);
-                    if shown != Some(entry.conversation) {
-                        self.shown_offer = Some((entry.clone(), expires_at_ms));
-                        self.push(AgentChange::Offered { entry, expires_at_ms, waiting_since_us });
-                    }
+                    // Shown again (by a queue rebuilt after a takeover): the agent holds it, and their consoles
+                    // were shown it (`shown_offer` is set with it, here and at the activation).
                     return Ok(());
                 }
                 self.agent.take_offer(entry.conversation, &entry.group)?;

@@ -90,12 +90,13 @@ pub(crate) enum QueueMsg {
         agent: AgentId,
         expires_at_ms: i64,
     },
-    /// The agent refused an offer this queue found outstanding in the store and showed them again (see
-    /// [`QueueActorState::show_again`]): it is withdrawn.
-    ShownAgainRefused {
+    /// What became of an offer this queue found outstanding in the store and showed its agent again (see
+    /// [`QueueActorState::show_again`]): taken, or `refused`.
+    ShownAgain {
         conversation: ConversationId,
         agent: AgentId,
         expires_at_ms: i64,
+        refused: bool,
     },
     AvailabilityLoaded {
         agents: Vec<AgentAvailability>,
@@ -145,6 +146,9 @@ struct ChatRouting {
     making: Option<AgentId>,
     /// The offer's end is being recorded.
     ending: bool,
+    /// Why the offer ended, when that could not be recorded: the heartbeat records it so (by then the offer
+    /// has expired), not as a timeout.
+    unrecorded_end: Option<OfferEnd>,
     /// Replies waiting for the end of the offer (a reject).
     waiting_end: Vec<Reply<()>>,
     last_end_ms: i64,
@@ -230,7 +234,9 @@ impl Actor for QueueActor {
             for (entry, offer, waiting_since_us) in offers {
                 // Timers survive a takeover: an offer outstanding in the store expires when it said it would.
                 state.arm_timer(entry.conversation, offer.agent.clone(), offer.expires_at_ms, now_ms);
-                state.show_again(entry, offer, waiting_since_us);
+                if offer.expires_at_ms > now_ms {
+                    state.show_again(entry, offer, waiting_since_us);
+                }
             }
         }
         Ok(state)
@@ -295,13 +301,8 @@ impl Actor for QueueActor {
                     state.end_offer(conversation, agent, OfferEnd::TimedOut, None);
                 }
             }
-            QueueMsg::ShownAgainRefused { conversation, agent, expires_at_ms } => {
-                let current = state.chats.get(&conversation).and_then(|chat| chat.offer.as_ref());
-                let ending = state.chats.get(&conversation).is_some_and(|chat| chat.ending);
-                if !ending && current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms)
-                {
-                    state.end_offer(conversation, agent, OfferEnd::Withdrawn, None);
-                }
+            QueueMsg::ShownAgain { conversation, agent, expires_at_ms, refused } => {
+                state.shown_again(conversation, agent, expires_at_ms, refused);
             }
             QueueMsg::AvailabilityLoaded { agents } => {
                 merge_loaded(&mut state.agents, agents);
@@ -512,12 +513,14 @@ impl QueueActorState {
         };
         chat.ending = false;
         if !recorded {
-            // Kept: the heartbeat ends it again (its expiry is in the past or the reject is retried).
+            // Kept: the heartbeat ends it again, for the same reason (its expiry is now in the past).
             if let Some(offer) = &mut chat.offer {
                 offer.expires_at_ms = offer.expires_at_ms.min(now_ms);
+                chat.unrecorded_end = Some(reason);
             }
             return;
         }
+        chat.unrecorded_end = None;
         if chat.offer.as_ref().is_some_and(|offer| offer.agent == agent) {
             chat.offer = None;
         }
@@ -543,11 +546,18 @@ impl QueueActorState {
         match result {
             Ok(expires_at_ms) => {
                 chat.offer = Some(Offer { agent: agent.clone(), expires_at_ms });
+                chat.unrecorded_end = None;
                 self.arm_timer(conversation, agent, expires_at_ms, now_ms);
             }
             Err(failure) => {
                 chat.retry_at_ms = now_ms + OFFER_RETRY_MS;
                 if matches!(failure, OfferFailure::Agent) {
+                    // The agent could not take it (another offer, no free slot, unavailable to their own
+                    // actor if not to the queue): the others free now have it first in this round. (The
+                    // conversation does not count them: after a rebuild they may be asked again.)
+                    if !chat.offered_to.contains(&agent) {
+                        chat.offered_to.push(agent.clone());
+                    }
                     self.refresh_agent(agent);
                 }
             }
@@ -597,19 +607,20 @@ impl QueueActorState {
     fn tick(&mut self) {
         let now_ms = self.now_ms();
         // The safety net of the timers (an end that could not be recorded is retried here).
-        let expired: Vec<(ConversationId, AgentId)> = self
+        let expired: Vec<(ConversationId, AgentId, OfferEnd)> = self
             .chats
             .iter()
             .filter(|(_, chat)| !chat.ending)
             .filter_map(|(conversation, chat)| {
+                let reason = chat.unrecorded_end.unwrap_or(OfferEnd::TimedOut);
                 chat.offer
                     .as_ref()
                     .filter(|offer| offer.expires_at_ms <= now_ms)
-                    .map(|offer| (*conversation, offer.agent.clone()))
+                    .map(|offer| (*conversation, offer.agent.clone(), reason))
             })
             .collect();
-        for (conversation, agent) in expired {
-            self.end_offer(conversation, agent, OfferEnd::TimedOut, None);
+        for (conversation, agent, reason) in expired {
+            self.end_offer(conversation, agent, reason, None);
         }
         self.publish_status(now_ms);
     }
@@ -760,15 +771,51 @@ impl QueueActorState {
         tokio::spawn(async move {
             let (conversation, Offer { agent, expires_at_ms }) = (entry.conversation, offer);
             let update = OfferUpdate::Made { entry, expires_at_ms, waiting_since_us };
-            match remote::agent_offer(&context, &tenant, &agent, update).await {
-                Ok(()) => {}
+            let refused = match remote::agent_offer(&context, &tenant, &agent, update).await {
+                Ok(()) => false,
                 Err(RouterError::Refused(refusal)) => {
                     debug!(%refusal, %agent, %conversation, "agent refused an offer shown again");
-                    if let Some(myself) = myself {
-                        let _ = myself.cast(QueueMsg::ShownAgainRefused { conversation, agent, expires_at_ms });
-                    }
+                    true
                 }
-                Err(error) => debug!(%error, %agent, %conversation, "offer not shown again; it stays to its expiry"),
+                Err(error) => {
+                    debug!(%error, %agent, %conversation, "offer not shown again; it stays to its expiry");
+                    return;
+                }
+            };
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::ShownAgain { conversation, agent, expires_at_ms, refused });
+            }
+        });
+    }
+
+    /// An offer shown again was refused (it is withdrawn) or taken. Taken, it may have ended meanwhile (it
+    /// expired, was rejected, the chat left the queue) while the showing was on its way (its agent's node
+    /// being taken over too): the end reached the agent first and changed nothing, and they took the offer
+    /// afresh. They are told it ended, or they would hold it, and their slot, for good.
+    fn shown_again(&mut self, conversation: ConversationId, agent: AgentId, expires_at_ms: i64, refused: bool) {
+        let chat = self.chats.get(&conversation);
+        if refused {
+            let current = chat.and_then(|chat| chat.offer.as_ref());
+            let ending = chat.is_some_and(|chat| chat.ending);
+            if !ending && current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms) {
+                self.end_offer(conversation, agent, OfferEnd::Withdrawn, None);
+            }
+            return;
+        }
+        // An offer of the chat to them now, this one or a newer one, is theirs to hold.
+        let theirs = chat.is_some_and(|chat| {
+            !chat.ending
+                && (chat.offer.as_ref().is_some_and(|offer| offer.agent == agent)
+                    || chat.making.as_ref() == Some(&agent))
+        });
+        if theirs {
+            return;
+        }
+        let (context, tenant) = (self.context.clone(), self.tenant.clone());
+        tokio::spawn(async move {
+            let update = OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn };
+            if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
+                warn!(%error, %agent, %conversation, "an ended offer shown again is still held by its agent");
             }
         });
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use common::{agent, directory, group, start_request, tenant};
 use switchboard_domain::{
     AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, EventBody, FixedClock, GroupId,
-    OfferEnd, TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
+    OfferEnd, Refusal, TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
 use switchboard_presence::{MemoryPresence, Outage, Presence};
 use switchboard_proto::internal::v1::GetConversationRequest;
@@ -38,6 +38,23 @@ struct LocalCluster {
     /// While set, every offer shown to an agent of another node never arrives nor answers (a node that stops
     /// between recording an offer and showing it).
     hold_offers: AtomicBool,
+    /// While set, every offer shown to an agent of another node waits, and arrives once it is cleared (and
+    /// `offers_released` notified): a slow hop. How many waited, in `offers_delayed`.
+    delay_offers: AtomicBool,
+    offers_released: tokio::sync::Notify,
+    offers_delayed: AtomicUsize,
+    /// While set, every offer shown to an agent of another node is refused by the agent.
+    refuse_offers: AtomicBool,
+    /// While set, every system command to a conversation of another node is lost.
+    lose_system_commands: AtomicBool,
+}
+
+impl LocalCluster {
+    /// Lets the offers held by `delay_offers` go on.
+    fn release_offers(&self) {
+        self.delay_offers.store(false, Ordering::SeqCst);
+        self.offers_released.notify_waiters();
+    }
 }
 
 impl LocalCluster {
@@ -237,6 +254,9 @@ impl PeerApi for LocalCluster {
         conversation: ConversationId,
         command: SystemCommand,
     ) -> Result<bool, RouterError> {
+        if self.lose_system_commands.load(Ordering::SeqCst) {
+            return Err(RouterError::Internal("lost on the way".into()));
+        }
         self.first(|router| {
             let command = command.clone();
             async move { router.conversation_system(conversation, command).await }
@@ -244,8 +264,25 @@ impl PeerApi for LocalCluster {
         .await
     }
     async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
-        if matches!(update, OfferUpdate::Made { .. }) && self.hold_offers.load(Ordering::SeqCst) {
-            return std::future::pending().await;
+        if matches!(update, OfferUpdate::Made { .. }) {
+            if self.hold_offers.load(Ordering::SeqCst) {
+                return std::future::pending().await;
+            }
+            if self.refuse_offers.load(Ordering::SeqCst) {
+                return Err(RouterError::Refused(Refusal::AgentUnavailable));
+            }
+            if self.delay_offers.load(Ordering::SeqCst) {
+                self.offers_delayed.fetch_add(1, Ordering::SeqCst);
+                while self.delay_offers.load(Ordering::SeqCst) {
+                    let released = self.offers_released.notified();
+                    tokio::pin!(released);
+                    released.as_mut().enable();
+                    if !self.delay_offers.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    released.await;
+                }
+            }
         }
         self.first(|router| {
             let update = update.clone();
@@ -840,4 +877,126 @@ async fn an_offer_never_shown_to_an_agent_who_went_away_meanwhile_is_withdrawn_b
     let withdrawn = EventBody::OfferEnded { agent: agent_here.clone(), reason: OfferEnd::Withdrawn };
     assert_eq!(last, Some(withdrawn));
     assert!(stored().await.offer_agent_id.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_offer_shown_again_that_arrives_after_its_end_is_ended_for_its_agent_too() {
+    // Four nodes, so that the queue can be rebuilt on one node while its agent lives on another.
+    let nodes = start_nodes(4).await;
+    settle(&nodes, |routers| {
+        let owned: Vec<usize> = routers.iter().map(|router| router.n_shards_owned()).collect();
+        owned.iter().sum::<usize>() == 1024 && owned.iter().all(|n| *n > 200)
+    })
+    .await;
+    let cluster = nodes.cluster.clone();
+    // The queue's node leaves; its agent lives on another node, which stays.
+    let queue_node = push_queue_owner(&nodes);
+    let owner_of = |who: &AgentId| nodes.routers.iter().position(|router| router.owns_key(&agent_key(&tenant(), who)));
+    let offered = ["x", "y", "z"].iter().map(|name| agent(name)).find(|who| owner_of(who) != Some(queue_node));
+    let offered = offered.expect("an agent of the group lives on another node than its queue");
+    let agent_node = owner_of(&offered).unwrap();
+    let mut pushes = sign_in(&nodes, &offered).await;
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    assert_eq!(next_offer(&mut pushes).await.map(|(offer, _)| offer), Ok(chat));
+
+    // The queue is rebuilt on a third node, and shows the offer again over a slow hop.
+    cluster.delay_offers.store(true, Ordering::SeqCst);
+    nodes.routers[queue_node].shutdown().await.unwrap();
+    for router in &nodes.routers {
+        router.placement_changed();
+    }
+    settle(&nodes, |routers| {
+        routers[queue_node].n_shards_owned() == 0
+            && routers.iter().map(|router| router.n_shards_owned()).sum::<usize>() == 1024
+    })
+    .await;
+    assert!(
+        !nodes.routers[agent_node].owns_key(&queue_key(&tenant(), &group("push"))),
+        "the queue moved to the agent's node: pick other agents for this shard map"
+    );
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(cluster.offers_delayed.load(Ordering::SeqCst), 1, "the rebuilt queue shows the offer again");
+    // Meanwhile the agent rejects the offer (or it expired during the takeover): the end reaches them first.
+    let _ = cluster.reject_offer(&tenant(), &group("push"), &offered, chat).await;
+    assert_eq!(cluster.agent_availability(&tenant(), &offered).await.unwrap().offer, None);
+
+    // The late showing takes the ended offer afresh; the queue, told so, ends it for the agent too.
+    cluster.release_offers();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(cluster.agent_availability(&tenant(), &offered).await.unwrap().offer, None, "not held for good");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_that_could_not_be_recorded_is_recorded_as_a_withdrawal_later_not_as_a_timeout() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    // The chat lives on the node that does not own the queue: recording its offer's end crosses nodes.
+    let queue_node = push_queue_owner(&nodes);
+    let other = nodes.routers[1 - queue_node].clone();
+    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    let offered = agent_of(&nodes.routers[queue_node], &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &offered).await;
+    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    assert_eq!(next_offer(&mut pushes).await.map(|(offer, _)| offer), Ok(chat));
+
+    // The agent goes away while the way to the chat's node is down: the withdrawal is not recorded.
+    cluster.lose_system_commands.store(true, Ordering::SeqCst);
+    cluster.set_agent_status(&tenant(), &offered, AgentStatus::Away).await.unwrap();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let events = || async {
+        let customer = Caller::Customer { conversation: chat };
+        cluster.read_events(&customer, chat, 0).await.unwrap().events
+    };
+    assert!(matches!(events().await.last().map(|event| &event.body), Some(EventBody::Offered { .. })));
+
+    // Once the way is back, a heartbeat records it, as a withdrawal: the agent may have the chat when back.
+    cluster.lose_system_commands.store(false, Ordering::SeqCst);
+    heartbeats(&nodes, 2).await;
+    let withdrawn = EventBody::OfferEnded { agent: offered.clone(), reason: OfferEnd::Withdrawn };
+    assert_eq!(events().await.last().map(|event| event.body.clone()), Some(withdrawn));
+    cluster.set_agent_status(&tenant(), &offered, AgentStatus::Online).await.unwrap();
+    assert_eq!(next_offer(&mut pushes).await.map(|(offer, _)| offer), Ok(chat));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_who_cannot_take_an_offer_shown_is_passed_over_for_the_others_free() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    // The agent idle the longest lives on the node that does not own the queue, and refuses (their own actor
+    // knows better than the queue); another agent is free too.
+    let queue_node = push_queue_owner(&nodes);
+    let first = agent_of(&nodes.routers[1 - queue_node], &["x", "y", "z"]);
+    let second = ["x", "y", "z"].iter().map(|name| agent(name)).find(|who| *who != first).unwrap();
+    let _first_pushes = sign_in(&nodes, &first).await;
+    nodes.clock.advance_ms(1_000);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let mut pushes = sign_in(&nodes, &second).await;
+    cluster.refuse_offers.store(true, Ordering::SeqCst);
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    cluster.refuse_offers.store(false, Ordering::SeqCst);
+
+    // At the retry the other agent has it, not the one who could not take it a second ago.
+    heartbeats(&nodes, 2).await;
+    let mut shown = Vec::new();
+    while let Ok(push) = pushes.try_recv() {
+        if let Push::Agent { agent, change: AgentChange::Offered { entry, .. }, .. } = push {
+            shown.push((agent, entry.conversation));
+        }
+    }
+    assert_eq!(shown, [(second, chat)]);
 }
