@@ -296,7 +296,8 @@ impl Actor for QueueActor {
                 state.offer_ended(conversation, agent, reason, recorded);
             }
             QueueMsg::OfferExpired { conversation, agent, expires_at_ms } => {
-                let current = state.chats.get(&conversation).and_then(|chat| chat.offer.as_ref());
+                let chat = state.chats.get(&conversation);
+                let current = chat.filter(|chat| !chat.ending).and_then(|chat| chat.offer.as_ref());
                 if current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms) {
                     state.end_offer(conversation, agent, OfferEnd::TimedOut, None);
                 }
@@ -514,7 +515,7 @@ impl QueueActorState {
         chat.ending = false;
         if !recorded {
             // Kept: the heartbeat ends it again, for the same reason (its expiry is now in the past).
-            if let Some(offer) = &mut chat.offer {
+            if let Some(offer) = chat.offer.as_mut().filter(|offer| offer.agent == agent) {
                 offer.expires_at_ms = offer.expires_at_ms.min(now_ms);
                 chat.unrecorded_end = Some(reason);
             }

@@ -43,6 +43,8 @@ struct LocalCluster {
     delay_offers: AtomicBool,
     offers_released: tokio::sync::Notify,
     offers_delayed: AtomicUsize,
+    /// How many of those arrived, late.
+    offers_arrived_late: AtomicUsize,
     /// While set, every offer shown to an agent of another node is refused by the agent.
     refuse_offers: AtomicBool,
     /// While set, every system command to a conversation of another node is lost.
@@ -282,6 +284,13 @@ impl PeerApi for LocalCluster {
                     }
                     released.await;
                 }
+                let result = self.first(|router| {
+                    let update = update.clone();
+                    async move { router.agent_offer(tenant, agent, update).await }
+                });
+                let result = result.await;
+                self.offers_arrived_late.fetch_add(1, Ordering::SeqCst);
+                return result;
             }
         }
         self.first(|router| {
@@ -925,10 +934,27 @@ async fn an_offer_shown_again_that_arrives_after_its_end_is_ended_for_its_agent_
     assert_eq!(cluster.agent_availability(&tenant(), &offered).await.unwrap().offer, None);
 
     // The late showing takes the ended offer afresh; the queue, told so, ends it for the agent too.
+    while pushes.try_recv().is_ok() {}
     cluster.release_offers();
+    while cluster.offers_arrived_late.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
     for _ in 0..50 {
         tokio::task::yield_now().await;
     }
+    let mut told = Vec::new();
+    while let Ok(push) = pushes.try_recv() {
+        match push {
+            Push::Agent { change: AgentChange::Offered { entry, .. }, .. } => {
+                told.push(("offered", entry.conversation))
+            }
+            Push::Agent { change: AgentChange::OfferEnded { conversation, .. }, .. } => {
+                told.push(("ended", conversation));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(told, [("offered", chat), ("ended", chat)], "the console is told it ended");
     assert_eq!(cluster.agent_availability(&tenant(), &offered).await.unwrap().offer, None, "not held for good");
 }
 
