@@ -776,11 +776,20 @@ pub(crate) async fn create(
         // The chat is stored: its actor is activated from the store on first use instead.
         warn!(%error, conversation = %facts.id, "new conversation actor not started");
     }
-    match (local_queue, reservation) {
-        (_, Some(reservation)) => reservation.offered(entry, waiting_since_us),
+    let taken = match (local_queue, reservation) {
+        (_, Some(reservation)) => reservation.offered(entry.clone(), waiting_since_us).await,
         // The chat waits from now: its first offer's latency counts from here.
-        (Some(queue), None) => queue.add(entry, context.clock.now_us()),
-        (None, None) => remote::queue_add(context, &facts.tenant, entry).await,
+        (Some(queue), None) => queue.add(entry.clone(), context.clock.now_us()).await,
+        (None, None) => {
+            remote::queue_add(context, &facts.tenant, entry.clone()).await;
+            true
+        }
+    };
+    if !taken {
+        // The queue's shard moved while the chat was stored: its new owner is told (a stored offer it did
+        // not read is learnt when the conversation refuses it another, see the queue's `make_offer`).
+        debug!(conversation = %facts.id, "the chat's queue stopped before taking it; told its new owner");
+        remote::queue_add(context, &facts.tenant, entry).await;
     }
     Ok(StartedChat { view, customer_token, duplicate: false })
 }

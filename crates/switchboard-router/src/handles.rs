@@ -175,9 +175,12 @@ impl QueueHandle {
         crate::queue::activate(context, tenant, group).await.map(QueueHandle)
     }
 
-    /// Adds a chat that began to wait at `waiting_since_us` (0: now).
-    pub(crate) fn add(&self, entry: WaitingEntry, waiting_since_us: i64) {
-        let _ = self.0.cast(QueueMsg::Add { entry, waiting_since_us });
+    /// Adds a chat that began to wait at `waiting_since_us` (0: now); false when the queue stopped before
+    /// taking it (its shard moved: the queue rebuilt by the new owner may have read the store before the chat
+    /// was in it).
+    pub(crate) async fn add(&self, entry: WaitingEntry, waiting_since_us: i64) -> bool {
+        let message = |reply| QueueMsg::Add { entry, waiting_since_us, reply };
+        matches!(self.0.call(message, None).await, Ok(ractor::rpc::CallResult::Success(())))
     }
 
     pub(crate) fn remove(&self, conversation: ConversationId, reason: LeftQueue) {
@@ -228,10 +231,13 @@ pub(crate) struct Reservation {
 
 impl Reservation {
     /// The chat is stored with the offer: it waits from `waiting_since_us`, and the agent is shown the offer.
-    pub(crate) fn offered(mut self, entry: WaitingEntry, waiting_since_us: i64) {
+    /// False when the queue stopped before taking it (see [`QueueHandle::add`]; the reservation went
+    /// with it).
+    pub(crate) async fn offered(mut self, entry: WaitingEntry, waiting_since_us: i64) -> bool {
         self.handed_over = true;
         let (agent, expires_at_ms) = (self.agent.clone(), self.expires_at_ms);
-        let _ = self.queue.cast(QueueMsg::AddOffered { entry, agent, expires_at_ms, waiting_since_us });
+        let message = |reply| QueueMsg::AddOffered { entry, agent, expires_at_ms, waiting_since_us, reply };
+        matches!(self.queue.call(message, None).await, Ok(ractor::rpc::CallResult::Success(())))
     }
 }
 

@@ -29,7 +29,7 @@ use switchboard_domain::{
 };
 use switchboard_presence::GroupStatus;
 use switchboard_proto::convert::conversation_from_record;
-use switchboard_proto::internal::v1::ListConversationsRequest;
+use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest};
 use switchboard_proto::router::{GatewayId, LeftQueue, OfferUpdate, Push, QueueChange, RouterError, SystemCommand};
 use tracing::{debug, warn};
 
@@ -50,6 +50,8 @@ pub(crate) enum QueueMsg {
         entry: WaitingEntry,
         /// When the chat began to wait (µs since the epoch; 0: when the queue takes it in).
         waiting_since_us: i64,
+        /// Answered once taken (see [`QueueMsg::AddOffered`]).
+        reply: RpcReplyPort<()>,
     },
     Remove {
         conversation: ConversationId,
@@ -115,12 +117,14 @@ pub(crate) enum QueueMsg {
         reply: RpcReplyPort<Option<(AgentId, i64)>>,
     },
     /// A new chat stored with the offer to the agent reserved for it: it waits from `waiting_since_us`,
-    /// and the agent is shown the offer.
+    /// and the agent is shown the offer. Answered once taken, so that a chat handed to a queue that stopped
+    /// meanwhile is handed to its new owner instead.
     AddOffered {
         entry: WaitingEntry,
         agent: AgentId,
         expires_at_ms: i64,
         waiting_since_us: i64,
+        reply: RpcReplyPort<()>,
     },
     /// The chat reserved for was not stored with its offer (refused, failed, a start sent again).
     Unreserve {
@@ -134,6 +138,9 @@ pub(crate) enum OfferFailure {
     Agent,
     /// The conversation refused or could not be reached.
     Conversation,
+    /// The conversation has an offer this queue did not know of (stored as the chat was, while the queue's
+    /// shard moved): the queue takes it as its own.
+    Outstanding(Offer),
 }
 
 /// What the queue knows of one waiting chat's routing.
@@ -262,7 +269,7 @@ impl Actor for QueueActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            QueueMsg::Add { entry, waiting_since_us } => {
+            QueueMsg::Add { entry, waiting_since_us, reply } => {
                 if !state.waiting.contains(&entry.conversation) {
                     let since = match waiting_since_us {
                         0 => state.context.clock.now_us(),
@@ -272,6 +279,7 @@ impl Actor for QueueActor {
                     state.waiting.insert(entry.clone());
                     state.broadcast(QueueChange::Added { entry });
                 }
+                let _ = reply.send(());
             }
             QueueMsg::Remove { conversation, reason } => state.remove(conversation, reason),
             QueueMsg::Subscribe { gateway } => {
@@ -319,8 +327,9 @@ impl Actor for QueueActor {
                     state.reserved.remove(&conversation);
                 }
             }
-            QueueMsg::AddOffered { entry, agent, expires_at_ms, waiting_since_us } => {
+            QueueMsg::AddOffered { entry, agent, expires_at_ms, waiting_since_us, reply } => {
                 state.add_offered(entry, agent, expires_at_ms, waiting_since_us);
+                let _ = reply.send(());
             }
             QueueMsg::Unreserve { conversation } => {
                 state.reserved.remove(&conversation);
@@ -549,6 +558,19 @@ impl QueueActorState {
                 chat.offer = Some(Offer { agent: agent.clone(), expires_at_ms });
                 chat.unrecorded_end = None;
                 self.arm_timer(conversation, agent, expires_at_ms, now_ms);
+            }
+            Err(OfferFailure::Outstanding(offer)) => {
+                // Taken as this queue's own, as a rebuilt queue takes those it reads: timed, and shown.
+                if chat.offer.is_none() && !chat.ending {
+                    debug!(%conversation, agent = %offer.agent, "an offer stored without this queue taken over");
+                    chat.offer = Some(offer.clone());
+                    let waiting_since_us = chat.waiting_since_us;
+                    self.arm_timer(conversation, offer.agent.clone(), offer.expires_at_ms, now_ms);
+                    let entry = self.waiting.iter().find(|entry| entry.conversation == conversation).cloned();
+                    if let Some(entry) = entry.filter(|_| offer.expires_at_ms > now_ms) {
+                        self.show_again(entry, offer, waiting_since_us);
+                    }
+                }
             }
             Err(failure) => {
                 chat.retry_at_ms = now_ms + OFFER_RETRY_MS;
@@ -828,6 +850,12 @@ impl QueueActorState {
             let conversation = entry.conversation;
             let command = SystemCommand::Offer { agent: agent.clone(), expires_at_ms };
             let result = match remote::conversation_system(&context, conversation, command).await {
+                Err(RouterError::Refused(Refusal::OfferOutstanding)) => {
+                    match stored_offer(&context, conversation).await {
+                        Some(offer) => Err(OfferFailure::Outstanding(offer)),
+                        None => Err(OfferFailure::Conversation),
+                    }
+                }
                 Err(error) => {
                     debug!(%error, %conversation, "offer not recorded");
                     Err(OfferFailure::Conversation)
@@ -838,6 +866,21 @@ impl QueueActorState {
                 let _ = myself.cast(QueueMsg::OfferMade { conversation, agent, result });
             }
         });
+    }
+}
+
+/// The offer outstanding on a conversation, as stored.
+async fn stored_offer(context: &Context, conversation: ConversationId) -> Option<Offer> {
+    let request = GetConversationRequest { conversation_id: conversation.to_string() };
+    match context.store.get_conversation(request).await {
+        Ok(response) => {
+            let record = response.conversation?;
+            conversation_from_record(&record).ok()?.offer
+        }
+        Err(error) => {
+            debug!(%error, %conversation, "the stored offer not read");
+            None
+        }
     }
 }
 

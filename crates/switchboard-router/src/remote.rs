@@ -13,7 +13,7 @@ use switchboard_domain::{
     AgentAvailability, AgentId, ConversationId, GroupId, TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
 use switchboard_proto::router::{Caller, ChatView, LeftQueue, OfferUpdate, RouterError, SystemCommand};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::context::Context;
 use crate::handles::{AgentHandle, ConversationHandle, QueueHandle};
@@ -51,16 +51,21 @@ pub(crate) async fn queue_add(context: &Arc<Context>, tenant: &TenantId, entry: 
     let waiting_since_us = context.clock.now_us();
     if context.shards.owns(&queue_key(tenant, &entry.group)) || context.peers.is_none() {
         match QueueHandle::activate(context, tenant, &entry.group).await {
-            Ok(queue) => queue.add(entry, waiting_since_us),
-            Err(error) => warn!(%error, conversation = %entry.conversation, "queue not told of a new chat"),
+            Ok(queue) if queue.add(entry.clone(), waiting_since_us).await => return,
+            Ok(_) => debug!(conversation = %entry.conversation, "the queue stopped before taking a new chat"),
+            Err(error) => debug!(%error, conversation = %entry.conversation, "queue not activated for a new chat"),
         }
-    } else if let Some(peers) = context.peers.clone() {
-        let tenant = tenant.clone();
-        cast_remote("queue add", move || {
-            let (peers, tenant, entry) = (peers.clone(), tenant.clone(), entry.clone());
-            async move { peers.queue_add(&tenant, entry, waiting_since_us).await }
-        });
+        // Given up meanwhile (its shard moved): its new owner is told, as for a queue on another node.
     }
+    let Some(peers) = context.peers.clone() else {
+        warn!(conversation = %entry.conversation, "queue not told of a new chat: listed when next activated");
+        return;
+    };
+    let tenant = tenant.clone();
+    cast_remote("queue add", move || {
+        let (peers, tenant, entry) = (peers.clone(), tenant.clone(), entry.clone());
+        async move { peers.queue_add(&tenant, entry, waiting_since_us).await }
+    });
 }
 
 pub(crate) async fn queue_remove(

@@ -193,8 +193,9 @@ impl PeerApi for Router {
         waiting_since_us: i64,
     ) -> Result<(), RouterError> {
         self.owns(&queue_key(tenant, &entry.group))?;
-        QueueHandle::activate(&self.context, tenant, &entry.group).await?.add(entry, waiting_since_us);
-        Ok(())
+        let queue = QueueHandle::activate(&self.context, tenant, &entry.group).await?;
+        // A queue that stops before taking it (its shard just moved) sends the caller to the new owner.
+        if queue.add(entry, waiting_since_us).await { Ok(()) } else { Err(RouterError::NotOwner) }
     }
 
     async fn queue_remove(

@@ -9,7 +9,8 @@ use switchboard_domain::{AgentId, AgentStatus, ConversationId, ConversationState
 use switchboard_presence::Presence;
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::{
-    AgentChange, Caller, ChatCommand, OfflineMessage, Push, QueueChange, RouterApi, RouterError, StartChat,
+    AgentChange, Caller, ChatCommand, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat,
+    SystemCommand,
 };
 use switchboard_proto::store::StoreApi as _;
 
@@ -303,6 +304,26 @@ async fn an_agent_whose_offer_was_withdrawn_is_offered_the_chat_again_once_back_
     fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Online).await.unwrap();
     settle().await;
     assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_offer_stored_without_its_queue_knowing_is_taken_over_by_the_queue_not_left_to_block_the_chat() {
+    let mut fixture = fixture().await;
+    // A chat waits, with no agent online; an offer to y is then stored on it behind its queue's back (as a
+    // chat stored with its offer while its queue's shard moved, the queue rebuilt before the chat was stored).
+    let chat = fixture.start_chat("push", "ann").await;
+    let offer = SystemCommand::Offer { agent: agent("y"), expires_at_ms: fixture.clock_ms() + OFFER_TIMEOUT_MS };
+    fixture.router.conversation_system(chat, offer).await.unwrap();
+    fixture.drain();
+    // x comes online: the queue's offer to x is refused (one offer at a time); the queue takes the stored one
+    // as its own and shows it to y, who is offline and refuses it: it is withdrawn, and x has the chat.
+    sign_in(&fixture, "x").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+    let customer = Caller::Customer { conversation: chat };
+    let events = fixture.router.read_events(&customer, chat, 0).await.unwrap().events;
+    let kinds: Vec<&str> = events.iter().map(|event| event.body.kind()).collect();
+    assert_eq!(kinds, ["created", "message", "offered", "offer_ended", "offered"]);
 }
 
 #[tokio::test(start_paused = true)]
