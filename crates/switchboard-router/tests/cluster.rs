@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{agent, directory, group, start_request, tenant};
+use common::{CountedReads, agent, directory, group, start_request, tenant};
 use switchboard_domain::{
     AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, ConversationState, EventBody, FixedClock, GroupId,
     OfferEnd, Refusal, TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 /// with real placement.
 #[derive(Default)]
 struct LocalCluster {
-    routers: OnceLock<Vec<Arc<Router>>>,
+    routers: std::sync::Mutex<Vec<Arc<Router>>>,
     /// While set, every cast of an agent's availability to another node's queue is lost (fails for good).
     lose_availability: AtomicBool,
     /// While set, a chat's cast to another node's queue takes this long on the clock (a slow hop, retries).
@@ -60,11 +60,15 @@ impl LocalCluster {
 }
 
 impl LocalCluster {
+    fn routers(&self) -> Vec<Arc<Router>> {
+        self.routers.lock().unwrap().clone()
+    }
+
     async fn first<T, Fut>(&self, ask: impl Fn(Arc<Router>) -> Fut) -> Result<T, RouterError>
     where
         Fut: Future<Output = Result<T, RouterError>>,
     {
-        for router in self.routers.get().into_iter().flatten() {
+        for router in self.routers() {
             match ask(router.clone()).await {
                 Err(RouterError::NotOwner) => continue,
                 result => return result,
@@ -77,7 +81,7 @@ impl LocalCluster {
 #[async_trait]
 impl RouterApi for LocalCluster {
     fn connect_gateway(&self, gateway: GatewayId, sink: mpsc::UnboundedSender<Push>) {
-        for router in self.routers.get().into_iter().flatten() {
+        for router in self.routers() {
             router.connect_gateway(gateway.clone(), sink.clone());
         }
     }
@@ -104,7 +108,7 @@ impl RouterApi for LocalCluster {
         self.first(|router| async move { router.subscribe(gateway, caller, conversation, after_seq).await }).await
     }
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
-        for router in self.routers.get().into_iter().flatten() {
+        for router in self.routers() {
             router.unsubscribe(gateway, conversation).await;
         }
     }
@@ -156,7 +160,7 @@ impl RouterApi for LocalCluster {
         self.first(|router| async move { router.subscribe_queue(gateway, tenant, group).await }).await
     }
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
-        for router in self.routers.get().into_iter().flatten() {
+        for router in self.routers() {
             router.unsubscribe_queue(gateway, tenant, group).await;
         }
     }
@@ -169,7 +173,7 @@ impl RouterApi for LocalCluster {
         self.first(|router| async move { router.subscribe_agent(gateway, tenant, agent).await }).await
     }
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
-        for router in self.routers.get().into_iter().flatten() {
+        for router in self.routers() {
             router.unsubscribe_agent(gateway, tenant, agent).await;
         }
     }
@@ -331,6 +335,8 @@ struct Nodes {
     cluster: Arc<LocalCluster>,
     routers: Vec<Arc<Router>>,
     store: Arc<MemoryStore>,
+    /// The routers' store: `store`, able to hold an append.
+    counted: Arc<CountedReads>,
     clock: Arc<FixedClock>,
     presence: Arc<MemoryPresence>,
     /// The routers' presence: `presence`, until an outage.
@@ -341,22 +347,29 @@ async fn start_nodes(n: usize) -> Nodes {
     let clock = Arc::new(FixedClock::new(1_700_000_000_000));
     let clock_dyn: Arc<dyn Clock> = clock.clone();
     let store = Arc::new(MemoryStore::new(clock_dyn.clone()));
+    let counted = Arc::new(CountedReads::new(store.clone()));
     let cluster = Arc::new(LocalCluster::default());
-    let mut routers = Vec::new();
     let memory_presence = Arc::new(MemoryPresence::new());
     let outage = Arc::new(Outage::new(memory_presence.clone()));
-    let presence: Arc<dyn Presence> = outage.clone();
+    let mut nodes = Nodes { cluster, routers: Vec::new(), store, counted, clock, presence: memory_presence, outage };
     for i in 0..n {
-        let mut settings = common::router_settings(&format!("node-{i}"));
-        settings.advertise = format!("local://node-{i}");
-        let peers: Arc<dyn ClusterApi> = cluster.clone();
-        let directory = Arc::new(directory());
-        let router =
-            Router::start(settings, store.clone(), clock_dyn.clone(), directory, presence.clone(), Some(peers));
-        routers.push(Arc::new(router.await.unwrap()));
+        let router = join(&nodes, i).await;
+        nodes.routers.push(router);
     }
-    assert!(cluster.routers.set(routers.clone()).is_ok());
-    Nodes { cluster, routers, store, clock, presence: memory_presence, outage }
+    nodes
+}
+
+/// Starts router `node-{i}` on the nodes' store, clock and presence, reachable through their cluster.
+async fn join(nodes: &Nodes, i: usize) -> Arc<Router> {
+    let mut settings = common::router_settings(&format!("node-{i}"));
+    settings.advertise = format!("local://node-{i}");
+    let peers: Arc<dyn ClusterApi> = nodes.cluster.clone();
+    let clock: Arc<dyn Clock> = nodes.clock.clone();
+    let presence: Arc<dyn Presence> = nodes.outage.clone();
+    let router = Router::start(settings, nodes.counted.clone(), clock, Arc::new(directory()), presence, Some(peers));
+    let router = Arc::new(router.await.unwrap());
+    nodes.cluster.routers.lock().unwrap().push(router.clone());
+    router
 }
 
 /// Lets the lease keepers run until `done` holds (paused time: each round is one renewal period).
@@ -1025,4 +1038,72 @@ async fn an_agent_who_cannot_take_an_offer_shown_is_passed_over_for_the_others_f
         }
     }
     assert_eq!(shown, [(second, chat)]);
+}
+
+/// Until every router owns a fair share of the shards (as the lease keepers count it, give or take two).
+fn fair(routers: &[Arc<Router>]) -> bool {
+    let owned: Vec<usize> = routers.iter().map(|router| router.n_shards_owned()).collect();
+    owned.iter().sum::<usize>() == 1024 && owned.iter().all(|n| *n + 2 >= 1024 / routers.len())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_stored_with_its_offer_while_its_queue_moves_to_another_node_is_offered_there() {
+    // A chat whose conversation stays on node 0 when node 1 joins, while its queue moves to node 1, found on
+    // a cluster of its own (the placement is the same each time).
+    let chat = {
+        let mut dry = start_nodes(1).await;
+        settle(&dry, fair).await;
+        let ids: Vec<ConversationId> = (0..50)
+            .map(|_| {
+                dry.clock.advance_ms(1);
+                ConversationId::new_v7(dry.clock.now_ms())
+            })
+            .collect();
+        let joined = join(&dry, 1).await;
+        dry.routers.push(joined);
+        settle(&dry, fair).await;
+        assert_eq!(push_queue_owner(&dry), 1, "the queue moves to the node that joins: pick another group");
+        *ids.iter().find(|id| dry.routers[0].owns_key(&conversation_key(id))).unwrap()
+    };
+    let mut nodes = start_nodes(1).await;
+    settle(&nodes, fair).await;
+    let _ = sign_in(&nodes, &agent("x")).await;
+    // The chat finds x free: the queue reserves x, and the chat is being stored with its offer (held).
+    let release = nodes.counted.hold_next_opening_offer_unstored();
+    let cluster = nodes.cluster.clone();
+    let start = tokio::spawn(async move { cluster.start_chat(start_request(chat, group("push"), "x", "hi?")).await });
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(nodes.counted.appends(), 1, "the opening append is on its way");
+
+    // Node 1 joins and takes the queue, rebuilt from a store without the chat; the conversation stays.
+    let joined = join(&nodes, 1).await;
+    nodes.routers.push(joined);
+    settle(&nodes, fair).await;
+    assert_eq!(push_queue_owner(&nodes), 1);
+    assert!(nodes.routers[0].owns_key(&conversation_key(&chat)));
+    // (x's gateway connects to the new node too, and follows x, who may have moved.)
+    let (sink, mut pushes) = mpsc::unbounded_channel();
+    nodes.cluster.connect_gateway(GatewayId("gw".into()), sink);
+    nodes.cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &agent("x")).await.unwrap();
+    // Its console watches the queue, rebuilt on node 1 (before the chat is stored).
+    nodes.cluster.subscribe_queue(&GatewayId("gw".into()), &tenant(), &group("push")).await.unwrap();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let snapshot = std::iter::from_fn(|| pushes.try_recv().ok()).find_map(|push| match push {
+        Push::Queue { change: QueueChange::Snapshot { entries }, .. } => Some(entries),
+        _ => None,
+    });
+    assert_eq!(snapshot, Some(Vec::new()), "the rebuilt queue read the store before the chat was in it");
+
+    // The chat is stored; the queue it was reserved in is gone: its new owner is told, lists it and offers
+    // it to x (the offer the conversation has already: the same, not a second). Before, the chat was handed
+    // to the stopped queue and lost: listed nowhere, its offer never shown nor timed.
+    drop(release);
+    assert!(start.await.unwrap().is_ok());
+    assert_eq!(next_offer(&mut pushes).await.map(|(offered, _)| offered), Ok(chat));
+    let view = nodes.cluster.accept_chat(&tenant(), &agent("x"), chat).await.unwrap();
+    assert_eq!(view.owner, Some(agent("x")));
 }

@@ -48,8 +48,9 @@ pub struct CountedReads {
     inner: Arc<MemoryStore>,
     reads: AtomicUsize,
     appends: AtomicUsize,
-    /// Held: the answer to the next append that creates a chat with its offer, stored, until the sender goes.
-    held: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// Held: the next append that creates a chat with its offer, until the sender goes; stored before (its
+    /// answer held) or after (the append itself held) when the flag says so.
+    held: std::sync::Mutex<Option<(tokio::sync::oneshot::Receiver<()>, bool)>>,
 }
 
 impl CountedReads {
@@ -61,7 +62,15 @@ impl CountedReads {
     /// returned sender is used or dropped.
     pub fn hold_next_opening_offer(&self) -> tokio::sync::oneshot::Sender<()> {
         let (release, held) = tokio::sync::oneshot::channel();
-        *self.held.lock().unwrap() = Some(held);
+        *self.held.lock().unwrap() = Some((held, true));
+        release
+    }
+
+    /// Holds the next append that creates a chat with its offer, not stored yet, until the returned sender is
+    /// used or dropped.
+    pub fn hold_next_opening_offer_unstored(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (release, held) = tokio::sync::oneshot::channel();
+        *self.held.lock().unwrap() = Some((held, false));
         release
     }
 
@@ -88,6 +97,14 @@ impl StoreApi for CountedReads {
         self.appends.fetch_add(1, Ordering::SeqCst);
         let opening_offer = request.create.is_some() && request.events.iter().any(|event| event.kind == "offered");
         let held = if opening_offer { self.held.lock().unwrap().take() } else { None };
+        let (held, stored_first) = match held {
+            Some((held, stored_first)) => (Some(held), stored_first),
+            None => (None, true),
+        };
+        if !stored_first && let Some(held) = held {
+            let _ = held.await;
+            return self.inner.append(request).await;
+        }
         let answer = self.inner.append(request).await;
         if let Some(held) = held {
             let _ = held.await;
