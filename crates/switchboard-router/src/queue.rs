@@ -24,8 +24,8 @@ use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, BusinessHours, ConversationId, GroupId, Offer, OfferEnd, Refusal, Routing,
-    TenantId, WaitingEntry, WaitingQueue, queue_key,
+    AgentAvailability, AgentId, AgentStatus, BusinessHours, ConversationId, ConversationState, GroupId, Offer,
+    OfferEnd, Refusal, Routing, TenantId, WaitingEntry, WaitingQueue, queue_key,
 };
 use switchboard_presence::GroupStatus;
 use switchboard_proto::convert::conversation_from_record;
@@ -141,6 +141,9 @@ pub(crate) enum OfferFailure {
     /// The conversation has an offer this queue did not know of (stored as the chat was, while the queue's
     /// shard moved): the queue takes it as its own.
     Outstanding(Offer),
+    /// The chat waits no more (taken, closed): it left the queue without this queue hearing of it (listed
+    /// again by a late hand-over, after its new owner had read it from the store and seen it leave).
+    Gone(LeftQueue),
 }
 
 /// What the queue knows of one waiting chat's routing.
@@ -281,7 +284,7 @@ impl Actor for QueueActor {
                 }
                 let _ = reply.send(());
             }
-            QueueMsg::Remove { conversation, reason } => state.remove(conversation, reason),
+            QueueMsg::Remove { conversation, reason } => state.remove(conversation, reason, true),
             QueueMsg::Subscribe { gateway } => {
                 let entries = state.waiting.iter().cloned().collect();
                 if state.push(&gateway, QueueChange::Snapshot { entries }) {
@@ -381,7 +384,9 @@ impl QueueActorState {
         self.context.gateways.push(gateway, push)
     }
 
-    fn remove(&mut self, conversation: ConversationId, reason: LeftQueue) {
+    /// The chat left the queue; its wait is `counted` in the group's figures unless it was already (a chat
+    /// listed again by a late hand-over, removed a second time).
+    fn remove(&mut self, conversation: ConversationId, reason: LeftQueue, counted: bool) {
         let Some(entry) = self.waiting.remove(&conversation) else {
             return;
         };
@@ -406,7 +411,7 @@ impl QueueActorState {
             let _ = reply.send(Ok(()));
         }
         self.broadcast(QueueChange::Removed { conversation, reason });
-        if taken_by.is_some() {
+        if taken_by.is_some() && counted {
             let waited_ms = self.now_ms().saturating_sub(entry.queued_at_ms).max(0);
             self.metrics.wait.record(waited_ms as f64 / 1000.0);
             if offer_taken {
@@ -571,6 +576,10 @@ impl QueueActorState {
                         self.show_again(entry, offer, waiting_since_us);
                     }
                 }
+            }
+            Err(OfferFailure::Gone(reason)) => {
+                debug!(%conversation, "a chat that left the queue unheard of removed");
+                self.remove(conversation, reason, false);
             }
             Err(failure) => {
                 chat.retry_at_ms = now_ms + OFFER_RETRY_MS;
@@ -850,11 +859,8 @@ impl QueueActorState {
             let conversation = entry.conversation;
             let command = SystemCommand::Offer { agent: agent.clone(), expires_at_ms };
             let result = match remote::conversation_system(&context, conversation, command).await {
-                Err(RouterError::Refused(Refusal::OfferOutstanding)) => {
-                    match stored_offer(&context, conversation).await {
-                        Some(offer) => Err(OfferFailure::Outstanding(offer)),
-                        None => Err(OfferFailure::Conversation),
-                    }
+                Err(RouterError::Refused(Refusal::OfferOutstanding | Refusal::ChatTaken | Refusal::ChatClosed)) => {
+                    Err(stored_state(&context, conversation).await)
                 }
                 Err(error) => {
                     debug!(%error, %conversation, "offer not recorded");
@@ -869,18 +875,24 @@ impl QueueActorState {
     }
 }
 
-/// The offer outstanding on a conversation, as stored.
-async fn stored_offer(context: &Context, conversation: ConversationId) -> Option<Offer> {
+/// Why the conversation refused this queue's offer, from its stored state: an offer the queue did not know
+/// of, or the chat gone from the queue; else (not read, or changed since) the offer is tried again later.
+async fn stored_state(context: &Context, conversation: ConversationId) -> OfferFailure {
     let request = GetConversationRequest { conversation_id: conversation.to_string() };
-    match context.store.get_conversation(request).await {
-        Ok(response) => {
-            let record = response.conversation?;
-            conversation_from_record(&record).ok()?.offer
-        }
+    let stored = match context.store.get_conversation(request).await {
+        Ok(response) => response.conversation.and_then(|record| conversation_from_record(&record).ok()),
         Err(error) => {
-            debug!(%error, %conversation, "the stored offer not read");
+            debug!(%error, %conversation, "the conversation that refused an offer not read");
             None
         }
+    };
+    let Some(stored) = stored else { return OfferFailure::Conversation };
+    match (stored.state, stored.offer, stored.owner) {
+        (ConversationState::Queued, Some(offer), _) => OfferFailure::Outstanding(offer),
+        (ConversationState::Active, _, Some(agent)) => OfferFailure::Gone(LeftQueue::Accepted { agent }),
+        (ConversationState::Closed, ..) => OfferFailure::Gone(LeftQueue::Closed),
+        (ConversationState::Cancelled, ..) => OfferFailure::Gone(LeftQueue::Cancelled),
+        _ => OfferFailure::Conversation,
     }
 }
 

@@ -45,8 +45,18 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         Fut: Future<Output = Result<ActorRef<M>, RouterError>>,
     {
         let slot = self.slot(key);
-        let actor = slot.get_or_try_init(activate).await?;
-        Ok(actor.clone())
+        let actor = slot.get_or_try_init(activate).await?.clone();
+        // The key's shard given up while the actor was being activated (`stop_where` found the slot empty and
+        // forgot it): the actor would live on unknown to the registry, beside the new owner's. Stopped too.
+        let registered = {
+            let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            slots.get(key).is_some_and(|current| Arc::ptr_eq(current, &slot))
+        };
+        if !registered {
+            actor.stop(Some("shard given up during its activation".into()));
+            return Err(RouterError::NotOwner);
+        }
+        Ok(actor)
     }
 
     /// Forgets the actor of `key` if it is `actor` (it stopped).
@@ -85,5 +95,59 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
             actor.stop(Some("shard given up".into()));
         }
         stopped.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ractor::{Actor, ActorProcessingErr};
+
+    use super::*;
+
+    struct Idle;
+
+    impl Actor for Idle {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_actor_whose_shard_is_given_up_while_it_is_activated_is_stopped_not_left_running() {
+        let registry: Arc<Registry<u32, ()>> = Arc::default();
+        let (activating, activated) = tokio::sync::oneshot::channel::<()>();
+        let (spawned, spawned_actor) = tokio::sync::oneshot::channel();
+        let first = tokio::spawn({
+            let registry = registry.clone();
+            async move {
+                registry
+                    .get_or_activate(&7, || async move {
+                        let (actor, _) = Actor::spawn(None, Idle, ()).await.unwrap();
+                        let _ = spawned.send(actor.clone());
+                        let _ = activated.await;
+                        Ok(actor)
+                    })
+                    .await
+            }
+        });
+        let actor = spawned_actor.await.unwrap();
+        // The shard is given up while the activation reads its state.
+        assert_eq!(registry.stop_where(|key| *key == 7), 0, "nothing running to stop yet");
+        drop(activating);
+        assert_eq!(first.await.unwrap().err(), Some(RouterError::NotOwner));
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while is_alive(&actor) {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(stopped.await.is_ok(), "the actor is stopped");
+        assert!(registry.get_running(&7).is_none());
+        // Owned again later, the key is activated afresh.
+        let again = registry.get_or_activate(&7, || async { Ok(Actor::spawn(None, Idle, ()).await.unwrap().0) }).await;
+        assert!(again.is_ok_and(|fresh| fresh.get_id() != actor.get_id() && is_alive(&fresh)));
     }
 }

@@ -5,7 +5,9 @@
 mod common;
 
 use common::{Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request, tenant};
-use switchboard_domain::{AgentId, AgentStatus, ConversationId, ConversationState, EventBody, OfferEnd, Refusal};
+use switchboard_domain::{
+    AgentId, AgentStatus, ConversationId, ConversationState, EventBody, OfferEnd, Refusal, WaitingEntry,
+};
 use switchboard_presence::Presence;
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::{
@@ -324,6 +326,39 @@ async fn an_offer_stored_without_its_queue_knowing_is_taken_over_by_the_queue_no
     let events = fixture.router.read_events(&customer, chat, 0).await.unwrap().events;
     let kinds: Vec<&str> = events.iter().map(|event| event.body.kind()).collect();
     assert_eq!(kinds, ["created", "message", "offered", "offer_ended", "offered"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_listed_again_after_it_left_the_queue_is_removed_when_its_conversation_refuses_an_offer() {
+    let mut fixture = fixture().await;
+    let chat = fixture.start_chat("push", "ann").await;
+    let customer = Caller::Customer { conversation: chat };
+    let queued = fixture.router.chat_view(&customer, chat).await.unwrap();
+    fixture.router.command(&customer, chat, ChatCommand::Close).await.unwrap();
+    settle().await;
+    // A late hand-over lists the closed chat again (as one that reached a queue's new owner after the chat
+    // had left it).
+    let entry = WaitingEntry {
+        conversation: chat,
+        group: group("push"),
+        queued_at_ms: queued.created_at_ms,
+        customer_name: queued.customer_name,
+        question: queued.first_question,
+    };
+    fixture.router.queue_add(&tenant(), entry, 0).await.unwrap();
+    settle().await;
+    fixture.drain();
+    // x comes online: the offer is refused (the chat is closed) and the chat leaves the list for good.
+    sign_in(&fixture, "x").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), []);
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("push")).await.unwrap();
+    settle().await;
+    let snapshot = fixture.drain().into_iter().find_map(|push| match push {
+        Push::Queue { change: QueueChange::Snapshot { entries }, .. } => Some(entries),
+        _ => None,
+    });
+    assert_eq!(snapshot, Some(Vec::new()));
 }
 
 #[tokio::test(start_paused = true)]
