@@ -860,7 +860,7 @@ impl QueueActorState {
             let command = SystemCommand::Offer { agent: agent.clone(), expires_at_ms };
             let result = match remote::conversation_system(&context, conversation, command).await {
                 Err(RouterError::Refused(Refusal::OfferOutstanding | Refusal::ChatTaken | Refusal::ChatClosed)) => {
-                    Err(stored_state(&context, conversation).await)
+                    Err(stored_state(&context, conversation, &entry.group).await)
                 }
                 Err(error) => {
                     debug!(%error, %conversation, "offer not recorded");
@@ -875,9 +875,10 @@ impl QueueActorState {
     }
 }
 
-/// Why the conversation refused this queue's offer, from its stored state: an offer the queue did not know
-/// of, or the chat gone from the queue; else (not read, or changed since) the offer is tried again later.
-async fn stored_state(context: &Context, conversation: ConversationId) -> OfferFailure {
+/// Why the conversation refused the offer of `group`'s queue, from its stored state: an offer the queue did
+/// not know of, or the chat gone from the queue (to another group's too); else (not read, or changed since)
+/// the offer is tried again later.
+async fn stored_state(context: &Context, conversation: ConversationId, group: &GroupId) -> OfferFailure {
     let request = GetConversationRequest { conversation_id: conversation.to_string() };
     let stored = match context.store.get_conversation(request).await {
         Ok(response) => response.conversation.and_then(|record| conversation_from_record(&record).ok()),
@@ -888,6 +889,9 @@ async fn stored_state(context: &Context, conversation: ConversationId) -> OfferF
     };
     let Some(stored) = stored else { return OfferFailure::Conversation };
     match (stored.state, stored.offer, stored.owner) {
+        (ConversationState::Queued, ..) if stored.group != *group => {
+            OfferFailure::Gone(LeftQueue::Transferred { to_group: stored.group })
+        }
         (ConversationState::Queued, Some(offer), _) => OfferFailure::Outstanding(offer),
         (ConversationState::Active, _, Some(agent)) => OfferFailure::Gone(LeftQueue::Accepted { agent }),
         (ConversationState::Closed, ..) => OfferFailure::Gone(LeftQueue::Closed),
