@@ -201,9 +201,21 @@ pub struct Ticket {
 /// owner asks (an agent who stays offline past the grace period).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SystemCommand {
-    Offer { agent: AgentId, expires_at_ms: i64 },
-    EndOffer { agent: AgentId, reason: OfferEnd },
-    Requeue { agent: AgentId, reason: RequeueReason },
+    /// `group`: the group whose queue makes the offer, refused (`NotInGroup`) when the chat waits in another
+    /// (a queue that still lists a chat moved away); `None` from routers before it, unchecked.
+    Offer {
+        agent: AgentId,
+        expires_at_ms: i64,
+        group: Option<GroupId>,
+    },
+    EndOffer {
+        agent: AgentId,
+        reason: OfferEnd,
+    },
+    Requeue {
+        agent: AgentId,
+        reason: RequeueReason,
+    },
 }
 
 /// What the owner of a group's queue tells the owner of an agent about an offer.

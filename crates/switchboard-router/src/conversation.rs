@@ -241,8 +241,16 @@ impl ConversationActor {
                 }
             }
             ConversationMsg::System { command, reply } => {
+                // A queue that still lists a chat now waiting in another group (moved away while a late
+                // hand-over listed it there) does not offer it to its own agents.
+                if let SystemCommand::Offer { group: Some(group), .. } = &command
+                    && *group != state.conversation.group
+                {
+                    let _ = reply.send(Err(RouterError::Refused(Refusal::NotInGroup)));
+                    return Ok(());
+                }
                 let command = match command {
-                    SystemCommand::Offer { agent, expires_at_ms } => Command::Offer { agent, expires_at_ms },
+                    SystemCommand::Offer { agent, expires_at_ms, .. } => Command::Offer { agent, expires_at_ms },
                     SystemCommand::EndOffer { agent, reason } => Command::EndOffer { agent, reason },
                     SystemCommand::Requeue { agent, reason } => Command::Requeue { agent, reason },
                 };

@@ -857,11 +857,12 @@ impl QueueActorState {
         let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
         tokio::spawn(async move {
             let conversation = entry.conversation;
-            let command = SystemCommand::Offer { agent: agent.clone(), expires_at_ms };
+            let group = Some(entry.group.clone());
+            let command = SystemCommand::Offer { agent: agent.clone(), expires_at_ms, group };
             let result = match remote::conversation_system(&context, conversation, command).await {
-                Err(RouterError::Refused(Refusal::OfferOutstanding | Refusal::ChatTaken | Refusal::ChatClosed)) => {
-                    Err(stored_state(&context, conversation, &entry.group).await)
-                }
+                Err(RouterError::Refused(
+                    Refusal::OfferOutstanding | Refusal::ChatTaken | Refusal::ChatClosed | Refusal::NotInGroup,
+                )) => Err(stored_state(&context, conversation, &entry.group).await),
                 Err(error) => {
                     debug!(%error, %conversation, "offer not recorded");
                     Err(OfferFailure::Conversation)

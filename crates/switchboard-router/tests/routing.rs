@@ -314,7 +314,8 @@ async fn an_offer_stored_without_its_queue_knowing_is_taken_over_by_the_queue_no
     // A chat waits, with no agent online; an offer to y is then stored on it behind its queue's back (as a
     // chat stored with its offer while its queue's shard moved, the queue rebuilt before the chat was stored).
     let chat = fixture.start_chat("push", "ann").await;
-    let offer = SystemCommand::Offer { agent: agent("y"), expires_at_ms: fixture.clock_ms() + OFFER_TIMEOUT_MS };
+    let expires_at_ms = fixture.clock_ms() + OFFER_TIMEOUT_MS;
+    let offer = SystemCommand::Offer { agent: agent("y"), expires_at_ms, group: Some(group("push")) };
     fixture.router.conversation_system(chat, offer).await.unwrap();
     fixture.drain();
     // x comes online: the queue's offer to x is refused (one offer at a time); the queue takes the stored one
@@ -352,6 +353,41 @@ async fn a_chat_listed_again_after_it_left_the_queue_is_removed_when_its_convers
     sign_in(&fixture, "x").await;
     settle().await;
     assert_eq!(offers(&fixture.drain()), []);
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("push")).await.unwrap();
+    settle().await;
+    let snapshot = fixture.drain().into_iter().find_map(|push| match push {
+        Push::Queue { change: QueueChange::Snapshot { entries }, .. } => Some(entries),
+        _ => None,
+    });
+    assert_eq!(snapshot, Some(Vec::new()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_that_still_lists_a_chat_moved_to_another_group_does_not_offer_it_and_drops_it() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "w").await;
+    let chat = fixture.start_chat("push", "ann").await;
+    let customer = Caller::Customer { conversation: chat };
+    let queued = fixture.router.chat_view(&customer, chat).await.unwrap();
+    fixture.router.transfer_chat(&caller("x"), chat, &group("t")).await.unwrap();
+    settle().await;
+    // A late hand-over lists it in `push` again.
+    let entry = WaitingEntry {
+        conversation: chat,
+        group: group("push"),
+        queued_at_ms: queued.created_at_ms,
+        customer_name: queued.customer_name,
+        question: queued.first_question,
+    };
+    fixture.router.queue_add(&tenant(), entry, 0).await.unwrap();
+    settle().await;
+    // x (of `push` only) comes online: the chat waits in `t`, and is neither offered to x nor left in `push`.
+    fixture.drain();
+    sign_in(&fixture, "x").await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), []);
+    let events = fixture.router.read_events(&customer, chat, 0).await.unwrap().events;
+    assert!(events.iter().all(|event| event.body.kind() != "offered"));
     fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("push")).await.unwrap();
     settle().await;
     let snapshot = fixture.drain().into_iter().find_map(|push| match push {

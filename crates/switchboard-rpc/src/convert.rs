@@ -514,9 +514,11 @@ pub fn offer_update_from_proto(update: Option<&agent_offer_request::Update>) -> 
 pub fn system_command_to_proto(command: &SystemCommand) -> conversation_system_request::Command {
     use conversation_system_request::Command;
     match command {
-        SystemCommand::Offer { agent, expires_at_ms } => {
-            Command::Offer(OfferCommand { agent_id: agent.to_string(), expires_at_ms: *expires_at_ms })
-        }
+        SystemCommand::Offer { agent, expires_at_ms, group } => Command::Offer(OfferCommand {
+            agent_id: agent.to_string(),
+            expires_at_ms: *expires_at_ms,
+            group_id: group.as_ref().map(ToString::to_string).unwrap_or_default(),
+        }),
         SystemCommand::EndOffer { agent, reason } => Command::EndOffer(EndOfferCommand {
             agent_id: agent.to_string(),
             reason: offer_end_str(*reason).to_owned(),
@@ -534,9 +536,11 @@ pub fn system_command_from_proto(
 ) -> Result<SystemCommand, Status> {
     use conversation_system_request::Command;
     Ok(match required(command, "system command")? {
-        Command::Offer(offer) => {
-            SystemCommand::Offer { agent: agent_id(&offer.agent_id)?, expires_at_ms: offer.expires_at_ms }
-        }
+        Command::Offer(offer) => SystemCommand::Offer {
+            agent: agent_id(&offer.agent_id)?,
+            expires_at_ms: offer.expires_at_ms,
+            group: if offer.group_id.is_empty() { None } else { Some(group_id(&offer.group_id)?) },
+        },
         Command::EndOffer(end) => {
             SystemCommand::EndOffer { agent: agent_id(&end.agent_id)?, reason: offer_end(&end.reason)? }
         }
@@ -859,8 +863,8 @@ mod tests {
 
     fn any_system_command() -> impl Strategy<Value = SystemCommand> {
         prop_oneof![
-            (any_agent(), any::<i64>())
-                .prop_map(|(agent, expires_at_ms)| SystemCommand::Offer { agent, expires_at_ms }),
+            (any_agent(), any::<i64>(), proptest::option::of(any_group()))
+                .prop_map(|(agent, expires_at_ms, group)| SystemCommand::Offer { agent, expires_at_ms, group }),
             (any_agent(), any_offer_end()).prop_map(|(agent, reason)| SystemCommand::EndOffer { agent, reason }),
             any_agent().prop_map(|agent| SystemCommand::Requeue { agent, reason: RequeueReason::AgentOffline }),
         ]

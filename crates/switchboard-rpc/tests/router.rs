@@ -609,7 +609,7 @@ async fn every_router_error_arrives_as_it_was_raised() {
         assert_eq!(client.leave_offline_message(offline_message("k")).await.unwrap_err(), error);
         assert_eq!(client.reject_offer(&tenant(), &group("g1"), &agent("a"), chat).await.unwrap_err(), error);
         assert_eq!(client.subscribe_agent(&GatewayId("gw".into()), &tenant(), &agent("a")).await.unwrap_err(), error);
-        let offer = SystemCommand::Offer { agent: agent("a"), expires_at_ms: NOW_MS };
+        let offer = SystemCommand::Offer { agent: agent("a"), expires_at_ms: NOW_MS, group: None };
         assert_eq!(client.conversation_system(chat, offer).await.unwrap_err(), error);
         assert_eq!(client.agent_availability(&tenant(), &agent("a")).await.unwrap_err(), error);
         assert_eq!(client.owner_forward(&agent_caller("a"), chat, &agent("b")).await.unwrap_err(), error);
@@ -676,7 +676,7 @@ async fn push_routing_transfer_and_offline_calls_reach_the_node_with_their_argum
     assert!(again.duplicate);
 
     let commands = [
-        SystemCommand::Offer { agent: agent("a"), expires_at_ms: NOW_MS + 30_000 },
+        SystemCommand::Offer { agent: agent("a"), expires_at_ms: NOW_MS + 30_000, group: Some(group("sales")) },
         SystemCommand::EndOffer { agent: agent("a"), reason: OfferEnd::TimedOut },
         SystemCommand::Requeue { agent: agent("b"), reason: RequeueReason::AgentOffline },
     ];

@@ -2570,6 +2570,10 @@ pub struct OfferCommand {
     pub agent_id: ::prost::alloc::string::String,
     #[prost(int64, tag = "2")]
     pub expires_at_ms: i64,
+    /// The group whose queue makes the offer: refused (not_in_group) when the chat waits in another group.
+    /// Empty from routers before it, unchecked.
+    #[prost(string, tag = "3")]
+    pub group_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EndOfferCommand {
