@@ -11,8 +11,8 @@ use switchboard_domain::{
 use switchboard_presence::Presence;
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::{
-    AgentChange, Caller, ChatCommand, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat,
-    SystemCommand,
+    AgentChange, Caller, ChatCommand, ChatView, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError,
+    StartChat, SystemCommand,
 };
 use switchboard_proto::store::StoreApi as _;
 
@@ -174,14 +174,20 @@ async fn an_agent_reserved_for_a_start_that_is_refused_is_free_again() {
     assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
 }
 
+/// x signed in, and a new chat of `customer` in `push` offered to them.
+async fn offered_to_x(fixture: &mut Fixture, customer: &str) -> ConversationId {
+    sign_in(fixture, "x").await;
+    fixture.drain();
+    let chat = fixture.start_chat("push", customer).await;
+    settle().await;
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+    chat
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_new_chat_may_take_an_agent_only_once_the_chats_waiting_have_had_theirs() {
     let mut fixture = fixture().await;
-    sign_in(&fixture, "x").await;
-    fixture.drain();
-    let first = fixture.start_chat("push", "ann").await;
-    settle().await;
-    assert_eq!(offers(&fixture.drain()), [(agent("x"), first)]);
+    let first = offered_to_x(&mut fixture, "ann").await;
     fixture.router.reject_offer(&tenant(), &group("push"), &agent("x"), first).await.unwrap();
     settle().await;
     fixture.drain();
@@ -294,11 +300,7 @@ async fn an_agent_who_goes_away_has_their_offer_withdrawn() {
 #[tokio::test(start_paused = true)]
 async fn an_agent_whose_offer_was_withdrawn_is_offered_the_chat_again_once_back_online() {
     let mut fixture = fixture().await;
-    sign_in(&fixture, "x").await;
-    fixture.drain();
-    let chat = fixture.start_chat("push", "ann").await;
-    settle().await;
-    assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+    let chat = offered_to_x(&mut fixture, "ann").await;
     fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Away).await.unwrap();
     settle().await;
     assert_eq!(offer_ends(&fixture.drain()), [(agent("x"), OfferEnd::Withdrawn)]);
@@ -329,16 +331,9 @@ async fn an_offer_stored_without_its_queue_knowing_is_taken_over_by_the_queue_no
     assert_eq!(kinds, ["created", "message", "offered", "offer_ended", "offered"]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_chat_listed_again_after_it_left_the_queue_is_removed_when_its_conversation_refuses_an_offer() {
-    let mut fixture = fixture().await;
-    let chat = fixture.start_chat("push", "ann").await;
-    let customer = Caller::Customer { conversation: chat };
-    let queued = fixture.router.chat_view(&customer, chat).await.unwrap();
-    fixture.router.command(&customer, chat, ChatCommand::Close).await.unwrap();
-    settle().await;
-    // A late hand-over lists the closed chat again (as one that reached a queue's new owner after the chat
-    // had left it).
+/// Lists `chat` in `push`'s queue again, as it was when it waited there (`queued`): as a late hand-over would,
+/// reaching the queue after the chat had left it.
+async fn list_again_in_push(fixture: &Fixture, chat: ConversationId, queued: ChatView) {
     let entry = WaitingEntry {
         conversation: chat,
         group: group("push"),
@@ -348,18 +343,34 @@ async fn a_chat_listed_again_after_it_left_the_queue_is_removed_when_its_convers
     };
     fixture.router.queue_add(&tenant(), entry, 0).await.unwrap();
     settle().await;
+}
+
+/// The chats `push`'s queue lists now, from the snapshot a new subscription gets.
+async fn listed_in_push(fixture: &mut Fixture) -> Option<Vec<WaitingEntry>> {
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("push")).await.unwrap();
+    settle().await;
+    fixture.drain().into_iter().find_map(|push| match push {
+        Push::Queue { change: QueueChange::Snapshot { entries }, .. } => Some(entries),
+        _ => None,
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_listed_again_after_it_left_the_queue_is_removed_when_its_conversation_refuses_an_offer() {
+    let mut fixture = fixture().await;
+    let chat = fixture.start_chat("push", "ann").await;
+    let customer = Caller::Customer { conversation: chat };
+    let queued = fixture.router.chat_view(&customer, chat).await.unwrap();
+    fixture.router.command(&customer, chat, ChatCommand::Close).await.unwrap();
+    settle().await;
+    // A late hand-over lists the closed chat again.
+    list_again_in_push(&fixture, chat, queued).await;
     fixture.drain();
     // x comes online: the offer is refused (the chat is closed) and the chat leaves the list for good.
     sign_in(&fixture, "x").await;
     settle().await;
     assert_eq!(offers(&fixture.drain()), []);
-    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("push")).await.unwrap();
-    settle().await;
-    let snapshot = fixture.drain().into_iter().find_map(|push| match push {
-        Push::Queue { change: QueueChange::Snapshot { entries }, .. } => Some(entries),
-        _ => None,
-    });
-    assert_eq!(snapshot, Some(Vec::new()));
+    assert_eq!(listed_in_push(&mut fixture).await, Some(Vec::new()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -372,15 +383,7 @@ async fn a_queue_that_still_lists_a_chat_moved_to_another_group_does_not_offer_i
     fixture.router.transfer_chat(&caller("x"), chat, &group("t")).await.unwrap();
     settle().await;
     // A late hand-over lists it in `push` again.
-    let entry = WaitingEntry {
-        conversation: chat,
-        group: group("push"),
-        queued_at_ms: queued.created_at_ms,
-        customer_name: queued.customer_name,
-        question: queued.first_question,
-    };
-    fixture.router.queue_add(&tenant(), entry, 0).await.unwrap();
-    settle().await;
+    list_again_in_push(&fixture, chat, queued).await;
     // x (of `push` only) comes online: the chat waits in `t`, and is neither offered to x nor left in `push`.
     fixture.drain();
     sign_in(&fixture, "x").await;
@@ -388,13 +391,7 @@ async fn a_queue_that_still_lists_a_chat_moved_to_another_group_does_not_offer_i
     assert_eq!(offers(&fixture.drain()), []);
     let events = fixture.router.read_events(&customer, chat, 0).await.unwrap().events;
     assert!(events.iter().all(|event| event.body.kind() != "offered"));
-    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("push")).await.unwrap();
-    settle().await;
-    let snapshot = fixture.drain().into_iter().find_map(|push| match push {
-        Push::Queue { change: QueueChange::Snapshot { entries }, .. } => Some(entries),
-        _ => None,
-    });
-    assert_eq!(snapshot, Some(Vec::new()));
+    assert_eq!(listed_in_push(&mut fixture).await, Some(Vec::new()));
 }
 
 #[tokio::test(start_paused = true)]
