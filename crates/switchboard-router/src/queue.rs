@@ -399,13 +399,7 @@ impl QueueActorState {
         let offered = chat.offer.map(|offer| offer.agent).or(chat.making);
         let offer_taken = offered.is_some() && offered == taken_by;
         if let Some(agent) = offered.filter(|agent| Some(agent) != taken_by.as_ref()) {
-            let (context, tenant) = (self.context.clone(), self.tenant.clone());
-            tokio::spawn(async move {
-                let update = OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn };
-                if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
-                    debug!(%error, %agent, "offer slot not freed after the chat left the queue");
-                }
-            });
+            self.tell_offer_ended(agent, conversation);
         }
         for reply in chat.waiting_end {
             let _ = reply.send(Ok(()));
@@ -840,14 +834,19 @@ impl QueueActorState {
                 && (chat.offer.as_ref().is_some_and(|offer| offer.agent == agent)
                     || chat.making.as_ref() == Some(&agent))
         });
-        if theirs {
-            return;
+        if !theirs {
+            self.tell_offer_ended(agent, conversation);
         }
+    }
+
+    /// Tells an agent that the offer of `conversation` they may hold is over (withdrawn), from a task, so that
+    /// their slot is freed: the chat left the queue, or the offer ended before its showing reached them.
+    fn tell_offer_ended(&self, agent: AgentId, conversation: ConversationId) {
         let (context, tenant) = (self.context.clone(), self.tenant.clone());
         tokio::spawn(async move {
             let update = OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn };
             if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
-                warn!(%error, %agent, %conversation, "an ended offer shown again is still held by its agent");
+                warn!(%error, %agent, %conversation, "an ended offer not told to its agent, who may still hold it");
             }
         });
     }

@@ -45,6 +45,11 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         Fut: Future<Output = Result<ActorRef<M>, RouterError>>,
     {
         let slot = self.slot(key);
+        // Found running (every use but the first): it was registered when `slot` read it, and nothing is
+        // activated here, so the check below, which takes the lock again, is only for activations.
+        if let Some(actor) = slot.get() {
+            return Ok(actor.clone());
+        }
         let actor = slot.get_or_try_init(activate).await?.clone();
         // The key's shard given up while the actor was being activated (`stop_where` found the slot empty and
         // forgot it): the actor would live on unknown to the registry, beside the new owner's. Stopped too.
