@@ -22,15 +22,15 @@ use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, ConversationId, OfferEnd, Refusal,
-    RequeueReason, TenantId, agent_key,
+    AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, ConversationId, ConversationState,
+    OfferEnd, Refusal, RequeueReason, TenantId, agent_key,
 };
 use switchboard_proto::convert::{conversation_from_record, conversation_id};
-use switchboard_proto::internal::v1::ListConversationsRequest;
+use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest};
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatView, GatewayId, OfferUpdate, Push, RouterError, SystemCommand,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::context::Context;
 use crate::conversation::waiting_entry;
@@ -41,6 +41,11 @@ type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
 /// How many heartbeats pass, at most, between two times the queues are told the agent's availability.
 pub const RETELL_EVERY_TICKS: u32 = 10;
+
+/// How long past its expiry an offer the agent still holds is checked against the store (see
+/// [`AgentActorState::check_held_offer`]): longer than a queue's hop to the agent's node is retried (some
+/// 8 s), so that only an end lost for good is looked for.
+pub const OFFER_CHECKED_AFTER_MS: i64 = 10_000;
 
 pub(crate) enum AgentMsg {
     SetStatus {
@@ -302,23 +307,94 @@ impl AgentActorState {
             OfferUpdate::Made { entry, expires_at_ms, waiting_since_us } => {
                 if self.agent.offer == Some(entry.conversation) {
                     // Shown again (by a queue rebuilt after a takeover): the agent holds it, and their consoles
-                    // were shown it (`shown_offer` is set with it, here and at the activation).
+                    // were shown it (`shown_offer` is set with it, here and at the activation). Or a later offer
+                    // of the same chat (a later expiry), the end of the one before it having never reached
+                    // them: it is that one they hold now, and their consoles are shown its expiry.
+                    if self.held_offer_expiry().is_none_or(|held| held < expires_at_ms) {
+                        self.shown_offer = Some((entry.clone(), expires_at_ms));
+                        self.push(AgentChange::Offered { entry, expires_at_ms, waiting_since_us });
+                    }
                     return Ok(());
                 }
                 self.agent.take_offer(entry.conversation, &entry.group)?;
                 self.shown_offer = Some((entry.clone(), expires_at_ms));
                 self.push(AgentChange::Offered { entry, expires_at_ms, waiting_since_us });
             }
-            OfferUpdate::Ended { conversation, reason } => {
+            OfferUpdate::Ended { conversation, reason, expires_at_ms } => {
                 if self.agent.offer != Some(conversation) {
                     return Ok(());
                 }
-                self.agent.end_offer(&conversation);
-                self.push(AgentChange::OfferEnded { conversation, reason });
+                // The end of an older offer of the chat, arriving late, leaves the one they hold alone.
+                if let (Some(ended), Some(held)) = (expires_at_ms, self.held_offer_expiry())
+                    && ended < held
+                {
+                    return Ok(());
+                }
+                self.end_held_offer(reason);
             }
         }
         self.changed().await;
         Ok(())
+    }
+
+    /// The expiry of the offer the agent holds, which tells it from another offer of the same chat.
+    fn held_offer_expiry(&self) -> Option<i64> {
+        let (entry, expires_at_ms) = self.shown_offer.as_ref()?;
+        (self.agent.offer == Some(entry.conversation)).then_some(*expires_at_ms)
+    }
+
+    /// Frees the slot of the offer the agent holds, and tells their consoles why it ended.
+    fn end_held_offer(&mut self, reason: OfferEnd) {
+        if let Some(conversation) = self.agent.offer {
+            self.agent.end_offer(&conversation);
+            self.shown_offer = None;
+            self.push(AgentChange::OfferEnded { conversation, reason });
+        }
+    }
+
+    /// An offer the agent still holds well past its expiry ([`OFFER_CHECKED_AFTER_MS`]): its end should have
+    /// reached them by then, from the queue that timed it or recorded the agent's reject. An end can be lost
+    /// (the queue's node could not reach this one for all its retries), and the agent would hold the offer,
+    /// and be offered nothing, for good. The chat's stored state says whether the offer is still theirs: one
+    /// whose end is not recorded yet (the chat's node out of reach) stays theirs, for the queue to end; one
+    /// that is over is ended here. A later offer of the chat to them, whose showing did not reach them
+    /// either, is the one they hold then.
+    async fn check_held_offer(&mut self) {
+        let Some((entry, expires_at_ms)) = self.shown_offer.clone() else { return };
+        if self.held_offer_expiry().is_none() || self.now_ms() < expires_at_ms.saturating_add(OFFER_CHECKED_AFTER_MS) {
+            return;
+        }
+        let request = GetConversationRequest { conversation_id: entry.conversation.to_string() };
+        let stored = match self.context.store.get_conversation(request).await {
+            Ok(response) => response.conversation.and_then(|record| conversation_from_record(&record).ok()),
+            Err(error) => {
+                debug!(%error, conversation = %entry.conversation, "an offer past its expiry not checked");
+                return;
+            }
+        };
+        let stored = stored.filter(|stored| stored.state == ConversationState::Queued);
+        let theirs =
+            stored.as_ref().and_then(|stored| stored.offer.clone()).filter(|offer| offer.agent == self.agent.id);
+        match (theirs, stored) {
+            (Some(offer), Some(stored)) => {
+                if offer.expires_at_ms > expires_at_ms {
+                    let entry = waiting_entry(&stored);
+                    self.shown_offer = Some((entry.clone(), offer.expires_at_ms));
+                    let change =
+                        AgentChange::Offered { entry, expires_at_ms: offer.expires_at_ms, waiting_since_us: 0 };
+                    self.push(change);
+                }
+            }
+            (_, stored) => {
+                let (agent, conversation) = (&self.agent.id, entry.conversation);
+                warn!(%agent, %conversation, "an offer over whose end never reached the agent: freed");
+                // Timed out or rejected if the round counts them as having had it; else withdrawn (the chat left
+                // the queue, or the agent was unavailable).
+                let had_it = stored.is_some_and(|stored| stored.offered_to.contains(&self.agent.id));
+                self.end_held_offer(if had_it { OfferEnd::TimedOut } else { OfferEnd::Withdrawn });
+                self.changed().await;
+            }
+        }
     }
 
     /// Tells the queues of the agent's groups that the agent's availability changed.
@@ -358,6 +434,7 @@ impl AgentActorState {
         }
         self.refresh_signed_in().await;
         self.check_connections().await;
+        self.check_held_offer().await;
         if self.agent.status != AgentStatus::Offline {
             self.ticks_since_told += 1;
             if self.ticks_since_told >= RETELL_EVERY_TICKS {
@@ -394,10 +471,7 @@ impl AgentActorState {
         let now_ms = self.now_ms();
         self.agent.set_status(AgentStatus::Offline, now_ms);
         self.disconnected_since_ms = None;
-        if let Some(conversation) = self.agent.offer {
-            self.agent.end_offer(&conversation);
-            self.push(AgentChange::OfferEnded { conversation, reason: OfferEnd::Withdrawn });
-        }
+        self.end_held_offer(OfferEnd::Withdrawn);
         for conversation in self.agent.active.clone() {
             let command = SystemCommand::Requeue { agent: self.agent.id.clone(), reason: RequeueReason::AgentOffline };
             match remote::conversation_system(&self.context, conversation, command).await {

@@ -22,7 +22,7 @@ mod registry;
 mod remote;
 mod router;
 
-pub use agent::RETELL_EVERY_TICKS;
+pub use agent::{OFFER_CHECKED_AFTER_MS, RETELL_EVERY_TICKS};
 pub use context::PresenceSettings;
 pub use placement::LeaseSettings;
 pub use router::{Router, RouterSettings};

@@ -310,7 +310,8 @@ impl Actor for QueueActor {
                 let chat = state.chats.get(&conversation);
                 let current = chat.filter(|chat| !chat.ending).and_then(|chat| chat.offer.as_ref());
                 if current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms) {
-                    state.end_offer(conversation, agent, OfferEnd::TimedOut, None);
+                    let reason = chat.and_then(|chat| chat.unrecorded_end).unwrap_or(OfferEnd::TimedOut);
+                    state.end_offer(conversation, agent, reason, None);
                 }
             }
             QueueMsg::ShownAgain { conversation, agent, expires_at_ms, refused } => {
@@ -399,7 +400,7 @@ impl QueueActorState {
         let offered = chat.offer.map(|offer| offer.agent).or(chat.making);
         let offer_taken = offered.is_some() && offered == taken_by;
         if let Some(agent) = offered.filter(|agent| Some(agent) != taken_by.as_ref()) {
-            self.tell_offer_ended(agent, conversation);
+            self.tell_offer_ended(agent, conversation, None);
         }
         for reply in chat.waiting_end {
             let _ = reply.send(Ok(()));
@@ -492,6 +493,8 @@ impl QueueActorState {
         };
         chat.ending = true;
         chat.waiting_end.extend(reply);
+        // Which offer ended, for the agent: an end that reaches them late must not end a newer one.
+        let expires_at_ms = chat.offer.as_ref().filter(|offer| offer.agent == agent).map(|offer| offer.expires_at_ms);
         let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
         tokio::spawn(async move {
             let command = SystemCommand::EndOffer { agent: agent.clone(), reason };
@@ -504,9 +507,10 @@ impl QueueActorState {
             };
             if recorded {
                 metrics::counter!(names::OFFERS_ENDED, "reason" => offer_end_name(reason)).increment(1);
-                let update = OfferUpdate::Ended { conversation, reason };
+                let update = OfferUpdate::Ended { conversation, reason, expires_at_ms };
                 if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
-                    debug!(%error, %agent, "offer slot not freed; the agent's availability is read again");
+                    // The agent's actor asks the store once the offer is well past its expiry.
+                    debug!(%error, %agent, "offer slot not freed; the agent frees it past the offer's expiry");
                 }
             }
             if let Some(myself) = myself {
@@ -522,9 +526,9 @@ impl QueueActorState {
         };
         chat.ending = false;
         if !recorded {
-            // Kept: the heartbeat ends it again, for the same reason (its expiry is now in the past).
-            if let Some(offer) = chat.offer.as_mut().filter(|offer| offer.agent == agent) {
-                offer.expires_at_ms = offer.expires_at_ms.min(now_ms);
+            // Kept: the heartbeat ends it again, for the same reason (its expiry, which tells the agent which
+            // offer ended, is kept too).
+            if chat.offer.as_ref().is_some_and(|offer| offer.agent == agent) {
                 chat.unrecorded_end = Some(reason);
             }
             return;
@@ -641,7 +645,7 @@ impl QueueActorState {
                 let reason = chat.unrecorded_end.unwrap_or(OfferEnd::TimedOut);
                 chat.offer
                     .as_ref()
-                    .filter(|offer| offer.expires_at_ms <= now_ms)
+                    .filter(|offer| offer.expires_at_ms <= now_ms || chat.unrecorded_end.is_some())
                     .map(|offer| (*conversation, offer.agent.clone(), reason))
             })
             .collect();
@@ -822,7 +826,8 @@ impl QueueActorState {
         let chat = self.chats.get(&conversation);
         if refused {
             let current = chat.and_then(|chat| chat.offer.as_ref());
-            let ending = chat.is_some_and(|chat| chat.ending);
+            // (An end being recorded, or to be recorded again at the heartbeat, is that end's.)
+            let ending = chat.is_some_and(|chat| chat.ending || chat.unrecorded_end.is_some());
             if !ending && current.is_some_and(|offer| offer.agent == agent && offer.expires_at_ms == expires_at_ms) {
                 self.end_offer(conversation, agent, OfferEnd::Withdrawn, None);
             }
@@ -835,16 +840,17 @@ impl QueueActorState {
                     || chat.making.as_ref() == Some(&agent))
         });
         if !theirs {
-            self.tell_offer_ended(agent, conversation);
+            self.tell_offer_ended(agent, conversation, Some(expires_at_ms));
         }
     }
 
     /// Tells an agent that the offer of `conversation` they may hold is over (withdrawn), from a task, so that
-    /// their slot is freed: the chat left the queue, or the offer ended before its showing reached them.
-    fn tell_offer_ended(&self, agent: AgentId, conversation: ConversationId) {
+    /// their slot is freed: the chat left the queue (any offer of it: `expires_at_ms` is `None`), or the offer
+    /// that expires at `expires_at_ms` ended before its showing reached them.
+    fn tell_offer_ended(&self, agent: AgentId, conversation: ConversationId, expires_at_ms: Option<i64>) {
         let (context, tenant) = (self.context.clone(), self.tenant.clone());
         tokio::spawn(async move {
-            let update = OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn };
+            let update = OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn, expires_at_ms };
             if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
                 warn!(%error, %agent, %conversation, "an ended offer not told to its agent, who may still hold it");
             }

@@ -49,6 +49,8 @@ struct LocalCluster {
     refuse_offers: AtomicBool,
     /// While set, every system command to a conversation of another node is lost.
     lose_system_commands: AtomicBool,
+    /// While set, every offer end told to an agent of another node is lost (as when all its retries fail).
+    lose_offer_ends: AtomicBool,
 }
 
 impl LocalCluster {
@@ -270,6 +272,9 @@ impl PeerApi for LocalCluster {
         .await
     }
     async fn agent_offer(&self, tenant: &TenantId, agent: &AgentId, update: OfferUpdate) -> Result<(), RouterError> {
+        if matches!(update, OfferUpdate::Ended { .. }) && self.lose_offer_ends.load(Ordering::SeqCst) {
+            return Err(RouterError::Unavailable("lost on the way".into()));
+        }
         if matches!(update, OfferUpdate::Made { .. }) {
             if self.hold_offers.load(Ordering::SeqCst) {
                 return std::future::pending().await;
@@ -1004,6 +1009,50 @@ async fn a_withdrawal_that_could_not_be_recorded_is_recorded_as_a_withdrawal_lat
     assert_eq!(events().await.last().map(|event| event.body.clone()), Some(withdrawn));
     cluster.set_agent_status(&tenant(), &offered, AgentStatus::Online).await.unwrap();
     assert_eq!(next_offer(&mut pushes).await.map(|(offer, _)| offer), Ok(chat));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_whose_offer_end_was_lost_on_the_way_frees_the_offer_past_its_expiry_and_is_offered_chats_again() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    // The agent lives on the node that does not own the queue: the offer's end crosses nodes.
+    let queue_node = push_queue_owner(&nodes);
+    let offered = agent_of(&nodes.routers[1 - queue_node], &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &offered).await;
+    nodes.clock.advance_ms(1);
+    let chat = ConversationId::new_v7(nodes.clock.now_ms());
+    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    let (_, expires_at_ms) = next_offer(&mut pushes).await.unwrap();
+
+    // The agent rejects it; the end is recorded, but never reaches the agent's node.
+    cluster.lose_offer_ends.store(true, Ordering::SeqCst);
+    cluster.reject_offer(&tenant(), &group("push"), &offered, chat).await.unwrap();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    cluster.lose_offer_ends.store(false, Ordering::SeqCst);
+    let held = || async { cluster.agent_availability(&tenant(), &offered).await.unwrap().offer };
+    assert_eq!(held().await, Some(chat), "the agent still holds the offer, and is offered nothing");
+
+    // Well past the offer's expiry, the agent's heartbeat finds it over in the store: the console is told,
+    // the slot is free, and a new round offers the agent the chat again.
+    let checked_at_ms = expires_at_ms + switchboard_router::OFFER_CHECKED_AFTER_MS;
+    let seconds = u64::try_from((checked_at_ms - nodes.clock.now_ms()) / 1_000).unwrap();
+    heartbeats(&nodes, seconds - 1).await;
+    assert_eq!(held().await, Some(chat), "not before");
+    while pushes.try_recv().is_ok() {}
+    heartbeats(&nodes, 2).await;
+    let ended = std::iter::from_fn(|| pushes.try_recv().ok()).find_map(|push| match push {
+        Push::Agent { change: AgentChange::OfferEnded { conversation, reason }, .. } => Some((conversation, reason)),
+        _ => None,
+    });
+    assert_eq!(ended, Some((chat, OfferEnd::TimedOut)), "the agent had it in this round");
+    heartbeats(&nodes, 1).await;
+    let (again, later) = next_offer(&mut pushes).await.unwrap();
+    assert_eq!(again, chat);
+    assert!(later > expires_at_ms);
+    assert_eq!(cluster.accept_chat(&tenant(), &offered, chat).await.unwrap().owner, Some(offered));
 }
 
 #[tokio::test(start_paused = true)]

@@ -11,8 +11,8 @@ use switchboard_domain::{
 use switchboard_presence::Presence;
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::{
-    AgentChange, Caller, ChatCommand, ChatView, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError,
-    StartChat, SystemCommand,
+    AgentChange, Caller, ChatCommand, ChatView, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi,
+    RouterError, StartChat, SystemCommand,
 };
 use switchboard_proto::store::StoreApi as _;
 
@@ -308,6 +308,71 @@ async fn an_agent_whose_offer_was_withdrawn_is_offered_the_chat_again_once_back_
     fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Online).await.unwrap();
     settle().await;
     assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+}
+
+/// The expiry of each offer shown, in order.
+fn offer_expiries(pushes: &[Push]) -> Vec<i64> {
+    pushes
+        .iter()
+        .filter_map(|push| match push {
+            Push::Agent { change: AgentChange::Offered { expires_at_ms, .. }, .. } => Some(*expires_at_ms),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_end_or_a_showing_of_an_older_offer_that_arrives_late_leaves_the_agents_newer_offer_of_the_chat_alone() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "x").await;
+    fixture.drain();
+    let chat = fixture.start_chat("push", "ann").await;
+    settle().await;
+    let pushes = fixture.drain();
+    let first = offer_expiries(&pushes);
+    let entry = pushes.iter().find_map(|push| match push {
+        Push::Agent { change: AgentChange::Offered { entry, .. }, .. } => Some(entry.clone()),
+        _ => None,
+    });
+    // Withdrawn (x went away), then offered to x again once back, a second later: a newer offer of the chat.
+    fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Away).await.unwrap();
+    settle().await;
+    fixture.pass(1_000).await;
+    fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Online).await.unwrap();
+    settle().await;
+    let second = offer_expiries(&fixture.drain());
+    assert!(first.len() == 1 && second.len() == 1 && second[0] > first[0], "{first:?} then {second:?}");
+
+    // The first offer's end and showing, arriving late (a queue's task across a slow hop), change nothing.
+    let late_end =
+        OfferUpdate::Ended { conversation: chat, reason: OfferEnd::Withdrawn, expires_at_ms: Some(first[0]) };
+    fixture.router.agent_offer(&tenant(), &agent("x"), late_end).await.unwrap();
+    let entry = entry.unwrap();
+    let late_showing = OfferUpdate::Made { entry: entry.clone(), expires_at_ms: first[0], waiting_since_us: 0 };
+    fixture.router.agent_offer(&tenant(), &agent("x"), late_showing).await.unwrap();
+    settle().await;
+    assert_eq!(fixture.drain(), [], "the console is told nothing");
+    let held = fixture.router.agent_availability(&tenant(), &agent("x")).await.unwrap();
+    assert_eq!(held.offer, Some(chat), "x still holds the newer offer");
+    // A console that connects now is shown the newer offer's expiry.
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("x")).await.unwrap();
+    settle().await;
+    assert_eq!(offer_expiries(&fixture.drain()), second);
+
+    // A showing of a later offer of the chat (the end of the one before never reached x) is the one x holds.
+    let third = second[0] + 5_000;
+    let later = OfferUpdate::Made { entry: entry.clone(), expires_at_ms: third, waiting_since_us: 0 };
+    fixture.router.agent_offer(&tenant(), &agent("x"), later).await.unwrap();
+    assert_eq!(offer_expiries(&fixture.drain()), [third], "the console is shown its expiry");
+    let older = OfferUpdate::Ended { conversation: chat, reason: OfferEnd::Withdrawn, expires_at_ms: Some(second[0]) };
+    fixture.router.agent_offer(&tenant(), &agent("x"), older).await.unwrap();
+    assert_eq!(fixture.drain(), []);
+
+    // Its own end ends it.
+    let end = OfferUpdate::Ended { conversation: chat, reason: OfferEnd::Withdrawn, expires_at_ms: Some(third) };
+    fixture.router.agent_offer(&tenant(), &agent("x"), end).await.unwrap();
+    assert_eq!(offer_ends(&fixture.drain()), [(agent("x"), OfferEnd::Withdrawn)]);
+    assert_eq!(fixture.router.agent_availability(&tenant(), &agent("x")).await.unwrap().offer, None);
 }
 
 #[tokio::test(start_paused = true)]

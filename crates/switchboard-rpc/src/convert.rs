@@ -427,6 +427,7 @@ pub fn agent_change_to_proto(change: &AgentChange) -> push_agent::Change {
         AgentChange::OfferEnded { conversation, reason } => push_agent::Change::OfferEnded(AgentOfferEnded {
             conversation_id: conversation.to_string(),
             reason: offer_end_str(*reason).to_owned(),
+            expires_at_ms: 0,
         }),
         AgentChange::Assigned { chat } => push_agent::Change::Assigned(chat_view_to_proto(chat)),
         AgentChange::Status { agent } => push_agent::Change::Status(agent_view_to_proto(agent)),
@@ -488,10 +489,13 @@ pub fn offer_update_to_proto(update: &OfferUpdate) -> agent_offer_request::Updat
             expires_at_ms: *expires_at_ms,
             waiting_since_us: *waiting_since_us,
         }),
-        OfferUpdate::Ended { conversation, reason } => agent_offer_request::Update::Ended(AgentOfferEnded {
-            conversation_id: conversation.to_string(),
-            reason: offer_end_str(*reason).to_owned(),
-        }),
+        OfferUpdate::Ended { conversation, reason, expires_at_ms } => {
+            agent_offer_request::Update::Ended(AgentOfferEnded {
+                conversation_id: conversation.to_string(),
+                reason: offer_end_str(*reason).to_owned(),
+                expires_at_ms: expires_at_ms.unwrap_or(0),
+            })
+        }
     }
 }
 
@@ -506,6 +510,7 @@ pub fn offer_update_from_proto(update: Option<&agent_offer_request::Update>) -> 
         agent_offer_request::Update::Ended(ended) => OfferUpdate::Ended {
             conversation: conversation_id(&ended.conversation_id)?,
             reason: offer_end(&ended.reason)?,
+            expires_at_ms: Some(ended.expires_at_ms).filter(|&expires_at_ms| expires_at_ms != 0),
         },
     })
 }
@@ -856,8 +861,16 @@ mod tests {
             (any_entry(), any::<i64>(), any::<i64>()).prop_map(|(entry, expires_at_ms, waiting_since_us)| {
                 OfferUpdate::Made { entry, expires_at_ms, waiting_since_us }
             }),
-            (any_conversation(), any_offer_end())
-                .prop_map(|(conversation, reason)| OfferUpdate::Ended { conversation, reason }),
+            (
+                any_conversation(),
+                any_offer_end(),
+                proptest::option::of(any::<i64>().prop_filter("0 is none", |&ms| ms != 0))
+            )
+                .prop_map(|(conversation, reason, expires_at_ms)| OfferUpdate::Ended {
+                    conversation,
+                    reason,
+                    expires_at_ms
+                }),
         ]
     }
 

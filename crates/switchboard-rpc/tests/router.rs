@@ -685,7 +685,8 @@ async fn push_routing_transfer_and_offline_calls_reach_the_node_with_their_argum
     }
     let made =
         OfferUpdate::Made { entry: entry(chat), expires_at_ms: NOW_MS + 30_000, waiting_since_us: NOW_MS * 1_000 + 7 };
-    let ended = OfferUpdate::Ended { conversation: chat, reason: OfferEnd::Rejected };
+    let ended =
+        OfferUpdate::Ended { conversation: chat, reason: OfferEnd::Rejected, expires_at_ms: Some(NOW_MS + 30_000) };
     client.agent_offer(&tenant(), &agent("a"), made.clone()).await.unwrap();
     client.agent_offer(&tenant(), &agent("a"), ended.clone()).await.unwrap();
     let availability = client.agent_availability(&tenant(), &agent("a")).await.unwrap();

@@ -2102,6 +2102,11 @@ pub struct AgentOfferEnded {
     /// rejected, timed_out or withdrawn.
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
+    /// In an `AgentOfferRequest`: the expiry of the offer that ended, which tells it from a later offer of the
+    /// same chat to the same agent (an end that arrives late ends no newer offer). 0: whichever offer of the chat
+    /// the agent holds (the chat left the queue; or an older router). Unset in a push.
+    #[prost(int64, tag = "3")]
+    pub expires_at_ms: i64,
 }
 /// A change of what one agent sees of their own work.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
