@@ -18,7 +18,7 @@ use switchboard_proto::router::{
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{Instrument as _, debug, info};
 
 use crate::context::{Context, Gateways, PresenceSettings};
 use crate::conversation::view_of;
@@ -294,7 +294,18 @@ impl RouterApi for Router {
             created_at_ms: now_ms,
         };
         let (tenant, group) = (facts.tenant.to_string(), facts.group.to_string());
-        let started = crate::conversation::create(&self.context, facts, customer_token, tried_before).await?;
+        // Carried through even if the caller goes away meanwhile (a call reset, a client's deadline): a chat
+        // stored but never handed to its queue would be listed nowhere, its stored offer shown to nobody,
+        // until its queue is rebuilt from the store. Its span and received-at moment go with it.
+        let context = self.context.clone();
+        let creating = async move { crate::conversation::create(&context, facts, customer_token, tried_before).await }
+            .instrument(tracing::Span::current());
+        let task = match switchboard_telemetry::trace::received_at_us() {
+            Some(at_us) => tokio::spawn(switchboard_telemetry::trace::with_received_at(at_us, creating)),
+            None => tokio::spawn(creating),
+        };
+        let started =
+            task.await.map_err(|error| RouterError::Internal(format!("the chat start failed: {error}")))??;
         if !started.duplicate {
             metrics::counter!(names::CHATS_STARTED, "tenant" => tenant, "group" => group).increment(1);
         }

@@ -174,6 +174,26 @@ async fn an_agent_reserved_for_a_start_that_is_refused_is_free_again() {
     assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_start_whose_caller_goes_away_while_the_chat_is_stored_with_its_offer_still_offers_it() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "x").await;
+    fixture.drain();
+    fixture.clock.advance_ms(1);
+    let request = start_request(ConversationId::new_v7(fixture.clock_ms()), group("push"), "ann", "hello?");
+    let chat = request.conversation;
+    // The chat is stored with its offer to x; before the answer comes, the caller goes (a call reset).
+    let release = fixture.counted.hold_next_opening_offer();
+    let cancelled = tokio::time::timeout(std::time::Duration::from_millis(10), fixture.router.start_chat(request));
+    assert!(cancelled.await.is_err(), "the start was still storing the chat");
+    let _ = release.send(());
+    settle().await;
+    // The start was carried through: the chat waits in its queue, and x is shown its offer.
+    assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
+    let view = fixture.router.chat_view(&caller("x"), chat).await.unwrap();
+    assert_eq!(view.state, ConversationState::Queued);
+}
+
 /// x signed in, and a new chat of `customer` in `push` offered to them.
 async fn offered_to_x(fixture: &mut Fixture, customer: &str) -> ConversationId {
     sign_in(fixture, "x").await;
