@@ -1056,6 +1056,47 @@ async fn an_agent_whose_offer_end_was_lost_on_the_way_frees_the_offer_past_its_e
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_offer_past_its_expiry_whose_end_cannot_be_recorded_stays_the_agents_until_it_is() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    // The chat lives on the node that does not own the queue: recording its offer's end crosses nodes.
+    let queue_node = push_queue_owner(&nodes);
+    let other = nodes.routers[1 - queue_node].clone();
+    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    let offered = agent_of(&nodes.routers[queue_node], &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &offered).await;
+    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    let (_, expires_at_ms) = next_offer(&mut pushes).await.unwrap();
+
+    // The way to the chat's node is down through the offer's expiry and well past it: its timeout is not
+    // recorded, so the stored offer is still the agent's, and the agent keeps it.
+    cluster.lose_system_commands.store(true, Ordering::SeqCst);
+    let past_check_ms = expires_at_ms + switchboard_router::OFFER_CHECKED_AFTER_MS + 3_000;
+    let seconds = u64::try_from((past_check_ms - nodes.clock.now_ms()) / 1_000).unwrap();
+    heartbeats(&nodes, seconds).await;
+    let held = || async { cluster.agent_availability(&tenant(), &offered).await.unwrap().offer };
+    assert_eq!(held().await, Some(chat), "held while the store says it is theirs");
+    let ended = |pushes: &mut mpsc::UnboundedReceiver<Push>| {
+        std::iter::from_fn(|| pushes.try_recv().ok())
+            .filter_map(|push| match push {
+                Push::Agent { change: AgentChange::OfferEnded { conversation, reason }, .. } => {
+                    Some((conversation, reason))
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ended(&mut pushes), []);
+
+    // Once the way is back, the queue records the timeout and tells the agent: once.
+    cluster.lose_system_commands.store(false, Ordering::SeqCst);
+    heartbeats(&nodes, 2).await;
+    assert_eq!(ended(&mut pushes), [(chat, OfferEnd::TimedOut)]);
+    assert_eq!(held().await, None);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_agent_who_cannot_take_an_offer_shown_is_passed_over_for_the_others_free() {
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
