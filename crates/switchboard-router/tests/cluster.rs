@@ -976,19 +976,41 @@ async fn an_offer_shown_again_that_arrives_after_its_end_is_ended_for_its_agent_
     assert_eq!(cluster.agent_availability(&tenant(), &offered).await.unwrap().offer, None, "not held for good");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_withdrawal_that_could_not_be_recorded_is_recorded_as_a_withdrawal_later_not_as_a_timeout() {
-    let nodes = start_nodes(2).await;
-    settle(&nodes, balanced).await;
-    let cluster = nodes.cluster.clone();
-    // The chat lives on the node that does not own the queue: recording its offer's end crosses nodes.
-    let queue_node = push_queue_owner(&nodes);
+/// On two settled nodes, a chat living on the node that does not own the push queue (recording its offer's end
+/// crosses nodes), offered to an agent of the queue's node: the chat, the agent, their console's pushes and the
+/// offer's expiry.
+async fn offered_across_from_its_chat(nodes: &Nodes) -> (ConversationId, AgentId, mpsc::UnboundedReceiver<Push>, i64) {
+    settle(nodes, balanced).await;
+    let queue_node = push_queue_owner(nodes);
     let other = nodes.routers[1 - queue_node].clone();
     let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
     let offered = agent_of(&nodes.routers[queue_node], &["x", "y", "z"]);
-    let mut pushes = sign_in(&nodes, &offered).await;
-    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
-    assert_eq!(next_offer(&mut pushes).await.map(|(offer, _)| offer), Ok(chat));
+    let mut pushes = sign_in(nodes, &offered).await;
+    nodes.cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    let (conversation, expires_at_ms) = next_offer(&mut pushes).await.unwrap();
+    assert_eq!(conversation, chat);
+    (chat, offered, pushes, expires_at_ms)
+}
+
+/// The pushes received so far.
+fn received(pushes: &mut mpsc::UnboundedReceiver<Push>) -> Vec<Push> {
+    std::iter::from_fn(|| pushes.try_recv().ok()).collect()
+}
+
+/// The offer ends told to consoles, in order.
+fn offer_ends(pushes: &[Push]) -> Vec<(ConversationId, OfferEnd)> {
+    let end = |push: &Push| match push {
+        Push::Agent { change: AgentChange::OfferEnded { conversation, reason }, .. } => Some((*conversation, *reason)),
+        _ => None,
+    };
+    pushes.iter().filter_map(end).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_that_could_not_be_recorded_is_recorded_as_a_withdrawal_later_not_as_a_timeout() {
+    let nodes = start_nodes(2).await;
+    let (chat, offered, mut pushes, _) = offered_across_from_its_chat(&nodes).await;
+    let cluster = nodes.cluster.clone();
 
     // The agent goes away while the way to the chat's node is down: the withdrawal is not recorded.
     cluster.lose_system_commands.store(true, Ordering::SeqCst);
@@ -1042,32 +1064,24 @@ async fn an_agent_whose_offer_end_was_lost_on_the_way_frees_the_offer_past_its_e
     heartbeats(&nodes, seconds - 1).await;
     assert_eq!(held().await, Some(chat), "not before");
     while pushes.try_recv().is_ok() {}
-    heartbeats(&nodes, 2).await;
-    let ended = std::iter::from_fn(|| pushes.try_recv().ok()).find_map(|push| match push {
-        Push::Agent { change: AgentChange::OfferEnded { conversation, reason }, .. } => Some((conversation, reason)),
+    heartbeats(&nodes, 3).await;
+    let told = received(&mut pushes);
+    assert_eq!(offer_ends(&told), [(chat, OfferEnd::TimedOut)], "the agent had it in this round");
+    let again = told.iter().find_map(|push| match push {
+        Push::Agent { change: AgentChange::Offered { entry, expires_at_ms: later, .. }, .. } => {
+            Some((entry.conversation, *later > expires_at_ms))
+        }
         _ => None,
     });
-    assert_eq!(ended, Some((chat, OfferEnd::TimedOut)), "the agent had it in this round");
-    heartbeats(&nodes, 1).await;
-    let (again, later) = next_offer(&mut pushes).await.unwrap();
-    assert_eq!(again, chat);
-    assert!(later > expires_at_ms);
+    assert_eq!(again, Some((chat, true)), "offered again, a new offer");
     assert_eq!(cluster.accept_chat(&tenant(), &offered, chat).await.unwrap().owner, Some(offered));
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_offer_past_its_expiry_whose_end_cannot_be_recorded_stays_the_agents_until_it_is() {
     let nodes = start_nodes(2).await;
-    settle(&nodes, balanced).await;
+    let (chat, offered, mut pushes, expires_at_ms) = offered_across_from_its_chat(&nodes).await;
     let cluster = nodes.cluster.clone();
-    // The chat lives on the node that does not own the queue: recording its offer's end crosses nodes.
-    let queue_node = push_queue_owner(&nodes);
-    let other = nodes.routers[1 - queue_node].clone();
-    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
-    let offered = agent_of(&nodes.routers[queue_node], &["x", "y", "z"]);
-    let mut pushes = sign_in(&nodes, &offered).await;
-    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
-    let (_, expires_at_ms) = next_offer(&mut pushes).await.unwrap();
 
     // The way to the chat's node is down through the offer's expiry and well past it: its timeout is not
     // recorded, so the stored offer is still the agent's, and the agent keeps it.
@@ -1077,22 +1091,12 @@ async fn an_offer_past_its_expiry_whose_end_cannot_be_recorded_stays_the_agents_
     heartbeats(&nodes, seconds).await;
     let held = || async { cluster.agent_availability(&tenant(), &offered).await.unwrap().offer };
     assert_eq!(held().await, Some(chat), "held while the store says it is theirs");
-    let ended = |pushes: &mut mpsc::UnboundedReceiver<Push>| {
-        std::iter::from_fn(|| pushes.try_recv().ok())
-            .filter_map(|push| match push {
-                Push::Agent { change: AgentChange::OfferEnded { conversation, reason }, .. } => {
-                    Some((conversation, reason))
-                }
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(ended(&mut pushes), []);
+    assert_eq!(offer_ends(&received(&mut pushes)), []);
 
     // Once the way is back, the queue records the timeout and tells the agent: once.
     cluster.lose_system_commands.store(false, Ordering::SeqCst);
     heartbeats(&nodes, 2).await;
-    assert_eq!(ended(&mut pushes), [(chat, OfferEnd::TimedOut)]);
+    assert_eq!(offer_ends(&received(&mut pushes)), [(chat, OfferEnd::TimedOut)]);
     assert_eq!(held().await, None);
 }
 

@@ -40,28 +40,33 @@ impl ClockMs for Fixture {
     }
 }
 
-/// The offers made so far, in order: (agent, conversation).
-fn offers(pushes: &[Push]) -> Vec<(AgentId, ConversationId)> {
+/// The offers shown so far, in order: to whom, the entry, its expiry, and since when (µs) its chat had
+/// waited for it.
+fn shown(pushes: &[Push]) -> Vec<(&AgentId, &WaitingEntry, i64, i64)> {
     pushes
         .iter()
         .filter_map(|push| match push {
-            Push::Agent { agent, change: AgentChange::Offered { entry, .. }, .. } => {
-                Some((agent.clone(), entry.conversation))
+            Push::Agent { agent, change: AgentChange::Offered { entry, expires_at_ms, waiting_since_us }, .. } => {
+                Some((agent, entry, *expires_at_ms, *waiting_since_us))
             }
             _ => None,
         })
         .collect()
 }
 
+/// The offers made so far, in order: (agent, conversation).
+fn offers(pushes: &[Push]) -> Vec<(AgentId, ConversationId)> {
+    shown(pushes).into_iter().map(|(agent, entry, ..)| (agent.clone(), entry.conversation)).collect()
+}
+
 /// Since when (µs) each offer's chat had waited for it.
 fn offers_waiting_since(pushes: &[Push]) -> Vec<i64> {
-    pushes
-        .iter()
-        .filter_map(|push| match push {
-            Push::Agent { change: AgentChange::Offered { waiting_since_us, .. }, .. } => Some(*waiting_since_us),
-            _ => None,
-        })
-        .collect()
+    shown(pushes).into_iter().map(|(.., waiting_since_us)| waiting_since_us).collect()
+}
+
+/// The expiry of each offer shown, in order.
+fn offer_expiries(pushes: &[Push]) -> Vec<i64> {
+    shown(pushes).into_iter().map(|(_, _, expires_at_ms, _)| expires_at_ms).collect()
 }
 
 fn offer_ends(pushes: &[Push]) -> Vec<(AgentId, OfferEnd)> {
@@ -330,17 +335,6 @@ async fn an_agent_whose_offer_was_withdrawn_is_offered_the_chat_again_once_back_
     assert_eq!(offers(&fixture.drain()), [(agent("x"), chat)]);
 }
 
-/// The expiry of each offer shown, in order.
-fn offer_expiries(pushes: &[Push]) -> Vec<i64> {
-    pushes
-        .iter()
-        .filter_map(|push| match push {
-            Push::Agent { change: AgentChange::Offered { expires_at_ms, .. }, .. } => Some(*expires_at_ms),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test(start_paused = true)]
 async fn an_end_or_a_showing_of_an_older_offer_that_arrives_late_leaves_the_agents_newer_offer_of_the_chat_alone() {
     let mut fixture = fixture().await;
@@ -350,10 +344,7 @@ async fn an_end_or_a_showing_of_an_older_offer_that_arrives_late_leaves_the_agen
     settle().await;
     let pushes = fixture.drain();
     let first = offer_expiries(&pushes);
-    let entry = pushes.iter().find_map(|push| match push {
-        Push::Agent { change: AgentChange::Offered { entry, .. }, .. } => Some(entry.clone()),
-        _ => None,
-    });
+    let entry = shown(&pushes).first().map(|(_, entry, ..)| (*entry).clone());
     // Withdrawn (x went away), then offered to x again once back, a second later: a newer offer of the chat.
     fixture.router.set_agent_status(&tenant(), &agent("x"), AgentStatus::Away).await.unwrap();
     settle().await;
