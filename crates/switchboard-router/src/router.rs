@@ -293,23 +293,24 @@ impl RouterApi for Router {
             question: request.question,
             created_at_ms: now_ms,
         };
-        let (tenant, group) = (facts.tenant.to_string(), facts.group.to_string());
         // Carried through even if the caller goes away meanwhile (a call reset, a client's deadline): a chat
         // stored but never handed to its queue would be listed nowhere, its stored offer shown to nobody,
         // until its queue is rebuilt from the store. Its span and received-at moment go with it.
         let context = self.context.clone();
-        let creating = async move { crate::conversation::create(&context, facts, customer_token, tried_before).await }
-            .instrument(tracing::Span::current());
+        let creating = async move {
+            let (tenant, group) = (facts.tenant.to_string(), facts.group.to_string());
+            let started = crate::conversation::create(&context, facts, customer_token, tried_before).await?;
+            if !started.duplicate {
+                metrics::counter!(names::CHATS_STARTED, "tenant" => tenant, "group" => group).increment(1);
+            }
+            Ok(started)
+        }
+        .instrument(tracing::Span::current());
         let task = match switchboard_telemetry::trace::received_at_us() {
             Some(at_us) => tokio::spawn(switchboard_telemetry::trace::with_received_at(at_us, creating)),
             None => tokio::spawn(creating),
         };
-        let started =
-            task.await.map_err(|error| RouterError::Internal(format!("the chat start failed: {error}")))??;
-        if !started.duplicate {
-            metrics::counter!(names::CHATS_STARTED, "tenant" => tenant, "group" => group).increment(1);
-        }
-        Ok(started)
+        task.await.map_err(|error| RouterError::Internal(format!("the chat start failed: {error}")))?
     }
 
     async fn authorize_customer(&self, conversation: ConversationId, token: &str) -> Result<ChatView, RouterError> {
