@@ -226,8 +226,8 @@ pub enum OfferUpdate {
     Made { entry: WaitingEntry, expires_at_ms: i64, waiting_since_us: i64 },
     /// The offer ended: free the slot and tell the agent. `expires_at_ms` is the expiry of the offer that
     /// ended, which tells it from a later offer of the same chat to the same agent (an end that arrives late
-    /// leaves a newer offer alone); `None`: whichever offer of the chat the agent holds (the chat left the
-    /// queue).
+    /// leaves a newer offer alone); `None`: whichever offer of the chat the agent holds (from a router before
+    /// offers carried it).
     Ended { conversation: ConversationId, reason: OfferEnd, expires_at_ms: Option<i64> },
 }
 

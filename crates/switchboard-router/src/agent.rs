@@ -22,11 +22,11 @@ use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, ConversationId, ConversationState,
-    OfferEnd, Refusal, RequeueReason, TenantId, agent_key,
+    AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, Conversation, ConversationId,
+    ConversationState, EventBody, OfferEnd, Refusal, RequeueReason, TenantId, agent_key,
 };
-use switchboard_proto::convert::{conversation_from_record, conversation_id};
-use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest};
+use switchboard_proto::convert::{conversation_from_record, conversation_id, event_from_record};
+use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest, ReadEventsRequest};
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatView, GatewayId, OfferUpdate, Push, RouterError, SystemCommand,
 };
@@ -42,10 +42,16 @@ type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 /// How many heartbeats pass, at most, between two times the queues are told the agent's availability.
 pub const RETELL_EVERY_TICKS: u32 = 10;
 
-/// How long past its expiry an offer the agent still holds is checked against the store (see
-/// [`AgentActorState::check_held_offer`]): longer than a queue's hop to the agent's node is retried (some
-/// 8 s), so that only an end lost for good is looked for.
+/// How long past its expiry an offer the agent still holds is checked against the store, at the agent's
+/// heartbeat: longer than a queue's hop to the agent's node is retried (some 8 s), so that only an end lost for
+/// good is looked for.
 pub const OFFER_CHECKED_AFTER_MS: i64 = 10_000;
+
+/// How often an offer found still the agent's past [`OFFER_CHECKED_AFTER_MS`] is checked again.
+const OFFER_RECHECKED_EVERY_MS: i64 = 5_000;
+
+/// How many of a chat's last events are read for the end of an offer whose end never reached its agent.
+const RECENT_EVENTS_READ: u64 = 32;
 
 pub(crate) enum AgentMsg {
     SetStatus {
@@ -100,6 +106,9 @@ pub(crate) struct AgentActorState {
     /// The agent's status was lost with their previous owner and not chosen since: each console that follows
     /// them is told the status they have here.
     status_lost: bool,
+    /// Not before this is the offer held checked against the store again (see
+    /// [`AgentActorState::check_held_offer`]).
+    offer_checked_again_at_ms: i64,
 }
 
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
@@ -159,6 +168,7 @@ impl Actor for AgentActor {
             versions: Versions::new(epoch),
             ticks_since_told: 0,
             status_lost,
+            offer_checked_again_at_ms: 0,
         })
     }
 
@@ -355,46 +365,99 @@ impl AgentActorState {
     /// An offer the agent still holds well past its expiry ([`OFFER_CHECKED_AFTER_MS`]): its end should have
     /// reached them by then, from the queue that timed it or recorded the agent's reject. An end can be lost
     /// (the queue's node could not reach this one for all its retries), and the agent would hold the offer,
-    /// and be offered nothing, for good. The chat's stored state says whether the offer is still theirs: one
-    /// whose end is not recorded yet (the chat's node out of reach) stays theirs, for the queue to end; one
-    /// that is over is ended here. A later offer of the chat to them, whose showing did not reach them
-    /// either, is the one they hold then.
+    /// and be offered nothing, for good. The chat's stored state says what became of it:
+    /// - still theirs, its end not recorded yet (the chat's node out of reach): it stays, for its queue to end.
+    ///   Still so twice as long past its expiry, the chat's queue is told of the chat again, in case it lost
+    ///   it: a queue that lists it and meets the stored offer takes it over and ends it;
+    /// - a later offer of the chat to them, whose showing did not reach them either: that is the one they hold;
+    /// - the chat theirs (accepted, the answer lost on the way): it counts among their chats;
+    /// - else it is over, and freed, with the reason its `offer_ended` event gives.
+    ///
+    /// Checked again every [`OFFER_RECHECKED_EVERY_MS`] while it stays.
     async fn check_held_offer(&mut self) {
         let Some((entry, expires_at_ms)) = self.shown_offer.clone() else { return };
-        if self.held_offer_expiry().is_none() || self.now_ms() < expires_at_ms.saturating_add(OFFER_CHECKED_AFTER_MS) {
+        let now_ms = self.now_ms();
+        let due_ms = expires_at_ms.saturating_add(OFFER_CHECKED_AFTER_MS).max(self.offer_checked_again_at_ms);
+        if self.held_offer_expiry().is_none() || now_ms < due_ms {
             return;
         }
-        let request = GetConversationRequest { conversation_id: entry.conversation.to_string() };
-        let stored = match self.context.store.get_conversation(request).await {
-            Ok(response) => response.conversation.and_then(|record| conversation_from_record(&record).ok()),
+        self.offer_checked_again_at_ms = now_ms.saturating_add(OFFER_RECHECKED_EVERY_MS);
+        let conversation = entry.conversation;
+        let request = GetConversationRequest { conversation_id: conversation.to_string() };
+        let stored = match self.context.store.get_conversation(request).await.map(|response| response.conversation) {
+            Ok(None) => None,
+            Ok(Some(record)) => match conversation_from_record(&record) {
+                Ok(stored) => Some(stored),
+                Err(error) => {
+                    debug!(%error, %conversation, "an offer past its expiry not checked: its chat not read");
+                    return;
+                }
+            },
             Err(error) => {
-                debug!(%error, conversation = %entry.conversation, "an offer past its expiry not checked");
+                debug!(%error, %conversation, "an offer past its expiry not checked");
                 return;
             }
         };
-        let stored = stored.filter(|stored| stored.state == ConversationState::Queued);
-        let theirs =
-            stored.as_ref().and_then(|stored| stored.offer.clone()).filter(|offer| offer.agent == self.agent.id);
-        match (theirs, stored) {
-            (Some(offer), Some(stored)) => {
-                if offer.expires_at_ms > expires_at_ms {
+        let me = self.agent.id.clone();
+        match stored {
+            Some(stored) if stored.state == ConversationState::Queued => match stored.offer.clone() {
+                Some(offer) if offer.agent == me && offer.expires_at_ms > expires_at_ms => {
                     let entry = waiting_entry(&stored);
                     self.shown_offer = Some((entry.clone(), offer.expires_at_ms));
                     let change =
                         AgentChange::Offered { entry, expires_at_ms: offer.expires_at_ms, waiting_since_us: 0 };
                     self.push(change);
                 }
+                Some(offer) if offer.agent == me => {
+                    if now_ms >= expires_at_ms.saturating_add(2 * OFFER_CHECKED_AFTER_MS) {
+                        debug!(%conversation, "an offer long past its expiry: its queue told of the chat again");
+                        let (context, tenant, entry) =
+                            (self.context.clone(), self.agent.tenant.clone(), waiting_entry(&stored));
+                        tokio::spawn(async move { remote::queue_add(&context, &tenant, entry).await });
+                    }
+                }
+                _ => self.free_lost_offer(&stored).await,
+            },
+            Some(stored) if stored.state == ConversationState::Active && stored.owner.as_ref() == Some(&me) => {
+                warn!(agent = %me, %conversation, "a chat accepted whose answer never reached the agent: counted");
+                self.agent.confirm(conversation, now_ms);
+                self.shown_offer = None;
+                self.push(AgentChange::Assigned { chat: crate::conversation::view_of(&stored) });
+                self.changed().await;
             }
-            (_, stored) => {
-                let (agent, conversation) = (&self.agent.id, entry.conversation);
-                warn!(%agent, %conversation, "an offer over whose end never reached the agent: freed");
-                // Timed out or rejected if the round counts them as having had it; else withdrawn (the chat left
-                // the queue, or the agent was unavailable).
-                let had_it = stored.is_some_and(|stored| stored.offered_to.contains(&self.agent.id));
-                self.end_held_offer(if had_it { OfferEnd::TimedOut } else { OfferEnd::Withdrawn });
+            Some(stored) => self.free_lost_offer(&stored).await,
+            None => {
+                self.end_held_offer(OfferEnd::Withdrawn);
                 self.changed().await;
             }
         }
+    }
+
+    /// Frees an offer whose end never reached the agent, telling their consoles why it ended: the reason of the
+    /// chat's last `offer_ended` event for the agent among its recent events (withdrawn when none is found).
+    async fn free_lost_offer(&mut self, stored: &Conversation) {
+        let (agent, conversation) = (self.agent.id.clone(), stored.id);
+        warn!(%agent, %conversation, "an offer over whose end never reached the agent: freed");
+        let request = ReadEventsRequest {
+            conversation_id: conversation.to_string(),
+            after_seq: stored.last_seq.saturating_sub(RECENT_EVENTS_READ),
+            ..Default::default()
+        };
+        let recent = match self.context.store.read_events(request).await {
+            Ok(response) => response.events,
+            Err(error) => {
+                debug!(%error, %conversation, "the end of a lost offer not read: told as withdrawn");
+                Vec::new()
+            }
+        };
+        let reason = recent.iter().rev().filter_map(|record| event_from_record(record).ok()).find_map(|event| {
+            match event.body {
+                EventBody::OfferEnded { agent: ended, reason } if ended == agent => Some(reason),
+                _ => None,
+            }
+        });
+        self.end_held_offer(reason.unwrap_or(OfferEnd::Withdrawn));
+        self.changed().await;
     }
 
     /// Tells the queues of the agent's groups that the agent's availability changed.

@@ -153,7 +153,7 @@ struct ChatRouting {
     /// Agents whose offer ended without an accept in this round.
     offered_to: Vec<AgentId>,
     /// An offer is being made to this agent.
-    making: Option<AgentId>,
+    making: Option<Offer>,
     /// The offer's end is being recorded.
     ending: bool,
     /// Why the offer ended, when that could not be recorded: the heartbeat records it so (by then the offer
@@ -397,10 +397,10 @@ impl QueueActorState {
             LeftQueue::Accepted { agent } => Some(agent.clone()),
             _ => None,
         };
-        let offered = chat.offer.map(|offer| offer.agent).or(chat.making);
-        let offer_taken = offered.is_some() && offered == taken_by;
-        if let Some(agent) = offered.filter(|agent| Some(agent) != taken_by.as_ref()) {
-            self.tell_offer_ended(agent, conversation, None);
+        let offered = chat.offer.or(chat.making);
+        let offer_taken = offered.as_ref().is_some_and(|offer| Some(&offer.agent) == taken_by.as_ref());
+        if let Some(offer) = offered.filter(|offer| Some(&offer.agent) != taken_by.as_ref()) {
+            self.tell_offer_ended(offer.agent, conversation, offer.expires_at_ms);
         }
         for reply in chat.waiting_end {
             let _ = reply.send(Ok(()));
@@ -727,9 +727,10 @@ impl QueueActorState {
                 None => continue,
             };
             let pick = free.remove(index);
-            chat.making = Some(pick.clone());
+            let expires_at_ms = now_ms.saturating_add(offer_timeout_ms);
+            chat.making = Some(Offer { agent: pick.clone(), expires_at_ms });
             let waiting_since_us = chat.waiting_since_us;
-            self.make_offer(entry, pick, now_ms.saturating_add(offer_timeout_ms), waiting_since_us);
+            self.make_offer(entry, pick, expires_at_ms, waiting_since_us);
         }
     }
 
@@ -739,7 +740,7 @@ impl QueueActorState {
         let busy: HashSet<&AgentId> = self
             .chats
             .values()
-            .filter_map(|chat| chat.offer.as_ref().map(|offer| &offer.agent).or(chat.making.as_ref()))
+            .filter_map(|chat| chat.offer.as_ref().or(chat.making.as_ref()).map(|offer| &offer.agent))
             .chain(self.reserved.values())
             .collect();
         let mut free: Vec<&AgentAvailability> =
@@ -776,7 +777,7 @@ impl QueueActorState {
             return;
         }
         chat.waiting_since_us = waiting_since_us;
-        chat.making = Some(agent.clone());
+        chat.making = Some(Offer { agent: agent.clone(), expires_at_ms });
         if !listed {
             self.waiting.insert(entry.clone());
             self.broadcast(QueueChange::Added { entry: entry.clone() });
@@ -837,20 +838,22 @@ impl QueueActorState {
         let theirs = chat.is_some_and(|chat| {
             !chat.ending
                 && (chat.offer.as_ref().is_some_and(|offer| offer.agent == agent)
-                    || chat.making.as_ref() == Some(&agent))
+                    || chat.making.as_ref().is_some_and(|making| making.agent == agent))
         });
         if !theirs {
-            self.tell_offer_ended(agent, conversation, Some(expires_at_ms));
+            self.tell_offer_ended(agent, conversation, expires_at_ms);
         }
     }
 
-    /// Tells an agent that the offer of `conversation` they may hold is over (withdrawn), from a task, so that
-    /// their slot is freed: the chat left the queue (any offer of it: `expires_at_ms` is `None`), or the offer
-    /// that expires at `expires_at_ms` ended before its showing reached them.
-    fn tell_offer_ended(&self, agent: AgentId, conversation: ConversationId, expires_at_ms: Option<i64>) {
+    /// Tells an agent that the offer of `conversation` that expires at `expires_at_ms`, which they may hold, is
+    /// over (withdrawn), from a task, so that their slot is freed: the chat left the queue, or the offer ended
+    /// before its showing reached them. (A later offer of the chat to them, from another group's queue after a
+    /// transfer, is left alone.)
+    fn tell_offer_ended(&self, agent: AgentId, conversation: ConversationId, expires_at_ms: i64) {
         let (context, tenant) = (self.context.clone(), self.tenant.clone());
         tokio::spawn(async move {
-            let update = OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn, expires_at_ms };
+            let update =
+                OfferUpdate::Ended { conversation, reason: OfferEnd::Withdrawn, expires_at_ms: Some(expires_at_ms) };
             if let Err(error) = remote::agent_offer(&context, &tenant, &agent, update).await {
                 warn!(%error, %agent, %conversation, "an ended offer not told to its agent, who may still hold it");
             }

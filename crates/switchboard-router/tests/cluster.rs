@@ -51,6 +51,8 @@ struct LocalCluster {
     lose_system_commands: AtomicBool,
     /// While set, every offer end told to an agent of another node is lost (as when all its retries fail).
     lose_offer_ends: AtomicBool,
+    /// While set, every accept of a chat of another node is carried out, and its answer lost.
+    lose_accept_answers: AtomicBool,
 }
 
 impl LocalCluster {
@@ -224,7 +226,11 @@ impl RouterApi for LocalCluster {
 #[async_trait]
 impl PeerApi for LocalCluster {
     async fn owner_accept(&self, conversation: ConversationId, agent: &AgentId) -> Result<ChatView, RouterError> {
-        self.first(|router| async move { router.owner_accept(conversation, agent).await }).await
+        let accepted = self.first(|router| async move { router.owner_accept(conversation, agent).await }).await;
+        if self.lose_accept_answers.load(Ordering::SeqCst) {
+            return Err(RouterError::Unavailable("the answer was lost on the way".into()));
+        }
+        accepted
     }
     async fn queue_add(&self, tenant: &TenantId, entry: WaitingEntry, since_us: i64) -> Result<(), RouterError> {
         if let Some((clock, ms)) = self.slow_queue_adds.get() {
@@ -1066,7 +1072,7 @@ async fn an_agent_whose_offer_end_was_lost_on_the_way_frees_the_offer_past_its_e
     while pushes.try_recv().is_ok() {}
     heartbeats(&nodes, 3).await;
     let told = received(&mut pushes);
-    assert_eq!(offer_ends(&told), [(chat, OfferEnd::TimedOut)], "the agent had it in this round");
+    assert_eq!(offer_ends(&told), [(chat, OfferEnd::Rejected)], "as it ended: rejected");
     let again = told.iter().find_map(|push| match push {
         Push::Agent { change: AgentChange::Offered { entry, expires_at_ms: later, .. }, .. } => {
             Some((entry.conversation, *later > expires_at_ms))
@@ -1098,6 +1104,38 @@ async fn an_offer_past_its_expiry_whose_end_cannot_be_recorded_stays_the_agents_
     heartbeats(&nodes, 2).await;
     assert_eq!(offer_ends(&received(&mut pushes)), [(chat, OfferEnd::TimedOut)]);
     assert_eq!(held().await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_accepted_whose_answer_was_lost_counts_among_the_agents_chats_once_the_offer_is_checked() {
+    let nodes = start_nodes(2).await;
+    let (chat, offered, mut pushes, expires_at_ms) = offered_across_from_its_chat(&nodes).await;
+    let cluster = nodes.cluster.clone();
+    // The agent accepts; the chat's node records it, but the answer never reaches the agent's node.
+    cluster.lose_accept_answers.store(true, Ordering::SeqCst);
+    assert!(cluster.accept_chat(&tenant(), &offered, chat).await.is_err());
+    cluster.lose_accept_answers.store(false, Ordering::SeqCst);
+    let view = cluster.chat_view(&Caller::Customer { conversation: chat }, chat).await.unwrap();
+    assert_eq!(view.owner.as_ref(), Some(&offered));
+    let availability = || async {
+        let availability = cluster.agent_availability(&tenant(), &offered).await.unwrap();
+        (availability.offer, availability.held)
+    };
+    assert_eq!(availability().await, (Some(chat), 1), "the slot is held as the offer's");
+
+    // Past the offer's expiry, the agent's check finds the chat theirs: it counts among their chats, and their
+    // console is told so.
+    while pushes.try_recv().is_ok() {}
+    let checked_at_ms = expires_at_ms + switchboard_router::OFFER_CHECKED_AFTER_MS;
+    let seconds = u64::try_from((checked_at_ms - nodes.clock.now_ms()) / 1_000).unwrap();
+    heartbeats(&nodes, seconds + 1).await;
+    assert_eq!(availability().await, (None, 1), "held as a chat, not freed");
+    let told = received(&mut pushes);
+    assert_eq!(offer_ends(&told), []);
+    let assigned = told.iter().any(|push| {
+        matches!(push, Push::Agent { change: AgentChange::Assigned { chat: view }, .. } if view.conversation == chat)
+    });
+    assert!(assigned, "{told:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -2104,7 +2104,7 @@ pub struct AgentOfferEnded {
     pub reason: ::prost::alloc::string::String,
     /// In an `AgentOfferRequest`: the expiry of the offer that ended, which tells it from a later offer of the
     /// same chat to the same agent (an end that arrives late ends no newer offer). 0: whichever offer of the chat
-    /// the agent holds (the chat left the queue; or an older router). Unset in a push.
+    /// the agent holds (from an older router). Unset in a push.
     #[prost(int64, tag = "3")]
     pub expires_at_ms: i64,
 }
