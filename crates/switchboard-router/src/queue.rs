@@ -24,8 +24,8 @@ use switchboard_telemetry::names;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, BusinessHours, ConversationId, ConversationState, GroupId, Offer,
-    OfferEnd, Refusal, Routing, TenantId, WaitingEntry, WaitingQueue, queue_key,
+    AgentAvailability, AgentId, AgentStatus, BusinessHours, Conversation, ConversationId, ConversationState, GroupId,
+    Offer, OfferEnd, Refusal, Routing, TenantId, WaitingEntry, WaitingQueue, queue_key,
 };
 use switchboard_presence::GroupStatus;
 use switchboard_proto::convert::conversation_from_record;
@@ -44,6 +44,10 @@ type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 const ESTIMATE_WINDOW: usize = 10;
 /// How long a chat whose offer could not be made waits before it is tried again.
 const OFFER_RETRY_MS: i64 = 1_000;
+
+/// How many heartbeats pass between two comparisons of the waiting list with the store
+/// ([`QueueActorState::reconcile`]).
+const RECONCILE_EVERY_TICKS: u32 = 30;
 
 pub(crate) enum QueueMsg {
     Add {
@@ -130,6 +134,12 @@ pub(crate) enum QueueMsg {
     Unreserve {
         conversation: ConversationId,
     },
+    /// The group's waiting chats as the store has them (see [`QueueActorState::reconcile`]): those it has,
+    /// and those listed here when the read began that it has not, each with how it left the queue.
+    Reconciled {
+        stored: Vec<Conversation>,
+        gone: Vec<(ConversationId, LeftQueue)>,
+    },
 }
 
 #[derive(Debug)]
@@ -192,6 +202,11 @@ pub(crate) struct QueueActorState {
     waits: VecDeque<i64>,
     estimate: Option<u64>,
     metrics: QueueMetrics,
+    /// Heartbeats since the waiting list was last compared with the store.
+    ticks_since_reconciled: u32,
+    /// While a comparison with the store is on its way: the chats added to the list or removed from it since
+    /// it began (what the read says of them may be older than what the list knows).
+    changed_while_reconciling: Option<HashSet<ConversationId>>,
 }
 
 /// The group's metrics, registered once per actor (the queue updates them after every message).
@@ -243,10 +258,7 @@ impl Actor for QueueActor {
                 .collect();
             for (entry, offer, waiting_since_us) in offers {
                 // Timers survive a takeover: an offer outstanding in the store expires when it said it would.
-                state.arm_timer(entry.conversation, offer.agent.clone(), offer.expires_at_ms, now_ms);
-                if offer.expires_at_ms > now_ms {
-                    state.show_again(entry, offer, waiting_since_us);
-                }
+                state.take_stored_offer(entry, offer, waiting_since_us, now_ms);
             }
         }
         Ok(state)
@@ -279,6 +291,7 @@ impl Actor for QueueActor {
                         since => since,
                     };
                     state.chats.entry(entry.conversation).or_default().waiting_since_us = since;
+                    state.note_change(entry.conversation);
                     state.waiting.insert(entry.clone());
                     state.broadcast(QueueChange::Added { entry });
                 }
@@ -338,6 +351,7 @@ impl Actor for QueueActor {
             QueueMsg::Unreserve { conversation } => {
                 state.reserved.remove(&conversation);
             }
+            QueueMsg::Reconciled { stored, gone } => state.reconciled(stored, gone),
         }
         state.dispatch();
         // The waiting list is in arrival order: its head has waited longest.
@@ -391,6 +405,7 @@ impl QueueActorState {
         let Some(entry) = self.waiting.remove(&conversation) else {
             return;
         };
+        self.note_change(conversation);
         let chat = self.chats.remove(&conversation).unwrap_or_default();
         // An offer outstanding to someone other than who took the chat frees that agent's slot.
         let taken_by = match &reason {
@@ -568,10 +583,10 @@ impl QueueActorState {
                     debug!(%conversation, agent = %offer.agent, "an offer stored without this queue taken over");
                     chat.offer = Some(offer.clone());
                     let waiting_since_us = chat.waiting_since_us;
-                    self.arm_timer(conversation, offer.agent.clone(), offer.expires_at_ms, now_ms);
                     let entry = self.waiting.iter().find(|entry| entry.conversation == conversation).cloned();
-                    if let Some(entry) = entry.filter(|_| offer.expires_at_ms > now_ms) {
-                        self.show_again(entry, offer, waiting_since_us);
+                    match entry {
+                        Some(entry) => self.take_stored_offer(entry, offer, waiting_since_us, now_ms),
+                        None => self.arm_timer(conversation, offer.agent.clone(), offer.expires_at_ms, now_ms),
                     }
                 }
             }
@@ -635,6 +650,11 @@ impl QueueActorState {
     }
 
     fn tick(&mut self) {
+        self.ticks_since_reconciled += 1;
+        if self.ticks_since_reconciled >= RECONCILE_EVERY_TICKS && self.changed_while_reconciling.is_none() {
+            self.ticks_since_reconciled = 0;
+            self.reconcile();
+        }
         let now_ms = self.now_ms();
         // The safety net of the timers (an end that could not be recorded is retried here).
         let expired: Vec<(ConversationId, AgentId, OfferEnd)> = self
@@ -653,6 +673,98 @@ impl QueueActorState {
             self.end_offer(conversation, agent, reason, None);
         }
         self.publish_status(now_ms);
+    }
+
+    /// Notes a chat added to the list or removed from it, for a comparison with the store on its way.
+    fn note_change(&mut self, conversation: ConversationId) {
+        if let Some(changed) = self.changed_while_reconciling.as_mut() {
+            changed.insert(conversation);
+        }
+    }
+
+    /// An offer found outstanding in the store for a chat of the list (a rebuilt queue's, one this queue did
+    /// not know of): timed to its stored expiry, and shown to its agent again while it runs.
+    fn take_stored_offer(&self, entry: WaitingEntry, offer: Offer, waiting_since_us: i64, now_ms: i64) {
+        self.arm_timer(entry.conversation, offer.agent.clone(), offer.expires_at_ms, now_ms);
+        if offer.expires_at_ms > now_ms {
+            self.show_again(entry, offer, waiting_since_us);
+        }
+    }
+
+    /// Compares the waiting list with the store, from a task (every [`RECONCILE_EVERY_TICKS`] heartbeats).
+    /// The list is kept from messages: a chat's hand-over and its removal reach a queue on another node by a
+    /// cast retried for some seconds and then given up, so a long enough partition can leave a chat waiting
+    /// in the store that no queue lists (never offered, seen by no agent), or a chat listed that left long
+    /// ago (a ghost in every agent's list). The store is the truth: what it has waiting and the list lacks is
+    /// listed (with its stored offer, timed and shown); what was listed when the read began and the store no
+    /// longer has waiting here is removed, with how it left (read from its record).
+    fn reconcile(&mut self) {
+        let listed: Vec<ConversationId> = self.waiting.iter().map(|entry| entry.conversation).collect();
+        self.changed_while_reconciling = Some(HashSet::new());
+        let (context, tenant, group, myself) =
+            (self.context.clone(), self.tenant.clone(), self.group.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            let request = ListConversationsRequest {
+                tenant_id: tenant.to_string(),
+                states: vec!["queued".into()],
+                group_ids: vec![group.to_string()],
+                ..Default::default()
+            };
+            let stored: Vec<Conversation> = match context.store.list_conversations(request).await {
+                Ok(response) => {
+                    response.conversations.iter().filter_map(|record| conversation_from_record(record).ok()).collect()
+                }
+                Err(error) => {
+                    debug!(%error, %group, "the waiting list not compared with the store");
+                    if let Some(myself) = myself {
+                        let _ = myself.cast(QueueMsg::Reconciled { stored: Vec::new(), gone: Vec::new() });
+                    }
+                    return;
+                }
+            };
+            let waiting: HashSet<ConversationId> = stored.iter().map(|chat| chat.id).collect();
+            let mut gone = Vec::new();
+            for conversation in listed.into_iter().filter(|conversation| !waiting.contains(conversation)) {
+                if let OfferFailure::Gone(reason) = stored_state(&context, conversation, &group).await {
+                    gone.push((conversation, reason));
+                }
+            }
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::Reconciled { stored, gone });
+            }
+        });
+    }
+
+    /// What the store said of the waiting list ([`Self::reconcile`]).
+    fn reconciled(&mut self, stored: Vec<Conversation>, gone: Vec<(ConversationId, LeftQueue)>) {
+        let changed = self.changed_while_reconciling.take().unwrap_or_default();
+        for (conversation, reason) in gone {
+            if self.waiting.contains(&conversation) && !changed.contains(&conversation) {
+                warn!(%conversation, group = %self.group, "a chat listed that left the queue unheard of: removed");
+                self.remove(conversation, reason, false);
+            }
+        }
+        let now_ms = self.now_ms();
+        for conversation in stored {
+            let id = conversation.id;
+            // Listed already; listed or gone since the read began (it may be older than that); or the opening
+            // append's to hand over.
+            if self.waiting.contains(&id) || changed.contains(&id) || self.reserved.contains_key(&id) {
+                continue;
+            }
+            warn!(conversation = %id, group = %self.group, "a chat waiting that no queue listed: listed");
+            let entry = waiting_entry(&conversation);
+            let waiting_since_us = conversation.queued_at_ms.saturating_mul(1_000);
+            let chat = self.chats.entry(id).or_default();
+            chat.offer = conversation.offer.clone();
+            chat.offered_to = conversation.offered_to.clone();
+            chat.waiting_since_us = waiting_since_us;
+            self.waiting.insert(entry.clone());
+            self.broadcast(QueueChange::Added { entry: entry.clone() });
+            if let Some(offer) = conversation.offer.filter(|_| self.is_push()) {
+                self.take_stored_offer(entry, offer, waiting_since_us, now_ms);
+            }
+        }
     }
 
     /// Evaluates the group's status and publishes it to presence, from a task.
@@ -779,6 +891,7 @@ impl QueueActorState {
         chat.waiting_since_us = waiting_since_us;
         chat.making = Some(Offer { agent: agent.clone(), expires_at_ms });
         if !listed {
+            self.note_change(entry.conversation);
             self.waiting.insert(entry.clone());
             self.broadcast(QueueChange::Added { entry: entry.clone() });
         }
@@ -1007,6 +1120,8 @@ pub(crate) async fn activate(
                 waits: VecDeque::new(),
                 estimate: None,
                 metrics: QueueMetrics::new(tenant, group),
+                ticks_since_reconciled: 0,
+                changed_while_reconciling: None,
             };
             let (actor, _) = Actor::spawn(None, QueueActor, state)
                 .await

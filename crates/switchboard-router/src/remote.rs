@@ -37,7 +37,7 @@ where
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
                 Err(error) => {
-                    warn!(%error, what, "cast to another node not delivered; the target repairs it on rebuild");
+                    warn!(%error, what, "cast to another node not delivered; the target repairs it from the store");
                     return;
                 }
             }

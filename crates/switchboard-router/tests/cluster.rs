@@ -53,6 +53,21 @@ struct LocalCluster {
     lose_offer_ends: AtomicBool,
     /// While set, every accept of a chat of another node is carried out, and its answer lost.
     lose_accept_answers: AtomicBool,
+    /// While set, every chat's hand-over to, or removal from, a queue of another node is lost; how many were,
+    /// in `queue_changes_lost`.
+    lose_queue_changes: AtomicBool,
+    queue_changes_lost: AtomicUsize,
+}
+
+impl LocalCluster {
+    /// Whether a queue change is lost on its way (counted).
+    fn queue_change_lost(&self) -> bool {
+        let lost = self.lose_queue_changes.load(Ordering::SeqCst);
+        if lost {
+            self.queue_changes_lost.fetch_add(1, Ordering::SeqCst);
+        }
+        lost
+    }
 }
 
 impl LocalCluster {
@@ -236,6 +251,9 @@ impl PeerApi for LocalCluster {
         if let Some((clock, ms)) = self.slow_queue_adds.get() {
             clock.advance_ms(*ms);
         }
+        if self.queue_change_lost() {
+            return Err(RouterError::Unavailable("lost on the way".into()));
+        }
         self.first(|router| {
             let entry = entry.clone();
             async move { router.queue_add(tenant, entry, since_us).await }
@@ -249,6 +267,9 @@ impl PeerApi for LocalCluster {
         conversation: ConversationId,
         reason: LeftQueue,
     ) -> Result<(), RouterError> {
+        if self.queue_change_lost() {
+            return Err(RouterError::Unavailable("lost on the way".into()));
+        }
         self.first(|router| {
             let reason = reason.clone();
             async move { router.queue_remove(tenant, group, conversation, reason).await }
@@ -1136,6 +1157,81 @@ async fn a_chat_accepted_whose_answer_was_lost_counts_among_the_agents_chats_onc
         matches!(push, Push::Agent { change: AgentChange::Assigned { chat: view }, .. } if view.conversation == chat)
     });
     assert!(assigned, "{told:?}");
+}
+
+/// Lets the heartbeats pass until the queue change being lost has been tried its 8 times and given up, then
+/// lets the changes through again.
+async fn lost_for_good(nodes: &Nodes) {
+    for _ in 0..20 {
+        if nodes.cluster.queue_changes_lost.load(Ordering::SeqCst) >= 8 {
+            break;
+        }
+        heartbeats(nodes, 1).await;
+    }
+    heartbeats(nodes, 2).await;
+    assert_eq!(nodes.cluster.queue_changes_lost.load(Ordering::SeqCst), 8, "given up after its tries");
+    nodes.cluster.lose_queue_changes.store(false, Ordering::SeqCst);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_whose_hand_over_to_its_queue_was_lost_is_listed_and_offered_once_the_queue_reads_the_store() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    let queue_node = push_queue_owner(&nodes);
+    let other = nodes.routers[1 - queue_node].clone();
+    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    let offered = agent_of(&nodes.routers[queue_node], &["x", "y", "z"]);
+    let mut pushes = sign_in(&nodes, &offered).await;
+    // The chat is stored; its hand-over to the queue on the other node is lost, every try.
+    cluster.lose_queue_changes.store(true, Ordering::SeqCst);
+    cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
+    lost_for_good(&nodes).await;
+    assert!(next_offer(&mut pushes).await.is_err(), "listed nowhere, offered to nobody");
+
+    // The queue's next comparison with the store lists it, and it is offered.
+    heartbeats(&nodes, 30).await;
+    assert_eq!(next_offer(&mut pushes).await.map(|(offer, _)| offer), Ok(chat));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_whose_removal_from_its_queue_was_lost_leaves_the_list_once_the_queue_reads_the_store() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    // A pull-routed group (no offer would find the ghost), its chat on the node that does not own its queue.
+    let queue_node = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("g1"))));
+    let other = nodes.routers[1 - queue_node.unwrap()].clone();
+    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    let mut pushes = sign_in(&nodes, &agent("b")).await;
+    let gateway = GatewayId("gw".into());
+    cluster.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
+    cluster.start_chat(start_request(chat, group("g1"), "x", "anyone?")).await.unwrap();
+    heartbeats(&nodes, 1).await;
+    let listed = |pushes: &[Push]| {
+        pushes.iter().any(|push| {
+            matches!(push, Push::Queue { change: QueueChange::Added { entry }, .. } if entry.conversation == chat)
+        })
+    };
+    assert!(listed(&received(&mut pushes)));
+
+    // b takes it; its removal from the queue on the other node is lost, every try.
+    cluster.lose_queue_changes.store(true, Ordering::SeqCst);
+    cluster.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    lost_for_good(&nodes).await;
+    let removed = |pushes: &[Push]| {
+        pushes.iter().find_map(|push| match push {
+            Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } if *conversation == chat => {
+                Some(reason.clone())
+            }
+            _ => None,
+        })
+    };
+    assert_eq!(removed(&received(&mut pushes)), None, "still listed to everyone who watches the queue");
+
+    // The queue's next comparison with the store removes it, with how it left.
+    heartbeats(&nodes, 30).await;
+    assert_eq!(removed(&received(&mut pushes)), Some(LeftQueue::Accepted { agent: agent("b") }));
 }
 
 #[tokio::test(start_paused = true)]
