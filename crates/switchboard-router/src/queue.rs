@@ -204,8 +204,9 @@ pub(crate) struct QueueActorState {
     metrics: QueueMetrics,
     /// Heartbeats since the waiting list was last compared with the store.
     ticks_since_reconciled: u32,
-    /// While a comparison with the store is on its way: the chats added to the list or removed from it since
-    /// it began (what the read says of them may be older than what the list knows).
+    /// While a comparison with the store is on its way: the chats a message added to the list or removed from
+    /// it since it began, whether or not the list changed (what the read says of them may be older than the
+    /// message).
     changed_while_reconciling: Option<HashSet<ConversationId>>,
 }
 
@@ -285,13 +286,13 @@ impl Actor for QueueActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             QueueMsg::Add { entry, waiting_since_us, reply } => {
+                state.note_change(entry.conversation);
                 if !state.waiting.contains(&entry.conversation) {
                     let since = match waiting_since_us {
                         0 => state.context.clock.now_us(),
                         since => since,
                     };
                     state.chats.entry(entry.conversation).or_default().waiting_since_us = since;
-                    state.note_change(entry.conversation);
                     state.waiting.insert(entry.clone());
                     state.broadcast(QueueChange::Added { entry });
                 }
@@ -402,10 +403,10 @@ impl QueueActorState {
     /// The chat left the queue; its wait is `counted` in the group's figures unless it was already (a chat
     /// listed again by a late hand-over, removed a second time).
     fn remove(&mut self, conversation: ConversationId, reason: LeftQueue, counted: bool) {
+        self.note_change(conversation);
         let Some(entry) = self.waiting.remove(&conversation) else {
             return;
         };
-        self.note_change(conversation);
         let chat = self.chats.remove(&conversation).unwrap_or_default();
         // An offer outstanding to someone other than who took the chat frees that agent's slot.
         let taken_by = match &reason {
@@ -651,7 +652,9 @@ impl QueueActorState {
 
     fn tick(&mut self) {
         self.ticks_since_reconciled += 1;
-        if self.ticks_since_reconciled >= RECONCILE_EVERY_TICKS && self.changed_while_reconciling.is_none() {
+        // Alone, a router loses no message to its own queues (they never move): nothing to compare.
+        let alone = self.context.peers.is_none();
+        if !alone && self.ticks_since_reconciled >= RECONCILE_EVERY_TICKS && self.changed_while_reconciling.is_none() {
             self.ticks_since_reconciled = 0;
             self.reconcile();
         }
@@ -675,7 +678,8 @@ impl QueueActorState {
         self.publish_status(now_ms);
     }
 
-    /// Notes a chat added to the list or removed from it, for a comparison with the store on its way.
+    /// Notes a chat that a message adds to the list or removes from it, for a comparison with the store on its
+    /// way.
     fn note_change(&mut self, conversation: ConversationId) {
         if let Some(changed) = self.changed_while_reconciling.as_mut() {
             changed.insert(conversation);
@@ -883,6 +887,7 @@ impl QueueActorState {
     /// stored offer all the same.
     fn add_offered(&mut self, entry: WaitingEntry, agent: AgentId, expires_at_ms: i64, waiting_since_us: i64) {
         self.reserved.remove(&entry.conversation);
+        self.note_change(entry.conversation);
         let listed = self.waiting.contains(&entry.conversation);
         let chat = self.chats.entry(entry.conversation).or_default();
         if chat.offer.is_some() || chat.making.is_some() {
@@ -891,7 +896,6 @@ impl QueueActorState {
         chat.waiting_since_us = waiting_since_us;
         chat.making = Some(Offer { agent: agent.clone(), expires_at_ms });
         if !listed {
-            self.note_change(entry.conversation);
             self.waiting.insert(entry.clone());
             self.broadcast(QueueChange::Added { entry: entry.clone() });
         }
@@ -1120,7 +1124,8 @@ pub(crate) async fn activate(
                 waits: VecDeque::new(),
                 estimate: None,
                 metrics: QueueMetrics::new(tenant, group),
-                ticks_since_reconciled: 0,
+                // The queues of a node, started together, compare with the store at different heartbeats.
+                ticks_since_reconciled: reconcile_phase(tenant, group),
                 changed_while_reconciling: None,
             };
             let (actor, _) = Actor::spawn(None, QueueActor, state)
@@ -1129,6 +1134,14 @@ pub(crate) async fn activate(
             Ok(actor)
         })
         .await
+}
+
+/// Where in the period of [`RECONCILE_EVERY_TICKS`] a group's queue starts, from its name.
+fn reconcile_phase(tenant: &TenantId, group: &GroupId) -> u32 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (tenant, group).hash(&mut hasher);
+    u32::try_from(hasher.finish() % u64::from(RECONCILE_EVERY_TICKS)).unwrap_or(0)
 }
 
 /// The label value of an offer's end.
