@@ -1233,6 +1233,44 @@ async fn a_chat_whose_removal_from_its_queue_was_lost_leaves_the_list_once_the_q
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_chat_that_leaves_while_the_queue_reads_the_store_is_not_listed_from_that_read() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    let queue_node = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("g1"))));
+    let other = nodes.routers[1 - queue_node.unwrap()].clone();
+    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    let (sink, mut pushes) = mpsc::unbounded_channel();
+    let gateway = GatewayId("watcher".into());
+    cluster.connect_gateway(gateway.clone(), sink);
+    cluster.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
+    // The chat is stored, its hand-over lost; the queue's next read of the store has it, and its answer is
+    // held.
+    let release = nodes.counted.hold_next_list_with(chat);
+    cluster.lose_queue_changes.store(true, Ordering::SeqCst);
+    cluster.start_chat(start_request(chat, group("g1"), "x", "anyone?")).await.unwrap();
+    lost_for_good(&nodes).await;
+    for _ in 0..31 {
+        if nodes.counted.list_held.load(Ordering::SeqCst) {
+            break;
+        }
+        heartbeats(&nodes, 1).await;
+    }
+    assert!(nodes.counted.list_held.load(Ordering::SeqCst), "the queue read the store");
+
+    // Meanwhile the customer leaves: the queue hears of it (a chat it did not list), then gets the read.
+    let customer = Caller::Customer { conversation: chat };
+    cluster.command(&customer, chat, ChatCommand::Close).await.unwrap();
+    heartbeats(&nodes, 1).await;
+    release.send(()).unwrap();
+    heartbeats(&nodes, 1).await;
+    let listed = received(&mut pushes).into_iter().any(
+        |push| matches!(push, Push::Queue { change: QueueChange::Added { entry }, .. } if entry.conversation == chat),
+    );
+    assert!(!listed, "the read, older than the customer's leaving, lists no ghost");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_agent_who_cannot_take_an_offer_shown_is_passed_over_for_the_others_free() {
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;

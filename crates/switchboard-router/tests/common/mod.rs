@@ -51,11 +51,30 @@ pub struct CountedReads {
     /// Held: the next append that creates a chat with its offer, until the sender goes; stored before (its
     /// answer held) or after (the append itself held) when the flag says so.
     held: std::sync::Mutex<Option<(tokio::sync::oneshot::Receiver<()>, bool)>>,
+    /// Held: the answer to the next list of conversations (read already) that has this one, until the sender
+    /// goes; `list_held` is set once it is held.
+    held_list: std::sync::Mutex<Option<(ConversationId, tokio::sync::oneshot::Receiver<()>)>>,
+    pub list_held: std::sync::atomic::AtomicBool,
 }
 
 impl CountedReads {
     pub fn new(inner: Arc<MemoryStore>) -> Self {
-        CountedReads { inner, reads: AtomicUsize::new(0), appends: AtomicUsize::new(0), held: Default::default() }
+        CountedReads {
+            inner,
+            reads: AtomicUsize::new(0),
+            appends: AtomicUsize::new(0),
+            held: Default::default(),
+            held_list: Default::default(),
+            list_held: Default::default(),
+        }
+    }
+
+    /// Holds the answer to the next list of conversations that has `conversation` (read before it is held)
+    /// until the returned sender is used or dropped.
+    pub fn hold_next_list_with(&self, conversation: ConversationId) -> tokio::sync::oneshot::Sender<()> {
+        let (release, held) = tokio::sync::oneshot::channel();
+        *self.held_list.lock().unwrap() = Some((conversation, held));
+        release
     }
 
     /// Holds the answer to the next append that creates a chat with its offer (it is stored at once) until the
@@ -122,7 +141,25 @@ impl StoreApi for CountedReads {
         &self,
         request: ListConversationsRequest,
     ) -> Result<ListConversationsResponse, StoreError> {
-        self.inner.list_conversations(request).await
+        let answer = self.inner.list_conversations(request).await;
+        let has = |id: ConversationId| {
+            answer.as_ref().is_ok_and(|list| list.conversations.iter().any(|record| record.id == id.to_string()))
+        };
+        let held = {
+            let mut held_list = self.held_list.lock().unwrap();
+            match held_list.take() {
+                Some((id, held)) if has(id) => Some(held),
+                other => {
+                    *held_list = other;
+                    None
+                }
+            }
+        };
+        if let Some(held) = held {
+            self.list_held.store(true, Ordering::SeqCst);
+            let _ = held.await;
+        }
+        answer
     }
     async fn release_shards(&self, request: ReleaseShardsRequest) -> Result<ReleaseShardsResponse, StoreError> {
         self.inner.release_shards(request).await
