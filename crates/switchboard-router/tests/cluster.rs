@@ -1003,15 +1003,22 @@ async fn an_offer_shown_again_that_arrives_after_its_end_is_ended_for_its_agent_
     assert_eq!(cluster.agent_availability(&tenant(), &offered).await.unwrap().offer, None, "not held for good");
 }
 
+/// A new conversation id living on the node that does not own `group`'s queue (of two): the chat's hand-over
+/// to its queue, its removal, and the record of its offers' ends cross nodes.
+fn chat_across_from_queue(nodes: &Nodes, group_name: &str) -> ConversationId {
+    let owns_queue = |router: &Arc<Router>| router.owns_key(&queue_key(&tenant(), &group(group_name)));
+    let queue_node = nodes.routers.iter().position(owns_queue).expect("some node owns the queue");
+    let other = nodes.routers[1 - queue_node].clone();
+    conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)))
+}
+
 /// On two settled nodes, a chat living on the node that does not own the push queue (recording its offer's end
 /// crosses nodes), offered to an agent of the queue's node: the chat, the agent, their console's pushes and the
 /// offer's expiry.
 async fn offered_across_from_its_chat(nodes: &Nodes) -> (ConversationId, AgentId, mpsc::UnboundedReceiver<Push>, i64) {
     settle(nodes, balanced).await;
-    let queue_node = push_queue_owner(nodes);
-    let other = nodes.routers[1 - queue_node].clone();
-    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
-    let offered = agent_of(&nodes.routers[queue_node], &["x", "y", "z"]);
+    let chat = chat_across_from_queue(nodes, "push");
+    let offered = agent_of(&nodes.routers[push_queue_owner(nodes)], &["x", "y", "z"]);
     let mut pushes = sign_in(nodes, &offered).await;
     nodes.cluster.start_chat(start_request(chat, group("push"), "x", "anyone?")).await.unwrap();
     let (conversation, expires_at_ms) = next_offer(&mut pushes).await.unwrap();
@@ -1178,10 +1185,8 @@ async fn a_chat_whose_hand_over_to_its_queue_was_lost_is_listed_and_offered_once
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
-    let queue_node = push_queue_owner(&nodes);
-    let other = nodes.routers[1 - queue_node].clone();
-    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
-    let offered = agent_of(&nodes.routers[queue_node], &["x", "y", "z"]);
+    let chat = chat_across_from_queue(&nodes, "push");
+    let offered = agent_of(&nodes.routers[push_queue_owner(&nodes)], &["x", "y", "z"]);
     let mut pushes = sign_in(&nodes, &offered).await;
     // The chat is stored; its hand-over to the queue on the other node is lost, every try.
     cluster.lose_queue_changes.store(true, Ordering::SeqCst);
@@ -1200,9 +1205,7 @@ async fn a_chat_whose_removal_from_its_queue_was_lost_leaves_the_list_once_the_q
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
     // A pull-routed group (no offer would find the ghost), its chat on the node that does not own its queue.
-    let queue_node = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("g1"))));
-    let other = nodes.routers[1 - queue_node.unwrap()].clone();
-    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    let chat = chat_across_from_queue(&nodes, "g1");
     let mut pushes = sign_in(&nodes, &agent("b")).await;
     let gateway = GatewayId("gw".into());
     cluster.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
@@ -1237,9 +1240,7 @@ async fn a_chat_that_leaves_while_the_queue_reads_the_store_is_not_listed_from_t
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
-    let queue_node = nodes.routers.iter().position(|router| router.owns_key(&queue_key(&tenant(), &group("g1"))));
-    let other = nodes.routers[1 - queue_node.unwrap()].clone();
-    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    let chat = chat_across_from_queue(&nodes, "g1");
     let (sink, mut pushes) = mpsc::unbounded_channel();
     let gateway = GatewayId("watcher".into());
     cluster.connect_gateway(gateway.clone(), sink);
