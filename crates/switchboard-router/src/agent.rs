@@ -420,6 +420,7 @@ impl AgentActorState {
             },
             Some(stored) if stored.state == ConversationState::Active && stored.owner.as_ref() == Some(&me) => {
                 warn!(agent = %me, %conversation, "a chat accepted whose answer never reached the agent: counted");
+                metrics::counter!(names::ROUTER_REPAIRS, "kind" => "accept_answer_lost").increment(1);
                 self.agent.confirm(conversation, now_ms);
                 self.shown_offer = None;
                 self.push(AgentChange::Assigned { chat: crate::conversation::view_of(&stored) });
@@ -427,6 +428,7 @@ impl AgentActorState {
             }
             Some(stored) => self.free_lost_offer(&stored).await,
             None => {
+                metrics::counter!(names::ROUTER_REPAIRS, "kind" => "offer_end_lost").increment(1);
                 self.end_held_offer(OfferEnd::Withdrawn);
                 self.changed().await;
             }
@@ -438,6 +440,7 @@ impl AgentActorState {
     async fn free_lost_offer(&mut self, stored: &Conversation) {
         let (agent, conversation) = (self.agent.id.clone(), stored.id);
         warn!(%agent, %conversation, "an offer over whose end never reached the agent: freed");
+        metrics::counter!(names::ROUTER_REPAIRS, "kind" => "offer_end_lost").increment(1);
         let request = ReadEventsRequest {
             conversation_id: conversation.to_string(),
             after_seq: stored.last_seq.saturating_sub(RECENT_EVENTS_READ),

@@ -77,6 +77,10 @@ impl Router {
         presence: Arc<dyn Presence>,
         peers: Option<Arc<dyn ClusterApi>>,
     ) -> Result<Router, RouterError> {
+        // Every kind of repair from the store is there from the start, at 0: an alert sees the first one.
+        for kind in names::ROUTER_REPAIR_KINDS {
+            metrics::counter!(names::ROUTER_REPAIRS, "kind" => *kind).increment(0);
+        }
         let context = Arc::new(Context {
             node_id: settings.node_id.clone(),
             advertise: settings.advertise.clone(),

@@ -1069,6 +1069,7 @@ async fn a_withdrawal_that_could_not_be_recorded_is_recorded_as_a_withdrawal_lat
 
 #[tokio::test(start_paused = true)]
 async fn an_agent_whose_offer_end_was_lost_on_the_way_frees_the_offer_past_its_expiry_and_is_offered_chats_again() {
+    let repaired = repairs("offer_end_lost");
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
@@ -1101,6 +1102,7 @@ async fn an_agent_whose_offer_end_was_lost_on_the_way_frees_the_offer_past_its_e
     heartbeats(&nodes, 3).await;
     let told = received(&mut pushes);
     assert_eq!(offer_ends(&told), [(chat, OfferEnd::Rejected)], "as it ended: rejected");
+    assert!(repairs("offer_end_lost") > repaired, "counted for SREs");
     let again = told.iter().find_map(|push| match push {
         Push::Agent { change: AgentChange::Offered { entry, expires_at_ms: later, .. }, .. } => {
             Some((entry.conversation, *later > expires_at_ms))
@@ -1166,6 +1168,19 @@ async fn a_chat_accepted_whose_answer_was_lost_counts_among_the_agents_chats_onc
     assert!(assigned, "{told:?}");
 }
 
+/// How many repairs of `kind` this process's routers counted (`switchboard_router_repairs_total`); the
+/// process's recorder is installed by the first call. Tests run side by side in the process: a test knows
+/// only that its own repair adds one.
+fn repairs(kind: &str) -> f64 {
+    switchboard_telemetry::install_metrics("router");
+    let prefix = format!("{}{{kind=\"{kind}\"}} ", switchboard_telemetry::names::ROUTER_REPAIRS);
+    let exposition = switchboard_telemetry::render_metrics();
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
 /// Lets the heartbeats pass until the queue change being lost has been tried its 8 times and given up, then
 /// lets the changes through again.
 async fn lost_for_good(nodes: &Nodes) {
@@ -1182,6 +1197,7 @@ async fn lost_for_good(nodes: &Nodes) {
 
 #[tokio::test(start_paused = true)]
 async fn a_chat_whose_hand_over_to_its_queue_was_lost_is_listed_and_offered_once_the_queue_reads_the_store() {
+    let repaired = repairs("chat_listed");
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
@@ -1197,10 +1213,12 @@ async fn a_chat_whose_hand_over_to_its_queue_was_lost_is_listed_and_offered_once
     // heartbeats, whenever in its period the loss fell) lists it, and it is offered.
     heartbeats(&nodes, 30).await;
     assert_eq!(next_offer(&mut pushes).await.map(|(offer, _)| offer), Ok(chat));
+    assert!(repairs("chat_listed") > repaired, "counted for SREs");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_chat_whose_removal_from_its_queue_was_lost_leaves_the_list_once_the_queue_reads_the_store() {
+    let repaired = repairs("chat_removed");
     let nodes = start_nodes(2).await;
     settle(&nodes, balanced).await;
     let cluster = nodes.cluster.clone();
@@ -1233,6 +1251,7 @@ async fn a_chat_whose_removal_from_its_queue_was_lost_leaves_the_list_once_the_q
         _ => None,
     });
     assert_eq!(removed, Some(LeftQueue::Accepted { agent: agent("b") }));
+    assert!(repairs("chat_removed") > repaired, "counted for SREs");
 }
 
 #[tokio::test(start_paused = true)]

@@ -105,6 +105,10 @@ fn describe() {
     describe_counter!(CHATS_STARTED, "Chats admitted.");
     describe_counter!(CHATS_FINISHED, "Chats ended, by reason.");
     describe_counter!(OFFERS_ENDED, "Offers ended, by reason.");
+    describe_counter!(
+        ROUTER_REPAIRS,
+        "Routing state repaired from the store after a message between routers was lost."
+    );
     describe_histogram!(
         STORE_APPEND_DURATION,
         "An append as its caller waits for it: queued for the writer, written in a batch, made durable."

@@ -27,6 +27,12 @@ pub const GROUP_AGENTS_ONLINE: &str = "switchboard_group_agents_online";
 pub const CHATS_STARTED: &str = "switchboard_chats_started_total";
 pub const CHATS_FINISHED: &str = "switchboard_chats_finished_total";
 pub const OFFERS_ENDED: &str = "switchboard_offers_ended_total";
+/// Routing state repaired from the store after a message between routers was lost, by kind.
+pub const ROUTER_REPAIRS: &str = "switchboard_router_repairs_total";
+/// The kinds of [`ROUTER_REPAIRS`]: an agent freed an offer whose end never reached them; an agent counted a
+/// chat they accepted whose answer never reached them; a queue listed a chat waiting that it lacked; a queue
+/// removed a chat listed that had left.
+pub const ROUTER_REPAIR_KINDS: &[&str] = &["offer_end_lost", "accept_answer_lost", "chat_listed", "chat_removed"];
 
 // Store.
 /// An append as its caller waits for it: queued for the writer, written in a batch, made durable.
