@@ -366,9 +366,9 @@ impl AgentActorState {
     /// reached them by then, from the queue that timed it or recorded the agent's reject. An end can be lost
     /// (the queue's node could not reach this one for all its retries), and the agent would hold the offer,
     /// and be offered nothing, for good. The chat's stored state says what became of it:
-    /// - still theirs, its end not recorded yet (the chat's node out of reach): it stays, for its queue to end.
-    ///   Still so twice as long past its expiry, the chat's queue is told of the chat again, in case it lost
-    ///   it: a queue that lists it and meets the stored offer takes it over and ends it;
+    /// - still theirs, its end not recorded yet (the chat's node out of reach): it stays, for its queue to end
+    ///   (a queue that lost the chat lists it again from the store, with its offer: see the queue's
+    ///   `reconcile`);
     /// - a later offer of the chat to them, whose showing did not reach them either: that is the one they hold;
     /// - the chat theirs (accepted, the answer lost on the way): it counts among their chats;
     /// - else it is over, and freed, with the reason its `offer_ended` event gives.
@@ -408,19 +408,12 @@ impl AgentActorState {
                         AgentChange::Offered { entry, expires_at_ms: offer.expires_at_ms, waiting_since_us: 0 };
                     self.push(change);
                 }
-                Some(offer) if offer.agent == me => {
-                    if now_ms >= expires_at_ms.saturating_add(2 * OFFER_CHECKED_AFTER_MS) {
-                        debug!(%conversation, "an offer long past its expiry: its queue told of the chat again");
-                        let (context, tenant, entry) =
-                            (self.context.clone(), self.agent.tenant.clone(), waiting_entry(&stored));
-                        tokio::spawn(async move { remote::queue_add(&context, &tenant, entry).await });
-                    }
-                }
+                Some(offer) if offer.agent == me => {}
                 _ => self.free_lost_offer(&stored).await,
             },
             Some(stored) if stored.state == ConversationState::Active && stored.owner.as_ref() == Some(&me) => {
                 warn!(agent = %me, %conversation, "a chat accepted whose answer never reached the agent: counted");
-                metrics::counter!(names::ROUTER_REPAIRS, "kind" => "accept_answer_lost").increment(1);
+                metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_ACCEPT_ANSWER_LOST).increment(1);
                 self.agent.confirm(conversation, now_ms);
                 self.shown_offer = None;
                 self.push(AgentChange::Assigned { chat: crate::conversation::view_of(&stored) });
@@ -428,7 +421,7 @@ impl AgentActorState {
             }
             Some(stored) => self.free_lost_offer(&stored).await,
             None => {
-                metrics::counter!(names::ROUTER_REPAIRS, "kind" => "offer_end_lost").increment(1);
+                metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_OFFER_END_LOST).increment(1);
                 self.end_held_offer(OfferEnd::Withdrawn);
                 self.changed().await;
             }
@@ -440,7 +433,7 @@ impl AgentActorState {
     async fn free_lost_offer(&mut self, stored: &Conversation) {
         let (agent, conversation) = (self.agent.id.clone(), stored.id);
         warn!(%agent, %conversation, "an offer over whose end never reached the agent: freed");
-        metrics::counter!(names::ROUTER_REPAIRS, "kind" => "offer_end_lost").increment(1);
+        metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_OFFER_END_LOST).increment(1);
         let request = ReadEventsRequest {
             conversation_id: conversation.to_string(),
             after_seq: stored.last_seq.saturating_sub(RECENT_EVENTS_READ),

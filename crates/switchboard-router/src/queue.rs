@@ -745,7 +745,7 @@ impl QueueActorState {
         for (conversation, reason) in gone {
             if self.waiting.contains(&conversation) && !changed.contains(&conversation) {
                 warn!(%conversation, group = %self.group, "a chat listed that left the queue unheard of: removed");
-                metrics::counter!(names::ROUTER_REPAIRS, "kind" => "chat_removed").increment(1);
+                metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_CHAT_REMOVED).increment(1);
                 self.remove(conversation, reason, false);
             }
         }
@@ -758,7 +758,7 @@ impl QueueActorState {
                 continue;
             }
             warn!(conversation = %id, group = %self.group, "a chat waiting that no queue listed: listed");
-            metrics::counter!(names::ROUTER_REPAIRS, "kind" => "chat_listed").increment(1);
+            metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_CHAT_LISTED).increment(1);
             let entry = waiting_entry(&conversation);
             let waiting_since_us = conversation.queued_at_ms.saturating_mul(1_000);
             let chat = self.chats.entry(id).or_default();

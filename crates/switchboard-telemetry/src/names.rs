@@ -29,10 +29,17 @@ pub const CHATS_FINISHED: &str = "switchboard_chats_finished_total";
 pub const OFFERS_ENDED: &str = "switchboard_offers_ended_total";
 /// Routing state repaired from the store after a message between routers was lost, by kind.
 pub const ROUTER_REPAIRS: &str = "switchboard_router_repairs_total";
-/// The kinds of [`ROUTER_REPAIRS`]: an agent freed an offer whose end never reached them; an agent counted a
-/// chat they accepted whose answer never reached them; a queue listed a chat waiting that it lacked; a queue
-/// removed a chat listed that had left.
-pub const ROUTER_REPAIR_KINDS: &[&str] = &["offer_end_lost", "accept_answer_lost", "chat_listed", "chat_removed"];
+/// A [`ROUTER_REPAIRS`] kind: an agent freed an offer whose end never reached them.
+pub const REPAIR_OFFER_END_LOST: &str = "offer_end_lost";
+/// A [`ROUTER_REPAIRS`] kind: an agent counted a chat they accepted whose answer never reached them.
+pub const REPAIR_ACCEPT_ANSWER_LOST: &str = "accept_answer_lost";
+/// A [`ROUTER_REPAIRS`] kind: a queue listed a chat waiting that it lacked.
+pub const REPAIR_CHAT_LISTED: &str = "chat_listed";
+/// A [`ROUTER_REPAIRS`] kind: a queue removed a chat listed that had left.
+pub const REPAIR_CHAT_REMOVED: &str = "chat_removed";
+/// Every kind of [`ROUTER_REPAIRS`].
+pub const ROUTER_REPAIR_KINDS: &[&str] =
+    &[REPAIR_OFFER_END_LOST, REPAIR_ACCEPT_ANSWER_LOST, REPAIR_CHAT_LISTED, REPAIR_CHAT_REMOVED];
 
 // Store.
 /// An append as its caller waits for it: queued for the writer, written in a batch, made durable.
