@@ -50,7 +50,13 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         if let Some(actor) = slot.get() {
             return Ok(actor.clone());
         }
-        let actor = slot.get_or_try_init(activate).await?.clone();
+        let actor = match slot.get_or_try_init(activate).await {
+            Ok(actor) => actor.clone(),
+            Err(error) => {
+                self.forget_failed(key, &slot);
+                return Err(error);
+            }
+        };
         // The key's shard given up while the actor was being activated (`stop_where` found the slot empty and
         // forgot it): the actor would live on unknown to the registry, beside the new owner's. Stopped too.
         let registered = {
@@ -62,6 +68,18 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
             return Err(RouterError::NotOwner);
         }
         Ok(actor)
+    }
+
+    /// Forgets the slot of a key whose activation failed (no such conversation, the store out of reach): the
+    /// ids a client sends, unknown ones included, would otherwise each keep an entry for good. A use waiting on
+    /// the same activation holds the slot too: it tries the activation in turn, and forgets the slot if it
+    /// fails as well.
+    fn forget_failed(&self, key: &K, slot: &Slot<M>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let alone = Arc::strong_count(slot) == 2; // the map's and this use's
+        if slot.get().is_none() && alone && slots.get(key).is_some_and(|current| Arc::ptr_eq(current, slot)) {
+            slots.remove(key);
+        }
     }
 
     /// Forgets the actor of `key` if it is `actor` (it stopped).
@@ -119,6 +137,54 @@ mod tests {
         async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
             Ok(())
         }
+    }
+
+    fn keys(registry: &Registry<u32, ()>) -> usize {
+        registry.slots.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_key_whose_activation_fails_is_not_kept() {
+        let registry: Registry<u32, ()> = Registry::default();
+        for key in 0..100 {
+            let failed = registry.get_or_activate(&key, || async { Err(RouterError::NotFound) }).await;
+            assert_eq!(failed.err(), Some(RouterError::NotFound));
+        }
+        assert_eq!(keys(&registry), 0, "unknown ids leave nothing behind");
+    }
+
+    #[tokio::test]
+    async fn a_use_waiting_on_an_activation_that_fails_activates_the_key_itself() {
+        let registry: Arc<Registry<u32, ()>> = Arc::default();
+        let (go, failing) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let registry = registry.clone();
+            async move {
+                registry
+                    .get_or_activate(&7, || async move {
+                        let _ = failing.await;
+                        Err(RouterError::Unavailable("the store".into()))
+                    })
+                    .await
+            }
+        });
+        // The second use finds the first one's activation under way, and waits on it.
+        while keys(&registry) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let second = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.get_or_activate(&7, || async { Ok(Actor::spawn(None, Idle, ()).await.unwrap().0) }).await }
+        });
+        // (Held by the map, the first use and the second.)
+        while registry.slots.lock().unwrap().get(&7).is_none_or(|slot| Arc::strong_count(slot) < 3) {
+            tokio::task::yield_now().await;
+        }
+        drop(go);
+        assert!(first.await.unwrap().is_err());
+        let actor = second.await.unwrap().expect("activated by the second use, and registered");
+        assert!(registry.get_running(&7).is_some_and(|running| running.get_id() == actor.get_id()));
+        assert_eq!(keys(&registry), 1);
     }
 
     #[tokio::test]
