@@ -43,6 +43,11 @@ pub enum Refusal {
     LicenseExhausted { max_sessions: u64 },
     #[error("this start_key started another chat (another name, group or question): choose a new key for a new chat")]
     StartKeyReused,
+    #[error(
+        "this idempotency_key left another offline message (another group, name, contact, body or reason): choose a \
+         new key for a new message"
+    )]
+    IdempotencyKeyReused,
 }
 
 impl Refusal {
@@ -68,6 +73,7 @@ impl Refusal {
             Refusal::AgentUnavailable => "agent_unavailable",
             Refusal::LicenseExhausted { .. } => "license_exhausted",
             Refusal::StartKeyReused => "start_key_reused",
+            Refusal::IdempotencyKeyReused => "idempotency_key_reused",
         }
     }
 }

@@ -20,8 +20,8 @@ use switchboard_gateway::GatewaySettings;
 use switchboard_presence::{LiveSession, MemoryPresence, Outage, Presence};
 use switchboard_proto::convert::new_event;
 use switchboard_proto::internal::v1::{
-    AppendRequest, ConversationRecord, Fence, GetConversationRequest, GetPlacementRequest, ReadEventsRequest,
-    SetLicenseLimitRequest,
+    AppendRequest, ConversationRecord, Fence, GetConversationRequest, GetPlacementRequest, ListTicketsRequest,
+    ReadEventsRequest, SetLicenseLimitRequest,
 };
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::router::PeerApi;
@@ -315,6 +315,13 @@ async fn a_chat_refused_outside_business_hours_leaves_an_offline_message_once() 
     assert_eq!(first["ticket"]["created_at_ms"], server.clock.now_ms());
     let again = widget.ack(message.clone()).await;
     assert_eq!((&again["ticket"], &again["duplicate"]), (&first["ticket"], &json!(true)));
+    // Another customer who chose the same key: refused, not acked as Dana's message (which would drop theirs).
+    let mut erin = message.clone();
+    (erin["name"], erin["contact"], erin["body"]) = (json!("Erin"), json!("erin@example.com"), json!("Call me?"));
+    let reused = WsClient::connect(&server).await.call(erin).await;
+    assert_eq!((reused["code"].as_str(), reused["retryable"].as_bool()), (Some("idempotency_key_reused"), Some(false)));
+    let tickets = server.store.list_tickets(ListTicketsRequest::default()).await.unwrap().tickets;
+    assert_eq!(tickets.iter().map(|ticket| ticket.customer_name.as_str()).collect::<Vec<_>>(), ["Dana"]);
     // It took no role: the same connection may still start a chat elsewhere.
     let started = widget
         .ack(json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": "Hi?" }))

@@ -5,8 +5,8 @@ use switchboard_telemetry::names;
 
 use async_trait::async_trait;
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Directory, GroupId, NewConversation, TenantId,
-    WaitingEntry, agent_key, conversation_key, queue_key,
+    AgentAvailability, AgentId, AgentStatus, Clock, ConversationId, Directory, GroupId, NewConversation, Refusal,
+    TenantId, WaitingEntry, agent_key, conversation_key, queue_key,
 };
 use switchboard_presence::Presence;
 use switchboard_proto::convert::conversation_from_record;
@@ -513,9 +513,20 @@ impl RouterApi for Router {
             created_at_ms: now_ms,
             idempotency_key: message.idempotency_key,
         };
-        let response =
-            self.context.store.create_ticket(CreateTicketRequest { ticket: Some(ticket) }).await.map_err(from_store)?;
+        let request = CreateTicketRequest { ticket: Some(ticket.clone()) };
+        let response = self.context.store.create_ticket(request).await.map_err(from_store)?;
         let stored = response.ticket.ok_or_else(|| RouterError::Internal("the store returned no ticket".into()))?;
+        // A key is the customer's choice, per tenant: another message under a key used before is refused, not
+        // acked as the first one (which would drop it).
+        if response.duplicate && !same_message(&stored, &ticket) {
+            return Err(RouterError::Refused(Refusal::IdempotencyKeyReused));
+        }
         Ok(Ticket { id: stored.id, created_at_ms: stored.created_at_ms, duplicate: response.duplicate })
     }
+}
+
+/// Whether an offline message sent again is the one stored first under its key.
+fn same_message(stored: &TicketRecord, sent: &TicketRecord) -> bool {
+    (&stored.group_id, &stored.customer_name, &stored.customer_contact, &stored.body, &stored.reason)
+        == (&sent.group_id, &sent.customer_name, &sent.customer_contact, &sent.body, &sent.reason)
 }

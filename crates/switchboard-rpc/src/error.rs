@@ -186,6 +186,7 @@ mod tests {
             Refusal::AgentUnavailable,
             Refusal::LicenseExhausted { max_sessions: 250 },
             Refusal::StartKeyReused,
+            Refusal::IdempotencyKeyReused,
         ]
     }
 

@@ -264,8 +264,9 @@ pub struct OfflineMessageRequest {
     /// `license_exhausted`).
     #[prost(string, tag = "6")]
     pub reason: ::prost::alloc::string::String,
-    /// Chosen by the client, 1 to 128 characters: sending the same message again stores one ticket (the ack
-    /// then has `duplicate` true).
+    /// Chosen by the client, 1 to 128 characters, per tenant: sending the same message again stores one ticket
+    /// (the ack then has `duplicate` true); another message under the same key is refused with
+    /// `idempotency_key_reused`.
     #[prost(string, tag = "7")]
     pub idempotency_key: ::prost::alloc::string::String,
 }
