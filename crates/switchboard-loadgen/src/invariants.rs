@@ -47,12 +47,16 @@ pub struct SeqChecker {
 }
 
 impl SeqChecker {
-    /// Checks the next event of `conversation` on this socket: its seq must follow the previous one's.
-    /// The first event of a conversation on a socket may have any seq (a resume starts after `after_seq`).
+    /// Checks the next event of `conversation` on this socket: its seq must follow the previous one's, and
+    /// the first must be seq 1 (`created`). No scenario resumes: a socket follows a chat from its
+    /// `chat.start` or `chat.accept`, and both are followed by the chat's events from its first.
     pub fn observe(&mut self, conversation: &str, seq: u64) -> Result<(), String> {
         let Some(last) = self.last_seq.get_mut(conversation) else {
             self.last_seq.insert(conversation.to_owned(), seq);
-            return Ok(());
+            return match seq {
+                1 => Ok(()),
+                _ => Err(format!("conversation {conversation}: seq {seq} was the first event on a socket, not seq 1")),
+            };
         };
         let previous = *last;
         if seq == previous + 1 {
@@ -195,8 +199,8 @@ impl MessageLedger {
 /// The accepts of the chats a run started.
 #[derive(Debug, Default)]
 pub struct ChatLedger {
-    /// Successful `chat.accept` acks, per conversation.
-    accept_acks: HashMap<String, u32>,
+    /// The agents whose `chat.accept` was acked, per conversation.
+    accept_acks: HashMap<String, Vec<String>>,
     /// `accepted` events received by the chat's customer, per conversation this process started.
     accepted_events: HashMap<String, u32>,
 }
@@ -207,11 +211,23 @@ impl ChatLedger {
         self.accepted_events.entry(conversation.to_owned()).or_default();
     }
 
-    /// An agent of this process had its `chat.accept` acked.
-    pub fn accept_acked(&mut self, conversation: &str) -> Option<String> {
-        let acks = self.accept_acks.entry(conversation.to_owned()).or_default();
-        *acks += 1;
-        (*acks > 1).then(|| format!("conversation {conversation}: chat.accept acked {acks} times"))
+    /// `agent`, of this process, had its `chat.accept` acked: a violation if another agent had theirs. (An
+    /// agent who accepts a chat they own already is acked again: the same offer pushed twice, say.)
+    pub fn accept_acked(&mut self, conversation: &str, agent: &str) -> Option<String> {
+        let agents = self.accept_acks.entry(conversation.to_owned()).or_default();
+        if agents.iter().any(|won| won == agent) {
+            return None;
+        }
+        agents.push(agent.to_owned());
+        (agents.len() > 1)
+            .then(|| format!("conversation {conversation}: chat.accept acked to {}", agents.join(" and ")))
+    }
+
+    /// The chats an agent of this process won, for the check over every process (`report::check_merged`).
+    pub fn won(&self) -> Vec<String> {
+        let mut won: Vec<String> = self.accept_acks.keys().cloned().collect();
+        won.sort();
+        won
     }
 
     /// The chat's customer received an `accepted` event.
@@ -256,21 +272,47 @@ pub struct LicenseRound {
     pub failed: u64,
     /// Admitted chats closed again by their customer at the end of the round.
     pub closed: u64,
+    /// Chats admitted by earlier rounds whose close failed: still open when this round starts, each holding
+    /// a permit (a customer who goes away does not close their chat).
+    #[serde(default)]
+    pub open_before: u64,
+    /// Starts of earlier rounds that failed: each may have been admitted (a timeout) and hold a permit.
+    #[serde(default)]
+    pub failed_before: u64,
 }
 
-/// The license invariants of one round: never above the limit; exactly the limit (or every attempt, when
-/// fewer) when the round starts from no open chat and nothing failed.
+impl LicenseRound {
+    /// The round after this one starts with the chats this one left open, and its failures.
+    pub fn carried(&self) -> (u64, u64) {
+        (self.open_before + self.admitted.saturating_sub(self.closed), self.failed_before + self.failed)
+    }
+}
+
+/// The license invariants of one round: never above the limit, counting the chats earlier rounds left open;
+/// exactly the limit (or every attempt, when fewer), less those still open, when the round starts from no
+/// other open chat and nothing failed, in it or before it.
 pub fn license_round_violations(limit: u64, round: &LicenseRound) -> Vec<String> {
     let mut violations = Vec::new();
-    if round.admitted > limit {
-        violations
-            .push(format!("round {}: {} chats admitted, above the limit of {limit}", round.round, round.admitted));
-    }
-    let expected = round.attempted.min(limit);
-    if round.failed == 0 && round.admitted != expected {
+    let open = round.admitted + round.open_before;
+    if open > limit {
+        let before = match round.open_before {
+            0 => String::new(),
+            n => format!(" while {n} admitted before were still open"),
+        };
         violations.push(format!(
-            "round {}: {} of {} chats admitted, expected exactly {expected} (limit {limit}; precondition: no open \
-             chat in the cluster when the round starts)",
+            "round {}: {} chats admitted{before}, above the limit of {limit}",
+            round.round, round.admitted
+        ));
+    }
+    let expected = round.attempted.min(limit.saturating_sub(round.open_before));
+    if round.failed == 0 && round.failed_before == 0 && round.admitted != expected {
+        let before = match round.open_before {
+            0 => String::new(),
+            n => format!(", less the {n} chats earlier rounds left open"),
+        };
+        violations.push(format!(
+            "round {}: {} of {} chats admitted, expected exactly {expected} (limit {limit}{before}; precondition: \
+             no open chat in the cluster when the run starts)",
             round.round, round.admitted, round.attempted
         ));
     }

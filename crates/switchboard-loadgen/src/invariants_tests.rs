@@ -22,8 +22,9 @@ fn seqs_must_follow_each_other_per_conversation() {
     let mut checker = SeqChecker::default();
     assert_eq!(checker.observe("a", 1), Ok(()));
     assert_eq!(checker.observe("a", 2), Ok(()));
-    assert_eq!(checker.observe("b", 5), Ok(()), "a socket may start following a chat at any seq");
-    assert_eq!(checker.observe("b", 6), Ok(()));
+    // The first events of a chat missed: a socket follows each chat from its first event.
+    assert!(checker.observe("b", 5).unwrap_err().contains("seq 5 was the first event on a socket, not seq 1"));
+    assert_eq!(checker.observe("b", 6), Ok(()), "checking goes on from there");
     assert!(checker.observe("a", 2).unwrap_err().contains("seq 2 received after seq 2"));
     assert!(checker.observe("a", 1).is_err());
     assert!(checker.observe("a", 4).unwrap_err().contains("gap"));
@@ -73,13 +74,15 @@ fn every_chat_is_accepted_exactly_once() {
     chats.started("c1");
     chats.started("c2");
     chats.started("c3");
-    assert_eq!(chats.accept_acked("c1"), None);
+    assert_eq!(chats.accept_acked("c1", "agent0"), None);
+    assert_eq!(chats.accept_acked("c1", "agent0"), None, "the owner accepting again is acked again");
     assert_eq!(chats.accepted_event("c1"), None);
     assert_eq!(chats.accepted_event("c2"), None);
-    assert!(chats.accept_acked("c1").unwrap().contains("acked 2 times"));
+    assert_eq!(chats.accept_acked("c1", "agent1").unwrap(), "conversation c1: chat.accept acked to agent0 and agent1");
     assert!(chats.accepted_event("c2").unwrap().contains("2 accepted events"));
-    // An accept of a chat another process started counts for the merged totals, not here.
-    assert_eq!(chats.accept_acked("elsewhere"), None);
+    // An accept of a chat another process started is checked over every process (its `won` list).
+    assert_eq!(chats.accept_acked("elsewhere", "agent0"), None);
+    assert_eq!(chats.won(), vec!["c1".to_owned(), "elsewhere".to_owned()]);
     assert_eq!((chats.started_count(), chats.accepted_count()), (3, 2));
     assert_eq!(chats.unaccepted(), vec!["conversation c3 was never accepted".to_owned()]);
 }
@@ -93,6 +96,7 @@ fn license_rounds_admit_exactly_the_limit() {
         refused: attempted - admitted - failed,
         failed,
         closed: admitted,
+        ..LicenseRound::default()
     };
     assert!(license_round_violations(20, &round(60, 20, 0)).is_empty());
     assert!(license_round_violations(20, &round(10, 10, 0)).is_empty(), "fewer attempts than the limit");
@@ -103,4 +107,58 @@ fn license_rounds_admit_exactly_the_limit() {
     assert!(below[0].contains("expected exactly 20") && below[0].contains("precondition"));
     assert!(license_round_violations(20, &round(60, 19, 1)).is_empty(), "a failed start skips the exact check");
     assert_eq!(license_round_violations(20, &round(60, 21, 1)).len(), 1, "never above, even then");
+}
+
+#[test]
+fn chats_an_earlier_round_left_open_count_against_the_limit_of_the_rounds_after() {
+    // Round 1 admits the limit, and 3 of its closes fail: those chats stay open, holding their permits.
+    let first =
+        LicenseRound { round: 1, attempted: 60, admitted: 20, refused: 40, closed: 17, ..LicenseRound::default() };
+    assert!(license_round_violations(20, &first).is_empty());
+    assert_eq!(first.carried(), (3, 0));
+    let next = |admitted| {
+        let (open_before, failed_before) = first.carried();
+        LicenseRound {
+            round: 2,
+            attempted: 60,
+            admitted,
+            refused: 60 - admitted,
+            closed: admitted,
+            open_before,
+            failed_before,
+            ..LicenseRound::default()
+        }
+    };
+    assert!(license_round_violations(20, &next(17)).is_empty(), "17 more make the limit");
+    // A server that admits the limit again is above it, though the round alone looks exact.
+    let again = license_round_violations(20, &next(20));
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again[0].contains("20 chats admitted while 3 admitted before were still open, above the limit of 20"));
+    assert!(again[1].contains("expected exactly 17") && again[1].contains("less the 3 chats"), "{}", again[1]);
+    assert!(license_round_violations(20, &next(16))[0].contains("16 of 60 chats admitted, expected exactly 17"));
+
+    // A start of round 1 that failed may have been admitted: the rounds after are not checked exactly, but
+    // never above the limit all the same.
+    let failed = LicenseRound {
+        round: 1,
+        attempted: 60,
+        admitted: 19,
+        refused: 40,
+        failed: 1,
+        closed: 19,
+        ..LicenseRound::default()
+    };
+    assert_eq!(failed.carried(), (0, 1));
+    let after = LicenseRound {
+        round: 2,
+        attempted: 60,
+        admitted: 19,
+        refused: 41,
+        closed: 19,
+        failed_before: 1,
+        ..LicenseRound::default()
+    };
+    assert!(license_round_violations(20, &after).is_empty());
+    let over = LicenseRound { admitted: 21, refused: 39, ..after };
+    assert_eq!(license_round_violations(20, &over).len(), 1);
 }

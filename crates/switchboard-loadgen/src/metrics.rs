@@ -93,6 +93,20 @@ impl Metrics {
     }
 
     /// A broken invariant (the run's exit code becomes 1).
+    /// A finished task's output. A task that panicked is counted as an error (`loadgen_task_panicked`, and
+    /// the panic is on stderr): what it was measuring is missing from the figures.
+    pub fn joined<T>(&self, result: Result<T, tokio::task::JoinError>) -> Option<T> {
+        match result {
+            Ok(output) => Some(output),
+            Err(error) => {
+                if error.is_panic() {
+                    self.error("loadgen_task_panicked");
+                }
+                None
+            }
+        }
+    }
+
     pub fn violation(&self, description: String) {
         lock(&self.violations).add(description);
     }

@@ -4,8 +4,14 @@
 //! Each connection has a reader task that matches answers to requests, checks the seq order of every
 //! `event` it receives, hands events to the scenario's [`EventObserver`] and, when asked, the other pushes
 //! to a channel. Nothing the server sends can make it panic: a frame it cannot read is counted as an error.
+//!
+//! The reader also checks what the protocol promises of every connection: each request is answered once
+//! (a second answer, or one to a request never sent, is a violation; an answer after the request timed out
+//! is counted as late), and a connection receives the events only of the conversations that an ack of its
+//! own named (its `chat.start`, `chat.accept`, `chat.subscribe`, which the protocol writes before their
+//! events): another conversation's event is one delivered to the wrong socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,15 @@ type Socket = WebSocketStream<TcpStream>;
 pub enum Role {
     Anonymous,
     Side(Side),
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Anonymous => "anonymous",
+            Role::Side(side) => side.name(),
+        }
+    }
 }
 
 /// Sees every conversation event a connection receives, after its seq was checked.
@@ -349,9 +364,17 @@ impl Network {
 
 type Answer = Result<Ack, RequestError>;
 
+/// The requests of a connection that the server has not answered.
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<u64, oneshot::Sender<Answer>>,
+    /// Requests that timed out unanswered: an answer may still come, once.
+    timed_out: HashSet<u64>,
+}
+
 #[derive(Default)]
 struct Shared {
-    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    pending: Mutex<Pending>,
     next_id: AtomicU64,
     /// We are closing it: the end of the stream is not an error.
     closing: AtomicBool,
@@ -381,22 +404,26 @@ impl Connection {
         frame.insert("type".into(), request_type.into());
         frame.insert("id".into(), id.to_string().into());
         let (answer_tx, answer_rx) = oneshot::channel();
-        lock(&self.shared.pending).insert(id, answer_tx);
+        lock(&self.shared.pending).waiting.insert(id, answer_tx);
         if self.shared.ended.load(Ordering::Acquire) {
-            lock(&self.shared.pending).remove(&id);
+            lock(&self.shared.pending).waiting.remove(&id);
             return Err(RequestError::Closed);
         }
         let text = Value::Object(frame).to_string();
         let sent = self.sink.lock().await.send(Message::text(text)).await;
         if sent.is_err() {
-            lock(&self.shared.pending).remove(&id);
+            lock(&self.shared.pending).waiting.remove(&id);
             return Err(RequestError::Send);
         }
         match tokio::time::timeout(self.timeout, answer_rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(RequestError::Closed),
             Err(_) => {
-                lock(&self.shared.pending).remove(&id);
+                let mut pending = lock(&self.shared.pending);
+                // (Unless the answer came as the time ran out: the reader took it, and it is dropped here.)
+                if pending.waiting.remove(&id).is_some() {
+                    pending.timed_out.insert(id);
+                }
                 Err(RequestError::Timeout)
             }
         }
@@ -436,9 +463,10 @@ struct Reader {
 impl Reader {
     async fn run(self, mut stream: SplitStream<Socket>) {
         let mut seqs = SeqChecker::default();
+        let mut followed = HashSet::new();
         let ended_by = loop {
             match stream.next().await {
-                Some(Ok(Message::Text(text))) => self.frame(&text, Instant::now(), &mut seqs),
+                Some(Ok(Message::Text(text))) => self.frame(&text, Instant::now(), &mut seqs, &mut followed),
                 Some(Ok(Message::Binary(_))) => self.metrics.error("binary_frame_from_server"),
                 Some(Ok(Message::Close(frame))) => {
                     break frame.map_or("closed_without_code".to_owned(), |f| format!("closed_{}", u16::from(f.code)));
@@ -453,17 +481,26 @@ impl Reader {
             self.metrics.error(&ended_by);
         }
         // Waiting requests fail with `Closed`.
-        lock(&self.shared.pending).clear();
+        lock(&self.shared.pending).waiting.clear();
     }
 
-    fn frame(&self, text: &str, at: Instant, seqs: &mut SeqChecker) {
+    /// One frame from the server; `followed` are the conversations the acks of this connection named.
+    fn frame(&self, text: &str, at: Instant, seqs: &mut SeqChecker, followed: &mut HashSet<String>) {
         let Ok(frame) = serde_json::from_str::<Value>(text) else {
             self.metrics.error("unreadable_frame_from_server");
             return;
         };
         let kind = frame["type"].as_str().unwrap_or_default().to_owned();
         match kind.as_str() {
-            "ack" | "error" => self.answer(&kind, frame, at),
+            "ack" => {
+                for named in [&frame["conversation"], &frame["chat"]["conversation"]] {
+                    if let Some(conversation) = named.as_str().filter(|named| !followed.contains(*named)) {
+                        followed.insert(conversation.to_owned());
+                    }
+                }
+                self.answer(&kind, frame, at);
+            }
+            "error" => self.answer(&kind, frame, at),
             "event" => {
                 let conversation = frame["conversation"].as_str();
                 let seq = frame["event"]["seq"].as_u64();
@@ -471,6 +508,14 @@ impl Reader {
                     self.metrics.error("event_without_conversation_or_seq");
                     return;
                 };
+                if !followed.contains(conversation) {
+                    self.metrics.violation(format!(
+                        "conversation {conversation}: event seq {seq} delivered to a {} connection that never started, \
+                         accepted or subscribed to it",
+                        self.role.name()
+                    ));
+                    return;
+                }
                 if let Err(violation) = seqs.observe(conversation, seq) {
                     self.metrics.violation(violation);
                 }
@@ -491,10 +536,24 @@ impl Reader {
             self.metrics.error(&format!("error_without_id: {code}"));
             return;
         };
-        let Some(waiting) = lock(&self.shared.pending).remove(&id) else {
-            // The request timed out already; its error was counted then.
-            self.metrics.count("late_answers", 1);
-            return;
+        let waiting = {
+            let mut pending = lock(&self.shared.pending);
+            match pending.waiting.remove(&id) {
+                Some(waiting) => waiting,
+                None => {
+                    if pending.timed_out.remove(&id) {
+                        // Its error (a timeout) was counted then.
+                        self.metrics.count("late_answers", 1);
+                    } else {
+                        self.metrics.violation(format!(
+                            "an {kind} for request {id} of a {} connection, which was answered already or never \
+                             sent",
+                            self.role.name()
+                        ));
+                    }
+                    return;
+                }
+            }
         };
         let answer = if kind == "ack" {
             Ok(Ack { at, frame })

@@ -47,8 +47,14 @@ fn merged_reports_keep_every_violation_count_and_sum_the_rounds() {
     let mut first = report_of(&[], &[], &[]);
     first.scenario = "license".into();
     first.add_violation("one".into());
-    let round =
-        |admitted, refused| LicenseRound { round: 1, attempted: 30, admitted, refused, failed: 0, closed: admitted };
+    let round = |admitted, refused| LicenseRound {
+        round: 1,
+        attempted: 30,
+        admitted,
+        refused,
+        closed: admitted,
+        ..LicenseRound::default()
+    };
     first.license = Some(LicenseSection { limit: 20, rounds: vec![round(12, 18)] });
     let mut second = first.clone();
     second.license = Some(LicenseSection { limit: 20, rounds: vec![round(8, 22)] });
@@ -57,7 +63,14 @@ fn merged_reports_keep_every_violation_count_and_sum_the_rounds() {
     check_merged(&mut merged);
     assert_eq!(
         merged.license.as_ref().unwrap().rounds,
-        vec![LicenseRound { round: 1, attempted: 60, admitted: 20, refused: 40, failed: 0, closed: 20 }]
+        vec![LicenseRound {
+            round: 1,
+            attempted: 60,
+            admitted: 20,
+            refused: 40,
+            closed: 20,
+            ..LicenseRound::default()
+        }]
     );
     assert_eq!(merged.invariants.violations_total, 2, "20 of 60 admitted is right");
 
@@ -102,4 +115,28 @@ fn a_report_round_trips_through_json() {
     }
     assert_eq!(value["invariants"]["ok"], true);
     assert_eq!(value["latency_us"]["message"]["count"], 3);
+}
+
+#[test]
+fn a_chat_won_by_agents_of_two_processes_is_a_violation_of_the_merged_run() {
+    let storm = |won: &[&str]| {
+        let mut report = report_of(&[], &[("accept_wins", won.len() as u64)], &[]);
+        report.scenario = "chat-storm".into();
+        let won = vec![won.iter().map(|conversation| conversation.to_string()).collect()];
+        report.chat_storm = Some(ChatStormSection { routing: "push".into(), queue_drain_ms: None, won });
+        report
+    };
+    // Each process's list comes through its JSON report.
+    let through_json =
+        |report: Report| serde_json::from_str::<Report>(&serde_json::to_string(&report).unwrap()).unwrap();
+    let mut clean = merge(vec![storm(&["c1", "c2"]), through_json(storm(&["c3"])), through_json(storm(&["c4"]))]);
+    check_merged(&mut clean);
+    assert!(clean.invariants.ok, "{:?}", clean.invariants.violations);
+
+    let mut twice = merge(vec![storm(&["c1", "c2"]), through_json(storm(&["c3"])), through_json(storm(&["c2"]))]);
+    check_merged(&mut twice);
+    assert_eq!(twice.invariants.violations, vec!["conversation c2: chat.accept acked to agents of processes 1 and 3"]);
+    // The lists are the check's, not the report's.
+    let written = serde_json::to_value(&twice).unwrap();
+    assert!(written["chat_storm"].get("won").is_none(), "{written}");
 }

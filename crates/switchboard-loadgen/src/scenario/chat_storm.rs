@@ -116,7 +116,9 @@ pub async fn run(ctx: &mut Ctx, args: ChatStormArgs) -> anyhow::Result<Report> {
             observer.clone(),
             stop_rx.clone(),
         ));
-        while customers.try_join_next().is_some() {}
+        while let Some(result) = customers.try_join_next() {
+            ctx.metrics.joined(result);
+        }
     }
 
     // Until every customer of this process is done (its chat closed, or its start failed), or the drain
@@ -127,7 +129,7 @@ pub async fn run(ctx: &mut Ctx, args: ChatStormArgs) -> anyhow::Result<Report> {
         tokio::select! {
             next = customers.join_next() => match next {
                 None => break,
-                Some(result) => connections.extend(result.ok().flatten()),
+                Some(result) => connections.extend(ctx.metrics.joined(result).flatten()),
             },
             _ = tokio::time::sleep_until(deadline) => break,
         }
@@ -136,10 +138,10 @@ pub async fn run(ctx: &mut Ctx, args: ChatStormArgs) -> anyhow::Result<Report> {
     ctx.coordinator.barrier("done").await?;
     let _ = stop_tx.send(true);
     while let Some(result) = customers.join_next().await {
-        connections.extend(result.ok().flatten());
+        connections.extend(ctx.metrics.joined(result).flatten());
     }
     while let Some(result) = agent_tasks.join_next().await {
-        connections.extend(result.ok().flatten());
+        connections.extend(ctx.metrics.joined(result).flatten());
     }
     close_all(connections).await;
 
@@ -164,9 +166,10 @@ pub async fn run(ctx: &mut Ctx, args: ChatStormArgs) -> anyhow::Result<Report> {
     };
     let duration = last_accept.map_or(0.0, |at| at.duration_since(start).as_secs_f64());
     let accepted = registry.ledger.accepted_count() as u64;
+    let won = registry.ledger.won();
     drop(registry);
     let mut report = Report::new("chat-storm", parameters, ctx.metrics.snapshot(), duration, accepted);
-    report.chat_storm = Some(ChatStormSection { routing: routing.to_owned(), queue_drain_ms });
+    report.chat_storm = Some(ChatStormSection { routing: routing.to_owned(), queue_drain_ms, won: vec![won] });
     Ok(report)
 }
 

@@ -4,7 +4,9 @@
 //! process's starts are answered, every admitted customer closes its chat, and the next round starts.
 //!
 //! Precondition: no open chat in the cluster when the run starts. Then every round admits exactly
-//! `min(limit, burst)` chats; in any case never more than the limit (checked on the merged figures).
+//! `min(limit, burst)` chats; in any case never more than the limit (checked on the merged figures). A chat
+//! whose close failed stays open, and holds its permit, in the rounds after: they are checked against the
+//! limit less those.
 
 use std::sync::Arc;
 
@@ -27,9 +29,12 @@ pub async fn run(ctx: &mut Ctx, args: LicenseArgs) -> anyhow::Result<Report> {
     ctx.metrics.declare(&["chats_admitted", "chats_refused_license", "chats_closed"]);
     let burst = ctx.shard.share(args.burst);
     let start = Instant::now();
-    let mut rounds = Vec::new();
+    let mut rounds: Vec<LicenseRound> = Vec::new();
     for round in 1..=args.rounds {
-        rounds.push(run_round(ctx, round, burst, args.limit).await?);
+        let (open_before, failed_before) = rounds.last().map_or((0, 0), LicenseRound::carried);
+        let mut figures = run_round(ctx, round, burst, args.limit).await?;
+        (figures.open_before, figures.failed_before) = (open_before, failed_before);
+        rounds.push(figures);
     }
     let duration = start.elapsed().as_secs_f64();
     let attempted = rounds.iter().map(|round| round.attempted).sum();

@@ -132,7 +132,9 @@ pub async fn run(ctx: &mut Ctx, args: SteadyArgs) -> anyhow::Result<Report> {
         };
         senders.spawn(sender.run(schedule, schedule.count_before(total)));
     }
-    while senders.join_next().await.is_some() {}
+    while let Some(result) = senders.join_next().await {
+        ctx.metrics.joined(result);
+    }
 
     let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain_s);
     while lock(&observer.ledger).undelivered() > 0 && Instant::now() < drain_deadline {
@@ -225,9 +227,13 @@ impl Sender {
             lock(&this.observer.ledger).expect(key.clone(), intended, measured);
             this.observer.metrics.count("messages_sent", 1);
             sends.spawn(this.clone().send(key));
-            while sends.try_join_next().is_some() {}
+            while let Some(result) = sends.try_join_next() {
+                this.observer.metrics.joined(result);
+            }
         }
-        while sends.join_next().await.is_some() {}
+        while let Some(result) = sends.join_next().await {
+            this.observer.metrics.joined(result);
+        }
     }
 
     async fn send(self: Arc<Self>, key: MessageKey) {

@@ -54,7 +54,9 @@ pub async fn run(ctx: &mut Ctx, args: StormArgs) -> anyhow::Result<Report> {
             lock(&open).push(connection);
         });
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(result) = tasks.join_next().await {
+        ctx.metrics.joined(result);
+    }
     let duration = lock(&last_answer).duration_since(start);
     let answered = ctx.metrics.counter("connections_answered");
     if answered == 0 && count > 0 {

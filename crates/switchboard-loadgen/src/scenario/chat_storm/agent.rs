@@ -1,7 +1,7 @@
 //! One agent console of the chat storm: it keeps its waiting list from the queue pushes and accepts chats
 //! while it has a free slot (pull), or accepts what it is offered (push); it closes each chat it won.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -16,11 +16,16 @@ use crate::net::{Connection, Push};
 use crate::scenario::SignedInAgent;
 
 pub struct AgentLoop {
+    /// The agent's id, as its `agent.sign_in` answered.
+    id: Arc<str>,
     connection: Arc<Connection>,
     pushes: mpsc::UnboundedReceiver<Push>,
     /// Free slots, as far as this console knows (pull).
     free: u32,
     waiting: VecDeque<String>,
+    /// The chats this console is accepting or won: an offer of one of them pushed again is not accepted
+    /// twice.
+    in_hand: HashSet<String>,
     routing: RoutingMode,
     /// The start of the questions of this run's chats.
     tag: String,
@@ -28,8 +33,11 @@ pub struct AgentLoop {
     stop: watch::Receiver<bool>,
 }
 
-/// How an accept ended, for the slot count.
-struct Finished;
+/// How an accept ended, for the slot count: the chat, and whether this agent won it.
+struct Finished {
+    conversation: String,
+    won: bool,
+}
 
 impl AgentLoop {
     pub fn new(
@@ -41,10 +49,12 @@ impl AgentLoop {
     ) -> AgentLoop {
         let pushes = agent.connection.pushes.take().unwrap_or_else(|| mpsc::unbounded_channel().1);
         AgentLoop {
+            id: agent.id.into(),
             connection: Arc::new(agent.connection),
             pushes,
             free: agent.capacity.saturating_sub(agent.active),
             waiting: VecDeque::new(),
+            in_hand: HashSet::new(),
             routing,
             tag,
             observer,
@@ -63,26 +73,37 @@ impl AgentLoop {
                     Some(push) => self.on_push(push, &finished_tx, &mut accepts),
                     None => break, // the connection closed (counted by its reader)
                 },
-                Some(Finished) = finished_rx.recv() => self.free += 1,
+                Some(finished) = finished_rx.recv() => {
+                    self.free += 1;
+                    if !finished.won {
+                        // Offered again later (a new round of push routing), it is accepted again.
+                        self.in_hand.remove(&finished.conversation);
+                    }
+                }
                 _ = stopped(&mut stop) => break,
             }
             if self.routing == RoutingMode::Pull {
                 while self.free > 0
                     && let Some(conversation) = self.waiting.pop_front()
                 {
+                    if !self.in_hand.insert(conversation.clone()) {
+                        continue;
+                    }
                     self.free -= 1;
                     accepts.spawn(accept_and_close(
-                        self.connection.clone(),
-                        conversation,
-                        true,
+                        self.accepting(conversation, true),
                         self.observer.clone(),
                         finished_tx.clone(),
                     ));
                 }
             }
-            while accepts.try_join_next().is_some() {}
+            while let Some(result) = accepts.try_join_next() {
+                self.observer.metrics.joined(result);
+            }
         }
-        while accepts.join_next().await.is_some() {}
+        while let Some(result) = accepts.join_next().await {
+            self.observer.metrics.joined(result);
+        }
         Arc::try_unwrap(self.connection).ok()
     }
 
@@ -115,18 +136,25 @@ impl AgentLoop {
                 if ours {
                     lock(&self.observer.registry).first_seen.entry(conversation.clone()).or_insert(push.at);
                 }
+                if !self.in_hand.insert(conversation.clone()) {
+                    // The protocol may push an offer again (a console that subscribed later, a queue taken
+                    // over): it is the one being accepted.
+                    return self.observer.metrics.count("offers_again", 1);
+                }
                 // The offer holds one of the agent's slots already: accept it whatever the local count says.
                 self.free = self.free.saturating_sub(1);
                 accepts.spawn(accept_and_close(
-                    self.connection.clone(),
-                    conversation,
-                    ours,
+                    self.accepting(conversation, ours),
                     self.observer.clone(),
                     finished.clone(),
                 ));
             }
             _ => {} // offer.ended, agent.status, chat.assigned: nothing to do
         }
+    }
+
+    fn accepting(&self, conversation: String, ours: bool) -> Accepting {
+        Accepting { agent: self.id.clone(), connection: self.connection.clone(), conversation, ours }
     }
 
     fn is_ours(&self, entry: &Value) -> bool {
@@ -157,15 +185,18 @@ fn conversation_of(entry: &Value) -> Option<String> {
     entry["conversation"].as_str().map(str::to_owned)
 }
 
-/// Accepts a chat and, when won, closes it. Losing the race is counted, not an error: `chat_taken`, or
-/// `chat_closed` when the winner has closed it already.
-async fn accept_and_close(
+/// A chat an agent accepts: `ours` when this run started it.
+struct Accepting {
+    agent: Arc<str>,
     connection: Arc<Connection>,
     conversation: String,
     ours: bool,
-    observer: Arc<Observer>,
-    finished: mpsc::UnboundedSender<Finished>,
-) {
+}
+
+/// Accepts a chat and, when won, closes it. Losing the race is counted, not an error: `chat_taken`, or
+/// `chat_closed` when the winner has closed it already.
+async fn accept_and_close(accepting: Accepting, observer: Arc<Observer>, finished: mpsc::UnboundedSender<Finished>) {
+    let Accepting { agent, connection, conversation, ours } = accepting;
     let metrics = &observer.metrics;
     let sent = Instant::now();
     match connection.request("chat.accept", json!({ "conversation": conversation })).await {
@@ -174,7 +205,7 @@ async fn accept_and_close(
             metrics.record("accept_ack", sent, ack.at);
             metrics.count("accept_wins", 1);
             metrics.operation();
-            if let Some(violation) = lock(&observer.registry).ledger.accept_acked(&conversation) {
+            if let Some(violation) = lock(&observer.registry).ledger.accept_acked(&conversation, &agent) {
                 metrics.violation(violation);
             }
         }
@@ -183,7 +214,7 @@ async fn accept_and_close(
                 Some(counter) => metrics.count(counter, 1),
                 None => metrics.error(&error.reason()),
             }
-            let _ = finished.send(Finished);
+            let _ = finished.send(Finished { conversation, won: false });
             return;
         }
     }
@@ -191,5 +222,5 @@ async fn accept_and_close(
         Ok(_) => metrics.count(if ours { "chats_closed" } else { "foreign_chats_closed" }, 1),
         Err(error) => metrics.error(&error.reason()),
     }
-    let _ = finished.send(Finished);
+    let _ = finished.send(Finished { conversation, won: true });
 }
