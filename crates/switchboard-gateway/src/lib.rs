@@ -59,6 +59,11 @@ pub struct GatewaySettings {
     pub max_message_bytes: usize,
     /// How many frames may wait for a slow socket before it is disconnected (close code 4008).
     pub outbound_queue_len: usize,
+    /// How long one write to a connection may wait for the client to read before it is disconnected as too
+    /// slow (close code 4008), whether or not pushes queue behind it: a client that stops reading in the
+    /// middle of a long backlog would otherwise hold its session, and the page of events being written,
+    /// for good (default 30 s).
+    pub write_stall_timeout: Duration,
     /// How many requests each connection may make (frames that are not valid requests included); one over
     /// it is refused `rate_limited` and nothing of it is done.
     pub request_rate: RequestRate,
@@ -72,12 +77,16 @@ pub struct GatewaySettings {
 /// The default presence heartbeat.
 pub const DEFAULT_PRESENCE_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// The default of [`GatewaySettings::write_stall_timeout`].
+pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
             gateway_id: "gateway".into(),
             max_message_bytes: 4096,
             outbound_queue_len: 1024,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
             request_rate: RequestRate::default(),
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
             presence_ttl: None,

@@ -243,9 +243,14 @@ async fn shutting_down(draining: &mut watch::Receiver<bool>) {
 
 impl<T: Transport> Session<T> {
     /// Writes one frame, into the transport's buffer until [`Session::flush`]. A client kicked for reading
-    /// too slowly while the write waits is disconnected at once, rather than when (if ever) it reads again.
+    /// too slowly while the write waits is disconnected at once, rather than when (if ever) it reads again;
+    /// so is one that has not let the write through for [`GatewaySettings::write_stall_timeout`] (no push
+    /// may come to kick it: the rest of a closed chat's backlog, say).
+    ///
+    /// [`GatewaySettings::write_stall_timeout`]: crate::GatewaySettings::write_stall_timeout
     async fn send(&mut self, frame: Outgoing<'_>) -> Flow {
         let kicked = self.link.kicked.clone();
+        let stalled = tokio::time::sleep(self.shared.settings.write_stall_timeout);
         self.unflushed = true;
         tokio::select! {
             biased;
@@ -259,6 +264,7 @@ impl<T: Transport> Session<T> {
                 None => Err(End::Gone),
             },
             () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
+            () = stalled => Err(End::Close(Close::SlowConsumer)),
         }
     }
 
@@ -268,10 +274,12 @@ impl<T: Transport> Session<T> {
             return Ok(());
         }
         let kicked = self.link.kicked.clone();
+        let stalled = tokio::time::sleep(self.shared.settings.write_stall_timeout);
         tokio::select! {
             biased;
             flushed = self.transport.flush() => if !flushed { return Err(End::Gone) },
             () = kicked.notified() => return Err(End::Close(Close::SlowConsumer)),
+            () = stalled => return Err(End::Close(Close::SlowConsumer)),
         }
         if !self.unflushed_latencies.is_empty() {
             let now_us = self.shared.clock.now_us();

@@ -97,6 +97,12 @@ pub struct Limits {
     /// Requests a connection may make at once, above the average.
     #[serde(default = "default_request_burst")]
     pub request_burst: u32,
+    /// How long one write may wait for a client that does not read before it is disconnected (4008).
+    #[serde(default = "default_write_stall_timeout_ms")]
+    pub write_stall_timeout_ms: u64,
+    /// How long a gateway that shuts down waits for its connections to end before it stops without them.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for Limits {
@@ -106,6 +112,8 @@ impl Default for Limits {
             outbound_queue_len: default_outbound_queue_len(),
             requests_per_second: default_requests_per_second(),
             request_burst: default_request_burst(),
+            write_stall_timeout_ms: default_write_stall_timeout_ms(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
         }
     }
 }
@@ -194,6 +202,12 @@ fn default_requests_per_second() -> u32 {
 fn default_request_burst() -> u32 {
     switchboard_gateway::RequestRate::default().burst
 }
+fn default_write_stall_timeout_ms() -> u64 {
+    switchboard_gateway::DEFAULT_WRITE_STALL_TIMEOUT.as_millis() as u64
+}
+fn default_shutdown_grace_ms() -> u64 {
+    15_000
+}
 fn default_capacity() -> u32 {
     3
 }
@@ -248,6 +262,12 @@ impl Config {
             bail!(
                 "invalid configuration: limits.request_burst must be at least 1 (or requests_per_second 0: no limit)"
             );
+        }
+        if !(100..=600_000).contains(&config.limits.write_stall_timeout_ms) {
+            bail!("invalid configuration: limits.write_stall_timeout_ms must be between 100 and 600000");
+        }
+        if config.limits.shutdown_grace_ms > 600_000 {
+            bail!("invalid configuration: limits.shutdown_grace_ms must be at most 600000");
         }
         if config.tenants.is_empty() {
             bail!("invalid configuration: tenants: at least one tenant is needed");
@@ -337,6 +357,22 @@ mod tests {
         assert_eq!(unlimited.limits.requests_per_second, 0);
         let error = format!("{:#}", Config::parse(&with("{ request_burst: 0 }"), no_env).unwrap_err());
         assert!(error.contains("limits.request_burst"), "{error}");
+    }
+
+    #[test]
+    fn slow_clients_and_shutdown_wait_within_bounds() {
+        let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().limits;
+        assert_eq!((defaults.write_stall_timeout_ms, defaults.shutdown_grace_ms), (30_000, 15_000));
+        let with = |limits: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\nlimits: {limits}"));
+        let set = Config::parse(&with("{ write_stall_timeout_ms: 500, shutdown_grace_ms: 0 }"), no_env).unwrap();
+        assert_eq!((set.limits.write_stall_timeout_ms, set.limits.shutdown_grace_ms), (500, 0));
+        for (limits, named) in [
+            ("{ write_stall_timeout_ms: 0 }", "limits.write_stall_timeout_ms"),
+            ("{ shutdown_grace_ms: 600001 }", "limits.shutdown_grace_ms"),
+        ] {
+            let error = format!("{:#}", Config::parse(&with(limits), no_env).unwrap_err());
+            assert!(error.contains(named), "{error}");
+        }
     }
 
     #[test]

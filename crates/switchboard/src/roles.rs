@@ -301,7 +301,7 @@ pub async fn gateway(config: Config, listen: SocketAddr, store: String, gateway_
     let address = listener.local_addr()?;
     println!("switchboard gateway listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "gateway serving");
-    serve_gateway(listener, gateway).await
+    serve_gateway(listener, gateway, Duration::from_millis(config.limits.shutdown_grace_ms)).await
 }
 
 /// Every role in one process: store (SQLite), router and gateway, calling each other in-process.
@@ -339,7 +339,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("switchboard listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "switchboard serving");
-    serve_gateway(listener, gateway).await
+    serve_gateway(listener, gateway, Duration::from_millis(config.limits.shutdown_grace_ms)).await
 }
 
 fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
@@ -347,6 +347,7 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
         gateway_id,
         max_message_bytes: config.limits.max_message_bytes,
         outbound_queue_len: config.limits.outbound_queue_len,
+        write_stall_timeout: Duration::from_millis(config.limits.write_stall_timeout_ms),
         request_rate: RequestRate { per_second: config.limits.requests_per_second, burst: config.limits.request_burst },
         presence_heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
         ..Default::default()
@@ -354,20 +355,34 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
 }
 
 /// Serves a gateway's WebSocket, HTTP and public gRPC endpoints on one port until SIGTERM/ctrl-c, then
-/// drains its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001).
-async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway) -> anyhow::Result<()> {
+/// drains its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001), waiting at most `grace`
+/// (`limits.shutdown_grace_ms`) for them to end.
+async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway, grace: Duration) -> anyhow::Result<()> {
     use axum::serve::ListenerExt;
     // axum does not set TCP_NODELAY on accepted sockets.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
     let draining = gateway.clone();
-    axum::serve(listener, gateway.routes().merge(switchboard_telemetry::metrics_routes()))
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serve = axum::serve(listener, gateway.routes().merge(switchboard_telemetry::metrics_routes()))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             draining.drain();
-        })
-        .await?;
+            let _ = stopping.send(());
+        });
+    // A client that reads nothing keeps its HTTP/2 stream open (its last frames wait for a window that never
+    // opens), and a graceful shutdown would wait for it for good.
+    let give_up = async move {
+        if stopped.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(serve) => served?,
+        () = give_up => warn!(?grace, "connections still open after the shutdown grace; not waiting for them"),
+    }
     Ok(())
 }
 

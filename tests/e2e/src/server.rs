@@ -119,6 +119,17 @@ impl Server {
         Self::spawn(data_dir, config_path).await
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; then waits up to `within` for the process to exit: its status,
+    /// or `None` if it is still running (it is killed when the `Server` is dropped).
+    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let pid = self.child.id().context("the process has exited already")?;
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed: {status}");
+        }
+        Ok(tokio::time::timeout(within, self.child.wait()).await.ok().transpose()?)
+    }
+
     /// Whether the process is still running (it must never panic or exit on client input).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

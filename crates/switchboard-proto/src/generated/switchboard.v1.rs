@@ -1258,8 +1258,8 @@ pub mod chat_service_client {
         ///
         /// The stream itself ends with a gRPC status only when the connection cannot go on:
         /// - OK: the client closed its side of the stream; every request sent before was answered first.
-        /// - RESOURCE_EXHAUSTED: the client reads too slowly (its outbound queue filled up; WebSocket close code
-        ///   4008): open a new stream and resume from the last seq you processed. Also: a `ClientFrame` larger than
+        /// - RESOURCE_EXHAUSTED: the client reads too slowly (its outbound queue filled up, or a write waited 30 s
+        ///   for it; WebSocket close code 4008): open a new stream and resume from the last seq you processed. Also: a `ClientFrame` larger than
         ///   the frame limit (4 x `max_message_bytes`, at least 64 KiB; WebSocket close code 1009).
         /// - INVALID_ARGUMENT: a frame that is not a valid `ClientFrame` message.
         /// - UNAVAILABLE: the server is shutting down: reconnect (to another gateway) and resume.
@@ -1320,8 +1320,8 @@ pub mod chat_service_server {
         ///
         /// The stream itself ends with a gRPC status only when the connection cannot go on:
         /// - OK: the client closed its side of the stream; every request sent before was answered first.
-        /// - RESOURCE_EXHAUSTED: the client reads too slowly (its outbound queue filled up; WebSocket close code
-        ///   4008): open a new stream and resume from the last seq you processed. Also: a `ClientFrame` larger than
+        /// - RESOURCE_EXHAUSTED: the client reads too slowly (its outbound queue filled up, or a write waited 30 s
+        ///   for it; WebSocket close code 4008): open a new stream and resume from the last seq you processed. Also: a `ClientFrame` larger than
         ///   the frame limit (4 x `max_message_bytes`, at least 64 KiB; WebSocket close code 1009).
         /// - INVALID_ARGUMENT: a frame that is not a valid `ClientFrame` message.
         /// - UNAVAILABLE: the server is shutting down: reconnect (to another gateway) and resume.

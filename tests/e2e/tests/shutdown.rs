@@ -1,0 +1,74 @@
+//! Shutdown: `serve` stops on SIGTERM within its grace, even while a client that reads nothing holds a
+//! gRPC stream open in the middle of a long backlog (its last frames wait for a flow-control window that
+//! never opens, and a graceful shutdown alone would wait for it for good).
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard_e2e::{Client, SEED_CONFIG, Server};
+use switchboard_proto::public::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const WIDGET: &str = "acme-widget-key";
+
+/// The seed tenancy, with room for long messages, no request budget, the slow client never disconnected for
+/// its stalled writes (that is another test's), and a grace of one second.
+fn config() -> String {
+    SEED_CONFIG.replace(
+        "  max_message_bytes: 256",
+        "  max_message_bytes: 4096\n  requests_per_second: 0\n  write_stall_timeout_ms: 600000\n  shutdown_grace_ms: 1000",
+    )
+}
+
+fn frame(id: &str, request: pb::client_frame::Request) -> pb::ClientFrame {
+    pb::ClientFrame { id: id.into(), request: Some(request) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_server_within_its_grace_while_a_grpc_client_reads_nothing() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let mut server = Server::start(&config(), data.path()).await?;
+    let url = server.ws_url();
+    let (mut customer, chat, _) = Client::start_chat(&url, WIDGET, "g1", "Ann", "a long story").await?;
+    let mut agent = Client::sign_in(&url, "token-agent-a").await?;
+    agent.ok("chat.accept", json!({ "conversation": chat })).await?;
+    agent.close().await?;
+    // Over a megabyte: more than HTTP/2's windows and the kernel hold for a client that does not read.
+    let body = "w".repeat(4000);
+    for n in 0..300 {
+        let message = json!({ "conversation": chat, "client_msg_id": format!("m{n}"), "body": body });
+        customer.ok("message.send", message).await?;
+    }
+
+    // An agent console on gRPC with small windows subscribes to the whole chat, then reads nothing more.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address))?
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await?;
+    let (requests, stream) = mpsc::channel(8);
+    let mut frames = pb::chat_service_client::ChatServiceClient::new(channel)
+        .session(ReceiverStream::new(stream))
+        .await?
+        .into_inner();
+    let sign_in = pb::AgentSignInRequest { token: "token-agent-a".into() };
+    requests.send(frame("1", pb::client_frame::Request::AgentSignIn(sign_in))).await?;
+    let subscribe = pb::ChatSubscribeRequest { conversation: chat.clone(), after_seq: 0 };
+    requests.send(frame("2", pb::client_frame::Request::ChatSubscribe(subscribe))).await?;
+    let subscribed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = frames.message().await? {
+            if matches!(&frame.frame, Some(pb::server_frame::Frame::Ack(ack)) if ack.id == "2") {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the stream ended before the subscription's ack")
+    });
+    subscribed.await??;
+
+    // (With a grace of ten minutes instead, it is still running after these 30 s: the stream holds it.)
+    let status = server.terminate(Duration::from_secs(30)).await?;
+    assert!(status.is_some_and(|status| status.success()), "not stopped (or failed): {status:?}\n{}", server.stderr());
+    drop((frames, requests, customer));
+    Ok(())
+}
