@@ -4,11 +4,11 @@
 use async_trait::async_trait;
 
 use crate::internal::v1::{
-    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, CreateTicketRequest,
-    CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest, GetPlacementRequest,
-    License, ListConversationsRequest, ListConversationsResponse, ListTicketsRequest, ListTicketsResponse, Placement,
-    ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse, ReleaseShardsRequest,
-    ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
+    AcquireShardsRequest, AcquireShardsResponse, AppendRequest, AppendResponse, ConversationRecord,
+    CreateTicketRequest, CreateTicketResponse, GetConversationRequest, GetConversationResponse, GetLicenseRequest,
+    GetPlacementRequest, License, ListConversationsRequest, ListConversationsResponse, ListCursor, ListTicketsRequest,
+    ListTicketsResponse, Placement, ReadEventsRequest, ReadEventsResponse, RegisterNodeRequest, RegisterNodeResponse,
+    ReleaseShardsRequest, ReleaseShardsResponse, RenewShardsRequest, RenewShardsResponse, SetLicenseLimitRequest,
 };
 
 /// What can go wrong in the store. Callers branch on the variant.
@@ -74,4 +74,36 @@ pub trait StoreApi: Send + Sync + 'static {
     async fn create_ticket(&self, request: CreateTicketRequest) -> Result<CreateTicketResponse, StoreError>;
     /// A tenant's tickets (every tenant's when the tenant is empty), newest first.
     async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError>;
+}
+
+/// How many conversations a page of [`list_all_conversations`] holds: some 5 MiB with the longest first
+/// questions (4 KiB by default), well under the internal gRPC message limit (64 MiB).
+pub const LIST_PAGE: u32 = 1_000;
+
+/// Every conversation of an oldest-first list (`request.limit` and `request.after` are the function's),
+/// read a page of `page` at a time: a list of any length never has to fit in one message.
+///
+/// Pages are read one after the other, not in one snapshot: a conversation that moves meanwhile (a chat
+/// requeued, with a new `queued_at_ms`) may be listed twice or missed, as it may be by any list read just
+/// before it moved.
+pub async fn list_all_conversations(
+    store: &(impl StoreApi + ?Sized),
+    mut request: ListConversationsRequest,
+    page: u32,
+) -> Result<Vec<ConversationRecord>, StoreError> {
+    request.newest_first = false;
+    request.limit = page.max(1);
+    request.after = None;
+    let mut all = Vec::new();
+    loop {
+        let conversations = store.list_conversations(request.clone()).await?.conversations;
+        let full = conversations.len() >= request.limit as usize;
+        if let Some(last) = conversations.last() {
+            request.after = Some(ListCursor { queued_at_ms: last.queued_at_ms, id: last.id.clone() });
+        }
+        all.extend(conversations);
+        if !full {
+            return Ok(all);
+        }
+    }
 }

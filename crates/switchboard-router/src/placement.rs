@@ -12,6 +12,7 @@ use switchboard_proto::internal::v1::{
     self as pb, AcquireShardsRequest, ListConversationsRequest, RegisterNodeRequest, RenewShardsRequest,
 };
 use switchboard_proto::router::RouterError;
+use switchboard_proto::store::{LIST_PAGE, list_all_conversations};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -266,9 +267,9 @@ async fn activate_shards(context: Arc<Context>, shards: HashSet<ShardId>) {
             shards: shards.iter().map(|shard| shard.0).collect(),
             ..Default::default()
         };
-        match context.store.list_conversations(request).await {
-            Ok(response) => {
-                for record in response.conversations {
+        match list_all_conversations(&*context.store, request, LIST_PAGE).await {
+            Ok(records) => {
+                for record in records {
                     let Ok(id) = conversation_id(&record.id) else { continue };
                     if !context.shards.owns(&conversation_key(&id)) {
                         continue;

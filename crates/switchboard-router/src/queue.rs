@@ -31,6 +31,7 @@ use switchboard_presence::GroupStatus;
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest};
 use switchboard_proto::router::{GatewayId, LeftQueue, OfferUpdate, Push, QueueChange, RouterError, SystemCommand};
+use switchboard_proto::store::{LIST_PAGE, list_all_conversations};
 use tracing::{debug, warn};
 
 use crate::context::Context;
@@ -714,10 +715,8 @@ impl QueueActorState {
                 group_ids: vec![group.to_string()],
                 ..Default::default()
             };
-            let stored: Vec<Conversation> = match context.store.list_conversations(request).await {
-                Ok(response) => {
-                    response.conversations.iter().filter_map(|record| conversation_from_record(record).ok()).collect()
-                }
+            let stored: Vec<Conversation> = match list_all_conversations(&*context.store, request, LIST_PAGE).await {
+                Ok(records) => records.iter().filter_map(|record| conversation_from_record(record).ok()).collect(),
                 Err(error) => {
                     debug!(%error, %group, "the waiting list not compared with the store");
                     if let Some(myself) = myself {
@@ -1091,10 +1090,10 @@ pub(crate) async fn activate(
                 group_ids: vec![group.to_string()],
                 ..Default::default()
             };
-            let response = context.store.list_conversations(request).await.map_err(from_store)?;
+            let records = list_all_conversations(&*context.store, request, LIST_PAGE).await.map_err(from_store)?;
             let mut waiting = WaitingQueue::default();
             let mut chats = HashMap::new();
-            for record in &response.conversations {
+            for record in &records {
                 let conversation =
                     conversation_from_record(record).map_err(|error| RouterError::Internal(error.to_string()))?;
                 chats.insert(

@@ -81,6 +81,15 @@ pub(crate) fn list_query(request: &ListConversationsRequest, id_order: &str) -> 
     if !shards.is_empty() {
         query.push(" AND shard IN ").list(shards.into_iter().map(Bind::Int32));
     }
+    if let Some(after) = &request.after {
+        if request.newest_first {
+            return Err(StoreError::Invalid("a list newest first is not read after a cursor".into()));
+        }
+        // Keyset paging in the list's order: (queued_at_ms, id) after the cursor's.
+        query.push(" AND (queued_at_ms > ").bind(Bind::Int(after.queued_at_ms));
+        query.push(" OR (queued_at_ms = ").bind(Bind::Int(after.queued_at_ms));
+        query.push(" AND ").push(id_order).push(" > ").bind(Bind::Text(after.id.clone())).push("))");
+    }
     if request.newest_first {
         query.push(" ORDER BY closed_at_ms DESC, created_at_ms DESC, ").push(id_order).push(" DESC");
     } else {

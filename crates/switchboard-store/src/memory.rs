@@ -363,6 +363,10 @@ impl StoreApi for MemoryStore {
         for &shard in &request.shards {
             shard_to_i32(shard)?;
         }
+        if request.after.is_some() && request.newest_first {
+            return Err(StoreError::Invalid("a list newest first is not read after a cursor".into()));
+        }
+        let after = request.after.as_ref().map(|after| (after.queued_at_ms, after.id.as_str()));
         let tables = self.lock();
         let any_of = |wanted: &[String], value: &String| wanted.is_empty() || wanted.contains(value);
         let mut conversations: Vec<ConversationRecord> = tables
@@ -373,6 +377,7 @@ impl StoreApi for MemoryStore {
             .filter(|c| request.owner_agent_id.is_empty() || c.owner_agent_id == request.owner_agent_id)
             .filter(|c| request.offer_agent_id.is_empty() || c.offer_agent_id == request.offer_agent_id)
             .filter(|c| request.shards.is_empty() || request.shards.contains(&c.shard))
+            .filter(|c| after.is_none_or(|after| (c.queued_at_ms, c.id.as_str()) > after))
             .cloned()
             .collect();
         if request.newest_first {

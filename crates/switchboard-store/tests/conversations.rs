@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use switchboard_domain::N_SHARDS;
 use switchboard_proto::internal::v1::{
-    ConversationRecord, ConversationUpdate, GetConversationRequest, ListConversationsRequest,
+    ConversationRecord, ConversationUpdate, GetConversationRequest, ListConversationsRequest, ListCursor,
 };
-use switchboard_proto::store::{StoreApi, StoreError};
+use switchboard_proto::store::{StoreApi, StoreError, list_all_conversations};
 
 on_every_backend!(
     a_tenants_waiting_queue_is_first_come_first_served,
@@ -20,6 +20,7 @@ on_every_backend!(
     get_returns_the_whole_record_or_nothing,
     offer_fields_round_trip_and_each_update_replaces_them,
     a_group_change_moves_the_chat_to_its_new_queue,
+    a_list_is_read_a_page_at_a_time_in_its_order,
 );
 
 async fn ids(store: &dyn StoreApi, request: ListConversationsRequest) -> Vec<String> {
@@ -72,6 +73,31 @@ async fn a_tenants_waiting_queue_is_first_come_first_served(h: Harness) {
     let every_group =
         ListConversationsRequest { tenant_id: "acme".into(), states: strings(&["queued"]), ..Default::default() };
     assert_eq!(ids(store, every_group).await, ["c3", "c2", "c1", "c7"]);
+}
+
+/// A list longer than a message should hold is read a page at a time after the last conversation of the
+/// page before (by queue time, then id: c1 and c7 were queued at the same moment).
+async fn a_list_is_read_a_page_at_a_time_in_its_order(h: Harness) {
+    let store = h.store();
+    seed(store).await;
+    let waiting =
+        ListConversationsRequest { tenant_id: "acme".into(), states: strings(&["queued"]), ..Default::default() };
+    let whole = ids(store, waiting.clone()).await;
+    assert_eq!(whole, ["c3", "c2", "c1", "c7"]);
+    for page in [1, 2, 3, 4, 100] {
+        let paged = list_all_conversations(store, waiting.clone(), page).await.unwrap();
+        assert_eq!(paged.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), whole, "pages of {page}");
+    }
+    let after = |queued_at_ms, id: &str| ListConversationsRequest {
+        after: Some(ListCursor { queued_at_ms, id: id.into() }),
+        limit: 2,
+        ..waiting.clone()
+    };
+    assert_eq!(ids(store, after(10, "c2")).await, ["c1", "c7"]);
+    assert_eq!(ids(store, after(30, "c1")).await, ["c7"], "the same queue time, a later id");
+    assert_eq!(ids(store, after(30, "c7")).await, Vec::<String>::new());
+    let newest_first = ListConversationsRequest { newest_first: true, ..after(10, "c2") };
+    assert!(matches!(store.list_conversations(newest_first).await, Err(StoreError::Invalid(_))));
 }
 
 async fn an_agents_active_conversations(h: Harness) {

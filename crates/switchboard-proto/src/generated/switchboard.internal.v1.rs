@@ -300,6 +300,18 @@ pub struct ListConversationsRequest {
     /// `queued` for the chats waiting on the agent's answer).
     #[prost(string, tag = "8")]
     pub offer_agent_id: ::prost::alloc::string::String,
+    /// Oldest-first lists only: the conversations after this one (the last of the page before), so that a long
+    /// list is read a page of `limit` at a time, each in a message of bounded size. Unset: from the first.
+    #[prost(message, optional, tag = "9")]
+    pub after: ::core::option::Option<ListCursor>,
+}
+/// Where a page of an oldest-first list ends: the last conversation's `queued_at_ms` and `id`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListCursor {
+    #[prost(int64, tag = "1")]
+    pub queued_at_ms: i64,
+    #[prost(string, tag = "2")]
+    pub id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListConversationsResponse {
