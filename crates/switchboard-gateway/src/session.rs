@@ -457,7 +457,11 @@ impl<T: Transport> Session<T> {
             return Ok(());
         };
         let (conversation, seq) = (*conversation, event.seq);
-        let written = self.written_seq.get(&conversation).copied().unwrap_or(0);
+        // Not a conversation this connection follows: its subscription failed after the watch that lets
+        // no event be missed was set, and the events the watch queued meanwhile are not this connection's.
+        let Some(&written) = self.written_seq.get(&conversation) else {
+            return Ok(());
+        };
         if seq <= written {
             return Ok(());
         }

@@ -51,12 +51,15 @@ impl Hold {
     }
 }
 
-/// What the test holds: a `message.send` with [`HELD_BODY`], and the next `chat.accept` once asked.
+/// What the test holds: a `message.send` with [`HELD_BODY`], the next `chat.accept` once asked, and the next
+/// subscription once asked (which then fails, `unavailable`).
 #[derive(Default)]
 struct Holds {
     message: Hold,
     accept: Hold,
     hold_next_accept: AtomicBool,
+    subscribe: Hold,
+    fail_next_subscribe: AtomicBool,
 }
 
 /// The router as the gateway sees it: the real one, but for the calls [`Holds`] holds.
@@ -90,6 +93,10 @@ impl RouterApi for Holding {
         conversation: ConversationId,
         after_seq: u64,
     ) -> Result<EventPage, RouterError> {
+        if self.holds.fail_next_subscribe.swap(false, Ordering::SeqCst) {
+            self.holds.subscribe.wait_for_release().await;
+            return Err(RouterError::Unavailable("a shard on its way to another router".into()));
+        }
         self.inner.subscribe(gateway, caller, conversation, after_seq).await
     }
 
@@ -352,5 +359,34 @@ async fn a_request_that_changes_the_connection_still_holds_the_pushes_until_answ
     assert_eq!(answer["chat"]["owner"], "alice", "{answer}");
     alice.expect_events(&second, &[(1, "created"), (2, "message"), (3, "accepted")]).await;
     alice.expect_events(&chat, &[(dana_seq, "message")]).await;
+    server.stop().await;
+}
+
+/// A subscription that fails leaves the connection without the chat's events, those pushed while it was on
+/// its way included: the gateway watched the chat for this connection first (so that nothing is missed
+/// between the subscription and its first events), and the events the watch queued are not written.
+#[tokio::test]
+async fn a_subscription_that_fails_writes_none_of_the_events_pushed_while_it_was_on_its_way() {
+    let (server, holds) = start().await;
+    let (mut dana, chat) = customer(&server, "Dana").await;
+    let mut alice = WsClient::connect(&server).await;
+    alice.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
+
+    holds.fail_next_subscribe.store(true, Ordering::SeqCst);
+    send_held(&mut alice, json!({ "type": "chat.subscribe", "conversation": chat })).await;
+    holds.subscribe.arrived("alice's subscription").await;
+    // Dana's message reaches the gateway (her connection follows the chat) while Alice's subscription waits.
+    let seq = customer_says(&mut dana, &chat, "Anyone?").await;
+    dana.expect_events(&chat, &[(seq, "message")]).await;
+    holds.subscribe.release.notify_one();
+    let answer = alice.answer(Some(HELD_ID)).await;
+    assert_eq!((answer["type"].as_str(), answer["code"].as_str()), (Some("error"), Some("unavailable")), "{answer}");
+
+    // Nothing of the chat follows: the next frame Alice gets is the answer to her next request.
+    let listed = alice.call(json!({ "type": "queue.list" })).await;
+    assert_eq!(listed["type"], "ack", "{listed}");
+    while let Some(push) = alice.take_push() {
+        assert_ne!(push["type"], "event", "an event of a chat Alice does not follow: {push}");
+    }
     server.stop().await;
 }
