@@ -272,19 +272,25 @@ pub struct LicenseRound {
     pub failed: u64,
     /// Admitted chats closed again by their customer at the end of the round.
     pub closed: u64,
-    /// Chats admitted by earlier rounds whose close failed: still open when this round starts, each holding
-    /// a permit (a customer who goes away does not close their chat).
+    /// Admitted chats whose close the server refused (an error code): still open, holding their permit (a
+    /// customer who goes away does not close their chat). A close that got no answer (a timeout, a lost
+    /// connection) may have closed its chat or not.
+    #[serde(default)]
+    pub close_refused: u64,
+    /// Chats admitted by earlier rounds whose close was refused: still open when this round starts.
     #[serde(default)]
     pub open_before: u64,
-    /// Starts of earlier rounds that failed: each may have been admitted (a timeout) and hold a permit.
+    /// Starts and closes of earlier rounds that got no answer (or failed otherwise): each may hold a permit.
     #[serde(default)]
     pub failed_before: u64,
 }
 
 impl LicenseRound {
-    /// The round after this one starts with the chats this one left open, and its failures.
+    /// The round after this one starts with the chats this one surely left open, and with what it cannot
+    /// tell: its failed starts, and its closes that got no answer.
     pub fn carried(&self) -> (u64, u64) {
-        (self.open_before + self.admitted.saturating_sub(self.closed), self.failed_before + self.failed)
+        let unanswered_closes = self.admitted.saturating_sub(self.closed + self.close_refused);
+        (self.open_before + self.close_refused, self.failed_before + self.failed + unanswered_closes)
     }
 }
 

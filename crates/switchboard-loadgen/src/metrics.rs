@@ -92,7 +92,6 @@ impl Metrics {
         errors.iter().map(|(reason, n)| format!("{reason} × {n}")).collect::<Vec<_>>().join(", ")
     }
 
-    /// A broken invariant (the run's exit code becomes 1).
     /// A finished task's output. A task that panicked is counted as an error (`loadgen_task_panicked`, and
     /// the panic is on stderr): what it was measuring is missing from the figures.
     pub fn joined<T>(&self, result: Result<T, tokio::task::JoinError>) -> Option<T> {
@@ -107,6 +106,7 @@ impl Metrics {
         }
     }
 
+    /// A broken invariant (the run's exit code becomes 1).
     pub fn violation(&self, description: String) {
         lock(&self.violations).add(description);
     }

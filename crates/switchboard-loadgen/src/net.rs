@@ -8,8 +8,9 @@
 //! The reader also checks what the protocol promises of every connection: each request is answered once
 //! (a second answer, or one to a request never sent, is a violation; an answer after the request timed out
 //! is counted as late), and a connection receives the events only of the conversations that an ack of its
-//! own named (its `chat.start`, `chat.accept`, `chat.subscribe`, which the protocol writes before their
-//! events): another conversation's event is one delivered to the wrong socket.
+//! own named (its `chat.start`, `chat.accept` or `chat.subscribe`, which the protocol writes before their
+//! events; any ack that names a chat counts): another conversation's event is one delivered to the wrong
+//! socket.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};

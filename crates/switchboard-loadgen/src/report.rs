@@ -180,6 +180,7 @@ pub fn merge(reports: Vec<Report>) -> Report {
                         mine.refused += round.refused;
                         mine.failed += round.failed;
                         mine.closed += round.closed;
+                        mine.close_refused += round.close_refused;
                         mine.open_before += round.open_before;
                         mine.failed_before += round.failed_before;
                     }

@@ -88,15 +88,38 @@ pub const LIST_PAGE: u32 = 1_000;
 /// before it moved.
 pub async fn list_all_conversations(
     store: &(impl StoreApi + ?Sized),
-    mut request: ListConversationsRequest,
+    request: ListConversationsRequest,
     page: u32,
 ) -> Result<Vec<ConversationRecord>, StoreError> {
+    list_in_pages(request, page, |request| store.list_conversations(request)).await
+}
+
+/// [`list_all_conversations`] with `list` reading each page.
+async fn list_in_pages<F, Fut>(
+    mut request: ListConversationsRequest,
+    page: u32,
+    mut list: F,
+) -> Result<Vec<ConversationRecord>, StoreError>
+where
+    F: FnMut(ListConversationsRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<ListConversationsResponse, StoreError>>,
+{
     request.newest_first = false;
     request.limit = page.max(1);
     request.after = None;
     let mut all = Vec::new();
     loop {
-        let conversations = store.list_conversations(request.clone()).await?.conversations;
+        let conversations = list(request.clone()).await?.conversations;
+        // A store that ignores the cursor (one from before it, in a rolling upgrade) would answer the same
+        // page for ever.
+        if let (Some(after), Some(first)) = (&request.after, conversations.first())
+            && (first.queued_at_ms, first.id.as_str()) <= (after.queued_at_ms, after.id.as_str())
+        {
+            return Err(StoreError::Invalid(format!(
+                "the store answered a list from before the cursor ({}, {}): it cannot read lists in pages",
+                after.queued_at_ms, after.id
+            )));
+        }
         let full = conversations.len() >= request.limit as usize;
         if let Some(last) = conversations.last() {
             request.after = Some(ListCursor { queued_at_ms: last.queued_at_ms, id: last.id.clone() });
@@ -105,5 +128,45 @@ pub async fn list_all_conversations(
         if !full {
             return Ok(all);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, queued_at_ms: i64) -> ConversationRecord {
+        ConversationRecord { id: id.into(), queued_at_ms, ..Default::default() }
+    }
+
+    /// The list `c1`..`c5` (c2 and c3 queued at the same moment), read as a store reads it: after the cursor,
+    /// `limit` at most; or, with `ignore_cursor`, as a store that knows no cursor.
+    fn store(
+        ignore_cursor: bool,
+    ) -> impl FnMut(ListConversationsRequest) -> std::future::Ready<Result<ListConversationsResponse, StoreError>> {
+        let all = [record("c1", 1), record("c2", 2), record("c3", 2), record("c4", 3), record("c5", 4)];
+        move |request: ListConversationsRequest| {
+            let after = request.after.filter(|_| !ignore_cursor).map(|after| (after.queued_at_ms, after.id));
+            let conversations = all
+                .iter()
+                .filter(|c| after.as_ref().is_none_or(|(at, id)| (c.queued_at_ms, &c.id) > (*at, id)))
+                .take(request.limit as usize)
+                .cloned()
+                .collect();
+            std::future::ready(Ok(ListConversationsResponse { conversations }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_list_is_read_whole_a_page_at_a_time_and_a_store_without_cursors_is_refused() {
+        for page in [1, 2, 3, 5, 6] {
+            let read = list_in_pages(ListConversationsRequest::default(), page, store(false)).await.unwrap();
+            let ids: Vec<&str> = read.iter().map(|c| c.id.as_str()).collect();
+            assert_eq!(ids, ["c1", "c2", "c3", "c4", "c5"], "pages of {page}");
+        }
+        let looping = list_in_pages(ListConversationsRequest::default(), 2, store(true)).await;
+        assert!(matches!(looping, Err(StoreError::Invalid(message)) if message.contains("cannot read lists in pages")));
+        // A list shorter than a page needs no cursor.
+        assert_eq!(list_in_pages(ListConversationsRequest::default(), 10, store(true)).await.unwrap().len(), 5);
     }
 }

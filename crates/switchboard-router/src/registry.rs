@@ -27,6 +27,33 @@ pub(crate) fn is_alive<M: Message>(actor: &ActorRef<M>) -> bool {
     !matches!(actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped)
 }
 
+/// One use of a key's slot. When the last use of a slot ends without an actor in it (every activation
+/// failed: no such conversation, the store out of reach; or the uses were dropped midway), the slot is
+/// forgotten: the ids a client sends, unknown ones included, would otherwise each keep an entry for good.
+/// Each use lets go of its own reference under the lock before it counts the others', so the last one out
+/// always sees itself alone.
+struct SlotUse<'a, K: Eq + Hash + Clone, M: Message> {
+    registry: &'a Registry<K, M>,
+    key: &'a K,
+    slot: Option<Slot<M>>,
+}
+
+impl<K: Eq + Hash + Clone, M: Message> Drop for SlotUse<'_, K, M> {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else { return };
+        if slot.initialized() {
+            return;
+        }
+        let mut slots = self.registry.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mine = slots.get(self.key).is_some_and(|current| Arc::ptr_eq(current, &slot));
+        drop(slot);
+        let alone = slots.get(self.key).is_some_and(|current| Arc::strong_count(current) == 1);
+        if mine && alone && slots.get(self.key).is_some_and(|current| !current.initialized()) {
+            slots.remove(self.key);
+        }
+    }
+}
+
 impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
     fn slot(&self, key: &K) -> Slot<M> {
         let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -44,42 +71,25 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<ActorRef<M>, RouterError>>,
     {
-        let slot = self.slot(key);
+        let slot = SlotUse { registry: self, key, slot: Some(self.slot(key)) };
+        let slot = slot.slot.as_ref().expect("set above");
         // Found running (every use but the first): it was registered when `slot` read it, and nothing is
         // activated here, so the check below, which takes the lock again, is only for activations.
         if let Some(actor) = slot.get() {
             return Ok(actor.clone());
         }
-        let actor = match slot.get_or_try_init(activate).await {
-            Ok(actor) => actor.clone(),
-            Err(error) => {
-                self.forget_failed(key, &slot);
-                return Err(error);
-            }
-        };
+        let actor = slot.get_or_try_init(activate).await?.clone();
         // The key's shard given up while the actor was being activated (`stop_where` found the slot empty and
         // forgot it): the actor would live on unknown to the registry, beside the new owner's. Stopped too.
         let registered = {
             let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            slots.get(key).is_some_and(|current| Arc::ptr_eq(current, &slot))
+            slots.get(key).is_some_and(|current| Arc::ptr_eq(current, slot))
         };
         if !registered {
             actor.stop(Some("shard given up during its activation".into()));
             return Err(RouterError::NotOwner);
         }
         Ok(actor)
-    }
-
-    /// Forgets the slot of a key whose activation failed (no such conversation, the store out of reach): the
-    /// ids a client sends, unknown ones included, would otherwise each keep an entry for good. A use waiting on
-    /// the same activation holds the slot too: it tries the activation in turn, and forgets the slot if it
-    /// fails as well.
-    fn forget_failed(&self, key: &K, slot: &Slot<M>) {
-        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let alone = Arc::strong_count(slot) == 2; // the map's and this use's
-        if slot.get().is_none() && alone && slots.get(key).is_some_and(|current| Arc::ptr_eq(current, slot)) {
-            slots.remove(key);
-        }
     }
 
     /// Forgets the actor of `key` if it is `actor` (it stopped).
@@ -151,6 +161,22 @@ mod tests {
             assert_eq!(failed.err(), Some(RouterError::NotFound));
         }
         assert_eq!(keys(&registry), 0, "unknown ids leave nothing behind");
+    }
+
+    #[tokio::test]
+    async fn a_key_whose_only_use_was_dropped_during_its_activation_is_not_kept() {
+        let registry: Arc<Registry<u32, ()>> = Arc::default();
+        let using = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.get_or_activate(&7, std::future::pending).await }
+        });
+        while keys(&registry) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The caller went away (a client's request dropped with its connection).
+        using.abort();
+        assert!(using.await.unwrap_err().is_cancelled());
+        assert_eq!(keys(&registry), 0);
     }
 
     #[tokio::test]

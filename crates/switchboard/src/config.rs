@@ -266,8 +266,9 @@ impl Config {
         if !(100..=600_000).contains(&config.limits.write_stall_timeout_ms) {
             bail!("invalid configuration: limits.write_stall_timeout_ms must be between 100 and 600000");
         }
-        if config.limits.shutdown_grace_ms > 600_000 {
-            bail!("invalid configuration: limits.shutdown_grace_ms must be at most 600000");
+        if !(100..=600_000).contains(&config.limits.shutdown_grace_ms) {
+            // Enough for the connections to be told (1001, UNAVAILABLE) before the process goes.
+            bail!("invalid configuration: limits.shutdown_grace_ms must be between 100 and 600000");
         }
         if config.tenants.is_empty() {
             bail!("invalid configuration: tenants: at least one tenant is needed");
@@ -364,10 +365,11 @@ mod tests {
         let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().limits;
         assert_eq!((defaults.write_stall_timeout_ms, defaults.shutdown_grace_ms), (30_000, 15_000));
         let with = |limits: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\nlimits: {limits}"));
-        let set = Config::parse(&with("{ write_stall_timeout_ms: 500, shutdown_grace_ms: 0 }"), no_env).unwrap();
-        assert_eq!((set.limits.write_stall_timeout_ms, set.limits.shutdown_grace_ms), (500, 0));
+        let set = Config::parse(&with("{ write_stall_timeout_ms: 500, shutdown_grace_ms: 100 }"), no_env).unwrap();
+        assert_eq!((set.limits.write_stall_timeout_ms, set.limits.shutdown_grace_ms), (500, 100));
         for (limits, named) in [
             ("{ write_stall_timeout_ms: 0 }", "limits.write_stall_timeout_ms"),
+            ("{ shutdown_grace_ms: 0 }", "limits.shutdown_grace_ms"),
             ("{ shutdown_grace_ms: 600001 }", "limits.shutdown_grace_ms"),
         ] {
             let error = format!("{:#}", Config::parse(&with(limits), no_env).unwrap_err());

@@ -5,8 +5,9 @@
 //!
 //! Precondition: no open chat in the cluster when the run starts. Then every round admits exactly
 //! `min(limit, burst)` chats; in any case never more than the limit (checked on the merged figures). A chat
-//! whose close failed stays open, and holds its permit, in the rounds after: they are checked against the
-//! limit less those.
+//! whose close the server refused stays open, and holds its permit, in the rounds after: they are checked
+//! against the limit less those (a close that got no answer may have closed its chat or not: the rounds
+//! after are not checked exactly).
 
 use std::sync::Arc;
 
@@ -103,7 +104,12 @@ async fn run_round(ctx: &mut Ctx, round: u32, burst: u64, limit: u64) -> anyhow:
     for outcome in join_all(closes).await {
         match outcome {
             Ok(_) => figures.closed += 1,
-            Err(error) => ctx.metrics.error(&error.reason()),
+            Err(error) => {
+                if matches!(error, RequestError::Refused { .. }) {
+                    figures.close_refused += 1;
+                }
+                ctx.metrics.error(&error.reason());
+            }
         }
     }
     ctx.metrics.count("chats_closed", figures.closed);
