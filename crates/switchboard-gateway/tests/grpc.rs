@@ -799,6 +799,28 @@ async fn a_log_longer_than_a_page_is_answered_a_page_at_a_time() {
     server.stop().await;
 }
 
+/// Reads a slow client's stream to its end: the events in order from seq 1, then `RESOURCE_EXHAUSTED`
+/// before the chat's last seq `last`. Answers the last seq read.
+async fn read_until_too_slow(slow: &mut GrpcClient, last: u64) -> u64 {
+    let mut seen = 0;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(30), slow.read()).await.expect("the stream ends") {
+            Ok(Some(Frame::Event(push))) => {
+                let seq = push.event.unwrap().seq;
+                assert_eq!(seq, seen + 1, "in order, without gap");
+                seen = seq;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended with OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("too slow to read"), "{status:?}");
+    assert!(seen < last, "the client was disconnected before it got everything ({seen} of {last})");
+    seen
+}
+
 #[tokio::test]
 async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes() {
     // The client sends as fast as it can: no request budget here.
@@ -831,22 +853,7 @@ async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes
     assert_eq!(last, 403);
 
     // Reading again: events in order from seq 1, then the stream's end.
-    let mut seen = 0;
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(30), slow.read()).await.expect("the stream ends") {
-            Ok(Some(Frame::Event(push))) => {
-                let seq = push.event.unwrap().seq;
-                assert_eq!(seq, seen + 1, "in order, without gap");
-                seen = seq;
-            }
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the stream ended with OK"),
-            Err(status) => break status,
-        }
-    };
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("too slow to read"), "{status:?}");
-    assert!(seen < last, "the client was disconnected before it got everything ({seen})");
+    let seen = read_until_too_slow(&mut slow, last).await;
 
     // It resumes from its last seq and gets the rest.
     let mut bob = GrpcClient::connect(&server).await;
@@ -915,22 +922,7 @@ async fn a_client_that_stops_reading_a_backlog_with_no_push_behind_it_is_disconn
     until_bob_has(&server, 0).await;
 
     // Reading again: events in order from seq 1, then the stream's end, as any slow client's.
-    let mut seen = 0;
-    let status = loop {
-        match slow.read().await {
-            Ok(Some(Frame::Event(push))) => {
-                let seq = push.event.unwrap().seq;
-                assert_eq!(seq, seen + 1, "in order, without gap");
-                seen = seq;
-            }
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the stream ended with OK"),
-            Err(status) => break status,
-        }
-    };
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("too slow to read"), "{status:?}");
-    assert!(seen < last, "the client was disconnected before it got everything ({seen} of {last})");
+    read_until_too_slow(&mut slow, last).await;
     server.stop().await;
 }
 
