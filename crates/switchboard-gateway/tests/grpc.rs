@@ -799,6 +799,17 @@ async fn a_log_longer_than_a_page_is_answered_a_page_at_a_time() {
     server.stop().await;
 }
 
+/// Bob signed in on a channel that takes little before HTTP/2 flow control holds the server back.
+async fn slow_bob(server: &Server) -> GrpcClient {
+    let endpoint = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024));
+    let mut slow = GrpcClient::open(endpoint.connect().await.unwrap()).await;
+    slow.ack(sign_in(BOB)).await;
+    slow
+}
+
 /// Reads a slow client's stream to its end: the events in order from seq 1, then `RESOURCE_EXHAUSTED`
 /// before the chat's last seq `last`. Answers the last seq read.
 async fn read_until_too_slow(slow: &mut GrpcClient, last: u64) -> u64 {
@@ -830,13 +841,7 @@ async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes
         ..GatewaySettings::default()
     };
     let server = Server::start_with(settings).await;
-    // The slow agent's channel takes little before HTTP/2 flow control holds the server back.
-    let endpoint = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .initial_stream_window_size(Some(16 * 1024))
-        .initial_connection_window_size(Some(16 * 1024));
-    let mut slow = GrpcClient::open(endpoint.connect().await.unwrap()).await;
-    slow.ack(sign_in(BOB)).await;
+    let mut slow = slow_bob(&server).await;
     let mut dana = GrpcClient::connect(&server).await;
     let AckResult::ChatStart(started) = dana.ack(chat_start("Dana", "Hi")).await else { panic!() };
     let chat = started.conversation;
@@ -911,12 +916,7 @@ async fn a_client_that_stops_reading_a_backlog_with_no_push_behind_it_is_disconn
         dana.forget_pushes();
     }
 
-    let endpoint = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .initial_stream_window_size(Some(16 * 1024))
-        .initial_connection_window_size(Some(16 * 1024));
-    let mut slow = GrpcClient::open(endpoint.connect().await.unwrap()).await;
-    slow.ack(sign_in(BOB)).await;
+    let mut slow = slow_bob(&server).await;
     slow.ack(Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chat.clone(), after_seq: 0 })).await;
     // It reads nothing more: the gateway gives up on it (it leaves presence).
     until_bob_has(&server, 0).await;
