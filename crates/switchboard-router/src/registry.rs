@@ -47,8 +47,8 @@ impl<K: Eq + Hash + Clone, M: Message> Drop for SlotUse<'_, K, M> {
         let mut slots = self.registry.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mine = slots.get(self.key).is_some_and(|current| Arc::ptr_eq(current, &slot));
         drop(slot);
-        let alone = slots.get(self.key).is_some_and(|current| Arc::strong_count(current) == 1);
-        if mine && alone && slots.get(self.key).is_some_and(|current| !current.initialized()) {
+        let unused = |current: &Slot<M>| Arc::strong_count(current) == 1 && !current.initialized();
+        if mine && slots.get(self.key).is_some_and(unused) {
             slots.remove(self.key);
         }
     }
@@ -71,8 +71,8 @@ impl<K: Eq + Hash + Clone, M: Message> Registry<K, M> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<ActorRef<M>, RouterError>>,
     {
-        let slot = SlotUse { registry: self, key, slot: Some(self.slot(key)) };
-        let slot = slot.slot.as_ref().expect("set above");
+        let slot_use = SlotUse { registry: self, key, slot: Some(self.slot(key)) };
+        let slot = slot_use.slot.as_ref().expect("set above");
         // Found running (every use but the first): it was registered when `slot` read it, and nothing is
         // activated here, so the check below, which takes the lock again, is only for activations.
         if let Some(actor) = slot.get() {
