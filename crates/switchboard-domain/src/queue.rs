@@ -16,10 +16,24 @@ pub struct WaitingEntry {
     pub group: GroupId,
     pub queued_at_ms: i64,
     pub customer_name: String,
+    /// The customer's first question, its first [`WaitingEntry::QUESTION_PREVIEW_CHARS`] characters (the
+    /// whole of it is the chat's `first_question`).
     pub question: String,
 }
 
 impl WaitingEntry {
+    /// How much of the question a waiting list shows. A queue's list goes whole in one message (to the
+    /// gateways, and to each agent's console), so each entry is kept small whatever `max_message_bytes` is.
+    pub const QUESTION_PREVIEW_CHARS: usize = 500;
+
+    /// The first [`Self::QUESTION_PREVIEW_CHARS`] characters of `question`.
+    pub fn question_preview(question: &str) -> String {
+        match question.char_indices().nth(Self::QUESTION_PREVIEW_CHARS) {
+            Some((end, _)) => question[..end].to_owned(),
+            None => question.to_owned(),
+        }
+    }
+
     fn order_key(&self) -> (i64, ConversationId) {
         (self.queued_at_ms, self.conversation)
     }
@@ -87,6 +101,18 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+
+    #[test]
+    fn a_waiting_list_shows_the_first_characters_of_a_long_question() {
+        let limit = WaitingEntry::QUESTION_PREVIEW_CHARS;
+        assert_eq!(WaitingEntry::question_preview("Hi?"), "Hi?");
+        let exact = "q".repeat(limit);
+        assert_eq!(WaitingEntry::question_preview(&exact), exact);
+        // Characters, not bytes: a multi-byte character is never cut.
+        let long = "é".repeat(limit + 10);
+        let preview = WaitingEntry::question_preview(&long);
+        assert_eq!((preview.chars().count(), preview.len()), (limit, 2 * limit));
+    }
 
     fn entry(n: u128, group: &str, queued_at_ms: i64) -> WaitingEntry {
         WaitingEntry {

@@ -697,3 +697,25 @@ async fn push_routing_offers_a_chat_to_an_agent_who_may_reject_it() {
     assert_eq!(again.code, "not_offered");
     server.stop().await;
 }
+
+/// A waiting list shows the first 500 characters of each question, whatever the longest message allowed:
+/// a queue's list goes whole in one message to every gateway and every agent's console. The chat itself
+/// keeps the whole question.
+#[tokio::test]
+async fn the_waiting_list_shows_the_start_of_a_long_question_and_the_chat_all_of_it() {
+    let server = start().await;
+    let mut alice = signed_in(&server, ALICE).await;
+    let question = format!("{} and so on", "ö".repeat(1_500));
+    let start =
+        json!({ "type": "chat.start", "widget_key": WIDGET, "group": "sales", "name": "Dana", "question": question });
+    let started = WsClient::connect(&server).await.ack(start).await;
+    assert_eq!(started["chat"]["first_question"], question.as_str());
+
+    let added = alice.push_of("queue.added").await;
+    assert_eq!(added["entry"]["question"], "ö".repeat(500), "the preview");
+    let listed = alice.ack(json!({ "type": "queue.list" })).await;
+    assert_eq!(listed["entries"][0]["question"], "ö".repeat(500));
+    let accepted = alice.ack(json!({ "type": "chat.accept", "conversation": started["conversation"] })).await;
+    assert_eq!(accepted["chat"]["first_question"], question.as_str(), "the whole question");
+    server.stop().await;
+}

@@ -827,7 +827,7 @@ pub(crate) fn waiting_entry(conversation: &Conversation) -> WaitingEntry {
         group: conversation.group.clone(),
         queued_at_ms: conversation.queued_at_ms,
         customer_name: conversation.customer_name.clone(),
-        question: conversation.first_question.clone(),
+        question: WaitingEntry::question_preview(&conversation.first_question),
     }
 }
 

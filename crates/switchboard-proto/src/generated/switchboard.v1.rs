@@ -737,6 +737,7 @@ pub struct WaitingEntry {
     pub queued_at_ms: i64,
     #[prost(string, tag = "4")]
     pub customer_name: ::prost::alloc::string::String,
+    /// The first 500 characters of the customer's first question (the chat's `first_question` has all of it).
     #[prost(string, tag = "5")]
     pub question: ::prost::alloc::string::String,
 }
