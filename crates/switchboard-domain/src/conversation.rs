@@ -166,9 +166,10 @@ impl EventBody {
         }
     }
 
-    /// Whether the event changes the conversation's state, owner or times (not only its log).
+    /// Whether the event changes the conversation's summary, its state, owner, times, offer or delivery
+    /// marks (not only its log).
     pub fn changes_summary(&self) -> bool {
-        !matches!(self, EventBody::Created { .. } | EventBody::Message { .. } | EventBody::Delivered { .. })
+        !matches!(self, EventBody::Created { .. } | EventBody::Message { .. })
     }
 }
 

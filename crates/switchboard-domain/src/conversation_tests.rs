@@ -178,18 +178,24 @@ proptest! {
 
 proptest! {
     /// The store rewrites the summary only for events that say they change it: every other event must
-    /// leave state, owner and times exactly as they were.
+    /// leave state, owner, times, offer and delivery marks exactly as they were.
     #[test]
     fn only_summary_changing_events_change_the_summary(commands in prop::collection::vec(any_command(), 0..30)) {
         let mut conversation = opened();
         for command in commands {
             let Ok(Some(body)) = decide(&conversation, &command) else { continue };
             let summary = |c: &Conversation| {
-                (c.state, c.owner.clone(), c.accepted_at_ms, c.closed_at_ms, c.group.clone(), c.offer.clone(), c.offered_to.clone())
+                let marks = (c.customer_delivered_up_to, c.agent_delivered_up_to);
+                (c.state, c.owner.clone(), c.accepted_at_ms, c.closed_at_ms, c.group.clone(), c.offer.clone(), c.offered_to.clone(), marks)
             };
             let before = summary(&conversation);
             let changes = body.changes_summary();
-            let event = Event { seq: conversation.last_seq + 1, at_ms: 9_000, author: Author::Customer, client_msg_id: None, body };
+            // (A delivery mark is its author's.)
+            let author = match &command {
+                Command::ConfirmDelivery { by, .. } => by.clone(),
+                _ => Author::Customer,
+            };
+            let event = Event { seq: conversation.last_seq + 1, at_ms: 9_000, author, client_msg_id: None, body };
             apply(&mut conversation, &event);
             prop_assert_eq!(summary(&conversation) != before, changes, "{:?}", event.body);
         }

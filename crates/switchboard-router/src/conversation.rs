@@ -12,7 +12,9 @@ use switchboard_domain::{
     NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
     new_customer_token, queue_key, stored_customer_token, unhashed_customer_token,
 };
-use switchboard_proto::convert::{conversation_from_record, dedupe_key, event_from_record, new_event};
+use switchboard_proto::convert::{
+    conversation_from_record, dedupe_key, delivery_marks_known, event_from_record, new_event,
+};
 use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
 };
@@ -620,6 +622,8 @@ fn update_of(conversation: &Conversation) -> ConversationUpdate {
         offer_agent_id: conversation.offer.as_ref().map(|offer| offer.agent.to_string()).unwrap_or_default(),
         offer_expires_at_ms: conversation.offer.as_ref().map(|offer| offer.expires_at_ms).unwrap_or(0),
         offered_to: conversation.offered_to.iter().map(|agent| agent.to_string()).collect(),
+        customer_delivered_up_to: i64::try_from(conversation.customer_delivered_up_to).unwrap_or(i64::MAX),
+        agent_delivered_up_to: i64::try_from(conversation.agent_delivered_up_to).unwrap_or(i64::MAX),
     }
 }
 
@@ -852,10 +856,14 @@ pub(crate) async fn activate(
             let record = response.conversation.ok_or(RouterError::NotFound)?;
             let mut state =
                 conversation_from_record(&record).map_err(|error| RouterError::Internal(error.to_string()))?;
-            // Delivery marks are not in the summary: fold them from the log, a page at a time (it may be
-            // longer than one answer of the store can carry), keeping its newest events.
+            // The newest events are kept, to answer catch-ups. A chat stored before the summary kept its
+            // delivery marks has them folded from its whole log, a page at a time (it may be longer than one
+            // answer of the store can carry); the next update stores them.
             let mut recent = RecentEvents::default();
-            let mut after_seq = 0;
+            let mut after_seq = match delivery_marks_known(&record) {
+                true => state.last_seq.saturating_sub(RecentEvents::MAX as u64),
+                false => 0,
+            };
             while after_seq < state.last_seq {
                 let page = read_page(context, conversation, after_seq).await?;
                 let Some(last) = page.last() else { break };

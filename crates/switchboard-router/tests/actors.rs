@@ -215,11 +215,18 @@ async fn a_node_whose_shards_were_taken_over_can_no_longer_write() {
     assert!(events.iter().all(|event| !matches!(&event.body, EventBody::Message { body } if body == "too late")));
 }
 
-/// A log longer than a page is read a page at a time: a new owner activates the chat's actor by folding
-/// every page's delivery marks (a mark already made is not stored again), and a read from its start is
-/// answered with a page and the log's end, the next page read after it.
+/// A new owner activates a chat's actor from its summary, delivery marks included, and its newest events: a
+/// long log is not read (a mark already made is not stored again). A chat stored before the summary kept
+/// the marks has them folded from its whole log, a page at a time. A read from its start is answered with
+/// a page and the log's end, the next page read after it.
 #[tokio::test(start_paused = true)]
-async fn a_new_owner_activates_a_chat_from_a_log_longer_than_a_page() {
+async fn a_new_owner_activates_a_chat_from_its_summary_and_its_newest_events() {
+    for marks_unknown in [false, true] {
+        activates_from_a_log_longer_than_a_page(marks_unknown).await;
+    }
+}
+
+async fn activates_from_a_log_longer_than_a_page(marks_unknown: bool) {
     const PAGE_BYTES: u64 = 1024;
     let fixture = fixture().await;
     online(&fixture.router, "b").await;
@@ -229,11 +236,11 @@ async fn a_new_owner_activates_a_chat_from_a_log_longer_than_a_page() {
     let mark = |up_to_seq| ChatCommand::ConfirmDelivery { up_to_seq };
     // The agent's mark is early in the log, the customer's late: each in a different page.
     fixture.router.command(&agent_caller("b"), chat, mark(2)).await.unwrap();
-    for n in 0..20 {
+    for n in 0..100 {
         let send = ChatCommand::Send { client_msg_id: format!("m{n}"), body: "y".repeat(200) };
         fixture.router.command(&customer, chat, send).await.unwrap();
     }
-    let customer_mark = fixture.router.command(&customer, chat, mark(24)).await.unwrap().event.unwrap().seq;
+    let customer_mark = fixture.router.command(&customer, chat, mark(104)).await.unwrap().event.unwrap().seq;
     let last_seq = customer_mark + 1;
     fixture
         .router
@@ -247,14 +254,20 @@ async fn a_new_owner_activates_a_chat_from_a_log_longer_than_a_page() {
     let mut settings = common::router_settings("node-2");
     settings.page_bytes = PAGE_BYTES;
     let counted = Arc::new(common::CountedReads::new(fixture.store.clone()));
+    counted.marks_unknown.store(marks_unknown, std::sync::atomic::Ordering::SeqCst);
     let new_owner =
         common::start_router_from(settings, counted.clone(), fixture.clock.clone(), fixture.presence.clone()).await;
     let view = new_owner.chat_view(&customer, chat).await.unwrap();
     assert_eq!((view.state, view.last_seq), (ConversationState::Active, last_seq));
     let activation_reads = counted.reads();
-    assert!(activation_reads >= 4, "the log read in pages of 1 KiB: {activation_reads} reads");
-    // Both marks were folded: made again, neither is stored.
-    for (caller, up_to_seq) in [(agent_caller("b"), 2), (customer.clone(), 24)] {
+    // A message of 200 bytes is some 450 bytes stored: two to a page of 1 KiB.
+    if marks_unknown {
+        assert!(activation_reads >= 50, "the whole log, 105 events: {activation_reads} reads");
+    } else {
+        assert!((1..=9).contains(&activation_reads), "the newest 16 events only: {activation_reads} reads");
+    }
+    // Both marks are known: made again, neither is stored.
+    for (caller, up_to_seq) in [(agent_caller("b"), 2), (customer.clone(), 104)] {
         let again = new_owner.command(&caller, chat, mark(up_to_seq)).await.unwrap();
         assert_eq!(again.event, None, "the mark up to {up_to_seq} is known to the new owner");
     }

@@ -558,6 +558,8 @@ pub(crate) struct SummaryFields {
     pub offer_expires_at_ms: i64,
     /// The `offered_to` column: a JSON array.
     pub offered_to: String,
+    pub customer_delivered_up_to: i64,
+    pub agent_delivered_up_to: i64,
 }
 
 impl SummaryRow {
@@ -578,6 +580,8 @@ impl SummaryRow {
             offer_agent_id: update.offer_agent_id.clone(),
             offer_expires_at_ms: update.offer_expires_at_ms,
             offered_to: agents_to_json(&update.offered_to),
+            customer_delivered_up_to: update.customer_delivered_up_to,
+            agent_delivered_up_to: update.agent_delivered_up_to,
         });
     }
 }

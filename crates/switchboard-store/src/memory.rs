@@ -320,6 +320,8 @@ impl StoreApi for MemoryStore {
             conversation.offer_agent_id.clone_from(&update.offer_agent_id);
             conversation.offer_expires_at_ms = update.offer_expires_at_ms;
             conversation.offered_to.clone_from(&update.offered_to);
+            conversation.customer_delivered_up_to = update.customer_delivered_up_to;
+            conversation.agent_delivered_up_to = update.agent_delivered_up_to;
         }
         if finishes(&request) {
             tables.permits.remove(id);

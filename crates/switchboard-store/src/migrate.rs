@@ -39,10 +39,16 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, name: "cluster", sql: include_str!("../migrations/0002_cluster.sql"), data: None },
     Migration { version: 3, name: "license", sql: include_str!("../migrations/0003_license.sql"), data: None },
     Migration { version: 4, name: "hashed_tokens", sql: "", data: Some(DataStep::HashCustomerTokens) },
+    Migration {
+        version: 5,
+        name: "delivery_marks",
+        sql: include_str!("../migrations/0005_delivery_marks.sql"),
+        data: None,
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_MIGRATION: i64 = 4;
+pub const LATEST_MIGRATION: i64 = 5;
 
 const SELECT_PLAIN_TOKENS: &str = "SELECT id, customer_token FROM conversations \
      WHERE customer_token <> '' AND customer_token NOT LIKE 'sha256:%'";

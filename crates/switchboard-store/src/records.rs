@@ -13,7 +13,7 @@ use crate::error::{shard_from_i32, to_u64};
 /// The columns of [`ConversationRow`], in order.
 pub(crate) const CONVERSATION_COLUMNS: &str = "id, tenant_id, group_id, customer_name, first_question, state, \
      owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, last_seq, shard, customer_token, \
-     offer_agent_id, offer_expires_at_ms, offered_to";
+     offer_agent_id, offer_expires_at_ms, offered_to, customer_delivered_up_to, agent_delivered_up_to";
 
 /// A row of `conversations` as selected with [`CONVERSATION_COLUMNS`] (more columns than sqlx decodes into a
 /// tuple, hence a struct decoded by position).
@@ -37,6 +37,8 @@ pub(crate) struct ConversationRow {
     offer_expires_at_ms: i64,
     /// A JSON array of agent ids.
     offered_to: String,
+    customer_delivered_up_to: i64,
+    agent_delivered_up_to: i64,
 }
 
 impl<'r, R> FromRow<'r, R> for ConversationRow
@@ -66,6 +68,8 @@ where
             offer_agent_id: row.try_get(14)?,
             offer_expires_at_ms: row.try_get(15)?,
             offered_to: row.try_get(16)?,
+            customer_delivered_up_to: row.try_get(17)?,
+            agent_delivered_up_to: row.try_get(18)?,
         })
     }
 }
@@ -89,6 +93,8 @@ pub(crate) fn conversation_from_row(row: ConversationRow) -> Result<Conversation
         customer_token: row.customer_token,
         offer_agent_id: row.offer_agent_id,
         offer_expires_at_ms: row.offer_expires_at_ms,
+        customer_delivered_up_to: row.customer_delivered_up_to,
+        agent_delivered_up_to: row.agent_delivered_up_to,
     })
 }
 

@@ -21,6 +21,7 @@ on_every_backend!(
     offer_fields_round_trip_and_each_update_replaces_them,
     a_group_change_moves_the_chat_to_its_new_queue,
     a_list_is_read_a_page_at_a_time_in_its_order,
+    delivery_marks_are_kept_by_the_updates_and_left_by_the_other_appends,
 );
 
 async fn ids(store: &dyn StoreApi, request: ListConversationsRequest) -> Vec<String> {
@@ -271,6 +272,29 @@ fn offered(tenant: &str, agent: &str) -> ListConversationsRequest {
 
 /// The outstanding offer of a waiting chat is part of its summary: given at the create, replaced by every
 /// update (an update without an offer clears it), and listed by the agent it is offered to.
+/// The summary keeps each side's delivery mark, so that a conversation's actor starts without reading its
+/// whole log: an update sets them, an append without one (a message) leaves them.
+async fn delivery_marks_are_kept_by_the_updates_and_left_by_the_other_appends(h: Harness) {
+    let store = h.store();
+    let fence = create(store, "node-a", conversation("c1", "acme", "g1", 1)).await;
+    let marks = |record: &ConversationRecord| (record.customer_delivered_up_to, record.agent_delivered_up_to);
+    assert_eq!(marks(&get(store, "c1").await), (0, 0), "a new chat");
+    let delivered = ConversationUpdate {
+        state: "queued".into(),
+        customer_delivered_up_to: 3,
+        agent_delivered_up_to: 2,
+        ..Default::default()
+    };
+    append(store, fence, "c1", vec![system_event("delivered")], Some(delivered)).await.unwrap();
+    assert_eq!(marks(&get(store, "c1").await), (3, 2));
+    append(store, fence, "c1", vec![system_event("message")], None).await.unwrap();
+    let stored = get(store, "c1").await;
+    assert_eq!((marks(&stored), stored.last_seq), ((3, 2), 3), "a message leaves them");
+    let waiting =
+        ListConversationsRequest { tenant_id: "acme".into(), states: strings(&["queued"]), ..Default::default() };
+    assert_eq!(store.list_conversations(waiting).await.unwrap().conversations, [stored], "lists have them too");
+}
+
 async fn offer_fields_round_trip_and_each_update_replaces_them(h: Harness) {
     let store = h.store();
     let record = ConversationRecord {

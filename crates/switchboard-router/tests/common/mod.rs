@@ -55,6 +55,8 @@ pub struct CountedReads {
     /// goes; `list_held` is set once it is held.
     held_list: std::sync::Mutex<Option<(ConversationId, tokio::sync::oneshot::Receiver<()>)>>,
     pub list_held: std::sync::atomic::AtomicBool,
+    /// Records answered as a database migrated from before the delivery marks has them: -1, not known.
+    pub marks_unknown: std::sync::atomic::AtomicBool,
 }
 
 impl CountedReads {
@@ -66,6 +68,7 @@ impl CountedReads {
             held: Default::default(),
             held_list: Default::default(),
             list_held: Default::default(),
+            marks_unknown: Default::default(),
         }
     }
 
@@ -135,7 +138,13 @@ impl StoreApi for CountedReads {
         self.inner.read_events(request).await
     }
     async fn get_conversation(&self, request: GetConversationRequest) -> Result<GetConversationResponse, StoreError> {
-        self.inner.get_conversation(request).await
+        let mut answer = self.inner.get_conversation(request).await?;
+        if self.marks_unknown.load(Ordering::SeqCst)
+            && let Some(record) = answer.conversation.as_mut()
+        {
+            (record.customer_delivered_up_to, record.agent_delivered_up_to) = (-1, -1);
+        }
+        Ok(answer)
     }
     async fn list_conversations(
         &self,
