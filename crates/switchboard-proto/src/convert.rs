@@ -57,14 +57,9 @@ pub fn conversation_id(text: &str) -> Result<ConversationId, RecordError> {
     ConversationId::parse(text).map_err(|error| bad("conversation id", error))
 }
 
-/// Whether the record has the chat's delivery marks: a chat stored before they were kept has -1 for them
-/// (read as 0 by [`conversation_from_record`]), and its log tells them.
-pub fn delivery_marks_known(record: &ConversationRecord) -> bool {
-    record.customer_delivered_up_to >= 0 && record.agent_delivered_up_to >= 0
-}
-
-/// The conversation summary as a domain state (delivery marks not known read as 0: see
-/// [`delivery_marks_known`]).
+/// The conversation summary as a domain state. Its delivery marks read 0 when the record does not know them
+/// (`delivery_marks_known`: a chat stored, or last updated, by a router from before they were kept), and the
+/// chat's log tells them.
 pub fn conversation_from_record(record: &ConversationRecord) -> Result<Conversation, RecordError> {
     let optional_ms = |ms: i64| (ms != 0).then_some(ms);
     Ok(Conversation {
@@ -83,8 +78,8 @@ pub fn conversation_from_record(record: &ConversationRecord) -> Result<Conversat
         accepted_at_ms: optional_ms(record.accepted_at_ms),
         closed_at_ms: optional_ms(record.closed_at_ms),
         last_seq: record.last_seq,
-        customer_delivered_up_to: u64::try_from(record.customer_delivered_up_to).unwrap_or(0),
-        agent_delivered_up_to: u64::try_from(record.agent_delivered_up_to).unwrap_or(0),
+        customer_delivered_up_to: record.customer_delivered_up_to,
+        agent_delivered_up_to: record.agent_delivered_up_to,
         offer: match record.offer_agent_id.as_str() {
             "" => None,
             agent => Some(Offer {

@@ -12,9 +12,7 @@ use switchboard_domain::{
     NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
     new_customer_token, queue_key, stored_customer_token, unhashed_customer_token,
 };
-use switchboard_proto::convert::{
-    conversation_from_record, dedupe_key, delivery_marks_known, event_from_record, new_event,
-};
+use switchboard_proto::convert::{conversation_from_record, dedupe_key, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
 };
@@ -469,13 +467,18 @@ impl ConversationActorState {
             (Err(refusal), _) => return Err(RouterError::Refused(refusal)),
         };
         let event = Event { seq: 0, at_ms: self.context.clock.now_ms(), author, client_msg_id, body };
-        // Messages and delivery marks only grow the log (the store keeps last_seq); the summary is rewritten
-        // only by the events that change it.
+        // Messages only grow the log (the store keeps last_seq); the summary is rewritten only by the events
+        // that change it. Its state is sent only when it changes: a state sent as `closed` gives the license
+        // permit back, which locks the license row (a delivery mark on a closed chat need not).
         let update = event.body.changes_summary().then(|| {
             let mut next = self.conversation.clone();
             let seq = next.last_seq + 1;
             apply(&mut next, &Event { seq, ..event.clone() });
-            update_of(&next)
+            let mut update = update_of(&next);
+            if next.state == self.conversation.state {
+                update.state.clear();
+            }
+            update
         });
         let (mut stored, duplicate) = self.append(vec![event], update, None).await?;
         let Some(stored) = stored.pop() else {
@@ -622,8 +625,9 @@ fn update_of(conversation: &Conversation) -> ConversationUpdate {
         offer_agent_id: conversation.offer.as_ref().map(|offer| offer.agent.to_string()).unwrap_or_default(),
         offer_expires_at_ms: conversation.offer.as_ref().map(|offer| offer.expires_at_ms).unwrap_or(0),
         offered_to: conversation.offered_to.iter().map(|agent| agent.to_string()).collect(),
-        customer_delivered_up_to: i64::try_from(conversation.customer_delivered_up_to).unwrap_or(i64::MAX),
-        agent_delivered_up_to: i64::try_from(conversation.agent_delivered_up_to).unwrap_or(i64::MAX),
+        customer_delivered_up_to: conversation.customer_delivered_up_to,
+        agent_delivered_up_to: conversation.agent_delivered_up_to,
+        delivery_marks_known: true,
     }
 }
 
@@ -860,7 +864,7 @@ pub(crate) async fn activate(
             // delivery marks has them folded from its whole log, a page at a time (it may be longer than one
             // answer of the store can carry); the next update stores them.
             let mut recent = RecentEvents::default();
-            let mut after_seq = match delivery_marks_known(&record) {
+            let mut after_seq = match record.delivery_marks_known {
                 true => state.last_seq.saturating_sub(RecentEvents::MAX as u64),
                 false => 0,
             };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{agent, fixture, group, start_router, tenant};
 use switchboard_domain::{AgentStatus, ConversationState, EventBody, Refusal};
-use switchboard_proto::internal::v1::AcquireShardsRequest;
+use switchboard_proto::internal::v1::{AcquireShardsRequest, GetConversationRequest};
 use switchboard_proto::router::{Caller, ChatCommand, ChatList, LeftQueue, Push, QueueChange, RouterApi, RouterError};
 use switchboard_proto::store::StoreApi;
 
@@ -284,6 +284,27 @@ async fn activates_from_a_log_longer_than_a_page(marks_unknown: bool) {
         next = page.next_after();
     }
     assert_eq!(seqs, (1..=last_seq + 1).collect::<Vec<_>>());
+}
+
+/// A delivery mark updates the chat's summary (the store keeps the marks) but not its state when that did not
+/// change: an update that names the state `closed` gives the license permit back, which locks the license row
+/// that every chat start takes, and the customer's and the agent's marks of a closed chat need not.
+#[tokio::test(start_paused = true)]
+async fn a_delivery_mark_on_a_closed_chat_updates_its_marks_but_not_its_state() {
+    let fixture = fixture().await;
+    online(&fixture.router, "b").await;
+    let chat = fixture.start_chat("g1", "x").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    let closed = fixture.router.command(&agent_caller("b"), chat, ChatCommand::Close).await.unwrap();
+    assert_eq!(fixture.counted.finishing_appends(), 1, "the close");
+    let customer = Caller::Customer { conversation: chat };
+    let up_to_seq = closed.event.unwrap().seq;
+    let marked = fixture.router.command(&customer, chat, ChatCommand::ConfirmDelivery { up_to_seq }).await.unwrap();
+    assert!(marked.event.is_some());
+    assert_eq!(fixture.counted.finishing_appends(), 1, "the mark does not name the state again");
+    let record = fixture.store.get_conversation(GetConversationRequest { conversation_id: chat.to_string() }).await;
+    let record = record.unwrap().conversation.unwrap();
+    assert_eq!((record.state.as_str(), record.customer_delivered_up_to), ("closed", up_to_seq));
 }
 
 #[tokio::test(start_paused = true)]

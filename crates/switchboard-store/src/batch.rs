@@ -544,7 +544,7 @@ pub(crate) struct SummaryRow {
     pub group_id: Option<String>,
     /// `None` keeps the queue time (no update, or only updates with a queue time of 0).
     pub queued_at_ms: Option<i64>,
-    /// `None` keeps owner, times and offer (no update in the batch).
+    /// `None` keeps owner, times, offer and delivery marks (no update in the batch).
     pub fields: Option<SummaryFields>,
 }
 
@@ -558,6 +558,7 @@ pub(crate) struct SummaryFields {
     pub offer_expires_at_ms: i64,
     /// The `offered_to` column: a JSON array.
     pub offered_to: String,
+    /// The delivery marks' columns: -1 when the update has none (a router from before them).
     pub customer_delivered_up_to: i64,
     pub agent_delivered_up_to: i64,
 }
@@ -580,9 +581,17 @@ impl SummaryRow {
             offer_agent_id: update.offer_agent_id.clone(),
             offer_expires_at_ms: update.offer_expires_at_ms,
             offered_to: agents_to_json(&update.offered_to),
-            customer_delivered_up_to: update.customer_delivered_up_to,
-            agent_delivered_up_to: update.agent_delivered_up_to,
+            customer_delivered_up_to: delivery_mark(update, update.customer_delivered_up_to),
+            agent_delivered_up_to: delivery_mark(update, update.agent_delivered_up_to),
         });
+    }
+}
+
+/// A delivery mark's column value: -1 (not known) when the update does not have the marks.
+fn delivery_mark(update: &ConversationUpdate, mark: u64) -> i64 {
+    match update.delivery_marks_known {
+        true => i64::try_from(mark).unwrap_or(i64::MAX),
+        false => -1,
     }
 }
 

@@ -13,8 +13,9 @@ use crate::records::{EventRow, Page, event_from_row};
 
 pub(crate) const INSERT_CONVERSATION: &str = "INSERT INTO conversations (id, tenant_id, group_id, customer_name, \
      first_question, state, owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, \
-     last_seq, shard, customer_token, offer_agent_id, offer_expires_at_ms, offered_to) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $13, $14, $15, $16) \
+     last_seq, shard, customer_token, offer_agent_id, offer_expires_at_ms, offered_to, customer_delivered_up_to, \
+     agent_delivered_up_to) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $13, $14, $15, $16, 0, 0) \
      ON CONFLICT (id) DO NOTHING";
 
 /// A log's events after a seq, at most `$3` of them.

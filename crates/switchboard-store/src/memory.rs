@@ -242,7 +242,15 @@ impl StoreApi for MemoryStore {
             }
             shard_to_i32(create.shard)?;
             if !tables.conversations.contains_key(id) {
-                created = Some(ConversationRecord { id: id.to_owned(), last_seq: 0, ..create.clone() });
+                // A new chat's delivery marks are known: none yet.
+                created = Some(ConversationRecord {
+                    id: id.to_owned(),
+                    last_seq: 0,
+                    customer_delivered_up_to: 0,
+                    agent_delivered_up_to: 0,
+                    delivery_marks_known: true,
+                    ..create.clone()
+                });
             }
         }
         let conversation = created
@@ -320,8 +328,13 @@ impl StoreApi for MemoryStore {
             conversation.offer_agent_id.clone_from(&update.offer_agent_id);
             conversation.offer_expires_at_ms = update.offer_expires_at_ms;
             conversation.offered_to.clone_from(&update.offered_to);
-            conversation.customer_delivered_up_to = update.customer_delivered_up_to;
-            conversation.agent_delivered_up_to = update.agent_delivered_up_to;
+            // As the SQL columns: marks not known read 0.
+            conversation.delivery_marks_known = update.delivery_marks_known;
+            (conversation.customer_delivered_up_to, conversation.agent_delivered_up_to) =
+                match update.delivery_marks_known {
+                    true => (update.customer_delivered_up_to, update.agent_delivered_up_to),
+                    false => (0, 0),
+                };
         }
         if finishes(&request) {
             tables.permits.remove(id);

@@ -93,8 +93,9 @@ pub(crate) fn conversation_from_row(row: ConversationRow) -> Result<Conversation
         customer_token: row.customer_token,
         offer_agent_id: row.offer_agent_id,
         offer_expires_at_ms: row.offer_expires_at_ms,
-        customer_delivered_up_to: row.customer_delivered_up_to,
-        agent_delivered_up_to: row.agent_delivered_up_to,
+        delivery_marks_known: row.customer_delivered_up_to >= 0 && row.agent_delivered_up_to >= 0,
+        customer_delivered_up_to: u64::try_from(row.customer_delivered_up_to).unwrap_or(0),
+        agent_delivered_up_to: u64::try_from(row.agent_delivered_up_to).unwrap_or(0),
     })
 }
 

@@ -273,26 +273,32 @@ fn offered(tenant: &str, agent: &str) -> ListConversationsRequest {
 /// The outstanding offer of a waiting chat is part of its summary: given at the create, replaced by every
 /// update (an update without an offer clears it), and listed by the agent it is offered to.
 /// The summary keeps each side's delivery mark, so that a conversation's actor starts without reading its
-/// whole log: an update sets them, an append without one (a message) leaves them.
+/// whole log: an update sets them, an append without one (a message) leaves them, and an update without them
+/// (from a router before they were kept) makes them not known.
 async fn delivery_marks_are_kept_by_the_updates_and_left_by_the_other_appends(h: Harness) {
     let store = h.store();
     let fence = create(store, "node-a", conversation("c1", "acme", "g1", 1)).await;
-    let marks = |record: &ConversationRecord| (record.customer_delivered_up_to, record.agent_delivered_up_to);
-    assert_eq!(marks(&get(store, "c1").await), (0, 0), "a new chat");
+    let marks = |record: &ConversationRecord| {
+        (record.delivery_marks_known, record.customer_delivered_up_to, record.agent_delivered_up_to)
+    };
+    assert_eq!(marks(&get(store, "c1").await), (true, 0, 0), "a new chat: none yet");
     let delivered = ConversationUpdate {
-        state: "queued".into(),
         customer_delivered_up_to: 3,
         agent_delivered_up_to: 2,
+        delivery_marks_known: true,
         ..Default::default()
     };
     append(store, fence, "c1", vec![system_event("delivered")], Some(delivered)).await.unwrap();
-    assert_eq!(marks(&get(store, "c1").await), (3, 2));
+    assert_eq!(marks(&get(store, "c1").await), (true, 3, 2));
     append(store, fence, "c1", vec![system_event("message")], None).await.unwrap();
     let stored = get(store, "c1").await;
-    assert_eq!((marks(&stored), stored.last_seq), ((3, 2), 3), "a message leaves them");
+    assert_eq!((marks(&stored), stored.last_seq, stored.state.as_str()), ((true, 3, 2), 3, "queued"), "kept");
     let waiting =
         ListConversationsRequest { tenant_id: "acme".into(), states: strings(&["queued"]), ..Default::default() };
     assert_eq!(store.list_conversations(waiting).await.unwrap().conversations, [stored], "lists have them too");
+    let from_before = ConversationUpdate { delivery_marks_known: false, ..update("queued", "", 0, 0) };
+    append(store, fence, "c1", vec![system_event("offered")], Some(from_before)).await.unwrap();
+    assert_eq!(marks(&get(store, "c1").await), (false, 0, 0), "an update without them");
 }
 
 async fn offer_fields_round_trip_and_each_update_replaces_them(h: Harness) {

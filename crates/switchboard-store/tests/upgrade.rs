@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use common::*;
 use switchboard_domain::{FixedClock, stored_customer_token};
-use switchboard_proto::internal::v1::{Fence, GetLicenseRequest, License, ReadEventsRequest, RenewShardsRequest};
+use switchboard_proto::internal::v1::{
+    ConversationUpdate, Fence, GetLicenseRequest, License, ReadEventsRequest, RenewShardsRequest,
+};
 use switchboard_proto::store::StoreApi;
 use switchboard_store::{LATEST_MIGRATION, LeaseGrant, SqlStore, StoreAudit};
 
@@ -65,12 +67,18 @@ async fn check_upgraded<S: StoreApi + StoreAudit>(store: &S, shard: u32) {
     assert_eq!(get(store, "c3").await.customer_token, "");
     assert_eq!((record.offer_agent_id.as_str(), record.offer_expires_at_ms), ("", 0));
     assert!(record.offered_to.is_empty());
-    // Migration 5: the delivery marks of the chats stored before are not known (their logs tell); the next
-    // update stores them.
-    assert_eq!((record.customer_delivered_up_to, record.agent_delivered_up_to), (-1, -1));
+    // Migration 5: the delivery marks of the chats stored before are not known (their logs tell), until an
+    // update that has them.
+    assert!(!record.delivery_marks_known);
+    let marks =
+        ConversationUpdate { delivery_marks_known: true, customer_delivered_up_to: 2, ..update("queued", "", 0, 0) };
+    append(store, fence, "c1", vec![system_event("delivered")], Some(marks)).await.unwrap();
+    let marked = get(store, "c1").await;
+    assert_eq!(
+        (marked.delivery_marks_known, marked.customer_delivered_up_to, marked.agent_delivered_up_to),
+        (true, 2, 0)
+    );
     append(store, fence, "c1", vec![system_event("closed")], Some(update("closed", "", 0, 9))).await.unwrap();
-    let closed = get(store, "c1").await;
-    assert_eq!((closed.customer_delivered_up_to, closed.agent_delivered_up_to), (0, 0));
     assert_eq!(store.get_license(GetLicenseRequest {}).await.unwrap().used, 0);
 
     // The next grant of the shard (node-a re-taking its own) follows the old epoch, and is recorded.

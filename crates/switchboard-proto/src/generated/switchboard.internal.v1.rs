@@ -127,12 +127,15 @@ pub struct ConversationRecord {
     /// The agents the chat was offered to already (so that it is not offered to them again), in order.
     #[prost(string, repeated, tag = "17")]
     pub offered_to: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    /// The highest seq the customer, and the agents, confirmed as delivered (`delivered` events); -1: not
-    /// known (a chat stored before the marks were kept: its log tells).
-    #[prost(int64, tag = "18")]
-    pub customer_delivered_up_to: i64,
-    #[prost(int64, tag = "19")]
-    pub agent_delivered_up_to: i64,
+    /// The highest seq the customer, and the agents, confirmed as delivered (`delivered` events), when
+    /// `delivery_marks_known`; else not known (a chat stored before the marks were kept, or last updated by a
+    /// router from before them: its log tells).
+    #[prost(uint64, tag = "18")]
+    pub customer_delivered_up_to: u64,
+    #[prost(uint64, tag = "19")]
+    pub agent_delivered_up_to: u64,
+    #[prost(bool, tag = "20")]
+    pub delivery_marks_known: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NewEvent {
@@ -198,11 +201,14 @@ pub struct ConversationUpdate {
     pub offer_expires_at_ms: i64,
     #[prost(string, repeated, tag = "9")]
     pub offered_to: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    /// The delivery marks, as in ConversationRecord.
-    #[prost(int64, tag = "10")]
-    pub customer_delivered_up_to: i64,
-    #[prost(int64, tag = "11")]
-    pub agent_delivered_up_to: i64,
+    /// The delivery marks, as in ConversationRecord (an update without them, from a router before them, makes
+    /// them not known).
+    #[prost(uint64, tag = "10")]
+    pub customer_delivered_up_to: u64,
+    #[prost(uint64, tag = "11")]
+    pub agent_delivered_up_to: u64,
+    #[prost(bool, tag = "12")]
+    pub delivery_marks_known: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AppendRequest {

@@ -48,6 +48,8 @@ pub struct CountedReads {
     inner: Arc<MemoryStore>,
     reads: AtomicUsize,
     appends: AtomicUsize,
+    /// Appends whose update names a finished state (the store gives the license permit back for them).
+    finishing: AtomicUsize,
     /// Held: the next append that creates a chat with its offer, until the sender goes; stored before (its
     /// answer held) or after (the append itself held) when the flag says so.
     held: std::sync::Mutex<Option<(tokio::sync::oneshot::Receiver<()>, bool)>>,
@@ -55,7 +57,7 @@ pub struct CountedReads {
     /// goes; `list_held` is set once it is held.
     held_list: std::sync::Mutex<Option<(ConversationId, tokio::sync::oneshot::Receiver<()>)>>,
     pub list_held: std::sync::atomic::AtomicBool,
-    /// Records answered as a database migrated from before the delivery marks has them: -1, not known.
+    /// Records answered as a database migrated from before the delivery marks has them: not known.
     pub marks_unknown: std::sync::atomic::AtomicBool,
 }
 
@@ -65,6 +67,7 @@ impl CountedReads {
             inner,
             reads: AtomicUsize::new(0),
             appends: AtomicUsize::new(0),
+            finishing: AtomicUsize::new(0),
             held: Default::default(),
             held_list: Default::default(),
             list_held: Default::default(),
@@ -105,6 +108,11 @@ impl CountedReads {
     pub fn appends(&self) -> usize {
         self.appends.load(Ordering::SeqCst)
     }
+
+    /// The appends so far whose update names the state `closed` or `cancelled`.
+    pub fn finishing_appends(&self) -> usize {
+        self.finishing.load(Ordering::SeqCst)
+    }
 }
 
 #[async_trait::async_trait]
@@ -117,6 +125,9 @@ impl StoreApi for CountedReads {
     }
     async fn append(&self, request: AppendRequest) -> Result<AppendResponse, StoreError> {
         self.appends.fetch_add(1, Ordering::SeqCst);
+        if request.update.as_ref().is_some_and(|update| matches!(update.state.as_str(), "closed" | "cancelled")) {
+            self.finishing.fetch_add(1, Ordering::SeqCst);
+        }
         let opening_offer = request.create.is_some() && request.events.iter().any(|event| event.kind == "offered");
         let held = if opening_offer { self.held.lock().unwrap().take() } else { None };
         let (held, stored_first) = match held {
@@ -142,7 +153,8 @@ impl StoreApi for CountedReads {
         if self.marks_unknown.load(Ordering::SeqCst)
             && let Some(record) = answer.conversation.as_mut()
         {
-            (record.customer_delivered_up_to, record.agent_delivered_up_to) = (-1, -1);
+            (record.customer_delivered_up_to, record.agent_delivered_up_to, record.delivery_marks_known) =
+                (0, 0, false);
         }
         Ok(answer)
     }

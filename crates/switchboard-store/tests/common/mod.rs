@@ -208,6 +208,8 @@ pub fn conversation(id: &str, tenant: &str, group: &str, queued_at_ms: i64) -> C
         last_seq: 0,
         shard: shard_of_conversation(id),
         customer_token: format!("token-{id}"),
+        // A new chat's delivery marks are known: none yet.
+        delivery_marks_known: true,
         ..Default::default()
     }
 }
@@ -258,6 +260,8 @@ pub fn update(state: &str, owner: &str, accepted_at_ms: i64, closed_at_ms: i64) 
         owner_agent_id: owner.into(),
         accepted_at_ms,
         closed_at_ms,
+        // As a router sends them: with the delivery marks (none here).
+        delivery_marks_known: true,
         ..Default::default()
     }
 }
