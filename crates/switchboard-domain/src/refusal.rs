@@ -44,8 +44,8 @@ pub enum Refusal {
     #[error("this start_key started another chat (another name, group or question): choose a new key for a new chat")]
     StartKeyReused,
     #[error(
-        "this idempotency_key left another offline message (another group, name, contact, body or reason): choose a \
-         new key for a new message"
+        "this idempotency_key left another offline message (another group, name, contact or body): choose a new key \
+         for a new message"
     )]
     IdempotencyKeyReused,
 }

@@ -315,6 +315,10 @@ async fn a_chat_refused_outside_business_hours_leaves_an_offline_message_once() 
     assert_eq!(first["ticket"]["created_at_ms"], server.clock.now_ms());
     let again = widget.ack(message.clone()).await;
     assert_eq!((&again["ticket"], &again["duplicate"]), (&first["ticket"], &json!(true)));
+    // Sent again after a reconnection that met another refusal: the same message.
+    let mut other_reason = message.clone();
+    other_reason["reason"] = json!("group_offline");
+    assert_eq!(widget.ack(other_reason).await["duplicate"], json!(true));
     // Another customer who chose the same key: refused, not acked as Dana's message (which would drop theirs).
     let mut erin = message.clone();
     (erin["name"], erin["contact"], erin["body"]) = (json!("Erin"), json!("erin@example.com"), json!("Call me?"));

@@ -111,14 +111,12 @@ where
     loop {
         let conversations = list(request.clone()).await?.conversations;
         // A store that ignores the cursor (one from before it, in a rolling upgrade) would answer the same
-        // page for ever.
+        // page for ever: the list is read whole from it instead, in one answer, as before pages.
         if let (Some(after), Some(first)) = (&request.after, conversations.first())
             && (first.queued_at_ms, first.id.as_str()) <= (after.queued_at_ms, after.id.as_str())
         {
-            return Err(StoreError::Invalid(format!(
-                "the store answered a list from before the cursor ({}, {}): it cannot read lists in pages",
-                after.queued_at_ms, after.id
-            )));
+            let whole = ListConversationsRequest { limit: 0, after: None, ..request };
+            return Ok(list(whole).await?.conversations);
         }
         let full = conversations.len() >= request.limit as usize;
         if let Some(last) = conversations.last() {
@@ -147,10 +145,11 @@ mod tests {
         let all = [record("c1", 1), record("c2", 2), record("c3", 2), record("c4", 3), record("c5", 4)];
         move |request: ListConversationsRequest| {
             let after = request.after.filter(|_| !ignore_cursor).map(|after| (after.queued_at_ms, after.id));
+            let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
             let conversations = all
                 .iter()
                 .filter(|c| after.as_ref().is_none_or(|(at, id)| (c.queued_at_ms, &c.id) > (*at, id)))
-                .take(request.limit as usize)
+                .take(limit)
                 .cloned()
                 .collect();
             std::future::ready(Ok(ListConversationsResponse { conversations }))
@@ -158,15 +157,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_list_is_read_whole_a_page_at_a_time_and_a_store_without_cursors_is_refused() {
-        for page in [1, 2, 3, 5, 6] {
-            let read = list_in_pages(ListConversationsRequest::default(), page, store(false)).await.unwrap();
-            let ids: Vec<&str> = read.iter().map(|c| c.id.as_str()).collect();
-            assert_eq!(ids, ["c1", "c2", "c3", "c4", "c5"], "pages of {page}");
+    async fn a_list_is_read_whole_a_page_at_a_time_or_in_one_answer_from_a_store_without_cursors() {
+        let ids = |read: Vec<ConversationRecord>| read.into_iter().map(|c| c.id).collect::<Vec<_>>();
+        for ignore_cursor in [false, true] {
+            for page in [1, 2, 3, 5, 6] {
+                let read = list_in_pages(ListConversationsRequest::default(), page, store(ignore_cursor)).await;
+                assert_eq!(ids(read.unwrap()), ["c1", "c2", "c3", "c4", "c5"], "pages of {page}, {ignore_cursor}");
+            }
         }
-        let looping = list_in_pages(ListConversationsRequest::default(), 2, store(true)).await;
-        assert!(matches!(looping, Err(StoreError::Invalid(message)) if message.contains("cannot read lists in pages")));
-        // A list shorter than a page needs no cursor.
-        assert_eq!(list_in_pages(ListConversationsRequest::default(), 10, store(true)).await.unwrap().len(), 5);
     }
 }

@@ -525,8 +525,9 @@ impl RouterApi for Router {
     }
 }
 
-/// Whether an offline message sent again is the one stored first under its key.
+/// Whether an offline message sent again is the one stored first under its key: the same group, customer and
+/// body. (Not its reason: a widget sending it again after a reconnection may meet another refusal.)
 fn same_message(stored: &TicketRecord, sent: &TicketRecord) -> bool {
-    (&stored.group_id, &stored.customer_name, &stored.customer_contact, &stored.body, &stored.reason)
-        == (&sent.group_id, &sent.customer_name, &sent.customer_contact, &sent.body, &sent.reason)
+    (&stored.group_id, &stored.customer_name, &stored.customer_contact, &stored.body)
+        == (&sent.group_id, &sent.customer_name, &sent.customer_contact, &sent.body)
 }
