@@ -234,6 +234,12 @@ fn count_refusal(error: &ErrorReply) {
     metrics::counter!(names::GATEWAY_REFUSALS, "reason" => error.code).increment(1);
 }
 
+/// Resolves `timeout` after it is first polled: a write that completes at once (nearly every one) leaves it
+/// unpolled and never starts a timer.
+async fn stall_timer(timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+}
+
 /// Resolves once the gateway drains; never if it does not.
 async fn shutting_down(draining: &mut watch::Receiver<bool>) {
     if draining.wait_for(|draining| *draining).await.is_err() {
@@ -250,7 +256,7 @@ impl<T: Transport> Session<T> {
     /// [`GatewaySettings::write_stall_timeout`]: crate::GatewaySettings::write_stall_timeout
     async fn send(&mut self, frame: Outgoing<'_>) -> Flow {
         let kicked = self.link.kicked.clone();
-        let stalled = tokio::time::sleep(self.shared.settings.write_stall_timeout);
+        let stalled = stall_timer(self.shared.settings.write_stall_timeout);
         self.unflushed = true;
         tokio::select! {
             biased;
@@ -274,7 +280,7 @@ impl<T: Transport> Session<T> {
             return Ok(());
         }
         let kicked = self.link.kicked.clone();
-        let stalled = tokio::time::sleep(self.shared.settings.write_stall_timeout);
+        let stalled = stall_timer(self.shared.settings.write_stall_timeout);
         tokio::select! {
             biased;
             flushed = self.transport.flush() => if !flushed { return Err(End::Gone) },
