@@ -76,9 +76,13 @@ pub trait StoreApi: Send + Sync + 'static {
     async fn list_tickets(&self, request: ListTicketsRequest) -> Result<ListTicketsResponse, StoreError>;
 }
 
-/// How many conversations a page of [`list_all_conversations`] holds: some 5 MiB with the longest first
-/// questions (4 KiB by default), well under the internal gRPC message limit (64 MiB).
+/// How many conversations a page of [`list_all_conversations`] holds at most.
 pub const LIST_PAGE: u32 = 1_000;
+
+/// How many encoded bytes of records a page of [`list_all_conversations`] holds at most (one record at
+/// least): a first question may be as long as `max_message_bytes`, up to 1 MiB, and the internal gRPC
+/// message limit is 64 MiB.
+pub const LIST_PAGE_BYTES: u64 = 16 << 20;
 
 /// Every conversation of an oldest-first list (`request.limit` and `request.after` are the function's),
 /// read a page of `page` at a time: a list of any length never has to fit in one message.
@@ -106,10 +110,12 @@ where
 {
     request.newest_first = false;
     request.limit = page.max(1);
+    request.max_bytes = LIST_PAGE_BYTES;
     request.after = None;
     let mut all = Vec::new();
     loop {
-        let conversations = list(request.clone()).await?.conversations;
+        let answer = list(request.clone()).await?;
+        let conversations = answer.conversations;
         // A store that ignores the cursor (one from before it, in a rolling upgrade) would answer the same
         // page for ever: the list is read whole from it instead, in one answer, as before pages.
         if let (Some(after), Some(first)) = (&request.after, conversations.first())
@@ -118,7 +124,7 @@ where
             let whole = ListConversationsRequest { limit: 0, after: None, ..request };
             return Ok(list(whole).await?.conversations);
         }
-        let full = conversations.len() >= request.limit as usize;
+        let full = answer.more || conversations.len() >= request.limit as usize;
         if let Some(last) = conversations.last() {
             request.after = Some(ListCursor { queued_at_ms: last.queued_at_ms, id: last.id.clone() });
         }
@@ -138,31 +144,39 @@ mod tests {
     }
 
     /// The list `c1`..`c5` (c2 and c3 queued at the same moment), read as a store reads it: after the cursor,
-    /// `limit` at most; or, with `ignore_cursor`, as a store that knows no cursor.
+    /// `limit` at most, and `per_answer` at most as if its bytes filled `max_bytes` (`more` then); or, with
+    /// `ignore_cursor`, as a store that knows no cursor (nor byte bound).
     fn store(
         ignore_cursor: bool,
+        per_answer: usize,
     ) -> impl FnMut(ListConversationsRequest) -> std::future::Ready<Result<ListConversationsResponse, StoreError>> {
         let all = [record("c1", 1), record("c2", 2), record("c3", 2), record("c4", 3), record("c5", 4)];
         move |request: ListConversationsRequest| {
             let after = request.after.filter(|_| !ignore_cursor).map(|after| (after.queued_at_ms, after.id));
             let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
-            let conversations = all
+            let mut conversations: Vec<ConversationRecord> = all
                 .iter()
                 .filter(|c| after.as_ref().is_none_or(|(at, id)| (c.queued_at_ms, &c.id) > (*at, id)))
                 .take(limit)
                 .cloned()
                 .collect();
-            std::future::ready(Ok(ListConversationsResponse { conversations }))
+            let cut = !ignore_cursor && request.max_bytes > 0 && conversations.len() > per_answer;
+            if cut {
+                conversations.truncate(per_answer);
+            }
+            std::future::ready(Ok(ListConversationsResponse { conversations, more: cut }))
         }
     }
 
     #[tokio::test]
     async fn a_list_is_read_whole_a_page_at_a_time_or_in_one_answer_from_a_store_without_cursors() {
         let ids = |read: Vec<ConversationRecord>| read.into_iter().map(|c| c.id).collect::<Vec<_>>();
-        for ignore_cursor in [false, true] {
+        for (ignore_cursor, per_answer) in [(false, usize::MAX), (true, usize::MAX), (false, 2)] {
             for page in [1, 2, 3, 5, 6] {
-                let read = list_in_pages(ListConversationsRequest::default(), page, store(ignore_cursor)).await;
-                assert_eq!(ids(read.unwrap()), ["c1", "c2", "c3", "c4", "c5"], "pages of {page}, {ignore_cursor}");
+                let store = store(ignore_cursor, per_answer);
+                let read = list_in_pages(ListConversationsRequest::default(), page, store).await;
+                let case = format!("pages of {page}, {ignore_cursor}, {per_answer} an answer");
+                assert_eq!(ids(read.unwrap()), ["c1", "c2", "c3", "c4", "c5"], "{case}");
             }
         }
     }

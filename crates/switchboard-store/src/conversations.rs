@@ -127,9 +127,28 @@ pub(crate) async fn list(
             Bind::Int32(value) => query.bind(value),
         };
     }
-    let rows = query.fetch_all(&store.reader).await.map_err(db)?;
-    let conversations = rows.into_iter().map(conversation_from_row).collect::<Result<_, _>>()?;
-    Ok(ListConversationsResponse { conversations })
+    list_page(query.fetch(&store.reader), request.max_bytes).await
+}
+
+/// The conversations of a list's rows, in their order, until the next one would take the answer past
+/// `max_bytes` (0: no bound; one at least). The rows after it are not read.
+pub(crate) async fn list_page(
+    mut rows: futures_util::stream::BoxStream<'_, Result<ConversationRow, sqlx::Error>>,
+    max_bytes: u64,
+) -> Result<ListConversationsResponse, StoreError> {
+    use futures_util::TryStreamExt as _;
+    let mut answer = ListConversationsResponse::default();
+    let mut bytes = 0u64;
+    while let Some(row) = rows.try_next().await.map_err(db)? {
+        let record = conversation_from_row(row)?;
+        bytes = bytes.saturating_add(prost::Message::encoded_len(&record) as u64);
+        if max_bytes > 0 && !answer.conversations.is_empty() && bytes > max_bytes {
+            answer.more = true;
+            break;
+        }
+        answer.conversations.push(record);
+    }
+    Ok(answer)
 }
 
 #[cfg(test)]

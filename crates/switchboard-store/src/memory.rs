@@ -407,7 +407,16 @@ impl StoreApi for MemoryStore {
         if request.limit > 0 {
             conversations.truncate(request.limit as usize);
         }
-        Ok(ListConversationsResponse { conversations })
+        // As the SQL stores: records up to `max_bytes` encoded, one at least.
+        let mut bytes = 0u64;
+        let fits = conversations.iter().take_while(|record| {
+            bytes = bytes.saturating_add(prost::Message::encoded_len(*record) as u64);
+            request.max_bytes == 0 || bytes <= request.max_bytes
+        });
+        let kept = fits.count().max(1).min(conversations.len());
+        let more = kept < conversations.len();
+        conversations.truncate(kept);
+        Ok(ListConversationsResponse { conversations, more })
     }
 
     async fn get_license(&self, _request: GetLicenseRequest) -> Result<License, StoreError> {

@@ -99,6 +99,18 @@ async fn a_list_is_read_a_page_at_a_time_in_its_order(h: Harness) {
     assert_eq!(ids(store, after(30, "c7")).await, Vec::<String>::new());
     let newest_first = ListConversationsRequest { newest_first: true, ..after(10, "c2") };
     assert!(matches!(store.list_conversations(newest_first).await, Err(StoreError::Invalid(_))));
+
+    // A bound on the answer's bytes ends it early, one record at least, and says so.
+    let one = prost::Message::encoded_len(&store.list_conversations(waiting.clone()).await.unwrap().conversations[0]);
+    let bounded = |max_bytes: usize| ListConversationsRequest { max_bytes: max_bytes as u64, ..waiting.clone() };
+    for (max_bytes, expected) in [(1, 1), (one, 1), (2 * one + 1, 2)] {
+        let answer = store.list_conversations(bounded(max_bytes)).await.unwrap();
+        assert_eq!((answer.conversations.len(), answer.more), (expected, true), "at most {max_bytes} bytes");
+    }
+    let roomy = store.list_conversations(bounded(100 * one)).await.unwrap();
+    assert_eq!((roomy.conversations.len(), roomy.more), (4, false));
+    let limited = store.list_conversations(ListConversationsRequest { limit: 2, ..bounded(100 * one) }).await.unwrap();
+    assert_eq!((limited.conversations.len(), limited.more), (2, false), "ended by its limit, not its bytes");
 }
 
 async fn an_agents_active_conversations(h: Harness) {

@@ -321,6 +321,10 @@ pub struct ListConversationsRequest {
     /// list is read a page of `limit` at a time, each in a message of bounded size. Unset: from the first.
     #[prost(message, optional, tag = "9")]
     pub after: ::core::option::Option<ListCursor>,
+    /// Oldest-first lists only: the answer ends before the conversation that would take its records past this
+    /// many encoded bytes, holding one at least (`more` says so); 0: no such bound.
+    #[prost(uint64, tag = "10")]
+    pub max_bytes: u64,
 }
 /// Where a page of an oldest-first list ends: the last conversation's `queued_at_ms` and `id`.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -334,6 +338,9 @@ pub struct ListCursor {
 pub struct ListConversationsResponse {
     #[prost(message, repeated, tag = "1")]
     pub conversations: ::prost::alloc::vec::Vec<ConversationRecord>,
+    /// `max_bytes` ended the answer before the list's end (and before `limit`): read on after its last record.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReleaseShardsRequest {

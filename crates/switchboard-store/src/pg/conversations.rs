@@ -7,7 +7,7 @@ use switchboard_proto::internal::v1::{
 use switchboard_proto::store::StoreError;
 
 use super::PgStore;
-use crate::conversations::{Bind, SELECT_CONVERSATION, list_query};
+use crate::conversations::{Bind, SELECT_CONVERSATION, list_page, list_query};
 use crate::error::db;
 use crate::records::{ConversationRow, conversation_from_row};
 
@@ -37,7 +37,5 @@ pub(super) async fn list(
             Bind::Int32(value) => query.bind(value),
         };
     }
-    let rows = query.fetch_all(&store.pool).await.map_err(db)?;
-    let conversations = rows.into_iter().map(conversation_from_row).collect::<Result<_, _>>()?;
-    Ok(ListConversationsResponse { conversations })
+    list_page(query.fetch(&store.pool), request.max_bytes).await
 }
