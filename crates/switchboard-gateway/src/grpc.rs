@@ -230,6 +230,9 @@ fn decode_request(request: pb::client_frame::Request) -> Result<Request, ErrorRe
             conversation: conversation("chat.subscribe", &r.conversation)?,
             after_seq: r.after_seq,
         },
+        R::ChatUnsubscribe(r) => {
+            Request::ChatUnsubscribe { conversation: conversation("chat.unsubscribe", &r.conversation)? }
+        }
         R::ChatTranscript(r) => Request::ChatTranscript {
             conversation: conversation("chat.transcript", &r.conversation)?,
             after_seq: r.after_seq,
@@ -314,7 +317,7 @@ pub(crate) fn encode(outgoing: Outgoing<'_>) -> pb::ServerFrame {
 /// `grpc_status`; docs/protocol.md, section 6).
 pub fn grpc_code(code: &str) -> Code {
     match code {
-        "license_exhausted" | "rate_limited" => Code::ResourceExhausted,
+        "license_exhausted" | "rate_limited" | "follow_limit_reached" => Code::ResourceExhausted,
         "unavailable" | "not_owner" => Code::Unavailable,
         "internal" => Code::Internal,
         "bad_json" | "bad_frame" | "missing_id" | "missing_type" | "bad_request" | "message_too_large"
@@ -349,6 +352,7 @@ fn ack_result(ack: &Ack) -> pb::ack::Result {
         }
         Ack::ChatAccept { chat: view } => R::ChatAccept(pb::ChatAcceptResult { chat: Some(chat(view)) }),
         Ack::ChatSubscribe { chat: view } => R::ChatSubscribe(pb::ChatSubscribeResult { chat: Some(chat(view)) }),
+        Ack::ChatUnsubscribe { followed } => R::ChatUnsubscribe(pb::ChatUnsubscribeResult { followed: *followed }),
         Ack::ChatTranscript { chat: view, events, more } => R::ChatTranscript(pb::ChatTranscriptResult {
             chat: Some(chat(view)),
             events: events.iter().map(event).collect(),

@@ -303,6 +303,16 @@ impl Hub {
         state.stop_watching(socket, conversation)
     }
 
+    /// Whether the socket watches the conversation.
+    pub fn watches(&self, socket: SocketId, conversation: ConversationId) -> bool {
+        self.lock().watched_by.get(&socket).is_some_and(|watched| watched.contains(&conversation))
+    }
+
+    /// How many conversations the socket watches.
+    pub fn n_watched(&self, socket: SocketId) -> usize {
+        self.lock().watched_by.get(&socket).map_or(0, HashSet::len)
+    }
+
     /// Whether any socket of this gateway watches the conversation.
     pub fn is_watched(&self, conversation: ConversationId) -> bool {
         self.lock().conversation_watchers.get(&conversation).is_some_and(|watchers| !watchers.is_empty())
@@ -842,7 +852,9 @@ mod tests {
         assert!(hub.watch(1, chat(8)).first_of_gateway);
         assert!(hub.watch(2, chat(9)).first_of_gateway);
         assert_eq!(hub.watch(2, chat(9)), Watch { first_of_gateway: false, already_watching: true });
+        assert_eq!((hub.n_watched(1), hub.n_watched(2)), (2, 2));
         assert!(hub.unwatch(2, chat(9)), "bob was the only one following chat 9");
+        assert!((hub.watches(2, chat(7)), hub.watches(2, chat(9)), hub.n_watched(2)) == (true, false, 1));
 
         let mut gone = hub.unregister(1).unsubscribe_conversations;
         gone.sort();

@@ -64,6 +64,10 @@ pub struct GatewaySettings {
     /// middle of a long backlog would otherwise hold its session, and the page of events being written,
     /// for good (default 30 s).
     pub write_stall_timeout: Duration,
+    /// How many chats one connection may follow (`chat.subscribe` past it is refused `follow_limit_reached`;
+    /// chats the connection started, resumed or accepted are followed whatever the count). Each followed chat
+    /// stays loaded on its router until the connection unsubscribes or ends.
+    pub max_followed_chats: usize,
     /// How many requests each connection may make (frames that are not valid requests included); one over
     /// it is refused `rate_limited` and nothing of it is done.
     pub request_rate: RequestRate,
@@ -80,6 +84,9 @@ pub const DEFAULT_PRESENCE_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The default of [`GatewaySettings::write_stall_timeout`].
 pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The default of [`GatewaySettings::max_followed_chats`].
+pub const DEFAULT_MAX_FOLLOWED_CHATS: usize = 1000;
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
@@ -87,6 +94,7 @@ impl Default for GatewaySettings {
             max_message_bytes: 4096,
             outbound_queue_len: 1024,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            max_followed_chats: DEFAULT_MAX_FOLLOWED_CHATS,
             request_rate: RequestRate::default(),
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
             presence_ttl: None,

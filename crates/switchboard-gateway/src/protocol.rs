@@ -29,6 +29,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "queue.list",
     "chat.accept",
     "chat.subscribe",
+    "chat.unsubscribe",
     "chat.transcript",
     "chat.list",
     "message.send",
@@ -80,6 +81,9 @@ pub enum Request {
         #[serde(default)]
         after_seq: u64,
     },
+    /// The connection stops following the chat (see `chat.subscribe`).
+    #[serde(rename = "chat.unsubscribe")]
+    ChatUnsubscribe { conversation: ConversationId },
     #[serde(rename = "chat.transcript")]
     ChatTranscript {
         conversation: ConversationId,
@@ -142,6 +146,7 @@ impl Request {
             Request::QueueList { .. } => "queue.list",
             Request::ChatAccept { .. } => "chat.accept",
             Request::ChatSubscribe { .. } => "chat.subscribe",
+            Request::ChatUnsubscribe { .. } => "chat.unsubscribe",
             Request::ChatTranscript { .. } => "chat.transcript",
             Request::ChatList { .. } => "chat.list",
             Request::MessageSend { .. } => "message.send",
@@ -293,6 +298,10 @@ pub enum Ack {
     ChatSubscribe {
         chat: ChatView,
     },
+    /// `followed`: the connection followed the chat until this request.
+    ChatUnsubscribe {
+        followed: bool,
+    },
     ChatTranscript {
         chat: ChatView,
         events: Vec<Event>,
@@ -368,6 +377,7 @@ impl Ack {
                 "duplicate": ticket.duplicate,
             }),
             Ack::QueueList { entries } => json!({ "entries": entries }),
+            Ack::ChatUnsubscribe { followed } => json!({ "followed": followed }),
             Ack::ChatTranscript { chat, events, more } => {
                 json!({ "chat": chat_json(chat), "events": events, "more": more })
             }

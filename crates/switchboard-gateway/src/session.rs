@@ -668,9 +668,22 @@ impl<T: Transport> Session<T> {
             }
             Request::ChatSubscribe { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
+                let limit = self.shared.settings.max_followed_chats;
+                if !self.shared.hub.watches(self.socket_id, conversation)
+                    && self.shared.hub.n_watched(self.socket_id) >= limit
+                {
+                    return Err(ErrorReply::new(
+                        "follow_limit_reached",
+                        format!("this connection follows {limit} chats already: send chat.unsubscribe for some"),
+                    ));
+                }
                 let view = router.chat_view(&caller, conversation).await?;
                 let events = self.subscribe(conversation, after_seq).await?;
                 Ok((Ack::ChatSubscribe { chat: view }, events))
+            }
+            Request::ChatUnsubscribe { conversation } => {
+                let followed = self.unsubscribe(conversation).await;
+                answered(Ack::ChatUnsubscribe { followed })
             }
             Request::ChatTranscript { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
@@ -894,6 +907,18 @@ impl<T: Transport> Session<T> {
         let written = self.written_seq.entry(conversation).or_insert(after_seq);
         *written = (*written).min(after_seq);
         Ok(Backlog(Some((conversation, page))))
+    }
+
+    /// Stops following a conversation: no event of it is written to this connection after this returns (the
+    /// pushes already queued for it included). The gateway unsubscribes when no socket of its own follows it
+    /// any more. Returns whether the connection followed it.
+    async fn unsubscribe(&mut self, conversation: ConversationId) -> bool {
+        let followed = self.written_seq.remove(&conversation).is_some();
+        let watched = self.shared.hub.watches(self.socket_id, conversation);
+        if watched && self.shared.hub.unwatch(self.socket_id, conversation) {
+            self.apply_needs(Needs { unsubscribe_conversations: vec![conversation], ..Needs::default() }).await;
+        }
+        followed || watched
     }
 
     async fn become_role(&mut self, role: Role) {

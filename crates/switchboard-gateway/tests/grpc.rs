@@ -721,6 +721,51 @@ async fn resuming_from_a_seq_over_grpc_fills_the_gap_and_goes_on_live() {
     server.stop().await;
 }
 
+/// A stream follows at most `max_followed_chats` chats with `chat_subscribe` (each stays loaded on its router
+/// while followed); `chat_unsubscribe` makes room. The chats it accepts are followed whatever the count: the
+/// accept has taken the chat by then.
+#[tokio::test]
+async fn a_stream_follows_a_bounded_number_of_chats_and_unsubscribes_to_follow_others() {
+    let settings = GatewaySettings { max_followed_chats: 2, ..GatewaySettings::default() };
+    let server = Server::start_with(settings).await;
+    let mut chats = Vec::new();
+    for name in ["Ann", "Ben", "Cy", "Di"] {
+        let mut customer = GrpcClient::connect(&server).await;
+        let AckResult::ChatStart(started) = customer.ack(chat_start(name, "Hi")).await else { panic!() };
+        chats.push(started.conversation);
+    }
+    let subscribe =
+        |chat: &str| Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chat.into(), after_seq: 0 });
+    let unsubscribe = |chat: &str| Req::ChatUnsubscribe(pb::ChatUnsubscribeRequest { conversation: chat.into() });
+    let mut bob = GrpcClient::connect(&server).await;
+    bob.ack(sign_in(BOB)).await;
+    for chat in &chats[..2] {
+        bob.ack(subscribe(chat)).await;
+        bob.expect_events(chat, &[(1, "created"), (2, "message")]).await;
+    }
+
+    let refused = bob.refused(subscribe(&chats[2])).await;
+    assert_eq!((refused.code.as_str(), refused.grpc_status), ("follow_limit_reached", Code::ResourceExhausted as i32));
+    // A chat the stream follows already may be subscribed to again.
+    bob.ack(Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chats[0].clone(), after_seq: 2 })).await;
+    let followed = |result| match result {
+        AckResult::ChatUnsubscribe(result) => result.followed,
+        other => panic!("{other:?}"),
+    };
+    assert!(followed(bob.ack(unsubscribe(&chats[1])).await));
+    assert!(!followed(bob.ack(unsubscribe(&chats[1])).await), "followed no more");
+    assert!(!followed(bob.ack(unsubscribe(UNKNOWN_CHAT)).await), "never followed");
+    assert_eq!(bob.refused(unsubscribe("not-a-chat")).await.code, "bad_request");
+    bob.ack(subscribe(&chats[2])).await;
+    bob.expect_events(&chats[2], &[(1, "created"), (2, "message")]).await;
+
+    // At the limit, an accept still follows the chat it takes; a subscription past the limit does not.
+    bob.ack(accept(&chats[3])).await;
+    bob.expect_events(&chats[3], &[(1, "created"), (2, "message"), (3, "accepted")]).await;
+    assert_eq!(bob.refused(subscribe(&chats[1])).await.code, "follow_limit_reached");
+    server.stop().await;
+}
+
 /// A log longer than a page (here 2 KiB, some five messages) is read a page at a time: a transcript is
 /// answered in pages, each saying whether more follow; a resume or a subscription from its start gets every
 /// event, one frame each, from pages read one after the other, then the live ones.

@@ -7,11 +7,14 @@
 //! its own requests. A request that changes the connection (here `chat.accept`, which subscribes it) still
 //! holds every push until it is answered, so that its answer comes before the events it makes the connection
 //! follow.
+//!
+//! A `chat.unsubscribe` ends the pushes of a chat to that connection at once, and the gateway's subscription
+//! with its last connection following the chat (the wrapper records the gateway's unsubscriptions).
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use common::{ALICE, DEADLINE, Server, WIDGET, WsClient};
@@ -60,6 +63,8 @@ struct Holds {
     hold_next_accept: AtomicBool,
     subscribe: Hold,
     fail_next_subscribe: AtomicBool,
+    /// Every conversation the gateway unsubscribed from, in order (nothing is held).
+    unsubscribed: Mutex<Vec<ConversationId>>,
 }
 
 /// The router as the gateway sees it: the real one, but for the calls [`Holds`] holds.
@@ -101,6 +106,7 @@ impl RouterApi for Holding {
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
+        self.holds.unsubscribed.lock().unwrap().push(conversation);
         self.inner.unsubscribe(gateway, conversation).await
     }
 
@@ -388,5 +394,53 @@ async fn a_subscription_that_fails_writes_none_of_the_events_pushed_while_it_was
     while let Some(push) = alice.take_push() {
         assert_ne!(push["type"], "event", "an event of a chat Alice does not follow: {push}");
     }
+    server.stop().await;
+}
+
+/// After `chat.unsubscribe` no event of the chat reaches the connection, while the others following it get
+/// them; the gateway stays subscribed until the last of its connections following the chat unsubscribes
+/// (a closed chat then leaves the router's memory). Following it again replays what was missed meanwhile.
+#[tokio::test]
+async fn an_unsubscribed_connection_gets_no_more_events_and_the_last_one_unsubscribes_the_gateway() {
+    let (server, holds) = start().await;
+    let (mut dana, chat) = customer(&server, "Dana").await;
+    let mut alice = alice_with(&server, &chat).await;
+    dana.expect_events(&chat, &[(3, "accepted")]).await;
+    let mut console = WsClient::connect(&server).await;
+    console.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
+    console.ack(json!({ "type": "chat.subscribe", "conversation": chat, "after_seq": 3 })).await;
+    let unsubscribe = json!({ "type": "chat.unsubscribe", "conversation": chat });
+
+    let stopped = alice.ack(unsubscribe.clone()).await;
+    assert_eq!(stopped["followed"], true, "{stopped}");
+    let again = alice.ack(unsubscribe.clone()).await;
+    assert_eq!(again["followed"], false, "{again}");
+    let seq = customer_says(&mut dana, &chat, "Still there?").await;
+    // The console got Dana's message: the gateway dispatched it to every connection following the chat at
+    // once, so a connection still following it would have had it queued by now, and written it before the
+    // answer to its second request at the latest.
+    console.expect_events(&chat, &[(seq, "message")]).await;
+    for _ in 0..2 {
+        alice.ack(json!({ "type": "ping" })).await;
+    }
+    while let Some(push) = alice.take_push() {
+        assert_ne!(push["type"], "event", "an event of a chat Alice no longer follows: {push}");
+    }
+    assert!(holds.unsubscribed.lock().unwrap().is_empty(), "the console and Dana still follow the chat");
+
+    // The other connections stop following it; the gateway unsubscribes with the last one.
+    assert_eq!(console.ack(unsubscribe.clone()).await["followed"], true);
+    assert!(holds.unsubscribed.lock().unwrap().is_empty(), "Dana still follows the chat");
+    // Dana's request is answered once the gateway has unsubscribed.
+    assert_eq!(dana.ack(unsubscribe.clone()).await["followed"], true);
+    let unsubscribed: Vec<String> = holds.unsubscribed.lock().unwrap().iter().map(ToString::to_string).collect();
+    assert_eq!(unsubscribed, [chat.as_str()]);
+
+    // Alice follows the chat again from the last event she had: Dana's message is replayed, then live ones.
+    alice.ack(json!({ "type": "chat.subscribe", "conversation": chat, "after_seq": 3 })).await;
+    alice.expect_events(&chat, &[(seq, "message")]).await;
+    let reply =
+        alice.ack(json!({ "type": "message.send", "conversation": chat, "client_msg_id": "a-2", "body": "Yes" })).await;
+    alice.expect_events(&chat, &[(reply["seq"].as_u64().unwrap(), "message")]).await;
     server.stop().await;
 }

@@ -15,6 +15,8 @@ use switchboard_domain::{
 pub const CONFIG_VERSION: u32 = 1;
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
 const MIN_OUTBOUND_QUEUE_LEN: usize = 16;
+/// The most `limits.max_followed_chats` may be: each followed chat stays loaded on its router.
+const MAX_FOLLOWED_CHATS: usize = 100_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +105,9 @@ pub struct Limits {
     /// How long a gateway that shuts down waits for its connections to end before it stops without them.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// How many chats one connection may follow with `chat.subscribe`.
+    #[serde(default = "default_max_followed_chats")]
+    pub max_followed_chats: usize,
 }
 
 impl Default for Limits {
@@ -114,6 +119,7 @@ impl Default for Limits {
             request_burst: default_request_burst(),
             write_stall_timeout_ms: default_write_stall_timeout_ms(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            max_followed_chats: default_max_followed_chats(),
         }
     }
 }
@@ -208,6 +214,9 @@ fn default_write_stall_timeout_ms() -> u64 {
 fn default_shutdown_grace_ms() -> u64 {
     15_000
 }
+fn default_max_followed_chats() -> usize {
+    switchboard_gateway::DEFAULT_MAX_FOLLOWED_CHATS
+}
 fn default_capacity() -> u32 {
     3
 }
@@ -269,6 +278,9 @@ impl Config {
         if !(100..=600_000).contains(&config.limits.shutdown_grace_ms) {
             // Enough for the connections to be told (1001, UNAVAILABLE) before the process goes.
             bail!("invalid configuration: limits.shutdown_grace_ms must be between 100 and 600000");
+        }
+        if !(1..=MAX_FOLLOWED_CHATS).contains(&config.limits.max_followed_chats) {
+            bail!("invalid configuration: limits.max_followed_chats must be between 1 and {MAX_FOLLOWED_CHATS}");
         }
         if config.tenants.is_empty() {
             bail!("invalid configuration: tenants: at least one tenant is needed");
@@ -374,6 +386,19 @@ mod tests {
         ] {
             let error = format!("{:#}", Config::parse(&with(limits), no_env).unwrap_err());
             assert!(error.contains(named), "{error}");
+        }
+    }
+
+    #[test]
+    fn followed_chats_per_connection_within_bounds() {
+        let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().limits;
+        assert_eq!(defaults.max_followed_chats, 1000);
+        let with = |limits: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\nlimits: {limits}"));
+        let set = Config::parse(&with("{ max_followed_chats: 2 }"), no_env).unwrap();
+        assert_eq!(set.limits.max_followed_chats, 2);
+        for limits in ["{ max_followed_chats: 0 }", "{ max_followed_chats: 100001 }"] {
+            let error = format!("{:#}", Config::parse(&with(limits), no_env).unwrap_err());
+            assert!(error.contains("limits.max_followed_chats"), "{error}");
         }
     }
 

@@ -11,7 +11,7 @@ pub struct ClientFrame {
     /// answered with the error `unknown_type`.
     #[prost(
         oneof = "client_frame::Request",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23"
     )]
     pub request: ::core::option::Option<client_frame::Request>,
 }
@@ -84,6 +84,9 @@ pub mod client_frame {
         /// Agents: goes offline at once.
         #[prost(message, tag = "22")]
         AgentSignOut(super::AgentSignOutRequest),
+        /// Stops following a chat.
+        #[prost(message, tag = "23")]
+        ChatUnsubscribe(super::ChatUnsubscribeRequest),
     }
 }
 /// `chat.start`: a stream without a role starts a new chat and becomes its customer. The ack is followed by
@@ -165,6 +168,15 @@ pub struct ChatSubscribeRequest {
     /// refused with `bad_after_seq`.
     #[prost(uint64, tag = "2")]
     pub after_seq: u64,
+}
+/// `chat.unsubscribe`: the stream stops following a chat; no event of it comes after the ack. A chat the
+/// stream did not follow is answered too (`followed` false). A stream follows at most `max_followed_chats`
+/// chats (1,000 by default): a `chat_subscribe` past that is refused with `follow_limit_reached` (chats the
+/// stream started, resumed or accepted are followed whatever the count).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChatUnsubscribeRequest {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
 }
 /// `chat.transcript`: as `chat_subscribe`, but the events come in the ack and nothing is followed.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -376,7 +388,7 @@ pub struct Ack {
     pub id: ::prost::alloc::string::String,
     #[prost(
         oneof = "ack::Result",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23"
     )]
     pub result: ::core::option::Option<ack::Result>,
 }
@@ -426,6 +438,8 @@ pub mod ack {
         ChatForward(super::ChatForwardResult),
         #[prost(message, tag = "22")]
         AgentSignOut(super::AgentSignOutResult),
+        #[prost(message, tag = "23")]
+        ChatUnsubscribe(super::ChatUnsubscribeResult),
     }
 }
 /// The answer to a failed request. Nothing was changed.
@@ -510,6 +524,12 @@ pub struct ChatAcceptResult {
 pub struct ChatSubscribeResult {
     #[prost(message, optional, tag = "1")]
     pub chat: ::core::option::Option<Chat>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChatUnsubscribeResult {
+    /// The stream followed the chat until this request.
+    #[prost(bool, tag = "1")]
+    pub followed: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ChatTranscriptResult {
