@@ -65,8 +65,9 @@ pub struct GatewaySettings {
     /// for good (default 30 s).
     pub write_stall_timeout: Duration,
     /// How many chats one connection may follow (`chat.subscribe` past it is refused `follow_limit_reached`;
-    /// chats the connection started, resumed or accepted are followed whatever the count). Each followed chat
-    /// stays loaded on its router until the connection unsubscribes or ends.
+    /// an agent's own chats, and the chats the connection started, resumed or accepted, are followed whatever
+    /// the count). Each followed chat costs the gateway and its router a few hundred bytes, and its events
+    /// are written to the connection.
     pub max_followed_chats: usize,
     /// How many requests each connection may make (frames that are not valid requests included); one over
     /// it is refused `rate_limited` and nothing of it is done.

@@ -22,7 +22,9 @@ use switchboard_domain::{
     AgentId, AgentStatus, ConversationId, Event, GroupId, Refusal, TenantId, customer_token_for_start,
     new_customer_token,
 };
-use switchboard_proto::router::{Caller, ChatCommand, ChatList, EventPage, OfflineMessage, RouterError, StartChat};
+use switchboard_proto::router::{
+    Caller, ChatCommand, ChatList, ChatView, EventPage, OfflineMessage, RouterError, StartChat,
+};
 use switchboard_telemetry::names;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{Instrument, debug, warn};
@@ -453,6 +455,12 @@ impl<T: Transport> Session<T> {
     }
 
     async fn write_outbound(&mut self, outbound: &Outbound) -> Flow {
+        if let PushFrame::Typing { conversation, .. } = outbound.frame()
+            && !self.written_seq.contains_key(conversation)
+        {
+            // Queued before the connection stopped following the chat (or before its subscription failed).
+            return Ok(());
+        }
         let PushFrame::Event { conversation, event } = outbound.frame() else {
             self.send(Outgoing::Push(outbound)).await?;
             if let PushFrame::Offer { waiting_since_us, .. } = outbound.frame()
@@ -668,20 +676,14 @@ impl<T: Transport> Session<T> {
             }
             Request::ChatSubscribe { conversation, after_seq } => {
                 let caller = self.caller_for(conversation)?;
-                let limit = self.shared.settings.max_followed_chats;
-                if !self.shared.hub.watches(self.socket_id, conversation)
-                    && self.shared.hub.n_watched(self.socket_id) >= limit
-                {
-                    return Err(ErrorReply::new(
-                        "follow_limit_reached",
-                        format!("this connection follows {limit} chats already: send chat.unsubscribe for some"),
-                    ));
-                }
                 let view = router.chat_view(&caller, conversation).await?;
+                self.check_follow_limit(conversation, &view)?;
                 let events = self.subscribe(conversation, after_seq).await?;
                 Ok((Ack::ChatSubscribe { chat: view }, events))
             }
             Request::ChatUnsubscribe { conversation } => {
+                // A customer's connection follows its own chat for as long as it is that chat's customer.
+                self.agent()?;
                 let followed = self.unsubscribe(conversation).await;
                 answered(Ack::ChatUnsubscribe { followed })
             }
@@ -907,6 +909,27 @@ impl<T: Transport> Session<T> {
         let written = self.written_seq.entry(conversation).or_insert(after_seq);
         *written = (*written).min(after_seq);
         Ok(Backlog(Some((conversation, page))))
+    }
+
+    /// Refuses to follow one more chat when the connection follows `max_followed_chats` already, unless the
+    /// chat is the agent's own (a console that reconnects follows its chats again, whatever it followed
+    /// besides) or the connection follows it already.
+    fn check_follow_limit(&self, conversation: ConversationId, view: &ChatView) -> Result<(), ErrorReply> {
+        let limit = self.shared.settings.max_followed_chats;
+        let own = match &self.role {
+            Some(Role::Agent { agent, .. }) => view.owner.as_ref() == Some(agent),
+            _ => true,
+        };
+        if own
+            || self.shared.hub.watches(self.socket_id, conversation)
+            || self.shared.hub.n_watched(self.socket_id) < limit
+        {
+            return Ok(());
+        }
+        Err(ErrorReply::new(
+            "follow_limit_reached",
+            format!("this connection follows {limit} chats already: send chat.unsubscribe for some"),
+        ))
     }
 
     /// Stops following a conversation: no event of it is written to this connection after this returns (the

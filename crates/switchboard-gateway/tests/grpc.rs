@@ -721,9 +721,9 @@ async fn resuming_from_a_seq_over_grpc_fills_the_gap_and_goes_on_live() {
     server.stop().await;
 }
 
-/// A stream follows at most `max_followed_chats` chats with `chat_subscribe` (each stays loaded on its router
-/// while followed); `chat_unsubscribe` makes room. The chats it accepts are followed whatever the count: the
-/// accept has taken the chat by then.
+/// A stream follows at most `max_followed_chats` chats with `chat_subscribe`; `chat_unsubscribe` makes room.
+/// The agent's own chats are followed whatever the count: those it accepts (the accept has taken the chat by
+/// then), and those it subscribes to again.
 #[tokio::test]
 async fn a_stream_follows_a_bounded_number_of_chats_and_unsubscribes_to_follow_others() {
     let settings = GatewaySettings { max_followed_chats: 2, ..GatewaySettings::default() };
@@ -763,6 +763,15 @@ async fn a_stream_follows_a_bounded_number_of_chats_and_unsubscribes_to_follow_o
     bob.ack(accept(&chats[3])).await;
     bob.expect_events(&chats[3], &[(1, "created"), (2, "message"), (3, "accepted")]).await;
     assert_eq!(bob.refused(subscribe(&chats[1])).await.code, "follow_limit_reached");
+    // His own chats he may follow again at the limit (a console that reconnects follows its chats first).
+    assert!(followed(bob.ack(unsubscribe(&chats[3])).await));
+    bob.ack(Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chats[3].clone(), after_seq: 3 })).await;
+    assert_eq!(bob.refused(subscribe(&chats[1])).await.code, "follow_limit_reached");
+
+    // A customer's stream follows its own chat for as long as it is its customer.
+    let mut eve = GrpcClient::connect(&server).await;
+    let AckResult::ChatStart(started) = eve.ack(chat_start("Eve", "Hi")).await else { panic!() };
+    assert_eq!(eve.refused(unsubscribe(&started.conversation)).await.code, "forbidden");
     server.stop().await;
 }
 

@@ -63,8 +63,9 @@ struct Holds {
     hold_next_accept: AtomicBool,
     subscribe: Hold,
     fail_next_subscribe: AtomicBool,
-    /// Every conversation the gateway unsubscribed from, in order (nothing is held).
+    /// Every conversation the gateway unsubscribed from, in order (nothing is held), and a permit each time.
     unsubscribed: Mutex<Vec<ConversationId>>,
+    unsubscribing: Notify,
 }
 
 /// The router as the gateway sees it: the real one, but for the calls [`Holds`] holds.
@@ -107,6 +108,7 @@ impl RouterApi for Holding {
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
         self.holds.unsubscribed.lock().unwrap().push(conversation);
+        self.holds.unsubscribing.notify_one();
         self.inner.unsubscribe(gateway, conversation).await
     }
 
@@ -431,8 +433,10 @@ async fn an_unsubscribed_connection_gets_no_more_events_and_the_last_one_unsubsc
     // The other connections stop following it; the gateway unsubscribes with the last one.
     assert_eq!(console.ack(unsubscribe.clone()).await["followed"], true);
     assert!(holds.unsubscribed.lock().unwrap().is_empty(), "Dana still follows the chat");
-    // Dana's request is answered once the gateway has unsubscribed.
-    assert_eq!(dana.ack(unsubscribe.clone()).await["followed"], true);
+    // A customer's connection follows its chat as long as it is open: the gateway unsubscribes when it ends.
+    assert_eq!(dana.call(unsubscribe.clone()).await["code"], "forbidden");
+    drop(dana);
+    tokio::time::timeout(DEADLINE, holds.unsubscribing.notified()).await.expect("the gateway unsubscribes");
     let unsubscribed: Vec<String> = holds.unsubscribed.lock().unwrap().iter().map(ToString::to_string).collect();
     assert_eq!(unsubscribed, [chat.as_str()]);
 

@@ -132,10 +132,6 @@ impl Subscribers {
         self.lock().get(&conversation).map(|gateways| gateways.iter().cloned().collect()).unwrap_or_default()
     }
 
-    pub(crate) fn is_empty(&self, conversation: ConversationId) -> bool {
-        !self.lock().contains_key(&conversation)
-    }
-
     pub(crate) fn forget_where(&self, matches: impl Fn(&ConversationId) -> bool) {
         self.lock().retain(|conversation, _| !matches(conversation));
     }

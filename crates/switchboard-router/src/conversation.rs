@@ -54,9 +54,6 @@ pub(crate) enum ConversationMsg {
         after_seq: u64,
         reply: Reply<EventPage>,
     },
-    Unsubscribe {
-        gateway: GatewayId,
-    },
     ReadEvents {
         caller: Caller,
         after_seq: u64,
@@ -205,10 +202,6 @@ impl ConversationActor {
                 }
                 let _ = reply.send(result);
             }
-            ConversationMsg::Unsubscribe { gateway } => {
-                debug!(conversation = %state.conversation.id, ?gateway, "gateway unsubscribed");
-                state.context.subscribers.remove(state.conversation.id, &gateway);
-            }
             ConversationMsg::ReadEvents { caller, after_seq, reply } => {
                 let result = match state.authorize(&caller) {
                     Ok(()) => state.read(after_seq).await,
@@ -288,8 +281,10 @@ impl ConversationActor {
                 let _ = reply.send(result);
             }
         }
-        if state.conversation.state.is_finished() && state.context.subscribers.is_empty(state.conversation.id) {
-            // Passivate: a finished chat with no one watching need not stay in memory.
+        if state.conversation.state.is_finished() {
+            // Passivate: a finished chat need not stay in memory. Its subscribers are the context's, not the
+            // actor's: what comes later (a delivery mark) activates it again from the store and is pushed to
+            // them. Consoles keep their closed chats open for hours; the chats need not stay loaded for that.
             myself.stop(None);
         }
         Ok(())

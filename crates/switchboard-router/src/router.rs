@@ -345,9 +345,10 @@ impl RouterApi for Router {
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
-        if let Some(actor) = self.context.conversations.get_running(&conversation) {
-            ConversationHandle(actor).unsubscribe(gateway.clone());
-        }
+        // The subscribers are the context's, and outlive the chat's actor (a finished chat is passivated
+        // whether or not it is followed). A gateway asks after its subscription was answered, so no
+        // subscription of its own waits in the actor's mailbox.
+        self.context.subscribers.remove(conversation, gateway);
     }
 
     async fn read_events(

@@ -307,6 +307,47 @@ async fn a_delivery_mark_on_a_closed_chat_updates_its_marks_but_not_its_state() 
     assert_eq!((record.state.as_str(), record.customer_delivered_up_to), ("closed", up_to_seq));
 }
 
+/// A finished chat leaves memory even while a gateway follows it (a console keeps its closed chats open for
+/// hours): what comes later activates it again from the store and still reaches the gateway, until the
+/// gateway unsubscribes, which it may do while no actor runs.
+#[tokio::test(start_paused = true)]
+async fn a_followed_chat_leaves_memory_once_finished_and_its_later_events_still_reach_its_gateways() {
+    let mut fixture = fixture().await;
+    online(&fixture.router, "b").await;
+    let chat = fixture.start_chat("g1", "x").await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    fixture.router.subscribe(&fixture.gateway, &agent_caller("b"), chat, 0).await.unwrap();
+    let closed = fixture.router.command(&agent_caller("b"), chat, ChatCommand::Close).await.unwrap();
+    common::settle().await;
+    let pushed_seqs = |pushes: Vec<Push>| -> Vec<u64> {
+        pushes
+            .into_iter()
+            .filter_map(|push| match push {
+                Push::Event { conversation, event, .. } if conversation == chat => Some(event.seq),
+                _ => None,
+            })
+            .collect()
+    };
+    let closed_seq = closed.event.unwrap().seq;
+    assert_eq!(pushed_seqs(fixture.drain()), [closed_seq]);
+
+    // The customer's delivery mark finds no actor: one is activated from the store.
+    let reads = fixture.counted.reads();
+    let customer = Caller::Customer { conversation: chat };
+    let mark = ChatCommand::ConfirmDelivery { up_to_seq: closed_seq };
+    let marked = fixture.router.command(&customer, chat, mark).await.unwrap().event.unwrap();
+    assert!(fixture.counted.reads() > reads, "the closed chat's actor was passivated: activated again");
+    common::settle().await;
+    assert_eq!(pushed_seqs(fixture.drain()), [marked.seq], "the gateway still follows the chat");
+
+    // Unsubscribed while no actor runs: the next mark is not pushed to it.
+    fixture.router.unsubscribe(&fixture.gateway, chat).await;
+    let mark = ChatCommand::ConfirmDelivery { up_to_seq: marked.seq };
+    fixture.router.command(&agent_caller("b"), chat, mark).await.unwrap().event.unwrap();
+    common::settle().await;
+    assert_eq!(pushed_seqs(fixture.drain()), Vec::<u64>::new());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_finished_chat_stays_readable_after_its_actor_passivates() {
     let fixture = fixture().await;

@@ -169,10 +169,12 @@ pub struct ChatSubscribeRequest {
     #[prost(uint64, tag = "2")]
     pub after_seq: u64,
 }
-/// `chat.unsubscribe`: the stream stops following a chat; no event of it comes after the ack. A chat the
-/// stream did not follow is answered too (`followed` false). A stream follows at most `max_followed_chats`
-/// chats (1,000 by default): a `chat_subscribe` past that is refused with `follow_limit_reached` (chats the
-/// stream started, resumed or accepted are followed whatever the count).
+/// `chat.unsubscribe`: an agent's stream stops following a chat; no event or typing of it comes after the
+/// ack. A chat the stream did not follow is answered too (`followed` false). A customer's stream follows its
+/// chat for as long as it is open (`forbidden`). A stream follows at most `max_followed_chats` chats (1,000
+/// by default): a `chat_subscribe` past that is refused with `follow_limit_reached`, unless the chat is the
+/// agent's own (own chats, and chats the stream started, resumed or accepted, are followed whatever the
+/// count).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ChatUnsubscribeRequest {
     #[prost(string, tag = "1")]
