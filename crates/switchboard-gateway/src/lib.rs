@@ -79,6 +79,33 @@ pub struct GatewaySettings {
     pub presence_ttl: Option<Duration>,
 }
 
+/// How long a client connection may be silent before the kernel asks its peer whether it is still there
+/// (TCP keepalive), how often it asks again, and how many times, unanswered, before it drops the connection:
+/// a peer gone without a word (a laptop closed, a network lost) is found within some 50 s, its session ends,
+/// and an agent's chats go back to their queues after the presence grace period rather than stay with them
+/// for good.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 3;
+/// How long data written to a client may stay unacknowledged before the kernel drops the connection (Linux's
+/// `TCP_USER_TIMEOUT`; by default it retransmits for some 15 minutes).
+pub const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Tunes an accepted client connection: no Nagle delay, and a peer gone without a word is found
+/// ([`KEEPALIVE_IDLE`], [`UNACKNOWLEDGED_TIMEOUT`]).
+pub fn tune_client_socket(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_TIMEOUT))?;
+    Ok(())
+}
+
 /// The default presence heartbeat.
 pub const DEFAULT_PRESENCE_HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -443,6 +470,23 @@ async fn not_found(request: axum::extract::Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_client_socket_is_tuned_to_find_a_peer_gone_without_a_word() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        tune_client_socket(&accepted).unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(accepted.nodelay().unwrap() && socket.keepalive().unwrap());
+        assert_eq!(
+            (socket.tcp_keepalive_time().unwrap(), socket.tcp_keepalive_interval().unwrap()),
+            (KEEPALIVE_IDLE, KEEPALIVE_INTERVAL)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(UNACKNOWLEDGED_TIMEOUT));
+    }
 
     #[test]
     fn the_presence_ttl_follows_the_heartbeat_unless_set() {

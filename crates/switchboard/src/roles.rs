@@ -360,9 +360,11 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
 /// (`limits.shutdown_grace_ms`) for them to end.
 async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway, grace: Duration) -> anyhow::Result<()> {
     use axum::serve::ListenerExt;
-    // axum does not set TCP_NODELAY on accepted sockets.
+    // axum sets neither TCP_NODELAY nor keepalive on accepted sockets.
     let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
+        if let Err(error) = switchboard_gateway::tune_client_socket(tcp) {
+            debug!(%error, "a client connection's socket options not set");
+        }
     });
     let draining = gateway.clone();
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
