@@ -54,6 +54,11 @@ pub(crate) enum ConversationMsg {
         after_seq: u64,
         reply: Reply<EventPage>,
     },
+    /// Forgets the gateway again in the actor's turn, after a subscription of its own that waited in the
+    /// mailbox (one whose caller gave up on it).
+    Unsubscribe {
+        gateway: GatewayId,
+    },
     ReadEvents {
         caller: Caller,
         after_seq: u64,
@@ -201,6 +206,9 @@ impl ConversationActor {
                     state.context.subscribers.add(state.conversation.id, gateway);
                 }
                 let _ = reply.send(result);
+            }
+            ConversationMsg::Unsubscribe { gateway } => {
+                state.context.subscribers.remove(state.conversation.id, &gateway);
             }
             ConversationMsg::ReadEvents { caller, after_seq, reply } => {
                 let result = match state.authorize(&caller) {

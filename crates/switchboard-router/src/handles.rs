@@ -75,6 +75,10 @@ impl ConversationHandle {
         call(&self.0, |reply| ConversationMsg::Subscribe { gateway, caller, after_seq, reply }).await
     }
 
+    pub(crate) fn unsubscribe(&self, gateway: GatewayId) {
+        let _ = self.0.cast(ConversationMsg::Unsubscribe { gateway });
+    }
+
     pub(crate) async fn read_events(&self, caller: Caller, after_seq: u64) -> Result<EventPage, RouterError> {
         call(&self.0, |reply| ConversationMsg::ReadEvents { caller, after_seq, reply }).await
     }

@@ -346,9 +346,13 @@ impl RouterApi for Router {
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
         // The subscribers are the context's, and outlive the chat's actor (a finished chat is passivated
-        // whether or not it is followed). A gateway asks after its subscription was answered, so no
-        // subscription of its own waits in the actor's mailbox.
+        // whether or not it is followed): the gateway is forgotten whether or not one runs.
         self.context.subscribers.remove(conversation, gateway);
+        if let Some(actor) = self.context.conversations.get_running(&conversation) {
+            // And again in the actor's turn: a subscription of the gateway's whose caller gave up on it (a
+            // timeout) may still wait in the mailbox.
+            ConversationHandle(actor).unsubscribe(gateway.clone());
+        }
     }
 
     async fn read_events(
