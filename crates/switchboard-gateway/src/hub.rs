@@ -854,7 +854,7 @@ mod tests {
         assert_eq!(hub.watch(2, chat(9)), Watch { first_of_gateway: false, already_watching: true });
         assert_eq!((hub.n_watched(1), hub.n_watched(2)), (2, 2));
         assert!(hub.unwatch(2, chat(9)), "bob was the only one following chat 9");
-        assert!((hub.watches(2, chat(7)), hub.watches(2, chat(9)), hub.n_watched(2)) == (true, false, 1));
+        assert_eq!((hub.watches(2, chat(7)), hub.watches(2, chat(9)), hub.n_watched(2)), (true, false, 1));
 
         let mut gone = hub.unregister(1).unsubscribe_conversations;
         gone.sort();

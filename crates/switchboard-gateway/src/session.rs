@@ -682,7 +682,13 @@ impl<T: Transport> Session<T> {
                 Ok((Ack::ChatSubscribe { chat: view }, events))
             }
             Request::ChatUnsubscribe { conversation } => {
-                // A customer's connection follows its own chat for as long as it is that chat's customer.
+                if let Some(Role::Customer { .. }) = self.role {
+                    // Unsubscribed, it would no longer follow its chat's transfers (its queue positions).
+                    return Err(ErrorReply::new(
+                        "forbidden",
+                        "a customer's connection follows its chat for as long as it is open",
+                    ));
+                }
                 self.agent()?;
                 let followed = self.unsubscribe(conversation).await;
                 answered(Ack::ChatUnsubscribe { followed })

@@ -34,9 +34,11 @@ async fn a_client_connection_is_watched_by_tcp_keepalive() -> anyhow::Result<()>
     let client_port = client.local_addr()?.port();
     // The server's side of the connection is tuned once accepted; it says nothing until then.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let (timer, when) = loop {
+    // The keepalive timer (2) running on the server's socket is the check; anything else until the deadline
+    // fails it.
+    let when = loop {
         match socket_timer(server_port, client_port)? {
-            Some((2, when)) => break (2, when),
+            Some((2, when)) => break when,
             _ if tokio::time::Instant::now() > deadline => {
                 bail!("the server's socket has no keepalive timer: {:?}", socket_timer(server_port, client_port)?)
             }
@@ -44,7 +46,6 @@ async fn a_client_connection_is_watched_by_tcp_keepalive() -> anyhow::Result<()>
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
-    assert_eq!(timer, 2, "the keepalive timer");
     let ticks = u64::try_from(KEEPALIVE_IDLE.as_millis() / 10)?;
     assert!(when <= ticks, "the first probe within {KEEPALIVE_IDLE:?} of silence: {when} ticks");
     // The client's own socket (made by this test, without keepalive) shows no such timer: the check sees
