@@ -586,11 +586,12 @@ async fn resubscribe_agent(client: ClusterClient, link: Arc<GatewayLink>, tenant
 
 /// Subscribes again to a conversation on its owner now, from the seq up to which the gateway has every
 /// event, and forwards the events returned (every page of them); again while a hole remains (a push lost
-/// meanwhile), a few times.
+/// meanwhile), a few times. Undone if the gateway stopped following it meanwhile.
 async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>, conversation: ConversationId) {
     const ROUNDS: usize = 3;
     let key = conversation_key(&conversation);
-    for round in 1..=ROUNDS {
+    let mut round = 1;
+    loop {
         let (caller, through) = {
             let mut subscriptions = lock(&client.inner.subscriptions);
             let Some(followed) = subscriptions.conversations.get_mut(&conversation) else { return };
@@ -622,12 +623,17 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
                 warn!(%error, %conversation, "conversation not subscribed again on its new owner");
                 return;
             }
-            // Unsubscribed meanwhile: undo.
+            // Unsubscribed meanwhile: undo. A subscription made since may have reached the owner before the
+            // undo and been removed by it: if the conversation is followed again now, it is subscribed again.
             (Ok(_), None) => {
                 if let Some(node) = client.node_for(&key) {
                     node.unsubscribe(&link.gateway, conversation).await;
                 }
-                return;
+                if !lock(&client.inner.subscriptions).conversations.contains_key(&conversation) {
+                    return;
+                }
+                round = 1;
+                continue;
             }
             (Ok(page), Some(again)) => {
                 if !forward_pages(&client, &link, &caller, conversation, page).await || !again {
@@ -635,6 +641,7 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
                 }
             }
         }
+        round += 1;
         // Pushes still on their way may fill the hole meanwhile.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -11,6 +11,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -263,6 +264,63 @@ impl Pushes {
     }
 }
 
+/// Calls of the gateway's client held on their way to a node, one at a time: the test arms a gate, the next
+/// call of its kind waits at it until released, and the test learns when that call has been answered.
+#[derive(Default)]
+struct Holds {
+    subscribe: Mutex<Option<Gate>>,
+    unsubscribe: Mutex<Option<Gate>>,
+}
+
+/// A call held by [`Holds`].
+struct Gate {
+    entered: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
+    answered: oneshot::Sender<()>,
+}
+
+/// The test's side of an armed [`Gate`].
+struct Held {
+    entered: oneshot::Receiver<()>,
+    release: oneshot::Sender<()>,
+    answered: oneshot::Receiver<()>,
+}
+
+impl Holds {
+    /// Holds the next call that passes `slot`.
+    fn arm(slot: &Mutex<Option<Gate>>) -> Held {
+        let (entered, entered_rx) = oneshot::channel();
+        let (release_tx, release) = oneshot::channel();
+        let (answered, answered_rx) = oneshot::channel();
+        *slot.lock().unwrap() = Some(Gate { entered, release, answered });
+        Held { entered: entered_rx, release: release_tx, answered: answered_rx }
+    }
+
+    /// Runs `call`, first waiting at the gate of `slot` if one is armed.
+    async fn pass<T>(slot: &Mutex<Option<Gate>>, call: impl Future<Output = T>) -> T {
+        let gate = slot.lock().unwrap().take();
+        let Some(gate) = gate else { return call.await };
+        let _ = gate.entered.send(());
+        let _ = gate.release.await;
+        let answer = call.await;
+        let _ = gate.answered.send(());
+        answer
+    }
+}
+
+impl Held {
+    /// Waits until the held call reached the gate.
+    async fn entered(&mut self) {
+        within(&mut self.entered).await.expect("the gate is still armed");
+    }
+
+    /// Lets the call through and waits until the node answered it.
+    async fn release(self) {
+        let _ = self.release.send(());
+        within(self.answered).await.expect("the held call was answered");
+    }
+}
+
 /// The gateway's connector, with push streams that take `delay` to open (a slow network, a busy node): a node
 /// must not be given subscriptions before this gateway's stream to it is open, or their pushes are lost. It
 /// also loses the answers of the next `lost_start_answers` chat starts, after the router carried them out (a
@@ -271,13 +329,14 @@ struct SlowStreams {
     connector: GrpcConnector,
     delay: Duration,
     lost_start_answers: Arc<AtomicUsize>,
+    holds: Arc<Holds>,
 }
 
 #[async_trait]
 impl Connector for SlowStreams {
     fn node(&self, address: &str) -> Result<Arc<dyn NodeClient>, RouterError> {
-        let lost_start_answers = self.lost_start_answers.clone();
-        Ok(Arc::new(SlowNode { node: self.connector.node(address)?, delay: self.delay, lost_start_answers }))
+        let (lost_start_answers, holds) = (self.lost_start_answers.clone(), self.holds.clone());
+        Ok(Arc::new(SlowNode { node: self.connector.node(address)?, delay: self.delay, lost_start_answers, holds }))
     }
 
     async fn watch_placement(&self) -> Option<Result<PlacementUpdates, StoreError>> {
@@ -289,6 +348,7 @@ struct SlowNode {
     node: Arc<dyn NodeClient>,
     delay: Duration,
     lost_start_answers: Arc<AtomicUsize>,
+    holds: Arc<Holds>,
 }
 
 #[async_trait]
@@ -329,11 +389,11 @@ impl RouterApi for SlowNode {
         conversation: ConversationId,
         after_seq: u64,
     ) -> Result<EventPage, RouterError> {
-        self.node.subscribe(gateway, caller, conversation, after_seq).await
+        Holds::pass(&self.holds.subscribe, self.node.subscribe(gateway, caller, conversation, after_seq)).await
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
-        self.node.unsubscribe(gateway, conversation).await;
+        Holds::pass(&self.holds.unsubscribe, self.node.unsubscribe(gateway, conversation)).await;
     }
 
     async fn read_events(
@@ -516,6 +576,8 @@ struct Cluster {
     pushes: Pushes,
     /// How many of the next chat starts' answers the gateway's client loses.
     lost_start_answers: Arc<AtomicUsize>,
+    /// The gateway's client's calls held on their way.
+    holds: Arc<Holds>,
 }
 
 impl Cluster {
@@ -552,7 +614,13 @@ impl Cluster {
         let gateway_store = Arc::new(GrpcStore::connect_lazy(&shared.store_url, client_settings()).unwrap());
         let connector = GrpcConnector { store: gateway_store.clone(), settings: client_settings() };
         let lost_start_answers = Arc::new(AtomicUsize::new(0));
-        let connector = SlowStreams { connector, delay: stream_delay, lost_start_answers: lost_start_answers.clone() };
+        let holds = Arc::new(Holds::default());
+        let connector = SlowStreams {
+            connector,
+            delay: stream_delay,
+            lost_start_answers: lost_start_answers.clone(),
+            holds: holds.clone(),
+        };
         let client = ClusterClient::start(gateway_store, Arc::new(connector), cluster_settings());
         let gateway_id = GatewayId("gw-1".into());
         let (sink, receiver) = mpsc::unbounded_channel();
@@ -567,6 +635,7 @@ impl Cluster {
             client,
             pushes,
             lost_start_answers,
+            holds,
         };
         cluster.converged().await;
         cluster
@@ -1072,4 +1141,35 @@ async fn a_chat_start_whose_answer_is_lost_is_tried_again_and_stored_once() {
     // A keyed start that the client itself sends again is still answered as a duplicate, with its token.
     let again = cluster.client.start_chat(request(keyed, &keyed_token)).await.unwrap();
     assert_eq!((again.view.conversation, again.duplicate, again.customer_token), (keyed, true, keyed_token));
+}
+
+/// The chat's owner moves, and the gateway's client subscribes to it again on the new owner; its last socket
+/// stops following it meanwhile, so the resubscription undoes itself with an unsubscribe. A socket follows
+/// the chat again before that unsubscribe lands on the owner, which removes the new subscription too: the
+/// client must subscribe once more, or the chat's pushes stop reaching a gateway that believes it follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_followed_again_while_a_resubscription_undoes_itself_stays_followed() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let gateway = cluster.gateway_id.clone();
+    let queue = cluster.group_on("node-3", &[]);
+    let (chat, backlog) = cluster.start_chat("node-2", &queue, "carol").await;
+    let customer = Caller::Customer { conversation: chat };
+
+    let mut resubscription = Holds::arm(&cluster.holds.subscribe);
+    cluster.nodes.remove("node-2").unwrap().terminate().await;
+    resubscription.entered().await;
+    // The last socket stops following the chat while the resubscription is on its way.
+    cluster.client.unsubscribe(&gateway, chat).await;
+    let mut undo = Holds::arm(&cluster.holds.unsubscribe);
+    resubscription.release().await;
+    undo.entered().await;
+    // A socket follows the chat again before the undo lands.
+    let last = *backlog.last().unwrap();
+    let page = cluster.client.subscribe(&gateway, &customer, chat, last).await.unwrap();
+    assert!(page.events.is_empty(), "nothing was sent since: {page:?}");
+    undo.release().await;
+
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "anyone?".into() };
+    let sent = cluster.client.command(&customer, chat, send).await.unwrap().event.unwrap();
+    eventually(|| async { cluster.pushes.seqs(chat).contains(&sent.seq).then_some(()) }).await;
 }
