@@ -201,9 +201,17 @@ impl ConversationActor {
                     Ok(()) => state.read(after_seq).await,
                     Err(error) => Err(error),
                 };
-                if let Ok(page) = &result {
-                    debug!(conversation = %state.conversation.id, ?gateway, after_seq, n_events = page.events.len(), "gateway subscribed");
-                    state.context.subscribers.add(state.conversation.id, gateway);
+                match &result {
+                    // Its caller gave up on it (a timeout, a cancelled request): the gateway was told it failed,
+                    // may have unsubscribed since, and would be pushed events it drops.
+                    Ok(_) if reply.is_closed() => {
+                        debug!(conversation = %state.conversation.id, ?gateway, "subscription given up by its caller: not kept");
+                    }
+                    Ok(page) => {
+                        debug!(conversation = %state.conversation.id, ?gateway, after_seq, n_events = page.events.len(), "gateway subscribed");
+                        state.context.subscribers.add(state.conversation.id, gateway);
+                    }
+                    Err(_) => {}
                 }
                 let _ = reply.send(result);
             }

@@ -413,3 +413,34 @@ async fn an_unsubscribed_gateway_gets_no_more_pushes() {
     assert_eq!(sent.event.map(|event| event.seq), Some(3));
     assert!(fixture.pushes.try_recv().is_err(), "nothing is pushed to a gateway that left");
 }
+
+/// A gateway's subscription whose caller gave up on it (a timeout: the gateway was told it failed) while it
+/// waited behind the conversation's turn is not kept: the gateway does not follow the chat, and would be
+/// pushed its events, dropped there, for as long as the router holds its shard.
+#[tokio::test(start_paused = true)]
+async fn a_subscription_given_up_before_its_turn_is_not_kept() {
+    let mut fixture = fixture().await;
+    let chat = fixture.start_chat("g1", "x").await;
+    let customer = Caller::Customer { conversation: chat };
+    let send = |id: &str| ChatCommand::Send { client_msg_id: id.into(), body: "anyone?".into() };
+    // The conversation is busy in its turn: an append waits on the store.
+    let release = fixture.counted.hold_next_append();
+    let mut sending = Box::pin(fixture.router.command(&customer, chat, send("m1")));
+    tokio::select! {
+        sent = &mut sending => panic!("the append is held: {sent:?}"),
+        () = common::settle() => {}
+    }
+    let mut subscribing = Box::pin(fixture.router.subscribe(&fixture.gateway, &customer, chat, 0));
+    tokio::select! {
+        subscribed = &mut subscribing => panic!("the conversation is busy: {subscribed:?}"),
+        () = common::settle() => {}
+    }
+    drop(subscribing);
+    drop(release);
+    sending.await.unwrap();
+    let sent = fixture.router.command(&customer, chat, send("m2")).await.unwrap().event.unwrap();
+    assert_eq!(sent.seq, 4);
+    common::settle().await;
+    let pushed = fixture.drain();
+    assert!(pushed.is_empty(), "nothing is pushed to a gateway whose subscription was given up: {pushed:?}");
+}

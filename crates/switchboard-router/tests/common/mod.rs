@@ -57,6 +57,8 @@ pub struct CountedReads {
     /// goes; `list_held` is set once it is held.
     held_list: std::sync::Mutex<Option<(ConversationId, tokio::sync::oneshot::Receiver<()>)>>,
     pub list_held: std::sync::atomic::AtomicBool,
+    /// Held: the next append of any kind, not stored yet, until the sender goes.
+    held_append: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// Records answered as a database migrated from before the delivery marks has them: not known.
     pub marks_unknown: std::sync::atomic::AtomicBool,
 }
@@ -71,6 +73,7 @@ impl CountedReads {
             held: Default::default(),
             held_list: Default::default(),
             list_held: Default::default(),
+            held_append: Default::default(),
             marks_unknown: Default::default(),
         }
     }
@@ -96,6 +99,14 @@ impl CountedReads {
     pub fn hold_next_opening_offer_unstored(&self) -> tokio::sync::oneshot::Sender<()> {
         let (release, held) = tokio::sync::oneshot::channel();
         *self.held.lock().unwrap() = Some((held, false));
+        release
+    }
+
+    /// Holds the next append, whatever it stores, before it is stored, until the returned sender is used or
+    /// dropped: the conversation appending waits in its turn meanwhile.
+    pub fn hold_next_append(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (release, held) = tokio::sync::oneshot::channel();
+        *self.held_append.lock().unwrap() = Some(held);
         release
     }
 
@@ -127,6 +138,10 @@ impl StoreApi for CountedReads {
         self.appends.fetch_add(1, Ordering::SeqCst);
         if request.update.as_ref().is_some_and(|update| matches!(update.state.as_str(), "closed" | "cancelled")) {
             self.finishing.fetch_add(1, Ordering::SeqCst);
+        }
+        let held_append = self.held_append.lock().unwrap().take();
+        if let Some(held) = held_append {
+            let _ = held.await;
         }
         let opening_offer = request.create.is_some() && request.events.iter().any(|event| event.kind == "offered");
         let held = if opening_offer { self.held.lock().unwrap().take() } else { None };
