@@ -540,23 +540,23 @@ async fn restore_status(client: ClusterClient, tenant: TenantId, agent: AgentId)
 async fn resubscribe_queue(client: ClusterClient, link: Arc<GatewayLink>, tenant: TenantId, group: GroupId) {
     let followed =
         |client: &ClusterClient| lock(&client.inner.subscriptions).queues.contains(&(tenant.clone(), group.clone()));
-    if !followed(&client) {
-        return;
-    }
     let key = queue_key(&tenant, &group);
     let (gateway, tenant_ref, group_ref) = (&link.gateway, &tenant, &group);
-    let subscribed = client
-        .on_owner(&key, true, |node| async move { node.subscribe_queue(gateway, tenant_ref, group_ref).await })
-        .await;
-    match subscribed {
-        Err(error) => warn!(%error, %group, "queue not subscribed again on its new owner"),
-        // Unsubscribed meanwhile: undo.
-        Ok(()) if !followed(&client) => {
-            if let Some(node) = client.node_for(&key) {
-                node.unsubscribe_queue(&link.gateway, &tenant, &group).await;
+    while followed(&client) {
+        let subscribed = client
+            .on_owner(&key, true, |node| async move { node.subscribe_queue(gateway, tenant_ref, group_ref).await })
+            .await;
+        match subscribed {
+            Err(error) => return warn!(%error, %group, "queue not subscribed again on its new owner"),
+            // Unsubscribed meanwhile: undo, then again if followed once more by then (see
+            // `resubscribe_conversation`).
+            Ok(()) if !followed(&client) => {
+                if let Some(node) = client.node_for(&key) {
+                    node.unsubscribe_queue(&link.gateway, &tenant, &group).await;
+                }
             }
+            Ok(()) => return,
         }
-        Ok(()) => {}
     }
 }
 
@@ -564,23 +564,23 @@ async fn resubscribe_agent(client: ClusterClient, link: Arc<GatewayLink>, tenant
     let followed = |client: &ClusterClient| {
         lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone()))
     };
-    if !followed(&client) {
-        return;
-    }
     let key = agent_key(&tenant, &agent);
     let (gateway, tenant_ref, agent_ref) = (&link.gateway, &tenant, &agent);
-    let subscribed = client
-        .on_owner(&key, true, |node| async move { node.subscribe_agent(gateway, tenant_ref, agent_ref).await })
-        .await;
-    match subscribed {
-        Err(error) => warn!(%error, %agent, "agent not subscribed again on its new owner"),
-        // Unsubscribed meanwhile: undo.
-        Ok(()) if !followed(&client) => {
-            if let Some(node) = client.node_for(&key) {
-                node.unsubscribe_agent(&link.gateway, &tenant, &agent).await;
+    while followed(&client) {
+        let subscribed = client
+            .on_owner(&key, true, |node| async move { node.subscribe_agent(gateway, tenant_ref, agent_ref).await })
+            .await;
+        match subscribed {
+            Err(error) => return warn!(%error, %agent, "agent not subscribed again on its new owner"),
+            // Unsubscribed meanwhile: undo, then again if followed once more by then (see
+            // `resubscribe_conversation`).
+            Ok(()) if !followed(&client) => {
+                if let Some(node) = client.node_for(&key) {
+                    node.unsubscribe_agent(&link.gateway, &tenant, &agent).await;
+                }
             }
+            Ok(()) => return,
         }
-        Ok(()) => {}
     }
 }
 

@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -264,13 +264,11 @@ impl Pushes {
     }
 }
 
-/// Calls of the gateway's client held on their way to a node, one at a time: the test arms a gate, the next
-/// call of its kind waits at it until released, and the test learns when that call has been answered.
+/// Calls of the gateway's client held on their way to a node, one at a time: the test arms a gate for a call
+/// by its name, the next call of that name waits at it until released, and the test learns when that call
+/// has been answered.
 #[derive(Default)]
-struct Holds {
-    subscribe: Mutex<Option<Gate>>,
-    unsubscribe: Mutex<Option<Gate>>,
-}
+struct Holds(Mutex<HashMap<&'static str, Gate>>);
 
 /// A call held by [`Holds`].
 struct Gate {
@@ -287,22 +285,22 @@ struct Held {
 }
 
 impl Holds {
-    /// Holds the next call that passes `slot`.
-    fn arm(slot: &Mutex<Option<Gate>>) -> Held {
+    /// Holds the next call named `call` (`"subscribe"`, `"unsubscribe_agent"`...).
+    fn arm(&self, call: &'static str) -> Held {
         let (entered, entered_rx) = oneshot::channel();
         let (release_tx, release) = oneshot::channel();
         let (answered, answered_rx) = oneshot::channel();
-        *slot.lock().unwrap() = Some(Gate { entered, release, answered });
+        self.0.lock().unwrap().insert(call, Gate { entered, release, answered });
         Held { entered: entered_rx, release: release_tx, answered: answered_rx }
     }
 
-    /// Runs `call`, first waiting at the gate of `slot` if one is armed.
-    async fn pass<T>(slot: &Mutex<Option<Gate>>, call: impl Future<Output = T>) -> T {
-        let gate = slot.lock().unwrap().take();
-        let Some(gate) = gate else { return call.await };
+    /// Runs `future`, the call named `call`, first waiting at its gate if one is armed.
+    async fn pass<T>(&self, call: &'static str, future: impl Future<Output = T>) -> T {
+        let gate = self.0.lock().unwrap().remove(call);
+        let Some(gate) = gate else { return future.await };
         let _ = gate.entered.send(());
         let _ = gate.release.await;
-        let answer = call.await;
+        let answer = future.await;
         let _ = gate.answered.send(());
         answer
     }
@@ -389,11 +387,11 @@ impl RouterApi for SlowNode {
         conversation: ConversationId,
         after_seq: u64,
     ) -> Result<EventPage, RouterError> {
-        Holds::pass(&self.holds.subscribe, self.node.subscribe(gateway, caller, conversation, after_seq)).await
+        self.holds.pass("subscribe", self.node.subscribe(gateway, caller, conversation, after_seq)).await
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
-        Holds::pass(&self.holds.unsubscribe, self.node.unsubscribe(gateway, conversation)).await;
+        self.holds.pass("unsubscribe", self.node.unsubscribe(gateway, conversation)).await;
     }
 
     async fn read_events(
@@ -463,11 +461,11 @@ impl RouterApi for SlowNode {
         tenant: &TenantId,
         agent: &AgentId,
     ) -> Result<(), RouterError> {
-        self.node.subscribe_agent(gateway, tenant, agent).await
+        self.holds.pass("subscribe_agent", self.node.subscribe_agent(gateway, tenant, agent)).await
     }
 
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
-        self.node.unsubscribe_agent(gateway, tenant, agent).await;
+        self.holds.pass("unsubscribe_agent", self.node.unsubscribe_agent(gateway, tenant, agent)).await;
     }
 
     async fn reject_offer(
@@ -1155,12 +1153,12 @@ async fn a_chat_followed_again_while_a_resubscription_undoes_itself_stays_follow
     let (chat, backlog) = cluster.start_chat("node-2", &queue, "carol").await;
     let customer = Caller::Customer { conversation: chat };
 
-    let mut resubscription = Holds::arm(&cluster.holds.subscribe);
+    let mut resubscription = cluster.holds.arm("subscribe");
     cluster.nodes.remove("node-2").unwrap().terminate().await;
     resubscription.entered().await;
     // The last socket stops following the chat while the resubscription is on its way.
     cluster.client.unsubscribe(&gateway, chat).await;
-    let mut undo = Holds::arm(&cluster.holds.unsubscribe);
+    let mut undo = cluster.holds.arm("unsubscribe");
     resubscription.release().await;
     undo.entered().await;
     // A socket follows the chat again before the undo lands.
@@ -1172,4 +1170,51 @@ async fn a_chat_followed_again_while_a_resubscription_undoes_itself_stays_follow
     let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "anyone?".into() };
     let sent = cluster.client.command(&customer, chat, send).await.unwrap().event.unwrap();
     eventually(|| async { cluster.pushes.seqs(chat).contains(&sent.seq).then_some(()) }).await;
+}
+
+/// As for a chat, for an agent's own pushes: the agent's last socket here signs out while the subscription
+/// made again after an owner move is on its way, and the agent signs in again before that subscription's
+/// undo lands on the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_followed_again_while_a_resubscription_undoes_itself_stays_followed() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let gateway = cluster.gateway_id.clone();
+    let moving = cluster.agent_on("node-1", &[]);
+    let forwarding = cluster.agent_on("node-2", &[]);
+    let queue = cluster.group_on("node-3", &[]);
+    cluster.client.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
+    for agent in [&moving, &forwarding] {
+        cluster.client.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
+    }
+
+    let mut resubscription = cluster.holds.arm("subscribe_agent");
+    cluster.nodes.remove("node-1").unwrap().terminate().await;
+    resubscription.entered().await;
+    cluster.client.unsubscribe_agent(&gateway, &tenant(), &moving).await;
+    let mut undo = cluster.holds.arm("unsubscribe_agent");
+    resubscription.release().await;
+    undo.entered().await;
+    // Signed in again (choosing their status again) before the undo lands.
+    cluster.client.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
+    cluster.client.set_agent_status(&tenant(), &moving, AgentStatus::Online).await.unwrap();
+    undo.release().await;
+
+    // A chat forwarded to the agent is pushed to this gateway.
+    let (chat, _) = cluster.start_chat("node-2", &queue, "carol").await;
+    cluster.client.accept_chat(&tenant(), &forwarding, chat).await.unwrap();
+    let by = Caller::Agent { tenant: tenant(), agent: forwarding.clone() };
+    eventually(|| async {
+        match cluster.client.forward_chat(&by, chat, &moving).await {
+            Ok(view) => Some(view),
+            Err(RouterError::Refused(Refusal::AgentUnavailable)) => None,
+            Err(error) => panic!("forward failed: {error}"),
+        }
+    })
+    .await;
+    eventually(|| async {
+        let assigned =
+            |change: &AgentChange| matches!(change, AgentChange::Assigned { chat: view } if view.conversation == chat);
+        cluster.pushes.agent_changes(&moving).iter().any(assigned).then_some(())
+    })
+    .await;
 }
