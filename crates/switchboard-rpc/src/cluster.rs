@@ -219,7 +219,8 @@ struct Subscriptions {
     queues: HashSet<(TenantId, GroupId)>,
     /// The agents whose own pushes the gateway follows.
     followed_agents: HashSet<(TenantId, AgentId)>,
-    /// The status each agent chose last (offline ones are not kept: a new owner starts them offline).
+    /// The status each agent signed in here chose last (offline ones are not kept: a new owner starts them
+    /// offline).
     agents: HashMap<(TenantId, AgentId), AgentStatus>,
 }
 
@@ -309,6 +310,12 @@ impl ClusterClient {
     /// Reads the placement from the store now.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         refresh(&self.inner).await
+    }
+
+    /// The status the agent chose through this gateway, which it sets again on the agent's next owner after
+    /// a move: kept while the agent is signed in here (`None` for offline).
+    pub fn chosen_status(&self, tenant: &TenantId, agent: &AgentId) -> Option<AgentStatus> {
+        lock(&self.inner.subscriptions).agents.get(&(tenant.clone(), agent.clone())).copied()
     }
 
     fn node_for(&self, key: &str) -> Option<Arc<dyn NodeClient>> {
@@ -1119,7 +1126,14 @@ impl RouterApi for ClusterClient {
     }
 
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
-        lock(&self.inner.subscriptions).followed_agents.remove(&(tenant.clone(), agent.clone()));
+        // The agent's last socket here is gone: its status is not this gateway's to set again after a move
+        // (the agent may choose another one through another gateway; its owner's grace period applies).
+        let key = (tenant.clone(), agent.clone());
+        {
+            let mut subscriptions = lock(&self.inner.subscriptions);
+            subscriptions.followed_agents.remove(&key);
+            subscriptions.agents.remove(&key);
+        }
         if let Some(node) = self.node_for(&agent_key(tenant, agent)) {
             node.unsubscribe_agent(gateway, tenant, agent).await;
         }

@@ -1218,3 +1218,21 @@ async fn an_agent_followed_again_while_a_resubscription_undoes_itself_stays_foll
     })
     .await;
 }
+
+/// The status an agent chose is set again on the agent's next owner only while the agent is signed in
+/// through this gateway: once its last socket here is gone, the gateway forgets it. The agent may have chosen
+/// another status through another gateway since, which a move must not overwrite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_forgets_the_status_of_an_agent_no_longer_signed_in_there() {
+    let cluster = Cluster::start(2, Duration::ZERO).await;
+    let (gateway, agent) = (cluster.gateway_id.clone(), agent(0));
+    cluster.client.subscribe_agent(&gateway, &tenant(), &agent).await.unwrap();
+    cluster.client.set_agent_status(&tenant(), &agent, AgentStatus::Away).await.unwrap();
+    assert_eq!(cluster.client.chosen_status(&tenant(), &agent), Some(AgentStatus::Away));
+    cluster.client.unsubscribe_agent(&gateway, &tenant(), &agent).await;
+    assert_eq!(cluster.client.chosen_status(&tenant(), &agent), None);
+    // Signed in again, the agent's choice is kept again.
+    cluster.client.subscribe_agent(&gateway, &tenant(), &agent).await.unwrap();
+    cluster.client.set_agent_status(&tenant(), &agent, AgentStatus::Online).await.unwrap();
+    assert_eq!(cluster.client.chosen_status(&tenant(), &agent), Some(AgentStatus::Online));
+}
