@@ -169,7 +169,7 @@ fn status(close: &Close) -> Status {
     match close {
         Close::SlowConsumer | Close::FrameTooLarge { .. } => Status::resource_exhausted(message),
         Close::Undecodable { .. } => Status::invalid_argument(message),
-        Close::ShuttingDown => Status::unavailable(message),
+        Close::ShuttingDown | Close::Unresponsive => Status::unavailable(message),
     }
 }
 
@@ -576,6 +576,7 @@ mod tests {
             Inbound::Request { request, .. } => Ok(request),
             Inbound::Refused { error, .. } => Err(error),
             Inbound::Fatal(close) => panic!("a request is never fatal: {close:?}"),
+            Inbound::Alive => panic!("a gRPC frame is a request"),
         }
     }
 

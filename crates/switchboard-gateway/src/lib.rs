@@ -64,6 +64,11 @@ pub struct GatewaySettings {
     /// middle of a long backlog would otherwise hold its session, and the page of events being written,
     /// for good (default 30 s).
     pub write_stall_timeout: Duration,
+    /// How long a WebSocket client may send nothing before it is pinged; one that then sends nothing, not
+    /// even the pong its WebSocket stack answers a ping with, for as long again is disconnected (close code
+    /// 4009): its process hangs, or it stopped reading. TCP keepalive finds the peers that are gone; this
+    /// finds those still there that no longer take part (default 30 s).
+    pub idle_ping: Duration,
     /// How many chats one connection may follow (`chat.subscribe` past it is refused `follow_limit_reached`;
     /// an agent's own chats, and the chats the connection started, resumed or accepted, are followed whatever
     /// the count). Each followed chat costs the gateway and its router a few hundred bytes, and its events
@@ -112,6 +117,9 @@ pub const DEFAULT_PRESENCE_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The default of [`GatewaySettings::write_stall_timeout`].
 pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The default of [`GatewaySettings::idle_ping`].
+pub const DEFAULT_IDLE_PING: Duration = Duration::from_secs(30);
+
 /// The default of [`GatewaySettings::max_followed_chats`].
 pub const DEFAULT_MAX_FOLLOWED_CHATS: usize = 1000;
 
@@ -122,6 +130,7 @@ impl Default for GatewaySettings {
             max_message_bytes: 4096,
             outbound_queue_len: 1024,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            idle_ping: DEFAULT_IDLE_PING,
             max_followed_chats: DEFAULT_MAX_FOLLOWED_CHATS,
             request_rate: RequestRate::default(),
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,

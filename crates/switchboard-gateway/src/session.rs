@@ -27,6 +27,7 @@ use switchboard_proto::router::{
 };
 use switchboard_telemetry::names;
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, warn};
 use uuid::Uuid;
 
@@ -52,6 +53,8 @@ pub(crate) enum Inbound {
     /// A frame that is not a valid request: answered with this error (with the request's id when it had a
     /// usable one), and the connection goes on.
     Refused { id: Option<String>, error: ErrorReply },
+    /// A frame that only shows the client is there (a WebSocket ping or pong): nothing to answer.
+    Alive,
     /// Something after which the connection cannot go on (a frame over the size limit, a stream that cannot
     /// be decoded): the connection is closed with this reason.
     Fatal(Close),
@@ -77,6 +80,10 @@ pub(crate) enum Close {
     Undecodable { detail: String },
     /// The gateway is shutting down: reconnect (elsewhere) and resume.
     ShuttingDown,
+    /// The client answered nothing, not even a ping, for [`GatewaySettings::idle_ping`] after it was pinged.
+    ///
+    /// [`GatewaySettings::idle_ping`]: crate::GatewaySettings::idle_ping
+    Unresponsive,
 }
 
 impl Close {
@@ -89,6 +96,7 @@ impl Close {
             }
             Close::Undecodable { detail } => format!("the frame cannot be decoded: {detail}"),
             Close::ShuttingDown => "the server is shutting down: reconnect and resume from your last seq".to_owned(),
+            Close::Unresponsive => "no answer to a ping: reconnect and resume from your last seq".to_owned(),
         }
     }
 }
@@ -109,6 +117,14 @@ pub(crate) trait Transport: Send {
     fn flush(&mut self) -> impl Future<Output = bool> + Send;
     /// Ends the connection, telling the client why (the last thing written).
     fn close(&mut self, reason: Close) -> impl Future<Output = ()> + Send;
+    /// Whether the transport can ask the client to show it is there ([`Transport::ping`]).
+    const PINGS: bool = false;
+    /// Writes a ping that the client's stack answers by itself (a WebSocket ping, answered with a pong that
+    /// [`Transport::recv`] hands over as [`Inbound::Alive`]), into the buffer that [`Transport::flush`]
+    /// writes out; false when the client can no longer be written to.
+    fn ping(&mut self) -> impl Future<Output = bool> + Send {
+        std::future::ready(true)
+    }
 }
 
 /// Why the session loop stops.
@@ -188,15 +204,42 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     if session.transport.send(welcome, false).await.is_none() || !session.transport.flush().await {
         return;
     }
+    // A client that sends nothing for `idle_ping` is pinged, and one that then sends nothing, not even the
+    // pong, for as long again is disconnected: its process hangs, or it stopped reading. (TCP keepalive finds
+    // the peers that are gone, not these.) One timer, moved only when it fires.
+    let idle_ping = session.shared.settings.idle_ping;
+    let mut heard = Instant::now();
+    let mut pinged_at: Option<Instant> = None;
+    let liveness = tokio::time::sleep(idle_ping);
+    tokio::pin!(liveness);
     let end = loop {
         let step = tokio::select! {
             inbound = session.transport.recv() => match inbound {
-                Some(inbound) => session.on_inbound(inbound, &mut queued).await,
+                Some(inbound) => {
+                    heard = Instant::now();
+                    session.on_inbound(inbound, &mut queued).await
+                }
                 None => Err(End::Gone),
             },
             Some(outbound) = queued.recv() => session.write_outbound(&outbound).await,
             () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
             () = shutting_down(&mut draining) => Err(End::Close(Close::ShuttingDown)),
+            () = &mut liveness, if T::PINGS => {
+                let now = Instant::now();
+                match pinged_at {
+                    Some(pinged) if heard <= pinged => Err(End::Close(Close::Unresponsive)),
+                    _ if now.saturating_duration_since(heard) >= idle_ping => {
+                        pinged_at = Some(now);
+                        liveness.as_mut().reset(now + idle_ping);
+                        session.ping().await
+                    }
+                    _ => {
+                        pinged_at = None;
+                        liveness.as_mut().reset(heard + idle_ping);
+                        Ok(())
+                    }
+                }
+            }
         };
         let step = match step {
             Ok(()) => session.write_queued(&mut queued).await,
@@ -208,8 +251,10 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     };
     let socket_id = session.socket_id;
     connection_gauge::<T>(session.role.as_ref()).decrement(1.0);
-    if matches!(end, End::Close(Close::SlowConsumer)) {
-        metrics::counter!(names::GATEWAY_SLOW_CONSUMER_DISCONNECTS).increment(1);
+    match end {
+        End::Close(Close::SlowConsumer) => metrics::counter!(names::GATEWAY_SLOW_CONSUMER_DISCONNECTS).increment(1),
+        End::Close(Close::Unresponsive) => metrics::counter!(names::GATEWAY_UNRESPONSIVE_DISCONNECTS).increment(1),
+        _ => {}
     }
     // The connection leaves the hub and presence first: the close below may wait on a client that does not
     // read.
@@ -276,6 +321,19 @@ impl<T: Transport> Session<T> {
         }
     }
 
+    /// Pings the client ([`Transport::ping`]), as [`Session::send`] writes.
+    async fn ping(&mut self) -> Flow {
+        let kicked = self.link.kicked.clone();
+        let stalled = stall_timer(self.shared.settings.write_stall_timeout);
+        self.unflushed = true;
+        tokio::select! {
+            biased;
+            pinged = self.transport.ping() => if pinged { Ok(()) } else { Err(End::Gone) },
+            () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
+            () = stalled => Err(End::Close(Close::SlowConsumer)),
+        }
+    }
+
     /// Writes out what [`Session::send`] buffered, as [`Session::send`] writes.
     async fn flush(&mut self) -> Flow {
         if !std::mem::take(&mut self.unflushed) {
@@ -314,7 +372,7 @@ impl<T: Transport> Session<T> {
         let id = match &inbound {
             Inbound::Request { id, .. } => Some(Some(id.as_str())),
             Inbound::Refused { id, .. } => Some(id.as_deref()),
-            Inbound::Fatal(_) => None,
+            Inbound::Fatal(_) | Inbound::Alive => None,
         };
         if let Some(id) = id
             && let Err(retry_after_ms) = self.budget.take(|| self.shared.clock.now_us())
@@ -359,6 +417,7 @@ impl<T: Transport> Session<T> {
                 }
                 Err(End::Close(close))
             }
+            Inbound::Alive => Ok(()),
         }
     }
 

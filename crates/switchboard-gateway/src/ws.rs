@@ -15,6 +15,8 @@ pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for frames that cannot be decoded at all (RFC 6455: protocol error).
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Close code for a client that answered nothing, not even a ping: reconnect and resume from the last seq.
+pub const CLOSE_UNRESPONSIVE: u16 = 4009;
 
 pub(crate) struct WsTransport {
     socket: WebSocket,
@@ -31,30 +33,29 @@ impl Transport for WsTransport {
     const NAME: &'static str = "websocket";
 
     async fn recv(&mut self) -> Option<Inbound> {
-        loop {
-            let frame = match self.socket.recv().await? {
-                Ok(frame) => frame,
-                // A frame too large to read closes the connection with 1009 and says the limit; other read
-                // errors mean the connection is already gone. axum hides tungstenite's error type; its
-                // capacity error is the one that says "too long".
-                Err(error) if error.to_string().contains("too long") => {
-                    return Some(Inbound::Fatal(Close::FrameTooLarge { max_message_bytes: self.max_message_bytes }));
-                }
-                Err(_) => return None,
-            };
-            return Some(match frame {
-                Message::Text(text) => match protocol::parse(text.as_str()) {
-                    Ok((id, request)) => Inbound::Request { id, request },
-                    Err((id, error)) => Inbound::Refused { id, error },
-                },
-                Message::Binary(_) => Inbound::Refused {
-                    id: None,
-                    error: ErrorReply::new("bad_frame", "binary frames are not supported: send JSON text"),
-                },
-                Message::Close(_) => return None,
-                Message::Ping(_) | Message::Pong(_) => continue,
-            });
-        }
+        let frame = match self.socket.recv().await? {
+            Ok(frame) => frame,
+            // A frame too large to read closes the connection with 1009 and says the limit; other read
+            // errors mean the connection is already gone. axum hides tungstenite's error type; its capacity
+            // error is the one that says "too long".
+            Err(error) if error.to_string().contains("too long") => {
+                return Some(Inbound::Fatal(Close::FrameTooLarge { max_message_bytes: self.max_message_bytes }));
+            }
+            Err(_) => return None,
+        };
+        Some(match frame {
+            Message::Text(text) => match protocol::parse(text.as_str()) {
+                Ok((id, request)) => Inbound::Request { id, request },
+                Err((id, error)) => Inbound::Refused { id, error },
+            },
+            Message::Binary(_) => Inbound::Refused {
+                id: None,
+                error: ErrorReply::new("bad_frame", "binary frames are not supported: send JSON text"),
+            },
+            Message::Close(_) => return None,
+            // tungstenite answers a ping with a pong by itself.
+            Message::Ping(_) | Message::Pong(_) => Inbound::Alive,
+        })
     }
 
     /// The text's length is known whether measured or not.
@@ -73,12 +74,19 @@ impl Transport for WsTransport {
         self.socket.flush().await.is_ok()
     }
 
+    const PINGS: bool = true;
+
+    async fn ping(&mut self) -> bool {
+        self.socket.feed(Message::Ping(Default::default())).await.is_ok()
+    }
+
     async fn close(&mut self, reason: Close) {
         let code = match reason {
             Close::SlowConsumer => CLOSE_SLOW_CONSUMER,
             Close::FrameTooLarge { .. } => CLOSE_MESSAGE_TOO_BIG,
             Close::Undecodable { .. } => CLOSE_PROTOCOL_ERROR,
             Close::ShuttingDown => CLOSE_GOING_AWAY,
+            Close::Unresponsive => CLOSE_UNRESPONSIVE,
         };
         let mut reason = reason.reason();
         // A close frame's reason is at most 123 bytes.

@@ -40,6 +40,7 @@ pub fn install_metrics(role: &str) -> PrometheusHandle {
     describe();
     // Counters without labels are shown from the start (at 0), not from their first event.
     metrics::counter!(GATEWAY_SLOW_CONSUMER_DISCONNECTS).absolute(0);
+    metrics::counter!(GATEWAY_UNRESPONSIVE_DISCONNECTS).absolute(0);
     metrics::gauge!(BUILD_INFO, "role" => role.to_owned(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.clone()
 }
@@ -85,6 +86,10 @@ fn describe() {
     describe_counter!(GATEWAY_REQUESTS, "Client requests received, by request type.");
     describe_counter!(GATEWAY_REFUSALS, "Client requests refused, by error code.");
     describe_counter!(GATEWAY_SLOW_CONSUMER_DISCONNECTS, "Connections closed because their outbound queue was full.");
+    describe_counter!(
+        GATEWAY_UNRESPONSIVE_DISCONNECTS,
+        "WebSocket connections closed because they answered nothing, not even a ping."
+    );
     describe_histogram!(
         MESSAGE_LATENCY,
         "A message received by a gateway until written to the other side's connection."

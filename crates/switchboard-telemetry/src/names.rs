@@ -11,6 +11,7 @@ pub const GATEWAY_CONNECTIONS_OPENED: &str = "switchboard_gateway_connections_op
 pub const GATEWAY_REQUESTS: &str = "switchboard_gateway_requests_total";
 pub const GATEWAY_REFUSALS: &str = "switchboard_gateway_refusals_total";
 pub const GATEWAY_SLOW_CONSUMER_DISCONNECTS: &str = "switchboard_gateway_slow_consumer_disconnects_total";
+pub const GATEWAY_UNRESPONSIVE_DISCONNECTS: &str = "switchboard_gateway_unresponsive_disconnects_total";
 pub const MESSAGE_LATENCY: &str = "switchboard_message_latency_seconds";
 pub const OFFER_LATENCY: &str = "switchboard_offer_latency_seconds";
 

@@ -102,6 +102,10 @@ pub struct Limits {
     /// How long one write may wait for a client that does not read before it is disconnected (4008).
     #[serde(default = "default_write_stall_timeout_ms")]
     pub write_stall_timeout_ms: u64,
+    /// How long a WebSocket client may send nothing before it is pinged; unanswered for as long again, it
+    /// is disconnected (4009).
+    #[serde(default = "default_idle_ping_ms")]
+    pub idle_ping_ms: u64,
     /// How long a gateway that shuts down waits for its connections to end before it stops without them.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
@@ -118,6 +122,7 @@ impl Default for Limits {
             requests_per_second: default_requests_per_second(),
             request_burst: default_request_burst(),
             write_stall_timeout_ms: default_write_stall_timeout_ms(),
+            idle_ping_ms: default_idle_ping_ms(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             max_followed_chats: default_max_followed_chats(),
         }
@@ -211,6 +216,9 @@ fn default_request_burst() -> u32 {
 fn default_write_stall_timeout_ms() -> u64 {
     switchboard_gateway::DEFAULT_WRITE_STALL_TIMEOUT.as_millis() as u64
 }
+fn default_idle_ping_ms() -> u64 {
+    switchboard_gateway::DEFAULT_IDLE_PING.as_millis() as u64
+}
 fn default_shutdown_grace_ms() -> u64 {
     15_000
 }
@@ -274,6 +282,9 @@ impl Config {
         }
         if !(100..=600_000).contains(&config.limits.write_stall_timeout_ms) {
             bail!("invalid configuration: limits.write_stall_timeout_ms must be between 100 and 600000");
+        }
+        if !(100..=3_600_000).contains(&config.limits.idle_ping_ms) {
+            bail!("invalid configuration: limits.idle_ping_ms must be between 100 and 3600000");
         }
         if !(100..=600_000).contains(&config.limits.shutdown_grace_ms) {
             // Enough for the connections to be told (1001, UNAVAILABLE) before the process goes.
@@ -375,12 +386,22 @@ mod tests {
     #[test]
     fn slow_clients_and_shutdown_wait_within_bounds() {
         let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().limits;
-        assert_eq!((defaults.write_stall_timeout_ms, defaults.shutdown_grace_ms), (30_000, 15_000));
+        assert_eq!(
+            (defaults.write_stall_timeout_ms, defaults.shutdown_grace_ms, defaults.idle_ping_ms),
+            (30_000, 15_000, 30_000)
+        );
         let with = |limits: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\nlimits: {limits}"));
-        let set = Config::parse(&with("{ write_stall_timeout_ms: 500, shutdown_grace_ms: 100 }"), no_env).unwrap();
-        assert_eq!((set.limits.write_stall_timeout_ms, set.limits.shutdown_grace_ms), (500, 100));
+        let set =
+            Config::parse(&with("{ write_stall_timeout_ms: 500, shutdown_grace_ms: 100, idle_ping_ms: 2000 }"), no_env)
+                .unwrap();
+        assert_eq!(
+            (set.limits.write_stall_timeout_ms, set.limits.shutdown_grace_ms, set.limits.idle_ping_ms),
+            (500, 100, 2000)
+        );
         for (limits, named) in [
             ("{ write_stall_timeout_ms: 0 }", "limits.write_stall_timeout_ms"),
+            ("{ idle_ping_ms: 99 }", "limits.idle_ping_ms"),
+            ("{ idle_ping_ms: 3600001 }", "limits.idle_ping_ms"),
             ("{ shutdown_grace_ms: 0 }", "limits.shutdown_grace_ms"),
             ("{ shutdown_grace_ms: 600001 }", "limits.shutdown_grace_ms"),
         ] {

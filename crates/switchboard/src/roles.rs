@@ -348,6 +348,7 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
         max_message_bytes: config.limits.max_message_bytes,
         outbound_queue_len: config.limits.outbound_queue_len,
         write_stall_timeout: Duration::from_millis(config.limits.write_stall_timeout_ms),
+        idle_ping: Duration::from_millis(config.limits.idle_ping_ms),
         max_followed_chats: config.limits.max_followed_chats,
         request_rate: RequestRate { per_second: config.limits.requests_per_second, burst: config.limits.request_burst },
         presence_heartbeat: Duration::from_millis(config.presence.heartbeat_ms),

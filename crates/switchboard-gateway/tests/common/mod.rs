@@ -477,6 +477,38 @@ impl WsClient {
         stream.write_all(&header).await.unwrap();
     }
 
+    /// Reads until the server has pinged the connection `n` times (tungstenite answers each with a pong as it
+    /// reads); the text frames read meanwhile are kept as pushes.
+    pub async fn read_pings(&mut self, n: usize) {
+        let mut pinged = 0;
+        while pinged < n {
+            let next = tokio::time::timeout(DEADLINE, self.socket.next()).await.expect("a frame before the deadline");
+            match next {
+                Some(Ok(Message::Ping(_))) => pinged += 1,
+                Some(Ok(Message::Text(text))) => self.pushes.push_back(serde_json::from_str(text.as_str()).unwrap()),
+                other => panic!("the connection ended after {pinged} pings of {n}: {other:?}"),
+            }
+        }
+    }
+
+    /// Reads what the server writes, as bytes, past tungstenite (which would answer a ping), until the server
+    /// ends the connection: what a client that hangs would be sent. Frames that tungstenite read already are
+    /// not among them.
+    pub async fn raw_bytes_until_closed(&mut self) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let MaybeTlsStream::Plain(stream) = self.socket.get_mut() else { panic!("a plain connection") };
+        let mut bytes = Vec::new();
+        let mut buffer = [0u8; 4096];
+        let read_all = async {
+            // The end of the stream, or a reset: either way the server ended the connection.
+            while let Ok(n @ 1..) = stream.read(&mut buffer).await {
+                bytes.extend_from_slice(&buffer[..n]);
+            }
+        };
+        tokio::time::timeout(DEADLINE, read_all).await.expect("the server ended the connection before the deadline");
+        bytes
+    }
+
     pub async fn send_text(&mut self, text: String) {
         self.socket.send(Message::Text(text.into())).await.unwrap();
     }
