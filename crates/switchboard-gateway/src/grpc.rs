@@ -169,6 +169,7 @@ fn status(close: &Close) -> Status {
     match close {
         Close::SlowConsumer | Close::FrameTooLarge { .. } => Status::resource_exhausted(message),
         Close::Undecodable { .. } => Status::invalid_argument(message),
+        // gRPC streams are not pinged (`Transport::PINGS`): `Unresponsive` is a WebSocket's only.
         Close::ShuttingDown | Close::Unresponsive => Status::unavailable(message),
     }
 }

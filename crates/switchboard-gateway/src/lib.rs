@@ -46,7 +46,7 @@ pub use crate::admission::{REPLY_BYTES_PER_REQUEST, RequestRate};
 pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
 use crate::keyed_locks::{KeyedGuard, KeyedLocks};
-pub use crate::ws::{CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER};
+pub use crate::ws::{CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER, CLOSE_UNRESPONSIVE};
 
 /// The full name of the public gRPC service.
 pub const CHAT_SERVICE: &str = "switchboard.v1.ChatService";

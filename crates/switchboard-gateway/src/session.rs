@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use switchboard_domain::{
     AgentId, AgentStatus, ConversationId, Event, GroupId, Refusal, TenantId, customer_token_for_start,
     new_customer_token,
@@ -80,7 +81,7 @@ pub(crate) enum Close {
     Undecodable { detail: String },
     /// The gateway is shutting down: reconnect (elsewhere) and resume.
     ShuttingDown,
-    /// The client answered nothing, not even a ping, for [`GatewaySettings::idle_ping`] after it was pinged.
+    /// The client sent nothing, not even a pong, for [`GatewaySettings::idle_ping`] after it was pinged.
     ///
     /// [`GatewaySettings::idle_ping`]: crate::GatewaySettings::idle_ping
     Unresponsive,
@@ -227,7 +228,16 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
             () = &mut liveness, if T::PINGS => {
                 let now = Instant::now();
                 match pinged_at {
-                    Some(pinged) if heard <= pinged => Err(End::Close(Close::Unresponsive)),
+                    // An answer may wait unread while the session was busy past its time (a flush to a slow
+                    // reader, a long backlog): it is read before the client is given up on.
+                    Some(pinged) if heard <= pinged => match session.transport.recv().now_or_never() {
+                        Some(Some(inbound)) => {
+                            heard = Instant::now();
+                            session.on_inbound(inbound, &mut queued).await
+                        }
+                        Some(None) => Err(End::Gone),
+                        None => Err(End::Close(Close::Unresponsive)),
+                    },
                     _ if now.saturating_duration_since(heard) >= idle_ping => {
                         pinged_at = Some(now);
                         liveness.as_mut().reset(now + idle_ping);

@@ -15,7 +15,8 @@ pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for frames that cannot be decoded at all (RFC 6455: protocol error).
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
-/// Close code for a client that answered nothing, not even a ping: reconnect and resume from the last seq.
+/// Close code for a client that sent nothing, not even a pong, after it was pinged: reconnect and resume from
+/// the last seq.
 pub const CLOSE_UNRESPONSIVE: u16 = 4009;
 
 pub(crate) struct WsTransport {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use common::{BOB, DEADLINE, Server, WsClient};
 use serde_json::json;
 use switchboard_domain::{AgentId, Clock, TenantId};
-use switchboard_gateway::GatewaySettings;
+use switchboard_gateway::{CLOSE_UNRESPONSIVE, GatewaySettings};
 use switchboard_presence::Presence;
+use tokio::time::Instant;
 
 fn settings() -> GatewaySettings {
     GatewaySettings { idle_ping: Duration::from_millis(200), ..GatewaySettings::default() }
@@ -36,9 +37,13 @@ async fn a_quiet_client_whose_stack_answers_pings_stays_connected() {
     let server = Server::start_with(settings()).await;
     let mut bob = WsClient::connect(&server).await;
     bob.ack(json!({ "type": "agent.sign_in", "token": BOB })).await;
-    // Bob's console sends nothing but the pongs tungstenite answers with: pinged again and again (some 200 ms
-    // apart), never disconnected. (Unanswered, the second ping would have been a close.)
+    let signed_in = Instant::now();
+    // Bob's console sends nothing but the pongs tungstenite answers with: pinged again and again, each time
+    // after 200 ms without a frame from it, never disconnected. (Unanswered, the second ping would have been
+    // a close.)
     bob.read_pings(4).await;
+    let pinged_for = signed_in.elapsed();
+    assert!(pinged_for >= Duration::from_millis(3 * 200), "four pings 200 ms of silence apart, not {pinged_for:?}");
     assert_eq!(bob.ack(json!({ "type": "ping" })).await["type"], "ack");
     assert_eq!(bobs_connections(&server).await, 1);
     server.stop().await;
@@ -54,7 +59,7 @@ async fn a_client_that_answers_nothing_is_disconnected_with_4009_and_leaves_pres
     let bytes = bob.raw_bytes_until_closed().await;
     let pinged = bytes.windows(2).any(|frame| frame == [0x89, 0x00]);
     assert!(pinged, "an empty ping before the close: {bytes:?}");
-    assert_eq!(closing_code(&bytes), Some(4009), "{bytes:?}");
+    assert_eq!(closing_code(&bytes), Some(CLOSE_UNRESPONSIVE), "{bytes:?}");
     let left = tokio::time::timeout(DEADLINE, async {
         while bobs_connections(&server).await > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;

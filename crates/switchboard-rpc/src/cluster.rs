@@ -61,6 +61,11 @@ const STREAM_RETRY_MAX: Duration = Duration::from_secs(1);
 const WATCH_RETRY: Duration = Duration::from_millis(500);
 /// How many subscriptions are made again at once after a move.
 const RESUBSCRIBE_CONCURRENCY: usize = 16;
+/// How long a resubscription that failed on a retryable error (its owner unavailable past the client's own
+/// retries, or its actor too busy to answer) waits before it is tried again, first and at most. The gateway
+/// still follows the thing, and nothing else would subscribe it again: no push comes to show a gap.
+const RESUBSCRIBE_RETRY_FIRST: Duration = Duration::from_secs(2);
+const RESUBSCRIBE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// A stream of pushes from one router node.
 pub type NodePushes = Pin<Box<dyn Stream<Item = Result<Push, RouterError>> + Send>>;
@@ -497,16 +502,19 @@ async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Mat
     // Agents' own pushes are followed before their statuses are restored, so that what the restore causes
     // (an offer to an agent back online) reaches the gateway.
     for (tenant, agent) in followed_agents {
-        spawn_limited(&mut tasks, resubscribe_agent(client.clone(), link.clone(), tenant, agent)).await;
+        let task = resubscribe_agent(client.clone(), link.clone(), tenant, agent, RESUBSCRIBE_RETRY_FIRST);
+        spawn_limited(&mut tasks, task).await;
     }
     for (tenant, agent) in agents {
         spawn_limited(&mut tasks, restore_status(client.clone(), tenant, agent)).await;
     }
     for (tenant, group) in queues {
-        spawn_limited(&mut tasks, resubscribe_queue(client.clone(), link.clone(), tenant, group)).await;
+        let task = resubscribe_queue(client.clone(), link.clone(), tenant, group, RESUBSCRIBE_RETRY_FIRST);
+        spawn_limited(&mut tasks, task).await;
     }
     for conversation in conversations {
-        spawn_limited(&mut tasks, resubscribe_conversation(client.clone(), link.clone(), conversation)).await;
+        let task = resubscribe_conversation(client.clone(), link.clone(), conversation, RESUBSCRIBE_RETRY_FIRST);
+        spawn_limited(&mut tasks, task).await;
     }
     while tasks.join_next().await.is_some() {}
 }
@@ -523,8 +531,17 @@ async fn spawn_limited(tasks: &mut JoinSet<()>, task: impl Future<Output = ()> +
 /// this task set last.
 async fn restore_status(client: ClusterClient, tenant: TenantId, agent: AgentId) {
     let key = (tenant, agent);
-    let chosen = |client: &ClusterClient| lock(&client.inner.subscriptions).agents.get(&key).copied();
-    let Some(mut status) = chosen(&client) else { return };
+    // `None` once the agent's last socket here ended: the agent's status is no longer this gateway's to set
+    // (read as offline, it would sign the agent out at once, past the grace period, or over a status chosen
+    // since through another gateway).
+    let chosen = |client: &ClusterClient| {
+        let subscriptions = lock(&client.inner.subscriptions);
+        subscriptions
+            .followed_agents
+            .contains(&key)
+            .then(|| subscriptions.agents.get(&key).copied().unwrap_or(AgentStatus::Offline))
+    };
+    let Some(mut status) = chosen(&client).filter(|status| *status != AgentStatus::Offline) else { return };
     loop {
         let (tenant, agent) = &key;
         let set = client
@@ -536,15 +553,20 @@ async fn restore_status(client: ClusterClient, tenant: TenantId, agent: AgentId)
             warn!(%error, %agent, "agent status not restored on its new owner");
             return;
         }
-        let now = chosen(&client).unwrap_or(AgentStatus::Offline);
-        if now == status {
-            return;
+        match chosen(&client) {
+            Some(now) if now != status => status = now,
+            _ => return,
         }
-        status = now;
     }
 }
 
-async fn resubscribe_queue(client: ClusterClient, link: Arc<GatewayLink>, tenant: TenantId, group: GroupId) {
+async fn resubscribe_queue(
+    client: ClusterClient,
+    link: Arc<GatewayLink>,
+    tenant: TenantId,
+    group: GroupId,
+    retry: Duration,
+) {
     let followed =
         |client: &ClusterClient| lock(&client.inner.subscriptions).queues.contains(&(tenant.clone(), group.clone()));
     let key = queue_key(&tenant, &group);
@@ -554,7 +576,18 @@ async fn resubscribe_queue(client: ClusterClient, link: Arc<GatewayLink>, tenant
             .on_owner(&key, true, |node| async move { node.subscribe_queue(gateway, tenant_ref, group_ref).await })
             .await;
         match subscribed {
-            Err(error) => return warn!(%error, %group, "queue not subscribed again on its new owner"),
+            Err(error) => {
+                warn!(%error, %group, ?retry, "queue not subscribed again on its new owner");
+                if error.is_retryable() {
+                    retry_later(
+                        client.clone(),
+                        link.clone(),
+                        Resubscription::Queue(tenant.clone(), group.clone()),
+                        retry,
+                    );
+                }
+                return;
+            }
             // Unsubscribed meanwhile: undo, then again if followed once more by then (see
             // `resubscribe_conversation`).
             Ok(()) if !followed(&client) => {
@@ -567,7 +600,13 @@ async fn resubscribe_queue(client: ClusterClient, link: Arc<GatewayLink>, tenant
     }
 }
 
-async fn resubscribe_agent(client: ClusterClient, link: Arc<GatewayLink>, tenant: TenantId, agent: AgentId) {
+async fn resubscribe_agent(
+    client: ClusterClient,
+    link: Arc<GatewayLink>,
+    tenant: TenantId,
+    agent: AgentId,
+    retry: Duration,
+) {
     let followed = |client: &ClusterClient| {
         lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone()))
     };
@@ -578,7 +617,18 @@ async fn resubscribe_agent(client: ClusterClient, link: Arc<GatewayLink>, tenant
             .on_owner(&key, true, |node| async move { node.subscribe_agent(gateway, tenant_ref, agent_ref).await })
             .await;
         match subscribed {
-            Err(error) => return warn!(%error, %agent, "agent not subscribed again on its new owner"),
+            Err(error) => {
+                warn!(%error, %agent, ?retry, "agent not subscribed again on its new owner");
+                if error.is_retryable() {
+                    retry_later(
+                        client.clone(),
+                        link.clone(),
+                        Resubscription::Agent(tenant.clone(), agent.clone()),
+                        retry,
+                    );
+                }
+                return;
+            }
             // Unsubscribed meanwhile: undo, then again if followed once more by then (see
             // `resubscribe_conversation`).
             Ok(()) if !followed(&client) => {
@@ -594,7 +644,12 @@ async fn resubscribe_agent(client: ClusterClient, link: Arc<GatewayLink>, tenant
 /// Subscribes again to a conversation on its owner now, from the seq up to which the gateway has every
 /// event, and forwards the events returned (every page of them); again while a hole remains (a push lost
 /// meanwhile), a few times. Undone if the gateway stopped following it meanwhile.
-async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>, conversation: ConversationId) {
+async fn resubscribe_conversation(
+    client: ClusterClient,
+    link: Arc<GatewayLink>,
+    conversation: ConversationId,
+    retry: Duration,
+) {
     const ROUNDS: usize = 3;
     let key = conversation_key(&conversation);
     let mut round = 1;
@@ -626,8 +681,11 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
             })
         };
         match (subscribed, followed) {
-            (Err(error), _) => {
-                warn!(%error, %conversation, "conversation not subscribed again on its new owner");
+            (Err(error), followed) => {
+                warn!(%error, %conversation, ?retry, "conversation not subscribed again on its new owner");
+                if error.is_retryable() && followed.is_some() {
+                    retry_later(client, link, Resubscription::Conversation(conversation), retry);
+                }
                 return;
             }
             // Unsubscribed meanwhile: undo. A subscription made since may have reached the owner before the
@@ -652,6 +710,30 @@ async fn resubscribe_conversation(client: ClusterClient, link: Arc<GatewayLink>,
         // Pushes still on their way may fill the hole meanwhile.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A resubscription to try again.
+enum Resubscription {
+    Conversation(ConversationId),
+    Queue(TenantId, GroupId),
+    Agent(TenantId, AgentId),
+}
+
+/// Tries a resubscription that failed on a retryable error again after `delay`, in a task of its own (it
+/// holds no slot of a move's resubscriptions meanwhile), waiting twice as long each time it fails again. It
+/// ends once the gateway no longer follows the thing.
+fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscription, delay: Duration) {
+    let next = delay.saturating_mul(2).min(RESUBSCRIBE_RETRY_MAX);
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        match what {
+            Resubscription::Conversation(conversation) => {
+                resubscribe_conversation(client, link, conversation, next).await;
+            }
+            Resubscription::Queue(tenant, group) => resubscribe_queue(client, link, tenant, group, next).await,
+            Resubscription::Agent(tenant, agent) => resubscribe_agent(client, link, tenant, agent, next).await,
+        }
+    });
 }
 
 /// Forwards a page of a conversation's events to the gateway as pushes, then the pages after it, read from
@@ -828,7 +910,7 @@ fn note_pushed(inner: &Arc<Inner>, link: &Arc<GatewayLink>, conversation: Conver
     if catch_up {
         debug!(%conversation, seq, "a push past a hole: subscribing again from the hole");
         let client = ClusterClient { inner: inner.clone() };
-        tokio::spawn(resubscribe_conversation(client, link.clone(), conversation));
+        tokio::spawn(resubscribe_conversation(client, link.clone(), conversation, RESUBSCRIBE_RETRY_FIRST));
     }
 }
 
@@ -974,7 +1056,7 @@ impl RouterApi for ClusterClient {
             }
         };
         if catch_up && let Some(link) = self.link() {
-            tokio::spawn(resubscribe_conversation(self.clone(), link, conversation));
+            tokio::spawn(resubscribe_conversation(self.clone(), link, conversation, RESUBSCRIBE_RETRY_FIRST));
         }
         subscribed
     }

@@ -88,7 +88,7 @@ fn describe() {
     describe_counter!(GATEWAY_SLOW_CONSUMER_DISCONNECTS, "Connections closed because their outbound queue was full.");
     describe_counter!(
         GATEWAY_UNRESPONSIVE_DISCONNECTS,
-        "WebSocket connections closed because they answered nothing, not even a ping."
+        "WebSocket connections closed because they sent nothing, not even a pong, after a ping."
     );
     describe_histogram!(
         MESSAGE_LATENCY,
