@@ -268,7 +268,13 @@ impl Pushes {
 /// by its name, the next call of that name waits at it until released, and the test learns when that call
 /// has been answered.
 #[derive(Default)]
-struct Holds(Mutex<HashMap<&'static str, Gate>>);
+struct Holds {
+    gates: Mutex<HashMap<&'static str, Gate>>,
+    /// While set, every subscription to a conversation fails as if its owner were unavailable.
+    refuse_subscribes: AtomicBool,
+    /// The subscriptions refused so.
+    refused_subscribes: AtomicUsize,
+}
 
 /// A call held by [`Holds`].
 struct Gate {
@@ -290,13 +296,13 @@ impl Holds {
         let (entered, entered_rx) = oneshot::channel();
         let (release_tx, release) = oneshot::channel();
         let (answered, answered_rx) = oneshot::channel();
-        self.0.lock().unwrap().insert(call, Gate { entered, release, answered });
+        self.gates.lock().unwrap().insert(call, Gate { entered, release, answered });
         Held { entered: entered_rx, release: release_tx, answered: answered_rx }
     }
 
     /// Runs `future`, the call named `call`, first waiting at its gate if one is armed.
     async fn pass<T>(&self, call: &'static str, future: impl Future<Output = T>) -> T {
-        let gate = self.0.lock().unwrap().remove(call);
+        let gate = self.gates.lock().unwrap().remove(call);
         let Some(gate) = gate else { return future.await };
         let _ = gate.entered.send(());
         let _ = gate.release.await;
@@ -387,6 +393,10 @@ impl RouterApi for SlowNode {
         conversation: ConversationId,
         after_seq: u64,
     ) -> Result<EventPage, RouterError> {
+        if self.holds.refuse_subscribes.load(Ordering::SeqCst) {
+            self.holds.refused_subscribes.fetch_add(1, Ordering::SeqCst);
+            return Err(RouterError::Unavailable("the owner is unavailable (the test says)".into()));
+        }
         self.holds.pass("subscribe", self.node.subscribe(gateway, caller, conversation, after_seq)).await
     }
 
@@ -586,6 +596,11 @@ impl Cluster {
 
     /// As [`Cluster::start`], the routers answering reads of a log in pages of `page_bytes`.
     async fn start_paged(n_nodes: usize, stream_delay: Duration, page_bytes: u64) -> Cluster {
+        Cluster::start_full(n_nodes, stream_delay, page_bytes, cluster_settings()).await
+    }
+
+    /// As [`Cluster::start_paged`], the gateway's client with `settings`.
+    async fn start_full(n_nodes: usize, stream_delay: Duration, page_bytes: u64, settings: ClusterSettings) -> Cluster {
         // RUST_LOG=switchboard_rpc=debug (for example) shows what the nodes and the client do.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -619,7 +634,7 @@ impl Cluster {
             lost_start_answers: lost_start_answers.clone(),
             holds: holds.clone(),
         };
-        let client = ClusterClient::start(gateway_store, Arc::new(connector), cluster_settings());
+        let client = ClusterClient::start(gateway_store, Arc::new(connector), settings);
         let gateway_id = GatewayId("gw-1".into());
         let (sink, receiver) = mpsc::unbounded_channel();
         client.connect_gateway(gateway_id.clone(), sink);
@@ -1235,4 +1250,31 @@ async fn a_gateway_forgets_the_status_of_an_agent_no_longer_signed_in_there() {
     cluster.client.subscribe_agent(&gateway, &tenant(), &agent).await.unwrap();
     cluster.client.set_agent_status(&tenant(), &agent, AgentStatus::Online).await.unwrap();
     assert_eq!(cluster.client.chosen_status(&tenant(), &agent), Some(AgentStatus::Online));
+}
+
+/// The chat's new owner stays unavailable to the gateway for longer than its client retries a call (1 s
+/// here): the subscription made again after the move fails. It is tried again later, while the gateway
+/// follows the chat, and what was sent meanwhile reaches the gateway. (Nothing else would subscribe it
+/// again: no push comes to show a gap.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubscription_that_fails_is_tried_again_while_the_chat_is_followed() {
+    let settings = ClusterSettings { retry_for: Duration::from_secs(1), ..cluster_settings() };
+    let mut cluster = Cluster::start_full(3, Duration::ZERO, RouterSettings::PAGE_BYTES, settings).await;
+    let queue = cluster.group_on("node-3", &[]);
+    let (chat, backlog) = cluster.start_chat("node-2", &queue, "carol").await;
+    let customer = Caller::Customer { conversation: chat };
+
+    cluster.holds.refuse_subscribes.store(true, Ordering::SeqCst);
+    cluster.nodes.remove("node-2").unwrap().terminate().await;
+    cluster.converged().await;
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "anyone?".into() };
+    let sent = cluster.client.command(&customer, chat, send).await.unwrap().event.unwrap();
+    eventually(|| async { (cluster.holds.refused_subscribes.load(Ordering::SeqCst) > 0).then_some(()) }).await;
+    // The owner is unavailable to the gateway for 2 s from the first refusal: past the client's retries,
+    // before the resubscription's first retry (2 s after it gave up).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.holds.refuse_subscribes.store(false, Ordering::SeqCst);
+
+    eventually(|| async { cluster.pushes.seqs(chat).contains(&sent.seq).then_some(()) }).await;
+    cluster.gap_free(chat, &backlog).await;
 }
