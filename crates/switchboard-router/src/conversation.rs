@@ -797,7 +797,7 @@ pub(crate) async fn create(
     }
     let view = view_of(&conversation);
     let entry = waiting_entry(&conversation);
-    let recent = RecentEvents::of_log(stored);
+    let recent = RecentEvents::of_log(stored, context.page_bytes);
     let loaded = Loaded { context: context.clone(), conversation, stored_token, fence, recent };
     if let Err(error) = context.conversations.get_or_activate(&facts.id, || spawn(loaded)).await {
         // The chat is stored: its actor is activated from the store on first use instead.
@@ -871,12 +871,15 @@ pub(crate) async fn activate(
             let record = response.conversation.ok_or(RouterError::NotFound)?;
             let mut state =
                 conversation_from_record(&record).map_err(|error| RouterError::Internal(error.to_string()))?;
-            // The newest events are kept, to answer catch-ups. A chat stored before the summary kept its
-            // delivery marks has them folded from its whole log, a page at a time (it may be longer than one
-            // answer of the store can carry); the next update stores them.
-            let mut recent = RecentEvents::default();
+            // The summary is the state: no event is read. (The newest events, kept to answer catch-ups, are
+            // those appended from now on: a catch-up right after an activation reads the store, as it would
+            // have had to anyway. Reading them here made every activation, and every takeover of a node's
+            // chats, wait for up to 16 events, megabytes in a chat of long messages.) A chat stored before
+            // the summary kept its delivery marks has them folded from its whole log, a page at a time (it
+            // may be longer than one answer of the store can carry); the next update stores them.
+            let mut recent = RecentEvents::new(context.page_bytes);
             let mut after_seq = match record.delivery_marks_known {
-                true => state.last_seq.saturating_sub(RecentEvents::MAX as u64),
+                true => state.last_seq,
                 false => 0,
             };
             while after_seq < state.last_seq {

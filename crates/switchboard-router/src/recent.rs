@@ -12,21 +12,32 @@ use std::sync::Arc;
 
 use switchboard_domain::{AgentId, Author, Event, EventBody};
 
-/// A contiguous run of stored events of one log, at most [`RecentEvents::MAX`] of them. It answers for the
-/// log only while its last event is the log's last one, which the caller gives (the conversation's
-/// `last_seq`, the one record of where the log ends): a run that fell behind answers nothing.
-#[derive(Debug, Default)]
+/// A contiguous run of stored events of one log, at most [`RecentEvents::MAX`] of them, and at most a page of
+/// them ([`wire_bytes_at_most`] summed): a catch-up is answered from memory only when what it asks for fits
+/// in a page, so older events would never be answered from here, and a chat of long messages would hold
+/// megabytes. It answers for the log only while its last event is the log's last one, which the caller
+/// gives (the conversation's `last_seq`, the one record of where the log ends): a run that fell behind
+/// answers nothing.
+#[derive(Debug)]
 pub(crate) struct RecentEvents {
     events: VecDeque<Arc<Event>>,
+    /// The bound of the run's size, and its size.
+    max_bytes: u64,
+    bytes: u64,
 }
 
 impl RecentEvents {
     /// The most events kept: a chat's opening events, its offers and acceptance, and its latest messages.
     pub(crate) const MAX: usize = 16;
 
+    /// An empty run, which keeps at most `max_bytes` (a page) of events.
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        RecentEvents { events: VecDeque::new(), max_bytes, bytes: 0 }
+    }
+
     /// The newest of `events`, a log's events in order (all of them, or its newest ones).
-    pub(crate) fn of_log(events: impl IntoIterator<Item = Event>) -> Self {
-        let mut recent = RecentEvents::default();
+    pub(crate) fn of_log(events: impl IntoIterator<Item = Event>, max_bytes: u64) -> Self {
+        let mut recent = RecentEvents::new(max_bytes);
         for event in events {
             recent.push(Arc::new(event));
         }
@@ -38,11 +49,15 @@ impl RecentEvents {
     pub(crate) fn push(&mut self, event: Arc<Event>) {
         if self.events.back().is_some_and(|last| event.seq != last.seq + 1) {
             self.events.clear();
+            self.bytes = 0;
         }
-        if self.events.len() == Self::MAX {
-            self.events.pop_front();
-        }
+        self.bytes += wire_bytes_at_most(&event);
         self.events.push_back(event);
+        // An event over the bound alone empties the run: the next one starts it again.
+        while self.events.len() > Self::MAX || self.bytes > self.max_bytes {
+            let Some(oldest) = self.events.pop_front() else { break };
+            self.bytes -= wire_bytes_at_most(&oldest);
+        }
     }
 
     /// Every event after `after_seq` of the log whose last event is `last_seq`, when the run holds them all
@@ -118,7 +133,7 @@ mod tests {
 
     #[test]
     fn a_catch_up_that_may_not_fit_in_a_page_is_left_to_the_store() {
-        let recent = RecentEvents::of_log((1..=3).map(event));
+        let recent = RecentEvents::of_log((1..=3).map(event), PAGE);
         let each = wire_bytes_at_most(&event(1));
         assert_eq!(seqs(recent.after(0, 3, 3 * each)), Some(vec![1, 2, 3]));
         assert_eq!(recent.after(0, 3, 3 * each - 1), None);
@@ -172,7 +187,7 @@ mod tests {
 
     #[test]
     fn a_whole_short_log_answers_every_catch_up() {
-        let recent = RecentEvents::of_log((1..=3).map(event));
+        let recent = RecentEvents::of_log((1..=3).map(event), PAGE);
         assert_eq!(seqs(recent.after(0, 3, PAGE)), Some(vec![1, 2, 3]));
         assert_eq!(seqs(recent.after(2, 3, PAGE)), Some(vec![3]));
         assert_eq!(seqs(recent.after(3, 3, PAGE)), Some(vec![]));
@@ -182,7 +197,7 @@ mod tests {
 
     #[test]
     fn only_the_newest_events_are_kept_and_older_catch_ups_go_to_the_store() {
-        let mut recent = RecentEvents::of_log((1..=2).map(event));
+        let mut recent = RecentEvents::of_log((1..=2).map(event), PAGE);
         for seq in 3..=40 {
             recent.push(Arc::new(event(seq)));
         }
@@ -194,9 +209,32 @@ mod tests {
     }
 
     #[test]
+    fn at_most_a_page_of_events_is_kept_and_a_longer_catch_up_goes_to_the_store() {
+        let long = |seq| Event { body: EventBody::Message { body: "x".repeat(10_000) }, ..event(seq) };
+        let each = wire_bytes_at_most(&long(1));
+        // Room for three of them.
+        let mut recent = RecentEvents::new(3 * each + each / 2);
+        for seq in 1..=5 {
+            recent.push(Arc::new(long(seq)));
+        }
+        assert_eq!(recent.events.len(), 3);
+        assert_eq!(recent.bytes, 3 * each);
+        assert_eq!(seqs(recent.after(2, 5, PAGE)), Some(vec![3, 4, 5]));
+        assert_eq!(recent.after(1, 5, PAGE), None, "event 2 is no longer kept");
+        // An event over the bound alone is not kept, nor are those before it; the run starts again after it.
+        let mut recent = RecentEvents::new(each - 1);
+        recent.push(Arc::new(event(1)));
+        recent.push(Arc::new(long(2)));
+        assert_eq!((recent.events.len(), recent.bytes), (0, 0));
+        recent.push(Arc::new(event(3)));
+        assert_eq!(seqs(recent.after(2, 3, PAGE)), Some(vec![3]));
+        assert_eq!(recent.after(1, 3, PAGE), None);
+    }
+
+    #[test]
     fn a_log_read_that_does_not_reach_the_last_event_vouches_for_nothing() {
         // The summary says 4 events, the read found 3: the run cannot say what the fourth is.
-        let recent = RecentEvents::of_log((1..=3).map(event));
+        let recent = RecentEvents::of_log((1..=3).map(event), PAGE);
         assert_eq!(recent.after(0, 4, PAGE), None);
         assert_eq!(recent.after(3, 4, PAGE), None);
         assert_eq!(seqs(recent.after(4, 4, PAGE)), Some(vec![]));
@@ -204,7 +242,7 @@ mod tests {
 
     #[test]
     fn an_event_out_of_sequence_starts_the_run_again() {
-        let mut recent = RecentEvents::of_log((1..=3).map(event));
+        let mut recent = RecentEvents::of_log((1..=3).map(event), PAGE);
         recent.push(Arc::new(event(5)));
         assert_eq!(recent.after(3, 5, PAGE), None, "event 4 was never seen");
         assert_eq!(seqs(recent.after(4, 5, PAGE)), Some(vec![5]));
@@ -214,7 +252,7 @@ mod tests {
 
     #[test]
     fn an_empty_log() {
-        let mut recent = RecentEvents::of_log(Vec::new());
+        let mut recent = RecentEvents::of_log(Vec::new(), PAGE);
         assert_eq!(seqs(recent.after(0, 0, PAGE)), Some(vec![]));
         recent.push(Arc::new(event(1)));
         assert_eq!(seqs(recent.after(0, 1, PAGE)), Some(vec![1]));
@@ -223,7 +261,7 @@ mod tests {
     #[test]
     fn a_run_that_fell_behind_the_log_answers_nothing() {
         // The log went on to event 4 without the run hearing of it: it must not answer "nothing more" for 3.
-        let recent = RecentEvents::of_log((1..=3).map(event));
+        let recent = RecentEvents::of_log((1..=3).map(event), PAGE);
         assert_eq!(recent.after(3, 4, PAGE), None);
         assert_eq!(recent.after(0, 4, PAGE), None);
     }

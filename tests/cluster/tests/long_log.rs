@@ -139,7 +139,9 @@ async fn a_log_longer_than_any_one_message_between_the_processes_is_read_in_page
     let owner = owner.live_owner().context("the chat has no owner")?.to_owned();
     cluster.router(&owner)?.restart().await?;
     cluster.wait_for_placement(true).await?;
+    let sending = Instant::now();
     let next = send_until_acked(&mut customer, &chat, "after-restart").await?;
+    eprintln!("the first message after the restart was acknowledged in {:?}", sending.elapsed());
     assert_eq!(next, last_seq + 1, "the chat goes on where it was");
     let (events, _) = transcript(&mut agent, &chat).await?;
     assert_whole(&events[..events.len() - 1], last_seq, &body);

@@ -47,6 +47,8 @@ pub struct Fixture {
 pub struct CountedReads {
     inner: Arc<MemoryStore>,
     reads: AtomicUsize,
+    /// The `get_conversation` calls: one per activation of a conversation.
+    gets: AtomicUsize,
     appends: AtomicUsize,
     /// Appends whose update names a finished state (the store gives the license permit back for them).
     finishing: AtomicUsize,
@@ -68,6 +70,7 @@ impl CountedReads {
         CountedReads {
             inner,
             reads: AtomicUsize::new(0),
+            gets: AtomicUsize::new(0),
             appends: AtomicUsize::new(0),
             finishing: AtomicUsize::new(0),
             held: Default::default(),
@@ -113,6 +116,11 @@ impl CountedReads {
     /// The `read_events` calls so far.
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
+    }
+
+    /// The `get_conversation` calls so far (one per activation).
+    pub fn gets(&self) -> usize {
+        self.gets.load(Ordering::SeqCst)
     }
 
     /// The `append` calls so far.
@@ -164,6 +172,7 @@ impl StoreApi for CountedReads {
         self.inner.read_events(request).await
     }
     async fn get_conversation(&self, request: GetConversationRequest) -> Result<GetConversationResponse, StoreError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
         let mut answer = self.inner.get_conversation(request).await?;
         if self.marks_unknown.load(Ordering::SeqCst)
             && let Some(record) = answer.conversation.as_mut()
