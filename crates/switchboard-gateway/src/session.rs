@@ -229,8 +229,9 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
                 let now = Instant::now();
                 match pinged_at {
                     // An answer may wait unread while the session was busy past its time (a flush to a slow
-                    // reader, a long backlog): it is read before the client is given up on.
-                    Some(pinged) if heard <= pinged => match session.transport.recv().now_or_never() {
+                    // reader, a long backlog): it is read before the client is given up on (outside tokio's
+                    // budget, which a task that was busy may have spent, and which would make it seem pending).
+                    Some(pinged) if heard <= pinged => match tokio::task::unconstrained(session.transport.recv()).now_or_never() {
                         Some(Some(inbound)) => {
                             heard = Instant::now();
                             session.on_inbound(inbound, &mut queued).await

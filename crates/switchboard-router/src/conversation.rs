@@ -119,7 +119,7 @@ pub(crate) struct ConversationActorState {
     fence: Fence,
     /// While a command is handled: when its request reached the first gateway.
     received_at_us: Option<i64>,
-    /// The newest events of the log, which answer most catch-ups without a store read.
+    /// The newest events of the log this actor appended, which answer most catch-ups without a store read.
     recent: RecentEvents,
     /// The pushes of the message being handled, sent once it is answered: the caller's connection then
     /// writes its ack and the events the ack returns together, before their pushes reach it.

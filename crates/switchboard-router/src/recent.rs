@@ -1,10 +1,11 @@
-//! The newest events of a conversation's log, kept by its actor.
+//! The newest events of a conversation's log that its actor appended, kept by it.
 //!
 //! A gateway that subscribes to a chat catches up from a sequence number: the customer's widget right after
 //! the chat started, the agent's console when it accepts, either one after a reconnect. Each catch-up was a
 //! read of the store (a gRPC call, a query of the database): two per chat start. The actor is the only
 //! writer of its conversation's log and sees every event it appends as the store returned it, so it can
-//! answer a catch-up that starts within its newest [`RecentEvents::MAX`] events from memory; an older one
+//! answer a catch-up that starts within the newest [`RecentEvents::MAX`] events it appended (and within a
+//! page of them) from memory; an older one, or one right after an activation (which reads no event),
 //! still reads the store.
 
 use std::collections::VecDeque;

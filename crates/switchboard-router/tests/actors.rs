@@ -215,8 +215,8 @@ async fn a_node_whose_shards_were_taken_over_can_no_longer_write() {
     assert!(events.iter().all(|event| !matches!(&event.body, EventBody::Message { body } if body == "too late")));
 }
 
-/// A new owner activates a chat's actor from its summary, delivery marks included, and its newest events: a
-/// long log is not read (a mark already made is not stored again). A chat stored before the summary kept
+/// A new owner activates a chat's actor from its summary alone, delivery marks included: no event is read
+/// (a mark already made is not stored again). A chat stored before the summary kept
 /// the marks has them folded from its whole log, a page at a time. A read from its start is answered with
 /// a page and the log's end, the next page read after it.
 #[tokio::test(start_paused = true)]

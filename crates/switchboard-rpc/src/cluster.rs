@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -47,7 +48,7 @@ use switchboard_proto::router::{
     OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_stream::{Stream, StreamExt};
 use tracing::{debug, info, warn};
@@ -227,6 +228,8 @@ struct Subscriptions {
     /// The status each agent signed in here chose last (offline ones are not kept: a new owner starts them
     /// offline).
     agents: HashMap<(TenantId, AgentId), AgentStatus>,
+    /// The resubscriptions waiting to be tried again (`retry_later`).
+    retrying: HashSet<Resubscription>,
 }
 
 struct GatewayLink {
@@ -257,6 +260,8 @@ struct Inner {
     streams: Mutex<HashMap<String, NodeStream>>,
     next_stream_id: AtomicU64,
     subscriptions: Mutex<Subscriptions>,
+    /// The resubscriptions tried again (`retry_later`) that may run at once.
+    retry_permits: Arc<Semaphore>,
 }
 
 impl Drop for Inner {
@@ -300,6 +305,7 @@ impl ClusterClient {
             link: RwLock::default(),
             streams: Mutex::default(),
             next_stream_id: AtomicU64::new(0),
+            retry_permits: Arc::new(Semaphore::new(RESUBSCRIBE_CONCURRENCY)),
             subscriptions: Mutex::default(),
         });
         tokio::spawn(follow_placement(Arc::downgrade(&inner)));
@@ -506,7 +512,8 @@ async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Mat
         spawn_limited(&mut tasks, task).await;
     }
     for (tenant, agent) in agents {
-        spawn_limited(&mut tasks, restore_status(client.clone(), tenant, agent)).await;
+        let task = restore_status(client.clone(), link.clone(), tenant, agent, RESUBSCRIBE_RETRY_FIRST);
+        spawn_limited(&mut tasks, task).await;
     }
     for (tenant, group) in queues {
         let task = resubscribe_queue(client.clone(), link.clone(), tenant, group, RESUBSCRIBE_RETRY_FIRST);
@@ -529,7 +536,13 @@ async fn spawn_limited(tasks: &mut JoinSet<()>, task: impl Future<Output = ()> +
 /// Gives an agent its chosen status on its owner now. The gateway may change the status meanwhile, and its
 /// call and this one may arrive in either order: the status chosen last is set again until it is the one
 /// this task set last.
-async fn restore_status(client: ClusterClient, tenant: TenantId, agent: AgentId) {
+async fn restore_status(
+    client: ClusterClient,
+    link: Arc<GatewayLink>,
+    tenant: TenantId,
+    agent: AgentId,
+    retry: Duration,
+) {
     let key = (tenant, agent);
     // `None` once the agent's last socket here ended: the agent's status is no longer this gateway's to set
     // (read as offline, it would sign the agent out at once, past the grace period, or over a status chosen
@@ -550,7 +563,10 @@ async fn restore_status(client: ClusterClient, tenant: TenantId, agent: AgentId)
             })
             .await;
         if let Err(error) = set {
-            warn!(%error, %agent, "agent status not restored on its new owner");
+            warn!(%error, %agent, ?retry, "agent status not restored on its new owner");
+            if error.is_retryable() {
+                retry_later(client.clone(), link, Resubscription::Agent(tenant.clone(), agent.clone()), retry);
+            }
             return;
         }
         match chosen(&client) {
@@ -713,25 +729,49 @@ async fn resubscribe_conversation(
 }
 
 /// A resubscription to try again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Resubscription {
     Conversation(ConversationId),
     Queue(TenantId, GroupId),
     Agent(TenantId, AgentId),
 }
 
-/// Tries a resubscription that failed on a retryable error again after `delay`, in a task of its own (it
-/// holds no slot of a move's resubscriptions meanwhile), waiting twice as long each time it fails again. It
-/// ends once the gateway no longer follows the thing.
+/// Tries a resubscription that failed on a retryable error again, about `delay` later, in a task of its own
+/// (it holds no slot of a move's resubscriptions while it waits), waiting twice as long each time it fails
+/// again. One retry waits per thing: a move, a stream opened again and a push past a hole may each see the
+/// same one fail. The retries are spread over half their delay and run at most `RESUBSCRIBE_CONCURRENCY` at a
+/// time, so that the things of a node that was unavailable do not all reach it at once. A retry ends with the
+/// gateway (its link closed, or replaced), or once the gateway no longer follows the thing.
 fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscription, delay: Duration) {
+    if !lock(&client.inner.subscriptions).retrying.insert(what.clone()) {
+        return;
+    }
     let next = delay.saturating_mul(2).min(RESUBSCRIBE_RETRY_MAX);
+    let spread = u64::try_from(delay.as_millis() / 2).unwrap_or(u64::MAX);
+    let delay = delay / 2 + Duration::from_millis(RandomState::new().hash_one(&what) % spread.saturating_add(1));
+    let weak = Arc::downgrade(&client.inner);
+    drop(client);
     tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
+        let gone = tokio::select! {
+            () = tokio::time::sleep(delay) => false,
+            () = link.sink.closed() => true,
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        lock(&inner.subscriptions).retrying.remove(&what);
+        let client = ClusterClient { inner };
+        if gone || !client.link().is_some_and(|now| Arc::ptr_eq(&now, &link)) {
+            return;
+        }
+        let Ok(_permit) = client.inner.retry_permits.clone().acquire_owned().await else { return };
         match what {
             Resubscription::Conversation(conversation) => {
                 resubscribe_conversation(client, link, conversation, next).await;
             }
             Resubscription::Queue(tenant, group) => resubscribe_queue(client, link, tenant, group, next).await,
-            Resubscription::Agent(tenant, agent) => resubscribe_agent(client, link, tenant, agent, next).await,
+            Resubscription::Agent(tenant, agent) => {
+                resubscribe_agent(client.clone(), link.clone(), tenant.clone(), agent.clone(), next).await;
+                restore_status(client, link, tenant, agent, next).await;
+            }
         }
     });
 }

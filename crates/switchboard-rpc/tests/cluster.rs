@@ -1270,8 +1270,9 @@ async fn a_resubscription_that_fails_is_tried_again_while_the_chat_is_followed()
     let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "anyone?".into() };
     let sent = cluster.client.command(&customer, chat, send).await.unwrap().event.unwrap();
     eventually(|| async { (cluster.holds.refused_subscribes.load(Ordering::SeqCst) > 0).then_some(()) }).await;
-    // The owner is unavailable to the gateway for 2 s from the first refusal: past the client's retries,
-    // before the resubscription's first retry (2 s after it gave up).
+    // The owner is unavailable to the gateway for 2 s from the first refusal: past the client's retries (1 s).
+    // The resubscription is tried again 1–2 s after it gave up, then 2–4 s after that: one of them finds the
+    // owner back, well within the deadline below.
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.holds.refuse_subscribes.store(false, Ordering::SeqCst);
 
