@@ -31,6 +31,11 @@ use crate::remote;
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
 pub(crate) enum ConversationMsg {
+    /// Sent by a finished chat's actor to itself at the end of turn `turn`: it stops if no message came in
+    /// between (see [`ConversationActor::handle`]).
+    Passivate {
+        turn: u64,
+    },
     View {
         caller: Option<Caller>,
         reply: Reply<ChatView>,
@@ -124,6 +129,8 @@ pub(crate) struct ConversationActorState {
     /// The pushes of the message being handled, sent once it is answered: the caller's connection then
     /// writes its ack and the events the ack returns together, before their pushes reach it.
     pushes: Vec<Push>,
+    /// The messages handled, `Passivate` aside.
+    turns: u64,
 }
 
 pub(crate) struct Loaded {
@@ -149,6 +156,7 @@ impl Actor for ConversationActor {
             received_at_us: None,
             recent: loaded.recent,
             pushes: Vec::new(),
+            turns: 0,
         })
     }
 
@@ -177,7 +185,15 @@ impl ConversationActor {
         message: ConversationMsg,
         state: &mut ConversationActorState,
     ) -> Result<(), ActorProcessingErr> {
+        if let ConversationMsg::Passivate { turn } = message {
+            if turn == state.turns {
+                myself.stop(None);
+            }
+            return Ok(());
+        }
+        state.turns += 1;
         match message {
+            ConversationMsg::Passivate { .. } => {}
             ConversationMsg::View { caller, reply } => {
                 let result = match caller {
                     Some(caller) => state.authorize(&caller).map(|()| state.view()),
@@ -301,7 +317,10 @@ impl ConversationActor {
             // Passivate: a finished chat need not stay in memory. Its subscribers are the context's, not the
             // actor's: what comes later (a delivery mark) activates it again from the store and is pushed to
             // them. Consoles keep their closed chats open for hours; the chats need not stay loaded for that.
-            myself.stop(None);
+            // Not at once: a stop drops what waits in the mailbox, and its callers would be told
+            // `unavailable` (a retry finds the next actor, which may stop under the one after). The actor
+            // stops when its own message comes round with no other handled before it.
+            let _ = myself.cast(ConversationMsg::Passivate { turn: state.turns });
         }
         Ok(())
     }

@@ -445,3 +445,31 @@ async fn a_subscription_given_up_before_its_turn_is_not_kept() {
     let pushed = fixture.drain();
     assert!(pushed.is_empty(), "nothing is pushed to a gateway whose subscription was given up: {pushed:?}");
 }
+
+/// A finished chat's actor leaves memory, but not while requests wait for it: those already in its mailbox
+/// when a turn ends are answered (by this actor, or by the next one activated), not dropped with it as
+/// `unavailable`. A console that closes a chat while its other tab, and the customer's widget, still send to
+/// it must not see errors.
+#[tokio::test(start_paused = true)]
+async fn requests_waiting_for_a_finished_chat_are_answered_however_many_come_at_once() {
+    let fixture = fixture().await;
+    let router = Arc::new(fixture.router);
+    online(router.as_ref(), "b").await;
+    let now_ms = switchboard_domain::Clock::now_ms(fixture.clock.as_ref());
+    let request = common::start_request(switchboard_domain::ConversationId::new_v7(now_ms), group("g1"), "x", "q");
+    let chat = router.start_chat(request).await.unwrap().view.conversation;
+    router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    router.command(&agent_caller("b"), chat, ChatCommand::Close).await.unwrap();
+    for round in 0..5 {
+        let views: Vec<_> = (0..20)
+            .map(|_| {
+                let router = router.clone();
+                tokio::spawn(async move { router.chat_view(&agent_caller("b"), chat).await })
+            })
+            .collect();
+        for view in views {
+            let view = view.await.unwrap();
+            assert_eq!(view.map(|view| view.state), Ok(ConversationState::Closed), "round {round}");
+        }
+    }
+}
