@@ -752,6 +752,30 @@ impl Cluster {
         (conversation, seqs)
     }
 
+    /// A chat of `queue`, started on node-2 and accepted by `from`, is forwarded to `to` (once `to` is
+    /// available on its owner), whose owner pushes it to this gateway as `to`'s.
+    async fn forwarded_chat_is_pushed(&self, queue: &GroupId, from: &AgentId, to: &AgentId) {
+        let (chat, _) = self.start_chat("node-2", queue, "carol").await;
+        self.client.accept_chat(&tenant(), from, chat).await.unwrap();
+        let by = Caller::Agent { tenant: tenant(), agent: from.clone() };
+        let forwarded = eventually(|| async {
+            match self.client.forward_chat(&by, chat, to).await {
+                Ok(view) => Some(view),
+                Err(RouterError::Refused(Refusal::AgentUnavailable)) => None,
+                Err(error) => panic!("forward failed: {error}"),
+            }
+        })
+        .await;
+        assert_eq!(forwarded.owner.as_ref(), Some(to));
+        eventually(|| async {
+            let assigned = |change: &AgentChange| {
+                matches!(change, AgentChange::Assigned { chat: view } if view.conversation == chat)
+            };
+            self.pushes.agent_changes(to).iter().any(assigned).then_some(())
+        })
+        .await;
+    }
+
     /// The conversation's log after `after_seq`, every page of it.
     async fn log(&self, conversation: ConversationId, after_seq: u64) -> Vec<Event> {
         let customer = Caller::Customer { conversation };
@@ -1089,26 +1113,7 @@ async fn an_agent_subscription_follows_the_agent_to_its_new_owner() {
     assert_ne!(owner_of(&cluster.view(), &agent_key(&tenant(), &moving)), Some("node-1"));
 
     // A chat accepted by one agent is forwarded to the agent who moved (once its status is restored there).
-    let (chat, _) = cluster.start_chat("node-2", &queue, "carol").await;
-    cluster.client.accept_chat(&tenant(), &forwarding, chat).await.unwrap();
-    let by = Caller::Agent { tenant: tenant(), agent: forwarding.clone() };
-    let forwarded = eventually(|| async {
-        match cluster.client.forward_chat(&by, chat, &moving).await {
-            Ok(view) => Some(view),
-            Err(RouterError::Refused(Refusal::AgentUnavailable)) => None,
-            Err(error) => panic!("forward failed: {error}"),
-        }
-    })
-    .await;
-    assert_eq!(forwarded.owner, Some(moving.clone()));
-    // The new owner of the agent pushes it to this gateway.
-    eventually(|| async {
-        let changes = cluster.pushes.agent_changes(&moving);
-        let assigned =
-            |change: &AgentChange| matches!(change, AgentChange::Assigned { chat: view } if view.conversation == chat);
-        changes.iter().any(assigned).then_some(())
-    })
-    .await;
+    cluster.forwarded_chat_is_pushed(&queue, &forwarding, &moving).await;
 
     cluster.client.unsubscribe_agent(&gateway, &tenant(), &moving).await;
 }
@@ -1215,23 +1220,7 @@ async fn an_agent_followed_again_while_a_resubscription_undoes_itself_stays_foll
     undo.release().await;
 
     // A chat forwarded to the agent is pushed to this gateway.
-    let (chat, _) = cluster.start_chat("node-2", &queue, "carol").await;
-    cluster.client.accept_chat(&tenant(), &forwarding, chat).await.unwrap();
-    let by = Caller::Agent { tenant: tenant(), agent: forwarding.clone() };
-    eventually(|| async {
-        match cluster.client.forward_chat(&by, chat, &moving).await {
-            Ok(view) => Some(view),
-            Err(RouterError::Refused(Refusal::AgentUnavailable)) => None,
-            Err(error) => panic!("forward failed: {error}"),
-        }
-    })
-    .await;
-    eventually(|| async {
-        let assigned =
-            |change: &AgentChange| matches!(change, AgentChange::Assigned { chat: view } if view.conversation == chat);
-        cluster.pushes.agent_changes(&moving).iter().any(assigned).then_some(())
-    })
-    .await;
+    cluster.forwarded_chat_is_pushed(&queue, &forwarding, &moving).await;
 }
 
 /// The status an agent chose is set again on the agent's next owner only while the agent is signed in
