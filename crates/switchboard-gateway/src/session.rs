@@ -298,6 +298,18 @@ async fn stall_timer(timeout: Duration) {
     tokio::time::sleep(timeout).await;
 }
 
+/// What `write` answers, unless the client is kicked meanwhile for reading too slowly, or `write` waits
+/// `stall` for it: both close the connection as a slow consumer (no push may come to kick a client that
+/// stopped reading in the middle of a long backlog).
+async fn bounded<O>(write: impl Future<Output = O>, kicked: &Notify, stall: Duration) -> Result<O, End> {
+    tokio::select! {
+        biased;
+        written = write => Ok(written),
+        () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
+        () = stall_timer(stall) => Err(End::Close(Close::SlowConsumer)),
+    }
+}
+
 /// Resolves once the gateway drains; never if it does not.
 async fn shutting_down(draining: &mut watch::Receiver<bool>) {
     if draining.wait_for(|draining| *draining).await.is_err() {
@@ -313,36 +325,22 @@ impl<T: Transport> Session<T> {
     ///
     /// [`GatewaySettings::write_stall_timeout`]: crate::GatewaySettings::write_stall_timeout
     async fn send(&mut self, frame: Outgoing<'_>) -> Flow {
-        let kicked = self.link.kicked.clone();
-        let stalled = stall_timer(self.shared.settings.write_stall_timeout);
         self.unflushed = true;
-        tokio::select! {
-            biased;
-            sent = self.transport.send(frame, self.answer_bytes.is_some()) => match sent {
-                Some(bytes) => {
-                    if let Some(answer_bytes) = self.answer_bytes.as_mut() {
-                        *answer_bytes = answer_bytes.saturating_add(bytes as u64);
-                    }
-                    Ok(())
-                }
-                None => Err(End::Gone),
-            },
-            () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
-            () = stalled => Err(End::Close(Close::SlowConsumer)),
+        let stall = self.shared.settings.write_stall_timeout;
+        let measure = self.answer_bytes.is_some();
+        let bytes = bounded(self.transport.send(frame, measure), &self.link.kicked, stall).await?.ok_or(End::Gone)?;
+        if let Some(answer_bytes) = self.answer_bytes.as_mut() {
+            *answer_bytes = answer_bytes.saturating_add(bytes as u64);
         }
+        Ok(())
     }
 
     /// Pings the client ([`Transport::ping`]), as [`Session::send`] writes.
     async fn ping(&mut self) -> Flow {
-        let kicked = self.link.kicked.clone();
-        let stalled = stall_timer(self.shared.settings.write_stall_timeout);
         self.unflushed = true;
-        tokio::select! {
-            biased;
-            pinged = self.transport.ping() => if pinged { Ok(()) } else { Err(End::Gone) },
-            () = kicked.notified() => Err(End::Close(Close::SlowConsumer)),
-            () = stalled => Err(End::Close(Close::SlowConsumer)),
-        }
+        let stall = self.shared.settings.write_stall_timeout;
+        let pinged = bounded(self.transport.ping(), &self.link.kicked, stall).await?;
+        if pinged { Ok(()) } else { Err(End::Gone) }
     }
 
     /// Writes out what [`Session::send`] buffered, as [`Session::send`] writes.
@@ -350,13 +348,9 @@ impl<T: Transport> Session<T> {
         if !std::mem::take(&mut self.unflushed) {
             return Ok(());
         }
-        let kicked = self.link.kicked.clone();
-        let stalled = stall_timer(self.shared.settings.write_stall_timeout);
-        tokio::select! {
-            biased;
-            flushed = self.transport.flush() => if !flushed { return Err(End::Gone) },
-            () = kicked.notified() => return Err(End::Close(Close::SlowConsumer)),
-            () = stalled => return Err(End::Close(Close::SlowConsumer)),
+        let stall = self.shared.settings.write_stall_timeout;
+        if !bounded(self.transport.flush(), &self.link.kicked, stall).await? {
+            return Err(End::Gone);
         }
         if !self.unflushed_latencies.is_empty() {
             let now_us = self.shared.clock.now_us();

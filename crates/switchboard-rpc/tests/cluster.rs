@@ -752,6 +752,19 @@ impl Cluster {
         (conversation, seqs)
     }
 
+    /// Two online agents, one on node-1 whose own pushes the gateway follows and one on node-2, and a group
+    /// whose queue is on node-3: for [`Cluster::forwarded_chat_is_pushed`] once node-1's shards moved.
+    async fn agents_to_forward_between(&self) -> (AgentId, AgentId, GroupId) {
+        let moving = self.agent_on("node-1", &[]);
+        let forwarding = self.agent_on("node-2", &[]);
+        let queue = self.group_on("node-3", &[]);
+        self.client.subscribe_agent(&self.gateway_id, &tenant(), &moving).await.unwrap();
+        for agent in [&moving, &forwarding] {
+            self.client.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
+        }
+        (moving, forwarding, queue)
+    }
+
     /// A chat of `queue`, started on node-2 and accepted by `from`, is forwarded to `to` (once `to` is
     /// available on its owner), whose owner pushes it to this gateway as `to`'s.
     async fn forwarded_chat_is_pushed(&self, queue: &GroupId, from: &AgentId, to: &AgentId) {
@@ -1099,13 +1112,7 @@ async fn a_router_back_on_another_address_fills_the_gateway_s_gaps_page_after_pa
 async fn an_agent_subscription_follows_the_agent_to_its_new_owner() {
     let mut cluster = Cluster::start(3, Duration::ZERO).await;
     let gateway = cluster.gateway_id.clone();
-    let moving = cluster.agent_on("node-1", &[]);
-    let forwarding = cluster.agent_on("node-2", &[]);
-    let queue = cluster.group_on("node-3", &[]);
-    cluster.client.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
-    for agent in [&moving, &forwarding] {
-        cluster.client.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
-    }
+    let (moving, forwarding, queue) = cluster.agents_to_forward_between().await;
 
     let node = cluster.nodes.remove("node-1").unwrap();
     node.terminate().await;
@@ -1199,13 +1206,7 @@ async fn a_chat_followed_again_while_a_resubscription_undoes_itself_stays_follow
 async fn an_agent_followed_again_while_a_resubscription_undoes_itself_stays_followed() {
     let mut cluster = Cluster::start(3, Duration::ZERO).await;
     let gateway = cluster.gateway_id.clone();
-    let moving = cluster.agent_on("node-1", &[]);
-    let forwarding = cluster.agent_on("node-2", &[]);
-    let queue = cluster.group_on("node-3", &[]);
-    cluster.client.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
-    for agent in [&moving, &forwarding] {
-        cluster.client.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
-    }
+    let (moving, forwarding, queue) = cluster.agents_to_forward_between().await;
 
     let mut resubscription = cluster.holds.arm("subscribe_agent");
     cluster.nodes.remove("node-1").unwrap().terminate().await;
