@@ -20,6 +20,7 @@ mod grpc;
 pub mod hub;
 mod keyed_locks;
 pub mod protocol;
+mod serve;
 mod session;
 mod ws;
 
@@ -46,6 +47,7 @@ pub use crate::admission::{REPLY_BYTES_PER_REQUEST, RequestRate};
 pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
 use crate::keyed_locks::{KeyedGuard, KeyedLocks};
+pub use crate::serve::Served;
 pub use crate::ws::{CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER, CLOSE_UNRESPONSIVE};
 
 /// The full name of the public gRPC service.
@@ -67,7 +69,8 @@ pub struct GatewaySettings {
     /// How long a WebSocket client may send nothing before it is pinged; one that then sends nothing, not
     /// even the pong its WebSocket stack answers a ping with, for as long again is disconnected (close code
     /// 4009): its process hangs, or it stopped reading. TCP keepalive finds the peers that are gone; this
-    /// finds those still there that no longer take part (default 30 s).
+    /// finds those still there that no longer take part (default 30 s). [`Gateway::serve`] pings HTTP/2
+    /// (gRPC) connections by the same rule, and gives an HTTP/1.1 request this long for its headers.
     pub idle_ping: Duration,
     /// How many chats one connection may follow (`chat.subscribe` past it is refused `follow_limit_reached`;
     /// an agent's own chats, and the chats the connection started, resumed or accepted, are followed whatever
@@ -334,8 +337,8 @@ impl Gateway {
 
     /// Everything a gateway serves, on one port: the WebSocket protocol (`/v1/ws`), `/healthz`, and over
     /// HTTP/2 the gRPC [`CHAT_SERVICE`] with reflection ([`Gateway::grpc_routes`]). Serve it with
-    /// `axum::serve` (which speaks HTTP/1.1 and HTTP/2 on the same port). Other paths are 404, or the gRPC
-    /// status UNIMPLEMENTED for gRPC requests.
+    /// [`Gateway::serve`] (HTTP/1.1 and HTTP/2 on the same port, with HTTP/2 pings). Other paths are 404, or
+    /// the gRPC status UNIMPLEMENTED for gRPC requests.
     pub fn routes(&self) -> axum::Router {
         let layer = switchboard_telemetry::GrpcServerLayer::new(&[
             switchboard_proto::public::v1::FILE_DESCRIPTOR_SET,

@@ -1,18 +1,24 @@
 //! Connections that are open but take no part are found: a WebSocket client that sends nothing is pinged,
 //! and one that then answers nothing, not even the pong its WebSocket stack answers a ping with, is
-//! disconnected with 4009 and leaves presence (its process hangs, or it stopped reading). TCP keepalive
-//! finds the peers that are gone (`tests/e2e/tests/connections.rs`); these are still there.
+//! disconnected with 4009 and leaves presence (its process hangs, or it stopped reading). gRPC clients are
+//! pinged by HTTP/2 under the same rule, and an HTTP/1.1 request's headers have as long to arrive. TCP
+//! keepalive finds the peers that are gone (`tests/e2e/tests/connections.rs`); these are still there.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{BOB, DEADLINE, Server, WsClient};
+use common::{BOB, DEADLINE, GrpcClient, Req, Server, WsClient, pb, sign_in};
 use serde_json::json;
 use switchboard_domain::{AgentId, Clock, TenantId};
 use switchboard_gateway::{CLOSE_UNRESPONSIVE, GatewaySettings};
 use switchboard_presence::Presence;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tonic::transport::Endpoint;
 
 fn settings() -> GatewaySettings {
     GatewaySettings { idle_ping: Duration::from_millis(200), ..GatewaySettings::default() }
@@ -22,6 +28,24 @@ fn settings() -> GatewaySettings {
 async fn bobs_connections(server: &Server) -> usize {
     let (tenant, bob) = (TenantId::new("acme").unwrap(), AgentId::new("bob").unwrap());
     server.presence.agent_sessions(&tenant, &bob, server.clock.now_ms()).await.unwrap().len()
+}
+
+async fn until_bob_has_left(server: &Server) {
+    let left = tokio::time::timeout(DEADLINE, async {
+        while bobs_connections(server).await > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    left.await.expect("Bob's connection left presence");
+}
+
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let reached = tokio::time::timeout(DEADLINE, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    reached.await.unwrap_or_else(|_| panic!("{what} before the deadline"));
 }
 
 /// The close frame that ends `bytes` (server frames are not masked): its code.
@@ -60,11 +84,139 @@ async fn a_client_that_answers_nothing_is_disconnected_with_4009_and_leaves_pres
     let pinged = bytes.windows(2).any(|frame| frame == [0x89, 0x00]);
     assert!(pinged, "an empty ping before the close: {bytes:?}");
     assert_eq!(closing_code(&bytes), Some(CLOSE_UNRESPONSIVE), "{bytes:?}");
-    let left = tokio::time::timeout(DEADLINE, async {
-        while bobs_connections(&server).await > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    until_bob_has_left(&server).await;
+    server.stop().await;
+}
+
+/// One gRPC client's connection, passed through a loopback proxy that counts the HTTP/2 pings the server
+/// sends and can freeze: from then on nothing more is passed either way (what arrives is read and dropped)
+/// and nothing is closed, as with a client whose process hangs.
+struct Proxy {
+    address: std::net::SocketAddr,
+    pings: Arc<AtomicUsize>,
+    frozen: Arc<AtomicBool>,
+    closed_by_server: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn to(server: &Server) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Proxy {
+            address: listener.local_addr().unwrap(),
+            pings: Arc::default(),
+            frozen: Arc::default(),
+            closed_by_server: Arc::default(),
+        };
+        let (pings, frozen, closed) = (proxy.pings.clone(), proxy.frozen.clone(), proxy.closed_by_server.clone());
+        let upstream = server.addr;
+        tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = TcpStream::connect(upstream).await.unwrap();
+            let (mut client_reads, mut client_writes) = client.into_split();
+            let (mut server_reads, mut server_writes) = server.into_split();
+            let frozen_up = frozen.clone();
+            tokio::spawn(async move {
+                let mut buffer = vec![0; 16 * 1024];
+                while let Ok(read @ 1..) = client_reads.read(&mut buffer).await {
+                    if !frozen_up.load(Ordering::SeqCst) && server_writes.write_all(&buffer[..read]).await.is_err() {
+                        break;
+                    }
+                }
+                std::future::pending::<()>().await;
+            });
+            let mut buffer = vec![0; 16 * 1024];
+            let mut frames = Vec::new();
+            loop {
+                let read = match server_reads.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => read,
+                };
+                frames.extend_from_slice(&buffer[..read]);
+                pings.fetch_add(take_pings(&mut frames), Ordering::SeqCst);
+                if !frozen.load(Ordering::SeqCst) && client_writes.write_all(&buffer[..read]).await.is_err() {
+                    break;
+                }
+            }
+            closed.store(true, Ordering::SeqCst);
+            // The client's side stays open: a hung client does not close its socket.
+            std::future::pending::<()>().await;
+        });
+        proxy
+    }
+
+    async fn client(&self) -> GrpcClient {
+        let channel = Endpoint::from_shared(format!("http://{}", self.address)).unwrap().connect().await.unwrap();
+        GrpcClient::open(channel).await
+    }
+
+    fn pings(&self) -> usize {
+        self.pings.load(Ordering::SeqCst)
+    }
+}
+
+/// Takes the whole HTTP/2 frames off the front of `bytes` (from the server: no connection preface), and
+/// counts the pings among them (PING frames without the ACK flag).
+fn take_pings(bytes: &mut Vec<u8>) -> usize {
+    let mut pings = 0;
+    while bytes.len() >= 9 {
+        let length = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        if bytes.len() < 9 + length {
+            break;
         }
-    });
-    left.await.expect("Bob's connection left presence");
+        if bytes[3] == 0x6 && bytes[4] & 0x1 == 0 {
+            pings += 1;
+        }
+        bytes.drain(..9 + length);
+    }
+    pings
+}
+
+#[tokio::test]
+async fn a_quiet_grpc_client_whose_stack_answers_pings_stays_connected() {
+    let server = Server::start_with(settings()).await;
+    let proxy = Proxy::to(&server).await;
+    let mut bob = proxy.client().await;
+    bob.ack(sign_in(BOB)).await;
+    let signed_in = Instant::now();
+    // Bob's client sends nothing but the answers its HTTP/2 stack gives to pings: pinged again and again,
+    // each time after 200 ms without a frame from it (unanswered, the first would have closed it).
+    until("four HTTP/2 pings", || proxy.pings() >= 4).await;
+    let pinged_for = signed_in.elapsed();
+    assert!(pinged_for >= Duration::from_millis(3 * 200), "four pings 200 ms of silence apart, not {pinged_for:?}");
+    assert_eq!(bob.ack(Req::Ping(pb::PingRequest {})).await, common::AckResult::Ping(pb::PingResult {}));
+    assert_eq!(bobs_connections(&server).await, 1);
+    assert!(!proxy.closed_by_server.load(Ordering::SeqCst));
+    drop(bob);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_grpc_client_that_answers_nothing_is_disconnected_and_leaves_presence() {
+    let server = Server::start_with(settings()).await;
+    let proxy = Proxy::to(&server).await;
+    let mut bob = proxy.client().await;
+    bob.ack(sign_in(BOB)).await;
+    assert_eq!(bobs_connections(&server).await, 1);
+    // Bob's client hangs: nothing more reaches it, nothing comes from it, its socket stays open.
+    proxy.frozen.store(true, Ordering::SeqCst);
+    let pings_before = proxy.pings();
+    until("the server closed the connection", || proxy.closed_by_server.load(Ordering::SeqCst)).await;
+    assert!(proxy.pings() > pings_before, "pinged before the connection was closed");
+    until_bob_has_left(&server).await;
+    drop(bob);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_whose_headers_never_end_is_disconnected() {
+    let server = Server::start_with(settings()).await;
+    let mut client = TcpStream::connect(server.addr).await.unwrap();
+    let connected = Instant::now();
+    client.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: switchboard\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer)).await;
+    read.expect("the connection closed before the deadline").expect("read to the end");
+    let open_for = connected.elapsed();
+    assert!(open_for >= Duration::from_millis(200), "given the whole 200 ms for its headers, not {open_for:?}");
     server.stop().await;
 }

@@ -102,8 +102,9 @@ pub struct Limits {
     /// How long one write may wait for a client that does not read before it is disconnected (4008).
     #[serde(default = "default_write_stall_timeout_ms")]
     pub write_stall_timeout_ms: u64,
-    /// How long a WebSocket client may send nothing before it is pinged; unanswered for as long again, it
-    /// is disconnected (4009).
+    /// How long a client may send nothing before it is pinged (a WebSocket ping, an HTTP/2 `PING` for gRPC);
+    /// unanswered for as long again, it is disconnected (4009). Also how long an HTTP/1.1 request may take
+    /// to send its headers.
     #[serde(default = "default_idle_ping_ms")]
     pub idle_ping_ms: u64,
     /// How long a gateway that shuts down waits for its connections to end before it stops without them.

@@ -358,35 +358,16 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
 
 /// Serves a gateway's WebSocket, HTTP and public gRPC endpoints on one port until SIGTERM/ctrl-c, then
 /// drains its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001), waiting at most `grace`
-/// (`limits.shutdown_grace_ms`) for them to end.
+/// (`limits.shutdown_grace_ms`) for them to end. A client that reads nothing keeps its HTTP/2 stream open (its
+/// last frames wait for a window that never opens): past the grace its connection is closed.
 async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway, grace: Duration) -> anyhow::Result<()> {
-    use axum::serve::ListenerExt;
-    // axum sets neither TCP_NODELAY nor keepalive on accepted sockets.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = switchboard_gateway::tune_client_socket(tcp) {
-            debug!(%error, "a client connection's socket options not set");
-        }
-    });
+    let routes = gateway.routes().merge(switchboard_telemetry::metrics_routes());
     let draining = gateway.clone();
-    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serve = axum::serve(listener, gateway.routes().merge(switchboard_telemetry::metrics_routes()))
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            draining.drain();
-            let _ = stopping.send(());
-        });
-    // A client that reads nothing keeps its HTTP/2 stream open (its last frames wait for a window that never
-    // opens), and a graceful shutdown would wait for it for good.
-    let give_up = async move {
-        if stopped.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(grace).await;
+    let shutdown = async move {
+        shutdown_signal().await;
+        draining.drain();
     };
-    tokio::select! {
-        served = std::future::IntoFuture::into_future(serve) => served?,
-        () = give_up => warn!(?grace, "connections still open after the shutdown grace; not waiting for them"),
-    }
+    gateway.serve(listener, routes, shutdown, grace).await;
     Ok(())
 }
 

@@ -1,21 +1,20 @@
 #![allow(dead_code)] // each test uses a part
 //! A gateway over an in-process router on `MemoryStore`, served on a real loopback socket exactly as the
-//! binary serves it (`Gateway::routes` through `axum::serve`), and two protocol clients: gRPC and WebSocket.
+//! binary serves it (`Gateway::routes` through `Gateway::serve`), and two protocol clients: gRPC and WebSocket.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use switchboard_domain::{
     AgentEntry, AgentId, Clock, Directory, FixedClock, GroupEntry, GroupId, TenantEntry, TenantId,
 };
-use switchboard_gateway::{Gateway, GatewaySettings};
+use switchboard_gateway::{Gateway, GatewaySettings, Served};
 use switchboard_presence::{MemoryPresence, Presence};
-use switchboard_proto::public::v1 as pb;
+pub use switchboard_proto::public::v1 as pb;
 use switchboard_proto::public::v1::chat_service_client::ChatServiceClient;
 use switchboard_proto::router::RouterApi;
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
@@ -67,7 +66,7 @@ pub struct Server {
     pub presence: Arc<MemoryPresence>,
     pub clock: Arc<FixedClock>,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    task: JoinHandle<Served>,
 }
 
 impl Server {
@@ -146,17 +145,12 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let routes = gateway.routes();
-        // As the binary should: axum does not set TCP_NODELAY, and small gRPC frames then wait for ACKs.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let serving = gateway.clone();
         let task = tokio::spawn(async move {
-            axum::serve(listener, routes)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            serving.serve(listener, routes, shutdown, DEADLINE).await
         });
         Server { gateway, addr, router, store, presence, clock, stop: Some(stop), task }
     }
@@ -178,7 +172,8 @@ impl Server {
     pub async fn stop(mut self) {
         self.gateway.drain();
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(DEADLINE, self.task).await.expect("the server stopped").unwrap();
+        let served = tokio::time::timeout(2 * DEADLINE, self.task).await.expect("the server stopped").unwrap();
+        assert_eq!(served, Served::Drained, "every client connection ended within the grace");
     }
 }
 
