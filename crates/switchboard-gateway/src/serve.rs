@@ -20,6 +20,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use switchboard_telemetry::names;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -88,7 +89,7 @@ impl Gateway {
                             tokio::select! {
                                 served = connection.as_mut() => {
                                     if let Err(error) = served {
-                                        debug!(%error, %peer, "a client connection ended with an error");
+                                        ended_with(&*error, peer);
                                     }
                                     break;
                                 }
@@ -120,6 +121,23 @@ impl Gateway {
                 Served::GaveUp { open }
             }
         }
+    }
+}
+
+/// A connection that ended with an error: one closed for answering nothing is counted
+/// (`switchboard_gateway_unresponsive_disconnects_total`), by what it failed to answer.
+fn ended_with(error: &(dyn std::error::Error + 'static), peer: std::net::SocketAddr) {
+    let unanswered = error.downcast_ref::<hyper::Error>().filter(|error| error.is_timeout()).map(|error| {
+        // hyper's two deadlines here: an HTTP/1.1 request's headers (an error of its own kind, without a
+        // cause) and an HTTP/2 ping (an HTTP/2 error caused by the ping's timeout).
+        if std::error::Error::source(error).is_some() { "grpc" } else { "http" }
+    });
+    match unanswered {
+        Some(transport) => {
+            debug!(%error, %peer, transport, "a client connection answered nothing; closed");
+            metrics::counter!(names::GATEWAY_UNRESPONSIVE_DISCONNECTS, "transport" => transport).increment(1);
+        }
+        None => debug!(%error, %peer, "a client connection ended with an error"),
     }
 }
 

@@ -264,7 +264,9 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     connection_gauge::<T>(session.role.as_ref()).decrement(1.0);
     match end {
         End::Close(Close::SlowConsumer) => metrics::counter!(names::GATEWAY_SLOW_CONSUMER_DISCONNECTS).increment(1),
-        End::Close(Close::Unresponsive) => metrics::counter!(names::GATEWAY_UNRESPONSIVE_DISCONNECTS).increment(1),
+        End::Close(Close::Unresponsive) => {
+            metrics::counter!(names::GATEWAY_UNRESPONSIVE_DISCONNECTS, "transport" => "websocket").increment(1);
+        }
         _ => {}
     }
     // The connection leaves the hub and presence first: the close below may wait on a client that does not

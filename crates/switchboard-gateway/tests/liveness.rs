@@ -39,6 +39,16 @@ async fn until_bob_has_left(server: &Server) {
     left.await.expect("Bob's connection left presence");
 }
 
+/// `switchboard_gateway_unresponsive_disconnects_total{transport}` as this process's recorder shows it (the
+/// tests of this file run at once, each on a transport of its own).
+fn unresponsive_disconnects(transport: &str) -> u64 {
+    switchboard_telemetry::install_metrics("gateway");
+    let exposition = switchboard_telemetry::render_metrics();
+    let line = format!("switchboard_gateway_unresponsive_disconnects_total{{transport=\"{transport}\"}} ");
+    let count = exposition.lines().find_map(|sample| sample.strip_prefix(&line));
+    count.map_or(0, |count| count.trim().parse().expect("a count"))
+}
+
 async fn until(what: &str, condition: impl Fn() -> bool) {
     let reached = tokio::time::timeout(DEADLINE, async {
         while !condition() {
@@ -76,6 +86,7 @@ async fn a_quiet_client_whose_stack_answers_pings_stays_connected() {
 #[tokio::test]
 async fn a_client_that_answers_nothing_is_disconnected_with_4009_and_leaves_presence() {
     let server = Server::start_with(settings()).await;
+    let counted = unresponsive_disconnects("websocket");
     let mut bob = WsClient::connect(&server).await;
     bob.ack(json!({ "type": "agent.sign_in", "token": BOB })).await;
     assert_eq!(bobs_connections(&server).await, 1);
@@ -85,6 +96,7 @@ async fn a_client_that_answers_nothing_is_disconnected_with_4009_and_leaves_pres
     assert!(pinged, "an empty ping before the close: {bytes:?}");
     assert_eq!(closing_code(&bytes), Some(CLOSE_UNRESPONSIVE), "{bytes:?}");
     until_bob_has_left(&server).await;
+    assert_eq!(unresponsive_disconnects("websocket"), counted + 1);
     server.stop().await;
 }
 
@@ -193,6 +205,7 @@ async fn a_quiet_grpc_client_whose_stack_answers_pings_stays_connected() {
 #[tokio::test]
 async fn a_grpc_client_that_answers_nothing_is_disconnected_and_leaves_presence() {
     let server = Server::start_with(settings()).await;
+    let counted = unresponsive_disconnects("grpc");
     let proxy = Proxy::to(&server).await;
     let mut bob = proxy.client().await;
     bob.ack(sign_in(BOB)).await;
@@ -203,6 +216,7 @@ async fn a_grpc_client_that_answers_nothing_is_disconnected_and_leaves_presence(
     until("the server closed the connection", || proxy.closed_by_server.load(Ordering::SeqCst)).await;
     assert!(proxy.pings() > pings_before, "pinged before the connection was closed");
     until_bob_has_left(&server).await;
+    until("the closed connection counted", || unresponsive_disconnects("grpc") == counted + 1).await;
     drop(bob);
     server.stop().await;
 }
@@ -210,6 +224,7 @@ async fn a_grpc_client_that_answers_nothing_is_disconnected_and_leaves_presence(
 #[tokio::test]
 async fn a_request_whose_headers_never_end_is_disconnected() {
     let server = Server::start_with(settings()).await;
+    let counted = unresponsive_disconnects("http");
     let mut client = TcpStream::connect(server.addr).await.unwrap();
     let connected = Instant::now();
     client.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: switchboard\r\n").await.unwrap();
@@ -218,5 +233,6 @@ async fn a_request_whose_headers_never_end_is_disconnected() {
     read.expect("the connection closed before the deadline").expect("read to the end");
     let open_for = connected.elapsed();
     assert!(open_for >= Duration::from_millis(200), "given the whole 200 ms for its headers, not {open_for:?}");
+    until("the closed connection counted", || unresponsive_disconnects("http") == counted + 1).await;
     server.stop().await;
 }

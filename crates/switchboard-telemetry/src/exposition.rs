@@ -19,7 +19,9 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// and sets `switchboard_build_info{role}`. Until this runs, the `metrics` macros record nothing, which is
 /// what unit tests get.
 pub fn install_metrics(role: &str) -> PrometheusHandle {
+    let mut installed = false;
     let handle = HANDLE.get_or_init(|| {
+        installed = true;
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), WAIT_BUCKETS)
             .and_then(|builder| {
@@ -38,9 +40,14 @@ pub fn install_metrics(role: &str) -> PrometheusHandle {
         }
     });
     describe();
-    // Counters without labels are shown from the start (at 0), not from their first event.
-    metrics::counter!(GATEWAY_SLOW_CONSUMER_DISCONNECTS).absolute(0);
-    metrics::counter!(GATEWAY_UNRESPONSIVE_DISCONNECTS).absolute(0);
+    // A few counters are shown from the start (at 0), not from their first event; set once, so that a later
+    // call does not take back what was counted.
+    if installed {
+        metrics::counter!(GATEWAY_SLOW_CONSUMER_DISCONNECTS).absolute(0);
+        for transport in ["websocket", "grpc", "http"] {
+            metrics::counter!(GATEWAY_UNRESPONSIVE_DISCONNECTS, "transport" => transport).absolute(0);
+        }
+    }
     metrics::gauge!(BUILD_INFO, "role" => role.to_owned(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.clone()
 }
@@ -88,7 +95,8 @@ fn describe() {
     describe_counter!(GATEWAY_SLOW_CONSUMER_DISCONNECTS, "Connections closed because their outbound queue was full.");
     describe_counter!(
         GATEWAY_UNRESPONSIVE_DISCONNECTS,
-        "WebSocket connections closed because they sent nothing, not even a pong, after a ping."
+        "Client connections closed because they answered nothing, by transport: a WebSocket or an HTTP/2 (gRPC) \
+         connection silent after a ping, an HTTP/1.1 request whose headers did not arrive in time."
     );
     describe_histogram!(
         MESSAGE_LATENCY,
