@@ -746,9 +746,7 @@ fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscripti
     if !lock(&client.inner.subscriptions).retrying.insert(what.clone()) {
         return;
     }
-    let next = delay.saturating_mul(2).min(RESUBSCRIBE_RETRY_MAX);
-    let spread = u64::try_from(delay.as_millis() / 2).unwrap_or(u64::MAX);
-    let delay = delay / 2 + Duration::from_millis(RandomState::new().hash_one(&what) % spread.saturating_add(1));
+    let (delay, next) = retry_schedule(delay, RandomState::new().hash_one(&what));
     let weak = Arc::downgrade(&client.inner);
     drop(client);
     tokio::spawn(async move {
@@ -774,6 +772,14 @@ fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscripti
             }
         }
     });
+}
+
+/// A retry's wait, somewhere in the second half of `delay` as `draw` (a random number) picks, and the delay
+/// of the retry after it: twice `delay`, at most `RESUBSCRIBE_RETRY_MAX`.
+fn retry_schedule(delay: Duration, draw: u64) -> (Duration, Duration) {
+    let next = delay.saturating_mul(2).min(RESUBSCRIBE_RETRY_MAX);
+    let spread = u64::try_from(delay.as_millis() / 2).unwrap_or(u64::MAX);
+    (delay / 2 + Duration::from_millis(draw % spread.saturating_add(1)), next)
 }
 
 /// Forwards a page of a conversation's events to the gateway as pushes, then the pages after it, read from
@@ -1424,6 +1430,24 @@ impl PeerApi for ClusterClient {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retries_wait_in_the_second_half_of_a_delay_that_doubles_up_to_a_minute() {
+        let mut delay = RESUBSCRIBE_RETRY_FIRST;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            for draw in [0, 1, 999, 1_000, 1_001, u64::MAX / 3, u64::MAX] {
+                let (wait, _) = retry_schedule(delay, draw);
+                assert!(wait >= delay / 2 && wait <= delay, "{wait:?} within the second half of {delay:?}");
+            }
+            delays.push(delay.as_secs());
+            delay = retry_schedule(delay, 0).1;
+        }
+        assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
+        // Spread over the whole half: the draws of 0 and of the half's last millisecond are its two ends.
+        assert_eq!(retry_schedule(RESUBSCRIBE_RETRY_FIRST, 0).0, Duration::from_secs(1));
+        assert_eq!(retry_schedule(RESUBSCRIBE_RETRY_FIRST, 1_000).0, Duration::from_secs(2));
+    }
+
     use super::*;
 
     fn followed(through: u64) -> Followed {
