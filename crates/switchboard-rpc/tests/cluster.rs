@@ -450,11 +450,11 @@ impl RouterApi for SlowNode {
         tenant: &TenantId,
         group: &GroupId,
     ) -> Result<(), RouterError> {
-        self.node.subscribe_queue(gateway, tenant, group).await
+        self.holds.pass("subscribe_queue", self.node.subscribe_queue(gateway, tenant, group)).await
     }
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
-        self.node.unsubscribe_queue(gateway, tenant, group).await;
+        self.holds.pass("unsubscribe_queue", self.node.unsubscribe_queue(gateway, tenant, group)).await;
     }
 
     async fn list_chats(
@@ -1222,6 +1222,30 @@ async fn an_agent_followed_again_while_a_resubscription_undoes_itself_stays_foll
 
     // A chat forwarded to the agent is pushed to this gateway.
     cluster.forwarded_chat_is_pushed(&queue, &forwarding, &moving).await;
+}
+
+/// As for a chat, for a queue: the gateway stops following a queue while the subscription made again after
+/// an owner move is on its way, and follows it again before that subscription's undo lands on the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_followed_again_while_a_resubscription_undoes_itself_stays_followed() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let gateway = cluster.gateway_id.clone();
+    let queue = cluster.group_on("node-2", &[]);
+    cluster.client.subscribe_queue(&gateway, &tenant(), &queue).await.unwrap();
+
+    let mut resubscription = cluster.holds.arm("subscribe_queue");
+    cluster.nodes.remove("node-2").unwrap().terminate().await;
+    resubscription.entered().await;
+    cluster.client.unsubscribe_queue(&gateway, &tenant(), &queue).await;
+    let mut undo = cluster.holds.arm("unsubscribe_queue");
+    resubscription.release().await;
+    undo.entered().await;
+    cluster.client.subscribe_queue(&gateway, &tenant(), &queue).await.unwrap();
+    undo.release().await;
+
+    // A new chat in the queue is pushed to this gateway.
+    let (chat, _) = cluster.start_chat("node-1", &queue, "erin").await;
+    queue_added(&cluster, &queue, chat).await;
 }
 
 /// The status an agent chose is set again on the agent's next owner only while the agent is signed in
