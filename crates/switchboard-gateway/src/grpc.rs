@@ -169,7 +169,8 @@ fn status(close: &Close) -> Status {
     match close {
         Close::SlowConsumer | Close::FrameTooLarge { .. } => Status::resource_exhausted(message),
         Close::Undecodable { .. } => Status::invalid_argument(message),
-        // gRPC streams are not pinged (`Transport::PINGS`): `Unresponsive` is a WebSocket's only.
+        // A gRPC session does not ping (`Transport::PINGS`): its HTTP/2 connection is pinged by the server
+        // (`serve.rs`), which closes the connection itself. `Unresponsive` is a WebSocket's only.
         Close::ShuttingDown | Close::Unresponsive => Status::unavailable(message),
     }
 }

@@ -70,7 +70,8 @@ pub struct GatewaySettings {
     /// even the pong its WebSocket stack answers a ping with, for as long again is disconnected (close code
     /// 4009): its process hangs, or it stopped reading. TCP keepalive finds the peers that are gone; this
     /// finds those still there that no longer take part (default 30 s). [`Gateway::serve`] pings HTTP/2
-    /// (gRPC) connections by the same rule, and gives an HTTP/1.1 request this long for its headers.
+    /// (gRPC) connections by the same rule, and gives a new connection this long to say which protocol it
+    /// speaks and an HTTP/1.1 request this long for its headers.
     pub idle_ping: Duration,
     /// How many chats one connection may follow (`chat.subscribe` past it is refused `follow_limit_reached`;
     /// an agent's own chats, and the chats the connection started, resumed or accepted, are followed whatever

@@ -6,34 +6,42 @@
 //!   connection closed: its streams end, and with them its sessions (an agent leaves presence). The same rule
 //!   as a WebSocket's pings (close code 4009); TCP keepalive finds the peers that are gone, this those still
 //!   there that take no part (a process that hangs, or stopped reading).
-//! - **A deadline for a request's headers.** An HTTP/1.1 client that takes longer than `idle_ping` to send a
-//!   request's headers (a WebSocket handshake among them) is disconnected, so that connections opened and
-//!   left half-spoken do not pile up.
+//! - **Deadlines for connections that say nothing.** A connection whose first bytes do not tell HTTP/1.1
+//!   from HTTP/2 within `idle_ping` (hyper's server would wait for them for good), and an HTTP/1.1 request
+//!   whose headers take longer than that (a WebSocket handshake among them; and an idle keep-alive
+//!   connection between requests), are closed, so that connections opened and left silent or half-spoken
+//!   do not pile up.
 //! - **Client sockets tuned** as they are accepted ([`tune_client_socket`]: no Nagle delay, keepalive).
 //!
 //! [`GatewaySettings::idle_ping`]: crate::GatewaySettings::idle_ping
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use switchboard_telemetry::names;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::{Gateway, tune_client_socket};
 
-/// How a [`Gateway::serve`] ended.
+/// How a [`Gateway::serve`] ended. A WebSocket is no longer the server's once its handshake is done (its
+/// session ends it: [`Gateway::drain`]): these count the HTTP connections and the HTTP/2 ones (gRPC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
     /// Every connection ended within the grace.
     Drained,
-    /// The grace ran out with this many connections still open; they were closed.
+    /// The grace ran out with this many connections still open (some may have been ending at that moment);
+    /// they were closed.
     GaveUp { open: usize },
 }
 
@@ -63,7 +71,7 @@ impl Gateway {
         let (ending, _) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
-        loop {
+        'accepting: loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -71,37 +79,17 @@ impl Gateway {
                     let (tcp, peer) = match accepted {
                         Ok(accepted) => accepted,
                         Err(error) => {
-                            accept_failed(error).await;
-                            continue;
+                            tokio::select! {
+                                () = accept_failed(error) => continue,
+                                () = &mut shutdown => break 'accepting,
+                            }
                         }
                     };
                     if let Err(error) = tune_client_socket(&tcp) {
                         debug!(%error, %peer, "a client connection's socket options not set");
                     }
-                    let builder = builder.clone();
-                    let service = TowerToHyperService::new(routes.clone());
-                    let mut ending = ending.subscribe();
-                    connections.spawn(async move {
-                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                        let mut connection = std::pin::pin!(connection);
-                        let mut asked_to_end = false;
-                        loop {
-                            tokio::select! {
-                                served = connection.as_mut() => {
-                                    if let Err(error) = served {
-                                        ended_with(&*error, peer);
-                                    }
-                                    break;
-                                }
-                                changed = ending.wait_for(|ending| *ending), if !asked_to_end => {
-                                    asked_to_end = true;
-                                    if changed.is_ok() {
-                                        connection.as_mut().graceful_shutdown();
-                                    }
-                                }
-                            }
-                        }
-                    });
+                    let connection = serve_connection(tcp, peer, builder.clone(), routes.clone(), ending.subscribe(), idle);
+                    connections.spawn(connection);
                 }
             }
         }
@@ -124,20 +112,141 @@ impl Gateway {
     }
 }
 
-/// A connection that ended with an error: one closed for answering nothing is counted
-/// (`switchboard_gateway_unresponsive_disconnects_total`), by what it failed to answer.
-fn ended_with(error: &(dyn std::error::Error + 'static), peer: std::net::SocketAddr) {
-    let unanswered = error.downcast_ref::<hyper::Error>().filter(|error| error.is_timeout()).map(|error| {
-        // hyper's two deadlines here: an HTTP/1.1 request's headers (an error of its own kind, without a
-        // cause) and an HTTP/2 ping (an HTTP/2 error caused by the ping's timeout).
-        if std::error::Error::source(error).is_some() { "grpc" } else { "http" }
-    });
-    match unanswered {
-        Some(transport) => {
-            debug!(%error, %peer, transport, "a client connection answered nothing; closed");
-            metrics::counter!(names::GATEWAY_UNRESPONSIVE_DISCONNECTS, "transport" => transport).increment(1);
+/// Serves one client connection. Its first bytes are read here, until they tell HTTP/1.1 from HTTP/2 (as
+/// hyper's server would read them, without a deadline): a connection that has not said which it speaks
+/// within `idle` is closed. Then hyper serves it, the bytes read first given back to it ahead of the rest.
+async fn serve_connection(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    builder: Builder<TokioExecutor>,
+    routes: axum::Router,
+    mut ending: watch::Receiver<bool>,
+    idle: Duration,
+) {
+    let first = tokio::select! {
+        first = tokio::time::timeout(idle, first_bytes(&mut tcp)) => first,
+        // Shutting down: a connection that has asked for nothing yet is closed at once.
+        _ = ending.wait_for(|ending| *ending) => return,
+    };
+    let first = match first {
+        Ok(Ok(first)) => first,
+        Ok(Err(error)) => {
+            debug!(%error, %peer, "a client connection failed before its first request");
+            return;
         }
-        None => debug!(%error, %peer, "a client connection ended with an error"),
+        Err(_) => {
+            debug!(%peer, ?idle, "a client connection said nothing of its protocol in time; closed");
+            metrics::counter!(names::GATEWAY_UNRESPONSIVE_DISCONNECTS, "transport" => "http").increment(1);
+            return;
+        }
+    };
+    let http2 = first.as_slice() == HTTP2_PREFACE;
+    let io = TokioIo::new(ReadFirst { first, at: 0, io: tcp });
+    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(routes));
+    let mut connection = std::pin::pin!(connection);
+    let mut asked_to_end = false;
+    loop {
+        tokio::select! {
+            served = connection.as_mut() => {
+                if let Err(error) = served {
+                    ended_with(&*error, peer, http2);
+                }
+                return;
+            }
+            changed = ending.wait_for(|ending| *ending), if !asked_to_end => {
+                asked_to_end = true;
+                if changed.is_ok() {
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// What an HTTP/2 connection begins with (RFC 9113, 3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes until they tell its protocol: all of HTTP/2's preface, or a byte that
+/// differs from it (HTTP/1.1), or the end of the connection.
+async fn first_bytes(tcp: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut first = [0; HTTP2_PREFACE.len()];
+    let mut read = 0;
+    while read < first.len() {
+        let more = tcp.read(&mut first[read..]).await?;
+        if more == 0 {
+            break;
+        }
+        read += more;
+        if first[..read] != HTTP2_PREFACE[..read] {
+            break;
+        }
+    }
+    Ok(first[..read].to_vec())
+}
+
+/// A connection whose first bytes were read already: they are read again, then the rest.
+struct ReadFirst<T> {
+    first: Vec<u8>,
+    at: usize,
+    io: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadFirst<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.first.len() {
+            let give = (this.first.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.first[this.at..this.at + give]);
+            this.at += give;
+            if this.at == this.first.len() {
+                this.first = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadFirst<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A connection that ended with an error. An HTTP/2 connection that answered no ping is counted; an HTTP/1.1
+/// connection closed by its headers' deadline is not: hyper's deadline also closes a keep-alive connection
+/// left idle between requests, which is no fault of its client. (hyper's deadlines are its only timeouts
+/// here: a ping's on HTTP/2, the headers' on HTTP/1.1.)
+fn ended_with(error: &(dyn std::error::Error + 'static), peer: SocketAddr, http2: bool) {
+    let timed_out = error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+    match (timed_out, http2) {
+        (true, true) => {
+            debug!(%error, %peer, "a client connection answered no HTTP/2 ping; closed");
+            metrics::counter!(names::GATEWAY_UNRESPONSIVE_DISCONNECTS, "transport" => "grpc").increment(1);
+        }
+        (true, false) => debug!(%peer, "a client connection sent no request's headers in time; closed"),
+        (false, _) => debug!(%error, %peer, "a client connection ended with an error"),
     }
 }
 

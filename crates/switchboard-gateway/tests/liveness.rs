@@ -1,7 +1,8 @@
 //! Connections that are open but take no part are found: a WebSocket client that sends nothing is pinged,
 //! and one that then answers nothing, not even the pong its WebSocket stack answers a ping with, is
 //! disconnected with 4009 and leaves presence (its process hangs, or it stopped reading). gRPC clients are
-//! pinged by HTTP/2 under the same rule, and an HTTP/1.1 request's headers have as long to arrive. TCP
+//! pinged by HTTP/2 under the same rule; a connection has as long to say which protocol it speaks, and an
+//! HTTP/1.1 request as long for its headers. TCP
 //! keepalive finds the peers that are gone (`tests/e2e/tests/connections.rs`); these are still there.
 
 mod common;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use common::{BOB, DEADLINE, GrpcClient, Req, Server, WsClient, pb, sign_in};
 use serde_json::json;
 use switchboard_domain::{AgentId, Clock, TenantId};
-use switchboard_gateway::{CLOSE_UNRESPONSIVE, GatewaySettings};
+use switchboard_gateway::{CLOSE_UNRESPONSIVE, GatewaySettings, Served};
 use switchboard_presence::Presence;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,7 +41,7 @@ async fn until_bob_has_left(server: &Server) {
 }
 
 /// `switchboard_gateway_unresponsive_disconnects_total{transport}` as this process's recorder shows it (the
-/// tests of this file run at once, each on a transport of its own).
+/// tests of this file run at once; one test only of each transport expects a count).
 fn unresponsive_disconnects(transport: &str) -> u64 {
     switchboard_telemetry::install_metrics("gateway");
     let exposition = switchboard_telemetry::render_metrics();
@@ -221,18 +222,54 @@ async fn a_grpc_client_that_answers_nothing_is_disconnected_and_leaves_presence(
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_request_whose_headers_never_end_is_disconnected() {
-    let server = Server::start_with(settings()).await;
-    let counted = unresponsive_disconnects("http");
-    let mut client = TcpStream::connect(server.addr).await.unwrap();
-    let connected = Instant::now();
-    client.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: switchboard\r\n").await.unwrap();
+/// Reads what the server sends until it closes the connection: how long it stayed open.
+async fn open_until_closed(mut client: TcpStream, since: Instant) -> Duration {
     let mut answer = Vec::new();
     let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer)).await;
     read.expect("the connection closed before the deadline").expect("read to the end");
-    let open_for = connected.elapsed();
+    since.elapsed()
+}
+
+#[tokio::test]
+async fn a_request_whose_headers_never_end_is_disconnected() {
+    let server = Server::start_with(settings()).await;
+    let mut client = TcpStream::connect(server.addr).await.unwrap();
+    let connected = Instant::now();
+    client.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: switchboard\r\n").await.unwrap();
+    let open_for = open_until_closed(client, connected).await;
     assert!(open_for >= Duration::from_millis(200), "given the whole 200 ms for its headers, not {open_for:?}");
-    until("the closed connection counted", || unresponsive_disconnects("http") == counted + 1).await;
     server.stop().await;
+}
+
+/// A connection that sends nothing, and one that stops inside HTTP/2's preface, never say which protocol
+/// they speak (hyper's server waits for that without a deadline): both are closed, and counted.
+#[tokio::test]
+async fn connections_that_never_say_which_protocol_they_speak_are_disconnected_and_counted() {
+    let server = Server::start_with(settings()).await;
+    let counted = unresponsive_disconnects("http");
+    let silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut halting = TcpStream::connect(server.addr).await.unwrap();
+    let connected = Instant::now();
+    halting.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    for client in [silent, halting] {
+        let open_for = open_until_closed(client, connected).await;
+        assert!(open_for >= Duration::from_millis(200), "given the whole 200 ms, not {open_for:?}");
+    }
+    until("both closed connections counted", || unresponsive_disconnects("http") == counted + 2).await;
+    server.stop().await;
+}
+
+/// A connection still open when the shutdown grace runs out (here a request that never finishes its headers,
+/// given far longer than the grace for them) is closed, and the server says so.
+#[tokio::test]
+async fn connections_still_open_past_the_shutdown_grace_are_closed() {
+    let server = Server::start_with_grace(GatewaySettings::default(), Duration::from_millis(200)).await;
+    let mut client = TcpStream::connect(server.addr).await.unwrap();
+    client.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: switchboard\r\n").await.unwrap();
+    let mut quiet = WsClient::connect(&server).await;
+    assert_eq!(quiet.ack(json!({ "type": "ping" })).await["type"], "ack");
+    let stopping = Instant::now();
+    // The WebSocket is drained (its session's to end, not the server's); the half-sent request is not.
+    assert_eq!(server.stop_served().await, Served::GaveUp { open: 1 });
+    open_until_closed(client, stopping).await;
 }

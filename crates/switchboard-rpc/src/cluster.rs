@@ -1430,24 +1430,6 @@ impl PeerApi for ClusterClient {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn retries_wait_in_the_second_half_of_a_delay_that_doubles_up_to_a_minute() {
-        let mut delay = RESUBSCRIBE_RETRY_FIRST;
-        let mut delays = Vec::new();
-        for _ in 0..8 {
-            for draw in [0, 1, 999, 1_000, 1_001, u64::MAX / 3, u64::MAX] {
-                let (wait, _) = retry_schedule(delay, draw);
-                assert!(wait >= delay / 2 && wait <= delay, "{wait:?} within the second half of {delay:?}");
-            }
-            delays.push(delay.as_secs());
-            delay = retry_schedule(delay, 0).1;
-        }
-        assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
-        // Spread over the whole half: the draws of 0 and of the half's last millisecond are its two ends.
-        assert_eq!(retry_schedule(RESUBSCRIBE_RETRY_FIRST, 0).0, Duration::from_secs(1));
-        assert_eq!(retry_schedule(RESUBSCRIBE_RETRY_FIRST, 1_000).0, Duration::from_secs(2));
-    }
-
     use super::*;
 
     fn followed(through: u64) -> Followed {
@@ -1515,5 +1497,23 @@ mod tests {
         assert_eq!((followed.through, followed.has_hole()), (4, true), "the whole log: 12 is still past a hole");
         followed.note_page(&EventPage { events: vec![event(5), event(6)], last_seq: 11 });
         assert_eq!((followed.through, followed.has_hole()), (12, false), "7..=11 are read by the subscriber");
+    }
+
+    #[test]
+    fn retries_wait_in_the_second_half_of_a_delay_that_doubles_up_to_a_minute() {
+        let mut delay = RESUBSCRIBE_RETRY_FIRST;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            for draw in [0, 1, 999, 1_000, 1_001, u64::MAX / 3, u64::MAX] {
+                let (wait, _) = retry_schedule(delay, draw);
+                assert!(wait >= delay / 2 && wait <= delay, "{wait:?} within the second half of {delay:?}");
+            }
+            delays.push(delay.as_secs());
+            delay = retry_schedule(delay, 0).1;
+        }
+        assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
+        // Spread over the whole half: the draws of 0 and of the half's last millisecond are its two ends.
+        assert_eq!(retry_schedule(RESUBSCRIBE_RETRY_FIRST, 0).0, Duration::from_secs(1));
+        assert_eq!(retry_schedule(RESUBSCRIBE_RETRY_FIRST, 1_000).0, Duration::from_secs(2));
     }
 }

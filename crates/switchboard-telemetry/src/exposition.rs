@@ -96,7 +96,7 @@ fn describe() {
     describe_counter!(
         GATEWAY_UNRESPONSIVE_DISCONNECTS,
         "Client connections closed because they answered nothing, by transport: a WebSocket or an HTTP/2 (gRPC) \
-         connection silent after a ping, an HTTP/1.1 request whose headers did not arrive in time."
+         connection silent after a ping, a connection that did not say which protocol it speaks in time."
     );
     describe_histogram!(
         MESSAGE_LATENCY,

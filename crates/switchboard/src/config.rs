@@ -103,8 +103,8 @@ pub struct Limits {
     #[serde(default = "default_write_stall_timeout_ms")]
     pub write_stall_timeout_ms: u64,
     /// How long a client may send nothing before it is pinged (a WebSocket ping, an HTTP/2 `PING` for gRPC);
-    /// unanswered for as long again, it is disconnected (4009). Also how long an HTTP/1.1 request may take
-    /// to send its headers.
+    /// unanswered for as long again, it is disconnected (a WebSocket with 4009). Also how long a new
+    /// connection may take to say which protocol it speaks, and an HTTP/1.1 request to send its headers.
     #[serde(default = "default_idle_ping_ms")]
     pub idle_ping_ms: u64,
     /// How long a gateway that shuts down waits for its connections to end before it stops without them.

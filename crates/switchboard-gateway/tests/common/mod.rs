@@ -69,14 +69,41 @@ pub struct Server {
     task: JoinHandle<Served>,
 }
 
+/// What a test server is made of; [`Setup::new`] gives the defaults.
+struct Setup {
+    settings: GatewaySettings,
+    directory: Directory,
+    router_presence: PresenceSettings,
+    presence: Arc<MemoryPresence>,
+    /// What the gateway writes presence through (it may wrap `presence`, to fail on demand).
+    gateway_presence: Arc<dyn Presence>,
+    page_bytes: u64,
+    /// How long the connections have to end once the server is stopped.
+    grace: Duration,
+}
+
+impl Setup {
+    fn new(settings: GatewaySettings) -> Setup {
+        let presence = Arc::new(MemoryPresence::new());
+        Setup {
+            settings,
+            directory: directory(),
+            router_presence: PresenceSettings::default(),
+            gateway_presence: presence.clone(),
+            presence,
+            page_bytes: RouterSettings::PAGE_BYTES,
+            grace: DEADLINE,
+        }
+    }
+}
+
 impl Server {
     pub async fn start() -> Server {
         Server::start_with(GatewaySettings::default()).await
     }
 
     pub async fn start_with(settings: GatewaySettings) -> Server {
-        let presence = Arc::new(MemoryPresence::new());
-        Server::start_full(settings, directory(), PresenceSettings::default(), presence.clone(), presence).await
+        Server::start_routed(Setup::new(settings), |router| router).await
     }
 
     /// A server with its own directory and router presence settings; the gateway writes presence through
@@ -88,39 +115,28 @@ impl Server {
         presence: Arc<MemoryPresence>,
         gateway_presence: Arc<dyn Presence>,
     ) -> Server {
-        let page_bytes = RouterSettings::PAGE_BYTES;
-        Server::start_routed(settings, directory, router_presence, presence, gateway_presence, page_bytes, |router| {
-            router
-        })
-        .await
+        let setup = Setup { directory, router_presence, presence, gateway_presence, ..Setup::new(settings) };
+        Server::start_routed(setup, |router| router).await
+    }
+
+    /// A server whose connections have `grace` to end once it is stopped ([`Server::stop_served`]).
+    pub async fn start_with_grace(settings: GatewaySettings, grace: Duration) -> Server {
+        Server::start_routed(Setup { grace, ..Setup::new(settings) }, |router| router).await
     }
 
     /// A default server whose router reads and answers a conversation's log in pages of `page_bytes`.
     pub async fn start_paged(page_bytes: u64) -> Server {
-        let presence = Arc::new(MemoryPresence::new());
-        let (settings, router_presence) = (GatewaySettings::default(), PresenceSettings::default());
-        Server::start_routed(settings, directory(), router_presence, presence.clone(), presence, page_bytes, |r| r)
-            .await
+        Server::start_routed(Setup { page_bytes, ..Setup::new(GatewaySettings::default()) }, |router| router).await
     }
 
     /// A default server whose gateway asks `wrap(router)` instead of the router itself (a wrapper that holds
     /// or fails calls on demand); `Server::router` stays the router inside.
     pub async fn start_wrapped(wrap: impl FnOnce(Arc<Router>) -> Arc<dyn RouterApi>) -> Server {
-        let presence = Arc::new(MemoryPresence::new());
-        let (settings, router_presence) = (GatewaySettings::default(), PresenceSettings::default());
-        let page_bytes = RouterSettings::PAGE_BYTES;
-        Server::start_routed(settings, directory(), router_presence, presence.clone(), presence, page_bytes, wrap).await
+        Server::start_routed(Setup::new(GatewaySettings::default()), wrap).await
     }
 
-    async fn start_routed(
-        settings: GatewaySettings,
-        directory: Directory,
-        router_presence: PresenceSettings,
-        presence: Arc<MemoryPresence>,
-        gateway_presence: Arc<dyn Presence>,
-        page_bytes: u64,
-        wrap: impl FnOnce(Arc<Router>) -> Arc<dyn RouterApi>,
-    ) -> Server {
+    async fn start_routed(setup: Setup, wrap: impl FnOnce(Arc<Router>) -> Arc<dyn RouterApi>) -> Server {
+        let Setup { settings, directory, router_presence, presence, gateway_presence, page_bytes, grace } = setup;
         let clock = Arc::new(FixedClock::new(1_767_225_600_000));
         let clock_dyn: Arc<dyn Clock> = clock.clone();
         let directory = Arc::new(directory);
@@ -150,7 +166,7 @@ impl Server {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            serving.serve(listener, routes, shutdown, DEADLINE).await
+            serving.serve(listener, routes, shutdown, grace).await
         });
         Server { gateway, addr, router, store, presence, clock, stop: Some(stop), task }
     }
@@ -169,11 +185,16 @@ impl Server {
 
     /// Shuts the server down the way the binary does: drain the gateway, then a graceful shutdown, which
     /// must end without waiting for the clients.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        let served = self.stop_served().await;
+        assert_eq!(served, Served::Drained, "every client connection ended within the grace");
+    }
+
+    /// Stops the server as [`Server::stop`] does: how its connections ended.
+    pub async fn stop_served(mut self) -> Served {
         self.gateway.drain();
         let _ = self.stop.take().unwrap().send(());
-        let served = tokio::time::timeout(2 * DEADLINE, self.task).await.expect("the server stopped").unwrap();
-        assert_eq!(served, Served::Drained, "every client connection ended within the grace");
+        tokio::time::timeout(2 * DEADLINE, &mut self.task).await.expect("the server stopped").unwrap()
     }
 }
 
