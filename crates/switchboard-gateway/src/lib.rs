@@ -25,7 +25,7 @@ mod session;
 mod ws;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -48,7 +48,9 @@ pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
 use crate::keyed_locks::{KeyedGuard, KeyedLocks};
 pub use crate::serve::Served;
-pub use crate::ws::{CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER, CLOSE_UNRESPONSIVE};
+pub use crate::ws::{
+    CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER, CLOSE_TRY_AGAIN_LATER, CLOSE_UNRESPONSIVE,
+};
 
 /// The full name of the public gRPC service.
 pub const CHAT_SERVICE: &str = "switchboard.v1.ChatService";
@@ -81,6 +83,10 @@ pub struct GatewaySettings {
     /// How many requests each connection may make (frames that are not valid requests included); one over
     /// it is refused `rate_limited` and nothing of it is done.
     pub request_rate: RequestRate,
+    /// How many client connections (WebSockets and gRPC session streams) the gateway serves at once; one
+    /// more is closed as soon as it is open (WebSocket close code 1013, gRPC `UNAVAILABLE`: try again later,
+    /// or another gateway). 0: no limit. It bounds the gateway's memory (some 20 KiB per idle connection).
+    pub max_connections: usize,
     /// How often every signed-in agent connection is written to presence again (default 1 s).
     pub presence_heartbeat: Duration,
     /// How long a connection counts in presence after it was written; `None` (the default): 3 ×
@@ -137,6 +143,7 @@ impl Default for GatewaySettings {
             idle_ping: DEFAULT_IDLE_PING,
             max_followed_chats: DEFAULT_MAX_FOLLOWED_CHATS,
             request_rate: RequestRate::default(),
+            max_connections: 0,
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
             presence_ttl: None,
         }
@@ -169,6 +176,8 @@ pub(crate) struct Shared {
     pub(crate) presence: Arc<dyn Presence>,
     pub(crate) hub: Hub,
     pub(crate) next_socket_id: AtomicU64,
+    /// The connections served now, against [`GatewaySettings::max_connections`].
+    pub(crate) open_connections: Arc<AtomicUsize>,
     /// Makes presence session ids unique across restarts of a gateway with the same id.
     boot_id: String,
     /// Whether the gateway is subscribed to each agent's pushes, behind the lock that orders its changes.
@@ -303,6 +312,7 @@ impl Gateway {
             presence,
             hub: Hub::default(),
             next_socket_id: AtomicU64::new(1),
+            open_connections: Arc::default(),
             boot_id: uuid::Uuid::new_v4().simple().to_string(),
             agent_subscriptions: KeyedLocks::default(),
             conversation_locks: KeyedLocks::default(),

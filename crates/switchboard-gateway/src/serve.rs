@@ -61,13 +61,10 @@ impl Gateway {
         let idle = self.shared.settings.idle_ping;
         let mut builder = Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new()).header_read_timeout(idle);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(idle)
-            .keep_alive_timeout(idle)
-            // WebSockets over HTTP/2 (RFC 8441), as `axum::serve` allows.
-            .enable_connect_protocol();
+        builder.http2().timer(TokioTimer::new()).keep_alive_interval(idle).keep_alive_timeout(idle);
+        // Not offered: WebSockets over HTTP/2 (RFC 8441, which `axum::serve` offers). `/v1/ws` answers GET
+        // only, the HTTP/1.1 handshake; browsers speak HTTP/2 only over TLS, which the gateway leaves to
+        // whatever is in front of it.
         let (ending, _) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);

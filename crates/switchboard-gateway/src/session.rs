@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -85,6 +85,10 @@ pub(crate) enum Close {
     ///
     /// [`GatewaySettings::idle_ping`]: crate::GatewaySettings::idle_ping
     Unresponsive,
+    /// The gateway serves as many connections as it may ([`GatewaySettings::max_connections`]).
+    ///
+    /// [`GatewaySettings::max_connections`]: crate::GatewaySettings::max_connections
+    Full { max_connections: usize },
 }
 
 impl Close {
@@ -98,6 +102,9 @@ impl Close {
             Close::Undecodable { detail } => format!("the frame cannot be decoded: {detail}"),
             Close::ShuttingDown => "the server is shutting down: reconnect and resume from your last seq".to_owned(),
             Close::Unresponsive => "no answer to a ping: reconnect and resume from your last seq".to_owned(),
+            Close::Full { max_connections } => {
+                format!("the server has as many connections as it serves ({max_connections}): try again later")
+            }
         }
     }
 }
@@ -179,8 +186,33 @@ enum Handling {
     InOrder(Request),
 }
 
+/// A connection counted against [`GatewaySettings::max_connections`] until it is dropped.
+///
+/// [`GatewaySettings::max_connections`]: crate::GatewaySettings::max_connections
+struct Admitted(Arc<AtomicUsize>);
+
+impl Admitted {
+    fn new(open: &Arc<AtomicUsize>, max: usize) -> Option<Admitted> {
+        let admit = |now: usize| (max == 0 || now < max).then_some(now + 1);
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, admit).ok().map(|_| Admitted(open.clone()))
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
-pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
+pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
+    let max_connections = shared.settings.max_connections;
+    let Some(_admitted) = Admitted::new(&shared.open_connections, max_connections) else {
+        debug!(max_connections, transport = T::NAME, "a connection over the limit; closed");
+        metrics::counter!(names::GATEWAY_REFUSALS, "reason" => "gateway_full").increment(1);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close(Close::Full { max_connections })).await;
+        return;
+    };
     let socket_id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
     let (outbound, mut queued) = mpsc::channel(shared.settings.outbound_queue_len);
     let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
@@ -203,6 +235,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T) {
     connection_gauge::<T>(None).increment(1.0);
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
     if session.transport.send(welcome, false).await.is_none() || !session.transport.flush().await {
+        connection_gauge::<T>(None).decrement(1.0);
         return;
     }
     // A client that sends nothing for `idle_ping` is pinged, and one that then sends nothing, not even the

@@ -18,6 +18,8 @@ pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 /// Close code for a client that sent nothing, not even a pong, after it was pinged: reconnect and resume from
 /// the last seq.
 pub const CLOSE_UNRESPONSIVE: u16 = 4009;
+/// Close code for a connection over the gateway's limit of connections (RFC 6455: try again later).
+pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 pub(crate) struct WsTransport {
     socket: WebSocket,
@@ -88,6 +90,7 @@ impl Transport for WsTransport {
             Close::Undecodable { .. } => CLOSE_PROTOCOL_ERROR,
             Close::ShuttingDown => CLOSE_GOING_AWAY,
             Close::Unresponsive => CLOSE_UNRESPONSIVE,
+            Close::Full { .. } => CLOSE_TRY_AGAIN_LATER,
         };
         let mut reason = reason.reason();
         // A close frame's reason is at most 123 bytes.

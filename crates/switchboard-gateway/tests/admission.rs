@@ -1,14 +1,18 @@
 //! What a connection may send, over real WebSockets and in a test process of its own (the metrics recorder
 //! is the process's): requests over the connection's budget are refused `rate_limited` with how long to
 //! wait, nothing of them is done, and they count as refusals by reason, as does a frame over the size
-//! limit.
+//! limit. A gateway serves at most its limit of connections: one more is closed at once, and counted.
 
 mod common;
 
-use common::{Server, WsClient};
+use common::{GrpcClient, Server, WsClient};
 use serde_json::json;
 use switchboard_gateway::{GatewaySettings, RequestRate};
 use switchboard_telemetry::names;
+
+/// Held by the tests that are refused `rate_limited`, one of which counts those refusals: the recorder is the
+/// process's, and the tests of a file run at once (each counts from what was counted before it).
+static RATE_LIMITED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The refusals counted with `reason` so far.
 fn refusals(reason: &str) -> u64 {
@@ -19,7 +23,9 @@ fn refusals(reason: &str) -> u64 {
 
 #[tokio::test]
 async fn requests_over_a_connections_budget_are_refused_undone_and_counted() {
+    let _counting = RATE_LIMITED.lock().await;
     switchboard_telemetry::install_metrics("gateway");
+    let rate_limited = refusals("rate_limited");
     let settings = GatewaySettings { request_rate: RequestRate { per_second: 2, burst: 3 }, ..Default::default() };
     let server = Server::start_with(settings).await;
     let mut ann = WsClient::connect(&server).await;
@@ -41,7 +47,7 @@ async fn requests_over_a_connections_budget_are_refused_undone_and_counted() {
     // Any frame counts, a malformed one too (it is not looked at).
     ann.send_text("{ not json".into()).await;
     assert_eq!(ann.answer(None).await["code"], "rate_limited");
-    assert_eq!(refusals("rate_limited"), 2);
+    assert_eq!(refusals("rate_limited"), rate_limited + 2);
     assert_eq!(refusals("bad_json"), 0);
 
     // Once the wait is over, the same message is stored, once: the refused one was not.
@@ -72,6 +78,7 @@ async fn requests_over_a_connections_budget_are_refused_undone_and_counted() {
 /// after them wait for it.
 #[tokio::test]
 async fn an_answer_costs_what_it_carries_and_the_requests_after_it_wait() {
+    let _refused = RATE_LIMITED.lock().await;
     const MESSAGES: usize = 50;
     const BODY: usize = 4_000;
     // Enough for the chat's start and its messages, the clock standing still.
@@ -129,5 +136,38 @@ async fn an_answer_costs_what_it_carries_and_the_requests_after_it_wait() {
         bea.ack(ping.clone()).await;
     }
     assert_eq!(bea.call(ping).await["retry_after_ms"], 100);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_gateways_limit_are_closed_at_once_and_counted() {
+    switchboard_telemetry::install_metrics("gateway");
+    let server = Server::start_with(GatewaySettings { max_connections: 2, ..Default::default() }).await;
+    let mut ann = WsClient::connect(&server).await;
+    let bea = GrpcClient::connect(&server).await;
+
+    // Full: a third connection is told to try again later, over either transport, and nothing else.
+    let refused = WsClient::try_connect(&server).await.err();
+    assert_eq!(refused, Some(Some(switchboard_gateway::CLOSE_TRY_AGAIN_LATER)));
+    let status = GrpcClient::try_open(server.channel().await).await.err().expect("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("try again later"), "{status:?}");
+    assert_eq!(refusals("gateway_full"), 2);
+    // The two admitted are served as ever.
+    assert_eq!(ann.ack(json!({ "type": "ping" })).await["type"], "ack");
+
+    // Once one of them is gone, a new connection is served (its slot is given back as its session ends).
+    drop(bea);
+    let admitted = tokio::time::timeout(common::DEADLINE, async {
+        loop {
+            if let Ok(client) = WsClient::try_connect(&server).await {
+                return client;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    let mut cy = admitted.await.expect("a connection served once a slot is free");
+    assert_eq!(cy.ack(json!({ "type": "ping" })).await["type"], "ack");
+    drop((ann, cy));
     server.stop().await;
 }

@@ -15,6 +15,8 @@ use switchboard_domain::{
 pub const CONFIG_VERSION: u32 = 1;
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
 const MIN_OUTBOUND_QUEUE_LEN: usize = 16;
+/// The most `limits.max_connections` may be (a file descriptor and some 20 KiB each).
+const MAX_CONNECTIONS: usize = 10_000_000;
 /// The most `limits.max_followed_chats` may be: each followed chat stays loaded on its router.
 const MAX_FOLLOWED_CHATS: usize = 100_000;
 
@@ -113,6 +115,10 @@ pub struct Limits {
     /// How many chats one connection may follow with `chat.subscribe`.
     #[serde(default = "default_max_followed_chats")]
     pub max_followed_chats: usize,
+    /// How many client connections one gateway serves at once (WebSockets and gRPC session streams); one
+    /// more is closed at once (WebSocket 1013, gRPC `UNAVAILABLE`). 0 = no limit.
+    #[serde(default)]
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -126,6 +132,7 @@ impl Default for Limits {
             idle_ping_ms: default_idle_ping_ms(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             max_followed_chats: default_max_followed_chats(),
+            max_connections: 0,
         }
     }
 }
@@ -291,6 +298,13 @@ impl Config {
             // Enough for the connections to be told (1001, UNAVAILABLE) before the process goes.
             bail!("invalid configuration: limits.shutdown_grace_ms must be between 100 and 600000");
         }
+        if let Some(max) = env("SWITCHBOARD_MAX_CONNECTIONS") {
+            config.limits.max_connections =
+                max.parse().context("invalid SWITCHBOARD_MAX_CONNECTIONS: expected a number of connections")?;
+        }
+        if config.limits.max_connections > MAX_CONNECTIONS {
+            bail!("invalid configuration: limits.max_connections must be at most {MAX_CONNECTIONS} (0: no limit)");
+        }
         if !(1..=MAX_FOLLOWED_CHATS).contains(&config.limits.max_followed_chats) {
             bail!("invalid configuration: limits.max_followed_chats must be between 1 and {MAX_FOLLOWED_CHATS}");
         }
@@ -409,6 +423,22 @@ mod tests {
             let error = format!("{:#}", Config::parse(&with(limits), no_env).unwrap_err());
             assert!(error.contains(named), "{error}");
         }
+    }
+
+    #[test]
+    fn connections_per_gateway_unlimited_by_default_and_within_bounds() {
+        let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().limits;
+        assert_eq!(defaults.max_connections, 0);
+        let with = |limits: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\nlimits: {limits}"));
+        let set = Config::parse(&with("{ max_connections: 20000 }"), no_env).unwrap();
+        assert_eq!(set.limits.max_connections, 20_000);
+        let env = |name: &str| (name == "SWITCHBOARD_MAX_CONNECTIONS").then(|| "300".to_owned());
+        assert_eq!(Config::parse(DEMO_CONFIG, env).unwrap().limits.max_connections, 300);
+        let error = format!("{:#}", Config::parse(&with("{ max_connections: 10000001 }"), no_env).unwrap_err());
+        assert!(error.contains("limits.max_connections"), "{error}");
+        let bad_env = |name: &str| (name == "SWITCHBOARD_MAX_CONNECTIONS").then(|| "many".to_owned());
+        let error = format!("{:#}", Config::parse(DEMO_CONFIG, bad_env).unwrap_err());
+        assert!(error.contains("SWITCHBOARD_MAX_CONNECTIONS"), "{error}");
     }
 
     #[test]

@@ -350,6 +350,7 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
         write_stall_timeout: Duration::from_millis(config.limits.write_stall_timeout_ms),
         idle_ping: Duration::from_millis(config.limits.idle_ping_ms),
         max_followed_chats: config.limits.max_followed_chats,
+        max_connections: config.limits.max_connections,
         request_rate: RequestRate { per_second: config.limits.requests_per_second, burst: config.limits.request_burst },
         presence_heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
         ..Default::default()

@@ -221,9 +221,17 @@ impl GrpcClient {
     }
 
     pub async fn open(channel: Channel) -> GrpcClient {
+        match GrpcClient::try_open(channel).await {
+            Ok(client) => client,
+            Err(status) => panic!("the stream ended instead of a welcome: {status:?}"),
+        }
+    }
+
+    /// Opens a session stream, and reads the welcome; else the status the stream ended with.
+    pub async fn try_open(channel: Channel) -> Result<GrpcClient, Status> {
         let (sender, requests) = mpsc::channel(1024);
         let mut client = ChatServiceClient::new(channel);
-        let frames = client.session(ReceiverStream::new(requests)).await.unwrap().into_inner();
+        let frames = client.session(ReceiverStream::new(requests)).await?.into_inner();
         let mut client = GrpcClient {
             sender: Some(sender),
             frames,
@@ -232,11 +240,11 @@ impl GrpcClient {
             next_id: 0,
             welcome: Default::default(),
         };
-        match client.read().await {
-            Ok(Some(Frame::Welcome(welcome))) => client.welcome = welcome,
+        match client.read().await? {
+            Some(Frame::Welcome(welcome)) => client.welcome = welcome,
             other => panic!("the first frame must be a welcome: {other:?}"),
         }
-        client
+        Ok(client)
     }
 
     /// The next frame from the server, whatever it is; `Ok(None)` when the stream ended with OK.
@@ -445,11 +453,19 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(server: &Server) -> WsClient {
+        match WsClient::try_connect(server).await {
+            Ok(client) => client,
+            Err(close) => panic!("closed instead of welcomed: {close:?}"),
+        }
+    }
+
+    /// Connects, and reads the welcome; else the close code the connection ended with.
+    pub async fn try_connect(server: &Server) -> Result<WsClient, Option<u16>> {
         let (socket, _) = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap();
         let mut client = WsClient { socket, pushes: VecDeque::new(), statuses: VecDeque::new(), next_id: 0 };
-        let welcome = client.read().await.expect("a welcome");
+        let welcome = client.read_or_close().await?;
         assert_eq!(welcome["type"], "welcome");
-        client
+        Ok(client)
     }
 
     /// A connection whose socket buffers little, for a client that stops reading.
