@@ -89,6 +89,10 @@ fn describe() {
         "Time to answer a gRPC call (a streaming call: until its response headers)."
     );
     describe_gauge!(GATEWAY_CONNECTIONS, "Open client connections, by transport and role.");
+    describe_gauge!(
+        GATEWAY_CONNECTIONS_MAX,
+        "The connections a gateway serves at once (limits.max_connections; 0: no limit)."
+    );
     describe_counter!(GATEWAY_CONNECTIONS_OPENED, "Client connections accepted, by transport.");
     describe_counter!(GATEWAY_REQUESTS, "Client requests received, by request type.");
     describe_counter!(GATEWAY_REFUSALS, "Client requests refused, by error code.");

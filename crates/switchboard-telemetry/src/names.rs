@@ -7,6 +7,7 @@ pub const GRPC_SERVER_REQUEST_DURATION: &str = "switchboard_grpc_server_request_
 
 // Gateway.
 pub const GATEWAY_CONNECTIONS: &str = "switchboard_gateway_connections";
+pub const GATEWAY_CONNECTIONS_MAX: &str = "switchboard_gateway_connections_max";
 pub const GATEWAY_CONNECTIONS_OPENED: &str = "switchboard_gateway_connections_opened_total";
 pub const GATEWAY_REQUESTS: &str = "switchboard_gateway_requests_total";
 pub const GATEWAY_REFUSALS: &str = "switchboard_gateway_refusals_total";
