@@ -5,7 +5,8 @@
 //!
 //! Where the WebSocket closes with a close code, the stream ends with a gRPC status: `RESOURCE_EXHAUSTED` for
 //! a client too slow to read (4008) or a frame over the limit (1009), `INVALID_ARGUMENT` for bytes that are
-//! not a `ClientFrame`, `UNAVAILABLE` when the gateway shuts down (1001).
+//! not a `ClientFrame`, `UNAVAILABLE` when the gateway shuts down (1001) or serves as many connections as it
+//! may (1013, before any frame).
 //!
 //! The error of one request is an `Error` frame (the stream goes on); besides the stable code it carries the
 //! gRPC status code the error corresponds to ([`grpc_code`]): `RESOURCE_EXHAUSTED` for `license_exhausted`,

@@ -303,7 +303,8 @@ impl Gateway {
         clock: Arc<dyn Clock>,
     ) -> Gateway {
         let gateway_id = GatewayId(settings.gateway_id.clone());
-        // An f64 holds every limit the configuration allows (at most 10,000,000) exactly.
+        // An f64 holds every limit the configuration allows (at most 10,000,000) exactly. One gateway per
+        // process but in tests (where the last one started sets it).
         metrics::gauge!(switchboard_telemetry::names::GATEWAY_CONNECTIONS_MAX).set(settings.max_connections as f64);
         let shared = Arc::new(Shared {
             settings,

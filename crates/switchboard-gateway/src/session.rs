@@ -43,6 +43,8 @@ const MAX_CONTACT_CHARS: usize = 254;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
 /// How long the last frame (a close) may wait for a client that is being disconnected to read.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the close of a connection refused over the limit may wait: such connections are not counted.
+const REFUSAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The most pushes written before a flush, when more are queued.
 const WRITE_BATCH: usize = 64;
 
@@ -207,12 +209,16 @@ impl Drop for Admitted {
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
 pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
     let max_connections = shared.settings.max_connections;
-    let Some(_admitted) = Admitted::new(&shared.open_connections, max_connections) else {
+    let admitted = Admitted::new(&shared.open_connections, max_connections);
+    // A gateway that drains closes every new connection at once anyway, and says so (1001), full or not.
+    if admitted.is_none() && !*shared.draining.borrow() {
         debug!(max_connections, transport = T::NAME, "a connection over the limit; closed");
         metrics::counter!(names::GATEWAY_REFUSALS, "reason" => "gateway_full").increment(1);
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close(Close::Full { max_connections })).await;
+        // Refused connections are outside the limit: they are not waited for long.
+        let close = transport.close(Close::Full { max_connections });
+        let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, close).await;
         return;
-    };
+    }
     let socket_id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
     let (outbound, mut queued) = mpsc::channel(shared.settings.outbound_queue_len);
     let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
@@ -294,7 +300,10 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
         }
     };
     let socket_id = session.socket_id;
+    // The connection no longer counts, in the gauge or against the limit, as it begins to end (its close may
+    // wait for a client that does not read).
     connection_gauge::<T>(session.role.as_ref()).decrement(1.0);
+    drop(admitted);
     match end {
         End::Close(Close::SlowConsumer) => metrics::counter!(names::GATEWAY_SLOW_CONSUMER_DISCONNECTS).increment(1),
         End::Close(Close::Unresponsive) => {

@@ -1,4 +1,4 @@
-//! What a connection may send, over real WebSockets and in a test process of its own (the metrics recorder
+//! What a connection may send, over real WebSockets (and gRPC) and in a test process of its own (the metrics recorder
 //! is the process's): requests over the connection's budget are refused `rate_limited` with how long to
 //! wait, nothing of them is done, and they count as refusals by reason, as does a frame over the size
 //! limit. A gateway serves at most its limit of connections: one more is closed at once, and counted.

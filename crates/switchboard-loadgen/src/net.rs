@@ -121,6 +121,9 @@ pub enum ConnectError {
     /// A source address that cannot be bound for another reason than its ports (not this machine's, say).
     Source(IpAddr, std::io::Error),
     Handshake(String),
+    /// The server closed the connection before its welcome, with this close code (1013: it serves as many
+    /// connections as it may; 1001: it is shutting down).
+    Closed(u16),
     NoWelcome(String),
     Timeout,
 }
@@ -132,6 +135,7 @@ impl ConnectError {
             ConnectError::NoPort(_) => "no_source_port".into(),
             ConnectError::Source(_, error) => format!("source_address: {}", error.kind()),
             ConnectError::Handshake(_) => "websocket_handshake_failed".into(),
+            ConnectError::Closed(code) => format!("closed_{code}"),
             ConnectError::NoWelcome(_) => "no_welcome".into(),
             ConnectError::Timeout => "connect_timeout".into(),
         }
@@ -150,6 +154,7 @@ impl std::fmt::Display for ConnectError {
             }
             ConnectError::Source(source, error) => write!(f, "cannot bind to the source address {source}: {error}"),
             ConnectError::Handshake(error) => write!(f, "websocket handshake failed: {error}"),
+            ConnectError::Closed(code) => write!(f, "the server closed the connection ({code}) before its welcome"),
             ConnectError::NoWelcome(first) => write!(f, "the server did not send welcome first, but {first}"),
             ConnectError::Timeout => write!(f, "no welcome within the request timeout"),
         }
@@ -300,6 +305,7 @@ impl Network {
                 {
                     Ok((sink, stream, welcome_at))
                 }
+                Some(Ok(Message::Close(Some(close)))) => Err(ConnectError::Closed(close.code.into())),
                 other => Err(ConnectError::NoWelcome(format!("{other:?}").chars().take(200).collect())),
             }
         };

@@ -14,6 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_switchboard-loadgen");
 const LIMIT: u64 = 5;
@@ -33,6 +35,9 @@ enum Fault {
     EventOfAnotherChat,
     /// The first `chat.close` is answered twice.
     AnswersTwice,
+    /// Not a broken promise: every third connection is closed at once, before its welcome, with 1013 (a
+    /// gateway serving as many connections as it may).
+    Full,
 }
 
 struct FakeServer {
@@ -41,6 +46,7 @@ struct FakeServer {
     open: AtomicU64,
     closes: AtomicU64,
     chats: AtomicU64,
+    connections: AtomicU64,
     /// The fault that concerns one chat was done.
     done: AtomicBool,
 }
@@ -55,6 +61,7 @@ impl FakeServer {
             open: AtomicU64::new(0),
             closes: AtomicU64::new(0),
             chats: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             done: AtomicBool::new(false),
         });
         tokio::spawn(async move {
@@ -72,6 +79,11 @@ impl FakeServer {
 
     async fn serve(self: Arc<Self>, stream: TcpStream) {
         let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else { return };
+        if self.fault == Fault::Full && self.connections.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
+            let full = CloseFrame { code: CloseCode::Again, reason: "full: try again later".into() };
+            let _ = socket.send(Message::Close(Some(full))).await;
+            return;
+        }
         let mut out = vec![json!({ "type": "welcome", "protocol": 1 })];
         loop {
             for frame in out.drain(..) {
@@ -142,6 +154,7 @@ impl FakeServer {
 struct Run {
     code: i32,
     violations: Vec<String>,
+    errors: Value,
     output: String,
 }
 
@@ -165,7 +178,8 @@ async fn license_run(fault: Fault) -> Run {
             .as_array()
             .map(|all| all.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
-        Run { code: output.status.code().unwrap_or(-1), violations, output: output_text }
+        let errors = report["errors_by_reason"].clone();
+        Run { code: output.status.code().unwrap_or(-1), violations, errors, output: output_text }
     })
     .await
     .unwrap()
@@ -221,4 +235,14 @@ async fn an_event_delivered_to_a_socket_not_in_its_chat_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_answered_twice_is_caught() {
     assert_caught(Fault::AnswersTwice, "which was answered already or never sent").await;
+}
+
+/// A connection the server closes before its welcome is an error of its close code, not a broken promise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_before_their_welcome_are_errors_of_their_close_code() {
+    let run = license_run(Fault::Full).await;
+    assert!(run.violations.is_empty(), "{:?}\n{}", run.violations, run.output);
+    let closed = run.errors["closed_1013"].as_u64().unwrap_or(0);
+    assert!(closed > 0, "errors: {}\n{}", run.errors, run.output);
+    assert_eq!(run.errors.get("no_welcome"), None, "errors: {}", run.errors);
 }

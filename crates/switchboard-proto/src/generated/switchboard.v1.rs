@@ -1274,10 +1274,12 @@ pub mod chat_service_client {
         }
         /// One client connection: the equivalent of one WebSocket.
         ///
-        /// The server first sends a `welcome` frame. The client then sends requests (`ClientFrame`), each with an
-        /// `id` of its choice; the server answers every request with exactly one `ack` or `error` frame carrying the
-        /// same `id`, in the order the requests were sent, and sends pushes (events, typing, queue changes) between
-        /// answers. A bad request is answered with an `error` frame and the stream stays usable.
+        /// The server first sends a `welcome` frame (a gateway serving as many connections as it may ends the
+        /// stream at once with UNAVAILABLE instead: try again later). The client then sends requests
+        /// (`ClientFrame`), each with an `id` of its choice; the server answers every request with exactly one `ack`
+        /// or `error` frame carrying the same `id`, in the order the requests were sent, and sends pushes (events,
+        /// typing, queue changes) between answers. A bad request is answered with an `error` frame and the stream
+        /// stays usable.
         ///
         /// The stream itself ends with a gRPC status only when the connection cannot go on:
         /// - OK: the client closed its side of the stream; every request sent before was answered first.
@@ -1336,10 +1338,12 @@ pub mod chat_service_server {
             + 'static;
         /// One client connection: the equivalent of one WebSocket.
         ///
-        /// The server first sends a `welcome` frame. The client then sends requests (`ClientFrame`), each with an
-        /// `id` of its choice; the server answers every request with exactly one `ack` or `error` frame carrying the
-        /// same `id`, in the order the requests were sent, and sends pushes (events, typing, queue changes) between
-        /// answers. A bad request is answered with an `error` frame and the stream stays usable.
+        /// The server first sends a `welcome` frame (a gateway serving as many connections as it may ends the
+        /// stream at once with UNAVAILABLE instead: try again later). The client then sends requests
+        /// (`ClientFrame`), each with an `id` of its choice; the server answers every request with exactly one `ack`
+        /// or `error` frame carrying the same `id`, in the order the requests were sent, and sends pushes (events,
+        /// typing, queue changes) between answers. A bad request is answered with an `error` frame and the stream
+        /// stays usable.
         ///
         /// The stream itself ends with a gRPC status only when the connection cannot go on:
         /// - OK: the client closed its side of the stream; every request sent before was answered first.
