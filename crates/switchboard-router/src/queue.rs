@@ -453,7 +453,7 @@ impl QueueActorState {
         }
         let estimate = estimate(&self.departures, &self.waits);
         let changed = match (self.estimate, estimate) {
-            (Some(old), Some(new)) => old.abs_diff(new) * 10 > old.max(1),
+            (Some(old), Some(new)) => old.abs_diff(new).saturating_mul(10) > old.max(1),
             (old, new) => old != new,
         };
         if changed {
@@ -1061,12 +1061,13 @@ fn estimate(departures: &VecDeque<i64>, waits: &VecDeque<i64>) -> Option<u64> {
         && departures.len() >= 2
     {
         let intervals = i64::try_from(departures.len() - 1).unwrap_or(1);
-        return u64::try_from((last - first) / intervals).ok();
+        return u64::try_from(last.saturating_sub(*first) / intervals).ok();
     }
     if waits.is_empty() {
         return None;
     }
-    let total: i64 = waits.iter().sum();
+    // Saturating: a wait comes from a `queued_at_ms` another node sent.
+    let total = waits.iter().fold(0_i64, |total, wait| total.saturating_add(*wait));
     u64::try_from(total / i64::try_from(waits.len()).unwrap_or(1)).ok()
 }
 
@@ -1253,5 +1254,9 @@ mod tests {
         assert_eq!(estimate(&VecDeque::from([1_000]), &waits), Some(40_000), "one accept: the mean wait");
         let departures = VecDeque::from([0, 20_000, 40_000, 90_000]);
         assert_eq!(estimate(&departures, &waits), Some(30_000), "three intervals of 20 s, 20 s, 50 s");
+        // Times another node sent, however far off, make a large estimate, not an overflow.
+        let far = VecDeque::from([i64::MAX, i64::MAX]);
+        assert_eq!(estimate(&VecDeque::from([1_000]), &far), Some(i64::MAX as u64 / 2));
+        assert_eq!(estimate(&VecDeque::from([i64::MIN, i64::MAX]), &none), Some(i64::MAX as u64));
     }
 }
