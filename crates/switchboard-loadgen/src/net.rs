@@ -374,9 +374,23 @@ type Answer = Result<Ack, RequestError>;
 /// The requests of a connection that the server has not answered.
 #[derive(Default)]
 struct Pending {
-    waiting: HashMap<u64, oneshot::Sender<Answer>>,
-    /// Requests that timed out unanswered: an answer may still come, once.
-    timed_out: HashSet<u64>,
+    waiting: HashMap<u64, Waiting>,
+    /// Requests that timed out unanswered: an answer may still come, once (and whether it follows a chat).
+    timed_out: HashMap<u64, bool>,
+}
+
+/// A request sent, waiting for its answer.
+struct Waiting {
+    answer: oneshot::Sender<Answer>,
+    /// Whether its ack makes the connection follow the chat it names (docs/protocol.md: the requests after
+    /// whose ack the chat's events are written to the connection).
+    follows: bool,
+}
+
+/// The requests whose ack makes the connection follow the chat it names. A `chat.transcript` names a chat
+/// too, but its events come inside its ack, not after it.
+fn follows(request_type: &str) -> bool {
+    matches!(request_type, "chat.start" | "customer.resume" | "chat.accept" | "chat.subscribe")
 }
 
 #[derive(Default)]
@@ -411,7 +425,8 @@ impl Connection {
         frame.insert("type".into(), request_type.into());
         frame.insert("id".into(), id.to_string().into());
         let (answer_tx, answer_rx) = oneshot::channel();
-        lock(&self.shared.pending).waiting.insert(id, answer_tx);
+        let waiting = Waiting { answer: answer_tx, follows: follows(request_type) };
+        lock(&self.shared.pending).waiting.insert(id, waiting);
         if self.shared.ended.load(Ordering::Acquire) {
             lock(&self.shared.pending).waiting.remove(&id);
             return Err(RequestError::Closed);
@@ -428,8 +443,8 @@ impl Connection {
             Err(_) => {
                 let mut pending = lock(&self.shared.pending);
                 // (Unless the answer came as the time ran out: the reader took it, and it is dropped here.)
-                if pending.waiting.remove(&id).is_some() {
-                    pending.timed_out.insert(id);
+                if let Some(waiting) = pending.waiting.remove(&id) {
+                    pending.timed_out.insert(id, waiting.follows);
                 }
                 Err(RequestError::Timeout)
             }
@@ -500,14 +515,17 @@ impl Reader {
         let kind = frame["type"].as_str().unwrap_or_default().to_owned();
         match kind.as_str() {
             "ack" => {
-                for named in [&frame["conversation"], &frame["chat"]["conversation"]] {
-                    if let Some(conversation) = named.as_str().filter(|named| !followed.contains(*named)) {
-                        followed.insert(conversation.to_owned());
-                    }
+                // The chat's events come after the ack (the reader handles frames in order).
+                let named = [&frame["conversation"], &frame["chat"]["conversation"]];
+                let named: Vec<String> =
+                    named.into_iter().filter_map(|named| named.as_str().map(str::to_owned)).collect();
+                if self.answer(&kind, frame, at) {
+                    followed.extend(named);
                 }
+            }
+            "error" => {
                 self.answer(&kind, frame, at);
             }
-            "error" => self.answer(&kind, frame, at),
             "event" => {
                 let conversation = frame["conversation"].as_str();
                 let seq = frame["event"]["seq"].as_u64();
@@ -537,20 +555,22 @@ impl Reader {
         }
     }
 
-    fn answer(&self, kind: &str, frame: Value, at: Instant) {
+    /// Hands an answer to its request; whether the request was one that follows the chat its ack names.
+    fn answer(&self, kind: &str, frame: Value, at: Instant) -> bool {
         let Some(id) = frame["id"].as_str().and_then(|id| id.parse::<u64>().ok()) else {
             let code = frame["code"].as_str().unwrap_or("?");
             self.metrics.error(&format!("error_without_id: {code}"));
-            return;
+            return false;
         };
         let waiting = {
             let mut pending = lock(&self.shared.pending);
             match pending.waiting.remove(&id) {
                 Some(waiting) => waiting,
                 None => {
-                    if pending.timed_out.remove(&id) {
-                        // Its error (a timeout) was counted then.
+                    if let Some(follows) = pending.timed_out.remove(&id) {
+                        // Its error (a timeout) was counted then; what it did on the server stands.
                         self.metrics.count("late_answers", 1);
+                        return follows;
                     } else {
                         self.metrics.violation(format!(
                             "an {kind} for request {id} of a {} connection, which was answered already or never \
@@ -558,7 +578,7 @@ impl Reader {
                             self.role.name()
                         ));
                     }
-                    return;
+                    return false;
                 }
             }
         };
@@ -568,13 +588,46 @@ impl Reader {
             let code = frame["code"].as_str().unwrap_or("error_without_code").to_owned();
             Err(RequestError::Refused { code, max_sessions: frame["max_sessions"].as_u64(), at })
         };
-        let _ = waiting.send(answer);
+        let _ = waiting.answer.send(answer);
+        waiting.follows
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invariants::Side;
+    use serde_json::json;
+
+    /// An agent's connection reads a chat's transcript, then subscribes to another chat: an event of the
+    /// first is a violation (its transcript came inside the ack; nothing follows it), one of the second is not.
+    #[test]
+    fn only_the_requests_that_follow_a_chat_let_its_events_in() {
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(Shared::default());
+        let reader = Reader {
+            role: Role::Side(Side::Agent),
+            shared: shared.clone(),
+            observer: Arc::new(IgnoreEvents),
+            pushes: None,
+            metrics: metrics.clone(),
+        };
+        for (id, request) in [(1, "chat.transcript"), (2, "chat.subscribe")] {
+            let (answer, _) = oneshot::channel();
+            lock(&shared.pending).waiting.insert(id, Waiting { answer, follows: follows(request) });
+        }
+        let (mut seqs, mut followed) = (SeqChecker::default(), HashSet::new());
+        let mut read = |frame: Value| reader.frame(&frame.to_string(), Instant::now(), &mut seqs, &mut followed);
+        let event =
+            |conversation: &str| json!({ "type": "event", "conversation": conversation, "event": { "seq": 1 } });
+        read(json!({ "type": "ack", "id": "1", "chat": { "conversation": "read" }, "events": [], "more": false }));
+        read(event("read"));
+        read(json!({ "type": "ack", "id": "2", "chat": { "conversation": "followed" } }));
+        read(event("followed"));
+        let violations = metrics.snapshot().violations;
+        assert_eq!(violations.total, 1, "{:?}", violations.first);
+        assert!(violations.first[0].contains("conversation read: event seq 1"), "{:?}", violations.first);
+    }
 
     #[test]
     fn loopback_sources_count_up_from_127_0_0_1() {
