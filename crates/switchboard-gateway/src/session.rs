@@ -153,6 +153,8 @@ struct Session<T> {
     socket_id: SocketId,
     link: SocketLink,
     role: Option<Role>,
+    /// The connection as counted (its gauge, its slot); `None` once it begins to end.
+    counted: Option<Counted>,
     /// The highest seq written to this connection, per conversation.
     written_seq: HashMap<ConversationId, u64>,
     transport: T,
@@ -188,7 +190,7 @@ enum Handling {
     InOrder(Request),
 }
 
-/// A connection counted against [`GatewaySettings::max_connections`] until it is dropped.
+/// A connection's slot against [`GatewaySettings::max_connections`], given back when it is dropped.
 ///
 /// [`GatewaySettings::max_connections`]: crate::GatewaySettings::max_connections
 struct Admitted(Arc<AtomicUsize>);
@@ -203,6 +205,40 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An open connection as it is counted: in `switchboard_gateway_connections` by transport and role, and
+/// against the limit (its slot; none while the gateway drains). Dropped, it counts no more, whichever way
+/// the session ended.
+struct Counted {
+    transport: &'static str,
+    role: &'static str,
+    _slot: Option<Admitted>,
+}
+
+impl Counted {
+    fn new(transport: &'static str, slot: Option<Admitted>) -> Counted {
+        let counted = Counted { transport, role: role_label(None), _slot: slot };
+        counted.gauge().increment(1.0);
+        counted
+    }
+
+    fn gauge(&self) -> metrics::Gauge {
+        metrics::gauge!(names::GATEWAY_CONNECTIONS, "transport" => self.transport, "role" => self.role)
+    }
+
+    /// The connection's role changed: the gauges follow it.
+    fn set_role(&mut self, role: Option<&Role>) {
+        self.gauge().decrement(1.0);
+        self.role = role_label(role);
+        self.gauge().increment(1.0);
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge().decrement(1.0);
     }
 }
 
@@ -225,11 +261,13 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
     let kicked = link.kicked.clone();
     let mut draining = shared.draining.subscribe();
     let budget = Budget::new(shared.settings.request_rate, shared.clock.now_us());
+    metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
     let mut session = Session {
         shared,
         socket_id,
         link,
         role: None,
+        counted: Some(Counted::new(T::NAME, admitted)),
         written_seq: HashMap::new(),
         transport,
         unflushed: false,
@@ -237,11 +275,8 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
         budget,
         answer_bytes: None,
     };
-    metrics::counter!(names::GATEWAY_CONNECTIONS_OPENED, "transport" => T::NAME).increment(1);
-    connection_gauge::<T>(None).increment(1.0);
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
     if session.transport.send(welcome, false).await.is_none() || !session.transport.flush().await {
-        connection_gauge::<T>(None).decrement(1.0);
         return;
     }
     // A client that sends nothing for `idle_ping` is pinged, and one that then sends nothing, not even the
@@ -302,8 +337,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
     let socket_id = session.socket_id;
     // The connection no longer counts, in the gauge or against the limit, as it begins to end (its close may
     // wait for a client that does not read).
-    connection_gauge::<T>(session.role.as_ref()).decrement(1.0);
-    drop(admitted);
+    session.counted = None;
     match end {
         End::Close(Close::SlowConsumer) => metrics::counter!(names::GATEWAY_SLOW_CONSUMER_DISCONNECTS).increment(1),
         End::Close(Close::Unresponsive) => {
@@ -321,14 +355,13 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
     }
 }
 
-/// The gauge of open connections of transport `T` with a role.
-fn connection_gauge<T: Transport>(role: Option<&Role>) -> metrics::Gauge {
-    let role = match role {
+/// A role's label in the connection gauge.
+fn role_label(role: Option<&Role>) -> &'static str {
+    match role {
         None => "none",
         Some(Role::Customer { .. }) => "customer",
         Some(Role::Agent { .. }) => "agent",
-    };
-    metrics::gauge!(names::GATEWAY_CONNECTIONS, "transport" => T::NAME, "role" => role)
+    }
 }
 
 /// Counts a refused request by its error code.
@@ -1066,8 +1099,9 @@ impl<T: Transport> Session<T> {
 
     /// The connection's role now; the connection gauges follow it.
     fn set_role(&mut self, role: Option<Role>) {
-        connection_gauge::<T>(self.role.as_ref()).decrement(1.0);
-        connection_gauge::<T>(role.as_ref()).increment(1.0);
+        if let Some(counted) = self.counted.as_mut() {
+            counted.set_role(role.as_ref());
+        }
         self.role = role;
     }
 

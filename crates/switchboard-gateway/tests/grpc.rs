@@ -13,9 +13,7 @@ use common::*;
 use prost::Message as _;
 use prost::bytes::BufMut;
 use serde_json::{Value, json};
-use switchboard_domain::Clock;
 use switchboard_gateway::GatewaySettings;
-use switchboard_presence::Presence;
 use switchboard_proto::public::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -925,23 +923,6 @@ async fn a_grpc_client_too_slow_to_read_ends_with_resource_exhausted_and_resumes
     server.stop().await;
 }
 
-/// Bob's live connections, as the gateway wrote them to presence.
-async fn bobs_connections(server: &Server) -> usize {
-    let (tenant, bob) =
-        (switchboard_domain::TenantId::new("acme").unwrap(), switchboard_domain::AgentId::new("bob").unwrap());
-    server.presence.agent_sessions(&tenant, &bob, server.clock.now_ms()).await.unwrap().len()
-}
-
-/// Waits until Bob has `n` live connections.
-async fn until_bob_has(server: &Server, n: usize) {
-    let waited = tokio::time::timeout(DEADLINE, async {
-        while bobs_connections(server).await != n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    waited.await.unwrap_or_else(|_| panic!("Bob never had {n} live connections"));
-}
-
 /// A client that stops reading in the middle of a long backlog, with no push behind it to fill its queue
 /// (the chat is quiet), is disconnected once a write has waited for it `write_stall_timeout`: it would
 /// otherwise hold its session, and the page being written, for as long as it stays connected.
@@ -961,7 +942,7 @@ async fn a_client_that_stops_reading_a_backlog_with_no_push_behind_it_is_disconn
         bob.ack(sign_in(BOB)).await;
         bob.ack(accept(&chat)).await;
     }
-    until_bob_has(&server, 0).await;
+    server.until_bob_has(0).await;
     // Over a megabyte of messages, more than HTTP/2 and the kernel hold for a client that does not read.
     let body = "w".repeat(4000);
     let mut last = 0;
@@ -973,7 +954,7 @@ async fn a_client_that_stops_reading_a_backlog_with_no_push_behind_it_is_disconn
     let mut slow = slow_bob(&server).await;
     slow.ack(Req::ChatSubscribe(pb::ChatSubscribeRequest { conversation: chat.clone(), after_seq: 0 })).await;
     // It reads nothing more: the gateway gives up on it (it leaves presence).
-    until_bob_has(&server, 0).await;
+    server.until_bob_has(0).await;
 
     // Reading again: events in order from seq 1, then the stream's end, as any slow client's.
     read_until_too_slow(&mut slow, last).await;

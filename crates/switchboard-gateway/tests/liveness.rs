@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use common::{BOB, DEADLINE, GrpcClient, Req, Server, WsClient, pb, sign_in};
 use serde_json::json;
-use switchboard_domain::{AgentId, Clock, TenantId};
 use switchboard_gateway::{CLOSE_UNRESPONSIVE, GatewaySettings, Served};
-use switchboard_presence::Presence;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -23,21 +21,6 @@ use tonic::transport::Endpoint;
 
 fn settings() -> GatewaySettings {
     GatewaySettings { idle_ping: Duration::from_millis(200), ..GatewaySettings::default() }
-}
-
-/// Bob's live connections, as the gateway wrote them to presence.
-async fn bobs_connections(server: &Server) -> usize {
-    let (tenant, bob) = (TenantId::new("acme").unwrap(), AgentId::new("bob").unwrap());
-    server.presence.agent_sessions(&tenant, &bob, server.clock.now_ms()).await.unwrap().len()
-}
-
-async fn until_bob_has_left(server: &Server) {
-    let left = tokio::time::timeout(DEADLINE, async {
-        while bobs_connections(server).await > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    left.await.expect("Bob's connection left presence");
 }
 
 /// `switchboard_gateway_unresponsive_disconnects_total{transport}` as this process's recorder shows it (the
@@ -80,7 +63,7 @@ async fn a_quiet_client_whose_stack_answers_pings_stays_connected() {
     let pinged_for = signed_in.elapsed();
     assert!(pinged_for >= Duration::from_millis(3 * 200), "four pings 200 ms of silence apart, not {pinged_for:?}");
     assert_eq!(bob.ack(json!({ "type": "ping" })).await["type"], "ack");
-    assert_eq!(bobs_connections(&server).await, 1);
+    assert_eq!(server.bobs_connections().await, 1);
     server.stop().await;
 }
 
@@ -90,13 +73,13 @@ async fn a_client_that_answers_nothing_is_disconnected_with_4009_and_leaves_pres
     let counted = unresponsive_disconnects("websocket");
     let mut bob = WsClient::connect(&server).await;
     bob.ack(json!({ "type": "agent.sign_in", "token": BOB })).await;
-    assert_eq!(bobs_connections(&server).await, 1);
+    assert_eq!(server.bobs_connections().await, 1);
     // Bob's console hangs: nothing is read from the connection, so no pong is sent.
     let bytes = bob.raw_bytes_until_closed().await;
     let pinged = bytes.windows(2).any(|frame| frame == [0x89, 0x00]);
     assert!(pinged, "an empty ping before the close: {bytes:?}");
     assert_eq!(closing_code(&bytes), Some(CLOSE_UNRESPONSIVE), "{bytes:?}");
-    until_bob_has_left(&server).await;
+    server.until_bob_has(0).await;
     assert_eq!(unresponsive_disconnects("websocket"), counted + 1);
     server.stop().await;
 }
@@ -197,7 +180,7 @@ async fn a_quiet_grpc_client_whose_stack_answers_pings_stays_connected() {
     let pinged_for = signed_in.elapsed();
     assert!(pinged_for >= Duration::from_millis(3 * 200), "four pings 200 ms of silence apart, not {pinged_for:?}");
     assert_eq!(bob.ack(Req::Ping(pb::PingRequest {})).await, common::AckResult::Ping(pb::PingResult {}));
-    assert_eq!(bobs_connections(&server).await, 1);
+    assert_eq!(server.bobs_connections().await, 1);
     assert!(!proxy.closed_by_server.load(Ordering::SeqCst));
     drop(bob);
     server.stop().await;
@@ -210,13 +193,13 @@ async fn a_grpc_client_that_answers_nothing_is_disconnected_and_leaves_presence(
     let proxy = Proxy::to(&server).await;
     let mut bob = proxy.client().await;
     bob.ack(sign_in(BOB)).await;
-    assert_eq!(bobs_connections(&server).await, 1);
+    assert_eq!(server.bobs_connections().await, 1);
     // Bob's client hangs: nothing more reaches it, nothing comes from it, its socket stays open.
     proxy.frozen.store(true, Ordering::SeqCst);
     let pings_before = proxy.pings();
     until("the server closed the connection", || proxy.closed_by_server.load(Ordering::SeqCst)).await;
     assert!(proxy.pings() > pings_before, "pinged before the connection was closed");
-    until_bob_has_left(&server).await;
+    server.until_bob_has(0).await;
     until("the closed connection counted", || unresponsive_disconnects("grpc") == counted + 1).await;
     drop(bob);
     server.stop().await;

@@ -185,6 +185,22 @@ impl Server {
 
     /// Shuts the server down the way the binary does: drain the gateway, then a graceful shutdown, which
     /// must end without waiting for the clients.
+    /// Bob's live connections, as the gateway wrote them to presence.
+    pub async fn bobs_connections(&self) -> usize {
+        let (tenant, bob) = (TenantId::new("acme").unwrap(), AgentId::new("bob").unwrap());
+        self.presence.agent_sessions(&tenant, &bob, self.clock.now_ms()).await.unwrap().len()
+    }
+
+    /// Waits until Bob has `n` live connections.
+    pub async fn until_bob_has(&self, n: usize) {
+        let waited = tokio::time::timeout(DEADLINE, async {
+            while self.bobs_connections().await != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        waited.await.unwrap_or_else(|_| panic!("Bob never had {n} live connections"));
+    }
+
     pub async fn stop(self) {
         let served = self.stop_served().await;
         assert_eq!(served, Served::Drained, "every client connection ended within the grace");
