@@ -10,6 +10,7 @@ pub mod checker;
 pub mod client;
 pub mod cluster;
 pub mod db;
+pub mod kube;
 pub mod log;
 pub mod process;
 pub mod scenario;

@@ -1,0 +1,706 @@
+//! The Helm chart's pods, run on loopback as a kubelet would run them.
+//!
+//! `helm template` renders the chart (`helm/switchboard`); every pod its Deployments and StatefulSets ask for
+//! becomes a process of the real binary, started from what the manifests say and nothing else:
+//!
+//! - the container's `args`, under a clean environment made of its `env` (plain values with `$(VAR)`
+//!   expanded from the variables before it, `fieldRef`s of the pod's name, namespace and IP, and `secretKeyRef`s
+//!   read from the rendered Secrets), its Secret volumes written as files where it mounts them;
+//! - its own address, `127.0.0.N`: the pod's IP, and what a wildcard listen address (`0.0.0.0`, `[::]`) means
+//!   inside a pod's own network namespace;
+//! - a Service's name (`name`, `name.namespace`, …`.svc.cluster.local`) and port, in a URL of the environment,
+//!   resolved to one of its pods' addresses and the port its `targetPort` names, as kube-proxy would;
+//! - its working directory empty, and checked to stay so (the chart's root file system is read-only);
+//! - started when its probes pass (`startupProbe`, then `readinessProbe`: gRPC health and `httpGet`),
+//!   within the time they allow; stopped with SIGTERM, within its `terminationGracePeriodSeconds`.
+//!
+//! What is not run: the image (any image of the chart's repository is the `switchboard` binary built here),
+//! the scheduler, resource limits, and the objects no kubelet acts on (Services route, PodMonitors and the rest
+//! are only read).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use serde::Deserialize as _;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::process;
+
+/// How often a probe is tried while a pod starts (the condition is the probe; its own period only paces a
+/// kubelet, whose deadline, the probe's failure threshold times its period, is kept).
+const PROBE_PACE: Duration = Duration::from_millis(100);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The chart in this repository.
+pub fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../helm/switchboard")
+}
+
+/// `helm`: `$SWITCHBOARD_HELM`, or the one on the `PATH` (`scripts/test` installs it when missing).
+pub fn helm() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SWITCHBOARD_HELM") {
+        return Ok(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|dir| dir.join("helm")).find(|candidate| candidate.is_file()).context(
+        "helm is missing: run scripts/test (which installs it), or put helm on the PATH or in $SWITCHBOARD_HELM",
+    )
+}
+
+/// Runs `helm template RELEASE CHART --namespace NAMESPACE -f FILE...`: the rendered YAML, or helm's error.
+pub fn template(release: &str, namespace: &str, values: &[&Path]) -> anyhow::Result<Result<String, String>> {
+    let mut command = std::process::Command::new(helm()?);
+    command.args(["template", release]).arg(chart_dir()).args(["--namespace", namespace]);
+    for file in values {
+        command.arg("-f").arg(file);
+    }
+    let output = command.output().context("cannot run helm")?;
+    if output.status.success() {
+        Ok(Ok(String::from_utf8(output.stdout)?))
+    } else {
+        Ok(Err(String::from_utf8_lossy(&output.stderr).into_owned()))
+    }
+}
+
+/// The rendered objects.
+#[derive(Debug, Clone)]
+pub struct Manifests {
+    pub namespace: String,
+    pub objects: Vec<Value>,
+}
+
+impl Manifests {
+    /// Renders the chart; helm's refusal is an error.
+    pub fn render(release: &str, namespace: &str, values: &[&Path]) -> anyhow::Result<Manifests> {
+        let yaml = template(release, namespace, values)?.map_err(|error| anyhow::anyhow!("helm template: {error}"))?;
+        Manifests::parse(namespace, &yaml)
+    }
+
+    pub fn parse(namespace: &str, yaml: &str) -> anyhow::Result<Manifests> {
+        let mut objects = Vec::new();
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value = Value::deserialize(document).context("a rendered document is not YAML")?;
+            if !value.is_null() {
+                objects.push(value);
+            }
+        }
+        Ok(Manifests { namespace: namespace.to_owned(), objects })
+    }
+
+    pub fn of_kind(&self, kind: &str) -> impl Iterator<Item = &Value> + '_ {
+        let kind = kind.to_owned();
+        self.objects.iter().filter(move |object| object["kind"] == kind.as_str())
+    }
+
+    pub fn get(&self, kind: &str, name: &str) -> anyhow::Result<&Value> {
+        self.of_kind(kind)
+            .find(|object| object["metadata"]["name"] == name)
+            .with_context(|| format!("no {kind} {name} in the rendered chart"))
+    }
+
+    /// A key of a rendered Secret (`stringData`).
+    pub fn secret_key(&self, name: &str, key: &str) -> anyhow::Result<String> {
+        let secret = self.get("Secret", name)?;
+        secret["stringData"][key].as_str().map(str::to_owned).with_context(|| format!("Secret {name} has no key {key}"))
+    }
+}
+
+/// A probe as a container declares it.
+#[derive(Debug, Clone)]
+enum Check {
+    Grpc { port: u16 },
+    HttpGet { port: u16, path: String },
+}
+
+#[derive(Debug, Clone)]
+struct Probe {
+    check: Check,
+    /// How long a kubelet lets it fail before it gives up on the pod.
+    budget: Duration,
+}
+
+/// One pod of a workload.
+pub struct Pod {
+    pub name: String,
+    /// `Deployment/NAME` or `StatefulSet/NAME`.
+    pub workload: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+    /// Container port by name.
+    pub ports: BTreeMap<String, u16>,
+    pub annotations: BTreeMap<String, String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub termination_grace: Duration,
+    startup: Option<Probe>,
+    readiness: Option<Probe>,
+    dir: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl std::fmt::Debug for Pod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pod").field("name", &self.name).field("ip", &self.ip).finish()
+    }
+}
+
+impl Pod {
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    /// The process's working directory, standing for the image's read-only root file system (a test runs as
+    /// root here, which permissions would not stop): see [`Pod::written_outside_volumes`].
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// What the pod wrote into its working directory: on a read-only root file system, a write there fails.
+    pub fn written_outside_volumes(&self) -> anyhow::Result<Vec<String>> {
+        let mut written = Vec::new();
+        for entry in std::fs::read_dir(self.root())? {
+            written.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(written)
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn env_var(&self, name: &str) -> Option<&str> {
+        self.env.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+
+    /// `IP:PORT` of the container port named `name`.
+    pub fn address(&self, port: &str) -> anyhow::Result<String> {
+        let port = self.ports.get(port).with_context(|| format!("{} has no port named {port}", self.name))?;
+        Ok(format!("{}:{port}", self.ip))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        use std::io::Write as _;
+        writeln!(log, "=== {} start #{} at {} ===", self.name, self.starts, self.ip)?;
+        let child = Command::new(process::binary()?)
+            .args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .current_dir(self.root())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start pod {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits for the startup probe, then the readiness probe, each within its budget; fails at once if the
+    /// process exits.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        for probe in [self.startup.clone(), self.readiness.clone()].into_iter().flatten() {
+            let end = Instant::now() + probe.budget;
+            loop {
+                if !self.is_running() {
+                    bail!("pod {} exited before it was ready; its log:\n{}", self.name, self.log_tail(30));
+                }
+                if run_probe(self.ip, &probe.check).await.is_ok() {
+                    break;
+                }
+                if Instant::now() >= end {
+                    let error = run_probe(self.ip, &probe.check).await.err().map(|error| format!("{error:#}"));
+                    bail!(
+                        "pod {}: {:?} did not pass within {:?} ({error:?}); its log:\n{}",
+                        self.name,
+                        probe.check,
+                        probe.budget,
+                        self.log_tail(30)
+                    );
+                }
+                tokio::time::sleep(PROBE_PACE).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, as a kubelet stops a pod: the exit status if it exits within its grace period; past it, the
+    /// pod is killed and this fails.
+    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().with_context(|| format!("pod {} is not running", self.name))?;
+        let pid = child.id().with_context(|| format!("pod {} has exited", self.name))?;
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        ensure!(status.success(), "kill -TERM {pid} failed");
+        match tokio::time::timeout(self.termination_grace, child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                child.start_kill().ok();
+                child.wait().await?;
+                bail!("pod {} did not exit within its grace period of {:?}", self.name, self.termination_grace)
+            }
+        }
+    }
+}
+
+async fn run_probe(ip: Ipv4Addr, check: &Check) -> anyhow::Result<()> {
+    match check {
+        Check::Grpc { port } => {
+            use tonic_health::pb::HealthCheckRequest;
+            use tonic_health::pb::health_check_response::ServingStatus;
+            use tonic_health::pb::health_client::HealthClient;
+            let answer = tokio::time::timeout(PROBE_TIMEOUT, async {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{ip}:{port}"))?.connect().await?;
+                let mut client = HealthClient::new(channel);
+                let response = client.check(HealthCheckRequest { service: String::new() }).await?;
+                anyhow::Ok(response.into_inner().status)
+            })
+            .await
+            .context("the gRPC health check timed out")??;
+            ensure!(answer == ServingStatus::Serving as i32, "gRPC health: {answer}");
+            Ok(())
+        }
+        Check::HttpGet { port, path } => {
+            let status = http_get(&format!("{ip}:{port}"), path).await?.0;
+            ensure!((200..400).contains(&status), "GET {path}: {status}");
+            Ok(())
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET: the status and the body.
+pub async fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    tokio::time::timeout(PROBE_TIMEOUT * 5, async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|status| status.parse().ok())
+            .with_context(|| format!("not an HTTP response: {response:.80}"))?;
+        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+        anyhow::Ok((status, body))
+    })
+    .await
+    .with_context(|| format!("GET http://{address}{path} timed out"))?
+}
+
+/// Loopback addresses handed to pods: 127.0.0.10 and up, one each, never twice in a test process.
+static NEXT_IP: AtomicU32 = AtomicU32::new(10);
+
+fn next_ip() -> anyhow::Result<Ipv4Addr> {
+    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
+    ensure!(n < 1 << 16, "out of loopback addresses");
+    Ok(Ipv4Addr::new(127, 0, (n >> 8) as u8, (n & 0xff) as u8))
+}
+
+fn string_map(value: &Value) -> BTreeMap<String, String> {
+    value
+        .as_object()
+        .map(|map| map.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .unwrap_or_default()
+}
+
+/// Every pod of the rendered workloads, run on loopback.
+pub struct Kubelet {
+    manifests: Manifests,
+    pub pods: Vec<Pod>,
+    dir: Option<tempfile::TempDir>,
+    passed: bool,
+}
+
+impl std::fmt::Debug for Kubelet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kubelet").field("pods", &self.pods).finish()
+    }
+}
+
+impl Kubelet {
+    /// Plans the pods of every Deployment and StatefulSet (names, addresses, environment, files); starts none.
+    pub fn new(manifests: Manifests) -> anyhow::Result<Kubelet> {
+        let dir = tempfile::Builder::new().prefix("switchboard-chart-").tempdir()?;
+        let mut kubelet = Kubelet { manifests, pods: Vec::new(), dir: None, passed: false };
+        // Names and addresses first: a pod's environment may name any Service, so every pod's address is
+        // known before any environment is made.
+        let mut planned = Vec::new();
+        for kind in ["StatefulSet", "Deployment"] {
+            for workload in kubelet.manifests.of_kind(kind) {
+                let name = workload["metadata"]["name"].as_str().context("a workload without a name")?;
+                let replicas = workload["spec"]["replicas"].as_u64().unwrap_or(1);
+                for i in 0..replicas {
+                    // A StatefulSet's pods are NAME-0, NAME-1…; a Deployment's get a random suffix.
+                    let pod_name =
+                        if kind == "StatefulSet" { format!("{name}-{i}") } else { format!("{name}-7f9c-{i:05}") };
+                    planned.push((format!("{kind}/{name}"), workload.clone(), pod_name, next_ip()?));
+                }
+            }
+        }
+        for (consumer, (workload_name, workload, pod_name, ip)) in planned.iter().enumerate() {
+            let template = &workload["spec"]["template"];
+            let containers = template["spec"]["containers"].as_array().context("a pod without containers")?;
+            ensure!(containers.len() == 1, "{workload_name}: one container expected, got {}", containers.len());
+            let container = &containers[0];
+            let ports: BTreeMap<String, u16> = container["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|port| Some((port["name"].as_str()?.to_owned(), port["containerPort"].as_u64()? as u16)))
+                .collect();
+            let pod_dir = dir.path().join(pod_name);
+            std::fs::create_dir_all(pod_dir.join("root"))?;
+            let mounts = kubelet.mount_volumes(&template["spec"], container, &pod_dir)?;
+            let image = container["image"].as_str().unwrap_or_default();
+            ensure!(
+                image.starts_with("ghcr.io/switchboard-chat/switchboard:"),
+                "{workload_name}: image {image} is not the chart's"
+            );
+            ensure!(container["command"].is_null(), "{workload_name}: the image's entrypoint is the binary");
+            let args: Vec<String> = container["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|arg| arg.as_str().map(|arg| rewrite_path(arg, &mounts)).context("an argument is not a string"))
+                .collect::<anyhow::Result<_>>()?;
+            let env = kubelet.environment(container, (pod_name, *ip, consumer), &planned, &mounts)?;
+            let probe = |field: &str| -> anyhow::Result<Option<Probe>> {
+                let probe = &container[field];
+                if probe.is_null() {
+                    return Ok(None);
+                }
+                let port = |port: &Value| -> anyhow::Result<u16> {
+                    match port {
+                        Value::Number(number) => Ok(number.as_u64().context("a bad port")? as u16),
+                        Value::String(name) => ports.get(name).copied().with_context(|| format!("no port {name}")),
+                        _ => bail!("{workload_name}: {field} has no port"),
+                    }
+                };
+                let check = if !probe["grpc"].is_null() {
+                    Check::Grpc { port: port(&probe["grpc"]["port"])? }
+                } else if !probe["httpGet"].is_null() {
+                    let path = probe["httpGet"]["path"].as_str().unwrap_or("/").to_owned();
+                    Check::HttpGet { port: port(&probe["httpGet"]["port"])?, path }
+                } else {
+                    bail!("{workload_name}: {field} is neither gRPC nor httpGet")
+                };
+                let period = probe["periodSeconds"].as_u64().unwrap_or(10);
+                let failures = probe["failureThreshold"].as_u64().unwrap_or(3);
+                let delay = probe["initialDelaySeconds"].as_u64().unwrap_or(0);
+                Ok(Some(Probe { check, budget: Duration::from_secs(delay + period * failures) }))
+            };
+            let grace = template["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+            let (startup, readiness) = (probe("startupProbe")?, probe("readinessProbe")?);
+            kubelet.pods.push(Pod {
+                name: pod_name.clone(),
+                workload: workload_name.clone(),
+                ip: *ip,
+                labels: string_map(&template["metadata"]["labels"]),
+                annotations: string_map(&template["metadata"]["annotations"]),
+                ports,
+                args,
+                env,
+                termination_grace: Duration::from_secs(grace),
+                startup,
+                readiness,
+                dir: pod_dir,
+                child: None,
+                starts: 0,
+            });
+        }
+        kubelet.dir = Some(dir);
+        Ok(kubelet)
+    }
+
+    /// Writes the pod's Secret volumes into its directory; the mount paths and where they are here.
+    fn mount_volumes(
+        &self,
+        pod_spec: &Value,
+        container: &Value,
+        pod_dir: &Path,
+    ) -> anyhow::Result<Vec<(String, PathBuf)>> {
+        let mut mounts = Vec::new();
+        for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+            let name = mount["name"].as_str().context("a mount without a name")?;
+            let path = mount["mountPath"].as_str().context("a mount without a path")?;
+            let volume = pod_spec["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|volume| volume["name"] == name)
+                .with_context(|| format!("the mount {name} names no volume"))?;
+            let host = pod_dir.join("volumes").join(name);
+            std::fs::create_dir_all(&host)?;
+            if let Some(secret) = volume["secret"]["secretName"].as_str() {
+                let items = volume["secret"]["items"].as_array().context("a Secret volume without items")?;
+                for item in items {
+                    let key = item["key"].as_str().context("an item without a key")?;
+                    let file = item["path"].as_str().context("an item without a path")?;
+                    std::fs::write(host.join(file), self.manifests.secret_key(secret, key)?)?;
+                }
+            } else {
+                ensure!(
+                    volume.get("emptyDir").is_some(),
+                    "volume {name}: only Secret and emptyDir volumes are run here"
+                );
+            }
+            mounts.push((path.trim_end_matches('/').to_owned(), host));
+        }
+        Ok(mounts)
+    }
+
+    /// The container's environment, as a kubelet makes it, then as it resolves on this host.
+    fn environment(
+        &self,
+        container: &Value,
+        (pod_name, ip, consumer): (&str, Ipv4Addr, usize),
+        planned: &[(String, Value, String, Ipv4Addr)],
+        mounts: &[(String, PathBuf)],
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let mut env: Vec<(String, String)> = Vec::new();
+        for var in container["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().context("a variable without a name")?.to_owned();
+            let value = if let Some(value) = var["value"].as_str() {
+                expand(value, &env)
+            } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                match field {
+                    "metadata.name" => pod_name.to_owned(),
+                    "metadata.namespace" => self.manifests.namespace.clone(),
+                    "status.podIP" => ip.to_string(),
+                    other => bail!("{name}: fieldRef {other} is not run here"),
+                }
+            } else if !var["valueFrom"]["secretKeyRef"].is_null() {
+                let reference = &var["valueFrom"]["secretKeyRef"];
+                let secret = reference["name"].as_str().context("a secretKeyRef without a name")?;
+                let key = reference["key"].as_str().context("a secretKeyRef without a key")?;
+                self.manifests.secret_key(secret, key).with_context(|| format!("variable {name}"))?
+            } else {
+                bail!("{name}: neither a value, a fieldRef nor a secretKeyRef")
+            };
+            env.push((name, value));
+        }
+        for (_, value) in env.iter_mut() {
+            *value = self.resolve_services(value, planned, consumer)?;
+            *value = rewrite_path(value, mounts);
+            for wildcard in ["0.0.0.0:", "[::]:"] {
+                if let Some(port) = value.strip_prefix(wildcard) {
+                    *value = format!("{ip}:{port}");
+                }
+            }
+        }
+        Ok(env)
+    }
+
+    /// `//SERVICE:PORT` in a value, in any of the Service's DNS names, to `//POD_IP:TARGET_PORT` of one of its
+    /// pods (a connection through kube-proxy lands on one of them): the `consumer`-th pod of the chart takes
+    /// the Service's pods in turn.
+    fn resolve_services(
+        &self,
+        value: &str,
+        planned: &[(String, Value, String, Ipv4Addr)],
+        consumer: usize,
+    ) -> anyhow::Result<String> {
+        let mut value = value.to_owned();
+        for service in self.manifests.of_kind("Service") {
+            let name = service["metadata"]["name"].as_str().context("a Service without a name")?;
+            let namespace = &self.manifests.namespace;
+            let selector = string_map(&service["spec"]["selector"]);
+            let targets: Vec<_> = planned
+                .iter()
+                .filter(|(_, workload, _, _)| {
+                    let labels = string_map(&workload["spec"]["template"]["metadata"]["labels"]);
+                    !selector.is_empty() && selector.iter().all(|(key, value)| labels.get(key) == Some(value))
+                })
+                .collect();
+            // Connections through a Service spread over its pods: the consumers take its pods in turn.
+            let target = (!targets.is_empty()).then(|| targets[consumer % targets.len()]);
+            let names = [
+                format!("{name}.{namespace}.svc.cluster.local"),
+                format!("{name}.{namespace}.svc"),
+                format!("{name}.{namespace}"),
+                name.to_owned(),
+            ];
+            for port in service["spec"]["ports"].as_array().into_iter().flatten() {
+                let number = port["port"].as_u64().context("a Service port without a number")?;
+                for dns in &names {
+                    let pattern = format!("//{dns}:{number}");
+                    if !value.contains(&pattern) {
+                        continue;
+                    }
+                    let (_, workload, _, ip) =
+                        target.with_context(|| format!("Service {name} selects no pod of the chart"))?;
+                    let container = &workload["spec"]["template"]["spec"]["containers"][0];
+                    let target_port = match &port["targetPort"] {
+                        Value::Number(n) => n.as_u64().context("a bad targetPort")?,
+                        Value::String(port_name) => container["ports"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|p| p["name"] == port_name.as_str())
+                            .and_then(|p| p["containerPort"].as_u64())
+                            .with_context(|| format!("Service {name}: no container port named {port_name}"))?,
+                        _ => number,
+                    };
+                    value = value.replace(&pattern, &format!("//{ip}:{target_port}"));
+                }
+            }
+        }
+        Ok(value)
+    }
+
+    /// Starts every pod at once (as a first install does) and waits until each is ready.
+    pub async fn start_all(&mut self) -> anyhow::Result<()> {
+        for pod in &mut self.pods {
+            pod.spawn()?;
+        }
+        let mut waits = Vec::new();
+        for pod in &mut self.pods {
+            waits.push(pod.wait_ready());
+        }
+        futures_util::future::try_join_all(waits).await?;
+        Ok(())
+    }
+
+    /// Starts a stopped pod again (same name and address, as a StatefulSet's pod comes back) and waits until
+    /// it is ready.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let pod = self.pod_mut(name)?;
+        ensure!(!pod.is_running(), "pod {name} still runs");
+        pod.spawn()?;
+        pod.wait_ready().await
+    }
+
+    pub fn pod_mut(&mut self, name: &str) -> anyhow::Result<&mut Pod> {
+        self.pods.iter_mut().find(|pod| pod.name == name).with_context(|| format!("no pod {name}"))
+    }
+
+    /// The pods of a workload (`StatefulSet/NAME`), in order.
+    pub fn pods_of(&self, workload: &str) -> Vec<&Pod> {
+        self.pods.iter().filter(|pod| pod.workload == workload).collect()
+    }
+
+    /// `IP:PORT` of every pod behind a Service's port, in the order of the pods.
+    pub fn endpoints(&self, service: &str, port: u64) -> anyhow::Result<Vec<String>> {
+        let service = self.manifests.get("Service", service)?;
+        let selector = string_map(&service["spec"]["selector"]);
+        let port = service["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["port"].as_u64() == Some(port))
+            .context("no such Service port")?;
+        let mut endpoints = Vec::new();
+        for pod in &self.pods {
+            if selector.iter().all(|(key, value)| pod.labels.get(key) == Some(value)) {
+                let target = match &port["targetPort"] {
+                    Value::String(name) => *pod.ports.get(name).context("no such container port")?,
+                    Value::Number(n) => n.as_u64().context("a bad targetPort")? as u16,
+                    _ => bail!("a Service port without a targetPort"),
+                };
+                endpoints.push(format!("{}:{target}", pod.ip));
+            }
+        }
+        Ok(endpoints)
+    }
+
+    pub fn manifests(&self) -> &Manifests {
+        &self.manifests
+    }
+
+    /// The last lines of every pod's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.pods.iter().map(|pod| format!("--- {} ---\n{}\n", pod.name, pod.log_tail(lines))).collect()
+    }
+
+    /// Marks the test as passed: the pods' directories go with it. Otherwise they are kept and their logs'
+    /// tails printed.
+    pub fn finish(mut self) {
+        self.passed = true;
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        if self.passed {
+            return;
+        }
+        if let Some(dir) = self.dir.take() {
+            let kept = dir.keep();
+            eprintln!("chart test failed: pods' logs kept in {}\n{}", kept.display(), self.log_tails(30));
+        }
+    }
+}
+
+/// A path under a mount's path, to where the volume is on this host.
+fn rewrite_path(value: &str, mounts: &[(String, PathBuf)]) -> String {
+    for (mount, host) in mounts {
+        if let Some(rest) = value.strip_prefix(mount.as_str())
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{}{rest}", host.display());
+        }
+    }
+    value.to_owned()
+}
+
+/// Kubernetes' `$(VAR)`: a variable defined before this one; `$$` is a `$`; anything else stays as it is.
+fn expand(value: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(close) = inner.find(')')
+            && let Some((_, found)) = env.iter().rev().find(|(key, _)| key == &inner[..close])
+        {
+            out.push_str(found);
+            rest = &inner[close + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variables_expand_as_kubernetes_expands_them() {
+        let env = vec![("POD_IP".to_owned(), "10.1.2.3".to_owned())];
+        assert_eq!(expand("http://$(POD_IP):7200", &env), "http://10.1.2.3:7200");
+        assert_eq!(expand("$$(POD_IP) $(NOPE) $", &env), "$(POD_IP) $(NOPE) $");
+    }
+
+    #[test]
+    fn paths_under_a_mount_move_with_it() {
+        let mounts = vec![("/etc/switchboard".to_owned(), PathBuf::from("/tmp/pod/config"))];
+        assert_eq!(rewrite_path("/etc/switchboard/config.yaml", &mounts), "/tmp/pod/config/config.yaml");
+        assert_eq!(rewrite_path("/etc/switchboardx", &mounts), "/etc/switchboardx");
+    }
+}

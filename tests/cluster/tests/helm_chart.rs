@@ -1,0 +1,348 @@
+//! The Helm chart (`helm/switchboard`), rendered by the real `helm`: it lints, and ships the alert rules and
+//! dashboards of `deploy/` as they are; values that could not make a working cluster are refused by name; and
+//! its pods, run on loopback as a kubelet would run them (`switchboard_cluster_tests::kube`) over a real
+//! PostgreSQL and Redis, make a cluster whose chats flow through its Services, whose license holds at the
+//! number the values give, whose metrics are where its pods' annotations say, which loses nothing
+//! acknowledged through a rolling restart of every workload, and whose pods all stop within their grace.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use serde_json::{Value, json};
+use switchboard_cluster_tests::kube::{self, Kubelet, Manifests};
+use switchboard_cluster_tests::traffic::{Traffic, catch_up_all, open_chats};
+use switchboard_cluster_tests::{ClientLog, Connection, Db, checker, tenancy};
+use switchboard_testservices::{Postgres, Redis};
+use tokio::time::Instant;
+
+const RELEASE: &str = "chat";
+const NAMESPACE: &str = "switchboard";
+const FULLNAME: &str = "chat-switchboard";
+const CHATS: usize = 6;
+const PACE: Duration = Duration::from_millis(100);
+/// A guard for conversations to go on after a step of the rollout, and for the placement.
+const FLOW_DEADLINE: Duration = Duration::from_secs(30);
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(15);
+
+fn example_values() -> std::path::PathBuf {
+    kube::chart_dir().join("ci/example-values.yaml")
+}
+
+fn write_values(dir: &Path, name: &str, values: &Value) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_yaml_ng::to_string(values)?)?;
+    Ok(path)
+}
+
+fn yaml_file(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(serde_yaml_ng::from_str(&text)?)
+}
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+}
+
+fn container<'a>(manifests: &'a Manifests, kind: &str, role: &str) -> anyhow::Result<&'a Value> {
+    Ok(&manifests.get(kind, &format!("{FULLNAME}-{role}"))?["spec"]["template"]["spec"]["containers"][0])
+}
+
+fn env_of<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"].as_array()?.iter().find(|var| var["name"] == name)
+}
+
+#[test]
+fn the_chart_lints_and_ships_the_rules_and_dashboards_of_deploy_as_they_are() -> anyhow::Result<()> {
+    let lint = std::process::Command::new(kube::helm()?)
+        .args(["lint", "--strict"])
+        .arg(kube::chart_dir())
+        .arg("-f")
+        .arg(example_values())
+        .output()?;
+    let said = String::from_utf8_lossy(&lint.stdout);
+    ensure!(lint.status.success(), "helm lint --strict failed:\n{said}{}", String::from_utf8_lossy(&lint.stderr));
+    ensure!(!said.contains("[WARNING]") && !said.contains("[ERROR]"), "helm lint:\n{said}");
+
+    let manifests = Manifests::render(RELEASE, NAMESPACE, &[&example_values()])?;
+    // Each role as the design has it: routers keep their names (their node ids) across restarts.
+    container(&manifests, "Deployment", "gateway")?;
+    container(&manifests, "StatefulSet", "router")?;
+    container(&manifests, "Deployment", "store")?;
+
+    // The alert rules, rule for rule.
+    let rule = manifests.get("PrometheusRule", FULLNAME)?;
+    let alerts = yaml_file(&repo_file("deploy/prometheus/alerts.yml"))?;
+    assert_eq!(
+        rule["spec"]["groups"], alerts["groups"],
+        "the PrometheusRule differs from deploy/prometheus/alerts.yml"
+    );
+    // The dashboards, file for file.
+    let dashboards = manifests.get("ConfigMap", &format!("{FULLNAME}-dashboards"))?;
+    assert_eq!(dashboards["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: BTreeSet<String> = dashboards["data"].as_object().context("no dashboards")?.keys().cloned().collect();
+    let mut files = BTreeSet::new();
+    for entry in std::fs::read_dir(repo_file("deploy/grafana/dashboards"))? {
+        let path = entry?.path();
+        let name = path.file_name().context("a file without a name")?.to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path)?;
+        let in_chart = dashboards["data"][&name].as_str().with_context(|| format!("{name} is not in the chart"))?;
+        assert_eq!(
+            serde_json::from_str::<Value>(in_chart)?,
+            serde_json::from_str::<Value>(&text)?,
+            "{name} differs from deploy/grafana/dashboards"
+        );
+        files.insert(name);
+    }
+    assert_eq!(shipped, files);
+
+    // Each role's PodMonitor scrapes a port its pods have, under the job the dashboards and rules expect.
+    for (kind, role) in [("Deployment", "gateway"), ("StatefulSet", "router"), ("Deployment", "store")] {
+        let monitor = manifests.get("PodMonitor", &format!("{FULLNAME}-{role}"))?;
+        let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+        let container = container(&manifests, kind, role)?;
+        let ports: Vec<&Value> = container["ports"].as_array().context("no ports")?.iter().collect();
+        assert!(ports.iter().any(|port| port["name"] == endpoint["port"]), "{role}: no port {}", endpoint["port"]);
+        assert_eq!(
+            endpoint["relabelings"][0],
+            json!({ "targetLabel": "job", "replacement": format!("switchboard-{role}") })
+        );
+    }
+
+    // Without them asked for, no object of the Prometheus Operator is rendered (its CRDs may be absent).
+    let dir = tempfile::tempdir()?;
+    let plain = write_values(
+        dir.path(),
+        "plain.yaml",
+        &json!({ "metrics": { "podMonitor": { "enabled": false }, "prometheusRule": { "enabled": false },
+                              "dashboards": { "enabled": false } } }),
+    )?;
+    let manifests = Manifests::render(RELEASE, NAMESPACE, &[&example_values(), &plain])?;
+    assert_eq!(manifests.of_kind("PodMonitor").count() + manifests.of_kind("PrometheusRule").count(), 0);
+
+    // The operator's own Secrets: the chart makes none, and every role reads theirs.
+    let existing = write_values(
+        dir.path(),
+        "existing.yaml",
+        &json!({
+            "database": { "url": "", "existingSecret": "pg", "existingSecretKey": "url" },
+            "redis": { "url": "", "existingSecret": "cache", "existingSecretKey": "url" },
+            "existingConfigSecret": "tenants",
+        }),
+    )?;
+    let manifests = Manifests::render(RELEASE, NAMESPACE, &[&example_values(), &existing])?;
+    assert_eq!(manifests.of_kind("Secret").count(), 0);
+    let store = container(&manifests, "Deployment", "store")?;
+    assert_eq!(
+        env_of(store, "SWITCHBOARD_DATABASE_URL").context("no database URL")?["valueFrom"]["secretKeyRef"],
+        json!({ "name": "pg", "key": "url" })
+    );
+    for (kind, role) in [("Deployment", "gateway"), ("StatefulSet", "router"), ("Deployment", "store")] {
+        let container = container(&manifests, kind, role)?;
+        assert_eq!(
+            env_of(container, "SWITCHBOARD_REDIS_URL").context("no Redis URL")?["valueFrom"]["secretKeyRef"],
+            json!({ "name": "cache", "key": "url" }),
+            "{role}"
+        );
+        let pod = &manifests.get(kind, &format!("{FULLNAME}-{role}"))?["spec"]["template"]["spec"];
+        let config = pod["volumes"].as_array().context("no volumes")?.iter().find(|volume| volume["name"] == "config");
+        assert_eq!(config.context("no config volume")?["secret"]["secretName"], "tenants", "{role}");
+    }
+    Ok(())
+}
+
+#[test]
+fn values_that_cannot_make_a_cluster_are_refused_by_name() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases = [
+        (json!({ "database": { "url": "" } }), "database.url"),
+        (json!({ "redis": { "url": "" } }), "redis.url"),
+        (json!({ "config": { "tenants": [] } }), "config.tenants"),
+        (json!({ "license": { "maxSessions": -1 } }), "license.maxSessions"),
+        (json!({ "license": { "maxSessions": "many" } }), "license.maxSessions"),
+        (json!({ "config": { "license": { "max_sessions": 5 } } }), "license.maxSessions"),
+        (json!({ "config": { "presence": { "redis_url": "redis://elsewhere/" } } }), "redis.url"),
+        (json!({ "config": { "version": 2 } }), "config.version"),
+        (json!({ "router": { "replicas": 0 } }), "router.replicas"),
+        (
+            json!({ "router": { "lease": { "leaseMs": 5000, "renewEveryMs": 2000, "renewDeadlineMs": 7000 } } }),
+            "router.lease",
+        ),
+        (json!({ "gateway": { "port": 70000 } }), "gateway.port"),
+        (json!({ "gatway": { "replicas": 3 } }), "gatway"),
+        (json!({ "ingress": { "enabled": true, "hosts": [] } }), "ingress.hosts"),
+    ];
+    for (i, (values, named)) in cases.iter().enumerate() {
+        let file = write_values(dir.path(), &format!("bad-{i}.yaml"), values)?;
+        match kube::template(RELEASE, NAMESPACE, &[&example_values(), &file])? {
+            Ok(_) => panic!("{values} was rendered"),
+            Err(error) => assert!(error.contains(named), "{values}: the refusal does not name {named}: {error}"),
+        }
+    }
+    Ok(())
+}
+
+/// The chart's values for a run here: the example's, with this run's PostgreSQL and Redis, one agent per
+/// chat, a license of exactly `CHATS` chats, and short leases (so that a lost router's shards move in seconds).
+fn run_values(dir: &Path, database_url: &str, redis_url: &str) -> anyhow::Result<std::path::PathBuf> {
+    let config: Value = serde_yaml_ng::from_str(&tenancy::config(CHATS))?;
+    write_values(
+        dir,
+        "run.yaml",
+        &json!({
+            "database": { "url": database_url },
+            "redis": { "url": redis_url },
+            "license": { "maxSessions": CHATS },
+            "logLevel": "warn",
+            "config": {
+                "presence": { "heartbeat_ms": 500, "grace_ms": 30000 },
+                "limits": { "shutdown_grace_ms": 2000 },
+                "tenants": config["tenants"],
+            },
+            "router": { "lease": { "leaseMs": 3000, "renewEveryMs": 500, "renewDeadlineMs": 2000 } },
+        }),
+    )
+}
+
+async fn wait_for_placement(db: &Db, routers: &BTreeSet<String>) -> anyhow::Result<()> {
+    let end = Instant::now() + FLOW_DEADLINE;
+    loop {
+        let placement = db.placement().await?;
+        if placement.unowned(routers).is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < end, "shards still unowned by {routers:?}: {:?}", placement.shards_by_owner().keys());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_continued(log: &ClientLog, what: &str, since: Instant) -> anyhow::Result<()> {
+    log.wait_until(what, FLOW_DEADLINE, |data| data.continued_after(since).len() >= CHATS).await.with_context(|| {
+        let failures = log.read(|data| data.failures.clone());
+        format!("client failures: {failures:#?}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing_in_a_rolling_restart()
+-> anyhow::Result<()> {
+    let redis = tokio::task::block_in_place(Redis::start)?;
+    let postgres = tokio::task::block_in_place(Postgres::start)?;
+    let database_url = tokio::task::block_in_place(|| postgres.create_database())?;
+    let dir = tempfile::tempdir()?;
+    let values = run_values(dir.path(), &database_url, &redis.url())?;
+    let manifests = Manifests::render(RELEASE, NAMESPACE, &[&example_values(), &values])?;
+    let mut kubelet = Kubelet::new(manifests)?;
+    // As `helm install` does: every pod at once; the stores migrate the empty database as they start.
+    kubelet.start_all().await?;
+    let db = Db::connect(&database_url).await?;
+
+    // The routers' node ids are their pods' names: the shards are leased by exactly these.
+    let routers: Vec<String> =
+        kubelet.pods_of(&format!("StatefulSet/{FULLNAME}-router")).iter().map(|pod| pod.name.clone()).collect();
+    assert_eq!(routers, (0..3).map(|i| format!("{FULLNAME}-router-{i}")).collect::<Vec<_>>());
+    let live: BTreeSet<String> = routers.iter().cloned().collect();
+    wait_for_placement(&db, &live).await?;
+    // Each router tells the others and the gateways its pod's address (its listen address is a wildcard,
+    // which here, unlike in a pod, is rewritten to the pod's address: so the chart must say it).
+    let nodes: Vec<(String, String)> =
+        sqlx::query_as("SELECT node_id, address FROM nodes ORDER BY node_id").fetch_all(db.pool()).await?;
+    let pods = kubelet.pods_of(&format!("StatefulSet/{FULLNAME}-router"));
+    let expected: Vec<(String, String)> = pods
+        .iter()
+        .map(|pod| Ok((pod.name.clone(), format!("http://{}", pod.address("grpc")?))))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(nodes, expected);
+    for (pod, (_, address)) in pods.iter().zip(&expected) {
+        assert_eq!(pod.env_var("SWITCHBOARD_ADVERTISE"), Some(address.as_str()), "{}", pod.name);
+    }
+    // The license the values give, set by the stores in the database.
+    assert_eq!(db.license().await?.max_sessions, CHATS as i64);
+
+    // Chats through the gateways' Service (its port 80, the pods' 8080): customer and agent of each chat on
+    // different gateways.
+    let gateways: Vec<String> = kubelet
+        .endpoints(&format!("{FULLNAME}-gateway"), 80)?
+        .into_iter()
+        .map(|address| format!("ws://{address}/v1/ws"))
+        .collect();
+    assert_eq!(gateways.len(), 2);
+    let log = ClientLog::new();
+    let chats = open_chats(&log, &gateways, CHATS).await?;
+    // The license is full: one more chat is refused, naming the limit.
+    let mut extra = Connection::connect(&gateways[0]).await?;
+    let start =
+        json!({ "widget_key": tenancy::WIDGET_KEY, "group": tenancy::GROUP, "name": "One too many", "question": "?" });
+    let refused = extra.request("chat.start", &start).await?.err().context("a chat over the license was admitted")?;
+    assert_eq!(refused["code"], "license_exhausted", "{refused}");
+    assert_eq!(refused["max_sessions"], CHATS as u64, "{refused}");
+    drop(extra);
+
+    // Every pod's metrics are where its annotations say.
+    for pod in &kubelet.pods {
+        assert_eq!(pod.annotations.get("prometheus.io/scrape").map(String::as_str), Some("true"), "{}", pod.name);
+        let port = pod.annotations.get("prometheus.io/port").context("no metrics port")?;
+        let path = pod.annotations.get("prometheus.io/path").context("no metrics path")?;
+        let (status, body) = kube::http_get(&format!("{}:{port}", pod.ip), path).await?;
+        assert_eq!(status, 200, "{}: GET {path} on {port}", pod.name);
+        assert!(body.contains("switchboard_"), "{}: no Switchboard metrics at {port}{path}", pod.name);
+        if pod.workload.ends_with("-store") {
+            let line = format!("switchboard_license_sessions_max {CHATS}");
+            // The stores report the license from the database every 2 s: wait for the first report.
+            let end = Instant::now() + FLOW_DEADLINE;
+            let mut body = body;
+            while !body.lines().any(|l| l == line) && Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                body = kube::http_get(&format!("{}:{port}", pod.ip), path).await?.1;
+            }
+            assert!(body.lines().any(|l| l == line), "{}: no {line:?}", pod.name);
+        }
+    }
+
+    // A rolling restart of every workload under traffic, one pod at a time as Kubernetes rolls them: the
+    // routers from the highest ordinal down, then the stores, then the gateways; each pod stopped with
+    // SIGTERM (it must exit cleanly within its grace period), started again, ready before the next.
+    let conversations: Vec<String> = chats.iter().map(|chat| chat.conversation.clone()).collect();
+    let participants = chats.into_iter().flat_map(|chat| [chat.customer, chat.agent]).collect();
+    let traffic = Traffic::start(participants, PACE, 2_000);
+    wait_continued(&log, "traffic flows", traffic.started).await?;
+    let mut order: Vec<String> = routers.iter().rev().cloned().collect();
+    for role in ["store", "gateway"] {
+        order.extend(kubelet.pods_of(&format!("Deployment/{FULLNAME}-{role}")).iter().map(|pod| pod.name.clone()));
+    }
+    for name in &order {
+        let since = Instant::now();
+        let status = kubelet.pod_mut(name)?.terminate().await?;
+        assert!(status.success(), "{name} exited with {status} on SIGTERM");
+        kubelet.restart(name).await?;
+        if routers.contains(name) {
+            wait_for_placement(&db, &live).await?;
+        }
+        wait_continued(&log, &format!("every conversation goes on after {name} restarted"), since).await?;
+    }
+
+    let mut participants = traffic.stop().await?;
+    let failures = log.read(|data| data.failures.clone());
+    ensure!(failures.is_empty(), "clients failed:\n{}", failures.join("\n"));
+    wait_for_placement(&db, &live).await?;
+    let last_seqs: BTreeMap<String, u64> =
+        db.conversations().await?.into_iter().map(|row| (row.id, row.last_seq)).collect();
+    catch_up_all(&mut participants, &last_seqs, CATCH_UP_DEADLINE, false).await?;
+    let logs = log.snapshot();
+    let report = checker::check(&db, &logs, &live).await?;
+    report.ensure_ok()?;
+    let messages: u64 = participants.iter().map(|participant| participant.messages_sent()).sum();
+    eprintln!("{} conversations, {messages} messages through the rollout: {}", conversations.len(), report.summary());
+    assert!(messages >= (2 * CHATS * order.len()) as u64, "too few messages to say anything: {messages}");
+
+    // `helm uninstall`: every pod stops within its grace period.
+    for pod in &mut kubelet.pods {
+        let status = pod.terminate().await?;
+        assert!(status.success(), "{} exited with {status}", pod.name);
+        // Its root file system is read-only: nothing may have been written outside its volumes.
+        assert_eq!(pod.written_outside_volumes()?, Vec::<String>::new(), "{}", pod.name);
+    }
+    kubelet.finish();
+    Ok(())
+}
