@@ -178,6 +178,9 @@ pub(crate) struct Shared {
     pub(crate) next_socket_id: AtomicU64,
     /// The connections served now, against [`GatewaySettings::max_connections`].
     pub(crate) open_connections: Arc<AtomicUsize>,
+    /// Sessions running (WebSockets and gRPC session streams, refused ones while they close): a shutdown
+    /// waits for them ([`Gateway::serve`]), an upgraded WebSocket being no longer its HTTP server's.
+    pub(crate) sessions: watch::Sender<usize>,
     /// Makes presence session ids unique across restarts of a gateway with the same id.
     boot_id: String,
     /// Whether the gateway is subscribed to each agent's pushes, behind the lock that orders its changes.
@@ -193,6 +196,8 @@ pub(crate) struct Shared {
     health_check: OnceLock<HealthCheck>,
     /// True once the gateway drains: every connection is closed (and new ones at once).
     pub(crate) draining: watch::Sender<bool>,
+    /// True once the gateway is told it will stop ([`Gateway::leave`]): `/readyz` fails, all else goes on.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -316,11 +321,13 @@ impl Gateway {
             hub: Hub::default(),
             next_socket_id: AtomicU64::new(1),
             open_connections: Arc::default(),
+            sessions: watch::Sender::new(0),
             boot_id: uuid::Uuid::new_v4().simple().to_string(),
             agent_subscriptions: KeyedLocks::default(),
             conversation_locks: KeyedLocks::default(),
             group_statuses: Mutex::default(),
             health_check: OnceLock::new(),
+            leaving: std::sync::atomic::AtomicBool::new(false),
             draining: watch::channel(false).0,
         });
         let (push_sender, mut pushes) = mpsc::unbounded_channel();
@@ -363,12 +370,14 @@ impl Gateway {
         self.http_routes().merge(grpc).fallback(not_found)
     }
 
-    /// The HTTP routes only: `/v1/ws` (the WebSocket protocol) and `/healthz` (200 `ok`, or 503 with the
-    /// reason while the [health check](Gateway::set_health_check) fails).
+    /// The HTTP routes only: `/v1/ws` (the WebSocket protocol), `/healthz` (200 `ok`, or 503 with the
+    /// reason while the [health check](Gateway::set_health_check) fails: restart me) and `/readyz` (the same,
+    /// and 503 `leaving` once the gateway was told it will stop, [`Gateway::leave`]: send me no one new).
     pub fn http_routes(&self) -> axum::Router {
         axum::Router::new()
             .route("/v1/ws", get(upgrade))
             .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
             .with_state(self.shared.clone())
     }
 
@@ -406,6 +415,13 @@ impl Gateway {
             // The descriptor sets are compiled in: failing to read them is a bug the tests catch.
             .expect("the compiled descriptor sets are valid");
         tonic::service::Routes::new(self.grpc_service()).add_service(reflection).add_service(health)
+    }
+
+    /// Announces that the gateway will stop: `/readyz` answers 503 from now on, so that load balancers stop
+    /// sending it new connections, while it goes on serving every connection, new ones included, until
+    /// [`Gateway::drain`].
+    pub fn leave(&self) {
+        self.shared.leaving.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Closes every connection, and every new one at once: WebSockets with 1001 (going away), gRPC streams
@@ -481,6 +497,14 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
         Some(Err(reason)) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}")).into_response(),
         _ => "ok".into_response(),
     }
+}
+
+/// `/readyz`: 503 `leaving` once the gateway was told it will stop, else as `/healthz`.
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "leaving: this gateway is shutting down").into_response();
+    }
+    healthz(State(shared)).await
 }
 
 /// Unknown paths: 404, or UNIMPLEMENTED to a gRPC client (an unknown service or method).

@@ -34,23 +34,24 @@ use tracing::{debug, error, info, warn};
 
 use crate::{Gateway, tune_client_socket};
 
-/// How a [`Gateway::serve`] ended. A WebSocket is no longer the server's once its handshake is done (its
-/// session ends it: [`Gateway::drain`]): these count the HTTP connections and the HTTP/2 ones (gRPC).
+/// How a [`Gateway::serve`] ended: its HTTP connections (the HTTP/2 ones of gRPC included) and its sessions
+/// (an upgraded WebSocket, no longer the HTTP server's, is ended by its session: [`Gateway::drain`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
-    /// Every connection ended within the grace.
+    /// Every connection and session ended within the grace.
     Drained,
-    /// The grace ran out with this many connections still open (some may have been ending at that moment);
-    /// they were closed.
+    /// The grace ran out with this many connections and sessions still open (some may have been ending at
+    /// that moment); the connections were closed (the sessions end with the process).
     GaveUp { open: usize },
 }
 
 impl Gateway {
     /// Serves `routes` (the gateway's [`routes`](Gateway::routes), with any others merged in) on `listener`
     /// until `shutdown` completes; then accepts no more connections, asks every open one to end (HTTP/2:
-    /// GOAWAY, its streams finish; HTTP/1.1: after the request under way) and waits at most `grace` for them.
-    /// Drain the gateway's sessions in `shutdown` ([`Gateway::drain`]): an upgraded WebSocket is no longer
-    /// the server's, and a gRPC stream ends only when its session does.
+    /// GOAWAY, its streams finish; HTTP/1.1: after the request under way) and waits at most `grace` for them
+    /// and for every session (a WebSocket's close handshake included). Drain the gateway's sessions in
+    /// `shutdown` ([`Gateway::drain`]): an upgraded WebSocket is no longer the server's, and a gRPC stream
+    /// ends only when its session does.
     pub async fn serve(
         &self,
         listener: TcpListener,
@@ -92,15 +93,19 @@ impl Gateway {
         }
         drop(listener);
         ending.send_replace(true);
-        let open = connections.len();
+        let mut sessions = self.shared.sessions.subscribe();
+        let open = connections.len() + *sessions.borrow();
         if open > 0 {
             info!(open, ?grace, "waiting for client connections to end");
         }
-        let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} });
+        let drained = tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+            let _ = sessions.wait_for(|running| *running == 0).await;
+        });
         match drained.await {
             Ok(()) => Served::Drained,
             Err(_) => {
-                let open = connections.len();
+                let open = connections.len() + *self.shared.sessions.borrow();
                 warn!(open, ?grace, "connections still open after the shutdown grace; closing them");
                 connections.abort_all();
                 Served::GaveUp { open }

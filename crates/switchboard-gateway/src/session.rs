@@ -208,6 +208,22 @@ impl Drop for Admitted {
     }
 }
 
+/// A session as a shutdown waits for it, until it is dropped.
+struct Running(watch::Sender<usize>);
+
+impl Running {
+    fn new(sessions: &watch::Sender<usize>) -> Running {
+        sessions.send_modify(|running| *running += 1);
+        Running(sessions.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|running| *running = running.saturating_sub(1));
+    }
+}
+
 /// An open connection as it is counted: in `switchboard_gateway_connections` by transport and role, and
 /// against the limit (its slot; none while the gateway drains). Dropped, it counts no more, whichever way
 /// the session ended.
@@ -244,6 +260,7 @@ impl Drop for Counted {
 
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
 pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
+    let _running = Running::new(&shared.sessions);
     let max_connections = shared.settings.max_connections;
     let admitted = Admitted::new(&shared.open_connections, max_connections);
     // A gateway that drains closes every new connection at once anyway, and says so (1001), full or not.

@@ -112,6 +112,11 @@ pub struct Limits {
     /// How long a gateway that shuts down waits for its connections to end before it stops without them.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// How long a gateway told to stop (SIGTERM) goes on serving, new connections included, while its
+    /// `/readyz` fails, before it asks its connections to end: the time a load balancer takes to stop sending
+    /// it new ones (a Kubernetes Service, some seconds). 0, the default: at once.
+    #[serde(default)]
+    pub drain_delay_ms: u64,
     /// How many chats one connection may follow with `chat.subscribe`.
     #[serde(default = "default_max_followed_chats")]
     pub max_followed_chats: usize,
@@ -133,6 +138,7 @@ impl Default for Limits {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             max_followed_chats: default_max_followed_chats(),
             max_connections: 0,
+            drain_delay_ms: 0,
         }
     }
 }
@@ -298,6 +304,13 @@ impl Config {
             // Enough for the connections to be told (1001, UNAVAILABLE) before the process goes.
             bail!("invalid configuration: limits.shutdown_grace_ms must be between 100 and 600000");
         }
+        if let Some(delay) = env("SWITCHBOARD_DRAIN_DELAY_MS") {
+            config.limits.drain_delay_ms =
+                delay.parse().context("invalid SWITCHBOARD_DRAIN_DELAY_MS: expected milliseconds")?;
+        }
+        if config.limits.drain_delay_ms > 600_000 {
+            bail!("invalid configuration: limits.drain_delay_ms must be at most 600000");
+        }
         if let Some(max) = env("SWITCHBOARD_MAX_CONNECTIONS") {
             config.limits.max_connections =
                 max.parse().context("invalid SWITCHBOARD_MAX_CONNECTIONS: expected a number of connections")?;
@@ -419,10 +432,20 @@ mod tests {
             ("{ idle_ping_ms: 3600001 }", "limits.idle_ping_ms"),
             ("{ shutdown_grace_ms: 0 }", "limits.shutdown_grace_ms"),
             ("{ shutdown_grace_ms: 600001 }", "limits.shutdown_grace_ms"),
+            ("{ drain_delay_ms: 600001 }", "limits.drain_delay_ms"),
         ] {
             let error = format!("{:#}", Config::parse(&with(limits), no_env).unwrap_err());
             assert!(error.contains(named), "{error}");
         }
+        // A drain delay: none by default, from the file or the environment (which wins).
+        assert_eq!(defaults.drain_delay_ms, 0);
+        let file = Config::parse(&with("{ drain_delay_ms: 5000 }"), no_env).unwrap();
+        assert_eq!(file.limits.drain_delay_ms, 5000);
+        let env = |name: &str| (name == "SWITCHBOARD_DRAIN_DELAY_MS").then(|| "250".to_owned());
+        assert_eq!(Config::parse(&with("{ drain_delay_ms: 5000 }"), env).unwrap().limits.drain_delay_ms, 250);
+        let bad = |name: &str| (name == "SWITCHBOARD_DRAIN_DELAY_MS").then(|| "soon".to_owned());
+        let error = format!("{:#}", Config::parse(DEMO_CONFIG, bad).unwrap_err());
+        assert!(error.contains("SWITCHBOARD_DRAIN_DELAY_MS"), "{error}");
     }
 
     #[test]

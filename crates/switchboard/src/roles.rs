@@ -301,7 +301,7 @@ pub async fn gateway(config: Config, listen: SocketAddr, store: String, gateway_
     let address = listener.local_addr()?;
     println!("switchboard gateway listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "gateway serving");
-    serve_gateway(listener, gateway, Duration::from_millis(config.limits.shutdown_grace_ms)).await
+    serve_gateway(listener, gateway, &config).await
 }
 
 /// Every role in one process: store (SQLite), router and gateway, calling each other in-process.
@@ -339,7 +339,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("switchboard listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "switchboard serving");
-    serve_gateway(listener, gateway, Duration::from_millis(config.limits.shutdown_grace_ms)).await
+    serve_gateway(listener, gateway, &config).await
 }
 
 fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
@@ -357,15 +357,26 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
     }
 }
 
-/// Serves a gateway's WebSocket, HTTP and public gRPC endpoints on one port until SIGTERM/ctrl-c, then
-/// drains its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001), waiting at most `grace`
-/// (`limits.shutdown_grace_ms`) for them to end. A client that reads nothing keeps its HTTP/2 stream open (its
+/// Serves a gateway's WebSocket, HTTP and public gRPC endpoints on one port until SIGTERM/ctrl-c; then fails
+/// `/readyz` while it goes on serving for `limits.drain_delay_ms` (a second signal cuts it short), and drains
+/// its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001), waiting at most
+/// `limits.shutdown_grace_ms` for them to end. A client that reads nothing keeps its HTTP/2 stream open (its
 /// last frames wait for a window that never opens): past the grace its connection is closed.
-async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway, grace: Duration) -> anyhow::Result<()> {
+async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway, config: &Config) -> anyhow::Result<()> {
     let routes = gateway.routes().merge(switchboard_telemetry::metrics_routes());
+    let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
+    let delay = Duration::from_millis(config.limits.drain_delay_ms);
     let draining = gateway.clone();
     let shutdown = async move {
         shutdown_signal().await;
+        draining.leave();
+        if !delay.is_zero() {
+            info!(?delay, "leaving: /readyz fails, connections are served until the delay ends");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown_signal() => {}
+            }
+        }
         draining.drain();
     };
     gateway.serve(listener, routes, shutdown, grace).await;

@@ -9,7 +9,7 @@ pub mod exposition;
 mod server;
 
 pub use client::{Client, Frame};
-pub use server::{Server, StoreRole};
+pub use server::{Server, StoreRole, http_get};
 
 /// The seed scenario's tenancy: groups g1 and g2; agent A in both, agent B in g1 only; and a second tenant
 /// whose agent must never see the first tenant's chats.

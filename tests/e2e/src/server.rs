@@ -80,6 +80,17 @@ impl StoreRole {
     }
 }
 
+/// `GET path` over HTTP/1.0: the status line and the body.
+pub async fn http_get(address: &str, path: &str) -> anyhow::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
+    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP header in the response")?;
+    Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+}
+
 impl Server {
     /// Starts `serve` with this configuration, storing its data under `data_dir`.
     pub async fn start(config_yaml: &str, data_dir: &Path) -> anyhow::Result<Server> {
@@ -122,11 +133,22 @@ impl Server {
     /// SIGTERM, as Kubernetes stops a pod; then waits up to `within` for the process to exit: its status,
     /// or `None` if it is still running (it is killed when the `Server` is dropped).
     pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        self.sigterm().await?;
+        self.wait_exit(within).await
+    }
+
+    /// SIGTERM, without waiting for anything.
+    pub async fn sigterm(&mut self) -> anyhow::Result<()> {
         let pid = self.child.id().context("the process has exited already")?;
         let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
         if !status.success() {
             bail!("kill -TERM {pid} failed: {status}");
         }
+        Ok(())
+    }
+
+    /// Waits up to `within` for the process to exit: its status, or `None` if it is still running.
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
         Ok(tokio::time::timeout(within, self.child.wait()).await.ok().transpose()?)
     }
 

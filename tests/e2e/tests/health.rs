@@ -6,25 +6,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
-use switchboard_e2e::{Client, SEED_CONFIG, Server, StoreRole};
+use switchboard_e2e::{Client, SEED_CONFIG, Server, StoreRole, http_get as get};
 use switchboard_proto::internal::v1::store_service_client::StoreServiceClient;
 use switchboard_proto::internal::v1::{AcquireShardsRequest, AppendRequest, ConversationRecord, Fence, NewEvent};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 const WIDGET: &str = "acme-widget-key";
-
-/// `GET path`: the status line and the body.
-async fn get(address: &str, path: &str) -> anyhow::Result<(String, String)> {
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
-    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP header in the response")?;
-    Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_fails_once_the_store_refuses_every_write_until_a_restart() -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard_e2e::{Client, SEED_CONFIG, Server};
+use switchboard_e2e::{Client, SEED_CONFIG, Server, http_get};
 use switchboard_proto::public::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -70,5 +70,52 @@ async fn sigterm_stops_the_server_within_its_grace_while_a_grpc_client_reads_not
     let status = server.terminate(Duration::from_secs(30)).await?;
     assert!(status.is_some_and(|status| status.success()), "not stopped (or failed): {status:?}\n{}", server.stderr());
     drop((frames, requests, customer));
+    Ok(())
+}
+
+/// With `limits.drain_delay_ms`, a server told to stop first says so on `/readyz` (so that a load balancer
+/// sends it no one new) and goes on serving, new connections included, for the delay; then it closes its
+/// connections (1001) and exits. Without the delay it would stop accepting at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readyz_and_serves_on_for_the_drain_delay_then_closes() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    // A delay far longer than the checks below take; a second SIGTERM cuts it short at the end.
+    let config = config().replace("  shutdown_grace_ms: 1000", "  shutdown_grace_ms: 1000\n  drain_delay_ms: 60000");
+    let mut server = Server::start(&config, data.path()).await?;
+    let url = server.ws_url();
+    let (mut before, chat, _) = Client::start_chat(&url, WIDGET, "g1", "Ann", "before").await?;
+    let (status, _) = http_get(&server.address, "/readyz").await?;
+    assert!(status.contains(" 200 "), "{status}");
+
+    server.sigterm().await?;
+    // Leaving: /readyz fails (checked until it does), /healthz does not (nothing needs a restart).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(&server.address, "/readyz").await?;
+        if status.contains(" 503 ") {
+            assert!(body.starts_with("leaving"), "{body}");
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "/readyz still says {status} after SIGTERM");
+        tokio::task::yield_now().await;
+    }
+    let (status, _) = http_get(&server.address, "/healthz").await?;
+    assert!(status.contains(" 200 "), "{status}");
+    // Still serving: a new connection starts a chat, an old one goes on with its own.
+    let (mut after, _, _) = Client::start_chat(&url, WIDGET, "g1", "Bo", "after").await?;
+    before.ok("message.send", json!({ "conversation": chat, "client_msg_id": "m1", "body": "still here" })).await?;
+
+    // A second SIGTERM cuts the delay short; both clients, reading as clients do, are told to go away.
+    let (closed_before, closed_after, signalled) =
+        tokio::join!(before.push_of("never.sent"), after.push_of("never.sent"), server.sigterm());
+    signalled?;
+    for (name, closed) in [("before", closed_before), ("after", closed_after)] {
+        let closed = closed.expect_err("the connection stayed open");
+        assert!(format!("{closed:#}").contains("Away"), "{name}: not closed with 1001: {closed:#}");
+    }
+    let status = server.wait_exit(Duration::from_secs(30)).await?;
+    assert!(status.is_some_and(|status| status.success()), "not stopped (or failed): {status:?}\n{}", server.stderr());
+    // Both sessions ended (their close handshakes done) within the grace: none was cut off.
+    assert!(!server.stderr().contains("after the shutdown grace"), "{}", server.stderr());
     Ok(())
 }
