@@ -3,15 +3,16 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* At most 40 characters: a StatefulSet's name (this and "-router") must leave room in its pods' labels. */}}
 {{- define "switchboard.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -86,15 +87,19 @@ app.kubernetes.io/component: {{ .role }}
 {{- end -}}
 {{- end -}}
 
-{{/* The environment every role shares. */}}
-{{- define "switchboard.commonEnv" -}}
-- name: SWITCHBOARD_CONFIG
-  value: /etc/switchboard/config.yaml
+{{/* Redis's URL, for the roles that keep presence in it (gateways and routers). */}}
+{{- define "switchboard.redisEnv" -}}
 - name: SWITCHBOARD_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ default (include "switchboard.secretName" .) .Values.redis.existingSecret }}
       key: {{ ternary .Values.redis.existingSecretKey "redis-url" (ne .Values.redis.existingSecret "") }}
+{{- end -}}
+
+{{/* The environment every role shares. */}}
+{{- define "switchboard.commonEnv" -}}
+- name: SWITCHBOARD_CONFIG
+  value: /etc/switchboard/config.yaml
 - name: SWITCHBOARD_LICENSE_MAX_SESSIONS
   value: {{ int64 .Values.license.maxSessions | quote }}
 - name: RUST_LOG
@@ -188,6 +193,9 @@ spec:
 {{/* The pod spec's parts every role shares, up to its containers. */}}
 {{- define "switchboard.podCommon" -}}
 serviceAccountName: {{ include "switchboard.serviceAccountName" . }}
+# Switchboard calls no Kubernetes API, and reads no variable Kubernetes would add for each Service.
+automountServiceAccountToken: false
+enableServiceLinks: false
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}

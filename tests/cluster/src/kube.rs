@@ -8,21 +8,27 @@
 //!   read from the rendered Secrets), its Secret volumes written as files where it mounts them;
 //! - its own address, `127.0.0.N`: the pod's IP, and what a wildcard listen address (`0.0.0.0`, `[::]`) means
 //!   inside a pod's own network namespace;
-//! - a Service's name (`name`, `name.namespace`, …`.svc.cluster.local`) and port, in a URL of the environment,
-//!   resolved to one of its pods' addresses and the port its `targetPort` names, as kube-proxy would;
+//! - a Service with a cluster IP gets an address of its own, where each connection is forwarded to one of the
+//!   ready pods it selects, in turn, at the port its `targetPort` names (kube-proxy); its names (`name`,
+//!   `name.namespace`, …`.svc.cluster.local`) in a URL of the environment resolve to it (the cluster's DNS);
 //! - its working directory empty, and checked to stay so (the chart's root file system is read-only);
-//! - started when its probes pass (`startupProbe`, then `readinessProbe`: gRPC health and `httpGet`),
-//!   within the time they allow; stopped with SIGTERM, within its `terminationGracePeriodSeconds`.
+//! - ready, and one of its Services' endpoints, when its probes pass (`startupProbe`, then `readinessProbe`:
+//!   gRPC health and `httpGet`) within the time they allow; stopped with SIGTERM (out of the endpoints first)
+//!   within its `terminationGracePeriodSeconds`;
+//! - rolled as Kubernetes rolls them: a StatefulSet's pod stopped, then made again under its name; a
+//!   Deployment's replaced by a new pod (a new name) that is ready before the old one stops. A new pod gets a
+//!   new address.
 //!
 //! What is not run: the image (any image of the chart's repository is the `switchboard` binary built here),
-//! the scheduler, resource limits, and the objects no kubelet acts on (Services route, PodMonitors and the rest
-//! are only read).
+//! liveness probes, the scheduler, resource limits, headless Services' DNS, and the objects no kubelet or
+//! kube-proxy acts on (PodMonitors, disruption budgets and the rest are only read).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -144,7 +150,7 @@ pub struct Pod {
     readiness: Option<Probe>,
     dir: PathBuf,
     child: Option<Child>,
-    starts: u32,
+    endpoints: Endpoints,
 }
 
 impl std::fmt::Debug for Pod {
@@ -194,10 +200,10 @@ impl Pod {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        self.starts += 1;
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         use std::io::Write as _;
-        writeln!(log, "=== {} start #{} at {} ===", self.name, self.starts, self.ip)?;
+        writeln!(log, "=== {} starts at {} ===", self.name, self.ip)?;
+        self.endpoints.set(self, false);
         let child = Command::new(process::binary()?)
             .args(&self.args)
             .env_clear()
@@ -214,7 +220,7 @@ impl Pod {
     }
 
     /// Waits for the startup probe, then the readiness probe, each within its budget; fails at once if the
-    /// process exits.
+    /// process exits. Ready, the pod is one of its Services' endpoints.
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         for probe in [self.startup.clone(), self.readiness.clone()].into_iter().flatten() {
             let end = Instant::now() + probe.budget;
@@ -238,12 +244,14 @@ impl Pod {
                 tokio::time::sleep(PROBE_PACE).await;
             }
         }
+        self.endpoints.set(self, true);
         Ok(())
     }
 
-    /// SIGTERM, as a kubelet stops a pod: the exit status if it exits within its grace period; past it, the
-    /// pod is killed and this fails.
+    /// SIGTERM, as a kubelet stops a pod (out of its Services' endpoints first): the exit status if it exits
+    /// within its grace period; past it, the pod is killed and this fails.
     pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.endpoints.remove(&self.name);
         let mut child = self.child.take().with_context(|| format!("pod {} is not running", self.name))?;
         let pid = child.id().with_context(|| format!("pod {} has exited", self.name))?;
         let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
@@ -321,113 +329,243 @@ fn string_map(value: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Every pod of the rendered workloads, run on loopback.
+/// Where a Service's connections may go: every pod started, with its labels, ports and readiness.
+#[derive(Debug, Clone, Default)]
+struct Endpoints(Arc<Mutex<Vec<Endpoint>>>);
+
+#[derive(Debug, Clone)]
+struct Endpoint {
+    pod: String,
+    ip: Ipv4Addr,
+    labels: BTreeMap<String, String>,
+    ports: BTreeMap<String, u16>,
+    ready: bool,
+}
+
+impl Endpoints {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Endpoint>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, pod: &Pod, ready: bool) {
+        let mut endpoints = self.lock();
+        endpoints.retain(|endpoint| endpoint.pod != pod.name);
+        endpoints.push(Endpoint {
+            pod: pod.name.clone(),
+            ip: pod.ip,
+            labels: pod.labels.clone(),
+            ports: pod.ports.clone(),
+            ready,
+        });
+    }
+
+    fn remove(&self, pod: &str) {
+        self.lock().retain(|endpoint| endpoint.pod != pod);
+    }
+
+    /// The ready pods a selector selects, in the order they started.
+    fn ready(&self, selector: &BTreeMap<String, String>) -> Vec<Endpoint> {
+        self.lock()
+            .iter()
+            .filter(|endpoint| {
+                endpoint.ready && selector.iter().all(|(key, value)| endpoint.labels.get(key) == Some(value))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// A Service with a cluster IP: a loopback address of its own whose ports forward each connection to a ready
+/// pod it selects, in turn (kube-proxy); none ready, the connection is closed.
+async fn serve_service(
+    vip: Ipv4Addr,
+    service: &Value,
+    endpoints: Endpoints,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let selector = string_map(&service["spec"]["selector"]);
+    let mut tasks = Vec::new();
+    for port in service["spec"]["ports"].as_array().into_iter().flatten() {
+        let number = port["port"].as_u64().context("a Service port without a number")? as u16;
+        let target = port["targetPort"].clone();
+        let listener = tokio::net::TcpListener::bind((vip, number))
+            .await
+            .with_context(|| format!("cannot listen on {vip}:{number} for a Service"))?;
+        let (selector, endpoints) = (selector.clone(), endpoints.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut turn = 0usize;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let ready = endpoints.ready(&selector);
+                if ready.is_empty() {
+                    continue;
+                }
+                let endpoint = &ready[turn % ready.len()];
+                turn = turn.wrapping_add(1);
+                let port = match &target {
+                    Value::String(name) => endpoint.ports.get(name).copied(),
+                    Value::Number(port) => port.as_u64().map(|port| port as u16),
+                    _ => Some(number),
+                };
+                let Some(port) = port else { continue };
+                let address = (endpoint.ip, port);
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(address).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// Every pod of the rendered workloads, run on loopback, and their Services.
 pub struct Kubelet {
     manifests: Manifests,
     pub pods: Vec<Pod>,
+    /// Pods replaced by a rollout, kept for their logs.
+    gone: Vec<Pod>,
+    /// The cluster IP of each Service that has one.
+    vips: BTreeMap<String, Ipv4Addr>,
+    services: Vec<tokio::task::JoinHandle<()>>,
+    endpoints: Endpoints,
+    /// Pods of Deployments made so far (their names' suffixes).
+    made: usize,
     dir: Option<tempfile::TempDir>,
     passed: bool,
 }
 
 impl std::fmt::Debug for Kubelet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kubelet").field("pods", &self.pods).finish()
+        f.debug_struct("Kubelet").field("pods", &self.pods).field("vips", &self.vips).finish()
     }
 }
 
 impl Kubelet {
-    /// Plans the pods of every Deployment and StatefulSet (names, addresses, environment, files); starts none.
-    pub fn new(manifests: Manifests) -> anyhow::Result<Kubelet> {
+    /// Serves the Services with a cluster IP and plans the pods of every Deployment and StatefulSet (names,
+    /// addresses, environment, files); starts no pod.
+    pub async fn new(manifests: Manifests) -> anyhow::Result<Kubelet> {
         let dir = tempfile::Builder::new().prefix("switchboard-chart-").tempdir()?;
-        let mut kubelet = Kubelet { manifests, pods: Vec::new(), dir: None, passed: false };
-        // Names and addresses first: a pod's environment may name any Service, so every pod's address is
-        // known before any environment is made.
-        let mut planned = Vec::new();
+        let mut kubelet = Kubelet {
+            manifests,
+            pods: Vec::new(),
+            gone: Vec::new(),
+            vips: BTreeMap::new(),
+            services: Vec::new(),
+            endpoints: Endpoints::default(),
+            made: 0,
+            dir: Some(dir),
+            passed: false,
+        };
+        let services: Vec<Value> = kubelet.manifests.of_kind("Service").cloned().collect();
+        for service in &services {
+            let name = service["metadata"]["name"].as_str().context("a Service without a name")?;
+            if service["spec"]["clusterIP"] == "None" {
+                continue;
+            }
+            let vip = next_ip()?;
+            kubelet.services.extend(serve_service(vip, service, kubelet.endpoints.clone()).await?);
+            kubelet.vips.insert(name.to_owned(), vip);
+        }
         for kind in ["StatefulSet", "Deployment"] {
-            for workload in kubelet.manifests.of_kind(kind) {
-                let name = workload["metadata"]["name"].as_str().context("a workload without a name")?;
+            let workloads: Vec<Value> = kubelet.manifests.of_kind(kind).cloned().collect();
+            for workload in workloads {
+                let name = workload["metadata"]["name"].as_str().context("a workload without a name")?.to_owned();
                 let replicas = workload["spec"]["replicas"].as_u64().unwrap_or(1);
                 for i in 0..replicas {
-                    // A StatefulSet's pods are NAME-0, NAME-1…; a Deployment's get a random suffix.
-                    let pod_name =
-                        if kind == "StatefulSet" { format!("{name}-{i}") } else { format!("{name}-7f9c-{i:05}") };
-                    planned.push((format!("{kind}/{name}"), workload.clone(), pod_name, next_ip()?));
+                    let pod_name = match kind {
+                        // A StatefulSet's pods are NAME-0, NAME-1…
+                        "StatefulSet" => format!("{name}-{i}"),
+                        _ => kubelet.next_deployment_pod(&name),
+                    };
+                    let pod = kubelet.plan(&format!("{kind}/{name}"), &workload, &pod_name, next_ip()?)?;
+                    kubelet.pods.push(pod);
                 }
             }
         }
-        for (consumer, (workload_name, workload, pod_name, ip)) in planned.iter().enumerate() {
-            let template = &workload["spec"]["template"];
-            let containers = template["spec"]["containers"].as_array().context("a pod without containers")?;
-            ensure!(containers.len() == 1, "{workload_name}: one container expected, got {}", containers.len());
-            let container = &containers[0];
-            let ports: BTreeMap<String, u16> = container["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|port| Some((port["name"].as_str()?.to_owned(), port["containerPort"].as_u64()? as u16)))
-                .collect();
-            let pod_dir = dir.path().join(pod_name);
-            std::fs::create_dir_all(pod_dir.join("root"))?;
-            let mounts = kubelet.mount_volumes(&template["spec"], container, &pod_dir)?;
-            let image = container["image"].as_str().unwrap_or_default();
-            ensure!(
-                image.starts_with("ghcr.io/switchboard-chat/switchboard:"),
-                "{workload_name}: image {image} is not the chart's"
-            );
-            ensure!(container["command"].is_null(), "{workload_name}: the image's entrypoint is the binary");
-            let args: Vec<String> = container["args"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|arg| arg.as_str().map(|arg| rewrite_path(arg, &mounts)).context("an argument is not a string"))
-                .collect::<anyhow::Result<_>>()?;
-            let env = kubelet.environment(container, (pod_name, *ip, consumer), &planned, &mounts)?;
-            let probe = |field: &str| -> anyhow::Result<Option<Probe>> {
-                let probe = &container[field];
-                if probe.is_null() {
-                    return Ok(None);
-                }
-                let port = |port: &Value| -> anyhow::Result<u16> {
-                    match port {
-                        Value::Number(number) => Ok(number.as_u64().context("a bad port")? as u16),
-                        Value::String(name) => ports.get(name).copied().with_context(|| format!("no port {name}")),
-                        _ => bail!("{workload_name}: {field} has no port"),
-                    }
-                };
-                let check = if !probe["grpc"].is_null() {
-                    Check::Grpc { port: port(&probe["grpc"]["port"])? }
-                } else if !probe["httpGet"].is_null() {
-                    let path = probe["httpGet"]["path"].as_str().unwrap_or("/").to_owned();
-                    Check::HttpGet { port: port(&probe["httpGet"]["port"])?, path }
-                } else {
-                    bail!("{workload_name}: {field} is neither gRPC nor httpGet")
-                };
-                let period = probe["periodSeconds"].as_u64().unwrap_or(10);
-                let failures = probe["failureThreshold"].as_u64().unwrap_or(3);
-                let delay = probe["initialDelaySeconds"].as_u64().unwrap_or(0);
-                Ok(Some(Probe { check, budget: Duration::from_secs(delay + period * failures) }))
-            };
-            let grace = template["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
-            let (startup, readiness) = (probe("startupProbe")?, probe("readinessProbe")?);
-            kubelet.pods.push(Pod {
-                name: pod_name.clone(),
-                workload: workload_name.clone(),
-                ip: *ip,
-                labels: string_map(&template["metadata"]["labels"]),
-                annotations: string_map(&template["metadata"]["annotations"]),
-                ports,
-                args,
-                env,
-                termination_grace: Duration::from_secs(grace),
-                startup,
-                readiness,
-                dir: pod_dir,
-                child: None,
-                starts: 0,
-            });
-        }
-        kubelet.dir = Some(dir);
         Ok(kubelet)
+    }
+
+    /// A new name for a Deployment's pod (Kubernetes adds a hash of the template and a random suffix).
+    fn next_deployment_pod(&mut self, deployment: &str) -> String {
+        self.made += 1;
+        format!("{deployment}-5d8f7b9c4-{:05}", self.made)
+    }
+
+    fn dir(&self) -> anyhow::Result<&Path> {
+        Ok(self.dir.as_ref().context("the kubelet is finished")?.path())
+    }
+
+    /// One pod of `workload` (`Kind/NAME`), as its template says, named `pod_name`, at `ip`.
+    fn plan(&self, workload_name: &str, workload: &Value, pod_name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
+        let template = &workload["spec"]["template"];
+        let containers = template["spec"]["containers"].as_array().context("a pod without containers")?;
+        ensure!(containers.len() == 1, "{workload_name}: one container expected, got {}", containers.len());
+        let container = &containers[0];
+        let ports: BTreeMap<String, u16> = container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|port| Some((port["name"].as_str()?.to_owned(), port["containerPort"].as_u64()? as u16)))
+            .collect();
+        let pod_dir = self.dir()?.join(pod_name);
+        std::fs::create_dir_all(pod_dir.join("root"))?;
+        let mounts = self.mount_volumes(&template["spec"], container, &pod_dir)?;
+        let image = container["image"].as_str().unwrap_or_default();
+        ensure!(
+            image.starts_with("ghcr.io/switchboard-chat/switchboard:"),
+            "{workload_name}: image {image} is not the chart's"
+        );
+        ensure!(container["command"].is_null(), "{workload_name}: the image's entrypoint is the binary");
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|arg| arg.as_str().map(|arg| rewrite_path(arg, &mounts)).context("an argument is not a string"))
+            .collect::<anyhow::Result<_>>()?;
+        let env = self.environment(container, (pod_name, ip), &mounts)?;
+        let probe = |field: &str| -> anyhow::Result<Option<Probe>> {
+            let probe = &container[field];
+            if probe.is_null() {
+                return Ok(None);
+            }
+            let port = |port: &Value| -> anyhow::Result<u16> {
+                match port {
+                    Value::Number(number) => Ok(number.as_u64().context("a bad port")? as u16),
+                    Value::String(name) => ports.get(name).copied().with_context(|| format!("no port {name}")),
+                    _ => bail!("{workload_name}: {field} has no port"),
+                }
+            };
+            let check = if !probe["grpc"].is_null() {
+                Check::Grpc { port: port(&probe["grpc"]["port"])? }
+            } else if !probe["httpGet"].is_null() {
+                let path = probe["httpGet"]["path"].as_str().unwrap_or("/").to_owned();
+                Check::HttpGet { port: port(&probe["httpGet"]["port"])?, path }
+            } else {
+                bail!("{workload_name}: {field} is neither gRPC nor httpGet")
+            };
+            let period = probe["periodSeconds"].as_u64().unwrap_or(10);
+            let failures = probe["failureThreshold"].as_u64().unwrap_or(3);
+            let delay = probe["initialDelaySeconds"].as_u64().unwrap_or(0);
+            Ok(Some(Probe { check, budget: Duration::from_secs(delay + period * failures) }))
+        };
+        let grace = template["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        let (startup, readiness) = (probe("startupProbe")?, probe("readinessProbe")?);
+        Ok(Pod {
+            name: pod_name.to_owned(),
+            workload: workload_name.to_owned(),
+            ip,
+            labels: string_map(&template["metadata"]["labels"]),
+            annotations: string_map(&template["metadata"]["annotations"]),
+            ports,
+            args,
+            env,
+            termination_grace: Duration::from_secs(grace),
+            startup,
+            readiness,
+            dir: pod_dir,
+            child: None,
+            endpoints: self.endpoints.clone(),
+        })
     }
 
     /// Writes the pod's Secret volumes into its directory; the mount paths and where they are here.
@@ -471,8 +609,7 @@ impl Kubelet {
     fn environment(
         &self,
         container: &Value,
-        (pod_name, ip, consumer): (&str, Ipv4Addr, usize),
-        planned: &[(String, Value, String, Ipv4Addr)],
+        (pod_name, ip): (&str, Ipv4Addr),
         mounts: &[(String, PathBuf)],
     ) -> anyhow::Result<Vec<(String, String)>> {
         let mut env: Vec<(String, String)> = Vec::new();
@@ -498,7 +635,7 @@ impl Kubelet {
             env.push((name, value));
         }
         for (_, value) in env.iter_mut() {
-            *value = self.resolve_services(value, planned, consumer)?;
+            *value = self.resolve_services(value);
             *value = rewrite_path(value, mounts);
             for wildcard in ["0.0.0.0:", "[::]:"] {
                 if let Some(port) = value.strip_prefix(wildcard) {
@@ -509,61 +646,21 @@ impl Kubelet {
         Ok(env)
     }
 
-    /// `//SERVICE:PORT` in a value, in any of the Service's DNS names, to `//POD_IP:TARGET_PORT` of one of its
-    /// pods (a connection through kube-proxy lands on one of them): the `consumer`-th pod of the chart takes
-    /// the Service's pods in turn.
-    fn resolve_services(
-        &self,
-        value: &str,
-        planned: &[(String, Value, String, Ipv4Addr)],
-        consumer: usize,
-    ) -> anyhow::Result<String> {
+    /// `//SERVICE` in a value, in any of the Service's DNS names, to `//CLUSTER_IP` (the cluster's DNS).
+    fn resolve_services(&self, value: &str) -> String {
         let mut value = value.to_owned();
-        for service in self.manifests.of_kind("Service") {
-            let name = service["metadata"]["name"].as_str().context("a Service without a name")?;
-            let namespace = &self.manifests.namespace;
-            let selector = string_map(&service["spec"]["selector"]);
-            let targets: Vec<_> = planned
-                .iter()
-                .filter(|(_, workload, _, _)| {
-                    let labels = string_map(&workload["spec"]["template"]["metadata"]["labels"]);
-                    !selector.is_empty() && selector.iter().all(|(key, value)| labels.get(key) == Some(value))
-                })
-                .collect();
-            // Connections through a Service spread over its pods: the consumers take its pods in turn.
-            let target = (!targets.is_empty()).then(|| targets[consumer % targets.len()]);
-            let names = [
+        let namespace = &self.manifests.namespace;
+        for (name, vip) in &self.vips {
+            for dns in [
                 format!("{name}.{namespace}.svc.cluster.local"),
                 format!("{name}.{namespace}.svc"),
                 format!("{name}.{namespace}"),
                 name.to_owned(),
-            ];
-            for port in service["spec"]["ports"].as_array().into_iter().flatten() {
-                let number = port["port"].as_u64().context("a Service port without a number")?;
-                for dns in &names {
-                    let pattern = format!("//{dns}:{number}");
-                    if !value.contains(&pattern) {
-                        continue;
-                    }
-                    let (_, workload, _, ip) =
-                        target.with_context(|| format!("Service {name} selects no pod of the chart"))?;
-                    let container = &workload["spec"]["template"]["spec"]["containers"][0];
-                    let target_port = match &port["targetPort"] {
-                        Value::Number(n) => n.as_u64().context("a bad targetPort")?,
-                        Value::String(port_name) => container["ports"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .find(|p| p["name"] == port_name.as_str())
-                            .and_then(|p| p["containerPort"].as_u64())
-                            .with_context(|| format!("Service {name}: no container port named {port_name}"))?,
-                        _ => number,
-                    };
-                    value = value.replace(&pattern, &format!("//{ip}:{target_port}"));
-                }
+            ] {
+                value = value.replace(&format!("//{dns}:"), &format!("//{vip}:"));
             }
         }
-        Ok(value)
+        value
     }
 
     /// Starts every pod at once (as a first install does) and waits until each is ready.
@@ -579,13 +676,43 @@ impl Kubelet {
         Ok(())
     }
 
-    /// Starts a stopped pod again (same name and address, as a StatefulSet's pod comes back) and waits until
-    /// it is ready.
-    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
-        let pod = self.pod_mut(name)?;
-        ensure!(!pod.is_running(), "pod {name} still runs");
+    /// A StatefulSet's rolling update of one pod: stopped (the exit status), then made again under its name
+    /// (with a new address, as a new pod gets), ready before this returns.
+    pub async fn roll_stateful(&mut self, name: &str) -> anyhow::Result<ExitStatus> {
+        let index = self.pods.iter().position(|pod| pod.name == name).with_context(|| format!("no pod {name}"))?;
+        let workload_name = self.pods[index].workload.clone();
+        ensure!(workload_name.starts_with("StatefulSet/"), "{name} is not a StatefulSet's pod");
+        let status = self.pods[index].terminate().await?;
+        let workload = self.workload(&workload_name)?;
+        let mut pod = self.plan(&workload_name, &workload, name, next_ip()?)?;
         pod.spawn()?;
-        pod.wait_ready().await
+        pod.wait_ready().await?;
+        let old = std::mem::replace(&mut self.pods[index], pod);
+        self.gone.push(old);
+        Ok(status)
+    }
+
+    /// A Deployment's rolling update of one pod (its default surge: the new pod first): a new pod, new name
+    /// and address, ready; then the old one stopped. The new pod's name and the old one's exit status.
+    pub async fn roll_deployment(&mut self, name: &str) -> anyhow::Result<(String, ExitStatus)> {
+        let index = self.pods.iter().position(|pod| pod.name == name).with_context(|| format!("no pod {name}"))?;
+        let workload_name = self.pods[index].workload.clone();
+        let deployment =
+            workload_name.strip_prefix("Deployment/").with_context(|| format!("{name}: not a Deployment's"))?;
+        let new_name = self.next_deployment_pod(deployment);
+        let workload = self.workload(&workload_name)?;
+        let mut pod = self.plan(&workload_name, &workload, &new_name, next_ip()?)?;
+        pod.spawn()?;
+        pod.wait_ready().await?;
+        let status = self.pods[index].terminate().await?;
+        let old = std::mem::replace(&mut self.pods[index], pod);
+        self.gone.push(old);
+        Ok((new_name, status))
+    }
+
+    fn workload(&self, workload_name: &str) -> anyhow::Result<Value> {
+        let (kind, name) = workload_name.split_once('/').context("not Kind/NAME")?;
+        Ok(self.manifests.get(kind, name)?.clone())
     }
 
     pub fn pod_mut(&mut self, name: &str) -> anyhow::Result<&mut Pod> {
@@ -597,37 +724,23 @@ impl Kubelet {
         self.pods.iter().filter(|pod| pod.workload == workload).collect()
     }
 
-    /// `IP:PORT` of every pod behind a Service's port, in the order of the pods.
-    pub fn endpoints(&self, service: &str, port: u64) -> anyhow::Result<Vec<String>> {
-        let service = self.manifests.get("Service", service)?;
-        let selector = string_map(&service["spec"]["selector"]);
-        let port = service["spec"]["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["port"].as_u64() == Some(port))
-            .context("no such Service port")?;
-        let mut endpoints = Vec::new();
-        for pod in &self.pods {
-            if selector.iter().all(|(key, value)| pod.labels.get(key) == Some(value)) {
-                let target = match &port["targetPort"] {
-                    Value::String(name) => *pod.ports.get(name).context("no such container port")?,
-                    Value::Number(n) => n.as_u64().context("a bad targetPort")? as u16,
-                    _ => bail!("a Service port without a targetPort"),
-                };
-                endpoints.push(format!("{}:{target}", pod.ip));
-            }
-        }
-        Ok(endpoints)
+    /// `CLUSTER_IP:PORT` of a Service's port, as a client in the cluster reaches it.
+    pub fn service_address(&self, service: &str, port: u16) -> anyhow::Result<String> {
+        let vip = self.vips.get(service).with_context(|| format!("no Service {service} with a cluster IP"))?;
+        Ok(format!("{vip}:{port}"))
     }
 
     pub fn manifests(&self) -> &Manifests {
         &self.manifests
     }
 
-    /// The last lines of every pod's log.
+    /// The last lines of every pod's log, those replaced included.
     pub fn log_tails(&self, lines: usize) -> String {
-        self.pods.iter().map(|pod| format!("--- {} ---\n{}\n", pod.name, pod.log_tail(lines))).collect()
+        self.gone
+            .iter()
+            .chain(&self.pods)
+            .map(|pod| format!("--- {} ---\n{}\n", pod.name, pod.log_tail(lines)))
+            .collect()
     }
 
     /// Marks the test as passed: the pods' directories go with it. Otherwise they are kept and their logs'
@@ -639,6 +752,9 @@ impl Kubelet {
 
 impl Drop for Kubelet {
     fn drop(&mut self) {
+        for service in &self.services {
+            service.abort();
+        }
         if self.passed {
             return;
         }

@@ -71,6 +71,63 @@ fn the_chart_lints_and_ships_the_rules_and_dashboards_of_deploy_as_they_are() ->
     container(&manifests, "StatefulSet", "router")?;
     container(&manifests, "Deployment", "store")?;
 
+    // Selectors: each workload's selects its own pods; each Service, disruption budget and PodMonitor selects
+    // the pods of one workload; a StatefulSet's governing Service is headless.
+    let workloads: Vec<(String, BTreeMap<String, Value>)> = ["Deployment", "StatefulSet"]
+        .into_iter()
+        .flat_map(|kind| manifests.of_kind(kind))
+        .map(|workload| {
+            let labels = workload["spec"]["template"]["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+            (workload["metadata"]["name"].as_str().unwrap_or_default().to_owned(), labels.into_iter().collect())
+        })
+        .collect();
+    let selects = |selector: &Value| -> Vec<String> {
+        let selector = selector.as_object().cloned().unwrap_or_default();
+        workloads
+            .iter()
+            .filter(|(_, labels)| {
+                !selector.is_empty() && selector.iter().all(|(key, value)| labels.get(key) == Some(value))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    };
+    for kind in ["Deployment", "StatefulSet"] {
+        for workload in manifests.of_kind(kind) {
+            let name = workload["metadata"]["name"].as_str().context("no name")?;
+            assert_eq!(selects(&workload["spec"]["selector"]["matchLabels"]), [name], "{kind} {name}");
+        }
+    }
+    for (kind, path) in [
+        ("Service", "/spec/selector"),
+        ("PodDisruptionBudget", "/spec/selector/matchLabels"),
+        ("PodMonitor", "/spec/selector/matchLabels"),
+    ] {
+        for object in manifests.of_kind(kind) {
+            let name = object["metadata"]["name"].as_str().context("no name")?;
+            let selected = selects(object.pointer(path).context("no selector")?);
+            assert_eq!(selected.len(), 1, "{kind} {name} selects {selected:?}");
+        }
+    }
+    let routers = manifests.get("StatefulSet", &format!("{FULLNAME}-router"))?;
+    let governing = manifests.get("Service", routers["spec"]["serviceName"].as_str().context("no serviceName")?)?;
+    assert_eq!(governing["spec"]["clusterIP"], "None");
+
+    // The example's configuration file, as the chart renders it, is one the binary accepts (its push group and
+    // business hours included): `switchboard migrate` reads it before it migrates an empty SQLite database.
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, manifests.secret_key(FULLNAME, "config.yaml")?)?;
+    let migrate = std::process::Command::new(switchboard_cluster_tests::process::binary()?)
+        .args(["migrate", "--config"])
+        .arg(&config)
+        .env("SWITCHBOARD_DATA_DIR", dir.path().join("data"))
+        .output()?;
+    ensure!(
+        migrate.status.success(),
+        "switchboard refuses the example's configuration: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
     // The alert rules, rule for rule.
     let rule = manifests.get("PrometheusRule", FULLNAME)?;
     let alerts = yaml_file(&repo_file("deploy/prometheus/alerts.yml"))?;
@@ -111,7 +168,6 @@ fn the_chart_lints_and_ships_the_rules_and_dashboards_of_deploy_as_they_are() ->
     }
 
     // Without them asked for, no object of the Prometheus Operator is rendered (its CRDs may be absent).
-    let dir = tempfile::tempdir()?;
     let plain = write_values(
         dir.path(),
         "plain.yaml",
@@ -140,11 +196,14 @@ fn the_chart_lints_and_ships_the_rules_and_dashboards_of_deploy_as_they_are() ->
     );
     for (kind, role) in [("Deployment", "gateway"), ("StatefulSet", "router"), ("Deployment", "store")] {
         let container = container(&manifests, kind, role)?;
-        assert_eq!(
-            env_of(container, "SWITCHBOARD_REDIS_URL").context("no Redis URL")?["valueFrom"]["secretKeyRef"],
-            json!({ "name": "cache", "key": "url" }),
-            "{role}"
-        );
+        let redis = env_of(container, "SWITCHBOARD_REDIS_URL");
+        if role == "store" {
+            // The stores keep no presence: they do not need Redis's Secret to start.
+            assert!(redis.is_none(), "the store is given Redis's URL");
+        } else {
+            let redis = &redis.context("no Redis URL")?["valueFrom"]["secretKeyRef"];
+            assert_eq!(redis, &json!({ "name": "cache", "key": "url" }), "{role}");
+        }
         let pod = &manifests.get(kind, &format!("{FULLNAME}-{role}"))?["spec"]["template"]["spec"];
         let config = pod["volumes"].as_array().context("no volumes")?.iter().find(|volume| volume["name"] == "config");
         assert_eq!(config.context("no config volume")?["secret"]["secretName"], "tenants", "{role}");
@@ -184,7 +243,8 @@ fn values_that_cannot_make_a_cluster_are_refused_by_name() -> anyhow::Result<()>
 }
 
 /// The chart's values for a run here: the example's, with this run's PostgreSQL and Redis, one agent per
-/// chat, a license of exactly `CHATS` chats, and short leases (so that a lost router's shards move in seconds).
+/// chat, a license of exactly `CHATS` chats, short leases (so that a lost router's shards move in seconds) and
+/// a gateway's drain delay of a second.
 fn run_values(dir: &Path, database_url: &str, redis_url: &str) -> anyhow::Result<std::path::PathBuf> {
     let config: Value = serde_yaml_ng::from_str(&tenancy::config(CHATS))?;
     write_values(
@@ -201,20 +261,40 @@ fn run_values(dir: &Path, database_url: &str, redis_url: &str) -> anyhow::Result
                 "tenants": config["tenants"],
             },
             "router": { "lease": { "leaseMs": 3000, "renewEveryMs": 500, "renewDeadlineMs": 2000 } },
+            "gateway": { "drainDelaySeconds": 1 },
         }),
     )
 }
 
-async fn wait_for_placement(db: &Db, routers: &BTreeSet<String>) -> anyhow::Result<()> {
+/// Waits until the live routers own every shard, and `owner` (a router just restarted) owns some.
+async fn wait_for_placement(db: &Db, routers: &BTreeSet<String>, owner: Option<&str>) -> anyhow::Result<()> {
     let end = Instant::now() + FLOW_DEADLINE;
     loop {
         let placement = db.placement().await?;
-        if placement.unowned(routers).is_empty() {
+        let owners = placement.shards_by_owner();
+        if placement.unowned(routers).is_empty() && owner.is_none_or(|owner| owners.contains_key(owner)) {
             return Ok(());
         }
-        ensure!(Instant::now() < end, "shards still unowned by {routers:?}: {:?}", placement.shards_by_owner().keys());
+        ensure!(Instant::now() < end, "placement not reached ({owner:?} to own shards): {:?}", owners.keys());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Each router has told the cluster its pod's address: its listen address is a wildcard, which here, unlike in
+/// a pod, is rewritten to the pod's address, so the chart must give it (`SWITCHBOARD_ADVERTISE`).
+async fn assert_advertised(db: &Db, kubelet: &Kubelet) -> anyhow::Result<()> {
+    let nodes: Vec<(String, String)> =
+        sqlx::query_as("SELECT node_id, address FROM nodes ORDER BY node_id").fetch_all(db.pool()).await?;
+    let pods = kubelet.pods_of(&format!("StatefulSet/{FULLNAME}-router"));
+    let expected: Vec<(String, String)> = pods
+        .iter()
+        .map(|pod| Ok((pod.name.clone(), format!("http://{}", pod.address("grpc")?))))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(nodes, expected);
+    for (pod, (_, address)) in pods.iter().zip(&expected) {
+        assert_eq!(pod.env_var("SWITCHBOARD_ADVERTISE"), Some(address.as_str()), "{}", pod.name);
+    }
+    Ok(())
 }
 
 async fn wait_continued(log: &ClientLog, what: &str, since: Instant) -> anyhow::Result<()> {
@@ -233,41 +313,28 @@ async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing
     let dir = tempfile::tempdir()?;
     let values = run_values(dir.path(), &database_url, &redis.url())?;
     let manifests = Manifests::render(RELEASE, NAMESPACE, &[&example_values(), &values])?;
-    let mut kubelet = Kubelet::new(manifests)?;
+    let mut kubelet = Kubelet::new(manifests).await?;
     // As `helm install` does: every pod at once; the stores migrate the empty database as they start.
     kubelet.start_all().await?;
     let db = Db::connect(&database_url).await?;
 
-    // The routers' node ids are their pods' names: the shards are leased by exactly these.
+    // The routers' node ids are their pods' names: the shards are leased by exactly these, for as long as the
+    // values say (3 s, not the binary's default of 10 s).
     let routers: Vec<String> =
         kubelet.pods_of(&format!("StatefulSet/{FULLNAME}-router")).iter().map(|pod| pod.name.clone()).collect();
     assert_eq!(routers, (0..3).map(|i| format!("{FULLNAME}-router-{i}")).collect::<Vec<_>>());
     let live: BTreeSet<String> = routers.iter().cloned().collect();
-    wait_for_placement(&db, &live).await?;
-    // Each router tells the others and the gateways its pod's address (its listen address is a wildcard,
-    // which here, unlike in a pod, is rewritten to the pod's address: so the chart must say it).
-    let nodes: Vec<(String, String)> =
-        sqlx::query_as("SELECT node_id, address FROM nodes ORDER BY node_id").fetch_all(db.pool()).await?;
-    let pods = kubelet.pods_of(&format!("StatefulSet/{FULLNAME}-router"));
-    let expected: Vec<(String, String)> = pods
-        .iter()
-        .map(|pod| Ok((pod.name.clone(), format!("http://{}", pod.address("grpc")?))))
-        .collect::<anyhow::Result<_>>()?;
-    assert_eq!(nodes, expected);
-    for (pod, (_, address)) in pods.iter().zip(&expected) {
-        assert_eq!(pod.env_var("SWITCHBOARD_ADVERTISE"), Some(address.as_str()), "{}", pod.name);
-    }
+    wait_for_placement(&db, &live, None).await?;
+    let placement = db.placement().await?;
+    let longest = placement.leases.iter().map(|lease| lease.expires_at_ms - placement.now_ms).max().unwrap_or(0);
+    assert!(longest <= 3_000, "a lease runs {longest} ms ahead: not router.lease.leaseMs");
+    assert_advertised(&db, &kubelet).await?;
     // The license the values give, set by the stores in the database.
     assert_eq!(db.license().await?.max_sessions, CHATS as i64);
 
-    // Chats through the gateways' Service (its port 80, the pods' 8080): customer and agent of each chat on
-    // different gateways.
-    let gateways: Vec<String> = kubelet
-        .endpoints(&format!("{FULLNAME}-gateway"), 80)?
-        .into_iter()
-        .map(|address| format!("ws://{address}/v1/ws"))
-        .collect();
-    assert_eq!(gateways.len(), 2);
+    // Chats through the gateways' Service (port 80, to the pods' 8080), as clients in the cluster reach them:
+    // each connection to one of the ready gateways in turn.
+    let gateways = vec![format!("ws://{}/v1/ws", kubelet.service_address(&format!("{FULLNAME}-gateway"), 80)?)];
     let log = ClientLog::new();
     let chats = open_chats(&log, &gateways, CHATS).await?;
     // The license is full: one more chat is refused, naming the limit.
@@ -300,32 +367,41 @@ async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing
         }
     }
 
-    // A rolling restart of every workload under traffic, one pod at a time as Kubernetes rolls them: the
-    // routers from the highest ordinal down, then the stores, then the gateways; each pod stopped with
-    // SIGTERM (it must exit cleanly within its grace period), started again, ready before the next.
+    // A rolling update of every workload under traffic, one pod at a time as Kubernetes rolls them: the
+    // routers from the highest ordinal down, each stopped with SIGTERM then made again under its name (at a
+    // new address); then the stores and the gateways, each replaced by a new pod (a new name: a new gateway
+    // id) ready before the old one is stopped. Every stopped pod must exit cleanly within its grace period,
+    // and after each step every conversation must go on.
     let conversations: Vec<String> = chats.iter().map(|chat| chat.conversation.clone()).collect();
     let participants = chats.into_iter().flat_map(|chat| [chat.customer, chat.agent]).collect();
     let traffic = Traffic::start(participants, PACE, 2_000);
     wait_continued(&log, "traffic flows", traffic.started).await?;
-    let mut order: Vec<String> = routers.iter().rev().cloned().collect();
-    for role in ["store", "gateway"] {
-        order.extend(kubelet.pods_of(&format!("Deployment/{FULLNAME}-{role}")).iter().map(|pod| pod.name.clone()));
-    }
-    for name in &order {
-        let since = Instant::now();
-        let status = kubelet.pod_mut(name)?.terminate().await?;
+    let mut steps = 0;
+    for name in routers.iter().rev() {
+        let status = kubelet.roll_stateful(name).await?;
         assert!(status.success(), "{name} exited with {status} on SIGTERM");
-        kubelet.restart(name).await?;
-        if routers.contains(name) {
-            wait_for_placement(&db, &live).await?;
+        // Back under its name, it owns shards again.
+        wait_for_placement(&db, &live, Some(name)).await?;
+        wait_continued(&log, &format!("every conversation goes on after {name} came back"), Instant::now()).await?;
+        steps += 1;
+    }
+    assert_advertised(&db, &kubelet).await?;
+    for role in ["store", "gateway"] {
+        let old: Vec<String> =
+            kubelet.pods_of(&format!("Deployment/{FULLNAME}-{role}")).iter().map(|pod| pod.name.clone()).collect();
+        for name in old {
+            let (new, status) = kubelet.roll_deployment(&name).await?;
+            assert!(status.success(), "{name} exited with {status} on SIGTERM");
+            wait_continued(&log, &format!("every conversation goes on after {name} gave way to {new}"), Instant::now())
+                .await?;
+            steps += 1;
         }
-        wait_continued(&log, &format!("every conversation goes on after {name} restarted"), since).await?;
     }
 
     let mut participants = traffic.stop().await?;
     let failures = log.read(|data| data.failures.clone());
     ensure!(failures.is_empty(), "clients failed:\n{}", failures.join("\n"));
-    wait_for_placement(&db, &live).await?;
+    wait_for_placement(&db, &live, None).await?;
     let last_seqs: BTreeMap<String, u64> =
         db.conversations().await?.into_iter().map(|row| (row.id, row.last_seq)).collect();
     catch_up_all(&mut participants, &last_seqs, CATCH_UP_DEADLINE, false).await?;
@@ -334,7 +410,7 @@ async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing
     report.ensure_ok()?;
     let messages: u64 = participants.iter().map(|participant| participant.messages_sent()).sum();
     eprintln!("{} conversations, {messages} messages through the rollout: {}", conversations.len(), report.summary());
-    assert!(messages >= (2 * CHATS * order.len()) as u64, "too few messages to say anything: {messages}");
+    assert!(messages >= (2 * CHATS * steps) as u64, "too few messages to say anything: {messages}");
 
     // `helm uninstall`: every pod stops within its grace period.
     for pod in &mut kubelet.pods {
