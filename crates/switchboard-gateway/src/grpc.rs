@@ -68,7 +68,8 @@ impl pb::chat_service_server::ChatService for ChatGrpc {
             close: Some(close),
             max_message_bytes: self.shared.settings.max_message_bytes,
         };
-        tokio::spawn(session::run(self.shared.clone(), transport));
+        let running = session::Running::new(&self.shared.sessions);
+        tokio::spawn(session::run(self.shared.clone(), transport, running));
         Ok(Response::new(SessionStream { frames: written, close: Some(closed), closing: None }))
     }
 }

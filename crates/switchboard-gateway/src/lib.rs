@@ -26,7 +26,7 @@ mod ws;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use axum::extract::{State, WebSocketUpgrade};
@@ -198,6 +198,8 @@ pub(crate) struct Shared {
     pub(crate) draining: watch::Sender<bool>,
     /// True once the gateway is told it will stop ([`Gateway::leave`]): `/readyz` fails, all else goes on.
     leaving: std::sync::atomic::AtomicBool,
+    /// The gRPC health of [`Gateway::grpc_routes`], made `NOT_SERVING` by [`Gateway::leave`].
+    grpc_health: Mutex<Vec<tonic_health::server::HealthReporter>>,
 }
 
 impl Shared {
@@ -328,6 +330,7 @@ impl Gateway {
             group_statuses: Mutex::default(),
             health_check: OnceLock::new(),
             leaving: std::sync::atomic::AtomicBool::new(false),
+            grpc_health: Mutex::new(Vec::new()),
             draining: watch::channel(false).0,
         });
         let (push_sender, mut pushes) = mpsc::unbounded_channel();
@@ -356,7 +359,7 @@ impl Gateway {
         Gateway { shared }
     }
 
-    /// Everything a gateway serves, on one port: the WebSocket protocol (`/v1/ws`), `/healthz`, and over
+    /// Everything a gateway serves, on one port: the WebSocket protocol (`/v1/ws`), `/healthz`, `/readyz`, and over
     /// HTTP/2 the gRPC [`CHAT_SERVICE`] with reflection ([`Gateway::grpc_routes`]). Serve it with
     /// [`Gateway::serve`] (HTTP/1.1 and HTTP/2 on the same port, with HTTP/2 pings). Other paths are 404, or
     /// the gRPC status UNIMPLEMENTED for gRPC requests.
@@ -397,12 +400,16 @@ impl Gateway {
     }
 
     /// The gRPC routes: [`Gateway::grpc_service`], the standard health service (`grpc.health.v1`: the chat
-    /// service and `""` SERVING) and reflection (`grpc.reflection.v1`) describing them. Call it inside a
+    /// service and `""` SERVING, `NOT_SERVING` once [`Gateway::leave`] was called) and reflection (`grpc.reflection.v1`) describing them. Call it inside a
     /// tokio runtime.
     pub fn grpc_routes(&self) -> tonic::service::Routes {
         let (reporter, health) = tonic_health::server::health_reporter();
+        self.shared.grpc_health.lock().unwrap_or_else(PoisonError::into_inner).push(reporter.clone());
+        let leaving = self.shared.leaving.load(std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
-            reporter.set_service_status(CHAT_SERVICE, tonic_health::ServingStatus::Serving).await;
+            let status =
+                if leaving { tonic_health::ServingStatus::NotServing } else { tonic_health::ServingStatus::Serving };
+            reporter.set_service_status(CHAT_SERVICE, status).await;
         });
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(switchboard_proto::public::v1::FILE_DESCRIPTOR_SET)
@@ -417,11 +424,19 @@ impl Gateway {
         tonic::service::Routes::new(self.grpc_service()).add_service(reflection).add_service(health)
     }
 
-    /// Announces that the gateway will stop: `/readyz` answers 503 from now on, so that load balancers stop
-    /// sending it new connections, while it goes on serving every connection, new ones included, until
-    /// [`Gateway::drain`].
+    /// Announces that the gateway will stop: `/readyz` answers 503 and the gRPC health `NOT_SERVING` from
+    /// now on, so that load balancers stop sending it new connections, while it goes on serving every
+    /// connection, new ones included, until [`Gateway::drain`]. Call it inside a tokio runtime.
     pub fn leave(&self) {
         self.shared.leaving.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reporters = self.shared.grpc_health.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for reporter in reporters {
+            tokio::spawn(async move {
+                for service in ["", CHAT_SERVICE] {
+                    reporter.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+                }
+            });
+        }
     }
 
     /// Closes every connection, and every new one at once: WebSockets with 1001 (going away), gRPC streams
@@ -488,7 +503,12 @@ async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -
         .max_message_size(max_frame)
         // Checked on each frame's header too, before its payload is read (tungstenite's own default is 16 MiB).
         .max_frame_size(max_frame)
-        .on_upgrade(move |socket| session::run(shared, ws::WsTransport::new(socket, max_message_bytes)))
+        // Counted from here: the session's task starts only once the upgrade is done (and hyper's connection
+        // with it), and a shutdown in between must wait for it.
+        .on_upgrade({
+            let running = session::Running::new(&shared.sessions);
+            move |socket| session::run(shared, ws::WsTransport::new(socket, max_message_bytes), running)
+        })
 }
 
 /// `/healthz`: `ok`, or 503 with the reason while the [health check](Gateway::set_health_check) fails.

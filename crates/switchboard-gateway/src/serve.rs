@@ -49,7 +49,7 @@ impl Gateway {
     /// Serves `routes` (the gateway's [`routes`](Gateway::routes), with any others merged in) on `listener`
     /// until `shutdown` completes; then accepts no more connections, asks every open one to end (HTTP/2:
     /// GOAWAY, its streams finish; HTTP/1.1: after the request under way) and waits at most `grace` for them
-    /// and for every session (a WebSocket's close handshake included). Drain the gateway's sessions in
+    /// and for every session (a WebSocket's until its close frame is written). Drain the gateway's sessions in
     /// `shutdown` ([`Gateway::drain`]): an upgraded WebSocket is no longer the server's, and a gRPC stream
     /// ends only when its session does.
     pub async fn serve(

@@ -43,6 +43,8 @@ const MAX_CONTACT_CHARS: usize = 254;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
 /// How long the last frame (a close) may wait for a client that is being disconnected to read.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session closed by a shutdown may take to leave what it followed and presence before its close.
+const END_AT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the close of a connection refused over the limit may wait: such connections are not counted.
 const REFUSAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The most pushes written before a flush, when more are queued.
@@ -208,11 +210,12 @@ impl Drop for Admitted {
     }
 }
 
-/// A session as a shutdown waits for it, until it is dropped.
-struct Running(watch::Sender<usize>);
+/// A session as a shutdown waits for it ([`Gateway::serve`](crate::Gateway::serve)), from the request that
+/// opens it until it is dropped.
+pub(crate) struct Running(watch::Sender<usize>);
 
 impl Running {
-    fn new(sessions: &watch::Sender<usize>) -> Running {
+    pub(crate) fn new(sessions: &watch::Sender<usize>) -> Running {
         sessions.send_modify(|running| *running += 1);
         Running(sessions.clone())
     }
@@ -259,8 +262,9 @@ impl Drop for Counted {
 }
 
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
-pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
-    let _running = Running::new(&shared.sessions);
+/// `running` counts the session from before its transport existed (an upgrade under way is waited for too).
+pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, running: Running) {
+    let _running = running;
     let max_connections = shared.settings.max_connections;
     let admitted = Admitted::new(&shared.open_connections, max_connections);
     // A gateway that drains closes every new connection at once anyway, and says so (1001), full or not.
@@ -363,8 +367,14 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T) {
         _ => {}
     }
     // The connection leaves the hub and presence first: the close below may wait on a client that does not
-    // read.
-    let mut transport = session.end().await;
+    // read. At shutdown that is bounded too: with the routers gone, its unsubscribes would each wait for their
+    // timeout, and the client for its close (presence entries left behind expire).
+    if matches!(end, End::Close(Close::ShuttingDown)) {
+        let _ = tokio::time::timeout(END_AT_SHUTDOWN_TIMEOUT, session.end()).await;
+    } else {
+        session.end().await;
+    }
+    let mut transport = session.transport;
     if let End::Close(close) = end {
         debug!(socket = socket_id, reason = %close.reason(), "closing the connection");
         // A client that reads nothing would hold the close forever; after a while it is dropped without.
@@ -1140,13 +1150,13 @@ impl<T: Transport> Session<T> {
     /// Leaves the hub and presence; returns the transport for its last words. The agent is *not* set offline
     /// here when this was its last connection: its owner does, after a grace period without a live
     /// connection (a reload of the console must not make the agent offline).
-    async fn end(mut self) -> T {
+    /// Leaves the hub (and what it followed) and presence.
+    async fn end(&mut self) {
         let needs = self.shared.hub.unregister(self.socket_id);
         self.apply_needs(needs).await;
         if let Some(Role::Agent { tenant, agent, .. }) = &self.role {
             self.shared.session_gone(self.socket_id, tenant, agent).await;
         }
-        self.transport
     }
 
     fn no_role_yet(&self) -> Result<(), ErrorReply> {

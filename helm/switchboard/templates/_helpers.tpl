@@ -78,6 +78,9 @@ app.kubernetes.io/component: {{ .role }}
 {{- if .Values.config.license -}}
 {{- fail "config.license: set license.maxSessions instead" -}}
 {{- end -}}
+{{- if hasKey (dig "limits" dict (.Values.config | default dict)) "drain_delay_ms" -}}
+{{- fail "config.limits.drain_delay_ms: set gateway.drainDelaySeconds instead" -}}
+{{- end -}}
 {{- if and .Values.config.presence (hasKey .Values.config.presence "redis_url") -}}
 {{- fail "config.presence.redis_url: set redis.url (or redis.existingSecret) instead" -}}
 {{- end -}}

@@ -248,14 +248,43 @@ impl Pod {
         Ok(())
     }
 
-    /// SIGTERM, as a kubelet stops a pod (out of its Services' endpoints first): the exit status if it exits
-    /// within its grace period; past it, the pod is killed and this fails.
+    /// SIGTERM, as a kubelet stops a pod: the exit status if it exits within its grace period; past it, the
+    /// pod is killed and this fails.
+    ///
+    /// Kubernetes takes a stopping pod out of its Services' endpoints while it sends the signal, and the
+    /// proxies notice some time later: a pod that serves clients (its readiness an HTTP GET, the gateways)
+    /// must fail its readiness and serve on meanwhile, else the clients sent to it in that time are refused.
+    /// So such a pod stays an endpoint until its readiness fails, and must then still answer; the others
+    /// (gRPC health: routers, stores) leave the endpoints first.
     pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        self.endpoints.remove(&self.name);
-        let mut child = self.child.take().with_context(|| format!("pod {} is not running", self.name))?;
-        let pid = child.id().with_context(|| format!("pod {} has exited", self.name))?;
+        let serves_clients = matches!(&self.readiness, Some(Probe { check: Check::HttpGet { .. }, .. }));
+        if !serves_clients {
+            self.endpoints.remove(&self.name);
+        }
+        let pid =
+            self.child.as_ref().and_then(Child::id).with_context(|| format!("pod {} is not running", self.name))?;
         let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
         ensure!(status.success(), "kill -TERM {pid} failed");
+        if let Some(Probe { check, .. }) = self.readiness.clone()
+            && let Check::HttpGet { port, path } = &check
+            && serves_clients
+        {
+            let end = Instant::now() + self.termination_grace;
+            while run_probe(self.ip, &check).await.is_ok() {
+                ensure!(self.is_running(), "pod {} exited while it was still ready", self.name);
+                ensure!(Instant::now() < end, "pod {} stayed ready through its grace period", self.name);
+                tokio::time::sleep(PROBE_PACE).await;
+            }
+            let answered = http_get(&format!("{}:{port}", self.ip), path).await;
+            self.endpoints.remove(&self.name);
+            ensure!(
+                answered.is_ok(),
+                "pod {} stopped serving as it failed its readiness, before its endpoints could be updated: {:#}",
+                self.name,
+                answered.err().map(|error| format!("{error:#}")).unwrap_or_default()
+            );
+        }
+        let mut child = self.child.take().with_context(|| format!("pod {} is not running", self.name))?;
         match tokio::time::timeout(self.termination_grace, child.wait()).await {
             Ok(status) => Ok(status?),
             Err(_) => {
@@ -391,25 +420,45 @@ async fn serve_service(
             .await
             .with_context(|| format!("cannot listen on {vip}:{number} for a Service"))?;
         let (selector, endpoints) = (selector.clone(), endpoints.clone());
+        let name = service["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         tasks.push(tokio::spawn(async move {
             let mut turn = 0usize;
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            loop {
+                let mut inbound = match listener.accept().await {
+                    Ok((inbound, _)) => inbound,
+                    Err(error) => {
+                        eprintln!("Service {name}: accept failed: {error}");
+                        continue;
+                    }
+                };
+                // Refused (a reset, as kube-proxy rejects a Service without endpoints) when no pod can take it.
+                let refuse = |inbound: tokio::net::TcpStream| {
+                    let _ = inbound.set_zero_linger();
+                };
                 let ready = endpoints.ready(&selector);
                 if ready.is_empty() {
+                    refuse(inbound);
                     continue;
                 }
                 let endpoint = &ready[turn % ready.len()];
                 turn = turn.wrapping_add(1);
                 let port = match &target {
-                    Value::String(name) => endpoint.ports.get(name).copied(),
+                    Value::String(port_name) => endpoint.ports.get(port_name).copied(),
                     Value::Number(port) => port.as_u64().map(|port| port as u16),
                     _ => Some(number),
                 };
-                let Some(port) = port else { continue };
+                let Some(port) = port else {
+                    eprintln!("Service {name}: pod {} has no port {target}", endpoint.pod);
+                    refuse(inbound);
+                    continue;
+                };
                 let address = (endpoint.ip, port);
                 tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(address).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    match tokio::net::TcpStream::connect(address).await {
+                        Ok(mut outbound) => {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                        Err(_) => refuse(inbound),
                     }
                 });
             }

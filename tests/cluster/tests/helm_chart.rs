@@ -112,6 +112,19 @@ fn the_chart_lints_and_ships_the_rules_and_dashboards_of_deploy_as_they_are() ->
     let governing = manifests.get("Service", routers["spec"]["serviceName"].as_str().context("no serviceName")?)?;
     assert_eq!(governing["spec"]["clusterIP"], "None");
 
+    // A gateway told to stop fails its readiness and serves on for its drain delay, within its grace period.
+    let gateway = container(&manifests, "Deployment", "gateway")?;
+    assert_eq!(gateway["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(gateway["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let delay_ms: u64 = env_of(gateway, "SWITCHBOARD_DRAIN_DELAY_MS").context("no drain delay")?["value"]
+        .as_str()
+        .context("the drain delay is not a string")?
+        .parse()?;
+    assert_eq!(delay_ms, 5_000);
+    let grace = &manifests.get("Deployment", &format!("{FULLNAME}-gateway"))?["spec"]["template"]["spec"]["terminationGracePeriodSeconds"];
+    // The delay, the connections' 15 s (the default limits.shutdown_grace_ms), and room to exit.
+    assert!(grace.as_u64().is_some_and(|grace| grace * 1000 > delay_ms + 15_000), "{grace}");
+
     // The example's configuration file, as the chart renders it, is one the binary accepts (its push group and
     // business hours included): `switchboard migrate` reads it before it migrates an empty SQLite database.
     let dir = tempfile::tempdir()?;
@@ -223,6 +236,7 @@ fn values_that_cannot_make_a_cluster_are_refused_by_name() -> anyhow::Result<()>
         (json!({ "config": { "license": { "max_sessions": 5 } } }), "license.maxSessions"),
         (json!({ "config": { "presence": { "redis_url": "redis://elsewhere/" } } }), "redis.url"),
         (json!({ "config": { "version": 2 } }), "config.version"),
+        (json!({ "config": { "limits": { "drain_delay_ms": 100 } } }), "gateway.drainDelaySeconds"),
         (json!({ "router": { "replicas": 0 } }), "router.replicas"),
         (
             json!({ "router": { "lease": { "leaseMs": 5000, "renewEveryMs": 2000, "renewDeadlineMs": 7000 } } }),

@@ -73,8 +73,8 @@ async fn sigterm_stops_the_server_within_its_grace_while_a_grpc_client_reads_not
     Ok(())
 }
 
-/// With `limits.drain_delay_ms`, a server told to stop first says so on `/readyz` (so that a load balancer
-/// sends it no one new) and goes on serving, new connections included, for the delay; then it closes its
+/// With `limits.drain_delay_ms`, a server told to stop first says so on `/readyz` and in its gRPC health (so
+/// that a load balancer sends it no one new) and goes on serving, new connections included, for the delay; then it closes its
 /// connections (1001) and exits. Without the delay it would stop accepting at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_fails_readyz_and_serves_on_for_the_drain_delay_then_closes() -> anyhow::Result<()> {
@@ -101,6 +101,18 @@ async fn sigterm_fails_readyz_and_serves_on_for_the_drain_delay_then_closes() ->
     }
     let (status, _) = http_get(&server.address, "/healthz").await?;
     assert!(status.contains(" 200 "), "{status}");
+    // So does the gRPC health, for gRPC-aware load balancers (checked until it does).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address))?.connect().await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    loop {
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let status = health.check(request).await?.into_inner().status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the gRPC health still says {status} after SIGTERM");
+        tokio::task::yield_now().await;
+    }
     // Still serving: a new connection starts a chat, an old one goes on with its own.
     let (mut after, _, _) = Client::start_chat(&url, WIDGET, "g1", "Bo", "after").await?;
     before.ok("message.send", json!({ "conversation": chat, "client_msg_id": "m1", "body": "still here" })).await?;
