@@ -3,25 +3,30 @@
 //! `helm template` renders the chart (`helm/switchboard`); every pod its Deployments and StatefulSets ask for
 //! becomes a process of the real binary, started from what the manifests say and nothing else:
 //!
-//! - the container's `args`, under a clean environment made of its `env` (plain values with `$(VAR)`
-//!   expanded from the variables before it, `fieldRef`s of the pod's name, namespace and IP, and `secretKeyRef`s
-//!   read from the rendered Secrets), its Secret volumes written as files where it mounts them;
+//! - in the image the chart names, built by `deploy/image/build` from the binary under test (checked and
+//!   unpacked by `skopeo`): the image's entrypoint with the container's `args`, run in the image's root file
+//!   system (`chroot`) as the pod's user, under a clean environment made of the image's and the container's
+//!   `env` (plain values with `$(VAR)` expanded from the variables before it, `fieldRef`s of the pod's name,
+//!   namespace and IP, and `secretKeyRef`s read from the rendered Secrets), its volumes mounted in that root
+//!   (Secret items as files, emptyDirs);
 //! - its own address, `127.0.0.N`: the pod's IP, and what a wildcard listen address (`0.0.0.0`, `[::]`) means
 //!   inside a pod's own network namespace;
 //! - a Service with a cluster IP gets an address of its own, where each connection is forwarded to one of the
 //!   ready pods it selects, in turn, at the port its `targetPort` names (kube-proxy); its names (`name`,
 //!   `name.namespace`, …`.svc.cluster.local`) in a URL of the environment resolve to it (the cluster's DNS);
-//! - its working directory empty, and checked to stay so (the chart's root file system is read-only);
+//! - the image's files owned by root, so that the pod's user can write none of them (the chart's root file
+//!   system is read-only), and checked for anything written outside the volumes;
 //! - ready, and one of its Services' endpoints, when its probes pass (`startupProbe`, then `readinessProbe`:
-//!   gRPC health and `httpGet`) within the time they allow; stopped with SIGTERM (out of the endpoints first)
-//!   within its `terminationGracePeriodSeconds`;
+//!   gRPC health and `httpGet`) within the time they allow; stopped with SIGTERM within its
+//!   `terminationGracePeriodSeconds` (a gateway kept in its endpoints until its readiness fails, and required
+//!   to answer then: see [`Pod::terminate`]);
 //! - rolled as Kubernetes rolls them: a StatefulSet's pod stopped, then made again under its name; a
 //!   Deployment's replaced by a new pod (a new name) that is ready before the old one stops. A new pod gets a
 //!   new address.
 //!
-//! What is not run: the image (any image of the chart's repository is the `switchboard` binary built here),
-//! liveness probes, the scheduler, resource limits, headless Services' DNS, and the objects no kubelet or
-//! kube-proxy acts on (PodMonitors, disruption budgets and the rest are only read).
+//! It needs root (`chroot`), as CI runs it. What is not run: liveness probes, the scheduler, resource limits,
+//! headless Services' DNS, and the objects no kubelet or kube-proxy acts on (PodMonitors, disruption budgets
+//! and the rest are only read).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -55,8 +60,7 @@ pub fn helm() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("SWITCHBOARD_HELM") {
         return Ok(PathBuf::from(path));
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|dir| dir.join("helm")).find(|candidate| candidate.is_file()).context(
+    host_program("helm").context(
         "helm is missing: run scripts/test (which installs it), or put helm on the PATH or in $SWITCHBOARD_HELM",
     )
 }
@@ -149,6 +153,12 @@ pub struct Pod {
     startup: Option<Probe>,
     readiness: Option<Probe>,
     dir: PathBuf,
+    /// The image's command (its entrypoint), the user it runs as (`UID:GID`), and its unpacked root.
+    entrypoint: Vec<String>,
+    user: String,
+    image_rootfs: PathBuf,
+    /// Where its volumes are mounted.
+    mounts: Vec<String>,
     child: Option<Child>,
     endpoints: Endpoints,
 }
@@ -164,18 +174,21 @@ impl Pod {
         self.dir.join("log")
     }
 
-    /// The process's working directory, standing for the image's read-only root file system (a test runs as
-    /// root here, which permissions would not stop): see [`Pod::written_outside_volumes`].
+    /// The pod's root file system: the image's, its files shared (hard links), with its volumes mounted.
     fn root(&self) -> PathBuf {
-        self.dir.join("root")
+        self.dir.join("rootfs")
     }
 
-    /// What the pod wrote into its working directory: on a read-only root file system, a write there fails.
+    /// What the pod wrote outside its volumes (the chart's root file system is read-only; here the image's
+    /// files and directories belong to root, and the pod runs as its user, so such a write would fail).
     pub fn written_outside_volumes(&self) -> anyhow::Result<Vec<String>> {
-        let mut written = Vec::new();
-        for entry in std::fs::read_dir(self.root())? {
-            written.push(entry?.file_name().to_string_lossy().into_owned());
-        }
+        let image = tree(&self.image_rootfs)?;
+        let written = tree(&self.root())?
+            .into_iter()
+            .filter(|path| !image.contains(path))
+            .filter(|path| !self.mounts.iter().any(|mount| path.starts_with(mount.trim_start_matches('/'))))
+            .map(|path| path.display().to_string())
+            .collect();
         Ok(written)
     }
 
@@ -204,11 +217,17 @@ impl Pod {
         use std::io::Write as _;
         writeln!(log, "=== {} starts at {} ===", self.name, self.ip)?;
         self.endpoints.set(self, false);
-        let child = Command::new(process::binary()?)
+        // Its container: the image's entrypoint with the container's arguments, in its own root, as its user.
+        // Found on this host's PATH (the pod's own PATH is the image's).
+        let chroot = host_program("chroot")?;
+        let child = Command::new(chroot)
+            .arg(format!("--userspec={}", self.user))
+            .arg(self.root())
+            .args(&self.entrypoint)
             .args(&self.args)
             .env_clear()
             .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .current_dir(self.root())
+            .current_dir("/")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -342,6 +361,114 @@ pub async fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)
     .with_context(|| format!("GET http://{address}{path} timed out"))?
 }
 
+/// The chart's image, built by `deploy/image/build` from the binary under test, checked and unpacked by
+/// `skopeo` (which verifies every blob's digest), its layer extracted: the root file system every pod runs in.
+#[derive(Debug)]
+pub struct Image {
+    pub rootfs: PathBuf,
+    pub reference: String,
+    /// The image's `Entrypoint`, `Cmd`, `Env` and `User` (`UID:GID`).
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub user: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Image {
+    pub fn build() -> anyhow::Result<Image> {
+        let dir = tempfile::Builder::new().prefix("switchboard-image-").tempdir()?;
+        let archive = dir.path().join("switchboard.oci.tar");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/image/build");
+        run(std::process::Command::new(&script)
+            .arg("--binary")
+            .arg(process::binary()?)
+            .arg("--out")
+            .arg(&archive)
+            .arg("--uncompressed"))?;
+        let config: Value = serde_json::from_slice(&run(std::process::Command::new("skopeo")
+            .args(["inspect", "--config"])
+            .arg(format!("oci-archive:{}", archive.display())))?)?;
+        let layout = dir.path().join("layout");
+        run(std::process::Command::new("skopeo")
+            .args(["copy", "--quiet"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("oci:{}:switchboard", layout.display())))?;
+        let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+        let blob = |digest: &Value| -> anyhow::Result<PathBuf> {
+            let digest = digest.as_str().context("a digest is not a string")?;
+            Ok(layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").context("not a sha256 digest")?))
+        };
+        let manifest: Value = serde_json::from_slice(&std::fs::read(blob(&index["manifests"][0]["digest"])?)?)?;
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir(&rootfs)?;
+        for layer in manifest["layers"].as_array().context("no layers")? {
+            run(std::process::Command::new("tar")
+                .args(["--extract", "--same-owner", "--preserve-permissions", "--file"])
+                .arg(blob(&layer["digest"])?)
+                .arg("--directory")
+                .arg(&rootfs))?;
+        }
+        let strings = |value: &Value| -> Vec<String> {
+            value.as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+        };
+        let env = strings(&config["config"]["Env"])
+            .into_iter()
+            .filter_map(|pair| pair.split_once('=').map(|(key, value)| (key.to_owned(), value.to_owned())))
+            .collect();
+        // The name the archive gives the image (skopeo's copy is named by this test).
+        let archived: Value = serde_json::from_slice(&run(std::process::Command::new("tar")
+            .args(["--extract", "--to-stdout", "--file"])
+            .arg(&archive)
+            .arg("index.json"))?)?;
+        let reference = archived["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+            .as_str()
+            .context("the archive names no image")?
+            .to_owned();
+        Ok(Image {
+            rootfs,
+            reference,
+            entrypoint: strings(&config["config"]["Entrypoint"]),
+            cmd: strings(&config["config"]["Cmd"]),
+            env,
+            user: config["config"]["User"].as_str().unwrap_or("0:0").to_owned(),
+            _dir: dir,
+        })
+    }
+}
+
+/// A program on this host's PATH.
+pub fn host_program(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| format!("{name} is not on the PATH"))
+}
+
+/// Runs a command to its end: its standard output, or an error with its standard error.
+fn run(command: &mut std::process::Command) -> anyhow::Result<Vec<u8>> {
+    let output = command.output().with_context(|| format!("cannot run {command:?}"))?;
+    ensure!(output.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(output.stdout)
+}
+
+/// Every path under `dir`, relative to it.
+fn tree(dir: &Path) -> anyhow::Result<std::collections::BTreeSet<PathBuf>> {
+    let mut paths = std::collections::BTreeSet::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(next) = todo.pop() {
+        for entry in std::fs::read_dir(&next)? {
+            let entry = entry?;
+            paths.insert(entry.path().strip_prefix(dir)?.to_owned());
+            if entry.file_type()?.is_dir() {
+                todo.push(entry.path());
+            }
+        }
+    }
+    Ok(paths)
+}
+
 /// Loopback addresses handed to pods: 127.0.0.10 and up, one each, never twice in a test process.
 static NEXT_IP: AtomicU32 = AtomicU32::new(10);
 
@@ -470,6 +597,7 @@ async fn serve_service(
 /// Every pod of the rendered workloads, run on loopback, and their Services.
 pub struct Kubelet {
     manifests: Manifests,
+    image: Image,
     pub pods: Vec<Pod>,
     /// Pods replaced by a rollout, kept for their logs.
     gone: Vec<Pod>,
@@ -492,10 +620,11 @@ impl std::fmt::Debug for Kubelet {
 impl Kubelet {
     /// Serves the Services with a cluster IP and plans the pods of every Deployment and StatefulSet (names,
     /// addresses, environment, files); starts no pod.
-    pub async fn new(manifests: Manifests) -> anyhow::Result<Kubelet> {
+    pub async fn new(manifests: Manifests, image: Image) -> anyhow::Result<Kubelet> {
         let dir = tempfile::Builder::new().prefix("switchboard-chart-").tempdir()?;
         let mut kubelet = Kubelet {
             manifests,
+            image,
             pods: Vec::new(),
             gone: Vec::new(),
             vips: BTreeMap::new(),
@@ -556,22 +685,41 @@ impl Kubelet {
             .flatten()
             .filter_map(|port| Some((port["name"].as_str()?.to_owned(), port["containerPort"].as_u64()? as u16)))
             .collect();
-        let pod_dir = self.dir()?.join(pod_name);
-        std::fs::create_dir_all(pod_dir.join("root"))?;
-        let mounts = self.mount_volumes(&template["spec"], container, &pod_dir)?;
+        // The pod's root: the image's files (hard links: the pod's user may write none of them), its own
+        // directories, its volumes mounted in them.
+        // A directory of its own per pod made, a StatefulSet's pod made again under its name included.
+        static MADE: AtomicU32 = AtomicU32::new(0);
+        let pod_dir = self.dir()?.join(format!("{pod_name}.{}", MADE.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&pod_dir)?;
+        run(std::process::Command::new("cp")
+            .arg("-a")
+            .arg("--link")
+            .arg(&self.image.rootfs)
+            .arg(pod_dir.join("rootfs")))?;
+        let mounts = self.mount_volumes(&template["spec"], container, &pod_dir.join("rootfs"))?;
         let image = container["image"].as_str().unwrap_or_default();
         ensure!(
-            image.starts_with("ghcr.io/switchboard-chat/switchboard:"),
-            "{workload_name}: image {image} is not the chart's"
+            image == self.image.reference,
+            "{workload_name}: image {image}, not the one built ({})",
+            self.image.reference
         );
         ensure!(container["command"].is_null(), "{workload_name}: the image's entrypoint is the binary");
         let args: Vec<String> = container["args"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|arg| arg.as_str().map(|arg| rewrite_path(arg, &mounts)).context("an argument is not a string"))
+            .map(|arg| arg.as_str().map(str::to_owned).context("an argument is not a string"))
             .collect::<anyhow::Result<_>>()?;
-        let env = self.environment(container, (pod_name, ip), &mounts)?;
+        let env = self.environment(container, (pod_name, ip))?;
+        // The user: the container's security context, else the pod's, else the image's.
+        let security = |field: &str| {
+            container["securityContext"][field].as_u64().or_else(|| template["spec"]["securityContext"][field].as_u64())
+        };
+        let user = match (security("runAsUser"), security("runAsGroup")) {
+            (Some(uid), Some(gid)) => format!("{uid}:{gid}"),
+            (Some(uid), None) => format!("{uid}:{uid}"),
+            _ => self.image.user.clone(),
+        };
         let probe = |field: &str| -> anyhow::Result<Option<Probe>> {
             let probe = &container[field];
             if probe.is_null() {
@@ -612,18 +760,19 @@ impl Kubelet {
             startup,
             readiness,
             dir: pod_dir,
+            entrypoint: self.image.entrypoint.clone(),
+            user,
+            image_rootfs: self.image.rootfs.clone(),
+            mounts,
             child: None,
             endpoints: self.endpoints.clone(),
         })
     }
 
-    /// Writes the pod's Secret volumes into its directory; the mount paths and where they are here.
-    fn mount_volumes(
-        &self,
-        pod_spec: &Value,
-        container: &Value,
-        pod_dir: &Path,
-    ) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    /// Mounts the pod's volumes in its root: a Secret's items as files (readable by all, as Kubernetes makes
+    /// them), an emptyDir as a directory anyone may write. The mount paths.
+    fn mount_volumes(&self, pod_spec: &Value, container: &Value, rootfs: &Path) -> anyhow::Result<Vec<String>> {
+        use std::os::unix::fs::PermissionsExt as _;
         let mut mounts = Vec::new();
         for mount in container["volumeMounts"].as_array().into_iter().flatten() {
             let name = mount["name"].as_str().context("a mount without a name")?;
@@ -634,7 +783,12 @@ impl Kubelet {
                 .flatten()
                 .find(|volume| volume["name"] == name)
                 .with_context(|| format!("the mount {name} names no volume"))?;
-            let host = pod_dir.join("volumes").join(name);
+            ensure!(path.starts_with('/') && !path.contains(".."), "mount {name}: a bad path {path}");
+            let host = rootfs.join(path.trim_start_matches('/'));
+            // Mounted over whatever the image has there.
+            if host.exists() {
+                std::fs::remove_dir_all(&host)?;
+            }
             std::fs::create_dir_all(&host)?;
             if let Some(secret) = volume["secret"]["secretName"].as_str() {
                 let items = volume["secret"]["items"].as_array().context("a Secret volume without items")?;
@@ -642,26 +796,29 @@ impl Kubelet {
                     let key = item["key"].as_str().context("an item without a key")?;
                     let file = item["path"].as_str().context("an item without a path")?;
                     std::fs::write(host.join(file), self.manifests.secret_key(secret, key)?)?;
+                    std::fs::set_permissions(host.join(file), std::fs::Permissions::from_mode(0o644))?;
                 }
+                std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755))?;
             } else {
                 ensure!(
                     volume.get("emptyDir").is_some(),
                     "volume {name}: only Secret and emptyDir volumes are run here"
                 );
+                std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o1777))?;
             }
-            mounts.push((path.trim_end_matches('/').to_owned(), host));
+            mounts.push(path.trim_end_matches('/').to_owned());
         }
         Ok(mounts)
     }
 
-    /// The container's environment, as a kubelet makes it, then as it resolves on this host.
+    /// The container's environment, as a kubelet makes it (the image's, then the container's over it), then
+    /// as it resolves on this host.
     fn environment(
         &self,
         container: &Value,
         (pod_name, ip): (&str, Ipv4Addr),
-        mounts: &[(String, PathBuf)],
     ) -> anyhow::Result<Vec<(String, String)>> {
-        let mut env: Vec<(String, String)> = Vec::new();
+        let mut env: Vec<(String, String)> = self.image.env.clone();
         for var in container["env"].as_array().into_iter().flatten() {
             let name = var["name"].as_str().context("a variable without a name")?.to_owned();
             let value = if let Some(value) = var["value"].as_str() {
@@ -681,11 +838,11 @@ impl Kubelet {
             } else {
                 bail!("{name}: neither a value, a fieldRef nor a secretKeyRef")
             };
+            env.retain(|(key, _)| *key != name);
             env.push((name, value));
         }
         for (_, value) in env.iter_mut() {
             *value = self.resolve_services(value);
-            *value = rewrite_path(value, mounts);
             for wildcard in ["0.0.0.0:", "[::]:"] {
                 if let Some(port) = value.strip_prefix(wildcard) {
                     *value = format!("{ip}:{port}");
@@ -814,18 +971,6 @@ impl Drop for Kubelet {
     }
 }
 
-/// A path under a mount's path, to where the volume is on this host.
-fn rewrite_path(value: &str, mounts: &[(String, PathBuf)]) -> String {
-    for (mount, host) in mounts {
-        if let Some(rest) = value.strip_prefix(mount.as_str())
-            && (rest.is_empty() || rest.starts_with('/'))
-        {
-            return format!("{}{rest}", host.display());
-        }
-    }
-    value.to_owned()
-}
-
 /// Kubernetes' `$(VAR)`: a variable defined before this one; `$$` is a `$`; anything else stays as it is.
 fn expand(value: &str, env: &[(String, String)]) -> String {
     let mut out = String::new();
@@ -860,12 +1005,5 @@ mod tests {
         let env = vec![("POD_IP".to_owned(), "10.1.2.3".to_owned())];
         assert_eq!(expand("http://$(POD_IP):7200", &env), "http://10.1.2.3:7200");
         assert_eq!(expand("$$(POD_IP) $(NOPE) $", &env), "$(POD_IP) $(NOPE) $");
-    }
-
-    #[test]
-    fn paths_under_a_mount_move_with_it() {
-        let mounts = vec![("/etc/switchboard".to_owned(), PathBuf::from("/tmp/pod/config"))];
-        assert_eq!(rewrite_path("/etc/switchboard/config.yaml", &mounts), "/tmp/pod/config/config.yaml");
-        assert_eq!(rewrite_path("/etc/switchboardx", &mounts), "/etc/switchboardx");
     }
 }

@@ -1,6 +1,7 @@
 //! The Helm chart (`helm/switchboard`), rendered by the real `helm`: it lints, and ships the alert rules and
 //! dashboards of `deploy/` as they are; values that could not make a working cluster are refused by name; and
-//! its pods, run on loopback as a kubelet would run them (`switchboard_cluster_tests::kube`) over a real
+//! its pods, run on loopback as a kubelet would run them (`switchboard_cluster_tests::kube`), in the image
+//! `deploy/image/build` makes of the binary under test, over a real
 //! PostgreSQL and Redis, make a cluster whose chats flow through its Services, whose license holds at the
 //! number the values give, whose metrics are where its pods' annotations say, which loses nothing
 //! acknowledged through a rolling restart of every workload, and whose pods all stop within their grace.
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use serde_json::{Value, json};
-use switchboard_cluster_tests::kube::{self, Kubelet, Manifests};
+use switchboard_cluster_tests::kube::{self, Image, Kubelet, Manifests};
 use switchboard_cluster_tests::traffic::{Traffic, catch_up_all, open_chats};
 use switchboard_cluster_tests::{ClientLog, Connection, Db, checker, tenancy};
 use switchboard_testservices::{Postgres, Redis};
@@ -327,7 +328,10 @@ async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing
     let dir = tempfile::tempdir()?;
     let values = run_values(dir.path(), &database_url, &redis.url())?;
     let manifests = Manifests::render(RELEASE, NAMESPACE, &[&example_values(), &values])?;
-    let mut kubelet = Kubelet::new(manifests).await?;
+    // The image the chart names, built from the binary under test: every pod runs in its root file system.
+    let image = tokio::task::block_in_place(Image::build)?;
+    assert_eq!(image.user, "65532:65532", "the image's user is not the chart's");
+    let mut kubelet = Kubelet::new(manifests, image).await?;
     // As `helm install` does: every pod at once; the stores migrate the empty database as they start.
     kubelet.start_all().await?;
     let db = Db::connect(&database_url).await?;
@@ -434,5 +438,52 @@ async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing
         assert_eq!(pod.written_outside_volumes()?, Vec::<String>::new(), "{}", pod.name);
     }
     kubelet.finish();
+    Ok(())
+}
+
+/// The image alone, as `docker run IMAGE` runs it: its default command is `serve` (the demo tenant), as its
+/// non-root user, with its data in the image's `/data`, in nothing but the image's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_runs_serve_by_default_as_its_user() -> anyhow::Result<()> {
+    let image = tokio::task::block_in_place(Image::build)?;
+    assert_eq!(image.cmd, ["serve"]);
+    let address = format!("127.0.0.1:{}", switchboard_testservices::free_port()?);
+    let mut command = tokio::process::Command::new(kube::host_program("chroot")?);
+    command
+        .arg(format!("--userspec={}", image.user))
+        .arg(&image.rootfs)
+        .args(&image.entrypoint)
+        .args(&image.cmd)
+        .env_clear()
+        .envs(image.env.iter().map(|(key, value)| (key, value)))
+        .env("SWITCHBOARD_LISTEN", &address)
+        .current_dir("/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut serve = command.spawn()?;
+    let end = Instant::now() + FLOW_DEADLINE;
+    loop {
+        if let Ok((200, body)) = kube::http_get(&address, "/healthz").await {
+            assert_eq!(body, "ok");
+            break;
+        }
+        if let Some(status) = serve.try_wait()? {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = serve.stderr.take() {
+                tokio::io::AsyncReadExt::read_to_string(&mut pipe, &mut stderr).await?;
+            }
+            anyhow::bail!("serve exited ({status}) in the image: {stderr}");
+        }
+        ensure!(Instant::now() < end, "serve did not answer in the image");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The demo tenant's widget starts a chat: stored in /data, which the image's user owns.
+    let mut customer = Connection::connect(&format!("ws://{address}/v1/ws")).await?;
+    let start = json!({ "widget_key": "demo-widget-key", "group": "sales", "name": "Ann", "question": "hello?" });
+    customer.ok("chat.start", start).await?;
+    assert!(image.rootfs.join("data/switchboard.db").exists(), "serve did not store in /data");
+    serve.start_kill()?;
+    serve.wait().await?;
     Ok(())
 }
