@@ -376,16 +376,24 @@ pub struct Image {
 }
 
 impl Image {
-    pub fn build() -> anyhow::Result<Image> {
+    /// Builds the image (its layer gzipped, as released, or not, which is quicker) and unpacks it. Needs
+    /// root: its files keep their owners (root, and the image's user), and pods run in it with `chroot`.
+    pub fn build(compressed: bool) -> anyhow::Result<Image> {
+        let uid = run(std::process::Command::new("id").arg("-u"))?;
+        ensure!(
+            String::from_utf8_lossy(&uid).trim() == "0",
+            "the image's tests need root (its files keep their owners, and pods run in it with chroot): run them \
+             as root, as scripts/test does in CI"
+        );
         let dir = tempfile::Builder::new().prefix("switchboard-image-").tempdir()?;
         let archive = dir.path().join("switchboard.oci.tar");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/image/build");
-        run(std::process::Command::new(&script)
-            .arg("--binary")
-            .arg(process::binary()?)
-            .arg("--out")
-            .arg(&archive)
-            .arg("--uncompressed"))?;
+        let mut build = std::process::Command::new(&script);
+        build.arg("--binary").arg(process::binary()?).arg("--out").arg(&archive);
+        if !compressed {
+            build.arg("--uncompressed");
+        }
+        run(&mut build)?;
         let config: Value = serde_json::from_slice(&run(std::process::Command::new("skopeo")
             .args(["inspect", "--config"])
             .arg(format!("oci-archive:{}", archive.display())))?)?;
@@ -715,11 +723,12 @@ impl Kubelet {
         let security = |field: &str| {
             container["securityContext"][field].as_u64().or_else(|| template["spec"]["securityContext"][field].as_u64())
         };
-        let user = match (security("runAsUser"), security("runAsGroup")) {
-            (Some(uid), Some(gid)) => format!("{uid}:{gid}"),
-            (Some(uid), None) => format!("{uid}:{uid}"),
-            _ => self.image.user.clone(),
-        };
+        let (image_uid, image_gid) = self.image.user.split_once(':').unwrap_or((&self.image.user, "0"));
+        let uid = security("runAsUser").map(|uid| uid.to_string()).unwrap_or_else(|| image_uid.to_owned());
+        let gid = security("runAsGroup").map(|gid| gid.to_string()).unwrap_or_else(|| image_gid.to_owned());
+        // The image's files are shared between the pods (hard links): a pod that ran as root could change them.
+        ensure!(uid != "0", "{workload_name}: runs as root");
+        let user = format!("{uid}:{gid}");
         let probe = |field: &str| -> anyhow::Result<Option<Probe>> {
             let probe = &container[field];
             if probe.is_null() {
@@ -949,8 +958,20 @@ impl Kubelet {
             .collect()
     }
 
-    /// Marks the test as passed: the pods' directories go with it. Otherwise they are kept and their logs'
-    /// tails printed.
+    /// What each pod, those replaced included, wrote outside its volumes.
+    pub fn written_outside_volumes(&self) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+        let mut written = BTreeMap::new();
+        for pod in self.gone.iter().chain(&self.pods) {
+            let paths = pod.written_outside_volumes()?;
+            if !paths.is_empty() {
+                written.insert(pod.name.clone(), paths);
+            }
+        }
+        Ok(written)
+    }
+
+    /// Marks the test as passed: the pods' directories go with it. Otherwise their logs are kept (their root
+    /// file systems are not) and their tails printed.
     pub fn finish(mut self) {
         self.passed = true;
     }
@@ -963,6 +984,9 @@ impl Drop for Kubelet {
         }
         if self.passed {
             return;
+        }
+        for pod in self.gone.iter().chain(&self.pods) {
+            let _ = std::fs::remove_dir_all(pod.root());
         }
         if let Some(dir) = self.dir.take() {
             let kept = dir.keep();
