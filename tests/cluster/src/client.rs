@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -26,11 +27,23 @@ const RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
 /// At most this many failed tries are kept per operation.
 const ERRORS_KEPT: usize = 5;
 
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
 /// One WebSocket connection: requests answered in order, pushes kept for the owner to take.
 pub struct Connection {
-    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    sink: SplitSink<Socket, Message>,
+    stream: SplitStream<Socket>,
     next_id: u64,
     pushes: Vec<Value>,
+}
+
+/// A frame read: its JSON, `None` for one to skip (a ping, a pong), or the end of the connection.
+fn frame_of(message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> anyhow::Result<Option<Value>> {
+    match message.context("connection closed")?? {
+        Message::Text(text) => Ok(Some(serde_json::from_str(text.as_str())?)),
+        Message::Close(frame) => bail!("connection closed by the server: {frame:?}"),
+        _ => Ok(None),
+    }
 }
 
 impl Connection {
@@ -39,7 +52,8 @@ impl Connection {
             .await
             .context("connect timed out")?
             .with_context(|| format!("cannot connect to {url}"))?;
-        let mut connection = Connection { socket, next_id: 0, pushes: Vec::new() };
+        let (sink, stream) = socket.split();
+        let mut connection = Connection { sink, stream, next_id: 0, pushes: Vec::new() };
         let welcome = connection.read_frame(CONNECT_DEADLINE).await?;
         if welcome["type"] != "welcome" {
             bail!("expected a welcome frame, got {welcome}");
@@ -49,14 +63,10 @@ impl Connection {
 
     async fn read_frame(&mut self, deadline: Duration) -> anyhow::Result<Value> {
         loop {
-            let message = tokio::time::timeout(deadline, self.socket.next())
-                .await
-                .context("no frame before the deadline")?
-                .context("connection closed")??;
-            match message {
-                Message::Text(text) => return Ok(serde_json::from_str(text.as_str())?),
-                Message::Close(frame) => bail!("connection closed by the server: {frame:?}"),
-                _ => continue,
+            let message =
+                tokio::time::timeout(deadline, self.stream.next()).await.context("no frame before the deadline")?;
+            if let Some(frame) = frame_of(message)? {
+                return Ok(frame);
             }
         }
     }
@@ -70,11 +80,29 @@ impl Connection {
         if let (Some(frame), Value::Object(fields)) = (frame.as_object_mut(), fields) {
             frame.extend(fields.clone());
         }
-        self.socket.send(Message::Text(frame.to_string().into())).await?;
         let deadline = Instant::now() + REQUEST_DEADLINE;
+        // Sent while reading, as a browser does: a long frame's send may wait for the server to read it while
+        // the server waits for this client to read what it writes (a long event of its own chat), until the
+        // server gives up on it as a slow consumer.
+        let mut read = std::collections::VecDeque::new();
+        {
+            let Connection { sink, stream, .. } = self;
+            let mut send = std::pin::pin!(sink.send(Message::Text(frame.to_string().into())));
+            loop {
+                tokio::select! {
+                    sent = &mut send => break sent?,
+                    message = stream.next() => read.extend(frame_of(message)?),
+                }
+            }
+        }
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let frame = self.read_frame(left).await.with_context(|| format!("waiting for the answer to {kind}"))?;
+            let frame = match read.pop_front() {
+                Some(frame) => frame,
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.read_frame(left).await.with_context(|| format!("waiting for the answer to {kind}"))?
+                }
+            };
             match (frame["type"].as_str(), frame["id"].as_str()) {
                 (Some("ack"), Some(answered)) if answered == id => return Ok(Ok(frame)),
                 (Some("error"), Some(answered)) if answered == id => return Ok(Err(frame)),
@@ -480,7 +508,7 @@ impl Participant {
     /// Closes its connection.
     pub async fn close(mut self) {
         if let Some(mut connection) = self.connection.take() {
-            let _ = connection.socket.close(None).await;
+            let _ = connection.sink.close().await;
         }
     }
 }

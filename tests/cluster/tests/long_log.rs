@@ -106,7 +106,13 @@ async fn a_log_longer_than_any_one_message_between_the_processes_is_read_in_page
         let fields = json!({ "conversation": chat, "client_msg_id": format!("m{n}"), "body": body });
         last_seq = customer.ok("message.send", fields).await?["seq"].as_u64().context("no seq")?;
         customer.take_pushes();
-        agent.take_pushes();
+        // The agent's console reads its pushes as they come, as a console does (one that read nothing for the
+        // write stall's 30 s would be disconnected as a slow consumer: on a busy machine the loop takes that).
+        let mut pushed = agent.take_pushes();
+        while !pushed.iter().any(|push| push["type"] == "event" && push["event"]["seq"] == last_seq) {
+            agent.read_push(DEADLINE).await?;
+            pushed = agent.take_pushes();
+        }
     }
     // created, the question, accepted, the messages.
     assert_eq!(last_seq, 3 + MESSAGES as u64);
