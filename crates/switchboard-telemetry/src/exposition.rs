@@ -84,6 +84,10 @@ pub fn serve_metrics(listener: TcpListener) {
 fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1: the role and version of this process.");
     describe_counter!(GRPC_SERVER_REQUESTS, "gRPC calls served, by service, method and status code.");
+    describe_counter!(
+        GRPC_SERVER_STREAMS_ENDED,
+        "gRPC streams ended, by service, method and the status they ended with (cancelled: the client left first)."
+    );
     describe_histogram!(
         GRPC_SERVER_REQUEST_DURATION,
         "Time to answer a gRPC call (a streaming call: until its response headers)."

@@ -1,6 +1,6 @@
 //! The server side of every gRPC call: its metrics, and its span as a child of the caller's.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,17 +11,20 @@ use prost::Message;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::names::{GRPC_SERVER_REQUEST_DURATION, GRPC_SERVER_REQUESTS};
+use crate::names::{GRPC_SERVER_REQUEST_DURATION, GRPC_SERVER_REQUESTS, GRPC_SERVER_STREAMS_ENDED};
 use crate::trace::{RECEIVED_AT_HEADER, TRACEPARENT, set_remote_parent, with_received_at};
 
 /// Counts every call by service, method and status code, times it, and serves it inside a `grpc.server`
-/// span whose parent is the caller's `traceparent`, with the caller's received-at moment in scope.
+/// span whose parent is the caller's `traceparent`, with the caller's received-at moment in scope. A call
+/// of a streaming method is counted once more when its stream ends, by the status it ended with
+/// ([`StreamEnd`]): its first count, at its response's headers, says only that it began.
 ///
 /// The labels are bounded: a call to a method the server does not know (the path is the client's to
 /// choose) counts as service and method `unknown`.
 #[derive(Debug, Clone)]
 pub struct GrpcServerLayer {
-    known: Arc<HashSet<String>>,
+    /// `/package.Service/Method` of every method served, and whether it streams.
+    known: Arc<HashMap<String, bool>>,
 }
 
 impl GrpcServerLayer {
@@ -32,10 +35,10 @@ impl GrpcServerLayer {
     }
 }
 
-/// `/package.Service/Method` of every method described in `descriptor_sets`; a set that does not decode
-/// adds nothing (they are compiled in: the tests catch it).
-fn method_paths(descriptor_sets: &[&[u8]]) -> HashSet<String> {
-    let mut paths = HashSet::new();
+/// `/package.Service/Method` of every method described in `descriptor_sets`, and whether it streams (either
+/// way); a set that does not decode adds nothing (they are compiled in: the tests catch it).
+fn method_paths(descriptor_sets: &[&[u8]]) -> HashMap<String, bool> {
+    let mut paths = HashMap::new();
     for encoded in descriptor_sets {
         let Ok(set) = prost_types::FileDescriptorSet::decode(*encoded) else { continue };
         for file in &set.file {
@@ -45,7 +48,8 @@ fn method_paths(descriptor_sets: &[&[u8]]) -> HashSet<String> {
                     package => format!("{package}.{}", service.name()),
                 };
                 for method in &service.method {
-                    paths.insert(format!("/{qualified}/{}", method.name()));
+                    let streams = method.client_streaming() || method.server_streaming();
+                    paths.insert(format!("/{qualified}/{}", method.name()), streams);
                 }
             }
         }
@@ -64,7 +68,7 @@ impl<S> Layer<S> for GrpcServerLayer {
 #[derive(Debug, Clone)]
 pub struct GrpcServerService<S> {
     inner: S,
-    known: Arc<HashSet<String>>,
+    known: Arc<HashMap<String, bool>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -76,16 +80,16 @@ where
     S::Error: Send + 'static,
     B: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = Response<StreamEnd<RB>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let (service, method) = service_and_method(request.uri().path(), &self.known);
+        let (service, method, streams) = service_and_method(request.uri().path(), &self.known);
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = request.uri().path(),
@@ -113,24 +117,96 @@ where
                 Some(at) => with_received_at(at, call).await,
                 None => call.await,
             };
-            let code = match &result {
-                // A call that failed answers its status in the headers (trailers-only); a successful unary
-                // call answers it in the trailers, after these headers.
+            // A call that failed answers its status in the headers (trailers-only); a successful unary call
+            // answers it in the trailers, after these headers, and a stream when it ends.
+            let answered = match &result {
                 Ok(response) => response
                     .headers()
                     .get("grpc-status")
                     .and_then(|value| value.to_str().ok())
                     .and_then(|value| value.parse::<u8>().ok())
-                    .map_or("ok", code_name),
-                Err(_) => "unavailable",
+                    .map(code_name),
+                Err(_) => Some("unavailable"),
             };
+            let code = answered.unwrap_or("ok");
             metrics::counter!(GRPC_SERVER_REQUESTS, "service" => service.clone(), "method" => method.clone(), "code" => code)
                 .increment(1);
-            metrics::histogram!(GRPC_SERVER_REQUEST_DURATION, "service" => service, "method" => method)
+            metrics::histogram!(GRPC_SERVER_REQUEST_DURATION, "service" => service.clone(), "method" => method.clone())
                 .record(started.elapsed().as_secs_f64());
-            result
+            let pending = match (streams, answered) {
+                (false, _) => None,
+                (true, Some(code)) => {
+                    count_stream_end(service, method, code);
+                    None
+                }
+                (true, None) => Some((service, method)),
+            };
+            result.map(|response| response.map(|inner| StreamEnd { inner, pending }))
         })
     }
+}
+
+pin_project_lite::pin_project! {
+    /// A gRPC response's body that counts its stream's end (`switchboard_grpc_server_streams_ended_total`) by
+    /// the status in its trailers; a stream whose body is dropped before them (the client, or its connection,
+    /// went away) ends `cancelled`. A unary call's body passes through uncounted.
+    pub struct StreamEnd<B> {
+        #[pin]
+        inner: B,
+        // The service and method of a stream whose end is still to be counted.
+        pending: Option<(String, String)>,
+    }
+
+    impl<B> PinnedDrop for StreamEnd<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some((service, method)) = this.project().pending.take() {
+                count_stream_end(service, method, "cancelled");
+            }
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for StreamEnd<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
+                trailers
+                    .get("grpc-status")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.parse::<u8>().ok())
+                    .map_or("unknown", code_name)
+            }),
+            // The body failed, or ended without a status: not a gRPC ending.
+            Poll::Ready(Some(Err(_)) | None) => Some("unknown"),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code
+            && let Some((service, method)) = this.pending.take()
+        {
+            count_stream_end(service, method, code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn count_stream_end(service: String, method: String, code: &'static str) {
+    metrics::counter!(GRPC_SERVER_STREAMS_ENDED, "service" => service, "method" => method, "code" => code).increment(1);
 }
 
 /// Serves one call that came on a call stream (a unary call multiplexed on a long-lived stream) as
@@ -172,15 +248,15 @@ where
     result
 }
 
-/// `/package.Service/Method` → (`package.Service`, `Method`) when it is one of the `known` methods; anything
-/// else is `unknown` (bounded labels).
-fn service_and_method(path: &str, known: &HashSet<String>) -> (String, String) {
-    if known.contains(path)
+/// `/package.Service/Method` → (`package.Service`, `Method`, whether it streams) when it is one of the `known`
+/// methods; anything else is `unknown` (bounded labels) and unary.
+fn service_and_method(path: &str, known: &HashMap<String, bool>) -> (String, String, bool) {
+    if let Some(&streams) = known.get(path)
         && let Some((service, method)) = path.trim_start_matches('/').split_once('/')
     {
-        return (service.to_owned(), method.to_owned());
+        return (service.to_owned(), method.to_owned(), streams);
     }
-    ("unknown".to_owned(), "unknown".to_owned())
+    ("unknown".to_owned(), "unknown".to_owned(), false)
 }
 
 /// The gRPC status code's name in snake case.
@@ -211,10 +287,16 @@ fn code_name(code: u8) -> &'static str {
 mod tests {
     use super::*;
 
-    /// `service Echo { rpc Say; rpc Hear; }` in package `demo.v1`, and `service Bare { rpc Ping; }` in none.
+    /// `service Echo { rpc Say; rpc Hear (stream); }` in package `demo.v1`, and `service Bare { rpc Ping; }` in
+    /// none.
     fn descriptor_set() -> Vec<u8> {
         use prost_types::{FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto, ServiceDescriptorProto};
-        let method = |name: &str| MethodDescriptorProto { name: Some(name.into()), ..Default::default() };
+        // `Hear` streams the server's answers.
+        let method = |name: &str| MethodDescriptorProto {
+            name: Some(name.into()),
+            server_streaming: (name == "Hear").then_some(true),
+            ..Default::default()
+        };
         let service = |name: &str, methods: &[&str]| ServiceDescriptorProto {
             name: Some(name.into()),
             method: methods.iter().map(|name| method(name)).collect(),
@@ -235,15 +317,87 @@ mod tests {
     fn only_the_methods_served_become_labels_and_any_other_path_is_unknown() {
         let known = method_paths(&[&descriptor_set(), b"\xff not a descriptor set"]);
         let labels = |path: &str| service_and_method(path, &known);
-        assert_eq!(labels("/demo.v1.Echo/Say"), ("demo.v1.Echo".to_owned(), "Say".to_owned()));
-        assert_eq!(labels("/demo.v1.Echo/Hear"), ("demo.v1.Echo".to_owned(), "Hear".to_owned()));
-        assert_eq!(labels("/Bare/Ping"), ("Bare".to_owned(), "Ping".to_owned()));
+        assert_eq!(labels("/demo.v1.Echo/Say"), ("demo.v1.Echo".to_owned(), "Say".to_owned(), false));
+        assert_eq!(labels("/demo.v1.Echo/Hear"), ("demo.v1.Echo".to_owned(), "Hear".to_owned(), true));
+        assert_eq!(labels("/Bare/Ping"), ("Bare".to_owned(), "Ping".to_owned(), false));
         // A client may send any path: a method the service does not have, a service of its own making, or
         // none; each would otherwise be a new series.
         for odd in ["/demo.v1.Echo/Shout", "/demo.v1.Echo/Say/", "/x.Y/Say", "/demo.v1.Echo", "/", "", "//x"] {
-            assert_eq!(labels(odd), ("unknown".to_owned(), "unknown".to_owned()), "{odd}");
+            assert_eq!(labels(odd), ("unknown".to_owned(), "unknown".to_owned(), false), "{odd}");
         }
         assert_eq!(code_name(14), "unavailable");
         assert_eq!(code_name(99), "unknown");
+    }
+
+    /// A body of the given frames.
+    struct Frames(std::collections::VecDeque<http_body::Frame<axum::body::Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = axum::body::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn body(pending: Option<&str>, status: Option<&str>) -> StreamEnd<Frames> {
+        let mut frames = std::collections::VecDeque::from([http_body::Frame::data(axum::body::Bytes::from("x"))]);
+        if let Some(status) = status {
+            let mut trailers = axum::http::HeaderMap::new();
+            trailers.insert("grpc-status", status.parse().unwrap());
+            frames.push_back(http_body::Frame::trailers(trailers));
+        }
+        StreamEnd { inner: Frames(frames), pending: pending.map(|method| ("test.Ends".to_owned(), method.to_owned())) }
+    }
+
+    async fn next_frame(body: &mut StreamEnd<Frames>) -> bool {
+        std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut *body), cx)).await.is_some()
+    }
+
+    /// The count of `switchboard_grpc_server_streams_ended_total` for `test.Ends`/`method` and `code`.
+    fn ended(method: &str, code: &str) -> u64 {
+        let exposition = crate::render_metrics();
+        let wanted = [format!("code=\"{code}\""), format!("method=\"{method}\""), "service=\"test.Ends\"".to_owned()];
+        exposition
+            .lines()
+            .filter(|line| line.starts_with("switchboard_grpc_server_streams_ended_total{"))
+            .filter(|line| wanted.iter().all(|label| line.contains(label.as_str())))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_counted_when_it_ends_by_its_trailers_or_as_cancelled_when_dropped_first() {
+        crate::install_metrics("test");
+        // Ended by its trailers: their status.
+        let mut stream = body(Some("Trailed"), Some("14"));
+        while next_frame(&mut stream).await {}
+        assert_eq!(ended("Trailed", "unavailable"), 1);
+        drop(stream);
+        assert_eq!(ended("Trailed", "cancelled"), 0, "counted twice");
+        // Dropped before its end (the client went away): cancelled.
+        let mut stream = body(Some("Dropped"), Some("0"));
+        assert!(next_frame(&mut stream).await);
+        drop(stream);
+        assert_eq!((ended("Dropped", "cancelled"), ended("Dropped", "ok")), (1, 0));
+        // Ended without a status: not a gRPC ending.
+        let mut stream = body(Some("Bare"), None);
+        while next_frame(&mut stream).await {}
+        assert_eq!(ended("Bare", "unknown"), 1);
+        // A unary call's body passes through uncounted: the three ends above are all.
+        let mut unary = body(None, Some("0"));
+        while next_frame(&mut unary).await {}
+        drop(unary);
+        let all: u64 = crate::render_metrics()
+            .lines()
+            .filter(|line| line.starts_with("switchboard_grpc_server_streams_ended_total{"))
+            .filter(|line| line.contains("service=\"test.Ends\""))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(all, 3);
     }
 }

@@ -4,6 +4,7 @@
 pub const BUILD_INFO: &str = "switchboard_build_info";
 pub const GRPC_SERVER_REQUESTS: &str = "switchboard_grpc_server_requests_total";
 pub const GRPC_SERVER_REQUEST_DURATION: &str = "switchboard_grpc_server_request_duration_seconds";
+pub const GRPC_SERVER_STREAMS_ENDED: &str = "switchboard_grpc_server_streams_ended_total";
 
 // Gateway.
 pub const GATEWAY_CONNECTIONS: &str = "switchboard_gateway_connections";

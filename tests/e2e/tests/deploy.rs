@@ -725,6 +725,7 @@ fn figures_hold(exposition: &Exposition) -> Result<(), Vec<String>> {
     expect("switchboard_gateway_requests_total", &[("type", "invalid")], |v| v == 1.0, "1 (no.such.request)");
     let session = [("service", "switchboard.v1.ChatService"), ("method", "Session"), ("code", "ok")];
     expect("switchboard_grpc_server_requests_total", &session, |v| v == 1.0, "1");
+    expect("switchboard_grpc_server_streams_ended_total", &session, |v| v == 1.0, "1 (it ended with OK)");
     // The router and the store.
     expect("switchboard_router_shards_owned", &[], |v| v == 1024.0, "1024");
     expect("switchboard_router_actors", &[("kind", "queue")], |v| v == 2.0, "2");
