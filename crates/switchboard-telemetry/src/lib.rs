@@ -19,5 +19,5 @@ mod process;
 pub mod trace;
 
 pub use exposition::{install_metrics, metrics_routes, render_metrics, serve_metrics};
-pub use grpc::{GrpcServerLayer, serve_streamed_call};
+pub use grpc::{GrpcServerLayer, GrpcServerService, StreamEnd, serve_streamed_call};
 pub use trace::{TracingGuard, init_tracing};
