@@ -25,7 +25,7 @@ mod session;
 mod ws;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -197,7 +197,7 @@ pub(crate) struct Shared {
     /// True once the gateway drains: every connection is closed (and new ones at once).
     pub(crate) draining: watch::Sender<bool>,
     /// True once the gateway is told it will stop ([`Gateway::leave`]): `/readyz` fails, all else goes on.
-    leaving: std::sync::atomic::AtomicBool,
+    leaving: AtomicBool,
     /// The gRPC health of [`Gateway::grpc_routes`], made `NOT_SERVING` by [`Gateway::leave`].
     grpc_health: Mutex<Vec<tonic_health::server::HealthReporter>>,
 }
@@ -329,7 +329,7 @@ impl Gateway {
             conversation_locks: KeyedLocks::default(),
             group_statuses: Mutex::default(),
             health_check: OnceLock::new(),
-            leaving: std::sync::atomic::AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             grpc_health: Mutex::new(Vec::new()),
             draining: watch::channel(false).0,
         });
@@ -405,7 +405,7 @@ impl Gateway {
     pub fn grpc_routes(&self) -> tonic::service::Routes {
         let (reporter, health) = tonic_health::server::health_reporter();
         self.shared.grpc_health.lock().unwrap_or_else(PoisonError::into_inner).push(reporter.clone());
-        let leaving = self.shared.leaving.load(std::sync::atomic::Ordering::Relaxed);
+        let leaving = self.shared.leaving.load(Ordering::Relaxed);
         tokio::spawn(async move {
             let status =
                 if leaving { tonic_health::ServingStatus::NotServing } else { tonic_health::ServingStatus::Serving };
@@ -428,7 +428,7 @@ impl Gateway {
     /// now on, so that load balancers stop sending it new connections, while it goes on serving every
     /// connection, new ones included, until [`Gateway::drain`]. Call it inside a tokio runtime.
     pub fn leave(&self) {
-        self.shared.leaving.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.leaving.store(true, Ordering::Relaxed);
         let reporters = self.shared.grpc_health.lock().unwrap_or_else(PoisonError::into_inner).clone();
         for reporter in reporters {
             tokio::spawn(async move {
@@ -521,7 +521,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `/readyz`: 503 `leaving` once the gateway was told it will stop, else as `/healthz`.
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+    if shared.leaving.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "leaving: this gateway is shutting down").into_response();
     }
     healthz(State(shared)).await

@@ -120,12 +120,7 @@ where
             // A call that failed answers its status in the headers (trailers-only); a successful unary call
             // answers it in the trailers, after these headers, and a stream when it ends.
             let answered = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.parse::<u8>().ok())
-                    .map(code_name),
+                Ok(response) => grpc_status(response.headers()),
                 Err(_) => Some("unavailable"),
             };
             let code = answered.unwrap_or("ok");
@@ -176,14 +171,14 @@ impl<B: http_body::Body> http_body::Body for StreamEnd<B> {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
+        // A unary call's body, or a stream's once counted, passes through.
+        if this.pending.is_none() {
+            return polled;
+        }
         let code = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
-                trailers
-                    .get("grpc-status")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.parse::<u8>().ok())
-                    .map_or("unknown", code_name)
-            }),
+            Poll::Ready(Some(Ok(frame))) => {
+                frame.trailers_ref().map(|trailers| grpc_status(trailers).unwrap_or("unknown"))
+            }
             // The body failed, or ended without a status: not a gRPC ending.
             Poll::Ready(Some(Err(_)) | None) => Some("unknown"),
             Poll::Pending => None,
@@ -203,6 +198,12 @@ impl<B: http_body::Body> http_body::Body for StreamEnd<B> {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The status code in a response's headers or trailers (`grpc-status`), by name.
+fn grpc_status(headers: &axum::http::HeaderMap) -> Option<&'static str> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.parse::<u8>().ok()?;
+    Some(code_name(code))
 }
 
 fn count_stream_end(service: String, method: String, code: &'static str) {

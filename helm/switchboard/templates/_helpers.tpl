@@ -90,13 +90,19 @@ app.kubernetes.io/component: {{ .role }}
 {{- end -}}
 {{- end -}}
 
+{{/* A URL's Secret and key: the operator's own, or the chart's under `key`.
+     (dict "root" $ "values" .Values.redis "key" "redis-url") */}}
+{{- define "switchboard.urlSecretKeyRef" -}}
+name: {{ default (include "switchboard.secretName" .root) .values.existingSecret }}
+key: {{ ternary .values.existingSecretKey .key (ne .values.existingSecret "") }}
+{{- end -}}
+
 {{/* Redis's URL, for the roles that keep presence in it (gateways and routers). */}}
 {{- define "switchboard.redisEnv" -}}
 - name: SWITCHBOARD_REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ default (include "switchboard.secretName" .) .Values.redis.existingSecret }}
-      key: {{ ternary .Values.redis.existingSecretKey "redis-url" (ne .Values.redis.existingSecret "") }}
+      {{- include "switchboard.urlSecretKeyRef" (dict "root" . "values" .Values.redis "key" "redis-url") | nindent 6 }}
 {{- end -}}
 
 {{/* The environment every role shares. */}}

@@ -39,7 +39,6 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use serde::Deserialize as _;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -218,16 +217,8 @@ impl Pod {
         writeln!(log, "=== {} starts at {} ===", self.name, self.ip)?;
         self.endpoints.set(self, false);
         // Its container: the image's entrypoint with the container's arguments, in its own root, as its user.
-        // Found on this host's PATH (the pod's own PATH is the image's).
-        let chroot = host_program("chroot")?;
-        let child = Command::new(chroot)
-            .arg(format!("--userspec={}", self.user))
-            .arg(self.root())
-            .args(&self.entrypoint)
-            .args(&self.args)
-            .env_clear()
-            .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .current_dir("/")
+        let argv = self.entrypoint.iter().chain(&self.args);
+        let child = in_root(&self.root(), &self.user, argv, &self.env)?
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -340,25 +331,13 @@ async fn run_probe(ip: Ipv4Addr, check: &Check) -> anyhow::Result<()> {
     }
 }
 
-/// A plain HTTP/1.1 GET: the status and the body.
+/// A GET ([`switchboard_e2e::http_get`]): the status code and the body.
 pub async fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    tokio::time::timeout(PROBE_TIMEOUT * 5, async {
-        let mut stream = tokio::net::TcpStream::connect(address).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|status| status.parse().ok())
-            .with_context(|| format!("not an HTTP response: {response:.80}"))?;
-        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-        anyhow::Ok((status, body))
-    })
-    .await
-    .with_context(|| format!("GET http://{address}{path} timed out"))?
+    let (line, body) = tokio::time::timeout(PROBE_TIMEOUT * 5, switchboard_e2e::http_get(address, path))
+        .await
+        .with_context(|| format!("GET http://{address}{path} timed out"))??;
+    let status = line.split(' ').nth(1).and_then(|status| status.parse().ok());
+    Ok((status.with_context(|| format!("not an HTTP status line: {line:.80}"))?, body))
 }
 
 /// The chart's image, built by `deploy/image/build` from the binary under test, checked and unpacked by
@@ -445,8 +424,27 @@ impl Image {
     }
 }
 
+/// `argv` run in `root` (`chroot`) as `user` (`UID:GID`), under `env` alone, from `/`: a container's process.
+pub fn in_root<'a>(
+    root: &Path,
+    user: &str,
+    argv: impl IntoIterator<Item = &'a String>,
+    env: &[(String, String)],
+) -> anyhow::Result<Command> {
+    // Found on this host's PATH (the process's own PATH is the image's).
+    let mut command = Command::new(host_program("chroot")?);
+    command
+        .arg(format!("--userspec={user}"))
+        .arg(root)
+        .args(argv)
+        .env_clear()
+        .envs(env.iter().map(|(key, value)| (key, value)))
+        .current_dir("/");
+    Ok(command)
+}
+
 /// A program on this host's PATH.
-pub fn host_program(name: &str) -> anyhow::Result<PathBuf> {
+fn host_program(name: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
@@ -930,10 +928,6 @@ impl Kubelet {
         Ok(self.manifests.get(kind, name)?.clone())
     }
 
-    pub fn pod_mut(&mut self, name: &str) -> anyhow::Result<&mut Pod> {
-        self.pods.iter_mut().find(|pod| pod.name == name).with_context(|| format!("no pod {name}"))
-    }
-
     /// The pods of a workload (`StatefulSet/NAME`), in order.
     pub fn pods_of(&self, workload: &str) -> Vec<&Pod> {
         self.pods.iter().filter(|pod| pod.workload == workload).collect()
@@ -943,10 +937,6 @@ impl Kubelet {
     pub fn service_address(&self, service: &str, port: u16) -> anyhow::Result<String> {
         let vip = self.vips.get(service).with_context(|| format!("no Service {service} with a cluster IP"))?;
         Ok(format!("{vip}:{port}"))
-    }
-
-    pub fn manifests(&self) -> &Manifests {
-        &self.manifests
     }
 
     /// The last lines of every pod's log, those replaced included.

@@ -452,16 +452,9 @@ async fn the_image_runs_serve_by_default_as_its_user() -> anyhow::Result<()> {
     assert!(image.env.contains(&("SWITCHBOARD_LISTEN".to_owned(), "0.0.0.0:8080".to_owned())), "{:?}", image.env);
     // A container's 0.0.0.0:8080 is its own; here it would be this host's: a free loopback port instead.
     let address = format!("127.0.0.1:{}", switchboard_testservices::free_port()?);
-    let mut command = tokio::process::Command::new(kube::host_program("chroot")?);
+    let mut command = kube::in_root(&image.rootfs, &image.user, image.entrypoint.iter().chain(&image.cmd), &image.env)?;
     command
-        .arg(format!("--userspec={}", image.user))
-        .arg(&image.rootfs)
-        .args(&image.entrypoint)
-        .args(&image.cmd)
-        .env_clear()
-        .envs(image.env.iter().map(|(key, value)| (key, value)))
         .env("SWITCHBOARD_LISTEN", &address)
-        .current_dir("/")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
