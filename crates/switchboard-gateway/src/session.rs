@@ -127,7 +127,8 @@ pub(crate) trait Transport: Send {
     /// Writes out the frames buffered by [`Transport::send`]; false when the client can no longer be written
     /// to.
     fn flush(&mut self) -> impl Future<Output = bool> + Send;
-    /// Ends the connection, telling the client why (the last thing written).
+    /// Ends the connection, telling the client why (the last thing written), and waits a little for the
+    /// client's side of the close where the protocol has one.
     fn close(&mut self, reason: Close) -> impl Future<Output = ()> + Send;
     /// Whether the transport can ask the client to show it is there ([`Transport::ping`]).
     const PINGS: bool = false;

@@ -1,6 +1,8 @@
 //! The WebSocket transport: JSON text frames (`docs/protocol.md`). It only decodes and encodes; the session
 //! does the rest.
 
+use std::time::Duration;
+
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 
@@ -20,6 +22,9 @@ pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_UNRESPONSIVE: u16 = 4009;
 /// Close code for a connection over the gateway's limit of connections (RFC 6455: try again later).
 pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+
+/// How long a closed connection reads on for the client's own close frame.
+const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(crate) struct WsTransport {
     socket: WebSocket,
@@ -98,6 +103,20 @@ impl Transport for WsTransport {
             reason.pop();
         }
         let close = CloseFrame { code, reason: reason.into() };
-        let _ = self.socket.send(Message::Close(Some(close))).await;
+        if self.socket.send(Message::Close(Some(close))).await.is_err() {
+            return;
+        }
+        // RFC 6455 §7.1.1: read on, discarding, until the client's own close, so that the socket is closed with
+        // nothing unread. Unread bytes make the kernel reset the connection, and a client still sending (whose
+        // write then fails on the reset) may never read the close above. A client that does not answer is not
+        // waited for long.
+        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
+            while let Some(Ok(message)) = self.socket.recv().await {
+                if let Message::Close(_) = message {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }

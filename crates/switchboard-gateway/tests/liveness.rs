@@ -3,7 +3,8 @@
 //! disconnected with 4009 and leaves presence (its process hangs, or it stopped reading). gRPC clients are
 //! pinged by HTTP/2 under the same rule; a connection has as long to say which protocol it speaks, and an
 //! HTTP/1.1 request as long for its headers. TCP
-//! keepalive finds the peers that are gone (`tests/e2e/tests/connections.rs`); these are still there.
+//! keepalive finds the peers that are gone (`tests/e2e/tests/connections.rs`); these are still there. A client
+//! closed while it still sends gets its close, not a reset.
 
 mod common;
 
@@ -251,8 +252,31 @@ async fn connections_still_open_past_the_shutdown_grace_are_closed() {
     client.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: switchboard\r\n").await.unwrap();
     let mut quiet = WsClient::connect(&server).await;
     assert_eq!(quiet.ack(json!({ "type": "ping" })).await["type"], "ack");
+    // The WebSocket client reads, as clients do: its stack answers the server's close.
+    let quiet = tokio::spawn(async move { while quiet.read_or_close().await.is_ok() {} });
     let stopping = Instant::now();
     // The WebSocket is drained (its session's to end, not the server's); the half-sent request is not.
     assert_eq!(server.stop_served().await, Served::GaveUp { open: 1 });
+    quiet.await.unwrap();
     open_until_closed(client, stopping).await;
+}
+
+/// A client still sending when the server closes its connection (here at a shutdown; a slow consumer or an
+/// unanswered ping alike) reads the close frame and then an orderly end: the server reads on, discarding, until
+/// the client's own close, as RFC 6455 asks. Closed with bytes unread, the socket would be reset by the kernel,
+/// and a client whose write failed on the reset would never read the close frame before it.
+#[tokio::test]
+async fn a_client_still_sending_when_it_is_closed_gets_the_close_and_an_orderly_end() {
+    let server = Server::start().await;
+    let mut client = WsClient::connect(&server).await;
+    server.gateway.drain();
+    assert_eq!(client.raw_close_code().await, switchboard_gateway::CLOSE_GOING_AWAY);
+    // Requests sent as the close came, then the client's close.
+    for id in 0..20 {
+        let request = format!(r#"{{"id":"late-{id}","type":"ping"}}"#);
+        client.send_raw_frame(0x1, request.as_bytes()).await.expect("the connection was reset as the client sent");
+    }
+    client.send_raw_frame(0x8, &1000u16.to_be_bytes()).await.expect("the connection was reset as the client closed");
+    client.raw_end().await.expect("the connection was reset, not ended in order");
+    server.stop().await;
 }

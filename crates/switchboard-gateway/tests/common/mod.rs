@@ -557,6 +557,73 @@ impl WsClient {
         bytes
     }
 
+    /// Reads the server's frames raw, past tungstenite, until its close frame: that frame's code. Frames that
+    /// tungstenite read already are not among them.
+    pub async fn raw_close_code(&mut self) -> u16 {
+        use tokio::io::AsyncReadExt;
+        let MaybeTlsStream::Plain(stream) = self.socket.get_mut() else { panic!("a plain connection") };
+        let mut bytes = Vec::new();
+        let mut buffer = [0u8; 4096];
+        let read = async {
+            loop {
+                // The server's frames are not masked: a header, a length, the payload.
+                let mut at = 0;
+                while bytes.len() >= at + 2 {
+                    let (opcode, short) = (bytes[at] & 0x0f, usize::from(bytes[at + 1] & 0x7f));
+                    let (header, length) = match short {
+                        126 if bytes.len() >= at + 4 => {
+                            (4, usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])))
+                        }
+                        127 if bytes.len() >= at + 10 => (
+                            10,
+                            usize::try_from(u64::from_be_bytes(bytes[at + 2..at + 10].try_into().unwrap())).unwrap(),
+                        ),
+                        126 | 127 => break,
+                        length => (2, length),
+                    };
+                    if bytes.len() < at + header + length {
+                        break;
+                    }
+                    if opcode == 0x8 {
+                        return u16::from_be_bytes([bytes[at + header], bytes[at + header + 1]]);
+                    }
+                    at += header + length;
+                }
+                let n = stream.read(&mut buffer).await.expect("the connection ended before a close frame");
+                assert!(n > 0, "the connection ended before a close frame");
+                bytes.extend_from_slice(&buffer[..n]);
+            }
+        };
+        tokio::time::timeout(DEADLINE, read).await.expect("a close frame before the deadline")
+    }
+
+    /// Writes a frame raw, past tungstenite (which sends nothing once it has read a close): masked, as a
+    /// client's must be, with a key of zeros. The error when the connection is reset.
+    pub async fn send_raw_frame(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        assert!(payload.len() < 126, "a short frame");
+        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        let MaybeTlsStream::Plain(stream) = self.socket.get_mut() else { panic!("a plain connection") };
+        stream.write_all(&frame).await
+    }
+
+    /// Reads raw until the server ends the connection: `Ok` when it ended it in order (a FIN), the error when
+    /// it reset it.
+    pub async fn raw_end(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let MaybeTlsStream::Plain(stream) = self.socket.get_mut() else { panic!("a plain connection") };
+        let mut buffer = [0u8; 4096];
+        let read = async {
+            loop {
+                if stream.read(&mut buffer).await? == 0 {
+                    return Ok(());
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, read).await.expect("the server ended the connection before the deadline")
+    }
+
     pub async fn send_text(&mut self, text: String) {
         self.socket.send(Message::Text(text.into())).await.unwrap();
     }
