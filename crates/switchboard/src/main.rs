@@ -3,6 +3,7 @@
 
 mod config;
 mod roles;
+mod signals;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,6 +75,9 @@ enum Role {
         /// Where the WebSocket and HTTP endpoints listen.
         #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where `GET /metrics` (Prometheus) is served: a port of its own, not the public one clients reach.
+        #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", default_value = "127.0.0.1:9301")]
+        metrics_listen: SocketAddr,
         /// The store service (for the placement of shards), e.g. http://127.0.0.1:7100.
         #[arg(long, env = "SWITCHBOARD_STORE")]
         store: String,
@@ -113,7 +117,9 @@ fn main() -> anyhow::Result<()> {
                 roles::router(config, roles::RouterArgs { listen, metrics_listen, advertise, store, node_id, leases })
                     .await
             }
-            Role::Gateway { listen, store, gateway_id, .. } => roles::gateway(config, listen, store, gateway_id).await,
+            Role::Gateway { listen, metrics_listen, store, gateway_id, .. } => {
+                roles::gateway(config, roles::GatewayArgs { listen, metrics_listen, store, gateway_id }).await
+            }
         }
     })
 }

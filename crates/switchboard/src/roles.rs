@@ -24,6 +24,7 @@ use switchboard_telemetry::names;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, DEMO_CONFIG};
+use crate::signals::StopSignals;
 
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     let yaml = match path {
@@ -161,6 +162,7 @@ pub async fn store(
     metrics_listen: SocketAddr,
     database_url: String,
 ) -> anyhow::Result<()> {
+    let stop = StopSignals::listen()?;
     let store =
         switchboard_store::open(&database_url, Arc::new(SystemClock)).await.context("cannot open the database")?;
     set_license_limit(&store, &config).await?;
@@ -177,7 +179,7 @@ pub async fn store(
         store.may_fail_until_restart().then(|| tokio::spawn(report_writer_failure(store.clone(), services.health())));
     println!("switchboard store listening on http://{address}");
     info!(%address, backend, "store serving");
-    serve_grpc(listener, services, &ServerSettings::default(), shutdown_signal()).await?;
+    serve_grpc(listener, services, &ServerSettings::default(), async move { stop.first().await }).await?;
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -208,6 +210,7 @@ async fn report_writer_failure(store: switchboard_store::Store, health: Health) 
 /// A router node: joins the cluster through the store, serves its actors over gRPC, and hands its shards
 /// over on SIGTERM.
 pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
+    let stop = StopSignals::listen()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let directory = Arc::new(config.directory()?);
     let leases = args.leases.settings()?;
@@ -268,7 +271,7 @@ pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
     let handover = {
         let router = router.clone();
         async move {
-            shutdown_signal().await;
+            stop.first().await;
             // Hand the shards over first, while the server still answers (with NotOwner) so that gateways
             // move on at once.
             if let Err(error) = router.shutdown().await {
@@ -288,24 +291,36 @@ pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
 }
 
 /// A gateway: WebSocket clients, routed through the cluster client to the routers.
-pub async fn gateway(config: Config, listen: SocketAddr, store: String, gateway_id: String) -> anyhow::Result<()> {
+/// The gateway role's own arguments (the rest is the configuration file's).
+pub struct GatewayArgs {
+    pub listen: SocketAddr,
+    /// `/metrics`, on a port of its own: the public port has none.
+    pub metrics_listen: SocketAddr,
+    pub store: String,
+    pub gateway_id: String,
+}
+
+pub async fn gateway(config: Config, args: GatewayArgs) -> anyhow::Result<()> {
+    let stop = StopSignals::listen()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let directory = Arc::new(config.directory()?);
-    let store = Arc::new(GrpcStore::connect_lazy(&store, ClientSettings::default())?);
+    let store = Arc::new(GrpcStore::connect_lazy(&args.store, ClientSettings::default())?);
     let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
     let cluster = ClusterClient::start(store, Arc::new(connector), ClusterSettings::default());
     let presence = redis_presence(&config)?;
-    let gateway_settings = gateway_settings(&config, gateway_id);
+    let gateway_settings = gateway_settings(&config, args.gateway_id);
     let gateway = Gateway::start(gateway_settings, Arc::new(cluster), directory, presence, clock);
-    let listener = bind(listen).await?;
+    serve_metrics(args.metrics_listen).await?;
+    let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     println!("switchboard gateway listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "gateway serving");
-    serve_gateway(listener, gateway, &config).await
+    serve_gateway(listener, gateway, &config, false, stop).await
 }
 
 /// Every role in one process: store (SQLite), router and gateway, calling each other in-process.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let stop = StopSignals::listen()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let directory = Arc::new(config.directory()?);
     let store = Arc::new(open_store(&config, clock.clone()).await?);
@@ -339,7 +354,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("switchboard listening on http://{address}");
     info!(%address, websocket = %format!("ws://{address}/v1/ws"), "switchboard serving");
-    serve_gateway(listener, gateway, &config).await
+    serve_gateway(listener, gateway, &config, true, stop).await
 }
 
 fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
@@ -357,48 +372,37 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
     }
 }
 
-/// Serves a gateway's WebSocket, HTTP and public gRPC endpoints on one port until SIGTERM/ctrl-c; then fails
-/// `/readyz` while it goes on serving for `limits.drain_delay_ms` (a second signal cuts it short), and drains
-/// its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001), waiting at most
-/// `limits.shutdown_grace_ms` for them to end. A client that reads nothing keeps its HTTP/2 stream open (its
-/// last frames wait for a window that never opens): past the grace its connection is closed.
-async fn serve_gateway(listener: tokio::net::TcpListener, gateway: Gateway, config: &Config) -> anyhow::Result<()> {
-    let routes = gateway.routes().merge(switchboard_telemetry::metrics_routes());
+/// Serves a gateway's WebSocket, HTTP and public gRPC endpoints (and `/metrics`, when `public_metrics`) on one
+/// port until SIGTERM/ctrl-c; then fails `/readyz` while it goes on serving for `limits.drain_delay_ms` (a second
+/// signal cuts it short), and drains its sessions (gRPC streams end with UNAVAILABLE, WebSockets with 1001),
+/// waiting at most `limits.shutdown_grace_ms` for them to end. A client that reads nothing keeps its HTTP/2
+/// stream open (its last frames wait for a window that never opens): past the grace its connection is closed.
+async fn serve_gateway(
+    listener: tokio::net::TcpListener,
+    gateway: Gateway,
+    config: &Config,
+    public_metrics: bool,
+    stop: StopSignals,
+) -> anyhow::Result<()> {
+    let mut routes = gateway.routes();
+    if public_metrics {
+        routes = routes.merge(switchboard_telemetry::metrics_routes());
+    }
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     let delay = Duration::from_millis(config.limits.drain_delay_ms);
     let draining = gateway.clone();
     let shutdown = async move {
-        shutdown_signal().await;
+        stop.first().await;
         draining.leave();
         if !delay.is_zero() {
             info!(?delay, "leaving: /readyz fails, connections are served until the delay ends");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = shutdown_signal() => {}
+                () = stop.nth(2) => {}
             }
         }
         draining.drain();
     };
     gateway.serve(listener, routes, shutdown, grace).await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => {}
-        () = terminate => {}
-    }
-    info!("shutting down");
 }

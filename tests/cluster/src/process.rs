@@ -63,7 +63,7 @@ pub struct Process {
     /// `127.0.0.1:0` before the first start; afterwards the address it got, so that a restart reuses it.
     listen: String,
     address: String,
-    /// `HOST:PORT` of its `/metrics`: the main port for a gateway, a port of its own for the other roles
+    /// `HOST:PORT` of its `/metrics`, a port of its own (`SWITCHBOARD_METRICS_LISTEN`)
     /// (as the last start printed it).
     metrics_address: String,
     child: Option<Child>,

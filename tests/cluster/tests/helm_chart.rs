@@ -364,6 +364,11 @@ async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing
     assert_eq!(refused["max_sessions"], CHATS as u64, "{refused}");
     drop(extra);
 
+    // The gateway Service, which clients (and an Ingress) reach, serves no metrics: the gateways serve them on a
+    // port of their own.
+    let public = kubelet.service_address(&format!("{FULLNAME}-gateway"), 80)?;
+    let (status, _) = kube::http_get(&public, "/metrics").await?;
+    assert_eq!(status, 404, "GET /metrics through the gateway Service");
     // Every pod's metrics are where its annotations say.
     for pod in &kubelet.pods {
         assert_eq!(pod.annotations.get("prometheus.io/scrape").map(String::as_str), Some("true"), "{}", pod.name);

@@ -2,7 +2,8 @@
 //! that `promtool check metrics` passes, and its figures say what happened. A chat between a customer on one
 //! gateway and an agent on the other: each message's latency is recorded by the gateway that delivered it,
 //! the routers together own every shard and hold the chat's actors, the store timed its appends, the
-//! refused request is counted by reason, and every process reports its CPU and memory.
+//! refused request is counted by reason, and every process reports its CPU and memory. Each process serves them on
+//! a port of its own (a gateway's public port has none).
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -163,6 +164,13 @@ async fn every_role_of_the_cluster_serves_metrics_that_lint_clean_and_say_what_h
     };
     for (process, body) in &all {
         promtool_check(body, &format!("{} {}", process.role.as_str(), process.name))?;
+    }
+    // A gateway given a metrics port (`SWITCHBOARD_METRICS_LISTEN`, as the harness gives every process) serves
+    // `/metrics` there only: its public port, the one clients (and an Ingress) reach, has none.
+    for gateway in &cluster.gateways {
+        ensure!(gateway.metrics_address() != gateway.address(), "{}: metrics on the public port", gateway.name);
+        let (status, _) = switchboard_e2e::http_get(gateway.address(), "/metrics").await?;
+        ensure!(status.contains(" 404 "), "{}: /metrics on the public port answered {status}", gateway.name);
     }
     drop((agent, customer, stranger));
     cluster.finish();
