@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Response, Status, Streaming};
 
 use crate::Shared;
+use crate::addresses::{Peer, X_FORWARDED_FOR, client_address};
 use crate::protocol::{self, Ack, ErrorReply, GroupInfo, ListName, PushFrame, Request, SettableStatus};
 use crate::session::{self, Close, Inbound, Outgoing, Transport};
 
@@ -60,6 +61,11 @@ impl pb::chat_service_server::ChatService for ChatGrpc {
         &self,
         request: tonic::Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<SessionStream>, Status> {
+        let client = request.extensions().get::<Peer>().map(|Peer(peer)| {
+            let forwarded_for =
+                request.metadata().get_all(X_FORWARDED_FOR).iter().filter_map(|value| value.to_str().ok());
+            client_address(peer.ip(), forwarded_for, &self.shared.settings.chat_starts_per_address.trusted_proxies)
+        });
         let (frames, written) = mpsc::channel(WRITE_BUFFER);
         let (close, closed) = oneshot::channel();
         let transport = GrpcTransport {
@@ -69,7 +75,7 @@ impl pb::chat_service_server::ChatService for ChatGrpc {
             max_message_bytes: self.shared.settings.max_message_bytes,
         };
         let running = session::Running::new(&self.shared.sessions);
-        tokio::spawn(session::run(self.shared.clone(), transport, running));
+        tokio::spawn(session::run(self.shared.clone(), transport, client, running));
         Ok(Response::new(SessionStream { frames: written, close: Some(closed), closing: None }))
     }
 }

@@ -15,6 +15,7 @@
 //! heartbeat writes every connection again at each tick, so presence is whole again one heartbeat after it
 //! is back.
 
+mod addresses;
 mod admission;
 mod grpc;
 pub mod hub;
@@ -29,9 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{State, WebSocketUpgrade};
-use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
@@ -43,6 +45,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+use crate::addresses::{AddressLimiter, Peer};
+pub use crate::addresses::{AddressLimits, IpNet};
 pub use crate::admission::{REPLY_BYTES_PER_REQUEST, RequestRate};
 pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
@@ -83,6 +87,10 @@ pub struct GatewaySettings {
     /// How many requests each connection may make (frames that are not valid requests included); one over
     /// it is refused `rate_limited` and nothing of it is done.
     pub request_rate: RequestRate,
+    /// How many chats (`chat.start`, and `offline.message`) one client address may start, whatever its
+    /// connections; one over it is refused `rate_limited` and nothing of it is done. Counted only for
+    /// connections served by [`Gateway::serve`], which knows their peers.
+    pub chat_starts_per_address: AddressLimits,
     /// How many client connections (WebSockets and gRPC session streams) the gateway serves at once; one
     /// more is closed as soon as it is open (WebSocket close code 1013, gRPC `UNAVAILABLE`: try again later,
     /// or another gateway). 0: no limit. It bounds the gateway's memory (some 20 KiB per idle connection).
@@ -143,6 +151,7 @@ impl Default for GatewaySettings {
             idle_ping: DEFAULT_IDLE_PING,
             max_followed_chats: DEFAULT_MAX_FOLLOWED_CHATS,
             request_rate: RequestRate::default(),
+            chat_starts_per_address: AddressLimits::default(),
             max_connections: 0,
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
             presence_ttl: None,
@@ -178,6 +187,8 @@ pub(crate) struct Shared {
     pub(crate) next_socket_id: AtomicU64,
     /// The connections served now, against [`GatewaySettings::max_connections`].
     pub(crate) open_connections: Arc<AtomicUsize>,
+    /// The chat starts of each client address, against [`GatewaySettings::chat_starts_per_address`].
+    pub(crate) chat_starts: AddressLimiter,
     /// Sessions running (WebSockets and gRPC session streams, refused ones while they close): a shutdown
     /// waits for them ([`Gateway::serve`]), an upgraded WebSocket being no longer its HTTP server's.
     pub(crate) sessions: watch::Sender<usize>,
@@ -314,6 +325,7 @@ impl Gateway {
         // process but in tests (where the last one started sets it).
         metrics::gauge!(switchboard_telemetry::names::GATEWAY_CONNECTIONS_MAX).set(settings.max_connections as f64);
         let shared = Arc::new(Shared {
+            chat_starts: AddressLimiter::new(&settings.chat_starts_per_address),
             settings,
             gateway_id: gateway_id.clone(),
             router,
@@ -494,7 +506,16 @@ async fn heartbeat(weak: std::sync::Weak<Shared>) {
 /// hundred bytes, and a frame larger than the buffer still arrives whole (the buffer grows for it).
 pub const WS_BUFFER_BYTES: usize = 8 * 1024;
 
-async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> impl IntoResponse {
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> impl IntoResponse {
+    let client = peer.map(|Extension(Peer(peer))| {
+        let forwarded_for = headers.get_all(addresses::X_FORWARDED_FOR).iter().filter_map(|value| value.to_str().ok());
+        addresses::client_address(peer.ip(), forwarded_for, &shared.settings.chat_starts_per_address.trusted_proxies)
+    });
     let max_frame = shared.settings.max_frame_bytes();
     let max_message_bytes = shared.settings.max_message_bytes;
     upgrade
@@ -507,7 +528,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -
         // with it), and a shutdown in between must wait for it.
         .on_upgrade({
             let running = session::Running::new(&shared.sessions);
-            move |socket| session::run(shared, ws::WsTransport::new(socket, max_message_bytes), running)
+            move |socket| session::run(shared, ws::WsTransport::new(socket, max_message_bytes), client, running)
         })
 }
 

@@ -197,8 +197,8 @@ pub struct ErrorReply {
     pub retryable: bool,
     /// `license_exhausted` only: the cluster-wide limit of concurrent chats (an extra field of the frame).
     pub max_sessions: Option<u64>,
-    /// `rate_limited` only: how long to wait before the connection may make a request again, in ms (an
-    /// extra field of the frame).
+    /// `rate_limited` only: how long to wait before the request may be sent again, in ms (an extra field of
+    /// the frame).
     pub retry_after_ms: Option<u64>,
 }
 
@@ -215,6 +215,13 @@ impl ErrorReply {
             "too many requests on this connection (a large answer counts as one request per {per_request_kib} KiB \
              it carries): send it again in {retry_after_ms} ms"
         );
+        ErrorReply { retryable: true, retry_after_ms: Some(retry_after_ms), ..ErrorReply::new("rate_limited", message) }
+    }
+
+    /// The client's address started more chats (or left more offline messages) than the gateway's limit per
+    /// address allows: nothing was done; the same request may be sent again after `retry_after_ms`.
+    pub fn address_rate_limited(retry_after_ms: u64) -> Self {
+        let message = format!("too many chats started from this address: send it again in {retry_after_ms} ms");
         ErrorReply { retryable: true, retry_after_ms: Some(retry_after_ms), ..ErrorReply::new("rate_limited", message) }
     }
 }

@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use crate::addresses::Peer;
 use crate::{Gateway, tune_client_socket};
 
 /// How a [`Gateway::serve`] ended: its HTTP connections (the HTTP/2 ones of gRPC included) and its sessions
@@ -144,7 +146,8 @@ async fn serve_connection(
     };
     let http2 = first.as_slice() == HTTP2_PREFACE;
     let io = TokioIo::new(ReadFirst { first, at: 0, io: tcp });
-    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(routes));
+    let service = WithPeer { peer: Peer(peer), inner: TowerToHyperService::new(routes) };
+    let connection = builder.serve_connection_with_upgrades(io, service);
     let mut connection = std::pin::pin!(connection);
     let mut asked_to_end = false;
     loop {
@@ -162,6 +165,26 @@ async fn serve_connection(
                 }
             }
         }
+    }
+}
+
+/// A connection's service: each request carries the connection's peer in its extensions ([`Peer`], which the
+/// chat starts per address count by).
+struct WithPeer<S> {
+    peer: Peer,
+    inner: S,
+}
+
+impl<S: hyper::service::Service<hyper::Request<Incoming>>> hyper::service::Service<hyper::Request<Incoming>>
+    for WithPeer<S>
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: hyper::Request<Incoming>) -> S::Future {
+        request.extensions_mut().insert(self.peer);
+        self.inner.call(request)
     }
 }
 

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -171,6 +172,8 @@ struct Session<T> {
     /// The bytes written of the answer being written, which the budget is charged for (`None` between
     /// answers: the pushes cost the connection nothing).
     answer_bytes: Option<u64>,
+    /// The client's address, against the chat starts per address.
+    client: Option<IpAddr>,
 }
 
 type Reply = Result<(Ack, Backlog), ErrorReply>;
@@ -264,7 +267,8 @@ impl Drop for Counted {
 
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
 /// `running` counts the session from before its transport existed (an upgrade under way is waited for too).
-pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, running: Running) {
+/// Serves one connection: `client` is the address its chat starts count against (`None`: not counted).
+pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, client: Option<IpAddr>, running: Running) {
     let _running = running;
     let max_connections = shared.settings.max_connections;
     let admitted = Admitted::new(&shared.open_connections, max_connections);
@@ -296,6 +300,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, run
         unflushed_latencies: Vec::new(),
         budget,
         answer_bytes: None,
+        client,
     };
     let welcome = Outgoing::Welcome { max_message_bytes: session.shared.settings.max_message_bytes };
     if session.transport.send(welcome, false).await.is_none() || !session.transport.flush().await {
@@ -794,6 +799,7 @@ impl<T: Transport> Session<T> {
                         format!("idempotency_key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
                     ));
                 }
+                self.take_chat_start()?;
                 let message = OfflineMessage { tenant, group, customer_name, contact, body, reason, idempotency_key };
                 let ticket = router.leave_offline_message(message).await?;
                 answered(Ack::OfflineMessage { ticket })
@@ -900,6 +906,20 @@ impl<T: Transport> Session<T> {
 
     /// Starts a chat; with a `start_key`, the chat's id is derived from it, so that the same start sent
     /// again (its answer lost) is answered with the chat the first one made, wherever it is sent.
+    /// Takes a chat start from the client address's bucket ([`GatewaySettings::chat_starts_per_address`]),
+    /// or refuses the request `rate_limited`.
+    ///
+    /// [`GatewaySettings::chat_starts_per_address`]: crate::GatewaySettings::chat_starts_per_address
+    fn take_chat_start(&self) -> Result<(), ErrorReply> {
+        let (Some(client), true) = (self.client, self.shared.chat_starts.limits()) else {
+            return Ok(());
+        };
+        self.shared.chat_starts.take(client, self.shared.clock.now_us()).map_err(|retry_after_ms| {
+            debug!(%client, retry_after_ms, "a chat start over the address's limit");
+            ErrorReply::address_rate_limited(retry_after_ms)
+        })
+    }
+
     async fn start_chat(
         &mut self,
         widget_key: String,
@@ -915,6 +935,7 @@ impl<T: Transport> Session<T> {
         let group = GroupId::new(group).map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
         let name = check_name(&name)?;
         self.check_body(&question)?;
+        self.take_chat_start()?;
         let (conversation, customer_token) = match start_key {
             Some(key) => (ConversationId::for_start(&tenant, key), customer_token_for_start(&tenant, key)),
             None => (ConversationId::new_v7(self.shared.clock.now_ms()), new_customer_token()),

@@ -1,13 +1,16 @@
 //! What a connection may send, over real WebSockets (and gRPC) and in a test process of its own (the metrics recorder
 //! is the process's): requests over the connection's budget are refused `rate_limited` with how long to
 //! wait, nothing of them is done, and they count as refusals by reason, as does a frame over the size
-//! limit. A gateway serves at most its limit of connections: one more is closed at once, and counted.
+//! limit. A client address starts at most its limit of chats, whatever its connections. A gateway serves at
+//! most its limit of connections: one more is closed at once, and counted.
 
 mod common;
 
-use common::{GrpcClient, Server, WsClient};
-use serde_json::json;
-use switchboard_gateway::{GatewaySettings, RequestRate};
+use common::{GrpcClient, Server, WsClient, chat_start};
+use serde_json::{Value, json};
+use switchboard_gateway::{AddressLimits, GatewaySettings, RequestRate};
+use switchboard_proto::internal::v1::{ListConversationsRequest, ListTicketsRequest};
+use switchboard_proto::store::StoreApi;
 use switchboard_telemetry::names;
 
 /// Held by the tests that are refused `rate_limited`, one of which counts those refusals: the recorder is the
@@ -169,5 +172,80 @@ async fn connections_over_the_gateways_limit_are_closed_at_once_and_counted() {
     let mut cy = admitted.await.expect("a connection served once a slot is free");
     assert_eq!(cy.ack(json!({ "type": "ping" })).await["type"], "ack");
     drop((ann, cy));
+    server.stop().await;
+}
+
+fn start(name: &str) -> Value {
+    json!({ "type": "chat.start", "widget_key": common::WIDGET, "group": "sales", "name": name, "question": "Hi?" })
+}
+
+/// A gateway whose client addresses may start a chat a minute, two at once, behind proxies on `trusted`.
+async fn start_limited(trusted: &[&str]) -> Server {
+    let trusted_proxies = trusted.iter().map(|net| net.parse().unwrap()).collect();
+    let limits = AddressLimits { per_minute: 1, burst: 2, trusted_proxies };
+    Server::start_with(GatewaySettings { chat_starts_per_address: limits, ..Default::default() }).await
+}
+
+/// Chats started from one address count together, whatever the connection and the transport: one over the
+/// limit is refused `rate_limited` with how long to wait, nothing of it done, and counted; so is an offline
+/// message. The peer here (loopback) is no trusted proxy: a header naming another address changes nothing.
+#[tokio::test]
+async fn chat_starts_over_an_addresss_limit_are_refused_whatever_the_connection() {
+    let _counting = RATE_LIMITED.lock().await;
+    switchboard_telemetry::install_metrics("gateway");
+    let rate_limited = refusals("rate_limited");
+    let server = start_limited(&[]).await;
+    let (mut ann, mut bea) = (WsClient::connect(&server).await, WsClient::connect(&server).await);
+    ann.ack(start("Ann")).await;
+    bea.ack(start("Bea")).await;
+
+    let mut cy = GrpcClient::connect(&server).await;
+    let refused = cy.refused(chat_start("Cy", "Hi?")).await;
+    assert_eq!(
+        (refused.code.as_str(), refused.retryable, refused.retry_after_ms),
+        ("rate_limited", true, Some(60_000))
+    );
+    assert!(refused.message.contains("address"), "{refused:?}");
+    let mut dee = WsClient::connect_forwarded(&server, "203.0.113.7").await;
+    let refused = dee.call(start("Dee")).await;
+    assert_eq!((refused["code"].as_str(), refused["retry_after_ms"].as_u64()), (Some("rate_limited"), Some(60_000)));
+    let offline = json!({ "type": "offline.message", "widget_key": common::WIDGET, "group": "sales", "name": "Dee",
+                          "contact": "dee@example.com", "body": "Call me?", "reason": "group_offline",
+                          "idempotency_key": "dee-1" });
+    assert_eq!(dee.call(offline.clone()).await["code"], "rate_limited");
+    assert_eq!(refusals("rate_limited"), rate_limited + 3);
+    // Nothing of them was done: the two chats and no ticket.
+    let all = ListConversationsRequest { tenant_id: "acme".into(), ..Default::default() };
+    let chats = server.store.list_conversations(all).await.unwrap().conversations;
+    assert_eq!(chats.len(), 2, "{chats:?}");
+    assert!(server.store.list_tickets(ListTicketsRequest::default()).await.unwrap().tickets.is_empty());
+
+    // A second later, still refused, and told the rest of the wait; a minute after the first, one more.
+    server.clock.advance_ms(1_000);
+    assert_eq!(dee.call(start("Dee")).await["retry_after_ms"], 59_000);
+    server.clock.advance_ms(59_000);
+    assert_eq!(dee.ack(offline).await["duplicate"], false);
+    assert_eq!(cy.refused(chat_start("Cy", "Hi?")).await.code, "rate_limited");
+    drop((ann, bea, cy, dee));
+    server.stop().await;
+}
+
+/// Behind a trusted proxy (here the loopback peer), each address its `X-Forwarded-For` names has its own
+/// limit, over either transport: the rightmost address not trusted, so that a client cannot choose another by
+/// writing it to the left of its own.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_counts() {
+    let server = start_limited(&["127.0.0.0/8", "::1"]).await;
+    for name in ["Ann", "Bea"] {
+        WsClient::connect_forwarded(&server, "203.0.113.7").await.ack(start(name)).await;
+    }
+    let mut cy = WsClient::connect_forwarded(&server, "203.0.113.7").await;
+    assert_eq!(cy.call(start("Cy")).await["code"], "rate_limited");
+    // A forged address to the left of the client's own changes nothing.
+    let mut forger = GrpcClient::open_forwarded(&server, "198.51.100.2, 203.0.113.7").await;
+    assert_eq!(forger.refused(chat_start("Forger", "Hi?")).await.code, "rate_limited");
+    // Another address, and the proxy itself (no header), have their own.
+    GrpcClient::open_forwarded(&server, "198.51.100.2").await.ack(chat_start("Dee", "Hi?")).await;
+    WsClient::connect(&server).await.ack(start("Eve")).await;
     server.stop().await;
 }

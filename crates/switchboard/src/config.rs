@@ -11,6 +11,7 @@ use serde::Deserialize;
 use switchboard_domain::{
     AgentEntry, AgentId, BusinessHours, Directory, GroupEntry, GroupId, HoursSpec, Routing, TenantEntry, TenantId,
 };
+use switchboard_gateway::{AddressLimits, IpNet};
 
 pub const CONFIG_VERSION: u32 = 1;
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
@@ -124,6 +125,34 @@ pub struct Limits {
     /// more is closed at once (WebSocket 1013, gRPC `UNAVAILABLE`). 0 = no limit.
     #[serde(default)]
     pub max_connections: usize,
+    /// Chats (`chat.start`, `offline.message`) one client address may start a minute on average, at one
+    /// gateway; 0 (the default) = no limit.
+    #[serde(default)]
+    pub chat_starts_per_minute_per_address: u32,
+    /// Chats one client address may start at once, above the average.
+    #[serde(default = "default_chat_start_burst_per_address")]
+    pub chat_start_burst_per_address: u32,
+    /// The proxies (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7`) whose `X-Forwarded-For` names the client address
+    /// the limit above counts; empty (the default): the connection's peer counts.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Limits {
+    /// The chat starts per client address, as the gateway takes them.
+    pub fn address_limits(&self) -> anyhow::Result<AddressLimits> {
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .map(|net| net.parse::<IpNet>())
+            .collect::<Result<_, _>>()
+            .map_err(|error| anyhow::anyhow!("invalid configuration: limits.trusted_proxies: {error}"))?;
+        Ok(AddressLimits {
+            per_minute: self.chat_starts_per_minute_per_address,
+            burst: self.chat_start_burst_per_address,
+            trusted_proxies,
+        })
+    }
 }
 
 impl Default for Limits {
@@ -139,6 +168,9 @@ impl Default for Limits {
             max_followed_chats: default_max_followed_chats(),
             max_connections: 0,
             drain_delay_ms: 0,
+            chat_starts_per_minute_per_address: 0,
+            chat_start_burst_per_address: default_chat_start_burst_per_address(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -223,6 +255,9 @@ fn default_outbound_queue_len() -> usize {
 }
 fn default_requests_per_second() -> u32 {
     switchboard_gateway::RequestRate::default().per_second
+}
+fn default_chat_start_burst_per_address() -> u32 {
+    10
 }
 fn default_request_burst() -> u32 {
     switchboard_gateway::RequestRate::default().burst
@@ -318,6 +353,13 @@ impl Config {
         if config.limits.max_connections > MAX_CONNECTIONS {
             bail!("invalid configuration: limits.max_connections must be at most {MAX_CONNECTIONS} (0: no limit)");
         }
+        if config.limits.chat_starts_per_minute_per_address > 0 && config.limits.chat_start_burst_per_address == 0 {
+            bail!(
+                "invalid configuration: limits.chat_start_burst_per_address must be at least 1 (or \
+                 chat_starts_per_minute_per_address 0: no limit)"
+            );
+        }
+        config.limits.address_limits()?;
         if !(1..=MAX_FOLLOWED_CHATS).contains(&config.limits.max_followed_chats) {
             bail!("invalid configuration: limits.max_followed_chats must be between 1 and {MAX_FOLLOWED_CHATS}");
         }
@@ -462,6 +504,32 @@ mod tests {
         let bad_env = |name: &str| (name == "SWITCHBOARD_MAX_CONNECTIONS").then(|| "many".to_owned());
         let error = format!("{:#}", Config::parse(DEMO_CONFIG, bad_env).unwrap_err());
         assert!(error.contains("SWITCHBOARD_MAX_CONNECTIONS"), "{error}");
+    }
+
+    #[test]
+    fn chat_starts_per_address_unlimited_by_default_and_trusted_proxies_read() {
+        let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().limits.address_limits().unwrap();
+        assert_eq!((defaults.per_minute, defaults.burst, defaults.trusted_proxies.len()), (0, 10, 0));
+        let with = |limits: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\nlimits: {limits}"));
+        let set = Config::parse(
+            &with("{ chat_starts_per_minute_per_address: 6, chat_start_burst_per_address: 3, trusted_proxies: [10.0.0.0/8, '::1'] }"),
+            no_env,
+        )
+        .unwrap()
+        .limits
+        .address_limits()
+        .unwrap();
+        assert_eq!((set.per_minute, set.burst), (6, 3));
+        assert!(set.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(set.trusted_proxies[1].contains("::1".parse().unwrap()));
+        let error = format!("{:#}", Config::parse(&with("{ trusted_proxies: [10.0.0.0/40] }"), no_env).unwrap_err());
+        assert!(error.contains("limits.trusted_proxies") && error.contains("10.0.0.0/40"), "{error}");
+        let error = format!(
+            "{:#}",
+            Config::parse(&with("{ chat_starts_per_minute_per_address: 6, chat_start_burst_per_address: 0 }"), no_env)
+                .unwrap_err()
+        );
+        assert!(error.contains("limits.chat_start_burst_per_address"), "{error}");
     }
 
     #[test]

@@ -560,3 +560,21 @@ async fn random_frames_each_get_exactly_one_answer() -> anyhow::Result<()> {
     assert_healthy(&mut server);
     Ok(())
 }
+
+/// `serve` limits the chats one client address starts as its configuration says: from this address a second
+/// chat in the same minute is refused `rate_limited`, on a new connection too, and nothing of it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_started_from_one_address_are_limited_as_configured() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let limits = "limits:\n  chat_starts_per_minute_per_address: 1\n  chat_start_burst_per_address: 1\n";
+    let mut server = Server::start(&SEED_CONFIG.replace("limits:\n", limits), data.path()).await?;
+    let url = server.ws_url();
+    let (_ann, chat, _) = Client::start_chat(&url, WIDGET, "g1", "Ann", "hello?").await?;
+    let mut bea = Client::connect(&url).await?;
+    let start = json!({ "widget_key": WIDGET, "group": "g1", "name": "Bea", "question": "me too?" });
+    assert_eq!(bea.refused("chat.start", start).await?, "rate_limited");
+    let mut agent = Client::sign_in(&url, "token-agent-a").await?;
+    assert_eq!(waiting(&agent.ok("queue.list", json!({})).await?), [chat.as_str()]);
+    assert_healthy(&mut server);
+    Ok(())
+}

@@ -245,9 +245,22 @@ impl GrpcClient {
 
     /// Opens a session stream, and reads the welcome; else the status the stream ended with.
     pub async fn try_open(channel: Channel) -> Result<GrpcClient, Status> {
+        GrpcClient::try_open_forwarded(channel, None).await
+    }
+
+    /// A session stream whose call says, as a proxy would, that it forwards `forwarded_for`.
+    pub async fn open_forwarded(server: &Server, forwarded_for: &str) -> GrpcClient {
+        GrpcClient::try_open_forwarded(server.channel().await, Some(forwarded_for)).await.expect("a welcome")
+    }
+
+    async fn try_open_forwarded(channel: Channel, forwarded_for: Option<&str>) -> Result<GrpcClient, Status> {
         let (sender, requests) = mpsc::channel(1024);
         let mut client = ChatServiceClient::new(channel);
-        let frames = client.session(ReceiverStream::new(requests)).await?.into_inner();
+        let mut call = tonic::Request::new(ReceiverStream::new(requests));
+        if let Some(forwarded_for) = forwarded_for {
+            call.metadata_mut().insert("x-forwarded-for", forwarded_for.parse().unwrap());
+        }
+        let frames = client.session(call).await?.into_inner();
         let mut client = GrpcClient {
             sender: Some(sender),
             frames,
@@ -482,6 +495,17 @@ impl WsClient {
         let welcome = client.read_or_close().await?;
         assert_eq!(welcome["type"], "welcome");
         Ok(client)
+    }
+
+    /// A connection whose handshake says, as a proxy's would, that it forwards `forwarded_for`.
+    pub async fn connect_forwarded(server: &Server, forwarded_for: &str) -> WsClient {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = server.ws_url().into_client_request().unwrap();
+        request.headers_mut().insert("x-forwarded-for", forwarded_for.parse().unwrap());
+        let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut client = WsClient { socket, pushes: VecDeque::new(), statuses: VecDeque::new(), next_id: 0 };
+        assert_eq!(client.read().await.expect("a welcome")["type"], "welcome");
+        client
     }
 
     /// A connection whose socket buffers little, for a client that stops reading.
