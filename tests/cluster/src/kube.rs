@@ -600,6 +600,25 @@ async fn serve_service(
     Ok(tasks)
 }
 
+/// One workload's rolling update under way ([`Kubelet::begin_rollout`]).
+pub struct Rollout {
+    pub workload: String,
+    /// The pods still to replace, in turn, each with its successor's name.
+    todo: std::collections::VecDeque<(Pod, String)>,
+    /// The successors, ready.
+    done: Vec<Pod>,
+    /// The pods replaced (and a successor that failed).
+    gone: Vec<Pod>,
+}
+
+/// One pod replaced by a rollout: its name, its successor's, and how it exited.
+#[derive(Debug)]
+pub struct Rolled {
+    pub old: String,
+    pub new: String,
+    pub status: ExitStatus,
+}
+
 /// Every pod of the rendered workloads, run on loopback, and their Services.
 pub struct Kubelet {
     manifests: Manifests,
@@ -889,38 +908,86 @@ impl Kubelet {
         Ok(())
     }
 
-    /// A StatefulSet's rolling update of one pod: stopped (the exit status), then made again under its name
-    /// (with a new address, as a new pod gets), ready before this returns.
-    pub async fn roll_stateful(&mut self, name: &str) -> anyhow::Result<ExitStatus> {
-        let index = self.pods.iter().position(|pod| pod.name == name).with_context(|| format!("no pod {name}"))?;
-        let workload_name = self.pods[index].workload.clone();
-        ensure!(workload_name.starts_with("StatefulSet/"), "{name} is not a StatefulSet's pod");
-        let status = self.pods[index].terminate().await?;
-        let workload = self.workload(&workload_name)?;
-        let mut pod = self.plan(&workload_name, &workload, name, next_ip()?)?;
-        pod.spawn()?;
-        pod.wait_ready().await?;
-        let old = std::mem::replace(&mut self.pods[index], pod);
-        self.gone.push(old);
-        Ok(status)
+    /// Takes the pods of `workload` (`Kind/NAME`) out of the kubelet for a rolling update, so that several
+    /// workloads roll at once, as `helm upgrade` rolls them: roll its pods with [`Kubelet::roll_next`], then
+    /// give them back with [`Kubelet::end_rollout`] (whatever happened: the pods' logs are the kubelet's).
+    /// A StatefulSet's pods are replaced from the highest ordinal down, each under its own name; a
+    /// Deployment's one at a time, each by a pod with a new name.
+    pub fn begin_rollout(&mut self, workload: &str) -> anyhow::Result<Rollout> {
+        let (taken, kept): (Vec<Pod>, Vec<Pod>) =
+            std::mem::take(&mut self.pods).into_iter().partition(|pod| pod.workload == workload);
+        self.pods = kept;
+        ensure!(!taken.is_empty(), "no pods of {workload}");
+        let todo = match workload.split_once('/') {
+            Some(("StatefulSet", _)) => {
+                let ordinal = |pod: &Pod| pod.name.rsplit('-').next().and_then(|n| n.parse::<u32>().ok());
+                let mut todo: Vec<(Pod, String)> = taken
+                    .into_iter()
+                    .map(|pod| {
+                        let name = pod.name.clone();
+                        (pod, name)
+                    })
+                    .collect();
+                todo.sort_by_key(|(pod, _)| std::cmp::Reverse(ordinal(pod)));
+                todo
+            }
+            Some(("Deployment", deployment)) => {
+                let deployment = deployment.to_owned();
+                taken.into_iter().map(|pod| (pod, self.next_deployment_pod(&deployment))).collect()
+            }
+            _ => bail!("{workload}: not Deployment/NAME or StatefulSet/NAME"),
+        };
+        Ok(Rollout { workload: workload.to_owned(), todo: todo.into(), done: Vec::new(), gone: Vec::new() })
     }
 
-    /// A Deployment's rolling update of one pod (its default surge: the new pod first): a new pod, new name
-    /// and address, ready; then the old one stopped. The new pod's name and the old one's exit status.
-    pub async fn roll_deployment(&mut self, name: &str) -> anyhow::Result<(String, ExitStatus)> {
-        let index = self.pods.iter().position(|pod| pod.name == name).with_context(|| format!("no pod {name}"))?;
-        let workload_name = self.pods[index].workload.clone();
-        let deployment =
-            workload_name.strip_prefix("Deployment/").with_context(|| format!("{name}: not a Deployment's"))?;
-        let new_name = self.next_deployment_pod(deployment);
-        let workload = self.workload(&workload_name)?;
-        let mut pod = self.plan(&workload_name, &workload, &new_name, next_ip()?)?;
+    /// Replaces the next pod of the rollout: a StatefulSet's pod is stopped, then made again under its name
+    /// (at a new address, as a new pod gets it), ready; a Deployment's gets a new pod (its default surge: the
+    /// new pod first), ready, then is stopped. `None` once every pod was replaced.
+    pub async fn roll_next(&self, rollout: &mut Rollout) -> anyhow::Result<Option<Rolled>> {
+        let Some((mut old, name)) = rollout.todo.pop_front() else {
+            return Ok(None);
+        };
+        let mut new = None;
+        let replaced = self.replace(&rollout.workload, &mut old, &name, &mut new).await;
+        let old_name = old.name.clone();
+        rollout.gone.push(old);
+        match (replaced, new) {
+            (Ok(status), Some(new)) => {
+                rollout.done.push(new);
+                Ok(Some(Rolled { old: old_name, new: name, status }))
+            }
+            (result, new) => {
+                rollout.gone.extend(new);
+                Err(result.err().unwrap_or_else(|| anyhow::anyhow!("{old_name} was not replaced")))
+            }
+        }
+    }
+
+    async fn replace(
+        &self,
+        workload_name: &str,
+        old: &mut Pod,
+        name: &str,
+        new: &mut Option<Pod>,
+    ) -> anyhow::Result<ExitStatus> {
+        let workload = self.workload(workload_name)?;
+        let stateful = workload_name.starts_with("StatefulSet/");
+        let stopped = if stateful { Some(old.terminate().await?) } else { None };
+        let pod = new.insert(self.plan(workload_name, &workload, name, next_ip()?)?);
         pod.spawn()?;
         pod.wait_ready().await?;
-        let status = self.pods[index].terminate().await?;
-        let old = std::mem::replace(&mut self.pods[index], pod);
-        self.gone.push(old);
-        Ok((new_name, status))
+        match stopped {
+            Some(status) => Ok(status),
+            None => old.terminate().await,
+        }
+    }
+
+    /// Gives a rollout's pods back to the kubelet: the new ones, those not replaced, and the old ones (as
+    /// replaced pods, for their logs).
+    pub fn end_rollout(&mut self, rollout: Rollout) {
+        self.pods.extend(rollout.done);
+        self.pods.extend(rollout.todo.into_iter().map(|(pod, _)| pod));
+        self.gone.extend(rollout.gone);
     }
 
     fn workload(&self, workload_name: &str) -> anyhow::Result<Value> {
@@ -930,7 +997,10 @@ impl Kubelet {
 
     /// The pods of a workload (`StatefulSet/NAME`), in order.
     pub fn pods_of(&self, workload: &str) -> Vec<&Pod> {
-        self.pods.iter().filter(|pod| pod.workload == workload).collect()
+        let mut pods: Vec<&Pod> = self.pods.iter().filter(|pod| pod.workload == workload).collect();
+        // By name, a longer name later: a StatefulSet's by ordinal, a Deployment's as they were made.
+        pods.sort_by(|a, b| (a.name.len(), &a.name).cmp(&(b.name.len(), &b.name)));
+        pods
     }
 
     /// `CLUSTER_IP:PORT` of a Service's port, as a client in the cluster reaches it.

@@ -4,7 +4,8 @@
 //! `deploy/image/build` makes of the binary under test, over a real
 //! PostgreSQL and Redis, make a cluster whose chats flow through its Services, whose license holds at the
 //! number the values give, whose metrics are where its pods' annotations say, which loses nothing
-//! acknowledged through a rolling restart of every workload, and whose pods all stop within their grace.
+//! acknowledged through a rolling restart of every workload (the three at once, as `helm upgrade` rolls them),
+//! and whose pods all stop within their grace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -312,6 +313,29 @@ async fn assert_advertised(db: &Db, kubelet: &Kubelet) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rolls every pod of `rollout` in turn, checking after each step that the pod stopped exited cleanly, that
+/// a router back under its name owns shards again, and that every conversation goes on. The steps made.
+async fn roll(
+    kubelet: &Kubelet,
+    rollout: &mut kube::Rollout,
+    db: &Db,
+    live: &BTreeSet<String>,
+    log: &ClientLog,
+) -> anyhow::Result<usize> {
+    let router = rollout.workload.starts_with("StatefulSet/");
+    let mut steps = 0;
+    while let Some(kube::Rolled { old, new, status }) = kubelet.roll_next(rollout).await? {
+        ensure!(status.success(), "{old} exited with {status} on SIGTERM");
+        if router {
+            wait_for_placement(db, live, Some(&new)).await?;
+        }
+        wait_continued(log, &format!("every conversation goes on after {old} gave way to {new}"), Instant::now())
+            .await?;
+        steps += 1;
+    }
+    Ok(steps)
+}
+
 async fn wait_continued(log: &ClientLog, what: &str, since: Instant) -> anyhow::Result<()> {
     log.wait_until(what, FLOW_DEADLINE, |data| data.continued_after(since).len() >= CHATS).await.with_context(|| {
         let failures = log.read(|data| data.failures.clone());
@@ -390,36 +414,37 @@ async fn the_charts_pods_make_a_cluster_that_holds_its_license_and_loses_nothing
         }
     }
 
-    // A rolling update of every workload under traffic, one pod at a time as Kubernetes rolls them: the
-    // routers from the highest ordinal down, each stopped with SIGTERM then made again under its name (at a
-    // new address); then the stores and the gateways, each replaced by a new pod (a new name: a new gateway
-    // id) ready before the old one is stopped. Every stopped pod must exit cleanly within its grace period,
-    // and after each step every conversation must go on.
+    // A rolling update of every workload under traffic, as `helm upgrade` makes it: the three workloads at
+    // once, each one pod at a time as Kubernetes rolls it: the routers from the highest ordinal down, each
+    // stopped with SIGTERM then made again under its name (at a new address); the stores and the gateways,
+    // each replaced by a new pod (a new name: a new gateway id) ready before the old one is stopped. Every
+    // stopped pod must exit cleanly within its grace period, and after each step every conversation must go
+    // on.
     let conversations: Vec<String> = chats.iter().map(|chat| chat.conversation.clone()).collect();
     let participants = chats.into_iter().flat_map(|chat| [chat.customer, chat.agent]).collect();
     let traffic = Traffic::start(participants, PACE, 2_000);
     wait_continued(&log, "traffic flows", traffic.started).await?;
-    let mut steps = 0;
-    for name in routers.iter().rev() {
-        let status = kubelet.roll_stateful(name).await?;
-        assert!(status.success(), "{name} exited with {status} on SIGTERM");
-        // Back under its name, it owns shards again.
-        wait_for_placement(&db, &live, Some(name)).await?;
-        wait_continued(&log, &format!("every conversation goes on after {name} came back"), Instant::now()).await?;
-        steps += 1;
+    let mut rollouts = Vec::new();
+    for workload in [
+        format!("StatefulSet/{FULLNAME}-router"),
+        format!("Deployment/{FULLNAME}-store"),
+        format!("Deployment/{FULLNAME}-gateway"),
+    ] {
+        rollouts.push(kubelet.begin_rollout(&workload)?);
     }
+    let rolled = {
+        let [routers, stores, gateways] = &mut rollouts[..] else { unreachable!("three workloads") };
+        tokio::join!(
+            roll(&kubelet, routers, &db, &live, &log),
+            roll(&kubelet, stores, &db, &live, &log),
+            roll(&kubelet, gateways, &db, &live, &log)
+        )
+    };
+    for rollout in rollouts {
+        kubelet.end_rollout(rollout);
+    }
+    let steps = rolled.0? + rolled.1? + rolled.2?;
     assert_advertised(&db, &kubelet).await?;
-    for role in ["store", "gateway"] {
-        let old: Vec<String> =
-            kubelet.pods_of(&format!("Deployment/{FULLNAME}-{role}")).iter().map(|pod| pod.name.clone()).collect();
-        for name in old {
-            let (new, status) = kubelet.roll_deployment(&name).await?;
-            assert!(status.success(), "{name} exited with {status} on SIGTERM");
-            wait_continued(&log, &format!("every conversation goes on after {name} gave way to {new}"), Instant::now())
-                .await?;
-            steps += 1;
-        }
-    }
 
     let mut participants = traffic.stop().await?;
     let failures = log.read(|data| data.failures.clone());
