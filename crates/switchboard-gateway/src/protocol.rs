@@ -200,11 +200,22 @@ pub struct ErrorReply {
     /// `rate_limited` only: how long to wait before the request may be sent again, in ms (an extra field of
     /// the frame).
     pub retry_after_ms: Option<u64>,
+    /// The `reason` the refusal is counted under (`switchboard_gateway_refusals_total`): the code, but where
+    /// one code has several causes an SRE tells apart (`address_rate_limited`: a client address's chat starts,
+    /// not a connection's requests). Not sent.
+    pub reason: &'static str,
 }
 
 impl ErrorReply {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        ErrorReply { code, message: message.into(), retryable: false, max_sessions: None, retry_after_ms: None }
+        ErrorReply {
+            code,
+            message: message.into(),
+            retryable: false,
+            max_sessions: None,
+            retry_after_ms: None,
+            reason: code,
+        }
     }
 
     /// The connection made more requests than its budget allows: nothing was done; the same request may be
@@ -222,7 +233,12 @@ impl ErrorReply {
     /// address allows: nothing was done; the same request may be sent again after `retry_after_ms`.
     pub fn address_rate_limited(retry_after_ms: u64) -> Self {
         let message = format!("too many chats started from this address: send it again in {retry_after_ms} ms");
-        ErrorReply { retryable: true, retry_after_ms: Some(retry_after_ms), ..ErrorReply::new("rate_limited", message) }
+        ErrorReply {
+            retryable: true,
+            retry_after_ms: Some(retry_after_ms),
+            reason: "address_rate_limited",
+            ..ErrorReply::new("rate_limited", message)
+        }
     }
 }
 
@@ -258,7 +274,7 @@ impl From<RouterError> for ErrorReply {
             RouterError::Refused(Refusal::LicenseExhausted { max_sessions }) => Some(*max_sessions),
             _ => None,
         };
-        ErrorReply { code, message, retryable, max_sessions, retry_after_ms: None }
+        ErrorReply { code, message, retryable, max_sessions, retry_after_ms: None, reason: code }
     }
 }
 

@@ -399,7 +399,7 @@ fn role_label(role: Option<&Role>) -> &'static str {
 
 /// Counts a refused request by its error code.
 fn count_refusal(error: &ErrorReply) {
-    metrics::counter!(names::GATEWAY_REFUSALS, "reason" => error.code).increment(1);
+    metrics::counter!(names::GATEWAY_REFUSALS, "reason" => error.reason).increment(1);
 }
 
 /// Resolves `timeout` after it is first polled: a write that completes at once (nearly every one) leaves it

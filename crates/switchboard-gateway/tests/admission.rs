@@ -193,7 +193,7 @@ async fn start_limited(trusted: &[&str]) -> Server {
 async fn chat_starts_over_an_addresss_limit_are_refused_whatever_the_connection() {
     let _counting = RATE_LIMITED.lock().await;
     switchboard_telemetry::install_metrics("gateway");
-    let rate_limited = refusals("rate_limited");
+    let (rate_limited, address_limited) = (refusals("rate_limited"), refusals("address_rate_limited"));
     let server = start_limited(&[]).await;
     let (mut ann, mut bea) = (WsClient::connect(&server).await, WsClient::connect(&server).await);
     ann.ack(start("Ann")).await;
@@ -213,7 +213,9 @@ async fn chat_starts_over_an_addresss_limit_are_refused_whatever_the_connection(
                           "contact": "dee@example.com", "body": "Call me?", "reason": "group_offline",
                           "idempotency_key": "dee-1" });
     assert_eq!(dee.call(offline.clone()).await["code"], "rate_limited");
-    assert_eq!(refusals("rate_limited"), rate_limited + 3);
+    // Counted apart from a connection's requests over its budget.
+    assert_eq!(refusals("address_rate_limited"), address_limited + 3);
+    assert_eq!(refusals("rate_limited"), rate_limited);
     // Nothing of them was done: the two chats and no ticket.
     let all = ListConversationsRequest { tenant_id: "acme".into(), ..Default::default() };
     let chats = server.store.list_conversations(all).await.unwrap().conversations;
@@ -235,6 +237,7 @@ async fn chat_starts_over_an_addresss_limit_are_refused_whatever_the_connection(
 /// writing it to the left of its own.
 #[tokio::test]
 async fn behind_a_trusted_proxy_the_forwarded_address_counts() {
+    let _counting = RATE_LIMITED.lock().await;
     let server = start_limited(&["127.0.0.0/8", "::1"]).await;
     for name in ["Ann", "Bea"] {
         WsClient::connect_forwarded(&server, "203.0.113.7").await.ack(start(name)).await;
