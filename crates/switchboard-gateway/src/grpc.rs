@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Response, Status, Streaming};
 
 use crate::Shared;
-use crate::addresses::{Peer, X_FORWARDED_FOR, client_address};
+use crate::addresses::{Peer, X_FORWARDED_FOR};
 use crate::protocol::{self, Ack, ErrorReply, GroupInfo, ListName, PushFrame, Request, SettableStatus};
 use crate::session::{self, Close, Inbound, Outgoing, Transport};
 
@@ -61,11 +61,8 @@ impl pb::chat_service_server::ChatService for ChatGrpc {
         &self,
         request: tonic::Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let client = request.extensions().get::<Peer>().map(|Peer(peer)| {
-            let forwarded_for =
-                request.metadata().get_all(X_FORWARDED_FOR).iter().filter_map(|value| value.to_str().ok());
-            client_address(peer.ip(), forwarded_for, &self.shared.settings.chat_starts_per_address.trusted_proxies)
-        });
+        let forwarded_for = request.metadata().get_all(X_FORWARDED_FOR).iter().filter_map(|value| value.to_str().ok());
+        let client = self.shared.client_address(request.extensions().get::<Peer>().copied(), forwarded_for);
         let (frames, written) = mpsc::channel(WRITE_BUFFER);
         let (close, closed) = oneshot::channel();
         let transport = GrpcTransport {

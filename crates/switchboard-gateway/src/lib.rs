@@ -214,6 +214,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The address a connection's chat starts count against: its peer's, or the one its trusted proxy names
+    /// (`addresses`); `None` without a peer (routes served other than by [`Gateway::serve`]).
+    pub(crate) fn client_address<'a>(
+        &self,
+        peer: Option<Peer>,
+        forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
+    ) -> Option<std::net::IpAddr> {
+        let trusted = &self.settings.chat_starts_per_address.trusted_proxies;
+        peer.map(|Peer(peer)| addresses::client_address(peer.ip(), forwarded_for, trusted))
+    }
+
     /// The presence session id of a connection.
     pub(crate) fn session_id(&self, socket: SocketId) -> String {
         format!("{}/{}/{socket}", self.gateway_id.0, self.boot_id)
@@ -512,10 +523,8 @@ async fn upgrade(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> impl IntoResponse {
-    let client = peer.map(|Extension(Peer(peer))| {
-        let forwarded_for = headers.get_all(addresses::X_FORWARDED_FOR).iter().filter_map(|value| value.to_str().ok());
-        addresses::client_address(peer.ip(), forwarded_for, &shared.settings.chat_starts_per_address.trusted_proxies)
-    });
+    let forwarded_for = headers.get_all(addresses::X_FORWARDED_FOR).iter().filter_map(|value| value.to_str().ok());
+    let client = shared.client_address(peer.map(|Extension(peer)| peer), forwarded_for);
     let max_frame = shared.settings.max_frame_bytes();
     let max_message_bytes = shared.settings.max_message_bytes;
     upgrade

@@ -266,8 +266,8 @@ impl Drop for Counted {
 }
 
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
-/// `running` counts the session from before its transport existed (an upgrade under way is waited for too).
-/// Serves one connection: `client` is the address its chat starts count against (`None`: not counted).
+/// `running` counts the session from before its transport existed (an upgrade under way is waited for too);
+/// `client` is the address its chat starts count against (`None`: not counted).
 pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, client: Option<IpAddr>, running: Running) {
     let _running = running;
     let max_connections = shared.settings.max_connections;
@@ -904,8 +904,6 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    /// Starts a chat; with a `start_key`, the chat's id is derived from it, so that the same start sent
-    /// again (its answer lost) is answered with the chat the first one made, wherever it is sent.
     /// Takes a chat start from the client address's bucket ([`GatewaySettings::chat_starts_per_address`]),
     /// or refuses the request `rate_limited`.
     ///
@@ -920,6 +918,8 @@ impl<T: Transport> Session<T> {
         })
     }
 
+    /// Starts a chat; with a `start_key`, the chat's id is derived from it, so that the same start sent
+    /// again (its answer lost) is answered with the chat the first one made, wherever it is sent.
     async fn start_chat(
         &mut self,
         widget_key: String,
