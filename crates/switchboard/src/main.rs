@@ -56,9 +56,14 @@ enum Role {
         /// Where `GET /metrics` (Prometheus) is served.
         #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", default_value = "127.0.0.1:9201")]
         metrics_listen: SocketAddr,
-        /// The address other nodes and the gateways reach this node at; by default http://LISTEN.
+        /// The address other nodes and the gateways reach this node at; by default http://LISTEN, or
+        /// http://ADVERTISE_IP:PORT with --advertise-ip.
         #[arg(long, env = "SWITCHBOARD_ADVERTISE")]
         advertise: Option<String>,
+        /// This node's IP address (IPv4 or IPv6) as the others reach it (a pod's IP), advertised with the port it
+        /// listens on: http://10.1.2.3:7200, http://[fd00::7]:7200. --advertise, when given, wins.
+        #[arg(long, env = "SWITCHBOARD_ADVERTISE_IP")]
+        advertise_ip: Option<std::net::IpAddr>,
         /// The store service, e.g. http://127.0.0.1:7100.
         #[arg(long, env = "SWITCHBOARD_STORE")]
         store: String,
@@ -113,9 +118,10 @@ fn main() -> anyhow::Result<()> {
             Role::Store { listen, metrics_listen, database_url, .. } => {
                 roles::store(config, listen, metrics_listen, database_url).await
             }
-            Role::Router { listen, metrics_listen, advertise, store, node_id, leases, .. } => {
-                roles::router(config, roles::RouterArgs { listen, metrics_listen, advertise, store, node_id, leases })
-                    .await
+            Role::Router { listen, metrics_listen, advertise, advertise_ip, store, node_id, leases, .. } => {
+                let args =
+                    roles::RouterArgs { listen, metrics_listen, advertise, advertise_ip, store, node_id, leases };
+                roles::router(config, args).await
             }
             Role::Gateway { listen, metrics_listen, store, gateway_id, .. } => {
                 roles::gateway(config, roles::GatewayArgs { listen, metrics_listen, store, gateway_id }).await

@@ -119,6 +119,7 @@ pub struct RouterArgs {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub advertise: Option<String>,
+    pub advertise_ip: Option<std::net::IpAddr>,
     pub store: String,
     pub node_id: String,
     pub leases: LeaseArgs,
@@ -209,6 +210,12 @@ async fn report_writer_failure(store: switchboard_store::Store, health: Health) 
 
 /// A router node: joins the cluster through the store, serves its actors over gRPC, and hands its shards
 /// over on SIGTERM.
+/// The URL a router advertises: `advertise` as given; else its IP's with the port it listens on (an IPv6
+/// address in brackets); else the address it listens on.
+fn advertised(advertise: Option<String>, ip: Option<std::net::IpAddr>, listening: SocketAddr) -> String {
+    advertise.unwrap_or_else(|| format!("http://{}", SocketAddr::new(ip.unwrap_or(listening.ip()), listening.port())))
+}
+
 pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
     let stop = StopSignals::listen()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -218,7 +225,7 @@ pub async fn router(config: Config, args: RouterArgs) -> anyhow::Result<()> {
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     serve_metrics(args.metrics_listen).await?;
-    let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{address}"));
+    let advertise = advertised(args.advertise.clone(), args.advertise_ip, address);
     let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
     let cluster = ClusterClient::start(store.clone(), Arc::new(connector), ClusterSettings::default());
     let presence = redis_presence(&config)?;
@@ -407,4 +414,22 @@ async fn serve_gateway(
     };
     gateway.serve(listener, routes, shutdown, grace).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_router_advertises_its_ip_with_its_port_or_what_it_is_told() {
+        let listening: SocketAddr = "0.0.0.0:7200".parse().unwrap();
+        let ip = |text: &str| Some(text.parse().unwrap());
+        assert_eq!(advertised(None, ip("10.1.2.3"), listening), "http://10.1.2.3:7200");
+        assert_eq!(advertised(None, ip("fd00::7"), "[::]:7200".parse().unwrap()), "http://[fd00::7]:7200");
+        assert_eq!(
+            advertised(Some("http://router-0.routers:7200".into()), ip("10.1.2.3"), listening),
+            "http://router-0.routers:7200"
+        );
+        assert_eq!(advertised(None, None, "127.0.0.1:7201".parse().unwrap()), "http://127.0.0.1:7201");
+    }
 }

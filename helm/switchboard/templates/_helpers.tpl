@@ -50,6 +50,12 @@ app.kubernetes.io/component: {{ .role }}
 {{- end -}}
 
 {{/* The store's address, as the routers and gateways are told it. */}}
+{{- /* HOST:PORT of a listen address (`.Values.listenAddress`; an IPv6 address in brackets) and a port. */ -}}
+{{- define "switchboard.listen" -}}
+{{- $address := .root.Values.listenAddress -}}
+{{- if contains ":" $address -}}[{{ $address }}]{{- else -}}{{ $address }}{{- end -}}:{{ .port }}
+{{- end }}
+
 {{- define "switchboard.storeUrl" -}}
 {{- printf "http://%s-store:%d" (include "switchboard.fullname" .) (int .Values.store.port) -}}
 {{- end -}}

@@ -223,6 +223,23 @@ fn the_chart_lints_and_ships_the_rules_and_dashboards_of_deploy_as_they_are() ->
         let config = pod["volumes"].as_array().context("no volumes")?.iter().find(|volume| volume["name"] == "config");
         assert_eq!(config.context("no config volume")?["secret"]["secretName"], "tenants", "{role}");
     }
+
+    // An IPv6 pod network: every listen address is one the binary reads ([::]:PORT), and the routers
+    // advertise their pod's IP, whichever family it is (the binary brackets an IPv6 one).
+    let ipv6 = write_values(dir.path(), "ipv6.yaml", &json!({ "listenAddress": "::" }))?;
+    let manifests = Manifests::render(RELEASE, NAMESPACE, &[&example_values(), &ipv6])?;
+    for (kind, role) in [("Deployment", "gateway"), ("StatefulSet", "router"), ("Deployment", "store")] {
+        let container = container(&manifests, kind, role)?;
+        for name in ["SWITCHBOARD_LISTEN", "SWITCHBOARD_METRICS_LISTEN"] {
+            let value = env_of(container, name).with_context(|| format!("{role}: no {name}"))?["value"].clone();
+            let address: std::net::SocketAddr =
+                value.as_str().context("not a string")?.parse().with_context(|| format!("{role} {name}: {value}"))?;
+            assert!(address.ip().is_unspecified() && address.is_ipv6(), "{role} {name}: {address}");
+        }
+    }
+    let router = container(&manifests, "StatefulSet", "router")?;
+    assert_eq!(env_of(router, "SWITCHBOARD_ADVERTISE_IP").context("no advertised IP")?["value"], "$(POD_IP)");
+    assert!(env_of(router, "SWITCHBOARD_ADVERTISE").is_none(), "a URL made of the pod's IP breaks on IPv6");
     Ok(())
 }
 
@@ -297,7 +314,7 @@ async fn wait_for_placement(db: &Db, routers: &BTreeSet<String>, owner: Option<&
 }
 
 /// Each router has told the cluster its pod's address: its listen address is a wildcard, which here, unlike in
-/// a pod, is rewritten to the pod's address, so the chart must give it (`SWITCHBOARD_ADVERTISE`).
+/// a pod, is rewritten to the pod's address, so the chart must give it (`SWITCHBOARD_ADVERTISE_IP`).
 async fn assert_advertised(db: &Db, kubelet: &Kubelet) -> anyhow::Result<()> {
     let nodes: Vec<(String, String)> =
         sqlx::query_as("SELECT node_id, address FROM nodes ORDER BY node_id").fetch_all(db.pool()).await?;
@@ -307,8 +324,8 @@ async fn assert_advertised(db: &Db, kubelet: &Kubelet) -> anyhow::Result<()> {
         .map(|pod| Ok((pod.name.clone(), format!("http://{}", pod.address("grpc")?))))
         .collect::<anyhow::Result<_>>()?;
     assert_eq!(nodes, expected);
-    for (pod, (_, address)) in pods.iter().zip(&expected) {
-        assert_eq!(pod.env_var("SWITCHBOARD_ADVERTISE"), Some(address.as_str()), "{}", pod.name);
+    for pod in pods {
+        assert_eq!(pod.env_var("SWITCHBOARD_ADVERTISE_IP"), Some(pod.ip.to_string().as_str()), "{}", pod.name);
     }
     Ok(())
 }
