@@ -68,6 +68,33 @@ async fn a_quiet_client_whose_stack_answers_pings_stays_connected() {
     server.stop().await;
 }
 
+/// A client's frames are heard as well as its pongs: one that sends requests more often than the ping
+/// interval, and never reads (so its stack answers no ping), is never pinged nor disconnected.
+#[tokio::test]
+async fn a_client_that_sends_requests_but_answers_no_ping_stays_connected() {
+    let server = Server::start_with(settings()).await;
+    let mut bob = WsClient::connect(&server).await;
+    bob.ack(json!({ "type": "agent.sign_in", "token": BOB })).await;
+    // Five times the 200 ms a silent client is pinged after, and as long again closed after: a request every
+    // 50 ms, and nothing read meanwhile.
+    for n in 0..20 {
+        let request = format!(r#"{{"id":"r-{n}","type":"ping"}}"#);
+        bob.send_raw_frame(0x1, request.as_bytes()).await.expect("still connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bob.send_raw_frame(0x1, br#"{"id":"last","type":"ping"}"#).await.expect("still connected");
+    let frames = bob
+        .raw_frames_until(|opcode, payload| {
+            opcode == 0x1 && String::from_utf8_lossy(payload).contains(r#""id":"last""#)
+        })
+        .await;
+    let controls: Vec<u8> = frames.iter().map(|(opcode, _)| *opcode).filter(|opcode| *opcode != 0x1).collect();
+    assert!(controls.is_empty(), "pinged (0x9) or closed (0x8): {controls:?}");
+    assert_eq!(frames.len(), 21, "an answer to every request");
+    assert_eq!(server.bobs_connections().await, 1);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_client_that_answers_nothing_is_disconnected_with_4009_and_leaves_presence() {
     let server = Server::start_with(settings()).await;

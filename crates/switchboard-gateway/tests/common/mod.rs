@@ -584,41 +584,50 @@ impl WsClient {
     /// Reads the server's frames raw, past tungstenite, until its close frame: that frame's code. Frames that
     /// tungstenite read already are not among them.
     pub async fn raw_close_code(&mut self) -> u16 {
+        let frames = self.raw_frames_until(|opcode, _| opcode == 0x8).await;
+        let (_, payload) = frames.last().expect("a close frame");
+        u16::from_be_bytes([payload[0], payload[1]])
+    }
+
+    /// Reads the server's frames raw, past tungstenite (which would answer a ping), until one that `last`
+    /// picks: each frame's opcode and payload, that one included. Frames that tungstenite read already are
+    /// not among them.
+    pub async fn raw_frames_until(&mut self, last: impl Fn(u8, &[u8]) -> bool) -> Vec<(u8, Vec<u8>)> {
         use tokio::io::AsyncReadExt;
         let MaybeTlsStream::Plain(stream) = self.socket.get_mut() else { panic!("a plain connection") };
-        let mut bytes = Vec::new();
+        let (mut bytes, mut frames) = (Vec::new(), Vec::new());
         let mut buffer = [0u8; 4096];
         let read = async {
             loop {
                 // The server's frames are not masked: a header, a length, the payload.
-                let mut at = 0;
-                while bytes.len() >= at + 2 {
-                    let (opcode, short) = (bytes[at] & 0x0f, usize::from(bytes[at + 1] & 0x7f));
+                while bytes.len() >= 2 {
+                    let (opcode, short) = (bytes[0] & 0x0f, usize::from(bytes[1] & 0x7f));
                     let (header, length) = match short {
-                        126 if bytes.len() >= at + 4 => {
-                            (4, usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])))
+                        126 if bytes.len() >= 4 => (4, usize::from(u16::from_be_bytes([bytes[2], bytes[3]]))),
+                        127 if bytes.len() >= 10 => {
+                            (10, usize::try_from(u64::from_be_bytes(bytes[2..10].try_into().unwrap())).unwrap())
                         }
-                        127 if bytes.len() >= at + 10 => (
-                            10,
-                            usize::try_from(u64::from_be_bytes(bytes[at + 2..at + 10].try_into().unwrap())).unwrap(),
-                        ),
                         126 | 127 => break,
                         length => (2, length),
                     };
-                    if bytes.len() < at + header + length {
+                    if bytes.len() < header + length {
                         break;
                     }
-                    if opcode == 0x8 {
-                        return u16::from_be_bytes([bytes[at + header], bytes[at + header + 1]]);
+                    let payload = bytes[header..header + length].to_vec();
+                    bytes.drain(..header + length);
+                    let done = last(opcode, &payload);
+                    frames.push((opcode, payload));
+                    if done {
+                        return;
                     }
-                    at += header + length;
                 }
-                let n = stream.read(&mut buffer).await.expect("the connection ended before a close frame");
-                assert!(n > 0, "the connection ended before a close frame");
+                let n = stream.read(&mut buffer).await.expect("the connection ended before the frame looked for");
+                assert!(n > 0, "the connection ended before the frame looked for: {frames:?}");
                 bytes.extend_from_slice(&buffer[..n]);
             }
         };
-        tokio::time::timeout(DEADLINE, read).await.expect("a close frame before the deadline")
+        tokio::time::timeout(DEADLINE, read).await.expect("the frame looked for before the deadline");
+        frames
     }
 
     /// Writes a frame raw, past tungstenite (which sends nothing once it has read a close): masked, as a
