@@ -194,3 +194,43 @@ async fn a_client_that_resumes_up_to_date_gets_only_what_comes_next() -> anyhow:
     assert_eq!(gap.iter().map(|event| event["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 4]);
     Ok(())
 }
+
+/// An agent's console follows a waiting chat with `chat.subscribe` and stops with `chat.unsubscribe`: after
+/// its ack, nothing more of that chat is written to the connection, while a chat it still follows goes on.
+/// (Each message's event reaches the gateway before its sender's ack: the chat left is pushed, if at all,
+/// before the chat still followed, whose event the console waits for.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribed_chat_is_no_longer_pushed_and_the_others_are() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let server = Server::start(SEED_CONFIG, data.path()).await?;
+    let url = server.ws_url();
+    let (mut ann, left, _) = Client::start_chat(&url, WIDGET, "g1", "Ann", "first?").await?;
+    let (mut bo, kept, _) = Client::start_chat(&url, WIDGET, "g1", "Bo", "second?").await?;
+    let mut console = Client::sign_in(&url, "token-agent-b").await?;
+    for chat in [&left, &kept] {
+        console.ok("chat.subscribe", json!({ "conversation": chat })).await?;
+        console.events_up_to(chat, 2).await?;
+    }
+    let send = |chat: &str, id: &str| json!({ "conversation": chat, "client_msg_id": id, "body": id });
+    ann.ok("message.send", send(&left, "ann-1")).await?;
+    console.event_of(&left, "message").await?;
+
+    let unsubscribed = console.ok("chat.unsubscribe", json!({ "conversation": left })).await?;
+    assert_eq!(unsubscribed["followed"], true);
+    ann.ok("message.send", send(&left, "ann-2")).await?;
+    bo.ok("message.send", send(&kept, "bo-1")).await?;
+    let next = console.push_matching(|frame| frame["type"] == "event").await?;
+    assert_eq!(
+        (next["conversation"].as_str(), next["event"]["client_msg_id"].as_str()),
+        (Some(kept.as_str()), Some("bo-1"))
+    );
+    assert!(
+        !console.pending_pushes().iter().any(|frame| frame["conversation"] == left.as_str()),
+        "{:?}",
+        console.pending_pushes()
+    );
+    // Unsubscribed again: it followed nothing of that chat any more.
+    let again = console.ok("chat.unsubscribe", json!({ "conversation": left })).await?;
+    assert_eq!(again["followed"], false);
+    Ok(())
+}
