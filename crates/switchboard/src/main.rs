@@ -61,7 +61,7 @@ enum Role {
         #[arg(long, env = "SWITCHBOARD_ADVERTISE")]
         advertise: Option<String>,
         /// This node's IP address (IPv4 or IPv6) as the others reach it (a pod's IP), advertised with the port it
-        /// listens on: http://10.1.2.3:7200, http://[fd00::7]:7200. --advertise, when given, wins.
+        /// listens on: `http://10.1.2.3:7200`, `http://[fd00::7]:7200`. --advertise, when given, wins.
         #[arg(long, env = "SWITCHBOARD_ADVERTISE_IP")]
         advertise_ip: Option<std::net::IpAddr>,
         /// The store service, e.g. http://127.0.0.1:7100.
