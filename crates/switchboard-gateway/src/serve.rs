@@ -42,9 +42,10 @@ use crate::{Gateway, tune_client_socket};
 pub enum Served {
     /// Every connection and session ended within the grace.
     Drained,
-    /// The grace ran out with this many connections and sessions still open (some may have been ending at
-    /// that moment); the connections were closed (the sessions end with the process).
-    GaveUp { open: usize },
+    /// The grace ran out with these still open (some may have been ending at that moment): HTTP connections
+    /// (an HTTP/2 one with its gRPC session streams), and sessions (WebSockets, no longer their connection's;
+    /// gRPC session streams, inside theirs). The connections were closed (the sessions end with the process).
+    GaveUp { connections: usize, sessions: usize },
 }
 
 impl Gateway {
@@ -96,9 +97,14 @@ impl Gateway {
         drop(listener);
         ending.send_replace(true);
         let mut sessions = self.shared.sessions.subscribe();
-        let open = connections.len() + *sessions.borrow();
-        if open > 0 {
-            info!(open, ?grace, "waiting for client connections to end");
+        let (connections_open, sessions_open) = (connections.len(), *sessions.borrow());
+        if connections_open + sessions_open > 0 {
+            info!(
+                connections = connections_open,
+                sessions = sessions_open,
+                ?grace,
+                "waiting for client connections to end"
+            );
         }
         let drained = tokio::time::timeout(grace, async {
             while connections.join_next().await.is_some() {}
@@ -107,10 +113,15 @@ impl Gateway {
         match drained.await {
             Ok(()) => Served::Drained,
             Err(_) => {
-                let open = connections.len() + *self.shared.sessions.borrow();
-                warn!(open, ?grace, "connections still open after the shutdown grace; closing them");
+                let (sessions, connections_open) = (*self.shared.sessions.borrow(), connections.len());
+                warn!(
+                    connections = connections_open,
+                    sessions,
+                    ?grace,
+                    "connections still open after the shutdown grace; closing them"
+                );
                 connections.abort_all();
-                Served::GaveUp { open }
+                Served::GaveUp { connections: connections_open, sessions }
             }
         }
     }

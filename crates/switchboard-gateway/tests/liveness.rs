@@ -283,7 +283,7 @@ async fn connections_still_open_past_the_shutdown_grace_are_closed() {
     let quiet = tokio::spawn(async move { while quiet.read_or_close().await.is_ok() {} });
     let stopping = Instant::now();
     // The WebSocket is drained (its session's to end, not the server's); the half-sent request is not.
-    assert_eq!(server.stop_served().await, Served::GaveUp { open: 1 });
+    assert_eq!(server.stop_served().await, Served::GaveUp { connections: 1, sessions: 0 });
     quiet.await.unwrap();
     open_until_closed(client, stopping).await;
 }
