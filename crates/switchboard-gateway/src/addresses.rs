@@ -121,8 +121,9 @@ fn key(address: IpAddr) -> IpAddr {
 /// `per_minute` units).
 const TOKEN: i64 = 60_000_000;
 
-/// How many addresses are followed at once. Past it the buckets that are full again are forgotten; if all
-/// are in use (a flood from that many networks), every address starts afresh.
+/// How many addresses are followed at once. Past it the buckets that are full again are forgotten; if that
+/// frees less than a tenth of them (a flood from that many networks), every address starts afresh, so that a
+/// scan of them all frees room for a tenth more at least.
 const MAX_ADDRESSES: usize = 100_000;
 
 /// The buckets of the addresses that started chats lately.
@@ -158,7 +159,7 @@ impl AddressLimiter {
         if buckets.len() >= MAX_ADDRESSES && !buckets.contains_key(&key) {
             let (per_minute, full) = (self.per_minute, self.full);
             buckets.retain(|_, bucket| refilled(*bucket, now_us, per_minute, full) < full);
-            if buckets.len() >= MAX_ADDRESSES {
+            if buckets.len() > MAX_ADDRESSES - MAX_ADDRESSES / 10 {
                 buckets.clear();
             }
         }
@@ -278,5 +279,18 @@ mod tests {
         // A second later every bucket is full again: they are forgotten to make room.
         assert_eq!(limiter.take(address(MAX_ADDRESSES), 1_000_000), Ok(()));
         assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+        // Full of buckets in use, but for a few: forgetting those few would free too little room (each new
+        // address would scan them all again), so every address starts afresh.
+        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 1, burst: 1, trusted_proxies: vec![] });
+        for n in 0..MAX_ADDRESSES - 5 {
+            assert_eq!(limiter.take(address(n), 1_000_000), Ok(()));
+        }
+        for n in MAX_ADDRESSES - 5..MAX_ADDRESSES {
+            assert_eq!(limiter.take(address(n), 0), Ok(()));
+        }
+        // A minute after the last five started: theirs are full again, the others not quite.
+        assert_eq!(limiter.take(address(MAX_ADDRESSES), 60_000_000), Ok(()));
+        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+        assert_eq!(limiter.take(address(0), 60_000_000), Ok(()), "started afresh");
     }
 }
