@@ -14,12 +14,16 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Mutex, PoisonError};
 
-/// The chat-start limit per client address: `per_minute` on average and up to `burst` at once; `per_minute:
-/// 0` is no limit (the default).
+/// The limits per client address: chat starts, `per_minute` on average and up to `burst` at once
+/// (`per_minute: 0` is no limit, the default), and connections open at once (`max_connections`, 0: no limit,
+/// the default).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AddressLimits {
     pub per_minute: u32,
     pub burst: u32,
+    /// Sessions (WebSockets and gRPC session streams) one address may have open at once at a gateway, so that
+    /// one address cannot take all of `max_connections`; one more is closed at once, as one over that.
+    pub max_connections: usize,
     /// The proxies (load balancers, ingress controllers) whose `X-Forwarded-For` is believed. Empty (the
     /// default): the header is ignored and the connection's peer counts.
     pub trusted_proxies: Vec<IpNet>,
@@ -183,6 +187,63 @@ fn refilled((available, at_us): (i64, i64), now_us: i64, per_minute: i64, full: 
     available.saturating_add(elapsed.saturating_mul(per_minute)).min(full)
 }
 
+/// The sessions open per client address (an IPv6 address's /64), against
+/// [`AddressLimits::max_connections`]. An address is followed while it has sessions open.
+#[derive(Debug, Default)]
+pub(crate) struct AddressConnections {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A session's place in its address's count, given back when dropped.
+pub(crate) struct AddressSlot {
+    connections: std::sync::Arc<AddressConnections>,
+    key: IpAddr,
+}
+
+impl AddressConnections {
+    pub(crate) fn new(max: usize) -> std::sync::Arc<AddressConnections> {
+        std::sync::Arc::new(AddressConnections { max, open: Mutex::default() })
+    }
+
+    /// A place for one more session of `address`; `None` when it has `max` open already. Always one without
+    /// a limit (and then nothing is counted).
+    pub(crate) fn admit(self: &std::sync::Arc<Self>, address: IpAddr) -> Option<Option<AddressSlot>> {
+        if self.max == 0 {
+            return Some(None);
+        }
+        let key = key(address);
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(Some(AddressSlot { connections: self.clone(), key }))
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    #[cfg(test)]
+    fn open(&self, address: IpAddr) -> usize {
+        self.open.lock().unwrap().get(&key(address)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// The TCP peer of a client connection, put in each request's extensions by [`Gateway::serve`].
 ///
 /// [`Gateway::serve`]: crate::Gateway::serve
@@ -241,7 +302,7 @@ mod tests {
 
     #[test]
     fn an_address_starts_its_burst_then_at_the_rate_and_is_told_how_long_to_wait() {
-        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 6, burst: 2, trusted_proxies: vec![] });
+        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 6, burst: 2, ..Default::default() });
         let (one, other) = (ip("203.0.113.9"), ip("198.51.100.1"));
         assert_eq!(limiter.take(one, 0), Ok(()));
         assert_eq!(limiter.take(one, 0), Ok(()));
@@ -261,7 +322,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_network_counts_as_one_address_and_no_limit_admits_all() {
-        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 1, burst: 1, trusted_proxies: vec![] });
+        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 1, burst: 1, ..Default::default() });
         assert_eq!(limiter.take(ip("2001:db8:1:2::1"), 0), Ok(()));
         assert!(limiter.take(ip("2001:db8:1:2:ffff::9"), 0).is_err(), "the same /64");
         assert_eq!(limiter.take(ip("2001:db8:1:3::1"), 0), Ok(()), "another /64");
@@ -270,8 +331,29 @@ mod tests {
     }
 
     #[test]
+    fn an_address_has_at_most_its_connections_open_and_gets_them_back() {
+        let connections = AddressConnections::new(2);
+        let (one, other) = (ip("203.0.113.9"), ip("2001:db8:1:2::1"));
+        let first = connections.admit(one).expect("admitted");
+        let second = connections.admit(one).expect("admitted");
+        assert!(connections.admit(one).is_none(), "a third at once");
+        let in_network = connections.admit(other).expect("its own count");
+        let in_network_too = connections.admit(ip("2001:db8:1:2::9")).expect("the same /64, one more");
+        assert!(connections.admit(ip("2001:db8:1:2::7")).is_none(), "the same /64, full");
+        drop((in_network, in_network_too));
+        drop(first);
+        assert_eq!(connections.open(one), 1);
+        let third = connections.admit(one).expect("a place given back");
+        drop((second, third));
+        assert_eq!(connections.open(one), 0);
+        assert!(connections.open.lock().unwrap().get(&one).is_none(), "an address with none open is forgotten");
+        let unlimited = AddressConnections::new(0);
+        assert!((0..100).all(|_| matches!(unlimited.admit(one), Some(None))));
+    }
+
+    #[test]
     fn the_addresses_followed_are_bounded() {
-        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 60, burst: 1, trusted_proxies: vec![] });
+        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 60, burst: 1, ..Default::default() });
         let address = |n: usize| IpAddr::V4(std::net::Ipv4Addr::from(u32::try_from(n).unwrap()));
         for n in 0..MAX_ADDRESSES {
             assert_eq!(limiter.take(address(n), 0), Ok(()));
@@ -281,7 +363,7 @@ mod tests {
         assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
         // Full of buckets in use, but for a few: forgetting those few would free too little room (each new
         // address would scan them all again), so every address starts afresh.
-        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 1, burst: 1, trusted_proxies: vec![] });
+        let limiter = AddressLimiter::new(&AddressLimits { per_minute: 1, burst: 1, ..Default::default() });
         for n in 0..MAX_ADDRESSES - 5 {
             assert_eq!(limiter.take(address(n), 1_000_000), Ok(()));
         }

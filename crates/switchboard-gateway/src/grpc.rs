@@ -176,7 +176,9 @@ fn status(close: &Close) -> Status {
         Close::Undecodable { .. } => Status::invalid_argument(message),
         // A gRPC session does not ping (`Transport::PINGS`): its HTTP/2 connection is pinged by the server
         // (`serve.rs`), which closes the connection itself. `Unresponsive` is a WebSocket's only.
-        Close::ShuttingDown | Close::Unresponsive | Close::Full { .. } => Status::unavailable(message),
+        Close::ShuttingDown | Close::Unresponsive | Close::Full { .. } | Close::AddressFull { .. } => {
+            Status::unavailable(message)
+        }
     }
 }
 

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
-use crate::addresses::{AddressLimiter, Peer};
+use crate::addresses::{AddressConnections, AddressLimiter, Peer};
 pub use crate::addresses::{AddressLimits, IpNet};
 pub use crate::admission::{REPLY_BYTES_PER_REQUEST, RequestRate};
 pub use crate::grpc::{ChatGrpc, SessionStream};
@@ -88,8 +88,9 @@ pub struct GatewaySettings {
     /// it is refused `rate_limited` and nothing of it is done.
     pub request_rate: RequestRate,
     /// How many chats (`chat.start`, and `offline.message`) one client address may start, whatever its
-    /// connections; one over it is refused `rate_limited` and nothing of it is done. Counted only for
-    /// connections served by [`Gateway::serve`], which knows their peers.
+    /// connections (one over it is refused `rate_limited` and nothing of it is done), and how many
+    /// connections it may have open at once (one more is closed at once, as one over `max_connections`).
+    /// Counted only for connections served by [`Gateway::serve`], which knows their peers.
     pub chat_starts_per_address: AddressLimits,
     /// How many client connections (WebSockets and gRPC session streams) the gateway serves at once; one
     /// more is closed as soon as it is open (WebSocket close code 1013, gRPC `UNAVAILABLE`: try again later,
@@ -189,6 +190,8 @@ pub(crate) struct Shared {
     pub(crate) open_connections: Arc<AtomicUsize>,
     /// The chat starts of each client address, against [`GatewaySettings::chat_starts_per_address`].
     pub(crate) chat_starts: AddressLimiter,
+    /// The sessions open of each client address, against its `max_connections`.
+    pub(crate) address_connections: Arc<AddressConnections>,
     /// Sessions running (WebSockets and gRPC session streams, refused ones while they close): a shutdown
     /// waits for them ([`Gateway::serve`]), an upgraded WebSocket being no longer its HTTP server's.
     pub(crate) sessions: watch::Sender<usize>,
@@ -337,6 +340,7 @@ impl Gateway {
         metrics::gauge!(switchboard_telemetry::names::GATEWAY_CONNECTIONS_MAX).set(settings.max_connections as f64);
         let shared = Arc::new(Shared {
             chat_starts: AddressLimiter::new(&settings.chat_starts_per_address),
+            address_connections: AddressConnections::new(settings.chat_starts_per_address.max_connections),
             settings,
             gateway_id: gateway_id.clone(),
             router,

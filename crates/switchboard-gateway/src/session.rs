@@ -34,6 +34,7 @@ use tracing::{Instrument, debug, warn};
 use uuid::Uuid;
 
 use crate::Shared;
+use crate::addresses::AddressSlot;
 use crate::admission::Budget;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
 use crate::protocol::{Ack, ErrorReply, GroupInfo, ListName, OFFLINE_REASONS, PushFrame, Request};
@@ -94,6 +95,11 @@ pub(crate) enum Close {
     ///
     /// [`GatewaySettings::max_connections`]: crate::GatewaySettings::max_connections
     Full { max_connections: usize },
+    /// The client's address has as many connections open as one address may
+    /// ([`AddressLimits::max_connections`]).
+    ///
+    /// [`AddressLimits::max_connections`]: crate::AddressLimits::max_connections
+    AddressFull { max_connections: usize },
 }
 
 impl Close {
@@ -109,6 +115,9 @@ impl Close {
             Close::Unresponsive => "no answer to a ping: reconnect and resume from your last seq".to_owned(),
             Close::Full { max_connections } => {
                 format!("the server has as many connections as it serves ({max_connections}): try again later")
+            }
+            Close::AddressFull { max_connections } => {
+                format!("this address has as many connections as one address may ({max_connections}): try again later")
             }
         }
     }
@@ -238,11 +247,13 @@ struct Counted {
     transport: &'static str,
     role: &'static str,
     _slot: Option<Admitted>,
+    /// Its place in its client address's count, if counted.
+    _address: Option<AddressSlot>,
 }
 
 impl Counted {
-    fn new(transport: &'static str, slot: Option<Admitted>) -> Counted {
-        let counted = Counted { transport, role: role_label(None), _slot: slot };
+    fn new(transport: &'static str, slot: Option<Admitted>, address: Option<AddressSlot>) -> Counted {
+        let counted = Counted { transport, role: role_label(None), _slot: slot, _address: address };
         counted.gauge().increment(1.0);
         counted
     }
@@ -267,7 +278,7 @@ impl Drop for Counted {
 
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
 /// `running` counts the session from before its transport existed (an upgrade under way is waited for too);
-/// `client` is the address its chat starts count against (`None`: not counted).
+/// `client` is the address its chat starts and the connection itself count against (`None`: not counted).
 pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, client: Option<IpAddr>, running: Running) {
     let _running = running;
     let max_connections = shared.settings.max_connections;
@@ -281,6 +292,21 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, cli
         let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, close).await;
         return;
     }
+    let address_slot = match client.map(|client| shared.address_connections.admit(client)) {
+        Some(Some(slot)) => slot,
+        None => None,
+        // As one over the gateway's limit, but for the address.
+        Some(None) if *shared.draining.borrow() => None,
+        Some(None) => {
+            let max_connections = shared.address_connections.max();
+            debug!(?client, max_connections, transport = T::NAME, "a connection over its address's limit; closed");
+            metrics::counter!(names::GATEWAY_REFUSALS, "reason" => "address_full").increment(1);
+            drop(admitted);
+            let close = transport.close(Close::AddressFull { max_connections });
+            let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, close).await;
+            return;
+        }
+    };
     let socket_id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
     let (outbound, mut queued) = mpsc::channel(shared.settings.outbound_queue_len);
     let link = SocketLink { outbound, kicked: Arc::new(Notify::new()), is_kicked: Arc::new(AtomicBool::new(false)) };
@@ -293,7 +319,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, cli
         socket_id,
         link,
         role: None,
-        counted: Some(Counted::new(T::NAME, admitted)),
+        counted: Some(Counted::new(T::NAME, admitted, address_slot)),
         written_seq: HashMap::new(),
         transport,
         unflushed: false,

@@ -95,7 +95,7 @@ impl Transport for WsTransport {
             Close::Undecodable { .. } => CLOSE_PROTOCOL_ERROR,
             Close::ShuttingDown => CLOSE_GOING_AWAY,
             Close::Unresponsive => CLOSE_UNRESPONSIVE,
-            Close::Full { .. } => CLOSE_TRY_AGAIN_LATER,
+            Close::Full { .. } | Close::AddressFull { .. } => CLOSE_TRY_AGAIN_LATER,
         };
         let mut reason = reason.reason();
         // A close frame's reason is at most 123 bytes.

@@ -182,7 +182,7 @@ fn start(name: &str) -> Value {
 /// A gateway whose client addresses may start a chat a minute, two at once, behind proxies on `trusted`.
 async fn start_limited(trusted: &[&str]) -> Server {
     let trusted_proxies = trusted.iter().map(|net| net.parse().unwrap()).collect();
-    let limits = AddressLimits { per_minute: 1, burst: 2, trusted_proxies };
+    let limits = AddressLimits { per_minute: 1, burst: 2, trusted_proxies, ..Default::default() };
     Server::start_with(GatewaySettings { chat_starts_per_address: limits, ..Default::default() }).await
 }
 
@@ -250,5 +250,52 @@ async fn behind_a_trusted_proxy_the_forwarded_address_counts() {
     // Another address, and the proxy itself (no header), have their own.
     GrpcClient::open_forwarded(&server, "198.51.100.2").await.ack(chat_start("Dee", "Hi?")).await;
     WsClient::connect(&server).await.ack(start("Eve")).await;
+    server.stop().await;
+}
+
+/// One client address has at most its limit of connections open at once, whatever the transport: one more
+/// is closed at once (1013, `UNAVAILABLE`) and counted, while other addresses (behind a trusted proxy, those
+/// it names) are served; a connection that ends gives its place back.
+#[tokio::test]
+async fn connections_over_an_addresss_limit_are_closed_at_once_and_counted() {
+    let _counting = RATE_LIMITED.lock().await;
+    switchboard_telemetry::install_metrics("gateway");
+    let refused_before = refusals("address_full");
+    let limits = AddressLimits {
+        max_connections: 2,
+        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    };
+    let server = Server::start_with(GatewaySettings { chat_starts_per_address: limits, ..Default::default() }).await;
+    let mut ann = WsClient::connect_forwarded(&server, "203.0.113.7").await;
+    let bea = GrpcClient::open_forwarded(&server, "203.0.113.7").await;
+
+    let refused = WsClient::try_connect_forwarded(&server, "203.0.113.7").await.err();
+    assert_eq!(refused, Some(Some(switchboard_gateway::CLOSE_TRY_AGAIN_LATER)));
+    let status =
+        GrpcClient::try_open_forwarded(server.channel().await, Some("203.0.113.7")).await.err().expect("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("this address"), "{status:?}");
+    assert_eq!(refusals("address_full"), refused_before + 2);
+    // Another address, and the proxy's own, are served; the two admitted as ever.
+    let mut cy = WsClient::connect_forwarded(&server, "198.51.100.2").await;
+    let mut proxy = WsClient::connect(&server).await;
+    for client in [&mut ann, &mut cy, &mut proxy] {
+        assert_eq!(client.ack(json!({ "type": "ping" })).await["type"], "ack");
+    }
+
+    // Once one of the address's is gone, it may open another.
+    drop(bea);
+    let admitted = tokio::time::timeout(common::DEADLINE, async {
+        loop {
+            if let Ok(client) = WsClient::try_connect_forwarded(&server, "203.0.113.7").await {
+                return client;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    let mut dee = admitted.await.expect("a connection served once the address has a place free");
+    assert_eq!(dee.ack(json!({ "type": "ping" })).await["type"], "ack");
+    drop((ann, cy, proxy, dee));
     server.stop().await;
 }

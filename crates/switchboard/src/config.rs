@@ -132,8 +132,12 @@ pub struct Limits {
     /// Chats one client address may start at once, above the average.
     #[serde(default = "default_chat_start_burst_per_address")]
     pub chat_start_burst_per_address: u32,
+    /// Connections (WebSockets and gRPC session streams) one client address may have open at once, at one
+    /// gateway; one more is closed at once (WebSocket 1013, gRPC `UNAVAILABLE`). 0 (the default) = no limit.
+    #[serde(default)]
+    pub max_connections_per_address: usize,
     /// The proxies (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7`) whose `X-Forwarded-For` names the client address
-    /// the limit above counts; empty (the default): the connection's peer counts.
+    /// the limits above count; empty (the default): the connection's peer counts.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
 }
@@ -150,6 +154,7 @@ impl Limits {
         Ok(AddressLimits {
             per_minute: self.chat_starts_per_minute_per_address,
             burst: self.chat_start_burst_per_address,
+            max_connections: self.max_connections_per_address,
             trusted_proxies,
         })
     }
@@ -170,6 +175,7 @@ impl Default for Limits {
             drain_delay_ms: 0,
             chat_starts_per_minute_per_address: 0,
             chat_start_burst_per_address: default_chat_start_burst_per_address(),
+            max_connections_per_address: 0,
             trusted_proxies: Vec::new(),
         }
     }
@@ -359,6 +365,12 @@ impl Config {
                  chat_starts_per_minute_per_address 0: no limit)"
             );
         }
+        if config.limits.max_connections_per_address > MAX_CONNECTIONS {
+            bail!(
+                "invalid configuration: limits.max_connections_per_address must be at most {MAX_CONNECTIONS} (0: no \
+                 limit)"
+            );
+        }
         config.limits.address_limits()?;
         if !(1..=MAX_FOLLOWED_CHATS).contains(&config.limits.max_followed_chats) {
             bail!("invalid configuration: limits.max_followed_chats must be between 1 and {MAX_FOLLOWED_CHATS}");
@@ -530,6 +542,13 @@ mod tests {
                 .unwrap_err()
         );
         assert!(error.contains("limits.chat_start_burst_per_address"), "{error}");
+        // Connections per address: none by default, a number, bounded.
+        assert_eq!(defaults.max_connections, 0);
+        let set = Config::parse(&with("{ max_connections_per_address: 20 }"), no_env).unwrap();
+        assert_eq!(set.limits.address_limits().unwrap().max_connections, 20);
+        let error =
+            format!("{:#}", Config::parse(&with("{ max_connections_per_address: 10000001 }"), no_env).unwrap_err());
+        assert!(error.contains("limits.max_connections_per_address"), "{error}");
     }
 
     #[test]

@@ -253,7 +253,9 @@ impl GrpcClient {
         GrpcClient::try_open_forwarded(server.channel().await, Some(forwarded_for)).await.expect("a welcome")
     }
 
-    async fn try_open_forwarded(channel: Channel, forwarded_for: Option<&str>) -> Result<GrpcClient, Status> {
+    /// A session stream forwarded for `forwarded_for` (as [`GrpcClient::open_forwarded`]), or the status it
+    /// ended with.
+    pub async fn try_open_forwarded(channel: Channel, forwarded_for: Option<&str>) -> Result<GrpcClient, Status> {
         let (sender, requests) = mpsc::channel(1024);
         let mut client = ChatServiceClient::new(channel);
         let mut call = tonic::Request::new(ReceiverStream::new(requests));
@@ -499,13 +501,22 @@ impl WsClient {
 
     /// A connection whose handshake says, as a proxy's would, that it forwards `forwarded_for`.
     pub async fn connect_forwarded(server: &Server, forwarded_for: &str) -> WsClient {
+        match WsClient::try_connect_forwarded(server, forwarded_for).await {
+            Ok(client) => client,
+            Err(close) => panic!("closed instead of welcomed: {close:?}"),
+        }
+    }
+
+    /// [`WsClient::connect_forwarded`], or the close code the connection ended with.
+    pub async fn try_connect_forwarded(server: &Server, forwarded_for: &str) -> Result<WsClient, Option<u16>> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = server.ws_url().into_client_request().unwrap();
         request.headers_mut().insert("x-forwarded-for", forwarded_for.parse().unwrap());
         let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         let mut client = WsClient { socket, pushes: VecDeque::new(), statuses: VecDeque::new(), next_id: 0 };
-        assert_eq!(client.read().await.expect("a welcome")["type"], "welcome");
-        client
+        let welcome = client.read_or_close().await?;
+        assert_eq!(welcome["type"], "welcome");
+        Ok(client)
     }
 
     /// A connection whose socket buffers little, for a client that stops reading.
