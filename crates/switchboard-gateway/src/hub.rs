@@ -357,7 +357,8 @@ impl Hub {
     }
 
     /// Dispatches one push from the router; returns the queues the gateway must now subscribe to (a waiting
-    /// customer followed their chat to another group).
+    /// customer followed their chat to another group), and the chats it must unsubscribe from (an event of a
+    /// chat no socket here follows).
     pub fn dispatch(&self, push: Push) -> Needs {
         let mut state = self.lock();
         let mut needs = Needs::default();
@@ -369,6 +370,12 @@ impl Hub {
                     EventBody::Transferred { to_group, .. } => Some(to_group.clone()),
                     _ => None,
                 };
+                // No socket here follows the chat: the gateway is subscribed for nothing (the answer of a
+                // subscription it gave up on came after all, or overtook its undo). Whoever applies the need
+                // checks again, under the conversation's lock, that no socket has started to follow it.
+                if watchers.is_empty() {
+                    needs.unsubscribe_conversations.push(conversation);
+                }
                 let outbound = Outbound::with_origin(PushFrame::Event { conversation, event }, origin);
                 for socket in watchers {
                     state.send(socket, outbound.clone());
@@ -1205,5 +1212,18 @@ mod tests {
         };
         assert!(hub.dispatch(Push::Event { conversation: chat(1), event: Arc::new(event), origin: None }).is_empty());
         assert_eq!(hub.role(1), Some(role));
+    }
+
+    #[test]
+    fn an_event_of_a_chat_nobody_here_follows_asks_for_an_unsubscription() {
+        let hub = Hub::default();
+        let (link, _written) = socket();
+        hub.register(1, link, agent_role("alice", &["sales"]));
+        hub.watch(1, chat(1));
+        let event = |seq| Event { seq, at_ms: 1, author: Author::System, client_msg_id: None, body: EventBody::Closed };
+        let followed = hub.dispatch(Push::Event { conversation: chat(1), event: Arc::new(event(4)), origin: None });
+        assert!(followed.is_empty(), "{followed:?}");
+        let stray = hub.dispatch(Push::Event { conversation: chat(2), event: Arc::new(event(5)), origin: None });
+        assert_eq!(stray.unsubscribe_conversations, [chat(2)]);
     }
 }
