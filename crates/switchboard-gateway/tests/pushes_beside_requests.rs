@@ -9,7 +9,8 @@
 //! follow.
 //!
 //! A `chat.unsubscribe` ends the pushes of a chat to that connection at once, and the gateway's subscription
-//! with its last connection following the chat (the wrapper records the gateway's unsubscriptions).
+//! with its last connection following the chat (the wrapper records the gateway's unsubscriptions); so does
+//! the first event of a chat no connection follows (a subscription whose answer was lost).
 
 mod common;
 
@@ -63,6 +64,8 @@ struct Holds {
     hold_next_accept: AtomicBool,
     subscribe: Hold,
     fail_next_subscribe: AtomicBool,
+    /// The next subscription is made, and its answer lost on the way back (`unavailable`).
+    lose_next_subscribe_answer: AtomicBool,
     /// Every conversation the gateway unsubscribed from, in order (nothing is held), and a permit each time.
     unsubscribed: Mutex<Vec<ConversationId>>,
     unsubscribing: Notify,
@@ -103,7 +106,11 @@ impl RouterApi for Holding {
             self.holds.subscribe.wait_for_release().await;
             return Err(RouterError::Unavailable("a shard on its way to another router".into()));
         }
-        self.inner.subscribe(gateway, caller, conversation, after_seq).await
+        let subscribed = self.inner.subscribe(gateway, caller, conversation, after_seq).await;
+        if self.holds.lose_next_subscribe_answer.swap(false, Ordering::SeqCst) {
+            return Err(RouterError::Unavailable("the answer was lost on its way back".into()));
+        }
+        subscribed
     }
 
     async fn unsubscribe(&self, gateway: &GatewayId, conversation: ConversationId) {
@@ -446,5 +453,44 @@ async fn an_unsubscribed_connection_gets_no_more_events_and_the_last_one_unsubsc
     let reply =
         alice.ack(json!({ "type": "message.send", "conversation": chat, "client_msg_id": "a-2", "body": "Yes" })).await;
     alice.expect_events(&chat, &[(reply["seq"].as_u64().unwrap(), "message")]).await;
+    server.stop().await;
+}
+
+/// A subscription the router made but whose answer the gateway never got (lost on its way back): the gateway
+/// takes itself for not subscribed, while the router goes on pushing the chat's events to it. The first of
+/// them, which no connection of the gateway follows, makes it unsubscribe.
+#[tokio::test]
+async fn a_subscription_whose_answer_was_lost_is_undone_at_the_chats_next_event() {
+    let (server, holds) = start().await;
+    let (dana, chat) = customer(&server, "Dana").await;
+    let conversation = ConversationId::parse(&chat).unwrap();
+    // Dana leaves: her connection was the last one following the chat here.
+    drop(dana);
+    let left = tokio::time::timeout(DEADLINE, async {
+        while !holds.unsubscribed.lock().unwrap().contains(&conversation) {
+            holds.unsubscribing.notified().await;
+        }
+    });
+    left.await.expect("the gateway unsubscribed once Dana left");
+    holds.unsubscribed.lock().unwrap().clear();
+
+    let mut alice = WsClient::connect(&server).await;
+    alice.ack(json!({ "type": "agent.sign_in", "token": ALICE })).await;
+    holds.lose_next_subscribe_answer.store(true, Ordering::SeqCst);
+    let answer = alice.call(json!({ "type": "chat.subscribe", "conversation": chat })).await;
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    assert!(holds.unsubscribed.lock().unwrap().is_empty(), "the gateway did not know it was subscribed");
+
+    // An event of the chat made without the gateway (Dana's message through the router itself).
+    let send = ChatCommand::Send { client_msg_id: "m1".into(), body: "still there?".into() };
+    server.router.command(&Caller::Customer { conversation }, conversation, send).await.unwrap();
+    let undone = tokio::time::timeout(DEADLINE, async {
+        while holds.unsubscribed.lock().unwrap().is_empty() {
+            holds.unsubscribing.notified().await;
+        }
+    });
+    undone.await.expect("the gateway unsubscribed at the chat's next event");
+    assert_eq!(*holds.unsubscribed.lock().unwrap(), [conversation]);
+    assert!(alice.take_push().is_none_or(|push| push["type"] != "event"));
     server.stop().await;
 }
