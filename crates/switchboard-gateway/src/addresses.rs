@@ -1,13 +1,15 @@
-//! How many chats one client address may start: a token bucket per address, so that a script cannot fill a
-//! group's queue (or the license) from one machine by opening connection after connection, each with its own
-//! request budget. `chat.start` and `offline.message` (a ticket) take a token; one over the limit is refused
-//! `rate_limited` with how long to wait, and nothing of it is done.
+//! The limits per client address. How many chats one address may start: a token bucket per address, so that
+//! a script cannot fill a group's queue (or the license) from one machine by opening connection after
+//! connection, each with its own request budget. `chat.start` and `offline.message` (a ticket) take a token;
+//! one over the limit is refused `rate_limited` with how long to wait, and nothing of it is done. How many
+//! connections one address may hold open: one more is closed at once, so that one address cannot take all of
+//! the gateway's connections.
 //!
 //! The address is the connection's peer, or, when the peer is a proxy the operator trusts
 //! ([`AddressLimits::trusted_proxies`]), the address its `X-Forwarded-For` names: the rightmost one not itself
-//! trusted. IPv6 addresses count by their /64 (one customer's network holds a whole /64). The limit is each
+//! trusted. IPv6 addresses count by their /64 (one customer's network holds a whole /64). The limits are each
 //! gateway's: behind a load balancer spreading connections over N gateways an address may start up to N times
-//! as many.
+//! as many chats, and hold N times as many connections.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};

@@ -91,7 +91,7 @@ pub struct GatewaySettings {
     /// connections (one over it is refused `rate_limited` and nothing of it is done), and how many
     /// connections it may have open at once (one more is closed at once, as one over `max_connections`).
     /// Counted only for connections served by [`Gateway::serve`], which knows their peers.
-    pub chat_starts_per_address: AddressLimits,
+    pub per_address: AddressLimits,
     /// How many client connections (WebSockets and gRPC session streams) the gateway serves at once; one
     /// more is closed as soon as it is open (WebSocket close code 1013, gRPC `UNAVAILABLE`: try again later,
     /// or another gateway). 0: no limit. It bounds the gateway's memory (some 20 KiB per idle connection).
@@ -152,7 +152,7 @@ impl Default for GatewaySettings {
             idle_ping: DEFAULT_IDLE_PING,
             max_followed_chats: DEFAULT_MAX_FOLLOWED_CHATS,
             request_rate: RequestRate::default(),
-            chat_starts_per_address: AddressLimits::default(),
+            per_address: AddressLimits::default(),
             max_connections: 0,
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
             presence_ttl: None,
@@ -188,7 +188,7 @@ pub(crate) struct Shared {
     pub(crate) next_socket_id: AtomicU64,
     /// The connections served now, against [`GatewaySettings::max_connections`].
     pub(crate) open_connections: Arc<AtomicUsize>,
-    /// The chat starts of each client address, against [`GatewaySettings::chat_starts_per_address`].
+    /// The chat starts of each client address, against [`GatewaySettings::per_address`].
     pub(crate) chat_starts: AddressLimiter,
     /// The sessions open of each client address, against its `max_connections`.
     pub(crate) address_connections: Arc<AddressConnections>,
@@ -224,7 +224,7 @@ impl Shared {
         peer: Option<Peer>,
         forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
     ) -> Option<std::net::IpAddr> {
-        let trusted = &self.settings.chat_starts_per_address.trusted_proxies;
+        let trusted = &self.settings.per_address.trusted_proxies;
         peer.map(|Peer(peer)| addresses::client_address(peer.ip(), forwarded_for, trusted))
     }
 
@@ -339,8 +339,8 @@ impl Gateway {
         // process but in tests (where the last one started sets it).
         metrics::gauge!(switchboard_telemetry::names::GATEWAY_CONNECTIONS_MAX).set(settings.max_connections as f64);
         let shared = Arc::new(Shared {
-            chat_starts: AddressLimiter::new(&settings.chat_starts_per_address),
-            address_connections: AddressConnections::new(settings.chat_starts_per_address.max_connections),
+            chat_starts: AddressLimiter::new(&settings.per_address),
+            address_connections: AddressConnections::new(settings.per_address.max_connections),
             settings,
             gateway_id: gateway_id.clone(),
             router,

@@ -930,10 +930,10 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    /// Takes a chat start from the client address's bucket ([`GatewaySettings::chat_starts_per_address`]),
+    /// Takes a chat start from the client address's bucket ([`GatewaySettings::per_address`]),
     /// or refuses the request `rate_limited`.
     ///
-    /// [`GatewaySettings::chat_starts_per_address`]: crate::GatewaySettings::chat_starts_per_address
+    /// [`GatewaySettings::per_address`]: crate::GatewaySettings::per_address
     fn take_chat_start(&self) -> Result<(), ErrorReply> {
         let (Some(client), true) = (self.client, self.shared.chat_starts.limits()) else {
             return Ok(());

@@ -183,7 +183,7 @@ fn start(name: &str) -> Value {
 async fn start_limited(trusted: &[&str]) -> Server {
     let trusted_proxies = trusted.iter().map(|net| net.parse().unwrap()).collect();
     let limits = AddressLimits { per_minute: 1, burst: 2, trusted_proxies, ..Default::default() };
-    Server::start_with(GatewaySettings { chat_starts_per_address: limits, ..Default::default() }).await
+    Server::start_with(GatewaySettings { per_address: limits, ..Default::default() }).await
 }
 
 /// Chats started from one address count together, whatever the connection and the transport: one over the
@@ -266,7 +266,7 @@ async fn connections_over_an_addresss_limit_are_closed_at_once_and_counted() {
         trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
         ..Default::default()
     };
-    let server = Server::start_with(GatewaySettings { chat_starts_per_address: limits, ..Default::default() }).await;
+    let server = Server::start_with(GatewaySettings { per_address: limits, ..Default::default() }).await;
     let mut ann = WsClient::connect_forwarded(&server, "203.0.113.7").await;
     let bea = GrpcClient::open_forwarded(&server, "203.0.113.7").await;
 
