@@ -492,11 +492,7 @@ impl WsClient {
 
     /// Connects, and reads the welcome; else the close code the connection ended with.
     pub async fn try_connect(server: &Server) -> Result<WsClient, Option<u16>> {
-        let (socket, _) = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap();
-        let mut client = WsClient { socket, pushes: VecDeque::new(), statuses: VecDeque::new(), next_id: 0 };
-        let welcome = client.read_or_close().await?;
-        assert_eq!(welcome["type"], "welcome");
-        Ok(client)
+        WsClient::try_connect_as(server, None).await
     }
 
     /// A connection whose handshake says, as a proxy's would, that it forwards `forwarded_for`.
@@ -509,9 +505,17 @@ impl WsClient {
 
     /// [`WsClient::connect_forwarded`], or the close code the connection ended with.
     pub async fn try_connect_forwarded(server: &Server, forwarded_for: &str) -> Result<WsClient, Option<u16>> {
+        WsClient::try_connect_as(server, Some(forwarded_for)).await
+    }
+
+    /// Connects (its handshake saying, with `forwarded_for`, that a proxy forwards that address), and reads
+    /// the welcome; else the close code the connection ended with.
+    async fn try_connect_as(server: &Server, forwarded_for: Option<&str>) -> Result<WsClient, Option<u16>> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = server.ws_url().into_client_request().unwrap();
-        request.headers_mut().insert("x-forwarded-for", forwarded_for.parse().unwrap());
+        if let Some(forwarded_for) = forwarded_for {
+            request.headers_mut().insert("x-forwarded-for", forwarded_for.parse().unwrap());
+        }
         let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         let mut client = WsClient { socket, pushes: VecDeque::new(), statuses: VecDeque::new(), next_id: 0 };
         let welcome = client.read_or_close().await?;
