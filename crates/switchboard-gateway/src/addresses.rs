@@ -77,6 +77,14 @@ impl FromStr for IpNet {
     }
 }
 
+/// A network as written in a configuration file: `10.0.0.0/8`, `fd00::/8`, `192.0.2.7`.
+impl<'de> serde::Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`, as a dual-stack socket reports it) is the IPv4 one.
 fn canonical(address: IpAddr) -> IpAddr {
     match address {
@@ -149,17 +157,13 @@ impl AddressLimiter {
         }
     }
 
-    /// Whether there is a limit at all.
-    pub(crate) fn limits(&self) -> bool {
-        self.per_minute > 0
-    }
-
     /// Takes one chat start's token for `address`, or answers how long until there is one, in whole
-    /// milliseconds (at least 1).
-    pub(crate) fn take(&self, address: IpAddr, now_us: i64) -> Result<(), u64> {
-        if !self.limits() {
+    /// milliseconds (at least 1). `now_us` is read only when there is a limit.
+    pub(crate) fn take(&self, address: IpAddr, now_us: impl FnOnce() -> i64) -> Result<(), u64> {
+        if self.per_minute == 0 {
             return Ok(());
         }
+        let now_us = now_us();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let key = key(address);
         if buckets.len() >= MAX_ADDRESSES && !buckets.contains_key(&key) {
@@ -306,30 +310,30 @@ mod tests {
     fn an_address_starts_its_burst_then_at_the_rate_and_is_told_how_long_to_wait() {
         let limiter = AddressLimiter::new(&AddressLimits { per_minute: 6, burst: 2, ..Default::default() });
         let (one, other) = (ip("203.0.113.9"), ip("198.51.100.1"));
-        assert_eq!(limiter.take(one, 0), Ok(()));
-        assert_eq!(limiter.take(one, 0), Ok(()));
-        assert_eq!(limiter.take(one, 0), Err(10_000), "one start every 10 s");
-        assert_eq!(limiter.take(one, 4_000_000), Err(6_000));
+        assert_eq!(limiter.take(one, || 0), Ok(()));
+        assert_eq!(limiter.take(one, || 0), Ok(()));
+        assert_eq!(limiter.take(one, || 0), Err(10_000), "one start every 10 s");
+        assert_eq!(limiter.take(one, || 4_000_000), Err(6_000));
         // Another address has its own bucket.
-        assert_eq!(limiter.take(other, 4_000_000), Ok(()));
-        assert_eq!(limiter.take(one, 10_000_000), Ok(()));
-        assert_eq!(limiter.take(one, 10_000_000), Err(10_000));
+        assert_eq!(limiter.take(other, || 4_000_000), Ok(()));
+        assert_eq!(limiter.take(one, || 10_000_000), Ok(()));
+        assert_eq!(limiter.take(one, || 10_000_000), Err(10_000));
         // A clock that steps back refills nothing.
-        assert_eq!(limiter.take(one, 0), Err(10_000));
+        assert_eq!(limiter.take(one, || 0), Err(10_000));
         // Idle for long: the burst, no more.
-        assert_eq!(limiter.take(one, 600_000_000), Ok(()));
-        assert_eq!(limiter.take(one, 600_000_000), Ok(()));
-        assert!(limiter.take(one, 600_000_000).is_err());
+        assert_eq!(limiter.take(one, || 600_000_000), Ok(()));
+        assert_eq!(limiter.take(one, || 600_000_000), Ok(()));
+        assert!(limiter.take(one, || 600_000_000).is_err());
     }
 
     #[test]
     fn an_ipv6_network_counts_as_one_address_and_no_limit_admits_all() {
         let limiter = AddressLimiter::new(&AddressLimits { per_minute: 1, burst: 1, ..Default::default() });
-        assert_eq!(limiter.take(ip("2001:db8:1:2::1"), 0), Ok(()));
-        assert!(limiter.take(ip("2001:db8:1:2:ffff::9"), 0).is_err(), "the same /64");
-        assert_eq!(limiter.take(ip("2001:db8:1:3::1"), 0), Ok(()), "another /64");
+        assert_eq!(limiter.take(ip("2001:db8:1:2::1"), || 0), Ok(()));
+        assert!(limiter.take(ip("2001:db8:1:2:ffff::9"), || 0).is_err(), "the same /64");
+        assert_eq!(limiter.take(ip("2001:db8:1:3::1"), || 0), Ok(()), "another /64");
         let unlimited = AddressLimiter::new(&AddressLimits::default());
-        assert!((0..1_000).all(|_| unlimited.take(ip("203.0.113.9"), 0).is_ok()));
+        assert!((0..1_000).all(|_| unlimited.take(ip("203.0.113.9"), || 0).is_ok()));
     }
 
     #[test]
@@ -358,23 +362,23 @@ mod tests {
         let limiter = AddressLimiter::new(&AddressLimits { per_minute: 60, burst: 1, ..Default::default() });
         let address = |n: usize| IpAddr::V4(std::net::Ipv4Addr::from(u32::try_from(n).unwrap()));
         for n in 0..MAX_ADDRESSES {
-            assert_eq!(limiter.take(address(n), 0), Ok(()));
+            assert_eq!(limiter.take(address(n), || 0), Ok(()));
         }
         // A second later every bucket is full again: they are forgotten to make room.
-        assert_eq!(limiter.take(address(MAX_ADDRESSES), 1_000_000), Ok(()));
+        assert_eq!(limiter.take(address(MAX_ADDRESSES), || 1_000_000), Ok(()));
         assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
         // Full of buckets in use, but for a few: forgetting those few would free too little room (each new
         // address would scan them all again), so every address starts afresh.
         let limiter = AddressLimiter::new(&AddressLimits { per_minute: 1, burst: 1, ..Default::default() });
         for n in 0..MAX_ADDRESSES - 5 {
-            assert_eq!(limiter.take(address(n), 1_000_000), Ok(()));
+            assert_eq!(limiter.take(address(n), || 1_000_000), Ok(()));
         }
         for n in MAX_ADDRESSES - 5..MAX_ADDRESSES {
-            assert_eq!(limiter.take(address(n), 0), Ok(()));
+            assert_eq!(limiter.take(address(n), || 0), Ok(()));
         }
         // A minute after the last five started: theirs are full again, the others not quite.
-        assert_eq!(limiter.take(address(MAX_ADDRESSES), 60_000_000), Ok(()));
+        assert_eq!(limiter.take(address(MAX_ADDRESSES), || 60_000_000), Ok(()));
         assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
-        assert_eq!(limiter.take(address(0), 60_000_000), Ok(()), "started afresh");
+        assert_eq!(limiter.take(address(0), || 60_000_000), Ok(()), "started afresh");
     }
 }

@@ -279,18 +279,13 @@ impl Drop for Counted {
 /// Serves one connection until it ends: the welcome frame, then requests and pushes.
 /// `running` counts the session from before its transport existed (an upgrade under way is waited for too);
 /// `client` is the address its chat starts and the connection itself count against (`None`: not counted).
-pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, client: Option<IpAddr>, running: Running) {
+pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T, client: Option<IpAddr>, running: Running) {
     let _running = running;
     let max_connections = shared.settings.max_connections;
     let admitted = Admitted::new(&shared.open_connections, max_connections);
     // A gateway that drains closes every new connection at once anyway, and says so (1001), full or not.
     if admitted.is_none() && !*shared.draining.borrow() {
-        debug!(max_connections, transport = T::NAME, "a connection over the limit; closed");
-        metrics::counter!(names::GATEWAY_REFUSALS, "reason" => "gateway_full").increment(1);
-        // Refused connections are outside the limit: they are not waited for long.
-        let close = transport.close(Close::Full { max_connections });
-        let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, close).await;
-        return;
+        return refuse(transport, Close::Full { max_connections }, "gateway_full").await;
     }
     let address_slot = match client.map(|client| shared.address_connections.admit(client)) {
         Some(Some(slot)) => slot,
@@ -298,13 +293,9 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, cli
         // As one over the gateway's limit, but for the address.
         Some(None) if *shared.draining.borrow() => None,
         Some(None) => {
-            let max_connections = shared.address_connections.max();
-            debug!(?client, max_connections, transport = T::NAME, "a connection over its address's limit; closed");
-            metrics::counter!(names::GATEWAY_REFUSALS, "reason" => "address_full").increment(1);
             drop(admitted);
-            let close = transport.close(Close::AddressFull { max_connections });
-            let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, close).await;
-            return;
+            let max_connections = shared.address_connections.max();
+            return refuse(transport, Close::AddressFull { max_connections }, "address_full").await;
         }
     };
     let socket_id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
@@ -412,6 +403,14 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, mut transport: T, cli
         // A client that reads nothing would hold the close forever; after a while it is dropped without.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close(close)).await;
     }
+}
+
+/// Closes a connection refused over a limit (the gateway's, its address's) before its welcome, and counts it
+/// under `reason`. Refused connections are outside the limits: they are not waited for long.
+async fn refuse<T: Transport>(mut transport: T, close: Close, reason: &'static str) {
+    debug!(transport = T::NAME, reason, why = %close.reason(), "a connection over a limit; closed");
+    metrics::counter!(names::GATEWAY_REFUSALS, "reason" => reason).increment(1);
+    let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, transport.close(close)).await;
 }
 
 /// A role's label in the connection gauge.
@@ -935,10 +934,10 @@ impl<T: Transport> Session<T> {
     ///
     /// [`GatewaySettings::per_address`]: crate::GatewaySettings::per_address
     fn take_chat_start(&self) -> Result<(), ErrorReply> {
-        let (Some(client), true) = (self.client, self.shared.chat_starts.limits()) else {
+        let Some(client) = self.client else {
             return Ok(());
         };
-        self.shared.chat_starts.take(client, self.shared.clock.now_us()).map_err(|retry_after_ms| {
+        self.shared.chat_starts.take(client, || self.shared.clock.now_us()).map_err(|retry_after_ms| {
             debug!(%client, retry_after_ms, "a chat start over the address's limit");
             ErrorReply::address_rate_limited(retry_after_ms)
         })

@@ -374,8 +374,7 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
         max_followed_chats: config.limits.max_followed_chats,
         max_connections: config.limits.max_connections,
         request_rate: RequestRate { per_second: config.limits.requests_per_second, burst: config.limits.request_burst },
-        // Checked when the configuration was read.
-        per_address: config.limits.address_limits().unwrap_or_default(),
+        per_address: config.limits.address_limits(),
         presence_heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
         ..Default::default()
     }
