@@ -918,13 +918,18 @@ impl Customer {
     }
 }
 
-/// Waits until the gateway is told that `conversation` joined the queue of `group`.
+/// Waits until the gateway is told that `conversation` is in the queue of `group`: by its addition, or by a
+/// snapshot of the queue that holds it (a subscription made again after the chat started, which the gateway
+/// takes for the whole queue as well).
 async fn queue_added(cluster: &Cluster, group: &GroupId, conversation: ConversationId) {
     eventually(|| async {
         let changes = cluster.pushes.queue_changes(group);
-        let added =
-            |change: &QueueChange| matches!(change, QueueChange::Added { entry } if entry.conversation == conversation);
-        changes.iter().any(added).then_some(())
+        let told = |change: &QueueChange| match change {
+            QueueChange::Added { entry } => entry.conversation == conversation,
+            QueueChange::Snapshot { entries } => entries.iter().any(|entry| entry.conversation == conversation),
+            _ => false,
+        };
+        changes.iter().any(told).then_some(())
     })
     .await;
 }
@@ -1243,7 +1248,9 @@ async fn a_queue_followed_again_while_a_resubscription_undoes_itself_stays_follo
     cluster.client.subscribe_queue(&gateway, &tenant(), &queue).await.unwrap();
     undo.release().await;
 
-    // A new chat in the queue is pushed to this gateway.
+    // A new chat in the queue is pushed to this gateway. (The undo did unsubscribe it on the owner, and the
+    // resubscription goes on, seeing the queue followed again: a chat started before it lands on the owner
+    // reaches the gateway in the snapshot that subscription brings, not as an addition.)
     let (chat, _) = cluster.start_chat("node-1", &queue, "erin").await;
     queue_added(&cluster, &queue, chat).await;
 }
