@@ -19,7 +19,6 @@ mod addresses;
 mod admission;
 mod grpc;
 pub mod hub;
-mod keyed_locks;
 pub mod protocol;
 mod serve;
 mod session;
@@ -50,11 +49,11 @@ pub use crate::addresses::{AddressLimits, IpNet};
 pub use crate::admission::{REPLY_BYTES_PER_REQUEST, RequestRate};
 pub use crate::grpc::{ChatGrpc, SessionStream};
 use crate::hub::{Hub, Needs, SocketId};
-use crate::keyed_locks::{KeyedGuard, KeyedLocks};
 pub use crate::serve::Served;
 pub use crate::ws::{
     CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_SLOW_CONSUMER, CLOSE_TRY_AGAIN_LATER, CLOSE_UNRESPONSIVE,
 };
+use switchboard_proto::keyed_locks::{KeyedGuard, KeyedLocks};
 
 /// The full name of the public gRPC service.
 pub const CHAT_SERVICE: &str = "switchboard.v1.ChatService";

@@ -9,8 +9,11 @@
 //! - [`router`]: what a gateway asks of the router (start a chat, accept, send, subscribe...), as a Rust trait
 //!   over domain types, and the pushes a router sends back to a gateway.
 //! - [`convert`]: conversions between the protobuf records and the domain types.
+//! - [`keyed_locks`]: async locks by key, which order the subscription changes of one thing on either side
+//!   of [`router::RouterApi`].
 
 pub mod convert;
+pub mod keyed_locks;
 pub mod router;
 pub mod store;
 

@@ -27,7 +27,9 @@
 //!   opens again (the node may have restarted, and pushes are lost while no stream is open). Subscribing
 //!   again starts from the seq the gateway has every event up to, and forwards the events returned into
 //!   the sink, so that sockets see no hole; a push that skips seqs starts the same catch-up. Agents get
-//!   their chosen status back on their new owner.
+//!   their chosen status back on their new owner. A queue's or an agent's subscription, made or made
+//!   again, and its unsubscription take a lock of that queue or agent (`Inner::things`), so that the
+//!   owner sees them in the order the gateway decided them.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -43,6 +45,7 @@ use switchboard_domain::{
     agent_key, conversation_key, queue_key, shard_of,
 };
 use switchboard_proto::internal::v1::{GetPlacementRequest, Placement};
+use switchboard_proto::keyed_locks::KeyedLocks;
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, OfferUpdate,
     OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
@@ -262,6 +265,13 @@ struct Inner {
     subscriptions: Mutex<Subscriptions>,
     /// The resubscriptions tried again (`retry_later`) that may run at once.
     retry_permits: Arc<Semaphore>,
+    /// One lock per queue and per agent, held while a call subscribes or unsubscribes the gateway on the
+    /// owner together with the change of what the gateway follows that goes with it. A resubscription so
+    /// sees the gateway's own calls for the thing before or after it, never in between: were it to find the
+    /// thing no longer followed after its call and undo its subscription, that undo could land after the
+    /// gateway followed the thing again, leaving it unsubscribed until a re-subscription (an agent's pushes
+    /// made meanwhile, a chat forwarded to them, would be lost; a queue has its snapshot).
+    things: KeyedLocks<Resubscription, ()>,
 }
 
 impl Drop for Inner {
@@ -307,6 +317,7 @@ impl ClusterClient {
             next_stream_id: AtomicU64::new(0),
             retry_permits: Arc::new(Semaphore::new(RESUBSCRIBE_CONCURRENCY)),
             subscriptions: Mutex::default(),
+            things: KeyedLocks::default(),
         });
         tokio::spawn(follow_placement(Arc::downgrade(&inner)));
         tokio::spawn(watch_placement(Arc::downgrade(&inner)));
@@ -583,35 +594,22 @@ async fn resubscribe_queue(
     group: GroupId,
     retry: Duration,
 ) {
-    let followed =
-        |client: &ClusterClient| lock(&client.inner.subscriptions).queues.contains(&(tenant.clone(), group.clone()));
-    let key = queue_key(&tenant, &group);
+    let thing = Resubscription::Queue(tenant.clone(), group.clone());
+    // The gateway's own calls for the queue wait meanwhile (`Inner::things`).
+    let _ordered = client.inner.things.lock(&thing).await;
+    if !lock(&client.inner.subscriptions).queues.contains(&(tenant.clone(), group.clone())) {
+        return;
+    }
     let (gateway, tenant_ref, group_ref) = (&link.gateway, &tenant, &group);
-    while followed(&client) {
-        let subscribed = client
-            .on_owner(&key, true, |node| async move { node.subscribe_queue(gateway, tenant_ref, group_ref).await })
-            .await;
-        match subscribed {
-            Err(error) => {
-                warn!(%error, %group, ?retry, "queue not subscribed again on its new owner");
-                if error.is_retryable() {
-                    retry_later(
-                        client.clone(),
-                        link.clone(),
-                        Resubscription::Queue(tenant.clone(), group.clone()),
-                        retry,
-                    );
-                }
-                return;
-            }
-            // Unsubscribed meanwhile: undo, then again if followed once more by then (see
-            // `resubscribe_conversation`).
-            Ok(()) if !followed(&client) => {
-                if let Some(node) = client.node_for(&key) {
-                    node.unsubscribe_queue(&link.gateway, &tenant, &group).await;
-                }
-            }
-            Ok(()) => return,
+    let subscribed = client
+        .on_owner(&queue_key(&tenant, &group), true, |node| async move {
+            node.subscribe_queue(gateway, tenant_ref, group_ref).await
+        })
+        .await;
+    if let Err(error) = subscribed {
+        warn!(%error, %group, ?retry, "queue not subscribed again on its new owner");
+        if error.is_retryable() {
+            retry_later(client.clone(), link.clone(), thing, retry);
         }
     }
 }
@@ -623,36 +621,22 @@ async fn resubscribe_agent(
     agent: AgentId,
     retry: Duration,
 ) {
-    let followed = |client: &ClusterClient| {
-        lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone()))
-    };
-    let key = agent_key(&tenant, &agent);
+    let thing = Resubscription::Agent(tenant.clone(), agent.clone());
+    // The gateway's own calls for the agent wait meanwhile (`Inner::things`).
+    let _ordered = client.inner.things.lock(&thing).await;
+    if !lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone())) {
+        return;
+    }
     let (gateway, tenant_ref, agent_ref) = (&link.gateway, &tenant, &agent);
-    while followed(&client) {
-        let subscribed = client
-            .on_owner(&key, true, |node| async move { node.subscribe_agent(gateway, tenant_ref, agent_ref).await })
-            .await;
-        match subscribed {
-            Err(error) => {
-                warn!(%error, %agent, ?retry, "agent not subscribed again on its new owner");
-                if error.is_retryable() {
-                    retry_later(
-                        client.clone(),
-                        link.clone(),
-                        Resubscription::Agent(tenant.clone(), agent.clone()),
-                        retry,
-                    );
-                }
-                return;
-            }
-            // Unsubscribed meanwhile: undo, then again if followed once more by then (see
-            // `resubscribe_conversation`).
-            Ok(()) if !followed(&client) => {
-                if let Some(node) = client.node_for(&key) {
-                    node.unsubscribe_agent(&link.gateway, &tenant, &agent).await;
-                }
-            }
-            Ok(()) => return,
+    let subscribed = client
+        .on_owner(&agent_key(&tenant, &agent), true, |node| async move {
+            node.subscribe_agent(gateway, tenant_ref, agent_ref).await
+        })
+        .await;
+    if let Err(error) = subscribed {
+        warn!(%error, %agent, ?retry, "agent not subscribed again on its new owner");
+        if error.is_retryable() {
+            retry_later(client.clone(), link.clone(), thing, retry);
         }
     }
 }
@@ -1204,6 +1188,7 @@ impl RouterApi for ClusterClient {
         // Followed before the call, so that a stream that opens meanwhile subscribes again to it (a snapshot
         // pushed before the gateway's stream is open on the node is lost, and the node forgets the gateway).
         let key = (tenant.clone(), group.clone());
+        let _ordered = self.inner.things.lock(&Resubscription::Queue(tenant.clone(), group.clone())).await;
         let created = self.link().is_some() && lock(&self.inner.subscriptions).queues.insert(key.clone());
         let subscribed = self
             .on_owner(&queue_key(tenant, group), true, |node| async move {
@@ -1217,6 +1202,7 @@ impl RouterApi for ClusterClient {
     }
 
     async fn unsubscribe_queue(&self, gateway: &GatewayId, tenant: &TenantId, group: &GroupId) {
+        let _ordered = self.inner.things.lock(&Resubscription::Queue(tenant.clone(), group.clone())).await;
         lock(&self.inner.subscriptions).queues.remove(&(tenant.clone(), group.clone()));
         if let Some(node) = self.node_for(&queue_key(tenant, group)) {
             node.unsubscribe_queue(gateway, tenant, group).await;
@@ -1241,6 +1227,7 @@ impl RouterApi for ClusterClient {
     ) -> Result<(), RouterError> {
         // Followed before the call, as queues are (see `subscribe_queue`).
         let key = (tenant.clone(), agent.clone());
+        let _ordered = self.inner.things.lock(&Resubscription::Agent(tenant.clone(), agent.clone())).await;
         let created = self.link().is_some() && lock(&self.inner.subscriptions).followed_agents.insert(key.clone());
         let subscribed = self
             .on_owner(&agent_key(tenant, agent), true, |node| async move {
@@ -1257,6 +1244,7 @@ impl RouterApi for ClusterClient {
         // The agent's last socket here is gone: its status is not this gateway's to set again after a move
         // (the agent may choose another one through another gateway; its owner's grace period applies).
         let key = (tenant.clone(), agent.clone());
+        let _ordered = self.inner.things.lock(&Resubscription::Agent(tenant.clone(), agent.clone())).await;
         {
             let mut subscriptions = lock(&self.inner.subscriptions);
             subscriptions.followed_agents.remove(&key);

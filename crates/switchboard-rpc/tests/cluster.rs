@@ -318,6 +318,14 @@ impl Held {
         within(&mut self.entered).await.expect("the gate is still armed");
     }
 
+    /// Checks that the call does not reach its gate while another held call it must wait for is held. (A
+    /// call that does not wait reaches it at once; 200 ms is a bound on how long that takes, not a condition
+    /// waited for.)
+    async fn waits(&mut self) {
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut self.entered).await;
+        assert!(early.is_err(), "the call reached the owner while the call it must wait for was held");
+    }
+
     /// Lets the call through and waits until the node answered it.
     async fn release(self) {
         let _ = self.release.send(());
@@ -1204,11 +1212,14 @@ async fn a_chat_followed_again_while_a_resubscription_undoes_itself_stays_follow
     eventually(|| async { cluster.pushes.seqs(chat).contains(&sent.seq).then_some(()) }).await;
 }
 
-/// As for a chat, for an agent's own pushes: the agent's last socket here signs out while the subscription
-/// made again after an owner move is on its way, and the agent signs in again before that subscription's
-/// undo lands on the owner.
+/// For an agent's own pushes, unlike a chat's, nothing fills a hole: the agent's last socket here signs out
+/// while the subscription made again after an owner move is on its way, and the agent signs in again at
+/// once. The sign-out waits for that subscription, and the sign-in for the sign-out, so that the gateway is
+/// never left unsubscribed while it follows the agent. (Before, the subscription found the agent no longer
+/// followed and undid itself, and that undo could land after the sign-in: the gateway was unsubscribed until
+/// it subscribed once more, and a chat forwarded to the agent meanwhile was never pushed.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_followed_again_while_a_resubscription_undoes_itself_stays_followed() {
+async fn an_agent_signed_out_and_in_again_while_a_resubscription_is_on_its_way_stays_followed() {
     let mut cluster = Cluster::start(3, Duration::ZERO).await;
     let gateway = cluster.gateway_id.clone();
     let (moving, forwarding, queue) = cluster.agents_to_forward_between().await;
@@ -1216,23 +1227,33 @@ async fn an_agent_followed_again_while_a_resubscription_undoes_itself_stays_foll
     let mut resubscription = cluster.holds.arm("subscribe_agent");
     cluster.nodes.remove("node-1").unwrap().terminate().await;
     resubscription.entered().await;
-    cluster.client.unsubscribe_agent(&gateway, &tenant(), &moving).await;
-    let mut undo = cluster.holds.arm("unsubscribe_agent");
+    let mut sign_out = cluster.holds.arm("unsubscribe_agent");
+    let signed_out = {
+        let (client, gateway, moving) = (cluster.client.clone(), gateway.clone(), moving.clone());
+        tokio::spawn(async move { client.unsubscribe_agent(&gateway, &tenant(), &moving).await })
+    };
+    sign_out.waits().await;
     resubscription.release().await;
-    undo.entered().await;
-    // Signed in again (choosing their status again) before the undo lands.
-    cluster.client.subscribe_agent(&gateway, &tenant(), &moving).await.unwrap();
-    cluster.client.set_agent_status(&tenant(), &moving, AgentStatus::Online).await.unwrap();
-    undo.release().await;
+    sign_out.entered().await;
+    let signed_in = {
+        let (client, gateway, moving) = (cluster.client.clone(), gateway.clone(), moving.clone());
+        tokio::spawn(async move {
+            client.subscribe_agent(&gateway, &tenant(), &moving).await?;
+            client.set_agent_status(&tenant(), &moving, AgentStatus::Online).await
+        })
+    };
+    sign_out.release().await;
+    within(signed_out).await.unwrap();
+    within(signed_in).await.unwrap().unwrap();
 
     // A chat forwarded to the agent is pushed to this gateway.
     cluster.forwarded_chat_is_pushed(&queue, &forwarding, &moving).await;
 }
 
-/// As for a chat, for a queue: the gateway stops following a queue while the subscription made again after
-/// an owner move is on its way, and follows it again before that subscription's undo lands on the owner.
+/// As for an agent, for a queue: the gateway stops following a queue while the subscription made again after
+/// an owner move is on its way, and follows it again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_followed_again_while_a_resubscription_undoes_itself_stays_followed() {
+async fn a_queue_left_and_followed_again_while_a_resubscription_is_on_its_way_stays_followed() {
     let mut cluster = Cluster::start(3, Duration::ZERO).await;
     let gateway = cluster.gateway_id.clone();
     let queue = cluster.group_on("node-2", &[]);
@@ -1241,16 +1262,23 @@ async fn a_queue_followed_again_while_a_resubscription_undoes_itself_stays_follo
     let mut resubscription = cluster.holds.arm("subscribe_queue");
     cluster.nodes.remove("node-2").unwrap().terminate().await;
     resubscription.entered().await;
-    cluster.client.unsubscribe_queue(&gateway, &tenant(), &queue).await;
-    let mut undo = cluster.holds.arm("unsubscribe_queue");
+    let mut left = cluster.holds.arm("unsubscribe_queue");
+    let unsubscribed = {
+        let (client, gateway, queue) = (cluster.client.clone(), gateway.clone(), queue.clone());
+        tokio::spawn(async move { client.unsubscribe_queue(&gateway, &tenant(), &queue).await })
+    };
+    left.waits().await;
     resubscription.release().await;
-    undo.entered().await;
-    cluster.client.subscribe_queue(&gateway, &tenant(), &queue).await.unwrap();
-    undo.release().await;
+    left.entered().await;
+    let subscribed = {
+        let (client, gateway, queue) = (cluster.client.clone(), gateway.clone(), queue.clone());
+        tokio::spawn(async move { client.subscribe_queue(&gateway, &tenant(), &queue).await })
+    };
+    left.release().await;
+    within(unsubscribed).await.unwrap();
+    within(subscribed).await.unwrap().unwrap();
 
-    // A new chat in the queue is pushed to this gateway. (The undo did unsubscribe it on the owner, and the
-    // resubscription goes on, seeing the queue followed again: a chat started before it lands on the owner
-    // reaches the gateway in the snapshot that subscription brings, not as an addition.)
+    // A new chat in the queue is pushed to this gateway.
     let (chat, _) = cluster.start_chat("node-1", &queue, "erin").await;
     queue_added(&cluster, &queue, chat).await;
 }

@@ -1,6 +1,7 @@
 //! Locks by key: made on first use, forgotten once nobody holds or waits for one and its value is back to
-//! its default. They order the gateway's subscription changes of one conversation or one agent without
-//! making unrelated keys wait for each other (a subscription may wait seconds for a shard to move).
+//! its default. They order the subscription changes of one conversation, queue or agent without making
+//! unrelated keys wait for each other (a subscription may wait seconds for a shard to move): the gateway's
+//! own, and, in the split gateway's cluster client, those it makes again after an owner move.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
 
-pub(crate) struct KeyedLocks<K, V> {
+pub struct KeyedLocks<K, V> {
     locks: Mutex<HashMap<K, Arc<tokio::sync::Mutex<V>>>>,
 }
 
@@ -21,7 +22,7 @@ impl<K, V> Default for KeyedLocks<K, V> {
 
 impl<K: Eq + Hash + Clone, V: Default + PartialEq> KeyedLocks<K, V> {
     /// Waits for the lock of `key`; its value is what the last holder left (the default at first).
-    pub(crate) async fn lock(&self, key: &K) -> KeyedGuard<'_, K, V> {
+    pub async fn lock(&self, key: &K) -> KeyedGuard<'_, K, V> {
         let entry = self.map().entry(key.clone()).or_default().clone();
         let guard = entry.clone().lock_owned().await;
         KeyedGuard { locks: self, key: key.clone(), entry, guard: Some(guard) }
@@ -37,7 +38,7 @@ impl<K: Eq + Hash + Clone, V: Default + PartialEq> KeyedLocks<K, V> {
     }
 }
 
-pub(crate) struct KeyedGuard<'a, K: Eq + Hash + Clone, V: Default + PartialEq> {
+pub struct KeyedGuard<'a, K: Eq + Hash + Clone, V: Default + PartialEq> {
     locks: &'a KeyedLocks<K, V>,
     key: K,
     entry: Arc<tokio::sync::Mutex<V>>,
