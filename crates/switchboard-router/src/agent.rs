@@ -14,7 +14,7 @@
 //! agent who came back online, is a queue that never offers them a chat. The versions make a retelling
 //! harmless: a queue keeps the newest.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,6 +38,11 @@ use crate::error::from_store;
 use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
+
+/// How long a chat assigned to an agent without their accept is told again to each gateway that starts
+/// following the agent (see [`AgentActorState::recently_assigned`]): longer than a gateway takes to follow
+/// an agent on its new owner after a move, retries included.
+pub(crate) const ASSIGNED_TOLD_AGAIN_FOR_MS: i64 = 30_000;
 
 /// How many heartbeats pass, at most, between two times the queues are told the agent's availability.
 pub const RETELL_EVERY_TICKS: u32 = 10;
@@ -109,6 +114,13 @@ pub(crate) struct AgentActorState {
     /// Not before this is the offer held checked against the store again (see
     /// [`AgentActorState::check_held_offer`]).
     offer_checked_again_at_ms: i64,
+    /// The chats assigned to the agent without their accept (forwarded to them, or an accept whose answer was
+    /// lost) in the last [`ASSIGNED_TOLD_AGAIN_FOR_MS`], with when, oldest first: each gateway that starts
+    /// following the agent is told them again while they are still the agent's. An agent's pushes have no seq
+    /// to resume from, and after a move a gateway follows the agent on its new owner only once it learns of
+    /// the move: a chat forwarded in between would otherwise never reach the agent's consoles, which follow
+    /// it on `chat.assigned`. (An offer is shown again from `shown_offer`.)
+    recently_assigned: VecDeque<(i64, ChatView)>,
 }
 
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
@@ -169,6 +181,7 @@ impl Actor for AgentActor {
             ticks_since_told: 0,
             status_lost,
             offer_checked_again_at_ms: 0,
+            recently_assigned: VecDeque::new(),
         })
     }
 
@@ -243,6 +256,16 @@ impl Actor for AgentActor {
                         Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
                     state.context.gateways.push(&gateway, push);
                 }
+                // A gateway already following the agent was told them when they were assigned.
+                if !state.subscribers.contains(&gateway) {
+                    state.forget_assigned_before(state.now_ms() - ASSIGNED_TOLD_AGAIN_FOR_MS);
+                    for (_, chat) in &state.recently_assigned {
+                        let change = AgentChange::Assigned { chat: chat.clone() };
+                        let push =
+                            Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
+                        state.context.gateways.push(&gateway, push);
+                    }
+                }
                 state.subscribers.insert(gateway);
             }
             AgentMsg::Unsubscribe { gateway } => {
@@ -304,7 +327,7 @@ impl AgentActorState {
         match &forwarded {
             Ok(chat) => {
                 self.agent.confirm(conversation, self.now_ms());
-                self.push(AgentChange::Assigned { chat: chat.clone() });
+                self.assigned(chat.clone());
             }
             Err(_) => self.agent.release(&conversation),
         }
@@ -416,7 +439,7 @@ impl AgentActorState {
                 metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_ACCEPT_ANSWER_LOST).increment(1);
                 self.agent.confirm(conversation, now_ms);
                 self.shown_offer = None;
-                self.push(AgentChange::Assigned { chat: crate::conversation::view_of(&stored) });
+                self.assigned(crate::conversation::view_of(&stored));
                 self.changed().await;
             }
             Some(stored) => self.free_lost_offer(&stored).await,
@@ -463,6 +486,21 @@ impl AgentActorState {
         for group in self.agent.groups.clone() {
             remote::queue_agent_changed(&self.context, &self.agent.tenant, &group, availability.clone()).await;
         }
+    }
+
+    /// Tells the agent's consoles of a chat that became theirs without their accept, and keeps it to tell
+    /// gateways that follow the agent later (`recently_assigned`).
+    fn assigned(&mut self, chat: ChatView) {
+        let now_ms = self.now_ms();
+        self.forget_assigned_before(now_ms - ASSIGNED_TOLD_AGAIN_FOR_MS);
+        self.recently_assigned.push_back((now_ms, chat.clone()));
+        self.push(AgentChange::Assigned { chat });
+    }
+
+    /// Forgets the chats assigned before `since_ms`, and those no longer the agent's.
+    fn forget_assigned_before(&mut self, since_ms: i64) {
+        let active = &self.agent.active;
+        self.recently_assigned.retain(|(at_ms, chat)| *at_ms >= since_ms && active.contains(&chat.conversation));
     }
 
     fn push(&self, change: AgentChange) {

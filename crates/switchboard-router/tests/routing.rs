@@ -583,6 +583,77 @@ async fn a_forward_needs_an_online_agent_with_a_free_slot() {
     assert_eq!(refused, Err(RouterError::Refused(Refusal::NotParticipant)));
 }
 
+/// A gateway follows an agent on their new owner only once it learns of a move: a chat forwarded to the
+/// agent in between, on the new owner, reaches the agent's consoles when their gateway does follow the agent
+/// there, as does any gateway that starts following the agent within 30 s while the chat is still theirs.
+#[tokio::test(start_paused = true)]
+async fn a_chat_forwarded_before_a_gateway_follows_the_agent_is_told_to_it_when_it_does() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    sign_in(&fixture, "c").await;
+    let assigned_of = |pushes: &[Push], to: &str| {
+        pushes
+            .iter()
+            .filter_map(|push| match push {
+                Push::Agent { agent: pushed, change: AgentChange::Assigned { chat }, .. } if *pushed == agent(to) => {
+                    Some(chat.conversation)
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    async fn forward(fixture: &Fixture, chat: ConversationId) {
+        fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+        fixture.router.forward_chat(&caller("b"), chat, &agent("c")).await.unwrap();
+        settle().await;
+    }
+    // No gateway follows c here yet, as on a new owner.
+    fixture.router.unsubscribe_agent(&fixture.gateway, &tenant(), &agent("c")).await;
+    let chat = fixture.start_chat("g1", "ann").await;
+    forward(&fixture, chat).await;
+    assert_eq!(assigned_of(&fixture.drain(), "c"), [], "nobody to tell");
+
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("c")).await.unwrap();
+    settle().await;
+    assert_eq!(assigned_of(&fixture.drain(), "c"), [chat], "told once the gateway follows c");
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("c")).await.unwrap();
+    settle().await;
+    assert_eq!(assigned_of(&fixture.drain(), "c"), [], "not again to a gateway that followed c already");
+
+    // A chat forwarded while the gateway follows c is told at once, and to a gateway that starts following c
+    // later, with the first, but not once it is no longer c's.
+    let second = fixture.start_chat("g1", "bea").await;
+    forward(&fixture, second).await;
+    assert_eq!(assigned_of(&fixture.drain(), "c"), [second]);
+    let closed = fixture.start_chat("g1", "cid").await;
+    forward(&fixture, closed).await;
+    fixture.router.command(&caller("c"), closed, ChatCommand::Close).await.unwrap();
+    fixture.pass(20_000).await;
+    let (sink, mut later) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = switchboard_proto::router::GatewayId("gw-2".into());
+    fixture.router.connect_gateway(gateway.clone(), sink);
+    fixture.router.subscribe_agent(&gateway, &tenant(), &agent("c")).await.unwrap();
+    settle().await;
+    let mut pushed = Vec::new();
+    while let Ok(push) = later.try_recv() {
+        pushed.push(push);
+    }
+    assert_eq!(assigned_of(&pushed, "c"), [chat, second], "each still c's, oldest first");
+
+    // 30 s after they were assigned, they are no longer told.
+    fixture.pass(10_001).await;
+    let (sink, mut latest) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = switchboard_proto::router::GatewayId("gw-3".into());
+    fixture.router.connect_gateway(gateway.clone(), sink);
+    fixture.router.subscribe_agent(&gateway, &tenant(), &agent("c")).await.unwrap();
+    settle().await;
+    let mut pushed = Vec::new();
+    while let Ok(push) = latest.try_recv() {
+        pushed.push(push);
+    }
+    assert_eq!(assigned_of(&pushed, "c"), []);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_agent_without_connection_keeps_their_chats_for_the_grace_period_then_they_are_requeued() {
     let mut fixture = fixture().await;

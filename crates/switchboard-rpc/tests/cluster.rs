@@ -1250,6 +1250,40 @@ async fn an_agent_signed_out_and_in_again_while_a_resubscription_is_on_its_way_s
     cluster.forwarded_chat_is_pushed(&queue, &forwarding, &moving).await;
 }
 
+/// An agent's pushes have no seq to resume from: a chat forwarded to the agent on their new owner before the
+/// gateway follows them there (its subscription made again after the move is held on its way) reaches the
+/// gateway once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_forwarded_to_an_agent_before_the_gateway_follows_them_on_their_new_owner_reaches_it() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let (moving, forwarding, queue) = cluster.agents_to_forward_between().await;
+
+    let mut resubscription = cluster.holds.arm("subscribe_agent");
+    cluster.nodes.remove("node-1").unwrap().terminate().await;
+    resubscription.entered().await;
+    let (chat, _) = cluster.start_chat("node-2", &queue, "carol").await;
+    cluster.client.accept_chat(&tenant(), &forwarding, chat).await.unwrap();
+    let by = Caller::Agent { tenant: tenant(), agent: forwarding.clone() };
+    // The agent is online on the new owner once the gateway gives them their status back there.
+    let forwarded = eventually(|| async {
+        match cluster.client.forward_chat(&by, chat, &moving).await {
+            Ok(view) => Some(view),
+            Err(RouterError::Refused(Refusal::AgentUnavailable)) => None,
+            Err(error) => panic!("forward failed: {error}"),
+        }
+    })
+    .await;
+    assert_eq!(forwarded.owner.as_ref(), Some(&moving));
+    resubscription.release().await;
+
+    eventually(|| async {
+        let assigned =
+            |change: &AgentChange| matches!(change, AgentChange::Assigned { chat: view } if view.conversation == chat);
+        cluster.pushes.agent_changes(&moving).iter().any(assigned).then_some(())
+    })
+    .await;
+}
+
 /// As for an agent, for a queue: the gateway stops following a queue while the subscription made again after
 /// an owner move is on its way, and follows it again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
