@@ -1022,6 +1022,9 @@ async fn chats_across_routers_and_a_graceful_handover() {
     sender.sends(40).await;
     let report = sender.stop().await;
     println!("graceful handover: terminate took {terminated:?}; {report:?}");
+    // Database time stands still here: node-1's leases never expire, so every shard taken over was released
+    // by the handover (`converged` above), and a send waiting for them to expire would have failed (after
+    // `retry_for`). How long the sends waited is printed, not asserted: it is this machine's load.
     assert!(report.failures.is_empty(), "{report:?}");
     stored_once(&cluster, chat, report.n_sent).await;
     cluster.gap_free(chat, &backlog).await;
@@ -1039,7 +1042,6 @@ async fn chats_across_routers_and_a_graceful_handover() {
     })
     .await;
     assert_eq!(view.owner, Some(moving_agent));
-    assert!(report.longest < Duration::from_secs(1), "a send waited {:?} during a graceful handover", report.longest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
