@@ -629,29 +629,25 @@ async fn a_chat_forwarded_before_a_gateway_follows_the_agent_is_told_to_it_when_
     forward(&fixture, closed).await;
     fixture.router.command(&caller("c"), closed, ChatCommand::Close).await.unwrap();
     fixture.pass(20_000).await;
-    let (sink, mut later) = tokio::sync::mpsc::unbounded_channel();
-    let gateway = switchboard_proto::router::GatewayId("gw-2".into());
-    fixture.router.connect_gateway(gateway.clone(), sink);
-    fixture.router.subscribe_agent(&gateway, &tenant(), &agent("c")).await.unwrap();
-    settle().await;
-    let mut pushed = Vec::new();
-    while let Ok(push) = later.try_recv() {
-        pushed.push(push);
-    }
-    assert_eq!(assigned_of(&pushed, "c"), [chat, second], "each still c's, oldest first");
+    assert_eq!(assigned_of(&another_follows_c(&fixture, "gw-2").await, "c"), [chat, second], "each still c's");
 
     // 30 s after they were assigned, they are no longer told.
     fixture.pass(10_001).await;
-    let (sink, mut latest) = tokio::sync::mpsc::unbounded_channel();
-    let gateway = switchboard_proto::router::GatewayId("gw-3".into());
+    assert_eq!(assigned_of(&another_follows_c(&fixture, "gw-3").await, "c"), []);
+}
+
+/// A gateway named `name` connects and follows agent c: what it is pushed at once.
+async fn another_follows_c(fixture: &Fixture, name: &str) -> Vec<Push> {
+    let (sink, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = switchboard_proto::router::GatewayId(name.into());
     fixture.router.connect_gateway(gateway.clone(), sink);
     fixture.router.subscribe_agent(&gateway, &tenant(), &agent("c")).await.unwrap();
     settle().await;
     let mut pushed = Vec::new();
-    while let Ok(push) = latest.try_recv() {
+    while let Ok(push) = pushes.try_recv() {
         pushed.push(push);
     }
-    assert_eq!(assigned_of(&pushed, "c"), []);
+    pushed
 }
 
 #[tokio::test(start_paused = true)]

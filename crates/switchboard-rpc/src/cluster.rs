@@ -519,7 +519,12 @@ async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Mat
     // Agents' own pushes are followed before their statuses are restored, so that what the restore causes
     // (an offer to an agent back online) reaches the gateway.
     for (tenant, agent) in followed_agents {
-        let task = resubscribe_agent(client.clone(), link.clone(), tenant, agent, RESUBSCRIBE_RETRY_FIRST);
+        let task = resubscribe_thing(
+            client.clone(),
+            link.clone(),
+            Resubscription::Agent(tenant, agent),
+            RESUBSCRIBE_RETRY_FIRST,
+        );
         spawn_limited(&mut tasks, task).await;
     }
     for (tenant, agent) in agents {
@@ -527,7 +532,12 @@ async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Mat
         spawn_limited(&mut tasks, task).await;
     }
     for (tenant, group) in queues {
-        let task = resubscribe_queue(client.clone(), link.clone(), tenant, group, RESUBSCRIBE_RETRY_FIRST);
+        let task = resubscribe_thing(
+            client.clone(),
+            link.clone(),
+            Resubscription::Queue(tenant, group),
+            RESUBSCRIBE_RETRY_FIRST,
+        );
         spawn_limited(&mut tasks, task).await;
     }
     for conversation in conversations {
@@ -587,54 +597,37 @@ async fn restore_status(
     }
 }
 
-async fn resubscribe_queue(
-    client: ClusterClient,
-    link: Arc<GatewayLink>,
-    tenant: TenantId,
-    group: GroupId,
-    retry: Duration,
-) {
-    let thing = Resubscription::Queue(tenant.clone(), group.clone());
-    // The gateway's own calls for the queue wait meanwhile (`Inner::things`).
+/// Subscribes the gateway again to a queue or an agent (`thing`) on its owner now, if it still follows it. The
+/// gateway's own calls for the thing wait meanwhile (`Inner::things`).
+async fn resubscribe_thing(client: ClusterClient, link: Arc<GatewayLink>, thing: Resubscription, retry: Duration) {
     let _ordered = client.inner.things.lock(&thing).await;
-    if !lock(&client.inner.subscriptions).queues.contains(&(tenant.clone(), group.clone())) {
-        return;
-    }
-    let (gateway, tenant_ref, group_ref) = (&link.gateway, &tenant, &group);
-    let subscribed = client
-        .on_owner(&queue_key(&tenant, &group), true, |node| async move {
-            node.subscribe_queue(gateway, tenant_ref, group_ref).await
-        })
-        .await;
-    if let Err(error) = subscribed {
-        warn!(%error, %group, ?retry, "queue not subscribed again on its new owner");
-        if error.is_retryable() {
-            retry_later(client.clone(), link.clone(), thing, retry);
+    let gateway = &link.gateway;
+    let subscribed = match &thing {
+        Resubscription::Queue(tenant, group) => {
+            if !lock(&client.inner.subscriptions).queues.contains(&(tenant.clone(), group.clone())) {
+                return;
+            }
+            client
+                .on_owner(&queue_key(tenant, group), true, |node| async move {
+                    node.subscribe_queue(gateway, tenant, group).await
+                })
+                .await
         }
-    }
-}
-
-async fn resubscribe_agent(
-    client: ClusterClient,
-    link: Arc<GatewayLink>,
-    tenant: TenantId,
-    agent: AgentId,
-    retry: Duration,
-) {
-    let thing = Resubscription::Agent(tenant.clone(), agent.clone());
-    // The gateway's own calls for the agent wait meanwhile (`Inner::things`).
-    let _ordered = client.inner.things.lock(&thing).await;
-    if !lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone())) {
-        return;
-    }
-    let (gateway, tenant_ref, agent_ref) = (&link.gateway, &tenant, &agent);
-    let subscribed = client
-        .on_owner(&agent_key(&tenant, &agent), true, |node| async move {
-            node.subscribe_agent(gateway, tenant_ref, agent_ref).await
-        })
-        .await;
+        Resubscription::Agent(tenant, agent) => {
+            if !lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone())) {
+                return;
+            }
+            client
+                .on_owner(&agent_key(tenant, agent), true, |node| async move {
+                    node.subscribe_agent(gateway, tenant, agent).await
+                })
+                .await
+        }
+        // Subscribed again from a seq, and undone rather than ordered (`resubscribe_conversation`).
+        Resubscription::Conversation(_) => return,
+    };
     if let Err(error) = subscribed {
-        warn!(%error, %agent, ?retry, "agent not subscribed again on its new owner");
+        warn!(%error, ?thing, ?retry, "not subscribed again on its new owner");
         if error.is_retryable() {
             retry_later(client.clone(), link.clone(), thing, retry);
         }
@@ -749,9 +742,10 @@ fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscripti
             Resubscription::Conversation(conversation) => {
                 resubscribe_conversation(client, link, conversation, next).await;
             }
-            Resubscription::Queue(tenant, group) => resubscribe_queue(client, link, tenant, group, next).await,
-            Resubscription::Agent(tenant, agent) => {
-                resubscribe_agent(client.clone(), link.clone(), tenant.clone(), agent.clone(), next).await;
+            Resubscription::Queue(..) => resubscribe_thing(client, link, what, next).await,
+            Resubscription::Agent(ref tenant, ref agent) => {
+                let (tenant, agent) = (tenant.clone(), agent.clone());
+                resubscribe_thing(client.clone(), link.clone(), what, next).await;
                 restore_status(client, link, tenant, agent, next).await;
             }
         }
