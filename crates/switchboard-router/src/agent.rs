@@ -245,25 +245,16 @@ impl Actor for AgentActor {
                 if let Some((entry, expires_at_ms)) = state.shown_offer.clone()
                     && state.agent.offer == Some(entry.conversation)
                 {
-                    let change = AgentChange::Offered { entry, expires_at_ms, waiting_since_us: 0 };
-                    let push =
-                        Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
-                    state.context.gateways.push(&gateway, push);
+                    state.push_to(&gateway, AgentChange::Offered { entry, expires_at_ms, waiting_since_us: 0 });
                 }
                 if state.status_lost {
-                    let change = AgentChange::Status { agent: view_of(&state.agent) };
-                    let push =
-                        Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
-                    state.context.gateways.push(&gateway, push);
+                    state.push_to(&gateway, AgentChange::Status { agent: view_of(&state.agent) });
                 }
                 // A gateway already following the agent was told them when they were assigned.
                 if !state.subscribers.contains(&gateway) {
-                    state.forget_assigned_before(state.now_ms() - ASSIGNED_TOLD_AGAIN_FOR_MS);
+                    state.forget_old_assigned();
                     for (_, chat) in &state.recently_assigned {
-                        let change = AgentChange::Assigned { chat: chat.clone() };
-                        let push =
-                            Push::Agent { tenant: state.agent.tenant.clone(), agent: state.agent.id.clone(), change };
-                        state.context.gateways.push(&gateway, push);
+                        state.push_to(&gateway, AgentChange::Assigned { chat: chat.clone() });
                     }
                 }
                 state.subscribers.insert(gateway);
@@ -491,23 +482,33 @@ impl AgentActorState {
     /// Tells the agent's consoles of a chat that became theirs without their accept, and keeps it to tell
     /// gateways that follow the agent later (`recently_assigned`).
     fn assigned(&mut self, chat: ChatView) {
-        let now_ms = self.now_ms();
-        self.forget_assigned_before(now_ms - ASSIGNED_TOLD_AGAIN_FOR_MS);
-        self.recently_assigned.push_back((now_ms, chat.clone()));
+        self.forget_old_assigned();
+        self.recently_assigned.push_back((self.now_ms(), chat.clone()));
         self.push(AgentChange::Assigned { chat });
     }
 
-    /// Forgets the chats assigned before `since_ms`, and those no longer the agent's.
-    fn forget_assigned_before(&mut self, since_ms: i64) {
+    /// Forgets the chats assigned more than [`ASSIGNED_TOLD_AGAIN_FOR_MS`] ago, and those no longer the agent's.
+    fn forget_old_assigned(&mut self) {
+        let since_ms = self.now_ms() - ASSIGNED_TOLD_AGAIN_FOR_MS;
         let active = &self.agent.active;
         self.recently_assigned.retain(|(at_ms, chat)| *at_ms >= since_ms && active.contains(&chat.conversation));
     }
 
+    fn agent_push(&self, change: AgentChange) -> Push {
+        Push::Agent { tenant: self.agent.tenant.clone(), agent: self.agent.id.clone(), change }
+    }
+
+    /// Pushes a change to every gateway that follows the agent.
     fn push(&self, change: AgentChange) {
-        let push = Push::Agent { tenant: self.agent.tenant.clone(), agent: self.agent.id.clone(), change };
+        let push = self.agent_push(change);
         for gateway in &self.subscribers {
             self.context.gateways.push(gateway, push.clone());
         }
+    }
+
+    /// Pushes a change to one gateway (one that starts following the agent).
+    fn push_to(&self, gateway: &GatewayId, change: AgentChange) {
+        self.context.gateways.push(gateway, self.agent_push(change));
     }
 
     /// Marks the agent signed in to (or out of) their groups, for the groups' online status.
