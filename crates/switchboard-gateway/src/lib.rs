@@ -296,7 +296,7 @@ impl Shared {
         let mut subscribed = self.agent_subscriptions.lock(&(tenant.clone(), agent.clone())).await;
         let wanted = self.hub.n_agent_sockets(tenant, agent) > 0;
         if wanted && !*subscribed {
-            let result = self.router.subscribe_agent(&self.gateway_id, tenant, agent).await;
+            let result = self.router.subscribe_agent(&self.gateway_id, tenant, agent, &[]).await;
             *subscribed = result.is_ok();
             result
         } else {

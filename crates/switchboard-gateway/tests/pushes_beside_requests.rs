@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, OfflineMessage, Push,
-    RouterApi, RouterError, StartChat, StartedChat, Ticket,
+    RouterApi, RouterError, ShownOffer, StartChat, StartedChat, Ticket,
 };
 use switchboard_router::Router;
 use tokio::sync::{Notify, mpsc};
@@ -192,8 +192,9 @@ impl RouterApi for Holding {
         gateway: &GatewayId,
         tenant: &TenantId,
         agent: &AgentId,
+        shown: &[ShownOffer],
     ) -> Result<(), RouterError> {
-        self.inner.subscribe_agent(gateway, tenant, agent).await
+        self.inner.subscribe_agent(gateway, tenant, agent, shown).await
     }
 
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {

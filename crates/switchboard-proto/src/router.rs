@@ -218,6 +218,14 @@ pub enum SystemCommand {
     },
 }
 
+/// An offer a gateway showed an agent's consoles, as it subscribes to the agent's pushes again (see
+/// [`RouterApi::subscribe_agent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShownOffer {
+    pub conversation: ConversationId,
+    pub expires_at_ms: i64,
+}
+
 /// What the owner of a group's queue tells the owner of an agent about an offer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OfferUpdate {
@@ -390,9 +398,17 @@ pub trait RouterApi: Send + Sync + 'static {
     ) -> Result<Vec<ChatView>, RouterError>;
 
     /// Subscribes the gateway to an agent's own pushes ([`Push::Agent`]: offers, chats forwarded to them,
-    /// status changes). Routed to the owner of the agent's shard.
-    async fn subscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId)
-    -> Result<(), RouterError>;
+    /// status changes). Routed to the owner of the agent's shard. `shown`: the offers the gateway showed the
+    /// agent's consoles and has not seen end (when it follows the agent again, after an owner move or a lost
+    /// push stream); the owner pushes an [`AgentChange::OfferEnded`] for each one no longer outstanding, whose
+    /// end it pushed while the gateway did not follow the agent there.
+    async fn subscribe_agent(
+        &self,
+        gateway: &GatewayId,
+        tenant: &TenantId,
+        agent: &AgentId,
+        shown: &[ShownOffer],
+    ) -> Result<(), RouterError>;
 
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId);
 

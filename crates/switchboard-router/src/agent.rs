@@ -28,7 +28,7 @@ use switchboard_domain::{
 use switchboard_proto::convert::{conversation_from_record, conversation_id, event_from_record};
 use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest, ReadEventsRequest};
 use switchboard_proto::router::{
-    AgentChange, AgentView, Caller, ChatView, GatewayId, OfferUpdate, Push, RouterError, SystemCommand,
+    AgentChange, AgentView, Caller, ChatView, GatewayId, OfferUpdate, Push, RouterError, ShownOffer, SystemCommand,
 };
 use tracing::{debug, info, warn};
 
@@ -86,6 +86,8 @@ pub(crate) enum AgentMsg {
     },
     Subscribe {
         gateway: GatewayId,
+        /// The offers the gateway showed the agent's consoles (see [`AgentActorState::end_shown_offers`]).
+        shown: Vec<ShownOffer>,
     },
     Unsubscribe {
         gateway: GatewayId,
@@ -239,7 +241,8 @@ impl Actor for AgentActor {
             AgentMsg::Availability { reply } => {
                 let _ = reply.send(Ok(state.versions.stamp(&state.agent)));
             }
-            AgentMsg::Subscribe { gateway } => {
+            AgentMsg::Subscribe { gateway, shown } => {
+                state.end_shown_offers(&gateway, &shown);
                 // A console that connects while an offer is outstanding sees it too (not a new offer: no
                 // waiting time for its latency).
                 if let Some((entry, expires_at_ms)) = state.shown_offer.clone()
@@ -492,6 +495,24 @@ impl AgentActorState {
         let since_ms = self.now_ms() - ASSIGNED_TOLD_AGAIN_FOR_MS;
         let active = &self.agent.active;
         self.recently_assigned.retain(|(at_ms, chat)| *at_ms >= since_ms && active.contains(&chat.conversation));
+    }
+
+    /// Ends, on `gateway` alone, the offers it showed the agent's consoles (`shown`) that are no longer
+    /// outstanding: their `OfferEnded` was pushed while the gateway did not follow the agent here (it follows
+    /// them again after a move of the agent, or after its push stream broke), so its consoles still show them.
+    /// The reason of an end is not kept: an offer past its expiry ended `TimedOut`, any other `Withdrawn`. An
+    /// offer of a chat the agent holds now was accepted (or forwarded to them, told as `Assigned`): nothing to
+    /// end.
+    fn end_shown_offers(&self, gateway: &GatewayId, shown: &[ShownOffer]) {
+        let now_ms = self.now_ms();
+        for offer in shown {
+            let conversation = offer.conversation;
+            if self.agent.offer == Some(conversation) || self.agent.active.contains(&conversation) {
+                continue;
+            }
+            let reason = if now_ms >= offer.expires_at_ms { OfferEnd::TimedOut } else { OfferEnd::Withdrawn };
+            self.push_to(gateway, AgentChange::OfferEnded { conversation, reason });
+        }
     }
 
     fn agent_push(&self, change: AgentChange) -> Push {

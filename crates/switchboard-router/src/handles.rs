@@ -8,7 +8,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use switchboard_domain::{AgentAvailability, AgentId, AgentStatus, ConversationId, GroupId, TenantId, WaitingEntry};
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, OfferUpdate,
-    RouterError, SystemCommand,
+    RouterError, ShownOffer, SystemCommand,
 };
 
 use crate::agent::AgentMsg;
@@ -152,9 +152,9 @@ impl AgentHandle {
         call(&self.0, |reply| AgentMsg::Availability { reply }).await
     }
 
-    pub(crate) fn subscribe(&self, gateway: GatewayId) -> Result<(), RouterError> {
+    pub(crate) fn subscribe(&self, gateway: GatewayId, shown: Vec<ShownOffer>) -> Result<(), RouterError> {
         self.0
-            .cast(AgentMsg::Subscribe { gateway })
+            .cast(AgentMsg::Subscribe { gateway, shown })
             .map_err(|_| RouterError::Unavailable("the agent stopped; retry".into()))
     }
 

@@ -13,7 +13,8 @@ use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::{CreateTicketRequest, GetLicenseRequest, ListConversationsRequest, TicketRecord};
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, EventPage, GatewayId, LeftQueue,
-    OfferUpdate, OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    OfferUpdate, OfflineMessage, PeerApi, Push, RouterApi, RouterError, ShownOffer, StartChat, StartedChat,
+    SystemCommand, Ticket,
 };
 use switchboard_proto::store::StoreApi;
 use tokio::sync::mpsc;
@@ -454,8 +455,9 @@ impl RouterApi for Router {
         gateway: &GatewayId,
         tenant: &TenantId,
         agent: &AgentId,
+        shown: &[ShownOffer],
     ) -> Result<(), RouterError> {
-        AgentHandle::activate(&self.context, tenant, agent).await?.subscribe(gateway.clone())
+        AgentHandle::activate(&self.context, tenant, agent).await?.subscribe(gateway.clone(), shown.to_vec())
     }
 
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {

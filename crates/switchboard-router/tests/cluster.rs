@@ -18,8 +18,8 @@ use switchboard_presence::{MemoryPresence, Outage, Presence};
 use switchboard_proto::internal::v1::GetConversationRequest;
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, EventPage, GatewayId,
-    LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
-    SystemCommand, Ticket,
+    LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, ShownOffer, StartChat,
+    StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::StoreApi;
 use switchboard_router::Router;
@@ -188,8 +188,9 @@ impl RouterApi for LocalCluster {
         gateway: &GatewayId,
         tenant: &TenantId,
         agent: &AgentId,
+        shown: &[ShownOffer],
     ) -> Result<(), RouterError> {
-        self.first(|router| async move { router.subscribe_agent(gateway, tenant, agent).await }).await
+        self.first(|router| async move { router.subscribe_agent(gateway, tenant, agent, shown).await }).await
     }
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
         for router in self.routers() {
@@ -441,7 +442,7 @@ async fn sign_in(nodes: &Nodes, agent: &AgentId) -> mpsc::UnboundedReceiver<Push
     let gateway = GatewayId("gw".into());
     let (sink, pushes) = mpsc::unbounded_channel();
     nodes.cluster.connect_gateway(gateway.clone(), sink);
-    nodes.cluster.subscribe_agent(&gateway, &tenant(), agent).await.unwrap();
+    nodes.cluster.subscribe_agent(&gateway, &tenant(), agent, &[]).await.unwrap();
     let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
     nodes.presence.session_alive(&tenant(), agent, "s-1", "gw", expires).await.unwrap();
     nodes.cluster.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
@@ -695,7 +696,7 @@ async fn agents_whose_status_was_lost_with_their_node_come_back_away_and_their_c
 
     // The connected agent's gateway follows them on their new node, and their console is told.
     while pushes.try_recv().is_ok() {}
-    cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected).await.unwrap();
+    cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected, &[]).await.unwrap();
     let told = status_told(&mut pushes, &connected);
     assert_eq!(told.await, Ok(AgentStatus::Away));
 
@@ -733,7 +734,7 @@ async fn agents_taken_over_while_presence_does_not_answer_come_back_away_not_off
     assert_eq!(status(&connected).await, AgentStatus::Away, "maybe connected: not left offline");
     assert_eq!(status(&gone).await, AgentStatus::Away);
     while pushes.try_recv().is_ok() {}
-    cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected).await.unwrap();
+    cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &connected, &[]).await.unwrap();
     let told = status_told(&mut pushes, &connected);
     assert_eq!(told.await, Ok(AgentStatus::Away), "the console is told, not left showing online");
 
@@ -859,7 +860,7 @@ async fn a_console_that_follows_its_agent_to_the_node_that_took_them_over_is_sho
     // The agent's gateway follows them to their new node: their console is shown the offer it still holds,
     // with the same expiry, and the agent can take it.
     while pushes.try_recv().is_ok() {}
-    nodes.cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &moving).await.unwrap();
+    nodes.cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &moving, &[]).await.unwrap();
     assert_eq!(next_offer(&mut pushes).await, Ok((chat, expires_at_ms)));
     let view = nodes.cluster.accept_chat(&tenant(), &moving, chat).await.unwrap();
     assert_eq!(view.owner, Some(moving));
@@ -1370,7 +1371,7 @@ async fn a_chat_stored_with_its_offer_while_its_queue_moves_to_another_node_is_o
     // (x's gateway connects to the new node too, and follows x, who may have moved.)
     let (sink, mut pushes) = mpsc::unbounded_channel();
     nodes.cluster.connect_gateway(GatewayId("gw".into()), sink);
-    nodes.cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &agent("x")).await.unwrap();
+    nodes.cluster.subscribe_agent(&GatewayId("gw".into()), &tenant(), &agent("x"), &[]).await.unwrap();
     // Its console watches the queue, rebuilt on node 1 (before the chat is stored).
     nodes.cluster.subscribe_queue(&GatewayId("gw".into()), &tenant(), &group("push")).await.unwrap();
     for _ in 0..50 {

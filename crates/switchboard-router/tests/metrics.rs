@@ -19,7 +19,7 @@ fn gauge(name: &str, group: &str) -> Option<f64> {
 }
 
 async fn connected(fixture: &Fixture, name: &str, status: AgentStatus) {
-    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent(name)).await.unwrap();
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent(name), &[]).await.unwrap();
     fixture.router.set_agent_status(&tenant(), &agent(name), status).await.unwrap();
     let expires = fixture.clock.now_ms() + 24 * 60 * 60_000;
     fixture.presence.session_alive(&tenant(), &agent(name), &format!("s-{name}"), "gw-1", expires).await.unwrap();

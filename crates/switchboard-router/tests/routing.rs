@@ -12,7 +12,7 @@ use switchboard_presence::Presence;
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::{
     AgentChange, Caller, ChatCommand, ChatView, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi,
-    RouterError, StartChat, SystemCommand,
+    RouterError, ShownOffer, StartChat, SystemCommand,
 };
 use switchboard_proto::store::StoreApi as _;
 
@@ -22,7 +22,7 @@ fn caller(name: &str) -> Caller {
 
 /// Signs an agent in (online) and subscribes the fixture's gateway to their pushes.
 async fn sign_in(fixture: &Fixture, name: &str) {
-    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent(name)).await.unwrap();
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent(name), &[]).await.unwrap();
     fixture.router.set_agent_status(&tenant(), &agent(name), AgentStatus::Online).await.unwrap();
     // As if a gateway kept refreshing the connection all along.
     let expires = fixture.clock_ms() + 30 * 24 * 60 * 60_000;
@@ -366,7 +366,7 @@ async fn an_end_or_a_showing_of_an_older_offer_that_arrives_late_leaves_the_agen
     let held = fixture.router.agent_availability(&tenant(), &agent("x")).await.unwrap();
     assert_eq!(held.offer, Some(chat), "x still holds the newer offer");
     // A console that connects now is shown the newer offer's expiry.
-    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("x")).await.unwrap();
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("x"), &[]).await.unwrap();
     settle().await;
     assert_eq!(offer_expiries(&fixture.drain()), second);
 
@@ -613,10 +613,10 @@ async fn a_chat_forwarded_before_a_gateway_follows_the_agent_is_told_to_it_when_
     forward(&fixture, chat).await;
     assert_eq!(assigned_of(&fixture.drain(), "c"), [], "nobody to tell");
 
-    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("c")).await.unwrap();
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("c"), &[]).await.unwrap();
     settle().await;
     assert_eq!(assigned_of(&fixture.drain(), "c"), [chat], "told once the gateway follows c");
-    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("c")).await.unwrap();
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("c"), &[]).await.unwrap();
     settle().await;
     assert_eq!(assigned_of(&fixture.drain(), "c"), [], "not again to a gateway that followed c already");
 
@@ -636,12 +636,73 @@ async fn a_chat_forwarded_before_a_gateway_follows_the_agent_is_told_to_it_when_
     assert_eq!(assigned_of(&another_follows_c(&fixture, "gw-3").await, "c"), []);
 }
 
+/// A gateway follows an agent again (after a move of the agent, or a lost push stream) telling the offers it
+/// showed their consoles: those that ended while it did not follow the agent are ended for it, each with the
+/// reason its expiry gives; an offer still outstanding, or of a chat the agent took, is not.
+#[tokio::test(start_paused = true)]
+async fn offers_that_ended_while_a_gateway_did_not_follow_the_agent_are_ended_when_it_follows_again() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "y").await;
+    let offered = |pushes: &[Push]| match shown(pushes)[..] {
+        [(offered_to, entry, expires_at_ms, _)] if *offered_to == agent("y") => (entry.conversation, expires_at_ms),
+        ref other => panic!("one offer to y expected: {other:?}"),
+    };
+    let ended = |pushes: &[Push]| {
+        let ends = pushes.iter().filter_map(|push| match push {
+            Push::Agent { change: AgentChange::OfferEnded { conversation, reason }, .. } => {
+                Some((*conversation, *reason))
+            }
+            _ => None,
+        });
+        ends.collect::<Vec<_>>()
+    };
+    let held = fixture.start_chat("push", "ann").await;
+    settle().await;
+    let (_, held_expiry) = offered(&fixture.drain());
+    fixture.router.accept_chat(&tenant(), &agent("y"), held).await.unwrap();
+    let chat = fixture.start_chat("push", "bea").await;
+    settle().await;
+    let (_, expires_at_ms) = offered(&fixture.drain());
+
+    // The gateway stops following y, as when y moves to another router; y declines meanwhile.
+    fixture.router.unsubscribe_agent(&fixture.gateway, &tenant(), &agent("y")).await;
+    fixture.router.reject_offer(&tenant(), &group("push"), &agent("y"), chat).await.unwrap();
+    settle().await;
+    assert_eq!(ended(&fixture.drain()), [], "nobody follows y here");
+
+    let long_gone = ConversationId::new_v7(fixture.clock_ms() - 60_000);
+    let shown_here = [
+        ShownOffer { conversation: chat, expires_at_ms },
+        ShownOffer { conversation: held, expires_at_ms: held_expiry },
+        ShownOffer { conversation: long_gone, expires_at_ms: fixture.clock_ms() - 1 },
+    ];
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("y"), &shown_here).await.unwrap();
+    settle().await;
+    let pushes = fixture.drain();
+    assert_eq!(ended(&pushes), [(chat, OfferEnd::Withdrawn), (long_gone, OfferEnd::TimedOut)]);
+    assert_eq!(offers(&pushes), [], "nothing outstanding to show again");
+
+    // A gateway already told of the end is told nothing more; the chat is offered to y again (the only agent)
+    // in a new round: an offer shown before of the same chat is not ended by it.
+    fixture.pass(OFFER_TIMEOUT_MS + 1_000).await;
+    let (again, later_expiry) = offered(&fixture.drain());
+    assert_eq!(again, chat);
+    assert!(later_expiry > expires_at_ms);
+    fixture.router.unsubscribe_agent(&fixture.gateway, &tenant(), &agent("y")).await;
+    let shown_here = [ShownOffer { conversation: chat, expires_at_ms }];
+    fixture.router.subscribe_agent(&fixture.gateway, &tenant(), &agent("y"), &shown_here).await.unwrap();
+    settle().await;
+    let pushes = fixture.drain();
+    assert_eq!(ended(&pushes), []);
+    assert_eq!(offered(&pushes), (chat, later_expiry), "shown again, with its own expiry");
+}
+
 /// A gateway named `name` connects and follows agent c: what it is pushed at once.
 async fn another_follows_c(fixture: &Fixture, name: &str) -> Vec<Push> {
     let (sink, mut pushes) = tokio::sync::mpsc::unbounded_channel();
     let gateway = switchboard_proto::router::GatewayId(name.into());
     fixture.router.connect_gateway(gateway.clone(), sink);
-    fixture.router.subscribe_agent(&gateway, &tenant(), &agent("c")).await.unwrap();
+    fixture.router.subscribe_agent(&gateway, &tenant(), &agent("c"), &[]).await.unwrap();
     settle().await;
     let mut pushed = Vec::new();
     while let Ok(push) = pushes.try_recv() {

@@ -47,8 +47,9 @@ use switchboard_domain::{
 use switchboard_proto::internal::v1::{GetPlacementRequest, Placement};
 use switchboard_proto::keyed_locks::KeyedLocks;
 use switchboard_proto::router::{
-    AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue,
+    OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, ShownOffer, StartChat,
+    StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -231,8 +232,53 @@ struct Subscriptions {
     /// The status each agent signed in here chose last (offline ones are not kept: a new owner starts them
     /// offline).
     agents: HashMap<(TenantId, AgentId), AgentStatus>,
+    /// The offers pushed to each followed agent and not seen to end, with their expiry: told to the agent's
+    /// owner when the gateway follows the agent again, which ends those whose end the gateway missed.
+    offers: HashMap<(TenantId, AgentId), HashMap<ConversationId, i64>>,
     /// The resubscriptions waiting to be tried again (`retry_later`).
     retrying: HashSet<Resubscription>,
+}
+
+impl Subscriptions {
+    /// Notes what a push says of the offers shown to followed agents.
+    fn note_offers(&mut self, push: &Push) {
+        match push {
+            Push::Agent { tenant, agent, change } => {
+                let key = (tenant.clone(), agent.clone());
+                match change {
+                    AgentChange::Offered { entry, expires_at_ms, .. } if self.followed_agents.contains(&key) => {
+                        self.offers.entry(key).or_default().insert(entry.conversation, *expires_at_ms);
+                    }
+                    AgentChange::OfferEnded { conversation, .. } => self.forget_offer(&key, *conversation),
+                    AgentChange::Assigned { chat } => self.forget_offer(&key, chat.conversation),
+                    _ => {}
+                }
+            }
+            // Taken (by anyone), or gone: its offers ended.
+            Push::Queue { change: QueueChange::Removed { conversation, .. }, .. } => {
+                self.offers.retain(|_, offers| {
+                    offers.remove(conversation);
+                    !offers.is_empty()
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn forget_offer(&mut self, key: &(TenantId, AgentId), conversation: ConversationId) {
+        if let Some(offers) = self.offers.get_mut(key) {
+            offers.remove(&conversation);
+            if offers.is_empty() {
+                self.offers.remove(key);
+            }
+        }
+    }
+
+    /// The offers shown to the agent and not seen to end, for their owner (see [`RouterApi::subscribe_agent`]).
+    fn shown_offers(&self, key: &(TenantId, AgentId)) -> Vec<ShownOffer> {
+        let offers = self.offers.get(key).into_iter().flatten();
+        offers.map(|(&conversation, &expires_at_ms)| ShownOffer { conversation, expires_at_ms }).collect()
+    }
 }
 
 struct GatewayLink {
@@ -614,12 +660,18 @@ async fn resubscribe_thing(client: ClusterClient, link: Arc<GatewayLink>, thing:
                 .await
         }
         Resubscription::Agent(tenant, agent) => {
-            if !lock(&client.inner.subscriptions).followed_agents.contains(&(tenant.clone(), agent.clone())) {
-                return;
-            }
+            let shown = {
+                let subscriptions = lock(&client.inner.subscriptions);
+                let key = (tenant.clone(), agent.clone());
+                if !subscriptions.followed_agents.contains(&key) {
+                    return;
+                }
+                subscriptions.shown_offers(&key)
+            };
+            let shown = &shown;
             client
                 .on_owner(&agent_key(tenant, agent), true, |node| async move {
-                    node.subscribe_agent(gateway, tenant, agent).await
+                    node.subscribe_agent(gateway, tenant, agent, shown).await
                 })
                 .await
         }
@@ -883,7 +935,11 @@ impl StreamTask {
                                 let Some(inner) = self.inner.upgrade() else { return };
                                 let event = match &push {
                                     Push::Event { conversation, event, .. } => Some((*conversation, event.seq)),
-                                    _ => None,
+                                    Push::Agent { .. } | Push::Queue { change: QueueChange::Removed { .. }, .. } => {
+                                        lock(&inner.subscriptions).note_offers(&push);
+                                        None
+                                    }
+                                    Push::Queue { .. } | Push::Typing { .. } => None,
                                 };
                                 if link.sink.send(push).is_err() {
                                     return;
@@ -1131,10 +1187,15 @@ impl RouterApi for ClusterClient {
         agent: &AgentId,
         conversation: ConversationId,
     ) -> Result<ChatView, RouterError> {
-        self.on_owner(&agent_key(tenant, agent), false, |node| async move {
-            node.accept_chat(tenant, agent, conversation).await
-        })
-        .await
+        let accepted = self
+            .on_owner(&agent_key(tenant, agent), false, |node| async move {
+                node.accept_chat(tenant, agent, conversation).await
+            })
+            .await;
+        if accepted.is_ok() {
+            lock(&self.inner.subscriptions).forget_offer(&(tenant.clone(), agent.clone()), conversation);
+        }
+        accepted
     }
 
     async fn set_agent_status(
@@ -1218,14 +1279,27 @@ impl RouterApi for ClusterClient {
         gateway: &GatewayId,
         tenant: &TenantId,
         agent: &AgentId,
+        shown_here: &[ShownOffer],
     ) -> Result<(), RouterError> {
-        // Followed before the call, as queues are (see `subscribe_queue`).
+        // Followed before the call, as queues are (see `subscribe_queue`). The offers this client saw shown are
+        // told as well as the caller's.
         let key = (tenant.clone(), agent.clone());
         let _ordered = self.inner.things.lock(&Resubscription::Agent(tenant.clone(), agent.clone())).await;
-        let created = self.link().is_some() && lock(&self.inner.subscriptions).followed_agents.insert(key.clone());
+        let (created, shown) = {
+            let mut subscriptions = lock(&self.inner.subscriptions);
+            let created = self.link().is_some() && subscriptions.followed_agents.insert(key.clone());
+            let mut shown = subscriptions.shown_offers(&key);
+            for offer in shown_here {
+                if !shown.contains(offer) {
+                    shown.push(*offer);
+                }
+            }
+            (created, shown)
+        };
+        let shown = &shown;
         let subscribed = self
             .on_owner(&agent_key(tenant, agent), true, |node| async move {
-                node.subscribe_agent(gateway, tenant, agent).await
+                node.subscribe_agent(gateway, tenant, agent, shown).await
             })
             .await;
         if subscribed.is_err() && created {
@@ -1243,6 +1317,7 @@ impl RouterApi for ClusterClient {
             let mut subscriptions = lock(&self.inner.subscriptions);
             subscriptions.followed_agents.remove(&key);
             subscriptions.agents.remove(&key);
+            subscriptions.offers.remove(&key);
         }
         if let Some(node) = self.node_for(&agent_key(tenant, agent)) {
             node.unsubscribe_agent(gateway, tenant, agent).await;
@@ -1412,6 +1487,8 @@ impl PeerApi for ClusterClient {
 
 #[cfg(test)]
 mod tests {
+    use switchboard_domain::OfferEnd;
+
     use super::*;
 
     fn followed(through: u64) -> Followed {
@@ -1435,6 +1512,53 @@ mod tests {
         // The hole is filled: the watermark moves past what was kept aside.
         followed.note(5);
         assert_eq!((followed.through, followed.has_hole()), (7, false));
+    }
+
+    #[test]
+    fn the_offers_shown_to_a_followed_agent_are_those_pushed_and_not_seen_to_end() {
+        let (tenant, group) = (TenantId::new("acme").unwrap(), GroupId::new("sales").unwrap());
+        let (alice, bob) = (AgentId::new("alice").unwrap(), AgentId::new("bob").unwrap());
+        let chats: Vec<ConversationId> = (0..4).map(|i| ConversationId::new_v7(1_700_000_000_000 + i)).collect();
+        let agent_push = |agent: &AgentId, change| Push::Agent { tenant: tenant.clone(), agent: agent.clone(), change };
+        let offered = |agent: &AgentId, conversation, expires_at_ms| {
+            let entry = WaitingEntry {
+                conversation,
+                group: group.clone(),
+                queued_at_ms: 0,
+                customer_name: "ann".into(),
+                question: String::new(),
+            };
+            agent_push(agent, AgentChange::Offered { entry, expires_at_ms, waiting_since_us: 0 })
+        };
+        let shown = |subscriptions: &Subscriptions, agent: &AgentId| {
+            let mut shown = subscriptions.shown_offers(&(tenant.clone(), agent.clone()));
+            shown.sort_by_key(|offer| offer.conversation);
+            shown.into_iter().map(|offer| (offer.conversation, offer.expires_at_ms)).collect::<Vec<_>>()
+        };
+        let mut subscriptions = Subscriptions::default();
+        subscriptions.followed_agents.insert((tenant.clone(), alice.clone()));
+        for (i, &chat) in chats.iter().enumerate() {
+            subscriptions.note_offers(&offered(&alice, chat, 10 + i as i64));
+        }
+        // Bob is not followed here: his offers are not kept.
+        subscriptions.note_offers(&offered(&bob, chats[0], 10));
+        assert_eq!(shown(&subscriptions, &bob), []);
+        // A later offer of the same chat replaces the first.
+        subscriptions.note_offers(&offered(&alice, chats[0], 20));
+        let change = AgentChange::OfferEnded { conversation: chats[1], reason: OfferEnd::Rejected };
+        subscriptions.note_offers(&agent_push(&alice, change));
+        // Taken by someone: it left its queue.
+        let taken = QueueChange::Removed { conversation: chats[2], reason: LeftQueue::Accepted { agent: bob.clone() } };
+        subscriptions.note_offers(&Push::Queue {
+            tenant: tenant.clone(),
+            group: group.clone(),
+            version: 1,
+            change: taken,
+        });
+        assert_eq!(shown(&subscriptions, &alice), [(chats[0], 20), (chats[3], 13)]);
+        subscriptions.forget_offer(&(tenant.clone(), alice.clone()), chats[3]);
+        subscriptions.forget_offer(&(tenant.clone(), alice.clone()), chats[0]);
+        assert!(subscriptions.offers.is_empty(), "nothing kept for an agent without offers");
     }
 
     #[test]

@@ -19,12 +19,13 @@ use switchboard_proto::internal::v1::{
     self as pb, AgentAvailabilityMsg, AgentOfferEnded, AgentOffered, AgentRef, AgentViewReply, ChatViewMsg,
     CommandReply, EndOfferCommand, EventRecord, OfferCommand, OfferMade, OfflineMessageRequest, PushAgent, PushEvent,
     PushFrame, PushQueue, PushTyping, QueueEstimate, QueueRemoved, QueueSnapshot, RequeueCommand, SendCommand,
-    StartChatRequest, StartedChatReply, TicketReply, WaitingEntryMsg, agent_offer_request, caller, command_request,
-    conversation_system_request, push_agent, push_frame, push_queue,
+    ShownOffer as ShownOfferMsg, StartChatRequest, StartedChatReply, TicketReply, WaitingEntryMsg, agent_offer_request,
+    caller, command_request, conversation_system_request, push_agent, push_frame, push_queue,
 };
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue,
-    OfferUpdate, OfflineMessage, Origin, Push, QueueChange, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    OfferUpdate, OfflineMessage, Origin, Push, QueueChange, RouterError, ShownOffer, StartChat, StartedChat,
+    SystemCommand, Ticket,
 };
 use tonic::Status;
 
@@ -515,6 +516,22 @@ pub fn offer_update_from_proto(update: Option<&agent_offer_request::Update>) -> 
     })
 }
 
+/// The offers a gateway showed an agent's consoles, in an `AgentSubscriptionRequest`.
+pub fn shown_offers_to_proto(shown: &[ShownOffer]) -> Vec<ShownOfferMsg> {
+    let offer = |offer: &ShownOffer| ShownOfferMsg {
+        conversation_id: offer.conversation.to_string(),
+        expires_at_ms: offer.expires_at_ms,
+    };
+    shown.iter().map(offer).collect()
+}
+
+pub fn shown_offers_from_proto(shown: &[ShownOfferMsg]) -> Result<Vec<ShownOffer>, Status> {
+    let offer = |offer: &ShownOfferMsg| {
+        Ok(ShownOffer { conversation: conversation_id(&offer.conversation_id)?, expires_at_ms: offer.expires_at_ms })
+    };
+    shown.iter().map(offer).collect()
+}
+
 /// A command of the system to a conversation's owner.
 pub fn system_command_to_proto(command: &SystemCommand) -> conversation_system_request::Command {
     use conversation_system_request::Command;
@@ -944,6 +961,18 @@ mod tests {
         #[test]
         fn agent_views_round_trip(view in any_agent_view()) {
             prop_assert_eq!(agent_view_from_proto(&wire(&agent_view_to_proto(&view)))?, view);
+        }
+
+        #[test]
+        fn shown_offers_round_trip(
+            shown in proptest::collection::vec((any_conversation(), any::<i64>()), 0..4),
+        ) {
+            let shown: Vec<ShownOffer> = shown
+                .into_iter()
+                .map(|(conversation, expires_at_ms)| ShownOffer { conversation, expires_at_ms })
+                .collect();
+            let request = pb::AgentSubscriptionRequest { shown_offers: shown_offers_to_proto(&shown), ..Default::default() };
+            prop_assert_eq!(shown_offers_from_proto(&wire(&request).shown_offers)?, shown);
         }
 
         #[test]

@@ -24,7 +24,7 @@ use switchboard_proto::internal::v1::{
 };
 use switchboard_proto::router::{
     AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue, OfferUpdate,
-    OfflineMessage, PeerApi, Push, RouterApi, RouterError, StartChat, StartedChat, SystemCommand, Ticket,
+    OfflineMessage, PeerApi, Push, RouterApi, RouterError, ShownOffer, StartChat, StartedChat, SystemCommand, Ticket,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -40,7 +40,8 @@ use crate::convert::{
     agent_view_from_proto, availability_from_proto, availability_to_proto, caller_to_proto, chat_list_str,
     chat_view_from_proto, chat_view_from_reply, command_to_proto, events_from_proto, left_queue_to_proto,
     offer_update_to_proto, offline_message_to_proto, outcome_from_proto, push_from_frame, reply_error,
-    start_chat_to_proto, started_chat_from_proto, system_command_to_proto, ticket_from_proto, waiting_entry_to_proto,
+    shown_offers_to_proto, start_chat_to_proto, started_chat_from_proto, system_command_to_proto, ticket_from_proto,
+    waiting_entry_to_proto,
 };
 use crate::error::{ERROR_CODE, router_error_from_status};
 
@@ -603,11 +604,13 @@ impl RouterApi for GrpcRouterNode {
         gateway: &GatewayId,
         tenant: &TenantId,
         agent: &AgentId,
+        shown: &[ShownOffer],
     ) -> Result<(), RouterError> {
         let request = AgentSubscriptionRequest {
             gateway_id: gateway.0.clone(),
             tenant_id: tenant.to_string(),
             agent_id: agent.to_string(),
+            shown_offers: shown_offers_to_proto(shown),
         };
         self.call(request, router_call::Request::SubscribeAgent, |mut client, request| async move {
             client.subscribe_agent(request).await
@@ -621,6 +624,7 @@ impl RouterApi for GrpcRouterNode {
             gateway_id: gateway.0.clone(),
             tenant_id: tenant.to_string(),
             agent_id: agent.to_string(),
+            shown_offers: Vec::new(),
         };
         let result = self
             .call(request, router_call::Request::UnsubscribeAgent, |mut client, request| async move {

@@ -32,8 +32,8 @@ use crate::convert::{
     agent_id, agent_status, agent_view_to_proto, availability_from_proto, availability_to_proto, caller_from_proto,
     chat_list, chat_view_to_proto, command_from_proto, conversation_id, events_to_proto, gateway_id, group_id,
     keepalive_frame, left_queue_from_proto, offer_update_from_proto, offline_message_from_proto, outcome_to_proto,
-    push_to_frame, start_chat_from_proto, started_chat_to_proto, system_command_from_proto, tenant_id, ticket_to_proto,
-    waiting_entry_from_proto,
+    push_to_frame, shown_offers_from_proto, start_chat_from_proto, started_chat_to_proto, system_command_from_proto,
+    tenant_id, ticket_to_proto, waiting_entry_from_proto,
 };
 use crate::error::status_from_router_error;
 use crate::serve::Draining;
@@ -450,7 +450,8 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterService for RouterGrpcServer<T> {
         let gateway = gateway_id(&request.gateway_id)?;
         let tenant = tenant_id(&request.tenant_id)?;
         let agent = agent_id(&request.agent_id)?;
-        empty(self.node.subscribe_agent(&gateway, &tenant, &agent).await)
+        let shown = shown_offers_from_proto(&request.shown_offers)?;
+        empty(self.node.subscribe_agent(&gateway, &tenant, &agent, &shown).await)
     }
 
     async fn unsubscribe_agent(&self, request: Request<AgentSubscriptionRequest>) -> Result<Response<Empty>, Status> {

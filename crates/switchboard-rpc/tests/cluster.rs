@@ -21,15 +21,15 @@ use async_trait::async_trait;
 use common::{Running, any_port, client_settings, eventually, within};
 use switchboard_domain::{
     AgentAvailability, AgentEntry, AgentId, AgentStatus, Author, Clock, ConversationId, ConversationState, Directory,
-    Event, EventBody, FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, TenantEntry, TenantId, WaitingEntry,
+    Event, EventBody, FixedClock, GroupEntry, GroupId, N_SHARDS, Refusal, Routing, TenantEntry, TenantId, WaitingEntry,
     agent_key, conversation_key, queue_key, shard_of,
 };
 use switchboard_presence::{MemoryPresence, Presence};
 use switchboard_proto::internal::v1::GetPlacementRequest;
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, ClusterApi, CommandOutcome, EventPage, GatewayId,
-    LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
-    SystemCommand, Ticket,
+    LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi, RouterError, ShownOffer, StartChat,
+    StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::{StoreApi, StoreError};
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
@@ -45,6 +45,8 @@ use tokio::time::Instant;
 const NOW_MS: i64 = 1_700_000_000_000;
 const N_GROUPS: usize = 32;
 const N_AGENTS: usize = 32;
+/// Push-routed groups, besides the `N_GROUPS` pull-routed ones.
+const N_PUSH_GROUPS: usize = 16;
 
 fn leases() -> LeaseSettings {
     LeaseSettings {
@@ -66,23 +68,35 @@ fn group(i: usize) -> GroupId {
     GroupId::new(format!("g{i:02}")).unwrap()
 }
 
+fn push_group(i: usize) -> GroupId {
+    GroupId::new(format!("p{i:02}")).unwrap()
+}
+
 fn agent(i: usize) -> AgentId {
     AgentId::new(format!("a{i:02}")).unwrap()
 }
 
-/// Many groups and agents (every agent in every group), so that each router owns some of each.
+/// Many groups and agents (every agent in every group), so that each router owns some of each. The offers of
+/// the push-routed groups never time out: the clock stands still.
 fn directory() -> Directory {
+    let pushed = |i| {
+        let mut entry = GroupEntry::new(push_group(i), format!("push group {i}"));
+        entry.routing = Routing::Push { offer_timeout_ms: 60_000 };
+        (push_group(i), entry)
+    };
     let groups = (0..N_GROUPS).map(|i| (group(i), GroupEntry::new(group(i), format!("group {i}"))));
+    let groups: Vec<(GroupId, GroupEntry)> = groups.chain((0..N_PUSH_GROUPS).map(pushed)).collect();
+    let ids: Vec<GroupId> = groups.iter().map(|(id, _)| id.clone()).collect();
     let agents = (0..N_AGENTS).map(|i| {
-        let entry = AgentEntry {
-            id: agent(i),
-            name: format!("agent {i}"),
-            groups: (0..N_GROUPS).map(group).collect(),
-            capacity: 5,
-        };
+        let entry = AgentEntry { id: agent(i), name: format!("agent {i}"), groups: ids.clone(), capacity: 5 };
         (agent(i), entry)
     });
-    let entry = TenantEntry { id: tenant(), name: "Acme".into(), groups: groups.collect(), agents: agents.collect() };
+    let entry = TenantEntry {
+        id: tenant(),
+        name: "Acme".into(),
+        groups: groups.into_iter().collect(),
+        agents: agents.collect(),
+    };
     let mut directory = Directory::default();
     directory.add_tenant(entry, vec![], vec![]).unwrap();
     directory
@@ -478,8 +492,9 @@ impl RouterApi for SlowNode {
         gateway: &GatewayId,
         tenant: &TenantId,
         agent: &AgentId,
+        shown: &[ShownOffer],
     ) -> Result<(), RouterError> {
-        self.holds.pass("subscribe_agent", self.node.subscribe_agent(gateway, tenant, agent)).await
+        self.holds.pass("subscribe_agent", self.node.subscribe_agent(gateway, tenant, agent, shown)).await
     }
 
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {
@@ -727,6 +742,15 @@ impl Cluster {
             .expect("a group on every node")
     }
 
+    /// A push-routed group whose queue `node` owns now.
+    fn push_group_on(&self, node: &str) -> GroupId {
+        let view = self.view();
+        (0..N_PUSH_GROUPS)
+            .map(push_group)
+            .find(|group| owner_of(&view, &queue_key(&tenant(), group)) == Some(node))
+            .expect("a push-routed group on every node")
+    }
+
     /// An agent whose actor `node` owns now.
     fn agent_on(&self, node: &str, except: &[AgentId]) -> AgentId {
         let view = self.view();
@@ -766,7 +790,7 @@ impl Cluster {
         let moving = self.agent_on("node-1", &[]);
         let forwarding = self.agent_on("node-2", &[]);
         let queue = self.group_on("node-3", &[]);
-        self.client.subscribe_agent(&self.gateway_id, &tenant(), &moving).await.unwrap();
+        self.client.subscribe_agent(&self.gateway_id, &tenant(), &moving, &[]).await.unwrap();
         for agent in [&moving, &forwarding] {
             self.client.set_agent_status(&tenant(), agent, AgentStatus::Online).await.unwrap();
         }
@@ -1240,7 +1264,7 @@ async fn an_agent_signed_out_and_in_again_while_a_resubscription_is_on_its_way_s
     let signed_in = {
         let (client, gateway, moving) = (cluster.client.clone(), gateway.clone(), moving.clone());
         tokio::spawn(async move {
-            client.subscribe_agent(&gateway, &tenant(), &moving).await?;
+            client.subscribe_agent(&gateway, &tenant(), &moving, &[]).await?;
             client.set_agent_status(&tenant(), &moving, AgentStatus::Online).await
         })
     };
@@ -1286,6 +1310,46 @@ async fn a_chat_forwarded_to_an_agent_before_the_gateway_follows_them_on_their_n
     .await;
 }
 
+/// An offer the agent's consoles were shown ends on the agent's new owner (the agent declines it there) before
+/// the gateway follows the agent there: its end was pushed to nobody. Following the agent again, the gateway
+/// tells the offers it showed, and the new owner ends this one for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_that_ends_on_the_agents_new_owner_before_the_gateway_follows_them_there_is_ended_for_it() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let moving = cluster.agent_on("node-1", &[]);
+    let queue = cluster.push_group_on("node-3");
+    cluster.client.subscribe_agent(&cluster.gateway_id, &tenant(), &moving, &[]).await.unwrap();
+    cluster.client.set_agent_status(&tenant(), &moving, AgentStatus::Online).await.unwrap();
+    // The only agent online: the chat is offered to them.
+    let (chat, _) = cluster.start_chat("node-2", &queue, "carol").await;
+    let is_offer =
+        |change: &AgentChange| matches!(change, AgentChange::Offered { entry, .. } if entry.conversation == chat);
+    let is_end =
+        |change: &AgentChange| matches!(change, AgentChange::OfferEnded { conversation, .. } if *conversation == chat);
+    eventually(|| async { cluster.pushes.agent_changes(&moving).iter().any(is_offer).then_some(()) }).await;
+
+    let mut resubscription = cluster.holds.arm("subscribe_agent");
+    cluster.nodes.remove("node-1").unwrap().terminate().await;
+    resubscription.entered().await;
+    let rejected = eventually(|| async {
+        match cluster.client.reject_offer(&tenant(), &queue, &moving, chat).await {
+            Ok(()) => Some(()),
+            Err(error) if error.is_retryable() => None,
+            Err(error) => panic!("reject failed: {error}"),
+        }
+    });
+    rejected.await;
+    let no_offer = || async {
+        let availability = cluster.client.agent_availability(&tenant(), &moving).await.ok()?;
+        availability.offer.is_none().then_some(())
+    };
+    eventually(no_offer).await;
+    assert!(!cluster.pushes.agent_changes(&moving).iter().any(is_end), "the end reached nobody");
+    resubscription.release().await;
+
+    eventually(|| async { cluster.pushes.agent_changes(&moving).iter().any(is_end).then_some(()) }).await;
+}
+
 /// As for an agent, for a queue: the gateway stops following a queue while the subscription made again after
 /// an owner move is on its way, and follows it again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1326,13 +1390,13 @@ async fn a_queue_left_and_followed_again_while_a_resubscription_is_on_its_way_st
 async fn a_gateway_forgets_the_status_of_an_agent_no_longer_signed_in_there() {
     let cluster = Cluster::start(2, Duration::ZERO).await;
     let (gateway, agent) = (cluster.gateway_id.clone(), agent(0));
-    cluster.client.subscribe_agent(&gateway, &tenant(), &agent).await.unwrap();
+    cluster.client.subscribe_agent(&gateway, &tenant(), &agent, &[]).await.unwrap();
     cluster.client.set_agent_status(&tenant(), &agent, AgentStatus::Away).await.unwrap();
     assert_eq!(cluster.client.chosen_status(&tenant(), &agent), Some(AgentStatus::Away));
     cluster.client.unsubscribe_agent(&gateway, &tenant(), &agent).await;
     assert_eq!(cluster.client.chosen_status(&tenant(), &agent), None);
     // Signed in again, the agent's choice is kept again.
-    cluster.client.subscribe_agent(&gateway, &tenant(), &agent).await.unwrap();
+    cluster.client.subscribe_agent(&gateway, &tenant(), &agent, &[]).await.unwrap();
     cluster.client.set_agent_status(&tenant(), &agent, AgentStatus::Online).await.unwrap();
     assert_eq!(cluster.client.chosen_status(&tenant(), &agent), Some(AgentStatus::Online));
 }

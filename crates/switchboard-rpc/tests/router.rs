@@ -21,8 +21,8 @@ use switchboard_proto::internal::v1::AcquireShardsRequest;
 use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue,
-    OfferUpdate, OfflineMessage, Origin, PeerApi, Push, QueueChange, RouterApi, RouterError, StartChat, StartedChat,
-    SystemCommand, Ticket,
+    OfferUpdate, OfflineMessage, Origin, PeerApi, Push, QueueChange, RouterApi, RouterError, ShownOffer, StartChat,
+    StartedChat, SystemCommand, Ticket,
 };
 use switchboard_proto::store::StoreApi;
 use switchboard_router::{LeaseSettings, PresenceSettings, Router, RouterSettings};
@@ -274,7 +274,7 @@ async fn forwards_transfers_and_offline_messages_through_grpc_on_a_real_router()
     let client = &cluster.client;
     let gateway = GatewayId("gw-agent".into());
     let mut pushes = client.open_push_stream(&gateway).await.unwrap();
-    client.subscribe_agent(&gateway, &tenant(), &agent("a")).await.unwrap();
+    client.subscribe_agent(&gateway, &tenant(), &agent("a"), &[]).await.unwrap();
     for name in ["a", "b"] {
         client.set_agent_status(&tenant(), &agent(name), AgentStatus::Online).await.unwrap();
     }
@@ -608,7 +608,10 @@ async fn every_router_error_arrives_as_it_was_raised() {
         assert_eq!(client.forward_chat(&agent_caller("a"), chat, &agent("b")).await.unwrap_err(), error);
         assert_eq!(client.leave_offline_message(offline_message("k")).await.unwrap_err(), error);
         assert_eq!(client.reject_offer(&tenant(), &group("g1"), &agent("a"), chat).await.unwrap_err(), error);
-        assert_eq!(client.subscribe_agent(&GatewayId("gw".into()), &tenant(), &agent("a")).await.unwrap_err(), error);
+        assert_eq!(
+            client.subscribe_agent(&GatewayId("gw".into()), &tenant(), &agent("a"), &[]).await.unwrap_err(),
+            error
+        );
         let offer = SystemCommand::Offer { agent: agent("a"), expires_at_ms: NOW_MS, group: None };
         assert_eq!(client.conversation_system(chat, offer).await.unwrap_err(), error);
         assert_eq!(client.agent_availability(&tenant(), &agent("a")).await.unwrap_err(), error);
@@ -663,7 +666,8 @@ async fn push_routing_transfer_and_offline_calls_reach_the_node_with_their_argum
     let gateway = GatewayId("gw-7".into());
     let customer = Caller::Customer { conversation: chat };
 
-    client.subscribe_agent(&gateway, &tenant(), &agent("a")).await.unwrap();
+    let shown = [ShownOffer { conversation: chat, expires_at_ms: NOW_MS + 30_000 }];
+    client.subscribe_agent(&gateway, &tenant(), &agent("a"), &shown).await.unwrap();
     client.unsubscribe_agent(&gateway, &tenant(), &agent("a")).await;
     client.reject_offer(&tenant(), &group("g1"), &agent("b"), chat).await.unwrap();
     let transferred = client.transfer_chat(&customer, chat, &group("g2")).await.unwrap();
@@ -697,7 +701,7 @@ async fn push_routing_transfer_and_offline_calls_reach_the_node_with_their_argum
     assert_eq!(owned.owner, Some(agent("b")));
 
     let mut expected = vec![
-        "subscribe_agent gw-7 acme a".to_owned(),
+        format!("subscribe_agent gw-7 acme a {shown:?}"),
         "unsubscribe_agent gw-7 acme a".to_owned(),
         format!("reject_offer acme g1 b {chat}"),
         format!("transfer_chat {customer:?} {chat} g2"),
@@ -1011,9 +1015,10 @@ impl RouterApi for Scripted {
         gateway: &GatewayId,
         tenant: &TenantId,
         agent: &AgentId,
+        shown: &[ShownOffer],
     ) -> Result<(), RouterError> {
         self.outcome().await?;
-        self.peer_calls.lock().unwrap().push(format!("subscribe_agent {} {tenant} {agent}", gateway.0));
+        self.peer_calls.lock().unwrap().push(format!("subscribe_agent {} {tenant} {agent} {shown:?}", gateway.0));
         Ok(())
     }
     async fn unsubscribe_agent(&self, gateway: &GatewayId, tenant: &TenantId, agent: &AgentId) {

@@ -2317,7 +2317,7 @@ pub struct CommandResult {
     pub error: ::core::option::Option<CallError>,
 }
 /// One call on the `Calls` stream: the request of one unary method of this service.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RouterCall {
     #[prost(uint64, tag = "1")]
     pub id: u64,
@@ -2331,7 +2331,7 @@ pub struct RouterCall {
 }
 /// Nested message and enum types in `RouterCall`.
 pub mod router_call {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Request {
         #[prost(message, tag = "3")]
         StartChat(super::StartChatRequest),
@@ -2530,7 +2530,7 @@ pub struct AgentFinishedRequest {
     #[prost(string, tag = "3")]
     pub conversation_id: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentSubscriptionRequest {
     #[prost(string, tag = "1")]
     pub gateway_id: ::prost::alloc::string::String,
@@ -2538,6 +2538,19 @@ pub struct AgentSubscriptionRequest {
     pub tenant_id: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
     pub agent_id: ::prost::alloc::string::String,
+    /// In a subscribe: the offers the gateway last showed the agent's consoles (a gateway following the agent
+    /// again after a move or a lost push stream). The owner ends those no longer outstanding with an
+    /// `offer_ended` push: their end was pushed while nothing here followed the agent there. Ignored by an older
+    /// router; empty from an older gateway.
+    #[prost(message, repeated, tag = "4")]
+    pub shown_offers: ::prost::alloc::vec::Vec<ShownOffer>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ShownOffer {
+    #[prost(string, tag = "1")]
+    pub conversation_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub expires_at_ms: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AgentRequest {
