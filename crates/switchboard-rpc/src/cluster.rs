@@ -64,7 +64,8 @@ const STREAM_RETRY_FIRST: Duration = Duration::from_millis(50);
 const STREAM_RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long to wait before opening the store's placement watch again.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
-/// How many subscriptions are made again at once after a move.
+/// How many subscriptions are made again at once, after moves (a node's shards may move in several steps),
+/// streams opened again and retries together.
 const RESUBSCRIBE_CONCURRENCY: usize = 16;
 /// How long a resubscription that failed on a retryable error (its owner unavailable past the client's own
 /// retries, or its actor too busy to answer) waits before it is tried again, first and at most. The gateway
@@ -309,8 +310,9 @@ struct Inner {
     streams: Mutex<HashMap<String, NodeStream>>,
     next_stream_id: AtomicU64,
     subscriptions: Mutex<Subscriptions>,
-    /// The resubscriptions tried again (`retry_later`) that may run at once.
-    retry_permits: Arc<Semaphore>,
+    /// The resubscriptions that may run at once, over every move, stream opened again and retry
+    /// (`RESUBSCRIBE_CONCURRENCY`).
+    resubscribe_permits: Arc<Semaphore>,
     /// One lock per queue and per agent, held while a call subscribes or unsubscribes the gateway on the
     /// owner together with the change of what the gateway follows that goes with it. A resubscription so
     /// sees the gateway's own calls for the thing before or after it, never in between: were it to find the
@@ -361,7 +363,7 @@ impl ClusterClient {
             link: RwLock::default(),
             streams: Mutex::default(),
             next_stream_id: AtomicU64::new(0),
-            retry_permits: Arc::new(Semaphore::new(RESUBSCRIBE_CONCURRENCY)),
+            resubscribe_permits: Arc::new(Semaphore::new(RESUBSCRIBE_CONCURRENCY)),
             subscriptions: Mutex::default(),
             things: KeyedLocks::default(),
         });
@@ -571,11 +573,11 @@ async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Mat
             Resubscription::Agent(tenant, agent),
             RESUBSCRIBE_RETRY_FIRST,
         );
-        spawn_limited(&mut tasks, task).await;
+        spawn_limited(&client, &mut tasks, task).await;
     }
     for (tenant, agent) in agents {
         let task = restore_status(client.clone(), link.clone(), tenant, agent, RESUBSCRIBE_RETRY_FIRST);
-        spawn_limited(&mut tasks, task).await;
+        spawn_limited(&client, &mut tasks, task).await;
     }
     for (tenant, group) in queues {
         let task = resubscribe_thing(
@@ -584,20 +586,27 @@ async fn resubscribe(client: ClusterClient, link: Arc<GatewayLink>, matches: Mat
             Resubscription::Queue(tenant, group),
             RESUBSCRIBE_RETRY_FIRST,
         );
-        spawn_limited(&mut tasks, task).await;
+        spawn_limited(&client, &mut tasks, task).await;
     }
     for conversation in conversations {
         let task = resubscribe_conversation(client.clone(), link.clone(), conversation, RESUBSCRIBE_RETRY_FIRST);
-        spawn_limited(&mut tasks, task).await;
+        spawn_limited(&client, &mut tasks, task).await;
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn spawn_limited(tasks: &mut JoinSet<()>, task: impl Future<Output = ()> + Send + 'static) {
-    while tasks.len() >= RESUBSCRIBE_CONCURRENCY {
-        tasks.join_next().await;
-    }
-    tasks.spawn(task);
+/// Runs a resubscription once one of the client's `RESUBSCRIBE_CONCURRENCY` permits is free (in the order
+/// they are asked for).
+async fn spawn_limited(
+    client: &ClusterClient,
+    tasks: &mut JoinSet<()>,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    let Ok(permit) = client.inner.resubscribe_permits.clone().acquire_owned().await else { return };
+    tasks.spawn(async move {
+        let _permit = permit;
+        task.await;
+    });
 }
 
 /// Gives an agent its chosen status on its owner now. The gateway may change the status meanwhile, and its
@@ -766,10 +775,11 @@ enum Resubscription {
 }
 
 /// Tries a resubscription that failed on a retryable error again, about `delay` later, in a task of its own
-/// (it holds no slot of a move's resubscriptions while it waits), waiting twice as long each time it fails
+/// (it holds none of the resubscriptions' permits while it waits), waiting twice as long each time it fails
 /// again. One retry waits per thing: a move, a stream opened again and a push past a hole may each see the
-/// same one fail. The retries are spread over half their delay and run at most `RESUBSCRIBE_CONCURRENCY` at a
-/// time, so that the things of a node that was unavailable do not all reach it at once. A retry ends with the
+/// same one fail. The retries are spread over half their delay and run, with the moves' resubscriptions, at
+/// most `RESUBSCRIBE_CONCURRENCY` at a time, so that the things of a node that was unavailable do not all
+/// reach it at once. A retry ends with the
 /// gateway (its link closed, or replaced), or once the gateway no longer follows the thing.
 fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscription, delay: Duration) {
     if !lock(&client.inner.subscriptions).retrying.insert(what.clone()) {
@@ -789,7 +799,7 @@ fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscripti
         if gone || !client.link().is_some_and(|now| Arc::ptr_eq(&now, &link)) {
             return;
         }
-        let Ok(_permit) = client.inner.retry_permits.clone().acquire_owned().await else { return };
+        let Ok(_permit) = client.inner.resubscribe_permits.clone().acquire_owned().await else { return };
         match what {
             Resubscription::Conversation(conversation) => {
                 resubscribe_conversation(client, link, conversation, next).await;

@@ -288,6 +288,11 @@ struct Holds {
     refuse_subscribes: AtomicBool,
     /// The subscriptions refused so.
     refused_subscribes: AtomicUsize,
+    /// While set, every subscription to a conversation waits on its way until it is unset.
+    park_subscribes: AtomicBool,
+    /// The subscriptions waiting so now, and the most that ever waited at once.
+    parked: AtomicUsize,
+    most_parked: AtomicUsize,
 }
 
 /// A call held by [`Holds`].
@@ -418,6 +423,14 @@ impl RouterApi for SlowNode {
         if self.holds.refuse_subscribes.load(Ordering::SeqCst) {
             self.holds.refused_subscribes.fetch_add(1, Ordering::SeqCst);
             return Err(RouterError::Unavailable("the owner is unavailable (the test says)".into()));
+        }
+        if self.holds.park_subscribes.load(Ordering::SeqCst) {
+            let now = self.holds.parked.fetch_add(1, Ordering::SeqCst) + 1;
+            self.holds.most_parked.fetch_max(now, Ordering::SeqCst);
+            while self.holds.park_subscribes.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.holds.parked.fetch_sub(1, Ordering::SeqCst);
         }
         self.holds.pass("subscribe", self.node.subscribe(gateway, caller, conversation, after_seq)).await
     }
@@ -1399,6 +1412,36 @@ async fn a_gateway_forgets_the_status_of_an_agent_no_longer_signed_in_there() {
     cluster.client.subscribe_agent(&gateway, &tenant(), &agent, &[]).await.unwrap();
     cluster.client.set_agent_status(&tenant(), &agent, AgentStatus::Online).await.unwrap();
     assert_eq!(cluster.client.chosen_status(&tenant(), &agent), Some(AgentStatus::Online));
+}
+
+/// A router dies with 40 chats the gateway follows: the gateway subscribes again to them on their new owners
+/// at most 16 at a time, so that the chats of a node that went away do not all reach the others at once; and
+/// to each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resubscriptions_of_a_move_reach_the_new_owners_at_most_16_at_a_time() {
+    let mut cluster = Cluster::start(3, Duration::ZERO).await;
+    let queue = cluster.group_on("node-3", &[]);
+    let mut chats = Vec::new();
+    for i in 0..40 {
+        chats.push(cluster.start_chat("node-2", &queue, &format!("customer {i}")).await.0);
+    }
+    let parked = || cluster.holds.parked.load(Ordering::SeqCst);
+    cluster.holds.park_subscribes.store(true, Ordering::SeqCst);
+    cluster.nodes.remove("node-2").unwrap().terminate().await;
+    eventually(|| async { (parked() == 16).then_some(()) }).await;
+    // No more come while those 16 wait (more would come at once: 200 ms bounds how long that takes).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(cluster.holds.most_parked.load(Ordering::SeqCst), 16);
+    cluster.holds.park_subscribes.store(false, Ordering::SeqCst);
+
+    // Every chat is followed on its new owner: a message sent now reaches the gateway.
+    for &chat in &chats {
+        let send = ChatCommand::Send { client_msg_id: "after".into(), body: "still there?".into() };
+        let customer = Caller::Customer { conversation: chat };
+        let sent = cluster.client.command(&customer, chat, send).await.unwrap().event.unwrap();
+        eventually(|| async { cluster.pushes.seqs(chat).contains(&sent.seq).then_some(()) }).await;
+    }
+    assert_eq!(cluster.holds.most_parked.load(Ordering::SeqCst), 16);
 }
 
 /// The chat's new owner stays unavailable to the gateway for longer than its client retries a call (1 s
