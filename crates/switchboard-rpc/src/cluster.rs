@@ -779,8 +779,8 @@ enum Resubscription {
 /// again. One retry waits per thing: a move, a stream opened again and a push past a hole may each see the
 /// same one fail. The retries are spread over half their delay and run, with the moves' resubscriptions, at
 /// most `RESUBSCRIBE_CONCURRENCY` at a time, so that the things of a node that was unavailable do not all
-/// reach it at once. A retry ends with the
-/// gateway (its link closed, or replaced), or once the gateway no longer follows the thing.
+/// reach it at once. A retry ends with the gateway (its link closed, or replaced), or once the gateway no
+/// longer follows the thing.
 fn retry_later(client: ClusterClient, link: Arc<GatewayLink>, what: Resubscription, delay: Duration) {
     if !lock(&client.inner.subscriptions).retrying.insert(what.clone()) {
         return;
