@@ -6,6 +6,11 @@
 //!
 //! - **Connections.** Gateways record every live connection of an agent ([`Presence::session_alive`], refreshed
 //!   every heartbeat, and [`Presence::session_gone`]). Routers count them ([`Presence::live_sessions`]).
+//! - **Customers' connections.** Gateways record every connection of a customer to their chat
+//!   ([`Presence::customers_alive`], refreshed every customer heartbeat, and [`Presence::customer_gone`]).
+//!   The router that owns a group's queue reads them for the chats waiting there
+//!   ([`Presence::customers_present`]): a chat whose customer went away without a word is abandoned after a
+//!   grace period.
 //! - **Signed-in agents.** The agent's owner (its actor) records which groups an online or away agent is
 //!   signed in to ([`Presence::signed_in`], refreshed every heartbeat; [`Presence::signed_out`]), so that the
 //!   number of agents of a group ([`Presence::n_signed_in`]) can be read anywhere, and the status the agent
@@ -36,6 +41,7 @@
 //! | --- | --- | --- |
 //! | `P:session:{tenant}:{agent}` | sorted set | member: session id; score: `expires_at_ms` of the connection |
 //! | `P:gateway:{tenant}:{agent}` | hash | session id → gateway id holding that connection |
+//! | `P:customer:{tenant}:{conversation}` | sorted set | member: session id of a customer's connection; score: `expires_at_ms` (the instant it closed, once it closed) |
 //! | `P:signed_in:{tenant}:{group}` | sorted set | member: agent id; score: `expires_at_ms` of the sign-in |
 //! | `P:status:{tenant}:{agent}` | string | the status the agent chose, `online` or `away` (no expiry by value: removed at sign-out) |
 //! | `P:group_status:{tenant}` | hash | group id → [`GroupStatus`] as JSON |
@@ -53,7 +59,7 @@ mod outage;
 mod redis_presence;
 
 use serde::{Deserialize, Serialize};
-use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryPresence;
@@ -83,6 +89,26 @@ pub trait Presence: Send + Sync + 'static {
 
     /// The connection closed. Publishes [`PresenceChange::Session`] with `up: false` when the session was known.
     async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError>;
+
+    // --- written by gateways: customers' connections to their chats ---
+
+    /// Each of these customer connections is live, good until `expires_at_ms` (the gateway writes them all
+    /// again every customer heartbeat, in one call). Nothing is published: only the queues read them, at
+    /// their own pace.
+    async fn customers_alive(&self, sessions: &[CustomerSession], expires_at_ms: i64) -> Result<(), PresenceError>;
+
+    /// The customer's connection closed at `at_ms`. It stays recorded as closed (until the garbage-collection
+    /// margin), so that a chat whose customer left reads [`CustomerPresence::Gone`], not
+    /// [`CustomerPresence::Unknown`]; a session never written is not added.
+    async fn customer_gone(&self, session: &CustomerSession, at_ms: i64) -> Result<(), PresenceError>;
+
+    /// Whether the customer of each chat has a live connection at `now_ms`, in the order asked.
+    async fn customers_present(
+        &self,
+        tenant: &TenantId,
+        chats: &[ConversationId],
+        now_ms: i64,
+    ) -> Result<Vec<CustomerPresence>, PresenceError>;
 
     // --- read by routers (the agent actor owns availability) ---
 
@@ -144,6 +170,28 @@ pub trait Presence: Send + Sync + 'static {
     /// resubscribes by itself and then sends [`PresenceChange::Resync`]); a gap is possible, which is why
     /// everyone also reads again every heartbeat.
     fn changes(&self) -> broadcast::Receiver<PresenceChange>;
+}
+
+/// A customer's connection to their chat, as a gateway records it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CustomerSession {
+    pub tenant: TenantId,
+    pub conversation: ConversationId,
+    /// Unique per connection (the gateway's id, its boot and the socket).
+    pub session: String,
+}
+
+/// What presence knows of a chat's customer (see [`Presence::customers_present`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CustomerPresence {
+    /// Nothing was ever recorded for the chat (a gateway from before customers were recorded, a chat started
+    /// before Redis lost its data, or one left for longer than the garbage-collection margin): nobody can
+    /// say the customer went away.
+    Unknown,
+    /// At least one connection of the customer is live.
+    Here,
+    /// Every connection recorded closed or expired.
+    Gone,
 }
 
 /// A live connection of an agent.

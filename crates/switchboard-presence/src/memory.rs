@@ -4,10 +4,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use tokio::sync::broadcast;
 
-use crate::{CHANGES_CAPACITY, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError};
+use crate::{
+    CHANGES_CAPACITY, CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence,
+    PresenceChange, PresenceError,
+};
 
 /// The default margin after which expired entries are dropped (as [`RedisSettings::gc_ttl`](crate::RedisSettings)).
 const DEFAULT_GC_MARGIN: Duration = Duration::from_secs(24 * 60 * 60);
@@ -30,6 +33,8 @@ impl std::fmt::Debug for MemoryPresence {
 struct State {
     /// (tenant, agent) → session → (gateway, expires_at_ms).
     sessions: HashMap<(TenantId, AgentId), HashMap<String, (String, i64)>>,
+    /// (tenant, chat) → customer session → expires_at_ms (the instant it closed, once closed).
+    customers: HashMap<(TenantId, ConversationId), HashMap<String, i64>>,
     /// (tenant, group) → agent → expires_at_ms.
     signed_in: HashMap<(TenantId, GroupId), HashMap<AgentId, i64>>,
     /// (tenant, agent) → the status the agent chose, while signed in.
@@ -109,6 +114,47 @@ impl Presence for MemoryPresence {
             self.publish(PresenceChange::Session { tenant: tenant.clone(), agent: agent.clone(), up: false });
         }
         Ok(())
+    }
+
+    async fn customers_alive(&self, sessions: &[CustomerSession], expires_at_ms: i64) -> Result<(), PresenceError> {
+        let gc_before = self.gc_before(expires_at_ms);
+        let mut state = self.state();
+        for session in sessions {
+            let key = (session.tenant.clone(), session.conversation);
+            state.customers.entry(key).or_default().insert(session.session.clone(), expires_at_ms);
+        }
+        // What Redis's key expiry does: chats whose every connection ended longer ago than the margin go.
+        state.customers.retain(|_, sessions| {
+            sessions.retain(|_, expires| *expires > gc_before);
+            !sessions.is_empty()
+        });
+        Ok(())
+    }
+
+    async fn customer_gone(&self, session: &CustomerSession, at_ms: i64) -> Result<(), PresenceError> {
+        let mut state = self.state();
+        let key = (session.tenant.clone(), session.conversation);
+        if let Some(expires) = state.customers.get_mut(&key).and_then(|sessions| sessions.get_mut(&session.session)) {
+            *expires = (*expires).min(at_ms);
+        }
+        Ok(())
+    }
+
+    async fn customers_present(
+        &self,
+        tenant: &TenantId,
+        chats: &[ConversationId],
+        now_ms: i64,
+    ) -> Result<Vec<CustomerPresence>, PresenceError> {
+        let state = self.state();
+        Ok(chats
+            .iter()
+            .map(|chat| match state.customers.get(&(tenant.clone(), *chat)) {
+                None => CustomerPresence::Unknown,
+                Some(sessions) if sessions.values().any(|expires| *expires > now_ms) => CustomerPresence::Here,
+                Some(_) => CustomerPresence::Gone,
+            })
+            .collect())
     }
 
     async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {

@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use tokio::sync::broadcast;
 
-use crate::{GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError};
+use crate::{
+    CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError,
+};
 
 /// Presence that stops answering on demand, as Redis does when it is down or unreachable: every call fails
 /// with [`PresenceError::Unavailable`] while it is down, and is `inner`'s otherwise (its change stream
@@ -50,6 +52,23 @@ impl Presence for Outage {
 
     async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
         self.up()?.session_gone(tenant, agent, session).await
+    }
+
+    async fn customers_alive(&self, sessions: &[CustomerSession], expires_at_ms: i64) -> Result<(), PresenceError> {
+        self.up()?.customers_alive(sessions, expires_at_ms).await
+    }
+
+    async fn customer_gone(&self, session: &CustomerSession, at_ms: i64) -> Result<(), PresenceError> {
+        self.up()?.customer_gone(session, at_ms).await
+    }
+
+    async fn customers_present(
+        &self,
+        tenant: &TenantId,
+        chats: &[ConversationId],
+        now_ms: i64,
+    ) -> Result<Vec<CustomerPresence>, PresenceError> {
+        self.up()?.customers_present(tenant, chats, now_ms).await
     }
 
     async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {

@@ -9,11 +9,14 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ErrorKind, RedisError, ServerErrorKind};
-use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, warn};
 
-use crate::{CHANGES_CAPACITY, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError};
+use crate::{
+    CHANGES_CAPACITY, CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence,
+    PresenceChange, PresenceError,
+};
 
 /// How [`RedisPresence`] talks to Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +74,10 @@ struct Keys {
 impl Keys {
     fn sessions(&self, tenant: &TenantId, agent: &AgentId) -> String {
         format!("{}:session:{tenant}:{agent}", self.prefix)
+    }
+
+    fn customer(&self, tenant: &TenantId, conversation: &ConversationId) -> String {
+        format!("{}:customer:{tenant}:{conversation}", self.prefix)
     }
 
     fn gateways(&self, tenant: &TenantId, agent: &AgentId) -> String {
@@ -226,6 +233,9 @@ fn classify(error: &RedisError) -> PresenceError {
     if unreachable { PresenceError::Unavailable(error.to_string()) } else { PresenceError::Corrupt(error.to_string()) }
 }
 
+/// How many customers' connections one pipeline writes or reads at most.
+const CUSTOMER_WRITES_PER_PIPELINE: usize = 512;
+
 /// `(now_ms` as a sorted-set score bound: strictly after now.
 fn after(now_ms: i64) -> String {
     format!("({now_ms}")
@@ -278,6 +288,59 @@ impl Presence for RedisPresence {
                 .await?;
         }
         Ok(())
+    }
+
+    async fn customers_alive(&self, sessions: &[CustomerSession], expires_at_ms: i64) -> Result<(), PresenceError> {
+        let gc = self.gc_ttl_ms();
+        // A heartbeat's writes go in pipelines of a bounded size: one round trip each, none too large.
+        for chunk in sessions.chunks(CUSTOMER_WRITES_PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for session in chunk {
+                let key = self.inner.keys.customer(&session.tenant, &session.conversation);
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(after(expires_at_ms.saturating_sub(gc)))
+                    .ignore();
+                pipe.cmd("ZADD").arg(&key).arg(expires_at_ms).arg(&session.session).ignore();
+                pipe.cmd("PEXPIRE").arg(&key).arg(gc).ignore();
+            }
+            self.query::<()>(&pipe).await?;
+        }
+        Ok(())
+    }
+
+    async fn customer_gone(&self, session: &CustomerSession, at_ms: i64) -> Result<(), PresenceError> {
+        let key = self.inner.keys.customer(&session.tenant, &session.conversation);
+        let mut pipe = redis::pipe();
+        // `XX LT`: only a connection recorded, and only ever earlier (a late heartbeat write cannot revive it:
+        // the gateway writes its live connections only).
+        pipe.cmd("ZADD").arg(&key).arg("XX").arg("LT").arg(at_ms).arg(&session.session).ignore();
+        self.query::<()>(&pipe).await?;
+        Ok(())
+    }
+
+    async fn customers_present(
+        &self,
+        tenant: &TenantId,
+        chats: &[ConversationId],
+        now_ms: i64,
+    ) -> Result<Vec<CustomerPresence>, PresenceError> {
+        let mut present = Vec::with_capacity(chats.len());
+        for chunk in chats.chunks(CUSTOMER_WRITES_PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for chat in chunk {
+                // The connection that lasts longest: none recorded, live, or every one ended.
+                pipe.cmd("ZRANGE").arg(self.inner.keys.customer(tenant, chat)).arg(-1).arg(-1).arg("WITHSCORES");
+            }
+            let latest: Vec<Vec<(String, f64)>> = self.query(&pipe).await?;
+            present.extend(latest.into_iter().map(|latest| match latest.first() {
+                None => CustomerPresence::Unknown,
+                Some((_, score)) if score_to_ms(*score) > now_ms => CustomerPresence::Here,
+                Some(_) => CustomerPresence::Gone,
+            }));
+        }
+        Ok(present)
     }
 
     async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {

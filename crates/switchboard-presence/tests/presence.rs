@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use switchboard_domain::{AgentId, AgentStatus, GroupId, TenantId};
+use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use switchboard_presence::{
-    GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange, PresenceError, RedisPresence,
-    RedisSettings,
+    CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence,
+    PresenceChange, PresenceError, RedisPresence, RedisSettings,
 };
 use switchboard_testservices::Redis;
 use tokio::sync::broadcast;
@@ -67,6 +67,49 @@ async fn expiry_is_by_value(p: &dyn Presence) {
     // A refresh with an earlier expiry is taken as it is (the writer's clock decides).
     p.session_alive(&t, &a, "s1", "gw1", 1_200).await.expect("refresh");
     assert_eq!(p.live_sessions(&[(t, a)], 1_500).await.expect("read"), [0]);
+}
+
+fn chat_id(n: u64) -> ConversationId {
+    ConversationId::parse(&format!("00000000-0000-7000-8000-{n:012x}")).expect("valid id")
+}
+
+fn customer(tenant_id: &str, chat: u64, session: &str) -> CustomerSession {
+    CustomerSession { tenant: tenant(tenant_id), conversation: chat_id(chat), session: session.into() }
+}
+
+async fn a_chats_customer_is_here_gone_or_unknown(p: &dyn Presence) {
+    use CustomerPresence::{Gone, Here, Unknown};
+    let (c1, c2, c3) = (chat_id(1), chat_id(2), chat_id(3));
+    let t = tenant("acme");
+    // Chat 1 has two connections (a second tab), chat 2 one; chat 3 none ever.
+    let (tab1, tab2, other) =
+        (customer("acme", 1, "gw/b/1"), customer("acme", 1, "gw/b/2"), customer("acme", 2, "gw/b/3"));
+    p.customers_alive(&[tab1.clone(), tab2.clone(), other.clone()], 1_000).await.expect("alive");
+    assert_eq!(p.customers_present(&t, &[c1, c2, c3], 500).await.expect("read"), [Here, Here, Unknown]);
+    // Expired by value at its expiry instant; written again, here again.
+    assert_eq!(p.customers_present(&t, &[c1, c2], 1_000).await.expect("read"), [Gone, Gone]);
+    p.customers_alive(&[tab1.clone(), tab2.clone(), other.clone()], 2_000).await.expect("refresh");
+    // One tab closes: the other keeps the customer here; the last one closes: gone before its expiry.
+    p.customer_gone(&tab1, 1_100).await.expect("gone");
+    assert_eq!(p.customers_present(&t, &[c1], 1_200).await.expect("read"), [Here]);
+    p.customer_gone(&tab2, 1_300).await.expect("gone");
+    p.customer_gone(&other, 1_300).await.expect("gone");
+    assert_eq!(p.customers_present(&t, &[c1, c2], 1_400).await.expect("read"), [Gone, Gone]);
+    // A connection never written is not made up by its end; another tenant's chat is another chat.
+    p.customer_gone(&customer("acme", 3, "gw/b/4"), 1_400).await.expect("gone");
+    assert_eq!(p.customers_present(&t, &[c3], 1_500).await.expect("read"), [Unknown]);
+    assert_eq!(p.customers_present(&tenant("other"), &[c1], 1_500).await.expect("read"), [Unknown]);
+    // A customer who comes back (a reload) is here again.
+    p.customers_alive(&[customer("acme", 1, "gw/b/5")], 3_000).await.expect("back");
+    assert_eq!(p.customers_present(&t, &[c2, c1], 2_000).await.expect("read"), [Gone, Here]);
+    assert_eq!(p.customers_present(&t, &[], 2_000).await.expect("read"), Vec::<CustomerPresence>::new());
+    // Many at once (more than one pipeline's worth), in the order asked.
+    let many: Vec<CustomerSession> = (100..1_300).map(|chat| customer("acme", chat, &format!("s{chat}"))).collect();
+    p.customers_alive(&many, 5_000).await.expect("many");
+    let asked: Vec<ConversationId> = (99..1_301).map(chat_id).collect();
+    let read = p.customers_present(&t, &asked, 4_000).await.expect("read many");
+    assert_eq!(read.len(), asked.len());
+    assert_eq!((read[0], read[1], read[1_200], read[1_201]), (Unknown, Here, Here, Unknown));
 }
 
 async fn an_agent_may_have_several_sessions(p: &dyn Presence) {
@@ -259,6 +302,7 @@ macro_rules! suite {
 
 suite!(
     expiry_is_by_value,
+    a_chats_customer_is_here_gone_or_unknown,
     an_agent_may_have_several_sessions,
     signed_in_agents_are_counted_per_group,
     the_chosen_status_is_kept_until_sign_out,
