@@ -78,8 +78,13 @@ pub enum EventBody {
     },
     /// The chat ended; its transcript stays readable.
     Closed,
-    /// The chat was cancelled (abandoned while waiting, or cancelled by the agent).
-    Cancelled,
+    /// The chat was cancelled: by its customer while it waited (`chat.cancel`, or leaving it), by its agent,
+    /// or abandoned ([`CancelReason::Abandoned`]).
+    Cancelled {
+        /// `None`: by a person, the event's author.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<CancelReason>,
+    },
     /// Push routing offered the waiting chat to one agent, until `expires_at_ms`.
     Offered {
         agent: AgentId,
@@ -134,6 +139,23 @@ impl OfferEnd {
     }
 }
 
+/// Why the system cancelled a chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// The customer went away while it waited (every connection closed or lost) and did not come back
+    /// within the grace period.
+    Abandoned,
+}
+
+impl CancelReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CancelReason::Abandoned => "abandoned",
+        }
+    }
+}
+
 /// Why a chat went back to its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,7 +179,7 @@ impl EventBody {
             EventBody::Message { .. } => "message",
             EventBody::Delivered { .. } => "delivered",
             EventBody::Closed => "closed",
-            EventBody::Cancelled => "cancelled",
+            EventBody::Cancelled { .. } => "cancelled",
             EventBody::Offered { .. } => "offered",
             EventBody::OfferEnded { .. } => "offer_ended",
             EventBody::Transferred { .. } => "transferred",
@@ -234,6 +256,8 @@ pub enum Command {
     Cancel {
         by: Author,
     },
+    /// The system cancels the waiting chat whose customer went away (no-op once it is no longer waiting).
+    Abandon,
 }
 
 /// The facts a new conversation starts from.
@@ -413,7 +437,7 @@ pub fn decide(conversation: &Conversation, command: &Command) -> Result<Option<E
             }
             match (by, state) {
                 // A customer who leaves before anyone answered abandons the chat.
-                (Author::Customer, Queued) => Ok(Some(EventBody::Cancelled)),
+                (Author::Customer, Queued) => Ok(Some(EventBody::Cancelled { reason: None })),
                 (Author::Customer | Author::System, _) => Ok(Some(EventBody::Closed)),
                 (Author::Agent(agent), Active) if conversation.is_owner(agent) => Ok(Some(EventBody::Closed)),
                 (Author::Agent(_), Queued) => Err(Refusal::NotAccepted),
@@ -425,11 +449,17 @@ pub fn decide(conversation: &Conversation, command: &Command) -> Result<Option<E
                 return Ok(None);
             }
             match by {
-                Author::Agent(agent) if conversation.is_owner(agent) => Ok(Some(EventBody::Cancelled)),
+                Author::Agent(agent) if conversation.is_owner(agent) => Ok(Some(EventBody::Cancelled { reason: None })),
                 Author::Agent(_) if state == Queued => Err(Refusal::NotAccepted),
                 _ => Err(Refusal::NotParticipant),
             }
         }
+        // Accepted, transferred away or ended since the customer was found gone: nothing to do (an agent who
+        // took the chat finds out for themselves).
+        Command::Abandon => match state {
+            Queued => Ok(Some(EventBody::Cancelled { reason: Some(CancelReason::Abandoned) })),
+            Active | Closed | Cancelled => Ok(None),
+        },
     }
 }
 
@@ -492,7 +522,7 @@ pub fn apply(conversation: &mut Conversation, event: &Event) {
             conversation.closed_at_ms = Some(event.at_ms);
             conversation.offer = None;
         }
-        EventBody::Cancelled => {
+        EventBody::Cancelled { .. } => {
             conversation.state = ConversationState::Cancelled;
             conversation.closed_at_ms = Some(event.at_ms);
             conversation.offer = None;

@@ -91,6 +91,35 @@ fn a_customer_leaving_a_waiting_chat_cancels_it() {
 }
 
 #[test]
+fn a_waiting_chat_whose_customer_went_away_is_abandoned_and_nothing_else_is() {
+    // Waiting, offered or not: cancelled, saying why, its offer gone.
+    let mut conversation = opened();
+    let a = agent("a");
+    run(&mut conversation, Author::System, Command::Offer { agent: a.clone(), expires_at_ms: 9_000 }).unwrap();
+    let event = run(&mut conversation, Author::System, Command::Abandon).unwrap().expect("an event");
+    assert_eq!(event.body, EventBody::Cancelled { reason: Some(CancelReason::Abandoned) });
+    assert_eq!((conversation.state, conversation.offer.clone()), (ConversationState::Cancelled, None));
+    assert_eq!(decide(&conversation, &Command::Abandon), Ok(None), "once");
+    // Accepted since the customer was found gone: the agent's now; so is an ended chat.
+    let mut taken = opened();
+    run(&mut taken, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false }).unwrap();
+    assert_eq!(decide(&taken, &Command::Abandon), Ok(None));
+    run(&mut taken, Author::Agent(a.clone()), Command::Close { by: Author::Agent(a) }).unwrap();
+    assert_eq!(decide(&taken, &Command::Abandon), Ok(None));
+}
+
+#[test]
+fn a_cancellation_without_a_reason_reads_as_before_and_one_with_a_reason_says_it() {
+    let old = r#"{"seq":3,"at_ms":5,"author":{"role":"customer"},"kind":"cancelled"}"#;
+    let event: Event = serde_json::from_str(old).expect("an event stored before reasons");
+    assert_eq!(event.body, EventBody::Cancelled { reason: None });
+    assert_eq!(serde_json::to_string(&event).unwrap(), old, "written as before");
+    let abandoned = Event { body: EventBody::Cancelled { reason: Some(CancelReason::Abandoned) }, ..event };
+    let json = serde_json::to_value(&abandoned).unwrap();
+    assert_eq!((json["kind"].as_str(), json["reason"].as_str()), (Some("cancelled"), Some("abandoned")));
+}
+
+#[test]
 fn empty_messages_are_refused() {
     let conversation = opened();
     let send = Command::Send { author: Author::Customer, body: "  \n".into() };

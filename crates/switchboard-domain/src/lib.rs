@@ -20,7 +20,7 @@ mod token;
 pub use agent::{AgentAvailability, AgentState, AgentStatus, AvailabilityVersion};
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use conversation::{
-    Author, Command, Conversation, ConversationState, Event, EventBody, NewConversation, Offer, OfferEnd,
+    Author, CancelReason, Command, Conversation, ConversationState, Event, EventBody, NewConversation, Offer, OfferEnd,
     RequeueReason, apply, decide,
 };
 pub use directory::{AgentEntry, Directory, DirectoryError, GroupEntry, Routing, TenantEntry};

@@ -20,7 +20,8 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 use prost::Message as _;
 use switchboard_domain::{
-    AgentStatus, Author, ConversationId, ConversationState, Event, EventBody, OfferEnd, RequeueReason, WaitingEntry,
+    AgentStatus, Author, CancelReason, ConversationId, ConversationState, Event, EventBody, OfferEnd, RequeueReason,
+    WaitingEntry,
 };
 use switchboard_proto::public::v1 as pb;
 use switchboard_proto::router::{AgentView, ChatView, LeftQueue};
@@ -420,6 +421,7 @@ fn push(frame: &PushFrame) -> pb::server_frame::Frame {
             let (reason, agent, group) = match reason {
                 LeftQueue::Accepted { agent } => (pb::QueueRemovedReason::Accepted, Some(agent.to_string()), None),
                 LeftQueue::Cancelled => (pb::QueueRemovedReason::Cancelled, None, None),
+                LeftQueue::Abandoned => (pb::QueueRemovedReason::Abandoned, None, None),
                 LeftQueue::Closed => (pb::QueueRemovedReason::Closed, None, None),
                 LeftQueue::Transferred { to_group } => {
                     (pb::QueueRemovedReason::Transferred, None, Some(to_group.to_string()))
@@ -540,7 +542,13 @@ fn event(event: &Event) -> pb::Event {
         EventBody::Message { body } => Body::Message(Message { body: body.clone() }),
         EventBody::Delivered { up_to_seq } => Body::Delivered(Delivered { up_to_seq: *up_to_seq }),
         EventBody::Closed => Body::Closed(Closed {}),
-        EventBody::Cancelled => Body::Cancelled(Cancelled {}),
+        EventBody::Cancelled { reason } => Body::Cancelled(Cancelled {
+            reason: match reason {
+                None => pb::CancelReason::Unspecified,
+                Some(CancelReason::Abandoned) => pb::CancelReason::Abandoned,
+            }
+            .into(),
+        }),
         EventBody::Offered { agent, expires_at_ms } => {
             Body::Offered(Offered { agent: agent.to_string(), expires_at_ms: *expires_at_ms })
         }

@@ -337,6 +337,21 @@ impl Hub {
         sockets
     }
 
+    /// Every socket of a customer, with their chat (for the customers' presence heartbeat).
+    pub fn customer_sockets(&self) -> Vec<(SocketId, TenantId, ConversationId)> {
+        let state = self.lock();
+        let mut sockets: Vec<(SocketId, TenantId, ConversationId)> = state
+            .sockets
+            .iter()
+            .filter_map(|(socket, entry)| match &entry.role {
+                Role::Customer { conversation, tenant, .. } => Some((*socket, tenant.clone(), *conversation)),
+                Role::Agent { .. } => None,
+            })
+            .collect();
+        sockets.sort_by_key(|(socket, _, _)| *socket);
+        sockets
+    }
+
     /// The group of the chat offered to the agent now, if this gateway saw the offer and it is outstanding.
     pub fn offer_group(&self, tenant: &TenantId, agent: &AgentId, conversation: ConversationId) -> Option<GroupId> {
         let state = self.lock();

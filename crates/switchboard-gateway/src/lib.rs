@@ -14,6 +14,11 @@
 //! does, after a grace period without any live connection. A presence outage never fails a request; the
 //! heartbeat writes every connection again at each tick, so presence is whole again one heartbeat after it
 //! is back.
+//!
+//! It also records every customer's connection to their chat (`customers_alive` when it starts or resumes
+//! the chat and then, all of them in one call, every `customer_heartbeat`, good for three of them;
+//! `customer_gone` when it ends), so that the router that owns the chat's queue can find a waiting chat whose
+//! customer went away without a word and cancel it as abandoned after its grace period.
 
 mod addresses;
 mod admission;
@@ -37,7 +42,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
 use switchboard_domain::{AgentId, Clock, ConversationId, Directory, TenantId};
-use switchboard_presence::{GroupStatus, Presence};
+use switchboard_presence::{CustomerSession, GroupStatus, Presence};
 use switchboard_proto::public::v1::chat_service_server::ChatServiceServer;
 use switchboard_proto::router::{GatewayId, RouterApi};
 use tokio::sync::{mpsc, watch};
@@ -100,6 +105,9 @@ pub struct GatewaySettings {
     /// How long a connection counts in presence after it was written; `None` (the default): 3 ×
     /// `presence_heartbeat`. A gateway that dies stops counting for its agents after this.
     pub presence_ttl: Option<Duration>,
+    /// How often every customer connection is written to presence again (default 10 s); each counts for
+    /// three of these. A gateway that dies stops counting for its customers after that.
+    pub customer_heartbeat: Duration,
 }
 
 /// How long a client connection may be silent before the kernel asks its peer whether it is still there
@@ -132,6 +140,9 @@ pub fn tune_client_socket(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
 /// The default presence heartbeat.
 pub const DEFAULT_PRESENCE_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// The default of [`GatewaySettings::customer_heartbeat`].
+pub const DEFAULT_CUSTOMER_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// The default of [`GatewaySettings::write_stall_timeout`].
 pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -155,6 +166,7 @@ impl Default for GatewaySettings {
             max_connections: 0,
             presence_heartbeat: DEFAULT_PRESENCE_HEARTBEAT,
             presence_ttl: None,
+            customer_heartbeat: DEFAULT_CUSTOMER_HEARTBEAT,
         }
     }
 }
@@ -248,6 +260,40 @@ impl Shared {
                 debug!(%error, %agent, "presence not written");
                 false
             }
+        }
+    }
+
+    /// The presence record of a customer's connection to their chat.
+    pub(crate) fn customer_session(
+        &self,
+        socket: SocketId,
+        tenant: &TenantId,
+        conversation: ConversationId,
+    ) -> CustomerSession {
+        CustomerSession { tenant: tenant.clone(), conversation, session: self.session_id(socket) }
+    }
+
+    /// When a customer's connection written now expires: three customer heartbeats.
+    fn customer_expiry_ms(&self) -> i64 {
+        let ttl = self.settings.customer_heartbeat.saturating_mul(3);
+        self.clock.now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Records customers' connections in presence; a failure is logged (the heartbeat writes them again).
+    pub(crate) async fn customers_alive(&self, sessions: &[CustomerSession]) -> bool {
+        match self.presence.customers_alive(sessions, self.customer_expiry_ms()).await {
+            Ok(()) => true,
+            Err(error) => {
+                debug!(%error, n_sessions = sessions.len(), "customers' connections not written to presence");
+                false
+            }
+        }
+    }
+
+    /// Records the end of a customer's connection; a failure is logged (the entry expires by itself).
+    pub(crate) async fn customer_gone(&self, session: &CustomerSession) {
+        if let Err(error) = self.presence.customer_gone(session, self.clock.now_ms()).await {
+            warn!(%error, conversation = %session.conversation, "presence not told that a customer's connection ended; it expires by itself");
         }
     }
 
@@ -382,6 +428,7 @@ impl Gateway {
             }
         });
         tokio::spawn(heartbeat(Arc::downgrade(&shared)));
+        tokio::spawn(customer_heartbeat(Arc::downgrade(&shared)));
         Gateway { shared }
     }
 
@@ -508,6 +555,53 @@ async fn heartbeat(weak: std::sync::Weak<Shared>) {
             }
             (1.., false) => {
                 warn!(n_failed, "presence cannot be written; agents' connections are written again every heartbeat");
+                failing = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Writes every customer connection to presence again, all in one call, every `customer_heartbeat`, until
+/// the gateway is dropped. A failure is logged once until presence works again.
+async fn customer_heartbeat(weak: std::sync::Weak<Shared>) {
+    let Some(every) = weak.upgrade().map(|shared| shared.settings.customer_heartbeat.max(Duration::from_millis(1)))
+    else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        ticks.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        let sessions: Vec<(SocketId, CustomerSession)> = shared
+            .hub
+            .customer_sockets()
+            .into_iter()
+            .map(|(socket, tenant, conversation)| (socket, shared.customer_session(socket, &tenant, conversation)))
+            .collect();
+        if sessions.is_empty() {
+            continue;
+        }
+        let records: Vec<CustomerSession> = sessions.iter().map(|(_, session)| session.clone()).collect();
+        let written = shared.customers_alive(&records).await;
+        // Connections that ended while they were written must not stay alive until they expire.
+        for (socket, session) in &sessions {
+            if shared.hub.role(*socket).is_none() {
+                shared.customer_gone(session).await;
+            }
+        }
+        match (written, failing) {
+            (true, true) => {
+                info!("customers' connections written to presence again");
+                failing = false;
+            }
+            (false, false) => {
+                warn!(
+                    n_sessions = records.len(),
+                    "customers' connections cannot be written to presence; written again every customer heartbeat"
+                );
                 failing = true;
             }
             _ => {}

@@ -625,6 +625,7 @@ pub fn queue_removed(conversation: ConversationId, reason: &LeftQueue) -> String
     let (reason, agent, group) = match reason {
         LeftQueue::Accepted { agent } => ("accepted", Some(agent), None),
         LeftQueue::Cancelled => ("cancelled", None, None),
+        LeftQueue::Abandoned => ("abandoned", None, None),
         LeftQueue::Closed => ("closed", None, None),
         LeftQueue::Transferred { to_group } => ("transferred", None, Some(to_group)),
     };

@@ -775,6 +775,7 @@ impl<T: Transport> Session<T> {
                     })?;
                 let role = Role::Customer { conversation, tenant: view.tenant.clone(), group: view.group.clone() };
                 self.become_role(role).await;
+                self.customer_alive(&view.tenant, conversation).await;
                 match self.subscribe(conversation, after_seq).await {
                     Ok(events) => Ok((Ack::CustomerResume { chat: view }, events)),
                     Err(error) => {
@@ -976,6 +977,7 @@ impl<T: Transport> Session<T> {
         };
         let started = self.shared.router.start_chat(request).await?;
         let conversation = started.view.conversation;
+        self.customer_alive(&tenant, conversation).await;
         self.become_role(Role::Customer { conversation, tenant, group }).await;
         // The chat exists now: the customer must get its token even if the subscription failed, and then
         // subscribes again with `chat.subscribe`.
@@ -1179,8 +1181,26 @@ impl<T: Transport> Session<T> {
         self.role = role;
     }
 
+    /// Records in presence that the customer of `conversation` is connected here (then every customer
+    /// heartbeat, until the connection ends).
+    async fn customer_alive(&mut self, tenant: &TenantId, conversation: ConversationId) {
+        let (shared, session) =
+            (self.shared.clone(), self.shared.customer_session(self.socket_id, tenant, conversation));
+        shared.customers_alive(std::slice::from_ref(&session)).await;
+    }
+
+    /// Records in presence that this connection of a customer ended (or gave its chat up).
+    async fn customer_gone(&mut self) {
+        if let Some(Role::Customer { tenant, conversation, .. }) = &self.role {
+            let (shared, session) =
+                (self.shared.clone(), self.shared.customer_session(self.socket_id, tenant, *conversation));
+            shared.customer_gone(&session).await;
+        }
+    }
+
     /// Undoes `become_role` after the request that took the role failed.
     async fn abandon_role(&mut self) {
+        self.customer_gone().await;
         let needs = self.shared.hub.unregister(self.socket_id);
         self.set_role(None);
         self.written_seq.clear();
@@ -1201,6 +1221,7 @@ impl<T: Transport> Session<T> {
     async fn end(&mut self) {
         let needs = self.shared.hub.unregister(self.socket_id);
         self.apply_needs(needs).await;
+        self.customer_gone().await;
         if let Some(Role::Agent { tenant, agent, .. }) = &self.role {
             self.shared.session_gone(self.socket_id, tenant, agent).await;
         }

@@ -80,7 +80,11 @@ fn directory() -> Directory {
 
 /// Group statuses are evaluated and connections checked every 20 ms.
 fn router_presence() -> PresenceSettings {
-    PresenceSettings { heartbeat: Duration::from_millis(20), grace: Duration::from_secs(30) }
+    PresenceSettings {
+        heartbeat: Duration::from_millis(20),
+        grace: Duration::from_secs(30),
+        ..PresenceSettings::default()
+    }
 }
 
 fn gateway_settings() -> GatewaySettings {

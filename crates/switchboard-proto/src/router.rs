@@ -150,7 +150,10 @@ pub enum LeftQueue {
     Accepted {
         agent: AgentId,
     },
+    /// Cancelled by its customer.
     Cancelled,
+    /// Cancelled by the system: its customer went away and did not come back within the grace period.
+    Abandoned,
     Closed,
     /// Transferred to another group's queue.
     Transferred {
@@ -216,6 +219,9 @@ pub enum SystemCommand {
         agent: AgentId,
         reason: RequeueReason,
     },
+    /// The queue found the waiting chat's customer gone for the grace period: it is cancelled as abandoned
+    /// (nothing once it no longer waits).
+    Abandon,
 }
 
 /// An offer a gateway showed an agent's consoles, as it subscribes to the agent's pushes again (see

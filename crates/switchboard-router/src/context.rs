@@ -56,11 +56,22 @@ pub struct PresenceSettings {
     /// How long an agent whose connections are all gone stays signed in (their chats kept) before going
     /// offline (their chats go back to the head of their queue, their offer moves on).
     pub grace: Duration,
+    /// How long the customer of a waiting chat must be found gone (every connection closed or expired in
+    /// presence) before the chat is cancelled as abandoned; `None`: never. Longer than the gateways'
+    /// customer heartbeat, so that connections presence lost (a Redis restart) are written again first.
+    pub abandon_after: Option<Duration>,
 }
+
+/// The default of [`PresenceSettings::abandon_after`].
+pub const DEFAULT_ABANDON_AFTER: Duration = Duration::from_secs(60);
 
 impl Default for PresenceSettings {
     fn default() -> Self {
-        PresenceSettings { heartbeat: Duration::from_secs(1), grace: Duration::from_secs(30) }
+        PresenceSettings {
+            heartbeat: Duration::from_secs(1),
+            grace: Duration::from_secs(30),
+            abandon_after: Some(DEFAULT_ABANDON_AFTER),
+        }
     }
 }
 

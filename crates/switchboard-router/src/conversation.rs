@@ -8,8 +8,8 @@ use tracing::Instrument;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use switchboard_domain::{
-    AgentId, Author, Command, Conversation, ConversationId, ConversationState, Event, EventBody, Fence, GroupId,
-    NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
+    AgentId, Author, CancelReason, Command, Conversation, ConversationId, ConversationState, Event, EventBody, Fence,
+    GroupId, NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
     new_customer_token, queue_key, stored_customer_token, unhashed_customer_token,
 };
 use switchboard_proto::convert::{conversation_from_record, dedupe_key, event_from_record, new_event};
@@ -278,6 +278,7 @@ impl ConversationActor {
                     SystemCommand::Offer { agent, expires_at_ms, .. } => Command::Offer { agent, expires_at_ms },
                     SystemCommand::EndOffer { agent, reason } => Command::EndOffer { agent, reason },
                     SystemCommand::Requeue { agent, reason } => Command::Requeue { agent, reason },
+                    SystemCommand::Abandon => Command::Abandon,
                 };
                 let result = state.decide_and_append(Author::System, &command, None).await;
                 let failed = stop_on_store_failure(&myself, &result);
@@ -571,7 +572,8 @@ impl ConversationActorState {
         let conversation = &self.conversation;
         let finished = match &event.body {
             EventBody::Closed => Some("closed"),
-            EventBody::Cancelled => Some("cancelled"),
+            EventBody::Cancelled { reason: None } => Some("cancelled"),
+            EventBody::Cancelled { reason: Some(reason) } => Some(reason.as_str()),
             _ => None,
         };
         if let Some(reason) = finished.filter(|_| !before.state.is_finished()) {
@@ -588,7 +590,8 @@ impl ConversationActorState {
             EventBody::Transferred { to_group, .. } if was_queued => {
                 Some(LeftQueue::Transferred { to_group: to_group.clone() })
             }
-            EventBody::Cancelled if was_queued => Some(LeftQueue::Cancelled),
+            EventBody::Cancelled { reason: None } if was_queued => Some(LeftQueue::Cancelled),
+            EventBody::Cancelled { reason: Some(CancelReason::Abandoned) } if was_queued => Some(LeftQueue::Abandoned),
             EventBody::Closed if was_queued => Some(LeftQueue::Closed),
             _ => None,
         };

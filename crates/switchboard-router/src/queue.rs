@@ -16,6 +16,11 @@
 //!
 //! Every heartbeat it also evaluates the group's status (open by business hours, agents signed in) and
 //! publishes it to presence, and keeps an estimate of the wait per queue position.
+//!
+//! Every few heartbeats it reads from presence whether the customers of its waiting chats are still
+//! connected ([`QueueActorState::check_customers`]): a chat whose customer it found gone at every read for
+//! the abandonment grace period is cancelled as abandoned by its conversation's owner, so that it stops
+//! holding a license permit and a place ahead of every later chat, and stops being offered.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -27,12 +32,12 @@ use switchboard_domain::{
     AgentAvailability, AgentId, AgentStatus, BusinessHours, Conversation, ConversationId, ConversationState, GroupId,
     Offer, OfferEnd, Refusal, Routing, TenantId, WaitingEntry, WaitingQueue, queue_key,
 };
-use switchboard_presence::GroupStatus;
+use switchboard_presence::{CustomerPresence, GroupStatus};
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest};
 use switchboard_proto::router::{GatewayId, LeftQueue, OfferUpdate, Push, QueueChange, RouterError, SystemCommand};
 use switchboard_proto::store::{LIST_PAGE, list_all_conversations};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::context::Context;
 use crate::conversation::waiting_entry;
@@ -45,6 +50,9 @@ type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 const ESTIMATE_WINDOW: usize = 10;
 /// How long a chat whose offer could not be made waits before it is tried again.
 const OFFER_RETRY_MS: i64 = 1_000;
+
+/// How many heartbeats pass between two reads of the waiting chats' customers from presence.
+const CUSTOMERS_READ_EVERY_TICKS: u32 = 5;
 
 /// How many heartbeats pass between two comparisons of the waiting list with the store
 /// ([`QueueActorState::reconcile`]).
@@ -141,6 +149,12 @@ pub(crate) enum QueueMsg {
         stored: Vec<Conversation>,
         gone: Vec<(ConversationId, LeftQueue)>,
     },
+    /// Whether the customers of the chats listed were connected at `at_ms` (from the task that read
+    /// presence; `None`: it could not be read).
+    CustomersRead {
+        at_ms: i64,
+        read: Option<Vec<(ConversationId, CustomerPresence)>>,
+    },
 }
 
 #[derive(Debug)]
@@ -209,6 +223,12 @@ pub(crate) struct QueueActorState {
     /// it since it began, whether or not the list changed (what the read says of them may be older than the
     /// message).
     changed_while_reconciling: Option<HashSet<ConversationId>>,
+    /// Heartbeats since the customers of the waiting chats were last read.
+    ticks_since_customers_read: u32,
+    /// A read of the customers is on its way.
+    reading_customers: bool,
+    /// The waiting chats whose customer every read since this instant (ms) found gone.
+    customers_gone_since: HashMap<ConversationId, i64>,
 }
 
 /// The group's metrics, registered once per actor (the queue updates them after every message).
@@ -354,6 +374,7 @@ impl Actor for QueueActor {
                 state.reserved.remove(&conversation);
             }
             QueueMsg::Reconciled { stored, gone } => state.reconciled(stored, gone),
+            QueueMsg::CustomersRead { at_ms, read } => state.customers_read(at_ms, read),
         }
         state.dispatch();
         // The waiting list is in arrival order: its head has waited longest.
@@ -677,6 +698,77 @@ impl QueueActorState {
             self.end_offer(conversation, agent, reason, None);
         }
         self.publish_status(now_ms);
+        self.ticks_since_customers_read += 1;
+        if self.ticks_since_customers_read >= CUSTOMERS_READ_EVERY_TICKS && !self.reading_customers {
+            self.ticks_since_customers_read = 0;
+            self.check_customers(now_ms);
+        }
+    }
+
+    /// Reads from presence, in a task, whether the customers of the waiting chats are connected (when
+    /// abandonment is on and chats wait).
+    fn check_customers(&mut self, now_ms: i64) {
+        if self.context.presence_settings.abandon_after.is_none() || self.waiting.is_empty() {
+            self.customers_gone_since.clear();
+            return;
+        }
+        let chats: Vec<ConversationId> = self.waiting.iter().map(|entry| entry.conversation).collect();
+        self.reading_customers = true;
+        let (context, tenant, myself) = (self.context.clone(), self.tenant.clone(), self.myself.clone());
+        tokio::spawn(async move {
+            let read = match context.presence.customers_present(&tenant, &chats, now_ms).await {
+                Ok(present) => Some(chats.into_iter().zip(present).collect()),
+                Err(error) => {
+                    debug!(%error, "the waiting chats' customers not read from presence");
+                    None
+                }
+            };
+            if let Some(myself) = myself {
+                let _ = myself.cast(QueueMsg::CustomersRead { at_ms: now_ms, read });
+            }
+        });
+    }
+
+    /// What presence said of the waiting chats' customers ([`Self::check_customers`]). A customer counts as
+    /// gone from the first read that found them gone, and only while every later read does: a read that
+    /// failed starts every count again (presence may have lost connections that were live, which the
+    /// gateways write again within a customer heartbeat), as a queue activated on another node does. A
+    /// customer nobody recorded (`Unknown`: a gateway from before customers were recorded) is never gone.
+    fn customers_read(&mut self, at_ms: i64, read: Option<Vec<(ConversationId, CustomerPresence)>>) {
+        self.reading_customers = false;
+        let (Some(read), Some(grace)) = (read, self.context.presence_settings.abandon_after) else {
+            self.customers_gone_since.clear();
+            return;
+        };
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let mut abandoned = Vec::new();
+        for (conversation, presence) in read {
+            if presence != CustomerPresence::Gone || !self.waiting.contains(&conversation) {
+                self.customers_gone_since.remove(&conversation);
+                continue;
+            }
+            let since = *self.customers_gone_since.entry(conversation).or_insert(at_ms);
+            if at_ms.saturating_sub(since) >= grace_ms {
+                abandoned.push(conversation);
+            }
+        }
+        let waiting = &self.waiting;
+        self.customers_gone_since.retain(|conversation, _| waiting.contains(conversation));
+        for conversation in abandoned {
+            // Counted again from the next read: the chat leaves the list once its cancellation is stored,
+            // and a cancellation that failed is asked again a grace period later.
+            self.customers_gone_since.remove(&conversation);
+            let (context, group) = (self.context.clone(), self.group.clone());
+            tokio::spawn(async move {
+                match remote::conversation_system(&context, conversation, SystemCommand::Abandon).await {
+                    Ok(true) => info!(%conversation, %group, "a waiting chat whose customer went away was abandoned"),
+                    Ok(false) => debug!(%conversation, "a chat found abandoned no longer waits"),
+                    Err(error) => {
+                        warn!(%error, %conversation, "a chat found abandoned not cancelled; asked again later")
+                    }
+                }
+            });
+        }
     }
 
     /// Notes a chat that a message adds to the list or removes from it, for a comparison with the store on its
@@ -1129,6 +1221,9 @@ pub(crate) async fn activate(
                 // The queues of a node, started together, compare with the store at different heartbeats.
                 ticks_since_reconciled: reconcile_phase(tenant, group),
                 changed_while_reconciling: None,
+                ticks_since_customers_read: 0,
+                reading_customers: false,
+                customers_gone_since: HashMap::new(),
             };
             let (actor, _) = Actor::spawn(None, QueueActor, state)
                 .await

@@ -4,15 +4,16 @@
 
 mod common;
 
-use common::{Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request, tenant};
+use common::{ABANDON_AFTER, Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request, tenant};
 use switchboard_domain::{
-    AgentId, AgentStatus, ConversationId, ConversationState, EventBody, OfferEnd, Refusal, WaitingEntry,
+    AgentId, AgentStatus, Author, CancelReason, ConversationId, ConversationState, EventBody, OfferEnd, Refusal,
+    WaitingEntry,
 };
-use switchboard_presence::Presence;
+use switchboard_presence::{CustomerSession, Presence};
 use switchboard_proto::internal::v1::SetLicenseLimitRequest;
 use switchboard_proto::router::{
-    AgentChange, Caller, ChatCommand, ChatView, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange, RouterApi,
-    RouterError, ShownOffer, StartChat, SystemCommand,
+    AgentChange, Caller, ChatCommand, ChatView, LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange,
+    RouterApi, RouterError, ShownOffer, StartChat, SystemCommand,
 };
 use switchboard_proto::store::StoreApi as _;
 
@@ -787,4 +788,73 @@ async fn signing_out_puts_the_agents_chats_back_in_their_queue_at_once() {
     assert_eq!((view.status, view.active.len()), (AgentStatus::Offline, 0));
     let chat_view = fixture.router.chat_view(&caller("c"), chat).await.unwrap();
     assert_eq!((chat_view.state, chat_view.owner), (ConversationState::Queued, None), "no grace period");
+}
+
+/// The state of a chat, as its customer sees it.
+async fn state(fixture: &Fixture, chat: ConversationId) -> ConversationState {
+    fixture.router.chat_view(&Caller::Customer { conversation: chat }, chat).await.unwrap().state
+}
+
+/// The record of a customer's connection to `chat` in presence.
+fn customer_session(chat: ConversationId, session: &str) -> CustomerSession {
+    CustomerSession { tenant: tenant(), conversation: chat, session: session.into() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_chat_whose_customer_stays_away_for_the_grace_period_is_abandoned_and_no_other() {
+    let mut fixture = fixture().await;
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("g1")).await.unwrap();
+    let gone = fixture.start_chat("g1", "ann").await;
+    let here = fixture.start_chat("g1", "bob").await;
+    let unknown = fixture.start_chat("g1", "cy").await;
+    let back = fixture.start_chat("g1", "dee").await;
+    // Good for an hour (not refreshed): far shorter than presence keeps an ended connection.
+    let far = fixture.clock_ms() + 60 * 60_000;
+    let sessions = [customer_session(gone, "s1"), customer_session(here, "s2"), customer_session(back, "s3")];
+    fixture.presence.customers_alive(&sessions, far).await.unwrap();
+    // `unknown` has no record at all (a gateway from before customers were recorded): never abandoned.
+    let left_at = fixture.clock_ms();
+    fixture.presence.customer_gone(&sessions[0], left_at).await.unwrap();
+    fixture.presence.customer_gone(&sessions[2], left_at).await.unwrap();
+    let grace_ms = i64::try_from(ABANDON_AFTER.as_millis()).unwrap();
+    fixture.pass(grace_ms - 1_000).await;
+    for chat in [gone, here, unknown, back] {
+        assert_eq!(state(&fixture, chat).await, ConversationState::Queued, "within the grace period");
+    }
+    // `back` reloads the page: a new connection.
+    fixture.presence.customers_alive(&[customer_session(back, "s4")], far).await.unwrap();
+    fixture.drain();
+    // Found gone at most one read (every 5 heartbeats) after they left, abandoned at the first read a grace
+    // period after that.
+    fixture.pass(2 * 6_000).await;
+    assert_eq!(state(&fixture, gone).await, ConversationState::Cancelled);
+    for chat in [here, unknown, back] {
+        assert_eq!(state(&fixture, chat).await, ConversationState::Queued, "{chat} is not abandoned");
+    }
+    let page = fixture.router.read_events(&Caller::Customer { conversation: gone }, gone, 0).await.unwrap();
+    let last = page.events.last().unwrap();
+    assert_eq!(
+        (&last.author, &last.body),
+        (&Author::System, &EventBody::Cancelled { reason: Some(CancelReason::Abandoned) }),
+        "cancelled by the system, saying why"
+    );
+    let removed: Vec<(ConversationId, LeftQueue)> = fixture
+        .drain()
+        .into_iter()
+        .filter_map(|push| match push {
+            Push::Queue { change: QueueChange::Removed { conversation, reason }, .. } => Some((conversation, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, [(gone, LeftQueue::Abandoned)], "the queue's watchers are told why it left");
+    // `back` leaves again: the count starts from then, not from their first departure.
+    fixture.presence.customer_gone(&customer_session(back, "s4"), fixture.clock_ms()).await.unwrap();
+    fixture.pass(grace_ms - 1_000).await;
+    assert_eq!(state(&fixture, back).await, ConversationState::Queued);
+    fixture.pass(2 * 6_000).await;
+    assert_eq!(state(&fixture, back).await, ConversationState::Cancelled);
+    assert_eq!(state(&fixture, here).await, ConversationState::Queued);
+    assert_eq!(state(&fixture, unknown).await, ConversationState::Queued);
+    // Each abandoned chat gave its license permit back (its append named a finished state).
+    assert_eq!(fixture.counted.finishing_appends(), 2);
 }

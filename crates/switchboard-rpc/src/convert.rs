@@ -11,16 +11,16 @@
 use std::sync::Arc;
 
 use switchboard_domain::{
-    AgentAvailability, AgentId, AgentStatus, Author, AvailabilityVersion, ConversationId, ConversationState, Event,
-    GroupId, OfferEnd, RequeueReason, TenantId, WaitingEntry,
+    AgentAvailability, AgentId, AgentStatus, Author, AvailabilityVersion, CancelReason, ConversationId,
+    ConversationState, Event, GroupId, OfferEnd, RequeueReason, TenantId, WaitingEntry,
 };
 use switchboard_proto::convert::{author_parts, new_event};
 use switchboard_proto::internal::v1::{
-    self as pb, AgentAvailabilityMsg, AgentOfferEnded, AgentOffered, AgentRef, AgentViewReply, ChatViewMsg,
-    CommandReply, EndOfferCommand, EventRecord, OfferCommand, OfferMade, OfflineMessageRequest, PushAgent, PushEvent,
-    PushFrame, PushQueue, PushTyping, QueueEstimate, QueueRemoved, QueueSnapshot, RequeueCommand, SendCommand,
-    ShownOffer as ShownOfferMsg, StartChatRequest, StartedChatReply, TicketReply, WaitingEntryMsg, agent_offer_request,
-    caller, command_request, conversation_system_request, push_agent, push_frame, push_queue,
+    self as pb, AbandonCommand, AgentAvailabilityMsg, AgentOfferEnded, AgentOffered, AgentRef, AgentViewReply,
+    ChatViewMsg, CommandReply, EndOfferCommand, EventRecord, OfferCommand, OfferMade, OfflineMessageRequest, PushAgent,
+    PushEvent, PushFrame, PushQueue, PushTyping, QueueEstimate, QueueRemoved, QueueSnapshot, RequeueCommand,
+    SendCommand, ShownOffer as ShownOfferMsg, StartChatRequest, StartedChatReply, TicketReply, WaitingEntryMsg,
+    agent_offer_request, caller, command_request, conversation_system_request, push_agent, push_frame, push_queue,
 };
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue,
@@ -355,9 +355,13 @@ pub fn waiting_entry_from_proto(entry: &WaitingEntryMsg) -> Result<WaitingEntry,
 }
 
 pub fn left_queue_to_proto(conversation: ConversationId, reason: &LeftQueue) -> QueueRemoved {
+    let cancel_reason = match reason {
+        LeftQueue::Abandoned => CancelReason::Abandoned.as_str(),
+        _ => "",
+    };
     let (reason, agent, to_group) = match reason {
         LeftQueue::Accepted { agent } => ("accepted", agent.to_string(), String::new()),
-        LeftQueue::Cancelled => ("cancelled", String::new(), String::new()),
+        LeftQueue::Cancelled | LeftQueue::Abandoned => ("cancelled", String::new(), String::new()),
         LeftQueue::Closed => ("closed", String::new(), String::new()),
         LeftQueue::Transferred { to_group } => ("transferred", String::new(), to_group.to_string()),
     };
@@ -366,13 +370,18 @@ pub fn left_queue_to_proto(conversation: ConversationId, reason: &LeftQueue) -> 
         reason: reason.to_owned(),
         agent_id: agent,
         to_group_id: to_group,
+        cancel_reason: cancel_reason.to_owned(),
     }
 }
 
 pub fn left_queue_from_proto(removed: &QueueRemoved) -> Result<(ConversationId, LeftQueue), Status> {
     let reason = match removed.reason.as_str() {
         "accepted" => LeftQueue::Accepted { agent: agent_id(&removed.agent_id)? },
-        "cancelled" => LeftQueue::Cancelled,
+        "cancelled" => match removed.cancel_reason.as_str() {
+            "" => LeftQueue::Cancelled,
+            "abandoned" => LeftQueue::Abandoned,
+            other => return Err(invalid("reason a chat was cancelled", format_args!("{other:?}"))),
+        },
         "closed" => LeftQueue::Closed,
         "transferred" => LeftQueue::Transferred { to_group: group_id(&removed.to_group_id)? },
         other => return Err(invalid("reason a chat left its queue", format_args!("{other:?}"))),
@@ -549,6 +558,7 @@ pub fn system_command_to_proto(command: &SystemCommand) -> conversation_system_r
             agent_id: agent.to_string(),
             reason: requeue_reason_str(*reason).to_owned(),
         }),
+        SystemCommand::Abandon => Command::Abandon(AbandonCommand {}),
     }
 }
 
@@ -569,6 +579,7 @@ pub fn system_command_from_proto(
         Command::Requeue(requeue) => {
             SystemCommand::Requeue { agent: agent_id(&requeue.agent_id)?, reason: requeue_reason(&requeue.reason)? }
         }
+        Command::Abandon(AbandonCommand {}) => SystemCommand::Abandon,
     })
 }
 
@@ -737,7 +748,8 @@ mod tests {
             any::<String>().prop_map(|body| EventBody::Message { body }),
             any::<u64>().prop_map(|up_to_seq| EventBody::Delivered { up_to_seq }),
             Just(EventBody::Closed),
-            Just(EventBody::Cancelled),
+            Just(EventBody::Cancelled { reason: None }),
+            Just(EventBody::Cancelled { reason: Some(CancelReason::Abandoned) }),
             (any_agent(), any::<i64>()).prop_map(|(agent, expires_at_ms)| EventBody::Offered { agent, expires_at_ms }),
             (any_agent(), any_offer_end()).prop_map(|(agent, reason)| EventBody::OfferEnded { agent, reason }),
             (proptest::option::of(any_agent()), any_group())
@@ -830,6 +842,7 @@ mod tests {
         prop_oneof![
             any_agent().prop_map(|agent| LeftQueue::Accepted { agent }),
             Just(LeftQueue::Cancelled),
+            Just(LeftQueue::Abandoned),
             Just(LeftQueue::Closed),
             any_group().prop_map(|to_group| LeftQueue::Transferred { to_group }),
         ]
@@ -897,6 +910,7 @@ mod tests {
                 .prop_map(|(agent, expires_at_ms, group)| SystemCommand::Offer { agent, expires_at_ms, group }),
             (any_agent(), any_offer_end()).prop_map(|(agent, reason)| SystemCommand::EndOffer { agent, reason }),
             any_agent().prop_map(|agent| SystemCommand::Requeue { agent, reason: RequeueReason::AgentOffline }),
+            Just(SystemCommand::Abandon),
         ]
     }
 
@@ -1144,11 +1158,19 @@ mod tests {
             reason: "accepted".into(),
             agent_id: String::new(),
             to_group_id: String::new(),
+            cancel_reason: String::new(),
         };
         assert_eq!(code(left_queue_from_proto(&removed).map(drop)), invalid, "accepted names its agent");
         let removed = QueueRemoved { reason: "expired".into(), ..removed };
         assert_eq!(code(left_queue_from_proto(&removed).map(drop)), invalid);
         assert_eq!(code(queue_change_from_proto(None).map(drop)), invalid);
+        let removed = QueueRemoved {
+            conversation_id: Uuid::nil().to_string(),
+            reason: "cancelled".into(),
+            cancel_reason: "bored".into(),
+            ..Default::default()
+        };
+        assert_eq!(code(left_queue_from_proto(&removed).map(drop)), invalid, "an unknown reason of a cancellation");
         let removed = QueueRemoved { reason: "transferred".into(), ..Default::default() };
         assert_eq!(code(left_queue_from_proto(&removed).map(drop)), invalid, "transferred names its group");
         assert_eq!(code(offer_end("declined").map(drop)), invalid);

@@ -74,11 +74,24 @@ pub struct PresenceConfig {
     /// An agent whose connections are all gone goes offline after this long (their chats are requeued).
     #[serde(default = "default_grace_ms")]
     pub grace_ms: u64,
+    /// How often gateways write every customer connection again (each counts for three of these).
+    #[serde(default = "default_customer_heartbeat_ms")]
+    pub customer_heartbeat_ms: u64,
+    /// A waiting chat whose customer has had no live connection for this long is cancelled as abandoned;
+    /// 0: never. At least twice `customer_heartbeat_ms`.
+    #[serde(default = "default_abandon_after_ms")]
+    pub abandon_after_ms: u64,
 }
 
 impl Default for PresenceConfig {
     fn default() -> Self {
-        PresenceConfig { redis_url: None, heartbeat_ms: default_heartbeat_ms(), grace_ms: default_grace_ms() }
+        PresenceConfig {
+            redis_url: None,
+            heartbeat_ms: default_heartbeat_ms(),
+            grace_ms: default_grace_ms(),
+            customer_heartbeat_ms: default_customer_heartbeat_ms(),
+            abandon_after_ms: default_abandon_after_ms(),
+        }
     }
 }
 
@@ -87,6 +100,12 @@ fn default_heartbeat_ms() -> u64 {
 }
 fn default_grace_ms() -> u64 {
     30_000
+}
+fn default_customer_heartbeat_ms() -> u64 {
+    10_000
+}
+fn default_abandon_after_ms() -> u64 {
+    60_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +331,20 @@ impl Config {
         }
         if config.presence.heartbeat_ms == 0 || config.presence.heartbeat_ms > 60_000 {
             bail!("invalid configuration: presence.heartbeat_ms must be between 1 and 60000");
+        }
+        if let Some(after) = env("SWITCHBOARD_ABANDON_AFTER_MS") {
+            config.presence.abandon_after_ms =
+                after.parse().context("invalid SWITCHBOARD_ABANDON_AFTER_MS: expected milliseconds (0 = never)")?;
+        }
+        if !(100..=600_000).contains(&config.presence.customer_heartbeat_ms) {
+            bail!("invalid configuration: presence.customer_heartbeat_ms must be between 100 and 600000");
+        }
+        let after = config.presence.abandon_after_ms;
+        if after != 0 && (after < config.presence.customer_heartbeat_ms.saturating_mul(2) || after > 86_400_000) {
+            bail!(
+                "invalid configuration: presence.abandon_after_ms must be 0 (never) or between twice \
+                 presence.customer_heartbeat_ms and 86400000"
+            );
         }
         if let Some(max) = env("SWITCHBOARD_MAX_MESSAGE_BYTES") {
             config.limits.max_message_bytes =
@@ -568,6 +601,28 @@ mod tests {
         let yaml = DEMO_CONFIG.replace("groups: [sales], capacity: 2", "groups: [billing], capacity: 2");
         let error = format!("{:#}", Config::parse(&yaml, no_env).unwrap_err());
         assert!(error.contains("bob") && error.contains("billing"), "{error}");
+    }
+
+    #[test]
+    fn abandoned_chats_after_a_minute_by_default_never_or_within_bounds() {
+        let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().presence;
+        assert_eq!((defaults.customer_heartbeat_ms, defaults.abandon_after_ms), (10_000, 60_000));
+        let with = |presence: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\npresence: {presence}"));
+        let set = Config::parse(&with("{ customer_heartbeat_ms: 500, abandon_after_ms: 1000 }"), no_env).unwrap();
+        assert_eq!((set.presence.customer_heartbeat_ms, set.presence.abandon_after_ms), (500, 1_000));
+        let never = Config::parse(&with("{ abandon_after_ms: 0 }"), no_env).unwrap();
+        assert_eq!(never.presence.abandon_after_ms, 0);
+        for (bad, named) in [
+            ("{ abandon_after_ms: 19999 }", "presence.abandon_after_ms"),
+            ("{ customer_heartbeat_ms: 500, abandon_after_ms: 999 }", "presence.abandon_after_ms"),
+            ("{ abandon_after_ms: 86400001 }", "presence.abandon_after_ms"),
+            ("{ customer_heartbeat_ms: 99 }", "presence.customer_heartbeat_ms"),
+        ] {
+            let error = format!("{:#}", Config::parse(&with(bad), no_env).unwrap_err());
+            assert!(error.contains(named), "{bad}: {error}");
+        }
+        let env = |name: &str| (name == "SWITCHBOARD_ABANDON_AFTER_MS").then(|| "0".to_owned());
+        assert_eq!(Config::parse(DEMO_CONFIG, env).unwrap().presence.abandon_after_ms, 0);
     }
 
     #[test]

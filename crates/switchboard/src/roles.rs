@@ -93,6 +93,8 @@ fn presence_settings(config: &Config) -> PresenceSettings {
     PresenceSettings {
         heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
         grace: Duration::from_millis(config.presence.grace_ms),
+        abandon_after: (config.presence.abandon_after_ms > 0)
+            .then(|| Duration::from_millis(config.presence.abandon_after_ms)),
     }
 }
 
@@ -376,6 +378,7 @@ fn gateway_settings(config: &Config, gateway_id: String) -> GatewaySettings {
         request_rate: RequestRate { per_second: config.limits.requests_per_second, burst: config.limits.request_burst },
         per_address: config.limits.address_limits(),
         presence_heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
+        customer_heartbeat: Duration::from_millis(config.presence.customer_heartbeat_ms),
         ..Default::default()
     }
 }

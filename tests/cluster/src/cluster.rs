@@ -52,6 +52,10 @@ pub struct ClusterSpec {
     pub lease: LeaseSettings,
     pub presence_heartbeat_ms: u64,
     pub presence_grace_ms: u64,
+    /// How often gateways write customers' connections, and how long a waiting chat's customer may be
+    /// gone before it is abandoned (0: never).
+    pub customer_heartbeat_ms: u64,
+    pub abandon_after_ms: u64,
     /// The cluster-wide license limit (0 = unlimited).
     pub license_max_sessions: u64,
     /// Environment variables added to every store, router and gateway (e.g. `SWITCHBOARD_OTLP_ENDPOINT`).
@@ -69,6 +73,8 @@ impl ClusterSpec {
             lease: LeaseSettings::default(),
             presence_heartbeat_ms: 500,
             presence_grace_ms: 30_000,
+            customer_heartbeat_ms: 10_000,
+            abandon_after_ms: 60_000,
             license_max_sessions: 0,
             env: Vec::new(),
         }
@@ -77,8 +83,12 @@ impl ClusterSpec {
     /// The configuration file the roles read: the given one with this cluster's presence and license.
     fn config_with(&self, redis_url: &str) -> String {
         let sections = format!(
-            "presence:\n  redis_url: \"{redis_url}\"\n  heartbeat_ms: {}\n  grace_ms: {}\nlicense:\n  max_sessions: {}\n",
-            self.presence_heartbeat_ms, self.presence_grace_ms, self.license_max_sessions
+            "presence:\n  redis_url: \"{redis_url}\"\n  heartbeat_ms: {}\n  grace_ms: {}\n  customer_heartbeat_ms: {}\n  abandon_after_ms: {}\nlicense:\n  max_sessions: {}\n",
+            self.presence_heartbeat_ms,
+            self.presence_grace_ms,
+            self.customer_heartbeat_ms,
+            self.abandon_after_ms,
+            self.license_max_sessions
         );
         match self.config_yaml.split_once('\n') {
             Some((first, rest)) => format!("{first}\n{sections}{rest}"),

@@ -213,3 +213,57 @@ async fn ongoing_chats_survive_a_redis_restart_and_presence_reconverges() -> any
     cluster.finish();
     Ok(())
 }
+
+/// Starts a chat in `group`: the customer's connection, the chat and its customer token.
+async fn start_chat_with_token(url: &str, group: &str, name: &str) -> anyhow::Result<(Connection, String, String)> {
+    let mut connection = Connection::connect(url).await?;
+    let fields = json!({ "widget_key": WIDGET_KEY, "group": group, "name": name, "question": "anyone there?" });
+    let ack = connection.ok("chat.start", fields).await?;
+    let conversation = ack["conversation"].as_str().context("no conversation")?.to_owned();
+    let token = ack["customer_token"].as_str().context("no customer token")?.to_owned();
+    Ok((connection, conversation, token))
+}
+
+fn is_abandoned(push: &Value, conversation: &str) -> bool {
+    push["type"] == "queue.removed" && push["conversation"] == conversation && push["reason"] == "abandoned"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_chat_whose_customer_went_away_is_abandoned_and_its_license_permit_given_back() -> anyhow::Result<()>
+{
+    let mut spec = ClusterSpec::new(CONFIG);
+    spec.customer_heartbeat_ms = 500;
+    spec.abandon_after_ms = 2_000;
+    spec.license_max_sessions = 2;
+    let cluster = Cluster::start(spec).await?;
+    let urls = cluster.gateway_urls();
+    let mut ann = sign_in(&urls[0], "token-of-ann").await?;
+    let (al, abandoned, _) = start_chat_with_token(&urls[1], "open", "Al").await?;
+    let (bo, reloaded, bo_token) = start_chat_with_token(&urls[0], "open", "Bo").await?;
+    // The license is full.
+    let mut cy = Connection::connect(&urls[1]).await?;
+    let fields = json!({ "widget_key": WIDGET_KEY, "group": "open", "name": "Cy", "question": "hello?" });
+    let refused = cy.request("chat.start", &fields).await?.err().context("a start over the license")?;
+    assert_eq!(refused["code"], "license_exhausted");
+    // Bo reloads the page (a new connection, through the other gateway, resuming with the token); Al closes
+    // the tab. Neither says `chat.cancel`.
+    drop(bo);
+    let mut bo = Connection::connect(&urls[1]).await?;
+    bo.ok("customer.resume", json!({ "conversation": reloaded, "customer_token": bo_token, "after_seq": 0 })).await?;
+    drop(al);
+    // Al's chat is abandoned: the agents watching the queue are told why, and its permit is free again.
+    push_matching(&mut ann, |push| is_abandoned(push, &abandoned)).await?;
+    let (cy, late, _) = start_chat_with_token(&urls[1], "open", "Cy").await?;
+    // Cy goes away too: abandoned in turn, a grace period later, while Bo, here all along, still waits.
+    drop(cy);
+    push_matching(&mut ann, |push| is_abandoned(push, &late)).await?;
+    let kinds = |events: Vec<switchboard_cluster_tests::db::EventRow>| {
+        events.into_iter().map(|event| event.kind).collect::<Vec<String>>()
+    };
+    assert_eq!(kinds(cluster.db.events_of(&abandoned).await?).last().map(String::as_str), Some("cancelled"));
+    let bo_kinds = kinds(cluster.db.events_of(&reloaded).await?);
+    assert!(!bo_kinds.iter().any(|kind| kind == "cancelled"), "Bo's chat waits on: {bo_kinds:?}");
+    bo.ok("message.send", json!({ "conversation": reloaded, "client_msg_id": "b1", "body": "still here" })).await?;
+    cluster.finish();
+    Ok(())
+}

@@ -2087,6 +2087,10 @@ pub struct QueueRemoved {
     /// The group the chat moved to, for `transferred`.
     #[prost(string, tag = "4")]
     pub to_group_id: ::prost::alloc::string::String,
+    /// Why the system cancelled it, for `cancelled`: `abandoned`, or empty (its customer cancelled it). Not a
+    /// reason of its own, so that a gateway from before it reads a cancellation.
+    #[prost(string, tag = "5")]
+    pub cancel_reason: ::prost::alloc::string::String,
 }
 /// How long a customer waits per place in the queue; absent while there is no estimate.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -2645,11 +2649,14 @@ pub struct RequeueCommand {
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
 }
+/// The waiting chat's customer went away: cancelled as abandoned (nothing once it no longer waits).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AbandonCommand {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConversationSystemRequest {
     #[prost(string, tag = "1")]
     pub conversation_id: ::prost::alloc::string::String,
-    #[prost(oneof = "conversation_system_request::Command", tags = "2, 3, 4")]
+    #[prost(oneof = "conversation_system_request::Command", tags = "2, 3, 4, 5")]
     pub command: ::core::option::Option<conversation_system_request::Command>,
 }
 /// Nested message and enum types in `ConversationSystemRequest`.
@@ -2662,6 +2669,8 @@ pub mod conversation_system_request {
         EndOffer(super::EndOfferCommand),
         #[prost(message, tag = "4")]
         Requeue(super::RequeueCommand),
+        #[prost(message, tag = "5")]
+        Abandon(super::AbandonCommand),
     }
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

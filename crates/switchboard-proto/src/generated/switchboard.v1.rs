@@ -849,9 +849,13 @@ pub mod event {
     /// The chat ended; its transcript stays readable.
     #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
     pub struct Closed {}
-    /// The chat was cancelled (abandoned while waiting, or cancelled by the agent).
+    /// The chat was cancelled: by its customer while it waited, by its agent, or by the system (`reason`).
     #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-    pub struct Cancelled {}
+    pub struct Cancelled {
+        /// Set when the system cancelled it: CANCEL_REASON_ABANDONED, the customer went away while it waited.
+        #[prost(enumeration = "super::CancelReason", tag = "1")]
+        pub reason: i32,
+    }
     /// By the system: the waiting chat is offered to `agent` until `expires_at_ms` (push routing).
     #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
     pub struct Offered {
@@ -1059,6 +1063,8 @@ pub enum QueueRemovedReason {
     Closed = 3,
     /// Moved to another group's queue (`group` says which).
     Transferred = 4,
+    /// Cancelled by the system: the customer went away while waiting and did not come back in time.
+    Abandoned = 5,
 }
 impl QueueRemovedReason {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -1072,6 +1078,7 @@ impl QueueRemovedReason {
             Self::Cancelled => "QUEUE_REMOVED_REASON_CANCELLED",
             Self::Closed => "QUEUE_REMOVED_REASON_CLOSED",
             Self::Transferred => "QUEUE_REMOVED_REASON_TRANSFERRED",
+            Self::Abandoned => "QUEUE_REMOVED_REASON_ABANDONED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -1082,6 +1089,36 @@ impl QueueRemovedReason {
             "QUEUE_REMOVED_REASON_CANCELLED" => Some(Self::Cancelled),
             "QUEUE_REMOVED_REASON_CLOSED" => Some(Self::Closed),
             "QUEUE_REMOVED_REASON_TRANSFERRED" => Some(Self::Transferred),
+            "QUEUE_REMOVED_REASON_ABANDONED" => Some(Self::Abandoned),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum CancelReason {
+    /// Cancelled by a person (the event's author).
+    Unspecified = 0,
+    /// The customer went away while the chat waited (every connection closed or lost) and did not come back
+    /// within the grace period.
+    Abandoned = 1,
+}
+impl CancelReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "CANCEL_REASON_UNSPECIFIED",
+            Self::Abandoned => "CANCEL_REASON_ABANDONED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CANCEL_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "CANCEL_REASON_ABANDONED" => Some(Self::Abandoned),
             _ => None,
         }
     }

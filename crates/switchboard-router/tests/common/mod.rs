@@ -31,6 +31,8 @@ pub const OFFER_TIMEOUT_MS: i64 = 10_000;
 /// The presence heartbeat and grace period of the test routers.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const GRACE: Duration = Duration::from_secs(5);
+/// How long the customer of a waiting chat is found gone before the chat is abandoned.
+pub const ABANDON_AFTER: Duration = Duration::from_secs(20);
 
 pub struct Fixture {
     pub router: Router,
@@ -305,7 +307,7 @@ pub fn router_settings(node_id: &str) -> RouterSettings {
         leases: LeaseSettings::default(),
         closed_list_limit: 50,
         page_bytes: RouterSettings::PAGE_BYTES,
-        presence: PresenceSettings { heartbeat: HEARTBEAT, grace: GRACE },
+        presence: PresenceSettings { heartbeat: HEARTBEAT, grace: GRACE, abandon_after: Some(ABANDON_AFTER) },
     }
 }
 
