@@ -15,6 +15,9 @@ use crate::{
 /// The default margin after which expired entries are dropped (as [`RedisSettings::gc_ttl`](crate::RedisSettings)).
 const DEFAULT_GC_MARGIN: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// How often (by the expiries written) the customers' connections that ended long ago are dropped.
+const CUSTOMERS_SWEEP_EVERY_MS: i64 = 60_000;
+
 /// [`Presence`] in process. Clones share the same state and the same change stream.
 #[derive(Clone)]
 pub struct MemoryPresence {
@@ -35,6 +38,8 @@ struct State {
     sessions: HashMap<(TenantId, AgentId), HashMap<String, (String, i64)>>,
     /// (tenant, chat) → customer session → expires_at_ms (the instant it closed, once closed).
     customers: HashMap<(TenantId, ConversationId), HashMap<String, i64>>,
+    /// The `expires_at_ms` of the write that last dropped the chats whose connections all ended long ago.
+    customers_swept_at_ms: i64,
     /// (tenant, group) → agent → expires_at_ms.
     signed_in: HashMap<(TenantId, GroupId), HashMap<AgentId, i64>>,
     /// (tenant, agent) → the status the agent chose, while signed in.
@@ -123,11 +128,15 @@ impl Presence for MemoryPresence {
             let key = (session.tenant.clone(), session.conversation);
             state.customers.entry(key).or_default().insert(session.session.clone(), expires_at_ms);
         }
-        // What Redis's key expiry does: chats whose every connection ended longer ago than the margin go.
-        state.customers.retain(|_, sessions| {
-            sessions.retain(|_, expires| *expires > gc_before);
-            !sessions.is_empty()
-        });
+        // What Redis's key expiry does: chats whose every connection ended longer ago than the margin go. A
+        // sweep visits every chat: at most once a minute, not at every chat start.
+        if expires_at_ms.saturating_sub(state.customers_swept_at_ms) >= CUSTOMERS_SWEEP_EVERY_MS {
+            state.customers_swept_at_ms = expires_at_ms;
+            state.customers.retain(|_, sessions| {
+                sessions.retain(|_, expires| *expires > gc_before);
+                !sessions.is_empty()
+            });
+        }
         Ok(())
     }
 
