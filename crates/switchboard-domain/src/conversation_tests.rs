@@ -117,6 +117,20 @@ fn a_cancellation_without_a_reason_reads_as_before_and_one_with_a_reason_says_it
     let abandoned = Event { body: EventBody::Cancelled { reason: Some(CancelReason::Abandoned) }, ..event };
     let json = serde_json::to_value(&abandoned).unwrap();
     assert_eq!((json["kind"].as_str(), json["reason"].as_str()), (Some("cancelled"), Some("abandoned")));
+    // A router from before reasons (the event a unit variant) reads it as a cancellation.
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
+    enum OldBody {
+        Cancelled,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    struct OldEvent {
+        seq: u64,
+        #[serde(flatten)]
+        body: OldBody,
+    }
+    let old: OldEvent = serde_json::from_value(json).expect("read by the old shape");
+    assert_eq!((old.seq, old.body), (3, OldBody::Cancelled));
 }
 
 #[test]

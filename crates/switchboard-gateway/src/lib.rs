@@ -520,15 +520,21 @@ impl Gateway {
     }
 }
 
+/// The ticks of a heartbeat of the gateway (`None` once it is dropped); a tick missed waits for the next.
+fn heartbeat_ticks(
+    weak: &std::sync::Weak<Shared>,
+    period: impl Fn(&GatewaySettings) -> Duration,
+) -> Option<tokio::time::Interval> {
+    let every = period(&weak.upgrade()?.settings).max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    Some(ticks)
+}
+
 /// Writes every signed-in agent connection to presence again, every `presence_heartbeat`, until the gateway
 /// is dropped. A failure is logged once until presence works again.
 async fn heartbeat(weak: std::sync::Weak<Shared>) {
-    let Some(every) = weak.upgrade().map(|shared| shared.settings.presence_heartbeat.max(Duration::from_millis(1)))
-    else {
-        return;
-    };
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let Some(mut ticks) = heartbeat_ticks(&weak, |settings| settings.presence_heartbeat) else { return };
     let mut failing = false;
     loop {
         ticks.tick().await;
@@ -565,12 +571,7 @@ async fn heartbeat(weak: std::sync::Weak<Shared>) {
 /// Writes every customer connection to presence again, all in one call, every `customer_heartbeat`, until
 /// the gateway is dropped. A failure is logged once until presence works again.
 async fn customer_heartbeat(weak: std::sync::Weak<Shared>) {
-    let Some(every) = weak.upgrade().map(|shared| shared.settings.customer_heartbeat.max(Duration::from_millis(1)))
-    else {
-        return;
-    };
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let Some(mut ticks) = heartbeat_ticks(&weak, |settings| settings.customer_heartbeat) else { return };
     let mut failing = false;
     loop {
         ticks.tick().await;
