@@ -267,3 +267,29 @@ async fn a_waiting_chat_whose_customer_went_away_is_abandoned_and_its_license_pe
     cluster.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_longer_than_the_grace_period_abandons_no_chat_whose_customer_stayed() -> anyhow::Result<()> {
+    let mut spec = ClusterSpec::new(CONFIG);
+    spec.customer_heartbeat_ms = 500;
+    spec.abandon_after_ms = 2_000;
+    let cluster = Cluster::start(spec).await?;
+    let urls = cluster.gateway_urls();
+    let mut ann = sign_in(&urls[0], "token-of-ann").await?;
+    let (_al, stayed, _) = start_chat_with_token(&urls[1], "open", "Al").await?;
+    // Redis hangs (answers nothing, keeps its data) for four times the grace period: every read of the
+    // queues fails meanwhile (three or more of them, 2.5 s apart), and a failed read is no customer gone.
+    // The outage's length is the scenario, not a wait for something.
+    tokio::task::block_in_place(|| cluster.redis.pause())?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::task::block_in_place(|| cluster.redis.resume())?;
+    // After it, a customer who goes away is abandoned a grace period later: the queues read again...
+    let (bo, left, _) = start_chat_with_token(&urls[1], "open", "Bo").await?;
+    drop(bo);
+    push_matching(&mut ann, |push| is_abandoned(push, &left)).await?;
+    // ...and Al, connected all along, was never taken for gone.
+    let kinds: Vec<String> = cluster.db.events_of(&stayed).await?.into_iter().map(|event| event.kind).collect();
+    assert!(!kinds.iter().any(|kind| kind == "cancelled"), "Al's chat waits on: {kinds:?}");
+    cluster.finish();
+    Ok(())
+}
