@@ -1220,8 +1220,11 @@ impl<T: Transport> Session<T> {
     /// Leaves the hub (and what it followed) and presence.
     async fn end(&mut self) {
         let needs = self.shared.hub.unregister(self.socket_id);
-        self.apply_needs(needs).await;
+        // Before the unsubscriptions, which wait on the routers (retried while an owner moves): the
+        // customer's departure counts from now, not from when those are done. After the hub forgot the
+        // socket, so that a heartbeat writing it meanwhile sees it gone and ends it again.
         self.customer_gone().await;
+        self.apply_needs(needs).await;
         if let Some(Role::Agent { tenant, agent, .. }) = &self.role {
             self.shared.session_gone(self.socket_id, tenant, agent).await;
         }
