@@ -114,6 +114,11 @@ pub enum EventBody {
         from_agent: AgentId,
         reason: RequeueReason,
     },
+    /// Every connection of the customer to the ongoing chat closed or lapsed, and none came back within the
+    /// presence grace period: the agent is talking to nobody (author `system`).
+    CustomerLeft,
+    /// The customer connected to the chat again after a `customer_left` (author `system`).
+    CustomerReturned,
 }
 
 /// Why an offer ended without an accept.
@@ -185,6 +190,8 @@ impl EventBody {
             EventBody::Transferred { .. } => "transferred",
             EventBody::Forwarded { .. } => "forwarded",
             EventBody::Requeued { .. } => "requeued",
+            EventBody::CustomerLeft => "customer_left",
+            EventBody::CustomerReturned => "customer_returned",
         }
     }
 
@@ -258,6 +265,12 @@ pub enum Command {
     },
     /// The system cancels the waiting chat whose customer went away (no-op once it is no longer waiting).
     Abandon,
+    /// The system found the customer connected to the chat (`here`) or gone for the grace period: the
+    /// change is recorded (`customer_left` only while an agent owns the chat; nothing once it ended, or when
+    /// it is what the chat knows already).
+    CustomerPresence {
+        here: bool,
+    },
 }
 
 /// The facts a new conversation starts from.
@@ -293,6 +306,8 @@ pub struct Conversation {
     pub offer: Option<Offer>,
     /// The agents whose offer of this chat ended without an accept since it last entered a queue, in order.
     pub offered_to: Vec<AgentId>,
+    /// The customer left (a `customer_left` event) and has not returned since.
+    pub customer_away: bool,
 }
 
 impl Conversation {
@@ -315,6 +330,7 @@ impl Conversation {
             agent_delivered_up_to: 0,
             offer: None,
             offered_to: Vec::new(),
+            customer_away: false,
         }
     }
 
@@ -460,6 +476,15 @@ pub fn decide(conversation: &Conversation, command: &Command) -> Result<Option<E
             Queued => Ok(Some(EventBody::Cancelled { reason: Some(CancelReason::Abandoned) })),
             Active | Closed | Cancelled => Ok(None),
         },
+        // Told only while an agent owns the chat (a waiting chat's customer who stays away abandons it); a
+        // return is recorded whatever the chat's state until it ends, so that a `customer_left` is never the
+        // last word while the customer is there.
+        Command::CustomerPresence { here } => match (state, conversation.customer_away, *here) {
+            (Closed | Cancelled, _, _) => Ok(None),
+            (_, true, true) => Ok(Some(EventBody::CustomerReturned)),
+            (Active, false, false) => Ok(Some(EventBody::CustomerLeft)),
+            _ => Ok(None),
+        },
     }
 }
 
@@ -468,6 +493,8 @@ pub fn apply(conversation: &mut Conversation, event: &Event) {
     conversation.last_seq = conversation.last_seq.max(event.seq);
     match &event.body {
         EventBody::Created { .. } | EventBody::Message { .. } => {}
+        EventBody::CustomerLeft => conversation.customer_away = true,
+        EventBody::CustomerReturned => conversation.customer_away = false,
         EventBody::Accepted { agent } => {
             conversation.state = ConversationState::Active;
             conversation.owner = Some(agent.clone());

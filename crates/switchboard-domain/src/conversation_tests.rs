@@ -109,6 +109,34 @@ fn a_waiting_chat_whose_customer_went_away_is_abandoned_and_nothing_else_is() {
 }
 
 #[test]
+fn an_ongoing_chats_customer_leaving_and_returning_is_recorded_once_each_way() {
+    let here = Command::CustomerPresence { here: true };
+    let gone = Command::CustomerPresence { here: false };
+    // Waiting: a departure is the queue's (abandonment), not recorded; nor a presence it knows already.
+    let mut conversation = opened();
+    assert_eq!((decide(&conversation, &gone), decide(&conversation, &here)), (Ok(None), Ok(None)));
+    let a = agent("a");
+    run(&mut conversation, Author::Agent(a.clone()), Command::Accept { agent: a.clone(), offered_only: false })
+        .unwrap();
+    let left = run(&mut conversation, Author::System, gone.clone()).unwrap().expect("an event");
+    assert_eq!((&left.body, left.seq, conversation.customer_away), (&EventBody::CustomerLeft, 4, true));
+    let json = serde_json::to_value(&left).unwrap();
+    assert_eq!(json["kind"].as_str(), Some("customer_left"), "its name in the protocol");
+    assert_eq!(decide(&conversation, &gone), Ok(None), "once");
+    let back = run(&mut conversation, Author::System, here.clone()).unwrap().expect("an event");
+    assert_eq!((back.body, conversation.customer_away), (EventBody::CustomerReturned, false));
+    assert_eq!(decide(&conversation, &here), Ok(None), "once");
+    // Gone, then the chat went back to a queue: the customer's return is still told.
+    run(&mut conversation, Author::System, gone.clone()).unwrap().expect("left again");
+    run(&mut conversation, Author::System, Command::Requeue { agent: a.clone(), reason: RequeueReason::AgentOffline })
+        .unwrap();
+    assert_eq!(decide(&conversation, &here), Ok(Some(EventBody::CustomerReturned)));
+    // Ended: nothing more, either way.
+    run(&mut conversation, Author::Customer, Command::Close { by: Author::Customer }).unwrap();
+    assert_eq!((decide(&conversation, &here), decide(&conversation, &gone)), (Ok(None), Ok(None)));
+}
+
+#[test]
 fn a_cancellation_without_a_reason_reads_as_before_and_one_with_a_reason_says_it() {
     let old = r#"{"seq":3,"at_ms":5,"author":{"role":"customer"},"kind":"cancelled"}"#;
     let event: Event = serde_json::from_str(old).expect("an event stored before reasons");

@@ -529,8 +529,8 @@ fn author(author: &Author) -> pb::Author {
 
 fn event(event: &Event) -> pb::Event {
     use pb::event::{
-        Accepted, Body, Cancelled, Closed, Created, Delivered, Forwarded, Message, OfferEnded, Offered, Requeued,
-        Transferred,
+        Accepted, Body, Cancelled, Closed, Created, CustomerLeft, CustomerReturned, Delivered, Forwarded, Message,
+        OfferEnded, Offered, Requeued, Transferred,
     };
     let body = match &event.body {
         EventBody::Created { group, customer_name, question } => Body::Created(Created {
@@ -566,6 +566,8 @@ fn event(event: &Event) -> pb::Event {
         EventBody::Requeued { from_agent, reason } => {
             Body::Requeued(Requeued { from_agent: from_agent.to_string(), reason: requeue_reason(*reason).into() })
         }
+        EventBody::CustomerLeft => Body::CustomerLeft(CustomerLeft {}),
+        EventBody::CustomerReturned => Body::CustomerReturned(CustomerReturned {}),
     };
     pb::Event {
         seq: event.seq,
@@ -785,5 +787,7 @@ mod tests {
                 reason: pb::RequeueReason::AgentOffline.into()
             })
         );
+        assert_eq!(body(EventBody::CustomerLeft), Body::CustomerLeft(pb::event::CustomerLeft {}));
+        assert_eq!(body(EventBody::CustomerReturned), Body::CustomerReturned(pb::event::CustomerReturned {}));
     }
 }

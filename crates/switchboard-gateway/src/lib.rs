@@ -290,6 +290,17 @@ impl Shared {
         }
     }
 
+    /// Tells the owner of a chat that a connection of its customer began or ended here (written to presence
+    /// before), in a task of its own: the owner records a customer who left or returned. A failure is logged.
+    pub(crate) fn tell_customer_connection(&self, conversation: ConversationId) {
+        let router = self.router.clone();
+        tokio::spawn(async move {
+            if let Err(error) = router.customer_connection(conversation).await {
+                debug!(%conversation, %error, "the chat's owner not told of its customer's connection");
+            }
+        });
+    }
+
     /// Records the end of a customer's connection; a failure is logged (the entry expires by itself).
     pub(crate) async fn customer_gone(&self, session: &CustomerSession) {
         if let Err(error) = self.presence.customer_gone(session, self.clock.now_ms()).await {

@@ -170,6 +170,9 @@ struct Session<T> {
     counted: Option<Counted>,
     /// The highest seq written to this connection, per conversation.
     written_seq: HashMap<ConversationId, u64>,
+    /// A customer's connection wrote its chat's end (`closed`, `cancelled`): its owner need not be told when
+    /// the connection ends.
+    own_chat_ended: bool,
     transport: T,
     /// Frames were written to the transport since its last flush.
     unflushed: bool,
@@ -312,6 +315,7 @@ pub(crate) async fn run<T: Transport>(shared: Arc<Shared>, transport: T, client:
         role: None,
         counted: Some(Counted::new(T::NAME, admitted, address_slot)),
         written_seq: HashMap::new(),
+        own_chat_ended: false,
         transport,
         unflushed: false,
         unflushed_latencies: Vec::new(),
@@ -685,6 +689,7 @@ impl<T: Transport> Session<T> {
             return Ok(());
         }
         self.written_seq.insert(conversation, seq);
+        self.note_written(conversation, &event.body);
         let Some(origin) = outbound.origin() else {
             return self.send(Outgoing::Push(outbound)).await;
         };
@@ -706,6 +711,16 @@ impl<T: Transport> Session<T> {
             self.unflushed_latencies.push((names::MESSAGE_LATENCY, received_at_us));
         }
         Ok(())
+    }
+
+    /// Notes a customer's chat's end written to the connection.
+    fn note_written(&mut self, conversation: ConversationId, body: &switchboard_domain::EventBody) {
+        if let Some(Role::Customer { conversation: own, .. }) = &self.role
+            && *own == conversation
+            && matches!(body, switchboard_domain::EventBody::Closed | switchboard_domain::EventBody::Cancelled { .. })
+        {
+            self.own_chat_ended = true;
+        }
     }
 
     /// Writes the events a connection missed (it never should).
@@ -755,6 +770,7 @@ impl<T: Transport> Session<T> {
             return Ok(());
         }
         *written = event.seq;
+        self.note_written(conversation, &event.body);
         let outbound = Outbound::new(PushFrame::Event { conversation, event: Arc::new(event) });
         self.send(Outgoing::Push(&outbound)).await
     }
@@ -776,6 +792,10 @@ impl<T: Transport> Session<T> {
                 let role = Role::Customer { conversation, tenant: view.tenant.clone(), group: view.group.clone() };
                 self.become_role(role).await;
                 self.customer_alive(&view.tenant, conversation).await;
+                if !view.state.is_finished() {
+                    // A customer who had left the ongoing chat returns.
+                    self.shared.tell_customer_connection(conversation);
+                }
                 match self.subscribe(conversation, after_seq).await {
                     Ok(events) => Ok((Ack::CustomerResume { chat: view }, events)),
                     Err(error) => {
@@ -1195,6 +1215,10 @@ impl<T: Transport> Session<T> {
             let (shared, session) =
                 (self.shared.clone(), self.shared.customer_session(self.socket_id, tenant, *conversation));
             shared.customer_gone(&session).await;
+            // Once written to presence: the owner reads it to find whether this was the customer's last.
+            if !self.own_chat_ended {
+                shared.tell_customer_connection(session.conversation);
+            }
         }
     }
 

@@ -144,6 +144,10 @@ impl RouterApi for Holding {
         self.inner.typing(caller, conversation, typing).await
     }
 
+    async fn customer_connection(&self, conversation: ConversationId) -> Result<(), RouterError> {
+        self.inner.customer_connection(conversation).await
+    }
+
     async fn accept_chat(
         &self,
         tenant: &TenantId,

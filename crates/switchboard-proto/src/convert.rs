@@ -92,6 +92,7 @@ pub fn conversation_from_record(record: &ConversationRecord) -> Result<Conversat
             .iter()
             .map(|agent| AgentId::new(agent.clone()).map_err(|error| bad("offered to", error)))
             .collect::<Result<_, _>>()?,
+        customer_away: record.customer_away,
     })
 }
 

@@ -375,6 +375,12 @@ pub trait RouterApi: Send + Sync + 'static {
     /// Typing indicators are pushed to the other side and never stored.
     async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError>;
 
+    /// A connection of the chat's customer began or ended at the calling gateway, which wrote that to
+    /// presence first. The owner reads presence (the customer may have other connections, at other gateways)
+    /// and records a `customer_left` once they stayed gone for the grace period, a `customer_returned` when
+    /// they come back. Only the answer of the owner is awaited, not its reading.
+    async fn customer_connection(&self, conversation: ConversationId) -> Result<(), RouterError>;
+
     /// An agent accepts a waiting chat: exactly one of several concurrent accepts wins.
     async fn accept_chat(
         &self,

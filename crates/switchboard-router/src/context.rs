@@ -54,7 +54,8 @@ pub struct PresenceSettings {
     /// How often agents' connections are checked, signed-in agents refreshed and group statuses evaluated.
     pub heartbeat: Duration,
     /// How long an agent whose connections are all gone stays signed in (their chats kept) before going
-    /// offline (their chats go back to the head of their queue, their offer moves on).
+    /// offline (their chats go back to the head of their queue, their offer moves on); and how long the
+    /// customer of an active chat stays gone before the chat records `customer_left`.
     pub grace: Duration,
     /// How long the customer of a waiting chat must be found gone (every connection closed or expired in
     /// presence) before the chat is cancelled as abandoned; `None`: never. Longer than the gateways'

@@ -12,6 +12,7 @@ use switchboard_domain::{
     GroupId, NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
     new_customer_token, queue_key, stored_customer_token, unhashed_customer_token,
 };
+use switchboard_presence::CustomerPresence;
 use switchboard_proto::convert::{conversation_from_record, dedupe_key, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
@@ -84,6 +85,19 @@ pub(crate) enum ConversationMsg {
         typing: bool,
         reply: Reply<()>,
     },
+    /// A connection of the customer began or ended at a gateway: presence is read again.
+    CustomerConnection,
+    /// What presence said of the customer at the actor's `read`th reading (`None`: it could not be read).
+    /// `confirming`: the reading after the grace period that followed one that found them gone.
+    CustomerRead {
+        read: u64,
+        presence: Option<CustomerPresence>,
+        confirming: bool,
+    },
+    /// The grace period that followed the `read`th reading, which found the customer gone, is over.
+    CustomerGrace {
+        read: u64,
+    },
     System {
         command: SystemCommand,
         reply: Reply<bool>,
@@ -131,6 +145,9 @@ pub(crate) struct ConversationActorState {
     pushes: Vec<Push>,
     /// The messages handled, `Passivate` aside.
     turns: u64,
+    /// The readings of the customer's presence begun: only the answer of the last one counts (an earlier
+    /// one may answer later, with what was true before).
+    customer_reads: u64,
 }
 
 pub(crate) struct Loaded {
@@ -157,6 +174,7 @@ impl Actor for ConversationActor {
             recent: loaded.recent,
             pushes: Vec::new(),
             turns: 0,
+            customer_reads: 0,
         })
     }
 
@@ -313,6 +331,21 @@ impl ConversationActor {
                 let result = state.typing(&caller, typing);
                 let _ = reply.send(result);
             }
+            ConversationMsg::CustomerConnection => state.read_customer(&myself, false),
+            ConversationMsg::CustomerGrace { read } => {
+                if read == state.customer_reads {
+                    state.read_customer(&myself, true);
+                }
+            }
+            ConversationMsg::CustomerRead { read, presence, confirming } => {
+                if read != state.customer_reads {
+                    return Ok(());
+                }
+                let result = state.customer_read(&myself, presence, confirming).await;
+                if stop_on_store_failure(&myself, &result) {
+                    return Ok(());
+                }
+            }
         }
         if state.conversation.state.is_finished() {
             // Passivate: a finished chat need not stay in memory. Its subscribers are the context's, not the
@@ -460,6 +493,56 @@ impl ConversationActorState {
         let push = Push::Typing { conversation: self.conversation.id, author, typing };
         self.fan_out(push);
         Ok(())
+    }
+
+    /// Reads the customer's presence in a task of its own (the actor goes on meanwhile), which answers with
+    /// a [`ConversationMsg::CustomerRead`]. Nothing once the chat ended.
+    fn read_customer(&mut self, myself: &ActorRef<ConversationMsg>, confirming: bool) {
+        if self.conversation.state.is_finished() {
+            return;
+        }
+        self.customer_reads += 1;
+        let (read, myself, context) = (self.customer_reads, myself.clone(), self.context.clone());
+        let (tenant, conversation) = (self.conversation.tenant.clone(), self.conversation.id);
+        tokio::spawn(async move {
+            let now_ms = context.clock.now_ms();
+            let presence = match context.presence.customers_present(&tenant, &[conversation], now_ms).await {
+                Ok(present) => present.into_iter().next(),
+                Err(error) => {
+                    debug!(%conversation, %error, "the customer's presence not read");
+                    None
+                }
+            };
+            let _ = myself.cast(ConversationMsg::CustomerRead { read, presence, confirming });
+        });
+    }
+
+    /// What the last reading of the customer's presence found: a customer connected who had left returns; one
+    /// gone from an ongoing chat has left once a reading after the grace period finds them gone still (with
+    /// no connection begun or ended in between, which would have begun another reading). A customer nobody
+    /// recorded (`Unknown`: presence restarted empty, a gateway from before customers were recorded), or a
+    /// reading that failed, changes nothing.
+    async fn customer_read(
+        &mut self,
+        myself: &ActorRef<ConversationMsg>,
+        presence: Option<CustomerPresence>,
+        confirming: bool,
+    ) -> Result<(), RouterError> {
+        let here = match presence {
+            Some(CustomerPresence::Here) => true,
+            Some(CustomerPresence::Gone) if confirming => false,
+            Some(CustomerPresence::Gone) => {
+                let command = Command::CustomerPresence { here: false };
+                if matches!(decide(&self.conversation, &command), Ok(Some(_))) {
+                    let read = self.customer_reads;
+                    let grace = self.context.presence_settings.grace;
+                    myself.send_after(grace, move || ConversationMsg::CustomerGrace { read });
+                }
+                return Ok(());
+            }
+            Some(CustomerPresence::Unknown) | None => return Ok(()),
+        };
+        self.decide_and_append(Author::System, &Command::CustomerPresence { here }, None).await.map(|_| ())
     }
 
     async fn command(&mut self, caller: &Caller, command: ChatCommand) -> Result<CommandOutcome, RouterError> {
@@ -661,6 +744,7 @@ fn update_of(conversation: &Conversation) -> ConversationUpdate {
         customer_delivered_up_to: conversation.customer_delivered_up_to,
         agent_delivered_up_to: conversation.agent_delivered_up_to,
         delivery_marks_known: true,
+        customer_away: Some(conversation.customer_away),
     }
 }
 

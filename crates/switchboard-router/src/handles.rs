@@ -96,6 +96,11 @@ impl ConversationHandle {
         call(&self.0, |reply| ConversationMsg::Typing { caller, typing, reply }).await
     }
 
+    /// Tells the chat that a connection of its customer began or ended; it reads presence by itself.
+    pub(crate) fn customer_connection(&self) {
+        let _ = self.0.cast(ConversationMsg::CustomerConnection);
+    }
+
     pub(crate) async fn system(&self, command: SystemCommand) -> Result<bool, RouterError> {
         call(&self.0, |reply| ConversationMsg::System { command, reply }).await
     }

@@ -102,7 +102,11 @@ pub(crate) fn wire_bytes_at_most(event: &Event) -> u64 {
         EventBody::Requeued { from_agent, .. } => from_agent.as_str().len(),
         EventBody::Transferred { from_agent, to_group } => optional(from_agent) + to_group.as_str().len(),
         EventBody::Forwarded { from_agent, to_agent } => optional(from_agent) + to_agent.as_str().len(),
-        EventBody::Delivered { .. } | EventBody::Closed | EventBody::Cancelled { .. } => 0,
+        EventBody::Delivered { .. }
+        | EventBody::Closed
+        | EventBody::Cancelled { .. }
+        | EventBody::CustomerLeft
+        | EventBody::CustomerReturned => 0,
     };
     // The author's id is in the record three times (its column, the event, the deduplication key), the
     // client message id twice (the event, the key).

@@ -388,6 +388,11 @@ impl RouterApi for Router {
         .await
     }
 
+    async fn customer_connection(&self, conversation: ConversationId) -> Result<(), RouterError> {
+        ConversationHandle::activate(&self.context, conversation).await?.customer_connection();
+        Ok(())
+    }
+
     async fn accept_chat(
         &self,
         tenant: &TenantId,

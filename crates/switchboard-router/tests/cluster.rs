@@ -154,6 +154,9 @@ impl RouterApi for LocalCluster {
     async fn typing(&self, caller: &Caller, conversation: ConversationId, typing: bool) -> Result<(), RouterError> {
         self.first(|router| async move { router.typing(caller, conversation, typing).await }).await
     }
+    async fn customer_connection(&self, conversation: ConversationId) -> Result<(), RouterError> {
+        self.first(|router| async move { router.customer_connection(conversation).await }).await
+    }
     async fn accept_chat(
         &self,
         tenant: &TenantId,

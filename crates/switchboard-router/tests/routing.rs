@@ -10,7 +10,7 @@ use switchboard_domain::{
     WaitingEntry,
 };
 use switchboard_presence::{CustomerSession, Presence};
-use switchboard_proto::internal::v1::SetLicenseLimitRequest;
+use switchboard_proto::internal::v1::{GetConversationRequest, SetLicenseLimitRequest};
 use switchboard_proto::router::{
     AgentChange, Caller, ChatCommand, ChatView, LeftQueue, OfferUpdate, OfflineMessage, PeerApi, Push, QueueChange,
     RouterApi, RouterError, ShownOffer, StartChat, SystemCommand,
@@ -857,4 +857,72 @@ async fn a_waiting_chat_whose_customer_stays_away_for_the_grace_period_is_abando
     assert_eq!(state(&fixture, unknown).await, ConversationState::Queued);
     // Each abandoned chat gave its license permit back (its append named a finished state).
     assert_eq!(fixture.counted.finishing_appends(), 2);
+}
+
+/// The events the gateway was pushed, per chat: (chat, author, kind).
+fn pushed_events(pushes: &[Push]) -> Vec<(ConversationId, Author, &'static str)> {
+    pushes
+        .iter()
+        .filter_map(|push| match push {
+            Push::Event { conversation, event, .. } => Some((*conversation, event.author.clone(), event.body.kind())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ongoing_chats_customer_who_stays_away_for_the_grace_period_has_left_and_is_back_when_they_connect() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let [gone, two_tabs, reloads, unknown] = [
+        fixture.start_chat("g1", "ann").await,
+        fixture.start_chat("g1", "bob").await,
+        fixture.start_chat("g1", "cy").await,
+        fixture.start_chat("g1", "dee").await,
+    ];
+    let far = fixture.clock_ms() + 60 * 60_000;
+    for chat in [gone, two_tabs, reloads, unknown] {
+        fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+        fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
+    }
+    let sessions = [customer_session(gone, "s1"), customer_session(two_tabs, "s2a"), customer_session(reloads, "s3")];
+    fixture.presence.customers_alive(&sessions, far).await.unwrap();
+    fixture.presence.customers_alive(&[customer_session(two_tabs, "s2b")], far).await.unwrap();
+    fixture.drain();
+    // Each gateway writes a connection's end to presence, then tells the chat's owner. `unknown`'s customer
+    // was never recorded (a gateway from before customers were, or presence restarted empty).
+    for session in &sessions {
+        fixture.presence.customer_gone(session, fixture.clock_ms()).await.unwrap();
+        fixture.router.customer_connection(session.conversation).await.unwrap();
+    }
+    fixture.router.customer_connection(unknown).await.unwrap();
+    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    fixture.pass(grace_ms / 2).await;
+    // `reloads` reloads the page: a new connection, within the grace period.
+    fixture.presence.customers_alive(&[customer_session(reloads, "s4")], far).await.unwrap();
+    fixture.router.customer_connection(reloads).await.unwrap();
+    fixture.pass(grace_ms / 2 - 100).await;
+    assert_eq!(pushed_events(&fixture.drain()), [], "nothing within the grace period");
+    fixture.pass(200).await;
+    assert_eq!(
+        pushed_events(&fixture.drain()),
+        [(gone, Author::System, "customer_left")],
+        "told once, to the gateway following the chat; not for a customer still connected elsewhere, back, or \
+         never recorded"
+    );
+    fixture.pass(3 * grace_ms).await;
+    assert_eq!(pushed_events(&fixture.drain()), [], "once");
+    let stored = fixture.store.get_conversation(GetConversationRequest { conversation_id: gone.to_string() });
+    assert!(stored.await.unwrap().conversation.unwrap().customer_away, "kept in the chat's summary");
+    // The customer comes back: at once.
+    fixture.presence.customers_alive(&[customer_session(gone, "s5")], far).await.unwrap();
+    fixture.router.customer_connection(gone).await.unwrap();
+    settle().await;
+    assert_eq!(pushed_events(&fixture.drain()), [(gone, Author::System, "customer_returned")]);
+    // Ended chats record nothing more.
+    fixture.router.command(&caller("b"), gone, ChatCommand::Close).await.unwrap();
+    fixture.presence.customer_gone(&customer_session(gone, "s5"), fixture.clock_ms()).await.unwrap();
+    fixture.router.customer_connection(gone).await.unwrap();
+    fixture.pass(2 * grace_ms).await;
+    assert_eq!(pushed_events(&fixture.drain()), [(gone, Author::Agent(agent("b")), "closed")]);
 }

@@ -1191,6 +1191,14 @@ impl RouterApi for ClusterClient {
         }
     }
 
+    async fn customer_connection(&self, conversation: ConversationId) -> Result<(), RouterError> {
+        // The owner reads presence, whatever the call says: sent again, it reads it again.
+        self.on_owner(&conversation_key(&conversation), true, |node| async move {
+            node.customer_connection(conversation).await
+        })
+        .await
+    }
+
     async fn accept_chat(
         &self,
         tenant: &TenantId,

@@ -757,6 +757,8 @@ mod tests {
             (proptest::option::of(any_agent()), any_agent())
                 .prop_map(|(from_agent, to_agent)| EventBody::Forwarded { from_agent, to_agent }),
             any_agent().prop_map(|from_agent| EventBody::Requeued { from_agent, reason: RequeueReason::AgentOffline }),
+            Just(EventBody::CustomerLeft),
+            Just(EventBody::CustomerReturned),
         ]
     }
 

@@ -13,9 +13,9 @@ use switchboard_proto::internal::v1::router_service_client::RouterServiceClient;
 use switchboard_proto::internal::v1::{
     AcceptChatRequest, AgentFinishedRequest, AgentOfferRequest, AgentRequest, AgentSubscriptionRequest,
     AuthorizeCustomerRequest, ChatViewRequest, CommandCall, CommandRequest, CommandResult, ConnectRequest,
-    ConversationSystemRequest, ForwardChatRequest, ListChatsRequest, OwnerAcceptRequest, OwnerForwardRequest,
-    PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest, RejectOfferRequest,
-    RouterCall, RouterCallResult, RouterReadEventsRequest, SetAgentStatusRequest, SubscribeRequest,
+    ConversationSystemRequest, CustomerConnectionRequest, ForwardChatRequest, ListChatsRequest, OwnerAcceptRequest,
+    OwnerForwardRequest, PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest,
+    RejectOfferRequest, RouterCall, RouterCallResult, RouterReadEventsRequest, SetAgentStatusRequest, SubscribeRequest,
     TransferChatRequest, TypingRequest, UnsubscribeRequest, router_call, router_call_result,
 };
 use switchboard_proto::internal::v1::{
@@ -510,6 +510,15 @@ impl RouterApi for GrpcRouterNode {
             router_call::Request::Typing,
             |mut client, request| async move { client.typing(request).await },
         )
+        .await
+        .map(drop)
+    }
+
+    async fn customer_connection(&self, conversation: ConversationId) -> Result<(), RouterError> {
+        let request = CustomerConnectionRequest { conversation_id: conversation.to_string() };
+        self.call(request, router_call::Request::CustomerConnection, |mut client, request| async move {
+            client.customer_connection(request).await
+        })
         .await
         .map(drop)
     }

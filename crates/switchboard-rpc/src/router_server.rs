@@ -12,11 +12,11 @@ use switchboard_proto::internal::v1::{
     AcceptChatRequest, AgentAvailabilityMsg, AgentFinishedRequest, AgentOfferRequest, AgentRequest,
     AgentSubscriptionRequest, AgentViewReply, AuthorizeCustomerRequest, ChatViewReply, ChatViewRequest, CommandCall,
     CommandReply, CommandRequest, CommandResult, ConnectRequest, ConversationSystemReply, ConversationSystemRequest,
-    Empty, EventsReply, ForwardChatRequest, ListChatsReply, ListChatsRequest, OfflineMessageRequest,
-    OwnerAcceptRequest, OwnerForwardRequest, PushFrame, QueueAddRequest, QueueAgentChangedRequest, QueueRemoveRequest,
-    QueueRequest, RejectOfferRequest, RouterCall, RouterCallResult, RouterReadEventsRequest, SetAgentStatusRequest,
-    StartChatRequest, StartedChatReply, SubscribeRequest, TicketReply, TransferChatRequest, TypingRequest,
-    UnsubscribeRequest, router_call, router_call_result,
+    CustomerConnectionRequest, Empty, EventsReply, ForwardChatRequest, ListChatsReply, ListChatsRequest,
+    OfflineMessageRequest, OwnerAcceptRequest, OwnerForwardRequest, PushFrame, QueueAddRequest,
+    QueueAgentChangedRequest, QueueRemoveRequest, QueueRequest, RejectOfferRequest, RouterCall, RouterCallResult,
+    RouterReadEventsRequest, SetAgentStatusRequest, StartChatRequest, StartedChatReply, SubscribeRequest, TicketReply,
+    TransferChatRequest, TypingRequest, UnsubscribeRequest, router_call, router_call_result,
 };
 use switchboard_proto::router::{PeerApi, Push, RouterApi, RouterError};
 use switchboard_telemetry::serve_streamed_call;
@@ -121,6 +121,9 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterGrpcServer<T> {
             Call::Unsubscribe(r) => ("Unsubscribe", served(self.unsubscribe(Request::new(r)), Reply::Empty)),
             Call::ReadEvents(r) => ("ReadEvents", served(self.read_events(Request::new(r)), Reply::Events)),
             Call::Typing(r) => ("Typing", served(self.typing(Request::new(r)), Reply::Empty)),
+            Call::CustomerConnection(r) => {
+                ("CustomerConnection", served(self.customer_connection(Request::new(r)), Reply::Empty))
+            }
             Call::AcceptChat(r) => ("AcceptChat", served(self.accept_chat(Request::new(r)), Reply::ChatView)),
             Call::SetAgentStatus(r) => {
                 ("SetAgentStatus", served(self.set_agent_status(Request::new(r)), Reply::AgentView))
@@ -365,6 +368,14 @@ impl<T: RouterApi + PeerApi + ?Sized> RouterService for RouterGrpcServer<T> {
         let caller = caller_from_proto(request.caller.as_ref())?;
         let conversation = conversation_id(&request.conversation_id)?;
         empty(self.node.typing(&caller, conversation, request.typing).await)
+    }
+
+    async fn customer_connection(
+        &self,
+        request: Request<CustomerConnectionRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let conversation = conversation_id(&request.get_ref().conversation_id)?;
+        empty(self.node.customer_connection(conversation).await)
     }
 
     async fn accept_chat(&self, request: Request<AcceptChatRequest>) -> Result<Response<ChatViewReply>, Status> {

@@ -461,6 +461,10 @@ impl RouterApi for SlowNode {
         self.node.typing(caller, conversation, typing).await
     }
 
+    async fn customer_connection(&self, conversation: ConversationId) -> Result<(), RouterError> {
+        self.node.customer_connection(conversation).await
+    }
+
     async fn accept_chat(
         &self,
         tenant: &TenantId,

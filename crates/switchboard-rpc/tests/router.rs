@@ -985,6 +985,9 @@ impl RouterApi for Scripted {
     async fn typing(&self, _caller: &Caller, _conversation: ConversationId, _typing: bool) -> Result<(), RouterError> {
         self.outcome().await
     }
+    async fn customer_connection(&self, _conversation: ConversationId) -> Result<(), RouterError> {
+        self.outcome().await
+    }
     async fn accept_chat(
         &self,
         _tenant: &TenantId,

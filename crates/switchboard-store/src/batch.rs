@@ -561,6 +561,8 @@ pub(crate) struct SummaryFields {
     /// The delivery marks' columns: -1 when the update has none (a router from before them).
     pub customer_delivered_up_to: i64,
     pub agent_delivered_up_to: i64,
+    /// The `customer_away` column (0 or 1); `None` keeps the stored one (updates from routers from before it).
+    pub customer_away: Option<i64>,
 }
 
 impl SummaryRow {
@@ -574,6 +576,7 @@ impl SummaryRow {
         if update.queued_at_ms != 0 {
             self.queued_at_ms = Some(update.queued_at_ms);
         }
+        let earlier_away = self.fields.as_ref().and_then(|fields| fields.customer_away);
         self.fields = Some(SummaryFields {
             owner_agent_id: update.owner_agent_id.clone(),
             accepted_at_ms: update.accepted_at_ms,
@@ -583,6 +586,7 @@ impl SummaryRow {
             offered_to: agents_to_json(&update.offered_to),
             customer_delivered_up_to: delivery_mark(update, update.customer_delivered_up_to),
             agent_delivered_up_to: delivery_mark(update, update.agent_delivered_up_to),
+            customer_away: update.customer_away.map(i64::from).or(earlier_away),
         });
     }
 }

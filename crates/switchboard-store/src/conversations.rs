@@ -15,7 +15,7 @@ use crate::records::{CONVERSATION_COLUMNS, ConversationRow, conversation_from_ro
 pub(crate) const SELECT_CONVERSATION: &str = "SELECT id, tenant_id, group_id, customer_name, first_question, state, \
      owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, last_seq, shard, \
      customer_token, offer_agent_id, offer_expires_at_ms, offered_to, customer_delivered_up_to, \
-     agent_delivered_up_to FROM conversations WHERE id = $1";
+     agent_delivered_up_to, customer_away FROM conversations WHERE id = $1";
 
 /// A value bound to a placeholder of a built statement.
 #[derive(Debug, Clone, PartialEq)]

@@ -335,6 +335,9 @@ impl StoreApi for MemoryStore {
                     true => (update.customer_delivered_up_to, update.agent_delivered_up_to),
                     false => (0, 0),
                 };
+            if let Some(away) = update.customer_away {
+                conversation.customer_away = away;
+            }
         }
         if finishes(&request) {
             tables.permits.remove(id);

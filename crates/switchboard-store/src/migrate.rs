@@ -45,10 +45,16 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0005_delivery_marks.sql"),
         data: None,
     },
+    Migration {
+        version: 6,
+        name: "customer_away",
+        sql: include_str!("../migrations/0006_customer_away.sql"),
+        data: None,
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_MIGRATION: i64 = 5;
+pub const LATEST_MIGRATION: i64 = 6;
 
 const SELECT_PLAIN_TOKENS: &str = "SELECT id, customer_token FROM conversations \
      WHERE customer_token <> '' AND customer_token NOT LIKE 'sha256:%'";

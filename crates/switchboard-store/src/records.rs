@@ -13,7 +13,7 @@ use crate::error::{shard_from_i32, to_u64};
 /// The columns of [`ConversationRow`], in order.
 pub(crate) const CONVERSATION_COLUMNS: &str = "id, tenant_id, group_id, customer_name, first_question, state, \
      owner_agent_id, created_at_ms, queued_at_ms, accepted_at_ms, closed_at_ms, last_seq, shard, customer_token, \
-     offer_agent_id, offer_expires_at_ms, offered_to, customer_delivered_up_to, agent_delivered_up_to";
+     offer_agent_id, offer_expires_at_ms, offered_to, customer_delivered_up_to, agent_delivered_up_to, customer_away";
 
 /// A row of `conversations` as selected with [`CONVERSATION_COLUMNS`] (more columns than sqlx decodes into a
 /// tuple, hence a struct decoded by position).
@@ -39,6 +39,8 @@ pub(crate) struct ConversationRow {
     offered_to: String,
     customer_delivered_up_to: i64,
     agent_delivered_up_to: i64,
+    /// 1: the customer left the ongoing chat and has not returned; else 0.
+    customer_away: i64,
 }
 
 impl<'r, R> FromRow<'r, R> for ConversationRow
@@ -70,6 +72,7 @@ where
             offered_to: row.try_get(16)?,
             customer_delivered_up_to: row.try_get(17)?,
             agent_delivered_up_to: row.try_get(18)?,
+            customer_away: row.try_get(19)?,
         })
     }
 }
@@ -96,6 +99,7 @@ pub(crate) fn conversation_from_row(row: ConversationRow) -> Result<Conversation
         delivery_marks_known: row.customer_delivered_up_to >= 0 && row.agent_delivered_up_to >= 0,
         customer_delivered_up_to: u64::try_from(row.customer_delivered_up_to).unwrap_or(0),
         agent_delivered_up_to: u64::try_from(row.agent_delivered_up_to).unwrap_or(0),
+        customer_away: row.customer_away != 0,
     })
 }
 

@@ -52,7 +52,8 @@ const UPDATE_LAST_SEQ: &str = "UPDATE conversations SET last_seq = ?2 WHERE id =
 const UPDATE_SUMMARY: &str = "UPDATE conversations SET last_seq = ?2, state = COALESCE(?3, state), \
      owner_agent_id = ?4, accepted_at_ms = ?5, closed_at_ms = ?6, group_id = COALESCE(?7, group_id), \
      queued_at_ms = COALESCE(?8, queued_at_ms), offer_agent_id = ?9, offer_expires_at_ms = ?10, offered_to = ?11, \
-     customer_delivered_up_to = ?12, agent_delivered_up_to = ?13 WHERE id = ?1";
+     customer_delivered_up_to = ?12, agent_delivered_up_to = ?13, customer_away = COALESCE(?14, customer_away) \
+     WHERE id = ?1";
 const INSERT_PERMIT: &str =
     "INSERT INTO license_permits (conversation_id, tenant_id, acquired_at_ms) VALUES (?1, ?2, ?3)";
 const DELETE_PERMIT: &str = "DELETE FROM license_permits WHERE conversation_id = ?1";
@@ -365,6 +366,7 @@ impl AppendTx for SqliteBatch<'_> {
                         offered_to,
                         customer_delivered_up_to,
                         agent_delivered_up_to,
+                        customer_away,
                     } = fields;
                     let mut update = self.connection.prepare_cached(UPDATE_SUMMARY)?;
                     update.execute(params![
@@ -381,6 +383,7 @@ impl AppendTx for SqliteBatch<'_> {
                         offered_to,
                         customer_delivered_up_to,
                         agent_delivered_up_to,
+                        customer_away,
                     ])?;
                 }
             }

@@ -22,6 +22,7 @@ on_every_backend!(
     a_group_change_moves_the_chat_to_its_new_queue,
     a_list_is_read_a_page_at_a_time_in_its_order,
     delivery_marks_are_kept_by_the_updates_and_left_by_the_other_appends,
+    whether_the_customer_is_away_is_kept_until_an_update_says_otherwise,
 );
 
 async fn ids(store: &dyn StoreApi, request: ListConversationsRequest) -> Vec<String> {
@@ -282,8 +283,6 @@ fn offered(tenant: &str, agent: &str) -> ListConversationsRequest {
     }
 }
 
-/// The outstanding offer of a waiting chat is part of its summary: given at the create, replaced by every
-/// update (an update without an offer clears it), and listed by the agent it is offered to.
 /// The summary keeps each side's delivery mark, so that a conversation's actor starts without reading its
 /// whole log: an update sets them, an append without one (a message) leaves them, and an update without them
 /// (from a router before they were kept) makes them not known.
@@ -313,6 +312,31 @@ async fn delivery_marks_are_kept_by_the_updates_and_left_by_the_other_appends(h:
     assert_eq!(marks(&get(store, "c1").await), (false, 0, 0), "an update without them");
 }
 
+/// The summary says whether the customer left the ongoing chat, so that its actor knows whether a customer
+/// who connects again returns: an update sets it; an append without an update, or an update without it (from
+/// a router before it was kept), leaves it.
+async fn whether_the_customer_is_away_is_kept_until_an_update_says_otherwise(h: Harness) {
+    let store = h.store();
+    let fence = create(store, "node-a", conversation("c1", "acme", "g1", 1)).await;
+    assert!(!get(store, "c1").await.customer_away, "a new chat's customer is there");
+    let left = ConversationUpdate { customer_away: Some(true), ..update("active", "alice", 5, 0) };
+    append(store, fence, "c1", vec![system_event("customer_left")], Some(left)).await.unwrap();
+    assert!(get(store, "c1").await.customer_away);
+    append(store, fence, "c1", vec![system_event("message")], None).await.unwrap();
+    let from_before = update("active", "alice", 5, 0);
+    append(store, fence, "c1", vec![system_event("delivered")], Some(from_before)).await.unwrap();
+    let stored = get(store, "c1").await;
+    assert!(stored.customer_away, "kept by an append without it");
+    let active =
+        ListConversationsRequest { tenant_id: "acme".into(), states: strings(&["active"]), ..Default::default() };
+    assert_eq!(store.list_conversations(active).await.unwrap().conversations, [stored], "lists have it too");
+    let back = ConversationUpdate { customer_away: Some(false), ..update("active", "alice", 5, 0) };
+    append(store, fence, "c1", vec![system_event("customer_returned")], Some(back)).await.unwrap();
+    assert!(!get(store, "c1").await.customer_away);
+}
+
+/// The outstanding offer of a waiting chat is part of its summary: given at the create, replaced by every
+/// update (an update without an offer clears it), and listed by the agent it is offered to.
 async fn offer_fields_round_trip_and_each_update_replaces_them(h: Harness) {
     let store = h.store();
     let record = ConversationRecord {

@@ -78,6 +78,8 @@ async fn check_upgraded<S: StoreApi + StoreAudit>(store: &S, shard: u32) {
         (marked.delivery_marks_known, marked.customer_delivered_up_to, marked.agent_delivered_up_to),
         (true, 2, 0)
     );
+    // Migration 6: the customers of the chats stored before are not away.
+    assert!(!marked.customer_away);
     append(store, fence, "c1", vec![system_event("closed")], Some(update("closed", "", 0, 9))).await.unwrap();
     assert_eq!(store.get_license(GetLicenseRequest {}).await.unwrap().used, 0);
 

@@ -293,3 +293,46 @@ async fn a_redis_outage_longer_than_the_grace_period_abandons_no_chat_whose_cust
     cluster.finish();
     Ok(())
 }
+
+fn is_event(push: &Value, conversation: &str, kind: &str) -> bool {
+    push["type"] == "event" && push["conversation"] == conversation && push["event"]["kind"] == kind
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_told_when_the_customer_of_their_chat_leaves_and_when_they_return() -> anyhow::Result<()> {
+    let mut spec = ClusterSpec::new(CONFIG);
+    spec.presence_grace_ms = 1_000;
+    let cluster = Cluster::start(spec).await?;
+    let urls = cluster.gateway_urls();
+    let mut ann = sign_in(&urls[0], "token-of-ann").await?;
+    let (al, left, al_token) = start_chat_with_token(&urls[1], "open", "Al").await?;
+    let (bo, reloaded, bo_token) = start_chat_with_token(&urls[0], "open", "Bo").await?;
+    for chat in [&left, &reloaded] {
+        ann.ok("chat.accept", json!({ "conversation": chat })).await?;
+    }
+    // Bo reloads the page (a new connection, through the other gateway); Al closes the tab.
+    drop(bo);
+    let mut bo = Connection::connect(&urls[1]).await?;
+    bo.ok("customer.resume", json!({ "conversation": reloaded, "customer_token": bo_token, "after_seq": 0 })).await?;
+    drop(al);
+    // Ann is told, by the system, that Al left, a grace period after Al's last connection ended.
+    let told = push_matching(&mut ann, |push| is_event(push, &left, "customer_left")).await?;
+    assert_eq!(told["event"]["author"]["role"], "system");
+    // Al comes back, through the other gateway: Ann is told at once.
+    let mut al = Connection::connect(&urls[0]).await?;
+    al.ok("customer.resume", json!({ "conversation": left, "customer_token": al_token, "after_seq": 0 })).await?;
+    push_matching(&mut ann, |push| is_event(push, &left, "customer_returned")).await?;
+    al.ok("message.send", json!({ "conversation": left, "client_msg_id": "a1", "body": "sorry, I am back" })).await?;
+    push_matching(&mut ann, |push| is_event(push, &left, "message")).await?;
+    // Bo, connected all along but for the reload, was never taken for gone; the log keeps Al's absence.
+    let kinds = |events: Vec<switchboard_cluster_tests::db::EventRow>| {
+        events.into_iter().map(|event| event.kind).collect::<Vec<String>>()
+    };
+    let bo_kinds = kinds(cluster.db.events_of(&reloaded).await?);
+    assert!(!bo_kinds.iter().any(|kind| kind.starts_with("customer_")), "{bo_kinds:?}");
+    let al_kinds = kinds(cluster.db.events_of(&left).await?);
+    assert_eq!(al_kinds[al_kinds.len() - 3..], ["customer_left", "customer_returned", "message"]);
+    bo.ok("message.send", json!({ "conversation": reloaded, "client_msg_id": "b1", "body": "still here" })).await?;
+    cluster.finish();
+    Ok(())
+}

@@ -429,6 +429,8 @@ pub fn kind_of(event: &pb::Event) -> &'static str {
         Body::Transferred(_) => "transferred",
         Body::Forwarded(_) => "forwarded",
         Body::Requeued(_) => "requeued",
+        Body::CustomerLeft(_) => "customer_left",
+        Body::CustomerReturned(_) => "customer_returned",
     }
 }
 

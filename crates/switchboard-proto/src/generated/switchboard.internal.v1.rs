@@ -136,6 +136,9 @@ pub struct ConversationRecord {
     pub agent_delivered_up_to: u64,
     #[prost(bool, tag = "20")]
     pub delivery_marks_known: bool,
+    /// The customer left the ongoing chat (a `customer_left` event) and has not returned since.
+    #[prost(bool, tag = "21")]
+    pub customer_away: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NewEvent {
@@ -209,6 +212,9 @@ pub struct ConversationUpdate {
     pub agent_delivered_up_to: u64,
     #[prost(bool, tag = "12")]
     pub delivery_marks_known: bool,
+    /// As in ConversationRecord; absent (an update from a router from before it) keeps the stored one.
+    #[prost(bool, optional, tag = "13")]
+    pub customer_away: ::core::option::Option<bool>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AppendRequest {
@@ -2329,7 +2335,7 @@ pub struct RouterCall {
     pub context: ::core::option::Option<CallContext>,
     #[prost(
         oneof = "router_call::Request",
-        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
+        tags = "3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30"
     )]
     pub request: ::core::option::Option<router_call::Request>,
 }
@@ -2391,6 +2397,8 @@ pub mod router_call {
         QueueAgentChanged(super::QueueAgentChangedRequest),
         #[prost(message, tag = "29")]
         OwnerForward(super::OwnerForwardRequest),
+        #[prost(message, tag = "30")]
+        CustomerConnection(super::CustomerConnectionRequest),
     }
 }
 /// The result of one `RouterCall`: exactly one of `reply` (what the call's unary method answers) and `error`.
@@ -2436,6 +2444,11 @@ pub struct TypingRequest {
     pub conversation_id: ::prost::alloc::string::String,
     #[prost(bool, tag = "3")]
     pub typing: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CustomerConnectionRequest {
+    #[prost(string, tag = "1")]
+    pub conversation_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AcceptChatRequest {
@@ -3133,6 +3146,34 @@ pub mod router_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// A connection of the chat's customer began or ended at the calling gateway (after it wrote that to
+        /// presence): the owner reads presence and records the customer's leaving or return.
+        pub async fn customer_connection(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CustomerConnectionRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/switchboard.internal.v1.RouterService/CustomerConnection",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "switchboard.internal.v1.RouterService",
+                        "CustomerConnection",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
         pub async fn accept_chat(
             &mut self,
             request: impl tonic::IntoRequest<super::AcceptChatRequest>,
@@ -3760,6 +3801,12 @@ pub mod router_service_server {
         async fn typing(
             &self,
             request: tonic::Request<super::TypingRequest>,
+        ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
+        /// A connection of the chat's customer began or ended at the calling gateway (after it wrote that to
+        /// presence): the owner reads presence and records the customer's leaving or return.
+        async fn customer_connection(
+            &self,
+            request: tonic::Request<super::CustomerConnectionRequest>,
         ) -> std::result::Result<tonic::Response<super::Empty>, tonic::Status>;
         async fn accept_chat(
             &self,
@@ -4423,6 +4470,52 @@ pub mod router_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = TypingSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/switchboard.internal.v1.RouterService/CustomerConnection" => {
+                    #[allow(non_camel_case_types)]
+                    struct CustomerConnectionSvc<T: RouterService>(pub Arc<T>);
+                    impl<
+                        T: RouterService,
+                    > tonic::server::UnaryService<super::CustomerConnectionRequest>
+                    for CustomerConnectionSvc<T> {
+                        type Response = super::Empty;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CustomerConnectionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RouterService>::customer_connection(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CustomerConnectionSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -813,7 +813,10 @@ pub struct Event {
     #[prost(string, optional, tag = "4")]
     pub client_msg_id: ::core::option::Option<::prost::alloc::string::String>,
     /// What happened (the WebSocket `kind`).
-    #[prost(oneof = "event::Body", tags = "5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15")]
+    #[prost(
+        oneof = "event::Body",
+        tags = "5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
+    )]
     pub body: ::core::option::Option<event::Body>,
 }
 /// Nested message and enum types in `Event`.
@@ -896,6 +899,13 @@ pub mod event {
         #[prost(enumeration = "super::RequeueReason", tag = "2")]
         pub reason: i32,
     }
+    /// By the system: every connection of the customer to the ongoing chat ended, and none came back within
+    /// the presence grace period.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct CustomerLeft {}
+    /// By the system: the customer connected to the chat again after a `customer_left`.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct CustomerReturned {}
     /// What happened (the WebSocket `kind`).
     #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
     pub enum Body {
@@ -921,6 +931,10 @@ pub mod event {
         Forwarded(Forwarded),
         #[prost(message, tag = "15")]
         Requeued(Requeued),
+        #[prost(message, tag = "16")]
+        CustomerLeft(CustomerLeft),
+        #[prost(message, tag = "17")]
+        CustomerReturned(CustomerReturned),
     }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -56,11 +56,13 @@ const UPDATE_SUMMARIES: &str = "UPDATE conversations AS c SET last_seq = u.last_
      offered_to = CASE WHEN u.has_update THEN u.offered_to ELSE c.offered_to END, \
      customer_delivered_up_to = CASE WHEN u.has_update THEN u.customer_delivered_up_to \
      ELSE c.customer_delivered_up_to END, \
-     agent_delivered_up_to = CASE WHEN u.has_update THEN u.agent_delivered_up_to ELSE c.agent_delivered_up_to END \
+     agent_delivered_up_to = CASE WHEN u.has_update THEN u.agent_delivered_up_to ELSE c.agent_delivered_up_to END, \
+     customer_away = COALESCE(u.customer_away, c.customer_away) \
      FROM unnest($1::text[], $2::int8[], $3::text[], $4::bool[], $5::text[], $6::int8[], $7::int8[], \
-     $8::text[], $9::int8[], $10::text[], $11::int8[], $12::text[], $13::int8[], $14::int8[]) \
+     $8::text[], $9::int8[], $10::text[], $11::int8[], $12::text[], $13::int8[], $14::int8[], $15::int8[]) \
      AS u (id, last_seq, state, has_update, owner_agent_id, accepted_at_ms, closed_at_ms, group_id, queued_at_ms, \
-     offer_agent_id, offer_expires_at_ms, offered_to, customer_delivered_up_to, agent_delivered_up_to) \
+     offer_agent_id, offer_expires_at_ms, offered_to, customer_delivered_up_to, agent_delivered_up_to, \
+     customer_away) \
      WHERE c.id = u.id";
 
 const LOCK_LICENSE: &str = "SELECT max_sessions, used FROM license WHERE id = 1 FOR UPDATE";
@@ -237,6 +239,7 @@ impl AppendTx for Transaction<'_, Postgres> {
             .bind(fields.iter().map(|fields| fields.offered_to.as_str()).collect::<Vec<_>>())
             .bind(fields.iter().map(|fields| fields.customer_delivered_up_to).collect::<Vec<_>>())
             .bind(fields.iter().map(|fields| fields.agent_delivered_up_to).collect::<Vec<_>>())
+            .bind(fields.iter().map(|fields| fields.customer_away).collect::<Vec<_>>())
             .execute(&mut **self)
             .await?;
         Ok(())
