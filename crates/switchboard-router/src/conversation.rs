@@ -163,9 +163,9 @@ impl Actor for ConversationActor {
     type State = ConversationActorState;
     type Arguments = Loaded;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, loaded: Loaded) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, loaded: Loaded) -> Result<Self::State, ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "conversation").increment(1.0);
-        Ok(ConversationActorState {
+        let mut state = ConversationActorState {
             context: loaded.context,
             conversation: loaded.conversation,
             stored_token: loaded.stored_token,
@@ -175,7 +175,13 @@ impl Actor for ConversationActor {
             pushes: Vec::new(),
             turns: 0,
             customer_reads: 0,
-        })
+        };
+        // An active chat activated here (its shard moved, its actor stopped) reads its customer's presence:
+        // the timer of a departure seen by the actor before was lost with it.
+        if state.conversation.state == ConversationState::Active {
+            state.read_customer(&myself, false);
+        }
+        Ok(state)
     }
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -210,6 +216,7 @@ impl ConversationActor {
             return Ok(());
         }
         state.turns += 1;
+        let was_active = state.conversation.state == ConversationState::Active;
         match message {
             ConversationMsg::Passivate { .. } => {}
             ConversationMsg::View { caller, reply } => {
@@ -346,6 +353,11 @@ impl ConversationActor {
                     return Ok(());
                 }
             }
+        }
+        if !was_active && state.conversation.state == ConversationState::Active {
+            // Accepted or forwarded from a queue: the customer may have gone while it waited, unseen by the
+            // queue so far (or not for long enough to abandon it).
+            state.read_customer(&myself, false);
         }
         if state.conversation.state.is_finished() {
             // Passivate: a finished chat need not stay in memory. Its subscribers are the context's, not the

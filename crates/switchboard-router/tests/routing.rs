@@ -926,3 +926,25 @@ async fn an_ongoing_chats_customer_who_stays_away_for_the_grace_period_has_left_
     fixture.pass(2 * grace_ms).await;
     assert_eq!(pushed_events(&fixture.drain()), [(gone, Author::Agent(agent("b")), "closed")]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_a_grace_period_after_the_accept() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let chat = fixture.start_chat("g1", "ann").await;
+    let session = customer_session(chat, "s1");
+    fixture.presence.customers_alive(std::slice::from_ref(&session), fixture.clock_ms() + 60_000).await.unwrap();
+    fixture.presence.customer_gone(&session, fixture.clock_ms()).await.unwrap();
+    // Waiting, the chat records nothing of it (the queue abandons it if nobody takes it in time).
+    fixture.router.customer_connection(chat).await.unwrap();
+    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    fixture.pass(2 * grace_ms).await;
+    fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
+    fixture.drain();
+    // No gateway says anything more: the accept itself has the customer's presence read.
+    fixture.pass(grace_ms - 100).await;
+    assert_eq!(pushed_events(&fixture.drain()), []);
+    fixture.pass(200).await;
+    assert_eq!(pushed_events(&fixture.drain()), [(chat, Author::System, "customer_left")]);
+}
