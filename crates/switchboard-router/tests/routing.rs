@@ -948,3 +948,56 @@ async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_a_grace
     fixture.pass(200).await;
     assert_eq!(pushed_events(&fixture.drain()), [(chat, Author::System, "customer_left")]);
 }
+
+/// The kind of a chat's last event, as its customer reads it.
+async fn last_kind(router: &impl RouterApi, chat: ConversationId) -> &'static str {
+    let page = router.read_events(&Caller::Customer { conversation: chat }, chat, 0).await.unwrap();
+    page.events.last().unwrap().body.kind()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_owner_of_an_active_chat_reads_its_customer_and_knows_whether_they_had_left() {
+    let fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let (left, leaving) = (fixture.start_chat("g1", "ann").await, fixture.start_chat("g1", "bob").await);
+    for chat in [left, leaving] {
+        fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    }
+    let far = fixture.clock_ms() + 60 * 60_000;
+    let sessions = [customer_session(left, "s1"), customer_session(leaving, "s2")];
+    fixture.presence.customers_alive(&sessions, far).await.unwrap();
+    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    fixture.presence.customer_gone(&sessions[0], fixture.clock_ms()).await.unwrap();
+    fixture.router.customer_connection(left).await.unwrap();
+    fixture.pass(grace_ms + 200).await;
+    assert_eq!(last_kind(&fixture.router, left).await, "customer_left");
+    // `leaving`'s customer goes away just before the node stops for good: the timer goes with it.
+    fixture.presence.customer_gone(&sessions[1], fixture.clock_ms()).await.unwrap();
+    fixture.router.customer_connection(leaving).await.unwrap();
+    settle().await;
+    let common::Fixture { router, store, clock, presence, .. } = fixture;
+    drop(router);
+    let pass = |ms: i64| {
+        let clock = clock.clone();
+        async move {
+            for _ in 0..ms / 100 {
+                clock.advance_ms(100);
+                tokio::time::advance(std::time::Duration::from_millis(100)).await;
+            }
+            settle().await;
+        }
+    };
+    // Its leases lapse (on the store's clock only: none of the stopped node's timers runs meanwhile).
+    clock.advance_ms(60_000);
+    let new_owner =
+        common::start_router_from(common::router_settings("node-2"), store, clock.clone(), presence.clone()).await;
+    // The agent reads the chat: its actor starts on the new owner, which reads its customer.
+    new_owner.chat_view(&caller("b"), leaving).await.unwrap();
+    pass(grace_ms + 200).await;
+    assert_eq!(last_kind(&new_owner, leaving).await, "customer_left");
+    // `left`'s customer comes back: the new owner knows from the chat's summary that they had left.
+    presence.customers_alive(&[customer_session(left, "s3")], far).await.unwrap();
+    new_owner.customer_connection(left).await.unwrap();
+    settle().await;
+    assert_eq!(last_kind(&new_owner, left).await, "customer_returned");
+}
