@@ -344,15 +344,14 @@ impl ConversationActor {
                     state.read_customer(&myself, true);
                 }
             }
-            ConversationMsg::CustomerRead { read, presence, confirming } => {
-                if read != state.customer_reads {
-                    return Ok(());
-                }
+            // An earlier reading answering late is ignored (not returned from: a finished chat passivates below).
+            ConversationMsg::CustomerRead { read, presence, confirming } if read == state.customer_reads => {
                 let result = state.customer_read(&myself, presence, confirming).await;
                 if stop_on_store_failure(&myself, &result) {
                     return Ok(());
                 }
             }
+            ConversationMsg::CustomerRead { .. } => {}
         }
         if !was_active && state.conversation.state == ConversationState::Active {
             // Accepted or forwarded from a queue: the customer may have gone while it waited, unseen by the
