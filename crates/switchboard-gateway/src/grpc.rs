@@ -489,6 +489,7 @@ fn chat(view: &ChatView) -> pb::Chat {
         accepted_at_ms: view.accepted_at_ms,
         closed_at_ms: view.closed_at_ms,
         last_seq: view.last_seq,
+        customer_away: view.customer_away,
     }
 }
 

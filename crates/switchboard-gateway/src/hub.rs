@@ -856,6 +856,7 @@ mod tests {
             accepted_at_ms: Some(2),
             closed_at_ms: None,
             last_seq: 3,
+            customer_away: false,
         }
     }
 

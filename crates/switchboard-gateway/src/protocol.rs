@@ -676,6 +676,7 @@ pub fn chat_json(view: &ChatView) -> Value {
         "accepted_at_ms": view.accepted_at_ms,
         "closed_at_ms": view.closed_at_ms,
         "last_seq": view.last_seq,
+        "customer_away": view.customer_away,
     })
 }
 
@@ -854,6 +855,7 @@ mod tests {
             accepted_at_ms: None,
             closed_at_ms: None,
             last_seq: 4,
+            customer_away: false,
         }
     }
 

@@ -67,6 +67,8 @@ pub struct ChatView {
     pub accepted_at_ms: Option<i64>,
     pub closed_at_ms: Option<i64>,
     pub last_seq: u64,
+    /// The customer left the chat (a `customer_left` event) and has not returned since.
+    pub customer_away: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -738,6 +738,7 @@ pub(crate) fn view_of(conversation: &Conversation) -> ChatView {
         accepted_at_ms: conversation.accepted_at_ms,
         closed_at_ms: conversation.closed_at_ms,
         last_seq: conversation.last_seq,
+        customer_away: conversation.customer_away,
     }
 }
 

@@ -209,6 +209,7 @@ pub fn chat_view_to_proto(view: &ChatView) -> ChatViewMsg {
         accepted_at_ms: view.accepted_at_ms.unwrap_or(0),
         closed_at_ms: view.closed_at_ms.unwrap_or(0),
         last_seq: view.last_seq,
+        customer_away: view.customer_away,
     }
 }
 
@@ -225,6 +226,7 @@ pub fn chat_view_from_proto(view: &ChatViewMsg) -> Result<ChatView, Status> {
         accepted_at_ms: optional_ms(view.accepted_at_ms),
         closed_at_ms: optional_ms(view.closed_at_ms),
         last_seq: view.last_seq,
+        customer_away: view.customer_away,
     })
 }
 
@@ -782,13 +784,13 @@ mod tests {
         (
             (any_conversation(), any_tenant(), any_group(), any_state(), proptest::option::of(any_agent())),
             (any::<String>(), any::<String>(), any::<i64>()),
-            (proptest::option::of(any_ms()), proptest::option::of(any_ms()), any::<u64>()),
+            (proptest::option::of(any_ms()), proptest::option::of(any_ms()), any::<u64>(), any::<bool>()),
         )
             .prop_map(
                 |(
                     (conversation, tenant, group, state, owner),
                     (customer_name, first_question, created_at_ms),
-                    (accepted_at_ms, closed_at_ms, last_seq),
+                    (accepted_at_ms, closed_at_ms, last_seq, customer_away),
                 )| ChatView {
                     conversation,
                     tenant,
@@ -801,6 +803,7 @@ mod tests {
                     accepted_at_ms,
                     closed_at_ms,
                     last_seq,
+                    customer_away,
                 },
             )
     }

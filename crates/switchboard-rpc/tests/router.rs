@@ -546,6 +546,7 @@ impl Scripted {
             accepted_at_ms: Some(NOW_MS + 1),
             closed_at_ms: None,
             last_seq: 3,
+            customer_away: false,
         }
     }
 

@@ -294,6 +294,14 @@ async fn a_redis_outage_longer_than_the_grace_period_abandons_no_chat_whose_cust
     Ok(())
 }
 
+/// The agent's ongoing chats, each with whether its customer is away.
+async fn away(agent: &mut Connection) -> anyhow::Result<Vec<(String, bool)>> {
+    let ack = agent.ok("chat.list", json!({ "list": "ongoing" })).await?;
+    let chats = ack["chats"].as_array().context("no chats")?;
+    let away = |chat: &Value| Some((chat["conversation"].as_str()?.to_owned(), chat["customer_away"].as_bool()?));
+    chats.iter().map(|chat| away(chat).context("a chat without its fields")).collect()
+}
+
 fn is_event(push: &Value, conversation: &str, kind: &str) -> bool {
     push["type"] == "event" && push["conversation"] == conversation && push["event"]["kind"] == kind
 }
@@ -318,10 +326,13 @@ async fn an_agent_is_told_when_the_customer_of_their_chat_leaves_and_when_they_r
     // Ann is told, by the system, that Al left, a grace period after Al's last connection ended.
     let told = push_matching(&mut ann, |push| is_event(push, &left, "customer_left")).await?;
     assert_eq!(told["event"]["author"]["role"], "system");
+    // Her list of ongoing chats shows which customers are away.
+    assert_eq!(away(&mut ann).await?, [(left.clone(), true), (reloaded.clone(), false)]);
     // Al comes back, through the other gateway: Ann is told at once.
     let mut al = Connection::connect(&urls[0]).await?;
     al.ok("customer.resume", json!({ "conversation": left, "customer_token": al_token, "after_seq": 0 })).await?;
     push_matching(&mut ann, |push| is_event(push, &left, "customer_returned")).await?;
+    assert_eq!(away(&mut ann).await?, [(left.clone(), false), (reloaded.clone(), false)]);
     al.ok("message.send", json!({ "conversation": left, "client_msg_id": "a1", "body": "sorry, I am back" })).await?;
     push_matching(&mut ann, |push| is_event(push, &left, "message")).await?;
     // Bo, connected all along but for the reload, was never taken for gone; the log keeps Al's absence.

@@ -2013,6 +2013,9 @@ pub struct ChatViewMsg {
     pub closed_at_ms: i64,
     #[prost(uint64, tag = "11")]
     pub last_seq: u64,
+    /// The customer left (a `customer_left` event) and has not returned since.
+    #[prost(bool, tag = "12")]
+    pub customer_away: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WaitingEntryMsg {

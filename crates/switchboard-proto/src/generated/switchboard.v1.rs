@@ -730,6 +730,9 @@ pub struct Chat {
     /// The seq of its latest event.
     #[prost(uint64, tag = "10")]
     pub last_seq: u64,
+    /// The customer left the chat (a `customer_left` event) and has not returned since.
+    #[prost(bool, tag = "11")]
+    pub customer_away: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Agent {
