@@ -119,6 +119,10 @@ pub enum EventBody {
     CustomerLeft,
     /// The customer connected to the chat again after a `customer_left` (author `system`).
     CustomerReturned,
+    /// An event of a kind this version does not know, written by a newer one (during a rolling upgrade, or
+    /// after a rollback): it keeps its place in the log (its seq) and changes nothing here. Never decided.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Why an offer ended without an accept.
@@ -192,13 +196,14 @@ impl EventBody {
             EventBody::Requeued { .. } => "requeued",
             EventBody::CustomerLeft => "customer_left",
             EventBody::CustomerReturned => "customer_returned",
+            EventBody::Unknown => "unknown",
         }
     }
 
     /// Whether the event changes the conversation's summary, its state, owner, times, offer or delivery
     /// marks (not only its log).
     pub fn changes_summary(&self) -> bool {
-        !matches!(self, EventBody::Created { .. } | EventBody::Message { .. })
+        !matches!(self, EventBody::Created { .. } | EventBody::Message { .. } | EventBody::Unknown)
     }
 }
 
@@ -492,7 +497,7 @@ pub fn decide(conversation: &Conversation, command: &Command) -> Result<Option<E
 pub fn apply(conversation: &mut Conversation, event: &Event) {
     conversation.last_seq = conversation.last_seq.max(event.seq);
     match &event.body {
-        EventBody::Created { .. } | EventBody::Message { .. } => {}
+        EventBody::Created { .. } | EventBody::Message { .. } | EventBody::Unknown => {}
         EventBody::CustomerLeft => conversation.customer_away = true,
         EventBody::CustomerReturned => conversation.customer_away = false,
         EventBody::Accepted { agent } => {

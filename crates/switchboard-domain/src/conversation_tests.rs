@@ -137,6 +137,18 @@ fn an_ongoing_chats_customer_leaving_and_returning_is_recorded_once_each_way() {
 }
 
 #[test]
+fn an_event_of_a_kind_written_by_a_newer_version_reads_as_unknown_and_changes_nothing() {
+    let newer = r#"{"seq":5,"at_ms":7,"author":{"role":"system"},"kind":"customer_rated","stars":4}"#;
+    let event: Event = serde_json::from_str(newer).expect("an event of a later kind");
+    assert_eq!((event.seq, &event.body, event.body.kind()), (5, &EventBody::Unknown, "unknown"));
+    assert_eq!(serde_json::to_value(&event).unwrap()["kind"], "unknown", "as clients get it");
+    let mut conversation = opened();
+    let before = conversation.clone();
+    apply(&mut conversation, &event);
+    assert_eq!(conversation, Conversation { last_seq: 5, ..before }, "its seq counts, nothing else");
+}
+
+#[test]
 fn a_cancellation_without_a_reason_reads_as_before_and_one_with_a_reason_says_it() {
     let old = r#"{"seq":3,"at_ms":5,"author":{"role":"customer"},"kind":"cancelled"}"#;
     let event: Event = serde_json::from_str(old).expect("an event stored before reasons");

@@ -529,11 +529,21 @@ fn author(author: &Author) -> pb::Author {
 }
 
 fn event(event: &Event) -> pb::Event {
+    pb::Event {
+        seq: event.seq,
+        at_ms: event.at_ms,
+        author: Some(author(&event.author)),
+        client_msg_id: event.client_msg_id.clone(),
+        body: event_body(&event.body),
+    }
+}
+
+fn event_body(body: &EventBody) -> Option<pb::event::Body> {
     use pb::event::{
         Accepted, Body, Cancelled, Closed, Created, CustomerLeft, CustomerReturned, Delivered, Forwarded, Message,
         OfferEnded, Offered, Requeued, Transferred,
     };
-    let body = match &event.body {
+    Some(match body {
         EventBody::Created { group, customer_name, question } => Body::Created(Created {
             group: group.to_string(),
             customer_name: customer_name.clone(),
@@ -569,14 +579,9 @@ fn event(event: &Event) -> pb::Event {
         }
         EventBody::CustomerLeft => Body::CustomerLeft(CustomerLeft {}),
         EventBody::CustomerReturned => Body::CustomerReturned(CustomerReturned {}),
-    };
-    pb::Event {
-        seq: event.seq,
-        at_ms: event.at_ms,
-        author: Some(author(&event.author)),
-        client_msg_id: event.client_msg_id.clone(),
-        body: Some(body),
-    }
+        // Written by a newer version: no body, which a client skips as an event of a kind it does not know.
+        EventBody::Unknown => return None,
+    })
 }
 
 #[cfg(test)]
@@ -790,5 +795,7 @@ mod tests {
         );
         assert_eq!(body(EventBody::CustomerLeft), Body::CustomerLeft(pb::event::CustomerLeft {}));
         assert_eq!(body(EventBody::CustomerReturned), Body::CustomerReturned(pb::event::CustomerReturned {}));
+        let unknown = Event { seq: 1, at_ms: 2, author: Author::System, client_msg_id: None, body: EventBody::Unknown };
+        assert_eq!(event(&unknown).body, None, "a kind written by a newer version: no body");
     }
 }

@@ -106,7 +106,8 @@ pub(crate) fn wire_bytes_at_most(event: &Event) -> u64 {
         | EventBody::Closed
         | EventBody::Cancelled { .. }
         | EventBody::CustomerLeft
-        | EventBody::CustomerReturned => 0,
+        | EventBody::CustomerReturned
+        | EventBody::Unknown => 0,
     };
     // The author's id is in the record three times (its column, the event, the deduplication key), the
     // client message id twice (the event, the key).
