@@ -598,10 +598,12 @@ async fn customer_heartbeat(weak: std::sync::Weak<Shared>) {
         }
         let records: Vec<CustomerSession> = sessions.iter().map(|(_, session)| session.clone()).collect();
         let written = shared.customers_alive(&records).await;
-        // Connections that ended while they were written must not stay alive until they expire.
+        // Connections that ended while they were written must not stay alive until they expire. Their owner
+        // is told again: its reading after the connection's own end may have met this write's revival.
         for (socket, session) in &sessions {
             if shared.hub.role(*socket).is_none() {
                 shared.customer_gone(session).await;
+                shared.tell_customer_connection(session.conversation);
             }
         }
         match (written, failing) {
