@@ -224,6 +224,12 @@ pub enum SystemCommand {
     /// The queue found the waiting chat's customer gone for the grace period: it is cancelled as abandoned
     /// (nothing once it no longer waits).
     Abandon,
+    /// The agent's owner found the active chat's customer gone for the grace period, though no gateway said
+    /// so (their gateway went with them: it crashed, its host was lost). The chat reads its customer again
+    /// and records `customer_left` if they are gone still; nothing (and `false`: the reading answers later)
+    /// when the chat is not active, the customer is recorded away already, or a reading of the chat's own
+    /// began within the grace period (its own timer decides).
+    CustomerGone,
 }
 
 /// An offer a gateway showed an agent's consoles, as it subscribes to the agent's pushes again (see

@@ -7,6 +7,13 @@
 //! their chats go back to the head of their queue. When presence cannot be read (Redis is down) nothing
 //! changes: presence is stale, not absent.
 //!
+//! Every few heartbeats it also reads whether the customers of the agent's chats are connected: a customer
+//! whose gateway went with them (it crashed, its host was lost) ends no connection, and their chat is told
+//! by no gateway that they left. Found gone for the grace period, the chat is told so
+//! ([`SystemCommand::CustomerGone`]), and records `customer_left` if a reading of its own finds them gone
+//! still; told again every grace period while they are gone (the chat ignores it once they are recorded
+//! away), so that a telling lost to another node's failure is not lost for good.
+//!
 //! The queues of the agent's groups are told of every change of the agent's availability, and told it again
 //! every [`RETELL_EVERY_TICKS`] heartbeats while the agent is signed in: a cast to another node that is
 //! given up (its node was unreachable for its retries, without the queue being rebuilt since) would
@@ -14,7 +21,7 @@
 //! agent who came back online, is a queue that never offers them a chat. The versions make a retelling
 //! harmless: a queue keeps the newest.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,6 +32,7 @@ use switchboard_domain::{
     AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, Conversation, ConversationId,
     ConversationState, EventBody, OfferEnd, Refusal, RequeueReason, TenantId, agent_key,
 };
+use switchboard_presence::CustomerPresence;
 use switchboard_proto::convert::{conversation_from_record, conversation_id, event_from_record};
 use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest, ReadEventsRequest};
 use switchboard_proto::router::{
@@ -35,6 +43,7 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::conversation::waiting_entry;
 use crate::error::from_store;
+use crate::queue::CUSTOMERS_READ_EVERY_TICKS;
 use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
@@ -123,6 +132,11 @@ pub(crate) struct AgentActorState {
     /// the move: a chat forwarded in between would otherwise never reach the agent's consoles, which follow
     /// it on `chat.assigned`. (An offer is shown again from `shown_offer`.)
     recently_assigned: VecDeque<(i64, ChatView)>,
+    /// Heartbeats since the customers of the agent's chats were last read.
+    ticks_since_customers_read: u32,
+    /// Since when each chat's customer has been found gone, by every reading since (see
+    /// [`AgentActorState::check_customers`]).
+    customers_gone_since: HashMap<ConversationId, i64>,
 }
 
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
@@ -184,6 +198,8 @@ impl Actor for AgentActor {
             status_lost,
             offer_checked_again_at_ms: 0,
             recently_assigned: VecDeque::new(),
+            ticks_since_customers_read: 0,
+            customers_gone_since: HashMap::new(),
         })
     }
 
@@ -559,6 +575,57 @@ impl AgentActorState {
             if self.ticks_since_told >= RETELL_EVERY_TICKS {
                 self.changed().await;
             }
+            self.ticks_since_customers_read += 1;
+            if self.ticks_since_customers_read >= CUSTOMERS_READ_EVERY_TICKS {
+                self.ticks_since_customers_read = 0;
+                self.check_customers().await;
+            }
+        }
+    }
+
+    /// Reads whether the customers of the agent's chats are connected, and tells each chat whose customer
+    /// has been found gone for the grace period (by every reading since the first that found them gone; a
+    /// reading that failed starts every count again, as in the queues). A customer nobody recorded
+    /// (`Unknown`) is never gone.
+    async fn check_customers(&mut self) {
+        if self.agent.active.is_empty() {
+            self.customers_gone_since.clear();
+            return;
+        }
+        let chats: Vec<ConversationId> = self.agent.active.iter().copied().collect();
+        let now_ms = self.now_ms();
+        let read = match self.context.presence.customers_present(&self.agent.tenant, &chats, now_ms).await {
+            Ok(read) => read,
+            Err(error) => {
+                debug!(%error, agent = %self.agent.id, "the customers of the agent's chats not read from presence");
+                self.customers_gone_since.clear();
+                return;
+            }
+        };
+        let grace_ms = self.context.presence_settings.grace_ms();
+        let mut gone = Vec::new();
+        for (conversation, presence) in chats.into_iter().zip(read) {
+            if presence != CustomerPresence::Gone {
+                self.customers_gone_since.remove(&conversation);
+                continue;
+            }
+            let since = *self.customers_gone_since.entry(conversation).or_insert(now_ms);
+            if now_ms.saturating_sub(since) >= grace_ms {
+                gone.push(conversation);
+            }
+        }
+        let active = &self.agent.active;
+        self.customers_gone_since.retain(|conversation, _| active.contains(conversation));
+        for conversation in gone {
+            // Counted again from the next reading: told again a grace period later while they are gone.
+            self.customers_gone_since.remove(&conversation);
+            let context = self.context.clone();
+            tokio::spawn(async move {
+                let told = remote::conversation_system(&context, conversation, SystemCommand::CustomerGone).await;
+                if let Err(error) = told {
+                    debug!(%error, %conversation, "a chat whose customer is gone not told; told again later");
+                }
+            });
         }
     }
 

@@ -148,6 +148,9 @@ pub(crate) struct ConversationActorState {
     /// The readings of the customer's presence begun: only the answer of the last one counts (an earlier
     /// one may answer later, with what was true before).
     customer_reads: u64,
+    /// When the last reading of the customer's presence that a connection, the accept or the actor's start
+    /// began, began (see [`ConversationActorState::customer_found_gone`]).
+    customer_read_at_ms: Option<i64>,
 }
 
 pub(crate) struct Loaded {
@@ -175,6 +178,7 @@ impl Actor for ConversationActor {
             pushes: Vec::new(),
             turns: 0,
             customer_reads: 0,
+            customer_read_at_ms: None,
         };
         // An active chat activated here (its shard moved, its actor stopped) reads its customer's presence:
         // the timer of a departure seen by the actor before was lost with it.
@@ -300,16 +304,23 @@ impl ConversationActor {
                     return Ok(());
                 }
                 let command = match command {
-                    SystemCommand::Offer { agent, expires_at_ms, .. } => Command::Offer { agent, expires_at_ms },
-                    SystemCommand::EndOffer { agent, reason } => Command::EndOffer { agent, reason },
-                    SystemCommand::Requeue { agent, reason } => Command::Requeue { agent, reason },
-                    SystemCommand::Abandon => Command::Abandon,
+                    SystemCommand::Offer { agent, expires_at_ms, .. } => Some(Command::Offer { agent, expires_at_ms }),
+                    SystemCommand::EndOffer { agent, reason } => Some(Command::EndOffer { agent, reason }),
+                    SystemCommand::Requeue { agent, reason } => Some(Command::Requeue { agent, reason }),
+                    SystemCommand::Abandon => Some(Command::Abandon),
+                    // Presence is read first: what it finds is recorded when it answers.
+                    SystemCommand::CustomerGone => None,
                 };
-                let result = state.decide_and_append(Author::System, &command, None).await;
-                let failed = stop_on_store_failure(&myself, &result);
-                let _ = reply.send(result.map(|outcome| outcome.event.is_some() && !outcome.duplicate));
-                if failed {
-                    return Ok(());
+                if let Some(command) = command {
+                    let result = state.decide_and_append(Author::System, &command, None).await;
+                    let failed = stop_on_store_failure(&myself, &result);
+                    let _ = reply.send(result.map(|outcome| outcome.event.is_some() && !outcome.duplicate));
+                    if failed {
+                        return Ok(());
+                    }
+                } else {
+                    state.customer_found_gone(&myself);
+                    let _ = reply.send(Ok(false));
                 }
             }
             ConversationMsg::Transfer { caller, to_group, reply } => {
@@ -513,6 +524,9 @@ impl ConversationActorState {
             return;
         }
         self.customer_reads += 1;
+        if !confirming {
+            self.customer_read_at_ms = Some(self.context.clock.now_ms());
+        }
         let (read, myself, context) = (self.customer_reads, myself.clone(), self.context.clone());
         let (tenant, conversation) = (self.conversation.tenant.clone(), self.conversation.id);
         tokio::spawn(async move {
@@ -526,6 +540,23 @@ impl ConversationActorState {
             };
             let _ = myself.cast(ConversationMsg::CustomerRead { read, presence, confirming });
         });
+    }
+
+    /// The agent's owner found the customer gone for the grace period, though no gateway told this chat of
+    /// the end of their connection (see [`SystemCommand::CustomerGone`]): a reading that records
+    /// `customer_left` if they are gone still. Nothing when the chat is not active, the customer is recorded
+    /// away already, or a reading began within the grace period: a connection that began or ended then has
+    /// its own reading, and its own grace period counted from it.
+    fn customer_found_gone(&mut self, myself: &ActorRef<ConversationMsg>) {
+        if self.conversation.state != ConversationState::Active || self.conversation.customer_away {
+            return;
+        }
+        let now_ms = self.context.clock.now_ms();
+        let grace_ms = self.context.presence_settings.grace_ms();
+        if self.customer_read_at_ms.is_some_and(|at_ms| now_ms.saturating_sub(at_ms) < grace_ms) {
+            return;
+        }
+        self.read_customer(myself, true);
     }
 
     /// What the last reading of the customer's presence found: a customer connected who had left returns; one

@@ -52,7 +52,7 @@ const ESTIMATE_WINDOW: usize = 10;
 const OFFER_RETRY_MS: i64 = 1_000;
 
 /// How many heartbeats pass between two reads of the waiting chats' customers from presence.
-const CUSTOMERS_READ_EVERY_TICKS: u32 = 5;
+pub(crate) const CUSTOMERS_READ_EVERY_TICKS: u32 = 5;
 
 /// How many heartbeats pass between two comparisons of the waiting list with the store
 /// ([`QueueActorState::reconcile`]).

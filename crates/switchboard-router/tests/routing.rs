@@ -949,6 +949,89 @@ async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_a_grace
     assert_eq!(pushed_events(&fixture.drain()), [(chat, Author::System, "customer_left")]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_customer_whose_gateway_went_with_them_has_left_once_the_agents_owner_finds_them_gone_for_the_grace_period() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let [lapsed, here, unknown] = [
+        fixture.start_chat("g1", "ann").await,
+        fixture.start_chat("g1", "bob").await,
+        fixture.start_chat("g1", "cy").await,
+    ];
+    for chat in [lapsed, here, unknown] {
+        fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+        fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
+    }
+    // `lapsed`'s gateway writes its connection once more, then crashes: nothing ends the connection, and no
+    // gateway tells the chat; the record lapses. `here`'s customer stays; `unknown`'s was never recorded.
+    let lapses_at = fixture.clock_ms() + 3_000;
+    fixture.presence.customers_alive(&[customer_session(lapsed, "s1")], lapses_at).await.unwrap();
+    let far = fixture.clock_ms() + 60 * 60_000;
+    fixture.presence.customers_alive(&[customer_session(here, "s2")], far).await.unwrap();
+    fixture.drain();
+    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    // Found gone by the agent's owner from the first reading past the lapse, for the grace period at least.
+    fixture.pass(lapses_at - fixture.clock_ms() + grace_ms - 100).await;
+    assert_eq!(pushed_events(&fixture.drain()), []);
+    // Its readings come every five heartbeats: one more period to find them gone, one to count the grace.
+    fixture.pass(2 * 5 * 1_000 + 1_000).await;
+    assert_eq!(
+        pushed_events(&fixture.drain()),
+        [(lapsed, Author::System, "customer_left")],
+        "not for a customer still here or never recorded"
+    );
+    // Still gone, the chat is told again every grace period, and records nothing more.
+    fixture.pass(4 * grace_ms).await;
+    assert_eq!(pushed_events(&fixture.drain()), [], "once");
+    let stored = fixture.store.get_conversation(GetConversationRequest { conversation_id: lapsed.to_string() });
+    assert!(stored.await.unwrap().conversation.unwrap().customer_away);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_told_its_customer_is_gone_leaves_a_departure_its_own_reading_found_to_that_readings_grace_period() {
+    let mut fixture = fixture().await;
+    sign_in(&fixture, "b").await;
+    let [closed, lapsed, here] = [
+        fixture.start_chat("g1", "ann").await,
+        fixture.start_chat("g1", "bob").await,
+        fixture.start_chat("g1", "cy").await,
+    ];
+    for chat in [closed, lapsed, here] {
+        fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+        fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
+    }
+    let far = fixture.clock_ms() + 60 * 60_000;
+    let lapses_at = fixture.clock_ms() + 1_000;
+    fixture.presence.customers_alive(&[customer_session(lapsed, "s2")], lapses_at).await.unwrap();
+    fixture.presence.customers_alive(&[customer_session(here, "s3")], far).await.unwrap();
+    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    // Past the grace period of the accepts' own readings (which found every customer here).
+    fixture.pass(grace_ms + 100).await;
+    fixture.drain();
+    // `closed`'s customer closes the tab; their gateway tells the chat, whose reading finds them gone. The
+    // agent's owner says they are gone just after (its count began with an earlier lapse, say): the chat's
+    // own reading keeps its grace period, in which they may reload.
+    let session = customer_session(closed, "s1");
+    fixture.presence.customers_alive(std::slice::from_ref(&session), far).await.unwrap();
+    fixture.presence.customer_gone(&session, fixture.clock_ms()).await.unwrap();
+    fixture.router.customer_connection(closed).await.unwrap();
+    settle().await;
+    // `lapsed`'s gateway went with them: no reading of the chat's own since the accept; `here` is here.
+    for chat in [closed, lapsed, here] {
+        assert!(!fixture.router.conversation_system(chat, SystemCommand::CustomerGone).await.unwrap());
+    }
+    settle().await;
+    assert_eq!(pushed_events(&fixture.drain()), [(lapsed, Author::System, "customer_left")], "at once");
+    fixture.pass(grace_ms - 200).await;
+    assert_eq!(pushed_events(&fixture.drain()), []);
+    fixture.pass(200).await;
+    assert_eq!(pushed_events(&fixture.drain()), [(closed, Author::System, "customer_left")]);
+    // Told again, once recorded away: nothing.
+    fixture.router.conversation_system(lapsed, SystemCommand::CustomerGone).await.unwrap();
+    fixture.pass(2 * grace_ms).await;
+    assert_eq!(pushed_events(&fixture.drain()), []);
+}
+
 /// The kind of a chat's last event, as its customer reads it.
 async fn last_kind(router: &impl RouterApi, chat: ConversationId) -> &'static str {
     let page = router.read_events(&Caller::Customer { conversation: chat }, chat, 0).await.unwrap();

@@ -17,10 +17,11 @@ use switchboard_domain::{
 use switchboard_proto::convert::{author_parts, new_event};
 use switchboard_proto::internal::v1::{
     self as pb, AbandonCommand, AgentAvailabilityMsg, AgentOfferEnded, AgentOffered, AgentRef, AgentViewReply,
-    ChatViewMsg, CommandReply, EndOfferCommand, EventRecord, OfferCommand, OfferMade, OfflineMessageRequest, PushAgent,
-    PushEvent, PushFrame, PushQueue, PushTyping, QueueEstimate, QueueRemoved, QueueSnapshot, RequeueCommand,
-    SendCommand, ShownOffer as ShownOfferMsg, StartChatRequest, StartedChatReply, TicketReply, WaitingEntryMsg,
-    agent_offer_request, caller, command_request, conversation_system_request, push_agent, push_frame, push_queue,
+    ChatViewMsg, CommandReply, CustomerGoneCommand, EndOfferCommand, EventRecord, OfferCommand, OfferMade,
+    OfflineMessageRequest, PushAgent, PushEvent, PushFrame, PushQueue, PushTyping, QueueEstimate, QueueRemoved,
+    QueueSnapshot, RequeueCommand, SendCommand, ShownOffer as ShownOfferMsg, StartChatRequest, StartedChatReply,
+    TicketReply, WaitingEntryMsg, agent_offer_request, caller, command_request, conversation_system_request,
+    push_agent, push_frame, push_queue,
 };
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatCommand, ChatList, ChatView, CommandOutcome, EventPage, GatewayId, LeftQueue,
@@ -561,6 +562,7 @@ pub fn system_command_to_proto(command: &SystemCommand) -> conversation_system_r
             reason: requeue_reason_str(*reason).to_owned(),
         }),
         SystemCommand::Abandon => Command::Abandon(AbandonCommand {}),
+        SystemCommand::CustomerGone => Command::CustomerGone(CustomerGoneCommand {}),
     }
 }
 
@@ -582,6 +584,7 @@ pub fn system_command_from_proto(
             SystemCommand::Requeue { agent: agent_id(&requeue.agent_id)?, reason: requeue_reason(&requeue.reason)? }
         }
         Command::Abandon(AbandonCommand {}) => SystemCommand::Abandon,
+        Command::CustomerGone(CustomerGoneCommand {}) => SystemCommand::CustomerGone,
     })
 }
 
@@ -916,6 +919,7 @@ mod tests {
             (any_agent(), any_offer_end()).prop_map(|(agent, reason)| SystemCommand::EndOffer { agent, reason }),
             any_agent().prop_map(|agent| SystemCommand::Requeue { agent, reason: RequeueReason::AgentOffline }),
             Just(SystemCommand::Abandon),
+            Just(SystemCommand::CustomerGone),
         ]
     }
 

@@ -344,3 +344,34 @@ async fn an_agent_is_told_when_the_customer_of_their_chat_leaves_and_when_they_r
     cluster.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_told_the_customer_left_when_the_customers_gateway_is_killed() -> anyhow::Result<()> {
+    let mut spec = ClusterSpec::new(CONFIG);
+    spec.presence_grace_ms = 1_000;
+    spec.customer_heartbeat_ms = 500;
+    let mut cluster = Cluster::start(spec).await?;
+    let urls = cluster.gateway_urls();
+    let mut ann = sign_in(&urls[0], "token-of-ann").await?;
+    let (_al, lost, al_token) = start_chat_with_token(&urls[1], "open", "Al").await?;
+    let (bo, stayed, _) = start_chat_with_token(&urls[0], "open", "Bo").await?;
+    for chat in [&lost, &stayed] {
+        ann.ok("chat.accept", json!({ "conversation": chat })).await?;
+    }
+    // Al's gateway dies with his connection: nothing ends it in presence, and no gateway tells his chat. His
+    // record lapses, and Ann's owner, which reads her customers every few heartbeats, finds him gone.
+    cluster.gateways[1].kill_9().await?;
+    let told = push_matching(&mut ann, |push| is_event(push, &lost, "customer_left")).await?;
+    assert_eq!(told["event"]["author"]["role"], "system");
+    assert_eq!(away(&mut ann).await?, [(lost.clone(), true), (stayed.clone(), false)]);
+    // Al comes back through the gateway left: Ann is told.
+    let mut al = Connection::connect(&urls[0]).await?;
+    al.ok("customer.resume", json!({ "conversation": lost, "customer_token": al_token, "after_seq": 0 })).await?;
+    push_matching(&mut ann, |push| is_event(push, &lost, "customer_returned")).await?;
+    // Bo, connected to the other gateway all along, was never taken for gone.
+    let bo_kinds = kinds_of(&cluster, &stayed).await?;
+    assert!(!bo_kinds.iter().any(|kind| kind.starts_with("customer_")), "{bo_kinds:?}");
+    drop(bo);
+    cluster.finish();
+    Ok(())
+}

@@ -2668,11 +2668,16 @@ pub struct RequeueCommand {
 /// The waiting chat's customer went away: cancelled as abandoned (nothing once it no longer waits).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AbandonCommand {}
+/// The agent's owner found the active chat's customer gone for the grace period, without a gateway saying so
+/// (their gateway went with them): the chat reads its customer again and records customer_left if they are
+/// gone still. Nothing when a reading of its own is under way, or the customer is recorded away already.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CustomerGoneCommand {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConversationSystemRequest {
     #[prost(string, tag = "1")]
     pub conversation_id: ::prost::alloc::string::String,
-    #[prost(oneof = "conversation_system_request::Command", tags = "2, 3, 4, 5")]
+    #[prost(oneof = "conversation_system_request::Command", tags = "2, 3, 4, 5, 6")]
     pub command: ::core::option::Option<conversation_system_request::Command>,
 }
 /// Nested message and enum types in `ConversationSystemRequest`.
@@ -2687,6 +2692,8 @@ pub mod conversation_system_request {
         Requeue(super::RequeueCommand),
         #[prost(message, tag = "5")]
         Abandon(super::AbandonCommand),
+        #[prost(message, tag = "6")]
+        CustomerGone(super::CustomerGoneCommand),
     }
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
