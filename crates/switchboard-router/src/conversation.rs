@@ -706,6 +706,10 @@ impl ConversationActorState {
             metrics::counter!(names::CHATS_FINISHED, "tenant" => tenant, "group" => group, "reason" => reason)
                 .increment(1);
         }
+        if matches!(event.body, EventBody::CustomerLeft) {
+            let (tenant, group) = (conversation.tenant.to_string(), conversation.group.to_string());
+            metrics::counter!(names::CUSTOMERS_LEFT, "tenant" => tenant, "group" => group).increment(1);
+        }
         let was_queued = before.state == ConversationState::Queued;
         let left_queue = match &event.body {
             EventBody::Accepted { agent } => Some(LeftQueue::Accepted { agent: agent.clone() }),

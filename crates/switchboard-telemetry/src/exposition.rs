@@ -125,6 +125,7 @@ fn describe() {
     describe_gauge!(GROUP_AGENTS_ONLINE, "Agents of the group online (taking chats, whether or not at capacity).");
     describe_counter!(CHATS_STARTED, "Chats admitted.");
     describe_counter!(CHATS_FINISHED, "Chats ended, by reason (closed, cancelled, abandoned).");
+    describe_counter!(CUSTOMERS_LEFT, "Customers of ongoing chats found gone for the grace period (customer_left).");
     describe_counter!(OFFERS_ENDED, "Offers ended, by reason.");
     describe_counter!(
         ROUTER_REPAIRS,

@@ -29,6 +29,7 @@ pub const GROUP_AGENTS_SIGNED_IN: &str = "switchboard_group_agents_signed_in";
 pub const GROUP_AGENTS_ONLINE: &str = "switchboard_group_agents_online";
 pub const CHATS_STARTED: &str = "switchboard_chats_started_total";
 pub const CHATS_FINISHED: &str = "switchboard_chats_finished_total";
+pub const CUSTOMERS_LEFT: &str = "switchboard_customers_left_total";
 pub const OFFERS_ENDED: &str = "switchboard_offers_ended_total";
 /// Routing state repaired from the store after a message between routers was lost, by kind.
 pub const ROUTER_REPAIRS: &str = "switchboard_router_repairs_total";

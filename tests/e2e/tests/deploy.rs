@@ -527,6 +527,8 @@ const CONFIG: &str = r#"
 version: 1
 license:
   max_sessions: 50
+presence:
+  grace_ms: 1000
 tenants:
   - id: demo
     name: Demo Company
@@ -618,7 +620,7 @@ fn compare_with_catalogue(
     (missing, wrong_types, wrong_labels)
 }
 
-/// A little of everything: a pull-routed chat accepted, messages both ways, closed; a push-routed chat
+/// A little of everything: a pull-routed chat accepted, messages both ways, its customer gone, closed; a push-routed chat
 /// offered and accepted; refused requests; one call of the public gRPC API. The clients stay connected.
 async fn drive_traffic(server: &Server) -> anyhow::Result<Vec<Client>> {
     let url = server.ws_url();
@@ -635,6 +637,9 @@ async fn drive_traffic(server: &Server) -> anyhow::Result<Vec<Client>> {
             f["type"] == "event" && f["event"]["kind"] == "message" && f["event"]["author"]["role"] == "customer"
         })
         .await?;
+    // Ann closes the tab: a grace period later, Alice is told she left; then Alice closes the chat.
+    drop(ann);
+    alice.event_of(&chat, "customer_left").await?;
     alice.ok("chat.close", json!({ "conversation": chat })).await?;
 
     let (dana, offered, _) = Client::start_chat(&url, WIDGET, "support", "Dana", "My parcel is late.").await?;
@@ -651,7 +656,7 @@ async fn drive_traffic(server: &Server) -> anyhow::Result<Vec<Client>> {
 
     grpc_ping(&server.address).await?;
     grpc_made_up_method(&server.address).await?;
-    Ok(vec![alice, ann, dana, stranger])
+    Ok(vec![alice, dana, stranger])
 }
 
 /// One `switchboard.v1.ChatService/Session`: a ping, its ack, and the stream's end with OK.
@@ -704,6 +709,7 @@ fn figures_hold(exposition: &Exposition) -> Result<(), Vec<String>> {
     expect("switchboard_chats_started_total", &demo("sales"), |v| v == 1.0, "1");
     expect("switchboard_chats_started_total", &demo("support"), |v| v == 1.0, "1");
     expect("switchboard_chats_finished_total", &[("group", "sales"), ("reason", "closed")], |v| v == 1.0, "1");
+    expect("switchboard_customers_left_total", &demo("sales"), |v| v == 1.0, "1 (Ann)");
     expect("switchboard_queue_waiting_chats", &[], |v| v == 0.0, "0");
     expect("switchboard_queue_wait_seconds_count", &demo("sales"), |v| v == 1.0, "1");
     expect("switchboard_queue_wait_seconds_count", &demo("support"), |v| v == 1.0, "1");
@@ -717,7 +723,7 @@ fn figures_hold(exposition: &Exposition) -> Result<(), Vec<String>> {
     // The gateway: who is connected, what was asked, what was refused and why.
     let websocket = |role| [("transport", "websocket"), ("role", role)];
     expect("switchboard_gateway_connections", &websocket("agent"), |v| v == 1.0, "1 (Alice)");
-    expect("switchboard_gateway_connections", &websocket("customer"), |v| v == 2.0, "2 (Ann, Dana)");
+    expect("switchboard_gateway_connections", &websocket("customer"), |v| v == 1.0, "1 (Dana; Ann left)");
     expect("switchboard_gateway_connections", &websocket("none"), |v| v == 1.0, "1 (the stranger)");
     expect("switchboard_gateway_requests_total", &[("type", "message.send")], |v| v == 2.0, "2");
     expect("switchboard_gateway_refusals_total", &[("reason", "unknown_group")], |v| v == 1.0, "1");
