@@ -148,8 +148,8 @@ pub(crate) struct ConversationActorState {
     /// The readings of the customer's presence begun: only the answer of the last one counts (an earlier
     /// one may answer later, with what was true before).
     customer_reads: u64,
-    /// When the last reading of the customer's presence that a connection, the accept or the actor's start
-    /// began, began (see [`ConversationActorState::customer_found_gone`]).
+    /// The start of the last reading of the customer's presence begun by a connection, the accept or the
+    /// actor's start (see [`ConversationActorState::customer_found_gone`]).
     customer_read_at_ms: Option<i64>,
 }
 
