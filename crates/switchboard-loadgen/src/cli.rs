@@ -63,6 +63,13 @@ pub struct GenConfigArgs {
     /// limits.request_burst, the requests a connection may make at once (with --requests-per-second)
     #[arg(long, default_value_t = 100)]
     pub request_burst: u32,
+    /// presence.customer_heartbeat_ms: how often the server writes customers' connections again
+    #[arg(long, value_name = "MS")]
+    pub customer_heartbeat_ms: Option<u64>,
+    /// presence.abandon_after_ms: how long a waiting chat's customer may be gone before the chat is abandoned
+    /// (at least twice the customer heartbeat)
+    #[arg(long, value_name = "MS")]
+    pub abandon_after_ms: Option<u64>,
     /// Where to write the YAML
     #[arg(long)]
     pub out: PathBuf,
@@ -233,7 +240,11 @@ pub struct ChatStormArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Precondition: no open chat (waiting or active) in the cluster when the run starts, \
     and --limit equal to the server's license.max_sessions (SWITCHBOARD_LICENSE_MAX_SESSIONS). Then each round \
-    must admit exactly min(limit, burst) chats, and never more than the limit.")]
+    must admit exactly min(limit, burst) chats, and never more than the limit. With --release vanish the \
+    admitted customers go away instead of closing their chats (their connections close, as a tab does), and \
+    each round waits until the server has abandoned every such chat (queue.removed, reason abandoned, seen by \
+    agent PREFIX0, signed in and set away) before the next: the rounds after must admit exactly as many again, \
+    so every permit came back; the time from going away to the abandonment is the `abandoned` latency.")]
 pub struct LicenseArgs {
     #[command(flatten)]
     pub common: Common,
@@ -243,7 +254,32 @@ pub struct LicenseArgs {
     /// Customers starting a chat at once in each round
     #[arg(long)]
     pub burst: u64,
-    /// Rounds: burst, count, then every admitted customer closes its chat
+    /// Rounds: burst, count, then every admitted customer closes its chat (or goes away: --release)
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
+    /// How the admitted customers give their chats up at the end of each round
+    #[arg(long, value_enum, default_value_t = Release::Close)]
+    pub release: Release,
+    /// --release vanish: how long a round waits for the server to abandon its chats
+    #[arg(long, default_value_t = 180.0, value_name = "SECONDS")]
+    pub abandon_deadline_s: f64,
+}
+
+/// How the customers of a license round give their chats up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Release {
+    /// `chat.close`, then the connection closes
+    Close,
+    /// The connection closes without a word, as a tab closed while the chat waits: the server must find the
+    /// customer gone and abandon the chat (`presence.abandon_after_ms`)
+    Vanish,
+}
+
+impl Release {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Release::Close => "close",
+            Release::Vanish => "vanish",
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! `gen-config`: a Switchboard configuration for load tests, in the format of
 //! `crates/switchboard/src/config.rs` (version 1, unknown fields refused): one tenant `load` with the
 //! widget key `load-widget-key`, groups `g0..`, agents `a0..` with tokens `load-agent-token-0..`, every
-//! agent in every group.
+//! agent in every group; with `--customer-heartbeat-ms`/`--abandon-after-ms`, a `presence` section.
 
 use serde::Serialize;
 
@@ -16,6 +16,8 @@ struct Config {
     version: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     license: Option<License>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence: Option<Presence>,
     limits: Limits,
     tenants: Vec<Tenant>,
 }
@@ -23,6 +25,14 @@ struct Config {
 #[derive(Serialize)]
 struct License {
     max_sessions: u64,
+}
+
+#[derive(Serialize)]
+struct Presence {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_heartbeat_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    abandon_after_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -94,6 +104,10 @@ pub fn render(args: &GenConfigArgs) -> anyhow::Result<String> {
     let config = Config {
         version: 1,
         license: args.license.map(|max_sessions| License { max_sessions }),
+        presence: (args.customer_heartbeat_ms.is_some() || args.abandon_after_ms.is_some()).then_some(Presence {
+            customer_heartbeat_ms: args.customer_heartbeat_ms,
+            abandon_after_ms: args.abandon_after_ms,
+        }),
         limits: Limits {
             outbound_queue_len: args.outbound_queue_len,
             requests_per_second: args.requests_per_second,
@@ -126,12 +140,16 @@ mod tests {
             outbound_queue_len: None,
             requests_per_second: 0,
             request_burst: 100,
+            customer_heartbeat_ms: None,
+            abandon_after_ms: Some(1_000),
             out: "x".into(),
         };
         let yaml = render(&args).unwrap();
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
         assert_eq!(value["version"], 1);
         assert_eq!(value["license"]["max_sessions"], 20);
+        assert_eq!(value["presence"]["abandon_after_ms"], 1_000);
+        assert!(value["presence"].get("customer_heartbeat_ms").is_none(), "the server's default");
         // A generator's connection carries many people's requests: no request budget unless asked.
         assert_eq!(value["limits"]["requests_per_second"], 0);
         assert!(value["limits"].get("outbound_queue_len").is_none());

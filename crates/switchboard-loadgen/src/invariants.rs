@@ -277,6 +277,14 @@ pub struct LicenseRound {
     /// connection) may have closed its chat or not.
     #[serde(default)]
     pub close_refused: u64,
+    /// `--release vanish`: admitted chats whose customer went away, seen abandoned by the server (their
+    /// permits back) within the deadline.
+    #[serde(default)]
+    pub abandoned: u64,
+    /// `--release vanish`: admitted chats whose customer went away, not seen abandoned within the deadline
+    /// (a violation): still open, holding their permits.
+    #[serde(default)]
+    pub not_abandoned: u64,
     /// Chats admitted by earlier rounds whose close was refused: still open when this round starts.
     #[serde(default)]
     pub open_before: u64,
@@ -286,11 +294,13 @@ pub struct LicenseRound {
 }
 
 impl LicenseRound {
-    /// The round after this one starts with the chats this one surely left open, and with what it cannot
-    /// tell: its failed starts, and its closes that got no answer.
+    /// The round after this one starts with the chats this one surely left open (closes refused, chats not
+    /// abandoned), and with what it cannot tell: its failed starts, and its closes that got no answer.
     pub fn carried(&self) -> (u64, u64) {
-        let unanswered_closes = self.admitted.saturating_sub(self.closed + self.close_refused);
-        (self.open_before + self.close_refused, self.failed_before + self.failed + unanswered_closes)
+        let given_up = self.closed + self.close_refused + self.abandoned + self.not_abandoned;
+        let unanswered_closes = self.admitted.saturating_sub(given_up);
+        let open = self.open_before + self.close_refused + self.not_abandoned;
+        (open, self.failed_before + self.failed + unanswered_closes)
     }
 }
 

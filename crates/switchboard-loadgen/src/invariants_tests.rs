@@ -174,3 +174,33 @@ fn chats_an_earlier_round_left_open_count_against_the_limit_of_the_rounds_after(
     let over = LicenseRound { admitted: 21, refused: 39, ..after };
     assert_eq!(license_round_violations(20, &over).len(), 1);
 }
+
+#[test]
+fn chats_of_customers_who_went_away_free_their_permits_once_abandoned_and_hold_them_until() {
+    // Round 1 admits the limit; its customers go away: 8 chats are abandoned, 2 not by the deadline.
+    let first = LicenseRound {
+        round: 1,
+        attempted: 15,
+        admitted: 10,
+        refused: 5,
+        abandoned: 8,
+        not_abandoned: 2,
+        ..LicenseRound::default()
+    };
+    assert!(license_round_violations(10, &first).is_empty());
+    assert_eq!(first.carried(), (2, 0), "the 2 still open; nothing unknown");
+    let (open_before, failed_before) = first.carried();
+    let second = |admitted| LicenseRound {
+        round: 2,
+        attempted: 15,
+        admitted,
+        refused: 15 - admitted,
+        open_before,
+        failed_before,
+        ..LicenseRound::default()
+    };
+    assert!(license_round_violations(10, &second(8)).is_empty());
+    // A permit of a chat not abandoned taken again: above the limit, counting the chats left open.
+    let violations = license_round_violations(10, &second(9));
+    assert!(violations.iter().any(|v| v.contains("above the limit")), "{violations:?}");
+}

@@ -181,6 +181,8 @@ pub fn merge(reports: Vec<Report>) -> Report {
                         mine.failed += round.failed;
                         mine.closed += round.closed;
                         mine.close_refused += round.close_refused;
+                        mine.abandoned += round.abandoned;
+                        mine.not_abandoned += round.not_abandoned;
                         mine.open_before += round.open_before;
                         mine.failed_before += round.failed_before;
                     }

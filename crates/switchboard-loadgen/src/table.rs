@@ -38,14 +38,20 @@ pub fn render(report: &Report) -> String {
         let _ = writeln!(out, "\nlicense rounds (limit {})", license.limit);
         let _ = writeln!(
             out,
-            "  {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "round", "attempted", "admitted", "refused", "failed", "closed"
+            "  {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "round", "attempted", "admitted", "refused", "failed", "closed", "abandoned"
         );
         for round in &license.rounds {
             let _ = writeln!(
                 out,
-                "  {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                round.round, round.attempted, round.admitted, round.refused, round.failed, round.closed
+                "  {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                round.round,
+                round.attempted,
+                round.admitted,
+                round.refused,
+                round.failed,
+                round.closed,
+                round.abandoned
             );
         }
     }

@@ -150,6 +150,37 @@ fn several_processes_add_up_to_one_report() {
 }
 
 #[test]
+fn customers_who_go_away_have_their_chats_abandoned_and_their_permits_given_back_round_after_round() {
+    let config = ["--agents", "1", "--customer-heartbeat-ms", "500", "--abandon-after-ms", "1000"];
+    let env = [("SWITCHBOARD_LICENSE_MAX_SESSIONS", "10"), ("SWITCHBOARD_PRESENCE_HEARTBEAT_MS", "200")];
+    let server = Server::start(&config, &env);
+    let args = ["--limit", "10", "--burst", "15", "--rounds", "3", "--release", "vanish", "--processes", "2"];
+    let run = server.run("license", &args);
+    run.assert_clean();
+    for round in run.report["license"]["rounds"].as_array().unwrap() {
+        assert_eq!((round["attempted"].as_u64(), round["admitted"].as_u64()), (Some(15), Some(10)), "{round}");
+        assert_eq!((round["abandoned"].as_u64(), round["closed"].as_u64()), (Some(10), Some(0)), "{round}");
+    }
+    assert_eq!(run.count("chats_abandoned"), 30);
+    let abandoned = &run.report["latency_us"]["abandoned"];
+    assert_eq!(abandoned["count"], 30);
+    // Never before the customer has been found gone for `abandon_after_ms`.
+    assert!(abandoned["p50"].as_u64().unwrap() >= 1_000_000, "{abandoned}");
+
+    // A server that abandons nothing: the chats are missed at the deadline, and hold their permits after.
+    let config = ["--agents", "1", "--abandon-after-ms", "0"];
+    let server = Server::start(&config, &[("SWITCHBOARD_LICENSE_MAX_SESSIONS", "10")]);
+    let args = ["--limit", "10", "--burst", "15", "--rounds", "2", "--release", "vanish", "--abandon-deadline-s", "2"];
+    let run = server.run("license", &args);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let rounds = run.report["license"]["rounds"].as_array().unwrap();
+    assert_eq!((rounds[0]["admitted"].as_u64(), rounds[0]["not_abandoned"].as_u64()), (Some(10), Some(10)));
+    assert_eq!((rounds[1]["admitted"].as_u64(), rounds[1]["open_before"].as_u64()), (Some(0), Some(10)));
+    let violations = run.report["invariants"]["violations"].to_string();
+    assert!(violations.contains("was not abandoned within 2 s"), "{violations}");
+}
+
+#[test]
 fn an_unreachable_server_is_a_setup_error() {
     // A port nothing listens on: bind one, then let it go.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -8,34 +8,62 @@
 //! whose close the server refused stays open, and holds its permit, in the rounds after: they are checked
 //! against the limit less those (a close that got no answer may have closed its chat or not: the rounds
 //! after are not checked exactly).
+//!
+//! With `--release vanish` the admitted customers go away instead (their connections close without a word,
+//! as a tab closed while its chat waits), and the round waits until the server has abandoned each of their
+//! chats, as an agent console sees it (`queue.removed`, reason `abandoned`): the time from going away to that
+//! is the `abandoned` latency, and the rounds after must admit exactly as many again, so every permit came
+//! back. A chat not abandoned within `--abandon-deadline-s` is a violation, and counts as open in the rounds
+//! after.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use futures_util::future::join_all;
 use serde_json::json;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Ctx, chat_start, check_first_start, close_all};
-use crate::cli::LicenseArgs;
+use crate::cli::{LicenseArgs, Release};
 use crate::invariants::{LicenseRound, Side};
-use crate::net::{IgnoreEvents, RequestError, Role};
+use crate::net::{Connection, IgnoreEvents, Push, RequestError, Role};
 use crate::report::{LicenseSection, Report};
 
 pub const PRECONDITION: &str = "no open chat (waiting or active) in the cluster when the run starts, and --limit \
                                 equal to the server's license.max_sessions";
 
 pub async fn run(ctx: &mut Ctx, args: LicenseArgs) -> anyhow::Result<Report> {
-    let parameters = json!({ "limit": args.limit, "burst": args.burst, "rounds": args.rounds });
-    ctx.metrics.declare(&["chats_admitted", "chats_refused_license", "chats_closed"]);
+    let parameters = json!({
+        "limit": args.limit, "burst": args.burst, "rounds": args.rounds, "release": args.release.as_str(),
+    });
+    let mut watcher = match args.release {
+        Release::Close => {
+            ctx.metrics.declare(&["chats_admitted", "chats_refused_license", "chats_closed"]);
+            None
+        }
+        Release::Vanish => {
+            ctx.metrics.declare(&["chats_admitted", "chats_refused_license", "chats_abandoned"]);
+            if !(args.abandon_deadline_s.is_finite() && args.abandon_deadline_s > 0.0) {
+                bail!("--abandon-deadline-s must be a positive number of seconds");
+            }
+            let deadline = Duration::from_secs_f64(args.abandon_deadline_s);
+            Some(Watcher::sign_in(ctx, deadline).await?)
+        }
+    };
     let burst = ctx.shard.share(args.burst);
     let start = Instant::now();
     let mut rounds: Vec<LicenseRound> = Vec::new();
     for round in 1..=args.rounds {
         let (open_before, failed_before) = rounds.last().map_or((0, 0), LicenseRound::carried);
-        let mut figures = run_round(ctx, round, burst, args.limit).await?;
+        let mut figures = run_round(ctx, round, burst, args.limit, watcher.as_mut()).await?;
         (figures.open_before, figures.failed_before) = (open_before, failed_before);
         rounds.push(figures);
+    }
+    if let Some(watcher) = watcher {
+        watcher.connection.close().await;
     }
     let duration = start.elapsed().as_secs_f64();
     let attempted = rounds.iter().map(|round| round.attempted).sum();
@@ -45,7 +73,13 @@ pub async fn run(ctx: &mut Ctx, args: LicenseArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-async fn run_round(ctx: &mut Ctx, round: u32, burst: u64, limit: u64) -> anyhow::Result<LicenseRound> {
+async fn run_round(
+    ctx: &mut Ctx,
+    round: u32,
+    burst: u64,
+    limit: u64,
+    watcher: Option<&mut Watcher>,
+) -> anyhow::Result<LicenseRound> {
     let customers = ctx.connect_many(burst, Role::Side(Side::Customer), Arc::new(IgnoreEvents)).await;
     if customers.is_empty() && burst > 0 {
         bail!(
@@ -98,6 +132,31 @@ async fn run_round(ctx: &mut Ctx, round: u32, burst: u64, limit: u64) -> anyhow:
     // another process's start still on its way would take it, so the round would admit more than the limit
     // without the server ever holding more (seen on a loaded machine: 11 of 25 with a limit of 10).
     ctx.coordinator.barrier(&format!("started-{round}")).await?;
+    if let Some(watcher) = watcher {
+        let chats: Vec<String> = admitted.iter().map(|(_, conversation)| conversation.clone()).collect();
+        drop(admitted);
+        let gone_at = Instant::now();
+        close_all(customers).await;
+        let abandoned = watcher.abandoned(&chats).await;
+        for chat in &chats {
+            match abandoned.get(chat) {
+                Some(at) => {
+                    ctx.metrics.record("abandoned", gone_at, *at);
+                    figures.abandoned += 1;
+                }
+                None => {
+                    ctx.metrics.violation(format!(
+                        "round {round}: chat {chat} of a customer who went away was not abandoned within {:.0} s",
+                        watcher.deadline.as_secs_f64()
+                    ));
+                    figures.not_abandoned += 1;
+                }
+            }
+        }
+        ctx.metrics.count("chats_abandoned", figures.abandoned);
+        ctx.coordinator.barrier(&format!("abandoned-{round}")).await?;
+        return Ok(figures);
+    }
     let closes = admitted
         .iter()
         .map(|(customer, conversation)| customer.request("chat.close", json!({ "conversation": conversation })));
@@ -117,4 +176,64 @@ async fn run_round(ctx: &mut Ctx, round: u32, burst: u64, limit: u64) -> anyhow:
     close_all(customers).await;
     ctx.coordinator.barrier(&format!("closed-{round}")).await?;
     Ok(figures)
+}
+
+/// An agent console (agent `PREFIX0`, signed in and set away, so that it is offered nothing and takes no
+/// chat) following the queues of the agent's groups, which sees the chats of customers who went away
+/// abandoned.
+struct Watcher {
+    connection: Connection,
+    pushes: mpsc::UnboundedReceiver<Push>,
+    /// Chats seen abandoned during this round's wait, with when.
+    seen: HashMap<String, Instant>,
+    /// How long a round waits for its chats to be abandoned.
+    deadline: Duration,
+}
+
+impl Watcher {
+    async fn sign_in(ctx: &Ctx, deadline: Duration) -> anyhow::Result<Watcher> {
+        let token = format!("{}0", ctx.common.agent_token_prefix);
+        let mut connection = ctx
+            .network
+            .connect(Role::Side(Side::Agent), Arc::new(IgnoreEvents), true)
+            .await
+            .map_err(|error| anyhow::anyhow!("the watching agent: {error} ({})", ctx.common.urls.join(", ")))?;
+        for (request, fields) in
+            [("agent.sign_in", json!({ "token": token })), ("agent.set_status", json!({ "status": "away" }))]
+        {
+            if let Err(error) = connection.request(request, fields).await {
+                bail!(
+                    "agent token {token}: {request} failed: {} (--release vanish watches the queues as agent \
+                     {token}: it must be in the groups of the run)",
+                    error.reason()
+                );
+            }
+        }
+        let pushes = connection.pushes.take().context("the watching agent's pushes")?;
+        Ok(Watcher { connection, pushes, seen: HashMap::new(), deadline })
+    }
+
+    /// When each of `chats` was seen abandoned, waiting for them until the deadline (those not seen by then
+    /// are missing from the answer).
+    async fn abandoned(&mut self, chats: &[String]) -> HashMap<String, Instant> {
+        let until = Instant::now() + self.deadline;
+        while !chats.iter().all(|chat| self.seen.contains_key(chat)) {
+            match tokio::time::timeout_at(until, self.pushes.recv()).await {
+                Ok(Some(push)) => {
+                    if push.kind == "queue.removed"
+                        && push.frame["reason"] == "abandoned"
+                        && let Some(chat) = push.frame["conversation"].as_str()
+                    {
+                        self.seen.insert(chat.to_owned(), push.at);
+                    }
+                }
+                // The connection closed (counted by its reader), or the deadline passed.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let found = chats.iter().filter_map(|chat| self.seen.remove(chat).map(|at| (chat.clone(), at))).collect();
+        // The others are other processes' chats (every console of the group sees them all).
+        self.seen.clear();
+        found
+    }
 }
