@@ -870,21 +870,26 @@ fn pushed_events(pushes: &[Push]) -> Vec<(ConversationId, Author, &'static str)>
         .collect()
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_ongoing_chats_customer_who_stays_away_for_the_grace_period_has_left_and_is_back_when_they_connect() {
-    let mut fixture = fixture().await;
-    sign_in(&fixture, "b").await;
-    let [gone, two_tabs, reloads, unknown] = [
-        fixture.start_chat("g1", "ann").await,
-        fixture.start_chat("g1", "bob").await,
-        fixture.start_chat("g1", "cy").await,
-        fixture.start_chat("g1", "dee").await,
-    ];
-    let far = fixture.clock_ms() + 60 * 60_000;
-    for chat in [gone, two_tabs, reloads, unknown] {
+/// Agent b signs in; a chat of each customer starts in g1, then b accepts each and the fixture's gateway
+/// follows it.
+async fn accepted_by_b<const N: usize>(fixture: &Fixture, customers: [&str; N]) -> [ConversationId; N] {
+    sign_in(fixture, "b").await;
+    let mut chats = Vec::new();
+    for customer in customers {
+        chats.push(fixture.start_chat("g1", customer).await);
+    }
+    for &chat in &chats {
         fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
         fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
     }
+    chats.try_into().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ongoing_chats_customer_who_stays_away_for_the_grace_period_has_left_and_is_back_when_they_connect() {
+    let mut fixture = fixture().await;
+    let [gone, two_tabs, reloads, unknown] = accepted_by_b(&fixture, ["ann", "bob", "cy", "dee"]).await;
+    let far = fixture.clock_ms() + 60 * 60_000;
     let sessions = [customer_session(gone, "s1"), customer_session(two_tabs, "s2a"), customer_session(reloads, "s3")];
     fixture.presence.customers_alive(&sessions, far).await.unwrap();
     fixture.presence.customers_alive(&[customer_session(two_tabs, "s2b")], far).await.unwrap();
@@ -952,16 +957,7 @@ async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_a_grace
 #[tokio::test(start_paused = true)]
 async fn a_customer_whose_gateway_went_with_them_has_left_once_the_agents_owner_finds_them_gone_for_the_grace_period() {
     let mut fixture = fixture().await;
-    sign_in(&fixture, "b").await;
-    let [lapsed, here, unknown] = [
-        fixture.start_chat("g1", "ann").await,
-        fixture.start_chat("g1", "bob").await,
-        fixture.start_chat("g1", "cy").await,
-    ];
-    for chat in [lapsed, here, unknown] {
-        fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
-        fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
-    }
+    let [lapsed, here, _never_recorded] = accepted_by_b(&fixture, ["ann", "bob", "cy"]).await;
     // `lapsed`'s gateway writes its connection once more, then crashes: nothing ends the connection, and no
     // gateway tells the chat; the record lapses. `here`'s customer stays; `unknown`'s was never recorded.
     let lapses_at = fixture.clock_ms() + 3_000;
@@ -990,16 +986,7 @@ async fn a_customer_whose_gateway_went_with_them_has_left_once_the_agents_owner_
 #[tokio::test(start_paused = true)]
 async fn a_chat_told_its_customer_is_gone_leaves_a_departure_its_own_reading_found_to_that_readings_grace_period() {
     let mut fixture = fixture().await;
-    sign_in(&fixture, "b").await;
-    let [closed, lapsed, here] = [
-        fixture.start_chat("g1", "ann").await,
-        fixture.start_chat("g1", "bob").await,
-        fixture.start_chat("g1", "cy").await,
-    ];
-    for chat in [closed, lapsed, here] {
-        fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
-        fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
-    }
+    let [closed, lapsed, here] = accepted_by_b(&fixture, ["ann", "bob", "cy"]).await;
     let far = fixture.clock_ms() + 60 * 60_000;
     let lapses_at = fixture.clock_ms() + 1_000;
     fixture.presence.customers_alive(&[customer_session(lapsed, "s2")], lapses_at).await.unwrap();
