@@ -21,7 +21,7 @@
 //! agent who came back online, is a queue that never offers them a chat. The versions make a retelling
 //! harmless: a queue keeps the newest.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,7 +32,6 @@ use switchboard_domain::{
     AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, Conversation, ConversationId,
     ConversationState, EventBody, OfferEnd, Refusal, RequeueReason, TenantId, agent_key,
 };
-use switchboard_presence::CustomerPresence;
 use switchboard_proto::convert::{conversation_from_record, conversation_id, event_from_record};
 use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest, ReadEventsRequest};
 use switchboard_proto::router::{
@@ -43,6 +42,7 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::conversation::waiting_entry;
 use crate::error::from_store;
+use crate::presence::GoneCustomers;
 use crate::queue::CUSTOMERS_READ_EVERY_TICKS;
 use crate::remote;
 
@@ -134,9 +134,8 @@ pub(crate) struct AgentActorState {
     recently_assigned: VecDeque<(i64, ChatView)>,
     /// Heartbeats since the customers of the agent's chats were last read.
     ticks_since_customers_read: u32,
-    /// Since when each chat's customer has been found gone, by every reading since (see
-    /// [`AgentActorState::check_customers`]).
-    customers_gone_since: HashMap<ConversationId, i64>,
+    /// Since when each chat's customer has been found gone (see [`AgentActorState::check_customers`]).
+    customers_gone: GoneCustomers,
 }
 
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
@@ -199,7 +198,7 @@ impl Actor for AgentActor {
             offer_checked_again_at_ms: 0,
             recently_assigned: VecDeque::new(),
             ticks_since_customers_read: 0,
-            customers_gone_since: HashMap::new(),
+            customers_gone: GoneCustomers::default(),
         })
     }
 
@@ -584,41 +583,24 @@ impl AgentActorState {
     }
 
     /// Reads whether the customers of the agent's chats are connected, and tells each chat whose customer
-    /// has been found gone for the grace period (by every reading since the first that found them gone; a
-    /// reading that failed starts every count again, as in the queues). A customer nobody recorded
-    /// (`Unknown`) is never gone.
+    /// has been gone for the grace period (see [`GoneCustomers`]).
     async fn check_customers(&mut self) {
         if self.agent.active.is_empty() {
-            self.customers_gone_since.clear();
+            self.customers_gone.clear();
             return;
         }
         let chats: Vec<ConversationId> = self.agent.active.iter().copied().collect();
         let now_ms = self.now_ms();
         let read = match self.context.presence.customers_present(&self.agent.tenant, &chats, now_ms).await {
-            Ok(read) => read,
+            Ok(read) => Some(chats.into_iter().zip(read).collect()),
             Err(error) => {
                 debug!(%error, agent = %self.agent.id, "the customers of the agent's chats not read from presence");
-                self.customers_gone_since.clear();
-                return;
+                None
             }
         };
-        let grace_ms = self.context.presence_settings.grace_ms();
-        let mut gone = Vec::new();
-        for (conversation, presence) in chats.into_iter().zip(read) {
-            if presence != CustomerPresence::Gone {
-                self.customers_gone_since.remove(&conversation);
-                continue;
-            }
-            let since = *self.customers_gone_since.entry(conversation).or_insert(now_ms);
-            if now_ms.saturating_sub(since) >= grace_ms {
-                gone.push(conversation);
-            }
-        }
-        let active = &self.agent.active;
-        self.customers_gone_since.retain(|conversation, _| active.contains(conversation));
-        for conversation in gone {
-            // Counted again from the next reading: told again a grace period later while they are gone.
-            self.customers_gone_since.remove(&conversation);
+        let (grace_ms, active) = (self.context.presence_settings.grace_ms(), &self.agent.active);
+        // Each counted again from the next reading: told again a grace period later while they are gone.
+        for conversation in self.customers_gone.read(now_ms, read, grace_ms, |chat| active.contains(chat)) {
             let context = self.context.clone();
             tokio::spawn(async move {
                 let told = remote::conversation_system(&context, conversation, SystemCommand::CustomerGone).await;

@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::conversation::waiting_entry;
 use crate::error::from_store;
+use crate::presence::GoneCustomers;
 use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
@@ -227,8 +228,8 @@ pub(crate) struct QueueActorState {
     ticks_since_customers_read: u32,
     /// A read of the customers is on its way.
     reading_customers: bool,
-    /// The waiting chats whose customer every read since this instant (ms) found gone.
-    customers_gone_since: HashMap<ConversationId, i64>,
+    /// Since when each waiting chat's customer has been found gone.
+    customers_gone: GoneCustomers,
 }
 
 /// The group's metrics, registered once per actor (the queue updates them after every message).
@@ -709,7 +710,7 @@ impl QueueActorState {
     /// abandonment is on and chats wait).
     fn check_customers(&mut self, now_ms: i64) {
         if self.context.presence_settings.abandon_after.is_none() || self.waiting.is_empty() {
-            self.customers_gone_since.clear();
+            self.customers_gone.clear();
             return;
         }
         let chats: Vec<ConversationId> = self.waiting.iter().map(|entry| entry.conversation).collect();
@@ -729,35 +730,20 @@ impl QueueActorState {
         });
     }
 
-    /// What presence said of the waiting chats' customers ([`Self::check_customers`]). A customer counts as
-    /// gone from the first read that found them gone, and only while every later read does: a read that
-    /// failed starts every count again (presence may have lost connections that were live, which the
-    /// gateways write again within a customer heartbeat), as a queue activated on another node does. A
-    /// customer nobody recorded (`Unknown`: a gateway from before customers were recorded) is never gone.
+    /// What presence said of the waiting chats' customers ([`Self::check_customers`]): a chat whose customer
+    /// has been gone for the abandonment's grace period (see [`GoneCustomers`]) is cancelled as abandoned.
     fn customers_read(&mut self, at_ms: i64, read: Option<Vec<(ConversationId, CustomerPresence)>>) {
         self.reading_customers = false;
-        let (Some(read), Some(grace)) = (read, self.context.presence_settings.abandon_after) else {
-            self.customers_gone_since.clear();
+        let Some(grace) = self.context.presence_settings.abandon_after else {
+            self.customers_gone.clear();
             return;
         };
         let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-        let mut abandoned = Vec::new();
-        for (conversation, presence) in read {
-            if presence != CustomerPresence::Gone || !self.waiting.contains(&conversation) {
-                self.customers_gone_since.remove(&conversation);
-                continue;
-            }
-            let since = *self.customers_gone_since.entry(conversation).or_insert(at_ms);
-            if at_ms.saturating_sub(since) >= grace_ms {
-                abandoned.push(conversation);
-            }
-        }
         let waiting = &self.waiting;
-        self.customers_gone_since.retain(|conversation, _| waiting.contains(conversation));
+        let abandoned = self.customers_gone.read(at_ms, read, grace_ms, |chat| waiting.contains(chat));
+        // Each counted again from the next read: the chat leaves the list once its cancellation is stored, and
+        // a cancellation that failed is asked again a grace period later.
         for conversation in abandoned {
-            // Counted again from the next read: the chat leaves the list once its cancellation is stored,
-            // and a cancellation that failed is asked again a grace period later.
-            self.customers_gone_since.remove(&conversation);
             let (context, group) = (self.context.clone(), self.group.clone());
             tokio::spawn(async move {
                 match remote::conversation_system(&context, conversation, SystemCommand::Abandon).await {
@@ -1223,7 +1209,7 @@ pub(crate) async fn activate(
                 changed_while_reconciling: None,
                 ticks_since_customers_read: 0,
                 reading_customers: false,
-                customers_gone_since: HashMap::new(),
+                customers_gone: GoneCustomers::default(),
             };
             let (actor, _) = Actor::spawn(None, QueueActor, state)
                 .await
