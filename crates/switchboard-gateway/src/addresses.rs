@@ -7,9 +7,10 @@
 //!
 //! The address is the connection's peer, or, when the peer is a proxy the operator trusts
 //! ([`AddressLimits::trusted_proxies`]), the address its `X-Forwarded-For` names: the rightmost one not itself
-//! trusted. IPv6 addresses count by their /64 (one customer's network holds a whole /64). The limits are each
-//! gateway's: behind a load balancer spreading connections over N gateways an address may start up to N times
-//! as many chats, and hold N times as many connections.
+//! trusted. IPv6 addresses count by their /64 (one customer's network holds a whole /64). The chat starts of
+//! the split gateways are counted in presence, over every gateway ([`AddressLimits::shared`]; at each gateway
+//! alone while presence does not answer); the connections are each gateway's: behind a load balancer
+//! spreading connections over N gateways an address may hold N times as many.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -29,6 +30,10 @@ pub struct AddressLimits {
     /// The proxies (load balancers, ingress controllers) whose `X-Forwarded-For` is believed. Empty (the
     /// default): the header is ignored and the connection's peer counts.
     pub trusted_proxies: Vec<IpNet>,
+    /// Chat starts are taken from each address's budget in presence, shared by every gateway (the split
+    /// gateway role), rather than at this gateway alone (`serve`, where it is the only one). While presence
+    /// does not answer, each gateway counts alone.
+    pub shared: bool,
 }
 
 /// A network: an address and a prefix length (`10.0.0.0/8`, `fd00::/8`; a bare address is one host).
@@ -128,6 +133,14 @@ fn key(address: IpAddr) -> IpAddr {
     match canonical(address) {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
         v4 => v4,
+    }
+}
+
+/// The name an address's chat starts go by in presence: the IPv4 address, or the IPv6 /64 (`2001:db8::/64`).
+pub(crate) fn key_text(address: IpAddr) -> String {
+    match key(address) {
+        IpAddr::V6(network) => format!("{network}/64"),
+        v4 => v4.to_string(),
     }
 }
 

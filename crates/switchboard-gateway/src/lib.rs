@@ -30,6 +30,7 @@ mod session;
 mod ws;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -42,7 +43,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
 use switchboard_domain::{AgentId, Clock, ConversationId, Directory, TenantId};
-use switchboard_presence::{CustomerSession, GroupStatus, Presence};
+use switchboard_presence::{CustomerSession, GroupStatus, Presence, StartBudget};
 use switchboard_proto::public::v1::chat_service_server::ChatServiceServer;
 use switchboard_proto::router::{GatewayId, RouterApi};
 use tokio::sync::{mpsc, watch};
@@ -277,6 +278,25 @@ impl Shared {
     fn customer_expiry_ms(&self) -> i64 {
         let ttl = self.settings.customer_heartbeat.saturating_mul(3);
         self.clock.now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Takes one chat start of `client` from its address's budget: in presence, shared by every gateway, when
+    /// the settings say so ([`AddressLimits::shared`]) and presence answers; else at this gateway alone.
+    /// `Err(ms)`: none left, one in `ms`.
+    pub(crate) async fn take_chat_start(&self, client: IpAddr) -> Result<(), u64> {
+        let limits = &self.settings.per_address;
+        if limits.per_minute == 0 {
+            return Ok(());
+        }
+        if limits.shared {
+            let budget = StartBudget { per_minute: limits.per_minute, burst: limits.burst };
+            let address = crate::addresses::key_text(client);
+            match self.presence.take_chat_start(&address, budget, self.clock.now_us()).await {
+                Ok(taken) => return taken,
+                Err(error) => debug!(%error, %client, "a chat start counted at this gateway alone (presence down)"),
+            }
+        }
+        self.chat_starts.take(client, || self.clock.now_us())
     }
 
     /// Records customers' connections in presence; a failure is logged (the heartbeat writes them again).

@@ -456,6 +456,21 @@ async fn shutting_down(draining: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Takes a chat start from the client address's budget ([`GatewaySettings::per_address`]), or refuses the
+/// request `rate_limited`. (Not a method: a session's transport is not `Sync`, and its future holds no
+/// reference to it across the wait on presence.)
+///
+/// [`GatewaySettings::per_address`]: crate::GatewaySettings::per_address
+async fn take_chat_start(shared: &Shared, client: Option<IpAddr>) -> Result<(), ErrorReply> {
+    let Some(client) = client else {
+        return Ok(());
+    };
+    shared.take_chat_start(client).await.map_err(|retry_after_ms| {
+        debug!(%client, retry_after_ms, "a chat start over the address's limit");
+        ErrorReply::address_rate_limited(retry_after_ms)
+    })
+}
+
 impl<T: Transport> Session<T> {
     /// Writes one frame, into the transport's buffer until [`Session::flush`]. A client kicked for reading
     /// too slowly while the write waits is disconnected at once, rather than when (if ever) it reads again;
@@ -845,7 +860,7 @@ impl<T: Transport> Session<T> {
                         format!("idempotency_key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
                     ));
                 }
-                self.take_chat_start()?;
+                take_chat_start(&self.shared, self.client).await?;
                 let message = OfflineMessage { tenant, group, customer_name, contact, body, reason, idempotency_key };
                 let ticket = router.leave_offline_message(message).await?;
                 answered(Ack::OfflineMessage { ticket })
@@ -950,20 +965,6 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    /// Takes a chat start from the client address's bucket ([`GatewaySettings::per_address`]),
-    /// or refuses the request `rate_limited`.
-    ///
-    /// [`GatewaySettings::per_address`]: crate::GatewaySettings::per_address
-    fn take_chat_start(&self) -> Result<(), ErrorReply> {
-        let Some(client) = self.client else {
-            return Ok(());
-        };
-        self.shared.chat_starts.take(client, || self.shared.clock.now_us()).map_err(|retry_after_ms| {
-            debug!(%client, retry_after_ms, "a chat start over the address's limit");
-            ErrorReply::address_rate_limited(retry_after_ms)
-        })
-    }
-
     /// Starts a chat; with a `start_key`, the chat's id is derived from it, so that the same start sent
     /// again (its answer lost) is answered with the chat the first one made, wherever it is sent.
     async fn start_chat(
@@ -981,7 +982,7 @@ impl<T: Transport> Session<T> {
         let group = GroupId::new(group).map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
         let name = check_name(&name)?;
         self.check_body(&question)?;
-        self.take_chat_start()?;
+        take_chat_start(&self.shared, self.client).await?;
         let (conversation, customer_token) = match start_key {
             Some(key) => (ConversationId::for_start(&tenant, key), customer_token_for_start(&tenant, key)),
             None => (ConversationId::new_v7(self.shared.clock.now_ms()), new_customer_token()),

@@ -8,9 +8,13 @@ mod common;
 
 use common::{GrpcClient, Server, WsClient, chat_start};
 use serde_json::{Value, json};
+use std::sync::Arc;
+
 use switchboard_gateway::{AddressLimits, GatewaySettings, RequestRate};
+use switchboard_presence::{MemoryPresence, Outage, Presence};
 use switchboard_proto::internal::v1::{ListConversationsRequest, ListTicketsRequest};
 use switchboard_proto::store::StoreApi;
+use switchboard_router::PresenceSettings;
 use switchboard_telemetry::names;
 
 /// Held by the tests that are refused `rate_limited`, one of which counts those refusals: the recorder is the
@@ -251,6 +255,44 @@ async fn behind_a_trusted_proxy_the_forwarded_address_counts() {
     GrpcClient::open_forwarded(&server, "198.51.100.2").await.ack(chat_start("Dee", "Hi?")).await;
     WsClient::connect(&server).await.ack(start("Eve")).await;
     server.stop().await;
+}
+
+/// The split gateways count an address's chat starts together, in presence: a start at one takes from the
+/// budget the others see. While presence does not answer, a gateway counts alone, from a budget of its own.
+#[tokio::test]
+async fn gateways_sharing_presence_count_an_addresss_chat_starts_together() {
+    let _counting = RATE_LIMITED.lock().await;
+    let presence = Arc::new(MemoryPresence::new());
+    let flaky = Arc::new(Outage::new(presence.clone()));
+    let limits = AddressLimits { per_minute: 1, burst: 2, shared: true, ..Default::default() };
+    let settings = || GatewaySettings { per_address: limits.clone(), ..Default::default() };
+    let start_on = |gateway_presence: Arc<dyn Presence>| {
+        let settings = settings();
+        let presence = presence.clone();
+        async move {
+            let router_presence = PresenceSettings::default();
+            Server::start_full(settings, common::directory(), router_presence, presence, gateway_presence).await
+        }
+    };
+    let (one, two) = (start_on(flaky.clone()).await, start_on(presence.clone()).await);
+    WsClient::connect(&one).await.ack(start("Ann")).await;
+    WsClient::connect(&two).await.ack(start("Bea")).await;
+    for gateway in [&one, &two] {
+        let refused = WsClient::connect(gateway).await.call(start("Cy")).await;
+        assert_eq!(
+            (refused["code"].as_str(), refused["retry_after_ms"].as_u64()),
+            (Some("rate_limited"), Some(60_000))
+        );
+    }
+    // Presence stops answering gateway one: it counts alone, and its own budget is full.
+    flaky.set_down(true);
+    for name in ["Dee", "Eve"] {
+        WsClient::connect(&one).await.ack(start(name)).await;
+    }
+    assert_eq!(WsClient::connect(&one).await.call(start("Fay")).await["code"], "rate_limited");
+    assert_eq!(WsClient::connect(&two).await.call(start("Fay")).await["code"], "rate_limited");
+    one.stop().await;
+    two.stop().await;
 }
 
 /// One client address has at most its limit of connections open at once, whatever the transport: one more

@@ -17,6 +17,9 @@
 //!   chose ([`Presence::chosen_status`]), which an owner that takes the agent over starts from.
 //! - **Group status.** The router that owns a group's queue evaluates its business hours and publishes
 //!   [`GroupStatus`]; anyone reads every group of a tenant in one read ([`Presence::group_statuses`]).
+//! - **Chat starts per client address.** Where the operator limits them, gateways take each start from the
+//!   address's budget here ([`Presence::take_chat_start`]), so that the limit holds over every gateway
+//!   rather than at each.
 //! - **License mirror.** The license count for dashboards ([`Presence::mirror_license`]); the store decides,
 //!   never this.
 //! - **Changes.** Every change above is also published ([`Presence::changes`]) so that routers and gateways
@@ -45,6 +48,7 @@
 //! | `P:signed_in:{tenant}:{group}` | sorted set | member: agent id; score: `expires_at_ms` of the sign-in |
 //! | `P:status:{tenant}:{agent}` | string | the status the agent chose, `online` or `away` (no expiry by value: removed at sign-out) |
 //! | `P:group_status:{tenant}` | hash | group id → [`GroupStatus`] as JSON |
+//! | `P:starts:{address}` | string | the address's chat starts: the instant (µs) its budget is full again plus one start's worth, as GCRA keeps it ([`take_start`]); expires (`PX`) once it is full again |
 //! | `P:license` | string | [`LicenseMirror`] as JSON |
 //! | `P:changes` | pub/sub channel | [`PresenceChange`] as JSON |
 //!
@@ -156,6 +160,18 @@ pub trait Presence: Send + Sync + 'static {
 
     /// Every group status recorded for the tenant, by group id.
     async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError>;
+
+    // --- written by gateways: chat starts per client address ---
+
+    /// Takes one chat start at `now_us` from the budget of the client `address` (a gateway's key for it: an
+    /// IPv4 address, an IPv6 /64), shared by every gateway. `Ok(Err(ms))`: none left; one is in `ms` (whole
+    /// milliseconds, at least 1).
+    async fn take_chat_start(
+        &self,
+        address: &str,
+        budget: StartBudget,
+        now_us: i64,
+    ) -> Result<Result<(), u64>, PresenceError>;
 
     // --- license mirror (for dashboards only, never decides) ---
 
@@ -278,6 +294,42 @@ pub enum PresenceChange {
     /// The stream was interrupted (Redis went away and came back) and changes may have been missed: read
     /// again now rather than at the next heartbeat. Never published, only produced locally.
     Resync,
+}
+
+/// How many chats one client address may start: `per_minute` on average (at least 1), up to `burst` at once
+/// (at least 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartBudget {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl StartBudget {
+    /// One start's worth of time at the average rate, in µs.
+    fn interval_us(self) -> i64 {
+        60_000_000 / i64::from(self.per_minute.max(1))
+    }
+
+    /// How far ahead of now the budget may run: `burst` starts' worth.
+    fn tolerance_us(self) -> i64 {
+        self.interval_us().saturating_mul(i64::from(self.burst.max(1)))
+    }
+}
+
+/// GCRA (the generic cell rate algorithm): a start at `now_us` against the address's theoretical arrival time
+/// `tat_us` (`None`: nothing kept, a full budget). `Ok(tat)`: taken, the time to keep; `Err(ms)`: refused,
+/// one is allowed in `ms` (at least 1). A token bucket of `burst` starts refilled at `per_minute`, kept as
+/// one instant. [`RedisPresence`] runs the same in a script (`redis_presence.rs`), and the behaviour suite
+/// holds both to it.
+pub fn take_start(budget: StartBudget, tat_us: Option<i64>, now_us: i64) -> Result<i64, u64> {
+    let tat = tat_us.unwrap_or(now_us).max(now_us);
+    let next = tat.saturating_add(budget.interval_us());
+    let allowed_at = next.saturating_sub(budget.tolerance_us());
+    if allowed_at > now_us {
+        let wait_us = u64::try_from(allowed_at - now_us).unwrap_or(u64::MAX);
+        return Err(wait_us.div_ceil(1_000).max(1));
+    }
+    Ok(next)
 }
 
 /// Why a presence operation failed.

@@ -9,11 +9,14 @@ use tokio::sync::broadcast;
 
 use crate::{
     CHANGES_CAPACITY, CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence,
-    PresenceChange, PresenceError,
+    PresenceChange, PresenceError, StartBudget, take_start,
 };
 
 /// The default margin after which expired entries are dropped (as [`RedisSettings::gc_ttl`](crate::RedisSettings)).
 const DEFAULT_GC_MARGIN: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How many client addresses' chat starts are kept before those whose budget is full again are dropped.
+const MAX_START_ADDRESSES: usize = 100_000;
 
 /// How often (by the expiries written) the customers' connections that ended long ago are dropped.
 const CUSTOMERS_SWEEP_EVERY_MS: i64 = 60_000;
@@ -47,6 +50,8 @@ struct State {
     /// tenant → group → status.
     statuses: HashMap<TenantId, BTreeMap<GroupId, GroupStatus>>,
     license: Option<LicenseMirror>,
+    /// Client address → the theoretical arrival time of its next chat start (µs; see [`take_start`]).
+    starts: HashMap<String, i64>,
 }
 
 impl Default for MemoryPresence {
@@ -289,6 +294,23 @@ impl Presence for MemoryPresence {
     async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError> {
         let state = self.state();
         Ok(state.statuses.get(tenant).map(|groups| groups.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn take_chat_start(
+        &self,
+        address: &str,
+        budget: StartBudget,
+        now_us: i64,
+    ) -> Result<Result<(), u64>, PresenceError> {
+        let mut state = self.state();
+        if state.starts.len() >= MAX_START_ADDRESSES && !state.starts.contains_key(address) {
+            // Addresses whose budget is full again are as if never seen (Redis lets their keys expire).
+            state.starts.retain(|_, tat_us| *tat_us > now_us);
+        }
+        let tat_us = state.starts.get(address).copied();
+        Ok(take_start(budget, tat_us, now_us).map(|next_us| {
+            state.starts.insert(address.to_owned(), next_us);
+        }))
     }
 
     async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {

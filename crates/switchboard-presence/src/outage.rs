@@ -7,7 +7,8 @@ use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId
 use tokio::sync::broadcast;
 
 use crate::{
-    CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError,
+    CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange,
+    PresenceError, StartBudget,
 };
 
 /// Presence that stops answering on demand, as Redis does when it is down or unreachable: every call fails
@@ -113,6 +114,15 @@ impl Presence for Outage {
 
     async fn group_statuses(&self, tenant: &TenantId) -> Result<Vec<GroupStatus>, PresenceError> {
         self.up()?.group_statuses(tenant).await
+    }
+
+    async fn take_chat_start(
+        &self,
+        address: &str,
+        budget: StartBudget,
+        now_us: i64,
+    ) -> Result<Result<(), u64>, PresenceError> {
+        self.up()?.take_chat_start(address, budget, now_us).await
     }
 
     async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {

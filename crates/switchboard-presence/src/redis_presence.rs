@@ -15,8 +15,25 @@ use tracing::{debug, warn};
 
 use crate::{
     CHANGES_CAPACITY, CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence,
-    PresenceChange, PresenceError,
+    PresenceChange, PresenceError, StartBudget,
 };
+
+/// [`take_start`](crate::take_start) in Redis, atomically: KEYS[1] the address's key; ARGV now (µs), one
+/// start's worth (µs) and the budget's tolerance (µs). Answers 0 (taken: the new theoretical arrival time is
+/// kept until the budget is full again) or how long until a start is allowed (µs). Instants are written with
+/// `%d`: Lua's numbers are doubles, exact to 2^53 µs (some 285 years).
+const TAKE_START_SCRIPT: &str = r"
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local tolerance = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local next = tat + interval
+local allowed_at = next - tolerance
+if allowed_at > now then return allowed_at - now end
+redis.call('SET', KEYS[1], string.format('%d', next), 'PX', math.max(1, math.ceil((next - now) / 1000)))
+return 0
+";
 
 /// How [`RedisPresence`] talks to Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +111,10 @@ impl Keys {
 
     fn group_status(&self, tenant: &TenantId) -> String {
         format!("{}:group_status:{tenant}", self.prefix)
+    }
+
+    fn starts(&self, address: &str) -> String {
+        format!("{}:starts:{address}", self.prefix)
     }
 
     fn license(&self) -> String {
@@ -475,6 +496,27 @@ impl Presence for RedisPresence {
             .collect::<Result<Vec<_>, _>>()?;
         statuses.sort_by(|a, b| a.group.cmp(&b.group));
         Ok(statuses)
+    }
+
+    async fn take_chat_start(
+        &self,
+        address: &str,
+        budget: StartBudget,
+        now_us: i64,
+    ) -> Result<Result<(), u64>, PresenceError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(TAKE_START_SCRIPT)
+            .arg(1)
+            .arg(self.inner.keys.starts(address))
+            .arg(now_us)
+            .arg(budget.interval_us())
+            .arg(budget.tolerance_us());
+        let (wait_us,): (i64,) = self.query(&pipe).await?;
+        if wait_us <= 0 {
+            return Ok(Ok(()));
+        }
+        Ok(Err(u64::try_from(wait_us).unwrap_or(u64::MAX).div_ceil(1_000).max(1)))
     }
 
     async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use switchboard_presence::{
     CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence,
-    PresenceChange, PresenceError, RedisPresence, RedisSettings,
+    PresenceChange, PresenceError, RedisPresence, RedisSettings, StartBudget,
 };
 use switchboard_testservices::Redis;
 use tokio::sync::broadcast;
@@ -220,6 +220,35 @@ async fn the_license_is_mirrored(p: &dyn Presence) {
     );
 }
 
+async fn chat_starts_are_taken_from_each_addresss_budget(p: &dyn Presence) {
+    // Six a minute (one every 10 s), three at once; instants of this century, in µs.
+    let budget = StartBudget { per_minute: 6, burst: 3 };
+    let t0: i64 = 1_800_000_000_000_000;
+    let (home, office) = ("192.0.2.7", "2001:db8:1:2::/64");
+    for _ in 0..3 {
+        assert_eq!(p.take_chat_start(home, budget, t0).await.expect("take"), Ok(()));
+    }
+    assert_eq!(p.take_chat_start(home, budget, t0).await.expect("take"), Err(10_000), "a start's worth to wait");
+    assert_eq!(p.take_chat_start(office, budget, t0).await.expect("take"), Ok(()), "each address its own");
+    // The budget refills at the average rate, to the microsecond.
+    assert_eq!(p.take_chat_start(home, budget, t0 + 9_999_000).await.expect("take"), Err(1));
+    assert_eq!(p.take_chat_start(home, budget, t0 + 9_999_999).await.expect("take"), Err(1), "at least 1 ms");
+    assert_eq!(p.take_chat_start(home, budget, t0 + 10_000_000).await.expect("take"), Ok(()));
+    assert_eq!(p.take_chat_start(home, budget, t0 + 10_000_000).await.expect("take"), Err(10_000));
+    // Refused starts take nothing: after 25 s two are back (and half of a third).
+    let later = t0 + 35_000_000;
+    for _ in 0..2 {
+        assert_eq!(p.take_chat_start(home, budget, later).await.expect("take"), Ok(()));
+    }
+    assert_eq!(p.take_chat_start(home, budget, later).await.expect("take"), Err(5_000));
+    // Never more than the burst, however long the address stayed away.
+    let much_later = t0 + 3_600_000_000;
+    for _ in 0..3 {
+        assert_eq!(p.take_chat_start(home, budget, much_later).await.expect("take"), Ok(()));
+    }
+    assert_eq!(p.take_chat_start(home, budget, much_later).await.expect("take"), Err(10_000));
+}
+
 async fn changes_are_published_when_something_changes(p: &dyn Presence) {
     let mut changes = p.changes();
     let (t, a) = (tenant("acme"), agent("ann"));
@@ -308,6 +337,7 @@ suite!(
     the_chosen_status_is_kept_until_sign_out,
     group_statuses_round_trip,
     the_license_is_mirrored,
+    chat_starts_are_taken_from_each_addresss_budget,
     changes_are_published_when_something_changes,
 );
 

@@ -169,6 +169,8 @@ impl Limits {
             burst: self.chat_start_burst_per_address,
             max_connections: self.max_connections_per_address,
             trusted_proxies: self.trusted_proxies.clone(),
+            // Each role says whether its gateways share the count (the split gateway does).
+            shared: false,
         }
     }
 }

@@ -317,7 +317,9 @@ pub async fn gateway(config: Config, args: GatewayArgs) -> anyhow::Result<()> {
     let connector = GrpcConnector { store: store.clone(), settings: ClientSettings::default() };
     let cluster = ClusterClient::start(store, Arc::new(connector), ClusterSettings::default());
     let presence = redis_presence(&config)?;
-    let gateway_settings = gateway_settings(&config, args.gateway_id);
+    let mut gateway_settings = gateway_settings(&config, args.gateway_id);
+    // The gateways of a cluster count each address's chat starts together, in Redis.
+    gateway_settings.per_address.shared = true;
     let gateway = Gateway::start(gateway_settings, Arc::new(cluster), directory, presence, clock);
     serve_metrics(args.metrics_listen).await?;
     let listener = bind(args.listen).await?;

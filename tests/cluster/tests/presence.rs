@@ -375,3 +375,25 @@ async fn an_agent_is_told_the_customer_left_when_the_customers_gateway_is_killed
     cluster.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_addresss_chat_starts_are_counted_over_every_gateway() -> anyhow::Result<()> {
+    // One chat a minute from an address, two at once; every client here is 127.0.0.1.
+    let limits = "version: 1\nlimits: { chat_starts_per_minute_per_address: 1, chat_start_burst_per_address: 2 }\n";
+    let cluster = Cluster::start(ClusterSpec::new(&CONFIG.replacen("version: 1\n", limits, 1))).await?;
+    let urls = cluster.gateway_urls();
+    let _ann = sign_in(&urls[0], "token-of-ann").await?;
+    let (_al, _, _) = start_chat_with_token(&urls[0], "open", "Al").await?;
+    let (_bo, _, _) = start_chat_with_token(&urls[1], "open", "Bo").await?;
+    // The third is over the address's budget at either gateway (each alone would have one left).
+    for url in &urls {
+        let mut cy = Connection::connect(url).await?;
+        let fields = json!({ "widget_key": WIDGET_KEY, "group": "open", "name": "Cy", "question": "me too?" });
+        let refused = cy.request("chat.start", &fields).await?.err().context("a third chat start admitted")?;
+        assert_eq!(refused["code"], "rate_limited", "{refused}");
+        let wait = refused["retry_after_ms"].as_u64().context("no retry_after_ms")?;
+        assert!((50_000..=60_000).contains(&wait), "{refused}");
+    }
+    cluster.finish();
+    Ok(())
+}
