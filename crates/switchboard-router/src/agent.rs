@@ -598,7 +598,7 @@ impl AgentActorState {
                 None
             }
         };
-        let (grace_ms, active) = (self.context.presence_settings.grace_ms(), &self.agent.active);
+        let (grace_ms, active) = (self.context.presence_settings.customer_grace_ms(), &self.agent.active);
         // Each counted again from the next reading: told again a grace period later while they are gone.
         for conversation in self.customers_gone.read(now_ms, read, grace_ms, |chat| active.contains(chat)) {
             let context = self.context.clone();

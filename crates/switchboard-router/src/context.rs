@@ -54,9 +54,11 @@ pub struct PresenceSettings {
     /// How often agents' connections are checked, signed-in agents refreshed and group statuses evaluated.
     pub heartbeat: Duration,
     /// How long an agent whose connections are all gone stays signed in (their chats kept) before going
-    /// offline (their chats go back to the head of their queue, their offer moves on); and how long the
-    /// customer of an active chat stays gone before the chat records `customer_left`.
+    /// offline (their chats go back to the head of their queue, their offer moves on).
     pub grace: Duration,
+    /// How long the customer of an active chat stays gone (every connection closed or expired in presence)
+    /// before the chat records `customer_left`.
+    pub customer_grace: Duration,
     /// How long the customer of a waiting chat must be found gone (every connection closed or expired in
     /// presence) before the chat is cancelled as abandoned; `None`: never. Longer than the gateways'
     /// customer heartbeat, so that connections presence lost (a Redis restart) are written again first.
@@ -71,6 +73,7 @@ impl Default for PresenceSettings {
         PresenceSettings {
             heartbeat: Duration::from_secs(1),
             grace: Duration::from_secs(30),
+            customer_grace: Duration::from_secs(30),
             abandon_after: Some(DEFAULT_ABANDON_AFTER),
         }
     }
@@ -84,6 +87,10 @@ impl PresenceSettings {
 
     pub(crate) fn grace_ms(&self) -> i64 {
         i64::try_from(self.grace.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    pub(crate) fn customer_grace_ms(&self) -> i64 {
+        i64::try_from(self.customer_grace.as_millis()).unwrap_or(i64::MAX)
     }
 }
 

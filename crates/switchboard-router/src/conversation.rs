@@ -552,7 +552,7 @@ impl ConversationActorState {
             return;
         }
         let now_ms = self.context.clock.now_ms();
-        let grace_ms = self.context.presence_settings.grace_ms();
+        let grace_ms = self.context.presence_settings.customer_grace_ms();
         if self.customer_read_at_ms.is_some_and(|at_ms| now_ms.saturating_sub(at_ms) < grace_ms) {
             return;
         }
@@ -577,7 +577,7 @@ impl ConversationActorState {
                 let command = Command::CustomerPresence { here: false };
                 if matches!(decide(&self.conversation, &command), Ok(Some(_))) {
                     let read = self.customer_reads;
-                    let grace = self.context.presence_settings.grace;
+                    let grace = self.context.presence_settings.customer_grace;
                     myself.send_after(grace, move || ConversationMsg::CustomerGrace { read });
                 }
                 return Ok(());

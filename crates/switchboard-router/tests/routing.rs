@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{ABANDON_AFTER, Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request, tenant};
+use common::{
+    ABANDON_AFTER, CUSTOMER_GRACE, Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request,
+    tenant,
+};
 use switchboard_domain::{
     AgentId, AgentStatus, Author, CancelReason, ConversationId, ConversationState, EventBody, OfferEnd, Refusal,
     WaitingEntry,
@@ -901,7 +904,7 @@ async fn an_ongoing_chats_customer_who_stays_away_for_the_grace_period_has_left_
         fixture.router.customer_connection(session.conversation).await.unwrap();
     }
     fixture.router.customer_connection(unknown).await.unwrap();
-    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    let grace_ms = i64::try_from(CUSTOMER_GRACE.as_millis()).unwrap();
     fixture.pass(grace_ms / 2).await;
     // `reloads` reloads the page: a new connection, within the grace period.
     fixture.presence.customers_alive(&[customer_session(reloads, "s4")], far).await.unwrap();
@@ -942,7 +945,7 @@ async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_a_grace
     fixture.presence.customer_gone(&session, fixture.clock_ms()).await.unwrap();
     // Waiting, the chat records nothing of it (the queue abandons it if nobody takes it in time).
     fixture.router.customer_connection(chat).await.unwrap();
-    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    let grace_ms = i64::try_from(CUSTOMER_GRACE.as_millis()).unwrap();
     fixture.pass(2 * grace_ms).await;
     fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
     fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
@@ -965,7 +968,7 @@ async fn a_customer_whose_gateway_went_with_them_has_left_once_the_agents_owner_
     let far = fixture.clock_ms() + 60 * 60_000;
     fixture.presence.customers_alive(&[customer_session(here, "s2")], far).await.unwrap();
     fixture.drain();
-    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    let grace_ms = i64::try_from(CUSTOMER_GRACE.as_millis()).unwrap();
     // Found gone by the agent's owner from the first reading past the lapse, for the grace period at least.
     fixture.pass(lapses_at - fixture.clock_ms() + grace_ms - 100).await;
     assert_eq!(pushed_events(&fixture.drain()), []);
@@ -991,7 +994,7 @@ async fn a_chat_told_its_customer_is_gone_leaves_a_departure_its_own_reading_fou
     let lapses_at = fixture.clock_ms() + 1_000;
     fixture.presence.customers_alive(&[customer_session(lapsed, "s2")], lapses_at).await.unwrap();
     fixture.presence.customers_alive(&[customer_session(here, "s3")], far).await.unwrap();
-    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    let grace_ms = i64::try_from(CUSTOMER_GRACE.as_millis()).unwrap();
     // Past the grace period of the accepts' own readings (which found every customer here).
     fixture.pass(grace_ms + 100).await;
     fixture.drain();
@@ -1036,7 +1039,7 @@ async fn a_new_owner_of_an_active_chat_reads_its_customer_and_knows_whether_they
     let far = fixture.clock_ms() + 60 * 60_000;
     let sessions = [customer_session(left, "s1"), customer_session(leaving, "s2")];
     fixture.presence.customers_alive(&sessions, far).await.unwrap();
-    let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
+    let grace_ms = i64::try_from(CUSTOMER_GRACE.as_millis()).unwrap();
     fixture.presence.customer_gone(&sessions[0], fixture.clock_ms()).await.unwrap();
     fixture.router.customer_connection(left).await.unwrap();
     fixture.pass(grace_ms + 200).await;

@@ -74,6 +74,9 @@ pub struct PresenceConfig {
     /// An agent whose connections are all gone goes offline after this long (their chats are requeued).
     #[serde(default = "default_grace_ms")]
     pub grace_ms: u64,
+    /// An active chat whose customer has had no live connection for this long records `customer_left`.
+    #[serde(default = "default_customer_grace_ms")]
+    pub customer_grace_ms: u64,
     /// How often gateways write every customer connection again (each counts for three of these).
     #[serde(default = "default_customer_heartbeat_ms")]
     pub customer_heartbeat_ms: u64,
@@ -89,6 +92,7 @@ impl Default for PresenceConfig {
             redis_url: None,
             heartbeat_ms: default_heartbeat_ms(),
             grace_ms: default_grace_ms(),
+            customer_grace_ms: default_customer_grace_ms(),
             customer_heartbeat_ms: default_customer_heartbeat_ms(),
             abandon_after_ms: default_abandon_after_ms(),
         }
@@ -99,6 +103,9 @@ fn default_heartbeat_ms() -> u64 {
     1_000
 }
 fn default_grace_ms() -> u64 {
+    30_000
+}
+fn default_customer_grace_ms() -> u64 {
     30_000
 }
 fn default_customer_heartbeat_ms() -> u64 {
@@ -337,6 +344,9 @@ impl Config {
         if let Some(after) = env("SWITCHBOARD_ABANDON_AFTER_MS") {
             config.presence.abandon_after_ms =
                 after.parse().context("invalid SWITCHBOARD_ABANDON_AFTER_MS: expected milliseconds (0 = never)")?;
+        }
+        if !(1..=86_400_000).contains(&config.presence.customer_grace_ms) {
+            bail!("invalid configuration: presence.customer_grace_ms must be between 1 and 86400000");
         }
         if !(100..=600_000).contains(&config.presence.customer_heartbeat_ms) {
             bail!("invalid configuration: presence.customer_heartbeat_ms must be between 100 and 600000");
@@ -603,6 +613,19 @@ mod tests {
         let yaml = DEMO_CONFIG.replace("groups: [sales], capacity: 2", "groups: [billing], capacity: 2");
         let error = format!("{:#}", Config::parse(&yaml, no_env).unwrap_err());
         assert!(error.contains("bob") && error.contains("billing"), "{error}");
+    }
+
+    #[test]
+    fn a_customer_has_left_after_half_a_minute_by_default_whatever_the_agents_grace() {
+        let defaults = Config::parse(DEMO_CONFIG, no_env).unwrap().presence;
+        assert_eq!((defaults.grace_ms, defaults.customer_grace_ms), (30_000, 30_000));
+        let with = |presence: &str| DEMO_CONFIG.replace("version: 1", &format!("version: 1\npresence: {presence}"));
+        let set = Config::parse(&with("{ grace_ms: 10000, customer_grace_ms: 120000 }"), no_env).unwrap();
+        assert_eq!((set.presence.grace_ms, set.presence.customer_grace_ms), (10_000, 120_000));
+        for bad in ["{ customer_grace_ms: 0 }", "{ customer_grace_ms: 86400001 }"] {
+            let error = format!("{:#}", Config::parse(&with(bad), no_env).unwrap_err());
+            assert!(error.contains("presence.customer_grace_ms"), "{bad}: {error}");
+        }
     }
 
     #[test]

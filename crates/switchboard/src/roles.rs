@@ -93,6 +93,7 @@ fn presence_settings(config: &Config) -> PresenceSettings {
     PresenceSettings {
         heartbeat: Duration::from_millis(config.presence.heartbeat_ms),
         grace: Duration::from_millis(config.presence.grace_ms),
+        customer_grace: Duration::from_millis(config.presence.customer_grace_ms),
         abandon_after: (config.presence.abandon_after_ms > 0)
             .then(|| Duration::from_millis(config.presence.abandon_after_ms)),
     }

@@ -52,6 +52,8 @@ pub struct ClusterSpec {
     pub lease: LeaseSettings,
     pub presence_heartbeat_ms: u64,
     pub presence_grace_ms: u64,
+    /// How long an active chat's customer may be gone before `customer_left`.
+    pub customer_grace_ms: u64,
     /// How often gateways write customers' connections, and how long a waiting chat's customer may be
     /// gone before it is abandoned (0: never).
     pub customer_heartbeat_ms: u64,
@@ -73,6 +75,7 @@ impl ClusterSpec {
             lease: LeaseSettings::default(),
             presence_heartbeat_ms: 500,
             presence_grace_ms: 30_000,
+            customer_grace_ms: 30_000,
             customer_heartbeat_ms: 10_000,
             abandon_after_ms: 60_000,
             license_max_sessions: 0,
@@ -83,9 +86,10 @@ impl ClusterSpec {
     /// The configuration file the roles read: the given one with this cluster's presence and license.
     fn config_with(&self, redis_url: &str) -> String {
         let sections = format!(
-            "presence:\n  redis_url: \"{redis_url}\"\n  heartbeat_ms: {}\n  grace_ms: {}\n  customer_heartbeat_ms: {}\n  abandon_after_ms: {}\nlicense:\n  max_sessions: {}\n",
+            "presence:\n  redis_url: \"{redis_url}\"\n  heartbeat_ms: {}\n  grace_ms: {}\n  customer_grace_ms: {}\n  customer_heartbeat_ms: {}\n  abandon_after_ms: {}\nlicense:\n  max_sessions: {}\n",
             self.presence_heartbeat_ms,
             self.presence_grace_ms,
+            self.customer_grace_ms,
             self.customer_heartbeat_ms,
             self.abandon_after_ms,
             self.license_max_sessions

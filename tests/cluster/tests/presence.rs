@@ -309,7 +309,7 @@ fn is_event(push: &Value, conversation: &str, kind: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_is_told_when_the_customer_of_their_chat_leaves_and_when_they_return() -> anyhow::Result<()> {
     let mut spec = ClusterSpec::new(CONFIG);
-    spec.presence_grace_ms = 1_000;
+    spec.customer_grace_ms = 1_000;
     let cluster = Cluster::start(spec).await?;
     let urls = cluster.gateway_urls();
     let mut ann = sign_in(&urls[0], "token-of-ann").await?;
@@ -348,7 +348,7 @@ async fn an_agent_is_told_when_the_customer_of_their_chat_leaves_and_when_they_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_is_told_the_customer_left_when_the_customers_gateway_is_killed() -> anyhow::Result<()> {
     let mut spec = ClusterSpec::new(CONFIG);
-    spec.presence_grace_ms = 1_000;
+    spec.customer_grace_ms = 1_000;
     spec.customer_heartbeat_ms = 500;
     let mut cluster = Cluster::start(spec).await?;
     let urls = cluster.gateway_urls();

@@ -528,7 +528,7 @@ version: 1
 license:
   max_sessions: 50
 presence:
-  grace_ms: 1000
+  customer_grace_ms: 1000
 tenants:
   - id: demo
     name: Demo Company

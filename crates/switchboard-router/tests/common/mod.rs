@@ -31,6 +31,9 @@ pub const OFFER_TIMEOUT_MS: i64 = 10_000;
 /// The presence heartbeat and grace period of the test routers.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const GRACE: Duration = Duration::from_secs(5);
+/// How long an active chat's customer is gone before `customer_left`: another figure than the agents', so that
+/// the tests tell them apart.
+pub const CUSTOMER_GRACE: Duration = Duration::from_secs(8);
 /// How long the customer of a waiting chat is found gone before the chat is abandoned.
 pub const ABANDON_AFTER: Duration = Duration::from_secs(20);
 
@@ -307,7 +310,12 @@ pub fn router_settings(node_id: &str) -> RouterSettings {
         leases: LeaseSettings::default(),
         closed_list_limit: 50,
         page_bytes: RouterSettings::PAGE_BYTES,
-        presence: PresenceSettings { heartbeat: HEARTBEAT, grace: GRACE, abandon_after: Some(ABANDON_AFTER) },
+        presence: PresenceSettings {
+            heartbeat: HEARTBEAT,
+            grace: GRACE,
+            customer_grace: CUSTOMER_GRACE,
+            abandon_after: Some(ABANDON_AFTER),
+        },
     }
 }
 
