@@ -43,7 +43,6 @@ use crate::context::Context;
 use crate::conversation::waiting_entry;
 use crate::error::from_store;
 use crate::presence::GoneCustomers;
-use crate::queue::CUSTOMERS_READ_EVERY_TICKS;
 use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
@@ -132,8 +131,6 @@ pub(crate) struct AgentActorState {
     /// the move: a chat forwarded in between would otherwise never reach the agent's consoles, which follow
     /// it on `chat.assigned`. (An offer is shown again from `shown_offer`.)
     recently_assigned: VecDeque<(i64, ChatView)>,
-    /// Heartbeats since the customers of the agent's chats were last read.
-    ticks_since_customers_read: u32,
     /// Since when each chat's customer has been found gone (see [`AgentActorState::check_customers`]).
     customers_gone: GoneCustomers,
 }
@@ -197,7 +194,6 @@ impl Actor for AgentActor {
             status_lost,
             offer_checked_again_at_ms: 0,
             recently_assigned: VecDeque::new(),
-            ticks_since_customers_read: 0,
             customers_gone: GoneCustomers::default(),
         })
     }
@@ -574,9 +570,7 @@ impl AgentActorState {
             if self.ticks_since_told >= RETELL_EVERY_TICKS {
                 self.changed().await;
             }
-            self.ticks_since_customers_read += 1;
-            if self.ticks_since_customers_read >= CUSTOMERS_READ_EVERY_TICKS {
-                self.ticks_since_customers_read = 0;
+            if self.customers_gone.reading_due() {
                 self.check_customers().await;
             }
         }

@@ -1,6 +1,7 @@
 //! What a router reads of presence: whether a group is online (open by its hours, at least one agent
 //! signed in). Presence may be stale (Redis down): then the last status this node knew stands, with the
-//! business hours evaluated here. And how long the customers of chats have been found gone.
+//! business hours evaluated here. And how long the customers of chats have been found gone, read every few
+//! heartbeats.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,9 +38,24 @@ pub(crate) async fn group_online(context: &Arc<Context>, tenant: &TenantId, grou
 #[derive(Debug, Default)]
 pub(crate) struct GoneCustomers {
     since_ms: HashMap<ConversationId, i64>,
+    /// Heartbeats since a reading was last due.
+    ticks: u32,
 }
 
+/// How many heartbeats pass between two readings of the customers.
+const READ_EVERY_TICKS: u32 = 5;
+
 impl GoneCustomers {
+    /// Counts a heartbeat; true every [`READ_EVERY_TICKS`]th counted, when the customers are to be read.
+    pub(crate) fn reading_due(&mut self) -> bool {
+        self.ticks += 1;
+        if self.ticks < READ_EVERY_TICKS {
+            return false;
+        }
+        self.ticks = 0;
+        true
+    }
+
     /// Counts the reading made at `at_ms` (`None`: it failed), and answers the chats whose customer has been
     /// gone for `for_ms` at least: their counts start again, from the next reading. Chats no longer
     /// `listed` are forgotten.

@@ -52,9 +52,6 @@ const ESTIMATE_WINDOW: usize = 10;
 /// How long a chat whose offer could not be made waits before it is tried again.
 const OFFER_RETRY_MS: i64 = 1_000;
 
-/// How many heartbeats pass between two reads of the waiting chats' customers from presence.
-pub(crate) const CUSTOMERS_READ_EVERY_TICKS: u32 = 5;
-
 /// How many heartbeats pass between two comparisons of the waiting list with the store
 /// ([`QueueActorState::reconcile`]).
 const RECONCILE_EVERY_TICKS: u32 = 30;
@@ -224,8 +221,6 @@ pub(crate) struct QueueActorState {
     /// it since it began, whether or not the list changed (what the read says of them may be older than the
     /// message).
     changed_while_reconciling: Option<HashSet<ConversationId>>,
-    /// Heartbeats since the customers of the waiting chats were last read.
-    ticks_since_customers_read: u32,
     /// A read of the customers is on its way.
     reading_customers: bool,
     /// Since when each waiting chat's customer has been found gone.
@@ -699,9 +694,8 @@ impl QueueActorState {
             self.end_offer(conversation, agent, reason, None);
         }
         self.publish_status(now_ms);
-        self.ticks_since_customers_read += 1;
-        if self.ticks_since_customers_read >= CUSTOMERS_READ_EVERY_TICKS && !self.reading_customers {
-            self.ticks_since_customers_read = 0;
+        // (Heartbeats while a reading is under way do not count.)
+        if !self.reading_customers && self.customers_gone.reading_due() {
             self.check_customers(now_ms);
         }
     }
@@ -1207,7 +1201,6 @@ pub(crate) async fn activate(
                 // The queues of a node, started together, compare with the store at different heartbeats.
                 ticks_since_reconciled: reconcile_phase(tenant, group),
                 changed_while_reconciling: None,
-                ticks_since_customers_read: 0,
                 reading_customers: false,
                 customers_gone: GoneCustomers::default(),
             };

@@ -16,7 +16,7 @@
 //! back. A chat not abandoned within `--abandon-deadline-s` is a violation, and counts as open in the rounds
 //! after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,8 +184,6 @@ async fn run_round(
 struct Watcher {
     connection: Connection,
     pushes: mpsc::UnboundedReceiver<Push>,
-    /// Chats seen abandoned during this round's wait, with when.
-    seen: HashMap<String, Instant>,
     /// How long a round waits for its chats to be abandoned.
     deadline: Duration,
 }
@@ -210,30 +208,30 @@ impl Watcher {
             }
         }
         let pushes = connection.pushes.take().context("the watching agent's pushes")?;
-        Ok(Watcher { connection, pushes, seen: HashMap::new(), deadline })
+        Ok(Watcher { connection, pushes, deadline })
     }
 
     /// When each of `chats` was seen abandoned, waiting for them until the deadline (those not seen by then
-    /// are missing from the answer).
+    /// are missing from the answer). Every console of the group sees every process's chats: only `chats` are
+    /// kept.
     async fn abandoned(&mut self, chats: &[String]) -> HashMap<String, Instant> {
         let until = Instant::now() + self.deadline;
-        while !chats.iter().all(|chat| self.seen.contains_key(chat)) {
+        let wanted: HashSet<&str> = chats.iter().map(String::as_str).collect();
+        let mut found = HashMap::new();
+        while found.len() < wanted.len() {
             match tokio::time::timeout_at(until, self.pushes.recv()).await {
                 Ok(Some(push)) => {
                     if push.kind == "queue.removed"
                         && push.frame["reason"] == "abandoned"
-                        && let Some(chat) = push.frame["conversation"].as_str()
+                        && let Some(chat) = push.frame["conversation"].as_str().filter(|chat| wanted.contains(chat))
                     {
-                        self.seen.insert(chat.to_owned(), push.at);
+                        found.insert(chat.to_owned(), push.at);
                     }
                 }
                 // The connection closed (counted by its reader), or the deadline passed.
                 Ok(None) | Err(_) => break,
             }
         }
-        let found = chats.iter().filter_map(|chat| self.seen.remove(chat).map(|at| (chat.clone(), at))).collect();
-        // The others are other processes' chats (every console of the group sees them all).
-        self.seen.clear();
         found
     }
 }
