@@ -206,8 +206,11 @@ pub enum CustomerPresence {
     Unknown,
     /// At least one connection of the customer is live.
     Here,
-    /// Every connection recorded closed or expired.
-    Gone,
+    /// Every connection recorded closed or expired, the last of them at `since_ms` (its close, or its
+    /// expiry when its gateway wrote no end: the instants are the gateways' clocks). A reader counts how long
+    /// the customer has been gone from it, whoever read them before (an actor moved to another node does
+    /// not count again from zero).
+    Gone { since_ms: i64 },
 }
 
 /// A live connection of an agent.

@@ -165,8 +165,11 @@ impl Presence for MemoryPresence {
             .iter()
             .map(|chat| match state.customers.get(&(tenant.clone(), *chat)) {
                 None => CustomerPresence::Unknown,
-                Some(sessions) if sessions.values().any(|expires| *expires > now_ms) => CustomerPresence::Here,
-                Some(_) => CustomerPresence::Gone,
+                Some(sessions) => match sessions.values().max() {
+                    Some(&latest) if latest > now_ms => CustomerPresence::Here,
+                    Some(&since_ms) => CustomerPresence::Gone { since_ms },
+                    None => CustomerPresence::Unknown,
+                },
             })
             .collect())
     }

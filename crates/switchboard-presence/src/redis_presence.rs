@@ -358,7 +358,7 @@ impl Presence for RedisPresence {
             present.extend(latest.into_iter().map(|latest| match latest.first() {
                 None => CustomerPresence::Unknown,
                 Some((_, score)) if score_to_ms(*score) > now_ms => CustomerPresence::Here,
-                Some(_) => CustomerPresence::Gone,
+                Some((_, score)) => CustomerPresence::Gone { since_ms: score_to_ms(*score) },
             }));
         }
         Ok(present)

@@ -78,7 +78,8 @@ fn customer(tenant_id: &str, chat: u64, session: &str) -> CustomerSession {
 }
 
 async fn a_chats_customer_is_here_gone_or_unknown(p: &dyn Presence) {
-    use CustomerPresence::{Gone, Here, Unknown};
+    use CustomerPresence::{Here, Unknown};
+    let gone = |since_ms| CustomerPresence::Gone { since_ms };
     let (c1, c2, c3) = (chat_id(1), chat_id(2), chat_id(3));
     let t = tenant("acme");
     // Chat 1 has two connections (a second tab), chat 2 one; chat 3 none ever.
@@ -86,22 +87,26 @@ async fn a_chats_customer_is_here_gone_or_unknown(p: &dyn Presence) {
         (customer("acme", 1, "gw/b/1"), customer("acme", 1, "gw/b/2"), customer("acme", 2, "gw/b/3"));
     p.customers_alive(&[tab1.clone(), tab2.clone(), other.clone()], 1_000).await.expect("alive");
     assert_eq!(p.customers_present(&t, &[c1, c2, c3], 500).await.expect("read"), [Here, Here, Unknown]);
-    // Expired by value at its expiry instant; written again, here again.
-    assert_eq!(p.customers_present(&t, &[c1, c2], 1_000).await.expect("read"), [Gone, Gone]);
+    // Expired by value at its expiry instant, gone since then; written again, here again.
+    assert_eq!(p.customers_present(&t, &[c1, c2], 1_000).await.expect("read"), [gone(1_000), gone(1_000)]);
     p.customers_alive(&[tab1.clone(), tab2.clone(), other.clone()], 2_000).await.expect("refresh");
     // One tab closes: the other keeps the customer here; the last one closes: gone before its expiry.
     p.customer_gone(&tab1, 1_100).await.expect("gone");
     assert_eq!(p.customers_present(&t, &[c1], 1_200).await.expect("read"), [Here]);
     p.customer_gone(&tab2, 1_300).await.expect("gone");
-    p.customer_gone(&other, 1_300).await.expect("gone");
-    assert_eq!(p.customers_present(&t, &[c1, c2], 1_400).await.expect("read"), [Gone, Gone]);
+    p.customer_gone(&other, 1_250).await.expect("gone");
+    assert_eq!(p.customers_present(&t, &[c1, c2], 1_400).await.expect("read"), [gone(1_300), gone(1_250)]);
+    // Gone since the last of their connections ended, the first tab's end being earlier.
+    // An end written again later (a gateway's retry) does not move it: only ever earlier.
+    p.customer_gone(&tab2, 1_350).await.expect("gone again");
+    assert_eq!(p.customers_present(&t, &[c1], 1_400).await.expect("read"), [gone(1_300)]);
     // A connection never written is not made up by its end; another tenant's chat is another chat.
     p.customer_gone(&customer("acme", 3, "gw/b/4"), 1_400).await.expect("gone");
     assert_eq!(p.customers_present(&t, &[c3], 1_500).await.expect("read"), [Unknown]);
     assert_eq!(p.customers_present(&tenant("other"), &[c1], 1_500).await.expect("read"), [Unknown]);
     // A customer who comes back (a reload) is here again.
     p.customers_alive(&[customer("acme", 1, "gw/b/5")], 3_000).await.expect("back");
-    assert_eq!(p.customers_present(&t, &[c2, c1], 2_000).await.expect("read"), [Gone, Here]);
+    assert_eq!(p.customers_present(&t, &[c2, c1], 2_000).await.expect("read"), [gone(1_250), Here]);
     assert_eq!(p.customers_present(&t, &[], 2_000).await.expect("read"), Vec::<CustomerPresence>::new());
     // Many at once (more than one pipeline's worth), in the order asked.
     let many: Vec<CustomerSession> = (100..1_300).map(|chat| customer("acme", chat, &format!("s{chat}"))).collect();

@@ -592,9 +592,11 @@ impl AgentActorState {
                 None
             }
         };
-        let (grace_ms, active) = (self.context.presence_settings.customer_grace_ms(), &self.agent.active);
-        // Each counted again from the next reading: told again a grace period later while they are gone.
-        for conversation in self.customers_gone.read(now_ms, read, grace_ms, |chat| active.contains(chat)) {
+        let settings = &self.context.presence_settings;
+        let (grace_ms, active) = (settings.customer_grace_ms(), &self.agent.active);
+        let confirm_ms = settings.customer_confirm_ms(grace_ms);
+        // Told again a grace period later while they are gone.
+        for conversation in self.customers_gone.read(now_ms, read, grace_ms, confirm_ms, |chat| active.contains(chat)) {
             let context = self.context.clone();
             tokio::spawn(async move {
                 let told = remote::conversation_system(&context, conversation, SystemCommand::CustomerGone).await;

@@ -63,6 +63,10 @@ pub struct PresenceSettings {
     /// presence) before the chat is cancelled as abandoned; `None`: never. Longer than the gateways'
     /// customer heartbeat, so that connections presence lost (a Redis restart) are written again first.
     pub abandon_after: Option<Duration>,
+    /// How often the gateways write each customer connection to presence again (their setting): a customer
+    /// presence says is gone must be found gone over two of them before anything is recorded, so that a
+    /// connection presence lost or restored stale (a Redis restart, a failover) is written again first.
+    pub customer_heartbeat: Duration,
 }
 
 /// The default of [`PresenceSettings::abandon_after`].
@@ -75,6 +79,7 @@ impl Default for PresenceSettings {
             grace: Duration::from_secs(30),
             customer_grace: Duration::from_secs(30),
             abandon_after: Some(DEFAULT_ABANDON_AFTER),
+            customer_heartbeat: Duration::from_secs(10),
         }
     }
 }
@@ -91,6 +96,13 @@ impl PresenceSettings {
 
     pub(crate) fn customer_grace_ms(&self) -> i64 {
         i64::try_from(self.customer_grace.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// How long readings must find a customer gone, from the first that did, before a departure of at least
+    /// `for_ms` (by presence's own instant) is acted on: two customer heartbeats, or `for_ms` when shorter.
+    pub(crate) fn customer_confirm_ms(&self, for_ms: i64) -> i64 {
+        let two_heartbeats = i64::try_from(self.customer_heartbeat.as_millis().saturating_mul(2)).unwrap_or(i64::MAX);
+        two_heartbeats.min(for_ms)
     }
 }
 

@@ -3,6 +3,7 @@
 //! pushes the events to the subscribed gateways.
 
 use std::sync::Arc;
+use std::time::Duration;
 use switchboard_telemetry::names;
 use tracing::Instrument;
 
@@ -88,13 +89,14 @@ pub(crate) enum ConversationMsg {
     /// A connection of the customer began or ended at a gateway: presence is read again.
     CustomerConnection,
     /// What presence said of the customer at the actor's `read`th reading (`None`: it could not be read).
-    /// `confirming`: the reading after the grace period that followed one that found them gone.
+    /// `confirming`: a reading made after earlier ones found them gone for the confirmation span (the timer of
+    /// an earlier reading, or the agent's owner's telling).
     CustomerRead {
         read: u64,
         presence: Option<CustomerPresence>,
         confirming: bool,
     },
-    /// The grace period that followed the `read`th reading, which found the customer gone, is over.
+    /// The wait that followed the `read`th reading, which found the customer gone, is over.
     CustomerGrace {
         read: u64,
     },
@@ -148,9 +150,6 @@ pub(crate) struct ConversationActorState {
     /// The readings of the customer's presence begun: only the answer of the last one counts (an earlier
     /// one may answer later, with what was true before).
     customer_reads: u64,
-    /// The start of the last reading of the customer's presence begun by a connection, the accept or the
-    /// actor's start (see [`ConversationActorState::customer_found_gone`]).
-    customer_read_at_ms: Option<i64>,
 }
 
 pub(crate) struct Loaded {
@@ -178,10 +177,10 @@ impl Actor for ConversationActor {
             pushes: Vec::new(),
             turns: 0,
             customer_reads: 0,
-            customer_read_at_ms: None,
         };
         // An active chat activated here (its shard moved, its actor stopped) reads its customer's presence:
-        // the timer of a departure seen by the actor before was lost with it.
+        // the timer of a departure seen by the actor before was lost with it (presence says since when they
+        // are gone, from which the grace period goes on).
         if state.conversation.state == ConversationState::Active {
             state.read_customer(&myself, false);
         }
@@ -524,9 +523,6 @@ impl ConversationActorState {
             return;
         }
         self.customer_reads += 1;
-        if !confirming {
-            self.customer_read_at_ms = Some(self.context.clock.now_ms());
-        }
         let (read, myself, context) = (self.customer_reads, myself.clone(), self.context.clone());
         let (tenant, conversation) = (self.conversation.tenant.clone(), self.conversation.id);
         tokio::spawn(async move {
@@ -543,27 +539,24 @@ impl ConversationActorState {
     }
 
     /// The agent's owner found the customer gone for the grace period, though no gateway told this chat of
-    /// the end of their connection (see [`SystemCommand::CustomerGone`]): a reading that records
-    /// `customer_left` if they are gone still. Nothing when the chat is not active, the customer is recorded
-    /// away already, or a reading began within the grace period: a connection that began or ended then has
-    /// its own reading, and its own grace period counted from it.
+    /// the end of their connection (see [`SystemCommand::CustomerGone`]): a confirming reading, which records
+    /// `customer_left` if presence says they have been gone for the grace period still. Nothing when the chat
+    /// is not active or the customer is recorded away already.
     fn customer_found_gone(&mut self, myself: &ActorRef<ConversationMsg>) {
         if self.conversation.state != ConversationState::Active || self.conversation.customer_away {
-            return;
-        }
-        let now_ms = self.context.clock.now_ms();
-        let grace_ms = self.context.presence_settings.customer_grace_ms();
-        if self.customer_read_at_ms.is_some_and(|at_ms| now_ms.saturating_sub(at_ms) < grace_ms) {
             return;
         }
         self.read_customer(myself, true);
     }
 
-    /// What the last reading of the customer's presence found: a customer connected who had left returns; one
-    /// gone from an ongoing chat has left once a reading after the grace period finds them gone still (with
-    /// no connection begun or ended in between, which would have begun another reading). A customer nobody
-    /// recorded (`Unknown`: presence restarted empty, a gateway from before customers were recorded), or a
-    /// reading that failed, changes nothing.
+    /// What the last reading of the customer's presence found: a customer connected who had left returns. One
+    /// gone from an ongoing chat has left once presence says they have been gone for the grace period (from
+    /// the end or lapse of their last connection, whoever read it first) and readings have found them gone
+    /// for the confirmation span (see [`crate::PresenceSettings::customer_confirm_ms`]): until then a
+    /// confirming reading is timed for when both will hold (a connection that begins or ends meanwhile begins
+    /// another reading, whose answer counts instead). A customer nobody recorded (`Unknown`: presence
+    /// restarted empty, a gateway from before customers were recorded), or a reading that failed, changes
+    /// nothing.
     async fn customer_read(
         &mut self,
         myself: &ActorRef<ConversationMsg>,
@@ -572,15 +565,22 @@ impl ConversationActorState {
     ) -> Result<(), RouterError> {
         let here = match presence {
             Some(CustomerPresence::Here) => true,
-            Some(CustomerPresence::Gone) if confirming => false,
-            Some(CustomerPresence::Gone) => {
+            Some(CustomerPresence::Gone { since_ms }) => {
                 let command = Command::CustomerPresence { here: false };
-                if matches!(decide(&self.conversation, &command), Ok(Some(_))) {
-                    let read = self.customer_reads;
-                    let grace = self.context.presence_settings.customer_grace;
-                    myself.send_after(grace, move || ConversationMsg::CustomerGrace { read });
+                if !matches!(decide(&self.conversation, &command), Ok(Some(_))) {
+                    return Ok(());
                 }
-                return Ok(());
+                let settings = &self.context.presence_settings;
+                let grace_ms = settings.customer_grace_ms();
+                let left_ms = grace_ms.saturating_sub(self.context.clock.now_ms().saturating_sub(since_ms));
+                let wait_ms = if confirming { left_ms } else { left_ms.max(settings.customer_confirm_ms(grace_ms)) };
+                if wait_ms > 0 {
+                    let read = self.customer_reads;
+                    let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
+                    myself.send_after(wait, move || ConversationMsg::CustomerGrace { read });
+                    return Ok(());
+                }
+                false
             }
             Some(CustomerPresence::Unknown) | None => return Ok(()),
         };

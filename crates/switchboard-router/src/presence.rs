@@ -29,17 +29,28 @@ pub(crate) async fn group_online(context: &Arc<Context>, tenant: &TenantId, grou
     }
 }
 
-/// Since when every reading has found the customer of each chat gone, for the chats an actor reads every
-/// few heartbeats (a queue its waiting chats, an agent their active ones). A customer counts as gone from
-/// the first reading that found them gone, and only while every later one does: a reading that failed
-/// starts every count again (presence may have lost connections that were live, which the gateways write
-/// again within a customer heartbeat), as an actor activated on another node does. A customer nobody
-/// recorded (`Unknown`) is never gone.
+/// How long the customer of each chat has been gone, for the chats an actor reads every few heartbeats (a
+/// queue its waiting chats, an agent their active ones). Presence says since when (the end or expiry of the
+/// customer's last connection), which an actor activated on another node reads as its predecessor did: a
+/// customer is gone for a period once presence says so and the actor's own readings have found them gone for
+/// a confirmation span from the first that did (two customer heartbeats, see
+/// [`crate::PresenceSettings::customer_heartbeat`]: a connection presence lost or restored stale is written
+/// again by its gateway within one). A reading that failed starts every span again. Once answered, a chat is
+/// answered again only when the readings have found its customer gone for the whole period again (the
+/// telling or cancellation answered may have been lost). A customer nobody recorded (`Unknown`) is never
+/// gone.
 #[derive(Debug, Default)]
 pub(crate) struct GoneCustomers {
-    since_ms: HashMap<ConversationId, i64>,
+    counts: HashMap<ConversationId, Count>,
     /// Heartbeats since a reading was last due.
     ticks: u32,
+}
+
+/// The readings that found a chat's customer gone: since `from_ms`, to be answered once they span `span_ms`.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    from_ms: i64,
+    span_ms: i64,
 }
 
 /// How many heartbeats pass between two readings of the customers.
@@ -56,41 +67,45 @@ impl GoneCustomers {
         true
     }
 
-    /// Counts the reading made at `at_ms` (`None`: it failed), and answers the chats whose customer has been
-    /// gone for `for_ms` at least: their counts start again, from the next reading. Chats no longer
-    /// `listed` are forgotten.
+    /// Counts the reading made at `at_ms` (`None`: it failed), and answers the chats whose customer presence
+    /// says has been gone for `for_ms` at least, once this actor's readings have found them gone for
+    /// `confirm_ms` (see [`crate::PresenceSettings::customer_confirm_ms`]). Chats no longer `listed` are
+    /// forgotten.
     pub(crate) fn read(
         &mut self,
         at_ms: i64,
         read: Option<Vec<(ConversationId, CustomerPresence)>>,
         for_ms: i64,
+        confirm_ms: i64,
         listed: impl Fn(&ConversationId) -> bool,
     ) -> Vec<ConversationId> {
         let Some(read) = read else {
-            self.since_ms.clear();
+            self.counts.clear();
             return Vec::new();
         };
         let mut gone = Vec::new();
         for (conversation, presence) in read {
-            if presence != CustomerPresence::Gone || !listed(&conversation) {
-                self.since_ms.remove(&conversation);
+            let CustomerPresence::Gone { since_ms } = presence else {
+                self.counts.remove(&conversation);
+                continue;
+            };
+            if !listed(&conversation) {
+                self.counts.remove(&conversation);
                 continue;
             }
-            let since = *self.since_ms.entry(conversation).or_insert(at_ms);
-            if at_ms.saturating_sub(since) >= for_ms {
+            let count = self.counts.entry(conversation).or_insert(Count { from_ms: at_ms, span_ms: confirm_ms });
+            if at_ms.saturating_sub(since_ms) >= for_ms && at_ms.saturating_sub(count.from_ms) >= count.span_ms {
                 gone.push(conversation);
+                *count = Count { from_ms: at_ms, span_ms: for_ms };
             }
         }
-        self.since_ms.retain(|conversation, _| listed(conversation));
-        for conversation in &gone {
-            self.since_ms.remove(conversation);
-        }
+        self.counts.retain(|conversation, _| listed(conversation));
         gone
     }
 
     /// Forgets every count (nothing is listed any more).
     pub(crate) fn clear(&mut self) {
-        self.since_ms.clear();
+        self.counts.clear();
     }
 }
 
@@ -99,24 +114,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_customer_is_gone_once_every_reading_for_the_period_found_them_gone_and_counts_again_after() {
+    fn a_customer_is_gone_once_presence_says_so_for_the_period_and_the_readings_for_the_confirmation() {
         let (a, b, c) = (ConversationId::new_v7(1), ConversationId::new_v7(2), ConversationId::new_v7(3));
-        let mut gone = GoneCustomers::default();
-        let reading = |a_is, b_is| Some(vec![(a, a_is), (b, b_is), (c, CustomerPresence::Unknown)]);
         let all = |_: &ConversationId| true;
-        use CustomerPresence::{Gone, Here};
-        assert_eq!(gone.read(0, reading(Gone, Gone), 10, all), []);
-        // b is back for one reading: its count starts again.
-        assert_eq!(gone.read(5, reading(Gone, Here), 10, all), []);
-        assert_eq!(gone.read(10, reading(Gone, Gone), 10, all), [a]);
-        // a's count starts again after it was answered; b's from 10.
-        assert_eq!(gone.read(15, reading(Gone, Gone), 10, all), []);
-        assert_eq!(gone.read(20, reading(Gone, Gone), 10, all), [b]);
-        // A failed reading starts every count again.
-        assert_eq!(gone.read(25, None, 10, all), []);
-        assert_eq!(gone.read(30, reading(Gone, Gone), 10, all), []);
-        assert_eq!(gone.read(40, reading(Gone, Gone), 10, |chat| *chat != a), [b], "a is no longer listed");
-        assert_eq!(gone.read(45, reading(Gone, Gone), 10, all), [], "a counts afresh");
-        assert_eq!(gone.read(55, reading(Gone, Gone), 10, all), [a, b]);
+        let gone = |since_ms| CustomerPresence::Gone { since_ms };
+        let reading = |a_is, b_is| Some(vec![(a, a_is), (b, b_is), (c, CustomerPresence::Unknown)]);
+        // Gone for 10, confirmed by readings over 4.
+        let mut counts = GoneCustomers::default();
+        assert_eq!(counts.read(0, reading(gone(0), gone(0)), 10, 4, all), []);
+        // b is back for one reading, and leaves again at 7.
+        assert_eq!(counts.read(5, reading(gone(0), CustomerPresence::Here), 10, 4, all), []);
+        assert_eq!(counts.read(10, reading(gone(0), gone(7)), 10, 4, all), [a], "b left at 7");
+        assert_eq!(counts.read(15, reading(gone(0), gone(7)), 10, 4, all), [], "b gone for 8 only");
+        assert_eq!(counts.read(17, reading(gone(0), gone(7)), 10, 4, all), [b]);
+        // Each is answered again only once the readings found them gone for the whole period again.
+        assert_eq!(counts.read(19, reading(gone(0), gone(7)), 10, 4, all), []);
+        assert_eq!(counts.read(20, reading(gone(0), gone(7)), 10, 4, all), [a]);
+        assert_eq!(counts.read(26, reading(gone(0), gone(7)), 10, 4, all), []);
+        assert_eq!(counts.read(27, reading(gone(0), gone(7)), 10, 4, all), [b]);
+
+        // An actor activated elsewhere reads since when they left: it waits for its confirmation only.
+        let mut moved = GoneCustomers::default();
+        assert_eq!(moved.read(100, reading(gone(0), gone(95)), 10, 4, all), []);
+        assert_eq!(moved.read(104, reading(gone(0), gone(95)), 10, 4, all), [a]);
+        assert_eq!(moved.read(105, reading(gone(0), gone(95)), 10, 4, all), [b], "ten after b left");
+
+        // A stale record (presence restored from an old copy) is written again by the gateway within the
+        // confirmation: the count starts again; a failed reading starts every count again; so does a chat
+        // listed again.
+        let mut stale = GoneCustomers::default();
+        assert_eq!(stale.read(0, reading(gone(-1_000), gone(-1_000)), 10, 4, all), []);
+        assert_eq!(stale.read(3, reading(CustomerPresence::Here, gone(-1_000)), 10, 4, all), []);
+        assert_eq!(stale.read(4, reading(gone(-1_000), gone(-1_000)), 10, 4, |chat| *chat != b), []);
+        assert_eq!(stale.read(6, None, 10, 4, all), []);
+        assert_eq!(stale.read(9, reading(gone(-1_000), gone(-1_000)), 10, 4, all), []);
+        assert_eq!(stale.read(13, reading(gone(-1_000), gone(-1_000)), 10, 4, all), [a, b]);
     }
 }

@@ -18,9 +18,10 @@
 //! publishes it to presence, and keeps an estimate of the wait per queue position.
 //!
 //! Every few heartbeats it reads from presence whether the customers of its waiting chats are still
-//! connected ([`QueueActorState::check_customers`]): a chat whose customer it found gone at every read for
-//! the abandonment grace period is cancelled as abandoned by its conversation's owner, so that it stops
-//! holding a license permit and a place ahead of every later chat, and stops being offered.
+//! connected ([`QueueActorState::check_customers`]): a chat whose customer presence says has been gone for
+//! the abandonment grace period (and its reads have found gone for a confirmation span, see
+//! [`GoneCustomers`]) is cancelled as abandoned by its conversation's owner, so that it stops holding a
+//! license permit and a place ahead of every later chat, and stops being offered.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -733,10 +734,11 @@ impl QueueActorState {
             return;
         };
         let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let confirm_ms = self.context.presence_settings.customer_confirm_ms(grace_ms);
         let waiting = &self.waiting;
-        let abandoned = self.customers_gone.read(at_ms, read, grace_ms, |chat| waiting.contains(chat));
-        // Each counted again from the next read: the chat leaves the list once its cancellation is stored, and
-        // a cancellation that failed is asked again a grace period later.
+        let abandoned = self.customers_gone.read(at_ms, read, grace_ms, confirm_ms, |chat| waiting.contains(chat));
+        // The chat leaves the list once its cancellation is stored; a cancellation that failed is asked again a
+        // grace period later.
         for conversation in abandoned {
             let (context, group) = (self.context.clone(), self.group.clone());
             tokio::spawn(async move {

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    ABANDON_AFTER, CUSTOMER_GRACE, Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle, start_request,
-    tenant,
+    ABANDON_AFTER, CUSTOMER_GRACE, CUSTOMER_HEARTBEAT, Fixture, GRACE, OFFER_TIMEOUT_MS, agent, fixture, group, settle,
+    start_request, tenant,
 };
 use switchboard_domain::{
     AgentId, AgentStatus, Author, CancelReason, ConversationId, ConversationState, EventBody, OfferEnd, Refusal,
@@ -935,8 +935,16 @@ async fn an_ongoing_chats_customer_who_stays_away_for_the_grace_period_has_left_
     assert_eq!(pushed_events(&fixture.drain()), [(gone, Author::Agent(agent("b")), "closed")]);
 }
 
+/// How long readings confirm a departure in the test routers (two customer heartbeats, shorter than the
+/// customers' grace period and the abandonment's).
+fn confirm_ms() -> i64 {
+    let confirm_ms = 2 * i64::try_from(CUSTOMER_HEARTBEAT.as_millis()).unwrap();
+    assert!(confirm_ms < i64::try_from(CUSTOMER_GRACE.min(ABANDON_AFTER).as_millis()).unwrap());
+    confirm_ms
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_a_grace_period_after_the_accept() {
+async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_once_a_reading_confirms_it_after_the_accept() {
     let mut fixture = fixture().await;
     sign_in(&fixture, "b").await;
     let chat = fixture.start_chat("g1", "ann").await;
@@ -950,8 +958,10 @@ async fn a_chat_whose_customer_went_away_while_it_waited_tells_its_agent_a_grace
     fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
     fixture.router.subscribe(&fixture.gateway, &caller("b"), chat, 0).await.unwrap();
     fixture.drain();
-    // No gateway says anything more: the accept itself has the customer's presence read.
-    fixture.pass(grace_ms - 100).await;
+    // No gateway says anything more: the accept itself has the customer's presence read, which says they have
+    // been gone longer than the grace period: a reading the confirmation span later records it (not a whole
+    // grace period after the accept).
+    fixture.pass(confirm_ms() - 100).await;
     assert_eq!(pushed_events(&fixture.drain()), []);
     fixture.pass(200).await;
     assert_eq!(pushed_events(&fixture.drain()), [(chat, Author::System, "customer_left")]);
@@ -987,7 +997,7 @@ async fn a_customer_whose_gateway_went_with_them_has_left_once_the_agents_owner_
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_chat_told_its_customer_is_gone_leaves_a_departure_its_own_reading_found_to_that_readings_grace_period() {
+async fn a_chat_told_its_customer_is_gone_records_it_once_presence_says_they_have_been_gone_for_the_grace_period() {
     let mut fixture = fixture().await;
     let [closed, lapsed, here] = accepted_by_b(&fixture, ["ann", "bob", "cy"]).await;
     let far = fixture.clock_ms() + 60 * 60_000;
@@ -999,20 +1009,22 @@ async fn a_chat_told_its_customer_is_gone_leaves_a_departure_its_own_reading_fou
     fixture.pass(grace_ms + 100).await;
     fixture.drain();
     // `closed`'s customer closes the tab; their gateway tells the chat, whose reading finds them gone. The
-    // agent's owner says they are gone just after (its count began with an earlier lapse, say): the chat's
-    // own reading keeps its grace period, in which they may reload.
+    // agent's owner says they are gone just after (a telling of an earlier departure, say): each chat's grace
+    // period runs from what presence says, in which the customer may reload.
     let session = customer_session(closed, "s1");
     fixture.presence.customers_alive(std::slice::from_ref(&session), far).await.unwrap();
     fixture.presence.customer_gone(&session, fixture.clock_ms()).await.unwrap();
     fixture.router.customer_connection(closed).await.unwrap();
     settle().await;
-    // `lapsed`'s gateway went with them: no reading of the chat's own since the accept; `here` is here.
+    // `lapsed`'s gateway went with them, 900 ms short of the grace period ago; `here` is here.
     for chat in [closed, lapsed, here] {
         assert!(!fixture.router.conversation_system(chat, SystemCommand::CustomerGone).await.unwrap());
     }
-    settle().await;
-    assert_eq!(pushed_events(&fixture.drain()), [(lapsed, Author::System, "customer_left")], "at once");
-    fixture.pass(grace_ms - 200).await;
+    fixture.pass(800).await;
+    assert_eq!(pushed_events(&fixture.drain()), [], "nobody gone for the grace period yet");
+    fixture.pass(200).await;
+    assert_eq!(pushed_events(&fixture.drain()), [(lapsed, Author::System, "customer_left")], "from its lapse");
+    fixture.pass(grace_ms - 1_200).await;
     assert_eq!(pushed_events(&fixture.drain()), []);
     fixture.pass(200).await;
     assert_eq!(pushed_events(&fixture.drain()), [(closed, Author::System, "customer_left")]);
@@ -1064,13 +1076,87 @@ async fn a_new_owner_of_an_active_chat_reads_its_customer_and_knows_whether_they
     clock.advance_ms(60_000);
     let new_owner =
         common::start_router_from(common::router_settings("node-2"), store, clock.clone(), presence.clone()).await;
-    // The agent reads the chat: its actor starts on the new owner, which reads its customer.
+    // The agent reads the chat: its actor starts on the new owner, which reads its customer: presence says
+    // they have been gone for longer than the grace period, so the timer does not start again from zero. A
+    // reading the confirmation span later records it.
     new_owner.chat_view(&caller("b"), leaving).await.unwrap();
-    pass(grace_ms + 200).await;
+    pass(confirm_ms() - 100).await;
+    assert_eq!(last_kind(&new_owner, leaving).await, "accepted");
+    pass(200).await;
     assert_eq!(last_kind(&new_owner, leaving).await, "customer_left");
     // `left`'s customer comes back: the new owner knows from the chat's summary that they had left.
     presence.customers_alive(&[customer_session(left, "s3")], far).await.unwrap();
     new_owner.customer_connection(left).await.unwrap();
     settle().await;
     assert_eq!(last_kind(&new_owner, left).await, "customer_returned");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_activated_on_a_new_owner_abandons_a_chat_whose_customer_left_before_without_waiting_the_whole_grace() {
+    let fixture = fixture().await;
+    fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("g1")).await.unwrap();
+    let chat = fixture.start_chat("g1", "ann").await;
+    let session = customer_session(chat, "s1");
+    fixture.presence.customers_alive(std::slice::from_ref(&session), fixture.clock_ms() + 60_000).await.unwrap();
+    fixture.presence.customer_gone(&session, fixture.clock_ms()).await.unwrap();
+    let grace_ms = i64::try_from(ABANDON_AFTER.as_millis()).unwrap();
+    fixture.pass(grace_ms / 2).await;
+    assert_eq!(state(&fixture, chat).await, ConversationState::Queued, "within the grace period");
+    // The queue's node stops for good, half the grace period after the customer left; its leases lapse (on
+    // the store's clock only) and a new owner rebuilds the queue from the store.
+    let common::Fixture { router, store, clock, presence, .. } = fixture;
+    drop(router);
+    clock.advance_ms(60_000);
+    let new_owner =
+        common::start_router_from(common::router_settings("node-2"), store, clock.clone(), presence.clone()).await;
+    let (sink, _pushes) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = switchboard_proto::router::GatewayId("gw-2".into());
+    new_owner.connect_gateway(gateway.clone(), sink);
+    new_owner.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
+    let pass = |ms: i64| {
+        let clock = clock.clone();
+        async move {
+            for _ in 0..ms / 100 {
+                clock.advance_ms(100);
+                tokio::time::advance(std::time::Duration::from_millis(100)).await;
+            }
+            settle().await;
+        }
+    };
+    // Its first reading of the customers (five heartbeats after it started) finds the customer gone, as
+    // presence says, since long before the grace period: only the confirmation is left to wait.
+    pass(5_500).await;
+    let view = new_owner.chat_view(&Caller::Customer { conversation: chat }, chat).await.unwrap();
+    assert_eq!(view.state, ConversationState::Queued, "not on one reading");
+    // Confirmed over two customer heartbeats, at the first reading after that (readings come every five):
+    // not a whole grace period after the new queue first found them gone.
+    let confirmed_by = 5_000 + (confirm_ms() + 4_999) / 5_000 * 5_000 + 500;
+    assert!(confirmed_by < 5_000 + grace_ms);
+    pass(confirmed_by - 5_500).await;
+    let view = new_owner.chat_view(&Caller::Customer { conversation: chat }, chat).await.unwrap();
+    assert_eq!(view.state, ConversationState::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connected_customer_whose_record_presence_restored_stale_has_not_left_once_their_gateway_writes_it_again() {
+    let mut fixture = fixture().await;
+    let [stale, gone] = accepted_by_b(&fixture, ["ann", "bob"]).await;
+    // Presence restarted from an old copy (a snapshot, a lagging replica): both customers' records say their
+    // connection expired ten minutes ago. Ann is connected, and her gateway writes her connection again at
+    // its next customer heartbeat; Bob's is truly gone. Something (a connection of theirs) has each chat
+    // read its customer meanwhile.
+    let old = fixture.clock_ms() - 10 * 60_000;
+    let sessions = [customer_session(stale, "s1"), customer_session(gone, "s2")];
+    fixture.presence.customers_alive(&sessions, old).await.unwrap();
+    fixture.drain();
+    for chat in [stale, gone] {
+        fixture.router.customer_connection(chat).await.unwrap();
+    }
+    settle().await;
+    assert_eq!(pushed_events(&fixture.drain()), [], "not on one reading");
+    let heartbeat_ms = i64::try_from(CUSTOMER_HEARTBEAT.as_millis()).unwrap();
+    fixture.pass(heartbeat_ms).await;
+    fixture.presence.customers_alive(&sessions[..1], fixture.clock_ms() + 3 * heartbeat_ms).await.unwrap();
+    fixture.pass(confirm_ms() - heartbeat_ms + 100).await;
+    assert_eq!(pushed_events(&fixture.drain()), [(gone, Author::System, "customer_left")], "Ann is here");
 }

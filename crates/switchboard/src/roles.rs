@@ -96,6 +96,7 @@ fn presence_settings(config: &Config) -> PresenceSettings {
         customer_grace: Duration::from_millis(config.presence.customer_grace_ms),
         abandon_after: (config.presence.abandon_after_ms > 0)
             .then(|| Duration::from_millis(config.presence.abandon_after_ms)),
+        customer_heartbeat: Duration::from_millis(config.presence.customer_heartbeat_ms),
     }
 }
 

@@ -36,6 +36,9 @@ pub const GRACE: Duration = Duration::from_secs(5);
 pub const CUSTOMER_GRACE: Duration = Duration::from_secs(8);
 /// How long the customer of a waiting chat is found gone before the chat is abandoned.
 pub const ABANDON_AFTER: Duration = Duration::from_secs(20);
+/// How often the gateways write each customer connection again: a departure is acted on once readings have
+/// found it over two of them (6 s), or its grace period when shorter.
+pub const CUSTOMER_HEARTBEAT: Duration = Duration::from_secs(3);
 
 pub struct Fixture {
     pub router: Router,
@@ -315,6 +318,7 @@ pub fn router_settings(node_id: &str) -> RouterSettings {
             grace: GRACE,
             customer_grace: CUSTOMER_GRACE,
             abandon_after: Some(ABANDON_AFTER),
+            customer_heartbeat: CUSTOMER_HEARTBEAT,
         },
     }
 }
