@@ -14,6 +14,11 @@
 //! still; told again every grace period while they are gone (the chat ignores it once they are recorded
 //! away), so that a telling lost to another node's failure is not lost for good.
 //!
+//! Every [`COMPARE_CHATS_EVERY_TICKS`] heartbeats it compares the chats it counts as the agent's with the
+//! store's ([`AgentActorState::compare_chats`]): an end lost on its way (a chat's node that could not reach
+//! this one for its retries) would hold one of the agent's slots for good, and an accept or forward whose
+//! answer was lost would leave a chat of theirs uncounted, the agent over capacity.
+//!
 //! The queues of the agent's groups are told of every change of the agent's availability, and told it again
 //! every [`RETELL_EVERY_TICKS`] heartbeats while the agent is signed in: a cast to another node that is
 //! given up (its node was unreachable for its retries, without the queue being rebuilt since) would
@@ -21,7 +26,7 @@
 //! agent who came back online, is a queue that never offers them a chat. The versions make a retelling
 //! harmless: a queue keeps the newest.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -37,6 +42,7 @@ use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsR
 use switchboard_proto::router::{
     AgentChange, AgentView, Caller, ChatView, GatewayId, OfferUpdate, Push, RouterError, ShownOffer, SystemCommand,
 };
+use switchboard_proto::store::{LIST_PAGE, list_all_conversations};
 use tracing::{debug, info, warn};
 
 use crate::context::Context;
@@ -54,6 +60,10 @@ pub(crate) const ASSIGNED_TOLD_AGAIN_FOR_MS: i64 = 30_000;
 
 /// How many heartbeats pass, at most, between two times the queues are told the agent's availability.
 pub const RETELL_EVERY_TICKS: u32 = 10;
+
+/// How many heartbeats pass between two comparisons of the agent's chats with the store's (see
+/// [`AgentActorState::compare_chats`]).
+pub const COMPARE_CHATS_EVERY_TICKS: u32 = 30;
 
 /// How long past its expiry an offer the agent still holds is checked against the store, at the agent's
 /// heartbeat: longer than a queue's hop to the agent's node is retried (some 8 s), so that only an end lost for
@@ -133,6 +143,8 @@ pub(crate) struct AgentActorState {
     recently_assigned: VecDeque<(i64, ChatView)>,
     /// Since when each chat's customer has been found gone (see [`AgentActorState::check_customers`]).
     customers_gone: GoneCustomers,
+    /// Heartbeats since the agent's chats were last compared with the store's.
+    ticks_since_compared: u32,
 }
 
 /// Stamps the agent's availability with its version: the epoch of the activation, and a count that goes
@@ -183,6 +195,8 @@ impl Actor for AgentActor {
         (context, agent, shown_offer, epoch, status_lost): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "agent").increment(1.0);
+        // The agents of a node, started together, compare with the store at different heartbeats.
+        let ticks_since_compared = crate::queue::phase_of(&(&agent.tenant, &agent.id), COMPARE_CHATS_EVERY_TICKS);
         Ok(AgentActorState {
             context,
             agent,
@@ -195,6 +209,7 @@ impl Actor for AgentActor {
             offer_checked_again_at_ms: 0,
             recently_assigned: VecDeque::new(),
             customers_gone: GoneCustomers::default(),
+            ticks_since_compared,
         })
     }
 
@@ -573,6 +588,71 @@ impl AgentActorState {
             if self.customers_gone.reading_due() {
                 self.check_customers().await;
             }
+            self.ticks_since_compared += 1;
+            if self.ticks_since_compared >= COMPARE_CHATS_EVERY_TICKS {
+                self.ticks_since_compared = 0;
+                self.compare_chats().await;
+            }
+        }
+    }
+
+    /// Compares the chats counted as the agent's with those the store has active and owned by them. A chat's
+    /// end reaches its agent by a cast retried for some seconds and then given up, and an accept or a forward
+    /// whose answer was lost leaves the agent without a chat the store says is theirs: a long enough
+    /// partition could leave the agent a slot short for good (and their chat's customer read and told again
+    /// and again), or over capacity. The store is the truth: a chat counted that it does not have as theirs
+    /// is freed, as its end would have freed it; one it has that is not counted is counted, and their
+    /// consoles told, as the answer would have. Read inside the actor, so that no accept, forward or end of
+    /// this agent's runs meanwhile; an end that arrives after it finds its chat freed already.
+    async fn compare_chats(&mut self) {
+        let request = ListConversationsRequest {
+            tenant_id: self.agent.tenant.to_string(),
+            states: vec!["active".into()],
+            owner_agent_id: self.agent.id.to_string(),
+            ..Default::default()
+        };
+        let stored = match list_all_conversations(&*self.context.store, request, LIST_PAGE).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                debug!(%error, agent = %self.agent.id, "the agent's chats not compared with the store's");
+                return;
+            }
+        };
+        let mut theirs = HashMap::new();
+        for record in &stored {
+            match conversation_from_record(record) {
+                Ok(conversation) => theirs.insert(conversation.id, conversation),
+                Err(error) => {
+                    debug!(%error, agent = %self.agent.id, "the agent's chats not compared: a record unread");
+                    return;
+                }
+            };
+        }
+        let now_ms = self.now_ms();
+        let mut changed = false;
+        for conversation in self.agent.active.clone() {
+            if !theirs.contains_key(&conversation) {
+                warn!(agent = %self.agent.id, %conversation, "a chat whose end never reached the agent: freed");
+                metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_CHAT_FREED).increment(1);
+                self.agent.finish(&conversation, now_ms);
+                changed = true;
+            }
+        }
+        for (conversation, stored) in theirs {
+            if self.agent.active.contains(&conversation) {
+                continue;
+            }
+            warn!(agent = %self.agent.id, %conversation, "a chat of the agent's they did not count: counted");
+            metrics::counter!(names::ROUTER_REPAIRS, "kind" => names::REPAIR_CHAT_COUNTED).increment(1);
+            if self.agent.offer == Some(conversation) {
+                self.shown_offer = None;
+            }
+            self.agent.confirm(conversation, now_ms);
+            self.assigned(crate::conversation::view_of(&stored));
+            changed = true;
+        }
+        if changed {
+            self.changed().await;
         }
     }
 

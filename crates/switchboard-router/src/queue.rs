@@ -1201,7 +1201,7 @@ pub(crate) async fn activate(
                 estimate: None,
                 metrics: QueueMetrics::new(tenant, group),
                 // The queues of a node, started together, compare with the store at different heartbeats.
-                ticks_since_reconciled: reconcile_phase(tenant, group),
+                ticks_since_reconciled: phase_of(&(tenant, group), RECONCILE_EVERY_TICKS),
                 changed_while_reconciling: None,
                 reading_customers: false,
                 customers_gone: GoneCustomers::default(),
@@ -1214,12 +1214,13 @@ pub(crate) async fn activate(
         .await
 }
 
-/// Where in the period of [`RECONCILE_EVERY_TICKS`] a group's queue starts, from its name.
-fn reconcile_phase(tenant: &TenantId, group: &GroupId) -> u32 {
-    use std::hash::{Hash as _, Hasher as _};
+/// Where in a period of `period` heartbeats an actor's periodic work starts, from its key: the actors of a
+/// node, started together, do it at different heartbeats.
+pub(crate) fn phase_of(key: &impl std::hash::Hash, period: u32) -> u32 {
+    use std::hash::Hasher as _;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (tenant, group).hash(&mut hasher);
-    u32::try_from(hasher.finish() % u64::from(RECONCILE_EVERY_TICKS)).unwrap_or(0)
+    key.hash(&mut hasher);
+    u32::try_from(hasher.finish() % u64::from(period.max(1))).unwrap_or(0)
 }
 
 /// The label value of an offer's end.

@@ -57,6 +57,10 @@ struct LocalCluster {
     /// in `queue_changes_lost`.
     lose_queue_changes: AtomicBool,
     queue_changes_lost: AtomicUsize,
+    /// While set, every end of a chat told to an agent of another node is lost; how many were, in
+    /// `agent_finishes_lost`.
+    lose_agent_finishes: AtomicBool,
+    agent_finishes_lost: AtomicUsize,
 }
 
 impl LocalCluster {
@@ -286,6 +290,10 @@ impl PeerApi for LocalCluster {
         agent: &AgentId,
         conversation: ConversationId,
     ) -> Result<(), RouterError> {
+        if self.lose_agent_finishes.load(Ordering::SeqCst) {
+            self.agent_finishes_lost.fetch_add(1, Ordering::SeqCst);
+            return Err(RouterError::Unavailable("lost on the way".into()));
+        }
         self.first(|router| async move { router.agent_finished(tenant, agent, conversation).await }).await
     }
     async fn conversation_system(
@@ -1394,4 +1402,75 @@ async fn a_chat_stored_with_its_offer_while_its_queue_moves_to_another_node_is_o
     assert_eq!(next_offer(&mut pushes).await.map(|(offered, _)| offered), Ok(chat));
     let view = nodes.cluster.accept_chat(&tenant(), &agent("x"), chat).await.unwrap();
     assert_eq!(view.owner, Some(agent("x")));
+}
+
+/// On two settled nodes: agent b signed in, with their console's pushes, and a new chat id of g1 living on
+/// the node that b does not (b's accept, and the chat's end told to b, cross nodes).
+async fn b_and_a_chat_across(nodes: &Nodes) -> (mpsc::UnboundedReceiver<Push>, ConversationId) {
+    settle(nodes, balanced).await;
+    let b_node = nodes.routers.iter().position(|router| router.owns_key(&agent_key(&tenant(), &agent("b"))));
+    let other = nodes.routers[1 - b_node.expect("some node owns b")].clone();
+    let pushes = sign_in(nodes, &agent("b")).await;
+    let chat = conversation_where(&nodes.clock, |id| other.owns_key(&conversation_key(&id)));
+    nodes.cluster.start_chat(start_request(chat, group("g1"), "x", "anyone?")).await.unwrap();
+    (pushes, chat)
+}
+
+/// How many chats agent b holds, as their queues are told.
+async fn held_by_b(nodes: &Nodes) -> u32 {
+    nodes.cluster.agent_availability(&tenant(), &agent("b")).await.unwrap().held
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_whose_end_never_reached_its_agent_frees_their_slot_once_the_agent_reads_the_store() {
+    let repaired = repairs("chat_freed");
+    let nodes = start_nodes(2).await;
+    let (_pushes, chat) = b_and_a_chat_across(&nodes).await;
+    let cluster = nodes.cluster.clone();
+    cluster.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
+    assert_eq!(held_by_b(&nodes).await, 1);
+    // The customer closes the chat; its end never reaches b's node, for all its tries.
+    cluster.lose_agent_finishes.store(true, Ordering::SeqCst);
+    cluster.command(&Caller::Customer { conversation: chat }, chat, ChatCommand::Close).await.unwrap();
+    for _ in 0..20 {
+        if cluster.agent_finishes_lost.load(Ordering::SeqCst) >= 8 {
+            break;
+        }
+        heartbeats(&nodes, 1).await;
+    }
+    heartbeats(&nodes, 2).await;
+    assert_eq!(cluster.agent_finishes_lost.load(Ordering::SeqCst), 8, "given up after its tries");
+    cluster.lose_agent_finishes.store(false, Ordering::SeqCst);
+    assert_eq!(held_by_b(&nodes).await, 1, "b still holds a chat that ended: a slot taken by nothing");
+
+    // b's next comparison with the store (within 30 heartbeats, whenever in its period the loss fell) frees it.
+    heartbeats(&nodes, 30).await;
+    assert_eq!(held_by_b(&nodes).await, 0);
+    assert!(repairs("chat_freed") > repaired, "counted for SREs");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_accepted_whose_answer_was_lost_counts_among_the_agents_chats_once_the_agent_reads_the_store() {
+    let repaired = repairs("chat_counted");
+    let nodes = start_nodes(2).await;
+    let (mut pushes, chat) = b_and_a_chat_across(&nodes).await;
+    let cluster = nodes.cluster.clone();
+    // b accepts a chat of a pull-routed group (no offer to check); the chat's node records it, but the answer
+    // never reaches b's node, which gives the slot back.
+    cluster.lose_accept_answers.store(true, Ordering::SeqCst);
+    assert!(cluster.accept_chat(&tenant(), &agent("b"), chat).await.is_err());
+    cluster.lose_accept_answers.store(false, Ordering::SeqCst);
+    let view = cluster.chat_view(&Caller::Customer { conversation: chat }, chat).await.unwrap();
+    assert_eq!(view.owner, Some(agent("b")));
+    assert_eq!(held_by_b(&nodes).await, 0, "b's chat is not counted: b could be given more than b's capacity");
+
+    // b's next comparison with the store counts it, and b's console is told.
+    while pushes.try_recv().is_ok() {}
+    heartbeats(&nodes, 30).await;
+    assert_eq!(held_by_b(&nodes).await, 1);
+    let assigned = received(&mut pushes).iter().any(|push| {
+        matches!(push, Push::Agent { change: AgentChange::Assigned { chat: view }, .. } if view.conversation == chat)
+    });
+    assert!(assigned, "b's console is told the chat is theirs");
+    assert!(repairs("chat_counted") > repaired, "counted for SREs");
 }

@@ -41,9 +41,20 @@ pub const REPAIR_ACCEPT_ANSWER_LOST: &str = "accept_answer_lost";
 pub const REPAIR_CHAT_LISTED: &str = "chat_listed";
 /// A [`ROUTER_REPAIRS`] kind: a queue removed a chat listed that had left.
 pub const REPAIR_CHAT_REMOVED: &str = "chat_removed";
+/// A [`ROUTER_REPAIRS`] kind: an agent freed a chat counted as theirs whose end never reached them.
+pub const REPAIR_CHAT_FREED: &str = "chat_freed";
+/// A [`ROUTER_REPAIRS`] kind: an agent counted a chat of theirs they lacked (an accept's or a forward's
+/// answer lost).
+pub const REPAIR_CHAT_COUNTED: &str = "chat_counted";
 /// Every kind of [`ROUTER_REPAIRS`].
-pub const ROUTER_REPAIR_KINDS: &[&str] =
-    &[REPAIR_OFFER_END_LOST, REPAIR_ACCEPT_ANSWER_LOST, REPAIR_CHAT_LISTED, REPAIR_CHAT_REMOVED];
+pub const ROUTER_REPAIR_KINDS: &[&str] = &[
+    REPAIR_OFFER_END_LOST,
+    REPAIR_ACCEPT_ANSWER_LOST,
+    REPAIR_CHAT_LISTED,
+    REPAIR_CHAT_REMOVED,
+    REPAIR_CHAT_FREED,
+    REPAIR_CHAT_COUNTED,
+];
 
 // Store.
 /// An append as its caller waits for it: queued for the writer, written in a batch, made durable.
