@@ -328,10 +328,11 @@ impl Shared {
         }
     }
 
-    /// Removes a connection of an agent from presence; a failure is logged (the entry expires by itself).
+    /// Records in presence that a connection of an agent ended now; a failure is logged (the entry expires
+    /// by itself).
     pub(crate) async fn session_gone(&self, socket: SocketId, tenant: &TenantId, agent: &AgentId) {
         let session = self.session_id(socket);
-        if let Err(error) = self.presence.session_gone(tenant, agent, &session).await {
+        if let Err(error) = self.presence.session_gone(tenant, agent, &session, self.clock.now_ms()).await {
             warn!(%error, %agent, "presence not told that a connection ended; it expires by itself");
         }
     }

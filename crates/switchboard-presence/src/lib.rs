@@ -5,7 +5,8 @@
 //! # What lives here
 //!
 //! - **Connections.** Gateways record every live connection of an agent ([`Presence::session_alive`], refreshed
-//!   every heartbeat, and [`Presence::session_gone`]). Routers count them ([`Presence::live_sessions`]).
+//!   every heartbeat, and [`Presence::session_gone`], which keeps the connection recorded as ended). Routers
+//!   read whether an agent is connected, or since when they are not ([`Presence::agents_present`]).
 //! - **Customers' connections.** Gateways record every connection of a customer to their chat
 //!   ([`Presence::customers_alive`], refreshed every customer heartbeat, and [`Presence::customer_gone`]).
 //!   The router that owns a group's queue reads them for the chats waiting there
@@ -42,8 +43,8 @@
 //!
 //! | key | type | content |
 //! | --- | --- | --- |
-//! | `P:session:{tenant}:{agent}` | sorted set | member: session id; score: `expires_at_ms` of the connection |
-//! | `P:gateway:{tenant}:{agent}` | hash | session id → gateway id holding that connection |
+//! | `P:session:{tenant}:{agent}` | sorted set | member: session id; score: `expires_at_ms` of the connection (the instant it closed, once it closed) |
+//! | `P:gateway:{tenant}:{agent}` | hash | session id → gateway id holding that connection (removed when it closes) |
 //! | `P:customer:{tenant}:{conversation}` | sorted set | member: session id of a customer's connection; score: `expires_at_ms` (the instant it closed, once it closed) |
 //! | `P:signed_in:{tenant}:{group}` | sorted set | member: agent id; score: `expires_at_ms` of the sign-in |
 //! | `P:status:{tenant}:{agent}` | string | the status the agent chose, `online` or `away` (no expiry by value: removed at sign-out) |
@@ -52,10 +53,11 @@
 //! | `P:license` | string | [`LicenseMirror`] as JSON |
 //! | `P:changes` | pub/sub channel | [`PresenceChange`] as JSON |
 //!
-//! Reads count with `ZCOUNT key (now_ms +inf`; writes refresh `PEXPIRE` on the keys they touch and drop
+//! Reads count with `ZCOUNT key (now_ms +inf`, or read the highest score (`ZRANGE key -1 -1 WITHSCORES`:
+//! someone is here if it is after `now_ms`, else gone since it); writes refresh `PEXPIRE` on the keys they touch and drop
 //! entries that expired more than the garbage-collection margin ago (`ZREMRANGEBYSCORE`). Multi-key
 //! operations are one pipeline (one round trip); a change is published only when something changed (a new
-//! session, a session removed, a new sign-in, a sign-out, a group status that differs in more than its
+//! session, a live session closed, a new sign-in, a sign-out, a group status that differs in more than its
 //! evaluation time).
 
 mod memory;
@@ -91,8 +93,17 @@ pub trait Presence: Send + Sync + 'static {
         expires_at_ms: i64,
     ) -> Result<(), PresenceError>;
 
-    /// The connection closed. Publishes [`PresenceChange::Session`] with `up: false` when the session was known.
-    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError>;
+    /// The connection closed at `at_ms`. It stays recorded as closed (until the garbage-collection margin),
+    /// so that an agent whose connections all ended reads [`Connections::Gone`] since the last of them;
+    /// a session never written is not added, and an end is only ever moved earlier. Publishes
+    /// [`PresenceChange::Session`] with `up: false` when the session was live until then.
+    async fn session_gone(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        session: &str,
+        at_ms: i64,
+    ) -> Result<(), PresenceError>;
 
     // --- written by gateways: customers' connections to their chats ---
 
@@ -102,8 +113,8 @@ pub trait Presence: Send + Sync + 'static {
     async fn customers_alive(&self, sessions: &[CustomerSession], expires_at_ms: i64) -> Result<(), PresenceError>;
 
     /// The customer's connection closed at `at_ms`. It stays recorded as closed (until the garbage-collection
-    /// margin), so that a chat whose customer left reads [`CustomerPresence::Gone`], not
-    /// [`CustomerPresence::Unknown`]; a session never written is not added.
+    /// margin), so that a chat whose customer left reads [`Connections::Gone`], not
+    /// [`Connections::Unknown`]; a session never written is not added.
     async fn customer_gone(&self, session: &CustomerSession, at_ms: i64) -> Result<(), PresenceError>;
 
     /// Whether the customer of each chat has a live connection at `now_ms`, in the order asked.
@@ -112,12 +123,17 @@ pub trait Presence: Send + Sync + 'static {
         tenant: &TenantId,
         chats: &[ConversationId],
         now_ms: i64,
-    ) -> Result<Vec<CustomerPresence>, PresenceError>;
+    ) -> Result<Vec<Connections>, PresenceError>;
 
     // --- read by routers (the agent actor owns availability) ---
 
-    /// How many live connections (unexpired at `now_ms`) each agent has, in the order asked.
-    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError>;
+    /// Whether each agent has a live connection (unexpired at `now_ms`), or since when every one they had
+    /// has ended, in the order asked.
+    async fn agents_present(
+        &self,
+        agents: &[(TenantId, AgentId)],
+        now_ms: i64,
+    ) -> Result<Vec<Connections>, PresenceError>;
 
     /// The live connections (unexpired at `now_ms`) of one agent, with the gateway of each, by session id.
     async fn agent_sessions(
@@ -197,20 +213,31 @@ pub struct CustomerSession {
     pub session: String,
 }
 
-/// What presence knows of a chat's customer (see [`Presence::customers_present`]).
+/// What presence knows of someone's connections: a chat's customer's (see [`Presence::customers_present`])
+/// or an agent's ([`Presence::agents_present`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CustomerPresence {
-    /// Nothing was ever recorded for the chat (a gateway from before customers were recorded, a chat started
-    /// before Redis lost its data, or one left for longer than the garbage-collection margin): nobody can
-    /// say the customer went away.
+pub enum Connections {
+    /// Nothing is recorded (never was: a gateway from before customers were recorded, a chat started before
+    /// Redis lost its data; or ended longer ago than the garbage-collection margin): nobody can say since
+    /// when they are gone.
     Unknown,
-    /// At least one connection of the customer is live.
+    /// At least one connection is live.
     Here,
     /// Every connection recorded closed or expired, the last of them at `since_ms` (its close, or its
     /// expiry when its gateway wrote no end: the instants are the gateways' clocks). A reader counts how long
-    /// the customer has been gone from it, whoever read them before (an actor moved to another node does
-    /// not count again from zero).
+    /// they have been gone from it, whoever read them before (an actor moved to another node does not count
+    /// again from zero).
     Gone { since_ms: i64 },
+}
+
+/// What the latest instant recorded of someone's connections (the expiry or end of the one that lasts
+/// longest, if any) says at `now_ms`.
+pub(crate) fn connections(latest_ms: Option<i64>, now_ms: i64) -> Connections {
+    match latest_ms {
+        None => Connections::Unknown,
+        Some(latest_ms) if latest_ms > now_ms => Connections::Here,
+        Some(since_ms) => Connections::Gone { since_ms },
+    }
 }
 
 /// A live connection of an agent.

@@ -8,8 +8,8 @@ use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId
 use tokio::sync::broadcast;
 
 use crate::{
-    CHANGES_CAPACITY, CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence,
-    PresenceChange, PresenceError, StartBudget, take_start,
+    CHANGES_CAPACITY, Connections, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange,
+    PresenceError, StartBudget, take_start,
 };
 
 /// The default margin after which expired entries are dropped (as [`RedisSettings::gc_ttl`](crate::RedisSettings)).
@@ -110,17 +110,26 @@ impl Presence for MemoryPresence {
         Ok(())
     }
 
-    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
-        let removed = {
+    async fn session_gone(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        session: &str,
+        at_ms: i64,
+    ) -> Result<(), PresenceError> {
+        let ended = {
             let mut state = self.state();
             let key = (tenant.clone(), agent.clone());
-            let removed = state.sessions.get_mut(&key).and_then(|sessions| sessions.remove(session)).is_some();
-            if state.sessions.get(&key).is_some_and(HashMap::is_empty) {
-                state.sessions.remove(&key);
+            // Kept as ended, only ever earlier; live until now if it was to expire after its end.
+            match state.sessions.get_mut(&key).and_then(|sessions| sessions.get_mut(session)) {
+                Some((_, expires)) if *expires > at_ms => {
+                    *expires = at_ms;
+                    true
+                }
+                _ => false,
             }
-            removed
         };
-        if removed {
+        if ended {
             self.publish(PresenceChange::Session { tenant: tenant.clone(), agent: agent.clone(), up: false });
         }
         Ok(())
@@ -159,30 +168,28 @@ impl Presence for MemoryPresence {
         tenant: &TenantId,
         chats: &[ConversationId],
         now_ms: i64,
-    ) -> Result<Vec<CustomerPresence>, PresenceError> {
+    ) -> Result<Vec<Connections>, PresenceError> {
         let state = self.state();
         Ok(chats
             .iter()
-            .map(|chat| match state.customers.get(&(tenant.clone(), *chat)) {
-                None => CustomerPresence::Unknown,
-                Some(sessions) => match sessions.values().max() {
-                    Some(&latest) if latest > now_ms => CustomerPresence::Here,
-                    Some(&since_ms) => CustomerPresence::Gone { since_ms },
-                    None => CustomerPresence::Unknown,
-                },
+            .map(|chat| {
+                let latest = state.customers.get(&(tenant.clone(), *chat)).and_then(|sessions| sessions.values().max());
+                crate::connections(latest.copied(), now_ms)
             })
             .collect())
     }
 
-    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {
+    async fn agents_present(
+        &self,
+        agents: &[(TenantId, AgentId)],
+        now_ms: i64,
+    ) -> Result<Vec<Connections>, PresenceError> {
         let state = self.state();
         Ok(agents
             .iter()
             .map(|key| {
-                state.sessions.get(key).map_or(0, |sessions| {
-                    let live = sessions.values().filter(|(_, expires)| *expires > now_ms).count();
-                    u32::try_from(live).unwrap_or(u32::MAX)
-                })
+                let latest = state.sessions.get(key).and_then(|sessions| sessions.values().map(|(_, at)| *at).max());
+                crate::connections(latest, now_ms)
             })
             .collect())
     }

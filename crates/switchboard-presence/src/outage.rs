@@ -7,8 +7,8 @@ use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId
 use tokio::sync::broadcast;
 
 use crate::{
-    CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange,
-    PresenceError, StartBudget,
+    Connections, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange, PresenceError,
+    StartBudget,
 };
 
 /// Presence that stops answering on demand, as Redis does when it is down or unreachable: every call fails
@@ -51,8 +51,14 @@ impl Presence for Outage {
         self.up()?.session_alive(tenant, agent, session, gateway, expires_at_ms).await
     }
 
-    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
-        self.up()?.session_gone(tenant, agent, session).await
+    async fn session_gone(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        session: &str,
+        at_ms: i64,
+    ) -> Result<(), PresenceError> {
+        self.up()?.session_gone(tenant, agent, session, at_ms).await
     }
 
     async fn customers_alive(&self, sessions: &[CustomerSession], expires_at_ms: i64) -> Result<(), PresenceError> {
@@ -68,12 +74,16 @@ impl Presence for Outage {
         tenant: &TenantId,
         chats: &[ConversationId],
         now_ms: i64,
-    ) -> Result<Vec<CustomerPresence>, PresenceError> {
+    ) -> Result<Vec<Connections>, PresenceError> {
         self.up()?.customers_present(tenant, chats, now_ms).await
     }
 
-    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {
-        self.up()?.live_sessions(agents, now_ms).await
+    async fn agents_present(
+        &self,
+        agents: &[(TenantId, AgentId)],
+        now_ms: i64,
+    ) -> Result<Vec<Connections>, PresenceError> {
+        self.up()?.agents_present(agents, now_ms).await
     }
 
     async fn agent_sessions(

@@ -14,8 +14,8 @@ use tokio::sync::{broadcast, watch};
 use tracing::{debug, warn};
 
 use crate::{
-    CHANGES_CAPACITY, CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence,
-    PresenceChange, PresenceError, StartBudget,
+    CHANGES_CAPACITY, Connections, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange,
+    PresenceError, StartBudget,
 };
 
 /// [`take_start`](crate::take_start) in Redis, atomically: KEYS[1] the address's key; ARGV now (µs), one
@@ -299,12 +299,21 @@ impl Presence for RedisPresence {
         Ok(())
     }
 
-    async fn session_gone(&self, tenant: &TenantId, agent: &AgentId, session: &str) -> Result<(), PresenceError> {
+    async fn session_gone(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+        session: &str,
+        at_ms: i64,
+    ) -> Result<(), PresenceError> {
+        let sessions = self.inner.keys.sessions(tenant, agent);
         let mut pipe = redis::pipe();
-        pipe.cmd("ZREM").arg(self.inner.keys.sessions(tenant, agent)).arg(session);
+        // `XX LT CH`: only a session recorded, only ever earlier; changed (counted) when it was to expire after
+        // its end, that is, live until then.
+        pipe.cmd("ZADD").arg(&sessions).arg("XX").arg("LT").arg("CH").arg(at_ms).arg(session);
         pipe.cmd("HDEL").arg(self.inner.keys.gateways(tenant, agent)).arg(session).ignore();
-        let (removed,): (i64,) = self.query(&pipe).await?;
-        if removed > 0 {
+        let (ended,): (i64,) = self.query(&pipe).await?;
+        if ended > 0 {
             self.publish(&[PresenceChange::Session { tenant: tenant.clone(), agent: agent.clone(), up: false }])
                 .await?;
         }
@@ -346,7 +355,7 @@ impl Presence for RedisPresence {
         tenant: &TenantId,
         chats: &[ConversationId],
         now_ms: i64,
-    ) -> Result<Vec<CustomerPresence>, PresenceError> {
+    ) -> Result<Vec<Connections>, PresenceError> {
         let mut present = Vec::with_capacity(chats.len());
         for chunk in chats.chunks(CUSTOMER_WRITES_PER_PIPELINE) {
             let mut pipe = redis::pipe();
@@ -355,24 +364,33 @@ impl Presence for RedisPresence {
                 pipe.cmd("ZRANGE").arg(self.inner.keys.customer(tenant, chat)).arg(-1).arg(-1).arg("WITHSCORES");
             }
             let latest: Vec<Vec<(String, f64)>> = self.query(&pipe).await?;
-            present.extend(latest.into_iter().map(|latest| match latest.first() {
-                None => CustomerPresence::Unknown,
-                Some((_, score)) if score_to_ms(*score) > now_ms => CustomerPresence::Here,
-                Some((_, score)) => CustomerPresence::Gone { since_ms: score_to_ms(*score) },
-            }));
+            present.extend(
+                latest
+                    .iter()
+                    .map(|latest| crate::connections(latest.first().map(|(_, score)| score_to_ms(*score)), now_ms)),
+            );
         }
         Ok(present)
     }
 
-    async fn live_sessions(&self, agents: &[(TenantId, AgentId)], now_ms: i64) -> Result<Vec<u32>, PresenceError> {
+    async fn agents_present(
+        &self,
+        agents: &[(TenantId, AgentId)],
+        now_ms: i64,
+    ) -> Result<Vec<Connections>, PresenceError> {
         if agents.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for (tenant, agent) in agents {
-            pipe.cmd("ZCOUNT").arg(self.inner.keys.sessions(tenant, agent)).arg(after(now_ms)).arg("+inf");
+            // The connection that lasts longest: none recorded, live, or every one ended.
+            pipe.cmd("ZRANGE").arg(self.inner.keys.sessions(tenant, agent)).arg(-1).arg(-1).arg("WITHSCORES");
         }
-        self.query(&pipe).await
+        let latest: Vec<Vec<(String, f64)>> = self.query(&pipe).await?;
+        Ok(latest
+            .iter()
+            .map(|latest| crate::connections(latest.first().map(|(_, score)| score_to_ms(*score)), now_ms))
+            .collect())
     }
 
     async fn agent_sessions(

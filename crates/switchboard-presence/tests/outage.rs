@@ -72,9 +72,9 @@ async fn an_outage_fails_fast_and_the_same_instance_recovers() {
     server.stop().expect("stop redis");
     let status = GroupStatus::new(tenant(), sales.clone(), true, 1, 0);
     for _ in 0..3 {
-        assert!(is_unavailable(presence.live_sessions(&[(tenant(), agent("ann"))], 0).await));
+        assert!(is_unavailable(presence.agents_present(&[(tenant(), agent("ann"))], 0).await));
         assert!(is_unavailable(presence.session_alive(&tenant(), &agent("ann"), "s", "gw1", 1_000).await));
-        assert!(is_unavailable(presence.session_gone(&tenant(), &agent("ann"), "s").await));
+        assert!(is_unavailable(presence.session_gone(&tenant(), &agent("ann"), "s", 1).await));
         assert!(is_unavailable(
             presence.signed_in(&tenant(), &agent("ann"), AgentStatus::Online, std::slice::from_ref(&sales), 1).await
         ));
@@ -121,7 +121,7 @@ async fn a_hung_server_times_out_instead_of_hanging() {
     // Paused: the connection stays open but nothing answers; the response timeout ends each call.
     server.pause().expect("pause redis");
     assert!(is_unavailable(presence.license_mirror().await));
-    assert!(is_unavailable(presence.live_sessions(&[(tenant(), agent("ann"))], 0).await));
+    assert!(is_unavailable(presence.agents_present(&[(tenant(), agent("ann"))], 0).await));
 
     // Resumed (with its data, since it never stopped): the same instance works again.
     server.resume().expect("resume redis");

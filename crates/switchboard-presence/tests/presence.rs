@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use switchboard_presence::{
-    CustomerPresence, CustomerSession, GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence,
-    PresenceChange, PresenceError, RedisPresence, RedisSettings, StartBudget,
+    Connections, CustomerSession, GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange,
+    PresenceError, RedisPresence, RedisSettings, StartBudget,
 };
 use switchboard_testservices::Redis;
 use tokio::sync::broadcast;
@@ -50,23 +50,25 @@ async fn assert_nothing_published(p: &dyn Presence, changes: &mut broadcast::Rec
 }
 
 async fn expiry_is_by_value(p: &dyn Presence) {
+    use Connections::{Here, Unknown};
     let (t, a) = (tenant("acme"), agent("ann"));
     p.session_alive(&t, &a, "s1", "gw1", 1_000).await.expect("alive");
     let ask = [(t.clone(), a.clone())];
-    assert_eq!(p.live_sessions(&ask, 999).await.expect("read"), [1]);
-    // Expired at exactly its expiry instant.
-    assert_eq!(p.live_sessions(&ask, 1_000).await.expect("read"), [0]);
+    let gone = |since_ms| Connections::Gone { since_ms };
+    assert_eq!(p.agents_present(&ask, 999).await.expect("read"), [Here]);
+    // Expired at exactly its expiry instant, and gone since then.
+    assert_eq!(p.agents_present(&ask, 1_000).await.expect("read"), [gone(1_000)]);
     // A refresh moves the expiry.
     p.session_alive(&t, &a, "s1", "gw1", 2_000).await.expect("refresh");
-    assert_eq!(p.live_sessions(&ask, 1_500).await.expect("read"), [1]);
-    assert_eq!(p.live_sessions(&ask, 2_500).await.expect("read"), [0]);
-    // Unknown agents have none; the answer follows the order asked.
+    assert_eq!(p.agents_present(&ask, 1_500).await.expect("read"), [Here]);
+    assert_eq!(p.agents_present(&ask, 2_500).await.expect("read"), [gone(2_000)]);
+    // Agents never recorded are unknown; the answer follows the order asked.
     let ask = [(t.clone(), agent("nobody")), (t.clone(), a.clone()), (tenant("other"), a.clone())];
-    assert_eq!(p.live_sessions(&ask, 1_500).await.expect("read"), [0, 1, 0]);
-    assert_eq!(p.live_sessions(&[], 1_500).await.expect("read"), Vec::<u32>::new());
+    assert_eq!(p.agents_present(&ask, 1_500).await.expect("read"), [Unknown, Here, Unknown]);
+    assert_eq!(p.agents_present(&[], 1_500).await.expect("read"), Vec::<Connections>::new());
     // A refresh with an earlier expiry is taken as it is (the writer's clock decides).
     p.session_alive(&t, &a, "s1", "gw1", 1_200).await.expect("refresh");
-    assert_eq!(p.live_sessions(&[(t, a)], 1_500).await.expect("read"), [0]);
+    assert_eq!(p.agents_present(&[(t, a)], 1_500).await.expect("read"), [gone(1_200)]);
 }
 
 fn chat_id(n: u64) -> ConversationId {
@@ -78,8 +80,8 @@ fn customer(tenant_id: &str, chat: u64, session: &str) -> CustomerSession {
 }
 
 async fn a_chats_customer_is_here_gone_or_unknown(p: &dyn Presence) {
-    use CustomerPresence::{Here, Unknown};
-    let gone = |since_ms| CustomerPresence::Gone { since_ms };
+    use Connections::{Here, Unknown};
+    let gone = |since_ms| Connections::Gone { since_ms };
     let (c1, c2, c3) = (chat_id(1), chat_id(2), chat_id(3));
     let t = tenant("acme");
     // Chat 1 has two connections (a second tab), chat 2 one; chat 3 none ever.
@@ -107,7 +109,7 @@ async fn a_chats_customer_is_here_gone_or_unknown(p: &dyn Presence) {
     // A customer who comes back (a reload) is here again.
     p.customers_alive(&[customer("acme", 1, "gw/b/5")], 3_000).await.expect("back");
     assert_eq!(p.customers_present(&t, &[c2, c1], 2_000).await.expect("read"), [gone(1_250), Here]);
-    assert_eq!(p.customers_present(&t, &[], 2_000).await.expect("read"), Vec::<CustomerPresence>::new());
+    assert_eq!(p.customers_present(&t, &[], 2_000).await.expect("read"), Vec::<Connections>::new());
     // Many at once (more than one pipeline's worth), in the order asked.
     let many: Vec<CustomerSession> = (100..1_300).map(|chat| customer("acme", chat, &format!("s{chat}"))).collect();
     p.customers_alive(&many, 5_000).await.expect("many");
@@ -118,13 +120,14 @@ async fn a_chats_customer_is_here_gone_or_unknown(p: &dyn Presence) {
 }
 
 async fn an_agent_may_have_several_sessions(p: &dyn Presence) {
+    use Connections::Here;
     let (t, a) = (tenant("acme"), agent("ann"));
     p.session_alive(&t, &a, "s1", "gw1", 1_000).await.expect("alive");
     p.session_alive(&t, &a, "s2", "gw2", 2_000).await.expect("alive");
     p.session_alive(&t, &agent("bob"), "s3", "gw1", 2_000).await.expect("alive");
     let ask = [(t.clone(), a.clone())];
-    assert_eq!(p.live_sessions(&ask, 500).await.expect("read"), [2]);
-    assert_eq!(p.live_sessions(&ask, 1_500).await.expect("read"), [1]);
+    assert_eq!(p.agents_present(&ask, 500).await.expect("read"), [Here]);
+    assert_eq!(p.agents_present(&ask, 1_500).await.expect("read"), [Here], "s2 still");
     assert_eq!(
         p.agent_sessions(&t, &a, 500).await.expect("read"),
         [
@@ -136,14 +139,20 @@ async fn an_agent_may_have_several_sessions(p: &dyn Presence) {
         p.agent_sessions(&t, &a, 1_500).await.expect("read"),
         [LiveSession { session: "s2".into(), gateway: "gw2".into(), expires_at_ms: 2_000 }]
     );
-    p.session_gone(&t, &a, "s2").await.expect("gone");
-    assert_eq!(p.live_sessions(&ask, 500).await.expect("read"), [1]);
-    // Closing an unknown session is harmless.
-    p.session_gone(&t, &a, "never-was").await.expect("gone");
-    p.session_gone(&t, &a, "s1").await.expect("gone");
-    assert_eq!(p.live_sessions(&ask, 500).await.expect("read"), [0]);
+    p.session_gone(&t, &a, "s2", 400).await.expect("gone");
+    assert_eq!(p.agents_present(&ask, 500).await.expect("read"), [Here], "s1 still");
+    // Closing an unknown session is harmless, and adds nothing.
+    p.session_gone(&t, &a, "never-was", 450).await.expect("gone");
+    p.session_gone(&t, &a, "s1", 300).await.expect("gone");
+    // Gone since the last of them ended (s2, the later end); an end written again later does not move it.
+    assert_eq!(p.agents_present(&ask, 500).await.expect("read"), [Connections::Gone { since_ms: 400 }]);
+    p.session_gone(&t, &a, "s2", 480).await.expect("gone again");
+    assert_eq!(p.agents_present(&ask, 500).await.expect("read"), [Connections::Gone { since_ms: 400 }]);
     assert_eq!(p.agent_sessions(&t, &a, 500).await.expect("read"), []);
-    assert_eq!(p.live_sessions(&[(t, agent("bob"))], 500).await.expect("read"), [1]);
+    assert_eq!(p.agents_present(&[(t.clone(), agent("bob"))], 500).await.expect("read"), [Here]);
+    // A new connection: here again.
+    p.session_alive(&t, &a, "s4", "gw1", 3_000).await.expect("alive");
+    assert_eq!(p.agents_present(&ask, 500).await.expect("read"), [Here]);
 }
 
 async fn signed_in_agents_are_counted_per_group(p: &dyn Presence) {
@@ -294,13 +303,14 @@ async fn changes_are_published_when_something_changes(p: &dyn Presence) {
     p.signed_out(&t, &a, &[sales.clone(), support.clone(), group("never-in")]).await.expect("sign out");
     assert_eq!(next_change(&mut changes).await, signed_in(&sales, false));
     assert_eq!(next_change(&mut changes).await, signed_in(&support, false));
-    p.session_gone(&t, &a, "s1").await.expect("gone");
+    p.session_gone(&t, &a, "s1", 1_500).await.expect("gone");
     assert_eq!(
         next_change(&mut changes).await,
         PresenceChange::Session { tenant: t.clone(), agent: a.clone(), up: false }
     );
-    // Removing what is not there publishes nothing.
-    p.session_gone(&t, &a, "s1").await.expect("gone again");
+    // Ending what is not live publishes nothing.
+    p.session_gone(&t, &a, "s1", 1_500).await.expect("gone again");
+    p.session_gone(&t, &a, "never-was", 1_500).await.expect("never was");
     p.signed_out(&t, &a, std::slice::from_ref(&sales)).await.expect("sign out again");
     assert_nothing_published(p, &mut changes, "m4").await;
 }
@@ -357,7 +367,7 @@ async fn changes_reach_every_node() {
         next_change(&mut changes).await,
         PresenceChange::Session { tenant: tenant("acme"), agent: agent("ann"), up: true }
     );
-    assert_eq!(two.live_sessions(&[(tenant("acme"), agent("ann"))], 0).await.expect("read"), [1]);
+    assert_eq!(two.agents_present(&[(tenant("acme"), agent("ann"))], 0).await.expect("read"), [Connections::Here]);
 }
 
 #[tokio::test]
@@ -369,7 +379,7 @@ async fn a_prefix_separates_deployments() {
     let mut green_changes = green.changes();
     blue.session_alive(&tenant("acme"), &agent("ann"), "s1", "gw1", 1_000).await.expect("alive");
     blue.mirror_license(1, 2, 3).await.expect("mirror");
-    assert_eq!(green.live_sessions(&[(tenant("acme"), agent("ann"))], 0).await.expect("read"), [0]);
+    assert_eq!(green.agents_present(&[(tenant("acme"), agent("ann"))], 0).await.expect("read"), [Connections::Unknown]);
     assert_eq!(green.license_mirror().await.expect("read"), None);
     // Green's stream carries only green's changes.
     green.session_alive(&tenant("acme"), &agent("gus"), "s2", "gw1", 1_000).await.expect("alive");
@@ -392,7 +402,7 @@ async fn foreign_values_are_reported_as_corrupt() {
     assert!(matches!(presence.license_mirror().await, Err(PresenceError::Corrupt(_))));
     let error = presence.group_statuses(&tenant("acme")).await.expect_err("corrupt");
     assert!(matches!(&error, PresenceError::Corrupt(why) if why.contains("sales")), "{error}");
-    let error = presence.live_sessions(&[(tenant("acme"), agent("ann"))], 0).await.expect_err("wrong type");
+    let error = presence.agents_present(&[(tenant("acme"), agent("ann"))], 0).await.expect_err("wrong type");
     assert!(matches!(error, PresenceError::Corrupt(_)), "{error}");
     let error = presence.chosen_status(&tenant("acme"), &agent("ann")).await.expect_err("no such status");
     assert!(matches!(&error, PresenceError::Corrupt(why) if why.contains("busy")), "{error}");

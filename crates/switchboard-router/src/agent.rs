@@ -50,6 +50,7 @@ use crate::conversation::waiting_entry;
 use crate::error::from_store;
 use crate::presence::GoneCustomers;
 use crate::remote;
+use switchboard_presence::Connections;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 
@@ -122,8 +123,9 @@ pub(crate) struct AgentActorState {
     subscribers: BTreeSet<GatewayId>,
     /// The offer outstanding now, as shown to the agent (sent again to a gateway that subscribes later).
     shown_offer: Option<(switchboard_domain::WaitingEntry, i64)>,
-    /// Since when the agent has had no live connection (presence read), if they are signed in.
-    disconnected_since_ms: Option<i64>,
+    /// When the heartbeats began to find the agent without a live connection (presence read), if they are
+    /// signed in: the first of the run.
+    found_disconnected_at_ms: Option<i64>,
     /// The version of the agent's availability for the queues.
     versions: Versions,
     /// Heartbeats since the queues were last told the agent's availability.
@@ -202,7 +204,7 @@ impl Actor for AgentActor {
             agent,
             subscribers: BTreeSet::new(),
             shown_offer,
-            disconnected_since_ms: None,
+            found_disconnected_at_ms: None,
             versions: Versions::new(epoch),
             ticks_since_told: 0,
             status_lost,
@@ -314,7 +316,7 @@ impl AgentActorState {
         }
         let now_ms = self.now_ms();
         self.agent.set_status(status, now_ms);
-        self.disconnected_since_ms = None;
+        self.found_disconnected_at_ms = None;
         self.refresh_signed_in().await;
         self.changed().await;
         view_of(&self.agent)
@@ -688,21 +690,34 @@ impl AgentActorState {
     }
 
     /// Whether the agent still has a live connection; past the grace period without one, the agent goes
-    /// offline.
+    /// offline. The grace period runs from the end of their last connection as presence recorded it (its
+    /// close, or its lapse when its gateway went with it), so an agent taken over from another node goes on
+    /// from there rather than starting it again; from the first heartbeat that found them disconnected when
+    /// presence has no record (Redis restarted empty). Either way the heartbeats must have found them
+    /// disconnected for two heartbeats at least (see [`crate::PresenceSettings::agent_confirm_ms`]): a
+    /// connection presence lost or restored stale is written again by its gateway within one.
     async fn check_connections(&mut self) {
         let now_ms = self.now_ms();
         let asked = [(self.agent.tenant.clone(), self.agent.id.clone())];
-        let live = match self.context.presence.live_sessions(&asked, now_ms).await {
-            Ok(counts) => counts.first().copied().unwrap_or(0),
+        let connections = match self.context.presence.agents_present(&asked, now_ms).await {
+            Ok(read) => read.first().copied().unwrap_or(Connections::Unknown),
             // Presence is stale, not absent: nobody goes offline because Redis is down.
             Err(_) => return,
         };
-        if live > 0 {
-            self.disconnected_since_ms = None;
-            return;
-        }
-        let since = *self.disconnected_since_ms.get_or_insert(now_ms);
-        if now_ms.saturating_sub(since) >= self.context.presence_settings.grace_ms() {
+        let found_at_ms = match connections {
+            Connections::Here => {
+                self.found_disconnected_at_ms = None;
+                return;
+            }
+            Connections::Gone { .. } | Connections::Unknown => *self.found_disconnected_at_ms.get_or_insert(now_ms),
+        };
+        let since_ms = match connections {
+            Connections::Gone { since_ms } => since_ms,
+            _ => found_at_ms,
+        };
+        let settings = &self.context.presence_settings;
+        let confirmed = now_ms.saturating_sub(found_at_ms) >= settings.agent_confirm_ms();
+        if confirmed && now_ms.saturating_sub(since_ms) >= settings.grace_ms() {
             self.go_offline().await;
         }
     }
@@ -714,7 +729,7 @@ impl AgentActorState {
         self.status_lost = false;
         let now_ms = self.now_ms();
         self.agent.set_status(AgentStatus::Offline, now_ms);
-        self.disconnected_since_ms = None;
+        self.found_disconnected_at_ms = None;
         self.end_held_offer(OfferEnd::Withdrawn);
         for conversation in self.agent.active.clone() {
             let command = SystemCommand::Requeue { agent: self.agent.id.clone(), reason: RequeueReason::AgentOffline };
@@ -803,9 +818,9 @@ pub(crate) async fn activate(
 ///
 /// It is the status they chose, kept in presence by their previous owner, so that a takeover neither
 /// withdraws their offer nor hides them from their queues until the agent sets a status again. Whether they
-/// are still connected is the heartbeat's to see, as ever: an agent without a live connection has the grace
-/// period from the first heartbeat here (an owner that died took the agent's own grace period with it), and
-/// past it their chats go back to their queues.
+/// are still connected is the heartbeat's to see, as ever: an agent without a live connection has what is
+/// left of the grace period since their last connection ended, as presence recorded it (at least two
+/// heartbeats here, which confirm it), and past it their chats go back to their queues.
 ///
 /// Presence may have lost the status (Redis restarted empty, or the key outlived by a cluster down for
 /// longer than its expiry) or not answer. An agent who then holds chats or an offer, or is connected, was
@@ -826,8 +841,8 @@ async fn starting_status(context: &Context, agent: &AgentState) -> (AgentStatus,
     let asked = [(tenant.clone(), id.clone())];
     // Unknown counts as connected: presence that does not answer is stale, not absent (as in the heartbeat).
     let maybe_connected = || async {
-        match context.presence.live_sessions(&asked, context.clock.now_ms()).await {
-            Ok(counts) => counts.first().is_some_and(|&n| n > 0),
+        match context.presence.agents_present(&asked, context.clock.now_ms()).await {
+            Ok(read) => read.first() == Some(&Connections::Here),
             Err(error) => {
                 warn!(%error, agent = %id, "the agent's connections were not read");
                 true

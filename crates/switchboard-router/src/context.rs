@@ -98,6 +98,14 @@ impl PresenceSettings {
         i64::try_from(self.customer_grace.as_millis()).unwrap_or(i64::MAX)
     }
 
+    /// How long heartbeats must find an agent without a live connection, from the first that did, before a
+    /// grace period over (by presence's own instant) is acted on: two heartbeats (the gateways write each
+    /// agent connection again every heartbeat), or the grace period when shorter.
+    pub(crate) fn agent_confirm_ms(&self) -> i64 {
+        let two_heartbeats = i64::try_from(self.heartbeat.as_millis().saturating_mul(2)).unwrap_or(i64::MAX);
+        two_heartbeats.min(self.grace_ms())
+    }
+
     /// How long readings must find a customer gone, from the first that did, before a departure of at least
     /// `for_ms` (by presence's own instant) is acted on: two customer heartbeats, or `for_ms` when shorter.
     pub(crate) fn customer_confirm_ms(&self, for_ms: i64) -> i64 {

@@ -13,7 +13,7 @@ use switchboard_domain::{
     GroupId, NewConversation, Refusal, Routing, WaitingEntry, apply, conversation_key, customer_token_matches, decide,
     new_customer_token, queue_key, stored_customer_token, unhashed_customer_token,
 };
-use switchboard_presence::CustomerPresence;
+use switchboard_presence::Connections;
 use switchboard_proto::convert::{conversation_from_record, dedupe_key, event_from_record, new_event};
 use switchboard_proto::internal::v1::{
     self as pb, AppendRequest, ConversationRecord, ConversationUpdate, GetConversationRequest, ReadEventsRequest,
@@ -93,7 +93,7 @@ pub(crate) enum ConversationMsg {
     /// an earlier reading, or the agent's owner's telling).
     CustomerRead {
         read: u64,
-        presence: Option<CustomerPresence>,
+        presence: Option<Connections>,
         confirming: bool,
     },
     /// The wait that followed the `read`th reading, which found the customer gone, is over.
@@ -560,13 +560,13 @@ impl ConversationActorState {
     async fn customer_read(
         &mut self,
         myself: &ActorRef<ConversationMsg>,
-        presence: Option<CustomerPresence>,
+        presence: Option<Connections>,
         confirming: bool,
     ) -> Result<(), RouterError> {
         let here = match presence {
-            Some(CustomerPresence::Here) => true,
-            Some(CustomerPresence::Gone { since_ms }) => {
-                let command = Command::CustomerPresence { here: false };
+            Some(Connections::Here) => true,
+            Some(Connections::Gone { since_ms }) => {
+                let command = Command::Connections { here: false };
                 if !matches!(decide(&self.conversation, &command), Ok(Some(_))) {
                     return Ok(());
                 }
@@ -582,9 +582,9 @@ impl ConversationActorState {
                 }
                 false
             }
-            Some(CustomerPresence::Unknown) | None => return Ok(()),
+            Some(Connections::Unknown) | None => return Ok(()),
         };
-        self.decide_and_append(Author::System, &Command::CustomerPresence { here }, None).await.map(|_| ())
+        self.decide_and_append(Author::System, &Command::Connections { here }, None).await.map(|_| ())
     }
 
     async fn command(&mut self, caller: &Caller, command: ChatCommand) -> Result<CommandOutcome, RouterError> {

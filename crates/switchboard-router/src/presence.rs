@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use switchboard_domain::{ConversationId, GroupId, TenantId};
-use switchboard_presence::CustomerPresence;
+use switchboard_presence::Connections;
 use tracing::debug;
 
 use crate::context::Context;
@@ -74,7 +74,7 @@ impl GoneCustomers {
     pub(crate) fn read(
         &mut self,
         at_ms: i64,
-        read: Option<Vec<(ConversationId, CustomerPresence)>>,
+        read: Option<Vec<(ConversationId, Connections)>>,
         for_ms: i64,
         confirm_ms: i64,
         listed: impl Fn(&ConversationId) -> bool,
@@ -85,7 +85,7 @@ impl GoneCustomers {
         };
         let mut gone = Vec::new();
         for (conversation, presence) in read {
-            let CustomerPresence::Gone { since_ms } = presence else {
+            let Connections::Gone { since_ms } = presence else {
                 self.counts.remove(&conversation);
                 continue;
             };
@@ -117,13 +117,13 @@ mod tests {
     fn a_customer_is_gone_once_presence_says_so_for_the_period_and_the_readings_for_the_confirmation() {
         let (a, b, c) = (ConversationId::new_v7(1), ConversationId::new_v7(2), ConversationId::new_v7(3));
         let all = |_: &ConversationId| true;
-        let gone = |since_ms| CustomerPresence::Gone { since_ms };
-        let reading = |a_is, b_is| Some(vec![(a, a_is), (b, b_is), (c, CustomerPresence::Unknown)]);
+        let gone = |since_ms| Connections::Gone { since_ms };
+        let reading = |a_is, b_is| Some(vec![(a, a_is), (b, b_is), (c, Connections::Unknown)]);
         // Gone for 10, confirmed by readings over 4.
         let mut counts = GoneCustomers::default();
         assert_eq!(counts.read(0, reading(gone(0), gone(0)), 10, 4, all), []);
         // b is back for one reading, and leaves again at 7.
-        assert_eq!(counts.read(5, reading(gone(0), CustomerPresence::Here), 10, 4, all), []);
+        assert_eq!(counts.read(5, reading(gone(0), Connections::Here), 10, 4, all), []);
         assert_eq!(counts.read(10, reading(gone(0), gone(7)), 10, 4, all), [a], "b left at 7");
         assert_eq!(counts.read(15, reading(gone(0), gone(7)), 10, 4, all), [], "b gone for 8 only");
         assert_eq!(counts.read(17, reading(gone(0), gone(7)), 10, 4, all), [b]);
@@ -144,7 +144,7 @@ mod tests {
         // listed again.
         let mut stale = GoneCustomers::default();
         assert_eq!(stale.read(0, reading(gone(-1_000), gone(-1_000)), 10, 4, all), []);
-        assert_eq!(stale.read(3, reading(CustomerPresence::Here, gone(-1_000)), 10, 4, all), []);
+        assert_eq!(stale.read(3, reading(Connections::Here, gone(-1_000)), 10, 4, all), []);
         assert_eq!(stale.read(4, reading(gone(-1_000), gone(-1_000)), 10, 4, |chat| *chat != b), []);
         assert_eq!(stale.read(6, None, 10, 4, all), []);
         assert_eq!(stale.read(9, reading(gone(-1_000), gone(-1_000)), 10, 4, all), []);

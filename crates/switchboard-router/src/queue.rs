@@ -33,7 +33,7 @@ use switchboard_domain::{
     AgentAvailability, AgentId, AgentStatus, BusinessHours, Conversation, ConversationId, ConversationState, GroupId,
     Offer, OfferEnd, Refusal, Routing, TenantId, WaitingEntry, WaitingQueue, queue_key,
 };
-use switchboard_presence::{CustomerPresence, GroupStatus};
+use switchboard_presence::{Connections, GroupStatus};
 use switchboard_proto::convert::conversation_from_record;
 use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest};
 use switchboard_proto::router::{GatewayId, LeftQueue, OfferUpdate, Push, QueueChange, RouterError, SystemCommand};
@@ -152,7 +152,7 @@ pub(crate) enum QueueMsg {
     /// presence; `None`: it could not be read).
     CustomersRead {
         at_ms: i64,
-        read: Option<Vec<(ConversationId, CustomerPresence)>>,
+        read: Option<Vec<(ConversationId, Connections)>>,
     },
 }
 
@@ -727,7 +727,7 @@ impl QueueActorState {
 
     /// What presence said of the waiting chats' customers ([`Self::check_customers`]): a chat whose customer
     /// has been gone for the abandonment's grace period (see [`GoneCustomers`]) is cancelled as abandoned.
-    fn customers_read(&mut self, at_ms: i64, read: Option<Vec<(ConversationId, CustomerPresence)>>) {
+    fn customers_read(&mut self, at_ms: i64, read: Option<Vec<(ConversationId, Connections)>>) {
         self.reading_customers = false;
         let Some(grace) = self.context.presence_settings.abandon_after else {
             self.customers_gone.clear();

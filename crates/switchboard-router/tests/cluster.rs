@@ -659,7 +659,7 @@ async fn connected_and_gone(
         cluster.accept_chat(&tenant(), &gone, chat).await.unwrap();
         held = Some(chat);
     }
-    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+    nodes.presence.session_gone(&tenant(), &gone, "s-2", nodes.clock.now_ms()).await.unwrap();
     (connected, pushes, gone, held)
 }
 
@@ -794,7 +794,7 @@ async fn agents_taken_over_by_another_node_keep_their_status_their_offer_and_the
     let request = start_request(held, pull_group, "y", "still there?");
     cluster.start_chat(request).await.unwrap();
     cluster.accept_chat(&tenant(), &gone, held).await.unwrap();
-    nodes.presence.session_gone(&tenant(), &gone, "s-2").await.unwrap();
+    nodes.presence.session_gone(&tenant(), &gone, "s-2", nodes.clock.now_ms()).await.unwrap();
 
     // The node hands everything over; nobody gives the agents their status back (no gateway here does).
     leaving.shutdown().await.unwrap();
@@ -1473,4 +1473,53 @@ async fn a_chat_accepted_whose_answer_was_lost_counts_among_the_agents_chats_onc
     });
     assert!(assigned, "b's console is told the chat is theirs");
     assert!(repairs("chat_counted") > repaired, "counted for SREs");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_taken_over_goes_offline_a_grace_period_after_their_last_connection_ended_not_after_the_takeover() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    let (leaving, staying) = (nodes.routers[0].clone(), nodes.routers[1].clone());
+    // An agent who holds a chat and whose last connection closed (presence recorded its end, now).
+    let (_connected, _pushes, gone, held) = connected_and_gone(&nodes, &leaving, true).await;
+    let held = held.unwrap();
+    let status = |who: &AgentId| {
+        let (cluster, who) = (cluster.clone(), who.clone());
+        async move { cluster.agent_availability(&tenant(), &who).await.unwrap().status }
+    };
+    // Most of the grace period passes on their node, which then leaves.
+    let grace_s = common::GRACE.as_secs();
+    heartbeats(&nodes, grace_s - 2).await;
+    assert_eq!(status(&gone).await, AgentStatus::Online, "within the grace period");
+    leaving.shutdown().await.unwrap();
+    staying.placement_changed();
+    settle(&nodes, |routers| routers.iter().map(|router| router.n_shards_owned()).max() == Some(1024)).await;
+    assert_eq!(status(&gone).await, AgentStatus::Online, "taken over with their status");
+
+    // The new owner reads since when they have been disconnected: what is left of the grace period, and two
+    // heartbeats at least to confirm it; not a whole grace period from the takeover.
+    heartbeats(&nodes, 3).await;
+    assert!(3 < grace_s, "a grace period from the takeover would still run");
+    assert_eq!(status(&gone).await, AgentStatus::Offline);
+    let view = cluster.chat_view(&Caller::Customer { conversation: held }, held).await.unwrap();
+    assert_eq!((view.state, view.owner), (ConversationState::Queued, None), "the absent agent's chat waits again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_whose_connection_presence_restored_stale_stays_once_their_gateway_writes_it_again() {
+    let nodes = start_nodes(2).await;
+    settle(&nodes, balanced).await;
+    let cluster = nodes.cluster.clone();
+    let (connected, _pushes, _gone, _) = connected_and_gone(&nodes, &nodes.routers[0], false).await;
+    // Presence restarted from an old copy: the connected agent's connection reads as expired an hour ago.
+    // Their gateway writes it again at its next heartbeat.
+    let old = nodes.clock.now_ms() - 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), &connected, "s-1", "gw", old).await.unwrap();
+    heartbeats(&nodes, 1).await;
+    let expires = nodes.clock.now_ms() + 24 * 60 * 60_000;
+    nodes.presence.session_alive(&tenant(), &connected, "s-1", "gw", expires).await.unwrap();
+    heartbeats(&nodes, common::GRACE.as_secs() + 2).await;
+    let availability = cluster.agent_availability(&tenant(), &connected).await.unwrap();
+    assert_eq!(availability.status, AgentStatus::Online, "not taken for gone on one heartbeat's reading");
 }

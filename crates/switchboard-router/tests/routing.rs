@@ -722,7 +722,7 @@ async fn an_agent_without_connection_keeps_their_chats_for_the_grace_period_then
     let chat = fixture.start_chat("g1", "ann").await;
     fixture.router.accept_chat(&tenant(), &agent("b"), chat).await.unwrap();
     fixture.router.subscribe_queue(&fixture.gateway, &tenant(), &group("g1")).await.unwrap();
-    fixture.presence.session_gone(&tenant(), &agent("b"), "s-b").await.unwrap();
+    fixture.presence.session_gone(&tenant(), &agent("b"), "s-b", fixture.clock_ms()).await.unwrap();
     let grace_ms = i64::try_from(GRACE.as_millis()).unwrap();
     fixture.pass(grace_ms - 2_000).await;
     let view = fixture.router.chat_view(&caller("b"), chat).await.unwrap();
