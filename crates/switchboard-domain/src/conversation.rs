@@ -273,7 +273,7 @@ pub enum Command {
     /// The system found the customer connected to the chat (`here`) or gone for the grace period: the
     /// change is recorded (`customer_left` only while an agent owns the chat; nothing once it ended, or when
     /// it is what the chat knows already).
-    Connections {
+    CustomerPresence {
         here: bool,
     },
 }
@@ -484,7 +484,7 @@ pub fn decide(conversation: &Conversation, command: &Command) -> Result<Option<E
         // Told only while an agent owns the chat (a waiting chat's customer who stays away abandons it); a
         // return is recorded whatever the chat's state until it ends, so that a `customer_left` is never the
         // last word while the customer is there.
-        Command::Connections { here } => match (state, conversation.customer_away, *here) {
+        Command::CustomerPresence { here } => match (state, conversation.customer_away, *here) {
             (Closed | Cancelled, _, _) => Ok(None),
             (_, true, true) => Ok(Some(EventBody::CustomerReturned)),
             (Active, false, false) => Ok(Some(EventBody::CustomerLeft)),

@@ -110,8 +110,8 @@ fn a_waiting_chat_whose_customer_went_away_is_abandoned_and_nothing_else_is() {
 
 #[test]
 fn an_ongoing_chats_customer_leaving_and_returning_is_recorded_once_each_way() {
-    let here = Command::Connections { here: true };
-    let gone = Command::Connections { here: false };
+    let here = Command::CustomerPresence { here: true };
+    let gone = Command::CustomerPresence { here: false };
     // Waiting: a departure is the queue's (abandonment), not recorded; nor a presence it knows already.
     let mut conversation = opened();
     assert_eq!((decide(&conversation, &gone), decide(&conversation, &here)), (Ok(None), Ok(None)));

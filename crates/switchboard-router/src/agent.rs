@@ -37,6 +37,7 @@ use switchboard_domain::{
     AgentAvailability, AgentId, AgentState, AgentStatus, AvailabilityVersion, Conversation, ConversationId,
     ConversationState, EventBody, OfferEnd, Refusal, RequeueReason, TenantId, agent_key,
 };
+use switchboard_presence::Connections;
 use switchboard_proto::convert::{conversation_from_record, conversation_id, event_from_record};
 use switchboard_proto::internal::v1::{GetConversationRequest, ListConversationsRequest, ReadEventsRequest};
 use switchboard_proto::router::{
@@ -50,7 +51,6 @@ use crate::conversation::waiting_entry;
 use crate::error::from_store;
 use crate::presence::GoneCustomers;
 use crate::remote;
-use switchboard_presence::Connections;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
 

@@ -566,7 +566,7 @@ impl ConversationActorState {
         let here = match presence {
             Some(Connections::Here) => true,
             Some(Connections::Gone { since_ms }) => {
-                let command = Command::Connections { here: false };
+                let command = Command::CustomerPresence { here: false };
                 if !matches!(decide(&self.conversation, &command), Ok(Some(_))) {
                     return Ok(());
                 }
@@ -584,7 +584,7 @@ impl ConversationActorState {
             }
             Some(Connections::Unknown) | None => return Ok(()),
         };
-        self.decide_and_append(Author::System, &Command::Connections { here }, None).await.map(|_| ())
+        self.decide_and_append(Author::System, &Command::CustomerPresence { here }, None).await.map(|_| ())
     }
 
     async fn command(&mut self, caller: &Caller, command: ChatCommand) -> Result<CommandOutcome, RouterError> {

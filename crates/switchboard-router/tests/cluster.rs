@@ -1174,10 +1174,14 @@ async fn a_chat_accepted_whose_answer_was_lost_counts_among_the_agents_chats_onc
     assert_eq!(availability().await, (None, 1), "held as a chat, not freed");
     let told = received(&mut pushes);
     assert_eq!(offer_ends(&told), []);
-    let assigned = told.iter().any(|push| {
+    assert!(assigned(&told, chat), "{told:?}");
+}
+
+/// Whether the pushes tell an agent's consoles that `chat` is theirs (`chat.assigned`).
+fn assigned(pushes: &[Push], chat: ConversationId) -> bool {
+    pushes.iter().any(|push| {
         matches!(push, Push::Agent { change: AgentChange::Assigned { chat: view }, .. } if view.conversation == chat)
-    });
-    assert!(assigned, "{told:?}");
+    })
 }
 
 /// How many repairs of `kind` this process's routers counted (`switchboard_router_repairs_total`); the
@@ -1468,10 +1472,7 @@ async fn a_chat_accepted_whose_answer_was_lost_counts_among_the_agents_chats_onc
     while pushes.try_recv().is_ok() {}
     heartbeats(&nodes, 30).await;
     assert_eq!(held_by_b(&nodes).await, 1);
-    let assigned = received(&mut pushes).iter().any(|push| {
-        matches!(push, Push::Agent { change: AgentChange::Assigned { chat: view }, .. } if view.conversation == chat)
-    });
-    assert!(assigned, "b's console is told the chat is theirs");
+    assert!(assigned(&received(&mut pushes), chat), "b's console is told the chat is theirs");
     assert!(repairs("chat_counted") > repaired, "counted for SREs");
 }
 

@@ -1062,16 +1062,7 @@ async fn a_new_owner_of_an_active_chat_reads_its_customer_and_knows_whether_they
     settle().await;
     let common::Fixture { router, store, clock, presence, .. } = fixture;
     drop(router);
-    let pass = |ms: i64| {
-        let clock = clock.clone();
-        async move {
-            for _ in 0..ms / 100 {
-                clock.advance_ms(100);
-                tokio::time::advance(std::time::Duration::from_millis(100)).await;
-            }
-            settle().await;
-        }
-    };
+    let pass = |ms: i64| common::pass(&clock, ms);
     // Its leases lapse (on the store's clock only: none of the stopped node's timers runs meanwhile).
     clock.advance_ms(60_000);
     let new_owner =
@@ -1113,16 +1104,7 @@ async fn a_queue_activated_on_a_new_owner_abandons_a_chat_whose_customer_left_be
     let gateway = switchboard_proto::router::GatewayId("gw-2".into());
     new_owner.connect_gateway(gateway.clone(), sink);
     new_owner.subscribe_queue(&gateway, &tenant(), &group("g1")).await.unwrap();
-    let pass = |ms: i64| {
-        let clock = clock.clone();
-        async move {
-            for _ in 0..ms / 100 {
-                clock.advance_ms(100);
-                tokio::time::advance(std::time::Duration::from_millis(100)).await;
-            }
-            settle().await;
-        }
-    };
+    let pass = |ms: i64| common::pass(&clock, ms);
     // Its first reading of the customers (five heartbeats after it started) finds the customer gone, as
     // presence says, since long before the grace period: only the confirmation is left to wait.
     pass(5_500).await;

@@ -363,15 +363,7 @@ pub async fn fixture() -> Fixture {
 impl Fixture {
     /// Lets `ms` pass on both clocks (the injected one and tokio's paused one), then lets the actors run.
     pub async fn pass(&self, ms: i64) {
-        let step = 100;
-        let mut left = ms;
-        while left > 0 {
-            let now = left.min(step);
-            self.clock.advance_ms(now);
-            tokio::time::advance(Duration::from_millis(u64::try_from(now).unwrap())).await;
-            left -= now;
-        }
-        settle().await;
+        pass(&self.clock, ms).await;
     }
 
     /// Drains the pushes received so far.
@@ -402,6 +394,20 @@ pub fn start_request(conversation: ConversationId, group: GroupId, customer: &st
         tried_before: false,
         customer_token: switchboard_domain::new_customer_token(),
     }
+}
+
+/// Lets `ms` pass on both clocks (the injected one and tokio's paused one), in steps of 100 ms, then lets the
+/// actors run.
+pub async fn pass(clock: &FixedClock, ms: i64) {
+    let step = 100;
+    let mut left = ms;
+    while left > 0 {
+        let now = left.min(step);
+        clock.advance_ms(now);
+        tokio::time::advance(Duration::from_millis(u64::try_from(now).unwrap())).await;
+        left -= now;
+    }
+    settle().await;
 }
 
 /// Lets every actor and task process what it was sent (paused time: no time passes).
