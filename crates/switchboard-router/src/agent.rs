@@ -49,7 +49,7 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::conversation::waiting_entry;
 use crate::error::from_store;
-use crate::presence::GoneCustomers;
+use crate::presence::{GoneCustomers, departure_due};
 use crate::remote;
 
 type Reply<T> = RpcReplyPort<Result<T, RouterError>>;
@@ -716,8 +716,7 @@ impl AgentActorState {
             _ => found_at_ms,
         };
         let settings = &self.context.presence_settings;
-        let confirmed = now_ms.saturating_sub(found_at_ms) >= settings.agent_confirm_ms();
-        if confirmed && now_ms.saturating_sub(since_ms) >= settings.grace_ms() {
+        if departure_due(now_ms, since_ms, settings.grace_ms(), found_at_ms, settings.agent_confirm_ms()) {
             self.go_offline().await;
         }
     }

@@ -53,6 +53,14 @@ struct Count {
     span_ms: i64,
 }
 
+/// Whether a departure is to be acted on at `at_ms`: presence dates it `since_ms` (the end or lapse of the
+/// last connection), `for_ms` ago at least, and this actor's own readings have found it since `found_at_ms`,
+/// for `confirm_ms` at least (records may be stale: see [`GoneCustomers`]). The rule of the customers' and
+/// the agents' departures alike.
+pub(crate) fn departure_due(at_ms: i64, since_ms: i64, for_ms: i64, found_at_ms: i64, confirm_ms: i64) -> bool {
+    at_ms.saturating_sub(since_ms) >= for_ms && at_ms.saturating_sub(found_at_ms) >= confirm_ms
+}
+
 /// How many heartbeats pass between two readings of the customers.
 const READ_EVERY_TICKS: u32 = 5;
 
@@ -94,7 +102,7 @@ impl GoneCustomers {
                 continue;
             }
             let count = self.counts.entry(conversation).or_insert(Count { from_ms: at_ms, span_ms: confirm_ms });
-            if at_ms.saturating_sub(since_ms) >= for_ms && at_ms.saturating_sub(count.from_ms) >= count.span_ms {
+            if departure_due(at_ms, since_ms, for_ms, count.from_ms, count.span_ms) {
                 gone.push(conversation);
                 *count = Count { from_ms: at_ms, span_ms: for_ms };
             }
