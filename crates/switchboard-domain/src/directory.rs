@@ -23,12 +23,24 @@ pub struct GroupEntry {
     pub routing: Routing,
     /// When the group is open; a group without a schedule is always open.
     pub hours: crate::BusinessHours,
+    /// The group's waiting-time SLA: a chat waiting longer breaches it (flagged to consoles through the
+    /// group's info, counted in the queue's metrics, alerted on). `None`: the group has none.
+    pub wait_sla_ms: Option<i64>,
 }
 
 impl GroupEntry {
-    /// A pull-routed group that is always open.
+    /// The waiting-time SLA of a group that does not set its own: two minutes.
+    pub const DEFAULT_WAIT_SLA_MS: i64 = 120_000;
+
+    /// A pull-routed group that is always open, with the default waiting-time SLA.
     pub fn new(id: GroupId, name: impl Into<String>) -> Self {
-        GroupEntry { id, name: name.into(), routing: Routing::Pull, hours: crate::BusinessHours::always_open() }
+        GroupEntry {
+            id,
+            name: name.into(),
+            routing: Routing::Pull,
+            hours: crate::BusinessHours::always_open(),
+            wait_sla_ms: Some(Self::DEFAULT_WAIT_SLA_MS),
+        }
     }
 }
 

@@ -86,6 +86,12 @@ impl WaitingQueue {
     pub fn iter(&self) -> impl Iterator<Item = &WaitingEntry> {
         self.by_order.values()
     }
+
+    /// How many chats have waited since `at_ms` or before: the head of the queue, in one pass over them
+    /// alone.
+    pub fn queued_by(&self, at_ms: i64) -> usize {
+        self.by_order.keys().take_while(|(queued_at_ms, _)| *queued_at_ms <= at_ms).count()
+    }
 }
 
 /// One waiting list across several groups, first come first served.
@@ -136,6 +142,18 @@ mod tests {
         let for_b: Vec<_> = merge_waiting([&g1]).into_iter().map(|e| e.customer_name).collect();
         assert_eq!(for_b, ["c1", "c3"]);
         assert_eq!(g1.position(&entry(3, "g1", 12).conversation), Some(2));
+    }
+
+    #[test]
+    fn the_chats_queued_by_an_instant_are_the_head_of_the_queue() {
+        let mut queue = WaitingQueue::default();
+        for (n, queued_at_ms) in [(1, 30), (2, 10), (3, 20), (4, 20)] {
+            queue.insert(entry(n, "g", queued_at_ms));
+        }
+        let counts: Vec<usize> = [9, 10, 19, 20, 29, 30, 31].into_iter().map(|at| queue.queued_by(at)).collect();
+        assert_eq!(counts, [0, 1, 1, 3, 3, 4, 4]);
+        queue.remove(&entry(2, "g", 10).conversation);
+        assert_eq!(queue.queued_by(20), 2);
     }
 
     #[test]

@@ -399,6 +399,7 @@ fn group_info(group: &GroupInfo) -> pb::GroupInfo {
         online: group.online,
         open: group.open,
         signed_in: group.signed_in,
+        wait_sla_ms: group.wait_sla_ms.map_or(0, i64::unsigned_abs),
     }
 }
 
@@ -700,6 +701,7 @@ mod tests {
             online: false,
             open: true,
             signed_in: 0,
+            wait_sla_ms: None,
         }];
         let ack = Ack::GroupsList { groups, stale: true };
         let Frame::Ack(pb::Ack { result: Some(R::GroupsList(result)), .. }) =
@@ -710,7 +712,14 @@ mod tests {
         assert!(result.stale);
         assert_eq!(
             result.groups,
-            [pb::GroupInfo { id: "sales".into(), name: "Sales".into(), online: false, open: true, signed_in: 0 }]
+            [pb::GroupInfo {
+                id: "sales".into(),
+                name: "Sales".into(),
+                online: false,
+                open: true,
+                signed_in: 0,
+                wait_sla_ms: 0
+            }]
         );
         let ack = Ack::OfflineMessage { ticket: Ticket { id: "t".into(), created_at_ms: 3, duplicate: true } };
         let Frame::Ack(pb::Ack { result: Some(R::OfflineMessage(result)), .. }) =

@@ -289,6 +289,8 @@ pub struct GroupInfo {
     pub open: bool,
     /// How many of its agents are signed in.
     pub signed_in: u32,
+    /// Its waiting-time SLA: a chat waiting longer breaches it (`None`: the group has none).
+    pub wait_sla_ms: Option<i64>,
 }
 
 /// The result of a request that succeeded: what its ack carries besides its `id`.
@@ -661,6 +663,7 @@ pub fn group_json(group: &GroupInfo) -> Value {
         "online": group.online,
         "open": group.open,
         "signed_in": group.signed_in,
+        "wait_sla_ms": group.wait_sla_ms,
     })
 }
 
@@ -867,10 +870,12 @@ mod tests {
             online: true,
             open: true,
             signed_in: 2,
+            wait_sla_ms: Some(60_000),
         }];
         assert_eq!(
             Ack::GroupsList { groups, stale: false }.to_json(),
-            json!({ "groups": [{ "id": "sales", "name": "Sales", "online": true, "open": true, "signed_in": 2 }],
+            json!({ "groups": [{ "id": "sales", "name": "Sales", "online": true, "open": true, "signed_in": 2,
+                                 "wait_sla_ms": 60_000 }],
                     "stale": false })
         );
         let ticket = Ticket { id: "t-1".into(), created_at_ms: 77, duplicate: true };

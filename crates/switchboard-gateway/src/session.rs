@@ -1101,6 +1101,7 @@ impl<T: Transport> Session<T> {
                     online: status.online,
                     open: status.open,
                     signed_in: status.signed_in,
+                    wait_sla_ms: group.wait_sla_ms,
                 },
                 // Not evaluated by its queue's owner yet: nobody is known to be signed in.
                 None => GroupInfo {
@@ -1109,6 +1110,7 @@ impl<T: Transport> Session<T> {
                     online: false,
                     open: group.hours.is_open(now_ms),
                     signed_in: 0,
+                    wait_sla_ms: group.wait_sla_ms,
                 },
             })
             .collect();

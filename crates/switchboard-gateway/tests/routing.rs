@@ -45,17 +45,24 @@ fn agent(name: &str) -> AgentId {
 }
 
 /// Groups `sales` and `support` (pull, always open), `night` (open on Mondays 09:00-10:00 UTC only: closed at
-/// the test clock's time, a Thursday at midnight) and `vip` (push routing); agents `alice` (sales, support,
-/// night, vip) and `bob` (sales).
+/// the test clock's time, a Thursday at midnight; no waiting-time SLA) and `vip` (push routing; an SLA of 30 s);
+/// agents `alice` (sales, support, night, vip) and `bob` (sales).
 fn directory() -> Directory {
     let spec = HoursSpec {
         time_zone: "UTC".into(),
         weekly: WeeklySpec { mon: vec!["09:00-10:00".into()], ..WeeklySpec::default() },
         holidays: vec![],
     };
-    let night = GroupEntry { hours: BusinessHours::new(&spec).unwrap(), ..GroupEntry::new(group("night"), "Night") };
-    let vip =
-        GroupEntry { routing: Routing::Push { offer_timeout_ms: 600_000 }, ..GroupEntry::new(group("vip"), "VIP") };
+    let night = GroupEntry {
+        hours: BusinessHours::new(&spec).unwrap(),
+        wait_sla_ms: None,
+        ..GroupEntry::new(group("night"), "Night")
+    };
+    let vip = GroupEntry {
+        routing: Routing::Push { offer_timeout_ms: 600_000 },
+        wait_sla_ms: Some(30_000),
+        ..GroupEntry::new(group("vip"), "VIP")
+    };
     let groups = [GroupEntry::new(group("sales"), "Sales"), GroupEntry::new(group("support"), "Support"), night, vip];
     let member = |id: &str, groups: &[&str]| {
         let entry = AgentEntry {
@@ -171,6 +178,11 @@ fn statuses(ack: &Value) -> Vec<(String, bool, bool, u64)> {
         .collect()
 }
 
+/// The waiting-time SLA `groups.list` gives each group, in order.
+fn slas(ack: &Value) -> Vec<Value> {
+    ack["groups"].as_array().unwrap().iter().map(|group| group["wait_sla_ms"].clone()).collect()
+}
+
 fn row(id: &str, online: bool, open: bool, signed_in: u64) -> (String, bool, bool, u64) {
     (id.to_owned(), online, open, signed_in)
 }
@@ -195,6 +207,9 @@ async fn groups_list_tells_each_group_its_status_and_the_last_ones_read_while_pr
     assert_eq!(statuses(&answer), before);
     assert_eq!(answer["stale"], false);
     assert_eq!(answer["groups"][1]["name"], "Sales");
+    // Each group's waiting-time SLA, for consoles to flag the chats waiting past it: the default, its own, none.
+    let sla = vec![json!(null), json!(120_000), json!(120_000), json!(30_000)];
+    assert_eq!(slas(&answer), sla);
 
     // Alice signs in: her groups come online, but `night`, which is closed.
     let mut alice = signed_in(&server, ALICE).await;
@@ -211,7 +226,8 @@ async fn groups_list_tells_each_group_its_status_and_the_last_ones_read_while_pr
     })
     .await;
     // An agent lists its own tenant's groups without a key.
-    assert_eq!(statuses(&alice.ack(json!({ "type": "groups.list" })).await), after);
+    let own = alice.ack(json!({ "type": "groups.list" })).await;
+    assert_eq!((statuses(&own), slas(&own)), (after.clone(), sla));
 
     // Presence goes down: the last statuses read, marked stale; nothing else fails.
     presence.set_down(true);

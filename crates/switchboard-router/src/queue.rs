@@ -236,11 +236,28 @@ struct QueueMetrics {
     open: metrics::Gauge,
     signed_in: metrics::Gauge,
     online: metrics::Gauge,
+    /// Those of the group's waiting-time SLA: none for a group without one (its series are never made, so
+    /// that no rule compares a wait with a threshold of 0).
+    sla: Option<SlaMetrics>,
+}
+
+struct SlaMetrics {
+    wait_sla_ms: i64,
+    breached: metrics::Gauge,
+    breaches: metrics::Counter,
 }
 
 impl QueueMetrics {
-    fn new(tenant: &TenantId, group: &GroupId) -> QueueMetrics {
+    fn new(tenant: &TenantId, group: &GroupId, wait_sla_ms: Option<i64>) -> QueueMetrics {
         let labels = [("tenant", tenant.to_string()), ("group", group.to_string())];
+        let sla = wait_sla_ms.map(|wait_sla_ms| {
+            metrics::gauge!(names::QUEUE_WAIT_SLA, &labels).set(wait_sla_ms as f64 / 1000.0);
+            SlaMetrics {
+                wait_sla_ms,
+                breached: metrics::gauge!(names::QUEUE_SLA_BREACHED_CHATS, &labels),
+                breaches: metrics::counter!(names::QUEUE_SLA_BREACHES, &labels),
+            }
+        });
         QueueMetrics {
             waiting: metrics::gauge!(names::QUEUE_WAITING_CHATS, &labels),
             oldest_wait: metrics::gauge!(names::QUEUE_OLDEST_WAIT, &labels),
@@ -248,6 +265,7 @@ impl QueueMetrics {
             open: metrics::gauge!(names::GROUP_OPEN, &labels),
             signed_in: metrics::gauge!(names::GROUP_AGENTS_SIGNED_IN, &labels),
             online: metrics::gauge!(names::GROUP_AGENTS_ONLINE, &labels),
+            sla,
         }
     }
 }
@@ -287,7 +305,7 @@ impl Actor for QueueActor {
         metrics::gauge!(names::ROUTER_ACTORS, "kind" => "queue").decrement(1.0);
         // The queue lives on elsewhere now: its figures are that router's (a count still on its way to this
         // actor is not handled any more).
-        state.report(0, 0);
+        state.report(0, 0, 0);
         state.metrics.open.set(0.0);
         state.metrics.signed_in.set(0.0);
         state.metrics.online.set(0.0);
@@ -374,10 +392,16 @@ impl Actor for QueueActor {
             QueueMsg::CustomersRead { at_ms, read } => state.customers_read(at_ms, read),
         }
         state.dispatch();
-        // The waiting list is in arrival order: its head has waited longest.
+        // The waiting list is in arrival order: its head has waited longest, and those past the SLA are
+        // a head of it.
+        let now_ms = state.now_ms();
         let oldest_ms = state.waiting.iter().next().map(|entry| entry.queued_at_ms);
-        let oldest_wait_ms = oldest_ms.map_or(0, |queued| state.now_ms().saturating_sub(queued).max(0));
-        state.report(state.waiting.len(), oldest_wait_ms);
+        let oldest_wait_ms = oldest_ms.map_or(0, |queued| now_ms.saturating_sub(queued).max(0));
+        let breached = state.metrics.sla.as_ref().map_or(0, |sla| {
+            // Waited longer than the SLA: queued before now − SLA.
+            state.waiting.queued_by(now_ms.saturating_sub(sla.wait_sla_ms).saturating_sub(1))
+        });
+        state.report(state.waiting.len(), oldest_wait_ms, breached);
         Ok(())
     }
 }
@@ -387,10 +411,14 @@ impl QueueActorState {
         self.context.clock.now_ms()
     }
 
-    /// Sets the queue's gauges: how many chats wait, and how long the head has waited.
-    fn report(&self, waiting: usize, oldest_wait_ms: i64) {
+    /// Sets the queue's gauges: how many chats wait, how long the head has waited, and how many have
+    /// waited past the group's SLA.
+    fn report(&self, waiting: usize, oldest_wait_ms: i64, breached: usize) {
         self.metrics.waiting.set(waiting as f64);
         self.metrics.oldest_wait.set(oldest_wait_ms as f64 / 1000.0);
+        if let Some(sla) = &self.metrics.sla {
+            sla.breached.set(breached as f64);
+        }
     }
 
     /// Sets the gauge of the group's agents online, as the queue knows them (after a change of them only:
@@ -441,8 +469,12 @@ impl QueueActorState {
             let _ = reply.send(Ok(()));
         }
         self.broadcast(QueueChange::Removed { conversation, reason });
+        let waited_ms = self.now_ms().saturating_sub(entry.queued_at_ms).max(0);
+        if let Some(sla) = self.metrics.sla.as_ref().filter(|sla| counted && waited_ms > sla.wait_sla_ms) {
+            // However it left (taken, cancelled, abandoned, transferred): its customer waited too long.
+            sla.breaches.increment(1);
+        }
         if taken_by.is_some() && counted {
-            let waited_ms = self.now_ms().saturating_sub(entry.queued_at_ms).max(0);
             self.metrics.wait.record(waited_ms as f64 / 1000.0);
             if offer_taken {
                 metrics::counter!(names::OFFERS_ENDED, "reason" => "accepted").increment(1);
@@ -1199,7 +1231,7 @@ pub(crate) async fn activate(
                 busy_after_last_departure: false,
                 waits: VecDeque::new(),
                 estimate: None,
-                metrics: QueueMetrics::new(tenant, group),
+                metrics: QueueMetrics::new(tenant, group, entry.wait_sla_ms),
                 // The queues of a node, started together, compare with the store at different heartbeats.
                 ticks_since_reconciled: phase_of(&(tenant, group), RECONCILE_EVERY_TICKS),
                 changed_while_reconciling: None,

@@ -120,6 +120,12 @@ fn describe() {
     describe_gauge!(QUEUE_WAITING_CHATS, "Chats waiting in a group's queue.");
     describe_gauge!(QUEUE_OLDEST_WAIT, "How long the head of a group's queue has waited.");
     describe_histogram!(QUEUE_WAIT, "How long chats waited in a group's queue before an agent accepted them.");
+    describe_gauge!(QUEUE_WAIT_SLA, "The group's waiting-time SLA (only for a group that has one).");
+    describe_gauge!(QUEUE_SLA_BREACHED_CHATS, "Chats waiting in a group's queue that have waited past its SLA.");
+    describe_counter!(
+        QUEUE_SLA_BREACHES,
+        "Chats that left a group's queue (accepted, cancelled, abandoned or transferred) after waiting past its SLA."
+    );
     describe_gauge!(GROUP_OPEN, "1 when the group is inside its business hours.");
     describe_gauge!(GROUP_AGENTS_SIGNED_IN, "Agents signed in to the group (online or away).");
     describe_gauge!(GROUP_AGENTS_ONLINE, "Agents of the group online (taking chats, whether or not at capacity).");

@@ -24,6 +24,12 @@ pub const ROUTER_LEASE_RENEWALS: &str = "switchboard_router_lease_renewals_total
 pub const QUEUE_WAITING_CHATS: &str = "switchboard_queue_waiting_chats";
 pub const QUEUE_OLDEST_WAIT: &str = "switchboard_queue_oldest_wait_seconds";
 pub const QUEUE_WAIT: &str = "switchboard_queue_wait_seconds";
+/// The group's waiting-time SLA (only for a group that has one).
+pub const QUEUE_WAIT_SLA: &str = "switchboard_queue_wait_sla_seconds";
+/// Chats waiting now that have waited past the group's SLA.
+pub const QUEUE_SLA_BREACHED_CHATS: &str = "switchboard_queue_sla_breached_chats";
+/// Chats that left the queue (however) after waiting past the group's SLA.
+pub const QUEUE_SLA_BREACHES: &str = "switchboard_queue_sla_breaches_total";
 pub const GROUP_OPEN: &str = "switchboard_group_open";
 pub const GROUP_AGENTS_SIGNED_IN: &str = "switchboard_group_agents_signed_in";
 pub const GROUP_AGENTS_ONLINE: &str = "switchboard_group_agents_online";

@@ -225,6 +225,13 @@ pub struct GroupConfig {
     /// When the group is open; without it, always.
     #[serde(default)]
     pub hours: Option<HoursSpec>,
+    /// The group's waiting-time SLA: a chat waiting longer breaches it. 0: the group has none.
+    #[serde(default = "default_wait_sla_ms")]
+    pub wait_sla_ms: u64,
+}
+
+fn default_wait_sla_ms() -> u64 {
+    GroupEntry::DEFAULT_WAIT_SLA_MS.unsigned_abs()
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -438,6 +445,8 @@ impl Config {
                     let offer_timeout_ms = i64::try_from(group.routing.offer_timeout_ms).unwrap_or(i64::MAX);
                     entry.routing = Routing::Push { offer_timeout_ms };
                 }
+                entry.wait_sla_ms =
+                    (group.wait_sla_ms > 0).then(|| i64::try_from(group.wait_sla_ms).unwrap_or(i64::MAX));
                 if let Some(hours) = &group.hours {
                     entry.hours = BusinessHours::new(hours).map_err(|error| {
                         anyhow::anyhow!(
@@ -673,12 +682,30 @@ mod tests {
         let directory = Config::parse(&yaml, no_env).unwrap().directory().unwrap();
         let group = directory.group(&TenantId::new("demo").unwrap(), &GroupId::new("support").unwrap()).unwrap();
         assert_eq!(group.routing, Routing::Push { offer_timeout_ms: 15_000 });
+        assert_eq!(group.wait_sla_ms, Some(GroupEntry::DEFAULT_WAIT_SLA_MS), "the default SLA");
         // Monday 2026-11-23 10:00 in Berlin is 09:00 UTC; Sunday is closed.
         assert!(group.hours.is_open(1_795_424_400_000));
         assert!(!group.hours.is_open(1_795_424_400_000 - 86_400_000));
         let bad = yaml.replace("Europe/Berlin", "Mars/Olympus");
         let error = format!("{:#}", Config::parse(&bad, no_env).unwrap_err());
         assert!(error.contains("support") && error.contains("Mars/Olympus"), "{error}");
+    }
+
+    #[test]
+    fn a_group_sets_its_waiting_time_sla_or_has_none() {
+        let with = |sla: &str| {
+            let yaml = DEMO_CONFIG.replace(
+                "- { id: support, name: Support }",
+                &format!("- {{ id: support, name: Support, wait_sla_ms: {sla} }}"),
+            );
+            let directory = Config::parse(&yaml, no_env).unwrap().directory().unwrap();
+            directory.group(&TenantId::new("demo").unwrap(), &GroupId::new("support").unwrap()).unwrap().wait_sla_ms
+        };
+        assert_eq!(with("45000"), Some(45_000));
+        assert_eq!(with("0"), None, "0: no SLA");
+        let negative = DEMO_CONFIG
+            .replace("- { id: support, name: Support }", "- { id: support, name: Support, wait_sla_ms: -1 }");
+        assert!(Config::parse(&negative, no_env).is_err());
     }
 
     #[test]

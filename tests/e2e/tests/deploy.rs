@@ -713,6 +713,10 @@ fn figures_hold(exposition: &Exposition) -> Result<(), Vec<String>> {
     expect("switchboard_queue_waiting_chats", &[], |v| v == 0.0, "0");
     expect("switchboard_queue_wait_seconds_count", &demo("sales"), |v| v == 1.0, "1");
     expect("switchboard_queue_wait_seconds_count", &demo("support"), |v| v == 1.0, "1");
+    // The demo's groups have the default SLA, 120 s, which nobody waited for.
+    expect("switchboard_queue_wait_sla_seconds", &demo("sales"), |v| v == 120.0, "120");
+    expect("switchboard_queue_sla_breached_chats", &[], |v| v == 0.0, "0");
+    expect("switchboard_queue_sla_breaches_total", &[], |v| v == 0.0, "0");
     expect("switchboard_group_open", &demo("support"), |v| v == 1.0, "1");
     expect("switchboard_group_agents_online", &demo("support"), |v| v == 1.0, "1 (Alice)");
     expect("switchboard_group_agents_signed_in", &demo("sales"), |v| v == 1.0, "1 (Alice)");

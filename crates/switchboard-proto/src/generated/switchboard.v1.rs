@@ -782,6 +782,9 @@ pub struct GroupInfo {
     /// How many of its agents are signed in (online or away).
     #[prost(uint32, tag = "5")]
     pub signed_in: u32,
+    /// Its waiting-time SLA in milliseconds: a chat waiting longer breaches it. 0: the group has none (JSON: null).
+    #[prost(uint64, tag = "6")]
+    pub wait_sla_ms: u64,
 }
 /// A stored offline message.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

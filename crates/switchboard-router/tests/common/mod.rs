@@ -249,10 +249,13 @@ pub fn agent(name: &str) -> AgentId {
     AgentId::new(name).unwrap()
 }
 
-/// Groups g1 and g2; agents a (g1, g2; capacity 2), b and c (g1; capacity 5).
+/// Groups g1 (without a waiting-time SLA) and g2 (an SLA of [`G2_WAIT_SLA_MS`]); agents a (g1, g2; capacity 2),
+/// b and c (g1; capacity 5). The other groups have the default SLA.
 /// Group `push` routes by offer (x capacity 1, y capacity 2, z capacity 3); group `never` is never open (a
 /// schedule with no opening); group `t` (pull) has agent w; group `office` is open on weekdays 09:00-17:00 in
 /// Berlin (member w).
+pub const G2_WAIT_SLA_MS: i64 = 60_000;
+
 pub fn directory() -> Directory {
     let mut push = GroupEntry::new(group("push"), "push");
     push.routing = Routing::Push { offer_timeout_ms: OFFER_TIMEOUT_MS };
@@ -275,8 +278,8 @@ pub fn directory() -> Directory {
     .unwrap();
     let groups = [
         (group("office"), office),
-        (group("g1"), GroupEntry::new(group("g1"), "g1")),
-        (group("g2"), GroupEntry::new(group("g2"), "g2")),
+        (group("g1"), GroupEntry { wait_sla_ms: None, ..GroupEntry::new(group("g1"), "g1") }),
+        (group("g2"), GroupEntry { wait_sla_ms: Some(G2_WAIT_SLA_MS), ..GroupEntry::new(group("g2"), "g2") }),
         (group("push"), push),
         (group("never"), never),
         (group("t"), GroupEntry::new(group("t"), "t")),
