@@ -144,6 +144,17 @@ pub(crate) fn key_text(address: IpAddr) -> String {
     }
 }
 
+/// Which budget a chat start was taken from, to give it back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartTaken {
+    /// None: no limit (or no client address).
+    Unlimited,
+    /// The budget shared by every gateway, in presence.
+    Shared(IpAddr),
+    /// This gateway's own (presence was down).
+    Here(IpAddr),
+}
+
 /// One token, in the bucket's unit (a 60-millionth of a chat start, so that a microsecond refills
 /// `per_minute` units).
 const TOKEN: i64 = 60_000_000;
@@ -197,6 +208,20 @@ impl AddressLimiter {
         let missing = u64::try_from(TOKEN - available).unwrap_or(1);
         let missing_us = missing.div_ceil(u64::try_from(self.per_minute).unwrap_or(1));
         Err(missing_us.div_ceil(1_000).max(1))
+    }
+
+    /// Gives back one chat start's token taken from `address` (a start that started nothing), never beyond a
+    /// full bucket.
+    pub(crate) fn give_back(&self, address: IpAddr, now_us: impl FnOnce() -> i64) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let now_us = now_us();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(bucket) = buckets.get_mut(&key(address)) {
+            let available = refilled(*bucket, now_us, self.per_minute, self.full);
+            *bucket = (available.saturating_add(TOKEN).min(self.full), bucket.1.max(now_us));
+        }
     }
 }
 

@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
-use crate::addresses::{AddressConnections, AddressLimiter, Peer};
+use crate::addresses::{AddressConnections, AddressLimiter, Peer, StartTaken};
 pub use crate::addresses::{AddressLimits, IpNet};
 pub use crate::admission::{REPLY_BYTES_PER_REQUEST, RequestRate};
 pub use crate::grpc::{ChatGrpc, SessionStream};
@@ -282,21 +282,38 @@ impl Shared {
 
     /// Takes one chat start of `client` from its address's budget: in presence, shared by every gateway, when
     /// the settings say so ([`AddressLimits::shared`]) and presence answers; else at this gateway alone.
-    /// `Err(ms)`: none left, one in `ms`.
-    pub(crate) async fn take_chat_start(&self, client: IpAddr) -> Result<(), u64> {
+    /// `Ok`: from which budget (to give it back to); `Err(ms)`: none left, one in `ms`.
+    pub(crate) async fn take_chat_start(&self, client: IpAddr) -> Result<StartTaken, u64> {
         let limits = &self.settings.per_address;
         if limits.per_minute == 0 {
-            return Ok(());
+            return Ok(StartTaken::Unlimited);
         }
         if limits.shared {
             let budget = StartBudget { per_minute: limits.per_minute, burst: limits.burst };
             let address = crate::addresses::key_text(client);
             match self.presence.take_chat_start(&address, budget, self.clock.now_us()).await {
-                Ok(taken) => return taken,
+                Ok(taken) => return taken.map(|()| StartTaken::Shared(client)),
                 Err(error) => debug!(%error, %client, "a chat start counted at this gateway alone (presence down)"),
             }
         }
-        self.chat_starts.take(client, || self.clock.now_us())
+        self.chat_starts.take(client, || self.clock.now_us()).map(|()| StartTaken::Here(client))
+    }
+
+    /// Gives back a chat start that started nothing (a resend answered with what its first send started, which
+    /// had been counted then) to the budget it was taken from. A failure is logged: the start stays counted.
+    pub(crate) async fn give_back_chat_start(&self, taken: StartTaken) {
+        let limits = &self.settings.per_address;
+        match taken {
+            StartTaken::Unlimited => {}
+            StartTaken::Here(client) => self.chat_starts.give_back(client, || self.clock.now_us()),
+            StartTaken::Shared(client) => {
+                let budget = StartBudget { per_minute: limits.per_minute, burst: limits.burst };
+                let address = crate::addresses::key_text(client);
+                if let Err(error) = self.presence.give_back_chat_start(&address, budget, self.clock.now_us()).await {
+                    debug!(%error, %client, "a resend's chat start not given back (presence down)");
+                }
+            }
+        }
     }
 
     /// Records customers' connections in presence; a failure is logged (the heartbeat writes them again).

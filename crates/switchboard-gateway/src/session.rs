@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, warn};
 use uuid::Uuid;
 
 use crate::Shared;
-use crate::addresses::AddressSlot;
+use crate::addresses::{AddressSlot, StartTaken};
 use crate::admission::Budget;
 use crate::hub::{Needs, Outbound, Role, SocketId, SocketLink};
 use crate::protocol::{Ack, ErrorReply, GroupInfo, ListName, OFFLINE_REASONS, PushFrame, Request};
@@ -461,9 +461,9 @@ async fn shutting_down(draining: &mut watch::Receiver<bool>) {
 /// reference to it across the wait on presence.)
 ///
 /// [`GatewaySettings::per_address`]: crate::GatewaySettings::per_address
-async fn take_chat_start(shared: &Shared, client: Option<IpAddr>) -> Result<(), ErrorReply> {
+async fn take_chat_start(shared: &Shared, client: Option<IpAddr>) -> Result<StartTaken, ErrorReply> {
     let Some(client) = client else {
-        return Ok(());
+        return Ok(StartTaken::Unlimited);
     };
     shared.take_chat_start(client).await.map_err(|retry_after_ms| {
         debug!(%client, retry_after_ms, "a chat start over the address's limit");
@@ -860,9 +860,13 @@ impl<T: Transport> Session<T> {
                         format!("idempotency_key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
                     ));
                 }
-                take_chat_start(&self.shared, self.client).await?;
+                let taken = take_chat_start(&self.shared, self.client).await?;
                 let message = OfflineMessage { tenant, group, customer_name, contact, body, reason, idempotency_key };
                 let ticket = router.leave_offline_message(message).await?;
+                if ticket.duplicate {
+                    // Counted when it was first left.
+                    self.shared.give_back_chat_start(taken).await;
+                }
                 answered(Ack::OfflineMessage { ticket })
             }
             Request::OfferReject { conversation } => {
@@ -982,7 +986,7 @@ impl<T: Transport> Session<T> {
         let group = GroupId::new(group).map_err(|_| ErrorReply::new("unknown_group", "no such support group"))?;
         let name = check_name(&name)?;
         self.check_body(&question)?;
-        take_chat_start(&self.shared, self.client).await?;
+        let taken = take_chat_start(&self.shared, self.client).await?;
         let (conversation, customer_token) = match start_key {
             Some(key) => (ConversationId::for_start(&tenant, key), customer_token_for_start(&tenant, key)),
             None => (ConversationId::new_v7(self.shared.clock.now_ms()), new_customer_token()),
@@ -997,6 +1001,10 @@ impl<T: Transport> Session<T> {
             customer_token,
         };
         let started = self.shared.router.start_chat(request).await?;
+        if started.duplicate {
+            // Counted when it was first started.
+            self.shared.give_back_chat_start(taken).await;
+        }
         let conversation = started.view.conversation;
         self.customer_alive(&tenant, conversation).await;
         self.become_role(Role::Customer { conversation, tenant, group }).await;

@@ -236,6 +236,44 @@ async fn chat_starts_over_an_addresss_limit_are_refused_whatever_the_connection(
     server.stop().await;
 }
 
+/// A resend answered with what its first send started (an offline message's idempotency key, a chat start's
+/// `start_key`) gives back the chat start it took, to this gateway's budget or the one shared in presence:
+/// a client whose answer was lost may send again without using up its address's budget. A resend is taken
+/// like any start first: over the limit it is refused too.
+#[tokio::test]
+async fn a_resend_that_started_nothing_gives_back_its_chat_start() {
+    let _counting = RATE_LIMITED.lock().await;
+    for shared in [false, true] {
+        let limits = AddressLimits { per_minute: 1, burst: 2, shared, ..Default::default() };
+        let server = Server::start_with(GatewaySettings { per_address: limits, ..Default::default() }).await;
+        let mut dee = WsClient::connect(&server).await;
+        let offline = json!({ "type": "offline.message", "widget_key": common::WIDGET, "group": "sales",
+                              "name": "Dee", "contact": "dee@example.com", "body": "Call me?",
+                              "reason": "group_offline", "idempotency_key": "dee-1" });
+        assert_eq!(dee.ack(offline.clone()).await["duplicate"], false, "shared: {shared}");
+        // Two resends, the second of which would have found the budget of two empty.
+        for _ in 0..2 {
+            assert_eq!(dee.ack(offline.clone()).await["duplicate"], true, "shared: {shared}");
+        }
+        let key = "0199a0e4-7b7e-7c3e-9d2a-3f1b2c4d5e6f";
+        let mut start_keyed = start("Dee");
+        start_keyed["start_key"] = json!(key);
+        let started = WsClient::connect(&server).await.ack(start_keyed.clone()).await;
+        assert_eq!(started["duplicate"], false, "shared: {shared}");
+        // The budget is spent now (the ticket, the chat): a new start is refused, and so is a resend.
+        let refused = WsClient::connect(&server).await.call(start("Eve")).await;
+        assert_eq!(refused["code"], "rate_limited", "shared: {shared}");
+        assert_eq!(WsClient::connect(&server).await.call(start_keyed.clone()).await["code"], "rate_limited");
+        // A minute later one more may start: a resend of the chat takes it and gives it back.
+        server.clock.advance_ms(60_000);
+        let again = WsClient::connect(&server).await.ack(start_keyed).await;
+        assert_eq!((&again["duplicate"], &again["conversation"]), (&json!(true), &started["conversation"]));
+        WsClient::connect(&server).await.ack(start("Eve")).await;
+        assert_eq!(WsClient::connect(&server).await.call(start("Fay")).await["code"], "rate_limited");
+        server.stop().await;
+    }
+}
+
 /// Behind a trusted proxy (here the loopback peer), each address its `X-Forwarded-For` names has its own
 /// limit, over either transport: the rightmost address not trusted, so that a client cannot choose another by
 /// writing it to the left of its own.

@@ -189,6 +189,10 @@ pub trait Presence: Send + Sync + 'static {
         now_us: i64,
     ) -> Result<Result<(), u64>, PresenceError>;
 
+    /// Gives back at `now_us` one chat start taken from `address`'s budget, for a start that started
+    /// nothing (a resend answered with what its first send started): never beyond a full budget.
+    async fn give_back_chat_start(&self, address: &str, budget: StartBudget, now_us: i64) -> Result<(), PresenceError>;
+
     // --- license mirror (for dashboards only, never decides) ---
 
     /// Mirrors the license count: `used` of `max_sessions` concurrent conversations, as counted at `at_ms`.
@@ -360,6 +364,13 @@ pub fn take_start(budget: StartBudget, tat_us: Option<i64>, now_us: i64) -> Resu
         return Err(wait_us.div_ceil(1_000).max(1));
     }
     Ok(next)
+}
+
+/// [`take_start`] undone: the theoretical arrival time `tat_us` one start's worth earlier. `None`: the budget
+/// is full at `now_us` (nothing to keep, as for an address never seen). [`RedisPresence`] runs the same in a
+/// script.
+pub fn give_back_start(budget: StartBudget, tat_us: Option<i64>, now_us: i64) -> Option<i64> {
+    tat_us.map(|tat| tat.saturating_sub(budget.interval_us())).filter(|tat| *tat > now_us)
 }
 
 /// Why a presence operation failed.

@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     CHANGES_CAPACITY, Connections, CustomerSession, GroupStatus, LicenseMirror, LiveSession, Presence, PresenceChange,
-    PresenceError, StartBudget, take_start,
+    PresenceError, StartBudget, give_back_start, take_start,
 };
 
 /// The default margin after which expired entries are dropped (as [`RedisSettings::gc_ttl`](crate::RedisSettings)).
@@ -321,6 +321,18 @@ impl Presence for MemoryPresence {
         Ok(take_start(budget, tat_us, now_us).map(|next_us| {
             state.starts.insert(address.to_owned(), next_us);
         }))
+    }
+
+    async fn give_back_chat_start(&self, address: &str, budget: StartBudget, now_us: i64) -> Result<(), PresenceError> {
+        let mut state = self.state();
+        let Some(tat_us) = state.starts.get(address).copied() else {
+            return Ok(());
+        };
+        match give_back_start(budget, Some(tat_us), now_us) {
+            Some(back_us) => state.starts.insert(address.to_owned(), back_us),
+            None => state.starts.remove(address),
+        };
+        Ok(())
     }
 
     async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {

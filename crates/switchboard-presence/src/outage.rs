@@ -135,6 +135,10 @@ impl Presence for Outage {
         self.up()?.take_chat_start(address, budget, now_us).await
     }
 
+    async fn give_back_chat_start(&self, address: &str, budget: StartBudget, now_us: i64) -> Result<(), PresenceError> {
+        self.up()?.give_back_chat_start(address, budget, now_us).await
+    }
+
     async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {
         self.up()?.mirror_license(used, max_sessions, at_ms).await
     }

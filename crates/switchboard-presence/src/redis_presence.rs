@@ -35,6 +35,19 @@ redis.call('SET', KEYS[1], string.format('%d', next), 'PX', math.max(1, math.cei
 return 0
 ";
 
+/// [`crate::give_back_start`]: the address's instant one start's worth earlier, removed once it is not after now
+/// (a full budget).
+const GIVE_BACK_START_SCRIPT: &str = r"
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then return 0 end
+local back = tat - interval
+if back <= now then redis.call('DEL', KEYS[1]) return 1 end
+redis.call('SET', KEYS[1], string.format('%d', back), 'PX', math.max(1, math.ceil((back - now) / 1000)))
+return 1
+";
+
 /// How [`RedisPresence`] talks to Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
@@ -535,6 +548,18 @@ impl Presence for RedisPresence {
             return Ok(Ok(()));
         }
         Ok(Err(u64::try_from(wait_us).unwrap_or(u64::MAX).div_ceil(1_000).max(1)))
+    }
+
+    async fn give_back_chat_start(&self, address: &str, budget: StartBudget, now_us: i64) -> Result<(), PresenceError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(GIVE_BACK_START_SCRIPT)
+            .arg(1)
+            .arg(self.inner.keys.starts(address))
+            .arg(now_us)
+            .arg(budget.interval_us())
+            .ignore();
+        self.query::<()>(&pipe).await
     }
 
     async fn mirror_license(&self, used: u64, max_sessions: u64, at_ms: i64) -> Result<(), PresenceError> {

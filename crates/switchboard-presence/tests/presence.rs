@@ -263,6 +263,35 @@ async fn chat_starts_are_taken_from_each_addresss_budget(p: &dyn Presence) {
     assert_eq!(p.take_chat_start(home, budget, much_later).await.expect("take"), Err(10_000));
 }
 
+async fn a_chat_start_that_started_nothing_is_given_back(p: &dyn Presence) {
+    let budget = StartBudget { per_minute: 6, burst: 3 };
+    let t0: i64 = 1_800_000_000_000_000;
+    let (home, office) = ("192.0.2.8", "198.51.100.1");
+    for _ in 0..3 {
+        assert_eq!(p.take_chat_start(home, budget, t0).await.expect("take"), Ok(()));
+    }
+    // One given back: one more may start at once, then none.
+    p.give_back_chat_start(home, budget, t0 + 1_000).await.expect("give back");
+    assert_eq!(p.take_chat_start(home, budget, t0 + 1_000).await.expect("take"), Ok(()));
+    assert_eq!(p.take_chat_start(home, budget, t0 + 1_000).await.expect("take"), Err(9_999));
+    // Never beyond a full budget: given back three times with one taken, three may start (not five).
+    p.give_back_chat_start(home, budget, t0 + 3_600_000_000).await.expect("give back");
+    assert_eq!(p.take_chat_start(home, budget, t0 + 3_600_000_000).await.expect("take"), Ok(()));
+    for _ in 0..3 {
+        p.give_back_chat_start(home, budget, t0 + 3_600_000_000).await.expect("give back");
+    }
+    for _ in 0..3 {
+        assert_eq!(p.take_chat_start(home, budget, t0 + 3_600_000_000).await.expect("take"), Ok(()));
+    }
+    assert_eq!(p.take_chat_start(home, budget, t0 + 3_600_000_000).await.expect("take"), Err(10_000));
+    // An address never seen has nothing to give back.
+    p.give_back_chat_start(office, budget, t0).await.expect("give back");
+    for _ in 0..3 {
+        assert_eq!(p.take_chat_start(office, budget, t0).await.expect("take"), Ok(()));
+    }
+    assert_eq!(p.take_chat_start(office, budget, t0).await.expect("take"), Err(10_000));
+}
+
 async fn changes_are_published_when_something_changes(p: &dyn Presence) {
     let mut changes = p.changes();
     let (t, a) = (tenant("acme"), agent("ann"));
@@ -353,6 +382,7 @@ suite!(
     group_statuses_round_trip,
     the_license_is_mirrored,
     chat_starts_are_taken_from_each_addresss_budget,
+    a_chat_start_that_started_nothing_is_given_back,
     changes_are_published_when_something_changes,
 );
 
