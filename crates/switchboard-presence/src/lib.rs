@@ -76,6 +76,12 @@ pub use redis_presence::{RedisPresence, RedisSettings};
 /// `RecvError::Lagged` and should read again).
 pub const CHANGES_CAPACITY: usize = 1024;
 
+/// How many connections of one agent, or of one chat's customer, presence keeps: when a connection ends, those
+/// that ended or lapsed first go beyond this many. A read takes the one that lasts longest (live, or the last to
+/// end), which is never among them; so one who reconnects all day holds a bounded record, not one member per
+/// connection until the garbage-collection margin.
+pub const KEPT_CONNECTIONS: i64 = 64;
+
 /// Presence facts, group status and the license mirror, shared by every node of a cluster.
 #[async_trait::async_trait]
 pub trait Presence: Send + Sync + 'static {

@@ -87,6 +87,21 @@ impl MemoryPresence {
     }
 }
 
+/// Drops the connections that end or lapse first until [`crate::KEPT_CONNECTIONS`] are left (what
+/// `ZREMRANGEBYRANK` does in Redis): a read takes the one that lasts longest, which is never dropped.
+fn keep_newest<V>(connections: &mut HashMap<String, V>, ends: impl Fn(&V) -> i64) {
+    let kept = usize::try_from(crate::KEPT_CONNECTIONS).unwrap_or(usize::MAX);
+    if connections.len() <= kept {
+        return;
+    }
+    let mut by_end: Vec<(i64, String)> =
+        connections.iter().map(|(session, value)| (ends(value), session.clone())).collect();
+    by_end.sort();
+    for (_, session) in by_end.into_iter().take(connections.len() - kept) {
+        connections.remove(&session);
+    }
+}
+
 #[async_trait::async_trait]
 impl Presence for MemoryPresence {
     async fn session_alive(
@@ -121,13 +136,18 @@ impl Presence for MemoryPresence {
             let mut state = self.state();
             let key = (tenant.clone(), agent.clone());
             // Kept as ended, only ever earlier; live until now if it was to expire after its end.
-            match state.sessions.get_mut(&key).and_then(|sessions| sessions.get_mut(session)) {
+            let Some(sessions) = state.sessions.get_mut(&key) else {
+                return Ok(());
+            };
+            let ended = match sessions.get_mut(session) {
                 Some((_, expires)) if *expires > at_ms => {
                     *expires = at_ms;
                     true
                 }
                 _ => false,
-            }
+            };
+            keep_newest(sessions, |(_, expires)| *expires);
+            ended
         };
         if ended {
             self.publish(PresenceChange::Session { tenant: tenant.clone(), agent: agent.clone(), up: false });
@@ -157,8 +177,11 @@ impl Presence for MemoryPresence {
     async fn customer_gone(&self, session: &CustomerSession, at_ms: i64) -> Result<(), PresenceError> {
         let mut state = self.state();
         let key = (session.tenant.clone(), session.conversation);
-        if let Some(expires) = state.customers.get_mut(&key).and_then(|sessions| sessions.get_mut(&session.session)) {
-            *expires = (*expires).min(at_ms);
+        if let Some(sessions) = state.customers.get_mut(&key) {
+            if let Some(expires) = sessions.get_mut(&session.session) {
+                *expires = (*expires).min(at_ms);
+            }
+            keep_newest(sessions, |expires| *expires);
         }
         Ok(())
     }
@@ -346,5 +369,24 @@ impl Presence for MemoryPresence {
 
     fn changes(&self) -> broadcast::Receiver<PresenceChange> {
         self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connections_that_end_first_go_beyond_the_kept() {
+        let kept = usize::try_from(crate::KEPT_CONNECTIONS).unwrap();
+        let mut connections: HashMap<String, i64> = (0..kept + 5).map(|i| (format!("s{i}"), i as i64)).collect();
+        connections.insert("live".into(), i64::MAX);
+        keep_newest(&mut connections, |ends| *ends);
+        assert_eq!(connections.len(), kept);
+        assert!(connections.contains_key("live"));
+        let dropped: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+        assert!(dropped.iter().all(|session| !connections.contains_key(session)), "{connections:?}");
+        keep_newest(&mut connections, |ends| *ends);
+        assert_eq!(connections.len(), kept, "nothing more to drop");
     }
 }

@@ -324,6 +324,7 @@ impl Presence for RedisPresence {
         // `XX LT CH`: only a session recorded, only ever earlier; changed (counted) when it was to expire after
         // its end, that is, live until then.
         pipe.cmd("ZADD").arg(&sessions).arg("XX").arg("LT").arg("CH").arg(at_ms).arg(session);
+        pipe.cmd("ZREMRANGEBYRANK").arg(&sessions).arg(0).arg(-crate::KEPT_CONNECTIONS - 1).ignore();
         pipe.cmd("HDEL").arg(self.inner.keys.gateways(tenant, agent)).arg(session).ignore();
         let (ended,): (i64,) = self.query(&pipe).await?;
         if ended > 0 {
@@ -359,6 +360,7 @@ impl Presence for RedisPresence {
         // `XX LT`: only a connection recorded, and only ever earlier (a late heartbeat write cannot revive it:
         // the gateway writes its live connections only).
         pipe.cmd("ZADD").arg(&key).arg("XX").arg("LT").arg(at_ms).arg(&session.session).ignore();
+        pipe.cmd("ZREMRANGEBYRANK").arg(&key).arg(0).arg(-crate::KEPT_CONNECTIONS - 1).ignore();
         self.query::<()>(&pipe).await?;
         Ok(())
     }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use switchboard_domain::{AgentId, AgentStatus, ConversationId, GroupId, TenantId};
 use switchboard_presence::{
-    Connections, CustomerSession, GroupStatus, LicenseMirror, LiveSession, MemoryPresence, Presence, PresenceChange,
-    PresenceError, RedisPresence, RedisSettings, StartBudget,
+    Connections, CustomerSession, GroupStatus, KEPT_CONNECTIONS, LicenseMirror, LiveSession, MemoryPresence, Presence,
+    PresenceChange, PresenceError, RedisPresence, RedisSettings, StartBudget,
 };
 use switchboard_testservices::Redis;
 use tokio::sync::broadcast;
@@ -153,6 +153,47 @@ async fn an_agent_may_have_several_sessions(p: &dyn Presence) {
     // A new connection: here again.
     p.session_alive(&t, &a, "s4", "gw1", 3_000).await.expect("alive");
     assert_eq!(p.agents_present(&ask, 500).await.expect("read"), [Here]);
+}
+
+/// Those who reconnect all day: [`KEPT_CONNECTIONS`] connections are kept and older ended ones go, which
+/// changes no reading (the connection that lasts longest is never dropped). Run by the suite; what is kept is
+/// counted where it is stored (`ended_connections_beyond_the_kept_are_dropped_in_redis`).
+async fn many_ended_connections_read_as_the_last(p: &dyn Presence) {
+    let (t, a) = (tenant("acme"), agent("cy"));
+    let ask = [(t.clone(), a.clone())];
+    let many = KEPT_CONNECTIONS + 36;
+    p.session_alive(&t, &a, "open-tab", "gw1", 1_000_000).await.expect("alive");
+    for i in 0..many {
+        let session = format!("s{i}");
+        p.session_alive(&t, &a, &session, "gw1", 10_000 + i).await.expect("alive");
+        p.session_gone(&t, &a, &session, 100 + i).await.expect("gone");
+    }
+    assert_eq!(p.agents_present(&ask, 500).await.expect("read"), [Connections::Here], "the open tab");
+    let open = LiveSession { session: "open-tab".into(), gateway: "gw1".into(), expires_at_ms: 1_000_000 };
+    assert_eq!(p.agent_sessions(&t, &a, 500).await.expect("read"), [open]);
+    p.session_gone(&t, &a, "open-tab", 700).await.expect("gone");
+    assert_eq!(p.agents_present(&ask, 800).await.expect("read"), [Connections::Gone { since_ms: 700 }]);
+    // A chat's customer alike.
+    for i in 0..many {
+        let connection = customer("acme", 9, &format!("gw/c/{i}"));
+        p.customers_alive(std::slice::from_ref(&connection), 10_000 + i).await.expect("alive");
+        p.customer_gone(&connection, 100 + i).await.expect("gone");
+    }
+    let since_ms = 100 + many - 1;
+    assert_eq!(p.customers_present(&t, &[chat_id(9)], 800).await.expect("read"), [Connections::Gone { since_ms }]);
+}
+
+#[tokio::test]
+async fn ended_connections_beyond_the_kept_are_dropped_in_redis() {
+    let server = Redis::start().expect("redis-server");
+    let presence = RedisPresence::connect(&server.url(), RedisSettings::default()).await.expect("connect");
+    many_ended_connections_read_as_the_last(&presence).await;
+    let client = ::redis::Client::open(server.url()).expect("url");
+    let mut raw = client.get_multiplexed_async_connection().await.expect("raw connection");
+    for key in ["sb:session:acme:cy".to_owned(), format!("sb:customer:acme:{}", chat_id(9))] {
+        let kept: i64 = ::redis::cmd("ZCARD").arg(&key).query_async(&mut raw).await.expect("zcard");
+        assert_eq!(kept, KEPT_CONNECTIONS, "{key}");
+    }
 }
 
 async fn signed_in_agents_are_counted_per_group(p: &dyn Presence) {
@@ -377,6 +418,7 @@ suite!(
     expiry_is_by_value,
     a_chats_customer_is_here_gone_or_unknown,
     an_agent_may_have_several_sessions,
+    many_ended_connections_read_as_the_last,
     signed_in_agents_are_counted_per_group,
     the_chosen_status_is_kept_until_sign_out,
     group_statuses_round_trip,
