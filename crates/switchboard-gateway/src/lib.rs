@@ -289,9 +289,8 @@ impl Shared {
             return Ok(StartTaken::Unlimited);
         }
         if limits.shared {
-            let budget = StartBudget { per_minute: limits.per_minute, burst: limits.burst };
             let address = crate::addresses::key_text(client);
-            match self.presence.take_chat_start(&address, budget, self.clock.now_us()).await {
+            match self.presence.take_chat_start(&address, self.start_budget(), self.clock.now_us()).await {
                 Ok(taken) => return taken.map(|()| StartTaken::Shared(client)),
                 Err(error) => debug!(%error, %client, "a chat start counted at this gateway alone (presence down)"),
             }
@@ -302,18 +301,23 @@ impl Shared {
     /// Gives back a chat start that started nothing (a resend answered with what its first send started, which
     /// had been counted then) to the budget it was taken from. A failure is logged: the start stays counted.
     pub(crate) async fn give_back_chat_start(&self, taken: StartTaken) {
-        let limits = &self.settings.per_address;
         match taken {
             StartTaken::Unlimited => {}
             StartTaken::Here(client) => self.chat_starts.give_back(client, || self.clock.now_us()),
             StartTaken::Shared(client) => {
-                let budget = StartBudget { per_minute: limits.per_minute, burst: limits.burst };
                 let address = crate::addresses::key_text(client);
-                if let Err(error) = self.presence.give_back_chat_start(&address, budget, self.clock.now_us()).await {
+                let now_us = self.clock.now_us();
+                if let Err(error) = self.presence.give_back_chat_start(&address, self.start_budget(), now_us).await {
                     debug!(%error, %client, "a resend's chat start not given back (presence down)");
                 }
             }
         }
+    }
+
+    /// An address's chat starts, as presence shares them between gateways.
+    fn start_budget(&self) -> StartBudget {
+        let limits = &self.settings.per_address;
+        StartBudget { per_minute: limits.per_minute, burst: limits.burst }
     }
 
     /// Records customers' connections in presence; a failure is logged (the heartbeat writes them again).
