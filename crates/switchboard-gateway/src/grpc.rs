@@ -399,7 +399,7 @@ fn group_info(group: &GroupInfo) -> pb::GroupInfo {
         online: group.online,
         open: group.open,
         signed_in: group.signed_in,
-        wait_sla_ms: group.wait_sla_ms.map_or(0, i64::unsigned_abs),
+        wait_sla_ms: group.wait_sla_ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0),
     }
 }
 

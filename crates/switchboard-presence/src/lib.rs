@@ -372,11 +372,11 @@ pub fn take_start(budget: StartBudget, tat_us: Option<i64>, now_us: i64) -> Resu
     Ok(next)
 }
 
-/// [`take_start`] undone: the theoretical arrival time `tat_us` one start's worth earlier. `None`: the budget
-/// is full at `now_us` (nothing to keep, as for an address never seen). [`RedisPresence`] runs the same in a
-/// script.
-pub fn give_back_start(budget: StartBudget, tat_us: Option<i64>, now_us: i64) -> Option<i64> {
-    tat_us.map(|tat| tat.saturating_sub(budget.interval_us())).filter(|tat| *tat > now_us)
+/// [`take_start`] undone: the address's theoretical arrival time `tat_us` one start's worth earlier. `None`:
+/// the budget is full at `now_us` (nothing to keep, as for an address never seen). [`RedisPresence`] runs the
+/// same in a script.
+pub fn give_back_start(budget: StartBudget, tat_us: i64, now_us: i64) -> Option<i64> {
+    Some(tat_us.saturating_sub(budget.interval_us())).filter(|tat| *tat > now_us)
 }
 
 /// Why a presence operation failed.

@@ -351,7 +351,7 @@ impl Presence for MemoryPresence {
         let Some(tat_us) = state.starts.get(address).copied() else {
             return Ok(());
         };
-        match give_back_start(budget, Some(tat_us), now_us) {
+        match give_back_start(budget, tat_us, now_us) {
             Some(back_us) => state.starts.insert(address.to_owned(), back_us),
             None => state.starts.remove(address),
         };
